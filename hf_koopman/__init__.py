@@ -1,0 +1,91 @@
+"""hf_koopman: Koopman spectral diagnostics and regularisation for Hugging Face models.
+
+* **RKSP** (Residual Koopman Spectral Profiling): `profile(model, inputs)` runs whitened DMD on the residual stream
+  entering and leaving every block and turns the spectrum into a divergence verdict / probability.
+* **KSS** (Koopman Spectral Shaping): `KSSTrainer` adds a differentiable spectral penalty to the training loss;
+  `RKSPCallback` profiles at initialisation, logs `rksp/*` metrics and guards against divergence.
+* Research models (`ReyNet*`, `EquivCNP*`): Hub-compatible `PreTrainedModel` classes, registered with the Auto
+  classes when this package is imported.
+
+The math core `hf_koopman.koopman` is pure torch and never imports `transformers`; everything else is glue. Public
+names are resolved lazily so that `import hf_koopman.koopman` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (resolved on first attribute access)
+_LAZY: dict[str, str] = {
+    # spectral core (transformers-free)
+    "whitened_dmd": "hf_koopman.koopman",
+    "spectral_features": "hf_koopman.koopman",
+    "aggregate_features": "hf_koopman.koopman",
+    "kreiss_constant": "hf_koopman.koopman",
+    "DMDResult": "hf_koopman.koopman",
+    "LayerFeatures": "hf_koopman.koopman",
+    # profiling glue
+    "find_residual_blocks": "hf_koopman.profiling",
+    "ResidualBlock": "hf_koopman.profiling",
+    "ResidualStreamRecorder": "hf_koopman.profiling",
+    "profile": "hf_koopman.profiling",
+    "profile_streaming": "hf_koopman.profiling",
+    "SpectralProfile": "hf_koopman.profiling",
+    # training glue
+    "RKSPCallback": "hf_koopman.training",
+    "KSSTrainer": "hf_koopman.training",
+    "KSSConfig": "hf_koopman.training",
+    "KSSTrainingArguments": "hf_koopman.training",
+    # calibrated risk
+    "RiskEstimator": "hf_koopman.risk",
+    # research models
+    "ReyNetConfig": "hf_koopman.models.reynet",
+    "ReyNetModel": "hf_koopman.models.reynet",
+    "ReyNetForGraphClassification": "hf_koopman.models.reynet",
+    "ReyNetForEquivariantRegression": "hf_koopman.models.reynet",
+    "ReyNetForInvariantRegression": "hf_koopman.models.reynet",
+    "EquivCNPConfig": "hf_koopman.models.equivcnp",
+    "EquivCNPModel": "hf_koopman.models.equivcnp",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_koopman' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _register_auto_classes() -> None:
+    """Register our models with AutoConfig / AutoModel* so no `trust_remote_code` is needed once imported."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # the math core is usable without transformers
+        return
+    from hf_koopman.models import register_models
+
+    register_models()
+
+
+_register_auto_classes()
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
+    from hf_koopman.koopman import (  # noqa: F401
+        DMDResult,
+        LayerFeatures,
+        aggregate_features,
+        kreiss_constant,
+        spectral_features,
+        whitened_dmd,
+    )

@@ -1,0 +1,24 @@
+"""Research models as Hub-compatible `PreTrainedModel` classes.
+
+`register_models()` registers every model here with the Auto classes; it is called by `import hf_koopman` and is
+idempotent. Each model folder is self-contained (imports only torch, transformers and files in the same folder) so
+that it also works as Hub remote code for users without hf_koopman.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# (subpackage, its registration function) -- each subpackage's __init__ defines `register()`.
+_MODEL_PACKAGES = ("reynet", "equivcnp", "rksp_gpt")
+
+
+def register_models() -> None:
+    for name in _MODEL_PACKAGES:
+        try:
+            module = importlib.import_module(f"hf_koopman.models.{name}")
+        except ModuleNotFoundError as err:  # a model package not present in this build
+            if err.name == f"hf_koopman.models.{name}":
+                continue
+            raise
+        module.register()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create ./.venv and install hf_koopman with its test extras. Offline-safe apart from the package registry.
+# torch is pinned to the CPU wheel first so that no multi-GB CUDA build is pulled in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${HF_KOOPMAN_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+echo "hf_koopman installed in $VENV"

@@ -1,0 +1,34 @@
+"""Shared fixtures. Everything runs offline on CPU; real data comes from $HF_KOOPMAN_DATA or ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("HF_KOOPMAN_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The offline data folder (WikiText-2, Tiny Shakespeare, MNIST, TU graphs); skips the test when absent."""
+    path = _data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set HF_KOOPMAN_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
