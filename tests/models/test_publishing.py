@@ -1,0 +1,150 @@
+"""Hub publishing: complete auto_map, remote code loadable without hf_koopman, offline Hub cache, model card YAML."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_koopman.models.publishing import populate_offline_hub_cache, run_without_hf_koopman, save_for_hub
+
+CONFIG_SRC = '''
+from transformers import PreTrainedConfig
+
+
+class ToyConfig(PreTrainedConfig):
+    model_type = "hfk-toy"
+
+    def __init__(self, width=4, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+'''
+
+MODELING_SRC = '''
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_toy import ToyConfig
+
+
+class ToyModel(PreTrainedModel):
+    config_class = ToyConfig
+    base_model_prefix = "toy"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(config.width, config.width)
+        self.post_init()
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class ToyForRegression(ToyModel):
+    pass
+'''
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_toy.ToyConfig",
+    "AutoModel": "modeling_toy.ToyModel",
+    "AutoModelForImageClassification": "modeling_toy.ToyForRegression",
+}
+
+
+@pytest.fixture()
+def toy_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "toy_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "configuration_toy.py").write_text(CONFIG_SRC)
+    (pkg / "modeling_toy.py").write_text(MODELING_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("toy_pkg.modeling_toy")
+    yield pkg, module
+    for name in [m for m in sys.modules if m.startswith("toy_pkg")]:
+        del sys.modules[name]
+
+
+@pytest.fixture()
+def card_template(tmp_path):
+    path = tmp_path / "card.md"
+    path.write_text("# {{ title }}\n\nAccuracy: {{ acc }}\n")
+    return path
+
+
+def _publish(toy_package, card_template, out):
+    pkg, module = toy_package
+    model = module.ToyModel(module.ToyConfig(width=4)).eval()
+    folder = save_for_hub(
+        model,
+        out,
+        code_dir=pkg,
+        auto_map=AUTO_MAP,
+        card_template=card_template,
+        card_data={"license": "apache-2.0", "tags": ["toy"], "model_name": "toy", "metrics": ["accuracy"]},
+        eval_results=[
+            {"task_type": "graph-classification", "dataset_type": "mutag", "dataset_name": "MUTAG",
+             "metric_type": "accuracy", "metric_value": 0.5}
+        ],
+        template_vars={"title": "Toy", "acc": 0.5},
+    )
+    return model, folder
+
+
+def test_folder_layout_and_card(toy_package, card_template, tmp_path):
+    _, folder = _publish(toy_package, card_template, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    assert (folder / "model.safetensors").is_file()
+    assert {"configuration_toy.py", "modeling_toy.py"} <= {p.name for p in folder.glob("*.py")}
+    assert not (folder / "__init__.py").exists()
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "model-index" in card
+    assert "Accuracy: 0.5" in card
+
+
+def test_bad_auto_map_is_rejected(toy_package, card_template, tmp_path):
+    pkg, module = toy_package
+    model = module.ToyModel(module.ToyConfig())
+    with pytest.raises(ValueError, match="AutoModel"):
+        save_for_hub(model, tmp_path / "o", code_dir=pkg, auto_map={"AutoConfig": "configuration_toy.ToyConfig"},
+                     card_template=card_template, card_data={})
+    with pytest.raises(ValueError, match="not in"):
+        save_for_hub(model, tmp_path / "o", code_dir=pkg,
+                     auto_map={**AUTO_MAP, "AutoModel": "modeling_missing.ToyModel"},
+                     card_template=card_template, card_data={})
+
+
+def test_remote_code_and_offline_cache_without_hf_koopman(toy_package, card_template, tmp_path):
+    model, folder = _publish(toy_package, card_template, tmp_path / "out")
+    x = torch.randn(2, 4)
+    expected = model(x).detach()
+    torch.save({"x": x}, tmp_path / "x.pt")
+    cache = tmp_path / "hf_home" / "hub"
+    populate_offline_hub_cache(folder, "acme/toy-model", cache)
+    code = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoModelForImageClassification
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)["x"]
+        for source in ({str(folder)!r}, "acme/toy-model"):
+            m = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+            print(type(m).__name__, m(x).detach().tolist())
+        head = AutoModelForImageClassification.from_pretrained("acme/toy-model", trust_remote_code=True)
+        print(type(head).__name__)
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(cache)}
+    proc = run_without_hf_koopman(code, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "ToyForRegression"
+    for line in lines[:2]:
+        name, values = line.split(" ", 1)
+        assert name == "ToyModel"
+        assert torch.allclose(torch.tensor(json.loads(values)), expected, atol=1e-6)
