@@ -1,0 +1,88 @@
+"""ReyNet: invariant and equivariant Reynolds networks (Sannai, Kawano, Kumagai, JMLR 2024) for sets and graphs.
+
+Public API:
+
+* operators: [`full_reynolds`] / [`reductive_reynolds`] (rank 2, pair functions on 2×2 blocks),
+  [`full_reynolds_set`] / [`reductive_reynolds_set`] (rank 1, cyclic-shift design), [`full_reynolds_k`] /
+  [`reductive_reynolds_k`] (order-k injective-tuple design) and the designs themselves;
+* models: [`ReyNetConfig`], [`ReyNetModel`], [`ReyNetForGraphClassification`], [`ReyNetForEquivariantRegression`],
+  [`ReyNetForInvariantRegression`]; [`IEGNLinear`] is the Maron et al. baseline layer.
+
+Every other file in this folder imports only torch / transformers / same-folder files, so the folder doubles as Hub
+remote code; this `__init__` (not copied to the Hub) registers the classes with the Auto classes.
+"""
+
+from __future__ import annotations
+
+from .configuration_reynet import ReyNetConfig
+from .iegn import IEGNLinear
+from .modeling_reynet import (
+    ReyNetEquivariantOutput,
+    ReyNetForEquivariantRegression,
+    ReyNetForGraphClassification,
+    ReyNetForInvariantRegression,
+    ReyNetInvariantOutput,
+    ReyNetModel,
+    ReyNetModelOutput,
+    ReyNetPreTrainedModel,
+)
+from .reynolds import (
+    all_permutations,
+    full_reynolds,
+    full_reynolds_k,
+    full_reynolds_set,
+    graph_design,
+    injective_tuple_design,
+    pair_blocks,
+    reductive_reynolds,
+    reductive_reynolds_k,
+    reductive_reynolds_set,
+    set_design,
+)
+
+
+__all__ = [
+    "ReyNetConfig",
+    "ReyNetPreTrainedModel",
+    "ReyNetModel",
+    "ReyNetForGraphClassification",
+    "ReyNetForEquivariantRegression",
+    "ReyNetForInvariantRegression",
+    "ReyNetModelOutput",
+    "ReyNetInvariantOutput",
+    "ReyNetEquivariantOutput",
+    "IEGNLinear",
+    "full_reynolds",
+    "reductive_reynolds",
+    "full_reynolds_set",
+    "reductive_reynolds_set",
+    "full_reynolds_k",
+    "reductive_reynolds_k",
+    "all_permutations",
+    "set_design",
+    "graph_design",
+    "injective_tuple_design",
+    "pair_blocks",
+    "AUTO_MAP",
+    "register",
+]
+
+# Complete auto_map for Hub remote code (base + every head); used by `save_for_hub`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_reynet.ReyNetConfig",
+    "AutoModel": "modeling_reynet.ReyNetModel",
+    "AutoModelForSequenceClassification": "modeling_reynet.ReyNetForGraphClassification",
+    "AutoModelForGraphClassification": "modeling_reynet.ReyNetForGraphClassification",
+    "AutoModelForEquivariantRegression": "modeling_reynet.ReyNetForEquivariantRegression",
+    "AutoModelForInvariantRegression": "modeling_reynet.ReyNetForInvariantRegression",
+}
+
+
+def register() -> None:
+    """Register ReyNet with `AutoConfig`, `AutoModel` and `AutoModelForSequenceClassification` (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    AutoConfig.register(ReyNetConfig.model_type, ReyNetConfig, exist_ok=True)
+    AutoModel.register(ReyNetConfig, ReyNetModel, exist_ok=True)
+    # transformers has no graph-classification Auto class; sequence classification is the closest existing one
+    AutoModelForSequenceClassification.register(ReyNetConfig, ReyNetForGraphClassification, exist_ok=True)
