@@ -1,0 +1,318 @@
+"""`hf-koopman` command line.
+
+    hf-koopman profile gpt2 --init --out hf_koopman_out/gpt2-init
+    hf-koopman profile ./my-checkpoint --text-file notes.txt --num-samples 2048 --rank 32
+    hf-koopman profile llama-2-7b --init --stream --dtype bfloat16       # one block at a time
+    hf-koopman architectures                                             # embedded configs usable with --init
+
+Subcommands register themselves in `_COMMANDS` (name -> (add_arguments, run)); add one by writing those two functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+__all__ = ["main", "make_parser", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+           "fp16": "float16"}
+
+
+# ---------------------------------------------------------------------------------------------------------- model loading
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
+
+
+def _config_from_json_file(path: Path):
+    from transformers import AutoConfig
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if "model_type" not in data:
+        raise ValueError(f"{path} has no 'model_type' key; it is not a transformers config.json.")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
+    """`(config, weights source or None, display name)` for MODEL = local path, embedded architecture or Hub id."""
+    from transformers import AutoConfig
+
+    from hf_koopman.profiling.architectures import known_architectures, load_architecture_config, resolve_architecture_name
+
+    path = Path(spec)
+    if path.is_file():
+        if not init:
+            logger.info("%s is a config file: profiling the architecture at initialisation", path)
+        return _config_from_json_file(path), None, path.stem
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a folder without config.json; pass a save_pretrained folder.")
+        return AutoConfig.from_pretrained(path), (None if init else str(path)), path.name
+    canonical = resolve_architecture_name(spec)
+    if canonical is not None and (init or _offline()):
+        if not init:
+            raise ValueError(
+                f"{spec!r} is an embedded architecture config without weights and the Hub is offline: pass --init to "
+                "profile it at random initialisation, or a local folder with pretrained weights."
+            )
+        return load_architecture_config(canonical), None, f"{canonical} (init)"
+    if _offline():
+        raise ValueError(
+            f"{spec!r} is not a local path nor an embedded architecture ({', '.join(known_architectures())}) and the "
+            "Hub is offline (HF_HUB_OFFLINE=1)."
+        )
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except OSError as err:
+        raise ValueError(f"could not load a config for {spec!r} from the Hub: {err}") from err
+    return config, (None if init else spec), spec + (" (init)" if init else "")
+
+
+def load_model(
+    spec: str, *, init: bool = False, dtype: str = "float32", num_layers: int | None = None, seed: int = 0
+) -> tuple[Any, Any, str]:
+    """Build or load MODEL for profiling -> `(model, tokenizer or None, display name)`.
+
+    The base `AutoModel` is used: the residual blocks live there, and the LM / task head does not affect them.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    config, weights, name = resolve_config(spec, init=init)
+    torch_dtype = getattr(torch, _DTYPES[dtype])
+    if num_layers is not None:
+        if weights is not None:
+            raise ValueError("--num-layers only applies to --init models (it would drop pretrained blocks).")
+        config.num_hidden_layers = num_layers
+        name = f"{name} [{num_layers} layers]"
+    if weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config)
+        model = model.to(torch_dtype)
+    else:
+        model = AutoModel.from_pretrained(weights, dtype=torch_dtype)
+    tokenizer = None
+    source = weights or (spec if Path(spec).is_dir() else None)
+    if source is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as err:  # noqa: BLE001 - many checkpoints ship no tokenizer; text input then falls back
+            logger.info("no tokenizer found at %s (%s)", source, err)
+    return model.eval(), tokenizer, name
+
+
+def _read_text_chunks(path: Path, max_length: int) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"--text-file {path} does not exist.")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    width = 4 * max_length  # ~4 characters per token: each chunk fills about one sequence
+    chunks = [text[i : i + width] for i in range(0, len(text), width)]
+    chunks = [c for c in chunks if c.strip()]
+    if not chunks:
+        raise ValueError(f"--text-file {path} is empty.")
+    return chunks
+
+
+def _load_dataset(name: str, split: str):
+    import datasets
+
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if Path(name).is_file():
+        suffix = Path(name).suffix.lstrip(".")
+        builder = {"txt": "text", "jsonl": "json"}.get(suffix, suffix)
+        return datasets.load_dataset(builder, data_files=name, split="train")
+    return datasets.load_dataset(name, split=split)
+
+
+# ---------------------------------------------------------------------------------------------------------- profile
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="local save_pretrained folder or config.json, an embedded architecture name (see "
+                             "`hf-koopman architectures`), or a Hub id (when online)")
+    parser.add_argument("--init", action="store_true",
+                        help="profile the architecture at random initialisation (ignore pretrained weights)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
+    source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
+    parser.add_argument("--rank", type=int, default=32, help="DMD rank r; 0 = exact full-rank DMD (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
+    parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
+    parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers (quick look at big models)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward for text inputs (default: 8)")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
+    parser.add_argument("--learning-rate", type=float, help="planned learning rate (used by a calibrated risk estimator)")
+    parser.add_argument("--out", type=Path, default=Path("hf_koopman_out"), help="output folder (default: hf_koopman_out)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--stream", action="store_true",
+                        help="stream the model one block at a time (for models that do not fit in memory)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from hf_koopman.profiling import profile
+
+    rank = None if args.rank == 0 else args.rank
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
+    progress = not args.no_progress
+    if args.stream:
+        result = _run_streaming(args, rank, progress)
+    else:
+        model, tokenizer, name = load_model(
+            args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed
+        )
+        inputs: Any = None
+        if args.text_file is not None:
+            inputs = _read_text_chunks(args.text_file, args.max_length)
+        elif args.dataset is not None:
+            inputs = _load_dataset(args.dataset, args.split)
+        result = profile(
+            model,
+            inputs,
+            num_samples=args.num_samples,
+            rank=rank,
+            seed=args.seed,
+            layers=args.layers,
+            tokenizer=tokenizer,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            learning_rate=args.learning_rate,
+            model_name=name,
+            progress=progress,
+        )
+    written = result.save(args.out, plots=not args.no_plots)
+    score = "n/a" if result.score is None else f"{result.score:.3f}"
+    print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}")
+    if result.degenerate_layers:
+        print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
+    for label, path in written.items():
+        print(f"  {label}: {path}")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
+    try:
+        from hf_koopman.profiling.streaming import profile_streaming
+    except ImportError as err:
+        raise ValueError(f"--stream is unavailable in this installation ({err}); run without --stream.") from err
+    from hf_koopman.profiling.inputs import byte_tokenize
+
+    config, weights, name = resolve_config(args.model, init=args.init)
+    if args.num_layers is not None:
+        if weights is not None:
+            raise ValueError("--num-layers only applies to --init models.")
+        config.num_hidden_layers = args.num_layers
+    if args.dataset is not None:
+        raise ValueError("--stream takes --text-file or the default probe, not --dataset.")
+    inputs = None
+    if args.text_file is not None:
+        texts = _read_text_chunks(args.text_file, args.max_length)[: args.batch_size]
+        inputs = byte_tokenize(texts, config.vocab_size, args.max_length)
+        if weights is not None:
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(weights)
+                tok.pad_token = tok.pad_token or tok.eos_token
+                inputs = dict(tok(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
+            except Exception as err:  # noqa: BLE001
+                logger.warning("no tokenizer for %s (%s): using byte-level ids", weights, err)
+    model_arg = weights if weights is not None else config
+    return profile_streaming(
+        model_arg,
+        inputs,
+        init=weights is None,
+        num_samples=args.num_samples,
+        rank=rank,
+        seed=args.seed,
+        layers=args.layers,
+        dtype=_DTYPES[args.dtype],
+        progress=progress,
+        model_name=name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- architectures
+def _add_architectures_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def _run_architectures(args: argparse.Namespace) -> int:
+    from hf_koopman.profiling.architectures import known_architectures, load_architecture_config
+
+    rows = []
+    for name in known_architectures():
+        config = load_architecture_config(name)
+        rows.append({"name": name, "model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+                     "hidden_size": getattr(config, "hidden_size", None)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']:<14} {row['model_type']:<10} layers={row['num_hidden_layers']:<3} d={row['hidden_size']}")
+    return 0
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "profile": ("RKSP spectral profile of a model -> profile.json, report.md, PNG plots",
+                _add_profile_arguments, _run_profile),
+    "architectures": ("list the embedded architecture configs usable offline with --init",
+                      _add_architectures_arguments, _run_architectures),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-koopman", description="Koopman spectral diagnostics for Hugging Face models (RKSP / KSS)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (help_text, add_arguments, run) in _COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hf-koopman` console script; returns the exit status."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    package_logger = logging.getLogger("hf_koopman")  # configure our own logger only, never the root logger
+    if not any(getattr(h, "_hf_koopman_cli", False) for h in package_logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._hf_koopman_cli = True  # type: ignore[attr-defined]
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        return args._run(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
+        print(f"hf-koopman {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Locate the residual blocks of any `transformers` model, without per-architecture tables.
+
+RKSP (rksp_paper.md §1.4) pairs the residual stream entering block ℓ with the stream leaving it, so the first job is to
+know which modules are "the blocks". We ask the model itself, in this order:
+
+1. an explicit user override (`layers="model.layers"`, a list of dotted paths or a list of modules);
+2. the classes that transformers records as `hidden_states` (`_can_record_outputs["hidden_states"]`, per sub-model);
+3. modules that are `GradientCheckpointingLayer` instances (406 of 524 modeling files in transformers 5.23);
+4. classes named in `_no_split_modules` (collected over every sub-`PreTrainedModel`);
+5. as a last resort, a homogeneous `nn.ModuleList` whose length is `config.num_hidden_layers`.
+
+Signals 2-4 only count for modules that sit in an `nn.ModuleList` / `nn.Sequential` (this drops `*Embeddings`,
+`MambaMixer` ...). When block lists nest (Swin stages hold lists of Swin layers, ALBERT groups hold layers) the innermost
+lists win, because an outer "stage" may change the width and is then not a residual map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import nn
+
+
+__all__ = ["ResidualBlock", "find_residual_blocks", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResidualBlock(NamedTuple):
+    """One residual block: `name` is its dotted path in the unwrapped model, `stack` labels its tower.
+
+    `stack` is `""` for single-stack models, `"encoder"` / `"decoder"` for encoder-decoder models, and the dotted path of
+    the enclosing list for other multi-list models (e.g. the stages of a Swin encoder).
+    """
+
+    name: str
+    module: nn.Module
+    stack: str
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip PEFT, DDP / DataParallel, FSDP and `torch.compile` wrappers; returns the underlying `nn.Module`."""
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base) and type(model).__module__.startswith("peft"):
+            model = get_base()  # PeftModel.base_model is the tuner (LoraModel), not the HF backbone
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        inner = getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):  # FSDP1 wrapper / torch.compile OptimizedModule
+            model = inner
+            continue
+    return model
+
+
+def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module]) -> list[ResidualBlock]:
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(layers, str):
+        try:
+            target = model.get_submodule(layers)
+        except AttributeError as err:
+            raise ValueError(
+                f"layers={layers!r} is not a sub-module of {type(model).__name__}: {err}. Pass the dotted path of the "
+                f"block list, e.g. one of {_describe_candidates(model)}."
+            ) from None
+        modules = list(target.children()) if isinstance(target, (nn.ModuleList, nn.Sequential)) else [target]
+        if not modules:
+            raise ValueError(f"layers={layers!r} points to an empty {type(target).__name__}; it holds no blocks.")
+        return [ResidualBlock(names[id(m)], m, "") for m in modules]
+    if isinstance(layers, nn.Module):
+        raise TypeError("layers= must be a dotted path or a *list* of modules; wrap a single block in a list.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers= is an empty list; pass the blocks to profile or leave it as None for auto-discovery.")
+    blocks = []
+    for item in layers:
+        if isinstance(item, str):
+            try:
+                module = model.get_submodule(item)
+            except AttributeError:
+                raise ValueError(f"layers entry {item!r} is not a sub-module of {type(model).__name__}.") from None
+        elif isinstance(item, nn.Module):
+            module = item
+        else:
+            raise TypeError(f"layers entries must be dotted paths or nn.Module instances, got {type(item).__name__}.")
+        if id(module) not in names:
+            raise ValueError(
+                f"layers entry {type(module).__name__} is not a sub-module of {type(model).__name__} (after unwrapping "
+                "PEFT/DDP/FSDP); pass modules taken from the model you profile."
+            )
+        blocks.append(ResidualBlock(names[id(module)], module, ""))
+    return blocks
+
+
+def _record_classes(model: nn.Module) -> tuple[set[type], set[str], set[str]]:
+    """Classes / class names that transformers records as hidden states, and `_no_split_modules` names."""
+    classes: set[type] = set()
+    class_names: set[str] = set()
+    no_split: set[str] = set()
+    for module in model.modules():
+        spec = getattr(type(module), "_can_record_outputs", None)
+        if isinstance(spec, dict) and spec.get("hidden_states") is not None:
+            entries = spec["hidden_states"]
+            for entry in entries if isinstance(entries, (list, tuple)) else [entries]:
+                if isinstance(entry, type):
+                    classes.add(entry)
+                elif isinstance(entry, str):
+                    class_names.add(entry)
+                elif getattr(entry, "layer_name", None) is None:  # OutputRecorder on a whole block class
+                    if getattr(entry, "target_class", None) is not None:
+                        classes.add(entry.target_class)
+                    if getattr(entry, "class_name", None):
+                        class_names.add(entry.class_name)
+        split = getattr(type(module), "_no_split_modules", None)
+        if split:
+            no_split.update(str(s) for s in split)
+    return classes, class_names, no_split
+
+
+def _containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
+
+
+def _describe_candidates(model: nn.Module, limit: int = 8) -> str:
+    rows = []
+    for name, container in _containers(model):
+        kinds = sorted({type(c).__name__ for c in container})
+        rows.append((len(container), f"{name!r} ({len(container)} x {'/'.join(kinds)})"))
+    rows.sort(key=lambda r: -r[0])
+    return ", ".join(r[1] for r in rows[:limit]) or "none (the model has no nn.ModuleList / nn.Sequential)"
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        config = config.get_text_config()
+    except Exception:  # noqa: BLE001 - plain PretrainedConfig without sub-configs
+        pass
+    value = getattr(config, "num_hidden_layers", None)
+    return value if isinstance(value, int) else None
+
+
+def _stack_labels(paths: list[str]) -> list[str]:
+    if len(paths) == 1:
+        return [""]
+    labels = []
+    for path in paths:
+        parts = path.split(".")
+        label = "decoder" if any("decoder" in p for p in parts) else "encoder" if any("encoder" in p for p in parts) else ""
+        labels.append(label)
+    if len(set(labels)) == len(labels) and all(labels):
+        return labels
+    return list(paths)  # ambiguous (e.g. Swin stages): the list path is the label
+
+
+def find_residual_blocks(
+    model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module] | None = None
+) -> list[ResidualBlock]:
+    """Ordered residual blocks of `model`.
+
+    Args:
+        model (`nn.Module`):
+            Any `PreTrainedModel` (head or base), possibly wrapped by PEFT, DDP, FSDP or `torch.compile`.
+        layers (`str`, `list[str]` or `list[nn.Module]`, *optional*):
+            Override: dotted path of the block list (`"model.layers"`), dotted paths of individual blocks, or the block
+            modules themselves. Paths are relative to the *unwrapped* model.
+
+    Returns:
+        `list[ResidualBlock]` in execution order (registration order; encoders are registered before decoders).
+
+    Raises:
+        `ValueError` when no block list can be identified; the message lists the candidate containers and the
+        `layers=` override to use.
+    """
+    model = unwrap_model(model)
+    if layers is not None:
+        return _resolve_override(model, layers)
+
+    classes, class_names, no_split = _record_classes(model)
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - very old transformers
+        GradientCheckpointingLayer = ()  # noqa: N806
+
+    def is_block(module: nn.Module) -> bool:
+        cls = type(module)
+        return (
+            isinstance(module, tuple(classes))
+            or cls.__name__ in class_names
+            or (GradientCheckpointingLayer and isinstance(module, GradientCheckpointingLayer))
+            or cls.__name__ in no_split
+        )
+
+    containers = _containers(model)
+    chosen = [(n, c) for n, c in containers if all(is_block(child) for child in c)]
+    if not chosen:  # last resort: a homogeneous list as long as the config says the model is deep
+        depth = _num_hidden_layers(model)
+        chosen = [
+            (n, c)
+            for n, c in containers
+            if depth is not None and len(c) == depth and len({type(child) for child in c}) == 1
+        ]
+    # innermost lists win: drop a list when another chosen list lives inside one of its children
+    paths = [n for n, _ in chosen]
+    chosen = [(n, c) for n, c in chosen if not any(p != n and p.startswith(f"{n}.") for p in paths)]
+    if not chosen:
+        raise ValueError(
+            f"Could not identify the residual blocks of {type(model).__name__}: no module list matches the blocks that "
+            "transformers records as hidden states, GradientCheckpointingLayer, _no_split_modules or "
+            f"num_hidden_layers. Candidates: {_describe_candidates(model)}. Pass the block list explicitly, e.g. "
+            "`find_residual_blocks(model, layers='model.layers')` / `profile(model, layers=...)` / "
+            "`hf-koopman profile ... --layers model.layers`."
+        )
+    labels = _stack_labels([n for n, _ in chosen])
+    blocks = [
+        ResidualBlock(f"{path}.{child_name}" if path else child_name, child, label)
+        for (path, container), label in zip(chosen, labels)
+        for child_name, child in container.named_children()
+    ]
+    logger.debug("found %d residual blocks in %d list(s): %s", len(blocks), len(chosen), [n for n, _ in chosen])
+    return blocks

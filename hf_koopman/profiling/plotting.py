@@ -1,0 +1,140 @@
+"""Plots of a `SpectralProfile` (matplotlib, Agg backend; an optional extra: `pip install hf-koopman[plot]`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+
+if TYPE_CHECKING:
+    from hf_koopman.profiling.spectral_profile import SpectralProfile
+
+__all__ = ["plot_eigenvalues", "plot_masses", "plot_profile", "save_plots"]
+
+_MASSES = (
+    ("near_unit_mass", "M≈1 (near-unit)"),
+    ("unstable_mass", "M>1 (expansive)"),
+    ("mid_mass", "M mid"),
+    ("contractive_mass", "M<1 (contractive)"),
+)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(
+            "plotting a SpectralProfile needs matplotlib: pip install 'hf-koopman[plot]' (or pip install matplotlib)"
+        ) from err
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo") and not _has_display():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _band(profile: SpectralProfile) -> tuple[float, float]:
+    low, high = profile.settings.get("near_band", (0.90, 1.05))
+    return float(low), float(high)
+
+
+def plot_eigenvalues(profile: SpectralProfile, ax: Any = None) -> Any:
+    """Eigenvalues of every layer in the complex plane, coloured by depth, with the unit circle and near-unit band."""
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 5))
+    low, high = _band(profile)
+    theta = np.linspace(0, 2 * np.pi, 400)
+    ax.fill(
+        np.concatenate([high * np.cos(theta), low * np.cos(theta[::-1])]),
+        np.concatenate([high * np.sin(theta), low * np.sin(theta[::-1])]),
+        color="tab:orange", alpha=0.18, lw=0, label=f"near-unit band [{low:.2f}, {high:.2f}]",
+    )
+    ax.plot(np.cos(theta), np.sin(theta), color="black", lw=0.8, label="unit circle")
+    cmap = plt.get_cmap("viridis")
+    count = max(len(profile.eigenvalues), 1)
+    radius = high
+    for i, eig in enumerate(profile.eigenvalues):
+        eig = np.asarray(eig)
+        if eig.size:
+            radius = max(radius, float(np.abs(eig).max()))
+        ax.scatter(eig.real, eig.imag, s=9, color=cmap(i / max(count - 1, 1)), alpha=0.75, lw=0)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(count - 1, 1)))
+    ax.figure.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="layer")
+    lim = 1.08 * radius
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    ax.set_title("DMD eigenvalues per layer")
+    ax.legend(loc="lower left", fontsize=7)
+    return ax
+
+
+def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
+    """Per-layer spectral masses (Definition 1) vs depth; degenerate layers are marked with a grey background."""
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4))
+    depth = np.arange(len(profile.layers))
+    for field_name, label in _MASSES:
+        ax.plot(depth, [float(getattr(f, field_name)) for f in profile.features], marker="o", ms=3, label=label)
+    for i, f in enumerate(profile.features):
+        if bool(getattr(f, "degenerate", False)):
+            ax.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.2, lw=0)
+    ax.axhline(profile.rule.safe_below, color="tab:green", ls="--", lw=0.8, label="safe below (mean M≈1)")
+    ax.axhline(profile.rule.high_risk_above, color="tab:red", ls="--", lw=0.8, label="high risk above")
+    stacks = profile.stacks
+    for i in range(1, len(stacks)):
+        if stacks[i] != stacks[i - 1]:
+            ax.axvline(i - 0.5, color="black", lw=0.8)
+    ax.set_ylim(-0.02, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (execution order)")
+    ax.set_ylabel("fraction of eigenvalues")
+    ax.set_title(f"Spectral masses vs depth — verdict: {profile.verdict}")
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def plot_profile(profile: SpectralProfile, path: str | Path | None = None) -> Any:
+    """Both panels side by side; saved as PNG when `path` is given. Returns the figure."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    plot_eigenvalues(profile, left)
+    plot_masses(profile, right)
+    if profile.model_name:
+        fig.suptitle(f"RKSP profile of {profile.model_name}")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def save_plots(profile: SpectralProfile, directory: str | Path) -> dict[str, Path]:
+    """Write `eigenvalues.png` and `masses.png` into `directory`; returns caption -> path."""
+    plt = _pyplot()
+    directory = Path(directory)
+    written = {}
+    for caption, filename, draw, size in (
+        ("Eigenvalues in the complex plane", "eigenvalues.png", plot_eigenvalues, (6, 5.5)),
+        ("Spectral masses vs depth", "masses.png", plot_masses, (7.5, 4.5)),
+    ):
+        fig, ax = plt.subplots(figsize=size)
+        draw(profile, ax)
+        fig.tight_layout()
+        fig.savefig(directory / filename, dpi=120)
+        plt.close(fig)
+        written[caption] = directory / filename
+    return written

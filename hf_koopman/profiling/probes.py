@@ -1,0 +1,153 @@
+"""Default probe inputs: what `profile(model)` feeds the model when the user gives no data.
+
+Text models get the paper's synthetic-LM sequences (rksp_paper.md §3.1, App. D.2): a concatenation of segments of
+three kinds, truncated to T tokens,
+
+* repetition: a pattern of 2-5 tokens repeated 2-4 times,
+* sequential: a run of 5-15 consecutive token ids,
+* random: 5-15 i.i.d. tokens,
+
+drawn from ids `{10, ..., V-1}` (the paper reserves the first 10 ids; for vocabularies smaller than 20 all ids are
+used). T defaults to the paper's 256, capped by the model's maximum length. Vision models get standard-normal pixels
+(the usual normalised-image scale); audio models get standard-normal waveforms / log-mel features.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+__all__ = ["default_probe_inputs", "synthetic_token_sequences"]
+
+_PAPER_SEQ_LEN = 256
+_RESERVED_IDS = 10
+
+
+def synthetic_token_sequences(
+    num_sequences: int, seq_len: int, vocab_size: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Synthetic-LM token sequences (App. D.2): `(num_sequences, seq_len)` int64 ids in `[low, vocab_size)`."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 to build probe sequences, got {vocab_size}.")
+    if seq_len < 1 or num_sequences < 1:
+        raise ValueError(f"need num_sequences >= 1 and seq_len >= 1, got {num_sequences} and {seq_len}.")
+    low = _RESERVED_IDS if vocab_size >= 2 * _RESERVED_IDS else 0
+    span = vocab_size - low
+
+    def randint(a: int, b: int) -> int:  # inclusive bounds
+        return int(torch.randint(a, b + 1, (1,), generator=generator))
+
+    rows = []
+    for _ in range(num_sequences):
+        tokens: list[int] = []
+        while len(tokens) < seq_len:
+            kind = randint(0, 2)
+            if kind == 0:  # repetition
+                pattern = torch.randint(low, vocab_size, (randint(2, 5),), generator=generator).tolist()
+                tokens += pattern * randint(2, 4)
+            elif kind == 1:  # sequential run, wrapped inside the usable id range
+                start, length = randint(low, vocab_size - 1), randint(5, 15)
+                tokens += [low + (start - low + i) % span for i in range(length)]
+            else:  # i.i.d.
+                tokens += torch.randint(low, vocab_size, (randint(5, 15),), generator=generator).tolist()
+        rows.append(tokens[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _config_of(model_or_config: Any) -> Any:
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _main_input_name(model_or_config: Any) -> str:
+    name = getattr(model_or_config, "main_input_name", None)
+    if isinstance(name, str):
+        return name
+    config = _config_of(model_or_config)
+    if getattr(config, "vocab_size", None) is None and getattr(config, "image_size", None) is not None:
+        return "pixel_values"
+    return "input_ids"
+
+
+def default_probe_inputs(
+    model_or_config: Any,
+    *,
+    num_tokens: int = 2048,
+    seed: int = 0,
+    seq_len: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Probe batch for a model with no user data.
+
+    Args:
+        model_or_config (`PreTrainedModel` or `PretrainedConfig`):
+            The model (preferred: its `main_input_name` decides text / vision / audio) or its config.
+        num_tokens (`int`, *optional*, defaults to 2048):
+            Minimum number of token states the batch produces per layer (the default `N` of App. D).
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the probe generator.
+        seq_len (`int`, *optional*):
+            Text sequence length; defaults to 256 (App. D.2), capped by the model's maximum positions.
+
+    Returns:
+        `dict[str, torch.Tensor]`: a batch for `model(**batch)`: `input_ids` `(B, T)` + `attention_mask` for text
+        (+ `decoder_input_ids` for encoder-decoder models), `pixel_values` `(B, C, H, W)` for vision, `input_values`
+        `(B, S)` or `input_features` `(B, M, F)` for audio.
+    """
+    if num_tokens < 2:
+        raise ValueError(f"num_tokens must be >= 2, got {num_tokens}.")
+    generator = torch.Generator().manual_seed(seed)
+    config = _config_of(model_or_config)
+    input_name = _main_input_name(model_or_config)
+
+    if input_name == "pixel_values":
+        vision = _get(config, "vision_config", default=config)
+        size = _get(vision, "image_size", default=224)
+        size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 224
+        patch = _get(vision, "patch_size", default=16)
+        patch = patch if isinstance(patch, int) else int(patch[0]) if isinstance(patch, (list, tuple)) else 16
+        channels = _get(vision, "num_channels", default=3)
+        per_image = max((size // max(patch, 1)) ** 2, 1)
+        batch = max(1, min(64, math.ceil(num_tokens / per_image)))
+        return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
+    if input_name == "input_values":  # raw waveform models (wav2vec2, hubert, ...)
+        length = 16000
+        return {"input_values": torch.randn(max(1, math.ceil(num_tokens / 50)), length, generator=generator)}
+    if input_name == "input_features":  # log-mel models (whisper, speech2text, ...)
+        mels = _get(config, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
+        frames = 2 * _get(config, "max_source_positions", default=1500)
+        batch = max(1, math.ceil(num_tokens / (frames // 2)))
+        features = torch.randn(batch, mels, frames, generator=generator)
+        out: dict[str, torch.Tensor] = {"input_features": features}
+        if getattr(config, "is_encoder_decoder", False):
+            out["decoder_input_ids"] = torch.full((batch, 8), _get(config, "decoder_start_token_id", default=0))
+        return out
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = _get(text, "vocab_size")
+    if not isinstance(vocab, int):
+        raise ValueError(
+            f"cannot build default probe tokens for {type(config).__name__}: it has no integer vocab_size. Pass inputs "
+            "to profile(model, inputs) explicitly."
+        )
+    max_len = _get(text, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", default=None)
+    length = seq_len or _PAPER_SEQ_LEN
+    if isinstance(max_len, int) and max_len > 0:
+        length = min(length, max_len)
+    num_sequences = max(1, math.ceil(num_tokens / length))
+    ids = synthetic_token_sequences(num_sequences, length, vocab, generator=generator)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        # the decoder stack is probed with the same sequences (teacher forcing on the probe itself)
+        out["decoder_input_ids"] = ids.clone()
+        out["decoder_attention_mask"] = torch.ones_like(ids)
+    return out

@@ -1,0 +1,251 @@
+"""`profile(model, inputs)`: one forward pass with hooks, whitened DMD per layer, a `SpectralProfile` (Algorithm 1)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hf_koopman.profiling.blocks import find_residual_blocks, unwrap_model
+from hf_koopman.profiling.inputs import iter_batches, prepare_batch
+from hf_koopman.profiling.probes import default_probe_inputs
+from hf_koopman.profiling.recorder import ResidualStreamRecorder
+from hf_koopman.profiling.spectral_profile import SpectralProfile
+
+
+__all__ = ["profile", "profile_from_snapshots"]
+
+logger = logging.getLogger(__name__)
+
+
+def _tqdm(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def _composite(features: list[Any]) -> float:
+    """Mean of M≈1 · log10 κ(V), the composite predictor of Table 2."""
+    values = [f.near_unit_mass * math.log10(max(f.eigvec_condition, 1.0)) for f in features]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def profile_from_snapshots(
+    snapshots: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+    *,
+    rank: int | None = 32,
+    randomized: bool | None = None,
+    eps: float = 1e-5,
+    near_band: tuple[float, float] = (0.90, 1.05),
+    contractive_below: float = 0.80,
+    residual_tol: float = 0.1,
+    seed: int = 0,
+    stacks: Sequence[str] | None = None,
+    model_name: str | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+    **feature_kwargs: Any,
+) -> SpectralProfile:
+    """Whitened DMD and spectral features of recorded snapshot pairs (Algorithm 1, lines 4-11).
+
+    Args:
+        snapshots (`list[tuple[str, Tensor, Tensor]]`):
+            `(name, X (N, d), Y (N, d))` per layer transition, e.g. `ResidualStreamRecorder.snapshots()`.
+        rank (`int`, *optional*, defaults to 32):
+            DMD rank r (the paper's default recipe, App. D). `None`, or r ≥ min(N, d), means exact full-rank DMD.
+        randomized (`bool`, *optional*):
+            Randomized rank-r DMD [Erichson et al.]; defaults to `True` whenever a rank below min(N, d) is used.
+        eps (`float`, defaults to 1e-5): ridge of the whitening covariance (Eq. 9).
+        near_band, contractive_below, residual_tol: thresholds of Definition 1 and the ResDMD filter (Eq. 10).
+        seed (`int`, defaults to 0): seeds the randomized range finder.
+        stacks (`list[str]`, *optional*): stack label per snapshot (encoder / decoder ...).
+        model_name (`str`, *optional*), meta (`dict`, *optional*): stored in the profile.
+        progress (`bool`, defaults to `False`): tqdm bar over layers.
+        **feature_kwargs: passed on to `hf_koopman.koopman.spectral_features`.
+
+    Returns:
+        `SpectralProfile`.
+    """
+    from hf_koopman.koopman import aggregate_features, spectral_features, whitened_dmd
+
+    snapshots = list(snapshots)
+    if not snapshots:
+        raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int or None (exact DMD), got {rank!r}.")
+    generator = torch.Generator().manual_seed(seed)
+    layers, eigenvalues = [], []
+    start = time.perf_counter()
+    for name, X, Y in _tqdm(snapshots, progress, desc="whitened DMD", unit="layer"):
+        n, d = X.shape
+        layer_rank = None if rank is None or rank >= min(n, d) else rank
+        use_randomized = (layer_rank is not None) if randomized is None else randomized
+        try:
+            result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator)
+            features = spectral_features(
+                result,
+                near_band=near_band,
+                contractive_below=contractive_below,
+                residual_tol=residual_tol,
+                **feature_kwargs,
+            )
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from err
+        layers.append((name, features))
+        eigenvalues.append(result.eigenvalues.detach().cpu().numpy().astype(np.complex128))
+    analysis_time = time.perf_counter() - start
+    feats = [f for _, f in layers]
+    aggregates = dict(aggregate_features(feats))
+    aggregates["near_unit_mass_x_log10_kappa_mean"] = _composite(feats)
+    settings = {
+        "num_samples": int(snapshots[0][1].shape[0]),
+        "hidden_size": int(snapshots[0][1].shape[1]),
+        "rank": rank,
+        "randomized": bool(randomized) if randomized is not None else rank is not None,
+        "eps": eps,
+        "near_band": list(near_band),
+        "contractive_below": contractive_below,
+        "residual_tol": residual_tol,
+        "seed": seed,
+    }
+    meta = dict(meta or {})
+    meta.setdefault("analysis_time_s", round(analysis_time, 4))
+    return SpectralProfile(
+        layers=layers,
+        aggregates=aggregates,
+        stacks=list(stacks) if stacks is not None else [""] * len(layers),
+        eigenvalues=eigenvalues,
+        model_name=model_name,
+        settings=settings,
+        meta=meta,
+    )
+
+
+def profile(
+    model: nn.Module,
+    inputs: Any = None,
+    *,
+    num_samples: int = 2048,
+    rank: int | None = 32,
+    seed: int = 0,
+    layers: str | Sequence[str] | Sequence[nn.Module] | None = None,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    max_tokens: int | None = None,
+    learning_rate: float | None = None,
+    model_name: str | None = None,
+    progress: bool = False,
+    **analysis_kwargs: Any,
+) -> SpectralProfile:
+    """Residual Koopman Spectral Profile of any `transformers` model (RKSP, Algorithm 1).
+
+    Runs the model in eval mode under `torch.no_grad()` (restoring its training mode afterwards), records the residual
+    stream entering and leaving every block with forward hooks, subsamples `num_samples` token states per transition,
+    and analyses each transition with whitened DMD.
+
+    Args:
+        model (`nn.Module`):
+            Any `PreTrainedModel` (base or head, fp32/fp16/bf16), possibly PEFT/DDP/FSDP-wrapped.
+        inputs (*optional*):
+            A batch dict (or `BatchEncoding`), a tensor of token ids / pixels, a string or list of strings (tokenised
+            with `tokenizer`), a `datasets.Dataset` (`input_ids`, `pixel_values` or a text column), any iterable of
+            batch dicts (e.g. a `DataLoader`), or `None` for the paper's synthetic probe (`default_probe_inputs`).
+        num_samples (`int`, defaults to 2048): token states N per layer (App. D).
+        rank (`int`, *optional*, defaults to 32): DMD rank (App. D); `None` for exact DMD.
+        seed (`int`, defaults to 0): seeds the probe, the subsampling and the randomized DMD.
+        layers (*optional*): override of the block discovery (see `find_residual_blocks`).
+        tokenizer (*optional*): tokenizer for text inputs.
+        batch_size (`int`, defaults to 8), max_length (`int`, defaults to 256): batching / truncation of text inputs.
+        max_tokens (`int`, *optional*): stop reading batches once this many valid tokens have been seen; defaults to
+            `16 * num_samples` so that a large DataLoader is not consumed entirely (the sample stays uniform over the
+            tokens read).
+        learning_rate (`float`, *optional*): stored in `meta` for the calibrated risk estimator.
+        model_name (`str`, *optional*): name in the report; defaults to `config.name_or_path` or the class name.
+        progress (`bool`, defaults to `False`): tqdm bars over batches and layers.
+        **analysis_kwargs: passed to `profile_from_snapshots` (`near_band`, `eps`, `randomized`, ...).
+
+    Returns:
+        `SpectralProfile` with one entry per block (encoder-decoder models: both stacks, labelled).
+
+    Raises:
+        `ValueError` for unknown model structure (with the `layers=` override to use) or non-finite activations
+        (naming the first bad block).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}.")
+    if not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
+    inner = unwrap_model(model)
+    blocks = find_residual_blocks(inner, layers)
+    if inputs is None:
+        inputs = default_probe_inputs(inner, num_tokens=num_samples, seed=seed)
+    max_tokens = 16 * num_samples if max_tokens is None else max_tokens
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    batches = 0
+    try:
+        with ResidualStreamRecorder(inner, blocks, num_samples=num_samples, seed=seed) as recorder, torch.no_grad():
+            for raw in _tqdm(
+                iter_batches(inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
+                progress, desc="forward", unit="batch",
+            ):
+                batch = prepare_batch(raw, inner)
+                mask = batch.get("attention_mask")
+                recorder.attention_mask = {
+                    "": mask,
+                    "encoder": mask,
+                    "decoder": batch.get("decoder_attention_mask"),
+                }
+                model(**batch)
+                batches += 1
+                seen = recorder.tokens_seen
+                if seen and min(seen.values()) >= max_tokens:
+                    break
+    finally:
+        model.train(was_training)
+    forward_time = time.perf_counter() - start
+    snapshots = recorder.snapshots()
+    if batches == 0:
+        raise ValueError("inputs yielded no batch; nothing was profiled.")
+    if not snapshots:
+        raise ValueError(
+            f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "
+            "blocks that actually run with layers=..."
+        )
+    stacks = recorder.snapshot_stacks()
+    few = {name: n for name, n in recorder.tokens_seen.items() if n < num_samples}
+    if few:
+        logger.warning(
+            "only %d valid token states reached some layers (asked for num_samples=%d); pass more inputs for stable "
+            "estimates", min(few.values()), num_samples,
+        )
+    try:
+        dtype = str(next(inner.parameters()).dtype).removeprefix("torch.")
+    except StopIteration:
+        dtype = None
+    config = getattr(inner, "config", None)
+    name = model_name or getattr(config, "name_or_path", None) or type(inner).__name__
+    meta = {
+        "model_class": type(inner).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": dtype,
+        "num_blocks": len(blocks),
+        "batches": batches,
+        "tokens_seen": min(recorder.tokens_seen.values()),
+        "forward_time_s": round(forward_time, 4),
+    }
+    if learning_rate is not None:
+        meta["learning_rate"] = learning_rate
+    return profile_from_snapshots(
+        snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress, **analysis_kwargs
+    )

@@ -1,0 +1,131 @@
+"""Tiny, offline model builders shared by the test-suite (and handy for users writing their own tests).
+
+Every builder returns a randomly initialised model from a config small enough to run a forward pass in milliseconds on
+a CPU: 2 layers (unless overridden), hidden size 32-64, vocabulary 128. Nothing is downloaded.
+
+Example:
+    >>> from hf_koopman.testing_utils import tiny_model
+    >>> model = tiny_model("llama", num_hidden_layers=3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_peft_model"]
+
+_VOCAB = 128
+
+# model_type -> (config kwargs, Auto class name used to build it)
+_TINY: dict[str, tuple[dict[str, Any], str]] = {
+    "gpt2": (dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=_VOCAB, bos_token_id=0, eos_token_id=0), "AutoModelForCausalLM"),
+    "llama": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, vocab_size=_VOCAB),
+        "AutoModelForCausalLM",
+    ),
+    "mistral": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, vocab_size=_VOCAB, sliding_window=64),
+        "AutoModelForCausalLM",
+    ),
+    "mixtral": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, vocab_size=_VOCAB, num_local_experts=4, num_experts_per_tok=2),
+        "AutoModelForCausalLM",
+    ),
+    "qwen2_moe": (
+        dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+             max_position_embeddings=128, vocab_size=_VOCAB),
+        "AutoModelForCausalLM",
+    ),
+    "mamba": (
+        dict(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=_VOCAB, expand=2, conv_kernel=4),
+        "AutoModelForCausalLM",
+    ),
+    "mamba2": (
+        dict(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=_VOCAB, expand=2, conv_kernel=4,
+             num_heads=4, head_dim=16, n_groups=1, chunk_size=16),
+        "AutoModelForCausalLM",
+    ),
+    "bert": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             max_position_embeddings=128, vocab_size=_VOCAB),
+        "AutoModel",
+    ),
+    "vit": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+             patch_size=8, num_channels=3),
+        "AutoModel",
+    ),
+    "t5": (
+        dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=_VOCAB,
+             decoder_start_token_id=0),
+        "AutoModel",
+    ),
+    "bart": (
+        dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, vocab_size=_VOCAB),
+        "AutoModel",
+    ),
+}
+
+TINY_ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
+
+
+def tiny_config(arch: str, **overrides: Any):
+    """`PretrainedConfig` of a tiny `arch` (one of `TINY_ARCHITECTURES`); `overrides` replace config attributes.
+
+    `num_hidden_layers` is accepted for every architecture (mapped to `n_layer` / `num_layers` ... by the config).
+    """
+    from transformers import AutoConfig
+
+    if arch not in _TINY:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}.")
+    kwargs = {**_TINY[arch][0]}
+    depth = overrides.pop("num_hidden_layers", None)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(arch, **kwargs)
+    if depth is not None:
+        if arch in ("t5", "bart"):
+            for name in ("num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers"):
+                if hasattr(config, name):
+                    setattr(config, name, depth)
+        config.num_hidden_layers = depth
+    return config
+
+
+def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | None = None, head: bool = True, **overrides: Any):
+    """Randomly initialised tiny model of `arch`, in eval mode.
+
+    Args:
+        arch (`str`): one of `TINY_ARCHITECTURES`.
+        seed (`int`, defaults to 0): torch seed used for the initialisation.
+        dtype (`torch.dtype`, *optional*): cast the model (e.g. `torch.bfloat16`).
+        head (`bool`, defaults to `True`): build the causal-LM head for decoder LMs (else the base `AutoModel`).
+        **overrides: config attributes (see `tiny_config`).
+    """
+    import transformers
+
+    config = tiny_config(arch, **overrides)
+    auto_name = _TINY[arch][1] if head else "AutoModel"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, auto_name).from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def tiny_peft_model(arch: str = "llama", *, r: int = 4, seed: int = 0, **overrides: Any):
+    """`tiny_model(arch)` wrapped with a PEFT LoRA adapter on the attention projections."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(arch, seed=seed, **overrides)
+    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
+    return get_peft_model(model, config)
