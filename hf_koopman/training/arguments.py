@@ -1,0 +1,136 @@
+"""Configuration of Koopman Spectral Shaping: `KSSConfig` and the `kss_*` fields of `KSSTrainingArguments`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from hf_koopman.koopman.shaping import DEFAULT_BETA
+
+
+__all__ = ["KSSConfig", "KSSTrainingArguments"]
+
+
+@dataclass
+class KSSConfig:
+    """Settings of the KSS regulariser (paper Sec. 3.3, Eqs. 14-15; defaults from App. D).
+
+    Args:
+        alpha (`float`, *optional*, defaults to `0.15`):
+            Weight of the spectral term in `L_task + alpha * mean_l L_KSS^l`. `0` disables KSS entirely (no hooks, the
+            loss is bit-for-bit the plain `Trainer` loss).
+        beta (`float`, *optional*, defaults to `10.0`):
+            Weight of the near-unit target term. The paper gives no value; see `hf_koopman.koopman.shaping`.
+        gamma (`float`, *optional*, defaults to `0.4`):
+            Target soft near-unit mass (paper: a value in `[0.3, 0.5]`).
+        temperature (`float`, *optional*, defaults to `20.0`): sigmoid sharpness `T`.
+        tau_u (`float`, *optional*, defaults to `1.05`): upper edge of the near-unit band.
+        tau_l (`float`, *optional*, defaults to `0.90`): lower edge of the near-unit band.
+        rank (`int`, *optional*, defaults to `32`): rank `r` of the randomized DMD.
+        every_n_steps (`int`, *optional*, defaults to `10`):
+            KSS runs on optimizer steps whose `global_step % every_n_steps == 0` (every micro-batch of such a step);
+            other steps carry no hooks and no overhead.
+        layer_fraction (`float`, *optional*, defaults to `0.5`): fraction of residual blocks sampled per KSS step.
+        num_samples (`int`, *optional*, defaults to `2048`): token states per block per micro-batch (`N`).
+        eps (`float`, *optional*, defaults to `1e-5`): whitening ridge (Eq. 9).
+        oversample (`int`, *optional*, defaults to `10`): randomized range-finder oversampling.
+        power_iters (`int`, *optional*, defaults to `1`): randomized range-finder power iterations.
+        seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
+        enabled (`bool`, *optional*, defaults to `True`):
+            Master switch; `RKSPCallback(auto_kss=True)` can turn it on at train begin when the init verdict is high risk.
+        layers (`str` or `list[str]`, *optional*):
+            Override of the residual-block discovery (e.g. `"model.layers"`), as in `find_residual_blocks`.
+    """
+
+    alpha: float = 0.15
+    beta: float = DEFAULT_BETA
+    gamma: float = 0.4
+    temperature: float = 20.0
+    tau_u: float = 1.05
+    tau_l: float = 0.90
+    rank: int = 32
+    every_n_steps: int = 10
+    layer_fraction: float = 0.5
+    num_samples: int = 2048
+    eps: float = 1e-5
+    oversample: int = 10
+    power_iters: int = 1
+    seed: int = 0
+    enabled: bool = True
+    layers: Any = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the offending field and the accepted range."""
+        checks = [
+            (self.alpha >= 0, f"alpha must be >= 0 (0 disables KSS), got {self.alpha}"),
+            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (0.0 <= self.gamma <= 1.0, f"gamma is a target mass in [0, 1], got {self.gamma}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.tau_l < self.tau_u, f"need tau_l < tau_u, got tau_l={self.tau_l}, tau_u={self.tau_u}"),
+            (isinstance(self.rank, int) and self.rank >= 1, f"rank must be an int >= 1, got {self.rank!r}"),
+            (
+                isinstance(self.every_n_steps, int) and self.every_n_steps >= 1,
+                f"every_n_steps must be an int >= 1, got {self.every_n_steps!r}",
+            ),
+            (0.0 < self.layer_fraction <= 1.0, f"layer_fraction must lie in (0, 1], got {self.layer_fraction}"),
+            (
+                isinstance(self.num_samples, int) and self.num_samples >= 2,
+                f"num_samples must be an int >= 2, got {self.num_samples!r}",
+            ),
+            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (self.oversample >= 0 and self.power_iters >= 0, "oversample and power_iters must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"KSSConfig: {message}")
+
+    @property
+    def active(self) -> bool:
+        """Whether KSS adds anything to the loss at all (`enabled` and `alpha > 0`)."""
+        return bool(self.enabled) and self.alpha > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_KSS_FIELDS = [f.name for f in dataclasses.fields(KSSConfig)]
+
+
+@dataclass
+class KSSTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the `kss_*` fields of [`KSSConfig`] (same names with a `kss_` prefix).
+
+    Works with `HfArgumentParser`, e.g. `--kss_alpha 0.1 --kss_every_n_steps 20`. `kss_config()` returns the
+    [`KSSConfig`] that [`KSSTrainer`] uses.
+    """
+
+    kss_alpha: float = field(default=0.15, metadata={"help": "KSS weight alpha (0 disables KSS)."})
+    kss_beta: float = field(default=DEFAULT_BETA, metadata={"help": "Weight of the near-unit target term (Eq. 14)."})
+    kss_gamma: float = field(default=0.4, metadata={"help": "Target soft near-unit mass gamma."})
+    kss_temperature: float = field(default=20.0, metadata={"help": "Sigmoid sharpness T."})
+    kss_tau_u: float = field(default=1.05, metadata={"help": "Upper edge of the near-unit band."})
+    kss_tau_l: float = field(default=0.90, metadata={"help": "Lower edge of the near-unit band."})
+    kss_rank: int = field(default=32, metadata={"help": "Rank r of the randomized DMD."})
+    kss_every_n_steps: int = field(default=10, metadata={"help": "Apply KSS every k optimizer steps."})
+    kss_layer_fraction: float = field(default=0.5, metadata={"help": "Fraction of blocks sampled per KSS step."})
+    kss_num_samples: int = field(default=2048, metadata={"help": "Token states per block per micro-batch (N)."})
+    kss_eps: float = field(default=1e-5, metadata={"help": "Whitening ridge epsilon."})
+    kss_oversample: int = field(default=10, metadata={"help": "Randomized range-finder oversampling."})
+    kss_power_iters: int = field(default=1, metadata={"help": "Randomized range-finder power iterations."})
+    kss_seed: int = field(default=0, metadata={"help": "Seed of the layer and token sampling."})
+    kss_enabled: bool = field(default=True, metadata={"help": "Master switch for KSS."})
+    kss_layers: str | None = field(default=None, metadata={"help": "Block-list override, e.g. 'model.layers'."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.kss_config()  # validate early, with the KSSConfig messages
+
+    def kss_config(self) -> KSSConfig:
+        """The [`KSSConfig`] described by the `kss_*` fields."""
+        return KSSConfig(**{name: getattr(self, f"kss_{name}") for name in _KSS_FIELDS})

@@ -1,0 +1,236 @@
+"""`KSSTrainer`: a `transformers.Trainer` that adds Koopman Spectral Shaping (paper Sec. 3.3) to the task loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from hf_koopman.koopman.shaping import (
+    SpectralShapingError,
+    differentiable_dmd_eigenvalues,
+    eigenvalue_modulus,
+    kss_penalty,
+)
+from hf_koopman.training.arguments import KSSConfig, KSSTrainingArguments
+
+
+__all__ = ["KSSTrainer"]
+
+logger = logging.getLogger(__name__)
+
+# order of the running sums kept on device between logging steps
+_STAT_KEYS = ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius")
+
+
+class KSSTrainer(Trainer):
+    """`Trainer` whose training loss is `L_task + alpha * mean_{l in S} L_KSS^l` (paper Eqs. 14-15).
+
+    On every micro-batch of an optimizer step with `global_step % every_n_steps == 0` (and only in training mode), hooks
+    on a seeded random `layer_fraction` of the residual blocks capture the token states entering and leaving each block
+    during the **same** forward pass that computes the task loss (no second forward). Their rank-r randomized whitened
+    DMD eigenvalues ([`~hf_koopman.koopman.shaping.differentiable_dmd_eigenvalues`]) enter the penalty, and the
+    gradient flows back through the small r x r operator. Other steps run exactly the parent `compute_loss`.
+
+    * Gradient accumulation: the term is divided by `current_gradient_accumulation_steps` exactly when the `Trainer`
+      does not divide the loss itself (the loss already counts as GA-scaled), so the KSS gradient of an optimizer step
+      is the mean over its micro-batches for every GA setting. Under DDP it is added after the task loss is rescaled
+      by the number of processes, so DDP's gradient averaging yields the mean over ranks.
+    * A layer whose eigendecomposition fails (non-finite or near-defective operator) is skipped with a logged
+      warning; if every sampled layer fails, the step has no KSS term. The loss never turns NaN because of KSS.
+    * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
+      `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the r eigenvalues in
+      `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
+      micro-batches since the last log and across processes.
+
+    Args:
+        kss_config ([`KSSConfig`], *optional*):
+            Settings. Defaults to `args.kss_config()` when `args` is a [`KSSTrainingArguments`], else `KSSConfig()`.
+        *args, **kwargs: everything `transformers.Trainer` accepts.
+
+    Example:
+        >>> trainer = KSSTrainer(model=model, args=KSSTrainingArguments("out", kss_alpha=0.15),
+        ...                      train_dataset=ds, callbacks=[RKSPCallback(auto_kss=True)])
+        >>> trainer.train()
+    """
+
+    def __init__(self, *args: Any, kss_config: KSSConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if kss_config is None:
+            kss_config = self.args.kss_config() if isinstance(self.args, KSSTrainingArguments) else KSSConfig()
+        if not isinstance(kss_config, KSSConfig):
+            raise TypeError(f"kss_config must be a KSSConfig, got {type(kss_config).__name__}")
+        kss_config.validate()
+        self.kss_config = kss_config
+        self.kss_steps: list[int] = []  # optimizer steps on which KSS ran (one entry per step, for inspection)
+        self._kss_blocks: list[Any] | None = None
+        self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
+        self._kss_skipped = 0
+
+        from hf_koopman.training.callback import RKSPCallback  # local: callback imports nothing from here
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, RKSPCallback):
+                callback.bind(self)
+
+    # ------------------------------------------------------------------ switches
+    def kss_active_for_step(self, step: int | None = None) -> bool:
+        """Whether the optimizer step `step` (default: the current one) carries a KSS term."""
+        step = self.state.global_step if step is None else step
+        return self.kss_config.active and step % self.kss_config.every_n_steps == 0
+
+    def _kss_select_blocks(self, model: torch.nn.Module, step: int) -> list[Any]:
+        from hf_koopman.profiling import find_residual_blocks
+
+        if self._kss_blocks is None:
+            self._kss_blocks = find_residual_blocks(model, layers=self.kss_config.layers)
+            if not self._kss_blocks:
+                raise ValueError("KSS found no residual blocks; pass KSSConfig(layers='model.layers') (or kss_layers).")
+        blocks = self._kss_blocks
+        count = max(1, math.ceil(self.kss_config.layer_fraction * len(blocks) - 1e-9))
+        # same subset on every rank and every micro-batch of the step: seeded by (seed, step)
+        generator = torch.Generator().manual_seed(self.kss_config.seed * 1_000_003 + step)
+        chosen = torch.randperm(len(blocks), generator=generator)[:count].sort().values.tolist()
+        return [blocks[i] for i in chosen]
+
+    def _loss_counts_as_ga_scaled(self, num_items_in_batch: Any) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if not (model.training and self.kss_active_for_step()):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        from hf_koopman.profiling import ResidualStreamRecorder
+
+        cfg = self.kss_config
+        step = self.state.global_step
+        if not self.kss_steps or self.kss_steps[-1] != step:
+            self.kss_steps.append(step)
+        unwrapped = self.accelerator.unwrap_model(model)
+        blocks = self._kss_select_blocks(unwrapped, step)
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if isinstance(inputs, dict) and inputs.get("decoder_attention_mask") is not None:
+            mask = {"": mask, "encoder": mask, "decoder": inputs["decoder_attention_mask"]}
+        recorder = ResidualStreamRecorder(
+            unwrapped,
+            blocks,
+            num_samples=cfg.num_samples,
+            seed=cfg.seed + step,
+            attention_mask=mask,
+            detach=False,
+            check_finite=False,  # non-finite activations: the divergence guard reports them; KSS just skips
+        )
+        with recorder:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        penalty = self._kss_term(recorder.snapshots(), step, device=loss.device)
+        if penalty is not None:
+            if self._loss_counts_as_ga_scaled(num_items_in_batch):
+                # the Trainer will not divide by GA, so the per-micro-batch term must be (mean over micro-batches)
+                penalty = penalty / self.current_gradient_accumulation_steps
+            loss = loss + cfg.alpha * penalty.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _kss_term(self, snapshots: list[tuple[str, torch.Tensor, torch.Tensor]], step: int, device) -> Any:
+        """Mean `L_KSS` over the captured layers (skipping failed ones), and running stats for `log()`."""
+        cfg = self.kss_config
+        groups: dict[tuple[int, ...], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for name, X, Y in snapshots:
+            groups.setdefault(tuple(X.shape), []).append((name, X, Y))
+        eigs: list[torch.Tensor] = []
+        for shape, members in groups.items():
+            if shape[0] < 2:
+                continue
+            for eig in self._group_eigenvalues(members, step):
+                eigs.append(eig)
+        if not eigs:
+            if snapshots:
+                logger.warning("KSS: every sampled layer failed at step %d; no spectral term on this micro-batch.", step)
+            return None
+        ev = torch.stack(eigs) if len({e.shape for e in eigs}) == 1 else None
+        penalties = (
+            kss_penalty(ev, **self._penalty_kwargs())
+            if ev is not None
+            else torch.stack([kss_penalty(e, **self._penalty_kwargs()) for e in eigs])
+        )
+        penalty = penalties.mean()
+        if not torch.isfinite(penalty.detach()):
+            logger.warning("KSS: non-finite penalty at step %d; the term is skipped for this micro-batch.", step)
+            return None
+        with torch.no_grad():
+            mods = [eigenvalue_modulus(e.detach()) for e in eigs]
+            near = torch.stack([((m >= cfg.tau_l) & (m <= cfg.tau_u)).double().mean() for m in mods]).mean()
+            radius = torch.stack([m.max() for m in mods]).mean()
+            row = torch.stack([penalty.detach().double(), near.double(), radius.double(), penalty.new_ones(()).double()])
+            row = row.to(device)
+            self._kss_stats = row if self._kss_stats is None else self._kss_stats + row
+        return penalty
+
+    def _penalty_kwargs(self) -> dict[str, float]:
+        cfg = self.kss_config
+        return {
+            "temperature": cfg.temperature,
+            "tau_u": cfg.tau_u,
+            "tau_l": cfg.tau_l,
+            "gamma": cfg.gamma,
+            "beta": cfg.beta,
+        }
+
+    def _group_eigenvalues(self, members: list[tuple[str, torch.Tensor, torch.Tensor]], step: int) -> list[Any]:
+        cfg = self.kss_config
+        X = torch.stack([m[1] for m in members])
+        Y = torch.stack([m[2] for m in members])
+        kwargs = dict(rank=cfg.rank, eps=cfg.eps, oversample=cfg.oversample, power_iters=cfg.power_iters)
+
+        def generator() -> torch.Generator:
+            return torch.Generator(device=X.device).manual_seed(cfg.seed * 7919 + step)
+
+        try:
+            return list(differentiable_dmd_eigenvalues(X, Y, generator=generator(), **kwargs).unbind(0))
+        except (SpectralShapingError, ValueError, torch.linalg.LinAlgError) as err:
+            batch_error = err
+        out = []  # retry layer by layer, skipping the failing ones
+        for name, x, y in members:
+            try:
+                out.append(differentiable_dmd_eigenvalues(x, y, generator=generator(), **kwargs))
+            except (SpectralShapingError, ValueError, torch.linalg.LinAlgError) as err:
+                self._kss_skipped += 1
+                logger.warning("KSS: skipping layer %r at step %d: %s", name, step, err)
+        if len(out) == len(members):  # the batched call failed for another reason; the per-layer path worked
+            logger.debug("KSS batched eigendecomposition failed (%s); per-layer path used", batch_error)
+        return out
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the `kss/*` running means to training-step logs (reduced across processes), then logs as usual."""
+        if "loss" in logs and self.kss_config.active:
+            stats = self._kss_stats
+            if stats is None:
+                stats = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:  # every rank reaches a training-step log at the same step
+                stats = self.accelerator.reduce(stats.to(self.args.device), reduction="sum")
+            count = float(stats[-1])
+            if count > 0:
+                for key, value in zip(_STAT_KEYS, (stats[:-1] / count).tolist()):
+                    logs[key] = float(value)
+            if self._kss_skipped:
+                logs["kss/skipped_layers"] = float(self._kss_skipped)
+            self._kss_stats = None
+            self._kss_skipped = 0
+        super().log(logs, start_time)
