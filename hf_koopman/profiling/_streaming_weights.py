@@ -1,0 +1,281 @@
+"""Weight sources for streaming profiles: build one residual block at a time, then free it.
+
+Two sources share one small interface (`materialise(module, index)` / `materialise_rest(model, modules)`):
+
+* `InitWeights` -- the model's own `_init_weights`, seeded per block (`seed + block_index`) so that a block's weights do
+  not depend on how many blocks were built before it and runs are reproducible;
+* `SafetensorsWeights` -- exactly the tensors a block needs, read from the (possibly sharded) safetensors files of a
+  local `save_pretrained` folder and loaded through transformers' own v5 loading pipeline, so checkpoint key renames and
+  fused-expert conversions (`get_model_conversion_mapping`) apply as in `from_pretrained`.
+
+Parameters live on the meta device until materialised; freeing moves them back to meta. Buffers are never touched
+(the skeleton is built with real buffers, e.g. rotary `inv_freq`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "InitWeights",
+    "SafetensorsWeights",
+    "free_parameters",
+    "materialise_empty",
+    "module_bytes",
+    "owner_map",
+]
+
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+
+def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes the parameters of `module` take once materialised (in `dtype` for floating-point ones, when given)."""
+    total, seen = 0, set()
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        itemsize = (dtype if (dtype is not None and p.is_floating_point()) else p.dtype).itemsize
+        total += p.numel() * itemsize
+    return total
+
+
+def _meta_parameters(modules: Iterable[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
+    for module in modules:
+        for sub in module.modules():
+            for name, p in sub._parameters.items():
+                if p is not None and p.device.type == "meta":
+                    yield sub, name, p
+
+
+def materialise_empty(modules: Iterable[nn.Module], dtype: torch.dtype | None = None) -> None:
+    """Give every meta parameter under `modules` real, uninitialised CPU storage (parameters shared within `modules`
+    stay shared). Buffers are left as they are."""
+    replaced: dict[int, nn.Parameter] = {}
+    for sub, name, p in list(_meta_parameters(modules)):
+        new = replaced.get(id(p))
+        if new is None:
+            target = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+            new = nn.Parameter(torch.empty(p.shape, dtype=target), requires_grad=False)
+            replaced[id(p)] = new
+        sub._parameters[name] = new
+
+
+def free_parameters(module: nn.Module) -> None:
+    """Move every parameter of `module` back to the meta device, releasing its memory (buffers are kept)."""
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+
+
+def owner_map(model: nn.Module) -> dict[int, nn.Module]:
+    """`id(module) -> nearest enclosing PreTrainedModel`, the one whose `_init_weights` transformers applies to it
+    (same dispatch as `PreTrainedModel.initialize_weights`, which handles composite models)."""
+    from transformers import PreTrainedModel
+
+    owners: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, owner: nn.Module) -> None:
+        owners[id(module)] = owner
+        for child in module.children():
+            visit(child, child if isinstance(child, PreTrainedModel) else owner)
+
+    visit(model, model)
+    return owners
+
+
+class InitWeights:
+    """Initialise blocks with the model's own `_init_weights`, block `i` under `torch.manual_seed(seed + i)`.
+
+    The non-block modules (embeddings, final norm ...) are initialised under `seed + num_blocks`, after all block seeds,
+    so no two parts share a random stream. The global RNG state is restored afterwards.
+
+    Args:
+        model (`PreTrainedModel`): the meta skeleton.
+        seed (`int`): base seed.
+        num_blocks (`int`): number of residual blocks (for the non-block seed).
+        dtype (`torch.dtype`, *optional*): storage dtype of floating-point parameters (default: the skeleton's).
+    """
+
+    kind = "init"
+
+    def __init__(self, model: nn.Module, *, seed: int, num_blocks: int, dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.seed = int(seed)
+        self.num_blocks = int(num_blocks)
+        self.dtype = dtype
+        self._owners = owner_map(model)
+
+    def _initialise(self, modules: list[nn.Module], seed: int) -> None:
+        from transformers import initialization as hf_init
+
+        materialise_empty(modules, self.dtype)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), hf_init.guard_torch_init_functions():
+            torch.manual_seed(seed)
+            for module in modules:
+                # post-order like `initialize_weights`: children first, so a parent's rule (e.g. GPT-2's scaled
+                # `c_proj` init) overrides its children's generic one
+                for sub in _post_order(module):
+                    self._owners.get(id(sub), self.model)._init_weights(sub)
+
+    def materialise(self, block: nn.Module, index: int) -> None:
+        """Build block `index` in place: real storage, then `_init_weights` under `seed + index`."""
+        self._initialise([block], self.seed + index)
+
+    def materialise_rest(self, modules: list[nn.Module]) -> None:
+        """Build the non-block modules that hold meta parameters (embeddings, final norm, ...)."""
+        self._initialise(modules, self.seed + self.num_blocks)
+
+
+def _post_order(module: nn.Module) -> Iterator[nn.Module]:
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+class SafetensorsWeights:
+    """Read exactly one block's tensors from a local safetensors folder and load them with transformers' v5 pipeline.
+
+    Checkpoint keys are mapped to model parameter names once, with the same renaming / conversion rules and
+    `base_model_prefix` handling as `from_pretrained` (`get_model_conversion_mapping`, `rename_source_key`); a block then
+    gets every checkpoint tensor whose target lies under its dotted name (several source tensors may fuse into one
+    parameter, e.g. Mixtral experts).
+
+    Args:
+        folder (`str` or `Path`): a `save_pretrained` folder with `model.safetensors` or a sharded
+            `model.safetensors.index.json`.
+        model (`PreTrainedModel`): the meta skeleton (same architecture as the checkpoint).
+        block_names (`list[str]`): dotted names of the residual blocks in `model`.
+        dtype (`torch.dtype`, *optional*): storage dtype of floating-point parameters (default: the skeleton's).
+    """
+
+    kind = "safetensors"
+
+    def __init__(self, folder: str | Path, model: nn.Module, block_names: list[str], *, dtype: torch.dtype | None = None) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.folder = Path(folder)
+        self.model = model
+        self.dtype = dtype
+        self.key_to_file = find_safetensors_keys(self.folder)
+        self.weight_mapping = get_model_conversion_mapping(model)
+        renamings = [w for w in self.weight_mapping if isinstance(w, WeightRenaming)]
+        converters = [w for w in self.weight_mapping if isinstance(w, WeightConverter)]
+        meta_state = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None) or None
+
+        self.block_keys: dict[str, list[str]] = defaultdict(list)
+        self.rest_keys: list[str] = []
+        self.unused_keys: list[str] = []
+        prefixes = [(name, name + ".") for name in block_names]
+        for key in self.key_to_file:
+            target, _ = rename_source_key(key, renamings, converters, prefix, meta_state)
+            if target not in meta_state and key in meta_state:  # same fallback as the v5 loader
+                target, _ = rename_source_key(key, [], [], prefix, meta_state)
+            if target not in meta_state:
+                self.unused_keys.append(key)
+                continue
+            owner = next((name for name, p in prefixes if target.startswith(p)), None)
+            (self.block_keys[owner] if owner is not None else self.rest_keys).append(key)
+        if self.unused_keys:
+            logger.info("%d checkpoint tensors do not belong to the model and are ignored, e.g. %s",
+                        len(self.unused_keys), self.unused_keys[:3])
+        empty = [name for name in block_names if not self.block_keys.get(name)]
+        if empty:
+            raise ValueError(
+                f"The safetensors files in {self.folder} hold no tensors for block(s) {empty[:3]}"
+                f"{' ...' if len(empty) > 3 else ''}. Check that the folder was saved from the same architecture as "
+                f"its config.json ({type(model).__name__})."
+            )
+        self._block_names = set(block_names)
+
+    def _load(self, keys: list[str], modules: list[nn.Module], what: str) -> None:
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self.key_to_file[key]].append(key)
+        state: dict[str, torch.Tensor] = {}
+        for file, file_keys in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in file_keys:
+                    state[key] = handle.get_tensor(key)
+        config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=self.dtype, weight_mapping=self.weight_mapping)
+        with _quiet_transformers():
+            convert_and_load_state_dict_in_model(self.model, state, config)
+        del state
+        missing = [f"{what}: {name}" for module in modules for name, p in module.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ValueError(
+                f"The checkpoint in {self.folder} lacks tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                "streaming needs every block parameter in the safetensors files (was the folder saved with "
+                "`save_pretrained` from this architecture?)."
+            )
+        if self.dtype is not None:  # the loader keeps the skeleton's dtype; cast where asked
+            for module in modules:
+                for sub in module.modules():
+                    for name, p in sub._parameters.items():
+                        if p is not None and p.is_floating_point() and p.dtype != self.dtype:
+                            sub._parameters[name] = nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+
+    def materialise(self, block: nn.Module, index: int, name: str | None = None) -> None:
+        """Load the block called `name` (its dotted path) from the checkpoint."""
+        if name is None:
+            raise ValueError("SafetensorsWeights.materialise needs the block's dotted name")
+        self._load(self.block_keys[name], [block], name)
+
+    def materialise_rest(self, modules: list[nn.Module]) -> None:
+        """Load the non-block tensors (embeddings, final norm, ...) the skeleton still holds on meta."""
+        self._load(self.rest_keys, modules, "non-block module")
+
+
+def find_safetensors_keys(folder: Path) -> dict[str, Path]:
+    """`checkpoint key -> shard file` from `model.safetensors.index.json`, or from the file headers otherwise."""
+    from safetensors import safe_open
+
+    index = folder / _INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: folder / file for key, file in weight_map.items()}
+    files = [folder / _SINGLE_FILE] if (folder / _SINGLE_FILE).is_file() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"No safetensors weights found in {folder} (expected {_SINGLE_FILE} or {_INDEX_FILE}). Streaming loads "
+            "weights only from safetensors; re-save the model with `save_pretrained`, or pass `init=True` to profile "
+            "the architecture at initialisation."
+        )
+    keys: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys.update(dict.fromkeys(handle.keys(), file))
+    return keys
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the loader's per-call "Loading weights" bar (we load one block at a time and show our own)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

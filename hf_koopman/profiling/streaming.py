@@ -1,0 +1,496 @@
+"""Streaming RKSP: profile models larger than memory by building one residual block at a time.
+
+The residual stream h_l of N probe tokens is small (N x d) even when the model is not: a LLaMA-2-7B block holds ~200M
+parameters but h_l for N = 2048 tokens is 2048 x 4096 floats. So the model skeleton is instantiated on the meta device
+(no storage), only the non-block modules the forward needs (embeddings, rotary buffers, final norm) are made real, and
+each residual block is materialised by a forward pre-hook -- initialised by the model's own `_init_weights` under
+`seed + block_index`, or loaded from the safetensors folder -- run by the model's own forward (which computes masks,
+rotary embeddings and any other per-block inputs generically), recorded by the shared `ResidualStreamRecorder` and freed
+again by a forward hook. The forward is stopped after the last block, so the LM head is never built. The snapshots then
+go through the same analysis as `profile` (`profile_from_snapshots`).
+
+Peak memory is roughly: non-block modules + one block + activations of one block + the recorded snapshots
+(2 x L x N x d floats).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hf_koopman.profiling._streaming_weights import (
+    InitWeights,
+    SafetensorsWeights,
+    free_parameters,
+    module_bytes,
+)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PretrainedConfig
+
+    from hf_koopman.profiling import SpectralProfile
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InsufficientMemoryError", "estimate_streaming_memory", "profile_streaming"]
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Working memory of one block's forward, in units of (tokens x hidden) floats: the block input and output, the residual
+# branch, q/k/v/attention output and a few MLP intermediates (~3 x intermediate/hidden). A rough, deliberately generous
+# bound used only for the "cannot fit one block" check; the measured numbers are in results/streaming.md.
+_WORK_FACTOR = 12
+
+
+class InsufficientMemoryError(MemoryError):
+    """Raised before any block is built when the memory available cannot hold even one residual block."""
+
+
+class _StopStream(Exception):
+    """Raised by the last block's forward hook: everything after it (final norm, LM head) is not needed."""
+
+
+def _parse_bytes(value: int | float | str | None) -> int | None:
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", value)
+    if match is None or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"memory_limit={value!r} is not a size; use bytes or a string such as '6GB' or '512MiB'.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'.")
+        dtype = resolved
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} is not a floating-point dtype; use torch.float32 or torch.bfloat16.")
+    return dtype
+
+
+def _resolve_source(model: Any, init: bool | None) -> tuple[PretrainedConfig, Path | None, bool, str]:
+    """-> (config, weights folder or None, init?, name)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, nn.Module):
+        raise TypeError(
+            "profile_streaming takes a config or a local save_pretrained folder, not an instantiated model (which "
+            "is already in memory): use `hf_koopman.profile(model)` for that."
+        )
+    if isinstance(model, PretrainedConfig):
+        if init is False:
+            raise ValueError("A config has no weights to load: pass a save_pretrained folder, or init=True.")
+        return model, None, True, getattr(model, "name_or_path", "") or model.model_type
+    if isinstance(model, (str, os.PathLike)):
+        folder = Path(model)
+        if not folder.is_dir():
+            raise ValueError(
+                f"{str(model)!r} is not a local folder. profile_streaming takes a PretrainedConfig (e.g. an embedded "
+                "architecture config such as llama-2-7b) or a local save_pretrained folder; nothing is downloaded."
+            )
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} has no config.json; pass the folder written by `save_pretrained`.")
+        config = AutoConfig.from_pretrained(folder)
+        return config, (None if init else folder), bool(init), folder.name
+    raise TypeError(f"model must be a PretrainedConfig or a path to a local folder, got {type(model).__name__}.")
+
+
+def _build_skeleton(config: PretrainedConfig) -> nn.Module:
+    """The model on the meta device (parameters only; buffers such as rotary `inv_freq` are real), in eval mode.
+
+    The class is the checkpoint's own (`config.architectures`) when transformers has it, so parameter names match the
+    saved keys; else the causal-LM head class, else the base model. The head is never built (the forward stops
+    after the last block)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    candidates = [getattr(transformers, name, None) for name in (getattr(config, "architectures", None) or [])]
+    with init_empty_weights(include_buffers=False):
+        model = None
+        for cls in candidates:
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                model = cls._from_config(config)
+                break
+        if model is None:
+            try:
+                model = AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                model = AutoModel.from_config(config)
+    return model.eval()
+
+
+def _non_block_modules(model: nn.Module, block_modules: list[nn.Module]) -> list[nn.Module]:
+    """Modules outside the blocks that own meta parameters, minus an untied output embedding (the LM head is not run)."""
+    inside: set[int] = set()
+    for block in block_modules:
+        inside.update(id(m) for m in block.modules())
+    skip: set[int] = set()
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        out, inp = None, None
+    if out is not None and out is not inp:
+        skip.update(id(m) for m in out.modules())
+    return [
+        m
+        for m in model.modules()
+        if id(m) not in inside
+        and id(m) not in skip
+        and any(p is not None and p.device.type == "meta" for p in m._parameters.values())
+    ]
+
+
+def _hidden_size(config: PretrainedConfig) -> tuple[int, int]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", None) or 1
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    return int(hidden), int(inter)
+
+
+def estimate_streaming_memory(
+    config: PretrainedConfig, *, num_tokens: int = 2048, num_samples: int = 2048, dtype: torch.dtype | str | None = None,
+    layers: str | list | None = None,
+) -> dict[str, int]:
+    """Bytes a streaming profile of `config` needs: `block` (largest residual block), `non_block` (embeddings etc.,
+    without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (2 x L x N x d
+    float32) and `total`. Builds only the meta skeleton, so it is cheap even for 70B configs."""
+    from hf_koopman.profiling import find_residual_blocks
+
+    dtype = _resolve_dtype(dtype)
+    model = _build_skeleton(config)
+    blocks = find_residual_blocks(model, layers)
+    return _memory_plan(model, config, [b.module for b in blocks], num_tokens, num_samples, dtype)
+
+
+def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -> dict[str, int]:
+    hidden, inter = _hidden_size(config)
+    plan = {
+        "block": max(module_bytes(b, dtype) for b in block_modules),
+        "non_block": sum(
+            p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
+            for m in _non_block_modules(model, block_modules)
+            for p in m._parameters.values()
+            if p is not None
+        ),
+        "working": int(num_tokens * (_WORK_FACTOR * hidden + 3 * inter) * 4),
+        "snapshots": int(2 * len(block_modules) * min(num_samples, num_tokens) * hidden * 4),
+    }
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def _num_tokens(inputs: Mapping[str, Any]) -> int:
+    for key in ("attention_mask", "input_ids", "pixel_values", "inputs_embeds"):  # for the memory plan only
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor):
+            if key == "attention_mask":
+                return int(value.sum())
+            if key == "pixel_values":
+                return int(value.shape[0]) * 256  # unknown patching: a generous guess for the memory plan only
+            return int(value.shape[0] * (value.shape[1] if value.dim() > 1 else 1))
+    return 2048
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def profile_streaming(
+    model: str | os.PathLike | PretrainedConfig,
+    inputs: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+    *,
+    init: bool | None = None,
+    num_samples: int = 2048,
+    rank: int | None = 32,
+    seed: int = 0,
+    layers: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    memory_limit: int | str | None = None,
+    partial_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+    **analysis_kwargs: Any,
+) -> SpectralProfile:
+    """Spectral profile of a model that need not fit in memory, built one residual block at a time.
+
+    Gives the same per-layer features as `profile(model, ...)` for a saved model (same probe, same seed), and, at
+    initialisation, spectra from the same distribution as `profile(AutoModelForCausalLM.from_config(config))` (the
+    weights differ only in how the random stream is split: block `i` is initialised under `seed + i`).
+
+    Args:
+        model (`PretrainedConfig`, `str` or `os.PathLike`):
+            A config (profiled at initialisation) or a local `save_pretrained` folder with `config.json` and
+            safetensors weights (`model.safetensors` or sharded with `model.safetensors.index.json`).
+        inputs (`dict[str, torch.Tensor]` or `torch.Tensor`, *optional*):
+            Probe batch (`input_ids` `(B, T)`, optional `attention_mask`, ...); default: `default_probe_inputs(config,
+            num_tokens=num_samples, seed=seed)` as in `profile`.
+        init (`bool`, *optional*):
+            For a folder: ignore its weights and profile the architecture at initialisation.
+        num_samples (`int`, defaults to 2048): token states N per layer.
+        rank (`int`, *optional*, defaults to 32): DMD rank r (`None`: exact DMD).
+        seed (`int`, defaults to 0): seeds the probe, the subsampling, the analysis and (at init) the blocks.
+        layers (`str`, *optional*): dotted path of the block list when discovery fails (see `find_residual_blocks`).
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `float32`):
+            Storage and compute dtype of the blocks; `bfloat16` halves block memory and is faster on CPUs with
+            AVX512-BF16/AMX, at bf16 precision. Snapshots are analysed in float64 by the spectral core either way.
+        memory_limit (`int` or `str`, *optional*):
+            Memory budget (bytes or e.g. `"6GB"`) used instead of the currently available memory for the fit check.
+        partial_path (`str` or `os.PathLike`, *optional*):
+            Where to write a `{"complete": false, ...}` JSON marker when the run is interrupted (no features are
+            written for an incomplete run).
+        progress (`bool`, defaults to `True`): tqdm bar over blocks.
+        model_name (`str`, *optional*): name stored in the profile.
+        **analysis_kwargs: forwarded to `profile_from_snapshots` (feature thresholds etc.).
+
+    Returns:
+        `SpectralProfile` with `meta["streaming"]` = {"complete": True, "weights": "init"|"safetensors", "dtype",
+        "num_blocks", "block_bytes", "wall_time_s", "peak_rss_bytes", ...}.
+
+    Raises:
+        InsufficientMemoryError: not even one block (plus its activations) fits in the available memory / budget.
+        ValueError: no safetensors weights, blocks not found, non-finite activations, ...
+
+    An interrupted run (exception or Ctrl-C) never returns a profile: the exception propagates, all hooks are removed,
+    and `partial_path`, when given, receives a marker with `"complete": false` and how many blocks had run.
+    """
+    from hf_koopman.profiling import (
+        ResidualBlock,
+        ResidualStreamRecorder,
+        default_probe_inputs,
+        find_residual_blocks,
+        profile_from_snapshots,
+    )
+
+    start = time.perf_counter()
+    dtype = _resolve_dtype(dtype)
+    budget = _parse_bytes(memory_limit)
+    config, folder, at_init, default_name = _resolve_source(model, init)
+    name = model_name or default_name
+
+    skeleton = _build_skeleton(config)
+    blocks = find_residual_blocks(skeleton, layers)
+    if not blocks:
+        raise ValueError("No residual blocks found; pass `layers=` with the dotted path of the block list.")
+    block_modules = [b.module for b in blocks]
+    rest = _non_block_modules(skeleton, block_modules)
+
+    if not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
+    # the skeleton (not the config) decides the probe, exactly as `profile` does with the real model
+    inputs = _prepare_inputs(
+        default_probe_inputs(skeleton, num_tokens=num_samples, seed=seed) if inputs is None else inputs, skeleton, dtype
+    )
+
+    plan = _memory_plan(skeleton, config, block_modules, _num_tokens(inputs), num_samples, dtype)
+    available = budget if budget is not None else _available_memory()
+    if plan["block"] + plan["working"] > available:
+        raise InsufficientMemoryError(
+            f"Not enough memory to stream even one residual block: a block of {type(block_modules[0]).__name__} "
+            f"takes {_fmt(plan['block'])} in {str(dtype).removeprefix('torch.')} plus ~{_fmt(plan['working'])} of "
+            f"activations, but only {_fmt(available)} is "
+            f"{'allowed (memory_limit)' if budget is not None else 'available'}. Use dtype='bfloat16' (halves the block), "
+            "fewer probe tokens (num_samples), or free memory."
+        )
+    if plan["total"] > available:
+        logger.warning(
+            "Streaming needs ~%s in all (non-block %s, block %s, activations %s, snapshots %s) but only %s is %s; "
+            "the run may swap or be killed.", _fmt(plan["total"]), _fmt(plan["non_block"]), _fmt(plan["block"]),
+            _fmt(plan["working"]), _fmt(plan["snapshots"]), _fmt(available),
+            "allowed" if budget is not None else "available",
+        )
+
+    if at_init:
+        weights: InitWeights | SafetensorsWeights = InitWeights(skeleton, seed=seed, num_blocks=len(blocks), dtype=dtype)
+    else:
+        weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
+    weights.materialise_rest(rest)
+
+    state = {"done": 0, "block_time": 0.0}
+    bar = _progress_bar(len(blocks), name, enabled=progress)
+
+    def make_pre_hook(index: int, block: ResidualBlock):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            needed = module_bytes(module, dtype)
+            if budget is None and needed > _available_memory():
+                raise InsufficientMemoryError(
+                    f"Block {block.name} needs {_fmt(needed)} but only {_fmt(_available_memory())} is available now."
+                )
+            state["t0"] = time.perf_counter()
+            if isinstance(weights, SafetensorsWeights):
+                weights.materialise(module, index, block.name)
+            else:
+                weights.materialise(module, index)
+
+        return pre_hook
+
+    def make_post_hook(index: int):
+        def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            free_parameters(module)
+            state["done"] = index + 1
+            state["block_time"] += time.perf_counter() - state.pop("t0", time.perf_counter())
+            bar.update(1)
+
+        return post_hook
+
+    def stop_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _StopStream
+
+    handles = []
+    try:
+        for i, block in enumerate(blocks):
+            handles.append(block.module.register_forward_pre_hook(make_pre_hook(i, block), prepend=True))
+        mask = inputs.get("attention_mask")
+        recorder = ResidualStreamRecorder(
+            skeleton, blocks, num_samples=num_samples, seed=seed,
+            attention_mask={"": mask, "encoder": mask, "decoder": inputs.get("decoder_attention_mask")},
+        )
+        with recorder, torch.no_grad():
+            # registered after the recorder's hooks so that the recorder sees each output before the block is freed
+            for i, block in enumerate(blocks):
+                handles.append(block.module.register_forward_hook(make_post_hook(i)))
+            handles.append(block_modules[-1].register_forward_hook(stop_hook))
+            try:
+                skeleton(**inputs, use_cache=False)
+            except _StopStream:
+                pass
+            snapshots, stacks = recorder.snapshots(), recorder.snapshot_stacks()
+            tokens_seen = min(recorder.tokens_seen.values(), default=0)
+        if state["done"] != len(blocks):
+            raise RuntimeError(
+                f"The model's forward ran {state['done']} of {len(blocks)} residual blocks; cannot build a complete profile."
+            )
+    except BaseException as exc:
+        _write_partial(partial_path, name, state["done"], len(blocks), exc)
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"hf_koopman streaming stopped after {state['done']}/{len(blocks)} blocks; no profile was produced.")
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in block_modules:
+            free_parameters(module)
+        bar.close()
+
+    for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
+        free_parameters(module)
+    stream_time = time.perf_counter() - start
+    meta = {
+        "model_class": type(skeleton).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_blocks": len(blocks),
+        "batches": 1,
+        "tokens_seen": tokens_seen,
+        "streaming": {
+            "complete": True,
+            "weights": weights.kind,
+            "dtype": str(dtype).removeprefix("torch."),
+            "num_blocks": len(blocks),
+            "block_bytes": plan["block"],
+            "non_block_bytes": plan["non_block"],
+            "stream_time_s": round(stream_time, 3),
+            "block_time_s": round(state["block_time"], 3),
+            "seed": seed,
+        }
+    }
+    if tokens_seen < num_samples:
+        logger.warning(
+            "only %d valid token states reached the blocks (asked for num_samples=%d); pass more inputs for stable "
+            "estimates", tokens_seen, num_samples,
+        )
+    result = profile_from_snapshots(
+        snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress, **analysis_kwargs
+    )
+    info = result.meta.setdefault("streaming", {})
+    info["wall_time_s"] = round(time.perf_counter() - start, 3)
+    info["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, including anything it did before this call
+    logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(blocks), name, info["wall_time_s"],
+                _fmt(info["peak_rss_bytes"]))
+    return result
+
+
+_LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
+
+
+def _prepare_inputs(inputs: Any, model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+    """Batch dict for the skeleton: tensors stay on CPU (the skeleton's parameters are on meta), floating inputs take
+    the block dtype, labels are dropped (no loss: the head never runs), encoder-decoder models get decoder inputs."""
+    if isinstance(inputs, torch.Tensor):
+        key = getattr(model, "main_input_name", "pixel_values") if inputs.is_floating_point() else "input_ids"
+        inputs = {key: inputs}
+    if not isinstance(inputs, Mapping):
+        raise TypeError(
+            f"profile_streaming takes one batch (a dict of tensors such as input_ids (B, T) or a tensor), got "
+            f"{type(inputs).__name__}; tokenise text first, or omit inputs for the default probe."
+        )
+    out = {
+        key: (value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value)
+        for key, value in inputs.items()
+        if key not in _LABEL_KEYS
+    }
+    if getattr(model.config, "is_encoder_decoder", False) and "input_ids" in out and "decoder_input_ids" not in out:
+        out["decoder_input_ids"] = out["input_ids"]
+        if "attention_mask" in out:
+            out.setdefault("decoder_attention_mask", out["attention_mask"])
+    return out
+
+
+def _write_partial(path: str | os.PathLike | None, name: str, done: int, total: int, exc: BaseException) -> None:
+    if path is None:
+        return
+    marker = {
+        "complete": False,
+        "model_name": name,
+        "blocks_done": done,
+        "num_blocks": total,
+        "error": f"{type(exc).__name__}: {exc}",
+        "note": "Interrupted streaming run: no spectral features were computed. Re-run to get a profile.",
+    }
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(marker, indent=2))
+    except OSError:  # never mask the original error
+        logger.exception("Could not write the partial-run marker to %s", path)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, name: str, *, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"streaming {name}", unit="block")

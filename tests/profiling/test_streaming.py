@@ -1,0 +1,230 @@
+"""Streaming RKSP (one residual block at a time): same answer as `profile`, init statistics, errors, interruption."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2MoeConfig,
+)
+
+from hf_koopman.profiling import find_residual_blocks, profile
+from hf_koopman.profiling._streaming_weights import InitWeights, module_bytes
+from hf_koopman.profiling.streaming import (
+    InsufficientMemoryError,
+    _build_skeleton,
+    estimate_streaming_memory,
+    profile_streaming,
+)
+
+
+N, RANK = 256, 8
+FEATURES = ("near_unit_mass", "unstable_mass", "contractive_mass", "spectral_radius", "eigvec_condition", "nonlinearity")
+
+
+def _gpt2(**kw):
+    return GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **kw)
+
+
+def _llama(**kw):
+    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+CONFIGS = {
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "mistral": lambda: MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     sliding_window=16),
+    "mixtral": lambda: MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=32),
+}
+
+
+def _saved(tmp_path, name: str, shard: bool):
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+    folder = tmp_path / f"{name}-{'sharded' if shard else 'single'}"
+    model.save_pretrained(folder, max_shard_size="20KB" if shard else "50GB")
+    assert (folder / "model.safetensors.index.json").is_file() == shard
+    return model, folder
+
+
+def _assert_same_features(ref, got, tol=1e-5):
+    assert ref.names == got.names
+    for (name, a), (_, b) in zip(ref.layers, got.layers):
+        for field in FEATURES:
+            x, y = getattr(a, field), getattr(b, field)
+            assert y == pytest.approx(x, rel=tol, abs=tol), f"{name}.{field}: {x} vs {y}"
+
+
+# ------------------------------------------------------------------------------------------------ same answer (pretrained)
+@pytest.mark.parametrize(
+    "name, shard", [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True), ("mixtral", False)]
+)
+def test_saved_model_streams_to_the_same_features(tmp_path, name, shard):
+    model, folder = _saved(tmp_path, name, shard)
+    ref = profile(model, num_samples=N, rank=RANK, seed=3)
+    got = profile_streaming(folder, num_samples=N, rank=RANK, seed=3, progress=False)
+    _assert_same_features(ref, got)
+    info = got.meta["streaming"]
+    assert info["complete"] is True and info["weights"] == "safetensors" and info["num_blocks"] == len(ref.layers)
+
+
+def test_streaming_with_explicit_inputs_matches_profile(tmp_path):
+    model, folder = _saved(tmp_path, "llama", False)
+    ids = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # padding is excluded by both paths
+    batch = {"input_ids": ids, "attention_mask": mask}
+    ref = profile(model, batch, num_samples=100, rank=None, seed=1)
+    got = profile_streaming(folder, batch, num_samples=100, rank=None, seed=1, progress=False)
+    _assert_same_features(ref, got)
+
+
+# ------------------------------------------------------------------------------------------------ at initialisation
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_init_streaming_runs_and_is_reproducible(name):
+    config = CONFIGS[name]()
+    first = profile_streaming(config, num_samples=N, rank=RANK, seed=0, progress=False)
+    again = profile_streaming(config, num_samples=N, rank=RANK, seed=0, progress=False)
+    other = profile_streaming(config, num_samples=N, rank=RANK, seed=1, progress=False)
+    assert len(first.layers) == config.num_hidden_layers
+    assert first.meta["streaming"]["weights"] == "init"
+    for _, f in first.layers:
+        assert f.degenerate or all(math.isfinite(getattr(f, k)) for k in FEATURES)
+    assert [f.to_dict() for f in first.features] == [f.to_dict() for f in again.features]
+    assert [f.spectral_radius for f in first.features] != [f.spectral_radius for f in other.features]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_init_blocks_follow_the_models_own_init(name):
+    """Each streamed block gets `_init_weights` (incl. GPT-2's 1/sqrt(2L) residual-projection scaling), so its
+    parameter statistics match `from_config`'s."""
+    config = GPT2Config(vocab_size=128, n_embd=96, n_layer=8, n_head=4) if name == "gpt2" else _llama(hidden_size=96,
+                                                                                                       intermediate_size=192)
+    torch.manual_seed(0)
+    reference = dict(AutoModelForCausalLM.from_config(config).named_parameters())
+    skeleton = _build_skeleton(config)
+    blocks = find_residual_blocks(skeleton)
+    weights = InitWeights(skeleton, seed=7, num_blocks=len(blocks))
+    weights.materialise(blocks[1].module, 1)
+    for rel, p in blocks[1].module.named_parameters():
+        ref = reference[f"{blocks[1].name}.{rel}"]
+        assert p.device.type == "cpu" and p.shape == ref.shape
+        assert p.mean().item() == pytest.approx(ref.mean().item(), abs=3e-3), rel
+        assert p.std().item() == pytest.approx(ref.std().item(), rel=0.1, abs=1e-6), rel
+    # seeded per block: rebuilding block 1 gives the same tensors, block 2 different ones
+    first = {k: v.clone() for k, v in blocks[1].module.named_parameters()}
+    weights.materialise(blocks[1].module, 1)
+    weights.materialise(blocks[2].module, 2)
+    key = next(k for k, v in first.items() if v.std() > 0)
+    assert torch.equal(first[key], dict(blocks[1].module.named_parameters())[key])
+    assert not torch.equal(first[key], dict(blocks[2].module.named_parameters())[key])
+
+
+def test_init_spectra_match_from_config_statistically():
+    """Same feature means within the seed-to-seed spread (results/streaming.md has the larger version)."""
+    config = _llama()
+    seeds = range(4)
+    ordinary, streamed = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        ordinary.append(profile(model, num_samples=N, rank=RANK, seed=seed))
+        streamed.append(profile_streaming(config, num_samples=N, rank=RANK, seed=seed, progress=False))
+    for field in ("near_unit_mass", "spectral_radius", "nonlinearity"):
+        a = torch.tensor([sum(getattr(f, field) for f in p.features) / len(p.features) for p in ordinary])
+        b = torch.tensor([sum(getattr(f, field) for f in p.features) / len(p.features) for p in streamed])
+        spread = math.sqrt((a.var() + b.var()).item() / len(seeds))
+        assert abs(a.mean() - b.mean()).item() <= 3 * spread + 1e-3, (field, a.tolist(), b.tolist())
+
+
+def test_bfloat16_streaming_runs():
+    prof = profile_streaming(_llama(), num_samples=N, rank=RANK, seed=0, dtype="bfloat16", progress=False)
+    assert prof.meta["streaming"]["dtype"] == "bfloat16" and len(prof.layers) == 3
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
+    from hf_koopman.profiling.architectures import load_architecture_config
+
+    plan = estimate_streaming_memory(load_architecture_config("llama-2-7b"))
+    d, inter = 4096, 11008
+    assert plan["block"] == (4 * d * d + 3 * d * inter + 2 * d) * 4  # q, k, v, o + gate, up, down + two RMSNorms
+    assert plan["non_block"] == (32000 * d + d) * 4  # embedding + final norm; the untied LM head is never built
+    assert plan["snapshots"] == 2 * 32 * 2048 * d * 4
+
+
+def test_too_little_memory_names_the_block_size():
+    config = _llama()
+    skeleton = _build_skeleton(config)
+    block_bytes = module_bytes(find_residual_blocks(skeleton)[0].module)
+    with pytest.raises(InsufficientMemoryError, match="LlamaDecoderLayer") as err:
+        profile_streaming(config, num_samples=N, memory_limit="20KB", progress=False)
+    assert f"{block_bytes / 2**20:.1f} MiB" in str(err.value)
+    assert "bfloat16" in str(err.value)  # says how to fix it
+
+
+# ------------------------------------------------------------------------------------------------ bad input / interruption
+def test_bad_inputs_are_rejected(tmp_path):
+    with pytest.raises(TypeError, match="hf_koopman.profile"):
+        profile_streaming(AutoModelForCausalLM.from_config(_llama()))
+    with pytest.raises(ValueError, match="not a local folder"):
+        profile_streaming(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    _llama().save_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="No safetensors"):
+        profile_streaming(tmp_path / "empty")
+    with pytest.raises(ValueError, match="dtype"):
+        profile_streaming(_llama(), dtype="int8")
+    with pytest.raises(ValueError, match="memory_limit"):
+        profile_streaming(_llama(), memory_limit="lots")
+    with pytest.raises(ValueError, match="init=True"):
+        profile_streaming(_llama(), init=False)
+
+
+def test_interrupted_run_never_passes_as_complete(tmp_path, monkeypatch):
+    original = InitWeights.materialise
+
+    def flaky(self, block, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        original(self, block, index)
+
+    monkeypatch.setattr(InitWeights, "materialise", flaky)
+    marker = tmp_path / "profile.partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        profile_streaming(_llama(), num_samples=N, rank=RANK, partial_path=marker, progress=False)
+    data = json.loads(marker.read_text())
+    assert data["complete"] is False and data["blocks_done"] == 2 and data["num_blocks"] == 3
+    assert "layers" not in data
+
+
+def test_non_finite_block_is_named_and_marked_partial(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _saved(tmp_path, "llama", False)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    marker = tmp_path / "partial.json"
+    with pytest.raises(ValueError, match="model.layers.1"):
+        profile_streaming(folder, num_samples=N, partial_path=marker, progress=False)
+    assert json.loads(marker.read_text())["complete"] is False
