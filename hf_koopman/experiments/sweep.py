@@ -1,0 +1,201 @@
+"""One sweep run = one `RunSpec`: build the research model from a seed, profile it at initialisation, train it, label it.
+
+Rows are plain JSON dicts (one per line in `runs.jsonl`), so `datasets.load_dataset("json", data_files=...)` reads the
+table. Runs are resumable: `run_sweep` skips `run_id`s already in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .runner import RunResult, train_run, train_with_trainer
+from .tasks import associative_recall_dataset, synthetic_lm_dataset
+
+__all__ = ["RunSpec", "build_model", "task_datasets", "init_profile_features", "execute", "run_sweep", "read_rows"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("assoc_recall", "synthetic_lm")
+_METHOD_PREFIXES = ("none", "clip", "kss")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One trial of the sweep. `method`: `"none"`, `"clip<c>"` (gradient clipping at c) or `"kss<alpha>"`.
+    `backend`: `"loop"` (plain AdamW loop) or `"trainer"` (`KSSTrainer`, required for KSS)."""
+
+    norm: str
+    learning_rate: float
+    seed: int
+    hidden_size: int = 32
+    num_layers: int = 4
+    num_heads: int = 4
+    task: str = "assoc_recall"
+    max_steps: int = 200
+    batch_size: int = 16
+    warmup_steps: int = 10
+    method: str = "none"
+    backend: str = "loop"
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {TASKS}.")
+        if not self.method.startswith(_METHOD_PREFIXES):
+            raise ValueError(f"method={self.method!r} must be 'none', 'clip<value>' or 'kss<alpha>'.")
+        if self.backend not in ("loop", "trainer"):
+            raise ValueError(f"backend={self.backend!r} must be 'loop' or 'trainer'.")
+        if self.method.startswith("kss") and self.backend != "trainer":
+            raise ValueError("KSS runs need backend='trainer' (KSSTrainer).")
+
+    @property
+    def run_id(self) -> str:
+        return (
+            f"{self.task}-{self.norm}-d{self.hidden_size}-L{self.num_layers}-lr{self.learning_rate:g}-s{self.seed}"
+            f"-T{self.max_steps}-b{self.batch_size}-w{self.warmup_steps}-{self.method}-{self.backend}"
+        )
+
+    @property
+    def clip(self) -> float | None:
+        return float(self.method[4:]) if self.method.startswith("clip") else None
+
+    @property
+    def kss_alpha(self) -> float:
+        return float(self.method[3:]) if self.method.startswith("kss") else 0.0
+
+
+def build_model(spec: RunSpec) -> torch.nn.Module:
+    """The research model of `spec`, initialised deterministically from `spec.seed`."""
+    from hf_koopman.models.rksp_gpt import RKSPGPTConfig, RKSPGPTForCausalLM, RKSPGPTForSequenceClassification
+
+    vocab = 256 if spec.task == "assoc_recall" else 512
+    config = RKSPGPTConfig(
+        vocab_size=vocab, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, max_position_embeddings=64, norm=spec.norm, num_labels=vocab,
+    )
+    torch.manual_seed(spec.seed)
+    if spec.task == "assoc_recall":
+        return RKSPGPTForSequenceClassification(config)
+    return RKSPGPTForCausalLM(config)
+
+
+def task_datasets(spec: RunSpec, *, num_train: int = 4096, num_eval: int = 512):
+    """`(train, eval)` data of the run: associative recall (seq 64, vocab 256, 4 pairs) or the synthetic LM
+    (seq 64, vocab 512 at CPU scale); data seeds derive from the run seed."""
+    if spec.task == "assoc_recall":
+        make = associative_recall_dataset
+        kw: dict[str, Any] = {"seq_len": 64, "vocab_size": 256, "num_pairs": 4}
+    else:
+        make = synthetic_lm_dataset
+        kw = {"seq_len": 64, "vocab_size": 512}
+    return make(num_train, seed=1000 + spec.seed, **kw), make(num_eval, seed=2000 + spec.seed, **kw)
+
+
+def init_profile_features(model: torch.nn.Module, train_dataset, *, seed: int, num_sequences: int = 32) -> dict[str, Any]:
+    """RKSP at initialisation on the first `num_sequences` training inputs (32 x 64 = 2048 token states, N = 2048):
+    the profile's aggregates (`<feature>_<mean|max|min|std>`), its verdict, and the profiling time."""
+    from hf_koopman.profiling import profile
+
+    inputs = {"input_ids": torch.as_tensor(train_dataset.with_format("torch")[:num_sequences]["input_ids"])}
+    t0 = time.perf_counter()
+    prof = profile(model, inputs, num_samples=2048, rank=32, seed=seed)
+    out: dict[str, Any] = {k: _jsonable(v) for k, v in prof.aggregates.items()}
+    out["verdict"] = prof.verdict
+    out["profile_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no inf / nan; readers map these strings back with float()
+    return v
+
+
+def _train(spec: RunSpec, model, train_ds, eval_ds) -> RunResult:
+    if spec.backend == "loop":
+        return train_run(
+            model, train_ds, learning_rate=spec.learning_rate, max_steps=spec.max_steps, batch_size=spec.batch_size,
+            warmup_steps=spec.warmup_steps, max_grad_norm=spec.clip, seed=spec.seed, eval_dataset=eval_ds,
+        )
+    from hf_koopman.training import KSSTrainer, KSSTrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = KSSTrainingArguments(
+            output_dir=tmp, max_steps=spec.max_steps, per_device_train_batch_size=spec.batch_size,
+            learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, lr_scheduler_type="constant_with_warmup",
+            weight_decay=0.01, max_grad_norm=spec.clip if spec.clip is not None else 0.0, seed=spec.seed,
+            data_seed=spec.seed, logging_strategy="no", save_strategy="no", report_to="none", use_cpu=True,
+            disable_tqdm=True, dataloader_num_workers=0, kss_alpha=spec.kss_alpha, kss_seed=spec.seed,
+        )
+        return train_with_trainer(model, train_ds, args, trainer_cls=KSSTrainer, eval_dataset=eval_ds)
+
+
+def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
+    """Run one trial and return its table row (spec fields, label, gradient baselines, eval, init features)."""
+    train_ds, eval_ds = task_datasets(spec)
+    model = build_model(spec)
+    row: dict[str, Any] = {"run_id": spec.run_id, **asdict(spec)}
+    if features:
+        row.update(init_profile_features(model, train_ds, seed=spec.seed))
+    result = _train(spec, model, train_ds, eval_ds)
+    row.update(
+        diverged=result.diverged, divergence_step=result.divergence_step, divergence_reason=result.divergence_reason,
+        steps_run=len(result.losses), final_loss=_jsonable(result.losses[-1]) if result.losses else None,
+        train_seconds=result.train_seconds,
+        **{k: _jsonable(v) for k, v in result.baselines.items()},
+        **{f"eval_{k}": _jsonable(v) for k, v in result.eval.items()},
+    )
+    if features and not result.diverged:  # the spectrum after training (paper Table 3 reports M≈1 after training)
+        from hf_koopman.profiling import profile
+
+        inputs = {"input_ids": torch.as_tensor(train_ds.with_format("torch")[:32]["input_ids"])}
+        try:
+            row["final_near_unit_mass_mean"] = profile(model, inputs, num_samples=2048, rank=32, seed=spec.seed).aggregates[
+                "near_unit_mass_mean"
+            ]
+        except ValueError as err:  # e.g. non-finite activations
+            logger.warning("final profile failed for %s: %s", spec.run_id, err)
+    return row
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a `runs.jsonl` file ("inf"/"nan" strings turned back into floats)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.append({k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in row.items()})
+    return rows
+
+
+def run_sweep(specs: Iterable[RunSpec], out_path: str | Path, *, features: bool = True, progress: bool = True) -> list[dict]:
+    """Execute every spec whose `run_id` is not yet in `out_path` (JSON lines), appending one row per finished run."""
+    from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["run_id"] for r in read_rows(out_path)}
+    todo = [s for s in specs if s.run_id not in done]
+    logger.info("%d runs done, %d to go -> %s", len(done), len(todo), out_path)
+    new_rows = []
+    bar = tqdm(todo, desc=out_path.parent.name, disable=not progress)
+    for spec in bar:
+        row = execute(spec, features=features)
+        with out_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        new_rows.append(row)
+        bar.set_postfix(div=row["diverged"], sec=f"{row['train_seconds']:.1f}")
+    return new_rows

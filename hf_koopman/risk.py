@@ -1,0 +1,281 @@
+r"""Calibrated divergence risk: $P(\text{diverge} \mid \text{init spectrum}, \log \text{LR}, \dots)$.
+
+The RKSP paper reads the raw near-unit mass $M_{\approx 1}$ as a probability (App. H, ECE 0.283). Here a small
+logistic model on standardised features is fitted to a sweep of training runs (`scripts/fit_risk.py`) and shipped as
+JSON (`hf_koopman/data/risk_estimator.json`; never pickle). Init-time spectra do not depend on the learning rate, so the
+learning rate is an input: `predict_proba(profile, learning_rate=...)`.
+
+Example:
+
+```python
+>>> import hf_koopman
+>>> prof = hf_koopman.profile(model, inputs)
+>>> hf_koopman.RiskEstimator.default().predict_proba(prof, learning_rate=3e-3)
+0.07...
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FeatureSpec", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE"]
+
+DEFAULT_ESTIMATOR_FILE = "risk_estimator.json"
+_FORMAT = "hf_koopman.risk_estimator"
+_TRANSFORMS = ("identity", "log10")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One input of the logistic model.
+
+    Args:
+        key (`str`): where the raw value comes from: a key of `SpectralProfile.aggregates` (e.g.
+            `"near_unit_mass_mean"`) or of the context (`"learning_rate"`, `"warmup_steps"`, `"norm"`, ...).
+        transform (`str`, *optional*, defaults to `"identity"`): `"identity"`, `"log10"` (raw value clipped below at
+            1e-12), or `"onehot:<value>"` (1.0 when the raw value equals `<value>`, for categorical context).
+        mean, std (`float`): standardisation fitted on the training runs.
+        low, high (`float`): range of the transformed value on the training runs; inputs are clipped to it, so the
+            estimator never extrapolates (and `inf` spectra, e.g. an infinite eigenvector condition, stay finite).
+    """
+
+    key: str
+    transform: str = "identity"
+    mean: float = 0.0
+    std: float = 1.0
+    low: float = -math.inf
+    high: float = math.inf
+
+    def __post_init__(self) -> None:
+        if self.transform not in _TRANSFORMS and not self.transform.startswith("onehot:"):
+            raise ValueError(f"transform={self.transform!r} must be one of {_TRANSFORMS} or 'onehot:<value>'.")
+        if not self.std > 0:
+            raise ValueError(f"std={self.std} of feature {self.key!r} must be > 0.")
+
+    @property
+    def name(self) -> str:
+        return self.key if self.transform == "identity" else f"{self.transform}({self.key})"
+
+    def transformed(self, raw: Any) -> float:
+        """Apply the transform (no standardisation, no clipping)."""
+        if self.transform.startswith("onehot:"):
+            return 1.0 if str(raw) == self.transform.split(":", 1)[1] else 0.0
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, np.floating, np.integer)):
+            raise TypeError(f"feature {self.key!r} must be a number, got {type(raw).__name__} ({raw!r}).")
+        x = float(raw)
+        if math.isnan(x):
+            raise ValueError(f"feature {self.key!r} is NaN (degenerate spectrum?); the risk is undefined for it.")
+        if self.transform == "log10":
+            x = math.log10(max(x, 1e-12)) if math.isfinite(x) else math.inf
+        return x
+
+    def standardized(self, raw: Any) -> float:
+        x = min(max(self.transformed(raw), self.low), self.high)
+        if not math.isfinite(x):  # unbounded spec (hand-built) and an infinite input
+            raise ValueError(f"feature {self.key!r} is infinite and the estimator has no clipping range for it.")
+        return (x - self.mean) / self.std
+
+
+def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge a SpectralProfile (or a mapping of aggregates, or None) with the context into one flat mapping."""
+    values: dict[str, Any] = {}
+    if profile is not None:
+        aggregates = getattr(profile, "aggregates", None)
+        if aggregates is None and isinstance(profile, Mapping):
+            aggregates = profile.get("aggregates", profile)
+        if not isinstance(aggregates, Mapping):
+            raise TypeError(
+                "profile must be a SpectralProfile, a mapping of aggregate features, or None; got "
+                f"{type(profile).__name__}."
+            )
+        values.update(aggregates)
+        meta = getattr(profile, "meta", None)
+        if isinstance(meta, Mapping):  # e.g. a learning rate recorded by the training callback
+            values.update({k: v for k, v in meta.items() if v is not None and k not in values})
+    values.update({k: v for k, v in context.items() if v is not None})
+    return values
+
+
+@dataclass
+class RiskEstimator:
+    r"""Logistic model $P(D=1) = \sigma(b + \sum_i w_i z_i)$ on standardised features $z_i$ (see `FeatureSpec`).
+
+    Args:
+        features (`list[FeatureSpec]`): inputs, in coefficient order.
+        coef (`list[float]`): one weight per feature.
+        intercept (`float`): bias `b`.
+        metadata (`dict`, *optional*): provenance (training runs, held-out AUROC / ECE, ...), stored in the JSON.
+    """
+
+    features: list[FeatureSpec]
+    coef: list[float]
+    intercept: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.features) != len(self.coef):
+            raise ValueError(f"{len(self.features)} features but {len(self.coef)} coefficients.")
+        if not all(math.isfinite(c) for c in [*self.coef, self.intercept]):
+            raise ValueError("coefficients and intercept must be finite.")
+
+    # ------------------------------------------------------------------ prediction
+    @property
+    def required_keys(self) -> list[str]:
+        return sorted({f.key for f in self.features})
+
+    def _logit(self, values: Mapping[str, Any]) -> float:
+        missing = [f.key for f in self.features if f.key not in values]
+        if missing:
+            hint = " (pass learning_rate=... )" if "learning_rate" in missing else ""
+            raise ValueError(
+                f"risk estimator needs {missing}{hint}; available inputs: {sorted(values)[:20]}"
+                + (" ..." if len(values) > 20 else "")
+            )
+        z = [f.standardized(values[f.key]) for f in self.features]
+        return self.intercept + float(np.dot(self.coef, z))
+
+    def predict_proba(self, profile: Any = None, learning_rate: float | None = None, **context: Any) -> float:
+        """Probability that a training run diverges (paper label: loss > 50 or grad norm > 500 at any step).
+
+        Args:
+            profile (`SpectralProfile` or mapping): the init-time profile (its `aggregates`), or a plain mapping of
+                aggregate features. May be `None` for estimators that use context only.
+            learning_rate (`float`, *optional*): peak learning rate of the run (required by estimators that use it;
+                read from `profile.meta["learning_rate"]` when not given).
+            **context: other non-spectral inputs the estimator was fitted with (see `required_keys`), e.g. `norm`.
+
+        Returns:
+            `float` in (0, 1).
+        """
+        if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or not learning_rate > 0):
+            raise ValueError(f"learning_rate={learning_rate!r} must be a positive number.")
+        values = _flatten_inputs(profile, {"learning_rate": learning_rate, **context})
+        return 1.0 / (1.0 + math.exp(-self._logit(values)))
+
+    def predict_proba_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Vectorised `predict_proba` over flat rows (aggregates and context in one mapping, e.g. a sweep table).
+
+        Shapes:
+            rows: `N` mappings -> `(N,)` probabilities.
+        """
+        logits = np.array([self._logit(r) for r in rows], dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        labels: Sequence[int],
+        features: Sequence[FeatureSpec | tuple[str, str] | str],
+        *,
+        l2: float = 1.0,
+        max_iter: int = 100,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> RiskEstimator:
+        r"""Fit by L2-penalised maximum likelihood (Newton / IRLS); the intercept is not penalised.
+
+        Args:
+            rows: flat mappings holding every feature key; labels: 0/1 per row.
+            features: `FeatureSpec`, `(key, transform)` or `key`; standardisation and clip ranges are set from `rows`.
+            l2 (`float`, *optional*, defaults to 1.0): ridge strength on the standardised coefficients
+                (penalty $\frac{l2}{2}\|w\|^2$ added to the summed negative log-likelihood).
+        """
+        y = np.asarray(labels, dtype=np.float64)
+        if y.ndim != 1 or len(y) != len(rows) or not np.all((y == 0) | (y == 1)):
+            raise ValueError("labels must be 0/1, one per row.")
+        if len(rows) < 2 or y.min() == y.max():
+            raise ValueError("need at least one diverged and one stable run to fit a risk estimator.")
+        specs = []
+        for f in features:
+            spec = f if isinstance(f, FeatureSpec) else FeatureSpec(*(f if isinstance(f, tuple) else (f,)))
+            raw = np.array([spec.transformed(r[spec.key]) for r in rows], dtype=np.float64)
+            finite = raw[np.isfinite(raw)]
+            if finite.size == 0:
+                raise ValueError(f"feature {spec.key!r} has no finite value in the training rows.")
+            low, high = float(finite.min()), float(finite.max())
+            clipped = np.clip(raw, low, high)
+            std = float(clipped.std())
+            specs.append(FeatureSpec(spec.key, spec.transform, float(clipped.mean()), std if std > 1e-12 else 1.0, low, high))
+        z = np.array([[s.standardized(r[s.key]) for s in specs] for r in rows], dtype=np.float64)
+        x = np.hstack([np.ones((len(rows), 1)), z])
+        w = np.zeros(x.shape[1])
+        penalty = np.full(x.shape[1], float(l2))
+        penalty[0] = 0.0
+        for _ in range(max_iter):
+            p = 1.0 / (1.0 + np.exp(-(x @ w)))
+            grad = x.T @ (p - y) + penalty * w
+            hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.max(np.abs(step)) < 1e-10:
+                break
+        return cls(specs, [float(v) for v in w[1:]], float(w[0]), dict(metadata or {}))
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        def num(v: float) -> float | str:
+            return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "features": [
+                {"key": f.key, "transform": f.transform, "mean": f.mean, "std": f.std, "low": num(f.low), "high": num(f.high)}
+                for f in self.features
+            ],
+            "coef": list(self.coef),
+            "intercept": self.intercept,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RiskEstimator:
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"not a risk-estimator JSON (format={data.get('format')!r}, expected {_FORMAT!r}).")
+        if data.get("version") != 1:
+            raise ValueError(f"unsupported risk-estimator version {data.get('version')!r} (this library reads 1).")
+        feats = [
+            FeatureSpec(f["key"], f["transform"], float(f["mean"]), float(f["std"]), float(f["low"]), float(f["high"]))
+            for f in data["features"]
+        ]
+        return cls(feats, [float(c) for c in data["coef"]], float(data["intercept"]), dict(data.get("metadata", {})))
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RiskEstimator:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    @classmethod
+    def default(cls) -> RiskEstimator:
+        """The estimator shipped with the package (fitted by `scripts/fit_risk.py` on `results/sweep/`)."""
+        return _load_default()
+
+    def __repr__(self) -> str:
+        terms = ", ".join(f"{f.name}: {c:+.3f}" for f, c in zip(self.features, self.coef))
+        return f"RiskEstimator(intercept={self.intercept:+.3f}, {terms})"
+
+
+@lru_cache(maxsize=1)
+def _load_default() -> RiskEstimator:
+    ref = resources.files("hf_koopman") / "data" / DEFAULT_ESTIMATOR_FILE
+    if not ref.is_file():
+        raise FileNotFoundError(
+            f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with scripts/fit_risk.py"
+        )
+    return RiskEstimator.from_dict(json.loads(ref.read_text(encoding="utf-8")))
