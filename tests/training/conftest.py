@@ -1,0 +1,42 @@
+"""Tiny GPT-2 models and token datasets shared by the training tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+VOCAB = 64
+SEQ = 32
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """`n` random token sequences (fixed seed) with `labels = input_ids` (causal LM)."""
+
+    def __init__(self, n: int = 16, seq: int = SEQ, seed: int = 0, repeat_first: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+        if repeat_first:
+            ids[:] = ids[0]
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=SEQ, n_embd=n_embd, n_layer=n_layer, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kwargs,
+    )
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture
+def dataset() -> TokenDataset:
+    return TokenDataset()

@@ -1,0 +1,211 @@
+"""KSSTrainer: exactness at alpha = 0, logged keys, every-k gating, gradient-accumulation scaling, guards, PEFT."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_gpt2
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import hf_koopman.training.trainer as trainer_module
+from hf_koopman.koopman.shaping import SpectralShapingError
+from hf_koopman.training import KSSConfig, KSSTrainer, KSSTrainingArguments
+
+
+KSS_SMALL = dict(kss_num_samples=256, kss_rank=8)
+
+
+def _args(tmp_path, cls=KSSTrainingArguments, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    if cls is KSSTrainingArguments:
+        base.update(KSS_SMALL)
+    base.update(kw)
+    return cls(**base)
+
+
+class GradCapture(TrainerCallback):
+    """Copies every parameter gradient right before the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_alpha_zero_reproduces_plain_trainer_exactly(tmp_path):
+    plain = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "a", TrainingArguments), train_dataset=TokenDataset())
+    plain.train()
+    kss = KSSTrainer(
+        model=tiny_gpt2(),
+        args=_args(tmp_path / "b", kss_alpha=0.0, kss_every_n_steps=1),
+        train_dataset=TokenDataset(),
+    )
+    kss.train()
+    assert _losses(kss) == _losses(plain)  # bit-for-bit
+    for (n1, p1), (n2, p2) in zip(plain.model.named_parameters(), kss.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert kss.kss_steps == []  # alpha = 0: no hooks, no capture
+    assert not any(k.startswith("kss/") for h in kss.state.log_history for k in h)
+
+
+def test_kss_changes_training_but_not_eval_loss(tmp_path):
+    ds = TokenDataset()
+    plain = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "a", TrainingArguments), eval_dataset=ds)
+    kss = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path / "b", kss_alpha=1.0), eval_dataset=ds)
+    assert kss.evaluate()["eval_loss"] == plain.evaluate()["eval_loss"]  # KSS only in training mode
+    kss_train = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path / "c", kss_alpha=1.0, max_steps=1), train_dataset=ds)
+    kss_train.train()
+    plain_train = Trainer(
+        model=tiny_gpt2(), args=_args(tmp_path / "d", TrainingArguments, max_steps=1), train_dataset=ds
+    )
+    plain_train.train()
+    entry = kss_train.state.log_history[0]
+    # the logged objective is the task loss plus alpha * penalty on a KSS step
+    assert entry["loss"] == pytest.approx(_losses(plain_train)[0] + 1.0 * entry["kss/penalty"], rel=1e-5)
+
+
+def test_logged_keys_and_every_k_gating(tmp_path, monkeypatch):
+    created = []
+    original = trainer_module.KSSTrainer._kss_term
+
+    def spy(self, snapshots, step, device):
+        created.append((step, len(snapshots)))
+        return original(self, snapshots, step, device)
+
+    monkeypatch.setattr(trainer_module.KSSTrainer, "_kss_term", spy)
+    trainer = KSSTrainer(
+        model=tiny_gpt2(n_layer=4),
+        args=_args(tmp_path, max_steps=7, kss_every_n_steps=3, gradient_accumulation_steps=2),
+        train_dataset=TokenDataset(n=32),
+    )
+    trainer.train()
+    assert trainer.kss_steps == [0, 3, 6]
+    # two micro-batches per KSS step, 50% of 4 blocks each
+    assert created == [(0, 2), (0, 2), (3, 2), (3, 2), (6, 2), (6, 2)]
+    keys = ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius")
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    for step, entry in logged.items():  # log at step s covers optimizer step s - 1
+        has = all(k in entry for k in keys)
+        assert has == ((step - 1) % 3 == 0), (step, entry)
+        if has:
+            assert entry["kss/penalty"] > 0 and 0.0 <= entry["kss/near_unit_mass"] <= 1.0
+            assert entry["kss/spectral_radius"] > 0
+
+
+@pytest.mark.parametrize("scaled", [None, False], ids=["loss-scaled-for-ga", "trainer-divides"])
+def test_gradient_accumulation_scaling(tmp_path, scaled):
+    """KSS gradient of one optimizer step with GA=4 (4 identical micro-batches) equals GA=1 (not 4x)."""
+
+    def grads(alpha, ga, sub):
+        capture = GradCapture()
+        args = _args(
+            tmp_path / sub,
+            max_steps=1,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=ga,
+            max_grad_norm=0.0,  # capture unclipped gradients
+            kss_alpha=alpha,
+            kss_every_n_steps=1,
+            kss_layer_fraction=1.0,
+        )
+        trainer = KSSTrainer(
+            model=tiny_gpt2(n_layer=2), args=args, train_dataset=TokenDataset(n=4, repeat_first=True),
+            callbacks=[capture],
+        )
+        trainer.loss_is_scaled_for_ga = scaled
+        trainer.train()
+        return capture.grads
+
+    kss_part = {}
+    for ga in (1, 4):
+        with_kss, without = grads(1.0, ga, f"k{ga}"), grads(0.0, ga, f"n{ga}")
+        kss_part[ga] = torch.cat([(with_kss[n] - without[n]).flatten() for n in sorted(with_kss)])
+    assert kss_part[1].norm() > 1e-3  # the spectral term really contributes
+    ratio = (kss_part[4].norm() / kss_part[1].norm()).item()
+    assert ratio == pytest.approx(1.0, abs=1e-3), f"KSS gradient scaled by {ratio:.3f} under GA=4"
+    err = (kss_part[4] - kss_part[1]).abs().max().item()
+    assert err <= 1e-3 * kss_part[1].abs().max().item(), err
+
+
+def test_failed_decomposition_skips_the_term_with_a_warning(tmp_path, monkeypatch, caplog):
+    def broken(X, Y, **kwargs):
+        raise SpectralShapingError("forced failure", layers=[0])
+
+    monkeypatch.setattr(trainer_module, "differentiable_dmd_eigenvalues", broken)
+    trainer = KSSTrainer(
+        model=tiny_gpt2(), args=_args(tmp_path / "a", max_steps=2, kss_every_n_steps=1), train_dataset=TokenDataset()
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()
+    plain = Trainer(
+        model=tiny_gpt2(), args=_args(tmp_path / "b", TrainingArguments, max_steps=2), train_dataset=TokenDataset()
+    )
+    plain.train()
+    assert _losses(trainer) == _losses(plain)  # no term, no NaN
+    assert "skipping layer" in caplog.text
+    assert trainer.state.log_history[0]["kss/skipped_layers"] == 2.0
+    assert "kss/penalty" not in trainer.state.log_history[0]
+
+
+def test_config_validation_and_arguments_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="layer_fraction"):
+        KSSConfig(layer_fraction=0.0)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        _args(tmp_path, kss_every_n_steps=0)
+    args = _args(tmp_path, kss_alpha=0.1, kss_gamma=0.3)
+    cfg = args.kss_config()
+    assert (cfg.alpha, cfg.gamma, cfg.rank, cfg.every_n_steps) == (0.1, 0.3, 8, 10)
+    defaults = KSSConfig()
+    assert (defaults.alpha, defaults.temperature, defaults.tau_u, defaults.tau_l, defaults.gamma) == (
+        0.15, 20.0, 1.05, 0.90, 0.4,
+    )
+    assert (defaults.rank, defaults.every_n_steps, defaults.layer_fraction) == (32, 10, 0.5)
+    with pytest.raises(TypeError, match="KSSConfig"):
+        KSSTrainer(model=tiny_gpt2(), args=args, kss_config={"alpha": 1})
+
+
+def test_peft_lora_gradients_only_reach_lora_parameters(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def run(alpha, sub):
+        model = peft.get_peft_model(
+            tiny_gpt2(n_layer=2), peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        )
+        capture = GradCapture()
+        trainer = KSSTrainer(
+            model=model,
+            args=_args(tmp_path / sub, max_steps=1, max_grad_norm=0.0, kss_alpha=alpha, kss_every_n_steps=1,
+                       kss_layer_fraction=1.0),
+            train_dataset=TokenDataset(),
+            callbacks=[capture],
+        )
+        trainer.train()
+        return trainer, capture.grads
+
+    trainer, with_kss = run(1.0, "a")
+    _, without = run(0.0, "b")
+    # blocks are the base model's, found through the PeftModel
+    assert [b.name for b in trainer._kss_blocks] == ["transformer.h.0", "transformer.h.1"]
+    assert with_kss and all("lora_" in name for name in with_kss)  # frozen base weights get no gradient
+    diff = sum((with_kss[n] - without[n]).abs().sum().item() for n in with_kss)
+    assert diff > 1e-6  # the KSS gradient reaches the LoRA parameters
