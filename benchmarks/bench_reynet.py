@@ -1,0 +1,150 @@
+"""ReyNet cost, measured side by side in one run.
+
+1. Full Reynolds operator (literal sum over n! permutations) vs the reductive operator over the graph design
+   (n(n−1) ordered pairs) at n = 4..8: time per call, speed-up and max |difference| (float64).
+2. One ReyNet layer vs one IEGN layer (Maron et al.'s 15-op basis) at n = 32, 64, 128: forward+backward time and
+   activation memory saved for backward (bytes of the tensors autograd keeps, counted with
+   `torch.autograd.graph.saved_tensors_hooks`; on CUDA also the allocator's peak).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_reynet.py [--quick] [--out results/reynet_benchmark.txt]
+
+Timings are the minimum over repeats (the CPU is shared, so minima are the least noisy statistic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_koopman.models.reynet import IEGNLinear, ReyNetConfig, full_reynolds, reductive_reynolds
+from hf_koopman.models.reynet.modeling_reynet import ReyNetReynoldsBlock, _pair_masks
+
+
+def _time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_operator(sizes, lines: list[str]) -> None:
+    torch.manual_seed(0)
+    C, C_out = 2, 2
+    phi = nn.Sequential(nn.Linear(4 * C, 16), nn.ReLU(), nn.Linear(16, 2 * C_out)).double()
+    lines.append("## full Reynolds (n! permutations) vs reductive (n(n-1) pairs), B=4, C=2, float64")
+    lines.append(f"{'n':>3} {'n!':>7} {'full [ms]':>11} {'reductive [ms]':>15} {'speed-up':>10} {'max|diff|':>10}")
+    with torch.no_grad():
+        for n in sizes:
+            X = torch.randn(4, C, n, n, dtype=torch.float64)
+            full = full_reynolds(phi, X)
+            red = reductive_reynolds(phi, X)
+            diff = (full - red).abs().max().item()
+            t_full = _time(lambda: full_reynolds(phi, X), 2 if n >= 8 else 3)
+            t_red = _time(lambda: reductive_reynolds(phi, X), 20)
+            fact = 1
+            for k in range(2, n + 1):
+                fact *= k
+            lines.append(
+                f"{n:>3} {fact:>7} {1e3 * t_full:>11.2f} {1e3 * t_red:>15.3f} {t_full / t_red:>9.0f}x {diff:>10.1e}"
+            )
+
+
+class _IEGNLayer(nn.Module):
+    def __init__(self, c: int, factorized: bool) -> None:
+        super().__init__()
+        self.linear = IEGNLinear(c, c, factorized=factorized)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(X))
+
+
+class _ReyNetLayer(nn.Module):
+    def __init__(self, c: int, phi_mode: str, hidden: int) -> None:
+        super().__init__()
+        cfg = ReyNetConfig(in_channels=c, phi_mode=phi_mode, phi_hidden_sizes=[hidden], reynolds_channels=c,
+                           channel_hidden_sizes=[c], skip_connection=False)
+        self.block = ReyNetReynoldsBlock(cfg, c)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        B, _, n, _ = X.shape
+        node, pair, count = _pair_masks(None, B, n, X.device)
+        return self.block(X.permute(0, 2, 3, 1), pair, node, count).permute(0, 3, 1, 2)
+
+
+def _saved_bytes(layer: nn.Module, X: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(X).sum()
+    return sum(seen.values())
+
+
+def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, repeats: int = 3) -> None:
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    contenders = {
+        "ReyNet (joint φ, h=32)": _ReyNetLayer(channels, "joint", 32),
+        "ReyNet (depthwise φ, h=16)": _ReyNetLayer(channels, "depthwise", 16),
+        "IEGN (15 ops materialised)": _IEGNLayer(channels, factorized=False),
+        "IEGN (factorised)": _IEGNLayer(channels, factorized=True),
+    }
+    lines.append("")
+    lines.append(f"## one equivariant layer, C_in = C_out = {channels}, batch {batch}, forward+backward, {device}")
+    params = "  ".join(f"{name}: {sum(p.numel() for p in m.parameters())} params" for name, m in contenders.items())
+    lines.append(params)
+    header = f"{'n':>4} " + " ".join(f"{name:>28}" for name in contenders)
+    lines.append("time [ms]")
+    lines.append(header)
+    mem_rows = []
+    for n in sizes:
+        X = torch.randn(batch, channels, n, n, device=device, requires_grad=True)
+        times, mems = [], []
+        for layer in contenders.values():
+            layer.to(device)
+
+            def step():
+                layer.zero_grad(set_to_none=True)
+                layer(X).square().mean().backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            step()
+            times.append(_time(step, repeats))
+            mems.append(_saved_bytes(layer, X))
+        lines.append(f"{n:>4} " + " ".join(f"{1e3 * t:>28.1f}" for t in times))
+        mem_rows.append(f"{n:>4} " + " ".join(f"{m / 2**20:>28.1f}" for m in mems))
+        ratio_t = times[2] / times[0]
+        ratio_m = mems[2] / mems[0]
+        mem_rows[-1] += f"   IEGN(15 ops)/ReyNet(joint): time {ratio_t:.2f}x, memory {ratio_m:.2f}x"
+    lines.append("activation memory saved for backward [MiB]")
+    lines.append(header)
+    lines.extend(mem_rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
+    p.add_argument("--out", default=None, help="also write the report to this file")
+    args = p.parse_args()
+    lines: list[str] = []
+    bench_operator([4, 5, 6] if args.quick else [4, 5, 6, 7, 8], lines)
+    bench_layers([16, 32] if args.quick else [32, 64, 128], lines)
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

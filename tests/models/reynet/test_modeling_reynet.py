@@ -1,0 +1,190 @@
+"""ReyNet models: symmetry under permutations (with node masks), padding independence, heads, save/load, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+import hf_koopman  # noqa: F401  (registers the Auto classes)
+from hf_koopman.models.reynet import (
+    ReyNetConfig,
+    ReyNetForEquivariantRegression,
+    ReyNetForGraphClassification,
+    ReyNetForInvariantRegression,
+    ReyNetModel,
+)
+
+TINY = dict(in_channels=3, num_labels=3, num_targets=2, phi_hidden_sizes=[8], channel_hidden_sizes=[6, 5],
+            head_hidden_sizes=[7], reynolds_channels=4)
+VARIANTS = [
+    dict(layer_type="reynolds", phi_mode="depthwise"),
+    dict(layer_type="reynolds", phi_mode="joint", num_reynolds_layers=2, skip_connection=False),
+    dict(layer_type="reynolds", phi_mode="joint", channel_hidden_sizes=[], pooling="mean"),
+    dict(layer_type="iegn"),
+]
+HEADS = [ReyNetModel, ReyNetForGraphClassification, ReyNetForInvariantRegression, ReyNetForEquivariantRegression]
+
+
+def _output(model, X, mask=None):
+    out = model(X, node_mask=mask)
+    return out.last_hidden_state if isinstance(model, ReyNetModel) else out.logits
+
+
+def _batch(n=6, B=3):
+    X = torch.rand(B, 3, n, n, dtype=torch.float64)
+    mask = torch.ones(B, n, dtype=torch.bool)
+    mask[1, 4:] = False  # graph 1 has 4 nodes
+    mask[2, 2:] = False  # graph 2 has 2 nodes
+    return X, mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in list(v)[:2]))
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_permutation_symmetry_with_masks(cls, variant):
+    model = cls(ReyNetConfig(**{**TINY, **variant})).double().eval()
+    X, mask = _batch()
+    perm = torch.randperm(X.shape[-1])
+    Y = _output(model, X, mask)
+    Yp = _output(model, X[:, :, perm][:, :, :, perm], mask[:, perm])
+    if Y.dim() == 4:  # equivariant
+        torch.testing.assert_close(Y[:, :, perm][:, :, :, perm], Yp)
+    else:  # invariant
+        torch.testing.assert_close(Y, Yp)
+    # not trivially constant: a different input changes the output
+    assert not torch.allclose(Y, _output(model, X.flip(-1), mask))
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2] + VARIANTS[3:], ids=["depthwise", "joint", "iegn"])
+def test_padding_never_reaches_real_nodes(variant):
+    model = ReyNetForEquivariantRegression(ReyNetConfig(**{**TINY, **variant})).double().eval()
+    X, mask = _batch()
+    garbage = X.clone()
+    garbage[1, :, 4:, :] = 1e3
+    garbage[1, :, :, 4:] = float("nan")
+    Y, Yg = _output(model, X, mask), _output(model, garbage, mask)
+    torch.testing.assert_close(Y, Yg)
+    assert (Y[1, :, 4:, :] == 0).all() and (Y[1, :, :, 4:] == 0).all()
+    # a padded graph equals the same graph alone (the 1/(n-1) uses the real n)
+    alone = _output(model, X[1:2, :, :4, :4])
+    torch.testing.assert_close(Y[1:2, :, :4, :4], alone)
+
+
+def test_layer_matches_reductive_reynolds_contract():
+    """With skip off and no channel MLP, a depthwise ReyNet block is exactly reductive_reynolds(φ per channel)."""
+    from hf_koopman.models.reynet import reductive_reynolds
+
+    model = ReyNetModel(ReyNetConfig(in_channels=2, skip_connection=False, channel_hidden_sizes=[], phi_hidden_sizes=[5]))
+    model = model.double().eval()
+    phi = model.blocks[0].phi
+
+    def pair_fn(blocks):  # (..., 4C) channel-major -> (..., 2C): [φ₀ of each channel, φ₁ of each channel]
+        out = phi(blocks.reshape(*blocks.shape[:-1], 2, 4))
+        return torch.cat((out[..., 0], out[..., 1]), dim=-1)
+
+    X = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(model(X).last_hidden_state, reductive_reynolds(pair_fn, X))
+
+
+def test_losses_and_shapes():
+    cfg = ReyNetConfig(**TINY)
+    X, mask = _batch()
+    out = ReyNetForGraphClassification(cfg)(X.float(), node_mask=mask, labels=torch.tensor([0, 2, 1]))
+    assert out.logits.shape == (3, 3) and out.loss.ndim == 0 and out.loss.requires_grad
+    out = ReyNetForInvariantRegression(cfg)(X.float(), node_mask=mask, labels=torch.rand(3, 2))
+    assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
+    model = ReyNetForEquivariantRegression(cfg)
+    target = torch.rand(3, 2, 6, 6)
+    out = model(X.float(), node_mask=mask, labels=target)
+    # loss only over real entries: changing targets at padded entries does not change it
+    target2 = target.clone()
+    target2[2, :, 2:, :] = 100.0
+    assert torch.allclose(out.loss, model(X.float(), node_mask=mask, labels=target2).loss)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(X.float(), labels=torch.rand(3, 6, 6))
+    base = ReyNetModel(cfg)(X.float(), output_hidden_states=True)
+    assert base.pooler_output.shape == (3, 2 * cfg.hidden_channels)
+    assert len(base.hidden_states) == 2 and base.hidden_states[0].shape == (3, 3, 6, 6)
+
+
+def test_input_errors():
+    model = ReyNetModel(ReyNetConfig(**TINY))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        model(torch.rand(2, 2, 5, 5))
+    with pytest.raises(ValueError, match=r"\(B, C, n, n\)"):
+        model(torch.rand(2, 3, 5, 4))
+    with pytest.raises(ValueError, match="node_mask"):
+        model(torch.rand(2, 3, 5, 5), node_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="floating"):
+        model(torch.ones(2, 3, 5, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(in_channels=0), "in_channels"),
+        (dict(layer_type="gcn"), "layer_type"),
+        (dict(phi_mode="mixed"), "phi_mode"),
+        (dict(phi_hidden_sizes=[8, -1]), "phi_hidden_sizes"),
+        (dict(channel_hidden_sizes="16"), "channel_hidden_sizes"),
+        (dict(layer_type="iegn", channel_hidden_sizes=[]), "must not be empty"),
+        (dict(pooling="max"), "pooling"),
+        (dict(head_dropout=1.5), "head_dropout"),
+        (dict(hidden_act="swish2"), "hidden_act"),
+        (dict(num_targets=True), "num_targets"),
+        (dict(skip_connection="yes"), "skip_connection"),
+        (dict(reynolds_channels=0), "reynolds_channels"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReyNetConfig(**kwargs)
+
+
+def test_classification_needs_two_labels():
+    with pytest.raises(ValueError, match="num_labels"):
+        ReyNetForGraphClassification(ReyNetConfig(num_labels=1))
+
+
+def test_save_load_round_trip_and_auto_classes(tmp_path):
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    X, mask = _batch()
+    X = X.float()
+    loaded = ReyNetForGraphClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(X, node_mask=mask).logits, model(X, node_mask=mask).logits, rtol=0, atol=0)
+    # registered with the Auto classes on `import hf_koopman` (no trust_remote_code needed)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), ReyNetConfig)
+    auto_cls = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(auto_cls) is ReyNetForGraphClassification
+    torch.testing.assert_close(auto_cls(X, node_mask=mask).logits, model(X, node_mask=mask).logits)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is ReyNetModel
+    torch.testing.assert_close(
+        base(X, node_mask=mask).last_hidden_state, model.reynet(X, node_mask=mask).last_hidden_state
+    )
+
+
+def test_plain_trainer_trains(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_koopman.datasets.graphs import collate_graphs
+
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(24):
+        n = 4 + i % 3
+        X = torch.rand(3, n, n, generator=gen)
+        items.append({"graph_tensor": X, "labels": int(X.diagonal(dim1=-2, dim2=-1)[0].sum() > n / 2)})
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, report_to=[], save_strategy="no",
+        use_cpu=True, logging_steps=1, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=collate_graphs)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "Trainer did not update any parameter"
