@@ -188,7 +188,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _log(self, args: Any, state: Any, logs: dict[str, float]) -> None:
         logs = {k: float(v) for k, v in logs.items() if v is not None and math.isfinite(float(v))}
         if self._trainer is not None:
+            # Trainer.log -> CallbackHandler.on_log clears control.should_log; keep the Trainer's own pending log
+            pending = self._trainer.control.should_log
             self._trainer.log(logs)
+            self._trainer.control.should_log = pending
         else:  # no trainer: log_history only (integrations miss it)
             state.log_history.append({**logs, "step": state.global_step})
 

@@ -1,0 +1,230 @@
+"""RKSPCallback: init profile through Trainer.log, artefacts, monitoring, divergence guard, resume, auto-KSS, Seq2Seq."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_gpt2
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+import hf_koopman.training.callback as callback_module
+from hf_koopman.training import KSSTrainer, KSSTrainingArguments, RKSPCallback
+
+
+SMALL = dict(num_samples=128, rank=8)
+
+
+def _args(tmp_path, cls=TrainingArguments, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
+    if cls is KSSTrainingArguments:
+        base.update(kss_num_samples=128, kss_rank=8)
+    base.update(kw)
+    return cls(**base)
+
+
+def no_norm_gpt2(n_layer=4):
+    """GPT-2 without LayerNorm in the blocks: the paper's No-Norm setting, high risk at init."""
+    model = tiny_gpt2(n_layer=n_layer)
+    for block in model.transformer.h:
+        block.ln_1 = torch.nn.Identity()
+        block.ln_2 = torch.nn.Identity()
+    return model
+
+
+def _loss_steps(trainer):
+    return [h["step"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_init_profile_reaches_log_history_and_output_dir(tmp_path):
+    plain = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "plain"), train_dataset=TokenDataset())
+    plain.train()
+    callback = RKSPCallback(every_n_steps=2, **SMALL)
+    trainer = Trainer(
+        model=tiny_gpt2(), args=_args(tmp_path / "cb"), train_dataset=TokenDataset(), callbacks=[callback]
+    )
+    trainer.train()
+    history = trainer.state.log_history
+    init = history[0]
+    assert init["step"] == 0
+    for key in ("rksp/score", "rksp/verdict_level", "rksp/near_unit_mass_mean", "rksp/spectral_radius_mean"):
+        assert key in init and math.isfinite(init[key])
+    assert [h["step"] for h in history if "rksp/score" in h] == [0, 2, 4]  # init + monitoring every 2 steps
+    # the Trainer's own per-step logs are intact, and profiling did not perturb training (same losses)
+    assert _loss_steps(trainer) == [1, 2, 3, 4]
+    assert [h["loss"] for h in history if "loss" in h] == [h["loss"] for h in plain.state.log_history if "loss" in h]
+    saved = json.loads((tmp_path / "cb" / "rksp_profile.json").read_text())
+    assert saved["verdict"] == callback.init_verdict and len(saved["layers"]) == 4
+    assert (tmp_path / "cb" / "rksp_report.md").read_text().strip()
+    assert (tmp_path / "cb" / "rksp_profile.png").stat().st_size > 0
+
+
+def test_high_risk_warns_and_auto_kss_turns_kss_on(tmp_path, caplog):
+    callback = RKSPCallback(auto_kss=True, **SMALL)
+    trainer = KSSTrainer(
+        model=no_norm_gpt2(),
+        args=_args(tmp_path, KSSTrainingArguments, kss_enabled=False, kss_every_n_steps=2, max_steps=3),
+        train_dataset=TokenDataset(),
+        callbacks=[callback],
+    )
+    assert not trainer.kss_config.enabled
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert callback.init_verdict == "high risk"
+    assert "HIGH RISK" in caplog.text and "KSS switched on" in caplog.text
+    assert trainer.kss_config.enabled and trainer.kss_steps == [0, 2]
+    assert any(h.get("kss/auto_enabled") == 1.0 for h in trainer.state.log_history)
+    assert any("kss/penalty" in h for h in trainer.state.log_history)
+
+
+def test_guard_stops_huge_lr_run_and_keeps_last_finite_checkpoint(tmp_path):
+    callback = RKSPCallback(**SMALL)
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=_args(tmp_path, max_steps=20, learning_rate=3.0, save_strategy="steps", save_steps=1),
+        train_dataset=TokenDataset(n=128),
+        callbacks=[callback],
+    )
+    trainer.train()
+    event = callback.divergence
+    assert event is not None and trainer.state.global_step == event["step"] < 20
+    assert any("loss > 50" in c or "gradient norm" in c for c in event["causes"])
+    checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert checkpoints[-1] == f"checkpoint-{event['step'] - 1}"  # the diverged step was not saved
+    assert event["last_good_checkpoint"].endswith(checkpoints[-1])
+    weights = load_file(str(tmp_path / checkpoints[-1] / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # the diverged update was dropped: the in-memory model equals the last checkpoint
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if k in state)
+    report = json.loads((tmp_path / "rksp_divergence.json").read_text())
+    assert report["step"] == event["step"]
+    assert any(h.get("rksp/diverged") == 1.0 for h in trainer.state.log_history)
+
+
+class NaNAtStep(Trainer):
+    """A TRL-style subclass (own compute_loss) whose block `layer` emits NaN from optimizer step `step` on."""
+
+    def __init__(self, *args, nan_step=2, layer=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_step, self.layer = nan_step, layer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mlp = self.accelerator.unwrap_model(model).transformer.h[self.layer].mlp
+        poison = None
+        if self.state.global_step + 1 >= self.nan_step:  # NaN born inside the block (e.g. an overflow in its MLP)
+            poison = mlp.register_forward_hook(lambda module, args, out: out * float("nan"))
+        try:
+            outputs = model(**inputs)
+        finally:
+            if poison is not None:
+                poison.remove()
+        loss = outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_guard_reads_raw_loss_despite_nan_filter_and_names_first_bad_block(tmp_path):
+    callback = RKSPCallback(**SMALL)
+    trainer = NaNAtStep(
+        model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[callback]
+    )
+    assert trainer.args.logging_nan_inf_filter  # default: the NaN step loss never shows in the logs
+    trainer.train()
+    event = callback.divergence
+    assert event["step"] == 2 and trainer.state.global_step == 2
+    assert event["first_bad_layer"] == "transformer.h.1"
+    assert event["loss"] == "nan"
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)  # the filter hid it
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resume_restores_callback_state_and_kss(tmp_path, monkeypatch):
+    def make(sub, steps, resume=None):
+        callback = RKSPCallback(auto_kss=True, **SMALL)
+        trainer = KSSTrainer(
+            model=no_norm_gpt2(),
+            args=_args(
+                tmp_path / sub, KSSTrainingArguments, max_steps=steps, kss_enabled=False, kss_every_n_steps=1,
+                save_strategy="steps", save_steps=2, restore_callback_states_from_checkpoint=True,
+                learning_rate=1e-3,
+            ),
+            train_dataset=TokenDataset(n=32),
+            callbacks=[callback],
+        )
+        return trainer
+
+    full = make("full", 4)
+    full.train()
+    first = make("run", 2)
+    first.train()
+    stored = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    attrs = stored["stateful_callbacks"]["RKSPCallback"]["attributes"]
+    assert attrs["init_verdict"] == "high risk" and attrs["kss_auto_enabled"] is True
+    assert attrs["last_good_checkpoint"].endswith("checkpoint-2")
+
+    def no_profile(*a, **k):
+        raise AssertionError("a resumed run must not re-profile 'at init'")
+
+    monkeypatch.setattr(callback_module.RKSPCallback, "_run_profile", no_profile)
+    resumed = make("run", 4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    restored = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, RKSPCallback)]
+    assert len(restored) == 1 and restored[0].init_verdict == "high risk"
+    assert resumed.kss_config.enabled  # auto-KSS re-applied after resume
+    tail = [(h["step"], h["loss"], h.get("kss/penalty")) for h in resumed.state.log_history if "loss" in h][2:]
+    ref = [(h["step"], h["loss"], h.get("kss/penalty")) for h in full.state.log_history if "loss" in h][2:]
+    assert [t[0] for t in tail] == [3, 4] and tail[0][2] is not None
+    for (s1, l1, p1), (s2, l2, p2) in zip(tail, ref):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5) and p1 == pytest.approx(p2, rel=1e-5)
+
+
+def test_seq2seq_trainer_profiles_both_stacks(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    callback = RKSPCallback(**SMALL)
+    trainer = Seq2SeqTrainer(
+        model=model, args=_args(tmp_path, Seq2SeqTrainingArguments, max_steps=2),
+        train_dataset=TokenDataset(n=8), callbacks=[callback],
+    )
+    trainer.train()
+    assert callback.profile is not None and set(callback.profile.stacks) == {"encoder", "decoder"}
+    assert "rksp/score" in trainer.state.log_history[0] or "rksp/verdict_level" in trainer.state.log_history[0]
+    assert _loss_steps(trainer) == [1, 2] and callback.divergence is None
+
+
+def test_peft_model_is_profiled_through_base_blocks(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_gpt2(n_layer=2), peft.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                    fan_in_fan_out=True))
+    callback = RKSPCallback(**SMALL)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                      callbacks=[callback])
+    trainer.train()
+    assert callback.profile.names == ["transformer.h.0", "transformer.h.1"]
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        RKSPCallback(every_n_steps=-1)
+    with pytest.raises(TypeError, match="probe_inputs"):
+        RKSPCallback(probe_inputs=[1, 2, 3])
