@@ -1,0 +1,480 @@
+r"""Whitened dynamic mode decomposition of one residual block, exact or randomized rank-r (RKSP Eqs. 4-9, Alg. 1).
+
+Conventions. Snapshots are rows: `X, Y` are `(N, d)` (token states entering / leaving a block) or `(L, N, d)` for `L`
+layers handled in one batched call. The operator acts on column state vectors, as in the paper: $\tilde y \approx
+\hat A \tilde x$. Write $D = Y - X$ for the block update (the residual branch $f_\ell$ of Eq. 1).
+
+Exact DMD. $\hat A = \tilde Y \tilde X^{+}$ (Eq. 6, Moore-Penrose). Because $\tilde X$ is whitened we never need an
+SVD of the `(N, d)` snapshots: $G_{xx} = \tilde X^\top \tilde X / (N-1) = Q\,\mathrm{diag}(s/(s+\epsilon))\,Q^\top$ is
+known in closed form from the eigendecomposition $\hat\Sigma_X = Q\,\mathrm{diag}(s)\,Q^\top$ already used for the
+whitening, so
+
+$$\hat A = \big(G_{xx} + G_{dx}\big)\,G_{xx}^{+},\qquad G_{dx} = \tilde D^\top \tilde X/(N-1) = W C_{dx} W .$$
+
+This is the pseudo-inverse operator of Algorithm 1, not the ridge-biased cross-covariance $\tilde Y^\top\tilde X/(N-1)$:
+with $\epsilon > 0$, $G_{xx} \ne I$ exactly, and dropping $G_{xx}^{+}$ would shift eigenvalues by $O(\epsilon/s)$. With
+the pseudo-inverse the eigenvalues equal those of the unwhitened least-squares operator (whitening is a similarity),
+which is what makes them invariant to any invertible change of coordinates $X \to XM, Y \to YM$. Writing the operator
+through the update $D$ keeps $Y = X$ exactly degenerate: $G_{dx} = 0$ and $\hat A$ is the identity, no NaN.
+
+Rank-r DMD (the paper's default recipe, r = 32, N = 2048). After whitening $\tilde X$ is isotropic, so its POD basis is
+meaningless (all singular values are about $\sqrt{N-1}$); the informative low-rank directions are those of the outputs
+$\tilde Y$. We therefore take $U_r$ = the top-r left singular vectors of $\tilde Y^\top$ (`(d, r)`) and fit the projected
+operator on the compressed snapshots $B_X = \tilde X U_r$, $B_Y = \tilde Y U_r$ (`(N, r)`):
+
+$$\tilde A_r = (B_Y^\top B_X)(B_X^\top B_X)^{+} = (U_r^\top G_{yx} U_r)(U_r^\top G_{xx} U_r)^{+}\quad (r\times r).$$
+
+Because $G_{xx}\approx I$, this equals the Galerkin projection $U_r^\top \hat A U_r$ up to the ridge, and if $\hat A$ has
+rank $\le r$ its non-zero eigenvalues are recovered. `randomized=False` computes $U_r$ deterministically (eigh of
+$G_{yy}$); `randomized=True` uses a Halko et al. range finder on $\tilde Y$ (Erichson et al. 2019, the recipe of
+`pydmd.utils.compute_rqb`):
+
+    Omega ~ N(0, 1) (N, k), k = r + oversample;  Z = Ytil^T Omega
+    repeat power_iters times:  Z = Ytil^T qr(Ytil qr(Z).Q).Q
+    Q = qr(Z).Q (d, k);  U_r = Q V[:, :r]  with  V = right singular vectors of Ytil Q (N, k)
+
+The randomized path never forms $\tilde X, \tilde Y$ or the `(d, d)` operator. It whitens with the Cholesky factor
+$\hat\Sigma_X = LL^\top$ instead of the symmetric square root; the two whitenings differ by an orthogonal rotation
+$R$, the range finder is equivariant under it (same Omega), so the `(r, r)` operator, its eigenvalues and every feature are
+identical to the ZCA result -- only cheaper (`d^3/3` instead of an eigendecomposition).
+
+Precision. Exact DMD runs in float64. The randomized path runs its `O(N d^2)` Gram and `O(N d k)` range-finder products
+in float32 when the inputs are float32 or lower (float64 when the inputs are float64); the projections $B_X, B_D$, the
+`(r, r)` Grams and all eigenproblems are float64. fp16/bf16 inputs are up-cast first.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .whitening import _inverse_sqrt
+
+__all__ = ["DMDResult", "whitened_dmd"]
+
+logger = logging.getLogger(__name__)
+
+_F64 = torch.float64
+_C128 = torch.complex128
+
+
+@dataclass(frozen=True)
+class DMDResult:
+    r"""Result of [`whitened_dmd`]. All tensors are float64 / complex128 on CPU or the input's device.
+
+    `m` is the number of modes: `d` for exact DMD, `r` for rank-r DMD. A leading `L` axis is present when the input was
+    batched `(L, N, d)`.
+
+    Attributes:
+        eigenvalues (`(..., m)` complex): eigenvalues of the operator, sorted by decreasing modulus.
+        eigenvectors (`(..., m, m)` complex): right eigenvectors as unit-norm columns, same order.
+        left_eigenvectors (`(..., m, m)` complex): left eigenvectors $u_j$ ($u_j^* A = \lambda_j u_j^*$) as unit-norm
+            columns, same order (rows of $V^{-1}$, normalised).
+        operator (`(..., m, m)` float): $\hat A$ in whitened coordinates ($\tilde y \approx \hat A \tilde x$).
+        gram_xx, gram_dx, gram_dd (`(..., m, m)` float): second moments of the whitened (and, for rank-r, projected)
+            snapshots: $\tilde X^\top\tilde X$, $\tilde D^\top\tilde X$, $\tilde D^\top\tilde D$, all divided by `N - 1`,
+            where $\tilde D = \tilde Y - \tilde X$. The features (residuals, $\eta_{nl}$) are computed from these.
+        projection (`(..., d, m)` float): maps centred input rows to the `m` whitened coordinates,
+            `Z = (X - X.mean(-2)) @ projection` (the ZCA matrix for exact DMD, $W U_r$ for rank-r).
+        rank_x (`(...,)` int): numerical rank of $\tilde X$ in those coordinates; `m - rank_x` modes lie in its null
+            space, where the pseudo-inverse sets $\lambda = 0$.
+        update_ratio (`(...,)` float): $\|\tilde Y - \tilde X\|_F / \|\tilde X\|_F$, the relative size of the update.
+        degenerate (`(...,)` bool): `update_ratio <= degenerate_tol` (e.g. Fixup / ReZero at init, App. J) or
+            `rank_x == 0`; the spectrum is then uninformative.
+        n_samples (`int`): N.  dim (`int`): d.  randomized (`bool`).  eps (`float`).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    left_eigenvectors: torch.Tensor
+    operator: torch.Tensor
+    gram_xx: torch.Tensor
+    gram_dx: torch.Tensor
+    gram_dd: torch.Tensor
+    projection: torch.Tensor
+    rank_x: torch.Tensor
+    update_ratio: torch.Tensor
+    degenerate: torch.Tensor
+    n_samples: int
+    dim: int
+    randomized: bool
+    eps: float
+
+    @property
+    def rank(self) -> int:
+        """Number of modes `m`."""
+        return self.eigenvalues.shape[-1]
+
+    @property
+    def batched(self) -> bool:
+        """Whether there is a leading layer axis."""
+        return self.eigenvalues.ndim == 2
+
+    @property
+    def num_layers(self) -> int:
+        return self.eigenvalues.shape[0] if self.batched else 1
+
+    def layer(self, index: int) -> DMDResult:
+        """The unbatched result of layer `index` of a batched result."""
+        if not self.batched:
+            raise ValueError("layer() needs a batched (L, ...) result; this one is unbatched")
+        fields = {}
+        for name in ("eigenvalues", "eigenvectors", "left_eigenvectors", "operator", "gram_xx", "gram_dx",
+                     "gram_dd", "projection", "rank_x", "update_ratio", "degenerate"):
+            fields[name] = getattr(self, name)[index]
+        return DMDResult(**fields, n_samples=self.n_samples, dim=self.dim, randomized=self.randomized, eps=self.eps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# input validation
+
+
+def _as_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        try:
+            import numpy as np
+
+            if not isinstance(value, np.ndarray):
+                raise TypeError
+        except (ImportError, TypeError):
+            raise TypeError(f"{name} must be a torch.Tensor (or numpy array) of shape (N, d) or (L, N, d), "
+                            f"got {type(value).__name__}") from None
+        tensor = torch.from_numpy(value)
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
+    if tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(_F64)
+    return tensor.detach()
+
+
+def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        idx = [int(i) for i in bad.nonzero()[0]]
+        labels = ["layer", "sample", "feature"][-len(idx):]
+        where = ", ".join(f"{lab} {i}" for lab, i in zip(labels, idx))
+        raise ValueError(f"{name} contains {int(bad.sum())} non-finite value(s) (NaN/Inf); the first is at {where}. "
+                         "Check the activations of that block (overflow in fp16?) or drop those samples.")
+
+
+def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    X = _as_tensor(X, "X")
+    Y = _as_tensor(Y, "Y")
+    if X.ndim not in (2, 3):
+        raise ValueError(f"X must have shape (N, d) or (L, N, d) with rows as samples, got shape {tuple(X.shape)}")
+    if X.shape != Y.shape:
+        raise ValueError(f"X and Y must have the same shape (row i of Y is the block output for row i of X), "
+                         f"got {tuple(X.shape)} and {tuple(Y.shape)}")
+    batched = X.ndim == 3
+    if not batched:
+        X, Y = X.unsqueeze(0), Y.unsqueeze(0)
+    L, N, d = X.shape
+    if L == 0 or d == 0:
+        raise ValueError(f"empty snapshots: shape {tuple(X.shape)}")
+    if N < 2:
+        raise ValueError(f"need at least N=2 snapshot pairs to estimate a covariance, got N={N}")
+    _first_non_finite(X, "X")
+    _first_non_finite(Y, "Y")
+    if X.dtype != Y.dtype:
+        dtype = torch.promote_types(X.dtype, Y.dtype)
+        X, Y = X.to(dtype), Y.to(dtype)
+    if X.dtype in (torch.float16, torch.bfloat16):
+        X, Y = X.float(), Y.float()
+    return X, Y, batched
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# shared linear algebra
+
+
+def _sym(a: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a + a.mT)
+
+
+def _rank_tol(values: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    # numerical-rank threshold on covariance-like eigenvalues (numpy.linalg.matrix_rank's rule)
+    return values.amax(dim=-1, keepdim=True) * max(n, d) * torch.finfo(values.dtype).eps
+
+
+def _operator_from_grams(
+    gxx: torch.Tensor, gdx: torch.Tensor, keep: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor
+) -> torch.Tensor:
+    """A = (Gxx + Gdx) Gxx^+ = P_x + Gdx Gxx^+ given Gxx = vectors diag(values) vectors^T (Eq. 6)."""
+    inv = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+    pinv = (vectors * inv.unsqueeze(-2)) @ vectors.mT
+    proj = (vectors * keep.to(values.dtype).unsqueeze(-2)) @ vectors.mT
+    # full rank: the projector is exactly I, so a zero update (Y == X) gives exactly A = I
+    eye = torch.eye(values.shape[-1], dtype=values.dtype, device=values.device)
+    proj = torch.where(keep.all(dim=-1)[..., None, None], eye, proj)
+    return proj + gdx @ pinv
+
+
+def _project_grams(grams: tuple[torch.Tensor, ...], basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(basis.mT @ g @ basis for g in grams)
+
+
+def _eigen(operator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues sorted by decreasing modulus, unit-norm right and left eigenvectors (Alg. 1 line 8)."""
+    lam, vec = torch.linalg.eig(operator)
+    order = torch.argsort(lam.abs(), dim=-1, descending=True, stable=True)
+    lam = torch.gather(lam, -1, order)
+    vec = torch.gather(vec, -1, order.unsqueeze(-2).expand_as(vec))
+    vec = vec / torch.linalg.vector_norm(vec, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
+    left = torch.linalg.inv_ex(vec)[0].mH  # columns u_j with u_j^* A = lambda_j u_j^*
+    if not bool(torch.isfinite(left).all()):  # eigenvector matrix numerically singular (defective operator)
+        left = torch.linalg.pinv(vec).mH
+    left = left / torch.linalg.vector_norm(left, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
+    return lam, vec, left
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exact and deterministic rank-r path (ZCA via eigh, float64)
+
+
+def _exact_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None):
+    X = X.to(_F64)
+    Y = Y.to(_F64)
+    L, N, d = X.shape
+    n1 = N - 1
+    Xc = X - X.mean(dim=-2, keepdim=True)
+    D = Y - X
+    Dc = D - D.mean(dim=-2, keepdim=True)  # = Yc - Xc: each matrix centred on its own mean (Eq. 8)
+    sxx = _sym(Xc.mT @ Xc) / n1  # Eq. 9 without the ridge
+    cdx = Dc.mT @ Xc / n1
+    cdd = _sym(Dc.mT @ Dc) / n1
+    s, Q = torch.linalg.eigh(sxx)
+    s = s.clamp_min(0.0)
+    keep = s > _rank_tol(s, N, d)
+    w = _inverse_sqrt(s, eps)
+    W = (Q * w.unsqueeze(-2)) @ Q.mT  # ZCA (Sigma_X + eps I)^(-1/2)
+    g = s * w * w  # eigenvalues of Gxx = Xtil^T Xtil / (N-1)
+    gxx = (Q * g.unsqueeze(-2)) @ Q.mT
+    gdx = W @ cdx @ W
+    gdd = _sym(W @ cdd @ W)
+    if rank is None:
+        op = _operator_from_grams(gxx, gdx, keep, g, Q)
+        return op, gxx, gdx, gdd, W, keep.sum(-1)
+    # deterministic rank-r: POD of the whitened outputs Ytil (top-r eigenvectors of Gyy)
+    gyy = _sym(gdd + gdx + gdx.mT + gxx)
+    _, U = torch.linalg.eigh(gyy)
+    U = U.flip(-1)[..., :rank]
+    gxx_r, gdx_r, gdd_r = _project_grams((gxx, gdx, gdd), U)
+    gxx_r, gdd_r = _sym(gxx_r), _sym(gdd_r)
+    op, rank_x = _small_operator(gxx_r, gdx_r, N, d)
+    return op, gxx_r, gdx_r, gdd_r, W @ U, rank_x
+
+
+def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):
+    values, vectors = torch.linalg.eigh(gxx)
+    values = values.clamp_min(0.0)
+    keep = values > _rank_tol(values, n, d)
+    op = _operator_from_grams(gxx, gdx, keep, values, vectors)
+    return op, keep.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# randomized rank-r path
+
+
+class _CholeskyWhitening:
+    """W = L^{-1} with Sigma_X + eps I = L L^T: a rotation of ZCA, so all DMD quantities match (see module doc)."""
+
+    def __init__(self, chol: torch.Tensor):
+        # explicit triangular inverse (d^3/3 once): later products are plain GEMMs, faster than repeated TRSMs
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        self.matrix = torch.linalg.solve_triangular(chol, eye, upper=False)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:  # W z
+        return self.matrix @ z
+
+    def apply_t(self, z: torch.Tensor) -> torch.Tensor:  # W^T z
+        return self.matrix.mT @ z
+
+
+class _EighWhitening:
+    """Fallback (ridge too small for a Cholesky factorisation): symmetric pseudo-inverse square root."""
+
+    def __init__(self, sigma: torch.Tensor, eps: float):
+        s, Q = torch.linalg.eigh(sigma.to(_F64))
+        w = _inverse_sqrt((s - eps).clamp_min(0.0), eps).to(sigma.dtype)
+        self.matrix = (Q.to(sigma.dtype) * w.unsqueeze(-2)) @ Q.to(sigma.dtype).mT
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ z
+
+    apply_t = apply
+
+
+def _whitener(sxx: torch.Tensor, eps: float):
+    eye = torch.eye(sxx.shape[-1], dtype=sxx.dtype, device=sxx.device)
+    sigma = sxx + eps * eye
+    chol, info = torch.linalg.cholesky_ex(sigma)
+    if not bool((info > 0).any()):
+        return _CholeskyWhitening(chol)
+    if sxx.dtype != _F64:  # float32 round-off made a tiny ridge indefinite: factorise in float64
+        chol, info = torch.linalg.cholesky_ex(sxx.to(_F64) + eps * eye.to(_F64))
+        if not bool((info > 0).any()):
+            whitener = _CholeskyWhitening(chol)
+            whitener.matrix = whitener.matrix.to(sxx.dtype)
+            return whitener
+    logger.info("covariance + eps*I is not numerically positive definite; whitening with a pseudo-inverse square root")
+    return _EighWhitening(sigma, eps)
+
+
+def _orth(z: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span(z) for tall (..., n, k) z: CholeskyQR2 in float64 (LAPACK QR is needlessly slow for
+    these skinny batched matrices on CPU), Householder QR if the Gram matrix is numerically singular."""
+    q = z.to(_F64)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
+        if bool((info > 0).any()):
+            return torch.linalg.qr(z.to(_F64)).Q.to(z.dtype)
+        q = torch.linalg.solve_triangular(chol, q.mT, upper=False).mT  # q R^{-1} with R = chol^T
+    return q.to(z.dtype)
+
+
+def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator):
+    L, N, d = X.shape
+    work = _F64 if X.dtype == _F64 else torch.float32
+    n1 = N - 1
+    X = X.to(work)
+    Y = Y.to(work)
+    Xc = X - X.mean(dim=-2, keepdim=True)
+    D = Y - X
+    Dc = D - D.mean(dim=-2, keepdim=True)
+    Yc = Xc + Dc
+    sxx = _sym(Xc.mT @ Xc) / n1
+    wh = _whitener(sxx, eps)
+    k = min(rank + oversample, d, N)
+    omega = torch.randn(L, N, k, generator=generator, dtype=_F64, device="cpu").to(device=X.device, dtype=work)
+    # Ytil = Yc W^T (rows), so Ytil^T V = W (Yc^T V) and Ytil U = Yc (W^T U)
+    z = wh.apply(Yc.mT @ omega)
+    for _ in range(power_iters):
+        s = _orth(Yc @ wh.apply_t(_orth(z)))
+        z = wh.apply(Yc.mT @ s)
+    q = _orth(z)  # (L, d, k)
+    sketch = (Yc @ wh.apply_t(q)).to(_F64)  # Ytil q, (L, N, k)
+    # right singular vectors of the sketch = eigenvectors of its (k, k) Gram, in decreasing order
+    _, vecs = torch.linalg.eigh(sketch.mT @ sketch)
+    basis = q.to(_F64) @ vecs.flip(-1)[..., :rank]  # U_r in whitened coordinates, (L, d, r)
+    proj = wh.apply_t(basis.to(work)).to(_F64)  # centred X -> whitened r coordinates
+    bx = Xc.to(_F64) @ proj
+    bd = Dc.to(_F64) @ proj
+    gxx = _sym(bx.mT @ bx) / n1
+    gdx = bd.mT @ bx / n1
+    gdd = _sym(bd.mT @ bd) / n1
+    op, rank_x = _small_operator(gxx, gdx, N, d)
+    return op, gxx, gdx, gdd, proj, rank_x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public entry point
+
+
+def whitened_dmd(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    *,
+    rank: int | None = None,
+    randomized: bool = False,
+    eps: float = 1e-5,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+    degenerate_tol: float = 1e-4,
+) -> DMDResult:
+    r"""Whitened DMD of the map X -> Y of one residual block, or of `L` blocks at once (RKSP Algorithm 1, lines 5-8).
+
+    $$\tilde X = (X-\bar X)\hat\Sigma_X^{-1/2},\quad \tilde Y = (Y-\bar Y)\hat\Sigma_X^{-1/2},\quad
+    \hat A = \tilde Y^\top (\tilde X^\top)^{+} = V\Lambda V^{-1}$$
+
+    See the module docstring for the exact and rank-r formulas and the precision used.
+
+    Args:
+        X (`torch.Tensor` of shape `(N, d)` or `(L, N, d)`): states entering the block; rows are samples (flattened
+            batch x token positions). Any real dtype, including fp16 / bf16; numpy arrays are accepted.
+        Y (`torch.Tensor`, same shape as `X`): states leaving the block, row-aligned with `X`.
+        rank (`int`, *optional*): number of modes `r`. `None` (default) = exact DMD with `m = d` modes.
+        randomized (`bool`, *optional*, defaults to `False`): with `rank`, find the rank-r subspace with a randomized
+            range finder (the paper's default recipe is `rank=32, randomized=True` at N = 2048).
+        eps (`float`, *optional*, defaults to `1e-5`): ridge $\epsilon$ added to $\hat\Sigma_X$ (Eq. 9, App. D). Absolute,
+            as in the paper; it also makes constant features harmless.
+        oversample (`int`, *optional*, defaults to `10`): extra sketch columns of the range finder.
+        power_iters (`int`, *optional*, defaults to `2`): subspace (power) iterations of the range finder.
+        generator (`torch.Generator`, *optional*): CPU generator for the sketch. `None` uses a fresh generator seeded
+            with 0, so repeated calls give identical numbers.
+        degenerate_tol (`float`, *optional*, defaults to `1e-4`): flag the result `degenerate` when
+            $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$ (zero-initialised residual branches).
+
+    Returns:
+        [`DMDResult`]: batched along the first axis when `X` was `(L, N, d)`.
+
+    Raises:
+        `TypeError`: complex, boolean or non-array input.
+        `ValueError`: wrong shapes, `N < 2`, NaN/Inf (the message names the first bad layer / sample / feature), or an
+            invalid `rank` / `eps`.
+
+    Warns:
+        `UserWarning`: when `N < d` (or `N <= rank`): the estimate is rank-limited; modes in the null space of
+            $\tilde X$ get $\lambda = 0$ and are counted out by [`spectral_features`].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_koopman.koopman import whitened_dmd, spectral_features
+    >>> X = torch.randn(2048, 64)
+    >>> res = whitened_dmd(X, X @ torch.diag(torch.linspace(0.5, 1.2, 64)), rank=32, randomized=True)
+    >>> res.eigenvalues.shape
+    torch.Size([32])
+    ```
+    """
+    X, Y, batched = _check_snapshots(X, Y)
+    L, N, d = X.shape
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"eps={eps!r} must be a finite float >= 0 (the paper uses 1e-5)")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= d:
+            raise ValueError(f"rank={rank!r} must be an int in [1, d={d}], or None for exact DMD")
+    elif randomized:
+        raise ValueError("randomized=True needs a rank, e.g. whitened_dmd(X, Y, rank=32, randomized=True)")
+    if randomized:
+        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+            raise ValueError(f"oversample={oversample!r} must be an int >= 0")
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+            raise ValueError(f"power_iters={power_iters!r} must be an int >= 0")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if N < d or (rank is not None and N <= rank):
+        warnings.warn(f"N={N} snapshots for d={d} features{'' if rank is None else f' and rank={rank}'}: the DMD "
+                      f"estimate is rank-limited (at most N-1={N - 1} identifiable modes); use more samples "
+                      "(the paper uses N=2048)", UserWarning, stacklevel=2)
+
+    with torch.no_grad():
+        if randomized and rank is not None:
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            op, gxx, gdx, gdd, proj, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen)
+        else:
+            op, gxx, gdx, gdd, proj, rank_x = _exact_grams(X, Y, eps, rank)
+        lam, vec, left = _eigen(op)
+        trace_xx = torch.diagonal(gxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
+        trace_dd = torch.diagonal(gdd, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
+        ratio = torch.where(trace_xx > 0, (trace_dd / trace_xx.clamp_min(torch.finfo(_F64).tiny)).sqrt(),
+                            torch.zeros_like(trace_xx))
+        degenerate = (ratio <= degenerate_tol) | (rank_x == 0)
+
+    out = DMDResult(
+        eigenvalues=lam, eigenvectors=vec, left_eigenvectors=left, operator=op, gram_xx=gxx, gram_dx=gdx,
+        gram_dd=gdd, projection=proj, rank_x=rank_x, update_ratio=ratio, degenerate=degenerate,
+        n_samples=N, dim=d, randomized=bool(randomized and rank is not None), eps=float(eps),
+    )
+    if int(degenerate.sum()):
+        logger.info("%d of %d layer(s) have a ~zero update (Y ~ X): RKSP is uninformative there", int(degenerate.sum()), L)
+    return out if batched else out.layer(0)
