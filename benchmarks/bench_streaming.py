@@ -1,0 +1,199 @@
+"""Peak memory and wall time of streaming RKSP (`profile_streaming`) against the ordinary `profile`.
+
+Every measurement runs in its own subprocess (peak RSS = that process's `ru_maxrss`, so runs do not contaminate each
+other). Sections:
+
+* `7b`      -- LLaMA-2-7B at initialisation, streamed (the issue's target: <= 6 GB peak RSS, <= 10 min on 2 cores);
+* `ratio`   -- a model that fits (GPT-2 small, 124M, at init): ordinary `profile(from_config)` vs streaming, side by side,
+               and the ratio of their peaks;
+* `stats`   -- tiny LLaMA at init over several seeds: layer-mean features of ordinary vs streamed profiles (they use
+               different random weights, so they must agree in distribution, not exactly).
+
+Usage (2-core machine; it takes minutes):
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/bench_streaming.py --sections 7b ratio stats --json results/streaming.json
+
+`--num-layers 4` gives a quick 7B-width look (4 of the 32 blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+FEATURES = ("near_unit_mass", "spectral_radius", "nonlinearity", "eigvec_condition", "contractive_mass")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# ------------------------------------------------------------------------------------------------ child process
+def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    from hf_koopman.profiling import profile
+    from hf_koopman.profiling.architectures import load_architecture_config
+    from hf_koopman.profiling.streaming import estimate_streaming_memory, profile_streaming
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
+    config = load_architecture_config(args.arch, **overrides)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    if args.mode == "stream":
+        result = profile_streaming(config, num_samples=args.num_samples, rank=args.rank, seed=args.seed,
+                                   dtype=args.dtype, progress=False)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        result = profile(model, num_samples=args.num_samples, rank=args.rank, seed=args.seed)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    feats = result.features
+    out = {
+        "arch": args.arch,
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "num_layers": len(feats),
+        "num_samples": args.num_samples,
+        "rank": args.rank,
+        "seed": args.seed,
+        "wall_time_s": round(wall, 2),
+        "peak_rss_bytes": int(peak),
+        "rss_after_imports_bytes": int(baseline),
+        "analysis_time_s": result.meta.get("analysis_time_s"),
+        "stream_time_s": result.meta.get("streaming", {}).get("stream_time_s"),
+        "verdict": result.verdict,
+        "layer_mean": {k: sum(getattr(f, k) for f in feats) / len(feats) for k in FEATURES},
+        "degenerate_layers": len(result.degenerate_layers),
+    }
+    if args.mode == "stream":
+        out["memory_plan"] = estimate_streaming_memory(config, num_samples=args.num_samples, dtype=args.dtype)
+    print("RESULT " + json.dumps(out))
+
+
+def _run_child(arch: str, mode: str, *, dtype: str, num_samples: int, rank: int, seed: int = 0,
+               num_layers: int | None = None, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--arch", arch, "--dtype", dtype, "--num-samples",
+           str(num_samples), "--rank", str(rank), "--seed", str(seed)]
+    if num_layers:
+        cmd += ["--num-layers", str(num_layers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {mode} {arch} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def _section_7b(args: argparse.Namespace) -> dict:
+    res = _run_child("llama-2-7b", "stream", dtype=args.dtype, num_samples=args.num_samples, rank=args.rank,
+                     num_layers=args.num_layers)
+    print(f"llama-2-7b at init, streamed ({res['num_layers']} blocks, N={res['num_samples']}, r={res['rank']}, "
+          f"{res['dtype']}): peak RSS {_gib(res['peak_rss_bytes'])}, wall {res['wall_time_s']:.0f} s "
+          f"(stream {res['stream_time_s']:.0f} s, analysis {res['analysis_time_s']:.0f} s), verdict {res['verdict']}")
+    print(f"  targets: peak <= 6 GiB -> {'OK' if res['peak_rss_bytes'] <= 6 * 2**30 else 'MISSED'}; "
+          f"wall <= 600 s -> {'OK' if res['wall_time_s'] <= 600 else 'MISSED'}")
+    return res
+
+
+def _section_ratio(args: argparse.Namespace) -> dict:
+    kw = dict(dtype="float32", num_samples=args.num_samples, rank=args.rank)
+    ordinary = _run_child(args.fits, "profile", **kw)
+    streamed = _run_child(args.fits, "stream", **kw)
+    ratio = streamed["peak_rss_bytes"] / ordinary["peak_rss_bytes"]
+    above = (streamed["peak_rss_bytes"] - streamed["rss_after_imports_bytes"]) / max(
+        ordinary["peak_rss_bytes"] - ordinary["rss_after_imports_bytes"], 1)
+    print(f"{args.fits} at init: ordinary peak {_gib(ordinary['peak_rss_bytes'])} in {ordinary['wall_time_s']:.1f} s, "
+          f"streaming peak {_gib(streamed['peak_rss_bytes'])} in {streamed['wall_time_s']:.1f} s -> "
+          f"peak ratio {ratio:.2f} (above the import baseline: {above:.2f})")
+    return {"ordinary": ordinary, "streamed": streamed, "peak_ratio": ratio, "peak_ratio_above_imports": above}
+
+
+def _section_stats(args: argparse.Namespace) -> dict:
+    """Ordinary from_config profiles vs streamed profiles at init over seeds: means and seed-to-seed spreads."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_koopman.profiling import profile
+    from hf_koopman.profiling.streaming import profile_streaming
+
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    rows = {"ordinary": [], "streamed": []}
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        for kind, prof in (("ordinary", profile(model, num_samples=args.stats_samples, rank=32, seed=seed)),
+                           ("streamed", profile_streaming(config, num_samples=args.stats_samples, rank=32, seed=seed,
+                                                          progress=False))):
+            feats = prof.features
+            rows[kind].append({k: sum(getattr(f, k) for f in feats) / len(feats) for k in FEATURES})
+    summary = {}
+    print(f"init statistics, LLaMA d=128 L=6, N={args.stats_samples}, r=32, {args.seeds} seeds "
+          "(layer-mean feature: mean ± seed-to-seed std)")
+    for k in FEATURES:
+        a = [r[k] for r in rows["ordinary"]]
+        b = [r[k] for r in rows["streamed"]]
+        ma, sa, mb, sb = statistics.mean(a), statistics.stdev(a), statistics.mean(b), statistics.stdev(b)
+        z = abs(ma - mb) / max(((sa**2 + sb**2) / len(a)) ** 0.5, 1e-12)
+        summary[k] = {"ordinary_mean": ma, "ordinary_std": sa, "streamed_mean": mb, "streamed_std": sb, "z": z}
+        print(f"  {k:18s} ordinary {ma:9.4f} ± {sa:.4f}   streamed {mb:9.4f} ± {sb:.4f}   |diff|/se = {z:.2f}")
+    return {"config": config.to_diff_dict(), "num_samples": args.stats_samples, "seeds": args.seeds,
+            "per_seed": rows, "summary": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["7b", "ratio", "stats"], choices=["7b", "ratio", "stats"])
+    parser.add_argument("--dtype", default="float32", help="block dtype of the 7B run (float32 / bfloat16)")
+    parser.add_argument("--num-samples", type=int, default=2048)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, help="7B section: stream only this many blocks (quick look)")
+    parser.add_argument("--fits", default="gpt2", help="embedded config of the model that fits (ratio section)")
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--stats-samples", type=int, default=1024)
+    parser.add_argument("--json", type=Path, help="write all measurements here")
+    parser.add_argument("--child", choices=["stream", "profile"], dest="mode", help=argparse.SUPPRESS)
+    parser.add_argument("--arch", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        _child(args)
+        return
+
+    load_before = os.getloadavg()
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average before: {load_before[0]:.2f}")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                                 "load_average_before": load_before}}
+    sections = {"7b": _section_7b, "ratio": _section_ratio, "stats": _section_stats}
+    for name in args.sections:
+        before = os.getloadavg()
+        results[name] = sections[name](args)
+        results[name]["load_average"] = {"before": before, "after": os.getloadavg()}
+    results["machine"]["load_average_after"] = os.getloadavg()
+    print(f"load average after: {results['machine']['load_average_after'][0]:.2f}")
+    if args.json:
+        previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        previous.update(results)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(previous, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
