@@ -88,14 +88,12 @@ def tiny_config(arch: str, **overrides: Any):
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}.")
     kwargs = {**_TINY[arch][0]}
     depth = overrides.pop("num_hidden_layers", None)
+    if depth is not None:  # set at construction so that derived fields (e.g. layer_types) follow
+        names = {"gpt2": ("n_layer",), "t5": ("num_layers", "num_decoder_layers"),
+                 "bart": ("encoder_layers", "decoder_layers")}.get(arch, ("num_hidden_layers",))
+        kwargs.update({name: depth for name in names})
     kwargs.update(overrides)
     config = AutoConfig.for_model(arch, **kwargs)
-    if depth is not None:
-        if arch in ("t5", "bart"):
-            for name in ("num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers"):
-                if hasattr(config, name):
-                    setattr(config, name, depth)
-        config.num_hidden_layers = depth
     return config
 
 

@@ -52,6 +52,7 @@ def profile_from_snapshots(
     model_name: str | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    chunk_size: int = 8,
     **feature_kwargs: Any,
 ) -> SpectralProfile:
     """Whitened DMD and spectral features of recorded snapshot pairs (Algorithm 1, lines 4-11).
@@ -69,6 +70,7 @@ def profile_from_snapshots(
         stacks (`list[str]`, *optional*): stack label per snapshot (encoder / decoder ...).
         model_name (`str`, *optional*), meta (`dict`, *optional*): stored in the profile.
         progress (`bool`, defaults to `False`): tqdm bar over layers.
+        chunk_size (`int`, defaults to 8): layers analysed per batched call (memory: `chunk_size` x 2 x N x d floats).
         **feature_kwargs: passed on to `hf_koopman.koopman.spectral_features`.
 
     Returns:
@@ -81,26 +83,55 @@ def profile_from_snapshots(
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int or None (exact DMD), got {rank!r}.")
+    for name, X, Y in snapshots:
+        if X.shape != Y.shape or X.dim() != 2:
+            raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
+        for label, tensor in (("X", X), ("Y", Y)):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"layer {name!r}: snapshot {label} contains NaN/Inf; the block's activations are not finite.")
     generator = torch.Generator().manual_seed(seed)
-    layers, eigenvalues = [], []
+    layers: list[tuple[str, Any]] = []
+    eigenvalues: list[np.ndarray] = []
     start = time.perf_counter()
-    for name, X, Y in _tqdm(snapshots, progress, desc="whitened DMD", unit="layer"):
-        n, d = X.shape
-        layer_rank = None if rank is None or rank >= min(n, d) else rank
-        use_randomized = (layer_rank is not None) if randomized is None else randomized
-        try:
-            result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator)
-            features = spectral_features(
-                result,
-                near_band=near_band,
-                contractive_below=contractive_below,
-                residual_tol=residual_tol,
-                **feature_kwargs,
-            )
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from err
-        layers.append((name, features))
-        eigenvalues.append(result.eigenvalues.detach().cpu().numpy().astype(np.complex128))
+    # Consecutive layers with equal (N, d) are analysed in one batched (L, N, d) call: several times faster than one
+    # call per layer on CPU; chunks bound the extra memory to chunk_size stacked copies of the snapshots.
+    chunks: list[list[int]] = []
+    for i, (_, X, _) in enumerate(snapshots):
+        if chunks and len(chunks[-1]) < chunk_size and snapshots[chunks[-1][0]][1].shape == X.shape:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    bar = _tqdm(None, progress, total=len(snapshots), desc="whitened DMD", unit="layer") if progress else None
+    try:
+        for chunk in chunks:
+            n, d = snapshots[chunk[0]][1].shape
+            layer_rank = None if rank is None or rank >= min(n, d) else rank
+            use_randomized = (layer_rank is not None) if randomized is None else randomized
+            X = torch.stack([snapshots[i][1] for i in chunk])
+            Y = torch.stack([snapshots[i][2] for i in chunk])
+            names = [snapshots[i][0] for i in chunk]
+            try:
+                result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator)
+                features = spectral_features(
+                    result,
+                    near_band=near_band,
+                    contractive_below=contractive_below,
+                    residual_tol=residual_tol,
+                    **feature_kwargs,
+                )
+            except ValueError as err:
+                raise ValueError(f"layers {names}: {err}") from err
+            del X, Y
+            for j, name in enumerate(names):
+                layer = result.layer(j)
+                identifiable = int(layer.rank_x)  # modes beyond rank(X̃) are null-space modes with λ = 0
+                layers.append((name, features[j]))
+                eigenvalues.append(layer.eigenvalues[:identifiable].detach().cpu().numpy().astype(np.complex128))
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
     analysis_time = time.perf_counter() - start
     feats = [f for _, f in layers]
     aggregates = dict(aggregate_features(feats))
@@ -189,6 +220,11 @@ def profile(
     if inputs is None:
         inputs = default_probe_inputs(inner, num_tokens=num_samples, seed=seed)
     max_tokens = 16 * num_samples if max_tokens is None else max_tokens
+    text_config = getattr(inner, "config", None)
+    text_config = text_config.get_text_config() if hasattr(text_config, "get_text_config") else text_config
+    positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if isinstance(positions, int) and positions > 0:
+        max_length = min(max_length, positions)  # longer texts would index past the position table
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -1,0 +1,134 @@
+"""Residual-block discovery on tiny models of every family, overrides, wrappers and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_koopman.profiling import ResidualBlock, find_residual_blocks, unwrap_model
+from hf_koopman.testing_utils import TINY_ARCHITECTURES, tiny_model, tiny_peft_model
+
+DECODER_ONLY = ["gpt2", "llama", "mistral", "mixtral", "qwen2_moe", "mamba", "mamba2"]
+BLOCK_CLASS = {
+    "gpt2": "GPT2Block", "llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer",
+    "mixtral": "MixtralDecoderLayer", "qwen2_moe": "Qwen2MoeDecoderLayer", "mamba": "MambaBlock",
+    "mamba2": "Mamba2Block", "bert": "BertLayer", "vit": "ViTLayer", "t5": "T5Block",
+}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "mixtral", "qwen2_moe", "mamba", "mamba2", "bert", "vit"])
+def test_blocks_found_equal_num_layers(arch):
+    model = tiny_model(arch, num_hidden_layers=3)
+    blocks = find_residual_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers == 3
+    assert all(isinstance(b, ResidualBlock) for b in blocks)
+    assert {type(b.module).__name__ for b in blocks} == {BLOCK_CLASS[arch]}
+    assert {b.stack for b in blocks} == {""}
+    modules = dict(unwrap_model(model).named_modules())
+    assert all(modules[b.name] is b.module for b in blocks)  # names are real dotted paths
+    assert [b.name.rsplit(".", 1)[-1] for b in blocks] == ["0", "1", "2"]  # execution order
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_profiles_both_stacks_labelled(arch):
+    model = tiny_model(arch)
+    blocks = find_residual_blocks(model)
+    assert [b.stack for b in blocks] == ["encoder", "encoder", "decoder", "decoder"]
+    assert all(b.name.startswith(b.stack) for b in blocks)
+
+
+def test_peft_lora_llama_is_unwrapped():
+    peft_model = tiny_peft_model("llama")
+    blocks = find_residual_blocks(peft_model)
+    assert [b.name for b in blocks] == ["model.layers.0", "model.layers.1"]
+    assert blocks[0].module is peft_model.get_base_model().model.layers[0]
+
+
+def test_data_parallel_wrapper_is_unwrapped():
+    model = tiny_model("gpt2")
+    wrapped = nn.DataParallel(model)
+    assert unwrap_model(wrapped) is model
+    assert [b.module for b in find_residual_blocks(wrapped)] == list(model.transformer.h)
+
+
+def test_override_by_path_and_by_modules():
+    model = tiny_model("llama")
+    by_path = find_residual_blocks(model, layers="model.layers")
+    by_modules = find_residual_blocks(model, layers=list(model.model.layers))
+    by_names = find_residual_blocks(model, layers=["model.layers.1"])
+    assert [b.name for b in by_path] == [b.name for b in by_modules] == ["model.layers.0", "model.layers.1"]
+    assert [b.name for b in by_names] == ["model.layers.1"]
+
+
+def test_bad_override_raises_clear_error():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"layers='model\.blocks' is not a sub-module.*model\.layers"):
+        find_residual_blocks(model, layers="model.blocks")
+    with pytest.raises(ValueError, match="not a sub-module"):
+        find_residual_blocks(model, layers=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="empty list"):
+        find_residual_blocks(model, layers=[])
+    with pytest.raises(TypeError, match="list"):
+        find_residual_blocks(model, layers=model.model.layers[0])
+
+
+class _Opaque(nn.Module):
+    """No ModuleList, no transformers metadata: the structure cannot be guessed."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.heads = nn.ModuleList([nn.Linear(4, 2), nn.Linear(4, 3)])
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_unknown_structure_lists_candidates_and_override():
+    with pytest.raises(ValueError) as info:
+        find_residual_blocks(_Opaque())
+    message = str(info.value)
+    assert "Candidates: 'heads' (2 x Linear)" in message
+    assert "layers=" in message
+
+
+class _Config:
+    num_hidden_layers = 3
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class _CustomDeep(nn.Module):
+    """Plain torch model with a config: found by the num_hidden_layers fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = _Config()
+        self.stem = nn.Linear(8, 8)
+        self.trunk = nn.ModuleList([_Block() for _ in range(3)])
+        self.aux = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.trunk:
+            x = block(x)
+        return x
+
+
+def test_num_hidden_layers_fallback():
+    blocks = find_residual_blocks(_CustomDeep())
+    assert [b.name for b in blocks] == ["trunk.0", "trunk.1", "trunk.2"]
+
+
+def test_tiny_architectures_cover_the_issue_families():
+    assert set(DECODER_ONLY + ["bert", "vit", "t5"]) <= set(TINY_ARCHITECTURES)
+    assert torch.is_tensor(next(tiny_model("bert").parameters()))

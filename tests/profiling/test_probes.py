@@ -1,0 +1,75 @@
+"""Default probe inputs (paper's synthetic-LM segments, Gaussian pixels) and the embedded architecture configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_koopman.profiling import default_probe_inputs, synthetic_token_sequences
+from hf_koopman.profiling.architectures import known_architectures, load_architecture_config, resolve_architecture_name
+from hf_koopman.testing_utils import tiny_config, tiny_model
+
+
+def test_synthetic_sequences_have_the_three_segment_kinds():
+    ids = synthetic_token_sequences(16, 256, 10_000, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (16, 256) and ids.dtype == torch.long
+    assert ids.min() >= 10 and ids.max() < 10_000  # ids {10, ..., V-1} (App. D.2)
+    diffs = ids[:, 1:] - ids[:, :-1]
+    runs_of_ones = ((diffs[:, :-3] == 1) & (diffs[:, 1:-2] == 1) & (diffs[:, 2:-1] == 1) & (diffs[:, 3:] == 1)).sum()
+    assert runs_of_ones > 16  # sequential segments (runs of length >= 5)
+    repeats = sum(int((ids[:, k:] == ids[:, :-k]).sum()) for k in range(2, 6))
+    assert repeats > 200  # repetition segments: tokens equal to the one 2-5 positions back
+    assert len(torch.unique(ids)) > 1000  # random segments
+
+
+def test_synthetic_sequences_are_seeded_and_validate():
+    a = synthetic_token_sequences(2, 50, 128, generator=torch.Generator().manual_seed(1))
+    b = synthetic_token_sequences(2, 50, 128, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert synthetic_token_sequences(1, 30, 12).max() < 12  # tiny vocabulary: all ids usable
+    with pytest.raises(ValueError, match="vocab_size"):
+        synthetic_token_sequences(1, 10, 1)
+
+
+def test_text_probe_covers_num_tokens_and_respects_max_positions():
+    batch = default_probe_inputs(tiny_config("gpt2"), num_tokens=300)
+    assert batch["input_ids"].shape == (3, 128)  # capped at n_positions=128, ceil(300 / 128) rows
+    assert batch["attention_mask"].all()
+    assert batch["input_ids"].max() < 128
+
+
+def test_encoder_decoder_probe_feeds_the_decoder():
+    batch = default_probe_inputs(tiny_model("t5"), num_tokens=64)
+    assert torch.equal(batch["decoder_input_ids"], batch["input_ids"])
+
+
+def test_vision_probe_is_gaussian_pixels():
+    batch = default_probe_inputs(tiny_model("vit"), num_tokens=100, seed=3)
+    pixels = batch["pixel_values"]
+    assert pixels.shape == (7, 3, 32, 32)  # 16 patches per image -> ceil(100 / 16) images
+    assert abs(float(pixels.mean())) < 0.1 and abs(float(pixels.std()) - 1) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "model_type", "layers", "width"),
+    [
+        ("gpt2", "gpt2", 12, 768), ("gpt2-medium", "gpt2", 24, 1024), ("llama-2-7b", "llama", 32, 4096),
+        ("mistral-7b", "mistral", 32, 4096), ("mixtral-8x7b", "mixtral", 32, 4096), ("mamba-130m", "mamba", 24, 768),
+        ("bert-base", "bert", 12, 768), ("vit-base", "vit", 12, 768),
+    ],
+)
+def test_embedded_architectures(name, model_type, layers, width):
+    config = load_architecture_config(name)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == (model_type, layers, width)
+
+
+def test_architecture_aliases_and_unknown_names():
+    assert resolve_architecture_name("Llama-2-7B") == "llama-2-7b"
+    assert resolve_architecture_name("bert-base-uncased") == "bert-base"
+    assert resolve_architecture_name("no-such-model") is None
+    assert {"gpt2", "llama-2-7b", "mistral-7b", "mixtral-8x7b", "mamba-130m", "bert-base", "vit-base"} <= set(
+        known_architectures()
+    )
+    with pytest.raises(ValueError, match="embedded configs: .*gpt2"):
+        load_architecture_config("no-such-model")
+    assert load_architecture_config("gpt2", n_layer=2).num_hidden_layers == 2

@@ -1,0 +1,173 @@
+"""profile() end to end on tiny models: features finite, inputs of every kind, dtypes, modes, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_koopman.profiling import SpectralProfile, profile, profile_from_snapshots
+from hf_koopman.testing_utils import tiny_model, tiny_peft_model
+
+FAMILIES = ["gpt2", "llama", "mistral", "mixtral", "qwen2_moe", "mamba", "mamba2", "bert", "vit"]
+FLOAT_FIELDS = (
+    "near_unit_mass", "unstable_mass", "contractive_mass", "mid_mass", "spectral_radius", "eigvec_condition",
+    "nonlinearity",
+)
+
+
+def _assert_sane(result: SpectralProfile, num_layers: int) -> None:
+    assert len(result.layers) == num_layers
+    for name, features in result.layers:
+        for field in FLOAT_FIELDS:
+            assert math.isfinite(getattr(features, field)), (name, field)
+        masses = features.near_unit_mass + features.unstable_mass + features.contractive_mass + features.mid_mass
+        assert masses == pytest.approx(1.0, abs=1e-6)
+        assert 0 <= features.n_reliable <= features.n_modes
+    assert result.verdict in ("safe", "moderate", "high risk", "uninformative")
+    # the Kreiss constant is legitimately +inf when ρ > 1 (sup over |z| > 1 of (|z|-1)·||(zI-A)^-1|| diverges)
+    assert all(math.isfinite(v) for k, v in result.aggregates.items() if k.endswith("_mean") and "kreiss" not in k)
+
+
+def _no_hooks_left(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_profile_every_family(arch):
+    model = tiny_model(arch, num_hidden_layers=3)
+    model.train()
+    result = profile(model, num_samples=96, rank=8)
+    _assert_sane(result, 3)
+    assert model.training  # training mode restored
+    assert _no_hooks_left(model)
+    assert result.settings["num_samples"] == 96 and result.meta["num_blocks"] == 3
+
+
+def test_profile_encoder_decoder_labels_both_stacks():
+    result = profile(tiny_model("t5"), num_samples=64, rank=8)
+    _assert_sane(result, 4)
+    assert result.stacks == ["encoder", "encoder", "decoder", "decoder"]
+    assert set(result.by_stack()) == {"encoder", "decoder"}
+
+
+def test_profile_peft_lora_llama():
+    model = tiny_peft_model("llama")
+    result = profile(model, num_samples=64, rank=8)
+    _assert_sane(result, 2)
+    assert result.names == ["model.layers.0", "model.layers.1"]
+    assert _no_hooks_left(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    result = profile(model, num_samples=64, rank=8)
+    _assert_sane(result, 2)
+    assert result.meta["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_batch_of_one():
+    model = tiny_model("gpt2")
+    ids = torch.randint(0, 128, (1, 40))
+    result = profile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, num_samples=2048, rank=8)
+    _assert_sane(result, 2)
+    assert result.settings["num_samples"] == 40  # fewer tokens than asked: all of them are used
+
+
+def test_inputs_of_every_kind_agree():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    as_dict = profile(model, {"input_ids": ids}, num_samples=64, rank=None)
+    as_tensor = profile(model, ids, num_samples=64, rank=None)
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=4)
+    as_loader = profile(model, loader, num_samples=64, rank=None)
+    datasets = pytest.importorskip("datasets")
+    as_dataset = profile(model, datasets.Dataset.from_dict({"input_ids": ids.tolist()}), batch_size=4, num_samples=64,
+                         rank=None)
+    reference = [f.near_unit_mass for f in as_dict.features]
+    for other in (as_tensor, as_loader, as_dataset):
+        assert [f.near_unit_mass for f in other.features] == pytest.approx(reference)
+
+
+def test_text_inputs_without_tokenizer_use_byte_ids():
+    model = tiny_model("gpt2")
+    result = profile(model, ["hello world " * 10, "koopman operators " * 8], num_samples=64, rank=8)
+    _assert_sane(result, 2)
+    # one id per UTF-8 byte, padding masked out, truncated to the 128 positions of the tiny GPT-2
+    assert result.meta["tokens_seen"] == len(("hello world " * 10).encode()) + min(len(("koopman operators " * 8).encode()), 128)
+
+
+def test_variable_length_dataset_rows_are_padded_and_masked():
+    datasets = pytest.importorskip("datasets")
+    rows = {"input_ids": [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]], "label": [0, 1, 0]}
+    result = profile(tiny_model("bert"), datasets.Dataset.from_dict(rows), batch_size=3, num_samples=64, rank=None)
+    assert result.meta["tokens_seen"] == 13
+
+
+def test_unsupported_inputs_raise():
+    model = tiny_model("gpt2")
+    with pytest.raises(TypeError, match="unsupported inputs"):
+        profile(model, 3.5)
+    with pytest.raises(ValueError, match="num_samples"):
+        profile(model, num_samples=1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        profile("gpt2")
+
+
+def test_nan_activation_error_names_the_layer_and_restores_mode():
+    model = tiny_model("gpt2", num_hidden_layers=3)
+    with torch.no_grad():
+        model.transformer.h[2].mlp.c_proj.weight[0, 0] = float("inf")
+    model.train()
+    with pytest.raises(ValueError, match=r"block 'transformer\.h\.2'"):
+        profile(model, num_samples=32, rank=4)
+    assert model.training and _no_hooks_left(model)
+
+
+def test_bad_layers_override_is_reported():
+    with pytest.raises(ValueError, match="layers='transformer.blocks'"):
+        profile(tiny_model("gpt2"), layers="transformer.blocks")
+
+
+def test_identity_blocks_are_degenerate_and_uninformative():
+    """ReZero/Fixup-style residual-off blocks (App. J): Y = X, the verdict must not be 'high risk'."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        for block in model.transformer.h:  # zero the output projections: every block returns its input
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    result = profile(model, num_samples=64, rank=8)
+    assert result.degenerate_layers == result.names
+    assert result.verdict == "uninformative" and result.score is None
+    assert "degenerate" in result.to_markdown()
+
+
+def test_profile_from_snapshots_validates():
+    with pytest.raises(ValueError, match="no snapshots"):
+        profile_from_snapshots([])
+    X = torch.randn(64, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rank"):
+        profile_from_snapshots([("a", X, X)], rank=0)
+    bad = X.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="layer 'blk'"):
+        profile_from_snapshots([("blk", bad, X)], rank=None)
+
+
+def test_profile_from_snapshots_recovers_a_planted_spectrum():
+    """Y = A X with A = 0.97·rotation on a 2-plane ⊕ 0.5·I: near-unit pair and contractive rest."""
+    gen = torch.Generator().manual_seed(0)
+    d = 6
+    X = torch.randn(512, d, generator=gen, dtype=torch.float64)
+    A = 0.5 * torch.eye(d, dtype=torch.float64)
+    c, s = math.cos(0.3), math.sin(0.3)
+    A[:2, :2] = 0.97 * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    result = profile_from_snapshots([("planted", X, X @ A.T)], rank=None)
+    features = result.features[0]
+    assert features.near_unit_mass == pytest.approx(2 / 6)
+    assert features.contractive_mass == pytest.approx(4 / 6)
+    assert features.spectral_radius == pytest.approx(0.97, abs=1e-3)

@@ -1,0 +1,102 @@
+"""SpectralProfile: decision rule, serialisation round trip, report, plots, risk hook."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from hf_koopman.profiling import DecisionRule, SpectralProfile, profile
+from hf_koopman.testing_utils import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_profile() -> SpectralProfile:
+    return profile(tiny_model("llama", num_hidden_layers=3), num_samples=64, rank=8, model_name="tiny-llama")
+
+
+@pytest.mark.parametrize(
+    ("score", "kappa", "verdict"),
+    [
+        (0.10, 5.0, "safe"),
+        (0.29, 99.0, "safe"),
+        (0.10, 150.0, "high risk"),  # large κ alone
+        (0.30, 5.0, "moderate"),
+        (0.50, 5.0, "moderate"),
+        (0.51, 5.0, "high risk"),
+        (0.20, math.inf, "high risk"),
+        (None, None, "uninformative"),
+    ],
+)
+def test_decision_rule(score, kappa, verdict):
+    assert DecisionRule().decide(score, kappa)[0] == verdict
+
+
+def test_decision_rule_thresholds_are_configurable():
+    assert DecisionRule(kappa_large=1000.0).decide(0.1, 150.0)[0] == "safe"
+
+
+def test_json_round_trip(tiny_profile, tmp_path):
+    text = tiny_profile.to_json()
+    data = json.loads(text)
+    assert data["verdict"] == tiny_profile.verdict and len(data["layers"]) == 3
+    restored = SpectralProfile.from_json(text)
+    assert restored.names == tiny_profile.names
+    assert restored.aggregates == pytest.approx(tiny_profile.aggregates)
+    assert [f.to_dict() for f in restored.features] == [f.to_dict() for f in tiny_profile.features]
+    for a, b in zip(restored.eigenvalues, tiny_profile.eigenvalues):
+        assert a == pytest.approx(b)
+    written = tiny_profile.save(tmp_path)
+    assert SpectralProfile.from_json(written["profile"]).verdict == tiny_profile.verdict
+
+
+def test_non_finite_values_survive_json(tiny_profile):
+    data = tiny_profile.to_dict()
+    data["layers"][0]["eigvec_condition"] = "inf"
+    restored = SpectralProfile.from_dict(data)
+    assert math.isinf(restored.features[0].eigvec_condition)
+
+
+def test_save_writes_report_and_plots(tiny_profile, tmp_path):
+    pytest.importorskip("matplotlib")
+    written = tiny_profile.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"profile.json", "report.md", "eigenvalues.png", "masses.png"}
+    assert all(path.stat().st_size > 0 for path in written.values())
+    report = (tmp_path / "report.md").read_text()
+    assert f"**Verdict: {tiny_profile.verdict.upper()}**" in report
+    assert "![Spectral masses vs depth](masses.png)" in report
+    assert report.count("| `model.layers.") == 3
+
+
+def test_plot_returns_figure(tiny_profile, tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = tiny_profile.plot(tmp_path / "both.png")
+    assert len(fig.axes) >= 2 and (tmp_path / "both.png").stat().st_size > 0
+
+
+def test_risk_is_none_without_estimator(tiny_profile, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hf_koopman.risk", None)  # import fails
+    assert tiny_profile.risk is None
+    assert "No calibrated risk estimator" in tiny_profile.to_markdown()
+
+
+def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
+    calls = {}
+
+    class FakeEstimator:
+        @classmethod
+        def default(cls):
+            return cls()
+
+        def predict_proba(self, prof, learning_rate=None):
+            calls["lr"] = learning_rate
+            return 0.25 + prof.aggregates["near_unit_mass_mean"] * 0
+
+    module = types.ModuleType("hf_koopman.risk")
+    module.RiskEstimator = FakeEstimator
+    monkeypatch.setitem(sys.modules, "hf_koopman.risk", module)
+    assert tiny_profile.risk_probability(learning_rate=1e-3) == 0.25 and calls["lr"] == 1e-3
+    assert "25.0%" in tiny_profile.to_markdown()

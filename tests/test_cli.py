@@ -1,0 +1,82 @@
+"""`hf-koopman` CLI, run in-process through `main([...])`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from hf_koopman.cli import main, make_parser
+from hf_koopman.testing_utils import tiny_config
+
+
+@pytest.fixture()
+def tiny_llama_json(tmp_path):
+    path = tmp_path / "tiny-llama.json"
+    tiny_config("llama", num_hidden_layers=3).to_json_file(path)
+    return path
+
+
+def test_profile_config_file_writes_outputs(tiny_llama_json, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["profile", str(tiny_llama_json), "--init", "--num-samples", "64", "--rank", "8", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    data = json.loads((out / "profile.json").read_text())
+    assert len(data["layers"]) == 3 and data["settings"]["num_samples"] == 64 and data["settings"]["rank"] == 8
+    assert (out / "report.md").read_text().startswith("# RKSP spectral profile")
+    assert (out / "eigenvalues.png").stat().st_size > 0 and (out / "masses.png").stat().st_size > 0
+    assert "verdict:" in capsys.readouterr().out
+
+
+def test_profile_known_architecture_with_text_file(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("The residual stream carries token states from block to block. " * 40)
+    out = tmp_path / "gpt2"
+    code = main(["profile", "gpt2", "--init", "--num-layers", "1", "--text-file", str(text), "--num-samples", "32",
+                 "--rank", "4", "--max-length", "64", "--no-plots", "--no-progress", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "profile.json").read_text())
+    assert data["model_name"] == "gpt2 (init) [1 layers]" and len(data["layers"]) == 1
+    assert not (out / "masses.png").exists()
+
+
+def test_exact_dmd_and_seed_reproducibility(tiny_llama_json, tmp_path):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        assert main(["profile", str(tiny_llama_json), "--rank", "0", "--num-samples", "48", "--no-plots",
+                     "--no-progress", "--seed", "7", "--out", str(out)]) == 0
+        runs.append(json.loads((out / "profile.json").read_text()))
+    assert runs[0]["settings"]["rank"] is None
+    for a, b in zip(runs[0]["layers"], runs[1]["layers"]):  # same seed: same model, probe and sample
+        assert a.keys() == b.keys()
+        assert a == {k: pytest.approx(v, rel=1e-9) if isinstance(v, float) else v for k, v in b.items()}
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["profile", "no-such-model-xyz", "--init", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model-xyz" in err and "gpt2" in err
+    assert main(["profile", "gpt2", "--out", str(tmp_path)]) == 2  # offline, no weights: --init is needed
+    assert "--init" in capsys.readouterr().err
+
+
+def test_stream_flag_errors_clearly_when_streaming_is_unavailable(tiny_llama_json, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hf_koopman.profiling.streaming", None)
+    assert main(["profile", str(tiny_llama_json), "--init", "--stream", "--out", str(tmp_path)]) == 2
+    assert "--stream is unavailable" in capsys.readouterr().err
+
+
+def test_architectures_subcommand(capsys):
+    assert main(["architectures", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["llama-2-7b"]["num_hidden_layers"] == 32
+
+
+def test_parser_lists_commands():
+    help_text = make_parser().format_help()
+    assert "profile" in help_text and "architectures" in help_text
+    with pytest.raises(SystemExit):
+        make_parser().parse_args([])
