@@ -1,0 +1,249 @@
+"""Known-answer tests for whitened DMD (exact, deterministic rank-r, randomized rank-r)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_koopman.koopman import DMDResult, whiten, whitened_dmd, zca_whitening
+from tests.koopman._planted import anisotropic_states, planted_operator, sort_eigs
+
+F64 = torch.float64
+
+
+def _system(n=3000, seed=0):
+    A, lam = planted_operator([1.2, 1.0, 0.95, 0.85, 0.5, -0.3], pair=(0.9, 0.6), seed=seed)
+    X = anisotropic_states(n, A.shape[0], seed=seed + 1)
+    Y = X @ A.T + 0.7  # y = A x + c: the offset is removed by centring Y on its own mean
+    return A, lam, X, Y
+
+
+def test_exact_recovers_planted_real_and_complex_eigenvalues():
+    _, lam, X, Y = _system()
+    res = whitened_dmd(X, Y)
+    assert isinstance(res, DMDResult) and not res.batched
+    assert res.eigenvalues.dtype == torch.complex128 and res.eigenvalues.shape == (8,)
+    torch.testing.assert_close(sort_eigs(res.eigenvalues), lam, rtol=0, atol=1e-9)
+    # sorted by decreasing modulus, unit-norm right and left eigenvectors that diagonalise the operator
+    assert torch.all(res.eigenvalues.abs()[:-1] >= res.eigenvalues.abs()[1:] - 1e-12)
+    torch.testing.assert_close(torch.linalg.vector_norm(res.eigenvectors, dim=0), torch.ones(8, dtype=F64))
+    A = res.operator.to(torch.complex128)
+    torch.testing.assert_close(A @ res.eigenvectors, res.eigenvectors * res.eigenvalues, atol=1e-9, rtol=0)
+    u = res.left_eigenvectors
+    torch.testing.assert_close(u.mH @ A, res.eigenvalues[:, None] * u.mH, atol=1e-9, rtol=0)
+
+
+def test_operator_is_in_zca_coordinates():
+    A, _, X, Y = _system()
+    res = whitened_dmd(X, Y)
+    wh = zca_whitening(X, 1e-5)
+    torch.testing.assert_close(res.projection, wh.matrix)
+    # whitened operator = W A W^{-1} (pseudo-inverse DMD of exact linear data is exact)
+    torch.testing.assert_close(res.operator, wh.matrix @ A @ torch.linalg.inv(wh.matrix), atol=1e-8, rtol=1e-8)
+    Xt, Yt = whiten(X, Y)
+    torch.testing.assert_close(Xt.T @ Xt / (X.shape[0] - 1), res.gram_xx, atol=1e-10, rtol=0)
+    assert float((Xt.T @ Xt / (X.shape[0] - 1) - torch.eye(8, dtype=F64)).abs().max()) < 1e-3  # whitened ~ I
+
+
+def test_eigenvalues_invariant_to_change_of_coordinates():
+    _, lam, X, Y = _system()
+    M = torch.randn(8, 8, generator=torch.Generator().manual_seed(5), dtype=F64) + 3 * torch.eye(8, dtype=F64)
+    base = sort_eigs(whitened_dmd(X, Y).eigenvalues)
+    moved = sort_eigs(whitened_dmd(X @ M, Y @ M).eigenvalues)
+    torch.testing.assert_close(moved, base, atol=1e-8, rtol=0)
+    # the randomized recipe too (tiny ridge: the eps*I ridge itself is not coordinate-covariant)
+    r1 = sort_eigs(whitened_dmd(X, Y, rank=8, randomized=True, eps=1e-12).eigenvalues)
+    r2 = sort_eigs(whitened_dmd(X @ M, Y @ M, rank=8, randomized=True, eps=1e-12).eigenvalues)
+    torch.testing.assert_close(r2, r1, atol=1e-7, rtol=0)
+
+
+def test_randomized_matches_exact_when_operator_is_low_rank():
+    d, r, n = 40, 5, 2000
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(d, d, generator=g, dtype=F64)
+    lam_r = torch.tensor([1.1, 0.97, -0.9, 0.6, 0.3], dtype=F64)
+    A = V[:, :r] @ torch.diag(lam_r) @ torch.linalg.inv(V)[:r, :]  # rank r
+    X = anisotropic_states(n, d, seed=4, spread=10.0)
+    Y = X @ A.T
+    exact = whitened_dmd(X, Y, eps=1e-12)
+    top = exact.eigenvalues[:r]
+    torch.testing.assert_close(sort_eigs(top), sort_eigs(lam_r.to(torch.complex128)), atol=1e-8, rtol=0)
+    assert float(exact.eigenvalues[r:].abs().max()) < 1e-8
+    for randomized in (True, False):
+        res = whitened_dmd(X, Y, rank=r, randomized=randomized, eps=1e-12)
+        assert res.eigenvalues.shape == (r,) and res.randomized is randomized
+        torch.testing.assert_close(sort_eigs(res.eigenvalues), sort_eigs(top), atol=1e-8, rtol=0)
+    # with the paper's ridge the match is to O(eps / variance)
+    res = whitened_dmd(X, Y, rank=r, randomized=True)
+    torch.testing.assert_close(sort_eigs(res.eigenvalues), sort_eigs(top), atol=1e-4, rtol=0)
+
+
+def _reference_randomized(X, Y, rank, oversample, power_iters, seed=0, eps=1e-5):
+    """Independent numpy implementation of the documented recipe on ZCA-whitened snapshots (pydmd.compute_rqb style)."""
+    Xt, Yt = (t.numpy() for t in whiten(X, Y, eps))
+    n = Xt.shape[0]
+    k = rank + oversample
+    omega = torch.randn(1, n, k, generator=torch.Generator().manual_seed(seed), dtype=F64)[0].numpy()
+    Yc = Yt.T  # (d, N) columns, as in the paper
+    Z = Yc @ omega
+    for _ in range(power_iters):
+        Q = np.linalg.qr(Z)[0]
+        S = np.linalg.qr(Yc.T @ Q)[0]
+        Z = Yc @ S
+    Q = np.linalg.qr(Z)[0]
+    Ub = np.linalg.svd(Q.T @ Yc, full_matrices=False)[0]
+    U = Q @ Ub[:, :rank]
+    bx, by = U.T @ Xt.T, U.T @ Yt.T
+    return np.linalg.eigvals(by @ np.linalg.pinv(bx))
+
+
+def test_randomized_equals_reference_recipe_on_zca_snapshots():
+    # the Cholesky-whitened fast path must give exactly the ZCA result (rotation equivariance, see dmd.py)
+    X = anisotropic_states(1500, 30, seed=7, spread=20.0)
+    W = torch.randn(30, 30, generator=torch.Generator().manual_seed(8), dtype=F64) / 30**0.5
+    Y = X + torch.tanh(X @ W) * 2.0
+    res = whitened_dmd(X, Y, rank=8, randomized=True, oversample=5, power_iters=1)
+    ref = torch.from_numpy(_reference_randomized(X, Y, 8, 5, 1))
+    torch.testing.assert_close(sort_eigs(res.eigenvalues), sort_eigs(ref), atol=1e-9, rtol=1e-9)
+
+
+def test_randomized_is_reproducible_and_seeded():
+    X = anisotropic_states(800, 20, seed=2)
+    Y = X + torch.sin(X) * 0.5
+    a = whitened_dmd(X, Y, rank=6, randomized=True)
+    b = whitened_dmd(X, Y, rank=6, randomized=True)
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=0, atol=0)
+    c = whitened_dmd(X, Y, rank=6, randomized=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.eigenvalues, c.eigenvalues, rtol=0, atol=0)
+    e = whitened_dmd(X, Y, rank=6, randomized=True, generator=torch.Generator().manual_seed(1), power_iters=0)
+    assert not torch.equal(a.eigenvalues, e.eigenvalues)
+
+
+def test_batched_equals_per_layer():
+    Xs, Ys = [], []
+    for s in range(3):
+        A, _ = planted_operator([1.1, 0.9, 0.5, -0.2], pair=(0.95, 0.3), seed=s)
+        X = anisotropic_states(600, 6, seed=10 + s)
+        Xs.append(X)
+        Ys.append(X @ A.T + 0.01 * torch.tanh(X))
+    X, Y = torch.stack(Xs), torch.stack(Ys)
+    for kwargs in ({}, {"rank": 4}, {"rank": 4, "randomized": True}):
+        batched = whitened_dmd(X, Y, **kwargs)
+        assert batched.batched and batched.num_layers == 3 and batched.eigenvalues.shape[0] == 3
+        for i in range(3):
+            single = whitened_dmd(X[i], Y[i], **kwargs)
+            if kwargs.get("randomized"):  # the batched sketch draws all layers at once: compare to a same-seed draw
+                continue
+            torch.testing.assert_close(batched.eigenvalues[i], single.eigenvalues, atol=1e-10, rtol=0)
+            torch.testing.assert_close(batched.layer(i).operator, single.operator, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    A, lam = planted_operator([1.05, 0.95, 0.7, 0.4], seed=1)
+    X = anisotropic_states(2000, 4, seed=3, spread=4.0) - 3.0
+    Y = X @ A.T
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    for kwargs in ({}, {"rank": 4, "randomized": True}):
+        res = whitened_dmd(X.to(dtype), Y.to(dtype), **kwargs)
+        assert res.eigenvalues.dtype == torch.complex128 and res.operator.dtype == F64
+        assert torch.isfinite(res.eigenvalues).all()
+        torch.testing.assert_close(sort_eigs(res.eigenvalues), lam, atol=tol, rtol=0)
+
+
+def test_numpy_input_accepted():
+    X = anisotropic_states(300, 5)
+    res = whitened_dmd(X.numpy(), (X * 0.5).numpy())
+    torch.testing.assert_close(res.eigenvalues.real, torch.full((5,), 0.5, dtype=F64), atol=1e-9, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ bad / edge input
+
+
+def test_nan_and_inf_are_reported_with_location():
+    X = torch.randn(2, 50, 4, dtype=F64)
+    Y = X.clone()
+    Y[1, 7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"Y contains 1 non-finite.*layer 1, sample 7, feature 2"):
+        whitened_dmd(X, Y)
+    X2 = torch.randn(50, 4)
+    X2[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"X contains .*sample 3, feature 0"):
+        whitened_dmd(X2, X2 * 2)
+
+
+def test_too_few_samples_is_an_error():
+    with pytest.raises(ValueError, match="at least N=2"):
+        whitened_dmd(torch.randn(1, 4), torch.randn(1, 4))
+
+
+def test_fewer_samples_than_features_warns_and_works():
+    X = torch.randn(10, 30, dtype=F64)
+    Y = X @ torch.randn(30, 30, dtype=F64) * 0.1
+    with pytest.warns(UserWarning, match="rank-limited"):
+        res = whitened_dmd(X, Y)
+    assert torch.isfinite(res.eigenvalues).all() and torch.isfinite(res.operator).all()
+    assert int(res.rank_x) == 9  # N - 1 after centring
+    with pytest.warns(UserWarning, match="rank-limited"):
+        res = whitened_dmd(X, Y, rank=5, randomized=True)
+    assert torch.isfinite(res.eigenvalues).all()
+
+
+def test_zero_update_is_degenerate_not_nan():
+    X = anisotropic_states(500, 6)
+    for kwargs in ({}, {"rank": 3, "randomized": True}, {"rank": 3}):
+        res = whitened_dmd(X, X.clone(), **kwargs)
+        assert bool(res.degenerate) and float(res.update_ratio) == 0.0
+        for t in (res.eigenvalues, res.eigenvectors, res.left_eigenvectors, res.operator):
+            assert torch.isfinite(t).all()
+        torch.testing.assert_close(res.eigenvalues, torch.ones_like(res.eigenvalues), atol=1e-12, rtol=0)
+    # a tiny but non-zero update is degenerate too; a real one is not
+    assert bool(whitened_dmd(X, X * (1 + 1e-7)).degenerate)
+    assert not bool(whitened_dmd(X, X * 1.1).degenerate)
+
+
+def test_constant_columns_are_handled_by_the_ridge():
+    X = anisotropic_states(400, 5)
+    X[:, 2] = 4.0  # a dead feature
+    A, _ = planted_operator([0.9, 0.8, 0.5, 1.1, 0.3], seed=2)
+    Y = X @ A.T
+    for kwargs in ({}, {"rank": 3, "randomized": True}):
+        res = whitened_dmd(X, Y, **kwargs)
+        assert torch.isfinite(res.eigenvalues).all() and torch.isfinite(res.operator).all()
+    assert int(whitened_dmd(X, Y).rank_x) == 4
+    res = whitened_dmd(torch.ones(50, 3), torch.ones(50, 3) * 2)  # everything constant
+    assert bool(res.degenerate) and int(res.rank_x) == 0 and torch.isfinite(res.eigenvalues).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rank": 0}, ValueError, "rank=0"),
+        ({"rank": 9}, ValueError, "rank=9"),
+        ({"rank": 2.5}, ValueError, "rank=2.5"),
+        ({"randomized": True}, ValueError, "needs a rank"),
+        ({"eps": -1.0}, ValueError, "eps=-1.0"),
+        ({"rank": 2, "randomized": True, "oversample": -1}, ValueError, "oversample"),
+        ({"rank": 2, "randomized": True, "power_iters": -2}, ValueError, "power_iters"),
+        ({"generator": 0}, TypeError, "generator"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    X = torch.randn(40, 8, dtype=F64)
+    with pytest.raises(error, match=match):
+        whitened_dmd(X, X * 0.5, **kwargs)
+
+
+def test_bad_shapes_and_types():
+    with pytest.raises(ValueError, match="same shape"):
+        whitened_dmd(torch.randn(10, 3), torch.randn(10, 4))
+    with pytest.raises(ValueError, match=r"\(N, d\) or \(L, N, d\)"):
+        whitened_dmd(torch.randn(10), torch.randn(10))
+    with pytest.raises(TypeError, match="real-valued"):
+        whitened_dmd(torch.randn(10, 3, dtype=torch.complex64), torch.randn(10, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        whitened_dmd([[1.0, 2.0]] * 5, [[1.0, 2.0]] * 5)
+    assert math.isfinite(float(whitened_dmd(torch.arange(20).reshape(10, 2) ** 2, torch.ones(10, 2)).update_ratio))
