@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_koopman.koopman import DMDResult, whiten, whitened_dmd, zca_whitening
-from tests.koopman._planted import anisotropic_states, planted_operator, sort_eigs
+from _planted import anisotropic_states, planted_operator, sort_eigs
 
 F64 = torch.float64
 

@@ -17,7 +17,7 @@ from hf_koopman.koopman import (
     spectral_masses,
     whitened_dmd,
 )
-from tests.koopman._planted import anisotropic_states, planted_operator
+from _planted import anisotropic_states, planted_operator
 
 F64 = torch.float64
 
