@@ -220,35 +220,39 @@ def train_graph_classifier(
     return history
 
 
-def run_graph_cv(data_dir, name: str, protocol: GraphProtocol, kinds: Sequence[str] = ("reynet", "iegn")) -> dict:
-    """Seeded stratified k-fold CV of each model kind on one TU dataset. Returns per-fold accuracies and timing."""
+def run_graph_cv(
+    data_dir, name: str, protocol: GraphProtocol, kinds: Sequence[str] = ("reynet", "iegn"),
+    on_fold: Callable[[dict], None] | None = None,
+) -> dict:
+    """Seeded stratified k-fold CV of each model kind on one TU dataset; per-fold accuracies and CPU time.
+
+    Folds are the outer loop (every kind is trained on fold k before fold k+1 starts), so a run stopped early still has
+    paired results; `on_fold(result)` is called after every fold with the partial result (to save progress).
+    """
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, name)
     ds = GraphDataset(graphs, num_node_labels)
     folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)[: protocol.eval_folds.get(name, protocol.num_folds)]
     epochs = protocol.epochs[name]
     result: dict = {"dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
-                    "epochs": epochs, "num_folds": protocol.num_folds, "eval_folds": len(folds), "models": {}}
-    for kind in kinds:
-        accs, seconds, params = [], 0.0, 0
-        for k, (train_idx, test_idx) in enumerate(folds):
+                    "epochs": epochs, "num_folds": protocol.num_folds, "eval_folds": 0,
+                    "models": {kind: {"fold_accuracies": [], "cpu_seconds": 0.0} for kind in kinds}}
+    for k, (train_idx, test_idx) in enumerate(folds):
+        for kind in kinds:
             torch.manual_seed(protocol.seed + k)
             model = graph_model(kind, num_node_labels + 1, num_classes, protocol)
-            params = sum(p.numel() for p in model.parameters())
+            entry = result["models"][kind]
+            entry["num_parameters"] = sum(p.numel() for p in model.parameters())
             t0 = time.process_time()
             train_graph_classifier(model, ds, train_idx, epochs=epochs, lr=protocol.lr, batch_size=protocol.batch_size,
                                    seed=protocol.seed + k, desc=f"{name}/{kind}/fold{k}")
             acc = _accuracy(model, ds, test_idx, protocol.batch_size)
-            seconds += time.process_time() - t0
-            accs.append(acc)
+            entry["cpu_seconds"] += time.process_time() - t0
+            entry["fold_accuracies"].append(acc)
+            entry["mean"], entry["std"] = mean_std(entry["fold_accuracies"])
             logger.info("%s %s fold %d: accuracy %.4f", name, kind, k, acc)
-        t = torch.tensor(accs, dtype=torch.float64)
-        result["models"][kind] = {
-            "fold_accuracies": accs,
-            "mean": float(t.mean()),
-            "std": float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
-            "cpu_seconds": seconds,
-            "num_parameters": params,
-        }
+        result["eval_folds"] = k + 1
+        if on_fold is not None:
+            on_fold(result)
     return result
 
 

@@ -159,7 +159,7 @@ def run_synthetic(args) -> dict:
         _publish(
             trained[task],
             Path(args.checkpoint_dir) / f"reynet-synthetic-{task}",
-            repo_id=f"hf-koopman/reynet-synthetic-{task}",
+            repo_id=f"{args.push_to_hub or 'hf-koopman'}/reynet-synthetic-{task}",
             description=(
                 f"A tiny ReyNet trained on the synthetic **{task}** task of the ReyNet paper "
                 f"({'matrix → matrix, equivariant' if equivariant else 'matrix → scalar, invariant'}): inputs are n×n "
@@ -242,16 +242,19 @@ def run_graphs(args) -> dict:
         "epochs": protocol.epochs, "optimizer": f"Adam lr {protocol.lr}, batch {protocol.batch_size} size-bucketed graphs",
         "reynet": protocol.reynet, "iegn": protocol.iegn, "full_protocol": bool(args.full_protocol),
     }, "datasets": {}}
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in datasets:
-        res = run_graph_cv(args.data_dir, name, protocol)
+
+        def save(res: dict, name: str = name) -> None:
+            # one file per dataset (datasets can run as separate processes; `summary` merges them), rewritten after
+            # every fold so that an interrupted run keeps its completed folds
+            single = {"protocol": out["protocol"], "datasets": {name: res}}
+            (out_dir / f"reynet_graphs_{name}.json").write_text(json.dumps(single, indent=2) + "\n")
+
+        res = run_graph_cv(args.data_dir, name, protocol, on_fold=save)
         out["datasets"][name] = res
         logger.info("%s: %s", name, {k: (v["mean"], v["std"]) for k, v in res["models"].items()})
-
-        out_dir = Path(args.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # one file per dataset, so datasets can run as separate processes; `summary` merges them
-        single = {"protocol": out["protocol"], "datasets": {name: res}}
-        (out_dir / f"reynet_graphs_{name}.json").write_text(json.dumps(single, indent=2) + "\n")
 
     # reference checkpoint: ReyNet trained on all graphs of one dataset, card with its CV numbers
     name = args.checkpoint_dataset
@@ -267,7 +270,7 @@ def run_graphs(args) -> dict:
     _publish(
         model,
         Path(args.checkpoint_dir) / f"reynet-{name.lower()}",
-        repo_id=f"hf-koopman/reynet-{name.lower()}",
+        repo_id=f"{args.push_to_hub or 'hf-koopman'}/reynet-{name.lower()}",
         description=(
             f"ReyNet graph classifier for **{name}** (TU benchmark). Input: `(batch, {num_node_labels + 1}, n, n)` "
             "tensors (channel 0 the normalised adjacency D^-1/2 A D^-1/2, channels 1.. one-hot node labels on the "

@@ -136,15 +136,29 @@ class ReyNetReynoldsBlock(nn.Module):
         self.channel_mlp = _mlp([rey_channels, *config.channel_hidden_sizes], config.hidden_act, final_act=True)
         self.out_channels = config.channel_hidden_sizes[-1] if config.channel_hidden_sizes else rey_channels
 
+    def _first_linear_joint(self, h: torch.Tensor) -> torch.Tensor:
+        """φ's first linear layer on every pair block without materialising the `(B, n, n, 4C)` blocks.
+
+        The weight columns for `[X[a,a], X[a,b], X[b,a], X[b,b]]` act separately, so
+        `W·block(a,b) = W₀ d[a] + W₁ X[a,b] + W₂ X[b,a] + W₃ d[b]`: half the multiply-adds and no block tensor
+        (same result as `self.phi[0](pair_blocks(...))`).
+        """
+        first = self.phi[0]
+        W = first.weight.reshape(first.out_features, -1, 4)  # (h, C, 4): channel-major block layout
+        d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C)
+        pre = h @ W[:, :, 1].T + (h @ W[:, :, 2].T).transpose(1, 2)  # X[a,b] and X[b,a] terms, (B, n, n, h)
+        pre = pre + (d @ W[:, :, 0].T)[:, :, None, :] + (d @ W[:, :, 3].T)[:, None, :, :]
+        return pre + first.bias
+
     def reynolds(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """The Reynolds part alone, `(B, n, n, C)` -> `(B, n, n, C')`."""
         B, n, _, C = h.shape
-        blocks = pair_blocks(h.permute(0, 3, 1, 2))  # (B, n, n, 4C), channel-major
         if self.depthwise:
+            blocks = pair_blocks(h.permute(0, 3, 1, 2))  # (B, n, n, 4C), channel-major
             out = self.phi(blocks.reshape(B, n, n, C, 4))  # (B, n, n, C, 2)
             diag_part, off_part = out[..., 0], out[..., 1]
         else:
-            out = self.phi(blocks)
+            out = self.phi[1:](self._first_linear_joint(h))
             diag_part, off_part = out[..., : self.rey_channels], out[..., self.rey_channels :]
         keep = pair[..., None]
         off = torch.where(keep, off_part, torch.zeros((), dtype=off_part.dtype, device=h.device))
