@@ -1,0 +1,227 @@
+"""EquivCNP / ConvCNP / CNP: exact equivariance, permutation invariance, masks, validation, save/load, Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_koopman.models.equivcnp import (
+    CNPConfig,
+    CNPModel,
+    ConvCNPConfig,
+    ConvCNPModel,
+    EquivCNPConfig,
+    EquivCNPModel,
+    NeuralProcessCollator,
+    get_group,
+)
+
+GROUP_NAMES = ["T1", "T2", "SO2", "RxSO2", "SE2"]
+
+
+def _tiny(group: str, **kw) -> EquivCNPModel:
+    cfg = dict(group=group, hidden_size=12, num_layers=2, kernel_channels=8, kernel_hidden=16, radius=0.25,
+               encoder_length_scale=0.3, num_neighbours=24, points_per_unit=16)
+    cfg.update(kw)
+    model = EquivCNPModel(EquivCNPConfig(**cfg)).eval()
+    # larger random weights than the default init, so that outputs vary by O(1) over inputs and a broken
+    # equivariance cannot hide below the tolerance
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 1.5 / p.shape[1] ** 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def _task(x_dim: int, b: int = 2, nc: int = 12, nt: int = 25, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    cx = torch.rand(b, nc, x_dim, generator=gen) * 1.6 - 0.8
+    cy = torch.randn(b, nc, 1, generator=gen)
+    tx = torch.rand(b, nt, x_dim, generator=gen) * 1.6 - 0.8
+    return cx, cy, tx
+
+
+@pytest.mark.parametrize("group", GROUP_NAMES)
+def test_exact_equivariance_of_mean_and_stddev(group):
+    model = _tiny(group)
+    g = get_group(group)
+    cx, cy, tx = _task(model.config.x_dim)
+    with torch.no_grad():
+        ref = model(cx, cy, tx)
+        assert ref.mean.std() > 0.05 and ref.stddev.std() > 1e-3  # the test is not vacuous
+        gen = torch.Generator().manual_seed(11)
+        for _ in range(3):
+            a = g.random_element(gen)
+            out = model(g.act(a, cx), cy, g.act(a, tx))
+            torch.testing.assert_close(out.mean, ref.mean, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.stddev, ref.stddev, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("group", "breaker"), [("T2", "rotate"), ("SO2", "translate"), ("RxSO2", "translate"), ("SE2", "scale")])
+def test_transformations_outside_the_group_change_the_output(group, breaker):
+    """Negative control: the equivariance test above can fail."""
+    model = _tiny(group)
+    cx, cy, tx = _task(2)
+    move = {
+        "rotate": lambda x: get_group("SO2").act(torch.tensor([0.9], dtype=torch.float64), x),
+        "translate": lambda x: x + torch.tensor([0.3, -0.2]),
+        "scale": lambda x: 1.7 * x,
+    }[breaker]
+    with torch.no_grad():
+        diff = (model(move(cx), cy, move(tx)).mean - model(cx, cy, tx).mean).abs().max()
+    assert diff > 1e-2
+
+
+@pytest.mark.parametrize("group", ["T1", "SO2"])
+def test_context_permutation_invariance_and_batch_independence(group):
+    model = _tiny(group)
+    cx, cy, tx = _task(model.config.x_dim, b=3)
+    perm = torch.randperm(cx.shape[1])
+    with torch.no_grad():
+        ref = model(cx, cy, tx)
+        out = model(cx[:, perm], cy[:, perm], tx)
+        single = model(cx[1:2], cy[1:2], tx[1:2])
+    torch.testing.assert_close(out.mean, ref.mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.stddev, ref.stddev, atol=1e-5, rtol=0)
+    torch.testing.assert_close(single.mean, ref.mean[1:2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(lambda: _tiny("T1"), id="equivcnp-T1"),
+        pytest.param(lambda: _tiny("SE2"), id="equivcnp-SE2"),
+        pytest.param(lambda: ConvCNPModel(ConvCNPConfig(points_per_unit=16, channels=[8, 8])).eval(), id="convcnp"),
+        pytest.param(lambda: CNPModel(CNPConfig(hidden_size=16)).eval(), id="cnp"),
+    ],
+)
+def test_masked_points_do_not_matter(model):
+    model = model()
+    x_dim = model.config.x_dim
+    cx, cy, tx = _task(x_dim, b=2, nc=8, nt=10)
+    ty = torch.randn(2, 10, 1)
+    # pad context with 5 junk points and targets with 4 junk points far away
+    junk_cx = torch.full((2, 5, x_dim), 0.3) + torch.randn(2, 5, x_dim)
+    cx_p, cy_p = torch.cat([cx, junk_cx], 1), torch.cat([cy, 50 * torch.randn(2, 5, 1)], 1)
+    tx_p, ty_p = torch.cat([tx, 0.2 + torch.rand(2, 4, x_dim)], 1), torch.cat([ty, 100 + torch.randn(2, 4, 1)], 1)
+    cm = torch.arange(13)[None].expand(2, -1) < 8
+    tm = torch.arange(14)[None].expand(2, -1) < 10
+    with torch.no_grad():
+        ref = model(cx, cy, tx, target_y=ty)
+        out = model(cx_p, cy_p, tx_p, context_mask=cm, target_mask=tm, target_y=ty_p)
+    torch.testing.assert_close(out.mean[:, :10], ref.mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.stddev[:, :10], ref.stddev, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+
+
+def test_convcnp_is_translation_equivariant():
+    model = ConvCNPModel(ConvCNPConfig(points_per_unit=16, channels=[8, 8])).eval()
+    cx, cy, tx = _task(1)
+    with torch.no_grad():
+        ref = model(cx, cy, tx)
+        out = model(cx + 1.37, cy, tx + 1.37)
+        cnp = CNPModel(CNPConfig(hidden_size=16)).eval()
+        cnp_diff = (cnp(cx + 1.37, cy, tx + 1.37).mean - cnp(cx, cy, tx).mean).abs().max()
+    torch.testing.assert_close(out.mean, ref.mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.stddev, ref.stddev, atol=1e-4, rtol=0)
+    assert cnp_diff > 1e-3  # CNP sees raw coordinates: not equivariant
+
+
+def test_loss_is_gaussian_nll_and_trains():
+    model = _tiny("T1")
+    cx, cy, tx = _task(1)
+    ty = torch.randn(2, 25, 1)
+    out = model(cx, cy, tx, target_y=ty)
+    ref = -torch.distributions.Normal(out.mean, out.stddev).log_prob(ty).mean()
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.log_length_scale.grad.abs() > 0
+
+
+def test_input_validation_messages():
+    model = _tiny("T2")
+    cx, cy, tx = _task(2)
+    with pytest.raises(ValueError, match="x_dim"):
+        model(cx[..., :1], cy, tx[..., :1])
+    with pytest.raises(ValueError, match="batch"):
+        model(cx[0], cy, tx)
+    with pytest.raises(ValueError, match="NaN"):
+        model(cx.clone().fill_(float("nan")), cy, tx)
+    with pytest.raises(ValueError, match="context_mask"):
+        model(cx, cy, tx, context_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="target_y"):
+        model(cx, cy, tx, target_y=torch.zeros(2, 3, 1))
+    with pytest.raises(TypeError, match="floating"):
+        model(cx.long(), cy, tx)
+    with pytest.raises(ValueError, match="x_dim must be 2"):
+        EquivCNPConfig(group="SO2", x_dim=1)
+    with pytest.raises(ValueError, match="group must be"):
+        EquivCNPConfig(group="SO3")
+    with pytest.raises(ValueError, match="grid"):
+        EquivCNPConfig(group="T2", discretisation="grid")
+    with pytest.raises(ValueError, match="radius"):
+        EquivCNPConfig(radius=0)
+    with pytest.raises(ValueError, match="max_grid_points"):
+        EquivCNPModel(EquivCNPConfig(max_grid_points=50))(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), torch.tensor([[[0.0], [10.0]]]))
+
+
+def test_truncation_warning(caplog):
+    model = EquivCNPModel(EquivCNPConfig(group="T1", radius=1.0, num_neighbours=4, points_per_unit=16))
+    cx, cy, tx = _task(1)
+    with caplog.at_level("WARNING"):
+        model(cx, cy, tx)
+    assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("cls_cfg", [(EquivCNPModel, lambda: EquivCNPConfig(group="RxSO2", hidden_size=8, num_layers=1)),
+                                     (ConvCNPModel, lambda: ConvCNPConfig(channels=[4])),
+                                     (CNPModel, lambda: CNPConfig(hidden_size=8))])
+def test_save_load_roundtrip_and_auto_classes(tmp_path, cls_cfg):
+    import hf_koopman  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig, AutoModel
+
+    cls, cfg = cls_cfg
+    model = cls(cfg()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is cls
+    strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
+    assert strip(AutoConfig.from_pretrained(tmp_path).to_dict()) == strip(model.config.to_dict())
+    x_dim = model.config.x_dim
+    cx, cy, tx = _task(x_dim)
+    with torch.no_grad():
+        a, b = model(cx, cy, tx), loaded(cx, cy, tx)
+    torch.testing.assert_close(a.mean, b.mean, atol=0, rtol=0)
+    torch.testing.assert_close(a.stddev, b.stddev, atol=0, rtol=0)
+
+
+def test_collator_and_plain_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_koopman.datasets.equivcnp_gp import sample_training_batch
+
+    gen = torch.Generator().manual_seed(0)
+    tasks = []
+    for _ in range(8):
+        batch = sample_training_batch("rbf", 1, gen, max_points=12)
+        tasks.append({k: v[0] for k, v in batch.items()})
+    collated = NeuralProcessCollator()(tasks[:3])
+    assert set(collated) == {"context_x", "context_y", "context_mask", "target_x", "target_y", "target_mask"}
+    assert collated["context_mask"].sum() == sum(t["context_x"].shape[0] for t in tasks[:3])
+    with pytest.raises(ValueError, match="context_y"):
+        NeuralProcessCollator()([{"context_x": [[0.0]], "target_x": [[0.0]]}])
+
+    model = EquivCNPModel(EquivCNPConfig(group="T1", hidden_size=8, num_layers=1, points_per_unit=8, radius=0.5))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=tasks, data_collator=NeuralProcessCollator())
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -1,0 +1,130 @@
+"""Hub readiness: complete auto_map, remote code that runs without hf_koopman, offline load by repo id, model card,
+and the training script's quick mode (CI smoke test)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hf_koopman.models import equivcnp as eq
+from hf_koopman.models.publishing import populate_offline_hub_cache, run_without_hf_koopman, save_for_hub
+
+REPO = Path(__file__).resolve().parents[3]
+CODE_DIR = Path(eq.__file__).parent
+
+
+def test_remote_code_is_self_contained():
+    """The folder doubles as Hub remote code: only torch/transformers/same-folder imports."""
+    import ast
+
+    for path in CODE_DIR.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: must be a file of this folder
+                    assert (CODE_DIR / f"{node.module}.py").is_file(), (path.name, node.module)
+                    continue
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(names) <= {"torch", "transformers", "__future__", "math", "logging", "dataclasses", "collections", "typing"}, (path.name, names)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    models = {
+        "equivcnp": eq.EquivCNPModel(eq.EquivCNPConfig(group="SE2", hidden_size=8, num_layers=1, encoder_length_scale=0.3)),
+        "convcnp": eq.ConvCNPModel(eq.ConvCNPConfig(channels=[4])),
+        "cnp": eq.CNPModel(eq.CNPConfig(hidden_size=8)),
+    }
+    gen = torch.Generator().manual_seed(1)
+    expected = {}
+    for name, model in models.items():
+        model.eval()
+        x_dim = model.config.x_dim
+        cx, cy, tx = torch.rand(1, 6, x_dim, generator=gen), torch.randn(1, 6, 1, generator=gen), torch.rand(1, 9, x_dim, generator=gen)
+        with torch.no_grad():
+            out = model(cx, cy, tx)
+        expected.update({f"{name}.cx": cx, f"{name}.cy": cy, f"{name}.tx": tx, f"{name}.mean": out.mean, f"{name}.std": out.stddev})
+        save_for_hub(
+            model, root / name, code_dir=CODE_DIR, auto_map=eq.AUTO_MAPS[name], card_template=REPO / "model_cards" / "equivcnp.md",
+            card_data={"license": "apache-2.0", "tags": ["neural-process"], "model_name": f"tiny-{name}", "metrics": ["log_likelihood"]},
+            eval_results=[{"task_type": "regression", "dataset_type": "gp-rbf", "dataset_name": "gp-rbf",
+                           "metric_type": "log_likelihood", "metric_value": 0.123}],
+            template_vars={"model_name": f"tiny-{name}", "repo_id": f"acme/tiny-{name}", "description": "test", "class_name":
+                           type(model).__name__, "config_json": "{}", "example": "pass", "training": "none", "results":
+                           "LL 0.123", "quick": True, "protocol": "{}"},
+        )
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(root / "expected.safetensors"))
+    return root
+
+
+def test_published_folder_layout(published):
+    for name, auto_map in eq.AUTO_MAPS.items():
+        folder = published / name
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["auto_map"] == auto_map and cfg["model_type"] == name
+        for ref in auto_map.values():
+            assert (folder / (ref.split(".")[0] + ".py")).is_file()
+        assert not (folder / "__init__.py").exists() and (folder / "model.safetensors").is_file()
+        card = (folder / "README.md").read_text()
+        assert "library_name: transformers" in card and "0.123" in card and "Smoke-test checkpoint" in card
+
+
+def test_remote_code_without_hf_koopman_and_offline_hub_cache(published, tmp_path):
+    cache = tmp_path / "hub-cache"
+    for name in eq.AUTO_MAPS:
+        populate_offline_hub_cache(published / name, f"acme/tiny-{name}", cache)
+    code = textwrap.dedent(
+        f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+        exp = load_file({str(published / 'expected.safetensors')!r})
+        for name in ("equivcnp", "convcnp", "cnp"):
+            for source in ({str(published)!r} + "/" + name, "acme/tiny-" + name):
+                model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+                assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+                with torch.no_grad():
+                    out = model(exp[name + ".cx"], exp[name + ".cy"], exp[name + ".tx"])
+                torch.testing.assert_close(out.mean, exp[name + ".mean"], atol=0, rtol=0)
+                torch.testing.assert_close(out.stddev, exp[name + ".std"], atol=0, rtol=0)
+        import sys
+        assert "hf_koopman" not in {{m.split(".")[0] for m, v in sys.modules.items() if v is not None}}
+        print("ok")
+        """
+    )
+    proc = run_without_hf_koopman(code, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_training_script_quick_mode(tmp_path, data_dir):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_equivcnp
+    finally:
+        sys.path.pop(0)
+    out, ckpt = tmp_path / "results", tmp_path / "ckpt"
+    summary = train_equivcnp.main(["--quick", "--kernels", "rbf", "--groups", "RxSO2", "--data-dir", str(data_dir),
+                                   "--output-dir", str(out), "--checkpoint-dir", str(ckpt)])
+    on_disk = json.loads((out / "equivcnp_summary.json").read_text())
+    assert on_disk["gp_regression"]["models"].keys() == {"EquivCNP", "ConvCNP", "CNP"}
+    ll = on_disk["gp_regression"]["models"]["EquivCNP"]["rbf"]["ll_mean"]
+    assert summary["gp_regression"]["models"]["EquivCNP"]["rbf"]["ll_mean"] == ll
+    for f in ("equivcnp_gp_table.md", "equivcnp_gp_examples.png", "equivcnp_image_table.md", "equivcnp_image_completion.png"):
+        assert (out / f).stat().st_size > 0, f
+    card = (ckpt / "equivcnp-gp-rbf" / "README.md").read_text()
+    assert f"{ll:.3f}" in card
+    assert (ckpt / "equivcnp-image-rxso2" / "model.safetensors").is_file()
