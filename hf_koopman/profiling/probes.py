@@ -146,6 +146,17 @@ def default_probe_inputs(
     num_sequences = max(1, math.ceil(num_tokens / length))
     ids = synthetic_token_sequences(num_sequences, length, vocab, generator=generator)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    vision = getattr(config, "vision_config", None)
+    is_dual_encoder = vision is not None and getattr(config, "text_config", None) is not None and not any(
+        hasattr(config, key) for key in ("image_token_id", "image_token_index")
+    )
+    if is_dual_encoder:
+        # contrastive dual encoders (CLIP, SigLIP, ALIGN ...) need both towers' inputs in one forward; vision-language
+        # generators (LLaVA ...) are probed text-only, since images there need placeholder tokens
+        size = _get(vision, "image_size", default=224)
+        size = size if isinstance(size, int) else 224
+        out["pixel_values"] = torch.randn(num_sequences, _get(vision, "num_channels", default=3), size, size,
+                                          generator=generator)
     if getattr(config, "is_encoder_decoder", False):
         # the decoder stack is probed with the same sequences (teacher forcing on the probe itself)
         out["decoder_input_ids"] = ids.clone()

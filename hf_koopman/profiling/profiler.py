@@ -230,7 +230,11 @@ def profile(
     start = time.perf_counter()
     batches = 0
     try:
-        with ResidualStreamRecorder(inner, blocks, num_samples=num_samples, seed=seed) as recorder, torch.no_grad():
+        # auto-discovered lists whose blocks change the width are skipped; a user's explicit `layers=` must be right
+        recorder = ResidualStreamRecorder(
+            inner, blocks, num_samples=num_samples, seed=seed, on_width_change="raise" if layers is not None else "drop"
+        )
+        with recorder, torch.no_grad():
             for raw in _tqdm(
                 iter_batches(inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
                 progress, desc="forward", unit="batch",
@@ -254,6 +258,13 @@ def profile(
     if batches == 0:
         raise ValueError("inputs yielded no batch; nothing was profiled.")
     if not snapshots:
+        if recorder.dropped:
+            raise ValueError(
+                "none of the discovered blocks is a width-preserving residual block ("
+                + "; ".join(recorder.dropped.values())
+                + f"). Candidates were {sorted({b.name.rsplit('.', 1)[0] for b in blocks})}; pass the residual blocks "
+                "with layers=..."
+            )
         raise ValueError(
             f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "
             "blocks that actually run with layers=..."
@@ -275,7 +286,7 @@ def profile(
         "model_class": type(inner).__name__,
         "model_type": getattr(config, "model_type", None),
         "dtype": dtype,
-        "num_blocks": len(blocks),
+        "num_blocks": len(blocks) - sum(b.name.rsplit(".", 1)[0] in recorder.dropped for b in blocks),
         "batches": batches,
         "tokens_seen": min(recorder.tokens_seen.values()),
         "forward_time_s": round(forward_time, 4),

@@ -87,6 +87,11 @@ def _as_tokens(hidden: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int
     )
 
 
+def _container(name: str) -> str:
+    """Dotted path of the list holding block `name` (`"model.layers.3"` -> `"model.layers"`)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 class ResidualStreamRecorder:
     """Context manager that records subsampled snapshot pairs `(X, Y)` for every residual block.
 
@@ -107,6 +112,10 @@ class ResidualStreamRecorder:
             Store detached copies (set `False` to keep the autograd graph, e.g. for a differentiable penalty).
         check_finite (`bool`, *optional*, defaults to `True`):
             Raise `ValueError` naming the first block whose (unpadded) output holds NaN/Inf.
+        on_width_change (`str`, *optional*, defaults to `"raise"`):
+            What to do when a block's output shape differs from its input (not a residual map): `"raise"` a
+            `ValueError`, or `"drop"` every block of the same list (e.g. the strided conv layers that auto-discovery
+            also finds in wav2vec2's feature extractor) and record why in `recorder.dropped`.
 
     Example:
         >>> with ResidualStreamRecorder(model, num_samples=1024) as rec:
@@ -126,7 +135,10 @@ class ResidualStreamRecorder:
         attention_mask: MaskLike = None,
         detach: bool = True,
         check_finite: bool = True,
+        on_width_change: str = "raise",
     ) -> None:
+        if on_width_change not in ("raise", "drop"):
+            raise ValueError(f"on_width_change must be 'raise' or 'drop', got {on_width_change!r}.")
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 2):
             raise ValueError(f"num_samples must be an int >= 2 (or None for all tokens), got {num_samples!r}.")
         self.model = unwrap_model(model)
@@ -142,6 +154,8 @@ class ResidualStreamRecorder:
         self._transitions: dict[tuple[int, int], _Transition] = {}
         self._calls: dict[int, int] = {}
         self._warned_mask: set[str] = set()
+        self.on_width_change = on_width_change
+        self.dropped: dict[str, str] = {}  # block-list path -> reason
 
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> ResidualStreamRecorder:
@@ -171,13 +185,16 @@ class ResidualStreamRecorder:
             transition.pending.clear()
 
     # ------------------------------------------------------------------ results
+    def _kept(self) -> list[_Transition]:
+        return [t for (i, _), t in self._transitions.items() if t.X is not None and _container(self.blocks[i].name) not in self.dropped]
+
     def snapshots(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """Recorded transitions in execution order: `(name, X (N, d), Y (N, d))`."""
-        return [(t.name, t.X, t.Y) for t in self._transitions.values() if t.X is not None]
+        return [(t.name, t.X, t.Y) for t in self._kept()]
 
     def snapshot_stacks(self) -> list[str]:
         """Stack label of each entry of `snapshots()`."""
-        return [t.stack for t in self._transitions.values() if t.X is not None]
+        return [t.stack for t in self._kept()]
 
     @property
     def tokens_seen(self) -> dict[str, int]:
@@ -260,6 +277,15 @@ class ResidualStreamRecorder:
                 raise ValueError(f"block {block.name!r} returned {type(output).__name__} with no tensor in it.")
             flat, _ = _as_tokens(hidden, block.name)
             if tuple(flat.shape) != in_shape:
+                container = _container(block.name)
+                if self.on_width_change == "drop":
+                    if container not in self.dropped:
+                        self.dropped[container] = f"block {block.name!r} maps {in_shape} to {tuple(flat.shape)}"
+                        logger.warning(
+                            "ignoring the blocks of %r: %s, so they are not width-preserving residual blocks",
+                            container, self.dropped[container],
+                        )
+                    return None
                 raise ValueError(
                     f"block {block.name!r} maps {in_shape} token states to {tuple(flat.shape)}: it is not a "
                     "width-preserving residual block. Select residual blocks with layers=..."

@@ -82,7 +82,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     lines += ["## Aggregates across layers", "", "| feature | mean | max | min | std |", "|---|---|---|---|---|"]
     names = sorted({k.rsplit("_", 1)[0] for k in profile.aggregates if k.rsplit("_", 1)[-1] in ("mean", "max")})
     for name in names:
-        row = [_fmt(profile.aggregates.get(f"{name}_{stat}", float("nan"))) for stat in ("mean", "max", "min", "std")]
+        row = [_fmt(profile.aggregates[f"{name}_{stat}"]) if f"{name}_{stat}" in profile.aggregates else ""
+               for stat in ("mean", "max", "min", "std")]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines.append("")
 

@@ -157,3 +157,43 @@ def test_peft_model_is_recorded_through_the_wrapper():
 def test_num_samples_validation():
     with pytest.raises(ValueError, match="num_samples"):
         ResidualStreamRecorder(tiny_model("gpt2"), num_samples=1)
+
+
+def test_width_changing_lists_are_dropped_only_when_auto_discovered():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class Stem(GradientCheckpointingLayer):
+        def __init__(self, d_in, d_out):
+            super().__init__()
+            self.f = nn.Linear(d_in, d_out)
+
+        def forward(self, x):
+            return self.f(x)
+
+    class Res(GradientCheckpointingLayer):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    class TwoLists(nn.Module):  # like wav2vec2: a strided feature extractor, then residual blocks
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.ModuleList([Stem(4, 8), Stem(8, 8)])
+            self.layers = nn.ModuleList([Res(), Res()])
+
+        def forward(self, x):
+            for module in [*self.stem, *self.layers]:
+                x = module(x)
+            return x
+
+    model = TwoLists()
+    with ResidualStreamRecorder(model, on_width_change="drop") as rec, torch.no_grad():
+        model(torch.randn(2, 5, 4))
+    assert [name for name, _, _ in rec.snapshots()] == ["layers.0", "layers.1"]
+    assert list(rec.dropped) == ["stem"]
+    with pytest.raises(ValueError, match=r"block 'stem\.0' maps"):
+        with ResidualStreamRecorder(model), torch.no_grad():
+            model(torch.randn(2, 5, 4))
