@@ -346,23 +346,29 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self._taps is not None and self._taps.grad_norm is not None:
             grad_norm = float(self._taps.grad_norm)
         bad_index = self._watch.first_bad_index() if self._watch is not None else None
-        flags = [
+        local = [
             float(loss is not None and (not math.isfinite(loss) or loss > self.loss_threshold)),
             float(grad_norm is not None and (not math.isfinite(grad_norm) or grad_norm > self.grad_norm_threshold)),
             float(bad_index is not None),
             -float(bad_index) if bad_index is not None else -1e9,
         ]
-        flags = reduce_flags(flags, args.device)  # OR across ranks; -max(-i) = min block index
+        flags = reduce_flags(local, args.device)  # OR across ranks; -max(-i) = min block index
         if not any(flags[:3]):
             return
+
+        def where(i: int) -> str:
+            return "" if local[i] else " on another process"
+
         causes = []
         if flags[0]:
-            causes.append(f"loss > {self.loss_threshold:g} or non-finite (raw step loss {loss})")
+            causes.append(f"loss > {self.loss_threshold:g} or non-finite{where(0)} (raw step loss here: {loss})")
         if flags[1]:
-            causes.append(f"gradient norm > {self.grad_norm_threshold:g} or non-finite (pre-clip norm {grad_norm})")
+            causes.append(
+                f"gradient norm > {self.grad_norm_threshold:g} or non-finite{where(1)} (pre-clip norm: {grad_norm})"
+            )
         first_bad = None
         if flags[2]:
-            causes.append("non-finite block output")
+            causes.append(f"non-finite block output{where(2)}")
             index = int(-flags[3])
             if self._watch is not None and 0 <= index < len(self._watch.names):
                 first_bad = self._watch.names[index]

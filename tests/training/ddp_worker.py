@@ -1,0 +1,99 @@
+"""Worker for `test_distributed.py`, started with `accelerate launch` (2 processes) or in-process (1 process).
+
+Run 1 ("trajectory"): `scripts/train_kss.py` unchanged, KSS every 2 steps; the log history goes to
+`<out>/trajectory-rank<r>.json` together with the world size the Trainer saw.
+Run 2 ("guard"): a Trainer whose **rank 1 only** reports an infinite step loss on optimizer step 3; the
+rank-reduced guard must stop every rank at step 3. Result in `<out>/guard-rank<r>.json`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_train_script():
+    if "train_kss" in sys.modules:
+        return sys.modules["train_kss"]
+    spec = importlib.util.spec_from_file_location("train_kss", REPO / "scripts" / "train_kss.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_kss"] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def trajectory_argv(text_file: str, out: str, ga: int, per_device: int) -> list[str]:
+    return [
+        "--text_file", text_file, "--tiny", "--block_size", "32", "--output_dir", out,
+        # no dropout: its random masks differ between a rank and the matching micro-batch of a single process
+        "--config_overrides", "resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
+        "--max_steps", "4", "--per_device_train_batch_size", str(per_device),
+        "--gradient_accumulation_steps", str(ga), "--train_sampling_strategy", "sequential",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-3",
+        "--kss_every_n_steps", "2", "--kss_rank", "8", "--kss_num_samples", "64", "--kss_alpha", "0.5",
+        "--rksp_num_samples", "128", "--seed", "0", "--disable_tqdm", "true", "--use_cpu",
+    ]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def run_trajectory(text_file: str, out: Path, ga: int, per_device: int) -> dict:
+    train_kss = load_train_script()
+    trainer = train_kss.main(trajectory_argv(text_file, str(out / "traj"), ga, per_device))
+    result = {
+        "world_size": trainer.args.world_size,
+        "dist_world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "log_history": trainer.state.log_history,
+        "kss_steps": trainer.kss_steps,
+    }
+    (out / f"trajectory-rank{rank()}.json").write_text(json.dumps(result))
+    return result
+
+
+def run_guard(text_file: str, out: Path) -> None:
+    from transformers import TrainingArguments
+
+    from hf_koopman.training import KSSTrainer, RKSPCallback
+
+    train_kss = load_train_script()
+    script, _ = train_kss.HfArgumentParser((train_kss.ScriptArguments, TrainingArguments)).parse_args_into_dataclasses(
+        args=["--text_file", text_file, "--tiny", "--block_size", "32", "--output_dir", str(out / "guard")]
+    )
+    ids = torch.tensor(list(train_kss.load_text(script).encode("utf-8")))
+
+    class FaultOnRankOne(KSSTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if rank() == 1 and self.state.global_step == 2:  # optimizer step 3, one rank only
+                return loss * float("inf")
+            return loss
+
+    callback = RKSPCallback(num_samples=128, rank=8)
+    args = TrainingArguments(
+        output_dir=str(out / "guard"), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )
+    trainer = FaultOnRankOne(
+        model=train_kss.build_model(script), args=args, train_dataset=train_kss.BlockDataset(ids, 32),
+        callbacks=[callback],
+    )
+    trainer.kss_config.alpha = 0.0
+    trainer.train()
+    result = {"global_step": trainer.state.global_step, "divergence": callback.divergence}
+    (out / f"guard-rank{rank()}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    text, out_dir = sys.argv[1], Path(sys.argv[2])
+    run_trajectory(text, out_dir, ga=1, per_device=2)
+    run_guard(text, out_dir)
