@@ -247,3 +247,15 @@ def test_bad_shapes_and_types():
     with pytest.raises(TypeError, match="torch.Tensor"):
         whitened_dmd([[1.0, 2.0]] * 5, [[1.0, 2.0]] * 5)
     assert math.isfinite(float(whitened_dmd(torch.arange(20).reshape(10, 2) ** 2, torch.ones(10, 2)).update_ratio))
+
+
+def test_working_precision_of_the_randomized_path():
+    X = anisotropic_states(1000, 24, seed=11, spread=10.0)
+    Y = X + torch.tanh(X @ torch.randn(24, 24, generator=torch.Generator().manual_seed(1), dtype=F64) / 5)
+    ref = whitened_dmd(X, Y, rank=6, randomized=True)  # float64 input -> float64 products
+    forced = whitened_dmd(X.float(), Y.float(), rank=6, randomized=True, dtype=torch.float64)
+    fast = whitened_dmd(X.float(), Y.float(), rank=6, randomized=True)
+    torch.testing.assert_close(forced.eigenvalues, ref.eigenvalues, atol=1e-5, rtol=0)  # float32 rounding of the data
+    torch.testing.assert_close(fast.eigenvalues, ref.eigenvalues, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="dtype"):
+        whitened_dmd(X, Y, rank=6, randomized=True, dtype=torch.float16)
