@@ -145,8 +145,8 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
     train_ds, eval_ds = task_datasets(spec)
     model = build_model(spec)
     row: dict[str, Any] = {"run_id": spec.run_id, **asdict(spec)}
-    if features:
-        row.update(init_profile_features(model, train_ds, seed=spec.seed))
+    if features:  # profile keys first, spec fields win on a name clash (the profile also reports "num_layers")
+        row.update({k: v for k, v in init_profile_features(model, train_ds, seed=spec.seed).items() if k not in row})
     result = _train(spec, model, train_ds, eval_ds)
     row.update(
         diverged=result.diverged, divergence_step=result.divergence_step, divergence_reason=result.divergence_reason,
@@ -177,7 +177,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            rows.append({k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in row.items()})
+            row = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in row.items()}
+            for key in ("num_layers", "hidden_size", "num_heads", "seed", "max_steps", "batch_size", "warmup_steps"):
+                if isinstance(row.get(key), float):  # rows written before the spec-wins fix held the profile's float
+                    row[key] = int(row[key])
+            rows.append(row)
     return rows
 
 

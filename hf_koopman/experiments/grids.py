@@ -1,0 +1,82 @@
+"""The experiment grids of `scripts/sweep.py` / `scripts/reproduce.py` (full and `--quick` settings)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from .sweep import RunSpec
+
+__all__ = [
+    "NORMS",
+    "PREDICTION_LRS",
+    "TRAIN_ARCHS",
+    "HELDOUT_ARCHS",
+    "PREVENTION_METHODS",
+    "PREVENTION_LRS",
+    "MAX_LR_EXTRA",
+    "prediction_grid",
+    "prevention_grid",
+    "max_lr_grid",
+]
+
+NORMS = ("pre_ln", "post_ln", "rmsnorm", "deepnorm", "subln", "none")
+PREDICTION_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+# (hidden size, layers): the risk estimator is fitted on TRAIN_ARCHS with TRAIN_SEEDS; (48, 3) has an unseen width and
+# an unseen depth, seed 2 is an unseen seed.
+TRAIN_ARCHS = ((32, 2), (32, 4))
+HELDOUT_ARCHS = ((48, 3),)
+TRAIN_SEEDS = (0, 1)
+HELDOUT_SEEDS = (2,)
+PREVENTION_METHODS = ("none", "clip0.5", "clip1.0", "kss0.10", "kss0.15", "kss0.20")
+PREVENTION_LRS = (0.005, 0.0075, 0.01)  # the paper's "LR 0.005-0.01" No-Norm regime; trials cycle through them
+MAX_LR_EXTRA = 0.3  # beyond the prediction grid, to bracket the normalised models' limit
+
+
+def prediction_grid(
+    steps: int = 100,
+    *,
+    lrs: Sequence[float] = PREDICTION_LRS,
+    archs: Sequence[tuple[int, int]] = TRAIN_ARCHS + HELDOUT_ARCHS,
+    seeds: Sequence[int] = TRAIN_SEEDS + HELDOUT_SEEDS,
+    backend: str = "loop",
+) -> list[RunSpec]:
+    """Norms x LRs x (width, depth) x seeds, seed-major (a partial sweep covers whole seeds). `group` is `"heldout"`
+    for an unseen (width, depth) or seed, else `"train"`. Plain AdamW loop by default (no regulariser is involved and
+    the `Trainer` doubled the per-run cost on the shared 2-core machine); `backend="trainer"` runs it through
+    `KSSTrainer` with alpha = 0."""
+    specs = []
+    for seed, (d, n_layers), norm, lr in itertools.product(seeds, archs, NORMS, lrs):
+        heldout = (d, n_layers) in HELDOUT_ARCHS or seed in HELDOUT_SEEDS
+        specs.append(
+            RunSpec(norm=norm, learning_rate=lr, seed=seed, hidden_size=d, num_layers=n_layers, max_steps=steps,
+                    backend=backend, group="heldout" if heldout else "train")
+        )
+    return specs
+
+
+def prevention_grid(steps: int = 150, trials: int = 24, methods: Sequence[str] = PREVENTION_METHODS) -> list[RunSpec]:
+    """No-Norm, d=32, L=4, LR cycling over 0.005 / 0.0075 / 0.01; trial-major so a partial run stays balanced."""
+    specs = []
+    for trial in range(trials):
+        for method in methods:
+            specs.append(
+                RunSpec(norm="none", learning_rate=PREVENTION_LRS[trial % len(PREVENTION_LRS)], seed=100 + trial,
+                        num_layers=4, hidden_size=32, max_steps=steps, method=method, backend="trainer",
+                        group="prevention")
+            )
+    return specs
+
+
+def max_lr_grid(steps: int = 150, trials: int = 3, lrs: Sequence[float] = PREDICTION_LRS) -> list[RunSpec]:
+    """KSS (alpha 0.15) for Pre-LN / RMSNorm / No-Norm at d=32, L=4 on the prediction LRs with the prediction sweep's
+    seeds (whose rows are the "without KSS" side), plus both arms at LR 0.3."""
+    specs = []
+    for seed, norm in itertools.product(range(trials), ("pre_ln", "rmsnorm", "none")):
+        for lr in (*lrs, MAX_LR_EXTRA):
+            for method in ("kss0.15",) if lr != MAX_LR_EXTRA else ("none", "kss0.15"):
+                specs.append(
+                    RunSpec(norm=norm, learning_rate=lr, seed=seed, num_layers=4, hidden_size=32, max_steps=steps,
+                            method=method, backend="trainer", group="max_lr")
+                )
+    return specs
