@@ -225,6 +225,9 @@ def profile(
     positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     if isinstance(positions, int) and positions > 0:
         max_length = min(max_length, positions)  # longer texts would index past the position table
+    # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
+    # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
+    runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -246,7 +249,7 @@ def profile(
                     "encoder": mask,
                     "decoder": batch.get("decoder_attention_mask"),
                 }
-                model(**batch)
+                runner(**batch)
                 batches += 1
                 seen = recorder.tokens_seen
                 if seen and min(seen.values()) >= max_tokens:

@@ -171,3 +171,29 @@ def test_profile_from_snapshots_recovers_a_planted_spectrum():
     assert features.near_unit_mass == pytest.approx(2 / 6)
     assert features.contractive_mass == pytest.approx(4 / 6)
     assert features.spectral_radius == pytest.approx(0.97, abs=1e-3)
+
+
+def test_data_parallel_wrapped_model():
+    model = tiny_model("gpt2")
+    result = profile(nn.DataParallel(model), num_samples=64, rank=8)
+    _assert_sane(result, 2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hooks_match_hidden_states_except_the_post_norm_last_entry(arch):
+    """Why hooks: output_hidden_states[-1] is post-final-norm for text models, the hooks' last Y is not."""
+    from hf_koopman.profiling import ResidualStreamRecorder
+
+    model = tiny_model(arch, head=False)
+    ids = torch.randint(0, 128, (2, 10))
+    with ResidualStreamRecorder(model, num_samples=None) as rec, torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    snaps = rec.snapshots()
+
+    def same_rows(a, b):  # recorder rows are a permutation of the flattened (B*T, d) states
+        return bool((torch.cdist(a, b.reshape(-1, b.shape[-1])).min(dim=1).values < 1e-5).all())
+
+    for layer, (_, X, _) in enumerate(snaps):
+        assert same_rows(X, hidden[layer])
+    assert same_rows(snaps[-1][1], hidden[-2])
+    assert not same_rows(snaps[-1][2], hidden[-1])  # hidden_states[-1] went through the final norm
