@@ -232,16 +232,24 @@ def profile(
     model.eval()
     start = time.perf_counter()
     batches = 0
+    bar = None
+    handles = []
+    if progress:  # one tick per block call: a visible bar even when the probe is a single large batch
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="forward", unit="block", total=len(blocks) if isinstance(inputs, dict) else None)
+
+        def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the block's output
+            bar.update(1)
+
+        handles = [b.module.register_forward_hook(tick) for b in blocks]
     try:
         # auto-discovered lists whose blocks change the width are skipped; a user's explicit `layers=` must be right
         recorder = ResidualStreamRecorder(
             inner, blocks, num_samples=num_samples, seed=seed, on_width_change="raise" if layers is not None else "drop"
         )
         with recorder, torch.no_grad():
-            for raw in _tqdm(
-                iter_batches(inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
-                progress, desc="forward", unit="batch",
-            ):
+            for raw in iter_batches(inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length):
                 batch = prepare_batch(raw, inner)
                 mask = batch.get("attention_mask")
                 recorder.attention_mask = {
@@ -256,6 +264,10 @@ def profile(
                     break
     finally:
         model.train(was_training)
+        for handle in handles:
+            handle.remove()
+        if bar is not None:
+            bar.close()
     forward_time = time.perf_counter() - start
     snapshots = recorder.snapshots()
     if batches == 0:

@@ -197,3 +197,11 @@ def test_hooks_match_hidden_states_except_the_post_norm_last_entry(arch):
         assert same_rows(X, hidden[layer])
     assert same_rows(snaps[-1][1], hidden[-2])
     assert not same_rows(snaps[-1][2], hidden[-1])  # hidden_states[-1] went through the final norm
+
+
+def test_progress_bars_leave_no_hooks_and_do_not_alter_outputs():
+    model = tiny_model("llama", num_hidden_layers=3)
+    quiet = profile(model, num_samples=64, rank=8)
+    loud = profile(model, num_samples=64, rank=8, progress=True)
+    assert _no_hooks_left(model)
+    assert [f.to_dict() for f in loud.features] == [f.to_dict() for f in quiet.features]
