@@ -6,6 +6,8 @@
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid prevention --trials 24
     # max stable LR with / without KSS for Pre-LN, RMSNorm, No-Norm
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid max_lr
+    # WikiText-2 byte LM and ViT on MNIST, baseline vs KSS (needs HF_KOOPMAN_DATA)
+    HF_KOOPMAN_DATA=../shared/data python scripts/sweep.py --grid real_data
     # fill in init-time spectral features for rows trained with --no-features
     python scripts/sweep.py --grid prediction --features-only
 
@@ -23,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hf_koopman.experiments.grids import max_lr_grid, prediction_grid, prevention_grid
+from hf_koopman.experiments.grids import max_lr_grid, prediction_grid, prevention_grid, real_data_grid
 from hf_koopman.experiments.sweep import RunSpec, build_model, init_profile_features, read_rows, run_sweep, task_datasets
 
 def fill_features(path: Path) -> None:
@@ -50,7 +52,7 @@ def fill_features(path: Path) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=("prediction", "prevention", "max_lr"), required=True)
+    p.add_argument("--grid", choices=("prediction", "prevention", "max_lr", "real_data"), required=True)
     p.add_argument("--out", type=Path, default=None, help="JSONL file (default results/sweep_<grid>/runs.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100 prediction, 150 otherwise)")
     p.add_argument("--trials", type=int, default=None, help="trials per method (prevention, default 24) / seeds per LR (max_lr, default 3)")
@@ -73,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         specs = prediction_grid(args.steps or 100)
     elif args.grid == "prevention":
         specs = prevention_grid(args.steps or 150, args.trials or 24)
+    elif args.grid == "max_lr":
+        specs = max_lr_grid(args.steps or 100, args.trials or 3)
     else:
-        specs = max_lr_grid(args.steps or 150, args.trials or 3)
+        specs = real_data_grid(args.steps or 150)
     if args.limit is not None:
         specs = specs[: args.limit]
     run_sweep(specs, out, features=not args.no_features)

@@ -18,6 +18,7 @@ __all__ = [
     "prediction_grid",
     "prevention_grid",
     "max_lr_grid",
+    "real_data_grid",
 ]
 
 NORMS = ("pre_ln", "post_ln", "rmsnorm", "deepnorm", "subln", "none")
@@ -68,7 +69,7 @@ def prevention_grid(steps: int = 150, trials: int = 24, methods: Sequence[str] =
     return specs
 
 
-def max_lr_grid(steps: int = 150, trials: int = 3, lrs: Sequence[float] = PREDICTION_LRS) -> list[RunSpec]:
+def max_lr_grid(steps: int = 100, trials: int = 3, lrs: Sequence[float] = PREDICTION_LRS) -> list[RunSpec]:
     """KSS (alpha 0.15) for Pre-LN / RMSNorm / No-Norm at d=32, L=4 on the prediction LRs with the prediction sweep's
     seeds (whose rows are the "without KSS" side), plus both arms at LR 0.3."""
     specs = []
@@ -79,4 +80,17 @@ def max_lr_grid(steps: int = 150, trials: int = 3, lrs: Sequence[float] = PREDIC
                     RunSpec(norm=norm, learning_rate=lr, seed=seed, num_layers=4, hidden_size=32, max_steps=steps,
                             method=method, backend="trainer", group="max_lr")
                 )
+    return specs
+
+
+def real_data_grid(steps: int = 150, seeds: Sequence[int] = (0, 1), wikitext_lrs: Sequence[float] = (1e-2, 3e-2)) -> list[RunSpec]:
+    """Paper Tables 8-9 at CPU scale: WikiText-2 byte LM (Pre-LN, d=64, L=4, aggressive LRs) and a ViT on the MNIST
+    test set (Pre-LN, d=32, L=4, patch 7), baseline vs KSS alpha 0.15. Needs `$HF_KOOPMAN_DATA`."""
+    specs = []
+    for seed, method in itertools.product(seeds, ("none", "kss0.15")):
+        for lr in wikitext_lrs:
+            specs.append(RunSpec(norm="pre_ln", learning_rate=lr, seed=seed, hidden_size=64, num_layers=4, task="wikitext2",
+                                 max_steps=steps, method=method, backend="trainer", group="real_text"))
+        specs.append(RunSpec(norm="pre_ln", learning_rate=1e-2, seed=seed, hidden_size=32, num_layers=4, task="mnist_vit",
+                             max_steps=steps, method=method, backend="trainer", group="vision"))
     return specs

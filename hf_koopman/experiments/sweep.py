@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from .runner import RunResult, train_run, train_with_trainer
-from .tasks import associative_recall_dataset, synthetic_lm_dataset
+from .tasks import associative_recall_dataset, mnist_datasets, synthetic_lm_dataset, wikitext2_datasets
 
 __all__ = ["RunSpec", "build_model", "task_datasets", "init_profile_features", "execute", "run_sweep", "read_rows"]
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("assoc_recall", "synthetic_lm")
+TASKS = ("assoc_recall", "synthetic_lm", "wikitext2", "mnist_vit")
 _METHOD_PREFIXES = ("none", "clip", "kss")
 
 
@@ -78,20 +78,32 @@ def build_model(spec: RunSpec) -> torch.nn.Module:
     """The research model of `spec`, initialised deterministically from `spec.seed`."""
     from hf_koopman.models.rksp_gpt import RKSPGPTConfig, RKSPGPTForCausalLM, RKSPGPTForSequenceClassification
 
-    vocab = 256 if spec.task == "assoc_recall" else 512
+    from hf_koopman.models.rksp_gpt import RKSPViTForImageClassification
+
+    vocab = 512 if spec.task == "synthetic_lm" else 256  # wikitext2 is byte-level
     config = RKSPGPTConfig(
         vocab_size=vocab, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, max_position_embeddings=64, norm=spec.norm, num_labels=vocab,
+        num_attention_heads=spec.num_heads, max_position_embeddings=64, norm=spec.norm,
+        num_labels=10 if spec.task == "mnist_vit" else vocab, image_size=28, patch_size=7, num_channels=1,
     )
     torch.manual_seed(spec.seed)
     if spec.task == "assoc_recall":
         return RKSPGPTForSequenceClassification(config)
+    if spec.task == "mnist_vit":
+        return RKSPViTForImageClassification(config)
     return RKSPGPTForCausalLM(config)
 
 
 def task_datasets(spec: RunSpec, *, num_train: int = 4096, num_eval: int = 512):
-    """`(train, eval)` data of the run: associative recall (seq 64, vocab 256, 4 pairs) or the synthetic LM
-    (seq 64, vocab 512 at CPU scale); data seeds derive from the run seed."""
+    """`(train, eval)` data of the run: associative recall (seq 64, vocab 256, 4 pairs), the synthetic LM
+    (seq 64, vocab 512 at CPU scale), WikiText-2 bytes (train valid.txt / eval test.txt, first 512 test blocks) or the
+    MNIST test set split 80/20 by the run seed; data seeds derive from the run seed. Real data come from
+    `$HF_KOOPMAN_DATA`."""
+    if spec.task == "wikitext2":
+        return wikitext2_datasets(None, seq_len=64, max_eval=num_eval)
+    if spec.task == "mnist_vit":
+        train, test = mnist_datasets(None, seed=spec.seed)
+        return train, test
     if spec.task == "assoc_recall":
         make = associative_recall_dataset
         kw: dict[str, Any] = {"seq_len": 64, "vocab_size": 256, "num_pairs": 4}
@@ -106,13 +118,19 @@ def init_profile_features(model: torch.nn.Module, train_dataset, *, seed: int, n
     the profile's aggregates (`<feature>_<mean|max|min|std>`), its verdict, and the profiling time."""
     from hf_koopman.profiling import profile
 
-    inputs = {"input_ids": torch.as_tensor(train_dataset.with_format("torch")[:num_sequences]["input_ids"])}
+    inputs = _probe_inputs(train_dataset, num_sequences)
     t0 = time.perf_counter()
     prof = profile(model, inputs, num_samples=2048, rank=32, seed=seed)
     out: dict[str, Any] = {k: _jsonable(v) for k, v in prof.aggregates.items()}
     out["verdict"] = prof.verdict
     out["profile_seconds"] = time.perf_counter() - t0
     return out
+
+
+def _probe_inputs(dataset, n: int) -> dict[str, torch.Tensor]:
+    key = "pixel_values" if "pixel_values" in dataset.column_names else "input_ids"
+    n = n if key == "input_ids" else 128  # 128 images x 17 tokens = 2176 token states >= N = 2048
+    return {key: torch.as_tensor(dataset.with_format("torch")[:n][key])}
 
 
 def _jsonable(v: Any) -> Any:
@@ -158,7 +176,7 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
     if features and not result.diverged:  # the spectrum after training (paper Table 3 reports M≈1 after training)
         from hf_koopman.profiling import profile
 
-        inputs = {"input_ids": torch.as_tensor(train_ds.with_format("torch")[:32]["input_ids"])}
+        inputs = _probe_inputs(train_ds, 32)
         try:
             row["final_near_unit_mass_mean"] = profile(model, inputs, num_samples=2048, rank=32, seed=spec.seed).aggregates[
                 "near_unit_mass_mean"
