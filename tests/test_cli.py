@@ -80,3 +80,14 @@ def test_parser_lists_commands():
     assert "profile" in help_text and "architectures" in help_text
     with pytest.raises(SystemExit):
         make_parser().parse_args([])
+
+
+def test_profile_on_a_saved_dataset(tiny_llama_json, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["spectral profile of a residual stream " * 3] * 6}).save_to_disk(folder)
+    out = tmp_path / "out"
+    assert main(["profile", str(tiny_llama_json), "--dataset", str(folder), "--num-samples", "64", "--rank", "8",
+                 "--no-plots", "--no-progress", "--out", str(out)]) == 0
+    data = json.loads((out / "profile.json").read_text())
+    assert data["meta"]["tokens_seen"] == 6 * len(("spectral profile of a residual stream " * 3).encode())
