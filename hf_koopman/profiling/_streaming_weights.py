@@ -15,8 +15,10 @@ Parameters live on the meta device until materialised; freeing moves them back t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "materialise_empty",
     "module_bytes",
     "owner_map",
+    "release_freed_memory",
 ]
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -79,6 +82,29 @@ def free_parameters(module: nn.Module) -> None:
         for name, p in sub._parameters.items():
             if p is not None and p.device.type != "meta":
                 sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`).
+
+    Why: blocks are built and freed over and over while small snapshot tensors accumulate in between; with glibc's
+    dynamic mmap threshold many of a block's tensors land on the heap, and the freed holes are not returned, so the
+    resident size grows by a block's worth every few blocks. Measured at d=2048: +120 MB per block without trimming,
+    +35 MB (the snapshots) with it. A no-op on other C libraries / platforms.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def owner_map(model: nn.Module) -> dict[int, nn.Module]:

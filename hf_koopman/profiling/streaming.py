@@ -34,6 +34,7 @@ from hf_koopman.profiling._streaming_weights import (
     SafetensorsWeights,
     free_parameters,
     module_bytes,
+    release_freed_memory,
 )
 
 
@@ -353,6 +354,7 @@ def profile_streaming(
     def make_post_hook(index: int):
         def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
             free_parameters(module)
+            release_freed_memory()
             state["done"] = index + 1
             state["block_time"] += time.perf_counter() - state.pop("t0", time.perf_counter())
             bar.update(1)
@@ -400,6 +402,7 @@ def profile_streaming(
 
     for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
         free_parameters(module)
+    release_freed_memory()
     stream_time = time.perf_counter() - start
     meta = {
         "model_class": type(skeleton).__name__,
