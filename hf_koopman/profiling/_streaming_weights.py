@@ -206,6 +206,7 @@ class SafetensorsWeights:
 
         self.block_keys: dict[str, list[str]] = defaultdict(list)
         self.rest_keys: list[str] = []
+        self.targets: dict[str, str] = {}  # checkpoint key -> model parameter it loads into
         self.unused_keys: list[str] = []
         prefixes = [(name, name + ".") for name in block_names]
         for key in self.key_to_file:
@@ -215,6 +216,7 @@ class SafetensorsWeights:
             if target not in meta_state:
                 self.unused_keys.append(key)
                 continue
+            self.targets[key] = target
             owner = next((name for name, p in prefixes if target.startswith(p)), None)
             (self.block_keys[owner] if owner is not None else self.rest_keys).append(key)
         if self.unused_keys:
@@ -267,8 +269,17 @@ class SafetensorsWeights:
         self._load(self.block_keys[name], [block], name)
 
     def materialise_rest(self, modules: list[nn.Module]) -> None:
-        """Load the non-block tensors (embeddings, final norm, ...) the skeleton still holds on meta."""
-        self._load(self.rest_keys, modules, "non-block module")
+        """Load the non-block tensors of `modules` (embeddings, final norm, ...); others (an untied LM head: 0.5 GB
+        for a 7B model) stay on meta."""
+        wanted = {id(m) for m in modules}
+        names = {
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.model.named_modules()
+            if id(module) in wanted
+            for name, p in module._parameters.items()
+            if p is not None
+        }
+        self._load([key for key in self.rest_keys if self.targets[key] in names], modules, "non-block module")
 
 
 def find_safetensors_keys(folder: Path) -> dict[str, Path]:

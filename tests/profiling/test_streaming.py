@@ -87,6 +87,23 @@ def test_saved_model_streams_to_the_same_features(tmp_path, name, shard):
     assert info["complete"] is True and info["weights"] == "safetensors" and info["num_blocks"] == len(ref.layers)
 
 
+def test_only_the_needed_non_block_tensors_are_loaded(tmp_path):
+    from hf_koopman.profiling._streaming_weights import SafetensorsWeights
+    from hf_koopman.profiling.streaming import _non_block_modules
+
+    _, folder = _saved(tmp_path, "llama", True)
+    skeleton = _build_skeleton(_llama())
+    blocks = find_residual_blocks(skeleton)
+    weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
+    assert "lm_head.weight" in weights.rest_keys
+    weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
+    assert skeleton.lm_head.weight.device.type == "meta"  # the untied LM head is never built
+    assert skeleton.model.embed_tokens.weight.device.type == "cpu"
+    assert all(p.device.type == "meta" for b in blocks for p in b.module.parameters())
+    weights.materialise(blocks[2].module, 2, blocks[2].name)
+    assert all(p.device.type == "cpu" for p in blocks[2].module.parameters())
+
+
 def test_streaming_with_explicit_inputs_matches_profile(tmp_path):
     model, folder = _saved(tmp_path, "llama", False)
     ids = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(5))
