@@ -1,0 +1,50 @@
+"""scripts/train_kss.py in one process: a `datasets` text dataset and the Tiny Shakespeare file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ddp_worker
+
+
+COMMON = [
+    "--tiny", "--block_size", "32", "--max_steps", "3", "--per_device_train_batch_size", "2",
+    "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+    "--kss_every_n_steps", "2", "--kss_rank", "8", "--kss_num_samples", "64", "--rksp_num_samples", "128",
+    "--disable_tqdm", "true",
+]
+
+
+def test_train_script_on_a_datasets_text_dataset(tmp_path):
+    train_kss = ddp_worker.load_train_script()
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus for the koopman test" for i in range(200)))
+    out = tmp_path / "out"
+    trainer = train_kss.main(
+        ["--dataset", "text", "--dataset_files", str(corpus), "--output_dir", str(out), *COMMON]
+    )
+    assert trainer.state.global_step == 3 and trainer.kss_steps == [0, 2]
+    assert json.loads((out / "rksp_profile.json").read_text())["layers"]
+    assert (out / "model.safetensors").exists()
+    assert any("kss/penalty" in h for h in trainer.state.log_history)
+
+
+def test_train_script_on_tiny_shakespeare(tmp_path, data_dir):
+    train_kss = ddp_worker.load_train_script()
+    text = data_dir / "tinyshakespeare" / "input.txt"
+    trainer = train_kss.main(
+        ["--text_file", str(text), "--max_chars", "20000", "--architecture", "llama-2-7b",
+         "--output_dir", str(tmp_path), *COMMON]
+    )
+    assert type(trainer.model).__name__ == "LlamaForCausalLM" and trainer.model.config.num_hidden_layers == 2
+    assert trainer.state.global_step == 3
+
+
+def test_train_script_rejects_bad_input(tmp_path):
+    train_kss = ddp_worker.load_train_script()
+    with pytest.raises(ValueError, match="exactly one of"):
+        train_kss.main(["--output_dir", str(tmp_path), *COMMON])
+    with pytest.raises(ValueError, match="key=value"):
+        train_kss._parse_overrides("n_layer")
