@@ -5,11 +5,14 @@ layers handled in one batched call. The operator acts on column state vectors, a
 \hat A \tilde x$. Write $D = Y - X$ for the block update (the residual branch $f_\ell$ of Eq. 1).
 
 Exact DMD. $\hat A = \tilde Y \tilde X^{+}$ (Eq. 6, Moore-Penrose). Because $\tilde X$ is whitened we never need an
-SVD of the `(N, d)` snapshots: $G_{xx} = \tilde X^\top \tilde X / (N-1) = Q\,\mathrm{diag}(s/(s+\epsilon))\,Q^\top$ is
-known in closed form from the eigendecomposition $\hat\Sigma_X = Q\,\mathrm{diag}(s)\,Q^\top$ already used for the
-whitening, so
+SVD of the `(N, d)` snapshots: its Gram $G_{xx} = \tilde X^\top \tilde X / (N-1)$ has condition number about 1 (it
+is $I$ up to the ridge, $Q\,\mathrm{diag}(s/(s+\epsilon))\,Q^\top$), so the normal equations are as accurate as an
+SVD and
 
-$$\hat A = \big(G_{xx} + G_{dx}\big)\,G_{xx}^{+},\qquad G_{dx} = \tilde D^\top \tilde X/(N-1) = W C_{dx} W .$$
+$$\hat A = \big(G_{xx} + G_{dx}\big)\,G_{xx}^{+},\qquad G_{dx} = \tilde D^\top \tilde X/(N-1).$$
+
+The Grams are formed from the explicitly whitened snapshots (not as $W \hat\Sigma_X W$ from the raw covariance, whose
+small eigenvalues carry the round-off of a `cond(X)^2` problem), and $G_{xx}^{+}$ comes from its own `(d, d)` eigh.
 
 This is the pseudo-inverse operator of Algorithm 1, not the ridge-biased cross-covariance $\tilde Y^\top\tilde X/(N-1)$:
 with $\epsilon > 0$, $G_{xx} \ne I$ exactly, and dropping $G_{xx}^{+}$ would shift eigenvalues by $O(\epsilon/s)$. With
@@ -248,29 +251,26 @@ def _exact_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None)
     Xc = X - X.mean(dim=-2, keepdim=True)
     D = Y - X
     Dc = D - D.mean(dim=-2, keepdim=True)  # = Yc - Xc: each matrix centred on its own mean (Eq. 8)
-    sxx = _sym(Xc.mT @ Xc) / n1  # Eq. 9 without the ridge
-    cdx = Dc.mT @ Xc / n1
-    cdd = _sym(Dc.mT @ Dc) / n1
-    s, Q = torch.linalg.eigh(sxx)
-    s = s.clamp_min(0.0)
-    keep = s > _rank_tol(s, N, d)
-    w = _inverse_sqrt(s, eps)
+    s, Q = torch.linalg.eigh(_sym(Xc.mT @ Xc) / n1)  # Eq. 9 without the ridge
+    w = _inverse_sqrt(s.clamp_min(0.0), eps)
     W = (Q * w.unsqueeze(-2)) @ Q.mT  # ZCA (Sigma_X + eps I)^(-1/2)
-    g = s * w * w  # eigenvalues of Gxx = Xtil^T Xtil / (N-1)
-    gxx = (Q * g.unsqueeze(-2)) @ Q.mT
-    gdx = W @ cdx @ W
-    gdd = _sym(W @ cdd @ W)
-    if rank is None:
-        op = _operator_from_grams(gxx, gdx, keep, g, Q)
-        return op, gxx, gdx, gdd, W, keep.sum(-1)
-    # deterministic rank-r: POD of the whitened outputs Ytil (top-r eigenvectors of Gyy)
-    gyy = _sym(gdd + gdx + gdx.mT + gxx)
-    _, U = torch.linalg.eigh(gyy)
-    U = U.flip(-1)[..., :rank]
-    gxx_r, gdx_r, gdd_r = _project_grams((gxx, gdx, gdd), U)
-    gxx_r, gdd_r = _sym(gxx_r), _sym(gdd_r)
-    op, rank_x = _small_operator(gxx_r, gdx_r, N, d)
-    return op, gxx_r, gdx_r, gdd_r, W @ U, rank_x
+    # second moments of the explicitly whitened snapshots: conditioned like Xtil (about 1), not like Sigma_X
+    # (cond(X)^2), so ill-conditioned activations keep full float64 accuracy
+    Xt = Xc @ W
+    Dt = Dc @ W
+    gxx = _sym(Xt.mT @ Xt) / n1
+    gdx = Dt.mT @ Xt / n1
+    gdd = _sym(Dt.mT @ Dt) / n1
+    proj = W
+    if rank is not None:
+        # deterministic rank-r: POD of the whitened outputs Ytil (top-r eigenvectors of Gyy)
+        _, U = torch.linalg.eigh(_sym(gdd + gdx + gdx.mT + gxx))
+        U = U.flip(-1)[..., :rank]
+        gxx, gdx, gdd = _project_grams((gxx, gdx, gdd), U)
+        gxx, gdd = _sym(gxx), _sym(gdd)
+        proj = W @ U
+    op, rank_x = _small_operator(gxx, gdx, N, d)
+    return op, gxx, gdx, gdd, proj, rank_x
 
 
 def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):

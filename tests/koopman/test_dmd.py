@@ -259,3 +259,17 @@ def test_working_precision_of_the_randomized_path():
     torch.testing.assert_close(fast.eigenvalues, ref.eigenvalues, atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="dtype"):
         whitened_dmd(X, Y, rank=6, randomized=True, dtype=torch.float16)
+
+
+def test_widely_scaled_float32_activations_fall_back_to_a_stable_factorisation():
+    # variances from 1e-6 to 1e6 ("massive activations"): the float32 Cholesky of Sigma + eps I breaks down and the
+    # randomized path must fall back (float64 factorisation) instead of crashing or returning NaN
+    X = anisotropic_states(1500, 16, seed=12, spread=1e6) * 1e-3
+    A, lam = planted_operator([1.1, 0.99, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1] * 2, seed=4, cond=2.0)
+    Y = X @ A.T
+    res32 = whitened_dmd(X.float(), Y.float(), rank=16, randomized=True)
+    assert torch.isfinite(res32.eigenvalues).all() and torch.isfinite(res32.operator).all()
+    # float64: exact and full-rank randomized DMD stay accurate although cond(Sigma_X) ~ 1e12
+    for res in (whitened_dmd(X, Y), whitened_dmd(X, Y, rank=16, randomized=True)):
+        torch.testing.assert_close(sort_eigs(res.eigenvalues), lam, atol=1e-6, rtol=0)
+    assert float((sort_eigs(res32.eigenvalues).abs() - lam.abs()).abs().max()) < 0.05
