@@ -199,3 +199,16 @@ def test_plain_trainer_trains(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "Trainer did not update any parameter"
+
+
+def test_auto_map_is_complete():
+    import importlib
+
+    from hf_koopman.models.reynet import AUTO_MAP
+
+    targets = set()
+    for key, ref in AUTO_MAP.items():
+        module, cls = ref.rsplit(".", 1)
+        targets.add(getattr(importlib.import_module(f"hf_koopman.models.reynet.{module}"), cls))
+    assert {ReyNetConfig, ReyNetModel, ReyNetForGraphClassification, ReyNetForEquivariantRegression,
+            ReyNetForInvariantRegression} <= targets
