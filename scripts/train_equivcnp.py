@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("HF_KOOPMAN_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--output-dir", default=str(REPO / "results"))
     p.add_argument("--checkpoint-dir", default=str(REPO / "checkpoints"))
-    p.add_argument("--experiments", default="gp,image", help="comma list of gp,image")
+    p.add_argument("--experiments", default="gp,image", help="comma list of gp,image,replot (replot: redraw the "
+                   "image figure from saved checkpoints)")
     p.add_argument("--kernels", default="rbf,matern,periodic")
     p.add_argument("--steps-1d", type=int, default=1500)
     p.add_argument("--batch-1d", type=int, default=16)
@@ -135,6 +136,12 @@ def run_gp(args, out_dir: Path) -> dict:
     eval_batch = 50
     n_batches = max(1, math.ceil(args.eval_tasks / eval_batch))
     fig_data = {}
+    results["protocol"] = {
+        "train_x_range": [-2, 2], "context_points": "randint(3, 50)", "extra_target_points": "randint(3, 50)",
+        "steps": args.steps_1d, "batch_size": args.batch_1d, "learning_rate": args.lr_1d, "optimizer": "Adam",
+        "eval_x_range": [-4, 4], "eval_targets": 400, "eval_tasks": n_batches * min(eval_batch, args.eval_tasks),
+        "paper_steps": 200 * 256,
+    }
     for kernel in kernels:
         gen = torch.Generator().manual_seed(args.seed + 1000)
         tasks = [gp.sample_evaluation_batch(kernel, min(eval_batch, args.eval_tasks), gen) for _ in range(n_batches)]
@@ -151,12 +158,6 @@ def run_gp(args, out_dir: Path) -> dict:
             fig_data.setdefault(kernel, {})[name] = model
             save_model(args, model, f"{name.lower()}-gp-{kernel}", kind="gp", kernel=kernel, stats=stats, all_results=results)
         fig_data[kernel]["_task"] = {k: v[:1] for k, v in tasks[0].items()}
-    results["protocol"] = {
-        "train_x_range": [-2, 2], "context_points": "randint(3, 50)", "extra_target_points": "randint(3, 50)",
-        "steps": args.steps_1d, "batch_size": args.batch_1d, "learning_rate": args.lr_1d, "optimizer": "Adam",
-        "eval_x_range": [-4, 4], "eval_targets": 400, "eval_tasks": n_batches * min(eval_batch, args.eval_tasks),
-        "paper_steps": 200 * 256,
-    }
     write_gp_table(results, kernels, out_dir)
     plot_gp(fig_data, out_dir / "equivcnp_gp_examples.png")
     return results
@@ -362,6 +363,8 @@ def plot_images(models: dict, data: dict, path: Path, seed: int) -> None:
         preds = {g: model.eval()(**{k: v for k, v in task.items() if k != "target_y"}).mean[..., 0] for g, model in models.items()}
         cols.append((frac, ctx, preds))
     rows = ["truth", "context"] + list(models)
+    cmap = matplotlib.colormaps["gray"].copy()
+    cmap.set_bad("#4a7bb7")  # pixels outside the context
     ncol = 2 * len(imgs_)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.3 * ncol, 1.3 * len(rows)), squeeze=False)
     for c, (frac, ctx, preds) in enumerate(cols):
@@ -370,7 +373,7 @@ def plot_images(models: dict, data: dict, path: Path, seed: int) -> None:
             panels = [imgs_[i].reshape(-1), ctx[i]] + [preds[g][i] for g in models]
             for r, panel in enumerate(panels):
                 ax = axes[r][col]
-                ax.imshow(panel.reshape(s, s).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(panel.reshape(s, s).clamp(0, 1).numpy(), cmap=cmap, vmin=0, vmax=1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if col == 0:
@@ -414,7 +417,7 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
             f"{s['shifted_ctx75']['ll_std']:.3f} (MSE {s['shifted_ctx25']['mse_mean']:.4f} / {s['shifted_ctx75']['mse_mean']:.4f}); "
             f"on upright test digits {s['upright_ctx25']['ll_mean']:.3f} / {s['upright_ctx75']['ll_mean']:.3f}."
         )
-        dataset, example = "mnist+clock-digits", _EXAMPLE_2D
+        dataset, example = "mnist+clock-digits", _EXAMPLE_2D.replace("size = 28", f"size = {args.image_size}")
         protocol = all_results.get("protocol") or {}
         training = (f"{args.steps_2d} Adam steps, batch {args.batch_2d}, lr {args.lr_2d}, on {args.image_size}×"
                     f"{args.image_size} images; {stats['cpu_seconds']:.0f} s of one CPU core. The paper trained 100 epochs.")
@@ -431,9 +434,9 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
                        "dataset_name": dataset, "metric_type": "log_likelihood", "metric_value": round(metric, 4)}],
         template_vars={
             "model_name": name, "repo_id": repo_id, "description": desc, "class_name": class_name,
-            "config_json": model.config.to_json_string(use_diff=True).strip(), "example": example,
+            "config_json": model.config.to_json_string(use_diff=False).strip(), "example": example,
             "training": training, "results": result_line, "quick": args.quick,
-            "protocol": json.dumps(protocol, indent=1, default=str),
+            "protocol": json.dumps(protocol, indent=1, default=str, ensure_ascii=False),
         },
         push_to_hub=repo_id if args.push_to_hub_org else None,
     )
@@ -451,7 +454,7 @@ out.mean, out.stddev                             # (1, 400, 1) each"""
 _EXAMPLE_2D = """size = 28                                        # pixel centres in [-1, 1]^2, x right, y up
 lin = (torch.arange(size) - (size - 1) / 2) / (size / 2)
 yy, xx = torch.meshgrid(-lin, lin, indexing="ij")
-pixels = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)[None]   # (1, 784, 2)
+pixels = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)[None]   # (1, size², 2)
 image = torch.rand(1, size * size, 1)                               # grey values in [0, 1]
 keep = torch.rand(size * size) < 0.25                               # 25 % context
 out = model(context_x=pixels[:, keep], context_y=image[:, keep], target_x=pixels)
@@ -474,6 +477,12 @@ def main(argv: list[str] | None = None) -> dict:
         new["gp_regression"]["paper"] = PAPER_1D
     if "image" in exps:
         new["image_completion"] = run_image(args, out_dir)
+    if "replot" in exps:  # redraw the completion figure from the saved checkpoints (no training)
+        from transformers import AutoModel
+
+        models = {g: AutoModel.from_pretrained(Path(args.checkpoint_dir) / f"equivcnp-image-{g.lower()}")
+                  for g in args.groups.split(",") if g}
+        plot_images(models, image_data(args), out_dir / "equivcnp_image_completion.png", args.seed)
     # merge with what another invocation (e.g. the other experiment run in parallel) wrote meanwhile
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(new)
