@@ -5,7 +5,8 @@ Measured side by side in one run:
 1. **Time**: a plain forward (no hooks), the forward with the `ResidualStreamRecorder` hooks that produces the
    snapshots, and the spectral analysis (`profile_from_snapshots`: whitened rank-32 randomized DMD + features for all 12
    layers). Target: analysis <= 25 % of the forward that produced the snapshots. Medians over `--repeats`.
-2. **Memory**: peak RSS increase of one forward pass over the loaded model, in fresh subprocesses: plain forward,
+2. **Memory**: peak RSS increase (psutil, sampled every 2 ms) of one forward pass over the loaded model, in fresh
+   subprocesses: plain forward,
    forward with the recorder (N = 2048 per layer, subsampled inside the hooks), and `output_hidden_states=True` (what the
    hooks replace: keeps every (B, T, d) state of every layer). Run at 2048 and `--big-tokens` tokens to show that
    the recorder's footprint is O(L·N·d), independent of the number of tokens.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,32 +41,64 @@ def _build(num_tokens: int):
     return model, batch
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+class _RssSampler:
+    """Samples this process's RSS every 2 ms in a thread; `peak_mb` is the maximum seen while active."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> _RssSampler:
+        self.base = self._proc.memory_info().rss
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def increase_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
 
 
 def memory_child(mode: str, num_tokens: int, num_samples: int) -> None:
-    """Runs in a subprocess: prints the peak-RSS increase of one forward in `mode`."""
+    """Runs in a subprocess: prints the peak-RSS increase (over the loaded model) of one forward in `mode`."""
+    import gc
+
     from hf_koopman.profiling import ResidualStreamRecorder
 
     model, batch = _build(num_tokens)
     with torch.no_grad():  # warm-up on a tiny batch so one-off allocations do not count as forward memory
         model(input_ids=batch["input_ids"][:1, :8])
-    base = _peak_rss_mb()
+    gc.collect()
     kept = 0
-    with torch.no_grad():
+    with torch.no_grad(), _RssSampler() as rss:
         if mode == "plain":
-            model(**batch)
+            out = model(**batch)
         elif mode == "hooks":
             with ResidualStreamRecorder(model, num_samples=num_samples) as rec:
-                model(**batch)
+                out = model(**batch)
             kept = sum(X.numel() + Y.numel() for _, X, Y in rec.snapshots()) * 4
         elif mode == "hidden_states":
             out = model(**batch, output_hidden_states=True)
             kept = sum(h.numel() for h in out.hidden_states) * 4
         else:
             raise ValueError(mode)
-    print(json.dumps({"mode": mode, "tokens": num_tokens, "peak_increase_mb": _peak_rss_mb() - base,
+    print(json.dumps({"mode": mode, "tokens": num_tokens, "peak_increase_mb": rss.increase_mb,
                       "kept_mb": kept / 2**20}))
 
 

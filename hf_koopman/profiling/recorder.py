@@ -156,6 +156,7 @@ class ResidualStreamRecorder:
         self._warned_mask: set[str] = set()
         self.on_width_change = on_width_change
         self.dropped: dict[str, str] = {}  # block-list path -> reason
+        self._last_output: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> ResidualStreamRecorder:
@@ -181,6 +182,7 @@ class ResidualStreamRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._last_output = None
         for transition in self._transitions.values():
             transition.pending.clear()
 
@@ -204,6 +206,7 @@ class ResidualStreamRecorder:
     # ------------------------------------------------------------------ hooks
     def _reset_calls(self, module: nn.Module, args: tuple) -> None:
         self._calls.clear()
+        self._last_output = None
 
     def _mask_for(self, block: ResidualBlock, grid: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         mask = self.attention_mask
@@ -243,7 +246,7 @@ class ResidualStreamRecorder:
             flat, grid = _as_tokens(hidden, block.name)
             mask = self._mask_for(block, grid, flat.device)
             valid = torch.arange(flat.shape[0], device=flat.device) if mask is None else mask.nonzero().squeeze(-1)
-            if self.check_finite and index == 0 and call == 0 and not torch.isfinite(flat[valid]).all():
+            if self.check_finite and index == 0 and call == 0 and not torch.isfinite(flat if mask is None else flat[valid]).all():
                 raise ValueError(
                     f"non-finite activation (NaN/Inf) in the input of block {block.name!r}, i.e. the embedding "
                     "output; check the weights and the dtype (fp16 overflow?)."
@@ -256,6 +259,9 @@ class ResidualStreamRecorder:
             keep_old = order[order < old_keys.numel()]
             new_rows = valid[(order[order >= old_keys.numel()] - old_keys.numel()).to(valid.device)]
             X = flat[new_rows]
+            last, self._last_output = self._last_output, None
+            if last is not None and hidden is last[0] and torch.equal(last[1], new_rows) and torch.equal(last[2], X):
+                X = last[2]  # the previous block's output enters this block unchanged: keep one copy of the rows
             merged_keys = torch.cat([old_keys[keep_old], all_keys[order[order >= old_keys.numel()]]])
             # committed together with Y in the forward hook, so X and Y never get out of step
             transition.pending.append((keep_old, new_rows, valid, tuple(flat.shape), X, merged_keys))
@@ -290,7 +296,7 @@ class ResidualStreamRecorder:
                     f"block {block.name!r} maps {in_shape} token states to {tuple(flat.shape)}: it is not a "
                     "width-preserving residual block. Select residual blocks with layers=..."
                 )
-            if self.check_finite and not torch.isfinite(flat[valid]).all():
+            if self.check_finite and not torch.isfinite(flat if valid.numel() == flat.shape[0] else flat[valid]).all():
                 raise ValueError(
                     f"non-finite activation (NaN/Inf) in the output of block {transition.name!r} (the first bad "
                     "block); check the weights, the learning rate that produced them and the dtype (fp16 overflow?)."
@@ -298,6 +304,7 @@ class ResidualStreamRecorder:
             Y = flat[new_rows]
             if self.detach:
                 X, Y = X.detach(), Y.detach()
+            self._last_output = (hidden, new_rows, Y)
             keep = keep_old.to(Y.device)
             transition.X = X if transition.X is None else torch.cat([transition.X[keep], X])
             transition.Y = Y if transition.Y is None else torch.cat([transition.Y[keep], Y])

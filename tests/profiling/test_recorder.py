@@ -197,3 +197,11 @@ def test_width_changing_lists_are_dropped_only_when_auto_discovered():
     with pytest.raises(ValueError, match=r"block 'stem\.0' maps"):
         with ResidualStreamRecorder(model), torch.no_grad():
             model(torch.randn(2, 5, 4))
+
+
+def test_consecutive_transitions_share_storage():
+    """Y of block l and X of block l+1 are the same token states: stored once (halves the recorder's memory)."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    rec = _record(model, default_probe_inputs(model, num_tokens=100), num_samples=64)
+    snaps = rec.snapshots()
+    assert all(snaps[i][2].data_ptr() == snaps[i + 1][1].data_ptr() for i in range(len(snaps) - 1))
