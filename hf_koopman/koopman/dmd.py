@@ -63,7 +63,6 @@ __all__ = ["DMDResult", "whitened_dmd"]
 logger = logging.getLogger(__name__)
 
 _F64 = torch.float64
-_C128 = torch.complex128
 
 
 @dataclass(frozen=True)
@@ -485,5 +484,6 @@ def whitened_dmd(
         n_samples=N, dim=d, randomized=bool(randomized and rank is not None), eps=float(eps),
     )
     if int(degenerate.sum()):
-        logger.info("%d of %d layer(s) have a ~zero update (Y ~ X): RKSP is uninformative there", int(degenerate.sum()), L)
+        logger.info("%d of %d layer(s) have a ~zero update (Y ~ X): RKSP is uninformative there",
+                    int(degenerate.sum()), L)
     return out if batched else out.layer(0)

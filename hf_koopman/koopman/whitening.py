@@ -39,7 +39,8 @@ def _inverse_sqrt(values: torch.Tensor, eps: float) -> torch.Tensor:
     # (s + eps)^(-1/2), with a pseudo-inverse on directions that carry nothing (possible only for eps = 0)
     shifted = values + eps
     tol = shifted.amax(dim=-1, keepdim=True) * values.shape[-1] * torch.finfo(values.dtype).eps
-    return torch.where(shifted > tol, shifted.clamp_min(torch.finfo(values.dtype).tiny).rsqrt(), torch.zeros_like(shifted))
+    safe = shifted.clamp_min(torch.finfo(values.dtype).tiny)
+    return torch.where(shifted > tol, safe.rsqrt(), torch.zeros_like(shifted))
 
 
 def zca_whitening(X: torch.Tensor, eps: float = 1e-5) -> Whitening:

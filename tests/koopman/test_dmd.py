@@ -34,6 +34,10 @@ def test_exact_recovers_planted_real_and_complex_eigenvalues():
     torch.testing.assert_close(A @ res.eigenvectors, res.eigenvectors * res.eigenvalues, atol=1e-9, rtol=0)
     u = res.left_eigenvectors
     torch.testing.assert_close(u.mH @ A, res.eigenvalues[:, None] * u.mH, atol=1e-9, rtol=0)
+    # randomized and deterministic rank-r DMD with r = d span everything: the same planted spectrum
+    for randomized in (True, False):
+        res_r = whitened_dmd(X, Y, rank=8, randomized=randomized)
+        torch.testing.assert_close(sort_eigs(res_r.eigenvalues), lam, rtol=0, atol=1e-9)
 
 
 def test_operator_is_in_zca_coordinates():
