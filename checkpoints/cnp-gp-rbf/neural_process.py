@@ -1,0 +1,196 @@
+"""Pieces shared by the conditional-neural-process models here: output type, Gaussian NLL, input checks, the
+translation-equivariant uniform grid, and a padding data collator for `Trainer`.
+
+Conventions (all models): context `(B, Nc, x_dim)` / `(B, Nc, y_dim)`, targets `(B, Nt, x_dim)`, boolean masks
+`(B, N)` with True = real point. Padded points never influence real ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+__all__ = [
+    "NeuralProcessOutput",
+    "gaussian_log_likelihood",
+    "masked_gaussian_nll",
+    "check_inputs",
+    "uniform_grid",
+    "NeuralProcessCollator",
+]
+
+
+@dataclass
+class NeuralProcessOutput(ModelOutput):
+    """Predictive distribution at the targets.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): Gaussian NLL per valid target point and output
+            dimension, averaged over the batch; returned when `target_y` is given.
+        mean (`torch.FloatTensor` of shape `(B, Nt, y_dim)`): predictive mean.
+        stddev (`torch.FloatTensor` of shape `(B, Nt, y_dim)`): predictive standard deviation (> 0).
+    """
+
+    loss: torch.FloatTensor | None = None
+    mean: torch.FloatTensor | None = None
+    stddev: torch.FloatTensor | None = None
+
+
+def gaussian_log_likelihood(
+    mean: torch.Tensor, stddev: torch.Tensor, target_y: torch.Tensor, target_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-task log-likelihood per target point (summed over `y_dim`, averaged over valid targets): `(B,)`.
+
+    This is the metric of the EquivCNP paper's 1-D table (log p(y_T | x_T, C) / N_T).
+    """
+    lp = torch.distributions.Normal(mean, stddev).log_prob(target_y).sum(-1)  # (B, Nt)
+    if target_mask is None:
+        return lp.mean(-1)
+    m = target_mask.to(lp.dtype)
+    return (lp * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def masked_gaussian_nll(
+    mean: torch.Tensor, stddev: torch.Tensor, target_y: torch.Tensor, target_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gaussian NLL averaged over every valid (task, target, output-dim) entry: a scalar.
+
+    The EquivCNP code sums over targets and averages over tasks; a per-point mean keeps the loss scale independent of
+    the (random) number of targets and makes it comparable with the per-point log-likelihood reported.
+    """
+    z = (target_y - mean) / stddev
+    nll = 0.5 * z * z + torch.log(stddev) + 0.5 * math.log(2 * math.pi)
+    if target_mask is None:
+        return nll.mean()
+    m = target_mask[..., None].to(nll.dtype).expand_as(nll)
+    return (nll * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape (B, N) = {shape}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def check_inputs(
+    context_x: torch.Tensor,
+    context_y: torch.Tensor,
+    target_x: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    target_mask: torch.Tensor | None,
+    target_y: torch.Tensor | None,
+    x_dim: int,
+    y_dim: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Validate shapes/dtypes/finiteness; return the masks as bool tensors (or None)."""
+    for name, t in (("context_x", context_x), ("context_y", context_y), ("target_x", target_x)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (batch, points, dim), got {tuple(t.shape)}; add a batch axis with [None]")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}; call .float()")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    b, nc, _ = context_x.shape
+    if context_x.shape[-1] != x_dim or target_x.shape[-1] != x_dim:
+        raise ValueError(
+            f"context_x/target_x last dim must be config.x_dim={x_dim}, got {context_x.shape[-1]} and {target_x.shape[-1]}"
+        )
+    if context_y.shape[:2] != (b, nc):
+        raise ValueError(f"context_y must have shape (B, Nc, y_dim) = ({b}, {nc}, {y_dim}), got {tuple(context_y.shape)}")
+    if context_y.shape[-1] != y_dim:
+        raise ValueError(f"context_y last dim must be config.y_dim={y_dim}, got {context_y.shape[-1]}")
+    if target_x.shape[0] != b:
+        raise ValueError(f"target_x batch size {target_x.shape[0]} differs from context_x batch size {b}")
+    nt = target_x.shape[1]
+    if nt == 0:
+        raise ValueError("target_x has no points; pass at least one target")
+    if target_y is not None:
+        if not isinstance(target_y, torch.Tensor) or tuple(target_y.shape) != (b, nt, y_dim):
+            shape = tuple(target_y.shape) if isinstance(target_y, torch.Tensor) else type(target_y).__name__
+            raise ValueError(f"target_y must have shape (B, Nt, y_dim) = ({b}, {nt}, {y_dim}), got {shape}")
+        if not torch.isfinite(target_y).all():
+            raise ValueError("target_y contains NaN or inf")
+    cm = _check_mask(context_mask, "context_mask", (b, nc))
+    tm = _check_mask(target_mask, "target_mask", (b, nt))
+    if tm is not None and not tm.any(-1).all():
+        raise ValueError("every task needs at least one valid target (a row of target_mask is all False)")
+    return cm, tm
+
+
+def uniform_grid(
+    points: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    points_per_unit: float,
+    margin: float,
+    max_points: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1-D grid per task spanning all valid points ± `margin`, `points_per_unit` apart: `(B, G, 1)`, mask `(B, G)`.
+
+    The grid starts at each task's own lower bound, so translating a task's inputs translates its grid: the
+    discretisation is translation-equivariant (EquivCNP/ConvCNP 1-D discretisation, with 64 resp. 32 points per unit).
+    """
+    lows, highs = [], []
+    for x, mask in points:
+        v = x[..., 0]
+        m = torch.ones_like(v, dtype=torch.bool) if mask is None else mask
+        lows.append(torch.where(m, v, torch.full_like(v, float("inf"))).amin(-1))
+        highs.append(torch.where(m, v, torch.full_like(v, float("-inf"))).amax(-1))
+    lo = torch.stack(lows, -1).amin(-1) - margin  # (B,)
+    hi = torch.stack(highs, -1).amax(-1) + margin
+    if not torch.isfinite(lo).all():
+        raise ValueError("a task has no valid input point to place the grid around")
+    n = torch.ceil((hi - lo) * points_per_unit).long() + 1
+    g = int(n.max())
+    if g > max_points:
+        raise ValueError(
+            f"the inputs span {float((hi - lo).max()):.3g} units, which needs {g} grid points > max_grid_points="
+            f"{max_points}; rescale x or raise config.max_grid_points"
+        )
+    i = torch.arange(g, device=lo.device, dtype=lo.dtype)
+    grid = lo[:, None] + i[None, :] / points_per_unit
+    return grid[..., None], i[None, :] < n[:, None]
+
+
+class NeuralProcessCollator:
+    """Pads a list of tasks into a batch for `Trainer`.
+
+    Each feature is a mapping with `context_x (Nc, x_dim)`, `context_y (Nc, y_dim)`, `target_x (Nt, x_dim)` and
+    optionally `target_y (Nt, y_dim)` (tensors, arrays or nested lists). Returns the padded tensors plus
+    `context_mask (B, Nc_max)` and `target_mask (B, Nt_max)`, ready for `model(**batch)`.
+    """
+
+    keys = ("context_x", "context_y", "target_x", "target_y")
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty list of tasks")
+        out: dict[str, torch.Tensor] = {}
+        for key in self.keys:
+            if key not in features[0]:
+                if key == "target_y":
+                    continue
+                raise ValueError(f"each task needs {key!r}; got keys {sorted(features[0])}")
+            items = [torch.as_tensor(f[key], dtype=torch.float32) for f in features]
+            for t in items:
+                if t.dim() != 2:
+                    raise ValueError(f"{key} of one task must have shape (points, dim), got {tuple(t.shape)}")
+            n = max(t.shape[0] for t in items)
+            batch = items[0].new_zeros(len(items), n, items[0].shape[1])
+            mask = torch.zeros(len(items), n, dtype=torch.bool)
+            for i, t in enumerate(items):
+                batch[i, : t.shape[0]] = t
+                mask[i, : t.shape[0]] = True
+            out[key] = batch
+            if key in ("context_x", "target_x"):
+                out[key.replace("_x", "_mask")] = mask
+        return out

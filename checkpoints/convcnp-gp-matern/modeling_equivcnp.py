@@ -1,0 +1,173 @@
+"""EquivCNP (Kawano, Kumagai, Sannai, Iwasawa, Matsuo; ICLR 2021) on our LieConv, as a `PreTrainedModel`.
+
+Φ(Z) = ρ(E(Z)) (the paper's decomposition theorem, the group analogue of ConvDeepSets):
+
+1. **Discretisation** D of the input space: a uniform grid over the data (T(1)), or the context ∪ target points, or the
+   targets. Every choice moves with the data under the group, so nothing here breaks equivariance.
+2. **E (ConvDeepSet):** `h⁰(u) = Σ_c ψ(d_G(u, x_c))`, `h¹(u) = Σ_c ψ(d_G(u, x_c)) y_c / (h⁰(u) + 1e-8)` with
+   ψ(d) = exp(-d²/2ℓ²) and d_G the group distance (invariant). Power features φ(y) = (1, y), i.e. multiplicity K = 1
+   as in the EquivCNP code. Using d_G instead of the Euclidean RBF makes E invariant under scaling for R×SO(2).
+3. **ρ:** `Linear(1 + y_dim → C)` then `num_layers` LieConv residual blocks on D.
+4. **Read-out:** a LieConv from D to the targets, then an MLP to mean and σ = min_std + softplus(·).
+
+Unlike the released 1-D model, no raw coordinate enters the features (it broke translation equivariance), and there
+is no random subsampling or batch norm, so the model is deterministic and exactly equivariant in train and eval mode
+(up to floating-point rounding and ties in the k-nearest-neighbour truncation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_equivcnp import EquivCNPConfig
+from .groups import get_group
+from .lieconv import LieConv, LieConvBlock, build_neighbourhood, gather_points
+from .neural_process import NeuralProcessOutput, check_inputs, masked_gaussian_nll, uniform_grid
+
+__all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
+
+logger = logging.getLogger(__name__)
+
+
+class EquivCNPPreTrainedModel(PreTrainedModel):
+    config_class = EquivCNPConfig
+    base_model_prefix = "equivcnp"
+    main_input_name = "context_x"
+    accepts_loss_kwargs = False  # the loss is a per-point mean; let the Trainer scale for gradient accumulation
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's default (Kaiming-uniform weights, uniform biases): zero biases leave the kernel MLPs nearly
+        # constant at initialisation, and the model then barely reacts to the context. Loaded weights are skipped by
+        # transformers' guarded init functions.
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            module.reset_parameters()
+
+
+class EquivCNPModel(EquivCNPPreTrainedModel):
+    """Group-equivariant conditional neural process.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_koopman import EquivCNPConfig, EquivCNPModel
+    >>> model = EquivCNPModel(EquivCNPConfig(group="T1")).eval()
+    >>> out = model(torch.rand(2, 10, 1), torch.randn(2, 10, 1), torch.linspace(-1, 1, 50).expand(2, 50)[..., None])
+    >>> out.mean.shape, out.stddev.shape
+    (torch.Size([2, 50, 1]), torch.Size([2, 50, 1]))
+    ```
+    """
+
+    def __init__(self, config: EquivCNPConfig) -> None:
+        super().__init__(config)
+        self.group = get_group(config.group, config.alpha)
+        e = self.group.embed_dim
+        c = config.hidden_size
+        self.log_length_scale = nn.Parameter(torch.tensor(math.log(config.encoder_length_scale)))
+        self.embed = nn.Linear(1 + config.y_dim, c)
+        self.blocks = nn.ModuleList(
+            LieConvBlock(c, e, config.radius, config.kernel_channels, config.kernel_hidden) for _ in range(config.num_layers)
+        )
+        self.readout = LieConv(c, c, e, config.radius, config.kernel_channels, config.kernel_hidden)
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 2 * config.y_dim))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            from transformers import initialization as init
+
+            init.constant_(self.log_length_scale, math.log(self.config.encoder_length_scale))
+
+    def discretise(
+        self,
+        context_x: torch.Tensor,
+        target_x: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The points ρ runs on: `(B, Nd, x_dim)` and their mask `(B, Nd)`."""
+        cfg = self.config
+        b = context_x.shape[0]
+        ones = lambda x: torch.ones(b, x.shape[1], dtype=torch.bool, device=x.device)  # noqa: E731
+        cm = ones(context_x) if context_mask is None else context_mask
+        tm = ones(target_x) if target_mask is None else target_mask
+        if cfg.discretisation == "grid":
+            return uniform_grid([(context_x, cm), (target_x, tm)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points)
+        if cfg.discretisation == "targets":
+            return target_x, tm
+        return torch.cat([context_x, target_x], 1), torch.cat([cm, tm], 1)
+
+    def encode(
+        self, points: torch.Tensor, context_x: torch.Tensor, context_y: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """ConvDeepSet E(Z) at `points (B, Nd, x_dim)` -> `(B, Nd, 1 + y_dim)` = [density h⁰, normalised signal h¹]."""
+        if context_x.shape[1] == 0:
+            return points.new_zeros(*points.shape[:2], 1 + self.config.y_dim)
+        nb = build_neighbourhood(self.group, points, context_x, self.config.encoder_neighbours, context_mask)
+        ell = self.log_length_scale.exp()
+        psi = torch.exp(-0.5 * (nb.distance.clamp(max=1e4) / ell) ** 2) * nb.valid  # (B, Nd, k)
+        h0 = psi.sum(-1, keepdim=True)
+        h1 = (psi[..., None] * gather_points(context_y, nb.index)).sum(-2) / (h0 + 1e-8)
+        return torch.cat([h0, h1], -1)
+
+    def _check_truncation(self, nb) -> None:
+        """Warn (once) when the k-nearest cut falls inside the window radius: the neighbourhood then depends on how
+        ties are broken, and equivariance is no longer exact. Raise `num_neighbours` or lower `radius`."""
+        if getattr(self, "_warned_truncation", False) or nb.distance.shape[-1] == 0:
+            return
+        cut = nb.valid[..., -1] & (nb.distance[..., -1] < self.config.radius)
+        frac = float(cut.float().mean())
+        if frac > 0.01:
+            self._warned_truncation = True
+            logger.warning(
+                "EquivCNP: for %.0f%% of points the %d nearest neighbours all lie inside radius=%.3g, so the window is "
+                "truncated; raise config.num_neighbours or lower config.radius for exact equivariance.",
+                100 * frac, self.config.num_neighbours, self.config.radius,
+            )
+
+    def forward(
+        self,
+        context_x: torch.Tensor,
+        context_y: torch.Tensor,
+        target_x: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        target_y: torch.Tensor | None = None,
+    ) -> NeuralProcessOutput:
+        r"""
+        Args:
+            context_x (`torch.FloatTensor` of shape `(B, Nc, x_dim)`): context inputs.
+            context_y (`torch.FloatTensor` of shape `(B, Nc, y_dim)`): context outputs.
+            target_x (`torch.FloatTensor` of shape `(B, Nt, x_dim)`): where to predict.
+            context_mask (`torch.BoolTensor` of shape `(B, Nc)`, *optional*): True for real context points.
+            target_mask (`torch.BoolTensor` of shape `(B, Nt)`, *optional*): True for real targets.
+            target_y (`torch.FloatTensor` of shape `(B, Nt, y_dim)`, *optional*): if given, `loss` is the Gaussian NLL
+                per valid target point.
+
+        Returns:
+            [`NeuralProcessOutput`] with `mean` and `stddev` of shape `(B, Nt, y_dim)` and `loss`.
+        """
+        cfg = self.config
+        context_mask, target_mask = check_inputs(
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim
+        )
+        points, point_mask = self.discretise(context_x, target_x, context_mask, target_mask)
+        h = self.embed(self.encode(points, context_x, context_y, context_mask))
+        nb = build_neighbourhood(self.group, points, points, cfg.num_neighbours, point_mask, cfg.pair_scale)
+        self._check_truncation(nb)
+        for block in self.blocks:
+            h = block(h, nb)
+        nb_out = build_neighbourhood(self.group, target_x, points, cfg.num_neighbours, point_mask, cfg.pair_scale)
+        raw = self.head(self.readout(h, nb_out))
+        mean, raw_std = raw.split(cfg.y_dim, dim=-1)
+        stddev = cfg.min_std + nn.functional.softplus(raw_std)
+        if not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
+            raise FloatingPointError("EquivCNP produced a non-finite prediction; check input scales and the learning rate")
+        loss = masked_gaussian_nll(mean, stddev, target_y, target_mask) if target_y is not None else None
+        return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
