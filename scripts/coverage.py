@@ -163,6 +163,7 @@ def category_of(model: Any, config: Any) -> str:
 
 def run_one(model_type: str, timeout: int) -> dict[str, Any]:
     from hf_koopman.profiling import default_probe_inputs, find_residual_blocks, profile
+    from hf_koopman.profiling.inputs import prepare_batch
 
     row: dict[str, Any] = {"model_type": model_type, "category": "", "status": "", "blocks_found": 0,
                            "num_hidden_layers": None, "stacks": "", "seconds": 0.0, "message": ""}
@@ -186,10 +187,19 @@ def run_one(model_type: str, timeout: int) -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             pass
         try:
+            inputs = default_probe_inputs(model, num_tokens=128, seed=0, seq_len=64)
+            with torch.no_grad():  # the model must run its own forward on the probe before hooks are judged
+                model(**prepare_batch(inputs, model))
+        except _Timeout:
+            row.update(status="no probe", message=f"the plain forward on the probe took over {timeout}s")
+            return row
+        except Exception as err:  # noqa: BLE001 - default probe unsuitable, or the shrunk model fails its own forward
+            row.update(status="no probe", message=f"{type(err).__name__}: {err}"[:300])
+            return row
+        try:
             blocks = find_residual_blocks(model)
             row["blocks_found"] = len(blocks)
             row["stacks"] = ",".join(dict.fromkeys(b.stack or "main" for b in blocks))
-            inputs = default_probe_inputs(model, num_tokens=128, seed=0, seq_len=64)
             result = profile(model, inputs, num_samples=128, rank=8)
             masses = [f.near_unit_mass for f in result.features]
             if not masses or not all(math.isfinite(m) for m in masses):
@@ -207,17 +217,33 @@ def run_one(model_type: str, timeout: int) -> dict[str, Any]:
         gc.collect()
 
 
+def _wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95 % Wilson interval of a proportion (for a run that covered a random sample of the types)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 4), round(centre + half, 4)]
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"total_types": len(rows)}
     for cat in ("text", "vision", "multimodal", "audio/other"):
         sub = [r for r in rows if r["category"] == cat]
         ok = sum(r["status"] == "ok" for r in sub)
-        summary[cat] = {"buildable": len(sub), "ok": ok, "error": len(sub) - ok,
-                        "coverage": round(ok / len(sub), 4) if sub else None}
+        error = sum(r["status"] == "error" for r in sub)
+        summary[cat] = {"buildable": len(sub), "ok": ok, "error": error, "no_probe": len(sub) - ok - error,
+                        "coverage": round(ok / len(sub), 4) if sub else None,
+                        "hook_coverage": round(ok / (ok + error), 4) if ok + error else None}
     target = [r for r in rows if r["category"] in ("text", "vision")]
     ok = sum(r["status"] == "ok" for r in target)
-    summary["text+vision"] = {"buildable": len(target), "ok": ok,
-                              "coverage": round(ok / len(target), 4) if target else None}
+    error = sum(r["status"] == "error" for r in target)
+    summary["text+vision"] = {"buildable": len(target), "ok": ok, "error": error,
+                              "no_probe": len(target) - ok - error,
+                              "coverage": round(ok / len(target), 4) if target else None,
+                              "wilson95": _wilson(ok, len(target)),
+                              "hook_coverage": round(ok / (ok + error), 4) if ok + error else None}
     summary["not_buildable"] = sum(r["status"] == "not buildable" for r in rows)
     ok_rows = [r for r in rows if r["status"] == "ok"]
     summary["ok_with_blocks_equal_num_hidden_layers"] = sum(
@@ -246,13 +272,30 @@ def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
         "its own attribute names (2 layers, width 64, 4 heads, vocabulary 256, 32-px images), built with "
         "`AutoModel.from_config` and profiled on the default probe (N = 128 token states, rank 8).",
         "",
-        "| category | buildable tiny | ok | error | coverage |",
-        "|---|---|---|---|---|",
+        "Statuses: **ok** = profiled; **error** = the model runs its own forward on the probe but profiling fails (a "
+        "hf_koopman failure); **no probe** = the default probe does not fit the model or the shrunk model fails its own "
+        "plain forward (pass `inputs=` explicitly; not a hook failure); **not buildable** = no tiny model offline.",
+        "",
+        "| category | built tiny | ok | error | no probe | coverage (ok / built) | hook coverage (ok / (ok + error)) |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f} %"
+
     for cat in ("text", "vision", "text+vision", "multimodal", "audio/other"):
         s = summary[cat]
-        cov = "n/a" if s["coverage"] is None else f"{100 * s['coverage']:.1f} %"
-        lines.append(f"| {cat} | {s['buildable']} | {s['ok']} | {s.get('error', s['buildable'] - s['ok'])} | {cov} |")
+        lines.append(f"| {cat} | {s['buildable']} | {s['ok']} | {s['error']} | {s['no_probe']} | {pct(s['coverage'])} | "
+                     f"{pct(s['hook_coverage'])} |")
+    if meta["types_done"] < meta["types_requested"]:
+        ci = summary["text+vision"]["wilson95"]
+        lines += [
+            "",
+            f"**Partial run**: {meta['types_done']} of {meta['types_requested']} types finished before the time budget "
+            "ran out (the types are run in a seeded random order, so the finished ones are a uniform sample; audio-like "
+            "configs were skipped as outside the text+vision target). 95 % Wilson interval of the text+vision "
+            f"coverage: [{100 * ci[0]:.1f} %, {100 * ci[1]:.1f} %]." if ci else "",
+        ]
     lines += [
         "",
         f"Not buildable tiny offline: {summary['not_buildable']} of {summary['total_types']} types (excluded from the "
@@ -264,7 +307,7 @@ def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
         "| model_type | category | status | blocks found | num_hidden_layers | stacks | s | message |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    order = {"error": 0, "ok": 1, "not buildable": 2}
+    order = {"error": 0, "no probe": 1, "ok": 2, "not buildable": 3}
     for r in sorted(rows, key=lambda r: (order[r["status"]], r["category"], r["model_type"])):
         message = str(r["message"]).replace("|", "\\|").replace("\n", " ")[:160]
         lines.append(f"| {r['model_type']} | {r['category']} | {r['status']} | {r['blocks_found']} | "
@@ -282,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the rows already in OUT/coverage.jsonl (one row per finished type) and run the rest")
     parser.add_argument("--write-only", action="store_true", help="only rebuild the tables from OUT/coverage*.jsonl")
     parser.add_argument("--shard", help="I/N: run every N-th type starting at I (parallel runs write separate files)")
+    parser.add_argument("--shuffle", type=int, metavar="SEED",
+                        help="run the types in a seeded random order, so that an interrupted run is a uniform sample")
     parser.add_argument("--skip-audio", action="store_true",
                         help="skip types whose config looks like audio/speech (not part of the text+vision target)")
     args = parser.parse_args(argv)
@@ -296,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         types = types[: args.limit]
     all_types = list(types)
+    if args.shuffle is not None:
+        import random
+
+        types = list(types)
+        random.Random(args.shuffle).shuffle(types)
     if args.shard:
         index, count = (int(v) for v in args.shard.split("/"))
         types = types[index::count]

@@ -136,6 +136,15 @@ def iter_batches(
     )
 
 
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """Drop label keys, move tensors to the model's device (floats to its dtype) and add decoder inputs for
     encoder-decoder models (the decoder is probed with the encoder's tokens)."""
@@ -151,6 +160,8 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
         if isinstance(value, torch.Tensor):
             value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
         out[key] = value
+    if "use_cache" not in out and _accepts(model, "use_cache"):
+        out["use_cache"] = False  # a diagnostic forward needs no KV cache (and some hybrid caches need a prefill)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) and "input_ids" in out and "decoder_input_ids" not in out:
         out["decoder_input_ids"] = out["input_ids"]
