@@ -4,7 +4,7 @@ The residual stream h_l of N probe tokens is small (N x d) even when the model i
 parameters but h_l for N = 2048 tokens is 2048 x 4096 floats. So the model skeleton is instantiated on the meta device
 (no storage), only the non-block modules the forward needs (embeddings, rotary buffers, final norm) are made real, and
 each residual block is materialised by a forward pre-hook -- initialised by the model's own `_init_weights` under
-`seed + block_index`, or loaded from the safetensors folder -- run by the model's own forward (which computes masks,
+a per-block seed (a hash of `seed` and the block index), or loaded from the safetensors folder -- run by the model's own forward (which computes masks,
 rotary embeddings and any other per-block inputs generically), recorded by the shared `ResidualStreamRecorder` and freed
 again by a forward hook. The forward is stopped after the last block, so the LM head is never built. The snapshots then
 go through the same analysis as `profile` (`profile_from_snapshots`).
@@ -243,7 +243,7 @@ def profile_streaming(
 
     Gives the same per-layer features as `profile(model, ...)` for a saved model (same probe, same seed), and, at
     initialisation, spectra from the same distribution as `profile(AutoModelForCausalLM.from_config(config))` (the
-    weights differ only in how the random stream is split: block `i` is initialised under `seed + i`).
+    weights differ only in how the random stream is split: block `i` is initialised under its own seed, `block_seed(seed, i)`).
 
     Args:
         model (`PretrainedConfig`, `str` or `os.PathLike`):

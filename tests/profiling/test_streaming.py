@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from hf_koopman.profiling import find_residual_blocks, profile
-from hf_koopman.profiling._streaming_weights import InitWeights, module_bytes
+from hf_koopman.profiling._streaming_weights import InitWeights, block_seed, module_bytes
 from hf_koopman.profiling.streaming import (
     InsufficientMemoryError,
     _build_skeleton,
@@ -147,7 +147,9 @@ def test_init_blocks_follow_the_models_own_init(name):
         assert p.device.type == "cpu" and p.shape == ref.shape
         assert p.mean().item() == pytest.approx(ref.mean().item(), abs=3e-3), rel
         assert p.std().item() == pytest.approx(ref.std().item(), rel=0.1, abs=1e-6), rel
-    # seeded per block: rebuilding block 1 gives the same tensors, block 2 different ones
+    # seeded per block: rebuilding block 1 gives the same tensors, block 2 different ones, and no block shares the
+    # random stream of the probe (seed 7) or of run seed 8's block 0
+    assert len({block_seed(7, 0), block_seed(7, 1), block_seed(8, 0), 7, 8}) == 5
     first = {k: v.clone() for k, v in blocks[1].module.named_parameters()}
     weights.materialise(blocks[1].module, 1)
     weights.materialise(blocks[2].module, 2)
@@ -162,7 +164,7 @@ def test_init_spectra_match_from_config_statistically():
     seeds = range(4)
     ordinary, streamed = [], []
     for seed in seeds:
-        torch.manual_seed(seed)
+        torch.manual_seed(1000 + seed)  # apart from the probe generator's seed (same stream would correlate them)
         model = AutoModelForCausalLM.from_config(config)
         ordinary.append(profile(model, num_samples=N, rank=RANK, seed=seed))
         streamed.append(profile_streaming(config, num_samples=N, rank=RANK, seed=seed, progress=False))
