@@ -44,7 +44,8 @@ class KSSTrainer(Trainer):
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
       `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the r eigenvalues in
       `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
-      micro-batches since the last log and across processes.
+      micro-batches since the last log and across processes. The Trainer's own `loss` is the optimised objective,
+      i.e. it includes `alpha * penalty` on KSS steps.
 
     Args:
         kss_config ([`KSSConfig`], *optional*):
