@@ -113,11 +113,12 @@ class ActivationWatch:
 
     def first_bad_index(self) -> int | None:
         """Index of the first block whose output was non-finite since `reset()`; syncs once."""
-        flags = [f if f is not None else torch.zeros((), dtype=torch.bool) for f in self._flags]
-        if not flags:
+        seen = [f for f in self._flags if f is not None]
+        if not seen:
             return None
-        stacked = torch.stack([f.cpu() for f in flags])
-        hits = stacked.nonzero().flatten().tolist()
+        device = seen[0].device
+        flags = [f.to(device) if f is not None else torch.zeros((), dtype=torch.bool, device=device) for f in self._flags]
+        hits = torch.stack(flags).nonzero().flatten().tolist()  # the single host sync
         return hits[0] if hits else None
 
     def reset(self) -> None:
