@@ -209,3 +209,22 @@ def test_peft_lora_gradients_only_reach_lora_parameters(tmp_path):
     assert with_kss and all("lora_" in name for name in with_kss)  # frozen base weights get no gradient
     diff = sum((with_kss[n] - without[n]).abs().sum().item() for n in with_kss)
     assert diff > 1e-6  # the KSS gradient reaches the LoRA parameters
+
+
+def test_kss_lowers_its_penalty_when_it_dominates_the_loss(tmp_path):
+    """On a fixed batch, KSS-weighted steps must reduce L_KSS; the same run with a negligible alpha must not."""
+
+    def penalties(alpha, sub):
+        trainer = KSSTrainer(
+            model=tiny_gpt2(n_layer=2),
+            args=_args(tmp_path / sub, max_steps=8, kss_alpha=alpha, kss_every_n_steps=1, kss_layer_fraction=1.0,
+                       learning_rate=3e-3, max_grad_norm=0.0, per_device_train_batch_size=2),
+            train_dataset=TokenDataset(n=16, repeat_first=True),
+        )
+        trainer.train()
+        return [h["kss/penalty"] for h in trainer.state.log_history if "kss/penalty" in h]
+
+    shaped, control = penalties(20.0, "kss"), penalties(1e-6, "control")
+    assert len(shaped) == len(control) == 8 and shaped[0] == pytest.approx(control[0])
+    assert shaped[-1] < 0.75 * shaped[0], shaped
+    assert shaped[-1] < 0.8 * control[-1], (shaped, control)
