@@ -363,8 +363,7 @@ def plot_images(models: dict, data: dict, path: Path, seed: int) -> None:
         preds = {g: model.eval()(**{k: v for k, v in task.items() if k != "target_y"}).mean[..., 0] for g, model in models.items()}
         cols.append((frac, ctx, preds))
     rows = ["truth", "context"] + list(models)
-    cmap = matplotlib.colormaps["gray"].copy()
-    cmap.set_bad("#4a7bb7")  # pixels outside the context
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="#4a7bb7")  # pixels outside the context
     ncol = 2 * len(imgs_)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.3 * ncol, 1.3 * len(rows)), squeeze=False)
     for c, (frac, ctx, preds) in enumerate(cols):
