@@ -1,0 +1,449 @@
+"""ReyNet: invariant and equivariant Reynolds networks on graphs / 2-tensors as `PreTrainedModel`s.
+
+Sannai, Kawano, Kumagai, "Invariant and Equivariant Reynolds Networks", JMLR 25(42), 2024 (arXiv 2110.08092).
+Each block is the reductive Reynolds operator over the design of ordered node pairs (O(n²), see `reynolds.py`)
+applied to a pair MLP φ, then an optional skip and a channel MLP. Node masks let graphs of different sizes share a
+batch: padded nodes never reach real nodes (they are excluded from every sum and from the 1/(n−1) normalisation).
+
+Layout: building blocks -> `ReyNetPreTrainedModel` -> `ReyNetModel` -> heads. Imports only torch, transformers and
+files in this folder (Hub remote code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_reynet import ReyNetConfig
+from .iegn import IEGNLinear
+from .reynolds import pair_blocks
+
+
+__all__ = [
+    "ReyNetPreTrainedModel",
+    "ReyNetModel",
+    "ReyNetForGraphClassification",
+    "ReyNetForEquivariantRegression",
+    "ReyNetForInvariantRegression",
+    "ReyNetModelOutput",
+    "ReyNetEquivariantOutput",
+    "ReyNetInvariantOutput",
+]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReyNetModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_channels, n, n)`):
+            Equivariant features; zero at padded nodes.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, 2 * hidden_channels)`):
+            Invariant readout: per channel, pooled diagonal then pooled off-diagonal entries.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Input and the output of every block, each `(batch_size, channels, n, n)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ReyNetInvariantOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): cross-entropy (classification) or MSE (regression).
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)` or `(batch_size, num_targets)`).
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, 2 * hidden_channels)`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ReyNetEquivariantOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): MSE over the entries of real nodes.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_targets, n, n)`): predicted tensor (zero at padding).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building blocks (channel-last inside blocks: (B, n, n, F))
+# ----------------------------------------------------------------------------------------------------------------------
+def _mlp(sizes: list[int], act: str, final_act: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or final_act:
+            layers.append(_ACTIVATIONS[act]())
+    return nn.Sequential(*layers)
+
+
+def _pair_masks(node_mask: torch.Tensor | None, B: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Node mask `(B, n)`, off-diagonal pair mask `(B, n, n)` (both nodes real, a ≠ b) and real-node counts `(B,)`."""
+    if node_mask is None:
+        node = torch.ones(B, n, dtype=torch.bool, device=device)
+    else:
+        node = node_mask.bool()
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    pair = node[:, :, None] & node[:, None, :] & ~eye
+    return node, pair, node.sum(dim=1)
+
+
+class ReyNetReynoldsBlock(nn.Module):
+    """Reductive Reynolds operator on a pair MLP φ (+ skip and channel MLP): `(B, n, n, C_in)` -> `(B, n, n, C_out)`.
+
+    Y[a,b] = φ₁(block(a,b)) for a ≠ b; Y[a,a] = 1/(n_real−1) Σ_{real b≠a} φ₀(block(a,b)) (the paper's normalisation,
+    with n the number of real nodes of each graph; a graph with one node gets Y[a,a] = 0).
+    """
+
+    def __init__(self, config: ReyNetConfig, in_channels: int) -> None:
+        super().__init__()
+        self.depthwise = config.phi_mode == "depthwise"
+        if self.depthwise:
+            rey_channels = in_channels
+            self.phi = _mlp([4, *config.phi_hidden_sizes, 2], config.hidden_act, final_act=False)
+        else:
+            rey_channels = config.reynolds_channels or in_channels
+            self.phi = _mlp([4 * in_channels, *config.phi_hidden_sizes, 2 * rey_channels], config.hidden_act, False)
+        self.rey_channels = rey_channels
+        self.skip = (
+            nn.Sequential(nn.Linear(in_channels + rey_channels, rey_channels), _ACTIVATIONS[config.hidden_act]())
+            if config.skip_connection
+            else None
+        )
+        self.channel_mlp = _mlp([rey_channels, *config.channel_hidden_sizes], config.hidden_act, final_act=True)
+        self.out_channels = config.channel_hidden_sizes[-1] if config.channel_hidden_sizes else rey_channels
+
+    def _first_linear_joint(self, h: torch.Tensor) -> torch.Tensor:
+        """φ's first linear layer on every pair block without materialising the `(B, n, n, 4C)` blocks.
+
+        The weight columns for `[X[a,a], X[a,b], X[b,a], X[b,b]]` act separately, so
+        `W·block(a,b) = W₀ d[a] + W₁ X[a,b] + W₂ X[b,a] + W₃ d[b]`: half the multiply-adds and no block tensor
+        (same result as `self.phi[0](pair_blocks(...))`).
+        """
+        first = self.phi[0]
+        W = first.weight.reshape(first.out_features, -1, 4)  # (h, C, 4): channel-major block layout
+        d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C)
+        pre = h @ W[:, :, 1].T + (h @ W[:, :, 2].T).transpose(1, 2)  # X[a,b] and X[b,a] terms, (B, n, n, h)
+        pre = pre + (d @ W[:, :, 0].T)[:, :, None, :] + (d @ W[:, :, 3].T)[:, None, :, :]
+        return pre + first.bias
+
+    def reynolds(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """The Reynolds part alone, `(B, n, n, C)` -> `(B, n, n, C')`."""
+        B, n, _, C = h.shape
+        if self.depthwise:
+            blocks = pair_blocks(h.permute(0, 3, 1, 2))  # (B, n, n, 4C), channel-major
+            out = self.phi(blocks.reshape(B, n, n, C, 4))  # (B, n, n, C, 2)
+            diag_part, off_part = out[..., 0], out[..., 1]
+        else:
+            out = self.phi[1:](self._first_linear_joint(h))
+            diag_part, off_part = out[..., : self.rey_channels], out[..., self.rey_channels :]
+        keep = pair[..., None]
+        off = torch.where(keep, off_part, torch.zeros((), dtype=off_part.dtype, device=h.device))
+        diag_sum = torch.where(keep, diag_part, torch.zeros((), dtype=diag_part.dtype, device=h.device)).sum(dim=2)
+        diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]  # (B, n, C')
+        return off + torch.diag_embed(diag.transpose(1, 2)).permute(0, 2, 3, 1)
+
+    def forward(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        y = self.reynolds(h, pair, node, count)
+        if self.skip is not None:
+            y = self.skip(torch.cat((h, y), dim=-1))
+        y = self.channel_mlp(y)
+        return _zero_padding(y, node)
+
+
+class ReyNetIEGNBlock(nn.Module):
+    """Maron et al.'s linear equivariant layer + activation (the baseline): `(B, n, n, C_in)` -> `(B, n, n, C_out)`."""
+
+    def __init__(self, config: ReyNetConfig, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.linear = IEGNLinear(in_channels, out_channels)
+        self.act = _ACTIVATIONS[config.hidden_act]()
+        self.out_channels = out_channels
+
+    def forward(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.linear(h.permute(0, 3, 1, 2), node)).permute(0, 2, 3, 1)
+        return _zero_padding(y, node)
+
+
+def _zero_padding(y: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    both = node[:, :, None, None] & node[:, None, :, None]
+    return torch.where(both, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+class ReyNetPooler(nn.Module):
+    """Invariant readout `(B, n, n, F)` -> `(B, 2F)`: pooled diagonal and pooled off-diagonal entries per channel."""
+
+    def __init__(self, config: ReyNetConfig) -> None:
+        super().__init__()
+        self.mean = config.pooling == "mean"
+
+    def forward(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=h.dtype, device=h.device)
+        diag = torch.where(node[..., None], h.diagonal(dim1=1, dim2=2).transpose(1, 2), zero).sum(dim=1)
+        off = torch.where(pair[..., None], h, zero).sum(dim=(1, 2))
+        if self.mean:
+            c = count.to(h.dtype)[:, None]
+            diag = diag / c.clamp_min(1)
+            off = off / (c * (c - 1)).clamp_min(1)
+        return torch.cat((diag, off), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pretrained base
+# ----------------------------------------------------------------------------------------------------------------------
+class ReyNetPreTrainedModel(PreTrainedModel):
+    config_class = ReyNetConfig
+    config: ReyNetConfig
+    base_model_prefix = "reynet"
+    main_input_name = "graph_tensor"
+    accepts_loss_kwargs = False  # our losses are per-batch means
+    _no_split_modules = ["ReyNetReynoldsBlock", "ReyNetIEGNBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            if self.config.initializer == "xavier_uniform":  # the paper's code: Xavier-uniform weights, zero biases
+                init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            else:
+                module.reset_parameters()
+        elif isinstance(module, IEGNLinear):
+            init.normal_(module.weight, mean=0.0, std=(2.0 / (module.in_channels + module.out_channels)) ** 0.5)
+            init.zeros_(module.bias_all)
+            init.zeros_(module.bias_diag)
+
+
+def _check_inputs(graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in_channels: int) -> None:
+    if not isinstance(graph_tensor, torch.Tensor):
+        raise TypeError(f"graph_tensor must be a torch.Tensor of shape (B, C, n, n), got {type(graph_tensor).__name__}")
+    if graph_tensor.dim() != 4 or graph_tensor.shape[-1] != graph_tensor.shape[-2]:
+        raise ValueError(f"graph_tensor must have shape (B, C, n, n), got {tuple(graph_tensor.shape)}")
+    if graph_tensor.shape[1] != in_channels:
+        raise ValueError(
+            f"graph_tensor has {graph_tensor.shape[1]} channels but config.in_channels={in_channels}; "
+            "build the model with a matching ReyNetConfig(in_channels=...)."
+        )
+    if not graph_tensor.is_floating_point():
+        raise TypeError(f"graph_tensor must be a floating-point tensor, got {graph_tensor.dtype}")
+    if node_mask is not None:
+        B, _, n, _ = graph_tensor.shape
+        if node_mask.shape != (B, n):
+            raise ValueError(f"node_mask must have shape (B, n) = {(B, n)}, got {tuple(node_mask.shape)}")
+
+
+class ReyNetModel(ReyNetPreTrainedModel):
+    """The bare ReyNet encoder: equivariant features `(B, C', n, n)` and their invariant readout.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_koopman import ReyNetConfig, ReyNetModel
+    >>> model = ReyNetModel(ReyNetConfig(in_channels=2, channel_hidden_sizes=[8]))
+    >>> x = torch.rand(3, 2, 5, 5)
+    >>> model(x).last_hidden_state.shape
+    torch.Size([3, 8, 5, 5])
+    ```
+    """
+
+    def __init__(self, config: ReyNetConfig) -> None:
+        super().__init__(config)
+        blocks: list[nn.Module] = []
+        channels = config.in_channels
+        if config.layer_type == "reynolds":
+            for _ in range(config.num_reynolds_layers):
+                block = ReyNetReynoldsBlock(config, channels)
+                blocks.append(block)
+                channels = block.out_channels
+        else:
+            for width in config.channel_hidden_sizes:
+                blocks.append(ReyNetIEGNBlock(config, channels, width))
+                channels = width
+        self.blocks = nn.ModuleList(blocks)
+        self.pooler = ReyNetPooler(config)
+        self.post_init()
+
+    def forward(
+        self,
+        graph_tensor: torch.Tensor,
+        node_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ReyNetModelOutput:
+        r"""
+        Args:
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`):
+                Per-channel n×n tensors (e.g. normalised adjacency and one-hot node labels on the diagonal).
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*):
+                True for real nodes. Padded nodes do not influence real nodes; their outputs are zero.
+            output_hidden_states (`bool`, *optional*):
+                Return the input and every block's output (channel-first).
+        """
+        _check_inputs(graph_tensor, node_mask, self.config.in_channels)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        B, _, n, _ = graph_tensor.shape
+        node, pair, count = _pair_masks(node_mask, B, n, graph_tensor.device)
+        h = _zero_padding(graph_tensor.permute(0, 2, 3, 1), node)  # (B, n, n, C)
+        states = [h] if output_hidden_states else None
+        for block in self.blocks:
+            h = block(h, pair, node, count)
+            if states is not None:
+                states.append(h)
+        pooled = self.pooler(h, pair, node, count)
+        return ReyNetModelOutput(
+            last_hidden_state=h.permute(0, 3, 1, 2),
+            pooler_output=pooled,
+            hidden_states=tuple(s.permute(0, 3, 1, 2) for s in states) if states is not None else None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# heads
+# ----------------------------------------------------------------------------------------------------------------------
+class _InvariantHead(nn.Module):
+    def __init__(self, config: ReyNetConfig, out_features: int) -> None:
+        super().__init__()
+        sizes = [2 * config.hidden_channels, *config.head_hidden_sizes, out_features]
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            if config.head_dropout > 0:
+                layers.append(nn.Dropout(config.head_dropout))
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                layers.append(_ACTIVATIONS[config.hidden_act]())
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)
+
+
+class ReyNetForGraphClassification(ReyNetPreTrainedModel):
+    """ReyNet + invariant pooling + MLP classifier (`config.num_labels` classes); cross-entropy loss."""
+
+    def __init__(self, config: ReyNetConfig) -> None:
+        super().__init__(config)
+        if config.num_labels < 2:
+            raise ValueError(f"ReyNetForGraphClassification needs num_labels >= 2, got {config.num_labels}")
+        self.reynet = ReyNetModel(config)
+        self.classifier = _InvariantHead(config, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        graph_tensor: torch.Tensor,
+        node_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ReyNetInvariantOutput:
+        r"""
+        Args:
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`).
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices in `[0, num_labels)`.
+        """
+        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
+        logits = self.classifier(out.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels.to(logits.device).long().view(-1))
+        return ReyNetInvariantOutput(
+            loss=loss, logits=logits, pooler_output=out.pooler_output, hidden_states=out.hidden_states
+        )
+
+
+class ReyNetForInvariantRegression(ReyNetPreTrainedModel):
+    """ReyNet + invariant pooling + MLP regressor (`config.num_targets` outputs); MSE loss."""
+
+    def __init__(self, config: ReyNetConfig) -> None:
+        super().__init__(config)
+        self.reynet = ReyNetModel(config)
+        self.regressor = _InvariantHead(config, config.num_targets)
+        self.post_init()
+
+    def forward(
+        self,
+        graph_tensor: torch.Tensor,
+        node_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ReyNetInvariantOutput:
+        r"""
+        Args:
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`).
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*).
+            labels (`torch.FloatTensor` of shape `(batch_size, num_targets)` or `(batch_size,)`, *optional*).
+        """
+        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
+        logits = self.regressor(out.pooler_output)
+        loss = None
+        if labels is not None:
+            target = labels.to(device=logits.device, dtype=logits.dtype).reshape(logits.shape)
+            loss = nn.functional.mse_loss(logits, target)
+        return ReyNetInvariantOutput(
+            loss=loss, logits=logits, pooler_output=out.pooler_output, hidden_states=out.hidden_states
+        )
+
+
+class ReyNetForEquivariantRegression(ReyNetPreTrainedModel):
+    """ReyNet + a linear 1×1 projection to `config.num_targets` channels: matrix -> matrix; MSE over real entries."""
+
+    def __init__(self, config: ReyNetConfig) -> None:
+        super().__init__(config)
+        self.reynet = ReyNetModel(config)
+        self.projection = nn.Linear(config.hidden_channels, config.num_targets)
+        self.post_init()
+
+    def forward(
+        self,
+        graph_tensor: torch.Tensor,
+        node_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ReyNetEquivariantOutput:
+        r"""
+        Args:
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`).
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*).
+            labels (`torch.FloatTensor` of shape `(batch_size, num_targets, n, n)`, or `(batch_size, n, n)` when
+                `num_targets == 1`, *optional*): target tensor; entries of padded nodes are ignored.
+        """
+        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
+        B, _, n, _ = graph_tensor.shape
+        node, _, _ = _pair_masks(node_mask, B, n, graph_tensor.device)
+        h = out.last_hidden_state.permute(0, 2, 3, 1)
+        pred = _zero_padding(self.projection(h), node).permute(0, 3, 1, 2)  # (B, T, n, n)
+        loss = None
+        if labels is not None:
+            target = labels.to(device=pred.device, dtype=pred.dtype)
+            if target.dim() == 3:
+                target = target[:, None]
+            if target.shape != pred.shape:
+                raise ValueError(f"labels must have shape {tuple(pred.shape)}, got {tuple(labels.shape)}")
+            both = (node[:, :, None] & node[:, None, :])[:, None].expand_as(pred)
+            loss = nn.functional.mse_loss(pred[both], target[both])
+        return ReyNetEquivariantOutput(loss=loss, logits=pred, hidden_states=out.hidden_states)
