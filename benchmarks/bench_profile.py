@@ -92,7 +92,8 @@ def memory_child(mode: str, num_tokens: int, num_samples: int) -> None:
         elif mode == "hooks":
             with ResidualStreamRecorder(model, num_samples=num_samples) as rec:
                 out = model(**batch)
-            kept = sum(X.numel() + Y.numel() for _, X, Y in rec.snapshots()) * 4
+            unique = {t.data_ptr(): t for _, X, Y in rec.snapshots() for t in (X, Y)}  # Y_l and X_l+1 share storage
+            kept = sum(t.numel() for t in unique.values()) * 4
         elif mode == "hidden_states":
             out = model(**batch, output_hidden_states=True)
             kept = sum(h.numel() for h in out.hidden_states) * 4
