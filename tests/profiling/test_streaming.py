@@ -130,6 +130,22 @@ def test_init_streaming_runs_and_is_reproducible(name):
     assert [f.spectral_radius for f in first.features] != [f.spectral_radius for f in other.features]
 
 
+def test_init_streaming_beyond_decoders():
+    """Vision (no LM head class: base model), encoder-decoder (two stacks) and SSM blocks stream too."""
+    from transformers import MambaConfig, T5Config, ViTConfig
+
+    configs = {
+        "vit": (ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          image_size=32, patch_size=8), 2),
+        "t5": (T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4), 4),
+        "mamba": (MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4), 2),
+    }
+    for name, (config, num_layers) in configs.items():
+        prof = profile_streaming(config, num_samples=128, rank=8, progress=False)
+        assert len(prof.layers) == num_layers, name
+        assert prof.meta["streaming"]["complete"] is True
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_init_blocks_follow_the_models_own_init(name):
     """Each streamed block gets `_init_weights` (incl. GPT-2's 1/sqrt(2L) residual-projection scaling), so its
