@@ -69,7 +69,13 @@ def plot_eigenvalues(profile: SpectralProfile, ax: Any = None) -> Any:
         ax.scatter(eig.real, eig.imag, s=9, color=cmap(i / max(count - 1, 1)), alpha=0.75, lw=0)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(count - 1, 1)))
     ax.figure.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="layer")
-    lim = 1.08 * radius
+    # a few huge outliers (|λ| in the hundreds happens with ill-conditioned activations) would squash the unit circle
+    view = min(radius, 3.0)
+    outside = sum(int((np.abs(np.asarray(e)) > view).sum()) for e in profile.eigenvalues)
+    if outside:
+        ax.text(0.98, 0.98, f"{outside} eigenvalue(s) with |λ| > {view:g} not shown (max |λ| = {radius:.3g})",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    lim = 1.08 * view
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
