@@ -222,12 +222,13 @@ def train_graph_classifier(
 
 def run_graph_cv(
     data_dir, name: str, protocol: GraphProtocol, kinds: Sequence[str] = ("reynet", "iegn"),
-    on_fold: Callable[[dict], None] | None = None,
+    on_fold: Callable[[dict], None] | None = None, previous: dict | None = None,
 ) -> dict:
     """Seeded stratified k-fold CV of each model kind on one TU dataset; per-fold accuracies and CPU time.
 
     Folds are the outer loop (every kind is trained on fold k before fold k+1 starts), so a run stopped early still has
     paired results; `on_fold(result)` is called after every fold with the partial result (to save progress).
+    `previous` (a result of an interrupted or shorter run with the same protocol) resumes: its folds are kept.
     """
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, name)
     ds = GraphDataset(graphs, num_node_labels)
@@ -236,7 +237,17 @@ def run_graph_cv(
     result: dict = {"dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
                     "epochs": epochs, "num_folds": protocol.num_folds, "eval_folds": 0,
                     "models": {kind: {"fold_accuracies": [], "cpu_seconds": 0.0} for kind in kinds}}
+    done = 0
+    if previous is not None:
+        if previous.get("epochs") != epochs or previous.get("num_folds") != protocol.num_folds:
+            raise ValueError(f"{name}: cannot resume a run with different epochs/num_folds")
+        result["models"] = previous["models"]
+        done = previous["eval_folds"]
+        result["eval_folds"] = done
+        logger.info("%s: resuming after %d completed folds", name, done)
     for k, (train_idx, test_idx) in enumerate(folds):
+        if k < done:
+            continue
         for kind in kinds:
             torch.manual_seed(protocol.seed + k)
             model = graph_model(kind, num_node_labels + 1, num_classes, protocol)

@@ -56,6 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first K folds: 'K' or 'MUTAG=10,PROTEINS=3' (default: MUTAG 10, others 3)")
     p.add_argument("--graph-epochs", default=None, help="e.g. 'MUTAG=20,PROTEINS=4,NCI109=4'")
     p.add_argument("--full-protocol", action="store_true", help="all folds, IEGN-paper epoch counts")
+    p.add_argument("--resume", action="store_true", help="keep completed folds of results/reynet_graphs_<NAME>.json")
     p.add_argument("--checkpoint-dataset", default="MUTAG", help="dataset of the reference graph checkpoint")
     p.add_argument("--push-to-hub", default=None, help="Hub organisation; pushes each checkpoint as ORG/<name>")
     return p
@@ -252,7 +253,11 @@ def run_graphs(args) -> dict:
             single = {"protocol": out["protocol"], "datasets": {name: res}}
             (out_dir / f"reynet_graphs_{name}.json").write_text(json.dumps(single, indent=2) + "\n")
 
-        res = run_graph_cv(args.data_dir, name, protocol, on_fold=save)
+        previous = None
+        existing = out_dir / f"reynet_graphs_{name}.json"
+        if args.resume and existing.is_file():
+            previous = json.loads(existing.read_text())["datasets"][name]
+        res = run_graph_cv(args.data_dir, name, protocol, on_fold=save, previous=previous)
         out["datasets"][name] = res
         logger.info("%s: %s", name, {k: (v["mean"], v["std"]) for k, v in res["models"].items()})
 
