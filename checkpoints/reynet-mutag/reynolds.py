@@ -131,7 +131,7 @@ def pair_blocks(X: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 3, 1, 4).reshape(B, n, n, 4 * C)
 
 
-def _split_pair_output(out: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_pair_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if out.shape[-1] % 2:
         raise ValueError(f"phi must return (..., 2·C') features (diagonal part, then off-diagonal part), got {out.shape[-1]}")
     c_out = out.shape[-1] // 2
@@ -160,7 +160,7 @@ def reductive_reynolds(phi: PairFunction, X: torch.Tensor) -> torch.Tensor:
     _check_square(X)
     n = X.shape[-1]
     _check_n(n, minimum=2)
-    diag_part, off_part = _split_pair_output(phi(pair_blocks(X)), n)  # (B, n, n, C') each
+    diag_part, off_part = _split_pair_output(phi(pair_blocks(X)))  # (B, n, n, C') each
     eye = torch.eye(n, dtype=torch.bool, device=X.device)[None, :, :, None]
     off = off_part.masked_fill(eye, 0.0)
     diag = diag_part.masked_fill(eye, 0.0).sum(dim=2) / (n - 1)  # (B, n, C')
@@ -196,7 +196,7 @@ def full_reynolds(phi: PairFunction, X: torch.Tensor, *, chunk_size: int = 720) 
         P = sigma.shape[0]
         gX = X[:, :, sigma[:, :, None], sigma[:, None, :]]  # (B, C, P, n, n): (g·X)[k,l] = X[σ(k), σ(l)]
         block = gX[..., :2, :2].reshape(B, C, P, 4).permute(0, 2, 1, 3).reshape(B, P, 4 * C)  # channel-major
-        diag_part, off_part = _split_pair_output(phi(block), n)  # (B, P, C')
+        diag_part, off_part = _split_pair_output(phi(block))  # (B, P, C')
         c_out = diag_part.shape[-1]
         phi_img = X.new_zeros(B, P, c_out, n, n)  # Φ(g·X)
         phi_img[..., 0, 0] = diag_part

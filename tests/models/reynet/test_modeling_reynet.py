@@ -86,12 +86,13 @@ def test_layer_matches_reductive_reynolds_contract():
     torch.testing.assert_close(model(X).last_hidden_state, reductive_reynolds(pair_fn, X))
 
 
-def test_joint_layer_matches_reductive_reynolds_contract():
+@pytest.mark.parametrize("hidden", [[7], []])
+def test_joint_layer_matches_reductive_reynolds_contract(hidden):
     """Joint φ (computed without materialising blocks) equals reductive_reynolds(φ) on channel-major blocks."""
     from hf_koopman.models.reynet import reductive_reynolds
 
     cfg = ReyNetConfig(in_channels=3, phi_mode="joint", reynolds_channels=2, skip_connection=False,
-                       channel_hidden_sizes=[], phi_hidden_sizes=[7])
+                       channel_hidden_sizes=[], phi_hidden_sizes=hidden)
     model = ReyNetModel(cfg).double().eval()
     X = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(model(X).last_hidden_state, reductive_reynolds(model.blocks[0].phi, X))
