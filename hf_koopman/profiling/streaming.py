@@ -428,6 +428,8 @@ def profile_streaming(
             "only %d valid token states reached the blocks (asked for num_samples=%d); pass more inputs for stable "
             "estimates", tokens_seen, num_samples,
         )
+    if "chunk_size" not in analysis_kwargs and snapshots:
+        analysis_kwargs["chunk_size"] = _analysis_chunk_size(*snapshots[0][1].shape)
     result = profile_from_snapshots(
         snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress, **analysis_kwargs
     )
@@ -437,6 +439,19 @@ def profile_streaming(
     logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(blocks), name, info["wall_time_s"],
                 _fmt(info["peak_rss_bytes"]))
     return result
+
+
+# Working memory of the batched whitened DMD, per layer: ~10 d x d float32 matrices (covariance, ridge, Cholesky factor,
+# its inverse, ...) plus the stacked X and Y. Measured: 5 layers of d = 4096 in one call peak at +3.0 GB.
+_ANALYSIS_BUDGET = 1 << 30
+
+
+def _analysis_chunk_size(n: int, d: int, default: int = 8) -> int:
+    """Layers per batched DMD call: `profile_from_snapshots`' default (8) unless that would exceed ~1 GiB of working
+    memory -- at d = 4096 (7B) one layer at a time, otherwise the analysis alone would need ~5 GB on top of the
+    snapshots. Small models keep the default, so their random projections (and features) match `profile` exactly."""
+    per_layer = 10 * d * d * 4 + 2 * n * d * 4
+    return max(1, min(default, _ANALYSIS_BUDGET // per_layer))
 
 
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")
