@@ -20,6 +20,7 @@ from hf_koopman.profiling import find_residual_blocks, profile
 from hf_koopman.profiling._streaming_weights import InitWeights, block_seed, module_bytes
 from hf_koopman.profiling.streaming import (
     InsufficientMemoryError,
+    _analysis_chunk_size,
     _build_skeleton,
     estimate_streaming_memory,
     profile_streaming,
@@ -205,6 +206,8 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     assert plan["block"] == (4 * d * d + 3 * d * inter + 2 * d) * 4  # q, k, v, o + gate, up, down + two RMSNorms
     assert plan["non_block"] == (32000 * d + d) * 4  # embedding + final norm; the untied LM head is never built
     assert plan["snapshots"] == 2 * 32 * 2048 * d * 4
+    # the analysis of 7B-width snapshots runs one layer per batched DMD call; small models keep profile's default
+    assert _analysis_chunk_size(2048, d) == 1 and _analysis_chunk_size(N, 32) == 8
 
 
 def test_too_little_memory_names_the_block_size():
