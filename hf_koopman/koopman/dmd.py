@@ -52,6 +52,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +162,8 @@ def _as_tensor(value, name: str) -> torch.Tensor:
 
 
 def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
+    if bool(torch.isfinite(tensor.sum(dtype=_F64))):  # one reduction pass; NaN/Inf would propagate into the sum
+        return
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         idx = [int(i) for i in bad.nonzero()[0]]
@@ -196,6 +201,21 @@ def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
 
 # --------------------------------------------------------------------------------------------------------------------
 # shared linear algebra
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run batched LAPACK calls on tiny matrices (k x k, r x r) in one thread: torch parallelises them over the batch,
+    and on a busy CPU the thread hand-offs cost 10-100x the work itself (measured on the 2-core CI machine)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _sym(a: torch.Tensor) -> torch.Tensor:
@@ -273,7 +293,8 @@ def _exact_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None)
 
 
 def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):
-    values, vectors = torch.linalg.eigh(gxx)
+    with _single_thread() if gxx.shape[-1] <= 128 else _nullcontext():
+        values, vectors = torch.linalg.eigh(gxx)
     values = values.clamp_min(0.0)
     keep = values > _rank_tol(values, n, d)
     op = _operator_from_grams(gxx, gdx, keep, values, vectors)
@@ -334,10 +355,13 @@ def _orth(z: torch.Tensor) -> torch.Tensor:
     these skinny batched matrices on CPU), Householder QR if the Gram matrix is numerically singular."""
     q = z.to(_F64)
     for _ in range(2):
-        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
-        if bool((info > 0).any()):
-            return torch.linalg.qr(z.to(_F64)).Q.to(z.dtype)
-        q = torch.linalg.solve_triangular(chol, q.mT, upper=False).mT  # q R^{-1} with R = chol^T
+        gram = q.mT @ q
+        with _single_thread():
+            chol, info = torch.linalg.cholesky_ex(gram)
+            if bool((info > 0).any()):
+                return torch.linalg.qr(z.to(_F64)).Q.to(z.dtype)
+            inv = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[-1], dtype=_F64), upper=False)
+        q = q @ inv.mT  # q R^{-1} with R = chol^T
     return q.to(z.dtype)
 
 
@@ -362,7 +386,9 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
     q = _orth(z)  # (L, d, k)
     sketch = (Yc @ wh.apply_t(q)).to(_F64)  # Ytil q, (L, N, k)
     # right singular vectors of the sketch = eigenvectors of its (k, k) Gram, in decreasing order
-    _, vecs = torch.linalg.eigh(sketch.mT @ sketch)
+    sketch_gram = sketch.mT @ sketch
+    with _single_thread():
+        _, vecs = torch.linalg.eigh(sketch_gram)
     basis = q.to(_F64) @ vecs.flip(-1)[..., :rank]  # U_r in whitened coordinates, (L, d, r)
     proj = wh.apply_t(basis.to(work)).to(_F64)  # centred X -> whitened r coordinates
     bx = Xc.to(_F64) @ proj
@@ -471,7 +497,8 @@ def whitened_dmd(
             op, gxx, gdx, gdd, proj, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
         else:
             op, gxx, gdx, gdd, proj, rank_x = _exact_grams(X, Y, eps, rank)
-        lam, vec, left = _eigen(op)
+        with _single_thread() if op.shape[-1] <= 128 else _nullcontext():
+            lam, vec, left = _eigen(op)
         trace_xx = torch.diagonal(gxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         trace_dd = torch.diagonal(gdd, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         ratio = torch.where(trace_xx > 0, (trace_dd / trace_xx.clamp_min(torch.finfo(_F64).tiny)).sqrt(),
