@@ -158,6 +158,8 @@ def category_of(model: Any, config: Any) -> str:
     if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
         return "multimodal"
     name = getattr(model, "main_input_name", "input_ids")
+    if not isinstance(name, str):  # a few models declare several main inputs
+        return "audio/other"
     return {"input_ids": "text", "pixel_values": "vision"}.get(name, "audio/other")
 
 

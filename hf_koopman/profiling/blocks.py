@@ -23,7 +23,7 @@ from typing import NamedTuple
 from torch import nn
 
 
-__all__ = ["ResidualBlock", "find_residual_blocks", "unwrap_model"]
+__all__ = ["ResidualBlock", "find_residual_blocks", "nested_block_lists", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +227,33 @@ def find_residual_blocks(
     ]
     logger.debug("found %d residual blocks in %d list(s): %s", len(blocks), len(chosen), [n for n, _ in chosen])
     return blocks
+
+
+def nested_block_lists(blocks: Sequence[ResidualBlock]) -> list[ResidualBlock]:
+    """Block lists nested inside `blocks`: the fallback when the discovered blocks are not width-preserving.
+
+    Hierarchical vision models (Swin v2, Hiera, FocalNet ...) record whole *stages* as hidden states; a stage
+    downsamples, so it is not a residual map, but it holds a homogeneous list of residual blocks. A nested list counts
+    when all its children share one class and each child has at least two sub-modules with parameters, one of them
+    composite (an attention / MLP block, not a bare conv + norm layer); only the outermost such lists are returned, in
+    execution order.
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for outer in blocks:
+        for sub_name, sub in outer.module.named_modules():
+            if not sub_name or not isinstance(sub, (nn.ModuleList, nn.Sequential)) or len(sub) == 0:
+                continue
+            if len({type(child) for child in sub}) != 1:
+                continue
+            with_params = [c for c in next(iter(sub)).children() if any(True for _ in c.parameters())]
+            composite = any(any(True for _ in c.children()) for c in with_params)  # attention / MLP sub-modules
+            if len(with_params) >= 2 and composite:  # excludes bare conv + norm units
+                found.append((f"{outer.name}.{sub_name}", sub))
+    paths = [p for p, _ in found]
+    found = [(p, c) for p, c in found if not any(q != p and p.startswith(f"{q}.") for q in paths)]
+    labels = _stack_labels([p for p, _ in found]) if found else []
+    return [
+        ResidualBlock(f"{path}.{child_name}", child, label)
+        for (path, container), label in zip(found, labels)
+        for child_name, child in container.named_children()
+    ]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_koopman.profiling.blocks import find_residual_blocks, unwrap_model
+from hf_koopman.profiling.blocks import find_residual_blocks, nested_block_lists, unwrap_model
 from hf_koopman.profiling.inputs import iter_batches, prepare_batch
 from hf_koopman.profiling.probes import default_probe_inputs
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
@@ -36,6 +36,18 @@ def _composite(features: list[Any]) -> float:
     """Mean of M≈1 · log10 κ(V), the composite predictor of Table 2."""
     values = [f.near_unit_mass * math.log10(max(f.eigvec_condition, 1.0)) for f in features]
     return float(np.mean(values)) if values else float("nan")
+
+
+def _reiterable(inputs: Any) -> bool:
+    """Can `inputs` be read a second time (needed for the nested-blocks fallback)?"""
+    if inputs is None or isinstance(inputs, (dict, torch.Tensor, str, list, tuple)):
+        return True
+    if hasattr(inputs, "column_names") or isinstance(inputs, torch.utils.data.DataLoader):
+        return True
+    try:
+        return iter(inputs) is not inputs
+    except TypeError:
+        return False
 
 
 def profile_from_snapshots(
@@ -231,43 +243,62 @@ def profile(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    batches = 0
-    bar = None
-    handles = []
-    if progress:  # one tick per block call: a visible bar even when the probe is a single large batch
-        from tqdm.auto import tqdm
 
-        bar = tqdm(desc="forward", unit="block", total=len(blocks) if isinstance(inputs, dict) else None)
+    def record(blocks: list, on_width_change: str) -> tuple[ResidualStreamRecorder, int]:
+        batches = 0
+        bar = None
+        handles = []
+        if progress:  # one tick per block call: a visible bar even when the probe is a single large batch
+            from tqdm.auto import tqdm
 
-        def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the block's output
-            bar.update(1)
+            bar = tqdm(desc="forward", unit="block", total=len(blocks) if isinstance(inputs, dict) else None)
 
-        handles = [b.module.register_forward_hook(tick) for b in blocks]
+            def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the block's output
+                bar.update(1)
+
+            handles = [b.module.register_forward_hook(tick) for b in blocks]
+        recorder = ResidualStreamRecorder(
+            inner, blocks, num_samples=num_samples, seed=seed, on_width_change=on_width_change
+        )
+        try:
+            with recorder, torch.no_grad():
+                for raw in iter_batches(
+                    inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
+                ):
+                    batch = prepare_batch(raw, inner)
+                    mask = batch.get("attention_mask")
+                    recorder.attention_mask = {
+                        "": mask,
+                        "encoder": mask,
+                        "decoder": batch.get("decoder_attention_mask"),
+                    }
+                    runner(**batch)
+                    batches += 1
+                    seen = recorder.tokens_seen
+                    if seen and min(seen.values()) >= max_tokens:
+                        break
+        finally:
+            for handle in handles:
+                handle.remove()
+            if bar is not None:
+                bar.close()
+        return recorder, batches
+
     try:
         # auto-discovered lists whose blocks change the width are skipped; a user's explicit `layers=` must be right
-        recorder = ResidualStreamRecorder(
-            inner, blocks, num_samples=num_samples, seed=seed, on_width_change="raise" if layers is not None else "drop"
-        )
-        with recorder, torch.no_grad():
-            for raw in iter_batches(inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length):
-                batch = prepare_batch(raw, inner)
-                mask = batch.get("attention_mask")
-                recorder.attention_mask = {
-                    "": mask,
-                    "encoder": mask,
-                    "decoder": batch.get("decoder_attention_mask"),
-                }
-                runner(**batch)
-                batches += 1
-                seen = recorder.tokens_seen
-                if seen and min(seen.values()) >= max_tokens:
-                    break
+        recorder, batches = record(blocks, "raise" if layers is not None else "drop")
+        if not recorder.snapshots() and recorder.dropped and layers is None and _reiterable(inputs):
+            # e.g. Swin v2 / Hiera record whole downsampling stages: profile the residual blocks inside them instead
+            nested = nested_block_lists([b for b in blocks if b.name.rsplit(".", 1)[0] in recorder.dropped])
+            if nested:
+                logger.info("discovered blocks change the width; profiling the %d blocks nested in them", len(nested))
+                first, outer_blocks = recorder, blocks
+                blocks = nested
+                recorder, batches = record(blocks, "drop")
+                if not recorder.snapshots():
+                    recorder, blocks = first, outer_blocks
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-        if bar is not None:
-            bar.close()
     forward_time = time.perf_counter() - start
     snapshots = recorder.snapshots()
     if batches == 0:

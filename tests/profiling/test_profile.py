@@ -205,3 +205,19 @@ def test_progress_bars_leave_no_hooks_and_do_not_alter_outputs():
     loud = profile(model, num_samples=64, rank=8, progress=True)
     assert _no_hooks_left(model)
     assert [f.to_dict() for f in loud.features] == [f.to_dict() for f in quiet.features]
+
+
+def test_hierarchical_vision_model_falls_back_to_nested_blocks():
+    """Swin v2 records whole (downsampling) stages as hidden states; profile the residual blocks inside them."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("swinv2", image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                  window_size=4)
+    model = AutoModel.from_config(config).eval()
+    result = profile(model, num_samples=64, rank=4)
+    assert result.names == ["encoder.layers.0.blocks.0", "encoder.layers.0.blocks.1", "encoder.layers.1.blocks.0",
+                            "encoder.layers.1.blocks.1"]
+    assert result.stacks == ["encoder.layers.0.blocks"] * 2 + ["encoder.layers.1.blocks"] * 2
+    assert _no_hooks_left(model)
+    with pytest.raises(ValueError, match="maps"):  # an explicit override is taken literally
+        profile(model, layers="encoder.layers", num_samples=64, rank=4)
