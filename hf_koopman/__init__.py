@@ -49,6 +49,11 @@ _LAZY: dict[str, str] = {
     "ReyNetForInvariantRegression": "hf_koopman.models.reynet",
     "EquivCNPConfig": "hf_koopman.models.equivcnp",
     "EquivCNPModel": "hf_koopman.models.equivcnp",
+    "CNPConfig": "hf_koopman.models.equivcnp",
+    "CNPModel": "hf_koopman.models.equivcnp",
+    "ConvCNPConfig": "hf_koopman.models.equivcnp",
+    "ConvCNPModel": "hf_koopman.models.equivcnp",
+    "NeuralProcessCollator": "hf_koopman.models.equivcnp",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
