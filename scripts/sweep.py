@@ -55,7 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", choices=("prediction", "prevention", "max_lr", "real_data"), required=True)
     p.add_argument("--out", type=Path, default=None, help="JSONL file (default results/sweep_<grid>/runs.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100 prediction, 150 otherwise)")
-    p.add_argument("--trials", type=int, default=None, help="trials per method (prevention, default 24) / seeds per LR (max_lr, default 3)")
+    p.add_argument("--trials", type=int, default=None, help="trials per method (prevention, default 24) / seeds (max_lr: 3, real_data: 2)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N specs of the grid (quick mode)")
     p.add_argument("--no-features", action="store_true", help="skip the init-time profile (fill later)")
     p.add_argument("--features-only", action="store_true", help="only fill in missing init-time features")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.grid == "max_lr":
         specs = max_lr_grid(args.steps or 100, args.trials or 3)
     else:
-        specs = real_data_grid(args.steps or 150)
+        specs = real_data_grid(args.steps or 150, seeds=tuple(range(args.trials or 2)))
     if args.limit is not None:
         specs = specs[: args.limit]
     run_sweep(specs, out, features=not args.no_features)

@@ -1,0 +1,120 @@
+"""RiskEstimator: fitting, JSON round trip, range / monotonicity, clear errors, and the shipped default."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hf_koopman.risk import FeatureSpec, RiskEstimator
+
+
+def _rows(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for _ in range(n):
+        lr = 10 ** rng.uniform(-3.5, -1)
+        m = rng.uniform(0, 1)
+        logit = 3.0 * (math.log10(lr) + 2.2) + 4.0 * (m - 0.5)
+        rows.append({"learning_rate": lr, "near_unit_mass_mean": m, "norm": "none" if m > 0.6 else "pre_ln"})
+        labels.append(int(rng.uniform() < 1 / (1 + math.exp(-logit))))
+    return rows, labels
+
+
+def test_fit_recovers_signs_and_predicts_in_unit_interval():
+    rows, y = _rows()
+    est = RiskEstimator.fit(rows, y, [("learning_rate", "log10"), "near_unit_mass_mean"], l2=0.1)
+    assert est.coef[0] > 0 and est.coef[1] > 0
+    p = est.predict_proba_rows(rows)
+    assert np.all((p > 0) & (p < 1))
+    # calibrated on its own training data: mean prediction close to base rate
+    assert abs(p.mean() - np.mean(y)) < 0.02
+
+
+def test_monotone_in_learning_rate_and_clipped_outside_training_range():
+    rows, y = _rows()
+    est = RiskEstimator.fit(rows, y, [("learning_rate", "log10"), "near_unit_mass_mean"])
+    probs = [est.predict_proba({"near_unit_mass_mean": 0.5}, learning_rate=lr) for lr in (1e-4, 1e-3, 1e-2, 1e-1)]
+    assert all(a <= b for a, b in zip(probs, probs[1:])) and probs[-1] > probs[0]
+    # beyond the training range the input is clipped: no extrapolation
+    assert est.predict_proba({"near_unit_mass_mean": 0.5}, learning_rate=10.0) == pytest.approx(
+        est.predict_proba({"near_unit_mass_mean": 0.5}, learning_rate=0.1), abs=0.02
+    )
+    assert 0 < est.predict_proba({"near_unit_mass_mean": math.inf}, learning_rate=1e-3) < 1
+
+
+def test_onehot_context_and_profile_like_objects():
+    rows, y = _rows()
+    est = RiskEstimator.fit(rows, y, [("learning_rate", "log10"), ("norm", "onehot:none")])
+
+    class FakeProfile:
+        aggregates = {"near_unit_mass_mean": 0.2}
+        meta = {"learning_rate": 1e-2}
+
+    a = est.predict_proba(FakeProfile(), norm="none")
+    b = est.predict_proba(FakeProfile(), norm="pre_ln")
+    assert a > b  # the 'none' rows diverge more in the synthetic data
+    assert est.predict_proba(FakeProfile(), learning_rate=1e-2, norm="none") == a  # meta lr used when not passed
+
+
+def test_json_round_trip(tmp_path):
+    rows, y = _rows()
+    est = RiskEstimator.fit(rows, y, [("learning_rate", "log10"), "near_unit_mass_mean"], metadata={"n": len(rows)})
+    path = est.save_json(tmp_path / "est.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "hf_koopman.risk_estimator" and data["metadata"] == {"n": 400}
+    again = RiskEstimator.from_json(path)
+    np.testing.assert_allclose(again.predict_proba_rows(rows), est.predict_proba_rows(rows))
+    data["format"] = "pickle"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="format"):
+        RiskEstimator.from_json(tmp_path / "bad.json")
+
+
+def test_clear_errors():
+    rows, y = _rows()
+    est = RiskEstimator.fit(rows, y, [("learning_rate", "log10"), "near_unit_mass_mean"])
+    with pytest.raises(ValueError, match="learning_rate"):
+        est.predict_proba({"near_unit_mass_mean": 0.5})
+    with pytest.raises(ValueError, match="positive"):
+        est.predict_proba({"near_unit_mass_mean": 0.5}, learning_rate=-1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        est.predict_proba({"near_unit_mass_mean": float("nan")}, learning_rate=1e-3)
+    with pytest.raises(TypeError, match="SpectralProfile"):
+        est.predict_proba(42, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="one diverged and one stable"):
+        RiskEstimator.fit(rows[:3], [0, 0, 0], ["near_unit_mass_mean"])
+    with pytest.raises(ValueError, match="transform"):
+        FeatureSpec("x", "sqrt")
+
+
+def test_shipped_default_loads_and_is_a_probability():
+    try:
+        est = RiskEstimator.default()
+    except FileNotFoundError:
+        pytest.fail("hf_koopman/data/risk_estimator.json must ship with the package")
+    values = {f.key: (f.low + f.high) / 2 if f.transform != "log10" else 10 ** ((f.low + f.high) / 2) for f in est.features}
+    p = est.predict_proba_rows([values])[0]
+    assert 0 < p < 1
+    assert "heldout" in json.dumps(est.metadata)
+
+
+def test_spectral_profile_risk_uses_the_shipped_estimator():
+    import torch
+
+    from hf_koopman import profile
+    from hf_koopman.models.rksp_gpt import RKSPGPTConfig, RKSPGPTForSequenceClassification
+
+    torch.manual_seed(0)
+    model = RKSPGPTForSequenceClassification(
+        RKSPGPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, norm="none", num_labels=64)
+    )
+    ids = torch.randint(0, 64, (8, 32))
+    prof = profile(model, {"input_ids": ids}, num_samples=256, rank=16, learning_rate=1e-2)
+    expected = RiskEstimator.default().predict_proba(prof, learning_rate=1e-2)
+    assert prof.risk == pytest.approx(expected)
+    assert 0 < expected < 1
+    low = RiskEstimator.default().predict_proba(prof, learning_rate=1e-4)
+    assert low <= expected  # more aggressive LR, no less risk (positive LR coefficient of the shipped model)
