@@ -40,22 +40,46 @@ def _fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
+def _estimator_available() -> bool:
+    try:
+        from hf_koopman.risk import RiskEstimator
+
+        RiskEstimator.default()
+    except Exception:  # noqa: BLE001 - not installed, no shipped JSON, or a broken file: the rule applies
+        return False
+    return True
+
+
 def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None) -> str:
     """Markdown text of the report; `plots` maps captions to image paths (relative to the report)."""
     lines = [f"# RKSP spectral profile{f' of `{profile.model_name}`' if profile.model_name else ''}", ""]
     verdict = profile.verdict
     lines += [f"**Verdict: {verdict.upper()}** — {profile.verdict_reason}.", ""]
     risk = profile.risk
+    rule = (
+        "the verdict uses the paper's decision rule (App. J): safe when mean M≈1 < "
+        f"{profile.rule.safe_below} and median κ(V) ≤ {profile.rule.kappa_large:g}, high risk when mean M≈1 > "
+        f"{profile.rule.high_risk_above} or median κ(V) > {profile.rule.kappa_large:g} (the κ threshold is ours; the "
+        "paper gives none)"
+    )
     if risk is not None:
-        lines += [f"Calibrated divergence probability (`RiskEstimator`): **{risk:.1%}**.", ""]
-    else:
+        shown = "< 0.1 %" if risk < 1e-3 else f"{risk:.1%}"
+        lr = profile.meta.get("learning_rate")
         lines += [
-            "_No calibrated risk estimator is installed; the verdict uses the paper's decision rule (App. J): safe when "
-            f"mean M≈1 < {profile.rule.safe_below} and median κ(V) ≤ {profile.rule.kappa_large:g}, high risk when mean "
-            f"M≈1 > {profile.rule.high_risk_above} or median κ(V) > {profile.rule.kappa_large:g} (the κ threshold is "
-            "ours; the paper gives none)._",
+            f"Calibrated divergence probability (`RiskEstimator`{f', learning rate {lr:g}' if lr else ''}): "
+            f"**{shown}**.",
+            "",
+            f"_The verdict above is the paper's rule; {rule}._",
             "",
         ]
+    elif _estimator_available():
+        lines += [
+            "_A calibrated `RiskEstimator` is installed but needs the planned learning rate: pass "
+            f"`profile(..., learning_rate=...)` or `--learning-rate`. Meanwhile {rule}._",
+            "",
+        ]
+    else:
+        lines += [f"_No calibrated risk estimator is installed; {rule}._", ""]
     lines += [f"Recommendation: {_ADVICE[verdict]}", ""]
 
     degenerate = profile.degenerate_layers
