@@ -87,6 +87,14 @@ def _as_tokens(hidden: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int
     )
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """NaN/Inf check at the cost of one reduction: any NaN or ±Inf makes the float32 sum non-finite; only when it is
+    (NaN, Inf, or a genuine float32 overflow of huge values) is the exact element-wise test run."""
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _container(name: str) -> str:
     """Dotted path of the list holding block `name` (`"model.layers.3"` -> `"model.layers"`)."""
     return name.rsplit(".", 1)[0] if "." in name else ""
@@ -246,7 +254,7 @@ class ResidualStreamRecorder:
             flat, grid = _as_tokens(hidden, block.name)
             mask = self._mask_for(block, grid, flat.device)
             valid = torch.arange(flat.shape[0], device=flat.device) if mask is None else mask.nonzero().squeeze(-1)
-            if self.check_finite and index == 0 and call == 0 and not torch.isfinite(flat if mask is None else flat[valid]).all():
+            if self.check_finite and index == 0 and call == 0 and not _all_finite(flat if mask is None else flat[valid]):
                 raise ValueError(
                     f"non-finite activation (NaN/Inf) in the input of block {block.name!r}, i.e. the embedding "
                     "output; check the weights and the dtype (fp16 overflow?)."
@@ -296,7 +304,7 @@ class ResidualStreamRecorder:
                     f"block {block.name!r} maps {in_shape} token states to {tuple(flat.shape)}: it is not a "
                     "width-preserving residual block. Select residual blocks with layers=..."
                 )
-            if self.check_finite and not torch.isfinite(flat if valid.numel() == flat.shape[0] else flat[valid]).all():
+            if self.check_finite and not _all_finite(flat if valid.numel() == flat.shape[0] else flat[valid]):
                 raise ValueError(
                     f"non-finite activation (NaN/Inf) in the output of block {transition.name!r} (the first bad "
                     "block); check the weights, the learning rate that produced them and the dtype (fp16 overflow?)."
