@@ -205,3 +205,19 @@ def test_consecutive_transitions_share_storage():
     rec = _record(model, default_probe_inputs(model, num_tokens=100), num_samples=64)
     snaps = rec.snapshots()
     assert all(snaps[i][2].data_ptr() == snaps[i + 1][1].data_ptr() for i in range(len(snaps) - 1))
+
+
+def test_finiteness_check_has_no_false_positives_or_negatives():
+    from hf_koopman.profiling.recorder import _all_finite
+
+    x = torch.randn(64, 8)
+    assert _all_finite(x)
+    assert _all_finite(torch.full((64, 8), 3e38))  # the float32 sum overflows, the values are finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[5, 3] = bad
+        assert not _all_finite(y)
+    z = x.clone()
+    z[0, 0], z[1, 1] = float("inf"), float("-inf")  # inf + (-inf) = nan: still caught
+    assert not _all_finite(z)
+    assert not _all_finite(torch.tensor([[float("nan")]], dtype=torch.bfloat16))
