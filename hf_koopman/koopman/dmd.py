@@ -42,8 +42,9 @@ $R$, the range finder is equivariant under it (same Omega), so the `(r, r)` oper
 identical to the ZCA result -- only cheaper (`d^3/3` instead of an eigendecomposition).
 
 Precision. Exact DMD runs in float64. The randomized path runs its `O(N d^2)` Gram and `O(N d k)` range-finder products
-in float32 when the inputs are float32 or lower (float64 when the inputs are float64, or with `dtype=torch.float64`);
-the projections $B_X, B_D$, the `(r, r)` Grams and all eigenproblems are float64. fp16/bf16 inputs are up-cast first.
+and the projections $B_X, B_D$ in float32 when the inputs are float32 or lower (float64 when the inputs are float64,
+or with `dtype=torch.float64`); the `(r, r)` Grams and all eigenproblems are float64. fp16/bf16 inputs are up-cast
+first.
 float32 moves the selected subspace, hence the eigenvalues, by ~1e-4 relative on transformer-like data whose singular
 values near rank r are close (measured in `benchmarks/bench_dmd.py`); float64 reproduces PyDMD to round-off.
 """
@@ -390,9 +391,10 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
     with _single_thread():
         _, vecs = torch.linalg.eigh(sketch_gram)
     basis = q.to(_F64) @ vecs.flip(-1)[..., :rank]  # U_r in whitened coordinates, (L, d, r)
-    proj = wh.apply_t(basis.to(work)).to(_F64)  # centred X -> whitened r coordinates
-    bx = Xc.to(_F64) @ proj
-    bd = Dc.to(_F64) @ proj
+    proj = wh.apply_t(basis.to(work))  # centred X -> whitened r coordinates
+    bx = (Xc @ proj).to(_F64)
+    bd = (Dc @ proj).to(_F64)
+    proj = proj.to(_F64)
     gxx = _sym(bx.mT @ bx) / n1
     gdx = bd.mT @ bx / n1
     gdd = _sym(bd.mT @ bd) / n1
