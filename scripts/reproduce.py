@@ -9,6 +9,10 @@ Full settings: prediction sweep 6 norms x 4 LRs x 3 (width, depth) x 3 seeds = 2
 No-Norm 6 methods x 24 trials of 150 steps; max stable LR: KSS alpha 0.15 for Pre-LN / RMSNorm / No-Norm, 3 seeds.
 Quick: 6 norms x 2 LRs x 2 configs x 2 seeds (48 runs, 60 steps), prevention 3 trials x 4 methods, max-LR 1 seed.
 Sweeps are resumable (`results/<dir>/runs.jsonl`); re-running only fills in missing runs.
+
+Measured (2-core machine shared with other jobs, load ~9-18): `--quick` 283 s wall; the full settings took about
+65 min wall for the prediction sweep and 67 min for prevention when run as parallel processes (per-sweep CPU-share
+seconds are tabulated in RESULTS.md).
 """
 
 from __future__ import annotations
@@ -239,7 +243,8 @@ CPU cores (the paper: d = 128-1024, L = 4-24, 5-20 epochs, 4 A100s). The diverge
 or gradient norm (before clipping) > 500 at any step, non-finite counts; a run stops at its first divergent step.
 Init-time spectra come from `hf_koopman.profile` (whitened DMD, N = 2048 token states from 32 training sequences,
 randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short (100 steps for the prediction
-sweep, 150 for prevention): "diverged" means "diverged within that horizon".
+sweep, 150 for prevention): "diverged" means "diverged within that horizon". Runtime: `--quick` 283 s wall on the
+shared machine; the full sweeps about 65-70 min wall each, run in parallel (table at the end).
 
 **Choices where the paper is silent.** Loss spike = loss above 1.5 × the mean of the previous 20 finite losses (at
 least 5 needed) or non-finite. Gradient baselines of a run that stopped early carry the last value (non-finite → +inf).
@@ -254,6 +259,10 @@ NOTES = """## What this does and does not show
   without normalisation, and No-Norm's init spectrum is degenerate in a recognisable way: with small-init residual
   branches `h_(l+1) ≈ h_l`, so every eigenvalue sits near 1 and M≈1 ≈ 1 (the paper's Fixup/ReZero caveat, App. J).
   Any feature that separates No-Norm from the rest, including the normalisation label itself, gets the same AUROC.
+* **The estimator's small ECE is partly a base-rate effect**: most held-out runs are clearly stable and predicted near
+  0; the few mid-probability bins (a handful of No-Norm runs each) are under-predicted, see the reliability diagram.
+  Its shipped JSON records the held-out numbers and the regime it was fitted on (d 32-48, L 2-4, 100 steps);
+  elsewhere it extrapolates (inputs are clipped to the training range, so it never returns more extreme values).
 * **Within a normalisation the init spectrum cannot rank learning rates**: it does not depend on the LR, so
   within-norm AUROCs of spectral features only reflect width/depth/seed variation; log LR is the informative input
   there. This is the question the paper's Table 2 skips.
