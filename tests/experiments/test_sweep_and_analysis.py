@@ -96,3 +96,17 @@ def test_prevention_and_max_lr_tables():
     t = max_stable_lr_table(lr_rows)["pre_ln"]
     assert t["none"]["max_stable_lr"] == 0.01 and not t["none"]["censored"]
     assert t["kss0.15"]["max_stable_lr"] == 0.1 and t["kss0.15"]["censored"]
+
+
+def test_grids_shapes_and_heldout_split():
+    from hf_koopman.experiments.grids import max_lr_grid, prediction_grid, prevention_grid, real_data_grid
+
+    pred = prediction_grid()
+    assert len(pred) == 216 and len({s.run_id for s in pred}) == 216
+    train = [s for s in pred if s.group == "train"]
+    assert len(train) == 96
+    assert all((s.hidden_size, s.num_layers) != (48, 3) and s.seed != 2 for s in train)
+    prev = prevention_grid()
+    assert len(prev) == 144 and {s.method for s in prev[:6]} == {"none", "clip0.5", "clip1.0", "kss0.10", "kss0.15", "kss0.20"}
+    assert all(0.005 <= s.learning_rate <= 0.01 and s.norm == "none" for s in prev)
+    assert len(max_lr_grid()) == 54 and len(real_data_grid()) == 12
