@@ -273,7 +273,9 @@ NOTES = """## What this does and does not show
 * **KSS (as implemented in `hf_koopman.training.KSSTrainer`, β = 10, γ = 0.4, every 10 steps, 50% of layers) did not
   prevent divergence in the No-Norm regime**; the KSS-arm divergences are gradient-norm trips on KSS steps (step ≡ 1
   mod 10) while the task loss is still ≈ 5, i.e. the regulariser's own gradient exceeds the 500 threshold. The
-  step-1 gradient norm of KSS arms (≈ 7-14) is ~100× the task gradient of the control (≈ 0.1).
+  step-1 gradient norm of KSS arms (≈ 7-14) is ~100× the task gradient of the control (≈ 0.1). It is not only a
+  label artefact: in an ad-hoc check (3 KSS α=0.15 runs continued past the trip, seeds 100-102, not part of the
+  tables) the task loss on non-KSS steps then blew up at LR 0.0075 and 0.01 (max 35 and 994) and stayed ≈ 5 at 0.005.
 * The same happened with Pre-LN on WikiText-2 bytes and on the MNIST ViT (step-1 gradient norm 107-257 with KSS vs
   3-5 without) and in the max-stable-LR runs, where KSS *lowered* the stable LR of every normalisation. Until the
   scale of the KSS gradient is fixed (e.g. normalising it by the task gradient, or not detaching the whitening so the
