@@ -47,6 +47,8 @@ _LAZY: dict[str, str] = {
     "ReyNetForGraphClassification": "hf_koopman.models.reynet",
     "ReyNetForEquivariantRegression": "hf_koopman.models.reynet",
     "ReyNetForInvariantRegression": "hf_koopman.models.reynet",
+    "full_reynolds": "hf_koopman.models.reynet",
+    "reductive_reynolds": "hf_koopman.models.reynet",
     "EquivCNPConfig": "hf_koopman.models.equivcnp",
     "EquivCNPModel": "hf_koopman.models.equivcnp",
     "CNPConfig": "hf_koopman.models.equivcnp",
