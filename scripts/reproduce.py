@@ -287,7 +287,8 @@ NOTES = """## What this does and does not show
 * Associative-recall accuracy stays at chance (1/128 ≈ 0.8%) within 100-150 steps at this width, so accuracy columns
   of the prevention table carry no information; the paper's 28.5-48.2% are after 5-20 epochs.
 * Wall-clock overheads measured inside the sweeps are unreliable (up to 18 concurrent jobs on 2 cores); the
-  side-by-side measurement at the end is the number to use.
+  side-by-side measurement at the end is the better number, but it is noisy too: four builds of this report measured
+  -1.3%, +1.0%, +2.0% and +13.0% (KSS runs on 1 step in 10, so its cost is small either way).
 """
 
 def _f(v: Any, nd: int = 3) -> str:
