@@ -252,8 +252,11 @@ def _eigen(operator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     lam = torch.gather(lam, -1, order)
     vec = torch.gather(vec, -1, order.unsqueeze(-2).expand_as(vec))
     vec = vec / torch.linalg.vector_norm(vec, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-    left = torch.linalg.inv_ex(vec)[0].mH  # columns u_j with u_j^* A = lambda_j u_j^*
-    if not bool(torch.isfinite(left).all()):  # eigenvector matrix numerically singular (defective operator)
+    try:
+        left = torch.linalg.inv_ex(vec)[0].mH  # columns u_j with u_j^* A = lambda_j u_j^*
+    except RuntimeError:  # some LAPACK builds raise (instead of reporting info) on an exactly singular LU
+        left = None
+    if left is None or not bool(torch.isfinite(left).all()):  # numerically singular eigenvectors (defective operator)
         left = torch.linalg.pinv(vec).mH
     left = left / torch.linalg.vector_norm(left, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
     return lam, vec, left

@@ -277,3 +277,20 @@ def test_widely_scaled_float32_activations_fall_back_to_a_stable_factorisation()
     for res in (whitened_dmd(X, Y), whitened_dmd(X, Y, rank=16, randomized=True)):
         torch.testing.assert_close(sort_eigs(res.eigenvalues), lam, atol=1e-6, rtol=0)
     assert float((sort_eigs(res32.eigenvalues).abs() - lam.abs()).abs().max()) < 0.05
+
+
+def test_left_eigenvectors_fall_back_when_lapack_raises(monkeypatch):
+    """Some LAPACK builds raise on a singular LU instead of reporting it; the pseudo-inverse fallback must take over."""
+    import hf_koopman.koopman.dmd as dmd_module
+
+    def raising_inv_ex(*args, **kwargs):
+        raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1")
+
+    A = torch.tensor([[0.5, 1.0], [0.0, 0.9]], dtype=torch.float64)
+    monkeypatch.setattr(dmd_module.torch.linalg, "inv_ex", raising_inv_ex)
+    lam, vec, left = dmd_module._eigen(A)
+    assert torch.isfinite(left).all()
+    # u_j^* A = lambda_j u_j^*
+    for j in range(2):
+        u = left[:, j]
+        assert torch.allclose(u.conj() @ A.to(u.dtype), lam[j] * u.conj(), atol=1e-10)
