@@ -36,6 +36,9 @@ _LAZY: dict[str, str] = {
     "ResidualStreamRecorder": "hf_koopman.profiling",
     "profile": "hf_koopman.profiling",
     "profile_streaming": "hf_koopman.profiling",
+    "profile_from_snapshots": "hf_koopman.profiling",
+    "default_probe_inputs": "hf_koopman.profiling",
+    "DecisionRule": "hf_koopman.profiling",
     "SpectralProfile": "hf_koopman.profiling",
     # training glue
     "RKSPCallback": "hf_koopman.training",
