@@ -38,6 +38,11 @@ class KSSConfig:
         eps (`float`, *optional*, defaults to `1e-5`): whitening ridge (Eq. 9).
         oversample (`int`, *optional*, defaults to `10`): randomized range-finder oversampling.
         power_iters (`int`, *optional*, defaults to `1`): randomized range-finder power iterations.
+        max_grad_ratio (`float`, *optional*, defaults to `0.5`):
+            Gradient cap of the KSS term relative to the task gradient: on a KSS micro-batch the gradient of
+            `alpha * L_KSS` is rescaled by `min(1, max_grad_ratio * ||g_task|| / ||g_KSS||)` (norms over the trainable
+            parameters) while the loss *value* stays `L_task + alpha * L_KSS`. `None` (or `0`) applies the raw
+            Eq. 14 gradient as in the paper. See `hf_koopman.koopman.shaping` ("Gradient scale") for the measurement.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
             Master switch; `RKSPCallback(auto_kss=True)` can turn it on at train begin when the init verdict is high risk.
@@ -58,6 +63,7 @@ class KSSConfig:
     eps: float = 1e-5
     oversample: int = 10
     power_iters: int = 1
+    max_grad_ratio: float | None = 0.5
     seed: int = 0
     enabled: bool = True
     layers: Any = None
@@ -85,6 +91,10 @@ class KSSConfig:
             ),
             (self.eps > 0, f"eps must be > 0, got {self.eps}"),
             (self.oversample >= 0 and self.power_iters >= 0, "oversample and power_iters must be >= 0"),
+            (
+                self.max_grad_ratio is None or self.max_grad_ratio >= 0,
+                f"max_grad_ratio must be >= 0 or None (None / 0 disable the cap), got {self.max_grad_ratio}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,6 +133,10 @@ class KSSTrainingArguments(TrainingArguments):
     kss_eps: float = field(default=1e-5, metadata={"help": "Whitening ridge epsilon."})
     kss_oversample: int = field(default=10, metadata={"help": "Randomized range-finder oversampling."})
     kss_power_iters: int = field(default=1, metadata={"help": "Randomized range-finder power iterations."})
+    kss_max_grad_ratio: float | None = field(
+        default=0.5,
+        metadata={"help": "Cap ||grad of alpha*L_KSS|| at this multiple of ||grad L_task|| (0 or None: no cap)."},
+    )
     kss_seed: int = field(default=0, metadata={"help": "Seed of the layer and token sampling."})
     kss_enabled: bool = field(default=True, metadata={"help": "Master switch for KSS."})
     kss_layers: str | None = field(default=None, metadata={"help": "Block-list override, e.g. 'model.layers'."})

@@ -39,12 +39,18 @@ class KSSTrainer(Trainer):
       does not divide the loss itself (the loss already counts as GA-scaled), so the KSS gradient of an optimizer step
       is the mean over its micro-batches for every GA setting. Under DDP it is added after the task loss is rescaled
       by the number of processes, so DDP's gradient averaging yields the mean over ranks.
+    * Gradient cap (`KSSConfig.max_grad_ratio`, default 0.5): on a KSS micro-batch the gradient of
+      `alpha * L_KSS` is rescaled to at most `max_grad_ratio` times the task-loss gradient norm (two extra backward
+      passes on KSS micro-batches only); the loss value is unchanged. Eq. 14's raw gradient is ~100x the task gradient
+      on a No-Norm model at init and caused the gradient spikes measured in `results/kss_gradient_scale.md`. Each
+      rank caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient.
     * A layer whose eigendecomposition fails (non-finite or near-defective operator) is skipped with a logged
       warning; if every sampled layer fails, the step has no KSS term. The loss never turns NaN because of KSS.
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
       `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the r eigenvalues in
       `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
-      micro-batches since the last log and across processes. The Trainer's own `loss` is the optimised objective,
+      micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor, 1 = uncapped, this
+      process only). The Trainer's own `loss` is the optimised objective,
       i.e. it includes `alpha * penalty` on KSS steps.
 
     Args:
@@ -70,6 +76,8 @@ class KSSTrainer(Trainer):
         self._kss_blocks: list[Any] | None = None
         self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
         self._kss_skipped = 0
+        self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
+        self._kss_grad_scale_count = 0
 
         from hf_koopman.training.callback import RKSPCallback  # local: callback imports nothing from here
 
@@ -145,7 +153,10 @@ class KSSTrainer(Trainer):
             if self._loss_counts_as_ga_scaled(num_items_in_batch):
                 # the Trainer will not divide by GA, so the per-micro-batch term must be (mean over micro-batches)
                 penalty = penalty / self.current_gradient_accumulation_steps
-            loss = loss + cfg.alpha * penalty.to(loss.dtype)
+            term = cfg.alpha * penalty.to(loss.dtype)
+            if cfg.max_grad_ratio:
+                term = self._cap_kss_gradient(model, loss, term, step)
+            loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
     def _kss_term(self, snapshots: list[tuple[str, torch.Tensor, torch.Tensor]], step: int, device) -> Any:
@@ -182,6 +193,38 @@ class KSSTrainer(Trainer):
             row = row.to(device)
             self._kss_stats = row if self._kss_stats is None else self._kss_stats + row
         return penalty
+
+    def _cap_kss_gradient(self, model: torch.nn.Module, task_loss: torch.Tensor, term: torch.Tensor, step: int):
+        """`term` with its value kept and its gradient rescaled to at most `max_grad_ratio * ||grad task_loss||`.
+
+        Two extra backward passes, on KSS micro-batches only. The scale is a detached scalar, so the returned tensor
+        equals `term` in value and its gradient is `scale * grad(term)`: the objective stays Eqs. 14-15, only the size
+        of its step is bounded relative to the task (see `hf_koopman.koopman.shaping`, "Gradient scale").
+        """
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or not term.requires_grad:
+            return term
+        g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+        g_kss = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+
+        def norm(grads) -> torch.Tensor:
+            sq = [g.detach().double().square().sum() for g in grads if g is not None]
+            return torch.stack(sq).sum().sqrt() if sq else torch.zeros((), dtype=torch.float64, device=term.device)
+
+        n_task, n_kss = norm(g_task), norm(g_kss)
+        del g_task, g_kss
+        if not torch.isfinite(n_kss):
+            logger.warning("KSS: non-finite penalty gradient at step %d; the term's gradient is dropped.", step)
+            scale = torch.zeros((), dtype=torch.float64, device=term.device)
+        elif not torch.isfinite(n_task) or n_kss <= self.kss_config.max_grad_ratio * n_task:
+            # a non-finite task gradient is the divergence guard's business; KSS leaves it alone
+            scale = torch.ones((), dtype=torch.float64, device=term.device)
+        else:
+            scale = self.kss_config.max_grad_ratio * n_task / n_kss
+        self._kss_grad_scale = scale.to(self._kss_grad_scale.device) + self._kss_grad_scale
+        self._kss_grad_scale_count += 1
+        scale = scale.to(term.dtype)
+        return term.detach() + scale * (term - term.detach())
 
     def _penalty_kwargs(self) -> dict[str, float]:
         cfg = self.kss_config
@@ -230,6 +273,10 @@ class KSSTrainer(Trainer):
             if count > 0:
                 for key, value in zip(_STAT_KEYS, (stats[:-1] / count).tolist()):
                     logs[key] = float(value)
+            if self._kss_grad_scale_count:
+                logs["kss/grad_scale"] = float(self._kss_grad_scale) / self._kss_grad_scale_count
+                self._kss_grad_scale = torch.zeros((), dtype=torch.float64)
+                self._kss_grad_scale_count = 0
             if self._kss_skipped:
                 logs["kss/skipped_layers"] = float(self._kss_skipped)
             self._kss_stats = None

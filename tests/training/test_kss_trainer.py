@@ -112,8 +112,14 @@ def test_logged_keys_and_every_k_gating(tmp_path, monkeypatch):
             assert entry["kss/spectral_radius"] > 0
 
 
-@pytest.mark.parametrize("scaled", [None, False], ids=["loss-scaled-for-ga", "trainer-divides"])
-def test_gradient_accumulation_scaling(tmp_path, scaled):
+@pytest.mark.parametrize(
+    "scaled, ratio",
+    # the cap compares the KSS gradient with the task gradient; "trainer-divides" forces a task loss that is divided
+    # twice (the model already scales by num_items_in_batch), so only the raw term's bookkeeping is tested there
+    [(None, None), (False, None), (None, 1.0)],
+    ids=["loss-scaled-for-ga", "trainer-divides", "loss-scaled-for-ga-capped"],
+)
+def test_gradient_accumulation_scaling(tmp_path, scaled, ratio):
     """KSS gradient of one optimizer step with GA=4 (4 identical micro-batches) equals GA=1 (not 4x)."""
 
     def grads(alpha, ga, sub):
@@ -127,6 +133,7 @@ def test_gradient_accumulation_scaling(tmp_path, scaled):
             kss_alpha=alpha,
             kss_every_n_steps=1,
             kss_layer_fraction=1.0,
+            kss_max_grad_ratio=ratio,
         )
         trainer = KSSTrainer(
             model=tiny_gpt2(n_layer=2), args=args, train_dataset=TokenDataset(n=4, repeat_first=True),
@@ -182,6 +189,10 @@ def test_config_validation_and_arguments_round_trip(tmp_path):
     assert (defaults.rank, defaults.every_n_steps, defaults.layer_fraction) == (32, 10, 0.5)
     with pytest.raises(TypeError, match="KSSConfig"):
         KSSTrainer(model=tiny_gpt2(), args=args, kss_config={"alpha": 1})
+    with pytest.raises(ValueError, match="max_grad_ratio"):
+        KSSConfig(max_grad_ratio=-1.0)
+    assert defaults.max_grad_ratio == 0.5
+    assert _args(tmp_path, kss_max_grad_ratio=None).kss_config().max_grad_ratio is None
 
 
 def test_peft_lora_gradients_only_reach_lora_parameters(tmp_path):
@@ -214,11 +225,11 @@ def test_peft_lora_gradients_only_reach_lora_parameters(tmp_path):
 def test_kss_lowers_its_penalty_when_it_dominates_the_loss(tmp_path):
     """On a fixed batch, KSS-weighted steps must reduce L_KSS; the same run with a negligible alpha must not."""
 
-    def penalties(alpha, sub):
+    def penalties(alpha, sub, ratio=None):  # None: the raw Eq. 14 gradient, so KSS really dominates
         trainer = KSSTrainer(
             model=tiny_gpt2(n_layer=2),
             args=_args(tmp_path / sub, max_steps=8, kss_alpha=alpha, kss_every_n_steps=1, kss_layer_fraction=1.0,
-                       learning_rate=3e-3, max_grad_norm=0.0, per_device_train_batch_size=2),
+                       learning_rate=3e-3, max_grad_norm=0.0, per_device_train_batch_size=2, kss_max_grad_ratio=ratio),
             train_dataset=TokenDataset(n=16, repeat_first=True),
         )
         trainer.train()
@@ -228,3 +239,49 @@ def test_kss_lowers_its_penalty_when_it_dominates_the_loss(tmp_path):
     assert len(shaped) == len(control) == 8 and shaped[0] == pytest.approx(control[0])
     assert shaped[-1] < 0.75 * shaped[0], shaped
     assert shaped[-1] < 0.8 * control[-1], (shaped, control)
+
+
+def _first_step(tmp_path, sub, alpha, ratio):
+    capture = GradCapture()
+    trainer = KSSTrainer(
+        model=tiny_gpt2(n_layer=2),
+        args=_args(tmp_path / sub, max_steps=1, max_grad_norm=0.0, kss_alpha=alpha, kss_every_n_steps=1,
+                   kss_layer_fraction=1.0, kss_max_grad_ratio=ratio),
+        train_dataset=TokenDataset(),
+        callbacks=[capture],
+    )
+    trainer.train()
+    return trainer, capture.grads
+
+
+def test_gradient_cap_bounds_the_kss_gradient_and_keeps_the_loss_value(tmp_path):
+    """With a large alpha the raw KSS gradient dwarfs the task gradient (as on No-Norm models at init); the cap
+    rescales it to exactly `max_grad_ratio * ||g_task||` while the logged loss (the objective's value) is unchanged."""
+    _, task = _first_step(tmp_path, "task", 0.0, None)
+    raw_trainer, raw = _first_step(tmp_path, "raw", 20.0, None)
+    capped_trainer, capped = _first_step(tmp_path, "capped", 20.0, 0.5)
+    names = sorted(task)
+
+    def kss_norm(grads):
+        return torch.cat([(grads[n] - task[n]).flatten() for n in names]).norm().item()
+
+    task_norm = torch.cat([task[n].flatten() for n in names]).norm().item()
+    assert kss_norm(raw) > 2.0 * task_norm  # the cap is really active in this setting
+    assert kss_norm(capped) == pytest.approx(0.5 * task_norm, rel=1e-3)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([(raw[n] - task[n]).flatten() for n in names]),
+        torch.cat([(capped[n] - task[n]).flatten() for n in names]),
+        dim=0,
+    )
+    assert cos.item() > 0.999  # same direction, only the length changes
+    assert _losses(capped_trainer) == pytest.approx(_losses(raw_trainer), rel=1e-6)
+    scale = capped_trainer.state.log_history[0]["kss/grad_scale"]
+    assert scale == pytest.approx(0.5 * task_norm / kss_norm(raw), rel=1e-3)
+
+
+def test_gradient_cap_is_inactive_when_kss_is_small(tmp_path):
+    _, raw = _first_step(tmp_path, "raw", 1e-3, None)
+    trainer, capped = _first_step(tmp_path, "capped", 1e-3, 1.0)
+    assert trainer.state.log_history[0]["kss/grad_scale"] == 1.0
+    for n in raw:
+        torch.testing.assert_close(capped[n], raw[n], rtol=1e-5, atol=1e-8)
