@@ -43,7 +43,8 @@ class KSSTrainer(Trainer):
       `alpha * L_KSS` is rescaled to at most `max_grad_ratio` times the task-loss gradient norm (two extra backward
       passes on KSS micro-batches only); the loss value is unchanged. Eq. 14's raw gradient is ~100x the task gradient
       on a No-Norm model at init and caused the gradient spikes measured in `results/kss_gradient_scale.md`. Each
-      rank caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient.
+      rank caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient. Needs non-reentrant
+      gradient checkpointing (the transformers default) when checkpointing is on; reentrant raises a `ValueError`.
     * A layer whose eigendecomposition fails (non-finite or near-defective operator) is skipped with a logged
       warning; if every sampled layer fails, the step has no KSS term. The loss never turns NaN because of KSS.
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
@@ -204,8 +205,17 @@ class KSSTrainer(Trainer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or not term.requires_grad:
             return term
-        g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
-        g_kss = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        try:
+            g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
+            g_kss = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        except RuntimeError as err:
+            if "reentrant" not in str(err):
+                raise
+            raise ValueError(
+                "KSS gradient cap: reentrant gradient checkpointing cannot compute the separate task / KSS gradient "
+                "norms. Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default) or "
+                "disable the cap with kss_max_grad_ratio=None."
+            ) from err
 
         def norm(grads) -> torch.Tensor:
             sq = [g.detach().double().square().sum() for g in grads if g is not None]

@@ -285,3 +285,18 @@ def test_gradient_cap_is_inactive_when_kss_is_small(tmp_path):
     assert trainer.state.log_history[0]["kss/grad_scale"] == 1.0
     for n in raw:
         torch.testing.assert_close(capped[n], raw[n], rtol=1e-5, atol=1e-8)
+
+
+def test_gradient_cap_with_reentrant_checkpointing_names_the_fix(tmp_path):
+    args = _args(tmp_path, max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True,
+                 gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), args=args, train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match="use_reentrant"):
+        trainer.train()
+    ok = KSSTrainer(
+        model=tiny_gpt2(n_layer=2),
+        args=_args(tmp_path / "b", max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True),
+        train_dataset=TokenDataset(),
+    )
+    ok.train()  # non-reentrant checkpointing (the default) works with the cap
+    assert 0.0 < ok.state.log_history[0]["kss/grad_scale"] <= 1.0
