@@ -6,7 +6,7 @@ A published folder works two ways:
   `AutoModel.from_pretrained(folder)` needs no `trust_remote_code`;
 * without it, the folder carries its own modelling code (every `*.py` of the model package except `__init__.py`) and a
   *complete* `auto_map` (config, base model and every head), so `AutoModel.from_pretrained(folder,
-  trust_remote_code=True)` works. `save_pretrained` alone only maps the class that was saved, which is why the map is
+  trust_remote_code=...)` with the flag set works. `save_pretrained` alone only maps the class that was saved, which is why the map is
   written here rather than through `register_for_auto_class` (that would also mutate class state globally).
 """
 
