@@ -97,8 +97,49 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
             out[name] = 4
     if has("num_experts_per_tok") and isinstance(data["num_experts_per_tok"], int):
         out["num_experts_per_tok"] = min(2, data["num_experts_per_tok"])
+    head_dim = WIDTH_VALUE // HEADS_VALUE
     if has("head_dim") and isinstance(data["head_dim"], int):
-        out["head_dim"] = WIDTH_VALUE // HEADS_VALUE
+        out["head_dim"] = head_dim
+    # rotary width is per head: it must not exceed the shrunk head (GPT-J / CodeGen keep rotary_dim = 64 otherwise)
+    if has("rotary_dim") and isinstance(data["rotary_dim"], int):
+        out["rotary_dim"] = min(data["rotary_dim"], head_dim)
+    # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, Kimi ...): its rotary sub-head is `head_dim`, the
+    # low-rank projections and the per-head split must shrink together or q/k/v widths disagree
+    if has("qk_rope_head_dim") and isinstance(data["qk_rope_head_dim"], int):
+        mla = {"qk_rope_head_dim": head_dim, "qk_nope_head_dim": head_dim, "v_head_dim": head_dim,
+               "kv_lora_rank": 2 * head_dim, "q_lora_rank": 2 * head_dim, "qk_head_dim": 2 * head_dim}
+        out.update({k: v for k, v in mla.items() if has(k) and isinstance(data[k], int)})
+        if has("head_dim"):
+            out["head_dim"] = head_dim
+        for name in KV_HEADS:  # latent attention decompresses one key/value per query head
+            if has(name) and isinstance(data[name], int):
+                out[name] = HEADS_VALUE
+    # routed MoE: top-k and expert groups must fit the 4 kept experts (names differ per family)
+    for name in ("moe_k", "moe_topk", "num_experts_per_token", "top_k_experts"):
+        if has(name) and isinstance(data[name], int):
+            out[name] = min(2, data[name])
+    for name in ("n_group", "num_expert_group", "topk_group"):
+        if has(name) and isinstance(data[name], int) and data[name] > 1:
+            out[name] = 1
+    # multimodal RoPE splits the rotary half-width into (t, h, w) sections; modeling code falls back to sections
+    # sized for the full head, so give explicit sections that sum to the shrunk rotary half-width
+    if "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ()) or (
+        isinstance(data.get("rope_parameters"), dict) and "mrope_section" in data["rope_parameters"]
+    ):
+        rope = dict(data.get("rope_parameters") or {})
+        factor = rope.get("partial_rotary_factor", data.get("partial_rotary_factor")) or 1.0
+        half = int(head_dim * factor) // 2
+        first = max(1, round(half / 4))
+        second = (half - first) // 2
+        out["rope_parameters"] = {**rope, "mrope_section": [first, second, half - first - second]}
+    # layout models: 4 coordinate + 2 shape embeddings are concatenated to the hidden width
+    if has("coordinate_size") and has("shape_size"):
+        out["coordinate_size"], out["shape_size"] = 12, 8  # 4 * 12 + 2 * 8 = WIDTH_VALUE
+    # video models: fewer frames, still a multiple of the temporal tubelet
+    if has("num_frames") and isinstance(data["num_frames"], int):
+        tube = data.get("tubelet_size")
+        tube = tube[0] if isinstance(tube, (list, tuple)) else tube if isinstance(tube, int) else 1
+        out["num_frames"] = 2 * tube
     if has("vocab_size") and isinstance(data["vocab_size"], int):
         out["vocab_size"] = VOCAB
         for name in TOKEN_IDS:

@@ -117,6 +117,11 @@ def default_probe_inputs(
         patch = patch if isinstance(patch, int) else int(patch[0]) if isinstance(patch, (list, tuple)) else 16
         channels = _get(vision, "num_channels", default=3)
         per_image = max((size // max(patch, 1)) ** 2, 1)
+        frames = _get(vision, "num_frames")
+        if isinstance(frames, int) and frames > 0:
+            # video transformers (TimeSformer, VideoMAE, ViViT) take `(B, T, C, H, W)` clips
+            batch = max(1, min(64, math.ceil(num_tokens / (per_image * frames))))
+            return {"pixel_values": torch.randn(batch, frames, channels, size, size, generator=generator)}
         batch = max(1, min(64, math.ceil(num_tokens / per_image)))
         return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
     if input_name == "input_values":  # raw waveform models (wav2vec2, hubert, ...)
