@@ -198,7 +198,11 @@ def build_tiny(model_type: str):
 def category_of(model: Any, config: Any) -> str:
     if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
         return "multimodal"
-    name = getattr(model, "main_input_name", "input_ids")
+    from hf_koopman.profiling.probes import _main_input_name
+
+    name = _main_input_name(model)  # the forward signature wins over an inherited `main_input_name`
+    if name == "hidden_states" and any(getattr(config, k, None) is not None for k in ("patch_size", "image_size")):
+        return "vision"  # packed-patch vision encoders take flattened patches
     if not isinstance(name, str):  # a few models declare several main inputs
         return "audio/other"
     return {"input_ids": "text", "pixel_values": "vision"}.get(name, "audio/other")

@@ -69,14 +69,61 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+_GRID_KEYS = ("grid_thw", "image_grid_thw")
+_FEATURE_INPUTS = ("pixel_values", "hidden_states", "input_features", "input_values")
+
+
+def _forward_params(model: Any) -> list[str]:
+    import inspect
+
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return []
+    try:
+        return list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _grid_key(model: Any) -> str | None:
+    """Name of the `(num_images, 3)` patch-grid argument of packed-patch vision encoders (Qwen-VL style), if any."""
+    params = _forward_params(model)
+    return next((key for key in _GRID_KEYS if key in params), None)
+
+
 def _main_input_name(model_or_config: Any) -> str:
     name = getattr(model_or_config, "main_input_name", None)
+    params = _forward_params(model_or_config)
+    if isinstance(name, str) and params and name not in params and params[0] in _FEATURE_INPUTS:
+        # vision sub-towers often inherit `main_input_name = "input_ids"` from a base class although their forward
+        # takes features: trust the signature
+        return params[0]
     if isinstance(name, str):
         return name
     config = _config_of(model_or_config)
     if getattr(config, "vocab_size", None) is None and getattr(config, "image_size", None) is not None:
         return "pixel_values"
     return "input_ids"
+
+
+def _packed_patch_inputs(
+    config: Any, input_name: str, grid_key: str, num_tokens: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Probe for packed-patch vision encoders (Qwen2-VL family): patches of all images concatenated, `(P, C * t * p * p)`,
+    with a `(num_images, 3)` grid of (frames, rows, columns) in patches. Each image is an 8 x 8 patch grid (a multiple
+    of every spatial merge size in use) with one temporal patch."""
+    patch = _get(config, "patch_size", default=14)
+    patch = patch if isinstance(patch, int) else int(patch[0])
+    channels = _get(config, "in_channels", "num_channels", default=3)
+    temporal = _get(config, "temporal_patch_size", default=1)
+    side = 8
+    images = max(1, math.ceil(num_tokens / (side * side)))
+    width = channels * temporal * patch * patch
+    out = {
+        input_name: torch.randn(images * side * side, width, generator=generator),
+        grid_key: torch.tensor([[1, side, side]] * images, dtype=torch.long),
+    }
+    return out
 
 
 def default_probe_inputs(
@@ -109,6 +156,9 @@ def default_probe_inputs(
     config = _config_of(model_or_config)
     input_name = _main_input_name(model_or_config)
 
+    grid_key = _grid_key(model_or_config)
+    if grid_key is not None and input_name in ("pixel_values", "hidden_states"):
+        return _packed_patch_inputs(config, input_name, grid_key, num_tokens, generator)
     if input_name == "pixel_values":
         vision = _get(config, "vision_config", default=config)
         size = _get(vision, "image_size", default=224)
