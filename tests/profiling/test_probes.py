@@ -73,3 +73,33 @@ def test_architecture_aliases_and_unknown_names():
     with pytest.raises(ValueError, match="embedded configs: .*gpt2"):
         load_architecture_config("no-such-model")
     assert load_architecture_config("gpt2", n_layer=2).num_hidden_layers == 2
+
+
+def test_video_probe_is_a_clip_batch():
+    from transformers import AutoModel, VideoMAEConfig
+
+    config = VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = AutoModel.from_config(config).eval()
+    batch = default_probe_inputs(model, num_tokens=64)
+    assert batch["pixel_values"].shape == (1, 4, 3, 32, 32)  # (B, T, C, H, W): 4 frames x 16 patches >= 64 tokens
+    with torch.no_grad():
+        assert model(**batch).last_hidden_state.shape == (1, 2 * 16, 32)  # 2 tubelets x 16 patches
+
+
+def test_packed_patch_probe_for_qwen_vl_style_vision_encoders():
+    from transformers import AutoModel
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    from hf_koopman.profiling import profile
+
+    config = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                    patch_size=4, fullatt_block_indexes=[1])
+    model = AutoModel.from_config(config).eval()
+    assert model.main_input_name != "hidden_states"  # inherited name; the probe must follow the forward signature
+    batch = default_probe_inputs(model, num_tokens=100)
+    # ceil(100 / 64) images of 8 x 8 patches, each patch C * temporal_patch * p * p = 3 * 2 * 4 * 4 values
+    assert batch["hidden_states"].shape == (128, 96)
+    assert batch["grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
+    result = profile(model, batch, num_samples=128, rank=4)
+    assert len(result.layers) == 2
