@@ -50,6 +50,29 @@ def _reiterable(inputs: Any) -> bool:
         return False
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _stack_chunk(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(L, N, d)` stacks of the chunk's X and Y. When each Y_l is the next X_{l+1} (the recorder shares that storage:
+    the output of block l is the input of block l+1), the L + 1 distinct states are copied once and X, Y are views."""
+    if all(_same_storage(pairs[j][2], pairs[j + 1][1]) for j in range(len(pairs) - 1)):
+        states = torch.stack([pairs[0][1]] + [Y for _, _, Y in pairs])
+        return states[:-1], states[1:]
+    return torch.stack([X for _, X, _ in pairs]), torch.stack([Y for _, _, Y in pairs])
+
+
+def _raise_if_not_finite(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], err: ValueError) -> None:
+    """Error path only: name the first layer whose snapshots hold NaN/Inf (one full scan per tensor)."""
+    for name, X, Y in pairs:
+        for label, tensor in (("X", X), ("Y", Y)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"layer {name!r}: snapshot {label} contains NaN/Inf; the block's activations are not finite."
+                ) from err
+
+
 def profile_from_snapshots(
     snapshots: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
     *,
@@ -98,9 +121,7 @@ def profile_from_snapshots(
     for name, X, Y in snapshots:
         if X.shape != Y.shape or X.dim() != 2:
             raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
-        for label, tensor in (("X", X), ("Y", Y)):
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"layer {name!r}: snapshot {label} contains NaN/Inf; the block's activations are not finite.")
+    # NaN/Inf are detected by whitened_dmd's single-pass check; only on failure is the offending layer searched for
     generator = torch.Generator().manual_seed(seed)
     layers: list[tuple[str, Any]] = []
     eigenvalues: list[np.ndarray] = []
@@ -119,8 +140,7 @@ def profile_from_snapshots(
             n, d = snapshots[chunk[0]][1].shape
             layer_rank = None if rank is None or rank >= min(n, d) else rank
             use_randomized = (layer_rank is not None) if randomized is None else randomized
-            X = torch.stack([snapshots[i][1] for i in chunk])
-            Y = torch.stack([snapshots[i][2] for i in chunk])
+            X, Y = _stack_chunk([snapshots[i] for i in chunk])
             names = [snapshots[i][0] for i in chunk]
             try:
                 result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator)
@@ -132,6 +152,7 @@ def profile_from_snapshots(
                     **feature_kwargs,
                 )
             except ValueError as err:
+                _raise_if_not_finite([snapshots[i] for i in chunk], err)
                 raise ValueError(f"layers {names}: {err}") from err
             del X, Y
             for j, name in enumerate(names):
