@@ -17,6 +17,12 @@ Run (CPU-heavy; bounded per model):
 
     OMP_NUM_THREADS=1 nice -n 10 python scripts/coverage.py --out results [--limit 30] [--types gpt2,llama]
 
+Re-run only what did not pass after a change (rows are read from OUT/coverage*.jsonl, later rows win):
+
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/coverage.py --out results --resume --rerun-status "no probe,error"
+
+(`--resume --types a,b` re-runs exactly those types and rewrites the table over all finished types.)
+
 Writes `results/coverage.md`, `results/coverage.json` and `results/coverage.csv`.
 """
 
@@ -370,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", help="comma-separated model types to run")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the rows already in OUT/coverage.jsonl (one row per finished type) and run the rest")
+    parser.add_argument("--rerun-status", metavar="STATUSES",
+                        help="with --resume: run again the finished types whose status is in this comma-separated list "
+                             "(e.g. 'no probe,error'); the new rows replace the old ones")
     parser.add_argument("--write-only", action="store_true", help="only rebuild the tables from OUT/coverage*.jsonl")
     parser.add_argument("--shard", help="I/N: run every N-th type starting at I (parallel runs write separate files)")
     parser.add_argument("--shuffle", type=int, metavar="SEED",
@@ -388,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         types = types[: args.limit]
     all_types = list(types)
+    forced: set[str] = set()
+    if args.resume and args.types:
+        # resuming with explicit types re-runs those types and rewrites the table over every finished type
+        forced = set(types)
+        all_types = sorted(set(MODEL_MAPPING_NAMES) | forced)
     if args.shuffle is not None:
         import random
 
@@ -411,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         progress_file.unlink()
     from tqdm.auto import tqdm
 
-    todo = [] if args.write_only else [t for t in types if t not in done]
+    rerun = {v.strip() for v in args.rerun_status.split(",")} if args.rerun_status else set()
+    todo = [] if args.write_only else [t for t in types if t not in done or t in forced or done[t]["status"] in rerun]
     if args.skip_audio:
         todo = [t for t in todo if not _looks_like_audio(t)]
     with open(progress_file, "a") as sink:

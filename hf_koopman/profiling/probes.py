@@ -212,6 +212,11 @@ def default_probe_inputs(
         size = size if isinstance(size, int) else 224
         out["pixel_values"] = torch.randn(num_sequences, _get(vision, "num_channels", default=3), size, size,
                                           generator=generator)
+    if "bbox" in _forward_params(model_or_config):
+        # document-layout models (LayoutLM, LiLT, BROS, UDOP) embed one box per token; some refuse to run without one.
+        # Boxes are valid (x0 <= x1, y0 <= y1) on the usual 0-1000 page scale
+        corners = torch.randint(0, 1001, (num_sequences, length, 2, 2), generator=generator).sort(dim=2).values
+        out["bbox"] = corners.reshape(num_sequences, length, 4)  # (x0, y0, x1, y1): min corner, then max corner
     if getattr(config, "is_encoder_decoder", False):
         # the decoder stack is probed with the same sequences (teacher forcing on the probe itself)
         out["decoder_input_ids"] = ids.clone()

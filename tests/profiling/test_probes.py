@@ -103,3 +103,19 @@ def test_packed_patch_probe_for_qwen_vl_style_vision_encoders():
     assert batch["grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     result = profile(model, batch, num_samples=128, rank=4)
     assert len(result.layers) == 2
+
+
+def test_layout_models_get_valid_boxes():
+    from transformers import AutoModel, LayoutLMConfig
+
+    config = LayoutLMConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+    model = AutoModel.from_config(config).eval()
+    batch = default_probe_inputs(model, num_tokens=64)
+    bbox = batch["bbox"]
+    assert bbox.shape == (*batch["input_ids"].shape, 4)
+    assert (bbox[..., 2] >= bbox[..., 0]).all() and (bbox[..., 3] >= bbox[..., 1]).all()  # (x0, y0, x1, y1)
+    assert bbox.min() >= 0 and bbox.max() <= 1000
+    assert "bbox" not in default_probe_inputs(tiny_config("gpt2"), num_tokens=64)  # only where the forward takes it
+    with torch.no_grad():
+        model(**batch)
