@@ -103,6 +103,8 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
             out[name] = 4
     if has("num_experts_per_tok") and isinstance(data["num_experts_per_tok"], int):
         out["num_experts_per_tok"] = min(2, data["num_experts_per_tok"])
+    elif "num_experts_per_tok" in data and any(isinstance(data.get(n), int) for n in EXPERTS):
+        out["num_experts_per_tok"] = 2  # a routed default config that leaves top-k unset cannot run its own forward
     head_dim = WIDTH_VALUE // HEADS_VALUE
     if has("head_dim") and isinstance(data["head_dim"], int):
         out["head_dim"] = head_dim
@@ -166,6 +168,10 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
     for name in ("hidden_sizes", "embed_dims", "dims", "neck_hidden_sizes"):
         if has(name) and isinstance(data[name], list) and all(isinstance(v, int) for v in data[name]):
             out[name] = [16 * 2 ** i for i in range(len(data[name]))]
+    if "hidden_sizes" in out and isinstance(data.get("stage_out_channels"), list):
+        # HGNet-style backbones build their stages from stage_*_channels; hidden_sizes only reports them to the
+        # detector neck, so it must keep matching the real stage widths
+        out["hidden_sizes"] = list(data["stage_out_channels"])
     if has("embed_dim") and isinstance(data["embed_dim"], int) and has("depths"):
         out["embed_dim"] = 32  # Swin-style: width doubles per stage
     for name in ("layer_types", "block_types", "attention_layers"):
