@@ -163,7 +163,10 @@ def _as_tensor(value, name: str) -> torch.Tensor:
 
 
 def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
-    if bool(torch.isfinite(tensor.sum(dtype=_F64))):  # one reduction pass; NaN/Inf would propagate into the sum
+    # fast path: one reduction in the input dtype (NaN/Inf propagate into the sum). A float32 sum of 1e7 values is ~10x
+    # faster than one accumulated in float64; if it overflows on finite data, the exact scan below finds nothing bad.
+    half = tensor.dtype in (torch.float16, torch.bfloat16)  # an fp16 sum overflows at 65504: accumulate in float32
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32) if half else tensor.sum())):
         return
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
@@ -375,8 +378,8 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
     X = X.to(work)
     Y = Y.to(work)
     Xc = X - X.mean(dim=-2, keepdim=True)
-    D = Y - X
-    Dc = D - D.mean(dim=-2, keepdim=True)
+    Dc = Y - X
+    Dc -= Dc.mean(dim=-2, keepdim=True)  # in place: one (L, N, d) temporary fewer
     Yc = Xc + Dc
     sxx = _sym(Xc.mT @ Xc) / n1
     wh = _whitener(sxx, eps)

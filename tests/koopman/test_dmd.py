@@ -179,6 +179,20 @@ def test_nan_and_inf_are_reported_with_location():
         whitened_dmd(X2, X2 * 2)
 
 
+def test_finite_data_whose_sum_overflows_is_accepted():
+    """The NaN/Inf check sums in the input dtype first; an overflowing sum of finite values must not be an error."""
+    X = torch.randn(64, 4) * 1e37  # float32 max is 3.4e38: the sum of these values overflows to +-inf
+    X[:, 0] = torch.linspace(1e38, 3e38, 64)  # all positive, non-constant
+    assert not torch.isfinite(X.sum())
+    res = whitened_dmd(X, X * 0.5)  # exact DMD computes in float64 once the check has passed
+    torch.testing.assert_close(res.eigenvalues.real, torch.full((4,), 0.5, dtype=F64), atol=1e-6, rtol=0)
+    H = torch.full((64, 4), 6e4, dtype=torch.float16) * torch.randn(64, 4).sign().half()
+    whitened_dmd(H, H)  # fp16 max is 65504: summed in float32, no false alarm
+    H[5, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"X contains 1 non-finite.*sample 5, feature 1"):
+        whitened_dmd(H, H.float().half())
+
+
 def test_too_few_samples_is_an_error():
     with pytest.raises(ValueError, match="at least N=2"):
         whitened_dmd(torch.randn(1, 4), torch.randn(1, 4))
