@@ -118,7 +118,10 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
                "kv_lora_rank": 2 * head_dim, "q_lora_rank": 2 * head_dim, "qk_head_dim": 2 * head_dim}
         out.update({k: v for k, v in mla.items() if has(k) and isinstance(data[k], int)})
         if has("head_dim"):
-            out["head_dim"] = head_dim
+            # the rotary embedding spans head_dim * partial_rotary_factor, which must equal qk_rope_head_dim
+            rope = data.get("rope_parameters") if isinstance(data.get("rope_parameters"), dict) else {}
+            factor = rope.get("partial_rotary_factor", data.get("partial_rotary_factor")) or 1.0
+            out["head_dim"] = int(round(head_dim / factor))
         for name in KV_HEADS:  # latent attention decompresses one key/value per query head
             if has(name) and isinstance(data[name], int):
                 out[name] = HEADS_VALUE
@@ -177,6 +180,12 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
     for name in ("layer_types", "block_types", "attention_layers"):
         if has(name) and isinstance(data[name], list) and any(n in out for n in LAYERS):
             out[name] = data[name][:2]
+    if isinstance(data.get("embed_dim_per_stage"), list):
+        # Hiera-style: hidden_size / num_attention_heads describe stage 0 of the per-stage lists; keep them in step
+        for name in ("hidden_size", "num_attention_heads"):
+            out.pop(name, None)
+        if isinstance(data.get("blocks_per_stage"), list):
+            out["blocks_per_stage"] = [2] * len(data["blocks_per_stage"])  # 2: each stage keeps a width-preserving block
     for name, sub in vars(config).items():
         if isinstance(sub, PretrainedConfig):
             out[name] = {"model_type": getattr(sub, "model_type", None), **sub.to_dict(), **shrink_kwargs(sub)}
