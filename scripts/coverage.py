@@ -160,6 +160,10 @@ def shrink_kwargs(config: Any) -> dict[str, Any]:
         out["image_size"] = 32
         if has("patch_size") and isinstance(data["patch_size"], int):
             out["patch_size"] = 8
+            if data["patch_size"] < 8 and has("output_stride"):
+                # MobileViT-style: patch_size unfolds feature maps inside a CNN that downsamples by output_stride,
+                # so keep the patch and give the last stage a 2 x 2 map
+                out["patch_size"], out["image_size"] = data["patch_size"], 2 * data["output_stride"]
     if has("depths") and isinstance(data["depths"], list):
         out["depths"] = [1] * len(data["depths"])
         if has("image_size") and isinstance(data["image_size"], int):
