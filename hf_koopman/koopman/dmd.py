@@ -302,9 +302,9 @@ def _exact_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None)
 def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):
     with _single_thread() if gxx.shape[-1] <= 128 else _nullcontext():
         values, vectors = torch.linalg.eigh(gxx)
-    values = values.clamp_min(0.0)
-    keep = values > _rank_tol(values, n, d)
-    op = _operator_from_grams(gxx, gdx, keep, values, vectors)
+        values = values.clamp_min(0.0)
+        keep = values > _rank_tol(values, n, d)
+        op = _operator_from_grams(gxx, gdx, keep, values, vectors)
     return op, keep.sum(-1)
 
 
@@ -360,16 +360,17 @@ def _whitener(sxx: torch.Tensor, eps: float):
 def _orth(z: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of span(z) for tall (..., n, k) z: CholeskyQR2 in float64 (LAPACK QR is needlessly slow for
     these skinny batched matrices on CPU), Householder QR if the Gram matrix is numerically singular."""
-    q = z.to(_F64)
-    for _ in range(2):
-        gram = q.mT @ q
-        with _single_thread():
+    # all of it in one thread: (n, k) x (k, k) products and copies of ~1e5 elements cost less than waking the pool
+    with _single_thread():
+        q = z.to(_F64)
+        for _ in range(2):
+            gram = q.mT @ q
             chol, info = torch.linalg.cholesky_ex(gram)
             if bool((info > 0).any()):
                 return torch.linalg.qr(z.to(_F64)).Q.to(z.dtype)
             inv = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[-1], dtype=_F64), upper=False)
-        q = q @ inv.mT  # q R^{-1} with R = chol^T
-    return q.to(z.dtype)
+            q = q @ inv.mT  # q R^{-1} with R = chol^T
+        return q.to(z.dtype)
 
 
 def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work):

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .dmd import DMDResult
+from .dmd import DMDResult, _single_thread
 from .kreiss import kreiss_constant
 
 __all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
@@ -223,6 +223,16 @@ def spectral_features(
     if not isinstance(result, DMDResult):
         raise TypeError(f"result must be a DMDResult from whitened_dmd, got {type(result).__name__}")
     _check_thresholds(near_band, contractive_below, residual_tol)
+    if result.rank <= _SMALL:  # (m, m) work only: on a busy CPU waking the thread pool costs more than the math
+        with _single_thread():
+            return _features(result, near_band, contractive_below, residual_tol, reliable_only, degenerate_tol,
+                             compute_kreiss, eps_residual, eps_nl)
+    return _features(result, near_band, contractive_below, residual_tol, reliable_only, degenerate_tol,
+                     compute_kreiss, eps_residual, eps_nl)
+
+
+def _features(result, near_band, contractive_below, residual_tol, reliable_only, degenerate_tol, compute_kreiss,
+              eps_residual, eps_nl):
     residuals = resdmd_residuals(result, eps_residual)
     eta = nonlinearity_ratio(result, eps_nl)
     degenerate = result.degenerate if degenerate_tol is None else (
