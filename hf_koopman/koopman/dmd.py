@@ -401,10 +401,11 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
     proj = wh.apply_t(basis.to(work))  # centred X -> whitened r coordinates
     bx = (Xc @ proj).to(_F64)
     bd = (Dc @ proj).to(_F64)
-    proj = proj.to(_F64)
-    gxx = _sym(bx.mT @ bx) / n1
-    gdx = bd.mT @ bx / n1
-    gdd = _sym(bd.mT @ bd) / n1
+    with _single_thread():  # (r, N) x (N, r): too small to repay the thread hand-off
+        proj = proj.to(_F64)
+        gxx = _sym(bx.mT @ bx) / n1
+        gdx = bd.mT @ bx / n1
+        gdd = _sym(bd.mT @ bd) / n1
     op, rank_x = _small_operator(gxx, gdx, N, d)
     return op, gxx, gdx, gdd, proj, rank_x
 
