@@ -147,8 +147,11 @@ def default_probe_inputs(
 
     Returns:
         `dict[str, torch.Tensor]`: a batch for `model(**batch)`: `input_ids` `(B, T)` + `attention_mask` for text
-        (+ `decoder_input_ids` for encoder-decoder models), `pixel_values` `(B, C, H, W)` for vision, `input_values`
-        `(B, S)` or `input_features` `(B, M, F)` for audio.
+        (+ `decoder_input_ids` for encoder-decoder models, + `bbox` `(B, T, 4)` for layout models whose forward takes
+        boxes), `pixel_values` `(B, C, H, W)` for vision (`(B, T, C, H, W)` clips when the config has `num_frames`),
+        flattened patches `(P, C * t * p * p)` + `grid_thw` `(num_images, 3)` for packed-patch vision encoders
+        (Qwen-VL style), `input_values` `(B, S)` or `input_features` `(B, M, F)` for audio. The input kind follows the
+        model's forward signature when its `main_input_name` is not one of the forward's arguments.
     """
     if num_tokens < 2:
         raise ValueError(f"num_tokens must be >= 2, got {num_tokens}.")
