@@ -170,6 +170,38 @@ def test_input_validation_messages():
         EquivCNPModel(EquivCNPConfig(max_grid_points=50))(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), torch.tensor([[[0.0], [10.0]]]))
 
 
+def test_grid_convolution_equals_pairwise_lieconv():
+    """The T(1) grid fast path (depthwise conv with the PointConv linear folded in) computes the pairwise LieConv."""
+    from hf_koopman.models.equivcnp.lieconv import grid_stencil_half_width
+
+    assert grid_stencil_half_width(0.25, 1 / 16) == 3  # 4/16 = 0.25 is on the boundary: window weight 0, left out
+    assert grid_stencil_half_width(0.26, 1 / 16) == 4
+    assert grid_stencil_half_width(0.01, 1 / 16) == 0
+    model = _tiny("T1")
+    assert model.uses_grid_convolution()
+    cx, cy, tx = _task(1, b=3)
+    cmask = torch.ones(3, cx.shape[1], dtype=torch.bool)
+    cmask[1, 7:] = False  # padded tasks: grid lengths differ within the batch
+    tmask = torch.ones(3, tx.shape[1], dtype=torch.bool)
+    tmask[2, 5:] = False
+    ty = torch.randn(3, tx.shape[1], 1)
+    outs, grads = [], []
+    for fast in (True, False):
+        model.grid_convolution = fast
+        model.zero_grad()
+        out = model(cx, cy, tx, cmask, tmask, target_y=ty)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert outs[0].mean.std() > 0.05
+    torch.testing.assert_close(outs[0].mean, outs[1].mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0].stddev, outs[1].stddev, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    # a k-nearest cut inside the window falls back to the pairwise route (the two would differ there)
+    assert not _tiny("T1", num_neighbours=6).uses_grid_convolution()
+    assert not _tiny("T1", discretisation="context_and_targets").uses_grid_convolution()
+
+
 def test_truncation_warning(caplog):
     model = EquivCNPModel(EquivCNPConfig(group="T1", radius=1.0, num_neighbours=4, points_per_unit=16))
     cx, cy, tx = _task(1)
