@@ -1,20 +1,31 @@
 """Run a grid of RKSP research-model trainings, resumably, into a `datasets`-loadable JSON-lines table.
 
-    # the prediction sweep (6 norms x 5 LRs x 3 width/depth configs x 3 seeds = 270 runs) -> results/sweep/runs.jsonl
+    # the prediction sweep (6 norms x 4 LRs x 3 width/depth configs x 3 seeds = 216 runs, 100 steps)
+    #   -> results/sweep_prediction/runs.jsonl
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid prediction
-    # the prevention comparison (No-Norm, LR 0.005-0.01): control / grad clip 0.5, 1.0 / KSS alpha 0.10, 0.15, 0.20
+    # the prevention comparison (No-Norm, LR 0.005-0.01): control / grad clip 0.5, 1.0 / KSS alpha 0.10, 0.15, 0.20,
+    # capped and paper-literal
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid prevention --trials 24
     # max stable LR with / without KSS for Pre-LN, RMSNorm, No-Norm
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid max_lr
     # WikiText-2 byte LM and ViT on MNIST, baseline vs KSS (needs HF_KOOPMAN_DATA)
     HF_KOOPMAN_DATA=../shared/data python scripts/sweep.py --grid real_data
+    # Mixtral-style MoE (8 experts, top-2) on the synthetic LM, with and without KSS (paper Table 16)
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid moe
     # fill in init-time spectral features for rows trained with --no-features
     python scripts/sweep.py --grid prediction --features-only
+    # relabel KSS rows written before KSSTrainer capped the KSS gradient as "kss<alpha>-uncapped"
+    python scripts/sweep.py --grid prevention --relabel-uncapped
 
-Every run goes through `hf_koopman.KSSTrainer` (alpha = 0 for non-KSS arms, i.e. the plain `Trainer` loss), is labelled
-as in the paper (loss > 50 or grad norm > 500 at any step, non-finite counts) and records the init spectral profile, the
-four gradient baselines and the final evaluation. Re-running skips finished `run_id`s; Ctrl-C loses at most one run.
-Load the table with `datasets.load_dataset("json", data_files="results/sweep/runs.jsonl")`.
+KSS arms are "kss<alpha>" (KSSTrainer's default gradient cap, kss_max_grad_ratio = 0.5) and "kss<alpha>-uncapped"
+(the paper-literal gradient, kss_max_grad_ratio = None); each KSS row records the ratio it used.
+
+The prediction sweep uses a plain AdamW loop (no regulariser involved); every other grid goes through
+`hf_koopman.KSSTrainer` (alpha = 0 for non-KSS arms, i.e. the plain `Trainer` loss). Each run is labelled as in the
+paper (loss > 50 or grad norm > 500 at any step, non-finite counts) and records the init spectral profile, the four
+gradient baselines (the loss-spike count covers the run's own horizon, 100-150 steps, not the paper's 1-500) and the
+final evaluation. Re-running skips finished `run_id`s; Ctrl-C loses at most one run. Load a table with
+`datasets.load_dataset("json", data_files="results/sweep_prediction/runs.jsonl")`.
 """
 
 from __future__ import annotations
@@ -25,8 +36,20 @@ import logging
 import sys
 from pathlib import Path
 
-from hf_koopman.experiments.grids import max_lr_grid, prediction_grid, prevention_grid, real_data_grid
-from hf_koopman.experiments.sweep import RunSpec, build_model, init_profile_features, read_rows, run_sweep, task_datasets
+from hf_koopman.experiments.grids import max_lr_grid, moe_grid, prediction_grid, prevention_grid, real_data_grid
+from hf_koopman.experiments.sweep import (
+    UNCAPPED_SUFFIX,
+    RunSpec,
+    build_model,
+    dump_row,
+    init_profile_features,
+    read_rows,
+    relabel_uncapped_kss,
+    run_sweep,
+    task_datasets,
+)
+
+
 
 def fill_features(path: Path) -> None:
     """Compute init-time spectral features for rows that lack them (the model is rebuilt from its seed)."""
@@ -38,27 +61,30 @@ def fill_features(path: Path) -> None:
     for row in tqdm(rows, desc="init features"):
         if "near_unit_mass_mean" in row:
             continue
-        spec = RunSpec(**{k: row[k] for k in fields})
+        spec = RunSpec(**{k: row[k] for k in fields if k in row})  # older rows predate `arch` / `top_k`
         train_ds, _ = task_datasets(spec)
         feats = init_profile_features(build_model(spec), train_ds, seed=spec.seed)
         row.update({k: v for k, v in feats.items()})
         changed += 1
     if changed:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({k: (str(v) if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v) for k, v in r.items()}) + "\n" for r in rows))
+        tmp.write_text("".join(dump_row(r) + "\n" for r in rows))
         tmp.replace(path)
     print(f"filled features for {changed} of {len(rows)} rows in {path}")
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=("prediction", "prevention", "max_lr", "real_data"), required=True)
+    p.add_argument("--grid", choices=("prediction", "prevention", "max_lr", "real_data", "moe"), required=True)
     p.add_argument("--out", type=Path, default=None, help="JSONL file (default results/sweep_<grid>/runs.jsonl)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100 prediction, 150 otherwise)")
     p.add_argument("--trials", type=int, default=None, help="trials per method (prevention, default 24) / seeds (max_lr: 3, real_data: 2)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N specs of the grid (quick mode)")
     p.add_argument("--no-features", action="store_true", help="skip the init-time profile (fill later)")
     p.add_argument("--features-only", action="store_true", help="only fill in missing init-time features")
+    p.add_argument("--relabel-uncapped", action="store_true",
+                   help="only relabel KSS rows trained before the gradient cap as 'kss<alpha>-uncapped'")
+    p.add_argument("--seeds", type=int, default=None, help="moe: seeds per (LR, method), default 6")
     return p
 
 
@@ -67,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    out = args.out or Path("results") / f"sweep_{args.grid}" / "runs.jsonl"
+    out = args.out or Path("results") / {"real_data": "sweep_real"}.get(args.grid, f"sweep_{args.grid}") / "runs.jsonl"
     if args.features_only:
         fill_features(out)
+        return 0
+    if args.relabel_uncapped:
+        print(f"relabelled {relabel_uncapped_kss(out)} KSS rows of {out} as '<method>{UNCAPPED_SUFFIX}'")
         return 0
     if args.grid == "prediction":
         specs = prediction_grid(args.steps or 100)
@@ -77,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = prevention_grid(args.steps or 150, args.trials or 24)
     elif args.grid == "max_lr":
         specs = max_lr_grid(args.steps or 100, args.trials or 3)
+    elif args.grid == "moe":
+        specs = moe_grid(args.steps or 150, seeds=tuple(range(args.seeds or 6)))
     else:
         specs = real_data_grid(args.steps or 150, seeds=tuple(range(args.trials or 2)))
     if args.limit is not None:

@@ -13,7 +13,10 @@ __all__ = [
     "TRAIN_ARCHS",
     "HELDOUT_ARCHS",
     "PREVENTION_METHODS",
+    "UNCAPPED_KSS_METHODS",
     "PREVENTION_LRS",
+    "MOE_LRS",
+    "moe_grid",
     "MAX_LR_EXTRA",
     "prediction_grid",
     "prevention_grid",
@@ -30,6 +33,8 @@ HELDOUT_ARCHS = ((48, 3),)
 TRAIN_SEEDS = (0, 1)
 HELDOUT_SEEDS = (2,)
 PREVENTION_METHODS = ("none", "clip0.5", "clip1.0", "kss0.10", "kss0.15", "kss0.20")
+# the same KSS arms with the paper-literal gradient (no `kss_max_grad_ratio` cap); session-1 tables were these
+UNCAPPED_KSS_METHODS = ("kss0.10-uncapped", "kss0.15-uncapped", "kss0.20-uncapped")
 PREVENTION_LRS = (0.005, 0.0075, 0.01)  # the paper's "LR 0.005-0.01" No-Norm regime; trials cycle through them
 MAX_LR_EXTRA = 0.3  # beyond the prediction grid, to bracket the normalised models' limit
 
@@ -56,8 +61,11 @@ def prediction_grid(
     return specs
 
 
-def prevention_grid(steps: int = 150, trials: int = 24, methods: Sequence[str] = PREVENTION_METHODS) -> list[RunSpec]:
-    """No-Norm, d=32, L=4, LR cycling over 0.005 / 0.0075 / 0.01; trial-major so a partial run stays balanced."""
+def prevention_grid(
+    steps: int = 150, trials: int = 24, methods: Sequence[str] = PREVENTION_METHODS + UNCAPPED_KSS_METHODS
+) -> list[RunSpec]:
+    """No-Norm, d=32, L=4, LR cycling over 0.005 / 0.0075 / 0.01; trial-major so a partial run stays balanced.
+    Trials share seed and LR across methods; KSS arms come capped (default) and paper-literal (`-uncapped`)."""
     specs = []
     for trial in range(trials):
         for method in methods:
@@ -69,13 +77,18 @@ def prevention_grid(steps: int = 150, trials: int = 24, methods: Sequence[str] =
     return specs
 
 
-def max_lr_grid(steps: int = 100, trials: int = 3, lrs: Sequence[float] = PREDICTION_LRS) -> list[RunSpec]:
-    """KSS (alpha 0.15) for Pre-LN / RMSNorm / No-Norm at d=32, L=4 on the prediction LRs with the prediction sweep's
-    seeds (whose rows are the "without KSS" side), plus both arms at LR 0.3."""
+def max_lr_grid(
+    steps: int = 100,
+    trials: int = 3,
+    lrs: Sequence[float] = PREDICTION_LRS,
+    kss_methods: Sequence[str] = ("kss0.15", "kss0.15-uncapped"),
+) -> list[RunSpec]:
+    """KSS (alpha 0.15; capped and paper-literal) for Pre-LN / RMSNorm / No-Norm at d=32, L=4 on the prediction LRs
+    with the prediction sweep's seeds (whose rows are the "without KSS" side), plus every arm at LR 0.3."""
     specs = []
     for seed, norm in itertools.product(range(trials), ("pre_ln", "rmsnorm", "none")):
         for lr in (*lrs, MAX_LR_EXTRA):
-            for method in ("kss0.15",) if lr != MAX_LR_EXTRA else ("none", "kss0.15"):
+            for method in tuple(kss_methods) if lr != MAX_LR_EXTRA else ("none", *kss_methods):
                 specs.append(
                     RunSpec(norm=norm, learning_rate=lr, seed=seed, num_layers=4, hidden_size=32, max_steps=steps,
                             method=method, backend="trainer", group="max_lr")
@@ -83,14 +96,42 @@ def max_lr_grid(steps: int = 100, trials: int = 3, lrs: Sequence[float] = PREDIC
     return specs
 
 
-def real_data_grid(steps: int = 150, seeds: Sequence[int] = (0, 1), wikitext_lrs: Sequence[float] = (1e-2, 3e-2)) -> list[RunSpec]:
+def real_data_grid(
+    steps: int = 150,
+    seeds: Sequence[int] = (0, 1),
+    wikitext_lrs: Sequence[float] = (1e-2, 3e-2),
+    methods: Sequence[str] = ("none", "kss0.15", "kss0.15-uncapped"),
+) -> list[RunSpec]:
     """Paper Tables 8-9 at CPU scale: WikiText-2 byte LM (Pre-LN, d=64, L=4, aggressive LRs) and a ViT on the MNIST
-    test set (Pre-LN, d=32, L=4, patch 7), baseline vs KSS alpha 0.15. Needs `$HF_KOOPMAN_DATA`."""
+    test set (Pre-LN, d=32, L=4, patch 7), baseline vs KSS alpha 0.15 (capped and paper-literal). Needs
+    `$HF_KOOPMAN_DATA`."""
     specs = []
-    for seed, method in itertools.product(seeds, ("none", "kss0.15")):
+    for seed, method in itertools.product(seeds, methods):
         for lr in wikitext_lrs:
             specs.append(RunSpec(norm="pre_ln", learning_rate=lr, seed=seed, hidden_size=64, num_layers=4, task="wikitext2",
                                  max_steps=steps, method=method, backend="trainer", group="real_text"))
         specs.append(RunSpec(norm="pre_ln", learning_rate=1e-2, seed=seed, hidden_size=32, num_layers=4, task="mnist_vit",
                              max_steps=steps, method=method, backend="trainer", group="vision"))
+    return specs
+
+
+MOE_LRS = (3e-2, 1e-1)  # aggressive for a pre-RMSNorm model at this size (pilot: 3e-3 / 1e-2 never diverge)
+
+
+def moe_grid(
+    steps: int = 150,
+    seeds: Sequence[int] = tuple(range(6)),
+    lrs: Sequence[float] = MOE_LRS,
+    methods: Sequence[str] = ("none", "kss0.15"),
+    top_k: int = 2,
+) -> list[RunSpec]:
+    """Paper Table 16 at CPU scale: a tiny Mixtral-style MoE (`MixtralForCausalLM` from `MixtralConfig`: d=64, L=4,
+    4 heads, 8 experts, top-`top_k`, load-balancing loss 0.01) on the synthetic LM (seq 64, vocab 512), through the
+    same `KSSTrainer` path as every other arm, with and without KSS; seed-major so a partial run stays balanced."""
+    specs = []
+    for seed, lr, method in itertools.product(seeds, lrs, methods):
+        specs.append(
+            RunSpec(norm="rmsnorm", learning_rate=lr, seed=seed, hidden_size=64, num_layers=4, task="synthetic_lm",
+                    max_steps=steps, method=method, backend="trainer", group="moe", arch="mixtral", top_k=top_k)
+        )
     return specs

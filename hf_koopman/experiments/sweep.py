@@ -21,18 +21,37 @@ import torch
 from .runner import RunResult, train_run, train_with_trainer
 from .tasks import associative_recall_dataset, mnist_datasets, synthetic_lm_dataset, wikitext2_datasets
 
-__all__ = ["RunSpec", "build_model", "task_datasets", "init_profile_features", "execute", "run_sweep", "read_rows"]
+__all__ = [
+    "RunSpec",
+    "build_model",
+    "task_datasets",
+    "init_profile_features",
+    "execute",
+    "run_sweep",
+    "read_rows",
+    "dump_row",
+    "relabel_uncapped_kss",
+]
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("assoc_recall", "synthetic_lm", "wikitext2", "mnist_vit")
+ARCHS = ("rksp_gpt", "mixtral")
 _METHOD_PREFIXES = ("none", "clip", "kss")
+UNCAPPED_SUFFIX = "-uncapped"
+# Mixtral-style MoE of the MoE grid (paper Table 16: 8 experts, load-balancing loss coefficient 0.01)
+MOE_NUM_EXPERTS = 8
+MOE_ROUTER_AUX_LOSS_COEF = 0.01
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One trial of the sweep. `method`: `"none"`, `"clip<c>"` (gradient clipping at c) or `"kss<alpha>"`.
-    `backend`: `"loop"` (plain AdamW loop) or `"trainer"` (`KSSTrainer`, required for KSS)."""
+    """One trial of the sweep. `method`: `"none"`, `"clip<c>"` (gradient clipping at c), `"kss<alpha>"` (KSS with
+    `KSSTrainer`'s default gradient cap, `kss_max_grad_ratio=0.5`) or `"kss<alpha>-uncapped"` (the paper-literal KSS
+    gradient, `kss_max_grad_ratio=None`). `backend`: `"loop"` (plain AdamW loop) or `"trainer"` (`KSSTrainer`,
+    required for KSS). `arch`: `"rksp_gpt"` (the research transformer; `norm` picks its normalisation) or
+    `"mixtral"` (a tiny `MixtralForCausalLM` built from `MixtralConfig`, pre-RMSNorm, 8 experts, `num_experts_per_tok`
+    = `top_k`, router load-balancing loss 0.01; needs an LM task and `norm="rmsnorm"`)."""
 
     norm: str
     learning_rate: float
@@ -47,12 +66,33 @@ class RunSpec:
     method: str = "none"
     backend: str = "loop"
     group: str = ""
+    arch: str = "rksp_gpt"
+    top_k: int = 2
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} must be one of {TASKS}.")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} must be one of {ARCHS}.")
+        if self.arch == "mixtral":
+            if self.task not in ("synthetic_lm", "wikitext2") or self.norm != "rmsnorm":
+                raise ValueError(f"arch='mixtral' is a causal LM with pre-RMSNorm: use task='synthetic_lm' or "
+                                 f"'wikitext2' and norm='rmsnorm' (got task={self.task!r}, norm={self.norm!r}).")
+            if not 1 <= self.top_k <= MOE_NUM_EXPERTS:
+                raise ValueError(f"top_k={self.top_k} must be in [1, {MOE_NUM_EXPERTS}].")
         if not self.method.startswith(_METHOD_PREFIXES):
-            raise ValueError(f"method={self.method!r} must be 'none', 'clip<value>' or 'kss<alpha>'.")
+            raise ValueError(
+                f"method={self.method!r} must be 'none', 'clip<value>', 'kss<alpha>' or 'kss<alpha>-uncapped'."
+            )
+        if self.method.endswith(UNCAPPED_SUFFIX) and not self.method.startswith("kss"):
+            raise ValueError(f"method={self.method!r}: only KSS methods take the '{UNCAPPED_SUFFIX}' suffix.")
+        try:
+            _ = self.clip, self.kss_alpha
+        except ValueError:
+            raise ValueError(
+                f"method={self.method!r}: the number after 'clip' / 'kss' must be a float (e.g. 'clip1.0', 'kss0.15', "
+                "'kss0.15-uncapped')."
+            ) from None
         if self.backend not in ("loop", "trainer"):
             raise ValueError(f"backend={self.backend!r} must be 'loop' or 'trainer'.")
         if self.method.startswith("kss") and self.backend != "trainer":
@@ -60,8 +100,10 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
+        # the default architecture adds nothing, so ids of rows written before `arch` existed stay valid
+        arch = "" if self.arch == "rksp_gpt" else f"{self.arch}-top{self.top_k}-"
         return (
-            f"{self.task}-{self.norm}-d{self.hidden_size}-L{self.num_layers}-lr{self.learning_rate:g}-s{self.seed}"
+            f"{arch}{self.task}-{self.norm}-d{self.hidden_size}-L{self.num_layers}-lr{self.learning_rate:g}-s{self.seed}"
             f"-T{self.max_steps}-b{self.batch_size}-w{self.warmup_steps}-{self.method}-{self.backend}"
         )
 
@@ -71,7 +113,12 @@ class RunSpec:
 
     @property
     def kss_alpha(self) -> float:
-        return float(self.method[3:]) if self.method.startswith("kss") else 0.0
+        return float(self.method[3:].removesuffix(UNCAPPED_SUFFIX)) if self.method.startswith("kss") else 0.0
+
+    @property
+    def kss_capped(self) -> bool:
+        """False for `"kss<alpha>-uncapped"` (paper-literal KSS gradient)."""
+        return not self.method.endswith(UNCAPPED_SUFFIX)
 
 
 def build_model(spec: RunSpec) -> torch.nn.Module:
@@ -81,6 +128,17 @@ def build_model(spec: RunSpec) -> torch.nn.Module:
     from hf_koopman.models.rksp_gpt import RKSPViTForImageClassification
 
     vocab = 512 if spec.task == "synthetic_lm" else 256  # wikitext2 is byte-level
+    if spec.arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        moe = MixtralConfig(
+            vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+            num_local_experts=MOE_NUM_EXPERTS, num_experts_per_tok=spec.top_k, max_position_embeddings=64,
+            output_router_logits=True, router_aux_loss_coef=MOE_ROUTER_AUX_LOSS_COEF,
+        )
+        torch.manual_seed(spec.seed)
+        return MixtralForCausalLM(moe)
     config = RKSPGPTConfig(
         vocab_size=vocab, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, max_position_embeddings=64, norm=spec.norm,
@@ -154,6 +212,7 @@ def _train(spec: RunSpec, model, train_ds, eval_ds) -> RunResult:
             weight_decay=0.01, max_grad_norm=spec.clip if spec.clip is not None else 0.0, seed=spec.seed,
             data_seed=spec.seed, logging_strategy="no", save_strategy="no", report_to="none", use_cpu=True,
             disable_tqdm=True, dataloader_num_workers=0, kss_alpha=spec.kss_alpha, kss_seed=spec.seed,
+            **({} if spec.kss_capped else {"kss_max_grad_ratio": None}),
         )
         return train_with_trainer(model, train_ds, args, trainer_cls=KSSTrainer, eval_dataset=eval_ds)
 
@@ -163,6 +222,10 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
     train_ds, eval_ds = task_datasets(spec)
     model = build_model(spec)
     row: dict[str, Any] = {"run_id": spec.run_id, **asdict(spec)}
+    if spec.method.startswith("kss"):  # provenance: which KSS gradient the run used (None = paper-literal)
+        from hf_koopman.training import KSSConfig
+
+        row["kss_max_grad_ratio"] = KSSConfig().max_grad_ratio if spec.kss_capped else None
     if features:  # profile keys first, spec fields win on a name clash (the profile also reports "num_layers")
         row.update({k: v for k, v in init_profile_features(model, train_ds, seed=spec.seed).items() if k not in row})
     result = _train(spec, model, train_ds, eval_ds)
@@ -201,6 +264,38 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                     row[key] = int(row[key])
             rows.append(row)
     return rows
+
+
+def dump_row(row: dict[str, Any]) -> str:
+    """One JSON line for `row` (non-finite floats as "inf" / "-inf" / "nan" strings, which `read_rows` maps back)."""
+    return json.dumps({k: _jsonable(v) for k, v in row.items()})
+
+
+def relabel_uncapped_kss(path: str | Path) -> int:
+    """Relabel KSS rows of `path` trained before `KSSTrainer` capped the KSS gradient.
+
+    Such rows have no `kss_max_grad_ratio` field and were trained with the paper-literal gradient: their method
+    becomes `kss<alpha>-uncapped` (and their `run_id` follows), with `kss_max_grad_ratio = None`. Idempotent.
+
+    Returns:
+        `int`: the number of rows changed.
+    """
+    path = Path(path)
+    rows = read_rows(path)
+    fields = set(RunSpec.__dataclass_fields__)
+    changed = 0
+    for row in rows:
+        if not str(row.get("method", "")).startswith("kss") or "kss_max_grad_ratio" in row:
+            continue
+        row["method"] = row["method"] + UNCAPPED_SUFFIX
+        row["run_id"] = RunSpec(**{k: row[k] for k in fields if k in row}).run_id
+        row["kss_max_grad_ratio"] = None
+        changed += 1
+    if changed:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(dump_row(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+    return changed
 
 
 def run_sweep(specs: Iterable[RunSpec], out_path: str | Path, *, features: bool = True, progress: bool = True) -> list[dict]:

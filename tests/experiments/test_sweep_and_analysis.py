@@ -14,7 +14,7 @@ from hf_koopman.experiments.analysis import (
     prevention_table,
     within_norm_table,
 )
-from hf_koopman.experiments.sweep import RunSpec, execute, read_rows, run_sweep
+from hf_koopman.experiments.sweep import RunSpec, execute, read_rows, relabel_uncapped_kss, run_sweep
 
 
 def test_runspec_validation_and_ids():
@@ -24,6 +24,82 @@ def test_runspec_validation_and_ids():
         RunSpec(norm="none", learning_rate=0.01, seed=0, method="kss0.15", backend="loop")
     with pytest.raises(ValueError, match="task"):
         RunSpec(norm="none", learning_rate=0.01, seed=0, task="cifar")
+
+
+def test_runspec_kss_methods_capped_and_uncapped():
+    capped = RunSpec(norm="none", learning_rate=0.01, seed=0, method="kss0.15", backend="trainer")
+    literal = RunSpec(norm="none", learning_rate=0.01, seed=0, method="kss0.15-uncapped", backend="trainer")
+    assert capped.kss_alpha == literal.kss_alpha == 0.15
+    assert capped.kss_capped and not literal.kss_capped
+    assert capped.run_id != literal.run_id and literal.run_id.endswith("-kss0.15-uncapped-trainer")
+    with pytest.raises(ValueError, match="must be a float"):
+        RunSpec(norm="none", learning_rate=0.01, seed=0, method="kssx", backend="trainer")
+    with pytest.raises(ValueError, match="only KSS methods"):
+        RunSpec(norm="none", learning_rate=0.01, seed=0, method="clip1.0-uncapped")
+
+
+def test_runspec_mixtral_validation_and_ids():
+    moe = RunSpec(norm="rmsnorm", learning_rate=0.1, seed=1, task="synthetic_lm", arch="mixtral", top_k=1)
+    assert moe.run_id.startswith("mixtral-top1-synthetic_lm-rmsnorm-")
+    # the default architecture leaves ids of rows written before `arch` existed unchanged
+    assert RunSpec(norm="none", learning_rate=0.01, seed=0).run_id.startswith("assoc_recall-none-d32-L4-")
+    with pytest.raises(ValueError, match="causal LM"):
+        RunSpec(norm="rmsnorm", learning_rate=0.1, seed=0, task="assoc_recall", arch="mixtral")
+    with pytest.raises(ValueError, match="causal LM"):
+        RunSpec(norm="pre_ln", learning_rate=0.1, seed=0, task="synthetic_lm", arch="mixtral")
+    with pytest.raises(ValueError, match="top_k"):
+        RunSpec(norm="rmsnorm", learning_rate=0.1, seed=0, task="synthetic_lm", arch="mixtral", top_k=9)
+    with pytest.raises(ValueError, match="arch"):
+        RunSpec(norm="rmsnorm", learning_rate=0.1, seed=0, task="synthetic_lm", arch="llama")
+
+
+def test_mixtral_run_through_kss_trainer():
+    from transformers import MixtralForCausalLM
+
+    from hf_koopman.experiments.sweep import build_model
+
+    spec = RunSpec(norm="rmsnorm", learning_rate=1e-3, seed=0, hidden_size=16, num_layers=2, num_heads=2,
+                   task="synthetic_lm", max_steps=2, method="kss0.15", backend="trainer", arch="mixtral", top_k=2)
+    model = build_model(spec)
+    assert isinstance(model, MixtralForCausalLM)
+    assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
+    assert model.config.output_router_logits and model.config.router_aux_loss_coef == 0.01
+    row = execute(spec)
+    assert row["steps_run"] == 2 and math.isfinite(row["final_loss"]) and row["arch"] == "mixtral"
+    assert 0.0 <= row["near_unit_mass_mean"] <= 1.0 and row["kss_max_grad_ratio"] == 0.5
+
+
+def test_kss_cap_reaches_the_trainer():
+    """On the first (KSS) step the capped run's gradient is at most (1 + 0.5) x the task gradient of the alpha = 0
+    run; the paper-literal run's is not bounded that way (No-Norm: its KSS gradient dominates)."""
+    kw = dict(norm="none", learning_rate=1e-3, seed=0, hidden_size=16, num_layers=2, num_heads=2, max_steps=1,
+              backend="trainer")
+    rows = {m: execute(RunSpec(method=m, **kw), features=False) for m in ("none", "kss0.15", "kss0.15-uncapped")}
+    g_task = rows["none"]["initial_grad_norm"]
+    assert rows["kss0.15"]["initial_grad_norm"] <= 1.5 * g_task * (1 + 1e-4)
+    assert rows["kss0.15-uncapped"]["initial_grad_norm"] > 1.5 * g_task
+    assert rows["kss0.15"]["kss_max_grad_ratio"] == 0.5 and rows["kss0.15-uncapped"]["kss_max_grad_ratio"] is None
+    assert "kss_max_grad_ratio" not in rows["none"]
+
+
+def test_relabel_uncapped_kss(tmp_path):
+    out = tmp_path / "runs.jsonl"
+    old = RunSpec(norm="none", learning_rate=0.01, seed=0, method="kss0.15", backend="trainer")
+    ctrl = RunSpec(norm="none", learning_rate=0.01, seed=0, method="none", backend="trainer")
+    rows = [{"run_id": old.run_id, "norm": "none", "learning_rate": 0.01, "seed": 0, "method": "kss0.15",
+             "backend": "trainer", "diverged": True, "x": "inf"},
+            {"run_id": ctrl.run_id, "norm": "none", "learning_rate": 0.01, "seed": 0, "method": "none",
+             "backend": "trainer", "diverged": False},
+            {"run_id": old.run_id + "-new", "norm": "none", "learning_rate": 0.01, "seed": 0, "method": "kss0.15",
+             "backend": "trainer", "diverged": False, "kss_max_grad_ratio": 0.5}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert relabel_uncapped_kss(out) == 1
+    got = read_rows(out)
+    assert got[0]["method"] == "kss0.15-uncapped" and got[0]["kss_max_grad_ratio"] is None
+    assert got[0]["run_id"] == RunSpec(norm="none", learning_rate=0.01, seed=0, method="kss0.15-uncapped",
+                                       backend="trainer").run_id
+    assert got[0]["x"] == math.inf and got[1] == {**rows[1]} and got[2]["method"] == "kss0.15"
+    assert relabel_uncapped_kss(out) == 0  # idempotent
 
 
 def test_execute_and_resume(tmp_path):
@@ -99,7 +175,7 @@ def test_prevention_and_max_lr_tables():
 
 
 def test_grids_shapes_and_heldout_split():
-    from hf_koopman.experiments.grids import max_lr_grid, prediction_grid, prevention_grid, real_data_grid
+    from hf_koopman.experiments.grids import max_lr_grid, moe_grid, prediction_grid, prevention_grid, real_data_grid
 
     pred = prediction_grid()
     assert len(pred) == 216 and len({s.run_id for s in pred}) == 216
@@ -107,6 +183,12 @@ def test_grids_shapes_and_heldout_split():
     assert len(train) == 96
     assert all((s.hidden_size, s.num_layers) != (48, 3) and s.seed != 2 for s in train)
     prev = prevention_grid()
-    assert len(prev) == 144 and {s.method for s in prev[:6]} == {"none", "clip0.5", "clip1.0", "kss0.10", "kss0.15", "kss0.20"}
+    assert len(prev) == 216 and {s.method for s in prev[:9]} == {
+        "none", "clip0.5", "clip1.0", "kss0.10", "kss0.15", "kss0.20", "kss0.10-uncapped", "kss0.15-uncapped",
+        "kss0.20-uncapped"}
     assert all(0.005 <= s.learning_rate <= 0.01 and s.norm == "none" for s in prev)
-    assert len(max_lr_grid()) == 54 and len(real_data_grid()) == 12
+    assert len({(s.seed, s.learning_rate) for s in prev[:9]}) == 1  # every arm of a trial shares seed and LR
+    assert len(max_lr_grid()) == 99 and len(real_data_grid()) == 18
+    moe = moe_grid()
+    assert len(moe) == 24 and all(s.arch == "mixtral" and s.task == "synthetic_lm" for s in moe)
+    assert {s.method for s in moe} == {"none", "kss0.15"} and len({s.run_id for s in moe}) == 24
