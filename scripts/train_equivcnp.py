@@ -58,6 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiments", default="gp,image", help="comma list of gp,image,replot (replot: redraw the "
                    "image figure from saved checkpoints)")
     p.add_argument("--kernels", default="rbf,matern,periodic")
+    p.add_argument("--models", default="EquivCNP,ConvCNP,CNP", help="1-D models to train (comma list)")
+    p.add_argument("--parallel", action="store_true", help="1-D: train every (model, kernel) pair in its own "
+                   "single-threaded subprocess, then merge (for machines with >= 9 free cores)")
+    p.add_argument("--equivcnp-device", default=None, help="1-D: device for EquivCNP only (default --device)")
+    p.add_argument("--fit-1d-seconds", type=float, default=None, help="with --parallel: time all nine trainings side "
+                   "by side for a few steps, then set --steps-1d to the largest multiple of 500 (<= 51200) that fits "
+                   "this many seconds of training")
+    p.add_argument("--probe-1d", type=int, default=0, help=argparse.SUPPRESS)  # internal: time N steps, no eval
     p.add_argument("--steps-1d", type=int, default=1500)
     p.add_argument("--batch-1d", type=int, default=16)
     p.add_argument("--lr-1d", type=float, default=1e-3)
@@ -175,7 +183,10 @@ def run_gp(args, out_dir: Path) -> dict:
     for kernel in kernels:
         gen = torch.Generator().manual_seed(args.seed + 1000)
         tasks = [gp.sample_evaluation_batch(kernel, min(eval_batch, args.eval_tasks), gen) for _ in range(n_batches)]
+        wanted = [m for m in args.models.split(",") if m]
         for name, model in gp_models(args.quick).items():
+            if name not in wanted:
+                continue
             folder = Path(args.checkpoint_dir) / f"{name.lower()}-gp-{kernel}"
             done = progress["models"].get(name, {}).get(kernel)
             if done is not None and (folder / "model.safetensors").is_file():
@@ -185,12 +196,19 @@ def run_gp(args, out_dir: Path) -> dict:
                 stats = done
                 logger.info("%s %s: resumed from %s", name, kernel, folder)
             else:
+                device = _device_1d(args, name)
                 torch.manual_seed(args.seed)
                 model = type(model)(model.config)  # fresh weights under the seed
+                if args.probe_1d:  # time the steps after a short warm-up; nothing is evaluated or saved
+                    train_1d(model, kernel, 5, args.batch_1d, args.lr_1d, args.seed, "constant", device)
+                    st = train_1d(model, kernel, args.probe_1d, args.batch_1d, args.lr_1d, args.seed, "constant", device)
+                    results["models"].setdefault(name, {})[kernel] = {"seconds_per_step": st["wall_seconds"] / args.probe_1d}
+                    continue
                 stats = train_1d(model, kernel, args.steps_1d, args.batch_1d, args.lr_1d, args.seed,
-                                 args.lr_schedule_1d, args.device)
+                                 args.lr_schedule_1d, device)
+                stats["device"] = device
                 t0 = time.process_time()
-                mean, std = evaluate_1d(model, tasks, args.device)
+                mean, std = evaluate_1d(model, tasks, device)
                 stats.update(ll_mean=mean, ll_std=std, eval_cpu_seconds=time.process_time() - t0,
                              parameters=sum(p.numel() for p in model.parameters()))
             model.to("cpu")
@@ -203,9 +221,78 @@ def run_gp(args, out_dir: Path) -> dict:
                            all_results=results)
                 progress["models"].setdefault(name, {})[kernel] = stats
                 progress_path.write_text(json.dumps(progress, indent=1) + "\n", encoding="utf-8")
-        fig_data[kernel]["_task"] = {k: v[:1] for k, v in tasks[0].items()}
+        if kernel in fig_data:
+            fig_data[kernel]["_task"] = {k: v[:1] for k, v in tasks[0].items()}
+    if args.probe_1d:
+        return results
     results["earlier_budgets"] = _earlier_budgets(out_dir / "equivcnp_summary.json", results["protocol"])
     write_gp_table(results, kernels, out_dir)
+    plot_gp(fig_data, out_dir / "equivcnp_gp_examples.png")
+    return results
+
+
+def _device_1d(args, name: str) -> str:
+    return args.equivcnp_device if name == "EquivCNP" and args.equivcnp_device else args.device
+
+
+def run_gp_parallel(args, out_dir: Path) -> dict:
+    """`run_gp` with one single-threaded subprocess per (model, kernel), merged into one result as if run serially
+    (every subprocess uses the same seeds, so the numbers do not depend on the split)."""
+    import subprocess
+    import tempfile
+
+    kernels = [k for k in args.kernels.split(",") if k]
+    names = [m for m in args.models.split(",") if m]
+    work = Path(tempfile.mkdtemp(prefix="equivcnp_gp_"))
+
+    def launch(extra: list[str], tag: str) -> dict:
+        procs = {}
+        for kernel in kernels:
+            for name in names:
+                sub = work / f"{tag}-{name}-{kernel}"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--experiments", "gp", "--kernels", kernel,
+                       "--models", name, "--output-dir", str(sub), "--checkpoint-dir", args.checkpoint_dir,
+                       "--batch-1d", str(args.batch_1d), "--lr-1d", str(args.lr_1d), "--lr-schedule-1d",
+                       args.lr_schedule_1d, "--eval-tasks", str(args.eval_tasks), "--seed", str(args.seed),
+                       "--device", _device_1d(args, name), *(["--quick"] if args.quick else []), *extra]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                log = open(work / f"{tag}-{name}-{kernel}.log", "w")
+                procs[(name, kernel)] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), sub, log)
+        merged: dict = {}
+        for (name, kernel), (proc, sub, log) in procs.items():
+            rc = proc.wait()
+            log.close()
+            if rc != 0:
+                tail = (work / f"{tag}-{name}-{kernel}.log").read_text()[-3000:]
+                raise RuntimeError(f"{name}/{kernel} subprocess failed (exit {rc}):\n{tail}")
+            part = json.loads((sub / "equivcnp_summary.json").read_text())["gp_regression"]
+            merged.setdefault("protocol", part["protocol"])
+            merged.setdefault("models", {}).setdefault(name, {})[kernel] = part["models"][name][kernel]
+        return merged
+
+    if args.fit_1d_seconds:
+        probe = launch(["--probe-1d", "30", "--steps-1d", "30"], "probe")
+        slowest = max(per[k]["seconds_per_step"] for per in probe["models"].values() for k in per)
+        args.steps_1d = int(min(51200, max(500, args.fit_1d_seconds / slowest // 500 * 500)))
+        logger.info("probe: slowest training step %.1f ms side by side -> %d steps", 1e3 * slowest, args.steps_1d)
+    merged = launch(["--steps-1d", str(args.steps_1d)], "train")
+    args.steps_1d = merged["protocol"]["steps"]  # what the subprocesses ran (--quick overrides it)
+    results = {"protocol": {**_protocol_1d(args, merged["protocol"]["eval_tasks"]),
+                            "device": {n: _device_1d(args, n) for n in names}, "parallel": True,
+                            "machine": f"{platform.machine()}, {os.cpu_count()} cores"
+                            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")},
+               "models": {n: merged["models"][n] for n in names}}
+    if args.fit_1d_seconds:
+        results["protocol"]["probe_seconds_per_step"] = {n: probe["models"][n] for n in names}
+    results["earlier_budgets"] = _earlier_budgets(out_dir / "equivcnp_summary.json", results["protocol"])
+    write_gp_table(results, kernels, out_dir)
+    from transformers import AutoModel
+
+    fig_data = {}
+    for kernel in kernels:
+        fig_data[kernel] = {n: AutoModel.from_pretrained(Path(args.checkpoint_dir) / f"{n.lower()}-gp-{kernel}")
+                            for n in names}
+        fig_data[kernel]["_task"] = gp.sample_evaluation_batch(kernel, 1, torch.Generator().manual_seed(args.seed + 1000))
     plot_gp(fig_data, out_dir / "equivcnp_gp_examples.png")
     return results
 
@@ -239,11 +326,13 @@ def write_gp_table(results: dict, kernels: list[str], out_dir: Path) -> None:
                 continue
             cells = [f"{per[k]['ll_mean']:.3f} ± {per[k]['ll_std']:.3f}" for k in kernels]
             cpu = sum(per[k]["cpu_seconds"] for k in kernels)
-            out.append(f"| {name} ({suffix}) | " + " | ".join(cells) + f" | {cpu:.0f} |")
+            wall = sum(per[k].get("wall_seconds", float("nan")) for k in kernels)
+            out.append(f"| {name} ({suffix}) | " + " | ".join(cells) + f" | {cpu:.0f} | "
+                       + (f"{wall:.0f} ({per[kernels[0]].get('device', 'cpu')})" if wall == wall else "–") + " |")
         return out
 
-    header = ["| model | " + " | ".join(names[k] for k in kernels) + " | train CPU s (sum) |",
-              "|---|" + "---|" * (len(kernels) + 1)]
+    header = ["| model | " + " | ".join(names[k] for k in kernels) + " | train CPU s (sum) | train wall s (sum; device) |",
+              "|---|" + "---|" * (len(kernels) + 2)]
     verdict = []
     eq_, conv = results["models"].get("EquivCNP", {}), results["models"].get("ConvCNP", {})
     if all(k in eq_ and k in conv for k in kernels):
@@ -257,7 +346,9 @@ def write_gp_table(results: dict, kernels: list[str], out_dir: Path) -> None:
         f"{' to lr/10' if p['lr_schedule'] == 'cosine' else ''}) per model and kernel, the same batches for every model, "
         f"evaluated on {p['eval_tasks']} tasks with 400 targets on [-4, 4] (training range [-2, 2]). Paper: "
         f"{p['paper_steps']} steps (notebook outputs of the authors' repository). Regenerated by "
-        "`scripts/train_equivcnp.py`; CPU seconds are of one core on a shared machine.",
+        "`scripts/train_equivcnp.py`"
+        + (f" with `--parallel` (one single-threaded process per model and kernel, side by side) on {p.get('machine')}"
+           if p.get("parallel") else "; CPU seconds are of one core on a shared machine") + ".",
         "",
         *verdict,
         "In the paper's own table ConvCNP beats EquivCNP on RBF and Matérn-5/2; EquivCNP wins only on the periodic kernel.",
@@ -266,7 +357,7 @@ def write_gp_table(results: dict, kernels: list[str], out_dir: Path) -> None:
         "",
         *header,
         *rows(results["models"], "ours"),
-        *(f"| {name} (paper) | " + " | ".join(f"{per[k][0]:.3f} ± {per[k][1]:.3f}" for k in kernels) + " | – |"
+        *(f"| {name} (paper) | " + " | ".join(f"{per[k][0]:.3f} ± {per[k][1]:.3f}" for k in kernels) + " | – | – |"
           for name, per in PAPER_1D.items()),
     ]
     for label, block in sorted((results.get("earlier_budgets") or {}).items(), key=lambda kv: int(kv[0].split()[0])):
@@ -567,7 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
     exps = [e for e in args.experiments.split(",") if e]
     new: dict = {}
     if "gp" in exps:
-        new["gp_regression"] = run_gp(args, out_dir)
+        new["gp_regression"] = run_gp_parallel(args, out_dir) if args.parallel else run_gp(args, out_dir)
         new["gp_regression"]["paper"] = PAPER_1D
     if "image" in exps:
         new["image_completion"] = run_image(args, out_dir)
