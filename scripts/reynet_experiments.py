@@ -34,6 +34,7 @@ __all__ = [
     "train_regression",
     "evaluate_mse",
     "GraphProtocol",
+    "best_common_epoch",
     "run_graph_cv",
     "graph_model",
 ]
@@ -139,13 +140,22 @@ def evaluate_mse(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size:
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
 class GraphProtocol:
-    """Cross-validation protocol. Evaluating only the first `eval_folds[name] < num_folds` folds and few epochs is the
-    documented reduced protocol (CPU budget); `--full-protocol` in the script runs all folds and the paper's epochs."""
+    """Cross-validation protocol for TU graph classification (both models get exactly the same treatment).
+
+    All `num_folds` folds are trained in lock-step, epoch by epoch (every fold and model finishes epoch e before any
+    starts epoch e + 1), so a run stopped at a wall-clock deadline still has every fold at one common epoch count. The
+    learning-rate schedule is a step decay that does not depend on the total number of epochs (Adam, lr × `lr_gamma`
+    every `lr_step_epochs[name]` epochs), so stopping after e epochs gives exactly the run that was planned for e
+    epochs. Test accuracy is recorded after every epoch (model selection is *not* done per fold, see
+    [`best_common_epoch`]).
+    """
 
     num_folds: int = 10
-    eval_folds: dict[str, int] = field(default_factory=lambda: {"MUTAG": 10, "PROTEINS": 3, "NCI109": 3})
-    epochs: dict[str, int] = field(default_factory=lambda: {"MUTAG": 20, "PROTEINS": 3, "NCI109": 3})
+    eval_folds: dict[str, int] = field(default_factory=dict)  # first K folds only (smoke tests); default all
+    epochs: dict[str, int] = field(default_factory=lambda: {"MUTAG": 60, "PROTEINS": 20, "NCI109": 20})  # maxima
     lr: float = 1e-3
+    lr_gamma: float = 0.5
+    lr_step_epochs: dict[str, int] = field(default_factory=lambda: {"MUTAG": 15, "PROTEINS": 5, "NCI109": 5})
     batch_size: int = 16
     seed: int = 0
     reynet: dict = field(
@@ -155,6 +165,13 @@ class GraphProtocol:
         }
     )
     iegn: dict = field(default_factory=lambda: {"channel_hidden_sizes": [16, 32, 64], "head_hidden_sizes": [64]})
+
+    def step_epochs(self, name: str) -> int:
+        return self.lr_step_epochs.get(name, max(1, self.epochs[name] // 4))
+
+    def schedule(self, name: str) -> str:
+        return (f"Adam lr {self.lr}, ×{self.lr_gamma} every {self.step_epochs(name)} epochs (StepLR), batch "
+                f"{self.batch_size} size-bucketed graphs, no weight decay")
 
 
 def graph_model(kind: str, in_channels: int, num_classes: int, protocol: GraphProtocol) -> ReyNetForGraphClassification:
@@ -185,7 +202,7 @@ def _size_batches(
     return batches
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _accuracy(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int) -> float:
     model.eval()
     correct = 0
@@ -196,74 +213,126 @@ def _accuracy(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_
     return correct / len(indices)
 
 
+def _train_epoch(
+    model: nn.Module, opt: torch.optim.Optimizer, ds: GraphDataset, train_idx: Sequence[int], batch_size: int,
+    gen: torch.Generator, desc: str,
+) -> float:
+    """One epoch over size-bucketed batches; returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    for b in _size_batches(ds, train_idx, batch_size, gen):
+        batch = collate_graphs([ds[i] for i in b])
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(b)
+        count += len(b)
+    return total / count
+
+
 def train_graph_classifier(
     model: ReyNetForGraphClassification, ds: GraphDataset, train_idx: Sequence[int], *, epochs: int, lr: float,
-    batch_size: int, seed: int, desc: str,
+    batch_size: int, seed: int, desc: str, lr_step_epochs: int | None = None, lr_gamma: float = 0.5,
 ) -> list[float]:
+    """Adam (+ optional StepLR) on size-bucketed batches; returns the per-epoch training losses."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, lr_step_epochs, lr_gamma) if lr_step_epochs else None
     history = []
     for _ in tqdm(range(epochs), desc=desc, leave=False):
-        model.train()
-        total, count = 0.0, 0
-        for b in _size_batches(ds, train_idx, batch_size, gen):
-            batch = collate_graphs([ds[i] for i in b])
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(b)
-            count += len(b)
-        history.append(total / count)
+        history.append(_train_epoch(model, opt, ds, train_idx, batch_size, gen, desc))
+        if sched is not None:
+            sched.step()
     return history
+
+
+def best_common_epoch(per_epoch: Sequence[Sequence[float]]) -> tuple[int, float, float]:
+    """The protocol of Maron et al. (2019), also used by the IEGN/PPGN papers: average the test accuracy over folds at
+    every epoch and report the best epoch (1-based) with that epoch's mean and std over folds. One epoch is selected
+    for all folds together, but on the test folds, so this is optimistic; report the last-epoch accuracy next to it.
+
+    Args:
+        per_epoch: `(num_folds, num_epochs)` test accuracies.
+    """
+    t = torch.tensor([list(r) for r in per_epoch], dtype=torch.float64)
+    if t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"per_epoch must be a non-empty (folds, epochs) table, got shape {tuple(t.shape)}")
+    means = t.mean(dim=0)
+    e = int(torch.argmax(means))  # first epoch among ties
+    return e + 1, float(means[e]), (float(t[:, e].std(unbiased=False)) if t.shape[0] > 1 else 0.0)
 
 
 def run_graph_cv(
     data_dir, name: str, protocol: GraphProtocol, kinds: Sequence[str] = ("reynet", "iegn"),
-    on_fold: Callable[[dict], None] | None = None, previous: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None, deadline: float | None = None,
 ) -> dict:
-    """Seeded stratified k-fold CV of each model kind on one TU dataset; per-fold accuracies and CPU time.
+    """Seeded stratified k-fold CV of each model kind on one TU dataset, all folds in lock-step.
 
-    Folds are the outer loop (every kind is trained on fold k before fold k+1 starts), so a run stopped early still has
-    paired results; `on_fold(result)` is called after every fold with the partial result (to save progress).
-    `previous` (a result of an interrupted or shorter run with the same protocol) resumes: its folds are kept.
+    Every (fold, kind) gets its own model (seeded `protocol.seed + fold`, the same init seed for both kinds), Adam,
+    StepLR and batch-order generator (seeded `protocol.seed + fold`, so both kinds see the same batches). After every
+    epoch each model's test-fold accuracy is recorded and `on_epoch(result)` is called (to save progress). Training
+    stops after `protocol.epochs[name]` epochs, or earlier when the next epoch would end after the wall-clock
+    `deadline` (a `time.time()` value), estimated from the slowest epoch so far (the first epoch always runs); every
+    fold then has the same count.
+
+    Returns:
+        A dict with, per kind, `fold_accuracies` (last epoch), `mean`/`std` (last epoch), `per_epoch_accuracy`
+        `(folds, epochs)`, `best_common_epoch` (see [`best_common_epoch`]), `train_loss`, `cpu_seconds`.
     """
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, name)
     ds = GraphDataset(graphs, num_node_labels)
     folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)[: protocol.eval_folds.get(name, protocol.num_folds)]
-    epochs = protocol.epochs[name]
-    result: dict = {"dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
-                    "epochs": epochs, "num_folds": protocol.num_folds, "eval_folds": 0,
-                    "models": {kind: {"fold_accuracies": [], "cpu_seconds": 0.0} for kind in kinds}}
-    done = 0
-    if previous is not None:
-        if previous.get("epochs") != epochs or previous.get("num_folds") != protocol.num_folds:
-            raise ValueError(f"{name}: cannot resume a run with different epochs/num_folds")
-        result["models"] = previous["models"]
-        done = previous["eval_folds"]
-        result["eval_folds"] = done
-        logger.info("%s: resuming after %d completed folds", name, done)
-    for k, (train_idx, test_idx) in enumerate(folds):
-        if k < done:
-            continue
+    max_epochs = protocol.epochs[name]
+    result: dict = {
+        "dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
+        "epochs": 0, "max_epochs": max_epochs, "schedule": protocol.schedule(name), "num_folds": protocol.num_folds,
+        "eval_folds": len(folds), "stopped_at_deadline": False,
+        "fold_sizes": [len(te) for _, te in folds],
+        "models": {kind: {"fold_accuracies": [], "per_epoch_accuracy": [[] for _ in folds],
+                          "train_loss": [[] for _ in folds], "cpu_seconds": 0.0} for kind in kinds},
+    }
+    state = {}
+    for k in range(len(folds)):
         for kind in kinds:
             torch.manual_seed(protocol.seed + k)
             model = graph_model(kind, num_node_labels + 1, num_classes, protocol)
+            opt = torch.optim.Adam(model.parameters(), lr=protocol.lr)
+            sched = torch.optim.lr_scheduler.StepLR(opt, protocol.step_epochs(name), protocol.lr_gamma)
+            state[k, kind] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + k))
+            result["models"][kind]["num_parameters"] = sum(p.numel() for p in model.parameters())
+    slowest = 0.0
+    for epoch in tqdm(range(max_epochs), desc=f"{name} epochs"):
+        if deadline is not None and epoch > 0 and time.time() + 1.1 * slowest > deadline:
+            logger.warning("%s: stopping after %d epochs (next epoch would pass the deadline)", name, epoch)
+            result["stopped_at_deadline"] = True
+            break
+        t_wall = time.time()
+        for k, (train_idx, test_idx) in enumerate(folds):
+            for kind in kinds:
+                model, opt, sched, gen = state[k, kind]
+                entry = result["models"][kind]
+                t0 = time.process_time()
+                loss = _train_epoch(model, opt, ds, train_idx, protocol.batch_size, gen, f"{name}/{kind}/fold{k}")
+                sched.step()
+                acc = _accuracy(model, ds, test_idx, protocol.batch_size)
+                entry["cpu_seconds"] += time.process_time() - t0
+                entry["train_loss"][k].append(loss)
+                entry["per_epoch_accuracy"][k].append(acc)
+        slowest = max(slowest, time.time() - t_wall)
+        result["epochs"] = epoch + 1
+        for kind in kinds:
             entry = result["models"][kind]
-            entry["num_parameters"] = sum(p.numel() for p in model.parameters())
-            t0 = time.process_time()
-            train_graph_classifier(model, ds, train_idx, epochs=epochs, lr=protocol.lr, batch_size=protocol.batch_size,
-                                   seed=protocol.seed + k, desc=f"{name}/{kind}/fold{k}")
-            acc = _accuracy(model, ds, test_idx, protocol.batch_size)
-            entry["cpu_seconds"] += time.process_time() - t0
-            entry["fold_accuracies"].append(acc)
+            entry["fold_accuracies"] = [row[-1] for row in entry["per_epoch_accuracy"]]
             entry["mean"], entry["std"] = mean_std(entry["fold_accuracies"])
-            logger.info("%s %s fold %d: accuracy %.4f", name, kind, k, acc)
-        result["eval_folds"] = k + 1
-        if on_fold is not None:
-            on_fold(result)
+            e, m, sd = best_common_epoch(entry["per_epoch_accuracy"])
+            entry["best_common_epoch"] = {"epoch": e, "mean": m, "std": sd}
+        logger.info("%s epoch %d: %s", name, epoch + 1,
+                    {kind: round(result["models"][kind]["mean"], 4) for kind in kinds})
+        if on_epoch is not None:
+            on_epoch(result)
     return result
 
 

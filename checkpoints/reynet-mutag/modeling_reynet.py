@@ -150,8 +150,15 @@ class ReyNetReynoldsBlock(nn.Module):
         pre = pre + (d @ W[:, :, 0].T)[:, :, None, :] + (d @ W[:, :, 3].T)[:, None, :, :]
         return pre + first.bias
 
-    def reynolds(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """The Reynolds part alone, `(B, n, n, C)` -> `(B, n, n, C')`."""
+    def reynolds(
+        self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
+    ) -> torch.Tensor:
+        """The Reynolds part alone, `(B, n, n, C)` -> `(B, n, n, C')`.
+
+        `node=None` means every node is real (no padding): the masked sums then reduce to "all minus the diagonal",
+        which skips two full-size `where` passes. With padding, entries at padded nodes are left unspecified here
+        (finite, since padded inputs are zero) and zeroed by [`forward`].
+        """
         B, n, _, C = h.shape
         if self.depthwise:
             blocks = pair_blocks(h.permute(0, 3, 1, 2))  # (B, n, n, 4C), channel-major
@@ -160,13 +167,18 @@ class ReyNetReynoldsBlock(nn.Module):
         else:
             out = self.phi[1:](self._first_linear_joint(h))
             diag_part, off_part = out[..., : self.rey_channels], out[..., self.rey_channels :]
-        keep = pair[..., None]
-        off = torch.where(keep, off_part, torch.zeros((), dtype=off_part.dtype, device=h.device))
-        diag_sum = torch.where(keep, diag_part, torch.zeros((), dtype=diag_part.dtype, device=h.device)).sum(dim=2)
+        if node is None:  # Σ_{b≠a} φ₀ = Σ_b φ₀ − φ₀(a, a)
+            diag_sum = diag_part.sum(dim=2) - diag_part.diagonal(dim1=1, dim2=2).transpose(1, 2)
+        else:
+            zero = torch.zeros((), dtype=diag_part.dtype, device=h.device)
+            diag_sum = torch.where(pair[..., None], diag_part, zero).sum(dim=2)
         diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]  # (B, n, C')
-        return off + torch.diag_embed(diag.transpose(1, 2)).permute(0, 2, 3, 1)
+        # off-diagonal entries are φ₁ itself; only its diagonal is replaced (one copy instead of mask + add)
+        return torch.diagonal_scatter(off_part, diag.transpose(1, 2), dim1=1, dim2=2)
 
-    def forward(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
+    ) -> torch.Tensor:
         y = self.reynolds(h, pair, node, count)
         if self.skip is not None:
             y = self.skip(torch.cat((h, y), dim=-1))
@@ -183,12 +195,18 @@ class ReyNetIEGNBlock(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]()
         self.out_channels = out_channels
 
-    def forward(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.linear(h.permute(0, 3, 1, 2), node)).permute(0, 2, 3, 1)
+    def forward(
+        self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
+    ) -> torch.Tensor:
+        # channel-last path (plain GEMMs, no permutes); its input h has zero padding, as every block output has
+        y = self.act(self.linear.forward_channels_last(h, count))
         return _zero_padding(y, node)
 
 
-def _zero_padding(y: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+def _zero_padding(y: torch.Tensor, node: torch.Tensor | None) -> torch.Tensor:
+    """Zero the entries of `(B, n, n, F)` that involve a padded node; `node=None` means no padding (no-op)."""
+    if node is None:
+        return y
     both = node[:, :, None, None] & node[:, None, :, None]
     return torch.where(both, y, torch.zeros((), dtype=y.dtype, device=y.device))
 
@@ -200,10 +218,12 @@ class ReyNetPooler(nn.Module):
         super().__init__()
         self.mean = config.pooling == "mean"
 
-    def forward(self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros((), dtype=h.dtype, device=h.device)
-        diag = torch.where(node[..., None], h.diagonal(dim1=1, dim2=2).transpose(1, 2), zero).sum(dim=1)
-        off = torch.where(pair[..., None], h, zero).sum(dim=(1, 2))
+    def forward(
+        self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
+    ) -> torch.Tensor:
+        # h is zero at padded nodes (every block zeroes them), so plain sums already run over real nodes only
+        diag = h.diagonal(dim1=1, dim2=2).sum(dim=-1)  # (B, F)
+        off = h.sum(dim=(1, 2)) - diag
         if self.mean:
             c = count.to(h.dtype)[:, None]
             diag = diag / c.clamp_min(1)
@@ -309,6 +329,8 @@ class ReyNetModel(ReyNetPreTrainedModel):
         B, _, n, _ = graph_tensor.shape
         node, pair, count = _pair_masks(node_mask, B, n, graph_tensor.device)
         h = _zero_padding(graph_tensor.permute(0, 2, 3, 1), node)  # (B, n, n, C)
+        if node_mask is None or bool(node.all()):
+            node = None  # no padding (e.g. a size bucket of equal-size graphs): blocks skip the masking passes
         states = [h] if output_hidden_states else None
         for block in self.blocks:
             h = block(h, pair, node, count)

@@ -101,6 +101,41 @@ class IEGNLinear(nn.Module):
         ]
         return torch.stack(ops, dim=2)
 
+    def forward_channels_last(self, h: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+        """The factorised layer on channel-last input, `(B, n, n, C_in)` -> `(B, n, n, C_out)`.
+
+        Same maps as [`forward`], but every term is a plain `(…, C_in) @ (C_in, C_out)` GEMM on contiguous memory and
+        the 15 ops are grouped by where they write (diagonal / along i / along j / constant / the two full-size ops).
+        The caller guarantees that `h` is zero at padded nodes (as the model's blocks do), so sums need no mask;
+        `count` `(B,)` gives the real number of nodes of each graph (defaults to n). Entries at padded nodes of the
+        result are *not* zeroed: the caller masks them.
+        """
+        B, n, _, C = h.shape
+        W = self.weight  # (C, 15, C')
+        cnt = h.new_full((B,), float(n)) if count is None else count.to(h.dtype).clamp_min(1.0)
+        inv = (1.0 / cnt)[:, None, None]  # (B, 1, 1)
+        diag = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C): X[i, i]
+        row = h.sum(dim=2) * inv  # (B, n, C): mean over j of X[i, j]
+        col = h.sum(dim=1) * inv  # (B, n, C): mean over i of X[i, j]
+        diag_mean = diag.sum(dim=1) * inv[:, 0]  # (B, C)
+        all_mean = row.sum(dim=1) * inv[:, 0]  # (B, C): Σ X / n²
+        node_stats = torch.cat((diag, row, col), dim=-1)  # (B, n, 3C)
+        graph_stats = torch.cat((diag_mean, all_mean), dim=-1)  # (B, 2C)
+        # weight blocks in the (diag, row, col) / (diag_mean, all_mean) order of the stats above; op numbering as in
+        # `basis`: 0-4 on the diagonal, 5/7/9 along i, 6/8/10 along j, 11-12 constant, 13-14 X and Xᵀ
+        w_on_diag = torch.cat((W[:, 0], W[:, 2], W[:, 3]), dim=0)
+        w_on_diag_graph = torch.cat((W[:, 1], W[:, 4]), dim=0)
+        w_along_i = torch.cat((W[:, 9], W[:, 5], W[:, 7]), dim=0)
+        w_along_j = torch.cat((W[:, 10], W[:, 6], W[:, 8]), dim=0)
+        w_const = torch.cat((W[:, 12], W[:, 11]), dim=0)
+        on_diag = node_stats @ w_on_diag + (graph_stats @ w_on_diag_graph + self.bias_diag)[:, None, :]  # (B, n, C')
+        along_i = node_stats @ w_along_i + (graph_stats @ w_const + self.bias_all)[:, None, :]  # (B, n, C')
+        along_j = node_stats @ w_along_j
+        out = h @ W[:, 13] + (h @ W[:, 14]).transpose(1, 2)  # X[i, j] and X[j, i] terms
+        out = out + along_i[:, :, None, :] + along_j[:, None, :, :]
+        out.diagonal(dim1=1, dim2=2).add_(on_diag.transpose(1, 2))  # in place: no full-size diag_embed tensor
+        return out
+
     def forward(self, X: torch.Tensor, node_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`(B, C_in, n, n)` (+ optional `(B, n)` node mask) -> `(B, C_out, n, n)`; padded entries are zero."""
         n = X.shape[-1]

@@ -1,0 +1,111 @@
+"""The graph-classification protocol of `scripts/train_reynet.py`: lock-step CV, deadline stop, best common epoch,
+and the channel-last IEGN path the models use (same maps as the 15-op basis)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_koopman.models.reynet import IEGNLinear
+
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import reynet_experiments as rx  # noqa: E402
+
+
+def _random_gin(tmp_path: Path, num_graphs: int = 16, seed: int = 0) -> Path:
+    """A toy TU dataset in GIN format: class 1 graphs are denser, so the task is learnable."""
+    gen = torch.Generator().manual_seed(seed)
+    lines = [str(num_graphs)]
+    for g in range(num_graphs):
+        label = g % 2
+        n = int(torch.randint(3, 7, (1,), generator=gen))
+        A = torch.rand(n, n, generator=gen) < (0.7 if label else 0.25)
+        A = torch.triu(A, 1)
+        A = A | A.T
+        lines.append(f"{n} {label}")
+        for v in range(n):
+            nbrs = torch.nonzero(A[v]).flatten().tolist()
+            lines.append(" ".join(map(str, [int(torch.randint(0, 2, (1,), generator=gen)), len(nbrs), *nbrs])))
+    folder = tmp_path / "graphs" / "TOY"
+    folder.mkdir(parents=True)
+    (folder / "TOY.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def _tiny_protocol(epochs: int) -> rx.GraphProtocol:
+    return rx.GraphProtocol(
+        num_folds=2, epochs={"TOY": epochs}, lr_step_epochs={"TOY": 2}, batch_size=4, seed=3,
+        reynet={"phi_mode": "joint", "phi_hidden_sizes": [4], "reynolds_channels": 4, "channel_hidden_sizes": [4],
+                "head_hidden_sizes": [4]},
+        iegn={"channel_hidden_sizes": [4], "head_hidden_sizes": [4]},
+    )
+
+
+def test_best_common_epoch_is_max_of_fold_mean():
+    # fold means per epoch: 0.5, 0.75, 0.7 -> epoch 2, although fold 0 alone peaks at epoch 3
+    per_epoch = [[0.5, 0.7, 0.9], [0.5, 0.8, 0.5]]
+    epoch, mean, std = rx.best_common_epoch(per_epoch)
+    assert epoch == 2 and mean == pytest.approx(0.75) and std == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="non-empty"):
+        rx.best_common_epoch([])
+
+
+def test_lockstep_cv_equals_training_each_fold_alone(tmp_path):
+    """Interleaving folds and models epoch by epoch changes nothing: fold k of the lock-step run is the model that
+    training fold k on its own (same seeds, same StepLR) produces; both kinds get the same number of epochs."""
+    data = _random_gin(tmp_path)
+    protocol = _tiny_protocol(epochs=3)
+    res = rx.run_graph_cv(data, "TOY", protocol)
+    assert res["epochs"] == 3 and not res["stopped_at_deadline"]
+    for kind in ("reynet", "iegn"):
+        entry = res["models"][kind]
+        assert [len(r) for r in entry["per_epoch_accuracy"]] == [3, 3]
+        assert entry["fold_accuracies"] == [r[-1] for r in entry["per_epoch_accuracy"]]
+        assert entry["best_common_epoch"]["epoch"] in (1, 2, 3)
+
+    graphs, num_classes, num_labels = rx.load_gin_graphs(data, "TOY")
+    ds = rx.GraphDataset(graphs, num_labels)
+    train_idx, test_idx = rx.stratified_kfold(ds.labels, 2, protocol.seed)[1]
+    torch.manual_seed(protocol.seed + 1)
+    model = rx.graph_model("iegn", num_labels + 1, num_classes, protocol)
+    losses = rx.train_graph_classifier(model, ds, train_idx, epochs=3, lr=protocol.lr, batch_size=protocol.batch_size,
+                                       seed=protocol.seed + 1, desc="alone", lr_step_epochs=2, lr_gamma=0.5)
+    assert losses == pytest.approx(res["models"]["iegn"]["train_loss"][1], rel=1e-6)
+    assert rx._accuracy(model, ds, test_idx, 4) == res["models"]["iegn"]["per_epoch_accuracy"][1][-1]
+
+
+def test_deadline_stops_every_fold_at_the_same_epoch(tmp_path):
+    data = _random_gin(tmp_path)
+    saved = []
+    res = rx.run_graph_cv(data, "TOY", _tiny_protocol(epochs=5), on_epoch=lambda r: saved.append(r["epochs"]),
+                          deadline=time.time())  # already passed: only the first epoch runs
+    assert res["epochs"] == 1 and res["stopped_at_deadline"] and saved == [1]
+    for entry in res["models"].values():
+        assert [len(r) for r in entry["per_epoch_accuracy"]] == [1, 1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_iegn_channels_last_matches_basis(masked):
+    """The channel-last GEMM path the model blocks use equals the materialised 15-op basis (with node masks)."""
+    torch.manual_seed(0)
+    layer = IEGNLinear(3, 5, factorized=False).double()
+    with torch.no_grad():
+        layer.bias_all.normal_()
+        layer.bias_diag.normal_()
+    X = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    if masked:
+        mask[1, 4:] = False
+        mask[2, 5:] = False
+    both = mask[:, None, :, None] & mask[:, None, None, :]
+    reference = layer(X, mask if masked else None)
+    h = X.masked_fill(~both, 0.0).permute(0, 2, 3, 1)  # the caller's contract: zero padding
+    out = layer.forward_channels_last(h, mask.sum(1) if masked else None).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out.masked_fill(~both, 0.0), reference, rtol=1e-12, atol=1e-12)
