@@ -143,8 +143,8 @@ def _acc(rs):
 
 
 def prevention_table(rows: Sequence[Mapping[str, Any]], *, control: str = "none") -> list[dict[str, Any]]:
-    """Per method: divergence count / rate, accuracy of converged runs, M≈1 after training, overhead per step
-    relative to `control`, Fisher exact p against `control` (paper Table 3)."""
+    """Per method: divergence count / rate, accuracy of converged runs, M≈1 after training, median step-1 gradient
+    norm, overhead per step relative to `control`, Fisher exact p against `control` (paper Table 3)."""
     by_method: dict[str, list] = defaultdict(list)
     for r in rows:
         by_method[r["method"]].append(r)
@@ -160,10 +160,12 @@ def prevention_table(rows: Sequence[Mapping[str, Any]], *, control: str = "none"
     for method, rs in sorted(by_method.items(), key=lambda kv: (kv[0] != control, kv[0])):
         div = sum(bool(r["diverged"]) for r in rs)
         finals = [float(r["final_near_unit_mass_mean"]) for r in rs if r.get("final_near_unit_mass_mean") is not None]
+        g1 = [float(r["initial_grad_norm"]) for r in rs if r.get("initial_grad_norm") is not None]
         out.append({
             "method": method, "n": len(rs), "diverged": div, "divergence_rate": div / len(rs),
             "accuracy_converged": _acc(rs),
             "final_near_unit_mass_mean": float(np.mean(finals)) if finals else None,
+            "initial_grad_norm_median": float(np.median(g1)) if g1 else None,
             "overhead": per_step(rs) / per_step(base) - 1.0,
             "fisher_p_vs_control": None if method == control else fisher_exact([[div, len(rs) - div], [base_div, len(base) - base_div]]),
         })

@@ -166,6 +166,7 @@ def test_prevention_and_max_lr_tables():
     table = {t["method"]: t for t in prevention_table(rows)}
     assert table["none"]["divergence_rate"] == pytest.approx(4 / 6)
     assert table["kss0.15"]["overhead"] == pytest.approx(0.1)
+    assert table["kss0.15"]["initial_grad_norm_median"] == 1.0
     assert 0 < table["kss0.15"]["fisher_p_vs_control"] < 1
     lr_rows = [_row("pre_ln", lr, d, 0.2, method="none") for lr, d in ((0.001, False), (0.01, False), (0.1, True))]
     lr_rows += [_row("pre_ln", lr, False, 0.2, method="kss0.15") for lr in (0.001, 0.01, 0.1)]
@@ -190,5 +191,5 @@ def test_grids_shapes_and_heldout_split():
     assert len({(s.seed, s.learning_rate) for s in prev[:9]}) == 1  # every arm of a trial shares seed and LR
     assert len(max_lr_grid()) == 99 and len(real_data_grid()) == 18
     moe = moe_grid()
-    assert len(moe) == 24 and all(s.arch == "mixtral" and s.task == "synthetic_lm" for s in moe)
-    assert {s.method for s in moe} == {"none", "kss0.15"} and len({s.run_id for s in moe}) == 24
+    assert len(moe) == 36 and all(s.arch == "mixtral" and s.task == "synthetic_lm" for s in moe)
+    assert {s.method for s in moe} == {"none", "kss0.15"} and len({s.run_id for s in moe}) == 36
