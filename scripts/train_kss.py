@@ -11,6 +11,8 @@ Examples:
         --output_dir out/kss --max_steps 200 --per_device_train_batch_size 8 --kss_alpha 0.15
     # two processes (DDP); on a CPU-only host add --use_cpu (the script adds it when WORLD_SIZE > 1 and no GPU)
     accelerate launch --config_file scripts/accelerate_configs/ddp.yaml scripts/train_kss.py ... (same arguments)
+    # two processes, parameters sharded (FSDP2); on a CPU-only host KSSTrainer turns accelerate's DDP fallback into FSDP2
+    accelerate launch --config_file scripts/accelerate_configs/fsdp.yaml scripts/train_kss.py ... (same arguments)
     # a datasets dataset (local files or a cached Hub dataset)
     python scripts/train_kss.py --dataset text --dataset_files train.txt --text_column text ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -16,6 +17,7 @@ from hf_koopman.koopman.shaping import (
     kss_penalty,
 )
 from hf_koopman.training.arguments import KSSConfig, KSSTrainingArguments
+from hf_koopman.training.fsdp import UnshardedParameters, enable_cpu_fsdp, is_fsdp_model
 
 
 __all__ = ["KSSTrainer"]
@@ -24,6 +26,26 @@ logger = logging.getLogger(__name__)
 
 # order of the running sums kept on device between logging steps
 _STAT_KEYS = ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius")
+
+
+class _InjectGradients(torch.autograd.Function):
+    """Zero-valued scalar of `params` whose backward returns precomputed gradients (times the incoming gradient).
+
+    `loss + _InjectGradients.apply(grads, *params)` has the value of `loss` and, w.r.t. `params`, the gradient
+    `grads` scaled by whatever later multiplies the loss (GA division, an AMP loss scale), i.e. it behaves exactly like
+    a loss whose gradient is `grads`, without keeping or re-traversing the graph that produced them.
+    """
+
+    @staticmethod
+    def forward(ctx, grads: list, *params: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return torch.zeros((), dtype=torch.float32, device=params[0].device)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads, ctx.grads = ctx.grads, None
+        scale = grad_output.detach()
+        return (None, *[None if g is None else g * scale.to(g.dtype) for g in grads])
 
 
 class KSSTrainer(Trainer):
@@ -79,12 +101,18 @@ class KSSTrainer(Trainer):
         self._kss_skipped = 0
         self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
         self._kss_grad_scale_count = 0
+        self._kss_fast_cap = True  # False: always the three-pass cap (kept for the benchmark's comparison)
 
         from hf_koopman.training.callback import RKSPCallback  # local: callback imports nothing from here
 
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, RKSPCallback):
                 callback.bind(self)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Parent behaviour, then FSDP2 on CPU when an FSDP run was requested (accelerate alone falls back to DDP)."""
+        super().create_accelerator_and_postprocess()
+        enable_cpu_fsdp(self)
 
     # ------------------------------------------------------------------ switches
     def kss_active_for_step(self, step: int | None = None) -> bool:
@@ -145,7 +173,10 @@ class KSSTrainer(Trainer):
             detach=False,
             check_finite=False,  # non-finite activations: the divergence guard reports them; KSS just skips
         )
-        with recorder:
+        # FSDP2: the graph's leaves are the unsharded parameters materialised during this forward (see fsdp.py)
+        sharded = bool(cfg.max_grad_ratio) and is_fsdp_model(unwrapped)
+        unsharded = UnshardedParameters(unwrapped) if sharded else contextlib.nullcontext()
+        with recorder, unsharded:
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
@@ -156,8 +187,10 @@ class KSSTrainer(Trainer):
                 penalty = penalty / self.current_gradient_accumulation_steps
             term = cfg.alpha * penalty.to(loss.dtype)
             if cfg.max_grad_ratio:
-                term = self._cap_kss_gradient(model, loss, term, step)
-            loss = loss + term
+                params = unsharded.parameters if sharded else None
+                loss = self._capped_loss(model, loss, term, step, params)
+            else:
+                loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
     def _kss_term(self, snapshots: list[tuple[str, torch.Tensor, torch.Tensor]], step: int, device) -> Any:
@@ -195,19 +228,55 @@ class KSSTrainer(Trainer):
             self._kss_stats = row if self._kss_stats is None else self._kss_stats + row
         return penalty
 
-    def _cap_kss_gradient(self, model: torch.nn.Module, task_loss: torch.Tensor, term: torch.Tensor, step: int):
-        """`term` with its value kept and its gradient rescaled to at most `max_grad_ratio * ||grad task_loss||`.
+    def _gradient_injection_ok(self, model: torch.nn.Module) -> bool:
+        """Whether the step's gradient may be handed to `backward` through [`_InjectGradients`] (see `_capped_loss`).
 
-        Two extra backward passes, on KSS micro-batches only. The scale is a detached scalar, so the returned tensor
-        equals `term` in value and its gradient is `scale * grad(term)`: the objective stays Eqs. 14-15, only the size
-        of its step is bounded relative to the task (see `hf_koopman.koopman.shaping`, "Gradient scale").
+        True for a bare module and for `DistributedDataParallel` (its reducer hooks fire on every parameter's gradient
+        accumulation, whatever graph produced it). False for FSDP (its reduce-scatter is driven by hooks on the block
+        forward graph), DeepSpeed and any other wrapper, which keep the three-pass path.
         """
-        params = [p for p in model.parameters() if p.requires_grad]
+        if not self._kss_fast_cap:
+            return False
+        unwrapped = self.accelerator.unwrap_model(model)
+        if is_fsdp_model(unwrapped) or getattr(self, "is_deepspeed_enabled", False):
+            return False
+        return model is unwrapped or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+    def _capped_loss(
+        self,
+        model: torch.nn.Module,
+        task_loss: torch.Tensor,
+        term: torch.Tensor,
+        step: int,
+        params: list[torch.nn.Parameter] | None = None,
+    ) -> torch.Tensor:
+        """`task_loss + term` in value, with the gradient of `term` rescaled to at most `max_grad_ratio * ||g_task||`.
+
+        Both gradients are needed separately for their norms, so this costs backward passes on KSS micro-batches only.
+        The scale is a detached scalar: the gradient of the returned loss is `g_task + scale * g_kss`, so the
+        objective stays Eqs. 14-15 and only the size of its step is bounded relative to the task (see
+        `hf_koopman.koopman.shaping`, "Gradient scale").
+
+        * Bare model and DDP (default): `g_task` and `g_kss` come from two `torch.autograd.grad` passes, and their
+          combination is handed to the Trainer's `backward` through a zero-valued node whose backward returns it
+          (`_InjectGradients`), so the forward graph is not traversed a third time. DDP's reducer all-reduces the
+          injected gradients like any others; gradient accumulation, the GA / loss-scaler factors applied to the loss
+          afterwards and `no_sync` all act on it as on an ordinary loss.
+        * FSDP and other wrappers: the returned loss is `task + term.detach() + scale * (term - term.detach())` and
+          the Trainer's ordinary backward (a third pass) produces the gradient, so the wrapper's own hooks run.
+          `params` are then the unsharded parameters recorded during the forward.
+
+        The two paths give the same gradient up to float summation order (tested).
+        """
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
         if not params or not term.requires_grad:
-            return term
+            return task_loss + term
+        inject = self._gradient_injection_ok(model)
         try:
             g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
-            g_kss = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            # the injection path never needs the forward graph again: free it with the last pass
+            g_kss = torch.autograd.grad(term, params, retain_graph=not inject, allow_unused=True)
         except RuntimeError as err:
             if "reentrant" not in str(err):
                 raise
@@ -222,7 +291,6 @@ class KSSTrainer(Trainer):
             return torch.stack(sq).sum().sqrt() if sq else torch.zeros((), dtype=torch.float64, device=term.device)
 
         n_task, n_kss = norm(g_task), norm(g_kss)
-        del g_task, g_kss
         if not torch.isfinite(n_kss):
             logger.warning("KSS: non-finite penalty gradient at step %d; the term's gradient is dropped.", step)
             scale = torch.zeros((), dtype=torch.float64, device=term.device)
@@ -233,8 +301,22 @@ class KSSTrainer(Trainer):
             scale = self.kss_config.max_grad_ratio * n_task / n_kss
         self._kss_grad_scale = scale.to(self._kss_grad_scale.device) + self._kss_grad_scale
         self._kss_grad_scale_count += 1
-        scale = scale.to(term.dtype)
-        return term.detach() + scale * (term - term.detach())
+        if not inject:
+            del g_task, g_kss
+            scale = scale.to(term.dtype)
+            return task_loss + term.detach() + scale * (term - term.detach())
+        factor = float(scale)
+        grads: list[torch.Tensor | None] = []
+        for g_t, g_k in zip(g_task, g_kss):
+            if g_k is None or factor == 0.0:
+                grads.append(g_t)
+            elif g_t is None:
+                grads.append(g_k * factor)
+            else:
+                grads.append(torch.add(g_t, g_k, alpha=factor))
+        del g_task, g_kss
+        value = (task_loss.detach() + term.detach()).to(task_loss.dtype)
+        return value + _InjectGradients.apply(grads, *params).to(task_loss.dtype)
 
     def _penalty_kwargs(self) -> dict[str, float]:
         cfg = self.kss_config

@@ -1,7 +1,8 @@
 """Worker for `test_distributed.py`, started with `accelerate launch` (2 processes) or in-process (1 process).
 
-Run 1 ("trajectory"): `scripts/train_kss.py` unchanged, KSS every 2 steps; the log history goes to
-`<out>/trajectory-rank<r>.json` together with the world size the Trainer saw.
+Run 1 ("trajectory"): `scripts/train_kss.py` unchanged, KSS every 2 steps, RKSP monitoring every 2 steps; the log
+history goes to `<out>/trajectory-rank<r>.json` together with the world size the Trainer saw, how the model is
+distributed (FSDP modules, DTensor parameters, local share of the elements) and what the KSS hooks were attached to.
 Run 2 ("guard"): a Trainer whose **rank 1 only** reports an infinite step loss on optimizer step 3; the
 rank-reduced guard must stop every rank at step 3. Result in `<out>/guard-rank<r>.json`.
 """
@@ -39,7 +40,8 @@ def trajectory_argv(text_file: str, out: str, ga: int, per_device: int) -> list[
         "--gradient_accumulation_steps", str(ga), "--train_sampling_strategy", "sequential",
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-3",
         "--kss_every_n_steps", "2", "--kss_rank", "8", "--kss_num_samples", "64", "--kss_alpha", "0.5",
-        "--rksp_num_samples", "128", "--seed", "0", "--disable_tqdm", "true", "--use_cpu",
+        "--rksp_num_samples", "128", "--rksp_every_n_steps", "2", "--seed", "0", "--disable_tqdm", "true",
+        "--use_cpu",
     ]
 
 
@@ -48,11 +50,20 @@ def rank() -> int:
 
 
 def run_trajectory(text_file: str, out: Path, ga: int, per_device: int) -> dict:
+    from hf_koopman.training import RKSPCallback
+    from hf_koopman.training.fsdp import sharding_summary
+
     train_kss = load_train_script()
     trainer = train_kss.main(trajectory_argv(text_file, str(out / "traj"), ga, per_device))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RKSPCallback))
     result = {
         "world_size": trainer.args.world_size,
         "dist_world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "model_class": type(trainer.model_wrapped).__name__,
+        "sharding": sharding_summary(trainer.model),
+        "kss_block_classes": sorted({type(b.module).__name__ for b in trainer._kss_blocks or []}),
+        "init_verdict": callback.init_verdict,
         "log_history": trainer.state.log_history,
         "kss_steps": trainer.kss_steps,
     }
@@ -89,7 +100,11 @@ def run_guard(text_file: str, out: Path) -> None:
     )
     trainer.kss_config.alpha = 0.0
     trainer.train()
-    result = {"global_step": trainer.state.global_step, "divergence": callback.divergence}
+    result = {
+        "global_step": trainer.state.global_step,
+        "divergence": callback.divergence,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+    }
     (out / f"guard-rank{rank()}.json").write_text(json.dumps(result))
 
 

@@ -1,10 +1,16 @@
-"""Two real processes on CPU (`accelerate launch` with scripts/accelerate_configs/ddp.yaml, gloo) vs one process.
+"""Two real processes on CPU (`accelerate launch`, gloo) vs one process: DDP and FSDP2.
 
 Same global batch: 2 ranks x 2 sequences (GA 1) against 1 process x 2 sequences x GA 2, sequential sampling, so
 each rank sees exactly one of the single process's micro-batches. The task loss, the KSS penalty (mean over
-micro-batches = mean over ranks) and the logged trajectory must agree up to float32 reduction-order noise:
-tolerance rel 1e-4 over 4 optimizer steps (2 of them with KSS). The guard, tripped by an infinite loss on rank 1
-only, must stop both ranks at the same step.
+micro-batches = mean over ranks), the pre-clip gradient norm and the gradient-cap factor (each rank caps its own
+micro-batch, so the mean over ranks equals the single process's mean over micro-batches) must agree up to float32
+reduction-order noise: tolerance rel 1e-4 over 4 optimizer steps (2 of them with KSS). The guard, tripped by an
+infinite loss on rank 1 only, must stop both ranks at the same step.
+
+The FSDP run uses `scripts/accelerate_configs/fsdp.yaml` unchanged: accelerate alone would fall back to DDP on CPU;
+`KSSTrainer` promotes the run to FSDP2 (`hf_koopman.training.fsdp`), so the parameters must be DTensors with each rank
+holding half of the elements, the KSS hooks must sit on the `FSDPGPT2Block`s, and the RKSP profile (at init and every
+2 steps) must run on both ranks; the saved `model.safetensors` must hold the full, gathered weights.
 """
 
 from __future__ import annotations
@@ -32,20 +38,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_run_matches_single_process_and_guard_stops_all_ranks(tmp_path):
+def _launch_two_processes(tmp_path: Path, config: str) -> tuple[list[dict], list[dict], dict]:
+    """Runs the worker on 2 processes with `config` and the 1-process reference meanwhile; returns the results."""
     rng = random.Random(0)
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    out = tmp_path / "multi"
+    out.mkdir()
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "scripts" / "accelerate_configs" / "ddp.yaml"),
+        "--config_file", str(REPO / "scripts" / "accelerate_configs" / config),
         "--num_processes", "2", "--main_process_port", str(_free_port()),
-        str(Path(ddp_worker.__file__)), str(text), str(tmp_path / "ddp"),
+        str(Path(ddp_worker.__file__)), str(text), str(out),
     ]
-    (tmp_path / "ddp").mkdir()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         single = ddp_worker.run_trajectory(str(text), tmp_path / "single", ga=2, per_device=2)  # meanwhile
@@ -55,28 +62,85 @@ def test_two_process_run_matches_single_process_and_guard_stops_all_ranks(tmp_pa
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, output[-4000:]
+    ranks = [json.loads((out / f"trajectory-rank{r}.json").read_text()) for r in (0, 1)]
+    guards = [json.loads((out / f"guard-rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks, guards, single
 
-    ranks = [json.loads((tmp_path / "ddp" / f"trajectory-rank{r}.json").read_text()) for r in (0, 1)]
+
+def _trajectory(result: dict) -> list[tuple]:
+    keys = ("loss", "kss/penalty", "grad_norm", "kss/grad_scale")
+    return [(h["step"], *(h.get(k) for k in keys)) for h in result["log_history"] if "loss" in h]
+
+
+def _check_matches_single_process(ranks: list[dict], single: dict) -> None:
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["dist_world_size"] for r in ranks] == [2, 2]
     assert single["world_size"] == 1
-
-    def trajectory(result):
-        return [(h["step"], h["loss"], h.get("kss/penalty")) for h in result["log_history"] if "loss" in h]
-
-    ref = trajectory(single)
-    assert [s for s, _, _ in ref] == [1, 2, 3, 4]
-    assert [p is not None for _, _, p in ref] == [True, False, True, False]  # KSS on steps 0 and 2
-    for result in ranks:  # every rank logs the reduced values
-        got = trajectory(result)
-        assert [s for s, _, _ in got] == [1, 2, 3, 4]
-        for (_, loss, pen), (_, ref_loss, ref_pen) in zip(got, ref):
+    ref = _trajectory(single)
+    assert [row[0] for row in ref] == [1, 2, 3, 4]
+    assert [row[2] is not None for row in ref] == [True, False, True, False]  # KSS on steps 0 and 2
+    got = [_trajectory(r) for r in ranks]
+    for rank_rows in got:  # every rank logs the reduced loss / penalty / grad norm
+        assert [row[0] for row in rank_rows] == [1, 2, 3, 4]
+        for (_, loss, pen, norm, _), (_, ref_loss, ref_pen, ref_norm, _) in zip(rank_rows, ref):
             assert loss == pytest.approx(ref_loss, rel=1e-4)
+            assert norm == pytest.approx(ref_norm, rel=1e-4)
             assert (pen is None) == (ref_pen is None)
             if pen is not None:
                 assert pen == pytest.approx(ref_pen, rel=1e-4)
+    for i, ref_row in enumerate(ref):  # the cap factor is per process: its mean over ranks is the reference
+        if ref_row[4] is None:
+            assert all(rows[i][4] is None for rows in got)
+            continue
+        assert 0.0 < ref_row[4] < 1.0  # the cap is really active in this setting (alpha = 0.5)
+        assert (got[0][i][4] + got[1][i][4]) / 2 == pytest.approx(ref_row[4], rel=1e-4)
+    # the periodic RKSP monitoring (steps 2 and 4) and the init profile ran on every rank
+    for result in (*ranks, single):
+        assert result["init_verdict"] is not None
+        assert sum("rksp/score" in h for h in result["log_history"]) == 3
 
-    guards = [json.loads((tmp_path / "ddp" / f"guard-rank{r}.json").read_text()) for r in (0, 1)]
+
+def _check_guard(guards: list[dict]) -> None:
     assert [g["global_step"] for g in guards] == [3, 3]  # rank 0 saw a finite loss but stopped too
     assert all(g["divergence"]["step"] == 3 for g in guards)
     assert guards[0]["divergence"]["loss"] != "inf" and guards[1]["divergence"]["loss"] == "inf"
     assert "on another process" in guards[0]["divergence"]["causes"][0]
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_single_process_and_guard_stops_all_ranks(tmp_path):
+    ranks, guards, single = _launch_two_processes(tmp_path, "ddp.yaml")
+    assert [r["model_class"] for r in ranks] == ["DistributedDataParallel"] * 2
+    assert all(r["sharding"]["local_fraction"] == 1.0 for r in ranks)
+    _check_matches_single_process(ranks, single)
+    _check_guard(guards)
+
+
+@pytest.mark.slow
+def test_fsdp_two_process_run_shards_the_model_and_matches_single_process(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    ranks, guards, single = _launch_two_processes(tmp_path, "fsdp.yaml")
+    for result in ranks:
+        assert result["distributed_type"] == "DistributedType.FSDP"
+        sharding = result["sharding"]
+        assert sharding["fsdp"] and "FSDPGPT2Block" in sharding["fsdp_modules"]
+        assert sharding["dtensor_params"] == sharding["num_params"] > 0  # every parameter is a DTensor shard
+        assert sharding["full_numel"] == single["sharding"]["full_numel"]
+        assert abs(sharding["local_fraction"] - 0.5) < 0.02  # each rank holds about half of the elements
+        assert result["kss_block_classes"] == ["FSDPGPT2Block"]  # KSS hooks on the FSDP-wrapped blocks
+    assert sum(r["sharding"]["local_numel"] for r in ranks) >= single["sharding"]["full_numel"]
+    _check_matches_single_process(ranks, single)
+    assert all(g["distributed_type"] == "DistributedType.FSDP" for g in guards)
+    _check_guard(guards)
+    # save_model gathered the shards: full shapes, same keys as the single-process checkpoint
+    saved = load_file(str(tmp_path / "multi" / "traj" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "single" / "traj" / "model.safetensors"))
+    # the gathered FSDP state dict has separate storages for tied weights, so transformers also writes the tied
+    # `lm_head.weight` (identical to the embedding); every other key is as in the single-process checkpoint
+    assert set(saved) - set(reference) <= {"lm_head.weight"} and set(reference) <= set(saved)
+    if "lm_head.weight" in saved:
+        torch.testing.assert_close(saved["lm_head.weight"], saved["transformer.wte.weight"], rtol=0, atol=0)
+    for key in reference:  # and the trained weights agree with the single-process run
+        # (Adam normalises tiny gradients to ~lr-sized steps, so allow 5% of one lr = 1e-3 step per element)
+        torch.testing.assert_close(saved[key], reference[key], rtol=1e-3, atol=5e-5)
