@@ -6,7 +6,10 @@
    activation memory saved for backward (bytes of the tensors autograd keeps, counted with
    `torch.autograd.graph.saved_tensors_hooks`; on CUDA also the allocator's peak).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_reynet.py [--quick] [--out results/reynet_benchmark.txt]
+3. With `--data-dir`: CPU seconds of one training epoch per TU dataset for ReyNet, IEGN as the model runs it
+   (channel-last) and IEGN through the channel-first layer (session 1).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_reynet.py [--quick] [--data-dir DIR] [--out results/reynet_benchmark.txt]
 
 Timings are the minimum over repeats (the CPU is shared, so minima are the least noisy statistic).
 """
@@ -148,14 +151,62 @@ def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, re
     lines.extend(ratios)
 
 
+def bench_epoch(data_dir: str, name: str, lines: list[str], batch_size: int = 16, seed: int = 1234) -> None:
+    """CPU seconds of one training epoch (fold 0 of the seeded 10-fold split, the CV script's batches and models) for
+    ReyNet, IEGN as the model runs it (channel-last GEMMs) and IEGN through the channel-first factorised layer (the
+    session-1 path), side by side."""
+    import sys
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reynet_experiments as rx
+    from hf_koopman.datasets.graphs import GraphDataset, load_gin_graphs, stratified_kfold
+    from hf_koopman.models.reynet.modeling_reynet import _zero_padding
+
+    graphs, num_classes, num_labels = load_gin_graphs(data_dir, name)
+    ds = GraphDataset(graphs, num_labels)
+    train_idx, _ = stratified_kfold(ds.labels, 10, seed)[0]
+    protocol = rx.GraphProtocol(seed=seed)
+
+    def channel_first(block, h, pair, node, count):
+        if node is None:
+            node = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        y = block.act(block.linear(h.permute(0, 3, 1, 2), node)).permute(0, 2, 3, 1)
+        return _zero_padding(y, node)
+
+    results = {}
+    for label, kind, patch in (("ReyNet", "reynet", False), ("IEGN (channel-last)", "iegn", False),
+                               ("IEGN (channel-first, session 1)", "iegn", True)):
+        torch.manual_seed(seed)
+        model = rx.graph_model(kind, num_labels + 1, num_classes, protocol)
+        if patch:
+            for block in model.reynet.blocks:
+                block.forward = types.MethodType(channel_first, block)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        t0 = time.process_time()
+        rx._train_epoch(model, opt, ds, train_idx, batch_size, torch.Generator().manual_seed(seed), label)
+        results[label] = time.process_time() - t0
+    lines.append("")
+    lines.append(f"## one training epoch on {name} (fold 0, {len(train_idx)} graphs, batch {batch_size}), CPU seconds")
+    lines.append("  ".join(f"{k}: {v:.2f} s" for k, v in results.items()))
+    first, last = results["IEGN (channel-first, session 1)"], results["IEGN (channel-last)"]
+    lines.append(f"  IEGN channel-first / channel-last: {first / last:.2f}x   IEGN (channel-last) / ReyNet: "
+                 f"{last / results['ReyNet']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--data-dir", default=None, help="with graphs/<NAME>/: also time one training epoch per dataset")
+    p.add_argument("--datasets", default="MUTAG,PROTEINS,NCI109")
     args = p.parse_args()
     lines: list[str] = []
     bench_operator([4, 5, 6] if args.quick else [4, 5, 6, 7, 8], lines)
     bench_layers([16, 32] if args.quick else [32, 64, 128], lines)
+    if args.data_dir:
+        for name in (["MUTAG"] if args.quick else args.datasets.split(",")):
+            bench_epoch(args.data_dir, name, lines)
     report = "\n".join(lines)
     print(report)
     if args.out:

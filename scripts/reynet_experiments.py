@@ -284,7 +284,8 @@ def run_graph_cv(
     """
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, name)
     ds = GraphDataset(graphs, num_node_labels)
-    folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)[: protocol.eval_folds.get(name, protocol.num_folds)]
+    folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)
+    folds = folds[: protocol.eval_folds.get(name, protocol.num_folds)]
     max_epochs = protocol.epochs[name]
     result: dict = {
         "dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
