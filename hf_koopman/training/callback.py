@@ -285,6 +285,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     "only non-finite activations. Call callback.bind(trainer) to fix this."
                 )
         self._stop_step = None
+        self._check_fsdp(args, model)
         restored = self.init_verdict is not None
         if self.profile_at_init and not restored and model is not None:
             batch = self._probe_batch(model, train_dataloader)
@@ -320,6 +321,20 @@ class RKSPCallback(TrainerCallback, ExportableState):
             except ValueError as err:
                 logger.warning("RKSP guard: no residual blocks found (%s); activation check disabled", err)
         return control
+
+    def _check_fsdp(self, args, model) -> None:
+        """Warn when FSDP was asked for but the model is not sharded (accelerate's silent CPU fallback to DDP)."""
+        from hf_koopman.training.fsdp import fsdp_requested, is_fsdp_model
+
+        if model is None or getattr(args, "world_size", 1) < 2 or not fsdp_requested(args) or is_fsdp_model(model):
+            return
+        if getattr(self._trainer, "is_deepspeed_enabled", False):
+            return
+        logger.warning(
+            "FSDP was requested but the model is not sharded: on CPU, accelerate runs FSDP configs as DDP. KSSTrainer "
+            "shards it with FSDP2; for another Trainer subclass call hf_koopman.training.fsdp.enable_cpu_fsdp(self) "
+            "at the end of its create_accelerator_and_postprocess()."
+        )
 
     def _enable_kss(self, args, state) -> None:
         config = getattr(self._trainer, "kss_config", None)
