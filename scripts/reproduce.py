@@ -262,6 +262,13 @@ is from `../shared/research/rksp_paper.md` §3.
 with d = 32-64, L = 2-4, 4 heads, batch 16, AdamW (weight decay 0.01), 10 warmup steps then constant LR, on 2 shared
 CPU cores (the paper: d = 128-1024, L = 4-24, 5-20 epochs, 4 A100s). The divergence label is the paper's: loss > 50
 or gradient norm (before clipping) > 500 at any step, non-finite counts; a run stops at its first divergent step.
+"Loss" is the model's own (task) loss; the gradient norm is that of the optimised objective (task + α·L_KSS for KSS
+arms). Session 2 changed this for regularised runs: session 1 labelled KSS arms on the objective's value, and the
+KSS penalty's *value* alone can pass 50 when the spectrum is far outside the unit band while the task loss is fine
+(the Mixtral MoE at LR 1: α·L_KSS = 5·10⁹ at a KSS step with the task loss ≈ 10 before and after). Each KSS row
+records `objective_loss_max` and `diverged_on_objective` beside the label. Session-1 uncapped rows that tripped on
+the gradient norm or never passed 50 keep their label (L_KSS ≥ 0, so the task-loss label is the same); those that
+tripped on the objective's loss were re-run with the task-loss label.
 Init-time spectra come from `hf_koopman.profile` (whitened DMD, N = 2048 token states from 32 training sequences,
 randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short (100 steps for the prediction
 sweep, 150 for prevention, real data and MoE): "diverged" means "diverged within that horizon". Runtime: table at
@@ -319,6 +326,18 @@ NOTES = """## What this does and does not show
   KSS (KSS runs on 1 step in 10; the cap adds two backward passes on those steps). The dedicated benchmark is
   `benchmarks/bench_kss.py` (`results/bench_kss_cpu.json`, training owner).
 """
+
+def _objective_label_counts(rows) -> dict[str, dict[str, int]]:
+    """Per regularised method, over rows that recorded it: runs, task-loss label count, objective label count."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if "diverged_on_objective" in r:
+            e = out.setdefault(r["method"], {"runs": 0, "diverged": 0, "diverged_on_objective": 0})
+            e["runs"] += 1
+            e["diverged"] += int(bool(r["diverged"]))
+            e["diverged_on_objective"] += int(bool(r["diverged_on_objective"]))
+    return dict(sorted(out.items()))
+
 
 def _paired_outcomes(rows, control: str, treated: str) -> dict[str, int]:
     """Counts of (control, treated) outcomes over trials run with both arms, paired by (seed, LR)."""
@@ -410,6 +429,11 @@ def moe_section(rows: list[dict[str, Any]], w) -> dict[str, Any]:
     if paired:
         w("Paired by (seed, LR): " + ", ".join(f"{k} {v}" for k, v in paired.items()) + ".\n")
         out["paired_none_vs_kss0.15"] = paired
+    obj = _objective_label_counts(rows)
+    if obj:
+        w("Labelled on the regularised objective (task + α·L_KSS) instead: " + "; ".join(
+            f"{m} {v['diverged_on_objective']}/{v['runs']} (task-loss label {v['diverged']})" for m, v in obj.items()) + ".\n")
+        out["objective_label"] = obj
     reasons = defaultdict(lambda: defaultdict(int))
     for r in rows:
         if r["diverged"]:
@@ -560,6 +584,12 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
                 steps[r["method"]].append(int(r["divergence_step"]))
         w("Divergence triggers by method: " + "; ".join(
             f"{m}: {dict(v)}, steps {sorted(steps[m])}" for m, v in sorted(reasons.items())) + ".\n")
+        obj = _objective_label_counts(prev)
+        if obj:
+            w("Labelled on the regularised objective instead (session-1 definition; rows trained in session 2 record it): "
+              + "; ".join(f"{m} {v['diverged_on_objective']}/{v['runs']} (task-loss label {v['diverged']})" for m, v in obj.items())
+              + ".\n")
+            summary["prevention_objective_label"] = obj
         paired = _paired_outcomes(prev, "none", "kss0.15")
         if paired:
             w("Paired by trial (same seed and LR), control vs capped KSS α=0.15: "

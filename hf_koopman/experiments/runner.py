@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """Outcome of one trial. `losses` / `grad_norms` are per optimizer step (grad norm before any clipping)."""
+    """Outcome of one trial. `losses` / `grad_norms` are per optimizer step (grad norm before any clipping); `losses`
+    is the model's own (task) loss, `objective_losses` what the optimizer minimised (task loss plus any regulariser,
+    e.g. alpha * L_KSS; empty when it equals `losses`)."""
 
     losses: list[float]
     grad_norms: list[float]
@@ -40,12 +42,14 @@ class RunResult:
     baselines: dict[str, float]
     eval: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+    objective_losses: list[float] = field(default_factory=list)
 
     def to_dict(self, *, with_history: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_history:
             d.pop("losses")
             d.pop("grad_norms")
+            d.pop("objective_losses")
         return d
 
 
@@ -170,9 +174,13 @@ def train_with_trainer(
     """Train through a Hugging Face `Trainer` subclass (default: `transformers.Trainer`; pass
     `hf_koopman.KSSTrainer` with `KSSTrainingArguments` for KSS) and return the same `RunResult` as `train_run`.
 
-    The raw per-step loss (what `compute_loss` returned, i.e. task loss plus any regulariser) and the pre-clip gradient
-    norm are read inside `training_step`, because `logs["loss"]` hides NaN steps. Requires
-    `gradient_accumulation_steps == 1` so that the gradient is complete after one `training_step`.
+    Per step, read inside the trainer because `logs["loss"]` hides NaN steps: the model's own loss (`outputs.loss`,
+    the task loss), the objective `compute_loss` returned (task loss plus any regulariser) and the pre-clip gradient
+    norm of that objective. The divergence label uses the task loss and the gradient norm: the paper's "loss > 50"
+    is about the model's loss, and the KSS penalty's *value* can exceed 50 on its own when the spectrum is far outside
+    the unit band while the task loss is fine (seen on the Mixtral MoE at LR 1: alpha * L_KSS = 5e9 at a KSS step, task
+    loss ~10 before and after). Requires `gradient_accumulation_steps == 1` so that the gradient is complete after one
+    `training_step`.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -180,12 +188,26 @@ def train_with_trainer(
         raise ValueError("train_with_trainer needs gradient_accumulation_steps=1 to read per-step gradient norms.")
     base = trainer_cls or Trainer
     losses: list[float] = []
+    objective: list[float] = []
     grads: list[float] = []
+    task: list[float] = []
 
     class _Recording(base):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training:
+                own = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+                task.append(float(own.detach()))
+            return (loss, outputs) if return_outputs else loss
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            task.clear()
             loss = super().training_step(model, inputs, num_items_in_batch)
-            losses.append(float(loss.detach()))
+            objective.append(float(loss.detach()))
+            # single process, GA 1: one compute_loss call per step; fall back to the objective if none was seen
+            losses.append(task[-1] if task else objective[-1])
             grads.append(total_grad_norm(self.accelerator.unwrap_model(model)))
             return loss
 
@@ -204,4 +226,6 @@ def train_with_trainer(
     trainer.train()
     result = _finish(losses, grads, t0, model, eval_dataset)
     result.train_seconds = time.perf_counter() - t0
+    if any(a != b for a, b in zip(objective, losses)):
+        result.objective_losses = objective
     return result

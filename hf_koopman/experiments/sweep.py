@@ -232,10 +232,16 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
     row.update(
         diverged=result.diverged, divergence_step=result.divergence_step, divergence_reason=result.divergence_reason,
         steps_run=len(result.losses), final_loss=_jsonable(result.losses[-1]) if result.losses else None,
-        train_seconds=result.train_seconds,
+        train_seconds=result.train_seconds, label_on="task_loss",
         **{k: _jsonable(v) for k, v in result.baselines.items()},
         **{f"eval_{k}": _jsonable(v) for k, v in result.eval.items()},
     )
+    if result.objective_losses:  # a regulariser was added: would the label on the full objective differ?
+        from .divergence import label_divergence
+
+        obj = label_divergence(result.objective_losses, result.grad_norms)
+        row.update(objective_loss_max=_jsonable(max(result.objective_losses)), diverged_on_objective=obj.diverged,
+                   objective_divergence_step=obj.step)
     if features and not result.diverged:  # the spectrum after training (paper Table 3 reports M≈1 after training)
         from hf_koopman.profiling import profile
 

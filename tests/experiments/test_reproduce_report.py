@@ -40,6 +40,9 @@ def test_paired_outcomes_pairs_by_seed_and_lr(reproduce):
 def test_moe_section_counts_and_fisher(reproduce):
     rows = [_moe_row(1.0, s, "none", s < 4) for s in range(6)] + [_moe_row(1.0, s, "kss0.15", s < 1) for s in range(6)]
     rows += [_moe_row(2.0, s, "none", True) for s in range(6)] + [_moe_row(2.0, s, "kss0.15", True) for s in range(6)]
+    for r in rows:
+        if r["method"] == "kss0.15":  # the objective label: every lr-1 KSS run would have tripped on the penalty value
+            r["diverged_on_objective"] = r["diverged"] or r["learning_rate"] == 1.0
     md: list[str] = []
     out = reproduce.moe_section(rows, md.append)
     cell = out["top2/lr1/kss0.15"]
@@ -51,5 +54,6 @@ def test_moe_section_counts_and_fisher(reproduce):
     assert out["pooled"]["kss0.15"]["diverged"] == 7
     assert out["pooled"]["kss0.15"]["fisher_p_vs_none"] == pytest.approx(fisher_exact([[7, 5], [10, 2]]))
     assert out["paired_none_vs_kss0.15"]["only none diverged"] == 3
+    assert out["objective_label"] == {"kss0.15": {"runs": 12, "diverged": 7, "diverged_on_objective": 12}}
     text = "\n".join(md)
     assert "| 2 | 1 | kss0.15 | 6 | 1 |" in text and "Pooled over LRs: kss0.15 7/12" in text

@@ -82,6 +82,19 @@ def test_kss_cap_reaches_the_trainer():
     assert "kss_max_grad_ratio" not in rows["none"]
 
 
+def test_label_uses_the_task_loss_not_the_regularised_objective():
+    """With a huge alpha the objective (task + alpha * L_KSS) exceeds the loss threshold of 50 at the first (KSS) step
+    while the task loss is ~ln(256): the run is not labelled diverged, the objective label is recorded beside it."""
+    spec = RunSpec(norm="none", learning_rate=1e-3, seed=0, hidden_size=16, num_layers=2, num_heads=2, max_steps=2,
+                   method="kss1000", backend="trainer")
+    row = execute(spec, features=False)
+    assert row["label_on"] == "task_loss" and row["diverged"] is False and row["steps_run"] == 2
+    assert row["final_loss"] < 10 and row["objective_loss_max"] > 50
+    assert row["diverged_on_objective"] is True and row["objective_divergence_step"] == 1
+    ctrl = execute(RunSpec(**{**spec.__dict__, "method": "none"}), features=False)
+    assert "objective_loss_max" not in ctrl  # alpha = 0: objective == task loss, nothing extra recorded
+
+
 def test_relabel_uncapped_kss(tmp_path):
     out = tmp_path / "runs.jsonl"
     old = RunSpec(norm="none", learning_rate=0.01, seed=0, method="kss0.15", backend="trainer")
