@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("HF_KOOPMAN_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--output-dir", default=str(REPO / "results"))
     p.add_argument("--checkpoint-dir", default=str(REPO / "checkpoints"))
-    p.add_argument("--experiments", default="gp,image", help="comma list of gp,image,replot (replot: redraw the "
-                   "image figure from saved checkpoints)")
+    p.add_argument("--experiments", default="gp,image", help="comma list of gp,image,replot,recard (replot: redraw "
+                   "the image figure from saved checkpoints; recard: re-render model cards and remote code of the saved "
+                   "checkpoints from the summary, no training)")
     p.add_argument("--kernels", default="rbf,matern,periodic")
     p.add_argument("--models", default="EquivCNP,ConvCNP,CNP", help="1-D models to train (comma list)")
     p.add_argument("--parallel", action="store_true", help="1-D: train every (model, kernel) pair in its own "
@@ -588,9 +589,13 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
                        f"{PAPER_1D[_display(class_name)][kernel][0]:.3f} ± {PAPER_1D[_display(class_name)][kernel][1]:.3f}.")
         dataset, example = f"gp-{kernel}", _EXAMPLE_1D
         protocol = all_results.get("protocol") or {}
-        training = (f"{args.steps_1d} Adam steps, batch {args.batch_1d}, lr {args.lr_1d} ({args.lr_schedule_1d} "
-                    f"schedule{' to lr/10' if args.lr_schedule_1d == 'cosine' else ''}); "
-                    f"{stats['cpu_seconds']:.0f} s of one CPU core. The paper trained 51,200 steps.")
+        pr = all_results.get("protocol") or {}
+        device = stats.get("device", "cpu")
+        spent = (f"{stats['wall_seconds']:.0f} s wall on {'a GPU' if device.startswith('cuda') else 'one CPU core'}"
+                 if "wall_seconds" in stats else f"{stats['cpu_seconds']:.0f} s of one CPU core")
+        schedule = pr.get("lr_schedule", "constant")
+        training = (f"{pr.get('steps')} Adam steps, batch {pr.get('batch_size')}, lr {pr.get('learning_rate')} ({schedule} "
+                    f"schedule{' to lr/10' if schedule == 'cosine' else ''}); {spent}. The paper trained 51,200 steps.")
     else:
         metric = stats["shifted_ctx25"]["ll_mean"]
         desc = (f"EquivCNP with {model.config.group} equivariance for zero-shot image completion: trained on upright "
@@ -602,10 +607,12 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
             f"{s['shifted_ctx75']['ll_std']:.3f} (MSE {s['shifted_ctx25']['mse_mean']:.4f} / {s['shifted_ctx75']['mse_mean']:.4f}); "
             f"on upright test digits {s['upright_ctx25']['ll_mean']:.3f} / {s['upright_ctx75']['ll_mean']:.3f}."
         )
-        dataset, example = "mnist+clock-digits", _EXAMPLE_2D.replace("size = 28", f"size = {args.image_size}")
         protocol = all_results.get("protocol") or {}
-        training = (f"{args.steps_2d} Adam steps, batch {args.batch_2d}, lr {args.lr_2d}, on {args.image_size}×"
-                    f"{args.image_size} images; {stats['cpu_seconds']:.0f} s of one CPU core. The paper trained 100 epochs.")
+        size = protocol.get("image_size", args.image_size)
+        dataset, example = "mnist+clock-digits", _EXAMPLE_2D.replace("size = 28", f"size = {size}")
+        training = (f"{protocol.get('steps')} Adam steps, batch {protocol.get('batch_size')}, lr "
+                    f"{protocol.get('learning_rate')}, on {size}×{size} images; {stats['cpu_seconds']:.0f} s of one CPU "
+                    "core. The paper trained 100 epochs.")
     folder = Path(args.checkpoint_dir) / name
     repo_id = f"{args.push_to_hub_org}/{name}" if args.push_to_hub_org else f"hf-koopman/{name}"
     save_for_hub(
@@ -620,11 +627,38 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
         template_vars={
             "model_name": name, "repo_id": repo_id, "description": desc, "class_name": class_name,
             "config_json": model.config.to_json_string(use_diff=False).strip(), "example": example,
-            "training": training, "results": result_line, "quick": args.quick,
+            "training": training, "results": result_line, "quick": bool(protocol.get("quick", args.quick)),
             "protocol": json.dumps(protocol, indent=1, default=str, ensure_ascii=False),
         },
         push_to_hub=repo_id if args.push_to_hub_org else None,
     )
+
+
+def recard(args, summary_path: Path) -> None:
+    """Re-save every checkpoint folder named in the summary from its own weights: refreshes the model card (from
+    `model_cards/equivcnp.md` and the recorded numbers) and the copied remote-code files, without training."""
+    from transformers import AutoModel as _Auto
+
+    class AutoModel:  # loads without recording the local folder in the card's config (`_name_or_path`)
+        @staticmethod
+        def from_pretrained(folder):
+            model = _Auto.from_pretrained(folder)
+            model.config.name_or_path = ""
+            return model
+
+    summary = json.loads(summary_path.read_text())
+    gp_res, img = summary.get("gp_regression") or {}, summary.get("image_completion") or {}
+    for name, per in (gp_res.get("models") or {}).items():
+        for kernel, stats in per.items():
+            folder = Path(args.checkpoint_dir) / f"{name.lower()}-gp-{kernel}"
+            if (folder / "model.safetensors").is_file():
+                save_model(args, AutoModel.from_pretrained(folder), folder.name, kind="gp", kernel=kernel, stats=stats,
+                           all_results=gp_res)
+    for group, stats in (img.get("models") or {}).items():
+        folder = Path(args.checkpoint_dir) / f"equivcnp-image-{group.lower()}"
+        if (folder / "model.safetensors").is_file():
+            save_model(args, AutoModel.from_pretrained(folder), folder.name, kind="image", kernel=None, stats=stats,
+                       all_results=img)
 
 
 def _display(class_name: str) -> str:
@@ -660,6 +694,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "gp" in exps:
         new["gp_regression"] = run_gp_parallel(args, out_dir) if args.parallel else run_gp(args, out_dir)
         new["gp_regression"]["paper"] = PAPER_1D
+    if "recard" in exps:
+        recard(args, summary_path)
     if "image" in exps:
         new["image_completion"] = run_image(args, out_dir)
     if "replot" in exps:  # redraw the completion figure from the saved checkpoints (no training)
@@ -668,6 +704,8 @@ def main(argv: list[str] | None = None) -> dict:
         models = {g: AutoModel.from_pretrained(Path(args.checkpoint_dir) / f"equivcnp-image-{g.lower()}")
                   for g in args.groups.split(",") if g}
         plot_images(models, image_data(args), out_dir / "equivcnp_image_completion.png", args.seed)
+    if not new and "replot" not in exps:  # recard only: the summary is an input, leave it as it is
+        return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     # merge with what another invocation (e.g. the other experiment run in parallel) wrote meanwhile
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(new)

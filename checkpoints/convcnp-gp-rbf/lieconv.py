@@ -19,10 +19,16 @@ Choices that differ from the original code, and why:
   differ between train and eval mode.
 * PointConv trick: `(f_nbhdᵀ m(a_nbhd))` of shape `(C_in, M)` is flattened and mapped by one `Linear(M·C_in → C_out)`,
   instead of materialising a `(C_out, C_in)` kernel per pair.
+* On a uniform 1-D grid under T(1) (`LieConv.forward_grid`) the same sum is a depthwise 1-D convolution: every pair
+  `(u, v)` of grid points has `log(v^{-1}u) = u - v = -j·h` for an integer offset `j` and spacing `h`, so the kernel MLP
+  and the window need evaluating only on the `2J + 1` offsets inside the radius instead of on every `(query, key)`
+  pair. It computes the same quantity as `forward` whenever the k-nearest cut does not truncate the window (the
+  model checks this before taking the fast path), at a fraction of the cost.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +36,15 @@ from torch import nn
 
 from .groups import LieGroup
 
-__all__ = ["Neighbourhood", "build_neighbourhood", "gather_points", "WeightNet", "LieConv", "LieConvBlock"]
+__all__ = [
+    "Neighbourhood",
+    "build_neighbourhood",
+    "gather_points",
+    "grid_stencil_half_width",
+    "WeightNet",
+    "LieConv",
+    "LieConvBlock",
+]
 
 
 @dataclass
@@ -97,6 +111,16 @@ def build_neighbourhood(
     return Neighbourhood(index=index, embedding=emb, distance=d_nb, valid=valid)
 
 
+def grid_stencil_half_width(radius: float, spacing: float) -> int:
+    """Largest integer `J` with `J·spacing < radius`: the grid offsets `|j| ≤ J` are the ones with a non-zero window."""
+    j = math.ceil(radius / spacing) - 1
+    while (j + 1) * spacing < radius:  # guard against rounding in radius / spacing
+        j += 1
+    while j > 0 and j * spacing >= radius:
+        j -= 1
+    return max(j, 0)
+
+
 class WeightNet(nn.Module):
     """Kernel MLP m: R^E -> R^M, 3 × (Linear -> SiLU) (LieConv's WeightNet without batch norm)."""
 
@@ -145,6 +169,43 @@ class LieConv(nn.Module):
         agg = agg / w.sum(-1).clamp_min(1e-6)[..., None, None]
         return self.linear(agg.flatten(-2))
 
+    def forward_grid(
+        self, features: torch.Tensor, mask: torch.Tensor, group: LieGroup, spacing: float, pair_scale: float = 1.0
+    ) -> torch.Tensor:
+        """The same convolution for keys = queries = a uniform 1-D grid under a translation group (T(1)).
+
+        Args:
+            features (`torch.Tensor` of shape `(B, G, C_in)`): features on the grid points `x_0 + i·spacing`.
+            mask (`torch.BoolTensor` of shape `(B, G)`): valid grid points (padding masked out as keys).
+            group (`LieGroup`): a translation group acting on `R^1` (kernel input and distance of an offset).
+            spacing (`float`): grid spacing `1 / points_per_unit`.
+            pair_scale (`float`): as in `build_neighbourhood`.
+
+        Returns:
+            `torch.Tensor` of shape `(B, G, C_out)`, equal to `forward(features, nbhd)` with the full window.
+        """
+        j = grid_stencil_half_width(self.radius, spacing)
+        # tap t of conv1d reads key i + t - J, i.e. the pair log(v^{-1}u) = u - v = -(t - J)·spacing
+        key_offset = torch.arange(-j, j + 1, device=features.device, dtype=features.dtype) * spacing
+        zero = torch.zeros_like(key_offset)
+        emb, dist = group.pairs(zero[:, None], key_offset[:, None])  # (K, E), (K,)
+        if pair_scale != 1.0:
+            emb = torch.cat([emb[..., : group.lie_dim] * pair_scale, emb[..., group.lie_dim :]], -1)
+        z = (dist / self.radius).clamp(max=1.0)
+        w = (1 - z * z) ** 2  # (K,) biweight window, as Neighbourhood.window
+        m = self.weightnet(emb)  # (K, M)
+        c = features.shape[-1]
+        # PointConv trick folded into the kernel: Linear(C·M → C_out) after the (C, M) aggregation equals one dense
+        # conv1d whose weight is W[o, c, m]·m_t[m]·w_t summed over m (the mean's normaliser is per point, so it
+        # commutes with the linear map and is applied before the bias)
+        taps = m * w[:, None]  # (K, M)
+        weight = torch.einsum("ocm,km->ock", self.linear.weight.view(-1, c, taps.shape[-1]), taps)  # (C_out, C_in, K)
+        maskf = mask.to(features.dtype)
+        f = (features * maskf[..., None]).transpose(1, 2)  # (B, C_in, G)
+        out = nn.functional.conv1d(f, weight, padding=j)  # (B, C_out, G)
+        norm = nn.functional.conv1d(maskf[:, None, :], w[None, None, :], padding=j)  # (B, 1, G)
+        return (out / norm.clamp_min(1e-6)).transpose(1, 2) + self.linear.bias
+
 
 class LieConvBlock(nn.Module):
     """Pre-activation residual block on one point set: `f + Linear(SiLU(LieConv(SiLU(f))))`."""
@@ -157,3 +218,10 @@ class LieConvBlock(nn.Module):
 
     def forward(self, features: torch.Tensor, nbhd: Neighbourhood) -> torch.Tensor:
         return features + self.out(self.act(self.conv(self.act(features), nbhd)))
+
+    def forward_grid(
+        self, features: torch.Tensor, mask: torch.Tensor, group: LieGroup, spacing: float, pair_scale: float = 1.0
+    ) -> torch.Tensor:
+        """`forward` on a uniform 1-D grid via `LieConv.forward_grid`: `(B, G, C)` -> `(B, G, C)`."""
+        h = self.conv.forward_grid(self.act(features), mask, group, spacing, pair_scale)
+        return features + self.out(self.act(h))
