@@ -44,8 +44,10 @@ class _InjectGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grads, ctx.grads = ctx.grads, None
-        scale = grad_output.detach()
-        return (None, *[None if g is None else g * scale.to(g.dtype) for g in grads])
+        scale = float(grad_output)  # one host sync per KSS micro-batch
+        if scale == 1.0:  # the common case (no GA division, no loss scaling): hand the tensors over, no copies
+            return (None, *grads)
+        return (None, *[None if g is None else g * scale for g in grads])
 
 
 class KSSTrainer(Trainer):
@@ -62,13 +64,18 @@ class KSSTrainer(Trainer):
       is the mean over its micro-batches for every GA setting. Under DDP it is added after the task loss is rescaled
       by the number of processes, so DDP's gradient averaging yields the mean over ranks.
     * Gradient cap (`KSSConfig.max_grad_ratio`, default 0.5): on a KSS micro-batch the gradient of
-      `alpha * L_KSS` is rescaled to at most `max_grad_ratio` times the task-loss gradient norm (two extra backward
-      passes on KSS micro-batches only); the loss value is unchanged. Eq. 14's raw gradient is ~100x the task gradient
+      `alpha * L_KSS` is rescaled to at most `max_grad_ratio` times the task-loss gradient norm; the loss value is
+      unchanged. Cost, on KSS micro-batches only: one extra backward pass through the layers below the highest
+      sampled block (the task-gradient pass replaces the ordinary backward, see `_capped_loss`); under FSDP and
+      other wrappers two extra passes. Eq. 14's raw gradient is ~100x the task gradient
       on a No-Norm model at init and caused the gradient spikes measured in `results/kss_gradient_scale.md`. Each
       rank caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient. Needs non-reentrant
       gradient checkpointing (the transformers default) when checkpointing is on; reentrant raises a `ValueError`.
     * A layer whose eigendecomposition fails (non-finite or near-defective operator) is skipped with a logged
       warning; if every sampled layer fails, the step has no KSS term. The loss never turns NaN because of KSS.
+    * FSDP: a CPU multi-process run launched with an FSDP config is sharded with FSDP2 (accelerate alone would run it
+      as DDP; see `hf_koopman.training.fsdp`); hooks sit on the FSDP-wrapped blocks and the cap differentiates with
+      respect to the unsharded parameters of the forward.
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
       `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the r eigenvalues in
       `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
