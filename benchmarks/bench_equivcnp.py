@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """EquivCNP side-by-side measurements on one machine, in one run:
 
-1. cost: forward+backward time of EquivCNP (T(1)) vs ConvCNP vs CNP on the same 1-D training batches (ratios);
+1. cost: forward+backward time of EquivCNP (T(1)) vs ConvCNP vs CNP on the same 1-D training batches (ratios), and of
+   EquivCNP's T(1) grid route (LieConv as a 1-D convolution) vs the generic pairwise LieConv route on the same model;
 2. exactness: equivariance error of our EquivCNP vs the same network fed the raw coordinate as an extra feature (what
    the released 1-D EquivCNP did), under random translations, for T(1), and under rotations for SO(2).
 
@@ -46,11 +47,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [sample_training_batch("rbf", 16, gen) for _ in range(args.repeats)]
     eq_cfg = EquivCNPConfig(group="T1", hidden_size=32, num_layers=4, points_per_unit=24, radius=0.25, num_neighbours=16)
-    models = {"EquivCNP": EquivCNPModel(eq_cfg), "ConvCNP": ConvCNPModel(ConvCNPConfig()), "CNP": CNPModel(CNPConfig())}
-    times = {name: _time(m, batches) for name, m in models.items()}
+    pairwise = EquivCNPModel(eq_cfg)
+    pairwise.grid_convolution = False
+    models = {"EquivCNP": EquivCNPModel(eq_cfg), "EquivCNP (pairwise)": pairwise, "ConvCNP": ConvCNPModel(ConvCNPConfig()),
+              "CNP": CNPModel(CNPConfig())}
+    for m in models.values():  # warm-up
+        m(**batches[0]).loss.backward()
+    # round-robin over models per batch, so that load changes on a shared machine hit every model alike
+    times = dict.fromkeys(models, 0.0)
+    for b in batches:
+        for name, m in models.items():
+            times[name] += _time(m, [b]) / len(batches)
     print("1. forward+backward per batch of 16 tasks (same batches, same process):")
     for name, t in times.items():
-        print(f"   {name:9s} {1e3 * t:8.1f} ms   ratio to ConvCNP {t / times['ConvCNP']:6.2f}x")
+        print(f"   {name:20s} {1e3 * t:8.1f} ms   ratio to ConvCNP {t / times['ConvCNP']:6.2f}x")
+    print(f"   EquivCNP grid route speed-up over the pairwise route: {times['EquivCNP (pairwise)'] / times['EquivCNP']:.2f}x")
 
     print("2. equivariance error (max |Δ mean|) under 5 random group elements, eval mode:")
     for group, cfg in (("T1", eq_cfg), ("SO2", EquivCNPConfig(group="SO2", hidden_size=16, num_layers=2))):
