@@ -142,8 +142,9 @@ class KSSTrainer(Trainer):
         return [blocks[i] for i in chosen]
 
     def _loss_counts_as_ga_scaled(self, num_items_in_batch: Any) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # absent before transformers 5.23
+        if scaled is not None:
+            return bool(scaled)
         return bool(
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         )
