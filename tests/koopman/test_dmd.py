@@ -210,6 +210,82 @@ def test_fewer_samples_than_features_warns_and_works():
     assert torch.isfinite(res.eigenvalues).all()
 
 
+def _wide_system(n=48, d=96, seed=0):
+    """N < d snapshots of y = A x with a generic A: A maps the N-1 dimensional span of the centred X out of itself."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=F64) * torch.logspace(0, -2, d, dtype=F64)  # anisotropic
+    A = 0.9 * torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64)).Q + 0.1 * torch.randn(d, d, generator=g, dtype=F64) / d**0.5
+    return X, X @ A.T
+
+
+def _pinv_operator_eigs(X, Y):
+    """Non-zero eigenvalues of the unwhitened least-squares operator Yc^T (Xc^T)^+ (numpy, float64 reference)."""
+    Xc = (X - X.mean(0)).numpy()
+    Yc = (Y - Y.mean(0)).numpy()
+    A = Yc.T @ np.linalg.pinv(Xc.T)
+    lam = np.linalg.eigvals(A)
+    lam = lam[np.abs(lam) > 1e-8 * np.abs(lam).max()]
+    return lam[np.argsort(-np.abs(lam))]
+
+
+def test_fewer_samples_than_features_keeps_the_identifiable_spectrum():
+    # N - 1 < d: the exact result is the non-zero spectrum of the least-squares operator (the ridge only), in N - 1
+    # modes, not d modes of which d - N + 1 are artefacts of the ridge-whitened out-of-span directions
+    X, Y = _wide_system()
+    ref = _pinv_operator_eigs(X, Y)
+    with pytest.warns(UserWarning, match="rank-limited"):
+        res = whitened_dmd(X, Y, eps=1e-9)
+    n = X.shape[0]
+    assert res.rank == n and int(res.rank_x) == n - 1 == len(ref)  # one structural null mode, lambda = 0
+    np.testing.assert_allclose(np.abs(res.eigenvalues[: n - 1].numpy()), np.abs(ref), rtol=1e-4, atol=1e-6)
+    assert float(res.eigenvalues[-1].abs()) < 1e-8
+    # the projection still maps centred d-dim rows to the whitened mode coordinates
+    assert res.projection.shape == (X.shape[1], res.rank)
+    Z = (X - X.mean(0)) @ res.projection
+    torch.testing.assert_close(Z.mT @ Z / (X.shape[0] - 1), res.gram_xx)
+
+
+@pytest.mark.parametrize("randomized", [False, True])
+def test_fewer_samples_than_features_rank_r_is_not_dominated_by_the_ridge(randomized):
+    # before the row-space reduction, the eps^(-1/2)-amplified out-of-span part of Y dominated the rank-r subspace and
+    # the projected operator divided by an almost-zero input Gram (LLaMA-7B at N=2048: spectral radius ~6e5)
+    X, Y = _wide_system()
+    rho_exact = float(np.abs(_pinv_operator_eigs(X, Y)).max())
+    with pytest.warns(UserWarning, match="rank-limited"):
+        res = whitened_dmd(X, Y, rank=8, randomized=randomized)
+    rho = float(res.eigenvalues.abs().max())
+    assert torch.isfinite(res.eigenvalues).all()
+    assert rho < 2.0 * rho_exact, (rho, rho_exact)
+    assert int(res.rank_x) == 8
+
+
+def test_fewer_samples_than_features_with_duplicated_samples_uses_the_fallback():
+    # the same token entering the first block twice: the (N, N) Gram is singular beyond the centring direction
+    X, Y = _wide_system()
+    X[5] = X[3]
+    ref = _pinv_operator_eigs(X, Y)
+    with pytest.warns(UserWarning, match="rank-limited"):
+        res = whitened_dmd(X, Y, eps=1e-9)
+    assert res.rank == X.shape[0] and int(res.rank_x) == len(ref) == X.shape[0] - 2
+    np.testing.assert_allclose(np.abs(res.eigenvalues[: len(ref)].numpy()), np.abs(ref), rtol=1e-4, atol=1e-6)
+    with pytest.warns(UserWarning, match="rank-limited"):
+        res = whitened_dmd(X, Y, rank=8, randomized=True)
+    assert float(res.eigenvalues.abs().max()) < 2.0 * float(np.abs(ref).max())
+
+
+def test_fewer_samples_than_features_is_rotation_invariant():
+    # With N - 1 < d, Y leaves the span of X and "the operator on that span" needs a metric to project Y back: the
+    # estimate is invariant under orthogonal changes of coordinates only (a general M changes which part of Y counts as
+    # in-span; the unreduced ridge-whitened operator is not invariant either, its eps-ridge does not transform with M).
+    X, Y = _wide_system(n=30, d=50, seed=3)
+    M = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(9), dtype=F64)).Q
+    with pytest.warns(UserWarning):
+        a = whitened_dmd(X, Y, eps=1e-10).eigenvalues
+    with pytest.warns(UserWarning):
+        b = whitened_dmd(X @ M, Y @ M, eps=1e-10).eigenvalues
+    torch.testing.assert_close(a.abs(), b.abs(), rtol=1e-5, atol=1e-7)
+
+
 def test_zero_update_is_degenerate_not_nan():
     X = anisotropic_states(500, 6)
     for kwargs in ({}, {"rank": 3, "randomized": True}, {"rank": 3}):
