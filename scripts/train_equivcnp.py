@@ -350,8 +350,14 @@ def write_gp_table(results: dict, kernels: list[str], out_dir: Path) -> None:
     eq_, conv = results["models"].get("EquivCNP", {}), results["models"].get("ConvCNP", {})
     if all(k in eq_ and k in conv for k in kernels):
         wins = [names[k] for k in kernels if eq_[k]["ll_mean"] > conv[k]["ll_mean"]]
+        n = p["eval_tasks"]
+        # difference of the means over the (shared) evaluation tasks in units of its unpaired standard error
+        z = [(eq_[k]["ll_mean"] - conv[k]["ll_mean"]) / math.sqrt((eq_[k]["ll_std"] ** 2 + conv[k]["ll_std"] ** 2) / n)
+             for k in kernels]
         verdict = [f"At {p['steps']} steps EquivCNP beats ConvCNP on {len(wins)} of {len(kernels)} kernels"
-                   + (f" ({', '.join(wins)})." if wins else ".")]
+                   + (f" ({', '.join(wins)})" if wins else "") + "; EquivCNP − ConvCNP = "
+                   + ", ".join(f"{eq_[k]['ll_mean'] - conv[k]['ll_mean']:+.3f} ({zz:+.1f} SE over tasks)"
+                               for k, zz in zip(kernels, z)) + "."]
     lines = [
         "# EquivCNP 1-D GP regression: per-target log-likelihood (mean ± std over tasks)",
         "",
@@ -789,6 +795,12 @@ def main(argv: list[str] | None = None) -> dict:
     # merge with what another invocation (e.g. the other experiment run in parallel) wrote meanwhile
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(new)
+    if "gp" in exps and not args.quick:  # how the current 1-D block was made
+        p = new["gp_regression"]["protocol"]
+        summary.setdefault("notes", {})["gp_regression"] = (
+            f"{p['steps']} Adam steps per model and kernel ({p['lr_schedule']} lr), evaluation as the paper (1000 "
+            f"tasks, 400 targets on [-4, 4], 3-49 context points); machine: {p.get('machine', platform.machine())}; "
+            f"command: python scripts/train_equivcnp.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     summary["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick}
     summary.setdefault("wall_seconds", {})["+".join(exps)] = time.time() - t0
