@@ -204,11 +204,21 @@ def write_report(path: str, inputs: list[str]) -> None:
         gpu = "cuda" in r["device"].lower() or "nvidia" in r["device"].lower() or "h100" in r["device"].lower()
         clock = "wall" if gpu else "cpu"
         device = r["device"] + (" bf16" if r.get("bf16") else "") + (f", {r['threads']} thread(s)" if not gpu else "")
+        device += f", torch {r.get('torch', '?')}"
         lines.append(
             f"| {name} | {device} | {r['repeats']} | {r['load_average_before'][0]:.1f} / "
             f"{r['load_average_after'][0]:.1f} | {r[f'plain_step_{clock}']['median']:.3f} s {clock} | "
             f"{r[f'kss_step_{clock}']['median']:.3f} s {clock} | {_pct(r['period_ratio_cpu'])} | "
             f"{_pct(r['period_ratio_wall'])} | {_pct(r['paired_cpu'])} | {_pct(r['paired_wall'])} |"
+        )
+    lines.append("")
+    for name, r in runs:
+        gpu = "cuda" in r["device"].lower() or "nvidia" in r["device"].lower() or "h100" in r["device"].lower()
+        clock = "wall" if gpu else "cpu"
+        value = r[f"period_ratio_{clock}"]["median"]
+        lines.append(
+            f"- `{name}`: overhead at the default schedule {100 * value:+.1f} % ({clock} time, median period ratio) -> "
+            f"target <= 5 % {'met' if value <= 0.05 else 'NOT met'}."
         )
     lines += [
         "",
