@@ -381,21 +381,25 @@ def write_gp_table(results: dict, kernels: list[str], out_dir: Path) -> None:
         *(f"| {name} (paper) | – | " + " | ".join(f"{per[k][0]:.3f} ± {per[k][1]:.3f}" for k in kernels) + " | – | – |"
           for name, per in PAPER_1D.items()),
     ]
-    seed_rows = []  # other training seeds of the same budget, run into results/equivcnp_seed*/ (same evaluation tasks)
-    for path in sorted(out_dir.glob("equivcnp_seed*/equivcnp_summary.json")):
+    # variants of the same budget (another training seed, another lr schedule), run with --output-dir
+    # results/equivcnp_seed<N>/ or results/equivcnp_check_<name>/ and evaluated on the same tasks
+    var_rows = []
+    runs = sorted(out_dir.glob("equivcnp_seed*/equivcnp_summary.json")) + sorted(out_dir.glob("equivcnp_check_*/equivcnp_summary.json"))
+    for path in runs:
         other = json.loads(path.read_text()).get("gp_regression") or {}
         op = other.get("protocol") or {}
         if op.get("steps") != p["steps"] or op.get("eval_seed", 1000) != p.get("eval_seed", 1000) or op.get("quick"):
             continue
+        variant = ", ".join(f"{k}={op.get(k)}" for k in ("seed", "lr_schedule", "learning_rate", "batch_size")
+                            if op.get(k, 0 if k == "seed" else None) != p.get(k, 0 if k == "seed" else None)) or "repeat"
         for name, per in other.get("models", {}).items():
             for k, st in per.items():
                 ref = results["models"].get(name, {}).get(k)
-                seed_rows.append(f"| {name} | {names[k]} | {op.get('seed')} | {st['ll_mean']:.3f} ± {st['ll_std']:.3f} | "
-                                 + (f"{ref['ll_mean']:.3f}" if ref else "–") + f" | {path.parent.name}/ |")
-    if seed_rows:
-        lines += ["", "## Training-seed check (same budget, same evaluation tasks)", "",
-                  f"| model | kernel | training seed | LL | LL with seed {p.get('seed', 0)} (table above) | run |",
-                  "|---|---|---|---|---|---|", *seed_rows]
+                var_rows.append(f"| {name} | {names[k]} | {variant} | {st['ll_mean']:.3f} ± {st['ll_std']:.3f} | "
+                                + (f"{ref['ll_mean']:.3f}" if ref else "–") + f" | {path.parent.name}/ |")
+    if var_rows:
+        lines += ["", f"## Checks at {p['steps']} steps: other training seed / lr schedule (same evaluation tasks)", "",
+                  "| model | kernel | variant | LL | LL in the table above | run |", "|---|---|---|---|---|---|", *var_rows]
     for label, block in sorted((results.get("earlier_budgets") or {}).items(), key=lambda kv: int(kv[0].split()[0])):
         bp = block["protocol"]
         lines += ["", f"## {label} (earlier run, kept to show the effect of budget)", "",
