@@ -110,5 +110,6 @@ def run_guard(text_file: str, out: Path) -> None:
 
 if __name__ == "__main__":
     text, out_dir = sys.argv[1], Path(sys.argv[2])
-    run_trajectory(text, out_dir, ga=1, per_device=2)
+    ga, per_device = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (1, 2)
+    run_trajectory(text, out_dir, ga=ga, per_device=per_device)
     run_guard(text, out_dir)

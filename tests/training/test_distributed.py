@@ -1,7 +1,7 @@
 """Two real processes on CPU (`accelerate launch`, gloo) vs one process: DDP and FSDP2.
 
-Same global batch: 2 ranks x 2 sequences (GA 1) against 1 process x 2 sequences x GA 2, sequential sampling, so
-each rank sees exactly one of the single process's micro-batches. The task loss, the KSS penalty (mean over
+Same global batch: 2 ranks x 2 sequences (GA 1) against 1 process x 2 sequences x GA 2 (FSDP: 2 ranks x 1 sequence
+x GA 2 against 1 x 1 x GA 4), sequential sampling, so each rank micro-batch is one of the single process's. The task loss, the KSS penalty (mean over
 micro-batches = mean over ranks), the pre-clip gradient norm and the gradient-cap factor (each rank caps its own
 micro-batch, so the mean over ranks equals the single process's mean over micro-batches) must agree up to float32
 reduction-order noise: tolerance rel 1e-4 over 4 optimizer steps (2 of them with KSS). The guard, tripped by an
@@ -38,8 +38,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_two_processes(tmp_path: Path, config: str) -> tuple[list[dict], list[dict], dict]:
-    """Runs the worker on 2 processes with `config` and the 1-process reference meanwhile; returns the results."""
+def _launch_two_processes(
+    tmp_path: Path, config: str, ga: int = 1, per_device: int = 2
+) -> tuple[list[dict], list[dict], dict]:
+    """Runs the worker on 2 processes with `config` (GA `ga`, `per_device` sequences per micro-batch) and meanwhile
+    the 1-process reference with the same global batch (GA `2 * ga`); returns the results."""
     rng = random.Random(0)
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)), encoding="utf-8")
@@ -51,11 +54,11 @@ def _launch_two_processes(tmp_path: Path, config: str) -> tuple[list[dict], list
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "scripts" / "accelerate_configs" / config),
         "--num_processes", "2", "--main_process_port", str(_free_port()),
-        str(Path(ddp_worker.__file__)), str(text), str(out),
+        str(Path(ddp_worker.__file__)), str(text), str(out), str(ga), str(per_device),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        single = ddp_worker.run_trajectory(str(text), tmp_path / "single", ga=2, per_device=2)  # meanwhile
+        single = ddp_worker.run_trajectory(str(text), tmp_path / "single", ga=2 * ga, per_device=per_device)
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -87,7 +90,8 @@ def _check_matches_single_process(ranks: list[dict], single: dict) -> None:
             assert (pen is None) == (ref_pen is None)
             if pen is not None:
                 assert pen == pytest.approx(ref_pen, rel=1e-4)
-    for i, ref_row in enumerate(ref):  # the cap factor is per process: its mean over ranks is the reference
+    # the cap factor is per process (mean over its micro-batches): its mean over ranks is the reference's mean
+    for i, ref_row in enumerate(ref):
         if ref_row[4] is None:
             assert all(rows[i][4] is None for rows in got)
             continue
@@ -120,7 +124,9 @@ def test_fsdp_two_process_run_shards_the_model_and_matches_single_process(tmp_pa
     import torch
     from safetensors.torch import load_file
 
-    ranks, guards, single = _launch_two_processes(tmp_path, "fsdp.yaml")
+    # with gradient accumulation (2 micro-batches of 1 sequence per rank vs 4 in one process): FSDP2's no_sync and
+    # the cap's extra autograd passes on every micro-batch
+    ranks, guards, single = _launch_two_processes(tmp_path, "fsdp.yaml", ga=2, per_device=1)
     for result in ranks:
         assert result["distributed_type"] == "DistributedType.FSDP"
         sharding = result["sharding"]
