@@ -151,7 +151,7 @@ def breakdown(trainer: KSSTrainer, batch: dict[str, torch.Tensor], plain_cpu: fl
         row = {"step_wall": wall, "step_cpu": cpu}
         for name, (w, c) in watch.totals.items():
             row[f"{name}_wall"], row[f"{name}_cpu"] = w, c
-        for label, (w, c) in zip(("cap_task_grad", "cap_kss_grad"), grad_calls):
+        for label, (w, c) in zip(("cap_kss_grad", "cap_task_grad"), grad_calls):  # the order of `_capped_loss`
             row[f"{label}_wall"], row[f"{label}_cpu"] = w, c
         rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}

@@ -282,9 +282,10 @@ class KSSTrainer(Trainer):
             return task_loss + term
         inject = self._gradient_injection_ok(model)
         try:
-            g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
-            # the injection path never needs the forward graph again: free it with the last pass
-            g_kss = torch.autograd.grad(term, params, retain_graph=not inject, allow_unused=True)
+            # the injection path never needs the forward graph again: the full task pass goes last and frees the
+            # saved activations as it runs (same gradients, bit for bit, in either order)
+            g_kss = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            g_task = torch.autograd.grad(task_loss, params, retain_graph=not inject, allow_unused=True)
         except RuntimeError as err:
             if "reentrant" not in str(err):
                 raise
