@@ -14,8 +14,8 @@ and the run is CPU multi-process, it sets the accelerator state to `DistributedT
 [`KSSTrainer`] calls it automatically; any other `Trainer` subclass can call it from
 `create_accelerator_and_postprocess`. `HF_KOOPMAN_CPU_FSDP=0` turns it off.
 
-Only FSDP version 2 is promoted (FSDP1's `FullyShardedDataParallel` wants a device id); CPU offload and mixed precision
-are left to the plugin (both are no-ops on CPU in practice).
+Only FSDP version 2 is promoted (the version verified here on CPU); an FSDP1
+request on CPU raises a `ValueError` naming the fix. CPU offload and mixed precision are left to the plugin.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def enable_cpu_fsdp(trainer: Any) -> bool:
     than one process, and `HF_KOOPMAN_CPU_FSDP` is not `0`. Returns True when the state was promoted.
 
     Raises:
-        `ValueError`: FSDP version 1 requested on CPU (FSDP1 needs a device id); use `fsdp_version: 2`.
+        `ValueError`: FSDP version 1 requested on CPU (not supported here); use `fsdp_version: 2`.
     """
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -115,7 +115,7 @@ def enable_cpu_fsdp(trainer: Any) -> bool:
     plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else FullyShardedDataParallelPlugin()
     if getattr(plugin, "fsdp_version", 1) != 2:
         raise ValueError(
-            "FSDP on CPU is supported with FSDP2 only (FSDP1 needs a CUDA device id); set `fsdp_version: 2` in the "
+            "FSDP on CPU is supported with FSDP2 only; set `fsdp_version: 2` in the "
             "accelerate config (fsdp_config) or fsdp_config={'fsdp_version': 2} in TrainingArguments."
         )
     if state.mixed_precision != "no":

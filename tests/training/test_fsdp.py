@@ -74,3 +74,21 @@ def test_gradient_injection_equals_the_three_pass_cap(tmp_path, ga):
     assert fast_log["loss"] == pytest.approx(slow_log["loss"], rel=1e-6)
     assert fast_trainer._gradient_injection_ok(fast_trainer.model)
     assert not slow_trainer._gradient_injection_ok(slow_trainer.model)
+
+
+def test_fsdp1_on_cpu_is_refused_with_the_fix(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, mixed_precision="no")
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(state=state),
+        args=SimpleNamespace(fsdp="full_shard", fsdp_plugin_args={"fsdp_version": 1}),
+    )
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        enable_cpu_fsdp(trainer)
+    assert state.distributed_type == DistributedType.MULTI_CPU  # nothing was changed
+    trainer.args.fsdp = ""  # not requested: left alone
+    assert not enable_cpu_fsdp(trainer)
