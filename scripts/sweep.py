@@ -84,7 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-only", action="store_true", help="only fill in missing init-time features")
     p.add_argument("--relabel-uncapped", action="store_true",
                    help="only relabel KSS rows trained before the gradient cap as 'kss<alpha>-uncapped'")
-    p.add_argument("--seeds", type=int, default=None, help="moe: seeds per (LR, method), default 6")
+    p.add_argument("--seeds", type=int, default=None, help="moe: seeds per (LR, method), default 8")
     return p
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.grid == "max_lr":
         specs = max_lr_grid(args.steps or 100, args.trials or 3)
     elif args.grid == "moe":
-        specs = moe_grid(args.steps or 150, seeds=tuple(range(args.seeds or 6)))
+        specs = moe_grid(args.steps or 150, seeds=tuple(range(args.seeds or 8)))
     else:
         specs = real_data_grid(args.steps or 150, seeds=tuple(range(args.trials or 2)))
     if args.limit is not None:

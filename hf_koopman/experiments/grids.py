@@ -116,13 +116,14 @@ def real_data_grid(
 
 
 # Aggressive for this pre-RMSNorm MoE. Pilot (seed 0, top-2): LR 0.03-1.0 never crossed the paper's label in 150
-# steps (LR 1.0 reached loss 35 in a 60-step loop run), LR 3.0 diverged in warmup (step 9), so the grid brackets 1-2.
-MOE_LRS = (1.0, 1.5, 2.0)
+# steps (LR 1.0 reached loss 35 in a 60-step loop run), LR 3.0 diverged in warmup (step 9). The first 3 seeds of the
+# grid then showed LR 1.5 and 2.0 diverging in every run of both arms, so LR 0.7 was added below the edge.
+MOE_LRS = (0.7, 1.0, 1.5, 2.0)
 
 
 def moe_grid(
     steps: int = 150,
-    seeds: Sequence[int] = tuple(range(6)),
+    seeds: Sequence[int] = tuple(range(8)),
     lrs: Sequence[float] = MOE_LRS,
     methods: Sequence[str] = ("none", "kss0.15"),
     top_k: int = 2,

@@ -204,5 +204,5 @@ def test_grids_shapes_and_heldout_split():
     assert len({(s.seed, s.learning_rate) for s in prev[:9]}) == 1  # every arm of a trial shares seed and LR
     assert len(max_lr_grid()) == 99 and len(real_data_grid()) == 18
     moe = moe_grid()
-    assert len(moe) == 36 and all(s.arch == "mixtral" and s.task == "synthetic_lm" for s in moe)
-    assert {s.method for s in moe} == {"none", "kss0.15"} and len({s.run_id for s in moe}) == 36
+    assert len(moe) == 64 and all(s.arch == "mixtral" and s.task == "synthetic_lm" for s in moe)
+    assert {s.method for s in moe} == {"none", "kss0.15"} and len({s.run_id for s in moe}) == 64
