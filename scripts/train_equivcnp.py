@@ -239,6 +239,7 @@ def run_gp(args, out_dir: Path) -> dict:
             fig_data[kernel]["_task"] = {k: v[:1] for k, v in tasks[0].items()}
     if args.probe_1d:
         return results
+    progress_path.unlink(missing_ok=True)  # only needed to resume an unfinished run
     results["earlier_budgets"] = _earlier_budgets(out_dir / "equivcnp_summary.json", results["protocol"])
     write_gp_table(results, kernels, out_dir)
     plot_gp(fig_data, out_dir / "equivcnp_gp_examples.png")
