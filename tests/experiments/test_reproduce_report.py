@@ -33,7 +33,8 @@ def test_paired_outcomes_pairs_by_seed_and_lr(reproduce):
             _moe_row(2.0, 0, "none", False), _moe_row(2.0, 0, "kss0.15", True),
             _moe_row(2.0, 1, "none", False)]  # unpaired: ignored
     got = reproduce._paired_outcomes(rows, "none", "kss0.15")
-    assert got == {"both stable": 0, "both diverged": 1, "only none diverged": 1, "only kss0.15 diverged": 1}
+    assert got == {"both stable": 0, "both diverged": 1, "only none diverged": 1, "only kss0.15 diverged": 1,
+                   "mcnemar_exact_p": 1.0}
     assert reproduce._paired_outcomes(rows, "none", "kss0.20") == {}
 
 
@@ -54,6 +55,7 @@ def test_moe_section_counts_and_fisher(reproduce):
     assert out["pooled"]["kss0.15"]["diverged"] == 7
     assert out["pooled"]["kss0.15"]["fisher_p_vs_none"] == pytest.approx(fisher_exact([[7, 5], [10, 2]]))
     assert out["paired_none_vs_kss0.15"]["only none diverged"] == 3
+    assert out["paired_none_vs_kss0.15"]["mcnemar_exact_p"] == pytest.approx(0.25)  # 3 vs 0 discordant: 2 / 2**3
     assert out["objective_label"] == {"kss0.15": {"runs": 12, "diverged": 7, "diverged_on_objective": 12}}
     text = "\n".join(md)
     assert "| 2 | 1 | kss0.15 | 6 | 1 |" in text and "Pooled over LRs: kss0.15 7/12" in text
