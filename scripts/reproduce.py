@@ -17,9 +17,11 @@ Sweeps are resumable (`results/<dir>/runs.jsonl`); re-running only fills in miss
 gradient cap (no `kss_max_grad_ratio` field) are relabelled `kss<alpha>-uncapped` before a sweep resumes. The shipped
 risk estimator is refitted only with `--refit-estimator` (or into results/quick with `--quick`).
 
-Measured runtimes (2-core machine shared with other jobs) are in RESULTS.md ("Runtime of these settings"); session 1:
-`--quick` 283 s wall at load ~9-18, the full prediction / prevention sweeps about 65-67 min wall each as parallel
-processes.
+Measured runtimes (2-core machine shared with other jobs) are in RESULTS.md ("Runtime of these settings"). `--quick`
+from scratch: 524 s wall (8.7 min; 156 CPU-s, 29% of a core) in session 2 at load ~8, beside two other sweeps of
+ours; 283 s in session 1 with the smaller quick grids. The full prediction / prevention sweeps took about 65-67 min
+wall each in session 1 as parallel processes; the session-2 capped prevention arms 27 min, MoE 2 x 20 min, max-LR
+and real-data KSS arms 23 min (load 8-10).
 """
 
 from __future__ import annotations
@@ -571,17 +573,21 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
                        kss_overhead=k15["overhead"] if k15 else None,
                        prevention={t["method"]: {k: t[k] for k in ("n", "diverged", "divergence_rate", "overhead", "fisher_p_vs_control", "final_near_unit_mass_mean", "initial_grad_norm_median")} for t in ptab})
         w("## 3. Prevention (paper Table 3)\n")
-        w("No-Norm, d=32, L=4, associative recall, AdamW, 150 steps, batch 16, LR cycling 0.005 / 0.0075 / 0.01 "
+        prev_steps = "/".join(str(t) for t in sorted({int(r["max_steps"]) for r in prev}))
+        w(f"No-Norm, d=32, L=4, associative recall, AdamW, {prev_steps} steps, batch 16, LR cycling 0.005 / 0.0075 / 0.01 "
           "(trial t: seed 100 + t; every arm of a trial has the same seed, LR, data order and initial weights), all "
           "arms through `KSSTrainer` (α = 0 for non-KSS arms). KSS arms come twice: `kss<α>` is the current default "
           "(`kss_max_grad_ratio = 0.5`: the KSS gradient is capped at half the task gradient, the loss value is "
           "unchanged) and `kss<α>-uncapped` the paper-literal gradient (`kss_max_grad_ratio = None`), which is what "
-          "the session-1 table showed. Control and clipping rows were not re-run: their code path is unchanged "
-          "(three control trials re-run bit-identically: same label, final loss and final M≈1). Overhead = training "
-          "seconds per step relative to the control, from runs made at different times on a shared machine, so only "
-          "a rough indication: the capped arms ran in session 2 at a lower load than the session-1 control, hence "
-          "their negative values (side-by-side overhead at the end). Step-1 grad norm = median over trials of the "
-          "gradient norm at the first optimizer step, a KSS step, before clipping.\n")
+          "the session-1 table showed. "
+          + ("" if quick else
+             "Control and clipping rows were not re-run: their code path is unchanged (three control trials re-run "
+             "bit-identically: same label, final loss and final M≈1). ")
+          + "Overhead = training seconds per step relative to the control on a shared machine, so only a rough "
+          "indication" + ("" if quick else
+                          ": the capped arms ran in session 2 at a lower load than the session-1 control, hence their "
+                          "negative values") + " (side-by-side overhead at the end). Step-1 grad norm = median over "
+          "trials of the gradient norm at the first optimizer step, a KSS step, before clipping.\n")
         w("| Method | trials | diverged | Div.% | paper Div.% | Acc.% (converged) | M≈1 after training | step-1 grad norm | overhead | Fisher p vs control |")
         w("|---|---|---|---|---|---|---|---|---|---|")
         for t in ptab:
