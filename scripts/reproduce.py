@@ -10,7 +10,7 @@ Full settings: prediction sweep 6 norms x 4 LRs x 3 (width, depth) x 3 seeds = 2
 No-Norm, 24 trials x 9 arms (control, clip 0.5 / 1.0, KSS alpha 0.10 / 0.15 / 0.20 capped and paper-literal) of 150
 steps; max stable LR: KSS alpha 0.15 (capped and paper-literal) for Pre-LN / RMSNorm / No-Norm, 3 seeds, 100 steps;
 WikiText-2 / MNIST-ViT: 2 seeds x 3 arms, 150 steps; MoE: Mixtral-style top-2 of 8 experts, LR 0.7 / 1 / 1.5 / 2 x
-8 seeds x {control, KSS alpha 0.15}, 150 steps.
+8 seeds x {control, KSS alpha 0.15}, 150 steps, plus a replication with seeds 8-15 at LR 1.
 Quick: 6 norms x 2 LRs x 2 configs x 2 seeds (48 runs, 60 steps), prevention 3 trials x 4 arms, max-LR 1 seed, real
 data 1 seed x 40 steps, MoE 1 seed at LR 2 x 40 steps.
 Sweeps are resumable (`results/<dir>/runs.jsonl`); re-running only fills in missing runs. KSS rows from before the
@@ -53,6 +53,7 @@ from hf_koopman.experiments.grids import (
     NORMS,
     max_lr_grid,
     moe_grid,
+    moe_replication_grid,
     prediction_grid,
     prevention_grid,
     real_data_grid,
@@ -92,7 +93,7 @@ def run_sweeps(root: Path, quick: bool) -> dict[str, float]:
             "sweep_prevention": prevention_grid(),
             "sweep_max_lr": max_lr_grid(),
             "sweep_real": real_data_grid(),
-            "sweep_moe": moe_grid(),
+            "sweep_moe": moe_grid() + moe_replication_grid(),
         }
     for name, specs in grids.items():
         if name == "sweep_real" and not _has_data():
@@ -453,6 +454,23 @@ def moe_section(rows: list[dict[str, Any]], w) -> dict[str, Any]:
         f"{m} {e['diverged']}/{e['runs']}" + (f" (Fisher p vs none {_f(e['fisher_p_vs_none'], 4)})" if "fisher_p_vs_none" in e else "")
         for m, e in pooled.items()) + ". Paper Table 16 (d=256, L=6, 24 trials, 16 experts top-2): 4/24 without, 1/24 "
       "with KSS.\n")
+    rep_rows = [r for r in rows if r.get("group") == "moe_replication"]
+    if rep_rows:
+        lr_rep = sorted({float(r["learning_rate"]) for r in rep_rows})
+        first = [r for r in rows if r.get("group") != "moe_replication" and float(r["learning_rate"]) in lr_rep]
+        parts = {}
+        for name, rs in (("first seeds", first), ("replication seeds", rep_rows)):
+            cnt = {m: (sum(bool(r["diverged"]) for r in rs if r["method"] == m), sum(r["method"] == m for r in rs))
+                   for m in ("none", "kss0.15")}
+            (kd, kn), (cd, cn) = cnt["kss0.15"], cnt["none"]
+            parts[name] = {"seeds": sorted({int(r["seed"]) for r in rs}), "none": [cd, cn], "kss0.15": [kd, kn],
+                           "fisher_p": fisher_exact([[kd, kn - kd], [cd, cn - cd]]) if kn and cn else None}
+        out["replication"] = {"learning_rate": lr_rep, **parts}
+        w(f"Replication at LR {', '.join(f'{x:g}' for x in lr_rep)} (the one LR where the first seeds split the "
+          "arms, so it was chosen after seeing them; the table above pools both): " + "; ".join(
+              f"{name} {e['seeds'][0]}-{e['seeds'][-1]}: control {e['none'][0]}/{e['none'][1]}, KSS "
+              f"{e['kss0.15'][0]}/{e['kss0.15'][1]} (Fisher p = {_f(e['fisher_p'], 4)})" for name, e in parts.items())
+          + ".\n")
     paired = _paired_outcomes(rows, "none", "kss0.15")
     if paired:
         w("Paired by (seed, LR): " + ", ".join(f"{k} {_f(v, 4)}" for k, v in paired.items()) + ".\n")

@@ -10,7 +10,8 @@
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid max_lr
     # WikiText-2 byte LM and ViT on MNIST, baseline vs KSS (needs HF_KOOPMAN_DATA)
     HF_KOOPMAN_DATA=../shared/data python scripts/sweep.py --grid real_data
-    # Mixtral-style MoE (8 experts, top-2) on the synthetic LM, with and without KSS (paper Table 16)
+    # Mixtral-style MoE (8 experts, top-2) on the synthetic LM, with and without KSS (paper Table 16), plus a
+    # replication with seeds 8-15 at LR 1 (the cell where the arms differed)
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid moe
     # fill in init-time spectral features for rows trained with --no-features
     python scripts/sweep.py --grid prediction --features-only
@@ -36,7 +37,14 @@ import logging
 import sys
 from pathlib import Path
 
-from hf_koopman.experiments.grids import max_lr_grid, moe_grid, prediction_grid, prevention_grid, real_data_grid
+from hf_koopman.experiments.grids import (
+    max_lr_grid,
+    moe_grid,
+    moe_replication_grid,
+    prediction_grid,
+    prevention_grid,
+    real_data_grid,
+)
 from hf_koopman.experiments.sweep import (
     UNCAPPED_SUFFIX,
     RunSpec,
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.grid == "max_lr":
         specs = max_lr_grid(args.steps or 100, args.trials or 3)
     elif args.grid == "moe":
-        specs = moe_grid(args.steps or 150, seeds=tuple(range(args.seeds or 8)))
+        specs = moe_grid(args.steps or 150, seeds=tuple(range(args.seeds or 8))) + moe_replication_grid(args.steps or 150)
     else:
         specs = real_data_grid(args.steps or 150, seeds=tuple(range(args.trials or 2)))
     if args.limit is not None:

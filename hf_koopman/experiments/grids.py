@@ -16,7 +16,9 @@ __all__ = [
     "UNCAPPED_KSS_METHODS",
     "PREVENTION_LRS",
     "MOE_LRS",
+    "MOE_REPLICATION_LR",
     "moe_grid",
+    "moe_replication_grid",
     "MAX_LR_EXTRA",
     "prediction_grid",
     "prevention_grid",
@@ -138,3 +140,15 @@ def moe_grid(
                     max_steps=steps, method=method, backend="trainer", group="moe", arch="mixtral", top_k=top_k)
         )
     return specs
+
+
+MOE_REPLICATION_LR = 1.0  # the one LR where the first 8 seeds split the arms (control 0/8, KSS 4/8)
+
+
+def moe_replication_grid(steps: int = 150, seeds: Sequence[int] = tuple(range(8, 16))) -> list[RunSpec]:
+    """Fresh seeds at `MOE_REPLICATION_LR` only, both arms, `group="moe_replication"`: an independent replication of
+    the one cell of `moe_grid` where the arms differed (chosen after seeing seeds 0-7, so reported separately too)."""
+    return [
+        RunSpec(**{**s.__dict__, "group": "moe_replication"})
+        for s in moe_grid(steps, seeds=seeds, lrs=(MOE_REPLICATION_LR,))
+    ]

@@ -44,8 +44,19 @@ def test_moe_section_counts_and_fisher(reproduce):
     for r in rows:
         if r["method"] == "kss0.15":  # the objective label: every lr-1 KSS run would have tripped on the penalty value
             r["diverged_on_objective"] = r["diverged"] or r["learning_rate"] == 1.0
+    for s in range(6, 8):  # replication seeds at LR 1: one KSS divergence, no control divergence
+        rows += [{**_moe_row(1.0, s, "none", False), "group": "moe_replication"},
+                 {**_moe_row(1.0, s, "kss0.15", s == 6), "group": "moe_replication", "diverged_on_objective": True}]
     md: list[str] = []
     out = reproduce.moe_section(rows, md.append)
+    rep = out["replication"]
+    assert rep["learning_rate"] == [1.0] and rep["replication seeds"]["seeds"] == [6, 7]
+    assert rep["replication seeds"]["kss0.15"] == [1, 2] and rep["replication seeds"]["none"] == [0, 2]
+    assert rep["first seeds"]["kss0.15"] == [1, 6] and rep["first seeds"]["none"] == [4, 6]
+    rows = [r for r in rows if r.get("group") != "moe_replication"]
+    md = []
+    out = reproduce.moe_section(rows, md.append)
+    assert "replication" not in out
     cell = out["top2/lr1/kss0.15"]
     assert cell["runs"] == 6 and cell["diverged"] == 1
     assert cell["fisher_p_vs_none"] == pytest.approx(fisher_exact([[1, 5], [4, 2]]))

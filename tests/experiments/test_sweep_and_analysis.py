@@ -189,7 +189,14 @@ def test_prevention_and_max_lr_tables():
 
 
 def test_grids_shapes_and_heldout_split():
-    from hf_koopman.experiments.grids import max_lr_grid, moe_grid, prediction_grid, prevention_grid, real_data_grid
+    from hf_koopman.experiments.grids import (
+        max_lr_grid,
+        moe_grid,
+        moe_replication_grid,
+        prediction_grid,
+        prevention_grid,
+        real_data_grid,
+    )
 
     pred = prediction_grid()
     assert len(pred) == 216 and len({s.run_id for s in pred}) == 216
@@ -206,3 +213,6 @@ def test_grids_shapes_and_heldout_split():
     moe = moe_grid()
     assert len(moe) == 64 and all(s.arch == "mixtral" and s.task == "synthetic_lm" for s in moe)
     assert {s.method for s in moe} == {"none", "kss0.15"} and len({s.run_id for s in moe}) == 64
+    rep = moe_replication_grid()
+    assert len(rep) == 16 and {s.learning_rate for s in rep} == {1.0} and {s.group for s in rep} == {"moe_replication"}
+    assert not {s.run_id for s in rep} & {s.run_id for s in moe}  # fresh seeds, no overlap with the main grid
