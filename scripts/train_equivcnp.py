@@ -403,7 +403,9 @@ def write_gp_table(results: dict, kernels: list[str], out_dir: Path) -> None:
         for name, per in other.get("models", {}).items():
             for k, st in per.items():
                 ref = results["models"].get(name, {}).get(k)
-                var_rows.append(f"| {name} | {names[k]} | {variant} | {st['ll_mean']:.3f} ± {st['ll_std']:.3f} | "
+                dev, ref_dev = st.get("device", "cpu"), (ref or {}).get("device", "cpu")
+                v = variant + (f", trained on {dev} (table: {ref_dev})" if ref and dev != ref_dev else "")
+                var_rows.append(f"| {name} | {names[k]} | {v} | {st['ll_mean']:.3f} ± {st['ll_std']:.3f} | "
                                 + (f"{ref['ll_mean']:.3f}" if ref else "–") + f" | {path.parent.name}/ |")
     if var_rows:
         lines += ["", f"## Checks at {p['steps']} steps: other training seed / lr schedule (same evaluation tasks)", "",
