@@ -442,9 +442,20 @@ def moe_section(rows: list[dict[str, Any]], w) -> dict[str, Any]:
                    "**KSS makes MoE divergence significantly more frequent**" if sig and rk > rc else
                    "**no significant difference with KSS: the paper's MoE claim (4× fewer divergences) does not "
                    "reproduce here**")
-        out["verdict"] = verdict.replace("*", "")
-        w(f"Verdict: {verdict} (pooled {k['diverged']}/{k['runs']} with vs {c['diverged']}/{c['runs']} without, "
-          f"Fisher p = {_f(k['fisher_p_vs_none'], 4)}).\n")
+        sat = sorted({float(r["learning_rate"]) for r in rows}
+                     - {float(r["learning_rate"]) for r in rows if not r["diverged"]})
+        saturated = f"; LR {' and '.join(f'{x:g}' for x in sat)} diverged in every run of both arms" if sat else ""
+        cells_sig = [(key, e) for key, e in out.items() if isinstance(e, dict) and (e.get("fisher_p_vs_none") or 1) < 0.05]
+        per_lr = "".join(
+            f" Per LR, {key.split('/')[1].replace('lr', 'LR ')}: KSS {e['diverged']}/{e['runs']} vs control "
+            f"{out[key.rsplit('/', 1)[0] + '/none']['diverged']}/{out[key.rsplit('/', 1)[0] + '/none']['runs']}, "
+            f"Fisher p = {_f(e['fisher_p_vs_none'], 4)} — "
+            + ("**KSS significantly more divergences there**." if e["diverged"] > out[key.rsplit('/', 1)[0] + '/none']["diverged"]
+               else "KSS significantly fewer divergences there.")
+            for key, e in cells_sig)
+        out["verdict"] = (verdict + per_lr).replace("*", "")
+        w(f"Verdict: {verdict} (pooled over LRs, {k['diverged']}/{k['runs']} with vs {c['diverged']}/{c['runs']} "
+          f"without, Fisher p = {_f(k['fisher_p_vs_none'], 4)}{saturated}).{per_lr}\n")
     conv = [float(r["final_loss"]) for r in rows if not r["diverged"] and r.get("final_loss") is not None]
     if conv and min(conv) > math.log(512) - 0.25:
         w(f"At these LRs the MoE does not learn the task in {'/'.join(map(str, steps))} steps (converged final loss "
