@@ -333,6 +333,24 @@ NOTES = """## What this does and does not show
   `benchmarks/bench_kss.py` (`results/bench_kss_cpu.json`, training owner).
 """
 
+def _identical_arms(rows, methods: list[str]) -> dict[tuple[str, str], tuple[int, int]]:
+    """For each pair of `methods`: (trials whose final loss, label and divergence step are identical, paired trials),
+    pairs by (seed, LR); only pairs with at least one identical trial are returned."""
+    runs: dict[tuple, dict[str, tuple]] = defaultdict(dict)
+    for r in rows:
+        if r["method"] in methods:
+            runs[(r["seed"], float(r["learning_rate"]))][r["method"]] = (
+                r.get("final_loss"), bool(r["diverged"]), r.get("divergence_step"))
+    out = {}
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            pairs = [v for v in runs.values() if a in v and b in v]
+            n = sum(v[a] == v[b] for v in pairs)
+            if n:
+                out[(a, b)] = (n, len(pairs))
+    return out
+
+
 def _objective_label_counts(rows) -> dict[str, dict[str, int]]:
     """Per regularised method, over rows that recorded it: runs, task-loss label count, objective label count."""
     out: dict[str, dict[str, int]] = {}
@@ -646,6 +664,16 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
                 steps[r["method"]].append(int(r["divergence_step"]))
         w("Divergence triggers by method: " + "; ".join(
             f"{m}: {dict(v)}, steps {sorted(steps[m])}" for m, v in sorted(reasons.items())) + ".\n")
+        same = _identical_arms(prev, [m for m in ("kss0.10", "kss0.15", "kss0.20") if any(r["method"] == m for r in prev)])
+        if same:
+            w("Capped KSS arms with identical outcomes (same final loss to the last bit, label and divergence step): "
+              + "; ".join(f"{a} = {b} in {n}/{t} trials" for (a, b), (n, t) in same.items()) + "."
+              + (" When the cap binds (the α·L_KSS gradient exceeds 0.5 × the task gradient; compare the step-1 "
+                 "gradient norms) the applied KSS gradient is 0.5·‖g_task‖·g_KSS/‖g_KSS‖, independent of α; α = 0.10 "
+                 "and 0.20 differ by an exact power of two, so their runs are bitwise equal, while α = 0.15 differs "
+                 "from them only through rounding. **Under the default cap α does not set the strength of KSS in this "
+                 "regime; `kss_max_grad_ratio` does.**" if any(n == t for n, t in same.values()) else "") + "\n")
+            summary["prevention_identical_capped_arms"] = {f"{a}={b}": list(v) for (a, b), v in same.items()}
         obj = _objective_label_counts(prev)
         if obj:
             w("Labelled on the regularised objective instead (session-1 definition; rows trained in session 2 record it): "

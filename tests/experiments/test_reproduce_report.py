@@ -70,3 +70,16 @@ def test_moe_section_counts_and_fisher(reproduce):
     assert out["objective_label"] == {"kss0.15": {"runs": 12, "diverged": 7, "diverged_on_objective": 12}}
     text = "\n".join(md)
     assert "| 2 | 1 | kss0.15 | 6 | 1 |" in text and "Pooled over LRs: kss0.15 7/12" in text
+
+
+def test_identical_arms(reproduce):
+    rows = []
+    for seed in range(3):
+        rows.append({"seed": seed, "learning_rate": 0.01, "method": "kss0.10", "final_loss": 4.0 + seed,
+                     "diverged": False, "divergence_step": None})
+        rows.append({"seed": seed, "learning_rate": 0.01, "method": "kss0.20", "final_loss": 4.0 + seed,
+                     "diverged": False, "divergence_step": None})
+        rows.append({"seed": seed, "learning_rate": 0.01, "method": "kss0.15", "final_loss": 4.5 if seed else 4.0,
+                     "diverged": False, "divergence_step": None})
+    got = reproduce._identical_arms(rows, ["kss0.10", "kss0.15", "kss0.20"])
+    assert got == {("kss0.10", "kss0.15"): (1, 3), ("kss0.10", "kss0.20"): (3, 3), ("kss0.15", "kss0.20"): (1, 3)}
