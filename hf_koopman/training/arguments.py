@@ -43,6 +43,11 @@ class KSSConfig:
             `alpha * L_KSS` is rescaled by `min(1, max_grad_ratio * ||g_task|| / ||g_KSS||)` (norms over the trainable
             parameters) while the loss *value* stays `L_task + alpha * L_KSS`. `None` (or `0`) applies the raw
             Eq. 14 gradient as in the paper. See `hf_koopman.koopman.shaping` ("Gradient scale") for the measurement.
+            When the cap binds (it did on every KSS step of our No-Norm and MoE runs, where the raw KSS gradient is
+            ~100x the task gradient) the applied gradient is `max_grad_ratio * ||g_task||` along the KSS direction
+            whatever `alpha` is: the ratio, not `alpha`, then sets the strength (`results/RESULTS.md`: capped
+            alpha = 0.10 and 0.20 gave bit-identical runs). The divergence guard judges the task loss, not the
+            objective, on KSS steps.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
             Master switch; `RKSPCallback(auto_kss=True)` can turn it on at train begin when the init verdict is high risk.

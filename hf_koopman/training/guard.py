@@ -68,7 +68,11 @@ class TrainerTaps:
 
         def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
             loss = original_step(*args, **kwargs)
-            if isinstance(loss, torch.Tensor):
+            # KSSTrainer: on KSS steps the returned loss includes alpha * L_KSS; the label is about the model's loss
+            task = getattr(trainer, "_guard_task_loss", None)
+            if isinstance(task, torch.Tensor):
+                self.step_loss = task if self.step_loss is None else self.step_loss + task
+            elif isinstance(loss, torch.Tensor):
                 value = loss.detach().float().sum()
                 self.step_loss = value if self.step_loss is None else self.step_loss + value
             return loss

@@ -157,6 +157,8 @@ class KSSTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        # what the divergence guard reads on this micro-batch (None: the returned loss itself, see guard.TrainerTaps)
+        self._guard_task_loss = None
         if not (model.training and self.kss_active_for_step()):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -190,6 +192,13 @@ class KSSTrainer(Trainer):
             )
         penalty = self._kss_term(recorder.snapshots(), step, device=loss.device)
         if penalty is not None:
+            # The paper's divergence label (loss > 50) is about the model's loss, not the objective: L_KSS is unbounded
+            # (alpha * L_KSS reached 5e9 on a Mixtral run whose task loss was ~10), so the guard gets the task loss,
+            # scaled as the Trainer scales the value training_step returns. The logged `loss` stays the objective.
+            ga_scaled = self._loss_counts_as_ga_scaled(num_items_in_batch)
+            task = loss.detach().float()
+            task = task.mean() if task.ndim else task
+            self._guard_task_loss = task if ga_scaled else task / self.current_gradient_accumulation_steps
             if self._loss_counts_as_ga_scaled(num_items_in_batch):
                 # the Trainer will not divide by GA, so the per-micro-batch term must be (mean over micro-batches)
                 penalty = penalty / self.current_gradient_accumulation_steps

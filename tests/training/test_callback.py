@@ -117,6 +117,22 @@ def test_guard_stops_huge_lr_run_and_keeps_last_finite_checkpoint(tmp_path):
     assert any(h.get("rksp/diverged") == 1.0 for h in trainer.state.log_history)
 
 
+def test_guard_judges_the_model_loss_not_the_kss_objective(tmp_path):
+    # alpha * L_KSS is unbounded (5e9 seen on a Mixtral run whose task loss was ~10): a huge penalty value must not be
+    # read as "loss > 50", while the logged loss stays the objective
+    callback = RKSPCallback(**SMALL)
+    trainer = KSSTrainer(
+        model=tiny_gpt2(),
+        args=_args(tmp_path, KSSTrainingArguments, max_steps=3, kss_alpha=1e4, kss_every_n_steps=1),
+        train_dataset=TokenDataset(n=64),
+        callbacks=[callback],
+    )
+    trainer.train()
+    objective = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert max(objective) > 50  # the objective really is above the paper's threshold
+    assert callback.divergence is None and trainer.state.global_step == 3
+
+
 class NaNAtStep(Trainer):
     """A TRL-style subclass (own compute_loss) whose block `layer` emits NaN from optimizer step `step` on."""
 
