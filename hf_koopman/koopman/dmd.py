@@ -257,14 +257,33 @@ def _eigen(operator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     lam = torch.gather(lam, -1, order)
     vec = torch.gather(vec, -1, order.unsqueeze(-2).expand_as(vec))
     vec = vec / torch.linalg.vector_norm(vec, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-    try:
-        left = torch.linalg.inv_ex(vec)[0].mH  # columns u_j with u_j^* A = lambda_j u_j^*
-    except RuntimeError:  # some LAPACK builds raise (instead of reporting info) on an exactly singular LU
-        left = None
-    if left is None or not bool(torch.isfinite(left).all()):  # numerically singular eigenvectors (defective operator)
-        left = torch.linalg.pinv(vec).mH
+    left = _left_eigenvectors(vec)  # columns u_j with u_j^* A = lambda_j u_j^*
     left = left / torch.linalg.vector_norm(left, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
     return lam, vec, left
+
+
+def _left_eigenvectors(vec: torch.Tensor) -> torch.Tensor:
+    """`V^{-H}` matrix by matrix: LU factorisation + triangular solves (getrf/getrs), pseudo-inverse when singular.
+
+    Not `torch.linalg.inv_ex` on the whole batch: with MKL, batched complex `getri` on large eigenvector matrices was
+    seen to print "Parameter 6 was incorrect on entry to ZLASWP" and to stall for many minutes (GPT-2 layers, d = 768,
+    busy 2-core machine), and some LAPACK builds raise on an exactly singular LU instead of reporting it.
+    """
+    m = vec.shape[-1]
+    eye = torch.eye(m, dtype=vec.dtype, device=vec.device)
+    out = []
+    for v in vec.reshape(-1, m, m):
+        inv = None
+        try:
+            lu, piv, info = torch.linalg.lu_factor_ex(v)
+            if int(info) == 0:
+                inv = torch.linalg.lu_solve(lu, piv, eye)
+        except RuntimeError:
+            inv = None
+        if inv is None or not bool(torch.isfinite(inv).all()):  # numerically singular eigenvectors (defective operator)
+            inv = torch.linalg.pinv(v)
+        out.append(inv.mH)
+    return torch.stack(out).reshape(vec.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -373,14 +373,23 @@ def test_left_eigenvectors_fall_back_when_lapack_raises(monkeypatch):
     """Some LAPACK builds raise on a singular LU instead of reporting it; the pseudo-inverse fallback must take over."""
     import hf_koopman.koopman.dmd as dmd_module
 
-    def raising_inv_ex(*args, **kwargs):
+    def raising_lu(*args, **kwargs):
         raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1")
 
     A = torch.tensor([[0.5, 1.0], [0.0, 0.9]], dtype=torch.float64)
-    monkeypatch.setattr(dmd_module.torch.linalg, "inv_ex", raising_inv_ex)
+    monkeypatch.setattr(dmd_module.torch.linalg, "lu_factor_ex", raising_lu)
     lam, vec, left = dmd_module._eigen(A)
     assert torch.isfinite(left).all()
     # u_j^* A = lambda_j u_j^*
     for j in range(2):
         u = left[:, j]
         assert torch.allclose(u.conj() @ A.to(u.dtype), lam[j] * u.conj(), atol=1e-10)
+
+
+def test_left_eigenvectors_batched_match_the_inverse():
+    import hf_koopman.koopman.dmd as dmd_module
+
+    A = torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lam, vec, left = dmd_module._eigen(A)
+    for b in range(3):  # u_j^* A = lambda_j u_j^* for every layer of the batch
+        torch.testing.assert_close(left[b].mH @ A[b].to(left.dtype), lam[b][:, None] * left[b].mH)
