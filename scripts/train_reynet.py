@@ -64,6 +64,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="StepLR period in epochs, e.g. 'MUTAG=15,PROTEINS=5,NCI109=5' (the defaults)")
     p.add_argument("--full-protocol", action="store_true",
                    help="IEGN-paper epoch counts as maxima (MUTAG 130, PROTEINS 20, NCI109 99), StepLR every E/4")
+    p.add_argument("--pooling", choices=["sum", "mean"], default=None,
+                   help="readout of BOTH models (default: the paper's sum pooling); 'mean' is a diagnostic variant")
     p.add_argument("--deadline", default=None,
                    help="UTC wall-clock time HH:MM; every dataset stops at the last whole epoch that ends before it")
     p.add_argument("--checkpoint-dataset", default="MUTAG", help="dataset of the reference graph checkpoint")
@@ -257,6 +259,9 @@ def run_graphs(args) -> dict:
         protocol.lr_step_epochs = {d: max(1, e // 4) for d, e in FULL_PROTOCOL_EPOCHS.items()}
     protocol.epochs.update(_per_dataset(args.graph_epochs, datasets))
     protocol.lr_step_epochs.update(_per_dataset(args.lr_step_epochs, datasets))
+    if args.pooling:  # same readout for both models
+        protocol.reynet = {**protocol.reynet, "pooling": args.pooling}
+        protocol.iegn = {**protocol.iegn, "pooling": args.pooling}
     protocol.eval_folds.update(_per_dataset(args.eval_folds, datasets))
     missing = [d for d in datasets if d not in protocol.epochs]
     if missing:
@@ -472,6 +477,18 @@ def run_summary(args) -> dict:
                "schedules), context only.", ""]
         _plot_graphs(gr, out_dir / "reynet_graphs.png")
         md += ["![test accuracy per epoch](reynet_graphs.png)", ""]
+    for diag_dir in sorted(out_dir.glob("reynet_diagnostic_*")):
+        if not diag_dir.is_dir() or not list(diag_dir.glob("reynet_graphs_*.json")):
+            continue
+        dg = _load_graph_results(diag_dir)
+        md += [f"### Diagnostic run `{diag_dir.name}` (not a headline number)", "",
+               f"Same folds, seeds and schedule; model configs: ReyNet `{json.dumps(dg['protocol']['reynet'])}`, IEGN "
+               f"`{json.dumps(dg['protocol']['iegn'])}`. Run *after* seeing the test-fold results above to test one "
+               "explanation (saturated sum-pooled logits), so it is not a valid model selection; "
+               f"`scripts/train_reynet.py graphs --datasets {','.join(dg['datasets'])} --pooling "
+               f"{dg['protocol']['reynet'].get('pooling', 'sum')} --output-dir {out_dir.name}/{diag_dir.name}` "
+               "(plus the deadline) regenerates it.", "",
+               graph_table(dg), "", _verdict(dg), ""]
     reduced = out_dir / "reynet_reduced_protocol_session1.json"
     if reduced.is_file():  # superseded numbers, kept (labelled) to show what more epochs and all folds changed
         old = json.loads(reduced.read_text())
