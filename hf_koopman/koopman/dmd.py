@@ -496,12 +496,14 @@ def _cholesky_row_space(Xc: torch.Tensor, Yw: torch.Tensor, K: torch.Tensor, wor
     isometry on the row space of Xc plus one direction that both the centred X and Y coordinates miss (a null mode).
     Returns `None` (use the eigh path) when a pivot is numerically zero: duplicated or collinear samples.
     """
-    L_, N, d = Xc.shape
+    N, d = Xc.shape[-2:]
     tau = torch.diagonal(K, dim1=-2, dim2=-1).sum(-1) / max(N - 1, 1)
     ones = torch.full((N, N), 1.0 / N, dtype=_F64, device=K.device)
     chol, info = torch.linalg.cholesky_ex(K + tau[..., None, None] * ones)
     if bool((info > 0).any()):
         return None
+    # exact duplicates leave pivots at round-off level, not exactly 0: treat anything within 1e3x of the float64
+    # matrix_rank threshold as zero rather than invert it (the eigh path then drops those directions)
     pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
     if bool((pivots.amin(-1) <= pivots.amax(-1) * max(N, d) * torch.finfo(_F64).eps * 1e3).any()):
         return None
