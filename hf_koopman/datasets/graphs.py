@@ -18,9 +18,10 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from hf_koopman.datasets.data_dir import resolve_data_dir
 
 
 __all__ = [
@@ -44,17 +45,6 @@ class GraphRecord:
     label: int
     node_labels: torch.Tensor
     edges: torch.Tensor
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """`data_dir`, else `$HF_KOOPMAN_DATA`; raises `ValueError` when neither is given or the folder is missing."""
-    chosen = data_dir if data_dir is not None else os.environ.get("HF_KOOPMAN_DATA")
-    if chosen is None:
-        raise ValueError("pass data_dir=... or set HF_KOOPMAN_DATA to the folder that holds graphs/<NAME>/<NAME>.txt")
-    path = Path(chosen)
-    if not path.is_dir():
-        raise ValueError(f"data directory {path} does not exist")
-    return path
 
 
 def load_gin_graphs(data_dir: str | os.PathLike | None, name: str) -> tuple[list[GraphRecord], int, int]:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
+from hf_koopman.datasets.data_dir import resolve_data_dir
+
 __all__ = [
     "associative_recall_dataset",
     "synthetic_lm_dataset",
@@ -25,17 +27,6 @@ __all__ = [
     "read_idx",
     "resolve_data_dir",
 ]
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The offline data folder: `data_dir`, else `$HF_KOOPMAN_DATA`. Raises `FileNotFoundError` naming both."""
-    path = data_dir if data_dir is not None else os.environ.get("HF_KOOPMAN_DATA")
-    if path is None:
-        raise FileNotFoundError("no data directory: pass data_dir=... or set HF_KOOPMAN_DATA")
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"data directory {path} does not exist (pass data_dir=... or set HF_KOOPMAN_DATA)")
-    return path
 
 
 def _check_positive(**values: int) -> None:
