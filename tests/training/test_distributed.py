@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import warnings
 
 import pytest
 
@@ -49,7 +52,22 @@ def _launch_two_processes(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     out = tmp_path / "multi"
-    out.mkdir()
+    for attempt in (1, 2):
+        shutil.rmtree(out, ignore_errors=True)  # callers read tmp_path / "multi": the retry reuses the name
+        out.mkdir()
+        returncode, output, single = _run_once(tmp_path, config, text, out, env, ga, per_device, attempt)
+        if returncode == 0:
+            break
+        # one retry: once in ~4 full-suite runs on the 2-core CI box, a launcher child died with "I/O operation on
+        # closed file" before training started; a real failure fails both attempts and is reported below
+        warnings.warn(f"2-process launch failed on attempt {attempt} (rc={returncode}); output tail: {output[-1500:]}")
+    assert returncode == 0, output[-4000:]
+    ranks = [json.loads((out / f"trajectory-rank{r}.json").read_text()) for r in (0, 1)]
+    guards = [json.loads((out / f"guard-rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks, guards, single
+
+
+def _run_once(tmp_path, config, text, out, env, ga, per_device, attempt):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "scripts" / "accelerate_configs" / config),
@@ -58,16 +76,14 @@ def _launch_two_processes(
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        shutil.rmtree(tmp_path / "single", ignore_errors=True)
         single = ddp_worker.run_trajectory(str(text), tmp_path / "single", ga=2 * ga, per_device=per_device)
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, output[-4000:]
-    ranks = [json.loads((out / f"trajectory-rank{r}.json").read_text()) for r in (0, 1)]
-    guards = [json.loads((out / f"guard-rank{r}.json").read_text()) for r in (0, 1)]
-    return ranks, guards, single
+    return proc.returncode, output, single
 
 
 def _trajectory(result: dict) -> list[tuple]:
