@@ -37,6 +37,9 @@ __all__ = [
     "best_common_epoch",
     "run_graph_cv",
     "graph_model",
+    "validation_split",
+    "select_readouts",
+    "READOUT_CRITERION",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,8 +177,13 @@ class GraphProtocol:
                 f"{self.batch_size} size-bucketed graphs, no weight decay")
 
 
-def graph_model(kind: str, in_channels: int, num_classes: int, protocol: GraphProtocol) -> ReyNetForGraphClassification:
+def graph_model(
+    kind: str, in_channels: int, num_classes: int, protocol: GraphProtocol, pooling: str | None = None
+) -> ReyNetForGraphClassification:
+    """The `kind` ("reynet" / "iegn") classifier of the protocol; `pooling` overrides the readout of its config."""
     extra = protocol.reynet if kind == "reynet" else {**protocol.iegn, "layer_type": "iegn"}
+    if pooling is not None:
+        extra = {**extra, "pooling": pooling}
     cfg = ReyNetConfig(in_channels=in_channels, num_labels=num_classes, **extra)
     return ReyNetForGraphClassification(cfg)
 
@@ -211,6 +219,19 @@ def _accuracy(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_
         pred = model(graph_tensor=batch["graph_tensor"], node_mask=batch["node_mask"]).logits.argmax(-1)
         correct += int((pred == batch["labels"]).sum())
     return correct / len(indices)
+
+
+@torch.inference_mode()
+def _evaluate(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on `indices` (the validation split of readout selection)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for b in _size_batches(ds, indices, batch_size, None):
+        batch = collate_graphs([ds[i] for i in b])
+        out = model(**batch)
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        loss += float(out.loss) * len(b)
+    return correct / len(indices), loss / len(indices)
 
 
 def _train_epoch(
@@ -268,8 +289,14 @@ def best_common_epoch(per_epoch: Sequence[Sequence[float]]) -> tuple[int, float,
 def run_graph_cv(
     data_dir, name: str, protocol: GraphProtocol, kinds: Sequence[str] = ("reynet", "iegn"),
     on_epoch: Callable[[dict], None] | None = None, deadline: float | None = None,
+    readouts: Sequence[str] | None = None, val_fraction: float = 0.1, selection_epochs: int | None = None,
 ) -> dict:
     """Seeded stratified k-fold CV of each model kind on one TU dataset, all folds in lock-step.
+
+    With `readouts` (e.g. `("sum", "mean")`), the readout of every (fold, kind) is first chosen by
+    [`select_readouts`] on a validation split of the fold's training data; the final model is then trained on the whole
+    training fold with the chosen readout and tested on the test fold (the test fold plays no part in the choice).
+    Without it, the protocol's configs are used as they are.
 
     Every (fold, kind) gets its own model (seeded `protocol.seed + fold`, the same init seed for both kinds), Adam,
     StepLR and batch-order generator (seeded `protocol.seed + fold`, so both kinds see the same batches). After every
@@ -295,11 +322,26 @@ def run_graph_cv(
         "models": {kind: {"fold_accuracies": [], "per_epoch_accuracy": [[] for _ in folds],
                           "train_loss": [[] for _ in folds], "cpu_seconds": 0.0} for kind in kinds},
     }
+    chosen: dict = {kind: [None] * len(folds) for kind in kinds}
+    if readouts:
+
+        def progress(sel: dict) -> None:
+            result["readout_selection"] = sel
+            if on_epoch is not None:
+                on_epoch(result)
+
+        sel = select_readouts(ds, [tr for tr, _ in folds], protocol, name, num_classes, readouts, kinds=kinds,
+                              val_fraction=val_fraction, epochs=selection_epochs, on_epoch=progress)
+        result["readout_selection"] = sel
+        chosen = {kind: sel["models"][kind]["chosen"] for kind in kinds}
+        for kind in kinds:
+            result["models"][kind]["readouts"] = chosen[kind]
+        logger.info("%s chosen readouts: %s", name, chosen)
     state = {}
     for k in range(len(folds)):
         for kind in kinds:
             torch.manual_seed(protocol.seed + k)
-            model = graph_model(kind, num_node_labels + 1, num_classes, protocol)
+            model = graph_model(kind, num_node_labels + 1, num_classes, protocol, pooling=chosen[kind][k])
             opt = torch.optim.Adam(model.parameters(), lr=protocol.lr)
             sched = torch.optim.lr_scheduler.StepLR(opt, protocol.step_epochs(name), protocol.lr_gamma)
             state[k, kind] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + k))
@@ -335,6 +377,113 @@ def run_graph_cv(
         if on_epoch is not None:
             on_epoch(result)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# readout selection on a validation split of each training fold (never the test fold)
+# ----------------------------------------------------------------------------------------------------------------------
+READOUT_CRITERION = (
+    "highest validation accuracy after the last selection epoch; ties broken by the lower validation cross-entropy, "
+    "then by candidate order"
+)
+
+
+def validation_split(
+    train_idx: Sequence[int], labels: Sequence[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Seeded stratified split of a training fold into `(inner_train, validation)`, both subsets of `train_idx`.
+
+    Per class, the class's members of `train_idx` are shuffled with `torch.Generator().manual_seed(seed)` and the first
+    `round(fraction · count)` of them (at least one when the class has two or more members, never all) go to
+    validation. Only `train_idx` and the labels of its members are read.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction!r}")
+    if len(train_idx) < 2:
+        raise ValueError(f"a training fold of {len(train_idx)} graph(s) cannot be split into train and validation")
+    gen = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(train_idx):
+        by_class.setdefault(int(labels[i]), []).append(i)
+    val: list[int] = []
+    for c in sorted(by_class):
+        members = by_class[c]
+        members = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
+        take = min(len(members) - 1, max(1 if len(members) >= 2 else 0, round(fraction * len(members))))
+        val.extend(members[:take])
+    val_set = set(val)
+    if not val_set:
+        raise ValueError("the validation split is empty: every class has a single training graph")
+    return [i for i in sorted(train_idx) if i not in val_set], sorted(val)
+
+
+def select_readouts(
+    ds: GraphDataset, train_folds: Sequence[Sequence[int]], protocol: GraphProtocol, name: str,
+    num_classes: int, readouts: Sequence[str], *, kinds: Sequence[str] = ("reynet", "iegn"), val_fraction: float = 0.1,
+    epochs: int | None = None, on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Choose the readout (pooling) of every (fold, model kind) on a validation split of that fold's training data.
+
+    For fold k, [`validation_split`] (seed `protocol.seed + k`) carves `val_fraction` of `train_folds[k]` out; every
+    candidate readout is trained on the rest with exactly the settings of the final run (init seed `protocol.seed + k`,
+    Adam, StepLR, batch order seed `protocol.seed + k`, `epochs` epochs; default the dataset's maximum), all folds,
+    kinds and candidates in lock-step. The winner follows [`READOUT_CRITERION`]. Both kinds get the same procedure,
+    budget, splits and seeds. This function never sees the test folds: it only receives the training indices.
+
+    Returns:
+        `{"candidates", "val_fraction", "epochs", "criterion", "val_sizes", "models": {kind: {"chosen": [per fold],
+        "val_accuracy": {readout: (folds, epochs)}, "val_loss": {readout: (folds, epochs)}}}}`.
+    """
+    if len(readouts) < 1 or len(set(readouts)) != len(readouts):
+        raise ValueError(f"readout candidates must be distinct and non-empty, got {list(readouts)}")
+    epochs = protocol.epochs[name] if epochs is None else int(epochs)
+    if epochs < 1:
+        raise ValueError(f"selection epochs must be >= 1, got {epochs}")
+    in_channels = ds.tensors[0].shape[0]
+    splits = [validation_split(tr, ds.labels, val_fraction, protocol.seed + k) for k, tr in enumerate(train_folds)]
+    sel: dict = {
+        "candidates": list(readouts), "val_fraction": val_fraction, "epochs": 0, "planned_epochs": epochs,
+        "criterion": READOUT_CRITERION, "val_sizes": [len(v) for _, v in splits],
+        "models": {kind: {"chosen": [], "val_accuracy": {r: [[] for _ in splits] for r in readouts},
+                          "val_loss": {r: [[] for _ in splits] for r in readouts}, "cpu_seconds": 0.0}
+                   for kind in kinds},
+    }
+    state = {}
+    for k in range(len(splits)):
+        for kind in kinds:
+            for r in readouts:
+                torch.manual_seed(protocol.seed + k)  # the same init as the final run of fold k
+                model = graph_model(kind, in_channels, num_classes, protocol, pooling=r)
+                opt = torch.optim.Adam(model.parameters(), lr=protocol.lr)
+                sched = torch.optim.lr_scheduler.StepLR(opt, protocol.step_epochs(name), protocol.lr_gamma)
+                state[k, kind, r] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + k))
+    for epoch in tqdm(range(epochs), desc=f"{name} readout selection"):
+        for k, (inner, val) in enumerate(splits):
+            for kind in kinds:
+                entry = sel["models"][kind]
+                for r in readouts:
+                    model, opt, sched, gen = state[k, kind, r]
+                    t0 = time.process_time()
+                    _train_epoch(model, opt, ds, inner, protocol.batch_size, gen, f"{name}/{kind}/{r}/fold{k}/select")
+                    sched.step()
+                    acc, loss = _evaluate(model, ds, val, protocol.batch_size)
+                    entry["cpu_seconds"] += time.process_time() - t0
+                    entry["val_accuracy"][r][k].append(acc)
+                    entry["val_loss"][r][k].append(loss if math.isfinite(loss) else float("inf"))
+        sel["epochs"] = epoch + 1
+        logger.info("%s selection epoch %d: %s", name, epoch + 1, {
+            (kind, r): round(sum(row[-1] for row in sel["models"][kind]["val_accuracy"][r]) / len(splits), 4)
+            for kind in kinds for r in readouts})
+        if on_epoch is not None:
+            on_epoch(sel)
+    for kind in kinds:
+        entry = sel["models"][kind]
+        # max accuracy, then min loss, then candidate order (sorted() is stable, so equal keys keep that order)
+        entry["chosen"] = [
+            sorted(readouts, key=lambda r: (-entry["val_accuracy"][r][k][-1], entry["val_loss"][r][k][-1]))[0]
+            for k in range(len(splits))
+        ]
+    return sel
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -66,6 +66,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="IEGN-paper epoch counts as maxima (MUTAG 130, PROTEINS 20, NCI109 99), StepLR every E/4")
     p.add_argument("--pooling", choices=["sum", "mean"], default=None,
                    help="readout of BOTH models (default: the paper's sum pooling); 'mean' is a diagnostic variant")
+    p.add_argument("--select-readout", default=None, metavar="CANDIDATES",
+                   help="e.g. 'sum,mean': choose the readout per model and per outer fold on a seeded stratified "
+                        "validation split of that fold's training data, then retrain on the whole training fold")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="readout selection: validation share of a fold")
+    p.add_argument("--selection-epochs", default=None,
+                   help="readout selection: epochs per candidate, e.g. 'PROTEINS=12' (default: the final run's)")
     p.add_argument("--deadline", default=None,
                    help="UTC wall-clock time HH:MM; every dataset stops at the last whole epoch that ends before it")
     p.add_argument("--checkpoint-dataset", default="MUTAG", help="dataset of the reference graph checkpoint")
@@ -259,6 +265,10 @@ def run_graphs(args) -> dict:
         protocol.lr_step_epochs = {d: max(1, e // 4) for d, e in FULL_PROTOCOL_EPOCHS.items()}
     protocol.epochs.update(_per_dataset(args.graph_epochs, datasets))
     protocol.lr_step_epochs.update(_per_dataset(args.lr_step_epochs, datasets))
+    readouts = [r for r in args.select_readout.split(",") if r] if args.select_readout else None
+    if readouts and args.pooling:
+        raise ValueError("--pooling fixes the readout and --select-readout chooses it: pass one of them")
+    selection_epochs = _per_dataset(args.selection_epochs, datasets)
     if args.pooling:  # same readout for both models
         protocol.reynet = {**protocol.reynet, "pooling": args.pooling}
         protocol.iegn = {**protocol.iegn, "pooling": args.pooling}
@@ -279,6 +289,16 @@ def run_graphs(args) -> dict:
         "reynet": protocol.reynet, "iegn": protocol.iegn, "full_protocol": bool(args.full_protocol),
         "selection": "last epoch, and the best common epoch of Maron et al. (mean over folds, max over epochs)",
     }, "datasets": {}}
+    if readouts:
+        from reynet_experiments import READOUT_CRITERION
+
+        out["protocol"]["readout_selection"] = {
+            "candidates": readouts, "val_fraction": args.val_fraction, "criterion": READOUT_CRITERION,
+            "selection_epochs": selection_epochs or "same as the final run",
+            "procedure": ("per outer fold and per model: seeded stratified validation split of the training fold "
+                          "(seed = split seed + fold), every candidate trained on the rest with the final run's "
+                          "settings, winner retrained on the whole training fold, tested once on the test fold"),
+        }
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in datasets:
@@ -289,7 +309,8 @@ def run_graphs(args) -> dict:
             single = {"protocol": out["protocol"], "datasets": {name: res}}
             (out_dir / f"reynet_graphs_{name}.json").write_text(json.dumps(single, indent=2) + "\n")
 
-        res = run_graph_cv(args.data_dir, name, protocol, on_epoch=save, deadline=deadline)
+        res = run_graph_cv(args.data_dir, name, protocol, on_epoch=save, deadline=deadline, readouts=readouts,
+                           val_fraction=args.val_fraction, selection_epochs=selection_epochs.get(name))
         out["datasets"][name] = res
         logger.info("%s: %s", name, {k: (v["mean"], v["std"]) for k, v in res["models"].items()})
 

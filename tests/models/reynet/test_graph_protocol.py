@@ -109,3 +109,77 @@ def test_iegn_channels_last_matches_basis(masked):
     h = X.masked_fill(~both, 0.0).permute(0, 2, 3, 1)  # the caller's contract: zero padding
     out = layer.forward_channels_last(h, mask.sum(1) if masked else None).permute(0, 3, 1, 2)
     torch.testing.assert_close(out.masked_fill(~both, 0.0), reference, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# readout selection on a validation split of the training fold
+# ----------------------------------------------------------------------------------------------------------------------
+def test_validation_split_is_a_seeded_stratified_part_of_the_training_fold():
+    labels = [0] * 30 + [1] * 10 + [2] * 3
+    train_idx = list(range(0, 43, 1))[5:]  # indices 0..4 are the "test fold"
+    inner, val = rx.validation_split(train_idx, labels, 0.1, seed=7)
+    assert sorted(inner + val) == sorted(train_idx) and not set(inner) & set(val)
+    counts = {c: sum(labels[i] == c for i in val) for c in (0, 1, 2)}
+    assert counts == {0: 2, 1: 1, 2: 1}  # round(0.1 * 25) = 2, round(0.1 * 10) = 1, at least one of the 3
+    assert rx.validation_split(train_idx, labels, 0.1, seed=7) == (inner, val)  # deterministic
+    assert rx.validation_split(train_idx, labels, 0.1, seed=8)[1] != val  # and seeded
+    with pytest.raises(ValueError, match="fraction"):
+        rx.validation_split(train_idx, labels, 1.0, seed=0)
+
+
+class _RecordingDataset:
+    """Wraps a GraphDataset and records every graph index that is read."""
+
+    def __init__(self, ds):
+        self.ds, self.read = ds, set()
+        self.tensors, self.labels, self.sizes = ds.tensors, ds.labels, ds.sizes
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.read.add(i)
+        return self.ds[i]
+
+
+def test_readout_selection_never_reads_the_test_fold_and_is_deterministic(tmp_path):
+    data = _random_gin(tmp_path, num_graphs=20)
+    protocol = _tiny_protocol(epochs=2)
+    graphs, num_classes, num_labels = rx.load_gin_graphs(data, "TOY")
+    ds = rx.GraphDataset(graphs, num_labels)
+    folds = rx.stratified_kfold(ds.labels, 2, protocol.seed)
+    runs = []
+    for _ in range(2):
+        rec = _RecordingDataset(ds)
+        sel = rx.select_readouts(rec, [folds[0][0]], protocol, "TOY", num_classes, ("sum", "mean"))
+        assert rec.read and rec.read <= set(folds[0][0]) and not rec.read & set(folds[0][1])
+        runs.append(sel)
+    assert runs[0] == {**runs[1], "models": {k: {**v, "cpu_seconds": runs[0]["models"][k]["cpu_seconds"]}
+                                             for k, v in runs[1]["models"].items()}}
+    for kind, entry in runs[0]["models"].items():
+        assert entry["chosen"][0] in ("sum", "mean")
+        assert [len(entry["val_accuracy"][r][0]) for r in ("sum", "mean")] == [2, 2]
+        best = max(entry["val_accuracy"][r][0][-1] for r in ("sum", "mean"))
+        assert entry["val_accuracy"][entry["chosen"][0]][0][-1] == best
+
+
+def test_cv_with_readout_selection_trains_the_chosen_readout(tmp_path, monkeypatch):
+    data = _random_gin(tmp_path, num_graphs=20)
+    protocol = _tiny_protocol(epochs=2)
+    built = []
+    real = rx.graph_model
+
+    def spy(kind, in_channels, num_classes, protocol, pooling=None):
+        built.append((kind, pooling))
+        return real(kind, in_channels, num_classes, protocol, pooling=pooling)
+
+    monkeypatch.setattr(rx, "graph_model", spy)
+    res = rx.run_graph_cv(data, "TOY", protocol, readouts=("sum", "mean"), selection_epochs=1)
+    sel = res["readout_selection"]
+    assert sel["epochs"] == 1 and sel["val_sizes"] == [1 + 1, 1 + 1]  # one graph per class and fold
+    final = built[-4:]  # the final models, built after the 2 folds x 2 kinds x 2 candidates of the selection
+    assert len(built) == 8 + 4
+    assert final == [(kind, sel["models"][kind]["chosen"][k]) for k in range(2) for kind in ("reynet", "iegn")]
+    for kind in ("reynet", "iegn"):
+        assert res["models"][kind]["readouts"] == sel["models"][kind]["chosen"]
+        assert [len(r) for r in res["models"][kind]["per_epoch_accuracy"]] == [2, 2]
