@@ -2,6 +2,8 @@
 
     python scripts/fit_risk.py                       # results/sweep_prediction/runs.jsonl -> hf_koopman/data/risk_estimator.json
     python scripts/fit_risk.py --runs results/quick/sweep_prediction/runs.jsonl --out /tmp/est.json
+    # the session-1/2 estimator (100-step label horizon), for comparison only
+    python scripts/fit_risk.py --runs results/sweep_prediction_100steps/runs.jsonl --out /tmp/est100.json --eval-out /tmp/eval100.json
 
 Fits on the `train` group (seen width/depth and seeds), evaluates on the `heldout` group (unseen width/depth (48, 3)
 and/or unseen seed) against baselines that see the same non-spectral inputs (log LR alone; normalisation type + log
@@ -34,10 +36,13 @@ def fit(runs: Path, out: Path, eval_out: Path, *, l2: float = 1.0, n_resamples: 
     except OSError:
         commit = ""
     spec = results["spectral + log LR"]
+    steps = sorted({int(r["max_steps"]) for r in rows})
+    horizon = "/".join(map(str, steps))
     est.metadata = {
         "description": "P(divergence within the training horizon | init RKSP spectrum, learning rate); logistic, fitted "
         "on the associative-recall sweep of hf_koopman's RKSP research transformer (6 normalisations, d 32-48, "
-        "L 2-4, AdamW, 100 steps, batch 16, warmup 10). Outside that regime it is an extrapolation.",
+        f"L 2-4, AdamW, {horizon} steps, batch 16, warmup 10). Outside that regime it is an extrapolation.",
+        "horizon_steps": steps,
         "label": "loss > 50 or gradient norm > 500 at any step (non-finite counts), as in the RKSP paper",
         "sweep": str(runs),
         "n_train": spec["n_train"],

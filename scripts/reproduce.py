@@ -6,21 +6,25 @@ results/summary.json and the PNG plots.
     python scripts/reproduce.py --report-only                           # rebuild the report from existing sweeps
     python scripts/reproduce.py --report-only --refit-estimator         # ... and refit the shipped risk estimator
 
-Full settings: prediction sweep 6 norms x 4 LRs x 3 (width, depth) x 3 seeds = 216 runs of 100 steps; prevention
+Full settings: prediction sweep 6 norms x 4 LRs x 3 (width, depth) x 3 seeds = 216 runs of 500 steps (the paper's
+loss-spike window; the session-1/2 table of 100-step runs stays in results/sweep_prediction_100steps/ and is compared
+in section 1d of RESULTS.md); prevention
 No-Norm, 24 trials x 9 arms (control, clip 0.5 / 1.0, KSS alpha 0.10 / 0.15 / 0.20 capped and paper-literal) of 150
 steps; max stable LR: KSS alpha 0.15 (capped and paper-literal) for Pre-LN / RMSNorm / No-Norm, 3 seeds, 100 steps;
 WikiText-2 / MNIST-ViT: 2 seeds x 3 arms, 150 steps; MoE: Mixtral-style top-2 of 8 experts, LR 0.7 / 1 / 1.5 / 2 x
 8 seeds x {control, KSS alpha 0.15}, 150 steps, plus a replication with seeds 8-15 at LR 1.
-Quick: 6 norms x 2 LRs x 2 configs x 2 seeds (48 runs, 60 steps), prevention 3 trials x 4 arms, max-LR 1 seed, real
-data 1 seed x 40 steps, MoE 1 seed at LR 2 x 40 steps.
+Quick: 6 norms x 2 LRs x 2 configs x 2 seeds (48 runs of 60 steps, not 500: the quick run checks the pipeline within
+20 minutes, so its loss-spike count covers steps 1-60 and it has no early-warning section), prevention 3 trials x 4
+arms, max-LR 1 seed, real data 1 seed x 40 steps, MoE 1 seed at LR 2 x 40 steps.
 Sweeps are resumable (`results/<dir>/runs.jsonl`); re-running only fills in missing runs. KSS rows from before the
 gradient cap (no `kss_max_grad_ratio` field) are relabelled `kss<alpha>-uncapped` before a sweep resumes. The shipped
 risk estimator is refitted only with `--refit-estimator` (or into results/quick with `--quick`).
 
 Measured runtimes (2-core machine shared with other jobs) are in RESULTS.md ("Runtime of these settings"). `--quick`
 from scratch: 524 s wall (8.7 min; 156 CPU-s, 29% of a core) in session 2 at load ~8, beside two other sweeps of
-ours; 283 s in session 1 with the smaller quick grids. The full prediction / prevention sweeps took about 65-67 min
-wall each in session 1 as parallel processes; the session-2 capped prevention arms 27 min, MoE 2 x 20 min, max-LR
+ours; 283 s in session 1 with the smaller quick grids. The 500-step prediction sweep took about 35 min on one quiet
+core in session 3 (`results/RESULTS.md`, runtime table); the session-1 100-step prediction and the prevention sweeps
+took about 65-67 min wall each as parallel processes on a loaded machine; the session-2 capped prevention arms 27 min, MoE 2 x 20 min, max-LR
 and real-data KSS arms 23 min (load 8-10).
 """
 
@@ -42,10 +46,13 @@ import numpy as np
 
 from hf_koopman.experiments.analysis import (
     GRADIENT_COLUMNS,
+    early_warning_table,
     fit_and_evaluate_estimators,
+    key_prediction_numbers,
     max_stable_lr_table,
     prediction_table,
     prevention_table,
+    spectrum_adds_information,
     within_norm_table,
 )
 from hf_koopman.experiments.grids import (
@@ -273,9 +280,9 @@ records `objective_loss_max` and `diverged_on_objective` beside the label. Sessi
 the gradient norm or never passed 50 keep their label (L_KSS ≥ 0, so the task-loss label is the same); those that
 tripped on the objective's loss were re-run with the task-loss label.
 Init-time spectra come from `hf_koopman.profile` (whitened DMD, N = 2048 token states from 32 training sequences,
-randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short (100 steps for the prediction
-sweep, 150 for prevention, real data and MoE): "diverged" means "diverged within that horizon". Runtime: table at
-the end.
+randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short ({pred_steps} steps for the
+prediction sweep, 100 for max-LR, 150 for prevention, real data and MoE): "diverged" means "diverged within that
+horizon". Runtime: table at the end.
 
 **KSS, capped and paper-literal.** `KSSTrainer` now caps the gradient of α·L_KSS at `kss_max_grad_ratio` = 0.5 × the
 task-loss gradient norm on KSS steps (the loss value is unchanged; `results/kss_gradient_scale.md` has the diagnosis:
@@ -283,9 +290,10 @@ the paper-literal gradient was ~100× the task gradient). Arms named `kss<α>` u
 the paper-literal gradient (`kss_max_grad_ratio=None`) — the session-1 runs, kept as measured and relabelled.
 
 **Choices where the paper is silent.** Loss spike = loss above 1.5 × the mean of the previous 20 finite losses (at
-least 5 needed) or non-finite, counted over each run's own horizon (steps 1-100 in the prediction sweep; the paper
-counts steps 1-500, our runs are shorter). Gradient baselines of a run that stopped early carry the last value
-(non-finite → +inf).
+least 5 needed) or non-finite (`hf_koopman.experiments.divergence.count_loss_spikes`, unchanged since session 1),
+counted over steps 1-500 as in the paper, truncated at the run's horizon ({spike_window}) and at its first divergent
+step (the run stops there). The session-1/2 table (100-step runs) could only count steps 1-100. Gradient baselines of
+a run that stopped early carry the last value (non-finite → +inf).
 Layer aggregate for each spectral predictor: the layer mean (ρ: layer max). AUROC orientation: higher score = riskier;
 an AUROC below 0.5 means the score is *inversely* related to divergence. Associative-recall filler tokens come from the
 value half of the vocabulary. LR grid, widths, depths and seeds are ours (paper: unspecified).
@@ -304,10 +312,12 @@ NOTES = """## What this does and does not show
 * **Within a normalisation the init spectrum cannot rank learning rates**: it does not depend on the LR, so
   within-norm AUROCs of spectral features only reflect width/depth/seed variation; log LR is the informative input
   there. This is the question the paper's Table 2 skips.
-* **Gradient baselines measured at step 100 / over the run are not predictions here**: the label horizon is 100
-  steps, so a run that diverged before step 100 carries its divergent (or +inf) value into these features. Their
-  AUROC of ~1 therefore says "the run already diverged", not "it will diverge". Only the step-1 gradient norm is a
-  like-for-like early baseline. A fair comparison needs a label horizon well beyond step 100 (not affordable here).
+* **Gradient baselines in the main table mix detection with prediction.** A run that diverged before step 100 carries
+  its divergent (or +inf) value into the step-100 features, and the loss-spike count over steps 1-500 covers the same
+  steps as the label (the paper trained far beyond step 500, so its count was an early signal; ours is concurrent
+  with the label). Only the step-1 gradient norm and the init spectrum are like-for-like predictions there. Section 1c
+  (500-step table only) asks the fair question: among runs still stable at step 100, which step-100 signal predicts
+  divergence in steps 101-500. In the session-1/2 100-step table none of this could be separated.
 * **Paper-literal KSS (the `-uncapped` arms) destabilises training** (`KSSTrainer` as implemented: β = 10, γ = 0.4,
   every 10 steps, 50% of layers, whitening and range basis detached). Its divergences are gradient-norm trips on KSS
   steps (step ≡ 1 mod 10) while the task loss is still ≈ 5: the regulariser's own gradient crosses the 500 threshold
@@ -518,6 +528,133 @@ def moe_section(rows: list[dict[str, Any]], w) -> dict[str, Any]:
     return out
 
 
+def early_warning_section(pred: list[dict[str, Any]], w, summary: dict[str, Any], *, step: int = 100) -> None:
+    """Section 1c: predictors available at `step` on the runs still stable at `step`, label = divergence later."""
+    ew = early_warning_table(pred, step=step)
+    summary["early_warning_step100"] = ew
+    horizon = max(int(r["max_steps"]) for r in pred)
+    w(f"## 1c. Early warning at step {step}: who diverges in steps {step + 1}-{horizon}?\n")
+    w(f"The table above mixes prediction with detection (a run that diverged before step {step} carries its divergent "
+      f"value into the step-{step} features). Here the {ew['n_dropped']} runs that diverged at or before step {step} "
+      f"are dropped; of the remaining {ew['n']} runs, {ew['n_diverged']} diverged later. Every predictor sees only "
+      f"steps 1-{step} (or initialisation); the spike count is over steps 1-{step} (`loss_spikes_1_100`; the paper's "
+      "1-500 window would overlap the label). Not in the paper.\n")
+    w("| Predictor (available by step 100) | AUROC | 95% CI (1000 bootstrap) |")
+    w("|---|---|---|")
+    for t in ew["rows"]:
+        ci = "—" if t["ci"] is None else f"[{_f(t['ci'][0])}, {_f(t['ci'][1])}]"
+        w(f"| {t['predictor']} | {_f(t['auroc'])} | {ci} |")
+    if ew["n_diverged"] == 0:
+        w(f"\nNo run that was stable at step {step} diverged later: the late-divergence question has no positives "
+          "here, so these AUROCs are undefined.")
+    w("")
+
+
+def truncate_rows(rows: list[dict[str, Any]], step: int = 100) -> list[dict[str, Any]]:
+    """Rows of a longer prediction table as if the runs had stopped after `step` steps: label = diverged by `step`,
+    spike count over 1-`step` (`loss_spikes_1_100`, so only `step` = 100). The step-1 / step-100 gradient features are
+    unchanged (the first `step` steps of a longer run are the shorter run)."""
+    if step != 100:
+        raise ValueError(f"truncate_rows needs step=100 (the rows store spike counts over steps 1-100 only), got {step}.")
+    out = []
+    for r in rows:
+        if "loss_spikes_1_100" not in r:
+            raise ValueError(f"row {r.get('run_id')} has no loss_spikes_1_100 column (written before it existed).")
+        early = bool(r["diverged"]) and int(r["divergence_step"]) <= step
+        out.append({**r, "diverged": early, "divergence_step": r["divergence_step"] if early else None,
+                    "max_steps": step, "loss_spikes_1_500": r["loss_spikes_1_100"]})
+    return out
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["norm"], float(r["learning_rate"]), int(r["seed"]), int(r["hidden_size"]), int(r["num_layers"]))
+
+
+def horizon_comparison_section(
+    old: list[dict[str, Any]], new: list[dict[str, Any]], w, summary: dict[str, Any], *, n_resamples: int = 1000
+) -> None:
+    """Section 2b: the key prediction numbers of the 100-step (session 1-2) table, of the current table's runs cut at
+    step 100 (current profiler, old horizon) and of the current table: column 1 -> 2 isolates the profiler-code
+    change, column 2 -> 3 the horizon."""
+    a = key_prediction_numbers(old, n_resamples=n_resamples)
+    b = key_prediction_numbers(new, n_resamples=n_resamples)
+    ha, hb = "/".join(map(str, a["horizon_steps"])), "/".join(map(str, b["horizon_steps"]))
+    cols = [(f"{ha} steps (session-1/2 table)", a)]
+    short = min(a["horizon_steps"])
+    if short == 100 and min(b["horizon_steps"]) > short and all("loss_spikes_1_100" in r for r in new):
+        cols.append((f"first {short} steps of the {hb}-step runs", key_prediction_numbers(truncate_rows(new, short), n_resamples=n_resamples)))
+    cols.append((f"{hb} steps", b))
+    summary["horizon_comparison"] = {f"T{ha}": a, f"T{hb}": b}
+    if len(cols) == 3:
+        summary["horizon_comparison"][f"T{hb}_cut_at_{short}"] = cols[1][1]
+    w(f"## 2b. Label horizon {ha} vs {hb} steps (same grid, seeds, initial weights and data order)\n")
+    w(f"The session-1/2 table (`sweep_prediction_100steps/`, {ha} steps, loss spikes counted over steps 1-{ha}) next "
+      f"to the current one ({hb} steps, spikes over 1-{min(500, b['horizon_steps'][-1])}). Estimators are fitted on "
+      "each table's own train group and scored on its held-out runs (unseen (48, 3) and/or seed 2). "
+      + ("The middle column relabels the current runs as if they had stopped at step 100 (spikes over 1-100): it "
+         "differs from the first column only through the init spectra, which the current profiler computes "
+         "differently for some runs (see below), and from the last column only through the horizon.\n"
+         if len(cols) == 3 else "\n"))
+    w("| | " + " | ".join(c for c, _ in cols) + " |")
+    w("|---|" + "---|" * len(cols))
+
+    def auc(e):
+        return f"{_f(e['auroc'])} [{_f(e['auroc_ci'][0])}, {_f(e['auroc_ci'][1])}]"
+
+    norms = sorted({n for _, k in cols for n in k["diverged_by_norm"]})
+    lines = [("runs / diverged", [f"{k['n_runs']} / {k['n_diverged']}" for _, k in cols])]
+    lines += [(f"diverged, {n}", ["{}/{}".format(*k["diverged_by_norm"].get(n, [0, 0])) for _, k in cols]) for n in norms]
+    lines += [
+        ("AUROC M≈1 at init", [auc({"auroc": k["auroc_near_unit_mass"], "auroc_ci": k["auroc_near_unit_mass_ci"]}) for _, k in cols]),
+        ("AUROC loss-spike count", [_f(k["auroc_loss_spikes"]) for _, k in cols]),
+        ("best gradient baseline", [f"{k['best_gradient_baseline']['column']} {_f(k['best_gradient_baseline']['auroc'])}" for _, k in cols]),
+        ("held-out runs / diverged", [f"{k['n_heldout']} / {k['n_heldout_diverged']}" for _, k in cols]),
+    ]
+    for name in ("spectral + log LR", "log LR only", "norm type + log LR"):
+        lines.append((f"held-out AUROC, {name}", [auc(k["heldout"][name]) for _, k in cols]))
+        lines.append((f"held-out ECE, {name}", [_f(k["heldout"][name]["ece"]) for _, k in cols]))
+    lines.append(("spectrum adds information over norm type + log LR",
+                  ["yes" if k["spectrum_adds_information"] else "no" for _, k in cols]))
+    for label, vals in lines:
+        w(f"| {label} | " + " | ".join(vals) + " |")
+    w("")
+    # which init features changed between the two tables (profiler code changed between sessions)
+    feats = ("near_unit_mass_mean", "unstable_mass_mean", "spectral_radius_max", "eigvec_condition_mean")
+    old_by = {_key(r): r for r in old}
+    changed: dict[str, int] = defaultdict(int)
+    n_changed, max_dm = 0, 0.0
+    for r in new:
+        q = old_by.get(_key(r))
+        if q is None:
+            continue
+        diff = [f for f in feats if not math.isclose(float(q[f]), float(r[f]), rel_tol=1e-9, abs_tol=1e-12)]
+        if diff:
+            n_changed += 1
+            changed[r["norm"]] += 1
+            max_dm = max(max_dm, abs(float(q["near_unit_mass_mean"]) - float(r["near_unit_mass_mean"])))
+    summary["horizon_comparison"]["init_features_changed"] = {"runs": n_changed, "by_norm": dict(changed),
+                                                              "max_abs_delta_near_unit_mass": max_dm}
+    w(f"Init spectra: {n_changed} of {len(new)} runs have different init features in the two tables"
+      + (f" ({', '.join(f'{n} {c}' for n, c in sorted(changed.items()))}; largest |ΔM≈1| = {max_dm:.3f}): "
+         "the whitened-DMD code changed between session 1 and now (row-space reduction before whitening, "
+         "left-eigenvector solves); the current table and the shipped estimator use the current profiler, i.e. what "
+         "`hf_koopman.profile` returns today." if n_changed else ".") + "\n")
+    # consistency: the first steps of a longer run are the shorter run (same seed, data order, warmup-then-constant
+    # LR), so the runs that diverged within the short horizon must be exactly those of the long table that did
+    key = _key
+    early_old = {key(r) for r in old if r["diverged"]}
+    early_new = {key(r) for r in new if r["diverged"] and int(r["divergence_step"]) <= short}
+    same = early_old == early_new and all(
+        int(ro["divergence_step"]) == int(rn["divergence_step"])
+        for ro in old for rn in new if ro["diverged"] and key(ro) == key(rn))
+    summary["horizon_comparison"]["diverged_within_short_horizon_identical"] = same
+    later = sum(bool(r["diverged"]) for r in new) - len(early_new)
+    w(f"Consistency: {len(early_new)} runs of the {hb}-step table diverged by step {short}, "
+      + ("the same runs at the same steps as in the {}-step table".format(short) if same else
+         "**not the same runs / steps as in the {}-step table** (the first {} steps should be identical)".format(short, short))
+      + f"; {later} more diverged in steps {short + 1}-{hb}.\n")
+
+
 def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: list | None) -> dict[str, Any]:
     pred = [r for r in read_rows(root / "sweep_prediction" / "runs.jsonl") if "near_unit_mass_mean" in r]
     prev = read_rows(root / "sweep_prevention" / "runs.jsonl")
@@ -528,15 +665,18 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
 
     # 1. prediction
     table = prediction_table(pred)
-    # the paper counts loss spikes over steps 1-500; our runs are shorter, so the count covers each run's horizon
+    # the paper counts loss spikes over steps 1-500; a shorter run (the 100-step table, --quick) counts its horizon
     horizon = max((int(r["max_steps"]) for r in pred), default=0)
+    window = min(horizon, 500)
     for t in table:
-        if t["column"] == "loss_spikes_1_500":
-            t["predictor"] = f"loss-spike count, steps 1-{horizon} (paper: 1-500)"
+        if t["column"] == "loss_spikes_1_500" and window < 500:
+            t["predictor"] = f"loss-spike count, steps 1-{window} (paper: 1-500)"
     summary["loss_spike_window"] = {
-        "steps": [1, horizon], "paper_steps": [1, 500],
-        "note": f"prediction runs last {horizon} steps (and stop at divergence), so spikes are counted over steps "
-                f"1-{horizon}, not the paper's 1-500; the column keeps the name loss_spikes_1_500",
+        "steps": [1, window], "paper_steps": [1, 500], "horizon_steps": horizon,
+        "note": (f"prediction runs last {horizon} steps, so spikes are counted over steps 1-{window} as in the paper "
+                 "(a diverged run stops at its first divergent step, so its count ends there)" if window == 500 else
+                 f"prediction runs last {horizon} steps (and stop at divergence), so spikes are counted over steps "
+                 f"1-{window}, not the paper's 1-500; the column keeps the name loss_spikes_1_500"),
     }
     within = within_norm_table(pred)
     plot_auroc(table, root / "auroc.png")
@@ -569,6 +709,8 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
     for n, e in within.items():
         w(f"| {n} | {e['n']} | {e['n_diverged']} | " + " | ".join(_f(e[c]) for c in cols) + " |")
     w("")
+    if horizon > 100:
+        early_warning_section(pred, w, summary)
 
     # 2. estimator
     try:
@@ -593,7 +735,8 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
               f"[{_f(r['auroc_ci'][0])}, {_f(r['auroc_ci'][1])}] | {_f(r['ece'])} | {_f(r['brier'])} |")
         w("\n![reliability](reliability.png)\n")
         lr_only, norm_lr = res["log LR only"], res["norm type + log LR"]
-        adds = spec["auroc"] > norm_lr["auroc"] + 0.01 and spec["auroc_ci"][0] > lr_only["auroc"]
+        adds = spectrum_adds_information(res)
+        summary["spectrum_adds_information"] = adds
         verdict = (
             "The spectrum adds information beyond the learning rate on these held-out runs."
             if adds else
@@ -606,6 +749,9 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
           f"ECE {_f(spec['ece'])}.)\n")
     else:
         summary.update(risk_estimator_auroc_heldout=None, risk_estimator_ece_heldout=None)
+    old_pred = [r for r in read_rows(root / "sweep_prediction_100steps" / "runs.jsonl") if "near_unit_mass_mean" in r]
+    if old_pred and pred:
+        horizon_comparison_section(old_pred, pred, w, summary)
 
     # 3. prevention
     if prev:
@@ -689,8 +835,11 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
         summary.update(baseline_divergence_rate=None, kss_divergence_rate=None, kss_overhead=None)
 
     # max stable LR
-    base_rows = [r for r in pred if r["norm"] in ("pre_ln", "rmsnorm", "none") and r["hidden_size"] == 32
-                 and r["num_layers"] == 4]
+    # "without KSS" = prediction-sweep runs of the max-LR grid's horizon (100 steps: the session-1/2 prediction
+    # table, since the current one runs 500 steps), so both sides of each comparison share the label horizon
+    maxlr_steps = {int(r["max_steps"]) for r in maxlr}
+    base_rows = [r for r in pred + old_pred if r["norm"] in ("pre_ln", "rmsnorm", "none") and r["hidden_size"] == 32
+                 and r["num_layers"] == 4 and int(r["max_steps"]) in maxlr_steps]
     if maxlr:
         both = base_rows + [r for r in maxlr if r["method"] == "none"] + [r for r in maxlr if r["method"] != "none"]
         mtab = max_stable_lr_table(both)
@@ -701,7 +850,8 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
                 "censored_with_uncapped": v.get("kss0.15-uncapped", {}).get("censored")}
             for n, v in mtab.items()}
         w("## 3b. Max stable LR (< 20% divergence; paper Table 5)\n")
-        w("d=32, L=4, associative recall; \"without\" = the prediction sweep's runs (100 steps, plain AdamW loop) plus "
+        w("d=32, L=4, associative recall; \"without\" = the 100-step prediction sweep's runs (plain AdamW loop; "
+          "`sweep_prediction_100steps`, the horizon of the max-LR grid, not the 500-step table) plus "
           "LR 0.3 through `KSSTrainer` with α = 0, \"with\" = KSS α=0.15 capped (default) and paper-literal "
           "(`-uncapped`), same 100 steps and seeds 0-2 per LR. '≥' marks a censored value (no LR tried diverged), "
           "'<' that even the smallest LR tried diverged in ≥ 20% of trials. Divergence rates per LR below the table. "
@@ -787,12 +937,15 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
         summary["architecture_profiles"] = extras
     summary["timings_seconds"] = timings
     w("## Runtime of these settings\n")
-    w("Sum of per-run training + init-profiling seconds, measured while 5-18 jobs shared the 2 CPU cores (session 1: "
-      "prediction, control / clipping and paper-literal KSS arms; session 2: capped KSS arms and MoE, load ~8-10); "
-      "expect roughly 3-5x less on an idle 2-core machine:\n")
+    w("Sum of per-run training + init-profiling seconds. The 500-step prediction sweep ran in session 3 as one "
+      "single-threaded process (`OMP_NUM_THREADS=1`) on a 2-core machine beside one other single-core job, so its "
+      "seconds are close to dedicated-core time; the other sweeps were measured while 5-18 jobs shared the 2 cores "
+      "(session 1: 100-step prediction, control / clipping and paper-literal KSS arms; session 2: capped KSS arms and "
+      "MoE, load ~8-10), expect roughly 3-5x less for them on an idle machine:\n")
     w("| sweep | runs | total CPU-share seconds | mean per run |")
     w("|---|---|---|---|")
-    for name in ("sweep_prediction", "sweep_prevention", "sweep_max_lr", "sweep_real", "sweep_moe"):
+    for name in ("sweep_prediction", "sweep_prediction_100steps", "sweep_prevention", "sweep_max_lr", "sweep_real",
+                 "sweep_moe"):
         rs = read_rows(root / name / "runs.jsonl")
         if rs:
             tot = sum(float(r.get("train_seconds", 0)) + float(r.get("profile_seconds", 0) or 0) for r in rs)
@@ -843,7 +996,11 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     out["summary"]["environment"] = {"python": platform.python_version(), "machine": platform.machine(), "git_commit": commit}
     (root / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float) + "\n")
-    header = HEADER.format(quick_flag=" --quick" if args.quick else "", root=root)
+    window = out["summary"].get("loss_spike_window", {})
+    header = HEADER.format(
+        quick_flag=" --quick" if args.quick else "", root=root, pred_steps=window.get("horizon_steps", "?"),
+        spike_window=f"steps 1-{window.get('steps', [1, '?'])[1]} here",
+    )
     (root / "RESULTS.md").write_text(header + "\n" + out["markdown"] + "\n" + NOTES)
     print(f"wrote {root}/summary.json and {root}/RESULTS.md in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -1,7 +1,8 @@
 """Run a grid of RKSP research-model trainings, resumably, into a `datasets`-loadable JSON-lines table.
 
-    # the prediction sweep (6 norms x 4 LRs x 3 width/depth configs x 3 seeds = 216 runs, 100 steps)
-    #   -> results/sweep_prediction/runs.jsonl
+    # the prediction sweep (6 norms x 4 LRs x 3 width/depth configs x 3 seeds = 216 runs, 500 steps; ~35 min on one
+    #   quiet core) -> results/sweep_prediction/runs.jsonl  (--steps 100 gives the session-1/2 table,
+    #   kept in results/sweep_prediction_100steps/runs.jsonl)
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid prediction
     # the prevention comparison (No-Norm, LR 0.005-0.01): control / grad clip 0.5, 1.0 / KSS alpha 0.10, 0.15, 0.20,
     # capped and paper-literal
@@ -24,8 +25,10 @@ KSS arms are "kss<alpha>" (KSSTrainer's default gradient cap, kss_max_grad_ratio
 The prediction sweep uses a plain AdamW loop (no regulariser involved); every other grid goes through
 `hf_koopman.KSSTrainer` (alpha = 0 for non-KSS arms, i.e. the plain `Trainer` loss). Each run is labelled as in the
 paper (loss > 50 or grad norm > 500 at any step, non-finite counts) and records the init spectral profile, the four
-gradient baselines (the loss-spike count covers the run's own horizon, 100-150 steps, not the paper's 1-500) and the
-final evaluation. Re-running skips finished `run_id`s; Ctrl-C loses at most one run. Load a table with
+gradient baselines (initial grad norm, grad norm at step 100, grad-norm variance over steps 1-100, loss-spike count
+over steps 1-500 - the run's horizon, 500 steps for the prediction sweep and 100-150 for the other grids - plus the
+spike count over 1-100) and the final evaluation. `run_id`s contain the horizon (`-T500-`), so tables of different
+horizons never mix. Re-running skips finished `run_id`s; Ctrl-C loses at most one run. Load a table with
 `datasets.load_dataset("json", data_files="results/sweep_prediction/runs.jsonl")`.
 """
 
@@ -38,6 +41,7 @@ import sys
 from pathlib import Path
 
 from hf_koopman.experiments.grids import (
+    PREDICTION_STEPS,
     max_lr_grid,
     moe_grid,
     moe_replication_grid,
@@ -85,7 +89,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=("prediction", "prevention", "max_lr", "real_data", "moe"), required=True)
     p.add_argument("--out", type=Path, default=None, help="JSONL file (default results/sweep_<grid>/runs.jsonl)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100 prediction, 150 otherwise)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {PREDICTION_STEPS} prediction, 100 max_lr, 150 otherwise)")
     p.add_argument("--trials", type=int, default=None, help="trials per method (prevention, default 24) / seeds (max_lr: 3, real_data: 2)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N specs of the grid (quick mode)")
     p.add_argument("--no-features", action="store_true", help="skip the init-time profile (fill later)")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relabelled {relabel_uncapped_kss(out)} KSS rows of {out} as '<method>{UNCAPPED_SUFFIX}'")
         return 0
     if args.grid == "prediction":
-        specs = prediction_grid(args.steps or 100)
+        specs = prediction_grid(args.steps or PREDICTION_STEPS)
     elif args.grid == "prevention":
         specs = prevention_grid(args.steps or 150, args.trials or 24)
     elif args.grid == "max_lr":

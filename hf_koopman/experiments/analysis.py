@@ -19,7 +19,11 @@ __all__ = [
     "SPECTRAL_FEATURES",
     "prediction_table",
     "within_norm_table",
+    "EARLY_WARNING_PREDICTORS",
+    "early_warning_table",
     "fit_and_evaluate_estimators",
+    "key_prediction_numbers",
+    "spectrum_adds_information",
     "prevention_table",
     "max_stable_lr_table",
 ]
@@ -34,7 +38,7 @@ PREDICTORS: tuple[tuple[str, str, str], ...] = (
     ("initial gradient norm", "initial_grad_norm", "after 1 step"),
     ("gradient norm at step 100", "grad_norm_step100", "step 100"),
     ("gradient-norm variance, steps 1-100", "grad_norm_var_1_100", "through step 100"),
-    ("loss-spike count, steps 1-500 (run length)", "loss_spikes_1_500", "through the run"),
+    ("loss-spike count, steps 1-500", "loss_spikes_1_500", "through step 500"),
 )
 GRADIENT_COLUMNS = ("initial_grad_norm", "grad_norm_step100", "grad_norm_var_1_100", "loss_spikes_1_500")
 
@@ -89,6 +93,90 @@ def within_norm_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
             entry[column] = None if math.isnan(a) else a
         out[norm] = entry
     return out
+
+
+# Predictors an observer has by step 100 (init spectrum, log LR, gradient statistics through step 100), for
+# `early_warning_table`. The spike count over 1-100 replaces the paper's 1-500 count, which would overlap the label.
+EARLY_WARNING_PREDICTORS: tuple[tuple[str, str], ...] = (
+    ("log LR", "learning_rate"),
+    ("M≈1 at init (layer mean)", "near_unit_mass_mean"),
+    ("spectral radius ρ (layer max)", "spectral_radius_max"),
+    ("initial gradient norm", "initial_grad_norm"),
+    ("gradient norm at step 100", "grad_norm_step100"),
+    ("gradient-norm variance, steps 1-100", "grad_norm_var_1_100"),
+    ("loss-spike count, steps 1-100", "loss_spikes_1_100"),
+)
+
+
+def early_warning_table(
+    rows: Sequence[Mapping[str, Any]], *, step: int = 100, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """AUROC of predictors available at `step` for divergence *after* `step`, on the runs still stable at `step`.
+
+    In the full table, step-100 gradient features of a run that diverged before step 100 carry its divergent value, so
+    their AUROC mixes detection with prediction. Here runs that diverged at or before `step` are dropped and the label
+    is "diverged in steps `step`+1 .. horizon"; every predictor sees only steps 1..`step` (or initialisation), so the
+    comparison is like for like. Needs rows trained for more than `step` steps. Columns missing from a row (e.g.
+    `loss_spikes_1_100` in tables written before it existed) are reported as `None`, never imputed.
+
+    Returns:
+        `dict` with `n`, `n_diverged`, `n_dropped` (diverged at or before `step`), `step`, and `rows`: a list of
+        `{"predictor", "column", "auroc", "ci"}` (AUROC `None` where undefined: a single outcome or a missing column).
+    """
+    horizon = min((int(r["max_steps"]) for r in rows), default=0)
+    if horizon <= step:
+        raise ValueError(f"early_warning_table needs runs longer than step={step} (shortest run: {horizon} steps).")
+    alive = [r for r in rows if not r["diverged"] or int(r["divergence_step"]) > step]
+    y = _labels(alive)
+    out_rows = []
+    for label, column in EARLY_WARNING_PREDICTORS:
+        if not alive or any(column not in r for r in alive):
+            out_rows.append({"predictor": label, "column": column, "auroc": None, "ci": None})
+            continue
+        s = _scores(alive, column)
+        if np.isnan(s).any() or y.sum() in (0, len(y)):
+            out_rows.append({"predictor": label, "column": column, "auroc": None, "ci": None})
+            continue
+        a, (lo, hi) = bootstrap_auroc(s, y, n_resamples=n_resamples, seed=seed)
+        out_rows.append({"predictor": label, "column": column, "auroc": a, "ci": [lo, hi]})
+    return {"step": step, "n": len(alive), "n_diverged": int(y.sum()), "n_dropped": len(rows) - len(alive),
+            "rows": out_rows}
+
+
+def spectrum_adds_information(results: Mapping[str, Mapping[str, Any]], *, margin: float = 0.01) -> bool:
+    """The report's rule (choice, fixed since session 1): the spectral estimator adds information when its held-out
+    AUROC beats the norm-type + log-LR baseline by more than `margin` *and* the lower end of its 95% CI lies above the
+    log-LR-only AUROC. `results` is the second output of `fit_and_evaluate_estimators`."""
+    spec, lr_only, norm_lr = results["spectral + log LR"], results["log LR only"], results["norm type + log LR"]
+    return bool(spec["auroc"] > norm_lr["auroc"] + margin and spec["auroc_ci"][0] > lr_only["auroc"])
+
+
+def key_prediction_numbers(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The headline prediction numbers of one sweep table, for comparing tables of different horizons: divergences
+    per normalisation, AUROC of M≈1 and of the loss-spike count, the best gradient baseline, and the held-out AUROC /
+    ECE of the spectral estimator and of the log-LR and norm-type + log-LR baselines (fitted on the `train` group)."""
+    table = {t["column"]: t for t in prediction_table(rows, n_resamples=n_resamples, seed=seed)}
+    grads = [table[c] for c in GRADIENT_COLUMNS]
+    best = max(grads, key=lambda t: t["auroc"])
+    by_norm: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        by_norm[r["norm"]][0] += int(bool(r["diverged"]))
+        by_norm[r["norm"]][1] += 1
+    _, res = fit_and_evaluate_estimators(rows, n_resamples=n_resamples, seed=seed)
+    return {
+        "horizon_steps": sorted({int(r["max_steps"]) for r in rows}),
+        "n_runs": len(rows),
+        "n_diverged": int(sum(bool(r["diverged"]) for r in rows)),
+        "diverged_by_norm": {n: list(v) for n, v in sorted(by_norm.items())},
+        "auroc_near_unit_mass": table["near_unit_mass_mean"]["auroc"],
+        "auroc_near_unit_mass_ci": table["near_unit_mass_mean"]["ci"],
+        "auroc_loss_spikes": table["loss_spikes_1_500"]["auroc"],
+        "best_gradient_baseline": {"column": best["column"], "auroc": best["auroc"], "ci": best["ci"]},
+        "heldout": {name: {"auroc": r["auroc"], "auroc_ci": r["auroc_ci"], "ece": r["ece"]} for name, r in res.items()},
+        "spectrum_adds_information": spectrum_adds_information(res),
+        "n_heldout": res["spectral + log LR"]["n_heldout"],
+        "n_heldout_diverged": res["spectral + log LR"]["n_heldout_diverged"],
+    }
 
 
 def _evaluate(probs: np.ndarray, y: np.ndarray, *, n_bins: int, n_resamples: int, seed: int) -> dict[str, Any]:

@@ -102,8 +102,10 @@ def gradient_baselines(losses: Sequence[float], grad_norms: Sequence[float]) -> 
     """The four gradient baselines of Table 2 from per-step histories (steps 1..S).
 
     Returns a dict with `initial_grad_norm` (step 1), `grad_norm_step100`, `grad_norm_var_1_100` (variance over steps
-    1-100) and `loss_spikes_1_500` (see `count_loss_spikes`). Runs that stopped before a step (diverged) carry their
-    last value; non-finite values map to `inf` (ranked highest, so AUROC stays defined).
+    1-100) and `loss_spikes_1_500` (see `count_loss_spikes`), plus `loss_spikes_1_100`, the same count over steps
+    1-100 only (not a paper baseline: it makes the spike count comparable with the other step-100 baselines when
+    predicting divergence after step 100). Runs that stopped before a step (diverged) carry their last value;
+    non-finite values map to `inf` (ranked highest, so AUROC stays defined).
     """
     g = np.asarray(grad_norms, dtype=np.float64)
     window = g[:100]
@@ -116,4 +118,5 @@ def gradient_baselines(losses: Sequence[float], grad_norms: Sequence[float]) -> 
         "grad_norm_step100": _at_step(g, 100),
         "grad_norm_var_1_100": var,
         "loss_spikes_1_500": float(count_loss_spikes(losses, start=1, end=500)),
+        "loss_spikes_1_100": float(count_loss_spikes(losses, start=1, end=100)),
     }

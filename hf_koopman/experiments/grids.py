@@ -10,6 +10,7 @@ from .sweep import RunSpec
 __all__ = [
     "NORMS",
     "PREDICTION_LRS",
+    "PREDICTION_STEPS",
     "TRAIN_ARCHS",
     "HELDOUT_ARCHS",
     "PREVENTION_METHODS",
@@ -28,6 +29,9 @@ __all__ = [
 
 NORMS = ("pre_ln", "post_ln", "rmsnorm", "deepnorm", "subln", "none")
 PREDICTION_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+# Steps per prediction run: the paper counts loss spikes over steps 1-500, so the label horizon covers that window.
+# Session-1/2 tables used 100 steps (results/sweep_prediction_100steps/); run_ids carry the horizon ("-T500-").
+PREDICTION_STEPS = 500
 # (hidden size, layers): the risk estimator is fitted on TRAIN_ARCHS with TRAIN_SEEDS; (48, 3) has an unseen width and
 # an unseen depth, seed 2 is an unseen seed.
 TRAIN_ARCHS = ((32, 2), (32, 4))
@@ -42,14 +46,15 @@ MAX_LR_EXTRA = 0.3  # beyond the prediction grid, to bracket the normalised mode
 
 
 def prediction_grid(
-    steps: int = 100,
+    steps: int = PREDICTION_STEPS,
     *,
     lrs: Sequence[float] = PREDICTION_LRS,
     archs: Sequence[tuple[int, int]] = TRAIN_ARCHS + HELDOUT_ARCHS,
     seeds: Sequence[int] = TRAIN_SEEDS + HELDOUT_SEEDS,
     backend: str = "loop",
 ) -> list[RunSpec]:
-    """Norms x LRs x (width, depth) x seeds, seed-major (a partial sweep covers whole seeds). `group` is `"heldout"`
+    """Norms x LRs x (width, depth) x seeds of `steps` optimizer steps each (default 500, the paper's loss-spike
+    window), seed-major (a partial sweep covers whole seeds). `group` is `"heldout"`
     for an unseen (width, depth) or seed, else `"train"`. Plain AdamW loop by default (no regulariser is involved and
     the `Trainer` doubled the per-run cost on the shared 2-core machine); `backend="trainer"` runs it through
     `KSSTrainer` with alpha = 0."""

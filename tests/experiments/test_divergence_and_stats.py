@@ -53,7 +53,16 @@ def test_gradient_baselines_carry_last_value_and_map_nonfinite_to_inf():
     assert b["grad_norm_var_1_100"] == pytest.approx(np.var(np.arange(1, 101)))
     short = gradient_baselines([1.0, 1.0, float("nan")], [1.0, 2.0, float("nan")])
     assert short["grad_norm_step100"] == math.inf and short["grad_norm_var_1_100"] == math.inf
-    assert short["loss_spikes_1_500"] == 1
+    assert short["loss_spikes_1_500"] == 1 and short["loss_spikes_1_100"] == 1
+
+
+def test_spike_counts_cover_their_windows():
+    # one spike at step 50, one at step 300 (each 3.1 > 1.5 x 2.0), one at step 600 (beyond the paper's 1-500 window)
+    losses = [2.0] * 700
+    for step in (50, 300, 600):
+        losses[step - 1] = 3.1
+    b = gradient_baselines(losses, [1.0] * 700)
+    assert b["loss_spikes_1_100"] == 1 and b["loss_spikes_1_500"] == 2
 
 
 def test_auroc_hand_cases():

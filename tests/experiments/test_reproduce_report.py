@@ -83,3 +83,81 @@ def test_identical_arms(reproduce):
                      "diverged": False, "divergence_step": None})
     got = reproduce._identical_arms(rows, ["kss0.10", "kss0.15", "kss0.20"])
     assert got == {("kss0.10", "kss0.15"): (1, 3), ("kss0.10", "kss0.20"): (3, 3), ("kss0.15", "kss0.20"): (1, 3)}
+
+
+def _pred_row(norm, lr, seed, d, steps, div_step):
+    """A prediction-sweep row: No-Norm has M≈1 = 0.9, the rest 0.2; `div_step` None = stable."""
+    m = 0.9 if norm == "none" else 0.2
+    return {"norm": norm, "learning_rate": lr, "seed": seed, "hidden_size": d, "num_layers": 2, "max_steps": steps,
+            "group": "heldout" if d == 48 or seed == 2 else "train", "diverged": div_step is not None,
+            "divergence_step": div_step, "near_unit_mass_mean": m + 0.01 * seed, "unstable_mass_mean": 1 - m,
+            "near_unit_mass_x_log10_kappa_mean": m, "spectral_radius_max": 2 - m, "eigvec_condition_mean": 10.0 + seed,
+            "initial_grad_norm": 1.0 + seed, "grad_norm_step100": 50.0 if div_step else 1.0,
+            "grad_norm_var_1_100": 1.0, "loss_spikes_1_500": 3.0 if div_step else 0.0, "loss_spikes_1_100": 0.0}
+
+
+def _pred_tables(late_step=300):
+    old, new = [], []
+    for norm in ("none", "pre_ln"):
+        for lr in (0.01, 0.1):
+            for seed in range(3):
+                for d in (32, 48):
+                    early = 40 if norm == "none" and lr == 0.1 else None  # diverges within both horizons
+                    late = late_step if norm == "none" and lr == 0.01 and seed != 1 else None  # only in the long one
+                    old.append(_pred_row(norm, lr, seed, d, 100, early))
+                    new.append(_pred_row(norm, lr, seed, d, 500, early or late))
+    return old, new
+
+
+def test_horizon_comparison_counts_and_consistency(reproduce):
+    old, new = _pred_tables()
+    md: list[str] = []
+    summary: dict = {}
+    reproduce.horizon_comparison_section(old, new, md.append, summary, n_resamples=20)
+    cmp = summary["horizon_comparison"]
+    assert cmp["T100"]["diverged_by_norm"]["none"] == [6, 12] and cmp["T500"]["diverged_by_norm"]["none"] == [10, 12]
+    assert cmp["T100"]["diverged_by_norm"]["pre_ln"] == [0, 12] and cmp["T500"]["n_diverged"] == 10
+    assert cmp["diverged_within_short_horizon_identical"] is True
+    text = "\n".join(md)
+    # middle column: the 500-step runs cut at step 100 (same labels as the 100-step table here)
+    assert "| diverged, none | 6/12 | 6/12 | 10/12 |" in text and "4 more diverged in steps 101-500" in text
+    assert cmp["T500_cut_at_100"]["diverged_by_norm"]["none"] == [6, 12]
+    assert cmp["init_features_changed"]["runs"] == 0
+    new[1] = {**new[1], "near_unit_mass_mean": new[1]["near_unit_mass_mean"] - 0.25}  # a profiler change in one run
+    summary = {}
+    reproduce.horizon_comparison_section(old, new, md.append, summary, n_resamples=20)
+    changed = summary["horizon_comparison"]["init_features_changed"]
+    assert changed["runs"] == 1 and changed["max_abs_delta_near_unit_mass"] == pytest.approx(0.25)
+    # a long-table run that diverged at a different step within the first 100 steps breaks the consistency check
+    bad = [dict(r) for r in new]
+    for r in bad:
+        if r["diverged"] and r["divergence_step"] == 40:
+            r["divergence_step"] = 41
+            break
+    summary = {}
+    reproduce.horizon_comparison_section(old, bad, md.append, summary, n_resamples=20)
+    assert summary["horizon_comparison"]["diverged_within_short_horizon_identical"] is False
+
+
+def test_truncate_rows_relabels_at_step_100(reproduce):
+    _, new = _pred_tables()
+    cut = reproduce.truncate_rows(new, 100)
+    assert sum(r["diverged"] for r in cut) == 6 and {r["max_steps"] for r in cut} == {100}
+    assert all(r["loss_spikes_1_500"] == r["loss_spikes_1_100"] for r in cut)
+    with pytest.raises(ValueError, match="step=100"):
+        reproduce.truncate_rows(new, 200)
+    with pytest.raises(ValueError, match="loss_spikes_1_100"):
+        reproduce.truncate_rows([{k: v for k, v in new[0].items() if k != "loss_spikes_1_100"}], 100)
+
+
+def test_early_warning_section_reports_late_divergences(reproduce):
+    _, new = _pred_tables()
+    md: list[str] = []
+    summary: dict = {}
+    reproduce.early_warning_section(new, md.append, summary)
+    ew = summary["early_warning_step100"]
+    assert (ew["n_dropped"], ew["n"], ew["n_diverged"]) == (6, 18, 4)
+    lr = next(r for r in ew["rows"] if r["column"] == "learning_rate")
+    # the 4 late runs are at LR 0.01, tied with 8 stable runs (1/2 each) and below 6 at LR 0.1: 4 / 14
+    assert lr["auroc"] == pytest.approx(2 / 7)
+    assert "of the remaining 18 runs, 4 diverged later" in "\n".join(md)

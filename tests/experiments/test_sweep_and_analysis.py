@@ -200,6 +200,10 @@ def test_grids_shapes_and_heldout_split():
 
     pred = prediction_grid()
     assert len(pred) == 216 and len({s.run_id for s in pred}) == 216
+    # the default horizon covers the paper's loss-spike window (steps 1-500) and is part of every run_id, so a
+    # 100-step table (results/sweep_prediction_100steps) never resumes into a 500-step one
+    assert {s.max_steps for s in pred} == {500} and all("-T500-" in s.run_id for s in pred)
+    assert not {s.run_id for s in pred} & {s.run_id for s in prediction_grid(100)}
     train = [s for s in pred if s.group == "train"]
     assert len(train) == 96
     assert all((s.hidden_size, s.num_layers) != (48, 3) and s.seed != 2 for s in train)
@@ -216,3 +220,41 @@ def test_grids_shapes_and_heldout_split():
     rep = moe_replication_grid()
     assert len(rep) == 16 and {s.learning_rate for s in rep} == {1.0} and {s.group for s in rep} == {"moe_replication"}
     assert not {s.run_id for s in rep} & {s.run_id for s in moe}  # fresh seeds, no overlap with the main grid
+
+
+def test_early_warning_table_drops_runs_diverged_by_the_step():
+    from hf_koopman.experiments.analysis import early_warning_table
+
+    kw = dict(max_steps=500, loss_spikes_1_100=0.0)
+    rows = [
+        _row("none", 0.1, True, 0.9, divergence_step=40, grad_norm_step100=math.inf, **kw),  # dropped: by step 100
+        _row("none", 0.1, True, 0.9, divergence_step=100, **kw),  # dropped: at step 100
+        _row("none", 0.03, True, 0.9, divergence_step=250, grad_norm_step100=9.0, **kw),  # late divergence
+        _row("none", 0.01, False, 0.9, divergence_step=None, grad_norm_step100=3.0, **kw),
+        _row("pre_ln", 0.1, False, 0.2, divergence_step=None, grad_norm_step100=5.0, **kw),
+        _row("pre_ln", 0.01, False, 0.2, divergence_step=None, grad_norm_step100=1.0, **kw),
+    ]
+    ew = early_warning_table(rows, step=100, n_resamples=20)
+    assert (ew["n"], ew["n_diverged"], ew["n_dropped"]) == (4, 1, 2)
+    t = {r["column"]: r for r in ew["rows"]}
+    assert t["grad_norm_step100"]["auroc"] == 1.0  # 9 > 5 > 3 > 1
+    assert t["learning_rate"]["auroc"] == pytest.approx(2 / 3)  # 0.03 beats 0.01, 0.01, ties nothing, loses to 0.1
+    assert t["near_unit_mass_mean"]["auroc"] == pytest.approx(5 / 6)  # 0.9 vs {0.9 (tie: 1/2), 0.2, 0.2}
+    assert t["loss_spikes_1_100"]["auroc"] == 0.5  # all tied
+    for r in rows:
+        r.pop("loss_spikes_1_100")
+    assert {r["column"]: r for r in early_warning_table(rows, n_resamples=20)["rows"]}["loss_spikes_1_100"]["auroc"] is None
+    with pytest.raises(ValueError, match="longer than step=100"):
+        early_warning_table([{**r, "max_steps": 100} for r in rows])
+
+
+def test_spectrum_adds_information_rule():
+    from hf_koopman.experiments.analysis import spectrum_adds_information
+
+    def res(spec, ci_lo, lr, norm_lr):
+        return {"spectral + log LR": {"auroc": spec, "auroc_ci": [ci_lo, 1.0]}, "log LR only": {"auroc": lr},
+                "norm type + log LR": {"auroc": norm_lr}}
+
+    assert spectrum_adds_information(res(0.95, 0.90, 0.70, 0.85))
+    assert not spectrum_adds_information(res(0.95, 0.90, 0.70, 0.945))  # within the 0.01 margin of norm + LR
+    assert not spectrum_adds_information(res(0.95, 0.65, 0.70, 0.80))  # CI reaches below LR alone
