@@ -2,21 +2,28 @@
 
 1. Full Reynolds operator (literal sum over n! permutations) vs the reductive operator over the graph design
    (n(n−1) ordered pairs) at n = 4..8: time per call, speed-up and max |difference| (float64).
-2. One ReyNet layer vs one IEGN layer (Maron et al.'s 15-op basis) at n = 32, 64, 128: forward+backward time and
-   activation memory saved for backward (bytes of the tensors autograd keeps, counted with
-   `torch.autograd.graph.saved_tensors_hooks`; on CUDA also the allocator's peak).
+2. One ReyNet layer vs one IEGN layer (Maron et al.'s 15-op basis) at n = 32, 64, 128: forward+backward CPU time
+   and activation memory saved for backward (bytes of the tensors autograd keeps, counted with
+   `torch.autograd.graph.saved_tensors_hooks`, plus the inputs a checkpointed layer keeps for its recomputation).
+   Contenders: the ReyNet layer as the model runs it, the same layer with activation checkpointing, the session-2
+   ReyNet code path (same numerics, kept here as the before/after reference), the depthwise-φ ReyNet layer, and three
+   IEGN implementations: the materialised 15-op basis, the factorised channel-first layer, and the channel-last GEMM
+   path the model uses (the strongest baseline).
 
 3. With `--data-dir`: CPU seconds of one training epoch per TU dataset for ReyNet, IEGN as the model runs it
    (channel-last) and IEGN through the channel-first layer (session 1).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_reynet.py [--quick] [--data-dir DIR] [--out results/reynet_benchmark.txt]
 
-Timings are the minimum over repeats (the CPU is shared, so minima are the least noisy statistic).
+Timings are CPU seconds of this process (`time.process_time`, run with OMP_NUM_THREADS=1 so CPU time is the work of
+one thread), minimum over repeats: on a shared machine wall-clock time also counts the other processes' time slices,
+CPU time much less so. The load average is printed with the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -28,11 +35,12 @@ from hf_koopman.models.reynet.modeling_reynet import ReyNetReynoldsBlock, _pair_
 
 
 def _time(fn, repeats: int) -> float:
+    """Minimum CPU seconds of `fn()` over `repeats` calls."""
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
@@ -78,17 +86,51 @@ class _IEGNLayerChannelsLast(nn.Module):
         return torch.relu(self.linear.forward_channels_last(X.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
 
+class _SessionTwoBlock(ReyNetReynoldsBlock):
+    """The session-2 code path of the joint-φ block (before profiling), same numerics: five full-size tensors for φ's
+    first layer, the full `h -> 2C'` last layer, a masked copy for the diagonal and `diagonal_scatter`."""
+
+    def reynolds(self, h, pair, node, count):
+        first = self.phi[0]
+        W = first.weight.reshape(first.out_features, -1, 4)
+        d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)
+        pre = h @ W[:, :, 1].T + (h @ W[:, :, 2].T).transpose(1, 2)
+        pre = pre + (d @ W[:, :, 0].T)[:, :, None, :] + (d @ W[:, :, 3].T)[:, None, :, :]
+        out = self.phi[1:](pre + first.bias)
+        diag_part, off_part = out[..., : self.rey_channels], out[..., self.rey_channels :]
+        if node is None:
+            diag_sum = diag_part.sum(dim=2) - diag_part.diagonal(dim1=1, dim2=2).transpose(1, 2)
+        else:
+            diag_sum = torch.where(pair[..., None], diag_part, torch.zeros((), dtype=out.dtype)).sum(dim=2)
+        diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]
+        return torch.diagonal_scatter(off_part, diag.transpose(1, 2), dim1=1, dim2=2)
+
+
 class _ReyNetLayer(nn.Module):
-    def __init__(self, c: int, phi_mode: str, hidden: int) -> None:
+    def __init__(self, c: int, phi_mode: str, hidden: int, checkpointed: bool = False, session2: bool = False) -> None:
         super().__init__()
         cfg = ReyNetConfig(in_channels=c, phi_mode=phi_mode, phi_hidden_sizes=[hidden], reynolds_channels=c,
                            channel_hidden_sizes=[c], skip_connection=False)
-        self.block = ReyNetReynoldsBlock(cfg, c)
+        self.block = (_SessionTwoBlock if session2 else ReyNetReynoldsBlock)(cfg, c)
+        if checkpointed:  # what `model.activation_checkpointing_enable()` does to every block
+            from functools import partial
+
+            from torch.utils.checkpoint import checkpoint
+
+            self.block.gradient_checkpointing = True
+            self.block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        self.checkpointed = checkpointed
+        self.kept_inputs: list[torch.Tensor] = []
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         B, _, n, _ = X.shape
-        node, pair, count = _pair_masks(None, B, n, X.device)
-        return self.block(X.permute(0, 2, 3, 1), pair, node, count).permute(0, 3, 1, 2)
+        _, pair, count = _pair_masks(None, B, n, X.device)
+        h = X.permute(0, 2, 3, 1)
+        # a checkpointed layer keeps its inputs (not through the saved-tensor hooks): count them as saved
+        self.kept_inputs = [h, pair, count] if self.checkpointed else []
+        # node=None: no padding, as `ReyNetModel` calls its blocks for a batch of equal-size graphs (the IEGN
+        # contenders get no mask either)
+        return self.block(h, pair, None, count).permute(0, 3, 1, 2)
 
 
 def _saved_bytes(layer: nn.Module, X: torch.Tensor) -> int:
@@ -101,6 +143,8 @@ def _saved_bytes(layer: nn.Module, X: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(X).sum()
+    for t in getattr(layer, "kept_inputs", []):
+        pack(t)
     return sum(seen.values())
 
 
@@ -109,6 +153,8 @@ def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, re
     device = "cuda" if torch.cuda.is_available() else "cpu"
     contenders = {
         "ReyNet (joint φ, h=32)": _ReyNetLayer(channels, "joint", 32),
+        "ReyNet (joint, checkpointed)": _ReyNetLayer(channels, "joint", 32, checkpointed=True),
+        "ReyNet (joint, session 2)": _ReyNetLayer(channels, "joint", 32, session2=True),
         "ReyNet (depthwise φ, h=16)": _ReyNetLayer(channels, "depthwise", 16),
         "IEGN (15 ops materialised)": _IEGNLayer(channels, factorized=False),
         "IEGN (factorised)": _IEGNLayer(channels, factorized=True),
@@ -116,14 +162,21 @@ def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, re
     }
     lines.append("")
     lines.append(f"## one equivariant layer, C_in = C_out = {channels}, batch {batch}, forward+backward, {device}")
+    for name, m in list(contenders.items())[1:3]:  # same parameters and outputs as the first contender
+        m.load_state_dict(contenders["ReyNet (joint φ, h=32)"].state_dict())
     params = "  ".join(f"{name}: {sum(p.numel() for p in m.parameters())} params" for name, m in contenders.items())
     lines.append(params)
     header = f"{'n':>4} " + " ".join(f"{name:>30}" for name in contenders)
     lines.append("time [ms]")
     lines.append(header)
     mem_rows, ratios = [], []
+    names = list(contenders)
     for n in sizes:
         X = torch.randn(batch, channels, n, n, device=device, requires_grad=True)
+        reference = contenders[names[0]](X)
+        for name in names[1:3]:
+            if not torch.allclose(contenders[name](X), reference, rtol=1e-5, atol=1e-6):
+                raise RuntimeError(f"{name} does not reproduce the ReyNet layer's output")
         times, mems = [], []
         for layer in contenders.values():
             layer.to(device)
@@ -139,15 +192,19 @@ def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, re
             mems.append(_saved_bytes(layer, X))
         lines.append(f"{n:>4} " + " ".join(f"{1e3 * t:>30.1f}" for t in times))
         mem_rows.append(f"{n:>4} " + " ".join(f"{m / 2**20:>30.1f}" for m in mems))
-        ratios.append(
-            f"{n:>4}   vs IEGN (15 ops): time {times[2] / times[0]:.2f}x, memory {mems[2] / mems[0]:.2f}x"
-            f"   |   vs IEGN (factorised): time {times[3] / times[0]:.2f}x, memory {mems[3] / mems[0]:.2f}x"
-            f"   |   vs IEGN (channel-last): time {times[4] / times[0]:.2f}x, memory {mems[4] / mems[0]:.2f}x"
-        )
+        t, m = dict(zip(names, times)), dict(zip(names, mems))
+        for rey in names[:2]:
+            ratios.append(
+                f"{n:>4} {rey:<28}"
+                + "".join(f" | vs {iegn[6:-1]}: time {t[iegn] / t[rey]:.2f}x, memory {m[iegn] / m[rey]:.2f}x"
+                          for iegn in names[4:])
+            )
+        ratios.append(f"{n:>4} session-2 / current ReyNet layer: time {t[names[2]] / t[names[0]]:.2f}x, "
+                      f"memory {m[names[2]] / m[names[0]]:.2f}x")
     lines.append("activation memory saved for backward [MiB]")
     lines.append(header)
     lines.extend(mem_rows)
-    lines.append("IEGN / ReyNet (joint φ) ratios (> 1: ReyNet is faster / uses less memory)")
+    lines.append("IEGN / ReyNet ratios (> 1: ReyNet is faster / uses less memory)")
     lines.extend(ratios)
 
 
@@ -201,12 +258,14 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="with graphs/<NAME>/: also time one training epoch per dataset")
     p.add_argument("--datasets", default="MUTAG,PROTEINS,NCI109")
     args = p.parse_args()
-    lines: list[str] = []
+    lines: list[str] = [f"# load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+                         f"on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"]
     bench_operator([4, 5, 6] if args.quick else [4, 5, 6, 7, 8], lines)
     bench_layers([16, 32] if args.quick else [32, 64, 128], lines)
     if args.data_dir:
         for name in (["MUTAG"] if args.quick else args.datasets.split(",")):
             bench_epoch(args.data_dir, name, lines)
+    lines.append(f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -14,6 +14,9 @@ Stages (run separately so they can run in parallel, or `all`):
     python scripts/train_reynet.py checkpoint --checkpoint-dataset MUTAG
     # merge into results/reynet_summary.json + tables + plots
     python scripts/train_reynet.py summary
+    # after a numerics-preserving code change: ship the current remote code in every committed checkpoint (weights,
+    # config and card untouched; each checkpoint must load strictly and run first)
+    python scripts/train_reynet.py refresh-code
     # CI smoke test (seconds): everything tiny, into a scratch folder
     python scripts/train_reynet.py all --quick --output-dir /tmp/reynet --checkpoint-dir /tmp/reynet/ckpt
 
@@ -41,7 +44,7 @@ PUBLISHED_IEGN = {"MUTAG": (84.61, 10.0), "PROTEINS": (75.19, 4.3), "NCI109": (7
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["synthetic", "graphs", "checkpoint", "summary", "all"])
+    p.add_argument("stage", choices=["synthetic", "graphs", "checkpoint", "summary", "refresh-code", "all"])
     p.add_argument("--output-dir", default=str(REPO_ROOT / "results"))
     p.add_argument("--checkpoint-dir", default=str(REPO_ROOT / "checkpoints"))
     p.add_argument("--data-dir", default=None, help="folder with graphs/<NAME>/<NAME>.txt (default: $HF_KOOPMAN_DATA)")
@@ -392,6 +395,36 @@ def run_graph_checkpoint(args) -> None:
     )
 
 
+def run_refresh_code(args) -> list[Path]:
+    """Copy the package's remote-code files into every `reynet-*` checkpoint folder (as `save_for_hub` does), after
+    checking that the folder loads with exactly its stored keys and gives finite outputs with the current code."""
+    import shutil
+
+    import torch
+
+    import hf_koopman.models.reynet as reynet
+    from transformers import AutoConfig
+
+    code_dir = Path(reynet.__file__).parent
+    done = []
+    for folder in sorted(Path(args.checkpoint_dir).glob("reynet-*")):
+        config = AutoConfig.from_pretrained(folder)
+        cls = getattr(reynet, config.architectures[0])
+        model, info = cls.from_pretrained(folder, output_loading_info=True)
+        if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+            raise ValueError(f"{folder.name} does not load cleanly with the current code: {info}")
+        with torch.no_grad():
+            out = model.eval()(torch.rand(2, config.in_channels, 6, 6)).logits
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"{folder.name}: non-finite outputs with the current code")
+        for src in sorted(code_dir.glob("*.py")):
+            if src.name != "__init__.py":
+                shutil.copyfile(src, folder / src.name)
+        done.append(folder)
+        logger.info("refreshed the remote code of %s", folder)
+    return done
+
+
 def graph_table(res: dict) -> str:
     """Last-epoch accuracy (the headline number, no selection on test folds) and the best common epoch."""
     lines = [
@@ -610,6 +643,8 @@ def main(argv: list[str] | None = None) -> None:
         run_graph_checkpoint(args)
     if args.stage in ("summary", "all"):
         run_summary(args)
+    if args.stage == "refresh-code":
+        run_refresh_code(args)
 
 
 if __name__ == "__main__":

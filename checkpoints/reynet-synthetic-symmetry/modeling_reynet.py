@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_reynet import ReyNetConfig
@@ -111,8 +112,11 @@ def _pair_masks(node_mask: torch.Tensor | None, B: int, n: int, device) -> tuple
     return node, pair, node.sum(dim=1)
 
 
-class ReyNetReynoldsBlock(nn.Module):
+class ReyNetReynoldsBlock(GradientCheckpointingLayer):
     """Reductive Reynolds operator on a pair MLP φ (+ skip and channel MLP): `(B, n, n, C_in)` -> `(B, n, n, C_out)`.
+
+    With `model.activation_checkpointing_enable()` a training forward keeps only the block input for backward and
+    recomputes the rest (less activation memory, about one extra forward of time).
 
     Y[a,b] = φ₁(block(a,b)) for a ≠ b; Y[a,a] = 1/(n_real−1) Σ_{real b≠a} φ₀(block(a,b)) (the paper's normalisation,
     with n the number of real nodes of each graph; a graph with one node gets Y[a,a] = 0).
@@ -140,15 +144,18 @@ class ReyNetReynoldsBlock(nn.Module):
         """φ's first linear layer on every pair block without materialising the `(B, n, n, 4C)` blocks.
 
         The weight columns for `[X[a,a], X[a,b], X[b,a], X[b,b]]` act separately, so
-        `W·block(a,b) = W₀ d[a] + W₁ X[a,b] + W₂ X[b,a] + W₃ d[b]`: half the multiply-adds and no block tensor
-        (same result as `self.phi[0](pair_blocks(...))`).
+        `W·block(a,b) + bias = W₁ X[a,b] + W₂ X[b,a] + (W₀ d[a] + bias) + W₃ d[b]`: two `(B, n, n, C) @ (C, h)` GEMMs
+        plus O(n) per-node terms, no block tensor (same result as `self.phi[0](pair_blocks(...))`). The three
+        full-size additions are in place on the first GEMM's output (autograd keeps no full-size tensor of a sum), so
+        one `(B, n, n, h)` buffer is allocated instead of five.
         """
         first = self.phi[0]
         W = first.weight.reshape(first.out_features, -1, 4)  # (h, C, 4): channel-major block layout
         d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C)
-        pre = h @ W[:, :, 1].T + (h @ W[:, :, 2].T).transpose(1, 2)  # X[a,b] and X[b,a] terms, (B, n, n, h)
-        pre = pre + (d @ W[:, :, 0].T)[:, :, None, :] + (d @ W[:, :, 3].T)[:, None, :, :]
-        return pre + first.bias
+        pre = h @ W[:, :, 1].T  # X[a,b] term, (B, n, n, h)
+        pre.add_((h @ W[:, :, 2].T).transpose(1, 2))  # X[b,a] term
+        pre.add_(torch.addmm(first.bias, d.reshape(-1, d.shape[-1]), W[:, :, 0].T).reshape(*d.shape[:2], 1, -1))
+        return pre.add_((d @ W[:, :, 3].T)[:, None, :, :])
 
     def reynolds(
         self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
@@ -160,12 +167,14 @@ class ReyNetReynoldsBlock(nn.Module):
         (finite, since padded inputs are zero) and zeroed by [`forward`].
         """
         B, n, _, C = h.shape
+        if not self.depthwise and len(self.phi) > 1:
+            return self._reynolds_joint(h, pair, node, count)
         if self.depthwise:
             blocks = pair_blocks(h.permute(0, 3, 1, 2))  # (B, n, n, 4C), channel-major
             out = self.phi(blocks.reshape(B, n, n, C, 4))  # (B, n, n, C, 2)
             diag_part, off_part = out[..., 0], out[..., 1]
-        else:
-            out = self.phi[1:](self._first_linear_joint(h))
+        else:  # φ is a single linear layer
+            out = self._first_linear_joint(h)
             diag_part, off_part = out[..., : self.rey_channels], out[..., self.rey_channels :]
         if node is None:  # Σ_{b≠a} φ₀ = Σ_b φ₀ − φ₀(a, a)
             diag_sum = diag_part.sum(dim=2) - diag_part.diagonal(dim1=1, dim2=2).transpose(1, 2)
@@ -175,6 +184,36 @@ class ReyNetReynoldsBlock(nn.Module):
         diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]  # (B, n, C')
         # off-diagonal entries are φ₁ itself; only its diagonal is replaced (one copy instead of mask + add)
         return torch.diagonal_scatter(off_part, diag.transpose(1, 2), dim1=1, dim2=2)
+
+    def _reynolds_joint(
+        self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
+    ) -> torch.Tensor:
+        """Joint φ with hidden layers, `(B, n, n, C)` -> `(B, n, n, C')`, same maps as the generic path.
+
+        φ's last layer is linear, so the diagonal output commutes with the sum over partners:
+        `Σ_{b≠a} (W_d z[a,b] + b_d) = W_d (Σ_{b≠a} z[a,b]) + (#b) b_d`, with z the last hidden activation. The full-size
+        GEMM therefore only produces the C' off-diagonal features (half of φ's last layer), the diagonal costs an O(n·h)
+        sum plus a `(B·n, h) @ (h, C')` GEMM, and the diagonal of the off-diagonal output is overwritten in place.
+        """
+        c_out = self.rey_channels
+        pre = self._first_linear_joint(h)  # a fresh buffer that nothing else references
+        act = self.phi[1]
+        # ReLU in place saves a full-size buffer (its backward only needs the output); other activations as modules
+        z = torch.relu_(pre) if type(act) is nn.ReLU else act(pre)
+        z = self.phi[2:-1](z)  # further hidden layers, if any: (B, n, n, h_last)
+        last = self.phi[-1]
+        if node is None:  # Σ_{b≠a} z = Σ_b z − z(a, a); n − 1 partners each
+            z_sum = z.sum(dim=2) - z.diagonal(dim1=1, dim2=2).transpose(1, 2)
+            partners = (count - 1).to(h.dtype)[:, None, None]  # (B, 1, 1)
+        else:  # masked row sums as one batched (1, n) @ (n, h) product per node: no full-size masked copy
+            pm = pair.to(z.dtype)  # (B, n, n): real b ≠ a
+            z_sum = (pm[:, :, None, :] @ z).squeeze(2)  # (B, n, h)
+            partners = pm.sum(dim=2, keepdim=True)  # (B, n, 1); 0 for padded a
+        diag_sum = z_sum @ last.weight[:c_out].T + partners * last.bias[:c_out]  # (B, n, C')
+        diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]
+        out = nn.functional.linear(z, last.weight[c_out:], last.bias[c_out:])  # φ₁, (B, n, n, C')
+        out.diagonal(dim1=1, dim2=2).copy_(diag.transpose(1, 2))  # linear's backward does not need its output
+        return out
 
     def forward(
         self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
@@ -186,7 +225,7 @@ class ReyNetReynoldsBlock(nn.Module):
         return _zero_padding(y, node)
 
 
-class ReyNetIEGNBlock(nn.Module):
+class ReyNetIEGNBlock(GradientCheckpointingLayer):
     """Maron et al.'s linear equivariant layer + activation (the baseline): `(B, n, n, C_in)` -> `(B, n, n, C_out)`."""
 
     def __init__(self, config: ReyNetConfig, in_channels: int, out_channels: int) -> None:
@@ -241,6 +280,7 @@ class ReyNetPreTrainedModel(PreTrainedModel):
     main_input_name = "graph_tensor"
     accepts_loss_kwargs = False  # our losses are per-batch means
     _no_split_modules = ["ReyNetReynoldsBlock", "ReyNetIEGNBlock"]
+    supports_gradient_checkpointing = True  # per block (`GradientCheckpointingLayer`), non-reentrant by default
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -213,3 +213,103 @@ def test_auto_map_is_complete():
         targets.add(getattr(importlib.import_module(f"hf_koopman.models.reynet.{module}"), cls))
     assert {ReyNetConfig, ReyNetModel, ReyNetForGraphClassification, ReyNetForEquivariantRegression,
             ReyNetForInvariantRegression} <= targets
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the optimised joint-φ layer computes the literal definition (values and gradients); checkpoints keep loading
+# ----------------------------------------------------------------------------------------------------------------------
+def _literal_reynolds(block, h, pair, node, count):
+    """The block's Reynolds part by definition: φ on every materialised 2×2 pair block, masked mean on the diagonal."""
+    from hf_koopman.models.reynet import pair_blocks
+
+    c = block.rey_channels
+    out = block.phi(pair_blocks(h.permute(0, 3, 1, 2)))  # (B, n, n, 2C')
+    diag_part, off_part = out[..., :c], out[..., c:]
+    diag = torch.where(pair[..., None], diag_part, 0.0).sum(dim=2) / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]
+    return torch.diagonal_scatter(off_part, diag.transpose(1, 2), dim1=1, dim2=2)
+
+
+def _outputs_and_grads(model, X, mask):
+    model.zero_grad(set_to_none=True)
+    X = X.clone().requires_grad_(True)
+    out = model(X, node_mask=mask).logits
+    (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    return out.detach(), X.grad, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("act,hidden", [("relu", [7]), ("gelu", [5, 4]), ("relu", [])])
+@pytest.mark.parametrize("masked", [False, True])
+def test_optimised_joint_layer_equals_literal_definition(act, hidden, masked, monkeypatch):
+    """Values and all gradients equal the literal φ-on-every-block computation to 1e-6 relative in float64."""
+    from hf_koopman.models.reynet.modeling_reynet import ReyNetReynoldsBlock
+
+    cfg = ReyNetConfig(**{**TINY, "phi_mode": "joint", "hidden_act": act, "phi_hidden_sizes": hidden,
+                          "num_reynolds_layers": 2})
+    torch.manual_seed(0)
+    model = ReyNetForEquivariantRegression(cfg).double()
+    with torch.no_grad():  # non-zero biases, so the bias terms of the diagonal sum are exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.bias.normal_()
+    X, mask = _batch(n=7)
+    mask = mask if masked else None
+    fast = _outputs_and_grads(model, X, mask)
+    monkeypatch.setattr(ReyNetReynoldsBlock, "reynolds", _literal_reynolds)
+    slow = _outputs_and_grads(model, X, mask)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-6, atol=1e-12)
+    assert fast[2].keys() == slow[2].keys()
+    for k in fast[2]:
+        torch.testing.assert_close(fast[2][k], slow[2][k], rtol=1e-6, atol=1e-12, msg=k)
+
+
+def test_gradient_checkpointing_same_gradients_less_saved_memory():
+    model = ReyNetForGraphClassification(ReyNetConfig(**{**TINY, "phi_mode": "joint"})).double().train()
+    X, mask = _batch(n=7)
+    labels = torch.tensor([0, 1, 2])
+
+    def run():
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(X, node_mask=mask, labels=labels).loss
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}, sum(saved.values())
+
+    plain, plain_bytes = run()
+    assert model.supports_gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert all(b.gradient_checkpointing for b in model.reynet.blocks)
+    ckpt, ckpt_bytes = run()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert ckpt_bytes < plain_bytes
+
+
+def test_committed_graph_checkpoint_keys_and_outputs(monkeypatch):
+    """The committed checkpoints load with exactly their stored keys, and the optimised layer reproduces the literal
+    computation on them."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from hf_koopman.models.reynet.modeling_reynet import ReyNetReynoldsBlock
+
+    folder = Path(__file__).resolve().parents[3] / "checkpoints" / "reynet-mutag"
+    if not folder.is_dir():
+        pytest.skip("no committed MUTAG checkpoint")
+    model, info = ReyNetForGraphClassification.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+    model = model.double().eval()
+    X, mask = _batch(n=7)
+    X = torch.cat((X, torch.rand(3, model.config.in_channels - 3, 7, 7, dtype=torch.float64)), dim=1)
+    fast = model(X, node_mask=mask).logits
+    monkeypatch.setattr(ReyNetReynoldsBlock, "reynolds", _literal_reynolds)
+    torch.testing.assert_close(fast, model(X, node_mask=mask).logits, rtol=1e-6, atol=1e-12)
