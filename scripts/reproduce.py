@@ -280,9 +280,8 @@ records `objective_loss_max` and `diverged_on_objective` beside the label. Sessi
 the gradient norm or never passed 50 keep their label (L_KSS ≥ 0, so the task-loss label is the same); those that
 tripped on the objective's loss were re-run with the task-loss label.
 Init-time spectra come from `hf_koopman.profile` (whitened DMD, N = 2048 token states from 32 training sequences,
-randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short ({pred_steps} steps for the
-prediction sweep, 100 for max-LR, 150 for prevention, real data and MoE): "diverged" means "diverged within that
-horizon". Runtime: table at the end.
+randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short ({horizons}): "diverged"
+means "diverged within that horizon". Runtime: table at the end.
 
 **KSS, capped and paper-literal.** `KSSTrainer` now caps the gradient of α·L_KSS at `kss_max_grad_ratio` = 0.5 × the
 task-loss gradient norm on KSS steps (the loss value is unchanged; `results/kss_gradient_scale.md` has the diagnosis:
@@ -307,7 +306,7 @@ NOTES = """## What this does and does not show
   Any feature that separates No-Norm from the rest, including the normalisation label itself, gets the same AUROC.
 * **The estimator's small ECE is partly a base-rate effect**: most held-out runs are clearly stable and predicted near
   0; the few mid-probability bins (a handful of No-Norm runs each) are under-predicted, see the reliability diagram.
-  Its shipped JSON records the held-out numbers and the regime it was fitted on (d 32-48, L 2-4, 100 steps);
+  Its shipped JSON records the held-out numbers and the regime it was fitted on (d 32-48, L 2-4, 500 steps);
   elsewhere it extrapolates (inputs are clipped to the training range, so it never returns more extreme values).
 * **Within a normalisation the init spectrum cannot rank learning rates**: it does not depend on the LR, so
   within-norm AUROCs of spectral features only reflect width/depth/seed variation; log LR is the informative input
@@ -334,14 +333,27 @@ NOTES = """## What this does and does not show
 * ρ's AUROC far below 0.5 means it is strongly *inversely* related to divergence: No-Norm has ρ ≈ 1 at init and the
   normalised models ρ ≈ 1.5-2.5 (the paper's Table 1 shows the same ordering, ρ 1.11 vs 2.29), so the paper's 0.845
   must come from the reversed orientation.
-* Associative-recall accuracy stays at chance (1/128 ≈ 0.8%) within 100-150 steps at this width, so accuracy columns
-  of the prevention table carry no information; the paper's 28.5-48.2% are after 5-20 epochs.
+* Associative-recall accuracy stays at chance (1/128 ≈ 0.8%) within 100-500 steps at this width (the 500-step
+  prediction runs included), so accuracy columns of the prevention table carry no information; the paper's
+  28.5-48.2% are after 5-20 epochs.
 * Wall-clock overheads measured inside the sweeps are unreliable (5-18 concurrent jobs on 2 cores, and the capped
   arms ran in a different session from the control); the side-by-side measurement at the end is the better number,
   but it is noisy too: four session-1 builds of this report measured -1.3%, +1.0%, +2.0% and +13.0% for the uncapped
   KSS (KSS runs on 1 step in 10; the cap adds two backward passes on those steps). The dedicated benchmark is
   `benchmarks/bench_kss.py` (`results/bench_kss_cpu.json`, training owner).
 """
+
+def _horizons(root: Path) -> str:
+    """"500 steps for the prediction sweep, 100 for max-LR, ..." from the tables under `root`."""
+    names = {"sweep_prediction": "the prediction sweep", "sweep_prediction_100steps": "the session-1/2 prediction table",
+             "sweep_prevention": "prevention", "sweep_max_lr": "max-LR", "sweep_real": "real data", "sweep_moe": "MoE"}
+    parts = []
+    for d, name in names.items():
+        steps = sorted({int(r["max_steps"]) for r in read_rows(root / d / "runs.jsonl")})
+        if steps:
+            parts.append(f"{'/'.join(map(str, steps))}{' steps' if not parts else ''} for {name}")
+    return ", ".join(parts) or "no tables"
+
 
 def _identical_arms(rows, methods: list[str]) -> dict[tuple[str, str], tuple[int, int]]:
     """For each pair of `methods`: (trials whose final loss, label and divergence step are identical, paired trials),
@@ -998,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     (root / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float) + "\n")
     window = out["summary"].get("loss_spike_window", {})
     header = HEADER.format(
-        quick_flag=" --quick" if args.quick else "", root=root, pred_steps=window.get("horizon_steps", "?"),
+        quick_flag=" --quick" if args.quick else "", root=root, horizons=_horizons(root),
         spike_window=f"steps 1-{window.get('steps', [1, '?'])[1]} here",
     )
     (root / "RESULTS.md").write_text(header + "\n" + out["markdown"] + "\n" + NOTES)

@@ -161,3 +161,13 @@ def test_early_warning_section_reports_late_divergences(reproduce):
     # the 4 late runs are at LR 0.01, tied with 8 stable runs (1/2 each) and below 6 at LR 0.1: 4 / 14
     assert lr["auroc"] == pytest.approx(2 / 7)
     assert "of the remaining 18 runs, 4 diverged later" in "\n".join(md)
+
+
+def test_horizons_sentence_reads_the_tables(reproduce, tmp_path):
+    import json
+
+    for d, steps in (("sweep_prediction", 500), ("sweep_max_lr", 100)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "runs.jsonl").write_text(json.dumps({"run_id": d, "max_steps": steps}) + "\n")
+    assert reproduce._horizons(tmp_path) == "500 steps for the prediction sweep, 100 for max-LR"
+    assert reproduce._horizons(tmp_path / "missing") == "no tables"
