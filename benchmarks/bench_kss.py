@@ -142,7 +142,8 @@ def breakdown(trainer: KSSTrainer, batch: dict[str, torch.Tensor], plain_cpu: fl
                 grad_calls.append((time.perf_counter() - wall, time.process_time() - cpu))
 
         trainer.state.global_step = 0
-        with watch.patched(trainer, "_kss_term", "dmd"), watch.patched(trainer, "_capped_loss", "cap"):
+        with watch.patched(trainer, "_kss_term", "dmd"), watch.patched(trainer, "_capped_loss", "cap"), \
+                watch.patched(trainer, "_activation_capped_loss", "cap"):
             torch.autograd.grad = grad
             try:
                 wall, cpu = one_step(trainer, batch)
@@ -151,22 +152,31 @@ def breakdown(trainer: KSSTrainer, batch: dict[str, torch.Tensor], plain_cpu: fl
         row = {"step_wall": wall, "step_cpu": cpu}
         for name, (w, c) in watch.totals.items():
             row[f"{name}_wall"], row[f"{name}_cpu"] = w, c
-        for label, (w, c) in zip(("cap_kss_grad", "cap_task_grad"), grad_calls):  # the order of `_capped_loss`
+        # the order of `_capped_loss`; the activation cap makes one autograd.grad call (KSS gradient w.r.t. the states)
+        labels = ("cap_kss_grad", "cap_task_grad") if trainer.kss_config.grad_cap == "parameters" else ("cap_kss_grad",)
+        for label, (w, c) in zip(labels, grad_calls):
             row[f"{label}_wall"], row[f"{label}_cpu"] = w, c
         rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     # the same KSS step (i) without the gradient cap (max_grad_ratio=None) and (ii) with the cap computed the
     # session-1 way (task + scaled term through a third, ordinary backward pass): what each part costs the user
     variants = {}
-    ratio = trainer.kss_config.max_grad_ratio
-    for label, setup in (("uncapped", lambda: setattr(trainer.kss_config, "max_grad_ratio", None)),
-                         ("three_pass", lambda: setattr(trainer, "_kss_fast_cap", False))):
-        setup()
+    ratio, cap = trainer.kss_config.max_grad_ratio, trainer.kss_config.grad_cap
+    setups = {
+        "uncapped": {"max_grad_ratio": None},
+        "activation_cap": {"grad_cap": "activations"},
+        "parameter_cap": {"grad_cap": "parameters"},
+        "three_pass": {"grad_cap": "parameters", "fast": False},
+    }
+    for label, setup in setups.items():
+        trainer.kss_config.max_grad_ratio = setup.get("max_grad_ratio", ratio)
+        trainer.kss_config.grad_cap = setup.get("grad_cap", cap)
+        trainer._kss_fast_cap = setup.get("fast", True)
         variants[label] = []
         for _ in range(n):
             trainer.state.global_step = 0
             variants[label].append(one_step(trainer, batch))
-        trainer.kss_config.max_grad_ratio = ratio
+        trainer.kss_config.max_grad_ratio, trainer.kss_config.grad_cap = ratio, cap
         trainer._kss_fast_cap = True
         med[f"{label}_step_wall"] = statistics.median(w for w, _ in variants[label])
         med[f"{label}_step_cpu"] = statistics.median(c for _, c in variants[label])
@@ -196,9 +206,9 @@ def write_report(path: str, inputs: list[str]) -> None:
         "same period) / (10 x that median). CPU time (`time.process_time`) is the load-robust clock on a shared CPU;",
         "on a GPU only wall time means anything. Paper: 8-12 %. Target: <= 5 %.",
         "",
-        "| file | device | rounds | load avg before / after | plain step | KSS step | period ratio (CPU) | "
+        "| file | device | cap | rounds | load avg before / after | plain step | KSS step | period ratio (CPU) | "
         "period ratio (wall) | paired (CPU) | paired (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs:
         gpu = "cuda" in r["device"].lower() or "nvidia" in r["device"].lower() or "h100" in r["device"].lower()
@@ -206,7 +216,8 @@ def write_report(path: str, inputs: list[str]) -> None:
         device = r["device"] + (" bf16" if r.get("bf16") else "") + (f", {r['threads']} thread(s)" if not gpu else "")
         device += f", torch {r.get('torch', '?')}"
         lines.append(
-            f"| {name} | {device} | {r['repeats']} | {r['load_average_before'][0]:.1f} / "
+            f"| {name} | {device} | {r['kss'].get('grad_cap', 'parameters')} | {r['repeats']} | "
+            f"{r['load_average_before'][0]:.1f} / "
             f"{r['load_average_after'][0]:.1f} | {r[f'plain_step_{clock}']['median']:.3f} s {clock} | "
             f"{r[f'kss_step_{clock}']['median']:.3f} s {clock} | {_pct(r['period_ratio_cpu'])} | "
             f"{_pct(r['period_ratio_wall'])} | {_pct(r['paired_cpu'])} | {_pct(r['paired_wall'])} |"
@@ -224,15 +235,19 @@ def write_report(path: str, inputs: list[str]) -> None:
         "",
         "## Where a KSS step's extra time goes (`--breakdown`)",
         "",
-        "Same trainer, same batch, median over the breakdown steps. *Cap passes* are the two `torch.autograd.grad`",
-        "passes that the gradient cap needs for the separate task and KSS gradient norms; the *three-pass* variant is",
-        "the session-1 implementation (the capped loss then went through a third, ordinary backward pass); *no cap*",
-        "is `kss_max_grad_ratio=None` (paper-literal gradient). Overheads are at the default schedule (1 KSS step in",
-        "10), computed from these single-step times, so they are noisier than the rounds above.",
+        "Same trainer, same batch, median over the breakdown steps. *Cap passes* are the `torch.autograd.grad` calls",
+        "of the run's cap: with `grad_cap=\"parameters\"` the two passes that give the separate task and KSS gradient",
+        "norms over the parameters; with `\"activations\"` the one call that differentiates L_KSS with respect to the",
+        "captured token states (a backward through the small DMD graph only, listed as the KSS-grad pass). The",
+        "*activation* / *parameter* cap columns re-time the same KSS step with `grad_cap` set to each; the *three-pass*",
+        "variant is the session-1 parameter cap (the capped loss then went through a third, ordinary backward pass);",
+        "*no cap* is `kss_max_grad_ratio=None` (paper-literal gradient). Overheads are at the default schedule (1 KSS",
+        "step in 10), computed from these single-step times, so they are noisier than the rounds above.",
         "",
-        "| file | clock | plain step | KSS step (default) | DMD + penalty | cap: task-grad pass | cap: KSS-grad pass | "
-        "KSS step, three-pass cap | KSS step, no cap | overhead default / three-pass / no cap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| file | clock | plain step | KSS step (run's cap) | DMD + penalty | cap: task-grad pass | cap: KSS-grad pass | "
+        "KSS step, activation cap | KSS step, parameter cap | KSS step, three-pass cap | KSS step, no cap | "
+        "overhead run's cap / activation / parameter / three-pass / no cap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs:
         b = r.get("breakdown")
@@ -252,8 +267,10 @@ def write_report(path: str, inputs: list[str]) -> None:
         lines.append(
             f"| {name} | {clock} | {t:.3f} s | {b[f'step_{clock}']:.3f} s | {b.get(f'dmd_{clock}', 0):.3f} s | "
             f"{b.get(f'cap_task_grad_{clock}', 0):.3f} s | {b.get(f'cap_kss_grad_{clock}', 0):.3f} s | "
-            f"{sec(f'three_pass_step_{clock}')} | {sec(f'uncapped_step_{clock}')} | "
-            f"{over(f'step_{clock}')} / {over(f'three_pass_step_{clock}')} / {over(f'uncapped_step_{clock}')} |"
+            f"{sec(f'activation_cap_step_{clock}')} | {sec(f'parameter_cap_step_{clock}')} | "
+            f"{sec(f'three_pass_step_{clock}')} | {sec(f'uncapped_step_{clock}')} | {over(f'step_{clock}')} / "
+            f"{over(f'activation_cap_step_{clock}')} / {over(f'parameter_cap_step_{clock}')} / "
+            f"{over(f'three_pass_step_{clock}')} / {over(f'uncapped_step_{clock}')} |"
         )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -272,6 +289,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is visible")
     parser.add_argument("--out", type=str, default=None, help="write the numbers as JSON here")
+    parser.add_argument("--grad_cap", choices=("parameters", "activations"), default=None,
+                        help="KSSConfig.grad_cap of the KSS arm (default: the KSSConfig default)")
     opts = parser.parse_args()
     if opts.report:
         write_report(opts.report, opts.inputs)
@@ -283,7 +302,8 @@ def main() -> None:
 
     load_before = os.getloadavg()
     tmp = tempfile.mkdtemp()
-    with_kss = make_trainer(0.15, tmp, opts.bf16, opts.cpu)
+    with_kss = make_trainer(0.15, tmp, opts.bf16, opts.cpu,
+                            **({} if opts.grad_cap is None else {"kss_grad_cap": opts.grad_cap}))
     without = make_trainer(0.0, tmp, opts.bf16, opts.cpu)
     device = with_kss.args.device
     period = with_kss.kss_config.every_n_steps
@@ -344,7 +364,8 @@ def main() -> None:
 
     print(f"\ndevice: {result['device']} (bf16={opts.bf16}, {result['threads']} threads); {result['model']}")
     print(f"KSS: alpha 0.15, r 32, every {period} steps, 50 % of layers, max_grad_ratio "
-          f"{with_kss.kss_config.max_grad_ratio}; {opts.repeats} rounds; median [min, max] over rounds")
+          f"{with_kss.kss_config.max_grad_ratio} (grad_cap={with_kss.kss_config.grad_cap!r}); {opts.repeats} rounds; "
+          "median [min, max] over rounds")
     print(f"load average before {load_before[0]:.2f} / after {result['load_average_after'][0]:.2f} (1 min)")
     print(f"plain step: {result['plain_step_cpu']['median']:.3f} s CPU, {result['plain_step_wall']['median']:.3f} s wall;"
           f" KSS step: {result['kss_step_cpu']['median']:.3f} s CPU, {result['kss_step_wall']['median']:.3f} s wall")
@@ -361,7 +382,7 @@ def main() -> None:
               f"KSS-gradient pass {b.get(f'cap_kss_grad_{clock}', 0):.3f} s); the same KSS step without the cap "
               f"{b[f'uncapped_step_{clock}']:.3f} s, with the three-pass cap {b[f'three_pass_step_{clock}']:.3f} s")
         t = b[f"plain_step_{clock}"]
-        for label in ("step", "three_pass_step", "uncapped_step"):
+        for label in ("step", "activation_cap_step", "parameter_cap_step", "three_pass_step", "uncapped_step"):
             print(f"    -> {label:16s} overhead at the schedule: {100 * (b[f'{label}_{clock}'] - t) / (period * t):+.2f} %")
     if opts.out:
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Prevention check behind results/kss_gradient_scale.md: control vs KSS alpha=0.15 with and without the gradient cap.
 
     python scripts/kss_prevention_check.py ARM TRIALS [OUT_DIR]
-    ARM    = control | kss_uncapped | kss_ratio<r> (e.g. kss_ratio0.5; r = KSSConfig.max_grad_ratio)
+    python scripts/kss_prevention_check.py --summary [OUT_DIR]      # markdown table of the arms in OUT_DIR
+    ARM    = control | kss_uncapped | kss_ratio<r> (e.g. kss_ratio0.5; r = KSSConfig.max_grad_ratio, parameter-space
+             norms) | kss_act<r> (the same ratio with KSSConfig.grad_cap = "activations")
     TRIALS = comma-separated trial indices (trial t: seed 100 + t, LR 0.0075 for even t, 0.01 for odd t)
 
 No-Norm research GPT (d = 32, L = 4), associative recall, 150 steps, through KSSTrainer (see hf_koopman.experiments).
@@ -15,6 +17,30 @@ from pathlib import Path
 
 import torch
 
+
+def summary(out_dir: Path) -> str:
+    """Markdown table of the val2_<arm>.jsonl files in `out_dir`: divergences, accuracy and M≈1 after training."""
+    lines = ["| arm | trials | diverged | seeds that diverged | eval accuracy (finished runs) | M≈1 after training "
+             "(finished runs) | median of the per-run max grad norm on KSS steps |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(out_dir.glob("val2_*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        done = [r for r in rows if not r["diverged"]]
+        div = sorted(r["seed"] for r in rows if r["diverged"])
+        kss = sorted(r["max_grad_kss_steps"] for r in rows if r.get("max_grad_kss_steps") is not None)
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        lines.append(
+            f"| {path.stem[5:]} | {len(rows)} | {len(div)} | {', '.join(map(str, div)) or '-'} | "
+            f"{mean([r['eval_accuracy'] for r in done]):.4f} | "
+            f"{mean([r['final_near_unit_mass_mean'] for r in done if r['final_near_unit_mass_mean'] is not None]):.3f} | "
+            f"{kss[len(kss) // 2] if kss else float('nan'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if len(sys.argv) >= 2 and sys.argv[1] == "--summary":  # python scripts/kss_prevention_check.py --summary DIR
+    print(summary(Path(sys.argv[2] if len(sys.argv) > 2 else "results/kss_gradient_scale")))
+    sys.exit(0)
+
 torch.set_num_threads(1)
 logging.disable(logging.WARNING)
 from hf_koopman.experiments.sweep import RunSpec, execute
@@ -25,6 +51,10 @@ orig = A.KSSTrainingArguments.kss_config
 if arm.startswith("kss_ratio"):
     _r = float(arm[len("kss_ratio"):])
     A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r)
+if arm.startswith("kss_act"):
+    _r = float(arm[len("kss_act"):])
+    A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r,
+                                                                         grad_cap="activations")
 if arm == "kss_uncapped":
     A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=None)
 from hf_koopman.experiments import runner as R

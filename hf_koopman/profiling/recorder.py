@@ -45,6 +45,8 @@ class _Transition:
     Y: torch.Tensor | None = None  # (n, d)
     tokens_seen: int = 0
     pending: list[Any] = field(default_factory=list)
+    # with detach=False: (piece, source, rows) for every recorded row block, piece = source-as-tokens[rows]
+    sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -202,6 +204,25 @@ class ResidualStreamRecorder:
         """Recorded transitions in execution order: `(name, X (N, d), Y (N, d))`."""
         return [(t.name, t.X, t.Y) for t in self._kept()]
 
+    def snapshot_sources(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Where the rows of the kept snapshots come from (only with `detach=False`; empty otherwise).
+
+        Returns `(piece, source, rows)` triples, one per distinct recorded tensor: `source` is a block's input or output
+        activation as the model holds it (`(B, T, d)`, `(tokens, d)` or `(B, C, H, W)`), `rows` `(n,)` index its
+        token view (see `_as_tokens`) and `piece` `(n, d)` is `token_view(source)[rows]`, the tensor the snapshots
+        are built from (`snapshots()` entries are these pieces or row selections / concatenations of them). KSS
+        differentiates its penalty with respect to the pieces and injects the result at the sources during the
+        ordinary backward pass (`hf_koopman.training.trainer`).
+        """
+        seen: set[int] = set()
+        out = []
+        for transition in self._kept():
+            for piece, source, rows in transition.sources:
+                if id(piece) not in seen:
+                    seen.add(id(piece))
+                    out.append((piece, source, rows))
+        return out
+
     def snapshot_stacks(self) -> list[str]:
         """Stack label of each entry of `snapshots()`."""
         return [t.stack for t in self._kept()]
@@ -272,7 +293,7 @@ class ResidualStreamRecorder:
                 X = last[2]  # the previous block's output enters this block unchanged: keep one copy of the rows
             merged_keys = torch.cat([old_keys[keep_old], all_keys[order[order >= old_keys.numel()]]])
             # committed together with Y in the forward hook, so X and Y never get out of step
-            transition.pending.append((keep_old, new_rows, valid, tuple(flat.shape), X, merged_keys))
+            transition.pending.append((keep_old, new_rows, valid, tuple(flat.shape), X, merged_keys, hidden))
             return None
 
         return pre_hook
@@ -285,7 +306,7 @@ class ResidualStreamRecorder:
             transition = self._transitions.get((index, call))
             if transition is None or not transition.pending:
                 return None
-            keep_old, new_rows, valid, in_shape, X, merged_keys = transition.pending.pop()
+            keep_old, new_rows, valid, in_shape, X, merged_keys, source_in = transition.pending.pop()
             hidden = _first_tensor(output)
             if hidden is None:
                 raise ValueError(f"block {block.name!r} returned {type(output).__name__} with no tensor in it.")
@@ -312,6 +333,8 @@ class ResidualStreamRecorder:
             Y = flat[new_rows]
             if self.detach:
                 X, Y = X.detach(), Y.detach()
+            else:
+                transition.sources += [(X, source_in, new_rows), (Y, hidden, new_rows)]
             self._last_output = (hidden, new_rows, Y)
             keep = keep_old.to(Y.device)
             transition.X = X if transition.X is None else torch.cat([transition.X[keep], X])

@@ -40,14 +40,27 @@ class KSSConfig:
         power_iters (`int`, *optional*, defaults to `1`): randomized range-finder power iterations.
         max_grad_ratio (`float`, *optional*, defaults to `0.5`):
             Gradient cap of the KSS term relative to the task gradient: on a KSS micro-batch the gradient of
-            `alpha * L_KSS` is rescaled by `min(1, max_grad_ratio * ||g_task|| / ||g_KSS||)` (norms over the trainable
-            parameters) while the loss *value* stays `L_task + alpha * L_KSS`. `None` (or `0`) applies the raw
+            `alpha * L_KSS` is rescaled by `min(1, max_grad_ratio * ||g_task|| / ||g_KSS||)` (norms where `grad_cap`
+            says) while the loss *value* stays `L_task + alpha * L_KSS`. `None` (or `0`) applies the raw
             Eq. 14 gradient as in the paper. See `hf_koopman.koopman.shaping` ("Gradient scale") for the measurement.
             When the cap binds (it did on every KSS step of our No-Norm and MoE runs, where the raw KSS gradient is
             ~100x the task gradient) the applied gradient is `max_grad_ratio * ||g_task||` along the KSS direction
             whatever `alpha` is: the ratio, not `alpha`, then sets the strength (`results/RESULTS.md`: capped
             alpha = 0.10 and 0.20 gave bit-identical runs). The divergence guard judges the task loss, not the
             objective, on KSS steps.
+        grad_cap (`str`, *optional*, defaults to `"activations"`):
+            Where the two gradient norms of the cap are measured. Either way one factor rescales the whole KSS
+            gradient, so its direction is Eq. 14's.
+            `"activations"` (default): on the residual stream, inside the ordinary backward pass. The gradient of
+            `alpha * L_KSS` with respect to the captured token states is a backward through the small DMD graph only;
+            tensor hooks add it, times `c = min(1, max_grad_ratio * ||g_task(h)|| / ||g_KSS(states)||)`, where those
+            states live as the backward passes through them. `g_task(h)` is the gradient at the first captured
+            activation the backward reaches (the highest one, where nothing has been injected yet) and `g_KSS(states)`
+            the KSS gradient over all captured states. Costs no extra pass (+0.9 % step time at the default schedule,
+            `results/bench_kss.md`) and works with reentrant checkpointing. No-Norm prevention check, 24 identical
+            trials: `results/kss_gradient_scale.md` section 4.
+            `"parameters"`: over the trainable parameters, exactly, at the price of one extra partial backward pass on
+            KSS micro-batches (+5 % step time). The session-2 KSS experiments (`results/RESULTS.md`) used it.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
             Master switch; `RKSPCallback(auto_kss=True)` can turn it on at train begin when the init verdict is high risk.
@@ -69,6 +82,7 @@ class KSSConfig:
     oversample: int = 10
     power_iters: int = 1
     max_grad_ratio: float | None = 0.5
+    grad_cap: str = "activations"
     seed: int = 0
     enabled: bool = True
     layers: Any = None
@@ -99,6 +113,10 @@ class KSSConfig:
             (
                 self.max_grad_ratio is None or self.max_grad_ratio >= 0,
                 f"max_grad_ratio must be >= 0 or None (None / 0 disable the cap), got {self.max_grad_ratio}",
+            ),
+            (
+                self.grad_cap in ("parameters", "activations"),
+                f"grad_cap must be 'parameters' or 'activations', got {self.grad_cap!r}",
             ),
         ]
         for ok, message in checks:
@@ -141,6 +159,11 @@ class KSSTrainingArguments(TrainingArguments):
     kss_max_grad_ratio: float | None = field(
         default=0.5,
         metadata={"help": "Cap ||grad of alpha*L_KSS|| at this multiple of ||grad L_task|| (0 or None: no cap)."},
+    )
+    kss_grad_cap: str = field(
+        default="activations",
+        metadata={"help": "Where the cap's gradient norms are measured: 'activations' (residual stream, no extra "
+                  "pass; default) or 'parameters' (exact, one extra partial backward)."},
     )
     kss_seed: int = field(default=0, metadata={"help": "Seed of the layer and token sampling."})
     kss_enabled: bool = field(default=True, metadata={"help": "Master switch for KSS."})

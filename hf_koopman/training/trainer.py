@@ -50,6 +50,71 @@ class _InjectGradients(torch.autograd.Function):
         return (None, *[None if g is None else g * scale for g in grads])
 
 
+class _SeedProbe(torch.autograd.Function):
+    """Identity on the task loss whose backward records the incoming gradient in `cell.seed`.
+
+    The activation cap injects KSS gradients mid-backward; they must carry the same factor as the task gradient that
+    reaches them (the GA division, an AMP loss scale, DDP's loss scaling), and this node, the only way into the task
+    graph, sees that factor before any activation hook runs.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, cell: Any) -> torch.Tensor:
+        ctx.cell = cell
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        ctx.cell.seed = grad_output.detach().sum()  # sum: a per-replica loss vector is averaged later
+        return grad_output, None
+
+
+def _token_view(tensor: torch.Tensor) -> torch.Tensor:
+    """`(..., d)` activation -> `(tokens, d)` rows, as `ResidualStreamRecorder` indexes them."""
+    if tensor.dim() == 4:
+        return tensor.permute(0, 2, 3, 1).reshape(-1, tensor.shape[1])
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _from_token_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dim() == 4:
+        b, c, h, w = like.shape
+        return flat.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return flat.reshape(like.shape)
+
+
+class _ActivationCap:
+    """State of one KSS micro-batch under `grad_cap="activations"` (see `KSSTrainer._activation_capped_loss`)."""
+
+    def __init__(self, trainer: "KSSTrainer", kss_norm: torch.Tensor) -> None:
+        self.trainer = trainer
+        self.kss_norm = kss_norm  # ||dL_KSS/d(states)|| over every captured state, float64
+        self.seed: torch.Tensor | None = None  # set by _SeedProbe
+        self.scale: torch.Tensor | None = None  # fixed by the first hook that runs
+
+    def hook(self, items: list[tuple[torch.Tensor, torch.Tensor]]):
+        def inject(grad: torch.Tensor) -> torch.Tensor:
+            seed = self.seed if self.seed is not None else grad.new_ones((), dtype=torch.float64)
+            if self.scale is None:
+                # the first captured activation the backward reaches: its gradient is the task's alone
+                n_task = grad.detach().double().norm()
+                n_kss = self.kss_norm * seed.double().abs()
+                ratio = self.trainer.kss_config.max_grad_ratio
+                binds = torch.isfinite(n_task) & (n_kss > ratio * n_task)
+                self.scale = torch.where(binds, ratio * n_task / n_kss.clamp_min(1e-300), torch.ones_like(n_task))
+                self.trainer._kss_grad_scale = self.trainer._kss_grad_scale + self.scale.to(
+                    self.trainer._kss_grad_scale.device
+                )
+                self.trainer._kss_grad_scale_count += 1
+            factor = (self.scale * seed.double()).to(grad.dtype)
+            flat = _token_view(grad)
+            for rows, g in items:
+                flat = flat.index_add(0, rows.to(flat.device), g.to(flat.dtype) * factor)
+            return _from_token_view(flat, grad)
+
+        return inject
+
+
 class KSSTrainer(Trainer):
     """`Trainer` whose training loss is `L_task + alpha * mean_{l in S} L_KSS^l` (paper Eqs. 14-15).
 
@@ -64,18 +129,25 @@ class KSSTrainer(Trainer):
       is the mean over its micro-batches for every GA setting. Under DDP it is added after the task loss is rescaled
       by the number of processes, so DDP's gradient averaging yields the mean over ranks.
     * Gradient cap (`KSSConfig.max_grad_ratio`, default 0.5): on a KSS micro-batch the gradient of
-      `alpha * L_KSS` is rescaled to at most `max_grad_ratio` times the task-loss gradient norm; the loss value is
-      unchanged. Cost, on KSS micro-batches only: one extra backward pass through the layers below the highest
-      sampled block (the task-gradient pass replaces the ordinary backward, see `_capped_loss`); under FSDP and
-      other wrappers two extra passes. Eq. 14's raw gradient is ~100x the task gradient
-      on a No-Norm model at init and caused the gradient spikes measured in `results/kss_gradient_scale.md`. Each
-      rank caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient. Needs non-reentrant
-      gradient checkpointing (the transformers default) when checkpointing is on; reentrant raises a `ValueError`.
+      `alpha * L_KSS` is rescaled by one factor `c <= 1` so that it is at most `max_grad_ratio` times the task
+      gradient; its direction and the loss value are unchanged. Eq. 14's raw gradient is ~100x the task gradient on
+      a No-Norm model at init and caused the gradient spikes measured in `results/kss_gradient_scale.md`. Each rank
+      caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient. `KSSConfig.grad_cap` says
+      where the two norms are measured:
+
+      - `"activations"`: on the residual stream, inside the ordinary backward pass. `L_KSS` is differentiated with
+        respect to the captured token states only (a backward through the small DMD graph), and tensor hooks add
+        that gradient, times `c`, where those states live while the Trainer's backward passes through them
+        (`_activation_capped_loss`). No extra pass through the network; works with reentrant and non-reentrant
+        gradient checkpointing, DDP and FSDP alike.
+      - `"parameters"`: over the trainable parameters, exactly, at the cost of one extra backward pass through the
+        layers below the highest sampled block (`_capped_loss`); under FSDP and other wrappers two extra passes.
+        Needs non-reentrant gradient checkpointing (the transformers default); reentrant raises a `ValueError`.
     * A layer whose eigendecomposition fails (non-finite or near-defective operator) is skipped with a logged
       warning; if every sampled layer fails, the step has no KSS term. The loss never turns NaN because of KSS.
     * FSDP: a CPU multi-process run launched with an FSDP config is sharded with FSDP2 (accelerate alone would run it
-      as DDP; see `hf_koopman.training.fsdp`); hooks sit on the FSDP-wrapped blocks and the cap differentiates with
-      respect to the unsharded parameters of the forward.
+      as DDP; see `hf_koopman.training.fsdp`); hooks sit on the FSDP-wrapped blocks, and the parameter-space cap
+      differentiates with respect to the unsharded parameters of the forward.
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
       `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the r eigenvalues in
       `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
@@ -184,7 +256,8 @@ class KSSTrainer(Trainer):
             check_finite=False,  # non-finite activations: the divergence guard reports them; KSS just skips
         )
         # FSDP2: the graph's leaves are the unsharded parameters materialised during this forward (see fsdp.py)
-        sharded = bool(cfg.max_grad_ratio) and is_fsdp_model(unwrapped)
+        activation_cap = bool(cfg.max_grad_ratio) and cfg.grad_cap == "activations"
+        sharded = bool(cfg.max_grad_ratio) and not activation_cap and is_fsdp_model(unwrapped)
         unsharded = UnshardedParameters(unwrapped) if sharded else contextlib.nullcontext()
         with recorder, unsharded:
             loss, outputs = super().compute_loss(
@@ -203,7 +276,9 @@ class KSSTrainer(Trainer):
                 # the Trainer will not divide by GA, so the per-micro-batch term must be (mean over micro-batches)
                 penalty = penalty / self.current_gradient_accumulation_steps
             term = cfg.alpha * penalty.to(loss.dtype)
-            if cfg.max_grad_ratio:
+            if activation_cap:
+                loss = self._activation_capped_loss(loss, term, recorder.snapshot_sources(), step)
+            elif cfg.max_grad_ratio:
                 params = unsharded.parameters if sharded else None
                 loss = self._capped_loss(model, loss, term, step, params)
             else:
@@ -335,6 +410,51 @@ class KSSTrainer(Trainer):
         del g_task, g_kss
         value = (task_loss.detach() + term.detach()).to(task_loss.dtype)
         return value + _InjectGradients.apply(grads, *params).to(task_loss.dtype)
+
+    def _activation_capped_loss(
+        self,
+        task_loss: torch.Tensor,
+        term: torch.Tensor,
+        sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        step: int,
+    ) -> torch.Tensor:
+        """`task_loss + term` in value; the gradient of `term`, capped on the residual stream, rides the ordinary backward.
+
+        `term` depends on the parameters only through the captured token states (`pieces`, rows of block inputs and
+        outputs). Its gradient with respect to them is a backward through the small DMD graph alone. Hooks on the
+        activations those rows come from add it, times one factor `c`, to the gradient the Trainer's backward pass
+        carries there, so the parameters receive `g_task + c * g_KSS` from a single pass through the network.
+        `c = min(1, max_grad_ratio * ||g_task(h)|| / ||g_KSS(pieces)||)` is fixed at the first hooked activation the
+        backward reaches, whose gradient is still the task's alone (`KSSConfig.grad_cap`). Sources that do not require
+        grad (nothing trainable below them) are skipped: their share of the gradient could not reach a parameter.
+        """
+        usable = [(piece, source, rows) for piece, source, rows in sources if piece.requires_grad and source.requires_grad]
+        if not usable or not term.requires_grad:
+            if not getattr(self, "_kss_warned_no_sources", False):
+                self._kss_warned_no_sources = True
+                logger.warning(
+                    "KSS (grad_cap='activations'): no captured activation requires grad (frozen model, or reentrant "
+                    "gradient checkpointing?), so the KSS term has no gradient; its value is still logged."
+                )
+            return task_loss + term.detach()
+        grads = torch.autograd.grad(term, [u[0] for u in usable], allow_unused=True, retain_graph=True)
+        groups: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        squares = []
+        for (_, source, rows), g in zip(usable, grads):
+            if g is None:
+                continue
+            groups.setdefault(id(source), (source, []))[1].append((rows, g.detach()))
+            squares.append(g.detach().double().square().sum())
+        if not squares:
+            return task_loss + term.detach()
+        kss_norm = torch.stack(squares).sum().sqrt()
+        if not torch.isfinite(kss_norm):  # one host sync per KSS micro-batch
+            logger.warning("KSS: non-finite penalty gradient at step %d; the term's gradient is dropped.", step)
+            return task_loss + term.detach()
+        cap = _ActivationCap(self, kss_norm)
+        for source, items in groups.values():
+            source.register_hook(cap.hook(items))
+        return _SeedProbe.apply(task_loss, cap) + term.detach().to(task_loss.dtype)
 
     def _penalty_kwargs(self) -> dict[str, float]:
         cfg = self.kss_config

@@ -221,3 +221,24 @@ def test_finiteness_check_has_no_false_positives_or_negatives():
     z[0, 0], z[1, 1] = float("inf"), float("-inf")  # inf + (-inf) = nan: still caught
     assert not _all_finite(z)
     assert not _all_finite(torch.tensor([[float("nan")]], dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_snapshot_sources_index_the_live_activations(arch):
+    """With `detach=False` each recorded piece is `token_view(source)[rows]` of a tensor on the autograd graph (what
+    KSS's activation-space cap injects into); with `detach=True` nothing is kept."""
+    from hf_koopman.profiling.recorder import _as_tokens
+
+    model = tiny_model(arch)
+    batch = prepare_batch(default_probe_inputs(model, num_tokens=64, seed=2), model)
+    with ResidualStreamRecorder(model, num_samples=24, detach=False) as rec:
+        model(**batch)
+    sources = rec.snapshot_sources()
+    pieces = {id(piece) for piece, _, _ in sources}
+    assert len(pieces) == len(sources) >= len(rec.snapshots()) + 1  # consecutive blocks share a piece
+    for piece, source, rows in sources:
+        assert source.requires_grad and piece.requires_grad
+        torch.testing.assert_close(piece, _as_tokens(source, "b")[0][rows])
+    for _, X, Y in rec.snapshots():
+        assert any(X is p for p, _, _ in sources) and any(Y is p for p, _, _ in sources)
+    assert _record(model, batch, num_samples=24).snapshot_sources() == []

@@ -49,7 +49,8 @@ def _first_step_grads(tmp_path, sub: str, fast: bool, ga: int = 1) -> tuple[KSST
     trainer = KSSTrainer(
         model=tiny_gpt2(n_layer=2),
         args=_args(tmp_path / sub, max_steps=1, max_grad_norm=0.0, kss_alpha=20.0, kss_every_n_steps=1,
-                   kss_layer_fraction=1.0, kss_max_grad_ratio=0.5, per_device_train_batch_size=4 // ga,
+                   kss_layer_fraction=1.0, kss_max_grad_ratio=0.5, kss_grad_cap="parameters",
+                   per_device_train_batch_size=4 // ga,
                    gradient_accumulation_steps=ga),
         train_dataset=TokenDataset(),
         callbacks=[capture],

@@ -113,13 +113,15 @@ def test_logged_keys_and_every_k_gating(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "scaled, ratio",
+    "scaled, ratio, cap",
     # the cap compares the KSS gradient with the task gradient; "trainer-divides" forces a task loss that is divided
     # twice (the model already scales by num_items_in_batch), so only the raw term's bookkeeping is tested there
-    [(None, None), (False, None), (None, 1.0)],
-    ids=["loss-scaled-for-ga", "trainer-divides", "loss-scaled-for-ga-capped"],
+    [(None, None, "parameters"), (False, None, "parameters"), (None, 1.0, "parameters"), (None, 1.0, "activations"),
+     (False, 1e9, "activations")],
+    ids=["loss-scaled-for-ga", "trainer-divides", "loss-scaled-for-ga-capped", "loss-scaled-for-ga-activation-cap",
+         "trainer-divides-activation-cap-inactive"],
 )
-def test_gradient_accumulation_scaling(tmp_path, scaled, ratio):
+def test_gradient_accumulation_scaling(tmp_path, scaled, ratio, cap):
     """KSS gradient of one optimizer step with GA=4 (4 identical micro-batches) equals GA=1 (not 4x)."""
 
     def grads(alpha, ga, sub):
@@ -134,6 +136,7 @@ def test_gradient_accumulation_scaling(tmp_path, scaled, ratio):
             kss_every_n_steps=1,
             kss_layer_fraction=1.0,
             kss_max_grad_ratio=ratio,
+            kss_grad_cap=cap,
         )
         trainer = KSSTrainer(
             model=tiny_gpt2(n_layer=2), args=args, train_dataset=TokenDataset(n=4, repeat_first=True),
@@ -193,6 +196,9 @@ def test_config_validation_and_arguments_round_trip(tmp_path):
         KSSConfig(max_grad_ratio=-1.0)
     assert defaults.max_grad_ratio == 0.5
     assert _args(tmp_path, kss_max_grad_ratio=None).kss_config().max_grad_ratio is None
+    with pytest.raises(ValueError, match="grad_cap must be 'parameters' or 'activations'"):
+        KSSConfig(grad_cap="params")
+    assert _args(tmp_path, kss_grad_cap="parameters").kss_config().grad_cap == "parameters"
 
 
 def test_peft_lora_gradients_only_reach_lora_parameters(tmp_path):
@@ -242,11 +248,12 @@ def test_kss_lowers_its_penalty_when_it_dominates_the_loss(tmp_path):
 
 
 def _first_step(tmp_path, sub, alpha, ratio):
+    """One step with the parameter-space cap (the activation-space one is tested in test_activation_cap.py)."""
     capture = GradCapture()
     trainer = KSSTrainer(
         model=tiny_gpt2(n_layer=2),
         args=_args(tmp_path / sub, max_steps=1, max_grad_norm=0.0, kss_alpha=alpha, kss_every_n_steps=1,
-                   kss_layer_fraction=1.0, kss_max_grad_ratio=ratio),
+                   kss_layer_fraction=1.0, kss_max_grad_ratio=ratio, kss_grad_cap="parameters"),
         train_dataset=TokenDataset(),
         callbacks=[capture],
     )
@@ -288,14 +295,15 @@ def test_gradient_cap_is_inactive_when_kss_is_small(tmp_path):
 
 
 def test_gradient_cap_with_reentrant_checkpointing_names_the_fix(tmp_path):
-    args = _args(tmp_path, max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True,
+    args = _args(tmp_path, max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True, kss_grad_cap="parameters",
                  gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), args=args, train_dataset=TokenDataset())
     with pytest.raises(ValueError, match="use_reentrant"):
         trainer.train()
     ok = KSSTrainer(
         model=tiny_gpt2(n_layer=2),
-        args=_args(tmp_path / "b", max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True),
+        args=_args(tmp_path / "b", max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True,
+                   kss_grad_cap="parameters"),
         train_dataset=TokenDataset(),
     )
     ok.train()  # non-reentrant checkpointing (the default) works with the cap
