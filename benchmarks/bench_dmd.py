@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dmd.py                       # full run, writes results/bench_dmd.md
     python benchmarks/bench_dmd.py --layers 2 --skip-exact --no-write   # quick look
+    OMP_NUM_THREADS=1 python benchmarks/bench_dmd.py --bounds --bound-layers 2   # floors of the >= 5x target (`bounds`)
 
 What is compared, per layer transition (synthetic residual-stream-like data, float32 like real activations):
 
@@ -96,6 +97,76 @@ def timed(fn, repeats: int = 1):
     return best, out
 
 
+def bounds(args) -> None:
+    """The least work any implementation of the specified computation must do, timed against PyDMD's share.
+
+    * rank-r: `whitened_dmd` receives raw snapshots and must whiten them with (Sigma_X + eps I)^(-1/2) (issue #2), so
+      it must at least form the centred covariance X_c^T X_c (N d^2 multiply-adds per layer); the eigendecomposition
+      and the products with the whitening matrix come on top. PyDMD's column gets the whitened snapshots for free.
+      The best possible ratio against it is (PyDMD's rank-r parts) / (the covariance product alone).
+    * exact: both sides must diagonalise a d x d non-symmetric operator with eigenvectors (LAPACK geev; the features
+      need kappa(V) and left eigenvectors). The best possible ratio is (PyDMD exact) / (one geev per layer).
+    """
+    from pydmd import DMD
+    from pydmd.utils import compute_rqb
+
+    L, N, d, r, eps = args.layers, args.samples, args.dim, args.rank, args.eps
+    load_before = os.getloadavg()
+    X, Y = make_snapshots(L, N, d)
+    Xn, Yn = X.double().numpy(), Y.double().numpy()
+    oversample, power_iters = 10, 2
+    omega = torch.randn(L, N, r + oversample, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    white = [numpy_whiten(Xn[l], Yn[l], eps) for l in range(L)]
+
+    def pydmd_rank_r():
+        for l, (xt, yt) in enumerate(white):
+            q, b, _ = compute_rqb(yt.T, r, oversample, power_iters, test_matrix=omega[l])
+            u = q @ np.linalg.svd(b, full_matrices=False)[0][:, :r]
+            DMD(svd_rank=-1).fit(u.T @ xt.T, u.T @ yt.T)
+
+    def covariance_only(dtype):
+        x = X.to(dtype)
+        xc = x - x.mean(1, keepdim=True)
+        return xc.transpose(1, 2) @ xc
+
+    rows = []
+    c_py, _ = timed(pydmd_rank_r, args.repeats)
+    for label, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        covariance_only(dtype)  # warm-up
+        c_w, _ = timed(lambda: covariance_only(dtype), args.repeats)
+        c_ours, _ = timed(lambda: whitened_dmd(X, Y, rank=r, randomized=True, dtype=dtype), args.repeats)
+        rows.append((f"rank-{r}, {label}", c_py, c_w, c_ours))
+    Lx = min(args.bound_layers, L)
+    ops = []
+    for l in range(Lx):
+        xt, yt = white[l]
+        ops.append(torch.from_numpy(yt.T @ xt / N))  # the whitened operator (X~ has unit covariance)
+
+    def pydmd_exact():
+        for l in range(Lx):
+            DMD(svd_rank=-1).fit(white[l][0].T, white[l][1].T)
+
+    def geev():
+        for op in ops:
+            torch.linalg.eig(op)
+
+    c_pye, _ = timed(pydmd_exact, 1)
+    c_geev, _ = timed(geev, 1)
+    c_ourse, _ = timed(lambda: whitened_dmd(X[:Lx], Y[:Lx]), 1)
+    rows.append((f"exact ({Lx} layers), float64", c_pye, c_geev, c_ourse))
+    load_after = os.getloadavg()
+    print(f"L={L}, d={d}, N={N}; torch {torch.__version__} ({torch.get_num_threads()} threads), pydmd "
+          f"{importlib.metadata.version('pydmd')}; load average before/after {load_before[0]:.2f} / {load_after[0]:.2f}")
+    print("| mode | PyDMD part, wall / CPU (s) | floor: work ours must do, wall / CPU (s) | ours, wall / CPU (s) "
+          "| best possible speed-up (PyDMD / floor), wall / CPU | ours vs PyDMD, wall / CPU |")
+    print("|---|---|---|---|---|---|")
+    for name, p, f, o in rows:
+        print(f"| {name} | {p.wall:.3f} / {p.cpu:.3f} | {f.wall:.3f} / {f.cpu:.3f} | {o.wall:.3f} / {o.cpu:.3f} "
+              f"| {p.wall / f.wall:.2f}x / {p.cpu / f.cpu:.2f}x | {p.wall / o.wall:.2f}x / {p.cpu / o.cpu:.2f}x |")
+    print("floor, rank-r: the centred covariance product X_c^T X_c alone; exact: torch.linalg.eig (geev) of the d x d "
+          "operators alone.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -106,12 +177,18 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1e-5)
     parser.add_argument("--skip-exact", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--bounds", action="store_true",
+                        help="only time the floors of the >= 5x target (see `bounds`) and print the best ratios they allow")
+    parser.add_argument("--bound-layers", type=int, default=3, help="layers for the exact-DMD floor (slow)")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "bench_dmd.md")
     args = parser.parse_args()
 
     from pydmd import DMD
     from pydmd.utils import compute_rqb
 
+    if args.bounds:
+        bounds(args)
+        return
     L, N, d, r, eps = args.layers, args.samples, args.dim, args.rank, args.eps
     load_before = os.getloadavg()
     X, Y = make_snapshots(L, N, d)
