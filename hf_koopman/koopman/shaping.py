@@ -23,6 +23,12 @@ Design choices where the paper is silent (documented here and tested in `tests/k
   - `Q`: for an invariant subspace, first-order changes of the Ritz values do not depend on the change of the basis
     (Rayleigh-Ritz is stationary), so detaching `Q` drops only a second-order term, and it keeps the random sketch
     (and its QR factorisation) out of the graph.
+* **Fewer samples than features (N - 1 < d).** As in the profiling core (`hf_koopman.koopman.dmd`,
+  `_row_space_coordinates`), X and Y are first expressed in an orthonormal basis `V` (d, N) of the row space of the
+  centred X (detached, like `W`): `Xc V`, `Yc V` are (N, N). Without it the ridge-whitening multiplies the directions
+  X never visits by `eps^(-1/2)`; the part of Y there dominates the range of `A`, the Rayleigh-Ritz operator is ~0 on
+  it (X has no component to map), and most of the r eigenvalues become spurious zeros that the near-unit term then
+  tries to "fix". Typical for large models: d = 4096 with N = 2048 token states per micro-batch.
 * **Guards.** The r x r eigendecomposition runs in float64. A layer whose operator is non-finite, or whose eigenvector
   basis has a condition number above `max_condition` (near-defective: the `eig` backward `V^{-H} diag(g) V^H` would
   blow up), raises [`SpectralShapingError`]; the trainer skips that layer with a logged warning. A backward hook on the
@@ -59,6 +65,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from hf_koopman.koopman.dmd import _row_space_coordinates
 
 
 __all__ = [
@@ -237,13 +245,19 @@ def differentiable_dmd_eigenvalues(
     bad = ~(torch.isfinite(X.detach()).flatten(1).all(1) & torch.isfinite(Y.detach()).flatten(1).all(1))
     if bad.any():
         raise ValueError(f"non-finite snapshots for layer indices {bad.nonzero().flatten().tolist()}")
-    r = min(rank, d, n - 1)
-    k = min(r + max(oversample, 0), d)
-
     # float32 for the O(N d^2) / O(N d r) products (bf16/fp16 inputs are upcast), float64 for the small factorisations
     work = torch.float64 if X.dtype == torch.float64 else torch.float32
     Xc = X.to(work) - X.to(work).mean(dim=-2, keepdim=True)
     Yc = Y.to(work) - Y.to(work).mean(dim=-2, keepdim=True)
+    if n - 1 < d:  # work in the row space of the centred X (module docstring); the basis is detached like W
+        with torch.no_grad():
+            # only the basis is used: a one-row Y keeps the helper's `Y V` product out of the cost
+            _, _, basis = _row_space_coordinates(X.detach(), X.detach()[..., :1, :], work)
+        basis = basis.to(work)
+        Xc, Yc = Xc @ basis, Yc @ basis  # (L, N, N), differentiable in X and Y
+        d = n
+    r = min(rank, d, n - 1)
+    k = min(r + max(oversample, 0), d)
     scale = 1.0 / (n - 1)
 
     with torch.no_grad():  # detached: whitening W and range-finder basis Q (see module docstring)

@@ -181,3 +181,42 @@ def test_input_validation():
         differentiable_dmd_eigenvalues(X.numpy(), X)
     with pytest.raises(ValueError, match="rank"):
         differentiable_dmd_eigenvalues(X, X, rank=0)
+
+
+def test_fewer_samples_than_features_uses_the_row_space_of_x():
+    """N - 1 < d: the Ritz values over the whole row space of the centred X are the core's (row-space reduced) exact
+    nonzero eigenvalues; without the reduction the eps-amplified out-of-span part of Y takes over the sketch and most
+    eigenvalues come out as spurious zeros. Gradients still reach X and Y."""
+    from hf_koopman.koopman import whitened_dmd
+
+    g = torch.Generator().manual_seed(4)
+    n, d = 20, 64
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = X + 0.3 * torch.tanh(X @ torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5)
+    with pytest.warns(UserWarning):
+        core = whitened_dmd(X, Y).eigenvalues
+    ref = sorted(core.abs().tolist())[-(n - 1):]  # the N - 1 identifiable modes
+    Yg = Y.clone().requires_grad_(True)
+    ev = differentiable_dmd_eigenvalues(X, Yg, rank=32, oversample=0, generator=torch.Generator().manual_seed(0))
+    assert ev.shape == (n - 1,)
+    # A = W C_yx W equals the least-squares operator of the core up to O(eps / sigma_min) (module docstring)
+    assert sorted(ev.abs().tolist()) == pytest.approx(ref, rel=1e-4)
+    assert min(ev.abs().tolist()) > 0.05  # no spurious zero modes
+    kss_penalty(ev).backward()
+    assert torch.isfinite(Yg.grad).all() and Yg.grad.abs().sum() > 0
+
+
+def test_output_components_outside_the_span_of_x_do_not_pollute_the_spectrum():
+    """Pad X with features it never visits and give Y junk there (N - 1 < d after padding). Those directions carry no
+    input information, but the ridge-whitening amplifies them ~316x, so without the row-space reduction they take over
+    the rank-r subspace and come back as spurious zero eigenvalues. With it, the padded problem gives the spectrum of
+    the original one (the sketch covers the whole range, so the result does not depend on the random draw)."""
+    X, Y = _planted(n=20, d=12, moduli=(1.4, 1.2, 1.1, 0.95, 0.7, 0.5))
+    junk = torch.randn(20, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    Xp = torch.cat([X, torch.zeros_like(X)], dim=1)  # (20, 24): N - 1 = 19 < d = 24
+    Yp = torch.cat([Y, junk], dim=1)
+    kw = dict(rank=6, oversample=30, power_iters=0)
+    ref = differentiable_dmd_eigenvalues(X, Y, generator=torch.Generator().manual_seed(0), **kw)
+    got = differentiable_dmd_eigenvalues(Xp, Yp, generator=torch.Generator().manual_seed(1), **kw)
+    assert sorted(got.abs().tolist()) == pytest.approx(sorted(ref.abs().tolist()), rel=1e-6)
+    assert min(got.abs().tolist()) > 0.3
