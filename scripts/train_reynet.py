@@ -580,8 +580,8 @@ def run_summary(args) -> dict:
                f"ReyNet config: `{json.dumps(p['reynet'])}`; IEGN config: `{json.dumps(p['iegn'])}`.",
                f"CPU seconds per fold-epoch (train + test evaluation, one thread, shared machine): {cpu}.",
                f"Mean training cross-entropy in the last epoch (ln 2 ≈ 0.69 is chance): {last_loss}. Values far above "
-               "chance mean saturated logits: the readout of both models (the paper's diagonal / off-diagonal *sum* "
-               "pooling) adds up to n² entries, and PROTEINS has graphs of up to 620 nodes.",
+               "chance mean saturated logits: the paper's *sum* readout adds up to n² entries, and PROTEINS has "
+               "graphs of up to 620 nodes.",
                "Published IEGN numbers: Maron et al. 2019 (official splits, per-dataset learning rates, longer "
                "schedules), context only.", ""]
         _plot_graphs(gr, out_dir / "reynet_graphs.png")
@@ -602,7 +602,12 @@ def run_summary(args) -> dict:
                "Same folds, seeds and schedule, the paper's sum readout for both models on every fold (no readout "
                f"selection); configs: ReyNet `{json.dumps(og['protocol']['reynet'])}`, IEGN "
                f"`{json.dumps(og['protocol']['iegn'])}`. Kept because it shows the sum readout's failure on PROTEINS "
-               "(saturated logits, see the training losses above) and the smaller epoch budgets of session 2.", "",
+               "(saturated logits: mean training cross-entropy in the last epoch, ln 2 ≈ 0.69 is chance: "
+               + "; ".join(
+                   f"{k}: ReyNet {sum(r[-1] for r in d['models']['reynet']['train_loss']) / d['eval_folds']:.3g}, "
+                   f"IEGN {sum(r[-1] for r in d['models']['iegn']['train_loss']) / d['eval_folds']:.3g}"
+                   for k, d in og["datasets"].items())
+               + ") and the smaller epoch budgets of session 2.", "",
                graph_table(og), "", _verdict(og), ""]
     for diag_dir in sorted(out_dir.glob("reynet_diagnostic_*")):
         if not diag_dir.is_dir() or not list(diag_dir.glob("reynet_graphs_*.json")):
@@ -610,8 +615,8 @@ def run_summary(args) -> dict:
         dg = _load_graph_results(diag_dir)
         md += [f"### Diagnostic run `{diag_dir.name}` (not a headline number)", "",
                f"Same folds, seeds and schedule; model configs: ReyNet `{json.dumps(dg['protocol']['reynet'])}`, IEGN "
-               f"`{json.dumps(dg['protocol']['iegn'])}`. Run *after* seeing the test-fold results above to test one "
-               "explanation (saturated sum-pooled logits), so it is not a valid model selection; "
+               f"`{json.dumps(dg['protocol']['iegn'])}`. Run *after* seeing the session-2 sum-readout test-fold "
+               "results to test one explanation (saturated sum-pooled logits), so it is not a valid model selection; "
                f"`scripts/train_reynet.py graphs --datasets {','.join(dg['datasets'])} --pooling "
                f"{dg['protocol']['reynet'].get('pooling', 'sum')} --output-dir {out_dir.name}/{diag_dir.name}` "
                "(plus the deadline) regenerates it.", "",
