@@ -22,8 +22,8 @@ risk estimator is refitted only with `--refit-estimator` (or into results/quick 
 
 Measured runtimes (2-core machine shared with other jobs) are in RESULTS.md ("Runtime of these settings"). `--quick`
 from scratch: 524 s wall (8.7 min; 156 CPU-s, 29% of a core) in session 2 at load ~8, beside two other sweeps of
-ours; 283 s in session 1 with the smaller quick grids. The 500-step prediction sweep took about 35 min on one quiet
-core in session 3 (`results/RESULTS.md`, runtime table); the session-1 100-step prediction and the prevention sweeps
+ours; 283 s in session 1 with the smaller quick grids. The 500-step prediction sweep took 47.6 min wall in session 3
+(one single-threaded process on the shared 2-core machine, load 1-7; `results/RESULTS.md`, runtime table); the session-1 100-step prediction and the prevention sweeps
 took about 65-67 min wall each as parallel processes on a loaded machine; the session-2 capped prevention arms 27 min, MoE 2 x 20 min, max-LR
 and real-data KSS arms 23 min (load 8-10).
 """
@@ -305,7 +305,8 @@ NOTES = """## What this does and does not show
   branches `h_(l+1) ≈ h_l`, so every eigenvalue sits near 1 and M≈1 ≈ 1 (the paper's Fixup/ReZero caveat, App. J).
   Any feature that separates No-Norm from the rest, including the normalisation label itself, gets the same AUROC.
 * **The estimator's small ECE is partly a base-rate effect**: most held-out runs are clearly stable and predicted near
-  0; the few mid-probability bins (a handful of No-Norm runs each) are under-predicted, see the reliability diagram.
+  0; the few mid-probability bins (a handful of No-Norm runs each) are off in both directions, mostly
+  under-predicted, see the reliability diagram.
   Its shipped JSON records the held-out numbers and the regime it was fitted on (d 32-48, L 2-4, 500 steps);
   elsewhere it extrapolates (inputs are clipped to the training range, so it never returns more extreme values).
 * **Within a normalisation the init spectrum cannot rank learning rates**: it does not depend on the LR, so
@@ -556,6 +557,17 @@ def early_warning_section(pred: list[dict[str, Any]], w, summary: dict[str, Any]
     for t in ew["rows"]:
         ci = "—" if t["ci"] is None else f"[{_f(t['ci'][0])}, {_f(t['ci'][1])}]"
         w(f"| {t['predictor']} | {_f(t['auroc'])} | {ci} |")
+    late = sorted(((int(r["divergence_step"]), r) for r in pred if r["diverged"] and int(r["divergence_step"]) > step),
+                  key=lambda t: t[0])
+    if late:
+        ew["late_runs"] = [{"run_id": r["run_id"], "divergence_step": s, "reason": r["divergence_reason"]} for s, r in late]
+        w(f"\nLate divergences ({len(late)}): " + "; ".join(
+            f"{r['norm']} d={r['hidden_size']} L={r['num_layers']} LR {float(r['learning_rate']):g} seed {r['seed']} at "
+            f"step {s} ({r['divergence_reason']})" for s, r in late)
+          + f". With {len(late)} positive(s) these AUROCs are very uncertain (see the CIs)"
+          + (f"; all are {late[0][1]['norm']} runs, so a feature that separates {late[0][1]['norm']} from the other "
+             "normalisations scores high here for the same reason as in the main table."
+             if len({r["norm"] for _, r in late}) == 1 else "."))
     if ew["n_diverged"] == 0:
         w(f"\nNo run that was stable at step {step} diverged later: the late-divergence question has no positives "
           "here, so these AUROCs are undefined.")
@@ -949,9 +961,10 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
         summary["architecture_profiles"] = extras
     summary["timings_seconds"] = timings
     w("## Runtime of these settings\n")
-    w("Sum of per-run training + init-profiling seconds. The 500-step prediction sweep ran in session 3 as one "
-      "single-threaded process (`OMP_NUM_THREADS=1`) on a 2-core machine beside one other single-core job, so its "
-      "seconds are close to dedicated-core time; the other sweeps were measured while 5-18 jobs shared the 2 cores "
+    w("Sum of per-run training + init-profiling seconds (wall time per run, so load-dependent). The 500-step "
+      "prediction sweep ran in session 3 as one single-threaded process (`OMP_NUM_THREADS=1`, 47.6 min wall) on the "
+      "2-core machine shared with other engineers' jobs (load average 1-7 during the run; 5.4 s for a (32, 2) run on "
+      "a quiet core vs 6-9 s here); the other sweeps were measured while 5-18 jobs shared the 2 cores "
       "(session 1: 100-step prediction, control / clipping and paper-literal KSS arms; session 2: capped KSS arms and "
       "MoE, load ~8-10), expect roughly 3-5x less for them on an idle machine:\n")
     w("| sweep | runs | total CPU-share seconds | mean per run |")

@@ -1,8 +1,8 @@
 """Run a grid of RKSP research-model trainings, resumably, into a `datasets`-loadable JSON-lines table.
 
-    # the prediction sweep (6 norms x 4 LRs x 3 width/depth configs x 3 seeds = 216 runs, 500 steps; ~35 min on one
-    #   quiet core) -> results/sweep_prediction/runs.jsonl  (--steps 100 gives the session-1/2 table,
-    #   kept in results/sweep_prediction_100steps/runs.jsonl)
+    # the prediction sweep (6 norms x 4 LRs x 3 width/depth configs x 3 seeds = 216 runs, 500 steps; 48 min wall
+    #   on the shared 2-core machine in session 3) -> results/sweep_prediction/runs.jsonl
+    #   (--steps 100 gives the session-1/2 table, kept in results/sweep_prediction_100steps/runs.jsonl)
     OMP_NUM_THREADS=1 nice -n 10 python scripts/sweep.py --grid prediction
     # the prevention comparison (No-Norm, LR 0.005-0.01): control / grad clip 0.5, 1.0 / KSS alpha 0.10, 0.15, 0.20,
     # capped and paper-literal

@@ -118,3 +118,21 @@ def test_spectral_profile_risk_uses_the_shipped_estimator():
     assert 0 < expected < 1
     low = RiskEstimator.default().predict_proba(prof, learning_rate=1e-4)
     assert low <= expected  # more aggressive LR, no less risk (positive LR coefficient of the shipped model)
+
+
+def test_shipped_estimator_is_the_500_step_fit_and_matches_its_evaluation():
+    from pathlib import Path
+
+    from hf_koopman.experiments.grids import PREDICTION_STEPS
+
+    est = RiskEstimator.default()
+    # fitted on the prediction sweep's full horizon (the paper's 1-500 spike window), not the 100-step table
+    assert est.metadata["horizon_steps"] == [PREDICTION_STEPS]
+    assert f"{PREDICTION_STEPS} steps" in est.metadata["description"]
+    held = est.metadata["heldout"]
+    assert held["n"] == 120 and 0 < held["n_diverged"] < held["n"]
+    evaluation = Path(__file__).resolve().parents[1] / "results" / "risk_estimator_eval.json"
+    spec = json.loads(evaluation.read_text())["estimators"]["spectral + log LR"]
+    # the shipped metadata and the written evaluation come from one fit_risk.py run
+    assert held["auroc"] == pytest.approx(spec["auroc"]) and held["ece"] == pytest.approx(spec["ece"])
+    assert held["n_diverged"] == spec["n_heldout_diverged"]

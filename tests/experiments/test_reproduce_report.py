@@ -88,7 +88,8 @@ def test_identical_arms(reproduce):
 def _pred_row(norm, lr, seed, d, steps, div_step):
     """A prediction-sweep row: No-Norm has M≈1 = 0.9, the rest 0.2; `div_step` None = stable."""
     m = 0.9 if norm == "none" else 0.2
-    return {"norm": norm, "learning_rate": lr, "seed": seed, "hidden_size": d, "num_layers": 2, "max_steps": steps,
+    return {"run_id": f"{norm}-lr{lr}-s{seed}-d{d}-T{steps}", "divergence_reason": "loss" if div_step else None,
+            "norm": norm, "learning_rate": lr, "seed": seed, "hidden_size": d, "num_layers": 2, "max_steps": steps,
             "group": "heldout" if d == 48 or seed == 2 else "train", "diverged": div_step is not None,
             "divergence_step": div_step, "near_unit_mass_mean": m + 0.01 * seed, "unstable_mass_mean": 1 - m,
             "near_unit_mass_x_log10_kappa_mean": m, "spectral_radius_max": 2 - m, "eigvec_condition_mean": 10.0 + seed,
@@ -160,7 +161,10 @@ def test_early_warning_section_reports_late_divergences(reproduce):
     lr = next(r for r in ew["rows"] if r["column"] == "learning_rate")
     # the 4 late runs are at LR 0.01, tied with 8 stable runs (1/2 each) and below 6 at LR 0.1: 4 / 14
     assert lr["auroc"] == pytest.approx(2 / 7)
-    assert "of the remaining 18 runs, 4 diverged later" in "\n".join(md)
+    text = "\n".join(md)
+    assert "of the remaining 18 runs, 4 diverged later" in text
+    assert "Late divergences (4): none d=32 L=2 LR 0.01 seed 0 at step 300" in text and "all are none runs" in text
+    assert len(ew["late_runs"]) == 4
 
 
 def test_horizons_sentence_reads_the_tables(reproduce, tmp_path):
