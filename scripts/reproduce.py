@@ -8,24 +8,26 @@ results/summary.json and the PNG plots.
 
 Full settings: prediction sweep 6 norms x 4 LRs x 3 (width, depth) x 3 seeds = 216 runs of 500 steps (the paper's
 loss-spike window; the session-1/2 table of 100-step runs stays in results/sweep_prediction_100steps/ and is compared
-in section 1d of RESULTS.md); prevention
-No-Norm, 24 trials x 9 arms (control, clip 0.5 / 1.0, KSS alpha 0.10 / 0.15 / 0.20 capped and paper-literal) of 150
-steps; max stable LR: KSS alpha 0.15 (capped and paper-literal) for Pre-LN / RMSNorm / No-Norm, 3 seeds, 100 steps;
-WikiText-2 / MNIST-ViT: 2 seeds x 3 arms, 150 steps; MoE: Mixtral-style top-2 of 8 experts, LR 0.7 / 1 / 1.5 / 2 x
-8 seeds x {control, KSS alpha 0.15}, 150 steps, plus a replication with seeds 8-15 at LR 1.
+in section 2b of RESULTS.md); prevention No-Norm, 24 trials x 9 arms (control, clip 0.5 / 1.0, KSS alpha 0.10 / 0.15
+/ 0.20 capped and paper-literal) of 150 steps; max stable LR: KSS alpha 0.15 (capped and paper-literal) for Pre-LN /
+RMSNorm / No-Norm, 3 seeds, 100 steps; WikiText-2 / MNIST-ViT: 2 seeds x 3 arms, 150 steps; MoE: Mixtral-style top-2
+of 8 experts, LR 0.7 / 1 / 1.5 / 2 x 8 seeds x {control, KSS alpha 0.15}, 150 steps, plus a replication with seeds
+8-15 at LR 1.
 Quick: 6 norms x 2 LRs x 2 configs x 2 seeds (48 runs of 60 steps, not 500: the quick run checks the pipeline within
-20 minutes, so its loss-spike count covers steps 1-60 and it has no early-warning section), prevention 3 trials x 4
-arms, max-LR 1 seed, real data 1 seed x 40 steps, MoE 1 seed at LR 2 x 40 steps.
+20 minutes, so its loss-spike count covers steps 1-60, its "step-100" gradient features carry the step-60 value, and
+it has no early-warning or 100-vs-500 section), prevention 3 trials x 4 arms, max-LR 1 seed, real data 1 seed x 40
+steps, MoE 1 seed at LR 2 x 40 steps.
 Sweeps are resumable (`results/<dir>/runs.jsonl`); re-running only fills in missing runs. KSS rows from before the
 gradient cap (no `kss_max_grad_ratio` field) are relabelled `kss<alpha>-uncapped` before a sweep resumes. The shipped
 risk estimator is refitted only with `--refit-estimator` (or into results/quick with `--quick`).
 
 Measured runtimes (2-core machine shared with other jobs) are in RESULTS.md ("Runtime of these settings"). `--quick`
-from scratch: 524 s wall (8.7 min; 156 CPU-s, 29% of a core) in session 2 at load ~8, beside two other sweeps of
-ours; 283 s in session 1 with the smaller quick grids. The 500-step prediction sweep took 47.6 min wall in session 3
-(one single-threaded process on the shared 2-core machine, load 1-7; `results/RESULTS.md`, runtime table); the session-1 100-step prediction and the prevention sweeps
-took about 65-67 min wall each as parallel processes on a loaded machine; the session-2 capped prevention arms 27 min, MoE 2 x 20 min, max-LR
-and real-data KSS arms 23 min (load 8-10).
+from scratch in session 3 (HF_KOOPMAN_DATA set, so with the real-data runs; ~140-150 CPU-s): 141 s wall at load
+~1-2, 206 s and 352 s at load ~3-5; 524 s in session 2 at load ~8; 283 s in session 1 with the smaller quick grids. The 500-step prediction sweep
+took 47.6 min wall in session 3 (one single-threaded process on the shared 2-core machine, load 1-7); the session-1
+100-step prediction and the prevention sweeps took about 65-67 min wall each as parallel processes on a loaded
+machine; the session-2 capped prevention arms 27 min, MoE 2 x 20 min, max-LR and real-data KSS arms 23 min (load
+8-10).
 """
 
 from __future__ import annotations
@@ -313,8 +315,8 @@ NOTES = """## What this does and does not show
   within-norm AUROCs of spectral features only reflect width/depth/seed variation; log LR is the informative input
   there. This is the question the paper's Table 2 skips.
 * **Gradient baselines in the main table mix detection with prediction.** A run that diverged before step 100 carries
-  its divergent (or +inf) value into the step-100 features, and the loss-spike count over steps 1-500 covers the same
-  steps as the label (the paper trained far beyond step 500, so its count was an early signal; ours is concurrent
+  its divergent (or +inf) value into the step-100 features, and the loss-spike count (steps 1-500, or the run's
+  horizon if shorter) covers the same steps as the label (the paper trained far beyond step 500, so its count was an early signal; ours is concurrent
   with the label). Only the step-1 gradient norm and the init spectrum are like-for-like predictions there. Section 1c
   (500-step table only) asks the fair question: among runs still stable at step 100, which step-100 signal predicts
   divergence in steps 101-500. In the session-1/2 100-step table none of this could be separated.
@@ -695,6 +697,7 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
     for t in table:
         if t["column"] == "loss_spikes_1_500" and window < 500:
             t["predictor"] = f"loss-spike count, steps 1-{window} (paper: 1-500)"
+            t["timing"] = f"through step {window}"
     summary["loss_spike_window"] = {
         "steps": [1, window], "paper_steps": [1, 500], "horizon_steps": horizon,
         "note": (f"prediction runs last {horizon} steps, so spikes are counted over steps 1-{window} as in the paper "
