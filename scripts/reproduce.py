@@ -662,9 +662,9 @@ def horizon_comparison_section(
                                                               "max_abs_delta_near_unit_mass": max_dm}
     w(f"Init spectra: {n_changed} of {len(new)} runs have different init features in the two tables"
       + (f" ({', '.join(f'{n} {c}' for n, c in sorted(changed.items()))}; largest |ΔM≈1| = {max_dm:.3f}): "
-         "the whitened-DMD code changed between session 1 and now (row-space reduction before whitening, "
-         "left-eigenvector solves); the current table and the shipped estimator use the current profiler, i.e. what "
-         "`hf_koopman.profile` returns today." if n_changed else ".") + "\n")
+         "the profiling code changed between session 1 and now (session-2 whitened-DMD changes such as the row-space "
+         "reduction before whitening; not traced to a single commit); the current table and the shipped estimator use "
+         "the current profiler, i.e. what `hf_koopman.profile` returns today." if n_changed else ".") + "\n")
     # consistency: the first steps of a longer run are the shorter run (same seed, data order, warmup-then-constant
     # LR), so the runs that diverged within the short horizon must be exactly those of the long table that did
     key = _key
