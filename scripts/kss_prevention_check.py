@@ -1,10 +1,12 @@
 """Prevention check behind results/kss_gradient_scale.md: control vs KSS alpha=0.15 with and without the gradient cap.
 
-    python scripts/kss_prevention_check.py ARM TRIALS [OUT_DIR]
+    python scripts/kss_prevention_check.py ARM TRIALS [OUT_DIR [SETTING]]
     python scripts/kss_prevention_check.py --summary [OUT_DIR]      # markdown table of the arms in OUT_DIR
     ARM    = control | kss_uncapped | kss_ratio<r> (e.g. kss_ratio0.5; r = KSSConfig.max_grad_ratio, parameter-space
              norms) | kss_act<r> (the same ratio with KSSConfig.grad_cap = "activations")
     TRIALS = comma-separated trial indices (trial t: seed 100 + t, LR 0.0075 for even t, 0.01 for odd t)
+    SETTING = nonorm (default, below) | moe_lr<LR> (Mixtral-style MoE of RESULTS.md 5b at that LR, e.g. moe_lr1;
+              trial t: seed t; rows go to OUT_DIR/val2_moe_lr<LR>_<arm>.jsonl)
 
 No-Norm research GPT (d = 32, L = 4), associative recall, 150 steps, through KSSTrainer (see hf_koopman.experiments).
 Appends one JSON line per trial to OUT_DIR/val2_<arm>.jsonl (default results/kss_gradient_scale/).
@@ -50,7 +52,8 @@ arm = sys.argv[1]; trials = [int(t) for t in sys.argv[2].split(",")]
 orig = A.KSSTrainingArguments.kss_config
 if arm.startswith("kss_ratio"):
     _r = float(arm[len("kss_ratio"):])
-    A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r)
+    A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r,
+                                                                         grad_cap="parameters")
 if arm.startswith("kss_act"):
     _r = float(arm[len("kss_act"):])
     A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r,
@@ -68,11 +71,19 @@ def _finish(losses, grads, *a, **k):
 R._finish = _finish
 LRS = (0.0075, 0.01)
 out_dir = Path(sys.argv[3] if len(sys.argv) > 3 else "results/kss_gradient_scale")
+setting = sys.argv[4] if len(sys.argv) > 4 else "nonorm"
+if setting != "nonorm" and not (setting.startswith("moe_lr") and setting[6:].replace(".", "", 1).isdigit()):
+    sys.exit(f"unknown setting {setting!r}: 'nonorm' (default) or 'moe_lr<LR>' (e.g. moe_lr1)")
 out_dir.mkdir(parents=True, exist_ok=True)
-out = open(out_dir / f"val2_{arm}.jsonl", "a")
+out = open(out_dir / f"val2_{'' if setting == 'nonorm' else setting + '_'}{arm}.jsonl", "a")
 for t in trials:
-    spec = RunSpec(norm="none", learning_rate=LRS[t % 2], seed=100 + t, num_layers=4, hidden_size=32, max_steps=150,
-                   method="none" if arm == "control" else "kss0.15", backend="trainer", group="prevention")
+    method = "none" if arm == "control" else "kss0.15"
+    if setting.startswith("moe_lr"):  # the Mixtral-style MoE of RESULTS.md 5b at one LR (trial t: seed t)
+        spec = RunSpec(norm="rmsnorm", learning_rate=float(setting[6:]), seed=t, hidden_size=64, num_layers=4, task="synthetic_lm",
+                       max_steps=150, method=method, backend="trainer", group="moe", arch="mixtral", top_k=2)
+    else:
+        spec = RunSpec(norm="none", learning_rate=LRS[t % 2], seed=100 + t, num_layers=4, hidden_size=32,
+                       max_steps=150, method=method, backend="trainer", group="prevention")
     row = execute(spec)
     row["arm"] = arm
     row["max_grad_kss_steps"] = HIST["kss"]; row["max_grad_other_steps"] = HIST["other"]; row["grad_step0"] = HIST["step0"]

@@ -18,9 +18,13 @@
     python scripts/sweep.py --grid prediction --features-only
     # relabel KSS rows written before KSSTrainer capped the KSS gradient as "kss<alpha>-uncapped"
     python scripts/sweep.py --grid prevention --relabel-uncapped
+    # record where the cap's norms were measured on rows that predate `kss_grad_cap` (session 2: parameters)
+    python scripts/sweep.py --grid prevention --mark-grad-cap parameters
 
 KSS arms are "kss<alpha>" (KSSTrainer's default gradient cap, kss_max_grad_ratio = 0.5) and "kss<alpha>-uncapped"
-(the paper-literal gradient, kss_max_grad_ratio = None); each KSS row records the ratio it used.
+(the paper-literal gradient, kss_max_grad_ratio = None); each KSS row records the ratio it used and `kss_grad_cap`, where
+the cap's norms were measured (the library default is "activations" since session 3; the session-2 tables used
+"parameters").
 
 The prediction sweep uses a plain AdamW loop (no regulariser involved); every other grid goes through
 `hf_koopman.KSSTrainer` (alpha = 0 for non-KSS arms, i.e. the plain `Trainer` loss). Each run is labelled as in the
@@ -56,6 +60,7 @@ from hf_koopman.experiments.sweep import (
     dump_row,
     init_profile_features,
     read_rows,
+    mark_kss_grad_cap,
     relabel_uncapped_kss,
     run_sweep,
     task_datasets,
@@ -97,6 +102,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--relabel-uncapped", action="store_true",
                    help="only relabel KSS rows trained before the gradient cap as 'kss<alpha>-uncapped'")
     p.add_argument("--seeds", type=int, default=None, help="moe: seeds per (LR, method), default 8")
+    p.add_argument("--mark-grad-cap", choices=("parameters", "activations"), default=None,
+                   help="only record kss_grad_cap on capped KSS rows that predate the field (session-2 rows: parameters)")
     return p
 
 
@@ -108,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("results") / {"real_data": "sweep_real"}.get(args.grid, f"sweep_{args.grid}") / "runs.jsonl"
     if args.features_only:
         fill_features(out)
+        return 0
+    if args.mark_grad_cap:
+        print(f"marked {mark_kss_grad_cap(out, args.mark_grad_cap)} capped KSS rows of {out} as "
+              f"kss_grad_cap={args.mark_grad_cap!r}")
         return 0
     if args.relabel_uncapped:
         print(f"relabelled {relabel_uncapped_kss(out)} KSS rows of {out} as '<method>{UNCAPPED_SUFFIX}'")

@@ -30,6 +30,7 @@ __all__ = [
     "run_sweep",
     "read_rows",
     "dump_row",
+    "mark_kss_grad_cap",
     "relabel_uncapped_kss",
 ]
 
@@ -226,6 +227,7 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
         from hf_koopman.training import KSSConfig
 
         row["kss_max_grad_ratio"] = KSSConfig().max_grad_ratio if spec.kss_capped else None
+        row["kss_grad_cap"] = KSSConfig().grad_cap if spec.kss_capped else None  # where the cap's norms are measured
     if features:  # profile keys first, spec fields win on a name clash (the profile also reports "num_layers")
         row.update({k: v for k, v in init_profile_features(model, train_ds, seed=spec.seed).items() if k not in row})
     result = _train(spec, model, train_ds, eval_ds)
@@ -275,6 +277,34 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 def dump_row(row: dict[str, Any]) -> str:
     """One JSON line for `row` (non-finite floats as "inf" / "-inf" / "nan" strings, which `read_rows` maps back)."""
     return json.dumps({k: _jsonable(v) for k, v in row.items()})
+
+
+def mark_kss_grad_cap(path: str | Path, grad_cap: str) -> int:
+    """Record `kss_grad_cap = grad_cap` on the capped KSS rows of `path` that predate the field.
+
+    Rows written before `KSSConfig.grad_cap` existed (session 2) were capped with parameter-space norms; rows written
+    between the session-3 switch of the default to `"activations"` and this field (the `--quick` tables of that
+    session) used activation-space norms. The caller says which; rows that already carry the field are left alone
+    (idempotent).
+
+    Returns:
+        `int`: the number of rows changed.
+    """
+    if grad_cap not in ("parameters", "activations"):
+        raise ValueError(f"grad_cap must be 'parameters' or 'activations', got {grad_cap!r}")
+    path = Path(path)
+    rows = read_rows(path)
+    changed = 0
+    for row in rows:
+        capped = str(row.get("method", "")).startswith("kss") and row.get("kss_max_grad_ratio") is not None
+        if capped and "kss_grad_cap" not in row:
+            row["kss_grad_cap"] = grad_cap
+            changed += 1
+    if changed:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(dump_row(r) + "\n" for r in rows))
+        tmp.replace(path)
+    return changed
 
 
 def relabel_uncapped_kss(path: str | Path) -> int:

@@ -14,7 +14,14 @@ from hf_koopman.experiments.analysis import (
     prevention_table,
     within_norm_table,
 )
-from hf_koopman.experiments.sweep import RunSpec, execute, read_rows, relabel_uncapped_kss, run_sweep
+from hf_koopman.experiments.sweep import (
+    RunSpec,
+    execute,
+    mark_kss_grad_cap,
+    read_rows,
+    relabel_uncapped_kss,
+    run_sweep,
+)
 
 
 def test_runspec_validation_and_ids():
@@ -71,7 +78,9 @@ def test_mixtral_run_through_kss_trainer():
 
 def test_kss_cap_reaches_the_trainer():
     """On the first (KSS) step the capped run's gradient is at most (1 + 0.5) x the task gradient of the alpha = 0
-    run; the paper-literal run's is not bounded that way (No-Norm: its KSS gradient dominates)."""
+    run; the paper-literal run's is not bounded that way (No-Norm: its KSS gradient dominates). The default cap
+    measures its norms on the residual stream, so the parameter-space bound is not guaranteed by construction; it
+    holds on this model (deterministic on CPU)."""
     kw = dict(norm="none", learning_rate=1e-3, seed=0, hidden_size=16, num_layers=2, num_heads=2, max_steps=1,
               backend="trainer")
     rows = {m: execute(RunSpec(method=m, **kw), features=False) for m in ("none", "kss0.15", "kss0.15-uncapped")}
@@ -80,6 +89,7 @@ def test_kss_cap_reaches_the_trainer():
     assert rows["kss0.15-uncapped"]["initial_grad_norm"] > 1.5 * g_task
     assert rows["kss0.15"]["kss_max_grad_ratio"] == 0.5 and rows["kss0.15-uncapped"]["kss_max_grad_ratio"] is None
     assert "kss_max_grad_ratio" not in rows["none"]
+    assert rows["kss0.15"]["kss_grad_cap"] == "activations" and rows["kss0.15-uncapped"]["kss_grad_cap"] is None
 
 
 def test_label_uses_the_task_loss_not_the_regularised_objective():
@@ -93,6 +103,22 @@ def test_label_uses_the_task_loss_not_the_regularised_objective():
     assert row["diverged_on_objective"] is True and row["objective_divergence_step"] == 1
     ctrl = execute(RunSpec(**{**spec.__dict__, "method": "none"}), features=False)
     assert "objective_loss_max" not in ctrl  # alpha = 0: objective == task loss, nothing extra recorded
+
+
+def test_mark_kss_grad_cap_only_fills_capped_rows_that_lack_it(tmp_path):
+    out = tmp_path / "runs.jsonl"
+    rows = [{"run_id": "a", "method": "kss0.15", "kss_max_grad_ratio": 0.5},
+            {"run_id": "b", "method": "kss0.15-uncapped", "kss_max_grad_ratio": None},
+            {"run_id": "c", "method": "none"},
+            {"run_id": "d", "method": "kss0.15", "kss_max_grad_ratio": 0.5, "kss_grad_cap": "activations"}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert mark_kss_grad_cap(out, "parameters") == 1
+    got = {r["run_id"]: r for r in read_rows(out)}
+    assert got["a"]["kss_grad_cap"] == "parameters" and got["d"]["kss_grad_cap"] == "activations"
+    assert "kss_grad_cap" not in got["b"] and "kss_grad_cap" not in got["c"]
+    assert mark_kss_grad_cap(out, "activations") == 0  # idempotent: nothing left to mark
+    with pytest.raises(ValueError, match="grad_cap"):
+        mark_kss_grad_cap(out, "params")
 
 
 def test_relabel_uncapped_kss(tmp_path):
