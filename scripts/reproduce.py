@@ -69,6 +69,7 @@ from hf_koopman.experiments.grids import (
 )
 from hf_koopman.experiments.stats import fisher_exact
 from hf_koopman.experiments.sweep import read_rows, relabel_uncapped_kss, run_sweep
+from hf_koopman.training import KSSConfig
 
 PAPER_TABLE2 = {
     "near_unit_mass_mean": 0.995, "near_unit_mass_x_log10_kappa_mean": 0.873, "spectral_radius_max": 0.845,
@@ -285,10 +286,16 @@ Init-time spectra come from `hf_koopman.profile` (whitened DMD, N = 2048 token s
 randomized rank 32, ResDMD filter and thresholds as in the paper). The horizon is short ({horizons}): "diverged"
 means "diverged within that horizon". Runtime: table at the end.
 
-**KSS, capped and paper-literal.** `KSSTrainer` now caps the gradient of α·L_KSS at `kss_max_grad_ratio` = 0.5 × the
-task-loss gradient norm on KSS steps (the loss value is unchanged; `results/kss_gradient_scale.md` has the diagnosis:
-the paper-literal gradient was ~100× the task gradient). Arms named `kss<α>` use that default; `kss<α>-uncapped` are
-the paper-literal gradient (`kss_max_grad_ratio=None`) — the session-1 runs, kept as measured and relabelled.
+**KSS, capped and paper-literal.** `KSSTrainer` caps the gradient of α·L_KSS at `kss_max_grad_ratio` = 0.5 × the
+task gradient on KSS steps (the loss value is unchanged; `results/kss_gradient_scale.md` has the diagnosis: the
+paper-literal gradient was ~100× the task gradient). Arms named `kss<α>` are capped; `kss<α>-uncapped` are the
+paper-literal gradient (`kss_max_grad_ratio=None`) — the session-1 runs, kept as measured and relabelled. Each capped
+row records where the cap's norms were measured (`kss_grad_cap`): the full-setting KSS tables below were run in
+session 2 with norms over the parameters (`"parameters"`, one extra partial backward pass per KSS step). Since
+session 3 the library default is `"activations"` (norms on the residual stream inside the ordinary backward pass,
+same direction: +0.8 % step time against +5.6 %, `results/bench_kss.md`); the `--quick` tables and the side-by-side
+overhead at the end of this report use it. `results/kss_gradient_scale.md` §6 compares the two caps on the same 24
+No-Norm trials (3/24 vs 5/24 diverged; control 5/24) and on the MoE cell at LR 1 (0/16 vs 6/16; control 0/16).
 
 **Choices where the paper is silent.** Loss spike = loss above 1.5 × the mean of the previous 20 finite losses (at
 least 5 needed) or non-finite (`hf_koopman.experiments.divergence.count_loss_spikes`, unchanged since session 1),
@@ -1000,6 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings = {} if args.report_only else run_sweeps(root, args.quick)
+    if args.report_only and (root / "summary.json").exists():  # keep the wall times of the run that made the tables
+        timings = json.loads((root / "summary.json").read_text()).get("timings_seconds", {}) or {}
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fit_risk import fit  # the shipped estimator comes from the full sweep only; --quick writes into results/quick
 
@@ -1017,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         out["summary"]["kss_overhead"] = oh["overhead"]  # the side-by-side number (sweep timings are contended)
         out["summary"]["kss_overhead_side_by_side"] = oh
         out["markdown"] += (
-            f"\n**KSS overhead measured side by side** (alternating α = 0 / α = 0.15 runs in one process, No-Norm d=32 "
+            f"\n**KSS overhead measured side by side** (alternating α = 0 / α = 0.15 runs in one process, default "
+            f"`kss_grad_cap` = {KSSConfig().grad_cap!r}, No-Norm d=32 "
             f"L=4, {oh['steps']} steps × {oh['reps']} repetitions, medians): {1000 * oh['control_s_per_step']:.1f} ms vs "
             f"{1000 * oh['kss_s_per_step']:.1f} ms per step, overhead {100 * oh['overhead']:.1f}% (paper: 10.8%).\n"
         )
