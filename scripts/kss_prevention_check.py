@@ -2,6 +2,7 @@
 
     python scripts/kss_prevention_check.py ARM TRIALS [OUT_DIR [SETTING]]
     python scripts/kss_prevention_check.py --summary [OUT_DIR]      # markdown table of the arms in OUT_DIR
+    python scripts/kss_prevention_check.py max_lr - [OUT_DIR]       # max-LR grid's kss0.15 arm with the default cap
     ARM    = control | kss_uncapped | kss_ratio<r> (e.g. kss_ratio0.5; r = KSSConfig.max_grad_ratio, parameter-space
              norms) | kss_act<r> (the same ratio with KSSConfig.grad_cap = "activations")
     TRIALS = comma-separated trial indices (trial t: seed 100 + t, LR 0.0075 for even t, 0.01 for odd t)
@@ -39,8 +40,36 @@ def summary(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+MAX_LR_FILE = "max_lr_kss0.15_activations.jsonl"
+
+
+def max_lr_summary(out_dir: Path) -> str:
+    """Max stable LR (< 20 % divergence) of the activation-cap KSS arm beside the RESULTS.md max-LR table's arms."""
+    from hf_koopman.experiments.analysis import max_stable_lr_table
+    from hf_koopman.experiments.sweep import read_rows
+
+    act = [{**r, "method": "kss0.15 (activations)"} for r in read_rows(out_dir / MAX_LR_FILE)]
+    old = read_rows(Path("results/sweep_max_lr/runs.jsonl"))
+    base = [r for r in read_rows(Path("results/sweep_prediction_100steps/runs.jsonl"))
+            if r["norm"] in ("pre_ln", "rmsnorm", "none") and r["hidden_size"] == 32 and r["num_layers"] == 4]
+    table = max_stable_lr_table(base + old + act)
+    arms = ("none", "kss0.15", "kss0.15 (activations)", "kss0.15-uncapped")
+    lines = ["| norm | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for norm in ("pre_ln", "rmsnorm", "none"):
+        cells = []
+        for arm in arms:
+            c = table.get(norm, {}).get(arm)
+            cells.append("-" if c is None else ("≥" if c["censored"] else "") + f"{c['max_stable_lr']}"
+                         + f" ({', '.join(f'{k}: {v:.2f}' for k, v in c['rates'].items())})")
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if len(sys.argv) >= 2 and sys.argv[1] == "--summary":  # python scripts/kss_prevention_check.py --summary DIR
-    print(summary(Path(sys.argv[2] if len(sys.argv) > 2 else "results/kss_gradient_scale")))
+    out_dir = Path(sys.argv[2] if len(sys.argv) > 2 else "results/kss_gradient_scale")
+    print(summary(out_dir))
+    if (out_dir / MAX_LR_FILE).exists():
+        print("\nMax stable LR (divergence rate per LR in brackets):\n\n" + max_lr_summary(out_dir))
     sys.exit(0)
 
 torch.set_num_threads(1)
@@ -48,7 +77,7 @@ logging.disable(logging.WARNING)
 from hf_koopman.experiments.sweep import RunSpec, execute
 from hf_koopman.training import arguments as A
 
-arm = sys.argv[1]; trials = [int(t) for t in sys.argv[2].split(",")]
+arm = sys.argv[1]; trials = [] if arm == "max_lr" else [int(t) for t in sys.argv[2].split(",")]
 orig = A.KSSTrainingArguments.kss_config
 if arm.startswith("kss_ratio"):
     _r = float(arm[len("kss_ratio"):])
@@ -60,6 +89,13 @@ if arm.startswith("kss_act"):
                                                                          grad_cap="activations")
 if arm == "kss_uncapped":
     A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=None)
+if arm == "max_lr":  # python scripts/kss_prevention_check.py max_lr - OUT_DIR: the max-LR grid's KSS arm, default cap
+    from hf_koopman.experiments.grids import max_lr_grid
+    from hf_koopman.experiments.sweep import run_sweep
+
+    out_dir = Path(sys.argv[3] if len(sys.argv) > 3 else "results/kss_gradient_scale/session3")
+    run_sweep([s for s in max_lr_grid() if s.method == "kss0.15"], out_dir / MAX_LR_FILE, features=False)
+    sys.exit(0)
 from hf_koopman.experiments import runner as R
 _orig_finish = R._finish
 HIST = {}
