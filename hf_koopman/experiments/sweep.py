@@ -279,6 +279,13 @@ def dump_row(row: dict[str, Any]) -> str:
     return json.dumps({k: _jsonable(v) for k, v in row.items()})
 
 
+def _rewrite_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the table at `path` with `rows` atomically (write a sibling file, then rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(dump_row(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
 def mark_kss_grad_cap(path: str | Path, grad_cap: str) -> int:
     """Record `kss_grad_cap = grad_cap` on the capped KSS rows of `path` that predate the field.
 
@@ -301,9 +308,7 @@ def mark_kss_grad_cap(path: str | Path, grad_cap: str) -> int:
             row["kss_grad_cap"] = grad_cap
             changed += 1
     if changed:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(dump_row(r) + "\n" for r in rows))
-        tmp.replace(path)
+        _rewrite_rows(path, rows)
     return changed
 
 
@@ -328,9 +333,7 @@ def relabel_uncapped_kss(path: str | Path) -> int:
         row["kss_max_grad_ratio"] = None
         changed += 1
     if changed:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(dump_row(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        _rewrite_rows(path, rows)
     return changed
 
 
