@@ -5,11 +5,11 @@
 2. One ReyNet layer vs one IEGN layer (Maron et al.'s 15-op basis) at n = 32, 64, 128: forward+backward CPU time
    and activation memory saved for backward (bytes of the tensors autograd keeps, counted with
    `torch.autograd.graph.saved_tensors_hooks`, plus the inputs a checkpointed layer keeps for its recomputation).
-   Contenders: the ReyNet layer as the model runs it, the same layer with activation checkpointing, the session-2
-   ReyNet code path (same numerics, kept here as the before/after reference), the depthwise-φ ReyNet layer, and three
-   IEGN implementations: the materialised 15-op basis, the factorised channel-first layer, and the channel-last GEMM
-   path the model uses (the strongest baseline).
-
+   Contenders: the ReyNet layer of the target, φ: 4C -> C -> 2C' with C' = C (the widths of an IEGN layer
+   C -> C), the same layer with activation checkpointing, the block shape of the graph models (φ hidden 2C plus a
+   channel MLP), the depthwise φ of the paper's code, and three IEGN implementations: the materialised 15-op basis,
+   the factorised channel-first layer, and the channel-last GEMM path our IEGN model uses (the strongest baseline).
+   Every layer gets the same values, contiguous in its own layout.
 3. With `--data-dir`: CPU seconds of one training epoch per TU dataset for ReyNet, IEGN as the model runs it
    (channel-last) and IEGN through the channel-first layer (session 1).
 
@@ -67,6 +67,8 @@ def bench_operator(sizes, lines: list[str]) -> None:
 
 
 class _IEGNLayer(nn.Module):
+    channels_last = False
+
     def __init__(self, c: int, factorized: bool) -> None:
         super().__init__()
         self.linear = IEGNLinear(c, c, factorized=factorized)
@@ -76,42 +78,28 @@ class _IEGNLayer(nn.Module):
 
 
 class _IEGNLayerChannelsLast(nn.Module):
-    """The path `ReyNetIEGNBlock` uses: channel-last GEMMs (input permuted here so all contenders share one input)."""
+    """The path `ReyNetIEGNBlock` uses: channel-last GEMMs on a contiguous `(B, n, n, C)` input, as in the model."""
+
+    channels_last = True
 
     def __init__(self, c: int) -> None:
         super().__init__()
         self.linear = IEGNLinear(c, c)
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.linear.forward_channels_last(X.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-
-
-class _SessionTwoBlock(ReyNetReynoldsBlock):
-    """The session-2 code path of the joint-φ block (before profiling), same numerics: five full-size tensors for φ's
-    first layer, the full `h -> 2C'` last layer, a masked copy for the diagonal and `diagonal_scatter`."""
-
-    def reynolds(self, h, pair, node, count):
-        first = self.phi[0]
-        W = first.weight.reshape(first.out_features, -1, 4)
-        d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)
-        pre = h @ W[:, :, 1].T + (h @ W[:, :, 2].T).transpose(1, 2)
-        pre = pre + (d @ W[:, :, 0].T)[:, :, None, :] + (d @ W[:, :, 3].T)[:, None, :, :]
-        out = self.phi[1:](pre + first.bias)
-        diag_part, off_part = out[..., : self.rey_channels], out[..., self.rey_channels :]
-        if node is None:
-            diag_sum = diag_part.sum(dim=2) - diag_part.diagonal(dim1=1, dim2=2).transpose(1, 2)
-        else:
-            diag_sum = torch.where(pair[..., None], diag_part, torch.zeros((), dtype=out.dtype)).sum(dim=2)
-        diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]
-        return torch.diagonal_scatter(off_part, diag.transpose(1, 2), dim1=1, dim2=2)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear.forward_channels_last(h))
 
 
 class _ReyNetLayer(nn.Module):
-    def __init__(self, c: int, phi_mode: str, hidden: int, checkpointed: bool = False, session2: bool = False) -> None:
+    """One ReyNet block on a contiguous channel-last `(B, n, n, C)` input (the model's layout), no padding."""
+
+    channels_last = True
+
+    def __init__(self, c: int, phi_mode: str, hidden: int, channel_mlp: bool, checkpointed: bool = False) -> None:
         super().__init__()
         cfg = ReyNetConfig(in_channels=c, phi_mode=phi_mode, phi_hidden_sizes=[hidden], reynolds_channels=c,
-                           channel_hidden_sizes=[c], skip_connection=False)
-        self.block = (_SessionTwoBlock if session2 else ReyNetReynoldsBlock)(cfg, c)
+                           channel_hidden_sizes=[c] if channel_mlp else [], skip_connection=False)
+        self.block = ReyNetReynoldsBlock(cfg, c)
         if checkpointed:  # what `model.activation_checkpointing_enable()` does to every block
             from functools import partial
 
@@ -122,15 +110,14 @@ class _ReyNetLayer(nn.Module):
         self.checkpointed = checkpointed
         self.kept_inputs: list[torch.Tensor] = []
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        B, _, n, _ = X.shape
-        _, pair, count = _pair_masks(None, B, n, X.device)
-        h = X.permute(0, 2, 3, 1)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, n = h.shape[:2]
+        _, pair, count = _pair_masks(None, B, n, h.device)
         # a checkpointed layer keeps its inputs (not through the saved-tensor hooks): count them as saved
         self.kept_inputs = [h, pair, count] if self.checkpointed else []
         # node=None: no padding, as `ReyNetModel` calls its blocks for a batch of equal-size graphs (the IEGN
         # contenders get no mask either)
-        return self.block(h, pair, None, count).permute(0, 3, 1, 2)
+        return self.block(h, pair, None, count)
 
 
 def _saved_bytes(layer: nn.Module, X: torch.Tensor) -> int:
@@ -148,64 +135,84 @@ def _saved_bytes(layer: nn.Module, X: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, repeats: int = 3) -> None:
+# the layer of the target (matched widths: φ 4C -> C -> 2C', C' = C, like IEGN's C -> C), then other ReyNet shapes
+_TARGET = "ReyNet layer (φ h=C)"
+_IEGN_BEST = "IEGN (channel-last, in model)"
+
+
+def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, rounds: int = 5) -> bool:
+    """Returns whether the target layer is not slower and lighter than every IEGN implementation at every n."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = channels
     contenders = {
-        "ReyNet (joint φ, h=32)": _ReyNetLayer(channels, "joint", 32),
-        "ReyNet (joint, checkpointed)": _ReyNetLayer(channels, "joint", 32, checkpointed=True),
-        "ReyNet (joint, session 2)": _ReyNetLayer(channels, "joint", 32, session2=True),
-        "ReyNet (depthwise φ, h=16)": _ReyNetLayer(channels, "depthwise", 16),
-        "IEGN (15 ops materialised)": _IEGNLayer(channels, factorized=False),
-        "IEGN (factorised)": _IEGNLayer(channels, factorized=True),
-        "IEGN (channel-last, in model)": _IEGNLayerChannelsLast(channels),
+        _TARGET: _ReyNetLayer(c, "joint", c, channel_mlp=False),
+        "ReyNet layer (φ h=C), checkpointed": _ReyNetLayer(c, "joint", c, channel_mlp=False, checkpointed=True),
+        "ReyNet layer (φ h=C/2)": _ReyNetLayer(c, "joint", c // 2, channel_mlp=False),
+        "ReyNet graph-model block (φ h=2C + channel MLP)": _ReyNetLayer(c, "joint", 2 * c, channel_mlp=True),
+        "ReyNet depthwise φ (paper's φ shape, h=16)": _ReyNetLayer(c, "depthwise", 16, channel_mlp=False),
+        "IEGN (15 ops materialised)": _IEGNLayer(c, factorized=False),
+        "IEGN (factorised, channel-first)": _IEGNLayer(c, factorized=True),
+        _IEGN_BEST: _IEGNLayerChannelsLast(c),
     }
-    lines.append("")
-    lines.append(f"## one equivariant layer, C_in = C_out = {channels}, batch {batch}, forward+backward, {device}")
-    for name, m in list(contenders.items())[1:3]:  # same parameters and outputs as the first contender
-        m.load_state_dict(contenders["ReyNet (joint φ, h=32)"].state_dict())
-    params = "  ".join(f"{name}: {sum(p.numel() for p in m.parameters())} params" for name, m in contenders.items())
-    lines.append(params)
-    header = f"{'n':>4} " + " ".join(f"{name:>30}" for name in contenders)
-    lines.append("time [ms]")
-    lines.append(header)
-    mem_rows, ratios = [], []
+    contenders["ReyNet layer (φ h=C), checkpointed"].load_state_dict(contenders[_TARGET].state_dict())
     names = list(contenders)
+    rey_names, iegn_names = names[:5], names[5:]
+    lines.append("")
+    lines.append(f"## one equivariant layer, C_in = C_out = {c}, batch {batch}, forward+backward, {device}")
+    lines.append("Inputs hold the same values, contiguous in each layer's own layout: (B, n, n, C) for the channel-last "
+                 "layers (as the models run them), (B, C, n, n) for the channel-first IEGN layers. Time: minimum over "
+                 f"{rounds} interleaved rounds.")
+    for name, m in contenders.items():
+        lines.append(f"  {name}: {sum(p.numel() for p in m.parameters())} parameters")
+    header = f"{'n':>4} " + " ".join(f"{name[:28]:>28}" for name in names)
+    time_rows, mem_rows, ratios = [], [], []
+    verdict = {rey: True for rey in rey_names}
     for n in sizes:
-        X = torch.randn(batch, channels, n, n, device=device, requires_grad=True)
-        reference = contenders[names[0]](X)
-        for name in names[1:3]:
-            if not torch.allclose(contenders[name](X), reference, rtol=1e-5, atol=1e-6):
-                raise RuntimeError(f"{name} does not reproduce the ReyNet layer's output")
-        times, mems = [], []
-        for layer in contenders.values():
+        X = torch.randn(batch, n, n, c, device=device)
+        inputs = {False: X.permute(0, 3, 1, 2).contiguous().requires_grad_(),
+                  True: X.clone().requires_grad_()}
+        reference = contenders[_TARGET](inputs[True])
+        if not torch.allclose(contenders[names[1]](inputs[True]), reference, rtol=1e-5, atol=1e-6):
+            raise RuntimeError("the checkpointed layer does not reproduce the ReyNet layer's output")
+        times = {name: float("inf") for name in names}
+        steps = {}
+        for name, layer in contenders.items():
             layer.to(device)
+            inp = inputs[layer.channels_last]
 
-            def step():
+            def step(layer=layer, inp=inp):
                 layer.zero_grad(set_to_none=True)
-                layer(X).square().mean().backward()
+                layer(inp).square().mean().backward()
                 if device == "cuda":
                     torch.cuda.synchronize()
 
-            step()
-            times.append(_time(step, repeats))
-            mems.append(_saved_bytes(layer, X))
-        lines.append(f"{n:>4} " + " ".join(f"{1e3 * t:>30.1f}" for t in times))
-        mem_rows.append(f"{n:>4} " + " ".join(f"{m / 2**20:>30.1f}" for m in mems))
-        t, m = dict(zip(names, times)), dict(zip(names, mems))
-        for rey in names[:2]:
-            ratios.append(
-                f"{n:>4} {rey:<28}"
-                + "".join(f" | vs {iegn[6:-1]}: time {t[iegn] / t[rey]:.2f}x, memory {m[iegn] / m[rey]:.2f}x"
-                          for iegn in names[4:])
-            )
-        ratios.append(f"{n:>4} session-2 / current ReyNet layer: time {t[names[2]] / t[names[0]]:.2f}x, "
-                      f"memory {m[names[2]] / m[names[0]]:.2f}x")
+            step()  # warm-up
+            steps[name] = step
+        for _ in range(rounds):  # interleaved: a load burst hits every contender alike
+            for name in names:
+                times[name] = min(times[name], _time(steps[name], 1))
+        mems = {name: _saved_bytes(layer, inputs[layer.channels_last]) for name, layer in contenders.items()}
+        time_rows.append(f"{n:>4} " + " ".join(f"{1e3 * times[name]:>28.2f}" for name in names))
+        mem_rows.append(f"{n:>4} " + " ".join(f"{mems[name] / 2**20:>28.2f}" for name in names))
+        for rey in rey_names:
+            ratios.append(f"{n:>4} {rey:<50}" + "".join(
+                f" | vs {iegn[6:-1]}: time {times[iegn] / times[rey]:.2f}x, memory {mems[iegn] / mems[rey]:.2f}x"
+                for iegn in iegn_names))
+        for rey in rey_names:
+            verdict[rey] &= all(times[i] >= times[rey] and mems[i] > mems[rey] for i in iegn_names)
+    lines.append("time [ms]")
+    lines.append(header)
+    lines.extend(time_rows)
     lines.append("activation memory saved for backward [MiB]")
     lines.append(header)
     lines.extend(mem_rows)
     lines.append("IEGN / ReyNet ratios (> 1: ReyNet is faster / uses less memory)")
     lines.extend(ratios)
+    lines.append("target (not slower and lighter than every IEGN implementation at every n), per ReyNet layer shape:")
+    for rey in rey_names:
+        lines.append(f"  {rey}: {'met' if verdict[rey] else 'NOT met'}")
+    return verdict[_TARGET]
 
 
 def bench_epoch(data_dir: str, name: str, lines: list[str], batch_size: int = 16, seed: int = 1234) -> None:

@@ -144,16 +144,19 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         """φ's first linear layer on every pair block without materialising the `(B, n, n, 4C)` blocks.
 
         The weight columns for `[X[a,a], X[a,b], X[b,a], X[b,b]]` act separately, so
-        `W·block(a,b) + bias = W₁ X[a,b] + W₂ X[b,a] + (W₀ d[a] + bias) + W₃ d[b]`: two `(B, n, n, C) @ (C, h)` GEMMs
-        plus O(n) per-node terms, no block tensor (same result as `self.phi[0](pair_blocks(...))`). The three
-        full-size additions are in place on the first GEMM's output (autograd keeps no full-size tensor of a sum), so
-        one `(B, n, n, h)` buffer is allocated instead of five.
+        `W·block(a,b) + bias = W₁ X[a,b] + W₂ X[b,a] + (W₀ d[a] + bias) + W₃ d[b]`: one `(B, n, n, C) @ (C, 2h)` GEMM
+        for `[W₁; W₂]` plus O(n) per-node terms, no block tensor (same result as `self.phi[0](pair_blocks(...))` up to
+        float rounding). The per-node additions are in place (autograd keeps no full-size tensor of a sum), so the
+        GEMM output and one `(B, n, n, h)` buffer are allocated instead of five full-size tensors.
         """
         first = self.phi[0]
-        W = first.weight.reshape(first.out_features, -1, 4)  # (h, C, 4): channel-major block layout
+        width = first.out_features
+        W = first.weight.reshape(width, -1, 4)  # (h, C, 4): channel-major block layout
         d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C)
-        pre = h @ W[:, :, 1].T  # X[a,b] term, (B, n, n, h)
-        pre.add_((h @ W[:, :, 2].T).transpose(1, 2))  # X[b,a] term
+        # the X[a,b] and X[b,a] terms as one (B, n, n, C) @ (C, 2h) GEMM: h is read once and, in backward, one
+        # input-gradient GEMM and one saved input serve both
+        both = h @ torch.cat((W[:, :, 1], W[:, :, 2]), dim=0).T  # (B, n, n, 2h)
+        pre = both[..., :width] + both[..., width:].transpose(1, 2)  # (B, n, n, h), a fresh buffer
         pre.add_(torch.addmm(first.bias, d.reshape(-1, d.shape[-1]), W[:, :, 0].T).reshape(*d.shape[:2], 1, -1))
         return pre.add_((d @ W[:, :, 3].T)[:, None, :, :])
 

@@ -131,7 +131,10 @@ class IEGNLinear(nn.Module):
         on_diag = node_stats @ w_on_diag + (graph_stats @ w_on_diag_graph + self.bias_diag)[:, None, :]  # (B, n, C')
         along_i = node_stats @ w_along_i + (graph_stats @ w_const + self.bias_all)[:, None, :]  # (B, n, C')
         along_j = node_stats @ w_along_j
-        out = h @ W[:, 13] + (h @ W[:, 14]).transpose(1, 2)  # X[i, j] and X[j, i] terms
+        # X[i, j] and X[j, i] terms as one (…, C) @ (C, 2C') GEMM (h read once, one saved input for both)
+        both = h @ torch.cat((W[:, 13], W[:, 14]), dim=1)  # (B, n, n, 2C')
+        c_out = W.shape[-1]
+        out = both[..., :c_out] + both[..., c_out:].transpose(1, 2)
         out = out + along_i[:, :, None, :] + along_j[:, None, :, :]
         out.diagonal(dim1=1, dim2=2).add_(on_diag.transpose(1, 2))  # in place: no full-size diag_embed tensor
         return out

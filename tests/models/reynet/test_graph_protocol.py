@@ -183,3 +183,41 @@ def test_cv_with_readout_selection_trains_the_chosen_readout(tmp_path, monkeypat
     for kind in ("reynet", "iegn"):
         assert res["models"][kind]["readouts"] == sel["models"][kind]["chosen"]
         assert [len(r) for r in res["models"][kind]["per_epoch_accuracy"]] == [2, 2]
+
+
+def _fake_run(folder: Path, seed: int, reynet: list[float], iegn: list[float], epochs: int = 3, max_epochs: int = 3):
+    import json
+
+    def model(acc):
+        return {"fold_accuracies": acc, "mean": sum(acc) / len(acc)}
+
+    d = {"epochs": epochs, "max_epochs": max_epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
+         "models": {"reynet": model(reynet), "iegn": model(iegn)}}
+    (folder / f"seed{seed}").mkdir(parents=True)
+    (folder / f"seed{seed}" / "reynet_graphs_TOY.json").write_text(json.dumps({"datasets": {"TOY": d}}))
+
+
+def test_repeated_cv_aggregates_per_seed_paired_differences(tmp_path):
+    import train_reynet
+
+    folder = tmp_path / "reynet_repeated_cv"
+    _fake_run(folder, 10, [0.8, 0.6], [0.7, 0.7])  # difference +0.0, ReyNet >= IEGN on 1 of 2 folds
+    _fake_run(folder, 2, [0.9, 0.9], [0.5, 0.7])  # +0.3, 2 of 2 (seed 2 sorts before seed 10 numerically)
+    rep = train_reynet.repeated_cv(folder)["TOY"]
+    assert rep["seeds"] == [2, 10]
+    assert rep["difference"] == pytest.approx([0.3, 0.0])
+    assert rep["mean_difference"] == pytest.approx(0.15)
+    assert rep["sem_difference"] == pytest.approx(0.15)  # std of (0.3, 0) is 0.2121, / sqrt(2)
+    assert rep["reynet_mean"] == pytest.approx(0.8) and rep["iegn_mean"] == pytest.approx(0.65)
+    assert (rep["folds_reynet_ge"], rep["folds"]) == (3, 4)
+    md = "\n".join(train_reynet.repeated_cv_markdown({"TOY": rep}, "results"))
+    assert "| mean | 80.0 | 65.0 | +15.0 ± 15.0 |" in md and "**yes**" in md
+    assert train_reynet.repeated_cv(tmp_path / "absent") == {}
+
+
+def test_repeated_cv_rejects_an_incomplete_run(tmp_path):
+    import train_reynet
+
+    _fake_run(tmp_path, 1, [0.8], [0.7], epochs=2, max_epochs=3)
+    with pytest.raises(ValueError, match="incomplete run"):
+        train_reynet.repeated_cv(tmp_path)
