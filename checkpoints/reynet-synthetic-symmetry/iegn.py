@@ -133,8 +133,8 @@ class IEGNLinear(nn.Module):
         along_j = node_stats @ w_along_j
         # X[i, j] and X[j, i] terms as one (…, C) @ (C, 2C') GEMM (h read once, one saved input for both)
         both = h @ torch.cat((W[:, 13], W[:, 14]), dim=1)  # (B, n, n, 2C')
-        c_out = W.shape[-1]
-        out = both[..., :c_out] + both[..., c_out:].transpose(1, 2)
+        ij, ji = both.unflatten(-1, (2, W.shape[-1])).unbind(-2)  # unbind: its backward stacks, no zero-filled buffers
+        out = ij + ji.transpose(1, 2)
         out = out + along_i[:, :, None, :] + along_j[:, None, :, :]
         out.diagonal(dim1=1, dim2=2).add_(on_diag.transpose(1, 2))  # in place: no full-size diag_embed tensor
         return out

@@ -156,7 +156,10 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         # the X[a,b] and X[b,a] terms as one (B, n, n, C) @ (C, 2h) GEMM: h is read once and, in backward, one
         # input-gradient GEMM and one saved input serve both
         both = h @ torch.cat((W[:, :, 1], W[:, :, 2]), dim=0).T  # (B, n, n, 2h)
-        pre = both[..., :width] + both[..., width:].transpose(1, 2)  # (B, n, n, h), a fresh buffer
+        # unbind, not slicing: its backward stacks the two gradients (slicing would zero-fill two (B, n, n, 2h) buffers
+        # and add them)
+        ab, ba = both.unflatten(-1, (2, width)).unbind(-2)
+        pre = ab + ba.transpose(1, 2)  # (B, n, n, h), a fresh buffer
         pre.add_(torch.addmm(first.bias, d.reshape(-1, d.shape[-1]), W[:, :, 0].T).reshape(*d.shape[:2], 1, -1))
         return pre.add_((d @ W[:, :, 3].T)[:, None, :, :])
 
