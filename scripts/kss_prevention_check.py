@@ -79,14 +79,10 @@ from hf_koopman.training import arguments as A
 
 arm = sys.argv[1]; trials = [] if arm == "max_lr" else [int(t) for t in sys.argv[2].split(",")]
 orig = A.KSSTrainingArguments.kss_config
-if arm.startswith("kss_ratio"):
-    _r = float(arm[len("kss_ratio"):])
-    A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r,
-                                                                         grad_cap="parameters")
-if arm.startswith("kss_act"):
-    _r = float(arm[len("kss_act"):])
-    A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=_r,
-                                                                         grad_cap="activations")
+for _prefix, _cap in (("kss_ratio", "parameters"), ("kss_act", "activations")):  # capped arms: kss_ratio0.5, kss_act0.5
+    if arm.startswith(_prefix):
+        _overrides = {"max_grad_ratio": float(arm[len(_prefix):]), "grad_cap": _cap}
+        A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), **_overrides)
 if arm == "kss_uncapped":
     A.KSSTrainingArguments.kss_config = lambda self: dataclasses.replace(orig(self), max_grad_ratio=None)
 if arm == "max_lr":  # python scripts/kss_prevention_check.py max_lr - OUT_DIR: the max-LR grid's KSS arm, default cap

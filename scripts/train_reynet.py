@@ -465,7 +465,7 @@ def _readout_cell(d: dict) -> str:
     if "readouts" in d["models"]["reynet"]:
         def count(kind):
             ch = d["models"][kind]["readouts"]
-            return ", ".join(f"{r} {ch.count(r)}" for r in sorted(set(ch), key=lambda r: -ch.count(r)))
+            return ", ".join(f"{r} {ch.count(r)}" for r in sorted(set(ch), key=lambda r: (-ch.count(r), r)))
         return f"selected per fold: {count('reynet')} / {count('iegn')}"
     rp = d.get("run_protocol") or {}
     pools = {(rp.get(k) or {}).get("pooling", "sum") for k in ("reynet", "iegn")}
@@ -515,10 +515,24 @@ def _paired(d: dict) -> dict:
     """Per-fold paired difference ReyNet − IEGN at the last epoch (same folds, seeds and batches for both)."""
     r, i = d["models"]["reynet"]["fold_accuracies"], d["models"]["iegn"]["fold_accuracies"]
     diff = [a - b for a, b in zip(r, i)]
-    k = len(diff)
-    mean = sum(diff) / k
-    std = (sum((x - mean) ** 2 for x in diff) / (k - 1)) ** 0.5 if k > 1 else 0.0
-    return {"mean": mean, "sem": std / k**0.5, "folds_reynet_ge": sum(x >= 0 for x in diff), "folds": k}
+    mean, sem = _mean_sem(diff)
+    return {"mean": mean, "sem": sem, "folds_reynet_ge": sum(x >= 0 for x in diff), "folds": len(diff)}
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(k); 0 for a single value)."""
+    k = len(values)
+    mean = sum(values) / k
+    std = (sum((x - mean) ** 2 for x in values) / (k - 1)) ** 0.5 if k > 1 else 0.0
+    return mean, std / k**0.5
+
+
+def _last_train_losses(datasets: dict) -> str:
+    """'NAME: ReyNet x, IEGN y; ...': mean over folds of each model's training cross-entropy in the last epoch."""
+    def last(d: dict, kind: str) -> float:
+        return sum(r[-1] for r in d["models"][kind]["train_loss"]) / d["eval_folds"]
+
+    return "; ".join(f"{k}: ReyNet {last(d, 'reynet'):.3g}, IEGN {last(d, 'iegn'):.3g}" for k, d in datasets.items())
 
 
 def _verdict(gr: dict) -> str:
@@ -545,8 +559,10 @@ def repeated_cv(folder: Path) -> dict:
     out: dict = {}
     if not folder.is_dir():
         return out
-    runs = sorted(folder.glob("seed*/reynet_graphs_*.json"), key=lambda f: int(f.parent.name[4:]))
-    for path in runs:
+    def seed_of(path: Path) -> int:
+        return int(path.parent.name[len("seed"):])
+
+    for path in sorted(folder.glob("seed*/reynet_graphs_*.json"), key=seed_of):
         data = json.loads(path.read_text())
         for name, d in data["datasets"].items():
             if d["epochs"] < d["max_epochs"] or d["eval_folds"] < d["num_folds"]:
@@ -555,7 +571,7 @@ def repeated_cv(folder: Path) -> dict:
             e = out.setdefault(name, {"seeds": [], "reynet": [], "iegn": [], "difference": [], "folds_reynet_ge": 0,
                                       "folds": 0, "epochs": d["epochs"]})
             pd = _paired(d)
-            e["seeds"].append(int(path.parent.name[4:]))
+            e["seeds"].append(seed_of(path))
             e["reynet"].append(d["models"]["reynet"]["mean"])
             e["iegn"].append(d["models"]["iegn"]["mean"])
             e["difference"].append(pd["mean"])
@@ -564,9 +580,7 @@ def repeated_cv(folder: Path) -> dict:
     for e in out.values():
         k = len(e["difference"])
         e["reynet_mean"], e["iegn_mean"] = sum(e["reynet"]) / k, sum(e["iegn"]) / k
-        e["mean_difference"] = sum(e["difference"]) / k
-        e["sem_difference"] = ((sum((x - e["mean_difference"]) ** 2 for x in e["difference"]) / (k - 1)) ** 0.5
-                               / k**0.5 if k > 1 else 0.0)
+        e["mean_difference"], e["sem_difference"] = _mean_sem(e["difference"])
     return out
 
 
@@ -574,8 +588,8 @@ def repeated_cv_markdown(rep: dict, out_name: str) -> list[str]:
     md = ["### Repeated cross-validation", "",
           "The same protocol (readout selection included) repeated with other split seeds: each seed gives new "
           "stratified folds, validation splits, initialisations and batch orders for both models. Decided before the "
-          "repetitions were run, because one 10-fold run of a 188-graph dataset left ReyNet and IEGN 0.03 points "
-          f"apart. `scripts/train_reynet.py graphs --datasets NAME --select-readout sum,mean --seed S --output-dir "
+          "repetitions were run, because session 3's single 10-fold run of MUTAG (188 graphs) left ReyNet and IEGN "
+          f"0.03 points apart. `scripts/train_reynet.py graphs --datasets NAME --select-readout sum,mean --seed S --output-dir "
           f"{out_name}/reynet_repeated_cv/seedS` regenerates a row.", ""]
     for name, e in rep.items():
         md += [f"**{name}** ({len(e['seeds'])} × 10-fold CV, {e['epochs']} epochs, last-epoch accuracy):", "",
@@ -622,11 +636,7 @@ def run_summary(args) -> dict:
             for k, d in gr["datasets"].items()
         )
         stopped = [k for k, d in gr["datasets"].items() if d.get("stopped_at_deadline")]
-        last_loss = "; ".join(
-            f"{k}: ReyNet {sum(r[-1] for r in d['models']['reynet']['train_loss']) / d['eval_folds']:.3g}, "
-            f"IEGN {sum(r[-1] for r in d['models']['iegn']['train_loss']) / d['eval_folds']:.3g}"
-            for k, d in gr["datasets"].items()
-        )
+        last_loss = _last_train_losses(gr["datasets"])
         md += ["## Graph classification (accuracy, mean ± std over the 10 folds)", "",
                f"Split: {p['split']}. Schedule (identical for both models): {sched}. Maximum epochs: {p['max_epochs']}"
                + (f"; stopped at the wall-clock deadline {p['deadline_utc']} UTC: {', '.join(stopped)}"
@@ -675,10 +685,7 @@ def run_summary(args) -> dict:
                f"selection); configs: ReyNet `{json.dumps(og['protocol']['reynet'])}`, IEGN "
                f"`{json.dumps(og['protocol']['iegn'])}`. Kept because it shows the sum readout's failure on PROTEINS "
                "(saturated logits: mean training cross-entropy in the last epoch, ln 2 ≈ 0.69 is chance: "
-               + "; ".join(
-                   f"{k}: ReyNet {sum(r[-1] for r in d['models']['reynet']['train_loss']) / d['eval_folds']:.3g}, "
-                   f"IEGN {sum(r[-1] for r in d['models']['iegn']['train_loss']) / d['eval_folds']:.3g}"
-                   for k, d in og["datasets"].items())
+               + _last_train_losses(og["datasets"])
                + ") and the smaller epoch budgets of session 2.", "",
                graph_table(og), "", _verdict(og), ""]
     for diag_dir in sorted(out_dir.glob("reynet_diagnostic_*")):

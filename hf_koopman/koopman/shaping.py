@@ -52,8 +52,8 @@ Design choices where the paper is silent (documented here and tested in `tests/k
   is scale-free, leaves the eigenvalues as they are, and is measured to remove the KSS-step spikes.
   `max_grad_ratio=None` restores the paper-literal gradient. Measuring the two norms over the parameters costs an extra
   partial backward pass (+5 % step time); the default `KSSConfig.grad_cap = "activations"` measures them on the
-  residual stream inside the ordinary backward instead (+0.9 %), with the same 24-trial check at least as good
-  (`results/kss_gradient_scale.md` section 4).
+  residual stream inside the ordinary backward instead (+0.8 %, `results/bench_kss.md`), with the same 24-trial
+  check at least as good (`results/kss_gradient_scale.md` section 6).
 * **beta.** The paper gives no default for the near-unit weight. We use `beta = 10`: with r = 32 modes the unstable
   sum of Eq. 14 is ~0.02 r ≈ 0.6 for a healthy contractive spectrum and O(r) once modes expand, while `(m_soft - gamma)^2`
   is at most ~0.36; `beta = 10` puts a No-Norm-like spectrum (`m_soft` ≈ 0.8, target 0.4, term 1.6) on the same scale as a

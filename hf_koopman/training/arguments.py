@@ -56,9 +56,9 @@ class KSSConfig:
             tensor hooks add it, times `c = min(1, max_grad_ratio * ||g_task(h)|| / ||g_KSS(states)||)`, where those
             states live as the backward passes through them. `g_task(h)` is the gradient at the first captured
             activation the backward reaches (the highest one, where nothing has been injected yet) and `g_KSS(states)`
-            the KSS gradient over all captured states. Costs no extra pass (+0.9 % step time at the default schedule,
+            the KSS gradient over all captured states. Costs no extra pass (+0.8 % step time at the default schedule,
             `results/bench_kss.md`) and works with reentrant checkpointing. No-Norm prevention check, 24 identical
-            trials: `results/kss_gradient_scale.md` section 4.
+            trials: `results/kss_gradient_scale.md` section 6.
             `"parameters"`: over the trainable parameters, exactly, at the price of one extra partial backward pass on
             KSS micro-batches (+5 % step time). The session-2 KSS experiments (`results/RESULTS.md`) used it.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
