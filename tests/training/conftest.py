@@ -1,10 +1,10 @@
-"""Tiny GPT-2 models and token datasets shared by the training tests (CPU, seconds)."""
+"""Tiny GPT-2 models, token datasets and a gradient-capturing callback shared by the training tests (CPU, seconds)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 
 VOCAB = 64
@@ -40,3 +40,14 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GP
 @pytest.fixture
 def dataset() -> TokenDataset:
     return TokenDataset()
+
+
+class GradCapture(TrainerCallback):
+    """Copies every parameter gradient right before the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -7,8 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
-from transformers import TrainerCallback
+from conftest import GradCapture, TokenDataset, tiny_gpt2
 
 import hf_koopman.training.trainer as trainer_module
 from hf_koopman.profiling.recorder import _as_tokens
@@ -23,15 +22,6 @@ def _args(tmp_path, **kw):
     )
     base.update(kw)
     return KSSTrainingArguments(**base)
-
-
-class GradCapture(TrainerCallback):
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _first_step(tmp_path, sub, alpha, ratio, cap="activations", **kw):

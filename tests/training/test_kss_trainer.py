@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from conftest import GradCapture, TokenDataset, tiny_gpt2
+from transformers import Trainer, TrainingArguments
 
 import hf_koopman.training.trainer as trainer_module
 from hf_koopman.koopman.shaping import SpectralShapingError
@@ -33,19 +33,6 @@ def _args(tmp_path, cls=KSSTrainingArguments, **kw):
         base.update(KSS_SMALL)
     base.update(kw)
     return cls(**base)
-
-
-class GradCapture(TrainerCallback):
-    """Copies every parameter gradient right before the first optimizer step."""
-
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {
-                n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
-            }
 
 
 def _losses(trainer):
