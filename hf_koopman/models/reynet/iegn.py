@@ -134,8 +134,8 @@ class IEGNLinear(nn.Module):
         # X[i, j] and X[j, i] terms as one (…, C) @ (C, 2C') GEMM (h read once, one saved input for both)
         both = h @ torch.cat((W[:, 13], W[:, 14]), dim=1)  # (B, n, n, 2C')
         ij, ji = both.unflatten(-1, (2, W.shape[-1])).unbind(-2)  # unbind: its backward stacks, no zero-filled buffers
-        out = ij + ji.transpose(1, 2)
-        out = out + along_i[:, :, None, :] + along_j[:, None, :, :]
+        out = ij + ji.transpose(1, 2)  # a fresh buffer: the broadcasts below go in place (no full-size temporaries)
+        out.add_(along_i[:, :, None, :]).add_(along_j[:, None, :, :])
         out.diagonal(dim1=1, dim2=2).add_(on_diag.transpose(1, 2))  # in place: no full-size diag_embed tensor
         return out
 
