@@ -604,6 +604,35 @@ def repeated_cv_markdown(rep: dict, out_name: str) -> list[str]:
     return md
 
 
+def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
+    """Section for a supplementary run: `folder/PURPOSE.md` (why and how it was run, written before it ran) and the
+    run's `reynet_graphs_<NAME>.json`. Each dataset is also compared with the main table's row of the same dataset
+    (`main`: the merged main results), which used the same folds and seeds: mean change of each model's last-epoch
+    accuracy, supplementary − main."""
+    purpose = folder / "PURPOSE.md"
+    if not purpose.is_file():
+        raise ValueError(f"{folder}: a supplementary run needs a PURPOSE.md saying why and how it was run")
+    sg = _load_graph_results(folder)
+    p = sg["protocol"]
+    md = [f"### Supplementary run `{folder.name}` (not a headline number)", "", purpose.read_text().strip(), "",
+          f"Schedule: {'; '.join(f'{k}: {v}' for k, v in p['schedule'].items())}. Maximum epochs: {p['max_epochs']}"
+          + (f"; wall-clock deadline {p['deadline_utc']} UTC" if p.get("deadline_utc") else "") + ".", "",
+          graph_table(sg), "", _verdict(sg), "",
+          f"Mean training cross-entropy in the last epoch: {_last_train_losses(sg['datasets'])}."]
+    for name, d in sg["datasets"].items():
+        m = (main or {}).get("datasets", {}).get(name)
+        if m is None:
+            continue
+        change = "; ".join(
+            f"{label} {100 * (d['models'][kind]['mean'] - m['models'][kind]['mean']):+.1f} points "
+            f"({100 * m['models'][kind]['mean']:.1f} → {100 * d['models'][kind]['mean']:.1f} %)"
+            for kind, label in (("reynet", "ReyNet"), ("iegn", "IEGN"))
+        )
+        md.append(f"Against the main table's {name} row (same folds and seeds, {m['epochs']} epochs, "
+                  f"{_readout_cell(m)}): {change}.")
+    return md + [""]
+
+
 def run_summary(args) -> dict:
     out_dir = Path(args.output_dir)
     summary: dict = {"paper": "Sannai, Kawano, Kumagai, Invariant and Equivariant Reynolds Networks, JMLR 25(42), 2024"}
@@ -675,6 +704,9 @@ def run_summary(args) -> dict:
     if repeated:
         summary["graphs_repeated_cv"] = repeated
         md += repeated_cv_markdown(repeated, out_dir.name)
+    for sup_dir in sorted(out_dir.glob("reynet_supplementary_*")):
+        if sup_dir.is_dir() and list(sup_dir.glob("reynet_graphs_*.json")):
+            md += supplementary_markdown(sup_dir, summary.get("graphs"))
     for old_dir in sorted(out_dir.glob("reynet_session2_*")):
         if not old_dir.is_dir() or not list(old_dir.glob("reynet_graphs_*.json")):
             continue

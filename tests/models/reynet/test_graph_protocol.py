@@ -221,3 +221,40 @@ def test_repeated_cv_rejects_an_incomplete_run(tmp_path):
     _fake_run(tmp_path, 1, [0.8], [0.7], epochs=2, max_epochs=3)
     with pytest.raises(ValueError, match="incomplete run"):
         train_reynet.repeated_cv(tmp_path)
+
+
+def _fake_graph_file(folder: Path, name: str, reynet: list[float], iegn: list[float], *, epochs: int = 4,
+                     pooling: str = "mean") -> None:
+    """A complete `reynet_graphs_<name>.json` as `train_reynet.py graphs` writes it (the fields the summary reads)."""
+    import json
+
+    def model(acc):
+        mean = sum(acc) / len(acc)
+        return {"fold_accuracies": acc, "mean": mean, "std": 0.0, "train_loss": [[0.5] * epochs for _ in acc],
+                "best_common_epoch": {"epoch": epochs, "mean": mean, "std": 0.0}}
+
+    d = {"epochs": epochs, "max_epochs": epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
+         "models": {"reynet": model(reynet), "iegn": model(iegn)}}
+    protocol = {"max_epochs": {name: epochs}, "schedule": {name: f"{epochs} epochs"}, "deadline_utc": None,
+                "reynet": {"pooling": pooling}, "iegn": {"pooling": pooling}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"reynet_graphs_{name}.json").write_text(json.dumps({"protocol": protocol, "datasets": {name: d}}))
+
+
+def test_supplementary_run_section_compares_with_the_main_row(tmp_path):
+    import train_reynet
+
+    main_dir, sup = tmp_path / "results", tmp_path / "results" / "reynet_supplementary_toy"
+    _fake_graph_file(main_dir, "TOY", [0.6, 0.6], [0.7, 0.7], epochs=2, pooling="sum")
+    _fake_graph_file(sup, "TOY", [0.8, 0.7], [0.7, 0.6])
+    with pytest.raises(ValueError, match="PURPOSE.md"):
+        train_reynet.supplementary_markdown(sup, None)
+    (sup / "PURPOSE.md").write_text("Decided before the run.\n")
+    main = train_reynet._load_graph_results(main_dir)
+    md = "\n".join(train_reynet.supplementary_markdown(sup, main))
+    assert "### Supplementary run `reynet_supplementary_toy`" in md and "Decided before the run." in md
+    assert "| TOY | mean (fixed) | 2/2 | 4 | 75.0 ± 0.0 | 65.0 ± 0.0 |" in md
+    assert "TOY +10.0 ± 0.0 (ReyNet ≥ IEGN on 2/2 folds)" in md
+    # same folds as the main row (sum readout, 2 epochs): ReyNet 60 -> 75, IEGN 70 -> 65
+    assert "ReyNet +15.0 points (60.0 → 75.0 %); IEGN -5.0 points (70.0 → 65.0 %)" in md
+    assert "2 epochs, sum (fixed)" in md
