@@ -28,6 +28,15 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
+def cpu_training_args(tmp_path, cls, **kw):
+    """`cls` (`TrainingArguments` or a subclass) for a few logged CPU steps: no saving, no reports, seed 0; `kw`
+    overrides or adds fields."""
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, logging_steps=1, report_to="none",
+                use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+    base.update(kw)
+    return cls(**base)
+
+
 def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
+from conftest import TokenDataset, cpu_training_args, tiny_gpt2
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
@@ -20,22 +20,8 @@ SMALL = dict(num_samples=128, rank=8)
 
 
 def _args(tmp_path, cls=TrainingArguments, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
-    if cls is KSSTrainingArguments:
-        base.update(kss_num_samples=128, kss_rank=8)
-    base.update(kw)
-    return cls(**base)
+    small = dict(kss_num_samples=128, kss_rank=8) if cls is KSSTrainingArguments else {}
+    return cpu_training_args(tmp_path, cls, **{"max_steps": 4, "lr_scheduler_type": "constant", **small, **kw})
 
 
 def no_norm_gpt2(n_layer=4):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import GradCapture, TokenDataset, tiny_gpt2
+from conftest import GradCapture, TokenDataset, cpu_training_args, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
 import hf_koopman.training.trainer as trainer_module
@@ -18,21 +18,8 @@ KSS_SMALL = dict(kss_num_samples=256, kss_rank=8)
 
 
 def _args(tmp_path, cls=KSSTrainingArguments, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    if cls is KSSTrainingArguments:
-        base.update(KSS_SMALL)
-    base.update(kw)
-    return cls(**base)
+    small = KSS_SMALL if cls is KSSTrainingArguments else {}
+    return cpu_training_args(tmp_path, cls, **{"max_steps": 3, **small, **kw})
 
 
 def _losses(trainer):
