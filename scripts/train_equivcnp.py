@@ -620,7 +620,37 @@ def plot_images(models: dict, data: dict, path: Path, seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- publishing
+_PAPER = ("Kawano, Kumagai, Sannai, Iwasawa, Matsuo, *Group Equivariant Conditional Neural Processes*, ICLR 2021, "
+          "[arXiv:2102.08759](https://arxiv.org/abs/2102.08759)")
+_LIB = "[hf_koopman](https://github.com/hf-koopman/hf_koopman)"
+# what each published model is: the cards of the two baselines must not claim EquivCNP's group equivariance
+_MODEL_INTROS = {
+    "equivcnp": (
+        f"This is a **group-equivariant conditional neural process** (EquivCNP; {_PAPER}), implemented in {_LIB} as a "
+        "`transformers` `PreTrainedModel` (`<CLASS>`). An EquivCNP encodes the context set with a group-invariant "
+        "kernel into a function on the input space (a ConvDeepSet), transforms it with Lie-group convolutions (LieConv, "
+        "Finzi et al. 2020) and reads out a Gaussian mean and standard deviation at the targets. It is "
+        "permutation-invariant in the context and, in our implementation, *exactly* equivariant to its group: no raw "
+        "coordinate enters the features and neighbourhoods are deterministic."
+    ),
+    "cnp": (
+        "This is a **conditional neural process** (CNP; Garnelo et al. 2018), the CNP baseline of the EquivCNP paper "
+        f"({_PAPER}), implemented in {_LIB} as a `transformers` `PreTrainedModel` (`<CLASS>`). An MLP encodes "
+        "each (x, y) context pair, the codes are averaged (permutation-invariant in the context) and an MLP decoder "
+        "maps the average and a target x to a Gaussian mean and standard deviation. It has no built-in symmetry: it "
+        "is *not* translation-equivariant."
+    ),
+    "convcnp": (
+        "This is an on-the-grid **convolutional conditional neural process** (ConvCNP; Gordon et al. 2020), the "
+        f"ConvCNP baseline of the EquivCNP paper ({_PAPER}), implemented in {_LIB} as a `transformers` "
+        "`PreTrainedModel` (`<CLASS>`). An RBF ConvDeepSet maps the context set onto a uniform grid, a Conv1d "
+        "stack transforms it and RBF interpolation reads out a Gaussian mean and standard deviation at the targets. "
+        "It is permutation-invariant in the context and exactly *translation*-equivariant (the released baseline also "
+        "fed the raw grid coordinate into the features; this one does not), with no other group symmetry."
+    ),
+}
 _CARD_DATA = {"license": "apache-2.0", "tags": ["neural-process", "equivariance", "lie-group", "custom_code", "hf_koopman"]}
+_BASELINE_TAGS = ["neural-process", "equivcnp-baseline", "custom_code", "hf_koopman"]
 
 
 def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: dict, all_results: dict) -> None:
@@ -670,11 +700,14 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
         code_dir=Path(eq.__file__).parent,
         auto_map=auto_map,
         card_template=REPO / "model_cards" / "equivcnp.md",
-        card_data={**_CARD_DATA, "datasets": [dataset], "metrics": ["log_likelihood"], "model_name": name},
+        card_data={**_CARD_DATA, "datasets": [dataset], "metrics": ["log_likelihood"], "model_name": name,
+                   **({} if model_type == "equivcnp" else {"tags": _BASELINE_TAGS})},
         eval_results=[{"task_type": "regression" if kind == "gp" else "image-completion", "dataset_type": dataset,
                        "dataset_name": dataset, "metric_type": "log_likelihood", "metric_value": round(metric, 4)}],
         template_vars={
             "model_name": name, "repo_id": repo_id, "description": desc, "class_name": class_name,
+            "model_intro": _MODEL_INTROS[model_type].replace("<CLASS>", class_name),
+            "is_equivcnp": model_type == "equivcnp",
             "config_json": model.config.to_json_string(use_diff=False).strip(), "example": example,
             "training": training, "results": result_line, "quick": bool(protocol.get("quick", args.quick)),
             "protocol": json.dumps(protocol, indent=1, default=str, ensure_ascii=False),

@@ -131,7 +131,12 @@ def test_training_script_quick_mode(tmp_path, data_dir):
     for f in ("equivcnp_gp_table.md", "equivcnp_gp_examples.png", "equivcnp_image_table.md", "equivcnp_image_completion.png"):
         assert (out / f).stat().st_size > 0, f
     card = (ckpt / "equivcnp-gp-rbf" / "README.md").read_text()
-    assert f"{ll:.3f}" in card
+    assert f"{ll:.3f}" in card and "**group-equivariant conditional neural process**" in card
+    # the baselines' cards describe the baselines (no group-equivariance claim, no LieConv tags)
+    for name, claim in (("cnp-gp-rbf", "*not* translation-equivariant"), ("convcnp-gp-rbf", "*translation*-equivariant")):
+        baseline = (ckpt / name / "README.md").read_text()
+        assert claim in baseline and "group-equivariant conditional neural process**" not in baseline
+        assert "lie-group" not in baseline and "finzi2020" not in baseline
     assert (ckpt / "equivcnp-image-rxso2" / "model.safetensors").is_file()
     table = (out / "equivcnp_gp_table.md").read_text()
     assert "## 1000 steps (earlier run" in table and "| EquivCNP (ours) | – | 0.500 ± 0.100 |" in table
