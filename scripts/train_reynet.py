@@ -615,7 +615,8 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
     sg = _load_graph_results(folder)
     p = sg["protocol"]
     md = [f"### Supplementary run `{folder.name}` (not a headline number)", "", purpose.read_text().strip(), "",
-          f"Schedule: {'; '.join(f'{k}: {v}' for k, v in p['schedule'].items())}. Maximum epochs: {p['max_epochs']}"
+          f"Schedule: {'; '.join(f'{k}: {v}' for k, v in p['schedule'].items())}. Maximum epochs: "
+          + ", ".join(f"{k} {p['max_epochs'][k]}" for k in sg["datasets"])
           + (f"; wall-clock deadline {p['deadline_utc']} UTC" if p.get("deadline_utc") else "") + ".", "",
           graph_table(sg), "", _verdict(sg), "",
           f"Mean training cross-entropy in the last epoch: {_last_train_losses(sg['datasets'])}."]
