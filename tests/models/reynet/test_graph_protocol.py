@@ -185,16 +185,27 @@ def test_cv_with_readout_selection_trains_the_chosen_readout(tmp_path, monkeypat
         assert [len(r) for r in res["models"][kind]["per_epoch_accuracy"]] == [2, 2]
 
 
-def _fake_run(folder: Path, seed: int, reynet: list[float], iegn: list[float], epochs: int = 3, max_epochs: int = 3):
+def _fake_graph_file(folder: Path, name: str, reynet: list[float], iegn: list[float], *, epochs: int = 4,
+                     max_epochs: int | None = None, pooling: str = "mean") -> None:
+    """A complete `reynet_graphs_<name>.json` as `train_reynet.py graphs` writes it (the fields the summary reads)."""
     import json
 
     def model(acc):
-        return {"fold_accuracies": acc, "mean": sum(acc) / len(acc)}
+        mean = sum(acc) / len(acc)
+        return {"fold_accuracies": acc, "mean": mean, "std": 0.0, "train_loss": [[0.5] * epochs for _ in acc],
+                "best_common_epoch": {"epoch": epochs, "mean": mean, "std": 0.0}}
 
-    d = {"epochs": epochs, "max_epochs": max_epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
+    d = {"epochs": epochs, "max_epochs": max_epochs or epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
          "models": {"reynet": model(reynet), "iegn": model(iegn)}}
-    (folder / f"seed{seed}").mkdir(parents=True)
-    (folder / f"seed{seed}" / "reynet_graphs_TOY.json").write_text(json.dumps({"datasets": {"TOY": d}}))
+    protocol = {"max_epochs": {name: epochs}, "schedule": {name: f"{epochs} epochs"}, "deadline_utc": None,
+                "reynet": {"pooling": pooling}, "iegn": {"pooling": pooling}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"reynet_graphs_{name}.json").write_text(json.dumps({"protocol": protocol, "datasets": {name: d}}))
+
+
+def _fake_run(folder: Path, seed: int, reynet: list[float], iegn: list[float], epochs: int = 3, max_epochs: int = 3):
+    """One repetition of the repeated CV: `folder/seed<seed>/reynet_graphs_TOY.json`."""
+    _fake_graph_file(folder / f"seed{seed}", "TOY", reynet, iegn, epochs=epochs, max_epochs=max_epochs)
 
 
 def test_repeated_cv_aggregates_per_seed_paired_differences(tmp_path):
@@ -221,24 +232,6 @@ def test_repeated_cv_rejects_an_incomplete_run(tmp_path):
     _fake_run(tmp_path, 1, [0.8], [0.7], epochs=2, max_epochs=3)
     with pytest.raises(ValueError, match="incomplete run"):
         train_reynet.repeated_cv(tmp_path)
-
-
-def _fake_graph_file(folder: Path, name: str, reynet: list[float], iegn: list[float], *, epochs: int = 4,
-                     pooling: str = "mean") -> None:
-    """A complete `reynet_graphs_<name>.json` as `train_reynet.py graphs` writes it (the fields the summary reads)."""
-    import json
-
-    def model(acc):
-        mean = sum(acc) / len(acc)
-        return {"fold_accuracies": acc, "mean": mean, "std": 0.0, "train_loss": [[0.5] * epochs for _ in acc],
-                "best_common_epoch": {"epoch": epochs, "mean": mean, "std": 0.0}}
-
-    d = {"epochs": epochs, "max_epochs": epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
-         "models": {"reynet": model(reynet), "iegn": model(iegn)}}
-    protocol = {"max_epochs": {name: epochs}, "schedule": {name: f"{epochs} epochs"}, "deadline_utc": None,
-                "reynet": {"pooling": pooling}, "iegn": {"pooling": pooling}}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"reynet_graphs_{name}.json").write_text(json.dumps({"protocol": protocol, "datasets": {name: d}}))
 
 
 def test_supplementary_run_section_compares_with_the_main_row(tmp_path):
