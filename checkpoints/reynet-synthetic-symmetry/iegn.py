@@ -31,6 +31,17 @@ __all__ = ["IEGNLinear", "NUM_BASIS_OPS"]
 NUM_BASIS_OPS = 15
 
 
+def add_transposed_halves(both: torch.Tensor) -> torch.Tensor:
+    """`(B, n, n, 2F)` -> `(B, n, n, F)`: `both[..., :F] + both[..., F:]` with the second half transposed in (i, j).
+
+    Both equivariant layers compute their X[i, j] and X[j, i] terms as one `(…, C) @ (C, 2F)` GEMM and combine the
+    halves here. `unbind`, not slicing: its backward stacks the two gradients, where slicing would zero-fill two
+    full-size buffers and add them. The result is a fresh buffer, so callers may add to it in place.
+    """
+    ij, ji = both.unflatten(-1, (2, both.shape[-1] // 2)).unbind(-2)
+    return ij + ji.transpose(1, 2)
+
+
 def _masked_stats(X: torch.Tensor, node_mask: torch.Tensor | None):
     """Per-channel statistics of `(B, C, n, n)`: diag `(B,C,n)`, row/col means `(B,C,n)`, diag/all means `(B,C)`."""
     B, C, n, _ = X.shape
@@ -132,9 +143,8 @@ class IEGNLinear(nn.Module):
         along_i = node_stats @ w_along_i + (graph_stats @ w_const + self.bias_all)[:, None, :]  # (B, n, C')
         along_j = node_stats @ w_along_j
         # X[i, j] and X[j, i] terms as one (…, C) @ (C, 2C') GEMM (h read once, one saved input for both)
-        both = h @ torch.cat((W[:, 13], W[:, 14]), dim=1)  # (B, n, n, 2C')
-        ij, ji = both.unflatten(-1, (2, W.shape[-1])).unbind(-2)  # unbind: its backward stacks, no zero-filled buffers
-        out = ij + ji.transpose(1, 2)  # a fresh buffer: the broadcasts below go in place (no full-size temporaries)
+        out = add_transposed_halves(h @ torch.cat((W[:, 13], W[:, 14]), dim=1))  # (B, n, n, C'), a fresh buffer
+        # the broadcasts go in place (no full-size temporaries)
         out.add_(along_i[:, :, None, :]).add_(along_j[:, None, :, :])
         out.diagonal(dim1=1, dim2=2).add_(on_diag.transpose(1, 2))  # in place: no full-size diag_embed tensor
         return out

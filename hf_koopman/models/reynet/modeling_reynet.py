@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_reynet import ReyNetConfig
-from .iegn import IEGNLinear
+from .iegn import IEGNLinear, add_transposed_halves
 from .reynolds import pair_blocks
 
 
@@ -150,16 +150,11 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         GEMM output and one `(B, n, n, h)` buffer are allocated instead of five full-size tensors.
         """
         first = self.phi[0]
-        width = first.out_features
-        W = first.weight.reshape(width, -1, 4)  # (h, C, 4): channel-major block layout
+        W = first.weight.reshape(first.out_features, -1, 4)  # (h, C, 4): channel-major block layout
         d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C)
         # the X[a,b] and X[b,a] terms as one (B, n, n, C) @ (C, 2h) GEMM: h is read once and, in backward, one
         # input-gradient GEMM and one saved input serve both
-        both = h @ torch.cat((W[:, :, 1], W[:, :, 2]), dim=0).T  # (B, n, n, 2h)
-        # unbind, not slicing: its backward stacks the two gradients (slicing would zero-fill two (B, n, n, 2h) buffers
-        # and add them)
-        ab, ba = both.unflatten(-1, (2, width)).unbind(-2)
-        pre = ab + ba.transpose(1, 2)  # (B, n, n, h), a fresh buffer
+        pre = add_transposed_halves(h @ torch.cat((W[:, :, 1], W[:, :, 2]), dim=0).T)  # (B, n, n, h), a fresh buffer
         pre.add_(torch.addmm(first.bias, d.reshape(-1, d.shape[-1]), W[:, :, 0].T).reshape(*d.shape[:2], 1, -1))
         return pre.add_((d @ W[:, :, 3].T)[:, None, :, :])
 
