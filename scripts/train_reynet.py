@@ -69,6 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="IEGN-paper epoch counts as maxima (MUTAG 130, PROTEINS 20, NCI109 99), StepLR every E/4")
     p.add_argument("--pooling", choices=["sum", "mean"], default=None,
                    help="readout of BOTH models (default: the paper's sum pooling); 'mean' is a diagnostic variant")
+    p.add_argument("--reynolds-layers", type=int, default=None,
+                   help="stacked Reynolds blocks of the ReyNet graph model (default: the protocol's one, as in the paper)")
     p.add_argument("--select-readout", default=None, metavar="CANDIDATES",
                    help="e.g. 'sum,mean': choose the readout per model and per outer fold on a seeded stratified "
                         "validation split of that fold's training data, then retrain on the whole training fold")
@@ -275,6 +277,10 @@ def run_graphs(args) -> dict:
     if args.pooling:  # same readout for both models
         protocol.reynet = {**protocol.reynet, "pooling": args.pooling}
         protocol.iegn = {**protocol.iegn, "pooling": args.pooling}
+    if args.reynolds_layers is not None:
+        if args.reynolds_layers < 1:
+            raise ValueError(f"--reynolds-layers must be >= 1, got {args.reynolds_layers}")
+        protocol.reynet = {**protocol.reynet, "num_reynolds_layers": args.reynolds_layers}
     protocol.eval_folds.update(_per_dataset(args.eval_folds, datasets))
     missing = [d for d in datasets if d not in protocol.epochs]
     if missing:
@@ -604,6 +610,11 @@ def repeated_cv_markdown(rep: dict, out_name: str) -> list[str]:
     return md
 
 
+def _config_text(cfg: dict) -> str:
+    """A model's protocol config as `key=value` pairs."""
+    return ", ".join(f"{k}={v}" for k, v in cfg.items())
+
+
 def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
     """Section for a supplementary run: `folder/PURPOSE.md` (why and how it was run, written before it ran) and the
     run's `reynet_graphs_<NAME>.json`. Each dataset is also compared with the main table's row of the same dataset
@@ -618,6 +629,7 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
           f"Schedule: {'; '.join(f'{k}: {v}' for k, v in p['schedule'].items())}. Maximum epochs: "
           + ", ".join(f"{k} {p['max_epochs'][k]}" for k in sg["datasets"])
           + (f"; wall-clock deadline {p['deadline_utc']} UTC" if p.get("deadline_utc") else "") + ".", "",
+          f"Models: ReyNet `{_config_text(p['reynet'])}`; IEGN `{_config_text(p['iegn'])}`.", "",
           graph_table(sg), "", _verdict(sg), "",
           f"Mean training cross-entropy in the last epoch: {_last_train_losses(sg['datasets'])}."]
     for name, d in sg["datasets"].items():

@@ -198,7 +198,7 @@ def _fake_graph_file(folder: Path, name: str, reynet: list[float], iegn: list[fl
     d = {"epochs": epochs, "max_epochs": max_epochs or epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
          "models": {"reynet": model(reynet), "iegn": model(iegn)}}
     protocol = {"max_epochs": {name: epochs}, "schedule": {name: f"{epochs} epochs"}, "deadline_utc": None,
-                "reynet": {"pooling": pooling}, "iegn": {"pooling": pooling}}
+                "reynet": {"num_reynolds_layers": 3, "pooling": pooling}, "iegn": {"pooling": pooling}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"reynet_graphs_{name}.json").write_text(json.dumps({"protocol": protocol, "datasets": {name: d}}))
 
@@ -251,3 +251,27 @@ def test_supplementary_run_section_compares_with_the_main_row(tmp_path):
     # same folds as the main row (sum readout, 2 epochs): ReyNet 60 -> 75, IEGN 70 -> 65
     assert "ReyNet +15.0 points (60.0 → 75.0 %); IEGN -5.0 points (70.0 → 65.0 %)" in md
     assert "2 epochs, sum (fixed)" in md
+    assert "Models: ReyNet `num_reynolds_layers=3, pooling=mean`; IEGN `pooling=mean`." in md
+
+
+def test_reynolds_layers_option_stacks_blocks_in_the_graph_run(tmp_path):
+    import json
+
+    import train_reynet
+
+    data = _random_gin(tmp_path)
+    runs = {}
+    for layers in (1, 2):
+        out = tmp_path / f"out{layers}"
+        train_reynet.main(["graphs", "--datasets", "TOY", "--graph-epochs", "TOY=1", "--num-folds", "2",
+                           "--reynolds-layers", str(layers), "--data-dir", str(data), "--output-dir", str(out)])
+        runs[layers] = json.loads((out / "reynet_graphs_TOY.json").read_text())
+    assert [runs[k]["protocol"]["reynet"]["num_reynolds_layers"] for k in (1, 2)] == [1, 2]
+    n1, n2 = (runs[k]["datasets"]["TOY"]["models"]["reynet"]["num_parameters"] for k in (1, 2))
+    assert n2 > n1  # a second Reynolds block really is trained
+    # IEGN is untouched by the option
+    assert (runs[1]["datasets"]["TOY"]["models"]["iegn"]["num_parameters"]
+            == runs[2]["datasets"]["TOY"]["models"]["iegn"]["num_parameters"])
+    with pytest.raises(ValueError, match="--reynolds-layers must be >= 1"):
+        train_reynet.main(["graphs", "--datasets", "TOY", "--graph-epochs", "TOY=1", "--reynolds-layers",
+                           "0", "--data-dir", str(data), "--output-dir", str(tmp_path / "bad")])
