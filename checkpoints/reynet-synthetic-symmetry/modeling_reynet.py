@@ -196,7 +196,6 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         GEMM therefore only produces the C' off-diagonal features (half of φ's last layer), the diagonal costs an O(n·h)
         sum plus a `(B·n, h) @ (h, C')` GEMM, and the diagonal of the off-diagonal output is overwritten in place.
         """
-        B, n, _, C = h.shape
         c_out = self.rey_channels
         pre = self._first_linear_joint(h)  # a fresh buffer that nothing else references
         act = self.phi[1]
@@ -205,13 +204,7 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         z = self.phi[2:-1](z)  # further hidden layers, if any: (B, n, n, h_last)
         last = self.phi[-1]
         if node is None:  # Σ_{b≠a} z = Σ_b z − z(a, a); n − 1 partners each
-            # z(a, a) is φ's hidden state on the block [X[a,a]]*4, recomputed from the diagonal in O(n·C·h): taking
-            # it from z's diagonal would cost a zero-filled full-size gradient buffer in backward
-            first = self.phi[0]
-            d = h.diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(B * n, C)  # (B·n, C)
-            w_same = first.weight.reshape(first.out_features, C, 4).sum(dim=-1)  # (h, C): all four slots
-            z_self = self.phi[1:-1](torch.addmm(first.bias, d, w_same.T)).reshape(B, n, -1)  # (B, n, h_last)
-            z_sum = z.sum(dim=2) - z_self
+            z_sum = z.sum(dim=2) - z.diagonal(dim1=1, dim2=2).transpose(1, 2)
             partners = (count - 1).to(h.dtype)[:, None, None]  # (B, 1, 1)
         else:  # masked row sums as one batched (1, n) @ (n, h) product per node: no full-size masked copy
             pm = pair.to(z.dtype)  # (B, n, n): real b ≠ a
@@ -219,12 +212,9 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
             partners = pm.sum(dim=2, keepdim=True)  # (B, n, 1); 0 for padded a
         diag_sum = z_sum @ last.weight[:c_out].T + partners * last.bias[:c_out]  # (B, n, C')
         diag = diag_sum / (count - 1).clamp_min(1).to(h.dtype)[:, None, None]
-        # φ₁ as one 2-D GEMM whose output is a base tensor, not a view: the diagonal entries are the rows a·(n+1) of
-        # each graph, overwritten in place through a plain strided view (the same write on the 4-D view that
-        # `linear` returns makes backward replay it with as_strided: a zero-filled full-size buffer and two copies)
-        out = torch.addmm(last.bias[c_out:], z.reshape(-1, z.shape[-1]), last.weight[c_out:].T)  # (B·n·n, C')
-        out.view(B, n * n, c_out)[:, :: n + 1].copy_(diag)  # addmm's backward does not need its output
-        return out.view(B, n, n, c_out)
+        out = nn.functional.linear(z, last.weight[c_out:], last.bias[c_out:])  # φ₁, (B, n, n, C')
+        out.diagonal(dim1=1, dim2=2).copy_(diag.transpose(1, 2))  # linear's backward does not need its output
+        return out
 
     def forward(
         self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
