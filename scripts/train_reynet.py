@@ -616,8 +616,9 @@ def _config_text(cfg: dict) -> str:
 
 
 def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
-    """Section for a supplementary run: `folder/PURPOSE.md` (why and how it was run, written before it ran) and the
-    run's `reynet_graphs_<NAME>.json`. Each dataset is also compared with the main table's row of the same dataset
+    """Section for a supplementary run: `folder/PURPOSE.md` (why and how it was run, written before it ran), the
+    run's `reynet_graphs_<NAME>.json` and, when present, `folder/OUTCOME.md` (its reading, written after the run and
+    labelled so). Each dataset is also compared with the main table's row of the same dataset
     (`main`: the merged main results), which used the same folds and seeds: mean change of each model's last-epoch
     accuracy, supplementary − main."""
     purpose = folder / "PURPOSE.md"
@@ -643,6 +644,9 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
         )
         md.append(f"Against the main table's {name} row (same folds and seeds, {m['epochs']} epochs, "
                   f"{_readout_cell(m)}): {change}.")
+    outcome = folder / "OUTCOME.md"  # optional: the reading of the numbers, written after the run
+    if outcome.is_file():
+        md += ["", "**Outcome (written after the run).** " + outcome.read_text().strip()]
     return md + [""]
 
 

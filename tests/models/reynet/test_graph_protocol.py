@@ -252,6 +252,10 @@ def test_supplementary_run_section_compares_with_the_main_row(tmp_path):
     assert "ReyNet +15.0 points (60.0 → 75.0 %); IEGN -5.0 points (70.0 → 65.0 %)" in md
     assert "2 epochs, sum (fixed)" in md
     assert "Models: ReyNet `num_reynolds_layers=3, pooling=mean`; IEGN `pooling=mean`." in md
+    assert "Outcome" not in md
+    (sup / "OUTCOME.md").write_text("Read after the run.\n")
+    md = "\n".join(train_reynet.supplementary_markdown(sup, main))
+    assert "**Outcome (written after the run).** Read after the run." in md
 
 
 def test_reynolds_layers_option_stacks_blocks_in_the_graph_run(tmp_path):
