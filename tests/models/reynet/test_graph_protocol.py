@@ -279,3 +279,30 @@ def test_reynolds_layers_option_stacks_blocks_in_the_graph_run(tmp_path):
     with pytest.raises(ValueError, match="--reynolds-layers must be >= 1"):
         train_reynet.main(["graphs", "--datasets", "TOY", "--graph-epochs", "TOY=1", "--reynolds-layers",
                            "0", "--data-dir", str(data), "--output-dir", str(tmp_path / "bad")])
+
+
+def test_lr_pilot_reads_only_training_folds_and_renders_a_table(tmp_path, monkeypatch):
+    import reynet_lr_pilot
+
+    data = _random_gin(tmp_path)
+    seen: list[list[int]] = []
+    real = rx.select_readouts
+
+    def spy(ds, train_folds, protocol, *args, **kwargs):
+        seen.extend(list(tr) for tr in train_folds)
+        assert protocol.lr == 0.01
+        return real(ds, train_folds, protocol, *args, **kwargs)
+
+    monkeypatch.setattr(rx, "select_readouts", spy)
+    res = reynet_lr_pilot.run_pilot(data, "TOY", 0.01, folds=2, epochs=2)
+    from hf_koopman.datasets.graphs import GraphDataset, load_gin_graphs, stratified_kfold
+
+    graphs, _, labels = load_gin_graphs(data, "TOY")
+    outer = stratified_kfold(GraphDataset(graphs, labels).labels, 10, 1234)
+    assert seen == [list(outer[0][0]), list(outer[1][0])]  # the training parts of folds 0 and 1, nothing else
+    assert res["lr"] == 0.01 and res["epochs"] == 2
+    assert [len(row) for row in res["models"]["reynet"]["val_accuracy"]] == [2, 2]
+    md = reynet_lr_pilot.pilot_table([res])
+    assert md.count("| TOY | 0.01 |") == 2
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        reynet_lr_pilot.run_pilot(data, "TOY", 0.0, epochs=1)
