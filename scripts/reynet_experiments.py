@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ __all__ = [
     "run_graph_cv",
     "graph_model",
     "validation_split",
+    "outcome_paragraph",
     "select_readouts",
     "READOUT_CRITERION",
 ]
@@ -484,6 +486,15 @@ def select_readouts(
             for k in range(len(splits))
         ]
     return sel
+
+
+def outcome_paragraph(folder: Path) -> str | None:
+    """`folder/OUTCOME.md` (the reading of a supplementary run or pilot, written after it ran) as one labelled
+    paragraph, or None when the folder has none."""
+    outcome = Path(folder) / "OUTCOME.md"
+    if not outcome.is_file():
+        return None
+    return "**Outcome (written after the run).** " + outcome.read_text().strip()
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

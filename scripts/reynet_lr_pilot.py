@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # reynet_experiments
 DEFAULT_DIR = REPO_ROOT / "results" / "reynet_lr_pilot"
 logger = logging.getLogger("reynet_lr_pilot")
 
@@ -36,7 +37,6 @@ def run_pilot(data_dir, dataset: str, lr: float, *, folds: int = 2, epochs: int 
         `{"dataset", "lr", "folds", "epochs", "val_fraction", "val_sizes", "models": {kind: {"val_accuracy":
         (folds, epochs), "val_loss": (folds, epochs), "cpu_seconds"}}}`.
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from reynet_experiments import GraphProtocol, select_readouts
 
     from hf_koopman.datasets.graphs import GraphDataset, load_gin_graphs, stratified_kfold
@@ -104,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"no pilot runs in {out}: run `reynet_lr_pilot.py run` first")
         purpose = out / "PURPOSE.md"
         text = (purpose.read_text().strip() + "\n\n" if purpose.is_file() else "") + pilot_table(runs) + "\n"
-        outcome = out / "OUTCOME.md"
-        if outcome.is_file():
-            text += "\n**Outcome (written after the run).** " + outcome.read_text().strip() + "\n"
+        from reynet_experiments import outcome_paragraph
+
+        outcome = outcome_paragraph(out)
+        if outcome is not None:
+            text += "\n" + outcome + "\n"
         (out / "README.md").write_text("# ReyNet / IEGN learning-rate pilot (validation data only)\n\n" + text)
         logger.info("wrote %s", out / "README.md")
 

@@ -644,9 +644,11 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
         )
         md.append(f"Against the main table's {name} row (same folds and seeds, {m['epochs']} epochs, "
                   f"{_readout_cell(m)}): {change}.")
-    outcome = folder / "OUTCOME.md"  # optional: the reading of the numbers, written after the run
-    if outcome.is_file():
-        md += ["", "**Outcome (written after the run).** " + outcome.read_text().strip()]
+    from reynet_experiments import outcome_paragraph
+
+    outcome = outcome_paragraph(folder)
+    if outcome is not None:
+        md += ["", outcome]
     return md + [""]
 
 
