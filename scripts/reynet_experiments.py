@@ -157,6 +157,9 @@ class GraphProtocol:
 
     num_folds: int = 10
     eval_folds: dict[str, int] = field(default_factory=dict)  # first K folds only (smoke tests); default all
+    # these outer folds only (one process per fold subset on a multi-core machine; `merge_fold_runs` joins them).
+    # Seeds follow the fold index, so fold k gets the same split, init and batch order as in a run of all folds.
+    fold_ids: list[int] | None = None
     epochs: dict[str, int] = field(default_factory=lambda: {"MUTAG": 60, "PROTEINS": 20, "NCI109": 20})  # maxima
     lr: float = 1e-3
     lr_gamma: float = 0.5
@@ -313,13 +316,14 @@ def run_graph_cv(
     """
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, name)
     ds = GraphDataset(graphs, num_node_labels)
-    folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)
-    folds = folds[: protocol.eval_folds.get(name, protocol.num_folds)]
+    all_folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)
+    ids = fold_indices(protocol, name)
+    folds = [all_folds[k] for k in ids]
     max_epochs = protocol.epochs[name]
     result: dict = {
         "dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
         "epochs": 0, "max_epochs": max_epochs, "schedule": protocol.schedule(name), "num_folds": protocol.num_folds,
-        "eval_folds": len(folds), "stopped_at_deadline": False,
+        "eval_folds": len(folds), "fold_ids": ids, "stopped_at_deadline": False,
         "fold_sizes": [len(te) for _, te in folds],
         "models": {kind: {"fold_accuracies": [], "per_epoch_accuracy": [[] for _ in folds],
                           "train_loss": [[] for _ in folds], "cpu_seconds": 0.0} for kind in kinds},
@@ -333,20 +337,20 @@ def run_graph_cv(
                 on_epoch(result)
 
         sel = select_readouts(ds, [tr for tr, _ in folds], protocol, name, num_classes, readouts, kinds=kinds,
-                              val_fraction=val_fraction, epochs=selection_epochs, on_epoch=progress)
+                              val_fraction=val_fraction, epochs=selection_epochs, on_epoch=progress, fold_ids=ids)
         result["readout_selection"] = sel
         chosen = {kind: sel["models"][kind]["chosen"] for kind in kinds}
         for kind in kinds:
             result["models"][kind]["readouts"] = chosen[kind]
         logger.info("%s chosen readouts: %s", name, chosen)
     state = {}
-    for k in range(len(folds)):
+    for k, fold in enumerate(ids):
         for kind in kinds:
-            torch.manual_seed(protocol.seed + k)
+            torch.manual_seed(protocol.seed + fold)
             model = graph_model(kind, num_node_labels + 1, num_classes, protocol, pooling=chosen[kind][k])
             opt = torch.optim.Adam(model.parameters(), lr=protocol.lr)
             sched = torch.optim.lr_scheduler.StepLR(opt, protocol.step_epochs(name), protocol.lr_gamma)
-            state[k, kind] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + k))
+            state[k, kind] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + fold))
             result["models"][kind]["num_parameters"] = sum(p.numel() for p in model.parameters())
     slowest = 0.0
     for epoch in tqdm(range(max_epochs), desc=f"{name} epochs"):
@@ -360,7 +364,8 @@ def run_graph_cv(
                 model, opt, sched, gen = state[k, kind]
                 entry = result["models"][kind]
                 t0 = time.process_time()
-                loss = _train_epoch(model, opt, ds, train_idx, protocol.batch_size, gen, f"{name}/{kind}/fold{k}")
+                loss = _train_epoch(model, opt, ds, train_idx, protocol.batch_size, gen,
+                                    f"{name}/{kind}/fold{ids[k]}")
                 sched.step()
                 acc = _accuracy(model, ds, test_idx, protocol.batch_size)
                 entry["cpu_seconds"] += time.process_time() - t0
@@ -379,6 +384,68 @@ def run_graph_cv(
         if on_epoch is not None:
             on_epoch(result)
     return result
+
+
+def fold_indices(protocol: GraphProtocol, name: str) -> list[int]:
+    """The outer folds a run trains: `protocol.fold_ids` (validated, sorted) or the first `eval_folds[name]`."""
+    if protocol.fold_ids is None:
+        return list(range(protocol.eval_folds.get(name, protocol.num_folds)))
+    ids = sorted(set(protocol.fold_ids))
+    if not ids or len(ids) != len(protocol.fold_ids) or any(
+        isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < protocol.num_folds for k in ids
+    ):
+        raise ValueError(f"fold_ids must be distinct fold indices in 0..{protocol.num_folds - 1}, got {protocol.fold_ids}")
+    return ids
+
+
+def merge_fold_runs(parts: Sequence[dict]) -> dict:
+    """Join the per-dataset results of runs on disjoint fold subsets (same dataset and settings) into one result.
+
+    Per-fold lists are concatenated in fold order, CPU seconds added, and the fold means, standard deviations and best
+    common epoch recomputed. The parts must have trained the same number of epochs (a run stopped at a deadline is
+    merged only with parts stopped at the same epoch), so every fold of the merged result has one common count.
+    """
+    if len(parts) < 2:
+        raise ValueError(f"merging needs at least two fold subsets, got {len(parts)}")
+    first = parts[0]
+    fixed = ("dataset", "num_graphs", "num_classes", "in_channels", "epochs", "max_epochs", "schedule", "num_folds")
+    for p in parts[1:]:
+        diff = [key for key in fixed if p.get(key) != first.get(key)]
+        if diff:
+            raise ValueError(f"fold subsets disagree on {diff}: they are not parts of one run")
+        if set(p["models"]) != set(first["models"]):
+            raise ValueError("fold subsets trained different model kinds")
+    if any("fold_ids" not in p for p in parts):
+        raise ValueError("every part needs its fold_ids (written by run_graph_cv)")
+    ids = [k for p in parts for k in p["fold_ids"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"fold subsets overlap: {sorted(ids)}")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+
+    def joined(get) -> list:
+        rows = [row for p in parts for row in get(p)]
+        return [rows[i] for i in order]
+
+    merged = {key: first[key] for key in fixed}
+    merged.update({
+        "eval_folds": len(ids), "fold_ids": sorted(ids), "fold_sizes": joined(lambda p: p["fold_sizes"]),
+        "stopped_at_deadline": any(p["stopped_at_deadline"] for p in parts), "models": {},
+    })
+    for kind in first["models"]:
+        m = {
+            "per_epoch_accuracy": joined(lambda p: p["models"][kind]["per_epoch_accuracy"]),
+            "train_loss": joined(lambda p: p["models"][kind]["train_loss"]),
+            "cpu_seconds": sum(p["models"][kind]["cpu_seconds"] for p in parts),
+            "num_parameters": first["models"][kind]["num_parameters"],
+        }
+        if "readouts" in first["models"][kind]:
+            m["readouts"] = joined(lambda p: p["models"][kind]["readouts"])
+        m["fold_accuracies"] = [row[-1] for row in m["per_epoch_accuracy"]]
+        m["mean"], m["std"] = mean_std(m["fold_accuracies"])
+        e, mu, sd = best_common_epoch(m["per_epoch_accuracy"])
+        m["best_common_epoch"] = {"epoch": e, "mean": mu, "std": sd}
+        merged["models"][kind] = m
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -422,13 +489,14 @@ def validation_split(
 def select_readouts(
     ds: GraphDataset, train_folds: Sequence[Sequence[int]], protocol: GraphProtocol, name: str,
     num_classes: int, readouts: Sequence[str], *, kinds: Sequence[str] = ("reynet", "iegn"), val_fraction: float = 0.1,
-    epochs: int | None = None, on_epoch: Callable[[dict], None] | None = None,
+    epochs: int | None = None, on_epoch: Callable[[dict], None] | None = None, fold_ids: Sequence[int] | None = None,
 ) -> dict:
     """Choose the readout (pooling) of every (fold, model kind) on a validation split of that fold's training data.
 
-    For fold k, [`validation_split`] (seed `protocol.seed + k`) carves `val_fraction` of `train_folds[k]` out; every
-    candidate readout is trained on the rest with exactly the settings of the final run (init seed `protocol.seed + k`,
-    Adam, StepLR, batch order seed `protocol.seed + k`, `epochs` epochs; default the dataset's maximum), all folds,
+    For outer fold k (`fold_ids`, default 0, 1, ... for the entries of `train_folds`), [`validation_split`] (seed
+    `protocol.seed + k`) carves `val_fraction` of its training fold out; every candidate readout is trained on the
+    rest with exactly the settings of the final run (init seed `protocol.seed + k`, Adam, StepLR, batch order seed
+    `protocol.seed + k`, `epochs` epochs; default the dataset's maximum), all folds,
     kinds and candidates in lock-step. The winner follows [`READOUT_CRITERION`]. Both kinds get the same procedure,
     budget, splits and seeds. This function never sees the test folds: it only receives the training indices.
 
@@ -442,7 +510,11 @@ def select_readouts(
     if epochs < 1:
         raise ValueError(f"selection epochs must be >= 1, got {epochs}")
     in_channels = ds.tensors[0].shape[0]
-    splits = [validation_split(tr, ds.labels, val_fraction, protocol.seed + k) for k, tr in enumerate(train_folds)]
+    fold_ids = list(range(len(train_folds))) if fold_ids is None else list(fold_ids)
+    if len(fold_ids) != len(train_folds):
+        raise ValueError(f"{len(fold_ids)} fold ids for {len(train_folds)} training folds")
+    splits = [validation_split(tr, ds.labels, val_fraction, protocol.seed + fold)
+              for fold, tr in zip(fold_ids, train_folds)]
     sel: dict = {
         "candidates": list(readouts), "val_fraction": val_fraction, "epochs": 0, "planned_epochs": epochs,
         "criterion": READOUT_CRITERION, "val_sizes": [len(v) for _, v in splits],
@@ -451,14 +523,14 @@ def select_readouts(
                    for kind in kinds},
     }
     state = {}
-    for k in range(len(splits)):
+    for k, fold in enumerate(fold_ids):
         for kind in kinds:
             for r in readouts:
-                torch.manual_seed(protocol.seed + k)  # the same init as the final run of fold k
+                torch.manual_seed(protocol.seed + fold)  # the same init as the final run of that fold
                 model = graph_model(kind, in_channels, num_classes, protocol, pooling=r)
                 opt = torch.optim.Adam(model.parameters(), lr=protocol.lr)
                 sched = torch.optim.lr_scheduler.StepLR(opt, protocol.step_epochs(name), protocol.lr_gamma)
-                state[k, kind, r] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + k))
+                state[k, kind, r] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + fold))
     for epoch in tqdm(range(epochs), desc=f"{name} readout selection"):
         for k, (inner, val) in enumerate(splits):
             for kind in kinds:

@@ -44,7 +44,8 @@ PUBLISHED_IEGN = {"MUTAG": (84.61, 10.0), "PROTEINS": (75.19, 4.3), "NCI109": (7
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["synthetic", "graphs", "checkpoint", "summary", "refresh-code", "all"])
+    p.add_argument("stage", choices=["synthetic", "graphs", "merge-folds", "checkpoint", "summary", "refresh-code",
+                                      "all"])
     p.add_argument("--output-dir", default=str(REPO_ROOT / "results"))
     p.add_argument("--checkpoint-dir", default=str(REPO_ROOT / "checkpoints"))
     p.add_argument("--data-dir", default=None, help="folder with graphs/<NAME>/<NAME>.txt (default: $HF_KOOPMAN_DATA)")
@@ -69,6 +70,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="IEGN-paper epoch counts as maxima (MUTAG 130, PROTEINS 20, NCI109 99), StepLR every E/4")
     p.add_argument("--pooling", choices=["sum", "mean"], default=None,
                    help="readout of BOTH models (default: the paper's sum pooling); 'mean' is a diagnostic variant")
+    p.add_argument("--design-order", type=int, choices=[2, 3], default=None,
+                   help="graphs: ReyNet's Reynolds design, 2 = ordered pairs (default, the paper), 3 = injective "
+                        "triples (O(n^3); supplementary runs)")
+    p.add_argument("--folds", default=None, metavar="K,K,...",
+                   help="graphs: train these outer folds only (e.g. 0,1,2,3,4 and 5,6,7,8,9 as two processes; "
+                        "seeds follow the fold index), then join the outputs with the merge-folds stage")
+    p.add_argument("--inputs", default=None, metavar="DIR,DIR,...",
+                   help="merge-folds: output folders of the fold-subset runs (their reynet_graphs_<NAME>.json)")
     p.add_argument("--reynolds-layers", type=int, default=None,
                    help="stacked Reynolds blocks of the ReyNet graph model (default: the protocol's one, as in the paper)")
     p.add_argument("--select-readout", default=None, metavar="CANDIDATES",
@@ -281,6 +290,10 @@ def run_graphs(args) -> dict:
         if args.reynolds_layers < 1:
             raise ValueError(f"--reynolds-layers must be >= 1, got {args.reynolds_layers}")
         protocol.reynet = {**protocol.reynet, "num_reynolds_layers": args.reynolds_layers}
+    if args.design_order is not None:
+        protocol.reynet = {**protocol.reynet, "design_order": args.design_order}
+    if args.folds:
+        protocol.fold_ids = [int(k) for k in args.folds.split(",") if k.strip()]
     protocol.eval_folds.update(_per_dataset(args.eval_folds, datasets))
     missing = [d for d in datasets if d not in protocol.epochs]
     if missing:
@@ -324,6 +337,37 @@ def run_graphs(args) -> dict:
         logger.info("%s: %s", name, {k: (v["mean"], v["std"]) for k, v in res["models"].items()})
 
     return out
+
+
+def run_merge_folds(args) -> dict:
+    """Join `reynet_graphs_<NAME>.json` of fold-subset runs (`graphs --folds ...`, one folder each) into one file per
+    dataset in `--output-dir`."""
+    from reynet_experiments import merge_fold_runs
+
+    if not args.inputs:
+        raise ValueError("merge-folds needs --inputs DIR,DIR,... (the output folders of the fold-subset runs)")
+    dirs = [Path(d) for d in args.inputs.split(",") if d]
+    names = sorted({f.name for f in dirs[0].glob("reynet_graphs_*.json")})
+    if not names:
+        raise ValueError(f"no reynet_graphs_<NAME>.json in {dirs[0]}")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged_all = {}
+    for fname in names:
+        missing = [str(d) for d in dirs if not (d / fname).is_file()]
+        if missing:
+            raise ValueError(f"{fname} is missing from {missing}")
+        parts = [json.loads((d / fname).read_text()) for d in dirs]
+        protocols = [{k: v for k, v in p["protocol"].items() if k != "deadline_utc"} for p in parts]
+        if any(pr != protocols[0] for pr in protocols[1:]):
+            raise ValueError(f"{fname}: the fold-subset runs used different protocols")
+        (name,) = parts[0]["datasets"]
+        merged = merge_fold_runs([p["datasets"][name] for p in parts])
+        single = {"protocol": parts[0]["protocol"], "datasets": {name: merged}}
+        (out_dir / fname).write_text(json.dumps(single, indent=2) + "\n")
+        merged_all[name] = merged
+        logger.info("%s: merged folds %s -> %s", name, merged["fold_ids"], out_dir / fname)
+    return merged_all
 
 
 def _load_graph_results(out_dir: Path) -> dict:
@@ -859,6 +903,8 @@ def main(argv: list[str] | None = None) -> None:
         run_synthetic(args)
     if args.stage in ("graphs", "all"):
         run_graphs(args)
+    if args.stage == "merge-folds":
+        run_merge_folds(args)
     if args.stage in ("checkpoint", "all"):
         run_graph_checkpoint(args)
     if args.stage in ("summary", "all"):
