@@ -49,6 +49,11 @@ class ReyNetConfig(PreTrainedConfig):
             paper, with the same heads (then `channel_hidden_sizes` are the widths of the IEGN layers).
         num_reynolds_layers (`int`, *optional*, defaults to 1):
             Stacked Reynolds blocks; the paper uses one (depth comes from φ and the channel MLP).
+        design_order (`int`, *optional*, defaults to 2):
+            Nodes per element of the Reynolds design. 2: the ordered pairs (the paper; O(n²)), φ reads 2×2 principal
+            blocks. 3: the injective triples (a, b, c) (O(n³) time and `B·n³·h` activation memory), φ reads 3×3
+            principal blocks and writes (a, a) and (a, b): `Y[a,b] = mean_c φ₁(block(a,b,c))`,
+            `Y[a,a] = mean_{b,c} φ₀(block(a,b,c))`. Order 3 needs `phi_mode="joint"` with at least one hidden layer.
         phi_mode (`str`, *optional*, defaults to `"depthwise"`):
             `"depthwise"`: φ: R⁴ → R² is shared by all channels (the paper's code); `"joint"`: φ: R^{4C} → R^{2C'} mixes
             channels, with C' = `reynolds_channels`.
@@ -90,6 +95,7 @@ class ReyNetConfig(PreTrainedConfig):
         in_channels: int = 1,
         layer_type: str = "reynolds",
         num_reynolds_layers: int = 1,
+        design_order: int = 2,
         phi_mode: str = "depthwise",
         phi_hidden_sizes: list[int] | None = None,
         reynolds_channels: int | None = None,
@@ -110,6 +116,14 @@ class ReyNetConfig(PreTrainedConfig):
         phi_hidden_sizes = _int_list(
             "phi_hidden_sizes", [16, 16, 16] if phi_hidden_sizes is None else phi_hidden_sizes, allow_empty=True
         )
+        if isinstance(design_order, bool) or not isinstance(design_order, int) or design_order not in (2, 3):
+            raise ValueError(f"ReyNetConfig: design_order must be 2 (ordered pairs) or 3 (triples), got {design_order!r}")
+        if design_order == 3 and layer_type == "reynolds" and (phi_mode != "joint" or not phi_hidden_sizes):
+            raise ValueError(
+                "ReyNetConfig: design_order=3 needs phi_mode='joint' and a non-empty phi_hidden_sizes (the triple "
+                f"block is implemented for a joint φ with hidden layers), got phi_mode={phi_mode!r}, "
+                f"phi_hidden_sizes={phi_hidden_sizes!r}"
+            )
         if reynolds_channels is not None:
             _positive_int("reynolds_channels", reynolds_channels)
         if not isinstance(skip_connection, bool):
@@ -132,6 +146,7 @@ class ReyNetConfig(PreTrainedConfig):
         self.in_channels = in_channels
         self.layer_type = layer_type
         self.num_reynolds_layers = num_reynolds_layers
+        self.design_order = design_order
         self.phi_mode = phi_mode
         self.phi_hidden_sizes = phi_hidden_sizes
         self.reynolds_channels = reynolds_channels

@@ -130,7 +130,11 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
             self.phi = _mlp([4, *config.phi_hidden_sizes, 2], config.hidden_act, final_act=False)
         else:
             rey_channels = config.reynolds_channels or in_channels
-            self.phi = _mlp([4 * in_channels, *config.phi_hidden_sizes, 2 * rey_channels], config.hidden_act, False)
+            block_size = config.design_order**2  # entries of a principal block per channel
+            self.phi = _mlp(
+                [block_size * in_channels, *config.phi_hidden_sizes, 2 * rey_channels], config.hidden_act, False
+            )
+        self.triples = config.design_order == 3
         self.rey_channels = rey_channels
         self.skip = (
             nn.Sequential(nn.Linear(in_channels + rey_channels, rey_channels), _ACTIVATIONS[config.hidden_act]())
@@ -168,6 +172,8 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         (finite, since padded inputs are zero) and zeroed by [`forward`].
         """
         B, n, _, C = h.shape
+        if self.triples:
+            return self._reynolds_triples(h, pair, node, count)
         if not self.depthwise and len(self.phi) > 1:
             return self._reynolds_joint(h, pair, node, count)
         if self.depthwise:
@@ -215,6 +221,58 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         out = nn.functional.linear(z, last.weight[c_out:], last.bias[c_out:])  # φ₁, (B, n, n, C')
         out.diagonal(dim1=1, dim2=2).copy_(diag.transpose(1, 2))  # linear's backward does not need its output
         return out
+
+    def _reynolds_triples(
+        self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor
+    ) -> torch.Tensor:
+        """Design of injective triples, `(B, n, n, C)` -> `(B, n, n, C')`; O(n³) time, `B·n³·h` activation memory.
+
+        φ reads the 3×3 principal block of (a, b, c), channel-major and row-major inside the block
+        (`[X[a,a], X[a,b], X[a,c], X[b,a], X[b,b], X[b,c], X[c,a], X[c,b], X[c,c]]` per channel), and writes φ₀ at
+        (a, a) and φ₁ at (a, b). Normalisation (our choice, the pair design's per-entry mean carried over):
+        `Y[a,b] = 1/(n−2) Σ_{c∉{a,b}} φ₁`, `Y[a,a] = 1/((n−1)(n−2)) Σ_{b≠a, c∉{a,b}} φ₀`, i.e.
+        `reductive_reynolds_k(φ, X, 3, out_rank=2)` divided entry-wise by its number of terms (0 when a graph has
+        fewer than 3 real nodes).
+
+        φ's first linear layer splits over the block's entries, so the `(B, n, n, n, h)` pre-activation is three
+        broadcast `(B, n, n, h)` terms `P[a,b] + Q[a,c] + R[b,c]` from one `(B, n, n, C) @ (C, 6h)` GEMM and per-node
+        terms. φ's last layer is linear, so it is applied after the sums over c (and b): only the hidden activations
+        are n³-sized.
+        """
+        B, n, _, C = h.shape
+        c_out = self.rey_channels
+        first = self.phi[0]
+        W = first.weight.reshape(first.out_features, C, 9)  # (h, C, 9), local index 3·i + j of block entry (i, j)
+        d = h.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, n, C)
+        # entries X[a,b] (1), X[b,a] (3), X[a,c] (2), X[c,a] (6), X[b,c] (5), X[c,b] (7) as one GEMM
+        G = h @ W[:, :, [1, 3, 2, 6, 5, 7]].permute(1, 2, 0).reshape(C, -1)  # (B, n, n, 6h)
+        g = G.unflatten(-1, (6, -1))  # (B, n, n, 6, h)
+        P = g[..., 0, :] + g[..., 1, :].transpose(1, 2)  # (a, b): W1 X[a,b] + W3 X[b,a]
+        Q = g[..., 2, :] + g[..., 3, :].transpose(1, 2)  # (a, c): W2 X[a,c] + W6 X[c,a]
+        R = g[..., 4, :] + g[..., 5, :].transpose(1, 2)  # (b, c): W5 X[b,c] + W7 X[c,b]
+        P = P + (torch.addmm(first.bias, d.reshape(-1, C), W[:, :, 0].T).reshape(B, n, 1, -1)
+                 + (d @ W[:, :, 4].T)[:, None, :, :])  # + W0 d[a] + bias + W4 d[b]
+        Q = Q + (d @ W[:, :, 8].T)[:, None, :, :]  # + W8 d[c]
+        pre = P[:, :, :, None, :] + Q[:, :, None, :, :]  # (B, n, n, n, h) indexed (a, b, c)
+        pre.add_(R[:, None, :, :, :])
+        act = self.phi[1]
+        z = torch.relu_(pre) if type(act) is nn.ReLU else act(pre)
+        z = self.phi[2:-1](z)  # further hidden layers, if any: (B, n, n, n, h_last)
+        hl = z.shape[-1]
+        # valid third nodes: c real and c ∉ {a, b}; the masked sum over c is one batched (1, n) @ (n, h) product
+        eye = torch.eye(n, dtype=torch.bool, device=h.device)
+        real = torch.ones(B, n, dtype=torch.bool, device=h.device) if node is None else node
+        valid = real[:, None, None, :] & ~eye[None, :, None, :] & ~eye[None, None, :, :]  # (B, n_a, n_b, n_c)
+        vm = valid.to(z.dtype)
+        z_off = (vm.reshape(-1, 1, n) @ z.reshape(-1, n, hl)).reshape(B, n, n, hl)  # Σ_c z[a,b,c]
+        thirds = vm.sum(dim=-1, keepdim=True)  # (B, n, n, 1): n_real − 2 for real a ≠ b
+        pm = pair.to(z.dtype)  # (B, n, n): real b ≠ a
+        z_diag = (pm[:, :, None, :] @ z_off).squeeze(2)  # (B, n, h): Σ_{b≠a} Σ_c z[a,b,c]
+        terms = (pm[..., None] * thirds).sum(dim=2)  # (B, n, 1): (n_real − 1)(n_real − 2) for real a
+        last = self.phi[-1]
+        diag = (z_diag @ last.weight[:c_out].T + terms * last.bias[:c_out]) / terms.clamp_min(1)
+        out = (z_off @ last.weight[c_out:].T + thirds * last.bias[c_out:]) / thirds.clamp_min(1)
+        return torch.diagonal_scatter(out, diag.transpose(1, 2), dim1=1, dim2=2)
 
     def forward(
         self, h: torch.Tensor, pair: torch.Tensor, node: torch.Tensor | None, count: torch.Tensor

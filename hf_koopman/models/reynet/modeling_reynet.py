@@ -130,11 +130,11 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
             self.phi = _mlp([4, *config.phi_hidden_sizes, 2], config.hidden_act, final_act=False)
         else:
             rey_channels = config.reynolds_channels or in_channels
-            block_size = getattr(config, "design_order", 2) ** 2  # entries of a principal block per channel
+            block_size = config.design_order**2  # entries of a principal block per channel
             self.phi = _mlp(
                 [block_size * in_channels, *config.phi_hidden_sizes, 2 * rey_channels], config.hidden_act, False
             )
-        self.triples = getattr(config, "design_order", 2) == 3
+        self.triples = config.design_order == 3
         self.rey_channels = rey_channels
         self.skip = (
             nn.Sequential(nn.Linear(in_channels + rey_channels, rey_channels), _ACTIVATIONS[config.hidden_act]())

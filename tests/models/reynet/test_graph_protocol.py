@@ -306,3 +306,64 @@ def test_lr_pilot_reads_only_training_folds_and_renders_a_table(tmp_path, monkey
     assert md.count("| TOY | 0.01 |") == 2
     with pytest.raises(ValueError, match="learning rate must be positive"):
         reynet_lr_pilot.run_pilot(data, "TOY", 0.0, epochs=1)
+
+
+def test_fold_subset_runs_merge_into_the_all_folds_run(tmp_path):
+    """`fold_ids` runs (seeds follow the fold index) joined by `merge_fold_runs` equal one run of all folds."""
+    data = _random_gin(tmp_path, num_graphs=18)
+    protocol = _tiny_protocol(epochs=2)
+    protocol.num_folds = 3
+    whole = rx.run_graph_cv(data, "TOY", protocol)
+    parts = []
+    for ids in ([2], [0, 1]):  # out of order on purpose
+        protocol.fold_ids = ids
+        parts.append(rx.run_graph_cv(data, "TOY", protocol))
+    merged = rx.merge_fold_runs(parts)
+    assert merged["fold_ids"] == [0, 1, 2] and merged["eval_folds"] == 3
+    assert merged["fold_sizes"] == whole["fold_sizes"]
+    for kind in ("reynet", "iegn"):
+        m, w = merged["models"][kind], whole["models"][kind]
+        assert m["per_epoch_accuracy"] == w["per_epoch_accuracy"]
+        assert m["train_loss"] == w["train_loss"]  # bit-identical: same seeds, same ops
+        assert (m["mean"], m["std"], m["best_common_epoch"]) == (w["mean"], w["std"], w["best_common_epoch"])
+    with pytest.raises(ValueError, match="overlap"):
+        rx.merge_fold_runs([parts[1], parts[1]])
+    short = {**parts[0], "epochs": 1}
+    with pytest.raises(ValueError, match="disagree on \\['epochs'\\]"):
+        rx.merge_fold_runs([short, parts[1]])
+    with pytest.raises(ValueError, match="at least two"):
+        rx.merge_fold_runs(parts[:1])
+    for bad in ([3], [0, 0], []):
+        protocol.fold_ids = bad
+        with pytest.raises(ValueError, match="fold_ids must be distinct fold indices"):
+            rx.run_graph_cv(data, "TOY", protocol)
+
+
+def test_design_order_and_folds_options_and_merge_stage(tmp_path):
+    import json
+
+    import train_reynet
+
+    data = _random_gin(tmp_path)
+    common = ["--datasets", "TOY", "--graph-epochs", "TOY=1", "--num-folds", "2", "--data-dir", str(data)]
+    outs = {}
+    for name, extra in {"a": ["--folds", "0"], "b": ["--folds", "1"], "all": []}.items():
+        outs[name] = tmp_path / name
+        train_reynet.main(["graphs", *common, "--design-order", "3", *extra, "--output-dir", str(outs[name])])
+    run = json.loads((outs["a"] / "reynet_graphs_TOY.json").read_text())
+    assert run["protocol"]["reynet"]["design_order"] == 3 and run["datasets"]["TOY"]["fold_ids"] == [0]
+    pair = tmp_path / "pairs"
+    train_reynet.main(["graphs", *common, "--output-dir", str(pair)])
+    n3 = run["datasets"]["TOY"]["models"]["reynet"]["num_parameters"]
+    n2 = json.loads((pair / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]["models"]["reynet"]
+    assert n3 > n2["num_parameters"]  # φ's first layer reads 9C entries instead of 4C
+    merged_dir = tmp_path / "merged"
+    train_reynet.main(["merge-folds", "--inputs", f"{outs['a']},{outs['b']}", "--output-dir", str(merged_dir)])
+    merged = json.loads((merged_dir / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]
+    whole = json.loads((outs["all"] / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]
+    for kind in ("reynet", "iegn"):
+        assert merged["models"][kind]["per_epoch_accuracy"] == whole["models"][kind]["per_epoch_accuracy"]
+    with pytest.raises(ValueError, match="different protocols"):
+        train_reynet.main(["merge-folds", "--inputs", f"{outs['a']},{pair}", "--output-dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="needs --inputs"):
+        train_reynet.main(["merge-folds", "--output-dir", str(tmp_path / "y")])

@@ -22,6 +22,7 @@ VARIANTS = [
     dict(layer_type="reynolds", phi_mode="joint", num_reynolds_layers=2, skip_connection=False),
     dict(layer_type="reynolds", phi_mode="joint", channel_hidden_sizes=[], pooling="mean"),
     dict(layer_type="iegn"),
+    dict(layer_type="reynolds", phi_mode="joint", design_order=3),
 ]
 HEADS = [ReyNetModel, ReyNetForGraphClassification, ReyNetForInvariantRegression, ReyNetForEquivariantRegression]
 
@@ -55,7 +56,7 @@ def test_permutation_symmetry_with_masks(cls, variant):
     assert not torch.allclose(Y, _output(model, X.flip(-1), mask))
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:2] + VARIANTS[3:], ids=["depthwise", "joint", "iegn"])
+@pytest.mark.parametrize("variant", VARIANTS[:2] + VARIANTS[3:], ids=["depthwise", "joint", "iegn", "triples"])
 def test_padding_never_reaches_real_nodes(variant):
     model = ReyNetForEquivariantRegression(ReyNetConfig(**{**TINY, **variant})).double().eval()
     X, mask = _batch()
@@ -96,6 +97,57 @@ def test_joint_layer_matches_reductive_reynolds_contract(hidden):
     model = ReyNetModel(cfg).double().eval()
     X = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(model(X).last_hidden_state, reductive_reynolds(model.blocks[0].phi, X))
+
+
+@pytest.mark.parametrize("hidden", [[7], [6, 5]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_triple_design_matches_reductive_reynolds_k(hidden, masked):
+    """design_order=3: the block's Reynolds part is `reductive_reynolds_k(φ, X, 3, out_rank=2)` for a Φ that writes
+    φ₀ at (0, 0) and φ₁ at (0, 1), divided entry-wise by its number of terms ((n−1)(n−2) on the diagonal, n−2 off
+    it), with the real n of each graph under padding; and the literal n!-term operator agrees."""
+    from hf_koopman.models.reynet import full_reynolds_k, reductive_reynolds_k
+
+    C, c_out, n = 3, 2, 6
+    cfg = ReyNetConfig(in_channels=C, phi_mode="joint", reynolds_channels=c_out, skip_connection=False,
+                       channel_hidden_sizes=[], phi_hidden_sizes=hidden, design_order=3)
+    model = ReyNetModel(cfg).double().eval()
+    phi = model.blocks[0].phi
+
+    def Phi(sub):  # (B, T, C, 9) channel-major 3x3 blocks -> (B, T, C', 9), zero except local (0,0) and (0,1)
+        o = phi(sub.reshape(*sub.shape[:2], -1))
+        out = o.new_zeros(*sub.shape[:2], c_out, 9)
+        out[..., 0], out[..., 1] = o[..., :c_out], o[..., c_out:]
+        return out
+
+    def expected(X):
+        m = X.shape[-1]
+        terms = torch.full((m, m), m - 2.0, dtype=X.dtype)
+        terms.fill_diagonal_(float((m - 1) * (m - 2)))
+        return reductive_reynolds_k(Phi, X, 3, out_rank=2) / terms
+
+    X = torch.randn(2, C, n, n, dtype=torch.float64)
+    if not masked:
+        Y = model(X).last_hidden_state
+        torch.testing.assert_close(Y, expected(X))
+        torch.testing.assert_close(full_reynolds_k(Phi, X[:, :, :5, :5], 3, out_rank=2),
+                                   reductive_reynolds_k(Phi, X[:, :, :5, :5], 3, out_rank=2))
+    else:
+        mask = torch.ones(2, n, dtype=torch.bool)
+        mask[1, 4:] = False
+        Y = model(X, node_mask=mask).last_hidden_state
+        torch.testing.assert_close(Y[:1], expected(X[:1]))
+        torch.testing.assert_close(Y[1:, :, :4, :4], expected(X[1:, :, :4, :4]))
+        assert (Y[1, :, 4:, :] == 0).all() and (Y[1, :, :, 4:] == 0).all()
+
+
+def test_triple_design_with_fewer_than_three_nodes_is_zero_not_nan():
+    """An empty sum over third nodes (a graph with 1 or 2 real nodes) gives Y = 0 from the Reynolds part."""
+    cfg = ReyNetConfig(in_channels=2, phi_mode="joint", phi_hidden_sizes=[4], skip_connection=False,
+                       channel_hidden_sizes=[], design_order=3)
+    model = ReyNetModel(cfg).double().eval()
+    for n in (1, 2):
+        Y = model(torch.randn(1, 2, n, n, dtype=torch.float64)).last_hidden_state
+        assert torch.isfinite(Y).all() and (Y == 0).all()
 
 
 def test_losses_and_shapes():
@@ -146,6 +198,10 @@ def test_input_errors():
         (dict(num_targets=True), "num_targets"),
         (dict(skip_connection="yes"), "skip_connection"),
         (dict(reynolds_channels=0), "reynolds_channels"),
+        (dict(design_order=4), "design_order"),
+        (dict(design_order=True), "design_order"),
+        (dict(design_order=3), "phi_mode='joint'"),  # the default φ is depthwise
+        (dict(design_order=3, phi_mode="joint", phi_hidden_sizes=[]), "non-empty phi_hidden_sizes"),
     ],
 )
 def test_config_validation(kwargs, match):
