@@ -594,7 +594,8 @@ def _verdict(gr: dict) -> str:
     ge = [d["models"]["reynet"]["mean"] >= d["models"]["iegn"]["mean"] for d in gr["datasets"].values()]
     geb = [d["models"]["reynet"]["best_common_epoch"]["mean"] >= d["models"]["iegn"]["best_common_epoch"]["mean"]
            for d in gr["datasets"].values()]
-    return (f"**ReyNet ≥ IEGN (ours) on every dataset: {'yes' if all(ge) else 'no'} at the last epoch, "
+    return (f"**ReyNet ≥ IEGN (ours) on every dataset here ({', '.join(gr['datasets'])}): "
+            f"{'yes' if all(ge) else 'no'} at the last epoch, "
             f"{'yes' if all(geb) else 'no'} at the best common epoch.** Paired last-epoch difference ReyNet − IEGN "
             f"(points, mean ± standard error over folds): {'; '.join(rows)}.")
 

@@ -367,3 +367,26 @@ def test_design_order_and_folds_options_and_merge_stage(tmp_path):
         train_reynet.main(["merge-folds", "--inputs", f"{outs['a']},{pair}", "--output-dir", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="needs --inputs"):
         train_reynet.main(["merge-folds", "--output-dir", str(tmp_path / "y")])
+
+
+def test_fit_check_trains_on_fold0_training_graphs_only_and_renders_a_table(tmp_path):
+    import reynet_fit_check as fc
+
+    data = _random_gin(tmp_path, num_graphs=40)
+    graphs, _, num_labels = rx.load_gin_graphs(data, "TOY")
+    ds = rx.GraphDataset(graphs, num_labels)
+    train0, test0 = rx.stratified_kfold(ds.labels, 10, 1234)[0]
+    subset = fc.training_subset(ds.labels, 20, 1234)
+    assert len(subset) == 20 and set(subset) <= set(train0) and not set(subset) & set(test0)
+    assert subset == fc.training_subset(ds.labels, 20, 1234)  # seeded
+    with pytest.raises(ValueError, match="graphs must be in"):
+        fc.training_subset(ds.labels, len(train0) + 1, 1234)
+    res = fc.run_fit_check(data, "TOY", num_graphs=12, epochs=3, kinds=["reynet", "reynet3", "iegn"])
+    assert set(res["models"]) == {"reynet", "reynet3", "iegn"} and res["graphs"] == 12
+    for m in res["models"].values():
+        assert len(m["train_loss"]) == 3 and 0.0 <= m["final_accuracy"] <= 1.0 and m["final_loss"] > 0
+    assert res["models"]["reynet3"]["num_parameters"] > res["models"]["reynet"]["num_parameters"]
+    table = fc.fit_table([res])
+    assert "ReyNet (triples)" in table and "CE ep. 3" in table and "first epoch CE < 0.1" in table
+    with pytest.raises(ValueError, match="kinds must be"):
+        fc.run_fit_check(data, "TOY", num_graphs=12, epochs=1, kinds=["gin"])
