@@ -381,11 +381,12 @@ def test_fit_check_trains_on_fold0_training_graphs_only_and_renders_a_table(tmp_
     assert subset == fc.training_subset(ds.labels, 20, 1234)  # seeded
     with pytest.raises(ValueError, match="graphs must be in"):
         fc.training_subset(ds.labels, len(train0) + 1, 1234)
-    res = fc.run_fit_check(data, "TOY", num_graphs=12, epochs=3, kinds=["reynet", "reynet3", "iegn"])
-    assert set(res["models"]) == {"reynet", "reynet3", "iegn"} and res["graphs"] == 12
+    res = fc.run_fit_check(data, "TOY", num_graphs=12, epochs=3, kinds=["reynet", "reynet3", "reynet_wide", "iegn"])
+    assert set(res["models"]) == {"reynet", "reynet3", "reynet_wide", "iegn"} and res["graphs"] == 12
     for m in res["models"].values():
         assert len(m["train_loss"]) == 3 and 0.0 <= m["final_accuracy"] <= 1.0 and m["final_loss"] > 0
     assert res["models"]["reynet3"]["num_parameters"] > res["models"]["reynet"]["num_parameters"]
+    assert res["models"]["reynet_wide"]["num_parameters"] > 2 * res["models"]["reynet"]["num_parameters"]
     table = fc.fit_table([res])
     assert "ReyNet (triples)" in table and "CE ep. 3" in table and "first epoch CE < 0.1" in table
     with pytest.raises(ValueError, match="kinds must be"):
