@@ -27,9 +27,7 @@ DEFAULT_DIR = REPO_ROOT / "results" / "reynet_fit_check"
 logger = logging.getLogger("reynet_fit_check")
 KINDS = {"reynet": "ReyNet (pairs)", "reynet3": "ReyNet (triples)", "reynet_wide": "ReyNet (pairs, wide)",
          "iegn": "IEGN"}
-# "reynet_wide": the pair design at about IEGN's parameter count (φ 4C → 96 → 2·32, channel MLP [64, 128]; ~51k
-# parameters on NCI109 against IEGN's 56k and the main ReyNet's 18k)
-WIDE = {"phi_hidden_sizes": [96], "reynolds_channels": 32, "channel_hidden_sizes": [64, 128]}
+# "reynet_wide": the pair design at about IEGN's parameter count (`reynet_experiments.REYNET_WIDE`)
 THRESHOLDS = (0.5, 0.3, 0.1)
 
 
@@ -56,7 +54,7 @@ def run_fit_check(data_dir, dataset: str, *, num_graphs: int, epochs: int, kinds
         "final_accuracy", "num_parameters", "cpu_seconds"}}}`; the final values are an eval-mode pass over the subset.
     """
     import torch
-    from reynet_experiments import GraphProtocol, _evaluate, graph_model, train_graph_classifier
+    from reynet_experiments import REYNET_WIDE, GraphProtocol, _evaluate, graph_model, train_graph_classifier
 
     from hf_koopman.datasets.graphs import GraphDataset, load_gin_graphs
 
@@ -76,7 +74,7 @@ def run_fit_check(data_dir, dataset: str, *, num_graphs: int, epochs: int, kinds
         if kind == "reynet3":
             protocol.reynet = {**GraphProtocol().reynet, "design_order": 3}
         elif kind == "reynet_wide":
-            protocol.reynet = {**GraphProtocol().reynet, **WIDE}
+            protocol.reynet = {**GraphProtocol().reynet, **REYNET_WIDE}
         else:
             protocol.reynet = GraphProtocol().reynet
         torch.manual_seed(seed)

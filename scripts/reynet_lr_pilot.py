@@ -6,6 +6,8 @@ trains both models, at each learning rate, on the inner-training part of the fir
 seeded stratified validation split of the same training fold (`reynet_experiments.validation_split`). No test fold is
 read. It is a diagnostic that can motivate a pre-registered run; it does not choose anything for the results tables.
 
+`--variant wide` runs the same pilot with ReyNet at about IEGN's parameter count (`REYNET_WIDE`), the width pilot.
+
 Usage (one process per learning rate, then the table):
 
     python scripts/reynet_lr_pilot.py run --dataset NCI109 --lr 0.003 --data-dir ../shared/data
@@ -26,18 +28,22 @@ DEFAULT_DIR = REPO_ROOT / "results" / "reynet_lr_pilot"
 logger = logging.getLogger("reynet_lr_pilot")
 
 
+VARIANTS = ("main", "wide")
+
+
 def run_pilot(data_dir, dataset: str, lr: float, *, folds: int = 2, epochs: int | None = None,
-              val_fraction: float = 0.1, seed: int = 1234) -> dict:
+              val_fraction: float = 0.1, seed: int = 1234, variant: str = "main") -> dict:
     """Both models at learning rate `lr` on the validation splits of the first `folds` outer training folds.
 
     Everything else is the main table's protocol (`GraphProtocol` defaults: widths, schedule, batch order, seeds),
-    with the mean readout for both models.
+    with the mean readout for both models. `variant="wide"` gives ReyNet `REYNET_WIDE`'s widths (about IEGN's
+    parameter count); IEGN is the same in both variants.
 
     Returns:
         `{"dataset", "lr", "folds", "epochs", "val_fraction", "val_sizes", "models": {kind: {"val_accuracy":
         (folds, epochs), "val_loss": (folds, epochs), "cpu_seconds"}}}`.
     """
-    from reynet_experiments import GraphProtocol, select_readouts
+    from reynet_experiments import REYNET_WIDE, GraphProtocol, select_readouts
 
     from hf_koopman.datasets.graphs import GraphDataset, load_gin_graphs, stratified_kfold
 
@@ -45,7 +51,11 @@ def run_pilot(data_dir, dataset: str, lr: float, *, folds: int = 2, epochs: int 
         raise ValueError(f"the learning rate must be positive, got {lr}")
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, dataset)
     ds = GraphDataset(graphs, num_node_labels)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     protocol = GraphProtocol(seed=seed, lr=lr)
+    if variant == "wide":
+        protocol.reynet = {**protocol.reynet, **REYNET_WIDE}
     if dataset not in protocol.epochs and epochs is None:
         raise ValueError(f"no default epoch count for {dataset!r}: pass epochs")
     if epochs is not None:
@@ -56,11 +66,19 @@ def run_pilot(data_dir, dataset: str, lr: float, *, folds: int = 2, epochs: int 
     sel = select_readouts(ds, [tr for tr, _ in outer[:folds]], protocol, dataset, num_classes, ["mean"],
                           val_fraction=val_fraction)
     return {
-        "dataset": dataset, "lr": lr, "folds": folds, "epochs": sel["epochs"], "val_fraction": val_fraction,
+        "dataset": dataset, "lr": lr, "variant": variant, "reynet": protocol.reynet, "folds": folds, "epochs": sel["epochs"], "val_fraction": val_fraction,
         "val_sizes": sel["val_sizes"], "schedule": protocol.schedule(dataset),
         "models": {kind: {"val_accuracy": m["val_accuracy"]["mean"], "val_loss": m["val_loss"]["mean"],
                           "cpu_seconds": m["cpu_seconds"]} for kind, m in sel["models"].items()},
+        "num_parameters": {kind: _num_parameters(kind, protocol, ds, num_classes) for kind in sel["models"]},
     }
+
+
+def _num_parameters(kind: str, protocol, ds, num_classes: int) -> int:
+    from reynet_experiments import graph_model
+
+    model = graph_model(kind, ds.tensors[0].shape[0], num_classes, protocol, pooling="mean")
+    return sum(p.numel() for p in model.parameters())
 
 
 def pilot_table(runs: list[dict]) -> str:
@@ -68,8 +86,9 @@ def pilot_table(runs: list[dict]) -> str:
     and the best epoch of the fold-mean accuracy (all means over the pilot's folds)."""
     lines = ["| dataset | lr | model | folds | epochs | val accuracy, last epoch (%) | val cross-entropy, last epoch "
              "| best fold-mean val accuracy (%, epoch) |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["dataset"], r["lr"])):
-        for kind, label in (("reynet", "ReyNet"), ("iegn", "IEGN")):
+    for r in sorted(runs, key=lambda r: (r["dataset"], r["lr"], r.get("variant", "main"))):
+        wide = r.get("variant", "main") == "wide"
+        for kind, label in (("reynet", "ReyNet (wide)" if wide else "ReyNet"), ("iegn", "IEGN")):
             acc, loss = r["models"][kind]["val_accuracy"], r["models"][kind]["val_loss"]
             k = len(acc)
             per_epoch = [sum(row[e] for row in acc) / k for e in range(len(acc[0]))]
@@ -85,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("stage", choices=["run", "table"])
     p.add_argument("--dataset", default="NCI109")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variant", choices=VARIANTS, default="main",
+                   help="ReyNet widths: the main table's, or 'wide' (about IEGN's parameter count)")
     p.add_argument("--folds", type=int, default=2, help="first K outer folds (their training parts only)")
     p.add_argument("--epochs", type=int, default=None, help="default: the main table's epochs for the dataset")
     p.add_argument("--data-dir", default=None, help="folder with graphs/<NAME>/<NAME>.txt (default: $HF_KOOPMAN_DATA)")
@@ -93,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.output_dir)
     if args.stage == "run":
-        res = run_pilot(args.data_dir, args.dataset, args.lr, folds=args.folds, epochs=args.epochs)
+        res = run_pilot(args.data_dir, args.dataset, args.lr, folds=args.folds, epochs=args.epochs,
+                        variant=args.variant)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{args.dataset}_lr{args.lr:g}.json"
+        suffix = "" if args.variant == "main" else f"_{args.variant}"
+        path = out / f"{args.dataset}_lr{args.lr:g}{suffix}.json"
         path.write_text(json.dumps(res, indent=1) + "\n")
         logger.info("wrote %s", path)
     else:
@@ -109,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         outcome = outcome_paragraph(out)
         if outcome is not None:
             text += "\n" + outcome + "\n"
-        (out / "README.md").write_text("# ReyNet / IEGN learning-rate pilot (validation data only)\n\n" + text)
+        kind = "width" if any(r.get("variant", "main") != "main" for r in runs) else "learning-rate"
+        (out / "README.md").write_text(f"# ReyNet / IEGN {kind} pilot (validation data only)\n\n" + text)
         logger.info("wrote %s", out / "README.md")
 
 

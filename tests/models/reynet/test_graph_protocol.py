@@ -306,6 +306,13 @@ def test_lr_pilot_reads_only_training_folds_and_renders_a_table(tmp_path, monkey
     assert md.count("| TOY | 0.01 |") == 2
     with pytest.raises(ValueError, match="learning rate must be positive"):
         reynet_lr_pilot.run_pilot(data, "TOY", 0.0, epochs=1)
+    wide = reynet_lr_pilot.run_pilot(data, "TOY", 0.01, folds=1, epochs=1, variant="wide")
+    assert wide["reynet"]["channel_hidden_sizes"] == rx.REYNET_WIDE["channel_hidden_sizes"]
+    assert wide["num_parameters"]["reynet"] > 2 * res["num_parameters"]["reynet"]
+    assert wide["num_parameters"]["iegn"] == res["num_parameters"]["iegn"]
+    assert "| TOY | 0.01 | ReyNet (wide) |" in reynet_lr_pilot.pilot_table([res, wide])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        reynet_lr_pilot.run_pilot(data, "TOY", 0.01, epochs=1, variant="deep")
 
 
 def test_fold_subset_runs_merge_into_the_all_folds_run(tmp_path):
