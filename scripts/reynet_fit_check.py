@@ -94,8 +94,15 @@ def run_fit_check(data_dir, dataset: str, *, num_graphs: int, epochs: int, kinds
 def fit_table(runs: list[dict]) -> str:
     """Markdown: per run and model, the training cross-entropy at a few epochs, the first epoch below each threshold,
     and the final eval-mode loss and accuracy on the subset."""
+    groups: dict = {}
+    for r in runs:  # runs of the same setting (one process per kind) share one table
+        key = (r["dataset"], r["graphs"], r["epochs"], r["lr"], r.get("seed"))
+        if key in groups:
+            groups[key] = {**groups[key], "models": {**groups[key]["models"], **r["models"]}}
+        else:
+            groups[key] = r
     lines = []
-    for r in runs:
+    for r in groups.values():
         marks = sorted({e for e in (1, 10, 25, 50, 100, 200, r["epochs"]) if e <= r["epochs"]})
         head = " | ".join(f"CE ep. {e}" for e in marks)
         first = " | ".join(f"first epoch CE < {t}" for t in THRESHOLDS)

@@ -396,5 +396,9 @@ def test_fit_check_trains_on_fold0_training_graphs_only_and_renders_a_table(tmp_
     assert res["models"]["reynet_wide"]["num_parameters"] > 2 * res["models"]["reynet"]["num_parameters"]
     table = fc.fit_table([res])
     assert "ReyNet (triples)" in table and "CE ep. 3" in table and "first epoch CE < 0.1" in table
+    first = {**res, "models": {"reynet": res["models"]["reynet"]}}
+    second = {**res, "models": {"iegn": res["models"]["iegn"]}}
+    merged = fc.fit_table([first, second])  # two processes of one setting -> one table
+    assert merged.count("| model |") == 1 and "| ReyNet (pairs) |" in merged and "| IEGN |" in merged
     with pytest.raises(ValueError, match="kinds must be"):
         fc.run_fit_check(data, "TOY", num_graphs=12, epochs=1, kinds=["gin"])
