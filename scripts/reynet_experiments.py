@@ -379,11 +379,7 @@ def run_graph_cv(
         slowest = max(slowest, time.time() - t_wall)
         result["epochs"] = epoch + 1
         for kind in kinds:
-            entry = result["models"][kind]
-            entry["fold_accuracies"] = [row[-1] for row in entry["per_epoch_accuracy"]]
-            entry["mean"], entry["std"] = mean_std(entry["fold_accuracies"])
-            e, m, sd = best_common_epoch(entry["per_epoch_accuracy"])
-            entry["best_common_epoch"] = {"epoch": e, "mean": m, "std": sd}
+            _summarise_folds(result["models"][kind])
         logger.info("%s epoch %d: %s", name, epoch + 1,
                     {kind: round(result["models"][kind]["mean"], 4) for kind in kinds})
         if on_epoch is not None:
@@ -445,12 +441,18 @@ def merge_fold_runs(parts: Sequence[dict]) -> dict:
         }
         if "readouts" in first["models"][kind]:
             m["readouts"] = joined(lambda p: p["models"][kind]["readouts"])
-        m["fold_accuracies"] = [row[-1] for row in m["per_epoch_accuracy"]]
-        m["mean"], m["std"] = mean_std(m["fold_accuracies"])
-        e, mu, sd = best_common_epoch(m["per_epoch_accuracy"])
-        m["best_common_epoch"] = {"epoch": e, "mean": mu, "std": sd}
-        merged["models"][kind] = m
+        merged["models"][kind] = _summarise_folds(m)
     return merged
+
+
+def _summarise_folds(entry: dict) -> dict:
+    """Set a model entry's last-epoch `fold_accuracies`, their `mean`/`std` and its `best_common_epoch` from its
+    `per_epoch_accuracy` `(folds, epochs)`; returns the entry."""
+    entry["fold_accuracies"] = [row[-1] for row in entry["per_epoch_accuracy"]]
+    entry["mean"], entry["std"] = mean_std(entry["fold_accuracies"])
+    e, m, sd = best_common_epoch(entry["per_epoch_accuracy"])
+    entry["best_common_epoch"] = {"epoch": e, "mean": m, "std": sd}
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -572,6 +574,21 @@ def outcome_paragraph(folder: Path) -> str | None:
     if not outcome.is_file():
         return None
     return "**Outcome (written after the run).** " + outcome.read_text().strip()
+
+
+def write_diagnostic_readme(folder: Path, title: str, table: str) -> Path:
+    """`folder/README.md` of a pilot or check: `# title`, its PURPOSE.md (written before the run), the table and its
+    labelled OUTCOME.md (written after), each when present."""
+    folder = Path(folder)
+    purpose = folder / "PURPOSE.md"
+    text = f"# {title}\n\n" + (purpose.read_text().strip() + "\n\n" if purpose.is_file() else "")
+    text += table.rstrip("\n") + "\n"
+    outcome = outcome_paragraph(folder)
+    if outcome is not None:
+        text += "\n" + outcome + "\n"
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

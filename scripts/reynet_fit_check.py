@@ -144,15 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = [json.loads(f.read_text()) for f in sorted(out.glob("*graphs_*.json"))]
         if not runs:
             raise SystemExit(f"no fit-check runs in {out}: run `reynet_fit_check.py run` first")
-        purpose = out / "PURPOSE.md"
-        text = (purpose.read_text().strip() + "\n\n" if purpose.is_file() else "") + fit_table(runs)
-        from reynet_experiments import outcome_paragraph
+        from reynet_experiments import write_diagnostic_readme
 
-        outcome = outcome_paragraph(out)
-        if outcome is not None:
-            text += "\n" + outcome + "\n"
-        (out / "README.md").write_text("# ReyNet / IEGN fit check (training graphs only)\n\n" + text)
-        logger.info("wrote %s", out / "README.md")
+        path = write_diagnostic_readme(out, "ReyNet / IEGN fit check (training graphs only)", fit_table(runs))
+        logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":

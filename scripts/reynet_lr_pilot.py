@@ -125,16 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         runs = [json.loads(f.read_text()) for f in sorted(out.glob("*_lr*.json"))]
         if not runs:
             raise SystemExit(f"no pilot runs in {out}: run `reynet_lr_pilot.py run` first")
-        purpose = out / "PURPOSE.md"
-        text = (purpose.read_text().strip() + "\n\n" if purpose.is_file() else "") + pilot_table(runs) + "\n"
-        from reynet_experiments import outcome_paragraph
+        from reynet_experiments import write_diagnostic_readme
 
-        outcome = outcome_paragraph(out)
-        if outcome is not None:
-            text += "\n" + outcome + "\n"
         kind = "width" if any(r.get("variant", "main") != "main" for r in runs) else "learning-rate"
-        (out / "README.md").write_text(f"# ReyNet / IEGN {kind} pilot (validation data only)\n\n" + text)
-        logger.info("wrote %s", out / "README.md")
+        path = write_diagnostic_readme(out, f"ReyNet / IEGN {kind} pilot (validation data only)", pilot_table(runs))
+        logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":
