@@ -34,13 +34,14 @@ from hf_koopman.models.reynet import IEGNLinear, ReyNetConfig, full_reynolds, re
 from hf_koopman.models.reynet.modeling_reynet import ReyNetReynoldsBlock, _pair_masks
 
 
-def _time(fn, repeats: int) -> float:
-    """Minimum CPU seconds of `fn()` over `repeats` calls."""
+def _time(fn, repeats: int, clock=time.process_time) -> float:
+    """Minimum seconds of `fn()` over `repeats` calls: CPU seconds by default; pass `time.perf_counter` for GPU work,
+    whose time the CPU clock does not see (the GPU steps synchronise before they return)."""
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.process_time()
+        t0 = clock()
         fn()
-        best = min(best, time.process_time() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -140,10 +141,15 @@ _TARGET = "ReyNet layer (φ h=C)"
 _IEGN_BEST = "IEGN (channel-last, in model)"
 
 
-def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, rounds: int = 5) -> bool:
-    """Returns whether the target layer is not slower and lighter than every IEGN implementation at every n."""
+def bench_layers(
+    sizes, lines: list[str], channels: int = 16, batch: int = 2, rounds: int = 5, device: str | None = None
+) -> bool:
+    """Returns whether the target layer is not slower and lighter than every IEGN implementation at every n.
+
+    On the CPU the time is process CPU time; on a GPU it is wall-clock time of a synchronised step."""
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     c = channels
     contenders = {
         _TARGET: _ReyNetLayer(c, "joint", c, channel_mlp=False),
@@ -191,7 +197,7 @@ def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, ro
             steps[name] = step
         for _ in range(rounds):  # interleaved: a load burst hits every contender alike
             for name in names:
-                times[name] = min(times[name], _time(steps[name], 1))
+                times[name] = min(times[name], _time(steps[name], 1, clock))
         mems = {name: _saved_bytes(layer, inputs[layer.channels_last]) for name, layer in contenders.items()}
         time_rows.append(f"{n:>4} " + " ".join(f"{1e3 * times[name]:>28.2f}" for name in names))
         mem_rows.append(f"{n:>4} " + " ".join(f"{mems[name] / 2**20:>28.2f}" for name in names))
@@ -201,7 +207,7 @@ def bench_layers(sizes, lines: list[str], channels: int = 16, batch: int = 2, ro
                 for iegn in iegn_names))
         for rey in rey_names:
             verdict[rey] &= all(times[i] >= times[rey] and mems[i] > mems[rey] for i in iegn_names)
-    lines.append("time [ms]")
+    lines.append("time [ms]" + (" (wall clock, synchronised)" if clock is time.perf_counter else " (CPU time)"))
     lines.append(header)
     lines.extend(time_rows)
     lines.append("activation memory saved for backward [MiB]")
@@ -264,12 +270,17 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--data-dir", default=None, help="with graphs/<NAME>/: also time one training epoch per dataset")
     p.add_argument("--datasets", default="MUTAG,PROTEINS,NCI109")
+    p.add_argument("--layers-only", action="store_true", help="only the layer comparison (e.g. on a GPU machine)")
+    p.add_argument("--layer-batch", default="2", help="batch sizes of the layer comparison, e.g. '2,16'")
+    p.add_argument("--device", default=None, help="layer comparison device (default: cuda when available)")
     args = p.parse_args()
     lines: list[str] = [f"# load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
                          f"on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"]
-    bench_operator([4, 5, 6] if args.quick else [4, 5, 6, 7, 8], lines)
-    bench_layers([16, 32] if args.quick else [32, 64, 128], lines)
-    if args.data_dir:
+    if not args.layers_only:
+        bench_operator([4, 5, 6] if args.quick else [4, 5, 6, 7, 8], lines)
+    for batch in (int(b) for b in args.layer_batch.split(",") if b):
+        bench_layers([16, 32] if args.quick else [32, 64, 128], lines, batch=batch, device=args.device)
+    if args.data_dir and not args.layers_only:
         for name in (["MUTAG"] if args.quick else args.datasets.split(",")):
             bench_epoch(args.data_dir, name, lines)
     lines.append(f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -5,6 +5,7 @@ Kept out of the package: these are the paper-reproduction protocols, not library
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -220,24 +221,33 @@ def _size_batches(
     return batches
 
 
+def _collate(ds: GraphDataset, b: Sequence[int], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """`collate_graphs` of the graphs `b`, on `device` (batches are built on the CPU, then moved)."""
+    return {k: v.to(device) for k, v in collate_graphs([ds[i] for i in b]).items()}
+
+
 @torch.inference_mode()
-def _accuracy(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int) -> float:
+def _accuracy(
+    model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int, device: torch.device | str = "cpu"
+) -> float:
     model.eval()
     correct = 0
     for b in _size_batches(ds, indices, batch_size, None):
-        batch = collate_graphs([ds[i] for i in b])
+        batch = _collate(ds, b, device)
         pred = model(graph_tensor=batch["graph_tensor"], node_mask=batch["node_mask"]).logits.argmax(-1)
         correct += int((pred == batch["labels"]).sum())
     return correct / len(indices)
 
 
 @torch.inference_mode()
-def _evaluate(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int) -> tuple[float, float]:
+def _evaluate(
+    model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int, device: torch.device | str = "cpu"
+) -> tuple[float, float]:
     """Accuracy and mean cross-entropy on `indices` (the validation split of readout selection)."""
     model.eval()
     correct, loss = 0, 0.0
     for b in _size_batches(ds, indices, batch_size, None):
-        batch = collate_graphs([ds[i] for i in b])
+        batch = _collate(ds, b, device)
         out = model(**batch)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         loss += float(out.loss) * len(b)
@@ -246,13 +256,13 @@ def _evaluate(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_
 
 def _train_epoch(
     model: nn.Module, opt: torch.optim.Optimizer, ds: GraphDataset, train_idx: Sequence[int], batch_size: int,
-    gen: torch.Generator, desc: str,
+    gen: torch.Generator, desc: str, device: torch.device | str = "cpu",
 ) -> float:
     """One epoch over size-bucketed batches; returns the mean training loss."""
     model.train()
     total, count = 0.0, 0
     for b in _size_batches(ds, train_idx, batch_size, gen):
-        batch = collate_graphs([ds[i] for i in b])
+        batch = _collate(ds, b, device)
         loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: non-finite loss {loss.item()}")
@@ -300,6 +310,7 @@ def run_graph_cv(
     data_dir, name: str, protocol: GraphProtocol, kinds: Sequence[str] = ("reynet", "iegn"),
     on_epoch: Callable[[dict], None] | None = None, deadline: float | None = None,
     readouts: Sequence[str] | None = None, val_fraction: float = 0.1, selection_epochs: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Seeded stratified k-fold CV of each model kind on one TU dataset, all folds in lock-step.
 
@@ -315,10 +326,16 @@ def run_graph_cv(
     `deadline` (a `time.time()` value), estimated from the slowest epoch so far (the first epoch always runs); every
     fold then has the same count.
 
+    `device` ("cpu", "cuda", ...) is where the models train; they are initialised on the CPU under the same seeds
+    first, so a GPU run starts from the CPU run's weights and sees its batches (its float arithmetic differs).
+
     Returns:
         A dict with, per kind, `fold_accuracies` (last epoch), `mean`/`std` (last epoch), `per_epoch_accuracy`
-        `(folds, epochs)`, `best_common_epoch` (see [`best_common_epoch`]), `train_loss`, `cpu_seconds`.
+        `(folds, epochs)`, `best_common_epoch` (see [`best_common_epoch`]), `train_loss`, `cpu_seconds` (process
+        CPU time), `wall_seconds`.
     """
+    if readouts and str(device) != "cpu":
+        raise ValueError("readout selection runs on the CPU only; drop --select-readout or --device")
     graphs, num_classes, num_node_labels = load_gin_graphs(data_dir, name)
     ds = GraphDataset(graphs, num_node_labels)
     all_folds = stratified_kfold(ds.labels, protocol.num_folds, protocol.seed)
@@ -329,9 +346,10 @@ def run_graph_cv(
         "dataset": name, "num_graphs": len(ds), "num_classes": num_classes, "in_channels": num_node_labels + 1,
         "epochs": 0, "max_epochs": max_epochs, "schedule": protocol.schedule(name), "num_folds": protocol.num_folds,
         "eval_folds": len(folds), "fold_ids": ids, "stopped_at_deadline": False,
-        "fold_sizes": [len(te) for _, te in folds],
+        "fold_sizes": [len(te) for _, te in folds], "device": str(device),
         "models": {kind: {"fold_accuracies": [], "per_epoch_accuracy": [[] for _ in folds],
-                          "train_loss": [[] for _ in folds], "cpu_seconds": 0.0} for kind in kinds},
+                          "train_loss": [[] for _ in folds], "cpu_seconds": 0.0, "wall_seconds": 0.0}
+                   for kind in kinds},
     }
     chosen: dict = {kind: [None] * len(folds) for kind in kinds}
     if readouts:
@@ -352,7 +370,7 @@ def run_graph_cv(
     for k, fold in enumerate(ids):
         for kind in kinds:
             torch.manual_seed(protocol.seed + fold)
-            model = graph_model(kind, num_node_labels + 1, num_classes, protocol, pooling=chosen[kind][k])
+            model = graph_model(kind, num_node_labels + 1, num_classes, protocol, pooling=chosen[kind][k]).to(device)
             opt = torch.optim.Adam(model.parameters(), lr=protocol.lr)
             sched = torch.optim.lr_scheduler.StepLR(opt, protocol.step_epochs(name), protocol.lr_gamma)
             state[k, kind] = (model, opt, sched, torch.Generator().manual_seed(protocol.seed + fold))
@@ -368,12 +386,13 @@ def run_graph_cv(
             for kind in kinds:
                 model, opt, sched, gen = state[k, kind]
                 entry = result["models"][kind]
-                t0 = time.process_time()
+                t0, w0 = time.process_time(), time.perf_counter()
                 loss = _train_epoch(model, opt, ds, train_idx, protocol.batch_size, gen,
-                                    f"{name}/{kind}/fold{ids[k]}")
+                                    f"{name}/{kind}/fold{ids[k]}", device)
                 sched.step()
-                acc = _accuracy(model, ds, test_idx, protocol.batch_size)
+                acc = _accuracy(model, ds, test_idx, protocol.batch_size, device)
                 entry["cpu_seconds"] += time.process_time() - t0
+                entry["wall_seconds"] += time.perf_counter() - w0
                 entry["train_loss"][k].append(loss)
                 entry["per_epoch_accuracy"][k].append(acc)
         slowest = max(slowest, time.time() - t_wall)
@@ -409,7 +428,8 @@ def merge_fold_runs(parts: Sequence[dict]) -> dict:
     if len(parts) < 2:
         raise ValueError(f"merging needs at least two fold subsets, got {len(parts)}")
     first = parts[0]
-    fixed = ("dataset", "num_graphs", "num_classes", "in_channels", "epochs", "max_epochs", "schedule", "num_folds")
+    fixed = ("dataset", "num_graphs", "num_classes", "in_channels", "epochs", "max_epochs", "schedule", "num_folds",
+             "device")
     for p in parts[1:]:
         diff = [key for key in fixed if p.get(key) != first.get(key)]
         if diff:
@@ -427,11 +447,14 @@ def merge_fold_runs(parts: Sequence[dict]) -> dict:
         rows = [row for p in parts for row in get(p)]
         return [rows[i] for i in order]
 
-    merged = {key: first[key] for key in fixed}
+    merged = {key: first[key] for key in fixed if key in first}
     merged.update({
         "eval_folds": len(ids), "fold_ids": sorted(ids), "fold_sizes": joined(lambda p: p["fold_sizes"]),
         "stopped_at_deadline": any(p["stopped_at_deadline"] for p in parts), "models": {},
     })
+    if any("truncated_from_epochs" in p for p in parts):  # cut back to a common epoch count by truncate_fold_run
+        merged["truncated_from_epochs"] = joined(
+            lambda p: [p.get("truncated_from_epochs", p["epochs"])] * len(p["fold_ids"]))
     for kind in first["models"]:
         m = {
             "per_epoch_accuracy": joined(lambda p: p["models"][kind]["per_epoch_accuracy"]),
@@ -439,10 +462,39 @@ def merge_fold_runs(parts: Sequence[dict]) -> dict:
             "cpu_seconds": sum(p["models"][kind]["cpu_seconds"] for p in parts),
             "num_parameters": first["models"][kind]["num_parameters"],
         }
+        if all("wall_seconds" in p["models"][kind] for p in parts):
+            m["wall_seconds"] = sum(p["models"][kind]["wall_seconds"] for p in parts)
         if "readouts" in first["models"][kind]:
             m["readouts"] = joined(lambda p: p["models"][kind]["readouts"])
         merged["models"][kind] = _summarise_folds(m)
     return merged
+
+
+def truncate_fold_run(result: dict, epochs: int) -> dict:
+    """A copy of one dataset's `run_graph_cv` result cut back to its first `epochs` epochs.
+
+    Fold-subset processes stopped by one wall-clock deadline can end an epoch apart; cutting every part to the
+    smallest count gives the run that was planned for that many epochs, because the step schedule does not depend on
+    the total. Accuracy curves and training losses are cut exactly; `cpu_seconds` and `wall_seconds` are not recorded
+    per epoch, so they are scaled by `epochs / result["epochs"]` (an estimate, flagged as `time_scaled`).
+    """
+    done = result["epochs"]
+    if not 1 <= epochs <= done:
+        raise ValueError(f"can cut {result['dataset']} back to 1..{done} epochs, not {epochs}")
+    out = json.loads(json.dumps(result))  # deep copy of a JSON-shaped dict
+    if epochs == done:
+        return out
+    out["epochs"] = epochs
+    out["truncated_from_epochs"] = done
+    for m in out["models"].values():
+        m["per_epoch_accuracy"] = [row[:epochs] for row in m["per_epoch_accuracy"]]
+        m["train_loss"] = [row[:epochs] for row in m["train_loss"]]
+        for key in ("cpu_seconds", "wall_seconds"):
+            if key in m:
+                m[key] *= epochs / done
+        m["time_scaled"] = True
+        _summarise_folds(m)
+    return out
 
 
 def _summarise_folds(entry: dict) -> dict:

@@ -87,7 +87,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-epochs", default=None,
                    help="readout selection: epochs per candidate, e.g. 'PROTEINS=12' (default: the final run's)")
     p.add_argument("--deadline", default=None,
-                   help="UTC wall-clock time HH:MM; every dataset stops at the last whole epoch that ends before it")
+                   help="UTC wall-clock time HH:MM, or +SECONDS from the start; every dataset stops at the last whole "
+                        "epoch that ends before it")
+    p.add_argument("--lr", type=float, default=None, help="graphs: Adam learning rate of both models (default 1e-3)")
+    p.add_argument("--lr-gamma", type=float, default=None,
+                   help="graphs: StepLR factor of both models (default 0.5)")
+    p.add_argument("--device", default="cpu",
+                   help="graphs: where the models train ('cpu', 'cuda'); they are initialised on the CPU first")
+    p.add_argument("--common-epochs", action="store_true",
+                   help="merge-folds: cut every part back to the smallest epoch count (parts stopped by one "
+                        "deadline can end an epoch apart)")
     p.add_argument("--checkpoint-dataset", default="MUTAG", help="dataset of the reference graph checkpoint")
     p.add_argument("--push-to-hub", default=None, help="Hub organisation; pushes each checkpoint as ORG/<name>")
     return p
@@ -250,15 +259,24 @@ def _per_dataset(spec: str | None, datasets: list[str]) -> dict[str, int]:
 
 
 def _deadline(spec: str | None) -> float | None:
-    """'HH:MM' (UTC, today; tomorrow if already past) -> a `time.time()` value."""
+    """'HH:MM' (UTC, today; tomorrow if already past) or '+SECONDS' (from now) -> a `time.time()` value."""
     if not spec:
         return None
     import datetime as dt
+    import time
 
+    if spec.startswith("+"):
+        try:
+            seconds = float(spec[1:])
+        except ValueError:
+            raise ValueError(f"--deadline +SECONDS needs a number, got {spec!r}") from None
+        if seconds <= 0:
+            raise ValueError(f"--deadline +SECONDS must be positive, got {spec!r}")
+        return time.time() + seconds
     try:
         hh, mm = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise ValueError(f"--deadline must be HH:MM (UTC), got {spec!r}") from None
+        raise ValueError(f"--deadline must be HH:MM (UTC) or +SECONDS, got {spec!r}") from None
     now = dt.datetime.now(dt.timezone.utc)
     when = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
     if when <= now:
@@ -279,6 +297,14 @@ def run_graphs(args) -> dict:
         protocol.lr_step_epochs = {d: max(1, e // 4) for d, e in FULL_PROTOCOL_EPOCHS.items()}
     protocol.epochs.update(_per_dataset(args.graph_epochs, datasets))
     protocol.lr_step_epochs.update(_per_dataset(args.lr_step_epochs, datasets))
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be positive, got {args.lr}")
+        protocol.lr = args.lr
+    if args.lr_gamma is not None:
+        if not 0 < args.lr_gamma <= 1:
+            raise ValueError(f"--lr-gamma must be in (0, 1], got {args.lr_gamma}")
+        protocol.lr_gamma = args.lr_gamma
     readouts = [r for r in args.select_readout.split(",") if r] if args.select_readout else None
     if readouts and args.pooling:
         raise ValueError("--pooling fixes the readout and --select-readout chooses it: pass one of them")
@@ -307,7 +333,7 @@ def run_graphs(args) -> dict:
         "split": (f"seeded stratified {protocol.num_folds}-fold CV (seed {protocol.seed}), "
                   "all folds trained in lock-step"),
         "max_epochs": protocol.epochs, "schedule": {d: protocol.schedule(d) for d in datasets},
-        "deadline_utc": args.deadline,
+        "deadline_utc": args.deadline, "device": args.device,
         "reynet": protocol.reynet, "iegn": protocol.iegn, "full_protocol": bool(args.full_protocol),
         "selection": "last epoch, and the best common epoch of Maron et al. (mean over folds, max over epochs)",
     }, "datasets": {}}
@@ -332,7 +358,9 @@ def run_graphs(args) -> dict:
             (out_dir / f"reynet_graphs_{name}.json").write_text(json.dumps(single, indent=2) + "\n")
 
         res = run_graph_cv(args.data_dir, name, protocol, on_epoch=save, deadline=deadline, readouts=readouts,
-                           val_fraction=args.val_fraction, selection_epochs=selection_epochs.get(name))
+                           val_fraction=args.val_fraction, selection_epochs=selection_epochs.get(name),
+                           device=args.device)
+        save(res)  # once more: a stop at the deadline is decided after the last epoch's save
         out["datasets"][name] = res
         logger.info("%s: %s", name, {k: (v["mean"], v["std"]) for k, v in res["models"].items()})
 
@@ -342,7 +370,7 @@ def run_graphs(args) -> dict:
 def run_merge_folds(args) -> dict:
     """Join `reynet_graphs_<NAME>.json` of fold-subset runs (`graphs --folds ...`, one folder each) into one file per
     dataset in `--output-dir`."""
-    from reynet_experiments import merge_fold_runs
+    from reynet_experiments import merge_fold_runs, truncate_fold_run
 
     if not args.inputs:
         raise ValueError("merge-folds needs --inputs DIR,DIR,... (the output folders of the fold-subset runs)")
@@ -362,7 +390,11 @@ def run_merge_folds(args) -> dict:
         if any(pr != protocols[0] for pr in protocols[1:]):
             raise ValueError(f"{fname}: the fold-subset runs used different protocols")
         (name,) = parts[0]["datasets"]
-        merged = merge_fold_runs([p["datasets"][name] for p in parts])
+        runs = [p["datasets"][name] for p in parts]
+        if args.common_epochs:
+            common = min(r["epochs"] for r in runs)
+            runs = [truncate_fold_run(r, common) for r in runs]
+        merged = merge_fold_runs(runs)
         single = {"protocol": parts[0]["protocol"], "datasets": {name: merged}}
         (out_dir / fname).write_text(json.dumps(single, indent=2) + "\n")
         merged_all[name] = merged
@@ -660,6 +692,28 @@ def _config_text(cfg: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
 
+def _deadline_text(p: dict) -> str:
+    """'; wall-clock deadline HH:MM UTC' / '; wall-clock budget of S s per process' / '' for a run's protocol."""
+    spec = p.get("deadline_utc")
+    if not spec:
+        return ""
+    if str(spec).startswith("+"):
+        return f"; wall-clock budget of {spec[1:]} s per process"
+    return f"; wall-clock deadline {spec} UTC"
+
+
+def _device_text(p: dict, sg: dict) -> str:
+    """Where a run trained (only when not the CPU) and, for fold parts cut back to a common epoch, their counts."""
+    parts = []
+    if p.get("device", "cpu") != "cpu":
+        parts.append(f"; trained on {p['device']} (initialised on the CPU with the CPU runs' seeds)")
+    for name, d in sg["datasets"].items():
+        if "truncated_from_epochs" in d:
+            parts.append(f"; {name}: fold processes stopped after {sorted(set(d['truncated_from_epochs']))} epochs, "
+                         f"all cut back to {d['epochs']}")
+    return "".join(parts)
+
+
 def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
     """Section for a supplementary run: `folder/PURPOSE.md` (why and how it was run, written before it ran), the
     run's `reynet_graphs_<NAME>.json` and, when present, `folder/OUTCOME.md` (its reading, written after the run and
@@ -674,7 +728,7 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
     md = [f"### Supplementary run `{folder.name}` (not a headline number)", "", purpose.read_text().strip(), "",
           f"Schedule: {'; '.join(f'{k}: {v}' for k, v in p['schedule'].items())}. Maximum epochs: "
           + ", ".join(f"{k} {p['max_epochs'][k]}" for k in sg["datasets"])
-          + (f"; wall-clock deadline {p['deadline_utc']} UTC" if p.get("deadline_utc") else "") + ".", "",
+          + _deadline_text(p) + _device_text(p, sg) + ".", "",
           f"Models: ReyNet `{_config_text(p['reynet'])}`; IEGN `{_config_text(p['iegn'])}`.", "",
           graph_table(sg), "", _verdict(sg), "",
           f"Mean training cross-entropy in the last epoch: {_last_train_losses(sg['datasets'])}."]

@@ -402,3 +402,71 @@ def test_fit_check_trains_on_fold0_training_graphs_only_and_renders_a_table(tmp_
     assert merged.count("| model |") == 1 and "| ReyNet (pairs) |" in merged and "| IEGN |" in merged
     with pytest.raises(ValueError, match="kinds must be"):
         fc.run_fit_check(data, "TOY", num_graphs=12, epochs=1, kinds=["gin"])
+
+
+def test_truncated_fold_parts_equal_a_run_planned_for_fewer_epochs(tmp_path):
+    """Fold processes stopped an epoch apart by one deadline are cut back to the common count: the result is the
+    run planned for that many epochs (the step schedule does not depend on the total)."""
+    data = _random_gin(tmp_path, num_graphs=18)
+    protocol = _tiny_protocol(epochs=1)
+    protocol.num_folds = 3
+    short = rx.run_graph_cv(data, "TOY", protocol)
+    protocol.epochs = {"TOY": 3}
+    protocol.fold_ids = [0, 1]
+    long = rx.run_graph_cv(data, "TOY", protocol)
+    protocol.fold_ids = [2]
+    rest = rx.run_graph_cv(data, "TOY", protocol, deadline=time.time())  # the deadline stops it after epoch 1
+    assert rest["epochs"] == 1
+    with pytest.raises(ValueError, match="disagree on \\['epochs'\\]"):
+        rx.merge_fold_runs([long, rest])
+    cut = rx.truncate_fold_run(long, 1)
+    assert cut["epochs"] == 1 and cut["truncated_from_epochs"] == 3 and long["epochs"] == 3  # the input is untouched
+    merged = rx.merge_fold_runs([cut, rest])
+    assert merged["truncated_from_epochs"] == [3, 3, 1]
+    for kind in ("reynet", "iegn"):
+        m, w = merged["models"][kind], short["models"][kind]
+        assert m["per_epoch_accuracy"] == w["per_epoch_accuracy"] and m["train_loss"] == w["train_loss"]
+        assert (m["mean"], m["best_common_epoch"]) == (w["mean"], w["best_common_epoch"])
+        assert cut["models"][kind]["time_scaled"]
+        assert cut["models"][kind]["cpu_seconds"] == pytest.approx(long["models"][kind]["cpu_seconds"] / 3)
+        assert w["wall_seconds"] > 0 and w["cpu_seconds"] > 0
+    assert rx.truncate_fold_run(long, 3) == long
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="can cut TOY back to 1..3 epochs"):
+            rx.truncate_fold_run(long, bad)
+
+
+def test_schedule_device_and_relative_deadline_options(tmp_path):
+    import json
+
+    import train_reynet
+
+    data = _random_gin(tmp_path)
+    common = ["--datasets", "TOY", "--graph-epochs", "TOY=2", "--lr-step-epochs", "TOY=1", "--num-folds", "2",
+              "--data-dir", str(data)]
+    outs = {}
+    for name, budget in {"a": "+0.001", "b": "+3600"}.items():  # 'a' stops after its first epoch
+        outs[name] = tmp_path / name
+        train_reynet.main(["graphs", *common, "--lr", "1e-4", "--lr-gamma", "0.7", "--device", "cpu",
+                           "--deadline", budget, "--folds", "0" if name == "a" else "1", "--output-dir", str(outs[name])])
+    run = json.loads((outs["b"] / "reynet_graphs_TOY.json").read_text())
+    stopped = json.loads((outs["a"] / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]
+    assert stopped["stopped_at_deadline"] and stopped["epochs"] == 1 and not run["datasets"]["TOY"]["stopped_at_deadline"]
+    assert run["protocol"]["device"] == "cpu" and run["protocol"]["deadline_utc"] == "+3600"
+    assert run["protocol"]["schedule"]["TOY"].startswith("Adam lr 0.0001, ×0.7 every 1 epochs")
+    assert run["datasets"]["TOY"]["epochs"] == 2 and run["datasets"]["TOY"]["device"] == "cpu"
+    inputs = ["--inputs", f"{outs['a']},{outs['b']}", "--output-dir", str(tmp_path / "m")]
+    with pytest.raises(ValueError, match="disagree on \\['epochs'\\]"):
+        train_reynet.main(["merge-folds", *inputs])
+    train_reynet.main(["merge-folds", *inputs, "--common-epochs"])
+    merged = json.loads((tmp_path / "m" / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]
+    assert merged["epochs"] == 1 and merged["truncated_from_epochs"] == [1, 2]
+    assert merged["models"]["iegn"]["per_epoch_accuracy"][1] == run["datasets"]["TOY"]["models"]["iegn"][
+        "per_epoch_accuracy"][0][:1]
+    for bad, msg in ((["--lr", "0"], "--lr must be positive"), (["--lr-gamma", "1.5"], "--lr-gamma must be in"),
+                     (["--deadline", "+x"], "needs a number"), (["--deadline", "+0"], "must be positive")):
+        with pytest.raises(ValueError, match=msg):
+            train_reynet.main(["graphs", *common, *bad, "--output-dir", str(tmp_path / "bad")])
+    assert train_reynet._deadline("+60") == pytest.approx(time.time() + 60, abs=5)
+    assert "budget of 60 s" in train_reynet._deadline_text({"deadline_utc": "+60"})
+    assert train_reynet._deadline_text({"deadline_utc": "05:17"}) == "; wall-clock deadline 05:17 UTC"
