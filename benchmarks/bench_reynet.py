@@ -162,6 +162,8 @@ def bench_layers(
         _IEGN_BEST: _IEGNLayerChannelsLast(c),
     }
     contenders["ReyNet layer (φ h=C), checkpointed"].load_state_dict(contenders[_TARGET].state_dict())
+    for layer in contenders.values():
+        layer.to(device)
     names = list(contenders)
     rey_names, iegn_names = names[:5], names[5:]
     lines.append("")
@@ -184,7 +186,6 @@ def bench_layers(
         times = {name: float("inf") for name in names}
         steps = {}
         for name, layer in contenders.items():
-            layer.to(device)
             inp = inputs[layer.channels_last]
 
             def step(layer=layer, inp=inp):

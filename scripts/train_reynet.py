@@ -743,6 +743,8 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
         )
         md.append(f"Against the main table's {name} row (same folds and seeds, {m['epochs']} epochs, "
                   f"{_readout_cell(m)}): {change}.")
+    _plot_training_curves(sg, main, folder / "curves.png")
+    md += ["", f"![test accuracy and training cross-entropy per epoch]({folder.name}/curves.png)"]
     from reynet_experiments import outcome_paragraph
 
     outcome = outcome_paragraph(folder)
@@ -888,6 +890,15 @@ def run_summary(args) -> dict:
                "activation checkpointing (`model.activation_checkpointing_enable()`: it keeps only its input for "
                "backward and recomputes the rest), a narrower φ (hidden C/2), the block shape of the graph models "
                "(φ hidden 2C plus a channel MLP) and the paper's depthwise φ.", "", "```", bench.read_text().strip(), "```", ""]
+    gpu_bench = out_dir / "reynet_benchmark_gpu.txt"
+    if gpu_bench.is_file():
+        summary["benchmark_log_gpu"] = gpu_bench.name
+        md += ["### The same layer comparison on a GPU", "",
+               "`benchmarks/bench_reynet.py --layers-only --layer-batch 2,16 --device cuda` on a lent H100 (wall-clock "
+               "time of synchronised forward+backward steps, minimum over interleaved rounds), in a second call on the "
+               "machine of the paper-schedule run, after its training processes had ended. At "
+               "these sizes every layer takes a few milliseconds whatever n, so the times count kernel launches "
+               "rather than arithmetic.", "", "```", gpu_bench.read_text().strip(), "```", ""]
     (out_dir / "reynet_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "reynet_results.md").write_text("\n".join(md) + "\n")
     return summary
@@ -943,6 +954,40 @@ def _plot_graphs(res: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_training_curves(res: dict, main: dict | None, path: Path) -> None:
+    """Per dataset of a supplementary run: fold-mean test accuracy (top) and training cross-entropy (bottom, log
+    scale) after every epoch for both models, with the main table's run of the same dataset dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(res["datasets"])
+    fig, axes = plt.subplots(2, len(names), figsize=(3.8 * len(names), 5.4), squeeze=False, sharex="col")
+    colours = {"reynet": "C0", "iegn": "C1"}
+    for col, name in enumerate(names):
+        runs = [("this run", "-", res["datasets"][name])]
+        if main is not None and name in main.get("datasets", {}):
+            runs.append(("main table", "--", main["datasets"][name]))
+        for run_label, ls, d in runs:
+            for kind, label in (("reynet", "ReyNet"), ("iegn", "IEGN")):
+                acc = 100 * np.array(d["models"][kind]["per_epoch_accuracy"]).mean(0)
+                loss = np.array(d["models"][kind]["train_loss"]).mean(0)
+                epochs = np.arange(1, len(acc) + 1)
+                axes[0][col].plot(epochs, acc, ls=ls, color=colours[kind], label=f"{label}, {run_label}")
+                axes[1][col].plot(epochs, loss, ls=ls, color=colours[kind])
+        axes[0][col].set_title(f"{name} ({res['datasets'][name]['eval_folds']} folds)")
+        axes[1][col].set_yscale("log")
+        axes[1][col].set_xlabel("epoch")
+    axes[0][0].set_ylabel("test accuracy, fold mean (%)")
+    axes[1][0].set_ylabel("training cross-entropy")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -193,7 +193,7 @@ def _fake_graph_file(folder: Path, name: str, reynet: list[float], iegn: list[fl
     def model(acc):
         mean = sum(acc) / len(acc)
         return {"fold_accuracies": acc, "mean": mean, "std": 0.0, "train_loss": [[0.5] * epochs for _ in acc],
-                "best_common_epoch": {"epoch": epochs, "mean": mean, "std": 0.0}}
+                "per_epoch_accuracy": [[a] * epochs for a in acc], "best_common_epoch": {"epoch": epochs, "mean": mean, "std": 0.0}}
 
     d = {"epochs": epochs, "max_epochs": max_epochs or epochs, "eval_folds": len(reynet), "num_folds": len(reynet),
          "models": {"reynet": model(reynet), "iegn": model(iegn)}}
@@ -253,9 +253,22 @@ def test_supplementary_run_section_compares_with_the_main_row(tmp_path):
     assert "2 epochs, sum (fixed)" in md
     assert "Models: ReyNet `num_reynolds_layers=3, pooling=mean`; IEGN `pooling=mean`." in md
     assert "Outcome" not in md
+    assert (sup / "curves.png").stat().st_size > 0 and "(reynet_supplementary_toy/curves.png)" in md
+    assert "trained on" not in md and "cut back" not in md
     (sup / "OUTCOME.md").write_text("Read after the run.\n")
     md = "\n".join(train_reynet.supplementary_markdown(sup, main))
     assert "**Outcome (written after the run).** Read after the run." in md
+    # a GPU run whose fold processes were cut back to a common epoch says so
+    import json
+
+    f = sup / "reynet_graphs_TOY.json"
+    run = json.loads(f.read_text())
+    run["protocol"].update(device="cuda", deadline_utc="+495")
+    run["datasets"]["TOY"]["truncated_from_epochs"] = [5, 4]
+    f.write_text(json.dumps(run))
+    md = "\n".join(train_reynet.supplementary_markdown(sup, main))
+    assert ("wall-clock budget of 495 s per process; trained on cuda (initialised on the CPU with the CPU runs' "
+            "seeds); TOY: fold processes stopped after [4, 5] epochs, all cut back to 4.") in md
 
 
 def test_reynolds_layers_option_stacks_blocks_in_the_graph_run(tmp_path):
