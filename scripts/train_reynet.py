@@ -736,11 +736,25 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
         m = (main or {}).get("datasets", {}).get(name)
         if m is None:
             continue
+        main_ids = m.get("fold_ids") or list(range(len(m["models"]["reynet"]["fold_accuracies"])))
+        ids = d.get("fold_ids") or main_ids
+        if not set(ids) <= set(main_ids):
+            continue  # no common folds to compare on
+        subset = ids != main_ids  # a fold-subset run is compared with the main row on its own folds only
+
+        def main_mean(kind: str) -> float:
+            if not subset:
+                return m["models"][kind]["mean"]
+            acc = dict(zip(main_ids, m["models"][kind]["fold_accuracies"]))
+            return sum(acc[i] for i in ids) / len(ids)
+
         change = "; ".join(
-            f"{label} {100 * (d['models'][kind]['mean'] - m['models'][kind]['mean']):+.1f} points "
-            f"({100 * m['models'][kind]['mean']:.1f} → {100 * d['models'][kind]['mean']:.1f} %)"
+            f"{label} {100 * (d['models'][kind]['mean'] - main_mean(kind)):+.1f} points "
+            f"({100 * main_mean(kind):.1f} → {100 * d['models'][kind]['mean']:.1f} %)"
             for kind, label in (("reynet", "ReyNet"), ("iegn", "IEGN"))
         )
+        if subset:
+            change = f"on the run's folds {ids}: " + change
         md.append(f"Against the main table's {name} row (same folds and seeds, {m['epochs']} epochs, "
                   f"{_readout_cell(m)}): {change}.")
     _plot_training_curves(sg, main, folder / "curves.png")
@@ -970,13 +984,21 @@ def _plot_training_curves(res: dict, main: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(2, len(names), figsize=(3.8 * len(names), 5.4), squeeze=False, sharex="col")
     colours = {"reynet": "C0", "iegn": "C1"}
     for col, name in enumerate(names):
-        runs = [("this run", "-", res["datasets"][name])]
+        this = res["datasets"][name]
+        runs = [("this run", "-", this, None)]
         if main is not None and name in main.get("datasets", {}):
-            runs.append(("main table", "--", main["datasets"][name]))
-        for run_label, ls, d in runs:
+            m = main["datasets"][name]
+            main_ids = m.get("fold_ids") or list(range(len(m["models"]["reynet"]["per_epoch_accuracy"])))
+            ids = this.get("fold_ids") or main_ids
+            if set(ids) <= set(main_ids):  # the main run on this run's folds only
+                runs.append(("main table", "--", m, [main_ids.index(i) for i in ids]))
+        for run_label, ls, d, rows in runs:
             for kind, label in (("reynet", "ReyNet"), ("iegn", "IEGN")):
-                acc = 100 * np.array(d["models"][kind]["per_epoch_accuracy"]).mean(0)
-                loss = np.array(d["models"][kind]["train_loss"]).mean(0)
+                acc = np.array(d["models"][kind]["per_epoch_accuracy"])
+                loss = np.array(d["models"][kind]["train_loss"])
+                if rows is not None:
+                    acc, loss = acc[rows], loss[rows]
+                acc, loss = 100 * acc.mean(0), loss.mean(0)
                 epochs = np.arange(1, len(acc) + 1)
                 axes[0][col].plot(epochs, acc, ls=ls, color=colours[kind], label=f"{label}, {run_label}")
                 axes[1][col].plot(epochs, loss, ls=ls, color=colours[kind])

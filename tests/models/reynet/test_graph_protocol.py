@@ -258,11 +258,21 @@ def test_supplementary_run_section_compares_with_the_main_row(tmp_path):
     (sup / "OUTCOME.md").write_text("Read after the run.\n")
     md = "\n".join(train_reynet.supplementary_markdown(sup, main))
     assert "**Outcome (written after the run).** Read after the run." in md
-    # a GPU run whose fold processes were cut back to a common epoch says so
+    # a fold-subset run is compared with the main row on its own folds
     import json
 
     f = sup / "reynet_graphs_TOY.json"
     run = json.loads(f.read_text())
+    run["datasets"]["TOY"]["fold_ids"] = [1]
+    f.write_text(json.dumps(run))
+    main_row = main["datasets"]["TOY"]["models"]
+    main_row["reynet"]["fold_accuracies"] = [0.5, 0.6]  # fold 1 only: 60 %, not the 55 % mean of both
+    main_row["reynet"]["per_epoch_accuracy"] = [[0.5, 0.5], [0.6, 0.6]]
+    md = "\n".join(train_reynet.supplementary_markdown(sup, main))
+    assert "on the run's folds [1]: ReyNet +15.0 points (60.0 → 75.0 %)" in md
+    run["datasets"]["TOY"].pop("fold_ids")
+    f.write_text(json.dumps(run))
+    # a GPU run whose fold processes were cut back to a common epoch says so
     run["protocol"].update(device="cuda", deadline_utc="+495")
     run["datasets"]["TOY"]["truncated_from_epochs"] = [5, 4]
     f.write_text(json.dumps(run))
