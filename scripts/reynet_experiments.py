@@ -240,14 +240,12 @@ def _accuracy(
 
 
 @torch.inference_mode()
-def _evaluate(
-    model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int, device: torch.device | str = "cpu"
-) -> tuple[float, float]:
+def _evaluate(model: nn.Module, ds: GraphDataset, indices: Sequence[int], batch_size: int) -> tuple[float, float]:
     """Accuracy and mean cross-entropy on `indices` (the validation split of readout selection)."""
     model.eval()
     correct, loss = 0, 0.0
     for b in _size_batches(ds, indices, batch_size, None):
-        batch = _collate(ds, b, device)
+        batch = collate_graphs([ds[i] for i in b])
         out = model(**batch)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         loss += float(out.loss) * len(b)
