@@ -891,28 +891,29 @@ def run_summary(args) -> dict:
            "budget ran out, see the epochs column; `scripts/train_reynet.py graphs --full-protocol` uses those counts.",
            "- No ReyNet accuracies from the paper were available to compare with; published IEGN numbers are context.",
            ""]
-    bench = out_dir / "reynet_benchmark.txt"
-    if bench.is_file():
-        summary["benchmark_log"] = bench.name
-        md += ["## Benchmark", "",
-               "`benchmarks/bench_reynet.py` (CPU seconds of one thread, minimum over repeats; the load average is "
-               "printed). Layer target *ReyNet layer not slower and lighter than an IEGN layer at n = 32, 64, 128*: "
-               "read the ratio rows against each IEGN implementation. The materialised 15-op basis is the IEGN "
-               "layer as usually written; the factorised and channel-last layers are our faster implementations of "
-               "the same linear map (channel-last is what our IEGN model runs, and it gets the same GEMM fusion as the "
-               "ReyNet layer). The ReyNet rows: the layer at IEGN's widths (φ 4C → C → 2C'), the same with "
-               "activation checkpointing (`model.activation_checkpointing_enable()`: it keeps only its input for "
-               "backward and recomputes the rest), a narrower φ (hidden C/2), the block shape of the graph models "
-               "(φ hidden 2C plus a channel MLP) and the paper's depthwise φ.", "", "```", bench.read_text().strip(), "```", ""]
-    gpu_bench = out_dir / "reynet_benchmark_gpu.txt"
-    if gpu_bench.is_file():
-        summary["benchmark_log_gpu"] = gpu_bench.name
-        md += ["### The same layer comparison on a GPU", "",
-               "`benchmarks/bench_reynet.py --layers-only --layer-batch 2,16 --device cuda` on a lent H100 (wall-clock "
-               "time of synchronised forward+backward steps, minimum over interleaved rounds), in a second call on the "
-               "machine of the paper-schedule run, after its training processes had ended. At "
-               "these sizes every layer takes a few milliseconds whatever n, so the times count kernel launches "
-               "rather than arithmetic.", "", "```", gpu_bench.read_text().strip(), "```", ""]
+    benches = (
+        ("reynet_benchmark.txt", "benchmark_log", "## Benchmark",
+         "`benchmarks/bench_reynet.py` (CPU seconds of one thread, minimum over repeats; the load average is "
+         "printed). Layer target *ReyNet layer not slower and lighter than an IEGN layer at n = 32, 64, 128*: "
+         "read the ratio rows against each IEGN implementation. The materialised 15-op basis is the IEGN "
+         "layer as usually written; the factorised and channel-last layers are our faster implementations of "
+         "the same linear map (channel-last is what our IEGN model runs, and it gets the same GEMM fusion as the "
+         "ReyNet layer). The ReyNet rows: the layer at IEGN's widths (φ 4C → C → 2C'), the same with "
+         "activation checkpointing (`model.activation_checkpointing_enable()`: it keeps only its input for "
+         "backward and recomputes the rest), a narrower φ (hidden C/2), the block shape of the graph models "
+         "(φ hidden 2C plus a channel MLP) and the paper's depthwise φ."),
+        ("reynet_benchmark_gpu.txt", "benchmark_log_gpu", "### The same layer comparison on a GPU",
+         "`benchmarks/bench_reynet.py --layers-only --layer-batch 2,16 --device cuda` on a lent H100 (wall-clock "
+         "time of synchronised forward+backward steps, minimum over interleaved rounds), in a second call on the "
+         "machine of the paper-schedule run, after its training processes had ended. At "
+         "these sizes every layer takes a few milliseconds whatever n, so the times count kernel launches "
+         "rather than arithmetic."),
+    )
+    for fname, key, title, text in benches:
+        bench = out_dir / fname
+        if bench.is_file():
+            summary[key] = bench.name
+            md += [title, "", text, "", "```", bench.read_text().strip(), "```", ""]
     (out_dir / "reynet_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "reynet_results.md").write_text("\n".join(md) + "\n")
     return summary
