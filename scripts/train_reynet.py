@@ -692,6 +692,14 @@ def _config_text(cfg: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
 
+def _main_rows(main_row: dict, run: dict) -> list[int] | None:
+    """Positions in the main run's per-fold lists of the folds a supplementary run trained (all of them when it has no
+    `fold_ids`), or None when it trained a fold the main run lacks: a fold-subset run is compared on its own folds."""
+    main_ids = main_row.get("fold_ids") or list(range(len(main_row["models"]["reynet"]["fold_accuracies"])))
+    ids = run.get("fold_ids") or main_ids
+    return [main_ids.index(i) for i in ids] if set(ids) <= set(main_ids) else None
+
+
 def _deadline_text(p: dict) -> str:
     """'; wall-clock deadline HH:MM UTC' / '; wall-clock budget of S s per process' / '' for a run's protocol."""
     spec = p.get("deadline_utc")
@@ -736,17 +744,17 @@ def supplementary_markdown(folder: Path, main: dict | None) -> list[str]:
         m = (main or {}).get("datasets", {}).get(name)
         if m is None:
             continue
-        main_ids = m.get("fold_ids") or list(range(len(m["models"]["reynet"]["fold_accuracies"])))
-        ids = d.get("fold_ids") or main_ids
-        if not set(ids) <= set(main_ids):
+        rows = _main_rows(m, d)
+        if rows is None:
             continue  # no common folds to compare on
-        subset = ids != main_ids  # a fold-subset run is compared with the main row on its own folds only
+        ids = d.get("fold_ids")
+        subset = rows != list(range(len(m["models"]["reynet"]["fold_accuracies"])))
 
         def main_mean(kind: str) -> float:
             if not subset:
                 return m["models"][kind]["mean"]
-            acc = dict(zip(main_ids, m["models"][kind]["fold_accuracies"]))
-            return sum(acc[i] for i in ids) / len(ids)
+            acc = m["models"][kind]["fold_accuracies"]
+            return sum(acc[r] for r in rows) / len(rows)
 
         change = "; ".join(
             f"{label} {100 * (d['models'][kind]['mean'] - main_mean(kind)):+.1f} points "
@@ -988,11 +996,9 @@ def _plot_training_curves(res: dict, main: dict | None, path: Path) -> None:
         this = res["datasets"][name]
         runs = [("this run", "-", this, None)]
         if main is not None and name in main.get("datasets", {}):
-            m = main["datasets"][name]
-            main_ids = m.get("fold_ids") or list(range(len(m["models"]["reynet"]["per_epoch_accuracy"])))
-            ids = this.get("fold_ids") or main_ids
-            if set(ids) <= set(main_ids):  # the main run on this run's folds only
-                runs.append(("main table", "--", m, [main_ids.index(i) for i in ids]))
+            rows = _main_rows(main["datasets"][name], this)
+            if rows is not None:  # the main run on this run's folds only
+                runs.append(("main table", "--", main["datasets"][name], rows))
         for run_label, ls, d, rows in runs:
             for kind, label in (("reynet", "ReyNet"), ("iegn", "IEGN")):
                 acc = np.array(d["models"][kind]["per_epoch_accuracy"])
