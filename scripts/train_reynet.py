@@ -911,11 +911,11 @@ def run_summary(args) -> dict:
          "backward and recomputes the rest), a narrower φ (hidden C/2), the block shape of the graph models "
          "(φ hidden 2C plus a channel MLP) and the paper's depthwise φ."),
         ("reynet_benchmark_gpu.txt", "benchmark_log_gpu", "### The same layer comparison on a GPU",
-         "`benchmarks/bench_reynet.py --layers-only --layer-batch 2,16 --device cuda` on a lent H100 (wall-clock "
-         "time of synchronised forward+backward steps, minimum over interleaved rounds), in a second call on the "
-         "machine of the paper-schedule run, after its training processes had ended. At "
-         "these sizes every layer takes a few milliseconds whatever n, so the times count kernel launches "
-         "rather than arithmetic."),
+         "`benchmarks/bench_reynet.py --layers-only --layer-batch 2,16,128 --device cuda` on a lent H100 "
+         "(wall-clock time of synchronised forward+backward steps, minimum over interleaved rounds; session 9, "
+         "the machine otherwise idle). At batch 2 and 16 every layer takes 2–8 ms whatever n, so the times count "
+         "kernel launches rather than arithmetic, and the materialised 15-op layer, with the fewest kernels, is "
+         "fastest. Only batch 128 at n = 64–128 is large enough for the arithmetic and memory traffic to show."),
     )
     for fname, key, title, text in benches:
         bench = out_dir / fname
