@@ -395,7 +395,11 @@ def run_merge_folds(args) -> dict:
             common = min(r["epochs"] for r in runs)
             runs = [truncate_fold_run(r, common) for r in runs]
         merged = merge_fold_runs(runs)
-        single = {"protocol": parts[0]["protocol"], "datasets": {name: merged}}
+        protocol = dict(parts[0]["protocol"])
+        deadlines = list(dict.fromkeys(p["protocol"].get("deadline_utc") for p in parts))
+        if len(deadlines) > 1:  # fold subsets run at different times: keep each one's deadline, in input order
+            protocol["deadline_utc"] = deadlines
+        single = {"protocol": protocol, "datasets": {name: merged}}
         (out_dir / fname).write_text(json.dumps(single, indent=2) + "\n")
         merged_all[name] = merged
         logger.info("%s: merged folds %s -> %s", name, merged["fold_ids"], out_dir / fname)
@@ -701,8 +705,12 @@ def _main_rows(main_row: dict, run: dict) -> list[int] | None:
 
 
 def _deadline_text(p: dict) -> str:
-    """'; wall-clock deadline HH:MM UTC' / '; wall-clock budget of S s per process' / '' for a run's protocol."""
+    """'; wall-clock deadline HH:MM UTC' / '; wall-clock budget of S s per process' / '' for a run's protocol; a
+    merged run whose fold subsets had different deadlines (a list) gets one clause per subset run."""
     spec = p.get("deadline_utc")
+    if isinstance(spec, list):
+        texts = [_deadline_text({"deadline_utc": s})[2:] for s in spec]
+        return "; fold-subset runs with " + " / ".join(t or "no deadline" for t in texts)
     if not spec:
         return ""
     if str(spec).startswith("+"):

@@ -388,8 +388,14 @@ def test_design_order_and_folds_options_and_merge_stage(tmp_path):
     n2 = json.loads((pair / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]["models"]["reynet"]
     assert n3 > n2["num_parameters"]  # φ's first layer reads 9C entries instead of 4C
     merged_dir = tmp_path / "merged"
+    b_file = outs["b"] / "reynet_graphs_TOY.json"  # as if fold 1 had run later, under its own deadline
+    b_run = json.loads(b_file.read_text())
+    b_run["protocol"]["deadline_utc"] = "23:59"
+    b_file.write_text(json.dumps(b_run))
     train_reynet.main(["merge-folds", "--inputs", f"{outs['a']},{outs['b']}", "--output-dir", str(merged_dir)])
-    merged = json.loads((merged_dir / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]
+    merged_run = json.loads((merged_dir / "reynet_graphs_TOY.json").read_text())
+    assert merged_run["protocol"]["deadline_utc"] == [None, "23:59"]  # each subset's deadline is kept
+    merged = merged_run["datasets"]["TOY"]
     whole = json.loads((outs["all"] / "reynet_graphs_TOY.json").read_text())["datasets"]["TOY"]
     for kind in ("reynet", "iegn"):
         assert merged["models"][kind]["per_epoch_accuracy"] == whole["models"][kind]["per_epoch_accuracy"]
@@ -493,3 +499,6 @@ def test_schedule_device_and_relative_deadline_options(tmp_path):
     assert train_reynet._deadline("+60") == pytest.approx(time.time() + 60, abs=5)
     assert "budget of 60 s" in train_reynet._deadline_text({"deadline_utc": "+60"})
     assert train_reynet._deadline_text({"deadline_utc": "05:17"}) == "; wall-clock deadline 05:17 UTC"
+    assert (train_reynet._deadline_text({"deadline_utc": ["05:17", "+60", None]})
+            == "; fold-subset runs with wall-clock deadline 05:17 UTC / wall-clock budget of 60 s per process"
+               " / no deadline")
