@@ -226,6 +226,29 @@ def test_repeated_cv_aggregates_per_seed_paired_differences(tmp_path):
     assert train_reynet.repeated_cv(tmp_path / "absent") == {}
 
 
+def test_verdict_checks_the_last_epochs_against_one_noisy_epoch():
+    """The paired difference over each fold's last epochs can differ from the last epoch's: both are reported."""
+    import train_reynet
+
+    def model(rows):
+        return {"per_epoch_accuracy": rows, "fold_accuracies": [r[-1] for r in rows],
+                "mean": sum(r[-1] for r in rows) / len(rows),
+                "best_common_epoch": {"epoch": len(rows[0]), "mean": 0.0, "std": 0.0}}
+
+    # ReyNet steady at 0.70; IEGN at 0.66 for six epochs, then a spike to 0.72 in the last one
+    d = {"models": {"reynet": model([[0.70] * 7, [0.70] * 7]),
+                    "iegn": model([[0.66] * 6 + [0.72], [0.66] * 6 + [0.74]])}}
+    last = train_reynet._paired(d)
+    assert last["mean"] == pytest.approx(-0.03) and last["folds_reynet_ge"] == 0
+    tail = train_reynet._paired(d, train_reynet.TAIL_EPOCHS)  # IEGN's last five: (4·0.66 + 0.72)/5 = 0.672, 0.676
+    assert tail["mean"] == pytest.approx(0.026) and tail["folds_reynet_ge"] == 2
+    short = {"models": {k: model([row[:2] for row in m["per_epoch_accuracy"]]) for k, m in d["models"].items()}}
+    assert train_reynet._paired(short, 5)["mean"] == pytest.approx(0.04)  # a 2-epoch run averages what it has
+    text = train_reynet._verdict({"datasets": {"TOY": d}})
+    assert "no at the last epoch" in text and "TOY -3.0 ± 1.0 (ReyNet ≥ IEGN on 0/2 folds)" in text
+    assert "last 5 epochs" in text and "TOY +2.6 ± 0.2 (ReyNet ≥ IEGN on 2/2 folds)" in text
+
+
 def test_repeated_cv_rejects_an_incomplete_run(tmp_path):
     import train_reynet
 
