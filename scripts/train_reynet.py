@@ -90,6 +90,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="UTC wall-clock time HH:MM, or +SECONDS from the start; every dataset stops at the last whole "
                         "epoch that ends before it")
     p.add_argument("--lr", type=float, default=None, help="graphs: Adam learning rate of both models (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="graphs: graphs per batch for both models (default 16; the ReyNet paper's NCI109 code uses 5)")
     p.add_argument("--lr-gamma", type=float, default=None,
                    help="graphs: StepLR factor of both models (default 0.5)")
     p.add_argument("--device", default="cpu",
@@ -305,6 +307,10 @@ def run_graphs(args) -> dict:
         if not 0 < args.lr_gamma <= 1:
             raise ValueError(f"--lr-gamma must be in (0, 1], got {args.lr_gamma}")
         protocol.lr_gamma = args.lr_gamma
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        protocol.batch_size = args.batch_size
     readouts = [r for r in args.select_readout.split(",") if r] if args.select_readout else None
     if readouts and args.pooling:
         raise ValueError("--pooling fixes the readout and --select-readout chooses it: pass one of them")

@@ -516,9 +516,25 @@ def test_schedule_device_and_relative_deadline_options(tmp_path):
     assert merged["models"]["iegn"]["per_epoch_accuracy"][1] == run["datasets"]["TOY"]["models"]["iegn"][
         "per_epoch_accuracy"][0][:1]
     for bad, msg in ((["--lr", "0"], "--lr must be positive"), (["--lr-gamma", "1.5"], "--lr-gamma must be in"),
-                     (["--deadline", "+x"], "needs a number"), (["--deadline", "+0"], "must be positive")):
+                     (["--deadline", "+x"], "needs a number"), (["--deadline", "+0"], "must be positive"),
+                     (["--batch-size", "0"], "--batch-size must be at least 1")):
         with pytest.raises(ValueError, match=msg):
             train_reynet.main(["graphs", *common, *bad, "--output-dir", str(tmp_path / "bad")])
+    seen_batch_sizes = set()
+    real_batches = rx._size_batches
+
+    def spy(ds, indices, batch_size, gen, *args, **kwargs):
+        seen_batch_sizes.add(batch_size)
+        return real_batches(ds, indices, batch_size, gen, *args, **kwargs)
+
+    rx._size_batches = spy
+    try:
+        train_reynet.main(["graphs", *common, "--graph-epochs", "TOY=1", "--batch-size", "3", "--folds", "0",
+                           "--output-dir", str(tmp_path / "b3")])
+    finally:
+        rx._size_batches = real_batches
+    b3 = json.loads((tmp_path / "b3" / "reynet_graphs_TOY.json").read_text())
+    assert "batch 3 size-bucketed" in b3["protocol"]["schedule"]["TOY"] and seen_batch_sizes == {3}
     assert train_reynet._deadline("+60") == pytest.approx(time.time() + 60, abs=5)
     assert "budget of 60 s" in train_reynet._deadline_text({"deadline_utc": "+60"})
     assert train_reynet._deadline_text({"deadline_utc": "05:17"}) == "; wall-clock deadline 05:17 UTC"
