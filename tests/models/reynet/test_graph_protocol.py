@@ -488,7 +488,7 @@ def test_truncated_fold_parts_equal_a_run_planned_for_fewer_epochs(tmp_path):
             rx.truncate_fold_run(long, bad)
 
 
-def test_schedule_device_and_relative_deadline_options(tmp_path):
+def test_schedule_device_and_relative_deadline_options(tmp_path, monkeypatch):
     import json
 
     import train_reynet
@@ -527,12 +527,9 @@ def test_schedule_device_and_relative_deadline_options(tmp_path):
         seen_batch_sizes.add(batch_size)
         return real_batches(ds, indices, batch_size, gen, *args, **kwargs)
 
-    rx._size_batches = spy
-    try:
-        train_reynet.main(["graphs", *common, "--graph-epochs", "TOY=1", "--batch-size", "3", "--folds", "0",
-                           "--output-dir", str(tmp_path / "b3")])
-    finally:
-        rx._size_batches = real_batches
+    monkeypatch.setattr(rx, "_size_batches", spy)
+    train_reynet.main(["graphs", *common, "--graph-epochs", "TOY=1", "--batch-size", "3", "--folds", "0",
+                       "--output-dir", str(tmp_path / "b3")])
     b3 = json.loads((tmp_path / "b3" / "reynet_graphs_TOY.json").read_text())
     assert "batch 3 size-bucketed" in b3["protocol"]["schedule"]["TOY"] and seen_batch_sizes == {3}
     assert train_reynet._deadline("+60") == pytest.approx(time.time() + 60, abs=5)
