@@ -634,6 +634,42 @@ def _cholesky_row_space(Xc: torch.Tensor, Yw: torch.Tensor, K: torch.Tensor, wor
     return chol.to(work), Yw @ basis, basis.to(_F64)
 
 
+def _fit_operator(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    *,
+    rank: int | None,
+    randomized: bool,
+    eps: float,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The whitened operator and its Grams for validated `(L, N, d)` snapshots (no eigendecomposition).
+
+    The one definition of the RKSP operator: `whitened_dmd` decomposes it, and KSS
+    (`shaping.differentiable_dmd_eigenvalues`) rebuilds it with a gradient in the same coordinates (`projection`).
+    Returns `(operator, gram_xx, gram_dx, gram_dd, projection, rank_x)` as in [`DMDResult`].
+    """
+    N, d = X.shape[-2:]
+    use_randomized = randomized and rank is not None
+    work = dtype if dtype is not None else (_F64 if X.dtype == _F64 else torch.float32)
+    basis = None
+    if N - 1 < d:
+        X, Y, basis = _row_space_coordinates(X, Y, work)
+        if rank is not None and rank > basis.shape[-1]:
+            rank = basis.shape[-1]  # at most N - 1 identifiable modes
+    if use_randomized:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        op, gxx, gdx, gdd, proj, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
+    else:
+        op, gxx, gdx, gdd, proj, rank_x = _full_grams(X, Y, eps, rank, work)
+    if basis is not None:
+        proj = basis @ proj.to(_F64)  # centred d-dim rows -> the m whitened coordinates
+    return op, gxx, gdx, gdd, proj, rank_x
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # public entry point
 
@@ -740,20 +776,9 @@ def whitened_dmd(
                       "(the paper uses N=2048)", UserWarning, stacklevel=2)
 
     with torch.no_grad():
-        use_randomized = randomized and rank is not None
-        work = dtype if dtype is not None else (_F64 if X.dtype == _F64 else torch.float32)
-        basis = None
-        if N - 1 < d:
-            X, Y, basis = _row_space_coordinates(X, Y, work)
-            if rank is not None and rank > basis.shape[-1]:
-                rank = basis.shape[-1]  # at most N - 1 identifiable modes (warned above)
-        if use_randomized:
-            gen = generator if generator is not None else torch.Generator().manual_seed(0)
-            op, gxx, gdx, gdd, proj, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
-        else:
-            op, gxx, gdx, gdd, proj, rank_x = _full_grams(X, Y, eps, rank, work)
-        if basis is not None:
-            proj = basis @ proj.to(_F64)  # centred d-dim rows -> the m whitened coordinates
+        op, gxx, gdx, gdd, proj, rank_x = _fit_operator(
+            X, Y, rank=rank, randomized=randomized, eps=eps, oversample=oversample, power_iters=power_iters,
+            generator=generator, dtype=dtype)
         lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype)
         trace_xx = torch.diagonal(gxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         trace_dd = torch.diagonal(gdd, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)

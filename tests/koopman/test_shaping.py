@@ -220,3 +220,23 @@ def test_output_components_outside_the_span_of_x_do_not_pollute_the_spectrum():
     got = differentiable_dmd_eigenvalues(Xp, Yp, generator=torch.Generator().manual_seed(1), **kw)
     assert sorted(got.abs().tolist()) == pytest.approx(sorted(ref.abs().tolist()), rel=1e-6)
     assert min(got.abs().tolist()) > 0.3
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_kss_and_the_profile_share_one_operator(rank):
+    """On the same snapshots KSS's eigenvalues are the profile's, so both report the same spectral masses."""
+    from hf_koopman.koopman import spectral_features, whitened_dmd
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 600, 24, generator=g)
+    Y = X + 0.4 * torch.tanh(X @ torch.randn(24, 24, generator=g) / 24**0.5)
+    kss = differentiable_dmd_eigenvalues(X, Y.requires_grad_(True), rank=rank,
+                                         generator=torch.Generator().manual_seed(0))
+    res = whitened_dmd(X, Y.detach(), rank=rank, randomized=rank is not None,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kss.detach(), res.eigenvalues, atol=1e-5, rtol=0)
+    feats = spectral_features(res)
+    for layer, f in zip(kss.detach(), feats):
+        moduli = layer.abs()
+        assert float(((moduli >= 0.90) & (moduli <= 1.05)).double().mean()) == pytest.approx(f.near_unit_mass)
+        assert float((moduli > 1.05).double().mean()) == pytest.approx(f.unstable_mass)
