@@ -107,6 +107,7 @@ class CholeskyWhitening:
 
     def __init__(self, chol: torch.Tensor):
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        self.chol = chol
         self.matrix = torch.linalg.solve_triangular(chol, eye, upper=False)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:  # W z
@@ -116,8 +117,10 @@ class CholeskyWhitening:
         return self.matrix.mT @ z
 
     def congruence(self, gram: torch.Tensor) -> torch.Tensor:
-        """$W G W^\\top$: a second moment of raw snapshots in whitened coordinates."""
-        return self.matrix @ gram.to(self.matrix.dtype) @ self.matrix.mT
+        """$W G W^\\top = L^{-1} G L^{-\\top}$: a second moment of raw snapshots in whitened coordinates (two
+        triangular solves, half the flops of two general products)."""
+        half = torch.linalg.solve_triangular(self.chol, gram.to(self.chol.dtype), upper=False)  # L^-1 G
+        return torch.linalg.solve_triangular(self.chol, half.mT, upper=False).mT  # (L^-1 (L^-1 G)^T)^T
 
 
 class _EighWhitening(CholeskyWhitening):
@@ -127,6 +130,9 @@ class _EighWhitening(CholeskyWhitening):
         s, Q = torch.linalg.eigh(sigma.to(torch.float64))
         w = _inverse_sqrt((s - eps).clamp_min(0.0), eps).to(sigma.dtype)
         self.matrix = (Q.to(sigma.dtype) * w.unsqueeze(-2)) @ Q.to(sigma.dtype).mT
+
+    def congruence(self, gram: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ gram.to(self.matrix.dtype) @ self.matrix.mT
 
 
 def cholesky_whitening(cov: torch.Tensor, eps: float = 1e-5) -> CholeskyWhitening:
