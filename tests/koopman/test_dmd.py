@@ -396,3 +396,31 @@ def test_left_eigenvectors_batched_match_the_inverse():
     lam, vec, left, _ = dmd_module._eigen(A)
     for b in range(3):  # u_j^* A = lambda_j u_j^* for every layer of the batch
         torch.testing.assert_close(left[b].mH @ A[b].to(left.dtype), lam[b][:, None] * left[b].mH)
+
+
+def test_float32_moments_and_eigenproblem_agree_with_float64():
+    # the default for float32 inputs: float32 second moments (float64 retry when ill-conditioned) and, above 256 modes,
+    # a float32 eigenproblem; here both are forced at a small width and compared with the all-float64 path
+    X = anisotropic_states(3000, 48, seed=21, spread=1e3)
+    A, _ = planted_operator(list(np.linspace(0.6, 1.2, 48)), seed=22, cond=3.0)
+    Y = X @ A.T + 0.05 * torch.tanh(X)
+    X, Y = X.float(), Y.float()
+    ref = whitened_dmd(X.double(), Y.double())  # the same (float32-rounded) data, all in float64
+    fast = whitened_dmd(X, Y, eig_dtype=torch.float32)
+    moduli = lambda res: res.eigenvalues.abs().sort().values  # noqa: E731
+    torch.testing.assert_close(moduli(fast), moduli(ref), atol=1e-4, rtol=0)
+    assert fast.eigenvectors.dtype == torch.complex64 and ref.eigenvectors.dtype == torch.complex128
+    assert float(fast.eigvec_condition) == pytest.approx(float(ref.eigvec_condition), rel=1e-2)
+
+
+def test_eigenvalues_only_skips_the_eigenvectors():
+    X = anisotropic_states(800, 12, seed=2)
+    Y = X @ planted_operator([1.1, 0.95, 0.5] * 4, seed=3, cond=2.0)[0].T
+    full = whitened_dmd(X, Y)
+    only = whitened_dmd(X, Y, eigenvectors=False)
+    torch.testing.assert_close(only.eigenvalues, full.eigenvalues, atol=1e-10, rtol=0)
+    assert only.eigenvectors is None and only.left_eigenvectors is None and math.isnan(float(only.eigvec_condition))
+    with pytest.raises(ValueError, match="eigenvectors=True"):
+        from hf_koopman.koopman import spectral_features
+
+        spectral_features(only)
