@@ -231,7 +231,8 @@ def export_for_hub(
         checkpoint_dir (`str | PathLike`): a folder written by `save_pretrained` / `save_checkpoint`, e.g.
             `checkpoints/reynet-mutag`.
         output_dir (`str | PathLike`): destination folder (created; must not be `checkpoint_dir`).
-        code_dir, auto_map: see `add_remote_code`.
+        code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
+        auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
         push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
 
     Returns:
