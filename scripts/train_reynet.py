@@ -1,4 +1,4 @@
-"""Train ReyNet and its baselines, write results and Hub-ready checkpoints.
+"""Train ReyNet and its baselines, write results and checkpoint folders.
 
 Stages (run separately so they can run in parallel, or `all`):
 

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _AUTO_KEYS_REQUIRED = ("AutoConfig", "AutoModel")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 
 def remote_code_for(model_type: str) -> tuple[Path, dict[str, str]]:
@@ -115,15 +116,18 @@ def render_model_card(
 
 
 def _write_card(card: Any, folder: Path) -> None:
-    """Write `card` (a `ModelCard`, Markdown text or the path of a Markdown file) as `folder/README.md`."""
+    """Write `card` (a `ModelCard`, Markdown text of several lines or the path of a Markdown file) as
+    `folder/README.md`."""
     if card is None:
         return
     if hasattr(card, "save"):
         card.save(folder / "README.md")
-    elif isinstance(card, os.PathLike) or (isinstance(card, str) and "\n" not in card and Path(card).is_file()):
-        shutil.copyfile(card, folder / "README.md")
-    elif isinstance(card, str):
+    elif isinstance(card, str) and "\n" in card:
         (folder / "README.md").write_text(card, encoding="utf-8")
+    elif isinstance(card, (str, os.PathLike)):
+        if not Path(card).is_file():
+            raise FileNotFoundError(f"card={str(card)!r} is neither Markdown text (several lines) nor an existing file.")
+        shutil.copyfile(card, folder / "README.md")
     else:
         raise TypeError(f"card must be a huggingface_hub.ModelCard, Markdown text or a path; got {type(card).__name__}.")
 
@@ -243,6 +247,9 @@ def export_for_hub(
         raise FileNotFoundError(f"{src} is not a safetensors checkpoint folder (config.json and model.safetensors).")
     if out.resolve() == src.resolve():
         raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder.")
+    pickled = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(f"{src} holds pickled files {pickled}; publish safetensors only (re-save with save_pretrained).")
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
         if path.is_file() and path.suffix != ".py":

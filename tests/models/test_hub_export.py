@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import hf_koopman  # noqa: F401  (registers the model types)
 from hf_koopman.models import equivcnp as eq
 from hf_koopman.models import reynet
-from hf_koopman.models.publishing import add_remote_code, export_for_hub, remote_code_for
+from hf_koopman.models.publishing import add_remote_code, export_for_hub, remote_code_for, save_checkpoint
 from hf_koopman.testing_utils import run_without_hf_koopman
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,3 +182,10 @@ def test_export_errors_name_the_fix(tmp_path):
         export_for_hub(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match="output_dir other than"):
         export_for_hub(REPO / "checkpoints" / "cnp-gp-rbf", REPO / "checkpoints" / "cnp-gp-rbf")
+    pickled = tmp_path / "pickled"
+    eq.CNPModel(eq.CNPConfig(hidden_size=4)).save_pretrained(pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="safetensors only"):
+        export_for_hub(pickled, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="neither Markdown text"):
+        save_checkpoint(eq.CNPModel(eq.CNPConfig(hidden_size=4)), tmp_path / "c", card="model_cards/missing.md")
