@@ -1,7 +1,9 @@
-"""Tiny, offline model builders shared by the test-suite (and handy for users writing their own tests).
+"""Helpers shared by the test-suite (and handy for users writing their own tests).
 
-Every builder returns a randomly initialised model from a config small enough to run a forward pass in milliseconds on
-a CPU: 2 layers (unless overridden), hidden size 32-64, vocabulary 128. Nothing is downloaded.
+* Tiny, offline model builders (`tiny_config`, `tiny_model`, `tiny_peft_model`): every builder returns a randomly
+  initialised model from a config small enough to run a forward pass in milliseconds on a CPU: 2 layers (unless
+  overridden), hidden size 32-64, vocabulary 128. Nothing is downloaded.
+* Hub folders as a user without hf_koopman sees them (`run_without_hf_koopman`, `populate_offline_hub_cache`).
 
 Example:
     >>> from hf_koopman.testing_utils import tiny_model

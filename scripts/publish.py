@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for checkpoint in map(Path, args.checkpoints):
         repo_id = f"{args.push_to_hub_org}/{checkpoint.name}" if args.push_to_hub_org else None
         folder = export_for_hub(checkpoint, out_root / checkpoint.name, push_to_hub=repo_id)
-        print(f"{checkpoint} -> {folder}" + (f" (push: {repo_id})" if repo_id else ""))
+        print(f"{checkpoint} -> {folder}")  # the log says whether the upload happened
         written.append(folder)
     return written
 
