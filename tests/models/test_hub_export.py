@@ -82,6 +82,12 @@ def test_checkpoints_hold_no_code(folder):
     assert not [n for n in names if n.endswith(".py")], f"{folder.name} holds code; publish it with scripts/publish.py"
     config = json.loads((folder / "config.json").read_text())
     assert "auto_map" not in config, f"{folder.name}/config.json maps remote code that the folder does not hold"
+    # ... and loads after `import hf_koopman`: the Auto classes give our class, the saved head loads with every key
+    base = transformers.AutoModel.from_pretrained(folder)
+    assert type(base).__module__.startswith("hf_koopman.models."), type(base)
+    package = reynet if config["model_type"] == "reynet" else eq
+    _, info = getattr(package, config["architectures"][0]).from_pretrained(folder, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
 
 
 def test_exported_checkpoints_load_without_hf_koopman(tmp_path):
