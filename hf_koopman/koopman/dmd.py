@@ -1,58 +1,54 @@
-r"""Whitened dynamic mode decomposition of one residual block, exact or randomized rank-r (RKSP Eqs. 4-9, Alg. 1).
+r"""Whitened dynamic mode decomposition of one residual block: the full spectrum, or a rank-r approximation (RKSP
+Eqs. 4-9, Alg. 1).
 
 Conventions. Snapshots are rows: `X, Y` are `(N, d)` (token states entering / leaving a block) or `(L, N, d)` for `L`
 layers handled in one batched call. The operator acts on column state vectors, as in the paper: $\tilde y \approx
 \hat A \tilde x$. Write $D = Y - X$ for the block update (the residual branch $f_\ell$ of Eq. 1).
 
-Exact DMD. $\hat A = \tilde Y \tilde X^{+}$ (Eq. 6, Moore-Penrose). Because $\tilde X$ is whitened we never need an
-SVD of the `(N, d)` snapshots: its Gram $G_{xx} = \tilde X^\top \tilde X / (N-1)$ has condition number about 1 (it
-is $I$ up to the ridge, $Q\,\mathrm{diag}(s/(s+\epsilon))\,Q^\top$), so the normal equations are as accurate as an
-SVD and
+Full spectrum (the default, `rank=None`). $\hat A = \tilde Y \tilde X^{+}$ (Eq. 6, Moore-Penrose) has all
+`m = min(N - 1, d)` modes. With the second moments $S_{xx}, S_{dx}, S_{dd}$ of the centred snapshots and a whitening
+$W$ of $S_{xx} + \epsilon I$ (Eq. 9), the whitened Grams are $G = W S W^\top$ and
 
-$$\hat A = \big(G_{xx} + G_{dx}\big)\,G_{xx}^{+},\qquad G_{dx} = \tilde D^\top \tilde X/(N-1).$$
+$$\hat A = \big(G_{xx} + G_{dx}\big)\,G_{xx}^{+} = I + G_{dx} G_{xx}^{-1}\quad(\text{full rank}).$$
 
-The Grams are formed from the explicitly whitened snapshots (not as $W \hat\Sigma_X W$ from the raw covariance, whose
-small eigenvalues carry the round-off of a `cond(X)^2` problem), and $G_{xx}^{+}$ comes from its own `(d, d)` eigh.
+Its eigenvalues are those of the unwhitened least-squares operator $S_{yx}S_{xx}^{-1}$ (whitening is a similarity),
+so any whitening gives the same spectrum; we use the Cholesky factor $W = L^{-1}$ (`whitening.cholesky_whitening`),
+which differs from the paper's ZCA $\hat\Sigma_X^{-1/2}$ by an orthogonal rotation. Eigenvector conditioning (unit-norm
+columns), ResDMD residuals and $\eta_{nl}$ are invariant under that rotation too. Cost per layer: three
+`O(N d^2)` Gram products, a Cholesky factorisation and triangular inverse, one Cholesky solve and one non-symmetric
+eigenproblem -- no symmetric eigendecomposition. Writing the operator through the update $D$ keeps $Y = X$ exactly
+degenerate: $G_{dx} = 0$ and $\hat A = I$. Directions X never visits (constant features) make $G_{xx}$ singular; those
+layers take the pseudo-inverse through an eigendecomposition of $G_{xx}$ and the null modes get $\lambda = 0$.
 
-This is the pseudo-inverse operator of Algorithm 1, not the ridge-biased cross-covariance $\tilde Y^\top\tilde X/(N-1)$:
-with $\epsilon > 0$, $G_{xx} \ne I$ exactly, and dropping $G_{xx}^{+}$ would shift eigenvalues by $O(\epsilon/s)$. With
-the pseudo-inverse the eigenvalues equal those of the unwhitened least-squares operator (whitening is a similarity),
-which is what makes them invariant to any invertible change of coordinates $X \to XM, Y \to YM$ (when
-$N > d$; with fewer samples see `_row_space_coordinates`: only rotations). Writing the operator
-through the update $D$ keeps $Y = X$ exactly degenerate: $G_{dx} = 0$ and $\hat A$ is the identity, no NaN.
+Rank-r approximation (`rank=r`, the paper's "default recipe" r = 32 with `randomized=True`). After whitening $\tilde X$
+is isotropic, so the low-rank directions are taken from the outputs: $U_r$ = the top-r left singular vectors of
+$\tilde Y^\top$ (`(d, r)`), and the projected operator is
 
-Rank-r DMD (the paper's default recipe, r = 32, N = 2048). After whitening $\tilde X$ is isotropic, so its POD basis is
-meaningless (all singular values are about $\sqrt{N-1}$); the informative low-rank directions are those of the outputs
-$\tilde Y$. We therefore take $U_r$ = the top-r left singular vectors of $\tilde Y^\top$ (`(d, r)`) and fit the projected
-operator on the compressed snapshots $B_X = \tilde X U_r$, $B_Y = \tilde Y U_r$ (`(N, r)`):
+$$\tilde A_r = (U_r^\top G_{yx} U_r)(U_r^\top G_{xx} U_r)^{+}\quad (r\times r).$$
 
-$$\tilde A_r = (B_Y^\top B_X)(B_X^\top B_X)^{+} = (U_r^\top G_{yx} U_r)(U_r^\top G_{xx} U_r)^{+}\quad (r\times r).$$
-
-Because $G_{xx}\approx I$, this equals the Galerkin projection $U_r^\top \hat A U_r$ up to the ridge, and if $\hat A$ has
-rank $\le r$ its non-zero eigenvalues are recovered. `randomized=False` computes $U_r$ deterministically (eigh of
-$G_{yy}$); `randomized=True` uses a Halko et al. range finder on $\tilde Y$ (Erichson et al. 2019, the recipe of
-`pydmd.utils.compute_rqb`):
+**This is a different quantity from the spectrum of $\hat A$**: the r directions of largest whitened output energy
+are the ones the block expands, so the rank-r eigenvalues are biased toward $|\lambda| > 1$ and the near-unit mass
+toward 0 (research GPT, d = 128, Pre-LN: M≈1 0.01 at r = 32 against 0.16 for the full spectrum and 0.16 in the
+paper's Table 1; `results/rank_vs_exact.md`). It is exact only when $\hat A$ has rank at most r. `randomized=False`
+computes $U_r$ deterministically (eigh of $G_{yy}$); `randomized=True` uses a Halko et al. range finder on $\tilde Y$
+(Erichson et al. 2019, the recipe of `pydmd.utils.compute_rqb`) and never forms the `(d, d)` operator:
 
     Omega ~ N(0, 1) (N, k), k = r + oversample;  Z = Ytil^T Omega
     repeat power_iters times:  Z = Ytil^T qr(Ytil qr(Z).Q).Q
     Q = qr(Z).Q (d, k);  U_r = Q V[:, :r]  with  V = right singular vectors of Ytil Q (N, k)
 
-The randomized path never forms $\tilde X, \tilde Y$ or the `(d, d)` operator. It whitens with the Cholesky factor
-$\hat\Sigma_X = LL^\top$ instead of the symmetric square root; the two whitenings differ by an orthogonal rotation
-$R$, the range finder is equivariant under it (same Omega), so the `(r, r)` operator, its eigenvalues and every feature are
-identical to the ZCA result -- only cheaper (`d^3/3` instead of an eigendecomposition).
-
-Precision. Exact DMD runs in float64. The randomized path runs its `O(N d^2)` Gram and `O(N d k)` range-finder products
-and the projections $B_X, B_D$ in float32 when the inputs are float32 or lower (float64 when the inputs are float64,
-or with `dtype=torch.float64`); the `(r, r)` Grams and all eigenproblems are float64. fp16/bf16 inputs are up-cast
-first.
-float32 moves the selected subspace, hence the eigenvalues, by ~1e-4 relative on transformer-like data whose singular
-values near rank r are close (measured in `benchmarks/bench_dmd.py`); float64 reproduces PyDMD to round-off.
+Precision. The `O(N d^2)` products run in float32 for float32 (and fp16 / bf16, up-cast) inputs and in float64 for
+float64 inputs (`dtype=` overrides). A float32 covariance whose ridge-whitened condition number exceeds
+`_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. All factorisations are float64. The eigenproblem runs in
+float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides): on GPT-2 small snapshots
+(d = 768) the moduli agree with float64 to 2e-4 and every spectral mass is identical, at a third of the cost
+(`benchmarks/bench_dmd.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .whitening import _inverse_sqrt
+from .whitening import CholeskyWhitening, _EighWhitening, cholesky_whitening
 
 __all__ = ["DMDResult", "whitened_dmd"]
 
@@ -69,20 +65,34 @@ logger = logging.getLogger(__name__)
 
 _F64 = torch.float64
 
+#: Operators with at most this many modes are eigendecomposed in float64, larger ones in float32 (measured on GPT-2
+#: small snapshots: moduli within 2e-4, masses identical, 3x faster; `benchmarks/bench_dmd.py`).
+_EIG_FLOAT64_MAX = 256
+#: Above this estimated condition number of the ridge-whitened covariance, float32 second moments are recomputed in
+#: float64. Measured on GPT-2 snapshots rescaled to a condition number of 1e7: float32 moments move the moduli by 6e-6.
+_FLOAT32_GRAM_MAX_CONDITION = 1e6
+#: A whitened Gram whose smallest Cholesky pivot is within this factor of the null tolerance is checked by `eigh`.
+_NULL_PIVOT_MARGIN = 1e3
+#: Above this estimated condition number (float64 second moments), the whitened Grams are formed from explicitly
+#: whitened snapshots: a congruence W S W^T of the raw covariance loses cond(Sigma_X) * 1e-16 to round-off.
+_FLOAT64_GRAM_MAX_CONDITION = 1e9
+
 
 @dataclass(frozen=True)
 class DMDResult:
     r"""Result of [`whitened_dmd`]. All tensors are float64 / complex128 on CPU or the input's device.
 
-    `m` is the number of modes: `d` for exact DMD (`N` when `N - 1 < d`: the problem is first reduced to the row
-    space of the centred X, see `_row_space_coordinates`), `r` for rank-r DMD. A leading `L` axis is present when the input was
-    batched `(L, N, d)`.
+    `m` is the number of modes: `d` for the full spectrum (`N` when `N - 1 < d`: the problem is first reduced to the
+    row space of the centred X, see `_row_space_coordinates`), `r` for rank-r DMD. A leading `L` axis is present when
+    the input was batched `(L, N, d)`. Coordinates are whitened with the Cholesky factor (a rotation of the paper's
+    ZCA coordinates, which leaves every spectral quantity unchanged).
 
     Attributes:
         eigenvalues (`(..., m)` complex): eigenvalues of the operator, sorted by decreasing modulus.
-        eigenvectors (`(..., m, m)` complex): right eigenvectors as unit-norm columns, same order.
-        left_eigenvectors (`(..., m, m)` complex): left eigenvectors $u_j$ ($u_j^* A = \lambda_j u_j^*$) as unit-norm
-            columns, same order (rows of $V^{-1}$, normalised).
+        eigenvectors (`(..., m, m)` complex or `None`): right eigenvectors as unit-norm columns, same order; complex64
+            when the eigenproblem ran in float32. `None` with `eigenvectors=False`.
+        left_eigenvectors (`(..., m, m)` complex or `None`): left eigenvectors $u_j$ ($u_j^* A = \lambda_j u_j^*$) as
+            unit-norm columns, same order (rows of $V^{-1}$, normalised).
         operator (`(..., m, m)` float): $\hat A$ in whitened coordinates ($\tilde y \approx \hat A \tilde x$).
         gram_xx, gram_dx, gram_dd (`(..., m, m)` float): second moments of the whitened (and, for rank-r, projected)
             snapshots: $\tilde X^\top\tilde X$, $\tilde D^\top\tilde X$, $\tilde D^\top\tilde D$, all divided by `N - 1`,
@@ -94,12 +104,14 @@ class DMDResult:
         update_ratio (`(...,)` float): $\|\tilde Y - \tilde X\|_F / \|\tilde X\|_F$, the relative size of the update.
         degenerate (`(...,)` bool): `update_ratio <= degenerate_tol` (e.g. Fixup / ReZero at init, App. J) or
             `rank_x == 0`; the spectrum is then uninformative.
+        eigvec_condition (`(...,)` float64): $\kappa(V) = \|V\|_2\|V^{-1}\|_2$ of the unit-norm eigenvectors (`inf`
+            for a singular basis, `nan` without eigenvectors).
         n_samples (`int`): N.  dim (`int`): d.  randomized (`bool`).  eps (`float`).
     """
 
     eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    left_eigenvectors: torch.Tensor
+    eigenvectors: torch.Tensor | None
+    left_eigenvectors: torch.Tensor | None
     operator: torch.Tensor
     gram_xx: torch.Tensor
     gram_dx: torch.Tensor
@@ -108,6 +120,7 @@ class DMDResult:
     rank_x: torch.Tensor
     update_ratio: torch.Tensor
     degenerate: torch.Tensor
+    eigvec_condition: torch.Tensor
     n_samples: int
     dim: int
     randomized: bool
@@ -133,8 +146,9 @@ class DMDResult:
             raise ValueError("layer() needs a batched (L, ...) result; this one is unbatched")
         fields = {}
         for name in ("eigenvalues", "eigenvectors", "left_eigenvectors", "operator", "gram_xx", "gram_dx",
-                     "gram_dd", "projection", "rank_x", "update_ratio", "degenerate"):
-            fields[name] = getattr(self, name)[index]
+                     "gram_dd", "projection", "rank_x", "update_ratio", "degenerate", "eigvec_condition"):
+            value = getattr(self, name)
+            fields[name] = None if value is None else value[index]
         return DMDResult(**fields, n_samples=self.n_samples, dim=self.dim, randomized=self.randomized, eps=self.eps)
 
 
@@ -250,24 +264,108 @@ def _project_grams(grams: tuple[torch.Tensor, ...], basis: torch.Tensor) -> tupl
     return tuple(basis.mT @ g @ basis for g in grams)
 
 
-def _eigen(operator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eigenvalues sorted by decreasing modulus, unit-norm right and left eigenvectors (Alg. 1 line 8)."""
+def _operator(
+    gxx: torch.Tensor, gdx: torch.Tensor, null_tol: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""$\hat A = (G_{xx} + G_{dx})G_{xx}^{+}$ (Eq. 6) and the numerical rank of $\tilde X$, for `(L, m, m)` Grams.
+
+    After whitening $G_{xx} \preceq I$ is symmetric positive definite whenever $\hat\Sigma_X$ has full rank, so
+    $\hat A = I + G_{dx}G_{xx}^{-1}$ comes from one Cholesky solve. A layer whose factor has a pivot within
+    `_NULL_PIVOT_MARGIN` of `null_tol` (`(L,)`, the whitened variance below which a direction counts as not visited
+    by X: constant features, duplicated samples, the spare row-space coordinate) takes the pseudo-inverse through an
+    eigendecomposition of $G_{xx}$ instead, which counts those directions out of `rank_x`.
+    """
+    m = gxx.shape[-1]
+    with _single_thread() if m <= 128 else _nullcontext():
+        chol, info = torch.linalg.cholesky_ex(gxx)
+        pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+        fast = (info == 0) & (pivots.amin(-1) > _NULL_PIVOT_MARGIN * null_tol)
+        eye = torch.eye(m, dtype=gxx.dtype, device=gxx.device)
+        op = eye + torch.cholesky_solve(gdx.mT, torch.where(fast[..., None, None], chol, eye)).mT
+        rank_x = torch.full(gxx.shape[:-2], m, dtype=torch.long, device=gxx.device)
+        if not bool(fast.all()):
+            slow = (~fast).nonzero().flatten()
+            values, vectors = torch.linalg.eigh(gxx[slow])
+            values = values.clamp_min(0.0)
+            keep = values > torch.maximum(null_tol[slow, None], _rank_tol(values, m, m))
+            op[slow] = _operator_from_grams(gxx[slow], gdx[slow], keep, values, vectors)
+            rank_x[slow] = keep.sum(-1)
+    return op, rank_x
+
+
+def _null_tolerance(sxx: torch.Tensor, eps: float, n: int) -> torch.Tensor:
+    """Whitened variance `s / (s + eps)` of a direction whose raw variance `s` is round-off: `(L,)` float64."""
+    d = sxx.shape[-1]
+    trace = torch.diagonal(sxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
+    s = trace * max(n, d) * torch.finfo(_F64).eps
+    return torch.where(s > 0, s / (s + eps), torch.zeros_like(s)).clamp_max(0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# eigendecomposition
+
+
+def _eig_dtype(m: int, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    return _F64 if m <= _EIG_FLOAT64_MAX else torch.float32
+
+
+def _eigen_one(operator: torch.Tensor, vectors: bool):
+    """Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V)."""
+    if not vectors:
+        lam = torch.linalg.eigvals(operator)
+        order = torch.argsort(lam.abs(), descending=True, stable=True)
+        return lam[order].to(torch.complex128), None, None, torch.tensor(math.nan, dtype=_F64)
     lam, vec = torch.linalg.eig(operator)
-    order = torch.argsort(lam.abs(), dim=-1, descending=True, stable=True)
-    lam = torch.gather(lam, -1, order)
-    vec = torch.gather(vec, -1, order.unsqueeze(-2).expand_as(vec))
-    vec = vec / torch.linalg.vector_norm(vec, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-    left = _left_eigenvectors(vec)  # columns u_j with u_j^* A = lambda_j u_j^*
-    left = left / torch.linalg.vector_norm(left, dim=-2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-    return lam, vec, left
+    order = torch.argsort(lam.abs(), descending=True, stable=True)
+    lam, vec = lam[order], vec[:, order]
+    tiny = torch.finfo(operator.dtype).tiny
+    vec = vec / torch.linalg.vector_norm(vec, dim=-2, keepdim=True).clamp_min(tiny)
+    inv = _inverse(vec)  # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
+    kappa = _condition(vec, inv)
+    left = inv.mH
+    left = left / torch.linalg.vector_norm(left, dim=-2, keepdim=True).clamp_min(tiny)
+    return lam.to(torch.complex128), vec, left, kappa
 
 
-def _left_eigenvectors(vec: torch.Tensor) -> torch.Tensor:
-    """`V^{-H}` matrix by matrix: LU factorisation + triangular solves (getrf/getrs), pseudo-inverse when singular.
+def _eigen(
+    operator: torch.Tensor, vectors: bool = True, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Eigenvalues by decreasing modulus (complex128), unit-norm right and left eigenvectors, and kappa(V) (Alg. 1 l. 8).
+
+    The decomposition runs in `dtype` (see `_eig_dtype`); the eigenvectors keep its complex counterpart. Without
+    `vectors` only the eigenvalues are computed and kappa(V) is NaN. Layers run side by side in worker threads, each
+    with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and a multi-threaded
+    `geev` on a busy 2-core machine was measured 20-40x slower than a single-threaded one.
+    """
+    m = operator.shape[-1]
+    work = _eig_dtype(m, dtype)
+    batch = operator.shape[:-2]
+    flat = operator.to(work).reshape(-1, m, m)
+    workers = min(torch.get_num_threads(), flat.shape[0])
+    with _single_thread():
+        if workers > 1 and m > 64:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(lambda a: _eigen_one(a, vectors), flat))
+        else:
+            parts = [_eigen_one(a, vectors) for a in flat]
+    lam = torch.stack([p[0] for p in parts]).reshape(*batch, m)
+    kappa = torch.stack([p[3] for p in parts]).reshape(batch)
+    if not vectors:
+        return lam, None, None, kappa
+    vec = torch.stack([p[1] for p in parts]).reshape(*batch, m, m)
+    left = torch.stack([p[2] for p in parts]).reshape(*batch, m, m)
+    return lam, vec, left, kappa
+
+
+def _inverse(vec: torch.Tensor) -> torch.Tensor:
+    """`V^-1` matrix by matrix: LU factorisation + triangular solves (getrf/getrs), pseudo-inverse when singular.
 
     Not `torch.linalg.inv_ex` on the whole batch: with MKL, batched complex `getri` on large eigenvector matrices was
-    seen to print "Parameter 6 was incorrect on entry to ZLASWP" and to stall for many minutes (GPT-2 layers, d = 768,
-    busy 2-core machine), and some LAPACK builds raise on an exactly singular LU instead of reporting it.
+    seen to stall for minutes, and some LAPACK builds raise on an exactly singular LU instead of reporting it.
     """
     m = vec.shape[-1]
     eye = torch.eye(m, dtype=vec.dtype, device=vec.device)
@@ -282,100 +380,122 @@ def _left_eigenvectors(vec: torch.Tensor) -> torch.Tensor:
             inv = None
         if inv is None or not bool(torch.isfinite(inv).all()):  # numerically singular eigenvectors (defective operator)
             inv = torch.linalg.pinv(v)
-        out.append(inv.mH)
+        out.append(inv)
     return torch.stack(out).reshape(vec.shape)
 
 
+def _norm2(matrix: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """Largest singular value of each `(m, m)` matrix by block power iteration on `M^H M` (4 vectors)."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(matrix.shape[-1], 4, generator=gen, dtype=_F64).to(device=matrix.device, dtype=matrix.dtype)
+    v = v.expand(*matrix.shape[:-2], -1, -1)
+    for _ in range(iters):
+        v = torch.linalg.qr(matrix.mH @ (matrix @ v)).Q
+    return torch.linalg.matrix_norm(matrix @ v, ord=2).to(_F64)
+
+
+def _condition(vec: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    r"""$\kappa(V) = \|V\|_2\|V^{-1}\|_2$ (unit-norm columns), `(...,)` float64; `inf` for a singular basis.
+
+    Exact singular values up to `_EIG_FLOAT64_MAX` modes, block power iterations on $V$ and the explicit $V^{-1}$
+    above (a complex `768 x 768` SVD costs as much as the eigendecomposition itself).
+    """
+    m = vec.shape[-1]
+    with _single_thread() if m <= 128 else _nullcontext():
+        if m <= _EIG_FLOAT64_MAX:
+            s = torch.linalg.svdvals(vec).to(_F64)
+            smin = s[..., -1]
+            kappa = torch.where(smin > 0, s[..., 0] / smin.clamp_min(torch.finfo(_F64).tiny),
+                                torch.full_like(smin, math.inf))
+        else:
+            kappa = _norm2(vec) * _norm2(inv)
+    return torch.where(torch.isfinite(kappa) & torch.isfinite(inv).flatten(-2).all(-1), kappa,
+                       torch.full_like(kappa, math.inf))
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# exact and deterministic rank-r path (ZCA via eigh, float64)
+# full spectrum and deterministic rank-r path (Cholesky whitening of second moments)
 
 
-def _exact_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None):
-    X = X.to(_F64)
-    Y = Y.to(_F64)
-    L, N, d = X.shape
-    n1 = N - 1
+def _second_moments(X: torch.Tensor, Y: torch.Tensor, work: torch.dtype, whitening: CholeskyWhitening | None = None):
+    """`Sxx, Sdx, Sdd` `(L, d, d)` in float64 from centred X and update D = Y - X, products in `work` precision.
+
+    With `whitening`, the snapshots are whitened first (`Xc W^T`, `Dc W^T`: two more `O(N d^2)` products) and the
+    returned moments are the whitened Grams, accurate whatever the conditioning of the covariance.
+    """
+    n1 = X.shape[-2] - 1
+    X = X.to(work)
     Xc = X - X.mean(dim=-2, keepdim=True)
-    D = Y - X
-    Dc = D - D.mean(dim=-2, keepdim=True)  # = Yc - Xc: each matrix centred on its own mean (Eq. 8)
-    s, Q = torch.linalg.eigh(_sym(Xc.mT @ Xc) / n1)  # Eq. 9 without the ridge
-    w = _inverse_sqrt(s.clamp_min(0.0), eps)
-    W = (Q * w.unsqueeze(-2)) @ Q.mT  # ZCA (Sigma_X + eps I)^(-1/2)
-    # second moments of the explicitly whitened snapshots: conditioned like Xtil (about 1), not like Sigma_X
-    # (cond(X)^2), so ill-conditioned activations keep full float64 accuracy
-    Xt = Xc @ W
-    Dt = Dc @ W
-    gxx = _sym(Xt.mT @ Xt) / n1
-    gdx = Dt.mT @ Xt / n1
-    gdd = _sym(Dt.mT @ Dt) / n1
-    proj = W
+    Dc = Y.to(work) - X
+    Dc -= Dc.mean(dim=-2, keepdim=True)  # = Yc - Xc: each matrix centred on its own mean (Eq. 8)
+    if whitening is not None:
+        w_t = whitening.matrix.mT.to(work)
+        Xc, Dc = Xc @ w_t, Dc @ w_t
+    sxx = _sym(Xc.mT @ Xc).to(_F64) / n1
+    sdx = (Dc.mT @ Xc).to(_F64) / n1
+    sdd = _sym(Dc.mT @ Dc).to(_F64) / n1
+    return sxx, sdx, sdd
+
+
+def _whitened_condition(sxx: torch.Tensor, whitening: CholeskyWhitening) -> float:
+    """Largest `lambda_max(Sxx) / lambda_min(Sxx + eps I)` over the batch (power iterations; an estimate)."""
+    with _single_thread():
+        lam_max = _norm2(sxx, iters=8)
+        inv_min = _norm2(whitening.matrix, iters=8).square()  # ||L^-1||^2 = 1 / lambda_min(Sxx + eps I)
+    return float((lam_max * inv_min).amax())
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, work: torch.dtype):
+    n = X.shape[-2]
+    sxx, sdx, sdd = _second_moments(X, Y, work)
+    if work != _F64 and not _finite(sxx, sdx, sdd):  # float32 products of finite data overflowed
+        work = _F64
+        sxx, sdx, sdd = _second_moments(X, Y, work)
+    whitening = cholesky_whitening(sxx, eps)
+    condition = _whitened_condition(sxx, whitening)
+    if work != _F64 and condition > _FLOAT32_GRAM_MAX_CONDITION:
+        logger.debug("ill-conditioned snapshot covariance (%.2g): second moments recomputed in float64", condition)
+        work = _F64
+        sxx, sdx, sdd = _second_moments(X, Y, work)
+        whitening = cholesky_whitening(sxx, eps)
+        condition = _whitened_condition(sxx, whitening)
+    null_tol = _null_tolerance(sxx, eps, n)
+    if condition > _FLOAT64_GRAM_MAX_CONDITION:
+        gxx, gdx, gdd = _second_moments(X, Y, _F64, whitening)
+    else:
+        gxx, gdx, gdd = (whitening.congruence(g) for g in (sxx, sdx, sdd))
+    gxx, gdd = _sym(gxx), _sym(gdd)
+    proj = whitening.matrix.mT  # centred rows -> whitened coordinates: Z = Xc W^T
     if rank is not None:
         # deterministic rank-r: POD of the whitened outputs Ytil (top-r eigenvectors of Gyy)
         _, U = torch.linalg.eigh(_sym(gdd + gdx + gdx.mT + gxx))
         U = U.flip(-1)[..., :rank]
         gxx, gdx, gdd = _project_grams((gxx, gdx, gdd), U)
         gxx, gdd = _sym(gxx), _sym(gdd)
-        proj = W @ U
-    op, rank_x = _small_operator(gxx, gdx, N, d)
+        proj = proj @ U
+    op, rank_x = _operator(gxx, gdx, null_tol)
     return op, gxx, gdx, gdd, proj, rank_x
 
 
 def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):
-    with _single_thread() if gxx.shape[-1] <= 128 else _nullcontext():
-        values, vectors = torch.linalg.eigh(gxx)
-        values = values.clamp_min(0.0)
-        keep = values > _rank_tol(values, n, d)
-        op = _operator_from_grams(gxx, gdx, keep, values, vectors)
-    return op, keep.sum(-1)
+    """Operator of projected `(L, r, r)` Grams (randomized path): null directions by the `matrix_rank` rule."""
+    values = torch.linalg.eigvalsh(gxx).clamp_min(0.0)
+    return _operator(gxx, gdx, _rank_tol(values, n, d).squeeze(-1))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # randomized rank-r path
 
 
-class _CholeskyWhitening:
-    """W = L^{-1} with Sigma_X + eps I = L L^T: a rotation of ZCA, so all DMD quantities match (see module doc)."""
-
-    def __init__(self, chol: torch.Tensor):
-        # explicit triangular inverse (d^3/3 once): later products are plain GEMMs, faster than repeated TRSMs
-        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-        self.matrix = torch.linalg.solve_triangular(chol, eye, upper=False)
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:  # W z
-        return self.matrix @ z
-
-    def apply_t(self, z: torch.Tensor) -> torch.Tensor:  # W^T z
-        return self.matrix.mT @ z
-
-
-class _EighWhitening:
-    """Fallback (ridge too small for a Cholesky factorisation): symmetric pseudo-inverse square root."""
-
-    def __init__(self, sigma: torch.Tensor, eps: float):
-        s, Q = torch.linalg.eigh(sigma.to(_F64))
-        w = _inverse_sqrt((s - eps).clamp_min(0.0), eps).to(sigma.dtype)
-        self.matrix = (Q.to(sigma.dtype) * w.unsqueeze(-2)) @ Q.to(sigma.dtype).mT
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ z
-
-    apply_t = apply
-
-
-def _whitener(sxx: torch.Tensor, eps: float):
-    eye = torch.eye(sxx.shape[-1], dtype=sxx.dtype, device=sxx.device)
-    sigma = sxx + eps * eye
-    chol, info = torch.linalg.cholesky_ex(sigma)
-    if not bool((info > 0).any()):
-        return _CholeskyWhitening(chol)
-    if sxx.dtype != _F64:  # float32 round-off made a tiny ridge indefinite: factorise in float64
-        chol, info = torch.linalg.cholesky_ex(sxx.to(_F64) + eps * eye.to(_F64))
-        if not bool((info > 0).any()):
-            whitener = _CholeskyWhitening(chol)
-            whitener.matrix = whitener.matrix.to(sxx.dtype)
-            return whitener
-    logger.info("covariance + eps*I is not numerically positive definite; whitening with a pseudo-inverse square root")
-    return _EighWhitening(sigma, eps)
+def _whitener(sxx: torch.Tensor, eps: float) -> CholeskyWhitening:
+    whitening = cholesky_whitening(sxx, eps)
+    if isinstance(whitening, _EighWhitening):
+        logger.info("covariance + eps*I is not numerically positive definite; whitening with a pseudo-inverse square root")
+    return whitening
 
 
 def _orth(z: torch.Tensor) -> torch.Tensor:
@@ -530,8 +650,13 @@ def whitened_dmd(
     generator: torch.Generator | None = None,
     degenerate_tol: float = 1e-4,
     dtype: torch.dtype | None = None,
+    eigenvectors: bool = True,
+    eig_dtype: torch.dtype | None = None,
 ) -> DMDResult:
     r"""Whitened DMD of the map X -> Y of one residual block, or of `L` blocks at once (RKSP Algorithm 1, lines 5-8).
+
+    By default the full spectrum of the whitened operator (all identifiable modes); `rank=r` gives the rank-r
+    approximation instead.
 
     $$\tilde X = (X-\bar X)\hat\Sigma_X^{-1/2},\quad \tilde Y = (Y-\bar Y)\hat\Sigma_X^{-1/2},\quad
     \hat A = \tilde Y^\top (\tilde X^\top)^{+} = V\Lambda V^{-1}$$
@@ -542,9 +667,10 @@ def whitened_dmd(
         X (`torch.Tensor` of shape `(N, d)` or `(L, N, d)`): states entering the block; rows are samples (flattened
             batch x token positions). Any real dtype, including fp16 / bf16; numpy arrays are accepted.
         Y (`torch.Tensor`, same shape as `X`): states leaving the block, row-aligned with `X`.
-        rank (`int`, *optional*): number of modes `r`. `None` (default) = exact DMD with `m = d` modes.
+        rank (`int`, *optional*): keep only `r` modes: the rank-r approximation (biased toward expanding modes, see
+            the module docstring). `None` (default) = the full spectrum, `m = min(N - 1, d)` identifiable modes.
         randomized (`bool`, *optional*, defaults to `False`): with `rank`, find the rank-r subspace with a randomized
-            range finder (the paper's default recipe is `rank=32, randomized=True` at N = 2048).
+            range finder (the paper's stated recipe is `rank=32, randomized=True` at N = 2048).
         eps (`float`, *optional*, defaults to `1e-5`): ridge $\epsilon$ added to $\hat\Sigma_X$ (Eq. 9, App. D). Absolute,
             as in the paper; it also makes constant features harmless.
         oversample (`int`, *optional*, defaults to `10`): extra sketch columns of the range finder.
@@ -553,10 +679,13 @@ def whitened_dmd(
             with 0, so repeated calls give identical numbers.
         degenerate_tol (`float`, *optional*, defaults to `1e-4`): flag the result `degenerate` when
             $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$ (zero-initialised residual branches).
-        dtype (`torch.dtype`, *optional*): working precision of the randomized path's large products
-            (`torch.float32` or `torch.float64`). Default: float64 for float64 inputs, float32 otherwise. float32 is
-            ~3x faster; its eigenvalues differ from the float64 ones by ~1e-4 relative on transformer-like data (far
-            below the N = 2048 sampling error), float64 agrees with PyDMD to ~1e-12. Exact DMD always uses float64.
+        dtype (`torch.dtype`, *optional*): working precision of the `O(N d^2)` products (`torch.float32` or
+            `torch.float64`). Default: float64 for float64 inputs, float32 otherwise (with an automatic float64 retry
+            for ill-conditioned covariances). float64 agrees with PyDMD to ~1e-12.
+        eigenvectors (`bool`, *optional*, defaults to `True`): also compute right / left eigenvectors and
+            $\kappa(V)$ (needed by the ResDMD filter and `eigvec_condition`); `False` returns eigenvalues only.
+        eig_dtype (`torch.dtype`, *optional*): precision of the eigenproblem. Default: float64 up to 256 modes,
+            float32 above (moduli within ~1e-4 of float64, 3x faster).
 
     Returns:
         [`DMDResult`]: batched along the first axis when `X` was `(L, N, d)`.
@@ -580,9 +709,9 @@ def whitened_dmd(
     >>> import torch
     >>> from hf_koopman.koopman import whitened_dmd, spectral_features
     >>> X = torch.randn(2048, 64)
-    >>> res = whitened_dmd(X, X @ torch.diag(torch.linspace(0.5, 1.2, 64)), rank=32, randomized=True)
+    >>> res = whitened_dmd(X, X @ torch.diag(torch.linspace(0.5, 1.2, 64)))
     >>> res.eigenvalues.shape
-    torch.Size([32])
+    torch.Size([64])
     ```
     """
     X, Y, batched = _check_snapshots(X, Y)
@@ -601,6 +730,8 @@ def whitened_dmd(
             raise ValueError(f"power_iters={power_iters!r} must be an int >= 0")
     if dtype is not None and dtype not in (torch.float32, _F64):
         raise ValueError(f"dtype={dtype} must be torch.float32, torch.float64 or None")
+    if eig_dtype is not None and eig_dtype not in (torch.float32, _F64):
+        raise ValueError(f"eig_dtype={eig_dtype} must be torch.float32, torch.float64 or None")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if N < d or (rank is not None and N <= rank):
@@ -613,18 +744,17 @@ def whitened_dmd(
         work = dtype if dtype is not None else (_F64 if X.dtype == _F64 else torch.float32)
         basis = None
         if N - 1 < d:
-            X, Y, basis = _row_space_coordinates(X, Y, work if use_randomized else _F64)
+            X, Y, basis = _row_space_coordinates(X, Y, work)
             if rank is not None and rank > basis.shape[-1]:
                 rank = basis.shape[-1]  # at most N - 1 identifiable modes (warned above)
         if use_randomized:
             gen = generator if generator is not None else torch.Generator().manual_seed(0)
             op, gxx, gdx, gdd, proj, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
         else:
-            op, gxx, gdx, gdd, proj, rank_x = _exact_grams(X, Y, eps, rank)
+            op, gxx, gdx, gdd, proj, rank_x = _full_grams(X, Y, eps, rank, work)
         if basis is not None:
             proj = basis @ proj.to(_F64)  # centred d-dim rows -> the m whitened coordinates
-        with _single_thread() if op.shape[-1] <= 128 else _nullcontext():
-            lam, vec, left = _eigen(op)
+        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype)
         trace_xx = torch.diagonal(gxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         trace_dd = torch.diagonal(gdd, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         ratio = torch.where(trace_xx > 0, (trace_dd / trace_xx.clamp_min(torch.finfo(_F64).tiny)).sqrt(),
@@ -633,7 +763,7 @@ def whitened_dmd(
 
     out = DMDResult(
         eigenvalues=lam, eigenvectors=vec, left_eigenvectors=left, operator=op, gram_xx=gxx, gram_dx=gdx,
-        gram_dd=gdd, projection=proj, rank_x=rank_x, update_ratio=ratio, degenerate=degenerate,
+        gram_dd=gdd, projection=proj, rank_x=rank_x, update_ratio=ratio, degenerate=degenerate, eigvec_condition=kappa,
         n_samples=N, dim=d, randomized=bool(randomized and rank is not None), eps=float(eps),
     )
     if int(degenerate.sum()):

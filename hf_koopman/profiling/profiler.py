@@ -76,7 +76,7 @@ def _raise_if_not_finite(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], er
 def profile_from_snapshots(
     snapshots: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
     *,
-    rank: int | None = 32,
+    rank: int | None = None,
     randomized: bool | None = None,
     eps: float = 1e-5,
     near_band: tuple[float, float] = (0.90, 1.05),
@@ -95,10 +95,13 @@ def profile_from_snapshots(
     Args:
         snapshots (`list[tuple[str, Tensor, Tensor]]`):
             `(name, X (N, d), Y (N, d))` per layer transition, e.g. `ResidualStreamRecorder.snapshots()`.
-        rank (`int`, *optional*, defaults to 32):
-            DMD rank r (the paper's default recipe, App. D). `None`, or r ≥ min(N, d), means exact full-rank DMD.
+        rank (`int`, *optional*):
+            `None` (default): the full spectrum of the whitened operator, all min(N - 1, d) identifiable modes, the
+            quantity of the paper's Table 1. An int r < min(N, d) selects the rank-r approximation instead (the
+            paper's stated r = 32 recipe); it keeps the r directions of largest whitened output energy and is biased
+            toward expanding modes (`results/rank_vs_exact.md`), so its masses are not comparable with Table 1.
         randomized (`bool`, *optional*):
-            Randomized rank-r DMD [Erichson et al.]; defaults to `True` whenever a rank below min(N, d) is used.
+            With `rank`, find the rank-r subspace with a randomized range finder [Erichson et al.]; defaults to `True`.
         eps (`float`, defaults to 1e-5): ridge of the whitening covariance (Eq. 9).
         near_band, contractive_below, residual_tol: thresholds of Definition 1 and the ResDMD filter (Eq. 10).
         seed (`int`, defaults to 0): seeds the randomized range finder.
@@ -172,6 +175,7 @@ def profile_from_snapshots(
     settings = {
         "num_samples": int(snapshots[0][1].shape[0]),
         "hidden_size": int(snapshots[0][1].shape[1]),
+        "spectrum": "full" if rank is None else f"rank-{rank} approximation",
         "rank": rank,
         "randomized": bool(randomized) if randomized is not None else rank is not None,
         "eps": eps,
@@ -198,7 +202,7 @@ def profile(
     inputs: Any = None,
     *,
     num_samples: int = 2048,
-    rank: int | None = 32,
+    rank: int | None = None,
     seed: int = 0,
     layers: str | Sequence[str] | Sequence[nn.Module] | None = None,
     tokenizer: Any = None,
@@ -224,7 +228,8 @@ def profile(
             with `tokenizer`), a `datasets.Dataset` (`input_ids`, `pixel_values` or a text column), any iterable of
             batch dicts (e.g. a `DataLoader`), or `None` for the paper's synthetic probe (`default_probe_inputs`).
         num_samples (`int`, defaults to 2048): token states N per layer (App. D).
-        rank (`int`, *optional*, defaults to 32): DMD rank (App. D); `None` for exact DMD.
+        rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r selects the rank-r
+            approximation (see `profile_from_snapshots`).
         seed (`int`, defaults to 0): seeds the probe, the subsampling and the randomized DMD.
         layers (*optional*): override of the block discovery (see `find_residual_blocks`).
         tokenizer (*optional*): tokenizer for text inputs.

@@ -1,19 +1,22 @@
 """`SpectralProfile`: the per-layer RKSP features of one model, their aggregates, the verdict and (de)serialisation.
 
-Verdict (decision rule of rksp_paper.md §1.8, Fig. 7 / App. J), computed over the *informative* layers (those not
-flagged `degenerate`, see below):
+Verdict (the paper's decision rule, rksp_paper.md §1.8, Fig. 7 / App. J), computed over the *informative* layers:
 
-* score = mean over layers of the near-unit mass M≈1 (the paper's AUROC score; which layer aggregate it uses is not
-  stated, the mean is our reading);
-* "safe" when score < 0.3 and κ(V) is modest; "high risk" when score > 0.5 or κ(V) is large; "moderate" otherwise.
-* The paper gives no number for "large κ". We use the **median over layers of κ(V) > 100** (`DecisionRule.kappa_large`):
-  one order of magnitude above the κ(V) ≈ 8-11 the paper reports for stable pretrained GPT-2 and LLaMA-2 (Tables
-  10, 15); the median keeps a single ill-conditioned layer from deciding the verdict on its own.
-* "uninformative" when every layer is degenerate (ReZero / Fixup-style residual-off blocks, Y ≈ X, App. J): then
-  M≈1 ≈ 1 says nothing about stability, and we refuse to call the model high risk.
+* score = mean over informative layers of the near-unit mass M≈1 of the full spectrum (the paper's AUROC score;
+  which layer aggregate it uses is not stated, the mean is our reading);
+* "safe" when score < 0.3, "high risk" when score > 0.5, "moderate" in between (a region the paper leaves to context).
+* κ(V) is reported but not used by default (`DecisionRule.kappa_large=None`). The paper gives no number for "large
+  κ". On the full spectrum the median κ(V) is in the hundreds for every normalisation at d = 128 and in the
+  thousands for GPT-2 small, and it is *lower* for No-Norm, the one family that diverges, than for Pre-LN
+  (`results/table1.md`): a fixed threshold would call every model high risk and separate nothing.
+* A layer is informative when its update is not ~0 (`degenerate`: ReZero / Fixup-style blocks, App. J) and the
+  linear fit explains part of it (`nonlinearity` η_nl < `DecisionRule.max_nonlinearity`, 0.9).
+* "uninformative" when fewer than half the layers are informative, or when the sample is too small for the width:
+  N < `min_samples_per_dim` · d (2 by default). At N ≈ d the least-squares operator interpolates the sample and
+  the masses are several-fold off; Theorem 4's sampling term sqrt(d / N) + d / N exceeds 1 below N = 2.6 d. Between
+  2 d and 8 d the verdict is given with a warning in `verdict_reason`.
 
-A calibrated probability replaces the rule when `hf_koopman.risk.RiskEstimator` is available (`SpectralProfile.risk`);
-until then `risk` is `None`.
+`hf_koopman.risk.RiskEstimator` turns a profile and a learning rate into a probability (`SpectralProfile.risk`).
 """
 
 from __future__ import annotations
@@ -38,35 +41,64 @@ VERDICTS = ("safe", "moderate", "high risk", "uninformative")
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """Thresholds of the paper's init-time decision rule (App. J); see the module docstring for the κ choice."""
+    """Thresholds of the paper's init-time decision rule (App. J) and of when a profile is too unreliable to judge."""
 
     safe_below: float = 0.3
     high_risk_above: float = 0.5
-    kappa_large: float = 100.0
+    kappa_large: float | None = None
+    max_nonlinearity: float = 0.9
+    min_samples_per_dim: float = 2.0
+    warn_samples_per_dim: float = 8.0
 
-    def decide(self, score: float | None, kappa_median: float | None) -> tuple[str, str]:
-        """`(verdict, one-sentence reason)` for a mean M≈1 `score` and median κ(V); `None` score -> uninformative."""
-        if score is None or not math.isfinite(score):
+    def decide(
+        self,
+        score: float | None,
+        kappa_median: float | None,
+        *,
+        num_samples: int | None = None,
+        hidden_size: int | None = None,
+        informative: int | None = None,
+        total: int | None = None,
+    ) -> tuple[str, str]:
+        """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context."""
+        ratio = num_samples / hidden_size if num_samples and hidden_size else None
+        if num_samples is not None and num_samples <= 2:
+            return "uninformative", f"only N = {num_samples} token states: no covariance can be estimated"
+        if ratio is not None and ratio < self.min_samples_per_dim:
             return "uninformative", (
-                "every layer is degenerate (block output ≈ input, e.g. ReZero/Fixup-style zero-initialised residual "
-                "branches), so the spectrum says nothing about stability at this point; profile again after a few "
-                "training steps"
+                f"N = {num_samples} token states for width d = {hidden_size} (N/d = {ratio:.2f} < "
+                f"{self.min_samples_per_dim:g}): the least-squares operator nearly interpolates the sample, so its "
+                f"spectrum is mostly sampling error; profile with num_samples >= {int(self.warn_samples_per_dim * hidden_size)}"
             )
-        kappa_big = kappa_median is not None and (not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
-        kappa_txt = "inf" if kappa_median is not None and not math.isfinite(kappa_median) else f"{kappa_median:.3g}"
+        if score is None or not math.isfinite(score) or (
+                informative is not None and total and informative < 0.5 * total):
+            count = "" if informative is None or not total else f"{informative} of {total} layers are informative; "
+            return "uninformative", (
+                f"{count}the others either barely change their input (block output ≈ input, e.g. zero-initialised "
+                f"residual branches) or are not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}), so the "
+                "spectrum says little about stability at this point; profile again after a few training steps"
+            )
+        kappa_big = self.kappa_large is not None and kappa_median is not None and (
+            not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
         if score > self.high_risk_above or kappa_big:
             why = []
             if score > self.high_risk_above:
-                why.append(f"mean M≈1 = {score:.3f} > {self.high_risk_above}")
+                why.append(f"mean M≈1 = {score:.3f} > {self.high_risk_above}: most modes sit near |λ| = 1, the block "
+                           "barely damps perturbations, which the paper ties to divergence at high learning rates")
             if kappa_big:
-                why.append(f"median κ(V) = {kappa_txt} > {self.kappa_large:g}")
-            return "high risk", " and ".join(why)
-        if score < self.safe_below:
-            return "safe", f"mean M≈1 = {score:.3f} < {self.safe_below} and median κ(V) = {kappa_txt} ≤ {self.kappa_large:g}"
-        return "moderate", (
-            f"mean M≈1 = {score:.3f} lies in [{self.safe_below}, {self.high_risk_above}], a region the paper leaves to "
-            "context (architecture, normalisation, learning rate)"
-        )
+                why.append(f"median κ(V) = {kappa_median:.3g} > {self.kappa_large:g}")
+            verdict, reason = "high risk", " and ".join(why)
+        elif score < self.safe_below:
+            verdict, reason = "safe", (f"mean M≈1 = {score:.3f} < {self.safe_below}: few modes sit near |λ| = 1, the "
+                                       "normalised-model regime of the paper's Table 1")
+        else:
+            verdict, reason = "moderate", (
+                f"mean M≈1 = {score:.3f} lies in [{self.safe_below}, {self.high_risk_above}], a region the paper "
+                "leaves to context (architecture, normalisation, learning rate)")
+        if ratio is not None and ratio < self.warn_samples_per_dim:
+            reason += (f"; caution: N/d = {ratio:.2f} < {self.warn_samples_per_dim:g}, the masses carry a sampling "
+                       f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative")
+        return verdict, reason
 
 
 def _layer_features_cls():
@@ -150,7 +182,10 @@ class SpectralProfile:
         return [name for name, f in self.layers if bool(getattr(f, "degenerate", False))]
 
     def _informative(self) -> list[Any]:
-        return [f for f in self.features if not bool(getattr(f, "degenerate", False))]
+        """Layers whose fit the verdict uses: a non-trivial update that a linear map explains in part."""
+        limit = self.rule.max_nonlinearity
+        return [f for f in self.features if not bool(getattr(f, "degenerate", False))
+                and not float(getattr(f, "nonlinearity", 0.0)) >= limit]
 
     @property
     def score(self) -> float | None:
@@ -164,14 +199,21 @@ class SpectralProfile:
         values = [float(f.eigvec_condition) for f in self._informative()]
         return float(np.median(values)) if values else None
 
+    def _decision(self) -> tuple[str, str]:
+        return self.rule.decide(
+            self.score, self.kappa_median, num_samples=self.settings.get("num_samples"),
+            hidden_size=self.settings.get("hidden_size"), informative=len(self._informative()), total=len(self.layers),
+        )
+
     @property
     def verdict(self) -> str:
-        """"safe" / "moderate" / "high risk" by the paper's decision rule, or "uninformative" (all layers degenerate)."""
-        return self.rule.decide(self.score, self.kappa_median)[0]
+        """"safe" / "moderate" / "high risk" by the paper's decision rule, or "uninformative" (see the module doc)."""
+        return self._decision()[0]
 
     @property
     def verdict_reason(self) -> str:
-        return self.rule.decide(self.score, self.kappa_median)[1]
+        """One or two plain sentences: why this verdict, and how far to trust it."""
+        return self._decision()[1]
 
     def risk_probability(self, learning_rate: float | None = None) -> float | None:
         """Calibrated P(divergence) from `hf_koopman.risk.RiskEstimator`, or `None` when no estimator is shipped."""

@@ -229,7 +229,7 @@ def profile_streaming(
     *,
     init: bool | None = None,
     num_samples: int = 2048,
-    rank: int | None = 32,
+    rank: int | None = None,
     seed: int = 0,
     layers: str | None = None,
     dtype: torch.dtype | str | None = None,
@@ -255,7 +255,7 @@ def profile_streaming(
         init (`bool`, *optional*):
             For a folder: ignore its weights and profile the architecture at initialisation.
         num_samples (`int`, defaults to 2048): token states N per layer.
-        rank (`int`, *optional*, defaults to 32): DMD rank r (`None`: exact DMD).
+        rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r the rank-r approximation.
         seed (`int`, defaults to 0): seeds the probe, the subsampling, the analysis and (at init) the blocks.
         layers (`str`, *optional*): dotted path of the block list when discovery fails (see `find_residual_blocks`).
         dtype (`torch.dtype` or `str`, *optional*, defaults to `float32`):

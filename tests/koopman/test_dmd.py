@@ -40,15 +40,18 @@ def test_exact_recovers_planted_real_and_complex_eigenvalues():
         torch.testing.assert_close(sort_eigs(res_r.eigenvalues), lam, rtol=0, atol=1e-9)
 
 
-def test_operator_is_in_zca_coordinates():
+def test_operator_is_a_rotation_of_the_zca_operator():
     A, _, X, Y = _system()
     res = whitened_dmd(X, Y)
     wh = zca_whitening(X, 1e-5)
-    torch.testing.assert_close(res.projection, wh.matrix)
-    # whitened operator = W A W^{-1} (pseudo-inverse DMD of exact linear data is exact)
-    torch.testing.assert_close(res.operator, wh.matrix @ A @ torch.linalg.inv(wh.matrix), atol=1e-8, rtol=1e-8)
+    # the Cholesky coordinates differ from the paper's ZCA coordinates by an orthogonal rotation R
+    R = torch.linalg.solve(res.projection, wh.matrix)
+    torch.testing.assert_close(R.T @ R, torch.eye(8, dtype=F64), atol=1e-8, rtol=0)
+    # ZCA-whitened operator = W A W^{-1} (pseudo-inverse DMD of exact linear data is exact) = R^T A_chol R
+    zca_op = wh.matrix @ A @ torch.linalg.inv(wh.matrix)
+    torch.testing.assert_close(R.T @ res.operator @ R, zca_op, atol=1e-8, rtol=1e-8)
     Xt, Yt = whiten(X, Y)
-    torch.testing.assert_close(Xt.T @ Xt / (X.shape[0] - 1), res.gram_xx, atol=1e-10, rtol=0)
+    torch.testing.assert_close(R.T @ res.gram_xx @ R, Xt.T @ Xt / (X.shape[0] - 1), atol=1e-10, rtol=0)
     assert float((Xt.T @ Xt / (X.shape[0] - 1) - torch.eye(8, dtype=F64)).abs().max()) < 1e-3  # whitened ~ I
 
 
@@ -378,7 +381,7 @@ def test_left_eigenvectors_fall_back_when_lapack_raises(monkeypatch):
 
     A = torch.tensor([[0.5, 1.0], [0.0, 0.9]], dtype=torch.float64)
     monkeypatch.setattr(dmd_module.torch.linalg, "lu_factor_ex", raising_lu)
-    lam, vec, left = dmd_module._eigen(A)
+    lam, vec, left, _ = dmd_module._eigen(A)
     assert torch.isfinite(left).all()
     # u_j^* A = lambda_j u_j^*
     for j in range(2):
@@ -390,6 +393,6 @@ def test_left_eigenvectors_batched_match_the_inverse():
     import hf_koopman.koopman.dmd as dmd_module
 
     A = torch.randn(3, 20, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    lam, vec, left = dmd_module._eigen(A)
+    lam, vec, left, _ = dmd_module._eigen(A)
     for b in range(3):  # u_j^* A = lambda_j u_j^* for every layer of the batch
         torch.testing.assert_close(left[b].mH @ A[b].to(left.dtype), lam[b][:, None] * left[b].mH)

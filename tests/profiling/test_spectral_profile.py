@@ -23,11 +23,10 @@ def tiny_profile() -> SpectralProfile:
     [
         (0.10, 5.0, "safe"),
         (0.29, 99.0, "safe"),
-        (0.10, 150.0, "high risk"),  # large κ alone
+        (0.10, 1e4, "safe"),  # κ(V) is reported, not used, by default (it separates nothing on the full spectrum)
         (0.30, 5.0, "moderate"),
         (0.50, 5.0, "moderate"),
         (0.51, 5.0, "high risk"),
-        (0.20, math.inf, "high risk"),
         (None, None, "uninformative"),
     ],
 )
@@ -37,6 +36,22 @@ def test_decision_rule(score, kappa, verdict):
 
 def test_decision_rule_thresholds_are_configurable():
     assert DecisionRule(kappa_large=1000.0).decide(0.1, 150.0)[0] == "safe"
+    assert DecisionRule(kappa_large=100.0).decide(0.1, 150.0)[0] == "high risk"
+    assert DecisionRule(kappa_large=100.0).decide(0.2, math.inf)[0] == "high risk"
+
+
+@pytest.mark.parametrize(("num_samples", "hidden", "verdict"), [(66, 64, "uninformative"), (2, 4, "uninformative"),
+                                                                 (127, 64, "uninformative"), (128, 64, "safe")])
+def test_too_few_samples_for_the_width_is_uninformative(num_samples, hidden, verdict):
+    got, reason = DecisionRule().decide(0.1, 5.0, num_samples=num_samples, hidden_size=hidden)
+    assert got == verdict
+    if verdict == "safe":
+        assert "caution: N/d = 2.00" in reason  # within a few multiples of d: a warning in the reason
+
+
+def test_mostly_nonlinear_or_degenerate_layers_make_the_verdict_uninformative():
+    assert DecisionRule().decide(0.1, 5.0, informative=1, total=4)[0] == "uninformative"
+    assert DecisionRule().decide(0.1, 5.0, informative=2, total=4)[0] == "safe"
 
 
 def test_json_round_trip(tiny_profile, tmp_path):
