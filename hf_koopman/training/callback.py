@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
+from hf_koopman.logging_utils import get_logger
 
 from hf_koopman.training.divergence import (
     CAUSE_ACTIVATION,
@@ -38,7 +38,7 @@ from hf_koopman.training.guard import (
 
 __all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 _VERDICT_LEVEL = {"safe": 0.0, "moderate": 1.0, "high risk": 2.0}
 RECORD_NAME = "rksp_guard.json"

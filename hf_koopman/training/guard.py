@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers.utils import logging
+from hf_koopman.logging_utils import get_logger
 
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "reduce_max",
 ]
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 class DivergedModelError(RuntimeError):

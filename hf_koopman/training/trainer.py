@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.utils import logging
+from hf_koopman.logging_utils import get_logger
 
 from hf_koopman.koopman.shaping import (
     SpectralShapingError,
@@ -22,7 +22,7 @@ from hf_koopman.training.fsdp import UnshardedParameters, enable_cpu_fsdp, is_fs
 
 __all__ = ["KSSTrainer"]
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 # order of the running sums kept on device between logging steps
 _STAT_KEYS = ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius")
