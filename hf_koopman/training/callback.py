@@ -109,7 +109,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
       `rksp/rollback_cause` (bit flags: 1 loss, 2 gradient norm, 4 block output) and `rksp/lr` (the new rate).
 
       Every event is written to `output_dir/rksp_guard.json` (the run record). Resuming from a checkpoint older than
-      recorded events applies their back-off to the restored scheduler, so the run does not replay the same blow-up.
+      recorded events applies their back-off to the restored scheduler, so the run does not replay the same blow-up
+      (the `learning_rate` the Trainer logs for the first resumed step still shows the checkpoint's rate; the
+      optimizer already uses the lowered one). `save_total_limit` rotates checkpoints by age and may delete the last
+      good one; keep a limit of at least 3, or none, when you rely on it.
+
+      Under DDP the rule is applied to each process's own loss and pre-averaging gradient (one tripping process trips
+      all); under FSDP2 to the reduce-scattered gradient, after clipping.
     * **Stateful**: verdict, auto-KSS decision, last good checkpoint, events and the lr scale are saved in checkpoints
       and restored with `restore_callback_states_from_checkpoint=True`.
 
