@@ -45,10 +45,12 @@ class Poison(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step, self.handle = step, None
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.handle is not None:
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle is not None:  # only that one batch: the evaluation after a stop must not see the poison
             self.handle.remove()
             self.handle = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.step:
             embed = model.get_input_embeddings()
             self.handle = embed.register_forward_hook(lambda module, inputs, out: out * 1e30)
@@ -149,11 +151,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, 20 steps per regime (smoke test)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "safety_net")
+    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES),
+                        help="re-run only these regimes and replace their rows in the existing JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     t0 = time.perf_counter()
     for regime, (base, seeds) in REGIMES.items():
+        if args.regimes and regime not in args.regimes:
+            continue
         poison = regime == "poison"
         for seed in range(1 if args.quick else seeds):
             spec = replace(base, seed=seed, max_steps=20 if args.quick else base.max_steps)
@@ -173,11 +179,18 @@ def main(argv=None) -> None:
     meta = {"command": "python scripts/safety_net_check.py" + (" --quick" if args.quick else ""),
             "cpu_seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
+    out_json = args.out.with_suffix(".json")
+    if args.regimes and out_json.exists():  # keep the other regimes' rows from the previous full run
+        previous = json.loads(out_json.read_text(encoding="utf-8"))
+        rows = [r for r in previous["runs"] if r["regime"] not in args.regimes] + rows
+        rows.sort(key=lambda r: list(REGIMES).index(r["regime"]))
+        meta["cpu_seconds"] += previous["meta"]["cpu_seconds"]
+        meta["rerun"] = {"regimes": args.regimes, "seconds": time.perf_counter() - t0}
+        meta["command"] = previous["meta"]["command"] + "; then --regimes " + " ".join(args.regimes)
     summary = summarise(rows)
     if args.quick:
         print(markdown(summary, meta))
         return
-    out_json = args.out.with_suffix(".json")
     out_json.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1), encoding="utf-8")
     md = args.out.with_suffix(".md")
     text = md.read_text(encoding="utf-8") if md.exists() else ""
