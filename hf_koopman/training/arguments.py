@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,18 @@ class KSSConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and the accepted range."""
+        finite = {
+            name: getattr(self, name)
+            for name in ("alpha", "beta", "gamma", "temperature", "tau_u", "tau_l", "layer_fraction", "eps")
+        }
+        if self.max_grad_ratio is not None:
+            finite["max_grad_ratio"] = self.max_grad_ratio
+        for name, value in finite.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"KSSConfig: {name} must be a finite number, got {value!r}"
+                    + (" (use a large finite alpha, or kss_enabled=False to switch KSS off)" if name == "alpha" else "")
+                )
         checks = [
             (self.alpha >= 0, f"alpha must be >= 0 (0 disables KSS), got {self.alpha}"),
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
