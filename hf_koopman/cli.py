@@ -1,7 +1,7 @@
 """`hf-koopman` command line.
 
     hf-koopman profile gpt2 --init --out hf_koopman_out/gpt2-init
-    hf-koopman profile ./my-checkpoint --text-file notes.txt --num-samples 2048 --rank 32
+    hf-koopman profile ./my-checkpoint --text-file notes.txt --num-samples 4096
     hf-koopman profile llama-2-7b --init --stream --dtype bfloat16       # one block at a time
     hf-koopman architectures                                             # embedded configs usable with --init
 
@@ -224,7 +224,11 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
-    parser.add_argument("--rank", type=int, default=32, help="DMD rank r; 0 = exact full-rank DMD (default: 32)")
+    parser.add_argument(
+        "--rank", type=int, default=None, metavar="R",
+        help="analyse the rank-R approximation instead of the full spectrum (default: full spectrum). The paper's "
+             "stated recipe is R = 32; it keeps the R directions of largest output energy and is biased toward "
+             "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
     parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers (quick look at big models)")
@@ -244,7 +248,9 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
 
-    rank = None if args.rank == 0 else args.rank
+    rank = args.rank
+    if rank is not None and rank < 1:
+        raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {rank}.")
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
     if args.max_tokens is not None and args.max_tokens < args.num_samples:

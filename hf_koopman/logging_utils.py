@@ -15,8 +15,10 @@ __all__ = ["get_logger"]
 
 class _TransformersVerbosity(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        from transformers.utils import logging as hf_logging
-
+        try:  # the math core (hf_koopman.koopman) works without transformers; then nothing is filtered
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            return True
         return record.levelno >= hf_logging.get_verbosity()
 
 

@@ -43,14 +43,14 @@ def test_profile_known_architecture_with_text_file(tmp_path):
     assert not (out / "masses.png").exists()
 
 
-def test_exact_dmd_and_seed_reproducibility(tiny_llama_json, tmp_path):
+def test_full_spectrum_by_default_and_seed_reproducibility(tiny_llama_json, tmp_path):
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        assert main(["profile", str(tiny_llama_json), "--rank", "0", "--num-samples", "48", "--no-plots",
+        assert main(["profile", str(tiny_llama_json), "--num-samples", "48", "--no-plots",
                      "--no-progress", "--seed", "7", "--out", str(out)]) == 0
         runs.append(json.loads((out / "profile.json").read_text()))
-    assert runs[0]["settings"]["rank"] is None
+    assert runs[0]["settings"]["rank"] is None and runs[0]["settings"]["spectrum"] == "full"  # the default
     for a, b in zip(runs[0]["layers"], runs[1]["layers"]):  # same seed: same model, probe and sample
         assert a.keys() == b.keys()
         assert a == {k: pytest.approx(v, rel=1e-9) if isinstance(v, float) else v for k, v in b.items()}
@@ -168,3 +168,13 @@ def test_no_progress_hides_the_weight_loading_bar(tiny_llama_json, tmp_path):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_rank_flag_selects_the_named_approximation(tiny_llama_json, tmp_path, capsys):
+    out = tmp_path / "r4"
+    assert main(["profile", str(tiny_llama_json), "--rank", "4", "--num-samples", "48", "--no-plots",
+                 "--no-progress", "--out", str(out)]) == 0
+    settings = json.loads((out / "profile.json").read_text())["settings"]
+    assert settings["rank"] == 4 and settings["spectrum"] == "rank-4 approximation"
+    assert main(["profile", str(tiny_llama_json), "--rank", "0", "--out", str(tmp_path / "r0")]) == 2
+    assert "omit it for the full spectrum" in capsys.readouterr().err

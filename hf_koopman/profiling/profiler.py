@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+from hf_koopman.logging_utils import get_logger
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +22,7 @@ from hf_koopman.profiling.spectral_profile import SpectralProfile
 
 __all__ = ["profile", "profile_from_snapshots"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _tqdm(iterable: Any, enabled: bool, **kwargs: Any) -> Any:

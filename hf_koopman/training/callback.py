@@ -40,7 +40,8 @@ __all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
 
 logger = get_logger(__name__)
 
-_VERDICT_LEVEL = {"safe": 0.0, "moderate": 1.0, "high risk": 2.0}
+#: `rksp/verdict_level` as logged: -1 uninformative, 0 safe, 1 moderate, 2 high risk.
+_VERDICT_LEVEL = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
 RECORD_NAME = "rksp_guard.json"
 _MODES = ("stop", "rollback")
 
@@ -128,7 +129,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
         probe_batch_size (`int`, defaults to `8`): examples taken from the training dataset for the probe.
         num_samples (`int`, defaults to `2048`): token states per layer for the init profile (`N`).
-        rank (`int`, defaults to `32`): DMD rank of the profile.
+        rank (`int`, *optional*): `None` (default) profiles the full spectrum; an int r the rank-r approximation.
         seed (`int`, defaults to `0`): subsampling seed.
         layers (`str` or `list[str]`, *optional*): residual-block override, as in `find_residual_blocks`.
         every_n_steps (`int`, defaults to `0`): periodic monitoring period in optimizer steps (`0` = off).
@@ -151,7 +152,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         probe_inputs: dict[str, torch.Tensor] | None = None,
         probe_batch_size: int = 8,
         num_samples: int = 2048,
-        rank: int = 32,
+        rank: int | None = None,
         seed: int = 0,
         layers: Any = None,
         every_n_steps: int = 0,
