@@ -25,9 +25,6 @@ _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTIL
 # Blocks that do not run yet: file -> {a string that identifies the block: the reason}. The test fails when such a
 # block starts to run (remove its entry then) and when an entry matches no block.
 KNOWN_BROKEN: dict[str, dict[str, str]] = {
-    "README.md": {
-        "train_dataset=ds": "the callback/KSS example uses `model` and `ds` defined nowhere (README rewrite pending)",
-    },
 }
 
 # Runs in the child: execute each block in a fresh namespace, record which fail, print their tracebacks.
