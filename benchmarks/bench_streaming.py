@@ -88,10 +88,12 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _run_child(arch: str, mode: str, *, dtype: str, num_samples: int, rank: int, seed: int = 0,
-               num_layers: int | None = None, timeout: float = 3600) -> dict:
+def _run_child(arch: str, mode: str, *, dtype: str, num_samples: int, rank: int | None, seed: int = 0,
+               num_layers: int | None = None, timeout: float = 4 * 3600) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--arch", arch, "--dtype", dtype, "--num-samples",
-           str(num_samples), "--rank", str(rank), "--seed", str(seed)]
+           str(num_samples), "--seed", str(seed)]
+    if rank is not None:
+        cmd += ["--rank", str(rank)]
     if num_layers:
         cmd += ["--num-layers", str(num_layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -105,7 +107,8 @@ def _run_child(arch: str, mode: str, *, dtype: str, num_samples: int, rank: int,
 def _section_7b(args: argparse.Namespace) -> dict:
     res = _run_child("llama-2-7b", "stream", dtype=args.dtype, num_samples=args.num_samples, rank=args.rank,
                      num_layers=args.num_layers)
-    print(f"llama-2-7b at init, streamed ({res['num_layers']} blocks, N={res['num_samples']}, r={res['rank']}, "
+    print(f"llama-2-7b at init, streamed ({res['num_layers']} blocks, N={res['num_samples']}, "
+          f"{'full spectrum' if res['rank'] is None else 'rank-' + str(res['rank']) + ' approximation'}, "
           f"{res['dtype']}): peak RSS {_gib(res['peak_rss_bytes'])}, wall {res['wall_time_s']:.0f} s "
           f"(stream {res['stream_time_s']:.0f} s, analysis {res['analysis_time_s']:.0f} s; CPU time {res['cpu_time_s']:.0f} s), "
           f"verdict {res['verdict']}")
@@ -174,7 +177,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["7b", "ratio", "stats"], choices=["7b", "ratio", "stats"])
     parser.add_argument("--dtype", default="float32", help="block dtype of the 7B run (float32 / bfloat16)")
     parser.add_argument("--num-samples", type=int, default=2048)
-    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=None,
+                        help="rank-r approximation (default: none, the full spectrum, as `profile_streaming`)")
     parser.add_argument("--num-layers", type=int, help="7B section: stream only this many blocks (quick look)")
     parser.add_argument("--fits", default="gpt2", help="embedded config of the model that fits (ratio section)")
     parser.add_argument("--seeds", type=int, default=6)
