@@ -83,7 +83,7 @@ _FLOAT64_GRAM_MAX_CONDITION = 1e9
 class DMDResult:
     r"""Result of [`whitened_dmd`]. All tensors are float64 / complex128 on CPU or the input's device.
 
-    `m` is the number of modes: `d` for the full spectrum (`N` when `N - 1 < d`: the problem is first reduced to the
+    `m` is the number of modes: `d` for the full spectrum (`N - 1` when `N - 1 < d`: the problem is first reduced to the
     row space of the centred X, see `_row_space_coordinates`), `r` for rank-r DMD. A leading `L` axis is present when
     the input was batched `(L, N, d)`. Coordinates are whitened with the Cholesky factor (a rotation of the paper's
     ZCA coordinates, which leaves every spectral quantity unchanged).
@@ -574,8 +574,8 @@ def _row_space_coordinates(
     $\hat A = \hat A P_X$ are those of $V^\top \hat A V$ (eig(AB) = eig(BA) up to zeros), and the ridge acts on the
     same covariance eigenvalues. Only rotations of the coordinates leave the estimate unchanged: the orthogonal
     projection of Y onto the span of X depends on the metric (so does the unreduced ridge-whitened operator).
-    Exact DMD then returns `m = N` modes instead of `d` (`rank_x` <= `N - 1` of them identifiable; the others are
-    structural zeros, as the `d - N + 1` were before). Directions
+    The fast path returns the `N - 1` identifiable coordinates (exact DMD then has `m = N - 1` modes); the eigh
+    fallback keeps `N` coordinates, one of them a structural zero. Directions
     whose variance is numerically zero (`matrix_rank` rule on the `(N, N)` Gram, at the precision it was formed in) get a
     zero basis column: a null mode with `lambda = 0`, counted out through `rank_x` as before.
 
@@ -584,7 +584,8 @@ def _row_space_coordinates(
     about what the unreduced one did (LLaMA-7B-sized layer, d = 4096, N = 2048: 3.5 s vs 3.7 s CPU). Rank-deficient
     samples fall back to an `(N, N)` eigh (~20x slower).
 
-    Returns `(X V, Y V, V)`: `V` `(L, d, N)` in float64, the coordinates in `work` precision.
+    Returns `(X V, Y V, V)`: `V` `(L, d, N - 1)` (fast path) or `(L, d, N)` in float64, the coordinates in `work`
+    precision.
     """
     L, N, d = X.shape
     Xw = X.to(work)
@@ -630,9 +631,21 @@ def _cholesky_row_space(Xc: torch.Tensor, Yw: torch.Tensor, K: torch.Tensor, wor
         return None
     eye = torch.eye(N, dtype=_F64, device=K.device)
     inv_t = torch.linalg.solve_triangular(chol, eye, upper=False).mT  # L^(-T)
-    basis = Xc.mT @ inv_t.to(work)  # V = Xc^T L^(-T), (d, N)
+    # V = Xc^T L^(-T) has N columns in the (N - 1)-dimensional row space: V^T V = I - tau (L^-1 e)(L^-1 e)^T. Its
+    # columns orthogonal to z = L^-1 e are orthonormal, so a Householder reflection H (H z = e_N) and its first N - 1
+    # columns B give the isometry V B and drop the redundant coordinate, which would otherwise leave the whitened Gram
+    # singular (and every layer on the slow pseudo-inverse path)
+    z = torch.linalg.solve_triangular(chol, torch.full((*chol.shape[:-1], 1), N ** -0.5, dtype=_F64,
+                                                       device=K.device), upper=False)
+    z = z / torch.linalg.vector_norm(z, dim=-2, keepdim=True)
+    w = z.clone()
+    w[..., -1, :] -= 1.0
+    norm = torch.linalg.vector_norm(w, dim=-2, keepdim=True)
+    w = torch.where(norm > 1e-12, w / norm.clamp_min(1e-300), torch.zeros_like(w))
+    B = (eye - 2.0 * w @ w.mT)[..., :, : N - 1]  # (N, N - 1), orthonormal columns spanning z's complement
+    basis = Xc.mT @ (inv_t @ B).to(work)  # V B, (d, N - 1)
     # Xc V = K L^(-T) = L - tau e (e^T L^(-T)): L itself up to a constant row shift, which the DMD's centring removes
-    return chol.to(work), Yw @ basis, basis.to(_F64)
+    return (chol @ B).to(work), Yw @ basis, basis.to(_F64)
 
 
 def _fit_operator(
@@ -734,8 +747,8 @@ def whitened_dmd(
 
     Warns:
         `UserWarning`: when `N < d` (or `N <= rank`): the estimate is rank-limited. The snapshots are then reduced to
-            the (`N - 1`-dimensional) row space of the centred X before whitening (exact DMD returns `N` modes, at
-            most `N - 1` identifiable; a larger `rank` is lowered to `N`), so that directions X never visits are not blown up by the
+            the (`N - 1`-dimensional) row space of the centred X before whitening (the full spectrum has at most
+            `N - 1` identifiable modes; a larger `rank` is lowered to `N`), so that directions X never visits are not blown up by the
             $\epsilon^{-1/2}$ of the ridge; the part of Y outside that span does not enter the Grams (nor
             `update_ratio` / $\eta_{nl}$). Numerically null directions get $\lambda = 0$ and are counted out by
             [`spectral_features`].
