@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from hf_koopman.datasets.equivcnp_gp import sample_training_batch
+from research.data.equivcnp_gp import sample_training_batch
 from hf_koopman.models.equivcnp import CNPConfig, CNPModel, ConvCNPConfig, ConvCNPModel, EquivCNPConfig, EquivCNPModel, get_group
 
 
