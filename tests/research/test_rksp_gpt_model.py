@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-import hf_koopman  # noqa: F401  (registers the Auto classes)
-from research.rksp_gpt import (
+import research.rksp_gpt
+from research.rksp_gpt import (  # importing registers rksp_gpt with the Auto classes
     NORM_TYPES,
     RKSPGPTConfig,
     RKSPGPTForCausalLM,
