@@ -5,6 +5,12 @@ logistic model on standardised features is fitted to a sweep of training runs (`
 JSON (`hf_koopman/data/risk_estimator.json`; never pickle). Init-time spectra do not depend on the learning rate, so the
 learning rate is an input: `predict_proba(profile, learning_rate=...)`.
 
+The shipped estimator is refitted on init features computed with the default recipe (the full spectrum of the
+whitened DMD operator, issue #19) on the same sweep runs and labels; it was fitted on rank-32 features before. Its
+metadata (`RiskEstimator.default().metadata`: `heldout`, `in_sample_auroc`, `previous_rank32`) and
+`results/risk_estimator_eval.json` give its AUROC next to the rank-32 fit's. Profiles made with `rank=32` are not
+what it was fitted on. It is an interim estimator: a later issue (#22) replaces it.
+
 Example:
 
 ```python

@@ -1,7 +1,9 @@
-"""Tiny, offline model builders shared by the test-suite (and handy for users writing their own tests).
+"""Helpers shared by the test-suite (and handy for users writing their own tests).
 
-Every builder returns a randomly initialised model from a config small enough to run a forward pass in milliseconds on
-a CPU: 2 layers (unless overridden), hidden size 32-64, vocabulary 128. Nothing is downloaded.
+* Tiny, offline model builders (`tiny_config`, `tiny_model`, `tiny_peft_model`): every builder returns a randomly
+  initialised model from a config small enough to run a forward pass in milliseconds on a CPU: 2 layers (unless
+  overridden), hidden size 32-64, vocabulary 128. Nothing is downloaded.
+* Hub folders as a user without hf_koopman sees them (`run_without_hf_koopman`, `populate_offline_hub_cache`).
 
 Example:
     >>> from hf_koopman.testing_utils import tiny_model
@@ -10,12 +12,25 @@ Example:
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 
-__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_peft_model"]
+__all__ = [
+    "TINY_ARCHITECTURES",
+    "tiny_config",
+    "tiny_model",
+    "tiny_peft_model",
+    "populate_offline_hub_cache",
+    "run_without_hf_koopman",
+]
 
 _VOCAB = 128
 
@@ -130,3 +145,65 @@ def tiny_peft_model(arch: str = "llama", *, r: int = 4, seed: int = 0, **overrid
     targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
     return get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hub folders as a user without hf_koopman sees them
+# ----------------------------------------------------------------------------------------------------------------------
+def populate_offline_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike) -> Path:
+    """Lay `folder` out as a cached Hub repo (`models--org--name/{refs/main, snapshots/<sha>}`) under `cache_dir`.
+
+    With `HF_HUB_CACHE=cache_dir` and `HF_HUB_OFFLINE=1` set before Python starts, `from_pretrained(repo_id)` then
+    resolves from this cache without any network. Returns the snapshot folder.
+    """
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    sha = "0" * 39 + "1"
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / sha
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    shutil.copytree(folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(sha, encoding="utf-8")
+    return snapshot
+
+
+# Installed before the user code runs: any `import hf_koopman...` raises ImportError, whatever sys.path holds (an
+# editable install puts its own finder on sys.meta_path, so removing paths alone is not enough).
+_BLOCKER = """\
+import sys
+
+
+class _BlockHfKoopman:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_koopman" or name.startswith("hf_koopman."):
+            raise ImportError(f"{name} is blocked: this process plays a user without hf_koopman")
+        return None
+
+
+sys.meta_path.insert(0, _BlockHfKoopman())
+for _name in [m for m in sys.modules if m == "hf_koopman" or m.startswith("hf_koopman.")]:
+    del sys.modules[_name]
+"""
+
+
+def run_without_hf_koopman(
+    code: str, *, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `python -I -c code` in a subprocess in which `import hf_koopman` raises ImportError.
+
+    This is how a Hub user without our package sees a published folder. Python runs isolated (`-I`: no `PYTHONPATH`,
+    no user site, no current directory on `sys.path`), a meta-path blocker refuses every `hf_koopman` module, and the
+    working directory defaults to the user's home so the repository checkout is not importable either.
+    """
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("PYTHONPATH", None)
+    return subprocess.run(
+        [sys.executable, "-I", "-c", _BLOCKER + code],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=str(cwd) if cwd is not None else str(Path(os.path.expanduser("~"))),
+        timeout=timeout,
+    )

@@ -105,7 +105,8 @@ def soft_near_unit_mass(
     Args:
         eigenvalues (`torch.Tensor` of shape `(..., r)`, complex or real): eigenvalues of one or more operators.
         temperature (`float`, defaults to `20.0`): sigmoid sharpness `T`.
-        tau_l / tau_u (`float`, default `0.90` / `1.05`): the near-unit band `[tau_l, tau_u]`.
+        tau_l (`float`, defaults to `0.90`): lower edge of the near-unit band `[tau_l, tau_u]`.
+        tau_u (`float`, defaults to `1.05`): upper edge of the near-unit band.
 
     Returns:
         `torch.Tensor` of shape `(...)`: `mean_j sigma(T(|lambda_j| - tau_l)) * sigma(T(tau_u - |lambda_j|))`.
@@ -199,8 +200,10 @@ def differentiable_dmd_eigenvalues(
         for what is detached).
 
     Raises:
-        `ValueError` for bad shapes or non-finite snapshots; [`SpectralShapingError`] (a `ValueError`) when the operator
-        of one or more layers is non-finite or near-defective (`.layers` lists them).
+        TypeError: non-tensor or non-real inputs.
+        ValueError: bad shapes or non-finite snapshots.
+        SpectralShapingError: (a `ValueError`) the operator of one or more layers is non-finite or near-defective
+            (`.layers` lists them).
     """
     from hf_koopman.koopman.dmd import _fit_operator
 

@@ -1,8 +1,8 @@
 """Research models as Hub-compatible `PreTrainedModel` classes.
 
 `register_models()` registers every model here with the Auto classes; it is called by `import hf_koopman` and is
-idempotent. Each model folder is self-contained (imports only torch, transformers and files in the same folder) so
-that it also works as Hub remote code for users without hf_koopman.
+idempotent. The modelling files of each model package import only torch, transformers and each other, so that
+`publishing.save_for_hub` / `export_for_hub` can ship them as Hub remote code for users without hf_koopman.
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
-"""Publishing research models to the Hugging Face Hub (shared by ReyNet and EquivCNP).
+"""Saving ReyNet and EquivCNP folders, and exporting them for the Hugging Face Hub.
 
-A published folder works two ways:
+There are two kinds of folder:
 
-* with `hf_koopman` installed, `import hf_koopman` registers the classes with the Auto classes, so
-  `AutoModel.from_pretrained(folder)` needs no `trust_remote_code`;
-* without it, the folder carries its own modelling code (every `*.py` of the model package except `__init__.py`) and a
-  *complete* `auto_map` (config, base model and every head), so `AutoModel.from_pretrained(folder,
-  trust_remote_code=...)` with the flag set works. `save_pretrained` alone only maps the class that was saved, which is why the map is
-  written here rather than through `register_for_auto_class` (that would also mutate class state globally).
+* **A checkpoint** (`model.save_pretrained(folder)`, or `save_checkpoint` to add a rendered model card): `config.json`,
+  `model.safetensors` and optionally `README.md`. It holds no code. After `import hf_koopman` the Auto classes load it
+  (the import registers our model types), with no `trust_remote_code`. The folders under `checkpoints/` are of this kind.
+* **A Hub export** (`save_for_hub(model, folder)` or `export_for_hub(checkpoint, folder)`; `scripts/publish.py` on the
+  command line): the checkpoint plus the model package's modelling files (every `*.py` of the package except
+  `__init__.py`, which import only torch, transformers and each other) and a *complete* `auto_map` in `config.json`
+  (config, base model and every head). Users without hf_koopman load it with `trust_remote_code=True`; users with it
+  still get the registered classes without that flag.
+
+`save_pretrained` after `register_for_auto_class` is not a substitute for the export: it maps only the class that was
+saved and mutates class state globally, so the Hub folder is written here instead.
 """
 
 from __future__ import annotations
@@ -16,19 +21,51 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
 
-__all__ = ["save_for_hub", "render_model_card", "populate_offline_hub_cache", "run_without_hf_koopman"]
+__all__ = [
+    "save_checkpoint",
+    "save_for_hub",
+    "export_for_hub",
+    "add_remote_code",
+    "remote_code_for",
+    "render_model_card",
+]
 
 logger = logging.getLogger(__name__)
 
 _AUTO_KEYS_REQUIRED = ("AutoConfig", "AutoModel")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def remote_code_for(model_type: str) -> tuple[Path, dict[str, str]]:
+    """The model package folder and the complete `auto_map` that hf_koopman publishes for `model_type`.
+
+    Args:
+        model_type (`str`): `config.model_type` of a ReyNet, EquivCNP, CNP or ConvCNP model.
+
+    Returns:
+        `(code_dir, auto_map)`: the folder whose `*.py` files (except `__init__.py`) are the remote code, and the map
+        from Auto class names to `module.ClassName` inside it.
+
+    Raises:
+        ValueError: for any other model type (pass `code_dir` and `auto_map` explicitly for those).
+    """
+    from . import equivcnp, reynet
+
+    if model_type == "reynet":
+        return Path(reynet.__file__).parent, dict(reynet.AUTO_MAP)
+    if model_type in equivcnp.AUTO_MAPS:
+        return Path(equivcnp.__file__).parent, dict(equivcnp.AUTO_MAPS[model_type])
+    raise ValueError(
+        f"hf_koopman publishes remote code for model types 'reynet', {', '.join(map(repr, equivcnp.AUTO_MAPS))}; "
+        f"got {model_type!r}. Pass code_dir= and auto_map= for other models."
+    )
 
 
 def _check_auto_map(auto_map: Mapping[str, str], code_dir: Path) -> None:
@@ -53,7 +90,16 @@ def render_model_card(
     """Render a `huggingface_hub.ModelCard` from a Markdown/Jinja2 body and metadata.
 
     The YAML front matter (library_name, tags, datasets, metrics, `model-index` from `eval_results`) is generated from
-    `card_data`/`eval_results`; the template body only holds prose and `{{ variables }}`.
+    `card_data` and `eval_results`; the template body only holds prose and `{{ variables }}`.
+
+    Args:
+        template (`str | PathLike`): path of the Markdown body (see `model_cards/`), without front matter.
+        card_data (`Mapping`): `huggingface_hub.ModelCardData` keyword arguments.
+        eval_results (`Sequence[Mapping]`): `huggingface_hub.EvalResult` keyword arguments, serialised as `model-index`.
+        template_vars (`Mapping`, *optional*): values for the template's `{{ variables }}`.
+
+    Returns:
+        `huggingface_hub.ModelCard`.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -69,16 +115,89 @@ def render_model_card(
     return ModelCard.from_template(card_meta, template_str="---\n{{ card_data }}\n---\n" + body, **dict(template_vars or {}))
 
 
+def _write_card(card: Any, folder: Path) -> None:
+    """Write `card` (a `ModelCard`, Markdown text of several lines or the path of a Markdown file) as
+    `folder/README.md`."""
+    if card is None:
+        return
+    if hasattr(card, "save"):
+        card.save(folder / "README.md")
+    elif isinstance(card, str) and "\n" in card:
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    elif isinstance(card, (str, os.PathLike)):
+        if not Path(card).is_file():
+            raise FileNotFoundError(f"card={str(card)!r} is neither Markdown text (several lines) nor an existing file.")
+        shutil.copyfile(card, folder / "README.md")
+    else:
+        raise TypeError(f"card must be a huggingface_hub.ModelCard, Markdown text or a path; got {type(card).__name__}.")
+
+
+def save_checkpoint(model: PreTrainedModel, folder: str | os.PathLike, *, card: Any = None) -> Path:
+    """Write a checkpoint folder: `config.json`, `model.safetensors` and, if given, the model card `README.md`.
+
+    The folder holds no code: after `import hf_koopman` the Auto classes load it. Export it with `export_for_hub` to
+    publish it for users without hf_koopman.
+
+    Args:
+        model (`PreTrainedModel`): the model to save (any head).
+        folder (`str | PathLike`): destination folder (created).
+        card (`ModelCard | str | PathLike`, *optional*): e.g. the result of `render_model_card`.
+
+    Returns:
+        `Path` of the written folder.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors only in transformers v5
+    _write_card(card, out)
+    return out
+
+
+def add_remote_code(
+    folder: str | os.PathLike,
+    *,
+    code_dir: str | os.PathLike | None = None,
+    auto_map: Mapping[str, str] | None = None,
+) -> Path:
+    """Add the modelling files and a complete `auto_map` to a saved folder, in place.
+
+    Args:
+        folder (`str | PathLike`): a folder written by `save_pretrained` / `save_checkpoint`.
+        code_dir (`str | PathLike`, *optional*): the model package; every `*.py` except `__init__.py` is copied.
+            Defaults to hf_koopman's package for the folder's `model_type` (`remote_code_for`).
+        auto_map (`Mapping[str, str]`, *optional*): e.g. `{"AutoConfig": "configuration_reynet.ReyNetConfig",
+            "AutoModel": "modeling_reynet.ReyNetModel", ...}`; defaults as `code_dir`. Must name at least
+            `AutoConfig` and `AutoModel`, in files of `code_dir`.
+
+    Returns:
+        `Path` of the folder.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; save the model with save_pretrained first.")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if code_dir is None or auto_map is None:
+        default_dir, default_map = remote_code_for(config.get("model_type", ""))
+        code_dir = default_dir if code_dir is None else code_dir
+        auto_map = default_map if auto_map is None else auto_map
+    code_dir = Path(code_dir)
+    _check_auto_map(auto_map, code_dir)
+    for src in sorted(code_dir.glob("*.py")):
+        if src.name != "__init__.py":
+            shutil.copyfile(src, folder / src.name)
+    config["auto_map"] = dict(auto_map)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
 def save_for_hub(
     model: PreTrainedModel,
     output_dir: str | os.PathLike,
     *,
-    code_dir: str | os.PathLike,
-    auto_map: Mapping[str, str],
-    card_template: str | os.PathLike,
-    card_data: Mapping[str, Any],
-    eval_results: Sequence[Mapping[str, Any]] = (),
-    template_vars: Mapping[str, Any] | None = None,
+    card: Any = None,
+    code_dir: str | os.PathLike | None = None,
+    auto_map: Mapping[str, str] | None = None,
     push_to_hub: str | None = None,
 ) -> Path:
     """Write a Hub-ready folder: `config.json` with a complete `auto_map`, `model.safetensors`, the remote-code files
@@ -87,34 +206,55 @@ def save_for_hub(
     Args:
         model (`PreTrainedModel`): the model to save (any head).
         output_dir (`str | PathLike`): destination folder (created).
-        code_dir (`str | PathLike`): the model package; every `*.py` except `__init__.py` is copied as remote code.
-        auto_map (`Mapping[str, str]`): e.g. `{"AutoConfig": "configuration_reynet.ReyNetConfig", "AutoModel": ...}`.
-        card_template (`str | PathLike`): Markdown body rendered with Jinja2 (`template_vars`).
-        card_data (`Mapping`): `huggingface_hub.ModelCardData` keyword arguments.
-        eval_results (`Sequence[Mapping]`): `huggingface_hub.EvalResult` keyword arguments, serialised as `model-index`.
+        card (`ModelCard | str | PathLike`, *optional*): the model card, e.g. from `render_model_card`.
+        code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
+        auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
         push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
 
     Returns:
         `Path` of the written folder.
     """
-    code_dir = Path(code_dir)
-    _check_auto_map(auto_map, code_dir)
-    out = Path(output_dir)
+    out = save_checkpoint(model, output_dir, card=card)
+    add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
+    if push_to_hub:
+        _try_push(out, push_to_hub)
+    return out
+
+
+def export_for_hub(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    code_dir: str | os.PathLike | None = None,
+    auto_map: Mapping[str, str] | None = None,
+    push_to_hub: str | None = None,
+) -> Path:
+    """Copy a checkpoint folder (config, weights, card and other non-code files) and add the remote code to the copy.
+
+    Args:
+        checkpoint_dir (`str | PathLike`): a folder written by `save_pretrained` / `save_checkpoint`, e.g.
+            `checkpoints/reynet-mutag`.
+        output_dir (`str | PathLike`): destination folder (created; must not be `checkpoint_dir`).
+        code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
+        auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
+        push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
+
+    Returns:
+        `Path` of the written folder.
+    """
+    src, out = Path(checkpoint_dir), Path(output_dir)
+    if not (src / "config.json").is_file() or not any((src / name).is_file() for name in _WEIGHT_FILES):
+        raise FileNotFoundError(f"{src} is not a safetensors checkpoint folder (config.json and model.safetensors).")
+    if out.resolve() == src.resolve():
+        raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder.")
+    pickled = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(f"{src} holds pickled files {pickled}; publish safetensors only (re-save with save_pretrained).")
     out.mkdir(parents=True, exist_ok=True)
-
-    model.save_pretrained(out)  # safetensors only in transformers v5
-    for src in sorted(code_dir.glob("*.py")):
-        if src.name != "__init__.py":
-            shutil.copyfile(src, out / src.name)
-
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["auto_map"] = dict(auto_map)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    card = render_model_card(card_template, card_data=card_data, eval_results=eval_results, template_vars=template_vars)
-    card.save(out / "README.md")
-
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.suffix != ".py":
+            shutil.copyfile(path, out / path.name)
+    add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out
@@ -134,43 +274,3 @@ def _try_push(folder: Path, repo_id: str) -> None:
         logger.warning("Push to %s failed (%s); the folder %s is intact.", repo_id, err, folder)
     else:
         logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)
-
-
-def populate_offline_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike) -> Path:
-    """Lay `folder` out as a cached Hub repo (`models--org--name/{refs/main, snapshots/<sha>}`) under `cache_dir`.
-
-    With `HF_HUB_CACHE=cache_dir` (or `HF_HOME=<dir>` and `cache_dir=<dir>/hub`) and `HF_HUB_OFFLINE=1` set before Python
-    starts, `from_pretrained(repo_id)` then resolves from this cache without any network. Returns the snapshot folder.
-    """
-    if repo_id.count("/") != 1:
-        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
-    sha = "0" * 39 + "1"
-    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / sha
-    if snapshot.exists():
-        shutil.rmtree(snapshot)
-    shutil.copytree(folder, snapshot)
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(sha, encoding="utf-8")
-    return snapshot
-
-
-def run_without_hf_koopman(
-    code: str, *, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    """Run `python -c code` in a subprocess in which `import hf_koopman` raises ImportError.
-
-    This is how a Hub user without our package sees a published folder. The blocker is installed before `code` runs;
-    the working directory defaults to a neutral place so the repository checkout is not importable either.
-    """
-    prelude = "import sys\nsys.modules['hf_koopman'] = None\n"
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("PYTHONPATH", None)
-    return subprocess.run(
-        [sys.executable, "-c", prelude + code],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=str(cwd) if cwd is not None else str(Path(os.path.expanduser("~"))),
-        timeout=timeout,
-    )

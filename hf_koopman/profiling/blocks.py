@@ -177,8 +177,8 @@ def find_residual_blocks(
         `list[ResidualBlock]` in execution order (registration order; encoders are registered before decoders).
 
     Raises:
-        `ValueError` when no block list can be identified; the message lists the candidate containers and the
-        `layers=` override to use.
+        ValueError: when no block list can be identified; the message lists the candidate containers and the
+            `layers=` override to use.
     """
     model = unwrap_model(model)
     if layers is not None:

@@ -103,10 +103,13 @@ def profile_from_snapshots(
         randomized (`bool`, *optional*):
             With `rank`, find the rank-r subspace with a randomized range finder [Erichson et al.]; defaults to `True`.
         eps (`float`, defaults to 1e-5): ridge of the whitening covariance (Eq. 9).
-        near_band, contractive_below, residual_tol: thresholds of Definition 1 and the ResDMD filter (Eq. 10).
+        near_band (`tuple[float, float]`, defaults to `(0.90, 1.05)`): the near-unit band of Definition 1.
+        contractive_below (`float`, defaults to 0.80): modes below this modulus count as contractive.
+        residual_tol (`float`, defaults to 0.1): threshold of the ResDMD filter (Eq. 10).
         seed (`int`, defaults to 0): seeds the randomized range finder.
         stacks (`list[str]`, *optional*): stack label per snapshot (encoder / decoder ...).
-        model_name (`str`, *optional*), meta (`dict`, *optional*): stored in the profile.
+        model_name (`str`, *optional*): stored in the profile.
+        meta (`dict`, *optional*): stored in the profile.
         progress (`bool`, defaults to `False`): tqdm bar over layers.
         chunk_size (`int`, defaults to 8): layers analysed per batched call (memory: `chunk_size` x 2 x N x d floats).
         **feature_kwargs: passed on to `hf_koopman.koopman.spectral_features`.
@@ -246,8 +249,9 @@ def profile(
         `SpectralProfile` with one entry per block (encoder-decoder models: both stacks, labelled).
 
     Raises:
-        `ValueError` for unknown model structure (with the `layers=` override to use) or non-finite activations
-        (naming the first bad block).
+        TypeError: `model` is not an `nn.Module`.
+        ValueError: unknown model structure (the message names the `layers=` override to use) or non-finite
+            activations (naming the first bad block).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}.")

@@ -174,12 +174,15 @@ def task_datasets(spec: RunSpec, *, num_train: int = 4096, num_eval: int = 512):
 
 def init_profile_features(model: torch.nn.Module, train_dataset, *, seed: int, num_sequences: int = 32) -> dict[str, Any]:
     """RKSP at initialisation on the first `num_sequences` training inputs (32 x 64 = 2048 token states, N = 2048):
-    the profile's aggregates (`<feature>_<mean|max|min|std>`), its verdict, and the profiling time."""
+    the profile's aggregates (`<feature>_<mean|max|min|std>`), its verdict, and the profiling time.
+
+    Uses the default recipe (the full spectrum of the whitened DMD operator). Sweep tables written before the default
+    changed hold rank-32 features; `research/scripts/fit_risk.py --reprofile` recomputes them with this function."""
     from hf_koopman.profiling import profile
 
     inputs = _probe_inputs(train_dataset, num_sequences)
     t0 = time.perf_counter()
-    prof = profile(model, inputs, num_samples=2048, rank=32, seed=seed)
+    prof = profile(model, inputs, num_samples=2048, seed=seed)
     out: dict[str, Any] = {k: _jsonable(v) for k, v in prof.aggregates.items()}
     out["verdict"] = prof.verdict
     out["profile_seconds"] = time.perf_counter() - t0
@@ -249,7 +252,7 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
 
         inputs = _probe_inputs(train_ds, 32)
         try:
-            row["final_near_unit_mass_mean"] = profile(model, inputs, num_samples=2048, rank=32, seed=spec.seed).aggregates[
+            row["final_near_unit_mass_mean"] = profile(model, inputs, num_samples=2048, seed=spec.seed).aggregates[
                 "near_unit_mass_mean"
             ]
         except ValueError as err:  # e.g. non-finite activations

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Train and evaluate EquivCNP against ConvCNP and CNP (1-D GP regression) and EquivCNP over four groups (zero-shot
-image completion); write tables, plots, `results/equivcnp_summary.json` and Hub-ready checkpoint folders.
+image completion); write tables, plots, `results/equivcnp_summary.json` and checkpoint folders
+(config, safetensors, model card; `scripts/publish.py` exports them for the Hub).
 
 Protocols (EquivCNP, Kawano et al. ICLR 2021; see ../shared/research/reynet_equivcnp.md §B):
 
@@ -33,6 +34,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=str(REPO / "results"))
     p.add_argument("--checkpoint-dir", default=str(REPO / "checkpoints"))
     p.add_argument("--experiments", default="gp,image", help="comma list of gp,image,replot,recard,grid-density (replot: "
-                   "redraw the image figure from saved checkpoints; recard: re-render model cards, remote code and the GP "
+                   "redraw the image figure from saved checkpoints; recard: re-render model cards and the GP "
                    "table of the saved checkpoints from the summary; grid-density: evaluate the trained 1-D EquivCNPs at "
                    "other grid densities; none of these trains)")
     p.add_argument("--kernels", default="rbf,matern,periodic")
@@ -654,11 +656,10 @@ _BASELINE_TAGS = ["neural-process", "equivcnp-baseline", "custom_code", "hf_koop
 
 
 def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: dict, all_results: dict) -> None:
-    from hf_koopman.models.publishing import save_for_hub
+    from hf_koopman.models.publishing import export_for_hub, render_model_card, save_checkpoint
 
     model_type = model.config.model_type
     class_name = type(model).__name__
-    auto_map = eq.AUTO_MAPS[model_type]
     if kind == "gp":
         metric = stats["ll_mean"]
         desc = (f"{class_name} trained on 1-D Gaussian-process samples with the {kernel} kernel (length scale 1), "
@@ -694,12 +695,8 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
                     "core. The paper trained 100 epochs.")
     folder = Path(args.checkpoint_dir) / name
     repo_id = f"{args.push_to_hub_org}/{name}" if args.push_to_hub_org else f"hf-koopman/{name}"
-    save_for_hub(
-        model,
-        folder,
-        code_dir=Path(eq.__file__).parent,
-        auto_map=auto_map,
-        card_template=REPO / "model_cards" / "equivcnp.md",
+    card = render_model_card(
+        REPO / "model_cards" / "equivcnp.md",
         card_data={**_CARD_DATA, "datasets": [dataset], "metrics": ["log_likelihood"], "model_name": name,
                    **({} if model_type == "equivcnp" else {"tags": _BASELINE_TAGS})},
         eval_results=[{"task_type": "regression" if kind == "gp" else "image-completion", "dataset_type": dataset,
@@ -712,8 +709,11 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
             "training": training, "results": result_line, "quick": bool(protocol.get("quick", args.quick)),
             "protocol": json.dumps(protocol, indent=1, default=str, ensure_ascii=False),
         },
-        push_to_hub=repo_id if args.push_to_hub_org else None,
     )
+    save_checkpoint(model, folder, card=card)  # config, safetensors and card; no code (see scripts/publish.py)
+    if args.push_to_hub_org:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_for_hub(folder, Path(tmp) / name, push_to_hub=repo_id)
 
 
 @torch.no_grad()
@@ -781,7 +781,7 @@ def grid_density(args, out_dir: Path) -> dict:
 
 def recard(args, summary_path: Path) -> None:
     """Re-save every checkpoint folder named in the summary from its own weights: refreshes the model card (from
-    `model_cards/equivcnp.md` and the recorded numbers) and the copied remote-code files, without training."""
+    `model_cards/equivcnp.md` and the recorded numbers) without training."""
     from transformers import AutoModel as _Auto
 
     class AutoModel:  # loads without recording the local folder in the card's config (`_name_or_path`)

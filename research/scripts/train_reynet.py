@@ -1,4 +1,4 @@
-"""Train ReyNet and its baselines, write results and Hub-ready checkpoints.
+"""Train ReyNet and its baselines, write results and checkpoint folders.
 
 Stages (run separately so they can run in parallel, or `all`):
 
@@ -14,15 +14,13 @@ Stages (run separately so they can run in parallel, or `all`):
     python -m research.scripts.train_reynet checkpoint --checkpoint-dataset MUTAG
     # merge into results/reynet_summary.json + tables + plots
     python -m research.scripts.train_reynet summary
-    # after a numerics-preserving code change: ship the current remote code in every committed checkpoint (weights,
-    # config and card untouched; each checkpoint must load strictly and run first)
-    python -m research.scripts.train_reynet refresh-code
     # CI smoke test (seconds): everything tiny, into a scratch folder
     python -m research.scripts.train_reynet all --quick --output-dir /tmp/reynet --checkpoint-dir /tmp/reynet/ckpt
 
-Checkpoints are written with `hf_koopman.models.publishing.save_for_hub` (config with a complete `auto_map`,
-safetensors, remote-code files, model card from `model_cards/reynet.md`); `--push-to-hub ORG` uploads them when a token
-and network are available (otherwise the folders stay local).
+Checkpoints are written with `hf_koopman.models.publishing.save_checkpoint` (config, safetensors, model card from
+`model_cards/reynet.md`; no code). `--push-to-hub ORG` exports each one with `export_for_hub` (remote code and a
+complete `auto_map` added to a temporary copy) and uploads it when a token and network are available;
+`scripts/publish.py` does the same for committed checkpoints.
 """
 
 from __future__ import annotations
@@ -44,8 +42,7 @@ PUBLISHED_IEGN = {"MUTAG": (84.61, 10.0), "PROTEINS": (75.19, 4.3), "NCI109": (7
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["synthetic", "graphs", "merge-folds", "checkpoint", "summary", "refresh-code",
-                                      "all"])
+    p.add_argument("stage", choices=["synthetic", "graphs", "merge-folds", "checkpoint", "summary", "all"])
     p.add_argument("--output-dir", default=str(REPO_ROOT / "results"))
     p.add_argument("--checkpoint-dir", default=str(REPO_ROOT / "checkpoints"))
     p.add_argument("--data-dir", default=None, help="folder with graphs/<NAME>/<NAME>.txt (default: $HF_KOOPMAN_DATA)")
@@ -109,8 +106,9 @@ def make_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------------
 def _publish(model, folder: Path, *, repo_id: str, description: str, training: str, results: str, caveats: str,
              tags: list[str], datasets: list[str], eval_results: list[dict], push_org: str | None) -> Path:
-    import hf_koopman.models.reynet as reynet
-    from hf_koopman.models.publishing import save_for_hub
+    import tempfile
+
+    from hf_koopman.models.publishing import export_for_hub, render_model_card, save_checkpoint
 
     head = type(model).__name__
     if head == "ReyNetForGraphClassification":
@@ -121,12 +119,8 @@ def _publish(model, folder: Path, *, repo_id: str, description: str, training: s
             f'"modeling_reynet.{head}", "{repo_id}").from_pretrained("{repo_id}")'
         )
     metrics = sorted({r["metric_type"] for r in eval_results})
-    return save_for_hub(
-        model,
-        folder,
-        code_dir=Path(reynet.__file__).parent,
-        auto_map=reynet.AUTO_MAP,
-        card_template=REPO_ROOT / "model_cards" / "reynet.md",
+    card = render_model_card(
+        REPO_ROOT / "model_cards" / "reynet.md",
         card_data={
             "license": "apache-2.0",
             "tags": ["reynet", "reynolds-network", "equivariance", "permutation-invariance", "graphs", "custom_code", *tags],
@@ -146,8 +140,12 @@ def _publish(model, folder: Path, *, repo_id: str, description: str, training: s
             "results": results,
             "caveats": caveats,
         },
-        push_to_hub=f"{push_org}/{repo_id.split('/')[-1]}" if push_org else None,
     )
+    folder = save_checkpoint(model, folder, card=card)
+    if push_org:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_for_hub(folder, Path(tmp) / folder.name, push_to_hub=f"{push_org}/{repo_id.split('/')[-1]}")
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -496,36 +494,6 @@ def run_graph_checkpoint(args) -> None:
         }],
         push_org=args.push_to_hub,
     )
-
-
-def run_refresh_code(args) -> list[Path]:
-    """Copy the package's remote-code files into every `reynet-*` checkpoint folder (as `save_for_hub` does), after
-    checking that the folder loads with exactly its stored keys and gives finite outputs with the current code."""
-    import shutil
-
-    import torch
-
-    import hf_koopman.models.reynet as reynet
-    from transformers import AutoConfig
-
-    code_dir = Path(reynet.__file__).parent
-    done = []
-    for folder in sorted(Path(args.checkpoint_dir).glob("reynet-*")):
-        config = AutoConfig.from_pretrained(folder)
-        cls = getattr(reynet, config.architectures[0])
-        model, info = cls.from_pretrained(folder, output_loading_info=True)
-        if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-            raise ValueError(f"{folder.name} does not load cleanly with the current code: {info}")
-        with torch.no_grad():
-            out = model.eval()(torch.rand(2, config.in_channels, 6, 6)).logits
-        if not torch.isfinite(out).all():
-            raise FloatingPointError(f"{folder.name}: non-finite outputs with the current code")
-        for src in sorted(code_dir.glob("*.py")):
-            if src.name != "__init__.py":
-                shutil.copyfile(src, folder / src.name)
-        done.append(folder)
-        logger.info("refreshed the remote code of %s", folder)
-    return done
 
 
 def graph_table(res: dict) -> str:
@@ -1065,8 +1033,6 @@ def main(argv: list[str] | None = None) -> None:
         run_graph_checkpoint(args)
     if args.stage in ("summary", "all"):
         run_summary(args)
-    if args.stage == "refresh-code":
-        run_refresh_code(args)
 
 
 if __name__ == "__main__":

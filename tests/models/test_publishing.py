@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_koopman.models.publishing import populate_offline_hub_cache, run_without_hf_koopman, save_for_hub
+from hf_koopman.models.publishing import render_model_card, save_for_hub
+from hf_koopman.testing_utils import populate_offline_hub_cache, run_without_hf_koopman
 
 CONFIG_SRC = '''
 from transformers import PreTrainedConfig
@@ -85,13 +86,15 @@ def _publish(toy_package, card_template, out):
         out,
         code_dir=pkg,
         auto_map=AUTO_MAP,
-        card_template=card_template,
-        card_data={"license": "apache-2.0", "tags": ["toy"], "model_name": "toy", "metrics": ["accuracy"]},
-        eval_results=[
-            {"task_type": "graph-classification", "dataset_type": "mutag", "dataset_name": "MUTAG",
-             "metric_type": "accuracy", "metric_value": 0.5}
-        ],
-        template_vars={"title": "Toy", "acc": 0.5},
+        card=render_model_card(
+            card_template,
+            card_data={"license": "apache-2.0", "tags": ["toy"], "model_name": "toy", "metrics": ["accuracy"]},
+            eval_results=[
+                {"task_type": "graph-classification", "dataset_type": "mutag", "dataset_name": "MUTAG",
+                 "metric_type": "accuracy", "metric_value": 0.5}
+            ],
+            template_vars={"title": "Toy", "acc": 0.5},
+        ),
     )
     return model, folder
 
@@ -108,16 +111,14 @@ def test_folder_layout_and_card(toy_package, card_template, tmp_path):
     assert "Accuracy: 0.5" in card
 
 
-def test_bad_auto_map_is_rejected(toy_package, card_template, tmp_path):
+def test_bad_auto_map_is_rejected(toy_package, tmp_path):
     pkg, module = toy_package
     model = module.ToyModel(module.ToyConfig())
     with pytest.raises(ValueError, match="AutoModel"):
-        save_for_hub(model, tmp_path / "o", code_dir=pkg, auto_map={"AutoConfig": "configuration_toy.ToyConfig"},
-                     card_template=card_template, card_data={})
+        save_for_hub(model, tmp_path / "o", code_dir=pkg, auto_map={"AutoConfig": "configuration_toy.ToyConfig"})
     with pytest.raises(ValueError, match="not in"):
         save_for_hub(model, tmp_path / "o", code_dir=pkg,
-                     auto_map={**AUTO_MAP, "AutoModel": "modeling_missing.ToyModel"},
-                     card_template=card_template, card_data={})
+                     auto_map={**AUTO_MAP, "AutoModel": "modeling_missing.ToyModel"})
 
 
 def test_remote_code_and_offline_cache_without_hf_koopman(toy_package, card_template, tmp_path):

@@ -112,7 +112,7 @@ def test_train_script_quick(data_dir, tmp_path):
     assert set(summary["graphs"]["datasets"]["MUTAG"]["models"]) == {"reynet", "iegn"}
     for name in ("reynet-synthetic-symmetry", "reynet-synthetic-trace", "reynet-mutag"):
         folder = ckpt / name
-        assert (folder / "model.safetensors").is_file() and (folder / "modeling_reynet.py").is_file()
+        assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.py"))  # no code in checkpoints
         card = (folder / "README.md").read_text()
         assert "model-index" in card and "{{" not in card
     assert (out / "reynet_size_generalisation.png").is_file()
@@ -136,6 +136,3 @@ def test_committed_checkpoints_load(folder):
     n = 6
     out = model(torch.rand(2, config.in_channels, n, n))
     assert torch.isfinite(out.logits).all()
-    # shipped remote code is the current package code
-    for py in folder.glob("*.py"):
-        assert py.read_text() == (Path(reynet.__file__).parent / py.name).read_text(), f"stale {py.name}"

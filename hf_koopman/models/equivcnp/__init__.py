@@ -1,7 +1,7 @@
 """EquivCNP (Kawano et al., ICLR 2021) with its own Lie groups and LieConv, plus CNP / ConvCNP baselines.
 
-Every other file in this folder imports only torch, transformers and same-folder files: the folder doubles as Hub
-remote code (see `research/scripts/train_equivcnp.py`). `register()` (called by `import hf_koopman`) registers the configs and
+Every other file in this folder imports only torch, transformers and same-folder files: they are the Hub remote code
+that `hf_koopman.models.publishing.save_for_hub` / `export_for_hub` add to an exported folder. `register()` (called by `import hf_koopman`) registers the configs and
 models with the Auto classes.
 """
 

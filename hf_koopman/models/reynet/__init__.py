@@ -8,8 +8,9 @@ Public API:
 * models: [`ReyNetConfig`], [`ReyNetModel`], [`ReyNetForGraphClassification`], [`ReyNetForEquivariantRegression`],
   [`ReyNetForInvariantRegression`]; [`IEGNLinear`] is the Maron et al. baseline layer.
 
-Every other file in this folder imports only torch / transformers / same-folder files, so the folder doubles as Hub
-remote code; this `__init__` (not copied to the Hub) registers the classes with the Auto classes.
+Every other file in this folder imports only torch / transformers / same-folder files: they are the Hub remote code
+that `hf_koopman.models.publishing.save_for_hub` / `export_for_hub` add to an exported folder; this `__init__` (not
+exported) registers the classes with the Auto classes.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ __all__ = [
     "register",
 ]
 
-# Complete auto_map for Hub remote code (base + every head); used by `save_for_hub`.
+# Complete auto_map for Hub remote code (base + every head); used by `hf_koopman.models.publishing`.
 AUTO_MAP = {
     "AutoConfig": "configuration_reynet.ReyNetConfig",
     "AutoModel": "modeling_reynet.ReyNetModel",

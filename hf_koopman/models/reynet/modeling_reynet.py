@@ -483,8 +483,8 @@ class ReyNetForGraphClassification(ReyNetPreTrainedModel):
     ) -> ReyNetInvariantOutput:
         r"""
         Args:
-            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`).
-            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*).
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices in `[0, num_labels)`.
         """
         out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
@@ -515,9 +515,9 @@ class ReyNetForInvariantRegression(ReyNetPreTrainedModel):
     ) -> ReyNetInvariantOutput:
         r"""
         Args:
-            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`).
-            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*).
-            labels (`torch.FloatTensor` of shape `(batch_size, num_targets)` or `(batch_size,)`, *optional*).
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
+            labels (`torch.FloatTensor` of shape `(batch_size, num_targets)` or `(batch_size,)`, *optional*): regression targets.
         """
         out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
         logits = self.regressor(out.pooler_output)
@@ -548,10 +548,10 @@ class ReyNetForEquivariantRegression(ReyNetPreTrainedModel):
     ) -> ReyNetEquivariantOutput:
         r"""
         Args:
-            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`).
-            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*).
-            labels (`torch.FloatTensor` of shape `(batch_size, num_targets, n, n)`, or `(batch_size, n, n)` when
-                `num_targets == 1`, *optional*): target tensor; entries of padded nodes are ignored.
+            graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
+            node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
+            labels (`torch.FloatTensor`, *optional*): target tensor of shape `(batch_size, num_targets, n, n)`, or
+                `(batch_size, n, n)` when `num_targets == 1`; entries of padded nodes are ignored.
         """
         out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
         B, _, n, _ = graph_tensor.shape

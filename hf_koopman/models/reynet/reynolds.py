@@ -152,7 +152,7 @@ def reductive_reynolds(phi: PairFunction, X: torch.Tensor) -> torch.Tensor:
 
     Args:
         phi (`Callable`): maps `(..., 4·C)` blocks (see [`pair_blocks`]) to `(..., 2·C')`.
-        X (`torch.Tensor` of shape `(B, C, n, n)`), n ≥ 2.
+        X (`torch.Tensor` of shape `(B, C, n, n)`): the input tensors, n ≥ 2.
 
     Returns:
         `torch.Tensor` of shape `(B, C', n, n)`, S_n-equivariant in the node axes.
@@ -180,7 +180,7 @@ def full_reynolds(phi: PairFunction, X: torch.Tensor, *, chunk_size: int = 720) 
 
     Args:
         phi (`Callable`): as for [`reductive_reynolds`].
-        X (`torch.Tensor` of shape `(B, C, n, n)`).
+        X (`torch.Tensor` of shape `(B, C, n, n)`): the input tensors.
         chunk_size (`int`, *optional*, defaults to 720): permutations evaluated per batch (memory bound).
 
     Returns:

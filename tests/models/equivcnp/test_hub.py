@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from hf_koopman.models import equivcnp as eq
-from hf_koopman.models.publishing import populate_offline_hub_cache, run_without_hf_koopman, save_for_hub
+from hf_koopman.models.publishing import render_model_card, save_for_hub
+from hf_koopman.testing_utils import populate_offline_hub_cache, run_without_hf_koopman
 
 REPO = Path(__file__).resolve().parents[3]
 CODE_DIR = Path(eq.__file__).parent
@@ -57,8 +58,8 @@ def published(tmp_path_factory):
         with torch.no_grad():
             out = model(cx, cy, tx)
         expected.update({f"{name}.cx": cx, f"{name}.cy": cy, f"{name}.tx": tx, f"{name}.mean": out.mean, f"{name}.std": out.stddev})
-        save_for_hub(
-            model, root / name, code_dir=CODE_DIR, auto_map=eq.AUTO_MAPS[name], card_template=REPO / "model_cards" / "equivcnp.md",
+        card = render_model_card(
+            REPO / "model_cards" / "equivcnp.md",
             card_data={"license": "apache-2.0", "tags": ["neural-process"], "model_name": f"tiny-{name}", "metrics": ["log_likelihood"]},
             eval_results=[{"task_type": "regression", "dataset_type": "gp-rbf", "dataset_name": "gp-rbf",
                            "metric_type": "log_likelihood", "metric_value": 0.123}],
@@ -66,6 +67,7 @@ def published(tmp_path_factory):
                            type(model).__name__, "config_json": "{}", "example": "pass", "training": "none", "results":
                            "LL 0.123", "quick": True, "protocol": "{}"},
         )
+        save_for_hub(model, root / name, card=card)  # code and auto_map default to hf_koopman's for the model type
     save_file({k: v.contiguous() for k, v in expected.items()}, str(root / "expected.safetensors"))
     return root
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-import hf_koopman.models.reynet as reynet
-from hf_koopman.models.publishing import populate_offline_hub_cache, run_without_hf_koopman, save_for_hub
+from hf_koopman.models.publishing import render_model_card, save_for_hub
+from hf_koopman.testing_utils import populate_offline_hub_cache, run_without_hf_koopman
 from hf_koopman.models.reynet import AUTO_MAP, ReyNetConfig, ReyNetForEquivariantRegression
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -23,15 +23,15 @@ def test_remote_code_without_hf_koopman(tmp_path):
     folder = save_for_hub(
         model,
         tmp_path / "reynet-tiny",
-        code_dir=Path(reynet.__file__).parent,
-        auto_map=AUTO_MAP,
-        card_template=REPO_ROOT / "model_cards" / "reynet.md",
-        card_data={"license": "apache-2.0", "tags": ["reynet"], "model_name": "reynet-tiny"},
-        eval_results=[{"task_type": "tabular-regression", "dataset_type": "synthetic", "dataset_name": "synthetic",
-                       "metric_type": "mse", "metric_value": 0.1}],
-        template_vars={"model_name": "reynet-tiny", "repo_id": "acme/reynet-tiny", "description": "test",
-                       "in_channels": 2, "head_class": "ReyNetForEquivariantRegression", "load_snippet": "...",
-                       "training": "none", "results": "none", "caveats": ""},
+        card=render_model_card(
+            REPO_ROOT / "model_cards" / "reynet.md",
+            card_data={"license": "apache-2.0", "tags": ["reynet"], "model_name": "reynet-tiny"},
+            eval_results=[{"task_type": "tabular-regression", "dataset_type": "synthetic",
+                           "dataset_name": "synthetic", "metric_type": "mse", "metric_value": 0.1}],
+            template_vars={"model_name": "reynet-tiny", "repo_id": "acme/reynet-tiny", "description": "test",
+                           "in_channels": 2, "head_class": "ReyNetForEquivariantRegression", "load_snippet": "...",
+                           "training": "none", "results": "none", "caveats": ""},
+        ),
     )
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["model_type"] == "reynet"

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Export checkpoint folders for the Hugging Face Hub, and optionally upload them.
+
+A checkpoint folder (`checkpoints/<name>/`: config.json, model.safetensors, README.md model card) holds no code; it
+loads with the Auto classes after `import hf_koopman`. The export copies it and adds the model package's modelling
+files and a complete `auto_map`, so that users without hf_koopman load it with `trust_remote_code=True`
+(`hf_koopman.models.publishing.export_for_hub`).
+
+Usage:
+    python scripts/publish.py checkpoints/reynet-mutag --output-dir hub/             # writes hub/reynet-mutag/
+    python scripts/publish.py checkpoints/* --output-dir hub/ --push-to-hub-org ORG   # uploads ORG/<name> too
+
+Uploading needs a Hub token (`hf auth login`) and network; without them the exported folders stay local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders (config.json + model.safetensors)")
+    p.add_argument("--output-dir", required=True, help="each checkpoint is exported to OUTPUT_DIR/<folder name>/")
+    p.add_argument("--push-to-hub-org", default=None, help="upload each export as ORG/<folder name>")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    from hf_koopman.models.publishing import export_for_hub
+
+    out_root = Path(args.output_dir)
+    written = []
+    for checkpoint in map(Path, args.checkpoints):
+        repo_id = f"{args.push_to_hub_org}/{checkpoint.name}" if args.push_to_hub_org else None
+        folder = export_for_hub(checkpoint, out_root / checkpoint.name, push_to_hub=repo_id)
+        print(f"{checkpoint} -> {folder}")  # the log says whether the upload happened
+        written.append(folder)
+    return written
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    main(sys.argv[1:])

@@ -1,0 +1,197 @@
+"""Checkpoints hold no code; `scripts/publish.py` exports them with remote code that loads without hf_koopman; and a
+plain `save_pretrained` folder of each of our models loads with the Auto classes after `import hf_koopman`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import hf_koopman  # noqa: F401  (registers the model types)
+from hf_koopman.models import equivcnp as eq
+from hf_koopman.models import reynet
+from hf_koopman.models.publishing import add_remote_code, export_for_hub, remote_code_for, save_checkpoint
+from hf_koopman.testing_utils import run_without_hf_koopman
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINTS = sorted(p for p in (REPO / "checkpoints").iterdir() if p.is_dir())
+# one committed checkpoint per model type, and the Auto class that loads its saved head
+EXPORTED = {
+    "reynet-mutag": "AutoModelForSequenceClassification",
+    "equivcnp-gp-rbf": "AutoModel",
+    "cnp-gp-rbf": "AutoModel",
+    "convcnp-gp-rbf": "AutoModel",
+}
+
+
+def _inputs(config, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    if config.model_type == "reynet":
+        return {"graph_tensor": torch.rand(2, config.in_channels, 6, 6, generator=gen)}
+    x_dim = config.x_dim
+    return {"context_x": torch.rand(1, 7, x_dim, generator=gen) * 4 - 2,
+            "context_y": torch.randn(1, 7, 1, generator=gen),
+            "target_x": torch.rand(1, 11, x_dim, generator=gen) * 8 - 4}
+
+
+def _outputs(model, inputs) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = model(**inputs)
+    if hasattr(out, "logits"):
+        return {"logits": out.logits}
+    if hasattr(out, "mean"):
+        return {"mean": out.mean, "stddev": out.stddev}
+    return {"last_hidden_state": out.last_hidden_state}
+
+
+# python run in the subprocesses: load every folder listed in `cases.json`, run it on its saved inputs, save outputs
+_LOAD_ALL = """
+import json, sys, torch, transformers
+from safetensors.torch import load_file, save_file
+cases = json.load(open(sys.argv[1]))
+result = {}
+for name, case in cases.items():
+    model = getattr(transformers, case["auto_class"]).from_pretrained(case["folder"], **case["kwargs"]).eval()
+    inputs = load_file(case["inputs"])
+    with torch.no_grad():
+        out = model(**inputs)
+    fields = ["logits"] if hasattr(out, "logits") else ["mean", "stddev"] if hasattr(out, "mean") else ["last_hidden_state"]
+    for field in fields:
+        result[name + "." + field] = getattr(out, field).contiguous()
+    print(name, type(model).__module__, type(model).__name__)
+save_file(result, sys.argv[2])
+"""
+
+
+def _write_cases(tmp_path: Path, cases: dict) -> Path:
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    return path
+
+
+@pytest.mark.parametrize("folder", CHECKPOINTS, ids=lambda p: p.name)
+def test_checkpoints_hold_no_code(folder):
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= names, names
+    assert not [n for n in names if n.endswith(".py")], f"{folder.name} holds code; publish it with scripts/publish.py"
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config, f"{folder.name}/config.json maps remote code that the folder does not hold"
+    # ... and loads after `import hf_koopman`: the Auto classes give our class, the saved head loads with every key
+    base = transformers.AutoModel.from_pretrained(folder)
+    assert type(base).__module__.startswith("hf_koopman.models."), type(base)
+    package = reynet if config["model_type"] == "reynet" else eq
+    _, info = getattr(package, config["architectures"][0]).from_pretrained(folder, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+
+
+def test_exported_checkpoints_load_without_hf_koopman(tmp_path):
+    """scripts/publish.py exports committed checkpoints; a process that cannot import hf_koopman loads them with
+    trust_remote_code=True and reproduces the outputs of the registered classes."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import publish
+    finally:
+        sys.path.pop(0)
+    hub = tmp_path / "hub"
+    publish.main([str(REPO / "checkpoints" / name) for name in EXPORTED] + ["--output-dir", str(hub)])
+
+    gen = torch.Generator().manual_seed(0)
+    cases, expected = {}, {}
+    for name, auto_class in EXPORTED.items():
+        folder = hub / name
+        config = json.loads((folder / "config.json").read_text())
+        code_dir, auto_map = remote_code_for(config["model_type"])
+        assert config["auto_map"] == auto_map
+        assert {p.name for p in folder.glob("*.py")} == {p.name for p in code_dir.glob("*.py")} - {"__init__.py"}
+        assert (folder / "README.md").read_text() == (REPO / "checkpoints" / name / "README.md").read_text()
+
+
+        model = getattr(transformers, auto_class).from_pretrained(REPO / "checkpoints" / name).eval()
+        assert type(model).__module__.startswith("hf_koopman.")
+        inputs = _inputs(model.config, gen)
+        save_file(inputs, str(tmp_path / f"{name}.inputs.safetensors"))
+        expected.update({f"{name}.{k}": v for k, v in _outputs(model, inputs).items()})
+        cases[name] = {"folder": str(folder), "auto_class": auto_class, "kwargs": {"trust_remote_code": True},
+                       "inputs": str(tmp_path / f"{name}.inputs.safetensors")}
+
+    code = "import sys\nsys.argv = ['load', {!r}, {!r}]\n".format(
+        str(_write_cases(tmp_path, cases)), str(tmp_path / "out.safetensors")
+    ) + "try:\n    import hf_koopman\n    raise SystemExit('hf_koopman must not be importable here')\nexcept ImportError:\n    pass\n" + _LOAD_ALL
+    proc = run_without_hf_koopman(code, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.strip().splitlines():
+        assert line.split()[1].startswith("transformers_modules"), line  # the folder's own code ran
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_save_pretrained_loads_with_auto_classes_after_import(tmp_path):
+    """`model.save_pretrained(folder)` alone (no auto_map, no code) loads with the Auto classes in a fresh process
+    after `import hf_koopman`; an exported folder loads there without trust_remote_code, as hf_koopman's classes."""
+    torch.manual_seed(0)
+    models = {
+        "reynet-base": ("AutoModel", reynet.ReyNetModel(reynet.ReyNetConfig(in_channels=3, phi_hidden_sizes=[8],
+                                                                            channel_hidden_sizes=[6]))),
+        "reynet-clf": ("AutoModelForSequenceClassification", reynet.ReyNetForGraphClassification(
+            reynet.ReyNetConfig(in_channels=3, phi_hidden_sizes=[8], channel_hidden_sizes=[6], num_targets=2))),
+        "equivcnp": ("AutoModel", eq.EquivCNPModel(eq.EquivCNPConfig(group="T1", hidden_size=8, num_layers=1))),
+        "cnp": ("AutoModel", eq.CNPModel(eq.CNPConfig(hidden_size=8))),
+        "convcnp": ("AutoModel", eq.ConvCNPModel(eq.ConvCNPConfig(channels=[4]))),
+    }
+    gen = torch.Generator().manual_seed(1)
+    cases, expected = {}, {}
+    for name, (auto_class, model) in models.items():
+        model.eval()
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        assert "auto_map" not in json.loads((folder / "config.json").read_text())
+        assert not list(folder.glob("*.py"))
+        inputs = _inputs(model.config, gen)
+        save_file(inputs, str(tmp_path / f"{name}.inputs.safetensors"))
+        expected.update({f"{name}.{k}": v for k, v in _outputs(model, inputs).items()})
+        cases[name] = {"folder": str(folder), "auto_class": auto_class, "kwargs": {},
+                       "inputs": str(tmp_path / f"{name}.inputs.safetensors")}
+    # the same weights as a Hub export: with hf_koopman imported, no trust_remote_code is needed
+    export_for_hub(tmp_path / "cnp", tmp_path / "cnp-export")
+    cases["cnp-export"] = {**cases["cnp"], "folder": str(tmp_path / "cnp-export")}
+    expected.update({"cnp-export." + k.split(".", 1)[1]: v for k, v in expected.items() if k.startswith("cnp.")})
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    script = "import hf_koopman\n" + _LOAD_ALL
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(_write_cases(tmp_path, cases)), str(tmp_path / "out.safetensors")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.strip().splitlines():
+        assert line.split()[1].startswith("hf_koopman.models."), line
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_export_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="code_dir= and auto_map="):
+        remote_code_for("llama")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        add_remote_code(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        export_for_hub(tmp_path, tmp_path / "out")
+    with pytest.raises(ValueError, match="output_dir other than"):
+        export_for_hub(REPO / "checkpoints" / "cnp-gp-rbf", REPO / "checkpoints" / "cnp-gp-rbf")
+    pickled = tmp_path / "pickled"
+    eq.CNPModel(eq.CNPConfig(hidden_size=4)).save_pretrained(pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="safetensors only"):
+        export_for_hub(pickled, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="neither Markdown text"):
+        save_checkpoint(eq.CNPModel(eq.CNPConfig(hidden_size=4)), tmp_path / "c", card="model_cards/missing.md")
