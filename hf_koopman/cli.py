@@ -1,7 +1,7 @@
 """`hf-koopman` command line.
 
     hf-koopman profile gpt2 --init --out hf_koopman_out/gpt2-init
-    hf-koopman profile ./my-checkpoint --text-file notes.txt --num-samples 2048 --rank 32
+    hf-koopman profile ./my-checkpoint --text-file notes.txt --num-samples 4096
     hf-koopman profile llama-2-7b --init --stream --dtype bfloat16       # one block at a time
     hf-koopman architectures                                             # embedded configs usable with --init
 
@@ -19,10 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_koopman.logging_utils import get_logger
+
 
 __all__ = ["main", "make_parser", "load_model"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # handler set by main(); heavy imports stay inside the commands
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
            "fp16": "float16"}
@@ -35,10 +37,26 @@ def _offline() -> bool:
     ).lower() in ("1", "true", "yes")
 
 
+def _read_json(path: Path) -> dict:
+    """`path` parsed as a JSON object, or a `ValueError` naming the file and what to do."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text file ({err}); it must be a transformers config.json.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the file or "
+            "re-create it with model.config.save_pretrained(folder)."
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a transformers config.json.")
+    return data
+
+
 def _config_from_json_file(path: Path):
     from transformers import AutoConfig
 
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _read_json(path)
     if "model_type" not in data:
         raise ValueError(f"{path} has no 'model_type' key; it is not a transformers config.json.")
     data = {k: v for k, v in data.items() if not k.startswith("_")}
@@ -57,9 +75,20 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
             logger.info("%s is a config file: profiling the architecture at initialisation", path)
         return _config_from_json_file(path), None, path.stem
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise ValueError(f"{path} is a folder without config.json; pass a save_pretrained folder.")
-        return AutoConfig.from_pretrained(path), (None if init else str(path)), path.name
+        data = _read_json(config_file)
+        if "model_type" not in data:
+            raise ValueError(f"{config_file} has no 'model_type' key; re-create it with model.config.save_pretrained().")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise ValueError(
+                f"{config_file} could not be loaded as a transformers config ({err}); fix the file or re-create it "
+                "with model.config.save_pretrained(folder)."
+            ) from None
+        return config, (None if init else str(path)), path.name
     canonical = resolve_architecture_name(spec)
     if canonical is not None and (init or _offline()):
         if not init:
@@ -103,15 +132,59 @@ def load_model(
             model = AutoModel.from_config(config)
         model = model.to(torch_dtype)
     else:
+        if Path(weights).is_dir():
+            _check_safetensors(Path(weights))
         model = AutoModel.from_pretrained(weights, dtype=torch_dtype)
     tokenizer = None
     source = weights or (spec if Path(spec).is_dir() else None)
     if source is not None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as err:  # noqa: BLE001 - many checkpoints ship no tokenizer; text input then falls back
-            logger.info("no tokenizer found at %s (%s)", source, err)
+        tokenizer = _load_tokenizer(source)
     return model.eval(), tokenizer, name
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Open the header of every `*.safetensors` file in `folder`; a truncated or overwritten one becomes a clear error."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:  # checks the header and that it covers the file
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({type(err).__name__}: {err}). It is truncated or "
+                "corrupt: re-save the model with model.save_pretrained(folder) or copy the file again."
+            ) from None
+
+
+def _load_tokenizer(source: str) -> Any:
+    """The tokenizer saved with the model, or None (with a warning) when the folder holds no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        logger.warning(
+            "%s has no tokenizer files (%s): text inputs fall back to byte-level ids. Save the tokenizer there with "
+            "tokenizer.save_pretrained(%s) to profile on real tokens.", path, ", ".join(_TOKENIZER_FILES[:4]), path,
+        )
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - many checkpoints ship no tokenizer; text input then falls back
+        logger.warning("could not load a tokenizer from %s (%s): text inputs fall back to byte-level ids", source, err)
+        return None
+    try:
+        empty = len(tokenizer) == 0 or not tokenizer("a b c")["input_ids"]
+    except Exception:  # noqa: BLE001
+        empty = True
+    if empty:
+        logger.warning("the tokenizer in %s is empty: text inputs fall back to byte-level ids", source)
+        return None
+    return tokenizer
 
 
 def _read_text_chunks(path: Path, max_length: int) -> list[str]:
@@ -153,28 +226,42 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
-    parser.add_argument("--rank", type=int, default=32, help="DMD rank r; 0 = exact full-rank DMD (default: 32)")
+    parser.add_argument(
+        "--rank", type=int, default=None, metavar="R",
+        help="analyse the rank-R approximation instead of the full spectrum (default: full spectrum). The paper's "
+             "stated recipe is R = 32; it keeps the R directions of largest output energy and is biased toward "
+             "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
     parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers (quick look at big models)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default: float32)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward for text inputs (default: 8)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="stop reading inputs once this many tokens reached every layer (default: 16 x --num-samples)")
     parser.add_argument("--learning-rate", type=float, help="planned learning rate (used by a calibrated risk estimator)")
     parser.add_argument("--out", type=Path, default=Path("hf_koopman_out"), help="output folder (default: hf_koopman_out)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--stream", action="store_true",
                         help="stream the model one block at a time (for models that do not fit in memory)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
 
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
 
-    rank = None if args.rank == 0 else args.rank
+    rank = args.rank
+    if rank is not None and rank < 1:
+        raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {rank}.")
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
+    if args.max_tokens is not None and args.max_tokens < args.num_samples:
+        raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
     progress = not args.no_progress
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
     if args.stream:
         result = _run_streaming(args, rank, progress)
     else:
@@ -196,6 +283,7 @@ def _run_profile(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
             batch_size=args.batch_size,
             max_length=args.max_length,
+            max_tokens=args.max_tokens,
             learning_rate=args.learning_rate,
             model_name=name,
             progress=progress,
@@ -306,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler._hf_koopman_cli = True  # type: ignore[attr-defined]
         package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if args.verbose:  # library loggers follow the transformers verbosity (hf_koopman.logging_utils)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_debug()
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         return args._run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -42,14 +43,14 @@ def test_profile_known_architecture_with_text_file(tmp_path):
     assert not (out / "masses.png").exists()
 
 
-def test_exact_dmd_and_seed_reproducibility(tiny_llama_json, tmp_path):
+def test_full_spectrum_by_default_and_seed_reproducibility(tiny_llama_json, tmp_path):
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        assert main(["profile", str(tiny_llama_json), "--rank", "0", "--num-samples", "48", "--no-plots",
+        assert main(["profile", str(tiny_llama_json), "--num-samples", "48", "--no-plots",
                      "--no-progress", "--seed", "7", "--out", str(out)]) == 0
         runs.append(json.loads((out / "profile.json").read_text()))
-    assert runs[0]["settings"]["rank"] is None
+    assert runs[0]["settings"]["rank"] is None and runs[0]["settings"]["spectrum"] == "full"  # the default
     for a, b in zip(runs[0]["layers"], runs[1]["layers"]):  # same seed: same model, probe and sample
         assert a.keys() == b.keys()
         assert a == {k: pytest.approx(v, rel=1e-9) if isinstance(v, float) else v for k, v in b.items()}
@@ -100,3 +101,80 @@ def test_learning_rate_is_recorded_for_the_risk_estimator(tiny_llama_json, tmp_p
     data = json.loads((out / "profile.json").read_text())
     assert data["meta"]["learning_rate"] == 0.003
     assert data["risk"] is None or 0.0 < data["risk"] < 1.0  # a probability whenever an estimator is shipped
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture()
+def saved_model_dir(tmp_path):
+    """A save_pretrained folder of a tiny GPT-2 without tokenizer files (like a Trainer output_dir)."""
+    from transformers import AutoModel
+
+    folder = tmp_path / "saved"
+    AutoModel.from_config(tiny_config("gpt2", num_hidden_layers=2)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_corrupt_safetensors_is_named_with_the_fix(saved_model_dir, tmp_path, capsys, damage):
+    weights = saved_model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64 + data[64:])
+    code = main(["profile", str(saved_model_dir), "--num-samples", "32", "--rank", "4", "--no-progress",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(weights) in err and "save_pretrained" in err
+    assert "Traceback" not in err
+
+
+def test_invalid_config_json_is_named_with_the_fix(saved_model_dir, tmp_path, capsys):
+    (saved_model_dir / "config.json").write_text('{"model_type": "gpt2", "n_layer": ')
+    code = main(["profile", str(saved_model_dir), "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(saved_model_dir / "config.json") in err and "not valid JSON" in err
+
+
+def test_text_file_without_tokenizer_files_falls_back_to_bytes(saved_model_dir, tmp_path, caplog):
+    text = tmp_path / "notes.txt"
+    text.write_text("The residual stream carries token states from block to block. " * 40)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        code = main(["profile", str(saved_model_dir), "--text-file", str(text), "--num-samples", "32", "--rank", "4",
+                     "--max-length", "32", "--batch-size", "2", "--no-plots", "--no-progress", "--out", str(out)])
+    assert code == 0 and (out / "profile.json").exists()
+    assert "no tokenizer files" in caplog.text and "byte-level" in caplog.text
+    assert caplog.text.count("no tokenizer given") <= 1  # once per profile, not once per batch
+
+
+def test_max_tokens_flag_bounds_the_input_read(tiny_llama_json, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("spectral profile of the residual stream " * 2000)
+    out = tmp_path / "out"
+    code = main(["profile", str(tiny_llama_json), "--init", "--text-file", str(text), "--num-samples", "32",
+                 "--rank", "4", "--max-length", "32", "--batch-size", "2", "--max-tokens", "64", "--no-plots",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "profile.json").read_text())
+    assert data["meta"]["batches"] == 1  # 2 sequences x 32 tokens reach 64 tokens (default: 16 x 32 = 512 tokens)
+    assert main(["profile", str(tiny_llama_json), "--init", "--max-tokens", "8", "--num-samples", "32"]) == 2
+    assert "--max-tokens" in capsys.readouterr().err
+
+
+def test_no_progress_hides_the_weight_loading_bar(tiny_llama_json, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    try:
+        assert main(["profile", str(tiny_llama_json), "--init", "--num-samples", "32", "--rank", "4", "--no-plots",
+                     "--no-progress", "--out", str(tmp_path / "out")]) == 0
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_rank_flag_selects_the_named_approximation(tiny_llama_json, tmp_path, capsys):
+    out = tmp_path / "r4"
+    assert main(["profile", str(tiny_llama_json), "--rank", "4", "--num-samples", "48", "--no-plots",
+                 "--no-progress", "--out", str(out)]) == 0
+    settings = json.loads((out / "profile.json").read_text())["settings"]
+    assert settings["rank"] == 4 and settings["spectrum"] == "rank-4 approximation"
+    assert main(["profile", str(tiny_llama_json), "--rank", "0", "--out", str(tmp_path / "r0")]) == 2
+    assert "omit it for the full spectrum" in capsys.readouterr().err

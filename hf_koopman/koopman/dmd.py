@@ -47,7 +47,7 @@ float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overri
 
 from __future__ import annotations
 
-import logging
+from hf_koopman.logging_utils import get_logger
 import math
 import warnings
 from collections.abc import Iterator
@@ -61,7 +61,7 @@ from .whitening import CholeskyWhitening, _EighWhitening, cholesky_whitening
 
 __all__ = ["DMDResult", "whitened_dmd"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _F64 = torch.float64
 

@@ -44,7 +44,7 @@ Design choices where the paper is silent (documented here and tested in `tests/k
 
 from __future__ import annotations
 
-import logging
+from hf_koopman.logging_utils import get_logger
 
 import torch
 
@@ -60,7 +60,7 @@ __all__ = [
     "soft_near_unit_mass",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: Weight of the near-unit target term of Eq. 14 (the paper gives none; see the module docstring for the reasoning).
 DEFAULT_BETA = 10.0

@@ -18,7 +18,7 @@ saved and mutates class state globally, so the Hub folder is written here instea
 from __future__ import annotations
 
 import json
-import logging
+from hf_koopman.logging_utils import get_logger
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -36,7 +36,7 @@ __all__ = [
     "render_model_card",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _AUTO_KEYS_REQUIRED = ("AutoConfig", "AutoModel")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")

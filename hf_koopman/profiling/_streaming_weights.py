@@ -18,7 +18,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import logging
+from hf_koopman.logging_utils import get_logger
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = [
     "InitWeights",

@@ -16,7 +16,7 @@ lists win, because an outer "stage" may change the width and is then not a resid
 
 from __future__ import annotations
 
-import logging
+from hf_koopman.logging_utils import get_logger
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -25,7 +25,7 @@ from torch import nn
 
 __all__ = ["ResidualBlock", "find_residual_blocks", "nested_block_lists", "unwrap_model"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class ResidualBlock(NamedTuple):

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from hf_koopman.logging_utils import get_logger
+
 
 __all__ = ["iter_batches", "prepare_batch", "byte_tokenize"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # keys that only feed the loss; the residual stream does not depend on them
 _LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions")
@@ -34,14 +35,16 @@ def byte_tokenize(texts: list[str], vocab_size: int, max_length: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _tokenize(texts: list[str], tokenizer: Any, model: Any, max_length: int) -> dict[str, torch.Tensor]:
+def _tokenize(texts: list[str], tokenizer: Any, model: Any, max_length: int, first: bool = True) -> dict[str, torch.Tensor]:
+    """Tokenise one batch of texts; `first` is True for the first batch of a `profile()` call (warns once)."""
     if tokenizer is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not isinstance(vocab, int):
             raise ValueError(
                 "text inputs need a tokenizer: pass profile(model, texts, tokenizer=AutoTokenizer.from_pretrained(...))."
             )
-        logger.warning("no tokenizer given: using byte-level ids (only sensible for randomly initialised models)")
+        if first:
+            logger.warning("no tokenizer given: using byte-level ids (only sensible for randomly initialised models)")
         return byte_tokenize(texts, vocab, max_length)
     if getattr(tokenizer, "pad_token", "x") is None:  # GPT-2 style tokenizers ship without a pad token
         tokenizer.pad_token = tokenizer.eos_token
@@ -88,14 +91,15 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
             f"or a text column named one of {_TEXT_COLUMNS}."
         )
     texts: list[str] = []
+    first = True
     for text in dataset[text_column]:
         if text and text.strip():
             texts.append(text)
         if len(texts) == batch_size:
-            yield _tokenize(texts, tokenizer, model, max_length)
-            texts = []
+            yield _tokenize(texts, tokenizer, model, max_length, first)
+            texts, first = [], False
     if texts:
-        yield _tokenize(texts, tokenizer, model, max_length)
+        yield _tokenize(texts, tokenizer, model, max_length, first)
 
 
 def iter_batches(
@@ -116,7 +120,7 @@ def iter_batches(
         inputs = [inputs]
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
         for start in range(0, len(inputs), batch_size):
-            yield _tokenize(list(inputs[start : start + batch_size]), tokenizer, model, max_length)
+            yield _tokenize(list(inputs[start : start + batch_size]), tokenizer, model, max_length, start == 0)
         return
     if hasattr(inputs, "column_names") and hasattr(inputs, "__getitem__"):  # datasets.Dataset without importing it
         yield from _iter_dataset(inputs, tokenizer, model, batch_size, max_length)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
+from hf_koopman.logging_utils import get_logger
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from hf_koopman.profiling.spectral_profile import SpectralProfile
 
 __all__ = ["profile", "profile_from_snapshots"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _tqdm(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
@@ -30,6 +31,34 @@ def _tqdm(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model.eval()` for the block, then every sub-module's own train/eval flag as the caller had it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _expected_batches(inputs: Any, batch_size: int) -> int | None:
+    """Number of batches `iter_batches` will yield, when it is known in advance."""
+    if isinstance(inputs, (dict, torch.Tensor, str)):
+        return 1
+    if isinstance(inputs, (list, tuple)) or (hasattr(inputs, "column_names") and hasattr(inputs, "__len__")):
+        return max(1, math.ceil(len(inputs) / batch_size))
+    return len(inputs) if hasattr(inputs, "__len__") else None
+
+
+def _has_blocks(model: nn.Module) -> bool:
+    try:
+        return bool(find_residual_blocks(model))
+    except ValueError:
+        return False
 
 
 def _composite(features: list[Any]) -> float:
@@ -270,9 +299,8 @@ def profile(
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
     # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
     runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
+    called: set[str] = set()  # blocks the forward pass entered
 
     def record(blocks: list, on_width_change: str) -> tuple[ResidualStreamRecorder, int]:
         batches = 0
@@ -281,12 +309,15 @@ def profile(
         if progress:  # one tick per block call: a visible bar even when the probe is a single large batch
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc="forward", unit="block", total=len(blocks) if isinstance(inputs, dict) else None)
+            expected = _expected_batches(inputs, batch_size)
+            bar = tqdm(desc="forward", unit="block", total=len(blocks) * expected if expected else None)
 
             def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the block's output
                 bar.update(1)
 
             handles = [b.module.register_forward_hook(tick) for b in blocks]
+        called.clear()
+        handles += [b.module.register_forward_pre_hook(lambda m, a, name=b.name: called.add(name)) for b in blocks]
         recorder = ResidualStreamRecorder(
             inner, blocks, num_samples=num_samples, seed=seed, on_width_change=on_width_change
         )
@@ -314,7 +345,7 @@ def profile(
                 bar.close()
         return recorder, batches
 
-    try:
+    with _eval_mode(model):  # every sub-module gets its own train/eval flag back
         # auto-discovered lists whose blocks change the width are skipped; a user's explicit `layers=` must be right
         recorder, batches = record(blocks, "raise" if layers is not None else "drop")
         if not recorder.snapshots() and recorder.dropped and layers is None and _reiterable(inputs):
@@ -327,8 +358,6 @@ def profile(
                 recorder, batches = record(blocks, "drop")
                 if not recorder.snapshots():
                     recorder, blocks = first, outer_blocks
-    finally:
-        model.train(was_training)
     forward_time = time.perf_counter() - start
     snapshots = recorder.snapshots()
     if batches == 0:
@@ -340,6 +369,13 @@ def profile(
                 + "; ".join(recorder.dropped.values())
                 + f"). Candidates were {sorted({b.name.rsplit('.', 1)[0] for b in blocks})}; pass the residual blocks "
                 "with layers=..."
+            )
+        if called:
+            raise ValueError(
+                f"{sorted(called)[0]!r} ran but is not a residual block: it does not map a floating-point hidden state "
+                f"(batch, sequence, d) to one of the same shape (an embedding takes token ids, a head changes the "
+                f"width). Pass the block list with layers=..., e.g. one of "
+                f"{sorted({b.name.rsplit('.', 1)[0] for b in find_residual_blocks(inner)}) if _has_blocks(inner) else '...'}."
             )
         raise ValueError(
             f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "

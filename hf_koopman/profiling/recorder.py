@@ -17,7 +17,7 @@ silent, made here:
 
 from __future__ import annotations
 
-import logging
+from hf_koopman.logging_utils import get_logger
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,7 @@ from hf_koopman.profiling.blocks import ResidualBlock, find_residual_blocks, unw
 
 __all__ = ["ResidualStreamRecorder"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MaskLike = torch.Tensor | dict[str, torch.Tensor | None] | None
 

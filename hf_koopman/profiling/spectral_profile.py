@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+from hf_koopman.logging_utils import get_logger
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = ["DecisionRule", "SpectralProfile"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 VERDICTS = ("safe", "moderate", "high risk", "uninformative")
 

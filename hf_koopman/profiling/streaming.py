@@ -16,7 +16,7 @@ Peak memory is roughly: non-block modules + one block + activations of one block
 from __future__ import annotations
 
 import json
-import logging
+from hf_koopman.logging_utils import get_logger
 import os
 import re
 import resource
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hf_koopman.profiling import SpectralProfile
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["InsufficientMemoryError", "estimate_streaming_memory", "profile_streaming"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,8 @@ class KSSConfig:
         temperature (`float`, *optional*, defaults to `20.0`): sigmoid sharpness `T`.
         tau_u (`float`, *optional*, defaults to `1.05`): upper edge of the near-unit band.
         tau_l (`float`, *optional*, defaults to `0.90`): lower edge of the near-unit band.
-        rank (`int`, *optional*, defaults to `32`): rank `r` of the randomized DMD.
+        rank (`int`, *optional*): `None` (default) shapes the full spectrum, the one `RKSPCallback` reports; an int
+            r shapes the rank-r approximation (the paper's notation table: r = 32).
         every_n_steps (`int`, *optional*, defaults to `10`):
             KSS runs on optimizer steps whose `global_step % every_n_steps == 0` (every micro-batch of such a step);
             other steps carry no hooks and no overhead.
@@ -74,7 +76,7 @@ class KSSConfig:
     temperature: float = 20.0
     tau_u: float = 1.05
     tau_l: float = 0.90
-    rank: int = 32
+    rank: int | None = None
     every_n_steps: int = 10
     layer_fraction: float = 0.5
     num_samples: int = 2048
@@ -92,13 +94,26 @@ class KSSConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and the accepted range."""
+        finite = {
+            name: getattr(self, name)
+            for name in ("alpha", "beta", "gamma", "temperature", "tau_u", "tau_l", "layer_fraction", "eps")
+        }
+        if self.max_grad_ratio is not None:
+            finite["max_grad_ratio"] = self.max_grad_ratio
+        for name, value in finite.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"KSSConfig: {name} must be a finite number, got {value!r}"
+                    + (" (use a large finite alpha, or kss_enabled=False to switch KSS off)" if name == "alpha" else "")
+                )
         checks = [
             (self.alpha >= 0, f"alpha must be >= 0 (0 disables KSS), got {self.alpha}"),
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (0.0 <= self.gamma <= 1.0, f"gamma is a target mass in [0, 1], got {self.gamma}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.tau_l < self.tau_u, f"need tau_l < tau_u, got tau_l={self.tau_l}, tau_u={self.tau_u}"),
-            (isinstance(self.rank, int) and self.rank >= 1, f"rank must be an int >= 1, got {self.rank!r}"),
+            (self.rank is None or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1),
+             f"rank must be None (full spectrum) or an int >= 1, got {self.rank!r}"),
             (
                 isinstance(self.every_n_steps, int) and self.every_n_steps >= 1,
                 f"every_n_steps must be an int >= 1, got {self.every_n_steps!r}",
@@ -149,7 +164,8 @@ class KSSTrainingArguments(TrainingArguments):
     kss_temperature: float = field(default=20.0, metadata={"help": "Sigmoid sharpness T."})
     kss_tau_u: float = field(default=1.05, metadata={"help": "Upper edge of the near-unit band."})
     kss_tau_l: float = field(default=0.90, metadata={"help": "Lower edge of the near-unit band."})
-    kss_rank: int = field(default=32, metadata={"help": "Rank r of the randomized DMD."})
+    kss_rank: int | None = field(
+        default=None, metadata={"help": "Rank r of the spectrum KSS shapes; default: the full spectrum (as the profile)."})
     kss_every_n_steps: int = field(default=10, metadata={"help": "Apply KSS every k optimizer steps."})
     kss_layer_fraction: float = field(default=0.5, metadata={"help": "Fraction of blocks sampled per KSS step."})
     kss_num_samples: int = field(default=2048, metadata={"help": "Token states per block per micro-batch (N)."})

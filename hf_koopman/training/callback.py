@@ -1,44 +1,60 @@
-"""`RKSPCallback`: RKSP verdict before step 1, `rksp/*` metrics in the usual logs, and a divergence guard."""
+"""`RKSPCallback`: RKSP verdict before step 1, `rksp/*` metrics in the usual logs, and a divergence guard that stops
+or rolls back to the last validated state."""
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
-import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from hf_koopman.logging_utils import get_logger
 
-from hf_koopman.training.guard import ActivationWatch, DivergenceEvent, TrainerTaps, reduce_flags
+from hf_koopman.training.divergence import (
+    CAUSE_ACTIVATION,
+    CAUSE_GRAD_NORM,
+    CAUSE_LOSS,
+    GRAD_NORM_THRESHOLD,
+    LOSS_THRESHOLD,
+    DivergenceRule,
+)
+from hf_koopman.training.guard import (
+    ActivationWatch,
+    DivergenceEvent,
+    GradNormTap,
+    LossTap,
+    StateSnapshot,
+    is_sharded,
+    reduce_max,
+    world_sum,
+)
 
 
-__all__ = ["RKSPCallback"]
+__all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
-_VERDICT_LEVEL = {"safe": 0.0, "moderate": 1.0, "high risk": 2.0}
+#: `rksp/verdict_level` as logged: -1 uninformative, 0 safe, 1 moderate, 2 high risk.
+_VERDICT_LEVEL = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
+RECORD_NAME = "rksp_guard.json"
+_MODES = ("stop", "rollback")
 
 
-def _find_trainer(max_depth: int = 12) -> Trainer | None:
-    """The `Trainer` whose training loop is calling us (the `self` of a calling frame), if any."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            if frame is None:
-                return None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
+# model -> its Trainer, for Trainer subclasses that register themselves (KSSTrainer): a callback restored from a
+# checkpoint is a new instance, and the model is what every callback event receives
+_TRAINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_trainer(trainer: Any) -> None:
+    """Let `RKSPCallback` instances that see `trainer.model` log through `trainer.log` (weak references only)."""
+    if getattr(trainer, "model", None) is not None:
+        _TRAINERS[trainer.model] = weakref.ref(trainer)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -49,46 +65,82 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> None:
+    """Multiply the learning rate for the rest of the run: the scheduler's `base_lrs` (every transformers schedule is
+    a `LambdaLR` computing `base_lr * lambda(step)`, and `base_lrs` is part of its checkpointed state, so a resumed run
+    keeps the lowered rate) and the current `lr` of every parameter group (schedulers without `base_lrs`)."""
+    if lr_scheduler is not None and getattr(lr_scheduler, "base_lrs", None) is not None:
+        lr_scheduler.base_lrs = [b * factor for b in lr_scheduler.base_lrs]
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+
+
 class RKSPCallback(TrainerCallback, ExportableState):
-    """Residual Koopman Spectral Profiling inside `Trainer.train()`.
+    """Residual Koopman Spectral Profiling inside `Trainer.train()`, and a divergence guard that saves the run.
 
     * **At train begin** the model is profiled on a probe batch (the first `probe_batch_size` training examples,
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
-      sampler). `rksp/*` scalars go through `Trainer.log`, so they reach `log_history`, TensorBoard and W&B;
-      `rksp_profile.json`, `rksp_report.md` and `rksp_profile.png` are written to `output_dir` (main process); a
-      warning with the verdict and the recommended action is emitted when the verdict is "high risk". With
-      `auto_kss=True` and a [`KSSTrainer`], a high-risk verdict switches KSS on (logged as `kss/auto_enabled`).
-    * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch (no-grad forward,
-      `monitor_num_samples` tokens) and logs the same `rksp/*` keys.
-    * **Divergence guard** (on by default): the paper's label, i.e. raw per-step loss > `loss_threshold` (50),
-      pre-clip gradient norm > `grad_norm_threshold` (500), or a non-finite loss / gradient norm / block output. It
-      reads raw values (not the NaN-filtered logs), OR-reduces the decision across processes before the optimizer
-      step, drops the diverged update (`skip_diverged_update`), vetoes the checkpoint of that step so the last good
-      checkpoint is never overwritten, stops via `control.should_training_stop`, and reports the step, the cause,
-      the first block with a non-finite output and the last good checkpoint (log, `rksp/diverged*` scalars and
-      `rksp_divergence.json`).
-    * **Stateful**: verdict, auto-KSS decision, last good checkpoint and divergence record are saved in checkpoints
-      and restored with `restore_callback_states_from_checkpoint=True`; a restored run does not re-profile "at init".
+      sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
+      `rksp_profile.png` are written to `output_dir` (main process); a "high risk" verdict is logged as a warning with
+      the recommended action. With `auto_kss=True` and a [`KSSTrainer`], a high-risk verdict switches KSS on.
+    * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch and logs the same keys.
+    * **Divergence guard** (`guard=True`): the rule of [`~hf_koopman.training.divergence.DivergenceRule`] (loss > 50,
+      gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
+      loss from a forward hook, the gradient norm before clipping from gradient hooks, block outputs from forward hooks.
+      All processes decide together (one all-reduce of three numbers per step).
 
-    The callback needs the trainer to log and to read raw losses; a [`KSSTrainer`] binds itself, and any other
-    `Trainer` (plain, `Seq2SeqTrainer`, TRL subclasses) is found as the caller of `on_train_begin`. `bind(trainer)`
-    sets it explicitly.
+      *What counts as good.* The loss and gradient of step `t` are computed with the weights left by step `t - 1`, so a
+      passing step `t` validates those weights: the guard then keeps them, with the optimizer state, as a CPU snapshot
+      (one copy, refreshed every step), and a checkpoint saved after step `t - 1` becomes the *last good checkpoint*.
+      When step `t` trips, the weights of step `t - 1` are suspect and the last validated state is that of step
+      `t - 2`. The update of the tripping step is never kept.
+
+      *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
+      (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step,
+      training stops, and `rksp/diverged`, `rksp/diverged_step`, `rksp/diverged_cause` reach `Trainer.log`,
+      `trainer.state.log_history` and the metrics `train()` returns. [`KSSTrainer.save_model`] refuses weights that
+      were not validated.
+
+      *`on_divergence="rollback"`*: the last validated weights and optimizer state are restored, the tripping batch is
+      skipped (it counts as a step but its update is discarded, as is the update of the step before it), the learning
+      rate is multiplied by `lr_backoff` for the rest of the run ([`scale_learning_rate`]; it is part of the
+      scheduler's checkpointed state, so resumed runs keep it), and training continues. After `max_rollbacks`
+      rollbacks the next trip stops as above. Each rollback logs `rksp/rollbacks` (count), `rksp/rollback_step`,
+      `rksp/rollback_cause` (bit flags: 1 loss, 2 gradient norm, 4 block output) and `rksp/lr` (the new rate).
+
+      Every event is written to `output_dir/rksp_guard.json` (the run record). Resuming from a checkpoint older than
+      recorded events applies their back-off to the restored scheduler, so the run does not replay the same blow-up
+      (the `learning_rate` the Trainer logs for the first resumed step still shows the checkpoint's rate; the
+      optimizer already uses the lowered one). `save_total_limit` rotates checkpoints by age and may delete the last
+      good one; keep a limit of at least 3, or none, when you rely on it.
+
+      Under DDP the rule is applied to each process's own loss and pre-averaging gradient (one tripping process trips
+      all); under FSDP2 to the reduce-scattered gradient, after clipping.
+    * **Stateful**: verdict, auto-KSS decision, last good checkpoint, events and the lr scale are saved in checkpoints
+      and restored with `restore_callback_states_from_checkpoint=True`.
+
+    Logging through `Trainer.log` (so TensorBoard / W&B see the metrics) needs the trainer: a [`KSSTrainer`] binds
+    itself; with any other `Trainer` call `callback.bind(trainer)`, or `register_trainer(trainer)`, which also reaches
+    a callback restored from a checkpoint. Unbound, the metrics go to `state.log_history` and the run record only.
 
     Args:
         profile_at_init (`bool`, defaults to `True`): profile at train begin.
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
         probe_batch_size (`int`, defaults to `8`): examples taken from the training dataset for the probe.
         num_samples (`int`, defaults to `2048`): token states per layer for the init profile (`N`).
-        rank (`int`, defaults to `32`): DMD rank of the profile.
+        rank (`int`, *optional*): `None` (default) profiles the full spectrum; an int r the rank-r approximation.
         seed (`int`, defaults to `0`): subsampling seed.
         layers (`str` or `list[str]`, *optional*): residual-block override, as in `find_residual_blocks`.
         every_n_steps (`int`, defaults to `0`): periodic monitoring period in optimizer steps (`0` = off).
         monitor_num_samples (`int`, defaults to `512`): token states per layer for periodic monitoring.
         guard (`bool`, defaults to `True`): enable the divergence guard.
-        loss_threshold (`float`, defaults to `50.0`) / grad_norm_threshold (`float`, defaults to `500.0`): the label.
+        loss_threshold (`float`, defaults to `50.0`) / grad_norm_threshold (`float`, defaults to `500.0`): the rule.
         check_activations (`bool`, defaults to `True`): watch block outputs for NaN/Inf (one `isfinite` per block).
-        skip_diverged_update (`bool`, defaults to `True`): drop the gradients of the diverged step before
-            `optimizer.step()`, so the in-memory model stays at its last finite state.
+        on_divergence (`str`, defaults to `"stop"`): `"stop"` or `"rollback"`.
+        max_rollbacks (`int`, defaults to `3`): rollbacks allowed before the guard stops.
+        lr_backoff (`float`, defaults to `0.5`): learning-rate factor applied at each rollback, in `(0, 1]`.
+        restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
         auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], enable KSS when the init verdict is high risk.
         save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir`.
     """
@@ -100,16 +152,19 @@ class RKSPCallback(TrainerCallback, ExportableState):
         probe_inputs: dict[str, torch.Tensor] | None = None,
         probe_batch_size: int = 8,
         num_samples: int = 2048,
-        rank: int = 32,
+        rank: int | None = None,
         seed: int = 0,
         layers: Any = None,
         every_n_steps: int = 0,
         monitor_num_samples: int = 512,
         guard: bool = True,
-        loss_threshold: float = 50.0,
-        grad_norm_threshold: float = 500.0,
+        loss_threshold: float = LOSS_THRESHOLD,
+        grad_norm_threshold: float = GRAD_NORM_THRESHOLD,
         check_activations: bool = True,
-        skip_diverged_update: bool = True,
+        on_divergence: str = "stop",
+        max_rollbacks: int = 3,
+        lr_backoff: float = 0.5,
+        restore_on_stop: bool = True,
         auto_kss: bool = False,
         save_artifacts: bool = True,
     ) -> None:
@@ -117,10 +172,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise ValueError(f"every_n_steps must be an int >= 0 (0 turns monitoring off), got {every_n_steps!r}")
         if probe_batch_size < 1:
             raise ValueError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
-        if not (loss_threshold > 0 and grad_norm_threshold > 0):
-            raise ValueError("loss_threshold and grad_norm_threshold must be > 0")
         if probe_inputs is not None and not isinstance(probe_inputs, (dict, torch.Tensor)):
             raise TypeError(f"probe_inputs must be a dict of tensors (a model batch), got {type(probe_inputs).__name__}")
+        if on_divergence not in _MODES:
+            raise ValueError(f"on_divergence must be one of {_MODES}, got {on_divergence!r}")
+        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be an int >= 0, got {max_rollbacks!r}")
+        if not (0 < lr_backoff <= 1):
+            raise ValueError(f"lr_backoff must be in (0, 1] (the learning rate is multiplied by it), got {lr_backoff!r}")
+        self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold))
         self.profile_at_init = profile_at_init
         self.probe_inputs = probe_inputs
         self.probe_batch_size = probe_batch_size
@@ -131,10 +191,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.every_n_steps = every_n_steps
         self.monitor_num_samples = monitor_num_samples
         self.guard = guard
-        self.loss_threshold = float(loss_threshold)
-        self.grad_norm_threshold = float(grad_norm_threshold)
         self.check_activations = check_activations
-        self.skip_diverged_update = skip_diverged_update
+        self.on_divergence = on_divergence
+        self.max_rollbacks = max_rollbacks
+        self.lr_backoff = float(lr_backoff)
+        self.restore_on_stop = restore_on_stop
         self.auto_kss = auto_kss
         self.save_artifacts = save_artifacts
         # state kept across checkpoints (JSON-ready)
@@ -142,18 +203,40 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.init_score: float | None = None
         self.kss_auto_enabled = False
         self.last_good_checkpoint: str | None = None
-        self.divergence: dict[str, Any] | None = None
+        self.divergence: dict[str, Any] | None = None  # the event that stopped the run
+        self.events: list[dict[str, Any]] = []  # every trip (rollbacks and the stop), in order
+        self.lr_scale = 1.0
         # runtime only
         self.profile = None  # the init SpectralProfile
-        self._trainer: Trainer | None = None
-        self._taps: TrainerTaps | None = None
+        self.weights_validated = True  # False once the in-memory weights are ones a divergence was detected on
+        self._trainer: Any = None
+        self._loss_tap: LossTap | None = None
+        self._grad_tap: GradNormTap | None = None
         self._watch: ActivationWatch | None = None
+        self._params: list[torch.nn.Parameter] = []
+        self._snapshot = StateSnapshot()  # last validated state
+        self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
+        self._trip: DivergenceEvent | None = None
+        self._to_log: DivergenceEvent | None = None
+        self._pending_checkpoint: tuple[int, str] | None = None
         self._stop_step: int | None = None
         self._probe_cache: dict[str, Any] | None = None
 
+    @property
+    def loss_threshold(self) -> float:
+        return self.rule.loss_threshold
+
+    @property
+    def grad_norm_threshold(self) -> float:
+        return self.rule.grad_norm_threshold
+
+    @property
+    def rollbacks(self) -> int:
+        return sum(e["action"] == "rollback" for e in self.events)
+
     # ------------------------------------------------------------------ wiring
-    def bind(self, trainer: Trainer) -> RKSPCallback:
-        """Use `trainer` for logging and raw-value taps (done automatically by `KSSTrainer` and at train begin)."""
+    def bind(self, trainer: Any) -> RKSPCallback:
+        """Log through `trainer.log` (done automatically by `KSSTrainer`; call it for any other `Trainer`)."""
         self._trainer = trainer
         return self
 
@@ -172,7 +255,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "loss_threshold": self.loss_threshold,
                 "grad_norm_threshold": self.grad_norm_threshold,
                 "check_activations": self.check_activations,
-                "skip_diverged_update": self.skip_diverged_update,
+                "on_divergence": self.on_divergence,
+                "max_rollbacks": self.max_rollbacks,
+                "lr_backoff": self.lr_backoff,
+                "restore_on_stop": self.restore_on_stop,
                 "auto_kss": self.auto_kss,
                 "save_artifacts": self.save_artifacts,
             },
@@ -182,6 +268,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "kss_auto_enabled": self.kss_auto_enabled,
                 "last_good_checkpoint": self.last_good_checkpoint,
                 "divergence": self.divergence,
+                "events": self.events,
+                "lr_scale": self.lr_scale,
             },
         }
 
@@ -192,7 +280,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             pending = self._trainer.control.should_log
             self._trainer.log(logs)
             self._trainer.control.should_log = pending
-        else:  # no trainer: log_history only (integrations miss it)
+        else:  # not bound: log_history only (integrations miss it)
             state.log_history.append({**logs, "step": state.global_step})
 
     # ------------------------------------------------------------------ probe and profile
@@ -276,15 +364,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
         (out / "rksp_report.md").write_text(spectral_profile.to_markdown(plots=plots), encoding="utf-8")
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if self._trainer is None:
-            self._trainer = _find_trainer()
-            if self._trainer is None:
-                logger.warning(
-                    "RKSPCallback: no Trainer found; rksp/* scalars go to state.log_history only and the guard sees "
-                    "only non-finite activations. Call callback.bind(trainer) to fix this."
-                )
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                       train_dataloader=None, **kwargs):
         self._stop_step = None
+        self.divergence = None
+        if self._trainer is None and model is not None and model in _TRAINERS:
+            self._trainer = _TRAINERS[model]()
         self._check_fsdp(args, model)
         restored = self.init_verdict is not None
         if self.profile_at_init and not restored and model is not None:
@@ -311,15 +396,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 self.kss_auto_enabled = True
         if self.auto_kss and self.kss_auto_enabled:  # also re-applied after a resume
             self._enable_kss(args, state)
-        if self.guard and self._trainer is not None and self._taps is None:
-            self._taps = TrainerTaps(self._trainer)
-        if self.guard and self.check_activations and model is not None and self._watch is None:
-            from hf_koopman.profiling import find_residual_blocks
-
-            try:
-                self._watch = ActivationWatch(find_residual_blocks(model, layers=self.layers))
-            except ValueError as err:
-                logger.warning("RKSP guard: no residual blocks found (%s); activation check disabled", err)
+        if self.guard:
+            self._start_guard(args, state, model, optimizer, lr_scheduler)
         return control
 
     def _check_fsdp(self, args, model) -> None:
@@ -346,82 +424,225 @@ class RKSPCallback(TrainerCallback, ExportableState):
             logger.warning("RKSP: init verdict is high risk, KSS switched on (alpha=%g).", config.alpha)
             self._log(args, state, {"kss/auto_enabled": 1.0})
 
+    # ------------------------------------------------------------------ guard
+    def _start_guard(self, args, state, model, optimizer, lr_scheduler) -> None:
+        if model is None:
+            return
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._snapshot = StateSnapshot()
+        self._trip = self._to_log = None
+        self._pending_checkpoint = None
+        self.weights_validated = True
+        if self._loss_tap is None:
+            world = getattr(args, "world_size", 1)
+            shared = world if (world > 1 and getattr(args, "average_tokens_across_devices", False)) else 1
+            self._loss_tap = LossTap(model, float(shared))
+        if self._grad_tap is None:
+            self._grad_tap = GradNormTap(self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0))
+        if self.check_activations and self._watch is None:
+            from hf_koopman.profiling import find_residual_blocks
+
+            try:
+                self._watch = ActivationWatch(find_residual_blocks(model, layers=self.layers))
+            except ValueError as err:
+                logger.warning("RKSP guard: no residual blocks found (%s); activation check disabled", err)
+        if state.global_step > 0:
+            self._resume_backoff(args, state, optimizer, lr_scheduler)
+
+    def _resume_backoff(self, args, state, optimizer, lr_scheduler) -> None:
+        """Resumed run: apply the back-off of recorded events that happened after the checkpoint's step."""
+        record = Path(args.output_dir) / RECORD_NAME
+        if not record.is_file():
+            return
+        try:
+            events = json.loads(record.read_text(encoding="utf-8")).get("events", [])
+        except (OSError, ValueError) as err:
+            logger.warning("RKSP guard: could not read the run record %s (%s)", record, err)
+            return
+        later = [e for e in events if int(e.get("step", 0)) > state.global_step]
+        if not later:
+            return
+        known = {(e.get("step"), e.get("action")) for e in self.events}
+        self.events.extend(e for e in later if (e.get("step"), e.get("action")) not in known)
+        factor = self.lr_backoff ** len(later)
+        scale_learning_rate(optimizer, lr_scheduler, factor)
+        self.lr_scale *= factor
+        logger.warning(
+            "RKSP guard: resuming at step %d before %d recorded divergence(s) (steps %s): learning rate x %g.",
+            state.global_step, len(later), [e.get("step") for e in later], factor,
+        )
+
+    def _stop_guard(self) -> None:
+        for tap in (self._loss_tap, self._grad_tap, self._watch):
+            if tap is not None:
+                tap.remove()
+        self._loss_tap = self._grad_tap = self._watch = None
+
+    def _observe(self) -> tuple[list[float], float | None, float | None, int | None]:
+        """Reduced `[loss, grad_norm, -first_bad_block]` over processes (one all-reduce) and the local values."""
+        device = self._params[0].device if self._params else torch.device("cpu")
+        minus_inf = torch.tensor(float("-inf"), device=device)
+        loss = self._loss_tap.step_loss() if self._loss_tap is not None else None
+        squared = self._grad_tap.squared_norm(self._params) if self._grad_tap is not None else None
+        if squared is not None and is_sharded(self._params):
+            squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
+        norm = squared.sqrt() if squared is not None else None
+        bad = self._watch.first_bad_index() if self._watch is not None else None
+
+        def finite_or_inf(x: torch.Tensor | None) -> torch.Tensor:
+            if x is None:
+                return minus_inf
+            x = x.to(device=device, dtype=torch.float64)
+            return torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
+
+        bad_value = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
+        local = torch.stack([finite_or_inf(loss), finite_or_inf(norm), bad_value])
+        local_values = local.tolist()
+        reduced = reduce_max(local.clone()).tolist()  # the host sync of the step
+        loss_value = None if loss is None else float(loss)
+        norm_value = None if norm is None else float(norm)
+        bad_index = None
+        if bad is not None and self._watch is not None and -local_values[2] < len(self._watch.names):
+            bad_index = int(-local_values[2])
+        return reduced, loss_value, norm_value, bad_index
+
     def on_step_begin(self, args, state, control, **kwargs):
-        if self._taps is not None:
-            self._taps.reset()
-        if self._watch is not None:
-            self._watch.reset()
+        for tap in (self._loss_tap, self._grad_tap, self._watch):
+            if tap is not None:
+                tap.reset()
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not self.guard:
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.guard or model is None:
             return
-        loss = grad_norm = None
-        if self._taps is not None and self._taps.step_loss is not None:
-            loss = float(self._taps.step_loss)
-        if self._taps is not None and self._taps.grad_norm is not None:
-            grad_norm = float(self._taps.grad_norm)
-        bad_index = self._watch.first_bad_index() if self._watch is not None else None
-        local = [
-            float(loss is not None and (not math.isfinite(loss) or loss > self.loss_threshold)),
-            float(grad_norm is not None and (not math.isfinite(grad_norm) or grad_norm > self.grad_norm_threshold)),
-            float(bad_index is not None),
-            -float(bad_index) if bad_index is not None else -1e9,
-        ]
-        flags = reduce_flags(local, args.device)  # OR across ranks; -max(-i) = min block index
-        if not any(flags[:3]):
+        # read every step: FSDP2 swaps the registered parameters for DTensor shards after train begin
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        reduced, loss, grad_norm, local_bad = self._observe()
+        n_blocks = len(self._watch.names) if self._watch is not None else 0
+        any_loss = reduced[0] != float("-inf")
+        any_norm = reduced[1] != float("-inf")
+        flags = 0
+        if any_loss and self.rule.loss_diverged(reduced[0]):
+            flags |= CAUSE_LOSS
+        if any_norm and self.rule.grad_norm_diverged(reduced[1]):
+            flags |= CAUSE_GRAD_NORM
+        first_bad = int(-reduced[2]) if reduced[2] != float("-inf") else n_blocks
+        if first_bad < n_blocks:
+            flags |= CAUSE_ACTIVATION
+        if not flags:
+            # the weights that produced this sane loss and gradient are validated: keep them
+            self._snapshot.capture(self._params, optimizer, state.global_step)
+            if self._pending_checkpoint is not None and self._pending_checkpoint[0] == state.global_step:
+                self.last_good_checkpoint = self._pending_checkpoint[1]
+                self._pending_checkpoint = None
             return
 
-        def where(i: int) -> str:
-            return "" if local[i] else " on another process"
+        def where(local_hit: bool) -> str:
+            return "" if local_hit else " on another process"
 
         causes = []
-        if flags[0]:
-            causes.append(f"loss > {self.loss_threshold:g} or non-finite{where(0)} (raw step loss here: {loss})")
-        if flags[1]:
+        if flags & CAUSE_LOSS:
             causes.append(
-                f"gradient norm > {self.grad_norm_threshold:g} or non-finite{where(1)} (pre-clip norm: {grad_norm})"
+                f"loss > {self.loss_threshold:g} or non-finite{where(self.rule.loss_diverged(loss))} "
+                f"(step loss here: {loss})"
             )
-        first_bad = None
-        if flags[2]:
-            causes.append(f"non-finite block output{where(2)}")
-            index = int(-flags[3])
-            if self._watch is not None and 0 <= index < len(self._watch.names):
-                first_bad = self._watch.names[index]
-        event = DivergenceEvent(
+        if flags & CAUSE_GRAD_NORM:
+            causes.append(
+                f"gradient norm > {self.grad_norm_threshold:g} or non-finite"
+                f"{where(self.rule.grad_norm_diverged(grad_norm))} (norm here: {grad_norm})"
+            )
+        if flags & CAUSE_ACTIVATION:
+            causes.append(f"non-finite block output{where(local_bad is not None)}")
+        suspect = [self._pending_checkpoint[1]] if self._pending_checkpoint is not None else []
+        self._pending_checkpoint = None
+        self._trip = DivergenceEvent(
             step=state.global_step + 1,
             causes=causes,
+            cause_flags=flags,
             loss=loss,
             grad_norm=grad_norm,
-            first_bad_layer=first_bad,
+            first_bad_layer=self._watch.names[first_bad] if flags & CAUSE_ACTIVATION else None,
             last_good_checkpoint=self.last_good_checkpoint,
+            suspect_checkpoints=suspect,
         )
-        self.divergence = event.to_dict()
-        self._stop_step = event.step
-        if self.skip_diverged_update and model is not None:
-            for param in model.parameters():
-                param.grad = None  # optimizer.step() skips parameters without gradients
-        control.should_training_stop = True
-        logger.error(
-            "RKSP guard: %s. Training stops%s; last good checkpoint: %s.",
-            event.describe(),
-            " (the diverged update was not applied)" if self.skip_diverged_update else "",
-            self.last_good_checkpoint,
-        )
+        if self._snapshot.empty:  # nothing validated yet: remember the pre-step state to undo this update at least
+            self._undo.capture(self._params, optimizer, state.global_step)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        event, self._trip = self._trip, None
+        if event is None:
+            return
+        rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
+        if not self._snapshot.empty and (rollback or self.restore_on_stop):
+            self._snapshot.restore(self._params, optimizer)  # discards this update and the suspect one before it
+            event.restored_step = self._snapshot.step
+            self.weights_validated = True
+        else:
+            if not self._undo.empty:
+                self._undo.restore(self._params, optimizer)  # this update is discarded; the weights stay suspect
+            self.weights_validated = False
+            rollback = False
+        if rollback:
+            event.action = "rollback"
+            scale_learning_rate(optimizer, lr_scheduler, self.lr_backoff)
+            self.lr_scale *= self.lr_backoff
+            logger.warning(
+                "RKSP guard: %s. Rolled back to the validated state of step %d, batch skipped, learning rate x %g "
+                "(rollback %d of %d).",
+                event.describe(), event.restored_step, self.lr_backoff, self.rollbacks + 1, self.max_rollbacks,
+            )
+        else:
+            event.action = "stop"
+            self._stop_step = event.step
+            self.divergence = event.to_dict()
+            control.should_training_stop = True
+            if self.weights_validated:
+                memory = f"the in-memory model is back at the validated state of step {event.restored_step}"
+            else:
+                memory = "the tripping update was discarded but the in-memory weights are NOT validated; do not save them"
+            why = " after %d rollback(s)" % self.rollbacks if self.on_divergence == "rollback" else ""
+            logger.error(
+                "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",
+                event.describe(), why, memory, self.last_good_checkpoint,
+            )
+        self.events.append(event.to_dict())
+        self._to_log = event
         return control
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self._stop_step is None and control.should_save:
-            # recorded before the checkpoint is written, so the saved callback state already names it
-            self.last_good_checkpoint = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    def _write_record(self, args, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "rule": {"loss_threshold": self.loss_threshold, "grad_norm_threshold": self.grad_norm_threshold},
+            "on_divergence": self.on_divergence,
+            "max_rollbacks": self.max_rollbacks,
+            "lr_backoff": self.lr_backoff,
+            "diverged": self.divergence is not None,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "last_good_checkpoint": self.last_good_checkpoint,
+            "weights_validated": self.weights_validated,
+            "events": self.events,
+        }
+        (out / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        event, self._to_log = self._to_log, None
+        if event is not None:
+            if event.action == "rollback":
+                lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+                event.new_lr = lr
+                self.events[-1]["new_lr"] = lr
+                self._log(args, state, {"rksp/rollbacks": self.rollbacks, "rksp/rollback_step": event.step,
+                                        "rksp/rollback_cause": event.cause_flags, "rksp/lr": lr})
+            else:
+                self._log(args, state, {"rksp/diverged": 1.0, "rksp/diverged_step": event.step,
+                                        "rksp/diverged_cause": event.cause_flags, "rksp/rollbacks": self.rollbacks})
+            self._write_record(args, state)
         if self._stop_step is not None and state.global_step >= self._stop_step:
-            control.should_save = False  # never let the diverged step replace the last good checkpoint
+            control.should_save = False  # never write the step that diverged as a checkpoint
             control.should_training_stop = True
-            if state.global_step == self._stop_step:
-                self._log(args, state, {"rksp/diverged": 1.0, "rksp/diverged_step": float(self._stop_step)})
-                if state.is_world_process_zero:
-                    out = Path(args.output_dir)
-                    out.mkdir(parents=True, exist_ok=True)
-                    (out / "rksp_divergence.json").write_text(json.dumps(self.divergence, indent=2), encoding="utf-8")
             return control
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None:
             batch = self._probe_batch(model, kwargs.get("train_dataloader"))
@@ -433,13 +654,26 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._log(args, state, self._scalars(spectral_profile))
 
     def on_save(self, args, state, control, **kwargs):
+        # validated when the next step's loss and gradient pass the rule (see on_pre_optimizer_step)
         if self._stop_step is None:
-            self.last_good_checkpoint = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self._pending_checkpoint = (state.global_step, path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # the final metrics of train() (its TrainOutput.metrics is this dict) say whether the run diverged
+        if logs is not None and "train_runtime" in logs and self.guard:
+            extra = {"rksp/diverged": float(self.divergence is not None), "rksp/rollbacks": float(self.rollbacks)}
+            logs.update(extra)
+            if state.log_history and "train_runtime" in state.log_history[-1]:
+                state.log_history[-1].update(extra)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._taps is not None:
-            self._taps.remove()
-            self._taps = None
-        if self._watch is not None:
-            self._watch.remove()
-            self._watch = None
+        self._stop_guard()
+        if self.events:
+            self._write_record(args, state)
+        if self.divergence is not None and not self.weights_validated:
+            logger.error(
+                "RKSP guard: the in-memory weights are those the divergence at step %s was detected on. Resume from "
+                "the last good checkpoint (%s) instead of saving them.",
+                self.divergence["step"], self.last_good_checkpoint,
+            )

@@ -20,11 +20,12 @@ request on CPU raises a `ValueError` naming the fix. CPU offload and mixed preci
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import torch
+
+from hf_koopman.logging_utils import get_logger
 
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "sharding_summary",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _truthy(value: str | None) -> bool:

@@ -1,50 +1,84 @@
-"""Divergence guard: the paper's divergence label (loss > 50 or gradient norm > 500, Sec. 3.1) read from raw values.
+"""Building blocks of the divergence guard, all on public torch APIs.
 
-`logging_nan_inf_filter=True` (the default) hides NaN/Inf step losses from the Trainer's logs, and the logged
-`grad_norm` is only published on logging steps, so the guard taps the raw per-micro-batch loss returned by
-`Trainer.training_step` and the pre-clip norm returned by `Trainer._get_grad_norm`, and watches the block outputs for
-non-finite activations with on-device flags (no host sync until the step's single check).
+* `LossTap`: a forward hook on the model that reads the task loss of every training micro-batch from the model output
+  (`outputs.loss`), so a Trainer subclass that adds terms to its objective (KSS) is still judged on the model's loss,
+  and NaN/Inf losses are seen although the Trainer's `logging_nan_inf_filter` hides them from the logs.
+* `GradNormTap`: the gradient norm of the step. With clipping on (`max_grad_norm > 0`) it is read before clipping by
+  `register_post_accumulate_grad_hook` on every trainable parameter (the paper's rule is about the raw norm); without
+  clipping it is read in `on_pre_optimizer_step` from the gradients the optimizer is about to apply.
+* `ActivationWatch`: forward hooks on the residual blocks that flag non-finite outputs on device.
+* `StateSnapshot`: a CPU copy of the parameters and the optimizer state, restored in place.
+* `reduce_max`: the one all-reduce per step that makes every process take the same decision.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from hf_koopman.logging_utils import get_logger
 
 
-__all__ = ["ActivationWatch", "DivergenceEvent", "TrainerTaps", "reduce_flags"]
+__all__ = [
+    "ActivationWatch",
+    "DivergedModelError",
+    "DivergenceEvent",
+    "GradNormTap",
+    "LossTap",
+    "StateSnapshot",
+    "reduce_max",
+]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
+
+
+class DivergedModelError(RuntimeError):
+    """Raised by `save_model()` when the in-memory weights are the ones a divergence was detected on."""
+
+
+def _json_number(x: float | None) -> Any:
+    if x is None:
+        return None
+    return x if math.isfinite(x) else str(x)  # JSON has no NaN/Inf
 
 
 @dataclass
 class DivergenceEvent:
-    """What the guard saw on the step it stopped: JSON-ready via `to_dict()`."""
+    """One trip of the guard: what it saw and what it did. JSON-ready via `to_dict()`.
+
+    `step` is the optimizer step whose loss / gradient tripped the rule (1-based); `action` is `"rollback"` or
+    `"stop"`; `restored_step` the step count of the validated state put back in memory (`None`: none existed, the
+    update of `step` was undone only); `new_lr` the learning rate after the back-off (rollback only).
+    """
 
     step: int
     causes: list[str]
+    cause_flags: int
     loss: float | None
     grad_norm: float | None
     first_bad_layer: str | None
+    action: str = "stop"
+    restored_step: int | None = None
+    new_lr: float | None = None
     last_good_checkpoint: str | None = None
+    suspect_checkpoints: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        def num(x: float | None) -> Any:
-            if x is None:
-                return None
-            return x if x == x and abs(x) != float("inf") else str(x)  # JSON has no NaN/Inf
-
         return {
             "step": self.step,
+            "action": self.action,
             "causes": list(self.causes),
-            "loss": num(self.loss),
-            "grad_norm": num(self.grad_norm),
+            "cause_flags": self.cause_flags,
+            "loss": _json_number(self.loss),
+            "grad_norm": _json_number(self.grad_norm),
             "first_bad_layer": self.first_bad_layer,
+            "restored_step": self.restored_step,
+            "new_lr": self.new_lr,
             "last_good_checkpoint": self.last_good_checkpoint,
+            "suspect_checkpoints": list(self.suspect_checkpoints),
         }
 
     def describe(self) -> str:
@@ -52,49 +86,113 @@ class DivergenceEvent:
         return f"divergence at step {self.step}: {', '.join(self.causes)}{where}"
 
 
-class TrainerTaps:
-    """Instance-level wrappers on a trainer's `training_step` and `_get_grad_norm` that record raw values.
+def _model_loss(output: Any) -> torch.Tensor | None:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() > 0 else None
 
-    `step_loss` is the sum of the losses `training_step` returned since `reset()` (the Trainer's own per-step loss
-    before its NaN filter); `grad_norm` the last pre-clip gradient norm. `remove()` restores the methods.
+
+class LossTap:
+    """Forward hook on `model` that sums the training losses of one optimizer step on device (no host sync).
+
+    The Trainer passes `num_items_in_batch` to models that accept it; their micro-batch loss is then a share of the
+    step's mean loss (summed here, times `world_size` when `average_tokens_across_devices` divides by the tokens of
+    every process). Without it each micro-batch loss is a mean (averaged here). Either way `step_loss()` is this
+    process's mean loss over the step. Forwards under `no_grad` or in eval mode (profiling, evaluation) are ignored.
     """
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-        self.step_loss: torch.Tensor | None = None
-        self.grad_norm: Any = None
-        self.has_grad_norm = hasattr(trainer, "_get_grad_norm")
-        original_step = trainer.training_step
+    def __init__(self, model: torch.nn.Module, shared_token_count_factor: float = 1.0) -> None:
+        self.factor = shared_token_count_factor
+        self._shares: torch.Tensor | None = None
+        self._means: torch.Tensor | None = None
+        self._count = 0
+        self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
-        def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = original_step(*args, **kwargs)
-            # KSSTrainer: on KSS steps the returned loss includes alpha * L_KSS; the label is about the model's loss
-            task = getattr(trainer, "_guard_task_loss", None)
-            if isinstance(task, torch.Tensor):
-                self.step_loss = task if self.step_loss is None else self.step_loss + task
-            elif isinstance(loss, torch.Tensor):
-                value = loss.detach().float().sum()
-                self.step_loss = value if self.step_loss is None else self.step_loss + value
-            return loss
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        loss = _model_loss(output)
+        if loss is None:
+            return
+        value = loss.detach().float().mean()
+        if kwargs.get("num_items_in_batch") is not None:
+            self._shares = value if self._shares is None else self._shares + value
+        else:
+            self._means = value if self._means is None else self._means + value
+            self._count += 1
 
-        trainer.training_step = training_step
-        if self.has_grad_norm:
-            original_norm = trainer._get_grad_norm
-
-            def get_grad_norm(*args: Any, **kwargs: Any) -> Any:
-                norm = original_norm(*args, **kwargs)
-                self.grad_norm = norm
-                return norm
-
-            trainer._get_grad_norm = get_grad_norm
+    def step_loss(self) -> torch.Tensor | None:
+        parts = []
+        if self._shares is not None:
+            parts.append(self._shares * self.factor)
+        if self._means is not None:
+            parts.append(self._means / self._count)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def reset(self) -> None:
-        self.step_loss = None
-        self.grad_norm = None
+        self._shares = self._means = None
+        self._count = 0
 
     def remove(self) -> None:
-        for name in ("training_step", "_get_grad_norm"):
-            self.trainer.__dict__.pop(name, None)
+        self._handle.remove()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def is_sharded(params: list[torch.nn.Parameter]) -> bool:
+    """True when the parameters are DTensor shards (FSDP2)."""
+    return any(hasattr(p, "to_local") for p in params)
+
+
+class GradNormTap:
+    """Gradient norm of the step (squared, on device).
+
+    `pre_clip=True` installs post-accumulate-grad hooks, which see every parameter's accumulated gradient before the
+    Trainer clips it; under DDP that is this process's gradient before averaging. FSDP2 reduces into sharded gradients
+    outside autograd, so with DTensor parameters the norm is read from the shards in `on_pre_optimizer_step` (after
+    clipping) and summed over processes by the caller.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], pre_clip: bool) -> None:
+        self.pre_clip = pre_clip and not is_sharded(params)
+        self._squares: list[torch.Tensor | None] = [None] * len(params)
+        self._handles = []
+        if self.pre_clip:
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
+
+    def _hook(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            # the accumulated gradient so far: the last call of the step sees the final, pre-clip value
+            self._squares[index] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
+
+        return hook
+
+    def squared_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor | None:
+        """Sum of squared gradient norms (this process's share for FSDP2); `None` when no gradient exists."""
+        if is_sharded(params) and self._handles:
+            self.remove()  # the model was sharded after the hooks were installed
+            self.pre_clip = False
+        seen = [s for s in self._squares if s is not None] if self.pre_clip else []
+        if not seen:
+            grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
+            if not grads:
+                return None
+            norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+            return torch.stack([n.float() for n in norms]).square().sum()
+        device = seen[0].device
+        return torch.stack([s.to(device) for s in seen]).sum()
+
+    def reset(self) -> None:
+        self._squares = [None] * len(self._squares)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class ActivationWatch:
@@ -107,6 +205,8 @@ class ActivationWatch:
 
     def _hook(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
             out = output[0] if isinstance(output, (tuple, list)) and output else output
             if isinstance(out, torch.Tensor) and out.is_floating_point():
                 bad = ~torch.isfinite(out.detach()).all()
@@ -115,15 +215,17 @@ class ActivationWatch:
 
         return hook
 
-    def first_bad_index(self) -> int | None:
-        """Index of the first block whose output was non-finite since `reset()`; syncs once."""
+    def first_bad_index(self) -> torch.Tensor | None:
+        """On-device index of the first block with a non-finite output since `reset()` (`len(blocks)` = none)."""
         seen = [f for f in self._flags if f is not None]
         if not seen:
             return None
         device = seen[0].device
-        flags = [f.to(device) if f is not None else torch.zeros((), dtype=torch.bool, device=device) for f in self._flags]
-        hits = torch.stack(flags).nonzero().flatten().tolist()  # the single host sync
-        return hits[0] if hits else None
+        flags = torch.stack(
+            [f.to(device) if f is not None else torch.zeros((), dtype=torch.bool, device=device) for f in self._flags]
+            + [torch.ones((), dtype=torch.bool, device=device)]
+        )
+        return flags.to(torch.uint8).argmax()  # first True; the sentinel makes "none" = len(blocks)
 
     def reset(self) -> None:
         self._flags = [None] * len(self._flags)
@@ -134,10 +236,98 @@ class ActivationWatch:
         self._handles = []
 
 
-def reduce_flags(values: list[float], device: torch.device | str) -> list[float]:
-    """Element-wise max over all processes (OR for 0/1 flags); identity in a single process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+def reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over all processes (one all-reduce); identity in a single process. NaN must be mapped first."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def world_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes (FSDP2 squared-norm shards)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+class StateSnapshot:
+    """Parameters and optimizer state of one moment, copied to CPU and restored in place.
+
+    In-place restore keeps every tensor object the Trainer, the optimizer and DDP / FSDP2 hold (DTensor shards are
+    restored through their local tensor). Optimizer state that did not exist when the snapshot was taken (the first
+    step creates Adam's moments) is removed on restore, so the optimizer behaves as it did then.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self._params: list[torch.Tensor] = []
+        self._opt_state: list[dict[str, Any] | None] = []
+        self._groups: list[dict[str, Any]] = []
+
+    @property
+    def empty(self) -> bool:
+        return self.step is None
+
+    @staticmethod
+    def _copy(src: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+        src = _local(src.detach())
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            return src.to("cpu", copy=True)
+        buf.copy_(src)
+        return buf
+
+    @torch.no_grad()
+    def capture(self, params: list[torch.nn.Parameter], optimizer: Any, step: int) -> None:
+        old = self._params if len(self._params) == len(params) else [None] * len(params)
+        self._params = [self._copy(p, b) for p, b in zip(params, old)]
+        if optimizer is not None:
+            state = optimizer.state
+            old_state = self._opt_state if len(self._opt_state) == len(params) else [None] * len(params)
+            new_state: list[dict[str, Any] | None] = []
+            for p, prev in zip(params, old_state):
+                entry = state.get(p)
+                if not entry:
+                    new_state.append(None)
+                    continue
+                prev = prev or {}
+                new_state.append(
+                    {k: self._copy(v, prev.get(k)) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                )
+            self._opt_state = new_state
+            self._groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self.step = step
+
+    @torch.no_grad()
+    def restore(self, params: list[torch.nn.Parameter], optimizer: Any) -> None:
+        if self.empty:
+            raise RuntimeError("no snapshot to restore")
+        for p, saved in zip(params, self._params):
+            _local(p.data).copy_(saved)
+        if optimizer is None:
+            return
+        state = optimizer.state
+        for p, saved in zip(params, self._opt_state):
+            if saved is None:
+                state.pop(p, None)
+                continue
+            current = state.get(p)
+            if current is None:
+                current = state[p] = {}
+            for k, v in saved.items():
+                target = current.get(k)
+                if isinstance(v, torch.Tensor) and isinstance(target, torch.Tensor) and _local(target).shape == v.shape:
+                    _local(target).copy_(v)
+                elif isinstance(v, torch.Tensor):
+                    current[k] = v.clone().to(_local(p).device) if v.dim() else v.clone()
+                else:
+                    current[k] = v
+        for group, saved in zip(optimizer.param_groups, self._groups):
+            group.update(saved)
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self._params)
+        for entry in self._opt_state:
+            for v in (entry or {}).values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        return total

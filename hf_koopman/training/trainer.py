@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Any
 
 import torch
 from transformers import Trainer
+from hf_koopman.logging_utils import get_logger
 
 from hf_koopman.koopman.shaping import (
     SpectralShapingError,
@@ -22,7 +22,7 @@ from hf_koopman.training.fsdp import UnshardedParameters, enable_cpu_fsdp, is_fs
 
 __all__ = ["KSSTrainer"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # order of the running sums kept on device between logging steps
 _STAT_KEYS = ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius")
@@ -154,6 +154,13 @@ class KSSTrainer(Trainer):
       micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor, 1 = uncapped, this
       process only). The Trainer's own `loss` is the optimised objective,
       i.e. it includes `alpha * penalty` on KSS steps.
+    * `task_loss`: the detached task loss of the last training micro-batch, without the KSS term, as `compute_loss`
+      of the parent `Trainer` returns it. The divergence rule is about this loss, never the objective (`L_KSS` is
+      unbounded); [`RKSPCallback`] reads the same value from the model output with a forward hook, so it works with
+      any `Trainer`.
+    * `save_model()` refuses weights the divergence guard has not validated (see [`RKSPCallback`]) with a
+      [`~hf_koopman.training.guard.DivergedModelError`] naming the last good checkpoint; `allow_unvalidated=True`
+      writes them anyway.
 
     Args:
         kss_config ([`KSSConfig`], *optional*):
@@ -175,6 +182,7 @@ class KSSTrainer(Trainer):
         kss_config.validate()
         self.kss_config = kss_config
         self.kss_steps: list[int] = []  # optimizer steps on which KSS ran (one entry per step, for inspection)
+        self.task_loss: torch.Tensor | None = None  # last training micro-batch's task loss, without the KSS term
         self._kss_blocks: list[Any] | None = None
         self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
         self._kss_skipped = 0
@@ -182,8 +190,9 @@ class KSSTrainer(Trainer):
         self._kss_grad_scale_count = 0
         self._kss_fast_cap = True  # False: always the three-pass cap (kept for the benchmark's comparison)
 
-        from hf_koopman.training.callback import RKSPCallback  # local: callback imports nothing from here
+        from hf_koopman.training.callback import RKSPCallback, register_trainer  # local: callback imports nothing here
 
+        register_trainer(self)  # also reaches callbacks restored from a checkpoint (new instances)
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, RKSPCallback):
                 callback.bind(self)
@@ -192,6 +201,31 @@ class KSSTrainer(Trainer):
         """Parent behaviour, then FSDP2 on CPU when an FSDP run was requested (accelerate alone falls back to DDP)."""
         super().create_accelerator_and_postprocess()
         enable_cpu_fsdp(self)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
+                   allow_unvalidated: bool = False) -> None:
+        """`Trainer.save_model`, refusing weights the divergence guard saw diverge (unless `allow_unvalidated`)."""
+        from hf_koopman.training.callback import RKSPCallback
+        from hf_koopman.training.guard import DivergedModelError
+
+        guards = [c for c in self.callback_handler.callbacks if isinstance(c, RKSPCallback)]
+        for guard in guards:
+            if guard.divergence is None or _internal_call:
+                continue
+            if not guard.weights_validated and not allow_unvalidated:
+                raise DivergedModelError(
+                    f"refusing to save: the in-memory weights are those the divergence guard tripped on at step "
+                    f"{guard.divergence['step']} ({'; '.join(guard.divergence['causes'])}). Last good checkpoint: "
+                    f"{guard.last_good_checkpoint or 'none (no checkpoint was validated)'}; resume from it with "
+                    "trainer.train(resume_from_checkpoint=...), or pass save_model(..., allow_unvalidated=True) to "
+                    "write the diverged weights anyway."
+                )
+            if guard.weights_validated:
+                logger.warning(
+                    "save_model after a divergence at step %s: writing the validated weights of step %s that the guard "
+                    "restored.", guard.divergence["step"], guard.divergence.get("restored_step"),
+                )
+        super().save_model(output_dir, _internal_call)
 
     # ------------------------------------------------------------------ switches
     def kss_active_for_step(self, step: int | None = None) -> bool:
@@ -229,12 +263,13 @@ class KSSTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        # what the divergence guard reads on this micro-batch (None: the returned loss itself, see guard.TrainerTaps)
-        self._guard_task_loss = None
         if not (model.training and self.kss_active_for_step()):
-            return super().compute_loss(
+            result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+            if model.training:
+                self.task_loss = (result[0] if return_outputs else result).detach()
+            return result
         from hf_koopman.profiling import ResidualStreamRecorder
 
         cfg = self.kss_config
@@ -263,15 +298,9 @@ class KSSTrainer(Trainer):
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
+        self.task_loss = loss.detach()
         penalty = self._kss_term(recorder.snapshots(), step, device=loss.device)
         if penalty is not None:
-            # The paper's divergence label (loss > 50) is about the model's loss, not the objective: L_KSS is unbounded
-            # (alpha * L_KSS reached 5e9 on a Mixtral run whose task loss was ~10), so the guard gets the task loss,
-            # scaled as the Trainer scales the value training_step returns. The logged `loss` stays the objective.
-            ga_scaled = self._loss_counts_as_ga_scaled(num_items_in_batch)
-            task = loss.detach().float()
-            task = task.mean() if task.ndim else task
-            self._guard_task_loss = task if ga_scaled else task / self.current_gradient_accumulation_steps
             if self._loss_counts_as_ga_scaled(num_items_in_batch):
                 # the Trainer will not divide by GA, so the per-micro-batch term must be (mean over micro-batches)
                 penalty = penalty / self.current_gradient_accumulation_steps

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the rule itself (Sec. 3.1: loss > 50, gradient norm > 500, non-finite) lives in one place, shared with the guard
+from hf_koopman.training.divergence import GRAD_NORM_THRESHOLD, LOSS_THRESHOLD, PAPER_RULE, is_divergent_step
+
 __all__ = [
     "LOSS_THRESHOLD",
     "GRAD_NORM_THRESHOLD",
@@ -20,20 +23,10 @@ __all__ = [
     "gradient_baselines",
 ]
 
-# Sec. 3.1: "diverged if, at any step, the loss exceeds 50.0 or the gradient norm exceeds 500.0".
-LOSS_THRESHOLD = 50.0
-GRAD_NORM_THRESHOLD = 500.0
 # Loss spike (the paper does not define it; our choice): loss_t > SPIKE_FACTOR * mean of the previous SPIKE_WINDOW
 # finite losses (at least 5 needed), or a non-finite loss.
 SPIKE_FACTOR = 1.5
 SPIKE_WINDOW = 20
-
-
-def is_divergent_step(loss: float, grad_norm: float | None = None) -> bool:
-    """True if this step diverges: `loss > 50`, `grad_norm > 500`, or either is non-finite (NaN / inf count)."""
-    if not math.isfinite(loss) or loss > LOSS_THRESHOLD:
-        return True
-    return grad_norm is not None and (not math.isfinite(grad_norm) or grad_norm > GRAD_NORM_THRESHOLD)
 
 
 @dataclass(frozen=True)
@@ -59,9 +52,9 @@ def label_divergence(losses: Sequence[float], grad_norms: Sequence[float] | None
         loss = float(loss)
         if not math.isfinite(loss) or (g is not None and not math.isfinite(g)):
             return DivergenceLabel(True, i + 1, "non_finite")
-        if loss > LOSS_THRESHOLD:
+        if PAPER_RULE.loss_diverged(loss):
             return DivergenceLabel(True, i + 1, "loss")
-        if g is not None and g > GRAD_NORM_THRESHOLD:
+        if PAPER_RULE.grad_norm_diverged(g):
             return DivergenceLabel(True, i + 1, "grad_norm")
     return DivergenceLabel(False, None, None)
 

@@ -3,8 +3,10 @@
 Run 1 ("trajectory"): `scripts/train_kss.py` unchanged, KSS every 2 steps, RKSP monitoring every 2 steps; the log
 history goes to `<out>/trajectory-rank<r>.json` together with the world size the Trainer saw, how the model is
 distributed (FSDP modules, DTensor parameters, local share of the elements) and what the KSS hooks were attached to.
-Run 2 ("guard"): a Trainer whose **rank 1 only** reports an infinite step loss on optimizer step 3; the
-rank-reduced guard must stop every rank at step 3. Result in `<out>/guard-rank<r>.json`.
+Run 2 ("guard"): a Trainer whose **rank 1 only** sees an infinite gradient on optimizer step 3 (a tensor hook on
+the last block's output, so the loss stays finite and rank 0's own backward is clean); the rank-reduced guard must roll back every rank at step 3, identically, and
+the run must finish. Result in `<out>/guard-rank<r>.json`: events, final step, a digest of the final weights, and the
+time of the guard's one all-reduce per step.
 """
 
 from __future__ import annotations
@@ -84,12 +86,39 @@ def run_guard(text_file: str, out: Path) -> None:
 
     class FaultOnRankOne(KSSTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if rank() == 1 and self.state.global_step == 2:  # optimizer step 3, one rank only
-                return loss * float("inf")
-            return loss
+            handle = None
+            if rank() == 1 and self.state.global_step == 2:  # optimizer step 3, one rank only: the gradient flowing
+                # back into the last block is infinite (works under DDP and FSDP2, whose parameters autograd never sees)
+                block = self.accelerator.unwrap_model(model).transformer.h[-1]
 
-    callback = RKSPCallback(num_samples=128, rank=8)
+                def poison(module, args, output):
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    hidden.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+                handle = block.register_forward_hook(poison)
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+    import time
+
+    import hf_koopman.training.guard as guard_module
+
+    timings = []
+    reduce_max = guard_module.reduce_max
+
+    def timed_reduce(values):
+        start = time.perf_counter()
+        out = reduce_max(values)
+        timings.append(time.perf_counter() - start)
+        return out
+
+    import hf_koopman.training.callback as callback_module
+
+    callback_module.reduce_max = timed_reduce  # test instrumentation: time the guard's all-reduce
+    callback = RKSPCallback(num_samples=128, rank=8, on_divergence="rollback")
     args = TrainingArguments(
         output_dir=str(out / "guard"), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
@@ -100,9 +129,15 @@ def run_guard(text_file: str, out: Path) -> None:
     )
     trainer.kss_config.alpha = 0.0
     trainer.train()
+    weights = torch.cat([p.detach().double().flatten() for p in trainer.model.parameters()])
     result = {
         "global_step": trainer.state.global_step,
         "divergence": callback.divergence,
+        "events": callback.events,
+        "weights_sum": float(weights.sum()),
+        "weights_sq": float(weights.square().sum()),
+        "finite": bool(torch.isfinite(weights).all()),
+        "reduce_seconds": timings,
         "distributed_type": str(trainer.accelerator.distributed_type),
     }
     (out / f"guard-rank{rank()}.json").write_text(json.dumps(result))

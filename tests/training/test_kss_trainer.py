@@ -163,7 +163,7 @@ def test_config_validation_and_arguments_round_trip(tmp_path):
     assert (defaults.alpha, defaults.temperature, defaults.tau_u, defaults.tau_l, defaults.gamma) == (
         0.15, 20.0, 1.05, 0.90, 0.4,
     )
-    assert (defaults.rank, defaults.every_n_steps, defaults.layer_fraction) == (32, 10, 0.5)
+    assert (defaults.rank, defaults.every_n_steps, defaults.layer_fraction) == (None, 10, 0.5)  # full spectrum
     with pytest.raises(TypeError, match="KSSConfig"):
         KSSTrainer(model=tiny_gpt2(), args=args, kss_config={"alpha": 1})
     with pytest.raises(ValueError, match="max_grad_ratio"):

@@ -21,7 +21,7 @@ is no random subsampling or batch norm, so the model is deterministic and exactl
 
 from __future__ import annotations
 
-import logging
+from hf_koopman.logging_utils import get_logger
 import math
 
 import torch
@@ -35,7 +35,7 @@ from .neural_process import NeuralProcessOutput, check_inputs, masked_gaussian_n
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class EquivCNPPreTrainedModel(PreTrainedModel):

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Divergence-guard overhead: the same healthy training run with and without `RKSPCallback`'s guard, side by side.
+
+Model: the research GPT with pre-LN (`hf_koopman.experiments.sweep.build_model`), associative recall, batch 16,
+AdamW, constant lr 1e-3 (no trip happens). Arms: `plain` (no callback) and `guard` (`RKSPCallback(profile_at_init=
+False)`, i.e. the guard only: loss hook, gradient norm, block-output check, the per-step CPU snapshot of weights and
+optimizer state, one host sync). Each round trains both arms for `--steps` steps from the same initial weights, the
+order alternating between rounds (ABBA) so slow load drifts hit both alike; the per-step time is `train_runtime /
+steps` from the Trainer's own metrics, and the overhead is the median over rounds of guard / plain - 1 (with min and
+max). Two settings: no gradient clipping (the norm is read in `on_pre_optimizer_step`) and `max_grad_norm=1` (the
+pre-clip norm comes from one post-accumulate-grad hook per parameter). Sizes: d 64 and d 256 (L 4).
+
+Also timed: the guard's one all-reduce per step (3 float64 numbers) between 2 gloo processes on this machine, median
+over 200 calls. Target (issue 20): overhead <= 1 % per step on CPU.
+
+    python benchmarks/bench_guard.py --out results/safety_net_overhead.json   # appends a section to safety_net.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_once(spec, train_ds, guard: bool, clip: float, steps: int) -> float:
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from hf_koopman.experiments.sweep import build_model
+    from hf_koopman.training import RKSPCallback
+
+    model = build_model(spec)
+    callbacks = [RKSPCallback(profile_at_init=False)] if guard else []
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=16, learning_rate=1e-3,
+            lr_scheduler_type="constant", max_grad_norm=clip, seed=0, logging_strategy="no", save_strategy="no",
+            report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+        out = trainer.train()
+    return out.metrics["train_runtime"] / steps
+
+
+def overhead(hidden: int, clip: float, rounds: int, steps: int) -> dict:
+    from hf_koopman.experiments.sweep import RunSpec, task_datasets
+
+    spec = RunSpec(norm="pre_ln", learning_rate=1e-3, seed=0, hidden_size=hidden, task="assoc_recall", max_steps=steps)
+    train_ds, _ = task_datasets(spec, num_train=16 * steps, num_eval=16)
+    train_once(spec, train_ds, True, clip, 5)  # warm-up
+    ratios, plain_times = [], []
+    for r in range(rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        t = {arm: train_once(spec, train_ds, arm, clip, steps) for arm in order}
+        ratios.append(t[True] / t[False] - 1)
+        plain_times.append(t[False])
+    return {"hidden_size": hidden, "max_grad_norm": clip, "rounds": rounds, "steps": steps,
+            "plain_step_ms": 1000 * statistics.median(plain_times),
+            "overhead_median": statistics.median(ratios), "overhead_min": min(ratios), "overhead_max": max(ratios)}
+
+
+def _allreduce_worker(rank: int, port: int, calls: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from hf_koopman.training.guard import reduce_max
+
+    x = torch.zeros(3, dtype=torch.float64)
+    for _ in range(20):
+        reduce_max(x.clone())
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        reduce_max(x.clone()).tolist()
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def allreduce_seconds(calls: int = 200) -> float:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "times.json")
+        mp.spawn(_allreduce_worker, args=(port, calls, out), nprocs=2, join=True)
+        return statistics.median(json.loads(Path(out).read_text()))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "safety_net_overhead.json")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
+    rows = [overhead(h, c, args.rounds, args.steps) for h in (64, 256) for c in (0.0, 1.0)]
+    reduce_s = allreduce_seconds()
+    result = {"rows": rows, "allreduce_seconds_median": reduce_s, "load_before": load, "load_after": os.getloadavg()[0],
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    lines = ["## Overhead", "", f"`python benchmarks/bench_guard.py` ({args.rounds} rounds x {args.steps} steps per arm, "
+             f"load average {load:.1f} before, {result['load_after']:.1f} after; {args.out.name}).", "",
+             "| d | clipping | plain step (ms) | guard overhead, median [min, max] over rounds |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['hidden_size']} | {'max_grad_norm=1' if r['max_grad_norm'] else 'off'} | "
+                     f"{r['plain_step_ms']:.1f} | {100 * r['overhead_median']:+.1f} % "
+                     f"[{100 * r['overhead_min']:+.1f}, {100 * r['overhead_max']:+.1f}] |")
+    lines += ["", f"All-reduce of the guard's 3 numbers, 2 gloo processes on this machine: "
+              f"{1e6 * reduce_s:.0f} µs per step (median of 200).", ""]
+    md = REPO / "results" / "safety_net.md"
+    text = md.read_text(encoding="utf-8")
+    text = text.split("## Overhead")[0].rstrip() + "\n\n" + "\n".join(lines)
+    md.write_text(text, encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The divergence guard's safety net: validated "last good" state, save refusal, rollback-and-continue, resume.
+
+Setting: tiny GPT-2, AdamW at lr 1.0, constant schedule, sequential batches of 4. Without the guard the loss runs
+4.0, 22.6, 35.3, 59.9: step 4 trips the rule (loss > 50), so the weights after step 3 are suspect and the last
+validated state is that after step 2 (validated by step 3's loss). At lr 0.5 the same run stays below 11 for 30 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
+
+
+BATCH = 4
+
+
+def _args(tmp_path, cls=TrainingArguments, **kw):
+    base = dict(max_steps=12, learning_rate=1.0, lr_scheduler_type="constant", save_strategy="steps", save_steps=1,
+                train_sampling_strategy="sequential", per_device_train_batch_size=BATCH)
+    if cls is KSSTrainingArguments:
+        base.update(kss_enabled=False)
+    base.update(kw)
+    return cpu_training_args(tmp_path, cls, **base)
+
+
+def _guard(**kw):
+    return RKSPCallback(profile_at_init=False, **kw)
+
+
+def _batch_loss(model, dataset, step):
+    """Loss of `model` on the batch of optimizer step `step` (1-based, sequential sampling)."""
+    ids = dataset.ids[(step - 1) * BATCH : step * BATCH]
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def _load(checkpoint):
+    model = tiny_gpt2()
+    state = load_file(f"{checkpoint}/model.safetensors")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def test_last_good_checkpoint_is_validated_by_the_step_after_it(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
+    trainer.train()
+    event = guard.divergence
+    assert event["step"] == 4 and event["action"] == "stop"
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+    assert event["suspect_checkpoints"] == [str(tmp_path / "checkpoint-3")]
+    # the named checkpoint gives a sane loss on the batch that preceded the trip (the one that validated it) ...
+    good = _batch_loss(_load(guard.last_good_checkpoint), data, 3)
+    assert math.isfinite(good) and good < 50
+    # ... while the checkpoint one step later is the one that produced the tripping loss
+    assert _batch_loss(_load(tmp_path / "checkpoint-3"), data, 4) > 50
+    assert not (tmp_path / "checkpoint-4").exists()
+    # the in-memory model went back to the validated state (= checkpoint-2)
+    saved = load_file(f"{guard.last_good_checkpoint}/model.safetensors")
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def test_save_model_after_a_trip_never_writes_the_diverged_weights(tmp_path):
+    data = TokenDataset(n=128)
+    # plain Trainer, default stop: the model in memory is the validated one, so save_model writes checkpoint-2's
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "plain"), train_dataset=data, callbacks=[guard])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "plain" / "final"))
+    final = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    good = load_file(str(tmp_path / "plain" / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in good.items())
+    assert _batch_loss(_load(tmp_path / "plain" / "final"), data, 3) < 50
+
+    # KSSTrainer without restoring: the weights in memory are unvalidated, save_model refuses and names the checkpoint
+    guard = _guard(restore_on_stop=False)
+    out = tmp_path / "kss"
+    trainer = KSSTrainer(model=tiny_gpt2(), args=_args(out, KSSTrainingArguments), train_dataset=data,
+                         callbacks=[guard])
+    trainer.train()
+    assert not guard.weights_validated
+    with pytest.raises(DivergedModelError, match="checkpoint-2"):
+        trainer.save_model(str(out / "final"))
+    assert not (out / "final" / "model.safetensors").exists()
+    trainer.save_model(str(out / "final"), allow_unvalidated=True)  # asked for explicitly
+    assert (out / "final" / "model.safetensors").exists()
+
+
+class LearningRates(TrainerCallback):
+    """The rate the optimizer really applies at every step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+class WeightsAt(TrainerCallback):
+    """Copies the weights at the end of every step (after the guard's rollback)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_rollback_finishes_a_run_that_would_diverge(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback")
+    spy = WeightsAt()
+    trainer = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path, KSSTrainingArguments), train_dataset=data,
+                         callbacks=[guard, spy])
+    output = trainer.train()
+    assert trainer.state.global_step == 12 and guard.divergence is None
+    assert output.metrics["rksp/diverged"] == 0.0 and output.metrics["rksp/rollbacks"] >= 1
+    rollbacks = [h for h in trainer.state.log_history if "rksp/rollbacks" in h and "rksp/rollback_step" in h]
+    assert rollbacks and rollbacks[0]["rksp/rollback_step"] == 4 and rollbacks[0]["rksp/rollbacks"] == 1
+    assert rollbacks[0]["rksp/rollback_cause"] == 1  # loss
+    assert rollbacks[0]["rksp/lr"] == pytest.approx(0.5)
+    # the diverged update is never kept: after the rollback at step 4 the weights are exactly checkpoint-2's
+    good = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(spy.weights[4][k], v) for k, v in good.items())
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 50
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert lrs[-1] == pytest.approx(0.5 ** guard.rollbacks)
+    record = json.loads((tmp_path / "rksp_guard.json").read_text())
+    assert record["rollbacks"] == guard.rollbacks and record["events"][0]["restored_step"] == 2
+    assert record["events"][0]["new_lr"] == pytest.approx(0.5)
+
+
+def test_rollbacks_are_bounded_then_the_guard_stops(tmp_path):
+    guard = _guard(on_divergence="rollback", max_rollbacks=2, lr_backoff=1.0)  # no back-off: it keeps tripping
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=3.0), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard])
+    trainer.train()
+    assert guard.rollbacks == 2 and guard.divergence is not None and guard.divergence["action"] == "stop"
+    assert trainer.state.global_step == guard.divergence["step"] < 12
+    assert [e["action"] for e in guard.events] == ["rollback", "rollback", "stop"]
+
+
+def test_resume_keeps_the_lowered_learning_rate(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback")
+    first = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path, KSSTrainingArguments, max_steps=8), train_dataset=data,
+                       callbacks=[guard])
+    first.train()
+    assert guard.rollbacks >= 1 and guard.events[-1]["step"] <= 8
+    # checkpoint-8 was written after the rollbacks: its scheduler state carries the lowered rate
+    spy = LearningRates()
+    resumed = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path, KSSTrainingArguments, max_steps=10),
+                         train_dataset=data, callbacks=[_guard(on_divergence="rollback"), spy])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert spy.lrs[0] == pytest.approx(0.5 ** guard.rollbacks)
+
+
+def test_resume_from_the_named_checkpoint_does_not_replay_the_blow_up(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard]).train()
+    named = guard.last_good_checkpoint
+    again, spy = _guard(), LearningRates()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[again, spy])
+    trainer.train(resume_from_checkpoint=named)
+    # the record says the run diverged at step 4: the resumed run starts at half the rate and gets past it
+    assert again.lr_scale == pytest.approx(0.5)
+    assert again.divergence is None and trainer.state.global_step == 12
+    assert len(spy.lrs) == 10 and all(lr == pytest.approx(0.5) for lr in spy.lrs)
+
+
+class Poison(TrainerCallback):
+    """Scales the token embeddings of one batch by 1e30 (a corrupt batch): its activations overflow to NaN/Inf."""
+
+    def __init__(self, step):
+        self.step, self.handle = step, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if state.global_step + 1 == self.step:
+            self.handle = model.transformer.wte.register_forward_hook(lambda m, a, out: out * 1e30)
+
+
+def test_rollback_skips_a_poisoned_batch_without_sgd_or_adam_drift(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback")
+    spy = WeightsAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, weight_decay=0.1),
+                      train_dataset=data, callbacks=[Poison(5), guard, spy])
+    trainer.train()
+    assert [e["step"] for e in guard.events] == [5] and guard.events[0]["action"] == "rollback"
+    assert guard.events[0]["restored_step"] == 3
+    # weight decay and Adam's moments did not move the restored weights: exactly checkpoint-3's
+    good = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(spy.weights[5][k], v) for k, v in good.items())
+    assert trainer.state.global_step == 8
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="on_divergence"):
+        RKSPCallback(on_divergence="retry")
+    with pytest.raises(ValueError, match="lr_backoff"):
+        RKSPCallback(lr_backoff=0.0)
+    with pytest.raises(ValueError, match="max_rollbacks"):
+        RKSPCallback(max_rollbacks=-1)
+    with pytest.raises(ValueError, match="thresholds"):
+        RKSPCallback(loss_threshold=0)
