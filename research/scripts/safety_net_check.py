@@ -1,8 +1,8 @@
 """Rollback vs stop on diverging CPU runs (issue 20): writes results/safety_net.json and the Results section of
 results/safety_net.md (the part above "## Results", the plan, is kept as written before the run).
 
-    python scripts/safety_net_check.py            # all regimes, ~8 minutes on 2 cores
-    python scripts/safety_net_check.py --quick    # one seed per regime, 20 steps (smoke test)
+    python -m research.scripts.safety_net_check            # all regimes, ~8 minutes on 2 cores
+    python -m research.scripts.safety_net_check --quick    # one seed per regime, 20 steps (smoke test)
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
-from hf_koopman.experiments.sweep import RunSpec, build_model, task_datasets
+from research.experiments.sweep import RunSpec, build_model, task_datasets
 from hf_koopman.training import RKSPCallback
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BACKOFF = 0.5
 MAX_ROLLBACKS = 3
 STEPS = 40
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
                 print(regime, seed, "backed-off", row, flush=True)
     import transformers
 
-    meta = {"command": "python scripts/safety_net_check.py" + (" --quick" if args.quick else ""),
+    meta = {"command": "python -m research.scripts.safety_net_check" + (" --quick" if args.quick else ""),
             "cpu_seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
     out_json = args.out.with_suffix(".json")
