@@ -6,7 +6,7 @@
 2. exactness: equivariance error of our EquivCNP vs the same network fed the raw coordinate as an extra feature (what
    the released 1-D EquivCNP did), under random translations, for T(1), and under rotations for SO(2).
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/bench_equivcnp.py [--repeats 20]
+Usage (from the repository root): OMP_NUM_THREADS=1 python -m benchmarks.bench_equivcnp [--repeats 20]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from hf_koopman.datasets.equivcnp_gp import sample_training_batch
+from research.data.equivcnp_gp import sample_training_batch
 from hf_koopman.models.equivcnp import CNPConfig, CNPModel, ConvCNPConfig, ConvCNPModel, EquivCNPConfig, EquivCNPModel, get_group
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Divergence-guard overhead: the same healthy training run with and without `RKSPCallback`'s guard, side by side.
 
-Model: the research GPT with pre-LN (`hf_koopman.experiments.sweep.build_model`), associative recall, batch 16,
+Model: the research GPT with pre-LN (`research.experiments.sweep.build_model`), associative recall, batch 16,
 AdamW, constant lr 1e-3 (no trip happens). Arms: `plain` (no callback) and `guard` (`RKSPCallback(profile_at_init=
 False)`, i.e. the guard only: loss hook, gradient norm, block-output check, the per-step CPU snapshot of weights and
 optimizer state, one host sync). Each round trains both arms for `--steps` steps from the same initial weights, the
@@ -13,7 +13,7 @@ pre-clip norm comes from one post-accumulate-grad hook per parameter). Sizes: d 
 Also timed: the guard's one all-reduce per step (3 float64 numbers) between 2 gloo processes on this machine, median
 over 200 calls. Target (issue 20): overhead <= 1 % per step on CPU.
 
-    python benchmarks/bench_guard.py --out results/safety_net_overhead.json   # appends a section to safety_net.md
+    python -m benchmarks.bench_guard --out results/safety_net_overhead.json   # appends a section to safety_net.md
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def train_once(spec, train_ds, guard: bool, clip: float, steps: int) -> float:
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from hf_koopman.experiments.sweep import build_model
+    from research.experiments.sweep import build_model
     from hf_koopman.training import RKSPCallback
 
     model = build_model(spec)
@@ -58,7 +58,7 @@ def train_once(spec, train_ds, guard: bool, clip: float, steps: int) -> float:
 
 
 def overhead(hidden: int, clip: float, rounds: int, steps: int) -> dict:
-    from hf_koopman.experiments.sweep import RunSpec, task_datasets
+    from research.experiments.sweep import RunSpec, task_datasets
 
     spec = RunSpec(norm="pre_ln", learning_rate=1e-3, seed=0, hidden_size=hidden, task="assoc_recall", max_steps=steps)
     train_ds, _ = task_datasets(spec, num_train=16 * steps, num_eval=16)
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     result = {"rows": rows, "allreduce_seconds_median": reduce_s, "load_before": load, "load_after": os.getloadavg()[0],
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    lines = ["## Overhead", "", f"`python benchmarks/bench_guard.py` ({args.rounds} rounds x {args.steps} steps per arm, "
+    lines = ["## Overhead", "", f"`python -m benchmarks.bench_guard` ({args.rounds} rounds x {args.steps} steps per arm, "
              f"load average {load:.1f} before, {result['load_after']:.1f} after; {args.out.name}).", "",
              "| d | clipping | plain step (ms) | guard overhead, median [min, max] over rounds |", "|---|---|---|---|"]
     for r in rows:

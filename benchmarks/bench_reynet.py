@@ -13,7 +13,7 @@
 3. With `--data-dir`: CPU seconds of one training epoch per TU dataset for ReyNet, IEGN as the model runs it
    (channel-last) and IEGN through the channel-first layer (session 1).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_reynet.py [--quick] [--data-dir DIR] [--out results/reynet_benchmark.txt]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_reynet [--quick] [--data-dir DIR] [--out results/reynet_benchmark.txt]
 
 Timings are CPU seconds of this process (`time.process_time`, run with OMP_NUM_THREADS=1 so CPU time is the work of
 one thread), minimum over repeats: on a shared machine wall-clock time also counts the other processes' time slices,
@@ -226,12 +226,10 @@ def bench_epoch(data_dir: str, name: str, lines: list[str], batch_size: int = 16
     """CPU seconds of one training epoch (fold 0 of the seeded 10-fold split, the CV script's batches and models) for
     ReyNet, IEGN as the model runs it (channel-last GEMMs) and IEGN through the channel-first factorised layer (the
     session-1 path), side by side."""
-    import sys
     import types
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import reynet_experiments as rx
-    from hf_koopman.datasets.graphs import GraphDataset, load_gin_graphs, stratified_kfold
+    from research.experiments import reynet as rx
+    from research.data.graphs import GraphDataset, load_gin_graphs, stratified_kfold
     from hf_koopman.models.reynet.modeling_reynet import _zero_padding
 
     graphs, num_classes, num_labels = load_gin_graphs(data_dir, name)

@@ -200,7 +200,9 @@ def _read_text_chunks(path: Path, max_length: int) -> list[str]:
 
 
 def _load_dataset(name: str, split: str):
-    import datasets
+    from hf_koopman.optional_imports import import_optional
+
+    datasets = import_optional("datasets", extra="datasets", feature="hf-koopman profile --dataset")
 
     if Path(name).is_dir():
         loaded = datasets.load_from_disk(name)

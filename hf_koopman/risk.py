@@ -1,7 +1,7 @@
 r"""Calibrated divergence risk: $P(\text{diverge} \mid \text{init spectrum}, \log \text{LR}, \dots)$.
 
 The RKSP paper reads the raw near-unit mass $M_{\approx 1}$ as a probability (App. H, ECE 0.283). Here a small
-logistic model on standardised features is fitted to a sweep of training runs (`scripts/fit_risk.py`) and shipped as
+logistic model on standardised features is fitted to a sweep of training runs (`research/scripts/fit_risk.py`) and shipped as
 JSON (`hf_koopman/data/risk_estimator.json`; never pickle). Init-time spectra do not depend on the learning rate, so the
 learning rate is an input: `predict_proba(profile, learning_rate=...)`.
 
@@ -269,7 +269,7 @@ class RiskEstimator:
 
     @classmethod
     def default(cls) -> RiskEstimator:
-        """The estimator shipped with the package (fitted by `scripts/fit_risk.py` on `results/sweep/`)."""
+        """The estimator shipped with the package (fitted by `research/scripts/fit_risk.py` on `results/sweep/`)."""
         return _load_default()
 
     def __repr__(self) -> str:
@@ -282,6 +282,6 @@ def _load_default() -> RiskEstimator:
     ref = resources.files("hf_koopman") / "data" / DEFAULT_ESTIMATOR_FILE
     if not ref.is_file():
         raise FileNotFoundError(
-            f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with scripts/fit_risk.py"
+            f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with research/scripts/fit_risk.py"
         )
     return RiskEstimator.from_dict(json.loads(ref.read_text(encoding="utf-8")))

@@ -135,8 +135,11 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | None = None, he
 
 
 def tiny_peft_model(arch: str = "llama", *, r: int = 4, seed: int = 0, **overrides: Any):
-    """`tiny_model(arch)` wrapped with a PEFT LoRA adapter on the attention projections."""
-    from peft import LoraConfig, get_peft_model
+    """`tiny_model(arch)` wrapped with a PEFT LoRA adapter on the attention projections (needs `peft`)."""
+    from hf_koopman.optional_imports import import_optional
+
+    peft = import_optional("peft", extra="peft", feature="tiny_peft_model")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     model = tiny_model(arch, seed=seed, **overrides)
     targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]

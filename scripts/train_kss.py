@@ -97,7 +97,9 @@ def load_text(script: ScriptArguments) -> str:
         with open(script.text_file, encoding="utf-8") as handle:
             text = handle.read(script.max_chars) if script.max_chars else handle.read()
         return text
-    from datasets import load_dataset
+    from hf_koopman.optional_imports import import_optional
+
+    load_dataset = import_optional("datasets", extra="datasets", feature="--dataset").load_dataset
 
     files = script.dataset_files.split(",") if script.dataset_files else None
     data = load_dataset(script.dataset, script.dataset_config, data_files=files, split=script.dataset_split)

@@ -1,8 +1,9 @@
-"""The math core must import (and work) with `transformers` unavailable."""
+"""Import boundaries: the math core without `transformers`, the product without `research/`, `datasets` or `peft`."""
 
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def test_koopman_core_imports_without_transformers():
@@ -22,3 +23,59 @@ def test_koopman_core_imports_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    # run from the repository root, where `research` is importable: what matters is that nothing imports it
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO_ROOT)
+
+
+def test_hf_koopman_imports_nothing_from_research_and_registers_no_research_model():
+    out = _run(
+        """
+        import sys
+        import hf_koopman
+        from hf_koopman import KSSTrainer, RKSPCallback, RiskEstimator, profile  # the public API, resolved
+        from hf_koopman.models import equivcnp, reynet
+        from transformers import CONFIG_MAPPING
+        research = sorted(m for m in sys.modules if m == "research" or m.startswith("research."))
+        assert not research, research
+        assert "reynet" in CONFIG_MAPPING and "equivcnp" in CONFIG_MAPPING
+        assert "rksp_gpt" not in CONFIG_MAPPING
+        import research.rksp_gpt  # the research GPT registers itself when (and only when) it is imported
+        assert "rksp_gpt" in CONFIG_MAPPING
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_product_works_without_datasets_and_peft():
+    out = _run(
+        """
+        import sys
+        sys.modules["datasets"] = None  # `import datasets` / `import peft` now raise ImportError
+        sys.modules["peft"] = None
+        import torch
+        import hf_koopman
+        from hf_koopman import RKSPCallback, KSSTrainer, profile
+        from hf_koopman.cli import _load_dataset
+        from hf_koopman.testing_utils import tiny_model, tiny_peft_model
+        prof = profile(tiny_model("llama"), num_samples=128)
+        assert prof.layers
+        for call, extra in ((lambda: _load_dataset("some/dataset", "train"), "datasets"), (tiny_peft_model, "peft")):
+            try:
+                call()
+            except ImportError as err:
+                assert f"pip install 'hf-koopman[{extra}]'" in str(err), err
+            else:
+                raise AssertionError("no ImportError")
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

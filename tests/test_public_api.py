@@ -18,5 +18,5 @@ def test_unknown_name_raises_attribute_error():
 def test_auto_classes_registered_on_import():
     from transformers import AutoConfig
 
-    for model_type in ("reynet", "equivcnp", "rksp_gpt"):
+    for model_type in ("reynet", "equivcnp"):
         assert AutoConfig.for_model(model_type).model_type == model_type

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 # (subpackage, its registration function) -- each subpackage's __init__ defines `register()`.
-_MODEL_PACKAGES = ("reynet", "equivcnp", "rksp_gpt")
+_MODEL_PACKAGES = ("reynet", "equivcnp")
 
 
 def register_models() -> None:

@@ -236,7 +236,7 @@ def test_save_load_roundtrip_and_auto_classes(tmp_path, cls_cfg):
 def test_collator_and_plain_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from hf_koopman.datasets.equivcnp_gp import sample_training_batch
+    from research.data.equivcnp_gp import sample_training_batch
 
     gen = torch.Generator().manual_seed(0)
     tasks = []

@@ -237,7 +237,7 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
 def test_plain_trainer_trains(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from hf_koopman.datasets.graphs import collate_graphs
+    from research.data.graphs import collate_graphs
 
     gen = torch.Generator().manual_seed(0)
     items = []

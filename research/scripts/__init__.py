@@ -1,0 +1,1 @@
+"""Scripts that regenerate `results/`; run each from the repository root as `python -m research.scripts.NAME`."""
