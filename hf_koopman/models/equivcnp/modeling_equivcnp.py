@@ -21,12 +21,13 @@ is no random subsampling or batch norm, so the model is deterministic and exactl
 
 from __future__ import annotations
 
-from hf_koopman.logging_utils import get_logger
+import logging
 import math
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .configuration_equivcnp import EquivCNPConfig
 from .groups import get_group
@@ -35,7 +36,9 @@ from .neural_process import NeuralProcessOutput, check_inputs, masked_gaussian_n
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
 
-logger = get_logger(__name__)
+# stdlib logger (this file is also Hub remote code, so it cannot import hf_koopman); warnings follow the transformers
+# verbosity, as hf_koopman's own loggers do
+logger = logging.getLogger(__name__)
 
 
 class EquivCNPPreTrainedModel(PreTrainedModel):
@@ -139,7 +142,7 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
             return
         cut = nb.valid[..., -1] & (nb.distance[..., -1] < self.config.radius)
         frac = float(cut.float().mean())
-        if frac > 0.01:
+        if frac > 0.01 and hf_logging.get_verbosity() <= logging.WARNING:
             self._warned_truncation = True
             logger.warning(
                 "EquivCNP: for %.0f%% of points the %d nearest neighbours all lie inside radius=%.3g, so the window is "
