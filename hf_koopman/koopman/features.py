@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .dmd import DMDResult, _single_thread
+from .dmd import DMDResult, _condition, _inverse, _single_thread
 from .kreiss import kreiss_constant
 
 __all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
@@ -122,35 +122,15 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
     return (num / den).to(torch.float64)
 
 
-def _norm2_power(apply, apply_h, m: int, dtype, iters: int = 60) -> float:
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(m, 4, generator=gen, dtype=torch.float64).to(dtype)
-    est = 0.0
-    for _ in range(iters):  # block power iteration on M^H M
-        v = torch.linalg.qr(apply_h(apply(v))).Q
-        est = float(torch.linalg.matrix_norm(apply(v), ord=2))
-    return est
-
-
 def eigvec_condition(eigenvectors: torch.Tensor) -> float:
     r"""$\kappa(V) = \|V\|_2 \|V^{-1}\|_2$ of one `(m, m)` eigenvector matrix (columns normalised to unit norm first).
 
-    Exact singular values for `m <= 64`; above, block power iterations on $V$ and on an LU factorisation of $V$ (a
-    complex `768 x 768` SVD takes seconds on a CPU). Returns `inf` for a numerically singular $V$ (defective operator).
+    The same computation [`whitened_dmd`] stores as `DMDResult.eigvec_condition`: exact singular values up to 256
+    modes, block power iterations on $V$ and its inverse above. Returns `inf` for a numerically singular $V$.
     """
     V = eigenvectors.to(torch.complex128)
     V = V / torch.linalg.vector_norm(V, dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    m = V.shape[-1]
-    if m <= _SMALL:
-        s = torch.linalg.svdvals(V)
-        return float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf
-    lu, piv, info = torch.linalg.lu_factor_ex(V)
-    if int(info) != 0:
-        return math.inf
-    big = _norm2_power(lambda x: V @ x, lambda x: V.mH @ x, m, V.dtype)
-    inv = _norm2_power(lambda x: torch.linalg.lu_solve(lu, piv, x),
-                       lambda x: torch.linalg.lu_solve(lu, piv, x, adjoint=True), m, V.dtype)
-    value = big * inv
+    value = float(_condition(V, _inverse(V)))
     return value if math.isfinite(value) else math.inf
 
 

@@ -205,7 +205,7 @@ def differentiable_dmd_eigenvalues(
         SpectralShapingError: (a `ValueError`) the operator of one or more layers is non-finite or near-defective
             (`.layers` lists them).
     """
-    from hf_koopman.koopman.dmd import _fit_operator
+    from hf_koopman.koopman.dmd import _fit_operator, _operator_from_grams
 
     if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor):
         raise TypeError(f"X and Y must be torch tensors, got {type(X).__name__} and {type(Y).__name__}")
@@ -235,16 +235,14 @@ def differentiable_dmd_eigenvalues(
             oversample=oversample, power_iters=power_iters, generator=generator)
         values, vectors = torch.linalg.eigh(gxx0)
         keep = torch.arange(values.shape[-1], device=values.device).flip(0) < rank_x[..., None]  # eigh: ascending
-        inv = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
-        pinv = (vectors * inv.unsqueeze(-2)) @ vectors.mT  # Gxx^+ on the directions X visits
-        proj_x = (vectors * keep.to(values.dtype).unsqueeze(-2)) @ vectors.mT
     P = proj.to(work)
     Xc = X.to(work) - X.to(work).mean(dim=-2, keepdim=True)
     Dc = Y.to(work) - X.to(work)
     Dc = Dc - Dc.mean(dim=-2, keepdim=True)
     bx, bd = Xc @ P, Dc @ P  # snapshots in the profile's whitened coordinates, (L, N, m)
     gdx = (bd.mT @ bx).to(torch.float64) / (n - 1)
-    op = proj_x + gdx @ pinv  # A = (Gxx + Gdx) Gxx^+ with the input Gram frozen (Eq. 6)
+    # A = (Gxx + Gdx) Gxx^+ (Eq. 6) with the input Gram frozen: the pseudo-inverse comes from the detached eigh
+    op = _operator_from_grams(gxx0, gdx, keep, values, vectors)
     if op.requires_grad:
         op.register_hook(_sanitize_grad)
 
