@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ logger = get_logger(__name__)
 _VERDICT_LEVEL = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
 RECORD_NAME = "rksp_guard.json"
 _MODES = ("stop", "rollback")
+#: Share of the step time the "auto" snapshot interval allows the validated-state copy to take.
+_SNAPSHOT_BUDGET = 0.005
 
 
 # model -> its Trainer, for Trainer subclasses that register themselves (KSSTrainer): a callback restored from a
@@ -92,7 +95,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
       *What counts as good.* The loss and gradient of step `t` are computed with the weights left by step `t - 1`, so a
       passing step `t` validates those weights: the guard then keeps them, with the optimizer state, as a CPU snapshot
-      (one copy, refreshed every step), and a checkpoint saved after step `t - 1` becomes the *last good checkpoint*.
+      (one copy, refreshed every `snapshot_every_n_steps` passing steps), and a checkpoint saved after step `t - 1`
+      becomes the *last good checkpoint*. The copy costs a memory pass over the weights and optimizer state; with
+      `"auto"` the refresh interval is chosen from the measured copy and step times so that the copy costs at most
+      0.5 % of training time, so a rollback may go back a few more steps than the last passing one.
       When step `t` trips, the weights of step `t - 1` are suspect and the last validated state is that of step
       `t - 2`. The update of the tripping step is never kept.
 
@@ -141,6 +147,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         max_rollbacks (`int`, defaults to `3`): rollbacks allowed before the guard stops.
         lr_backoff (`float`, defaults to `0.5`): learning-rate factor applied at each rollback, in `(0, 1]`.
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
+        snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
+            many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.5 % of the step time.
         auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], enable KSS when the init verdict is high risk.
         save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir`.
     """
@@ -165,6 +173,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         max_rollbacks: int = 3,
         lr_backoff: float = 0.5,
         restore_on_stop: bool = True,
+        snapshot_every_n_steps: int | str = "auto",
         auto_kss: bool = False,
         save_artifacts: bool = True,
     ) -> None:
@@ -180,7 +189,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise ValueError(f"max_rollbacks must be an int >= 0, got {max_rollbacks!r}")
         if not (0 < lr_backoff <= 1):
             raise ValueError(f"lr_backoff must be in (0, 1] (the learning rate is multiplied by it), got {lr_backoff!r}")
+        if snapshot_every_n_steps != "auto" and (
+            isinstance(snapshot_every_n_steps, bool) or not isinstance(snapshot_every_n_steps, int)
+            or snapshot_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"snapshot_every_n_steps must be an int >= 1 or 'auto', got {snapshot_every_n_steps!r}"
+            )
         self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold))
+        self.snapshot_every_n_steps = snapshot_every_n_steps
         self.profile_at_init = profile_at_init
         self.probe_inputs = probe_inputs
         self.probe_batch_size = probe_batch_size
@@ -216,6 +233,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._params: list[torch.nn.Parameter] = []
         self._snapshot = StateSnapshot()  # last validated state
         self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
+        self._step_started: float | None = None  # perf_counter at the last on_step_begin
+        self._step_seconds: float | None = None  # running estimate of one optimizer step
+        self._capture_seconds: float | None = None  # cost of the last snapshot refresh
+        self._since_capture = 0  # passing steps since the last refresh
         self._trip: DivergenceEvent | None = None
         self._to_log: DivergenceEvent | None = None
         self._pending_checkpoint: tuple[int, str] | None = None
@@ -259,6 +280,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "max_rollbacks": self.max_rollbacks,
                 "lr_backoff": self.lr_backoff,
                 "restore_on_stop": self.restore_on_stop,
+                "snapshot_every_n_steps": self.snapshot_every_n_steps,
                 "auto_kss": self.auto_kss,
                 "save_artifacts": self.save_artifacts,
             },
@@ -430,6 +452,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._snapshot = StateSnapshot()
+        self._since_capture = 0
+        self._step_started = None
         self._trip = self._to_log = None
         self._pending_checkpoint = None
         self.weights_validated = True
@@ -479,7 +503,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._loss_tap = self._grad_tap = self._watch = None
 
     def _observe(self) -> tuple[list[float], float | None, float | None, int | None]:
-        """Reduced `[loss, grad_norm, -first_bad_block]` over processes (one all-reduce) and the local values."""
+        """Reduced `[loss, grad_norm, -first_bad_block, snapshot_interval]` over processes (one all-reduce: every
+        process takes the same decision, and refreshes its snapshot at the same steps) and the local values."""
         device = self._params[0].device if self._params else torch.device("cpu")
         minus_inf = torch.tensor(float("-inf"), device=device)
         loss = self._loss_tap.step_loss() if self._loss_tap is not None else None
@@ -496,9 +521,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
 
         bad_value = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
-        local = torch.stack([finite_or_inf(loss), finite_or_inf(norm), bad_value])
-        local_values = local.tolist()
-        reduced = reduce_max(local.clone()).tolist()  # the host sync of the step
+        interval = torch.tensor(float(self._snapshot_interval()), dtype=torch.float64, device=device)
+        local = torch.stack([finite_or_inf(loss), finite_or_inf(norm), bad_value, interval])
+        reduced = reduce_max(local.clone())
+        local_values, reduced = torch.stack([local, reduced]).tolist()  # the one host sync of the step
         loss_value = None if loss is None else float(loss)
         norm_value = None if norm is None else float(norm)
         bad_index = None
@@ -510,6 +536,28 @@ class RKSPCallback(TrainerCallback, ExportableState):
         for tap in (self._loss_tap, self._grad_tap, self._watch):
             if tap is not None:
                 tap.reset()
+        now = time.perf_counter()
+        if self._step_started is not None:
+            last = now - self._step_started
+            self._step_seconds = last if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * last
+        self._step_started = now
+
+    def _snapshot_interval(self) -> int:
+        """Passing steps between snapshot refreshes (`snapshot_every_n_steps`, or its `"auto"` value)."""
+        if self.snapshot_every_n_steps != "auto":
+            return int(self.snapshot_every_n_steps)
+        if not self._capture_seconds or not self._step_seconds:
+            return 1
+        return max(1, math.ceil(self._capture_seconds / (_SNAPSHOT_BUDGET * self._step_seconds)))
+
+    def _refresh_snapshot(self, optimizer, step: int, interval: int) -> None:
+        self._since_capture += 1
+        if not self._snapshot.empty and self._since_capture < interval:
+            return
+        start = time.perf_counter()
+        self._snapshot.capture(self._params, optimizer, step)
+        self._capture_seconds = time.perf_counter() - start
+        self._since_capture = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.guard or model is None:
@@ -530,7 +578,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             flags |= CAUSE_ACTIVATION
         if not flags:
             # the weights that produced this sane loss and gradient are validated: keep them
-            self._snapshot.capture(self._params, optimizer, state.global_step)
+            self._refresh_snapshot(optimizer, state.global_step, int(reduced[3]))
             if self._pending_checkpoint is not None and self._pending_checkpoint[0] == state.global_step:
                 self.last_good_checkpoint = self._pending_checkpoint[1]
                 self._pending_checkpoint = None

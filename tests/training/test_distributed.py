@@ -122,8 +122,11 @@ def _check_matches_single_process(ranks: list[dict], single: dict) -> None:
 def _check_guard(guards: list[dict], pre_reduce: bool = True) -> None:
     assert [g["global_step"] for g in guards] == [8, 8]  # both ranks finished after the rollback
     assert all(g["divergence"] is None for g in guards)
+    # the snapshot interval is "auto" (timed per process) and reduced with the decision: the same on every rank
+    restored = [g["events"][0]["restored_step"] for g in guards]
+    assert restored[0] == restored[1] in (0, 1)
     for g in guards:
-        assert [(e["step"], e["action"], e["restored_step"]) for e in g["events"]] == [(3, "rollback", 1)]
+        assert [(e["step"], e["action"]) for e in g["events"]] == [(3, "rollback")]
         assert g["finite"]
     if pre_reduce:  # DDP: the guard reads each rank's gradient before averaging; rank 0's own was finite
         assert "on another process" in guards[0]["events"][0]["causes"][0]

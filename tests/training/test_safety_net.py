@@ -32,6 +32,7 @@ def _args(tmp_path, cls=TrainingArguments, **kw):
 
 
 def _guard(**kw):
+    kw.setdefault("snapshot_every_n_steps", 1)  # exact "last passing step" semantics; "auto" is timing-dependent
     return RKSPCallback(profile_at_init=False, **kw)
 
 
@@ -210,6 +211,31 @@ def test_rollback_skips_a_poisoned_batch_without_sgd_or_adam_drift(tmp_path):
     assert trainer.state.global_step == 8
 
 
+def test_sparser_snapshots_roll_back_to_the_last_refresh(tmp_path):
+    # refreshed at the passing steps 1 and 4 (every 3): a trip at step 6 goes back to the state validated at step 4,
+    # i.e. the weights after step 3, not to those after step 4 as an every-step snapshot would
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
+    spy = WeightsAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
+                      train_dataset=data, callbacks=[Poison(6), guard, spy])
+    trainer.train()
+    assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 3
+    good = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(spy.weights[6][k], v) for k, v in good.items())
+
+
+def test_auto_snapshot_interval_keeps_the_copy_within_its_budget():
+    guard = RKSPCallback(profile_at_init=False)
+    assert guard._snapshot_interval() == 1  # nothing measured yet: refresh every passing step
+    guard._step_seconds, guard._capture_seconds = 0.030, 0.001  # a 1 ms copy on a 30 ms step
+    interval = guard._snapshot_interval()
+    assert guard._capture_seconds / (interval * guard._step_seconds) <= 0.005 < guard._capture_seconds / (
+        (interval - 1) * guard._step_seconds)
+    guard._capture_seconds = 1e-6
+    assert guard._snapshot_interval() == 1
+
+
 def test_argument_validation():
     with pytest.raises(ValueError, match="on_divergence"):
         RKSPCallback(on_divergence="retry")
@@ -217,5 +243,8 @@ def test_argument_validation():
         RKSPCallback(lr_backoff=0.0)
     with pytest.raises(ValueError, match="max_rollbacks"):
         RKSPCallback(max_rollbacks=-1)
+    for bad in (0, "every", 1.5, True):
+        with pytest.raises(ValueError, match="snapshot_every_n_steps"):
+            RKSPCallback(snapshot_every_n_steps=bad)
     with pytest.raises(ValueError, match="thresholds"):
         RKSPCallback(loss_threshold=0)
