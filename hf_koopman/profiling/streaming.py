@@ -66,8 +66,10 @@ def _parse_bytes(value: int | float | str | None) -> int | None:
     """Bytes from an int or a size string in accelerate's convention (`"6GB"` = 6e9, `"512MiB"` = 512 * 2**20)."""
     if value is None:
         return None
+    if isinstance(value, float) or (isinstance(value, str) and value.strip().isdigit()):
+        value = int(value)  # plain byte counts
     try:
-        return convert_file_size_to_int(int(value) if isinstance(value, float) else value)
+        return convert_file_size_to_int(value)
     except (ValueError, AttributeError) as err:
         raise ValueError(
             f"memory_limit={value!r} is not a size; use bytes or a string such as '6GB' or '512MiB'."
