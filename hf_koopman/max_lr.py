@@ -31,8 +31,8 @@ __all__ = ["MaxLRSuggestion", "suggest_max_lr"]
 
 logger = get_logger(__name__)
 
-#: `MaxLRSuggestion.verdict` values.
-VERDICTS = ("suggested", "no crossing", "uninformative")
+#: `MaxLRSuggestion.verdict` values (the profile verdicts are `hf_koopman.risk.VERDICTS`).
+SUGGESTION_VERDICTS = ("suggested", "no crossing", "uninformative")
 
 
 def _lr_text(value: float | None) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 import hf_koopman
 from hf_koopman.cli import main
-from hf_koopman.max_lr import VERDICTS, MaxLRSuggestion, suggest_max_lr
+from hf_koopman.max_lr import SUGGESTION_VERDICTS, MaxLRSuggestion, suggest_max_lr
 from hf_koopman.profiling import profile
 from hf_koopman.risk import FeatureSpec, RiskEstimator
 from hf_koopman.testing_utils import tiny_model
@@ -115,7 +115,7 @@ def test_no_crossing_is_reported(tiny_profile):
     falling = RiskEstimator([FeatureSpec("learning_rate", "log10")], coef=[-1.0], intercept=0.0)
     s = suggest_max_lr(tiny_profile, risk=0.1, estimator=falling)
     assert s.verdict == "no crossing" and s.max_learning_rate is None and "does not reach" in s.reason
-    assert set(VERDICTS) == {"suggested", "no crossing", "uninformative"}
+    assert set(SUGGESTION_VERDICTS) == {"suggested", "no crossing", "uninformative"}
 
 
 # ---------------------------------------------------------------------------------------------------- SpectralProfile
