@@ -38,14 +38,14 @@ _LAZY: dict[str, str] = {
     "profile_streaming": "hf_koopman.profiling",
     "profile_from_snapshots": "hf_koopman.profiling",
     "default_probe_inputs": "hf_koopman.profiling",
-    "DecisionRule": "hf_koopman.profiling",
     "SpectralProfile": "hf_koopman.profiling",
     # training glue
     "RKSPCallback": "hf_koopman.training",
     "KSSTrainer": "hf_koopman.training",
     "KSSConfig": "hf_koopman.training",
     "KSSTrainingArguments": "hf_koopman.training",
-    # calibrated risk
+    # the risk step: decision rule and calibrated estimator
+    "DecisionRule": "hf_koopman.risk",
     "RiskEstimator": "hf_koopman.risk",
     "RiskAssessment": "hf_koopman.risk",
     "suggest_max_lr": "hf_koopman.max_lr",

@@ -42,7 +42,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION"]
+__all__ = [
+    "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
+    "DecisionRule", "VERDICTS", "VERDICT_LEVELS",
+]
 
 DEFAULT_ESTIMATOR_FILE = "risk_estimator.json"
 #: version of the JSON layout `RiskEstimator.to_dict` writes; `from_dict` reads this one and version 1.
@@ -799,3 +802,139 @@ def _load_default() -> RiskEstimator:
             f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with research/scripts/fit_risk.py"
         )
     return RiskEstimator.from_dict(json.loads(ref.read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------------- decision rule
+#: The verdicts of `DecisionRule.decide`, from least to most alarming, then the one that withholds judgement.
+VERDICTS = ("safe", "moderate", "high risk", "uninformative")
+
+#: Numeric level of each verdict, logged by `RKSPCallback` as `rksp/verdict_level` (a scalar a dashboard can plot).
+VERDICT_LEVELS = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
+
+#: What to do about each verdict: the "Recommendation" of the profile report and the advice the callback logs.
+ADVICE = {
+    "safe": "Proceed without spectral shaping; optionally monitor with `RKSPCallback` during training.",
+    "moderate": (
+        "Borderline: the paper leaves 0.3 ≤ M≈1 ≤ 0.5 to context. Consider KSS (`KSSTrainer`) for learning rates above "
+        "2× the standard one, no-normalisation or novel architectures, and monitor with `RKSPCallback`."
+    ),
+    "high risk": (
+        "Use KSS (`KSSTrainer`, or `RKSPCallback(auto_kss=True)` with a `KSSTrainer`) for aggressive learning rates "
+        "(> 2× standard), no-normalisation settings or novel architectures, with RKSP monitoring; or lower the learning "
+        "rate or add normalisation. The paper advises skipping KSS for standard Pre-LN / RMSNorm models at "
+        "conservative learning rates."
+    ),
+    "uninformative": "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal.",
+}
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Thresholds of the RKSP paper's init-time decision rule (Fig. 7 / App. J) and of when a profile is too unreliable
+    to judge.
+
+    The rule reads the *informative* layers of a profile (`is_informative`):
+
+    * score = mean over informative layers of the near-unit mass M≈1 of the full spectrum (the paper's AUROC score;
+      the paper does not state which layer aggregate it uses, the mean is our reading);
+    * "safe" when score < `safe_below`, "high risk" when score > `high_risk_above`, "moderate" in between (a region
+      the paper leaves to context);
+    * κ(V) is reported but does not enter the verdict by default (`kappa_large=None`): the paper gives no number for
+      "large κ", and on the full spectrum the median κ(V) is in the hundreds for every normalisation at d = 128 and
+      in the thousands for GPT-2 small, *lower* for No-Norm, the one family that diverges, than for Pre-LN
+      (`results/table1.md` in the repository), so a fixed threshold would call every model high risk;
+    * a layer is informative when its update is not ~0 (`degenerate`: ReZero / Fixup-style blocks, App. J) and the
+      linear fit explains part of it (η_nl < `max_nonlinearity`);
+    * "uninformative" when fewer than half the layers are informative, or when the sample is too small for the
+      width: N < `min_samples_per_dim` · d. At N ≈ d the least-squares operator interpolates the sample and the
+      masses are several-fold off; Theorem 4's sampling term sqrt(d / N) + d / N exceeds 1 below N = 2.6 d. Below
+      `warn_samples_per_dim` · d the verdict carries a warning in its reason.
+
+    `RiskEstimator` turns a profile and a learning rate into a probability instead (`SpectralProfile.risk`).
+
+    Args:
+        safe_below (`float`, defaults to 0.3): score under which the verdict is "safe".
+        high_risk_above (`float`, defaults to 0.5): score over which the verdict is "high risk".
+        kappa_large (`float`, *optional*): median κ(V) over which the verdict is "high risk" as well; `None` (the
+            default) leaves κ(V) out of the verdict.
+        max_nonlinearity (`float`, defaults to 0.9): layers with η_nl at or above it are not informative.
+        min_samples_per_dim (`float`, defaults to 2.0): fewer token states per hidden dimension make the verdict
+            "uninformative".
+        warn_samples_per_dim (`float`, defaults to 8.0): fewer token states per hidden dimension add a caution on the
+            sampling error to the reason.
+    """
+
+    safe_below: float = 0.3
+    high_risk_above: float = 0.5
+    kappa_large: float | None = None
+    max_nonlinearity: float = 0.9
+    min_samples_per_dim: float = 2.0
+    warn_samples_per_dim: float = 8.0
+
+    def is_informative(self, features: Any) -> bool:
+        """Whether the rule reads this layer (`LayerFeatures`): an update not ≈ 0 that a linear map explains in part."""
+        return not bool(getattr(features, "degenerate", False)) and not (
+            float(getattr(features, "nonlinearity", 0.0)) >= self.max_nonlinearity
+        )
+
+    def decide(
+        self,
+        score: float | None,
+        kappa_median: float | None,
+        *,
+        num_samples: int | None = None,
+        hidden_size: int | None = None,
+        informative: int | None = None,
+        total: int | None = None,
+    ) -> tuple[str, str]:
+        """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
+
+        Args:
+            score (`float`, *optional*): mean near-unit mass over the informative layers (`None`: none is).
+            kappa_median (`float`, *optional*): median κ(V) over the informative layers.
+            num_samples (`int`, *optional*): N, the token states of the fit.
+            hidden_size (`int`, *optional*): d, the width of the fit.
+            informative (`int`, *optional*): number of informative layers of the profile.
+            total (`int`, *optional*): number of layers of the profile.
+
+        Returns:
+            `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences.
+        """
+        ratio = num_samples / hidden_size if num_samples and hidden_size else None
+        if num_samples is not None and num_samples <= 2:
+            return "uninformative", f"only N = {num_samples} token states: no covariance can be estimated"
+        if ratio is not None and ratio < self.min_samples_per_dim:
+            return "uninformative", (
+                f"N = {num_samples} token states for width d = {hidden_size} (N/d = {ratio:.2f} < "
+                f"{self.min_samples_per_dim:g}): the least-squares operator nearly interpolates the sample, so its "
+                f"spectrum is mostly sampling error; profile with num_samples >= {int(self.warn_samples_per_dim * hidden_size)}"
+            )
+        if score is None or not math.isfinite(score) or (
+                informative is not None and total and informative < 0.5 * total):
+            count = "" if informative is None or not total else f"{informative} of {total} layers are informative; "
+            return "uninformative", (
+                f"{count}the others either barely change their input (block output ≈ input, e.g. zero-initialised "
+                f"residual branches) or are not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}), so the "
+                "spectrum says little about stability at this point; profile again after a few training steps"
+            )
+        kappa_big = self.kappa_large is not None and kappa_median is not None and (
+            not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
+        if score > self.high_risk_above or kappa_big:
+            why = []
+            if score > self.high_risk_above:
+                why.append(f"mean M≈1 = {score:.3f} > {self.high_risk_above}: most modes sit near |λ| = 1, the block "
+                           "barely damps perturbations, which the paper ties to divergence at high learning rates")
+            if kappa_big:
+                why.append(f"median κ(V) = {kappa_median:.3g} > {self.kappa_large:g}")
+            verdict, reason = "high risk", " and ".join(why)
+        elif score < self.safe_below:
+            verdict, reason = "safe", (f"mean M≈1 = {score:.3f} < {self.safe_below}: few modes sit near |λ| = 1, the "
+                                       "normalised-model regime of the paper's Table 1")
+        else:
+            verdict, reason = "moderate", (
+                f"mean M≈1 = {score:.3f} lies in [{self.safe_below}, {self.high_risk_above}], a region the paper "
+                "leaves to context (architecture, normalisation, learning rate)")
+        if ratio is not None and ratio < self.warn_samples_per_dim:
+            reason += (f"; caution: N/d = {ratio:.2f} < {self.warn_samples_per_dim:g}, the masses carry a sampling "
+                       f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative")
+        return verdict, reason

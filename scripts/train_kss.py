@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         len(dataset),
         script.block_size,
         type(model).__name__,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        model.num_parameters() / 1e6,
         trainer.kss_config,
     )
     trainer.train()

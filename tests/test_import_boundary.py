@@ -79,3 +79,17 @@ def test_product_works_without_datasets_and_peft():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_product_tests_do_not_import_research():
+    """The library's tests stand on their own: only tests/research/ (and this file's boundary checks) use `research`."""
+    import re
+
+    pattern = re.compile(r"^\s*(from research[\s.]|import research\b)", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(REPO_ROOT))
+        for path in sorted((REPO_ROOT / "tests").rglob("*.py"))
+        if "research" not in path.relative_to(REPO_ROOT / "tests").parts[:1] and path.name != Path(__file__).name
+        and pattern.search(path.read_text(encoding="utf-8"))
+    ]
+    assert not offenders, offenders

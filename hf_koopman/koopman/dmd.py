@@ -41,8 +41,7 @@ Precision. The `O(N d^2)` products run in float32 for float32 (and fp16 / bf16, 
 float64 inputs (`dtype=` overrides). A float32 covariance whose ridge-whitened condition number exceeds
 `_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. All factorisations are float64. The eigenproblem runs in
 float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides): on GPT-2 small snapshots
-(d = 768) the moduli agree with float64 to 2e-4 and every spectral mass is identical, at a third of the cost
-(`benchmarks/bench_dmd.py`).
+(d = 768) the moduli agree with float64 to 2e-4 and every spectral mass is identical, at a third of the cost.
 """
 
 from __future__ import annotations
@@ -65,12 +64,12 @@ logger = get_logger(__name__)
 
 _F64 = torch.float64
 
-#: Operators with at most this many modes are eigendecomposed in float64, larger ones in float32 (measured on GPT-2
-#: small snapshots: moduli within 2e-4, masses identical, 3x faster; `benchmarks/bench_dmd.py`).
+#: Operators with at most this many modes are eigendecomposed in float64, larger ones in float32 (on GPT-2 small
+#: snapshots: moduli within 2e-4, masses identical, 3x faster).
 _EIG_FLOAT64_MAX = 256
 #: Above this estimated condition number of the ridge-whitened covariance, float32 second moments are recomputed in
 #: float64. The float32 error of the moduli grows like 7e-10 x the condition number on planted anisotropic data
-#: (1e-7 at 1e2, 9e-6 at 1e4, 7e-4 at 1e6; `tests/koopman/test_dmd.py`), so 1e4 keeps it near 1e-5.
+#: (1e-7 at 1e2, 9e-6 at 1e4, 7e-4 at 1e6), so 1e4 keeps it near 1e-5.
 _FLOAT32_GRAM_MAX_CONDITION = 1e4
 #: A whitened Gram whose smallest Cholesky pivot is within this factor of the null tolerance is checked by `eigh`.
 _NULL_PIVOT_MARGIN = 1e3
@@ -227,7 +226,7 @@ def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """Run batched LAPACK calls on tiny matrices (k x k, r x r) in one thread: torch parallelises them over the batch,
-    and on a busy CPU the thread hand-offs cost 10-100x the work itself (measured on the 2-core CI machine)."""
+    and on a busy CPU the thread hand-offs cost 10-100x the work itself (on a 2-core machine)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -337,8 +336,8 @@ def _eigen(
 
     The decomposition runs in `dtype` (see `_eig_dtype`); the eigenvectors keep its complex counterpart. Without
     `vectors` only the eigenvalues are computed and kappa(V) is NaN. Layers run side by side in worker threads, each
-    with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and a multi-threaded
-    `geev` on a busy 2-core machine was measured 20-40x slower than a single-threaded one.
+    with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and on a busy 2-core
+    machine a multi-threaded `geev` is 20-40x slower than a single-threaded one.
     """
     m = operator.shape[-1]
     work = _eig_dtype(m, dtype)
@@ -565,9 +564,9 @@ def _row_space_coordinates(
     every direction outside the span of the centred X by $\epsilon^{-1/2}$ (~316 at the default). Those directions carry
     no input information at all (the least-squares operator $\hat A = \tilde Y\tilde X^{+}$ is zero on them), but the
     part of Y that falls there is blown up, dominates the output energy that the rank-r recipe ranks directions by, and
-    the projected operator then divides by an almost-zero input Gram: on LLaMA-7B at N = 2048 this produced spectral
-    radii of ~6e5 (session-1 streaming run). We therefore first project both X and Y onto the (at most `N - 1`
-    dimensional) row space of the centred X with an isometric basis `V` `(d, N)`, and run whitened DMD on
+    the projected operator then divides by an almost-zero input Gram: on LLaMA-7B at N = 2048 the spectral radii
+    reach ~6e5. Both X and Y are therefore first projected onto the (at most `N - 1`
+    dimensional) row space of the centred X with an isometric basis `V` `(d, N)`, and whitened DMD runs on
     `X V, Y V` `(N, N)`; the N-th coordinate is a direction neither centred X nor centred Y has (a null mode).
 
     This changes nothing that the data identify: the non-zero eigenvalues of the exact pseudo-inverse operator
@@ -577,7 +576,7 @@ def _row_space_coordinates(
     The fast path returns the `N - 1` identifiable coordinates (exact DMD then has `m = N - 1` modes); the eigh
     fallback keeps `N` coordinates, one of them a structural zero. Directions
     whose variance is numerically zero (`matrix_rank` rule on the `(N, N)` Gram, at the precision it was formed in) get a
-    zero basis column: a null mode with `lambda = 0`, counted out through `rank_x` as before.
+    zero basis column: a null mode with `lambda = 0`, counted out through `rank_x`.
 
     Cost: three `O(N^2 d)` products (the float64 Gram `Xc Xc^T`, `V` and `Yc V` in `work` precision) and an `(N, N)`
     Cholesky factorisation (`_cholesky_row_space`); the DMD that follows runs at width `N < d`, so the whole call costs

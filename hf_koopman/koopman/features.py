@@ -5,7 +5,7 @@ condition number $\kappa(V)$ (unit-norm eigenvectors), nonlinearity ratio $\eta_
 (Eq. 29), the number of modes and of ResDMD-reliable modes (Eq. 10, left eigenvectors, $\tau = 0.1$), and a
 `degenerate` flag for a ~zero update (Fixup / ReZero at init, App. J).
 
-Choices where the paper is silent (each tested in `tests/koopman/test_features.py`):
+Choices where the paper is silent (each one covered by the test suite):
 
 * Masses are computed over **all identifiable modes** by default (`reliable_only=False`), as for the paper's headline
   numbers; `reliable_only=True` counts only modes that pass the ResDMD filter. Modes in the null space of $\tilde X$

@@ -9,7 +9,7 @@ $A$ with $\rho(A) \le 1$; and $\mathcal K(\bar A) = \mathcal K(A)$, so for a rea
 Search. Write $z = (1+t)e^{i\theta}$. We evaluate the ratio on a grid of log-spaced $t \in [t_{\min}, 10^3]$ and
 uniform angles, plus the angles of the eigenvalues of largest modulus (where peaks sit), then refine the best grid
 points by a pattern search in $(\log t, \theta)$ with halving steps. The result is a lower bound on the supremum that
-is tight to the refinement tolerance (tested against a closed-form value, `tests/koopman/test_kreiss.py`).
+is tight to the refinement tolerance (the tests check it against a closed-form value).
 
 Cost. $\sigma_{\min}$ comes from batched `torch.linalg.svdvals` for $m \le 64$ (about a thousand `(m, m)` SVDs: ~0.1 s
 for the `32 x 32` operators of the default recipe). For larger, exact operators each $\sigma_{\min}$ is obtained by

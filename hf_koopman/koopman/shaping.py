@@ -4,7 +4,7 @@ Pure torch (never imports `transformers`). The training glue (`hf_koopman.traini
 stream entering and leaving a block during the ordinary training forward pass, calls
 [`differentiable_dmd_eigenvalues`] on those snapshots and adds `alpha * kss_penalty(...)` to the task loss.
 
-Design choices where the paper is silent (documented here and tested in `tests/koopman/test_shaping.py`):
+Design choices where the paper is silent (each one covered by the test suite):
 
 * **Operator.** The RKSP operator itself (`hf_koopman.koopman.dmd._fit_operator`, the code `whitened_dmd` uses):
   both snapshot matrices centred on their own mean, whitened with the Cholesky factor of `Sigma_X + eps I` (a
@@ -33,7 +33,7 @@ Design choices where the paper is silent (documented here and tested in `tests/k
 * **Gradient scale.** Eq. 14 as written has a large gradient even for a healthy spectrum: `softplus(x)^2` is
   `(ln 2)^2` at `x = 0`, so a mode at `|lambda| = 1` costs `sigma(-1) * softplus(-0.05)^2 ≈ 0.12` with slope `≈ 1.9`,
   and the unstable term is a *sum* over the modes. On a No-Norm GPT at initialisation the parameter gradient of
-  `0.15 * L_KSS` is about 100x the task gradient (`results/kss_gradient_scale.md`, measured on the rank-32 operator).
+  `0.15 * L_KSS` is about 100x the task gradient on the rank-32 operator (`results/kss_gradient_scale.md`).
   The trainer therefore caps the size of the KSS gradient relative to the task gradient
   (`KSSConfig.max_grad_ratio`, default 0.5, direction unchanged; `None` gives the paper-literal gradient); the
   default `grad_cap="activations"` measures both norms on the residual stream inside the ordinary backward pass.

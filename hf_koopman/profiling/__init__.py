@@ -16,7 +16,8 @@ from hf_koopman.profiling.blocks import ResidualBlock, find_residual_blocks, unw
 from hf_koopman.profiling.probes import default_probe_inputs, synthetic_token_sequences
 from hf_koopman.profiling.profiler import profile, profile_from_snapshots
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
-from hf_koopman.profiling.spectral_profile import DecisionRule, SpectralProfile
+from hf_koopman.profiling.spectral_profile import SpectralProfile
+from hf_koopman.risk import DecisionRule  # re-exported: the rule behind `SpectralProfile.verdict`
 
 
 __all__ = [

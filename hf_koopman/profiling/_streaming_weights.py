@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from accelerate.utils import dtype_byte_size
 from torch import nn
 
 
@@ -46,15 +47,17 @@ _SINGLE_FILE = "model.safetensors"
 
 
 def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes the parameters of `module` take once materialised (in `dtype` for floating-point ones, when given)."""
-    total, seen = 0, set()
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        itemsize = (dtype if (dtype is not None and p.is_floating_point()) else p.dtype).itemsize
-        total += p.numel() * itemsize
-    return total
+    """Bytes the parameters of `module` take once materialised (floating-point ones in `dtype` when given; tied
+    parameters once).
+
+    accelerate's `dtype_byte_size` sizes each dtype. Its `compute_module_sizes` is not used: it also counts buffers,
+    which are already real in the streaming skeleton, and never counts a cast to a wider dtype (a float64 run of a
+    float32 skeleton), so it would underestimate what a block needs.
+    """
+    return int(sum(
+        p.numel() * dtype_byte_size(dtype if dtype is not None and p.is_floating_point() else p.dtype)
+        for p in module.parameters()  # deduplicated: tied parameters count once
+    ))
 
 
 def _meta_parameters(modules: Iterable[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
@@ -173,8 +176,8 @@ def block_seed(seed: int, index: int) -> int:
 
     Why not `seed + index`: block 1 of run `s` and block 0 of run `s + 1` would get identical weights (profiles over
     consecutive seeds correlated), and block 0 would share the random stream of the probe tokens, which are drawn from
-    a generator seeded with `seed` (weights and probe then correlate: measured on a d=128 LLaMA, mean M~1 shifts by
-    about one seed-to-seed standard deviation when weights and probe share a seed).
+    a generator seeded with `seed` (weights and probe then correlate: on a d=128 LLaMA, mean M~1 shifts by about one
+    seed-to-seed standard deviation when weights and probe share a seed).
     """
     digest = hashlib.blake2b(f"hf_koopman.streaming.init:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hf_koopman.profiling.blocks import find_residual_blocks, nested_block_lists, unwrap_model
 from hf_koopman.profiling.inputs import iter_batches, prepare_batch
@@ -23,14 +24,6 @@ from hf_koopman.profiling.spectral_profile import SpectralProfile
 __all__ = ["profile", "profile_from_snapshots"]
 
 logger = get_logger(__name__)
-
-
-def _tqdm(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kwargs)
 
 
 @contextlib.contextmanager
@@ -169,7 +162,7 @@ def profile_from_snapshots(
             chunks[-1].append(i)
         else:
             chunks.append([i])
-    bar = _tqdm(None, progress, total=len(snapshots), desc="whitened DMD", unit="layer") if progress else None
+    bar = tqdm(total=len(snapshots), desc="whitened DMD", unit="layer", disable=not progress)
     try:
         for chunk in chunks:
             n, d = snapshots[chunk[0]][1].shape
@@ -195,11 +188,9 @@ def profile_from_snapshots(
                 identifiable = int(layer.rank_x)  # modes beyond rank(X̃) are null-space modes with λ = 0
                 layers.append((name, features[j]))
                 eigenvalues.append(layer.eigenvalues[:identifiable].detach().cpu().numpy().astype(np.complex128))
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     analysis_time = time.perf_counter() - start
     feats = [f for _, f in layers]
     aggregates = dict(aggregate_features(feats))
@@ -304,13 +295,10 @@ def profile(
 
     def record(blocks: list, on_width_change: str) -> tuple[ResidualStreamRecorder, int]:
         batches = 0
-        bar = None
         handles = []
+        expected = _expected_batches(inputs, batch_size) if progress else None
+        bar = tqdm(desc="forward", unit="block", total=len(blocks) * expected if expected else None, disable=not progress)
         if progress:  # one tick per block call: a visible bar even when the probe is a single large batch
-            from tqdm.auto import tqdm
-
-            expected = _expected_batches(inputs, batch_size)
-            bar = tqdm(desc="forward", unit="block", total=len(blocks) * expected if expected else None)
 
             def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the block's output
                 bar.update(1)
@@ -341,8 +329,7 @@ def profile(
         finally:
             for handle in handles:
                 handle.remove()
-            if bar is not None:
-                bar.close()
+            bar.close()
         return recorder, batches
 
     with _eval_mode(model):  # every sub-module gets its own train/eval flag back

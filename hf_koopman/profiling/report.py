@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from hf_koopman.logging_utils import get_logger
+from hf_koopman.risk import ADVICE, RiskEstimator
 
 
 if TYPE_CHECKING:
     from hf_koopman.profiling.spectral_profile import SpectralProfile
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "save_profile"]
 
-_ADVICE = {
-    "safe": "Proceed without spectral shaping; optionally monitor with `RKSPCallback` during training.",
-    "moderate": (
-        "Borderline: the paper leaves 0.3 ≤ M≈1 ≤ 0.5 to context. Consider KSS (`KSSTrainer`) for learning rates above "
-        "2× the standard one, no-normalisation or novel architectures, and monitor with `RKSPCallback`."
-    ),
-    "high risk": (
-        "Use KSS (`KSSTrainer`) for aggressive learning rates (> 2× standard), no-normalisation settings or novel "
-        "architectures, with RKSP monitoring. The paper advises skipping KSS for standard Pre-LN / RMSNorm models at "
-        "conservative learning rates."
-    ),
-    "uninformative": "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal.",
-}
+logger = get_logger(__name__)
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -42,10 +34,8 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 def _estimator_available() -> bool:
     try:
-        from hf_koopman.risk import RiskEstimator
-
         RiskEstimator.default()
-    except Exception:  # noqa: BLE001 - not installed, no shipped JSON, or a broken file: the rule applies
+    except Exception:  # noqa: BLE001 - no shipped JSON or a broken file: the rule applies
         return False
     return True
 
@@ -59,7 +49,7 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
     modes = sum(f.n_modes for f in feats)
     reliable = sum(f.n_reliable for f in feats) / modes if modes else float("nan")
     eta = sum(f.nonlinearity for f in feats) / len(feats)
-    informative = len(profile._informative())
+    informative = len(profile.informative_layers)
     near = sum(f.near_unit_mass for f in feats) / len(feats)
     unstable = sum(f.unstable_mass for f in feats) / len(feats)
     contractive = sum(f.contractive_mass for f in feats) / len(feats)
@@ -129,7 +119,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         ]
     else:
         lines += [f"_No calibrated risk estimator is installed; {rule}._", ""]
-    lines += [f"Recommendation: {_ADVICE[verdict]}", ""]
+    lines += [f"Recommendation: {ADVICE[verdict]}", ""]
     lines += _trust_section(profile)
 
     degenerate = profile.degenerate_layers
@@ -207,3 +197,28 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         "",
     ]
     return "\n".join(lines)
+
+
+def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write `profile.json`, `report.md` and (with matplotlib) `eigenvalues.png` / `masses.png` into `directory`.
+
+    Returns:
+        `dict[str, Path]`: what was written, by role (`"profile"`, `"report"`) or plot caption.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {"profile": directory / "profile.json"}
+    written["profile"].write_text(profile.to_json(), encoding="utf-8")
+    images: dict[str, str] = {}
+    if plots:
+        try:
+            from hf_koopman.profiling.plotting import save_plots  # matplotlib is an optional extra
+
+            for caption, image in save_plots(profile, directory).items():
+                written[caption] = image
+                images[caption] = image.name
+        except ImportError as err:
+            logger.warning("%s; skipping plots", err)
+    written["report"] = directory / "report.md"
+    written["report"].write_text(render_report(profile, plots=images), encoding="utf-8")
+    return written

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from hf_koopman.logging_utils import get_logger
 import os
-import re
 import resource
 import sys
 import time
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import convert_file_size_to_int, dtype_byte_size
 from torch import nn
+from tqdm.auto import tqdm
 
 from hf_koopman.profiling._streaming_weights import (
     InitWeights,
@@ -47,7 +48,6 @@ logger = get_logger(__name__)
 
 __all__ = ["InsufficientMemoryError", "estimate_streaming_memory", "profile_streaming"]
 
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Working memory of one block's forward, in units of (tokens x hidden) floats: the block input and output, the residual
 # branch, q/k/v/attention output and a few MLP intermediates (~3 x intermediate/hidden). A rough, deliberately generous
 # bound used only for the "cannot fit one block" check; the measured numbers are in results/streaming.md.
@@ -63,12 +63,17 @@ class _StopStream(Exception):
 
 
 def _parse_bytes(value: int | float | str | None) -> int | None:
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", value)
-    if match is None or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"memory_limit={value!r} is not a size; use bytes or a string such as '6GB' or '512MiB'.")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    """Bytes from an int or a size string in accelerate's convention (`"6GB"` = 6e9, `"512MiB"` = 512 * 2**20)."""
+    if value is None:
+        return None
+    if isinstance(value, float) or (isinstance(value, str) and value.strip().isdigit()):
+        value = int(value)  # plain byte counts
+    try:
+        return convert_file_size_to_int(value)
+    except (ValueError, AttributeError) as err:
+        raise ValueError(
+            f"memory_limit={value!r} is not a size; use bytes or a string such as '6GB' or '512MiB'."
+        ) from err
 
 
 def _fmt(n: float) -> str:
@@ -193,12 +198,12 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -
     hidden, inter = _hidden_size(config)
     plan = {
         "block": max(module_bytes(b, dtype) for b in block_modules),
-        "non_block": sum(
-            p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
+        "non_block": int(sum(
+            p.numel() * dtype_byte_size(dtype if p.is_floating_point() else p.dtype)
             for m in _non_block_modules(model, block_modules)
             for p in m._parameters.values()
             if p is not None
-        ),
+        )),
         "working": int(num_tokens * (_WORK_FACTOR * hidden + 3 * inter) * 4),
         "snapshots": int(2 * len(block_modules) * min(num_samples, num_tokens) * hidden * 4),
     }
@@ -262,7 +267,8 @@ def profile_streaming(
             Storage and compute dtype of the blocks; `bfloat16` halves block memory and is faster on CPUs with
             AVX512-BF16/AMX, at bf16 precision. Snapshots are analysed in float64 by the spectral core either way.
         memory_limit (`int` or `str`, *optional*):
-            Memory budget (bytes or e.g. `"6GB"`) used instead of the currently available memory for the fit check.
+            Memory budget (bytes, or a size string as accelerate parses it: `"6GB"`, `"512MiB"`; a lowercase `b`
+            means bits) used instead of the currently available memory for the fit check.
         partial_path (`str` or `os.PathLike`, *optional*):
             Where to write a `{"complete": false, ...}` JSON marker when the run is interrupted (no features are
             written for an incomplete run).
@@ -334,7 +340,7 @@ def profile_streaming(
     weights.materialise_rest(rest)
 
     state = {"done": 0, "block_time": 0.0}
-    bar = _progress_bar(len(blocks), name, enabled=progress)
+    bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
 
     def make_pre_hook(index: int, block: ResidualBlock):
         def pre_hook(module: nn.Module, args: tuple) -> None:
@@ -496,19 +502,3 @@ def _write_partial(path: str | os.PathLike | None, name: str, done: int, total: 
         Path(path).write_text(json.dumps(marker, indent=2))
     except OSError:  # never mask the original error
         logger.exception("Could not write the partial-run marker to %s", path)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, name: str, *, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"streaming {name}", unit="block")

@@ -45,11 +45,11 @@ class KSSConfig:
             `alpha * L_KSS` is rescaled by `min(1, max_grad_ratio * ||g_task|| / ||g_KSS||)` (norms where `grad_cap`
             says) while the loss *value* stays `L_task + alpha * L_KSS`. `None` (or `0`) applies the raw
             Eq. 14 gradient as in the paper. See `hf_koopman.koopman.shaping` ("Gradient scale") for the measurement.
-            When the cap binds (it did on every KSS step of our No-Norm and MoE runs, where the raw KSS gradient is
-            ~100x the task gradient) the applied gradient is `max_grad_ratio * ||g_task||` along the KSS direction
-            whatever `alpha` is: the ratio, not `alpha`, then sets the strength (`results/RESULTS.md`: capped
-            alpha = 0.10 and 0.20 gave bit-identical runs). The divergence guard judges the task loss, not the
-            objective, on KSS steps.
+            When the cap binds (on No-Norm and MoE models the raw KSS gradient is ~100x the task gradient, so it binds
+            on every KSS step) the applied gradient is `max_grad_ratio * ||g_task||` along the KSS direction whatever
+            `alpha` is: the ratio, not `alpha`, then sets the strength (two values of `alpha` at which the cap binds on
+            every step give the same updates). The divergence guard judges the task loss, not the objective, on KSS
+            steps.
         grad_cap (`str`, *optional*, defaults to `"activations"`):
             Where the two gradient norms of the cap are measured. Either way one factor rescales the whole KSS
             gradient, so its direction is Eq. 14's.
@@ -59,10 +59,9 @@ class KSSConfig:
             states live as the backward passes through them. `g_task(h)` is the gradient at the first captured
             activation the backward reaches (the highest one, where nothing has been injected yet) and `g_KSS(states)`
             the KSS gradient over all captured states. Costs no extra pass (+0.8 % step time at the default schedule,
-            `results/bench_kss.md`) and works with reentrant checkpointing. No-Norm prevention check, 24 identical
-            trials: `results/kss_gradient_scale.md` section 6.
+            `results/bench_kss.md`) and works with reentrant checkpointing.
             `"parameters"`: over the trainable parameters, exactly, at the price of one extra partial backward pass on
-            KSS micro-batches (+5 % step time). The session-2 KSS experiments (`results/RESULTS.md`) used it.
+            KSS micro-batches (+5 % step time).
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
             Master switch; `RKSPCallback(auto_kss=True)` can turn it on at train begin when the init verdict is high risk.

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hf_koopman.logging_utils import get_logger
-
+from hf_koopman.risk import ADVICE, VERDICT_LEVELS
 from hf_koopman.training.divergence import (
     CAUSE_ACTIVATION,
     CAUSE_GRAD_NORM,
@@ -40,8 +40,6 @@ __all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
 
 logger = get_logger(__name__)
 
-#: `rksp/verdict_level` as logged: -1 uninformative, 0 safe, 1 moderate, 2 high risk.
-_VERDICT_LEVEL = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
 #: `rksp/risk_out_of_range` as logged: 1 outside the risk estimator's training ranges, 0 inside, -1 ranges unknown.
 _OUT_OF_RANGE_LEVEL = {True: 1.0, False: 0.0, None: -1.0}
 RECORD_NAME = "rksp_guard.json"
@@ -348,7 +346,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             out["rksp/score"] = spectral_profile.score
         if spectral_profile.kappa_median is not None:
             out["rksp/kappa_median"] = spectral_profile.kappa_median
-        level = _VERDICT_LEVEL.get(spectral_profile.verdict)
+        level = VERDICT_LEVELS.get(spectral_profile.verdict)
         if level is not None:
             out["rksp/verdict_level"] = level
         risk = spectral_profile.risk
@@ -392,11 +390,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self.init_verdict == "high risk":
                 logger.warning(
                     "RKSP verdict at initialisation: HIGH RISK of divergence (mean M≈1 = %s, median κ(V) = %s; %s). "
-                    "Recommended: train with KSS (KSSTrainer, or RKSPCallback(auto_kss=True) with a KSSTrainer), "
-                    "lower the learning rate or add normalisation.",
+                    "Recommended: %s",
                     None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
                     None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
                     spectral_profile.verdict_reason,
+                    ADVICE["high risk"],
                 )
             else:
                 logger.info("RKSP verdict at initialisation: %s", self.init_verdict)

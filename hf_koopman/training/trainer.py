@@ -131,7 +131,7 @@ class KSSTrainer(Trainer):
     * Gradient cap (`KSSConfig.max_grad_ratio`, default 0.5): on a KSS micro-batch the gradient of
       `alpha * L_KSS` is rescaled by one factor `c <= 1` so that it is at most `max_grad_ratio` times the task
       gradient; its direction and the loss value are unchanged. Eq. 14's raw gradient is ~100x the task gradient on
-      a No-Norm model at init and caused the gradient spikes measured in `results/kss_gradient_scale.md`. Each rank
+      a No-Norm model at init and causes gradient spikes (`results/kss_gradient_scale.md`). Each rank
       caps its own contribution. `max_grad_ratio=None` gives the paper-literal gradient. `KSSConfig.grad_cap` says
       where the two norms are measured:
 

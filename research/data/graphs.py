@@ -162,7 +162,10 @@ def stratified_kfold(labels: Sequence[int], num_folds: int = 10, seed: int = 0) 
     """Seeded stratified k-fold split: `[(train_indices, test_indices)] * num_folds`.
 
     Each class's indices are shuffled with `torch.Generator().manual_seed(seed)` and dealt round-robin to the folds, so
-    class proportions match in every fold (no standard split files ship with the offline data).
+    class proportions match in every fold (no standard split files ship with the offline data). It is not
+    `sklearn.model_selection.StratifiedKFold`: the assignment fixes which graphs every recorded ReyNet run in
+    `results/` trained and tested on, and scikit-learn deals the folds differently, so switching would change every
+    split of that evidence.
     """
     if num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {num_folds}")

@@ -642,6 +642,23 @@ def write_diagnostic_readme(folder: Path, title: str, table: str) -> Path:
     return path
 
 
+def save_diagnostic_run(folder: Path, name: str, result: dict) -> Path:
+    """Write one run of a pilot or check as `folder/name` (JSON, one file per run, read back by `load_diagnostic_runs`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def load_diagnostic_runs(folder: Path, pattern: str, script: str) -> list[dict]:
+    """The runs of a pilot or check in `folder` matching `pattern`, by file name; exits naming `script` if none."""
+    runs = [json.loads(f.read_text()) for f in sorted(Path(folder).glob(pattern))]
+    if not runs:
+        raise SystemExit(f"no runs in {folder}: run `python -m research.scripts.{script} run` first")
+    return runs
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     t = torch.tensor(list(values), dtype=torch.float64)
     return float(t.mean()), (float(t.std(unbiased=False)) if len(values) > 1 else 0.0)

@@ -1,15 +1,21 @@
-"""Small statistics for the RKSP evaluation: AUROC with bootstrap CIs, ECE / reliability bins, Fisher's exact test.
+"""Statistics for the RKSP evaluation: AUROC with a bootstrap CI, ECE / reliability bins, Fisher's exact test.
 
-Pure numpy (scipy is not a core dependency); each function is checked against hand-computed cases in
-`tests/experiments/test_stats.py`.
+The AUROC is scipy's Mann-Whitney U statistic over n_pos · n_neg (exact rank sums: the same bits as the area under
+the ROC curve, which `sklearn.metrics.roc_auc_score` approximates by a trapezoid sum to within 1e-15), the bootstrap
+`scipy.stats.bootstrap`, the exact test `scipy.stats.fisher_exact`. What this module adds is what the study needs
+around them: input checks with a clear error, NaN (not an error) where a quantity is undefined because one class is
+absent, `+inf` scores (an infinite κ(V)), and a percentile interval over the resamples that hold both classes. ECE
+and reliability bins (equal-width, last bin closed) have no library equivalent that reports per-bin counts.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats as _scipy_stats
 
 __all__ = ["auroc", "bootstrap_auroc", "expected_calibration_error", "reliability_bins", "fisher_exact"]
 
@@ -21,9 +27,29 @@ def _as_binary(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _auroc(s: np.ndarray, y: np.ndarray) -> float:
+    positive = y == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    u = _scipy_stats.mannwhitneyu(s[positive], s[~positive], method="asymptotic", use_continuity=False).statistic
+    return float(u / (n_pos * n_neg))
+
+
+def _auroc_along_last_axis(s: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """`_auroc` of every resample at once (`scipy.stats.bootstrap`, vectorized): the same U from scipy's mid-ranks,
+    exact in float64 (rank sums are half-integers), so the bits equal `_auroc`'s; NaN where a class is missing."""
+    ranks = _scipy_stats.rankdata(s, axis=axis)
+    n_pos = y.sum(axis=axis)
+    n_neg = y.shape[axis] - n_pos
+    u = (ranks * y).sum(axis=axis) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return u / (n_pos * n_neg)
+
+
 def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     r"""Area under the ROC curve = P(score of a random positive > score of a random negative), ties count 1/2
-    (Mann-Whitney U with mid-ranks). `+inf` scores are allowed; NaN is rejected.
+    (Mann-Whitney U / (n_pos · n_neg), `scipy.stats.mannwhitneyu`). `+inf` scores are allowed; NaN is rejected.
 
     Returns NaN (with no error) when one class is absent, since the AUROC is undefined then.
     """
@@ -33,21 +59,7 @@ def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarr
         raise ValueError(f"scores {s.shape} and labels {y.shape} must have the same shape.")
     if np.isnan(s).any():
         raise ValueError("scores contain NaN; drop or impute those runs before computing the AUROC.")
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # mid-ranks for ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return _auroc(s, y) if len(y) else float("nan")
 
 
 def bootstrap_auroc(
@@ -58,7 +70,11 @@ def bootstrap_auroc(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, tuple[float, float]]:
-    """AUROC and its percentile bootstrap CI (paper: 1000 resamples, 95%). Resamples that miss a class are redrawn.
+    """AUROC and its percentile bootstrap CI (paper: 1000 resamples, 95%), by `scipy.stats.bootstrap` on the paired
+    (score, label) rows.
+
+    A resample that misses a class has no AUROC; the interval is taken over the resamples that hold both (scipy's own
+    percentile interval would be NaN as soon as one resample misses a class).
 
     Returns:
         `(auroc, (low, high))`; NaNs when one class is absent from the data.
@@ -70,15 +86,14 @@ def bootstrap_auroc(
         return point, (float("nan"), float("nan"))
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence={confidence} must be in (0, 1).")
-    rng = np.random.default_rng(seed)
-    stats: list[float] = []
-    while len(stats) < n_resamples:
-        idx = rng.integers(0, len(y), size=len(y))
-        yy = y[idx]
-        if yy.min() == yy.max():
-            continue
-        stats.append(auroc(s[idx], yy))
-    lo, hi = np.quantile(stats, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
+    with warnings.catch_warnings():  # scipy warns when a resample has no AUROC; those are dropped below
+        warnings.simplefilter("ignore", _scipy_stats.DegenerateDataWarning)
+        result = _scipy_stats.bootstrap(
+            (s, y), _auroc_along_last_axis, paired=True, vectorized=True, n_resamples=n_resamples,
+            confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+        )
+    alpha = (1 - confidence) / 2
+    lo, hi = np.nanquantile(result.bootstrap_distribution, [alpha, 1 - alpha])
     return point, (float(lo), float(hi))
 
 
@@ -116,26 +131,13 @@ def expected_calibration_error(
 
 
 def fisher_exact(table: Sequence[Sequence[int]]) -> float:
-    """Two-sided Fisher exact p-value for a 2x2 table `[[a, b], [c, d]]` (e.g. [[diverged, stable] per arm]).
-
-    Sums the hypergeometric probabilities of all tables with the same margins that are no more likely than the
-    observed one (the usual two-sided definition, with a 1e-7 relative tolerance for ties).
-    """
-    (a, b), (c, d) = table
-    if min(a, b, c, d) < 0:
+    """Two-sided Fisher exact p-value (`scipy.stats.fisher_exact`) for a 2x2 table `[[a, b], [c, d]]`: one row per
+    arm, e.g. `[diverged, stable]`."""
+    counts = np.asarray(table)
+    if counts.shape != (2, 2):
+        raise ValueError(f"table must be 2x2, got shape {counts.shape}.")
+    if (counts < 0).any():
         raise ValueError("table counts must be non-negative.")
-    row1, col1, n = a + b, a + c, a + b + c + d
-    if n == 0:
+    if counts.sum() == 0:
         raise ValueError("table is empty.")
-
-    def logp(x: int) -> float:
-        return (
-            math.lgamma(row1 + 1) + math.lgamma(n - row1 + 1) + math.lgamma(col1 + 1) + math.lgamma(n - col1 + 1)
-            - math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(row1 - x + 1)
-            - math.lgamma(col1 - x + 1) - math.lgamma(n - row1 - col1 + x + 1)
-        )
-
-    lo, hi = max(0, row1 + col1 - n), min(row1, col1)
-    observed = logp(a)
-    total = sum(math.exp(logp(x)) for x in range(lo, hi + 1) if logp(x) <= observed + 1e-7)
-    return float(min(1.0, total))
+    return float(_scipy_stats.fisher_exact(counts, alternative="two-sided").pvalue)

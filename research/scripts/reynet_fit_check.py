@@ -15,9 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -129,22 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None, help="folder with graphs/<NAME>/<NAME>.txt (default: $HF_KOOPMAN_DATA)")
     p.add_argument("--output-dir", default=str(DEFAULT_DIR))
     args = p.parse_args(argv)
+    from research.experiments.reynet import load_diagnostic_runs, save_diagnostic_run, write_diagnostic_readme
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.output_dir)
     if args.stage == "run":
         kinds = [k for k in args.kinds.split(",") if k]
         res = run_fit_check(args.data_dir, args.dataset, num_graphs=args.graphs, epochs=args.epochs, kinds=kinds,
                             lr=args.lr)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{args.dataset}_{args.graphs}graphs_{'-'.join(kinds)}.json"
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        path = save_diagnostic_run(out, f"{args.dataset}_{args.graphs}graphs_{'-'.join(kinds)}.json", res)
         logger.info("wrote %s", path)
     else:
-        runs = [json.loads(f.read_text()) for f in sorted(out.glob("*graphs_*.json"))]
-        if not runs:
-            raise SystemExit(f"no fit-check runs in {out}: run `reynet_fit_check.py run` first")
-        from research.experiments.reynet import write_diagnostic_readme
-
+        runs = load_diagnostic_runs(out, "*graphs_*.json", "reynet_fit_check")
         path = write_diagnostic_readme(out, "ReyNet / IEGN fit check (training graphs only)", fit_table(runs))
         logger.info("wrote %s", path)
 

@@ -17,9 +17,7 @@ Usage (one process per learning rate, then the table):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -110,22 +108,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None, help="folder with graphs/<NAME>/<NAME>.txt (default: $HF_KOOPMAN_DATA)")
     p.add_argument("--output-dir", default=str(DEFAULT_DIR))
     args = p.parse_args(argv)
+    from research.experiments.reynet import load_diagnostic_runs, save_diagnostic_run, write_diagnostic_readme
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.output_dir)
     if args.stage == "run":
         res = run_pilot(args.data_dir, args.dataset, args.lr, folds=args.folds, epochs=args.epochs,
                         variant=args.variant)
-        out.mkdir(parents=True, exist_ok=True)
         suffix = "" if args.variant == "main" else f"_{args.variant}"
-        path = out / f"{args.dataset}_lr{args.lr:g}{suffix}.json"
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        path = save_diagnostic_run(out, f"{args.dataset}_lr{args.lr:g}{suffix}.json", res)
         logger.info("wrote %s", path)
     else:
-        runs = [json.loads(f.read_text()) for f in sorted(out.glob("*_lr*.json"))]
-        if not runs:
-            raise SystemExit(f"no pilot runs in {out}: run `reynet_lr_pilot.py run` first")
-        from research.experiments.reynet import write_diagnostic_readme
-
+        runs = load_diagnostic_runs(out, "*_lr*.json", "reynet_lr_pilot")
         kind = "width" if any(r.get("variant", "main") != "main" for r in runs) else "learning-rate"
         path = write_diagnostic_readme(out, f"ReyNet / IEGN {kind} pilot (validation data only)", pilot_table(runs))
         logger.info("wrote %s", path)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import sys
 import types
 
 import pytest
 
+import hf_koopman
 from hf_koopman.profiling import DecisionRule, SpectralProfile, profile
+from hf_koopman.risk import ADVICE, VERDICT_LEVELS, VERDICTS, RiskEstimator
 from hf_koopman.testing_utils import tiny_model
 
 
@@ -54,6 +56,17 @@ def test_mostly_nonlinear_or_degenerate_layers_make_the_verdict_uninformative():
     assert DecisionRule().decide(0.1, 5.0, informative=2, total=4)[0] == "safe"
 
 
+def test_one_rule_behind_every_public_name(tiny_profile):
+    assert hf_koopman.DecisionRule is DecisionRule is hf_koopman.risk.DecisionRule
+    assert set(VERDICTS) == set(VERDICT_LEVELS) == set(ADVICE)
+    assert tiny_profile.verdict in VERDICTS
+    assert f"Recommendation: {ADVICE[tiny_profile.verdict]}" in tiny_profile.to_markdown()
+    # the profile reads its layers through its rule: a rule that trusts no linear fit leaves nothing to judge
+    strict = dataclasses.replace(tiny_profile, rule=DecisionRule(max_nonlinearity=0.0))
+    assert strict.informative_layers == [] and strict.score is None and strict.verdict == "uninformative"
+    assert set(tiny_profile.informative_layers) <= set(tiny_profile.names)
+
+
 def test_json_round_trip(tiny_profile, tmp_path):
     text = tiny_profile.to_json()
     data = json.loads(text)
@@ -93,7 +106,10 @@ def test_plot_returns_figure(tiny_profile, tmp_path):
 
 
 def test_risk_is_none_without_estimator(tiny_profile, monkeypatch):
-    monkeypatch.setitem(sys.modules, "hf_koopman.risk", None)  # import fails
+    def no_estimator(cls):
+        raise FileNotFoundError("no shipped risk estimator")
+
+    monkeypatch.setattr(RiskEstimator, "default", classmethod(no_estimator))
     assert tiny_profile.risk is None
     assert "No calibrated risk estimator" in tiny_profile.to_markdown()
 
@@ -102,10 +118,6 @@ def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
     calls = {}
 
     class FakeEstimator:
-        @classmethod
-        def default(cls):
-            return cls()
-
         def predict_proba(self, prof, learning_rate=None):
             calls["lr"] = learning_rate
             return 0.25 + prof.aggregates["near_unit_mass_mean"] * 0
@@ -115,8 +127,6 @@ def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
             return types.SimpleNamespace(probability=self.predict_proba(prof, learning_rate), range_note=note,
                                          to_dict=lambda: {"note": note})
 
-    module = types.ModuleType("hf_koopman.risk")
-    module.RiskEstimator = FakeEstimator
-    monkeypatch.setitem(sys.modules, "hf_koopman.risk", module)
+    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: FakeEstimator()))
     assert tiny_profile.risk_probability(learning_rate=1e-3) == 0.25 and calls["lr"] == 1e-3
     assert "25.0%** — ranges unknown for: model_type" in tiny_profile.to_markdown()  # the range note follows it

@@ -210,6 +210,17 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     assert _analysis_chunk_size(2048, d) == 1 and _analysis_chunk_size(N, 32) == 8
 
 
+def test_memory_limit_strings_follow_accelerate():
+    from hf_koopman.profiling.streaming import _parse_bytes
+
+    assert _parse_bytes("6GB") == 6 * 10**9 and _parse_bytes("512MiB") == 512 * 2**20
+    assert _parse_bytes("1000") == _parse_bytes(1000) == _parse_bytes(1000.0) == 1000
+    assert _parse_bytes("8Gb") == 10**9  # accelerate's convention: a lowercase b counts bits
+    for bad in ("lots", "6 parsecs", ""):
+        with pytest.raises(ValueError, match="memory_limit"):
+            _parse_bytes(bad)
+
+
 def test_too_little_memory_names_the_block_size():
     config = _llama()
     skeleton = _build_skeleton(config)

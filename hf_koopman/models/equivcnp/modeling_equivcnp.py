@@ -9,9 +9,8 @@
    as in the EquivCNP code. Using d_G instead of the Euclidean RBF makes E invariant under scaling for R×SO(2).
 3. **ρ:** `Linear(1 + y_dim → C)` then `num_layers` LieConv residual blocks on D. On the T(1) grid, the blocks run as
    depthwise 1-D convolutions (`LieConv.forward_grid`): the same sum, with the kernel MLP evaluated once per grid
-   offset instead of once per (query, key) pair (3.5-4× faster per training step on CPU, see
-   `benchmarks/bench_equivcnp.py`). It is used only when the k-nearest cut leaves the window whole, where both routes
-   compute the same function.
+   offset instead of once per (query, key) pair (3.5-4× faster per training step on CPU). It is used only when the
+   k-nearest cut leaves the window whole, where both routes compute the same function.
 4. **Read-out:** a LieConv from D to the targets, then an MLP to mean and σ = min_std + softplus(·).
 
 Unlike the released 1-D model, no raw coordinate enters the features (it broke translation equivariance), and there

@@ -236,13 +236,14 @@ def test_save_load_roundtrip_and_auto_classes(tmp_path, cls_cfg):
 def test_collator_and_plain_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from research.data.equivcnp_gp import sample_training_batch
-
     gen = torch.Generator().manual_seed(0)
     tasks = []
-    for _ in range(8):
-        batch = sample_training_batch("rbf", 1, gen, max_points=12)
-        tasks.append({k: v[0] for k, v in batch.items()})
+    for _ in range(8):  # random sine curves, a few context points and more targets per task (sizes vary)
+        nc, nt = (int(v) for v in torch.randint(3, 12, (2,), generator=gen))
+        x = torch.rand(nc + nt, 1, generator=gen) * 4 - 2
+        a, b = torch.rand(2, generator=gen) * 2
+        y = torch.sin(a * x + b)
+        tasks.append({"context_x": x[:nc], "context_y": y[:nc], "target_x": x, "target_y": y})
     collated = NeuralProcessCollator()(tasks[:3])
     assert set(collated) == {"context_x", "context_y", "context_mask", "target_x", "target_y", "target_mask"}
     assert collated["context_mask"].sum() == sum(t["context_x"].shape[0] for t in tasks[:3])

@@ -78,6 +78,39 @@ def test_auroc_hand_cases():
         auroc([0.1, 0.2], [0, 2])
 
 
+def test_auroc_agrees_with_scikit_learn():
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
+    rng = np.random.default_rng(3)
+    for _ in range(50):  # ties included: scores on a coarse grid
+        n = int(rng.integers(4, 120))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        s = np.round(rng.normal(size=n) + y, 1)
+        assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_bootstrap_statistic_has_the_bits_of_the_point_estimate():
+    from research.experiments.stats import _auroc, _auroc_along_last_axis
+
+    rng = np.random.default_rng(4)
+    s = np.round(rng.normal(size=(40, 30)), 1)
+    s[0, 0] = np.inf
+    y = rng.integers(0, 2, (40, 30))
+    y[1] = 1  # one resample with a single class: NaN
+    batched = _auroc_along_last_axis(s, y)
+    for b in range(40):
+        one = _auroc(s[b], y[b])
+        assert (math.isnan(one) and math.isnan(batched[b])) or one == batched[b]
+
+
+def test_bootstrap_keeps_only_resamples_with_both_classes():
+    # 2 positives in 12 rows: about a third of the resamples hold no positive; they are dropped, not counted as NaN
+    s, y = np.arange(12.0), np.array([0] * 10 + [1] * 2)
+    point, (lo, hi) = bootstrap_auroc(s, y, n_resamples=200, seed=0)
+    assert point == 1.0 and (lo, hi) == (1.0, 1.0)
+
+
 def test_bootstrap_ci_brackets_the_point_and_is_seeded():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
