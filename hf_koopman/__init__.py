@@ -47,6 +47,9 @@ _LAZY: dict[str, str] = {
     # the risk step: decision rule and calibrated estimator
     "DecisionRule": "hf_koopman.risk",
     "RiskEstimator": "hf_koopman.risk",
+    "RiskAssessment": "hf_koopman.risk",
+    "suggest_max_lr": "hf_koopman.max_lr",
+    "MaxLRSuggestion": "hf_koopman.max_lr",
     # research models
     "ReyNetConfig": "hf_koopman.models.reynet",
     "ReyNetModel": "hf_koopman.models.reynet",

@@ -361,11 +361,103 @@ def _run_architectures(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- max-lr
+def _add_max_lr_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="local save_pretrained folder or config.json, an embedded architecture name (see "
+                             "`hf-koopman architectures`), or a Hub id (when online)")
+    parser.add_argument("--risk", type=float, default=0.1,
+                        help="divergence probability to stay at or below (default: 0.1)")
+    parser.add_argument("--estimator", type=Path,
+                        help="risk-estimator JSON (default: the estimator shipped with hf_koopman)")
+    parser.add_argument("--context", action="append", default=[], metavar="KEY=VALUE",
+                        help="another input the estimator needs (e.g. norm=pre_ln); repeatable")
+    parser.add_argument("--level", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    parser.add_argument("--init", action="store_true",
+                        help="profile the architecture at random initialisation (ignore pretrained weights)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
+    source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
+    parser.add_argument("--rank", type=int, default=None, metavar="R",
+                        help="analyse the rank-R approximation instead of the full spectrum (default: the full "
+                             "spectrum, the recipe the shipped estimator was fitted on)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
+    parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
+    parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward for text inputs (default: 8)")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="stop reading inputs once this many tokens reached every layer (default: 16 x --num-samples)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
+
+
+def _parse_context(items: Sequence[str]) -> dict[str, Any]:
+    """`["norm=pre_ln", "warmup_steps=10"]` -> `{"norm": "pre_ln", "warmup_steps": 10.0}` (numbers parsed)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--context {item!r} must be KEY=VALUE, e.g. --context norm=pre_ln.")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _run_max_lr(args: argparse.Namespace) -> int:
+    from hf_koopman.max_lr import suggest_max_lr
+
+    if not 0.0 < args.risk < 1.0:
+        raise ValueError(f"--risk must be a probability strictly between 0 and 1, got {args.risk}.")
+    if not 0.0 < args.level < 1.0:
+        raise ValueError(f"--level must be in (0, 1), got {args.level}.")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
+    if args.max_tokens is not None and args.max_tokens < args.num_samples:
+        raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
+    context = _parse_context(args.context)
+    estimator = None
+    if args.estimator is not None:
+        from hf_koopman.risk import RiskEstimator
+
+        estimator = RiskEstimator.from_json(args.estimator)  # a bad file fails before the model is built
+    progress = not args.no_progress
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model, tokenizer, name = load_model(
+        args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed
+    )
+    inputs: Any = None
+    if args.text_file is not None:
+        inputs = _read_text_chunks(args.text_file, args.max_length)
+    elif args.dataset is not None:
+        inputs = _load_dataset(args.dataset, args.split)
+    suggestion = suggest_max_lr(
+        model, inputs, risk=args.risk, estimator=estimator, level=args.level, context=context,
+        num_samples=args.num_samples, rank=args.rank, seed=args.seed, layers=args.layers, tokenizer=tokenizer,
+        batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens, model_name=name,
+        progress=progress,
+    )
+    print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
+    return 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "profile": ("RKSP spectral profile of a model -> profile.json, report.md, PNG plots",
                 _add_profile_arguments, _run_profile),
     "architectures": ("list the embedded architecture configs usable offline with --init",
                       _add_architectures_arguments, _run_architectures),
+    "max-lr": ("learning rate at which the calibrated divergence probability reaches --risk, with its caveats",
+               _add_max_lr_arguments, _run_max_lr),
 }
 
 

@@ -11,6 +11,14 @@ metadata (`RiskEstimator.default().metadata`: `heldout`, `in_sample_auroc`, `pre
 `results/risk_estimator_eval.json` give its AUROC next to the rank-32 fit's. Profiles made with `rank=32` are not
 what it was fitted on. It is an interim estimator: a later issue (#22) replaces it.
 
+The JSON (format version 2) stores, next to the coefficients, the ranges of the training runs (per input min/max or the
+categories seen, the learning-rate range, the model types and families) and, when the fit recorded it, the
+coefficients' uncertainty. `RiskEstimator.assess(...)` returns the probability together with a `RiskAssessment` of
+whether the inputs lie inside those ranges; outside them the probability is an extrapolation and says so. Version-1
+files load: their per-feature clip ranges are the training ranges of the features, and what they do not record (the
+model types) is reported as unknown, never as in range. `learning_rate_at_risk` solves for the learning rate at which
+the probability crosses a given risk (`hf_koopman.suggest_max_lr` wraps it around a profile).
+
 Example:
 
 ```python
@@ -35,12 +43,23 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "FeatureSpec", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "ADVICE", "DecisionRule", "VERDICTS", "VERDICT_LEVELS",
+    "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
+    "DecisionRule", "VERDICTS", "VERDICT_LEVELS",
 ]
 
 DEFAULT_ESTIMATOR_FILE = "risk_estimator.json"
+#: version of the JSON layout `RiskEstimator.to_dict` writes; `from_dict` reads this one and version 1.
+FORMAT_VERSION = 2
 _FORMAT = "hf_koopman.risk_estimator"
 _TRANSFORMS = ("identity", "log10")
+_LR = "learning_rate"
+#: inputs that describe the model itself; `fit` records their training ranges when the rows carry them, and a profile
+#: supplies them (`meta["model_type"]`, `settings["hidden_size"]`, the number of profiled blocks).
+MODEL_KEYS = ("model_type", "hidden_size", "num_layers")
+#: learning rates (log10) over which `learning_rate_at_risk` searches when the learning rate does not enter as one
+#: log10 feature.
+_LR_GRID = np.arange(-10.0, 3.0 + 1e-9, 0.05)
+_INTERVAL_DRAWS = 4000
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,42 @@ class FeatureSpec:
             raise ValueError(f"feature {self.key!r} is infinite and the estimator has no clipping range for it.")
         return (x - self.mean) / self.std
 
+    def raw_bound(self, x: float) -> float:
+        """The raw value whose transform is `x` (identity and log10 features), used to read version-1 clip ranges."""
+        return 10.0**x if self.transform == "log10" else x
+
+
+def _num(v: float) -> float | str:
+    """A float as JSON: finite as is, ±inf as the strings "inf" / "-inf"."""
+    v = float(v)
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _g(v: Any) -> str:
+    return f"{v:.3g}" if _is_number(v) else repr(v)
+
+
+def _percent(p: float) -> str:
+    return "< 0.1 %" if p < 1e-3 else ("> 99.9 %" if p > 0.999 else f"{p:.1%}")
+
+
+def _model_context(profile: Any) -> dict[str, Any]:
+    """Model-level inputs a `SpectralProfile` carries: model type, width and number of profiled blocks."""
+    out: dict[str, Any] = {}
+    meta, settings = getattr(profile, "meta", None), getattr(profile, "settings", None)
+    if isinstance(meta, Mapping) and meta.get("model_type") is not None:
+        out["model_type"] = meta["model_type"]
+    if isinstance(settings, Mapping) and settings.get("hidden_size") is not None:
+        out["hidden_size"] = settings["hidden_size"]
+    layers = getattr(profile, "layers", None)
+    if isinstance(layers, Sequence) and layers:
+        out["num_layers"] = len(layers)
+    return out
+
 
 def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
     """Merge a SpectralProfile (or a mapping of aggregates, or None) with the context into one flat mapping."""
@@ -110,8 +165,159 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
         meta = getattr(profile, "meta", None)
         if isinstance(meta, Mapping):  # e.g. a learning rate recorded by the training callback
             values.update({k: v for k, v in meta.items() if v is not None and k not in values})
+        values.update({k: v for k, v in _model_context(profile).items() if k not in values})
     values.update({k: v for k, v in context.items() if v is not None})
     return values
+
+
+@dataclass(frozen=True)
+class RangeIssue:
+    """One input that lies outside what the estimator's training runs covered.
+
+    Attributes:
+        key (`str`): the input (`"learning_rate"`, `"near_unit_mass_mean"`, `"model_type"`, ...).
+        value: its value here.
+        low (`float`, *optional*): lower end of the training range of a numeric input (`None` for a categorical one).
+        high (`float`, *optional*): upper end of that range.
+        seen (`tuple[str, ...]`): the categories of the training runs (categorical inputs).
+        excess (`float`): how far outside: in decades when `log_scale`, else in the input's own units; `inf` for a
+            category the training runs never had.
+        log_scale (`bool`): whether `excess` is in decades (the learning rate and inputs the estimator reads as log10).
+    """
+
+    key: str
+    value: Any
+    low: float | None = None
+    high: float | None = None
+    seen: tuple[str, ...] = ()
+    excess: float = math.inf
+    log_scale: bool = False
+
+    @property
+    def direction(self) -> str:
+        """`"above"`, `"below"` or `"unseen"` (a category absent from the training runs)."""
+        if self.low is None or self.high is None:
+            return "unseen"
+        return "above" if _is_number(self.value) and float(self.value) > self.high else "below"
+
+    def describe(self) -> str:
+        if self.direction == "unseen":
+            return f"{self.key} = {_g(self.value)} (fitted on {', '.join(self.seen) or 'other values'})"
+        amount = f"{self.excess:.2g} decade{'s' if self.excess != 1 else ''}" if self.log_scale else f"{self.excess:.3g}"
+        return f"{self.key} = {_g(self.value)} is {amount} {self.direction} the fitted [{_g(self.low)}, {_g(self.high)}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        value = _num(self.value) if _is_number(self.value) else self.value
+        low, high = (None if b is None else _num(b) for b in (self.low, self.high))
+        return {"key": self.key, "value": value, "low": low, "high": high, "seen": list(self.seen),
+                "excess": _num(self.excess), "log_scale": self.log_scale, "direction": self.direction}
+
+
+@dataclass(frozen=True)
+class RiskAssessment:
+    """A divergence probability and whether its inputs lie where the estimator was fitted.
+
+    Attributes:
+        probability (`float`): P(divergence) in (0, 1); inputs outside the training range are clipped to it first.
+        out_of_range (`bool` or `None`): `True` when an input lies outside the training ranges (`outside` says which);
+            `None` when none is known to, but the estimator does not record the range of some input (`unknown`), so
+            being in range is not established; `False` only when every checked input is inside a recorded range.
+        outside (`tuple[RangeIssue, ...]`): the inputs outside, and by how much.
+        unknown (`tuple[str, ...]`): inputs whose training range is not recorded, or that were not given.
+        learning_rate (`float`, *optional*): the learning rate the probability is for.
+    """
+
+    probability: float
+    out_of_range: bool | None
+    outside: tuple[RangeIssue, ...] = ()
+    unknown: tuple[str, ...] = ()
+    learning_rate: float | None = None
+
+    @property
+    def status(self) -> str:
+        """`"outside the fitted range"`, `"ranges unknown"` or `"within the fitted range"`."""
+        if self.out_of_range:
+            return "outside the fitted range"
+        return "ranges unknown" if self.out_of_range is None else "within the fitted range"
+
+    @property
+    def range_note(self) -> str:
+        """One sentence on the ranges, e.g. `"outside the fitted range: learning_rate = 50 is 2.7 decades above ..."`."""
+        parts = []
+        if self.outside:
+            parts.append("outside the fitted range: " + "; ".join(i.describe() for i in self.outside)
+                         + " (inputs are clipped to the range, so the probability is an extrapolation)")
+        if self.unknown:
+            parts.append("ranges unknown for: " + ", ".join(self.unknown)
+                         + " (the estimator does not record them, or they were not given)")
+        return "; ".join(parts) if parts else "within the fitted range"
+
+    def describe(self) -> str:
+        lr = f" at learning rate {self.learning_rate:g}" if self.learning_rate is not None else ""
+        return f"P(divergence){lr} = {_percent(self.probability)} — {self.range_note}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probability": self.probability, "learning_rate": self.learning_rate, "out_of_range": self.out_of_range,
+                "status": self.status, "outside": [i.to_dict() for i in self.outside], "unknown": list(self.unknown),
+                "note": self.range_note}
+
+    def __float__(self) -> float:
+        return float(self.probability)
+
+
+def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Penalised logistic maximum likelihood by Newton / IRLS -> `(weights (p,), penalised Hessian (p, p))`."""
+    w = np.zeros(x.shape[1])
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) + penalty * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
+    return w, hess
+
+
+def _record_ranges(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Training range of each key every row carries: numeric min/max (NaN ignored), or the categories seen."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in dict.fromkeys(keys):
+        values = [r.get(key) for r in rows]
+        if any(v is None for v in values):
+            continue  # not recorded for every run: a partial range would claim coverage it does not have
+        if all(_is_number(v) for v in values):
+            numbers = [float(v) for v in values if not math.isnan(float(v))]
+            if numbers:
+                out[key] = {"min": min(numbers), "max": max(numbers)}
+        else:
+            out[key] = {"values": sorted({str(v) for v in values})}
+    return out
+
+
+def _ranges_to_json(ranges: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(ranges)
+    out["inputs"] = {k: ({"min": _num(v["min"]), "max": _num(v["max"])} if "min" in v else {"values": list(v["values"])})
+                     for k, v in ranges.get("inputs", {}).items()}
+    return out
+
+
+def _ranges_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError("training_ranges must be a JSON object.")
+    out = dict(data)
+    inputs = {}
+    for key, rng in dict(data.get("inputs", {})).items():
+        if "values" in rng:
+            inputs[key] = {"values": [str(v) for v in rng["values"]]}
+        elif "min" in rng and "max" in rng:
+            inputs[key] = {"min": float(rng["min"]), "max": float(rng["max"])}
+        else:
+            raise ValueError(f"training_ranges.inputs[{key!r}] needs 'min' and 'max', or 'values'; got {sorted(rng)}.")
+    out["inputs"] = inputs
+    return out
 
 
 @dataclass
@@ -123,28 +329,55 @@ class RiskEstimator:
         coef (`list[float]`): one weight per feature.
         intercept (`float`): bias `b`.
         metadata (`dict`, *optional*): provenance (training runs, held-out AUROC / ECE, ...), stored in the JSON.
+        training_ranges (`dict`, *optional*): what the training runs covered: `"inputs"` maps an input key to
+            `{"min", "max"}` (raw units) or `{"values": [...]}` (categories, e.g. `model_type`); optional
+            `"families"` (descriptive names of the model families) and `"n_rows"`. Set by `fit`; checked by `assess`.
+        coef_cov (`list[list[float]]`, *optional*): covariance of `(intercept, *coef)`, shape `(p + 1, p + 1)`; `fit`
+            stores the inverse penalised Hessian (Laplace approximation). Gives `learning_rate_interval`.
+        bootstrap_coefs (`list[list[float]]`, *optional*): refitted `(intercept, *coef)` rows, shape `(B, p + 1)`;
+            used for the interval when there is no covariance.
     """
 
     features: list[FeatureSpec]
     coef: list[float]
     intercept: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    training_ranges: dict[str, Any] = field(default_factory=dict)
+    coef_cov: list[list[float]] | None = None
+    bootstrap_coefs: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.features) != len(self.coef):
             raise ValueError(f"{len(self.features)} features but {len(self.coef)} coefficients.")
         if not all(math.isfinite(c) for c in [*self.coef, self.intercept]):
             raise ValueError("coefficients and intercept must be finite.")
+        size = len(self.coef) + 1
+        if self.coef_cov is not None:
+            cov = np.asarray(self.coef_cov, dtype=np.float64)
+            if cov.shape != (size, size) or not np.all(np.isfinite(cov)) or not np.allclose(cov, cov.T, atol=1e-10):
+                raise ValueError(f"coef_cov must be a finite symmetric ({size}, {size}) matrix over (intercept, *coef); "
+                                 f"got shape {cov.shape}.")
+        if self.bootstrap_coefs is not None:
+            boot = np.asarray(self.bootstrap_coefs, dtype=np.float64)
+            if boot.ndim != 2 or boot.shape[1] != size or not np.all(np.isfinite(boot)):
+                raise ValueError(f"bootstrap_coefs must be finite rows of (intercept, *coef), shape (B, {size}); got "
+                                 f"shape {boot.shape}.")
 
     # ------------------------------------------------------------------ prediction
     @property
     def required_keys(self) -> list[str]:
         return sorted({f.key for f in self.features})
 
+    @property
+    def learning_rate_range(self) -> tuple[float, float] | None:
+        """`(min, max)` learning rate of the training runs, or `None` when the estimator does not record it."""
+        rng = self.training_ranges.get("inputs", {}).get(_LR)
+        return (rng["min"], rng["max"]) if rng and "min" in rng else None
+
     def _logit(self, values: Mapping[str, Any]) -> float:
         missing = [f.key for f in self.features if f.key not in values]
         if missing:
-            hint = " (pass learning_rate=... )" if "learning_rate" in missing else ""
+            hint = " (pass learning_rate=... )" if _LR in missing else ""
             raise ValueError(
                 f"risk estimator needs {missing}{hint}; available inputs: {sorted(values)[:20]}"
                 + (" ..." if len(values) > 20 else "")
@@ -152,8 +385,17 @@ class RiskEstimator:
         z = [f.standardized(values[f.key]) for f in self.features]
         return self.intercept + float(np.dot(self.coef, z))
 
+    @staticmethod
+    def _inputs(profile: Any, learning_rate: float | None, context: Mapping[str, Any]) -> dict[str, Any]:
+        if learning_rate is not None and (not _is_number(learning_rate) or not learning_rate > 0):
+            raise ValueError(f"learning_rate={learning_rate!r} must be a positive number.")
+        return _flatten_inputs(profile, {_LR: learning_rate, **context})
+
     def predict_proba(self, profile: Any = None, learning_rate: float | None = None, **context: Any) -> float:
         """Probability that a training run diverges (paper label: loss > 50 or grad norm > 500 at any step).
+
+        Inputs outside the training range are clipped to it; `assess` returns the same probability together with
+        which inputs were outside.
 
         Args:
             profile (`SpectralProfile` or mapping): the init-time profile (its `aggregates`), or a plain mapping of
@@ -165,10 +407,63 @@ class RiskEstimator:
         Returns:
             `float` in (0, 1).
         """
-        if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or not learning_rate > 0):
-            raise ValueError(f"learning_rate={learning_rate!r} must be a positive number.")
-        values = _flatten_inputs(profile, {"learning_rate": learning_rate, **context})
+        values = self._inputs(profile, learning_rate, context)
         return 1.0 / (1.0 + math.exp(-self._logit(values)))
+
+    def check_ranges(
+        self, profile: Any = None, learning_rate: float | None = None, **context: Any
+    ) -> tuple[bool | None, tuple[RangeIssue, ...], tuple[str, ...]]:
+        """`(out_of_range, outside, unknown)` for these inputs (see `RiskAssessment` for their meaning).
+
+        Checked: every input of the model, the model keys (`model_type`, `hidden_size`, `num_layers`) whose range the
+        estimator records, and `model_type` always (a model type the estimator does not record is unknown).
+        """
+        values = self._inputs(profile, learning_rate, context)
+        ranges = self.training_ranges.get("inputs", {})
+        log_keys = {f.key for f in self.features if f.transform == "log10"} | {_LR}
+        keys = [*dict.fromkeys(f.key for f in self.features), *(k for k in MODEL_KEYS if k in ranges or k == "model_type")]
+        outside: list[RangeIssue] = []
+        unknown: list[str] = []
+        for key in dict.fromkeys(keys):
+            rng, value = ranges.get(key), values.get(key)
+            if rng is None:
+                unknown.append(key)
+                continue
+            if value is None:
+                unknown.append(f"{key} (not given)")
+                continue
+            if "values" in rng:
+                if str(value) not in rng["values"]:
+                    outside.append(RangeIssue(key, value, seen=tuple(rng["values"])))
+                continue
+            if not _is_number(value) or math.isnan(float(value)):
+                unknown.append(f"{key} (not a number)")
+                continue
+            x, low, high = float(value), rng["min"], rng["max"]
+            tol = 1e-9 * max(1.0, abs(low), abs(high)) if math.isfinite(low) and math.isfinite(high) else 0.0
+            if low - tol <= x <= high + tol:
+                continue
+            log_scale = key in log_keys
+            bound = high if x > high else low
+            if log_scale:
+                excess = math.inf if x <= 0 or bound <= 0 or math.isinf(x) else abs(math.log10(x / bound))
+            else:
+                excess = abs(x - bound)
+            outside.append(RangeIssue(key, x, low, high, excess=excess, log_scale=log_scale))
+        flag = True if outside else (None if unknown else False)
+        return flag, tuple(outside), tuple(unknown)
+
+    def assess(self, profile: Any = None, learning_rate: float | None = None, **context: Any) -> RiskAssessment:
+        """`predict_proba` plus whether the inputs lie inside the training ranges, as a `RiskAssessment`.
+
+        Same arguments as `predict_proba`. The learning rate in the result is the one used (argument or
+        `profile.meta["learning_rate"]`).
+        """
+        values = self._inputs(profile, learning_rate, context)
+        probability = 1.0 / (1.0 + math.exp(-self._logit(values)))
+        flag, outside, unknown = self.check_ranges(profile, learning_rate, **context)
+        lr = values.get(_LR)
+        return RiskAssessment(probability, flag, outside, unknown, float(lr) if _is_number(lr) else None)
 
     def predict_proba_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Vectorised `predict_proba` over flat rows (aggregates and context in one mapping, e.g. a sweep table).
@@ -178,6 +473,133 @@ class RiskEstimator:
         """
         logits = np.array([self._logit(r) for r in rows], dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-logits))
+
+    # ------------------------------------------------------------------ learning rate at a given risk
+    def _solve_lr(self, values: Mapping[str, Any], risk: float, params: np.ndarray, *, exact: bool) -> np.ndarray:
+        """Learning rate at which the probability first reaches `risk`, for each row of `params` `(D, p + 1)` =
+        `(intercept, *coef)` -> `(D,)`: `inf` when it never does as the learning rate grows, `0.0` when it is at or above
+        `risk` at every learning rate searched. The learning rate enters unclipped (an extrapolation outside the
+        training range); the other inputs are clipped as in `predict_proba`."""
+        lr_idx = [i for i, f in enumerate(self.features) if f.key == _LR]
+        if not lr_idx:
+            raise ValueError("this risk estimator does not use the learning rate, so it cannot suggest one.")
+        missing = [f.key for f in self.features if f.key != _LR and f.key not in values]
+        if missing:
+            raise ValueError(f"risk estimator needs {missing}; available inputs: {sorted(values)[:20]}")
+        others = {**values, _LR: 1.0}  # placeholder: the lr columns are replaced below
+        z = np.array([0.0 if i in lr_idx else f.standardized(others[f.key]) for i, f in enumerate(self.features)])
+        target = math.log(risk / (1.0 - risk))
+        base = params[:, 0] + params[:, 1:] @ z  # (D,)
+        if len(lr_idx) == 1 and self.features[lr_idx[0]].transform == "log10":
+            spec, w = self.features[lr_idx[0]], params[:, 1 + lr_idx[0]]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = spec.mean + spec.std * (target - base) / w
+                out = np.where(w > 0, 10.0 ** np.clip(x, -300, 300), math.inf)
+            return out
+        specs = [self.features[i] for i in lr_idx]
+
+        def lr_block(log_lr: np.ndarray) -> np.ndarray:  # (len(lr_idx), G) standardised, unclipped
+            return np.array([[(s.transformed(10.0**g) - s.mean) / s.std for g in log_lr] for s in specs])
+
+        weights = params[:, [1 + i for i in lr_idx]]  # (D, k)
+        logits = base[:, None] + weights @ lr_block(_LR_GRID)  # (D, G)
+        above = logits >= target
+        out = np.full(len(params), math.inf)
+        for d in range(len(params)):
+            hits = np.flatnonzero(above[d])
+            if hits.size == 0:
+                continue
+            k = int(hits[0])
+            if k == 0:
+                out[d] = 0.0
+                continue
+            lo, hi = _LR_GRID[k - 1], _LR_GRID[k]
+            if exact:
+                for _ in range(60):
+                    mid = 0.5 * (lo + hi)
+                    if base[d] + weights[d] @ lr_block(np.array([mid]))[:, 0] >= target:
+                        hi = mid
+                    else:
+                        lo = mid
+                out[d] = 10.0 ** (0.5 * (lo + hi))
+            else:  # linear interpolation of the logit inside the grid cell
+                a, b = logits[d, k - 1], logits[d, k]
+                out[d] = 10.0 ** (lo + (hi - lo) * (target - a) / (b - a) if b > a else hi)
+        return out
+
+    @staticmethod
+    def _check_risk(risk: float) -> float:
+        if not _is_number(risk) or not 0.0 < float(risk) < 1.0:
+            raise ValueError(f"risk={risk!r} must be a probability strictly between 0 and 1, e.g. 0.1.")
+        return float(risk)
+
+    def learning_rate_at_risk(self, profile: Any = None, risk: float = 0.1, **context: Any) -> float:
+        r"""The learning rate at which the predicted divergence probability reaches `risk`.
+
+        When the learning rate enters as one `log10` feature, the logistic is solved in closed form:
+        $\log_{10}\eta^* = \mu + \sigma\,(\operatorname{logit}(r) - b - \sum_{j \ne \eta} w_j z_j) / w_\eta$.
+        Otherwise the crossing is found by bisection in log10 learning rate on [1e-10, 1e3]. The learning rate is not
+        clipped to the training range here (that would leave no crossing); the result may therefore lie outside it,
+        which `check_ranges(profile, learning_rate=result)` reports.
+
+        Args:
+            profile: as in `predict_proba` (a learning rate in it is ignored).
+            risk (`float`, defaults to 0.1): target divergence probability, in (0, 1).
+            **context: other inputs the estimator needs (see `required_keys`).
+
+        Returns:
+            `float`: the learning rate; `math.inf` when the probability never reaches `risk` as the learning rate grows
+            (its coefficient is not positive), `0.0` when it is at or above `risk` at every learning rate.
+        """
+        risk = self._check_risk(risk)
+        values = _flatten_inputs(profile, context)
+        values.pop(_LR, None)
+        params = np.array([[self.intercept, *self.coef]], dtype=np.float64)
+        return float(self._solve_lr(values, risk, params, exact=True)[0])
+
+    @property
+    def interval_source(self) -> str | None:
+        """Where `learning_rate_interval` takes the coefficient uncertainty from: `"covariance"`, `"bootstrap"` or
+        `None` (the estimator stores neither)."""
+        if self.coef_cov is not None:
+            return "covariance"
+        return "bootstrap" if self.bootstrap_coefs else None
+
+    def learning_rate_interval(
+        self, profile: Any = None, risk: float = 0.1, *, level: float = 0.95, **context: Any
+    ) -> tuple[tuple[float, float], str] | None:
+        """Interval for `learning_rate_at_risk` from the stored coefficient uncertainty, or `None` without one.
+
+        With `coef_cov`, `(intercept, *coef)` are drawn from the Gaussian it describes (4000 draws, fixed seed); with
+        `bootstrap_coefs` only, the stored refits are used. The interval holds the central `level` of the solved
+        learning rates. It covers the uncertainty of the fitted coefficients on the training distribution only, not
+        the shift to a model family the estimator never saw.
+
+        Returns:
+            `((low, high), description)`; bounds may be `0.0` or `inf` (see `learning_rate_at_risk`).
+        """
+        risk = self._check_risk(risk)
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
+        theta = np.array([self.intercept, *self.coef], dtype=np.float64)
+        if self.coef_cov is not None:
+            cov = np.asarray(self.coef_cov, dtype=np.float64)
+            eigval, eigvec = np.linalg.eigh(0.5 * (cov + cov.T))
+            root = eigvec * np.sqrt(np.clip(eigval, 0.0, None))
+            draws = theta + np.random.default_rng(0).standard_normal((_INTERVAL_DRAWS, len(theta))) @ root.T
+            how = f"{level:.0%} of {_INTERVAL_DRAWS} draws from the stored coefficient covariance"
+        elif self.bootstrap_coefs:
+            draws = np.asarray(self.bootstrap_coefs, dtype=np.float64)
+            how = f"{level:.0%} of {len(draws)} stored bootstrap refits"
+        else:
+            return None
+        values = _flatten_inputs(profile, context)
+        values.pop(_LR, None)
+        solved = np.sort(self._solve_lr(values, risk, draws, exact=False))
+        tail = (1.0 - level) / 2.0  # order statistics (1e-9 absorbs the rounding of e.g. 0.05 * 100)
+        low = solved[int(math.floor(tail * (len(solved) - 1) + 1e-9))]
+        high = solved[int(math.ceil((1.0 - tail) * (len(solved) - 1) - 1e-9))]
+        return (float(low), float(high)), how
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -190,6 +612,10 @@ class RiskEstimator:
         l2: float = 1.0,
         max_iter: int = 100,
         metadata: Mapping[str, Any] | None = None,
+        range_keys: Sequence[str] = MODEL_KEYS,
+        families: Sequence[str] | None = None,
+        n_bootstrap: int = 0,
+        seed: int = 0,
     ) -> RiskEstimator:
         r"""Fit by L2-penalised maximum likelihood (Newton / IRLS); the intercept is not penalised.
 
@@ -198,6 +624,15 @@ class RiskEstimator:
             features: `FeatureSpec`, `(key, transform)` or `key`; standardisation and clip ranges are set from `rows`.
             l2 (`float`, *optional*, defaults to 1.0): ridge strength on the standardised coefficients
                 (penalty $\frac{l2}{2}\|w\|^2$ added to the summed negative log-likelihood).
+            range_keys (*optional*): extra row keys whose training range is recorded next to the features' (defaults
+                to `MODEL_KEYS`: model type, width, depth; a key missing from some row is not recorded).
+            families (*optional*): names of the model families the rows come from, stored as provenance.
+            n_bootstrap (`int`, defaults to 0): also store this many refits on resampled rows (same
+                standardisation), an alternative coefficient uncertainty to the stored Laplace covariance.
+            seed (`int`, defaults to 0): seed of the resampling.
+
+        The fitted estimator stores `training_ranges` (min/max or categories of every feature key and `range_keys`)
+        and `coef_cov`, the inverse penalised Hessian at the optimum.
         """
         y = np.asarray(labels, dtype=np.float64)
         if y.ndim != 1 or len(y) != len(rows) or not np.all((y == 0) | (y == 1)):
@@ -217,47 +652,108 @@ class RiskEstimator:
             specs.append(FeatureSpec(spec.key, spec.transform, float(clipped.mean()), std if std > 1e-12 else 1.0, low, high))
         z = np.array([[s.standardized(r[s.key]) for s in specs] for r in rows], dtype=np.float64)
         x = np.hstack([np.ones((len(rows), 1)), z])
-        w = np.zeros(x.shape[1])
         penalty = np.full(x.shape[1], float(l2))
         penalty[0] = 0.0
-        for _ in range(max_iter):
-            p = 1.0 / (1.0 + np.exp(-(x @ w)))
-            grad = x.T @ (p - y) + penalty * w
-            hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
-            step = np.linalg.solve(hess, grad)
-            w -= step
-            if np.max(np.abs(step)) < 1e-10:
-                break
-        return cls(specs, [float(v) for v in w[1:]], float(w[0]), dict(metadata or {}))
+        w, hess = _newton(x, y, penalty, max_iter)
+        cov = np.linalg.inv(hess)
+        boot = []
+        rng = np.random.default_rng(seed)
+        for _ in range(int(n_bootstrap)):
+            idx = rng.integers(0, len(rows), len(rows))
+            if y[idx].min() == y[idx].max():
+                continue  # a one-class resample has no finite maximum-likelihood fit
+            boot.append([float(v) for v in _newton(x[idx], y[idx], penalty, max_iter)[0]])
+        ranges: dict[str, Any] = {
+            "inputs": _record_ranges(rows, [*(s.key for s in specs), *range_keys]),
+            "n_rows": len(rows),
+            "source": "fit",
+        }
+        if families is not None:
+            ranges["families"] = [str(f) for f in families]
+        return cls(specs, [float(v) for v in w[1:]], float(w[0]), dict(metadata or {}), ranges,
+                   coef_cov=(0.5 * (cov + cov.T)).tolist(), bootstrap_coefs=boot or None)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        def num(v: float) -> float | str:
-            return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
-
-        return {
+        """JSON-ready dict in format version 2 (`FORMAT_VERSION`): named features each with its coefficient."""
+        names = ["intercept", *(f.name for f in self.features)]
+        out: dict[str, Any] = {
             "format": _FORMAT,
-            "version": 1,
+            "version": FORMAT_VERSION,
             "features": [
-                {"key": f.key, "transform": f.transform, "mean": f.mean, "std": f.std, "low": num(f.low), "high": num(f.high)}
-                for f in self.features
+                {"name": f.name, "key": f.key, "transform": f.transform, "coef": c, "mean": f.mean, "std": f.std,
+                 "clip": [_num(f.low), _num(f.high)]}
+                for f, c in zip(self.features, self.coef)
             ],
-            "coef": list(self.coef),
             "intercept": self.intercept,
-            "metadata": self.metadata,
+            "training_ranges": _ranges_to_json(self.training_ranges),
         }
+        if self.coef_cov is not None:
+            out["coef_covariance"] = {"order": names, "matrix": [list(map(float, r)) for r in self.coef_cov]}
+        if self.bootstrap_coefs:
+            out["bootstrap_coefs"] = {"order": names, "draws": [list(map(float, r)) for r in self.bootstrap_coefs]}
+        out["metadata"] = self.metadata
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RiskEstimator:
-        if data.get("format") != _FORMAT:
-            raise ValueError(f"not a risk-estimator JSON (format={data.get('format')!r}, expected {_FORMAT!r}).")
-        if data.get("version") != 1:
-            raise ValueError(f"unsupported risk-estimator version {data.get('version')!r} (this library reads 1).")
+        """Read format version 2 or version 1 (whose clip ranges become the feature training ranges)."""
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"not a risk-estimator JSON (format={got!r}, expected {_FORMAT!r}).")
+        version = data.get("version")
+        if version == 1:
+            return cls._from_v1(data)
+        if version != FORMAT_VERSION:
+            newer = _is_number(version) and version > FORMAT_VERSION
+            raise ValueError(
+                f"risk-estimator JSON has format version {version!r}; this hf_koopman reads versions 1 and "
+                f"{FORMAT_VERSION}. "
+                + ("It was written by a newer hf_koopman: upgrade (pip install -U hf-koopman)." if newer else
+                   "Re-save it with RiskEstimator.save_json, or refit it with research/scripts/fit_risk.py.")
+            )
+        try:
+            feats = []
+            for f in data["features"]:
+                low, high = f.get("clip", ["-inf", "inf"])
+                feats.append(FeatureSpec(f["key"], f["transform"], float(f["mean"]), float(f["std"]), float(low),
+                                         float(high)))
+            coef = [float(f["coef"]) for f in data["features"]]
+            intercept = float(data["intercept"])
+        except KeyError as err:
+            raise ValueError(f"risk-estimator JSON (version 2) lacks the field {err}; the file is incomplete.") from None
+        names = ["intercept", *(f.name for f in feats)]
+        stored: dict[str, list[list[float]] | None] = {}
+        for field_name, inner in (("coef_covariance", "matrix"), ("bootstrap_coefs", "draws")):
+            block = data.get(field_name)
+            if block is None:
+                stored[field_name] = None
+                continue
+            if list(block.get("order", [])) != names:
+                raise ValueError(f"{field_name}.order {block.get('order')} does not match (intercept, features) "
+                                 f"{names}; the file is inconsistent.")
+            stored[field_name] = [[float(v) for v in r] for r in block[inner]]
+        for f, name in zip(data["features"], names[1:]):
+            if f.get("name", name) != name:
+                raise ValueError(f"feature name {f.get('name')!r} does not match its key/transform ({name!r}).")
+        return cls(feats, coef, intercept, dict(data.get("metadata", {})),
+                   _ranges_from_json(data.get("training_ranges", {})),
+                   coef_cov=stored["coef_covariance"], bootstrap_coefs=stored["bootstrap_coefs"])
+
+    @classmethod
+    def _from_v1(cls, data: Mapping[str, Any]) -> RiskEstimator:
         feats = [
             FeatureSpec(f["key"], f["transform"], float(f["mean"]), float(f["std"]), float(f["low"]), float(f["high"]))
             for f in data["features"]
         ]
-        return cls(feats, [float(c) for c in data["coef"]], float(data["intercept"]), dict(data.get("metadata", {})))
+        inputs: dict[str, dict[str, float]] = {}
+        for f in feats:  # fit() set low/high to the min/max of the transformed training values
+            if f.key not in inputs and not f.transform.startswith("onehot:") and math.isfinite(f.low) \
+                    and math.isfinite(f.high):
+                inputs[f.key] = {"min": f.raw_bound(f.low), "max": f.raw_bound(f.high)}
+        ranges = {"inputs": inputs, "source": "version-1 file: per-feature clip ranges (min/max of the training rows)"}
+        return cls(feats, [float(c) for c in data["coef"]], float(data["intercept"]), dict(data.get("metadata", {})),
+                   ranges)
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -267,12 +763,31 @@ class RiskEstimator:
 
     @classmethod
     def from_json(cls, path: str | Path) -> RiskEstimator:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no risk-estimator JSON at {path}.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a JSON file ({err}); a risk estimator is saved with save_json.") from None
+        return cls.from_dict(data)
 
     @classmethod
     def default(cls) -> RiskEstimator:
         """The estimator shipped with the package (fitted by `research/scripts/fit_risk.py` on `results/sweep/`)."""
         return _load_default()
+
+    def training_summary(self) -> str:
+        """One line on what the training runs covered (the recorded ranges and families)."""
+        ranges = self.training_ranges.get("inputs", {})
+        if not ranges:
+            return "the estimator records no training ranges"
+        parts = [f"{k} {_g(v['min'])}–{_g(v['max'])}" if "min" in v else f"{k} in {{{', '.join(v['values'])}}}"
+                 for k, v in ranges.items()]
+        if self.training_ranges.get("families"):
+            parts.append("families " + ", ".join(self.training_ranges["families"]))
+        rows = self.training_ranges.get("n_rows")
+        return (f"fitted on {rows} runs: " if rows else "fitted on: ") + "; ".join(parts)
 
     def __repr__(self) -> str:
         terms = ", ".join(f"{f.name}: {c:+.3f}" for f, c in zip(self.features, self.coef))

@@ -102,9 +102,11 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     if risk is not None:
         shown = "< 0.1 %" if risk < 1e-3 else f"{risk:.1%}"
         lr = profile.meta.get("learning_rate")
+        assessment = profile.risk_assessment()  # the range note: outside the fitted range, or ranges unknown
+        note = f" — {assessment.range_note}" if assessment is not None else ""
         lines += [
             f"Calibrated divergence probability (`RiskEstimator`{f', learning rate {lr:g}' if lr else ''}): "
-            f"**{shown}**.",
+            f"**{shown}**{note}.",
             "",
             f"_The verdict above is the paper's rule; {rule}._",
             "",

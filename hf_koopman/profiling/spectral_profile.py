@@ -152,6 +152,16 @@ class SpectralProfile:
             logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
             return None
 
+    def risk_assessment(self, learning_rate: float | None = None) -> Any:
+        """`hf_koopman.risk.RiskAssessment` (probability, and whether this model and learning rate lie inside the
+        estimator's training ranges), or `None` when no estimator is shipped or it cannot score this profile."""
+        lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
+        try:
+            return RiskEstimator.default().assess(self, learning_rate=lr)
+        except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as err:
+            logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
+            return None
+
     @property
     def risk(self) -> float | None:
         """Calibrated divergence probability (uses `meta["learning_rate"]` when set), else `None`."""
@@ -172,6 +182,7 @@ class SpectralProfile:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become the strings "nan"/"inf"/"-inf")."""
+        assessment = self.risk_assessment()
         out = {
             "model_name": self.model_name,
             "verdict": self.verdict,
@@ -179,6 +190,7 @@ class SpectralProfile:
             "score": self.score,
             "kappa_median": self.kappa_median,
             "risk": self.risk,
+            "risk_assessment": None if assessment is None else assessment.to_dict(),
             "decision_rule": dataclasses.asdict(self.rule),
             "settings": self.settings,
             "meta": self.meta,

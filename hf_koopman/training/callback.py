@@ -41,6 +41,8 @@ __all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
 
 logger = get_logger(__name__)
 
+#: `rksp/risk_out_of_range` as logged: 1 outside the risk estimator's training ranges, 0 inside, -1 ranges unknown.
+_OUT_OF_RANGE_LEVEL = {True: 1.0, False: 0.0, None: -1.0}
 RECORD_NAME = "rksp_guard.json"
 _MODES = ("stop", "rollback")
 #: Share of the step time the "auto" snapshot interval allows the validated-state copy to take.
@@ -84,7 +86,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
       sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
       `rksp_profile.png` are written to `output_dir` (main process); a "high risk" verdict is logged as a warning with
-      the recommended action. With `auto_kss=True` and a [`KSSTrainer`], a high-risk verdict switches KSS on.
+      the recommended action. With `auto_kss=True` and a [`KSSTrainer`], a high-risk verdict switches KSS on. With a
+      calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
+      `rksp/risk_out_of_range` (1 when the model or learning rate lies outside the estimator's training runs, 0 inside,
+      -1 ranges unknown), and a warning says "outside the fitted range: ..." naming what lies outside.
     * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch and logs the same keys.
     * **Divergence guard** (`guard=True`): the rule of [`~hf_koopman.training.divergence.DivergenceRule`] (loss > 50,
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
@@ -369,6 +374,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         risk = spectral_profile.risk
         if risk is not None:
             out["rksp/risk"] = risk
+            assessment = spectral_profile.risk_assessment()
+            if assessment is not None:  # 1 outside the estimator's training ranges, 0 inside, -1 ranges unknown
+                out["rksp/risk_out_of_range"] = _OUT_OF_RANGE_LEVEL[assessment.out_of_range]
         return out
 
     def _save(self, args: Any, spectral_profile: Any) -> None:
@@ -412,6 +420,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 )
             else:
                 logger.info("RKSP verdict at initialisation: %s", self.init_verdict)
+            assessment = spectral_profile.risk_assessment()
+            if assessment is not None:  # the calibrated probability, with its range caveat in the same line
+                log = logger.warning if assessment.out_of_range else logger.info
+                log("RKSP calibrated risk: %s", assessment.describe())
             if self.auto_kss and self.init_verdict == "high risk":
                 self.kss_auto_enabled = True
         if self.auto_kss and self.kss_auto_enabled:  # also re-applied after a resume

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 
 import pytest
 
@@ -121,6 +122,11 @@ def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
             calls["lr"] = learning_rate
             return 0.25 + prof.aggregates["near_unit_mass_mean"] * 0
 
+        def assess(self, prof, learning_rate=None):
+            note = "ranges unknown for: model_type"
+            return types.SimpleNamespace(probability=self.predict_proba(prof, learning_rate), range_note=note,
+                                         to_dict=lambda: {"note": note})
+
     monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: FakeEstimator()))
     assert tiny_profile.risk_probability(learning_rate=1e-3) == 0.25 and calls["lr"] == 1e-3
-    assert "25.0%" in tiny_profile.to_markdown()
+    assert "25.0%** — ranges unknown for: model_type" in tiny_profile.to_markdown()  # the range note follows it

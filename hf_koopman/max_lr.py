@@ -1,0 +1,227 @@
+"""`suggest_max_lr`: the learning rate at which the calibrated divergence probability reaches a chosen risk.
+
+The init-time profile does not depend on the learning rate, so a `RiskEstimator` that takes log10 learning rate as an
+input can be solved for it: the answer to "how high can I set the learning rate before this blows up?" at a stated
+risk. The answer comes with the estimator's own caveats: an interval only when the estimator stores its coefficient
+uncertainty, a flag when the model or the answer lies outside the runs the estimator was fitted on, and no answer at
+all ("uninformative") when the spectrum it reads carries no signal.
+
+Example:
+
+```python
+>>> import hf_koopman
+>>> suggestion = hf_koopman.suggest_max_lr(model, inputs, risk=0.1)
+>>> suggestion.max_learning_rate, suggestion.interval, suggestion.out_of_range
+>>> print(suggestion.describe())
+```
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_koopman.logging_utils import get_logger
+from hf_koopman.risk import RangeIssue, RiskEstimator
+
+
+__all__ = ["MaxLRSuggestion", "suggest_max_lr"]
+
+logger = get_logger(__name__)
+
+#: `MaxLRSuggestion.verdict` values (the profile verdicts are `hf_koopman.risk.VERDICTS`).
+SUGGESTION_VERDICTS = ("suggested", "no crossing", "uninformative")
+
+
+def _lr_text(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value == 0.0:
+        return "0 (already above the risk at every learning rate)"
+    return "unbounded" if math.isinf(value) else f"{value:.3g}"
+
+
+@dataclass
+class MaxLRSuggestion:
+    """The learning rate at which the predicted divergence probability reaches `risk`, with its caveats.
+
+    Attributes:
+        max_learning_rate (`float`, *optional*): the learning rate; `None` unless `verdict == "suggested"`.
+        risk (`float`): the target divergence probability.
+        verdict (`str`): `"suggested"`; `"no crossing"` (the probability does not reach `risk` as the learning rate
+            grows, or exceeds it at every learning rate: `reason` says which); `"uninformative"` (the profile's
+            spectrum carries no signal, `reason` says why, and no learning rate is given).
+        reason (`str`): why there is no learning rate (empty when there is one).
+        interval (`tuple[float, float]`, *optional*): interval for the learning rate from the estimator's stored
+            coefficient uncertainty (`interval_method` says which); `None` when the estimator stores none.
+        interval_method (`str`): how the interval was obtained, or why there is none.
+        out_of_range (`bool` or `None`): as `RiskAssessment.out_of_range`, at the suggested learning rate: `True` when
+            the model or the learning rate lies outside the training runs, `None` when a range is not recorded.
+        outside (`tuple[RangeIssue, ...]`): what lies outside, and by how much.
+        unknown (`tuple[str, ...]`): inputs whose training range is not recorded.
+        caveats (`list[str]`): plain sentences to print with the answer.
+        model_name (`str`, *optional*): what was profiled.
+        profile (`SpectralProfile`, *optional*): the profile the answer was read from.
+    """
+
+    max_learning_rate: float | None
+    risk: float
+    verdict: str
+    reason: str = ""
+    interval: tuple[float, float] | None = None
+    interval_method: str = ""
+    out_of_range: bool | None = None
+    outside: tuple[RangeIssue, ...] = ()
+    unknown: tuple[str, ...] = ()
+    caveats: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    profile: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (infinite bounds as the string "inf")."""
+
+        def num(v: float | None) -> float | str | None:
+            return v if v is None or math.isfinite(v) else "inf"
+
+        return {
+            "model_name": self.model_name,
+            "risk": self.risk,
+            "verdict": self.verdict,
+            "max_learning_rate": num(self.max_learning_rate),
+            "reason": self.reason,
+            "interval": None if self.interval is None else [num(v) for v in self.interval],
+            "interval_method": self.interval_method,
+            "out_of_range": self.out_of_range,
+            "outside": [i.to_dict() for i in self.outside],
+            "unknown": list(self.unknown),
+            "caveats": list(self.caveats),
+            "profile_verdict": None if self.profile is None else self.profile.verdict,
+        }
+
+    def describe(self) -> str:
+        """Multi-line plain text: the answer, then its caveats."""
+        head = f"{self.model_name}: " if self.model_name else ""
+        if self.verdict == "suggested":
+            lines = [f"{head}max learning rate at {self.risk:.0%} divergence risk: {_lr_text(self.max_learning_rate)}"]
+            if self.interval is not None:
+                lines.append(f"  interval: {_lr_text(self.interval[0])} – {_lr_text(self.interval[1])} "
+                             f"({self.interval_method})")
+            else:
+                lines.append(f"  interval: unavailable ({self.interval_method})")
+        else:
+            lines = [f"{head}no max learning rate ({self.verdict}): {self.reason}"]
+        if self.verdict != "uninformative":  # no answer, so no range to report on
+            if self.out_of_range:
+                status = "outside the fitted range: " + "; ".join(i.describe() for i in self.outside)
+            elif self.out_of_range is None:
+                status = "ranges unknown for: " + ", ".join(self.unknown)
+            else:
+                status = "within the fitted range"
+            lines.append(f"  range: {status}")
+        lines += [f"  - {c}" for c in self.caveats]
+        return "\n".join(lines)
+
+
+def _load_estimator(estimator: RiskEstimator | str | Path | None) -> RiskEstimator:
+    if estimator is None:
+        return RiskEstimator.default()
+    if isinstance(estimator, RiskEstimator):
+        return estimator
+    if isinstance(estimator, (str, Path)):
+        return RiskEstimator.from_json(estimator)
+    raise TypeError(f"estimator must be a RiskEstimator, a path to its JSON, or None; got {type(estimator).__name__}.")
+
+
+def _is_profile(obj: Any) -> bool:
+    return hasattr(obj, "aggregates") and hasattr(obj, "layers") and hasattr(obj, "verdict")
+
+
+def suggest_max_lr(
+    model: Any,
+    inputs: Any = None,
+    *,
+    risk: float = 0.1,
+    estimator: RiskEstimator | str | Path | None = None,
+    level: float = 0.95,
+    context: dict[str, Any] | None = None,
+    **profile_kwargs: Any,
+) -> MaxLRSuggestion:
+    """The learning rate at which `estimator` predicts divergence with probability `risk`, for this model.
+
+    Profiles `model` at its current weights (`hf_koopman.profile(model, inputs, **profile_kwargs)`; pass a
+    `SpectralProfile` as `model` to reuse one) and solves the estimator's logistic for the learning rate
+    (`RiskEstimator.learning_rate_at_risk`: closed form when the learning rate enters as log10, else bisection on a
+    log grid).
+
+    Args:
+        model (`nn.Module` or `SpectralProfile`): the model at initialisation (or a profile of it).
+        inputs (*optional*): profiling inputs, as in `profile` (default: the synthetic probe).
+        risk (`float`, defaults to 0.1): the divergence probability to stay at or below, in (0, 1).
+        estimator (`RiskEstimator` or path, *optional*): defaults to `RiskEstimator.default()`.
+        level (`float`, defaults to 0.95): coverage of the interval.
+        context (`dict`, *optional*): other inputs the estimator needs (`estimator.required_keys`), e.g. `norm`.
+        **profile_kwargs: passed to `profile` (`num_samples`, `rank`, `seed`, `max_tokens`, `tokenizer`, ...).
+
+    Returns:
+        `MaxLRSuggestion`. Its `out_of_range` flag is set when the model's features or the suggested learning rate lie
+        outside the estimator's training runs (the learning rate is then an extrapolation of the logistic), and its
+        `verdict` is `"uninformative"` when the profile is and the estimator reads its spectrum.
+    """
+    if "learning_rate" in profile_kwargs:
+        raise ValueError("suggest_max_lr solves for the learning rate; do not pass learning_rate=.")
+    est = _load_estimator(estimator)
+    context = dict(context or {})
+    if _is_profile(model):
+        if inputs is not None or profile_kwargs:
+            raise ValueError("model is already a SpectralProfile: inputs and profiling arguments do not apply.")
+        prof = model
+    else:
+        from hf_koopman.profiling import profile
+
+        prof = profile(model, inputs, **profile_kwargs)
+    risk = est._check_risk(risk)
+    name = getattr(prof, "model_name", None)
+    caveats: list[str] = []
+    uses_spectrum = any(f.key in prof.aggregates for f in est.features)
+    if uses_spectrum and prof.verdict == "uninformative":
+        return MaxLRSuggestion(None, risk, "uninformative", reason=prof.verdict_reason,
+                               interval_method="no learning rate to bound", out_of_range=None,
+                               caveats=[est.training_summary()], model_name=name, profile=prof)
+    lr = est.learning_rate_at_risk(prof, risk, **context)
+    summary = est.training_summary()
+    if lr == 0.0 or math.isinf(lr):
+        reason = (
+            f"the predicted probability is already at or above {risk:.0%} at every learning rate down to 1e-10"
+            if lr == 0.0 else
+            f"the predicted probability does not reach {risk:.0%} as the learning rate grows (its coefficient is not "
+            "positive)"
+        )
+        flag, outside, unknown = est.check_ranges(prof, **context)
+        unknown = tuple(u for u in unknown if not u.startswith("learning_rate"))
+        flag = True if outside else (None if unknown else False)
+        return MaxLRSuggestion(None, risk, "no crossing", reason=reason, interval_method="no learning rate to bound",
+                               out_of_range=flag, outside=outside, unknown=unknown, caveats=[summary],
+                               model_name=name, profile=prof)
+    flag, outside, unknown = est.check_ranges(prof, learning_rate=lr, **context)
+    interval = est.learning_rate_interval(prof, risk, level=level, **context)
+    if interval is None:
+        bounds, how = None, "the estimator stores neither a coefficient covariance nor bootstrap coefficients"
+    else:
+        bounds, how = interval
+        caveats.append("the interval covers the uncertainty of the fitted coefficients on the training runs only, not "
+                       "the shift to a model family the estimator never saw")
+    lr_range = est.learning_rate_range
+    if lr_range is not None and not lr_range[0] <= lr <= lr_range[1]:
+        caveats.append(f"the suggested learning rate lies outside the learning rates of the training runs "
+                       f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning rate")
+    if any(i.key != "learning_rate" for i in outside):
+        caveats.append("the model's features lie outside the training runs (clipped to their range): the answer is an "
+                       "extrapolation to a model unlike those the estimator was fitted on")
+    if unknown:
+        caveats.append("ranges unknown for: " + ", ".join(unknown) + "; whether this model resembles the training "
+                       "runs is not established")
+    caveats.append(summary)
+    return MaxLRSuggestion(lr, risk, "suggested", interval=bounds, interval_method=how, out_of_range=flag,
+                           outside=outside, unknown=unknown, caveats=caveats, model_name=name, profile=prof)

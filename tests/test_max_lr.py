@@ -1,0 +1,170 @@
+"""`suggest_max_lr`, `hf-koopman max-lr`, and the range flag in `SpectralProfile` (risk assessment, report, JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+import hf_koopman
+from hf_koopman.cli import main
+from hf_koopman.max_lr import SUGGESTION_VERDICTS, MaxLRSuggestion, suggest_max_lr
+from hf_koopman.profiling import profile
+from hf_koopman.risk import FeatureSpec, RiskEstimator
+from hf_koopman.testing_utils import tiny_model
+
+N = 128  # token states: N / d = 4 for the tiny models (d = 32)
+
+
+def _estimator(lr_range=(1e-5, 0.1), **kw) -> RiskEstimator:
+    """Known coefficients: logit = -1 + 2 (log10 lr + 3) / 0.5 + (M≈1 - 0.5) / 0.25."""
+    ranges = {"inputs": {"learning_rate": {"min": lr_range[0], "max": lr_range[1]},
+                         "near_unit_mass_mean": {"min": 0.0, "max": 1.0}, "model_type": {"values": ["llama"]}}}
+    return RiskEstimator(
+        [FeatureSpec("learning_rate", "log10", mean=-3.0, std=0.5, low=-5.0, high=-1.0),
+         FeatureSpec("near_unit_mass_mean", mean=0.5, std=0.25, low=0.0, high=1.0)],
+        coef=[2.0, 1.0], intercept=-1.0, training_ranges=ranges, **kw,
+    )
+
+
+def _expected_lr(m: float, risk: float) -> float:
+    z = (min(max(m, 0.0), 1.0) - 0.5) / 0.25
+    return 10 ** (-3.0 + 0.5 * (math.log(risk / (1 - risk)) + 1.0 - z) / 2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    prof = profile(tiny_model("llama", num_hidden_layers=2), num_samples=N, model_name="tiny-llama")
+    assert prof.verdict != "uninformative", prof.verdict_reason  # precondition of the tests below
+    return prof
+
+
+def test_public_names():
+    assert hf_koopman.suggest_max_lr is suggest_max_lr and hf_koopman.MaxLRSuggestion is MaxLRSuggestion
+    assert hf_koopman.RiskAssessment.__name__ == "RiskAssessment"
+
+
+def test_suggest_max_lr_returns_the_analytic_learning_rate(tiny_profile):
+    m = tiny_profile.aggregates["near_unit_mass_mean"]
+    s = suggest_max_lr(tiny_profile, risk=0.1, estimator=_estimator())
+    assert s.verdict == "suggested" and s.model_name == "tiny-llama"
+    assert s.max_learning_rate == pytest.approx(_expected_lr(m, 0.1), rel=1e-12)
+    assert s.out_of_range is False and not s.outside and not s.unknown  # lr, M≈1 and model type all recorded
+    assert s.interval is None and "neither a coefficient covariance nor bootstrap" in s.interval_method
+    text = s.describe()
+    assert "interval: unavailable" in text and "within the fitted range" in text
+    data = json.loads(json.dumps(s.to_dict()))
+    assert data["max_learning_rate"] == s.max_learning_rate and data["interval"] is None
+
+
+def test_suggest_max_lr_is_monotone_in_risk(tiny_profile):
+    est = _estimator(coef_cov=[[0.04, 0, 0], [0, 0.01, 0], [0, 0, 0.01]])
+    risks = [0.01, 0.05, 0.1, 0.3, 0.6]
+    out = [suggest_max_lr(tiny_profile, risk=r, estimator=est) for r in risks]
+    lrs = [s.max_learning_rate for s in out]
+    assert all(a < b for a, b in zip(lrs, lrs[1:])), lrs
+    for s in out:
+        low, high = s.interval
+        assert low < s.max_learning_rate < high and "covariance" in s.interval_method
+
+
+def test_model_and_profile_give_the_same_answer(tiny_profile):
+    direct = suggest_max_lr(tiny_model("llama", num_hidden_layers=2), risk=0.1, estimator=_estimator(),
+                            num_samples=N, model_name="tiny-llama")
+    assert direct.max_learning_rate == pytest.approx(
+        suggest_max_lr(tiny_profile, risk=0.1, estimator=_estimator()).max_learning_rate, rel=1e-9)
+    with pytest.raises(ValueError, match="solves for the learning rate"):
+        suggest_max_lr(tiny_model("llama"), learning_rate=1e-3, estimator=_estimator())
+    with pytest.raises(ValueError, match="already a SpectralProfile"):
+        suggest_max_lr(tiny_profile, num_samples=64, estimator=_estimator())
+
+
+def test_answer_outside_the_learning_rate_range_is_flagged(tiny_profile):
+    s = suggest_max_lr(tiny_profile, risk=0.1, estimator=_estimator(lr_range=(1e-2, 1e-1)))
+    assert s.verdict == "suggested" and s.max_learning_rate < 1e-2  # the analytic answer lies in [1.6e-4, 1.6e-3]
+    assert s.out_of_range is True and s.outside[0].key == "learning_rate" and s.outside[0].direction == "below"
+    assert any("extrapolates the logistic" in c for c in s.caveats)
+    assert "outside the fitted range: learning_rate" in s.describe()
+
+
+def test_other_model_type_is_flagged(tiny_profile):
+    est = _estimator()
+    est.training_ranges["inputs"]["model_type"] = {"values": ["gpt2"]}
+    s = suggest_max_lr(tiny_profile, risk=0.1, estimator=est)
+    assert s.out_of_range is True and [i.key for i in s.outside] == ["model_type"]
+    assert any("extrapolation to a model unlike" in c for c in s.caveats)
+
+
+def test_uninformative_profile_gives_no_learning_rate():
+    prof = profile(tiny_model("llama", num_hidden_layers=2), num_samples=16)  # N / d = 0.5: uninformative
+    assert prof.verdict == "uninformative"
+    s = suggest_max_lr(prof, risk=0.1, estimator=_estimator())
+    assert s.verdict == "uninformative" and s.max_learning_rate is None and "N = 16" in s.reason
+    assert "no max learning rate (uninformative)" in s.describe()
+    # an estimator that does not read the spectrum still answers
+    lr_only = RiskEstimator([FeatureSpec("learning_rate", "log10", mean=-3.0, std=0.5)], coef=[2.0], intercept=-1.0)
+    answer = suggest_max_lr(prof, risk=0.1, estimator=lr_only)
+    assert answer.verdict == "suggested" and answer.max_learning_rate == pytest.approx(
+        10 ** (-3.0 + 0.5 * (math.log(1 / 9) + 1.0) / 2.0), rel=1e-12)
+    assert answer.out_of_range is None and "learning_rate" in answer.unknown  # that estimator records no ranges
+
+
+def test_no_crossing_is_reported(tiny_profile):
+    falling = RiskEstimator([FeatureSpec("learning_rate", "log10")], coef=[-1.0], intercept=0.0)
+    s = suggest_max_lr(tiny_profile, risk=0.1, estimator=falling)
+    assert s.verdict == "no crossing" and s.max_learning_rate is None and "does not reach" in s.reason
+    assert set(SUGGESTION_VERDICTS) == {"suggested", "no crossing", "uninformative"}
+
+
+# ---------------------------------------------------------------------------------------------------- SpectralProfile
+def test_profile_risk_assessment_report_and_json_flag_lr_50(tiny_profile):
+    a = tiny_profile.risk_assessment(learning_rate=50.0)
+    assert a is not None and a.out_of_range is True and a.outside[0].key == "learning_rate"
+    assert a.probability == tiny_profile.risk_probability(learning_rate=50.0)
+    at_50 = dataclasses.replace(tiny_profile, meta={**tiny_profile.meta, "learning_rate": 50.0})
+    assert "outside the fitted range: learning_rate = 50" in at_50.to_markdown()
+    data = json.loads(at_50.to_json())
+    assert data["risk_assessment"]["out_of_range"] is True and data["risk"] == a.probability
+    assert json.loads(tiny_profile.to_json())["risk_assessment"] is None  # no learning rate: no probability
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tiny_model("llama", num_hidden_layers=2, head=False).save_pretrained(folder)
+    return folder
+
+
+def test_cli_max_lr_json_matches_the_python_api(saved_model, tmp_path, capsys):
+    from transformers import AutoModel
+
+    est_path = _estimator().save_json(tmp_path / "est.json")
+    code = main(["max-lr", str(saved_model), "--num-samples", str(N), "--estimator", str(est_path), "--json",
+                 "--no-progress"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    prof = profile(AutoModel.from_pretrained(saved_model), num_samples=N)
+    expected = _expected_lr(prof.aggregates["near_unit_mass_mean"], 0.1)
+    assert data["verdict"] == "suggested" and data["max_learning_rate"] == pytest.approx(expected, rel=1e-9)
+    assert data["model_name"] == "tiny-llama" and data["out_of_range"] is False and data["risk"] == 0.1
+
+
+def test_cli_max_lr_text_with_the_shipped_estimator(saved_model, capsys):
+    assert main(["max-lr", str(saved_model), "--num-samples", str(N), "--risk", "0.2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny-llama: ") and "range: " in out
+    # the shipped estimator records no model types: it never claims this model is within its range
+    assert "within the fitted range" not in out and ("ranges unknown" in out or "outside the fitted range" in out)
+
+
+def test_cli_max_lr_errors(saved_model, tmp_path, capsys):
+    assert main(["max-lr", str(saved_model), "--risk", "1.5"]) == 2
+    assert "--risk must be a probability" in capsys.readouterr().err
+    assert main(["max-lr", str(saved_model), "--context", "norm"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "hf_koopman.risk_estimator", "version": 7}))
+    assert main(["max-lr", str(saved_model), "--estimator", str(tmp_path / "bad.json")]) == 2
+    assert "upgrade" in capsys.readouterr().err

@@ -1,0 +1,25 @@
+"""RKSPCallback logs the calibrated risk with its range flag, and says when the run lies outside the fitted range."""
+
+from __future__ import annotations
+
+import logging
+
+from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from transformers import Trainer, TrainingArguments
+
+from hf_koopman.risk import RiskEstimator
+from hf_koopman.training import RKSPCallback
+
+
+def test_init_logs_risk_out_of_range_for_a_learning_rate_below_the_fitted_range(tmp_path, caplog):
+    low, _ = RiskEstimator.default().learning_rate_range
+    lr = low / 100  # two decades below the shipped estimator's training runs
+    callback = RKSPCallback(num_samples=128, rank=8, save_artifacts=False)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=lr)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    with caplog.at_level(logging.INFO, logger="hf_koopman"):
+        trainer.train()
+    init = trainer.state.log_history[0]
+    assert 0.0 < init["rksp/risk"] < 1.0
+    assert init["rksp/risk_out_of_range"] == 1.0
+    assert "outside the fitted range: learning_rate" in caplog.text and "2 decades below" in caplog.text
