@@ -46,9 +46,11 @@ computes $U_r$ deterministically (eigh of $G_{yy}$); `randomized=True` uses a Ha
 
 Precision. The `O(N d^2)` products run in float32 for float32 (and fp16 / bf16, up-cast) inputs and in float64 for
 float64 inputs (`dtype=` overrides). A float32 covariance whose ridge-whitened condition number exceeds
-`_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. All factorisations are float64. The eigenproblem runs in
-float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides): on GPT-2 small snapshots
-(d = 768) the moduli agree with float64 to 2e-4 and every spectral mass is identical, at a third of the cost
+`_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. The Cholesky factorisations are float64. The eigenproblem
+runs in float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides); when both the second
+moments and the eigenproblem are float32, the `(m, m)` solves and products that form the operator and the features run
+in float32 as well (`_full_grams`). On GPT-2 small snapshots (d = 768) the float32 default agrees with the all-float64
+path to 5e-5 in the moduli, every spectral mass and ResDMD count is identical, and kappa(V) is within 2%
 (`benchmarks/bench_dmd.py`).
 """
 
@@ -314,6 +316,22 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _map_layers(fn, count: int, parallel: bool = True) -> list:
+    """`[fn(i) for i in range(count)]`, layers side by side in worker threads that each run single-threaded torch.
+
+    Batched LAPACK calls on `(L, m, m)` stacks thread poorly here: a batched `cholesky_inverse` with 2 threads was
+    measured 15x slower (CPU time) than with one. One layer per worker uses the cores without that overhead.
+    """
+    workers = min(torch.get_num_threads(), count) if parallel else 1
+    with _single_thread():
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(fn, range(count)))
+        return [fn(i) for i in range(count)]
+
+
 def _sym(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.mT)
 
@@ -494,16 +512,7 @@ def _eigen(
         if vectors:
             vec[i], left[i] = vec_i, left_i
 
-    workers = min(torch.get_num_threads(), count)
-    with _single_thread():
-        if workers > 1 and m > 64:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(one, range(count)))
-        else:
-            for i in range(count):
-                one(i)
+    _map_layers(one, count, parallel=m > 64)
     lam, kappa = lam.reshape(*batch, m), kappa.reshape(batch)
     if not vectors:
         return lam, None, None, kappa
@@ -699,26 +708,36 @@ def _raw_fit(sxx: torch.Tensor, sdx: torch.Tensor, sdd: torch.Tensor, chol: torc
     `lin_moments` (the same moments; float32 when they and the eigenproblem are float32 anyway, see `_full_grams`).
     Returns `(operator, moments, rank_x)`, the operator in that precision.
     """
-    m = sxx.shape[-1]
+    batch, m = sxx.shape[:-2], sxx.shape[-1]
     trace = torch.diagonal(sxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
-    null_var = trace * max(n, m) * torch.finfo(_F64).eps  # raw variance that is round-off (`_null_tolerance`)
-    chol0, info = torch.linalg.cholesky_ex(sxx)
-    pivots = torch.diagonal(chol0, dim1=-2, dim2=-1).square()
-    if not bool(((info == 0) & (pivots.amin(-1) > _NULL_PIVOT_MARGIN * null_var)).all()):
-        return None
-    s_xx, s_dx, s_dd = lin_moments if lin_moments is not None else (sxx, sdx, sdd)
+    null_var = (trace * max(n, m) * torch.finfo(_F64).eps).reshape(-1)  # round-off variance (`_null_tolerance`)
+    s_xx, s_dx, s_dd = (t.reshape(-1, m, m) for t in (lin_moments if lin_moments is not None else (sxx, sdx, sdd)))
     lin = s_dx.dtype
-    factor = chol.to(lin)
-    c_op = torch.cholesky_solve(s_dx.mT, chol0.to(lin)).mT  # S_dx S_xx^-1, the unwhitened operator minus I
-    op = torch.linalg.solve_triangular(factor, c_op @ factor, upper=False)
-    op.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    p = torch.cholesky_inverse(factor)
-    tr = lambda a, b: (a * b).sum((-2, -1)).to(_F64)  # noqa: E731  tr(A B^T) (pairwise summation)
-    traces = (tr(p, s_xx), tr(p, s_dd), tr(p @ c_op, s_dx))
-    rank_x = torch.full(sxx.shape[:-2], m, dtype=torch.long, device=sxx.device)
-    moments = _Moments(raw=(sxx, sdx, sdd), chol=chol, traces=traces, lin=lin)
-    moments.raw_lin = (s_xx, s_dx, s_dd)
-    return op, moments, rank_x
+    flat_xx, flat_chol = sxx.reshape(-1, m, m), chol.reshape(-1, m, m)
+    op = torch.empty_like(s_dx)
+    traces = torch.empty(s_dx.shape[0], 3, dtype=_F64, device=s_dx.device)
+
+    def layer(i: int) -> bool:
+        chol0, info = torch.linalg.cholesky_ex(flat_xx[i])
+        if int(info) != 0 or not float(torch.diagonal(chol0).square().min()) > _NULL_PIVOT_MARGIN * float(null_var[i]):
+            return False
+        factor = flat_chol[i].to(lin)
+        c_op = torch.cholesky_solve(s_dx[i].mT, chol0.to(lin)).mT  # S_dx S_xx^-1, the unwhitened operator minus I
+        op[i] = torch.linalg.solve_triangular(factor, c_op @ factor, upper=False)
+        op[i].diagonal().add_(1.0)
+        p = torch.cholesky_inverse(factor)
+        # tr(A B^T) = sum(A * B) (pairwise summation)
+        traces[i, 0], traces[i, 1], traces[i, 2] = ((a * b).sum() for a, b in ((p, s_xx[i]), (p, s_dd[i]),
+                                                                                 (p @ c_op, s_dx[i])))
+        return True
+
+    if not all(_map_layers(layer, s_dx.shape[0], parallel=m > 64)):
+        return None
+    rank_x = torch.full(batch, m, dtype=torch.long, device=sxx.device)
+    moments = _Moments(raw=(sxx, sdx, sdd), chol=chol, traces=tuple(traces[:, k].reshape(batch) for k in range(3)),
+                       lin=lin)
+    moments.raw_lin = tuple(t.reshape(*batch, m, m) for t in (s_xx, s_dx, s_dd))
+    return op.reshape(*batch, m, m), moments, rank_x
 
 
 def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, work: torch.dtype,

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .dmd import DMDResult, _condition, _conjugate_pairs, _inverse, _single_thread, _to_real_form
+from .dmd import DMDResult, _condition, _conjugate_pairs, _inverse, _map_layers, _single_thread, _to_real_form
 from .kreiss import kreiss_constant
 
 __all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
@@ -140,8 +140,14 @@ def _raw_quads(result: DMDResult):
         Z = torch.cat([u.real, u.imag], dim=-1).to(lin)
     else:
         Z = _to_real_form(u, start).to(lin)
-    W = torch.linalg.solve_triangular(chol.to(lin).mT, Z, upper=True)  # L^-T Z
-    GW_dd, GW_dx = sdd @ W, sdx @ W
+    def products(i: int):
+        w = torch.linalg.solve_triangular(chol_f[i].to(lin).mT, Z_f[i], upper=True)  # L^-T Z
+        return w, sdd_f[i] @ w, sdx_f[i] @ w
+
+    shape = Z.shape
+    Z_f, chol_f, sdd_f, sdx_f = (t.reshape(-1, *t.shape[-2:]) for t in (Z, chol, sdd, sdx))
+    W, GW_dd, GW_dx = (torch.stack(t).reshape(*shape[:-2], *t[0].shape) for t in
+                       zip(*_map_layers(products, Z_f.shape[0], parallel=shape[-1] > 64)))
     if start is None:
         a, b = W[..., :m], W[..., m:]
         col = lambda X, Y: (X * Y).sum(-2)  # noqa: E731
