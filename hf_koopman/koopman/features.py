@@ -140,7 +140,8 @@ def _raw_quads(result: DMDResult):
         Z = torch.cat([u.real, u.imag], dim=-1).to(lin)
     else:
         Z = _to_real_form(u, start).to(lin)
-    def products(i: int):
+
+    def products(i: int):  # one layer: w = L^-T z for every column, and S w for the two moments
         w = torch.linalg.solve_triangular(chol_f[i].to(lin).mT, Z_f[i], upper=True)  # L^-T Z
         return w, sdd_f[i] @ w, sdx_f[i] @ w
 
