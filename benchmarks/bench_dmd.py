@@ -125,13 +125,14 @@ def gpt2_model_and_batch(num_tokens: int = 2048):
 
 
 def gpt2_snapshots(model, batch, n: int, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, N, d) float32 snapshot pairs of GPT-2 at init, as `profile` records them."""
+    """(L, N, d) float32 snapshot pairs of GPT-2 at init, as `profile` records and stacks them (`X`, `Y` are views of
+    one stack of the L + 1 states, so `Y[l]` is `X[l + 1]`, which `whitened_dmd` uses: `_chained`)."""
     from hf_koopman.profiling import ResidualStreamRecorder
+    from hf_koopman.profiling.profiler import _stack_chunk
 
     with torch.no_grad(), ResidualStreamRecorder(model, num_samples=n) as rec:
         model(**batch)
-    snaps = rec.snapshots()[:layers]
-    return torch.stack([x for _, x, _ in snaps]).float(), torch.stack([y for _, _, y in snaps]).float()
+    return _stack_chunk(rec.snapshots()[:layers])
 
 
 def snapshots(args, model=None, batch=None) -> tuple[torch.Tensor, torch.Tensor]:

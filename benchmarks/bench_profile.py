@@ -123,6 +123,7 @@ class _Clock:
 def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False) -> dict:
     from hf_koopman.koopman import whitened_dmd
     from hf_koopman.profiling import ResidualStreamRecorder, profile_from_snapshots
+    from hf_koopman.profiling.profiler import _stack_chunk
 
     model, batch = _build(2048)
     runs: dict[str, list[tuple[float, float]]] = {}
@@ -152,8 +153,7 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False)
                 approx = profile_from_snapshots(snapshots, rank=rank)
             record("analysis_rank", c)
             if breakdown:
-                X = torch.stack([x for _, x, _ in snapshots])
-                Y = torch.stack([y for _, _, y in snapshots])
+                X, Y = _stack_chunk(snapshots)  # as profile_from_snapshots stacks them (Y[l] is X[l + 1])
                 with _Clock() as c:
                     whitened_dmd(X, Y)
                 record("dmd_full_vectors", c)

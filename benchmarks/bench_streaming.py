@@ -79,6 +79,9 @@ def _child(args: argparse.Namespace) -> None:
         "rss_after_imports_bytes": int(baseline),
         "analysis_time_s": result.meta.get("analysis_time_s"),
         "stream_time_s": result.meta.get("streaming", {}).get("stream_time_s"),
+        "stream_cpu_s": result.meta.get("streaming", {}).get("stream_cpu_s"),
+        "analysis_cpu_s": result.meta.get("streaming", {}).get("analysis_cpu_s"),
+        "load_average_end": os.getloadavg(),
         "verdict": result.verdict,
         "layer_mean": {k: sum(getattr(f, k) for f in feats) / len(feats) for k in FEATURES},
         "degenerate_layers": len(result.degenerate_layers),
@@ -112,6 +115,11 @@ def _section_7b(args: argparse.Namespace) -> dict:
           f"{res['dtype']}): peak RSS {_gib(res['peak_rss_bytes'])}, wall {res['wall_time_s']:.0f} s "
           f"(stream {res['stream_time_s']:.0f} s, analysis {res['analysis_time_s']:.0f} s; CPU time {res['cpu_time_s']:.0f} s), "
           f"verdict {res['verdict']}")
+    if res.get("analysis_cpu_s") is not None:
+        n = res["num_layers"]
+        print(f"  CPU time: stream {res['stream_cpu_s']:.0f} s ({res['stream_cpu_s'] / n:.1f} s per block), analysis "
+              f"{res['analysis_cpu_s']:.0f} s ({res['analysis_cpu_s'] / n:.1f} s per layer); load average at the end "
+              + " ".join(f"{x:.2f}" for x in res["load_average_end"]))
     print(f"  targets: peak <= 6 GiB -> {'OK' if res['peak_rss_bytes'] <= 6 * 2**30 else 'MISSED'}; "
           f"wall <= 600 s -> {'OK' if res['wall_time_s'] <= 600 else 'MISSED'}")
     return res

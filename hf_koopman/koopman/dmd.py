@@ -14,11 +14,18 @@ $$\hat A = \big(G_{xx} + G_{dx}\big)\,G_{xx}^{+} = I + G_{dx} G_{xx}^{-1}\quad(\
 Its eigenvalues are those of the unwhitened least-squares operator $S_{yx}S_{xx}^{-1}$ (whitening is a similarity),
 so any whitening gives the same spectrum; we use the Cholesky factor $W = L^{-1}$ (`whitening.cholesky_whitening`),
 which differs from the paper's ZCA $\hat\Sigma_X^{-1/2}$ by an orthogonal rotation. Eigenvector conditioning (unit-norm
-columns), ResDMD residuals and $\eta_{nl}$ are invariant under that rotation too. Cost per layer: three
-`O(N d^2)` Gram products, a Cholesky factorisation and triangular inverse, one Cholesky solve and one non-symmetric
-eigenproblem -- no symmetric eigendecomposition. Writing the operator through the update $D$ keeps $Y = X$ exactly
-degenerate: $G_{dx} = 0$ and $\hat A = I$. Directions X never visits (constant features) make $G_{xx}$ singular; those
-layers take the pseudo-inverse through an eigendecomposition of $G_{xx}$ and the null modes get $\lambda = 0$.
+columns), ResDMD residuals and $\eta_{nl}$ are invariant under that rotation too. With $LL^\top = S_{xx} + \epsilon I$
+the ridge cancels from the full-rank operator,
+
+$$\hat A = I + L^{-1}\big(S_{dx}S_{xx}^{-1}\big)L,$$
+
+so the whitened Grams are never formed: cost per layer, three `O(N d^2)` Gram products, two Cholesky factorisations
+(of $S_{xx}$ and $S_{xx} + \epsilon I$), one Cholesky solve, one product and one triangular solve, then one
+non-symmetric eigenproblem -- no symmetric eigendecomposition. The features read the raw moments too
+(`features.resdmd_residuals`, `features.nonlinearity_ratio`); `DMDResult.gram_*` and `projection` are formed on
+first access. Writing the operator through the update $D$ keeps $Y = X$ exactly degenerate: $S_{dx} = 0$ and
+$\hat A = I$. Directions X never visits (constant features) make $S_{xx}$ singular; those layers take the
+pseudo-inverse of the whitened $G_{xx}$ through an eigendecomposition and the null modes get $\lambda = 0$.
 
 Rank-r approximation (`rank=r`, the paper's "default recipe" r = 32 with `randomized=True`). After whitening $\tilde X$
 is isotropic, so the low-rank directions are taken from the outputs: $U_r$ = the top-r left singular vectors of
@@ -39,9 +46,11 @@ computes $U_r$ deterministically (eigh of $G_{yy}$); `randomized=True` uses a Ha
 
 Precision. The `O(N d^2)` products run in float32 for float32 (and fp16 / bf16, up-cast) inputs and in float64 for
 float64 inputs (`dtype=` overrides). A float32 covariance whose ridge-whitened condition number exceeds
-`_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. All factorisations are float64. The eigenproblem runs in
-float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides): on GPT-2 small snapshots
-(d = 768) the moduli agree with float64 to 2e-4 and every spectral mass is identical, at a third of the cost.
+`_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. The Cholesky factorisations are float64. The eigenproblem
+runs in float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides); when both the second
+moments and the eigenproblem are float32, the `(m, m)` solves and products that form the operator and the features run
+in float32 as well (`_full_grams`). On GPT-2 small snapshots (d = 768) the float32 default agrees with the all-float64
+path to 5e-5 in the moduli, every spectral mass and ResDMD count is identical, and kappa(V) is within 2%.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextlib import nullcontext as _nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +87,58 @@ _NULL_PIVOT_MARGIN = 1e3
 _FLOAT64_GRAM_MAX_CONDITION = 1e9
 
 
+class _Moments:
+    r"""Second moments of one (batched) fit and the coordinates they live in; private to the spectral core.
+
+    Two forms. *Raw* (the full-rank full-spectrum path): the second moments $S_{xx}, S_{dx}, S_{dd}$ `(L, m, m)` of the
+    centred snapshots and the Cholesky factor $L$ of $S_{xx} + \epsilon I$; the whitened Grams
+    $G = L^{-1} S L^{-\top}$ and the projection $L^{-\top}$ are formed only when asked for (the spectral features read
+    the raw moments directly), and `traces` holds $\mathrm{tr}\,G_{xx}$, $\mathrm{tr}\,G_{dd}$ and
+    $\mathrm{tr}(G_{dx} G_{xx}^{-1} G_{xd})$ per layer. *Whitened* (rank-r, pseudo-inverse and very ill-conditioned
+    paths): the whitened Grams and the projection themselves.
+    """
+
+    def __init__(self, *, grams=None, projection=None, raw=None, chol=None, basis=None, traces=None, lin=_F64):
+        self._grams = dict(zip(("xx", "dx", "dd"), grams)) if grams is not None else {}
+        self.lin = lin  # precision of the (m, m) products and solves of the raw form (`_raw_fit`)
+        self.raw_lin = raw  # the raw moments in that precision
+        self._projection = projection
+        self.raw = raw  # (sxx, sdx, sdd) or None
+        self.chol = chol  # L with L L^T = sxx + eps I (raw form)
+        self.basis = basis  # row-space basis (d, m) applied before the whitening, or None
+        self.traces = traces  # (tr Gxx, tr Gdd, tr Gdx Gxx^-1 Gxd), each (L,), raw form
+
+    @property
+    def is_raw(self) -> bool:
+        return self.raw is not None
+
+    def gram(self, name: str) -> torch.Tensor:
+        """Whitened Gram `name` in ("xx", "dx", "dd"); a congruence $L^{-1} S L^{-\top}$ on first use (raw form)."""
+        if name not in self._grams:
+            raw = self.raw[("xx", "dx", "dd").index(name)]
+            half = torch.linalg.solve_triangular(self.chol, raw, upper=False)  # L^-1 S
+            g = torch.linalg.solve_triangular(self.chol, half.mT, upper=False).mT  # (L^-1 (L^-1 S)^T)^T
+            self._grams[name] = g if name == "dx" else _sym(g)
+        return self._grams[name]
+
+    def projection(self) -> torch.Tensor:
+        """`(..., d, m)`: centred input rows -> whitened coordinates (`basis @ L^-T` in raw form)."""
+        if self._projection is None:
+            eye = torch.eye(self.chol.shape[-1], dtype=self.chol.dtype, device=self.chol.device)
+            proj = torch.linalg.solve_triangular(self.chol, eye, upper=False).mT
+            self._projection = proj if self.basis is None else self.basis @ proj
+        return self._projection
+
+    def layer(self, index: int) -> _Moments:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        out = _Moments(projection=pick(self._projection), basis=pick(self.basis), chol=pick(self.chol),
+                       raw=None if self.raw is None else tuple(t[index] for t in self.raw),
+                       traces=None if self.traces is None else tuple(t[index] for t in self.traces), lin=self.lin)
+        out._grams = {k: v[index] for k, v in self._grams.items()}
+        out.raw_lin = None if self.raw_lin is None else tuple(t[index] for t in self.raw_lin)
+        return out
+
+
 @dataclass(frozen=True)
 class DMDResult:
     r"""Result of [`whitened_dmd`]. All tensors are float64 / complex128 on CPU or the input's device.
@@ -96,9 +157,11 @@ class DMDResult:
         operator (`(..., m, m)` float): $\hat A$ in whitened coordinates ($\tilde y \approx \hat A \tilde x$).
         gram_xx, gram_dx, gram_dd (`(..., m, m)` float): second moments of the whitened (and, for rank-r, projected)
             snapshots: $\tilde X^\top\tilde X$, $\tilde D^\top\tilde X$, $\tilde D^\top\tilde D$, all divided by `N - 1`,
-            where $\tilde D = \tilde Y - \tilde X$. The features (residuals, $\eta_{nl}$) are computed from these.
+            where $\tilde D = \tilde Y - \tilde X$. For the full spectrum these are formed on first access (the
+            features use the equivalent unwhitened moments, see `hf_koopman.koopman.features`).
         projection (`(..., d, m)` float): maps centred input rows to the `m` whitened coordinates,
-            `Z = (X - X.mean(-2)) @ projection` (the ZCA matrix for exact DMD, $W U_r$ for rank-r).
+            `Z = (X - X.mean(-2)) @ projection` (the Cholesky whitening $L^{-\top}$ for exact DMD, $W U_r$ for
+            rank-r); formed on first access for the full spectrum.
         rank_x (`(...,)` int): numerical rank of $\tilde X$ in those coordinates; `m - rank_x` modes lie in its null
             space, where the pseudo-inverse sets $\lambda = 0$.
         update_ratio (`(...,)` float): $\|\tilde Y - \tilde X\|_F / \|\tilde X\|_F$, the relative size of the update.
@@ -113,10 +176,6 @@ class DMDResult:
     eigenvectors: torch.Tensor | None
     left_eigenvectors: torch.Tensor | None
     operator: torch.Tensor
-    gram_xx: torch.Tensor
-    gram_dx: torch.Tensor
-    gram_dd: torch.Tensor
-    projection: torch.Tensor
     rank_x: torch.Tensor
     update_ratio: torch.Tensor
     degenerate: torch.Tensor
@@ -125,6 +184,23 @@ class DMDResult:
     dim: int
     randomized: bool
     eps: float
+    moments: _Moments = field(repr=False, compare=False)
+
+    @property
+    def gram_xx(self) -> torch.Tensor:
+        return self.moments.gram("xx")
+
+    @property
+    def gram_dx(self) -> torch.Tensor:
+        return self.moments.gram("dx")
+
+    @property
+    def gram_dd(self) -> torch.Tensor:
+        return self.moments.gram("dd")
+
+    @property
+    def projection(self) -> torch.Tensor:
+        return self.moments.projection()
 
     @property
     def rank(self) -> int:
@@ -145,11 +221,12 @@ class DMDResult:
         if not self.batched:
             raise ValueError("layer() needs a batched (L, ...) result; this one is unbatched")
         fields = {}
-        for name in ("eigenvalues", "eigenvectors", "left_eigenvectors", "operator", "gram_xx", "gram_dx",
-                     "gram_dd", "projection", "rank_x", "update_ratio", "degenerate", "eigvec_condition"):
+        for name in ("eigenvalues", "eigenvectors", "left_eigenvectors", "operator", "rank_x", "update_ratio",
+                     "degenerate", "eigvec_condition"):
             value = getattr(self, name)
             fields[name] = None if value is None else value[index]
-        return DMDResult(**fields, n_samples=self.n_samples, dim=self.dim, randomized=self.randomized, eps=self.eps)
+        return DMDResult(**fields, n_samples=self.n_samples, dim=self.dim, randomized=self.randomized, eps=self.eps,
+                         moments=self.moments.layer(index))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,6 +315,22 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _map_layers(fn, count: int, parallel: bool = True) -> list:
+    """`[fn(i) for i in range(count)]`, layers side by side in worker threads that each run single-threaded torch.
+
+    Batched LAPACK calls on `(L, m, m)` stacks thread poorly here: a batched `cholesky_inverse` with 2 threads was
+    measured 15x slower (CPU time) than with one. One layer per worker uses the cores without that overhead.
+    """
+    workers = min(torch.get_num_threads(), count) if parallel else 1
+    with _single_thread():
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(fn, range(count)))
+        return [fn(i) for i in range(count)]
+
+
 def _sym(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.mT)
 
@@ -311,8 +404,56 @@ def _eig_dtype(m: int, requested: torch.dtype | None) -> torch.dtype:
     return _F64 if m <= _EIG_FLOAT64_MAX else torch.float32
 
 
+def _column_norms(vec: torch.Tensor) -> torch.Tensor:
+    """`(..., 1, m)` Euclidean norms of the columns of a complex matrix (`vector_norm` of complex64 is ~10x slower)."""
+    return (vec.real.square() + vec.imag.square()).sum(-2, keepdim=True).sqrt()
+
+
+def _conjugate_pairs(lam: torch.Tensor) -> torch.Tensor | None:
+    """`(..., m)` bool, True at the first member of each complex-conjugate pair, for eigenvalues of real matrices
+    sorted by decreasing modulus with a stable sort.
+
+    LAPACK returns a pair as adjacent entries (positive imaginary part first) and a stable sort by modulus keeps them
+    adjacent, since both members have the same modulus. `None` when the eigenvalues do not follow that pattern.
+    """
+    im = lam.imag
+    start = im > 0
+    follows = torch.zeros_like(start)
+    follows[..., 1:] = start[..., :-1]
+    if not bool(((im < 0) == follows).all()) or bool(start[..., -1].any()):
+        return None
+    first, second = lam[..., :-1][start[..., :-1]], lam[..., 1:][start[..., :-1]]
+    if not bool((second == first.conj()).all()):
+        return None
+    return start
+
+
+def _to_real_form(vec: torch.Tensor, start: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Real `(..., m, m)` matrix of the columns of `vec`, each conjugate pair `v, conj(v)` (`start` marks `v`) replaced
+    by `scale * (Re v, Im v)`."""
+    real = vec.real.clone()
+    if start.ndim == 1:
+        idx = start.nonzero().flatten()
+        real[..., :, idx] *= scale
+        real[..., :, idx + 1] = scale * vec.imag[..., :, idx]
+        return real
+    mask = start.unsqueeze(-2).expand_as(real)
+    shifted = torch.zeros_like(mask)
+    shifted[..., 1:] = mask[..., :-1]  # the partner column of each pair
+    real = torch.where(mask, scale * vec.real, real)
+    imag_prev = torch.zeros_like(real)
+    imag_prev[..., 1:] = vec.imag[..., :-1]
+    return torch.where(shifted, scale * imag_prev, real)
+
+
 def _eigen_one(operator: torch.Tensor, vectors: bool):
-    """Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V)."""
+    r"""Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V).
+
+    For a real operator the eigenvector matrix factors as $V = R\,U$ with $R$ real (the real eigenvectors and, for
+    each conjugate pair $a \pm ib$, the columns $\sqrt 2 a, \sqrt 2 b$) and $U$ unitary (blocks
+    $\frac{1}{\sqrt 2}\begin{psmallmatrix}1 & 1\\ i & -i\end{psmallmatrix}$). So $\kappa(V) = \kappa(R)$ and
+    $V^{-1} = U^* R^{-1}$: the inverse and the norms are taken of a real matrix, a quarter of the complex work.
+    """
     if not vectors:
         lam = torch.linalg.eigvals(operator)
         order = torch.argsort(lam.abs(), descending=True, stable=True)
@@ -321,11 +462,26 @@ def _eigen_one(operator: torch.Tensor, vectors: bool):
     order = torch.argsort(lam.abs(), descending=True, stable=True)
     lam, vec = lam[order], vec[:, order]
     tiny = torch.finfo(operator.dtype).tiny
-    vec = vec / torch.linalg.vector_norm(vec, dim=-2, keepdim=True).clamp_min(tiny)
-    inv = _inverse(vec)  # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
-    kappa = _condition(vec, inv)
-    left = inv.mH
-    left = left / torch.linalg.vector_norm(left, dim=-2, keepdim=True).clamp_min(tiny)
+    vec = vec / _column_norms(vec).clamp_min(tiny)
+    start = _conjugate_pairs(lam) if not operator.is_complex() else None
+    if start is None:
+        inv = _inverse(vec)  # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
+        kappa = _condition(vec, inv)
+        left = inv.mH
+    else:
+        R = _to_real_form(vec, start, math.sqrt(2.0))
+        rinv = _inverse(R)
+        kappa = _condition(R, rinv)
+        # rows of V^-1 = U^* R^-1: (r_j - i r_j+1) / sqrt(2) and its conjugate for a pair; the left eigenvectors are
+        # their conjugates, (r_j + i r_j+1) up to the normalisation below
+        rows = rinv.mT  # column j = row j of R^-1
+        idx = start.nonzero().flatten()
+        re, im = rows.clone(), torch.zeros_like(rows)
+        re[:, idx + 1] = rows[:, idx]
+        im[:, idx] = rows[:, idx + 1]
+        im[:, idx + 1] = -rows[:, idx + 1]
+        left = torch.complex(re, im)
+    left = left / _column_norms(left).clamp_min(tiny)
     return lam.to(torch.complex128), vec, left, kappa
 
 
@@ -343,22 +499,23 @@ def _eigen(
     work = _eig_dtype(m, dtype)
     batch = operator.shape[:-2]
     flat = operator.to(work).reshape(-1, m, m)
-    workers = min(torch.get_num_threads(), flat.shape[0])
-    with _single_thread():
-        if workers > 1 and m > 64:
-            from concurrent.futures import ThreadPoolExecutor
+    count = flat.shape[0]
+    cdtype = torch.complex64 if work == torch.float32 else torch.complex128
+    lam = torch.empty(count, m, dtype=torch.complex128, device=flat.device)
+    kappa = torch.empty(count, dtype=_F64, device=flat.device)
+    vec = torch.empty(count, m, m, dtype=cdtype, device=flat.device) if vectors else None
+    left = torch.empty_like(vec) if vectors else None
 
-            with ThreadPoolExecutor(workers) as pool:
-                parts = list(pool.map(lambda a: _eigen_one(a, vectors), flat))
-        else:
-            parts = [_eigen_one(a, vectors) for a in flat]
-    lam = torch.stack([p[0] for p in parts]).reshape(*batch, m)
-    kappa = torch.stack([p[3] for p in parts]).reshape(batch)
+    def one(i: int) -> None:  # each worker writes its layer into the outputs (no stacking copies)
+        lam[i], vec_i, left_i, kappa[i] = _eigen_one(flat[i], vectors)
+        if vectors:
+            vec[i], left[i] = vec_i, left_i
+
+    _map_layers(one, count, parallel=m > 64)
+    lam, kappa = lam.reshape(*batch, m), kappa.reshape(batch)
     if not vectors:
         return lam, None, None, kappa
-    vec = torch.stack([p[1] for p in parts]).reshape(*batch, m, m)
-    left = torch.stack([p[2] for p in parts]).reshape(*batch, m, m)
-    return lam, vec, left, kappa
+    return lam, vec.reshape(*batch, m, m), left.reshape(*batch, m, m), kappa
 
 
 def _inverse(vec: torch.Tensor) -> torch.Tensor:
@@ -378,20 +535,45 @@ def _inverse(vec: torch.Tensor) -> torch.Tensor:
                 inv = torch.linalg.lu_solve(lu, piv, eye)
         except RuntimeError:
             inv = None
-        if inv is None or not bool(torch.isfinite(inv).all()):  # numerically singular eigenvectors (defective operator)
+        if inv is None or not _all_finite(inv):  # numerically singular eigenvectors (defective operator)
             inv = torch.linalg.pinv(v)
         out.append(inv)
-    return torch.stack(out).reshape(vec.shape)
+    return out[0] if vec.ndim == 2 else torch.stack(out).reshape(vec.shape)
 
 
-def _norm2(matrix: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """Largest singular value of each `(m, m)` matrix by block power iteration on `M^H M` (4 vectors)."""
+def _all_finite(t: torch.Tensor) -> bool:
+    """`isfinite(t).all()`, via one sum first (NaN/Inf propagate; a sum that overflows is checked element-wise)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _power_norm(apply, apply_t, m: int, dtype: torch.dtype, device, iters: int, rtol: float) -> float:
+    """Largest singular value of one `(m, m)` operator given as `apply(v) = M v`, `apply_t(v) = M^H v`: block power
+    iteration on `M^H M` (4 vectors), stopped once the estimate changes by less than `rtol` (relative) or after
+    `iters` iterations. A lower bound that converges to the norm."""
+    # the block vectors are kept column-major: a product with a row-major (m, 4) block is ~5x slower (MKL)
+    col = lambda x: x.mT.contiguous().mT  # noqa: E731
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(matrix.shape[-1], 4, generator=gen, dtype=_F64).to(device=matrix.device, dtype=matrix.dtype)
-    v = v.expand(*matrix.shape[:-2], -1, -1)
+    v = col(torch.linalg.qr(torch.randn(m, min(4, m), generator=gen, dtype=_F64)).Q.to(device=device, dtype=dtype))
+    est = 0.0
     for _ in range(iters):
-        v = torch.linalg.qr(matrix.mH @ (matrix @ v)).Q
-    return torch.linalg.matrix_norm(matrix @ v, ord=2).to(_F64)
+        z = col(apply(v))
+        new = float(torch.linalg.matrix_norm(z, ord=2))
+        if abs(new - est) <= rtol * new:
+            return new
+        est = new
+        v = col(torch.linalg.qr(apply_t(z)).Q)
+    return float(torch.linalg.matrix_norm(apply(v), ord=2))
+
+
+def _norm2(matrix: torch.Tensor, iters: int = 30, rtol: float = 1e-4) -> torch.Tensor:
+    """Largest singular value of each `(m, m)` matrix (`_power_norm`, matrix by matrix: a batched product with a few
+    vectors, and one with a transposed view, are several times slower than a contiguous one). `(...,)` float64."""
+    m = matrix.shape[-1]
+    out = []
+    for a in matrix.reshape(-1, m, m):
+        a, a_h = a.contiguous(), a.mH.contiguous()
+        out.append(_power_norm(lambda v: a @ v, lambda v: a_h @ v, m, a.dtype, a.device, iters, rtol))
+    return torch.tensor(out, dtype=_F64, device=matrix.device).reshape(matrix.shape[:-2])
 
 
 def _condition(vec: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
@@ -409,19 +591,41 @@ def _condition(vec: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
                                 torch.full_like(smin, math.inf))
         else:
             kappa = _norm2(vec) * _norm2(inv)
-    return torch.where(torch.isfinite(kappa) & torch.isfinite(inv).flatten(-2).all(-1), kappa,
-                       torch.full_like(kappa, math.inf))
+    finite = torch.isfinite(inv.sum((-2, -1)))
+    if not bool(finite.all()):
+        finite = torch.isfinite(inv).flatten(-2).all(-1)
+    return torch.where(torch.isfinite(kappa) & finite, kappa, torch.full_like(kappa, math.inf))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # full spectrum and deterministic rank-r path (Cholesky whitening of second moments)
 
 
-def _second_moments(X: torch.Tensor, Y: torch.Tensor, work: torch.dtype, whitening: CholeskyWhitening | None = None):
-    """`Sxx, Sdx, Sdd` `(L, d, d)` in float64 from centred X and update D = Y - X, products in `work` precision.
+def _chained(X: torch.Tensor, Y: torch.Tensor) -> bool:
+    """Whether each `Y[l]` is stored as `X[l + 1]` (the profiler's views of one stack of the `L + 1` states)."""
+    return (X.ndim == 3 and X.shape[0] > 1 and X.dtype == Y.dtype and X.stride() == Y.stride()
+            and X[1:].data_ptr() == Y[:-1].data_ptr())
+
+
+#: The chained covariance `S_yy = S_xx + S_dx + S_xd + S_dd` of one layer serves as `S_xx` of the next while its
+#: accumulated round-off bound stays below this many units of the working precision (relative to its trace).
+_CHAIN_MAX_ROUNDOFF = 64
+
+
+def _second_moments(X: torch.Tensor, Y: torch.Tensor, work: torch.dtype, whitening: CholeskyWhitening | None = None,
+                    chained: bool = False, keep_work: bool = False):
+    r"""`Sxx, Sdx, Sdd` `(L, d, d)` in float64 from centred X and update D = Y - X, products in `work` precision.
 
     With `whitening`, the snapshots are whitened first (`Xc W^T`, `Dc W^T`: two more `O(N d^2)` products) and the
     returned moments are the whitened Grams, accurate whatever the conditioning of the covariance.
+
+    With `chained` (`Y[l]` is `X[l + 1]`, see `_chained`), the input covariance of layer `l + 1` is the output
+    covariance of layer `l`, $S_{yy} = S_{xx} + S_{dx} + S_{xd} + S_{dd}$, accumulated in float64: one `O(N d^2)`
+    product fewer per layer. Its round-off is tracked (each step adds `eps(work)` times
+    $(\sqrt{\mathrm{tr} S_{xx}} + \sqrt{\mathrm{tr} S_{dd}})^2$, the scale of the terms summed); a layer whose bound
+    would exceed `_CHAIN_MAX_ROUNDOFF` units of its own trace (the update cancelling the input) is computed directly.
+
+    With `keep_work`, the moments in `work` precision are returned too, as a fourth element.
     """
     n1 = X.shape[-2] - 1
     X = X.to(work)
@@ -431,39 +635,154 @@ def _second_moments(X: torch.Tensor, Y: torch.Tensor, work: torch.dtype, whiteni
     if whitening is not None:
         w_t = whitening.matrix.mT.to(work)
         Xc, Dc = Xc @ w_t, Dc @ w_t
-    sxx = _sym(Xc.mT @ Xc).to(_F64) / n1
-    sdx = (Dc.mT @ Xc).to(_F64) / n1
-    sdd = _sym(Dc.mT @ Dc).to(_F64) / n1
-    return sxx, sdx, sdd
+        chained = False
+    sdx_w = Dc.mT @ Xc
+    sdx_w /= n1
+    sdd_w = _sym(Dc.mT @ Dc)
+    sdd_w /= n1
+    sdx, sdd = sdx_w.to(_F64), sdd_w.to(_F64)
+    if not chained:
+        sxx_w = _sym(Xc.mT @ Xc)
+        sxx_w /= n1
+        return (sxx_w.to(_F64), sdx, sdd, (sxx_w, sdx_w, sdd_w)) if keep_work else (sxx_w.to(_F64), sdx, sdd)
+    unit = torch.finfo(work).eps
+    trace = lambda a: float(torch.diagonal(a, dim1=-2, dim2=-1).sum().clamp_min(0.0))  # noqa: E731
+    sxx = torch.empty_like(sdd)
+    sxx[0] = _sym(Xc[0].mT @ Xc[0]).to(_F64) / n1
+    bound = unit * trace(sxx[0])
+    for layer in range(1, sxx.shape[0]):
+        prev = layer - 1
+        syy = _sym(sxx[prev] + sdx[prev] + sdx[prev].mT + sdd[prev])
+        bound += unit * (math.sqrt(trace(sxx[prev])) + math.sqrt(trace(sdd[prev]))) ** 2
+        if bound <= _CHAIN_MAX_ROUNDOFF * unit * trace(syy):
+            sxx[layer] = syy
+        else:
+            sxx[layer] = _sym(Xc[layer].mT @ Xc[layer]).to(_F64) / n1
+            bound = unit * trace(sxx[layer])
+    return (sxx, sdx, sdd, (sxx.to(work), sdx_w, sdd_w)) if keep_work else (sxx, sdx, sdd)
 
 
 def _whitened_condition(sxx: torch.Tensor, whitening: CholeskyWhitening) -> float:
     """Largest `lambda_max(Sxx) / lambda_min(Sxx + eps I)` over the batch (power iterations; an estimate)."""
     with _single_thread():
-        lam_max = _norm2(sxx, iters=5)
-        inv_min = _norm2(whitening.matrix, iters=5).square()  # ||L^-1||^2 = 1 / lambda_min(Sxx + eps I)
+        lam_max = _norm2(sxx, iters=5, rtol=1e-2)
+        inv_min = _norm2(whitening.matrix, iters=5, rtol=1e-2).square()  # ||L^-1||^2 = 1 / lambda_min(Sxx + eps I)
     return float((lam_max * inv_min).amax())
 
 
+def _factor_condition(sxx: torch.Tensor, chol: torch.Tensor) -> float:
+    r"""`_whitened_condition` from the Cholesky factor `chol` of `Sxx + eps I`: $\|L^{-1}\|_2^2$ by power iteration
+    with triangular solves instead of an explicit inverse."""
+    m = sxx.shape[-1]
+    worst = 0.0
+    with _single_thread():
+        for s_l, c_l in zip(sxx.reshape(-1, m, m), chol.reshape(-1, m, m)):
+            s_l = s_l.contiguous()
+            lam_max = _power_norm(lambda v: s_l @ v, lambda v: s_l @ v, m, s_l.dtype, s_l.device, 5, 1e-2)
+            inv_min = _power_norm(lambda v: torch.linalg.solve_triangular(c_l, v, upper=False),
+                                  lambda v: torch.linalg.solve_triangular(c_l.mT, v, upper=True),
+                                  m, c_l.dtype, c_l.device, 5, 1e-2) ** 2
+            worst = max(worst, lam_max * inv_min)
+    return worst
+
+
 def _finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(_all_finite(t) for t in tensors)
 
 
-def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, work: torch.dtype):
+def _raw_fit(sxx: torch.Tensor, sdx: torch.Tensor, sdd: torch.Tensor, chol: torch.Tensor, n: int,
+             lin_moments: tuple[torch.Tensor, ...] | None = None):
+    r"""Full-rank full spectrum from the raw second moments, or `None` if some layer's $S_{xx}$ is (nearly) singular.
+
+    With $W = L^{-1}$, $LL^\top = S_{xx} + \epsilon I$, the whitened Grams are $G = W S W^\top$ and
+    $\hat A = I + G_{dx}G_{xx}^{-1} = I + L^{-1}(S_{dx}S_{xx}^{-1})L$: the ridge cancels, so one Cholesky factor of the
+    raw $S_{xx}$, a Cholesky solve, one product and one triangular solve give the whitened operator, with no
+    congruence. $\eta_{nl}$ and `update_ratio` need only traces in the whitened metric, with $P = W^\top W =
+    (S_{xx} + \epsilon I)^{-1}$: $\mathrm{tr}\,G = \sum_{ij} P_{ij} S_{ij}$ and $\mathrm{tr}(G_{dx}G_{xx}^{-1}G_{xd}) =
+    \sum_{ij} (P S_{dx} S_{xx}^{-1})_{ij} (S_{dx})_{ij}$.
+
+    A layer is full rank when the Cholesky factorisation of $S_{xx}$ succeeds with every pivot above
+    `_NULL_PIVOT_MARGIN` times the round-off variance (`_null_tolerance`); otherwise the caller takes the
+    pseudo-inverse path. The factorisations run in float64, the `(m, m)` solves and products in the precision of
+    `lin_moments` (the same moments; float32 when they and the eigenproblem are float32 anyway, see `_full_grams`).
+    Returns `(operator, moments, rank_x)`, the operator in that precision.
+    """
+    batch, m = sxx.shape[:-2], sxx.shape[-1]
+    trace = torch.diagonal(sxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
+    null_var = (trace * max(n, m) * torch.finfo(_F64).eps).reshape(-1)  # round-off variance (`_null_tolerance`)
+    s_xx, s_dx, s_dd = (t.reshape(-1, m, m) for t in (lin_moments if lin_moments is not None else (sxx, sdx, sdd)))
+    lin = s_dx.dtype
+    flat_xx, flat_chol = sxx.reshape(-1, m, m), chol.reshape(-1, m, m)
+    op = torch.empty_like(s_dx)
+    traces = torch.empty(s_dx.shape[0], 3, dtype=_F64, device=s_dx.device)
+
+    def layer(i: int) -> bool:
+        chol0, info = torch.linalg.cholesky_ex(flat_xx[i])
+        if int(info) != 0 or not float(torch.diagonal(chol0).square().min()) > _NULL_PIVOT_MARGIN * float(null_var[i]):
+            return False
+        factor = flat_chol[i].to(lin)
+        c_op = torch.cholesky_solve(s_dx[i].mT, chol0.to(lin)).mT  # S_dx S_xx^-1, the unwhitened operator minus I
+        op[i] = torch.linalg.solve_triangular(factor, c_op @ factor, upper=False)
+        op[i].diagonal().add_(1.0)
+        p = torch.cholesky_inverse(factor)
+        # tr(A B^T) = sum(A * B) (pairwise summation)
+        traces[i, 0], traces[i, 1], traces[i, 2] = ((a * b).sum() for a, b in ((p, s_xx[i]), (p, s_dd[i]),
+                                                                                 (p @ c_op, s_dx[i])))
+        return True
+
+    if not all(_map_layers(layer, s_dx.shape[0], parallel=m > 64)):
+        return None
+    rank_x = torch.full(batch, m, dtype=torch.long, device=sxx.device)
+    moments = _Moments(raw=(sxx, sdx, sdd), chol=chol, traces=tuple(traces[:, k].reshape(batch) for k in range(3)),
+                       lin=lin)
+    moments.raw_lin = tuple(t.reshape(*batch, m, m) for t in (s_xx, s_dx, s_dd))
+    return op.reshape(*batch, m, m), moments, rank_x
+
+
+def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, work: torch.dtype,
+                eig_dtype: torch.dtype | None = None):
+    """Operator, moments and `rank_x` of the full spectrum (`rank=None`) or the deterministic rank-r approximation.
+
+    The raw full-rank path (`_raw_fit`) does its `(m, m)` solves and products in float32 when the second moments are
+    float32 (well-conditioned float32 data) and the eigenproblem runs in float32 (`_eig_dtype`): both already limit
+    the accuracy to that of float32, and the solves and products cost half as much.
+    """
     n = X.shape[-2]
-    sxx, sdx, sdd = _second_moments(X, Y, work)
+    chained = _chained(X, Y)
+    sxx, sdx, sdd, in_work = _second_moments(X, Y, work, chained=chained, keep_work=True)
     if work != _F64 and not _finite(sxx, sdx, sdd):  # float32 products of finite data overflowed
         work = _F64
-        sxx, sdx, sdd = _second_moments(X, Y, work)
-    whitening = cholesky_whitening(sxx, eps)
-    condition = _whitened_condition(sxx, whitening)
+        sxx, sdx, sdd, in_work = _second_moments(X, Y, work, chained=chained, keep_work=True)
+    eye = torch.eye(sxx.shape[-1], dtype=_F64, device=sxx.device)
+    chol, info = torch.linalg.cholesky_ex(sxx + eps * eye)
+    if bool((info > 0).any()):  # eps = 0 on rank-deficient data: symmetric pseudo-inverse square root
+        whitening = cholesky_whitening(sxx, eps)
+        return _whitened_grams(X, Y, sxx, sdx, sdd, whitening, _whitened_condition(sxx, whitening), eps, rank)
+    condition = _factor_condition(sxx, chol)
     if work != _F64 and condition > _FLOAT32_GRAM_MAX_CONDITION:
         logger.debug("ill-conditioned snapshot covariance (%.2g): second moments recomputed in float64", condition)
         work = _F64
-        sxx, sdx, sdd = _second_moments(X, Y, work)
-        whitening = cholesky_whitening(sxx, eps)
-        condition = _whitened_condition(sxx, whitening)
-    null_tol = _null_tolerance(sxx, eps, n)
+        sxx, sdx, sdd, in_work = _second_moments(X, Y, work, chained=chained, keep_work=True)
+        chol, info = torch.linalg.cholesky_ex(sxx + eps * eye)
+        if bool((info > 0).any()):
+            whitening = cholesky_whitening(sxx, eps)
+            return _whitened_grams(X, Y, sxx, sdx, sdd, whitening, _whitened_condition(sxx, whitening), eps, rank)
+        condition = _factor_condition(sxx, chol)
+    if rank is None and condition <= _FLOAT64_GRAM_MAX_CONDITION:
+        m = sxx.shape[-1]
+        single = work == torch.float32 and condition <= _FLOAT32_GRAM_MAX_CONDITION
+        lin = torch.float32 if single and _eig_dtype(m, eig_dtype) == torch.float32 else _F64
+        fit = _raw_fit(sxx, sdx, sdd, chol, n, in_work if lin == work else (sxx, sdx, sdd))
+        if fit is not None:
+            return fit
+    return _whitened_grams(X, Y, sxx, sdx, sdd, CholeskyWhitening(chol), condition, eps, rank)
+
+
+def _whitened_grams(X, Y, sxx, sdx, sdd, whitening: CholeskyWhitening, condition: float, eps: float,
+                    rank: int | None):
+    """The whitened Grams themselves: rank-r, (nearly) singular covariances (pseudo-inverse) and covariances too
+    ill-conditioned for a congruence (explicitly whitened snapshots)."""
+    null_tol = _null_tolerance(sxx, eps, X.shape[-2])
     if condition > _FLOAT64_GRAM_MAX_CONDITION:
         gxx, gdx, gdd = _second_moments(X, Y, _F64, whitening)
     else:
@@ -478,7 +797,7 @@ def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, 
         gxx, gdd = _sym(gxx), _sym(gdd)
         proj = proj @ U
     op, rank_x = _operator(gxx, gdx, null_tol)
-    return op, gxx, gdx, gdd, proj, rank_x
+    return op, _Moments(grams=(gxx, gdx, gdd), projection=proj), rank_x
 
 
 def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):
@@ -548,7 +867,7 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
         gdx = bd.mT @ bx / n1
         gdd = _sym(bd.mT @ bd) / n1
     op, rank_x = _small_operator(gxx, gdx, N, d)
-    return op, gxx, gdx, gdd, proj, rank_x
+    return op, _Moments(grams=(gxx, gdx, gdd), projection=proj), rank_x
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -658,12 +977,14 @@ def _fit_operator(
     power_iters: int = 2,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
+    eig_dtype: torch.dtype | None = None,
 ):
     """The whitened operator and its Grams for validated `(L, N, d)` snapshots (no eigendecomposition).
 
     The one definition of the RKSP operator: `whitened_dmd` decomposes it, and KSS
     (`shaping.differentiable_dmd_eigenvalues`) rebuilds it with a gradient in the same coordinates (`projection`).
-    Returns `(operator, gram_xx, gram_dx, gram_dd, projection, rank_x)` as in [`DMDResult`].
+    Returns `(operator, moments, rank_x)`: `moments` (`_Moments`) gives the whitened Grams and the projection of
+    [`DMDResult`] (on first use for the full spectrum).
     """
     N, d = X.shape[-2:]
     use_randomized = randomized and rank is not None
@@ -675,12 +996,15 @@ def _fit_operator(
             rank = basis.shape[-1]  # at most N - 1 identifiable modes
     if use_randomized:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        op, gxx, gdx, gdd, proj, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
+        op, moments, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
     else:
-        op, gxx, gdx, gdd, proj, rank_x = _full_grams(X, Y, eps, rank, work)
-    if basis is not None:
-        proj = basis @ proj.to(_F64)  # centred d-dim rows -> the m whitened coordinates
-    return op, gxx, gdx, gdd, proj, rank_x
+        op, moments, rank_x = _full_grams(X, Y, eps, rank, work, eig_dtype)
+    if basis is not None:  # centred d-dim rows -> the m whitened coordinates
+        if moments.is_raw:
+            moments.basis = basis
+        else:
+            moments._projection = basis @ moments._projection.to(_F64)
+    return op, moments, rank_x
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -789,20 +1113,24 @@ def whitened_dmd(
                       "(the paper uses N=2048)", UserWarning, stacklevel=2)
 
     with torch.no_grad():
-        op, gxx, gdx, gdd, proj, rank_x = _fit_operator(
+        op, moments, rank_x = _fit_operator(
             X, Y, rank=rank, randomized=randomized, eps=eps, oversample=oversample, power_iters=power_iters,
-            generator=generator, dtype=dtype)
+            generator=generator, dtype=dtype, eig_dtype=eig_dtype)
         lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype)
-        trace_xx = torch.diagonal(gxx, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
-        trace_dd = torch.diagonal(gdd, dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
+        op = op.to(_F64)
+        if moments.is_raw:
+            trace_xx, trace_dd = moments.traces[0].clamp_min(0.0), moments.traces[1].clamp_min(0.0)
+        else:
+            trace_xx = torch.diagonal(moments.gram("xx"), dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
+            trace_dd = torch.diagonal(moments.gram("dd"), dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         ratio = torch.where(trace_xx > 0, (trace_dd / trace_xx.clamp_min(torch.finfo(_F64).tiny)).sqrt(),
                             torch.zeros_like(trace_xx))
         degenerate = (ratio <= degenerate_tol) | (rank_x == 0)
 
     out = DMDResult(
-        eigenvalues=lam, eigenvectors=vec, left_eigenvectors=left, operator=op, gram_xx=gxx, gram_dx=gdx,
-        gram_dd=gdd, projection=proj, rank_x=rank_x, update_ratio=ratio, degenerate=degenerate, eigvec_condition=kappa,
-        n_samples=N, dim=d, randomized=bool(randomized and rank is not None), eps=float(eps),
+        eigenvalues=lam, eigenvectors=vec, left_eigenvectors=left, operator=op, rank_x=rank_x, update_ratio=ratio,
+        degenerate=degenerate, eigvec_condition=kappa, n_samples=N, dim=d,
+        randomized=bool(randomized and rank is not None), eps=float(eps), moments=moments,
     )
     if int(degenerate.sum()):
         logger.info("%d of %d layer(s) have a ~zero update (Y ~ X): RKSP is uninformative there",

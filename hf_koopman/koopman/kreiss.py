@@ -94,7 +94,7 @@ def kreiss_constant(
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
     if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
         raise ValueError(f"A must be a non-empty square matrix (m, m), got shape {tuple(A.shape)}")
-    if not bool(torch.isfinite(A).all()):
+    if not (bool(torch.isfinite(A.sum())) or bool(torch.isfinite(A).all())):  # one sum first: NaN/Inf propagate
         raise ValueError("A contains NaN/Inf; the Kreiss constant is undefined")
     A = A.detach().to(torch.complex128 if A.is_complex() else torch.float64)
     real = not A.is_complex()

@@ -230,9 +230,10 @@ def differentiable_dmd_eigenvalues(
     if rank is not None:
         rank = min(rank, d, n - 1)
     with torch.no_grad():  # the coordinates (whitening, row space, rank-r subspace) are fixed: module docstring
-        _, gxx0, _, _, proj, rank_x = _fit_operator(
+        _, moments, rank_x = _fit_operator(
             X.detach().to(work), Y.detach().to(work), rank=rank, randomized=rank is not None, eps=eps,
             oversample=oversample, power_iters=power_iters, generator=generator)
+        gxx0, proj = moments.gram("xx"), moments.projection()
         values, vectors = torch.linalg.eigh(gxx0)
         keep = torch.arange(values.shape[-1], device=values.device).flip(0) < rank_x[..., None]  # eigh: ascending
     P = proj.to(work)

@@ -295,7 +295,7 @@ def profile_streaming(
         profile_from_snapshots,
     )
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)
     budget = _parse_bytes(memory_limit)
     config, folder, at_init, default_name = _resolve_source(model, init)
@@ -409,7 +409,7 @@ def profile_streaming(
     for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
         free_parameters(module)
     release_freed_memory()
-    stream_time = time.perf_counter() - start
+    stream_time, stream_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     meta = {
         "model_class": type(skeleton).__name__,
         "model_type": getattr(config, "model_type", None),
@@ -425,6 +425,7 @@ def profile_streaming(
             "block_bytes": plan["block"],
             "non_block_bytes": plan["non_block"],
             "stream_time_s": round(stream_time, 3),
+            "stream_cpu_s": round(stream_cpu, 3),  # process CPU time (all threads), robust to other load
             "block_time_s": round(state["block_time"], 3),
             "seed": seed,
         }
@@ -441,22 +442,26 @@ def profile_streaming(
     )
     info = result.meta.setdefault("streaming", {})
     info["wall_time_s"] = round(time.perf_counter() - start, 3)
+    info["analysis_cpu_s"] = round(time.process_time() - cpu_start - stream_cpu, 3)
     info["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, including anything it did before this call
     logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(blocks), name, info["wall_time_s"],
                 _fmt(info["peak_rss_bytes"]))
     return result
 
 
-# Working memory of the batched whitened DMD, per layer: ~10 d x d float32 matrices (covariance, ridge, Cholesky factor,
-# its inverse, ...) plus the stacked X and Y. Measured: 5 layers of d = 4096 in one call peak at +3.0 GB.
+# Working memory of the batched whitened DMD, per layer: ~10 m x m float64 matrices (second moments, Cholesky factors,
+# operator, eigenvectors and their inverse, ...) with m = min(N - 1, d) modes (N - 1 < d: the row-space reduction works
+# at width N - 1), plus the stacked X and Y.
 _ANALYSIS_BUDGET = 1 << 30
 
 
 def _analysis_chunk_size(n: int, d: int, default: int = 8) -> int:
     """Layers per batched DMD call: `profile_from_snapshots`' default (8) unless that would exceed ~1 GiB of working
-    memory -- at d = 4096 (7B) one layer at a time, otherwise the analysis alone would need ~5 GB on top of the
-    snapshots. Small models keep the default, so their random projections (and features) match `profile` exactly."""
-    per_layer = 10 * d * d * 4 + 2 * n * d * 4
+    memory -- at d = 4096, N = 2048 (7B) two layers at a time (one per core in the eigen step), otherwise the analysis
+    alone would need several GB on top of the snapshots. Small models keep the default, so their random projections
+    (and features) match `profile` exactly."""
+    m = min(n - 1, d)
+    per_layer = 10 * m * m * 8 + 2 * n * d * 4
     return max(1, min(default, _ANALYSIS_BUDGET // per_layer))
 
 

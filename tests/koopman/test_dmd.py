@@ -424,3 +424,92 @@ def test_eigenvalues_only_skips_the_eigenvectors():
         from hf_koopman.koopman import spectral_features
 
         spectral_features(only)
+
+
+def _force_whitened_path(monkeypatch):
+    """Route the full spectrum through the explicit whitened-Gram path (congruences + pseudo-inverse operator)."""
+    import hf_koopman.koopman.dmd as dmd_module
+
+    monkeypatch.setattr(dmd_module, "_raw_fit", lambda *args, **kwargs: None)
+
+
+def test_raw_moment_path_equals_the_whitened_gram_path(monkeypatch):
+    # the full-rank path works on the unwhitened moments (A = I + L^-1 Sdx Sxx^-1 L, features from raw moments);
+    # every reported quantity must equal the one computed from the explicitly whitened Grams
+    from hf_koopman.koopman import resdmd_residuals, spectral_features
+    from hf_koopman.koopman.features import nonlinearity_ratio
+
+    A, _ = planted_operator([1.2, 1.0, 0.95, 0.85, 0.5, -0.3, 0.7, 0.2], pair=(0.9, 0.6), seed=5, cond=3.0)
+    X = anisotropic_states(1500, 10, seed=6, spread=30.0)
+    Y = X @ A.T + 0.3 * torch.tanh(X @ torch.randn(10, 10, generator=torch.Generator().manual_seed(2), dtype=F64) / 10)
+    Xs, Ys = torch.stack([X, Y]), torch.stack([Y, 0.5 * Y + torch.sin(Y)])
+    fast = whitened_dmd(Xs, Ys)
+    assert fast.moments.is_raw
+    with monkeypatch.context() as m:
+        _force_whitened_path(m)
+        ref = whitened_dmd(Xs, Ys)
+    assert not ref.moments.is_raw
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)  # noqa: E731
+    close(fast.eigenvalues, ref.eigenvalues)
+    close(fast.operator, ref.operator)
+    for name in ("gram_xx", "gram_dx", "gram_dd", "projection"):  # formed on demand from the raw moments
+        close(getattr(fast, name), getattr(ref, name))
+    close(fast.update_ratio, ref.update_ratio)
+    close(fast.eigvec_condition, ref.eigvec_condition)
+    close(nonlinearity_ratio(fast), nonlinearity_ratio(ref))
+    close(resdmd_residuals(fast), resdmd_residuals(ref))
+    for f, g in zip(spectral_features(fast), spectral_features(ref)):
+        assert f.n_reliable == g.n_reliable and f.near_unit_mass == g.near_unit_mass
+        assert f.nonlinearity == pytest.approx(g.nonlinearity, rel=1e-9)
+        assert f.eigvec_condition == pytest.approx(g.eigvec_condition, rel=1e-9)
+
+
+def test_left_eigenvectors_and_condition_from_the_real_form(monkeypatch):
+    # real operators: V = R U with R real, U unitary, so kappa(V) = kappa(R) and V^-1 = U^* R^-1; against the complex
+    # computation, also above 256 modes where kappa comes from power iterations
+    import hf_koopman.koopman.dmd as dmd_module
+
+    for m in (12, 300):
+        A = torch.randn(2, m, m, generator=torch.Generator().manual_seed(m), dtype=F64) / m**0.5
+        lam, vec, left, kappa = dmd_module._eigen(A)
+        assert dmd_module._conjugate_pairs(lam) is not None and bool((lam.imag != 0).any())
+        with monkeypatch.context() as mp:
+            mp.setattr(dmd_module, "_conjugate_pairs", lambda lam: None)
+            lam_c, vec_c, left_c, kappa_c = dmd_module._eigen(A)
+        atol = 1e-10 if m <= 256 else 1e-4  # float32 eigenproblem above 256 modes
+        torch.testing.assert_close(lam, lam_c, atol=0, rtol=0)
+        torch.testing.assert_close(left, left_c, atol=atol, rtol=0)
+        for b in range(2):
+            torch.testing.assert_close(left[b].mH @ A[b].to(left.dtype), lam[b][:, None].to(left.dtype) * left[b].mH,
+                                       atol=atol, rtol=0)
+            s = torch.linalg.svdvals(vec[b])
+            exact = float(s[0] / s[-1])
+            tol = 1e-9 if m <= 256 else 1e-3  # power iterations stop at a relative change of 1e-4
+            assert float(kappa[b]) == pytest.approx(exact, rel=tol)
+            assert float(kappa_c[b]) == pytest.approx(exact, rel=tol)
+
+
+def test_chained_layers_reuse_the_output_covariance():
+    # the profiler passes X, Y as views of one stack of the L + 1 states (Y[l] is X[l + 1]); the input covariance of
+    # layer l + 1 is then accumulated from layer l's moments instead of a product: same result as separate copies
+    import hf_koopman.koopman.dmd as dmd_module
+
+    g = torch.Generator().manual_seed(11)
+    states = [anisotropic_states(1200, 16, seed=12, spread=5.0)]
+    for _ in range(4):
+        h = states[-1]
+        states.append(h + 0.5 * torch.tanh(h @ torch.randn(16, 16, generator=g, dtype=F64) / 4))
+    stack = torch.stack(states)
+    for dtype, tol in ((F64, 1e-9), (torch.float32, 1e-4)):
+        s = stack.to(dtype)
+        X, Y = s[:-1], s[1:]
+        assert dmd_module._chained(X, Y) and not dmd_module._chained(X.clone(), Y.clone())
+        chained = whitened_dmd(X, Y)
+        separate = whitened_dmd(X.clone(), Y.clone())
+        torch.testing.assert_close(chained.eigenvalues.abs(), separate.eigenvalues.abs(), atol=tol, rtol=0)
+        torch.testing.assert_close(chained.gram_xx, separate.gram_xx, atol=tol, rtol=0)
+    # an update that cancels the input (Y ~ 0) is too inaccurate to chain: that layer's covariance is computed
+    s = torch.stack([stack[0], 1e-6 * stack[1], stack[2]]).float()
+    sxx, _, _ = dmd_module._second_moments(s[:-1], s[1:], torch.float32, chained=True)
+    direct, _, _ = dmd_module._second_moments(s[:-1].clone(), s[1:].clone(), torch.float32)
+    torch.testing.assert_close(sxx, direct, rtol=1e-5, atol=0)

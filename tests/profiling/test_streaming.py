@@ -206,8 +206,10 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     assert plan["block"] == (4 * d * d + 3 * d * inter + 2 * d) * 4  # q, k, v, o + gate, up, down + two RMSNorms
     assert plan["non_block"] == (32000 * d + d) * 4  # embedding + final norm; the untied LM head is never built
     assert plan["snapshots"] == 2 * 32 * 2048 * d * 4
-    # the analysis of 7B-width snapshots runs one layer per batched DMD call; small models keep profile's default
-    assert _analysis_chunk_size(2048, d) == 1 and _analysis_chunk_size(N, 32) == 8
+    # the analysis of 7B-width snapshots (N = 2048 < d: width N - 1 after the row-space reduction) runs two layers per
+    # batched DMD call; wider rows at the same width, one; small models keep profile's default
+    assert _analysis_chunk_size(2048, d) == 2 and _analysis_chunk_size(4096, 8192) == 1
+    assert _analysis_chunk_size(N, 32) == 8
 
 
 def test_memory_limit_strings_follow_accelerate():
