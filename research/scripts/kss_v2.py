@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         path = OUT / STAGE_FILES["ratio"]
         done = {(r["seed"], r["step"]) for r in read_rows(path)}
         for i, seed in enumerate(K.RATIO_SEEDS):
-            for step in (0, K.WARMUP):
+            for step in (0, K.WARMUP) if i == 0 else (0,):  # after warmup: first seed only (budget, PURPOSE.md)
                 if (seed, step) in done:
                     continue
                 row = K.gradient_ratio(setting["num_layers"], seed, K.LRS[i % len(K.LRS)], steps_before=step)
