@@ -211,12 +211,13 @@ def _per_step(r: dict[str, Any]) -> float:
 def arm_table(rows: Sequence[dict[str, Any]], arms: Sequence[str] = REQUIRED_ARMS + OPTIONAL_ARMS,
               control: str = "none") -> list[dict[str, Any]]:
     """Per arm: trials, divergences, rate, Fisher p vs `control`, accuracy and M≈1 of the runs that finished,
-    overhead (median seconds per step of finished runs relative to the control's) and the divergence steps/causes."""
+    overhead (median training seconds per step over all runs, relative to the control's; diverged runs count up to
+    their stop, and KSS runs every 10th step whatever the length) and the divergence steps/causes."""
     by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_arm[r["method"]].append(r)
     base = by_arm.get(control, [])
-    base_step = statistics.median([_per_step(r) for r in base if not r["diverged"]] or [float("nan")])
+    base_step = statistics.median([_per_step(r) for r in base if r.get("steps_run")] or [float("nan")])
     out = []
     for arm in arms:
         rs = sorted(by_arm.get(arm, []), key=lambda r: r["seed"])
@@ -225,7 +226,7 @@ def arm_table(rows: Sequence[dict[str, Any]], arms: Sequence[str] = REQUIRED_ARM
         k, n = sum(bool(r["diverged"]) for r in rs), len(rs)
         kb, nb = sum(bool(r["diverged"]) for r in base), len(base)
         done = [r for r in rs if not r["diverged"]]
-        step = statistics.median([_per_step(r) for r in done] or [float("nan")])
+        step = statistics.median([_per_step(r) for r in rs if r.get("steps_run")] or [float("nan")])
         out.append({
             "arm": arm, "trials": n, "diverged": k, "rate": k / n,
             "fisher_p": None if arm == control or not nb else fisher_exact([[k, n - k], [kb, nb - kb]]),
@@ -234,6 +235,8 @@ def arm_table(rows: Sequence[dict[str, Any]], arms: Sequence[str] = REQUIRED_ARM
             "near_unit_init": _mean([r.get("near_unit_mass_mean") for r in rs]),
             "seconds_per_step": step, "overhead": step / base_step - 1 if base_step == base_step else float("nan"),
             "divergence_steps": sorted(r["divergence_step"] for r in rs if r["diverged"]),
+            # 1-based steps 1, 11, 21, ... carry the KSS term (global_step % 10 == 0 before the update)
+            "on_kss_step": sum(1 for r in rs if r["diverged"] and r["divergence_step"] % 10 == 1),
             "causes": dict(Counter(r["divergence_reason"] for r in rs if r["diverged"])),
             "seeds_diverged": [r["seed"] for r in rs if r["diverged"]],
             "paper_rate": PAPER_TABLE3.get(arm),
@@ -285,13 +288,15 @@ def summary_from_results(root: Any) -> dict[str, Any]:
     pilot = read_rows(Path(root) / "kss_v2" / "pilot.jsonl")
     if not runs or not pilot:
         return {}
-    return summary_keys(arm_table(runs), setting_label(pick_setting(pilot)))
+    table = arm_table(runs)
+    return summary_keys(table, setting_label(pick_setting(pilot), table[0]["trials"]))
 
 
-def setting_label(setting: dict[str, Any] | None) -> str:
+def setting_label(setting: dict[str, Any] | None, trials: int = TRIALS) -> str:
+    """The `kss_setting` string of `results/summary.json`."""
     layers = setting["num_layers"] if setting else "?"
     return (f"No-Norm research GPT d={HIDDEN} L={layers}, associative recall, AdamW, LR 0.005/0.0075/0.01, warmup "
-            f"{WARMUP}, {STEPS} steps, 24 trials per arm; kss_divergence_rate: KSS alpha=0.15 with the default gradient "
+            f"{WARMUP}, {STEPS} steps, {trials} trials per arm; kss_divergence_rate: KSS alpha=0.15 with the default gradient "
             "cap, kss_divergence_rate_uncapped: paper-literal gradient; full spectrum every 10 steps on 50% of blocks "
             "(results/kss_v2.md)")
 
@@ -332,9 +337,10 @@ def report(*, timing: Sequence[dict], pilot: Sequence[dict], ratios: Sequence[di
             lines.append(f"| {layers} | {len(rs)} | {sum(bool(r['diverged']) for r in rs)} | {_rate(rs):.3f} | "
                          f"{steps_d or '—'} | {statistics.median([_per_step(r) for r in rs]):.3f} |")
         if setting:
-            inside = "inside" if setting["inside"] else "outside (the nearest depth, as the reading rule says)"
+            where = ("inside [1/2, 2/3]" if setting["inside"] else
+                     "outside [1/2, 2/3]: no depth lands in it, so the nearest one is used, ties to the smaller depth")
             lines += ["", f"Chosen by the reading rule: **L = {setting['num_layers']}** (control rate "
-                      f"{setting['rate']:.3f}, {inside} [1/2, 2/3]).", ""]
+                      f"{setting['rate']:.3f}, {where}).", ""]
     if ratios:
         lines += ["## 2. Gradient scale of the faithful operator (α = 0.15, 50 % of the blocks)", "",
                   "| seed | LR | step | task grad | KSS grad, full spectrum (modes) | ratio full | KSS grad, r = 32 | "
@@ -353,11 +359,12 @@ def report(*, timing: Sequence[dict], pilot: Sequence[dict], ratios: Sequence[di
     summary: dict[str, Any] = {}
     if runs:
         table = arm_table(runs)
-        summary = summary_keys(table, setting_label(setting))
+        summary = summary_keys(table, setting_label(setting, table[0]["trials"]))
         lines += ["## 3. Comparison (same seeds, LRs, data order and initial weights in every arm)", "",
                   "| arm | diverged | rate | paper rate | Fisher p vs control | accuracy (finished runs) | "
-                  "M≈1 init | M≈1 after (finished runs) | s/step (finished runs) | overhead | causes | divergence "
-                  "steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "M≈1 init | M≈1 after (finished runs) | s/step (median, all runs) | overhead | causes | median "
+                  "divergence step | on a step ≡ 1 mod 10 | divergence steps |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in table:
             paper = "—" if t["paper_rate"] is None else f"{t['paper_rate']:.1f}%"
             lines.append(
@@ -365,7 +372,8 @@ def report(*, timing: Sequence[dict], pilot: Sequence[dict], ratios: Sequence[di
                 f"{100 * t['rate']:.1f}% | {paper} | {_f(t['fisher_p'], 4)} | {_f(t['accuracy'])} | "
                 f"{_f(t['near_unit_init'])} | {_f(t['near_unit_after'])} | {_f(t['seconds_per_step'])} | "
                 f"{'—' if t['arm'] == 'none' else _f(100 * t['overhead'], 1) + '%'} | {t['causes'] or '—'} | "
-                f"{t['divergence_steps'] or '—'} |")
+                f"{statistics.median(t['divergence_steps']) if t['divergence_steps'] else '—'} | "
+                f"{t['on_kss_step']}/{t['diverged']} | {t['divergence_steps'] or '—'} |")
         lines += ["", "Seeds that diverged, per arm: " + "; ".join(
             f"`{t['arm']}` {t['seeds_diverged'] or '—'}" for t in table), ""]
         paired = _paired(runs, "none", "kss0.15")
