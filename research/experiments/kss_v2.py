@@ -257,8 +257,10 @@ def summary_keys(table: Sequence[dict[str, Any]], setting: str) -> dict[str, Any
         "kss_divergence_rate": rate("kss0.15"),
         "kss_divergence_rate_uncapped": rate("kss0.15-uncapped"),
         "kss_setting": setting,
-        "kss_v2": {t["arm"]: {k: t[k] for k in ("trials", "diverged", "rate", "fisher_p", "accuracy",
-                                                 "near_unit_after", "overhead")} for t in table},
+        # JSON has no NaN: a metric with no run to average over (e.g. accuracy when every run diverged) is null
+        "kss_v2": {t["arm"]: {k: None if isinstance(t[k], float) and not math.isfinite(t[k]) else t[k]
+                              for k in ("trials", "diverged", "rate", "fisher_p", "accuracy", "near_unit_after",
+                                        "overhead", "divergence_steps")} for t in table},
     }
 
 
@@ -415,5 +417,14 @@ def _paired(rows: Sequence[dict], a: str, b: str) -> str:
     if not common:
         return ""
     c = Counter((ra[s], rb[s]) for s in common)
-    return (f"both stable {c[(False, False)]}, both diverged {c[(True, True)]}, only {a} diverged "
+    text = (f"both stable {c[(False, False)]}, both diverged {c[(True, True)]}, only {a} diverged "
             f"{c[(True, False)]}, only {b} diverged {c[(False, True)]} (n = {len(common)})")
+    sa = {r["seed"]: r["divergence_step"] for r in rows if r["method"] == a and r["diverged"]}
+    sb = {r["seed"]: r["divergence_step"] for r in rows if r["method"] == b and r["diverged"]}
+    both = sorted(set(sa) & set(sb))
+    if both:
+        diff = [sb[s] - sa[s] for s in both]
+        text += (f"; where both diverged, `{b}` diverged earlier in {sum(d < 0 for d in diff)}, at the same step in "
+                 f"{sum(d == 0 for d in diff)}, later in {sum(d > 0 for d in diff)} trials (median step difference "
+                 f"{statistics.median(diff):+g})")
+    return text
