@@ -83,7 +83,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
       sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
       `rksp_profile.png` are written to `output_dir` (main process); a "high risk" verdict is logged as a warning with
-      the recommended action. With `auto_kss=True` and a [`KSSTrainer`], a high-risk verdict switches KSS on.
+      the recommended action. `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on
+      when RKSP flags high risk"): in the paper's own No-Norm regime KSS did not lower divergence
+      (`results/kss_v2.md`), so a high-risk verdict leaves KSS off and says why (`kss/auto_enabled = 0`).
     * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch and logs the same keys.
     * **Divergence guard** (`guard=True`): the rule of [`~hf_koopman.training.divergence.DivergenceRule`] (loss > 50,
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
@@ -141,7 +143,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         max_rollbacks (`int`, defaults to `3`): rollbacks allowed before the guard stops.
         lr_backoff (`float`, defaults to `0.5`): learning-rate factor applied at each rollback, in `(0, 1]`.
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
-        auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], enable KSS when the init verdict is high risk.
+        auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], decide on KSS from the init verdict. A high-risk
+            verdict does not switch KSS on (no measured benefit, `results/kss_v2.md`): a warning names the evidence
+            and `kss/auto_enabled = 0` is logged. `kss_enabled=True` still trains with KSS.
         save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir`.
     """
 
@@ -384,8 +388,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self.init_verdict == "high risk":
                 logger.warning(
                     "RKSP verdict at initialisation: HIGH RISK of divergence (mean M≈1 = %s, median κ(V) = %s; %s). "
-                    "Recommended: train with KSS (KSSTrainer, or RKSPCallback(auto_kss=True) with a KSSTrainer), "
-                    "lower the learning rate or add normalisation.",
+                    "Recommended: lower the learning rate or add normalisation, and keep the divergence guard on "
+                    "(on_divergence='rollback' continues past a blow-up); KSS did not lower divergence in our "
+                    "measurements (results/kss_v2.md).",
                     None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
                     None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
                     spectral_profile.verdict_reason,
@@ -393,7 +398,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
             else:
                 logger.info("RKSP verdict at initialisation: %s", self.init_verdict)
             if self.auto_kss and self.init_verdict == "high risk":
-                self.kss_auto_enabled = True
+                # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
+                # divergence, so auto_kss leaves it off and says so
+                logger.warning(
+                    "RKSPCallback(auto_kss=True): KSS stays off despite the high-risk verdict. In the paper's No-Norm "
+                    "regime KSS did not lower divergence (results/kss_v2.md); pass kss_enabled=True to use it anyway."
+                )
+                self._log(args, state, {"kss/auto_enabled": 0.0})
         if self.auto_kss and self.kss_auto_enabled:  # also re-applied after a resume
             self._enable_kss(args, state)
         if self.guard:
