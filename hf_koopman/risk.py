@@ -815,14 +815,13 @@ VERDICT_LEVELS = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high ris
 ADVICE = {
     "safe": "Proceed without spectral shaping; optionally monitor with `RKSPCallback` during training.",
     "moderate": (
-        "Borderline: the paper leaves 0.3 ≤ M≈1 ≤ 0.5 to context. Consider KSS (`KSSTrainer`) for learning rates above "
-        "2× the standard one, no-normalisation or novel architectures, and monitor with `RKSPCallback`."
+        "Borderline: the paper leaves 0.3 ≤ M≈1 ≤ 0.5 to context. Keep the divergence guard on "
+        "(`RKSPCallback(on_divergence=\"rollback\")`) and be careful with learning rates above 2× the standard one."
     ),
     "high risk": (
-        "Use KSS (`KSSTrainer`, or `RKSPCallback(auto_kss=True)` with a `KSSTrainer`) for aggressive learning rates "
-        "(> 2× standard), no-normalisation settings or novel architectures, with RKSP monitoring; or lower the learning "
-        "rate or add normalisation. The paper advises skipping KSS for standard Pre-LN / RMSNorm models at "
-        "conservative learning rates."
+        "Lower the learning rate or add normalisation, and keep the divergence guard on "
+        "(`RKSPCallback(on_divergence=\"rollback\")` continues past a blow-up). KSS (`KSSTrainer`) did not lower "
+        "divergence in our measurements in the paper's own No-Norm regime (results/kss_v2.md)."
     ),
     "uninformative": "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal.",
 }

@@ -64,7 +64,8 @@ class KSSConfig:
             KSS micro-batches (+5 % step time).
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
-            Master switch; `RKSPCallback(auto_kss=True)` can turn it on at train begin when the init verdict is high risk.
+            Master switch. `RKSPCallback(auto_kss=True)` leaves it off at a high-risk verdict (no measured benefit,
+            `results/kss_v2.md`).
         layers (`str` or `list[str]`, *optional*):
             Override of the residual-block discovery (e.g. `"model.layers"`), as in `find_residual_blocks`.
     """

@@ -86,10 +86,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
       sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
       `rksp_profile.png` are written to `output_dir` (main process); a "high risk" verdict is logged as a warning with
-      the recommended action. With `auto_kss=True` and a [`KSSTrainer`], a high-risk verdict switches KSS on. With a
-      calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
+      the recommended action. With a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
       `rksp/risk_out_of_range` (1 when the model or learning rate lies outside the estimator's training runs, 0 inside,
       -1 ranges unknown), and a warning says "outside the fitted range: ..." naming what lies outside.
+      `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on
+      when RKSP flags high risk"): in the paper's own No-Norm regime KSS did not lower divergence
+      (`results/kss_v2.md`), so a high-risk verdict leaves KSS off and says why (`kss/auto_enabled = 0`).
     * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch and logs the same keys.
     * **Divergence guard** (`guard=True`): the rule of [`~hf_koopman.training.divergence.DivergenceRule`] (loss > 50,
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
@@ -152,7 +154,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.5 % of the step time.
-        auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], enable KSS when the init verdict is high risk.
+        auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], decide on KSS from the init verdict. A high-risk
+            verdict does not switch KSS on (no measured benefit, `results/kss_v2.md`): a warning names the evidence
+            and `kss/auto_enabled = 0` is logged. `kss_enabled=True` still trains with KSS.
         save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir`.
     """
 
@@ -425,7 +429,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 log = logger.warning if assessment.out_of_range else logger.info
                 log("RKSP calibrated risk: %s", assessment.describe())
             if self.auto_kss and self.init_verdict == "high risk":
-                self.kss_auto_enabled = True
+                # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
+                # divergence, so auto_kss leaves it off and says so
+                logger.warning(
+                    "RKSPCallback(auto_kss=True): KSS stays off despite the high-risk verdict. In the paper's No-Norm "
+                    "regime KSS did not lower divergence (results/kss_v2.md); pass kss_enabled=True to use it anyway."
+                )
+                self._log(args, state, {"kss/auto_enabled": 0.0})
         if self.auto_kss and self.kss_auto_enabled:  # also re-applied after a resume
             self._enable_kss(args, state)
         if self.guard:

@@ -118,6 +118,13 @@ class _ActivationCap:
 class KSSTrainer(Trainer):
     """`Trainer` whose training loss is `L_task + alpha * mean_{l in S} L_KSS^l` (paper Eqs. 14-15).
 
+    **When it is worth turning on: never, at the scales measured, to prevent divergence.** In the paper's own regime
+    (No-Norm GPT, d = 128, AdamW, LR 0.005-0.01, full spectrum, every 10 steps on half the blocks) KSS with the default
+    gradient cap and with the paper-literal gradient both diverged in 24 of 24 trials, like the control and gradient
+    clipping (`results/kss_v2.md`); at d = 32 the capped default matched the control and the paper-literal gradient
+    diverged more often (`results/RESULTS.md` §3). Lower the learning rate or add normalisation instead; use KSS to
+    shape the spectrum, not as a safety net.
+
     On every micro-batch of an optimizer step with `global_step % every_n_steps == 0` (and only in training mode), hooks
     on a seeded random `layer_fraction` of the residual blocks capture the token states entering and leaving each block
     during the **same** forward pass that computes the task loss (no second forward). Their rank-r randomized whitened

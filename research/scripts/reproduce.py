@@ -1030,6 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
             f"L=4, {oh['steps']} steps × {oh['reps']} repetitions, medians): {1000 * oh['control_s_per_step']:.1f} ms vs "
             f"{1000 * oh['kss_s_per_step']:.1f} ms per step, overhead {100 * oh['overhead']:.1f}% (paper: 10.8%).\n"
         )
+    if not args.quick:  # the headline divergence rates come from the KSS v2 experiment (issue #23) once it has run
+        from research.experiments.kss_v2 import merge_summary, summary_from_results
+
+        out["summary"] = merge_summary(out["summary"], summary_from_results(root))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     out["summary"]["environment"] = {"python": platform.python_version(), "machine": platform.machine(), "git_commit": commit}
     (root / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float) + "\n")
