@@ -83,7 +83,7 @@ SHAPES: tuple[tuple[int, int, float], ...] = ((2, 32, 0.02), (4, 32, 0.08), (2, 
 TASKS = ("assoc_recall", "wikitext2")
 LR_LADDER: tuple[float, ...] = tuple(1e-3 * 2.0**k for k in range(13))  # 1e-3 ... 4.096, ratio 2
 SEEDS = (0, 1)
-HORIZON = 200  # optimizer steps per run
+HORIZON = 150  # optimizer steps per run (sized from the timing measurement, PURPOSE.md "Budget")
 WARMUP = 20  # linear warmup steps, then constant LR
 BATCH_SIZE = 16
 SEQ_LEN = 64
@@ -91,7 +91,7 @@ VOCAB = 256  # bytes for WikiText-2; the associative-recall vocabulary of the pa
 WEIGHT_DECAY = 0.01
 NUM_HEADS = 4
 MOE_EXPERTS, MOE_TOP_K, MOE_AUX = 8, 2, 0.01
-NUM_TRAIN = 4096  # associative-recall training sequences (HORIZON * BATCH_SIZE = 3200 are used)
+NUM_TRAIN = 4096  # associative-recall training sequences (HORIZON * BATCH_SIZE = 2400 are used)
 PROBE_SEQUENCES = 32  # 32 x 64 = 2048 token states for the spectrum; also the Hessian batch
 ADAM_BATCHES = 8  # gradient evaluations for Adam's second moment (mini-batches of BATCH_SIZE, first two = probe)
 POWER_ITERATIONS, POWER_TOL = 20, 1e-3

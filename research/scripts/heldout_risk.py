@@ -1,7 +1,8 @@
 """The held-out-family divergence study of issue #22 (plan: `results/heldout_risk/PURPOSE.md`), resumable.
 
-    # the full study: 13 family variants x 4 shapes x 2 tasks x 2 seeds x 13 learning rates = 2,704 runs, 200 AdamW
-    # steps each; sized to about 9 CPU-hours of one core (PURPOSE.md, "Budget"); single-threaded, low priority
+    # the full study: 13 family variants x 4 shapes x 2 tasks x 2 seeds x 13 learning rates = 2,704 runs, 150 AdamW
+    # steps each; measured cost: at most 11.0 CPU-hours of one core if no run stopped early, about 8-9 expected
+    # (PURPOSE.md, "Budget"; Mamba's pure-PyTorch scan is 43% of it); single-threaded, low priority
     nohup nice -n 19 env OMP_NUM_THREADS=1 HF_KOOPMAN_DATA=../shared/data \\
         python -m research.scripts.heldout_risk --out results/heldout_risk > results/heldout_risk/run.log 2>&1 &
     # the same command resumes after any interruption (finished run_ids are skipped)
