@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-__all__ = ["RKSPGPTConfig", "NORM_TYPES"]
+__all__ = ["RKSPGPTConfig", "NORM_TYPES", "MLP_TYPES"]
 
 # The six normalisation placements compared in the RKSP paper (Table 1).
 NORM_TYPES = ("pre_ln", "post_ln", "rmsnorm", "deepnorm", "subln", "none")
+# Feed-forward sub-layer: the usual GELU MLP, or a two-layer B-spline KAN (the paper's KAN transformer, Table 18).
+MLP_TYPES = ("mlp", "kan")
 
 
 class RKSPGPTConfig(PreTrainedConfig):
@@ -43,6 +45,14 @@ class RKSPGPTConfig(PreTrainedConfig):
         image_size (`int`, *optional*, defaults to 28): image side for the ViT head.
         patch_size (`int`, *optional*, defaults to 7): patch side for the ViT head (must divide `image_size`).
         num_channels (`int`, *optional*, defaults to 1): image channels for the ViT head.
+        mlp_type (`str`, *optional*, defaults to `"mlp"`): `"mlp"` (`fc_out(gelu(fc_in(x)))`) or `"kan"`: two
+            B-spline KAN layers `d -> intermediate_size -> d` (Liu et al. 2024), each
+            `y = W_base silu(x) + sum_i c_i B_i(x)` per input coordinate (see `RKSPKANLinear`).
+        kan_grid_size (`int`, *optional*, defaults to 5): spline intervals G on `[-kan_grid_range, kan_grid_range]`.
+        kan_spline_order (`int`, *optional*, defaults to 3): spline degree k (3 = cubic, the paper's "order B = 4"
+            in de Boor's counting); each input coordinate has `G + k` basis functions.
+        kan_grid_range (`float`, *optional*, defaults to 2.0): half-width of the spline grid; inputs outside it see
+            only the SiLU base branch (the splines vanish there).
 
     Example:
 
@@ -73,10 +83,22 @@ class RKSPGPTConfig(PreTrainedConfig):
         patch_size: int = 7,
         num_channels: int = 1,
         tie_word_embeddings: bool = False,
+        mlp_type: str = "mlp",
+        kan_grid_size: int = 5,
+        kan_spline_order: int = 3,
+        kan_grid_range: float = 2.0,
         **kwargs,
     ):
         if norm not in NORM_TYPES:
             raise ValueError(f"norm={norm!r} is not supported; choose one of {NORM_TYPES}.")
+        if mlp_type not in MLP_TYPES:
+            raise ValueError(f"mlp_type={mlp_type!r} is not supported; choose one of {MLP_TYPES}.")
+        if not (isinstance(kan_grid_size, int) and kan_grid_size >= 1 and isinstance(kan_spline_order, int)
+                and kan_spline_order >= 0):
+            raise ValueError(f"kan_grid_size={kan_grid_size!r} must be an int >= 1 and kan_spline_order="
+                             f"{kan_spline_order!r} an int >= 0.")
+        if not kan_grid_range > 0:
+            raise ValueError(f"kan_grid_range={kan_grid_range!r} must be > 0.")
         for name, value in (
             ("vocab_size", vocab_size),
             ("hidden_size", hidden_size),
@@ -111,4 +133,8 @@ class RKSPGPTConfig(PreTrainedConfig):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        self.mlp_type = mlp_type
+        self.kan_grid_size = kan_grid_size
+        self.kan_spline_order = kan_spline_order
+        self.kan_grid_range = float(kan_grid_range)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

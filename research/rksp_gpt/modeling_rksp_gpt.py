@@ -108,6 +108,68 @@ class RKSPMLP(nn.Module):
         return self.dropout(self.fc_out(self.inner_norm(F.gelu(self.fc_in(x)))))
 
 
+class RKSPKANLinear(nn.Module):
+    r"""One B-spline KAN layer (Kolmogorov-Arnold network, Liu et al. 2024), written from its definition.
+
+    Every input coordinate `x_i` passes through its own learnable univariate function per output, the sum of a SiLU
+    base and a spline: `y_o = sum_i W_base[o, i] silu(x_i) + sum_i sum_j C[o, i, j] B_j(x_i)`. The `B_j` are the
+    `G + k` B-splines of degree `k` on a uniform grid of `G` intervals over `[-R, R]`, extended by `k` knots on each
+    side (Cox-de Boor recursion). The splines vanish outside the extended grid, where only the SiLU base remains.
+
+    Shapes:
+        x: `(..., in_features)` -> `(..., out_features)`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, grid_size: int, spline_order: int, grid_range: float):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.grid_size, self.spline_order, self.grid_range = grid_size, spline_order, float(grid_range)
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
+
+    def b_splines(self, x: torch.Tensor) -> torch.Tensor:
+        """B-spline basis values, `(N, in)` -> `(N, in, G + k)`.
+
+        The knots are rebuilt from the config numbers on each call (a `G + 2k + 1` vector, no buffer to save).
+        """
+        step = 2.0 * self.grid_range / self.grid_size
+        knots = torch.arange(-self.spline_order, self.grid_size + self.spline_order + 1, device=x.device)
+        grid = (knots.to(x.dtype) * step - self.grid_range)[None]  # (1, G + 2k + 1), shared by every input coordinate
+        x = x.unsqueeze(-1)
+        bases = ((x >= grid[:, :-1]) & (x < grid[:, 1:])).to(x.dtype)
+        for j in range(1, self.spline_order + 1):
+            left = (x - grid[:, : -(j + 1)]) / (grid[:, j:-1] - grid[:, : -(j + 1)]) * bases[..., :-1]
+            right = (grid[:, j + 1 :] - x) / (grid[:, j + 1 :] - grid[:, 1:-j]) * bases[..., 1:]
+            bases = left + right
+        return bases
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        base = F.linear(F.silu(flat), self.base_weight)
+        spline = F.linear(self.b_splines(flat).flatten(1), self.spline_weight.flatten(1))
+        return (base + spline).reshape(*shape[:-1], self.out_features)
+
+
+class RKSPKANMLP(nn.Module):
+    """Feed-forward sub-layer made of two KAN layers, `d -> intermediate_size -> d` (`config.mlp_type = "kan"`)."""
+
+    def __init__(self, config: RKSPGPTConfig):
+        super().__init__()
+        kw = {"grid_size": config.kan_grid_size, "spline_order": config.kan_spline_order,
+              "grid_range": config.kan_grid_range}
+        self.kan_in = RKSPKANLinear(config.hidden_size, config.intermediate_size, **kw)
+        self.kan_out = RKSPKANLinear(config.intermediate_size, config.hidden_size, **kw)
+        self.kan_in._rksp_init_gain = self.kan_out._rksp_init_gain = _branch_gain(config)
+        self.inner_norm = (
+            nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps) if config.norm == "subln" else nn.Identity()
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.kan_out(self.inner_norm(self.kan_in(x))))
+
+
 class RKSPGPTBlock(GradientCheckpointingLayer):
     """One residual transition `h_{l+1} = F_l(h_l)` (attention then MLP), with the normalisation of `config.norm`.
 
@@ -119,7 +181,7 @@ class RKSPGPTBlock(GradientCheckpointingLayer):
         super().__init__()
         self.norm_type = config.norm
         self.attn = RKSPAttention(config, causal)
-        self.mlp = RKSPMLP(config)
+        self.mlp = RKSPKANMLP(config) if getattr(config, "mlp_type", "mlp") == "kan" else RKSPMLP(config)
         if config.norm == "none":
             self.norm_1 = self.norm_2 = None
         else:
@@ -156,6 +218,10 @@ class RKSPGPTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RKSPKANLinear):  # base and spline coefficients: the same normal init as a linear layer
+            gain = getattr(module, "_rksp_init_gain", 1.0)
+            init.normal_(module.base_weight, mean=0.0, std=std * gain)
+            init.normal_(module.spline_weight, mean=0.0, std=std * gain)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)

@@ -104,3 +104,39 @@ def test_auto_round_trip(tmp_path):
     x = torch.randint(0, 32, (2, 10))
     torch.testing.assert_close(model(input_ids=x).logits, loaded(input_ids=x).logits, atol=1e-5, rtol=1e-5)
     research.rksp_gpt.register()  # idempotent
+
+
+def test_kan_b_splines_are_a_partition_of_unity_inside_the_grid():
+    from research.rksp_gpt.modeling_rksp_gpt import RKSPKANLinear
+
+    layer = RKSPKANLinear(3, 2, grid_size=5, spline_order=3, grid_range=2.0)
+    x = torch.linspace(-1.99, 1.99, 41)[:, None].expand(-1, 3)
+    bases = layer.b_splines(x)
+    assert bases.shape == (41, 3, 5 + 3)
+    assert torch.allclose(bases.sum(-1), torch.ones(41, 3), atol=1e-5)
+    assert (bases >= -1e-7).all()
+    # outside the extended grid every spline vanishes (only the SiLU base branch remains)
+    assert torch.count_nonzero(layer.b_splines(torch.full((1, 3), 10.0))) == 0
+
+
+def test_kan_mlp_model_trains_and_profiles():
+    from hf_koopman import profile
+    from research.rksp_gpt.modeling_rksp_gpt import RKSPKANMLP
+
+    model = RKSPGPTForCausalLM(tiny("pre_ln", mlp_type="kan", intermediate_size=24, initializer_range=0.1))
+    assert all(isinstance(block.mlp, RKSPKANMLP) for block in model.transformer.layers)
+    kan = model.transformer.layers[0].mlp.kan_in
+    assert kan.spline_weight.std().item() == pytest.approx(0.1, rel=0.2)  # init std follows initializer_range
+    x = torch.randint(0, 32, (4, 16))
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert kan.spline_weight.grad is not None and kan.spline_weight.grad.abs().sum() > 0
+    prof = profile(model, {"input_ids": torch.randint(0, 32, (16, 16))}, num_samples=256)
+    assert len(prof.layers) == 2
+
+
+def test_kan_config_validation():
+    with pytest.raises(ValueError, match="mlp_type"):
+        tiny(mlp_type="moe")
+    with pytest.raises(ValueError, match="kan_grid_size"):
+        tiny(mlp_type="kan", kan_grid_size=0)

@@ -1,0 +1,102 @@
+"""The held-out-family study runner on a seconds-long grid: rows, features, labels, resumability, `datasets` loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from research.experiments.heldout_risk import (
+    LR_LADDER,
+    SHAPES,
+    VARIANTS,
+    ModelSpec,
+    build_model,
+    read_jsonl,
+    run_study,
+    smoke_grid,
+    study_grid,
+    task_data,
+)
+
+
+def test_full_grid_is_the_documented_design():
+    runs = study_grid()
+    assert len(runs) == len(VARIANTS) * len(SHAPES) * 2 * 2 * len(LR_LADDER) == 2704
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert len(LR_LADDER) >= 8 and LR_LADDER[-1] / LR_LADDER[0] > 1000
+    # any prefix covers every family: the first tier (seed 0, even rungs) holds all 13 variants and both tasks
+    first = runs[: len(runs) // 4]
+    assert {r.model.variant for r in first[:13 * 7]} == {ModelSpec(f, n, 2, 32, 0.02, "assoc_recall", 0).variant
+                                                          for f, n in VARIANTS}
+    assert {r.model.seed for r in first} == {0}
+    assert {r.model.task for r in first} == {"assoc_recall", "wikitext2"}
+
+
+def test_assoc_recall_as_causal_lm_labels_only_the_answer():
+    data = task_data("assoc_recall", 0, num_train=8)
+    ids, labels = data["input_ids"], data["labels"]
+    assert ids.shape == labels.shape == (8, 64)
+    assert (labels[:, :-1] == -100).all()
+    assert torch.equal(labels[:, -1], ids[:, -1])
+    # the answer is the value stored after the queried key (position 62)
+    for row in ids:
+        keys = row[0:8:2].tolist()
+        assert row[62].item() in keys
+        assert row[63].item() == row[2 * keys.index(row[62].item()) + 1].item()
+
+
+@pytest.mark.parametrize("family,norm", VARIANTS)
+def test_every_family_builds_with_the_requested_init_std(family, norm):
+    model = build_model(ModelSpec(family, norm, 1, 16, 0.08, "assoc_recall", 0))
+    ids = torch.randint(0, 256, (2, 64))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    stds = [p.std().item() for n, p in model.named_parameters() if p.ndim == 2 and "embed" in n.lower() or "wte" in n]
+    assert stds and max(abs(s - 0.08) for s in stds) < 0.02, stds
+
+
+def test_smoke_run_rows_features_labels_and_resume(tmp_path):
+    runs = smoke_grid()
+    rows = run_study(runs, tmp_path, progress=False)
+    assert len(rows) == len(runs) == 4
+    table = read_jsonl(tmp_path / "runs.jsonl")
+    assert [r["run_id"] for r in table] == [r.run_id for r in runs]
+    assert len(read_jsonl(tmp_path / "features.jsonl")) == 2  # one per model init, reused across learning rates
+    for row in table:
+        # init features are present and finite, with their costs
+        assert 0 < row["near_unit_mass_mean"] <= 1 or row["near_unit_mass_mean"] == 0
+        assert row["hessian_top_eig"] is not None and row["adam_sharpness"] is not None
+        assert row["adam_critical_lr"] == pytest.approx(38.0 / row["adam_sharpness"])
+        for key in ("spectrum_seconds", "hessian_seconds", "adam_seconds", "train_seconds"):
+            assert row[key] > 0
+        # the label is consistent with the run: a divergent run stops at its divergence step
+        if row["diverged"]:
+            assert row["steps_run"] == row["divergence_step"] <= row["horizon"]
+        else:
+            assert row["steps_run"] == row["horizon"] and row["divergence_step"] is None
+    # lr 10 on a no-norm model diverges (loss or gradient blows up); lr 1e-3 for 4 steps does not
+    by = {(r["variant"], r["learning_rate"]): r for r in table}
+    assert by[("rksp_gpt-none", 10.0)]["diverged"]
+    assert not by[("rksp_gpt-none", 1e-3)]["diverged"]
+    # rerunning adds nothing; a half-written last line is repaired and its run redone
+    assert run_study(runs, tmp_path, progress=False) == []
+    text = (tmp_path / "runs.jsonl").read_text()
+    lines = text.splitlines(keepends=True)
+    (tmp_path / "runs.jsonl").write_text("".join(lines[:-1]) + lines[-1][:40])
+    redone = run_study(runs, tmp_path, progress=False)
+    assert [r["run_id"] for r in redone] == [runs[-1].run_id]
+    assert len(read_jsonl(tmp_path / "runs.jsonl")) == 4
+
+
+def test_rows_load_with_datasets(tmp_path):
+    from datasets import load_dataset
+
+    run_study(smoke_grid(), tmp_path, progress=False)
+    ds = load_dataset("json", data_files=str(tmp_path / "runs.jsonl"), split="train")
+    assert ds.num_rows == 4
+    assert {"run_id", "diverged", "learning_rate", "near_unit_mass_mean", "hessian_top_eig"} <= set(ds.column_names)
+    for line in (tmp_path / "runs.jsonl").read_text().splitlines():
+        json.loads(line)  # strict JSON: no NaN / Infinity literals
+        assert "NaN" not in line and "Infinity" not in line
