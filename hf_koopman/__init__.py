@@ -94,7 +94,17 @@ def _register_auto_classes() -> None:
     register_models()
 
 
-_register_auto_classes()
+def _in_console_script() -> bool:
+    """True inside the `hf-koopman` console script: it parses its arguments before the heavy imports (so a usage
+    error comes back at once) and registers the Auto classes right after (`hf_koopman.cli.main`)."""
+    import os
+    import sys
+
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) in ("hf-koopman", "hf-koopman.exe")
+
+
+if not _in_console_script():
+    _register_auto_classes()
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
     from hf_koopman.koopman import (  # noqa: F401

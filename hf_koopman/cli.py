@@ -479,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-koopman` console script; returns the exit status."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    from hf_koopman import _register_auto_classes
+
+    _register_auto_classes()  # deferred by `import hf_koopman` in the console script until the arguments parse
     package_logger = logging.getLogger("hf_koopman")  # configure our own logger only, never the root logger
     if not any(getattr(h, "_hf_koopman_cli", False) for h in package_logger.handlers):
         handler = logging.StreamHandler()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 
 import pytest
@@ -178,3 +179,38 @@ def test_rank_flag_selects_the_named_approximation(tiny_llama_json, tmp_path, ca
     assert settings["rank"] == 4 and settings["spectrum"] == "rank-4 approximation"
     assert main(["profile", str(tiny_llama_json), "--rank", "0", "--out", str(tmp_path / "r0")]) == 2
     assert "omit it for the full spectrum" in capsys.readouterr().err
+
+
+def test_console_script_reports_argument_errors_before_heavy_imports():
+    # as the `hf-koopman` script: a usage error comes back without importing torch / transformers models
+    code = (
+        "import sys\n"
+        "sys.argv = ['hf-koopman', 'profile']\n"
+        "import hf_koopman.cli as cli\n"
+        "try:\n"
+        "    cli.main(['profile'])\n"
+        "except SystemExit as err:\n"
+        "    print(err.code, 'torch' in sys.modules, 'transformers.modeling_utils' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "False", "False"]
+    assert "the following arguments are required: MODEL" in out.stderr
+
+
+def test_console_script_registers_the_auto_classes_once_the_arguments_parse():
+    code = (
+        "import sys\n"
+        "sys.argv = ['hf-koopman', 'architectures']\n"
+        "import hf_koopman.cli as cli\n"
+        "from transformers import AutoConfig\n"
+        "try:\n"
+        "    AutoConfig.for_model('reynet')\n"
+        "    print('registered before main')\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "assert cli.main(['architectures']) == 0\n"
+        "print(type(AutoConfig.for_model('reynet')).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "ReyNetConfig"
+    assert "registered before main" not in out.stdout
