@@ -215,7 +215,8 @@ def _load_dataset(name: str, split: str):
 
 
 # ---------------------------------------------------------------------------------------------------------- profile
-def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the probe-input arguments shared by `profile` and `max-lr`."""
     parser.add_argument("model", metavar="MODEL",
                         help="local save_pretrained folder or config.json, an embedded architecture name (see "
                              "`hf-koopman architectures`), or a Hub id (when online)")
@@ -226,11 +227,6 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
-    parser.add_argument(
-        "--rank", type=int, default=None, metavar="R",
-        help="analyse the rank-R approximation instead of the full spectrum (default: full spectrum). The paper's "
-             "stated recipe is R = 32; it keeps the R directions of largest output energy and is biased toward "
-             "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
     parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers (quick look at big models)")
@@ -239,40 +235,59 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
     parser.add_argument("--max-tokens", type=int,
                         help="stop reading inputs once this many tokens reached every layer (default: 16 x --num-samples)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_input_arguments(parser)
+    parser.add_argument(
+        "--rank", type=int, default=None, metavar="R",
+        help="analyse the rank-R approximation instead of the full spectrum (default: full spectrum). The paper's "
+             "stated recipe is R = 32; it keeps the R directions of largest output energy and is biased toward "
+             "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--learning-rate", type=float, help="planned learning rate (used by a calibrated risk estimator)")
     parser.add_argument("--out", type=Path, default=Path("hf_koopman_out"), help="output folder (default: hf_koopman_out)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--stream", action="store_true",
                         help="stream the model one block at a time (for models that do not fit in memory)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
 
+
+def _check_model_input_arguments(args: argparse.Namespace) -> bool:
+    """Validate the shared arguments; hide the progress bars when asked. Returns whether to show progress."""
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
+    if args.max_tokens is not None and args.max_tokens < args.num_samples:
+        raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
+    return not args.no_progress
+
+
+def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
+    """`(model, tokenizer, display name, inputs)` from MODEL, --text-file / --dataset (None: synthetic probe)."""
+    model, tokenizer, name = load_model(
+        args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed
+    )
+    inputs: Any = None
+    if args.text_file is not None:
+        inputs = _read_text_chunks(args.text_file, args.max_length)
+    elif args.dataset is not None:
+        inputs = _load_dataset(args.dataset, args.split)
+    return model, tokenizer, name, inputs
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
 
     rank = args.rank
-    if rank is not None and rank < 1:
-        raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {rank}.")
-    if args.num_samples < 2:
-        raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
-    if args.max_tokens is not None and args.max_tokens < args.num_samples:
-        raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
-    progress = not args.no_progress
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
+    progress = _check_model_input_arguments(args)
     if args.stream:
         result = _run_streaming(args, rank, progress)
     else:
-        model, tokenizer, name = load_model(
-            args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed
-        )
-        inputs: Any = None
-        if args.text_file is not None:
-            inputs = _read_text_chunks(args.text_file, args.max_length)
-        elif args.dataset is not None:
-            inputs = _load_dataset(args.dataset, args.split)
+        model, tokenizer, name, inputs = _load_model_and_inputs(args)
         result = profile(
             model,
             inputs,
@@ -363,9 +378,7 @@ def _run_architectures(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- max-lr
 def _add_max_lr_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL",
-                        help="local save_pretrained folder or config.json, an embedded architecture name (see "
-                             "`hf-koopman architectures`), or a Hub id (when online)")
+    _add_model_input_arguments(parser)
     parser.add_argument("--risk", type=float, default=0.1,
                         help="divergence probability to stay at or below (default: 0.1)")
     parser.add_argument("--estimator", type=Path,
@@ -374,25 +387,9 @@ def _add_max_lr_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another input the estimator needs (e.g. norm=pre_ln); repeatable")
     parser.add_argument("--level", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
-    parser.add_argument("--init", action="store_true",
-                        help="profile the architecture at random initialisation (ignore pretrained weights)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
-    source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--rank", type=int, default=None, metavar="R",
                         help="analyse the rank-R approximation instead of the full spectrum (default: the full "
                              "spectrum, the recipe the shipped estimator was fitted on)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
-    parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
-    parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default: float32)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward for text inputs (default: 8)")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
-    parser.add_argument("--max-tokens", type=int,
-                        help="stop reading inputs once this many tokens reached every layer (default: 16 x --num-samples)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
 
 
 def _parse_context(items: Sequence[str]) -> dict[str, Any]:
@@ -416,31 +413,14 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         raise ValueError(f"--risk must be a probability strictly between 0 and 1, got {args.risk}.")
     if not 0.0 < args.level < 1.0:
         raise ValueError(f"--level must be in (0, 1), got {args.level}.")
-    if args.rank is not None and args.rank < 1:
-        raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
-    if args.num_samples < 2:
-        raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
-    if args.max_tokens is not None and args.max_tokens < args.num_samples:
-        raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
+    progress = _check_model_input_arguments(args)
     context = _parse_context(args.context)
     estimator = None
     if args.estimator is not None:
         from hf_koopman.risk import RiskEstimator
 
         estimator = RiskEstimator.from_json(args.estimator)  # a bad file fails before the model is built
-    progress = not args.no_progress
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    model, tokenizer, name = load_model(
-        args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed
-    )
-    inputs: Any = None
-    if args.text_file is not None:
-        inputs = _read_text_chunks(args.text_file, args.max_length)
-    elif args.dataset is not None:
-        inputs = _load_dataset(args.dataset, args.split)
+    model, tokenizer, name, inputs = _load_model_and_inputs(args)
     suggestion = suggest_max_lr(
         model, inputs, risk=args.risk, estimator=estimator, level=args.level, context=context,
         num_samples=args.num_samples, rank=args.rank, seed=args.seed, layers=args.layers, tokenizer=tokenizer,
