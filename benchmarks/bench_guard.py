@@ -10,10 +10,19 @@ steps` from the Trainer's own metrics, and the overhead is the median over round
 max). Two settings: no gradient clipping (the norm is read in `on_pre_optimizer_step`) and `max_grad_norm=1` (the
 pre-clip norm comes from one post-accumulate-grad hook per parameter). Sizes: d 64 and d 256 (L 4).
 
-Also timed: the guard's one all-reduce per step (3 float64 numbers) between 2 gloo processes on this machine, median
+Whole Trainer runs scatter by tens of percent between rounds on a shared machine, so `--paired` measures the same
+thing at the step level: two copies of the model with identical weights train side by side in one process, one
+plain and one with the guard's callback events called exactly where the Trainer calls them (`on_step_begin`,
+forward + backward, clipping, `on_pre_optimizer_step`, AdamW, `on_optimizer_step`, `on_step_end`); the two arms
+alternate step by step (ABBA), each step is timed in process CPU time, and the overhead is the median over blocks of
+`--block` steps of (guard CPU time / plain CPU time) - 1, with its interquartile range. The Trainer's own per-step
+work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the overhead in a Trainer.
+
+Also timed: the guard's one all-reduce per step (4 float64 numbers) between 2 gloo processes on this machine, median
 over 200 calls. Target (issue 20): overhead <= 1 % per step on CPU.
 
     python -m benchmarks.bench_guard --out results/safety_net_overhead.json   # appends a section to safety_net.md
+    python -m benchmarks.bench_guard --paired --out results/safety_net_paired.json
 """
 
 from __future__ import annotations
@@ -74,6 +83,65 @@ def overhead(hidden: int, clip: float, rounds: int, steps: int) -> dict:
             "overhead_median": statistics.median(ratios), "overhead_min": min(ratios), "overhead_max": max(ratios)}
 
 
+def paired_overhead(hidden: int, clip: float, blocks: int, block: int) -> dict:
+    """Step-level overhead of the guard (see the module docstring): `blocks` x `block` steps per arm."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from research.experiments.sweep import RunSpec, build_model, task_datasets
+    from hf_koopman.training import RKSPCallback
+
+    spec = RunSpec(norm="pre_ln", learning_rate=1e-3, seed=0, hidden_size=hidden, task="assoc_recall",
+                   max_steps=blocks * block)
+    train_ds, _ = task_datasets(spec, num_train=16 * 8, num_eval=16)
+    batches = [{k: torch.stack([train_ds[i][k] for i in range(j * 16, (j + 1) * 16)]) for k in ("input_ids", "labels")}
+               for j in range(8)]
+    plain, guarded = build_model(spec), build_model(spec)
+    guarded.load_state_dict(plain.state_dict())
+    optims = {arm: torch.optim.AdamW(m.parameters(), lr=1e-3) for arm, m in (("plain", plain), ("guard", guarded))}
+    callback = RKSPCallback(profile_at_init=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, max_grad_norm=clip, report_to="none", use_cpu=True, learning_rate=1e-3)
+        state, control = TrainerState(), TrainerControl()
+        callback.on_train_begin(args, state, control, model=guarded, optimizer=optims["guard"])
+
+        def step(arm: str, batch: dict) -> float:
+            model, optim = (guarded, optims["guard"]) if arm == "guard" else (plain, optims["plain"])
+            start = time.process_time()
+            if arm == "guard":
+                callback.on_step_begin(args, state, control)
+            model(**batch).loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if arm == "guard":
+                callback.on_pre_optimizer_step(args, state, control, model=model, optimizer=optim)
+            optim.step()
+            if arm == "guard":
+                callback.on_optimizer_step(args, state, control, model=model, optimizer=optim)
+            optim.zero_grad()
+            if arm == "guard":
+                state.global_step += 1
+                callback.on_step_end(args, state, control, model=model, optimizer=optim)
+            return time.process_time() - start
+
+        for i in range(10):  # warm-up, and the "auto" snapshot interval settles
+            step("plain", batches[i % 8]), step("guard", batches[i % 8])
+        ratios, plain_ms = [], []
+        for b in range(blocks):
+            t = {"plain": 0.0, "guard": 0.0}
+            for i in range(block):
+                order = ("plain", "guard") if (b * block + i) % 2 == 0 else ("guard", "plain")
+                for arm in order:
+                    t[arm] += step(arm, batches[i % 8])
+            ratios.append(t["guard"] / t["plain"] - 1)
+            plain_ms.append(1000 * t["plain"] / block)
+        interval = callback._snapshot_interval()
+        callback.on_train_end(args, state, control)
+    q = statistics.quantiles(ratios, n=4)
+    return {"hidden_size": hidden, "max_grad_norm": clip, "blocks": blocks, "block": block,
+            "plain_step_cpu_ms": statistics.median(plain_ms), "overhead_median": statistics.median(ratios),
+            "overhead_q1": q[0], "overhead_q3": q[2], "snapshot_interval": interval}
+
+
 def _allreduce_worker(rank: int, port: int, calls: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -107,8 +175,22 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "safety_net_overhead.json")
+    parser.add_argument("--paired", action="store_true", help="step-level paired measurement (see the docstring)")
+    parser.add_argument("--blocks", type=int, default=30)
+    parser.add_argument("--block", type=int, default=10)
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
+    if args.paired:
+        torch.set_num_threads(1)
+        rows = [paired_overhead(h, c, args.blocks, args.block) for h in (64, 256) for c in (0.0, 1.0)]
+        result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0], "torch": torch.__version__,
+                  "threads": 1}
+        args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        for r in rows:
+            print(f"d={r['hidden_size']} clip={r['max_grad_norm']}: plain {r['plain_step_cpu_ms']:.1f} CPU-ms/step, "
+                  f"guard overhead {100 * r['overhead_median']:+.2f} % [IQR {100 * r['overhead_q1']:+.2f}, "
+                  f"{100 * r['overhead_q3']:+.2f}], snapshot every {r['snapshot_interval']} steps")
+        return
     rows = [overhead(h, c, args.rounds, args.steps) for h in (64, 256) for c in (0.0, 1.0)]
     reduce_s = allreduce_seconds()
     result = {"rows": rows, "allreduce_seconds_median": reduce_s, "load_before": load, "load_after": os.getloadavg()[0],

@@ -3,9 +3,10 @@
 * `LossTap`: a forward hook on the model that reads the task loss of every training micro-batch from the model output
   (`outputs.loss`), so a Trainer subclass that adds terms to its objective (KSS) is still judged on the model's loss,
   and NaN/Inf losses are seen although the Trainer's `logging_nan_inf_filter` hides them from the logs.
-* `GradNormTap`: the gradient norm of the step. With clipping on (`max_grad_norm > 0`) it is read before clipping by
-  `register_post_accumulate_grad_hook` on every trainable parameter (the paper's rule is about the raw norm); without
-  clipping it is read in `on_pre_optimizer_step` from the gradients the optimizer is about to apply.
+* `GradNormTap`: the gradient norm of the step. With clipping on (`max_grad_norm > 0`) it is read before clipping, at
+  the end of each backward pass (an autograd end-of-backward callback queued from post-accumulate-grad hooks; the
+  paper's rule is about the raw norm); without clipping it is read in `on_pre_optimizer_step` from the gradients the
+  optimizer is about to apply. Either way one fused norm over all gradients per read.
 * `ActivationWatch`: forward hooks on the residual blocks that flag non-finite outputs on device.
 * `StateSnapshot`: a CPU copy of the parameters and the optimizer state, restored in place.
 * `reduce_max`: the one all-reduce per step that makes every process take the same decision.
@@ -151,48 +152,63 @@ def is_sharded(params: list[torch.nn.Parameter]) -> bool:
 class GradNormTap:
     """Gradient norm of the step (squared, on device).
 
-    `pre_clip=True` installs post-accumulate-grad hooks, which see every parameter's accumulated gradient before the
-    Trainer clips it; under DDP that is this process's gradient before averaging. FSDP2 reduces into sharded gradients
-    outside autograd, so with DTensor parameters the norm is read from the shards in `on_pre_optimizer_step` (after
+    `pre_clip=True` reads the gradients at the end of every backward pass, i.e. before the Trainer clips them: a
+    post-accumulate-grad hook on each parameter only notes that a backward pass is running and queues one autograd
+    end-of-backward callback, which sums the squared norms of all gradients in one fused `torch._foreach_norm`. The
+    callback re-queues itself once so that it runs after the callbacks other hooks queued during the same backward
+    (DDP's gradient reduction), so under DDP the norm is of the averaged gradient. With gradient accumulation the last
+    backward of the step sees the accumulated, pre-clip gradient. FSDP2 reduces into sharded gradients outside
+    autograd, so with DTensor parameters the norm is read from the shards in `on_pre_optimizer_step` (after
     clipping) and summed over processes by the caller.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], pre_clip: bool) -> None:
         self.pre_clip = pre_clip and not is_sharded(params)
-        self._squares: list[torch.Tensor | None] = [None] * len(params)
+        self._params = params
+        self._squared: torch.Tensor | None = None
+        self._queued = False
         self._handles = []
         if self.pre_clip:
-            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
-    def _hook(self, index: int):
-        def hook(param: torch.Tensor) -> None:
-            # the accumulated gradient so far: the last call of the step sees the final, pre-clip value
-            self._squares[index] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square()
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self._queued:  # first parameter of this backward pass
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_other_callbacks)
 
-        return hook
+    def _after_other_callbacks(self) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._read_norm)
+
+    def _read_norm(self) -> None:
+        self._queued = False
+        self._squared = _squared_norm(self._params)
 
     def squared_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor | None:
         """Sum of squared gradient norms (this process's share for FSDP2); `None` when no gradient exists."""
         if is_sharded(params) and self._handles:
             self.remove()  # the model was sharded after the hooks were installed
             self.pre_clip = False
-        seen = [s for s in self._squares if s is not None] if self.pre_clip else []
-        if not seen:
-            grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
-            if not grads:
-                return None
-            norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-            return torch.stack([n.float() for n in norms]).square().sum()
-        device = seen[0].device
-        return torch.stack([s.to(device) for s in seen]).sum()
+        if self.pre_clip and self._squared is not None:
+            return self._squared
+        return _squared_norm(params)
 
     def reset(self) -> None:
-        self._squares = [None] * len(self._squares)
+        self._squared = None
+        self._queued = False
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _squared_norm(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
+    """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float32; `None` if none."""
+    grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    return torch.stack([n.float() for n in norms]).square().sum()
 
 
 class ActivationWatch:

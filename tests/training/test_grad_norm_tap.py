@@ -1,0 +1,48 @@
+"""`GradNormTap`: the pre-clip gradient norm is read once per backward pass and equals the norm the optimizer step
+would have seen before clipping, with and without gradient accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_koopman.training.guard import GradNormTap
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_pre_clip_norm_is_read_before_clipping(accumulation):
+    model = _model()
+    params = list(model.parameters())
+    tap = GradNormTap(params, pre_clip=True)
+    x = torch.randn(5, 8)
+    for step in range(2):
+        model.zero_grad()
+        tap.reset()
+        for _ in range(accumulation):
+            model(x * (step + 1)).square().sum().backward()
+        expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)  # what the Trainer does before on_pre_optimizer_step
+        assert float(expected) > 1e-2
+        assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)
+    tap.remove()
+    model.zero_grad()
+    model(x).square().sum().backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
+    tap.reset()
+    # without hooks the norm is read from the gradients as they are now: the clipped ones
+    assert float(tap.squared_norm(params).sqrt()) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_without_pre_clip_reads_current_gradients_and_none_without_gradients():
+    model = _model()
+    params = list(model.parameters())
+    tap = GradNormTap(params, pre_clip=False)
+    assert tap.squared_norm(params) is None
+    model(torch.randn(5, 8)).sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+    assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)
