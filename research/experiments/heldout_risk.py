@@ -473,6 +473,14 @@ def code_commit() -> str:
         return "unknown"
 
 
+def shard_runs(runs: Sequence[StudyRun], index: int, count: int) -> list[StudyRun]:
+    """The runs of every `count`-th distinct model init (in run order) from the `index`-th, order kept."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must lie in [0, {count}).")
+    position = {mid: i for i, mid in enumerate(dict.fromkeys(r.model.model_id for r in runs))}
+    return [r for r in runs if position[r.model.model_id] % count == index]
+
+
 # ---- the runner ---------------------------------------------------------------------------------------------------
 def run_study(
     runs: Iterable[StudyRun],
@@ -481,8 +489,12 @@ def run_study(
     data_dir: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
     """Execute every run whose `run_id` is not yet in `out_dir/runs.jsonl`, appending one row per finished run.
+
+    `shard=(i, n)` keeps the model inits whose position among the distinct inits (in run order) is `i` modulo `n`,
+    so `n` processes can share the grid without overlap, each in the study's order; they append to the same files.
 
     Features of each model init are cached in `out_dir/features.jsonl` (computed on first use). Every row has the
     same keys (a failed profile or curvature leaves its keys `null` and says why in `spectrum_error` /
@@ -500,6 +512,7 @@ def run_study(
     for p in (runs_path, feats_path):
         _repair_tail(p)
     runs = list(runs)
+    runs = shard_runs(runs, *shard)
     done = {r["run_id"] for r in read_jsonl(runs_path)}
     features = {r["model_id"]: r for r in read_jsonl(feats_path)}
     todo = [r for r in runs if r.run_id not in done]

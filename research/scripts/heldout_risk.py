@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th model init from the I-th")
     args = parser.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2.")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"done": len(done), "total": len(runs), "diverged": sum(bool(r["diverged"]) for r in done),
                           "run_cpu_seconds": round(secs, 1), "features_done": len(read_jsonl(args.out / "features.jsonl"))}))
         return 0
-    run_study(runs, args.out, data_dir=args.data_dir, limit=args.limit, progress=not args.no_progress)
+    run_study(runs, args.out, data_dir=args.data_dir, limit=args.limit, progress=not args.no_progress, shard=shard)
     done = {r["run_id"] for r in read_jsonl(args.out / "runs.jsonl")}
     if all(r.run_id in done for r in runs):  # the table is complete: give every row the same key set
         normalise_rows(args.out / "runs.jsonl")

@@ -15,6 +15,7 @@ from research.experiments.heldout_risk import (
     build_model,
     read_jsonl,
     run_study,
+    shard_runs,
     smoke_grid,
     study_grid,
     task_data,
@@ -88,6 +89,18 @@ def test_smoke_run_rows_features_labels_and_resume(tmp_path):
     redone = run_study(runs, tmp_path, progress=False)
     assert [r["run_id"] for r in redone] == [runs[-1].run_id]
     assert len(read_jsonl(tmp_path / "runs.jsonl")) == 4
+
+
+def test_shards_partition_the_grid_by_model_init_in_order():
+    runs = study_grid()
+    shards = [shard_runs(runs, i, 3) for i in range(3)]
+    assert sorted(r.run_id for s in shards for r in s) == sorted(r.run_id for r in runs)
+    for i, shard in enumerate(shards):
+        assert [r.run_id for r in shard] == [r.run_id for r in runs if r in set(shard)]  # study order kept
+        others = {r.model.model_id for j, s in enumerate(shards) if j != i for r in s}
+        assert not others & {r.model.model_id for r in shard}  # an init's rungs (and features) stay in one shard
+    with pytest.raises(ValueError, match="shard 3/3"):
+        shard_runs(runs, 3, 3)
 
 
 def test_rows_load_with_datasets(tmp_path):
