@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def architecture_profiles(seed: int = 0) -> list[dict[str, Any]]:
     for name, make in models.items():
         torch.manual_seed(seed)
         model = make()
-        prof = profile(model, {"input_ids": ids}, num_samples=2048, rank=32, seed=seed)
+        prof = profile(model, {"input_ids": ids}, num_samples=2048, seed=seed)  # the default recipe: the full spectrum
         a = prof.aggregates
         out.append({"model": name, "near_unit_mass_mean": a["near_unit_mass_mean"], "contractive_mass_mean": a["contractive_mass_mean"],
                     "unstable_mass_mean": a["unstable_mass_mean"], "spectral_radius_max": a["spectral_radius_max"],
@@ -961,7 +962,8 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
     # 4/5 extras
     if extras:
         w("## 5. Other architectures: init spectra (paper Tables 11, 16, 17, forward-only part)\n")
-        w("Synthetic-LM probe (32 × 64 tokens, vocab 512), N = 2048, rank 32, layer means.\n")
+        w("Synthetic-LM probe (32 × 64 tokens, vocab 512), N = 2048, the default recipe (full spectrum of the whitened DMD "
+          "operator), layer means.\n")
         w("| Model | M≈1 | M<1 | M>1 | ρ max | η_nl | verdict |")
         w("|---|---|---|---|---|---|---|")
         for e in extras:
@@ -1020,7 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
     extras = None if args.no_extras else architecture_profiles()
     out = build_report(root, quick=args.quick, timings=timings, extras=extras)
     if not args.no_extras:
+        load = os.getloadavg()[0]
         oh = kss_overhead(steps=20 if args.quick else 40, reps=2 if args.quick else 3)
+        oh["load_average_before"] = load
         out["summary"]["kss_overhead_in_sweep"] = out["summary"].get("kss_overhead")
         out["summary"]["kss_overhead"] = oh["overhead"]  # the side-by-side number (sweep timings are contended)
         out["summary"]["kss_overhead_side_by_side"] = oh
@@ -1028,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\n**KSS overhead measured side by side** (alternating α = 0 / α = 0.15 runs in one process, default "
             f"`kss_grad_cap` = {KSSConfig().grad_cap!r}, No-Norm d=32 "
             f"L=4, {oh['steps']} steps × {oh['reps']} repetitions, medians): {1000 * oh['control_s_per_step']:.1f} ms vs "
-            f"{1000 * oh['kss_s_per_step']:.1f} ms per step, overhead {100 * oh['overhead']:.1f}% (paper: 10.8%).\n"
+            f"{1000 * oh['kss_s_per_step']:.1f} ms per step, overhead {100 * oh['overhead']:.1f}% (paper: 10.8%); 1-minute "
+            f"load average {load:.1f} when it started (2 cores; above ~1 the ratio is noisy).\n"
         )
     if not args.quick:  # the headline divergence rates come from the KSS v2 experiment (issue #23) once it has run
         from research.experiments.kss_v2 import merge_summary, summary_from_results
