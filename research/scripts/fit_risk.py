@@ -141,6 +141,70 @@ def fit(runs: Path, out: Path, eval_out: Path, *, l2: float = 1.0, n_resamples: 
     return results
 
 
+# the model_type each held-out-study family is built as (the KAN transformer is the research GPT with KAN MLPs)
+FAMILY_MODEL_TYPE = {"rksp_gpt": "rksp_gpt", "rksp_kan": "rksp_gpt", "gpt2": "gpt2", "llama": "llama",
+                     "gpt_neox": "gpt_neox", "qwen2": "qwen2", "mixtral": "mixtral", "mamba": "mamba"}
+# the product's inputs: everything `profile()` measures, plus the learning rate (the study's `spectrum+lr` set)
+PRODUCT_FEATURES = (("learning_rate", "log10"), ("near_unit_mass_mean", "identity"),
+                    ("unstable_mass_mean", "identity"), ("spectral_radius_max", "log10"),
+                    ("eigvec_condition_mean", "log10"), ("nonlinearity_mean", "identity"))
+
+
+def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_bootstrap: int = 200) -> dict:
+    """Fit the shipped estimator on every run of the held-out-family study (`research/experiments/heldout_risk.py`)
+    with the product's inputs (`PRODUCT_FEATURES`), and store the study's leave-one-family-out numbers for the same
+    input set (`report`, written by `python -m research.scripts.heldout_risk --report`) in its metadata: the shipped
+    artefact is fitted on all families, and those numbers say how such a fit did on a family it had not seen."""
+    import math
+
+    from hf_koopman.risk import RiskEstimator
+    from research.experiments.heldout_risk import HORIZON, WARMUP, read_jsonl
+
+    rows = read_jsonl(runs)
+    keys = [k for k, _ in PRODUCT_FEATURES]
+
+    def usable(row: dict) -> bool:
+        return all(isinstance(row.get(k), (int, float)) and not math.isnan(row[k]) for k in keys)
+
+    kept = [dict(r, model_type=FAMILY_MODEL_TYPE[r["family"]]) for r in rows if usable(r)]
+    if not kept:
+        raise SystemExit(f"no usable rows in {runs}; run `python -m research.scripts.heldout_risk` first.")
+    study = json.loads(report.read_text(encoding="utf-8"))
+    primary = study["primary_leave_one_family_out"]
+    held = primary["models"]["spectrum+lr"]
+    families = sorted({r["family"] for r in kept})
+    est = RiskEstimator.fit(
+        kept, [int(bool(r["diverged"])) for r in kept], list(PRODUCT_FEATURES), l2=l2, families=families,
+        n_bootstrap=n_bootstrap,
+    )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    est.metadata = {
+        "description": "P(divergence within the training horizon | init RKSP spectrum (full whitened DMD), learning "
+        f"rate); logistic, fitted on {len(kept)} runs of the held-out-family study: {', '.join(families)} (tiny causal "
+        f"LMs, L 2-4, d 32-64, init std 0.02/0.08, associative recall and byte-level WikiText-2, AdamW, warmup "
+        f"{WARMUP}, {HORIZON} steps, batch 16, lr 1e-3 to 4.1). Outside that regime it is an extrapolation.",
+        "horizon_steps": HORIZON,
+        "label": "loss > 50 or gradient norm > 500 at any step (non-finite counts), as in the RKSP paper",
+        "study": str(runs),
+        "n_train": len(kept),
+        "n_dropped_missing_features": len(rows) - len(kept),
+        "n_diverged": sum(int(bool(r["diverged"])) for r in kept),
+        "heldout_family": {
+            "split": "leave one architecture family out (research/experiments/heldout_analysis.py), same inputs",
+            "auroc": held["auroc"], "auroc_ci95": held["auroc_ci"], "ece": held["ece"],
+            "log_loss": held["log_loss"],
+            "baseline_log_lr_auroc": primary["models"]["lr"]["auroc"],
+            "best_init_time": max(((k, m["auroc"]) for k, m in primary["models"].items() if k != "gradient+lr"),
+                                  key=lambda kv: kv[1]),
+        },
+        "l2": l2,
+        "git_commit": commit,
+    }
+    est.save_json(out)
+    return est.metadata
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=Path("results/sweep_prediction/runs.jsonl"))
@@ -148,6 +212,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-out", type=Path, default=Path("results/risk_estimator_eval.json"))
     p.add_argument("--l2", type=float, default=1.0)
     p.add_argument("--n-resamples", type=int, default=1000)
+    p.add_argument("--heldout", type=Path, default=None, metavar="RUNS_JSONL",
+                   help="fit on the held-out-family study's rows instead (results/heldout_risk/runs.jsonl); its "
+                        "leave-one-family-out report (--heldout-report) goes into the metadata")
+    p.add_argument("--heldout-report", type=Path, default=Path("results/heldout_risk/report.json"))
     p.add_argument("--reprofile", action="store_true",
                    help="recompute each run's init features with the default recipe (rebuilds the models at init, no "
                         "training) and fit on those; the fit on the stored features is recorded alongside")
@@ -156,6 +224,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.heldout is not None:
+        meta = fit_heldout(args.heldout, args.heldout_report, args.out, l2=args.l2)
+        print(json.dumps(meta["heldout_family"], indent=1, default=float))
+        print(f"wrote {args.out}")
+        return 0
     results = fit(args.runs, args.out, args.eval_out, l2=args.l2, n_resamples=args.n_resamples,
                   reprofile=args.reprofile)
     for name, r in results.items():

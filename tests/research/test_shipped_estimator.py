@@ -44,3 +44,36 @@ def test_shipped_estimator_is_the_500_step_fit_and_matches_its_evaluation():
     # the shipped metadata and the written evaluation come from one fit_risk.py run
     assert held["auroc"] == pytest.approx(spec["auroc"]) and held["ece"] == pytest.approx(spec["ece"])
     assert held["n_diverged"] == spec["n_heldout_diverged"]
+
+
+def test_fit_heldout_fits_the_product_inputs_and_records_the_study(tmp_path):
+    import numpy as np
+
+    from research.scripts.fit_risk import FAMILY_MODEL_TYPE, PRODUCT_FEATURES, fit_heldout
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(120):
+        lr = 10 ** rng.uniform(-3, 0.6)
+        m = rng.uniform(0, 1)
+        rows.append({"family": list(FAMILY_MODEL_TYPE)[i % 8], "learning_rate": lr, "near_unit_mass_mean": m,
+                     "unstable_mass_mean": 1 - m, "spectral_radius_max": 1 + rng.uniform(0, 3),
+                     "eigvec_condition_mean": 10 ** rng.uniform(1, 3), "nonlinearity_mean": rng.uniform(0.2, 0.9),
+                     "hidden_size": 32, "num_layers": 2, "diverged": bool(lr * (0.3 + m) > 0.3)})
+    rows.append(dict(rows[0], near_unit_mass_mean=None))  # a failed profile: dropped and counted
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = {"auroc": 0.9, "auroc_ci": [0.8, 0.95], "ece": 0.04, "log_loss": 0.3}
+    report = {"primary_leave_one_family_out": {"models": {"lr": dict(model, auroc=0.85), "spectrum+lr": model,
+                                                          "config+lr": dict(model, auroc=0.93),
+                                                          "gradient+lr": dict(model, auroc=0.99)}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    meta = fit_heldout(runs, tmp_path / "report.json", tmp_path / "est.json", n_bootstrap=5)
+    est = RiskEstimator.from_json(tmp_path / "est.json")
+    assert [f.key for f in est.features] == [k for k, _ in PRODUCT_FEATURES]
+    assert meta["n_train"] == 120 and meta["n_dropped_missing_features"] == 1
+    assert meta["heldout_family"]["auroc"] == 0.9 and meta["heldout_family"]["best_init_time"] == ("config+lr", 0.93)
+    assert set(est.training_ranges["inputs"]["model_type"]["values"]) == set(FAMILY_MODEL_TYPE.values())
+    feats = {"near_unit_mass_mean": 0.5, "unstable_mass_mean": 0.5, "spectral_radius_max": 2.0,
+             "eigvec_condition_mean": 100.0, "nonlinearity_mean": 0.5}
+    assert est.predict_proba(feats, learning_rate=1.0) > 0.5 > est.predict_proba(feats, learning_rate=1e-3)
