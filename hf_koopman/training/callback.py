@@ -238,6 +238,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._grad_tap: GradNormTap | None = None
         self._watch: ActivationWatch | None = None
         self._params: list[torch.nn.Parameter] = []
+        self._params_first: torch.nn.Parameter | None = None
+        self._sharded = False
         self._snapshot = StateSnapshot()  # last validated state
         self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
@@ -471,6 +473,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if model is None:
             return
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._snapshot = StateSnapshot()
         self._since_capture = 0
         self._step_started = None
@@ -529,7 +532,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         minus_inf = torch.tensor(float("-inf"), device=device)
         loss = self._loss_tap.step_loss() if self._loss_tap is not None else None
         squared = self._grad_tap.squared_norm(self._params) if self._grad_tap is not None else None
-        if squared is not None and is_sharded(self._params):
+        if squared is not None and self._sharded:
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
         norm = squared.sqrt() if squared is not None else None
         bad = self._watch.first_bad_index() if self._watch is not None else None
@@ -582,8 +585,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.guard or model is None:
             return
-        # read every step: FSDP2 swaps the registered parameters for DTensor shards after train begin
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        # FSDP2 swaps the registered parameters for DTensor shards after train begin: re-read them when the first
+        # parameter object changed (listing them every step costs more than the rest of the guard's step on tiny models)
+        first = next(model.parameters(), None)
+        if first is not self._params_first:
+            self._params = [p for p in model.parameters() if p.requires_grad]
+            self._params_first, self._sharded = first, is_sharded(self._params)
         reduced, loss, grad_norm, local_bad = self._observe()
         n_blocks = len(self._watch.names) if self._watch is not None else 0
         any_loss = reduced[0] != float("-inf")

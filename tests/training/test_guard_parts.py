@@ -46,3 +46,38 @@ def test_without_pre_clip_reads_current_gradients_and_none_without_gradients():
     model(torch.randn(5, 8)).sum().backward()
     expected = torch.nn.utils.get_total_norm([p.grad for p in params])
     assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_activation_watch_flags_the_first_block_with_a_non_finite_output():
+    from types import SimpleNamespace
+
+    from hf_koopman.training.guard import ActivationWatch
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = 1.0
+
+        def forward(self, x):
+            return x * self.factor
+
+    blocks = [Scale() for _ in range(3)]
+    model = torch.nn.Sequential(*blocks).train()
+    watch = ActivationWatch([SimpleNamespace(name=f"b{i}", module=b) for i, b in enumerate(blocks)])
+    x = torch.randn(4, 8, requires_grad=True)
+    assert watch.first_bad_index() is None  # nothing seen yet
+    model(x)
+    assert int(watch.first_bad_index()) == 3  # all finite: "none" is len(blocks)
+    blocks[1].factor = float("nan")  # a later micro-batch goes bad in block 1 (and hence block 2)
+    model(x)
+    assert int(watch.first_bad_index()) == 1
+    watch.reset()
+    blocks[1].factor = 1e38  # finite elements whose float32 sum overflows: flagged as well
+    model(x)
+    assert int(watch.first_bad_index()) == 1
+    watch.reset()
+    blocks[1].factor = float("inf")
+    with torch.no_grad():  # evaluation passes are not watched
+        model(x)
+    assert watch.first_bad_index() is None
+    watch.remove()
