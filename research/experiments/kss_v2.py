@@ -404,10 +404,50 @@ def report(*, timing: Sequence[dict], pilot: Sequence[dict], ratios: Sequence[di
                                                        for k, v in c["rates"].items())
 
             lines.append(f"| {norm} | {fmt(a)} | {fmt(b)} | {rates(a)} | {rates(b)} |")
+        readings = max_lr_reading(mtab)
+        lines += ["", "Reading (rule fixed in `PURPOSE.md` before the step-4 trials: a difference counts only when KSS "
+                  "moves the max stable LR by at least one rung and the two cells differ by >= 2/3 at a rung in "
+                  "between):", ""]
+        lines += [f"* {norm}: {text}" for norm, text in readings.items()]
         lines.append("")
+        summary["kss_max_stable_lr"] = {
+            norm: {m: (mtab.get(norm, {}).get(m) or {}).get("max_stable_lr") for m in ("none", "kss0.15")}
+            | {"reading": readings.get(norm)} for norm in MAX_LR_NORMS}
     elif runs:
         lines += ["## 4. Max stable LR", "", "Not run: cut first, as `PURPOSE.md` orders, to fit the time budget.", ""]
     return "\n".join(lines) + "\n", summary
+
+
+def max_lr_reading(mtab: dict[str, dict[str, Any]], *, min_difference: float = 2 / 3) -> dict[str, str]:
+    """Step 4's reading rule per normalisation, from `analysis.max_stable_lr_table`: KSS raises (lowers) the max stable
+    LR only if it is at least one rung higher (lower) than the control's and, at some rung from the lower max stable
+    LR (exclusive) to the higher one (inclusive), the control's divergence rate exceeds KSS's (or the reverse) by at
+    least `min_difference`; otherwise there is no measurable difference at this number of seeds."""
+    out = {}
+    for norm, cells in mtab.items():
+        a, b = cells.get("none"), cells.get("kss0.15")
+        if a is None or b is None:
+            out[norm] = "not measured in both arms"
+            continue
+        lrs = sorted(float(k) for k in set(a["rates"]) & set(b["rates"]))
+        low = float("-inf")
+        ma = a["max_stable_lr"] if a["max_stable_lr"] is not None else low
+        mb = b["max_stable_lr"] if b["max_stable_lr"] is not None else low
+        n = min(min(a["trials_per_lr"].values()), min(b["trials_per_lr"].values()))
+        if ma == mb:
+            out[norm] = f"the same max stable LR with and without KSS (n = {n} per LR): no difference"
+            continue
+        lo, hi = min(ma, mb), max(ma, mb)
+        between = [lr for lr in lrs if lo < lr <= hi]
+        gap = max(((a["rates"][f"{lr:g}"] - b["rates"][f"{lr:g}"]) * (1 if mb > ma else -1) for lr in between),
+                  default=0.0)
+        direction = "raises" if mb > ma else "lowers"
+        if gap >= min_difference - 1e-9:
+            out[norm] = f"KSS {direction} the max stable LR (n = {n} per LR; largest rate difference {gap:.2f})"
+        else:
+            out[norm] = (f"KSS {direction} the max stable LR by one or more rungs, but the cells differ by at most "
+                         f"{gap:.2f} (< {min_difference:.2f}): observed at n = {n}, no measurable difference")
+    return out
 
 
 def _paired(rows: Sequence[dict], a: str, b: str) -> str:

@@ -74,3 +74,24 @@ def test_grids_share_seeds_and_lrs_across_arms_and_put_required_arms_first():
     assert all(s.hidden_size == K.HIDDEN and s.norm == "none" and s.backend == "trainer" for s in specs)
     assert not {s.seed for s in specs} & set(K.PILOT_SEEDS)  # the setting is never chosen on comparison seeds
     assert len(K.comparison_specs(6, 300, arms=("none", "clip1.0"))) == 2 * K.TRIALS
+
+
+def test_max_lr_reading_rule():
+    from research.experiments.analysis import max_stable_lr_table
+    from research.experiments.kss_v2 import max_lr_reading
+
+    def rows(norm, method, rates):
+        return [{"norm": norm, "method": method, "learning_rate": lr, "diverged": i < round(3 * rate)}
+                for lr, rate in rates.items() for i in range(3)]
+
+    table = max_stable_lr_table(
+        rows("a", "none", {0.01: 0, 0.03: 1, 0.1: 1}) + rows("a", "kss0.15", {0.01: 0, 0.03: 0, 0.1: 1})  # +1 rung, 1.0
+        + rows("b", "none", {0.01: 0, 0.03: 1 / 3, 0.1: 1}) + rows("b", "kss0.15", {0.01: 0, 0.03: 0, 0.1: 1})  # 1/3
+        + rows("c", "none", {0.01: 0, 0.03: 0, 0.1: 1}) + rows("c", "kss0.15", {0.01: 1, 0.03: 1, 0.1: 1})  # lowers
+        + rows("d", "none", {0.01: 0, 0.03: 1, 0.1: 1}) + rows("d", "kss0.15", {0.01: 0, 0.03: 1, 0.1: 1})
+    )
+    reading = max_lr_reading(table)
+    assert reading["a"].startswith("KSS raises the max stable LR (n = 3")
+    assert "no measurable difference" in reading["b"] and "0.33" in reading["b"]
+    assert reading["c"].startswith("KSS lowers the max stable LR")
+    assert "no difference" in reading["d"]
