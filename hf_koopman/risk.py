@@ -5,11 +5,9 @@ logistic model on standardised features is fitted to a sweep of training runs (`
 JSON (`hf_koopman/data/risk_estimator.json`; never pickle). Init-time spectra do not depend on the learning rate, so the
 learning rate is an input: `predict_proba(profile, learning_rate=...)`.
 
-The shipped estimator is refitted on init features computed with the default recipe (the full spectrum of the
-whitened DMD operator, issue #19) on the same sweep runs and labels; it was fitted on rank-32 features before. Its
-metadata (`RiskEstimator.default().metadata`: `heldout`, `in_sample_auroc`, `previous_rank32`) and
-`results/risk_estimator_eval.json` give its AUROC next to the rank-32 fit's. Profiles made with `rank=32` are not
-what it was fitted on. It is an interim estimator: a later issue (#22) replaces it.
+The shipped estimator is fitted on init features from the default recipe (the full spectrum of the whitened DMD
+operator); profiles made with a rank-r approximation are not what it was fitted on. Its `metadata` says which runs it
+was fitted on, with which label and horizon, and how it did on runs it was not fitted on.
 
 The JSON (format version 2) stores, next to the coefficients, the ranges of the training runs (per input min/max or the
 categories seen, the learning-rate range, the model types and families) and, when the fit recorded it, the
@@ -774,7 +772,8 @@ class RiskEstimator:
 
     @classmethod
     def default(cls) -> RiskEstimator:
-        """The estimator shipped with the package (fitted by `research/scripts/fit_risk.py` on `results/sweep/`)."""
+        """The estimator shipped with the package (`hf_koopman/data/risk_estimator.json`, fitted by
+        `research/scripts/fit_risk.py`; `metadata` names the runs)."""
         return _load_default()
 
     def training_summary(self) -> str:
