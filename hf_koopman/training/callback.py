@@ -147,7 +147,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         monitor_num_samples (`int`, defaults to `512`): token states per layer for periodic monitoring.
         guard (`bool`, defaults to `True`): enable the divergence guard.
         loss_threshold (`float`, defaults to `50.0`) / grad_norm_threshold (`float`, defaults to `500.0`): the rule.
-        check_activations (`bool`, defaults to `True`): watch block outputs for NaN/Inf (one `isfinite` per block).
+        check_activations (`bool`, defaults to `True`): watch block outputs for NaN/Inf (one on-device sum per block,
+            read with the step's one sync).
         on_divergence (`str`, defaults to `"stop"`): `"stop"` or `"rollback"`.
         max_rollbacks (`int`, defaults to `3`): rollbacks allowed before the guard stops.
         lr_backoff (`float`, defaults to `0.5`): learning-rate factor applied at each rollback, in `(0, 1]`.
