@@ -434,6 +434,10 @@ def max_lr_reading(mtab: dict[str, dict[str, Any]], *, min_difference: float = 2
         ma = a["max_stable_lr"] if a["max_stable_lr"] is not None else low
         mb = b["max_stable_lr"] if b["max_stable_lr"] is not None else low
         n = min(min(a["trials_per_lr"].values()), min(b["trials_per_lr"].values()))
+        if ma == mb == low:
+            out[norm] = (f"no stable LR on this ladder with or without KSS (>= 20 % divergence already at the lowest "
+                         f"LR, n = {n} per LR): no difference")
+            continue
         if ma == mb:
             out[norm] = f"the same max stable LR with and without KSS (n = {n} per LR): no difference"
             continue
