@@ -67,6 +67,21 @@ def _timing(out: Path, data_dir: str | None, steps: int) -> None:
                     f.write(json.dumps(rec) + "\n")
 
 
+def _write_pages(out: Path, report: dict, rows: list[dict]) -> None:
+    """The results page next to the output folder (`results/heldout_risk.md` for `results/heldout_risk`) and the
+    issue-#22 keys merged into `out.parent / "summary.json"` when that file already exists."""
+    from research.experiments.heldout_report import render_markdown, summary_keys
+    from research.experiments.heldout_risk import study_grid
+
+    md = render_markdown(report, rows, total_runs=len(study_grid()))
+    out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    summary = out.parent / "summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        data.update(summary_keys(report))
+        summary.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+
+
 def _report(out: Path, n_resamples: int) -> None:
     """The plan's metrics on the rows present, written to `out/report.json` and a reliability diagram."""
     from research.experiments.heldout_analysis import analyse
@@ -77,6 +92,7 @@ def _report(out: Path, n_resamples: int) -> None:
         raise SystemExit(f"no rows in {out / 'runs.jsonl'}; run the study first.")
     report = analyse(rows, n_resamples=n_resamples)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
+    _write_pages(out, report, rows)
     try:
         import matplotlib
 

@@ -1,0 +1,321 @@
+"""Human-readable results page and summary keys of the held-out-family divergence study (issue #22).
+
+`render_markdown` turns the dict of `heldout_analysis.analyse` plus the rows it was computed from into
+`results/heldout_risk.md`, reading the numbers with the fixed reading rules of `results/heldout_risk/PURPOSE.md`.
+`spectrum_verdict` states rule 1 mechanically from the paired-bootstrap CIs; `summary_keys` returns the numbers
+issue #22 asks for in `results/summary.json`. Every number is taken from the report or the rows passed in.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Any, Mapping, Sequence
+
+PRIMARY = "primary_leave_one_family_out"
+SECONDARY = "secondary_leave_one_variant_out"
+RULE1_COMPARISON = "all - config+curvature+lr"
+SHIPPED = "spectrum+lr"
+NOT_INIT_TIME = ("gradient+lr",)
+GOAL_WITHIN_2X = 0.8  # PURPOSE.md question 2: within 2x for >= 80% of held-out inits
+GOAL_ECE = 0.05  # ... with held-out ECE <= 0.05
+MIN_CLASS = 10  # rule 3: fewer diverged or stable runs than this -> shown, not interpreted
+
+VERDICT_ADDS = "the spectrum adds information beyond config and curvature on unseen families"
+VERDICT_NONE = "no measurable added information at this scale"
+VERDICT_HURTS = "the spectrum hurts transfer"
+
+
+# ---- formatting ---------------------------------------------------------------------------------------------------
+def _f(v: Any, nd: int = 3, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{float(v):+.{nd}f}" if sign else f"{float(v):.{nd}f}"
+
+
+def _ci(ci: Sequence[float] | None, nd: int = 3, sign: bool = False) -> str:
+    if not ci or len(ci) != 2:
+        return "[n/a]"
+    return f"[{_f(ci[0], nd, sign)}, {_f(ci[1], nd, sign)}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _ci_excludes_zero(ci: Sequence[float] | None) -> bool:
+    return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+
+# ---- readings -----------------------------------------------------------------------------------------------------
+def spectrum_verdict(report: Mapping[str, Any]) -> str:
+    """Rule 1 read mechanically from the primary split's paired CIs of `all - config+curvature+lr`: adds information
+    only if the ΔAUROC CI lies above 0 and the Δlog-loss CI below 0; hurts transfer if the ΔAUROC CI lies below 0 or
+    the Δlog-loss CI above 0; otherwise no measurable added information."""
+    d = report[PRIMARY]["paired_differences"].get(RULE1_COMPARISON)
+    if d is None:
+        return f"not computed ({RULE1_COMPARISON} missing from the report)"
+    lo_a, hi_a = d["delta_auroc_ci"]
+    lo_l, hi_l = d["delta_log_loss_ci"]
+    if lo_a > 0 and hi_l < 0:
+        return VERDICT_ADDS
+    if hi_a < 0 or lo_l > 0:
+        return VERDICT_HURTS
+    return VERDICT_NONE
+
+
+def best_init_time_model(split: Mapping[str, Any]) -> str:
+    """Name of the highest-AUROC model of a split among the init-time feature sets (gradient statistics excluded)."""
+    cands = {k: m["auroc"] for k, m in split["models"].items() if k not in NOT_INIT_TIME and m.get("auroc") is not None}
+    return max(cands, key=cands.get)
+
+
+def _within(split: Mapping[str, Any], name: str, risk: str = "risk_0.1") -> float | None:
+    entry = split.get("max_lr", {}).get(name, {}).get(risk)
+    return None if entry is None else entry.get("within_2x")
+
+
+def summary_keys(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys issue #22 asks for in results/summary.json, from the primary split of `report`."""
+    prim = report[PRIMARY]
+    shipped = prim["models"][SHIPPED]
+    best = best_init_time_model(prim)
+    diffs = prim["paired_differences"]
+
+    def diff(name: str) -> dict[str, Any] | None:
+        d = diffs.get(name)
+        if d is None:
+            return None
+        return {"delta": d["delta_auroc"], "ci": list(d["delta_auroc_ci"]), "comparison": name,
+                "delta_log_loss": d["delta_log_loss"], "delta_log_loss_ci": list(d["delta_log_loss_ci"])}
+
+    return {
+        "heldout_family_auroc": shipped["auroc"],
+        "heldout_family_auroc_ci": list(shipped["auroc_ci"]),
+        "heldout_family_ece": shipped["ece"],
+        "max_lr_within_2x": {
+            "risk": 0.1, SHIPPED: _within(prim, SHIPPED), "all": _within(prim, "all"),
+            "best_init_time": {"model": best, "value": _within(prim, best)},
+        },
+        "heldout_spectrum_added_auroc": diff(RULE1_COMPARISON),
+        "heldout_spectrum_vs_lr_auroc": diff(f"{SHIPPED} - lr"),
+        "heldout_verdict": spectrum_verdict(report),
+        "heldout_n_runs": report.get("n_runs"),
+    }
+
+
+# ---- rows ---------------------------------------------------------------------------------------------------------
+def tier_status(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, int]]:
+    """(tier label, runs present, runs planned) for each tier of the seed-major order of `study_grid()`: a tier is
+    one seed and the even (ratio-4) or odd rungs of the ladder. Present = run_id of the grid found in `rows`."""
+    from research.experiments.heldout_risk import LR_LADDER, study_grid
+
+    present = {r.get("run_id") for r in rows}
+    planned: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for run in study_grid():
+        rung = min(range(len(LR_LADDER)), key=lambda k: abs(math.log(LR_LADDER[k] / run.learning_rate)))
+        planned[(run.model.seed, rung % 2)].append(run.run_id)
+    out = []
+    for (seed, parity), ids in planned.items():
+        label = f"seed {seed}, {'even' if parity == 0 else 'odd'} rungs"
+        out.append((label, sum(i in present for i in ids), len(ids)))
+    return out
+
+
+def _class_counts(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, tuple[int, int]]:
+    c: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        c[str(r.get(key))][0 if r.get("diverged") else 1] += 1
+    return {k: (v[0], v[1]) for k, v in c.items()}
+
+
+def _mean(vals: Sequence[Any]) -> float | None:
+    v = [float(x) for x in vals if x is not None and math.isfinite(float(x))]
+    return sum(v) / len(v) if v else None
+
+
+def kan_rows(rows: Sequence[Mapping[str, Any]], family: str = "rksp_kan") -> list[list[str]]:
+    """Rule 8 table rows for `family`, one per shape (layers, width, init std): init M≈1 mean, η_nl mean, ρ max,
+    κ(V) mean (means over inits), verdict counts, and diverged/runs per learning-rate rung."""
+    by_shape: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("family") == family:
+            by_shape[(r.get("num_layers"), r.get("hidden_size"), r.get("init_std"))].append(r)
+    out = []
+    for shape in sorted(by_shape, key=lambda s: tuple(-1 if x is None else x for x in s)):
+        rs = by_shape[shape]
+        inits = {r.get("model_id"): r for r in rs}.values()  # init features repeat over the rungs of one init
+        verdicts = Counter(str(r.get("verdict")) for r in inits)
+        per_rung: dict[float, list[int]] = defaultdict(lambda: [0, 0])
+        for r in rs:
+            per_rung[float(r["learning_rate"])][0] += bool(r.get("diverged"))
+            per_rung[float(r["learning_rate"])][1] += 1
+        rung_s = ", ".join(f"{lr:g}: {d}/{n}" for lr, (d, n) in sorted(per_rung.items()))
+        out.append([f"L{shape[0]} d{shape[1]} std{shape[2]}", str(len(inits)),
+                    _f(_mean([r.get("near_unit_mass_mean") for r in inits])),
+                    _f(_mean([r.get("nonlinearity_mean") for r in inits])),
+                    _f(max((r["spectral_radius_max"] for r in inits if r.get("spectral_radius_max") is not None),
+                           default=None)),
+                    _f(_mean([r.get("eigvec_condition_mean") for r in inits]), 1),
+                    ", ".join(f"{k} x{v}" for k, v in verdicts.most_common()), rung_s])
+    return out
+
+
+# ---- page ---------------------------------------------------------------------------------------------------------
+def _split_table(split: Mapping[str, Any]) -> list[str]:
+    rows = [[f"`{k}`", f"{_f(m['auroc'])} {_ci(m.get('auroc_ci'))}", _f(m.get("ece")), _f(m.get("log_loss")),
+             _f(m.get("brier"))] for k, m in split["models"].items()]
+    return _table(("model", "AUROC [95% CI]", "ECE", "log-loss", "Brier"), rows)
+
+
+def _diff_table(split: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for k, d in split["paired_differences"].items():
+        rows.append([f"`{k}`", _f(d["delta_auroc"], sign=True), _ci(d["delta_auroc_ci"], sign=True),
+                     "yes" if _ci_excludes_zero(d["delta_auroc_ci"]) else "no",
+                     _f(d["delta_log_loss"], sign=True), _ci(d["delta_log_loss_ci"], sign=True),
+                     "yes" if _ci_excludes_zero(d["delta_log_loss_ci"]) else "no"])
+    return _table(("comparison", "ΔAUROC", "95% CI", "excl. 0", "Δlog-loss", "95% CI", "excl. 0"), rows)
+
+
+def _goal_lines(split: Mapping[str, Any], name: str, label: str) -> list[str]:
+    m = split["models"].get(name, {})
+    entry = split.get("max_lr", {}).get(name)
+    if entry is None:
+        return [f"* {label} `{name}`: no max-lr entry in report.json (not computed)."]
+    r1 = entry.get("risk_0.1", {})
+    r5 = entry.get("risk_0.5", {})
+    w, ece = r1.get("within_2x"), m.get("ece")
+    parts = []
+    if w is None:
+        parts.append("max-lr goal: not computed")
+    elif w >= GOAL_WITHIN_2X:
+        parts.append(f"max-lr goal **met** ({_f(w)} >= {GOAL_WITHIN_2X})")
+    else:
+        parts.append(f"max-lr goal **missed** by {_f(GOAL_WITHIN_2X - w)} ({_f(w)} < {GOAL_WITHIN_2X})")
+    if ece is None:
+        parts.append("ECE goal: not computed")
+    elif ece <= GOAL_ECE:
+        parts.append(f"ECE goal **met** ({_f(ece)} <= {GOAL_ECE})")
+    else:
+        parts.append(f"ECE goal **missed** by {_f(ece - GOAL_ECE)} ({_f(ece)} > {GOAL_ECE})")
+    lines = [f"* {label} `{name}`: " + "; ".join(parts) + "."]
+    for risk, e in (("0.1", r1), ("0.5", r5)):
+        if e:
+            lines.append(f"  * risk {risk}: within 2x {_f(e.get('within_2x'))} of {e.get('n_bracketed')} bracketed "
+                         f"inits; median log2(suggested/measured) {_f(e.get('median_log2_ratio'), 2, True)}; "
+                         f"suggested below measured {_f(e.get('below_measured'))}; censored {e.get('n_censored')} "
+                         f"({e.get('censored_consistent')} consistent with the censoring).")
+    fam_keys = [k for k in r1 if isinstance(r1.get(k), dict)]
+    if not fam_keys:
+        lines.append("  * per family: not in report.json (not computed).")
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, total_runs: int) -> str:
+    """The results page `results/heldout_risk.md` from `report` (the dict of `heldout_analysis.analyse`) and the
+    `rows` it was computed from; `total_runs` is the size of the planned grid."""
+    prim, sec = report[PRIMARY], report.get(SECONDARY)
+    n_inits = report.get("n_model_inits", len({r.get("model_id") for r in rows}))
+    fams = report.get("families") or sorted({str(r.get("family")) for r in rows})
+    L: list[str] = ["# Held-out-family divergence study (issue #22): results", ""]
+    L += ["Plan, metrics and reading rules: [`heldout_risk/PURPOSE.md`](heldout_risk/PURPOSE.md). This page is "
+          "generated by `research/experiments/heldout_report.py` from `heldout_risk/report.json` and "
+          "`heldout_risk/runs.jsonl`.", ""]
+    verdict = spectrum_verdict(report)
+    L += [f"**Answer (rule 1, on {report['n_runs']} of {total_runs} planned runs):** {verdict}.", ""]
+
+    # what was run
+    L += ["## What was run", ""]
+    thr = report.get("thresholds", {})
+    L += [f"* {report['n_runs']} of {total_runs} planned runs, {report['n_diverged']} diverged; {n_inits} model "
+          f"inits; {len(fams)} families: {', '.join(fams)}.",
+          f"* Measured thresholds: {thr.get('bracketed')} bracketed, {thr.get('right_censored')} right-censored, "
+          f"{thr.get('left_censored')} left-censored, {thr.get('non_monotone')} non-monotone ladders."]
+    tiers = tier_status(rows)
+    complete = [t for t, n, N in tiers if n == N]
+    partial = [f"{t} ({n}/{N})" for t, n, N in tiers if 0 < n < N]
+    absent = [t for t, n, N in tiers if n == 0]
+    L += [f"* Tiers of the seed-major order complete: {', '.join(complete) or 'none'}; partial: "
+          f"{', '.join(partial) or 'none'}; not started: {', '.join(absent) or 'none'}.",
+          "* Per rule 7, the analysis uses every completed row; no run was selected or dropped by its outcome.", ""]
+
+    L += ["## Primary split: leave one family out", ""] + _split_table(prim) + [""]
+    L += ["Reliability diagram: [`heldout_risk/reliability.png`](heldout_risk/reliability.png).", ""]
+    L += ["### Paired bootstrap differences (cluster bootstrap over model inits)", ""] + _diff_table(prim) + [""]
+    d = prim["paired_differences"].get(RULE1_COMPARISON)
+    if d:
+        L += [f"**Rule 1.** ΔAUROC(`{RULE1_COMPARISON}`) = {_f(d['delta_auroc'], sign=True)} "
+              f"{_ci(d['delta_auroc_ci'], sign=True)}, Δlog-loss = {_f(d['delta_log_loss'], sign=True)} "
+              f"{_ci(d['delta_log_loss_ci'], sign=True)}: {verdict}.", ""]
+
+    # rule 2
+    lr_ci = prim["models"].get("lr", {}).get("auroc_ci")
+    if lr_ci:
+        others = {k: m["auroc_ci"] for k, m in prim["models"].items() if k != "lr"}
+        above = [k for k, c in others.items() if c[0] > lr_ci[1]]
+        below = [k for k, c in others.items() if c[1] < lr_ci[0]]
+        over = [k for k in others if k not in above and k not in below]
+
+        def names(ks: list[str]) -> str:
+            return ", ".join(f"`{k}`" for k in ks) or "none"
+
+        L += [f"**Rule 2.** `lr` alone: AUROC CI {_ci(lr_ci)}. Overlapping it (not said to predict divergence beyond "
+              f"the learning rate): {names(over)}. Entirely above it: {names(above)}. Entirely below it: "
+              f"{names(below)}.", ""]
+
+    # per family
+    counts = _class_counts(rows, "family")
+    best = best_init_time_model(prim)
+    show = [k for k in dict.fromkeys(("lr", "config+curvature+lr", SHIPPED, "all", best)) if k in prim["models"]]
+    fam_rows = []
+    for fam in fams:
+        dv, st = counts.get(fam, (0, 0))
+        mark = " †" if dv < MIN_CLASS or st < MIN_CLASS else ""
+        fam_rows.append([f"{fam}{mark}", str(dv), str(st)]
+                        + [_f(prim["models"][k].get("per_group_auroc", {}).get(fam)) for k in show])
+    L += ["## Per-family held-out AUROC", ""]
+    L += _table(["family (held out)", "diverged", "stable"] + [f"`{k}`" for k in show], fam_rows)
+    L += ["", f"† fewer than {MIN_CLASS} diverged or stable runs: shown, not interpreted (rule 3). n/a: the family "
+          "lacks one class.", ""]
+
+    # unfitted
+    if report.get("unfitted_scores"):
+        L += ["## Unfitted scores (AUROC only, no fit)", ""]
+        L += _table(("score", "AUROC [95% CI]", "n"),
+                    [[k, f"{_f(v.get('auroc'))} {_ci(v.get('auroc_ci'))}", str(v.get("n"))]
+                     for k, v in report["unfitted_scores"].items()])
+        L += [""]
+
+    # max lr
+    L += ["## Max learning rate (rule 5; goal: within 2x for >= 80% of bracketed inits at risk 0.1, ECE <= 0.05)", ""]
+    L += _goal_lines(prim, "all", "all features")
+    if best != "all":
+        L += _goal_lines(prim, best, "best-AUROC init-time model")
+    else:
+        L += ["* The best-AUROC init-time model is `all` itself."]
+    rows_ml = [[f"`{k}`", _f(e.get("risk_0.1", {}).get("within_2x")), str(e.get("risk_0.1", {}).get("n_bracketed")),
+                _f(e.get("risk_0.5", {}).get("within_2x"))] for k, e in prim.get("max_lr", {}).items()]
+    L += ["", "All models, fraction of bracketed inits within 2x:", ""]
+    L += _table(("model", "risk 0.1", "bracketed", "risk 0.5"), rows_ml) + [""]
+
+    # secondary
+    if sec:
+        L += ["## Secondary split: leave one variant out", ""] + _split_table(sec) + [""]
+        if sec.get("paired_differences"):
+            L += _diff_table(sec) + [""]
+
+    # KAN
+    L += ["## KAN transformer (rule 8)", ""]
+    kan = kan_rows(rows)
+    if kan:
+        L += _table(("shape", "inits", "M≈1 mean", "η_nl mean", "ρ max", "κ(V) mean", "verdict",
+                     "diverged/runs per lr"), kan)
+        L += ["", "To be read next to the paper's Table 18 (d = 256, L = 6, synthetic LM); our KAN is our own "
+              "implementation, at CPU scale.", ""]
+    else:
+        L += ["No `rksp_kan` rows yet (not computed).", ""]
+    L += ["Gradient statistics (`gradient+lr`) see the run itself and are not init-time (rule 4); they are shown for "
+          "comparison with the paper's Table 2 only.", ""]
+    return "\n".join(L)
