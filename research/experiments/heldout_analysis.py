@@ -296,7 +296,8 @@ def analyse(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed:
                     continue
                 fit, w = models[name][str(r[key])]
                 t = thresholds[r["model_id"]]
-                rec = {"status": t["status"], "measured": t.get("threshold"), "bound": t.get("bound")}
+                rec = {"status": t["status"], "measured": t.get("threshold"), "bound": t.get("bound"),
+                       "family": r["family"]}
                 for risk in (0.1, 0.5):
                     rec[f"suggested_{risk}"] = suggested_max_lr(r, names, fit, w, risk=risk)
                 seen[r["model_id"]] = rec
@@ -317,6 +318,11 @@ def analyse(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed:
                     "median_log2_ratio": float(np.median(np.log2(ratios))) if ratios else math.nan,
                     "below_measured": float(np.mean([q < 1 for q in ratios])) if ratios else math.nan,
                     "n_censored": len(cens), "censored_consistent": int(consistent),
+                    "per_family": {
+                        fam: {"within_2x": float(np.mean([w for w, b in zip(within, br) if b["family"] == fam])),
+                              "n_bracketed": sum(b["family"] == fam for b in br)}
+                        for fam in sorted({b["family"] for b in br})
+                    },
                 }
             max_lr[name] = summary
         report[split] = {"models": res, "paired_differences": diffs, "max_lr": max_lr}

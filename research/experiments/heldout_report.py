@@ -207,9 +207,12 @@ def _goal_lines(split: Mapping[str, Any], name: str, label: str) -> list[str]:
                          f"inits; median log2(suggested/measured) {_f(e.get('median_log2_ratio'), 2, True)}; "
                          f"suggested below measured {_f(e.get('below_measured'))}; censored {e.get('n_censored')} "
                          f"({e.get('censored_consistent')} consistent with the censoring).")
-    fam_keys = [k for k in r1 if isinstance(r1.get(k), dict)]
-    if not fam_keys:
+    per_family = r1.get("per_family")
+    if not per_family:
         lines.append("  * per family: not in report.json (not computed).")
+    else:
+        lines.append("  * per family at risk 0.1 (within 2x / bracketed inits): " + ", ".join(
+            f"{fam} {_f(v['within_2x'])} / {v['n_bracketed']}" for fam, v in per_family.items()) + ".")
     return lines
 
 
