@@ -1,16 +1,19 @@
-"""Fit the calibrated divergence-risk estimator on the prediction sweep and ship it as JSON.
+"""Fit the calibrated divergence-risk estimator and write it as JSON.
 
-    python -m research.scripts.fit_risk                       # results/sweep_prediction/runs.jsonl -> hf_koopman/data/risk_estimator.json
+    # the estimator the package ships: every run of the held-out-family study, with the product's inputs
+    python -m research.scripts.heldout_risk --report          # results/heldout_risk/report.json first
+    python -m research.scripts.fit_risk --heldout results/heldout_risk/runs.jsonl   # -> hf_koopman/data/risk_estimator.json
+    # the prediction sweep's own estimator (one architecture; held-out widths and seeds)
+    python -m research.scripts.fit_risk                       # -> results/sweep_prediction/risk_estimator.json
     python -m research.scripts.fit_risk --runs results/quick/sweep_prediction/runs.jsonl --out /tmp/est.json
-    # the session-1/2 estimator (100-step label horizon), for comparison only
     python -m research.scripts.fit_risk --runs results/sweep_prediction_100steps/runs.jsonl --out /tmp/est100.json --eval-out /tmp/eval100.json
-    # the shipped estimator (issue #19): init features recomputed with the default recipe (full spectrum)
-    OMP_NUM_THREADS=2 python -m research.scripts.fit_risk --reprofile
+    OMP_NUM_THREADS=2 python -m research.scripts.fit_risk --reprofile   # init features recomputed with the default recipe
 
-Fits on the `train` group (seen width/depth and seeds), evaluates on the `heldout` group (unseen width/depth (48, 3)
-and/or unseen seed) against baselines that see the same non-spectral inputs (log LR alone; normalisation type + log
-LR) and against the paper's raw M≈1-as-probability. The shipped estimator is the one fitted on the train group, so the
-held-out numbers stored in its metadata describe exactly the shipped artefact. Writes the evaluation to
+With `--heldout`, see `fit_heldout`. Otherwise the sweep fit: it fits on the `train` group (seen width/depth and
+seeds), evaluates on the `heldout` group (unseen width/depth (48, 3) and/or unseen seed) against baselines that see
+the same non-spectral inputs (log LR alone; normalisation type + log LR) and against the paper's raw
+M≈1-as-probability. The written estimator is the one fitted on the train group, so the held-out numbers stored in its
+metadata describe exactly that artefact. Writes the evaluation to
 `results/risk_estimator_eval.json`.
 
 The sweep tables hold the init features the sweep computed when it ran (rank-32 randomized DMD, the default before
@@ -208,7 +211,9 @@ def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_boots
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=Path("results/sweep_prediction/runs.jsonl"))
-    p.add_argument("--out", type=Path, default=Path("hf_koopman/data/risk_estimator.json"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: hf_koopman/data/risk_estimator.json with --heldout, else "
+                        "results/sweep_prediction/risk_estimator.json")
     p.add_argument("--eval-out", type=Path, default=Path("results/risk_estimator_eval.json"))
     p.add_argument("--l2", type=float, default=1.0)
     p.add_argument("--n-resamples", type=int, default=1000)
@@ -224,6 +229,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.out is None:
+        args.out = Path("hf_koopman/data/risk_estimator.json" if args.heldout is not None
+                        else "results/sweep_prediction/risk_estimator.json")
     if args.heldout is not None:
         meta = fit_heldout(args.heldout, args.heldout_report, args.out, l2=args.l2)
         print(json.dumps(meta["heldout_family"], indent=1, default=float))
