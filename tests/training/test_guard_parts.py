@@ -81,3 +81,24 @@ def test_activation_watch_flags_the_first_block_with_a_non_finite_output():
         model(x)
     assert watch.first_bad_index() is None
     watch.remove()
+
+
+@pytest.mark.parametrize("head_has_parameters", [True, False])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_pre_clip_norm_with_gradient_checkpointing(reentrant, head_has_parameters):
+    # reentrant checkpointing runs nested backward passes: the norm must still cover every parameter's gradient
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+    head = torch.nn.Linear(8, 2).requires_grad_(head_has_parameters)  # without: the first hook fires in a nested pass
+    params = [p for p in [*blocks.parameters(), *head.parameters()] if p.requires_grad]
+    tap = GradNormTap(params, pre_clip=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    h = x
+    for block in blocks:
+        h = checkpoint(lambda t, b=block: torch.tanh(b(t)), h, use_reentrant=reentrant)
+    head(h).square().sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grad_norm_(params, max_norm=1e-4)
+    assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)
