@@ -157,7 +157,8 @@ class GradNormTap:
     end-of-backward callback, which sums the squared norms of all gradients in one fused `torch._foreach_norm`. The
     callback re-queues itself once so that it runs after the callbacks other hooks queued during the same backward
     (DDP's gradient reduction), so under DDP the norm is of the averaged gradient. With gradient accumulation the last
-    backward of the step sees the accumulated, pre-clip gradient. FSDP2 reduces into sharded gradients outside
+    backward of the step sees the accumulated, pre-clip gradient. Nested backward passes (reentrant gradient
+    checkpointing) re-arm the read, so the one that ends last, after every accumulation, sets the value. FSDP2 reduces into sharded gradients outside
     autograd, so with DTensor parameters the norm is read from the shards in `on_pre_optimizer_step` (after
     clipping) and summed over processes by the caller.
     """
