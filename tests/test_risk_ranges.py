@@ -229,7 +229,8 @@ def test_shipped_estimator_flags_lr_50():
               for f in est.features if f.key != "learning_rate"}
     a = est.assess(values, learning_rate=50.0)
     assert a.out_of_range is True and "outside the fitted range: learning_rate = 50" in a.describe()
-    assert "model_type" in a.unknown  # the shipped file does not record the architectures it was fitted on
+    assert "model_type (not given)" in a.unknown  # recorded by the shipped file, but not part of these values
+    assert {"gpt2", "llama", "mamba"} <= set(est.training_ranges["inputs"]["model_type"]["values"])
 
 
 @pytest.mark.parametrize(

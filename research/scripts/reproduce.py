@@ -1044,6 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
         out["summary"] = merge_summary(out["summary"], summary_from_results(root))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     out["summary"]["environment"] = {"python": platform.python_version(), "machine": platform.machine(), "git_commit": commit}
+    if (root / "summary.json").exists():  # keys written by other studies' scripts (heldout_risk, kss_v2) stay
+        previous = json.loads((root / "summary.json").read_text())
+        out["summary"] = {**{k: v for k, v in previous.items() if k not in out["summary"]}, **out["summary"]}
     (root / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float) + "\n")
     window = out["summary"].get("loss_spike_window", {})
     header = HEADER.format(

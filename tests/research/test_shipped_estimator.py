@@ -28,22 +28,26 @@ def test_spectral_profile_risk_uses_the_shipped_estimator():
     assert low <= expected  # more aggressive LR, no less risk (positive LR coefficient of the shipped model)
 
 
-def test_shipped_estimator_is_the_500_step_fit_and_matches_its_evaluation():
+def test_shipped_estimator_is_the_heldout_study_fit_and_matches_its_report():
     from pathlib import Path
 
-    from research.experiments.grids import PREDICTION_STEPS
+    from research.experiments.heldout_risk import HORIZON, read_jsonl
+    from research.scripts.fit_risk import FAMILY_MODEL_TYPE, PRODUCT_FEATURES
 
+    results = Path(__file__).resolve().parents[2] / "results"
     est = RiskEstimator.default()
-    # fitted on the prediction sweep's full horizon (the paper's 1-500 spike window), not the 100-step table
-    assert est.metadata["horizon_steps"] == [PREDICTION_STEPS]
-    assert f"{PREDICTION_STEPS} steps" in est.metadata["description"]
-    held = est.metadata["heldout"]
-    assert held["n"] == 120 and 0 < held["n_diverged"] < held["n"]
-    evaluation = Path(__file__).resolve().parents[2] / "results" / "risk_estimator_eval.json"
-    spec = json.loads(evaluation.read_text())["estimators"]["spectral + log LR"]
-    # the shipped metadata and the written evaluation come from one fit_risk.py run
-    assert held["auroc"] == pytest.approx(spec["auroc"]) and held["ece"] == pytest.approx(spec["ece"])
-    assert held["n_diverged"] == spec["n_heldout_diverged"]
+    assert [(f.key, f.transform) for f in est.features] == list(PRODUCT_FEATURES)
+    assert est.metadata["horizon_steps"] == HORIZON
+    rows = read_jsonl(results / "heldout_risk" / "runs.jsonl")
+    # fitted on the committed study rows (every one with its features), all families
+    assert est.metadata["n_train"] + est.metadata["n_dropped_missing_features"] == len(rows)
+    assert set(est.training_ranges["families"]) == {r["family"] for r in rows} <= set(FAMILY_MODEL_TYPE)
+    # the held-out numbers in the metadata are the study report's, for the same inputs
+    report = json.loads((results / "heldout_risk" / "report.json").read_text())
+    assert report["n_runs"] == len(rows)
+    held = report["primary_leave_one_family_out"]["models"]["spectrum+lr"]
+    meta = est.metadata["heldout_family"]
+    assert meta["auroc"] == pytest.approx(held["auroc"]) and meta["ece"] == pytest.approx(held["ece"])
 
 
 def test_fit_heldout_fits_the_product_inputs_and_records_the_study(tmp_path):
