@@ -339,7 +339,7 @@ NOTES = """## What this does and does not show
   0.005. The same held for Pre-LN on WikiText-2 bytes, the MNIST ViT and the max-stable-LR runs.
 * **Capped KSS (the default) cannot trip the gradient-norm label by itself** — its gradient is at most half the task
   gradient on KSS steps — and the label now reads the task loss, so the capped arms test what the paper claims:
-  whether the spectral objective steers training away from divergence. Sections 3, 3b, 4 and 5b state the verdict per
+  whether the spectral objective steers training away from divergence. Sections 3, 3b, 4 and 5 state the verdict per
   experiment from the measured counts. The cap bounds the gradient's norm, not the update: AdamW normalises each
   parameter's step, so a small KSS gradient on parameters whose task gradient is small still moves them by ~LR
   (a plausible reason for KSS-only divergences at aggressive LRs; not tested).
@@ -435,7 +435,7 @@ def moe_section(rows: list[dict[str, Any]], w) -> dict[str, Any]:
     Fisher p against the control at the same LR, pooled counts and init spectra (means over seeds)."""
     d, L = rows[0]["hidden_size"], rows[0]["num_layers"]
     steps = sorted({int(r["max_steps"]) for r in rows})
-    w("## 5b. MoE: divergence with and without KSS (paper Table 16 at CPU scale)\n")
+    w("## 5. MoE: divergence with and without KSS (paper Table 16 at CPU scale)\n")
     w(f"Tiny Mixtral-style MoE built from `MixtralConfig` (`MixtralForCausalLM`, d={d}, L={L}, 4 heads, 8 experts, "
       f"intermediate size {2 * d}, pre-RMSNorm, router load-balancing loss 0.01 as in the paper) on the synthetic LM "
       f"(seq 64, vocab 512), AdamW, batch 16, warmup 10, {'/'.join(map(str, steps))} steps, through the same "
@@ -963,7 +963,7 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
 
     # 4/5 extras
     if extras:
-        w("## 5. Other architectures: init spectra (paper Tables 11, 16, 17, forward-only part)\n")
+        w("## 6. Other architectures: init spectra (paper Tables 11, 16, 17, forward-only part)\n")
         w("Synthetic-LM probe (32 × 64 tokens, vocab 512), N = 2048, the default recipe (full spectrum of the whitened DMD "
           "operator), layer means.\n")
         w("| Model | M≈1 | M<1 | M>1 | ρ max | η_nl | verdict |")
