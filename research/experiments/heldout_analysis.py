@@ -17,6 +17,7 @@ import numpy as np
 from .stats import auroc, expected_calibration_error, reliability_bins
 
 __all__ = [
+    "EXPLORATORY_SETS",
     "FEATURE_SETS",
     "SCORE_ROWS",
     "design",
@@ -42,6 +43,13 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "spectrum+lr": SPECTRUM + ("log10_lr",),
     "config+curvature+lr": CONFIG + CURVATURE + ("log10_lr",),
     "all": CONFIG + CURVATURE + SPECTRUM + ("log10_lr",),
+}
+# Exploratory (not in the plan, PURPOSE.md rule 6): inputs every `transformers` config carries (depth, width, init
+# std), without the normalisation placement, which a generic model does not declare; the candidate for an estimator
+# that needs no knowledge of the architecture beyond its config. Reported under their own label, never selected.
+EXPLORATORY_SETS: dict[str, tuple[str, ...]] = {
+    "arch+lr (exploratory)": ("num_layers", "log2_width", "log10_init_std", "log10_lr"),
+    "arch+spectrum+lr (exploratory)": ("num_layers", "log2_width", "log10_init_std") + SPECTRUM + ("log10_lr",),
 }
 INIT_TIME = tuple(k for k in FEATURE_SETS if k != "gradient+lr")
 # unfitted scores (higher = riskier): the paper's spectral predictors and the two curvature-theory ratios
@@ -253,7 +261,7 @@ def analyse(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed:
     for split, key in (("primary_leave_one_family_out", "family"), ("secondary_leave_one_variant_out", "variant")):
         probs: dict[str, np.ndarray] = {}
         models: dict[str, dict] = {}
-        for name, names in FEATURE_SETS.items():
+        for name, names in {**FEATURE_SETS, **EXPLORATORY_SETS}.items():
             probs[name], models[name] = out_of_fold(rows, names, key)
         res: dict[str, Any] = {}
         for name, p in probs.items():
@@ -288,8 +296,8 @@ def analyse(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed:
                 "delta_log_loss_ci": [float(np.quantile(d_ll, 0.025)), float(np.quantile(d_ll, 0.975))],
             }
         max_lr = {}
-        for name in INIT_TIME:
-            names = FEATURE_SETS[name]
+        for name in (*INIT_TIME, *EXPLORATORY_SETS):
+            names = {**FEATURE_SETS, **EXPLORATORY_SETS}[name]
             seen: dict[str, dict] = {}
             for r in rows:
                 if r["model_id"] in seen or str(r[key]) not in models[name]:

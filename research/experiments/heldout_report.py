@@ -67,7 +67,8 @@ def spectrum_verdict(report: Mapping[str, Any]) -> str:
 
 def best_init_time_model(split: Mapping[str, Any]) -> str:
     """Name of the highest-AUROC model of a split among the init-time feature sets (gradient statistics excluded)."""
-    cands = {k: m["auroc"] for k, m in split["models"].items() if k not in NOT_INIT_TIME and m.get("auroc") is not None}
+    cands = {k: m["auroc"] for k, m in split["models"].items()
+             if k not in NOT_INIT_TIME and "exploratory" not in k and m.get("auroc") is not None}
     return max(cands, key=cands.get)
 
 
@@ -245,6 +246,11 @@ def render_markdown(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
           "* Per rule 7, the analysis uses every completed row; no run was selected or dropped by its outcome.", ""]
 
     L += ["## Primary split: leave one family out", ""] + _split_table(prim) + [""]
+    if any("exploratory" in k for k in prim.get("models", {})):
+        L += ["Rows marked *(exploratory)* are not in the plan (rule 6): inputs every `transformers` config carries "
+              "(depth, width, init std; no normalisation placement), alone and with the spectrum. They are never "
+              "selected as the best model and answer no pre-registered question; a confirmation needs runs they have "
+              "not seen.", ""]
     L += ["Reliability diagram: [`heldout_risk/reliability.png`](heldout_risk/reliability.png).", ""]
     L += ["### Paired bootstrap differences (cluster bootstrap over model inits)", ""] + _diff_table(prim) + [""]
     d = prim["paired_differences"].get(RULE1_COMPARISON)

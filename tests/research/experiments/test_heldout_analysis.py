@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from research.experiments.heldout_analysis import (
+    EXPLORATORY_SETS,
     FEATURE_SETS,
     analyse,
     design,
@@ -98,7 +99,8 @@ def test_design_uses_training_statistics_only():
 def test_analyse_reports_every_planned_number():
     rep = analyse(_synthetic_rows(), n_resamples=50)
     prim = rep["primary_leave_one_family_out"]
-    assert set(prim["models"]) == set(FEATURE_SETS)
+    assert set(prim["models"]) == set(FEATURE_SETS) | set(EXPLORATORY_SETS)  # exploratory rows carry their label
+    assert all("(exploratory)" in k for k in EXPLORATORY_SETS)
     assert "all - config+curvature+lr" in prim["paired_differences"]
     lo, hi = prim["models"]["config+lr"]["auroc_ci"]
     assert lo <= prim["models"]["config+lr"]["auroc"] <= hi
