@@ -8,7 +8,7 @@ optimizer state, one host sync). Each round trains both arms for `--steps` steps
 order alternating between rounds (ABBA) so slow load drifts hit both alike; the per-step time is `train_runtime /
 steps` from the Trainer's own metrics, and the overhead is the median over rounds of guard / plain - 1 (with min and
 max). Two settings: no gradient clipping (the norm is read in `on_pre_optimizer_step`) and `max_grad_norm=1` (the
-pre-clip norm comes from one post-accumulate-grad hook per parameter). Sizes: d 64 and d 256 (L 4).
+pre-clip norm is read at the end of each backward pass, `GradNormTap`). Sizes: d 64 and d 256 (L 4).
 
 Whole Trainer runs scatter by tens of percent between rounds on a shared machine, so `--paired` measures the same
 thing at the step level: two copies of the model with identical weights train side by side in one process, one

@@ -158,9 +158,9 @@ class GradNormTap:
     callback re-queues itself once so that it runs after the callbacks other hooks queued during the same backward
     (DDP's gradient reduction), so under DDP the norm is of the averaged gradient. With gradient accumulation the last
     backward of the step sees the accumulated, pre-clip gradient. Nested backward passes (reentrant gradient
-    checkpointing) re-arm the read, so the one that ends last, after every accumulation, sets the value. FSDP2 reduces into sharded gradients outside
-    autograd, so with DTensor parameters the norm is read from the shards in `on_pre_optimizer_step` (after
-    clipping) and summed over processes by the caller.
+    checkpointing) re-arm the read, so the one that ends last, after every accumulation, sets the value. FSDP2 reduces
+    into sharded gradients outside autograd, so with DTensor parameters the norm is read from the shards in
+    `on_pre_optimizer_step` (after clipping) and summed over processes by the caller.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], pre_clip: bool) -> None:

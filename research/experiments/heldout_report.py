@@ -11,6 +11,8 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
+from .heldout_analysis import EXPLORATORY_SETS
+
 PRIMARY = "primary_leave_one_family_out"
 SECONDARY = "secondary_leave_one_variant_out"
 RULE1_COMPARISON = "all - config+curvature+lr"
@@ -68,7 +70,7 @@ def spectrum_verdict(report: Mapping[str, Any]) -> str:
 def best_init_time_model(split: Mapping[str, Any]) -> str:
     """Name of the highest-AUROC model of a split among the init-time feature sets (gradient statistics excluded)."""
     cands = {k: m["auroc"] for k, m in split["models"].items()
-             if k not in NOT_INIT_TIME and "exploratory" not in k and m.get("auroc") is not None}
+             if k not in NOT_INIT_TIME and k not in EXPLORATORY_SETS and m.get("auroc") is not None}
     return max(cands, key=cands.get)
 
 
@@ -246,7 +248,7 @@ def render_markdown(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
           "* Per rule 7, the analysis uses every completed row; no run was selected or dropped by its outcome.", ""]
 
     L += ["## Primary split: leave one family out", ""] + _split_table(prim) + [""]
-    if any("exploratory" in k for k in prim.get("models", {})):
+    if any(k in EXPLORATORY_SETS for k in prim.get("models", {})):
         L += ["Rows marked *(exploratory)* are not in the plan (rule 6): inputs every `transformers` config carries "
               "(depth, width, init std; no normalisation placement), alone and with the spectrum. They are never "
               "selected as the best model and answer no pre-registered question; a confirmation needs runs they have "

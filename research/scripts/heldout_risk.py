@@ -139,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th model init from the I-th")
     args = parser.parse_args(argv)
-    try:
-        shard = tuple(int(x) for x in args.shard.split("/"))
-        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
-    except (ValueError, AssertionError):
+    index, _, count = args.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         parser.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2.")
+    shard = (int(index), int(count))
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
