@@ -15,7 +15,9 @@ thing at the step level: two copies of the model with identical weights train si
 plain and one with the guard's callback events called exactly where the Trainer calls them (`on_step_begin`,
 forward + backward, clipping, `on_pre_optimizer_step`, AdamW, `on_optimizer_step`, `on_step_end`); the two arms
 alternate step by step (ABBA), each step is timed in process CPU time, and the overhead is the median over blocks of
-`--block` steps of (guard CPU time / plain CPU time) - 1, with its interquartile range. The Trainer's own per-step
+`--block` steps of (guard CPU time / plain CPU time) - 1, with its interquartile range, and the ratio of the totals
+with a 95% block-bootstrap CI (2,000 resamples of the blocks); also the CPU time spent inside the callback's events
+per step (the guard's own code, measured directly, without its hooks inside forward and backward). The Trainer's own per-step
 work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the overhead in a Trainer.
 
 Also timed: the guard's one all-reduce per step (4 float64 numbers) between 2 gloo processes on this machine, median
@@ -104,42 +106,62 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int) -> dict:
         state, control = TrainerState(), TrainerControl()
         callback.on_train_begin(args, state, control, model=guarded, optimizer=optims["guard"])
 
+        inside = [0.0]  # process time spent inside the callback's events (the guard's own code, without its hooks)
+
+        def event(fn, **kw) -> None:
+            start = time.process_time()
+            fn(args, state, control, **kw)
+            inside[0] += time.process_time() - start
+
         def step(arm: str, batch: dict) -> float:
             model, optim = (guarded, optims["guard"]) if arm == "guard" else (plain, optims["plain"])
             start = time.process_time()
             if arm == "guard":
-                callback.on_step_begin(args, state, control)
+                event(callback.on_step_begin)
             model(**batch).loss.backward()
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if arm == "guard":
-                callback.on_pre_optimizer_step(args, state, control, model=model, optimizer=optim)
+                event(callback.on_pre_optimizer_step, model=model, optimizer=optim)
             optim.step()
             if arm == "guard":
-                callback.on_optimizer_step(args, state, control, model=model, optimizer=optim)
+                event(callback.on_optimizer_step, model=model, optimizer=optim)
             optim.zero_grad()
             if arm == "guard":
                 state.global_step += 1
-                callback.on_step_end(args, state, control, model=model, optimizer=optim)
+                event(callback.on_step_end, model=model, optimizer=optim)
             return time.process_time() - start
 
         for i in range(10):  # warm-up, and the "auto" snapshot interval settles
             step("plain", batches[i % 8]), step("guard", batches[i % 8])
-        ratios, plain_ms = [], []
+        inside[0] = 0.0
+        totals = []  # (plain, guard) CPU seconds per block
         for b in range(blocks):
             t = {"plain": 0.0, "guard": 0.0}
             for i in range(block):
                 order = ("plain", "guard") if (b * block + i) % 2 == 0 else ("guard", "plain")
                 for arm in order:
                     t[arm] += step(arm, batches[i % 8])
-            ratios.append(t["guard"] / t["plain"] - 1)
-            plain_ms.append(1000 * t["plain"] / block)
+            totals.append((t["plain"], t["guard"]))
         interval = callback._snapshot_interval()
         callback.on_train_end(args, state, control)
+    ratios = [g / p - 1 for p, g in totals]
+    plain_ms = [1000 * p / block for p, _ in totals]
+    overall = sum(g for _, g in totals) / sum(p for p, _ in totals) - 1
+    gen = torch.Generator().manual_seed(0)
+    boot = []
+    for _ in range(2000):  # block bootstrap of the ratio of totals
+        idx = torch.randint(len(totals), (len(totals),), generator=gen).tolist()
+        boot.append(sum(totals[i][1] for i in idx) / sum(totals[i][0] for i in idx) - 1)
+    boot.sort()
     q = statistics.quantiles(ratios, n=4)
+    steps = blocks * block
     return {"hidden_size": hidden, "max_grad_norm": clip, "blocks": blocks, "block": block,
-            "plain_step_cpu_ms": statistics.median(plain_ms), "overhead_median": statistics.median(ratios),
-            "overhead_q1": q[0], "overhead_q3": q[2], "snapshot_interval": interval}
+            "plain_step_cpu_ms": statistics.median(plain_ms), "overhead": overall,
+            "overhead_ci95": [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]],
+            "overhead_median": statistics.median(ratios), "overhead_q1": q[0], "overhead_q3": q[2],
+            "callback_cpu_ms_per_step": 1000 * inside[0] / steps,
+            "callback_share": inside[0] / sum(p for p, _ in totals), "snapshot_interval": interval}
 
 
 def _allreduce_worker(rank: int, port: int, calls: int, out: str) -> None:
@@ -178,18 +200,22 @@ def main(argv=None) -> None:
     parser.add_argument("--paired", action="store_true", help="step-level paired measurement (see the docstring)")
     parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="model widths d (paired mode)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     if args.paired:
         torch.set_num_threads(1)
-        rows = [paired_overhead(h, c, args.blocks, args.block) for h in (64, 256) for c in (0.0, 1.0)]
+        rows = [paired_overhead(h, c, args.blocks, args.block) for h in args.sizes for c in (0.0, 1.0)]
         result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0], "torch": torch.__version__,
                   "threads": 1}
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
         for r in rows:
+            lo, hi = r["overhead_ci95"]
             print(f"d={r['hidden_size']} clip={r['max_grad_norm']}: plain {r['plain_step_cpu_ms']:.1f} CPU-ms/step, "
-                  f"guard overhead {100 * r['overhead_median']:+.2f} % [IQR {100 * r['overhead_q1']:+.2f}, "
-                  f"{100 * r['overhead_q3']:+.2f}], snapshot every {r['snapshot_interval']} steps")
+                  f"guard overhead {100 * r['overhead']:+.2f} % [95% CI {100 * lo:+.2f}, {100 * hi:+.2f}] "
+                  f"(block median {100 * r['overhead_median']:+.2f} %), inside the callback "
+                  f"{r['callback_cpu_ms_per_step']:.3f} ms/step = {100 * r['callback_share']:.2f} %, "
+                  f"snapshot every {r['snapshot_interval']} steps")
         return
     rows = [overhead(h, c, args.rounds, args.steps) for h in (64, 256) for c in (0.0, 1.0)]
     reduce_s = allreduce_seconds()

@@ -31,6 +31,7 @@ from hf_koopman.training.guard import (
     GradNormTap,
     LossTap,
     StateSnapshot,
+    is_distributed,
     is_sharded,
     reduce_max,
     world_sum,
@@ -46,7 +47,7 @@ _OUT_OF_RANGE_LEVEL = {True: 1.0, False: 0.0, None: -1.0}
 RECORD_NAME = "rksp_guard.json"
 _MODES = ("stop", "rollback")
 #: Share of the step time the "auto" snapshot interval allows the validated-state copy to take.
-_SNAPSHOT_BUDGET = 0.005
+_SNAPSHOT_BUDGET = 0.0025
 
 
 # model -> its Trainer, for Trainer subclasses that register themselves (KSSTrainer): a callback restored from a
@@ -66,6 +67,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def _max_key(value: float | None) -> float:
+    """A value as it enters the max over processes: NaN -> +inf (a NaN must trip the rule), missing -> -inf."""
+    if value is None:
+        return float("-inf")
+    return float("inf") if math.isnan(value) else value
 
 
 def scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> None:
@@ -95,15 +103,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
     * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch and logs the same keys.
     * **Divergence guard** (`guard=True`): the rule of [`~hf_koopman.training.divergence.DivergenceRule`] (loss > 50,
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
-      loss from a forward hook, the gradient norm before clipping from gradient hooks, block outputs from forward hooks.
-      All processes decide together (one all-reduce of three numbers per step).
+      loss from a forward hook, the gradient norm before clipping at the end of each backward pass, block outputs from
+      forward hooks. All processes decide together (one all-reduce of four numbers per step; none in one process).
 
       *What counts as good.* The loss and gradient of step `t` are computed with the weights left by step `t - 1`, so a
       passing step `t` validates those weights: the guard then keeps them, with the optimizer state, as a CPU snapshot
       (one copy, refreshed every `snapshot_every_n_steps` passing steps), and a checkpoint saved after step `t - 1`
       becomes the *last good checkpoint*. The copy costs a memory pass over the weights and optimizer state; with
       `"auto"` the refresh interval is chosen from the measured copy and step times so that the copy costs at most
-      0.5 % of training time, so a rollback may go back a few more steps than the last passing one.
+      0.25 % of training time, so a rollback may go back a few more steps than the last passing one.
       When step `t` trips, the weights of step `t - 1` are suspect and the last validated state is that of step
       `t - 2`. The update of the tripping step is never kept.
 
@@ -154,7 +162,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         lr_backoff (`float`, defaults to `0.5`): learning-rate factor applied at each rollback, in `(0, 1]`.
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
-            many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.5 % of the step time.
+            many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
         auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], decide on KSS from the init verdict. A high-risk
             verdict does not switch KSS on (no measured benefit, `results/kss_v2.md`): a warning names the evidence
             and `kss/auto_enabled = 0` is logged. `kss_enabled=True` still trains with KSS.
@@ -486,7 +494,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             shared = world if (world > 1 and getattr(args, "average_tokens_across_devices", False)) else 1
             self._loss_tap = LossTap(model, float(shared))
         if self._grad_tap is None:
-            self._grad_tap = GradNormTap(self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0))
+            self._grad_tap = GradNormTap(
+                self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0), model=model
+            )
         if self.check_activations and self._watch is None:
             from hf_koopman.profiling import find_residual_blocks
 
@@ -528,32 +538,58 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _observe(self) -> tuple[list[float], float | None, float | None, int | None]:
         """Reduced `[loss, grad_norm, -first_bad_block, snapshot_interval]` over processes (one all-reduce: every
-        process takes the same decision, and refreshes its snapshot at the same steps) and the local values."""
+        process takes the same decision, and refreshes its snapshot at the same steps) and the local values. NaN maps
+        to +inf (it must win the max) and a missing value to -inf."""
         device = self._params[0].device if self._params else torch.device("cpu")
-        minus_inf = torch.tensor(float("-inf"), device=device)
         loss = self._loss_tap.step_loss() if self._loss_tap is not None else None
         squared = self._grad_tap.squared_norm(self._params) if self._grad_tap is not None else None
         if squared is not None and self._sharded:
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
-        norm = squared.sqrt() if squared is not None else None
-        bad = self._watch.first_bad_index() if self._watch is not None else None
+        interval = float(self._snapshot_interval())
+        if not is_distributed():
+            # one process: a single host sync, the rest in Python (tensor assembly costs more than the check itself);
+            # the first bad block is located only when the total of the block sums is non-finite
+            activations = self._watch.total() if self._watch is not None else None
+            present = [t for t in (loss, squared, activations) if t is not None]
+            if device.type == "cpu" or len(present) < 2:
+                values = [float(t) for t in present]
+            else:
+                values = torch.stack([t.detach().to(device=device, dtype=torch.float64) for t in present]).tolist()
+            it = iter(values)
+            loss_value = next(it) if loss is not None else None
+            squared_value = next(it) if squared is not None else None
+            total = next(it) if activations is not None else None
+            norm_value = None if squared_value is None else math.sqrt(squared_value)
+            bad_value = None
+            if total is not None and not math.isfinite(total):
+                bad_value = float(self._watch.first_bad_index())
+                if bad_value >= len(self._watch.names):  # finite block sums whose float32 total overflowed
+                    bad_value = None
+            reduced = [_max_key(loss_value), _max_key(norm_value),
+                       -bad_value if bad_value is not None else float("-inf"), interval]
+            local_bad = bad_value
+        else:
+            bad = self._watch.first_bad_index() if self._watch is not None else None
+            minus_inf = torch.tensor(float("-inf"), device=device)
 
-        def finite_or_inf(x: torch.Tensor | None) -> torch.Tensor:
-            if x is None:
-                return minus_inf
-            x = x.to(device=device, dtype=torch.float64)
-            return torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
+            def finite_or_inf(x: torch.Tensor | None) -> torch.Tensor:
+                if x is None:
+                    return minus_inf
+                x = x.to(device=device, dtype=torch.float64)
+                return torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
 
-        bad_value = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
-        interval = torch.tensor(float(self._snapshot_interval()), dtype=torch.float64, device=device)
-        local = torch.stack([finite_or_inf(loss), finite_or_inf(norm), bad_value, interval])
-        reduced = reduce_max(local.clone())
-        local_values, reduced = torch.stack([local, reduced]).tolist()  # the one host sync of the step
-        loss_value = None if loss is None else float(loss)
-        norm_value = None if norm is None else float(norm)
+            norm = squared.sqrt() if squared is not None else None
+            bad_t = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
+            interval_t = torch.tensor(interval, dtype=torch.float64, device=device)
+            local = torch.stack([finite_or_inf(loss), finite_or_inf(norm), bad_t, interval_t])
+            reduced = reduce_max(local.clone())
+            local_values, reduced = torch.stack([local, reduced]).tolist()  # the one host sync of the step
+            loss_value = None if loss is None else float(loss)
+            norm_value = None if norm is None else float(norm)
+            local_bad = -local_values[2] if bad is not None else None
         bad_index = None
-        if bad is not None and self._watch is not None and -local_values[2] < len(self._watch.names):
-            bad_index = int(-local_values[2])
+        if local_bad is not None and self._watch is not None and local_bad < len(self._watch.names):
+            bad_index = int(local_bad)
         return reduced, loss_value, norm_value, bad_index
 
     def on_step_begin(self, args, state, control, **kwargs):

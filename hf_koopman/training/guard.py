@@ -4,8 +4,8 @@
   (`outputs.loss`), so a Trainer subclass that adds terms to its objective (KSS) is still judged on the model's loss,
   and NaN/Inf losses are seen although the Trainer's `logging_nan_inf_filter` hides them from the logs.
 * `GradNormTap`: the gradient norm of the step. With clipping on (`max_grad_norm > 0`) it is read before clipping, at
-  the end of each backward pass (an autograd end-of-backward callback queued from post-accumulate-grad hooks; the
-  paper's rule is about the raw norm); without clipping it is read in `on_pre_optimizer_step` from the gradients the
+  the end of each backward pass (an autograd end-of-backward callback queued by a tensor hook on the model's outputs;
+  the paper's rule is about the raw norm); without clipping it is read in `on_pre_optimizer_step` from the gradients the
   optimizer is about to apply. Either way one fused norm over all gradients per read.
 * `ActivationWatch`: forward hooks on the residual blocks that flag non-finite outputs on device (one sum each).
 * `StateSnapshot`: a CPU copy of the parameters and the optimizer state, restored in place.
@@ -30,6 +30,7 @@ __all__ = [
     "GradNormTap",
     "LossTap",
     "StateSnapshot",
+    "is_distributed",
     "reduce_max",
 ]
 
@@ -152,28 +153,39 @@ def is_sharded(params: list[torch.nn.Parameter]) -> bool:
 class GradNormTap:
     """Gradient norm of the step (squared, on device).
 
-    `pre_clip=True` reads the gradients at the end of every backward pass, i.e. before the Trainer clips them: a
-    post-accumulate-grad hook on each parameter only notes that a backward pass is running and queues one autograd
-    end-of-backward callback, which sums the squared norms of all gradients in one fused `torch._foreach_norm`. The
-    callback re-queues itself once so that it runs after the callbacks other hooks queued during the same backward
-    (DDP's gradient reduction), so under DDP the norm is of the averaged gradient. With gradient accumulation the last
-    backward of the step sees the accumulated, pre-clip gradient. Nested backward passes (reentrant gradient
-    checkpointing) re-arm the read, so the one that ends last, after every accumulation, sets the value. FSDP2 reduces
-    into sharded gradients outside autograd, so with DTensor parameters the norm is read from the shards in
-    `on_pre_optimizer_step` (after clipping) and summed over processes by the caller.
+    `pre_clip=True` reads the gradients at the end of every backward pass, i.e. before the Trainer clips them. A
+    forward hook on `model` puts a tensor hook on the tensors of each training output that require grad (the loss,
+    the logits); the first of them that the backward pass reaches queues one autograd end-of-backward callback, which
+    sums the squared norms of all gradients in one fused `torch._foreach_norm`. That is two Python calls per
+    micro-batch whatever the number of parameters. The callback re-queues itself once so that it runs after the
+    callbacks other hooks queue during the same backward (DDP's gradient reduction), so under DDP the norm is of the
+    averaged gradient. With gradient accumulation the last backward of the step sees the accumulated, pre-clip
+    gradient; the callback belongs to the outermost backward pass, so nested passes (reentrant gradient checkpointing)
+    have finished when it runs. A backward pass that does not flow through the model's outputs (a loss computed from
+    something else) leaves the value unset: the norm is then read from the gradients the optimizer is about to apply
+    (after clipping) and a warning says so once. FSDP2 reduces into sharded gradients outside autograd, so with DTensor
+    parameters the norm is read from the shards in `on_pre_optimizer_step` (after clipping) and summed over processes
+    by the caller.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], pre_clip: bool) -> None:
-        self.pre_clip = pre_clip and not is_sharded(params)
+    def __init__(self, params: list[torch.nn.Parameter], pre_clip: bool, model: torch.nn.Module | None = None) -> None:
+        self.pre_clip = pre_clip and model is not None and not is_sharded(params)
         self._params = params
         self._squared: torch.Tensor | None = None
         self._queued = False
-        self._handles = []
-        if self.pre_clip:
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._warned = False
+        self._handles = [model.register_forward_hook(self._on_forward)] if self.pre_clip else []
 
-    def _on_grad(self, param: torch.Tensor) -> None:
-        if not self._queued:  # first parameter of this backward pass
+    def _on_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                value.register_hook(self._on_backward)
+
+    def _on_backward(self, grad: torch.Tensor) -> None:
+        if not self._queued:  # the first hooked output this backward pass reaches
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._after_other_callbacks)
 
@@ -191,7 +203,15 @@ class GradNormTap:
             self.pre_clip = False
         if self.pre_clip and self._squared is not None:
             return self._squared
-        return _squared_norm(params)
+        squared = _squared_norm(params)
+        if self.pre_clip and squared is not None and not self._warned:
+            self._warned = True
+            logger.warning(
+                "RKSP guard: the backward pass did not flow through the model's outputs (is the loss computed from "
+                "something else?), so the gradient norm is read after clipping: only a non-finite gradient can trip "
+                "the gradient rule. Compute the loss from the model's outputs to restore the pre-clip check."
+            )
+        return squared
 
     def reset(self) -> None:
         self._squared = None
@@ -204,12 +224,16 @@ class GradNormTap:
 
 
 def _squared_norm(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
-    """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float32; `None` if none."""
-    grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
+    """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float32; `None` if none.
+
+    One fused `_foreach_norm` and one norm of the per-tensor norms (`torch.stack` promotes mixed dtypes)."""
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    norms = torch._foreach_norm(grads)
-    return torch.stack([n.float() for n in norms]).square().sum()
+    if hasattr(grads[0], "to_local"):
+        grads = [_local(g) for g in grads]
+    with torch.no_grad():
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).square()
 
 
 class ActivationWatch:
@@ -237,6 +261,15 @@ class ActivationWatch:
 
         return hook
 
+    def total(self) -> torch.Tensor | None:
+        """On-device sum of every block's output sum since `reset()`: non-finite iff some block was flagged (or the
+        float32 total overflows); `None` before any watched forward. Two ops, for the per-step check."""
+        seen = [s for s in self._sums if s is not None]
+        if not seen:
+            return None
+        device = seen[0].device
+        return torch.stack([s if s.device == device else s.to(device) for s in seen]).sum(dtype=torch.float32)
+
     def first_bad_index(self) -> torch.Tensor | None:
         """On-device index of the first block with a non-finite output since `reset()` (`len(blocks)` = none)."""
         seen = [s for s in self._sums if s is not None]
@@ -257,16 +290,21 @@ class ActivationWatch:
         self._handles = []
 
 
+def is_distributed() -> bool:
+    """Whether more than one process takes part (an initialised process group of size > 1)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Element-wise max over all processes (one all-reduce); identity in a single process. NaN must be mapped first."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 
 def world_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (FSDP2 squared-norm shards)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 

@@ -18,7 +18,7 @@ def _model() -> torch.nn.Module:
 def test_pre_clip_norm_is_read_before_clipping(accumulation):
     model = _model()
     params = list(model.parameters())
-    tap = GradNormTap(params, pre_clip=True)
+    tap = GradNormTap(params, pre_clip=True, model=model)
     x = torch.randn(5, 8)
     for step in range(2):
         model.zero_grad()
@@ -93,12 +93,56 @@ def test_pre_clip_norm_with_gradient_checkpointing(reentrant, head_has_parameter
     blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
     head = torch.nn.Linear(8, 2).requires_grad_(head_has_parameters)  # without: the first hook fires in a nested pass
     params = [p for p in [*blocks.parameters(), *head.parameters()] if p.requires_grad]
-    tap = GradNormTap(params, pre_clip=True)
-    x = torch.randn(4, 8, requires_grad=True)
-    h = x
-    for block in blocks:
-        h = checkpoint(lambda t, b=block: torch.tanh(b(t)), h, use_reentrant=reentrant)
-    head(h).square().sum().backward()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.head = blocks, head
+
+        def forward(self, h):
+            for block in self.blocks:
+                h = checkpoint(lambda t, b=block: torch.tanh(b(t)), h, use_reentrant=reentrant)
+            return self.head(h)
+
+    net = Net()
+    tap = GradNormTap(params, pre_clip=True, model=net)
+    net(torch.randn(4, 8, requires_grad=True)).square().sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grad_norm_(params, max_norm=1e-4)
+    assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_backward_outside_the_model_outputs_falls_back_with_a_warning(caplog):
+    # a loss that does not flow through the model's outputs: the clipped norm is read instead, and the user is told
+    model = _model()
+    params = list(model.parameters())
+    tap = GradNormTap(params, pre_clip=True, model=model)
+    with torch.no_grad():
+        model(torch.randn(5, 8))  # no training forward: nothing hooked
+    params[0].square().sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    with caplog.at_level("WARNING"):
+        got = tap.squared_norm(params).sqrt()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert "did not flow through the model's outputs" in caplog.text
+
+
+def test_output_hooks_read_the_norm_of_a_model_returning_a_loss_dict():
+    # a transformers-style output (a dict with the loss and the logits): the norm is read once per backward pass
+    class Lm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x):
+            logits = self.net(x)
+            return {"loss": logits.square().mean(), "logits": logits, "aux": None}
+
+    lm = Lm()
+    params = list(lm.parameters())
+    tap = GradNormTap(params, pre_clip=True, model=lm)
+    out = lm(torch.randn(5, 8))
+    (out["loss"] + 0.0 * out["logits"].sum()).backward()  # both hooked outputs are reached: one read
     expected = torch.nn.utils.get_total_norm([p.grad for p in params])
     torch.nn.utils.clip_grad_norm_(params, max_norm=1e-4)
     assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)

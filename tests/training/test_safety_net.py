@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
+from hf_koopman.training import callback as callback_module
 
 
 BATCH = 4
@@ -230,7 +231,8 @@ def test_auto_snapshot_interval_keeps_the_copy_within_its_budget():
     assert guard._snapshot_interval() == 1  # nothing measured yet: refresh every passing step
     guard._step_seconds, guard._capture_seconds = 0.030, 0.001  # a 1 ms copy on a 30 ms step
     interval = guard._snapshot_interval()
-    assert guard._capture_seconds / (interval * guard._step_seconds) <= 0.005 < guard._capture_seconds / (
+    budget = callback_module._SNAPSHOT_BUDGET  # 0.25 % of the step time
+    assert guard._capture_seconds / (interval * guard._step_seconds) <= budget < guard._capture_seconds / (
         (interval - 1) * guard._step_seconds)
     guard._capture_seconds = 1e-6
     assert guard._snapshot_interval() == 1
