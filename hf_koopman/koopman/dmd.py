@@ -446,7 +446,7 @@ def _to_real_form(vec: torch.Tensor, start: torch.Tensor, scale: float = 1.0) ->
     return torch.where(shifted, scale * imag_prev, real)
 
 
-def _eigen_one(operator: torch.Tensor, vectors: bool):
+def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True):
     r"""Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V).
 
     For a real operator the eigenvector matrix factors as $V = R\,U$ with $R$ real (the real eigenvectors and, for
@@ -463,6 +463,8 @@ def _eigen_one(operator: torch.Tensor, vectors: bool):
     lam, vec = lam[order], vec[:, order]
     tiny = torch.finfo(operator.dtype).tiny
     vec = vec / _column_norms(vec).clamp_min(tiny)
+    if not left_vectors:
+        return lam.to(torch.complex128), vec, None, torch.tensor(math.nan, dtype=_F64)
     start = _conjugate_pairs(lam) if not operator.is_complex() else None
     if start is None:
         inv = _inverse(vec)  # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
@@ -486,12 +488,13 @@ def _eigen_one(operator: torch.Tensor, vectors: bool):
 
 
 def _eigen(
-    operator: torch.Tensor, vectors: bool = True, dtype: torch.dtype | None = None
+    operator: torch.Tensor, vectors: bool = True, dtype: torch.dtype | None = None, left_vectors: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Eigenvalues by decreasing modulus (complex128), unit-norm right and left eigenvectors, and kappa(V) (Alg. 1 l. 8).
 
     The decomposition runs in `dtype` (see `_eig_dtype`); the eigenvectors keep its complex counterpart. Without
-    `vectors` only the eigenvalues are computed and kappa(V) is NaN. Layers run side by side in worker threads, each
+    `vectors` only the eigenvalues are computed and kappa(V) is NaN; without `left_vectors` the left eigenvectors are
+    `None` and kappa(V) is NaN (no inverse of V). Layers run side by side in worker threads, each
     with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and on a busy 2-core
     machine a multi-threaded `geev` is 20-40x slower than a single-threaded one.
     """
@@ -504,18 +507,20 @@ def _eigen(
     lam = torch.empty(count, m, dtype=torch.complex128, device=flat.device)
     kappa = torch.empty(count, dtype=_F64, device=flat.device)
     vec = torch.empty(count, m, m, dtype=cdtype, device=flat.device) if vectors else None
-    left = torch.empty_like(vec) if vectors else None
+    left = torch.empty_like(vec) if vectors and left_vectors else None
 
     def one(i: int) -> None:  # each worker writes its layer into the outputs (no stacking copies)
-        lam[i], vec_i, left_i, kappa[i] = _eigen_one(flat[i], vectors)
+        lam[i], vec_i, left_i, kappa[i] = _eigen_one(flat[i], vectors, left_vectors)
         if vectors:
-            vec[i], left[i] = vec_i, left_i
+            vec[i] = vec_i
+        if left is not None:
+            left[i] = left_i
 
     _map_layers(one, count, parallel=m > 64)
     lam, kappa = lam.reshape(*batch, m), kappa.reshape(batch)
     if not vectors:
         return lam, None, None, kappa
-    return lam, vec.reshape(*batch, m, m), left.reshape(*batch, m, m), kappa
+    return lam, vec.reshape(*batch, m, m), None if left is None else left.reshape(*batch, m, m), kappa
 
 
 def _inverse(vec: torch.Tensor) -> torch.Tensor:
@@ -1025,6 +1030,7 @@ def whitened_dmd(
     dtype: torch.dtype | None = None,
     eigenvectors: bool = True,
     eig_dtype: torch.dtype | None = None,
+    left_eigenvectors: bool = True,
 ) -> DMDResult:
     r"""Whitened DMD of the map X -> Y of one residual block, or of `L` blocks at once (RKSP Algorithm 1, lines 5-8).
 
@@ -1059,6 +1065,9 @@ def whitened_dmd(
             $\kappa(V)$ (needed by the ResDMD filter and `eigvec_condition`); `False` returns eigenvalues only.
         eig_dtype (`torch.dtype`, *optional*): precision of the eigenproblem. Default: float64 up to 256 modes,
             float32 above (moduli within ~1e-4 of float64, 3x faster).
+        left_eigenvectors (`bool`, *optional*, defaults to `True`): with `eigenvectors`, also compute the left
+            eigenvectors and $\kappa(V)$ (one inverse of V); `False` gives eigenvalues and right eigenvectors only (the
+            outputs of an exact DMD such as PyDMD's), with `left_eigenvectors=None` and a NaN $\kappa(V)$ in the result.
 
     Returns:
         [`DMDResult`]: batched along the first axis when `X` was `(L, N, d)`.
@@ -1116,7 +1125,7 @@ def whitened_dmd(
         op, moments, rank_x = _fit_operator(
             X, Y, rank=rank, randomized=randomized, eps=eps, oversample=oversample, power_iters=power_iters,
             generator=generator, dtype=dtype, eig_dtype=eig_dtype)
-        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype)
+        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype, left_eigenvectors)
         op = op.to(_F64)
         if moments.is_raw:
             trace_xx, trace_dd = moments.traces[0].clamp_min(0.0), moments.traces[1].clamp_min(0.0)

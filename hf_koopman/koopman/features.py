@@ -309,9 +309,9 @@ def spectral_features(
 
 def _features(result, near_band, contractive_below, residual_tol, reliable_only, degenerate_tol, compute_kreiss,
               eps_residual, eps_nl):
-    if result.eigenvectors is None:
-        raise ValueError("spectral_features needs eigenvectors (ResDMD filter, kappa(V)); call whitened_dmd with "
-                         "eigenvectors=True (the default)")
+    if result.eigenvectors is None or result.left_eigenvectors is None:
+        raise ValueError("spectral_features needs right and left eigenvectors (ResDMD filter, kappa(V)); call "
+                         "whitened_dmd with eigenvectors=True and left_eigenvectors=True (the defaults)")
     residuals = resdmd_residuals(result, eps_residual)
     eta = nonlinearity_ratio(result, eps_nl)
     degenerate = result.degenerate if degenerate_tol is None else (

@@ -420,10 +420,27 @@ def test_eigenvalues_only_skips_the_eigenvectors():
     only = whitened_dmd(X, Y, eigenvectors=False)
     torch.testing.assert_close(only.eigenvalues, full.eigenvalues, atol=1e-10, rtol=0)
     assert only.eigenvectors is None and only.left_eigenvectors is None and math.isnan(float(only.eigvec_condition))
-    with pytest.raises(ValueError, match="eigenvectors=True"):
+    with pytest.raises(ValueError, match="eigenvectors=True and"):
         from hf_koopman.koopman import spectral_features
 
         spectral_features(only)
+
+
+def test_right_eigenvectors_only_skip_the_inverse():
+    # the outputs of an exact DMD (eigenvalues + modes): the same eigenpairs, no left eigenvectors, no kappa(V)
+    X = anisotropic_states(800, 12, seed=2)
+    Y = X @ planted_operator([1.1, 0.95, 0.5] * 4, seed=3, cond=2.0)[0].T
+    full = whitened_dmd(X, Y)
+    right = whitened_dmd(X, Y, left_eigenvectors=False)
+    torch.testing.assert_close(right.eigenvalues, full.eigenvalues, atol=1e-10, rtol=0)
+    torch.testing.assert_close(right.eigenvectors, full.eigenvectors, atol=1e-10, rtol=0)
+    assert right.left_eigenvectors is None and math.isnan(float(right.eigvec_condition))
+    A = right.operator.to(right.eigenvectors.dtype)
+    torch.testing.assert_close(A @ right.eigenvectors, right.eigenvectors * right.eigenvalues, atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="left_eigenvectors=True"):
+        from hf_koopman.koopman import spectral_features
+
+        spectral_features(right)
 
 
 def _force_whitened_path(monkeypatch):
