@@ -206,11 +206,13 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="model widths d (paired mode)")
+    parser.add_argument("--clips", type=float, nargs="+", default=[0.0, 1.0],
+                        help="max_grad_norm settings (paired mode; 1.0 is the Trainer's default, 0 = no clipping)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     if args.paired:
         torch.set_num_threads(1)
-        rows = [paired_overhead(h, c, args.blocks, args.block) for h in args.sizes for c in (0.0, 1.0)]
+        rows = [paired_overhead(h, c, args.blocks, args.block) for h in args.sizes for c in args.clips]
         result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0], "torch": torch.__version__,
                   "threads": 1}
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
