@@ -134,8 +134,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
       optimizer already uses the lowered one). `save_total_limit` rotates checkpoints by age and may delete the last
       good one; keep a limit of at least 3, or none, when you rely on it.
 
-      Under DDP the rule is applied to each process's own loss and pre-averaging gradient (one tripping process trips
-      all); under FSDP2 to the reduce-scattered gradient, after clipping.
+      Under DDP the rule is applied to each process's own loss and to the averaged gradient (the norm is read after
+      DDP's reduction; one tripping process trips all); under FSDP2 to the reduce-scattered gradient, after clipping.
     * **Stateful**: verdict, auto-KSS decision, last good checkpoint, events and the lr scale are saved in checkpoints
       and restored with `restore_callback_states_from_checkpoint=True`.
 
