@@ -85,7 +85,7 @@ def overhead(hidden: int, clip: float, rounds: int, steps: int) -> dict:
             "overhead_median": statistics.median(ratios), "overhead_min": min(ratios), "overhead_max": max(ratios)}
 
 
-def paired_overhead(hidden: int, clip: float, blocks: int, block: int) -> dict:
+def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_every: int | str = "auto") -> dict:
     """Step-level overhead of the guard (see the module docstring): `blocks` x `block` steps per arm."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -100,7 +100,7 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int) -> dict:
     plain, guarded = build_model(spec), build_model(spec)
     guarded.load_state_dict(plain.state_dict())
     optims = {arm: torch.optim.AdamW(m.parameters(), lr=1e-3) for arm, m in (("plain", plain), ("guard", guarded))}
-    callback = RKSPCallback(profile_at_init=False)
+    callback = RKSPCallback(profile_at_init=False, snapshot_every_n_steps=snapshot_every)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_grad_norm=clip, report_to="none", use_cpu=True, learning_rate=1e-3)
         state, control = TrainerState(), TrainerControl()
@@ -206,13 +206,16 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="model widths d (paired mode)")
+    parser.add_argument("--snapshot-every", default="auto",
+                        help="the guard's snapshot_every_n_steps (paired mode); a huge value isolates the snapshot's cost")
     parser.add_argument("--clips", type=float, nargs="+", default=[0.0, 1.0],
                         help="max_grad_norm settings (paired mode; 1.0 is the Trainer's default, 0 = no clipping)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     if args.paired:
         torch.set_num_threads(1)
-        rows = [paired_overhead(h, c, args.blocks, args.block) for h in args.sizes for c in args.clips]
+        every = "auto" if args.snapshot_every == "auto" else int(args.snapshot_every)
+        rows = [paired_overhead(h, c, args.blocks, args.block, every) for h in args.sizes for c in args.clips]
         result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0], "torch": torch.__version__,
                   "threads": 1}
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
