@@ -17,8 +17,9 @@ forward + backward, clipping, `on_pre_optimizer_step`, AdamW, `on_optimizer_step
 alternate step by step (ABBA), each step is timed in process CPU time, and the overhead is the median over blocks of
 `--block` steps of (guard CPU time / plain CPU time) - 1, with its interquartile range, and the ratio of the totals
 with a 95% block-bootstrap CI (2,000 resamples of the blocks); also the CPU time spent inside the callback's events
-per step (the guard's own code, measured directly, without its hooks inside forward and backward). The Trainer's own per-step
-work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the overhead in a Trainer.
+per step (the guard's own code, measured directly, without its hooks inside forward and backward). The Trainer's own
+per-step work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the overhead in a
+Trainer.
 
 Also timed: the guard's one all-reduce per step (4 float64 numbers) between 2 gloo processes on this machine, median
 over 200 calls. Target (issue 20): overhead <= 1 % per step on CPU.
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="model widths d (paired mode)")
     parser.add_argument("--snapshot-every", default="auto",
-                        help="the guard's snapshot_every_n_steps (paired mode); a huge value isolates the snapshot's cost")
+                        help="the guard's snapshot_every_n_steps (paired mode); a huge value isolates the copy's cost")
     parser.add_argument("--clips", type=float, nargs="+", default=[0.0, 1.0],
                         help="max_grad_norm settings (paired mode; 1.0 is the Trainer's default, 0 = no clipping)")
     args = parser.parse_args(argv)

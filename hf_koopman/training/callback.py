@@ -560,11 +560,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared_value = next(it) if squared is not None else None
             total = next(it) if activations is not None else None
             norm_value = None if squared_value is None else math.sqrt(squared_value)
-            bad_value = None
+            bad_value = None  # len(blocks) when only the float32 total overflowed: "none", as in the reduced path
             if total is not None and not math.isfinite(total):
                 bad_value = float(self._watch.first_bad_index())
-                if bad_value >= len(self._watch.names):  # finite block sums whose float32 total overflowed
-                    bad_value = None
             reduced = [_max_key(loss_value), _max_key(norm_value),
                        -bad_value if bad_value is not None else float("-inf"), interval]
             local_bad = bad_value

@@ -179,7 +179,12 @@ class GradNormTap:
     def _on_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
+        if isinstance(output, dict):  # ModelOutput
+            values = output.values()
+        elif isinstance(output, (tuple, list)):
+            values = output
+        else:
+            values = [output]
         for value in values:
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 value.register_hook(self._on_backward)

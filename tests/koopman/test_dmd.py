@@ -413,9 +413,13 @@ def test_float32_moments_and_eigenproblem_agree_with_float64():
     assert float(fast.eigvec_condition) == pytest.approx(float(ref.eigvec_condition), rel=1e-2)
 
 
-def test_eigenvalues_only_skips_the_eigenvectors():
+def _planted_pair() -> tuple[torch.Tensor, torch.Tensor]:
     X = anisotropic_states(800, 12, seed=2)
-    Y = X @ planted_operator([1.1, 0.95, 0.5] * 4, seed=3, cond=2.0)[0].T
+    return X, X @ planted_operator([1.1, 0.95, 0.5] * 4, seed=3, cond=2.0)[0].T
+
+
+def test_eigenvalues_only_skips_the_eigenvectors():
+    X, Y = _planted_pair()
     full = whitened_dmd(X, Y)
     only = whitened_dmd(X, Y, eigenvectors=False)
     torch.testing.assert_close(only.eigenvalues, full.eigenvalues, atol=1e-10, rtol=0)
@@ -428,8 +432,7 @@ def test_eigenvalues_only_skips_the_eigenvectors():
 
 def test_right_eigenvectors_only_skip_the_inverse():
     # the outputs of an exact DMD (eigenvalues + modes): the same eigenpairs, no left eigenvectors, no kappa(V)
-    X = anisotropic_states(800, 12, seed=2)
-    Y = X @ planted_operator([1.1, 0.95, 0.5] * 4, seed=3, cond=2.0)[0].T
+    X, Y = _planted_pair()
     full = whitened_dmd(X, Y)
     right = whitened_dmd(X, Y, left_eigenvectors=False)
     torch.testing.assert_close(right.eigenvalues, full.eigenvalues, atol=1e-10, rtol=0)
