@@ -833,7 +833,9 @@ def _orth(z: torch.Tensor) -> torch.Tensor:
             chol, info = torch.linalg.cholesky_ex(gram)
             if bool((info > 0).any()):
                 return torch.linalg.qr(z.to(_F64)).Q.to(z.dtype)
-            inv = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[-1], dtype=_F64), upper=False)
+            inv = torch.linalg.solve_triangular(
+                chol, torch.eye(chol.shape[-1], dtype=_F64, device=chol.device), upper=False
+            )
             q = q @ inv.mT  # q R^{-1} with R = chol^T
         return q.to(z.dtype)
 
