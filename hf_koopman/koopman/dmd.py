@@ -852,7 +852,9 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
     sxx = _sym(Xc.mT @ Xc) / n1
     wh = _whitener(sxx, eps)
     k = min(rank + oversample, d, N)
-    omega = torch.randn(L, N, k, generator=generator, dtype=_F64, device="cpu").to(device=X.device, dtype=work)
+    # drawn where the generator lives (a CPU generator gives the same sketch on any device), then moved to the data
+    omega = torch.randn(L, N, k, generator=generator, dtype=_F64, device=generator.device).to(device=X.device,
+                                                                                             dtype=work)
     # Ytil = Yc W^T (rows), so Ytil^T V = W (Yc^T V) and Ytil U = Yc (W^T U)
     z = wh.apply(Yc.mT @ omega)
     for _ in range(power_iters):
@@ -1056,8 +1058,9 @@ def whitened_dmd(
             as in the paper; it also makes constant features harmless.
         oversample (`int`, *optional*, defaults to `10`): extra sketch columns of the range finder.
         power_iters (`int`, *optional*, defaults to `2`): subspace (power) iterations of the range finder.
-        generator (`torch.Generator`, *optional*): CPU generator for the sketch. `None` uses a fresh generator seeded
-            with 0, so repeated calls give identical numbers.
+        generator (`torch.Generator`, *optional*): generator of the sketch, drawn on its device and moved to X's (a
+            CPU generator gives the same sketch on any device). `None` uses a fresh CPU generator seeded with 0, so
+            repeated calls give identical numbers.
         degenerate_tol (`float`, *optional*, defaults to `1e-4`): flag the result `degenerate` when
             $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$ (zero-initialised residual branches).
         dtype (`torch.dtype`, *optional*): working precision of the `O(N d^2)` products (`torch.float32` or

@@ -508,8 +508,8 @@ class KSSTrainer(Trainer):
         Y = torch.stack([m[2] for m in members])
         kwargs = dict(rank=cfg.rank, eps=cfg.eps, oversample=cfg.oversample, power_iters=cfg.power_iters)
 
-        def generator() -> torch.Generator:
-            return torch.Generator(device=X.device).manual_seed(cfg.seed * 7919 + step)
+        def generator() -> torch.Generator:  # a CPU generator: the same sketch whatever device the model is on
+            return torch.Generator().manual_seed(cfg.seed * 7919 + step)
 
         try:
             return list(differentiable_dmd_eigenvalues(X, Y, generator=generator(), **kwargs).unbind(0))

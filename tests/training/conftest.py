@@ -1,6 +1,12 @@
-"""Tiny GPT-2 models, token datasets and a gradient-capturing callback shared by the training tests (CPU, seconds)."""
+"""Tiny GPT-2 models, token datasets and a gradient-capturing callback shared by the training tests (CPU, seconds).
+
+`HF_KOOPMAN_TEST_DEVICE=cuda` runs the Trainer-based tests on the GPU instead (`use_cpu=False`): the same assertions
+on CUDA tensors, where a GPU is lent.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -29,10 +35,11 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def cpu_training_args(tmp_path, cls, **kw):
-    """`cls` (`TrainingArguments` or a subclass) for a few logged CPU steps: no saving, no reports, seed 0; `kw`
-    overrides or adds fields."""
+    """`cls` (`TrainingArguments` or a subclass) for a few logged steps on the CPU (`HF_KOOPMAN_TEST_DEVICE=cuda`: the
+    GPU): no saving, no reports, seed 0; `kw` overrides or adds fields."""
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, logging_steps=1, report_to="none",
-                use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+                use_cpu=os.environ.get("HF_KOOPMAN_TEST_DEVICE", "cpu") != "cuda", save_strategy="no", seed=0,
+                disable_tqdm=True)
     base.update(kw)
     return cls(**base)
 

@@ -70,7 +70,7 @@ def test_last_good_checkpoint_is_validated_by_the_step_after_it(tmp_path):
     # the in-memory model went back to the validated state (= checkpoint-2)
     saved = load_file(f"{guard.last_good_checkpoint}/model.safetensors")
     state = trainer.model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
 
 
 def test_save_model_after_a_trip_never_writes_the_diverged_weights(tmp_path):
@@ -116,7 +116,7 @@ class WeightsAt(TrainerCallback):
         self.weights = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.weights[state.global_step] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def test_rollback_finishes_a_run_that_would_diverge(tmp_path):
