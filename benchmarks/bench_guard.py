@@ -21,11 +21,16 @@ per step (the guard's own code, measured directly, without its hooks inside forw
 per-step work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the overhead in a
 Trainer.
 
+On a GPU (`--device cuda`) the paired arms alternate by blocks of `--block` steps timed in wall-clock time between
+device syncs (see `paired_overhead`); `--layers` sets the depth and `--check-every` the guard's `check_every_n_steps`.
+
 Also timed: the guard's one all-reduce per step (4 float64 numbers) between 2 gloo processes on this machine, median
 over 200 calls. Target (issue 20): overhead <= 1 % per step on CPU.
 
     python -m benchmarks.bench_guard --out results/safety_net_overhead.json   # appends a section to safety_net.md
     python -m benchmarks.bench_guard --paired --out results/safety_net_paired.json
+    python -m benchmarks.bench_guard --paired --device cuda --sizes 256 1024 --layers 8 --clips 1.0 --blocks 40 \
+        --out results/safety_net_paired_gpu.json
 """
 
 from __future__ import annotations
@@ -86,24 +91,40 @@ def overhead(hidden: int, clip: float, rounds: int, steps: int) -> dict:
             "overhead_median": statistics.median(ratios), "overhead_min": min(ratios), "overhead_max": max(ratios)}
 
 
-def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_every: int | str = "auto") -> dict:
-    """Step-level overhead of the guard (see the module docstring): `blocks` x `block` steps per arm."""
+def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_every: int | str = "auto",
+                    device: str = "cpu", layers: int | None = None, check_every: int = 1) -> dict:
+    """Step-level overhead of the guard (see the module docstring): `blocks` x `block` steps per arm.
+
+    On a GPU (`device="cuda"`) the arms alternate block by block instead of step by step and each block is timed in
+    wall-clock time between device syncs, so that the plain arm keeps queueing kernels ahead as a Trainer does and the
+    guard's one host sync per step is paid where it would be."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from research.experiments.sweep import RunSpec, build_model, task_datasets
     from hf_koopman.training import RKSPCallback
 
+    extra = {} if layers is None else {"num_layers": layers}
     spec = RunSpec(norm="pre_ln", learning_rate=1e-3, seed=0, hidden_size=hidden, task="assoc_recall",
-                   max_steps=blocks * block)
+                   max_steps=blocks * block, **extra)
+    gpu = device != "cpu"
     train_ds, _ = task_datasets(spec, num_train=16 * 8, num_eval=16)
     batches = [{k: torch.stack([train_ds[i][k] for i in range(j * 16, (j + 1) * 16)]) for k in ("input_ids", "labels")}
                for j in range(8)]
     plain, guarded = build_model(spec), build_model(spec)
     guarded.load_state_dict(plain.state_dict())
+    plain.to(device), guarded.to(device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    clock = time.perf_counter if gpu else time.process_time
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     optims = {arm: torch.optim.AdamW(m.parameters(), lr=1e-3) for arm, m in (("plain", plain), ("guard", guarded))}
-    callback = RKSPCallback(profile_at_init=False, snapshot_every_n_steps=snapshot_every)
+    callback = RKSPCallback(profile_at_init=False, snapshot_every_n_steps=snapshot_every,
+                            check_every_n_steps=check_every)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, max_grad_norm=clip, report_to="none", use_cpu=True, learning_rate=1e-3)
+        args = TrainingArguments(output_dir=tmp, max_grad_norm=clip, report_to="none", use_cpu=not gpu,
+                                 learning_rate=1e-3)
         state, control = TrainerState(), TrainerControl()
         callback.on_train_begin(args, state, control, model=guarded, optimizer=optims["guard"])
 
@@ -111,21 +132,30 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
         inside = [0.0]  # process time spent inside the callback's events (the guard's own code, without its hooks)
 
         def event(fn, **kw) -> None:
-            start = time.process_time()
+            start = clock()
             fn(args, state, control, **kw)
-            inside[0] += time.process_time() - start
+            inside[0] += clock() - start
 
         def step(arm: str, batch: dict) -> float:
+            if arm == "plain":  # the callback times its steps from one on_step_begin to the next: hide the plain
+                wall = time.perf_counter()  # arm's step in between, or the "auto" snapshot budget is spent twice
+                spent = _step(arm, batch)
+                if callback._step_started is not None:
+                    callback._step_started += time.perf_counter() - wall
+                return spent
+            return _step(arm, batch)
+
+        def _step(arm: str, batch: dict) -> float:
             model, optim = (guarded, optims["guard"]) if arm == "guard" else (plain, optims["plain"])
-            start = time.process_time()
+            start = clock()
             if arm == "guard":
                 event(callback.on_step_begin)
             model(**batch).loss.backward()
             if clip > 0:
-                clip_start = time.process_time()
+                clip_start = clock()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 if arm == "plain":
-                    clipping[0] += time.process_time() - clip_start
+                    clipping[0] += clock() - clip_start
             if arm == "guard":
                 event(callback.on_pre_optimizer_step, model=model, optimizer=optim)
             optim.step()
@@ -135,18 +165,27 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
             if arm == "guard":
                 state.global_step += 1
                 event(callback.on_step_end, model=model, optimizer=optim)
-            return time.process_time() - start
+            return clock() - start
 
         for i in range(10):  # warm-up, and the "auto" snapshot interval settles
             step("plain", batches[i % 8]), step("guard", batches[i % 8])
         inside[0] = clipping[0] = 0.0
         totals = []  # (plain, guard) CPU seconds per block
+        sync()
         for b in range(blocks):
             t = {"plain": 0.0, "guard": 0.0}
-            for i in range(block):
-                order = ("plain", "guard") if (b * block + i) % 2 == 0 else ("guard", "plain")
-                for arm in order:
-                    t[arm] += step(arm, batches[i % 8])
+            if gpu:  # whole blocks per arm, ABBA over blocks, synced only at block boundaries
+                for arm in (("plain", "guard") if b % 2 == 0 else ("guard", "plain")):
+                    start = time.perf_counter()
+                    for i in range(block):
+                        step(arm, batches[i % 8])
+                    sync()
+                    t[arm] = time.perf_counter() - start
+            else:
+                for i in range(block):
+                    order = ("plain", "guard") if (b * block + i) % 2 == 0 else ("guard", "plain")
+                    for arm in order:
+                        t[arm] += step(arm, batches[i % 8])
             totals.append((t["plain"], t["guard"]))
         interval = callback._snapshot_interval()
         callback.on_train_end(args, state, control)
@@ -161,7 +200,9 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
     boot.sort()
     q = statistics.quantiles(ratios, n=4)
     steps = blocks * block
-    return {"hidden_size": hidden, "max_grad_norm": clip, "blocks": blocks, "block": block,
+    return {"hidden_size": hidden, "num_layers": spec.num_layers, "device": device, "check_every_n_steps": check_every,
+            "clock": "wall, synced per block" if gpu else "process CPU time",
+            "max_grad_norm": clip, "blocks": blocks, "block": block,
             "plain_step_cpu_ms": statistics.median(plain_ms), "overhead": overall,
             "overhead_ci95": [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]],
             "overhead_median": statistics.median(ratios), "overhead_q1": q[0], "overhead_q3": q[2],
@@ -211,18 +252,25 @@ def main(argv=None) -> None:
                         help="the guard's snapshot_every_n_steps (paired mode); a huge value isolates the copy's cost")
     parser.add_argument("--clips", type=float, nargs="+", default=[0.0, 1.0],
                         help="max_grad_norm settings (paired mode; 1.0 is the Trainer's default, 0 = no clipping)")
+    parser.add_argument("--device", default="cpu", help="paired mode: `cuda` times a GPU (wall clock, see above)")
+    parser.add_argument("--layers", type=int, help="paired mode: model depth (default: the sweep's)")
+    parser.add_argument("--check-every", type=int, default=1, help="paired mode: the guard's check_every_n_steps")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     if args.paired:
-        torch.set_num_threads(1)
+        if args.device == "cpu":
+            torch.set_num_threads(1)
         every = "auto" if args.snapshot_every == "auto" else int(args.snapshot_every)
-        rows = [paired_overhead(h, c, args.blocks, args.block, every) for h in args.sizes for c in args.clips]
+        rows = [paired_overhead(h, c, args.blocks, args.block, every, args.device, args.layers, args.check_every)
+                for h in args.sizes for c in args.clips]
         result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0], "torch": torch.__version__,
-                  "threads": 1}
+                  "threads": torch.get_num_threads(),
+                  "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
         for r in rows:
             lo, hi = r["overhead_ci95"]
-            print(f"d={r['hidden_size']} clip={r['max_grad_norm']}: plain {r['plain_step_cpu_ms']:.1f} CPU-ms/step, "
+            print(f"d={r['hidden_size']} L={r['num_layers']} clip={r['max_grad_norm']}: plain "
+                  f"{r['plain_step_cpu_ms']:.1f} ms/step ({r['clock']}), "
                   f"guard overhead {100 * r['overhead']:+.2f} % [95% CI {100 * lo:+.2f}, {100 * hi:+.2f}] "
                   f"(block median {100 * r['overhead_median']:+.2f} %), inside the callback "
                   f"{r['callback_cpu_ms_per_step']:.3f} ms/step = {100 * r['callback_share']:.2f} %, "

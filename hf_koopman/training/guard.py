@@ -51,7 +51,9 @@ def _json_number(x: float | None) -> Any:
 class DivergenceEvent:
     """One trip of the guard: what it saw and what it did. JSON-ready via `to_dict()`.
 
-    `step` is the optimizer step whose loss / gradient tripped the rule (1-based); `action` is `"rollback"` or
+    `step` is the optimizer step whose loss / gradient tripped the rule (1-based); with
+    `RKSPCallback(check_every_n_steps=n)` the steps `first_checked_step`..`step` were checked together and the
+    divergence happened in one of them. `action` is `"rollback"` or
     `"stop"`; `restored_step` the step count of the validated state put back in memory (`None`: none existed, the
     update of `step` was undone only); `new_lr` the learning rate after the back-off (rollback only).
     """
@@ -67,6 +69,7 @@ class DivergenceEvent:
     new_lr: float | None = None
     last_good_checkpoint: str | None = None
     suspect_checkpoints: list[str] = field(default_factory=list)
+    first_checked_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,11 +84,15 @@ class DivergenceEvent:
             "new_lr": self.new_lr,
             "last_good_checkpoint": self.last_good_checkpoint,
             "suspect_checkpoints": list(self.suspect_checkpoints),
+            "first_checked_step": self.first_checked_step,
         }
 
     def describe(self) -> str:
         where = f"; first non-finite activation in block {self.first_bad_layer!r}" if self.first_bad_layer else ""
-        return f"divergence at step {self.step}: {', '.join(self.causes)}{where}"
+        first = self.first_checked_step
+        together = first is not None and first < self.step
+        at = f"steps {first}-{self.step} (checked together)" if together else f"step {self.step}"
+        return f"divergence at {at}: {', '.join(self.causes)}{where}"
 
 
 def _model_loss(output: Any) -> torch.Tensor | None:

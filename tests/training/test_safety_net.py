@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
+from hf_koopman.training.guard import DivergenceEvent
 from hf_koopman.training import callback as callback_module
 
 
@@ -248,5 +249,124 @@ def test_argument_validation():
     for bad in (0, "every", 1.5, True):
         with pytest.raises(ValueError, match="snapshot_every_n_steps"):
             RKSPCallback(snapshot_every_n_steps=bad)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="check_every_n_steps"):
+            RKSPCallback(check_every_n_steps=bad)
     with pytest.raises(ValueError, match="thresholds"):
         RKSPCallback(loss_threshold=0)
+
+
+# check_every_n_steps=3 on the run above (loss 4.0, 22.6, 35.3, 59.9, ...): the checks fall on steps 3, 6, 9, 12; step 4's
+# loss is folded into the window 4-6 and trips at step 6, and the state validated at the step-3 check (the weights
+# after step 2) is the one restored
+
+
+class CountObserve(TrainerCallback):
+    """Counts the guard's host reads (`_observe`): one per check step."""
+
+    def __init__(self, guard):
+        self.calls = 0
+        original = guard._observe
+
+        def counted():
+            self.calls += 1
+            return original()
+
+        guard._observe = counted
+
+
+def test_windowed_check_trips_late_and_restores_the_state_validated_before_the_window(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(check_every_n_steps=3)
+    counter = CountObserve(guard)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
+    trainer.train()
+    event = guard.divergence
+    assert event["step"] == 6 and event["first_checked_step"] == 4 and event["action"] == "stop"
+    assert event["restored_step"] == 2 and event["loss"] > 50
+    assert counter.calls == 2  # steps 3 and 6 only
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+    assert event["suspect_checkpoints"] == [str(tmp_path / f"checkpoint-{s}") for s in (3, 4, 5)]
+    assert not (tmp_path / "checkpoint-6").exists()
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
+    assert "steps 4-6 (checked together)" in DivergenceEvent(
+        step=6, causes=["x"], cause_flags=1, loss=60.0, grad_norm=1.0, first_bad_layer=None, first_checked_step=4
+    ).describe()
+
+
+def test_windowed_check_rolls_back_and_finishes(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback", check_every_n_steps=3)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
+    output = trainer.train()
+    assert trainer.state.global_step == 12 and guard.divergence is None
+    assert output.metrics["rksp/rollbacks"] >= 1
+    first = guard.events[0]
+    assert (first["step"], first["first_checked_step"], first["restored_step"]) == (6, 4, 2)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(losses[-1]) and losses[-1] < 50
+
+
+def test_windowed_check_catches_a_poisoned_step_between_checks(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback", check_every_n_steps=4)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8), train_dataset=data,
+                      callbacks=[Poison(6), guard])
+    trainer.train()
+    assert [(e["step"], e["first_checked_step"], e["restored_step"]) for e in guard.events] == [(8, 5, 3)]
+    assert guard.events[0]["first_bad_layer"] is not None  # the block sums accumulated over the window
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_training_that_ends_inside_a_window_is_still_checked(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(check_every_n_steps=3)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[StopAfter(5), guard])
+    trainer.train()
+    event = guard.divergence
+    assert event is not None and (event["step"], event["first_checked_step"], event["restored_step"]) == (5, 4, 2)
+    assert guard.weights_validated and guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(trainer.model.state_dict()[k].cpu(), v) for k, v in saved.items())
+
+    # a sane run stopped inside a window: no event, the checkpoints followed by a checked step are good
+    guard = _guard(check_every_n_steps=3)
+    out = tmp_path / "sane"
+    Trainer(model=tiny_gpt2(), args=_args(out, learning_rate=1e-3), train_dataset=data,
+            callbacks=[StopAfter(5), guard]).train()
+    assert guard.divergence is None and guard.last_good_checkpoint == str(out / "checkpoint-4")
+
+
+class LogitSpike(TrainerCallback):
+    """Scales the logits of one step by 1000: a loss spike (> 50) with finite gradients and no lasting damage."""
+
+    def __init__(self, step):
+        self.step, self.handle = step, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if state.global_step + 1 == self.step:
+            self.handle = model.lm_head.register_forward_hook(lambda m, a, out: out * 1000)
+
+
+@pytest.mark.parametrize("every, expected", [(1, (6, 6)), (4, (8, 5))])
+def test_a_transient_spike_between_checks_is_not_missed(tmp_path, every, expected):
+    data = TokenDataset(n=128)
+    guard = _guard(check_every_n_steps=every)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8), train_dataset=data,
+            callbacks=[LogitSpike(6), guard]).train()
+    event = guard.divergence
+    assert event is not None and (event["step"], event["first_checked_step"]) == expected
+    assert event["loss"] > 50 and event["first_bad_layer"] is None
