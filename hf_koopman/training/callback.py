@@ -70,17 +70,18 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _max_key(value: float | None) -> float:
-    """A value as it enters the max over processes: NaN -> +inf (a NaN must trip the rule), missing -> -inf."""
+    """A value as it enters the max over processes: non-finite -> +inf (it must trip the rule), missing -> -inf."""
     if value is None:
         return float("-inf")
-    return float("inf") if math.isnan(value) else value
+    return value if math.isfinite(value) else float("inf")
 
 
 def _worst(acc: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
-    """On-device maximum of two rule values, NaN winning (`torch.maximum` propagates it); `None` = no value."""
+    """On-device maximum of two rule values, a non-finite value entering as +inf; `None` = no value."""
     if value is None:
         return acc
     value = value.detach().to(torch.float32)
+    value = torch.where(torch.isfinite(value), value, torch.full_like(value, float("inf")))
     return value if acc is None else torch.maximum(acc, value.to(acc.device))
 
 
@@ -171,12 +172,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
-        check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps (and at
-            the last step). In between, each step's loss, gradient norm and block sums are folded into on-device
-            maxima without a host sync or all-reduce, so no step escapes the rule; a trip is detected up to `n - 1`
-            steps late and discards every update since the last passing check (those checkpoints are suspect, not
-            good). The one host sync per step stalls a GPU's queue: on an H200 the guard cost +3-9 % per step at
-            `n = 1` (`results/safety_net.md`); on a CPU the sync is free and `1` keeps the exact per-step semantics.
+        check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps, and at
+            the last step, every step whose checkpoint is saved and every epoch end. In between, each step's loss,
+            gradient norm and block sums are folded into on-device maxima without a host sync or all-reduce (FSDP2
+            still sums the shards' squared norms every step), so no step escapes the rule; a trip is detected up to
+            `n - 1` steps late and discards every update since the last passing check. The one host sync per step
+            stalls a GPU's queue: on an H200 the guard cost +3-9 % per step at `n = 1` (`results/safety_net.md`); on
+            a CPU the sync is free and `1` keeps the exact per-step semantics.
         auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], decide on KSS from the init verdict. A high-risk
             verdict does not switch KSS on (no measured benefit, `results/kss_v2.md`): a warning names the evidence
             and `kss/auto_enabled = 0` is logged. `kss_enabled=True` still trains with KSS.
@@ -506,6 +508,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._snapshot = StateSnapshot()
+        self._undo = StateSnapshot()
         self._since_capture = 0
         self._step_started = None
         self._trip = self._to_log = None
@@ -566,7 +569,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         to +inf (it must win the max) and a missing value to -inf."""
         device = self._params[0].device if self._params else torch.device("cpu")
         loss, squared = self._step_values(device)
-        loss, squared = _worst(self._worst_loss, loss), _worst(self._worst_squared_norm, squared)
+        if self._worst_loss is not None or self._worst_squared_norm is not None:  # earlier steps of the window
+            loss, squared = _worst(self._worst_loss, loss), _worst(self._worst_squared_norm, squared)
         self._worst_loss = self._worst_squared_norm = None
         interval = float(self._snapshot_interval())
         if not is_distributed():
@@ -597,7 +601,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 if x is None:
                     return minus_inf
                 x = x.to(device=device, dtype=torch.float64)
-                return torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
+                return torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf")))
 
             norm = squared.sqrt() if squared is not None else None
             bad_t = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
@@ -621,12 +625,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
         return loss, squared
 
-    def _is_check_step(self, state) -> bool:
+    def _is_check_step(self, args, state) -> bool:
+        """Every `check_every_n_steps`-th step, the last one, and every step whose checkpoint will be saved (a resumed
+        run must not start from unchecked steps)."""
         step = state.global_step + 1  # the step about to be applied
         k = self.check_every_n_steps
-        return k == 1 or step % k == 0 or (bool(state.max_steps) and step >= state.max_steps)
+        if k == 1 or step % k == 0 or (bool(state.max_steps) and step >= state.max_steps):
+            return True
+        save_steps = getattr(state, "save_steps", 0) or 0
+        return getattr(args, "save_strategy", None) == "steps" and save_steps > 0 and step % save_steps == 0
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         for tap in (self._loss_tap, self._grad_tap):
             if tap is not None:
                 tap.reset()
@@ -634,6 +643,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self._watch is not None:
                 self._watch.reset()
             self._window_first = state.global_step + 1
+            if self.guard and self._snapshot.empty and optimizer is not None and self._params:
+                # nothing validated yet: keep the state before the window, so that a trip undoes all of its updates
+                self._undo.capture(self._params, optimizer, state.global_step)
         now = time.perf_counter()
         if self._step_started is not None:
             last = now - self._step_started
@@ -666,7 +678,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first is not self._params_first:
             self._params = [p for p in model.parameters() if p.requires_grad]
             self._params_first, self._sharded = first, is_sharded(self._params)
-        if not self._is_check_step(state):  # fold this step into the window's on-device maxima; no sync
+        if not self._is_check_step(args, state):  # fold this step into the window's on-device maxima; no sync
             device = self._params[0].device if self._params else torch.device("cpu")
             loss, squared = self._step_values(device)
             self._worst_loss = _worst(self._worst_loss, loss)
@@ -724,13 +736,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
             suspect_checkpoints=suspect,
             first_checked_step=first_checked,
         )
-        if self._snapshot.empty:  # nothing validated yet: remember the pre-step state to undo this update at least
+        if self._snapshot.empty and self._undo.empty:  # nothing validated yet: undo this update at least
             self._undo.capture(self._params, optimizer, state.global_step)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         event, self._trip = self._trip, None
         if event is None:
             return
+        self._act(event, control, optimizer, lr_scheduler)
+        return control
+
+    def _act(self, event: DivergenceEvent, control, optimizer, lr_scheduler) -> None:
+        """Roll back (or stop) after a trip; the event is logged at the end of the step (`_log_event`)."""
         rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
         if not self._snapshot.empty and (rollback or self.restore_on_stop):
             self._snapshot.restore(self._params, optimizer)  # discards this update and the suspect one before it
@@ -766,7 +783,6 @@ class RKSPCallback(TrainerCallback, ExportableState):
             )
         self.events.append(event.to_dict())
         self._to_log = event
-        return control
 
     def _write_record(self, args, state) -> None:
         if not state.is_world_process_zero:
@@ -787,7 +803,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         }
         (out / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def _log_event(self, args, state, optimizer) -> None:
         event, self._to_log = self._to_log, None
         if event is not None:
             if event.action == "rollback":
@@ -800,6 +816,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 self._log(args, state, {"rksp/diverged": 1.0, "rksp/diverged_step": event.step,
                                         "rksp/diverged_cause": event.cause_flags, "rksp/rollbacks": self.rollbacks})
             self._write_record(args, state)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._log_event(args, state, optimizer)
         if self._stop_step is not None and state.global_step >= self._stop_step:
             control.should_save = False  # never write the step that diverged as a checkpoint
             control.should_training_stop = True
@@ -827,49 +846,67 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if state.log_history and "train_runtime" in state.log_history[-1]:
                 state.log_history[-1].update(extra)
 
-    def _check_last_window(self, args, state, optimizer) -> None:
-        """Training ended (another callback stopped it) inside an unchecked window: apply the rule to it now."""
+    def _check_open_window(self, args, state, control, optimizer, lr_scheduler) -> None:
+        """Apply the rule to the steps since the last check when the loop leaves them unchecked (an epoch ends, or
+        another callback stopped training), and act as at a check step: every process takes part in the one
+        all-reduce, with -inf for a missing value."""
         first, self._window_first = self._window_first, None
         device = self._params[0].device if self._params else torch.device("cpu")
         total = self._watch.total() if self._watch is not None else None
-        keys = [self._worst_loss, self._worst_squared_norm, total]
+        minus_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
+        inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+        local = torch.stack([
+            minus_inf if self._worst_loss is None else self._worst_loss.to(device=device, dtype=torch.float64),
+            minus_inf if self._worst_squared_norm is None
+            else self._worst_squared_norm.to(device=device, dtype=torch.float64),
+            minus_inf if total is None else torch.where(torch.isfinite(total.to(device)), minus_inf, inf),
+        ])  # the window maxima are already +inf where a value was not finite
         self._worst_loss = self._worst_squared_norm = None
-        if all(k is None for k in keys):
-            return
-        local = torch.stack([torch.tensor(float("-inf"), device=device) if k is None
-                             else k.detach().to(device=device, dtype=torch.float64).nan_to_num(nan=float("inf"))
-                             for k in keys])
-        loss, squared, total = reduce_max(local).tolist()
-        norm = math.sqrt(squared) if squared != float("-inf") else None
-        flags = (CAUSE_LOSS if loss != float("-inf") and self.rule.loss_diverged(loss) else 0) | (
-            CAUSE_GRAD_NORM if norm is not None and self.rule.grad_norm_diverged(norm) else 0) | (
-            CAUSE_ACTIVATION if total != float("-inf") and not math.isfinite(total) else 0)
+        loss, squared, activations = reduce_max(local).tolist()
+        loss_value = None if loss == float("-inf") else loss
+        norm = None if squared == float("-inf") else math.sqrt(squared)
+        flags = 0
+        causes = []
+        if loss_value is not None and self.rule.loss_diverged(loss_value):
+            flags |= CAUSE_LOSS
+            causes.append(f"loss > {self.loss_threshold:g} or non-finite (worst step loss: {loss_value})")
+        if norm is not None and self.rule.grad_norm_diverged(norm):
+            flags |= CAUSE_GRAD_NORM
+            causes.append(f"gradient norm > {self.grad_norm_threshold:g} or non-finite (worst norm: {norm})")
+        if activations > 0:
+            flags |= CAUSE_ACTIVATION
+            causes.append("non-finite block output")
         if not flags:
             validated = [path for step, path in self._pending_checkpoints if step < state.global_step]
             if validated:
                 self.last_good_checkpoint = validated[-1]
+                self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
             return
+        names = self._watch.names if self._watch is not None else []
+        index = self._watch.first_bad_index() if flags & CAUSE_ACTIVATION and names else None
+        bad = int(index) if index is not None else len(names)
         event = DivergenceEvent(
-            step=state.global_step, causes=[f"rule values over steps {first}-{state.global_step}: loss {loss}, "
-                                            f"gradient norm {norm}"], cause_flags=flags, loss=loss, grad_norm=norm,
-            first_bad_layer=None, last_good_checkpoint=self.last_good_checkpoint,
+            step=state.global_step, causes=causes, cause_flags=flags, loss=loss_value, grad_norm=norm,
+            first_bad_layer=names[bad] if bad < len(names) else None,
+            last_good_checkpoint=self.last_good_checkpoint,
             suspect_checkpoints=[path for _, path in self._pending_checkpoints], first_checked_step=first,
         )
         self._pending_checkpoints = []
-        if not self._snapshot.empty and self.restore_on_stop and optimizer is not None:
-            self._snapshot.restore(self._params, optimizer)
-            event.restored_step = self._snapshot.step
-        self.weights_validated = event.restored_step is not None
-        self.divergence = event.to_dict()
-        self.events.append(self.divergence)
-        logger.error("RKSP guard: %s (checked when training ended). %s; last good checkpoint: %s.", event.describe(),
-                     f"The in-memory model is back at the validated state of step {event.restored_step}"
-                     if self.weights_validated else "The in-memory weights are NOT validated; do not save them",
-                     self.last_good_checkpoint)
+        self._act(event, control, optimizer, lr_scheduler)
+        self._log_event(args, state, optimizer)
+        if event.action == "stop":
+            control.should_save = False  # the epoch-end checkpoint would hold the unvalidated weights
 
-    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-        if self.guard and self._window_first is not None and self._stop_step is None:
-            self._check_last_window(args, state, optimizer)
+    def on_epoch_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        # the loop left the epoch (its end, or a stop by another callback) inside a window: check it before the
+        # epoch-end save and before train() reports its metrics
+        if self.guard and self._window_first is not None and self._stop_step is None and self._params:
+            self._check_open_window(args, state, control, optimizer, lr_scheduler)
+        return control
+
+    def on_train_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.guard and self._window_first is not None and self._stop_step is None and self._params:
+            self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
         self._stop_guard()
         if self.events:
             self._write_record(args, state)

@@ -256,13 +256,13 @@ def test_argument_validation():
         RKSPCallback(loss_threshold=0)
 
 
-# check_every_n_steps=3 on the run above (loss 4.0, 22.6, 35.3, 59.9, ...): the checks fall on steps 3, 6, 9, 12; step 4's
-# loss is folded into the window 4-6 and trips at step 6, and the state validated at the step-3 check (the weights
-# after step 2) is the one restored
+# check_every_n_steps=3 on the run above (loss 4.0, 22.6, 35.3, 59.9, ...). Checks fall on every third step, the last
+# step and every step whose checkpoint is saved; step 4's loss is folded into its window and trips at the next check,
+# and the state validated at the step-3 check (the weights after step 2) is the one restored
 
 
 class CountObserve(TrainerCallback):
-    """Counts the guard's host reads (`_observe`): one per check step."""
+    """Counts the guard's host reads at check steps (`_observe`)."""
 
     def __init__(self, guard):
         self.calls = 0
@@ -279,27 +279,38 @@ def test_windowed_check_trips_late_and_restores_the_state_validated_before_the_w
     data = TokenDataset(n=128)
     guard = _guard(check_every_n_steps=3)
     counter = CountObserve(guard)
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
-    trainer.train()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_strategy="no"), train_dataset=data,
+                      callbacks=[guard])
+    output = trainer.train()
     event = guard.divergence
     assert event["step"] == 6 and event["first_checked_step"] == 4 and event["action"] == "stop"
     assert event["restored_step"] == 2 and event["loss"] > 50
     assert counter.calls == 2  # steps 3 and 6 only
-    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
-    assert event["suspect_checkpoints"] == [str(tmp_path / f"checkpoint-{s}") for s in (3, 4, 5)]
-    assert not (tmp_path / "checkpoint-6").exists()
-    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
-    state = trainer.model.state_dict()
-    assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
+    assert output.metrics["rksp/diverged"] == 1.0 and trainer.state.global_step == 6
     assert "steps 4-6 (checked together)" in DivergenceEvent(
         step=6, causes=["x"], cause_flags=1, loss=60.0, grad_norm=1.0, first_bad_layer=None, first_checked_step=4
     ).describe()
 
 
+def test_windowed_check_also_checks_every_saved_step(tmp_path):
+    """A checkpoint is always followed by a check: last good and suspect checkpoints are named as with n = 1."""
+    data = TokenDataset(n=128)
+    guard = _guard(check_every_n_steps=3)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_steps=2), train_dataset=data, callbacks=[guard])
+    trainer.train()
+    event = guard.divergence
+    assert (event["step"], event["first_checked_step"], event["restored_step"]) == (4, 4, 2)
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-4").exists()
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(trainer.model.state_dict()[k].cpu(), v) for k, v in saved.items())
+
+
 def test_windowed_check_rolls_back_and_finishes(tmp_path):
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", check_every_n_steps=3)
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_strategy="no"), train_dataset=data,
+                      callbacks=[guard])
     output = trainer.train()
     assert trainer.state.global_step == 12 and guard.divergence is None
     assert output.metrics["rksp/rollbacks"] >= 1
@@ -312,11 +323,25 @@ def test_windowed_check_rolls_back_and_finishes(tmp_path):
 def test_windowed_check_catches_a_poisoned_step_between_checks(tmp_path):
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", check_every_n_steps=4)
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8), train_dataset=data,
-                      callbacks=[Poison(6), guard])
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, save_strategy="no"),
+                      train_dataset=data, callbacks=[Poison(6), guard])
     trainer.train()
     assert [(e["step"], e["first_checked_step"], e["restored_step"]) for e in guard.events] == [(8, 5, 3)]
     assert guard.events[0]["first_bad_layer"] is not None  # the block sums accumulated over the window
+
+
+def test_a_trip_in_the_first_window_undoes_all_of_its_updates(tmp_path):
+    """Nothing validated yet: the state before the window comes back (unvalidated), not only the last update's."""
+    data = TokenDataset(n=128)
+    initial = {k: v.clone() for k, v in tiny_gpt2().state_dict().items()}
+    guard = _guard(check_every_n_steps=3)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=6, save_strategy="no"),
+                      train_dataset=data, callbacks=[LogitSpike(2), guard])
+    trainer.train()
+    event = guard.divergence
+    assert (event["step"], event["first_checked_step"], event["restored_step"]) == (3, 1, None)
+    assert not guard.weights_validated
+    assert all(torch.equal(trainer.model.state_dict()[k].cpu(), v) for k, v in initial.items())
 
 
 class StopAfter(TrainerCallback):
@@ -331,20 +356,19 @@ class StopAfter(TrainerCallback):
 def test_training_that_ends_inside_a_window_is_still_checked(tmp_path):
     data = TokenDataset(n=128)
     guard = _guard(check_every_n_steps=3)
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[StopAfter(5), guard])
-    trainer.train()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_strategy="no"), train_dataset=data,
+                      callbacks=[StopAfter(5), guard])
+    output = trainer.train()
     event = guard.divergence
     assert event is not None and (event["step"], event["first_checked_step"], event["restored_step"]) == (5, 4, 2)
-    assert guard.weights_validated and guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
-    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
-    assert all(torch.equal(trainer.model.state_dict()[k].cpu(), v) for k, v in saved.items())
+    assert guard.weights_validated and output.metrics["rksp/diverged"] == 1.0  # before train() reports
+    assert any(h.get("rksp/diverged_step") == 5 for h in trainer.state.log_history)
 
-    # a sane run stopped inside a window: no event, the checkpoints followed by a checked step are good
+    # a sane run stopped inside a window: no event
     guard = _guard(check_every_n_steps=3)
-    out = tmp_path / "sane"
-    Trainer(model=tiny_gpt2(), args=_args(out, learning_rate=1e-3), train_dataset=data,
-            callbacks=[StopAfter(5), guard]).train()
-    assert guard.divergence is None and guard.last_good_checkpoint == str(out / "checkpoint-4")
+    output = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "sane", learning_rate=1e-3, save_strategy="no"),
+                     train_dataset=data, callbacks=[StopAfter(5), guard]).train()
+    assert guard.divergence is None and output.metrics["rksp/diverged"] == 0.0
 
 
 class LogitSpike(TrainerCallback):
@@ -365,8 +389,8 @@ class LogitSpike(TrainerCallback):
 def test_a_transient_spike_between_checks_is_not_missed(tmp_path, every, expected):
     data = TokenDataset(n=128)
     guard = _guard(check_every_n_steps=every)
-    Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8), train_dataset=data,
-            callbacks=[LogitSpike(6), guard]).train()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, save_strategy="no"),
+            train_dataset=data, callbacks=[LogitSpike(6), guard]).train()
     event = guard.divergence
     assert event is not None and (event["step"], event["first_checked_step"]) == expected
     assert event["loss"] > 50 and event["first_bad_layer"] is None
