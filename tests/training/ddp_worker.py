@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def run_trajectory(text_file: str, out: Path, ga: int, per_device: int) -> dict:
     return result
 
 
-def run_guard(text_file: str, out: Path) -> None:
+def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
     from transformers import TrainingArguments
 
     from hf_koopman.training import KSSTrainer, RKSPCallback
@@ -118,9 +119,13 @@ def run_guard(text_file: str, out: Path) -> None:
     import hf_koopman.training.callback as callback_module
 
     callback_module.reduce_max = timed_reduce  # test instrumentation: time the guard's all-reduce
-    callback = RKSPCallback(num_samples=128, rank=8, on_divergence="rollback")
+    timings.clear()
+    windowed = check_every > 1  # the windowed check: the guard only, no init profile
+    callback = RKSPCallback(num_samples=128, rank=8, on_divergence="rollback", check_every_n_steps=check_every,
+                            profile_at_init=not windowed)
+    name = "guard-window" if windowed else "guard"
     args = TrainingArguments(
-        output_dir=str(out / "guard"), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
+        output_dir=str(out / name), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
     )
     trainer = FaultOnRankOne(
@@ -140,7 +145,7 @@ def run_guard(text_file: str, out: Path) -> None:
         "reduce_seconds": timings,
         "distributed_type": str(trainer.accelerator.distributed_type),
     }
-    (out / f"guard-rank{rank()}.json").write_text(json.dumps(result))
+    (out / f"{name}-rank{rank()}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
@@ -148,3 +153,6 @@ if __name__ == "__main__":
     ga, per_device = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (1, 2)
     run_trajectory(text, out_dir, ga=ga, per_device=per_device)
     run_guard(text, out_dir)
+    window = int(os.environ.get("HF_KOOPMAN_TEST_GUARD_WINDOW", "1"))
+    if window > 1:
+        run_guard(text, out_dir, check_every=window)

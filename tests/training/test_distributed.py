@@ -42,14 +42,16 @@ def _free_port() -> int:
 
 
 def _launch_two_processes(
-    tmp_path: Path, config: str, ga: int = 1, per_device: int = 2
+    tmp_path: Path, config: str, ga: int = 1, per_device: int = 2, guard_window: int = 1
 ) -> tuple[list[dict], list[dict], dict]:
     """Runs the worker on 2 processes with `config` (GA `ga`, `per_device` sequences per micro-batch) and meanwhile
-    the 1-process reference with the same global batch (GA `2 * ga`); returns the results."""
+    the 1-process reference with the same global batch (GA `2 * ga`); returns the results. `guard_window > 1` also
+    runs the guard with `check_every_n_steps=guard_window` (results in `multi/guard-window-rank*.json`)."""
     rng = random.Random(0)
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_KOOPMAN_TEST_GUARD_WINDOW": str(guard_window)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     out = tmp_path / "multi"
     for attempt in (1, 2):
@@ -140,11 +142,21 @@ def _check_guard(guards: list[dict], ddp: bool = True) -> None:
 
 @pytest.mark.slow
 def test_two_process_run_matches_single_process_and_guard_stops_all_ranks(tmp_path):
-    ranks, guards, single = _launch_two_processes(tmp_path, "ddp.yaml")
+    ranks, guards, single = _launch_two_processes(tmp_path, "ddp.yaml", guard_window=2)
     assert [r["model_class"] for r in ranks] == ["DistributedDataParallel"] * 2
     assert all(r["sharding"]["local_fraction"] == 1.0 for r in ranks)
     _check_matches_single_process(ranks, single)
     _check_guard(guards)
+    # check_every_n_steps=2: the fault of step 3 (rank 1 only) is folded on that rank and found at the step-4 check;
+    # both ranks roll back to the state validated at the step-2 check and end with identical weights
+    windowed = [json.loads((tmp_path / "multi" / f"guard-window-rank{r}.json").read_text()) for r in (0, 1)]
+    for g in windowed:
+        assert g["global_step"] == 8 and g["divergence"] is None and g["finite"]
+        assert [(e["step"], e["first_checked_step"], e["restored_step"], e["action"]) for e in g["events"]] == [
+            (4, 3, 1, "rollback")]
+        assert len(g["reduce_seconds"]) <= 5  # checks at steps 2, 4, 6, 8 (and an epoch end): not one per step
+    assert windowed[0]["weights_sum"] == windowed[1]["weights_sum"]
+    assert windowed[0]["weights_sq"] == windowed[1]["weights_sq"]
 
 
 @pytest.mark.slow
