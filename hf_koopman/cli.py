@@ -110,11 +110,13 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
 
 
 def load_model(
-    spec: str, *, init: bool = False, dtype: str = "float32", num_layers: int | None = None, seed: int = 0
+    spec: str, *, init: bool = False, dtype: str = "float32", num_layers: int | None = None, seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[Any, Any, str]:
-    """Build or load MODEL for profiling -> `(model, tokenizer or None, display name)`.
+    """Build or load MODEL for profiling -> `(model, tokenizer or None, display name)`, on `device`.
 
-    The base `AutoModel` is used: the residual blocks live there, and the LM / task head does not affect them.
+    The base `AutoModel` is used: the residual blocks live there, and the LM / task head does not affect them. A model
+    built with `--init` is initialised on the CPU (the same weights for a seed whatever the device), then moved.
     """
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -135,6 +137,7 @@ def load_model(
         if Path(weights).is_dir():
             _check_safetensors(Path(weights))
         model = AutoModel.from_pretrained(weights, dtype=torch_dtype)
+    model = model.to(device)
     tokenizer = None
     source = weights or (spec if Path(spec).is_dir() else None)
     if source is not None:
@@ -231,6 +234,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
     parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers (quick look at big models)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default: float32)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the forward and the analysis, e.g. cuda or cuda:1 (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward for text inputs (default: 8)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
     parser.add_argument("--max-tokens", type=int,
@@ -260,6 +265,7 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
     if args.max_tokens is not None and args.max_tokens < args.num_samples:
         raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
+    _check_device(args.device, stream=getattr(args, "stream", False))
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
@@ -267,10 +273,26 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
     return not args.no_progress
 
 
+def _check_device(device: str, stream: bool = False) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device ({err}); use e.g. cpu, cuda or cuda:0.") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
+                         "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
+    if stream and parsed.type != "cpu":
+        raise ValueError("--stream loads one block at a time on the CPU (for models larger than memory); drop --device, "
+                         "or drop --stream to profile on the GPU.")
+
+
 def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
     """`(model, tokenizer, display name, inputs)` from MODEL, --text-file / --dataset (None: synthetic probe)."""
     model, tokenizer, name = load_model(
-        args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed
+        args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed,
+        device=args.device,
     )
     inputs: Any = None
     if args.text_file is not None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_koopman.cli import main, make_parser
 from hf_koopman.testing_utils import tiny_config
@@ -214,3 +215,15 @@ def test_console_script_registers_the_auto_classes_once_the_arguments_parse():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "ReyNetConfig"
     assert "registered before main" not in out.stdout
+
+
+def test_device_argument_errors_name_the_fix(tiny_llama_json, tmp_path, capsys):
+    base = ["profile", str(tiny_llama_json), "--init", "--num-samples", "32", "--no-plots", "--out", str(tmp_path)]
+    assert main([*base, "--device", "gpu0"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda"]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
+    assert main([*base, "--stream", "--device", "meta"]) == 2
+    assert "drop --device" in capsys.readouterr().err
+    assert main([*base, "--device", "cpu"]) == 0

@@ -23,3 +23,11 @@ def test_profile_on_cuda_matches_cpu():
         assert float(b.spectral_radius) == pytest.approx(float(a.spectral_radius), rel=1e-3)
     assert gpu.verdict == cpu.verdict
     assert gpu.risk_probability() == pytest.approx(cpu.risk_probability(), abs=0.01)
+
+
+def test_cli_profiles_on_cuda(tmp_path):
+    from hf_koopman.cli import main
+
+    assert main(["profile", "gpt2", "--init", "--num-layers", "2", "--num-samples", "256", "--device", "cuda",
+                 "--no-plots", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "profile.json").is_file()
