@@ -184,18 +184,29 @@ def test_resume_from_the_named_checkpoint_does_not_replay_the_blow_up(tmp_path):
     assert len(spy.lrs) == 10 and all(lr == pytest.approx(0.5) for lr in spy.lrs)
 
 
-class Poison(TrainerCallback):
-    """Scales the token embeddings of one batch by 1e30 (a corrupt batch): its activations overflow to NaN/Inf."""
+class ScaleOutputAt(TrainerCallback):
+    """Multiplies the output of the submodule `path` by `factor` during optimizer step `step` only."""
 
-    def __init__(self, step):
-        self.step, self.handle = step, None
+    def __init__(self, step, path, factor):
+        self.step, self.path, self.factor, self.handle = step, path, factor, None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
         if state.global_step + 1 == self.step:
-            self.handle = model.transformer.wte.register_forward_hook(lambda m, a, out: out * 1e30)
+            module = model.get_submodule(self.path)
+            self.handle = module.register_forward_hook(lambda m, a, out: out * self.factor)
+
+
+def poison(step):
+    """A corrupt batch: its token embeddings are scaled by 1e30, so its activations overflow to NaN/Inf."""
+    return ScaleOutputAt(step, "transformer.wte", 1e30)
+
+
+def logit_spike(step):
+    """A loss spike (> 50) with finite gradients and no lasting damage: the logits of one step are scaled by 1000."""
+    return ScaleOutputAt(step, "lm_head", 1000)
 
 
 def test_rollback_skips_a_poisoned_batch_without_sgd_or_adam_drift(tmp_path):
@@ -203,7 +214,7 @@ def test_rollback_skips_a_poisoned_batch_without_sgd_or_adam_drift(tmp_path):
     guard = _guard(on_divergence="rollback")
     spy = WeightsAt()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, weight_decay=0.1),
-                      train_dataset=data, callbacks=[Poison(5), guard, spy])
+                      train_dataset=data, callbacks=[poison(5), guard, spy])
     trainer.train()
     assert [e["step"] for e in guard.events] == [5] and guard.events[0]["action"] == "rollback"
     assert guard.events[0]["restored_step"] == 3
@@ -220,7 +231,7 @@ def test_sparser_snapshots_roll_back_to_the_last_refresh(tmp_path):
     guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
     spy = WeightsAt()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
-                      train_dataset=data, callbacks=[Poison(6), guard, spy])
+                      train_dataset=data, callbacks=[poison(6), guard, spy])
     trainer.train()
     assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 3
     good = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
@@ -324,7 +335,7 @@ def test_windowed_check_catches_a_poisoned_step_between_checks(tmp_path):
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", check_every_n_steps=4)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, save_strategy="no"),
-                      train_dataset=data, callbacks=[Poison(6), guard])
+                      train_dataset=data, callbacks=[poison(6), guard])
     trainer.train()
     assert [(e["step"], e["first_checked_step"], e["restored_step"]) for e in guard.events] == [(8, 5, 3)]
     assert guard.events[0]["first_bad_layer"] is not None  # the block sums accumulated over the window
@@ -336,7 +347,7 @@ def test_a_trip_in_the_first_window_undoes_all_of_its_updates(tmp_path):
     initial = {k: v.clone() for k, v in tiny_gpt2().state_dict().items()}
     guard = _guard(check_every_n_steps=3)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=6, save_strategy="no"),
-                      train_dataset=data, callbacks=[LogitSpike(2), guard])
+                      train_dataset=data, callbacks=[logit_spike(2), guard])
     trainer.train()
     event = guard.divergence
     assert (event["step"], event["first_checked_step"], event["restored_step"]) == (3, 1, None)
@@ -371,26 +382,12 @@ def test_training_that_ends_inside_a_window_is_still_checked(tmp_path):
     assert guard.divergence is None and output.metrics["rksp/diverged"] == 0.0
 
 
-class LogitSpike(TrainerCallback):
-    """Scales the logits of one step by 1000: a loss spike (> 50) with finite gradients and no lasting damage."""
-
-    def __init__(self, step):
-        self.step, self.handle = step, None
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        if state.global_step + 1 == self.step:
-            self.handle = model.lm_head.register_forward_hook(lambda m, a, out: out * 1000)
-
-
 @pytest.mark.parametrize("every, expected", [(1, (6, 6)), (4, (8, 5))])
 def test_a_transient_spike_between_checks_is_not_missed(tmp_path, every, expected):
     data = TokenDataset(n=128)
     guard = _guard(check_every_n_steps=every)
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, save_strategy="no"),
-            train_dataset=data, callbacks=[LogitSpike(6), guard]).train()
+            train_dataset=data, callbacks=[logit_spike(6), guard]).train()
     event = guard.divergence
     assert event is not None and (event["step"], event["first_checked_step"]) == expected
     assert event["loss"] > 50 and event["first_bad_layer"] is None
