@@ -76,12 +76,16 @@ def _max_key(value: float | None) -> float:
     return value if math.isfinite(value) else float("inf")
 
 
+def _inf_if_not_finite(x: torch.Tensor) -> torch.Tensor:
+    """Non-finite entries (NaN, +-inf) -> +inf: they must win the max and trip the rule."""
+    return torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf")))
+
+
 def _worst(acc: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
     """On-device maximum of two rule values, a non-finite value entering as +inf; `None` = no value."""
     if value is None:
         return acc
-    value = value.detach().to(torch.float32)
-    value = torch.where(torch.isfinite(value), value, torch.full_like(value, float("inf")))
+    value = _inf_if_not_finite(value.detach().to(torch.float32))
     return value if acc is None else torch.maximum(acc, value.to(acc.device))
 
 
@@ -600,8 +604,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             def finite_or_inf(x: torch.Tensor | None) -> torch.Tensor:
                 if x is None:
                     return minus_inf
-                x = x.to(device=device, dtype=torch.float64)
-                return torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf")))
+                return _inf_if_not_finite(x.to(device=device, dtype=torch.float64))
 
             norm = squared.sqrt() if squared is not None else None
             bad_t = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
