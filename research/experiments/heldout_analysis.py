@@ -8,6 +8,7 @@ Everything here follows the plan's fixed choices (feature sets, L2 penalty 1.0 o
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,10 @@ __all__ = [
     "out_of_fold",
     "measured_thresholds",
     "suggested_max_lr",
+    "calibrated_within_2x",
+    "required_within_2x_at_half",
+    "seed_spread",
+    "max_lr_bound",
     "analyse",
 ]
 
@@ -217,6 +222,99 @@ def suggested_max_lr(row: Mapping[str, Any], names: Sequence[str], fit: dict, w:
     return float(grid[above[0] - 1])
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def calibrated_within_2x(within_2x_at_half: float, risk: float = 0.1) -> float:
+    """Fraction of inits whose `risk`-point lies within 2x of the threshold, for a *calibrated* estimator whose
+    probability is logistic in log lr and whose 50 % point lies within 2x of the threshold for `within_2x_at_half`
+    of the inits.
+
+    Why: such an estimator's curve is `sigmoid((log2 lr - log2 s) / sigma)` (sigma in octaves), and calibration makes
+    the error `E = log2(s / T)` of its 50 % point s logistic with the same scale sigma. `P(|E| <= 1) = 2 sigmoid(1 /
+    sigma) - 1` fixes sigma from `within_2x_at_half`; the `risk`-point is `s 2^(sigma l)` with `l = logit(risk)`, and
+    it lies within 2x of T when `|E + sigma l| <= 1`, with probability `sigmoid(1/sigma - l) - sigmoid(-1/sigma - l)`.
+    This is the ceiling of the max-lr goal for a calibrated estimator as accurate (at risk 0.5) as the measured one.
+    """
+    w = float(within_2x_at_half)
+    if not 0.0 < w < 1.0:
+        return 1.0 if w >= 1.0 else 0.0
+    u = math.log((1 + w) / (1 - w))  # 1 / sigma
+    shift = -math.log(risk / (1 - risk))  # -logit(risk), in units of sigma
+    return _sigmoid(shift + u) - _sigmoid(shift - u)
+
+
+def required_within_2x_at_half(goal: float = 0.8, risk: float = 0.1) -> float:
+    """The `within_2x_at_half` a calibrated logistic estimator needs for `calibrated_within_2x(., risk) = goal`
+    (bisection; the relation is increasing)."""
+    lo, hi = 1e-9, 1 - 1e-12
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if calibrated_within_2x(mid, risk) < goal else (lo, mid)
+    return (lo + hi) / 2
+
+
+_SEEDED_ID = re.compile(r"^(?P<configuration>.+)-s(?P<seed>\d+)$")
+
+
+def seed_spread(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How far the measured thresholds of the seeds of one configuration lie apart (model ids that differ only in
+    their `-s<seed>` suffix, every seed bracketed): `D = log2(T_a / T_b)` over seed pairs, in octaves (ladder rungs).
+
+    A predictor that gives every seed of a configuration the same curve (one built on the config and the lr alone)
+    has a 50 % point error E with `Var(E) >= Var(D) / 2` when the seeds' thresholds are independent given the
+    configuration; for a calibrated logistic curve `sd(E) = pi sigma / sqrt(3)`, which bounds its sigma from below
+    and its within-2x fractions from above (`same_curve_ceiling`)."""
+    thresholds = measured_thresholds(rows)
+    seeds: dict[str, dict[int, str]] = defaultdict(dict)
+    for r in rows:
+        m = _SEEDED_ID.match(str(r["model_id"]))
+        if m:  # ids without a seed suffix have no sibling seeds
+            seeds[m["configuration"]][int(m["seed"])] = str(r["model_id"])
+    diffs = []
+    for ids in seeds.values():
+        ts = [thresholds[m] for _, m in sorted(ids.items())]
+        if len(ts) < 2 or any(t["status"] != "bracketed" for t in ts):
+            continue
+        for i in range(len(ts)):
+            for j in range(i + 1, len(ts)):
+                diffs.append(math.log2(ts[i]["threshold"] / ts[j]["threshold"]))
+    out: dict[str, Any] = {"n_pairs": len(diffs)}
+    if not diffs:
+        return out
+    d = np.abs(np.array(diffs))
+    sd = float(np.sqrt(np.mean(np.square(diffs))))  # E[D] = 0 by exchangeability of the seeds
+    out.update(sd_octaves=sd, same_rung=float(np.mean(d < 0.25)), one_rung=float(np.mean((d >= 0.25) & (d < 1.25))),
+               two_or_more_rungs=float(np.mean(d >= 1.25)))
+    sigma = sd / math.sqrt(2) * math.sqrt(3) / math.pi
+    if sigma > 0:
+        w_half = 2 * _sigmoid(1 / sigma) - 1
+        out["same_curve_ceiling"] = {"sigma_octaves": sigma, "within_2x_risk_0.5": w_half,
+                                     "within_2x_risk_0.1": calibrated_within_2x(w_half, 0.1)}
+    return out
+
+
+def max_lr_bound(max_lr: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *,
+                 goal: float = 0.8) -> dict[str, Any]:
+    """Why the max-lr goal is missed (a diagnostic beside the plan, PURPOSE.md rule 6): per model, the within-2x
+    fraction at risk 0.1 that a calibrated logistic estimator with the model's measured accuracy at risk 0.5 would
+    reach, next to the measured one; the accuracy at risk 0.5 that the goal needs; the seeds' spread."""
+    per_model = {}
+    for name, e in max_lr.items():
+        w_half, w_low = e.get("risk_0.5", {}).get("within_2x"), e.get("risk_0.1", {}).get("within_2x")
+        if w_half is None or (isinstance(w_half, float) and math.isnan(w_half)):
+            continue
+        per_model[name] = {
+            "within_2x_risk_0.5": w_half,
+            "sigma_octaves": 1 / math.log((1 + w_half) / (1 - w_half)) if 0 < w_half < 1 else None,
+            "calibrated_within_2x_risk_0.1": calibrated_within_2x(w_half, 0.1),
+            "measured_within_2x_risk_0.1": w_low,
+        }
+    return {"goal": goal, "required_within_2x_risk_0.5": required_within_2x_at_half(goal, 0.1),
+            "per_model": per_model, "seed_spread": seed_spread(rows)}
+
+
 def _cluster_indices(rows: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
     by: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
@@ -333,7 +431,8 @@ def analyse(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed:
                     },
                 }
             max_lr[name] = summary
-        report[split] = {"models": res, "paired_differences": diffs, "max_lr": max_lr}
+        report[split] = {"models": res, "paired_differences": diffs, "max_lr": max_lr,
+                         "max_lr_bound": max_lr_bound(max_lr, rows)}
     scores = {}
     for label, col in SCORE_ROWS.items():
         s = np.array([float(r[col]) if r.get(col) is not None else math.nan for r in rows])

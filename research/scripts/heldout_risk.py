@@ -82,6 +82,62 @@ def _write_pages(out: Path, report: dict, rows: list[dict]) -> None:
         summary.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
 
 
+def _plots(out: Path, report: dict) -> None:
+    """`reliability.png` (held-out reliability diagram) and `max_lr_bound.png` (why the max-lr goal is missed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from research.experiments.heldout_analysis import calibrated_within_2x
+
+    prim = report["primary_leave_one_family_out"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    for name in ("lr", "config+lr", "config+curvature+lr", "all"):
+        bins = prim["models"][name]["reliability"]
+        ax.plot([b["mean_prob"] for b in bins], [b["frac_positive"] for b in bins], "o-", ms=3,
+                label=f"{name} (ECE {prim['models'][name]['ece']:.3f})")
+    ax.set_xlabel("predicted P(diverge), held-out family")
+    ax.set_ylabel("observed fraction diverged")
+    ax.set_title(f"leave-one-family-out, {report['n_runs']} runs", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+
+    bound = prim.get("max_lr_bound")
+    if not bound:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    grid = [i / 400 for i in range(1, 400)]
+    ax.plot(grid, [calibrated_within_2x(w, 0.1) for w in grid], "k-", lw=1.2,
+            label="ceiling of a calibrated logistic estimator")
+    ax.axhline(bound["goal"], color="tab:red", ls="--", lw=1, label=f"goal ({bound['goal']:.0%} at risk 0.1)")
+    ax.axvline(bound["required_within_2x_risk_0.5"], color="tab:red", ls=":", lw=1,
+               label=f"needed at risk 0.5 ({bound['required_within_2x_risk_0.5']:.1%})")
+    ceiling = bound.get("seed_spread", {}).get("same_curve_ceiling")
+    if ceiling:
+        ax.axvline(ceiling["within_2x_risk_0.5"], color="tab:gray", ls="-.", lw=1,
+                   label="bound from the seeds' spread (config-only curves)")
+    for i, (name, v) in enumerate(bound["per_model"].items()):
+        point = (v["within_2x_risk_0.5"], v["measured_within_2x_risk_0.1"])
+        ax.plot(*point, "o", ms=4)
+        ax.annotate(name.replace(" (exploratory)", "*"), point, fontsize=6, xytext=(4, 7 * (i % 3) - 7),
+                    textcoords="offset points")
+    ax.set_xlim(0.4, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("suggested lr within 2x of the threshold, risk 0.5 (held-out families)")
+    ax.set_ylabel("within 2x, risk 0.1")
+    ax.set_title("max-lr goal: measured models (dots) against the calibrated ceiling", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "max_lr_bound.png", dpi=120)
+    plt.close(fig)
+
+
 def _report(out: Path, n_resamples: int) -> None:
     """The plan's metrics on the rows present, written to `out/report.json` and a reliability diagram."""
     from research.experiments.heldout_analysis import analyse
@@ -93,27 +149,7 @@ def _report(out: Path, n_resamples: int) -> None:
     report = analyse(rows, n_resamples=n_resamples)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
     _write_pages(out, report, rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot([0, 1], [0, 1], "k:", lw=1)
-        for name in ("lr", "config+lr", "config+curvature+lr", "all"):
-            bins = report["primary_leave_one_family_out"]["models"][name]["reliability"]
-            ece = report["primary_leave_one_family_out"]["models"][name]["ece"]
-            ax.plot([b["mean_prob"] for b in bins], [b["frac_positive"] for b in bins], "o-", ms=3,
-                    label=f"{name} (ECE {ece:.3f})")
-        ax.set_xlabel("predicted P(diverge), held-out family")
-        ax.set_ylabel("observed fraction diverged")
-        ax.set_title(f"leave-one-family-out, {report['n_runs']} runs", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "reliability.png", dpi=120)
-    except ImportError:
-        pass
+    _plots(out, report)
     prim = report["primary_leave_one_family_out"]
     for name, m in prim["models"].items():
         print(f"{name:22s} AUROC {m['auroc']:.3f} [{m['auroc_ci'][0]:.3f}, {m['auroc_ci'][1]:.3f}]  "

@@ -11,10 +11,13 @@ from research.experiments.heldout_analysis import (
     EXPLORATORY_SETS,
     FEATURE_SETS,
     analyse,
+    calibrated_within_2x,
     design,
     fit_logistic,
     measured_thresholds,
     out_of_fold,
+    required_within_2x_at_half,
+    seed_spread,
     suggested_max_lr,
 )
 
@@ -109,3 +112,41 @@ def test_analyse_reports_every_planned_number():
         == rep["n_model_inits"]
     # the curvature-theory score is perfectly informative by construction here
     assert rep["unfitted_scores"]["lr · λ_max(P⁻¹H) / 38 (Adam theory)"]["auroc"] > 0.95
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.5, 1.0])
+def test_calibrated_within_2x_matches_a_simulated_calibrated_estimator(sigma):
+    """Thresholds drawn from the estimator's own logistic curve (calibration by construction): the within-2x fraction
+    of its 10 % point follows from that of its 50 % point."""
+    rng = np.random.default_rng(1)
+    log2_s = rng.uniform(-8, 2, 40_000)  # the estimator's 50 % points, octaves
+    u = rng.random(log2_s.size)
+    log2_t = log2_s + sigma * np.log(u / (1 - u))  # P(T <= lr) = sigmoid((log2 lr - log2 s) / sigma)
+    w_half = np.mean(np.abs(log2_s - log2_t) <= 1)
+    log2_s10 = log2_s + sigma * math.log(0.1 / 0.9)
+    w_low = np.mean(np.abs(log2_s10 - log2_t) <= 1)
+    assert calibrated_within_2x(w_half, 0.1) == pytest.approx(w_low, abs=0.01)
+    assert calibrated_within_2x(w_half, 0.5) == pytest.approx(w_half, abs=1e-9)
+
+
+def test_required_accuracy_inverts_the_relation_and_is_monotone():
+    w = required_within_2x_at_half(0.8, 0.1)
+    assert calibrated_within_2x(w, 0.1) == pytest.approx(0.8, abs=1e-6)
+    assert 0.9 < w < 0.99  # the 80 % goal at risk 0.1 needs the 50 % point within 2x for ~95 % of inits
+    grid = np.linspace(0.01, 0.99, 99)
+    vals = [calibrated_within_2x(x, 0.1) for x in grid]
+    assert all(b > a for a, b in zip(vals, vals[1:]))
+
+
+def test_seed_spread_counts_rungs_between_seeds_of_one_configuration():
+    ladder = [1e-3 * 2**k for k in range(8)]
+    first_div = {"c1-s0": 3, "c1-s1": 3, "c2-s0": 2, "c2-s1": 3, "c3-s0": 1, "c3-s1": 4, "c4-s0": None, "c4-s1": 2}
+    rows = [{"model_id": m, "learning_rate": lr, "diverged": k_div is not None and k >= k_div}
+            for m, k_div in first_div.items() for k, lr in enumerate(ladder)]
+    out = seed_spread(rows)
+    assert out["n_pairs"] == 3  # c4 has a right-censored seed
+    assert out["same_rung"] == pytest.approx(1 / 3) and out["one_rung"] == pytest.approx(1 / 3)
+    assert out["two_or_more_rungs"] == pytest.approx(1 / 3)
+    assert out["sd_octaves"] == pytest.approx(math.sqrt((0 + 1 + 9) / 3))
+    ceiling = out["same_curve_ceiling"]
+    assert ceiling["within_2x_risk_0.1"] == pytest.approx(calibrated_within_2x(ceiling["within_2x_risk_0.5"], 0.1))

@@ -154,3 +154,20 @@ def test_write_pages_merges_only_an_existing_summary(tmp_path):
     data = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert data["other"] == 1
     assert data["heldout_family_auroc"] == rep["primary_leave_one_family_out"]["models"]["spectrum+lr"]["auroc"]
+
+
+def test_bound_section_reads_the_ceilings():
+    from research.experiments.heldout_analysis import calibrated_within_2x, required_within_2x_at_half
+    from research.experiments.heldout_report import _bound_lines
+
+    def bound(w_half: float) -> dict:
+        return {"goal": 0.8, "required_within_2x_risk_0.5": required_within_2x_at_half(0.8, 0.1),
+                "per_model": {"all": {"within_2x_risk_0.5": w_half, "sigma_octaves": 0.5,
+                                      "calibrated_within_2x_risk_0.1": calibrated_within_2x(w_half, 0.1),
+                                      "measured_within_2x_risk_0.1": 0.3}},
+                "seed_spread": {"n_pairs": 0}}
+
+    text = "\n".join(_bound_lines(bound(0.8)))
+    assert "0.947" in text and "no calibrated estimator meets the max-lr goal" in text
+    assert "no calibrated estimator" not in "\n".join(_bound_lines(bound(0.97)))  # ceiling above the goal
+    assert _bound_lines(None) == []
