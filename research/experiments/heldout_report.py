@@ -11,14 +11,13 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
-from .heldout_analysis import EXPLORATORY_SETS
+from .heldout_analysis import EXPLORATORY_SETS, GOAL_WITHIN_2X
 
 PRIMARY = "primary_leave_one_family_out"
 SECONDARY = "secondary_leave_one_variant_out"
 RULE1_COMPARISON = "all - config+curvature+lr"
 SHIPPED = "spectrum+lr"
 NOT_INIT_TIME = ("gradient+lr",)
-GOAL_WITHIN_2X = 0.8  # PURPOSE.md question 2: within 2x for >= 80% of held-out inits
 GOAL_ECE = 0.05  # ... with held-out ECE <= 0.05
 MIN_CLASS = 10  # rule 3: fewer diverged or stable runs than this -> shown, not interpreted
 
@@ -226,38 +225,48 @@ def _bound_lines(bound: Mapping[str, Any] | None) -> list[str]:
     req, goal = bound["required_within_2x_risk_0.5"], bound["goal"]
     sigma_req = 1 / math.log((1 + req) / (1 - req))
     L = ["### Why the max-lr goal is missed (diagnostic beside the plan, rule 6)", "",
-         "For a calibrated estimator whose probability is logistic in log lr, the within-2x fraction at risk 0.1 "
-         "follows from the within-2x fraction at risk 0.5: calibration makes the error of the 50 % point logistic "
-         "with the curve's own scale σ, and the 10 % point lies ln 9 · σ below the 50 % point "
-         "(`calibrated_within_2x` in `research/experiments/heldout_analysis.py`, checked on simulated calibrated "
-         f"estimators in the tests). The goal ({_f(goal, 2)} at risk 0.1) therefore needs the 50 % point within 2x "
-         f"of the measured threshold for **{_f(req)}** of inits (σ ≤ {_f(sigma_req, 2)} octave). Picture: "
-         "[`heldout_risk/max_lr_bound.png`](heldout_risk/max_lr_bound.png). A measured value above its ceiling "
-         "comes from a curve steeper than its own errors (overconfident at the low risks).", ""]
+         "The fitted models are logistic in log lr with one slope for all inits. For such an estimator, if it is "
+         "calibrated, the error of its 50 % point is logistic with the curve's own scale σ, and its 10 % point lies "
+         "ln 9 · σ below its 50 % point; its within-2x fraction at risk 0.1 then follows from its within-2x fraction "
+         "at risk 0.5 (`calibrated_within_2x` in `research/experiments/heldout_analysis.py`, checked on simulated "
+         f"calibrated estimators in the tests). To reach the goal ({_f(goal, 2)} at risk 0.1) it needs its 50 % "
+         f"point within 2x of the threshold for **{_f(req)}** of inits (σ ≤ {_f(sigma_req, 2)} octave). This is a "
+         "reference value, not a bound for every estimator: one whose slope varies by init (steep where it is sure) "
+         "can do better at the same accuracy. Picture: "
+         "[`heldout_risk/max_lr_bound.png`](heldout_risk/max_lr_bound.png).", ""]
     per = bound.get("per_model", {})
-    L += _table(("model", "within 2x at risk 0.5", "σ (octaves)", "calibrated ceiling at risk 0.1",
-                 "measured at risk 0.1"),
+    L += _table(("model", "within 2x at risk 0.5", "σ (octaves)", "calibrated reference at risk 0.1",
+                 "measured at risk 0.1", "50 % point > 4x above T", "50 % point > 4x below T"),
                 [[f"`{k}`", _f(v["within_2x_risk_0.5"]), _f(v["sigma_octaves"], 2),
-                  _f(v["calibrated_within_2x_risk_0.1"]), _f(v["measured_within_2x_risk_0.1"])]
+                  _f(v["calibrated_within_2x_risk_0.1"]), _f(v["measured_within_2x_risk_0.1"]),
+                  _f(v.get("above_4x_risk_0.5")), _f(v.get("below_4x_risk_0.5"))]
                  for k, v in per.items()]) + [""]
     spread = bound.get("seed_spread", {})
     if spread.get("n_pairs"):
-        c = spread.get("same_curve_ceiling", {})
-        L += [f"Seeds of one configuration ({spread['n_pairs']} pairs, both thresholds bracketed): same rung "
-              f"{_f(spread['same_rung'], 2)}, one rung (2x) apart {_f(spread['one_rung'], 2)}, two or more rungs "
-              f"{_f(spread['two_or_more_rungs'], 2)}; sd {_f(spread['sd_octaves'], 2)} octaves. A calibrated predictor "
-              "that gives every seed of a configuration the same curve (the config and the lr alone) then has "
-              f"σ ≥ {_f(c.get('sigma_octaves'), 2)} octave: within 2x at most {_f(c.get('within_2x_risk_0.5'))} of "
-              f"inits at risk 0.5 and {_f(c.get('within_2x_risk_0.1'))} at risk 0.1 (seeds' thresholds taken as "
-              "independent given the configuration).", ""]
-    ceilings = [v["calibrated_within_2x_risk_0.1"] for v in per.values()]
-    if ceilings and max(ceilings) < goal:
-        best = max(per, key=lambda k: per[k]["calibrated_within_2x_risk_0.1"])
-        L += [f"**Reading.** Every model's calibrated ceiling lies below the goal (highest: `{best}`, "
-              f"{_f(max(ceilings))}), so at the accuracy these inputs reach on unseen families, no calibrated "
-              "estimator meets the max-lr goal at risk 0.1; an estimator steep enough to meet it would be "
-              "overconfident and break the ECE goal. Meeting both needs inputs that place the threshold within 2x "
-              f"for {_f(req)} of inits.", ""]
+        L += [f"Seeds of one configuration, compared on the rungs both ran ({spread['n_pairs']} pairs; left out: "
+              f"{spread['left_out_non_monotone']} with a non-monotone ladder, {spread['left_out_censored']} censored): "
+              f"same rung {_f(spread['same_rung'], 2)}, one rung apart {_f(spread['one_rung'], 2)}, two or more "
+              f"{_f(spread['two_or_more_rungs'], 2)} (rungs of {', '.join(_f(x, 0) for x in spread['rung_octaves'])} "
+              "octave). Where seeds mostly share a rung, the label's seed-to-seed noise does not stop a predictor "
+              "that sees the configuration from placing the threshold within 2x.", ""]
+    refs = {k: v["calibrated_within_2x_risk_0.1"] for k, v in per.items()}
+    if refs and max(refs.values()) < goal:
+        top = max(refs.values())
+        best = [k for k, v in refs.items() if v == top]
+        halves = {k: v["within_2x_risk_0.5"] for k, v in per.items()}
+        L += [f"**Reading.** Every model's reference value lies below the goal (highest {_f(top)}: "
+              f"{', '.join(f'`{k}`' for k in best)}). A calibrated logistic estimator with a single slope in log lr "
+              f"needs its 50 % point within 2x of the threshold for {_f(req)} of inits to meet the goal; the best "
+              f"fitted model reaches {_f(max(halves.values()))} on families it never saw."]
+        top_half = max(halves, key=lambda k: halves[k])
+        over = per[top_half].get("above_4x_by_variant_risk_0.5") or {}
+        if over:
+            n_over = sum(over.values())
+            L[-1] += (f" Its largest misses are overshoots: {n_over} inits have a 50 % point more than 4x above the "
+                      "threshold, of which " + ", ".join(f"{n} `{v}`" for v, n in over.items()) + ".")
+        L[-1] += (" Meeting the goal at this accuracy would need a per-init slope, i.e. knowing which inits are "
+                  "uncertain.")
+        L += [""]
     return L
 
 

@@ -14,6 +14,7 @@ from research.experiments.heldout_analysis import (
     calibrated_within_2x,
     design,
     fit_logistic,
+    max_lr_bound,
     measured_thresholds,
     out_of_fold,
     required_within_2x_at_half,
@@ -138,15 +139,35 @@ def test_required_accuracy_inverts_the_relation_and_is_monotone():
     assert all(b > a for a, b in zip(vals, vals[1:]))
 
 
-def test_seed_spread_counts_rungs_between_seeds_of_one_configuration():
+def test_seed_spread_compares_seeds_on_their_shared_rungs():
     ladder = [1e-3 * 2**k for k in range(8)]
     first_div = {"c1-s0": 3, "c1-s1": 3, "c2-s0": 2, "c2-s1": 3, "c3-s0": 1, "c3-s1": 4, "c4-s0": None, "c4-s1": 2}
     rows = [{"model_id": m, "learning_rate": lr, "diverged": k_div is not None and k >= k_div}
             for m, k_div in first_div.items() for k, lr in enumerate(ladder)]
+    # c5: seed 1 ran the even rungs only; its first diverging rung (index 4) is the one after seed 0's stable
+    # index 3, so on the shared (even) rungs both first diverge at the same rung
+    rows += [{"model_id": "c5-s0", "learning_rate": lr, "diverged": k >= 4} for k, lr in enumerate(ladder)]
+    rows += [{"model_id": "c5-s1", "learning_rate": lr, "diverged": k >= 4} for k, lr in enumerate(ladder) if k % 2 == 0]
+    # c6: an isolated divergence below stable rungs on seed 0 (non-monotone): left out, not counted as 3 rungs
+    rows += [{"model_id": "c6-s0", "learning_rate": lr, "diverged": k == 1 or k >= 5} for k, lr in enumerate(ladder)]
+    rows += [{"model_id": "c6-s1", "learning_rate": lr, "diverged": k >= 5} for k, lr in enumerate(ladder)]
     out = seed_spread(rows)
-    assert out["n_pairs"] == 3  # c4 has a right-censored seed
-    assert out["same_rung"] == pytest.approx(1 / 3) and out["one_rung"] == pytest.approx(1 / 3)
-    assert out["two_or_more_rungs"] == pytest.approx(1 / 3)
-    assert out["sd_octaves"] == pytest.approx(math.sqrt((0 + 1 + 9) / 3))
-    ceiling = out["same_curve_ceiling"]
-    assert ceiling["within_2x_risk_0.1"] == pytest.approx(calibrated_within_2x(ceiling["within_2x_risk_0.5"], 0.1))
+    assert out["n_pairs"] == 4 and out["left_out_censored"] == 1 and out["left_out_non_monotone"] == 1
+    assert out["same_rung"] == pytest.approx(2 / 4) and out["one_rung"] == pytest.approx(1 / 4)
+    assert out["two_or_more_rungs"] == pytest.approx(1 / 4)
+    assert out["rung_octaves"] == [1.0, 2.0]
+
+
+def test_max_lr_bound_skips_missing_accuracy_and_handles_perfect_models():
+    max_lr = {
+        "a": {"risk_0.5": {"within_2x": 0.8, "above_4x": 0.1, "below_4x": 0.0}, "risk_0.1": {"within_2x": 0.4}},
+        "b": {"risk_0.5": {"within_2x": float("nan")}, "risk_0.1": {"within_2x": float("nan")}},
+        "c": {"risk_0.5": {"within_2x": 1.0}, "risk_0.1": {"within_2x": 1.0}},
+    }
+    out = max_lr_bound(max_lr, {"n_pairs": 0})
+    assert set(out["per_model"]) == {"a", "c"}
+    assert out["per_model"]["a"]["sigma_octaves"] == pytest.approx(1 / math.log(9))  # w = 0.8 -> (1+w)/(1-w) = 9
+    assert out["per_model"]["c"]["sigma_octaves"] is None
+    assert out["per_model"]["c"]["calibrated_within_2x_risk_0.1"] == 1.0
+    assert out["required_within_2x_risk_0.5"] == pytest.approx(required_within_2x_at_half(0.8, 0.1))
+    assert math.isnan(calibrated_within_2x(float("nan")))

@@ -164,10 +164,13 @@ def test_bound_section_reads_the_ceilings():
         return {"goal": 0.8, "required_within_2x_risk_0.5": required_within_2x_at_half(0.8, 0.1),
                 "per_model": {"all": {"within_2x_risk_0.5": w_half, "sigma_octaves": 0.5,
                                       "calibrated_within_2x_risk_0.1": calibrated_within_2x(w_half, 0.1),
-                                      "measured_within_2x_risk_0.1": 0.3}},
+                                      "measured_within_2x_risk_0.1": 0.3,
+                                      "above_4x_risk_0.5": 0.1, "below_4x_risk_0.5": 0.0,
+                                      "above_4x_by_variant_risk_0.5": {"gpt-none": 3, "mamba": 1}}},
                 "seed_spread": {"n_pairs": 0}}
 
     text = "\n".join(_bound_lines(bound(0.8)))
-    assert "0.947" in text and "no calibrated estimator meets the max-lr goal" in text
-    assert "no calibrated estimator" not in "\n".join(_bound_lines(bound(0.97)))  # ceiling above the goal
+    assert "0.947" in text and "Every model's reference value lies below the goal" in text
+    assert "4 inits have a 50 % point more than 4x above the threshold, of which 3 `gpt-none`, 1 `mamba`" in text
+    assert "**Reading.**" not in "\n".join(_bound_lines(bound(0.97)))  # reference above the goal: no such reading
     assert _bound_lines(None) == []
