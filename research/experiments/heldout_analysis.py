@@ -305,7 +305,8 @@ def seed_spread(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def max_lr_bound(max_lr: Mapping[str, Any], spread: Mapping[str, Any], *, goal: float = GOAL_WITHIN_2X) -> dict[str, Any]:
+def max_lr_bound(max_lr: Mapping[str, Any], spread: Mapping[str, Any], *,
+                 goal: float = GOAL_WITHIN_2X) -> dict[str, Any]:
     """Why the max-lr goal is missed (a diagnostic beside the plan, PURPOSE.md rule 6): per model, the within-2x
     fraction at risk 0.1 of a calibrated common-scale logistic estimator as accurate at risk 0.5 as the model
     (`calibrated_within_2x`) next to the measured one and the tails of the 50 % point's error; the accuracy at risk 0.5

@@ -147,7 +147,8 @@ def test_seed_spread_compares_seeds_on_their_shared_rungs():
     # c5: seed 1 ran the even rungs only; its first diverging rung (index 4) is the one after seed 0's stable
     # index 3, so on the shared (even) rungs both first diverge at the same rung
     rows += [{"model_id": "c5-s0", "learning_rate": lr, "diverged": k >= 4} for k, lr in enumerate(ladder)]
-    rows += [{"model_id": "c5-s1", "learning_rate": lr, "diverged": k >= 4} for k, lr in enumerate(ladder) if k % 2 == 0]
+    rows += [{"model_id": "c5-s1", "learning_rate": lr, "diverged": k >= 4}
+             for k, lr in enumerate(ladder) if k % 2 == 0]
     # c6: an isolated divergence below stable rungs on seed 0 (non-monotone): left out, not counted as 3 rungs
     rows += [{"model_id": "c6-s0", "learning_rate": lr, "diverged": k == 1 or k >= 5} for k, lr in enumerate(ladder)]
     rows += [{"model_id": "c6-s1", "learning_rate": lr, "diverged": k >= 5} for k, lr in enumerate(ladder)]
