@@ -161,6 +161,7 @@ def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_boots
     import math
 
     from hf_koopman.risk import RiskEstimator
+    from research.experiments.heldout_analysis import INIT_TIME
     from research.experiments.heldout_risk import HORIZON, WARMUP, read_jsonl
 
     rows = read_jsonl(runs)
@@ -198,7 +199,8 @@ def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_boots
             "auroc": held["auroc"], "auroc_ci95": held["auroc_ci"], "ece": held["ece"],
             "log_loss": held["log_loss"],
             "baseline_log_lr_auroc": primary["models"]["lr"]["auroc"],
-            "best_init_time": max(((k, m["auroc"]) for k, m in primary["models"].items() if k != "gradient+lr"),
+            # the plan's init-time sets only: exploratory rows are never selected (PURPOSE.md rule 6)
+            "best_init_time": max(((k, m["auroc"]) for k, m in primary["models"].items() if k in INIT_TIME),
                                   key=lambda kv: kv[1]),
         },
         "l2": l2,
