@@ -27,6 +27,7 @@ __all__ = [
     "out_of_fold",
     "measured_thresholds",
     "suggested_max_lr",
+    "sigma_from_within_2x",
     "calibrated_within_2x",
     "required_within_2x_at_half",
     "seed_spread",
@@ -228,6 +229,15 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
+def sigma_from_within_2x(within_2x_at_half: float) -> float | None:
+    """Scale sigma (octaves) of a logistic error E with `P(|E| <= 1) = within_2x_at_half`: `2 sigmoid(1 / sigma) - 1
+    = w`, so `1 / sigma = ln((1 + w) / (1 - w))`. `None` outside (0, 1), where no finite positive scale fits."""
+    w = float(within_2x_at_half)
+    if not 0.0 < w < 1.0:
+        return None
+    return 1.0 / math.log((1 + w) / (1 - w))
+
+
 def calibrated_within_2x(within_2x_at_half: float, risk: float = 0.1) -> float:
     """The within-2x fraction at `risk` of a calibrated estimator that is logistic in log lr with one scale for all
     inits (as the fitted models are: log lr enters linearly, without interactions) and whose 50 % point lies within
@@ -243,14 +253,15 @@ def calibrated_within_2x(within_2x_at_half: float, risk: float = 0.1) -> float:
     w = float(within_2x_at_half)
     if math.isnan(w):
         return math.nan
-    if not 0.0 < w < 1.0:
+    sigma = sigma_from_within_2x(w)
+    if sigma is None:
         return 1.0 if w >= 1.0 else 0.0
-    u = math.log((1 + w) / (1 - w))  # 1 / sigma
+    u = 1.0 / sigma
     shift = -math.log(risk / (1 - risk))  # -logit(risk), in units of sigma
     return _sigmoid(shift + u) - _sigmoid(shift - u)
 
 
-def required_within_2x_at_half(goal: float = 0.8, risk: float = 0.1) -> float:
+def required_within_2x_at_half(goal: float = GOAL_WITHIN_2X, risk: float = 0.1) -> float:
     """The `within_2x_at_half` a calibrated logistic estimator needs for `calibrated_within_2x(., risk) = goal`
     (bisection; the relation is increasing)."""
     lo, hi = 1e-9, 1 - 1e-12
@@ -263,15 +274,17 @@ def required_within_2x_at_half(goal: float = 0.8, risk: float = 0.1) -> float:
 _SEEDED_ID = re.compile(r"^(?P<configuration>.+)-s(?P<seed>\d+)$")
 
 
-def seed_spread(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def seed_spread(rows: Sequence[Mapping[str, Any]],
+                thresholds: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """How many ladder rungs apart the thresholds of two seeds of one configuration lie (model ids that differ only
     in their `-s<seed>` suffix). Each pair is compared on the rungs both seeds ran, so a seed run on every other rung
     is not mistaken for a one-rung difference; pairs with a non-monotone ladder (an isolated divergence below stable
     rungs) or censored on the shared rungs are left out and counted.
 
     If seeds of one configuration mostly share a rung, the seed-to-seed noise of the label does not limit a predictor
-    that sees the configuration: the threshold is a property of the configuration to within one rung."""
-    thresholds = measured_thresholds(rows)
+    that sees the configuration: the threshold is a property of the configuration to within one rung.
+    `thresholds`: `measured_thresholds(rows)` when the caller has it already."""
+    thresholds = measured_thresholds(rows) if thresholds is None else thresholds
     ladders: dict[str, dict[float, bool]] = defaultdict(dict)
     seeds: dict[str, dict[str, str]] = defaultdict(dict)
     for r in rows:
@@ -319,7 +332,7 @@ def max_lr_bound(max_lr: Mapping[str, Any], spread: Mapping[str, Any], *,
             continue
         per_model[name] = {
             "within_2x_risk_0.5": w_half,
-            "sigma_octaves": 1 / math.log((1 + w_half) / (1 - w_half)) if 0 < w_half < 1 else None,
+            "sigma_octaves": sigma_from_within_2x(w_half),
             "calibrated_within_2x_risk_0.1": calibrated_within_2x(w_half, 0.1),
             "measured_within_2x_risk_0.1": low.get("within_2x"),
             "above_4x_risk_0.5": half.get("above_4x"), "below_4x_risk_0.5": half.get("below_4x"),
@@ -370,7 +383,7 @@ def analyse(rows: Sequence[Mapping[str, Any]], *, n_resamples: int = 1000, seed:
         "left_censored": sum(t["status"] == "left_censored" for t in thresholds.values()),
         "non_monotone": sum(not t["monotone"] for t in thresholds.values()),
     }
-    spread = seed_spread(rows)
+    spread = seed_spread(rows, thresholds)
     for split, key in (("primary_leave_one_family_out", "family"), ("secondary_leave_one_variant_out", "variant")):
         probs: dict[str, np.ndarray] = {}
         models: dict[str, dict] = {}

@@ -11,7 +11,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
-from .heldout_analysis import EXPLORATORY_SETS, GOAL_WITHIN_2X
+from .heldout_analysis import EXPLORATORY_SETS, GOAL_WITHIN_2X, sigma_from_within_2x
 
 PRIMARY = "primary_leave_one_family_out"
 SECONDARY = "secondary_leave_one_variant_out"
@@ -223,7 +223,7 @@ def _bound_lines(bound: Mapping[str, Any] | None) -> list[str]:
     if not bound:
         return []
     req, goal = bound["required_within_2x_risk_0.5"], bound["goal"]
-    sigma_req = 1 / math.log((1 + req) / (1 - req))
+    sigma_req = sigma_from_within_2x(req)
     L = ["### Why the max-lr goal is missed (diagnostic beside the plan, rule 6)", "",
          "The fitted models are logistic in log lr with one slope for all inits. For such an estimator, if it is "
          "calibrated, the error of its 50 % point is logistic with the curve's own scale σ, and its 10 % point lies "
