@@ -17,9 +17,12 @@ forward + backward, clipping, `on_pre_optimizer_step`, AdamW, `on_optimizer_step
 alternate step by step (ABBA), each step is timed in process CPU time, and the overhead is the median over blocks of
 `--block` steps of (guard CPU time / plain CPU time) - 1, with its interquartile range, and the ratio of the totals
 with a 95% block-bootstrap CI (2,000 resamples of the blocks); also the CPU time spent inside the callback's events
-per step (the guard's own code, measured directly, without its hooks inside forward and backward). The Trainer's own
-per-step work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the overhead in a
-Trainer.
+per step (the guard's own code, measured directly, without its hooks inside forward and backward), and on CPU two of
+its parts wherever they run: its one read of all gradients (`guard._squared_norm`, inside the autograd end-of-backward
+callback when clipping is on) and its snapshot copies (`StateSnapshot.capture`). `--no-check-activations` and
+`--snapshot-every 1000000000` switch the block-output sums and the snapshot off, to time them by difference. The
+Trainer's own per-step work (data loading, logging) is absent from both arms, so this ratio is an upper bound on the
+overhead in a Trainer.
 
 On a GPU (`--device cuda`) the paired arms alternate by blocks of `--block` steps timed in wall-clock time between
 device syncs (see `paired_overhead`); `--layers` sets the depth and `--check-every` the guard's `check_every_n_steps`.
@@ -92,7 +95,8 @@ def overhead(hidden: int, clip: float, rounds: int, steps: int) -> dict:
 
 
 def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_every: int | str = "auto",
-                    device: str = "cpu", layers: int | None = None, check_every: int = 1) -> dict:
+                    device: str = "cpu", layers: int | None = None, check_every: int = 1,
+                    check_activations: bool = True) -> dict:
     """Step-level overhead of the guard (see the module docstring): `blocks` x `block` steps per arm.
 
     On a GPU (`device="cuda"`) the arms alternate block by block instead of step by step and each block is timed in
@@ -121,7 +125,7 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
             torch.cuda.synchronize()
     optims = {arm: torch.optim.AdamW(m.parameters(), lr=1e-3) for arm, m in (("plain", plain), ("guard", guarded))}
     callback = RKSPCallback(profile_at_init=False, snapshot_every_n_steps=snapshot_every,
-                            check_every_n_steps=check_every)
+                            check_every_n_steps=check_every, check_activations=check_activations)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_grad_norm=clip, report_to="none", use_cpu=not gpu,
                                  learning_rate=1e-3)
@@ -130,6 +134,7 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
 
         clipping = [0.0]  # process time of the Trainer's own clipping in the plain arm (a norm over all gradients)
         inside = [0.0]  # process time spent inside the callback's events (the guard's own code, without its hooks)
+        parts = _GuardParts(clock)  # the guard's gradient read and snapshot copies, wherever they run
 
         def event(fn, **kw) -> None:
             start = clock()
@@ -170,6 +175,7 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
         for i in range(10):  # warm-up, and the "auto" snapshot interval settles
             step("plain", batches[i % 8]), step("guard", batches[i % 8])
         inside[0] = clipping[0] = 0.0
+        parts.start()
         totals = []  # (plain, guard) CPU seconds per block
         sync()
         for b in range(blocks):
@@ -187,6 +193,7 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
                     for arm in order:
                         t[arm] += step(arm, batches[i % 8])
             totals.append((t["plain"], t["guard"]))
+        parts.stop()
         interval = callback._snapshot_interval()
         callback.on_train_end(args, state, control)
     ratios = [g / p - 1 for p, g in totals]
@@ -208,7 +215,51 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
             "overhead_median": statistics.median(ratios), "overhead_q1": q[0], "overhead_q3": q[2],
             "callback_cpu_ms_per_step": 1000 * inside[0] / steps,
             "callback_share": inside[0] / sum(p for p, _ in totals), "clip_cpu_ms_per_step": 1000 * clipping[0] / steps,
-            "snapshot_interval": interval}
+            "snapshot_interval": interval, "check_activations": check_activations,
+            # CPU only (on a GPU these calls only queue kernels): the parts of the guard's cost
+            "grad_read_cpu_ms_per_step": None if gpu else 1000 * parts.read / steps,
+            "snapshot_cpu_ms_per_step": None if gpu else 1000 * parts.capture / steps,
+            "snapshot_cpu_ms_each": None if gpu or not parts.captures else 1000 * parts.capture / parts.captures}
+
+
+class _GuardParts:
+    """Process time of the guard's one read of all gradients (`guard._squared_norm`, also where it runs inside the
+    autograd end-of-backward callback) and of its snapshot copies (`StateSnapshot.capture`), measured by wrapping the
+    two functions for the timed blocks only."""
+
+    def __init__(self, clock) -> None:
+        self.clock, self.read, self.capture, self.captures = clock, 0.0, 0.0, 0
+        self._saved = None
+
+    def start(self) -> None:
+        from hf_koopman.training import guard
+
+        read, capture = guard._squared_norm, guard.StateSnapshot.capture
+
+        def timed_read(params):
+            start = self.clock()
+            try:
+                return read(params)
+            finally:
+                self.read += self.clock() - start
+
+        def timed_capture(snapshot, *args, **kwargs):
+            start = self.clock()
+            try:
+                return capture(snapshot, *args, **kwargs)
+            finally:
+                self.capture += self.clock() - start
+                self.captures += 1
+
+        self._saved = (read, capture)
+        guard._squared_norm, guard.StateSnapshot.capture = timed_read, timed_capture
+
+    def stop(self) -> None:
+        from hf_koopman.training import guard
+
+        if self._saved is not None:
+            guard._squared_norm, guard.StateSnapshot.capture = self._saved
+            self._saved = None
 
 
 def _allreduce_worker(rank: int, port: int, calls: int, out: str) -> None:
@@ -255,13 +306,16 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="paired mode: `cuda` times a GPU (wall clock, see above)")
     parser.add_argument("--layers", type=int, help="paired mode: model depth (default: the sweep's)")
     parser.add_argument("--check-every", type=int, default=1, help="paired mode: the guard's check_every_n_steps")
+    parser.add_argument("--no-check-activations", action="store_true",
+                        help="paired mode: RKSPCallback(check_activations=False), to time the block-output sums")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     if args.paired:
         if args.device == "cpu":
             torch.set_num_threads(1)
         every = "auto" if args.snapshot_every == "auto" else int(args.snapshot_every)
-        rows = [paired_overhead(h, c, args.blocks, args.block, every, args.device, args.layers, args.check_every)
+        rows = [paired_overhead(h, c, args.blocks, args.block, every, args.device, args.layers, args.check_every,
+                                 not args.no_check_activations)
                 for h in args.sizes for c in args.clips]
         result = {"rows": rows, "load_before": load, "load_after": os.getloadavg()[0], "torch": torch.__version__,
                   "threads": torch.get_num_threads(),
@@ -275,7 +329,10 @@ def main(argv=None) -> None:
                   f"(block median {100 * r['overhead_median']:+.2f} %), inside the callback "
                   f"{r['callback_cpu_ms_per_step']:.3f} ms/step = {100 * r['callback_share']:.2f} %, "
                   f"the Trainer's own clipping {r['clip_cpu_ms_per_step']:.3f} ms/step, "
-                  f"snapshot every {r['snapshot_interval']} steps")
+                  f"snapshot every {r['snapshot_interval']} steps"
+                  + ("" if r["grad_read_cpu_ms_per_step"] is None else
+                     f"; the guard's gradient read {r['grad_read_cpu_ms_per_step']:.3f} ms/step, its snapshot copies "
+                     f"{r['snapshot_cpu_ms_per_step']:.3f} ms/step"))
         return
     rows = [overhead(h, c, args.rounds, args.steps) for h in (64, 256) for c in (0.0, 1.0)]
     reduce_s = allreduce_seconds()
