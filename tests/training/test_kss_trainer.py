@@ -265,7 +265,9 @@ def test_gradient_cap_is_inactive_when_kss_is_small(tmp_path):
     trainer, capped = _first_step(tmp_path, "capped", 1e-3, 1.0)
     assert trainer.state.log_history[0]["kss/grad_scale"] == 1.0
     for n in raw:
-        torch.testing.assert_close(capped[n], raw[n], rtol=1e-5, atol=1e-8)
+        # the capped path sums the task and KSS gradients in another order: float32 rounding at the tensor's scale
+        scale = float(raw[n].abs().max())
+        torch.testing.assert_close(capped[n], raw[n], rtol=1e-5, atol=1e-5 * scale + 1e-8)
 
 
 def test_gradient_cap_with_reentrant_checkpointing_names_the_fix(tmp_path):
