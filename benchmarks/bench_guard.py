@@ -175,25 +175,28 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
         for i in range(10):  # warm-up, and the "auto" snapshot interval settles
             step("plain", batches[i % 8]), step("guard", batches[i % 8])
         inside[0] = clipping[0] = 0.0
-        parts.start()
         totals = []  # (plain, guard) CPU seconds per block
-        sync()
-        for b in range(blocks):
-            t = {"plain": 0.0, "guard": 0.0}
-            if gpu:  # whole blocks per arm, ABBA over blocks, synced only at block boundaries
-                for arm in (("plain", "guard") if b % 2 == 0 else ("guard", "plain")):
-                    start = time.perf_counter()
+        parts.start()
+        try:
+            sync()
+            for b in range(blocks):
+                t = {"plain": 0.0, "guard": 0.0}
+                if gpu:  # whole blocks per arm, ABBA over blocks, synced only at block boundaries
+                    for arm in (("plain", "guard") if b % 2 == 0 else ("guard", "plain")):
+                        start = time.perf_counter()
+                        for i in range(block):
+                            step(arm, batches[i % 8])
+                        sync()
+                        t[arm] = time.perf_counter() - start
+                else:
                     for i in range(block):
-                        step(arm, batches[i % 8])
-                    sync()
-                    t[arm] = time.perf_counter() - start
-            else:
-                for i in range(block):
-                    order = ("plain", "guard") if (b * block + i) % 2 == 0 else ("guard", "plain")
-                    for arm in order:
-                        t[arm] += step(arm, batches[i % 8])
-            totals.append((t["plain"], t["guard"]))
-        parts.stop()
+                        order = ("plain", "guard") if (b * block + i) % 2 == 0 else ("guard", "plain")
+                        for arm in order:
+                            t[arm] += step(arm, batches[i % 8])
+                totals.append((t["plain"], t["guard"]))
+        finally:
+            parts.stop()
+        watched = len(callback._watch.names) if callback._watch is not None else 0
         interval = callback._snapshot_interval()
         callback.on_train_end(args, state, control)
     ratios = [g / p - 1 for p, g in totals]
@@ -215,7 +218,7 @@ def paired_overhead(hidden: int, clip: float, blocks: int, block: int, snapshot_
             "overhead_median": statistics.median(ratios), "overhead_q1": q[0], "overhead_q3": q[2],
             "callback_cpu_ms_per_step": 1000 * inside[0] / steps,
             "callback_share": inside[0] / sum(p for p, _ in totals), "clip_cpu_ms_per_step": 1000 * clipping[0] / steps,
-            "snapshot_interval": interval, "check_activations": check_activations,
+            "snapshot_interval": interval, "check_activations": check_activations, "watched_blocks": watched,
             # CPU only (on a GPU these calls only queue kernels): the parts of the guard's cost
             "grad_read_cpu_ms_per_step": None if gpu else 1000 * parts.read / steps,
             "snapshot_cpu_ms_per_step": None if gpu else 1000 * parts.capture / steps,
