@@ -83,6 +83,32 @@ def test_activation_watch_flags_the_first_block_with_a_non_finite_output():
     watch.remove()
 
 
+def test_activation_watch_sums_accumulate_in_place_and_restart_after_reset():
+    # the per-block sums live in buffers allocated once; reset() restarts them rather than adding to the old values
+    from types import SimpleNamespace
+
+    from hf_koopman.training.guard import ActivationWatch
+
+    blocks = [torch.nn.Identity() for _ in range(2)]
+    model = torch.nn.Sequential(*blocks).train()
+    watch = ActivationWatch([SimpleNamespace(name=f"b{i}", module=b) for i, b in enumerate(blocks)])
+    x = torch.ones(3, 4, requires_grad=True)
+    model(x)
+    model(2 * x)  # a second micro-batch of the same step adds to the sums
+    assert float(watch.total()) == pytest.approx(2 * (12 + 24))
+    buffers = list(watch._sums)
+    watch.reset()
+    assert watch.total() is None
+    model(3 * x)
+    assert float(watch.total()) == pytest.approx(2 * 36)  # restarted, not 72 + 72
+    assert all(a is b for a, b in zip(watch._sums, buffers))  # the same buffers, no new tensor per step
+    total = watch.total()
+    watch.reset()
+    model(x)
+    assert float(total) == pytest.approx(72)  # a total already taken does not change with later steps
+    watch.remove()
+
+
 @pytest.mark.parametrize("head_has_parameters", [True, False])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_pre_clip_norm_with_gradient_checkpointing(reentrant, head_has_parameters):
