@@ -38,6 +38,24 @@ def test_pre_clip_norm_is_read_before_clipping(accumulation):
     assert float(tap.squared_norm(params).sqrt()) == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_pre_clip_norm_lives_in_one_buffer_across_steps():
+    # the value read at the end of backward is copied into a buffer allocated once (no new tensor alive per step)
+    model = _model()
+    params = list(model.parameters())
+    tap = GradNormTap(params, pre_clip=True, model=model)
+    seen = []
+    for step in range(3):
+        model.zero_grad()
+        tap.reset()
+        model(torch.randn(5, 8) * (step + 1)).square().sum().backward()
+        value = tap.squared_norm(params)
+        expected = torch.nn.utils.get_total_norm([p.grad for p in params]) ** 2
+        assert float(value) == pytest.approx(float(expected), rel=1e-5)
+        seen.append(value)
+    assert seen[0] is seen[1] is seen[2]
+    tap.remove()
+
+
 def test_without_pre_clip_reads_current_gradients_and_none_without_gradients():
     model = _model()
     params = list(model.parameters())
