@@ -208,14 +208,9 @@ class GradNormTap:
     def _read_norm(self) -> None:
         self._queued = False
         value = _squared_norm(self._params)
-        if value is None:
-            self._squared = None
-            return
-        # kept in a buffer allocated once, like `ActivationWatch`'s sums: a new tensor per step kept alive until the
-        # next step is what cost the block-output check 0.5-0.8 % of a CPU step
-        if self._buffer is None or self._buffer.device != value.device or self._buffer.dtype != value.dtype:
-            self._buffer = torch.empty_like(value)
-        self._squared = self._buffer.copy_(value)
+        if value is not None:
+            self._buffer = _kept(self._buffer, value)
+        self._squared = None if value is None else self._buffer
 
     def squared_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor | None:
         """Sum of squared gradient norms (this process's share for FSDP2); `None` when no gradient exists."""
@@ -244,6 +239,16 @@ class GradNormTap:
         self._handles = []
 
 
+def _kept(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """`value` copied into `buffer` (allocated on first use or when the device or dtype changes), for a per-step value
+    that must outlive the step's backward pass. A new small tensor per step kept alive until the next step cost
+    0.5-0.8 % of a 0.25 s CPU step in `benchmarks/bench_guard.py` although computing it costs 0.1 %
+    (`results/safety_net.md`); reusing one buffer does not."""
+    if buffer is None or buffer.device != value.device or buffer.dtype != value.dtype:
+        buffer = torch.empty_like(value)
+    return buffer.copy_(value)
+
+
 def _squared_norm(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
     """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float32; `None` if none.
 
@@ -263,8 +268,7 @@ class ActivationWatch:
     A block is flagged when that sum is non-finite: one of its outputs was NaN or Inf, or they were so large that their
     float32 sum overflows (|sum| > 3.4e38, far beyond any trained model's activations). One reduction per block costs
     ~30x less than materialising an element-wise `isfinite` mask of the output. Each block's sum accumulates in place
-    into a 0-dim tensor allocated once: a new tensor per block per step, kept alive until the next step, cost 0.5-0.8 %
-    of a 0.25 s CPU step in `benchmarks/bench_guard.py` although the sums themselves take 0.1 % (`results/safety_net.md`).
+    in a buffer allocated once (`_kept`).
     """
 
     def __init__(self, blocks: list[Any]) -> None:
@@ -284,11 +288,9 @@ class ActivationWatch:
                 if seen is not None and seen.dtype == total.dtype:
                     seen.add_(total.to(seen.device))
                     return
-                buffer = self._buffers[index]
-                if buffer is None or buffer.device != total.device or buffer.dtype != total.dtype:
-                    buffer = self._buffers[index] = torch.empty_like(total)
-                buffer.copy_(total if seen is None else total + seen.to(total.device))
-                self._sums[index] = buffer
+                if seen is not None:  # the output dtype changed within the step (autocast toggled)
+                    total = total + seen.to(total.device)
+                self._sums[index] = self._buffers[index] = _kept(self._buffers[index], total)
 
         return hook
 
