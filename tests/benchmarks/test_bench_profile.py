@@ -1,0 +1,35 @@
+"""Smoke test of `benchmarks/bench_profile.formulation_floor`: every dense operation of the analysis is timed on the
+library's own operator, and a floor that drifted from the library's formulation fails loudly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bench_profile
+
+
+def _chained_snapshots(layers: int = 3, n: int = 256, d: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(n, d, generator=g) * torch.logspace(-0.5, 0.5, d)]
+    for _ in range(layers):
+        w = torch.randn(d, d, generator=g) / d**0.5
+        states.append(states[-1] + 0.5 * torch.tanh(states[-1] @ w))
+    stack = torch.stack(states)
+    return stack[:-1], stack[1:]  # Y[l] is X[l + 1], as profile_from_snapshots stacks them
+
+
+def test_floor_times_every_operation_on_the_library_operator():
+    X, Y = _chained_snapshots()
+    rows = bench_profile.formulation_floor(X, Y, layers=2, repeats=1)
+    assert [r["calls_per_layer"] for r in rows] == [2, 2, 3, 2, 1, 2, 2, 3]
+    assert all(r["cpu_s_per_layer"] >= 0 for r in rows) and sum(r["cpu_s_per_layer"] for r in rows) > 0
+    assert any("eig with right eigenvectors" == r["what"] for r in rows)
+
+
+def test_floor_rejects_operands_that_are_not_the_library_operator(monkeypatch):
+    X, Y = _chained_snapshots()
+    real_cholesky = torch.linalg.cholesky  # the floor factorises with it; the library uses cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda a: real_cholesky(2.0 * a))  # halves the floor's operator
+    with pytest.raises(RuntimeError, match="differs from whitened_dmd"):
+        bench_profile.formulation_floor(X, Y, layers=1, repeats=1)
