@@ -671,6 +671,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._snapshot.capture(self._params, optimizer, step)
         self._capture_seconds = time.perf_counter() - start
         self._since_capture = 0
+        self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.guard or model is None:
@@ -739,8 +740,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
             suspect_checkpoints=suspect,
             first_checked_step=first_checked,
         )
-        if self._snapshot.empty and self._undo.empty:  # nothing validated yet: undo this update at least
+        if self._undo.empty and not self._restores_snapshot():
+            # no validated state to go back to (or restoring it is switched off): undo this update at least. When
+            # nothing is validated yet, a windowed check keeps the state before its window here already.
             self._undo.capture(self._params, optimizer, state.global_step)
+
+    def _restores_snapshot(self) -> bool:
+        """Whether a trip now puts the validated snapshot back (a rollback, or a stop with `restore_on_stop`)."""
+        rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
+        return not self._snapshot.empty and (rollback or self.restore_on_stop)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         event, self._trip = self._trip, None
@@ -752,7 +760,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _act(self, event: DivergenceEvent, control, optimizer, lr_scheduler) -> None:
         """Roll back (or stop) after a trip; the event is logged at the end of the step (`_log_event`)."""
         rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
-        if not self._snapshot.empty and (rollback or self.restore_on_stop):
+        if self._restores_snapshot():
             self._snapshot.restore(self._params, optimizer)  # discards this update and the suspect one before it
             event.restored_step = self._snapshot.step
             self.weights_validated = True

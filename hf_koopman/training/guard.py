@@ -416,6 +416,10 @@ class StateSnapshot:
         for group, saved in zip(optimizer.param_groups, self._groups):
             group.update(saved)
 
+    def clear(self) -> None:
+        """Drop the copies (the snapshot becomes `empty`)."""
+        self.step, self._params, self._opt_state, self._groups = None, [], [], []
+
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self._params)
         for entry in self._opt_state:

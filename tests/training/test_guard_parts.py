@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_koopman.training.guard import GradNormTap
+from hf_koopman.training.guard import GradNormTap, StateSnapshot
 
 
 def _model() -> torch.nn.Module:
@@ -190,3 +190,24 @@ def test_output_hooks_read_the_norm_of_a_model_returning_a_loss_dict():
     expected = torch.nn.utils.get_total_norm([p.grad for p in params])
     torch.nn.utils.clip_grad_norm_(params, max_norm=1e-4)
     assert float(tap.squared_norm(params).sqrt()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_state_snapshot_clear_frees_the_copies_and_a_new_capture_works():
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    snap = StateSnapshot()
+    snap.capture(list(model.parameters()), optimizer, step=1)
+    assert not snap.empty and snap.nbytes() > 0
+    snap.clear()
+    assert snap.empty and snap.nbytes() == 0
+    with pytest.raises(RuntimeError, match="no snapshot"):
+        snap.restore(list(model.parameters()), optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    snap.capture(list(model.parameters()), optimizer, step=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    snap.restore(list(model.parameters()), optimizer)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -93,6 +93,11 @@ def test_save_model_after_a_trip_never_writes_the_diverged_weights(tmp_path):
                          callbacks=[guard])
     trainer.train()
     assert not guard.weights_validated
+    # only the tripping update (step 4) was undone: the model holds the suspect weights after step 3, not older ones
+    suspect = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k].cpu(), v) for k, v in suspect.items())
+    assert _batch_loss(trainer.model, data, 4) > 50
     with pytest.raises(DivergedModelError, match="checkpoint-2"):
         trainer.save_model(str(out / "final"))
     assert not (out / "final" / "model.safetensors").exists()
