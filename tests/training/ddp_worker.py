@@ -4,8 +4,9 @@ Run 1 ("trajectory"): `scripts/train_kss.py` unchanged, KSS every 2 steps, RKSP 
 history goes to `<out>/trajectory-rank<r>.json` together with the world size the Trainer saw, how the model is
 distributed (FSDP modules, DTensor parameters, local share of the elements) and what the KSS hooks were attached to.
 Run 2 ("guard"): a Trainer whose **rank 1 only** sees an infinite gradient on optimizer step 3 (a tensor hook on
-the last block's output, so the loss stays finite and rank 0's own backward is clean); the rank-reduced guard must roll back every rank at step 3, identically, and
-the run must finish. Result in `<out>/guard-rank<r>.json`: events, final step, a digest of the final weights, and the
+the last block's output, so the loss stays finite and rank 0's own backward is clean) and, without a check window, a
+loss raised by a constant on optimizer step 6 (its gradients unchanged, so DDP's gradient averaging does not carry it
+to rank 0); the rank-reduced guard must roll back every rank at both steps, identically, and the run must finish. Result in `<out>/guard-rank<r>.json`: events, final step, a digest of the final weights, and the
 time of the guard's one all-reduce per step.
 """
 
@@ -97,6 +98,14 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
                     hidden.register_hook(lambda grad: torch.full_like(grad, float("inf")))
 
                 handle = block.register_forward_hook(poison)
+            if rank() == 1 and self.state.global_step == 5 and self.loss_fault:
+                # optimizer step 6, one rank only: the model's loss is raised by 100, a constant, so the gradients
+                # (and DDP's averaged ones) are untouched; only the guard's all-reduce can tell rank 0
+                def raise_loss(module, args, output):
+                    output["loss"] = output["loss"] + 100.0
+                    return output
+
+                handle = self.accelerator.unwrap_model(model).register_forward_hook(raise_loss, prepend=True)
             try:
                 return super().training_step(model, inputs, num_items_in_batch)
             finally:
@@ -133,6 +142,7 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
         callbacks=[callback],
     )
     trainer.kss_config.alpha = 0.0
+    trainer.loss_fault = not windowed
     trainer.train()
     weights = torch.cat([p.detach().double().flatten() for p in trainer.model.parameters()])
     result = {

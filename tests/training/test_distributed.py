@@ -5,7 +5,8 @@ x GA 2 against 1 x 1 x GA 4), sequential sampling, so each rank micro-batch is o
 micro-batches = mean over ranks), the pre-clip gradient norm and the gradient-cap factor (each rank caps its own
 micro-batch, so the mean over ranks equals the single process's mean over micro-batches) must agree up to float32
 reduction-order noise: tolerance rel 1e-4 over 4 optimizer steps (2 of them with KSS). The guard, tripped by an
-infinite gradient on rank 1 only, must roll back both ranks at the same step to the same weights and finish the run.
+infinite gradient on rank 1 only (which DDP's averaging spreads), and then by a loss raised on rank 1 only (which only
+the guard's all-reduce spreads), must roll back both ranks at the same steps to the same weights and finish the run.
 
 The FSDP run uses `scripts/accelerate_configs/fsdp.yaml` unchanged: accelerate alone would fall back to DDP on CPU;
 `KSSTrainer` promotes the run to FSDP2 (`hf_koopman.training.fsdp`), so the parameters must be DTensors with each rank
@@ -128,13 +129,18 @@ def _check_guard(guards: list[dict], ddp: bool = True) -> None:
     restored = [g["events"][0]["restored_step"] for g in guards]
     assert restored[0] == restored[1] in (0, 1)
     for g in guards:
-        assert [(e["step"], e["action"]) for e in g["events"]] == [(3, "rollback")]
+        assert [(e["step"], e["action"]) for e in g["events"]] == [(3, "rollback"), (6, "rollback")]
         assert g["finite"]
+    # step 6: only rank 1's loss is raised and the gradients are untouched, so rank 0 trips through the all-reduce alone
+    assert guards[0]["events"][1]["restored_step"] == guards[1]["events"][1]["restored_step"]
+    assert "loss > 50 or non-finite on another process" in guards[0]["events"][1]["causes"][0]
+    assert "loss > 50 or non-finite (step loss here" in guards[1]["events"][1]["causes"][0]
+    assert all(len(g["events"][1]["causes"]) == 1 for g in guards)  # the gradient norm stayed sane
     if ddp:  # DDP: the guard reads the averaged pre-clip gradient, non-finite on both ranks alike
         for g in guards:
             assert "non-finite (norm here: " in g["events"][0]["causes"][0]
             assert "on another process" not in g["events"][0]["causes"][0]
-    assert guards[0]["events"][0]["new_lr"] == guards[1]["events"][0]["new_lr"]
+    assert [e["new_lr"] for e in guards[0]["events"]] == [e["new_lr"] for e in guards[1]["events"]]
     # identical weights on both ranks after rolling back and training on
     assert guards[0]["weights_sum"] == guards[1]["weights_sum"] and guards[0]["weights_sq"] == guards[1]["weights_sq"]
     assert len(guards[0]["reduce_seconds"]) == 8  # one all-reduce per optimizer step
