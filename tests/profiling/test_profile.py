@@ -221,3 +221,23 @@ def test_hierarchical_vision_model_falls_back_to_nested_blocks():
     assert _no_hooks_left(model)
     with pytest.raises(ValueError, match="maps"):  # an explicit override is taken literally
         profile(model, layers="encoder.layers", num_samples=64, rank=4)
+
+
+def test_forward_progress_bar_has_a_total_and_reaches_it(monkeypatch):
+    from hf_koopman.profiling import profiler
+
+    bars, real = [], profiler.tqdm
+
+    def spy(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(profiler, "tqdm", spy)
+    model = tiny_model("llama", num_hidden_layers=3)
+    profile(model, num_samples=64, rank=8, progress=True)  # default probe inputs
+    loader = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 100, (16,))} for _ in range(6)], batch_size=2)
+    profile(model, loader, num_samples=64, rank=8, progress=True)  # 3 batches
+    forward = [b for b in bars if b.desc.startswith("forward")]
+    assert len(forward) == 2
+    assert [b.total for b in forward] == [b.n for b in forward]  # a total, and the bar ends full
+    assert forward[1].total == 3 * 3  # 3 blocks x 3 batches

@@ -150,6 +150,39 @@ def test_rollback_finishes_a_run_that_would_diverge(tmp_path):
     assert record["events"][0]["new_lr"] == pytest.approx(0.5)
 
 
+class LogRecorder(TrainerCallback):
+    """What the loggers see: `Trainer.log` calls every callback's `on_log`, as it calls W&B's or TensorBoard's."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("how", ["KSSTrainer", "Trainer + bind", "Trainer, not bound"])
+def test_rollback_events_reach_the_loggers_through_trainer_log(tmp_path, how):
+    data = TokenDataset(n=128)
+    guard, recorder = _guard(on_divergence="rollback"), LogRecorder()
+    if how == "KSSTrainer":  # binds its callbacks itself
+        trainer = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path, KSSTrainingArguments, max_steps=6),
+                             train_dataset=data, callbacks=[guard, recorder])
+    else:
+        trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=data,
+                          callbacks=[guard, recorder])
+        if how == "Trainer + bind":
+            guard.bind(trainer)
+    trainer.train()
+    event = {"rksp/rollbacks": 1.0, "rksp/rollback_step": 4.0, "rksp/rollback_cause": 1.0, "rksp/lr": 0.5}
+    seen = [log for log in recorder.logs if "rksp/rollback_step" in log]
+    in_history = [h for h in trainer.state.log_history if "rksp/rollback_step" in h]
+    assert [{k: h[k] for k in event} for h in in_history] == [event]  # always in the history and the JSON record
+    if how == "Trainer, not bound":  # no public way for a callback to reach the loggers: documented, bind() fixes it
+        assert seen == []
+    else:
+        assert [{k: log[k] for k in event} for log in seen] == [event]
+
+
 def test_rollbacks_are_bounded_then_the_guard_stops(tmp_path):
     guard = _guard(on_divergence="rollback", max_rollbacks=2, lr_backoff=1.0)  # no back-off: it keeps tripping
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=3.0), train_dataset=TokenDataset(n=128),
