@@ -33,6 +33,7 @@ from hf_koopman.training.guard import (
     StateSnapshot,
     is_distributed,
     is_sharded,
+    load_checkpoint_state,
     reduce_max,
     world_sum,
 )
@@ -46,6 +47,7 @@ logger = get_logger(__name__)
 _OUT_OF_RANGE_LEVEL = {True: 1.0, False: 0.0, None: -1.0}
 RECORD_NAME = "rksp_guard.json"
 _MODES = ("stop", "rollback")
+_SOURCES = ("auto", "memory", "checkpoint")
 #: Share of the step time the "auto" snapshot interval allows the validated-state copy to take.
 _SNAPSHOT_BUDGET = 0.0025
 
@@ -176,6 +178,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
+        rollback_source (`str`, defaults to `"auto"`): where the validated state comes back from. `"memory"`: the CPU
+            snapshot above. `"checkpoint"`: the last good checkpoint (its `model.safetensors` and `optimizer.pt`;
+            no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, the tripping update stays
+            in the weights, which are then marked unvalidated). Needs checkpoints (`save_strategy="steps"`); not with
+            sharded (FSDP) parameters. `"auto"`: `"memory"` unless a copy of the trainable weights and two optimizer
+            moments would take more than half of the free host memory (psutil) and checkpoints are saved.
         check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps, and at
             the last step, every step whose checkpoint is saved and every epoch end. In between, each step's loss,
             gradient norm and block sums are folded into on-device maxima without a host sync or all-reduce (FSDP2
@@ -210,6 +218,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         lr_backoff: float = 0.5,
         restore_on_stop: bool = True,
         snapshot_every_n_steps: int | str = "auto",
+        rollback_source: str = "auto",
         check_every_n_steps: int = 1,
         auto_kss: bool = False,
         save_artifacts: bool = True,
@@ -233,10 +242,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise ValueError(
                 f"snapshot_every_n_steps must be an int >= 1 or 'auto', got {snapshot_every_n_steps!r}"
             )
+        if rollback_source not in _SOURCES:
+            raise ValueError(f"rollback_source must be one of {_SOURCES}, got {rollback_source!r}")
         if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be an int >= 1, got {check_every_n_steps!r}")
         self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold))
         self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.rollback_source = rollback_source
         self.check_every_n_steps = check_every_n_steps
         self.profile_at_init = profile_at_init
         self.probe_inputs = probe_inputs
@@ -274,6 +286,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._params_first: torch.nn.Parameter | None = None
         self._sharded = False
         self._snapshot = StateSnapshot()  # last validated state
+        self._from_checkpoint = False  # rollback_source resolved at train begin: restore from the last good checkpoint
+        self._model: torch.nn.Module | None = None
         self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
         self._step_seconds: float | None = None  # running estimate of one optimizer step
@@ -326,6 +340,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "lr_backoff": self.lr_backoff,
                 "restore_on_stop": self.restore_on_stop,
                 "snapshot_every_n_steps": self.snapshot_every_n_steps,
+                "rollback_source": self.rollback_source,
                 "check_every_n_steps": self.check_every_n_steps,
                 "auto_kss": self.auto_kss,
                 "save_artifacts": self.save_artifacts,
@@ -511,6 +526,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
+        self._model = model
+        self._from_checkpoint = self._resolve_rollback_source(args)
         self._snapshot = StateSnapshot()
         self._undo = StateSnapshot()
         self._since_capture = 0
@@ -628,6 +645,30 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
         return loss, squared
 
+    def _resolve_rollback_source(self, args) -> bool:
+        """Whether validated state comes back from the last good checkpoint (`rollback_source`) rather than memory."""
+        saves = getattr(args, "save_strategy", None) not in (None, "no")
+        if self.rollback_source == "checkpoint":
+            if self._sharded:
+                raise ValueError("rollback_source='checkpoint' cannot restore sharded (FSDP) parameters; use "
+                                 "rollback_source='memory'")
+            if not saves:
+                logger.warning("rollback_source='checkpoint' but no checkpoints are saved (save_strategy='no'): a trip "
+                               "can only stop, with the tripping update kept; set save_strategy='steps'")
+            return True
+        if self.rollback_source == "memory" or self._sharded or not saves:
+            return False
+        import psutil
+
+        copy_bytes = 3 * sum(p.numel() * p.element_size() for p in self._params)  # weights + two optimizer moments
+        free = psutil.virtual_memory().available
+        if copy_bytes <= free / 2:
+            return False
+        logger.info("RKSP guard: a CPU copy of the training state (~%.1f GB) would take more than half of the free "
+                    "memory (%.1f GB): rolling back from the last good checkpoint instead",
+                    copy_bytes / 1e9, free / 1e9)
+        return True
+
     def _is_check_step(self, args, state) -> bool:
         """Every `check_every_n_steps`-th step, the last one, and every step whose checkpoint will be saved (a resumed
         run must not start from unchecked steps)."""
@@ -646,7 +687,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self._watch is not None:
                 self._watch.reset()
             self._window_first = state.global_step + 1
-            if self.guard and self._snapshot.empty and optimizer is not None and self._params:
+            nothing_validated = self._snapshot.empty and not self._from_checkpoint
+            if self.guard and nothing_validated and optimizer is not None and self._params:
                 # nothing validated yet: keep the state before the window, so that a trip undoes all of its updates
                 self._undo.capture(self._params, optimizer, state.global_step)
         now = time.perf_counter()
@@ -664,6 +706,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         return max(1, math.ceil(self._capture_seconds / (_SNAPSHOT_BUDGET * self._step_seconds)))
 
     def _refresh_snapshot(self, optimizer, step: int, interval: int, passed: int = 1) -> None:
+        if self._from_checkpoint:  # the last good checkpoint is the validated state: no copy in memory
+            return
         self._since_capture += passed
         if not self._snapshot.empty and self._since_capture < interval:
             return
@@ -682,6 +726,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first is not self._params_first:
             self._params = [p for p in model.parameters() if p.requires_grad]
             self._params_first, self._sharded = first, is_sharded(self._params)
+            if self._sharded and self._from_checkpoint:
+                logger.warning("RKSP guard: the parameters are sharded (FSDP) now, which a checkpoint restore does not "
+                               "support: keeping the validated state in memory instead")
+                self._from_checkpoint = False
         if not self._is_check_step(args, state):  # fold this step into the window's on-device maxima; no sync
             device = self._params[0].device if self._params else torch.device("cpu")
             loss, squared = self._step_values(device)
@@ -740,7 +788,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             suspect_checkpoints=suspect,
             first_checked_step=first_checked,
         )
-        if self._undo.empty and not self._restores_snapshot():
+        if self._undo.empty and not self._restores_snapshot() and not self._from_checkpoint:
             # no validated state to go back to (or restoring it is switched off): undo this update at least. When
             # nothing is validated yet, a windowed check keeps the state before its window here already.
             self._undo.capture(self._params, optimizer, state.global_step)
@@ -748,7 +796,22 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _restores_snapshot(self) -> bool:
         """Whether a trip now puts the validated snapshot back (a rollback, or a stop with `restore_on_stop`)."""
         rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
+        if self._from_checkpoint:
+            return self.last_good_checkpoint is not None and (rollback or self.restore_on_stop)
         return not self._snapshot.empty and (rollback or self.restore_on_stop)
+
+    def _restore_validated(self, optimizer) -> int | None:
+        """Put the validated state back (snapshot or last good checkpoint); returns its step, `None` if it failed."""
+        if not self._from_checkpoint:
+            self._snapshot.restore(self._params, optimizer)
+            return self._snapshot.step
+        try:
+            load_checkpoint_state(self._model, optimizer, self.last_good_checkpoint)
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            logger.error("RKSP guard: could not restore the last good checkpoint %s: %s",
+                         self.last_good_checkpoint, err)
+            return None
+        return int(Path(self.last_good_checkpoint).name.rsplit("-", 1)[-1])
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         event, self._trip = self._trip, None
@@ -760,12 +823,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _act(self, event: DivergenceEvent, control, optimizer, lr_scheduler) -> None:
         """Roll back (or stop) after a trip; the event is logged at the end of the step (`_log_event`)."""
         rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
-        if self._restores_snapshot():
-            self._snapshot.restore(self._params, optimizer)  # discards this update and the suspect one before it
-            event.restored_step = self._snapshot.step
+        restored = self._restore_validated(optimizer) if self._restores_snapshot() else None
+        if restored is not None:  # this update and the suspect one before it are discarded
+            event.restored_step = restored
             self.weights_validated = True
         else:
-            if not self._undo.empty:
+            undone = not self._undo.empty
+            if undone:
                 self._undo.restore(self._params, optimizer)  # this update is discarded; the weights stay suspect
             self.weights_validated = False
             rollback = False
@@ -786,7 +850,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self.weights_validated:
                 memory = f"the in-memory model is back at the validated state of step {event.restored_step}"
             else:
-                memory = "the tripping update was discarded but the in-memory weights are NOT validated; do not save them"
+                kept = "discarded" if undone else "kept (no copy in memory)"
+                memory = f"the tripping update was {kept}; the in-memory weights are NOT validated, do not save them"
             why = " after %d rollback(s)" % self.rollbacks if self.on_divergence == "rollback" else ""
             logger.error(
                 "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",

@@ -9,13 +9,16 @@
   optimizer is about to apply. Either way one fused norm over all gradients per read.
 * `ActivationWatch`: forward hooks on the residual blocks that flag non-finite outputs on device (one sum each).
 * `StateSnapshot`: a CPU copy of the parameters and the optimizer state, restored in place.
+* `load_checkpoint_state`: the same state read back from a checkpoint the Trainer wrote, when a CPU copy does not fit.
 * `reduce_max`: the one all-reduce per step that makes every process take the same decision.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +34,7 @@ __all__ = [
     "LossTap",
     "StateSnapshot",
     "is_distributed",
+    "load_checkpoint_state",
     "reduce_max",
 ]
 
@@ -427,3 +431,68 @@ class StateSnapshot:
                 if isinstance(v, torch.Tensor):
                     total += v.numel() * v.element_size()
         return total
+
+
+def _weight_files(path: Path) -> list[Path]:
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
+        return [path / name for name in sorted(set(shards))]
+    raise FileNotFoundError(
+        f"{path} holds no model.safetensors (nor a model.safetensors.index.json): the guard restores only "
+        "full-model checkpoints written by Trainer.save_model / save_pretrained; use rollback_source='memory'"
+    )
+
+
+@torch.no_grad()
+def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: str | Path) -> None:
+    """Put a Trainer checkpoint's trainable weights and optimizer state back into `model` and `optimizer`, in place.
+
+    Weights come from `model.safetensors` (or the shards its index lists), matched by parameter name (tied aliases
+    included); the optimizer state from `optimizer.pt`, read with `weights_only=True`. The optimizer's hyperparameters
+    (learning rate, betas, ...) stay as they are: the caller decides the rate. A checkpoint without `optimizer.pt`
+    (`save_only_model=True`) restores the weights and clears the optimizer state, with a warning. Everything is read
+    and checked before anything changes: a missing file, a missing trainable parameter or a shape mismatch raises
+    (`FileNotFoundError`, `KeyError`, `ValueError`) and leaves `model` and `optimizer` untouched.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint)
+    saved: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        saved.update(load_file(str(file)))
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    pairs, missing = [], []
+    for param in (p for p in model.parameters() if p.requires_grad):
+        name = next((n for n in aliases[id(param)] if n in saved), None)
+        if name is None:
+            missing.append(aliases[id(param)][0])
+        elif tuple(saved[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(saved[name].shape)}, the model's is {tuple(param.shape)}"
+            )
+        else:
+            pairs.append((param, saved[name]))
+    if missing:
+        raise KeyError(f"{path} lacks {len(missing)} trainable parameter(s) of this model, e.g. {missing[:3]}")
+    optimizer_file = path / "optimizer.pt"
+    optimizer_state = None
+    if optimizer is not None and optimizer_file.is_file():
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    for param, value in pairs:
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+    if optimizer is None:
+        return
+    if optimizer_state is None:
+        logger.warning("%s has no optimizer.pt (save_only_model=True?): weights restored, optimizer state cleared",
+                       path)
+        optimizer.state.clear()
+        return
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    for group, kept in zip(optimizer.param_groups, hyper):
+        group.update(kept)

@@ -93,6 +93,7 @@ def run(spec: RunSpec, mode: str, *, poison: bool, train_ds, eval_ds) -> dict:
         "steps": trainer.state.global_step,
         "rollbacks": guard.rollbacks,
         "trips": [e["step"] for e in guard.events],
+        "restored": [e.get("restored_step") for e in guard.events],
         "causes": [e["cause_flags"] for e in guard.events],
         "final_eval_loss": final if math.isfinite(final) else str(final),
         "seconds": round(seconds, 2),
@@ -115,6 +116,7 @@ def summarise(rows: list[dict]) -> dict:
                 "finished": sum(g["finished"] for g in group),
                 "rollbacks": [g["rollbacks"] for g in group],
                 "first_trip": [g["trips"][0] if g["trips"] else None for g in group],
+                "first_restored": [g["restored"][0] if g.get("restored") else None for g in group],
                 "final_eval_loss": [g["final_eval_loss"] for g in group],
             }
             for arm_name, group in arm.items() if group
@@ -128,17 +130,19 @@ def fmt(x) -> str:
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    lines = ["## Results", "", f"`{meta['command']}`, {meta['cpu_seconds']:.0f} s wall on {meta['threads']} threads, "
-             f"torch {meta['torch']}, transformers {meta['transformers']}.", "",
-             "| regime | arm | finished | rollbacks per run | first trip (step) | final eval loss per seed |",
-             "|---|---|---|---|---|---|"]
+    cpu = f" ({meta['cpu_seconds']:.0f} CPU-s)" if "wall_seconds" in meta else ""
+    lines = ["## Results", "", f"`{meta['command']}`, {meta.get('wall_seconds', meta['cpu_seconds']):.0f} s wall{cpu} on "
+             f"{meta['threads']} threads, torch {meta['torch']}, transformers {meta['transformers']}.", "",
+             "| regime | arm | finished | rollbacks per run | first trip (step) | restored to (step) "
+             "| final eval loss per seed |",
+             "|---|---|---|---|---|---|---|"]
     for regime, arms in summary.items():
         for arm in ("stop", "rollback", "backed-off"):
             if arm not in arms:
                 continue
             a = arms[arm]
             lines.append(f"| {regime} | {arm} | {a['finished']}/{a['runs']} | {a['rollbacks']} | {a['first_trip']} | "
-                         f"{', '.join(fmt(v) for v in a['final_eval_loss'])} |")
+                         f"{a.get('first_restored', '-')} | {', '.join(fmt(v) for v in a['final_eval_loss'])} |")
     lines += ["", "Rollback minus backed-off final eval loss, per seed that has both:", ""]
     for regime, arms in summary.items():
         d = arms["rollback_minus_backed_off"]
@@ -156,7 +160,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for regime, (base, seeds) in REGIMES.items():
         if args.regimes and regime not in args.regimes:
             continue
@@ -177,14 +181,17 @@ def main(argv=None) -> None:
     import transformers
 
     meta = {"command": "python -m research.scripts.safety_net_check" + (" --quick" if args.quick else ""),
-            "cpu_seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+            "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
     out_json = args.out.with_suffix(".json")
     if args.regimes and out_json.exists():  # keep the other regimes' rows from the previous full run
         previous = json.loads(out_json.read_text(encoding="utf-8"))
         rows = [r for r in previous["runs"] if r["regime"] not in args.regimes] + rows
         rows.sort(key=lambda r: list(REGIMES).index(r["regime"]))
-        meta["cpu_seconds"] += previous["meta"]["cpu_seconds"]
+        old = previous["meta"]
+        meta["wall_seconds"] += old.get("wall_seconds", old["cpu_seconds"])  # an older file holds wall time under cpu_seconds
+        meta["cpu_seconds"] = meta["cpu_seconds"] + old["cpu_seconds"] if "wall_seconds" in old else float("nan")
         meta["rerun"] = {"regimes": args.regimes, "seconds": time.perf_counter() - t0}
         meta["command"] = previous["meta"]["command"] + "; then --regimes " + " ".join(args.regimes)
     summary = summarise(rows)

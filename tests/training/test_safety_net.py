@@ -183,6 +183,104 @@ def test_rollback_events_reach_the_loggers_through_trainer_log(tmp_path, how):
         assert [{k: log[k] for k in event} for log in seen] == [event]
 
 
+class OptimizerStateAt(TrainerCallback):
+    """Copies the optimizer state at the end of every step (after the guard's rollback)."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.states[state.global_step] = {i: {k: v.clone() for k, v in entry.items()}
+                                          for i, entry in optimizer.state_dict()["state"].items()}
+
+
+def test_rollback_from_the_last_good_checkpoint_keeps_no_copy_in_memory(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    weights, moments = WeightsAt(), OptimizerStateAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data,
+                      callbacks=[guard, weights, moments])
+    trainer.train()
+    assert guard._snapshot.empty and guard._undo.empty  # nothing copied to memory, ever
+    assert trainer.state.global_step == 12 and guard.divergence is None and guard.rollbacks >= 1
+    first = guard.events[0]
+    assert (first["step"], first["restored_step"], first["action"]) == (4, 2, "rollback")
+    # the weights and the optimizer state after the rollback are exactly those of checkpoint-2
+    good = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(weights.weights[4][k], v) for k, v in good.items())
+    saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert moments.states[4].keys() == saved.keys()
+    assert all(torch.equal(moments.states[4][i][k], v) for i in saved for k, v in saved[i].items())
+    # the learning rate is the backed-off one, not the checkpoint's
+    assert first["new_lr"] == pytest.approx(0.5)
+
+
+def test_stop_restores_the_last_good_checkpoint_and_save_model_writes_it(tmp_path):
+    data = TokenDataset(n=128)
+    guard = _guard(rollback_source="checkpoint")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
+    trainer.train()
+    assert guard.divergence["step"] == 4 and guard.divergence["restored_step"] == 2 and guard.weights_validated
+    trainer.save_model(str(tmp_path / "final"))
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    good = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in good.items())
+
+
+def test_checkpoint_rollback_without_checkpoints_stops_with_unvalidated_weights(tmp_path, caplog):
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_strategy="no"), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "no checkpoints are saved" in caplog.text
+    assert guard.divergence["step"] == 4 and guard.divergence["action"] == "stop" and not guard.weights_validated
+    assert "kept (no copy in memory)" in caplog.text
+
+
+def test_a_broken_last_good_checkpoint_stops_the_run_and_says_why(tmp_path, caplog):
+    class BreakCheckpoint2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # checkpoint-2 is written and about to be named last good
+                (tmp_path / "checkpoint-2" / "model.safetensors").unlink()
+
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard, BreakCheckpoint2()])
+    with caplog.at_level("ERROR"):
+        trainer.train()
+    assert "could not restore the last good checkpoint" in caplog.text and "model.safetensors" in caplog.text
+    assert guard.divergence["action"] == "stop" and not guard.weights_validated
+
+
+@pytest.mark.parametrize("free_bytes, expected", [(10**12, False), (10**3, True)])
+def test_auto_rollback_source_follows_the_free_memory(tmp_path, monkeypatch, free_bytes, expected):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_bytes})())
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard])
+    trainer.train()
+    assert guard._from_checkpoint is expected
+
+
+def test_load_checkpoint_state_checks_before_it_changes_anything(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_koopman.training.guard import load_checkpoint_state
+
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match="rollback_source='memory'"):
+        load_checkpoint_state(model, None, tmp_path)
+    partial = {k: torch.zeros_like(v) for k, v in list(model.state_dict().items())[:2]}
+    save_file(partial, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match="lacks"):
+        load_checkpoint_state(model, None, tmp_path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_rollbacks_are_bounded_then_the_guard_stops(tmp_path):
     guard = _guard(on_divergence="rollback", max_rollbacks=2, lr_backoff=1.0)  # no back-off: it keeps tripping
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=3.0), train_dataset=TokenDataset(n=128),
@@ -303,6 +401,8 @@ def test_argument_validation():
             RKSPCallback(check_every_n_steps=bad)
     with pytest.raises(ValueError, match="thresholds"):
         RKSPCallback(loss_threshold=0)
+    with pytest.raises(ValueError, match="rollback_source"):
+        RKSPCallback(rollback_source="disk")
 
 
 # check_every_n_steps=3 on the run above (loss 4.0, 22.6, 35.3, 59.9, ...). Checks fall on every third step, the last
