@@ -189,9 +189,12 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
         for row in rows:
             row["all_layers_cpu_s"] = row["cpu_s_per_layer"] * layers
             row["over_forward_cpu"] = row["all_layers_cpu_s"] / plain_c
-        out["floor"] = {"timed_layers": min(floor_layers, layers), "rows": rows,
-                        "all_layers_cpu_s": sum(r["all_layers_cpu_s"] for r in rows),
-                        "over_forward_cpu": sum(r["over_forward_cpu"] for r in rows)}
+        with torch.no_grad():  # the operations run in one thread: the forward's CPU time in one thread too
+            forward_one = _one_thread_cpu(lambda: model(**batch), repeats)
+        total = sum(r["all_layers_cpu_s"] for r in rows)
+        out["floor"] = {"timed_layers": min(floor_layers, layers), "rows": rows, "all_layers_cpu_s": total,
+                        "over_forward_cpu": total / plain_c, "forward_one_thread_cpu_s": forward_one,
+                        "over_forward_one_thread_cpu": total / forward_one}
     return out
 
 
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['what']} | {r['calls_per_layer']} | {r['cpu_s_per_layer']:.4f} | {r['all_layers_cpu_s']:.3f} "
                   f"| {r['over_forward_cpu']:.3f}x |")
         print(f"| **sum** | | | {floor['all_layers_cpu_s']:.3f} | **{floor['over_forward_cpu']:.2f}x** |")
+        print(f"plain forward in one thread: {floor['forward_one_thread_cpu_s']:.3f} CPU s; the sum over it: "
+              f"{floor['over_forward_one_thread_cpu']:.2f}x")
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
     memory = []

@@ -33,6 +33,7 @@ from hf_koopman.training.guard import (
     StateSnapshot,
     is_distributed,
     is_sharded,
+    checkpoint_problem,
     load_checkpoint_state,
     reduce_max,
     world_sum,
@@ -182,8 +183,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
             snapshot above. `"checkpoint"`: the last good checkpoint (its `model.safetensors` and `optimizer.pt`;
             no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, the tripping update stays
             in the weights, which are then marked unvalidated). Needs checkpoints (`save_strategy="steps"`); not with
-            sharded (FSDP) parameters. `"auto"`: `"memory"` unless a copy of the trainable weights and two optimizer
-            moments would take more than half of the free host memory (psutil) and checkpoints are saved.
+            sharded (FSDP) parameters. The first validated checkpoint is checked (parameter names and shapes,
+            `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names differ from their module
+            names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`: `"memory"` unless a copy of the
+            trainable weights and two optimizer moments would take more than half of the free host memory (psutil),
+            in a single process that saves full checkpoints every `save_steps` (`save_strategy="steps"`, not
+            `save_only_model`, `save_total_limit` unset or >= 3).
         check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps, and at
             the last step, every step whose checkpoint is saved and every epoch end. In between, each step's loss,
             gradient norm and block sums are folded into on-device maxima without a host sync or all-reduce (FSDP2
@@ -287,6 +292,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._sharded = False
         self._snapshot = StateSnapshot()  # last validated state
         self._from_checkpoint = False  # rollback_source resolved at train begin: restore from the last good checkpoint
+        self._checkpoint_checked = False  # whether the first last good checkpoint's layout was checked
+        self._unreadable: str | None = None  # a last good checkpoint whose restore failed
         self._model: torch.nn.Module | None = None
         self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
@@ -528,6 +535,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._model = model
         self._from_checkpoint = self._resolve_rollback_source(args)
+        self._checkpoint_checked = False
         self._snapshot = StateSnapshot()
         self._undo = StateSnapshot()
         self._since_capture = 0
@@ -647,16 +655,26 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _resolve_rollback_source(self, args) -> bool:
         """Whether validated state comes back from the last good checkpoint (`rollback_source`) rather than memory."""
-        saves = getattr(args, "save_strategy", None) not in (None, "no")
+        steps = getattr(args, "save_strategy", None) == "steps"
+        only_model = bool(getattr(args, "save_only_model", False))
+        limit = getattr(args, "save_total_limit", None)
         if self.rollback_source == "checkpoint":
             if self._sharded:
                 raise ValueError("rollback_source='checkpoint' cannot restore sharded (FSDP) parameters; use "
                                  "rollback_source='memory'")
-            if not saves:
-                logger.warning("rollback_source='checkpoint' but no checkpoints are saved (save_strategy='no'): a trip "
-                               "can only stop, with the tripping update kept; set save_strategy='steps'")
+            if not steps:
+                logger.warning("rollback_source='checkpoint' without save_strategy='steps': until a checkpoint is "
+                               "validated a trip can only stop, with the tripping update kept")
+            if only_model:
+                logger.warning("rollback_source='checkpoint' with save_only_model=True: checkpoints hold no optimizer "
+                               "state, so a restore clears it")
+            if limit is not None and limit < 3:
+                logger.warning("rollback_source='checkpoint' with save_total_limit=%d: rotation can delete the last "
+                               "good checkpoint before it is needed; keep it at 3 or more, or unset", limit)
             return True
-        if self.rollback_source == "memory" or self._sharded or not saves:
+        single = getattr(args, "world_size", 1) == 1
+        suitable = steps and not only_model and (limit is None or limit >= 3) and single and not self._sharded
+        if self.rollback_source == "memory" or not suitable:
             return False
         import psutil
 
@@ -751,12 +769,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first_bad < n_blocks:
             flags |= CAUSE_ACTIVATION
         if not flags:
+            if self._pending_checkpoints:  # each was followed by a passing step: the latest is the last good one
+                self._promote(self._pending_checkpoints[-1][1])
+                self._pending_checkpoints = []
             # the weights that produced this sane loss and gradient are validated: keep them
             passed = state.global_step + 2 - first_checked
             self._refresh_snapshot(optimizer, state.global_step, int(reduced[3]), passed)
-            if self._pending_checkpoints:  # each was followed by a passing step: the latest is the last good one
-                self.last_good_checkpoint = self._pending_checkpoints[-1][1]
-                self._pending_checkpoints = []
             return
 
         def where(local_hit: bool) -> str:
@@ -800,16 +818,37 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return self.last_good_checkpoint is not None and (rollback or self.restore_on_stop)
         return not self._snapshot.empty and (rollback or self.restore_on_stop)
 
+    def _promote(self, path: str) -> None:
+        """`path` is the last good checkpoint now. Restoring from checkpoints, the first one is checked (names, shapes,
+        optimizer state; every process, one all-reduce): a layout the guard cannot read back switches it to the CPU
+        copy, with a warning, rather than failing at the first trip."""
+        self.last_good_checkpoint = path
+        if not self._from_checkpoint or self._checkpoint_checked:
+            return
+        self._checkpoint_checked = True
+        problem = checkpoint_problem(self._model, path) if self._model is not None else "no model"
+        device = self._params[0].device if self._params else torch.device("cpu")
+        if float(reduce_max(torch.tensor([float(problem is not None)], device=device))[0]) > 0:
+            logger.warning("RKSP guard: the guard cannot restore from %s (%s): it keeps the validated state in memory "
+                           "instead", path, problem or "a problem on another process")
+            self._from_checkpoint = False
+
     def _restore_validated(self, optimizer) -> int | None:
-        """Put the validated state back (snapshot or last good checkpoint); returns its step, `None` if it failed."""
+        """Put the validated state back (snapshot or last good checkpoint); returns its step, `None` if it failed.
+        From a checkpoint, every process reports whether its load worked (one all-reduce) and all fail together."""
         if not self._from_checkpoint:
             self._snapshot.restore(self._params, optimizer)
             return self._snapshot.step
+        error = None
         try:
             load_checkpoint_state(self._model, optimizer, self.last_good_checkpoint)
-        except (OSError, KeyError, ValueError, RuntimeError) as err:
-            logger.error("RKSP guard: could not restore the last good checkpoint %s: %s",
-                         self.last_good_checkpoint, err)
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: the guard stops instead of crashing
+            error = f"{type(err).__name__}: {err}"
+        device = self._params[0].device if self._params else torch.device("cpu")
+        if float(reduce_max(torch.tensor([float(error is not None)], device=device))[0]) > 0:
+            logger.error("RKSP guard: could not restore the last good checkpoint %s: %s", self.last_good_checkpoint,
+                         error or "the load failed on another process")
+            self._unreadable = self.last_good_checkpoint
             return None
         return int(Path(self.last_good_checkpoint).name.rsplit("-", 1)[-1])
 
@@ -850,8 +889,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self.weights_validated:
                 memory = f"the in-memory model is back at the validated state of step {event.restored_step}"
             else:
-                kept = "discarded" if undone else "kept (no copy in memory)"
-                memory = f"the tripping update was {kept}; the in-memory weights are NOT validated, do not save them"
+                kept = "was discarded" if undone else "is still in the weights"
+                memory = f"the tripping update {kept}; the in-memory weights are NOT validated, do not save them"
             why = " after %d rollback(s)" % self.rollbacks if self.on_divergence == "rollback" else ""
             logger.error(
                 "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",
@@ -955,7 +994,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if not flags:
             validated = [path for step, path in self._pending_checkpoints if step < state.global_step]
             if validated:
-                self.last_good_checkpoint = validated[-1]
+                self._promote(validated[-1])
                 self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
             return
         names = self._watch.names if self._watch is not None else []
@@ -987,8 +1026,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self.events:
             self._write_record(args, state)
         if self.divergence is not None and not self.weights_validated:
+            where = (f"the last good checkpoint ({self.last_good_checkpoint}) could not be read back; resume from an "
+                     "older checkpoint" if self._unreadable is not None and self._unreadable == self.last_good_checkpoint
+                     else f"resume from the last good checkpoint ({self.last_good_checkpoint})")
             logger.error(
-                "RKSP guard: the in-memory weights are those the divergence at step %s was detected on. Resume from "
-                "the last good checkpoint (%s) instead of saving them.",
-                self.divergence["step"], self.last_good_checkpoint,
+                "RKSP guard: the in-memory weights are those the divergence at step %s was detected on; %s instead of "
+                "saving them.", self.divergence["step"], where,
             )

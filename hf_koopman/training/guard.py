@@ -33,6 +33,7 @@ __all__ = [
     "GradNormTap",
     "LossTap",
     "StateSnapshot",
+    "checkpoint_problem",
     "is_distributed",
     "load_checkpoint_state",
     "reduce_max",
@@ -446,45 +447,82 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
+def _saved_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of safetensors files, from their headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _match_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path: Path) -> list[tuple[Any, str]]:
+    """`(parameter, saved name)` for every trainable parameter (tied aliases included); raises `KeyError` /
+    `ValueError` naming what does not match."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    pairs, missing = [], []
+    for param in (p for p in model.parameters() if p.requires_grad):
+        name = next((n for n in aliases[id(param)] if n in shapes), None)
+        if name is None:
+            missing.append(aliases[id(param)][0])
+        elif shapes[name] != tuple(param.shape):
+            raise ValueError(f"{path}: {name} has shape {shapes[name]}, the model's is {tuple(param.shape)}")
+        else:
+            pairs.append((param, name))
+    if missing:
+        raise KeyError(
+            f"{path} lacks {len(missing)} trainable parameter(s) under this model's names, e.g. {missing[:3]} (models "
+            "whose saved names differ from their module names, such as transformers' MoE layers, or PEFT adapters)"
+        )
+    return pairs
+
+
+def checkpoint_problem(model: torch.nn.Module, checkpoint: str | Path) -> str | None:
+    """Why `load_checkpoint_state` could not restore `model` from `checkpoint`, or `None` if it can: the weight files,
+    every trainable parameter's name and shape (from the safetensors headers) and `optimizer.pt` are checked."""
+    path = Path(checkpoint)
+    try:
+        _match_parameters(model, _saved_shapes(_weight_files(path)), path)
+    except Exception as err:  # noqa: BLE001 - any unreadable or mismatched file is a reason not to rely on it
+        return f"{type(err).__name__}: {err}"
+    if not (path / "optimizer.pt").is_file():
+        return f"{path} has no optimizer.pt (save_only_model=True?)"
+    return None
+
+
 @torch.no_grad()
 def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: str | Path) -> None:
     """Put a Trainer checkpoint's trainable weights and optimizer state back into `model` and `optimizer`, in place.
 
     Weights come from `model.safetensors` (or the shards its index lists), matched by parameter name (tied aliases
     included); the optimizer state from `optimizer.pt`, read with `weights_only=True`. The optimizer's hyperparameters
-    (learning rate, betas, ...) stay as they are: the caller decides the rate. A checkpoint without `optimizer.pt`
-    (`save_only_model=True`) restores the weights and clears the optimizer state, with a warning. Everything is read
-    and checked before anything changes: a missing file, a missing trainable parameter or a shape mismatch raises
-    (`FileNotFoundError`, `KeyError`, `ValueError`) and leaves `model` and `optimizer` untouched.
+    (learning rate, weight decay, betas, ...) stay as they are: the caller decides the rate. A checkpoint without
+    `optimizer.pt` (`save_only_model=True`) restores the weights and clears the optimizer state, with a warning.
+    Everything is read and checked before anything changes: a missing file or parameter, a shape mismatch or an
+    optimizer state for other parameter groups raises and leaves `model` and `optimizer` untouched.
     """
     from safetensors.torch import load_file
 
     path = Path(checkpoint)
+    files = _weight_files(path)
+    pairs = _match_parameters(model, _saved_shapes(files), path)
     saved: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
+    for file in files:
         saved.update(load_file(str(file)))
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-    pairs, missing = [], []
-    for param in (p for p in model.parameters() if p.requires_grad):
-        name = next((n for n in aliases[id(param)] if n in saved), None)
-        if name is None:
-            missing.append(aliases[id(param)][0])
-        elif tuple(saved[name].shape) != tuple(param.shape):
-            raise ValueError(
-                f"{path}: {name} has shape {tuple(saved[name].shape)}, the model's is {tuple(param.shape)}"
-            )
-        else:
-            pairs.append((param, saved[name]))
-    if missing:
-        raise KeyError(f"{path} lacks {len(missing)} trainable parameter(s) of this model, e.g. {missing[:3]}")
     optimizer_file = path / "optimizer.pt"
     optimizer_state = None
     if optimizer is not None and optimizer_file.is_file():
         optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
-    for param, value in pairs:
-        param.copy_(value.to(device=param.device, dtype=param.dtype))
+        groups = optimizer_state.get("param_groups", [])
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError(f"{optimizer_file} holds the state of other parameter groups than this optimizer's")
+    for param, name in pairs:
+        param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
     if optimizer is None:
         return
     if optimizer_state is None:

@@ -233,42 +233,97 @@ def test_checkpoint_rollback_without_checkpoints_stops_with_unvalidated_weights(
                       callbacks=[guard])
     with caplog.at_level("WARNING"):
         trainer.train()
-    assert "no checkpoints are saved" in caplog.text
+    assert "without save_strategy='steps'" in caplog.text
     assert guard.divergence["step"] == 4 and guard.divergence["action"] == "stop" and not guard.weights_validated
-    assert "kept (no copy in memory)" in caplog.text
+    assert "the tripping update is still in the weights" in caplog.text
 
 
-def test_a_broken_last_good_checkpoint_stops_the_run_and_says_why(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_broken_last_good_checkpoint_stops_the_run_and_says_why(tmp_path, caplog, damage):
     class BreakCheckpoint2(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:  # checkpoint-2 is written and about to be named last good
-                (tmp_path / "checkpoint-2" / "model.safetensors").unlink()
+            if state.global_step == 3:  # checkpoint-2 was checked and named last good at step 3
+                weights = tmp_path / "checkpoint-2" / "model.safetensors"
+                if damage == "delete":
+                    weights.unlink()
+                else:  # a half-written file: safetensors raises its own error type
+                    weights.write_bytes(weights.read_bytes()[:100])
 
     guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=TokenDataset(n=128),
                       callbacks=[guard, BreakCheckpoint2()])
     with caplog.at_level("ERROR"):
         trainer.train()
-    assert "could not restore the last good checkpoint" in caplog.text and "model.safetensors" in caplog.text
+    assert "could not restore the last good checkpoint" in caplog.text and "checkpoint-2" in caplog.text
+    assert "could not be read back; resume from an older checkpoint" in caplog.text
     assert guard.divergence["action"] == "stop" and not guard.weights_validated
 
 
-@pytest.mark.parametrize("free_bytes, expected", [(10**12, False), (10**3, True)])
-def test_auto_rollback_source_follows_the_free_memory(tmp_path, monkeypatch, free_bytes, expected):
+@pytest.mark.parametrize("free_bytes, extra, expected", [
+    (10**12, {}, False),  # the copy fits
+    (10**3, {}, True),  # it does not, and full checkpoints are saved every step
+    (10**3, {"save_total_limit": 2}, False),  # rotation could delete the last good checkpoint
+    (10**3, {"save_only_model": True}, False),  # no optimizer state in the checkpoints
+    (10**3, {"save_strategy": "no"}, False),
+])
+def test_auto_rollback_source_follows_the_free_memory_and_the_checkpoints(tmp_path, monkeypatch, free_bytes, extra,
+                                                                          expected):
     import psutil
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free_bytes})())
     guard = _guard()
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset(n=128),
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1, **extra), train_dataset=TokenDataset(n=128),
                       callbacks=[guard])
     trainer.train()
     assert guard._from_checkpoint is expected
 
 
+class SetWeightDecay(TrainerCallback):
+    """Changes the optimizer's weight decay at the start of step `step` (after the checkpoints before it)."""
+
+    def __init__(self, step, value):
+        self.step, self.value = step, value
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            for group in optimizer.param_groups:
+                group["weight_decay"] = self.value
+
+
+def test_checkpoint_rollback_keeps_the_current_optimizer_hyperparameters(tmp_path):
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5), train_dataset=TokenDataset(n=128),
+                      callbacks=[SetWeightDecay(3, 0.123), guard])
+    trainer.train()
+    assert guard.events[0]["restored_step"] == 2  # checkpoint-2 was saved with weight decay 0.0
+    assert all(group["weight_decay"] == 0.123 for group in trainer.optimizer.param_groups)
+
+
+def test_checkpoints_the_guard_cannot_read_back_switch_it_to_memory(tmp_path, caplog):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # transformers 5 saves Mixtral's fused experts under their original per-expert names
+    config = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, num_local_experts=4,
+                                  num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    trainer = Trainer(model=model, args=_args(tmp_path, learning_rate=1e-3, max_steps=6),
+                      train_dataset=TokenDataset(n=128),
+                      callbacks=[logit_spike(5), guard])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "cannot restore from" in caplog.text and "under this model's names" in caplog.text
+    assert not guard._from_checkpoint
+    assert [(e["step"], e["action"]) for e in guard.events] == [(5, "rollback")]  # from the copy in memory
+    assert guard.weights_validated and trainer.state.global_step == 6
+
+
 def test_load_checkpoint_state_checks_before_it_changes_anything(tmp_path):
     from safetensors.torch import save_file
 
-    from hf_koopman.training.guard import load_checkpoint_state
+    from hf_koopman.training.guard import checkpoint_problem, load_checkpoint_state
 
     model = tiny_gpt2()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -279,6 +334,14 @@ def test_load_checkpoint_state_checks_before_it_changes_anything(tmp_path):
     with pytest.raises(KeyError, match="lacks"):
         load_checkpoint_state(model, None, tmp_path)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert "KeyError" in checkpoint_problem(model, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    save_file(partial, str(tmp_path / "adapter_model.safetensors"))  # a PEFT checkpoint holds adapters only
+    assert checkpoint_problem(model, tmp_path).startswith("FileNotFoundError")
+    model.save_pretrained(tmp_path)
+    assert "no optimizer.pt" in checkpoint_problem(model, tmp_path)
+    torch.save(torch.optim.AdamW(model.parameters()).state_dict(), tmp_path / "optimizer.pt")
+    assert checkpoint_problem(model, tmp_path) is None
 
 
 def test_rollbacks_are_bounded_then_the_guard_stops(tmp_path):
