@@ -177,6 +177,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         max_rollbacks (`int`, defaults to `3`): rollbacks allowed before the guard stops.
         lr_backoff (`float`, defaults to `0.5`): learning-rate factor applied at each rollback, in `(0, 1]`.
         restore_on_stop (`bool`, defaults to `True`): on a stop, put the last validated state back in memory.
+            Otherwise only the tripping update is undone (with a check window: the check step's update, or every
+            update of the window while nothing is validated yet), and the weights are marked unvalidated.
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
         rollback_source (`str`, defaults to `"auto"`): where the validated state comes back from. `"memory"`: the CPU
