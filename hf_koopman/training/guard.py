@@ -116,8 +116,9 @@ class LossTap:
 
     def __init__(self, model: torch.nn.Module, shared_token_count_factor: float = 1.0) -> None:
         self.factor = shared_token_count_factor
-        self._shares: torch.Tensor | None = None
+        self._shares: torch.Tensor | None = None  # the step's sums, in buffers allocated once (see `_kept`)
         self._means: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor | None] = [None, None]
         self._count = 0
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -127,12 +128,19 @@ class LossTap:
         loss = _model_loss(output)
         if loss is None:
             return
-        value = loss.detach().float().mean()
-        if kwargs.get("num_items_in_batch") is not None:
-            self._shares = value if self._shares is None else self._shares + value
-        else:
-            self._means = value if self._means is None else self._means + value
-            self._count += 1
+        with torch.no_grad():
+            value = loss.detach().float().mean()
+            if kwargs.get("num_items_in_batch") is not None:
+                if self._shares is None:
+                    self._shares = self._buffers[0] = _kept(self._buffers[0], value)
+                else:
+                    self._shares.add_(value)
+            else:
+                if self._means is None:
+                    self._means = self._buffers[1] = _kept(self._buffers[1], value)
+                else:
+                    self._means.add_(value)
+                self._count += 1
 
     def step_loss(self) -> torch.Tensor | None:
         parts = []

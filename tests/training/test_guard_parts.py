@@ -211,3 +211,36 @@ def test_state_snapshot_clear_frees_the_copies_and_a_new_capture_works():
             p.add_(1.0)
     snap.restore(list(model.parameters()), optimizer)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class _LossModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, num_items_in_batch=None):
+        return {"loss": self.w * x.mean()}
+
+
+def test_loss_tap_accumulates_in_buffers_and_restarts_after_reset():
+    from hf_koopman.training.guard import LossTap
+
+    model = _LossModel().train()
+    tap = LossTap(model)
+    model(torch.full((4,), 2.0))
+    model(torch.full((4,), 4.0))  # two averaged micro-batches: the step loss is their mean
+    assert float(tap.step_loss()) == pytest.approx(3.0)
+    buffer = tap._means
+    taken = tap.step_loss()
+    tap.reset()
+    assert tap.step_loss() is None
+    model(torch.full((4,), 5.0))
+    assert float(tap.step_loss()) == pytest.approx(5.0) and tap._means is buffer  # restarted in the same buffer
+    assert float(taken) == pytest.approx(3.0)  # a loss already taken does not change with later steps
+    tap.reset()
+    model(torch.full((4,), 1.0), num_items_in_batch=8)  # shares of the step's loss are summed
+    model(torch.full((4,), 2.0), num_items_in_batch=8)
+    assert float(tap.step_loss()) == pytest.approx(3.0)
+    with torch.no_grad():
+        model(torch.full((4,), 100.0))  # forwards without gradients (evaluation, profiling) are ignored
+    assert float(tap.step_loss()) == pytest.approx(3.0)
