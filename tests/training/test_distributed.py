@@ -63,11 +63,18 @@ def _launch_two_processes(
             break
         # one retry: once in ~4 full-suite runs on the 2-core CI box, a launcher child died with "I/O operation on
         # closed file" before training started; a real failure fails both attempts and is reported below
-        warnings.warn(f"2-process launch failed on attempt {attempt} (rc={returncode}); output tail: {output[-1500:]}")
+        warnings.warn(f"2-process launch failed on attempt {attempt} (rc={returncode}); error lines: "
+                      f"{_error_lines(output)}; output tail: {output[-1500:]}")
     assert returncode == 0, output[-4000:]
     ranks = [json.loads((out / f"trajectory-rank{r}.json").read_text()) for r in (0, 1)]
     guards = [json.loads((out / f"guard-rank{r}.json").read_text()) for r in (0, 1)]
     return ranks, guards, single
+
+
+def _error_lines(output: str, keep: int = 30) -> str:
+    """The lines of a failed launch that say why (Python tracebacks, C++ aborts), which the output tail can miss."""
+    marks = ("Error", "error:", "Traceback", "terminate called", "what():", "Abort", "Signal")
+    return "\n".join([line for line in output.splitlines() if any(m in line for m in marks)][-keep:])
 
 
 def _run_once(tmp_path, config, text, out, env, ga, per_device, attempt):
