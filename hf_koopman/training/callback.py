@@ -31,9 +31,9 @@ from hf_koopman.training.guard import (
     GradNormTap,
     LossTap,
     StateSnapshot,
+    checkpoint_problem,
     is_distributed,
     is_sharded,
-    checkpoint_problem,
     load_checkpoint_state,
     reduce_max,
     world_sum,
@@ -598,7 +598,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         """Reduced `[loss, grad_norm, -first_bad_block, snapshot_interval]` over processes (one all-reduce: every
         process takes the same decision, and refreshes its snapshot at the same steps) and the local values. NaN maps
         to +inf (it must win the max) and a missing value to -inf."""
-        device = self._params[0].device if self._params else torch.device("cpu")
+        device = self._device()
         loss, squared = self._step_values(device)
         if self._worst_loss is not None or self._worst_squared_norm is not None:  # earlier steps of the window
             loss, squared = _worst(self._worst_loss, loss), _worst(self._worst_squared_norm, squared)
@@ -751,7 +751,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                                "support: keeping the validated state in memory instead")
                 self._from_checkpoint = False
         if not self._is_check_step(args, state):  # fold this step into the window's on-device maxima; no sync
-            device = self._params[0].device if self._params else torch.device("cpu")
+            device = self._device()
             loss, squared = self._step_values(device)
             self._worst_loss = _worst(self._worst_loss, loss)
             self._worst_squared_norm = _worst(self._worst_squared_norm, squared)
@@ -808,17 +808,25 @@ class RKSPCallback(TrainerCallback, ExportableState):
             suspect_checkpoints=suspect,
             first_checked_step=first_checked,
         )
-        if self._undo.empty and not self._restores_snapshot() and not self._from_checkpoint:
+        if self._undo.empty and not self._restores_validated() and not self._from_checkpoint:
             # no validated state to go back to (or restoring it is switched off): undo this update at least. When
             # nothing is validated yet, a windowed check keeps the state before its window here already.
             self._undo.capture(self._params, optimizer, state.global_step)
 
-    def _restores_snapshot(self) -> bool:
-        """Whether a trip now puts the validated snapshot back (a rollback, or a stop with `restore_on_stop`)."""
-        rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
-        if self._from_checkpoint:
-            return self.last_good_checkpoint is not None and (rollback or self.restore_on_stop)
-        return not self._snapshot.empty and (rollback or self.restore_on_stop)
+    def _device(self) -> torch.device:
+        return self._params[0].device if self._params else torch.device("cpu")
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process (one all-reduce; every process must call it)."""
+        return float(reduce_max(torch.tensor([float(flag)], device=self._device()))[0]) > 0
+
+    def _may_roll_back(self) -> bool:
+        return self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
+
+    def _restores_validated(self) -> bool:
+        """Whether a trip now puts the validated state back (a rollback, or a stop with `restore_on_stop`)."""
+        exists = self.last_good_checkpoint is not None if self._from_checkpoint else not self._snapshot.empty
+        return exists and (self._may_roll_back() or self.restore_on_stop)
 
     def _promote(self, path: str) -> None:
         """`path` is the last good checkpoint now. Restoring from checkpoints, the first one is checked (names, shapes,
@@ -829,8 +837,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return
         self._checkpoint_checked = True
         problem = checkpoint_problem(self._model, path) if self._model is not None else "no model"
-        device = self._params[0].device if self._params else torch.device("cpu")
-        if float(reduce_max(torch.tensor([float(problem is not None)], device=device))[0]) > 0:
+        if self._any_process(problem is not None):
             logger.warning("RKSP guard: the guard cannot restore from %s (%s): it keeps the validated state in memory "
                            "instead", path, problem or "a problem on another process")
             self._from_checkpoint = False
@@ -846,8 +853,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             load_checkpoint_state(self._model, optimizer, self.last_good_checkpoint)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: the guard stops instead of crashing
             error = f"{type(err).__name__}: {err}"
-        device = self._params[0].device if self._params else torch.device("cpu")
-        if float(reduce_max(torch.tensor([float(error is not None)], device=device))[0]) > 0:
+        if self._any_process(error is not None):
             logger.error("RKSP guard: could not restore the last good checkpoint %s: %s", self.last_good_checkpoint,
                          error or "the load failed on another process")
             self._unreadable = self.last_good_checkpoint
@@ -863,8 +869,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _act(self, event: DivergenceEvent, control, optimizer, lr_scheduler) -> None:
         """Roll back (or stop) after a trip; the event is logged at the end of the step (`_log_event`)."""
-        rollback = self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
-        restored = self._restore_validated(optimizer) if self._restores_snapshot() else None
+        rollback = self._may_roll_back()
+        restored = self._restore_validated(optimizer) if self._restores_validated() else None
         if restored is not None:  # this update and the suspect one before it are discarded
             event.restored_step = restored
             self.weights_validated = True
@@ -968,7 +974,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         another callback stopped training), and act as at a check step: every process takes part in the one
         all-reduce, with -inf for a missing value."""
         first, self._window_first = self._window_first, None
-        device = self._params[0].device if self._params else torch.device("cpu")
+        device = self._device()
         total = self._watch.total() if self._watch is not None else None
         minus_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
         inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
