@@ -57,5 +57,13 @@ def test_library_warnings_follow_the_transformers_verbosity(caplog):
 def test_non_finite_kss_alpha_is_rejected(tmp_path, value):
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         KSSConfig(alpha=value)
-    with pytest.raises(ValueError, match="alpha must be a finite number"):
+    with pytest.raises(ValueError, match="KSSTrainingArguments: kss_alpha must be a finite number"):
         KSSTrainingArguments(str(tmp_path), kss_alpha=value, use_cpu=True, report_to="none")
+
+
+def test_kss_training_arguments_errors_name_the_fields_as_written(tmp_path):
+    # the user typed kss_tau_l / kss_power_iters, so the message names those, not KSSConfig's field names
+    with pytest.raises(ValueError, match=r"need kss_tau_l < kss_tau_u, got kss_tau_l=1.2"):
+        KSSTrainingArguments(str(tmp_path), kss_tau_l=1.2, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"^KSSTrainingArguments: kss_oversample and kss_power_iters must be >= 0$"):
+        KSSTrainingArguments(str(tmp_path), kss_power_iters=-1, use_cpu=True, report_to="none")

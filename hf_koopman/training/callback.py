@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hf_koopman.logging_utils import get_logger
@@ -101,6 +101,21 @@ def scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> Non
     if optimizer is not None:
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * factor
+
+
+def _token_count(batch: dict[str, Any]) -> int | None:
+    """Token states a probe batch carries: the attention mask's ones, or the size of `input_ids`; None if neither."""
+    mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    """An int, not a bool (`True` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class RKSPCallback(TrainerCallback, ExportableState):
@@ -232,8 +247,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be an int >= 0 (0 turns monitoring off), got {every_n_steps!r}")
-        if probe_batch_size < 1:
-            raise ValueError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
+        for name, value, low in (("probe_batch_size", probe_batch_size, 1), ("num_samples", num_samples, 2),
+                                 ("monitor_num_samples", monitor_num_samples, 2)):
+            if not _is_int(value) or value < low:
+                raise ValueError(f"RKSPCallback: {name} must be an int >= {low}, got {value!r}")
+        if rank is not None and (not _is_int(rank) or rank < 1):
+            raise ValueError(f"RKSPCallback: rank must be None (the full spectrum) or an int >= 1, got {rank!r}")
+        if not _is_int(seed):
+            raise ValueError(f"RKSPCallback: seed must be an int, got {seed!r}")
+        if layers is not None and not isinstance(layers, (str, list, tuple)):
+            raise TypeError(f"RKSPCallback: layers must be None (auto-discovery), the dotted path of the block list "
+                            f"(e.g. 'model.layers') or a list of paths or modules, got {type(layers).__name__}")
         if probe_inputs is not None and not isinstance(probe_inputs, (dict, torch.Tensor)):
             raise TypeError(f"probe_inputs must be a dict of tensors (a model batch), got {type(probe_inputs).__name__}")
         if on_divergence not in _MODES:
@@ -313,14 +337,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     @property
     def loss_threshold(self) -> float:
+        """Loss above which a step counts as diverged (`DivergenceRule.loss_threshold`)."""
         return self.rule.loss_threshold
 
     @property
     def grad_norm_threshold(self) -> float:
+        """Gradient norm above which a step counts as diverged (`DivergenceRule.grad_norm_threshold`)."""
         return self.rule.grad_norm_threshold
 
     @property
     def rollbacks(self) -> int:
+        """How many rollbacks this run has made so far (events with action "rollback")."""
         return sum(e["action"] == "rollback" for e in self.events)
 
     # ------------------------------------------------------------------ wiring
@@ -412,6 +439,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
     ) -> Any:
         from hf_koopman.profiling import profile
 
+        available = _token_count(batch)
+        if available is not None and available < num_samples:
+            # said here with the callback's own knobs; profile() would only say "pass more inputs"
+            logger.warning(
+                "RKSPCallback: the probe batch holds %d token states, fewer than num_samples=%d; raise probe_batch_size "
+                "(or pass longer probe_inputs) for a stable estimate, or lower num_samples", available, num_samples)
+            num_samples = max(available, 2)
         was_training = model.training
         model.eval()
         try:
@@ -459,8 +493,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         (out / "rksp_report.md").write_text(spectral_profile.to_markdown(plots=plots), encoding="utf-8")
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
-                       train_dataloader=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                       lr_scheduler: Any = None, train_dataloader: Any = None, **kwargs) -> TrainerControl | None:
         self._stop_step = None
         self.divergence = None
         if self._trainer is None and model is not None and model in _TRAINERS:
@@ -699,7 +734,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         save_steps = getattr(state, "save_steps", 0) or 0
         return getattr(args, "save_strategy", None) == "steps" and save_steps > 0 and step % save_steps == 0
 
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      optimizer: torch.optim.Optimizer | None = None, **kwargs) -> TrainerControl | None:
         for tap in (self._loss_tap, self._grad_tap):
             if tap is not None:
                 tap.reset()
@@ -737,7 +773,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._since_capture = 0
         self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                              **kwargs) -> TrainerControl | None:
         if not self.guard or model is None:
             return
         # FSDP2 swaps the registered parameters for DTensor shards after train begin: re-read them when the first
@@ -860,7 +898,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return None
         return int(Path(self.last_good_checkpoint).name.rsplit("-", 1)[-1])
 
-    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                          lr_scheduler: Any = None, **kwargs) -> TrainerControl | None:
         event, self._trip = self._trip, None
         if event is None:
             return
@@ -940,7 +980,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
                                         "rksp/diverged_cause": event.cause_flags, "rksp/rollbacks": self.rollbacks})
             self._write_record(args, state)
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    **kwargs) -> TrainerControl | None:
         self._log_event(args, state, optimizer)
         if self._stop_step is not None and state.global_step >= self._stop_step:
             control.should_save = False  # never write the step that diverged as a checkpoint
@@ -955,16 +997,21 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 return
             self._log(args, state, self._scalars(spectral_profile))
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs) -> TrainerControl | None:
         # validated when the next step's loss and gradient pass the rule (see on_pre_optimizer_step)
         if self._stop_step is None:
             path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self._pending_checkpoints.append((state.global_step, path))
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs) -> TrainerControl | None:
         # the final metrics of train() (its TrainOutput.metrics is this dict) say whether the run diverged
         if logs is not None and "train_runtime" in logs and self.guard:
             extra = {"rksp/diverged": float(self.divergence is not None), "rksp/rollbacks": float(self.rollbacks)}
+            if self.divergence is not None:  # which step stopped the run, and why (the bit flags of `cause_flags`)
+                extra["rksp/diverged_step"] = float(self.divergence["step"])
+                extra["rksp/diverged_cause"] = float(self.divergence["cause_flags"])
             logs.update(extra)
             if state.log_history and "train_runtime" in state.log_history[-1]:
                 state.log_history[-1].update(extra)
@@ -1020,14 +1067,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if event.action == "stop":
             control.should_save = False  # the epoch-end checkpoint would hold the unvalidated weights
 
-    def on_epoch_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
+                     **kwargs) -> TrainerControl | None:
         # the loop left the epoch (its end, or a stop by another callback) inside a window: check it before the
         # epoch-end save and before train() reports its metrics
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)
         return control
 
-    def on_train_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
+                     **kwargs) -> TrainerControl | None:
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
         self._stop_guard()

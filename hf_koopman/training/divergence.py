@@ -41,15 +41,19 @@ class DivergenceRule:
             )
 
     def loss_diverged(self, loss: float | None) -> bool:
+        """Whether a loss trips the rule: non-finite or above `loss_threshold` (`None`, no loss, never trips)."""
         return loss is not None and (not math.isfinite(loss) or loss > self.loss_threshold)
 
     def grad_norm_diverged(self, grad_norm: float | None) -> bool:
+        """Whether a gradient norm trips the rule: non-finite or above `grad_norm_threshold` (`None` never trips)."""
         return grad_norm is not None and (not math.isfinite(grad_norm) or grad_norm > self.grad_norm_threshold)
 
     def diverged(self, loss: float | None, grad_norm: float | None = None) -> bool:
+        """Whether a step with this loss and gradient norm is labelled diverged (either part trips)."""
         return self.loss_diverged(loss) or self.grad_norm_diverged(grad_norm)
 
     def describe(self) -> str:
+        """The rule in words, for logs and reports."""
         return (
             f"loss > {self.loss_threshold:g}, gradient norm > {self.grad_norm_threshold:g}, or a non-finite loss, "
             "gradient or block output"

@@ -127,9 +127,11 @@ class KSSTrainer(Trainer):
 
     On every micro-batch of an optimizer step with `global_step % every_n_steps == 0` (and only in training mode), hooks
     on a seeded random `layer_fraction` of the residual blocks capture the token states entering and leaving each block
-    during the **same** forward pass that computes the task loss (no second forward). Their rank-r randomized whitened
-    DMD eigenvalues ([`~hf_koopman.koopman.shaping.differentiable_dmd_eigenvalues`]) enter the penalty, and the
-    gradient flows back through the small r x r operator. Other steps run exactly the parent `compute_loss`.
+    during the **same** forward pass that computes the task loss (no second forward). The eigenvalues of their
+    whitened DMD operator ([`~hf_koopman.koopman.shaping.differentiable_dmd_eigenvalues`]) enter the penalty: by
+    default the full spectrum, the operator `RKSPCallback` reports; with `KSSConfig.rank = r` the rank-r randomized
+    approximation. The gradient flows back through the `(m, m)` operator to the token states. Other steps run exactly
+    the parent `compute_loss`.
 
     * Gradient accumulation: the term is divided by `current_gradient_accumulation_steps` exactly when the `Trainer`
       does not divide the loss itself (the loss already counts as GA-scaled), so the KSS gradient of an optimizer step
@@ -156,7 +158,7 @@ class KSSTrainer(Trainer):
       as DDP; see `hf_koopman.training.fsdp`); hooks sit on the FSDP-wrapped blocks, and the parameter-space cap
       differentiates with respect to the unsharded parameters of the forward.
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
-      `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the r eigenvalues in
+      `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the eigenvalues in
       `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
       micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor, 1 = uncapped, this
       process only). The Trainer's own `loss` is the optimised objective,

@@ -111,6 +111,8 @@ def test_guard_stops_huge_lr_run_without_saving_the_diverged_step(tmp_path):
     assert event["last_good_checkpoint"] != event["suspect_checkpoints"][0]
     # divergence is visible in what train() returns and in trainer.state
     assert output.metrics["rksp/diverged"] == 1.0
+    assert output.metrics["rksp/diverged_step"] == event["step"]
+    assert output.metrics["rksp/diverged_cause"] == event["cause_flags"] > 0
     assert any(h.get("rksp/diverged") == 1.0 for h in trainer.state.log_history)
     record = json.loads((tmp_path / "rksp_guard.json").read_text())
     assert record["diverged"] and record["events"][-1]["step"] == event["step"]
@@ -245,3 +247,31 @@ def test_argument_validation():
         RKSPCallback(every_n_steps=-1)
     with pytest.raises(TypeError, match="probe_inputs"):
         RKSPCallback(probe_inputs=[1, 2, 3])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 1}, "num_samples must be an int >= 2, got 1"),
+    ({"num_samples": "2048"}, "num_samples must be an int >= 2"),
+    ({"monitor_num_samples": 0}, "monitor_num_samples must be an int >= 2"),
+    ({"probe_batch_size": 2.5}, "probe_batch_size must be an int >= 1"),
+    ({"probe_batch_size": True}, "probe_batch_size must be an int >= 1"),
+    ({"rank": 0}, r"rank must be None \(the full spectrum\) or an int >= 1"),
+    ({"seed": "a"}, "seed must be an int"),
+    ({"layers": 5}, "layers must be None"),
+])
+def test_bad_arguments_fail_at_construction_not_at_train_begin(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=f"RKSPCallback: {message}"):
+        RKSPCallback(**kwargs)
+    RKSPCallback(layers="model.layers", rank=32, num_samples=2, monitor_num_samples=2, probe_batch_size=1)
+
+
+def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_path, caplog):
+    callback = RKSPCallback(probe_batch_size=2, num_samples=10_000, rank=8, guard=False)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                      callbacks=[callback])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    tokens = 2 * TokenDataset().ids.shape[1]
+    assert f"probe batch holds {tokens} token states, fewer than num_samples=10000" in caplog.text
+    assert "raise probe_batch_size" in caplog.text and "pass more inputs" not in caplog.text
+    assert callback.profile.settings["num_samples"] == tokens  # profiled on what the batch holds
