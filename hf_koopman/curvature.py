@@ -87,6 +87,7 @@ class CurvatureResult:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the estimate and how it was obtained."""
         return {
             "eigenvalue": self.eigenvalue,
             "dominant_eigenvalue": self.dominant_eigenvalue,

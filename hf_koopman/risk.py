@@ -89,6 +89,7 @@ class FeatureSpec:
 
     @property
     def name(self) -> str:
+        """The feature's name in the JSON and in messages: the key, wrapped in its transform (`log10(key)`)."""
         return self.key if self.transform == "identity" else f"{self.transform}({self.key})"
 
     def transformed(self, raw: Any) -> float:
@@ -105,6 +106,7 @@ class FeatureSpec:
         return x
 
     def standardized(self, raw: Any) -> float:
+        """The model's input for a raw value: transformed, clipped to `[low, high]`, then `(x - mean) / std`."""
         x = min(max(self.transformed(raw), self.low), self.high)
         if not math.isfinite(x):  # unbounded spec (hand-built) and an infinite input
             raise ValueError(f"feature {self.key!r} is infinite and the estimator has no clipping range for it.")
@@ -199,12 +201,14 @@ class RangeIssue:
         return "above" if _is_number(self.value) and float(self.value) > self.high else "below"
 
     def describe(self) -> str:
+        """One line: the input, its value and the range (or the categories) the estimator was fitted on."""
         if self.direction == "unseen":
             return f"{self.key} = {_g(self.value)} (fitted on {', '.join(self.seen) or 'other values'})"
         amount = f"{self.excess:.2g} decade{'s' if self.excess != 1 else ''}" if self.log_scale else f"{self.excess:.3g}"
         return f"{self.key} = {_g(self.value)} is {amount} {self.direction} the fitted [{_g(self.low)}, {_g(self.high)}]"
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of this range issue (non-finite numbers as strings)."""
         value = _num(self.value) if _is_number(self.value) else self.value
         low, high = (None if b is None else _num(b) for b in (self.low, self.high))
         return {"key": self.key, "value": value, "low": low, "high": high, "seen": list(self.seen),
@@ -251,10 +255,12 @@ class RiskAssessment:
         return "; ".join(parts) if parts else "within the fitted range"
 
     def describe(self) -> str:
+        """One line: P(divergence), the learning rate it is for, and whether the inputs lie in the fitted range."""
         lr = f" at learning rate {self.learning_rate:g}" if self.learning_rate is not None else ""
         return f"P(divergence){lr} = {_percent(self.probability)} — {self.range_note}"
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the assessment (probability, range status, the inputs outside or unknown)."""
         return {"probability": self.probability, "learning_rate": self.learning_rate, "out_of_range": self.out_of_range,
                 "status": self.status, "outside": [i.to_dict() for i in self.outside], "unknown": list(self.unknown),
                 "note": self.range_note}
@@ -364,6 +370,7 @@ class RiskEstimator:
     # ------------------------------------------------------------------ prediction
     @property
     def required_keys(self) -> list[str]:
+        """The profile / row keys this estimator reads, sorted (a row passed to `fit` or `predict` needs each)."""
         return sorted({f.key for f in self.features})
 
     @property
@@ -622,6 +629,9 @@ class RiskEstimator:
             features: `FeatureSpec`, `(key, transform)` or `key`; standardisation and clip ranges are set from `rows`.
             l2 (`float`, *optional*, defaults to 1.0): ridge strength on the standardised coefficients
                 (penalty $\frac{l2}{2}\|w\|^2$ added to the summed negative log-likelihood).
+            max_iter (`int`, *optional*, defaults to 100): most Newton steps.
+            metadata (*optional*): JSON-ready provenance stored with the estimator (`RiskEstimator.metadata`), e.g.
+                the sweep it was fitted on.
             range_keys (*optional*): extra row keys whose training range is recorded next to the features' (defaults
                 to `MODEL_KEYS`: model type, width, depth; a key missing from some row is not recorded).
             families (*optional*): names of the model families the rows come from, stored as provenance.
@@ -754,6 +764,7 @@ class RiskEstimator:
                    ranges)
 
     def save_json(self, path: str | Path) -> Path:
+        """Write the estimator as JSON (`to_dict`, format version 2) to `path`, creating parent folders; returns it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -761,6 +772,8 @@ class RiskEstimator:
 
     @classmethod
     def from_json(cls, path: str | Path) -> RiskEstimator:
+        """Load an estimator written by `save_json` (format versions 1 and 2); a clear error for a missing or
+        non-JSON file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no risk-estimator JSON at {path}.")
@@ -818,7 +831,8 @@ ADVICE = {
         "(`RKSPCallback(on_divergence=\"rollback\")`) and be careful with learning rates above 2× the standard one."
     ),
     "high risk": (
-        "Lower the learning rate or add normalisation, and keep the divergence guard on "
+        "Lower the learning rate (and if the blocks have no normalisation layers, add them: the paper's high-risk "
+        "family is No-Norm), and keep the divergence guard on "
         "(`RKSPCallback(on_divergence=\"rollback\")` continues past a blow-up). KSS (`KSSTrainer`) did not lower "
         "divergence in our measurements in the paper's own No-Norm regime (results/kss_v2.md)."
     ),
@@ -846,7 +860,11 @@ class DecisionRule:
     * "uninformative" when fewer than half the layers are informative, or when the sample is too small for the
       width: N < `min_samples_per_dim` · d. At N ≈ d the least-squares operator interpolates the sample and the
       masses are several-fold off; Theorem 4's sampling term sqrt(d / N) + d / N exceeds 1 below N = 2.6 d. Below
-      `warn_samples_per_dim` · d the verdict carries a warning in its reason.
+      `warn_samples_per_dim` · d the verdict carries a warning in its reason;
+    * the share of modes that pass the ResDMD residual test does not gate the verdict. The masses are statistics over
+      all modes, as the paper's headline numbers, and they reproduce Table 1 where few modes pass: the depth-4
+      Pre-LN and RMSNorm models at d = 128 have 0-1.6 % reliable modes and M≈1 = 0.12-0.15 against the paper's 0.16
+      (`results/table1.json` in the repository). The report states the share.
 
     `RiskEstimator` turns a profile and a learning rate into a probability instead (`SpectralProfile.risk`).
 

@@ -1124,7 +1124,7 @@ def whitened_dmd(
     if N < d or (rank is not None and N <= rank):
         warnings.warn(f"N={N} snapshots for d={d} features{'' if rank is None else f' and rank={rank}'}: the DMD "
                       f"estimate is rank-limited (at most N-1={N - 1} identifiable modes); use more samples "
-                      "(the paper uses N=2048)", UserWarning, stacklevel=2)
+                      f"(N >= {2 * d} for a verdict, {8 * d} for a stable estimate)", UserWarning, stacklevel=2)
 
     with torch.no_grad():
         op, moments, rank_x = _fit_operator(

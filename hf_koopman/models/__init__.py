@@ -14,6 +14,7 @@ _MODEL_PACKAGES = ("reynet", "equivcnp")
 
 
 def register_models() -> None:
+    """Register ReyNet and EquivCNP with the Auto classes (run by `import hf_koopman`; safe to call again)."""
     for name in _MODEL_PACKAGES:
         try:
             module = importlib.import_module(f"hf_koopman.models.{name}")
