@@ -5,18 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from hf_koopman.logging_utils import get_logger
 
 
-__all__ = ["iter_batches", "prepare_batch", "byte_tokenize"]
+__all__ = ["POSITIONAL_INPUT", "iter_batches", "prepare_batch", "byte_tokenize"]
 
 logger = get_logger(__name__)
 
 # keys that only feed the loss; the residual stream does not depend on them
 _LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions")
 _TEXT_COLUMNS = ("text", "content", "sentence", "document")
+# per-token keys a tokenizer returns next to `input_ids`: padded and batched together with it
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# batch key of a tensor that `profile()` passes positionally: plain `nn.Module`s have no keyword convention
+POSITIONAL_INPUT = "*args"
+# config keys `<prefix>..._token_id` of multimodal placeholder tokens, which may lie outside the text vocabulary
+_PLACEHOLDER_PREFIXES = ("image", "video", "audio", "vision", "boi", "eoi", "boa", "eoa")
+_PLACEHOLDER_SUFFIXES = ("_token_id", "_token_index")
 
 
 def byte_tokenize(texts: list[str], vocab_size: int, max_length: int) -> dict[str, torch.Tensor]:
@@ -46,14 +54,20 @@ def _tokenize(texts: list[str], tokenizer: Any, model: Any, max_length: int, fir
         if first:
             logger.warning("no tokenizer given: using byte-level ids (only sensible for randomly initialised models)")
         return byte_tokenize(texts, vocab, max_length)
-    if getattr(tokenizer, "pad_token", "x") is None:  # GPT-2 style tokenizers ship without a pad token
-        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "pad_token", "x") is None:
+        # GPT-2 style tokenizers ship without a pad token: pad with the EOS id here rather than setting
+        # `tokenizer.pad_token`, which would change the caller's tokenizer
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        rows = [{k: encoded[k][i] for k in _TOKEN_KEYS if k in encoded} for i in range(len(texts))]
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+        return _pad_rows(rows, getattr(tokenizer, "eos_token_id", None) or 0, left=left)
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return dict(encoded)
 
 
-def _pad_rows(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate dataset rows with variable-length `input_ids` into right-padded tensors + attention mask."""
+def _pad_rows(rows: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Collate dataset rows with variable-length `input_ids` into padded tensors + attention mask (right-padded unless
+    `left`)."""
     lengths = [len(r["input_ids"]) for r in rows]
     width = max(lengths)
     out: dict[str, torch.Tensor] = {}
@@ -64,11 +78,49 @@ def _pad_rows(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor
         fill = pad_id if key == "input_ids" else 0
         tensor = torch.full((len(rows), width), fill, dtype=torch.long)
         for i, v in enumerate(values):
-            tensor[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+            start = width - len(v) if left else 0
+            tensor[i, start : start + len(v)] = torch.as_tensor(v, dtype=torch.long)
         out[key] = tensor
     if "attention_mask" not in out:
-        out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        out["attention_mask"] = (valid.flip(1) if left else valid).long()
     return out
+
+
+def _batch_from_mapping(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch dict with tensor `input_ids`: lists / arrays of token ids (a tokenizer called without
+    `return_tensors="pt"`) are padded into tensors with an attention mask, and a single 1-D sequence gets a batch
+    dimension."""
+    out = dict(batch)
+    for key in _TOKEN_KEYS:
+        if isinstance(out.get(key), np.ndarray):
+            out[key] = torch.from_numpy(out[key])
+    ids = out.get("input_ids")
+    if isinstance(ids, (list, tuple)) and ids:
+        keys = [k for k in _TOKEN_KEYS if isinstance(out.get(k), (list, tuple)) and len(out[k]) == len(ids)]
+        if not isinstance(ids[0], (list, tuple, np.ndarray, torch.Tensor)):  # one sequence: `tokenizer(text)`
+            rows = [{k: out[k] for k in keys}]
+        else:
+            rows = [{k: out[k][i] for k in keys} for i in range(len(ids))]
+        out.update(_pad_rows(rows, pad_id=0))  # pad id 0 is safe: the attention mask hides the padding
+    elif isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
+        logger.info("input_ids is a 1-D tensor of %d token ids: profiling it as one sequence", ids.numel())
+        for key in _TOKEN_KEYS:
+            if isinstance(out.get(key), torch.Tensor) and out[key].dim() == 1:
+                out[key] = out[key][None]
+    return out
+
+
+def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
+    """Batch dict of a bare tensor: token ids for integer tensors, the model's main input for floating ones; a model
+    that is not a `PreTrainedModel` (no `main_input_name`) gets the tensor positionally."""
+    from hf_koopman.profiling.probes import _main_input_name
+
+    if not isinstance(getattr(model, "main_input_name", None), str):
+        return {POSITIONAL_INPUT: inputs}
+    if inputs.is_floating_point():
+        return {_main_input_name(model): inputs}
+    return _batch_from_mapping({"input_ids": inputs})
 
 
 def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max_length: int) -> Iterator[dict]:
@@ -108,13 +160,10 @@ def iter_batches(
     """Yield batch dicts from a batch dict / `BatchEncoding`, a tensor, text(s), a `datasets.Dataset` or any iterable
     of batch dicts (e.g. a `DataLoader`)."""
     if isinstance(inputs, Mapping):
-        yield dict(inputs)
+        yield _batch_from_mapping(inputs)
         return
     if isinstance(inputs, torch.Tensor):
-        if inputs.is_floating_point():
-            yield {getattr(model, "main_input_name", "pixel_values"): inputs}
-        else:
-            yield {"input_ids": inputs}
+        yield _batch_from_tensor(inputs, model)
         return
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -132,7 +181,7 @@ def iter_batches(
                     f"profile() iterates over batches and expects dicts of tensors, got {type(batch).__name__}; use a "
                     "DataLoader with a collator that returns dicts (e.g. DataCollatorWithPadding)."
                 )
-            yield dict(batch)
+            yield _batch_from_mapping(batch)
         return
     raise TypeError(
         f"unsupported inputs of type {type(inputs).__name__}: pass a batch dict, a tensor, text or a list of texts "
@@ -149,9 +198,52 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
+def _embedding_rows(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding (can exceed `config.vocab_size` when resized by hand), if it has one."""
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):
+        return None
+    return rows if isinstance(rows, int) else None
+
+
+def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
+    """Raise a `ValueError` naming the fix when `input_ids` cannot index the model's embedding (float values, ids
+    outside the vocabulary); the forward pass would fail deep inside torch instead."""
+    name = type(model).__name__
+    if ids.is_floating_point():
+        embeds = " or embeddings as inputs={'inputs_embeds': x}" if _accepts(model, "inputs_embeds") else ""
+        raise ValueError(
+            f"{name} takes integer token ids (input_ids), got a {str(ids.dtype).removeprefix('torch.')} tensor of "
+            f"shape {tuple(ids.shape)}; pass token ids from the model's tokenizer "
+            f"(tokenizer(texts, return_tensors='pt')){embeds}."
+        )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0 or not ids.numel() or ids.dtype == torch.bool:
+        return
+    if int(ids.max()) < vocab:
+        return
+    # multimodal models swap placeholder ids (e.g. config.image_token_id) out before the embedding: those are fine
+    special = [
+        value
+        for key, value in vars(model.config).items()
+        if isinstance(value, int) and key.startswith(_PLACEHOLDER_PREFIXES) and key.endswith(_PLACEHOLDER_SUFFIXES)
+    ]
+    regular = ids[~torch.isin(ids, torch.tensor(special, dtype=ids.dtype, device=ids.device))] if special else ids
+    bound = max(vocab, _embedding_rows(model) or 0)
+    if regular.numel() and int(regular.max()) >= bound:
+        raise ValueError(
+            f"input_ids holds token id {int(regular.max())} but {name} has a vocabulary of {bound} tokens (ids "
+            f"0..{bound - 1}); the tokenizer does not match the model: tokenize with the tokenizer of the model's own "
+            "checkpoint (AutoTokenizer.from_pretrained(<model id>))."
+        )
+
+
 def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """Drop label keys, move tensors to the model's device (floats to its dtype) and add decoder inputs for
-    encoder-decoder models (the decoder is probed with the encoder's tokens)."""
+    """Check `input_ids` against the model's vocabulary, drop label keys, move tensors to the model's device (floats to
+    its dtype) and add decoder inputs for encoder-decoder models (the decoder is probed with the encoder's tokens)."""
+    if isinstance(batch.get("input_ids"), torch.Tensor):
+        _check_token_ids(batch["input_ids"], model)
     try:
         param = next(model.parameters())
         device, dtype = param.device, param.dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from hf_koopman.logging_utils import get_logger
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_koopman.profiling.blocks import find_residual_blocks, nested_block_lists, unwrap_model
-from hf_koopman.profiling.inputs import iter_batches, prepare_batch
+from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
 from hf_koopman.profiling.probes import default_probe_inputs
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
@@ -273,8 +274,17 @@ def profile(
         ValueError: unknown model structure (the message names the `layers=` override to use) or non-finite
             activations (naming the first bad block).
     """
+    if isinstance(model, (str, os.PathLike)):  # a Hub id or a local folder: profile() takes the loaded model
+        raise TypeError(
+            f"model must be a torch nn.Module (e.g. a PreTrainedModel), got the {type(model).__name__} {str(model)!r}; "
+            f"load it first: profile(AutoModel.from_pretrained({str(model)!r})) (or AutoModel.from_config(config) for "
+            f"random weights), or use the CLI: hf-koopman profile {model}"
+        )
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}.")
+        raise TypeError(
+            f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; load the model "
+            "first, e.g. AutoModel.from_pretrained(model_id)."
+        )
     if not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
     inner = unwrap_model(model)
@@ -315,13 +325,14 @@ def profile(
                     inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
                 ):
                     batch = prepare_batch(raw, inner)
+                    args = (batch.pop(POSITIONAL_INPUT),) if POSITIONAL_INPUT in batch else ()  # plain nn.Module
                     mask = batch.get("attention_mask")
                     recorder.attention_mask = {
                         "": mask,
                         "encoder": mask,
                         "decoder": batch.get("decoder_attention_mask"),
                     }
-                    runner(**batch)
+                    runner(*args, **batch)
                     batches += 1
                     seen = recorder.tokens_seen
                     if seen and min(seen.values()) >= max_tokens:

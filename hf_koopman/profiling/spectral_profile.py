@@ -233,10 +233,18 @@ class SpectralProfile:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> SpectralProfile:
-        """Load from a JSON string or a path to `profile.json`."""
+        """Load from a JSON string, a path to `profile.json`, or the folder `save()` wrote it into."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text(encoding="utf-8")
+            path = Path(text_or_path)
+            if path.is_dir():  # the folder of `save()`: read the profile.json inside it
+                if not (path / "profile.json").is_file():
+                    raise FileNotFoundError(
+                        f"{str(path)!r} is a folder without a profile.json; pass the folder that "
+                        "SpectralProfile.save() wrote, or the path of a profile.json file."
+                    )
+                path = path / "profile.json"
+            text = path.read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
 
     # ------------------------------------------------------------------ presentation (shortcuts)
@@ -259,6 +267,13 @@ class SpectralProfile:
         """Write `profile.json`, `report.md` and (with matplotlib) the plots into `directory` (`report.save_profile`)."""
         from hf_koopman.profiling.report import save_profile
 
+        path = Path(directory)
+        if path.exists() and not path.is_dir():
+            folder = path.with_suffix("") if path.suffix else path.with_name(path.name + "_profile")
+            raise NotADirectoryError(
+                f"save() writes profile.json, report.md and the plots into a folder, but {str(path)!r} is an existing "
+                f"file; pass a folder path, e.g. save({str(folder)!r}), or write to_json() to a file yourself."
+            )
         return save_profile(self, directory, plots=plots)
 
     def __repr__(self) -> str:

@@ -1,0 +1,172 @@
+"""profile() inputs a user gets wrong: each either works as the user meant or fails with a message naming the fix."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from hf_koopman.profiling import SpectralProfile, profile
+from hf_koopman.profiling.inputs import _check_token_ids, iter_batches
+from hf_koopman.testing_utils import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:N=.*rank-limited:UserWarning")  # tiny token counts by design
+
+WORDS = ["[UNK]", "<eos>", "hello", "world", "koopman", "operator", "residual", "stream", "token", "state"]
+
+
+def _tokenizer(**kwargs):
+    """In-memory word-level tokenizer (no Hub); like GPT-2's, it has an EOS but no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="[UNK]", **kwargs)
+
+
+TEXTS = ["hello world koopman operator residual stream", "token state", "koopman residual stream token"]
+
+
+# 1. a tokenizer called without return_tensors="pt": lists of ids
+def test_tokenizer_lists_are_padded_into_tensors_with_a_mask():
+    encoded = _tokenizer()(TEXTS)
+    assert isinstance(encoded["input_ids"][0], list)
+    (batch,) = iter_batches(encoded, model=tiny_model("llama"))
+    assert batch["input_ids"].shape == (3, 6) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].sum(1).tolist() == [6, 2, 4]
+    assert batch["input_ids"][1].tolist() == [8, 9, 0, 0, 0, 0]
+    result = profile(tiny_model("llama"), inputs=encoded, num_samples=64, rank=4)
+    assert result.meta["tokens_seen"] == 12  # the padding is masked out
+
+
+def test_tokenizer_list_of_one_text_is_one_sequence():
+    (batch,) = iter_batches(_tokenizer()(TEXTS[0]), model=tiny_model("llama"))
+    assert batch["input_ids"].tolist() == [[2, 3, 4, 5, 6, 7]] and batch["attention_mask"].tolist() == [[1] * 6]
+
+
+# 2. a 1-D tensor of token ids
+def test_1d_token_ids_are_profiled_as_one_sequence(caplog):
+    from transformers.utils import logging as hf_logging
+
+    ids = torch.arange(100) % 128
+    before = hf_logging.get_verbosity()
+    try:  # hf_koopman's info records follow the transformers verbosity
+        hf_logging.set_verbosity_info()
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            result = profile(tiny_model("llama"), inputs=ids, num_samples=64, rank=4)
+    finally:
+        hf_logging.set_verbosity(before)
+    assert result.meta["tokens_seen"] == 100
+    assert "1-D tensor of 100 token ids: profiling it as one sequence" in caplog.text
+    (batch,) = iter_batches({"input_ids": ids, "attention_mask": torch.ones(100)}, model=tiny_model("llama"))
+    assert batch["input_ids"].shape == (1, 100) and batch["attention_mask"].shape == (1, 100)
+
+
+# 3. ids from another tokenizer
+def test_token_ids_beyond_the_vocabulary_name_the_tokenizer_mismatch():
+    ids = torch.randint(0, 128, (2, 20))
+    ids[1, 3] = 30521
+    with pytest.raises(ValueError) as err:
+        profile(tiny_model("llama"), inputs=ids, num_samples=16, rank=4)
+    message = str(err.value)
+    assert "token id 30521" in message and "vocabulary of 128 tokens (ids 0..127)" in message
+    assert "the tokenizer does not match the model" in message and "AutoTokenizer.from_pretrained" in message
+
+
+def test_multimodal_placeholder_ids_outside_the_vocabulary_are_allowed():
+    model = tiny_model("llama")
+    model.config.image_token_id = 500  # swapped out by a multimodal model before its embedding
+    _check_token_ids(torch.tensor([[1, 500, 2]]), model)
+    with pytest.raises(ValueError, match="token id 501"):
+        _check_token_ids(torch.tensor([[1, 500, 501]]), model)
+
+
+# 4. floats where token ids belong
+def test_float_tensor_for_a_token_model_names_the_fix():
+    with pytest.raises(ValueError) as err:
+        profile(tiny_model("llama"), inputs=torch.randn(2, 20), num_samples=16, rank=4)
+    message = str(err.value)
+    assert "takes integer token ids (input_ids), got a float32 tensor of shape (2, 20)" in message
+    assert "tokenizer(texts, return_tensors='pt')" in message and "inputs_embeds" in message
+    with pytest.raises(ValueError, match="got a float32 tensor of shape"):
+        profile(tiny_model("gpt2"), inputs={"input_ids": torch.rand(2, 8)}, num_samples=16, rank=4)
+
+
+def test_float_tensor_for_a_vision_model_is_its_pixel_input():
+    result = profile(tiny_model("vit"), inputs=torch.randn(2, 3, 32, 32), num_samples=16, rank=4)
+    assert result.meta["tokens_seen"] == 2 * 17  # 16 patches + CLS per image
+
+
+# 5. a model id instead of a model
+def test_model_id_string_names_how_to_load_it():
+    with pytest.raises(TypeError) as err:
+        profile("gpt2")
+    message = str(err.value)
+    assert "got the str 'gpt2'" in message
+    assert "AutoModel.from_pretrained('gpt2')" in message and "AutoModel.from_config" in message
+    assert "hf-koopman profile gpt2" in message
+
+
+# 6. a plain nn.Module (no main_input_name)
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return x
+
+
+def test_plain_module_gets_the_tensor_positionally():
+    model = _MLP()
+    result = profile(model, inputs=torch.randn(4, 8, 16), layers=["blocks.0", "blocks.1", "blocks.2"], num_samples=16,
+                     rank=4)
+    assert result.names == ["blocks.0", "blocks.1", "blocks.2"] and result.meta["tokens_seen"] == 32
+
+
+# 7. save() / from_json() with folders and files
+@pytest.fixture(scope="module")
+def tiny_profile() -> SpectralProfile:
+    return profile(tiny_model("llama"), num_samples=32, rank=4, model_name="tiny-llama")
+
+
+def test_from_json_reads_the_folder_save_wrote(tiny_profile, tmp_path):
+    tiny_profile.save(tmp_path / "llama-tiny", plots=False)
+    assert SpectralProfile.from_json(tmp_path / "llama-tiny").names == tiny_profile.names
+    assert SpectralProfile.from_json(str(tmp_path / "llama-tiny")).model_name == "tiny-llama"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder without a profile.json"):
+        SpectralProfile.from_json(tmp_path / "empty")
+
+
+def test_save_to_an_existing_file_says_save_takes_a_folder(tiny_profile, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(NotADirectoryError) as err:
+        tiny_profile.save(notes, plots=False)
+    message = str(err.value)
+    assert "writes profile.json, report.md and the plots into a folder" in message and "is an existing file" in message
+    assert f"save({str(tmp_path / 'notes')!r})" in message
+    assert notes.read_text() == "keep me"
+
+
+# 8. the caller's tokenizer is left as it was
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_text_inputs_leave_the_tokenizer_unchanged_and_pad_with_eos(side):
+    tokenizer = _tokenizer(padding_side=side)
+    assert tokenizer.pad_token is None
+    (batch,) = iter_batches(TEXTS, model=tiny_model("llama"), tokenizer=tokenizer)
+    assert tokenizer.pad_token is None
+    reference = copy.deepcopy(tokenizer)  # what padding with pad_token = eos_token gives
+    reference.pad_token = reference.eos_token
+    expected = reference(TEXTS, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+    result = profile(tiny_model("llama"), TEXTS, tokenizer=tokenizer, num_samples=64, rank=4)
+    assert result.meta["tokens_seen"] == 12 and tokenizer.pad_token is None
