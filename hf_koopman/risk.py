@@ -799,7 +799,13 @@ class RiskEstimator:
         if self.training_ranges.get("families"):
             parts.append("families " + ", ".join(self.training_ranges["families"]))
         rows = self.training_ranges.get("n_rows")
-        return (f"fitted on {rows} runs: " if rows else "fitted on: ") + "; ".join(parts)
+        summary = (f"fitted on {rows} runs: " if rows else "fitted on: ") + "; ".join(parts)
+        horizon = self.metadata.get("horizon_steps") if isinstance(self.metadata, Mapping) else None
+        if isinstance(horizon, int):
+            # P(diverged by step T) cannot fall as T grows: a longer run's threshold is the same or lower
+            summary += (f"; the label is divergence within {horizon} steps, so for a longer run the probability is a "
+                        "lower bound and the suggested learning rate an upper one")
+        return summary
 
     def __repr__(self) -> str:
         terms = ", ".join(f"{f.name}: {c:+.3f}" for f, c in zip(self.features, self.coef))

@@ -253,3 +253,13 @@ def test_inconsistent_version_2_file_fails_clearly(fitted):
     del data["intercept"]
     with pytest.raises(ValueError, match="lacks the field 'intercept'"):
         RiskEstimator.from_dict(data)
+
+
+def test_the_training_horizon_bounds_what_the_answer_means(fitted):
+    est, _ = fitted
+    assert "within" not in est.training_summary()  # no horizon recorded: nothing claimed
+    est = RiskEstimator.fit(*_rows(), [("learning_rate", "log10"), "near_unit_mass_mean"], l2=0.1,
+                            metadata={"horizon_steps": 150})
+    assert est.training_summary().endswith("the label is divergence within 150 steps, so for a longer run the "
+                                           "probability is a lower bound and the suggested learning rate an upper one")
+    assert "within 150 steps" in RiskEstimator.default().training_summary()
