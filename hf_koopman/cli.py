@@ -63,17 +63,73 @@ def _config_from_json_file(path: Path):
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+def _looks_like_path(spec: str) -> bool:
+    """Whether MODEL / --dataset `spec` is written as a filesystem path rather than a name or Hub id.
+
+    `./x`, `../x`, `/x`, `~/x`, `a/b/c` and `*.json` are paths. A single `owner/name` is a Hub id unless its first
+    part is an existing local folder (e.g. a typo in `checkpoints/my-model`).
+    """
+    normal = spec.replace(os.altsep, os.sep) if os.altsep else spec
+    if normal.startswith(("." + os.sep, ".." + os.sep, os.sep, "~")) or normal.endswith(".json"):
+        return True
+    parts = [part for part in normal.split(os.sep) if part]
+    return len(parts) >= 3 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """Whether `err` (or an exception it was raised from) is a failure to reach the Hub: no network or offline mode.
+
+    huggingface_hub, httpx, requests and datasets each wrap it in their own types, so the chain is read by class name.
+    """
+    names = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout", "ConnectionError",
+             "ReadTimeout", "Timeout"}
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError)) or {c.__name__ for c in type(current).__mro__} & names:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _no_hub_hint(spec: str) -> str:
+    """What works without the Hub for MODEL `spec`: --init on an embedded architecture, or a local folder."""
+    from hf_koopman.profiling.architectures import known_architectures, resolve_architecture_name
+
+    if resolve_architecture_name(spec) is not None:
+        return (f"{spec!r} is an embedded architecture: pass --init to profile it at random initialisation without "
+                "the Hub, or pass a local folder with pretrained weights")
+    return (f"pass --init with an embedded architecture ({', '.join(known_architectures())}) to profile it at random "
+            "initialisation without the Hub, or pass a local save_pretrained folder")
+
+
+# weight files of a save_pretrained folder (single file or shards); training_args.bin is not one of them
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
 def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
     """`(config, weights source or None, display name)` for MODEL = local path, embedded architecture or Hub id."""
     from transformers import AutoConfig
 
     from hf_koopman.profiling.architectures import known_architectures, load_architecture_config, resolve_architecture_name
 
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_file():
-        if not init:
-            logger.info("%s is a config file: profiling the architecture at initialisation", path)
-        return _config_from_json_file(path), None, path.stem
+        config = _config_from_json_file(path)
+        if not init:  # a WARNING, not INFO: the user may expect trained weights next to the file
+            logger.warning(
+                "%s: config.json only: profiling the architecture at random initialisation (no weights). Pass the "
+                "save_pretrained folder with model.safetensors to profile trained weights, or --init to silence this.",
+                path,
+            )
+        # "config" says nothing: name the run after the folder holding config.json (or the model type)
+        stem = path.stem if path.stem != "config" else (path.resolve().parent.name or config.model_type)
+        return config, None, f"{stem} (init)"
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -88,7 +144,18 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
                 f"{config_file} could not be loaded as a transformers config ({err}); fix the file or re-create it "
                 "with model.config.save_pretrained(folder)."
             ) from None
+        if not init and not any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES):
+            raise ValueError(
+                f"{path} has a config.json but no weights (no model.safetensors or pytorch_model.bin): pass --init to "
+                "profile the architecture at random initialisation, or point to a folder with model.safetensors "
+                "(written by model.save_pretrained(folder))."
+            )
         return config, (None if init else str(path)), path.name
+    if _looks_like_path(spec):
+        raise ValueError(
+            f"{spec}: no such file or folder. Check the path, or pass an embedded architecture name (see "
+            "`hf-koopman architectures`) or a Hub id."
+        )
     canonical = resolve_architecture_name(spec)
     if canonical is not None and (init or _offline()):
         if not init:
@@ -105,18 +172,40 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
     try:
         config = AutoConfig.from_pretrained(spec)
     except OSError as err:
+        if _is_connection_error(err):
+            raise ValueError(
+                f"could not reach the Hub to load {spec!r} ({_first_line(err)}). Without network: "
+                f"{_no_hub_hint(spec)}; set HF_HUB_OFFLINE=1 to skip the connection retries."
+            ) from None
         raise ValueError(f"could not load a config for {spec!r} from the Hub: {err}") from err
     return config, (None if init else spec), spec + (" (init)" if init else "")
 
 
+# config attributes that hold the depth of one stack: `--num-layers N` sets each the config has, so that an
+# encoder-decoder (T5: num_layers / num_decoder_layers; BART: encoder_layers / decoder_layers) gets N blocks per stack
+_STACK_DEPTH_KEYS = ("num_hidden_layers", "num_layers", "num_encoder_layers", "num_decoder_layers", "encoder_layers",
+                     "decoder_layers")
+
+
+def _set_num_layers(config: Any, num_layers: int) -> None:
+    """Override the depth of every stack of `config` with `num_layers` (`--num-layers`)."""
+    if num_layers < 1:
+        raise ValueError(f"--num-layers must be >= 1, got {num_layers}.")
+    config.num_hidden_layers = num_layers
+    for key in _STACK_DEPTH_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, num_layers)
+
+
 def load_model(
     spec: str, *, init: bool = False, dtype: str = "float32", num_layers: int | None = None, seed: int = 0,
-    device: str = "cpu",
+    device: str = "cpu", text_inputs: bool = True,
 ) -> tuple[Any, Any, str]:
     """Build or load MODEL for profiling -> `(model, tokenizer or None, display name)`, on `device`.
 
     The base `AutoModel` is used: the residual blocks live there, and the LM / task head does not affect them. A model
     built with `--init` is initialised on the CPU (the same weights for a seed whatever the device), then moved.
+    `text_inputs=False` (no text to tokenise) keeps a missing tokenizer quiet: it only matters for text.
     """
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -126,8 +215,9 @@ def load_model(
     if num_layers is not None:
         if weights is not None:
             raise ValueError("--num-layers only applies to --init models (it would drop pretrained blocks).")
-        config.num_hidden_layers = num_layers
-        name = f"{name} [{num_layers} layers]"
+        _set_num_layers(config, num_layers)
+        per_stack = " per stack" if getattr(config, "is_encoder_decoder", False) else ""
+        name = f"{name} [{num_layers} layers{per_stack}]"
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -136,12 +226,21 @@ def load_model(
     else:
         if Path(weights).is_dir():
             _check_safetensors(Path(weights))
-        model = AutoModel.from_pretrained(weights, dtype=torch_dtype)
+        try:
+            model = AutoModel.from_pretrained(weights, dtype=torch_dtype)
+        except OSError as err:  # a Hub id whose config is cached but whose weights cannot be downloaded
+            if not _is_connection_error(err):
+                raise ValueError(f"could not load the weights of {weights}: {err}") from err
+            raise ValueError(
+                f"could not reach the Hub to load the weights of {weights!r} ({_first_line(err)}). Without network: "
+                f"{_no_hub_hint(spec)}; set HF_HUB_OFFLINE=1 to skip the connection retries."
+            ) from None
     model = model.to(device)
     tokenizer = None
-    source = weights or (spec if Path(spec).is_dir() else None)
+    local = Path(spec).expanduser()
+    source = weights or (str(local) if local.is_dir() else None)
     if source is not None:
-        tokenizer = _load_tokenizer(source)
+        tokenizer = _load_tokenizer(source, warn=text_inputs)
     return model.eval(), tokenizer, name
 
 
@@ -164,13 +263,14 @@ def _check_safetensors(folder: Path) -> None:
             ) from None
 
 
-def _load_tokenizer(source: str) -> Any:
-    """The tokenizer saved with the model, or None (with a warning) when the folder holds no tokenizer files."""
+def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
+    """The tokenizer saved with the model, or None when there is none (a warning when `warn`: text input is given)."""
     from transformers import AutoTokenizer
 
+    log = logger.warning if warn else logger.debug  # without text input the byte-level fallback never happens
     path = Path(source)
     if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        logger.warning(
+        log(
             "%s has no tokenizer files (%s): text inputs fall back to byte-level ids. Save the tokenizer there with "
             "tokenizer.save_pretrained(%s) to profile on real tokens.", path, ", ".join(_TOKENIZER_FILES[:4]), path,
         )
@@ -178,14 +278,14 @@ def _load_tokenizer(source: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - many checkpoints ship no tokenizer; text input then falls back
-        logger.warning("could not load a tokenizer from %s (%s): text inputs fall back to byte-level ids", source, err)
+        log("could not load a tokenizer from %s (%s): text inputs fall back to byte-level ids", source, err)
         return None
     try:
         empty = len(tokenizer) == 0 or not tokenizer("a b c")["input_ids"]
     except Exception:  # noqa: BLE001
         empty = True
     if empty:
-        logger.warning("the tokenizer in %s is empty: text inputs fall back to byte-level ids", source)
+        log("the tokenizer in %s is empty: text inputs fall back to byte-level ids", source)
         return None
     return tokenizer
 
@@ -207,14 +307,28 @@ def _load_dataset(name: str, split: str):
 
     datasets = import_optional("datasets", extra="datasets", feature="hf-koopman profile --dataset")
 
-    if Path(name).is_dir():
-        loaded = datasets.load_from_disk(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if Path(name).is_file():
-        suffix = Path(name).suffix.lstrip(".")
+    if path.is_file():
+        suffix = path.suffix.lstrip(".")
         builder = {"txt": "text", "jsonl": "json"}.get(suffix, suffix)
-        return datasets.load_dataset(builder, data_files=name, split="train")
-    return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if _looks_like_path(name):
+        raise ValueError(f"--dataset {name}: no such file or folder; check the path.")
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets wraps offline / network failures in several types (ConnectionError, ...)
+        offline = _offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if not (_is_connection_error(err) or (offline and isinstance(err, OSError))):
+            raise
+        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else f"the Hub could not be reached ({err})"
+        raise ValueError(
+            f"--dataset {name!r} is a dataset name, which needs the Hub, and {why}. Use local data instead: a file "
+            "(--dataset path/to/file.txt, .jsonl, .csv or .parquet, or --text-file path/to/file.txt) or a local "
+            "dataset folder written by dataset.save_to_disk(folder)."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- profile
@@ -232,7 +346,9 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
-    parser.add_argument("--num-layers", type=int, help="with --init: override num_hidden_layers (quick look at big models)")
+    parser.add_argument("--num-layers", type=int,
+                        help="with --init: blocks per stack, i.e. num_hidden_layers and, for encoder-decoders, the "
+                             "decoder depth too (quick look at big models)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype (default: float32)")
     parser.add_argument("--device", default="cpu",
                         help="torch device of the forward and the analysis, e.g. cuda or cuda:1 (default: cpu)")
@@ -292,14 +408,36 @@ def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any
     """`(model, tokenizer, display name, inputs)` from MODEL, --text-file / --dataset (None: synthetic probe)."""
     model, tokenizer, name = load_model(
         args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed,
-        device=args.device,
+        device=args.device, text_inputs=args.text_file is not None or args.dataset is not None,
     )
     inputs: Any = None
     if args.text_file is not None:
         inputs = _read_text_chunks(args.text_file, args.max_length)
     elif args.dataset is not None:
         inputs = _load_dataset(args.dataset, args.split)
+    else:
+        _check_default_probe(model)
     return model, tokenizer, name, inputs
+
+
+def _check_default_probe(model: Any) -> None:
+    """Fail before profiling, in CLI terms, when no synthetic probe exists for `model` and no input flag was given."""
+    from hf_koopman.profiling import default_probe_inputs
+
+    try:
+        default_probe_inputs(model, num_tokens=2)  # a tiny batch: this only asks whether a probe can be built
+    except ValueError as err:
+        reason = str(err).split(" Pass inputs", 1)[0].rstrip(".")  # drop the Python-API advice of the library
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        takes = getattr(model, "main_input_name", None)
+        if takes in ("input_ids", "pixel_values"):
+            fix = ("pass inputs with --text-file path/to/file.txt or --dataset (a data file, or a save_to_disk folder "
+                   "with text, input_ids or pixel_values columns)")
+        else:
+            fix = (f"--text-file and --dataset supply text, input_ids or pixel_values, and this model takes {takes!r}: "
+                   "profile it from Python with hf_koopman.profile(model, inputs) and a batch of its own inputs")
+        raise ValueError(f"{reason}, so {model_type!r} models have no default probe input; {fix}.") from None
+
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
@@ -346,7 +484,7 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
     if args.num_layers is not None:
         if weights is not None:
             raise ValueError("--num-layers only applies to --init models.")
-        config.num_hidden_layers = args.num_layers
+        _set_num_layers(config, args.num_layers)
     if args.dataset is not None:
         raise ValueError("--stream takes --text-file or the default probe, not --dataset.")
     inputs = None
@@ -428,6 +566,26 @@ def _parse_context(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _warn_unread_context(context: dict[str, Any], estimator: Any) -> None:
+    """Warn about --context keys the estimator never reads (the library ignores them silently).
+
+    An estimator reads its feature keys (`required_keys`) and the inputs whose training range it checks
+    (`training_ranges["inputs"]`, e.g. model_type).
+    """
+    from hf_koopman.risk import RiskEstimator
+
+    est = estimator if estimator is not None else RiskEstimator.default()
+    read = set(est.required_keys) | set(est.training_ranges.get("inputs", {}))
+    unread = [key for key in context if key not in read]
+    if unread:
+        which = "--estimator" if estimator is not None else "the shipped risk estimator"
+        logger.warning(
+            "--context %s: ignored, %s does not read %s; the keys it reads are: %s. Drop %s, or pass an --estimator "
+            "fitted with %s.", ", ".join(unread), which, "it" if len(unread) == 1 else "them", ", ".join(sorted(read)),
+            "it" if len(unread) == 1 else "them", "it" if len(unread) == 1 else "them",
+        )
+
+
 def _run_max_lr(args: argparse.Namespace) -> int:
     from hf_koopman.max_lr import suggest_max_lr
 
@@ -442,6 +600,8 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         from hf_koopman.risk import RiskEstimator
 
         estimator = RiskEstimator.from_json(args.estimator)  # a bad file fails before the model is built
+    if context:
+        _warn_unread_context(context, estimator)
     model, tokenizer, name, inputs = _load_model_and_inputs(args)
     suggestion = suggest_max_lr(
         model, inputs, risk=args.risk, estimator=estimator, level=args.level, context=context,

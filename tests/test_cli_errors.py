@@ -1,0 +1,212 @@
+"""`hf-koopman` CLI: bad or surprising input gets a clear message (what is wrong and the fix), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from hf_koopman.cli import load_model, main
+from hf_koopman.testing_utils import tiny_config
+
+FAST = ["--num-samples", "32", "--rank", "4", "--no-plots", "--no-progress"]
+
+
+@pytest.fixture()
+def tiny_llama_json(tmp_path):
+    path = tmp_path / "tiny-llama.json"
+    tiny_config("llama", num_hidden_layers=2).to_json_file(path)
+    return path
+
+
+@pytest.fixture()
+def saved_model_dir(tmp_path):
+    """A save_pretrained folder of a tiny GPT-2 without tokenizer files (like a Trainer output_dir)."""
+    from transformers import AutoModel
+
+    folder = tmp_path / "saved"
+    AutoModel.from_config(tiny_config("gpt2", num_hidden_layers=2)).save_pretrained(folder)
+    return folder
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("The residual stream carries token states from block to block. " * 40)
+    return path
+
+
+# ------------------------------------------------------------------------------------- 1. --num-layers per stack
+def test_num_layers_sets_the_depth_of_both_t5_stacks(tmp_path, capsys):
+    out = tmp_path / "t5"
+    assert main(["profile", "t5-small", "--init", "--num-layers", "2", *FAST, "--out", str(out)]) == 0
+    data = json.loads((out / "profile.json").read_text())
+    assert len(data["layers"]) == 4  # 2 encoder + 2 decoder blocks, not 2 + the default 6 decoder blocks
+    assert data["model_name"] == "t5-small (init) [2 layers per stack]"
+    assert "4 layers" in capsys.readouterr().out
+
+
+def test_num_layers_sets_encoder_and_decoder_layers_of_bart_like_configs(tmp_path):
+    path = tmp_path / "tiny-bart.json"
+    tiny_config("bart", num_hidden_layers=3).to_json_file(path)
+    model, _, name = load_model(str(path), init=True, num_layers=1)
+    assert (model.config.encoder_layers, model.config.decoder_layers) == (1, 1)
+    assert len(model.encoder.layers) == 1 and len(model.decoder.layers) == 1
+    assert name.endswith("[1 layers per stack]")
+
+
+def test_num_layers_must_be_positive(tiny_llama_json, tmp_path, capsys):
+    assert main(["profile", str(tiny_llama_json), "--init", "--num-layers", "0", *FAST, "--out", str(tmp_path)]) == 2
+    assert "--num-layers must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- 2. config but no weights
+def test_folder_with_config_and_no_weights_names_the_fix(tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    tiny_config("gpt2", num_hidden_layers=2).save_pretrained(folder)
+    assert main(["profile", str(folder), *FAST, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "config.json but no weights" in err
+    assert "--init" in err and "model.safetensors" in err and "Traceback" not in err
+    assert main(["profile", str(folder), "--init", *FAST, "--out", str(tmp_path / "out")]) == 0  # the fix works
+
+
+# ------------------------------------------------------------------------------------- 3. --dataset NAME offline
+def test_dataset_name_offline_says_it_needs_the_hub(tiny_llama_json, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    if not datasets.config.HF_HUB_OFFLINE:
+        pytest.skip("datasets was imported online; this test must not reach the network")
+    code = main(["profile", str(tiny_llama_json), "--init", "--dataset", "wikitext", *FAST, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "'wikitext' is a dataset name, which needs the Hub" in err and "offline" in err
+    assert "--text-file" in err and "path/to/file.txt" in err and "save_to_disk" in err
+
+
+def test_dataset_name_without_network_says_it_needs_the_hub(tiny_llama_json, tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (ConnectError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    code = main(["profile", str(tiny_llama_json), "--init", "--dataset", "wikitext", *FAST, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs the Hub, and the Hub could not be reached" in err and "--text-file" in err
+
+
+def test_missing_dataset_path_is_named(tiny_llama_json, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    missing = tmp_path / "data" / "train.txt"
+    assert main(["profile", str(tiny_llama_json), "--init", "--dataset", str(missing), *FAST, "--out",
+                 str(tmp_path / "out")]) == 2
+    assert f"--dataset {missing}: no such file or folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- 4. a path that does not exist
+@pytest.mark.parametrize("spec", ["./does/not/exist", "../nope", "~/no-such-model-xyz", "a/b/c", "missing.json"])
+def test_missing_path_says_it_does_not_exist(spec, tmp_path, capsys):
+    assert main(["profile", spec, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}: no such file or folder" in err and "embedded architecture" not in err.split(".")[0]
+
+
+def test_typo_below_an_existing_folder_is_a_missing_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "checkpoints/my-modle", "--out", str(tmp_path / "out")]) == 2
+    assert "checkpoints/my-modle: no such file or folder" in capsys.readouterr().err
+
+
+def test_hub_id_is_not_mistaken_for_a_path(tmp_path, capsys):
+    # owner/name is a Hub id: offline, the message says the Hub is offline, not that a path is missing
+    assert main(["profile", "some-owner/some-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Hub is offline" in err and "no such file" not in err
+
+
+# ------------------------------------------------------------------------------------- 5. no network, not offline
+def test_connection_failure_hints_at_init(tmp_path, monkeypatch, capsys):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from transformers import AutoConfig
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        try:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+        except LocalEntryNotFoundError as err:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.") from err
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
+    assert main(["profile", "gpt2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "could not reach the Hub to load 'gpt2'" in err and "couldn't connect" in err
+    assert "'gpt2' is an embedded architecture: pass --init" in err and "HF_HUB_OFFLINE=1" in err
+    assert main(["profile", "some-owner/some-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --init with an embedded architecture (" in err and "gpt2" in err
+
+
+# ------------------------------------------------------------------------------------- 6. --context keys not read
+def test_max_lr_warns_about_context_keys_the_estimator_does_not_read(tiny_llama_json, tmp_path, caplog):
+    from hf_koopman.risk import FeatureSpec, RiskEstimator
+
+    estimator = RiskEstimator(
+        [FeatureSpec("learning_rate", "log10", mean=-3.0, std=0.5, low=-5.0, high=-1.0),
+         FeatureSpec("near_unit_mass_mean", mean=0.5, std=0.25, low=0.0, high=1.0)],
+        coef=[2.0, 1.0], intercept=-1.0, training_ranges={"inputs": {"model_type": {"values": ["llama"]}}},
+    ).save_json(tmp_path / "est.json")
+    args = ["max-lr", str(tiny_llama_json), "--init", "--estimator", str(estimator), "--num-samples", "32",
+            "--no-progress", "--context", "norm=pre_ln", "--context", "model_type=llama"]
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        assert main(args) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--context" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("--context norm: ignored, --estimator does not read it")
+    assert "the keys it reads are: learning_rate, model_type, near_unit_mass_mean" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        assert main(args[:-4]) == 0  # no --context, or only keys it reads: no warning
+    assert "--context" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------- 7. config.json only
+def test_config_file_warns_and_is_named_after_its_folder(tmp_path, caplog):
+    folder = tmp_path / "my-model"
+    tiny_config("llama", num_hidden_layers=2).save_pretrained(folder)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="hf_koopman"):
+        assert main(["profile", str(folder / "config.json"), *FAST, "--out", str(out)]) == 0
+    notices = [r for r in caplog.records if "config.json only" in r.getMessage()]
+    assert len(notices) == 1 and notices[0].levelno == logging.WARNING
+    assert "profiling the architecture at random initialisation (no weights)" in notices[0].getMessage()
+    assert json.loads((out / "profile.json").read_text())["model_name"] == "my-model (init)"
+
+
+# ------------------------------------------------------------------------------------- 8. tokenizer warning
+def test_no_tokenizer_warning_without_text_input(saved_model_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        assert main(["profile", str(saved_model_dir), *FAST, "--out", str(tmp_path / "probe")]) == 0
+    assert "no tokenizer files" not in caplog.text  # the synthetic probe needs no tokenizer
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        assert main(["profile", str(saved_model_dir), "--text-file", str(_text_file(tmp_path)), *FAST,
+                     "--max-length", "32", "--batch-size", "2", "--out", str(tmp_path / "text")]) == 0
+    assert "no tokenizer files" in caplog.text and "byte-level" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- 9. no default probe
+def test_model_without_default_probe_gets_cli_advice(tmp_path, capsys):
+    from hf_koopman.models.reynet.configuration_reynet import ReyNetConfig
+
+    path = tmp_path / "reynet.json"
+    ReyNetConfig().to_json_file(path)
+    assert main(["profile", str(path), "--init", *FAST, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'reynet' models have no default probe input" in err and "no integer vocab_size" in err
+    assert "hf_koopman.profile(model, inputs)" in err and "--text-file" in err
+    assert "Pass inputs to profile(model, inputs)" not in err and "Traceback" not in err
