@@ -130,3 +130,12 @@ def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
     monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: FakeEstimator()))
     assert tiny_profile.risk_probability(learning_rate=1e-3) == 0.25 and calls["lr"] == 1e-3
     assert "25.0%** — ranges unknown for: model_type" in tiny_profile.to_markdown()  # the range note follows it
+
+
+def test_an_uninformative_rank_r_profile_names_the_truncation():
+    prof = hf_koopman.profile(tiny_model("llama"), rank=2, num_samples=512, progress=False)
+    assert prof.verdict == "uninformative"
+    assert "with rank=2 the linear fit covers 2 of 32 directions" in prof.verdict_reason
+    assert "profile the full spectrum (rank=None)" in prof.verdict_reason
+    full = hf_koopman.profile(tiny_model("llama"), num_samples=512, progress=False)
+    assert "truncation" not in full.verdict_reason
