@@ -139,3 +139,15 @@ def test_an_uninformative_rank_r_profile_names_the_truncation():
     assert "profile the full spectrum (rank=None)" in prof.verdict_reason
     full = hf_koopman.profile(tiny_model("llama"), num_samples=512, progress=False)
     assert "truncation" not in full.verdict_reason
+
+
+def test_the_report_accounts_for_every_mode():
+    import re
+
+    from hf_koopman.profiling.report import render_report
+
+    text = render_report(profile(tiny_model("llama"), num_samples=512, progress=False))
+    sentence = next(line for line in text.splitlines() if "of the modes of the whitened block map" in line)
+    shares = [int(v) for v in re.findall(r"(\d+)% (?:of the modes|expand|contract|lie in between)", sentence)]
+    assert len(shares) == 4 and abs(sum(shares) - 100) <= 2  # near-unit, expanding, contracting, mid band (rounded)
+    assert "| M≈1 | M>1 | M<0.8 | mid |" in text and "four columns sum to 1" in text
