@@ -323,7 +323,8 @@ def _load_dataset(name: str, split: str):
         offline = _offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
         if not (_is_connection_error(err) or (offline and isinstance(err, OSError))):
             raise
-        why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else f"the Hub could not be reached ({err})"
+        why = ("the Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline
+               else f"the Hub could not be reached ({err})")
         raise ValueError(
             f"--dataset {name!r} is a dataset name, which needs the Hub, and {why}. Use local data instead: a file "
             "(--dataset path/to/file.txt, .jsonl, .csv or .parquet, or --text-file path/to/file.txt) or a local "

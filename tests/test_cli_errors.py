@@ -87,6 +87,7 @@ def test_dataset_name_without_network_says_it_needs_the_hub(tiny_llama_json, tmp
     datasets = pytest.importorskip("datasets")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
 
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'wikitext' on the Hub (ConnectError)")
@@ -134,6 +135,7 @@ def test_connection_failure_hints_at_init(tmp_path, monkeypatch, capsys):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
 
     def unreachable(*args, **kwargs):
         try:
