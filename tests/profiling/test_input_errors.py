@@ -156,6 +156,12 @@ def test_save_to_an_existing_file_says_save_takes_a_folder(tiny_profile, tmp_pat
     assert notes.read_text() == "keep me"
 
 
+def test_save_to_a_json_file_name_says_save_takes_a_folder(tiny_profile, tmp_path):
+    with pytest.raises(ValueError, match=r"names a JSON file; pass its folder"):
+        tiny_profile.save(tmp_path / "profile.json", plots=False)
+    assert not (tmp_path / "profile.json").exists()  # no folder named profile.json was made
+
+
 # 8. the caller's tokenizer is left as it was
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_text_inputs_leave_the_tokenizer_unchanged_and_pad_with_eos(side):
