@@ -525,7 +525,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             assessment = spectral_profile.risk_assessment()
             if assessment is not None:  # the calibrated probability, with its range caveat in the same line
                 log = logger.warning if assessment.out_of_range else logger.info
-                log("RKSP calibrated risk: %s", assessment.describe())
+                # the verdict reads the spectrum alone; this number is for the run's learning rate
+                log("RKSP calibrated risk at this learning rate (the verdict above reads the spectrum alone): %s",
+                    assessment.describe())
             if self.auto_kss and self.init_verdict == "high risk":
                 # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
                 # divergence, so auto_kss leaves it off and says so
