@@ -111,13 +111,29 @@ def _batch_from_mapping(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _takes_keywords(model: Any, name: str) -> bool:
+    """Whether `model.forward` takes `name` by keyword: a parameter of that name or `**kwargs`."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return True  # unknown: the keyword call of a PreTrainedModel
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
     """Batch dict of a bare tensor: token ids for integer tensors, the model's main input for floating ones; a model
-    that is not a `PreTrainedModel` (no `main_input_name`) gets the tensor positionally."""
+    that is not a `PreTrainedModel` (no `main_input_name`) and takes no such keyword gets the tensor positionally."""
     from hf_koopman.profiling.probes import _main_input_name
 
     if not isinstance(getattr(model, "main_input_name", None), str):
-        return {POSITIONAL_INPUT: inputs}
+        # the keywords a wrapper of a PreTrainedModel passes on; a forward taking neither gets the tensor positionally
+        key = "pixel_values" if inputs.is_floating_point() else "input_ids"
+        if not _takes_keywords(model, key):  # e.g. forward(self, x): a plain nn.Module
+            return {POSITIONAL_INPUT: inputs}
+        if inputs.is_floating_point():
+            return {key: inputs}
     if inputs.is_floating_point():
         return {_main_input_name(model): inputs}
     return _batch_from_mapping({"input_ids": inputs})
@@ -199,12 +215,15 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 def _embedding_rows(model: torch.nn.Module) -> int | None:
-    """Rows of the model's input embedding (can exceed `config.vocab_size` when resized by hand), if it has one."""
+    """Ids the model's input embedding can look up, if it has one: its rows (more than `config.vocab_size` when resized
+    by hand) plus any decoupled extra rows (`num_additional_embeddings`, e.g. IDEFICS)."""
     try:
-        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+        embedding = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    return rows if isinstance(rows, int) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    extra = getattr(embedding, "num_additional_embeddings", 0)
+    return rows + (extra if isinstance(extra, int) else 0) if isinstance(rows, int) else None
 
 
 def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
@@ -226,7 +245,7 @@ def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
     # multimodal models swap placeholder ids (e.g. config.image_token_id) out before the embedding: those are fine
     special = [
         value
-        for key, value in vars(model.config).items()
+        for key, value in getattr(model.config, "__dict__", {}).items()
         if isinstance(value, int) and key.startswith(_PLACEHOLDER_PREFIXES) and key.endswith(_PLACEHOLDER_SUFFIXES)
     ]
     regular = ids[~torch.isin(ids, torch.tensor(special, dtype=ids.dtype, device=ids.device))] if special else ids

@@ -130,6 +130,39 @@ def test_plain_module_gets_the_tensor_positionally():
     assert result.names == ["blocks.0", "blocks.1", "blocks.2"] and result.meta["tokens_seen"] == 32
 
 
+class _KeywordWrapper(nn.Module):
+    """A user's wrapper around a transformers model: keyword inputs passed on, no `main_input_name` of its own."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **batch):
+        return self.inner(**batch)
+
+
+def test_a_keyword_wrapper_gets_the_tensor_by_keyword():
+    wrapper = _KeywordWrapper(tiny_model("llama"))
+    result = profile(wrapper, inputs=torch.randint(0, 100, (2, 16)), num_samples=32, rank=4)
+    assert result.meta["tokens_seen"] == 32
+
+
+class _DecoupledEmbedding(nn.Embedding):
+    """An embedding with extra rows beyond `config.vocab_size` (IDEFICS' `num_additional_embeddings`)."""
+
+    num_additional_embeddings = 2
+
+
+def test_ids_in_a_decoupled_embeddings_extra_rows_are_accepted():
+    model = tiny_model("llama")
+    vocab = model.config.vocab_size
+    model.set_input_embeddings(_DecoupledEmbedding(vocab + 2, model.config.hidden_size))
+    model.get_input_embeddings().num_embeddings = vocab  # as IDEFICS counts it: the extra rows come on top
+    _check_token_ids(torch.tensor([[1, vocab + 1]]), model)  # an extra row: fine
+    with pytest.raises(ValueError, match=f"holds token id {vocab + 2}"):
+        _check_token_ids(torch.tensor([[1, vocab + 2]]), model)
+
+
 # 7. save() / from_json() with folders and files
 @pytest.fixture(scope="module")
 def tiny_profile() -> SpectralProfile:
