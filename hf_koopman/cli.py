@@ -66,14 +66,21 @@ def _config_from_json_file(path: Path):
 def _looks_like_path(spec: str) -> bool:
     """Whether MODEL / --dataset `spec` is written as a filesystem path rather than a name or Hub id.
 
-    `./x`, `../x`, `/x`, `~/x`, `a/b/c` and `*.json` are paths. A single `owner/name` is a Hub id unless its first
-    part is an existing local folder (e.g. a typo in `checkpoints/my-model`).
+    `./x`, `../x`, `/x`, `~/x`, `a/b/c` and `*.json` are paths. `owner/name` is a Hub id even when a local folder
+    `owner` exists (downloads often land in `org/model` folders); `_local_miss` adds a hint to the errors then.
     """
     normal = spec.replace(os.altsep, os.sep) if os.altsep else spec
     if normal.startswith(("." + os.sep, ".." + os.sep, os.sep, "~")) or normal.endswith(".json"):
         return True
-    parts = [part for part in normal.split(os.sep) if part]
-    return len(parts) >= 3 or (len(parts) == 2 and Path(parts[0]).is_dir())
+    return len([part for part in normal.split(os.sep) if part]) >= 3
+
+
+def _local_miss(spec: str) -> str:
+    """A sentence for `owner/name` when a local folder `owner` exists but holds no `name` (a typo in a path?)."""
+    parts = [part for part in spec.replace(os.altsep or os.sep, os.sep).split(os.sep) if part]
+    if len(parts) == 2 and Path(parts[0]).is_dir():
+        return f" There is a local folder {parts[0]!r}, but no {spec!r} in it: check the path if you meant a folder."
+    return ""
 
 
 def _is_connection_error(err: BaseException) -> bool:
@@ -106,6 +113,12 @@ def _no_hub_hint(spec: str) -> str:
                 "the Hub, or pass a local folder with pretrained weights")
     return (f"pass --init with an embedded architecture ({', '.join(known_architectures())}) to profile it at random "
             "initialisation without the Hub, or pass a local save_pretrained folder")
+
+
+def _unreachable(what: str, spec: str, err: BaseException) -> str:
+    """The message for a Hub connection failure while loading `what` for MODEL `spec`, with what works offline."""
+    return (f"could not reach the Hub to load {what} ({_first_line(err)}). Without network: {_no_hub_hint(spec)}; set "
+            "HF_HUB_OFFLINE=1 to skip the connection retries.")
 
 
 # weight files of a save_pretrained folder (single file or shards); training_args.bin is not one of them
@@ -167,17 +180,14 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
     if _offline():
         raise ValueError(
             f"{spec!r} is not a local path nor an embedded architecture ({', '.join(known_architectures())}) and the "
-            "Hub is offline (HF_HUB_OFFLINE=1)."
+            f"Hub is offline (HF_HUB_OFFLINE=1).{_local_miss(spec)}"
         )
     try:
         config = AutoConfig.from_pretrained(spec)
     except OSError as err:
         if _is_connection_error(err):
-            raise ValueError(
-                f"could not reach the Hub to load {spec!r} ({_first_line(err)}). Without network: "
-                f"{_no_hub_hint(spec)}; set HF_HUB_OFFLINE=1 to skip the connection retries."
-            ) from None
-        raise ValueError(f"could not load a config for {spec!r} from the Hub: {err}") from err
+            raise ValueError(_unreachable(f"{spec!r}", spec, err) + _local_miss(spec)) from None
+        raise ValueError(f"could not load a config for {spec!r} from the Hub: {err}{_local_miss(spec)}") from err
     return config, (None if init else spec), spec + (" (init)" if init else "")
 
 
@@ -185,6 +195,10 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
 # encoder-decoder (T5: num_layers / num_decoder_layers; BART: encoder_layers / decoder_layers) gets N blocks per stack
 _STACK_DEPTH_KEYS = ("num_hidden_layers", "num_layers", "num_encoder_layers", "num_decoder_layers", "encoder_layers",
                      "decoder_layers")
+
+
+# config attributes with one entry per layer (Qwen2 / Gemma 3 `layer_types`, GPT-Neo `attention_layers`)
+_PER_LAYER_KEYS = ("layer_types", "attention_layers")
 
 
 def _set_num_layers(config: Any, num_layers: int) -> None:
@@ -195,6 +209,10 @@ def _set_num_layers(config: Any, num_layers: int) -> None:
     for key in _STACK_DEPTH_KEYS:
         if isinstance(getattr(config, key, None), int):
             setattr(config, key, num_layers)
+    for key in _PER_LAYER_KEYS:  # one entry per layer: cut, or repeat the config's own pattern, to the new depth
+        pattern = getattr(config, key, None)
+        if isinstance(pattern, list) and pattern and len(pattern) != num_layers:
+            setattr(config, key, [pattern[i % len(pattern)] for i in range(num_layers)])
 
 
 def load_model(
@@ -231,10 +249,7 @@ def load_model(
         except OSError as err:  # a Hub id whose config is cached but whose weights cannot be downloaded
             if not _is_connection_error(err):
                 raise ValueError(f"could not load the weights of {weights}: {err}") from err
-            raise ValueError(
-                f"could not reach the Hub to load the weights of {weights!r} ({_first_line(err)}). Without network: "
-                f"{_no_hub_hint(spec)}; set HF_HUB_OFFLINE=1 to skip the connection retries."
-            ) from None
+            raise ValueError(_unreachable(f"the weights of {weights!r}", spec, err)) from None
     model = model.to(device)
     tokenizer = None
     local = Path(spec).expanduser()
@@ -328,7 +343,7 @@ def _load_dataset(name: str, split: str):
         raise ValueError(
             f"--dataset {name!r} is a dataset name, which needs the Hub, and {why}. Use local data instead: a file "
             "(--dataset path/to/file.txt, .jsonl, .csv or .parquet, or --text-file path/to/file.txt) or a local "
-            "dataset folder written by dataset.save_to_disk(folder)."
+            f"dataset folder written by dataset.save_to_disk(folder).{_local_miss(name)}"
         ) from None
 
 

@@ -114,11 +114,15 @@ def test_missing_path_says_it_does_not_exist(spec, tmp_path, capsys):
     assert f"{spec}: no such file or folder" in err and "embedded architecture" not in err.split(".")[0]
 
 
-def test_typo_below_an_existing_folder_is_a_missing_path(tmp_path, monkeypatch, capsys):
+def test_typo_below_an_existing_folder_is_named_without_blocking_hub_ids(tmp_path, monkeypatch, capsys):
     (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "meta-llama").mkdir()  # where `huggingface-cli download --local-dir` puts another model
     monkeypatch.chdir(tmp_path)
     assert main(["profile", "checkpoints/my-modle", "--out", str(tmp_path / "out")]) == 2
-    assert "checkpoints/my-modle: no such file or folder" in capsys.readouterr().err
+    assert "There is a local folder 'checkpoints', but no 'checkpoints/my-modle' in it" in capsys.readouterr().err
+    # an embedded architecture under its Hub id still resolves offline although ./meta-llama exists
+    assert main(["profile", "meta-llama/Llama-2-7b-hf", "--init", "--num-layers", "1", "--num-samples", "64",
+                 "--out", str(tmp_path / "out")]) == 0
 
 
 def test_hub_id_is_not_mistaken_for_a_path(tmp_path, capsys):
@@ -212,3 +216,16 @@ def test_model_without_default_probe_gets_cli_advice(tmp_path, capsys):
     assert "'reynet' models have no default probe input" in err and "no integer vocab_size" in err
     assert "hf_koopman.profile(model, inputs)" in err and "--text-file" in err
     assert "Pass inputs to profile(model, inputs)" not in err and "Traceback" not in err
+
+
+def test_num_layers_resizes_per_layer_patterns():
+    from transformers import AutoConfig, AutoModel
+
+    from hf_koopman.cli import _set_num_layers
+
+    config = AutoConfig.for_model("qwen2", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                  num_key_value_heads=2, vocab_size=100, num_hidden_layers=2)
+    _set_num_layers(config, 5)  # deeper than the config: its per-layer list must follow, or the build fails
+    assert len(config.layer_types) == 5 and len(AutoModel.from_config(config).layers) == 5
+    _set_num_layers(config, 1)
+    assert config.layer_types == ["full_attention"]
