@@ -62,8 +62,9 @@ class KSSConfig:
             the KSS gradient over all captured states. Costs no extra pass and works with reentrant checkpointing.
             `"parameters"`: over the trainable parameters, exactly, at the price of one extra partial backward pass on
             KSS micro-batches. At the default schedule with the full spectrum (12-layer d = 256 GPT-2, one CPU
-            thread, `results/bench_kss.md`) a KSS step adds +3.0 % (activations) and +7.8 % (parameters) of step
-            time, single-step estimates; the rounds of the same run measure +3.4 % paired for the default cap.
+            thread, `results/bench_kss.md`) KSS adds +3.0 % (activations) and +7.8 % (parameters) to the average
+            step time (one KSS step in 10; single-step estimates); the rounds of the same run measure +3.4 % paired
+            for the default cap.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
             Master switch. `RKSPCallback(auto_kss=True)` leaves it off at a high-risk verdict (no measured benefit,

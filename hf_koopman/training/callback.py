@@ -6,11 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -104,18 +106,19 @@ def scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> Non
 
 
 def _token_count(batch: dict[str, Any]) -> int | None:
-    """Token states a probe batch carries: the attention mask's ones, or the size of `input_ids`; None if neither."""
+    """Token states a probe batch carries: the ones of a `(B, T)` 0/1 attention mask, or the size of `input_ids`; None
+    when neither says (no ids, or a 4-D / additive mask)."""
     mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return None
     if isinstance(mask, torch.Tensor):
-        return int(mask.sum())
-    if isinstance(ids, torch.Tensor):
-        return ids.numel()
-    return None
+        return int((mask != 0).sum()) if mask.shape == ids.shape and mask.dim() == 2 else None
+    return ids.numel()
 
 
 def _is_int(value: Any) -> bool:
-    """An int, not a bool (`True` is an int to Python, never a count to a user)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python or numpy), not a bool (`True` is an int to Python, never a count to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 class RKSPCallback(TrainerCallback, ExportableState):
@@ -283,13 +286,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.check_every_n_steps = check_every_n_steps
         self.profile_at_init = profile_at_init
         self.probe_inputs = probe_inputs
-        self.probe_batch_size = probe_batch_size
-        self.num_samples = num_samples
-        self.rank = rank
-        self.seed = seed
+        self.probe_batch_size = int(probe_batch_size)
+        self.num_samples = int(num_samples)
+        self.rank = None if rank is None else int(rank)
+        self.seed = int(seed)
         self.layers = layers
         self.every_n_steps = every_n_steps
-        self.monitor_num_samples = monitor_num_samples
+        self.monitor_num_samples = int(monitor_num_samples)
         self.guard = guard
         self.check_activations = check_activations
         self.on_divergence = on_divergence
@@ -443,8 +446,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if available is not None and available < num_samples:
             # said here with the callback's own knobs; profile() would only say "pass more inputs"
             logger.warning(
-                "RKSPCallback: the probe batch holds %d token states, fewer than num_samples=%d; raise probe_batch_size "
-                "(or pass longer probe_inputs) for a stable estimate, or lower num_samples", available, num_samples)
+                "RKSPCallback: the probe batch holds %d token states, fewer than num_samples=%d; raise "
+                "probe_batch_size (or pass longer probe_inputs) for a stable estimate, or lower num_samples",
+                available, num_samples)
             num_samples = max(available, 2)
         was_training = model.training
         model.eval()

@@ -263,6 +263,10 @@ def test_bad_arguments_fail_at_construction_not_at_train_begin(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=f"RKSPCallback: {message}"):
         RKSPCallback(**kwargs)
     RKSPCallback(layers="model.layers", rank=32, num_samples=2, monitor_num_samples=2, probe_batch_size=1)
+    import numpy as np
+
+    callback = RKSPCallback(probe_batch_size=np.int64(4), num_samples=np.int32(256))  # numpy integers are counts too
+    assert (callback.probe_batch_size, callback.num_samples) == (4, 256) and type(callback.num_samples) is int
 
 
 def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_path, caplog):
@@ -275,3 +279,13 @@ def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_pa
     assert f"probe batch holds {tokens} token states, fewer than num_samples=10000" in caplog.text
     assert "raise probe_batch_size" in caplog.text and "pass more inputs" not in caplog.text
     assert callback.profile.settings["num_samples"] == tokens  # profiled on what the batch holds
+
+
+def test_probe_token_count_reads_only_a_2d_mask():
+    ids = torch.ones(2, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert callback_module._token_count({"input_ids": ids}) == 10
+    assert callback_module._token_count({"input_ids": ids, "attention_mask": mask}) == 8
+    # a 4-D or additive mask says nothing countable: no count, so num_samples is left as asked
+    assert callback_module._token_count({"input_ids": ids, "attention_mask": torch.zeros(2, 1, 5, 5)}) is None
+    assert callback_module._token_count({"pixel_values": torch.randn(1, 3, 4, 4)}) is None
