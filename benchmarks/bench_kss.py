@@ -3,8 +3,8 @@
 
 Model: GPT-2 style, 12 layers, d = 256, 8 heads, vocabulary 10,000, sequences of 256 tokens, 8 sequences per step
 (2048 tokens, so the default N = 2048 token states per block are available). KSS defaults throughout: alpha = 0.15,
-the full spectrum (`kss_rank=None`), every 10 steps, 50 % of the layers, gradient cap `kss_max_grad_ratio = 0.5`. Both arms start from the same
-weights. Each step is `Trainer.training_step` (forward, loss, backward) + `optimizer.step()` + `zero_grad()`, timed
+the full spectrum (`kss_rank=None`), every 10 steps, 50 % of the layers, gradient cap `kss_max_grad_ratio = 0.5`.
+Both arms start from the same weights. Each step is `Trainer.training_step` (forward, loss, backward) + `optimizer.step()` + `zero_grad()`, timed
 with a device sync, on two clocks: wall (`time.perf_counter`) and CPU time of this process (`time.process_time`,
 less sensitive to other jobs on a shared machine; on a GPU only wall time is meaningful).
 

@@ -40,6 +40,13 @@ def _estimator_available() -> bool:
     return True
 
 
+def _bands(profile: SpectralProfile) -> tuple[str, str, str, str]:
+    """`(lo, hi, contractive_below, tau)` of this profile's settings as text (the paper's defaults when absent)."""
+    lo, hi = profile.settings.get("near_band", (0.90, 1.05))
+    return (f"{lo:.2f}", f"{hi:.2f}", f"{profile.settings.get('contractive_below', 0.80):.2f}",
+            f"{profile.settings.get('residual_tol', 0.1):g}")
+
+
 def _trust_section(profile: SpectralProfile) -> list[str]:
     """Plain-words summary of what the spectrum says and how far the fit behind it can be trusted."""
     feats = profile.features
@@ -54,12 +61,14 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
     unstable = sum(f.unstable_mass for f in feats) / len(feats)
     contractive = sum(f.contractive_mass for f in feats) / len(feats)
     mid = sum(f.mid_mass for f in feats) / len(feats)
+    lo, hi, below, tau = _bands(profile)
     lines = ["## What this spectrum says", ""]
     lines.append(
         f"- Across the {len(feats)} blocks, on average {near:.0%} of the modes of the whitened block map are near-unit "
-        f"(0.90 ≤ |λ| ≤ 1.05: passed on almost unchanged), {unstable:.0%} expand (|λ| > 1.05), {contractive:.0%} "
-        f"contract (|λ| < 0.80) and {mid:.0%} lie in between (0.80 ≤ |λ| < 0.90). Expanding modes are normal for normalised models at initialisation (the paper's Pre-LN "
-        "has 54 %); what the paper links to divergence is a large near-unit share, i.e. little damping."
+        f"({lo} ≤ |λ| ≤ {hi}: passed on almost unchanged), {unstable:.0%} expand (|λ| > {hi}), {contractive:.0%} "
+        f"contract (|λ| < {below}) and {mid:.0%} lie in between ({below} ≤ |λ| < {lo}). Expanding modes are normal "
+        "for normalised models at initialisation (the paper's Pre-LN has 54 %); what the paper links to divergence is "
+        "a large near-unit share, i.e. little damping."
     )
     spectrum = profile.settings.get("spectrum")
     if spectrum and spectrum != "full":
@@ -71,7 +80,7 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
     lines.append(
         f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average; "
         f"{informative} of {len(feats)} blocks are informative (η_nl < {profile.rule.max_nonlinearity:g}, update "
-        f"not ≈ 0); {reliable:.0%} of the modes pass the ResDMD residual test (τ = 0.1). Few reliable modes mean "
+        f"not ≈ 0); {reliable:.0%} of the modes pass the ResDMD residual test (τ = {tau}). Few reliable modes mean "
         "individual eigenvalues are uncertain; the masses average over them."
     )
     if n and d:
@@ -173,10 +182,11 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             )
         lines.append("")
 
+    lo, hi, below, tau = _bands(profile)
     lines += [
         "## Per layer",
         "",
-        "| # | block | M≈1 | M>1 | M<0.8 | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |",
+        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, ((name, f), stack) in enumerate(zip(profile.layers, profile.stacks)):
@@ -197,20 +207,22 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     lines += [
         "## How to read this",
         "",
-        "- M≈1 is the fraction of DMD eigenvalues with 0.90 ≤ |λ| ≤ 1.05 (Definition 1); larger means less damping "
+        f"- M≈1 is the fraction of DMD eigenvalues with {lo} ≤ |λ| ≤ {hi} (Definition 1); larger means less damping "
         "across the block, which the paper links to divergence at high learning rates (Corollary 2).",
         "- M>1 is *not* a divergence score (whitening, local linearisation and non-normal transients break the "
         "link; Pre-LN has M>1 ≈ 0.54 yet never diverged in the paper).",
         "- κ(V) ≫ 1 means a non-normal operator: transient growth is possible even with ρ ≤ 1 (Prop. 3, Theorem 5).",
         "- η_nl is the relative DMD fit error; it grows with depth and scale and flags layers where the linear picture "
         "is unreliable.",
-        "- M<0.8 counts contracting modes (|λ| < 0.80), mid the band 0.80 ≤ |λ| < 0.90; the four columns sum to 1.",
+        f"- M<{below} counts contracting modes (|λ| < {below}), mid the band {below} ≤ |λ| < {lo}; the four "
+        "columns sum to 1.",
         "- Kreiss is the Kreiss constant, a bound on transient growth; it is ∞ whenever ρ > 1 (an expanding mode grows "
         "without bound), which is the common case at initialisation.",
-        "- reliable/modes counts the modes that pass the ResDMD residual test (τ = 0.1); the masses count every mode.",
+        f"- reliable/modes counts the modes that pass the ResDMD residual test (τ = {tau}); the masses count every "
+        "mode.",
         "- The raw M≈1 score was only moderately calibrated in the paper (ECE 0.283), and across architecture "
-        "families on our runs it ranked runs near chance (AUROC 0.53 over 2,704 runs, `results/heldout_risk.md`): it is not a "
-        "probability.",
+        "families on our runs it ranked runs near chance (AUROC 0.53 over 2,704 runs, `results/heldout_risk.md`): it "
+        "is not a probability.",
         "",
     ]
     return "\n".join(lines)

@@ -150,4 +150,9 @@ def test_the_report_accounts_for_every_mode():
     sentence = next(line for line in text.splitlines() if "of the modes of the whitened block map" in line)
     shares = [int(v) for v in re.findall(r"(\d+)% (?:of the modes|expand|contract|lie in between)", sentence)]
     assert len(shares) == 4 and abs(sum(shares) - 100) <= 2  # near-unit, expanding, contracting, mid band (rounded)
-    assert "| M≈1 | M>1 | M<0.8 | mid |" in text and "four columns sum to 1" in text
+    assert "| M≈1 | M>1 | M<0.80 | mid |" in text and "four columns sum to 1" in text
+    # the bands the profile was run with, not the paper's defaults
+    custom = render_report(profile(tiny_model("llama"), num_samples=512, progress=False, near_band=(0.95, 1.02),
+                                   contractive_below=0.5, residual_tol=0.3))
+    assert "0.95 ≤ |λ| ≤ 1.02" in custom and "| M<0.50 | mid |" in custom and "(τ = 0.3)" in custom
+    assert "0.90 ≤" not in custom and "τ = 0.1" not in custom
