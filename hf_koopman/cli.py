@@ -308,10 +308,9 @@ def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
 def _read_text_chunks(path: Path, max_length: int) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--text-file {path} does not exist.")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    width = 4 * max_length  # ~4 characters per token: each chunk fills about one sequence
-    chunks = [text[i : i + width] for i in range(0, len(text), width)]
-    chunks = [c for c in chunks if c.strip()]
+    from hf_koopman.profiling.inputs import split_text
+
+    chunks = split_text(path.read_text(encoding="utf-8", errors="replace"), max_length)
     if not chunks:
         raise ValueError(f"--text-file {path} is empty.")
     return chunks

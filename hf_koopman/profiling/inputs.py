@@ -11,7 +11,7 @@ import torch
 from hf_koopman.logging_utils import get_logger
 
 
-__all__ = ["POSITIONAL_INPUT", "iter_batches", "prepare_batch", "byte_tokenize"]
+__all__ = ["POSITIONAL_INPUT", "iter_batches", "prepare_batch", "byte_tokenize", "split_text"]
 
 logger = get_logger(__name__)
 
@@ -41,6 +41,13 @@ def byte_tokenize(texts: list[str], vocab_size: int, max_length: int) -> dict[st
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def split_text(text: str, max_length: int, chars_per_token: int = 4) -> list[str]:
+    """A long text as pieces of about one sequence each (`max_length` tokens at `chars_per_token` characters per
+    token), so that a document fills several rows instead of being truncated to one; blank pieces are dropped."""
+    width = max(1, chars_per_token * max_length)
+    return [piece for piece in (text[i : i + width] for i in range(0, len(text), width)) if piece.strip()]
 
 
 def _tokenize(texts: list[str], tokenizer: Any, model: Any, max_length: int, first: bool = True) -> dict[str, torch.Tensor]:
@@ -181,8 +188,8 @@ def iter_batches(
     if isinstance(inputs, torch.Tensor):
         yield _batch_from_tensor(inputs, model)
         return
-    if isinstance(inputs, str):
-        inputs = [inputs]
+    if isinstance(inputs, str):  # one document: about one sequence per piece (a byte-level id per character)
+        inputs = split_text(inputs, max_length, 4 if tokenizer is not None else 1) or [inputs]
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs):
         for start in range(0, len(inputs), batch_size):
             yield _tokenize(list(inputs[start : start + batch_size]), tokenizer, model, max_length, start == 0)

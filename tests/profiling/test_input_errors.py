@@ -209,3 +209,12 @@ def test_text_inputs_leave_the_tokenizer_unchanged_and_pad_with_eos(side):
     assert torch.equal(batch["attention_mask"], expected["attention_mask"])
     result = profile(tiny_model("llama"), TEXTS, tokenizer=tokenizer, num_samples=64, rank=4)
     assert result.meta["tokens_seen"] == 12 and tokenizer.pad_token is None
+
+
+def test_one_long_text_fills_several_sequences_instead_of_one():
+    result = profile(tiny_model("llama"), inputs="the quick brown fox. " * 200, max_length=32, num_samples=128, rank=4)
+    assert result.meta["tokens_seen"] >= 128  # truncated to one sequence it would be 32 tokens
+    from hf_koopman.profiling.inputs import split_text
+
+    assert split_text("ab" * 10, max_length=2) == ["abababab"] * 2 + ["abab"]
+    assert split_text("   ", max_length=2) == []
