@@ -72,12 +72,17 @@ def _looks_like_path(spec: str) -> bool:
     normal = spec.replace(os.altsep, os.sep) if os.altsep else spec
     if normal.startswith(("." + os.sep, ".." + os.sep, os.sep, "~")) or normal.endswith(".json"):
         return True
-    return len([part for part in normal.split(os.sep) if part]) >= 3
+    return len(_path_parts(spec)) >= 3
+
+
+def _path_parts(spec: str) -> list[str]:
+    """The non-empty `/`-separated parts of `spec` (either separator on Windows)."""
+    return [part for part in spec.replace(os.altsep or os.sep, os.sep).split(os.sep) if part]
 
 
 def _local_miss(spec: str) -> str:
     """A sentence for `owner/name` when a local folder `owner` exists but holds no `name` (a typo in a path?)."""
-    parts = [part for part in spec.replace(os.altsep or os.sep, os.sep).split(os.sep) if part]
+    parts = _path_parts(spec)
     if len(parts) == 2 and Path(parts[0]).is_dir():
         return f" There is a local folder {parts[0]!r}, but no {spec!r} in it: check the path if you meant a folder."
     return ""
@@ -438,11 +443,12 @@ def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any
 def _check_default_probe(model: Any) -> None:
     """Fail before profiling, in CLI terms, when no synthetic probe exists for `model` and no input flag was given."""
     from hf_koopman.profiling import default_probe_inputs
+    from hf_koopman.profiling.probes import NoDefaultProbeError
 
     try:
         default_probe_inputs(model, num_tokens=2)  # a tiny batch: this only asks whether a probe can be built
-    except ValueError as err:
-        reason = str(err).split(" Pass inputs", 1)[0].rstrip(".")  # drop the Python-API advice of the library
+    except NoDefaultProbeError as err:
+        reason = err.reason  # without the library's Python-API advice
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         takes = getattr(model, "main_input_name", None)
         if takes in ("input_ids", "pixel_values"):
@@ -594,10 +600,10 @@ def _warn_unread_context(context: dict[str, Any], estimator: Any) -> None:
     unread = [key for key in context if key not in read]
     if unread:
         which = "--estimator" if estimator is not None else "the shipped risk estimator"
+        them = "it" if len(unread) == 1 else "them"
         logger.warning(
             "--context %s: ignored, %s does not read %s; the keys it reads are: %s. Drop %s, or pass an --estimator "
-            "fitted with %s.", ", ".join(unread), which, "it" if len(unread) == 1 else "them", ", ".join(sorted(read)),
-            "it" if len(unread) == 1 else "them", "it" if len(unread) == 1 else "them",
+            "fitted with %s.", ", ".join(unread), which, them, ", ".join(sorted(read)), them, them,
         )
 
 

@@ -908,6 +908,7 @@ class DecisionRule:
         hidden_size: int | None = None,
         informative: int | None = None,
         total: int | None = None,
+        rank: int | None = None,
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
@@ -918,6 +919,8 @@ class DecisionRule:
             hidden_size (`int`, *optional*): d, the width of the fit.
             informative (`int`, *optional*): number of informative layers of the profile.
             total (`int`, *optional*): number of layers of the profile.
+            rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum); a rank-r fit explains at most
+                r of d directions of the update, so its high η_nl is the truncation's, and the reason says so.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences.
@@ -938,6 +941,8 @@ class DecisionRule:
                 f"{count}the others either barely change their input (block output ≈ input, e.g. zero-initialised "
                 f"residual branches) or are not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}), so the "
                 "spectrum says little about stability at this point; profile again after a few training steps"
+                + ("" if rank is None else f"; with rank={rank} the linear fit covers {rank} of {hidden_size} "
+                   "directions, so a high η_nl comes from the truncation: profile the full spectrum (rank=None)")
             )
         kappa_big = self.kappa_large is not None and kappa_median is not None and (
             not math.isfinite(kappa_median) or kappa_median > self.kappa_large)

@@ -118,17 +118,6 @@ def _batch_from_mapping(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _takes_keywords(model: Any, name: str) -> bool:
-    """Whether `model.forward` takes `name` by keyword: a parameter of that name or `**kwargs`."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError, AttributeError):
-        return True  # unknown: the keyword call of a PreTrainedModel
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
     """Batch dict of a bare tensor: token ids for integer tensors, the model's main input for floating ones; a model
     that is not a `PreTrainedModel` (no `main_input_name`) and takes no such keyword gets the tensor positionally."""
@@ -137,7 +126,7 @@ def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
     if not isinstance(getattr(model, "main_input_name", None), str):
         # the keywords a wrapper of a PreTrainedModel passes on; a forward taking neither gets the tensor positionally
         key = "pixel_values" if inputs.is_floating_point() else "input_ids"
-        if not _takes_keywords(model, key):  # e.g. forward(self, x): a plain nn.Module
+        if not _accepts(model, key, via_kwargs=True):  # e.g. forward(self, x): a plain nn.Module
             return {POSITIONAL_INPUT: inputs}
         if inputs.is_floating_point():
             return {key: inputs}
@@ -212,13 +201,16 @@ def iter_batches(
     )
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
+def _accepts(model: torch.nn.Module, name: str, *, via_kwargs: bool = False) -> bool:
+    """Whether `model.forward` takes the keyword `name`: a parameter of that name, or with `via_kwargs` also
+    `**kwargs`. An unreadable signature counts as `via_kwargs` (the keyword call of a `PreTrainedModel`)."""
     import inspect
 
     try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return via_kwargs
+    return any(p.name == name or (via_kwargs and p.kind is inspect.Parameter.VAR_KEYWORD) for p in params)
 
 
 def _embedding_rows(model: torch.nn.Module) -> int | None:

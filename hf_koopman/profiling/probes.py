@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 
-__all__ = ["default_probe_inputs", "synthetic_token_sequences"]
+__all__ = ["NoDefaultProbeError", "default_probe_inputs", "synthetic_token_sequences"]
+
+
+class NoDefaultProbeError(ValueError):
+    """No synthetic probe exists for this model; `reason` says why, and the message adds the Python-API fix."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}. Pass inputs to profile(model, inputs) explicitly.")
 
 _PAPER_SEQ_LEN = 256
 _RESERVED_IDS = 10
@@ -193,9 +201,8 @@ def default_probe_inputs(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = _get(text, "vocab_size")
     if not isinstance(vocab, int):
-        raise ValueError(
-            f"cannot build default probe tokens for {type(config).__name__}: it has no integer vocab_size. Pass inputs "
-            "to profile(model, inputs) explicitly."
+        raise NoDefaultProbeError(
+            f"cannot build default probe tokens for {type(config).__name__}: it has no integer vocab_size"
         )
     max_len = _get(text, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", default=None)
     length = seq_len or _PAPER_SEQ_LEN

@@ -127,16 +127,11 @@ class SpectralProfile:
         return float(np.median(values)) if values else None
 
     def _decision(self) -> tuple[str, str]:
-        verdict, reason = self.rule.decide(
+        return self.rule.decide(
             self.score, self.kappa_median, num_samples=self.settings.get("num_samples"),
             hidden_size=self.settings.get("hidden_size"), informative=len(self._informative()), total=len(self.layers),
+            rank=self.settings.get("rank"),
         )
-        rank = self.settings.get("rank")
-        if verdict == "uninformative" and rank is not None and "η_nl" in reason:
-            # a rank-r fit explains at most r of d directions of the update, so a high η_nl is the truncation's
-            reason += (f"; with rank={rank} the linear fit covers {rank} of {self.settings.get('hidden_size')} "
-                       "directions, so a high η_nl comes from the truncation: profile the full spectrum (rank=None)")
-        return verdict, reason
 
     @property
     def verdict(self) -> str:
