@@ -18,8 +18,10 @@ Measured side by side in one run (issue #19, item 3):
     OMP_NUM_THREADS=2 python benchmarks/bench_profile.py --repeats 5 --skip-memory --breakdown --json results/bench_profile.json
 
 3. **Floor** (`--floor LAYERS`): each dense operation of the default analysis timed alone in one thread on real
-   layers' operands (`formulation_floor`); their sum is what this formulation costs without any overhead around the
-   calls, compared with the forward's CPU time.
+   layers' operands (`formulation_floor`); their sum is what this implementation costs without any overhead around
+   the calls, compared with the forward's CPU time.
+4. **One thread** (`--one-thread`): the plain forward and the analysis again with torch limited to one thread,
+   interleaved, CPU time: the ratio without any threading effect on either side.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ class _Clock:
         self.cpu = time.process_time() - self._c
 
 
-def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False, floor_layers: int = 0) -> dict:
+def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False, floor_layers: int = 0,
+             one_thread: bool = False) -> dict:
     from hf_koopman.koopman import whitened_dmd
     from hf_koopman.profiling import ResidualStreamRecorder, profile_from_snapshots
     from hf_koopman.profiling.profiler import _stack_chunk
@@ -182,6 +185,13 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
         "full_layer_mean": _layer_mean(full),
         "rank_layer_mean": _layer_mean(approx),
     }
+    if one_thread:
+        snapshots = rec.snapshots()
+        with torch.no_grad():
+            cpu = _one_thread_interleaved({"plain": lambda: model(**batch),
+                                           "analysis_full": lambda: profile_from_snapshots(snapshots)}, repeats)
+        out["one_thread_cpu_s"] = cpu
+        out["one_thread_full_over_forward_cpu"] = cpu["analysis_full"] / cpu["plain"]
     if floor_layers:
         X, Y = _stack_chunk(rec.snapshots())
         rows = formulation_floor(X, Y, floor_layers, repeats)
@@ -214,20 +224,39 @@ def _one_thread_cpu(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _one_thread_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median process CPU time (s) of each `fns[name]()` with torch limited to one thread, the calls interleaved in
+    every repeat (after one warm-up round), so that load changes hit all of them alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    try:
+        for round_ in range(repeats + 1):
+            for name, fn in fns.items():
+                start = time.process_time()
+                fn()
+                if round_:
+                    times[name].append(time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def formulation_floor(X: torch.Tensor, Y: torch.Tensor, layers: int, repeats: int, eps: float = 1e-5) -> list[dict]:
     r"""Each dense operation of the default full-spectrum analysis, timed alone on real layers' data.
 
-    The list is the `O(N d^2)` and `O(d^3)` work of `whitened_dmd` + `spectral_features` as formulated today (see
-    `hf_koopman/koopman/dmd.py`, `features.py`): per layer two Gram products (the input covariance comes from the
-    previous layer's), the float64 Cholesky factors of $S_{xx} + \epsilon I$ and $S_{xx}$, the operator $I +
-    L^{-1}(S_{dx}S_{xx}^{-1})L$ (a Cholesky solve, a product, a triangular solve), $P = (S_{xx} + \epsilon I)^{-1}$
-    and $P S_{dx}S_{xx}^{-1}$ for the traces of $\eta_{nl}$, `eig` with right eigenvectors, the LU inverse of their
-    real form (left eigenvectors), the two norm estimates of kappa(V), and the ResDMD quadratic forms (a triangular
-    solve and two products). Each call runs in one thread on the `(N, d)` / `(d, d)` float32 operands of a real
-    layer (float64 where the code factorises in float64), warm, median of `repeats`; the table keeps the median over
-    `layers` layers. The sum is what this formulation costs with no Python, casts, checks or copies around the calls:
-    the floor of this implementation, not of every implementation. Raises `RuntimeError` if a timed layer's operator
-    does not have `whitened_dmd`'s eigenvalues (moduli within 1e-3 of the spectral radius).
+    The list is the `O(N d^2)` and `O(d^3)` work of `whitened_dmd` + `spectral_features` as implemented today (see
+    `hf_koopman/koopman/dmd.py`): per layer the Gram products $D^\top X$ and $D^\top D$ (the latter from the blocks of
+    its upper triangle, `_symmetric_gram`; the input covariance comes from the previous layer's), the float64
+    Cholesky factors $L$ of $S_{xx} + \epsilon I$ and $R$ of $S_{xx}$, the operator $I + (L^{-1}S_{dx}R^{-\top}R^{-1})L$
+    (three right-sided triangular solves and a product), $P = (S_{xx} + \epsilon I)^{-1}$ for the traces of
+    $\eta_{nl}$, `eig` with right eigenvectors, the LU inverse of their real form (left eigenvectors), the two norm
+    estimates of kappa(V), and the ResDMD quadratic forms (a right-sided triangular solve and a product). Each call
+    runs in one thread on the `(N, d)` / `(d, d)` float32 operands of a real layer (float64 where the code factorises
+    in float64), warm, median of `repeats`; the table keeps the median over `layers` layers. The sum is what this
+    implementation costs with no Python, casts, checks or copies around the calls: the floor of this implementation,
+    not of every implementation. Raises `RuntimeError` if a timed layer's operator does not have `whitened_dmd`'s
+    eigenvalues (moduli within 1e-3 of the spectral radius).
 
     Args:
         X, Y: `(L, N, d)` stacked snapshots as `profile_from_snapshots` stacks them.
@@ -235,9 +264,10 @@ def formulation_floor(X: torch.Tensor, Y: torch.Tensor, layers: int, repeats: in
         one dict per operation: `what`, `calls_per_layer`, `cpu_s_per_layer` (median over the timed layers).
     """
     from hf_koopman.koopman import whitened_dmd
-    from hf_koopman.koopman.dmd import _conjugate_pairs, _norm2, _to_real_form
+    from hf_koopman.koopman.dmd import _conjugate_pairs, _norm2, _symmetric_gram, _to_real_form
 
     f64 = torch.float64
+    solve = torch.linalg.solve_triangular
     d = X.shape[-1]
     eye64 = torch.eye(d, dtype=f64)
     per_layer: dict[str, list[float]] = {}
@@ -248,13 +278,16 @@ def formulation_floor(X: torch.Tensor, Y: torch.Tensor, layers: int, repeats: in
         dc = Y[layer].float() - x
         dc -= dc.mean(0)
         n1 = x.shape[0] - 1
-        sxx, sdx, sdd = xc.mT @ xc / n1, dc.mT @ xc / n1, dc.mT @ dc / n1
+        sxx, sdx, sdd = _symmetric_gram(xc) / n1, dc.mT @ xc / n1, _symmetric_gram(dc) / n1
         s64 = sxx.to(f64)
         chol = torch.linalg.cholesky(s64 + eps * eye64).float()
-        chol0 = torch.linalg.cholesky(s64).float()
-        c_op = torch.cholesky_solve(sdx.mT, chol0).mT
-        op = torch.linalg.solve_triangular(chol, c_op @ chol, upper=False) + torch.eye(d)
-        p = torch.cholesky_inverse(chol)
+        root = torch.linalg.cholesky(s64).float()
+
+        def operator():
+            b = solve(chol.mT, solve(root.mT, sdx, upper=True, left=False).mT, upper=True, left=False).mT
+            return solve(root, b, upper=False, left=False) @ chol
+
+        op = operator() + torch.eye(d)
         lam, vec = torch.linalg.eig(op)
         order = torch.argsort(lam.abs(), descending=True, stable=True)
         lam, vec = lam[order], vec[:, order]
@@ -262,27 +295,25 @@ def formulation_floor(X: torch.Tensor, Y: torch.Tensor, layers: int, repeats: in
         real = _to_real_form(vec, start, 2.0**0.5) if start is not None else torch.cat([vec.real, vec.imag], -1)
         real = real[:, :d].contiguous()
         lu, piv = torch.linalg.lu_factor(real)
-        real_inv = torch.linalg.lu_solve(lu, piv, torch.eye(d))
-        w = torch.linalg.solve_triangular(chol.mT, real_inv.mT.contiguous(), upper=True)
+        real_inv = torch.linalg.lu_solve(lu, piv, torch.eye(d), left=False)
         ref = whitened_dmd(X[layer : layer + 1], Y[layer : layer + 1], eigenvectors=False).eigenvalues[0]
         gap = float((lam.abs().to(f64) - ref.abs()).abs().max())
         if gap > 1e-3 * float(ref.abs().max()):  # the timed operands must be the library's operator
             raise RuntimeError(f"layer {layer}: the floor's operator differs from whitened_dmd's (moduli off by {gap:.2g})")
         ops = [
-            ("Gram products D^T X and D^T D, (N, d) x (N, d)", 2, lambda: (dc.mT @ xc, dc.mT @ dc)),
+            ("Gram products D^T X and D^T D (upper-triangle blocks), (N, d) operands", 2,
+             lambda: (dc.mT @ xc, _symmetric_gram(dc))),
             ("Cholesky of S_xx + eps I and of S_xx (float64)", 2,
              lambda: (torch.linalg.cholesky_ex(s64 + eps * eye64), torch.linalg.cholesky_ex(s64))),
-            ("operator: Cholesky solve, product, triangular solve", 3,
-             lambda: torch.linalg.solve_triangular(chol, torch.cholesky_solve(sdx.mT, chol0).mT @ chol, upper=False)),
-            ("traces: Cholesky inverse P and the product P C", 2, lambda: torch.cholesky_inverse(chol) @ c_op),
+            ("operator: three right-sided triangular solves, a product", 4, operator),
+            ("traces: Cholesky inverse P", 1, lambda: torch.cholesky_inverse(chol)),
             ("eig with right eigenvectors", 1, lambda: torch.linalg.eig(op)),
-            ("left eigenvectors: LU inverse of the real form", 2,
-             lambda: torch.linalg.lu_solve(*torch.linalg.lu_factor(real), torch.eye(d))),
+            ("left eigenvectors: LU inverse of the real form (right-sided)", 2,
+             lambda: torch.linalg.lu_solve(*torch.linalg.lu_factor(real), torch.eye(d), left=False)),
             ("kappa(V): norm estimates of V and V^-1", 2, lambda: (_norm2(real), _norm2(real_inv))),
-            ("ResDMD: triangular solve and two products", 3,
-             lambda: (sdd @ torch.linalg.solve_triangular(chol.mT, real_inv.mT.contiguous(), upper=True), sdx @ w)),
+            ("ResDMD: right-sided triangular solve, a product", 2,
+             lambda: solve(chol, real_inv, upper=False, left=False) @ sdd),
         ]
-        del p
         for what, count, fn in ops:
             per_layer.setdefault(what, []).append(_one_thread_cpu(fn, repeats))
             calls[what] = count
@@ -308,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", type=int, default=0, metavar="LAYERS",
                         help="also time each dense operation of the analysis alone on this many layers "
                              "(`formulation_floor`)")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="also time the plain forward and the analysis in one thread, interleaved (CPU time)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -319,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; GPT-2 small random init, N "
           f"{args.num_samples}; load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
-    timing = time_run(args.repeats, args.num_samples, args.rank, args.breakdown, args.floor)
+    timing = time_run(args.repeats, args.num_samples, args.rank, args.breakdown, args.floor, args.one_thread)
     load_after = os.getloadavg()
     timing["load_average_before"], timing["load_average_after"] = load_before, load_after
     w, c = timing["median_wall_s"], timing["median_cpu_s"]
@@ -340,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{timing['rank_over_forward_cpu']:.2f}x   (reference)")
     print(f"layer means, full spectrum: {timing['full_layer_mean']}")
     print(f"layer means, rank-{args.rank}:      {timing['rank_layer_mean']}")
+    if "one_thread_cpu_s" in timing:
+        one = timing["one_thread_cpu_s"]
+        print(f"one thread, interleaved (CPU s): plain forward {one['plain']:.3f}, analysis {one['analysis_full']:.3f}"
+              f" = {timing['one_thread_full_over_forward_cpu']:.2f}x")
     if "floor" in timing:
         floor = timing["floor"]
         print(f"\n== dense operations of the analysis, each alone (one thread, CPU s; median of "

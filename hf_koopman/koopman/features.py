@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .dmd import DMDResult, _condition, _conjugate_pairs, _inverse, _map_layers, _single_thread, _to_real_form
+from .dmd import DMDResult, _condition, _inverse, _single_thread
 from .kreiss import kreiss_constant
 
 __all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
@@ -101,85 +101,17 @@ def _quad(u: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.complex(re, im)
 
 
-def _shift(t: torch.Tensor, step: int) -> torch.Tensor:
-    """`t` moved by `step` along the last axis (`out[j] = t[j - step]`), zero-filled."""
-    out = torch.zeros_like(t)
-    if step > 0:
-        out[..., step:] = t[..., :-step]
-    else:
-        out[..., :step] = t[..., -step:]
-    return out
-
-
-def _paired(diag: torch.Tensor, cross: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """`q_j = u_j^* G u_j` from a real-form computation: `diag[k] = z_k^T G z_k` per column and
-    `cross[j] = z_j^T G z_j+1 - z_j+1^T G z_j`; a pair `u = a + ib` (columns `j, j+1` = `a, b`, `start[j]`) gives
-    `a^T G a + b^T G b + i cross[j]`, its conjugate partner the conjugate."""
-    second = _shift(start, 1)
-    pair_re = diag + _shift(diag, -1)
-    re = torch.where(start, pair_re, torch.where(second, _shift(pair_re, 1), diag))
-    im = torch.where(start, cross, torch.where(second, -_shift(cross, 1), torch.zeros_like(cross)))
-    return torch.complex(re, im)
-
-
-def _raw_quads(result: DMDResult):
-    r"""`(q_dd, q_dx, q_xx)` `(..., m)` of the whitened left eigenvectors from the raw second moments.
-
-    With $w_j = L^{-\top}u_j$ (the left eigenvectors of the unwhitened operator, $W = L^{-1}$):
-    $u^* G u = w^* S w$ for each Gram, and $u^* G_{xx} u = \|u\|^2 - \epsilon\|w\|^2$ because
-    $w^*(S_{xx} + \epsilon I)w = \|L^\top w\|^2 = \|u\|^2$. Real operators have conjugate-paired eigenvectors, so the
-    products run on the real form (`dmd._to_real_form`): one real `(m, m)` solve and two real products.
-    """
-    sxx, sdx, sdd = result.moments.raw_lin
-    chol = result.moments.chol
-    u = result.left_eigenvectors
-    start = _conjugate_pairs(result.eigenvalues)
-    lin = result.moments.lin
-    if start is None:  # not the real pattern: complex columns as [Re u, Im u]
-        m = u.shape[-1]
-        Z = torch.cat([u.real, u.imag], dim=-1).to(lin)
-    else:
-        Z = _to_real_form(u, start).to(lin)
-
-    def products(i: int):  # one layer: w = L^-T z for every column, and S w for the two moments
-        w = torch.linalg.solve_triangular(chol_f[i].to(lin).mT, Z_f[i], upper=True)  # L^-T Z
-        return w, sdd_f[i] @ w, sdx_f[i] @ w
-
-    shape = Z.shape
-    Z_f, chol_f, sdd_f, sdx_f = (t.reshape(-1, *t.shape[-2:]) for t in (Z, chol, sdd, sdx))
-    W, GW_dd, GW_dx = (torch.stack(t).reshape(*shape[:-2], *t[0].shape) for t in
-                       zip(*_map_layers(products, Z_f.shape[0], parallel=shape[-1] > 64)))
-    if start is None:
-        a, b = W[..., :m], W[..., m:]
-        col = lambda X, Y: (X * Y).sum(-2)  # noqa: E731
-        q_dd = col(a, GW_dd[..., :m]) + col(b, GW_dd[..., m:])
-        q_dx = torch.complex(col(a, GW_dx[..., :m]) + col(b, GW_dx[..., m:]),
-                             col(a, GW_dx[..., m:]) - col(b, GW_dx[..., :m]))
-        w2 = col(a, a) + col(b, b)
-        u2 = (u.abs() ** 2).sum(-2).to(torch.float64)
-    else:
-        def cross(GW):
-            c = torch.zeros_like(W[..., 0, :])
-            c[..., :-1] = (W[..., :, :-1] * GW[..., :, 1:]).sum(-2) - (W[..., :, 1:] * GW[..., :, :-1]).sum(-2)
-            return c
-
-        zero = torch.zeros_like(W[..., 0, :])
-        q_dd = _paired((W * GW_dd).sum(-2), zero, start).real
-        q_dx = _paired((W * GW_dx).sum(-2), cross(GW_dx), start)
-        w2 = _paired((W * W).sum(-2), zero, start).real
-        u2 = _paired((Z * Z).sum(-2), zero, start).real
-    q_xx = u2 - result.eps * w2
-    return q_dd.to(torch.float64), q_dx.to(torch.complex128), q_xx.to(torch.float64)
-
-
 def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Tensor:
     r"""ResDMD residual of every mode (Eq. 10), from the left eigenvectors and the whitened second moments.
 
     $$r_j = \frac{\|u_j^*(\tilde Y - \lambda_j \tilde X)\|_2}{\|u_j^*\tilde X\|_2 + \varepsilon_r},\qquad
     \tilde Y - \lambda\tilde X = \tilde D + (1-\lambda)\tilde X$$
 
-    For the full spectrum the quadratic forms $u^* G u$ come from the unwhitened moments (`_raw_quads`), which is the
-    same number without forming the whitened Grams.
+    For the full spectrum the quadratic forms $u^* G u$ come from the unwhitened moments, computed by [`whitened_dmd`]
+    while it inverts the eigenvectors (`dmd._left_quads`): the same numbers without forming the whitened Grams. There
+    $u_j^* G_{dx} = (\lambda_j - 1)\,u_j^* G_{xx}$ (a left eigenvector of $\hat A = I + G_{dx}G_{xx}^{-1}$), so
+    $u_j^* G_{dx} u_j = (\lambda_j - 1)\,u_j^* G_{xx} u_j$ and the numerator is $u_j^* G_{dd} u_j - |1 - \lambda_j|^2
+    u_j^* G_{xx} u_j$: the part of the update that the linear fit leaves unexplained.
 
     Returns:
         `torch.Tensor` of shape `(..., m)`, float64, in the order of `result.eigenvalues`.
@@ -188,13 +120,18 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
     lam = result.eigenvalues.to(torch.complex128)
     mu = 1.0 - lam
     if result.moments.is_raw:
-        q_dd, q_dx, q_xx = _raw_quads(result)
+        if result.moments.quads is None:
+            raise ValueError("resdmd_residuals needs the left eigenvectors; call whitened_dmd with eigenvectors=True "
+                             "and left_eigenvectors=True (the defaults)")
+        q_dd, q_xx = result.moments.quads
+        num2 = q_dd - mu.abs() ** 2 * q_xx  # q_dx = -mu q_xx
     else:
         q_dd = _quad(u, result.gram_dd).real
         q_dx = _quad(u, result.gram_dx)
         q_xx = _quad(u, result.gram_xx).real
         mu = mu.to(u.dtype)
-    num = (q_dd + 2.0 * (mu.conj() * q_dx).real + mu.abs() ** 2 * q_xx).clamp_min(0.0).sqrt()
+        num2 = q_dd + 2.0 * (mu.conj() * q_dx).real + mu.abs() ** 2 * q_xx
+    num = num2.clamp_min(0.0).sqrt()
     den = q_xx.clamp_min(0.0).sqrt() + eps_residual
     return (num / den).to(torch.float64)
 
