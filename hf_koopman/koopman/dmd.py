@@ -22,12 +22,14 @@ $$\hat A = I + L^{-1}\big(S_{dx}S_{xx}^{-1}\big)L = I + \big(L^{-1}S_{dx}R^{-\to
 
 so the whitened Grams are never formed: cost per layer, three `O(N d^2)` Gram products (two when consecutive layers
 share storage and the input covariance is the previous layer's output covariance; symmetric ones from the blocks of
-their upper triangle, `_symmetric_gram`), two Cholesky factorisations (of $S_{xx}$ and $S_{xx} + \epsilon I$), three triangular solves and one product, then one
-non-symmetric eigenproblem -- no symmetric eigendecomposition. Every solve is right-sided ($XT = B$; on CPU torch
-runs those ~1.8x faster than left-sided ones). The features read the raw moments too (`features.resdmd_residuals`,
-`features.nonlinearity_ratio`); `DMDResult.gram_*` and `projection` are formed on first access. Writing the operator through the update $D$ keeps $Y = X$ exactly degenerate: $S_{dx} = 0$ and
-$\hat A = I$. Directions X never visits (constant features) make $S_{xx}$ singular; those layers take the
-pseudo-inverse of the whitened $G_{xx}$ through an eigendecomposition and the null modes get $\lambda = 0$.
+their upper triangle, `_symmetric_gram`), two Cholesky factorisations (of $S_{xx}$ and $S_{xx} + \epsilon I$), three
+triangular solves and one product, then one non-symmetric eigenproblem -- no symmetric eigendecomposition. Every
+solve is right-sided ($XT = B$; on CPU torch ran those 1.3-1.9x faster than left-sided ones across runs at
+768 x 768). The features read the raw moments too (`features.resdmd_residuals`, `features.nonlinearity_ratio`);
+`DMDResult.gram_*` and `projection` are formed on first access. Writing the operator through the update $D$ keeps
+$Y = X$ exactly degenerate: $S_{dx} = 0$ and $\hat A = I$. Directions X never visits (constant features) make
+$S_{xx}$ singular; those layers take the pseudo-inverse of the whitened $G_{xx}$ through an eigendecomposition and the
+null modes get $\lambda = 0$.
 
 Rank-r approximation (`rank=r`, the paper's "default recipe" r = 32 with `randomized=True`). After whitening $\tilde X$
 is isotropic, so the low-rank directions are taken from the outputs: $U_r$ = the top-r left singular vectors of
@@ -112,7 +114,7 @@ class _Moments:
         self.chol_lin = chol  # L in the precision `lin`
         self.basis = basis  # row-space basis (d, m) applied before the whitening, or None
         self.traces = traces  # (tr Gxx, tr Gdd, tr Gdx Gxx^-1 Gxd), each (L,), raw form
-        self.quads = None  # (q_dd, q_xx) (L, m) of the unit-norm left eigenvectors, raw form (`_left_quads`)
+        self.quads = None  # (q_dd, q_dx, q_xx) (L, m) of the unit-norm left eigenvectors, raw form (`_left_quads`)
 
     @property
     def is_raw(self) -> bool:
@@ -351,8 +353,8 @@ def _symmetric_gram(a: torch.Tensor) -> torch.Tensor:
     """`a^T a` `(..., m, m)` of `(..., N, m)` `a`, exactly symmetric.
 
     From `m = 256` on, only the upper triangle is multiplied, in column blocks of `max(128, m / 8)` (about 6 at
-    m = 768) and mirrored: 0.6x the CPU time of the full product on GPT-2 small's snapshots (torch exposes no BLAS
-    `syrk`). Each block is the same GEMM the full product would run, so the entries are those of `a.mT @ a`.
+    m = 768) and mirrored: 0.6-0.7x the CPU time of the full product on GPT-2 small's snapshots (torch exposes no BLAS
+    `syrk`). The entries equal those of `a.mT @ a` up to round-off (the blocks' GEMMs may sum in another order).
     """
     m = a.shape[-1]
     if m < _GRAM_BLOCKED_MIN:
@@ -479,22 +481,39 @@ def _to_real_form(vec: torch.Tensor, start: torch.Tensor, scale: float = 1.0) ->
     return torch.where(shifted, scale * imag_prev, real)
 
 
-def _left_quads(rows: torch.Tensor, pairs, raw: tuple[torch.Tensor, torch.Tensor, float]):
-    r"""ResDMD quadratic forms $(u_j^* G_{dd} u_j, u_j^* G_{xx} u_j)$ `(m,)` float64 of the unit-norm left eigenvectors
-    of one raw-form layer, from real rows: `rows` `(k, m)` and `pairs(x)` `(k,) -> (m,)`, which adds up the rows that
-    make one eigenvector (`a^* G a + b^* G b` for `u = a + ib`, `G` symmetric).
+def _left_quads(rows: torch.Tensor, sums, cross, raw: tuple[torch.Tensor, ...]):
+    r"""ResDMD quadratic forms $u_j^* G u_j$ of the unit-norm left eigenvectors of one raw-form layer for
+    $G = G_{dd}, G_{dx}, G_{xx}$: `(q_dd, q_dx, q_xx)` `(m,)`, float64 / complex128 / float64.
 
-    `raw = (L, S_dd, eps)` with $LL^\top = S_{xx} + \epsilon I$. With $w = L^{-\top}u$ (the left eigenvector of the
-    unwhitened operator): $u^* G u = w^* S w$, and $u^* G_{xx} u = \|u\|^2 - \epsilon\|w\|^2$ because
-    $w^*(S_{xx} + \epsilon I)w = \|u\|^2$. One right-sided triangular solve and one product per layer.
+    The eigenvectors come as real rows `rows` `(k, m)`: `sums(x)` `(k,) -> (m,)` adds the rows that make one
+    eigenvector ($a^\top G a + b^\top G b$, the real part of $u^* G u$ for $u = a + ib$) and `cross(w, g)` gives the
+    imaginary part $a^\top G b - b^\top G a$ from the rows `w` and the rows `g` of $(G w)^\top$.
+    `raw = (L, S_dd, S_dx, eps)` with $LL^\top = S_{xx} + \epsilon I$. With $w = L^{-\top}u$ (the left eigenvector of
+    the unwhitened operator): $u^* G u = w^* S w$, and $u^* G_{xx} u = \|u\|^2 - \epsilon\|w\|^2$ because
+    $w^*(S_{xx} + \epsilon I)w = \|u\|^2$. One right-sided triangular solve and two products per layer. The forms with
+    $G_{dx}$ are computed, not taken from $u^* G_{dx} = (\lambda - 1)\,u^* G_{xx}$: that identity holds for exact
+    eigenvectors only, and the residual, a difference of nearly equal terms, would then carry the float32 eigenvector
+    error (3.7e-4 against the float64 residuals on planted width-300 data, 2.5e-6 computed).
     """
-    chol, sdd, eps = raw
+    chol, sdd, sdx, eps = raw
     rows = rows.to(sdd.dtype)
     w = torch.linalg.solve_triangular(chol, rows, upper=False, left=False)  # rows w_j^T = z_j^T L^-1
-    norm2 = pairs(rows.square().sum(-1)).to(_F64).clamp_min(torch.finfo(_F64).tiny)  # ||u||^2 before normalising
-    q_dd = pairs(((w @ sdd) * w).sum(-1)).to(_F64) / norm2
-    q_xx = 1.0 - eps * pairs(w.square().sum(-1)).to(_F64) / norm2
-    return q_dd, q_xx
+    norm2 = sums(rows.square().sum(-1)).to(_F64).clamp_min(torch.finfo(_F64).tiny)  # ||u||^2 before normalising
+    g_dd, g_dx = w @ sdd, w @ sdx.mT  # rows (S w_j)^T
+    q_dd = sums((g_dd * w).sum(-1)).to(_F64) / norm2
+    q_dx = torch.complex(sums((g_dx * w).sum(-1)).to(_F64), cross(w, g_dx).to(_F64)) / norm2
+    q_xx = 1.0 - eps * sums(w.square().sum(-1)).to(_F64) / norm2
+    return q_dd, q_dx, q_xx
+
+
+def _pair_cross(w: torch.Tensor, g: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Imaginary parts of `u^* G u` for the rows of a real form (`_left_quads`): `a^T G b - b^T G a` at the first member
+    of each conjugate pair `u = a + ib` (rows `j, j + 1`, `start[j]`), its negative at the second, 0 for real modes."""
+    out = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    idx = start.nonzero().flatten()
+    out[idx] = (w[idx] * g[idx + 1]).sum(-1) - (w[idx + 1] * g[idx]).sum(-1)
+    out[idx + 1] = -out[idx]
+    return out
 
 
 def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True, raw=None):
@@ -524,15 +543,16 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
         inv = _inverse(vec)  # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
         kappa = _condition(vec, inv)
         left = inv.mH
-        if raw is not None:  # rows [Re; Im] of V^-1: u_j^* G u_j = a^T G a + b^T G b
+        if raw is not None:  # rows [Re; Im] of V^-1, i.e. [a; -b] for u = a + ib
             m = inv.shape[-1]
-            quads = _left_quads(torch.cat([inv.real, inv.imag]), lambda x: x[:m] + x[m:], raw)
+            quads = _left_quads(torch.cat([inv.real, inv.imag]), lambda x: x[:m] + x[m:],
+                                lambda w, g: (w[m:] * g[:m]).sum(-1) - (w[:m] * g[m:]).sum(-1), raw)
     else:
         R = _to_real_form(vec, start, math.sqrt(2.0))
         rinv = _inverse(R)
         kappa = _condition(R, rinv)
         if raw is not None:
-            quads = _left_quads(rinv, lambda x: _pair_sums(x, start), raw)
+            quads = _left_quads(rinv, lambda x: _pair_sums(x, start), lambda w, g: _pair_cross(w, g, start), raw)
         # rows of V^-1 = U^* R^-1: (r_j - i r_j+1) / sqrt(2) and its conjugate for a pair (r_k: row k of R^-1); the
         # left eigenvectors are their conjugates, r_j + i r_j+1 and r_j - i r_j+1, normalised here on the real rows
         rows = rinv / _pair_sums(rinv.square().sum(-1), start).sqrt().clamp_min(tiny).unsqueeze(-1)
@@ -583,18 +603,21 @@ def _eigen(
 
     raw = moments if moments is not None and moments.is_raw and left is not None else None
     if raw is not None:
-        chol, sdd = (t.reshape(-1, m, m) for t in (raw.chol_lin, raw.raw_lin[2]))
-        quads = torch.empty(2, count, m, dtype=_F64, device=flat.device)
+        chol, sdd, sdx = (t.reshape(-1, m, m) for t in (raw.chol_lin, raw.raw_lin[2], raw.raw_lin[1]))
+        quads = (torch.empty(count, m, dtype=_F64, device=flat.device),
+                 torch.empty(count, m, dtype=torch.complex128, device=flat.device),
+                 torch.empty(count, m, dtype=_F64, device=flat.device))
 
     def one(i: int) -> None:  # each worker writes its layer into the outputs (no stacking copies)
         lam[i], vec_i, left_i, kappa[i], quads_i = _eigen_one(
-            flat[i], vectors, left_vectors, None if raw is None else (chol[i], sdd[i], eps))
+            flat[i], vectors, left_vectors, None if raw is None else (chol[i], sdd[i], sdx[i], eps))
         if vectors:
             vec[i] = vec_i
         if left is not None:
             left[i] = left_i
         if quads_i is not None:
-            quads[0, i], quads[1, i] = quads_i
+            for out, q in zip(quads, quads_i):
+                out[i] = q
 
     _map_layers(one, count, parallel=m > 64)
     if raw is not None:
@@ -1155,7 +1178,8 @@ def whitened_dmd(
         eig_dtype (`torch.dtype`, *optional*): precision of the eigenproblem. Default: float64 up to 256 modes,
             float32 above (moduli within ~1e-4 of float64, 3x faster).
         left_eigenvectors (`bool`, *optional*, defaults to `True`): with `eigenvectors`, also compute the left
-            eigenvectors and $\kappa(V)$ (one inverse of V); `False` gives eigenvalues and right eigenvectors only (the
+            eigenvectors, $\kappa(V)$ and, for the full spectrum, the ResDMD quadratic forms (one inverse of V, one
+            triangular solve and two products); `False` gives eigenvalues and right eigenvectors only (the
             outputs of an exact DMD such as PyDMD's), with `left_eigenvectors=None` and a NaN $\kappa(V)$ in the result.
 
     Returns:

@@ -108,10 +108,7 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
     \tilde Y - \lambda\tilde X = \tilde D + (1-\lambda)\tilde X$$
 
     For the full spectrum the quadratic forms $u^* G u$ come from the unwhitened moments, computed by [`whitened_dmd`]
-    while it inverts the eigenvectors (`dmd._left_quads`): the same numbers without forming the whitened Grams. There
-    $u_j^* G_{dx} = (\lambda_j - 1)\,u_j^* G_{xx}$ (a left eigenvector of $\hat A = I + G_{dx}G_{xx}^{-1}$), so
-    $u_j^* G_{dx} u_j = (\lambda_j - 1)\,u_j^* G_{xx} u_j$ and the numerator is $u_j^* G_{dd} u_j - |1 - \lambda_j|^2
-    u_j^* G_{xx} u_j$: the part of the update that the linear fit leaves unexplained.
+    while it inverts the eigenvectors (`dmd._left_quads`): the same numbers without forming the whitened Grams.
 
     Returns:
         `torch.Tensor` of shape `(..., m)`, float64, in the order of `result.eigenvalues`.
@@ -123,15 +120,13 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
         if result.moments.quads is None:
             raise ValueError("resdmd_residuals needs the left eigenvectors; call whitened_dmd with eigenvectors=True "
                              "and left_eigenvectors=True (the defaults)")
-        q_dd, q_xx = result.moments.quads
-        num2 = q_dd - mu.abs() ** 2 * q_xx  # q_dx = -mu q_xx
+        q_dd, q_dx, q_xx = result.moments.quads
     else:
         q_dd = _quad(u, result.gram_dd).real
         q_dx = _quad(u, result.gram_dx)
         q_xx = _quad(u, result.gram_xx).real
         mu = mu.to(u.dtype)
-        num2 = q_dd + 2.0 * (mu.conj() * q_dx).real + mu.abs() ** 2 * q_xx
-    num = num2.clamp_min(0.0).sqrt()
+    num = (q_dd + 2.0 * (mu.conj() * q_dx).real + mu.abs() ** 2 * q_xx).clamp_min(0.0).sqrt()
     den = q_xx.clamp_min(0.0).sqrt() + eps_residual
     return (num / den).to(torch.float64)
 
