@@ -250,7 +250,7 @@ def load_model(
         if Path(weights).is_dir():
             _check_safetensors(Path(weights))
         try:
-            model = AutoModel.from_pretrained(weights, dtype=torch_dtype)
+            model = _load_base_model(AutoModel, weights, torch_dtype)
         except OSError as err:  # a Hub id whose config is cached but whose weights cannot be downloaded
             if not _is_connection_error(err):
                 raise ValueError(f"could not load the weights of {weights}: {err}") from err
@@ -262,6 +262,34 @@ def load_model(
     if source is not None:
         tokenizer = _load_tokenizer(source, warn=text_inputs)
     return model.eval(), tokenizer, name
+
+
+def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
+    """`AutoModel.from_pretrained(weights)` with transformers' load report replaced by what it means here.
+
+    A checkpoint saved from a task model (`...ForCausalLM` with an untied head, a classifier) holds head tensors the
+    base model does not have; transformers reports them as UNEXPECTED, which reads like a failure although the residual
+    blocks load completely. Those are named at info level. Tensors the base model needs but the checkpoint lacks are
+    randomly initialised, which changes the profile: they are named in a warning.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto_model.from_pretrained(weights, dtype=torch_dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    shown = lambda keys: ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")  # noqa: E731
+    if unexpected:
+        logger.info("not loaded: %d checkpoint tensor(s) the base model has no place for (a task head: %s); the "
+                    "residual blocks are in the base model", len(unexpected), shown(unexpected))
+    if missing:
+        logger.warning("%d weight(s) of %s are not in %s and were randomly initialised (%s): the profile describes a "
+                       "partly random model. Check that the folder holds the complete checkpoint.", len(missing),
+                       type(model).__name__, weights, shown(missing))
+    return model
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",

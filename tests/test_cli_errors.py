@@ -229,3 +229,41 @@ def test_num_layers_resizes_per_layer_patterns():
     assert len(config.layer_types) == 5 and len(AutoModel.from_config(config).layers) == 5
     _set_num_layers(config, 1)
     assert config.layer_types == ["full_attention"]
+
+
+def test_task_head_tensors_are_named_not_reported_as_a_failed_load(tmp_path, capsys, caplog):
+    # a CausalLM checkpoint with an untied head: the base model has no lm_head, which transformers reports as
+    # UNEXPECTED in a load report that reads like a failure; the CLI says what it means instead
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "lm"
+    config = tiny_config("gpt2", num_hidden_layers=2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()  # library INFO records follow the transformers verbosity (`-v` sets it)
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            model, _, _ = load_model(str(folder), text_inputs=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    err = capsys.readouterr().err
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err
+    notes = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("lm_head.weight" in n and "task head" in n for n in notes)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert type(model).__name__ == "GPT2Model"
+
+
+def test_weights_missing_from_the_checkpoint_are_a_warning(saved_model_dir, caplog):
+    from safetensors.torch import load_file, save_file
+
+    file = saved_model_dir / "model.safetensors"
+    tensors = load_file(file)
+    dropped = next(k for k in tensors if k.endswith("mlp.c_fc.weight"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, file, metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="hf_koopman"):
+        load_model(str(saved_model_dir))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(dropped in w and "randomly initialised" in w for w in warnings), warnings
