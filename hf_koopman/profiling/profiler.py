@@ -221,6 +221,14 @@ def profile_from_snapshots(
     )
 
 
+def _eager(module: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper holds (the same parameters), else `module`: a diagnostic forward with
+    recording hooks gains nothing from compilation and would pay for it (a compilation, graph breaks at the hooks)."""
+    while type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def profile(
     model: nn.Module,
     inputs: Any = None,
@@ -300,6 +308,7 @@ def profile(
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
     # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
     runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    runner = _eager(runner)
     start = time.perf_counter()
     called: set[str] = set()  # blocks the forward pass entered
 

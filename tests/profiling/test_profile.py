@@ -241,3 +241,18 @@ def test_forward_progress_bar_has_a_total_and_reaches_it(monkeypatch):
     assert len(forward) == 2
     assert [b.total for b in forward] == [b.n for b in forward]  # a total, and the bar ends full
     assert forward[1].total == 3 * 3  # 3 blocks x 3 batches
+
+
+def test_compiled_model_is_profiled_through_its_eager_module():
+    # torch.compile wraps the model in an OptimizedModule; the diagnostic forward runs the module it holds (the same
+    # parameters), so nothing is compiled and the profile equals the uncompiled model's
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    compiled = torch.compile(model)
+    frames = counters["frames"]["total"]
+    got = profile(compiled, num_samples=64)
+    assert counters["frames"]["total"] == frames  # dynamo never ran
+    ref = profile(model, num_samples=64)
+    assert [f.near_unit_mass for f in got.features] == [f.near_unit_mass for f in ref.features]
+    assert got.names == ref.names
