@@ -248,7 +248,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         auto_kss: bool = False,
         save_artifacts: bool = True,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 0:
+        if not _is_int(every_n_steps) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be an int >= 0 (0 turns monitoring off), got {every_n_steps!r}")
         for name, value, low in (("probe_batch_size", probe_batch_size, 1), ("num_samples", num_samples, 2),
                                  ("monitor_num_samples", monitor_num_samples, 2)):
@@ -265,25 +265,25 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise TypeError(f"probe_inputs must be a dict of tensors (a model batch), got {type(probe_inputs).__name__}")
         if on_divergence not in _MODES:
             raise ValueError(f"on_divergence must be one of {_MODES}, got {on_divergence!r}")
-        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+        if not _is_int(max_rollbacks) or max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be an int >= 0, got {max_rollbacks!r}")
         if not (0 < lr_backoff <= 1):
             raise ValueError(f"lr_backoff must be in (0, 1] (the learning rate is multiplied by it), got {lr_backoff!r}")
-        if snapshot_every_n_steps != "auto" and (
-            isinstance(snapshot_every_n_steps, bool) or not isinstance(snapshot_every_n_steps, int)
-            or snapshot_every_n_steps < 1
+        if not (isinstance(snapshot_every_n_steps, str) and snapshot_every_n_steps == "auto") and (
+            not _is_int(snapshot_every_n_steps) or snapshot_every_n_steps < 1
         ):
             raise ValueError(
                 f"snapshot_every_n_steps must be an int >= 1 or 'auto', got {snapshot_every_n_steps!r}"
             )
         if rollback_source not in _SOURCES:
             raise ValueError(f"rollback_source must be one of {_SOURCES}, got {rollback_source!r}")
-        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+        if not _is_int(check_every_n_steps) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be an int >= 1, got {check_every_n_steps!r}")
         self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold))
-        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.snapshot_every_n_steps = snapshot_every_n_steps if isinstance(snapshot_every_n_steps, str) else int(
+            snapshot_every_n_steps)
         self.rollback_source = rollback_source
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = int(check_every_n_steps)
         self.profile_at_init = profile_at_init
         self.probe_inputs = probe_inputs
         self.probe_batch_size = int(probe_batch_size)
@@ -291,12 +291,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.rank = None if rank is None else int(rank)
         self.seed = int(seed)
         self.layers = layers
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = int(every_n_steps)
         self.monitor_num_samples = int(monitor_num_samples)
         self.guard = guard
         self.check_activations = check_activations
         self.on_divergence = on_divergence
-        self.max_rollbacks = max_rollbacks
+        self.max_rollbacks = int(max_rollbacks)
         self.lr_backoff = float(lr_backoff)
         self.restore_on_stop = restore_on_stop
         self.auto_kss = auto_kss

@@ -267,6 +267,13 @@ def test_bad_arguments_fail_at_construction_not_at_train_begin(kwargs, message):
 
     callback = RKSPCallback(probe_batch_size=np.int64(4), num_samples=np.int32(256))  # numpy integers are counts too
     assert (callback.probe_batch_size, callback.num_samples) == (4, 256) and type(callback.num_samples) is int
+    steps = RKSPCallback(every_n_steps=np.int64(10), max_rollbacks=np.int64(2), snapshot_every_n_steps=np.int64(5),
+                         check_every_n_steps=np.int32(2))
+    assert (steps.every_n_steps, steps.max_rollbacks, steps.snapshot_every_n_steps, steps.check_every_n_steps) == (
+        10, 2, 5, 2) and all(type(v) is int for v in (steps.every_n_steps, steps.max_rollbacks))
+    for name in ("every_n_steps", "max_rollbacks", "check_every_n_steps", "snapshot_every_n_steps"):
+        with pytest.raises(ValueError, match=name):
+            RKSPCallback(**{name: True})  # a bool is not a count
 
 
 def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_path, caplog):
