@@ -264,31 +264,59 @@ def load_model(
     return model.eval(), tokenizer, name
 
 
+class _QuietHeadReport(logging.Filter):
+    """Drops transformers' load report when its rows are only UNEXPECTED / MISSING (named by `_load_base_model` in its
+    own terms); a report with MISMATCH or CONVERSION rows, which transformers raises on right after, stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
     """`AutoModel.from_pretrained(weights)` with transformers' load report replaced by what it means here.
 
     A checkpoint saved from a task model (`...ForCausalLM` with an untied head, a classifier) holds head tensors the
     base model does not have; transformers reports them as UNEXPECTED, which reads like a failure although the residual
-    blocks load completely. Those are named at info level. Tensors the base model needs but the checkpoint lacks are
-    randomly initialised, which changes the profile: they are named in a warning.
+    blocks load completely: they are named at info level. Weights the base model needs but the checkpoint lacks are
+    randomly initialised: a warning when they sit in a residual block or an embedding (they change the profile), info
+    otherwise (a pooler that a masked-LM checkpoint never had runs after the blocks). Other transformers warnings, and
+    a report with shape mismatches, are left as they are.
     """
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _QuietHeadReport()
+    report_logger.addFilter(quiet)
     try:
         model, info = auto_model.from_pretrained(weights, dtype=torch_dtype, output_loading_info=True)
+    except RuntimeError as err:  # transformers raises after its report on shape mismatches and failed conversions
+        raise ValueError(f"could not load the weights of {weights}: {err} The tensors named there do not fit the "
+                         "model that config.json describes: check that the config belongs to these weights.") from err
     finally:
-        hf_logging.set_verbosity(verbosity)
+        report_logger.removeFilter(quiet)
     missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
-    shown = lambda keys: ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")  # noqa: E731
     if unexpected:
         logger.info("not loaded: %d checkpoint tensor(s) the base model has no place for (a task head: %s); the "
-                    "residual blocks are in the base model", len(unexpected), shown(unexpected))
+                    "residual blocks are in the base model", len(unexpected), _shown(unexpected))
     if missing:
-        logger.warning("%d weight(s) of %s are not in %s and were randomly initialised (%s): the profile describes a "
-                       "partly random model. Check that the folder holds the complete checkpoint.", len(missing),
-                       type(model).__name__, weights, shown(missing))
+        from hf_koopman.profiling import find_residual_blocks
+
+        try:
+            prefixes = tuple(f"{block.name}." for block in find_residual_blocks(model))
+        except ValueError:  # unknown structure: every missing weight may matter
+            prefixes = ("",)
+        profiled = [k for k in missing if k.startswith(prefixes) or "embed" in k or k.split(".")[0] in ("wte", "wpe")]
+        other = [k for k in missing if k not in profiled]
+        if profiled:
+            logger.warning("%d weight(s) of %s are not in %s and were randomly initialised (%s): the profile describes "
+                           "a partly random model. Check that the checkpoint is complete.", len(profiled),
+                           type(model).__name__, weights, _shown(profiled))
+        if other:
+            logger.info("randomly initialised, outside the residual blocks and the embeddings (not in %s): %s",
+                        weights, _shown(other))
     return model
 
 

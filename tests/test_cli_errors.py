@@ -267,3 +267,31 @@ def test_weights_missing_from_the_checkpoint_are_a_warning(saved_model_dir, capl
         load_model(str(saved_model_dir))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(dropped in w and "randomly initialised" in w for w in warnings), warnings
+
+
+def test_a_shape_mismatch_keeps_transformers_report_and_names_the_fix(saved_model_dir):
+    config = json.loads((saved_model_dir / "config.json").read_text())
+    config["n_inner"] = 4 * (config.get("n_inner") or 4 * config["n_embd"])  # the saved MLP no longer fits
+    (saved_model_dir / "config.json").write_text(json.dumps(config))
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())  # transformers' own handler is not captured
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addHandler(handler)
+    try:
+        with pytest.raises(ValueError, match="check that the config belongs to these weights"):
+            load_model(str(saved_model_dir), text_inputs=False)
+    finally:
+        report_logger.removeHandler(handler)
+    assert any("LOAD REPORT" in r and "MISMATCH" in r for r in reports)
+
+
+def test_a_pooler_a_masked_lm_checkpoint_never_had_is_not_a_warning(tmp_path, caplog):
+    from transformers import AutoModelForMaskedLM
+
+    folder = tmp_path / "mlm"
+    AutoModelForMaskedLM.from_config(tiny_config("bert", num_hidden_layers=2)).save_pretrained(folder)
+    with caplog.at_level(logging.INFO, logger="hf_koopman"):
+        model, _, _ = load_model(str(folder), text_inputs=False)
+    assert type(model).__name__ == "BertModel"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
