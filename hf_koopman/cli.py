@@ -252,9 +252,16 @@ def load_model(
         try:
             model = _load_base_model(AutoModel, weights, torch_dtype)
         except OSError as err:  # a Hub id whose config is cached but whose weights cannot be downloaded
-            if not _is_connection_error(err):
-                raise ValueError(f"could not load the weights of {weights}: {err}") from err
-            raise ValueError(_unreachable(f"the weights of {weights!r}", spec, err)) from None
+            if _is_connection_error(err):
+                raise ValueError(_unreachable(f"the weights of {weights!r}", spec, err)) from None
+            if not Path(weights).expanduser().exists() and "does not appear to have a file named" in str(err):
+                # after its retries huggingface_hub reports a refused connection as a missing file
+                raise ValueError(
+                    f"could not load the weights of {weights!r} ({_first_line(err)}). They are not in the local cache "
+                    "and the Hub did not provide them: no network or a refused connection (HF_HUB_OFFLINE=1 skips the "
+                    f"retries), or a repository without weight files. Without network: {_no_hub_hint(spec)}."
+                ) from None
+            raise ValueError(f"could not load the weights of {weights}: {err}") from err
     model = model.to(device)
     tokenizer = None
     local = Path(spec).expanduser()

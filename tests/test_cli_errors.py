@@ -295,3 +295,20 @@ def test_a_pooler_a_masked_lm_checkpoint_never_had_is_not_a_warning(tmp_path, ca
         model, _, _ = load_model(str(folder), text_inputs=False)
     assert type(model).__name__ == "BertModel"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_hub_weights_missing_after_retries_name_the_network_and_the_offline_options(monkeypatch):
+    # a Hub id whose config is cached: when the endpoint refuses connections, huggingface_hub retries and then reports
+    # the weights as a missing file; the message says what that can mean and what works without network
+    import hf_koopman.cli as cli
+
+    config = tiny_config("gpt2", num_hidden_layers=2)
+    monkeypatch.setattr(cli, "resolve_config", lambda spec, init: (config, "foo/tinygpt", "foo/tinygpt"))
+
+    def refused(*args, **kwargs):
+        raise OSError("foo/tinygpt does not appear to have a file named pytorch_model.bin or model.safetensors.")
+
+    monkeypatch.setattr(cli, "_load_base_model", refused)
+    with pytest.raises(ValueError, match="not in the local cache") as info:
+        load_model("foo/tinygpt", text_inputs=False)
+    assert "HF_HUB_OFFLINE=1" in str(info.value) and "--init" in str(info.value)
