@@ -210,18 +210,7 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
 
 def _one_thread_cpu(fn, repeats: int) -> float:
     """Median process CPU time (s) of `fn()` with torch limited to one thread, after one warm-up call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.process_time()
-            fn()
-            times.append(time.process_time() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times)
+    return _one_thread_interleaved({"fn": fn}, repeats)["fn"]
 
 
 def _one_thread_interleaved(fns: dict, repeats: int) -> dict[str, float]:

@@ -40,6 +40,19 @@ class ResidualBlock(NamedTuple):
     stack: str
 
 
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The module a `torch.compile` wrapper (`OptimizedModule`) holds, or `None`."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def eager_module(module: nn.Module) -> nn.Module:
+    """`module` without its `torch.compile` wrappers (the same parameters), other wrappers kept."""
+    while (inner := _compiled_inner(module)) is not None:
+        module = inner
+    return module
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip PEFT, DDP / DataParallel, FSDP and `torch.compile` wrappers; returns the underlying `nn.Module`."""
     seen: set[int] = set()
@@ -52,7 +65,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
             continue
-        inner = getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "_fsdp_wrapped_module", None) or _compiled_inner(model)
         if isinstance(inner, nn.Module):  # FSDP1 wrapper / torch.compile OptimizedModule
             model = inner
             continue

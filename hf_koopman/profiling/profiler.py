@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_koopman.profiling.blocks import find_residual_blocks, nested_block_lists, unwrap_model
+from hf_koopman.profiling.blocks import eager_module, find_residual_blocks, nested_block_lists, unwrap_model
 from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
 from hf_koopman.profiling.probes import default_probe_inputs
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
@@ -221,14 +221,6 @@ def profile_from_snapshots(
     )
 
 
-def _eager(module: nn.Module) -> nn.Module:
-    """The module a `torch.compile` wrapper holds (the same parameters), else `module`: a diagnostic forward with
-    recording hooks gains nothing from compilation and would pay for it (a compilation, graph breaks at the hooks)."""
-    while type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
-        module = module._orig_mod
-    return module
-
-
 def profile(
     model: nn.Module,
     inputs: Any = None,
@@ -308,7 +300,8 @@ def profile(
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
     # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
     runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-    runner = _eager(runner)
+    # torch.compile: a diagnostic forward with recording hooks would pay for a compilation and graph breaks at the hooks
+    runner = eager_module(runner)
     start = time.perf_counter()
     called: set[str] = set()  # blocks the forward pass entered
 
