@@ -563,6 +563,8 @@ def test_left_eigenvectors_and_condition_from_the_real_form(monkeypatch):
 
     for m in (12, 300):
         A = torch.randn(2, m, m, generator=torch.Generator().manual_seed(m), dtype=F64) / m**0.5
+        if m > 256:  # a float32 operator: its float32 eigenproblem is not refined (see the refinement tests)
+            A = A.float()
         lam, vec, left, kappa = dmd_module._eigen(A)
         assert dmd_module._conjugate_pairs(lam) is not None and bool((lam.imag != 0).any())
         with monkeypatch.context() as mp:

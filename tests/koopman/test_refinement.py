@@ -1,0 +1,105 @@
+"""Float32 eigenproblems of float64 operators (the default above 256 modes) refined to float64 eigenvalues."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hf_koopman.koopman.dmd as dmd_module
+from hf_koopman.koopman import resdmd_residuals, spectral_features, whitened_dmd
+
+F64 = torch.float64
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest distance from an eigenvalue of either set to the nearest of the other (the matching error for
+    well-separated spectra)."""
+    gap = (a.to(torch.complex128)[:, None] - b.to(torch.complex128)[None, :]).abs()
+    return max(float(gap.amin(1).max()), float(gap.amin(0).max()))
+
+
+def _operator(m: int, eigenvalues: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """`(m, m)` float64: a random non-normal matrix (well-separated eigenvalues in a disk of radius ~0.9, with conjugate
+    pairs), or `V diag(eigenvalues) V^-1` for a random basis `V`."""
+    g = torch.Generator().manual_seed(seed)
+    if eigenvalues is None:
+        return 0.9 * torch.randn(m, m, generator=g, dtype=F64) / math.sqrt(m)
+    V = torch.randn(m, m, generator=g, dtype=F64)
+    return V @ torch.diag(eigenvalues) @ torch.linalg.inv(V)
+
+
+def _check_eigenpairs(A: torch.Tensor, lam, vec, left, atol: float) -> None:
+    A_c = A.to(torch.complex128)
+    vec, left = vec.to(torch.complex128), left.to(torch.complex128)
+    torch.testing.assert_close(A_c @ vec, vec * lam, atol=atol, rtol=0)
+    torch.testing.assert_close(left.mH @ A_c, lam[:, None] * left.mH, atol=atol, rtol=0)
+
+
+def test_float32_eigenproblem_of_a_float64_operator_has_float64_eigenvalues():
+    A = _operator(300)
+    reference = torch.linalg.eigvals(A)
+    lam, vec, left, kappa = dmd_module._eigen(A)  # 300 modes: float32 eigenproblem, refined
+    assert vec.dtype == torch.complex64
+    unrefined = dmd_module._eigen(A.float())[0]  # a float32 operator is not refined
+    assert _distance(unrefined, reference) > 1e-7
+    assert _distance(lam, reference) < 1e-10
+    # the output contract of `_eigen`: sorted by modulus, conjugate pairs exact and adjacent, eigenvectors that match
+    assert bool((lam.abs().diff() <= 0).all())
+    assert dmd_module._conjugate_pairs(lam) is not None and bool((lam.imag != 0).any())
+    _check_eigenpairs(A, lam, vec, left, atol=1e-4)
+    s = torch.linalg.svdvals(vec.to(torch.complex128))
+    assert float(kappa) == pytest.approx(float(s[0] / s[-1]), rel=1e-3)
+
+
+def test_refinement_keeps_eigenvectors_in_the_order_of_the_refined_moduli():
+    # moduli 1e-6 apart: the float32 eigenproblem (errors ~3e-5 here) puts 1.2 first, the refined values put
+    # -(1.2 + 1e-6) first; every output is permuted alike. The basis V is random (kappa ~1e3): errors 4e-10 against
+    # the planted eigenvalues (float64 eig: 2e-13)
+    ev = torch.linspace(0.2, 1.1, 300, dtype=F64)
+    ev[-1], ev[-2] = 1.2, -(1.2 + 1e-6)
+    A = _operator(300, ev, seed=1)
+    assert float(dmd_module._eigen(A.float())[0][0].real) > 0
+    lam, vec, left, _ = dmd_module._eigen(A)
+    assert _distance(lam, ev) < 1e-8
+    assert float(lam[0].real) == pytest.approx(-(1.2 + 1e-6), abs=1e-8)
+    assert bool((lam.abs().diff() <= 0).all())
+    _check_eigenpairs(A, lam, vec, left, atol=1e-3)
+
+
+def test_clustered_eigenvalues_are_solved_in_float64():
+    # eigenvalues 1e-4 apart: float32 eigenvectors carry no second-order information, the estimate says so and the
+    # layer is solved with a float64 eig (bit-equal to the float64 path)
+    g = torch.Generator().manual_seed(2)
+    A = _operator(300, 1.0 + 1e-4 * torch.randn(300, generator=g, dtype=F64), seed=3)
+    lam = dmd_module._eigen(A)[0]
+    assert torch.equal(lam, dmd_module._eigen(A, dtype=F64)[0])
+
+
+def test_refinement_declines_beyond_its_tolerance(monkeypatch):
+    A = _operator(300, seed=4)
+    refined = dmd_module._eigen(A)[0]
+    exact = dmd_module._eigen(A, dtype=F64)[0]
+    assert not torch.equal(refined, exact)  # refined, within 1e-10 but not bit-equal
+    monkeypatch.setattr(dmd_module, "_REFINE_TOL", 0.0)
+    assert torch.equal(dmd_module._eigen(A)[0], exact)
+
+
+def test_whitened_dmd_of_float64_snapshots_matches_the_float64_eigenproblem():
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    d = 300
+    X = torch.randn(2, 1500, d, generator=g(9), dtype=F64)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g(10), dtype=F64))
+    Y = X @ (0.9 * Q).T + 0.3 * torch.tanh(X)
+    fast, ref = whitened_dmd(X, Y), whitened_dmd(X, Y, eig_dtype=F64)
+    assert fast.eigenvectors.dtype == torch.complex64
+    for b in range(2):
+        assert _distance(fast.eigenvalues[b], ref.eigenvalues[b]) < 1e-9
+    torch.testing.assert_close(resdmd_residuals(fast).sort(-1).values, resdmd_residuals(ref).sort(-1).values,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.eigvec_condition, ref.eigvec_condition, atol=0, rtol=5e-2)
+    for f, r in zip(spectral_features(fast), spectral_features(ref)):
+        assert (f.n_reliable, f.near_unit_mass, f.unstable_mass) == (r.n_reliable, r.near_unit_mass, r.unstable_mass)
+    right = whitened_dmd(X, Y, left_eigenvectors=False)  # the reference library's outputs: also refined
+    torch.testing.assert_close(right.eigenvalues, fast.eigenvalues, atol=0, rtol=0)
