@@ -57,10 +57,12 @@ in float32 as well (`_full_grams`). When the operator is float64 (float64 inputs
 is too ill-conditioned for float32 moments) and the eigenproblem float32, its eigenvalues are refined against the
 float64 operator (`_refined_eigenvalues`: second-order perturbation in the float32 eigenbasis, ~0.6x the time of
 a float64 `eig` at 768 modes); on GPT-2 small's float64 snapshots they agree with the float64 `eig` to 2e-9, and a
-layer whose estimated error exceeds `_REFINE_TOL` is solved in float64. The eigenvectors stay float32. On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees
-with the all-float64 path to 7e-5 in the moduli, 2e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every
-spectral mass and ResDMD count is identical, and kappa(V) is within 3 % (it is sensitive to the eigenvectors of
-clustered eigenvalues: 0.2-2.6 % on planted width-300 data).
+layer whose estimated error exceeds `_REFINE_TOL` is solved in float64. The eigenvectors stay float32.
+
+On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees with the all-float64 path to 7e-5 in
+the moduli, 2e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
+identical, and kappa(V) is within 3 % (it is sensitive to the eigenvectors of clustered eigenvalues: 0.2-2.6 % on
+planted width-300 data).
 """
 
 from __future__ import annotations
@@ -663,7 +665,8 @@ def _eigen(
     `moments.quads` (`_left_quads`), while the real form of the left eigenvectors is at hand.
 
     The decomposition runs in `dtype` (see `_eig_dtype`); the eigenvectors keep its complex counterpart. A float64
-    operator decomposed in float32 gets float64 eigenvalues (`_refined_eigenvalues`) when `vectors`. Without
+    operator decomposed in float32 gets float64 eigenvalues (`_refined_eigenvalues`; its eigenvectors are computed
+    for that even without `vectors`, which is still faster than a float64 `eigvals`). Without
     `vectors` only the eigenvalues are computed and kappa(V) is NaN; without `left_vectors` the left eigenvectors are
     `None` and kappa(V) is NaN (no inverse of V). Layers run side by side in worker threads, each
     with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and on a busy 2-core
@@ -675,7 +678,7 @@ def _eigen(
     flat = operator.to(work).reshape(-1, m, m)
     count = flat.shape[0]
     # a float64 operator decomposed in float32: refine the eigenvalues against it (`_refined_eigenvalues`)
-    exact = operator.reshape(-1, m, m) if vectors and operator.dtype == _F64 and work == torch.float32 else None
+    exact = operator.reshape(-1, m, m) if operator.dtype == _F64 and work == torch.float32 else None
     cdtype = torch.complex64 if work == torch.float32 else torch.complex128
     lam = torch.empty(count, m, dtype=torch.complex128, device=flat.device)
     kappa = torch.empty(count, dtype=_F64, device=flat.device)
@@ -690,9 +693,9 @@ def _eigen(
                  torch.empty(count, m, dtype=_F64, device=flat.device))
 
     def one(i: int) -> None:  # each worker writes its layer into the outputs (no stacking copies)
-        lam[i], vec_i, left_i, kappa[i], quads_i = _eigen_one(
-            flat[i], vectors, left_vectors, None if raw is None else (chol[i], sdd[i], sdx[i], eps),
-            None if exact is None else exact[i])
+        lam[i], vec_i, left_i, kappa[i], quads_i = _eigen_one(  # the refinement needs the eigenvectors
+            flat[i], vectors or exact is not None, left_vectors and vectors,
+            None if raw is None else (chol[i], sdd[i], sdx[i], eps), None if exact is None else exact[i])
         if vectors:
             vec[i] = vec_i
         if left is not None:
@@ -1260,7 +1263,7 @@ def whitened_dmd(
         eig_dtype (`torch.dtype`, *optional*): precision of the eigenproblem. Default: float64 up to 256 modes,
             float32 above (2.6x faster; moduli within ~1e-4 of float64 for float32 inputs). With float64 inputs
             (`dtype=torch.float64`) the float32 eigenvalues are refined to float64 accuracy (within 2e-9 on GPT-2
-            small; the eigenvectors stay float32, and `eigenvectors=False` returns the unrefined float32 values);
+            small; the eigenvectors stay float32);
             `torch.float64` solves the whole eigenproblem in float64.
         left_eigenvectors (`bool`, *optional*, defaults to `True`): with `eigenvectors`, also compute the left
             eigenvectors, $\kappa(V)$ and, for the full spectrum, the ResDMD quadratic forms (one inverse of V, one

@@ -103,3 +103,7 @@ def test_whitened_dmd_of_float64_snapshots_matches_the_float64_eigenproblem():
         assert (f.n_reliable, f.near_unit_mass, f.unstable_mass) == (r.n_reliable, r.near_unit_mass, r.unstable_mass)
     right = whitened_dmd(X, Y, left_eigenvectors=False)  # the reference library's outputs: also refined
     torch.testing.assert_close(right.eigenvalues, fast.eigenvalues, atol=0, rtol=0)
+    only = whitened_dmd(X, Y, eigenvectors=False)  # eigenvalues only: refined as well, no eigenvectors returned
+    torch.testing.assert_close(only.eigenvalues, fast.eigenvalues, atol=0, rtol=0)
+    assert only.eigenvectors is None and only.left_eigenvectors is None
+    assert bool(torch.isnan(only.eigvec_condition).all())
