@@ -57,7 +57,9 @@ in float32 as well (`_full_grams`). When the operator is float64 (float64 inputs
 is too ill-conditioned for float32 moments) and the eigenproblem float32, its eigenvalues are refined against the
 float64 operator (`_refined_eigenvalues`: second-order perturbation in the float32 eigenbasis, ~0.6x the time of
 a float64 `eig` at 768 modes); on GPT-2 small's float64 snapshots they agree with the float64 `eig` to 2e-9, and a
-layer whose estimated error exceeds `_REFINE_TOL` is solved in float64. The eigenvectors stay float32.
+layer where the estimated error of some eigenvalue exceeds `_REFINE_TOL` x max(1, spectral radius) is solved in
+float64. The estimate bounds the next terms of the perturbation series, not the whole error. The eigenvectors stay
+float32.
 
 On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees with the all-float64 path to 7e-5 in
 the moduli, 2e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
@@ -530,10 +532,10 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
     r"""Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V), and
     with `raw` (see `_left_quads`) the ResDMD quadratic forms of the left eigenvectors (else `None`).
 
-    With `exact` (the float64 operator of which `operator` is the float32 copy) and `vectors`, the eigenvalues are
-    refined to float64 accuracy (`_refined_eigenvalues`) and the left eigenvectors, kappa(V) and the ResDMD forms come
-    from the float64 inverse of the eigenvectors' real form; where the refinement cannot vouch for its result, the
-    layer is solved again with a float64 `eig`.
+    With `exact` (the float64 operator of which `operator` is the float32 copy), the eigenvalues are refined against it
+    (`_refined_eigenvalues`; the eigenvectors are computed for that even without `vectors`) and the left eigenvectors,
+    kappa(V) and the ResDMD forms come from the float64 inverse of the eigenvectors' real form; where the refinement
+    cannot vouch for its result, the layer is solved again in float64 (`eig`, or `eigvals` without `vectors`).
 
     For a real operator the eigenvector matrix factors as $V = R\,U$ with $R$ real (the real eigenvectors and, for
     each conjugate pair $a \pm ib$, the columns $\sqrt 2 a, \sqrt 2 b$) and $U$ unitary (blocks
@@ -542,7 +544,7 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
     the rows of $R^{-1}$ are the real and imaginary parts of the left eigenvectors.
     """
     nan = torch.tensor(math.nan, dtype=_F64)
-    if not vectors:
+    if not vectors and exact is None:
         lam = torch.linalg.eigvals(operator)
         order = torch.argsort(lam.abs(), descending=True, stable=True)
         return lam[order].to(torch.complex128), None, None, nan, None
@@ -565,6 +567,8 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
         if order is not None:  # the refinement reordered near-equal moduli: keep the sort, pairs stay adjacent
             vec, R, rinv = vec[:, order], R[:, order], rinv[order]
             start = _conjugate_pairs(lam)
+    if not vectors:  # the eigenvectors served the refinement only
+        return lam.to(torch.complex128), None, None, nan, None
     if not left_vectors:
         return lam.to(torch.complex128), vec, None, nan, None
     quads = None
@@ -597,43 +601,63 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
 
 
 def _refined_eigenvalues(A: torch.Tensor, R: torch.Tensor, rinv: torch.Tensor, start: torch.Tensor):
-    r"""Float64 eigenvalues of the real `(m, m)` operator `A` from approximate (float32) eigenvectors.
+    r"""Eigenvalues of the real float64 `(m, m)` operator `A` from approximate (float32) eigenvectors.
 
     `R` is the real form of the eigenvectors (`_eigen_one`, float64) and `rinv` its float64 inverse, so
     $T = R^{-1} A R$ is similar to $A$; in the complex eigenbasis, $T_c = U^* T U$ (`U` the unitary pair blocks), it is
-    diagonal up to the eigenvectors' error $E$ (off-diagonal). Each eigenvalue is taken to second order,
-    $\lambda_j = t_{jj} + \sum_{k \ne j} E_{jk}E_{kj} / (t_{jj} - t_{kk})$, with $t_{jj}$ in float64 and the small
-    correction in complex64. The third-order remainder is estimated by $\sum_k |E_{jk}E_{kj}| / |t_{jj} - t_{kk}|$ times
-    $\max_k (|E_{jk}| + |E_{kj}|) / |t_{jj} - t_{kk}|$; on GPT-2 snapshots at init (d = 768) that estimate is ~100x
-    the measured error (2e-9 to 4e-12 against float64 `eig`, from 2e-5 to 1e-4 before refinement).
+    $D + E$ with $D$ diagonal and $E$ (zero diagonal) of the order of the eigenvectors' error. Each eigenvalue is taken
+    to second order, $\lambda_j = d_j + \sum_{k} E_{jk}E_{kj} / g_{jk}$ with $g_{jk} = d_j - d_k$: $D$ and the
+    in-pair part of $E$ are separated in float64, the small rest is carried in complex64.
+
+    The error of $\lambda_j$ is estimated by the next terms of the perturbation series, bounded term by term with
+    $
+ho_{jk} = |E_{jk}| / |g_{jk}|$: the third-order sum over two other modes, at most $\sum_{k,l} 
+ho_{jk}
+    |E_{kl}| 
+ho_{lj}$ (one `(m, m)` product), plus the fourth-order term of each pair of modes,
+    $|E_{jk}E_{kj}/g_{jk}|\,
+ho_{jk}
+ho_{kj}$. Higher orders are neglected, and the series is not trusted at all when
+    some $
+ho_{jk} > 1/2$; float64 round-off in $T$ (about $10^{-16}\kappa(R)$) is not counted. On GPT-2 snapshots at
+    init (d = 768) the estimate is 5-500x the measured error (2e-9 to 4e-12 against a float64 `eig`, from 2e-5 to
+    1e-4 before refinement).
 
     Returns `(lam, order)`: the eigenvalues `(m,)` complex128 sorted by decreasing modulus (conjugate pairs exact and
     adjacent, real eigenvalues real) and the permutation applied to the input order (`None` if none), or `None` when
-    some estimate exceeds `_REFINE_TOL` * max(1, spectral radius) or is not finite (clustered or nearly defective
-    eigenvalues, where approximate eigenvectors carry no second-order information).
+    some estimate exceeds `_REFINE_TOL` * max(1, spectral radius), is not finite, or the series is not trusted
+    (clustered, repeated or nearly defective eigenvalues).
     """
     T = rinv @ (A @ R)
     idx = start.nonzero().flatten()
+    # D and the in-pair part of E in float64: a pair block [[t11, t12], [t21, t22]] is a +- ib (a = (t11 + t22) / 2,
+    # b = (t12 - t21) / 2) plus [[p, q], [q, -p]], which U^* U takes to the off-diagonal entries p -+ iq
     diag = torch.diagonal(T).to(torch.complex128)
     pair_re = 0.5 * (T[idx, idx] + T[idx + 1, idx + 1])
     pair_im = 0.5 * (T[idx, idx + 1] - T[idx + 1, idx])
     diag[idx] = torch.complex(pair_re, pair_im)
     diag[idx + 1] = torch.complex(pair_re, -pair_im)
-    off = T.to(torch.complex64)  # U^* T U: columns then rows of each pair combined, (c_j +- i c_j+1) / sqrt(2)
+    p, q = 0.5 * (T[idx, idx] - T[idx + 1, idx + 1]), 0.5 * (T[idx, idx + 1] + T[idx + 1, idx])
+    rest = T.clone()
+    rest.diagonal().zero_()
+    rest[idx, idx], rest[idx + 1, idx + 1], rest[idx, idx + 1], rest[idx + 1, idx] = p, -p, q, q
+    off = rest.to(torch.complex64)  # U^* (T - D) U: columns then rows of each pair combined, (c_j +- i c_j+1) / sqrt2
     half = 0.5 ** 0.5
     cj, cj1 = off[:, idx].clone(), off[:, idx + 1].clone()
     off[:, idx], off[:, idx + 1] = (cj + 1j * cj1) * half, (cj - 1j * cj1) * half
     rj, rj1 = off[idx].clone(), off[idx + 1].clone()
     off[idx], off[idx + 1] = (rj - 1j * rj1) * half, (rj + 1j * rj1) * half
-    off.diagonal().zero_()
+    off.diagonal().zero_()  # zero up to complex64 round-off of the in-pair entries
     d32 = diag.to(torch.complex64)
     gap = d32.unsqueeze(1) - d32.unsqueeze(0)
     gap.diagonal().fill_(1.0)
     coupling = off * off.mT / gap
-    ratio = off.abs() / gap.abs()
-    estimate = coupling.abs().sum(1) * (ratio.amax(1) + ratio.amax(0))
+    size = off.abs()
+    ratio = size / gap.abs()
+    estimate = ((ratio @ size) * ratio.mT).sum(1) + (coupling.abs() * ratio * ratio.mT).sum(1)
     rho = float(diag.abs().max()) if diag.numel() else 0.0
-    if not _all_finite(estimate) or float(estimate.max()) > _REFINE_TOL * max(1.0, rho):
+    if not (_all_finite(estimate) and _all_finite(ratio)) or float(ratio.max()) > 0.5 \
+            or float(estimate.max()) > _REFINE_TOL * max(1.0, rho):
         return None
     lam = diag + coupling.sum(1).to(torch.complex128)
     real = torch.ones_like(start)
@@ -665,8 +689,8 @@ def _eigen(
     `moments.quads` (`_left_quads`), while the real form of the left eigenvectors is at hand.
 
     The decomposition runs in `dtype` (see `_eig_dtype`); the eigenvectors keep its complex counterpart. A float64
-    operator decomposed in float32 gets float64 eigenvalues (`_refined_eigenvalues`; its eigenvectors are computed
-    for that even without `vectors`, which is still faster than a float64 `eigvals`). Without
+    operator decomposed in float32 gets refined eigenvalues (`_refined_eigenvalues`; its eigenvectors are computed
+    for that even without `vectors`, still faster than a float64 `eigvals`). Without
     `vectors` only the eigenvalues are computed and kappa(V) is NaN; without `left_vectors` the left eigenvectors are
     `None` and kappa(V) is NaN (no inverse of V). Layers run side by side in worker threads, each
     with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and on a busy 2-core
@@ -693,9 +717,9 @@ def _eigen(
                  torch.empty(count, m, dtype=_F64, device=flat.device))
 
     def one(i: int) -> None:  # each worker writes its layer into the outputs (no stacking copies)
-        lam[i], vec_i, left_i, kappa[i], quads_i = _eigen_one(  # the refinement needs the eigenvectors
-            flat[i], vectors or exact is not None, left_vectors and vectors,
-            None if raw is None else (chol[i], sdd[i], sdx[i], eps), None if exact is None else exact[i])
+        lam[i], vec_i, left_i, kappa[i], quads_i = _eigen_one(
+            flat[i], vectors, left_vectors, None if raw is None else (chol[i], sdd[i], sdx[i], eps),
+            None if exact is None else exact[i])
         if vectors:
             vec[i] = vec_i
         if left is not None:
@@ -1262,9 +1286,9 @@ def whitened_dmd(
             $\kappa(V)$ (needed by the ResDMD filter and `eigvec_condition`); `False` returns eigenvalues only.
         eig_dtype (`torch.dtype`, *optional*): precision of the eigenproblem. Default: float64 up to 256 modes,
             float32 above (2.6x faster; moduli within ~1e-4 of float64 for float32 inputs). With float64 inputs
-            (`dtype=torch.float64`) the float32 eigenvalues are refined to float64 accuracy (within 2e-9 on GPT-2
-            small; the eigenvectors stay float32);
-            `torch.float64` solves the whole eigenproblem in float64.
+            (`dtype=torch.float64`) the float32 eigenvalues are refined against the float64 operator, to an
+            estimated error of at most 1e-7 x max(1, spectral radius) or else solved in float64 (GPT-2 small: within
+            2e-9 of a float64 `eig`; the eigenvectors stay float32). `torch.float64` solves it all in float64.
         left_eigenvectors (`bool`, *optional*, defaults to `True`): with `eigenvectors`, also compute the left
             eigenvectors, $\kappa(V)$ and, for the full spectrum, the ResDMD quadratic forms (one inverse of V, one
             triangular solve and two products); `False` gives eigenvalues and right eigenvectors only (the

@@ -77,6 +77,48 @@ def test_clustered_eigenvalues_are_solved_in_float64():
     assert torch.equal(lam, dmd_module._eigen(A, dtype=F64)[0])
 
 
+def _with_pair(b: float) -> torch.Tensor:
+    """A 300-mode operator whose spectrum includes the pair 0.95 +- ib, in a basis with condition number 10."""
+    g = torch.Generator().manual_seed(5)
+    B = torch.block_diag(torch.diag(torch.linspace(0.2, 0.9, 298, dtype=F64)),
+                         torch.tensor([[0.95, b], [-b, 0.95]], dtype=F64))
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=F64))
+    V = Q * torch.logspace(0, 1, 300, dtype=F64)
+    return V @ B @ torch.linalg.inv(V)
+
+
+def test_complex_pairs_are_refined_or_solved_in_float64():
+    A = _with_pair(1e-3)  # a well-separated pair: refined
+    lam, reference = dmd_module._eigen(A)[0], torch.linalg.eigvals(A)
+    assert not torch.equal(lam, dmd_module._eigen(A, dtype=F64)[0]) and _distance(lam, reference) < 1e-9
+    A = _with_pair(1e-7)  # a nearly real pair: float32 eigenvectors cannot separate it, the series is not trusted
+    assert torch.equal(dmd_module._eigen(A)[0], dmd_module._eigen(A, dtype=F64)[0])
+
+
+def test_the_estimate_sees_coupling_through_a_cycle_of_modes():
+    # E_jk E_kj = 0 for every pair of modes, but the eigenvalues move by ~1e-4 through the cycle 0 -> 1 -> 2 -> 0:
+    # a second-order-only estimate would accept the diagonal
+    A = torch.diag(torch.tensor([0.9, 0.8, 0.7], dtype=F64))
+    A[0, 1] = A[1, 2] = A[2, 0] = 1e-2
+    eye = torch.eye(3, dtype=F64)
+    assert dmd_module._refined_eigenvalues(A, eye, eye, torch.zeros(3, dtype=torch.bool)) is None
+    A[2, 0] = 1e-9  # the cycle broken: third order ~1e-13, accepted and within 1e-10 of the eigenvalues
+    lam, _ = dmd_module._refined_eigenvalues(A, eye, eye, torch.zeros(3, dtype=torch.bool))
+    assert _distance(lam, torch.linalg.eigvals(A)) < 1e-10
+
+
+def test_eigenvalues_only_fall_back_to_a_float64_eigvals(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    A = _operator(300, 1.0 + 1e-4 * torch.randn(300, generator=g, dtype=F64), seed=3)  # falls back
+    calls = []
+    eig = torch.linalg.eig
+    monkeypatch.setattr(torch.linalg, "eig", lambda a: calls.append(a.dtype) or eig(a))
+    lam, vec, left, kappa = dmd_module._eigen(A, vectors=False)
+    assert calls == [torch.float32]  # the float32 attempt only; the fallback takes eigvals
+    assert vec is None and left is None and bool(torch.isnan(kappa).all())
+    assert torch.equal(lam, dmd_module._eigen(A, vectors=False, dtype=F64)[0])
+
+
 def test_refinement_declines_beyond_its_tolerance(monkeypatch):
     A = _operator(300, seed=4)
     refined = dmd_module._eigen(A)[0]
