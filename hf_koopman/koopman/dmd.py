@@ -53,13 +53,13 @@ float64 inputs (`dtype=` overrides). A float32 covariance whose ridge-whitened c
 `_FLOAT32_GRAM_MAX_CONDITION` is recomputed in float64. The Cholesky factorisations are float64. The eigenproblem
 runs in float64 up to `_EIG_FLOAT64_MAX` modes and in float32 above (`eig_dtype=` overrides); when both the second
 moments and the eigenproblem are float32, the `(m, m)` solves and products that form the operator and the features run
-in float32 as well (`_full_grams`). When the operator is float64 (float64 inputs, or float32 inputs whose covariance
-is too ill-conditioned for float32 moments) and the eigenproblem float32, its eigenvalues are refined against the
-float64 operator (`_refined_eigenvalues`: second-order perturbation in the float32 eigenbasis, ~0.6x the time of
-a float64 `eig` at 768 modes); on GPT-2 small's float64 snapshots they agree with the float64 `eig` to 2e-9, and a
-layer where the estimated error of some eigenvalue exceeds `_REFINE_TOL` x max(1, spectral radius) is solved in
-float64. The estimate bounds the next terms of the perturbation series, not the whole error. The eigenvectors stay
-float32.
+in float32 as well (`_full_grams`). With float64 inputs (or `dtype=torch.float64`) and a float32 eigenproblem, the
+eigenvalues are refined against the float64 operator (`_refined_eigenvalues`: second-order perturbation in the
+float32 eigenbasis, ~0.6x the time of a float64 `eig` at 768 modes); on GPT-2 small's float64 snapshots they agree
+with the float64 `eig` to 2e-9, and a layer where the estimated error of some eigenvalue exceeds `_REFINE_TOL` x
+max(1, spectral radius) is solved in float64. The estimate bounds the next terms of the perturbation series, not the
+whole error. The eigenvectors stay float32. An operator that is float64 only internally (for instance from a float32
+covariance too ill-conditioned for float32 moments) is not refined: float32 inputs get float32 eigenvalues.
 
 On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees with the all-float64 path to 7e-5 in
 the moduli, 2e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
@@ -681,7 +681,7 @@ def _pair_sums(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 def _eigen(
     operator: torch.Tensor, vectors: bool = True, dtype: torch.dtype | None = None, left_vectors: bool = True,
-    moments: _Moments | None = None, eps: float = 0.0,
+    moments: _Moments | None = None, eps: float = 0.0, refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Eigenvalues by decreasing modulus (complex128), unit-norm right and left eigenvectors, and kappa(V) (Alg. 1 l. 8).
 
@@ -689,8 +689,8 @@ def _eigen(
     `moments.quads` (`_left_quads`), while the real form of the left eigenvectors is at hand.
 
     The decomposition runs in `dtype` (see `_eig_dtype`); the eigenvectors keep its complex counterpart. A float64
-    operator decomposed in float32 gets refined eigenvalues (`_refined_eigenvalues`; its eigenvectors are computed
-    for that even without `vectors`, still faster than a float64 `eigvals`). Without
+    operator decomposed in float32 gets refined eigenvalues with `refine` (`_refined_eigenvalues`; its eigenvectors
+    are computed for that even without `vectors`, still faster than a float64 `eigvals`). Without
     `vectors` only the eigenvalues are computed and kappa(V) is NaN; without `left_vectors` the left eigenvectors are
     `None` and kappa(V) is NaN (no inverse of V). Layers run side by side in worker threads, each
     with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and on a busy 2-core
@@ -702,7 +702,7 @@ def _eigen(
     flat = operator.to(work).reshape(-1, m, m)
     count = flat.shape[0]
     # a float64 operator decomposed in float32: refine the eigenvalues against it (`_refined_eigenvalues`)
-    exact = operator.reshape(-1, m, m) if operator.dtype == _F64 and work == torch.float32 else None
+    exact = operator.reshape(-1, m, m) if refine and operator.dtype == _F64 and work == torch.float32 else None
     cdtype = torch.complex64 if work == torch.float32 else torch.complex128
     lam = torch.empty(count, m, dtype=torch.complex128, device=flat.device)
     kappa = torch.empty(count, dtype=_F64, device=flat.device)
@@ -1350,7 +1350,10 @@ def whitened_dmd(
         op, moments, rank_x = _fit_operator(
             X, Y, rank=rank, randomized=randomized, eps=eps, oversample=oversample, power_iters=power_iters,
             generator=generator, dtype=dtype, eig_dtype=eig_dtype)
-        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype, left_eigenvectors, moments, eps)
+        # float64 eigenvalues where the caller works in float64; an operator promoted to float64 internally (e.g. an
+        # ill-conditioned float32 covariance) keeps the float32 eigenproblem's precision and cost
+        refine = dtype == _F64 or (dtype is None and X.dtype == _F64)
+        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype, left_eigenvectors, moments, eps, refine)
         op = op.to(_F64)
         if moments.is_raw:
             trace_xx, trace_dd = moments.traces[0].clamp_min(0.0), moments.traces[1].clamp_min(0.0)
