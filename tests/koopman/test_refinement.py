@@ -168,3 +168,21 @@ def test_float32_inputs_are_not_refined_when_the_operator_is_float64_internally(
     assert calls == []
     whitened_dmd(X, Y)
     assert calls == [1]
+
+
+def test_the_estimate_covers_the_whole_remainder_of_a_two_mode_problem():
+    # two real modes g apart coupled with E_12 E_21 < 0 (x = 4 E_12 E_21 / g^2 = -0.49): the remainder after second
+    # order is 0.020 g, above x^2 g / 16 = 0.015 g; here 1.1e-7, over the tolerance, so the layer must be declined
+    g, x = 5.5e-6, -0.49
+    e = math.sqrt(-x) * g / 2
+    T = torch.tensor([[0.93 + g, e], [-e, 0.93]], dtype=F64)
+    eye, real = torch.eye(2, dtype=F64), torch.zeros(2, dtype=torch.bool)
+    exact = torch.linalg.eigvals(T)
+    second_order = torch.tensor([0.93 + g - e * e / g, 0.93 + e * e / g], dtype=F64)
+    assert _distance(second_order, exact) > dmd_module._REFINE_TOL
+    assert dmd_module._refined_eigenvalues(T, eye, eye, real) is None
+    for x in (-0.45, -0.2, 0.2, 0.45):  # weaker coupling: accepted only within the tolerance
+        e = math.sqrt(abs(x)) * g / 2
+        T = torch.tensor([[0.93 + g, e], [math.copysign(e, x), 0.93]], dtype=F64)
+        out = dmd_module._refined_eigenvalues(T, eye, eye, real)
+        assert out is None or _distance(out[0], torch.linalg.eigvals(T)) <= dmd_module._REFINE_TOL
