@@ -89,7 +89,7 @@ logger = get_logger(__name__)
 _F64 = torch.float64
 
 #: Operators with at most this many modes are eigendecomposed in float64, larger ones in float32 (on GPT-2 small
-#: snapshots: moduli within 2e-4, masses identical, 3x faster).
+#: snapshots: moduli within 7e-5 of the all-float64 path, masses identical; `eig` 2.6x faster).
 _EIG_FLOAT64_MAX = 256
 #: A float32 eigenproblem of a float64 operator is refined (`_refined_eigenvalues`) when the estimated error of every
 #: refined eigenvalue is at most this times max(1, spectral radius); otherwise that layer is solved in float64.
