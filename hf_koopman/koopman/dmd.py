@@ -650,10 +650,11 @@ def _refined_eigenvalues(A: torch.Tensor, R: torch.Tensor, rinv: torch.Tensor, s
     coupling = off * off.mT / gap
     size = off.abs()
     ratio = size / gap.abs()
-    pair = 4.0 * ratio * ratio.mT  # |x_jk| of each two-mode problem
+    both = ratio * ratio.mT  # rho_jk rho_kj; |x_jk| = 4 rho_jk rho_kj for each two-mode problem
+    pair = 4.0 * both
     # third order, plus the remainder of each two-mode problem d_j + (g/2)(sqrt(1 + x) - 1) after its second-order
     # term: at most |g| |x|^2 / (16 (1 - |x|)), the tail of the binomial series
-    tail = coupling.abs() * ratio * ratio.mT / (1.0 - pair).clamp_min(0.5)
+    tail = coupling.abs() * both / (1.0 - pair).clamp_min(0.5)
     estimate = ((ratio @ size) * ratio.mT).sum(1) + tail.sum(1)
     rho = float(diag.abs().max()) if diag.numel() else 0.0
     if not (_all_finite(estimate) and _all_finite(ratio)) or float(ratio.max()) > 0.5 or float(pair.max()) > 0.5 \

@@ -45,3 +45,11 @@ def sort_eigs(lam: torch.Tensor) -> torch.Tensor:
     lam = lam.to(torch.complex128)
     key = torch.round(lam.abs() * 1e6) * 10 + torch.sign(lam.imag)
     return lam[torch.argsort(key)]
+
+
+def wide_float64_pairs(d: int = 300, n: int = 1500) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(2, n, d)` float64 snapshots X and Y = 0.9 X Q^T + 0.3 tanh(X) (Q a random rotation): wide enough for the
+    float32 eigenproblem (more than 256 modes), nonlinear enough for ResDMD residuals on both sides of the filter."""
+    X = torch.randn(2, n, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(10), dtype=torch.float64))
+    return X, X @ (0.9 * Q).T + 0.3 * torch.tanh(X)

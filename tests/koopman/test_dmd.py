@@ -10,7 +10,7 @@ import torch
 
 import hf_koopman.koopman.dmd as dmd_module
 from hf_koopman.koopman import DMDResult, whiten, whitened_dmd, zca_whitening
-from _planted import anisotropic_states, planted_operator, sort_eigs
+from _planted import anisotropic_states, planted_operator, sort_eigs, wide_float64_pairs
 
 F64 = torch.float64
 
@@ -457,11 +457,7 @@ def test_resdmd_residuals_of_float32_eigenvectors_are_computed_not_assumed():
     # u^* G_xx u, exact only for exact eigenvectors, was 2.4e-4 off here
     from hf_koopman.koopman import resdmd_residuals
 
-    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
-    d = 300
-    X = torch.randn(2, 1500, d, generator=g(9), dtype=F64)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g(10), dtype=F64))
-    Y = X @ (0.9 * Q).T + 0.3 * torch.tanh(X)
+    X, Y = wide_float64_pairs()
     fast, ref = whitened_dmd(X, Y), whitened_dmd(X, Y, eig_dtype=F64)
     assert fast.eigenvectors.dtype == torch.complex64 and fast.moments.is_raw
     r_fast, r_ref = resdmd_residuals(fast).sort(-1).values, resdmd_residuals(ref).sort(-1).values

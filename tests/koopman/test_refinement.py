@@ -1,4 +1,4 @@
-"""Float32 eigenproblems of float64 operators (the default above 256 modes) refined to float64 eigenvalues."""
+"""Float32 eigenproblems of float64 operators (the default above 256 modes), refined against the float64 operator."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 
 import hf_koopman.koopman.dmd as dmd_module
 from hf_koopman.koopman import resdmd_residuals, spectral_features, whitened_dmd
+
+from _planted import anisotropic_states, wide_float64_pairs
 
 F64 = torch.float64
 
@@ -129,11 +131,7 @@ def test_refinement_declines_beyond_its_tolerance(monkeypatch):
 
 
 def test_whitened_dmd_of_float64_snapshots_matches_the_float64_eigenproblem():
-    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
-    d = 300
-    X = torch.randn(2, 1500, d, generator=g(9), dtype=F64)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g(10), dtype=F64))
-    Y = X @ (0.9 * Q).T + 0.3 * torch.tanh(X)
+    X, Y = wide_float64_pairs()
     fast, ref = whitened_dmd(X, Y), whitened_dmd(X, Y, eig_dtype=F64)
     assert fast.eigenvectors.dtype == torch.complex64
     for b in range(2):
@@ -155,8 +153,6 @@ def test_float32_inputs_are_not_refined_when_the_operator_is_float64_internally(
     # a float32 covariance too ill-conditioned for float32 moments makes a float64 operator from float32 snapshots; the
     # float32 eigenproblem's precision is what the caller asked for, so no refinement cost (it added 17 % to the
     # analysis of a LLaMA-2-7B layer at init, whose operator is float64 internally)
-    from _planted import anisotropic_states
-
     calls = []
     refine = dmd_module._refined_eigenvalues
     monkeypatch.setattr(dmd_module, "_refined_eigenvalues", lambda *a: calls.append(1) or refine(*a))
