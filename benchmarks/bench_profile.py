@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -181,6 +182,8 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
         "rank_over_forward_wall": med["analysis_rank"][0] / plain_w,
         "rank_over_forward_cpu": med["analysis_rank"][1] / plain_c,
         "hook_overhead": med["hooked"][0] / plain_w - 1,
+        "paired_ratio_wall": paired_ratio([w for w, _ in runs["analysis_full"]], [w for w, _ in runs["plain"]]),
+        "paired_ratio_cpu": paired_ratio([c for _, c in runs["analysis_full"]], [c for _, c in runs["plain"]]),
         "all_runs_wall_cpu": runs,
         "full_layer_mean": _layer_mean(full),
         "rank_layer_mean": _layer_mean(approx),
@@ -188,10 +191,13 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
     if one_thread:
         snapshots = rec.snapshots()
         with torch.no_grad():
-            cpu = _one_thread_interleaved({"plain": lambda: model(**batch),
-                                           "analysis_full": lambda: profile_from_snapshots(snapshots)}, repeats)
+            rounds = _one_thread_interleaved({"plain": lambda: model(**batch),
+                                              "analysis_full": lambda: profile_from_snapshots(snapshots)}, repeats)
+        cpu = {name: statistics.median(v) for name, v in rounds.items()}
         out["one_thread_cpu_s"] = cpu
         out["one_thread_full_over_forward_cpu"] = cpu["analysis_full"] / cpu["plain"]
+        out["one_thread_paired_cpu_ratio"] = paired_ratio(rounds["analysis_full"], rounds["plain"])
+        out["one_thread_runs_cpu"] = rounds
     if floor_layers:
         X, Y = _stack_chunk(rec.snapshots())
         rows = formulation_floor(X, Y, floor_layers, repeats)
@@ -210,12 +216,28 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
 
 def _one_thread_cpu(fn, repeats: int) -> float:
     """Median process CPU time (s) of `fn()` with torch limited to one thread, after one warm-up call."""
-    return _one_thread_interleaved({"fn": fn}, repeats)["fn"]
+    return statistics.median(_one_thread_interleaved({"fn": fn}, repeats)["fn"])
 
 
-def _one_thread_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median process CPU time (s) of each `fns[name]()` with torch limited to one thread, the calls interleaved in
-    every repeat (after one warm-up round), so that load changes hit all of them alike."""
+def paired_ratio(num: list[float], den: list[float], level: float = 0.95) -> dict:
+    """Median of the paired ratios `num[i] / den[i]` (one interleaved round each) and its distribution-free interval.
+
+    The interval is `[r_(k), r_(n+1-k)]` of the sorted ratios with the largest `k` such that a Binomial(n, 1/2)
+    falls below `k` with probability at most `(1 - level) / 2`: it covers the population median with probability at
+    least `level` whatever the distribution of the ratios. `None` bounds when `n` is too small for that level.
+    """
+    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
+    n, tail, k, below = len(ratios), (1 - level) / 2, 0, 0.0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:  # below = P(Bin(n, 1/2) < k + 1)
+        below += math.comb(n, k) / 2**n
+        k += 1
+    low, high = (ratios[k - 1], ratios[n - k]) if k else (None, None)
+    return {"n": n, "median": statistics.median(ratios), "low": low, "high": high, "level": level}
+
+
+def _one_thread_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Process CPU times (s) of each `fns[name]()` per round with torch limited to one thread, the calls interleaved
+    in every round (after one warm-up round), so that load changes hit all of them alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -228,7 +250,7 @@ def _one_thread_interleaved(fns: dict, repeats: int) -> dict[str, float]:
                     times[name].append(time.process_time() - start)
     finally:
         torch.set_num_threads(threads)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
 
 
 def formulation_floor(X: torch.Tensor, Y: torch.Tensor, layers: int, repeats: int, eps: float = 1e-5) -> list[dict]:
@@ -316,6 +338,12 @@ def _layer_mean(result) -> dict:
     return {k: sum(float(getattr(f, k)) for f in feats) / len(feats) for k in keys}
 
 
+def _interval(r: dict) -> str:
+    if r["low"] is None:
+        return f"median {r['median']:.3f}x of {r['n']} (too few rounds for a {r['level']:.0%} interval)"
+    return f"median {r['median']:.3f}x, {r['level']:.0%} interval [{r['low']:.3f}, {r['high']:.3f}] ({r['n']} rounds)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -358,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = timing["full_over_forward_wall"] <= 1.0
     print(f"full spectrum / plain forward:  wall {timing['full_over_forward_wall']:.2f}x, CPU "
           f"{timing['full_over_forward_cpu']:.2f}x   (target <= 1x: {'MET' if ok else 'NOT MET'} on wall time)")
+    for key, what in (("paired_ratio_wall", "wall"), ("paired_ratio_cpu", "CPU")):
+        print(f"full spectrum / plain forward, paired rounds, {what}: {_interval(timing[key])}")
     print(f"rank-{args.rank} / plain forward:        wall {timing['rank_over_forward_wall']:.2f}x, CPU "
           f"{timing['rank_over_forward_cpu']:.2f}x   (reference)")
     print(f"layer means, full spectrum: {timing['full_layer_mean']}")
@@ -365,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if "one_thread_cpu_s" in timing:
         one = timing["one_thread_cpu_s"]
         print(f"one thread, interleaved (CPU s): plain forward {one['plain']:.3f}, analysis {one['analysis_full']:.3f}"
-              f" = {timing['one_thread_full_over_forward_cpu']:.2f}x")
+              f" = {timing['one_thread_full_over_forward_cpu']:.2f}x; paired rounds: "
+              f"{_interval(timing['one_thread_paired_cpu_ratio'])}")
     if "floor" in timing:
         floor = timing["floor"]
         print(f"\n== dense operations of the analysis, each alone (one thread, CPU s; median of "

@@ -33,3 +33,15 @@ def test_floor_rejects_operands_that_are_not_the_library_operator(monkeypatch):
     monkeypatch.setattr(torch.linalg, "cholesky", lambda a: real_cholesky(2.0 * a))  # halves the floor's operator
     with pytest.raises(RuntimeError, match="differs from whitened_dmd"):
         bench_profile.formulation_floor(X, Y, layers=1, repeats=1)
+
+
+def test_paired_ratio_interval_is_the_binomial_order_statistics():
+    # n = 25: P(Bin(25, 1/2) <= 7) = 0.022 <= 0.025 < P(<= 8) = 0.054, so the 95 % interval is [r_(8), r_(18)]
+    den = [1.0] * 25
+    num = [1.0 + i / 100 for i in reversed(range(25))]
+    r = bench_profile.paired_ratio(num, den)
+    assert r["n"] == 25 and r["median"] == pytest.approx(1.12)
+    assert r["low"] == pytest.approx(1.07) and r["high"] == pytest.approx(1.17)
+    assert bench_profile.paired_ratio(num[:5], den[:5])["low"] is None  # 2 / 2^5 > 0.05: no 95 % interval
+    with pytest.raises(ValueError):
+        bench_profile.paired_ratio(num, den[:3])
