@@ -313,6 +313,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.profile = None  # the init SpectralProfile
         self.weights_validated = True  # False once the in-memory weights are ones a divergence was detected on
         self._trainer: Any = None
+        self._warned_unbound = False
         self._loss_tap: LossTap | None = None
         self._grad_tap: GradNormTap | None = None
         self._watch: ActivationWatch | None = None
@@ -403,6 +404,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._trainer.log(logs)
             self._trainer.control.should_log = pending
         else:  # not bound: log_history only (integrations miss it)
+            if not self._warned_unbound:
+                self._warned_unbound = False
+                logger.warning(
+                    "RKSPCallback is not bound to its Trainer: the rksp/* metrics go to state.log_history and the run "
+                    "record only, not to TensorBoard / W&B. Call `callback.bind(trainer)` or "
+                    "`hf_koopman.training.callback.register_trainer(trainer)` after creating the Trainer "
+                    "(a KSSTrainer binds it itself)."
+                )
             state.log_history.append({**logs, "step": state.global_step})
 
     # ------------------------------------------------------------------ probe and profile

@@ -37,7 +37,7 @@ def _loss_steps(trainer):
     return [h["step"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_init_profile_reaches_log_history_and_output_dir(tmp_path):
+def test_init_profile_reaches_log_history_and_output_dir(tmp_path, caplog):
     plain = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "plain"), train_dataset=TokenDataset())
     plain.train()
     callback = RKSPCallback(every_n_steps=2, **SMALL)
@@ -56,6 +56,9 @@ def test_init_profile_reaches_log_history_and_output_dir(tmp_path):
     assert [h["loss"] for h in history if "loss" in h] == [h["loss"] for h in plain.state.log_history if "loss" in h]
     saved = json.loads((tmp_path / "cb" / "rksp_profile.json").read_text())
     assert saved["verdict"] == callback.init_verdict and len(saved["layers"]) == 4
+    # unbound (a plain Trainer): the user is told once that integrations miss the metrics, and how to fix it
+    unbound = [r for r in caplog.records if "not bound to its Trainer" in r.getMessage()]
+    assert len(unbound) == 1 and "callback.bind(trainer)" in unbound[0].getMessage()
     assert (tmp_path / "cb" / "rksp_report.md").read_text().strip()
     assert (tmp_path / "cb" / "rksp_profile.png").stat().st_size > 0
 
@@ -75,6 +78,7 @@ def test_high_risk_auto_kss_follows_the_measurements_and_leaves_kss_off(tmp_path
     assert callback.init_verdict == "high risk"
     assert "HIGH RISK" in caplog.text and "KSS stays off" in caplog.text and "results/kss_v2.md" in caplog.text
     assert "train with KSS" not in caplog.text and "KSS switched on" not in caplog.text
+    assert "not bound to its Trainer" not in caplog.text  # a KSSTrainer binds the callback itself
     assert not trainer.kss_config.enabled and trainer.kss_steps == [] and not callback.kss_auto_enabled
     assert any(h.get("kss/auto_enabled") == 0.0 for h in trainer.state.log_history)
     assert not any("kss/penalty" in h for h in trainer.state.log_history)
