@@ -7,8 +7,9 @@
 * Research models (`ReyNet*`, `EquivCNP*`): Hub-compatible `PreTrainedModel` classes, registered with the Auto
   classes when this package is imported.
 
-The math core `hf_koopman.koopman` is pure torch and never imports `transformers`; everything else is glue. Public
-names are resolved lazily so that `import hf_koopman.koopman` stays light.
+The math core `hf_koopman.koopman` is pure torch: its modules never import `transformers`, and it works where
+transformers is not installed. Importing the package registers the model classes with the Auto classes (which loads
+transformers when it is installed); every other public name is resolved lazily, on first use.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The public facade: every name in `hf_koopman.__all__` resolves, and importing registers our Auto classes."""
 
+import importlib
+
 import pytest
 
 import hf_koopman
@@ -7,7 +9,9 @@ import hf_koopman
 
 @pytest.mark.parametrize("name", [n for n in hf_koopman.__all__ if n != "__version__"])
 def test_public_name_resolves(name):
-    assert getattr(hf_koopman, name) is not None
+    obj = getattr(hf_koopman, name)
+    home = hf_koopman._LAZY[name]  # the name comes from the module the facade says defines it
+    assert obj is getattr(importlib.import_module(home), name)
 
 
 def test_unknown_name_raises_attribute_error():
