@@ -718,7 +718,8 @@ class RiskEstimator:
                 f"risk-estimator JSON has format version {version!r}; this hf_koopman reads versions 1 and "
                 f"{FORMAT_VERSION}. "
                 + ("It was written by a newer hf_koopman: upgrade (pip install -U hf-koopman)." if newer else
-                   "Re-save it with RiskEstimator.save_json, or refit it with research/scripts/fit_risk.py.")
+                   "Re-save it with RiskEstimator.save_json, or refit it with research/scripts/fit_risk.py from the "
+                   "hf_koopman repository.")
             )
         try:
             feats = []
@@ -817,7 +818,8 @@ def _load_default() -> RiskEstimator:
     ref = resources.files("hf_koopman") / "data" / DEFAULT_ESTIMATOR_FILE
     if not ref.is_file():
         raise FileNotFoundError(
-            f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with research/scripts/fit_risk.py"
+            f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with "
+            "research/scripts/fit_risk.py from the hf_koopman repository"
         )
     return RiskEstimator.from_dict(json.loads(ref.read_text(encoding="utf-8")))
 
@@ -840,7 +842,8 @@ ADVICE = {
         "Lower the learning rate (and if the blocks have no normalisation layers, add them: the paper's high-risk "
         "family is No-Norm), and keep the divergence guard on "
         "(`RKSPCallback(on_divergence=\"rollback\")` continues past a blow-up). KSS (`KSSTrainer`) did not lower "
-        "divergence in our measurements in the paper's own No-Norm regime (results/kss_v2.md)."
+        "divergence in our measurements in the paper's own No-Norm regime (results/kss_v2.md in the hf_koopman "
+        "repository)."
     ),
     "uninformative": "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal.",
 }

@@ -99,8 +99,8 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
     lines.append(
         "- How far to trust the verdict: the spectrum at initialisation separated the paper's No-Norm models from "
         "normalised ones; on our own runs it has added nothing measurable beyond normalisation type and learning rate "
-        "(`results/RESULTS.md`). Treat it as a screen, not a guarantee. It is not about a particular learning rate: "
-        "a model judged safe still diverges at a high enough one."
+        "(`results/RESULTS.md` in the hf_koopman repository). Treat it as a screen, not a guarantee. It is not about "
+        "a particular learning rate: a model judged safe still diverges at a high enough one."
     )
     return lines + [""]
 

@@ -546,7 +546,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 # divergence, so auto_kss leaves it off and says so
                 logger.warning(
                     "RKSPCallback(auto_kss=True): KSS stays off despite the high-risk verdict. In the paper's No-Norm "
-                    "regime KSS did not lower divergence (results/kss_v2.md); pass kss_enabled=True to use it anyway."
+                    "regime KSS did not lower divergence (results/kss_v2.md in the hf_koopman repository); pass "
+                    "kss_enabled=True to use it anyway."
                 )
                 self._log(args, state, {"kss/auto_enabled": 0.0})
         if self.auto_kss and self.kss_auto_enabled:  # also re-applied after a resume
