@@ -68,7 +68,8 @@ __all__ = [
     "register",
 ]
 
-# Complete auto_map for Hub remote code (base + every head); used by `hf_koopman.models.publishing`.
+# Complete auto_map for Hub remote code (base + every head); used by `hf_koopman.models.publishing`. transformers
+# reads the keys that name its own Auto classes; the other three name the heads for remote-code readers.
 AUTO_MAP = {
     "AutoConfig": "configuration_reynet.ReyNetConfig",
     "AutoModel": "modeling_reynet.ReyNetModel",
