@@ -284,3 +284,14 @@ def test_gradient_cap_with_reentrant_checkpointing_names_the_fix(tmp_path):
     )
     ok.train()  # non-reentrant checkpointing (the default) works with the cap
     assert 0.0 < ok.state.log_history[0]["kss/grad_scale"] <= 1.0
+
+
+def test_training_argument_defaults_are_the_kss_config_defaults():
+    # KSSTrainingArguments restates every KSSConfig field as kss_<name>; a default changed on one side only would make
+    # `KSSTrainer(args=KSSTrainingArguments(...))` and `KSSConfig()` train differently
+    import dataclasses
+
+    args = {f.name: f for f in dataclasses.fields(KSSTrainingArguments)}
+    for field in dataclasses.fields(KSSConfig):
+        assert f"kss_{field.name}" in args, field.name
+        assert args[f"kss_{field.name}"].default == field.default, field.name
