@@ -7,7 +7,7 @@ from torch import nn
 
 from .configuration_equivcnp import CNPConfig
 from .modeling_equivcnp import EquivCNPPreTrainedModel
-from .neural_process import NeuralProcessOutput, check_inputs, masked_gaussian_nll
+from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction
 
 __all__ = ["CNPModel"]
 
@@ -62,7 +62,4 @@ class CNPModel(EquivCNPPreTrainedModel):
         rep = rep[:, None, :].expand(-1, target_x.shape[1], -1)
         mean, raw = self.decoder(torch.cat([target_x, rep], -1)).split(cfg.y_dim, dim=-1)
         stddev = cfg.min_std + (1 - cfg.min_std) * nn.functional.softplus(raw)
-        if not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
-            raise FloatingPointError("CNP produced a non-finite prediction; check input scales and the learning rate")
-        loss = masked_gaussian_nll(mean, stddev, target_y, target_mask) if target_y is not None else None
-        return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
+        return gaussian_prediction("CNP", mean, stddev, target_y, target_mask)

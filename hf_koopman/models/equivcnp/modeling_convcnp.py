@@ -14,7 +14,7 @@ from torch import nn
 
 from .configuration_equivcnp import ConvCNPConfig
 from .modeling_equivcnp import EquivCNPPreTrainedModel
-from .neural_process import NeuralProcessOutput, check_inputs, masked_gaussian_nll, uniform_grid
+from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction, uniform_grid
 
 __all__ = ["ConvCNPModel"]
 
@@ -86,7 +86,4 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         h_t = wt @ h
         mean = self.mean_head(h_t)
         stddev = cfg.min_std + nn.functional.softplus(self.std_head(h_t))
-        if not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
-            raise FloatingPointError("ConvCNP produced a non-finite prediction; check input scales and the learning rate")
-        loss = masked_gaussian_nll(mean, stddev, target_y, target_mask) if target_y is not None else None
-        return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
+        return gaussian_prediction("ConvCNP", mean, stddev, target_y, target_mask)

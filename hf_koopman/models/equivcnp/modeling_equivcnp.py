@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 from .configuration_equivcnp import EquivCNPConfig
 from .groups import get_group
 from .lieconv import LieConv, LieConvBlock, build_neighbourhood, gather_points, grid_stencil_half_width
-from .neural_process import NeuralProcessOutput, check_inputs, masked_gaussian_nll, uniform_grid
+from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction, uniform_grid
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
 
@@ -190,7 +190,4 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         raw = self.head(self.readout(h, nb_out))
         mean, raw_std = raw.split(cfg.y_dim, dim=-1)
         stddev = cfg.min_std + nn.functional.softplus(raw_std)
-        if not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
-            raise FloatingPointError("EquivCNP produced a non-finite prediction; check input scales and the learning rate")
-        loss = masked_gaussian_nll(mean, stddev, target_y, target_mask) if target_y is not None else None
-        return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
+        return gaussian_prediction("EquivCNP", mean, stddev, target_y, target_mask)

@@ -19,6 +19,7 @@ __all__ = [
     "NeuralProcessOutput",
     "gaussian_log_likelihood",
     "masked_gaussian_nll",
+    "gaussian_prediction",
     "check_inputs",
     "uniform_grid",
     "NeuralProcessCollator",
@@ -69,6 +70,24 @@ def masked_gaussian_nll(
         return nll.mean()
     m = target_mask[..., None].to(nll.dtype).expand_as(nll)
     return (nll * m).sum() / m.sum().clamp_min(1.0)
+
+
+def gaussian_prediction(
+    model_name: str, mean: torch.Tensor, stddev: torch.Tensor, target_y: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+) -> NeuralProcessOutput:
+    """The predictive Gaussian (`mean`, `stddev` `(B, Nt, y_dim)`) as a `NeuralProcessOutput`, with the
+    `masked_gaussian_nll` loss when `target_y` is given.
+
+    Raises:
+        FloatingPointError: when the mean or the standard deviation is not finite (named after `model_name`).
+    """
+    if not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
+        raise FloatingPointError(
+            f"{model_name} produced a non-finite prediction; check input scales and the learning rate"
+        )
+    loss = masked_gaussian_nll(mean, stddev, target_y, target_mask) if target_y is not None else None
+    return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
 
 
 def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:

@@ -258,3 +258,15 @@ def test_collator_and_plain_trainer(tmp_path):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["CNP", "ConvCNP", "EquivCNP"])
+def test_non_finite_prediction_names_the_model(name):
+    model = {"CNP": lambda: CNPModel(CNPConfig()), "ConvCNP": lambda: ConvCNPModel(ConvCNPConfig()),
+             "EquivCNP": lambda: _tiny("T1")}[name]().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    cx, cy, tx = _task(1)
+    with pytest.raises(FloatingPointError, match=f"^{name} produced a non-finite prediction"):
+        model(cx, cy, tx, target_y=torch.randn(2, 25, 1))
