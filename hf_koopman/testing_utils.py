@@ -18,9 +18,12 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 
 __all__ = [
@@ -92,7 +95,7 @@ _TINY: dict[str, tuple[dict[str, Any], str]] = {
 TINY_ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
 
 
-def tiny_config(arch: str, **overrides: Any):
+def tiny_config(arch: str, **overrides: Any) -> PreTrainedConfig:
     """`PretrainedConfig` of a tiny `arch` (one of `TINY_ARCHITECTURES`); `overrides` replace config attributes.
 
     `num_hidden_layers` is accepted for every architecture (mapped to `n_layer` / `num_layers` ... by the config).
@@ -112,7 +115,9 @@ def tiny_config(arch: str, **overrides: Any):
     return config
 
 
-def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | None = None, head: bool = True, **overrides: Any):
+def tiny_model(
+    arch: str, *, seed: int = 0, dtype: torch.dtype | None = None, head: bool = True, **overrides: Any
+) -> PreTrainedModel:
     """Randomly initialised tiny model of `arch`, in eval mode.
 
     Args:
@@ -134,7 +139,7 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | None = None, he
     return model.eval()
 
 
-def tiny_peft_model(arch: str = "llama", *, r: int = 4, seed: int = 0, **overrides: Any):
+def tiny_peft_model(arch: str = "llama", *, r: int = 4, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """`tiny_model(arch)` wrapped with a PEFT LoRA adapter on the attention projections (needs `peft`)."""
     from hf_koopman.optional_imports import import_optional
 

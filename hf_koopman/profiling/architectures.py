@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 __all__ = ["known_architectures", "load_architecture_config", "resolve_architecture_name"]
@@ -58,7 +61,7 @@ def resolve_architecture_name(name: str) -> str | None:
     return key if key in known_architectures() else None
 
 
-def load_architecture_config(name: str, **overrides: Any):
+def load_architecture_config(name: str, **overrides: Any) -> PreTrainedConfig:
     """`PretrainedConfig` of an embedded architecture; `overrides` replace attributes (e.g. `num_hidden_layers=4`).
 
     Raises:

@@ -271,7 +271,7 @@ class KSSTrainer(Trainer):
         inputs: dict[str, Any],
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         if not (model.training and self.kss_active_for_step()):
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch

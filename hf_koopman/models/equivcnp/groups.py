@@ -81,9 +81,11 @@ class LieGroup:
 
     # -- group structure ---------------------------------------------------------------------------------------
     def exp(self, a: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Matrix exponential of Lie-algebra coordinates `a` `(..., lie_dim)`: group elements `(..., m, m)`."""
         raise NotImplementedError
 
     def log(self, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Lie-algebra coordinates `(..., lie_dim)` of group elements `g` `(..., m, m)` (inverse of `exp`)."""
         raise NotImplementedError
 
     def compose(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -91,9 +93,11 @@ class LieGroup:
         return g @ h
 
     def inverse(self, g: torch.Tensor) -> torch.Tensor:
+        """Group inverse of matrices `(..., m, m)`."""
         return torch.linalg.inv(g)
 
     def identity(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Identity elements `(*shape, m, m)`."""
         return torch.eye(self.mat_dim, dtype=dtype).expand(*shape, self.mat_dim, self.mat_dim).clone()
 
     # -- lifting and pairs -------------------------------------------------------------------------------------
