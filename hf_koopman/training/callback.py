@@ -175,7 +175,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     Logging through `Trainer.log` (so TensorBoard / W&B see the metrics) needs the trainer: a [`KSSTrainer`] binds
     itself; with any other `Trainer` call `callback.bind(trainer)`, or `register_trainer(trainer)`, which also reaches
-    a callback restored from a checkpoint. Unbound, the metrics go to `state.log_history` and the run record only.
+    a callback restored from a checkpoint. Unbound, the metrics go to `state.log_history` and the run record only
+    (with integrations in `report_to`, a warning says so once).
 
     Args:
         profile_at_init (`bool`, defaults to `True`): profile at train begin.
@@ -404,8 +405,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._trainer.log(logs)
             self._trainer.control.should_log = pending
         else:  # not bound: log_history only (integrations miss it)
-            if not self._warned_unbound:
-                self._warned_unbound = False
+            if not self._warned_unbound and getattr(args, "report_to", None):
+                self._warned_unbound = True
                 logger.warning(
                     "RKSPCallback is not bound to its Trainer: the rksp/* metrics go to state.log_history and the run "
                     "record only, not to TensorBoard / W&B. Call `callback.bind(trainer)` or "

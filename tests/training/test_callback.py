@@ -56,9 +56,7 @@ def test_init_profile_reaches_log_history_and_output_dir(tmp_path, caplog):
     assert [h["loss"] for h in history if "loss" in h] == [h["loss"] for h in plain.state.log_history if "loss" in h]
     saved = json.loads((tmp_path / "cb" / "rksp_profile.json").read_text())
     assert saved["verdict"] == callback.init_verdict and len(saved["layers"]) == 4
-    # unbound (a plain Trainer): the user is told once that integrations miss the metrics, and how to fix it
-    unbound = [r for r in caplog.records if "not bound to its Trainer" in r.getMessage()]
-    assert len(unbound) == 1 and "callback.bind(trainer)" in unbound[0].getMessage()
+    assert "not bound to its Trainer" not in caplog.text  # report_to="none": no integration misses the metrics
     assert (tmp_path / "cb" / "rksp_report.md").read_text().strip()
     assert (tmp_path / "cb" / "rksp_profile.png").stat().st_size > 0
 
@@ -300,3 +298,18 @@ def test_probe_token_count_reads_only_a_2d_mask():
     # a 4-D or additive mask says nothing countable: no count, so num_samples is left as asked
     assert callback_module._token_count({"input_ids": ids, "attention_mask": torch.zeros(2, 1, 5, 5)}) is None
     assert callback_module._token_count({"pixel_values": torch.randn(1, 3, 4, 4)}) is None
+
+
+def test_unbound_callback_warns_once_when_integrations_would_miss_its_metrics(caplog):
+    from types import SimpleNamespace
+
+    from transformers import TrainerState
+
+    callback, state = RKSPCallback(), TrainerState()
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            state.global_step = step
+            callback._log(SimpleNamespace(report_to=["tensorboard"]), state, {"rksp/score": 0.5})
+    unbound = [r for r in caplog.records if "not bound to its Trainer" in r.getMessage()]
+    assert len(unbound) == 1 and "callback.bind(trainer)" in unbound[0].getMessage()
+    assert [h["step"] for h in state.log_history] == [0, 1, 2]  # the metrics still reach log_history
