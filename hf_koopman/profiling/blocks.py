@@ -72,11 +72,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """`model.get_submodule(path)`; a path written from the task model (`model.layers`, `transformer.h`) also resolves
+    on its base model (`LlamaModel`, `GPT2Model`, what the CLI profiles) by dropping the leading `base_model_prefix`."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        prefix = getattr(model, "base_model_prefix", "")
+        if prefix and path.startswith(prefix + ".") and not hasattr(model, prefix):
+            return model.get_submodule(path[len(prefix) + 1:])
+        raise
+
+
 def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module]) -> list[ResidualBlock]:
     names = {id(m): n for n, m in model.named_modules()}
     if isinstance(layers, str):
         try:
-            target = model.get_submodule(layers)
+            target = _submodule(model, layers)
         except AttributeError as err:
             raise ValueError(
                 f"layers={layers!r} is not a sub-module of {type(model).__name__}: {err}. Pass the dotted path of the "
@@ -95,7 +107,7 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
     for item in layers:
         if isinstance(item, str):
             try:
-                module = model.get_submodule(item)
+                module = _submodule(model, item)
             except AttributeError:
                 raise ValueError(f"layers entry {item!r} is not a sub-module of {type(model).__name__}.") from None
         elif isinstance(item, nn.Module):

@@ -61,6 +61,17 @@ def test_override_by_path_and_by_modules():
     assert [b.name for b in by_names] == ["model.layers.1"]
 
 
+def test_override_path_of_the_task_model_resolves_on_its_base_model():
+    base = tiny_model("llama", head=False)  # LlamaModel: what the CLI profiles
+    by_task_path = find_residual_blocks(base, layers="model.layers")
+    assert [b.module for b in by_task_path] == list(base.layers)
+    assert [b.name for b in find_residual_blocks(base, layers=["model.layers.1"])] == ["layers.1"]
+    gpt2 = tiny_model("gpt2", head=False)
+    assert [b.module for b in find_residual_blocks(gpt2, layers="transformer.h")] == list(gpt2.h)
+    with pytest.raises(ValueError, match="not a sub-module"):  # only the base-model prefix is dropped
+        find_residual_blocks(base, layers="decoder.layers")
+
+
 def test_bad_override_raises_clear_error():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"layers='model\.blocks' is not a sub-module.*model\.layers"):
