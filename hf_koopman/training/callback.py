@@ -540,8 +540,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if assessment is not None:  # the calibrated probability, with its range caveat in the same line
                 log = logger.warning if assessment.out_of_range else logger.info
                 # the verdict reads the spectrum alone; this number is for the run's learning rate
-                log("RKSP calibrated risk at this learning rate (the verdict above reads the spectrum alone): %s",
-                    assessment.describe())
+                log("RKSP calibrated risk at this learning rate (the verdict, %s, reads the spectrum alone): %s",
+                    self.init_verdict.upper(), assessment.describe())
             if self.auto_kss and self.init_verdict == "high risk":
                 # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
                 # divergence, so auto_kss leaves it off and says so
@@ -1101,6 +1101,16 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._stop_guard()
         if self.events:
             self._write_record(args, state)
+        rollbacks = [e for e in self.events if e["action"] == "rollback"]
+        if rollbacks and self.divergence is None and state.is_world_process_zero:
+            # the run finished, but its final weights are not what its step count suggests: say what they are
+            since = state.global_step - rollbacks[-1]["step"]
+            trained = (f"{since} step(s) trained after it" if since > 0
+                       else "no step trained after it: the final weights are that state's")
+            logger.warning(
+                "RKSP guard: %d rollback(s) in this run (learning rate x %g). The weights continue from the validated "
+                "state of step %s, with %s.", len(rollbacks), self.lr_scale, rollbacks[-1]["restored_step"], trained,
+            )
         if self.divergence is not None and not self.weights_validated:
             where = (f"the last good checkpoint ({self.last_good_checkpoint}) could not be read back; resume from an "
                      "older checkpoint" if self._unreadable is not None and self._unreadable == self.last_good_checkpoint

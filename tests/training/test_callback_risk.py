@@ -23,3 +23,5 @@ def test_init_logs_risk_out_of_range_for_a_learning_rate_below_the_fitted_range(
     assert 0.0 < init["rksp/risk"] < 1.0
     assert init["rksp/risk_out_of_range"] == 1.0
     assert "outside the fitted range: learning_rate" in caplog.text and "2 decades below" in caplog.text
+    # the risk line names the verdict it is contrasted with (the verdict's own line is at INFO unless high risk)
+    assert f"(the verdict, {callback.init_verdict.upper()}, reads the spectrum alone)" in caplog.text

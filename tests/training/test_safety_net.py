@@ -125,7 +125,7 @@ class WeightsAt(TrainerCallback):
         self.weights[state.global_step] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def test_rollback_finishes_a_run_that_would_diverge(tmp_path):
+def test_rollback_finishes_a_run_that_would_diverge(tmp_path, caplog):
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback")
     spy = WeightsAt()
@@ -148,6 +148,10 @@ def test_rollback_finishes_a_run_that_would_diverge(tmp_path):
     record = json.loads((tmp_path / "rksp_guard.json").read_text())
     assert record["rollbacks"] == guard.rollbacks and record["events"][0]["restored_step"] == 2
     assert record["events"][0]["new_lr"] == pytest.approx(0.5)
+    # the end of the run says what the final weights are: the last validated state plus the steps trained after it
+    last = record["events"][-1]
+    assert f"{guard.rollbacks} rollback(s) in this run" in caplog.text
+    assert f"validated state of step {last['restored_step']}, with {12 - last['step']} step(s)" in caplog.text
 
 
 class LogRecorder(TrainerCallback):
