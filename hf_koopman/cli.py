@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,6 +131,18 @@ def _unreachable(what: str, spec: str, err: BaseException) -> str:
 # weight files of a save_pretrained folder (single file or shards); training_args.bin is not one of them
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
+# folder names that say nothing about the model (Trainer and export layouts): the run is named `<parent>/<folder>`
+_GENERIC_FOLDER_NAMES = ("model", "checkpoint", "final", "best", "last", "latest")
+
+
+def _folder_display_name(folder: Path) -> str:
+    """The name of a run on `folder`: its last component, or `<parent>/<last>` when the last is generic
+    (`model`, `checkpoint`, `final`, `checkpoint-<N>`, ...), so that runs on different checkpoints stay apart."""
+    folder = folder.resolve()
+    name = folder.name
+    generic = name.lower() in _GENERIC_FOLDER_NAMES or re.fullmatch(r"checkpoint[-_]\d+", name.lower()) is not None
+    return f"{folder.parent.name}/{name}" if generic and folder.parent.name else name
+
 
 def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
     """`(config, weights source or None, display name)` for MODEL = local path, embedded architecture or Hub id."""
@@ -146,7 +160,7 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
                 path,
             )
         # "config" says nothing: name the run after the folder holding config.json (or the model type)
-        stem = path.stem if path.stem != "config" else (path.resolve().parent.name or config.model_type)
+        stem = path.stem if path.stem != "config" else (_folder_display_name(path.parent) or config.model_type)
         return config, None, f"{stem} (init)"
     if path.is_dir():
         config_file = path / "config.json"
@@ -168,7 +182,7 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
                 "profile the architecture at random initialisation, or point to a folder with model.safetensors "
                 "(written by model.save_pretrained(folder))."
             )
-        return config, (None if init else str(path)), path.name
+        return config, (None if init else str(path)), _folder_display_name(path)
     if _looks_like_path(spec):
         raise ValueError(
             f"{spec}: no such file or folder. Check the path, or pass an embedded architecture name (see "
@@ -230,6 +244,16 @@ def load_model(
     built with `--init` is initialised on the CPU (the same weights for a seed whatever the device), then moved.
     `text_inputs=False` (no text to tokenise) keeps a missing tokenizer quiet: it only matters for text.
     """
+    model, tokenizer, name, _ = _load_model(spec, init=init, dtype=dtype, num_layers=num_layers, seed=seed,
+                                            device=device, text_inputs=text_inputs)
+    return model, tokenizer, name
+
+
+def _load_model(
+    spec: str, *, init: bool, dtype: str, num_layers: int | None, seed: int, device: str, text_inputs: bool,
+) -> tuple[Any, Any, str, str]:
+    """`load_model`, plus where the weights come from: `"pretrained"` (a checkpoint) or `"init"` (built from a config
+    at random initialisation), for `meta["weights"]` of the profile."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -268,7 +292,7 @@ def load_model(
     source = weights or (str(local) if local.is_dir() else None)
     if source is not None:
         tokenizer = _load_tokenizer(source, warn=text_inputs)
-    return model.eval(), tokenizer, name
+    return model.eval(), tokenizer, name, ("init" if weights is None else "pretrained")
 
 
 class _QuietHeadReport(logging.Filter):
@@ -374,8 +398,7 @@ def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
 
 
 def _read_text_chunks(path: Path, max_length: int) -> list[str]:
-    if not path.is_file():
-        raise ValueError(f"--text-file {path} does not exist.")
+    _check_text_file(path)
     from hf_koopman.profiling.inputs import split_text
 
     chunks = split_text(path.read_text(encoding="utf-8", errors="replace"), max_length)
@@ -428,7 +451,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
-    parser.add_argument("--layers", help="dotted path of the block list when auto-discovery fails, e.g. model.layers")
+    parser.add_argument("--layers", help="dotted path of the block list inside the model when auto-discovery fails, "
+                                         "e.g. layers or model.layers")
     parser.add_argument("--num-layers", type=int,
                         help="with --init: blocks per stack, i.e. num_hidden_layers and, for encoder-decoders, the "
                              "decoder depth too (quick look at big models)")
@@ -464,12 +488,50 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
     if args.max_tokens is not None and args.max_tokens < args.num_samples:
         raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (sequences per forward), got {args.batch_size}.")
+    if args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2 (tokens per sequence), got {args.max_length}.")
+    learning_rate = getattr(args, "learning_rate", None)
+    if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"--learning-rate must be a positive finite number (e.g. 3e-4), got {learning_rate}; omit it "
+                         "when no learning rate is planned.")
+    if args.text_file is not None:
+        _check_text_file(args.text_file)
+    if getattr(args, "out", None) is not None:
+        _check_out_folder(args.out)
     _check_device(args.device, stream=getattr(args, "stream", False))
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
     return not args.no_progress
+
+
+def _check_text_file(path: Path) -> None:
+    """--text-file must name an existing regular file."""
+    if path.is_dir():
+        raise ValueError(f"--text-file {path} is a folder; pass a text file, or --dataset {path} for a folder written "
+                         "by dataset.save_to_disk(folder).")
+    if not path.exists():
+        raise ValueError(f"--text-file {path} does not exist; check the path.")
+    if not path.is_file():
+        raise ValueError(f"--text-file {path} is not a regular file; pass a text file.")
+
+
+def _check_out_folder(out: Path) -> None:
+    """--out must be a folder, or a path where one can be created (no existing file on the way)."""
+    if not out.exists() and out.suffix.lower() == ".json":
+        raise ValueError(f"--out {out} names a JSON file, but profile writes profile.json, report.md and the plots "
+                         f"into a folder; pass a folder, e.g. --out {out.with_suffix('')}.")
+    if out.exists() and not out.is_dir():
+        folder = out.with_suffix("") if out.suffix else Path(f"{out}_profile")
+        raise ValueError(f"--out {out} is an existing file, but profile writes profile.json, report.md and the plots "
+                         f"into a folder; pass a folder path, e.g. --out {folder}.")
+    file = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if file is not None:
+        raise ValueError(f"--out {out}: {file} is an existing file, so no folder can be created below it; pass "
+                         "a folder path with --out.")
 
 
 def _check_device(device: str, stream: bool = False) -> None:
@@ -485,11 +547,18 @@ def _check_device(device: str, stream: bool = False) -> None:
     if stream and parsed.type != "cpu":
         raise ValueError("--stream loads one block at a time on the CPU (for models larger than memory); drop --device, "
                          "or drop --stream to profile on the GPU.")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: no MPS device is available to torch (torch.backends.mps.is_available() "
+                         "is False); use --device cpu, or run on Apple silicon with a macOS build of torch.")
+    if parsed.type == "meta":
+        raise ValueError("--device meta holds shapes without data, so no forward pass or analysis can run on it; use "
+                         "--device cpu or cuda.")
 
 
-def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any]:
-    """`(model, tokenizer, display name, inputs)` from MODEL, --text-file / --dataset (None: synthetic probe)."""
-    model, tokenizer, name = load_model(
+def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any, str]:
+    """`(model, tokenizer, display name, inputs, weights)` from MODEL, --text-file / --dataset (None: synthetic probe);
+    `weights` is `"pretrained"` or `"init"` (see `_load_model`)."""
+    model, tokenizer, name, weights = _load_model(
         args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed,
         device=args.device, text_inputs=args.text_file is not None or args.dataset is not None,
     )
@@ -500,7 +569,7 @@ def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any
         inputs = _load_dataset(args.dataset, args.split)
     else:
         _check_default_probe(model)
-    return model, tokenizer, name, inputs
+    return model, tokenizer, name, inputs, weights
 
 
 def _check_default_probe(model: Any) -> None:
@@ -531,7 +600,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     if args.stream:
         result = _run_streaming(args, rank, progress)
     else:
-        model, tokenizer, name, inputs = _load_model_and_inputs(args)
+        model, tokenizer, name, inputs, weights = _load_model_and_inputs(args)
         result = profile(
             model,
             inputs,
@@ -547,7 +616,13 @@ def _run_profile(args: argparse.Namespace) -> int:
             model_name=name,
             progress=progress,
         )
-    written = result.save(args.out, plots=not args.no_plots)
+        result.meta["weights"] = weights  # for the report: a profile at initialisation describes the architecture
+    try:
+        written = result.save(args.out, plots=not args.no_plots)
+    except OSError as err:  # a read-only or full disk, a file that appeared at --out since the check ...
+        raise ValueError(
+            f"--out {args.out}: could not write the profile ({err}); pass a writable folder with --out."
+        ) from None
     score = "n/a" if result.score is None else f"{result.score:.3f}"
     print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}")
     if result.degenerate_layers:
@@ -585,7 +660,7 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
             except Exception as err:  # noqa: BLE001
                 logger.warning("no tokenizer for %s (%s): using byte-level ids", weights, err)
     model_arg = weights if weights is not None else config
-    return profile_streaming(
+    result = profile_streaming(
         model_arg,
         inputs,
         init=weights is None,
@@ -597,6 +672,8 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
         progress=progress,
         model_name=name,
     )
+    result.meta["weights"] = "init" if weights is None else "pretrained"
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------- architectures
@@ -686,7 +763,7 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         estimator = RiskEstimator.from_json(args.estimator)  # a bad file fails before the model is built
     if context:
         _warn_unread_context(context, estimator)
-    model, tokenizer, name, inputs = _load_model_and_inputs(args)
+    model, tokenizer, name, inputs, _ = _load_model_and_inputs(args)
     suggestion = suggest_max_lr(
         model, inputs, risk=args.risk, estimator=estimator, level=args.level, context=context,
         num_samples=args.num_samples, rank=args.rank, seed=args.seed, layers=args.layers, tokenizer=tokenizer,
@@ -712,10 +789,13 @@ def make_parser() -> argparse.ArgumentParser:
         prog="hf-koopman", description="Koopman spectral diagnostics for Hugging Face models (RKSP / KSS)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -v also after the subcommand; SUPPRESS keeps a subcommand without -v from resetting a -v given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (help_text, add_arguments, run) in _COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         add_arguments(command)
         command.set_defaults(_run=run)
     return parser
@@ -741,12 +821,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.set_verbosity_debug()
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        return args._run(args)
+        code = args._run(args)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
     except (ValueError, TypeError, FileNotFoundError) as err:
         if args.verbose:
             raise
         print(f"hf-koopman {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if args.verbose or not _is_out_of_memory(err):
+            raise
+        print(f"hf-koopman {args.command}: error: {_out_of_memory_message(args, err)}", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull once its reader has gone, so that the flush at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing is flushed to a pipe
+        pass
+
+
+_OOM_PHRASES = ("can't allocate", "cannot allocate", "out of memory", "not enough memory")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure: MemoryError, torch.OutOfMemoryError or an allocator's RuntimeError."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return any(phrase in str(err).lower() for phrase in _OOM_PHRASES)
+
+
+def _out_of_memory_message(args: argparse.Namespace, err: BaseException) -> str:
+    """What ran out of memory and the flags that need less of it."""
+    if type(err).__name__ == "InsufficientMemoryError":  # --stream's own check, which already names the budget
+        return str(err)
+    what = f"out of memory ({_first_line(err)})"
+    num_samples = getattr(args, "num_samples", None)
+    if num_samples is None:
+        return f"{what}."
+    stream = (" or --stream to build one block at a time for models larger than memory"
+              if hasattr(args, "stream") and not args.stream else "")
+    return (f"{what}: the probe needs {num_samples} tokens in memory (--num-samples), with their residual states at "
+            f"every layer; pass a smaller --num-samples (e.g. {max(2, num_samples // 4)}){stream}.")
 
 
 if __name__ == "__main__":  # pragma: no cover

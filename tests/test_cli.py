@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -227,3 +228,57 @@ def test_device_argument_errors_name_the_fix(tiny_llama_json, tmp_path, capsys):
     assert main([*base, "--stream", "--device", "meta"]) == 2
     assert "drop --device" in capsys.readouterr().err
     assert main([*base, "--device", "cpu"]) == 0
+
+
+def test_verbose_flag_is_accepted_before_and_after_the_subcommand(tmp_path):
+    parser = make_parser()
+    assert parser.parse_args(["profile", "gpt2", "-v"]).verbose
+    assert parser.parse_args(["profile", "gpt2", "--verbose"]).verbose
+    assert parser.parse_args(["-v", "profile", "gpt2"]).verbose  # not reset by the subcommand's own default
+    assert parser.parse_args(["architectures", "-v"]).verbose
+    assert not parser.parse_args(["profile", "gpt2"]).verbose
+
+
+def test_a_closed_stdout_pipe_exits_quietly():
+    # `hf-koopman architectures --json | head -1`: the reader is gone before the output is written
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    code = "import sys\nfrom hf_koopman.cli import main\nsys.exit(main(['architectures', '--json']))\n"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert "BrokenPipeError" not in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 1
+
+
+def test_layers_help_says_the_path_is_inside_the_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "dotted path of the block list inside the model" in help_text and "e.g. layers or model.layers" in help_text
+
+
+def test_meta_records_pretrained_or_init_weights(saved_model_dir, tiny_llama_json, tmp_path):
+    fast = ["--num-samples", "32", "--rank", "4", "--no-plots", "--no-progress"]
+    runs = {"pretrained": [str(saved_model_dir)], "init": [str(tiny_llama_json), "--init"],
+            "init-stream": [str(tiny_llama_json), "--init", "--stream"]}
+    for label, args in runs.items():
+        assert main(["profile", *args, *fast, "--out", str(tmp_path / label)]) == 0
+        meta = json.loads((tmp_path / label / "profile.json").read_text())["meta"]
+        assert meta["weights"] == label.removesuffix("-stream"), label
+
+
+def test_generic_checkpoint_folders_are_named_with_their_parent(tmp_path, monkeypatch):
+    from hf_koopman.cli import resolve_config
+
+    config = tiny_config("gpt2", num_hidden_layers=1)
+    for folder in ["run-a/checkpoint-500", "run-b/model", "run-c/final", "my-gpt"]:
+        config.save_pretrained(tmp_path / folder)
+    names = {folder: resolve_config(str(tmp_path / folder), init=True)[2]
+             for folder in ["run-a/checkpoint-500", "run-b/model", "run-c/final", "my-gpt"]}
+    assert names == {"run-a/checkpoint-500": "run-a/checkpoint-500", "run-b/model": "run-b/model",
+                     "run-c/final": "run-c/final", "my-gpt": "my-gpt"}
+    assert resolve_config(str(tmp_path / "run-b/model/config.json"), init=True)[2] == "run-b/model (init)"
+    monkeypatch.chdir(tmp_path / "run-a/checkpoint-500")
+    assert resolve_config(".", init=True)[2] == "run-a/checkpoint-500"  # the folder's name, not the empty "."

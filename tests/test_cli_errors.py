@@ -312,3 +312,121 @@ def test_hub_weights_missing_after_retries_name_the_network_and_the_offline_opti
     with pytest.raises(ValueError, match="not in the local cache") as info:
         load_model("foo/tinygpt", text_inputs=False)
     assert "HF_HUB_OFFLINE=1" in str(info.value) and "--init" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------- 10. checked before loading
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Fails the test if MODEL is resolved: the checks below must come before any model is loaded."""
+    import hf_koopman.cli as cli
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "resolve_config", loaded)
+
+
+def test_out_naming_an_existing_file_fails_before_the_model_loads(tiny_llama_json, tmp_path, no_model_load, capsys):
+    file = tmp_path / "results.txt"
+    file.write_text("not a folder")
+    assert main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {file} is an existing file" in err and f"e.g. --out {tmp_path / 'results'}" in err
+    assert "save(" not in err and "Traceback" not in err
+    assert main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(file / "run")]) == 2
+    assert f"{file} is an existing file, so no folder can be created below it" in capsys.readouterr().err
+    assert main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "profile.json")]) == 2
+    assert "names a JSON file" in capsys.readouterr().err
+
+
+def test_an_os_error_while_saving_is_a_cli_error(tiny_llama_json, tmp_path, monkeypatch, capsys):
+    from hf_koopman.profiling import SpectralProfile
+
+    def read_only(self, directory, *, plots=True):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(SpectralProfile, "save", read_only)
+    out = tmp_path / "out"
+    assert main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"hf-koopman profile: error: --out {out}: could not write the profile" in err
+    assert "Permission denied" in err and "pass a writable folder" in err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--max-length", "0", "--max-length must be >= 2"),
+    ("--max-length", "1", "--max-length must be >= 2"),
+    ("--learning-rate", "-1", "--learning-rate must be a positive finite number"),
+    ("--learning-rate", "0", "--learning-rate must be a positive finite number"),
+    ("--learning-rate", "nan", "--learning-rate must be a positive finite number"),
+    ("--learning-rate", "inf", "--learning-rate must be a positive finite number"),
+])
+def test_bad_numbers_fail_before_the_model_loads(flag, value, message, tiny_llama_json, tmp_path, no_model_load,
+                                                 capsys):
+    args = ["profile", str(tiny_llama_json), "--init", "--text-file", str(_text_file(tmp_path)), *FAST, flag, value]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"got {value}" in err and "Traceback" not in err
+
+
+def test_text_file_is_checked_before_the_model_loads(tiny_llama_json, tmp_path, no_model_load, capsys):
+    base = ["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")]
+    missing = tmp_path / "missing.txt"
+    assert main([*base, "--text-file", str(missing)]) == 2
+    assert f"--text-file {missing} does not exist; check the path" in capsys.readouterr().err
+    assert main([*base, "--text-file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--text-file {tmp_path} is a folder" in err and "does not exist" not in err and "--dataset" in err
+    assert main([*base, "--stream", "--text-file", str(missing)]) == 2  # --stream reads the file itself
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mps_and_meta_devices_name_the_fix(tiny_llama_json, tmp_path, monkeypatch, no_model_load, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    base = ["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")]
+    assert main([*base, "--device", "mps"]) == 2
+    err = capsys.readouterr().err
+    assert "--device mps: no MPS device is available" in err and "use --device cpu" in err
+    assert main([*base, "--device", "meta"]) == 2
+    err = capsys.readouterr().err
+    assert "--device meta holds shapes without data" in err and "use --device cpu or cuda" in err
+
+
+# ------------------------------------------------------------------------------------- 11. out of memory
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 409600000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+    "torch.OutOfMemoryError",
+])
+def test_out_of_memory_names_num_samples_and_stream(error, tiny_llama_json, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import hf_koopman.profiling
+
+    if error == "torch.OutOfMemoryError":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 381.47 GiB")
+
+    def huge(*args, **kwargs):  # what profile() raises for --num-samples 100000000, without allocating it
+        raise error
+
+    monkeypatch.setattr(hf_koopman.profiling, "profile", huge)
+    code = main(["profile", str(tiny_llama_json), "--init", "--num-samples", "100000000", "--no-plots",
+                 "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("hf-koopman profile: error: out of memory")
+    assert "the probe needs 100000000 tokens in memory" in err and "smaller --num-samples" in err and "--stream" in err
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tiny_llama_json, tmp_path, monkeypatch):
+    import hf_koopman.profiling
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(hf_koopman.profiling, "profile", broken)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")])
