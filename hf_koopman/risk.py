@@ -912,6 +912,8 @@ class DecisionRule:
         informative: int | None = None,
         total: int | None = None,
         rank: int | None = None,
+        tokens_seen: int | None = None,
+        weights: str | None = None,
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
@@ -924,10 +926,64 @@ class DecisionRule:
             total (`int`, *optional*): number of layers of the profile.
             rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum); a rank-r fit explains at most
                 r of d directions of the update, so its high η_nl is the truncation's, and the reason says so.
+            tokens_seen (`int`, *optional*): valid token states the inputs gave (`meta["tokens_seen"]`). When it is
+                not above `num_samples`, every token was used, so a larger `num_samples` cannot help: the advice is
+                then to supply more text (or a larger `max_tokens`).
+            weights (`str`, *optional*): `"pretrained"` when the profiled weights come from a checkpoint
+                (`meta["weights"]`); the thresholds come from spectra at initialisation, so the reason then says that
+                the verdict is an extrapolation.
 
         Returns:
-            `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences.
+            `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
+            sampling error of the score (`thresholds_within_error`) spans a threshold, the reason starts with
+            "tentative" and names every threshold the interval crosses.
         """
+        verdict, reason = self._decide(score, kappa_median, num_samples=num_samples, hidden_size=hidden_size,
+                                       informative=informative, total=total, rank=rank, tokens_seen=tokens_seen)
+        if weights == "pretrained":
+            reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
+                       "come from spectra at random initialisation")
+        return verdict, reason
+
+    def thresholds_within_error(
+        self, score: float | None, num_samples: int | None, hidden_size: int | None
+    ) -> tuple[float, ...]:
+        """The decision thresholds inside `score · (1 ± sqrt(d/N))`, the sampling-error interval of the score.
+
+        A threshold in that interval means the verdict may change with more tokens. Empty when `score`, N or d is
+        unknown (or the score is not finite).
+        """
+        if score is None or not math.isfinite(score) or not num_samples or not hidden_size:
+            return ()
+        relative = math.sqrt(hidden_size / num_samples)
+        low, high = score * (1 - relative), score * (1 + relative)
+        return tuple(t for t in (self.safe_below, self.high_risk_above) if low <= t <= high)
+
+    def decide_profile(self, profile: Any) -> tuple[str, str]:
+        """`decide` on a `SpectralProfile`: its informative layers, settings, and the context its `meta` carries
+        (`tokens_seen`, `weights`)."""
+        settings, meta, features = profile.settings, profile.meta, profile.features
+        tokens = meta.get("tokens_seen")
+        return self.decide(
+            profile.score, profile.kappa_median, num_samples=settings.get("num_samples"),
+            hidden_size=settings.get("hidden_size"), informative=sum(self.is_informative(f) for f in features),
+            total=len(features), rank=settings.get("rank"), tokens_seen=tokens if _is_number(tokens) else None,
+            weights=meta.get("weights"),
+        )
+
+    def _decide(
+        self,
+        score: float | None,
+        kappa_median: float | None,
+        *,
+        num_samples: int | None,
+        hidden_size: int | None,
+        informative: int | None,
+        total: int | None,
+        rank: int | None,
+        tokens_seen: int | None,
+    ) -> tuple[str, str]:
+        """`decide` without the note on pretrained weights."""
         ratio = num_samples / hidden_size if num_samples and hidden_size else None
         if num_samples is not None and num_samples <= 2:
             return "uninformative", f"only N = {num_samples} token states: no covariance can be estimated"
@@ -935,7 +991,7 @@ class DecisionRule:
             return "uninformative", (
                 f"N = {num_samples} token states for width d = {hidden_size} (N/d = {ratio:.2f} < "
                 f"{self.min_samples_per_dim:g}): the least-squares operator nearly interpolates the sample, so its "
-                f"spectrum is mostly sampling error; profile with num_samples >= {int(self.warn_samples_per_dim * hidden_size)}"
+                f"spectrum is mostly sampling error; {self._more_tokens(num_samples, hidden_size, tokens_seen)}"
             )
         if score is None or not math.isfinite(score) or (
                 informative is not None and total and informative < 0.5 * total):
@@ -967,4 +1023,20 @@ class DecisionRule:
         if ratio is not None and ratio < self.warn_samples_per_dim:
             reason += (f"; caution: N/d = {ratio:.2f} < {self.warn_samples_per_dim:g}, the masses carry a sampling "
                        f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative")
+        # κ(V) alone makes the verdict high risk whatever the score, so only a score-driven verdict can flip
+        crossed = () if kappa_big else self.thresholds_within_error(score, num_samples, hidden_size)
+        if crossed:
+            spread = score * math.sqrt(hidden_size / num_samples)
+            names = " and ".join(f"{t:g}" for t in crossed)
+            reason = (f"tentative: {reason}; M≈1 = {score:.2f} ± {spread:.2f} spans the {names} "
+                      f"threshold{'s' if len(crossed) > 1 else ''}, so more tokens may change the verdict")
         return verdict, reason
+
+    def _more_tokens(self, num_samples: int, hidden_size: int, tokens_seen: int | None) -> str:
+        """How to get a larger sample: more `num_samples`, or more text when the inputs ran out of tokens."""
+        wanted = int(self.warn_samples_per_dim * hidden_size)
+        if tokens_seen is not None and tokens_seen <= num_samples:
+            return (f"the inputs gave only {int(tokens_seen)} token states, all of them used, so a larger num_samples "
+                    f"cannot help: supply more text (or a larger `max_tokens`, CLI: `--max-tokens`) to reach "
+                    f"N >= {wanted}")
+        return f"profile with num_samples >= {wanted}"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from hf_koopman.logging_utils import get_logger
+import difflib
+import inspect
 import math
+import numbers
+import operator
 import os
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_koopman.logging_utils import get_logger
 from hf_koopman.profiling.blocks import eager_module, find_residual_blocks, nested_block_lists, unwrap_model
 from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
 from hf_koopman.profiling.probes import default_probe_inputs
@@ -25,6 +30,12 @@ from hf_koopman.profiling.spectral_profile import SpectralProfile
 __all__ = ["profile", "profile_from_snapshots"]
 
 logger = get_logger(__name__)
+
+#: text of `whitened_dmd`'s sample-size warning (N < d), which `profile_from_snapshots` logs once per profile instead
+_RANK_LIMITED = "the DMD estimate is rank-limited"
+#: `profile_from_snapshots` arguments that `profile` sets itself, so a caller cannot pass them through `profile`
+_SET_BY_PROFILE = ("rank", "seed", "stacks", "model_name", "meta", "progress", "eig_dtype")
+_LAYERS_HINT = "`layers=` (CLI: `--layers`)"
 
 
 @contextlib.contextmanager
@@ -46,6 +57,93 @@ def _expected_batches(inputs: Any, batch_size: int) -> int | None:
     if isinstance(inputs, (list, tuple)) or (hasattr(inputs, "column_names") and hasattr(inputs, "__len__")):
         return max(1, math.ceil(len(inputs) / batch_size))
     return len(inputs) if hasattr(inputs, "__len__") else None
+
+
+def _keywords(function: Callable[..., Any]) -> list[str]:
+    """Names `function` takes by keyword, in signature order (no `*args` / `**kwargs`)."""
+    return [name for name, p in inspect.signature(function).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _feature_keywords() -> list[str]:
+    """`spectral_features` options that `profile_from_snapshots` passes on (it sets the others itself)."""
+    from hf_koopman.koopman import spectral_features
+
+    own = set(_keywords(profile_from_snapshots))
+    return [name for name in _keywords(spectral_features)[1:] if name not in own]  # [1:]: the DMD result
+
+
+def _check_keywords(
+    given: Mapping[str, Any], caller: str, own: Sequence[str], passed_on: Sequence[str], set_here: Sequence[str] = ()
+) -> None:
+    """TypeError for the first keyword of `given` outside `passed_on`, naming `caller`, the closest accepted name and
+    all of them: raised before any forward pass, not by the function the keyword would reach after it. `set_here`
+    names the options `caller` sets itself on the function it passes the keywords to."""
+    unknown = [key for key in given if key not in passed_on]
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, [*own, *passed_on], n=1)
+    raise TypeError(
+        f"{caller}() got an unexpected keyword argument {key!r}"
+        + (f" ({caller}() sets it itself)" if key in set_here else "")
+        + (f"; did you mean {close[0]!r}?" if close and close[0] != key else ".")
+        + f" {caller}() accepts {', '.join(own)}, and passes on {', '.join(passed_on)}."
+    )
+
+
+def _as_count(value: Any, name: str, minimum: int) -> int:
+    """`value` as a Python int >= `minimum`; integer-likes (`numpy.int64`, ...) pass, bools and floats do not."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return count
+
+
+def _check_eig_dtype(eig_dtype: Any) -> None:
+    if eig_dtype is not None and eig_dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"eig_dtype={eig_dtype!r} must be torch.float32, torch.float64 or None (float64 up to 256 modes, float32 "
+            "above)."
+        )
+
+
+def _check_learning_rate(learning_rate: Any) -> float | None:
+    if learning_rate is None:
+        return None
+    if isinstance(learning_rate, (bool, np.bool_)) or not isinstance(learning_rate, numbers.Real):
+        raise TypeError(
+            f"learning_rate must be a number (the planned peak learning rate, e.g. 3e-4) or None, got "
+            f"{type(learning_rate).__name__} {learning_rate!r}."
+        )
+    if not (math.isfinite(float(learning_rate)) and learning_rate > 0):
+        raise ValueError(
+            f"learning_rate={learning_rate!r} must be a positive finite number (the planned peak learning rate, e.g. "
+            "3e-4), or None to profile without the calibrated risk."
+        )
+    return float(learning_rate)
+
+
+def _dmd_logging_sample_size(whitened_dmd: Callable[..., Any], notes: dict[str, None], *args: Any,
+                             **kwargs: Any) -> Any:
+    """`whitened_dmd(*args, **kwargs)` with its sample-size warning collected into `notes` (logged once per profile,
+    so that it follows the transformers verbosity); every other warning is re-emitted unchanged."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return whitened_dmd(*args, **kwargs)
+    finally:
+        for w in caught:
+            if issubclass(w.category, UserWarning) and _RANK_LIMITED in str(w.message):
+                notes.setdefault(str(w.message), None)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _has_blocks(model: nn.Module) -> bool:
@@ -111,6 +209,7 @@ def profile_from_snapshots(
     meta: dict[str, Any] | None = None,
     progress: bool = False,
     chunk_size: int = 8,
+    eig_dtype: torch.dtype | None = None,
     **feature_kwargs: Any,
 ) -> SpectralProfile:
     """Whitened DMD and spectral features of recorded snapshot pairs (Algorithm 1, lines 4-11).
@@ -135,18 +234,35 @@ def profile_from_snapshots(
         meta (`dict`, *optional*): stored in the profile.
         progress (`bool`, defaults to `False`): tqdm bar over layers.
         chunk_size (`int`, defaults to 8): layers analysed per batched call (memory: `chunk_size` x 2 x N x d floats).
-        **feature_kwargs: passed on to `hf_koopman.koopman.spectral_features`.
+        eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem, passed to `whitened_dmd`:
+            `None` (default) solves up to 256 modes in float64 and larger ones in float32; `torch.float64` solves
+            every layer in float64.
+        **feature_kwargs: passed on to `hf_koopman.koopman.spectral_features` (`reliable_only`, `degenerate_tol`,
+            `compute_kreiss`, `eps_residual`, `eps_nl`).
 
     Returns:
         `SpectralProfile`.
+
+    Raises:
+        TypeError: a keyword argument neither this function nor `spectral_features` takes (checked before any
+            analysis; the message names the closest accepted one).
+
+    Logs:
+        The sample-size warning of `whitened_dmd` (N < d: the estimate is rank-limited) once per profile, at WARNING
+        through the `hf_koopman` logger, so that `transformers.logging.set_verbosity_error()` silences it.
     """
     from hf_koopman.koopman import aggregate_features, spectral_features, whitened_dmd
 
+    _check_keywords(feature_kwargs, "profile_from_snapshots", _keywords(profile_from_snapshots), _feature_keywords())
+    _check_eig_dtype(eig_dtype)
     snapshots = list(snapshots)
     if not snapshots:
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive int or None (exact DMD), got {rank!r}.")
+    if rank is not None:
+        try:
+            rank = _as_count(rank, "rank", 1)
+        except ValueError:
+            raise ValueError(f"rank must be a positive int or None (exact DMD), got {rank!r}.") from None
     for name, X, Y in snapshots:
         if X.shape != Y.shape or X.dim() != 2:
             raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
@@ -164,6 +280,7 @@ def profile_from_snapshots(
         else:
             chunks.append([i])
     bar = tqdm(total=len(snapshots), desc="whitened DMD", unit="layer", disable=not progress)
+    sample_size_notes: dict[str, None] = {}  # whitened_dmd's N < d warnings, logged once below
     try:
         for chunk in chunks:
             n, d = snapshots[chunk[0]][1].shape
@@ -172,7 +289,10 @@ def profile_from_snapshots(
             X, Y = _stack_chunk([snapshots[i] for i in chunk])
             names = [snapshots[i][0] for i in chunk]
             try:
-                result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator)
+                result = _dmd_logging_sample_size(
+                    whitened_dmd, sample_size_notes, X, Y, rank=layer_rank, randomized=use_randomized, eps=eps,
+                    generator=generator, eig_dtype=eig_dtype,
+                )
                 features = spectral_features(
                     result,
                     near_band=near_band,
@@ -192,6 +312,8 @@ def profile_from_snapshots(
             bar.update(len(chunk))
     finally:
         bar.close()
+        if sample_size_notes:
+            logger.warning("%s", "; ".join(sample_size_notes))
     analysis_time = time.perf_counter() - start
     feats = [f for _, f in layers]
     aggregates = dict(aggregate_features(feats))
@@ -207,6 +329,7 @@ def profile_from_snapshots(
         "contractive_below": contractive_below,
         "residual_tol": residual_tol,
         "seed": seed,
+        "eig_dtype": None if eig_dtype is None else str(eig_dtype).removeprefix("torch."),
     }
     meta = dict(meta or {})
     meta.setdefault("analysis_time_s", round(analysis_time, 4))
@@ -236,6 +359,7 @@ def profile(
     learning_rate: float | None = None,
     model_name: str | None = None,
     progress: bool = False,
+    eig_dtype: torch.dtype | None = None,
     **analysis_kwargs: Any,
 ) -> SpectralProfile:
     """Residual Koopman Spectral Profile of any `transformers` model (RKSP, Algorithm 1).
@@ -251,7 +375,7 @@ def profile(
             A batch dict (or `BatchEncoding`), a tensor of token ids / pixels, a string or list of strings (tokenised
             with `tokenizer`), a `datasets.Dataset` (`input_ids`, `pixel_values` or a text column), any iterable of
             batch dicts (e.g. a `DataLoader`), or `None` for the paper's synthetic probe (`default_probe_inputs`).
-        num_samples (`int`, defaults to 2048): token states N per layer (App. D).
+        num_samples (`int`, defaults to 2048): token states N per layer (App. D); any integer (`numpy.int64` ...).
         rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r selects the rank-r
             approximation (see `profile_from_snapshots`).
         seed (`int`, defaults to 0): seeds the probe, the subsampling and the randomized DMD.
@@ -261,18 +385,23 @@ def profile(
         max_tokens (`int`, *optional*): stop reading batches once this many valid tokens have been seen; defaults to
             `16 * num_samples` so that a large DataLoader is not consumed entirely (the sample stays uniform over the
             tokens read).
-        learning_rate (`float`, *optional*): stored in `meta` for the calibrated risk estimator.
+        learning_rate (`float`, *optional*): the planned peak learning rate, > 0 and finite; stored in `meta` for the
+            calibrated risk estimator.
         model_name (`str`, *optional*): name in the report; defaults to `config.name_or_path` or the class name.
         progress (`bool`, defaults to `False`): tqdm bars over batches and layers.
-        **analysis_kwargs: passed to `profile_from_snapshots` (`near_band`, `eps`, `randomized`, ...).
+        eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem (see `profile_from_snapshots`);
+            `torch.float64` solves every layer in float64.
+        **analysis_kwargs: passed to `profile_from_snapshots` (`near_band`, `eps`, `randomized`, ...) and through it
+            to `spectral_features`; an unknown name is a TypeError before the forward pass.
 
     Returns:
         `SpectralProfile` with one entry per block (encoder-decoder models: both stacks, labelled).
 
     Raises:
-        TypeError: `model` is not an `nn.Module`.
-        ValueError: unknown model structure (the message names the `layers=` override to use) or non-finite
-            activations (naming the first bad block).
+        TypeError: `model` is not an `nn.Module`, or a keyword argument that neither `profile` nor the analysis takes
+            (the message names the closest accepted one).
+        ValueError: a bad `num_samples`, `learning_rate` or `eig_dtype`, unknown model structure (the message names
+            the `layers=` override to use) or non-finite activations (naming the first bad block).
     """
     if isinstance(model, (str, os.PathLike)):  # a Hub id or a local folder: profile() takes the loaded model
         raise TypeError(
@@ -285,8 +414,14 @@ def profile(
             f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; load the model "
             "first, e.g. AutoModel.from_pretrained(model_id)."
         )
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
+    _check_keywords(
+        analysis_kwargs, "profile", _keywords(profile),
+        [name for name in _keywords(profile_from_snapshots)[1:] if name not in _SET_BY_PROFILE] + _feature_keywords(),
+        _SET_BY_PROFILE,
+    )
+    num_samples = _as_count(num_samples, "num_samples", 2)
+    learning_rate = _check_learning_rate(learning_rate)
+    _check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)
     blocks = find_residual_blocks(inner, layers)
     if inputs is None:
@@ -368,18 +503,18 @@ def profile(
                 "none of the discovered blocks is a width-preserving residual block ("
                 + "; ".join(recorder.dropped.values())
                 + f"). Candidates were {sorted({b.name.rsplit('.', 1)[0] for b in blocks})}; pass the residual blocks "
-                "with layers=..."
+                f"with {_LAYERS_HINT}."
             )
         if called:
             raise ValueError(
                 f"{sorted(called)[0]!r} ran but is not a residual block: it does not map a floating-point hidden state "
                 f"(batch, sequence, d) to one of the same shape (an embedding takes token ids, a head changes the "
-                f"width). Pass the block list with layers=..., e.g. one of "
+                f"width). Pass the block list with {_LAYERS_HINT}, e.g. one of "
                 f"{sorted({b.name.rsplit('.', 1)[0] for b in find_residual_blocks(inner)}) if _has_blocks(inner) else '...'}."
             )
         raise ValueError(
             f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "
-            "blocks that actually run with layers=..."
+            f"blocks that actually run with {_LAYERS_HINT}."
         )
     stacks = recorder.snapshot_stacks()
     few = {name: n for name, n in recorder.tokens_seen.items() if n < num_samples}
@@ -406,5 +541,6 @@ def profile(
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
     return profile_from_snapshots(
-        snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress, **analysis_kwargs
+        snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress,
+        eig_dtype=eig_dtype, **analysis_kwargs,
     )

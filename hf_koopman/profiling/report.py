@@ -47,6 +47,17 @@ def _bands(profile: SpectralProfile) -> tuple[str, str, str, str]:
             f"{profile.settings.get('residual_tol', 0.1):g}")
 
 
+def _pretrained(profile: SpectralProfile) -> bool:
+    """Whether the weights come from a checkpoint (`meta["weights"] == "pretrained"`), not an initialisation."""
+    return profile.meta.get("weights") == "pretrained"
+
+
+def _token_limited(profile: SpectralProfile) -> bool:
+    """Whether the inputs ran out of tokens: every token state was used, so a larger `num_samples` cannot add any."""
+    seen, n = profile.meta.get("tokens_seen"), profile.settings.get("num_samples")
+    return isinstance(seen, (int, float)) and isinstance(n, int) and seen <= n
+
+
 def _trust_section(profile: SpectralProfile) -> list[str]:
     """Plain-words summary of what the spectrum says and how far the fit behind it can be trusted."""
     feats = profile.features
@@ -80,22 +91,28 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
     lines.append(
         f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average; "
         f"{informative} of {len(feats)} blocks are informative (η_nl < {profile.rule.max_nonlinearity:g}, update "
-        f"not ≈ 0); {reliable:.0%} of the modes pass the ResDMD residual test (τ = {tau}). Few reliable modes mean "
-        "individual eigenvalues are uncertain; the masses average over them."
+        f"not ≈ 0); {reliable:.0%} of the modes pass the ResDMD residual test (τ = {tau})."
+        + (" Few reliable modes mean individual eigenvalues are uncertain; the masses average over them."
+           if reliable < 0.5 else "")
     )
     if n and d:
         relative = (d / n) ** 0.5
         line = (f"- Sample: N = {n} token states for width d = {d} (N/d = {n / d:.1f}); the masses carry a sampling "
                 f"error of roughly sqrt(d/N) = {relative:.2f} relative")
         score = profile.score
-        crossed = [] if score is None or not math.isfinite(score) else [
-            t for t in (profile.rule.safe_below, profile.rule.high_risk_above)
-            if score * (1 - relative) <= t <= score * (1 + relative)]
+        crossed = profile.rule.thresholds_within_error(score, n, d)
         if crossed:
-            line += (f": the verdict's M≈1 = {score:.2f} ± {score * relative:.2f} spans the {crossed[0]:g} threshold, "
-                     "so it may change with more tokens")
-        lines.append(line + (" — use more tokens (`num_samples`, `--num-samples`) for a firmer estimate."
-                             if n < 8 * d else "."))
+            names = " and ".join(f"{t:g}" for t in crossed)
+            line += (f": the verdict's M≈1 = {score:.2f} ± {score * relative:.2f} spans the {names} "
+                     f"threshold{'s' if len(crossed) > 1 else ''}, so it may change with more tokens")
+        if n >= 8 * d:
+            line += "."
+        elif _token_limited(profile):
+            line += (f" — the inputs gave only {profile.meta['tokens_seen']} token states and all were used: supply "
+                     "more text (or a larger `max_tokens`, `--max-tokens`) for a firmer estimate.")
+        else:
+            line += " — use more tokens (`num_samples`, `--num-samples`) for a firmer estimate."
+        lines.append(line)
     lines.append(
         "- How far to trust the verdict: the spectrum at initialisation separated the paper's No-Norm models from "
         "normalised ones; on our own runs it has added nothing measurable beyond normalisation type and learning rate "
@@ -108,8 +125,15 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
 def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None) -> str:
     """Markdown text of the report; `plots` maps captions to image paths (relative to the report)."""
     lines = [f"# RKSP spectral profile{f' of `{profile.model_name}`' if profile.model_name else ''}", ""]
-    verdict = profile.verdict
-    lines += [f"**Verdict: {verdict.upper()}** — {profile.verdict_reason}.", ""]
+    # the rule reads the profile's meta too: tokens seen (which advice fits) and whether the weights are pretrained
+    verdict, reason = profile.rule.decide_profile(profile)
+    tentative = reason.startswith("tentative: ")  # the bold label says it, the reason names the thresholds
+    lines += [f"**Verdict: {verdict.upper()}{' (tentative)' if tentative else ''}** — "
+              f"{reason.removeprefix('tentative: ')}.", ""]
+    if _pretrained(profile):
+        lines += ["> **Note — pretrained weights:** this profile is of trained weights, not of a model at "
+                  "initialisation. The decision rule and the calibrated risk estimator come from spectra at random "
+                  "initialisation, so the verdict and any calibrated risk below are extrapolations.", ""]
     risk = profile.risk
     rule = (
         "the paper's decision rule (App. J) on the mean near-unit mass M≈1 of the informative layers: "
@@ -156,7 +180,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     settings = profile.settings
     lines += ["## Settings", ""]
     for key in ("spectrum", "num_samples", "hidden_size", "rank", "randomized", "eps", "near_band", "contractive_below",
-                "residual_tol", "seed"):
+                "residual_tol", "seed", "eig_dtype"):
         if key in settings:
             lines.append(f"- `{key}`: {settings[key]}")
     for key, value in profile.meta.items():

@@ -127,11 +127,7 @@ class SpectralProfile:
         return float(np.median(values)) if values else None
 
     def _decision(self) -> tuple[str, str]:
-        return self.rule.decide(
-            self.score, self.kappa_median, num_samples=self.settings.get("num_samples"),
-            hidden_size=self.settings.get("hidden_size"), informative=len(self._informative()), total=len(self.layers),
-            rank=self.settings.get("rank"),
-        )
+        return self.rule.decide_profile(self)  # also reads meta: tokens seen, pretrained weights
 
     @property
     def verdict(self) -> str:

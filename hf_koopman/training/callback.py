@@ -471,7 +471,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     rank=self.rank,
                     seed=self.seed,
                     layers=self.layers,
-                    learning_rate=learning_rate,
+                    # a zero (or non-finite) rate plans no update: no calibrated risk, the verdict alone
+                    learning_rate=(learning_rate if learning_rate is not None and math.isfinite(learning_rate)
+                                   and learning_rate > 0 else None),
                 )
         finally:
             model.train(was_training)

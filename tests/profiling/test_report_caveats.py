@@ -1,0 +1,103 @@
+"""Verdict reason and report.md caveats: tentative verdicts, reliable-mode note, token-limited advice, pretrained
+weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hf_koopman.koopman.features import LayerFeatures
+from hf_koopman.profiling import DecisionRule, SpectralProfile
+from hf_koopman.profiling.report import render_report
+
+
+def _features(near: float, *, reliable: int = 10, modes: int = 10) -> LayerFeatures:
+    return LayerFeatures(near_unit_mass=near, unstable_mass=1 - near, contractive_mass=0.0, mid_mass=0.0,
+                         spectral_radius=1.1, eigvec_condition=20.0, nonlinearity=0.3, kreiss=float("inf"),
+                         n_modes=modes, n_reliable=reliable, degenerate=False)
+
+
+def _profile(near: float, n: int, d: int = 64, *, reliable: int = 10, meta: dict | None = None) -> SpectralProfile:
+    layers = [(f"layers.{i}", _features(near, reliable=reliable)) for i in range(3)]
+    return SpectralProfile(layers=layers, aggregates={}, settings={"num_samples": n, "hidden_size": d, "rank": None},
+                           meta=dict(meta or {}))
+
+
+def _verdict_line(report: str) -> str:
+    return next(line for line in report.splitlines() if line.startswith("**Verdict"))
+
+
+# ---------------------------------------------------------------------------------------------- tentative verdicts
+def test_verdict_whose_interval_spans_both_thresholds_is_tentative_and_names_both():
+    verdict, reason = DecisionRule().decide(0.58, 20.0, num_samples=134, hidden_size=64)  # N/d = 2.1
+    assert verdict == "high risk"  # the label is unchanged; the reason says how firm it is
+    assert reason.startswith("tentative: ") and "spans the 0.3 and 0.5 thresholds" in reason
+    report = render_report(_profile(0.58, 134))
+    assert _verdict_line(report).startswith("**Verdict: HIGH RISK (tentative)** — mean M≈1 = 0.580 > 0.5")
+    assert "spans the 0.3 and 0.5 thresholds, so it may change with more tokens" in report
+
+
+def test_verdict_whose_interval_spans_one_threshold_names_it():
+    verdict, reason = DecisionRule().decide(0.25, 20.0, num_samples=64 * 16, hidden_size=64)  # 0.25 ± 0.06
+    assert verdict == "safe" and "spans the 0.3 threshold," in reason and "0.5" not in reason.split("spans")[1]
+
+
+def test_firm_verdict_is_stated_firmly():
+    verdict, reason = DecisionRule().decide(0.1, 20.0, num_samples=64 * 16, hidden_size=64)
+    assert verdict == "safe" and "tentative" not in reason
+    report = render_report(_profile(0.1, 64 * 16))
+    assert _verdict_line(report).startswith("**Verdict: SAFE** — mean M≈1")
+    assert "spans the" not in report
+
+
+def test_large_kappa_verdict_does_not_depend_on_the_score_interval():
+    _, reason = DecisionRule(kappa_large=10.0).decide(0.25, 20.0, num_samples=64 * 16, hidden_size=64)
+    assert "tentative" not in reason
+
+
+# ---------------------------------------------------------------------------------------------- report text
+def test_few_reliable_modes_note_only_when_fewer_than_half_pass():
+    assert "Few reliable modes" not in render_report(_profile(0.1, 64 * 16, reliable=10))
+    assert "Few reliable modes" not in render_report(_profile(0.1, 64 * 16, reliable=5))
+    assert "Few reliable modes mean individual eigenvalues are uncertain" in render_report(
+        _profile(0.1, 64 * 16, reliable=4))
+
+
+def test_token_limited_profile_advises_more_text_not_more_num_samples():
+    # the inputs gave 100 token states and all were used (tokens_seen <= N): num_samples cannot raise N
+    limited = _profile(0.1, 100, meta={"tokens_seen": 100})
+    verdict, reason = limited.rule.decide_profile(limited)
+    assert verdict == "uninformative"
+    assert "supply more text" in reason and "max_tokens" in reason and "num_samples >=" not in reason
+    report = render_report(limited)
+    assert "supply more text" in _verdict_line(report) and "profile with num_samples" not in report
+    assert "use more tokens (`num_samples`" not in report and "--max-tokens" in report
+    # tokens to spare (tokens_seen > N): a larger num_samples is the fix
+    _, reason = DecisionRule().decide(0.1, 20.0, num_samples=100, hidden_size=64, tokens_seen=1600)
+    assert "profile with num_samples >= 512" in reason
+    spare = render_report(_profile(0.1, 200, meta={"tokens_seen": 3200}))
+    assert "use more tokens (`num_samples`, `--num-samples`)" in spare and "supply more text" not in spare
+
+
+# ---------------------------------------------------------------------------------------------- pretrained weights
+def test_pretrained_weights_make_verdict_and_risk_extrapolations():
+    pretrained = _profile(0.1, 64 * 16, meta={"weights": "pretrained", "learning_rate": 3e-4})
+    verdict, reason = pretrained.rule.decide_profile(pretrained)
+    assert verdict == "safe" and "pretrained weights, not an initialisation" in reason
+    report = render_report(pretrained)
+    assert "pretrained weights, not an initialisation" in _verdict_line(report)
+    assert "**Note — pretrained weights:**" in report
+    assert "the verdict and any calibrated risk below are extrapolations" in report
+
+
+@pytest.mark.parametrize("meta", [{"weights": "init"}, {}])
+def test_weights_at_initialisation_carry_no_extrapolation_note(meta):
+    report = render_report(_profile(0.1, 64 * 16, meta=meta))
+    assert "pretrained" not in report and "extrapolated" not in _verdict_line(report)
+
+
+def test_decide_profile_agrees_with_the_profile_verdict():
+    for profile in (_profile(0.1, 64 * 16), _profile(0.58, 134), _profile(0.4, 100, meta={"tokens_seen": 100}),
+                    dataclasses.replace(_profile(0.1, 1024), rule=DecisionRule(max_nonlinearity=0.0))):
+        assert profile.rule.decide_profile(profile)[0] == profile.verdict
