@@ -624,7 +624,10 @@ def _run_profile(args: argparse.Namespace) -> int:
             f"--out {args.out}: could not write the profile ({err}); pass a writable folder with --out."
         ) from None
     score = "n/a" if result.score is None else f"{result.score:.3f}"
-    print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}")
+    tentative = " (tentative: the sampling error spans a threshold)" if result.verdict_reason.startswith(
+        "tentative") else ""
+    print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
+          f"{tentative}")
     if result.degenerate_layers:
         print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
     for label, path in written.items():

@@ -849,6 +849,15 @@ ADVICE = {
 }
 
 
+def tokens_short(meta: dict[str, Any]) -> int | None:
+    """The token states the inputs gave when they were fewer than the `num_samples` asked for (`meta["tokens_seen"]`
+    below `meta["num_samples_requested"]`), else `None`: then a larger `num_samples` cannot help, more text can."""
+    seen, asked = meta.get("tokens_seen"), meta.get("num_samples_requested")
+    if _is_number(seen) and _is_number(asked) and seen < asked:
+        return int(seen)
+    return None
+
+
 @dataclass(frozen=True)
 class DecisionRule:
     """Thresholds of the RKSP paper's init-time decision rule (Fig. 7 / App. J) and of when a profile is too unreliable
@@ -963,11 +972,10 @@ class DecisionRule:
         """`decide` on a `SpectralProfile`: its informative layers, settings, and the context its `meta` carries
         (`tokens_seen`, `weights`)."""
         settings, meta, features = profile.settings, profile.meta, profile.features
-        tokens = meta.get("tokens_seen")
         return self.decide(
             profile.score, profile.kappa_median, num_samples=settings.get("num_samples"),
             hidden_size=settings.get("hidden_size"), informative=sum(self.is_informative(f) for f in features),
-            total=len(features), rank=settings.get("rank"), tokens_seen=tokens if _is_number(tokens) else None,
+            total=len(features), rank=settings.get("rank"), tokens_seen=tokens_short(meta),
             weights=meta.get("weights"),
         )
 

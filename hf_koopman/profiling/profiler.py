@@ -536,6 +536,7 @@ def profile(
         "num_blocks": len(blocks) - sum(b.name.rsplit(".", 1)[0] in recorder.dropped for b in blocks),
         "batches": batches,
         "tokens_seen": min(recorder.tokens_seen.values()),
+        "num_samples_requested": num_samples,
         "forward_time_s": round(forward_time, 4),
     }
     if learning_rate is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, RiskEstimator
+from hf_koopman.risk import ADVICE, RiskEstimator, tokens_short
 
 
 if TYPE_CHECKING:
@@ -53,9 +53,8 @@ def _pretrained(profile: SpectralProfile) -> bool:
 
 
 def _token_limited(profile: SpectralProfile) -> bool:
-    """Whether the inputs ran out of tokens: every token state was used, so a larger `num_samples` cannot add any."""
-    seen, n = profile.meta.get("tokens_seen"), profile.settings.get("num_samples")
-    return isinstance(seen, (int, float)) and isinstance(n, int) and seen <= n
+    """Whether the inputs gave fewer token states than `num_samples` asked for (a larger one cannot add any)."""
+    return tokens_short(profile.meta) is not None
 
 
 def _trust_section(profile: SpectralProfile) -> list[str]:

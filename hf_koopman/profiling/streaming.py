@@ -417,6 +417,7 @@ def profile_streaming(
         "num_blocks": len(blocks),
         "batches": 1,
         "tokens_seen": tokens_seen,
+        "num_samples_requested": num_samples,
         "streaming": {
             "complete": True,
             "weights": weights.kind,

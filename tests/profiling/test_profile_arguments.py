@@ -12,6 +12,7 @@ import torch
 
 import hf_koopman.koopman
 from hf_koopman.profiling import profile, profile_from_snapshots
+from hf_koopman.profiling.report import render_report
 from hf_koopman.testing_utils import tiny_model
 
 
@@ -68,6 +69,15 @@ def test_pass_through_keywords_still_reach_the_analysis():
 def test_num_samples_accepts_integer_likes():
     result = profile(tiny_model("llama", num_hidden_layers=2), num_samples=np.int64(64), rank=8)
     assert result.settings["num_samples"] == 64 and type(result.settings["num_samples"]) is int
+    assert result.meta["num_samples_requested"] == 64 <= result.meta["tokens_seen"]  # the probe gave what was asked
+
+
+def test_inputs_shorter_than_num_samples_advise_more_text():
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # 80 token states
+    result = profile(tiny_model("llama", num_hidden_layers=2), {"input_ids": ids}, num_samples=512)
+    assert result.meta["num_samples_requested"] == 512 and result.meta["tokens_seen"] == 80
+    report = render_report(result)
+    assert "the inputs gave only 80 token states" in report and "use more tokens (`num_samples`" not in report
 
 
 @pytest.mark.parametrize("value", [True, 64.0, np.float64(64.0), "64", 1])

@@ -65,8 +65,8 @@ def test_few_reliable_modes_note_only_when_fewer_than_half_pass():
 
 
 def test_token_limited_profile_advises_more_text_not_more_num_samples():
-    # the inputs gave 100 token states and all were used (tokens_seen <= N): num_samples cannot raise N
-    limited = _profile(0.1, 100, meta={"tokens_seen": 100})
+    # 2048 token states asked for, the inputs gave 100 and all were used: num_samples cannot raise N
+    limited = _profile(0.1, 100, meta={"tokens_seen": 100, "num_samples_requested": 2048})
     verdict, reason = limited.rule.decide_profile(limited)
     assert verdict == "uninformative"
     assert "supply more text" in reason and "max_tokens" in reason and "num_samples >=" not in reason
@@ -74,10 +74,18 @@ def test_token_limited_profile_advises_more_text_not_more_num_samples():
     assert "supply more text" in _verdict_line(report) and "profile with num_samples" not in report
     assert "use more tokens (`num_samples`" not in report and "--max-tokens" in report
     # tokens to spare (tokens_seen > N): a larger num_samples is the fix
-    _, reason = DecisionRule().decide(0.1, 20.0, num_samples=100, hidden_size=64, tokens_seen=1600)
+    _, reason = DecisionRule().decide(0.1, 20.0, num_samples=100, hidden_size=64, tokens_seen=None)
     assert "profile with num_samples >= 512" in reason
-    spare = render_report(_profile(0.1, 200, meta={"tokens_seen": 3200}))
+    spare = render_report(_profile(0.1, 200, meta={"tokens_seen": 3200, "num_samples_requested": 200}))
     assert "use more tokens (`num_samples`, `--num-samples`)" in spare and "supply more text" not in spare
+
+
+def test_inputs_that_gave_what_was_asked_for_advise_more_num_samples():
+    # the synthetic probe builds exactly num_samples tokens: all are used, yet a larger num_samples is the fix
+    exact = _profile(0.1, 100, meta={"tokens_seen": 100, "num_samples_requested": 100})
+    _, reason = exact.rule.decide_profile(exact)
+    assert "profile with num_samples >=" in reason and "supply more text" not in reason
+    assert "supply more text" not in render_report(exact)
 
 
 # ---------------------------------------------------------------------------------------------- pretrained weights
@@ -98,6 +106,6 @@ def test_weights_at_initialisation_carry_no_extrapolation_note(meta):
 
 
 def test_decide_profile_agrees_with_the_profile_verdict():
-    for profile in (_profile(0.1, 64 * 16), _profile(0.58, 134), _profile(0.4, 100, meta={"tokens_seen": 100}),
+    for profile in (_profile(0.1, 64 * 16), _profile(0.58, 134), _profile(0.4, 100, meta={"tokens_seen": 100, "num_samples_requested": 400}),
                     dataclasses.replace(_profile(0.1, 1024), rule=DecisionRule(max_nonlinearity=0.0))):
         assert profile.rule.decide_profile(profile)[0] == profile.verdict
