@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 
-__all__ = ["get_logger"]
+__all__ = ["get_logger", "show_progress"]
 
 
 class _TransformersVerbosity(logging.Filter):
@@ -31,3 +31,15 @@ def get_logger(name: str) -> logging.Logger:
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
     return logger
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: `progress` when given, else transformers' progress-bar switch
+    (`transformers.utils.logging.disable_progress_bar()` hides hf_koopman's bars as it hides transformers')."""
+    if progress is not None:
+        return bool(progress)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the math core works without transformers
+        return True
+    return hf_logging.is_progress_bar_enabled()

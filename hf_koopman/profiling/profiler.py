@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_koopman.logging_utils import get_logger
+from hf_koopman.logging_utils import get_logger, show_progress
 from hf_koopman.profiling.blocks import eager_module, find_residual_blocks, nested_block_lists, unwrap_model
 from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
 from hf_koopman.profiling.probes import default_probe_inputs
@@ -207,7 +207,7 @@ def profile_from_snapshots(
     stacks: Sequence[str] | None = None,
     model_name: str | None = None,
     meta: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     chunk_size: int = 8,
     eig_dtype: torch.dtype | None = None,
     **feature_kwargs: Any,
@@ -232,7 +232,8 @@ def profile_from_snapshots(
         stacks (`list[str]`, *optional*): stack label per snapshot (encoder / decoder ...).
         model_name (`str`, *optional*): stored in the profile.
         meta (`dict`, *optional*): stored in the profile.
-        progress (`bool`, defaults to `False`): tqdm bar over layers.
+        progress (`bool`, *optional*): tqdm bar over layers; `None` (default) follows transformers' progress-bar
+            switch (`transformers.utils.logging.disable_progress_bar()` hides it).
         chunk_size (`int`, defaults to 8): layers analysed per batched call (memory: `chunk_size` x 2 x N x d floats).
         eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem, passed to `whitened_dmd`:
             `None` (default) solves up to 256 modes in float64 and larger ones in float32; `torch.float64` solves
@@ -279,6 +280,7 @@ def profile_from_snapshots(
             chunks[-1].append(i)
         else:
             chunks.append([i])
+    progress = show_progress(progress)
     bar = tqdm(total=len(snapshots), desc="whitened DMD", unit="layer", disable=not progress)
     sample_size_notes: dict[str, None] = {}  # whitened_dmd's N < d warnings, logged once below
     try:
@@ -358,7 +360,7 @@ def profile(
     max_tokens: int | None = None,
     learning_rate: float | None = None,
     model_name: str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     eig_dtype: torch.dtype | None = None,
     **analysis_kwargs: Any,
 ) -> SpectralProfile:
@@ -388,7 +390,8 @@ def profile(
         learning_rate (`float`, *optional*): the planned peak learning rate, > 0 and finite; stored in `meta` for the
             calibrated risk estimator.
         model_name (`str`, *optional*): name in the report; defaults to `config.name_or_path` or the class name.
-        progress (`bool`, defaults to `False`): tqdm bars over batches and layers.
+        progress (`bool`, *optional*): tqdm bars over blocks and layers; `None` (default) follows transformers'
+            progress-bar switch (`transformers.utils.logging.disable_progress_bar()` hides them).
         eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem (see `profile_from_snapshots`);
             `torch.float64` solves every layer in float64.
         **analysis_kwargs: passed to `profile_from_snapshots` (`near_band`, `eps`, `randomized`, ...) and through it
@@ -420,6 +423,7 @@ def profile(
         _SET_BY_PROFILE,
     )
     num_samples = _as_count(num_samples, "num_samples", 2)
+    progress = show_progress(progress)
     learning_rate = _check_learning_rate(learning_rate)
     _check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)

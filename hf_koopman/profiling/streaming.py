@@ -16,7 +16,7 @@ Peak memory is roughly: non-block modules + one block + activations of one block
 from __future__ import annotations
 
 import json
-from hf_koopman.logging_utils import get_logger
+from hf_koopman.logging_utils import get_logger, show_progress
 import os
 import resource
 import sys
@@ -240,7 +240,7 @@ def profile_streaming(
     dtype: torch.dtype | str | None = None,
     memory_limit: int | str | None = None,
     partial_path: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     model_name: str | None = None,
     **analysis_kwargs: Any,
 ) -> SpectralProfile:
@@ -272,7 +272,8 @@ def profile_streaming(
         partial_path (`str` or `os.PathLike`, *optional*):
             Where to write a `{"complete": false, ...}` JSON marker when the run is interrupted (no features are
             written for an incomplete run).
-        progress (`bool`, defaults to `True`): tqdm bar over blocks.
+        progress (`bool`, *optional*): tqdm bar over blocks; `None` (default) follows transformers' progress-bar
+            switch (`transformers.utils.logging.disable_progress_bar()` hides it).
         model_name (`str`, *optional*): name stored in the profile.
         **analysis_kwargs: forwarded to `profile_from_snapshots` (feature thresholds etc.).
 
@@ -340,6 +341,7 @@ def profile_streaming(
     weights.materialise_rest(rest)
 
     state = {"done": 0, "block_time": 0.0}
+    progress = show_progress(progress)
     bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
 
     def make_pre_hook(index: int, block: ResidualBlock):

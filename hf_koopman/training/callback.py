@@ -448,7 +448,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         return _to_device(batch, device)
 
     def _run_profile(
-        self, model: torch.nn.Module, batch: dict[str, Any], num_samples: int, learning_rate: float | None = None
+        self, model: torch.nn.Module, batch: dict[str, Any], num_samples: int, learning_rate: float | None = None,
+        progress: bool = False,
     ) -> Any:
         from hf_koopman.profiling import profile
 
@@ -474,6 +475,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     # a zero (or non-finite) rate plans no update: no calibrated risk, the verdict alone
                     learning_rate=(learning_rate if learning_rate is not None and math.isfinite(learning_rate)
                                    and learning_rate > 0 else None),
+                    progress=progress,
                 )
         finally:
             model.train(was_training)
@@ -520,7 +522,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         restored = self.init_verdict is not None
         if self.profile_at_init and not restored and model is not None:
             batch = self._probe_batch(model, train_dataloader)
-            spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate)
+            # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
+            spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
+                                                 progress=state.is_local_process_zero and not args.disable_tqdm)
             self.profile = spectral_profile
             self.init_verdict = spectral_profile.verdict
             self.init_score = spectral_profile.score

@@ -184,3 +184,21 @@ def test_not_a_residual_block_error_names_the_cli_option():
     with pytest.raises(ValueError, match="ran but is not a residual block") as err:
         profile(tiny_model("gpt2", num_hidden_layers=2), layers="transformer.wte", num_samples=64, rank=4)
     assert "`layers=` (CLI: `--layers`)" in str(err.value)
+
+
+def test_progress_bars_follow_the_transformers_switch_unless_asked(capsys):
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        profile(model, num_samples=64, rank=8)
+        assert "whitened DMD" in capsys.readouterr().err  # default: shown, as transformers shows its bars
+        hf_logging.disable_progress_bar()
+        profile(model, num_samples=64, rank=8)
+        assert "whitened DMD" not in capsys.readouterr().err
+        profile(model, num_samples=64, rank=8, progress=True)  # an explicit choice wins
+        assert "whitened DMD" in capsys.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
