@@ -127,6 +127,11 @@ class KSSConfig:
                 f"num_samples must be an int >= 2, got {self.num_samples!r}",
             ),
             (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (
+                self.layers is None or isinstance(self.layers, (str, list, tuple)),
+                f"layers must be None (auto-discovery), the dotted path of the block list (e.g. 'model.layers') or a "
+                f"list of paths or modules, got {self.layers!r}",
+            ),
             (self.oversample >= 0 and self.power_iters >= 0, "oversample and power_iters must be >= 0"),
             (
                 self.max_grad_ratio is None or self.max_grad_ratio >= 0,
@@ -195,7 +200,8 @@ class KSSTrainingArguments(TrainingArguments):
             self.kss_config()
         except ValueError as err:
             message = str(err).removeprefix("KSSConfig: ")
-            message = re.sub(rf"\b({'|'.join(_KSS_FIELDS)})\b", r"kss_\1", message)
+            # field names, not the same words inside a module path such as 'model.layers'
+            message = re.sub(rf"(?<![.\w])({'|'.join(_KSS_FIELDS)})\b", r"kss_\1", message)
             raise ValueError(f"KSSTrainingArguments: {message}") from None
 
     def kss_config(self) -> KSSConfig:

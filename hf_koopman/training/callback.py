@@ -268,6 +268,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise ValueError(f"on_divergence must be one of {_MODES}, got {on_divergence!r}")
         if not _is_int(max_rollbacks) or max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be an int >= 0, got {max_rollbacks!r}")
+        flags = {"profile_at_init": profile_at_init, "guard": guard, "check_activations": check_activations,
+                 "auto_kss": auto_kss, "save_artifacts": save_artifacts}
+        for name, value in flags.items():
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"RKSPCallback: {name} must be True or False, got {value!r}")
+        if isinstance(lr_backoff, (bool, np.bool_)) or not isinstance(lr_backoff, numbers.Real):
+            raise TypeError(f"lr_backoff must be a number in (0, 1] (the learning rate is multiplied by it), got "
+                            f"{type(lr_backoff).__name__} {lr_backoff!r}")
         if not (0 < lr_backoff <= 1):
             raise ValueError(f"lr_backoff must be in (0, 1] (the learning rate is multiplied by it), got {lr_backoff!r}")
         if not (isinstance(snapshot_every_n_steps, str) and snapshot_every_n_steps == "auto") and (

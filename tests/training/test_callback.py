@@ -247,6 +247,8 @@ def test_peft_model_is_profiled_through_base_blocks(tmp_path):
 def test_argument_validation():
     with pytest.raises(ValueError, match="every_n_steps"):
         RKSPCallback(every_n_steps=-1)
+    with pytest.raises(TypeError, match=r"lr_backoff must be a number in \(0, 1\].*str '0.5'"):
+        RKSPCallback(lr_backoff="0.5")
     with pytest.raises(TypeError, match="probe_inputs"):
         RKSPCallback(probe_inputs=[1, 2, 3])
 
@@ -260,6 +262,8 @@ def test_argument_validation():
     ({"rank": 0}, r"rank must be None \(the full spectrum\) or an int >= 1"),
     ({"seed": "a"}, "seed must be an int"),
     ({"layers": 5}, "layers must be None"),
+    ({"guard": "yes"}, "guard must be True or False"),
+    ({"auto_kss": 1}, "auto_kss must be True or False"),
 ])
 def test_bad_arguments_fail_at_construction_not_at_train_begin(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=f"RKSPCallback: {message}"):

@@ -295,3 +295,12 @@ def test_training_argument_defaults_are_the_kss_config_defaults():
     for field in dataclasses.fields(KSSConfig):
         assert f"kss_{field.name}" in args, field.name
         assert args[f"kss_{field.name}"].default == field.default, field.name
+
+
+def test_kss_layers_of_the_wrong_type_fail_when_the_arguments_are_built(tmp_path):
+    with pytest.raises(ValueError, match=r"KSSTrainingArguments: kss_layers must be None .* got 5"):
+        KSSTrainingArguments(str(tmp_path), kss_layers=5)
+    with pytest.raises(ValueError, match=r"\(e\.g\. 'model\.layers'\)"):  # a module path keeps its own words
+        KSSTrainingArguments(str(tmp_path), kss_layers=5)
+    with pytest.raises(ValueError, match="KSSConfig: layers must be None"):
+        KSSConfig(layers=5)
