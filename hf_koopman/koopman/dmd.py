@@ -1237,6 +1237,15 @@ def _fit_operator(
 # public entry point
 
 
+def sample_size_note(n: int, d: int, rank: int | None = None) -> str | None:
+    """What `N = n` snapshots of width `d` (and `rank`) limit, when `n < d` or `n <= rank`; else `None`."""
+    if n >= d and (rank is None or n > rank):
+        return None
+    return (f"N={n} snapshots for d={d} features{'' if rank is None else f' and rank={rank}'}: the DMD estimate is "
+            f"rank-limited (at most N-1={n - 1} identifiable modes); use more samples (N >= {2 * d} for a verdict, "
+            f"{8 * d} for a stable estimate)")
+
+
 def whitened_dmd(
     X: torch.Tensor,
     Y: torch.Tensor,
@@ -1252,6 +1261,7 @@ def whitened_dmd(
     eigenvectors: bool = True,
     eig_dtype: torch.dtype | None = None,
     left_eigenvectors: bool = True,
+    warn_sample_size: bool = True,
 ) -> DMDResult:
     r"""Whitened DMD of the map X -> Y of one residual block, or of `L` blocks at once (RKSP Algorithm 1, lines 5-8).
 
@@ -1294,6 +1304,8 @@ def whitened_dmd(
             eigenvectors, $\kappa(V)$ and, for the full spectrum, the ResDMD quadratic forms (one inverse of V, one
             triangular solve and two products); `False` gives eigenvalues and right eigenvectors only (the
             outputs of an exact DMD such as PyDMD's), with `left_eigenvectors=None` and a NaN $\kappa(V)$ in the result.
+        warn_sample_size (`bool`, *optional*, defaults to `True`): emit a `UserWarning` (`sample_size_note`) when
+            N < d or N <= rank; `profile_from_snapshots` passes `False` and logs the note itself.
 
     Returns:
         [`DMDResult`]: batched along the first axis when `X` was `(L, N, d)`.
@@ -1342,10 +1354,9 @@ def whitened_dmd(
         raise ValueError(f"eig_dtype={eig_dtype} must be torch.float32, torch.float64 or None")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if N < d or (rank is not None and N <= rank):
-        warnings.warn(f"N={N} snapshots for d={d} features{'' if rank is None else f' and rank={rank}'}: the DMD "
-                      f"estimate is rank-limited (at most N-1={N - 1} identifiable modes); use more samples "
-                      f"(N >= {2 * d} for a verdict, {8 * d} for a stable estimate)", UserWarning, stacklevel=2)
+    note = sample_size_note(N, d, rank)
+    if note is not None and warn_sample_size:
+        warnings.warn(note, UserWarning, stacklevel=2)
 
     with torch.no_grad():
         op, moments, rank_x = _fit_operator(

@@ -10,7 +10,6 @@ import numbers
 import operator
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,8 +30,6 @@ __all__ = ["profile", "profile_from_snapshots"]
 
 logger = get_logger(__name__)
 
-#: text of `whitened_dmd`'s sample-size warning (N < d), which `profile_from_snapshots` logs once per profile instead
-_RANK_LIMITED = "the DMD estimate is rank-limited"
 #: `profile_from_snapshots` arguments that `profile` sets itself, so a caller cannot pass them through `profile`
 _SET_BY_PROFILE = ("rank", "seed", "stacks", "model_name", "meta", "progress", "eig_dtype")
 _LAYERS_HINT = "`layers=` (CLI: `--layers`)"
@@ -129,21 +126,17 @@ def _check_learning_rate(learning_rate: Any) -> float | None:
     return float(learning_rate)
 
 
-def _dmd_logging_sample_size(whitened_dmd: Callable[..., Any], notes: dict[str, None], *args: Any,
-                             **kwargs: Any) -> Any:
-    """`whitened_dmd(*args, **kwargs)` with its sample-size warning collected into `notes` (logged once per profile,
-    so that it follows the transformers verbosity); every other warning is re-emitted unchanged."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            return whitened_dmd(*args, **kwargs)
-    finally:
-        for w in caught:
-            if issubclass(w.category, UserWarning) and _RANK_LIMITED in str(w.message):
-                notes.setdefault(str(w.message), None)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+#: sample-size notes already logged at WARNING in this process; a repeat (e.g. every monitoring profile) goes to DEBUG
+_LOGGED_NOTES: set[str] = set()
+
+
+def _log_note_once(note: str) -> None:
+    """Log `note` at WARNING the first time this process sees it, at DEBUG after that."""
+    if note in _LOGGED_NOTES:
+        logger.debug("%s", note)
+    else:
+        _LOGGED_NOTES.add(note)
+        logger.warning("%s", note)
 
 
 def _has_blocks(model: nn.Module) -> bool:
@@ -249,10 +242,12 @@ def profile_from_snapshots(
             analysis; the message names the closest accepted one).
 
     Logs:
-        The sample-size warning of `whitened_dmd` (N < d: the estimate is rank-limited) once per profile, at WARNING
-        through the `hf_koopman` logger, so that `transformers.logging.set_verbosity_error()` silences it.
+        The sample-size note of `whitened_dmd` (N < d: the estimate is rank-limited) through the `hf_koopman` logger
+        instead of a `UserWarning`, so that `transformers.logging.set_verbosity_error()` silences it: at WARNING the
+        first time a process sees it, at DEBUG after that (a callback monitoring every k steps repeats it).
     """
     from hf_koopman.koopman import aggregate_features, spectral_features, whitened_dmd
+    from hf_koopman.koopman.dmd import sample_size_note
 
     _check_keywords(feature_kwargs, "profile_from_snapshots", _keywords(profile_from_snapshots), _feature_keywords())
     _check_eig_dtype(eig_dtype)
@@ -282,7 +277,7 @@ def profile_from_snapshots(
             chunks.append([i])
     progress = show_progress(progress)
     bar = tqdm(total=len(snapshots), desc="whitened DMD", unit="layer", disable=not progress)
-    sample_size_notes: dict[str, None] = {}  # whitened_dmd's N < d warnings, logged once below
+    sample_size_notes: dict[str, None] = {}  # N < d (or N <= rank) notes, logged once below
     try:
         for chunk in chunks:
             n, d = snapshots[chunk[0]][1].shape
@@ -291,10 +286,11 @@ def profile_from_snapshots(
             X, Y = _stack_chunk([snapshots[i] for i in chunk])
             names = [snapshots[i][0] for i in chunk]
             try:
-                result = _dmd_logging_sample_size(
-                    whitened_dmd, sample_size_notes, X, Y, rank=layer_rank, randomized=use_randomized, eps=eps,
-                    generator=generator, eig_dtype=eig_dtype,
-                )
+                note = sample_size_note(n, d, layer_rank)
+                if note is not None:
+                    sample_size_notes.setdefault(note, None)
+                result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator,
+                                      eig_dtype=eig_dtype, warn_sample_size=False)
                 features = spectral_features(
                     result,
                     near_band=near_band,
@@ -315,7 +311,7 @@ def profile_from_snapshots(
     finally:
         bar.close()
         if sample_size_notes:
-            logger.warning("%s", "; ".join(sample_size_notes))
+            _log_note_once("; ".join(sample_size_notes))
     analysis_time = time.perf_counter() - start
     feats = [f for _, f in layers]
     aggregates = dict(aggregate_features(feats))

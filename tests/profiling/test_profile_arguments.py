@@ -144,27 +144,38 @@ def test_bad_eig_dtype_is_an_error_before_the_forward(value):
 
 
 # ------------------------------------------------------------------------------------- sample-size warning
-def test_sample_size_warning_is_logged_once_and_follows_the_transformers_verbosity(caplog):
+def test_sample_size_warning_is_logged_once_and_follows_the_transformers_verbosity(caplog, monkeypatch):
     from transformers.utils import logging as hf_logging
 
-    snapshots = _snapshots(num_layers=3, n=12, d=16)  # N < d: whitened_dmd warns once per chunk
+    import hf_koopman.profiling.profiler as profiler_module
+
+    snapshots = _snapshots(num_layers=3, n=12, d=16)  # N < d in every chunk
     before = hf_logging.get_verbosity()
     try:
+        monkeypatch.setattr(profiler_module, "_LOGGED_NOTES", set())
         hf_logging.set_verbosity_error()
         with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
             warnings.simplefilter("error")  # a warning that escapes would fail the call
             profile_from_snapshots(snapshots, chunk_size=1)
         assert "rank-limited" not in caplog.text
         hf_logging.set_verbosity(before)
+        monkeypatch.setattr(profiler_module, "_LOGGED_NOTES", set())
         caplog.clear()
         with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
             warnings.simplefilter("error")
             profile_from_snapshots(snapshots, chunk_size=1)
+            profile_from_snapshots(snapshots, chunk_size=1)  # a repeat (monitoring) goes to DEBUG
         records = [r for r in caplog.records if "rank-limited" in r.getMessage()]
         assert len(records) == 1 and records[0].levelno == logging.WARNING
         assert records[0].name.startswith("hf_koopman") and "N=12 snapshots for d=16" in records[0].getMessage()
     finally:
         hf_logging.set_verbosity(before)
+
+
+def test_whitened_dmd_still_warns_its_direct_callers():
+    X = torch.randn(12, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="N=12 snapshots for d=16 features: the DMD estimate is rank-limited"):
+        hf_koopman.koopman.whitened_dmd(X, X + 0.1 * torch.tanh(X))
 
 
 def test_other_warnings_of_whitened_dmd_are_re_emitted(monkeypatch):
