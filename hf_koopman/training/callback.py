@@ -413,7 +413,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._trainer.log(logs)
             self._trainer.control.should_log = pending
         else:  # not bound: log_history only (integrations miss it)
-            if not self._warned_unbound and getattr(args, "report_to", None):
+            if not self._warned_unbound and getattr(args, "report_to", None) and state.is_world_process_zero:
                 self._warned_unbound = True
                 logger.warning(
                     "RKSPCallback is not bound to its Trainer: the rksp/* metrics go to state.log_history and the run "
@@ -461,7 +461,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
     ) -> Any:
         from hf_koopman.profiling import profile
 
-        available = _token_count(batch)
+        requested, available = num_samples, _token_count(batch)
         if available is not None and available < num_samples:
             # said here with the callback's own knobs; profile() would only say "pass more inputs"
             logger.warning(
@@ -473,7 +473,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         model.eval()
         try:
             with torch.no_grad():
-                return profile(
+                result = profile(
                     model,
                     batch,
                     num_samples=num_samples,
@@ -485,6 +485,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                                    and learning_rate > 0 else None),
                     progress=progress,
                 )
+            result.meta["num_samples_requested"] = requested  # the advice then names the short probe, not N
+            return result
         finally:
             model.train(was_training)
 

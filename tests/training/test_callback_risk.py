@@ -25,3 +25,15 @@ def test_init_logs_risk_out_of_range_for_a_learning_rate_below_the_fitted_range(
     assert "outside the fitted range: learning_rate" in caplog.text and "2 decades below" in caplog.text
     # the risk line names the verdict it is contrasted with (the verdict's own line is at INFO unless high risk)
     assert f"(the verdict, {callback.init_verdict.upper()}, reads the spectrum alone)" in caplog.text
+
+
+def test_zero_learning_rate_profiles_without_a_risk_and_a_short_probe_keeps_the_request(tmp_path):
+    from hf_koopman.risk import tokens_short
+
+    callback = RKSPCallback(num_samples=4096, rank=8, save_artifacts=False)  # more than the probe batch holds
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=0.0)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    trainer.train()  # profile() rejects learning_rate=0; the callback passes none instead
+    assert "learning_rate" not in callback.profile.meta and "rksp/risk" not in trainer.state.log_history[0]
+    meta = callback.profile.meta
+    assert meta["num_samples_requested"] == 4096 and tokens_short(meta) == meta["tokens_seen"] < 4096
