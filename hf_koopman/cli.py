@@ -11,13 +11,14 @@ Subcommands register themselves in `_COMMANDS` (name -> (add_arguments, run)); a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,6 @@ def _load_model(
     """`load_model`, plus where the weights come from: `"pretrained"` (a checkpoint) or `"init"` (built from a config
     at random initialisation), for `meta["weights"]` of the profile."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
     config, weights, name = resolve_config(spec, init=init)
     torch_dtype = getattr(torch, _DTYPES[dtype])
@@ -265,6 +265,37 @@ def _load_model(
         _set_num_layers(config, num_layers)
         per_stack = " per stack" if getattr(config, "is_encoder_decoder", False) else ""
         name = f"{name} [{num_layers} layers{per_stack}]"
+    with _model_memory(name):
+        model = _build_or_load(config, weights, spec, torch_dtype, seed).to(device)
+    tokenizer = None
+    local = Path(spec).expanduser()
+    source = weights or (str(local) if local.is_dir() else None)
+    if source is not None:
+        tokenizer = _load_tokenizer(source, warn=text_inputs)
+    return model.eval(), tokenizer, name, ("init" if weights is None else "pretrained")
+
+
+@contextlib.contextmanager
+def _model_memory(name: str) -> Iterator[None]:
+    """An allocation failure while the model is built, loaded or moved becomes a ValueError about the model's own
+    memory (not the probe's, which `main` reports)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        raise ValueError(
+            f"out of memory while building or loading {name} ({_first_line(err)}): its weights need more memory than "
+            "is free. Use `hf-koopman profile --stream` (one block at a time, on the CPU), a smaller --dtype (e.g. "
+            "bfloat16), or --init --num-layers N for a quick look at the architecture."
+        ) from None
+
+
+def _build_or_load(config: Any, weights: str | None, spec: str, torch_dtype: Any, seed: int) -> Any:
+    """The model of `config` at random initialisation (seeded), or with the weights at `weights`."""
+    import torch
+    from transformers import AutoModel
+
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -286,13 +317,7 @@ def _load_model(
                     f"retries), or a repository without weight files. Without network: {_no_hub_hint(spec)}."
                 ) from None
             raise ValueError(f"could not load the weights of {weights}: {err}") from err
-    model = model.to(device)
-    tokenizer = None
-    local = Path(spec).expanduser()
-    source = weights or (str(local) if local.is_dir() else None)
-    if source is not None:
-        tokenizer = _load_tokenizer(source, warn=text_inputs)
-    return model.eval(), tokenizer, name, ("init" if weights is None else "pretrained")
+    return model
 
 
 class _QuietHeadReport(logging.Filter):
@@ -828,6 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe (`| head`) shows here rather than at interpreter exit
         return code
     except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe (e.g. a data worker's) broke: a real error
+            raise
         _silence_stdout()
         return 1
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -840,6 +867,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hf-koopman {args.command}: error: {_out_of_memory_message(args, err)}", file=sys.stderr)
         return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`| head`): poll reports an error on its write end. `True`
+    where that cannot be told (no poll, no file descriptor), the usual cause of a BrokenPipeError in a CLI."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 def _silence_stdout() -> None:

@@ -282,3 +282,23 @@ def test_generic_checkpoint_folders_are_named_with_their_parent(tmp_path, monkey
     assert resolve_config(str(tmp_path / "run-b/model/config.json"), init=True)[2] == "run-b/model (init)"
     monkeypatch.chdir(tmp_path / "run-a/checkpoint-500")
     assert resolve_config(".", init=True)[2] == "run-a/checkpoint-500"  # the folder's name, not the empty "."
+
+
+def test_console_line_says_when_the_verdict_is_tentative(tiny_llama_json, tmp_path, monkeypatch, capsys):
+    import hf_koopman.profiling
+    from hf_koopman.koopman.features import LayerFeatures
+    from hf_koopman.profiling import SpectralProfile
+
+    def profile_of(near: float, n: int):
+        feats = LayerFeatures(near_unit_mass=near, unstable_mass=1 - near, contractive_mass=0.0, mid_mass=0.0,
+                              spectral_radius=1.1, eigvec_condition=20.0, nonlinearity=0.3, kreiss=float("inf"),
+                              n_modes=10, n_reliable=10, degenerate=False)
+        return SpectralProfile(layers=[("layers.0", feats)], aggregates={}, model_name="m",
+                               settings={"num_samples": n, "hidden_size": 64, "rank": None}, meta={})
+
+    for (near, n), tentative in {(0.58, 134): True, (0.1, 64 * 16): False}.items():  # M≈1 ± sqrt(d/N) spans 0.5
+        monkeypatch.setattr(hf_koopman.profiling, "profile", lambda *a, _p=profile_of(near, n), **k: _p)
+        assert main(["profile", str(tiny_llama_json), "--init", "--no-plots", "--no-progress",
+                     "--out", str(tmp_path / str(n))]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if "verdict:" in x)
+        assert ("(tentative: the sampling error spans a threshold)" in line) is tentative, line

@@ -430,3 +430,29 @@ def test_other_runtime_errors_are_not_called_out_of_memory(tiny_llama_json, tmp_
     monkeypatch.setattr(hf_koopman.profiling, "profile", broken)
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")])
+
+
+def test_out_of_memory_while_loading_names_the_model_not_the_probe(tiny_llama_json, tmp_path, monkeypatch, capsys):
+    import hf_koopman.cli as cli
+
+    def no_memory(*args, **kwargs):  # what building a model too large for the machine raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(cli, "_build_or_load", no_memory)
+    for command in ("profile", "max-lr"):
+        code = main([command, str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")]
+                    if command == "profile" else [command, str(tiny_llama_json), "--init", *FAST[:4], "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "out of memory while building or loading" in err and "--stream" in err
+        assert "--num-samples" not in err
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_swallowed(tiny_llama_json, tmp_path, monkeypatch):
+    import hf_koopman.profiling
+
+    def worker_pipe(*args, **kwargs):  # e.g. a DataLoader worker's pipe; stdout itself is fine
+        raise BrokenPipeError("worker pipe closed")
+
+    monkeypatch.setattr(hf_koopman.profiling, "profile", worker_pipe)
+    with pytest.raises(BrokenPipeError, match="worker pipe"):
+        main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")])
