@@ -935,9 +935,9 @@ class DecisionRule:
             total (`int`, *optional*): number of layers of the profile.
             rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum); a rank-r fit explains at most
                 r of d directions of the update, so its high η_nl is the truncation's, and the reason says so.
-            tokens_seen (`int`, *optional*): valid token states the inputs gave (`meta["tokens_seen"]`). When it is
-                not above `num_samples`, every token was used, so a larger `num_samples` cannot help: the advice is
-                then to supply more text (or a larger `max_tokens`).
+            tokens_seen (`int`, *optional*): the token states the inputs gave when they were fewer than the
+                `num_samples` asked for (`tokens_short(profile.meta)`); a larger `num_samples` cannot help then, so
+                the advice is to supply more text (or a larger `max_tokens`). `None`: the inputs were not short.
             weights (`str`, *optional*): `"pretrained"` when the profiled weights come from a checkpoint
                 (`meta["weights"]`); the thresholds come from spectra at initialisation, so the reason then says that
                 the verdict is an extrapolation.
@@ -1043,7 +1043,7 @@ class DecisionRule:
     def _more_tokens(self, num_samples: int, hidden_size: int, tokens_seen: int | None) -> str:
         """How to get a larger sample: more `num_samples`, or more text when the inputs ran out of tokens."""
         wanted = int(self.warn_samples_per_dim * hidden_size)
-        if tokens_seen is not None and tokens_seen <= num_samples:
+        if tokens_seen is not None:
             return (f"the inputs gave only {int(tokens_seen)} token states, all of them used, so a larger num_samples "
                     f"cannot help: supply more text (or a larger `max_tokens`, CLI: `--max-tokens`) to reach "
                     f"N >= {wanted}")

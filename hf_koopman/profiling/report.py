@@ -99,7 +99,9 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
         line = (f"- Sample: N = {n} token states for width d = {d} (N/d = {n / d:.1f}); the masses carry a sampling "
                 f"error of roughly sqrt(d/N) = {relative:.2f} relative")
         score = profile.score
-        crossed = profile.rule.thresholds_within_error(score, n, d)
+        # only a tentative verdict can change with more tokens (κ(V) or an uninformative fit decide firmly)
+        tentative = profile.verdict_reason.startswith("tentative")
+        crossed = profile.rule.thresholds_within_error(score, n, d) if tentative else ()
         if crossed:
             names = " and ".join(f"{t:g}" for t in crossed)
             line += (f": the verdict's M≈1 = {score:.2f} ± {score * relative:.2f} spans the {names} "

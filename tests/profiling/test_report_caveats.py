@@ -54,6 +54,10 @@ def test_firm_verdict_is_stated_firmly():
 def test_large_kappa_verdict_does_not_depend_on_the_score_interval():
     _, reason = DecisionRule(kappa_large=10.0).decide(0.25, 20.0, num_samples=64 * 16, hidden_size=64)
     assert "tentative" not in reason
+    # nor does the report's sample line call that firm verdict changeable
+    firm = dataclasses.replace(_profile(0.25, 64 * 16), rule=DecisionRule(kappa_large=10.0))
+    report = render_report(firm)
+    assert _verdict_line(report).startswith("**Verdict: HIGH RISK** — ") and "spans the" not in report
 
 
 # ---------------------------------------------------------------------------------------------- report text
@@ -105,7 +109,12 @@ def test_weights_at_initialisation_carry_no_extrapolation_note(meta):
     assert "pretrained" not in report and "extrapolated" not in _verdict_line(report)
 
 
-def test_decide_profile_agrees_with_the_profile_verdict():
-    for profile in (_profile(0.1, 64 * 16), _profile(0.58, 134), _profile(0.4, 100, meta={"tokens_seen": 100, "num_samples_requested": 400}),
-                    dataclasses.replace(_profile(0.1, 1024), rule=DecisionRule(max_nonlinearity=0.0))):
-        assert profile.rule.decide_profile(profile)[0] == profile.verdict
+def test_decide_profile_reads_the_profile_and_its_meta():
+    # decide_profile = decide on the informative layers' score and kappa, the settings, and the meta's context
+    short = _profile(0.4, 100, meta={"tokens_seen": 100, "num_samples_requested": 400, "weights": "pretrained"})
+    explicit = DecisionRule().decide(0.4, 20.0, num_samples=100, hidden_size=64, informative=3, total=3, rank=None,
+                                     tokens_seen=100, weights="pretrained")
+    assert short.rule.decide_profile(short) == explicit
+    assert short.verdict_reason == explicit[1] and "supply more text" in explicit[1] and "extrapolated" in explicit[1]
+    strict = dataclasses.replace(_profile(0.1, 1024), rule=DecisionRule(max_nonlinearity=0.0))  # no layer informative
+    assert strict.rule.decide_profile(strict)[0] == "uninformative"
