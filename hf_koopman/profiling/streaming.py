@@ -296,6 +296,13 @@ def profile_streaming(
         profile_from_snapshots,
     )
 
+    from hf_koopman.profiling.profiler import _as_count, _check_keywords, _feature_keywords, _keywords
+
+    # bad arguments fail before any block is built or streamed
+    own = ("rank", "seed", "stacks", "model_name", "meta", "progress")  # set here on profile_from_snapshots
+    _check_keywords(analysis_kwargs, "profile_streaming", _keywords(profile_streaming),
+                    [k for k in _keywords(profile_from_snapshots)[1:] if k not in own] + _feature_keywords(), own)
+    num_samples = _as_count(num_samples, "num_samples", 2)
     start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)
     budget = _parse_bytes(memory_limit)
@@ -309,8 +316,6 @@ def profile_streaming(
     block_modules = [b.module for b in blocks]
     rest = _non_block_modules(skeleton, block_modules)
 
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}.")
     # the skeleton (not the config) decides the probe, exactly as `profile` does with the real model
     inputs = _prepare_inputs(
         default_probe_inputs(skeleton, num_tokens=num_samples, seed=seed) if inputs is None else inputs, skeleton, dtype

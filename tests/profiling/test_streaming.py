@@ -249,6 +249,17 @@ def test_bad_inputs_are_rejected(tmp_path):
         profile_streaming(_llama(), memory_limit="lots")
     with pytest.raises(ValueError, match="init=True"):
         profile_streaming(_llama(), init=False)
+    with pytest.raises(TypeError, match="profile_streaming.*'num_sample'; did you mean 'num_samples'"):
+        profile_streaming(_llama(), num_sample=64)  # before any block is built
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
+        profile_streaming(_llama(), num_samples=1.5)
+
+
+def test_integer_like_num_samples_stream():
+    import numpy as np
+
+    result = profile_streaming(_llama(), num_samples=np.int64(64), rank=4, progress=False)
+    assert result.settings["num_samples"] == 64
 
 
 def test_interrupted_run_never_passes_as_complete(tmp_path, monkeypatch):
