@@ -286,9 +286,9 @@ def _model_memory(name: str) -> Iterator[None]:
             raise
         raise ValueError(
             f"out of memory while building or loading {name} ({_first_line(err)}): its weights need more memory than "
-            "is free. Use `hf-koopman profile --stream` (one block at a time, on the CPU), a smaller --dtype (e.g. "
-            "bfloat16), or --init --num-layers N for a quick look at the architecture."
-        ) from None
+            "is free. Use `hf-koopman profile --stream` (one block at a time, on the CPU), a smaller --dtype for "
+            "pretrained weights (e.g. bfloat16), or --init --num-layers N for a quick look at the architecture."
+        ) from err
 
 
 def _build_or_load(config: Any, weights: str | None, spec: str, torch_dtype: Any, seed: int) -> Any:
@@ -349,6 +349,8 @@ def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
     try:
         model, info = auto_model.from_pretrained(weights, dtype=torch_dtype, output_loading_info=True)
     except RuntimeError as err:  # transformers raises after its report on shape mismatches and failed conversions
+        if _is_out_of_memory(err):  # the allocator's RuntimeError: `_model_memory` names the model's memory
+            raise
         raise ValueError(f"could not load the weights of {weights}: {err} The tensors named there do not fit the "
                          "model that config.json describes: check that the config belongs to these weights.") from err
     finally:

@@ -432,13 +432,20 @@ def test_other_runtime_errors_are_not_called_out_of_memory(tiny_llama_json, tmp_
         main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")])
 
 
-def test_out_of_memory_while_loading_names_the_model_not_the_probe(tiny_llama_json, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_while_loading_names_the_model_not_the_probe(tiny_llama_json, saved_model_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    import transformers
+
     import hf_koopman.cli as cli
 
-    def no_memory(*args, **kwargs):  # what building a model too large for the machine raises
+    def no_memory(*args, **kwargs):  # what building or loading a model too large for the machine raises
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(cli, "_build_or_load", no_memory)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_memory)  # pretrained weights
+    code = main(["profile", str(saved_model_dir), *FAST, "--out", str(tmp_path / "pre")])
+    err = capsys.readouterr().err
+    assert code == 2 and "out of memory while building or loading" in err and "do not fit" not in err
+    monkeypatch.setattr(cli, "_build_or_load", no_memory)  # --init
     for command in ("profile", "max-lr"):
         code = main([command, str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")]
                     if command == "profile" else [command, str(tiny_llama_json), "--init", *FAST[:4], "--no-progress"])
