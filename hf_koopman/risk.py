@@ -1045,6 +1045,6 @@ class DecisionRule:
         wanted = int(self.warn_samples_per_dim * hidden_size)
         if tokens_seen is not None:
             return (f"the inputs gave only {int(tokens_seen)} token states, all of them used, so a larger num_samples "
-                    f"cannot help: supply more text (or a larger `max_tokens`, CLI: `--max-tokens`) to reach "
-                    f"N >= {wanted}")
+                    f"cannot help: supply more or longer inputs to reach N >= {wanted} (more text, a larger batch or "
+                    f"`max_tokens`; for RKSPCallback a larger `probe_batch_size`)")
         return f"profile with num_samples >= {wanted}"

@@ -110,7 +110,8 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
             line += "."
         elif _token_limited(profile):
             line += (f" — the inputs gave only {profile.meta['tokens_seen']} token states and all were used: supply "
-                     "more text (or a larger `max_tokens`, `--max-tokens`) for a firmer estimate.")
+                     "more or longer inputs (more text, a larger batch or `max_tokens`; for RKSPCallback a larger "
+                     "`probe_batch_size`) for a firmer estimate.")
         else:
             line += " — use more tokens (`num_samples`, `--num-samples`) for a firmer estimate."
         lines.append(line)

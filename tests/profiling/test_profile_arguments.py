@@ -77,7 +77,8 @@ def test_inputs_shorter_than_num_samples_advise_more_text():
     result = profile(tiny_model("llama", num_hidden_layers=2), {"input_ids": ids}, num_samples=512)
     assert result.meta["num_samples_requested"] == 512 and result.meta["tokens_seen"] == 80
     report = render_report(result)
-    assert "the inputs gave only 80 token states" in report and "use more tokens (`num_samples`" not in report
+    assert "the inputs gave only 80 token states" in report and "supply more or longer inputs" in report
+    assert "use more tokens (`num_samples`" not in report
 
 
 @pytest.mark.parametrize("value", [True, 64.0, np.float64(64.0), "64", 1])

@@ -73,23 +73,23 @@ def test_token_limited_profile_advises_more_text_not_more_num_samples():
     limited = _profile(0.1, 100, meta={"tokens_seen": 100, "num_samples_requested": 2048})
     verdict, reason = limited.rule.decide_profile(limited)
     assert verdict == "uninformative"
-    assert "supply more text" in reason and "max_tokens" in reason and "num_samples >=" not in reason
+    assert "supply more or longer inputs" in reason and "max_tokens" in reason and "num_samples >=" not in reason
     report = render_report(limited)
-    assert "supply more text" in _verdict_line(report) and "profile with num_samples" not in report
-    assert "use more tokens (`num_samples`" not in report and "--max-tokens" in report
+    assert "supply more or longer inputs" in _verdict_line(report) and "profile with num_samples" not in report
+    assert "use more tokens (`num_samples`" not in report and "probe_batch_size" in report
     # tokens to spare (tokens_seen > N): a larger num_samples is the fix
     _, reason = DecisionRule().decide(0.1, 20.0, num_samples=100, hidden_size=64, tokens_seen=None)
     assert "profile with num_samples >= 512" in reason
     spare = render_report(_profile(0.1, 200, meta={"tokens_seen": 3200, "num_samples_requested": 200}))
-    assert "use more tokens (`num_samples`, `--num-samples`)" in spare and "supply more text" not in spare
+    assert "use more tokens (`num_samples`, `--num-samples`)" in spare and "supply more or longer inputs" not in spare
 
 
 def test_inputs_that_gave_what_was_asked_for_advise_more_num_samples():
     # the synthetic probe builds exactly num_samples tokens: all are used, yet a larger num_samples is the fix
     exact = _profile(0.1, 100, meta={"tokens_seen": 100, "num_samples_requested": 100})
     _, reason = exact.rule.decide_profile(exact)
-    assert "profile with num_samples >=" in reason and "supply more text" not in reason
-    assert "supply more text" not in render_report(exact)
+    assert "profile with num_samples >=" in reason and "supply more or longer inputs" not in reason
+    assert "supply more or longer inputs" not in render_report(exact)
 
 
 # ---------------------------------------------------------------------------------------------- pretrained weights
@@ -115,6 +115,7 @@ def test_decide_profile_reads_the_profile_and_its_meta():
     explicit = DecisionRule().decide(0.4, 20.0, num_samples=100, hidden_size=64, informative=3, total=3, rank=None,
                                      tokens_seen=100, weights="pretrained")
     assert short.rule.decide_profile(short) == explicit
-    assert short.verdict_reason == explicit[1] and "supply more text" in explicit[1] and "extrapolated" in explicit[1]
+    assert short.verdict_reason == explicit[1]
+    assert "supply more or longer inputs" in explicit[1] and "extrapolated" in explicit[1]
     strict = dataclasses.replace(_profile(0.1, 1024), rule=DecisionRule(max_nonlinearity=0.0))  # no layer informative
     assert strict.rule.decide_profile(strict)[0] == "uninformative"
