@@ -110,7 +110,7 @@ def llama_section(args, device: torch.device) -> dict:
                               "modes": int(res.eigenvalues.shape[-1])}
         print(f"llama {name}: {median:.2f} s for {layers} blocks = {median / layers:.2f} s/layer "
               f"({res.eigenvalues.shape[-1]} modes)", flush=True)
-    median, times, prof = _timed(lambda: profile_from_snapshots(snapshots), args.repeats, device)
+    median, times, prof = _timed(lambda: profile_from_snapshots(snapshots, progress=False), args.repeats, device)
     out["calls"]["profile_from_snapshots"] = {"median_s": median, "per_layer_s": median / layers, "times_s": times}
     out["layer_mean"] = _features(prof)
     out["analysis_over_forward"] = median / forward_s
@@ -149,7 +149,7 @@ def gpt2_section(args, device: torch.device) -> dict:
 
     model = _model("gpt2", None, torch.float32, device)
     snapshots, forward_s = _snapshots(model, 2048)
-    median, times, prof = _timed(lambda: profile_from_snapshots(snapshots), args.repeats, device)
+    median, times, prof = _timed(lambda: profile_from_snapshots(snapshots, progress=False), args.repeats, device)
     out = {"forward_s": forward_s, "analysis_s": median, "analysis_over_forward": median / forward_s,
            "per_layer_s": median / len(snapshots), "layer_mean": _features(prof)}
     print(f"gpt2: forward {forward_s * 1e3:.1f} ms, analysis {median:.2f} s ({median / len(snapshots):.3f} s/layer)",

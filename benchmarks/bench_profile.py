@@ -144,7 +144,8 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
         model(**batch)  # warm-up
         with ResidualStreamRecorder(model, num_samples=num_samples) as rec:
             model(**batch)
-        profile_from_snapshots(rec.snapshots())  # warm-up of the analysis (thread pools, LAPACK workspaces)
+        # warm-up of the analysis (thread pools, LAPACK workspaces)
+        profile_from_snapshots(rec.snapshots(), progress=False)
         for _ in range(repeats):
             with _Clock() as c:
                 model(**batch)
@@ -155,10 +156,10 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
             record("hooked", c)
             snapshots = rec.snapshots()
             with _Clock() as c:
-                full = profile_from_snapshots(snapshots)  # the default: full spectrum
+                full = profile_from_snapshots(snapshots, progress=False)  # the default: full spectrum
             record("analysis_full", c)
             with _Clock() as c:
-                approx = profile_from_snapshots(snapshots, rank=rank)
+                approx = profile_from_snapshots(snapshots, rank=rank, progress=False)
             record("analysis_rank", c)
             if breakdown:
                 X, Y = _stack_chunk(snapshots)  # as profile_from_snapshots stacks them (Y[l] is X[l + 1])
@@ -191,8 +192,8 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
     if one_thread:
         snapshots = rec.snapshots()
         with torch.no_grad():
-            rounds = _one_thread_interleaved({"plain": lambda: model(**batch),
-                                              "analysis_full": lambda: profile_from_snapshots(snapshots)}, repeats)
+            analysis = lambda: profile_from_snapshots(snapshots, progress=False)  # noqa: E731
+            rounds = _one_thread_interleaved({"plain": lambda: model(**batch), "analysis_full": analysis}, repeats)
         cpu = {name: statistics.median(v) for name, v in rounds.items()}
         out["one_thread_cpu_s"] = cpu
         out["one_thread_full_over_forward_cpu"] = cpu["analysis_full"] / cpu["plain"]

@@ -59,7 +59,7 @@ def _child(args: argparse.Namespace) -> None:
 
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-        result = profile(model, num_samples=args.num_samples, rank=args.rank, seed=args.seed)
+        result = profile(model, num_samples=args.num_samples, rank=args.rank, seed=args.seed, progress=False)
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss * 1024
@@ -156,7 +156,8 @@ def _section_stats(args: argparse.Namespace) -> dict:
         # weights drawn from the same stream correlate with the probe tokens (biases the ordinary baseline)
         torch.manual_seed(WEIGHT_SEED_OFFSET + seed)
         model = AutoModelForCausalLM.from_config(config)
-        for kind, prof in (("ordinary", profile(model, num_samples=args.stats_samples, rank=32, seed=seed)),
+        ordinary = profile(model, num_samples=args.stats_samples, rank=32, seed=seed, progress=False)
+        for kind, prof in (("ordinary", ordinary),
                            ("streamed", profile_streaming(config, num_samples=args.stats_samples, rank=32, seed=seed,
                                                           progress=False))):
             feats = prof.features

@@ -289,7 +289,8 @@ def init_features(model: torch.nn.Module, spec: ModelSpec, data: dict[str, torch
     out.update(dict.fromkeys(spectrum_keys()))  # the same keys whether or not the profile succeeds
     t0 = time.perf_counter()
     try:
-        prof = profile(model, {"input_ids": probe["input_ids"]}, num_samples=PROBE_SEQUENCES * SEQ_LEN, seed=spec.seed)
+        prof = profile(model, {"input_ids": probe["input_ids"]}, num_samples=PROBE_SEQUENCES * SEQ_LEN,
+                       seed=spec.seed, progress=False)
         for k, v in prof.aggregates.items():  # the profile's "num_layers" (blocks found) is kept as profiled_layers
             out["profiled_layers" if k == "num_layers" else k] = v
         out["verdict"] = prof.verdict

@@ -182,7 +182,7 @@ def init_profile_features(model: torch.nn.Module, train_dataset, *, seed: int, n
 
     inputs = _probe_inputs(train_dataset, num_sequences)
     t0 = time.perf_counter()
-    prof = profile(model, inputs, num_samples=2048, seed=seed)
+    prof = profile(model, inputs, num_samples=2048, seed=seed, progress=False)
     out: dict[str, Any] = {k: _jsonable(v) for k, v in prof.aggregates.items()}
     out["verdict"] = prof.verdict
     out["profile_seconds"] = time.perf_counter() - t0
@@ -252,7 +252,8 @@ def execute(spec: RunSpec, *, features: bool = True) -> dict[str, Any]:
 
         inputs = _probe_inputs(train_ds, 32)
         try:
-            row["final_near_unit_mass_mean"] = profile(model, inputs, num_samples=2048, seed=spec.seed).aggregates[
+            final = profile(model, inputs, num_samples=2048, seed=spec.seed, progress=False)
+            row["final_near_unit_mass_mean"] = final.aggregates[
                 "near_unit_mass_mean"
             ]
         except ValueError as err:  # e.g. non-finite activations

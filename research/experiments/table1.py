@@ -127,7 +127,7 @@ def measure(
         raise ValueError(f"convention={convention!r} must be 'block' or 'pre_norm_sum'")
     model = build_model(norm, num_layers, seed, hidden_size=hidden_size, init=init)
     snaps = _snapshots(model, probe_batch(seed), convention)
-    prof = profile_from_snapshots(snaps, seed=seed, **analysis_kwargs)
+    prof = profile_from_snapshots(snaps, seed=seed, progress=False, **analysis_kwargs)
     feats = prof.features
     reliable = sum(f.n_reliable for f in feats) / max(sum(f.n_modes for f in feats), 1)
     return Table1Row(

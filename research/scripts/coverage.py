@@ -272,7 +272,7 @@ def run_one(model_type: str, timeout: int) -> dict[str, Any]:
             blocks = find_residual_blocks(model)
             row["blocks_found"] = len(blocks)
             row["stacks"] = ",".join(dict.fromkeys(b.stack or "main" for b in blocks))
-            result = profile(model, inputs, num_samples=128)  # the default recipe: full spectrum
+            result = profile(model, inputs, num_samples=128, progress=False)  # the default recipe: full spectrum
             masses = [f.near_unit_mass for f in result.features]
             if not masses or not all(math.isfinite(m) for m in masses):
                 raise ValueError("non-finite spectral masses")

@@ -111,13 +111,14 @@ def compare(
     for rank in ranks:
         key = f"rank={rank}" if rank is not None else "exact"
         start = time.perf_counter()
-        pre = profile(pretrained, inputs, num_samples=num_samples, rank=rank, model_name="MiniLM-L6 pretrained")
+        pre = profile(pretrained, inputs, num_samples=num_samples, rank=rank, model_name="MiniLM-L6 pretrained",
+                      progress=False)
         inits = []
         for seed in seeds:
             torch.manual_seed(seed)
             model = AutoModel.from_config(config).eval()
             inits.append(profile(model, inputs, num_samples=num_samples, rank=rank, seed=seed,
-                                 model_name=f"MiniLM-L6 init seed {seed}"))
+                                 model_name=f"MiniLM-L6 init seed {seed}", progress=False))
         init_tables = [_layer_table(r) for r in inits]
         out["runs"][key] = {
             "tokens": pre.meta["tokens_seen"],

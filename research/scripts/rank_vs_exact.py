@@ -54,7 +54,8 @@ def compare(model, name: str, num_samples: int, seed: int, hidden: int) -> dict:
     for label, rank in (("exact", None), ("rank32", 32)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prof = profile(model, num_samples=num_samples, rank=rank, seed=seed, model_name=name)
+            prof = profile(model, num_samples=num_samples, rank=rank, seed=seed, model_name=name,
+                           progress=False)
         row[label] = _means(prof) | {"analysis_seconds": float(prof.meta.get("analysis_time_s", float("nan"))),
                                      "verdict": prof.verdict}
     return row

@@ -175,7 +175,8 @@ def architecture_profiles(seed: int = 0) -> list[dict[str, Any]]:
     for name, make in models.items():
         torch.manual_seed(seed)
         model = make()
-        prof = profile(model, {"input_ids": ids}, num_samples=2048, seed=seed)  # the default recipe: the full spectrum
+        # the default recipe: the full spectrum
+        prof = profile(model, {"input_ids": ids}, num_samples=2048, seed=seed, progress=False)
         a = prof.aggregates
         out.append({"model": name, "near_unit_mass_mean": a["near_unit_mass_mean"], "contractive_mass_mean": a["contractive_mass_mean"],
                     "unstable_mass_mean": a["unstable_mass_mean"], "spectral_radius_max": a["spectral_radius_max"],
