@@ -469,7 +469,17 @@ def profile(
                         "encoder": mask,
                         "decoder": batch.get("decoder_attention_mask"),
                     }
-                    runner(*args, **batch)
+                    try:
+                        runner(*args, **batch)
+                    except (TypeError, ValueError) as err:
+                        if called:  # a block ran: the error is the model's own, not the inputs'
+                            raise
+                        given = sorted(raw) if isinstance(raw, Mapping) else [type(raw).__name__]
+                        raise ValueError(
+                            f"{type(inner).__name__} rejected the inputs before any block ran (given {given}): "
+                            f"{str(err).rstrip('.')}. Pass inputs this model's forward takes (input_ids for a text "
+                            "model, pixel_values for a vision model, ...), or inputs=None for the default probe."
+                        ) from err
                     batches += 1
                     seen = recorder.tokens_seen
                     if seen and min(seen.values()) >= max_tokens:

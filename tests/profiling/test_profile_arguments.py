@@ -214,3 +214,9 @@ def test_progress_bars_follow_the_transformers_switch_unless_asked(capsys):
         assert "whitened DMD" in capsys.readouterr().err
     finally:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def test_inputs_the_model_does_not_take_are_named():
+    with pytest.raises(ValueError, match=r"GPT2Model rejected the inputs before any block ran \(given "
+                                         r"\['pixel_values'\]\).*inputs=None for the default probe"):
+        profile(tiny_model("gpt2", head=False), {"pixel_values": torch.randn(1, 3, 8, 8)}, num_samples=64)
