@@ -1237,6 +1237,15 @@ def _fit_operator(
 # public entry point
 
 
+def check_eig_dtype(eig_dtype: object) -> None:
+    """ValueError unless `eig_dtype` (the precision of the eigenproblem) is `None`, float32 or float64."""
+    if eig_dtype is not None and eig_dtype not in (torch.float32, _F64):
+        raise ValueError(
+            f"eig_dtype={eig_dtype!r} must be torch.float32, torch.float64 or None (float64 up to 256 modes, float32 "
+            "above)."
+        )
+
+
 def sample_size_note(n: int, d: int, rank: int | None = None) -> str | None:
     """What `N = n` snapshots of width `d` (and `rank`) limit, when `n < d` or `n <= rank`; else `None`."""
     if n >= d and (rank is None or n > rank):
@@ -1350,8 +1359,7 @@ def whitened_dmd(
             raise ValueError(f"power_iters={power_iters!r} must be an int >= 0")
     if dtype is not None and dtype not in (torch.float32, _F64):
         raise ValueError(f"dtype={dtype} must be torch.float32, torch.float64 or None")
-    if eig_dtype is not None and eig_dtype not in (torch.float32, _F64):
-        raise ValueError(f"eig_dtype={eig_dtype} must be torch.float32, torch.float64 or None")
+    check_eig_dtype(eig_dtype)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     note = sample_size_note(N, d, rank)

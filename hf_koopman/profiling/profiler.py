@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_koopman.koopman.dmd import check_eig_dtype, sample_size_note
 from hf_koopman.logging_utils import get_logger, show_progress
 from hf_koopman.profiling.blocks import eager_module, find_residual_blocks, nested_block_lists, unwrap_model
 from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
@@ -89,6 +90,13 @@ def _check_keywords(
     )
 
 
+def _check_analysis_keywords(given: Mapping[str, Any], caller: Callable[..., Any], set_here: Sequence[str]) -> None:
+    """`_check_keywords` for a `caller` that passes `given` on to `profile_from_snapshots` (and through it to
+    `spectral_features`), setting the options `set_here` itself."""
+    passed_on = [name for name in _keywords(profile_from_snapshots)[1:] if name not in set_here] + _feature_keywords()
+    _check_keywords(given, caller.__name__, _keywords(caller), passed_on, set_here)
+
+
 def _as_count(value: Any, name: str, minimum: int) -> int:
     """`value` as a Python int >= `minimum`; integer-likes (`numpy.int64`, ...) pass, bools and floats do not."""
     try:
@@ -100,14 +108,6 @@ def _as_count(value: Any, name: str, minimum: int) -> int:
     if count is None or count < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return count
-
-
-def _check_eig_dtype(eig_dtype: Any) -> None:
-    if eig_dtype is not None and eig_dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"eig_dtype={eig_dtype!r} must be torch.float32, torch.float64 or None (float64 up to 256 modes, float32 "
-            "above)."
-        )
 
 
 def _check_learning_rate(learning_rate: Any) -> float | None:
@@ -247,10 +247,9 @@ def profile_from_snapshots(
         first time a process sees it, at DEBUG after that (a callback monitoring every k steps repeats it).
     """
     from hf_koopman.koopman import aggregate_features, spectral_features, whitened_dmd
-    from hf_koopman.koopman.dmd import sample_size_note
 
     _check_keywords(feature_kwargs, "profile_from_snapshots", _keywords(profile_from_snapshots), _feature_keywords())
-    _check_eig_dtype(eig_dtype)
+    check_eig_dtype(eig_dtype)
     snapshots = list(snapshots)
     if not snapshots:
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
@@ -413,15 +412,11 @@ def profile(
             f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; load the model "
             "first, e.g. AutoModel.from_pretrained(model_id)."
         )
-    _check_keywords(
-        analysis_kwargs, "profile", _keywords(profile),
-        [name for name in _keywords(profile_from_snapshots)[1:] if name not in _SET_BY_PROFILE] + _feature_keywords(),
-        _SET_BY_PROFILE,
-    )
+    _check_analysis_keywords(analysis_kwargs, profile, _SET_BY_PROFILE)
     num_samples = _as_count(num_samples, "num_samples", 2)
     progress = show_progress(progress)
     learning_rate = _check_learning_rate(learning_rate)
-    _check_eig_dtype(eig_dtype)
+    check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)
     blocks = find_residual_blocks(inner, layers)
     if inputs is None:

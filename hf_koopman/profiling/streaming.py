@@ -296,12 +296,11 @@ def profile_streaming(
         profile_from_snapshots,
     )
 
-    from hf_koopman.profiling.profiler import _as_count, _check_keywords, _feature_keywords, _keywords
+    from hf_koopman.profiling.profiler import _as_count, _check_analysis_keywords
 
-    # bad arguments fail before any block is built or streamed
-    own = ("rank", "seed", "stacks", "model_name", "meta", "progress")  # set here on profile_from_snapshots
-    _check_keywords(analysis_kwargs, "profile_streaming", _keywords(profile_streaming),
-                    [k for k in _keywords(profile_from_snapshots)[1:] if k not in own] + _feature_keywords(), own)
+    # bad arguments fail before any block is built or streamed; these options are set here on profile_from_snapshots
+    _check_analysis_keywords(analysis_kwargs, profile_streaming, ("rank", "seed", "stacks", "model_name", "meta",
+                                                                  "progress"))
     num_samples = _as_count(num_samples, "num_samples", 2)
     start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)
