@@ -621,6 +621,7 @@ def _check_default_probe(model: Any) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
+    from hf_koopman.risk import TENTATIVE
 
     rank = args.rank
     progress = _check_model_input_arguments(args)
@@ -652,7 +653,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         ) from None
     score = "n/a" if result.score is None else f"{result.score:.3f}"
     tentative = " (tentative: the sampling error spans a threshold)" if result.verdict_reason.startswith(
-        "tentative") else ""
+        TENTATIVE) else ""
     print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           f"{tentative}")
     if result.degenerate_layers:

@@ -849,6 +849,10 @@ ADVICE = {
 }
 
 
+#: prefix of a verdict reason whose score's sampling band reaches a decision threshold (`DecisionRule.decide`)
+TENTATIVE = "tentative: "
+
+
 def tokens_short(meta: dict[str, Any]) -> int | None:
     """The token states the inputs gave when they were fewer than the `num_samples` asked for (`meta["tokens_seen"]`
     below `meta["num_samples_requested"]`), else `None`: then a larger `num_samples` cannot help, more text can."""
@@ -1036,7 +1040,7 @@ class DecisionRule:
         if crossed:
             spread = score * math.sqrt(hidden_size / num_samples)
             names = " and ".join(f"{t:g}" for t in crossed)
-            reason = (f"tentative: {reason}; M≈1 = {score:.2f} ± {spread:.2f} spans the {names} "
+            reason = (f"{TENTATIVE}{reason}; M≈1 = {score:.2f} ± {spread:.2f} spans the {names} "
                       f"threshold{'s' if len(crossed) > 1 else ''}, so more tokens may change the verdict")
         return verdict, reason
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, RiskEstimator, tokens_short
+from hf_koopman.risk import ADVICE, TENTATIVE, RiskEstimator, tokens_short
 
 
 if TYPE_CHECKING:
@@ -57,8 +57,9 @@ def _token_limited(profile: SpectralProfile) -> bool:
     return tokens_short(profile.meta) is not None
 
 
-def _trust_section(profile: SpectralProfile) -> list[str]:
-    """Plain-words summary of what the spectrum says and how far the fit behind it can be trusted."""
+def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
+    """Plain-words summary of what the spectrum says and how far the fit behind it can be trusted; `tentative`: the
+    verdict's reason says the score's sampling band reaches a threshold."""
     feats = profile.features
     if not feats:
         return []
@@ -100,7 +101,6 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
                 f"error of roughly sqrt(d/N) = {relative:.2f} relative")
         score = profile.score
         # only a tentative verdict can change with more tokens (κ(V) or an uninformative fit decide firmly)
-        tentative = profile.verdict_reason.startswith("tentative")
         crossed = profile.rule.thresholds_within_error(score, n, d) if tentative else ()
         if crossed:
             names = " and ".join(f"{t:g}" for t in crossed)
@@ -127,11 +127,10 @@ def _trust_section(profile: SpectralProfile) -> list[str]:
 def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None) -> str:
     """Markdown text of the report; `plots` maps captions to image paths (relative to the report)."""
     lines = [f"# RKSP spectral profile{f' of `{profile.model_name}`' if profile.model_name else ''}", ""]
-    # the rule reads the profile's meta too: tokens seen (which advice fits) and whether the weights are pretrained
-    verdict, reason = profile.rule.decide_profile(profile)
-    tentative = reason.startswith("tentative: ")  # the bold label says it, the reason names the thresholds
+    verdict, reason = profile.rule.decide_profile(profile)  # = profile.verdict, profile.verdict_reason, once
+    tentative = reason.startswith(TENTATIVE)  # the bold label says it, the reason names the thresholds
     lines += [f"**Verdict: {verdict.upper()}{' (tentative)' if tentative else ''}** — "
-              f"{reason.removeprefix('tentative: ')}.", ""]
+              f"{reason.removeprefix(TENTATIVE)}.", ""]
     if _pretrained(profile):
         lines += ["> **Note — pretrained weights:** this profile is of trained weights, not of a model at "
                   "initialisation. The decision rule and the calibrated risk estimator come from spectra at random "
@@ -166,7 +165,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     else:
         lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
     lines += [f"Recommendation: {ADVICE[verdict]}", ""]
-    lines += _trust_section(profile)
+    lines += _trust_section(profile, tentative)
 
     degenerate = profile.degenerate_layers
     if degenerate:
