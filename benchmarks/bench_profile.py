@@ -8,7 +8,8 @@ Measured side by side in one run (issue #19, item 3):
    rank-32 approximation (`rank=32`, the paper's randomized recipe) is timed in the same loop for reference. Each
    phase is timed in wall-clock and in process CPU time (all threads); the repeats interleave the phases so that load
    changes on a shared machine hit all of them alike. Medians over `--repeats`. With `--breakdown` the full-spectrum
-   analysis is split into the bare `whitened_dmd` (with eigenvectors, and eigenvalues only) and the rest.
+   analysis is split into the bare `whitened_dmd` (with eigenvectors, called as `profile_from_snapshots` calls it,
+   and eigenvalues only) and the rest.
 2. **Memory**: peak RSS increase (psutil, sampled every 2 ms) of one forward pass over the loaded model, in fresh
    subprocesses: plain forward,
    forward with the recorder (N = 2048 per layer, subsampled inside the hooks), and `output_hidden_states=True` (what the
@@ -164,7 +165,7 @@ def time_run(repeats: int, num_samples: int, rank: int, breakdown: bool = False,
             if breakdown:
                 X, Y = _stack_chunk(snapshots)  # as profile_from_snapshots stacks them (Y[l] is X[l + 1])
                 with _Clock() as c:
-                    whitened_dmd(X, Y)
+                    whitened_dmd(X, Y, keep_eigenvectors=False)  # as profile_from_snapshots calls it
                 record("dmd_full_vectors", c)
                 with _Clock() as c:
                     whitened_dmd(X, Y, eigenvectors=False)

@@ -63,7 +63,7 @@ that is float64 only internally (for instance from a float32 covariance too ill-
 not refined: float32 inputs get float32 eigenvalues.
 
 On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees with the all-float64 path to 7e-5 in
-the moduli, 2e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
+the moduli, 3e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
 identical, and kappa(V) is within 3 % (it is sensitive to the eigenvectors of clustered eigenvalues: 0.2-2.6 % on
 planted width-300 data).
 """
@@ -126,7 +126,9 @@ class _Moments:
         self.chol_lin = chol  # L in the precision `lin`
         self.basis = basis  # row-space basis (d, m) applied before the whitening, or None
         self.traces = traces  # (tr Gxx, tr Gdd, tr Gdx Gxx^-1 Gxd), each (L,), raw form
-        self.quads = None  # (q_dd, q_dx, q_xx) (L, m) of the unit-norm left eigenvectors, raw form (`_left_quads`)
+        # (q_dd, q_dx, q_xx) (L, m) of the unit-norm left eigenvectors: raw form (`_left_quads`), or whitened form
+        # when `whitened_dmd` leaves the eigenvectors out (`_quad`)
+        self.quads = None
 
     @property
     def is_raw(self) -> bool:
@@ -173,9 +175,10 @@ class DMDResult:
     Attributes:
         eigenvalues (`(..., m)` complex): eigenvalues of the operator, sorted by decreasing modulus.
         eigenvectors (`(..., m, m)` complex or `None`): right eigenvectors as unit-norm columns, same order; complex64
-            when the eigenproblem ran in float32. `None` with `eigenvectors=False`.
+            when the eigenproblem ran in float32. `None` with `eigenvectors=False` or `keep_eigenvectors=False`.
         left_eigenvectors (`(..., m, m)` complex or `None`): left eigenvectors $u_j$ ($u_j^* A = \lambda_j u_j^*$) as
-            unit-norm columns, same order (rows of $V^{-1}$, normalised).
+            unit-norm columns, same order (rows of $V^{-1}$, normalised). `None` with `eigenvectors=False`,
+            `left_eigenvectors=False` or `keep_eigenvectors=False`.
         operator (`(..., m, m)` float): $\hat A$ in whitened coordinates ($\tilde y \approx \hat A \tilde x$).
         gram_xx, gram_dx, gram_dd (`(..., m, m)` float): second moments of the whitened (and, for rank-r, projected)
             snapshots: $\tilde X^\top\tilde X$, $\tilde D^\top\tilde X$, $\tilde D^\top\tilde D$, all divided by `N - 1`,
@@ -528,10 +531,30 @@ def _pair_cross(w: torch.Tensor, g: torch.Tensor, start: torch.Tensor) -> torch.
     return out
 
 
+def _quad(u: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """`u_j^* G u_j` for every column j of complex `u` `(..., m, m)` and real `G` `(..., m, m)`: `(..., m)` complex.
+
+    One real product `G [Re u, Im u]` (half the flops of a complex one):
+    `u^* G u = a^T G a + b^T G b + i (a^T G b - b^T G a)` for `u = a + i b`.
+    """
+    real = u.real
+    m = u.shape[-1]
+    Gab = G.to(real.dtype) @ torch.cat([real, u.imag], dim=-1)
+    Ga, Gb = Gab[..., :m], Gab[..., m:]
+    a, b = real, u.imag
+    re = (a * Ga).sum(-2) + (b * Gb).sum(-2)
+    im = (a * Gb).sum(-2) - (b * Ga).sum(-2)
+    return torch.complex(re, im)
+
+
 def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True, raw=None,
-               exact: torch.Tensor | None = None):
+               exact: torch.Tensor | None = None, keep_left: bool = True):
     r"""Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V), and
     with `raw` (see `_left_quads`) the ResDMD quadratic forms of the left eigenvectors (else `None`).
+
+    Without `keep_left` (with `raw` only) the left eigenvectors serve kappa(V) and the ResDMD forms and are returned
+    as `None` (not normalised and assembled as a complex matrix); the right eigenvectors are then `None` too where
+    only their real form is needed (no refinement), which is built straight from LAPACK's columns.
 
     With `exact` (the float64 operator of which `operator` is the float32 copy), the eigenvalues are refined against it
     (`_refined_eigenvalues`; the eigenvectors are computed for that even without `vectors`) and the left eigenvectors,
@@ -552,9 +575,20 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
     lam, vec = torch.linalg.eig(operator)
     order = torch.argsort(lam.abs(), descending=True, stable=True)
     tiny = torch.finfo(operator.dtype).tiny
-    lam, vec = lam[order], vec[:, order] / _column_norms(vec)[..., order].clamp_min(tiny)
+    lam, norms = lam[order], _column_norms(vec)[..., order].clamp_min(tiny)
     start = _conjugate_pairs(lam) if not operator.is_complex() else None
     R = rinv = None
+    if start is not None and raw is not None and not keep_left and exact is None and left_vectors:
+        # only the real form is used (kappa(V), ResDMD forms): built from the real and imaginary parts directly,
+        # without the sorted, normalised complex matrix
+        idx = start.nonzero().flatten()
+        R = vec.real[:, order] / norms
+        R[:, idx + 1] = vec.imag[:, order[idx]] / norms[..., idx]
+        R[:, idx] *= math.sqrt(2.0)
+        R[:, idx + 1] *= math.sqrt(2.0)
+        rinv, vec = _inverse(R), None
+    else:
+        vec = vec[:, order] / norms
     if exact is not None:
         refined = None
         if start is not None:
@@ -563,7 +597,7 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
             refined = _refined_eigenvalues(exact, R, rinv, start)
         if refined is None:
             logger.debug("float32 eigenvectors too inaccurate to refine; this layer is solved with a float64 eig")
-            return _eigen_one(exact, vectors, left_vectors, raw)
+            return _eigen_one(exact, vectors, left_vectors, raw, keep_left=keep_left)
         lam, order = refined
         if order is not None:  # the refinement reordered near-equal moduli: keep the sort, pairs stay adjacent
             vec, R, rinv = vec[:, order], R[:, order], rinv[order]
@@ -588,6 +622,8 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
         kappa = _condition(R, rinv)
         if raw is not None:
             quads = _left_quads(rinv, lambda x: _pair_sums(x, start), lambda w, g: _pair_cross(w, g, start), raw)
+            if not keep_left:
+                return lam.to(torch.complex128), vec, None, kappa, quads
         # rows of V^-1 = U^* R^-1: (r_j - i r_j+1) / sqrt(2) and its conjugate for a pair (r_k: row k of R^-1); the
         # left eigenvectors are their conjugates, r_j + i r_j+1 and r_j - i r_j+1, normalised here on the real rows
         rows = rinv / _pair_sums(rinv.square().sum(-1), start).sqrt().clamp_min(tiny).unsqueeze(-1)
@@ -597,6 +633,8 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
         im[idx] = rows[idx + 1]
         im[idx + 1] = -rows[idx + 1]
         return lam.to(torch.complex128), vec, torch.complex(re, im).mT, kappa, quads
+    if raw is not None and not keep_left:
+        return lam.to(torch.complex128), vec, None, kappa, quads
     left = left / _column_norms(left).clamp_min(tiny)
     return lam.to(torch.complex128), vec, left, kappa, quads
 
@@ -682,7 +720,7 @@ def _pair_sums(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 def _eigen(
     operator: torch.Tensor, vectors: bool = True, dtype: torch.dtype | None = None, left_vectors: bool = True,
-    moments: _Moments | None = None, eps: float = 0.0, refine: bool = True,
+    moments: _Moments | None = None, eps: float = 0.0, refine: bool = True, keep_vectors: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Eigenvalues by decreasing modulus (complex128), unit-norm right and left eigenvectors, and kappa(V) (Alg. 1 l. 8).
 
@@ -693,7 +731,9 @@ def _eigen(
     operator decomposed in float32 gets refined eigenvalues with `refine` (`_refined_eigenvalues`; its eigenvectors
     are computed for that even without `vectors`, still faster than a float64 `eigvals`). Without
     `vectors` only the eigenvalues are computed and kappa(V) is NaN; without `left_vectors` the left eigenvectors are
-    `None` and kappa(V) is NaN (no inverse of V). Layers run side by side in worker threads, each
+    `None` and kappa(V) is NaN (no inverse of V). Without `keep_vectors`, where the ResDMD forms are computed in the
+    same pass (raw-form `moments`), the eigenvectors serve kappa(V) and those forms and are returned as `None` (no
+    `(L, m, m)` complex outputs are filled). Layers run side by side in worker threads, each
     with a single-threaded LAPACK: the Hessenberg-QR iteration of `geev` hardly parallelises, and on a busy 2-core
     machine a multi-threaded `geev` is 20-40x slower than a single-threaded one.
     """
@@ -707,10 +747,10 @@ def _eigen(
     cdtype = torch.complex64 if work == torch.float32 else torch.complex128
     lam = torch.empty(count, m, dtype=torch.complex128, device=flat.device)
     kappa = torch.empty(count, dtype=_F64, device=flat.device)
-    vec = torch.empty(count, m, m, dtype=cdtype, device=flat.device) if vectors else None
-    left = torch.empty_like(vec) if vectors and left_vectors else None
-
-    raw = moments if moments is not None and moments.is_raw and left is not None else None
+    raw = moments if moments is not None and moments.is_raw and vectors and left_vectors else None
+    store = vectors and (keep_vectors or raw is None)
+    vec = torch.empty(count, m, m, dtype=cdtype, device=flat.device) if store else None
+    left = torch.empty_like(vec) if store and left_vectors else None
     if raw is not None:
         chol, sdd, sdx = (t.reshape(-1, m, m) for t in (raw.chol_lin, raw.raw_lin[2], raw.raw_lin[1]))
         quads = (torch.empty(count, m, dtype=_F64, device=flat.device),
@@ -720,8 +760,8 @@ def _eigen(
     def one(i: int) -> None:  # each worker writes its layer into the outputs (no stacking copies)
         lam[i], vec_i, left_i, kappa[i], quads_i = _eigen_one(
             flat[i], vectors, left_vectors, None if raw is None else (chol[i], sdd[i], sdx[i], eps),
-            None if exact is None else exact[i])
-        if vectors:
+            None if exact is None else exact[i], keep_left=store)
+        if vec is not None:
             vec[i] = vec_i
         if left is not None:
             left[i] = left_i
@@ -733,7 +773,7 @@ def _eigen(
     if raw is not None:
         raw.quads = tuple(q.reshape(*batch, m) for q in quads)
     lam, kappa = lam.reshape(*batch, m), kappa.reshape(batch)
-    if not vectors:
+    if vec is None:
         return lam, None, None, kappa
     return lam, vec.reshape(*batch, m, m), None if left is None else left.reshape(*batch, m, m), kappa
 
@@ -850,6 +890,7 @@ def _second_moments(X: torch.Tensor, Y: torch.Tensor, work: torch.dtype, whiteni
     n1 = X.shape[-2] - 1
     X = X.to(work)
     Xc = X - X.mean(dim=-2, keepdim=True)
+    # D = Y - X before centring: a small update keeps its accuracy (Y_c - X_c would carry eps * |mean X| per column)
     Dc = Y.to(work) - X
     Dc -= Dc.mean(dim=-2, keepdim=True)  # = Yc - Xc: each matrix centred on its own mean (Eq. 8)
     if whitening is not None:
@@ -892,18 +933,20 @@ def _whitened_condition(sxx: torch.Tensor, whitening: CholeskyWhitening) -> floa
 
 def _factor_condition(sxx: torch.Tensor, chol: torch.Tensor) -> float:
     r"""`_whitened_condition` from the Cholesky factor `chol` of `Sxx + eps I`: $\|L^{-1}\|_2^2$ by power iteration
-    with triangular solves instead of an explicit inverse."""
+    with triangular solves instead of an explicit inverse; layers side by side (`_map_layers`). In float64: with
+    `eps = 0` a nearly constant feature puts $\|L^{-1}\|^2$ beyond the float32 range."""
     m = sxx.shape[-1]
-    worst = 0.0
-    with _single_thread():
-        for s_l, c_l in zip(sxx.reshape(-1, m, m), chol.reshape(-1, m, m)):
-            s_l = s_l.contiguous()
-            lam_max = _power_norm(lambda v: s_l @ v, lambda v: s_l @ v, m, s_l.dtype, s_l.device, 5, 1e-2)
-            inv_min = _power_norm(lambda v: torch.linalg.solve_triangular(c_l, v, upper=False),
-                                  lambda v: torch.linalg.solve_triangular(c_l.mT, v, upper=True),
-                                  m, c_l.dtype, c_l.device, 5, 1e-2) ** 2
-            worst = max(worst, lam_max * inv_min)
-    return worst
+    flat_s, flat_c = sxx.reshape(-1, m, m), chol.reshape(-1, m, m)
+
+    def layer(i: int) -> float:
+        s_l, c_l = flat_s[i].contiguous(), flat_c[i]
+        lam_max = _power_norm(lambda v: s_l @ v, lambda v: s_l @ v, m, s_l.dtype, s_l.device, 5, 1e-2)
+        inv_min = _power_norm(lambda v: torch.linalg.solve_triangular(c_l, v, upper=False),
+                              lambda v: torch.linalg.solve_triangular(c_l.mT, v, upper=True),
+                              m, c_l.dtype, c_l.device, 5, 1e-2) ** 2
+        return lam_max * inv_min
+
+    return max(_map_layers(layer, flat_s.shape[0], parallel=m > 64), default=0.0)
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
@@ -1270,6 +1313,7 @@ def whitened_dmd(
     eigenvectors: bool = True,
     eig_dtype: torch.dtype | None = None,
     left_eigenvectors: bool = True,
+    keep_eigenvectors: bool = True,
     warn_sample_size: bool = True,
 ) -> DMDResult:
     r"""Whitened DMD of the map X -> Y of one residual block, or of `L` blocks at once (RKSP Algorithm 1, lines 5-8).
@@ -1313,6 +1357,10 @@ def whitened_dmd(
             eigenvectors, $\kappa(V)$ and, for the full spectrum, the ResDMD quadratic forms (one inverse of V, one
             triangular solve and two products); `False` gives eigenvalues and right eigenvectors only (the
             outputs of an exact DMD such as PyDMD's), with `left_eigenvectors=None` and a NaN $\kappa(V)$ in the result.
+        keep_eigenvectors (`bool`, *optional*, defaults to `True`): `False` computes everything the spectral features
+            need from the eigenvectors ($\kappa(V)$ and the ResDMD quadratic forms) and then leaves the `(L, m, m)`
+            eigenvector matrices out of the result (`eigenvectors=None`, `left_eigenvectors=None`): less memory and,
+            for the full spectrum, less time. [`profile_from_snapshots`] uses it, as it keeps only the features.
         warn_sample_size (`bool`, *optional*, defaults to `True`): emit a `UserWarning` (`sample_size_note`) when
             N < d or N <= rank; `profile_from_snapshots` passes `False` and logs the note itself.
 
@@ -1373,7 +1421,13 @@ def whitened_dmd(
         # float64 eigenvalues where the caller works in float64; an operator promoted to float64 internally (e.g. an
         # ill-conditioned float32 covariance) keeps the float32 eigenproblem's precision and cost
         refine = dtype == _F64 or (dtype is None and X.dtype == _F64)
-        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype, left_eigenvectors, moments, eps, refine)
+        lam, vec, left, kappa = _eigen(op, eigenvectors, eig_dtype, left_eigenvectors, moments, eps, refine,
+                                       keep_vectors=keep_eigenvectors)
+        if not keep_eigenvectors:
+            if left is not None and not moments.is_raw:  # the forms the features would take from the dropped vectors
+                moments.quads = (_quad(left, moments.gram("dd")).real, _quad(left, moments.gram("dx")),
+                                 _quad(left, moments.gram("xx")).real)
+            vec = left = None
         op = op.to(_F64)
         if moments.is_raw:
             trace_xx, trace_dd = moments.traces[0].clamp_min(0.0), moments.traces[1].clamp_min(0.0)

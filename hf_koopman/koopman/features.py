@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .dmd import DMDResult, _condition, _inverse, _single_thread
+from .dmd import DMDResult, _condition, _inverse, _quad, _single_thread
 from .kreiss import kreiss_constant
 
 __all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
@@ -85,22 +85,6 @@ class LayerFeatures:
         return asdict(self)
 
 
-def _quad(u: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """`u_j^* G u_j` for every column j of complex `u` and real `G`: `(..., m)` complex.
-
-    One real product `G [Re u, Im u]` (half the flops of a complex one):
-    `u^* G u = a^T G a + b^T G b + i (a^T G b - b^T G a)` for `u = a + i b`.
-    """
-    real = u.real
-    m = u.shape[-1]
-    Gab = G.to(real.dtype) @ torch.cat([real, u.imag], dim=-1)
-    Ga, Gb = Gab[..., :m], Gab[..., m:]
-    a, b = real, u.imag
-    re = (a * Ga).sum(-2) + (b * Gb).sum(-2)
-    im = (a * Gb).sum(-2) - (b * Ga).sum(-2)
-    return torch.complex(re, im)
-
-
 def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Tensor:
     r"""ResDMD residual of every mode (Eq. 10), from the left eigenvectors and the whitened second moments.
 
@@ -108,7 +92,8 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
     \tilde Y - \lambda\tilde X = \tilde D + (1-\lambda)\tilde X$$
 
     For the full spectrum the quadratic forms $u^* G u$ come from the unwhitened moments, computed by [`whitened_dmd`]
-    while it inverts the eigenvectors (`dmd._left_quads`): the same numbers without forming the whitened Grams.
+    while it inverts the eigenvectors (`dmd._left_quads`): the same numbers without forming the whitened Grams. A
+    result whose eigenvectors were left out (`keep_eigenvectors=False`) carries those forms for every path.
 
     Returns:
         `torch.Tensor` of shape `(..., m)`, float64, in the order of `result.eigenvalues`.
@@ -116,16 +101,16 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
     u = result.left_eigenvectors
     lam = result.eigenvalues.to(torch.complex128)
     mu = 1.0 - lam
-    if result.moments.is_raw:
-        if result.moments.quads is None:
-            raise ValueError("resdmd_residuals needs the left eigenvectors; call whitened_dmd with eigenvectors=True "
-                             "and left_eigenvectors=True (the defaults)")
+    if result.moments.quads is not None:
         q_dd, q_dx, q_xx = result.moments.quads
-    else:
+    elif u is not None and not result.moments.is_raw:
         q_dd = _quad(u, result.gram_dd).real
         q_dx = _quad(u, result.gram_dx)
         q_xx = _quad(u, result.gram_xx).real
-        mu = mu.to(u.dtype)
+    else:
+        raise ValueError("resdmd_residuals needs the left eigenvectors; call whitened_dmd with eigenvectors=True "
+                         "and left_eigenvectors=True (the defaults)")
+    mu = mu.to(q_dx.dtype)
     num = (q_dd + 2.0 * (mu.conj() * q_dx).real + mu.abs() ** 2 * q_xx).clamp_min(0.0).sqrt()
     den = q_xx.clamp_min(0.0).sqrt() + eps_residual
     return (num / den).to(torch.float64)
@@ -241,7 +226,7 @@ def spectral_features(
 
 def _features(result, near_band, contractive_below, residual_tol, reliable_only, degenerate_tol, compute_kreiss,
               eps_residual, eps_nl):
-    if result.eigenvectors is None or result.left_eigenvectors is None:
+    if result.moments.quads is None and (result.eigenvectors is None or result.left_eigenvectors is None):
         raise ValueError("spectral_features needs right and left eigenvectors (ResDMD filter, kappa(V)); call "
                          "whitened_dmd with eigenvectors=True and left_eigenvectors=True (the defaults)")
     residuals = resdmd_residuals(result, eps_residual)

@@ -289,7 +289,7 @@ def profile_from_snapshots(
                 if note is not None:
                     sample_size_notes.setdefault(note, None)
                 result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator,
-                                      eig_dtype=eig_dtype, warn_sample_size=False)
+                                      eig_dtype=eig_dtype, keep_eigenvectors=False, warn_sample_size=False)
                 features = spectral_features(
                     result,
                     near_band=near_band,

@@ -514,6 +514,53 @@ def test_right_eigenvectors_only_skip_the_inverse():
         spectral_features(right)
 
 
+@pytest.mark.parametrize("path", ["raw", "raw, float32 eigenproblem", "raw, chained", "refined", "refinement fails",
+                                  "no conjugate-pair pattern", "whitened Grams", "rank-r"])
+def test_leaving_the_eigenvectors_out_keeps_every_feature(monkeypatch, path):
+    # keep_eigenvectors=False (what profile_from_snapshots asks for): kappa(V) and the ResDMD forms are computed,
+    # the (L, m, m) eigenvector matrices are not returned, and the features are those of the full result
+    from hf_koopman.koopman import resdmd_residuals, spectral_features
+
+    if path in ("raw, float32 eigenproblem", "refined", "refinement fails"):  # m > 256: float32 eig
+        X, Y = wide_float64_pairs()  # float64 inputs: the float32 eigenvalues are refined
+        if path == "raw, float32 eigenproblem":  # the real form built without the complex copy
+            X, Y = X.float(), Y.float()
+        if path == "refinement fails":  # the layer is solved again in float64
+            monkeypatch.setattr(dmd_module, "_refined_eigenvalues", lambda *args: None)
+        tol = {"kappa": 1e-2, "residual": 5e-5}  # float32 eigenvectors: the residuals' own error is ~2e-5
+    elif path == "raw, chained":
+        X, _ = _planted_pair()
+        s = torch.stack([X, X + 0.1 * torch.tanh(X), X + 0.2 * torch.sin(X)])
+        X, Y = s[:-1], s[1:]
+        assert dmd_module._chained(X, Y)
+        tol = {"kappa": 1e-8, "residual": 1e-7}
+    else:
+        if path == "no conjugate-pair pattern":  # complex eigenvectors inverted as they are
+            monkeypatch.setattr(dmd_module, "_conjugate_pairs", lambda lam: None)
+        X, Y = _planted_pair()
+        X, Y = torch.stack([X, Y]), torch.stack([Y, 0.5 * Y + torch.sin(Y)])
+        tol = {"kappa": 1e-8, "residual": 1e-7}  # residuals ~0 are square roots of cancelling float64 terms
+    kwargs = {"rank": 6} if path == "rank-r" else {}
+    if path == "whitened Grams":
+        _force_whitened_path(monkeypatch)
+    full = whitened_dmd(X, Y, **kwargs)
+    slim = whitened_dmd(X, Y, keep_eigenvectors=False, **kwargs)
+    assert full.eigenvectors is not None and full.left_eigenvectors is not None
+    assert slim.eigenvectors is None and slim.left_eigenvectors is None
+    assert slim.moments.is_raw == (path not in ("whitened Grams", "rank-r"))
+    torch.testing.assert_close(slim.eigenvalues, full.eigenvalues, atol=0, rtol=0)
+    torch.testing.assert_close(slim.eigvec_condition, full.eigvec_condition, atol=0, rtol=tol["kappa"])
+    torch.testing.assert_close(resdmd_residuals(slim), resdmd_residuals(full), atol=tol["residual"], rtol=0)
+    f_full, f_slim = spectral_features(full), spectral_features(slim)
+    for a, b in zip(f_full if isinstance(f_full, list) else [f_full], f_slim if isinstance(f_slim, list) else [f_slim]):
+        a, b = a.to_dict(), b.to_dict()
+        assert math.isclose(a.pop("eigvec_condition"), b.pop("eigvec_condition"), rel_tol=tol["kappa"])
+        assert a == b
+    # without left eigenvectors there is nothing to keep the forms from: the features still refuse
+    with pytest.raises(ValueError, match="left_eigenvectors=True"):
+        spectral_features(whitened_dmd(X, Y, left_eigenvectors=False, keep_eigenvectors=False, **kwargs))
+
+
 def _force_whitened_path(monkeypatch):
     """Route the full spectrum through the explicit whitened-Gram path (congruences + pseudo-inverse operator)."""
     import hf_koopman.koopman.dmd as dmd_module
@@ -577,6 +624,33 @@ def test_left_eigenvectors_and_condition_from_the_real_form(monkeypatch):
             tol = 1e-9 if m <= 256 else 1e-3  # power iterations stop at a relative change of 1e-4
             assert float(kappa[b]) == pytest.approx(exact, rel=tol)
             assert float(kappa_c[b]) == pytest.approx(exact, rel=tol)
+
+
+def test_chained_float32_small_updates_keep_their_accuracy():
+    # a small update on states with a large mean: D = Y - X is formed before centring, so the update's second moments
+    # (update_ratio, eta_nl) keep float64 accuracy; D_c = Y_c - X_c would carry eps * |mean| per column (2.5-3x eta)
+    from hf_koopman.koopman.features import nonlinearity_ratio
+
+    g = torch.Generator().manual_seed(0)
+    states = [(20.0 + torch.randn(1000, 64, generator=g)).float()]
+    for _ in range(3):
+        h = states[-1]
+        states.append(h + 1e-4 * (h - h.mean(0)) @ (torch.randn(64, 64, generator=g) / 8).float())
+    s = torch.stack(states)
+    assert dmd_module._chained(s[:-1], s[1:])
+    r32, r64 = whitened_dmd(s[:-1], s[1:]), whitened_dmd(s[:-1].double(), s[1:].double())
+    torch.testing.assert_close(r32.update_ratio, r64.update_ratio, rtol=1e-6, atol=0)
+    torch.testing.assert_close(nonlinearity_ratio(r32), nonlinearity_ratio(r64), rtol=0.1, atol=0)
+
+
+def test_condition_estimate_of_a_nearly_constant_feature_with_no_ridge():
+    # eps = 0 and a feature of scale 1e-21: ||L^-1||^2 exceeds the float32 range; the estimate (float64) routes the
+    # layer to float64 moments instead of failing
+    x = torch.randn(200, 10, generator=torch.Generator().manual_seed(0))
+    x[:, -1] *= 1e-21
+    s = torch.stack([x, 1.1 * x + 0.05 * torch.tanh(x), 1.2 * x])
+    res = whitened_dmd(s[:-1], s[1:], eps=0.0)
+    assert torch.isfinite(res.eigenvalues).all()
 
 
 def test_chained_layers_reuse_the_output_covariance():
