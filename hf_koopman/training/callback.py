@@ -58,6 +58,9 @@ _SNAPSHOT_BUDGET = 0.0025
 # model -> its Trainer, for Trainer subclasses that register themselves (KSSTrainer): a callback restored from a
 # checkpoint is a new instance, and the model is what every callback event receives
 _TRAINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: model -> weak reference to the callback whose guard hooks are on it (a train() that raised never reached
+#: on_train_end, so its hooks are still there: the next guard removes them)
+_GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_trainer(trainer: Any) -> None:
@@ -114,6 +117,12 @@ def _token_count(batch: dict[str, Any]) -> int | None:
     if isinstance(mask, torch.Tensor):
         return int((mask != 0).sum()) if mask.shape == ids.shape and mask.dim() == 2 else None
     return ids.numel()
+
+
+def _checkpoint_step(path: str) -> int:
+    """The global step in a `checkpoint-<step>` folder name (-1 when the name has none)."""
+    tail = Path(path).name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _is_int(value: Any) -> bool:
@@ -269,7 +278,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if not _is_int(max_rollbacks) or max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be an int >= 0, got {max_rollbacks!r}")
         flags = {"profile_at_init": profile_at_init, "guard": guard, "check_activations": check_activations,
-                 "auto_kss": auto_kss, "save_artifacts": save_artifacts}
+                 "restore_on_stop": restore_on_stop, "auto_kss": auto_kss, "save_artifacts": save_artifacts}
         for name, value in flags.items():
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"RKSPCallback: {name} must be True or False, got {value!r}")
@@ -288,6 +297,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise ValueError(f"rollback_source must be one of {_SOURCES}, got {rollback_source!r}")
         if not _is_int(check_every_n_steps) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be an int >= 1, got {check_every_n_steps!r}")
+        for name, value in (("loss_threshold", loss_threshold), ("grad_norm_threshold", grad_norm_threshold)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"RKSPCallback: {name} must be a number > 0 (a step above it counts as diverged), "
+                                f"got {type(value).__name__} {value!r}")
         self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold))
         self.snapshot_every_n_steps = snapshot_every_n_steps if isinstance(snapshot_every_n_steps, str) else int(
             snapshot_every_n_steps)
@@ -335,6 +348,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._unreadable: str | None = None  # a last good checkpoint whose restore failed
         self._model: torch.nn.Module | None = None
         self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
+        self._skipped = False  # a tripping step's gradients were dropped, so the optimizer skipped its update
+        self._in_memory = "those the divergence was detected on"  # what an unvalidated stop leaves in the model
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
         self._step_seconds: float | None = None  # running estimate of one optimizer step
         self._capture_seconds: float | None = None  # cost of the last snapshot refresh
@@ -366,6 +381,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ wiring
     def bind(self, trainer: Any) -> RKSPCallback:
         """Log through `trainer.log` (done automatically by `KSSTrainer`; call it for any other `Trainer`)."""
+        if not (callable(getattr(trainer, "log", None)) and hasattr(trainer, "control")):
+            raise TypeError(f"RKSPCallback.bind expects the transformers.Trainer that runs this callback (it logs "
+                            f"through trainer.log), got {type(trainer).__name__}")
         self._trainer = trainer
         return self
 
@@ -530,6 +548,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._trainer = _TRAINERS[model]()
         self._check_fsdp(args, model)
         restored = self.init_verdict is not None
+        if self.profile_at_init and not restored and state.global_step > 0:
+            # a resume without the callback's state: the weights are trained, so profiling them now would report a
+            # trained model as the initialisation and overwrite the first run's artefacts
+            logger.info("RKSP: resumed at step %d; the initialisation profile is not recomputed on trained weights "
+                        "(the first run's rksp_profile.json / rksp_report.md stay as they are)", state.global_step)
+            restored = True
         if self.profile_at_init and not restored and model is not None:
             batch = self._probe_batch(model, train_dataloader)
             # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
@@ -601,6 +625,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _start_guard(self, args, state, model, optimizer, lr_scheduler) -> None:
         if model is None:
             return
+        self._stop_guard()  # hooks left by a train() of this callback that raised
+        previous = _GUARDED.get(model)
+        if previous is not None and previous() is not None and previous() is not self:
+            previous()._stop_guard()  # ... or by another callback's
+        _GUARDED[model] = weakref.ref(self)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._model = model
@@ -608,6 +637,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._checkpoint_checked = False
         self._snapshot = StateSnapshot()
         self._undo = StateSnapshot()
+        self._skipped = False
         self._since_capture = 0
         self._step_started = None
         self._trip = self._to_log = None
@@ -632,6 +662,21 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 logger.warning("RKSP guard: no residual blocks found (%s); activation check disabled", err)
         if state.global_step > 0:
             self._resume_backoff(args, state, optimizer, lr_scheduler)
+        elif state.is_world_process_zero:
+            self._set_aside_old_record(args)
+
+    @staticmethod
+    def _set_aside_old_record(args) -> None:
+        """A fresh run in an `output_dir` that holds an earlier run's record: rename that record, so that resuming
+        this run never applies the back-off of divergences it did not have (nothing is deleted)."""
+        record = Path(args.output_dir) / RECORD_NAME
+        if not record.is_file():
+            return
+        k = 1
+        while (old := record.with_name(f"{record.stem}.previous-{k}{record.suffix}")).exists():
+            k += 1
+        record.rename(old)
+        logger.info("RKSP guard: a new run starts in %s; the earlier run's record is kept as %s", args.output_dir, old)
 
     def _resume_backoff(self, args, state, optimizer, lr_scheduler) -> None:
         """Resumed run: apply the back-off of recorded events that happened after the checkpoint's step."""
@@ -639,10 +684,20 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if not record.is_file():
             return
         try:
-            events = json.loads(record.read_text(encoding="utf-8")).get("events", [])
+            data = json.loads(record.read_text(encoding="utf-8"))
+            events = data.get("events", [])
         except (OSError, ValueError) as err:
             logger.warning("RKSP guard: could not read the run record %s (%s)", record, err)
             return
+        prior = data.get("last_good_checkpoint")
+        if self.last_good_checkpoint is None and prior is not None and _checkpoint_step(prior) <= state.global_step:
+            self.last_good_checkpoint = prior  # kept across the resume: the record keeps naming it
+        resumed = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        tripped = [e for e in events if resumed in {Path(p).name for p in e.get("suspect_checkpoints") or []}]
+        if tripped:
+            logger.error("RKSP guard: resuming from %s, which the guard recorded as suspect (the divergence at step %s "
+                         "followed it); the last good checkpoint is %s: resume from that one instead",
+                         resumed, tripped[0].get("step"), prior)
         later = [e for e in events if int(e.get("step", 0)) > state.global_step]
         if not later:
             return
@@ -733,15 +788,24 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 raise ValueError("rollback_source='checkpoint' cannot restore sharded (FSDP) parameters; use "
                                  "rollback_source='memory'")
             if not steps:
-                logger.warning("rollback_source='checkpoint' without save_strategy='steps': until a checkpoint is "
-                               "validated a trip can only stop, with the tripping update kept")
+                strategy = getattr(args, "save_strategy", None)
+                raise ValueError(f"rollback_source='checkpoint' restores the last good checkpoint, but "
+                                 f"save_strategy={getattr(strategy, 'value', strategy)!r} saves none the guard can "
+                                 f"validate: set save_strategy='steps' (and save_steps), or use "
+                                 f"rollback_source='memory' / 'auto'")
             if only_model:
                 logger.warning("rollback_source='checkpoint' with save_only_model=True: checkpoints hold no optimizer "
                                "state, so a restore clears it")
             if limit is not None and limit < 3:
-                logger.warning("rollback_source='checkpoint' with save_total_limit=%d: rotation can delete the last "
-                               "good checkpoint before it is needed; keep it at 3 or more, or unset", limit)
+                raise ValueError(f"rollback_source='checkpoint' with save_total_limit={limit}: rotation deletes the "
+                                 f"last good checkpoint before a trip can need it (the newest checkpoint is unvalidated "
+                                 f"until a later step passes); set save_total_limit to 3 or more, or unset it, or use "
+                                 f"rollback_source='memory'")
             return True
+        if limit is not None and limit < 3 and getattr(args, "save_strategy", None) != "no":
+            logger.warning("RKSP guard: save_total_limit=%d can rotate away the checkpoint the guard names as the last "
+                           "good one (the newest is unvalidated until a later step passes); keep it at 3 or more, or "
+                           "unset, to be able to resume from it", limit)
         single = getattr(args, "world_size", 1) == 1
         suitable = steps and not only_model and (limit is None or limit >= 3) and single and not self._sharded
         if self.rollback_source == "memory" or not suitable:
@@ -879,10 +943,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
             suspect_checkpoints=suspect,
             first_checked_step=first_checked,
         )
-        if self._undo.empty and not self._restores_validated() and not self._from_checkpoint:
+        if self._undo.empty and not self._restores_validated():
             # no validated state to go back to (or restoring it is switched off): undo this update at least. When
             # nothing is validated yet, a windowed check keeps the state before its window here already.
-            self._undo.capture(self._params, optimizer, state.global_step)
+            if self._from_checkpoint:  # no CPU copy in this mode: without gradients the optimizer skips the update
+                for p in self._params:
+                    p.grad = None
+                self._skipped = True
+            else:
+                self._undo.capture(self._params, optimizer, state.global_step)
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
@@ -948,11 +1017,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
             event.restored_step = restored
             self.weights_validated = True
         else:
-            undone = not self._undo.empty
-            if undone:
+            undone = not self._undo.empty or self._skipped
+            if not self._undo.empty:
+                self._in_memory = f"those of step {self._undo.step} (the tripping update was discarded), not validated"
                 self._undo.restore(self._params, optimizer)  # this update is discarded; the weights stay suspect
+            elif self._skipped:
+                self._in_memory = f"those of step {event.step - 1} (the tripping update was skipped), not validated"
+            else:
+                self._in_memory = f"those after the tripping update of step {event.step}"
             self.weights_validated = False
             rollback = False
+        self._skipped = False
         if rollback:
             event.action = "rollback"
             scale_learning_rate(optimizer, lr_scheduler, self.lr_backoff)
@@ -975,10 +1050,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
             why = " after %d rollback(s)" % self.rollbacks if self.on_divergence == "rollback" else ""
             logger.error(
                 "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",
-                event.describe(), why, memory, self.last_good_checkpoint,
+                event.describe(), why, memory, self._checkpoint_on_disk(),
             )
         self.events.append(event.to_dict())
         self._to_log = event
+
+    def _checkpoint_on_disk(self) -> str:
+        """The last good checkpoint for a message: its path, said to be missing when rotation (or a user) removed it."""
+        path = self.last_good_checkpoint
+        if path is None:
+            return "None (no checkpoint was validated)"
+        return path if Path(path).is_dir() else f"{path} (deleted since, e.g. by save_total_limit rotation)"
 
     def _write_record(self, args, state) -> None:
         if not state.is_world_process_zero:
@@ -1002,6 +1084,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _log_event(self, args, state, optimizer) -> None:
         event, self._to_log = self._to_log, None
         if event is not None:
+            best = getattr(state, "best_model_checkpoint", None)
+            if best is not None and best in event.suspect_checkpoints:
+                # its weights led to this trip: load_best_model_at_end must not bring them back
+                logger.warning("RKSP guard: the best checkpoint so far, %s, is suspect (the divergence at step %d "
+                               "followed it); the best model is now the last good checkpoint, %s",
+                               best, event.step, self.last_good_checkpoint)
+                state.best_model_checkpoint = self.last_good_checkpoint
             if event.action == "rollback":
                 lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
                 event.new_lr = lr
@@ -1107,6 +1196,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         # epoch-end save and before train() reports its metrics
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)
+        if self._stop_step is not None:  # save_strategy="epoch" saves after this hook: never the stopping step
+            control.should_save = False
         return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -1128,10 +1219,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "state of step %s, with %s.", len(rollbacks), self.lr_scale, rollbacks[-1]["restored_step"], trained,
             )
         if self.divergence is not None and not self.weights_validated:
-            where = (f"the last good checkpoint ({self.last_good_checkpoint}) could not be read back; resume from an "
-                     "older checkpoint" if self._unreadable is not None and self._unreadable == self.last_good_checkpoint
-                     else f"resume from the last good checkpoint ({self.last_good_checkpoint})")
-            logger.error(
-                "RKSP guard: the in-memory weights are those the divergence at step %s was detected on; %s instead of "
-                "saving them.", self.divergence["step"], where,
-            )
+            if self._unreadable is not None and self._unreadable == self.last_good_checkpoint:
+                where = (f"the last good checkpoint ({self.last_good_checkpoint}) could not be read back; resume from "
+                         "an older checkpoint")
+            elif self.last_good_checkpoint is None:
+                where = "no checkpoint was validated: start again from the initial weights with a lower learning rate"
+            else:
+                where = f"resume from the last good checkpoint ({self._checkpoint_on_disk()})"
+            logger.error("RKSP guard: the run diverged at step %s and the in-memory weights are %s; %s instead of "
+                         "saving them.", self.divergence["step"], self._in_memory, where)

@@ -223,11 +223,11 @@ class KSSTrainer(Trainer):
                 continue
             if not guard.weights_validated and not allow_unvalidated:
                 raise DivergedModelError(
-                    f"refusing to save: the in-memory weights are those the divergence guard tripped on at step "
-                    f"{guard.divergence['step']} ({'; '.join(guard.divergence['causes'])}). Last good checkpoint: "
-                    f"{guard.last_good_checkpoint or 'none (no checkpoint was validated)'}; resume from it with "
+                    f"refusing to save: the run diverged at step {guard.divergence['step']} "
+                    f"({'; '.join(guard.divergence['causes'])}) and the in-memory weights are {guard._in_memory}. "
+                    f"Last good checkpoint: {guard._checkpoint_on_disk()}; resume from it with "
                     "trainer.train(resume_from_checkpoint=...), or pass save_model(..., allow_unvalidated=True) to "
-                    "write the diverged weights anyway."
+                    "write these weights anyway."
                 )
             if guard.weights_validated:
                 logger.warning(

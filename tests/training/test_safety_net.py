@@ -231,15 +231,31 @@ def test_stop_restores_the_last_good_checkpoint_and_save_model_writes_it(tmp_pat
     assert all(torch.equal(final[k], v) for k, v in good.items())
 
 
-def test_checkpoint_rollback_without_checkpoints_stops_with_unvalidated_weights(tmp_path, caplog):
+@pytest.mark.parametrize("settings, named", [({"save_strategy": "no"}, "save_strategy='no'"),
+                                              ({"save_strategy": "epoch"}, "save_strategy='epoch'"),
+                                              ({"save_total_limit": 2}, "save_total_limit=2")])
+def test_checkpoint_rollback_refuses_settings_that_keep_no_good_checkpoint(tmp_path, settings, named):
+    # no checkpoint the guard can validate, or rotation deletes it: the run would end with diverged weights
     guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_strategy="no"), train_dataset=TokenDataset(n=128),
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, **settings), train_dataset=TokenDataset(n=128),
                       callbacks=[guard])
+    with pytest.raises(ValueError, match=named):
+        trainer.train()
+
+
+def test_checkpoint_rollback_before_a_validated_checkpoint_skips_the_tripping_update(tmp_path, caplog):
+    # no CPU copy in checkpoint mode and no checkpoint validated yet: the tripping step's gradients are dropped, so
+    # the optimizer leaves the weights of the step before
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    spy = WeightsAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_steps=10), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard, spy])
     with caplog.at_level("WARNING"):
         trainer.train()
-    assert "without save_strategy='steps'" in caplog.text
     assert guard.divergence["step"] == 4 and guard.divergence["action"] == "stop" and not guard.weights_validated
-    assert "the tripping update is still in the weights" in caplog.text
+    assert "the tripping update was discarded" in caplog.text
+    assert all(torch.equal(spy.weights[4][k], v) for k, v in spy.weights[3].items())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])

@@ -1,0 +1,163 @@
+"""The safety net where 🤗 Trainer settings meet it: epoch saves, rotation, resumes, best-model loading, a train()
+that raised, and misuse of the callback's arguments. The run diverges at step 4 (learning rate 1.0; see
+`test_safety_net.py`), with checkpoint-2 the last good one and checkpoint-3 suspect."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from hf_koopman.training import RKSPCallback
+from hf_koopman.training.guard import DivergenceEvent
+
+
+def _args(tmp_path, **kw):
+    base = dict(max_steps=12, learning_rate=1.0, lr_scheduler_type="constant", save_strategy="steps", save_steps=1,
+                train_sampling_strategy="sequential", per_device_train_batch_size=4)
+    base.update(kw)
+    return cpu_training_args(tmp_path, TrainingArguments, **base)
+
+
+def _guard(**kw):
+    kw.setdefault("snapshot_every_n_steps", 1)
+    kw.setdefault("profile_at_init", False)
+    return RKSPCallback(**kw)
+
+
+@pytest.mark.parametrize("restore_on_stop", [True, False])
+def test_an_epoch_end_save_never_writes_the_stopping_step(tmp_path, restore_on_stop):
+    # save_strategy="epoch" saves after on_epoch_end: the step that stopped the run must not become a checkpoint
+    guard = _guard(restore_on_stop=restore_on_stop)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_strategy="epoch"),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard])
+    trainer.train()
+    assert guard.divergence["step"] == 4
+    assert not any(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("kwargs, error, named", [
+    ({"loss_threshold": "abc"}, TypeError, "loss_threshold"),
+    ({"loss_threshold": True}, TypeError, "loss_threshold"),
+    ({"grad_norm_threshold": None}, TypeError, "grad_norm_threshold"),
+    ({"restore_on_stop": "no"}, TypeError, "restore_on_stop"),
+])
+def test_bad_guard_arguments_name_the_argument(kwargs, error, named):
+    with pytest.raises(error, match=named):
+        RKSPCallback(**kwargs)
+
+
+def test_bind_takes_only_a_trainer(tmp_path):
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        RKSPCallback().bind(_args(tmp_path))
+
+
+def test_a_small_save_total_limit_is_warned_about_in_memory_mode_too(tmp_path, caplog):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, learning_rate=1e-3, save_total_limit=1),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "save_total_limit=1 can rotate away" in caplog.text
+
+
+def test_messages_say_when_no_checkpoint_exists_or_rotation_removed_it(tmp_path):
+    guard = RKSPCallback()
+    assert "no checkpoint was validated" in guard._checkpoint_on_disk()
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    assert "deleted since" in guard._checkpoint_on_disk()
+    (tmp_path / "checkpoint-2").mkdir()
+    assert guard._checkpoint_on_disk() == str(tmp_path / "checkpoint-2")
+
+
+def test_a_suspect_best_checkpoint_is_replaced_by_the_last_good_one(tmp_path, caplog):
+    # load_best_model_at_end must not bring back the weights whose next step diverged
+    guard = RKSPCallback()
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    suspect = str(tmp_path / "checkpoint-3")
+    event = DivergenceEvent(step=4, causes=["loss"], cause_flags=1, loss=1e3, grad_norm=None, first_bad_layer=None,
+                            last_good_checkpoint=guard.last_good_checkpoint, suspect_checkpoints=[suspect])
+    guard.events.append(event.to_dict())
+    guard._to_log = event
+    state = TrainerState()
+    state.best_model_checkpoint = suspect
+    with caplog.at_level("WARNING"):
+        guard._log_event(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    assert state.best_model_checkpoint == guard.last_good_checkpoint
+    assert "is suspect" in caplog.text
+
+
+def test_a_resume_without_callback_state_keeps_the_initialisation_profile(tmp_path, caplog):
+    data = TokenDataset(n=128)
+    first = RKSPCallback(guard=False)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, learning_rate=1e-3), train_dataset=data,
+            callbacks=[first]).train()
+    before = (tmp_path / "rksp_profile.json").read_bytes()
+    resumed = RKSPCallback(guard=False)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=data,
+                      callbacks=[resumed])
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()  # hf_koopman's INFO lines follow the transformers verbosity
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert resumed.profile is None and (tmp_path / "rksp_profile.json").read_bytes() == before
+    assert "not recomputed on trained weights" in caplog.text
+
+
+def test_a_fresh_run_sets_an_earlier_runs_record_aside(tmp_path):
+    # the record of a run that diverged at step 5 must not back off a later, unrelated run resumed in the same folder
+    old = {"events": [{"step": 5, "action": "stop", "suspect_checkpoints": []}], "last_good_checkpoint": None}
+    (tmp_path / "rksp_guard.json").write_text(json.dumps(old))
+    guard = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=TokenDataset(n=128),
+            callbacks=[guard]).train()
+    assert json.loads((tmp_path / "rksp_guard.previous-1.json").read_text()) == old
+    assert not (tmp_path / "rksp_guard.json").exists()  # this run had no event
+    resumed = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4, learning_rate=1e-3),
+                      train_dataset=TokenDataset(n=128), callbacks=[resumed])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.lr_scale == 1.0 and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_resuming_from_a_suspect_checkpoint_names_the_last_good_one(tmp_path, caplog):
+    data = TokenDataset(n=128)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[_guard()]).train()
+    resumed = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4), train_dataset=data, callbacks=[resumed])
+    with caplog.at_level("ERROR"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert "resuming from checkpoint-3, which the guard recorded as suspect" in caplog.text
+    assert str(tmp_path / "checkpoint-2") in caplog.text
+    record = json.loads((tmp_path / "rksp_guard.json").read_text())
+    assert record["last_good_checkpoint"] == str(tmp_path / "checkpoint-2")  # not lost by the resumed run
+
+
+class RaiseAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_the_hooks_of_a_train_that_raised_are_removed_by_the_next_guard(tmp_path):
+    model = tiny_gpt2()
+    crashed = _guard()
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=TokenDataset(n=128),
+                callbacks=[crashed, RaiseAtStep()]).train()
+    assert crashed._loss_tap is not None  # on_train_end never ran
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    Trainer(model=model, args=_args(tmp_path / "again", max_steps=1, learning_rate=1e-3),
+            train_dataset=TokenDataset(n=128), callbacks=[_guard()]).train()
+    assert crashed._loss_tap is None and crashed._grad_tap is None and crashed._watch is None
+    assert sum(len(m._forward_hooks) for m in model.modules()) < hooks
+    assert torch.isfinite(next(model.parameters())).all()
