@@ -59,6 +59,8 @@ _LAZY: dict[str, str] = {
     "ReyNetForInvariantRegression": "hf_koopman.models.reynet",
     "full_reynolds": "hf_koopman.models.reynet",
     "reductive_reynolds": "hf_koopman.models.reynet",
+    "ReyNetGraphCollator": "hf_koopman.models.reynet",
+    "build_graph_tensor": "hf_koopman.models.reynet",
     "EquivCNPConfig": "hf_koopman.models.equivcnp",
     "EquivCNPModel": "hf_koopman.models.equivcnp",
     "CNPConfig": "hf_koopman.models.equivcnp",

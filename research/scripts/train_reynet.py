@@ -104,6 +104,70 @@ def make_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------------
 # publishing
 # ----------------------------------------------------------------------------------------------------------------------
+_USAGE_OUTPUTS = {  # head -> the card's last usage line (code, comment): what the head returns
+    "ReyNetForGraphClassification": ("logits = model(x, node_mask=mask).logits", "(batch, num_labels), invariant"),
+    "ReyNetForInvariantRegression": ("pred = model(x, node_mask=mask).logits", "(batch, num_targets), invariant"),
+    "ReyNetForEquivariantRegression": (
+        "pred = model(x, node_mask=mask).logits", "(batch, num_targets, n, n), equivariant"
+    ),
+}
+
+
+def _commented(code: str, comment: str) -> str:
+    """One snippet line with its comment in the card's comment column."""
+    return f"{code:<44}# {comment}"
+
+
+def _graph_inputs_text(in_channels: int) -> str:
+    """Card paragraph + snippet: real graphs -> `build_graph_tensor` -> `ReyNetGraphCollator` -> the classifier."""
+    L = in_channels - 1  # node classes: channel 0 is the adjacency, channel 1 + l carries node label l
+    triangle = [i % L for i in range(3)]
+    path = [i % L for i in range(5)]
+    return (
+        "To classify real graphs, `hf_koopman.models.reynet.build_graph_tensor` turns an edge list and integer node "
+        f"labels in `[0, {L})` into the `({in_channels}, n, n)` input of one graph (the layout this model was trained "
+        "on), and `ReyNetGraphCollator` pads graphs of different sizes into `graph_tensor` + `node_mask` (it also "
+        "serves as `Trainer(data_collator=...)`). Both come with the `hf_koopman` package:\n\n"
+        "```python\n"
+        "from hf_koopman.models.reynet import ReyNetGraphCollator, build_graph_tensor\n\n"
+        f"triangle = build_graph_tensor([[0, 1, 2], [1, 2, 0]], node_labels={triangle}, num_node_labels={L})\n"
+        f"path = build_graph_tensor([[0, 1, 2, 3], [1, 2, 3, 4]], node_labels={path}, num_node_labels={L})\n"
+        'batch = ReyNetGraphCollator()([{"graph_tensor": triangle}, {"graph_tensor": path}])\n'
+        f"{_commented('logits = model(**batch).logits', '(2, num_labels)')}\n"
+        "```"
+    )
+
+
+def _usage_text(head: str, repo_id: str, in_channels: int) -> str:
+    """The card's Usage section: load the head the checkpoint was saved with (the bare encoder only as an aside)."""
+    if head == "ReyNetForGraphClassification":
+        intro = ("With `hf_koopman` installed the classes are registered with the Auto classes on import; without it, "
+                 "the modelling code shipped in this repository is used (`trust_remote_code=True`).")
+        load = ("from transformers import AutoModelForSequenceClassification\n\n"
+                f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", trust_remote_code=True)')
+    else:
+        intro = ("transformers has no Auto class for this head, so it is loaded from the modelling code shipped in "
+                 f"this repository (with `hf_koopman` installed, `hf_koopman.{head}.from_pretrained(\"{repo_id}\")` "
+                 "does the same).")
+        load = ("from transformers.dynamic_module_utils import get_class_from_dynamic_module\n\n"
+                f'model_class = get_class_from_dynamic_module("modeling_reynet.{head}", "{repo_id}")\n'
+                f'model = model_class.from_pretrained("{repo_id}")')
+    text = (
+        f"The head saved here is `{head}`. {intro}\n\n"
+        "```python\n"
+        f"import torch\n{load}\n"
+        f"{_commented(f'x = torch.rand(2, {in_channels}, 12, 12)', '(batch, channels, n, n); any n')}\n"
+        f"{_commented('mask = torch.ones(2, 12, dtype=torch.bool)', 'optional node_mask for padded graphs')}\n"
+        f"{_commented(*_USAGE_OUTPUTS[head])}\n"
+        "```\n\n"
+        f'`AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)` loads the bare encoder `ReyNetModel` '
+        "instead (equivariant features `last_hidden_state` of shape `(batch, C', n, n)`), without the head's weights."
+    )
+    if head == "ReyNetForGraphClassification" and in_channels > 1:  # graph data with node labels
+        text += "\n\n" + _graph_inputs_text(in_channels)
+    return text
+
+
 def _publish(model, folder: Path, *, repo_id: str, description: str, training: str, results: str, caveats: str,
              tags: list[str], datasets: list[str], eval_results: list[dict], push_org: str | None) -> Path:
     import tempfile
@@ -136,6 +200,7 @@ def _publish(model, folder: Path, *, repo_id: str, description: str, training: s
             "in_channels": model.config.in_channels,
             "head_class": head,
             "load_snippet": load,
+            "usage": _usage_text(head, repo_id, model.config.in_channels),
             "training": training,
             "results": results,
             "caveats": caveats,
@@ -472,7 +537,7 @@ def run_graph_checkpoint(args) -> None:
             f"ReyNet graph classifier for **{name}** (TU benchmark). Input: `(batch, {num_node_labels + 1}, n, n)` "
             "tensors (channel 0 the normalised adjacency D^-1/2 A D^-1/2, channels 1.. one-hot node labels on the "
             "diagonal plus the adjacency, as in the IEGN/ReyNet data pipeline; build them with "
-            "`research.data.graphs.graph_to_tensor`)."
+            "`hf_koopman.models.reynet.build_graph_tensor`, see Usage)."
         ),
         training=(
             f"Trained on all {len(ds)} graphs for {epochs} epochs ({sched_text}). "

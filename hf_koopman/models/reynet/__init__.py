@@ -6,7 +6,9 @@ Public API:
   [`full_reynolds_set`] / [`reductive_reynolds_set`] (rank 1, cyclic-shift design), [`full_reynolds_k`] /
   [`reductive_reynolds_k`] (order-k injective-tuple design) and the designs themselves;
 * models: [`ReyNetConfig`], [`ReyNetModel`], [`ReyNetForGraphClassification`], [`ReyNetForEquivariantRegression`],
-  [`ReyNetForInvariantRegression`]; [`IEGNLinear`] is the Maron et al. baseline layer.
+  [`ReyNetForInvariantRegression`]; [`IEGNLinear`] is the Maron et al. baseline layer;
+* data: [`build_graph_tensor`] (edge list / adjacency + node labels or features -> the `(C, n, n)` graph tensor) and
+  [`ReyNetGraphCollator`] (pads graphs of different sizes into `graph_tensor` + `node_mask` for `Trainer`).
 
 Every other file in this folder imports only torch / transformers / same-folder files: they are the Hub remote code
 that `hf_koopman.models.publishing.save_for_hub` / `export_for_hub` add to an exported folder; this `__init__` (not
@@ -16,6 +18,7 @@ exported) registers the classes with the Auto classes.
 from __future__ import annotations
 
 from .configuration_reynet import ReyNetConfig
+from .graph_data import ReyNetGraphCollator, build_graph_tensor
 from .iegn import IEGNLinear
 from .modeling_reynet import (
     ReyNetEquivariantOutput,
@@ -53,6 +56,8 @@ __all__ = [
     "ReyNetInvariantOutput",
     "ReyNetEquivariantOutput",
     "IEGNLinear",
+    "ReyNetGraphCollator",
+    "build_graph_tensor",
     "full_reynolds",
     "reductive_reynolds",
     "full_reynolds_set",

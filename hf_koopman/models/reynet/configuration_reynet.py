@@ -11,6 +11,7 @@ _LAYER_TYPES = ("reynolds", "iegn")
 _PHI_MODES = ("depthwise", "joint")
 _POOLINGS = ("sum", "mean")
 _ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 def _positive_int(name: str, value) -> None:
@@ -76,6 +77,11 @@ class ReyNetConfig(PreTrainedConfig):
             One of `"relu"`, `"gelu"`, `"silu"`, `"tanh"`.
         num_targets (`int`, *optional*, defaults to 1):
             Outputs of [`ReyNetForInvariantRegression`] / output channels of [`ReyNetForEquivariantRegression`].
+        problem_type (`str`, *optional*):
+            Loss of [`ReyNetForGraphClassification`], as for transformers' sequence classifiers:
+            `"single_label_classification"` (cross-entropy on class indices), `"multi_label_classification"`
+            (BCE-with-logits on multi-hot labels) or `"regression"` (MSE). `None` infers it from the first labels:
+            `num_labels == 1` -> regression, integer labels -> single-label, otherwise multi-label.
         initializer (`str`, *optional*, defaults to `"xavier_uniform"`):
             `"xavier_uniform"` (paper code, zero biases) or `"default"` (PyTorch's defaults).
 
@@ -89,6 +95,9 @@ class ReyNetConfig(PreTrainedConfig):
     """
 
     model_type = "reynet"
+    # `Trainer.evaluate` / `predict` gather every output field except these: the predictions are then the logits alone
+    # (not a `(logits, pooler_output)` tuple), so an ordinary `compute_metrics` works
+    keys_to_ignore_at_inference = ["pooler_output"]
 
     def __init__(
         self,
@@ -142,6 +151,8 @@ class ReyNetConfig(PreTrainedConfig):
         _choice("hidden_act", hidden_act, _ACTIVATIONS)
         _positive_int("num_targets", num_targets)
         _choice("initializer", initializer, ("xavier_uniform", "default"))
+        if kwargs.get("problem_type") is not None:
+            _choice("problem_type", kwargs["problem_type"], _PROBLEM_TYPES)
 
         self.in_channels = in_channels
         self.layer_type = layer_type

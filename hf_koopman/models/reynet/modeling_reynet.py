@@ -63,9 +63,11 @@ class ReyNetModelOutput(ModelOutput):
 class ReyNetInvariantOutput(ModelOutput):
     """
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): cross-entropy (classification) or MSE (regression).
+        loss (`torch.FloatTensor` of shape `()`, *optional*): classification: cross-entropy, BCE-with-logits or MSE
+            (`config.problem_type`); invariant regression: MSE.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)` or `(batch_size, num_targets)`).
-        pooler_output (`torch.FloatTensor` of shape `(batch_size, 2 * hidden_channels)`).
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, 2 * hidden_channels)`): the encoder's invariant
+            readout; `Trainer` leaves it out of its predictions (`config.keys_to_ignore_at_inference`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*).
     """
 
@@ -374,6 +376,12 @@ def _check_inputs(graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in
             raise ValueError(f"node_mask must have shape (B, n) = {(B, n)}, got {tuple(node_mask.shape)}")
 
 
+def _maybe_tuple(output: ModelOutput, return_dict: bool | None, config: ReyNetConfig) -> ModelOutput | tuple:
+    """`output`, or its non-None fields as a tuple when `return_dict` (default `config.return_dict`) is False."""
+    return_dict = return_dict if return_dict is not None else config.return_dict
+    return output if return_dict else output.to_tuple()
+
+
 class ReyNetModel(ReyNetPreTrainedModel):
     """The bare ReyNet encoder: equivariant features `(B, C', n, n)` and their invariant readout.
 
@@ -406,12 +414,26 @@ class ReyNetModel(ReyNetPreTrainedModel):
         self.pooler = ReyNetPooler(config)
         self.post_init()
 
+    def _checkpointing_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The first block's input `(B, n, n, C)`, made to require grad when a block will be checkpointed.
+
+        Reentrant checkpointing (`use_reentrant=True`) back-propagates into a checkpointed block only if one of its
+        tensor inputs requires grad; the raw graph tensor does not, so every block parameter would get no gradient.
+        A detached alias that requires grad restores them (same values, the caller's tensor is left untouched); the
+        non-reentrant mode gives the same gradients with or without it.
+        """
+        checkpointed = any(getattr(block, "gradient_checkpointing", False) for block in self.blocks)
+        if checkpointed and self.training and torch.is_grad_enabled() and not h.requires_grad:
+            return h.detach().requires_grad_(True)
+        return h
+
     def forward(
         self,
         graph_tensor: torch.Tensor,
         node_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-    ) -> ReyNetModelOutput:
+        return_dict: bool | None = None,
+    ) -> ReyNetModelOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
             graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`):
@@ -420,6 +442,9 @@ class ReyNetModel(ReyNetPreTrainedModel):
                 True for real nodes. Padded nodes do not influence real nodes; their outputs are zero.
             output_hidden_states (`bool`, *optional*):
                 Return the input and every block's output (channel-first).
+            return_dict (`bool`, *optional*):
+                Return a [`ReyNetModelOutput`] (default: `config.return_dict`) or, if False, its non-None fields as a
+                tuple.
         """
         _check_inputs(graph_tensor, node_mask, self.config.in_channels)
         output_hidden_states = (
@@ -431,16 +456,18 @@ class ReyNetModel(ReyNetPreTrainedModel):
         if node_mask is None or bool(node.all()):
             node = None  # no padding (e.g. a size bucket of equal-size graphs): blocks skip the masking passes
         states = [h] if output_hidden_states else None
+        h = self._checkpointing_input(h)
         for block in self.blocks:
             h = block(h, pair, node, count)
             if states is not None:
                 states.append(h)
         pooled = self.pooler(h, pair, node, count)
-        return ReyNetModelOutput(
+        output = ReyNetModelOutput(
             last_hidden_state=h.permute(0, 3, 1, 2),
             pooler_output=pooled,
             hidden_states=tuple(s.permute(0, 3, 1, 2) for s in states) if states is not None else None,
         )
+        return _maybe_tuple(output, return_dict, self.config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -463,13 +490,106 @@ class _InvariantHead(nn.Module):
         return self.mlp(pooled)
 
 
+def _regression_loss(logits: torch.Tensor, labels: torch.Tensor, outputs: str) -> torch.Tensor:
+    """MSE between `logits (B, T)` and `labels` of shape `(B, T)`, or `(B,)` when T == 1; `outputs` names T."""
+    B, T = logits.shape
+    target = labels.to(device=logits.device, dtype=logits.dtype)
+    if T == 1 and target.shape == (B,):
+        target = target[:, None]
+    if target.shape != logits.shape:
+        one = f" or ({B},)" if T == 1 else ""
+        raise ValueError(
+            f"regression labels must have shape (batch_size, {outputs}) = {tuple(logits.shape)}{one}, "
+            f"got {tuple(labels.shape)}; give one row of {T} target(s) per graph."
+        )
+    return nn.functional.mse_loss(logits, target)
+
+
+def _infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
+    """transformers' rule for sequence classifiers: one output -> regression, integer labels -> single-label."""
+    if num_labels == 1:
+        return "regression"
+    if not labels.is_floating_point() and labels.dtype != torch.bool:
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def _single_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `logits (B, L)` and class indices `labels (B,)` (or `(B, 1)`); -100 marks ignored graphs."""
+    B = logits.shape[0]
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"problem_type='single_label_classification' needs integer class indices, got {labels.dtype} labels; "
+            "pass them as a LongTensor of shape (batch_size,), or set problem_type='multi_label_classification' "
+            "(multi-hot labels) or 'regression'."
+        )
+    if labels.shape not in ((B,), (B, 1)):
+        raise ValueError(
+            f"problem_type='single_label_classification' needs one class index per graph, labels of shape "
+            f"(batch_size,) = ({B},), got {tuple(labels.shape)}; multi-hot labels of shape (batch_size, "
+            "num_labels) need problem_type='multi_label_classification'."
+        )
+    return nn.functional.cross_entropy(logits, labels.to(logits.device).long().view(-1))
+
+
+def _multi_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of `logits (B, L)` and multi-hot `labels (B, L)` (0/1 or probabilities)."""
+    if labels.shape != logits.shape:
+        raise ValueError(
+            "problem_type='multi_label_classification' needs multi-hot labels of shape (batch_size, num_labels) = "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}; class indices of shape (batch_size,) "
+            "need problem_type='single_label_classification' (and integer labels)."
+        )
+    target = labels.to(device=logits.device, dtype=logits.dtype)
+    return nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ReyNetConfig) -> torch.Tensor:
+    """Loss of the classification head under `config.problem_type`, inferred from the labels when None.
+
+    As in transformers' sequence classifiers, an inferred problem type is written to the config (here only once the
+    labels fit it), so that a saved model, and a pipeline choosing softmax or sigmoid from it, keeps it.
+    """
+    losses = {
+        "single_label_classification": _single_label_loss,
+        "multi_label_classification": _multi_label_loss,
+        "regression": lambda lg, lb: _regression_loss(lg, lb, "num_labels"),
+    }
+    problem_type = config.problem_type or _infer_problem_type(config.num_labels, labels)
+    if problem_type not in losses:
+        raise ValueError(
+            f"config.problem_type={problem_type!r} is not one of {tuple(losses)} (or None to infer it from the labels)."
+        )
+    try:
+        loss = losses[problem_type](logits, labels)
+    except ValueError as err:
+        if config.problem_type is not None:
+            raise
+        raise ValueError(
+            f"{err} (config.problem_type is None, so {problem_type!r} was inferred from num_labels="
+            f"{config.num_labels} and {labels.dtype} labels; set config.problem_type to choose.)"
+        ) from None
+    config.problem_type = problem_type
+    return loss
+
+
 class ReyNetForGraphClassification(ReyNetPreTrainedModel):
-    """ReyNet + invariant pooling + MLP classifier (`config.num_labels` classes); cross-entropy loss."""
+    """ReyNet + invariant pooling + MLP head with `config.num_labels` outputs, registered as
+    `AutoModelForSequenceClassification`.
+
+    The loss follows transformers' sequence-classification convention (`config.problem_type`): cross-entropy on class
+    indices, BCE-with-logits on multi-hot labels, or MSE (regression; `num_labels=1` infers it). For regression on
+    several targets [`ReyNetForInvariantRegression`] (`config.num_targets`) is the dedicated head.
+    """
 
     def __init__(self, config: ReyNetConfig) -> None:
         super().__init__(config)
-        if config.num_labels < 2:
-            raise ValueError(f"ReyNetForGraphClassification needs num_labels >= 2, got {config.num_labels}")
+        if config.problem_type == "single_label_classification" and config.num_labels < 2:
+            raise ValueError(
+                f"ReyNetForGraphClassification with problem_type='single_label_classification' needs num_labels >= 2, "
+                f"got {config.num_labels}; use num_labels=2 for binary classification, or problem_type='regression' "
+                "(or ReyNetForInvariantRegression) for a single regression output."
+            )
         self.reynet = ReyNetModel(config)
         self.classifier = _InvariantHead(config, config.num_labels)
         self.post_init()
@@ -480,21 +600,25 @@ class ReyNetForGraphClassification(ReyNetPreTrainedModel):
         node_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-    ) -> ReyNetInvariantOutput:
+        return_dict: bool | None = None,
+    ) -> ReyNetInvariantOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
             graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
             node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices in `[0, num_labels)`.
+            labels (`torch.Tensor`, *optional*): by `config.problem_type`: class indices `(batch_size,)` in
+                `[0, num_labels)` (`LongTensor`), multi-hot `(batch_size, num_labels)` or regression targets
+                `(batch_size, num_labels)` (`FloatTensor`).
+            return_dict (`bool`, *optional*): a [`ReyNetInvariantOutput`] (default: `config.return_dict`) or a tuple.
         """
-        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
+        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states,
+                          return_dict=True)
         logits = self.classifier(out.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels.to(logits.device).long().view(-1))
-        return ReyNetInvariantOutput(
+        loss = _classification_loss(logits, labels, self.config) if labels is not None else None
+        output = ReyNetInvariantOutput(
             loss=loss, logits=logits, pooler_output=out.pooler_output, hidden_states=out.hidden_states
         )
+        return _maybe_tuple(output, return_dict, self.config)
 
 
 class ReyNetForInvariantRegression(ReyNetPreTrainedModel):
@@ -512,22 +636,24 @@ class ReyNetForInvariantRegression(ReyNetPreTrainedModel):
         node_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-    ) -> ReyNetInvariantOutput:
+        return_dict: bool | None = None,
+    ) -> ReyNetInvariantOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
             graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
             node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
-            labels (`torch.FloatTensor` of shape `(batch_size, num_targets)` or `(batch_size,)`, *optional*): regression targets.
+            labels (`torch.FloatTensor` of shape `(batch_size, num_targets)`, or `(batch_size,)` when `num_targets` is
+                1, *optional*): regression targets.
+            return_dict (`bool`, *optional*): a [`ReyNetInvariantOutput`] (default: `config.return_dict`) or a tuple.
         """
-        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
+        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states,
+                          return_dict=True)
         logits = self.regressor(out.pooler_output)
-        loss = None
-        if labels is not None:
-            target = labels.to(device=logits.device, dtype=logits.dtype).reshape(logits.shape)
-            loss = nn.functional.mse_loss(logits, target)
-        return ReyNetInvariantOutput(
+        loss = _regression_loss(logits, labels, "num_targets") if labels is not None else None
+        output = ReyNetInvariantOutput(
             loss=loss, logits=logits, pooler_output=out.pooler_output, hidden_states=out.hidden_states
         )
+        return _maybe_tuple(output, return_dict, self.config)
 
 
 class ReyNetForEquivariantRegression(ReyNetPreTrainedModel):
@@ -545,15 +671,19 @@ class ReyNetForEquivariantRegression(ReyNetPreTrainedModel):
         node_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-    ) -> ReyNetEquivariantOutput:
+        return_dict: bool | None = None,
+    ) -> ReyNetEquivariantOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
             graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
             node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
             labels (`torch.FloatTensor`, *optional*): target tensor of shape `(batch_size, num_targets, n, n)`, or
                 `(batch_size, n, n)` when `num_targets == 1`; entries of padded nodes are ignored.
+            return_dict (`bool`, *optional*): a [`ReyNetEquivariantOutput`] (default: `config.return_dict`) or a
+                tuple.
         """
-        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states)
+        out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states,
+                          return_dict=True)
         B, _, n, _ = graph_tensor.shape
         node, _, _ = _pair_masks(node_mask, B, n, graph_tensor.device)
         h = out.last_hidden_state.permute(0, 2, 3, 1)
@@ -567,4 +697,5 @@ class ReyNetForEquivariantRegression(ReyNetPreTrainedModel):
                 raise ValueError(f"labels must have shape {tuple(pred.shape)}, got {tuple(labels.shape)}")
             both = (node[:, :, None] & node[:, None, :])[:, None].expand_as(pred)
             loss = nn.functional.mse_loss(pred[both], target[both])
-        return ReyNetEquivariantOutput(loss=loss, logits=pred, hidden_states=out.hidden_states)
+        output = ReyNetEquivariantOutput(loss=loss, logits=pred, hidden_states=out.hidden_states)
+        return _maybe_tuple(output, return_dict, self.config)

@@ -30,6 +30,7 @@ def test_remote_code_without_hf_koopman(tmp_path):
                            "dataset_name": "synthetic", "metric_type": "mse", "metric_value": 0.1}],
             template_vars={"model_name": "reynet-tiny", "repo_id": "acme/reynet-tiny", "description": "test",
                            "in_channels": 2, "head_class": "ReyNetForEquivariantRegression", "load_snippet": "...",
+                           "usage": "...",
                            "training": "none", "results": "none", "caveats": ""},
         ),
     )

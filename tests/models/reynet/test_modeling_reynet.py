@@ -209,9 +209,13 @@ def test_config_validation(kwargs, match):
         ReyNetConfig(**kwargs)
 
 
-def test_classification_needs_two_labels():
-    with pytest.raises(ValueError, match="num_labels"):
-        ReyNetForGraphClassification(ReyNetConfig(num_labels=1))
+def test_single_label_classification_needs_two_labels():
+    """num_labels=1 is a regression head by transformers' convention; only an explicit single-label one is refused."""
+    config = ReyNetConfig(num_labels=2, problem_type="single_label_classification")
+    config.num_labels = 1  # transformers' own check only runs when the config is built
+    with pytest.raises(ValueError, match=r"num_labels >= 2.*num_labels=2.*ReyNetForInvariantRegression"):
+        ReyNetForGraphClassification(config)
+    assert ReyNetForGraphClassification(ReyNetConfig(num_labels=1)).classifier.mlp[-1].out_features == 1
 
 
 def test_save_load_round_trip_and_auto_classes(tmp_path):
@@ -234,19 +238,10 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
     )
 
 
-def _pad_graphs(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Test collator: pad `(C, n, n)` graph tensors to the largest n of the batch and mark the real nodes."""
-    n = max(it["graph_tensor"].shape[-1] for it in items)
-    X = torch.zeros(len(items), items[0]["graph_tensor"].shape[0], n, n)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
-    for i, it in enumerate(items):
-        m = it["graph_tensor"].shape[-1]
-        X[i, :, :m, :m], mask[i, :m] = it["graph_tensor"], True
-    return {"graph_tensor": X, "node_mask": mask, "labels": torch.tensor([it["labels"] for it in items])}
-
-
 def test_plain_trainer_trains(tmp_path):
     from transformers import Trainer, TrainingArguments
+
+    from hf_koopman.models.reynet import ReyNetGraphCollator
 
     gen = torch.Generator().manual_seed(0)
     items = []
@@ -260,7 +255,7 @@ def test_plain_trainer_trains(tmp_path):
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, report_to=[], save_strategy="no",
         use_cpu=True, logging_steps=1, remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=_pad_graphs)
+    trainer = Trainer(model=model, args=args, train_dataset=items, data_collator=ReyNetGraphCollator())
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
