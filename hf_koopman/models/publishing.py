@@ -8,8 +8,8 @@ There are two kinds of folder:
 * **A Hub export** (`save_for_hub(model, folder)` or `export_for_hub(checkpoint, folder)`; `scripts/publish.py` on the
   command line): the checkpoint plus the model package's modelling files (every `*.py` of the package except
   `__init__.py`, which import only torch, transformers and each other) and a *complete* `auto_map` in `config.json`
-  (config, base model and every head). Users without hf_koopman load it with `trust_remote_code=True`; users with it
-  still get the registered classes without that flag.
+  (config, base model and every head); its model card gets the `custom_code` tag. Users without hf_koopman load it
+  with `trust_remote_code=True`; users with it still get the registered classes without that flag.
 
 `save_pretrained` after `register_for_auto_class` is not a substitute for the export: it maps only the class that was
 saved and mutates class state globally, so the Hub folder is written here instead.
@@ -96,10 +96,15 @@ def render_model_card(
         template (`str | PathLike`): path of the Markdown body (see `model_cards/`), without front matter.
         card_data (`Mapping`): `huggingface_hub.ModelCardData` keyword arguments.
         eval_results (`Sequence[Mapping]`): `huggingface_hub.EvalResult` keyword arguments, serialised as `model-index`.
-        template_vars (`Mapping`, *optional*): values for the template's `{{ variables }}`.
+        template_vars (`Mapping`, *optional*): values for the template's `{{ variables }}` (the `card_data` keys are
+            available too, as in `ModelCard.from_template`).
 
     Returns:
         `huggingface_hub.ModelCard`.
+
+    Raises:
+        ValueError: when the template uses a variable that neither `template_vars` nor `card_data` defines (rendered
+            with jinja2's `StrictUndefined`, so a forgotten value never becomes an empty string in the card).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -112,7 +117,22 @@ def render_model_card(
     if results and "model_name" not in data:
         raise ValueError("card_data needs 'model_name' when eval_results are given (it names the model-index entry).")
     card_meta = ModelCardData(eval_results=results or None, **data)
-    return ModelCard.from_template(card_meta, template_str="---\n{{ card_data }}\n---\n" + body, **dict(template_vars or {}))
+    values = {**card_meta.to_dict(), **dict(template_vars or {}), "card_data": card_meta.to_yaml()}
+    return ModelCard(_render_strict(Path(template), "---\n{{ card_data }}\n---\n" + body, values))
+
+
+def _render_strict(template: Path, source: str, values: Mapping[str, Any]) -> str:
+    """Render the Jinja2 `source` with `StrictUndefined`; a missing variable raises a `ValueError` naming it."""
+    import jinja2
+    from jinja2 import meta
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)  # otherwise the defaults of ModelCard.from_template
+    try:
+        return env.from_string(source).render(**values)
+    except jinja2.UndefinedError as err:
+        missing = sorted(meta.find_undeclared_variables(env.parse(source)) - set(values))
+        what = f"the template variables {missing} have no value" if missing else str(err)
+        raise ValueError(f"{template}: {what}; pass them in template_vars (or card_data).") from None
 
 
 def _write_card(card: Any, folder: Path) -> None:
@@ -159,7 +179,8 @@ def add_remote_code(
     code_dir: str | os.PathLike | None = None,
     auto_map: Mapping[str, str] | None = None,
 ) -> Path:
-    """Add the modelling files and a complete `auto_map` to a saved folder, in place.
+    """Add the modelling files and a complete `auto_map` to a saved folder, in place. A model card `README.md` in
+    the folder gets the `custom_code` tag, and a verbatim copy of `config.json` in it the new `auto_map`.
 
     Args:
         folder (`str | PathLike`): a folder written by `save_pretrained` / `save_checkpoint`.
@@ -176,7 +197,8 @@ def add_remote_code(
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; save the model with save_pretrained first.")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    saved_text = config_path.read_text(encoding="utf-8")
+    config = json.loads(saved_text)
     if code_dir is None or auto_map is None:
         default_dir, default_map = remote_code_for(config.get("model_type", ""))
         code_dir = default_dir if code_dir is None else code_dir
@@ -187,8 +209,27 @@ def add_remote_code(
         if src.name != "__init__.py":
             shutil.copyfile(src, folder / src.name)
     config["auto_map"] = dict(auto_map)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    config_path.write_text(config_text, encoding="utf-8")
+    _update_card_for_code(folder / "README.md", saved_text.strip(), config_text.strip())
     return folder
+
+
+def _update_card_for_code(card_path: Path, old_config: str, new_config: str) -> None:
+    """Bring the model card (if there is one) in line with a folder that now holds code: a verbatim copy of the old
+    `config.json` in the card becomes the new one (with `auto_map`), and the metadata gets the Hub's `custom_code`
+    tag. Checkpoint folders hold no code, so their cards carry neither."""
+    from huggingface_hub import metadata_load, metadata_save
+
+    if not card_path.is_file():
+        return
+    text = card_path.read_text(encoding="utf-8")
+    if old_config and old_config in text:
+        card_path.write_text(text.replace(old_config, new_config), encoding="utf-8")
+    meta = metadata_load(card_path) or {}
+    tags = list(meta.get("tags") or [])
+    if "custom_code" not in tags:
+        metadata_save(card_path, {**meta, "tags": [*tags, "custom_code"]})
 
 
 def save_for_hub(
@@ -206,7 +247,9 @@ def save_for_hub(
     Args:
         model (`PreTrainedModel`): the model to save (any head).
         output_dir (`str | PathLike`): destination folder (created).
-        card (`ModelCard | str | PathLike`, *optional*): the model card, e.g. from `render_model_card`.
+        card (`ModelCard | str | PathLike`, *optional*): the model card, e.g. from `render_model_card`. Without it
+            a minimal card is written (metadata, the class and how to load it) that says the model is undocumented;
+            pass a real card before publishing.
         code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
         auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
         push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
@@ -216,9 +259,35 @@ def save_for_hub(
     """
     out = save_checkpoint(model, output_dir, card=card)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
+    if card is None:
+        _write_default_card(model, out, push_to_hub)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out
+
+
+def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | None) -> None:
+    """A minimal `README.md` for a Hub export saved without a card: metadata, the class, and how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    class_name = type(model).__name__
+    auto_class = next((key for key, ref in config.get("auto_map", {}).items() if ref.endswith("." + class_name)),
+                      "AutoModel")
+    source = repo_id or folder.name
+    tags = [tag for tag in ("hf_koopman", config.get("model_type"), "custom_code") if tag]
+    data = ModelCardData(library_name="transformers", tags=tags)
+    text = (
+        f"---\n{data.to_yaml()}\n---\n# {folder.name}\n\n"
+        f"A `{class_name}` (`model_type: {config.get('model_type')}`) from hf_koopman, exported with its modelling "
+        "code. This card was written by `save_for_hub` without a description of the model, its training data or its "
+        "evaluation.\n\n"
+        "```python\n"
+        f"from transformers import {auto_class}\n\n"
+        f'model = {auto_class}.from_pretrained("{source}", trust_remote_code=True)\n'
+        "```\n"
+    )
+    ModelCard(text).save(folder / "README.md")
 
 
 def export_for_hub(

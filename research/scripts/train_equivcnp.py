@@ -632,8 +632,14 @@ _MODEL_INTROS = {
         "`transformers` `PreTrainedModel` (`<CLASS>`). An EquivCNP encodes the context set with a group-invariant "
         "kernel into a function on the input space (a ConvDeepSet), transforms it with Lie-group convolutions (LieConv, "
         "Finzi et al. 2020) and reads out a Gaussian mean and standard deviation at the targets. It is "
-        "permutation-invariant in the context and, in our implementation, *exactly* equivariant to its group: no raw "
-        "coordinate enters the features and neighbourhoods are deterministic."
+        "permutation-invariant in the context, and its architecture is exactly equivariant to its group (no raw "
+        "coordinate enters the features and neighbourhoods are deterministic) up to the truncation of its "
+        "neighbourhoods: each LieConv keeps at most `num_neighbours` points of its window and the encoder sums over at "
+        "most `encoder_neighbours` context points. When such a cut drops points that carry weight, which of several "
+        "equidistant points are kept depends on their order (common on a pixel grid), and equivariance holds only "
+        "approximately; raising the two settings when loading (`from_pretrained(..., num_neighbours=64, "
+        "encoder_neighbours=64)`) makes it exact up to floating-point rounding, at a higher cost. The model warns when "
+        "`num_neighbours` truncates a window."
     ),
     "cnp": (
         "This is a **conditional neural process** (CNP; Garnelo et al. 2018), the CNP baseline of the EquivCNP paper "
@@ -651,8 +657,63 @@ _MODEL_INTROS = {
         "fed the raw grid coordinate into the features; this one does not), with no other group symmetry."
     ),
 }
-_CARD_DATA = {"license": "apache-2.0", "tags": ["neural-process", "equivariance", "lie-group", "custom_code", "hf_koopman"]}
-_BASELINE_TAGS = ["neural-process", "equivcnp-baseline", "custom_code", "hf_koopman"]
+# checkpoint folders hold no code, so no `custom_code` tag (publishing.add_remote_code adds it to Hub exports); the
+# data are generated or assembled here, not Hub datasets, so there is no `datasets` field and no `model-index` (whose
+# dataset `type` must be a Hub dataset id): the card's prose names the data and the numbers
+_CARD_DATA = {"license": "apache-2.0", "tags": ["neural-process", "equivariance", "lie-group", "hf_koopman"]}
+_BASELINE_TAGS = ["neural-process", "equivcnp-baseline", "hf_koopman"]
+_CARD_NEIGHBOURS = 64  # the num_neighbours / encoder_neighbours the card's equivariance check raises the model to
+
+
+def _card_example_inputs(kind: str, size: int) -> tuple[torch.Tensor, ...]:
+    """The usage example's inputs with a fixed seed: `(context_x, context_y, target_x)`."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "gp":
+        x_c = torch.rand(1, 10, 1, generator=gen) * 4 - 2
+        return x_c, torch.sin(3 * x_c), torch.linspace(-4, 4, 400)[None, :, None]
+    pixels = imgs.pixel_coordinates(size)[None]  # (1, size², 2), centres in [-1, 1]², x right, y up
+    image = torch.rand(1, size * size, 1, generator=gen)
+    keep = torch.rand(size * size, generator=gen) < 0.25
+    return pixels[:, keep], image[:, keep], pixels
+
+
+@torch.no_grad()
+def card_equivariance_error(model, kind: str, size: int | None, **overrides) -> tuple[float, float, str]:
+    """Max |f(g·Z) - g·f(Z)| of the predictive mean on the card's usage example, max |f(Z)| for scale, and what g is:
+    a translation for T(1) / T(2), a 90° rotation about the origin (it maps the pixel grid onto itself) for the
+    rotation groups. `overrides` (e.g. `num_neighbours=64`) change the config for this measurement only."""
+    saved = {k: getattr(model.config, k) for k in overrides}
+    model.config.update(overrides)
+    try:
+        x_c, y_c, x_t = (t.to(model.device) for t in _card_example_inputs(kind, size))  # trained on a GPU, maybe
+        mean = model(context_x=x_c, context_y=y_c, target_x=x_t).mean
+        if model.config.group in ("T1", "T2"):
+            shift = [0.37] if kind == "gp" else [0.3, -0.2]
+            g = torch.tensor(shift, device=x_c.device)
+            moved = model(context_x=x_c + g, context_y=y_c, target_x=x_t + g).mean
+            what = f"translating the task by {shift[0] if len(shift) == 1 else tuple(shift)}"
+        else:
+            rotate = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], device=x_c.device)  # (x, y) -> (-y, x), right-multiplied
+            moved = model(context_x=x_c @ rotate, context_y=y_c, target_x=x_t @ rotate).mean
+            what = "rotating the image by 90° (which maps the pixel grid onto itself)"
+        return float((moved - mean).abs().max()), float(mean.abs().max()), what
+    finally:
+        model.config.update(saved)
+
+
+def _equivariance_note(model, kind: str, size: int | None) -> str:
+    """The measured equivariance error at the shipped neighbourhood sizes and with them raised, for the card."""
+    cfg = model.config
+    k, k_enc = max(_CARD_NEIGHBOURS, cfg.num_neighbours), max(_CARD_NEIGHBOURS, cfg.encoder_neighbours)
+    shipped, scale, what = card_equivariance_error(model, kind, size)
+    window, _, _ = card_equivariance_error(model, kind, size, num_neighbours=k)
+    both, _, _ = card_equivariance_error(model, kind, size, num_neighbours=k, encoder_neighbours=k_enc)
+    return (
+        f"Measured on the usage example below (seeded inputs, |mean| ≤ {scale:.2f}), {what} changes the predictive "
+        f"mean by at most {shipped:.1e} with the shipped `num_neighbours={cfg.num_neighbours}` and "
+        f"`encoder_neighbours={cfg.encoder_neighbours}`, by {window:.1e} with `num_neighbours={k}`, and by "
+        f"{both:.1e} with `encoder_neighbours={k_enc}` as well."
+    )
 
 
 def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: dict, all_results: dict) -> None:
@@ -661,13 +722,12 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
     model_type = model.config.model_type
     class_name = type(model).__name__
     if kind == "gp":
-        metric = stats["ll_mean"]
         desc = (f"{class_name} trained on 1-D Gaussian-process samples with the {kernel} kernel (length scale 1), "
                 "following the EquivCNP paper's 1-D regression protocol.")
         result_line = (f"Per-target log-likelihood on 1000 test tasks (400 targets on [-4, 4], training range [-2, 2]): "
                        f"**{stats['ll_mean']:.3f} ± {stats['ll_std']:.3f}**. Paper: "
                        f"{PAPER_1D[_display(class_name)][kernel][0]:.3f} ± {PAPER_1D[_display(class_name)][kernel][1]:.3f}.")
-        dataset, example = f"gp-{kernel}", _EXAMPLE_1D
+        example, size = _EXAMPLE_1D, None
         protocol = all_results.get("protocol") or {}
         pr = all_results.get("protocol") or {}
         device = stats.get("device", "cpu")
@@ -677,9 +737,9 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
         training = (f"{pr.get('steps')} Adam steps, batch {pr.get('batch_size')}, lr {pr.get('learning_rate')} ({schedule} "
                     f"schedule{' to lr/10' if schedule == 'cosine' else ''}); {spent}. The paper trained 51,200 steps.")
     else:
-        metric = stats["shifted_ctx25"]["ll_mean"]
         desc = (f"EquivCNP with {model.config.group} equivariance for zero-shot image completion: trained on upright "
-                "digits, tested on digits rotated by up to ±90° and shrunk to 0.3-0.45× the training size.")
+                "digits (a seeded split of the MNIST test set and procedurally drawn seven-segment \"clock\" digits), "
+                "tested on digits rotated by up to ±90° and shrunk to 0.3-0.45× the training size.")
         s = stats
         result_line = (
             f"Per-pixel log-likelihood on rotated+shrunk test digits: 25 % context {s['shifted_ctx25']['ll_mean']:.3f} ± "
@@ -689,28 +749,30 @@ def save_model(args, model, name: str, *, kind: str, kernel: str | None, stats: 
         )
         protocol = all_results.get("protocol") or {}
         size = protocol.get("image_size", args.image_size)
-        dataset, example = "mnist+clock-digits", _EXAMPLE_2D.replace("size = 28", f"size = {size}")
+        example = _EXAMPLE_2D.replace("size = 28", f"size = {size}")
         training = (f"{protocol.get('steps')} Adam steps, batch {protocol.get('batch_size')}, lr "
                     f"{protocol.get('learning_rate')}, on {size}×{size} images; {stats['cpu_seconds']:.0f} s of one CPU "
                     "core. The paper trained 100 epochs.")
     folder = Path(args.checkpoint_dir) / name
     repo_id = f"{args.push_to_hub_org}/{name}" if args.push_to_hub_org else f"hf-koopman/{name}"
+    save_checkpoint(model, folder)  # config and safetensors; no code (see scripts/publish.py)
+    intro = _MODEL_INTROS[model_type].replace("<CLASS>", class_name)
+    if model_type == "equivcnp":
+        intro += "\n\n" + _equivariance_note(model, kind, size)
     card = render_model_card(
         REPO / "model_cards" / "equivcnp.md",
-        card_data={**_CARD_DATA, "datasets": [dataset], "metrics": ["log_likelihood"], "model_name": name,
+        card_data={**_CARD_DATA, "metrics": ["log_likelihood"],
                    **({} if model_type == "equivcnp" else {"tags": _BASELINE_TAGS})},
-        eval_results=[{"task_type": "regression" if kind == "gp" else "image-completion", "dataset_type": dataset,
-                       "dataset_name": dataset, "metric_type": "log_likelihood", "metric_value": round(metric, 4)}],
         template_vars={
             "model_name": name, "repo_id": repo_id, "description": desc, "class_name": class_name,
-            "model_intro": _MODEL_INTROS[model_type].replace("<CLASS>", class_name),
-            "is_equivcnp": model_type == "equivcnp",
-            "config_json": model.config.to_json_string(use_diff=False).strip(), "example": example,
+            "model_intro": intro, "is_equivcnp": model_type == "equivcnp",
+            # the card shows the config.json shipped next to it, byte for byte
+            "config_json": (folder / "config.json").read_text(encoding="utf-8").strip(), "example": example,
             "training": training, "results": result_line, "quick": bool(protocol.get("quick", args.quick)),
             "protocol": json.dumps(protocol, indent=1, default=str, ensure_ascii=False),
         },
     )
-    save_checkpoint(model, folder, card=card)  # config, safetensors and card; no code (see scripts/publish.py)
+    card.save(folder / "README.md")
     if args.push_to_hub_org:
         with tempfile.TemporaryDirectory() as tmp:
             export_for_hub(folder, Path(tmp) / name, push_to_hub=repo_id)

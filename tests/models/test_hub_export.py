@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 import hf_koopman  # noqa: F401  (registers the model types)
@@ -109,7 +110,17 @@ def test_exported_checkpoints_load_without_hf_koopman(tmp_path):
         code_dir, auto_map = remote_code_for(config["model_type"])
         assert config["auto_map"] == auto_map
         assert {p.name for p in folder.glob("*.py")} == {p.name for p in code_dir.glob("*.py")} - {"__init__.py"}
-        assert (folder / "README.md").read_text() == (REPO / "checkpoints" / name / "README.md").read_text()
+        # the same card, tagged custom_code (the export holds code, the checkpoint does not), and a copy of the
+        # checkpoint's config.json in it shows the exported one, with its auto_map
+        card, shipped = ModelCard.load(folder / "README.md"), ModelCard.load(REPO / "checkpoints" / name / "README.md")
+        shipped_config = (REPO / "checkpoints" / name / "config.json").read_text().strip()
+        assert card.text == shipped.text.replace(shipped_config, (folder / "config.json").read_text().strip())
+        assert "custom_code" in card.data.tags
+        if "Configuration (`config.json`)" in card.text:
+            block = card.text.split("Configuration (`config.json`):\n\n```json\n", 1)[1].split("```", 1)[0]
+            assert json.loads(block) == config
+        assert {**card.data.to_dict(), "tags": None} == {**shipped.data.to_dict(), "tags": None}
+        assert [t for t in card.data.tags if t != "custom_code"] == [t for t in shipped.data.tags if t != "custom_code"]
 
 
         model = getattr(transformers, auto_class).from_pretrained(REPO / "checkpoints" / name).eval()

@@ -149,3 +149,66 @@ def test_remote_code_and_offline_cache_without_hf_koopman(toy_package, card_temp
         name, values = line.split(" ", 1)
         assert name == "ToyModel"
         assert torch.allclose(torch.tensor(json.loads(values)), expected, atol=1e-6)
+
+
+def test_missing_template_variable_raises_naming_it(card_template):
+    # `acc` is forgotten: it must not silently render as an empty string
+    with pytest.raises(ValueError, match=r"card.md: the template variables \['acc'\] have no value; pass them in "
+                                         r"template_vars"):
+        render_model_card(card_template, card_data={"license": "apache-2.0"}, template_vars={"title": "Toy"})
+    # card_data keys are template variables too, as in ModelCard.from_template
+    card = render_model_card(card_template, card_data={"license": "apache-2.0", "title": "From data"},
+                             template_vars={"acc": 0.5})
+    assert "# From data" in str(card) and "license: apache-2.0" in str(card)
+
+
+def test_missing_variable_inside_a_condition_raises(tmp_path):
+    template = tmp_path / "cond.md"
+    template.write_text("{% if quick %}smoke test{% endif %}\n")
+    with pytest.raises(ValueError, match=r"\['quick'\]"):
+        render_model_card(template, card_data={})
+    assert "smoke test" not in str(render_model_card(template, card_data={}, template_vars={"quick": False}))
+
+
+def test_save_for_hub_without_card_writes_a_minimal_card(toy_package, tmp_path):
+    from huggingface_hub import ModelCard
+
+    pkg, module = toy_package
+    model = module.ToyForRegression(module.ToyConfig(width=4))
+    folder = save_for_hub(model, tmp_path / "toy-export", code_dir=pkg, auto_map=AUTO_MAP)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and {"custom_code", "hfk-toy"} <= set(card.data.tags)
+    # the Auto class of the saved head, and an honest note that the model is undocumented
+    assert 'AutoModelForImageClassification.from_pretrained("toy-export", trust_remote_code=True)' in card.text
+    assert "without a description of the model" in card.text
+
+
+def test_export_tags_the_card_custom_code(toy_package, card_template, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_koopman.models.publishing import export_for_hub, save_checkpoint
+
+    pkg, module = toy_package
+    card = render_model_card(card_template, card_data={"license": "apache-2.0", "tags": ["toy"]},
+                             template_vars={"title": "Toy", "acc": 0.5})
+    checkpoint = save_checkpoint(module.ToyModel(module.ToyConfig()), tmp_path / "ckpt", card=card)
+    assert ModelCard.load(checkpoint / "README.md").data.tags == ["toy"]  # a checkpoint holds no code
+    export = export_for_hub(checkpoint, tmp_path / "export", code_dir=pkg, auto_map=AUTO_MAP)
+    exported = ModelCard.load(export / "README.md")
+    assert exported.data.tags == ["toy", "custom_code"]
+    assert exported.text == ModelCard.load(checkpoint / "README.md").text
+    export_for_hub(export, tmp_path / "again", code_dir=pkg, auto_map=AUTO_MAP)  # the tag is added once
+    assert ModelCard.load(tmp_path / "again" / "README.md").data.tags == ["toy", "custom_code"]
+
+
+def test_export_updates_a_verbatim_config_copy_in_the_card(toy_package, tmp_path):
+    from hf_koopman.models.publishing import export_for_hub, save_checkpoint
+
+    pkg, module = toy_package
+    checkpoint = save_checkpoint(module.ToyModel(module.ToyConfig()), tmp_path / "ckpt")
+    shipped = (checkpoint / "config.json").read_text().strip()
+    (checkpoint / "README.md").write_text(f"---\ntags: [toy]\n---\n# Toy\n\n```json\n{shipped}\n```\n")
+    export = export_for_hub(checkpoint, tmp_path / "export", code_dir=pkg, auto_map=AUTO_MAP)
+    block = (export / "README.md").read_text().split("```json\n", 1)[1].split("```", 1)[0]
+    assert block.strip() == (export / "config.json").read_text().strip()
+    assert json.loads(block)["auto_map"] == AUTO_MAP

@@ -38,9 +38,11 @@ class EquivCNPConfig(PreTrainedConfig):
         num_layers (`int`, *optional*, defaults to 4): LieConv residual blocks in ρ.
         kernel_channels (`int`, *optional*, defaults to 16): output width M of the kernel MLP (PointConv trick).
         kernel_hidden (`int`, *optional*, defaults to 32): hidden width of the kernel MLP.
-        num_neighbours (`int`, *optional*, defaults to 20): neighbourhood size k of each LieConv (cost bound).
+        num_neighbours (`int`, *optional*, defaults to 20): neighbourhood size k of each LieConv (cost bound). A
+            window holding more points is truncated, which makes equivariance approximate; the model warns then.
         radius (`float`, *optional*, defaults to 0.25): window radius of each LieConv, in group distance.
-        encoder_neighbours (`int`, *optional*, defaults to 16): context points seen by each discretisation point.
+        encoder_neighbours (`int`, *optional*, defaults to 16): context points seen by each discretisation point (the
+            nearest ones; the encoder kernel ψ is not compactly supported, so a larger value is closer to exact).
         encoder_length_scale (`float`, *optional*, defaults to 0.05): initial length scale of the encoder kernel ψ
             (learned).
         discretisation (`str`, *optional*): `"grid"` (uniform 1-D grid over the data, T1 only; default for T1),
@@ -159,6 +161,8 @@ class ConvCNPConfig(PreTrainedConfig):
         points_per_unit (`float`, *optional*, defaults to 32): grid density.
         grid_margin (`float`, *optional*, defaults to 0.1), max_grid_points (`int`, *optional*, defaults to 4096): grid.
         min_std (`float`, *optional*, defaults to 0.005): floor of the predictive standard deviation.
+        x_dim (`int`, *optional*, defaults to 1): input dimension; accepted for symmetry with the other configs and
+            must be 1.
     """
 
     model_type = "convcnp"
@@ -172,9 +176,14 @@ class ConvCNPConfig(PreTrainedConfig):
         grid_margin: float = 0.1,
         max_grid_points: int = 4096,
         min_std: float = 0.005,
+        x_dim: int = 1,
         **kwargs,
     ) -> None:
-        kwargs.pop("x_dim", None)
+        if x_dim != 1:
+            raise ValueError(
+                f"ConvCNPConfig is the 1-D on-the-grid ConvCNP, so x_dim must be 1, got {x_dim!r}; for 2-D inputs use "
+                "EquivCNPConfig(group='T2'), a ConvCNP on point sets"
+            )
         self.x_dim = 1
         self.y_dim = _positive_int("y_dim", y_dim)
         self.channels = [_positive_int("channels[i]", c) for c in channels]

@@ -56,12 +56,19 @@ class Neighbourhood:
         embedding (`torch.Tensor` of shape `(B, Nq, k, E)`): kernel inputs `[log(v^{-1}u), q_u, q_v]`.
         distance (`torch.Tensor` of shape `(B, Nq, k)`): group distances.
         valid (`torch.BoolTensor` of shape `(B, Nq, k)`): the neighbour exists (key not masked, k ≤ number of keys).
+        in_radius (`torch.LongTensor` of shape `(B, Nq)`, *optional*): valid keys closer than the `radius` passed to
+            `build_neighbourhood`, kept or not; more than `k` of them means the k-nearest cut truncates the window.
     """
 
     index: torch.Tensor
     embedding: torch.Tensor
     distance: torch.Tensor
     valid: torch.Tensor
+    in_radius: torch.Tensor | None = None
+
+    def truncated(self) -> torch.Tensor | None:
+        """`(B, Nq)`: True where the window holds more valid keys than were kept (None without `in_radius`)."""
+        return None if self.in_radius is None else self.in_radius > self.index.shape[-1]
 
     def window(self, radius: float) -> torch.Tensor:
         """Biweight window `(1 - (d/r)²)²` on `d < r`, 0 outside and on invalid neighbours: `(B, Nq, k)`."""
@@ -84,6 +91,7 @@ def build_neighbourhood(
     k: int,
     key_mask: torch.Tensor | None = None,
     pair_scale: float = 1.0,
+    radius: float | None = None,
 ) -> Neighbourhood:
     """The `k` nearest keys of every query under the group distance (ties broken by index, deterministically).
 
@@ -94,10 +102,13 @@ def build_neighbourhood(
         k (`int`): neighbourhood size (capped at `Nk`).
         key_mask (`torch.BoolTensor` of shape `(B, Nk)`, *optional*): valid keys.
         pair_scale (`float`): multiplies the Lie-algebra part of the kernel input (puts it on an O(1) scale).
+        radius (`float`, *optional*): also count the valid keys closer than `radius` (`Neighbourhood.in_radius`),
+            to tell whether the cut at `k` truncates a window of that radius.
     """
     dist = group.distance(query_x[:, :, None, :], key_x[:, None, :, :])  # (B, Nq, Nk)
     if key_mask is not None:
         dist = dist.masked_fill(~key_mask[:, None, :], float("inf"))
+    in_radius = None if radius is None else (dist < radius).sum(-1)
     k_eff = min(k, key_x.shape[1])
     d_sorted, index = torch.topk(dist, k_eff, dim=-1, largest=False, sorted=True)
     valid = torch.isfinite(d_sorted)
@@ -108,7 +119,7 @@ def build_neighbourhood(
         emb = torch.cat([emb[..., : group.lie_dim] * pair_scale, emb[..., group.lie_dim :]], -1)
     emb = torch.where(valid[..., None], emb, torch.zeros_like(emb))
     d_nb = torch.where(valid, d_nb, torch.full_like(d_nb, float("inf")))
-    return Neighbourhood(index=index, embedding=emb, distance=d_nb, valid=valid)
+    return Neighbourhood(index=index, embedding=emb, distance=d_nb, valid=valid, in_radius=in_radius)
 
 
 def grid_stencil_half_width(radius: float, spacing: float) -> int:

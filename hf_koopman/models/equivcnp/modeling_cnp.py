@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.utils import can_return_tuple
 
 from .configuration_equivcnp import CNPConfig
 from .modeling_equivcnp import EquivCNPPreTrainedModel
@@ -39,6 +40,7 @@ class CNPModel(EquivCNPPreTrainedModel):
         self.decoder = _mlp(config.x_dim + h, h, 2 * config.y_dim, config.decoder_layers)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         context_x: torch.Tensor,
@@ -47,11 +49,12 @@ class CNPModel(EquivCNPPreTrainedModel):
         context_mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         target_y: torch.Tensor | None = None,
-    ) -> NeuralProcessOutput:
-        """Same signature and outputs as [`EquivCNPModel.forward`]."""
+        return_loss: bool = True,
+    ) -> NeuralProcessOutput | tuple[torch.Tensor, ...]:
+        """Same signature and outputs as [`EquivCNPModel.forward`] (including `return_loss` and `return_dict`)."""
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, self.dtype
         )
         r = self.encoder(torch.cat([context_x, context_y], -1))  # (B, Nc, H)
         if context_mask is None:
@@ -62,4 +65,4 @@ class CNPModel(EquivCNPPreTrainedModel):
         rep = rep[:, None, :].expand(-1, target_x.shape[1], -1)
         mean, raw = self.decoder(torch.cat([target_x, rep], -1)).split(cfg.y_dim, dim=-1)
         stddev = cfg.min_std + (1 - cfg.min_std) * nn.functional.softplus(raw)
-        return gaussian_prediction("CNP", mean, stddev, target_y, target_mask)
+        return gaussian_prediction("CNP", mean, stddev, target_y if return_loss else None, target_mask)

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from transformers.utils import can_return_tuple
 
 from .configuration_equivcnp import ConvCNPConfig
 from .modeling_equivcnp import EquivCNPPreTrainedModel
@@ -55,6 +56,7 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         w = torch.exp(-0.5 * d2 / log_ell.exp() ** 2)
         return w if key_mask is None else w * key_mask[:, None, :].to(w.dtype)
 
+    @can_return_tuple
     def forward(
         self,
         context_x: torch.Tensor,
@@ -63,11 +65,12 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         context_mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         target_y: torch.Tensor | None = None,
-    ) -> NeuralProcessOutput:
-        """Same signature and outputs as [`EquivCNPModel.forward`]."""
+        return_loss: bool = True,
+    ) -> NeuralProcessOutput | tuple[torch.Tensor, ...]:
+        """Same signature and outputs as [`EquivCNPModel.forward`] (including `return_loss` and `return_dict`)."""
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, self.dtype
         )
         grid, grid_mask = uniform_grid(
             [(context_x, context_mask), (target_x, target_mask)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points
@@ -86,4 +89,4 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         h_t = wt @ h
         mean = self.mean_head(h_t)
         stddev = cfg.min_std + nn.functional.softplus(self.std_head(h_t))
-        return gaussian_prediction("ConvCNP", mean, stddev, target_y, target_mask)
+        return gaussian_prediction("ConvCNP", mean, stddev, target_y if return_loss else None, target_mask)

@@ -14,8 +14,11 @@
 4. **Read-out:** a LieConv from D to the targets, then an MLP to mean and σ = min_std + softplus(·).
 
 Unlike the released 1-D model, no raw coordinate enters the features (it broke translation equivariance), and there
-is no random subsampling or batch norm, so the model is deterministic and exactly equivariant in train and eval mode
-(up to floating-point rounding and ties in the k-nearest-neighbour truncation).
+is no random subsampling or batch norm, so the model is deterministic and equivariant in train and eval mode alike:
+exactly (up to floating-point rounding) as long as the k-nearest cuts drop no point that carries weight. Each LieConv
+keeps at most `num_neighbours` points of its window and the encoder at most `encoder_neighbours` context points; when
+a cut falls inside a window, which of several equidistant points are kept depends on their order (common on pixel
+grids) and equivariance is approximate. The model warns when `num_neighbours` truncates a LieConv window.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import math
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import can_return_tuple
 from transformers.utils import logging as hf_logging
 
 from .configuration_equivcnp import EquivCNPConfig
 from .groups import get_group
-from .lieconv import LieConv, LieConvBlock, build_neighbourhood, gather_points, grid_stencil_half_width
+from .lieconv import LieConv, LieConvBlock, Neighbourhood, build_neighbourhood, gather_points, grid_stencil_half_width
 from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction, uniform_grid
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
@@ -134,21 +138,33 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
             return False
         return cfg.num_neighbours >= 2 * grid_stencil_half_width(cfg.radius, 1.0 / cfg.points_per_unit) + 1
 
-    def _check_truncation(self, nb) -> None:
-        """Warn (once) when the k-nearest cut falls inside the window radius: the neighbourhood then depends on how
-        ties are broken, and equivariance is no longer exact. Raise `num_neighbours` or lower `radius`."""
-        if getattr(self, "_warned_truncation", False) or nb.distance.shape[-1] == 0:
+    def _check_truncation(self, windows: list[tuple[Neighbourhood, torch.Tensor | None]]) -> None:
+        """Warn (once per model) when the k-nearest cut drops points inside a LieConv window: a real query then has
+        more valid keys within `radius` than `num_neighbours`, which of them are kept depends on the order of
+        equidistant points, and equivariance is no longer exact. `windows` pairs each neighbourhood with the mask
+        `(B, Nq)` of its real queries (None: all). The message gives the share of truncated queries and the
+        `num_neighbours` that keeps every window whole for these inputs."""
+        if getattr(self, "_warned_truncation", False) or hf_logging.get_verbosity() > logging.WARNING:
             return
-        cut = nb.valid[..., -1] & (nb.distance[..., -1] < self.config.radius)
-        frac = float(cut.float().mean())
-        if frac > 0.01 and hf_logging.get_verbosity() <= logging.WARNING:
-            self._warned_truncation = True
-            logger.warning(
-                "EquivCNP: for %.0f%% of points the %d nearest neighbours all lie inside radius=%.3g, so the window is "
-                "truncated; raise config.num_neighbours or lower config.radius for exact equivariance.",
-                100 * frac, self.config.num_neighbours, self.config.radius,
-            )
+        counts, cut = [], []
+        for nb, query_mask in windows:
+            real = torch.ones_like(nb.in_radius, dtype=torch.bool) if query_mask is None else query_mask
+            counts.append(nb.in_radius[real])
+            cut.append(nb.truncated()[real])
+        cut_all = torch.cat(cut)
+        if not bool(cut_all.any()):
+            return
+        frac = float(cut_all.float().mean())
+        needed = int(torch.cat(counts).max())
+        self._warned_truncation = True
+        logger.warning(
+            "EquivCNP: num_neighbours=%d truncates the LieConv window (radius=%.3g) for %.3g%% of the query points, "
+            "which have up to %d valid points inside the radius; the result then depends on the order of equidistant "
+            "points and equivariance is not exact. Set config.num_neighbours >= %d or lower config.radius.",
+            self.config.num_neighbours, self.config.radius, 100 * frac, needed, needed,
+        )
 
+    @can_return_tuple
     def forward(
         self,
         context_x: torch.Tensor,
@@ -157,7 +173,8 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         context_mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
         target_y: torch.Tensor | None = None,
-    ) -> NeuralProcessOutput:
+        return_loss: bool = True,
+    ) -> NeuralProcessOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
             context_x (`torch.FloatTensor` of shape `(B, Nc, x_dim)`): context inputs.
@@ -167,27 +184,39 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
             target_mask (`torch.BoolTensor` of shape `(B, Nt)`, *optional*): True for real targets.
             target_y (`torch.FloatTensor` of shape `(B, Nt, y_dim)`, *optional*): if given, `loss` is the Gaussian NLL
                 per valid target point.
+            return_loss (`bool`, *optional*, defaults to `True`): compute `loss` when `target_y` is given; `False`
+                skips it. The `True` default is how `transformers.Trainer` learns that the model computes its own
+                loss (`can_return_loss`), so `evaluate()` reports `eval_loss` although the target is not called
+                `labels`.
 
         Returns:
+            With `return_dict=False` (a keyword of `transformers.utils.can_return_tuple`; default
+            `config.return_dict`) the tuple `(loss, mean, stddev)`, or `(mean, stddev)` without a loss; else
             [`NeuralProcessOutput`] with `mean` and `stddev` of shape `(B, Nt, y_dim)` and `loss`.
         """
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, self.dtype
         )
         points, point_mask = self.discretise(context_x, target_x, context_mask, target_mask)
         h = self.embed(self.encode(points, context_x, context_y, context_mask))
+        windows = []
         if self.uses_grid_convolution():
             spacing = 1.0 / cfg.points_per_unit
             for block in self.blocks:
                 h = block.forward_grid(h, point_mask, self.group, spacing, cfg.pair_scale)
         else:
-            nb = build_neighbourhood(self.group, points, points, cfg.num_neighbours, point_mask, cfg.pair_scale)
-            self._check_truncation(nb)
+            nb = build_neighbourhood(
+                self.group, points, points, cfg.num_neighbours, point_mask, cfg.pair_scale, cfg.radius
+            )
+            windows.append((nb, point_mask))
             for block in self.blocks:
                 h = block(h, nb)
-        nb_out = build_neighbourhood(self.group, target_x, points, cfg.num_neighbours, point_mask, cfg.pair_scale)
+        nb_out = build_neighbourhood(
+            self.group, target_x, points, cfg.num_neighbours, point_mask, cfg.pair_scale, cfg.radius
+        )
+        self._check_truncation(windows + [(nb_out, target_mask)])
         raw = self.head(self.readout(h, nb_out))
         mean, raw_std = raw.split(cfg.y_dim, dim=-1)
         stddev = cfg.min_std + nn.functional.softplus(raw_std)
-        return gaussian_prediction("EquivCNP", mean, stddev, target_y, target_mask)
+        return gaussian_prediction("EquivCNP", mean, stddev, target_y if return_loss else None, target_mask)

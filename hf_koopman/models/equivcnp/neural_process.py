@@ -100,6 +100,15 @@ def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) ->
     return mask.bool()
 
 
+def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:
+    if dtype is None or t.dtype == dtype or torch.is_autocast_enabled(t.device.type):
+        return
+    raise TypeError(
+        f"{name} is {t.dtype} but the model's weights are {dtype}; cast the inputs with .to({dtype}) (for "
+        f"NeuralProcessCollator: dtype={dtype}) or the model with model.to({t.dtype})"
+    )
+
+
 def check_inputs(
     context_x: torch.Tensor,
     context_y: torch.Tensor,
@@ -109,8 +118,13 @@ def check_inputs(
     target_y: torch.Tensor | None,
     x_dim: int,
     y_dim: int,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Validate shapes/dtypes/finiteness; return the masks as bool tensors (or None)."""
+    """Validate shapes/dtypes/finiteness; return the masks as bool tensors (or None).
+
+    `dtype` is the dtype of the model's weights: floating inputs of another dtype are refused with a message naming
+    the fix (outside autocast, where they would fail later with an opaque matmul error).
+    """
     for name, t in (("context_x", context_x), ("context_y", context_y), ("target_x", target_x)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -118,6 +132,7 @@ def check_inputs(
             raise ValueError(f"{name} must have shape (batch, points, dim), got {tuple(t.shape)}; add a batch axis with [None]")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}; call .float()")
+        _check_dtype(name, t, dtype)
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
     b, nc, _ = context_x.shape
@@ -138,6 +153,8 @@ def check_inputs(
         if not isinstance(target_y, torch.Tensor) or tuple(target_y.shape) != (b, nt, y_dim):
             shape = tuple(target_y.shape) if isinstance(target_y, torch.Tensor) else type(target_y).__name__
             raise ValueError(f"target_y must have shape (B, Nt, y_dim) = ({b}, {nt}, {y_dim}), got {shape}")
+        if target_y.is_floating_point():
+            _check_dtype("target_y", target_y, dtype)
         if not torch.isfinite(target_y).all():
             raise ValueError("target_y contains NaN or inf")
     cm = _check_mask(context_mask, "context_mask", (b, nc))
@@ -185,31 +202,73 @@ class NeuralProcessCollator:
 
     Each feature is a mapping with `context_x (Nc, x_dim)`, `context_y (Nc, y_dim)`, `target_x (Nt, x_dim)` and
     optionally `target_y (Nt, y_dim)` (tensors, arrays or nested lists). Returns the padded tensors plus
-    `context_mask (B, Nc_max)` and `target_mask (B, Nt_max)`, ready for `model(**batch)`.
+    `context_mask (B, Nc_max)` and `target_mask (B, Nt_max)`, ready for `model(**batch)`. Either every task has
+    `target_y` (training, evaluation) or none has (prediction); a batch without it also carries `return_loss=False`,
+    so that `Trainer.predict` runs the model without asking it for a loss.
+
+    Args:
+        dtype (`torch.dtype`, *optional*): floating dtype of the batch, that of the model's weights. Defaults to
+            `torch.get_default_dtype()` (float32 unless changed), the dtype the models are built in, so float64
+            NumPy arrays become float32; pass `dtype=torch.float64` for a model in float64.
     """
 
     keys = ("context_x", "context_y", "target_x", "target_y")
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+        self.dtype = dtype
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor | bool]:
         if not features:
             raise ValueError("cannot collate an empty list of tasks")
-        out: dict[str, torch.Tensor] = {}
-        for key in self.keys:
-            if key not in features[0]:
-                if key == "target_y":
-                    continue
-                raise ValueError(f"each task needs {key!r}; got keys {sorted(features[0])}")
-            items = [torch.as_tensor(f[key], dtype=torch.float32) for f in features]
-            for t in items:
-                if t.dim() != 2:
-                    raise ValueError(f"{key} of one task must have shape (points, dim), got {tuple(t.shape)}")
-            n = max(t.shape[0] for t in items)
-            batch = items[0].new_zeros(len(items), n, items[0].shape[1])
-            mask = torch.zeros(len(items), n, dtype=torch.bool)
-            for i, t in enumerate(items):
-                batch[i, : t.shape[0]] = t
-                mask[i, : t.shape[0]] = True
+        keys = self._present_keys(features)
+        items = {key: [self._as_tensor(f[key], key) for f in features] for key in keys}
+        dtype = self.dtype or torch.get_default_dtype()
+        out: dict[str, torch.Tensor | bool] = {}
+        for key in keys:
+            try:
+                batch, mask = _pad([t.to(dtype) for t in items[key]])
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
             out[key] = batch
             if key in ("context_x", "target_x"):
                 out[key.replace("_x", "_mask")] = mask
+        if "target_y" not in keys:
+            out["return_loss"] = False
         return out
+
+    def _present_keys(self, features: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The keys to collate; raises when a required key is missing or `target_y` is given for only some tasks."""
+        for key in self.keys[:3]:
+            if key not in features[0]:
+                raise ValueError(f"each task needs {key!r}; got keys {sorted(features[0])}")
+        with_y = [i for i, f in enumerate(features) if "target_y" in f]
+        if 0 < len(with_y) < len(features):
+            without = [i for i in range(len(features)) if i not in set(with_y)]
+            raise ValueError(
+                f"target_y is given for tasks {with_y} but missing for tasks {without} of this batch; give it for "
+                "every task (training, evaluation) or for none (prediction)"
+            )
+        return list(self.keys if with_y else self.keys[:3])
+
+    @staticmethod
+    def _as_tensor(value: Any, key: str) -> torch.Tensor:
+        t = torch.as_tensor(value)
+        if t.dim() != 2:
+            raise ValueError(f"{key} of one task must have shape (points, dim), got {tuple(t.shape)}")
+        return t
+
+
+def _pad(items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad tasks `(N_i, d)` to `(B, N_max, d)`, with the mask `(B, N_max)` of real points."""
+    widths = sorted({t.shape[1] for t in items})
+    if len(widths) > 1:
+        raise ValueError(f"the tasks of a batch must share the feature dimension, got {widths}")
+    n = max(t.shape[0] for t in items)
+    batch = items[0].new_zeros(len(items), n, items[0].shape[1])
+    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    for i, t in enumerate(items):
+        batch[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return batch, mask

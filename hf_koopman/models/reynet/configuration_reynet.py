@@ -42,6 +42,11 @@ class ReyNetConfig(PreTrainedConfig):
 
         Y[a,b] = φ₁(X[a,a], X[a,b], X[b,a], X[b,b]),  Y[a,a] = 1/(n−1) Σ_{b≠a} φ₀(...),  then ReLU(W [X; Y]), MLP.
 
+    `problem_type` (a `PreTrainedConfig` keyword) picks the loss of [`ReyNetForGraphClassification`], as for
+    transformers' sequence classifiers: `"single_label_classification"` (cross-entropy on class indices),
+    `"multi_label_classification"` (BCE-with-logits on multi-hot labels) or `"regression"` (MSE). `None` infers it from
+    the first labels: `num_labels == 1` -> regression, integer labels -> single-label, otherwise multi-label.
+
     Args:
         in_channels (`int`, *optional*, defaults to 1):
             C, channels of the input `graph_tensor` `(B, C, n, n)`.
@@ -77,11 +82,6 @@ class ReyNetConfig(PreTrainedConfig):
             One of `"relu"`, `"gelu"`, `"silu"`, `"tanh"`.
         num_targets (`int`, *optional*, defaults to 1):
             Outputs of [`ReyNetForInvariantRegression`] / output channels of [`ReyNetForEquivariantRegression`].
-        problem_type (`str`, *optional*):
-            Loss of [`ReyNetForGraphClassification`], as for transformers' sequence classifiers:
-            `"single_label_classification"` (cross-entropy on class indices), `"multi_label_classification"`
-            (BCE-with-logits on multi-hot labels) or `"regression"` (MSE). `None` infers it from the first labels:
-            `num_labels == 1` -> regression, integer labels -> single-label, otherwise multi-label.
         initializer (`str`, *optional*, defaults to `"xavier_uniform"`):
             `"xavier_uniform"` (paper code, zero biases) or `"default"` (PyTorch's defaults).
 

@@ -642,8 +642,8 @@ class ReyNetForInvariantRegression(ReyNetPreTrainedModel):
         Args:
             graph_tensor (`torch.FloatTensor` of shape `(batch_size, in_channels, n, n)`): the graph tensors.
             node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
-            labels (`torch.FloatTensor` of shape `(batch_size, num_targets)`, or `(batch_size,)` when `num_targets` is
-                1, *optional*): regression targets.
+            labels (`torch.FloatTensor`, *optional*): regression targets of shape `(batch_size, num_targets)`, or
+                `(batch_size,)` when `num_targets` is 1.
             return_dict (`bool`, *optional*): a [`ReyNetInvariantOutput`] (default: `config.return_dict`) or a tuple.
         """
         out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states,

@@ -207,7 +207,56 @@ def test_truncation_warning(caplog):
     cx, cy, tx = _task(1)
     with caplog.at_level("WARNING"):
         model(cx, cy, tx)
-    assert "truncated" in caplog.text
+    assert "truncates the LieConv window" in caplog.text
+
+
+def _equivcnp_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("EquivCNP")]
+
+
+def _clustered(num_neighbours: int, clusters: int = 3) -> tuple[EquivCNPModel, tuple[torch.Tensor, ...]]:
+    """Targets (the discretisation) in clusters of 3 points, 0.05 apart and 1 apart between clusters: every window of
+    radius 0.25 holds exactly 3 points."""
+    model = _tiny("T1", discretisation="targets", num_neighbours=num_neighbours)
+    tx = (torch.arange(float(clusters))[:, None] + torch.tensor([0.0, 0.05, 0.1])).reshape(1, 3 * clusters, 1)
+    cx = torch.tensor([[[0.02], [1.07], [2.0]]])[:, :clusters]
+    return model, (cx, torch.randn(1, clusters, 1, generator=torch.Generator().manual_seed(0)), tx)
+
+
+@pytest.mark.parametrize("num_neighbours, clusters", [(3, 3), (20, 1)])
+def test_no_truncation_warning_when_every_window_is_whole(caplog, num_neighbours, clusters):
+    # k = 3 keeps the 3 points of each window (the k-th neighbour lies inside the radius, but no further point
+    # does); k = 20 exceeds the 3 points there are. Either way the output equals the one with k = 1000.
+    model, inputs = _clustered(num_neighbours, clusters)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        out = model(*inputs).mean
+    assert not _equivcnp_warnings(caplog)
+    model.config.num_neighbours = 1000
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(*inputs).mean, atol=1e-6, rtol=0)  # summation order only
+
+
+def test_truncation_warning_reports_the_share_and_the_needed_neighbours(caplog):
+    model, inputs = _clustered(2)  # 3 points per window, 2 kept: every query is truncated
+    with caplog.at_level("WARNING"), torch.no_grad():
+        model(*inputs)
+        model(*inputs)
+    assert caplog.text.count("truncates the LieConv window") == 1  # once per model
+    assert "num_neighbours=2" in caplog.text and "for 100% of the query points" in caplog.text
+    assert "up to 3 valid points" in caplog.text and "num_neighbours >= 3" in caplog.text
+
+
+def test_truncation_warning_ignores_padded_targets(caplog):
+    # real targets 0.15 apart: each window (radius 0.25) holds at most 3 of them, so k = 3 keeps every window whole;
+    # a padded target at 0.225 would have 4 real points in its window, but padding never counts (as query or key)
+    model = _tiny("T1", discretisation="targets", num_neighbours=3)
+    tx = torch.tensor([[[0.0], [0.15], [0.3], [0.45], [0.225]]])
+    cx, cy = torch.tensor([[[0.1]]]), torch.ones(1, 1, 1)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        model(cx, cy, tx, target_mask=torch.tensor([[True, True, True, True, False]]))
+        assert not _equivcnp_warnings(caplog)
+        model(cx, cy, tx)  # the same point as a real target: its window is truncated
+    assert "num_neighbours >= 5" in caplog.text  # 0.225 then also counts as a key of its neighbours
 
 
 @pytest.mark.parametrize("cls_cfg", [(EquivCNPModel, lambda: EquivCNPConfig(group="RxSO2", hidden_size=8, num_layers=1)),
@@ -270,3 +319,116 @@ def test_non_finite_prediction_names_the_model(name):
     cx, cy, tx = _task(1)
     with pytest.raises(FloatingPointError, match=f"^{name} produced a non-finite prediction"):
         model(cx, cy, tx, target_y=torch.randn(2, 25, 1))
+
+
+_TINY_MODELS = {
+    "EquivCNP": lambda: EquivCNPModel(EquivCNPConfig(group="T1", hidden_size=8, num_layers=1, points_per_unit=8)),
+    "CNP": lambda: CNPModel(CNPConfig(hidden_size=8)),
+    "ConvCNP": lambda: ConvCNPModel(ConvCNPConfig(channels=[4], points_per_unit=8)),
+}
+
+
+def _sine_tasks(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    tasks = []
+    for i in range(n):
+        x = torch.rand(3 + i + 5 + i, 1, generator=gen) * 4 - 2
+        tasks.append({"context_x": x[: 3 + i], "context_y": torch.sin(3 * x[: 3 + i]), "target_x": x,
+                      "target_y": torch.sin(3 * x)})
+    return tasks
+
+
+def _trainer(tmp_path, model, tasks, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True, **kw)
+    return Trainer(model=model, args=args, eval_dataset=tasks, data_collator=NeuralProcessCollator())
+
+
+@pytest.mark.parametrize("name", list(_TINY_MODELS))
+def test_trainer_evaluate_reports_eval_loss(tmp_path, name):
+    # the target is `target_y`, not `labels`: the `return_loss=True` default tells Trainer that the model computes
+    # its own loss, so evaluate() reports it (and metric_for_best_model="loss" / early stopping can use it)
+    model = _TINY_MODELS[name]().eval()
+    tasks = _sine_tasks()
+    trainer = _trainer(tmp_path, model, tasks)
+    assert trainer.can_return_loss and trainer.label_names == []
+    metrics = trainer.evaluate()
+    collate = NeuralProcessCollator()
+    with torch.no_grad():
+        expected = sum(float(model(**collate(tasks[i : i + 4])).loss) for i in (0, 4)) / 2
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+    pred = trainer.predict(tasks)  # predictions are (mean, stddev), padded across batches
+    assert pred.metrics["test_loss"] == pytest.approx(expected, rel=1e-5)
+    mean, stddev = pred.predictions
+    assert mean.shape == stddev.shape == (8, max(t["target_x"].shape[0] for t in tasks), 1)
+
+
+def test_trainer_label_names_and_unlabelled_prediction(tmp_path):
+    tasks = _sine_tasks()
+    seen = {}
+
+    def compute_metrics(p):
+        seen["label_ids"] = p.label_ids
+        return {}
+
+    trainer = _trainer(tmp_path, CNPModel(CNPConfig(hidden_size=8)), tasks, label_names=["target_y"])
+    trainer.compute_metrics = compute_metrics
+    assert "eval_loss" in trainer.evaluate()
+    assert seen["label_ids"].shape == (8, 22, 1)  # target_y, padded
+    # tasks without target_y: the collator sets return_loss=False, so predict() runs without asking for a loss
+    unlabelled = [{k: v for k, v in t.items() if k != "target_y"} for t in tasks]
+    assert NeuralProcessCollator()(unlabelled[:2])["return_loss"] is False
+    for label_names in (None, ["target_y"]):
+        trainer = _trainer(tmp_path, CNPModel(CNPConfig(hidden_size=8)), tasks, label_names=label_names)
+        pred = trainer.predict(unlabelled)
+        assert pred.predictions[0].shape == (8, 22, 1) and "test_loss" not in pred.metrics
+
+
+@pytest.mark.parametrize("name", list(_TINY_MODELS))
+def test_return_loss_and_return_dict(name):
+    model = _TINY_MODELS[name]().eval()
+    cx, cy, tx = _task(1)
+    ty = torch.randn(2, 25, 1)
+    with torch.no_grad():
+        out = model(cx, cy, tx, target_y=ty)
+        assert out.loss is not None
+        assert model(cx, cy, tx, target_y=ty, return_loss=False).loss is None
+        loss, mean, stddev = model(cx, cy, tx, target_y=ty, return_dict=False)
+        assert isinstance(mean, torch.Tensor)
+        torch.testing.assert_close((loss, mean, stddev), (out.loss, out.mean, out.stddev), atol=0, rtol=0)
+        assert len(model(cx, cy, tx, return_dict=False)) == 2  # (mean, stddev) without a loss
+        model.config.return_dict = False
+        assert isinstance(model(cx, cy, tx), tuple)
+        assert not isinstance(model(cx, cy, tx, return_dict=True), tuple)  # the argument wins over the config
+
+
+def test_convcnp_config_refuses_x_dim_other_than_one():
+    assert ConvCNPConfig(x_dim=1).x_dim == ConvCNPConfig().x_dim == 1
+    with pytest.raises(ValueError, match=r"x_dim must be 1, got 2.*EquivCNPConfig\(group='T2'\)"):
+        ConvCNPConfig(x_dim=2)
+
+
+def test_collator_mixed_target_y_and_dtype():
+    with_y = {"context_x": [[0.0]], "context_y": [[0.0]], "target_x": [[1.0]], "target_y": [[1.0]]}
+    without_y = {k: v for k, v in with_y.items() if k != "target_y"}
+    with pytest.raises(ValueError, match=r"target_y is given for tasks \[0\] but missing for tasks \[1\]"):
+        NeuralProcessCollator()([with_y, without_y])
+    with pytest.raises(ValueError, match="share the feature dimension"):
+        NeuralProcessCollator()([with_y, {**with_y, "context_x": [[0.0, 1.0]]}])
+
+    double = {k: torch.rand(3, 1, dtype=torch.float64) for k in ("context_x", "context_y", "target_x", "target_y")}
+    batch = NeuralProcessCollator()([double, {k: v.float() for k, v in double.items()}])
+    assert all(batch[k].dtype == torch.get_default_dtype() for k in NeuralProcessCollator.keys)  # the models' dtype
+    assert NeuralProcessCollator()([with_y])["context_x"].dtype == torch.get_default_dtype()
+    assert NeuralProcessCollator(dtype=torch.float64)([with_y])["target_y"].dtype == torch.float64
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        NeuralProcessCollator(dtype=torch.int64)
+
+    model = EquivCNPModel(EquivCNPConfig(hidden_size=8, num_layers=1)).double()
+    out = model(**NeuralProcessCollator(dtype=torch.float64)([double]))  # a float64 model trains on float64 tasks
+    assert out.mean.dtype == torch.float64 and torch.isfinite(out.loss)
+    with pytest.raises(TypeError, match=r"context_x is torch.float32 but the model's weights are torch.float64"):
+        model(**NeuralProcessCollator()([double]))

@@ -65,7 +65,8 @@ def published(tmp_path_factory):
                            "metric_type": "log_likelihood", "metric_value": 0.123}],
             template_vars={"model_name": f"tiny-{name}", "repo_id": f"acme/tiny-{name}", "description": "test", "class_name":
                            type(model).__name__, "config_json": "{}", "example": "pass", "training": "none", "results":
-                           "LL 0.123", "quick": True, "protocol": "{}"},
+                           "LL 0.123", "quick": True, "protocol": "{}", "model_intro": "intro",
+                           "is_equivcnp": name == "equivcnp"},
         )
         save_for_hub(model, root / name, card=card)  # code and auto_map default to hf_koopman's for the model type
     save_file({k: v.contiguous() for k, v in expected.items()}, str(root / "expected.safetensors"))
@@ -111,3 +112,23 @@ def test_remote_code_without_hf_koopman_and_offline_hub_cache(published, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
 
+
+CNP_CHECKPOINTS = sorted(p for p in (REPO / "checkpoints").glob("*cnp*") if p.is_dir())
+
+
+@pytest.mark.parametrize("folder", CNP_CHECKPOINTS, ids=lambda p: p.name)
+def test_checkpoint_card_metadata_matches_the_folder(folder):
+    """The card's configuration block is the shipped config.json; no `custom_code` tag on a folder without code; no
+    Hub dataset ids (or model-index, which needs one) for data that are not on the Hub."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    block = card.text.split("Configuration (`config.json`):\n\n```json\n", 1)[1].split("```", 1)[0]
+    assert block.strip() == (folder / "config.json").read_text().strip()
+    meta = card.data.to_dict()
+    assert "custom_code" not in meta["tags"] and not list(folder.glob("*.py"))
+    assert "datasets" not in meta and "model-index" not in meta
+    if folder.name.startswith("equivcnp-"):
+        assert "*exactly* equivariant" not in card.text
+        assert "up to the truncation of its neighbourhoods" in card.text
+        assert "Measured on the usage example" in card.text
