@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import numbers
+import os
 import time
 import weakref
 from pathlib import Path
@@ -58,8 +59,8 @@ _SNAPSHOT_BUDGET = 0.0025
 # model -> its Trainer, for Trainer subclasses that register themselves (KSSTrainer): a callback restored from a
 # checkpoint is a new instance, and the model is what every callback event receives
 _TRAINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: model -> weak reference to the callback whose guard hooks are on it (a train() that raised never reached
-#: on_train_end, so its hooks are still there: the next guard removes them)
+#: model -> [(callback, its run's TrainerState)] (weak references) of the guards whose hooks are on it: a train() that
+#: raised never reached on_train_end, so the next run's guard removes those of other runs
 _GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -117,6 +118,11 @@ def _token_count(batch: dict[str, Any]) -> int | None:
     if isinstance(mask, torch.Tensor):
         return int((mask != 0).sum()) if mask.shape == ids.shape and mask.dim() == 2 else None
     return ids.numel()
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two checkpoint paths name the same folder (relative, absolute, with or without `./`)."""
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
 
 
 def _checkpoint_step(path: str) -> int:
@@ -211,9 +217,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
         rollback_source (`str`, defaults to `"auto"`): where the validated state comes back from. `"memory"`: the CPU
             snapshot above. `"checkpoint"`: the last good checkpoint (its `model.safetensors` and `optimizer.pt`;
-            no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, the tripping update stays
-            in the weights, which are then marked unvalidated). Needs checkpoints (`save_strategy="steps"`); not with
-            sharded (FSDP) parameters. The first validated checkpoint is checked (parameter names and shapes,
+            no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, a trip drops the step's
+            gradients and the optimizer skips its update; every step is checked until a checkpoint is validated, and
+            the weights are then marked unvalidated). Needs `save_strategy="steps"` and `save_total_limit` unset or
+            >= 3 (training refuses to start otherwise); not with sharded (FSDP) parameters. The first validated checkpoint is checked (parameter names and shapes,
             `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names differ from their module
             names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`: `"memory"` unless a copy of the
             trainable weights and two optimizer moments would take more than half of the free host memory (psutil),
@@ -298,6 +305,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if not _is_int(check_every_n_steps) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be an int >= 1, got {check_every_n_steps!r}")
         for name, value in (("loss_threshold", loss_threshold), ("grad_norm_threshold", grad_norm_threshold)):
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                continue  # a scalar tensor is a number here
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise TypeError(f"RKSPCallback: {name} must be a number > 0 (a step above it counts as diverged), "
                                 f"got {type(value).__name__} {value!r}")
@@ -542,8 +551,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        lr_scheduler: Any = None, train_dataloader: Any = None, **kwargs) -> TrainerControl | None:
+        if self.guard and self.rollback_source == "checkpoint":
+            self._check_checkpoint_settings(args)  # before the init profile writes anything
         self._stop_step = None
         self.divergence = None
+        if state.global_step == 0:  # a fresh run, also when this callback object already ran one
+            self.events, self.lr_scale, self.last_good_checkpoint = [], 1.0, None
+            self._unreadable, self._in_memory = None, "those the divergence was detected on"
+            self.init_verdict = self.init_score = self.profile = None
+            self.kss_auto_enabled = False
         if self._trainer is None and model is not None and model in _TRAINERS:
             self._trainer = _TRAINERS[model]()
         self._check_fsdp(args, model)
@@ -626,10 +642,16 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if model is None:
             return
         self._stop_guard()  # hooks left by a train() of this callback that raised
-        previous = _GUARDED.get(model)
-        if previous is not None and previous() is not None and previous() is not self:
-            previous()._stop_guard()  # ... or by another callback's
-        _GUARDED[model] = weakref.ref(self)
+        keep = []
+        for guard_ref, state_ref in _GUARDED.get(model, []):
+            other = guard_ref()
+            if other is None or other is self:
+                continue
+            if state_ref() is state:
+                keep.append((guard_ref, state_ref))  # a second guard of this same run
+            else:
+                other._stop_guard()  # ... or by another callback's run
+        _GUARDED[model] = keep + [(weakref.ref(self), weakref.ref(state))]
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._model = model
@@ -695,14 +717,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
         resumed = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         tripped = [e for e in events if resumed in {Path(p).name for p in e.get("suspect_checkpoints") or []}]
         if tripped:
+            good = tripped[0].get("last_good_checkpoint")
             logger.error("RKSP guard: resuming from %s, which the guard recorded as suspect (the divergence at step %s "
-                         "followed it); the last good checkpoint is %s: resume from that one instead",
-                         resumed, tripped[0].get("step"), prior)
+                         "followed it); %s", resumed, tripped[0].get("step"),
+                         f"the last good checkpoint is {good}: resume from that one instead" if good is not None
+                         else "no checkpoint was validated before it: start again with a lower learning rate")
+        known = {(e.get("step"), e.get("action")) for e in self.events}
+        self.events.extend(e for e in events if (e.get("step"), e.get("action")) not in known)  # the record keeps all
+        self.events.sort(key=lambda e: int(e.get("step", 0)))
         later = [e for e in events if int(e.get("step", 0)) > state.global_step]
         if not later:
             return
-        known = {(e.get("step"), e.get("action")) for e in self.events}
-        self.events.extend(e for e in later if (e.get("step"), e.get("action")) not in known)
         factor = self.lr_backoff ** len(later)
         scale_learning_rate(optimizer, lr_scheduler, factor)
         self.lr_scale *= factor
@@ -778,6 +803,26 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
         return loss, squared
 
+    @staticmethod
+    def _check_checkpoint_settings(args) -> None:
+        """`rollback_source="checkpoint"` needs checkpoints the guard can validate and keep: refuse settings that save
+        none or rotate the last good one away, naming the setting."""
+        if getattr(args, "deepspeed", None):
+            raise ValueError("rollback_source='checkpoint' is not supported with DeepSpeed (its engine owns the "
+                             "optimizer step and the checkpoint format); use rollback_source='memory'")
+        if getattr(args, "save_strategy", None) != "steps":
+            strategy = getattr(args, "save_strategy", None)
+            raise ValueError(f"rollback_source='checkpoint' restores the last good checkpoint, but "
+                             f"save_strategy={getattr(strategy, 'value', strategy)!r} saves none the guard can "
+                             f"validate: set save_strategy='steps' (and save_steps), or use "
+                             f"rollback_source='memory' / 'auto'")
+        limit = getattr(args, "save_total_limit", None)
+        if limit is not None and limit < 3:
+            raise ValueError(f"rollback_source='checkpoint' with save_total_limit={limit}: rotation deletes the last "
+                             f"good checkpoint before a trip can need it (the newest checkpoint is unvalidated until a "
+                             f"later step passes); set save_total_limit to 3 or more, or unset it, or use "
+                             f"rollback_source='memory'")
+
     def _resolve_rollback_source(self, args) -> bool:
         """Whether validated state comes back from the last good checkpoint (`rollback_source`) rather than memory."""
         steps = getattr(args, "save_strategy", None) == "steps"
@@ -787,20 +832,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self._sharded:
                 raise ValueError("rollback_source='checkpoint' cannot restore sharded (FSDP) parameters; use "
                                  "rollback_source='memory'")
-            if not steps:
-                strategy = getattr(args, "save_strategy", None)
-                raise ValueError(f"rollback_source='checkpoint' restores the last good checkpoint, but "
-                                 f"save_strategy={getattr(strategy, 'value', strategy)!r} saves none the guard can "
-                                 f"validate: set save_strategy='steps' (and save_steps), or use "
-                                 f"rollback_source='memory' / 'auto'")
             if only_model:
                 logger.warning("rollback_source='checkpoint' with save_only_model=True: checkpoints hold no optimizer "
                                "state, so a restore clears it")
-            if limit is not None and limit < 3:
-                raise ValueError(f"rollback_source='checkpoint' with save_total_limit={limit}: rotation deletes the "
-                                 f"last good checkpoint before a trip can need it (the newest checkpoint is unvalidated "
-                                 f"until a later step passes); set save_total_limit to 3 or more, or unset it, or use "
-                                 f"rollback_source='memory'")
             return True
         if limit is not None and limit < 3 and getattr(args, "save_strategy", None) != "no":
             logger.warning("RKSP guard: save_total_limit=%d can rotate away the checkpoint the guard names as the last "
@@ -828,6 +862,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         k = self.check_every_n_steps
         if k == 1 or step % k == 0 or (bool(state.max_steps) and step >= state.max_steps):
             return True
+        if self._from_checkpoint and self.last_good_checkpoint is None:
+            return True  # no copy to undo a window with: each step is checked until a checkpoint is validated
         save_steps = getattr(state, "save_steps", 0) or 0
         return getattr(args, "save_strategy", None) == "steps" and save_steps > 0 and step % save_steps == 0
 
@@ -1055,6 +1091,27 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.events.append(event.to_dict())
         self._to_log = event
 
+    def _forget_suspect_best(self, args, state, event: DivergenceEvent) -> None:
+        """A best checkpoint whose weights led to this trip must not come back through `load_best_model_at_end`: the
+        last good checkpoint (if it still exists) takes its place, with its step and metric, which the Trainer uses
+        to name the best checkpoint again at each later save."""
+        best = getattr(state, "best_model_checkpoint", None)
+        if best is None or not any(_same_path(best, path) for path in event.suspect_checkpoints):
+            return
+        good = self.last_good_checkpoint
+        good = good if good is not None and Path(good).is_dir() else None
+        step = None if good is None else _checkpoint_step(good)
+        metric = None
+        metric_name = getattr(args, "metric_for_best_model", None)
+        if step is not None and metric_name:
+            key = metric_name if metric_name.startswith("eval_") else f"eval_{metric_name}"
+            metric = next((log[key] for log in reversed(state.log_history)
+                           if log.get("step") == step and key in log), None)
+        logger.warning("RKSP guard: the best checkpoint so far, %s, is suspect (the divergence at step %d followed it); "
+                       "the best model is now %s", best, event.step,
+                       good if good is not None else "none (no validated checkpoint is on disk)")
+        state.best_model_checkpoint, state.best_global_step, state.best_metric = good, step, metric
+
     def _checkpoint_on_disk(self) -> str:
         """The last good checkpoint for a message: its path, said to be missing when rotation (or a user) removed it."""
         path = self.last_good_checkpoint
@@ -1084,13 +1141,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _log_event(self, args, state, optimizer) -> None:
         event, self._to_log = self._to_log, None
         if event is not None:
-            best = getattr(state, "best_model_checkpoint", None)
-            if best is not None and best in event.suspect_checkpoints:
-                # its weights led to this trip: load_best_model_at_end must not bring them back
-                logger.warning("RKSP guard: the best checkpoint so far, %s, is suspect (the divergence at step %d "
-                               "followed it); the best model is now the last good checkpoint, %s",
-                               best, event.step, self.last_good_checkpoint)
-                state.best_model_checkpoint = self.last_good_checkpoint
+            self._forget_suspect_best(args, state, event)
             if event.action == "rollback":
                 lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
                 event.new_lr = lr
@@ -1108,6 +1159,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._log_event(args, state, optimizer)
         if self._stop_step is not None and state.global_step >= self._stop_step:
             control.should_save = False  # never write the step that diverged as a checkpoint
+            control.should_evaluate = False  # save_strategy="best" would save it as a new best after evaluating
             control.should_training_stop = True
             return control
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None:
@@ -1198,6 +1250,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._check_open_window(args, state, control, optimizer, lr_scheduler)
         if self._stop_step is not None:  # save_strategy="epoch" saves after this hook: never the stopping step
             control.should_save = False
+            control.should_evaluate = False
         return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

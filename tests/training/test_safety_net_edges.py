@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -76,21 +77,74 @@ def test_messages_say_when_no_checkpoint_exists_or_rotation_removed_it(tmp_path)
     assert guard._checkpoint_on_disk() == str(tmp_path / "checkpoint-2")
 
 
-def test_a_suspect_best_checkpoint_is_replaced_by_the_last_good_one(tmp_path, caplog):
-    # load_best_model_at_end must not bring back the weights whose next step diverged
+@pytest.mark.parametrize("on_divergence", ["stop", "rollback"])
+def test_load_best_model_at_end_never_loads_a_suspect_checkpoint(tmp_path, monkeypatch, on_divergence):
+    # greater_is_better=True on eval_loss makes the checkpoint before the blow-up the "best" one; a relative
+    # output_dir checks that the paths are compared as folders
+    monkeypatch.chdir(tmp_path)
+    guard = _guard(on_divergence=on_divergence)
+    args = _args("rel", max_steps=8, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                 metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=128),
+                      eval_dataset=TokenDataset(n=8, seed=1), callbacks=[guard])
+    trainer.train()
+    suspects = {Path(p).name for e in guard.events for p in e["suspect_checkpoints"]}
+    assert suspects and Path(trainer.state.best_model_checkpoint).name not in suspects
+    assert trainer.state.best_global_step == int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+
+
+def test_a_suspect_best_checkpoint_whose_replacement_is_gone_is_forgotten(tmp_path, caplog):
     guard = RKSPCallback()
-    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")  # rotated away: not on disk
     suspect = str(tmp_path / "checkpoint-3")
     event = DivergenceEvent(step=4, causes=["loss"], cause_flags=1, loss=1e3, grad_norm=None, first_bad_layer=None,
                             last_good_checkpoint=guard.last_good_checkpoint, suspect_checkpoints=[suspect])
     guard.events.append(event.to_dict())
     guard._to_log = event
     state = TrainerState()
-    state.best_model_checkpoint = suspect
+    state.best_model_checkpoint, state.best_global_step, state.best_metric = suspect, 3, 9.0
     with caplog.at_level("WARNING"):
-        guard._log_event(SimpleNamespace(output_dir=str(tmp_path)), state, None)
-    assert state.best_model_checkpoint == guard.last_good_checkpoint
-    assert "is suspect" in caplog.text
+        guard._log_event(SimpleNamespace(output_dir=str(tmp_path), metric_for_best_model="loss"), state, None)
+    assert (state.best_model_checkpoint, state.best_global_step, state.best_metric) == (None, None, None)
+    assert "is suspect" in caplog.text and "no validated checkpoint is on disk" in caplog.text
+
+
+def test_two_guards_on_one_run_both_watch(tmp_path):
+    strict, loose = _guard(loss_threshold=30.0), _guard(loss_threshold=50.0)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=TokenDataset(n=128),
+                      callbacks=[strict, loose])
+    trainer.train()
+    assert strict.divergence is not None and strict.divergence["step"] < 4
+
+
+def test_a_callback_reused_for_a_fresh_run_starts_clean(tmp_path):
+    guard = _guard(on_divergence="rollback")
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path / "a", max_steps=6), train_dataset=TokenDataset(n=128),
+            callbacks=[guard]).train()
+    assert guard.rollbacks >= 1 and guard.lr_scale < 1
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path / "b", max_steps=3, learning_rate=1e-3),
+            train_dataset=TokenDataset(n=128), callbacks=[guard]).train()
+    assert guard.events == [] and guard.lr_scale == 1.0
+    assert guard.last_good_checkpoint.startswith(str(tmp_path / "b"))
+    assert not (tmp_path / "b" / "rksp_guard.json").exists()
+
+
+def test_checkpoint_mode_checks_every_step_until_a_checkpoint_is_validated(tmp_path):
+    # no CPU copy to undo a window with: the first trip is caught on its own step, and only its update is skipped
+    guard = _guard(rollback_source="checkpoint", check_every_n_steps=3)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_steps=10), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard])
+    trainer.train()
+    assert guard.divergence["step"] == 4 and guard.divergence["first_checked_step"] == 4
+
+
+def test_save_strategy_best_never_saves_the_stopping_step(tmp_path):
+    guard = _guard(restore_on_stop=False)
+    args = _args(tmp_path, save_strategy="best", eval_strategy="steps", eval_steps=2, metric_for_best_model="eval_loss",
+                 greater_is_better=True)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=128), eval_dataset=TokenDataset(n=8, seed=1),
+            callbacks=[guard]).train()
+    assert guard.divergence["step"] == 4 and not (tmp_path / "checkpoint-4").exists()
 
 
 def test_a_resume_without_callback_state_keeps_the_initialisation_profile(tmp_path, caplog):
