@@ -270,22 +270,31 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
     """A minimal `README.md` for a Hub export saved without a card: metadata, the class, and how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    import transformers
+
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     class_name = type(model).__name__
-    auto_class = next((key for key, ref in config.get("auto_map", {}).items() if ref.endswith("." + class_name)),
-                      "AutoModel")
-    source = repo_id or folder.name
+    # an Auto class transformers has (the auto_map may name others, e.g. AutoModelForGraphClassification)
+    auto_class = next((key for key, ref in config.get("auto_map", {}).items()
+                       if ref.endswith("." + class_name) and hasattr(transformers, key)), None)
+    source = repo_id or str(folder.resolve())
     tags = [tag for tag in ("hf_koopman", config.get("model_type"), "custom_code") if tag]
     data = ModelCardData(library_name="transformers", tags=tags)
+    if auto_class is not None:
+        load = (f"from transformers import {auto_class}\n\n"
+                f'model = {auto_class}.from_pretrained("{source}", trust_remote_code=True)\n')
+    else:  # no Auto class loads this head: take the class from the exported code
+        module = next((ref.rsplit(".", 1)[0] for ref in config.get("auto_map", {}).values()
+                       if ref.endswith("." + class_name)), None)
+        load = ("from transformers.dynamic_module_utils import get_class_from_dynamic_module\n\n"
+                f'cls = get_class_from_dynamic_module("{module}.{class_name}", "{source}")\n'
+                f'model = cls.from_pretrained("{source}")\n')
     text = (
         f"---\n{data.to_yaml()}\n---\n# {folder.name}\n\n"
         f"A `{class_name}` (`model_type: {config.get('model_type')}`) from hf_koopman, exported with its modelling "
         "code. This card was written by `save_for_hub` without a description of the model, its training data or its "
         "evaluation.\n\n"
-        "```python\n"
-        f"from transformers import {auto_class}\n\n"
-        f'model = {auto_class}.from_pretrained("{source}", trust_remote_code=True)\n'
-        "```\n"
+        f"```python\n{load}```\n"
     )
     ModelCard(text).save(folder / "README.md")
 

@@ -114,7 +114,8 @@ def test_train_script_quick(data_dir, tmp_path):
         folder = ckpt / name
         assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.py"))  # no code in checkpoints
         card = (folder / "README.md").read_text()
-        assert "model-index" in card and "{{" not in card
+        assert "{{" not in card and "## Usage" in card
+        assert "custom_code" not in card and "model-index" not in card  # no code here; the data are not Hub datasets
     assert (out / "reynet_size_generalisation.png").is_file()
 
 

@@ -56,19 +56,23 @@ class Neighbourhood:
         embedding (`torch.Tensor` of shape `(B, Nq, k, E)`): kernel inputs `[log(v^{-1}u), q_u, q_v]`.
         distance (`torch.Tensor` of shape `(B, Nq, k)`): group distances.
         valid (`torch.BoolTensor` of shape `(B, Nq, k)`): the neighbour exists (key not masked, k ≤ number of keys).
-        in_radius (`torch.LongTensor` of shape `(B, Nq)`, *optional*): valid keys closer than the `radius` passed to
-            `build_neighbourhood`, kept or not; more than `k` of them means the k-nearest cut truncates the window.
+        cut (`torch.BoolTensor` of shape `(B, Nq)`, *optional*): with a `radius` passed to `build_neighbourhood`,
+            True where the nearest key left out by the k-nearest cut is valid and closer than `radius` (the cut
+            truncates the window).
+        in_radius (`torch.LongTensor` of shape `(B, Nq)`, *optional*): valid keys closer than that `radius`, kept or
+            not; counted only when some window is cut (to say how many neighbours would keep it whole).
     """
 
     index: torch.Tensor
     embedding: torch.Tensor
     distance: torch.Tensor
     valid: torch.Tensor
+    cut: torch.Tensor | None = None
     in_radius: torch.Tensor | None = None
 
     def truncated(self) -> torch.Tensor | None:
-        """`(B, Nq)`: True where the window holds more valid keys than were kept (None without `in_radius`)."""
-        return None if self.in_radius is None else self.in_radius > self.index.shape[-1]
+        """`(B, Nq)`: True where the window holds more valid keys than were kept (None without a `radius`)."""
+        return self.cut
 
     def window(self, radius: float) -> torch.Tensor:
         """Biweight window `(1 - (d/r)²)²` on `d < r`, 0 outside and on invalid neighbours: `(B, Nq, k)`."""
@@ -102,15 +106,23 @@ def build_neighbourhood(
         k (`int`): neighbourhood size (capped at `Nk`).
         key_mask (`torch.BoolTensor` of shape `(B, Nk)`, *optional*): valid keys.
         pair_scale (`float`): multiplies the Lie-algebra part of the kernel input (puts it on an O(1) scale).
-        radius (`float`, *optional*): also count the valid keys closer than `radius` (`Neighbourhood.in_radius`),
-            to tell whether the cut at `k` truncates a window of that radius.
+        radius (`float`, *optional*): also tell whether the cut at `k` truncates a window of that radius
+            (`Neighbourhood.cut`, from one more nearest key; `Neighbourhood.in_radius` only when some window is cut).
     """
     dist = group.distance(query_x[:, :, None, :], key_x[:, None, :, :])  # (B, Nq, Nk)
     if key_mask is not None:
         dist = dist.masked_fill(~key_mask[:, None, :], float("inf"))
-    in_radius = None if radius is None else (dist < radius).sum(-1)
     k_eff = min(k, key_x.shape[1])
-    d_sorted, index = torch.topk(dist, k_eff, dim=-1, largest=False, sorted=True)
+    extra = int(radius is not None and key_x.shape[1] > k_eff)  # the nearest key the cut leaves out
+    d_sorted, index = torch.topk(dist, k_eff + extra, dim=-1, largest=False, sorted=True)
+    cut = in_radius = None
+    if radius is not None:
+        cut = d_sorted[..., k_eff] < radius if extra else torch.zeros(d_sorted.shape[:-1], dtype=torch.bool,
+                                                                        device=d_sorted.device)
+        if extra:
+            d_sorted, index = d_sorted[..., :k_eff], index[..., :k_eff]
+            if bool(cut.any()):
+                in_radius = (dist < radius).sum(-1)
     valid = torch.isfinite(d_sorted)
     index = torch.where(valid, index, torch.zeros_like(index))
     x_nb = gather_points(key_x, index)  # (B, Nq, k, x_dim)
@@ -119,7 +131,7 @@ def build_neighbourhood(
         emb = torch.cat([emb[..., : group.lie_dim] * pair_scale, emb[..., group.lie_dim :]], -1)
     emb = torch.where(valid[..., None], emb, torch.zeros_like(emb))
     d_nb = torch.where(valid, d_nb, torch.full_like(d_nb, float("inf")))
-    return Neighbourhood(index=index, embedding=emb, distance=d_nb, valid=valid, in_radius=in_radius)
+    return Neighbourhood(index=index, embedding=emb, distance=d_nb, valid=valid, cut=cut, in_radius=in_radius)
 
 
 def grid_stencil_half_width(radius: float, spacing: float) -> int:

@@ -138,19 +138,26 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
             return False
         return cfg.num_neighbours >= 2 * grid_stencil_half_width(cfg.radius, 1.0 / cfg.points_per_unit) + 1
 
+    def _watching_truncation(self) -> bool:
+        """Whether the truncation check still runs: until it warned once, and while warnings are shown."""
+        return not getattr(self, "_warned_truncation", False) and hf_logging.get_verbosity() <= logging.WARNING
+
     def _check_truncation(self, windows: list[tuple[Neighbourhood, torch.Tensor | None]]) -> None:
         """Warn (once per model) when the k-nearest cut drops points inside a LieConv window: a real query then has
         more valid keys within `radius` than `num_neighbours`, which of them are kept depends on the order of
         equidistant points, and equivariance is no longer exact. `windows` pairs each neighbourhood with the mask
         `(B, Nq)` of its real queries (None: all). The message gives the share of truncated queries and the
         `num_neighbours` that keeps every window whole for these inputs."""
-        if getattr(self, "_warned_truncation", False) or hf_logging.get_verbosity() > logging.WARNING:
+        if not self._watching_truncation():
             return
         counts, cut = [], []
         for nb, query_mask in windows:
-            real = torch.ones_like(nb.in_radius, dtype=torch.bool) if query_mask is None else query_mask
-            counts.append(nb.in_radius[real])
-            cut.append(nb.truncated()[real])
+            if nb.cut is None:
+                return
+            real = torch.ones_like(nb.cut) if query_mask is None else query_mask
+            cut.append(nb.cut[real])
+            if nb.in_radius is not None:
+                counts.append(nb.in_radius[real])
         cut_all = torch.cat(cut)
         if not bool(cut_all.any()):
             return
@@ -159,8 +166,9 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         self._warned_truncation = True
         logger.warning(
             "EquivCNP: num_neighbours=%d truncates the LieConv window (radius=%.3g) for %.3g%% of the query points, "
-            "which have up to %d valid points inside the radius; the result then depends on the order of equidistant "
-            "points and equivariance is not exact. Set config.num_neighbours >= %d or lower config.radius.",
+            "which have up to %d valid points inside the radius; where points are equidistant at the cut (e.g. on a "
+            "pixel grid) the result depends on their order and equivariance may not be exact. Set "
+            "config.num_neighbours >= %d or lower config.radius.",
             self.config.num_neighbours, self.config.radius, 100 * frac, needed, needed,
         )
 
@@ -201,19 +209,20 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         points, point_mask = self.discretise(context_x, target_x, context_mask, target_mask)
         h = self.embed(self.encode(points, context_x, context_y, context_mask))
         windows = []
+        radius = cfg.radius if self._watching_truncation() else None  # counts keys in the window only while needed
         if self.uses_grid_convolution():
             spacing = 1.0 / cfg.points_per_unit
             for block in self.blocks:
                 h = block.forward_grid(h, point_mask, self.group, spacing, cfg.pair_scale)
         else:
             nb = build_neighbourhood(
-                self.group, points, points, cfg.num_neighbours, point_mask, cfg.pair_scale, cfg.radius
+                self.group, points, points, cfg.num_neighbours, point_mask, cfg.pair_scale, radius
             )
             windows.append((nb, point_mask))
             for block in self.blocks:
                 h = block(h, nb)
         nb_out = build_neighbourhood(
-            self.group, target_x, points, cfg.num_neighbours, point_mask, cfg.pair_scale, cfg.radius
+            self.group, target_x, points, cfg.num_neighbours, point_mask, cfg.pair_scale, radius
         )
         self._check_truncation(windows + [(nb_out, target_mask)])
         raw = self.head(self.readout(h, nb_out))

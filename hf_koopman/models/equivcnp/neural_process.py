@@ -86,7 +86,9 @@ def gaussian_prediction(
         raise FloatingPointError(
             f"{model_name} produced a non-finite prediction; check input scales and the learning rate"
         )
-    loss = masked_gaussian_nll(mean, stddev, target_y, target_mask) if target_y is not None else None
+    # target_y never meets the weights: any floating dtype is compared in the prediction's dtype
+    loss = (masked_gaussian_nll(mean, stddev, target_y.to(mean.dtype), target_mask) if target_y is not None
+            else None)
     return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
 
 
@@ -153,8 +155,6 @@ def check_inputs(
         if not isinstance(target_y, torch.Tensor) or tuple(target_y.shape) != (b, nt, y_dim):
             shape = tuple(target_y.shape) if isinstance(target_y, torch.Tensor) else type(target_y).__name__
             raise ValueError(f"target_y must have shape (B, Nt, y_dim) = ({b}, {nt}, {y_dim}), got {shape}")
-        if target_y.is_floating_point():
-            _check_dtype("target_y", target_y, dtype)
         if not torch.isfinite(target_y).all():
             raise ValueError("target_y contains NaN or inf")
     cm = _check_mask(context_mask, "context_mask", (b, nc))
@@ -240,9 +240,10 @@ class NeuralProcessCollator:
 
     def _present_keys(self, features: Sequence[Mapping[str, Any]]) -> list[str]:
         """The keys to collate; raises when a required key is missing or `target_y` is given for only some tasks."""
-        for key in self.keys[:3]:
-            if key not in features[0]:
-                raise ValueError(f"each task needs {key!r}; got keys {sorted(features[0])}")
+        for i, f in enumerate(features):
+            for key in self.keys[:3]:
+                if key not in f:
+                    raise ValueError(f"each task needs {key!r}; task {i} of this batch has keys {sorted(f)}")
         with_y = [i for i, f in enumerate(features) if "target_y" in f]
         if 0 < len(with_y) < len(features):
             without = [i for i in range(len(features)) if i not in set(with_y)]

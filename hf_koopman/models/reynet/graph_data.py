@@ -214,7 +214,11 @@ class ReyNetGraphCollator:
 
     Args:
         pad_to_multiple_of (`int`, *optional*): round n_max up to a multiple of this (fewer distinct shapes, e.g. for
-            `torch.compile`).
+            `torch.compile`; also what lets `Trainer.evaluate` / `predict` concatenate the `(B, T, n, n)` outputs of
+            `ReyNetForEquivariantRegression` across batches, when it is at least the largest graph).
+        dtype (`torch.dtype`, *optional*): dtype of `graph_tensor`, that of the model's weights. Defaults to
+            `torch.get_default_dtype()` (float32 unless changed), so float64 NumPy arrays become float32; pass
+            `dtype=torch.float64` for a model in float64.
 
     Example:
 
@@ -229,17 +233,20 @@ class ReyNetGraphCollator:
     """
 
     pad_to_multiple_of: int | None = None
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         p = self.pad_to_multiple_of
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {p!r}")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {self.dtype!r}")
 
     def __call__(self, features: Sequence[Mapping[str, object]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("ReyNetGraphCollator got an empty batch")
         graphs = [_graph_of(f, i) for i, f in enumerate(features)]
-        C, dtype = graphs[0].shape[0], graphs[0].dtype
+        C, dtype = graphs[0].shape[0], self.dtype or torch.get_default_dtype()
         sizes = [g.shape[-1] for g in graphs]
         n = max(sizes)
         if self.pad_to_multiple_of:

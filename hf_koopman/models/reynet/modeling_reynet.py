@@ -523,7 +523,7 @@ def _single_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             "pass them as a LongTensor of shape (batch_size,), or set problem_type='multi_label_classification' "
             "(multi-hot labels) or 'regression'."
         )
-    if labels.shape not in ((B,), (B, 1)):
+    if labels.shape not in ((B,), (B, 1)) and not (labels.dim() == 0 and B == 1):
         raise ValueError(
             f"problem_type='single_label_classification' needs one class index per graph, labels of shape "
             f"(batch_size,) = ({B},), got {tuple(labels.shape)}; multi-hot labels of shape (batch_size, "
@@ -541,6 +541,12 @@ def _multi_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
             "need problem_type='single_label_classification' (and integer labels)."
         )
     target = labels.to(device=logits.device, dtype=logits.dtype)
+    if bool(((target < 0) | (target > 1)).any()):
+        raise ValueError(
+            "problem_type='multi_label_classification' needs multi-hot labels (or probabilities) in [0, 1], got values "
+            f"in [{float(target.min()):.3g}, {float(target.max()):.3g}]; real-valued targets need "
+            "problem_type='regression' (or ReyNetForInvariantRegression)."
+        )
     return nn.functional.binary_cross_entropy_with_logits(logits, target)
 
 

@@ -432,3 +432,16 @@ def test_collator_mixed_target_y_and_dtype():
     assert out.mean.dtype == torch.float64 and torch.isfinite(out.loss)
     with pytest.raises(TypeError, match=r"context_x is torch.float32 but the model's weights are torch.float64"):
         model(**NeuralProcessCollator()([double]))
+
+
+def test_a_float64_target_is_compared_in_the_models_dtype():
+    model = EquivCNPModel(EquivCNPConfig(hidden_size=8, num_layers=1))
+    x, y = torch.rand(1, 4, 1), torch.rand(1, 4, 1)
+    out = model(x, y, x, target_y=y.double())  # target_y never meets the weights
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_the_collator_names_the_task_that_misses_a_key():
+    task = {"context_x": [[0.0]], "context_y": [[0.0]], "target_x": [[1.0]]}
+    with pytest.raises(ValueError, match=r"each task needs 'target_x'; task 1"):
+        NeuralProcessCollator()([task, {k: v for k, v in task.items() if k != "target_x"}])

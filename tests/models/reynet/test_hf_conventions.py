@@ -244,7 +244,7 @@ def test_collated_batch_equals_each_graph_alone(cls):
     torch.manual_seed(0)
     model = cls(ReyNetConfig(**TINY, phi_mode="joint", num_labels=3)).double().eval()
     items = [{"graph_tensor": it["graph_tensor"].double()} for it in _graphs([4, 7, 5])]
-    batch = ReyNetGraphCollator()(items)
+    batch = ReyNetGraphCollator(dtype=torch.float64)(items)
     with torch.no_grad():
         padded = model(**batch).logits
         for i, it in enumerate(items):
@@ -330,3 +330,24 @@ def test_return_dict_argument_and_config(cls):
         model.config.return_dict = False
         assert isinstance(model(X2, **kw), tuple)
         assert type(model(X2, return_dict=True, **kw)) is type(as_dict)  # the argument wins over the config
+
+
+def test_the_collator_casts_to_the_models_dtype():
+    import numpy as np
+
+    items = [{"graph_tensor": np.random.rand(2, n, n)} for n in (3, 5)]  # float64 NumPy arrays
+    assert ReyNetGraphCollator()(items)["graph_tensor"].dtype == torch.get_default_dtype()
+    assert ReyNetGraphCollator(dtype=torch.float64)(items)["graph_tensor"].dtype == torch.float64
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        ReyNetGraphCollator(dtype=torch.int64)
+
+
+def test_label_edge_cases_of_the_classification_head():
+    torch.manual_seed(0)
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY, num_labels=3))
+    one = model(torch.rand(1, 2, 4, 4), labels=torch.tensor(2))  # a 0-d label for a batch of one
+    assert torch.isfinite(one.loss)
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY, num_labels=3))
+    with pytest.raises(ValueError, match=r"in \[0, 1\].*problem_type='regression'"):
+        model(torch.rand(2, 2, 4, 4), labels=torch.tensor([[0.0, 5.0, 2.0], [1.0, 0.0, 3.0]]))
+    assert model.config.problem_type is None  # a failed guess is not stored
