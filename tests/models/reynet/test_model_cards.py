@@ -30,15 +30,19 @@ def _head(folder: Path) -> tuple[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CARDS, reason="no committed ReyNet checkpoints")
-@pytest.mark.parametrize("folder", CARDS, ids=lambda p: p.name)
-def test_first_usage_block_loads_the_saved_head_without_hf_koopman(folder, tmp_path):
-    head, _ = _head(folder)
-    hub = export_for_hub(folder, tmp_path / folder.name)
-    code = _usage(folder)[1][0].replace(f"hf-koopman/{folder.name}", str(hub))
-    code += "\nprint(type(model).__name__, tuple(model(x, node_mask=mask).logits.shape))\n"
+def test_first_usage_block_loads_the_saved_head_without_hf_koopman(tmp_path):
+    # every card's first snippet, run against its Hub export in one process without hf_koopman
+    code, heads = "", []
+    for folder in CARDS:
+        head, _ = _head(folder)
+        hub = export_for_hub(folder, tmp_path / folder.name)
+        code += _usage(folder)[1][0].replace(f"hf-koopman/{folder.name}", str(hub))
+        code += "\nprint(type(model).__name__, tuple(model(x, node_mask=mask).logits.shape))\n"
+        heads.append(head)
     proc = run_without_hf_koopman(code, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith(head + " (2, "), proc.stdout
+    lines = proc.stdout.strip().splitlines()[-len(heads):]
+    assert all(line.startswith(head + " (2, ") for line, head in zip(lines, heads)), proc.stdout
     assert "classifier" not in proc.stderr and "regressor" not in proc.stderr  # no report of unused head weights
 
 
