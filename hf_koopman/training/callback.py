@@ -371,6 +371,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._worst_squared_norm: torch.Tensor | None = None
         self._stop_step: int | None = None
         self._probe_cache: dict[str, Any] | None = None
+        self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
 
     @property
     def loss_threshold(self) -> float:
@@ -558,8 +559,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one
             self.events, self.lr_scale, self.last_good_checkpoint = [], 1.0, None
             self._unreadable, self._in_memory = None, "those the divergence was detected on"
-            self.init_verdict = self.init_score = self.profile = None
-            self.kss_auto_enabled = False
+            profiled = self._profiled_model() if self._profiled_model is not None else None
+            if model is not None and profiled is not model:  # another model: its own profile, probe and Trainer
+                # (train() again on the same model continues from trained weights: their init profile stays)
+                self.init_verdict = self.init_score = self.profile = None
+                self.kss_auto_enabled = False
+                self._probe_cache = None
+                if model in _TRAINERS:
+                    self._trainer = _TRAINERS[model]()
         if self._trainer is None and model is not None and model in _TRAINERS:
             self._trainer = _TRAINERS[model]()
         self._check_fsdp(args, model)
@@ -576,6 +583,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
                                                  progress=state.is_local_process_zero and not args.disable_tqdm)
             self.profile = spectral_profile
+            self._profiled_model = weakref.ref(model)
             self.init_verdict = spectral_profile.verdict
             self.init_score = spectral_profile.score
             self._log(args, state, self._scalars(spectral_profile))
@@ -841,7 +849,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                            "good one (the newest is unvalidated until a later step passes); keep it at 3 or more, or "
                            "unset, to be able to resume from it", limit)
         single = getattr(args, "world_size", 1) == 1
-        suitable = steps and not only_model and (limit is None or limit >= 3) and single and not self._sharded
+        deepspeed = bool(getattr(args, "deepspeed", None)) or getattr(self._trainer, "is_deepspeed_enabled", False)
+        suitable = not deepspeed and steps and not only_model and (limit is None or limit >= 3) and single and not self._sharded
         if self.rollback_source == "memory" or not suitable:
             return False
         import psutil
@@ -1093,8 +1102,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _forget_suspect_best(self, args, state, event: DivergenceEvent) -> None:
         """A best checkpoint whose weights led to this trip must not come back through `load_best_model_at_end`: the
-        last good checkpoint (if it still exists) takes its place, with its step and metric, which the Trainer uses
-        to name the best checkpoint again at each later save."""
+        best evaluated checkpoint up to the last good one (still on disk) takes its place, else the last good one,
+        with its step and metric, which the Trainer uses to name the best checkpoint again at each later save."""
         best = getattr(state, "best_model_checkpoint", None)
         if best is None or not any(_same_path(best, path) for path in event.suspect_checkpoints):
             return
@@ -1104,9 +1113,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
         metric = None
         metric_name = getattr(args, "metric_for_best_model", None)
         if step is not None and metric_name:
+            # the best evaluated checkpoint up to the last good one that is still on disk, else the last good one
             key = metric_name if metric_name.startswith("eval_") else f"eval_{metric_name}"
-            metric = next((log[key] for log in reversed(state.log_history)
-                           if log.get("step") == step and key in log), None)
+            folder = Path(good).parent
+            suspect = {_checkpoint_step(p) for e in [*self.events, event.to_dict()]
+                       for p in e.get("suspect_checkpoints") or []}
+            scored = [(log[key], log["step"]) for log in state.log_history
+                      if key in log and isinstance(log.get("step"), int) and log["step"] <= step
+                      and log["step"] not in suspect and (folder / f"{PREFIX_CHECKPOINT_DIR}-{log['step']}").is_dir()]
+            if scored:
+                pick = max if getattr(args, "greater_is_better", None) else min
+                metric, step = pick(scored, key=lambda pair: pair[0])
+                good = str(folder / f"{PREFIX_CHECKPOINT_DIR}-{step}")
         logger.warning("RKSP guard: the best checkpoint so far, %s, is suspect (the divergence at step %d followed it); "
                        "the best model is now %s", best, event.step,
                        good if good is not None else "none (no validated checkpoint is on disk)")

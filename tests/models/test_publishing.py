@@ -179,7 +179,8 @@ def test_save_for_hub_without_card_writes_a_minimal_card(toy_package, tmp_path):
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and {"custom_code", "hfk-toy"} <= set(card.data.tags)
     # the Auto class of the saved head, and an honest note that the model is undocumented
-    assert f'AutoModelForImageClassification.from_pretrained("{folder.resolve()}", trust_remote_code=True)' in card.text
+    assert "AutoModelForImageClassification.from_pretrained('<user>/toy-export', trust_remote_code=True)" in card.text
+    assert str(tmp_path) not in card.text  # no local path in a card meant for the Hub
     assert "without a description of the model" in card.text
 
 
@@ -197,7 +198,8 @@ def test_the_minimal_card_of_a_reynet_head_loads_it_without_hf_koopman(tmp_path)
         model = getattr(reynet, head)(reynet.ReyNetConfig(in_channels=2, phi_hidden_sizes=[4],
                                                           channel_hidden_sizes=[4], num_labels=2))
         folder = save_for_hub(model, tmp_path / head)
-        code += re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.DOTALL).group(1)
+        snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.DOTALL).group(1)
+        code += snippet.replace(f"<user>/{head}", str(folder))
         code += "print(type(model).__name__)\n"
     assert "AutoModelForSequenceClassification" in code and "get_class_from_dynamic_module" in code
     proc = run_without_hf_koopman(code, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})

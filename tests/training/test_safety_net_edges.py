@@ -215,3 +215,40 @@ def test_the_hooks_of_a_train_that_raised_are_removed_by_the_next_guard(tmp_path
     assert crashed._loss_tap is None and crashed._grad_tap is None and crashed._watch is None
     assert sum(len(m._forward_hooks) for m in model.modules()) < hooks
     assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_train_again_on_the_same_model_keeps_its_initialisation_profile(tmp_path):
+    callback = RKSPCallback(guard=False)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, learning_rate=1e-3, save_strategy="no"),
+                      train_dataset=TokenDataset(n=128), callbacks=[callback])
+    trainer.train()
+    first, written = callback.profile, (tmp_path / "rksp_profile.json").read_bytes()
+    trainer.train()  # continues from trained weights at step 0: not an initialisation
+    assert callback.profile is first and (tmp_path / "rksp_profile.json").read_bytes() == written
+
+
+def test_a_suspect_best_checkpoint_gives_way_to_the_best_validated_one(tmp_path):
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    guard = RKSPCallback()
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    suspect = str(tmp_path / "checkpoint-3")
+    event = DivergenceEvent(step=4, causes=["loss"], cause_flags=1, loss=1e3, grad_norm=None, first_bad_layer=None,
+                            last_good_checkpoint=guard.last_good_checkpoint, suspect_checkpoints=[suspect])
+    guard.events.append(event.to_dict())
+    guard._to_log = event
+    state = TrainerState()
+    state.log_history = [{"eval_loss": 1.0, "step": 1}, {"eval_loss": 2.0, "step": 2}, {"eval_loss": 0.5, "step": 3}]
+    state.best_model_checkpoint, state.best_global_step, state.best_metric = suspect, 3, 0.5
+    args = SimpleNamespace(output_dir=str(tmp_path), metric_for_best_model="loss", greater_is_better=False)
+    guard._log_event(args, state, None)
+    assert (state.best_model_checkpoint, state.best_global_step, state.best_metric) == (
+        str(tmp_path / "checkpoint-1"), 1, 1.0)
+
+
+def test_auto_never_restores_from_checkpoints_under_deepspeed():
+    guard = RKSPCallback()
+    guard._params, guard._sharded = [], False
+    args = SimpleNamespace(save_strategy="steps", save_only_model=False, save_total_limit=None, world_size=1,
+                           deepspeed="ds_config.json")
+    assert guard._resolve_rollback_source(args) is False

@@ -57,10 +57,9 @@ class Neighbourhood:
         distance (`torch.Tensor` of shape `(B, Nq, k)`): group distances.
         valid (`torch.BoolTensor` of shape `(B, Nq, k)`): the neighbour exists (key not masked, k ≤ number of keys).
         cut (`torch.BoolTensor` of shape `(B, Nq)`, *optional*): with a `radius` passed to `build_neighbourhood`,
-            True where the nearest key left out by the k-nearest cut is valid and closer than `radius` (the cut
-            truncates the window).
+            True where more valid keys lie closer than `radius` than the k kept (the cut truncates the window).
         in_radius (`torch.LongTensor` of shape `(B, Nq)`, *optional*): valid keys closer than that `radius`, kept or
-            not; counted only when some window is cut (to say how many neighbours would keep it whole).
+            not, for the queries whose k-th nearest key lies inside it (0 elsewhere, where fewer than k do).
     """
 
     index: torch.Tensor
@@ -107,22 +106,24 @@ def build_neighbourhood(
         key_mask (`torch.BoolTensor` of shape `(B, Nk)`, *optional*): valid keys.
         pair_scale (`float`): multiplies the Lie-algebra part of the kernel input (puts it on an O(1) scale).
         radius (`float`, *optional*): also tell whether the cut at `k` truncates a window of that radius
-            (`Neighbourhood.cut`, from one more nearest key; `Neighbourhood.in_radius` only when some window is cut).
+            (`Neighbourhood.cut`; the keys inside the radius are counted only for queries whose k-th nearest key lies
+            inside it). The neighbours chosen do not depend on it.
     """
     dist = group.distance(query_x[:, :, None, :], key_x[:, None, :, :])  # (B, Nq, Nk)
     if key_mask is not None:
         dist = dist.masked_fill(~key_mask[:, None, :], float("inf"))
     k_eff = min(k, key_x.shape[1])
-    extra = int(radius is not None and key_x.shape[1] > k_eff)  # the nearest key the cut leaves out
-    d_sorted, index = torch.topk(dist, k_eff + extra, dim=-1, largest=False, sorted=True)
+    d_sorted, index = torch.topk(dist, k_eff, dim=-1, largest=False, sorted=True)  # the same with or without radius
     cut = in_radius = None
     if radius is not None:
-        cut = d_sorted[..., k_eff] < radius if extra else torch.zeros(d_sorted.shape[:-1], dtype=torch.bool,
-                                                                        device=d_sorted.device)
-        if extra:
-            d_sorted, index = d_sorted[..., :k_eff], index[..., :k_eff]
-            if bool(cut.any()):
-                in_radius = (dist < radius).sum(-1)
+        cut = torch.zeros(d_sorted.shape[:-1], dtype=torch.bool, device=d_sorted.device)
+        # only a query whose k-th nearest key lies inside the radius can have its window cut: count those rows
+        maybe = d_sorted[..., -1] < radius if key_x.shape[1] > k_eff else cut
+        if bool(maybe.any()):
+            counts = torch.zeros_like(cut, dtype=torch.long)
+            counts[maybe] = (dist[maybe] < radius).sum(-1)
+            cut = counts > k_eff
+            in_radius = counts
     valid = torch.isfinite(d_sorted)
     index = torch.where(valid, index, torch.zeros_like(index))
     x_nb = gather_points(key_x, index)  # (B, Nq, k, x_dim)

@@ -541,7 +541,7 @@ def _multi_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
             "need problem_type='single_label_classification' (and integer labels)."
         )
     target = labels.to(device=logits.device, dtype=logits.dtype)
-    if bool(((target < 0) | (target > 1)).any()):
+    if not bool(((target >= 0) & (target <= 1)).all()):  # also NaN
         raise ValueError(
             "problem_type='multi_label_classification' needs multi-hot labels (or probabilities) in [0, 1], got values "
             f"in [{float(target.min()):.3g}, {float(target.max()):.3g}]; real-valued targets need "

@@ -445,3 +445,17 @@ def test_the_collator_names_the_task_that_misses_a_key():
     task = {"context_x": [[0.0]], "context_y": [[0.0]], "target_x": [[1.0]]}
     with pytest.raises(ValueError, match=r"each task needs 'target_x'; task 1"):
         NeuralProcessCollator()([task, {k: v for k, v in task.items() if k != "target_x"}])
+
+
+def test_the_truncation_check_never_changes_the_neighbours_on_a_pixel_grid():
+    # equidistant keys tie at the cut on a grid: the chosen neighbours must not depend on whether the check runs
+    from hf_koopman.models.equivcnp.groups import get_group
+    from hf_koopman.models.equivcnp.lieconv import build_neighbourhood
+
+    side = torch.linspace(-1, 1, 16)
+    grid = torch.stack(torch.meshgrid(side, side, indexing="ij"), -1).reshape(1, -1, 2)
+    group = get_group("T2")
+    plain = build_neighbourhood(group, grid, grid, 8)
+    checked = build_neighbourhood(group, grid, grid, 8, radius=0.3)
+    assert torch.equal(plain.index, checked.index) and bool(checked.cut.any())
+    assert int(checked.in_radius.max()) > 8

@@ -351,3 +351,5 @@ def test_label_edge_cases_of_the_classification_head():
     with pytest.raises(ValueError, match=r"in \[0, 1\].*problem_type='regression'"):
         model(torch.rand(2, 2, 4, 4), labels=torch.tensor([[0.0, 5.0, 2.0], [1.0, 0.0, 3.0]]))
     assert model.config.problem_type is None  # a failed guess is not stored
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):  # NaN is not a probability either
+        model(torch.rand(1, 2, 4, 4), labels=torch.tensor([[0.0, float("nan"), 1.0]]))
