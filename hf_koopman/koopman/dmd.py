@@ -547,6 +547,13 @@ def _quad(u: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.complex(re, im)
 
 
+def _whitened_quads(left: torch.Tensor, moments: _Moments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ResDMD forms `(q_dd, q_dx, q_xx)` `(..., m)` of the unit-norm left eigenvectors `left` `(..., m, m)` from the
+    whitened Grams of `moments` (the whitened form; the raw form gets them from `_left_quads`)."""
+    return (_quad(left, moments.gram("dd")).real, _quad(left, moments.gram("dx")),
+            _quad(left, moments.gram("xx")).real)
+
+
 def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True, raw=None,
                exact: torch.Tensor | None = None, keep_left: bool = True):
     r"""Eigen-analysis of one `(m, m)` operator: sorted eigenvalues, unit-norm right / left eigenvectors, kappa(V), and
@@ -1425,8 +1432,7 @@ def whitened_dmd(
                                        keep_vectors=keep_eigenvectors)
         if not keep_eigenvectors:
             if left is not None and not moments.is_raw:  # the forms the features would take from the dropped vectors
-                moments.quads = (_quad(left, moments.gram("dd")).real, _quad(left, moments.gram("dx")),
-                                 _quad(left, moments.gram("xx")).real)
+                moments.quads = _whitened_quads(left, moments)
             vec = left = None
         op = op.to(_F64)
         if moments.is_raw:

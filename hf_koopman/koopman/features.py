@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .dmd import DMDResult, _condition, _inverse, _quad, _single_thread
+from .dmd import DMDResult, _condition, _inverse, _single_thread, _whitened_quads
 from .kreiss import kreiss_constant
 
 __all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
@@ -104,9 +104,7 @@ def resdmd_residuals(result: DMDResult, eps_residual: float = 1e-12) -> torch.Te
     if result.moments.quads is not None:
         q_dd, q_dx, q_xx = result.moments.quads
     elif u is not None and not result.moments.is_raw:
-        q_dd = _quad(u, result.gram_dd).real
-        q_dx = _quad(u, result.gram_dx)
-        q_xx = _quad(u, result.gram_xx).real
+        q_dd, q_dx, q_xx = _whitened_quads(u, result.moments)
     else:
         raise ValueError("resdmd_residuals needs the left eigenvectors; call whitened_dmd with eigenvectors=True "
                          "and left_eigenvectors=True (the defaults)")

@@ -274,15 +274,13 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     class_name = type(model).__name__
+    entries = [(key, ref) for key, ref in config.get("auto_map", {}).items() if ref.endswith("." + class_name)]
     # an Auto class transformers has (the auto_map may name others, e.g. AutoModelForGraphClassification)
-    auto_class = next((key for key, ref in config.get("auto_map", {}).items()
-                       if ref.endswith("." + class_name) and hasattr(transformers, key)), None)
+    auto_class = next((key for key, _ in entries if hasattr(transformers, key)), None)
     source = repo_id or f"<user>/{folder.name}"  # the Hub repo id it will have; never a local path
     tags = [tag for tag in ("hf_koopman", config.get("model_type"), "custom_code") if tag]
     data = ModelCardData(library_name="transformers", tags=tags)
-    module = next((ref.rsplit(".", 1)[0] for ref in config.get("auto_map", {}).values()
-                   if ref.endswith("." + class_name)), None)
-    if module is None:
+    if not entries:
         raise ValueError(f"the auto_map of {folder} names no class {class_name}: pass auto_map= with an entry for it "
                          "(e.g. {'AutoModel': 'modeling_x." + class_name + "'}), or a card= of your own")
     if auto_class is not None:
@@ -290,7 +288,7 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
                 f"model = {auto_class}.from_pretrained({source!r}, trust_remote_code=True)\n")
     else:  # no Auto class loads this head: take the class from the exported code
         load = ("from transformers.dynamic_module_utils import get_class_from_dynamic_module\n\n"
-                f"cls = get_class_from_dynamic_module({module + '.' + class_name!r}, {source!r})\n"
+                f"cls = get_class_from_dynamic_module({entries[0][1]!r}, {source!r})\n"
                 f"model = cls.from_pretrained({source!r})\n")
     text = (
         f"---\n{data.to_yaml()}\n---\n# {folder.name}\n\n"

@@ -54,6 +54,8 @@ _MODES = ("stop", "rollback")
 _SOURCES = ("auto", "memory", "checkpoint")
 #: Share of the step time the "auto" snapshot interval allows the validated-state copy to take.
 _SNAPSHOT_BUDGET = 0.0025
+#: what an unvalidated stop leaves in the model before `_act` says which step's weights they are
+_IN_MEMORY_UNKNOWN = "those the divergence was detected on"
 
 
 # model -> its Trainer, for Trainer subclasses that register themselves (KSSTrainer): a callback restored from a
@@ -358,7 +360,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._model: torch.nn.Module | None = None
         self._undo = StateSnapshot()  # pre-step state of a tripping step when nothing is validated yet
         self._skipped = False  # a tripping step's gradients were dropped, so the optimizer skipped its update
-        self._in_memory = "those the divergence was detected on"  # what an unvalidated stop leaves in the model
+        self._in_memory = _IN_MEMORY_UNKNOWN  # what an unvalidated stop leaves in the model
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
         self._step_seconds: float | None = None  # running estimate of one optimizer step
         self._capture_seconds: float | None = None  # cost of the last snapshot refresh
@@ -558,7 +560,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.divergence = None
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one
             self.events, self.lr_scale, self.last_good_checkpoint = [], 1.0, None
-            self._unreadable, self._in_memory = None, "those the divergence was detected on"
+            self._unreadable, self._in_memory = None, _IN_MEMORY_UNKNOWN
             profiled = self._profiled_model() if self._profiled_model is not None else None
             if model is not None and profiled is not model:  # another model: its own profile, probe and Trainer
                 # (train() again on the same model continues from trained weights: their init profile stays)
@@ -675,15 +677,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._window_first = None
         self._worst_loss = self._worst_squared_norm = None
         self.weights_validated = True
-        if self._loss_tap is None:
-            world = getattr(args, "world_size", 1)
-            shared = world if (world > 1 and getattr(args, "average_tokens_across_devices", False)) else 1
-            self._loss_tap = LossTap(model, float(shared))
-        if self._grad_tap is None:
-            self._grad_tap = GradNormTap(
-                self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0), model=model
-            )
-        if self.check_activations and self._watch is None:
+        # the taps are new: _stop_guard above removed any left by an earlier train()
+        world = getattr(args, "world_size", 1)
+        shared = world if (world > 1 and getattr(args, "average_tokens_across_devices", False)) else 1
+        self._loss_tap = LossTap(model, float(shared))
+        self._grad_tap = GradNormTap(
+            self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0), model=model
+        )
+        if self.check_activations:
             from hf_koopman.profiling import find_residual_blocks
 
             try:
@@ -1043,7 +1044,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                          error or "the load failed on another process")
             self._unreadable = self.last_good_checkpoint
             return None
-        return int(Path(self.last_good_checkpoint).name.rsplit("-", 1)[-1])
+        return _checkpoint_step(self.last_good_checkpoint)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,

@@ -93,14 +93,20 @@ def test_load_best_model_at_end_never_loads_a_suspect_checkpoint(tmp_path, monke
     assert trainer.state.best_global_step == int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
 
 
-def test_a_suspect_best_checkpoint_whose_replacement_is_gone_is_forgotten(tmp_path, caplog):
+def _tripped_at_step_4(tmp_path):
+    """A guard whose trip at step 4 is about to be logged: last good checkpoint-2, suspect checkpoint-3."""
     guard = RKSPCallback()
-    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")  # rotated away: not on disk
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
     suspect = str(tmp_path / "checkpoint-3")
     event = DivergenceEvent(step=4, causes=["loss"], cause_flags=1, loss=1e3, grad_norm=None, first_bad_layer=None,
                             last_good_checkpoint=guard.last_good_checkpoint, suspect_checkpoints=[suspect])
     guard.events.append(event.to_dict())
     guard._to_log = event
+    return guard, suspect
+
+
+def test_a_suspect_best_checkpoint_whose_replacement_is_gone_is_forgotten(tmp_path, caplog):
+    guard, suspect = _tripped_at_step_4(tmp_path)  # checkpoint-2 rotated away: not on disk
     state = TrainerState()
     state.best_model_checkpoint, state.best_global_step, state.best_metric = suspect, 3, 9.0
     with caplog.at_level("WARNING"):
@@ -230,13 +236,7 @@ def test_train_again_on_the_same_model_keeps_its_initialisation_profile(tmp_path
 def test_a_suspect_best_checkpoint_gives_way_to_the_best_validated_one(tmp_path):
     for step in (1, 2):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    guard = RKSPCallback()
-    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
-    suspect = str(tmp_path / "checkpoint-3")
-    event = DivergenceEvent(step=4, causes=["loss"], cause_flags=1, loss=1e3, grad_norm=None, first_bad_layer=None,
-                            last_good_checkpoint=guard.last_good_checkpoint, suspect_checkpoints=[suspect])
-    guard.events.append(event.to_dict())
-    guard._to_log = event
+    guard, suspect = _tripped_at_step_4(tmp_path)
     state = TrainerState()
     state.log_history = [{"eval_loss": 1.0, "step": 1}, {"eval_loss": 2.0, "step": 2}, {"eval_loss": 0.5, "step": 3}]
     state.best_model_checkpoint, state.best_global_step, state.best_metric = suspect, 3, 0.5
