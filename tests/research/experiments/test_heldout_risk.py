@@ -58,7 +58,16 @@ def test_every_family_builds_with_the_requested_init_std(family, norm):
     assert stds and max(abs(s - 0.08) for s in stds) < 0.02, stds
 
 
-def test_smoke_run_rows_features_labels_and_resume(tmp_path):
+@pytest.fixture
+def few_power_iterations(monkeypatch):
+    """Three power iterations instead of the study's 20: the curvature features stay real numbers (what these tests
+    read) and the smoke grid runs in a few seconds (the Hessian-vector products were most of its time)."""
+    import research.experiments.heldout_risk as study
+
+    monkeypatch.setattr(study, "POWER_ITERATIONS", 3)
+
+
+def test_smoke_run_rows_features_labels_and_resume(tmp_path, few_power_iterations):
     runs = smoke_grid()
     rows = run_study(runs, tmp_path, progress=False)
     assert len(rows) == len(runs) == 4
@@ -103,7 +112,7 @@ def test_shards_partition_the_grid_by_model_init_in_order():
         shard_runs(runs, 3, 3)
 
 
-def test_rows_load_with_datasets(tmp_path):
+def test_rows_load_with_datasets(tmp_path, few_power_iterations):
     from datasets import load_dataset
 
     run_study(smoke_grid(), tmp_path, progress=False)
