@@ -16,6 +16,10 @@ from hf_koopman.koopman.shaping import DEFAULT_BETA
 __all__ = ["KSSConfig", "KSSTrainingArguments"]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class KSSConfig:
     """Settings of the KSS regulariser (paper Sec. 3.3, Eqs. 14-15; defaults from App. D).
@@ -30,7 +34,8 @@ class KSSConfig:
             Target soft near-unit mass (paper: a value in `[0.3, 0.5]`).
         temperature (`float`, *optional*, defaults to `20.0`): sigmoid sharpness `T`.
         tau_u (`float`, *optional*, defaults to `1.05`): upper edge of the near-unit band.
-        tau_l (`float`, *optional*, defaults to `0.90`): lower edge of the near-unit band.
+        tau_l (`float`, *optional*, defaults to `0.90`): lower edge of the near-unit band, in `[0, 1]` (moduli are
+            `>= 0`; the band lies around `|lambda| = 1`).
         rank (`int`, *optional*): `None` (default) shapes the full spectrum, the one `RKSPCallback` reports; an int
             r shapes the rank-r approximation (the paper's notation table: r = 32).
         every_n_steps (`int`, *optional*, defaults to `10`):
@@ -40,7 +45,7 @@ class KSSConfig:
         num_samples (`int`, *optional*, defaults to `2048`): token states per block per micro-batch (`N`).
         eps (`float`, *optional*, defaults to `1e-5`): whitening ridge (Eq. 9).
         oversample (`int`, *optional*, defaults to `10`): randomized range-finder oversampling.
-        power_iters (`int`, *optional*, defaults to `1`): randomized range-finder power iterations.
+        power_iters (`int`, *optional*, defaults to `1`): randomized range-finder power iterations (an int `>= 0`).
         max_grad_ratio (`float`, *optional*, defaults to `0.5`):
             Gradient cap of the KSS term relative to the task gradient: on a KSS micro-batch the gradient of
             `alpha * L_KSS` is rescaled by `min(1, max_grad_ratio * ||g_task|| / ||g_KSS||)` (norms where `grad_cap`
@@ -67,8 +72,8 @@ class KSSConfig:
             for the default cap.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
-            Master switch. `RKSPCallback(auto_kss=True)` leaves it off at a high-risk verdict (no measured benefit,
-            `results/kss_v2.md`).
+            Master switch (`True` or `False`), the only one: `RKSPCallback(auto_kss=True)` does not switch KSS on or
+            off at a high-risk verdict (no measured benefit, `results/kss_v2.md`).
         layers (`str` or `list[str]`, *optional*):
             Override of the residual-block discovery (e.g. `"model.layers"`), as in `find_residual_blocks`.
     """
@@ -115,6 +120,11 @@ class KSSConfig:
             (0.0 <= self.gamma <= 1.0, f"gamma is a target mass in [0, 1], got {self.gamma}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.tau_l < self.tau_u, f"need tau_l < tau_u, got tau_l={self.tau_l}, tau_u={self.tau_u}"),
+            (
+                0.0 <= self.tau_l <= 1.0,
+                f"tau_l is the lower edge of the near-unit band of eigenvalue moduli (|lambda| >= 0, band around 1), "
+                f"so it must lie in [0, 1], got {self.tau_l}",
+            ),
             (self.rank is None or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1),
              f"rank must be None (full spectrum) or an int >= 1, got {self.rank!r}"),
             (
@@ -133,6 +143,9 @@ class KSSConfig:
                 f"list of paths or modules, got {self.layers!r}",
             ),
             (self.oversample >= 0 and self.power_iters >= 0, "oversample and power_iters must be >= 0"),
+            (_is_int(self.oversample), f"oversample must be an int >= 0, got {self.oversample!r}"),
+            (_is_int(self.power_iters), f"power_iters must be an int >= 0, got {self.power_iters!r}"),
+            (isinstance(self.enabled, bool), f"enabled must be True or False, got {self.enabled!r}"),
             (
                 self.max_grad_ratio is None or self.max_grad_ratio >= 0,
                 f"max_grad_ratio must be >= 0 or None (None / 0 disable the cap), got {self.max_grad_ratio}",
@@ -183,7 +196,8 @@ class KSSTrainingArguments(TrainingArguments):
     kss_power_iters: int = field(default=1, metadata={"help": "Randomized range-finder power iterations."})
     kss_max_grad_ratio: float | None = field(
         default=0.5,
-        metadata={"help": "Cap ||grad of alpha*L_KSS|| at this multiple of ||grad L_task|| (0 or None: no cap)."},
+        metadata={"help": "Cap ||grad of alpha*L_KSS|| at this multiple of ||grad L_task||. 0 disables the cap "
+                  "(the paper-literal gradient); from Python, None does too."},
     )
     kss_grad_cap: str = field(
         default="activations",

@@ -150,7 +150,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
       -1 ranges unknown), and a warning says "outside the fitted range: ..." naming what lies outside.
       `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on
       when RKSP flags high risk"): in the paper's own No-Norm regime KSS did not lower divergence
-      (`results/kss_v2.md`), so a high-risk verdict leaves KSS off and says why (`kss/auto_enabled = 0`).
+      (`results/kss_v2.md`), so a high-risk verdict never switches KSS on. A warning says whether KSS is on (because
+      `kss_enabled=True`) or off and staying off, and why, and `kss/auto_enabled = 0` is logged.
     * **Periodic monitoring** (`every_n_steps`, off by default) re-profiles the probe batch and logs the same keys.
     * **Divergence guard** (`guard=True`): the rule of [`~hf_koopman.training.divergence.DivergenceRule`] (loss > 50,
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
@@ -235,9 +236,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             `n - 1` steps late and discards every update since the last passing check. The one host sync per step
             stalls a GPU's queue: on an H200 the guard cost +3-9 % per step at `n = 1` (`results/safety_net.md`); on
             a CPU the sync is free and `1` keeps the exact per-step semantics.
-        auto_kss (`bool`, defaults to `False`): with a [`KSSTrainer`], decide on KSS from the init verdict. A high-risk
-            verdict does not switch KSS on (no measured benefit, `results/kss_v2.md`): a warning names the evidence
-            and `kss/auto_enabled = 0` is logged. `kss_enabled=True` still trains with KSS.
+        auto_kss (`bool`, defaults to `False`): report on KSS at a high-risk init verdict. The verdict never switches
+            KSS on or off (no measured benefit, `results/kss_v2.md`): `kss_enabled` alone decides (on by default in
+            [`KSSTrainingArguments`]). A warning says which state KSS is in, names the evidence, and
+            `kss/auto_enabled = 0` is logged.
         save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir`.
     """
 
@@ -337,7 +339,6 @@ class RKSPCallback(TrainerCallback, ExportableState):
         # state kept across checkpoints (JSON-ready)
         self.init_verdict: str | None = None
         self.init_score: float | None = None
-        self.kss_auto_enabled = False
         self.last_good_checkpoint: str | None = None
         self.divergence: dict[str, Any] | None = None  # the event that stopped the run
         self.events: list[dict[str, Any]] = []  # every trip (rollbacks and the stop), in order
@@ -427,7 +428,6 @@ class RKSPCallback(TrainerCallback, ExportableState):
             "attributes": {
                 "init_verdict": self.init_verdict,
                 "init_score": self.init_score,
-                "kss_auto_enabled": self.kss_auto_enabled,
                 "last_good_checkpoint": self.last_good_checkpoint,
                 "divergence": self.divergence,
                 "events": self.events,
@@ -565,7 +565,6 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if model is not None and profiled is not model:  # another model: its own profile, probe and Trainer
                 # (train() again on the same model continues from trained weights: their init profile stays)
                 self.init_verdict = self.init_score = self.profile = None
-                self.kss_auto_enabled = False
                 self._probe_cache = None
                 if model in _TRAINERS:
                     self._trainer = _TRAINERS[model]()
@@ -610,15 +609,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     self.init_verdict.upper(), assessment.describe())
             if self.auto_kss and self.init_verdict == "high risk":
                 # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
-                # divergence, so auto_kss leaves it off and says so
-                logger.warning(
-                    "RKSPCallback(auto_kss=True): KSS stays off despite the high-risk verdict. In the paper's No-Norm "
-                    "regime KSS did not lower divergence (results/kss_v2.md in the hf_koopman repository); pass "
-                    "kss_enabled=True to use it anyway."
-                )
+                # divergence, so auto_kss never switches it and says what state KSS is in
+                logger.warning("RKSPCallback(auto_kss=True): %s", self._auto_kss_message())
                 self._log(args, state, {"kss/auto_enabled": 0.0})
-        if self.auto_kss and self.kss_auto_enabled:  # also re-applied after a resume
-            self._enable_kss(args, state)
         if self.guard:
             self._start_guard(args, state, model, optimizer, lr_scheduler)
         return control
@@ -637,15 +630,21 @@ class RKSPCallback(TrainerCallback, ExportableState):
             "at the end of its create_accelerator_and_postprocess()."
         )
 
-    def _enable_kss(self, args, state) -> None:
+    def _auto_kss_message(self) -> str:
+        """What `auto_kss` says at a high-risk verdict: the state KSS is actually in, and the evidence."""
+        evidence = ("In the paper's No-Norm regime KSS did not lower divergence (results/kss_v2.md in the hf_koopman "
+                    "repository)")
         config = getattr(self._trainer, "kss_config", None)
+        if config is not None and config.active:
+            return (f"the verdict is high risk and KSS is on because kss_enabled=True (alpha={config.alpha:g}); "
+                    f"auto_kss never switches KSS on or off. {evidence}: lower the learning rate rather than rely on "
+                    "it, or pass kss_enabled=False to train without it.")
         if config is None:
-            logger.warning("RKSPCallback(auto_kss=True) needs a KSSTrainer; KSS was not enabled.")
-            return
-        if not config.enabled:
-            config.enabled = True
-            logger.warning("RKSP: init verdict is high risk, KSS switched on (alpha=%g).", config.alpha)
-            self._log(args, state, {"kss/auto_enabled": 1.0})
+            return (f"KSS stays off despite the high-risk verdict (this Trainer is not a KSSTrainer). {evidence}; "
+                    "use KSSTrainer with kss_enabled=True to try it anyway.")
+        why = "kss_enabled=False" if not config.enabled else f"kss_alpha={config.alpha:g}"
+        return (f"KSS is off ({why}) and stays off despite the high-risk verdict. {evidence}; pass kss_enabled=True "
+                "(and kss_alpha > 0) to use it anyway.")
 
     # ------------------------------------------------------------------ guard
     def _start_guard(self, args, state, model, optimizer, lr_scheduler) -> None:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import TrainOutput
+from transformers.utils import is_torch_xla_available
+
 from hf_koopman.logging_utils import get_logger
 
 from hf_koopman.koopman.shaping import (
@@ -69,6 +74,41 @@ class _SeedProbe(torch.autograd.Function):
         return grad_output, None
 
 
+def _reaches_parameter(tensor: torch.Tensor, memo: dict[Any, bool]) -> bool:
+    """Whether a gradient arriving at `tensor` can reach a trainable parameter through its autograd graph.
+
+    A walk down `grad_fn`: an `AccumulateGrad` node of an `nn.Parameter` is a trainable parameter; one of any other
+    leaf (the embedding output that `enable_input_require_grads` or gradient checkpointing marks as requiring grad,
+    with frozen embeddings below it) is not. A custom `autograd.Function` node (reentrant checkpointing, FSDP,
+    DeepSpeed) may hold parameters the graph does not show, so it counts as reaching one. `memo` is shared by the
+    tensors of one forward pass, so the graph is walked at most once.
+    """
+    if tensor.grad_fn is None:
+        return isinstance(tensor, torch.nn.Parameter)
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack[-1]
+        if node in memo:
+            stack.pop()
+            continue
+        if type(node).__name__ == "AccumulateGrad":
+            memo[node] = isinstance(node.variable, torch.nn.Parameter)
+        elif isinstance(node, torch.autograd.function.BackwardCFunction):
+            memo[node] = True
+        else:
+            children = [child for child, _ in node.next_functions if child is not None]
+            if any(memo.get(child, False) for child in children):
+                memo[node] = True
+            else:
+                pending = [child for child in children if child not in memo]
+                if pending:
+                    stack.append(pending[-1])
+                    continue
+                memo[node] = False
+        stack.pop()
+    return memo[tensor.grad_fn]
+
+
 def _token_view(tensor: torch.Tensor) -> torch.Tensor:
     """`(..., d)` activation -> `(tokens, d)` rows, as `ResidualStreamRecorder` indexes them."""
     if tensor.dim() == 4:
@@ -115,6 +155,37 @@ class _ActivationCap:
         return inject
 
 
+def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> Any:
+    """The recorder's `attention_mask` for a training batch: a tensor, or one mask per stack label.
+
+    Single-stack models use `attention_mask`. In an encoder-decoder model the encoder's blocks use `attention_mask`
+    and the decoder's `decoder_attention_mask`, else `labels != -100` (the decoder positions that carry a loss), else
+    no mask (every decoder position).
+    """
+    if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
+        return None
+    mask = inputs.get("attention_mask")
+    config = getattr(model, "config", None)
+    decoder = inputs.get("decoder_attention_mask")
+    if decoder is None and not getattr(config, "is_encoder_decoder", False):
+        return mask
+    labels = inputs.get("labels")
+    if decoder is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        decoder = labels != -100
+    masks = {"": mask, "encoder": mask, "decoder": decoder}
+    for block in blocks:  # other labels (one block list chosen with kss_layers, ...): the tower by the block's path
+        if block.stack not in ("encoder", "decoder"):
+            masks[block.stack] = decoder if any("decoder" in part for part in block.name.split(".")) else mask
+    return masks
+
+
+def _compiled_modules(model: torch.nn.Module | None) -> list[str]:
+    """Dotted paths of the `torch.compile` wrappers (`OptimizedModule`) in `model` (`""`: the model itself)."""
+    if model is None:
+        return []
+    return [name for name, module in model.named_modules() if type(module).__name__ == "OptimizedModule"]
+
+
 class KSSTrainer(Trainer):
     """`Trainer` whose training loss is `L_task + alpha * mean_{l in S} L_KSS^l` (paper Eqs. 14-15).
 
@@ -157,12 +228,23 @@ class KSSTrainer(Trainer):
     * FSDP: a CPU multi-process run launched with an FSDP config is sharded with FSDP2 (accelerate alone would run it
       as DDP; see `hf_koopman.training.fsdp`); hooks sit on the FSDP-wrapped blocks, and the parameter-space cap
       differentiates with respect to the unsharded parameters of the forward.
-    * Logged through `log()` (so `log_history`, TensorBoard and W&B see them): `kss/penalty` (mean unweighted
-      `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the eigenvalues in
-      `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean), averaged over the KSS
-      micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor, 1 = uncapped, this
-      process only). The Trainer's own `loss` is the optimised objective,
-      i.e. it includes `alpha * penalty` on KSS steps.
+    * Padding is left out of the snapshots through `attention_mask`. In encoder-decoder models the decoder's blocks
+      use `decoder_attention_mask`, else the positions whose `labels` are not -100 (the positions that carry a loss).
+    * KSS sees the blocks through forward hooks set inside `KSSTrainer.compute_loss`. A subclass that overrides
+      `compute_loss` must compute its loss through `super().compute_loss(...)`. `torch_compile=True` and a model
+      compiled with `torch.compile` are refused with a `ValueError` while KSS is on: a compiled graph does not call
+      hooks added after compilation. A KSS step on which no penalty entered the loss (an override that does not call
+      `super()`, blocks the forward did not run) logs a warning once per `train()` and is left out of `kss_steps`.
+    * Logged through `log()` (so `log_history`, TensorBoard and W&B see them) with the training `loss`: `kss/penalty`
+      (mean unweighted `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the
+      eigenvalues in `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean),
+      averaged over the KSS micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor,
+      1 = uncapped, this process only); `kss/task_loss`, the logged `loss` without the KSS term, reduced like `loss`
+      (mean over the optimizer steps since the last log and over processes, gradient accumulation included), which is
+      comparable with `eval_loss` and with a plain `Trainer`'s loss. The Trainer's own `loss` and `train_loss` are the
+      optimised objective, i.e. they include `alpha * penalty` on KSS steps. The statistics of KSS steps after the
+      last training log reach the final log of `train()` (the one with `train_loss`; also in the metrics `train()`
+      returns), without `kss/task_loss`.
     * `task_loss`: the detached task loss of the last training micro-batch, without the KSS term, as `compute_loss`
       of the parent `Trainer` returns it. The divergence rule is about this loss, never the objective (`L_KSS` is
       unbounded); [`RKSPCallback`] reads the same value from the model output with a forward hook, so it works with
@@ -190,14 +272,13 @@ class KSSTrainer(Trainer):
             raise TypeError(f"kss_config must be a KSSConfig, got {type(kss_config).__name__}")
         kss_config.validate()
         self.kss_config = kss_config
-        self.kss_steps: list[int] = []  # optimizer steps on which KSS ran (one entry per step, for inspection)
+        self.kss_steps: list[int] = []  # optimizer steps on which a KSS term entered the loss (one entry per step)
         self.task_loss: torch.Tensor | None = None  # last training micro-batch's task loss, without the KSS term
         self._kss_blocks: list[Any] | None = None
-        self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
-        self._kss_skipped = 0
-        self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
-        self._kss_grad_scale_count = 0
+        self._kss_blocks_model: Any = None  # weakref to the model `_kss_blocks` belong to
         self._kss_fast_cap = True  # False: always the three-pass cap (kept for the benchmark's comparison)
+        self._kss_reset_run_state()
+        self._check_not_compiled(self.model)
 
         from hf_koopman.training.callback import RKSPCallback, register_trainer  # local: callback imports nothing here
 
@@ -236,6 +317,128 @@ class KSSTrainer(Trainer):
                 )
         super().save_model(output_dir, _internal_call)
 
+    # ------------------------------------------------------------------ run set-up
+    def _kss_reset_run_state(self) -> None:
+        """Per-`train()` state: running statistics since the last log and the once-per-run warnings."""
+        self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
+        self._kss_skipped = 0
+        self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
+        self._kss_grad_scale_count = 0
+        self._kss_term_sum: torch.Tensor | None = None  # KSS share of the Trainer's running `loss` sum, on device
+        self._kss_window_start: int | None = None  # global_step of the last training log (the `loss` window start)
+        self._kss_captured: tuple[int, list[str]] | None = None  # this micro-batch: snapshots, sampled block names
+        self._kss_micro_term: torch.Tensor | None = None  # this micro-batch: the KSS term added to the loss
+        self._kss_warned_no_term = False
+
+    def _check_not_compiled(self, model: torch.nn.Module | None) -> None:
+        """Raise a `ValueError` when KSS is on and the model is, or will be, compiled by `torch.compile`."""
+        if not self.kss_config.active:
+            return
+        if self.args.torch_compile:
+            what = "torch_compile=True"
+        else:
+            compiled = _compiled_modules(model)
+            if not compiled:
+                return
+            what = "a model compiled with torch.compile (" + (
+                "the model itself" if "" in compiled else f"module {compiled[0]!r}"
+            ) + ")"
+        raise ValueError(
+            f"KSSTrainer: KSS cannot run with {what}. KSS records the inputs and outputs of the residual blocks with "
+            "forward hooks added at each KSS step, and torch.compile does not re-check hooks: it reuses a graph traced "
+            "without them, so KSS would capture nothing and train without its penalty. Pass torch_compile=False and "
+            "an uncompiled model (e.g. `compiled._orig_mod`), or kss_enabled=False to train compiled without KSS."
+        )
+
+    def call_model_init(self, trial: Any = None) -> torch.nn.Module:
+        """`Trainer.call_model_init`, refusing a compiled model while KSS is on (see `torch.compile` above)."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "kss_config"):  # the parent __init__ calls this before kss_config exists; __init__ checks
+            self._check_not_compiled(model)
+        return model
+
+    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """`Trainer.train` (same arguments), after checking that KSS can hook the model.
+
+        The KSS statistics and warnings start afresh; a model rebuilt by `model_init` is checked when it is built.
+        """
+        self._kss_reset_run_state()
+        self._check_not_compiled(None if self.model_init is not None else self.model)
+        return super().train(*args, **kwargs)
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """`Trainer.training_step`, then the KSS bookkeeping of the micro-batch.
+
+        On a KSS step it warns (once per `train()`) when no penalty entered the loss, and it keeps the share of the
+        KSS term in the loss the Trainer accumulates for `loss`, so that `log()` can report `kss/task_loss`.
+        """
+        step = self.state.global_step
+        kss_step = self.kss_active_for_step(step)
+        if self._kss_window_start is None:  # first micro-batch of this train(): the Trainer's `loss` window starts
+            self._kss_window_start = step
+        self._kss_captured = self._kss_micro_term = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if kss_step and self._kss_micro_term is None:
+            self._warn_no_term(step)
+        self._track_term(loss, num_items_in_batch)
+        return loss
+
+    def _warn_no_term(self, step: int) -> None:
+        if self._kss_warned_no_term:
+            return
+        captured = self._kss_captured
+        if captured is None:
+            cause = (
+                "KSSTrainer.compute_loss did not run on it. A subclass that overrides compute_loss must compute its "
+                "loss through super().compute_loss(model, inputs, return_outputs=..., num_items_in_batch=...): KSS "
+                "hooks the blocks inside that call"
+            )
+        elif captured[0] == 0:
+            cause = (
+                f"the hooks on the sampled blocks ({', '.join(captured[1])}) captured no token states: the forward did "
+                "not run these blocks (does kss_layers name modules the forward skips?) or ran them inside a "
+                "torch.compile'd graph, which does not call hooks added after compilation. Pass kss_layers naming the "
+                "residual blocks the forward runs, and an uncompiled model"
+            )
+        else:
+            return  # failed decompositions and non-finite penalties have their own warnings
+        self._kss_warned_no_term = True
+        logger.warning(
+            "KSS: optimizer step %d is a KSS step, but no spectral penalty entered the loss: %s; or set "
+            "kss_enabled=False. Such steps are not listed in trainer.kss_steps (this warning is given once per "
+            "train()).", step, cause,
+        )
+
+    def _track_term(self, loss: torch.Tensor, num_items_in_batch: Any) -> None:
+        """Add this micro-batch's KSS share of the returned `loss` to `_kss_term_sum`, as the Trainer adds the loss.
+
+        The Trainer divides the loss by the GA steps unless it counts as GA-scaled, in which case `compute_loss`
+        divided the term already: either way the term's share is `alpha * penalty / GA`. A non-finite loss is
+        replaced by the running mean of the window under `logging_nan_inf_filter`; the term's share follows it.
+        """
+        term = self._kss_micro_term
+        if term is None and self._kss_term_sum is None:
+            return
+        total = self._kss_term_sum
+        if total is None:
+            total = torch.zeros((), dtype=torch.float64, device=loss.device)
+        share = torch.zeros_like(total)
+        if term is not None:
+            share = term.to(device=total.device, dtype=torch.float64)
+            if not self._loss_counts_as_ga_scaled(num_items_in_batch):
+                share = share / self.current_gradient_accumulation_steps
+        if self.args.logging_nan_inf_filter and not is_torch_xla_available():
+            window = 1 + self.state.global_step - self._kss_window_start
+            self._kss_term_sum = torch.where(torch.isfinite(loss.detach().to(total.device)), total + share,
+                                             total + total / window)
+        else:
+            self._kss_term_sum = total + share
+
     # ------------------------------------------------------------------ switches
     def kss_active_for_step(self, step: int | None = None) -> bool:
         """Whether the optimizer step `step` (default: the current one) carries a KSS term."""
@@ -245,8 +448,10 @@ class KSSTrainer(Trainer):
     def _kss_select_blocks(self, model: torch.nn.Module, step: int) -> list[Any]:
         from hf_koopman.profiling import find_residual_blocks
 
-        if self._kss_blocks is None:
+        owner = self._kss_blocks_model() if self._kss_blocks_model is not None else None
+        if self._kss_blocks is None or owner is not model:  # first KSS step, or a model rebuilt by model_init
             self._kss_blocks = find_residual_blocks(model, layers=self.kss_config.layers)
+            self._kss_blocks_model = weakref.ref(model)
             if not self._kss_blocks:
                 raise ValueError("KSS found no residual blocks; pass KSSConfig(layers='model.layers') (or kss_layers).")
         blocks = self._kss_blocks
@@ -283,19 +488,14 @@ class KSSTrainer(Trainer):
 
         cfg = self.kss_config
         step = self.state.global_step
-        if not self.kss_steps or self.kss_steps[-1] != step:
-            self.kss_steps.append(step)
         unwrapped = self.accelerator.unwrap_model(model)
         blocks = self._kss_select_blocks(unwrapped, step)
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        if isinstance(inputs, dict) and inputs.get("decoder_attention_mask") is not None:
-            mask = {"": mask, "encoder": mask, "decoder": inputs["decoder_attention_mask"]}
         recorder = ResidualStreamRecorder(
             unwrapped,
             blocks,
             num_samples=cfg.num_samples,
             seed=cfg.seed + step,
-            attention_mask=mask,
+            attention_mask=_snapshot_masks(unwrapped, blocks, inputs),
             detach=False,
             check_finite=False,  # non-finite activations: the divergence guard reports them; KSS just skips
         )
@@ -308,12 +508,17 @@ class KSSTrainer(Trainer):
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         self.task_loss = loss.detach()
-        penalty = self._kss_term(recorder.snapshots(), step, device=loss.device)
+        snapshots = recorder.snapshots()
+        self._kss_captured = (len(snapshots), [block.name for block in blocks])
+        penalty = self._kss_term(snapshots, step, device=loss.device)
         if penalty is not None:
+            if not self.kss_steps or self.kss_steps[-1] != step:
+                self.kss_steps.append(step)
             if self._loss_counts_as_ga_scaled(num_items_in_batch):
                 # the Trainer will not divide by GA, so the per-micro-batch term must be (mean over micro-batches)
                 penalty = penalty / self.current_gradient_accumulation_steps
             term = cfg.alpha * penalty.to(loss.dtype)
+            self._kss_micro_term = term.detach()
             if activation_cap:
                 loss = self._activation_capped_loss(loss, term, recorder.snapshot_sources(), step)
             elif cfg.max_grad_ratio:
@@ -463,10 +668,16 @@ class KSSTrainer(Trainer):
         activations those rows come from add it, times one factor `c`, to the gradient the Trainer's backward pass
         carries there, so the parameters receive `g_task + c * g_KSS` from a single pass through the network.
         `c = min(1, max_grad_ratio * ||g_task(h)|| / ||g_KSS(pieces)||)` is fixed at the first hooked activation the
-        backward reaches, whose gradient is still the task's alone (`KSSConfig.grad_cap`). Sources that do not require
-        grad (nothing trainable below them) are skipped: their share of the gradient could not reach a parameter.
+        backward reaches, whose gradient is still the task's alone (`KSSConfig.grad_cap`). Sources with no trainable
+        parameter below them are skipped, in the injection and in `||g_KSS||` alike: their share of the gradient could
+        not reach a parameter. These are the sources that do not require grad, and those whose autograd graph reaches
+        only leaves that are not parameters (`_reaches_parameter`): the block-0 input of a model with frozen
+        embeddings that `enable_input_require_grads` or gradient checkpointing marks as requiring grad (PEFT). So the
+        factor `c` is the same with and without gradient checkpointing.
         """
-        usable = [(piece, source, rows) for piece, source, rows in sources if piece.requires_grad and source.requires_grad]
+        memo: dict[Any, bool] = {}
+        usable = [(piece, source, rows) for piece, source, rows in sources
+                  if piece.requires_grad and source.requires_grad and _reaches_parameter(source, memo)]
         if not usable or not term.requires_grad:
             if not getattr(self, "_kss_warned_no_sources", False):
                 self._kss_warned_no_sources = True
@@ -530,23 +741,39 @@ class KSSTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the `kss/*` running means to training-step logs (reduced across processes), then logs as usual."""
-        if "loss" in logs and self.kss_config.active:
-            stats = self._kss_stats
-            if stats is None:
-                stats = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=self.args.device)
-            if self.args.world_size > 1:  # every rank reaches a training-step log at the same step
-                stats = self.accelerator.reduce(stats.to(self.args.device), reduction="sum")
-            count = float(stats[-1])
-            if count > 0:
-                for key, value in zip(_STAT_KEYS, (stats[:-1] / count).tolist()):
-                    logs[key] = float(value)
-            if self._kss_grad_scale_count:
-                logs["kss/grad_scale"] = float(self._kss_grad_scale) / self._kss_grad_scale_count
-                self._kss_grad_scale = torch.zeros((), dtype=torch.float64)
-                self._kss_grad_scale_count = 0
-            if self._kss_skipped:
-                logs["kss/skipped_layers"] = float(self._kss_skipped)
-            self._kss_stats = None
-            self._kss_skipped = 0
+        """Adds the `kss/*` statistics since the last training log, then logs as usual.
+
+        They go with the training `loss` (reduced across processes; `kss/task_loss` is that `loss` without the KSS
+        term) and, for KSS steps after the last training log, with the final `train_loss` summary of `train()`.
+        """
+        training_log = "loss" in logs
+        if (training_log or "train_loss" in logs) and self.kss_config.active:
+            self._add_kss_logs(logs, training_log)
         super().log(logs, start_time)
+
+    def _add_kss_logs(self, logs: dict[str, float], training_log: bool) -> None:
+        stats = self._kss_stats
+        if stats is None:
+            stats = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=self.args.device)
+        term = self._kss_term_sum if self._kss_term_sum is not None else stats.new_zeros(())
+        row = torch.cat([stats.to(self.args.device), term.reshape(1).to(self.args.device, torch.float64)])
+        if self.args.world_size > 1:  # every rank reaches a training-step log and the summary at the same step
+            row = self.accelerator.reduce(row, reduction="sum")
+        values = row.tolist()
+        count = values[len(_STAT_KEYS)]
+        if count > 0:
+            for key, value in zip(_STAT_KEYS, values[: len(_STAT_KEYS)]):
+                logs[key] = float(value) / count
+            steps = self.state.global_step - (self._kss_window_start or 0)
+            if training_log and steps > 0:
+                # the Trainer logs mean over processes of (sum of micro-batch losses) / steps; the term's share alike
+                logs["kss/task_loss"] = float(logs["loss"]) - values[-1] / self.args.world_size / steps
+        if self._kss_grad_scale_count:
+            logs["kss/grad_scale"] = float(self._kss_grad_scale) / self._kss_grad_scale_count
+            self._kss_grad_scale = torch.zeros((), dtype=torch.float64)
+            self._kss_grad_scale_count = 0
+        if self._kss_skipped:
+            logs["kss/skipped_layers"] = float(self._kss_skipped)
+        self._kss_stats = self._kss_term_sum = None
+        self._kss_skipped = 0
+        self._kss_window_start = self.state.global_step

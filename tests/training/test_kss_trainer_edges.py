@@ -1,0 +1,401 @@
+"""KSSTrainer at the edges a user reaches: collator batches, model_init, torch.compile, compute_loss overrides, the
+task loss beside the objective, the last KSS statistics, encoder-decoder masks, PEFT with checkpointing, arguments."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import GradCapture, TokenDataset, cpu_training_args, tiny_gpt2
+from transformers import BatchEncoding, HfArgumentParser, Trainer, TrainingArguments
+
+import hf_koopman.profiling as profiling
+from hf_koopman.training import KSSConfig, KSSTrainer, KSSTrainingArguments, RKSPCallback
+
+
+KSS_SMALL = dict(kss_num_samples=256, kss_rank=8)
+NO_TERM = "no spectral penalty entered the loss"
+
+
+def _args(tmp_path, cls=KSSTrainingArguments, **kw):
+    """Two logged steps; with `KSSTrainingArguments`, KSS on every step with a small sample."""
+    base = {"max_steps": 2}
+    if cls is KSSTrainingArguments:
+        base.update(kss_every_n_steps=1, **KSS_SMALL)
+    return cpu_training_args(tmp_path, cls, **{**base, **kw})
+
+
+@pytest.fixture
+def recorders(monkeypatch):
+    """Every `ResidualStreamRecorder` that KSSTrainer.compute_loss creates, in order."""
+    made = []
+
+    class Spy(profiling.ResidualStreamRecorder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(profiling, "ResidualStreamRecorder", Spy)
+    return made
+
+
+# ---------------------------------------------------------------------------------------------- BatchEncoding
+class RaggedDataset(torch.utils.data.Dataset):
+    """Token sequences of lengths 8..32, padded by `pad_collator` as the transformers collators pad them."""
+
+    def __init__(self, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.items = [torch.randint(1, 64, (int(8 + 24 * i / max(1, n - 1)),), generator=g) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.items[i]}
+
+
+def pad_collator(features):
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, f in enumerate(features):
+        ids[row, : len(f["input_ids"])] = f["input_ids"]
+        mask[row, : len(f["input_ids"])] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return BatchEncoding({"input_ids": ids, "attention_mask": mask, "labels": labels})  # a UserDict, not a dict
+
+
+def test_batch_encoding_attention_mask_keeps_padding_out(tmp_path, recorders):
+    trainer = KSSTrainer(
+        model=tiny_gpt2(n_layer=2), args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8,
+                                               kss_layer_fraction=1.0),
+        train_dataset=RaggedDataset(), data_collator=pad_collator,
+    )
+    trainer.train()
+    real = sum(len(item) for item in RaggedDataset().items)
+    assert len(recorders) == 1
+    assert recorders[0].tokens_seen == {"transformer.h.0": real, "transformer.h.1": real}  # padding excluded
+    assert trainer.kss_steps == [0]
+
+
+# ------------------------------------------------------------------------------------------------- model_init
+def test_model_init_rebuilt_model_gets_its_own_blocks(tmp_path):
+    trainer = KSSTrainer(model_init=lambda: tiny_gpt2(n_layer=2), args=_args(tmp_path), train_dataset=TokenDataset())
+    for _ in range(2):  # train() with model_init builds a new model each time, as hyperparameter_search does
+        trainer.train()
+        penalties = [h.get("kss/penalty") for h in trainer.state.log_history if "loss" in h]
+        assert len(penalties) == 2 and all(p is not None and p > 0 for p in penalties), penalties
+        modules = set(map(id, trainer.model.modules()))
+        assert all(id(block.module) in modules for block in trainer._kss_blocks)
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_is_refused_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match=r"torch_compile=True.*forward hooks.*torch_compile=False.*kss_enabled=False"):
+        KSSTrainer(model=tiny_gpt2(n_layer=2), train_dataset=TokenDataset(),
+                   args=_args(tmp_path, torch_compile=True, torch_compile_backend="eager"))
+    with pytest.raises(ValueError, match=r"compiled with torch.compile \(the model itself\)"):
+        KSSTrainer(model=torch.compile(tiny_gpt2(n_layer=2)), args=_args(tmp_path), train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match="compiled with torch.compile"):
+        KSSTrainer(model_init=lambda: torch.compile(tiny_gpt2(n_layer=2)), args=_args(tmp_path),
+                   train_dataset=TokenDataset())
+    # KSS off: compiling is the user's business
+    KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path, torch_compile=True, torch_compile_backend="eager",
+                                                      kss_enabled=False), train_dataset=TokenDataset())
+
+    # switched on after construction: train() refuses before the first step, also for a model built by model_init
+    compiled = KSSTrainer(model=tiny_gpt2(n_layer=2), train_dataset=TokenDataset(),
+                          args=_args(tmp_path, torch_compile=True, torch_compile_backend="eager", kss_enabled=False))
+    built = KSSTrainer(model_init=lambda: torch.compile(tiny_gpt2(n_layer=2)), train_dataset=TokenDataset(),
+                       args=_args(tmp_path, kss_enabled=False))
+    for trainer in (compiled, built):
+        trainer.kss_config.enabled = True
+        with pytest.raises(ValueError, match="KSS cannot run with"):
+            trainer.train()
+        assert trainer.state.global_step == 0 and trainer.kss_steps == []
+
+
+# ----------------------------------------------------------------------------------- KSS step without a penalty
+class OwnComputeLoss(KSSTrainer):
+    """The common override that calls the model itself instead of super().compute_loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+def _no_term_warnings(caplog):
+    return [r for r in caplog.records if NO_TERM in r.getMessage()]
+
+
+def test_compute_loss_override_without_super_warns_once_per_train(tmp_path, caplog):
+    trainer = OwnComputeLoss(model=tiny_gpt2(n_layer=2), args=_args(tmp_path, max_steps=3),
+                             train_dataset=TokenDataset())
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()
+    warnings = _no_term_warnings(caplog)
+    assert len(warnings) == 1  # three KSS steps, one warning
+    text = warnings[0].getMessage()
+    assert "optimizer step 0" in text and "compute_loss did not run" in text and "super().compute_loss(" in text
+    assert "kss_enabled=False" in text
+    assert trainer.kss_steps == []  # no KSS term entered the loss: not listed as a KSS step
+    assert not any(k.startswith("kss/") for h in trainer.state.log_history for k in h)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()  # a new train(): warned again
+    assert len(_no_term_warnings(caplog)) == 1
+
+
+def test_blocks_the_forward_does_not_run_warn_and_are_not_kss_steps(tmp_path, caplog):
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    model = tiny_gpt2(n_layer=2)
+    model.unused = torch.nn.ModuleList([GPT2Block(model.config, layer_idx=0)])  # e.g. a tower this batch skips
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_layers="unused"), train_dataset=TokenDataset())
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()
+    warnings = _no_term_warnings(caplog)
+    assert len(warnings) == 1
+    assert "unused.0" in warnings[0].getMessage() and "captured no token states" in warnings[0].getMessage()
+    assert "kss_layers" in warnings[0].getMessage()
+    assert trainer.kss_steps == []
+    assert not any("kss/penalty" in h for h in trainer.state.log_history)
+
+
+def test_a_kss_step_with_a_penalty_does_not_warn(tmp_path, caplog):
+    trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path), train_dataset=TokenDataset())
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()
+    assert not _no_term_warnings(caplog) and trainer.kss_steps == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------ auto_kss
+def no_norm_gpt2(n_layer=4):
+    """GPT-2 without LayerNorm in the blocks: the paper's No-Norm setting, high risk at init."""
+    model = tiny_gpt2(n_layer=n_layer)
+    for block in model.transformer.h:
+        block.ln_1 = torch.nn.Identity()
+        block.ln_2 = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["kss-on", "kss-off"])
+def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
+    callback = RKSPCallback(auto_kss=True, num_samples=128, rank=8, save_artifacts=False)
+    state = callback.state()
+    if not enabled:  # a callback state saved by an earlier version still loads; the old key changes nothing
+        state["attributes"]["kss_auto_enabled"] = True
+        callback = RKSPCallback.from_state(state)
+    trainer = KSSTrainer(
+        model=no_norm_gpt2(), train_dataset=TokenDataset(), callbacks=[callback],
+        args=_args(tmp_path, kss_enabled=enabled, kss_every_n_steps=2, max_steps=3, kss_num_samples=128),
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert callback.init_verdict == "high risk"
+    assert "results/kss_v2.md" in caplog.text
+    if enabled:
+        assert "KSS is on because kss_enabled=True (alpha=0.15)" in caplog.text
+        assert "stays off" not in caplog.text
+        assert trainer.kss_steps == [0, 2]
+    else:
+        assert "KSS is off (kss_enabled=False) and stays off despite the high-risk verdict" in caplog.text
+        assert trainer.kss_steps == [] and not trainer.kss_config.enabled
+    assert any(h.get("kss/auto_enabled") == 0.0 for h in trainer.state.log_history)
+    assert "kss_auto_enabled" not in callback.state()["attributes"] and not hasattr(callback, "_enable_kss")
+
+
+# ------------------------------------------------------------------------------------------- kss/task_loss
+def test_task_loss_is_the_logged_loss_without_the_penalty_and_matches_a_plain_trainer(tmp_path):
+    alpha = 0.5
+    kss = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path / "kss", kss_alpha=alpha),
+                     train_dataset=TokenDataset())
+    kss.train()
+    logs = [h for h in kss.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["kss/task_loss"] < entry["loss"]
+        assert entry["kss/task_loss"] + alpha * entry["kss/penalty"] == pytest.approx(entry["loss"], rel=1e-6)
+    plain = Trainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path / "plain", TrainingArguments, max_steps=1),
+                    train_dataset=TokenDataset())
+    plain.train()
+    first = plain.state.log_history[0]["loss"]
+    assert logs[0]["kss/task_loss"] == pytest.approx(first, rel=1e-6)  # same weights, same batch, no penalty
+
+
+@pytest.mark.parametrize("scaled", [None, False], ids=["loss-scaled-for-ga", "trainer-divides"])
+def test_task_loss_is_averaged_like_loss_over_steps_and_accumulation(tmp_path, scaled):
+    # window of two optimizer steps (one with KSS), two micro-batches each: the term's share of the logged loss is
+    # alpha * penalty / 2, whoever divides by the accumulation steps
+    alpha = 0.5
+    trainer = KSSTrainer(
+        model=tiny_gpt2(n_layer=2), train_dataset=TokenDataset(n=32),
+        args=_args(tmp_path, kss_alpha=alpha, max_steps=4, logging_steps=2, kss_every_n_steps=2,
+                   gradient_accumulation_steps=2, per_device_train_batch_size=2),
+    )
+    trainer.loss_is_scaled_for_ga = scaled
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    for entry in logs:
+        share = entry["loss"] - entry["kss/task_loss"]
+        assert share == pytest.approx(alpha * entry["kss/penalty"] / 2, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------- statistics after the last log
+def test_kss_statistics_after_the_last_training_log_reach_the_final_log(tmp_path):
+    trainer = KSSTrainer(
+        model=tiny_gpt2(n_layer=2), train_dataset=TokenDataset(n=32),
+        args=_args(tmp_path, max_steps=5, logging_steps=4, kss_every_n_steps=4),
+    )
+    output = trainer.train()
+    assert trainer.kss_steps == [0, 4]
+    summary = trainer.state.log_history[-1]
+    assert "train_loss" in summary and summary["kss/penalty"] > 0 and 0 <= summary["kss/near_unit_mass"] <= 1
+    assert "kss/grad_scale" in summary and "kss/task_loss" not in summary
+    step4 = [h for h in trainer.state.log_history if h.get("step") == 4 and "loss" in h][0]
+    assert summary["kss/penalty"] != step4["kss/penalty"]  # step 4's own statistics, not the earlier window's
+    assert output.metrics["kss/penalty"] == summary["kss/penalty"]
+    assert trainer._kss_stats is None
+
+
+# ---------------------------------------------------------------------------------- encoder-decoder masks
+def test_encoder_decoder_masks_keep_padded_decoder_positions_out(tmp_path, caplog, recorders):
+    from datasets import Dataset
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (8, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0
+    ids[mask == 0] = 0
+    labels = torch.randint(5, 64, (8, 6), generator=g)
+    labels[::2, 4:] = -100  # padded labels, no decoder_attention_mask: as DataCollatorForSeq2Seq pads them
+    train = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8,
+                                                 kss_layer_fraction=1.0), train_dataset=train)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "does not match the token grid" not in caplog.text
+    seen = recorders[0].tokens_seen
+    assert seen["encoder.block.0"] == seen["encoder.block.1"] == int(mask.sum())
+    assert seen["decoder.block.0"] == seen["decoder.block.1"] == int((labels != -100).sum())
+    assert trainer.kss_steps == [0]
+
+
+def test_snapshot_masks_per_stack():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from hf_koopman.profiling import find_residual_blocks
+    from hf_koopman.training.trainer import _snapshot_masks
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                num_decoder_layers=1, num_heads=4))
+    enc, labels = torch.ones(2, 5, dtype=torch.long), torch.tensor([[3, 4, -100], [3, -100, -100]])
+    both = find_residual_blocks(model)
+    masks = _snapshot_masks(model, both, {"input_ids": enc, "attention_mask": enc, "labels": labels})
+    assert masks["encoder"] is enc and torch.equal(masks["decoder"], labels != -100)
+    dec = torch.ones(2, 3, dtype=torch.long)
+    masks = _snapshot_masks(model, both, {"attention_mask": enc, "decoder_attention_mask": dec, "labels": labels})
+    assert masks["decoder"] is dec  # an explicit decoder mask wins over the labels
+    assert _snapshot_masks(model, both, {"attention_mask": enc})["decoder"] is None  # every decoder position
+    decoder_only = find_residual_blocks(model, layers="decoder.block")  # one list: its label is not "decoder"
+    masks = _snapshot_masks(model, decoder_only, {"attention_mask": enc, "labels": labels})
+    assert torch.equal(masks[decoder_only[0].stack], labels != -100)
+    gpt = tiny_gpt2(n_layer=1)
+    assert _snapshot_masks(gpt, find_residual_blocks(gpt), BatchEncoding({"attention_mask": enc})) is enc
+    assert _snapshot_masks(gpt, find_residual_blocks(gpt), (enc,)) is None
+
+
+# ---------------------------------------------------------------------- activation cap: sources with nothing below
+def test_reaches_parameter_follows_the_autograd_graph():
+    from torch.utils.checkpoint import checkpoint
+
+    from hf_koopman.training.trainer import _reaches_parameter
+
+    weight = torch.nn.Parameter(torch.randn(3, 3))
+    frozen = torch.randn(3, 3)
+    leaf = torch.randn(2, 3).requires_grad_(True)  # an input marked as requiring grad, no parameter below
+    memo = {}
+    assert _reaches_parameter(weight, memo)
+    assert _reaches_parameter(leaf @ weight, memo)
+    assert not _reaches_parameter(leaf, memo)
+    assert not _reaches_parameter(leaf @ frozen + 1.0, memo)
+    # a custom autograd.Function (reentrant checkpointing) may hold parameters the graph does not show
+    hidden = checkpoint(lambda x: x @ weight, leaf, use_reentrant=True)
+    assert _reaches_parameter(hidden, memo)
+
+
+@pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
+def test_activation_cap_is_the_same_with_and_without_gradient_checkpointing_under_lora(tmp_path, model_kind):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build():
+        if model_kind == "gpt2":  # block 0's input is the sum of the (marked) token and position embeddings
+            return peft.get_peft_model(tiny_gpt2(n_layer=2), peft.LoraConfig(
+                r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False))
+        torch.manual_seed(0)  # block 0's input is the marked embedding output itself
+        config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
+        return peft.get_peft_model(AutoModelForCausalLM.from_config(config), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+
+    def run(sub, **kw):
+        capture = GradCapture()
+        trainer = KSSTrainer(model=build(), train_dataset=TokenDataset(), callbacks=[capture],
+                             args=_args(tmp_path / sub, max_steps=1, max_grad_norm=0.0, kss_layer_fraction=1.0,
+                                        kss_alpha=20.0, **kw))
+        trainer.train()
+        return trainer.state.log_history[0]["kss/grad_scale"], capture.grads
+
+    scale, grads = run("plain")
+    assert 0.0 < scale < 1.0  # the cap binds
+    for reentrant in (False, True):
+        gc_scale, gc_grads = run(f"gc-{reentrant}", gradient_checkpointing=True,
+                                 gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert gc_scale == pytest.approx(scale, rel=1e-6), (reentrant, gc_scale, scale)
+        for name, g in grads.items():
+            torch.testing.assert_close(gc_grads[name], g, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kss_power_iters", 1.5, "kss_power_iters must be an int >= 0, got 1.5"),
+        ("kss_oversample", 2.0, "kss_oversample must be an int >= 0, got 2.0"),
+        ("kss_tau_l", -5.0, r"kss_tau_l is the lower edge of the near-unit band .* must lie in \[0, 1\], got -5.0"),
+        ("kss_enabled", "no", "kss_enabled must be True or False, got 'no'"),
+    ],
+)
+def test_invalid_kss_arguments_are_named(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=f"^KSSTrainingArguments: {message}"):
+        KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", **{field: value})
+    with pytest.raises(ValueError, match=f"^KSSConfig: {message.replace('kss_', '')}"):
+        KSSConfig(**{field.removeprefix("kss_"): value})
+
+
+def test_kss_arguments_from_the_command_line(tmp_path):
+    parser = HfArgumentParser(KSSTrainingArguments)
+    base = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
+    (args,) = parser.parse_args_into_dataclasses(base + ["--kss_enabled", "no", "--kss_max_grad_ratio", "0",
+                                                         "--kss_power_iters", "0", "--kss_tau_l", "0"])
+    config = args.kss_config()
+    assert config.enabled is False and config.max_grad_ratio == 0.0 and config.power_iters == 0
+    assert config.tau_l == 0.0
+    with pytest.raises(ValueError, match=r"kss_tau_l .* must lie in \[0, 1\], got -5.0"):
+        parser.parse_args_into_dataclasses(base + ["--kss_tau_l", "-5"])
+    with pytest.raises(SystemExit):  # argparse's own int check
+        parser.parse_args_into_dataclasses(base + ["--kss_power_iters", "1.5"])
+    # the help names what the command line accepts: 0 disables the cap ("None" is not a number argparse takes)
+    ratio = next(a for a in parser._actions if "--kss_max_grad_ratio" in a.option_strings)
+    assert "0 disables the cap" in ratio.help and "0 or None" not in ratio.help
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(base + ["--kss_max_grad_ratio", "None"])
