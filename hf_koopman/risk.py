@@ -853,6 +853,11 @@ ADVICE = {
 TENTATIVE = "tentative: "
 
 
+def _per_dim(num_samples: int | None, hidden_size: int | None) -> float:
+    """N/d, or infinity when N or d is unknown."""
+    return num_samples / hidden_size if num_samples and hidden_size else math.inf
+
+
 def tokens_short(meta: dict[str, Any]) -> int | None:
     """The token states the inputs gave when they were fewer than the `num_samples` asked for (`meta["tokens_seen"]`
     below `meta["num_samples_requested"]`), else `None`: then a larger `num_samples` cannot help, more text can."""
@@ -879,10 +884,14 @@ class DecisionRule:
       (`results/table1.md` in the repository), so a fixed threshold would call every model high risk;
     * a layer is informative when its update is not ~0 (`degenerate`: ReZero / Fixup-style blocks, App. J) and the
       linear fit explains part of it (η_nl < `max_nonlinearity`);
-    * "uninformative" when fewer than half the layers are informative, or when the sample is too small for the
-      width: N < `min_samples_per_dim` · d. At N ≈ d the least-squares operator interpolates the sample and the
-      masses are several-fold off; Theorem 4's sampling term sqrt(d / N) + d / N exceeds 1 below N = 2.6 d. Below
-      `warn_samples_per_dim` · d the verdict carries a warning in its reason;
+    * a layer whose own sample is too small for its own width (N < `min_samples_per_dim` · d, e.g. a decoder fed a
+      few tokens next to a long encoder input, or a later stage of a hierarchical vision model) is not read either:
+      the rule reads the layers that are informative *and* adequately sampled (`reads`), and the reason says how many
+      were left out for too few token states;
+    * "uninformative" when fewer than half the layers are read, or when no layer's sample is large enough for its
+      width. At N ≈ d the least-squares operator interpolates the sample and the masses are several-fold off;
+      Theorem 4's sampling term sqrt(d / N) + d / N exceeds 1 below N = 2.6 d. Below `warn_samples_per_dim` · d (in
+      the least-sampled layer read) the verdict carries a warning in its reason;
     * the share of modes that pass the ResDMD residual test does not gate the verdict. The masses are statistics over
       all modes, as the paper's headline numbers, and they reproduce Table 1 where few modes pass: the depth-4
       Pre-LN and RMSNorm models at d = 128 have 0-1.6 % reliable modes and M≈1 = 0.12-0.15 against the paper's 0.16
@@ -910,10 +919,55 @@ class DecisionRule:
     warn_samples_per_dim: float = 8.0
 
     def is_informative(self, features: Any) -> bool:
-        """Whether the rule reads this layer (`LayerFeatures`): an update not ≈ 0 that a linear map explains in part."""
+        """Whether this layer's fit (`LayerFeatures`) carries stability information: an update not ≈ 0 that a linear
+        map explains in part. The rule reads it when its sample is also large enough for its width (`reads`)."""
         return not bool(getattr(features, "degenerate", False)) and not (
             float(getattr(features, "nonlinearity", 0.0)) >= self.max_nonlinearity
         )
+
+    def is_sampled(self, num_samples: int | None, hidden_size: int | None) -> bool:
+        """Whether N = `num_samples` token states at width d = `hidden_size` are enough for the verdict to read the
+        fit: N > 2 and N/d >= `min_samples_per_dim`. `True` when N or d is unknown."""
+        if not num_samples or not hidden_size:
+            return True
+        return num_samples > 2 and num_samples / hidden_size >= self.min_samples_per_dim
+
+    @staticmethod
+    def sample_sizes(profile: Any) -> list[tuple[int | None, int | None]]:
+        """`(N, d)` of every layer of `profile`: its `sample_sizes` (`SpectralProfile`: per layer) or, for a profile
+        without them, `settings["num_samples"]` and `settings["hidden_size"]` for every layer."""
+        count = len(profile.features)
+        sizes = getattr(profile, "sample_sizes", None)
+        if sizes is not None and len(sizes) == count:
+            return [tuple(size) for size in sizes]
+        settings = profile.settings
+        return [(settings.get("num_samples"), settings.get("hidden_size"))] * count
+
+    def undersampled(self, profile: Any) -> list[bool]:
+        """Per layer of `profile`: whether the verdict leaves it out because its own sample is too small for its own
+        width (`is_sampled` is false) while other layers' samples are large enough. When no layer's is, none is
+        flagged: the verdict is then "uninformative" on the sample size as a whole (`verdict_sample`)."""
+        sampled = [self.is_sampled(n, d) for n, d in self.sample_sizes(profile)]
+        return [not s for s in sampled] if any(sampled) else [False] * len(sampled)
+
+    def reads(self, profile: Any) -> list[bool]:
+        """Per layer of `profile`: whether the verdict reads it, i.e. it is informative (`is_informative`) and not
+        left out for too few token states (`undersampled`)."""
+        return [self.is_informative(f) and not few for f, few in zip(profile.features, self.undersampled(profile))]
+
+    def verdict_sample(self, profile: Any) -> tuple[int | None, int | None]:
+        """`(N, d)` that the verdict's sample-size checks (the N/d caution, the sampling band) use: those of the
+        least-sampled layer (smallest N/d) among the layers it reads, else among the adequately sampled ones; when no
+        layer is adequately sampled, those of the best-sampled layer (the verdict is then "uninformative"). For a
+        profile whose layers share one N and d these are `settings["num_samples"]` and `settings["hidden_size"]`."""
+        sizes = self.sample_sizes(profile)
+        if not sizes:
+            return profile.settings.get("num_samples"), profile.settings.get("hidden_size")
+        sampled = [size for size in sizes if self.is_sampled(*size)]
+        if not sampled:
+            return max(sizes, key=lambda size: _per_dim(*size))
+        read = [size for size, r in zip(sizes, self.reads(profile)) if r]
+        return min(read or sampled, key=lambda size: _per_dim(*size))
 
     def decide(
         self,
@@ -927,15 +981,16 @@ class DecisionRule:
         rank: int | None = None,
         tokens_seen: int | None = None,
         weights: str | None = None,
+        undersampled: int | None = None,
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
         Args:
             score (`float`, *optional*): mean near-unit mass over the informative layers (`None`: none is).
             kappa_median (`float`, *optional*): median κ(V) over the informative layers.
-            num_samples (`int`, *optional*): N, the token states of the fit.
-            hidden_size (`int`, *optional*): d, the width of the fit.
-            informative (`int`, *optional*): number of informative layers of the profile.
+            num_samples (`int`, *optional*): N, the token states of the fit (of the least-sampled layer read).
+            hidden_size (`int`, *optional*): d, the width of the fit (of that layer).
+            informative (`int`, *optional*): number of layers the rule reads (informative and adequately sampled).
             total (`int`, *optional*): number of layers of the profile.
             rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum); a rank-r fit explains at most
                 r of d directions of the update, so its high η_nl is the truncation's, and the reason says so.
@@ -945,6 +1000,8 @@ class DecisionRule:
             weights (`str`, *optional*): `"pretrained"` when the profiled weights come from a checkpoint
                 (`meta["weights"]`); the thresholds come from spectra at initialisation, so the reason then says that
                 the verdict is an extrapolation.
+            undersampled (`int`, *optional*): layers left out because their own N/d is below `min_samples_per_dim`
+                (counted apart from `informative`); the reason names them and how to include them.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
@@ -952,7 +1009,8 @@ class DecisionRule:
             "tentative" and names every threshold the interval crosses.
         """
         verdict, reason = self._decide(score, kappa_median, num_samples=num_samples, hidden_size=hidden_size,
-                                       informative=informative, total=total, rank=rank, tokens_seen=tokens_seen)
+                                       informative=informative, total=total, rank=rank, tokens_seen=tokens_seen,
+                                       undersampled=undersampled or 0)
         if weights == "pretrained":
             reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
                        "come from spectra at random initialisation")
@@ -973,14 +1031,18 @@ class DecisionRule:
         return tuple(t for t in (self.safe_below, self.high_risk_above) if low <= t <= high)
 
     def decide_profile(self, profile: Any) -> tuple[str, str]:
-        """`decide` on a `SpectralProfile`: its informative layers, settings, and the context its `meta` carries
-        (`tokens_seen`, `weights`)."""
+        """`decide` on a `SpectralProfile`: the layers it reads (`reads`), their sample (`verdict_sample`), the layers
+        left out for too few token states, the settings, and the context its `meta` carries (`tokens_seen`,
+        `weights`). A profile whose `rank` covered every mode (`settings["spectrum"] == "full"`) is judged as the full
+        spectrum."""
         settings, meta, features = profile.settings, profile.meta, profile.features
+        num_samples, hidden_size = self.verdict_sample(profile)
+        undersampled = sum(self.undersampled(profile))
         return self.decide(
-            profile.score, profile.kappa_median, num_samples=settings.get("num_samples"),
-            hidden_size=settings.get("hidden_size"), informative=sum(self.is_informative(f) for f in features),
-            total=len(features), rank=settings.get("rank"), tokens_seen=tokens_short(meta),
-            weights=meta.get("weights"),
+            profile.score, profile.kappa_median, num_samples=num_samples, hidden_size=hidden_size,
+            informative=sum(self.reads(profile)), total=len(features),
+            rank=None if settings.get("spectrum") == "full" else settings.get("rank"), tokens_seen=tokens_short(meta),
+            weights=meta.get("weights"), undersampled=undersampled,
         )
 
     def _decide(
@@ -994,6 +1056,7 @@ class DecisionRule:
         total: int | None,
         rank: int | None,
         tokens_seen: int | None,
+        undersampled: int = 0,
     ) -> tuple[str, str]:
         """`decide` without the note on pretrained weights."""
         ratio = num_samples / hidden_size if num_samples and hidden_size else None
@@ -1005,12 +1068,20 @@ class DecisionRule:
                 f"{self.min_samples_per_dim:g}): the least-squares operator nearly interpolates the sample, so its "
                 f"spectrum is mostly sampling error; {self._more_tokens(num_samples, hidden_size, tokens_seen)}"
             )
+        left_out = self._left_out(undersampled, total)
         if score is None or not math.isfinite(score) or (
                 informative is not None and total and informative < 0.5 * total):
             count = "" if informative is None or not total else f"{informative} of {total} layers are informative; "
+            others = total - (informative or 0) - undersampled if total else 1
+            if undersampled and others <= 0:  # every layer left out was left out for its sample
+                return "uninformative", f"{count}{left_out}"
+            one = undersampled and others == 1  # "the other 1 ... changes its input ... or is not explained"
+            who = "the others either barely change their input" if not undersampled else (
+                f"{left_out}; the other {others} either barely change{'s' if one else ''} {'its' if one else 'their'} "
+                "input")
             return "uninformative", (
-                f"{count}the others either barely change their input (block output ≈ input, e.g. zero-initialised "
-                f"residual branches) or are not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}), so the "
+                f"{count}{who} (block output ≈ input, e.g. zero-initialised residual branches) or "
+                f"{'is' if one else 'are'} not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}), so the "
                 "spectrum says little about stability at this point; profile again after a few training steps"
                 + ("" if rank is None else f"; with rank={rank} the linear fit covers {rank} of {hidden_size} "
                    "directions, so a high η_nl comes from the truncation: profile the full spectrum (rank=None)")
@@ -1032,6 +1103,8 @@ class DecisionRule:
             verdict, reason = "moderate", (
                 f"mean M≈1 = {score:.3f} lies in [{self.safe_below}, {self.high_risk_above}], a region the paper "
                 "leaves to context (architecture, normalisation, learning rate)")
+        if undersampled:
+            reason += f"; {left_out}"
         if ratio is not None and ratio < self.warn_samples_per_dim:
             reason += (f"; caution: N/d = {ratio:.2f} < {self.warn_samples_per_dim:g}, the masses carry a sampling "
                        f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative")
@@ -1043,6 +1116,19 @@ class DecisionRule:
             reason = (f"{TENTATIVE}{reason}; M≈1 = {score:.2f} ± {spread:.2f} spans the {names} "
                       f"threshold{'s' if len(crossed) > 1 else ''}, so more tokens may change the verdict")
         return verdict, reason
+
+    def _left_out(self, undersampled: int, total: int | None) -> str:
+        """The reason's clause on layers left out because their own sample is too small for their width."""
+        if not undersampled:
+            return ""
+        many = undersampled > 1
+        count = f"{undersampled} of {total} layers" if total else f"{undersampled} layer{'s' if many else ''}"
+        them = "them" if many else "it"
+        return (f"{count} {'were' if many else 'was'} left out for too few token states for "
+                f"{'their' if many else 'its'} width (N/d < {self.min_samples_per_dim:g}, e.g. a decoder fed short "
+                "sequences, or a later stage of a vision model with fewer, wider tokens); to include "
+                f"{them}, give {them} more token states: more or longer inputs (for an encoder-decoder model "
+                f"longer decoder inputs) and num_samples >= {self.min_samples_per_dim:g} d")
 
     def _more_tokens(self, num_samples: int, hidden_size: int, tokens_seen: int | None) -> str:
         """How to get a larger sample: more `num_samples`, or more text when the inputs ran out of tokens."""

@@ -16,14 +16,16 @@ lists win, because an outer "stage" may change the width and is then not a resid
 
 from __future__ import annotations
 
+import contextlib
+
 from hf_koopman.logging_utils import get_logger
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from torch import nn
 
 
-__all__ = ["ResidualBlock", "find_residual_blocks", "nested_block_lists", "unwrap_model"]
+__all__ = ["ResidualBlock", "eager_calls", "find_residual_blocks", "nested_block_lists", "unwrap_model"]
 
 logger = get_logger(__name__)
 
@@ -51,6 +53,26 @@ def eager_module(module: nn.Module) -> nn.Module:
     while (inner := _compiled_inner(module)) is not None:
         module = inner
     return module
+
+
+@contextlib.contextmanager
+def eager_calls(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model` and its sub-modules run their eager forward: the compiled call that
+    `nn.Module.compile()` installs in place (`_compiled_call_impl`) is set aside, and put back afterwards.
+
+    A diagnostic forward with recording hooks would otherwise pay for a compilation (seconds for a tiny model) and
+    break the graph at every hook; `torch.compile(model)` wrappers are unwrapped by `eager_module` instead.
+    """
+    saved = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    if saved:
+        logger.info("profiling the eager forward of %d module(s) compiled in place (module.compile())", len(saved))
+    for module, _ in saved:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in saved:
+            module._compiled_call_impl = call
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

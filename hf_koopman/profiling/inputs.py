@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -119,9 +120,11 @@ def _batch_from_mapping(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
-    """Batch dict of a bare tensor: token ids for integer tensors, the model's main input for floating ones; a model
-    that is not a `PreTrainedModel` (no `main_input_name`) and takes no such keyword gets the tensor positionally."""
-    from hf_koopman.profiling.probes import _main_input_name
+    """Batch dict of a bare tensor: the model's main input (`main_input_name`: pixel values, audio features, token
+    ids ...), so that an integer image tensor reaches `prepare_batch` as `pixel_values` and fails there with the fix;
+    token ids for an integer tensor of a text model; a model that is not a `PreTrainedModel` (no `main_input_name`)
+    and takes no such keyword gets the tensor positionally."""
+    from hf_koopman.profiling.probes import _FEATURE_INPUTS, _main_input_name
 
     if not isinstance(getattr(model, "main_input_name", None), str):
         # the keywords a wrapper of a PreTrainedModel passes on; a forward taking neither gets the tensor positionally
@@ -130,18 +133,56 @@ def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
             return {POSITIONAL_INPUT: inputs}
         if inputs.is_floating_point():
             return {key: inputs}
-    if inputs.is_floating_point():
-        return {_main_input_name(model): inputs}
+    main = _main_input_name(model)
+    if inputs.is_floating_point() or main in _FEATURE_INPUTS:
+        return {main: inputs}
     return _batch_from_mapping({"input_ids": inputs})
 
 
+def _check_feature_inputs(batch: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """Raise a `ValueError` naming the fix when pixel values or audio features are not floating point (a uint8 image
+    tensor, say): the model would fail deep inside its forward, or read them as something else."""
+    from hf_koopman.profiling.probes import _FEATURE_INPUTS
+
+    for key in _FEATURE_INPUTS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex():
+            processor = "AutoImageProcessor" if key == "pixel_values" else "AutoFeatureExtractor"
+            raise ValueError(
+                f"{type(model).__name__} takes floating-point {key}, got a {str(value.dtype).removeprefix('torch.')} "
+                f"tensor of shape {tuple(value.shape)}; pass the output of the model's processor "
+                f"({processor}.from_pretrained(<model id>)(..., return_tensors='pt')), or convert and normalise it "
+                f"yourself as the processor does (e.g. images: x.float() / 255, then the processor's mean and std) "
+                f"and pass inputs={{'{key}': x}}."
+            )
+
+
+def _dataset_chunks(dataset: Any, batch_size: int, rows: Iterator[dict] | None) -> Iterator[dict[str, list]]:
+    """Column dicts of `batch_size` rows each: slices of a `datasets.Dataset`, or rows of an `IterableDataset` (or of
+    `rows`, when given) taken lazily, so that reading stops once `profile()` has enough tokens."""
+    if rows is None and hasattr(dataset, "__len__"):
+        for start in range(0, len(dataset), batch_size):
+            yield dataset[start : start + batch_size]
+        return
+    rows = iter(dataset) if rows is None else rows
+    while chunk := list(itertools.islice(rows, batch_size)):
+        yield {key: [row[key] for row in chunk] for key in chunk[0]}
+
+
 def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max_length: int) -> Iterator[dict]:
-    columns = list(dataset.column_names)
+    columns = list(dataset.column_names or [])
+    rows = None
+    if not columns:  # an IterableDataset whose features are unknown until read: take them from its first row
+        rows = iter(dataset)
+        first = next(rows, None)
+        if first is None:
+            return
+        columns = list(first)
+        rows = itertools.chain([first], rows)
     if "input_ids" in columns or "pixel_values" in columns:
         keep = [c for c in columns if c not in _LABEL_KEYS]
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-        for start in range(0, len(dataset), batch_size):
-            chunk = dataset[start : start + batch_size]
+        for chunk in _dataset_chunks(dataset, batch_size, rows):
             if "pixel_values" in keep:
                 yield {"pixel_values": torch.as_tensor(chunk["pixel_values"], dtype=torch.float32)}
             else:
@@ -156,7 +197,7 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
         )
     texts: list[str] = []
     first = True
-    for text in dataset[text_column]:
+    for text in dataset[text_column] if rows is None else (row[text_column] for row in rows):
         if text and text.strip():
             texts.append(text)
         if len(texts) == batch_size:
@@ -262,6 +303,7 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     its dtype) and add decoder inputs for encoder-decoder models (the decoder is probed with the encoder's tokens)."""
     if isinstance(batch.get("input_ids"), torch.Tensor):
         _check_token_ids(batch["input_ids"], model)
+    _check_feature_inputs(batch, model)
     try:
         param = next(model.parameters())
         device, dtype = param.device, param.dtype

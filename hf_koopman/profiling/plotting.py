@@ -13,12 +13,26 @@ if TYPE_CHECKING:
 
 __all__ = ["plot_eigenvalues", "plot_masses", "plot_profile", "save_plots"]
 
-_MASSES = (
-    ("near_unit_mass", "M≈1 (near-unit)"),
-    ("unstable_mass", "M>1 (expansive)"),
-    ("mid_mass", "M mid"),
-    ("contractive_mass", "M<1 (contractive)"),
-)
+
+def _mass_labels(profile: SpectralProfile) -> tuple[tuple[str, str], ...]:
+    """`(feature, legend label)` of the four masses, with the bands of this profile's settings: the contractive mass
+    counts |λ| < `contractive_below` (0.80 by default), not |λ| < 1."""
+    low, high = _band(profile)
+    below = float(profile.settings.get("contractive_below", 0.80))
+    return (
+        ("near_unit_mass", f"M≈1 (near-unit, {low:.2f} ≤ |λ| ≤ {high:.2f})"),
+        ("unstable_mass", f"M>1 (expanding, |λ| > {high:.2f})"),
+        ("mid_mass", f"mid ({below:.2f} ≤ |λ| < {low:.2f})"),
+        ("contractive_mass", f"M<{below:.2f} (contracting, |λ| < {below:.2f})"),
+    )
+
+
+def _verdict_label(profile: SpectralProfile) -> str:
+    """The verdict as the report's bold line says it: "(tentative)" when the reason starts with "tentative:"."""
+    from hf_koopman.risk import TENTATIVE
+
+    verdict, reason = profile.rule.decide_profile(profile)
+    return f"{verdict} (tentative)" if reason.startswith(TENTATIVE) else verdict
 
 
 def _pyplot():
@@ -87,18 +101,24 @@ def plot_eigenvalues(profile: SpectralProfile, ax: Any = None) -> Any:
 
 
 def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
-    """Per-layer spectral masses (Definition 1) vs depth; degenerate layers are marked with a grey background."""
+    """Per-layer spectral masses (Definition 1) vs depth; the layers the verdict leaves out (degenerate, not linear,
+    too few token states for their width) are marked with a grey background."""
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 4))
     depth = np.arange(len(profile.layers))
-    for field_name, label in _MASSES:
+    for field_name, label in _mass_labels(profile):
         ax.plot(depth, [float(getattr(f, field_name)) for f in profile.features], marker="o", ms=3, label=label)
-    for i, f in enumerate(profile.features):
-        if bool(getattr(f, "degenerate", False)):
-            ax.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.2, lw=0)
-    ax.axhline(profile.rule.safe_below, color="tab:green", ls="--", lw=0.8, label="safe below (mean M≈1)")
-    ax.axhline(profile.rule.high_risk_above, color="tab:red", ls="--", lw=0.8, label="high risk above")
+    shaded = False
+    for i, read in enumerate(profile.rule.reads(profile)):
+        if not read:
+            ax.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.2, lw=0,
+                       label=None if shaded else "left out of the verdict")
+            shaded = True
+    ax.axhline(profile.rule.safe_below, color="tab:green", ls="--", lw=0.8,
+               label=f"safe below {profile.rule.safe_below:g} (mean M≈1)")
+    ax.axhline(profile.rule.high_risk_above, color="tab:red", ls="--", lw=0.8,
+               label=f"high risk above {profile.rule.high_risk_above:g}")
     stacks = profile.stacks
     for i in range(1, len(stacks)):
         if stacks[i] != stacks[i - 1]:
@@ -108,8 +128,9 @@ def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("fraction of eigenvalues")
-    ax.set_title(f"Spectral masses vs depth — verdict: {profile.verdict}")
+    reliable = " (ResDMD-reliable only)" if profile.settings.get("reliable_only") else ""
+    ax.set_ylabel(f"fraction of eigenvalues{reliable}")
+    ax.set_title(f"Spectral masses vs depth — verdict: {_verdict_label(profile)}")
     ax.legend(fontsize=7, ncol=2)
     return ax
 

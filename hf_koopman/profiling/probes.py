@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 
-__all__ = ["NoDefaultProbeError", "default_probe_inputs", "synthetic_token_sequences"]
+__all__ = ["NoDefaultProbeError", "default_probe_inputs", "max_sequence_length", "synthetic_token_sequences"]
 
 
 class NoDefaultProbeError(ValueError):
@@ -75,6 +75,27 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
         if value is not None:
             return value
     return default
+
+
+def max_sequence_length(model_or_config: Any) -> int | None:
+    """The longest token sequence the model's position table can index, or `None` when nothing bounds it.
+
+    `max_position_embeddings` (or `n_positions`, `max_seq_len`, `seq_length`) of the text config, less the offset of
+    RoBERTa-style embeddings: their position ids start after `padding_idx` (`create_position_ids_from_input_ids`), so a
+    position table with `padding_idx` p holds `num_embeddings - p - 1` usable positions (RoBERTa: 514 - 2 = 512).
+    """
+    config = _config_of(model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = _get(text, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+    limit = limit if isinstance(limit, int) and limit > 0 else None
+    if isinstance(model_or_config, torch.nn.Module):
+        for name, module in model_or_config.named_modules():
+            padding = getattr(module, "padding_idx", None)
+            if (isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] == "position_embeddings"
+                    and isinstance(padding, int) and padding >= 0):
+                usable = module.num_embeddings - padding - 1
+                limit = usable if limit is None else min(limit, usable)
+    return max(limit, 1) if limit is not None else None
 
 
 _GRID_KEYS = ("grid_thw", "image_grid_thw")
@@ -134,6 +155,23 @@ def _packed_patch_inputs(
     return out
 
 
+def _decoder_probe(config: Any, batch: int, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """`decoder_input_ids` `(batch, T)` for a speech encoder-decoder (Whisper, Speech2Text): the decoder start token,
+    then synthetic tokens (App. D.2), T = `num_tokens / batch` up to the decoder's positions (`max_target_positions`),
+    so that the decoder blocks see about as many distinct token states as the encoder's without a larger audio
+    batch (the encoder's cost). A constant start token everywhere would give the decoder a few distinct states only.
+    """
+    start = _get(config, "decoder_start_token_id", default=0)
+    vocab = _get(config, "vocab_size")
+    limit = _get(config, "max_target_positions", default=448)
+    length = max(1, min(int(limit), math.ceil(num_tokens / batch)))
+    if not isinstance(vocab, int) or vocab < 2 or length == 1:
+        return torch.full((batch, length), start)
+    ids = synthetic_token_sequences(batch, length, vocab, generator=generator)
+    ids[:, 0] = start
+    return ids
+
+
 def default_probe_inputs(
     model_or_config: Any,
     *,
@@ -158,7 +196,8 @@ def default_probe_inputs(
         (+ `decoder_input_ids` for encoder-decoder models, + `bbox` `(B, T, 4)` for layout models whose forward takes
         boxes), `pixel_values` `(B, C, H, W)` for vision (`(B, T, C, H, W)` clips when the config has `num_frames`),
         flattened patches `(P, C * t * p * p)` + `grid_thw` `(num_images, 3)` for packed-patch vision encoders
-        (Qwen-VL style), `input_values` `(B, S)` or `input_features` `(B, M, F)` for audio. The input kind follows the
+        (Qwen-VL style), `input_values` `(B, S)` or `input_features` `(B, M, F)` for audio (+ `decoder_input_ids`
+        `(B, T)` for speech encoder-decoders, T up to `max_target_positions`). The input kind follows the
         model's forward signature when its `main_input_name` is not one of the forward's arguments.
     """
     if num_tokens < 2:
@@ -195,7 +234,7 @@ def default_probe_inputs(
         features = torch.randn(batch, mels, frames, generator=generator)
         out: dict[str, torch.Tensor] = {"input_features": features}
         if getattr(config, "is_encoder_decoder", False):
-            out["decoder_input_ids"] = torch.full((batch, 8), _get(config, "decoder_start_token_id", default=0))
+            out["decoder_input_ids"] = _decoder_probe(config, batch, num_tokens, generator)
         return out
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -204,7 +243,7 @@ def default_probe_inputs(
         raise NoDefaultProbeError(
             f"cannot build default probe tokens for {type(config).__name__}: it has no integer vocab_size"
         )
-    max_len = _get(text, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", default=None)
+    max_len = max_sequence_length(model_or_config)
     length = seq_len or _PAPER_SEQ_LEN
     if isinstance(max_len, int) and max_len > 0:
         length = min(length, max_len)

@@ -20,9 +20,15 @@ from tqdm.auto import tqdm
 
 from hf_koopman.koopman.dmd import check_eig_dtype, sample_size_note
 from hf_koopman.logging_utils import get_logger, show_progress
-from hf_koopman.profiling.blocks import eager_module, find_residual_blocks, nested_block_lists, unwrap_model
+from hf_koopman.profiling.blocks import (
+    eager_calls,
+    eager_module,
+    find_residual_blocks,
+    nested_block_lists,
+    unwrap_model,
+)
 from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
-from hf_koopman.profiling.probes import default_probe_inputs
+from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
 
@@ -38,13 +44,22 @@ _LAYERS_HINT = "`layers=` (CLI: `--layers`)"
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model.eval()` for the block, then every sub-module's own train/eval flag as the caller had it."""
+    """`model.eval()` for the block, then every sub-module's own train/eval flag as the caller had it.
+
+    The flags come back through each module's own `train()`, called in pre-order only where the flag differs: a
+    module's `train()` also resets its children, which are visited after it, and overrides of `train()` see every
+    switch they would see after the caller's own `model.train()` (LeViT clears its attention-bias cache there; setting
+    `module.training` directly would leave the cache of the eval forward stale).
+    """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
         for module, training in modes:
+            if module.training != training:
+                module.train(training)
+        for module, training in modes:  # a `train()` override that does not set the flag itself
             module.training = training
 
 
@@ -61,6 +76,17 @@ def _keywords(function: Callable[..., Any]) -> list[str]:
     """Names `function` takes by keyword, in signature order (no `*args` / `**kwargs`)."""
     return [name for name, p in inspect.signature(function).parameters.items()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _feature_settings(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The `spectral_features` options a profile was analysed with (the defaults, updated by `given`), as settings:
+    `reliable_only` and `degenerate_tol` change the masses and which layers count as degenerate."""
+    from hf_koopman.koopman import spectral_features
+
+    params = inspect.signature(spectral_features).parameters
+    out = {name: params[name].default for name in _feature_keywords()}
+    out.update({name: value for name, value in given.items() if name in out})
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in out.items()}
 
 
 def _feature_keywords() -> list[str]:
@@ -97,8 +123,9 @@ def _check_analysis_keywords(given: Mapping[str, Any], caller: Callable[..., Any
     _check_keywords(given, caller.__name__, _keywords(caller), passed_on, set_here)
 
 
-def _as_count(value: Any, name: str, minimum: int) -> int:
-    """`value` as a Python int >= `minimum`; integer-likes (`numpy.int64`, ...) pass, bools and floats do not."""
+def _as_count(value: Any, name: str, minimum: int, hint: str = "") -> int:
+    """`value` as a Python int >= `minimum`; integer-likes (`numpy.int64`, ...) pass, bools and floats do not.
+    `hint` (what the argument means, what to pass) ends the error message."""
     try:
         if isinstance(value, (bool, np.bool_)):
             raise TypeError
@@ -106,8 +133,76 @@ def _as_count(value: Any, name: str, minimum: int) -> int:
     except TypeError:
         count = None
     if count is None or count < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}{'; ' + hint if hint else ''}.")
     return count
+
+
+def _check_seed(seed: Any) -> int:
+    """`seed` as a Python int (it seeds `torch.Generator`, which takes integers only)."""
+    try:
+        if isinstance(seed, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an int, got {seed!r}; pass e.g. seed=0.") from None
+
+
+def _check_rank(rank: Any, randomized: Any) -> int | None:
+    """Validated `rank` (`None` or an int >= 1) and its `randomized` companion (`None`, `True` or `False`); raised
+    before any forward pass or analysis."""
+    if rank is not None:
+        try:
+            rank = _as_count(rank, "rank", 1)
+        except ValueError:
+            raise ValueError(
+                f"rank must be a positive int or None (the full spectrum), got {rank!r}; pass e.g. rank=32 for the "
+                "paper's rank-r recipe, or leave it out."
+            ) from None
+    if randomized is not None and not isinstance(randomized, (bool, np.bool_)):
+        raise ValueError(f"randomized must be True, False or None, got {randomized!r}.")
+    if randomized and rank is None:
+        raise ValueError(
+            "randomized=True needs a rank: the randomized range finder approximates a rank-r subspace. Pass a rank "
+            "as well (e.g. rank=32, the paper's recipe), or leave randomized out for the full spectrum."
+        )
+    return rank
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    """Attach `note` to `err` (Python >= 3.11; the traceback prints it), keeping the exception's type."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+
+
+def _describe_inputs(batch: Mapping[str, Any], args: Sequence[Any] = ()) -> str:
+    """The inputs of one forward call in words: name, shape and dtype of each tensor, the type of anything else."""
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        return type(value).__name__
+
+    parts = [f"positional {one(value)}" for value in args] + [f"{key} {one(value)}" for key, value in batch.items()]
+    return ", ".join(parts) or "no inputs"
+
+
+def _spectrum_settings(rank: int | None, randomized: bool | None, truncated: int, total: int) -> dict[str, Any]:
+    """What was computed: `spectrum`, `rank`, `randomized` (and a `rank_note` where `rank` covered every mode of
+    some layers: `rank` >= min(N, d) there computes their full spectrum, with the same eigenvalues)."""
+    if rank is None:
+        return {"spectrum": "full", "rank": None, "randomized": False}
+    used_randomized = truncated > 0 and (randomized is None or bool(randomized))
+    if truncated == total:
+        return {"spectrum": f"rank-{rank} approximation", "rank": rank, "randomized": used_randomized}
+    if truncated == 0:
+        return {"spectrum": "full", "rank": rank, "randomized": False,
+                "rank_note": f"rank={rank} >= min(N, d) in every layer: all modes were computed, the full spectrum"}
+    return {
+        "spectrum": f"rank-{rank} approximation in {truncated} of {total} layers, full spectrum in the others",
+        "rank": rank, "randomized": used_randomized, "truncated_layers": truncated,
+        "rank_note": (f"rank={rank} >= min(N, d) in {total - truncated} of {total} layers: all their modes were "
+                      "computed"),
+    }
 
 
 def _check_learning_rate(learning_rate: Any) -> float | None:
@@ -214,9 +309,12 @@ def profile_from_snapshots(
             `None` (default): the full spectrum of the whitened operator, all min(N - 1, d) identifiable modes, the
             quantity of the paper's Table 1. An int r < min(N, d) selects the rank-r approximation instead (the
             paper's stated r = 32 recipe); it keeps the r directions of largest whitened output energy and is biased
-            toward expanding modes (`results/rank_vs_exact.md`), so its masses are not comparable with Table 1.
+            toward expanding modes (`results/rank_vs_exact.md`), so its masses are not comparable with Table 1. A
+            layer with r >= min(N, d) gets every mode, its full spectrum; `settings["spectrum"]` says what was
+            computed ("full" when every layer got every mode, with a `rank_note`).
         randomized (`bool`, *optional*):
             With `rank`, find the rank-r subspace with a randomized range finder [Erichson et al.]; defaults to `True`.
+            `True` without `rank` is a ValueError (the full spectrum has no subspace to approximate).
         eps (`float`, defaults to 1e-5): ridge of the whitening covariance (Eq. 9).
         near_band (`tuple[float, float]`, defaults to `(0.90, 1.05)`): the near-unit band of Definition 1.
         contractive_below (`float`, defaults to 0.80): modes below this modulus count as contractive.
@@ -235,11 +333,13 @@ def profile_from_snapshots(
             `compute_kreiss`, `eps_residual`, `eps_nl`).
 
     Returns:
-        `SpectralProfile`.
+        `SpectralProfile`; its `settings` record what was computed and the `spectral_features` options, its
+        `layer_sizes` each layer's N and d.
 
     Raises:
         TypeError: a keyword argument neither this function nor `spectral_features` takes (checked before any
             analysis; the message names the closest accepted one).
+        ValueError: a bad `rank` or `randomized=True` without a rank (before any analysis), or non-finite snapshots.
 
     Logs:
         The sample-size note of `whitened_dmd` (N < d: the estimate is rank-limited) through the `hf_koopman` logger
@@ -253,11 +353,7 @@ def profile_from_snapshots(
     snapshots = list(snapshots)
     if not snapshots:
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
-    if rank is not None:
-        try:
-            rank = _as_count(rank, "rank", 1)
-        except ValueError:
-            raise ValueError(f"rank must be a positive int or None (exact DMD), got {rank!r}.") from None
+    rank = _check_rank(rank, randomized)
     for name, X, Y in snapshots:
         if X.shape != Y.shape or X.dim() != 2:
             raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
@@ -277,11 +373,14 @@ def profile_from_snapshots(
     progress = show_progress(progress)
     bar = tqdm(total=len(snapshots), desc="whitened DMD", unit="layer", disable=not progress)
     sample_size_notes: dict[str, None] = {}  # N < d (or N <= rank) notes, logged once below
+    truncated = 0  # layers analysed at rank r (rank >= min(N, d) computes every mode: the full spectrum)
     try:
         for chunk in chunks:
             n, d = snapshots[chunk[0]][1].shape
             layer_rank = None if rank is None or rank >= min(n, d) else rank
-            use_randomized = (layer_rank is not None) if randomized is None else randomized
+            truncated += len(chunk) if layer_rank is not None else 0
+            # a layer whose every mode is computed (rank >= min(N, d)) has no subspace to find, randomized or not
+            use_randomized = layer_rank is not None and (randomized is None or bool(randomized))
             X, Y = _stack_chunk([snapshots[i] for i in chunk])
             names = [snapshots[i][0] for i in chunk]
             try:
@@ -315,18 +414,20 @@ def profile_from_snapshots(
     feats = [f for _, f in layers]
     aggregates = dict(aggregate_features(feats))
     aggregates["near_unit_mass_x_log10_kappa_mean"] = _composite(feats)
+    sizes = [(int(X.shape[0]), int(X.shape[1])) for _, X, _ in snapshots]
     settings = {
-        "num_samples": int(snapshots[0][1].shape[0]),
-        "hidden_size": int(snapshots[0][1].shape[1]),
-        "spectrum": "full" if rank is None else f"rank-{rank} approximation",
-        "rank": rank,
-        "randomized": bool(randomized) if randomized is not None else rank is not None,
+        # the first layer's N and d; every layer's are in `SpectralProfile.layer_sizes` (profile.json: per layer)
+        "num_samples": sizes[0][0],
+        "hidden_size": sizes[0][1],
+        "samples_per_dim_min": round(min(n / d for n, d in sizes), 4),
+        **_spectrum_settings(rank, randomized, truncated, len(snapshots)),
         "eps": eps,
         "near_band": list(near_band),
         "contractive_below": contractive_below,
         "residual_tol": residual_tol,
         "seed": seed,
         "eig_dtype": None if eig_dtype is None else str(eig_dtype).removeprefix("torch."),
+        **_feature_settings(feature_kwargs),
     }
     meta = dict(meta or {})
     meta.setdefault("analysis_time_s", round(analysis_time, 4))
@@ -338,6 +439,7 @@ def profile_from_snapshots(
         model_name=model_name,
         settings=settings,
         meta=meta,
+        layer_sizes=sizes,
     )
 
 
@@ -378,7 +480,8 @@ def profile(
         seed (`int`, defaults to 0): seeds the probe, the subsampling and the randomized DMD.
         layers (*optional*): override of the block discovery (see `find_residual_blocks`).
         tokenizer (*optional*): tokenizer for text inputs.
-        batch_size (`int`, defaults to 8), max_length (`int`, defaults to 256): batching / truncation of text inputs.
+        batch_size (`int`, defaults to 8), max_length (`int`, defaults to 256): batching / truncation of text inputs
+            (at least 1 and 2); `max_length` is also cut to the positions the model can index.
         max_tokens (`int`, *optional*): stop reading batches once this many valid tokens have been seen; defaults to
             `16 * num_samples` so that a large DataLoader is not consumed entirely (the sample stays uniform over the
             tokens read).
@@ -398,8 +501,10 @@ def profile(
     Raises:
         TypeError: `model` is not an `nn.Module`, or a keyword argument that neither `profile` nor the analysis takes
             (the message names the closest accepted one).
-        ValueError: a bad `num_samples`, `learning_rate` or `eig_dtype`, unknown model structure (the message names
-            the `layers=` override to use) or non-finite activations (naming the first bad block).
+        ValueError: a bad `num_samples`, `rank` (or `randomized=True` without one), `seed`, `batch_size`,
+            `max_length`, `max_tokens`, `learning_rate` or `eig_dtype` (all before the forward pass), inputs the model
+            does not take (naming what was passed), unknown model structure (the message names the `layers=`
+            override to use) or non-finite activations (naming the first bad block).
     """
     if isinstance(model, (str, os.PathLike)):  # a Hub id or a local folder: profile() takes the loaded model
         raise TypeError(
@@ -413,7 +518,15 @@ def profile(
             "first, e.g. AutoModel.from_pretrained(model_id)."
         )
     _check_analysis_keywords(analysis_kwargs, profile, _SET_BY_PROFILE)
+    # every argument is checked here, before the forward pass (a bad one would fail after it, or deep inside it)
     num_samples = _as_count(num_samples, "num_samples", 2)
+    rank = _check_rank(rank, analysis_kwargs.get("randomized"))
+    seed = _check_seed(seed)
+    batch_size = _as_count(batch_size, "batch_size", 1, "it is the number of texts or dataset rows per forward pass")
+    max_length = _as_count(max_length, "max_length", 2, "it is the longest text sequence in tokens (e.g. 256)")
+    if max_tokens is not None:
+        max_tokens = _as_count(max_tokens, "max_tokens", 1, "it stops reading inputs after this many valid tokens; "
+                               "None reads up to 16 * num_samples")
     progress = show_progress(progress)
     learning_rate = _check_learning_rate(learning_rate)
     check_eig_dtype(eig_dtype)
@@ -422,15 +535,14 @@ def profile(
     if inputs is None:
         inputs = default_probe_inputs(inner, num_tokens=num_samples, seed=seed)
     max_tokens = 16 * num_samples if max_tokens is None else max_tokens
-    text_config = getattr(inner, "config", None)
-    text_config = text_config.get_text_config() if hasattr(text_config, "get_text_config") else text_config
-    positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
-    if isinstance(positions, int) and positions > 0:
+    positions = max_sequence_length(inner)
+    if positions is not None:
         max_length = min(max_length, positions)  # longer texts would index past the position table
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
     # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
     runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-    # torch.compile: a diagnostic forward with recording hooks would pay for a compilation and graph breaks at the hooks
+    # torch.compile: a diagnostic forward with recording hooks would pay for a compilation and graph breaks at the
+    # hooks; `torch.compile(model)` wrappers are unwrapped here, `model.compile()` is set aside by `eager_calls`
     runner = eager_module(runner)
     start = time.perf_counter()
     called: set[str] = set()  # blocks the forward pass entered
@@ -466,15 +578,23 @@ def profile(
                     }
                     try:
                         runner(*args, **batch)
-                    except (TypeError, ValueError) as err:
+                    except (TypeError, ValueError, AttributeError) as err:
                         if called:  # a block ran: the error is the model's own, not the inputs'
+                            _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
+                                           f"{_describe_inputs(batch, args)}")
                             raise
                         given = sorted(raw) if isinstance(raw, Mapping) else [type(raw).__name__]
                         raise ValueError(
                             f"{type(inner).__name__} rejected the inputs before any block ran (given {given}): "
-                            f"{str(err).rstrip('.')}. Pass inputs this model's forward takes (input_ids for a text "
-                            "model, pixel_values for a vision model, ...), or inputs=None for the default probe."
+                            f"{type(err).__name__}: {str(err).rstrip('.')}. Its forward was called with "
+                            f"{_describe_inputs(batch, args)}. Pass inputs this model's forward takes (input_ids for a "
+                            "text model, float pixel_values for a vision model, ...), or inputs=None for the default "
+                            "probe."
                         ) from err
+                    except Exception as err:
+                        _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
+                                       f"{_describe_inputs(batch, args)}")
+                        raise
                     batches += 1
                     seen = recorder.tokens_seen
                     if seen and min(seen.values()) >= max_tokens:
@@ -485,7 +605,7 @@ def profile(
             bar.close()
         return recorder, batches
 
-    with _eval_mode(model):  # every sub-module gets its own train/eval flag back
+    with _eval_mode(model), eager_calls(runner):  # every sub-module gets its own train/eval flag back
         # auto-discovered lists whose blocks change the width are skipped; a user's explicit `layers=` must be right
         recorder, batches = record(blocks, "raise" if layers is not None else "drop")
         if not recorder.snapshots() and recorder.dropped and layers is None and _reiterable(inputs):

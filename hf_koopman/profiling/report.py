@@ -18,6 +18,10 @@ __all__ = ["render_report", "save_profile"]
 logger = get_logger(__name__)
 
 
+#: `spectral_features` options recorded in a profile's settings (`profile_from_snapshots`), listed in the report
+_FEATURE_OPTIONS = ("reliable_only", "degenerate_tol", "compute_kreiss", "eps_residual", "eps_nl")
+
+
 def _fmt(value: object, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else ""
@@ -57,48 +61,97 @@ def _token_limited(profile: SpectralProfile) -> bool:
     return tokens_short(profile.meta) is not None
 
 
-def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
-    """Plain-words summary of what the spectrum says and how far the fit behind it can be trusted; `tentative`: the
-    verdict's reason says the score's sampling band reaches a threshold."""
-    feats = profile.features
-    if not feats:
+def _reliable_only(profile: SpectralProfile) -> bool:
+    """Whether the masses and ρ count only the modes that pass the ResDMD test (`reliable_only=True`)."""
+    return bool(profile.settings.get("reliable_only", False))
+
+
+def _left_out_words(profile: SpectralProfile, reads: list[bool]) -> str:
+    """Why the layers the verdict does not read are left out, with counts, e.g. "2 degenerate or not explained by a
+    linear map, 1 with too few token states for its width"."""
+    undersampled = profile.rule.undersampled(profile)
+    few = sum(undersampled)
+    unfit = sum(1 for read, short in zip(reads, undersampled) if not read and not short)
+    parts = ([f"{unfit} degenerate or not explained by a linear map"] if unfit else []) + (
+        [f"{few} with too few token states for {'its' if few == 1 else 'their'} width"] if few else [])
+    return ", ".join(parts)
+
+
+def _spectrum_lines(profile: SpectralProfile) -> list[str]:
+    """What was computed, when it is not the full spectrum of every layer."""
+    spectrum = profile.settings.get("spectrum")
+    if not spectrum or spectrum == "full":
         return []
-    n, d = profile.settings.get("num_samples"), profile.settings.get("hidden_size")
+    biased = ("it keeps the directions of largest output energy and is biased toward expanding modes (near-unit mass "
+              "~0 on Pre-LN models whose full spectrum has ~0.16)")
+    truncated = profile.settings.get("truncated_layers")
+    if truncated is not None:  # mixed: rank >= min(N, d) in some layers, which then have all their modes
+        return [
+            f"- This is the **{spectrum}**: the truncated layers' masses are not those of the full spectrum ({biased}),"
+            " so the paper's thresholds do not apply to the mean over them; profile with rank=None for the full "
+            "spectrum of every layer."
+        ]
+    return [f"- This is the **{spectrum}**, not the full spectrum: {biased}, so the paper's thresholds do not apply "
+            "to it."]
+
+
+def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
+    """Plain-words summary of what the spectrum says and how far the fit behind it can be trusted, over the layers
+    the verdict reads; `tentative`: the verdict's reason says the score's sampling band reaches a threshold."""
+    if not profile.features:
+        return []
+    reads = profile.rule.reads(profile)
+    total = len(reads)
+    feats = [f for f, read in zip(profile.features, reads) if read]
+    left_out = total - len(feats)
+    if not feats:  # nothing the verdict reads: describe every layer, and say so
+        feats = profile.features
+        scope = (f"None of the {total} blocks is informative for the verdict ({_left_out_words(profile, reads)}); "
+                 f"across all {total} of them")
+    elif left_out:
+        scope = (f"Over the {len(feats)} informative blocks the verdict reads ({left_out} of {total} left out: "
+                 f"{_left_out_words(profile, reads)})")
+    else:
+        scope = f"Across the {total} blocks"
+    n, d = profile.rule.verdict_sample(profile)
     modes = sum(f.n_modes for f in feats)
     reliable = sum(f.n_reliable for f in feats) / modes if modes else float("nan")
     eta = sum(f.nonlinearity for f in feats) / len(feats)
-    informative = len(profile.informative_layers)
     near = sum(f.near_unit_mass for f in feats) / len(feats)
     unstable = sum(f.unstable_mass for f in feats) / len(feats)
     contractive = sum(f.contractive_mass for f in feats) / len(feats)
     mid = sum(f.mid_mass for f in feats) / len(feats)
     lo, hi, below, tau = _bands(profile)
+    which = "reliable modes (those that pass the ResDMD test, `reliable_only=True`)" if _reliable_only(profile) \
+        else "modes"
     lines = ["## What this spectrum says", ""]
     lines.append(
-        f"- Across the {len(feats)} blocks, on average {near:.0%} of the modes of the whitened block map are near-unit "
+        f"- {scope}, on average {near:.0%} of the {which} of the whitened block map are near-unit "
         f"({lo} ≤ |λ| ≤ {hi}: passed on almost unchanged), {unstable:.0%} expand (|λ| > {hi}), {contractive:.0%} "
         f"contract (|λ| < {below}) and {mid:.0%} lie in between ({below} ≤ |λ| < {lo}). Expanding modes are normal "
         "for normalised models at initialisation (the paper's Pre-LN has 54 %); what the paper links to divergence is "
         "a large near-unit share, i.e. little damping."
     )
-    spectrum = profile.settings.get("spectrum")
-    if spectrum and spectrum != "full":
-        lines.append(
-            f"- This is the **{spectrum}**, not the full spectrum: it keeps the directions of largest output energy and "
-            "is biased toward expanding modes (near-unit mass ~0 on Pre-LN models whose full spectrum has ~0.16), so "
-            "the paper's thresholds do not apply to it."
-        )
+    if _reliable_only(profile):
+        lines.append("- The masses count only the modes that pass the ResDMD residual test (`reliable_only=True`); the "
+                     "paper's masses and thresholds count every mode.")
+    lines += _spectrum_lines(profile)
+    sampled = f", N/d ≥ {profile.rule.min_samples_per_dim:g}" if any(profile.rule.undersampled(profile)) else ""
     lines.append(
-        f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average; "
-        f"{informative} of {len(feats)} blocks are informative (η_nl < {profile.rule.max_nonlinearity:g}, update "
-        f"not ≈ 0); {reliable:.0%} of the modes pass the ResDMD residual test (τ = {tau})."
+        f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average"
+        + (" over those blocks" if left_out and len(feats) < total else "")
+        + f"; {len(profile.informative_layers)} of {total} blocks are informative (η_nl < "
+        f"{profile.rule.max_nonlinearity:g}, update not ≈ 0{sampled}); {reliable:.0%} of "
+        f"{'their' if left_out and len(feats) < total else 'the'} modes pass the ResDMD residual test (τ = {tau})."
         + (" Few reliable modes mean individual eigenvalues are uncertain; the masses average over them."
-           if reliable < 0.5 else "")
+           if reliable < 0.5 and not _reliable_only(profile) else "")
     )
     if n and d:
         relative = (d / n) ** 0.5
-        line = (f"- Sample: N = {n} token states for width d = {d} (N/d = {n / d:.1f}); the masses carry a sampling "
-                f"error of roughly sqrt(d/N) = {relative:.2f} relative")
+        uniform = len(set(profile.sample_sizes)) <= 1
+        line = (f"- Sample: N = {n} token states for width d = {d} (N/d = {n / d:.1f}"
+                + ("" if uniform else ", the least-sampled layer the verdict reads")
+                + f"); the masses carry a sampling error of roughly sqrt(d/N) = {relative:.2f} relative")
         score = profile.score
         # only a tentative verdict can change with more tokens (κ(V) or an uninformative fit decide firmly)
         crossed = profile.rule.thresholds_within_error(score, n, d) if tentative else ()
@@ -177,13 +230,30 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             + (" …" if len(degenerate) > 12 else ""),
             "",
         ]
+    few = [(name, size) for name, size, short in
+           zip(profile.names, profile.sample_sizes, profile.rule.undersampled(profile)) if short]
+    if few:
+        lines += [
+            f"> **Note — {len(few)} of {len(profile.layers)} layers had too few token states for their width** "
+            f"(N/d < {profile.rule.min_samples_per_dim:g}: the least-squares operator nearly interpolates the sample, "
+            "so their spectra are mostly sampling error). They are excluded from the verdict: "
+            + ", ".join(f"`{name}` (N = {n}, d = {d})" for name, (n, d) in few[:12])
+            + (" …" if len(few) > 12 else "")
+            + ". To include them, give them more token states: more or longer inputs (for an encoder-decoder model "
+            "longer decoder inputs, e.g. `decoder_input_ids` as long as the encoder's) and a `num_samples` of at "
+            f"least {profile.rule.min_samples_per_dim:g} d.",
+            "",
+        ]
 
     settings = profile.settings
     lines += ["## Settings", ""]
-    for key in ("spectrum", "num_samples", "hidden_size", "rank", "randomized", "eps", "near_band", "contractive_below",
-                "residual_tol", "seed", "eig_dtype"):
+    uniform = len(set(profile.sample_sizes)) <= 1
+    for key in ("spectrum", "rank_note", "num_samples", "hidden_size", "samples_per_dim_min", "rank", "randomized",
+                "eps", "near_band", "contractive_below", "residual_tol", "seed", "eig_dtype", *_FEATURE_OPTIONS):
         if key in settings:
-            lines.append(f"- `{key}`: {settings[key]}")
+            first = " (first layer; per layer in the table below)" if not uniform and key in (
+                "num_samples", "hidden_size") else ""
+            lines.append(f"- `{key}`: {settings[key]}{first}")
     for key, value in profile.meta.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             lines.append(f"- `{key}`: {value}")
@@ -208,19 +278,24 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         lines.append("")
 
     lo, hi, below, tau = _bands(profile)
+    # layers of one N and d keep the paper's columns; otherwise each layer's N and d, and whether the verdict reads it
+    sizes = "" if uniform else " N | d | read |"
     lines += [
         "## Per layer",
         "",
-        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |{sizes}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("" if uniform else "---|---|---|"),
     ]
-    for i, ((name, f), stack) in enumerate(zip(profile.layers, profile.stacks)):
+    reads = profile.rule.reads(profile)
+    for i, ((name, f), stack, (n, d), read) in enumerate(zip(profile.layers, profile.stacks, profile.sample_sizes,
+                                                             reads)):
         label = f"{stack}: {name}" if stack and stack not in name else name
         lines.append(
             f"| {i} | `{label}` | {_fmt(f.near_unit_mass)} | {_fmt(f.unstable_mass)} | {_fmt(f.contractive_mass)} | "
             f"{_fmt(f.mid_mass)} | "
             f"{_fmt(f.spectral_radius)} | {_fmt(f.eigvec_condition)} | {_fmt(f.nonlinearity)} | {_fmt(f.kreiss)} | "
             f"{f.n_reliable}/{f.n_modes} | {_fmt(bool(f.degenerate))} |"
+            + ("" if uniform else f" {n} | {d} | {'yes' if read else 'no'} |")
         )
     lines.append("")
 
@@ -243,8 +318,9 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         "columns sum to 1.",
         "- Kreiss is the Kreiss constant, a bound on transient growth; it is ∞ whenever ρ > 1 (an expanding mode grows "
         "without bound), which is the common case at initialisation.",
-        f"- reliable/modes counts the modes that pass the ResDMD residual test (τ = {tau}); the masses count every "
-        "mode.",
+        f"- reliable/modes counts the modes that pass the ResDMD residual test (τ = {tau}); "
+        + ("the masses and ρ count only those (`reliable_only=True`)." if _reliable_only(profile) else
+           "the masses count every mode."),
         "- The raw M≈1 score was only moderately calibrated in the paper (ECE 0.283), and across architecture "
         "families on our runs it ranked runs near chance (AUROC 0.53 over 2,704 runs, `results/heldout_risk.md`): it "
         "is not a probability.",

@@ -72,9 +72,13 @@ class SpectralProfile:
         stacks (`list[str]`): stack label of each layer (`""`, `"encoder"`, `"decoder"`, ...).
         eigenvalues (`list[np.ndarray]`): complex eigenvalues of each layer's operator (for plots).
         model_name (`str`, *optional*): what was profiled.
-        settings (`dict`): analysis settings (rank, num_samples, seed, bands ...).
+        settings (`dict`): analysis settings (rank, the spectrum computed, seed, bands, the `spectral_features`
+            options ...); `num_samples` and `hidden_size` there are the first layer's N and d, `samples_per_dim_min`
+            the smallest N/d over the layers.
         meta (`dict`): free-form context (dtype, tokens seen, learning rate for the risk estimator ...).
         rule (`DecisionRule`): thresholds of the verdict.
+        layer_sizes (`list[tuple[int, int]]`): `(N, d)` of each layer's snapshots, the token states and the width of
+            its fit (empty: every layer has `settings["num_samples"]` and `settings["hidden_size"]`).
     """
 
     layers: list[tuple[str, Any]]
@@ -85,12 +89,16 @@ class SpectralProfile:
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     rule: DecisionRule = field(default_factory=DecisionRule)
+    layer_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.stacks:
             self.stacks = [""] * len(self.layers)
         if len(self.stacks) != len(self.layers):
             raise ValueError(f"stacks has {len(self.stacks)} entries for {len(self.layers)} layers.")
+        self.layer_sizes = [(int(n), int(d)) for n, d in self.layer_sizes]
+        if self.layer_sizes and len(self.layer_sizes) != len(self.layers):
+            raise ValueError(f"layer_sizes has {len(self.layer_sizes)} entries for {len(self.layers)} layers.")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -107,16 +115,32 @@ class SpectralProfile:
         return [name for name, f in self.layers if bool(getattr(f, "degenerate", False))]
 
     @property
+    def sample_sizes(self) -> list[tuple[int | None, int | None]]:
+        """`(N, d)` of every layer: `layer_sizes`, or `settings["num_samples"]` and `settings["hidden_size"]` for
+        every layer of a profile without them (e.g. read from an older `profile.json`)."""
+        if self.layer_sizes:
+            return list(self.layer_sizes)
+        return [(self.settings.get("num_samples"), self.settings.get("hidden_size"))] * len(self.layers)
+
+    @property
     def informative_layers(self) -> list[str]:
-        """Layers the verdict reads (`DecisionRule.is_informative`): an update not ≈ 0 that a linear map explains."""
-        return [name for name, f in self.layers if self.rule.is_informative(f)]
+        """Layers the verdict reads (`DecisionRule.reads`): an update not ≈ 0 that a linear map explains, fitted on
+        enough token states for the layer's width."""
+        return [name for name, read in zip(self.names, self.rule.reads(self)) if read]
+
+    @property
+    def undersampled_layers(self) -> list[str]:
+        """Layers the verdict leaves out because their own N/d is below `DecisionRule.min_samples_per_dim` while
+        other layers have enough (e.g. a decoder fed a few tokens next to a long encoder input); see
+        `DecisionRule.undersampled`."""
+        return [name for name, few in zip(self.names, self.rule.undersampled(self)) if few]
 
     def _informative(self) -> list[Any]:
-        return [f for f in self.features if self.rule.is_informative(f)]
+        return [f for f, read in zip(self.features, self.rule.reads(self)) if read]
 
     @property
     def score(self) -> float | None:
-        """Mean near-unit mass M≈1 over the informative layers (the decision-rule score); `None` if there are none."""
+        """Mean near-unit mass M≈1 over the layers the verdict reads (the decision-rule score); `None` if none."""
         values = [float(f.near_unit_mass) for f in self._informative()]
         return float(np.mean(values)) if values else None
 
@@ -193,9 +217,11 @@ class SpectralProfile:
             "meta": self.meta,
             "aggregates": self.aggregates,
             "degenerate_layers": self.degenerate_layers,
+            "undersampled_layers": self.undersampled_layers,
             "layers": [
-                {"name": name, "stack": stack, **_features_to_dict(features)}
-                for (name, features), stack in zip(self.layers, self.stacks)
+                {"name": name, "stack": stack, **_features_to_dict(features),
+                 **({"num_samples": size[0], "hidden_size": size[1]} if self.layer_sizes else {})}
+                for (name, features), stack, size in zip(self.layers, self.stacks, self.sample_sizes)
             ],
             "eigenvalues": [
                 {"real": np.real(ev).tolist(), "imag": np.imag(ev).tolist()} for ev in self.eigenvalues
@@ -216,6 +242,10 @@ class SpectralProfile:
         for row in data["layers"]:
             layers.append((row["name"], layer_cls(**{k: v for k, v in row.items() if k in known})))
             stacks.append(row.get("stack", ""))
+        # per-layer N and d (profiles written before they were recorded have neither: the settings' apply)
+        rows = data["layers"]
+        sizes = [(row["num_samples"], row["hidden_size"]) for row in rows
+                 if row.get("num_samples") is not None and row.get("hidden_size") is not None]
         eigenvalues = [np.asarray(e["real"]) + 1j * np.asarray(e["imag"]) for e in data.get("eigenvalues", [])]
         return cls(
             layers=layers,
@@ -226,6 +256,7 @@ class SpectralProfile:
             settings=data.get("settings", {}),
             meta=data.get("meta", {}),
             rule=DecisionRule(**data.get("decision_rule", {})),
+            layer_sizes=sizes if len(sizes) == len(rows) else [],
         )
 
     @classmethod

@@ -1,0 +1,341 @@
+"""profile() at the edges a user meets: layers with fewer token states than their width, train() overrides, ranks that
+cover every mode, analysis options, in-place compiled models, integer pixels, iterable datasets, argument checks, the
+masses plot, and position tables with an offset."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_koopman.koopman.features import LayerFeatures
+from hf_koopman.profiling import DecisionRule, SpectralProfile, default_probe_inputs, profile, profile_from_snapshots
+from hf_koopman.profiling.report import render_report
+from hf_koopman.testing_utils import tiny_model
+
+
+def _snapshots(sizes, seed: int = 0):
+    """`(name, X, Y)` per `(N, d)` in `sizes`: a contracting linear map plus noise (an informative layer)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (n, d) in enumerate(sizes):
+        X = torch.randn(n, d, generator=generator)
+        out.append((f"layers.{i}", X, 0.5 * X + 0.3 * torch.randn(n, d, generator=generator)))
+    return out
+
+
+def _features(near: float, *, degenerate: bool = False, eta: float = 0.3, reliable: int = 10) -> LayerFeatures:
+    return LayerFeatures(near_unit_mass=near, unstable_mass=1 - near, contractive_mass=0.0, mid_mass=0.0,
+                         spectral_radius=1.1, eigvec_condition=20.0, nonlinearity=eta, kreiss=float("inf"),
+                         n_modes=10, n_reliable=reliable, degenerate=degenerate)
+
+
+def _model_without_forward():
+    """A tiny model whose forward fails the test: the checks must run before it."""
+    model = tiny_model("llama", num_hidden_layers=2)
+
+    def forbid(*_):
+        raise AssertionError("the forward pass ran before the argument check")
+
+    model.register_forward_pre_hook(forbid)
+    return model
+
+
+# ------------------------------------------------------------------------ 1. every layer's own N/d, not the first's
+def test_layers_with_too_few_token_states_for_their_width_are_left_out_of_the_score():
+    result = profile_from_snapshots(_snapshots([(256, 16), (256, 16), (16, 16), (16, 16)]))
+    assert result.layer_sizes == [(256, 16), (256, 16), (16, 16), (16, 16)]
+    assert result.settings["num_samples"] == 256 and result.settings["samples_per_dim_min"] == 1.0
+    assert result.undersampled_layers == ["layers.2", "layers.3"]
+    assert result.informative_layers == ["layers.0", "layers.1"]
+    first_two = np.mean([f.near_unit_mass for f in result.features[:2]])
+    assert result.score == pytest.approx(first_two)
+    assert "2 of 4 layers were left out for too few token states for their width (N/d < 2" in result.verdict_reason
+    assert "longer decoder inputs" in result.verdict_reason
+    report = render_report(result)
+    assert "> **Note — 2 of 4 layers had too few token states for their width**" in report
+    assert "`layers.2` (N = 16, d = 16)" in report
+    assert "| 2 | `layers.2` |" in report and report.count("| no |") == 2  # per-layer N, d and whether it is read
+    # profile.json carries every layer's N and d, and reads back to the same verdict
+    data = json.loads(result.to_json())
+    assert [(row["num_samples"], row["hidden_size"]) for row in data["layers"]] == result.layer_sizes
+    assert data["undersampled_layers"] == ["layers.2", "layers.3"]
+    again = SpectralProfile.from_json(result.to_json())
+    assert again.layer_sizes == result.layer_sizes and again.verdict_reason == result.verdict_reason
+
+
+def test_fewer_than_half_the_layers_adequately_sampled_is_uninformative_and_says_why():
+    result = profile_from_snapshots(_snapshots([(256, 16), (16, 16), (16, 16), (16, 16)]))
+    assert result.verdict == "uninformative"
+    assert result.verdict_reason.startswith("1 of 4 layers are informative; 3 of 4 layers were left out for too few "
+                                            "token states for their width")
+    assert "barely change" not in result.verdict_reason  # all three were left out for their sample
+
+
+def test_uniform_profiles_keep_the_sample_size_verdict_and_their_score():
+    # one N and d for every layer: below 2 d the whole profile is uninformative on the sample size, as before
+    result = profile_from_snapshots(_snapshots([(24, 16)] * 3))
+    assert result.verdict == "uninformative" and result.verdict_reason.startswith("N = 24 token states for width "
+                                                                                  "d = 16 (N/d = 1.50 < 2)")
+    assert result.undersampled_layers == [] and result.score is not None
+    assert len(result.informative_layers) == 3
+
+
+def test_encoder_decoder_with_short_decoder_inputs_reads_the_encoder_only():
+    model = tiny_model("t5")
+    generator = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 100, (8, 64), generator=generator),
+             "decoder_input_ids": torch.randint(5, 100, (8, 4), generator=generator)}
+    result = profile(model, batch, num_samples=256)
+    assert result.undersampled_layers == ["decoder.block.0", "decoder.block.1"]
+    assert [size for size in result.layer_sizes] == [(256, 32), (256, 32), (32, 32), (32, 32)]
+    assert result.score == pytest.approx(np.mean([f.near_unit_mass for f in result.features[:2]]))
+    assert "2 of 4 layers were left out for too few token states" in result.verdict_reason
+
+
+def test_whisper_default_probe_gives_the_decoder_distinct_tokens_up_to_its_positions():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        "whisper", d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=8,
+        max_source_positions=64, max_target_positions=48, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1)
+    model = AutoModel.from_config(config).eval()
+    batch = default_probe_inputs(model, num_tokens=256)
+    decoder = batch["decoder_input_ids"]
+    assert decoder.shape == (batch["input_features"].shape[0], 48)  # 256 / 4 rows = 64 > 48 positions
+    assert bool((decoder[:, 0] == 1).all()) and decoder[:, 1:].unique().numel() > 10
+    result = profile(model, num_samples=256)
+    assert result.layer_sizes == [(256, 32), (192, 32)] and result.undersampled_layers == []
+
+
+# ------------------------------------------------------------------------ 2. training flags come back through train()
+class _Recording(nn.Module):
+    """A module whose `train()` override records every call, like LeViT's cache reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.calls: list[bool] = []
+
+    def forward(self, x):
+        return x + self.linear(x)
+
+    def train(self, mode: bool = True):
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Recording() for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_train_overrides_run_when_the_mode_comes_back_and_mixed_modes_survive():
+    model = _Toy().train()
+    model.layers[1].eval()  # a frozen block inside a training model
+    model.layers[2].linear.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    for layer in model.layers:
+        layer.calls.clear()
+    profile(model, torch.randn(4, 16, 4), num_samples=32, layers="layers")
+    assert {name: m.training for name, m in model.named_modules()} == before
+    # layer 0 went eval -> train: its override saw the switch back, as after the caller's own model.train()
+    assert model.layers[0].calls[0] is False and model.layers[0].calls[-1] is True
+    assert model.layers[1].calls[-1] is False and model.layers[2].calls[-1] is True
+
+
+def test_levit_attention_bias_cache_is_cleared_when_the_model_returns_to_training():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("levit", image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4],
+                                  depths=[2, 2, 2], key_dim=[8, 8, 8], patch_size=16, stride=2, kernel_size=3)
+    model = AutoModel.from_config(config).train()
+    attention = next(m for m in model.modules() if hasattr(m, "attention_bias_cache"))
+    profile(model, {"pixel_values": torch.randn(2, 3, 64, 64)}, num_samples=16)
+    assert model.training and attention.attention_bias_cache == {}  # no bias cached from the eval forward
+
+
+# ------------------------------------------------------------------------ 3. a rank that covers every mode
+def test_rank_at_or_above_every_layers_modes_is_recorded_as_the_full_spectrum():
+    snapshots = _snapshots([(256, 16)] * 2)
+    full, covered = profile_from_snapshots(snapshots), profile_from_snapshots(snapshots, rank=100)
+    for a, b in zip(full.eigenvalues, covered.eigenvalues):
+        np.testing.assert_allclose(np.sort_complex(a), np.sort_complex(b))
+    assert covered.settings["spectrum"] == "full" and covered.settings["randomized"] is False
+    assert covered.settings["rank"] == 100 and "every layer" in covered.settings["rank_note"]
+    assert covered.verdict_reason == full.verdict_reason
+    assert "not the full spectrum" not in render_report(covered)
+    # randomized=True asks for the range finder, which a layer with every mode computed does not need
+    assert profile_from_snapshots(snapshots, rank=100, randomized=True).settings["randomized"] is False
+
+
+def test_rank_that_truncates_some_layers_only_says_so():
+    result = profile_from_snapshots(_snapshots([(256, 16), (8, 16)]), rank=12)  # min(N, d): 16 and 8
+    assert result.settings["spectrum"] == "rank-12 approximation in 1 of 2 layers, full spectrum in the others"
+    assert result.settings["truncated_layers"] == 1 and result.settings["randomized"] is True
+    assert "This is the **rank-12 approximation in 1 of 2 layers" in render_report(result)
+    assert profile_from_snapshots(_snapshots([(256, 16)]), rank=8).settings["spectrum"] == "rank-8 approximation"
+
+
+# ------------------------------------------------------------------------ 4. the summary reads what the verdict reads
+def test_report_summary_averages_over_the_layers_the_verdict_reads():
+    layers = [("layers.0", _features(1.0, degenerate=True)), ("layers.1", _features(1.0, degenerate=True)),
+              ("layers.2", _features(0.1)), ("layers.3", _features(0.3))]
+    result = SpectralProfile(layers=layers, aggregates={}, settings={"num_samples": 4096, "hidden_size": 64})
+    report = render_report(result)
+    assert ("- Over the 2 informative blocks the verdict reads (2 of 4 left out: 2 degenerate or not explained by a "
+            "linear map), on average 20% of the modes") in report
+    assert "unexplained on average over those blocks" in report
+
+
+# ------------------------------------------------------------------------ 5. analysis options are recorded and followed
+def test_feature_options_passed_through_profile_are_recorded_and_the_report_follows_them():
+    model = tiny_model("llama", num_hidden_layers=2)
+    result = profile(model, num_samples=128, reliable_only=True, degenerate_tol=0.5)
+    assert result.settings["reliable_only"] is True and result.settings["degenerate_tol"] == 0.5
+    assert result.settings["compute_kreiss"] is True  # the defaults are recorded too
+    report = render_report(result)
+    assert "the masses count every mode" not in report
+    assert "the masses and ρ count only those (`reliable_only=True`)" in report
+    assert "`reliable_only`: True" in report
+    plain = profile_from_snapshots(_snapshots([(256, 16)]))
+    assert plain.settings["reliable_only"] is False and "the masses count every mode" in render_report(plain)
+
+
+# ------------------------------------------------------------------------ 6. model.compile() in place
+def test_model_compiled_in_place_is_profiled_eagerly_and_keeps_its_compiled_call():
+    # nn.Module.compile() stores torch.compile(self._call_impl) as `_compiled_call_impl`, which __call__ prefers
+    assert "_compiled_call_impl" in inspect.getsource(nn.Module.compile)
+    model = tiny_model("gpt2", head=False)
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("the profile ran the compiled call")
+
+    model._compiled_call_impl = compiled  # what model.compile() installs, without paying for a compilation here
+    result = profile(model, num_samples=64)
+    assert len(result.layers) == 2 and model._compiled_call_impl is compiled
+
+
+# ------------------------------------------------------------------------ 7. integer pixels, errors that name inputs
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_integer_pixel_values_are_refused_with_the_fix(as_dict):
+    model = tiny_model("vit")
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"ViTModel takes floating-point pixel_values, got a uint8 tensor of shape "
+                                         r"\(2, 3, 32, 32\); pass the output of the model's processor"):
+        profile(model, {"pixel_values": pixels} if as_dict else pixels, num_samples=16)
+
+
+def test_errors_before_and_after_the_blocks_name_the_inputs_passed():
+    model = tiny_model("gpt2", head=False)
+    handle = model.register_forward_pre_hook(lambda *_: None.missing)  # an AttributeError before any block
+    with pytest.raises(ValueError, match=r"rejected the inputs before any block ran .*AttributeError.*called with "
+                                         r"input_ids \(\d+, \d+\) int64"):
+        profile(model, num_samples=64)
+    handle.remove()
+
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    model.h[1].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom") as err:
+        profile(model, num_samples=64)
+    assert any("forward failed on input_ids" in note for note in getattr(err.value, "__notes__", [""]))
+
+
+# ------------------------------------------------------------------------ 8. iterable datasets
+def test_iterable_dataset_of_token_ids_is_read_row_by_row_until_enough_tokens():
+    datasets = pytest.importorskip("datasets")
+    read = []
+
+    def rows():
+        for i in range(1000):
+            read.append(i)
+            yield {"input_ids": [(7 * i + j) % 90 + 5 for j in range(16)], "label": 0}
+
+    dataset = datasets.IterableDataset.from_generator(rows)
+    result = profile(tiny_model("llama", num_hidden_layers=2), dataset, num_samples=64, max_tokens=256)
+    assert result.meta["tokens_seen"] >= 256 and len(read) < 100  # stopped after max_tokens, not at the end
+    assert result.layer_sizes[0] == (64, 32)
+    # with known columns (Dataset.to_iterable_dataset), labels dropped and rows of different lengths padded
+    ids = [[(3 * i + j) % 90 + 5 for j in range(8 + i % 5)] for i in range(64)]
+    known = datasets.Dataset.from_dict({"input_ids": ids, "label": [0] * 64}).to_iterable_dataset()
+    result = profile(tiny_model("llama", num_hidden_layers=2), known, num_samples=64, max_tokens=128)
+    assert 128 <= result.meta["tokens_seen"] < 64 * 8
+
+
+# ------------------------------------------------------------------------ 9. arguments checked before the forward
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"max_length": 1}, "max_length must be an int >= 2, got 1"),
+    ({"max_tokens": 0}, "max_tokens must be an int >= 1, got 0"),
+    ({"max_tokens": -1}, "max_tokens must be an int >= 1, got -1"),
+    ({"seed": 1.5}, "seed must be an int, got 1.5"),
+    ({"rank": 0}, r"rank must be a positive int or None \(the full spectrum\), got 0; pass e.g. rank=32"),
+    ({"rank": 8.0}, "rank must be a positive int or None"),
+    ({"randomized": True}, r"randomized=True needs a rank.*Pass a rank as well \(e.g. rank=32"),
+])
+def test_bad_arguments_fail_before_the_forward_pass_with_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        profile(_model_without_forward(), num_samples=64, **kwargs)
+
+
+def test_randomized_without_rank_fails_before_the_analysis_too():
+    with pytest.raises(ValueError, match="randomized=True needs a rank"):
+        profile_from_snapshots(_snapshots([(64, 8)]), randomized=True)
+
+
+# ------------------------------------------------------------------------ 10. the masses plot says what it counts
+def test_masses_plot_labels_follow_the_bands_and_the_tentative_verdict():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hf_koopman.profiling.plotting import plot_masses
+
+    layers = [(f"layers.{i}", _features(0.25)) for i in range(3)]
+    result = SpectralProfile(layers=layers, aggregates={}, settings={"num_samples": 640, "hidden_size": 64})
+    assert result.verdict_reason.startswith("tentative: ")
+    ax = plot_masses(result)
+    try:
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert "M<0.80 (contracting, |λ| < 0.80)" in labels and not any("M<1" in label for label in labels)
+        assert ax.get_title() == "Spectral masses vs depth — verdict: safe (tentative)"
+    finally:
+        plt.close(ax.figure)
+
+
+# ------------------------------------------------------------------------ 11. position tables with an offset
+def test_roberta_style_position_offset_caps_the_probe_and_text_length():
+    from transformers import AutoConfig, AutoModel
+
+    from hf_koopman.profiling.probes import max_sequence_length
+
+    config = AutoConfig.for_model("roberta", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, vocab_size=100, max_position_embeddings=130, pad_token_id=1)
+    model = AutoModel.from_config(config).eval()
+    assert max_sequence_length(model) == 128  # 130 positions less padding_idx + 1
+    assert default_probe_inputs(model, num_tokens=128)["input_ids"].shape[1] == 128
+    assert len(profile(model, num_samples=128).layers) == 2
+    text = "abdefghij " * 100  # no byte maps to the padding id 1
+    result = profile(model, [text, text], num_samples=128, max_length=600)
+    assert result.meta["tokens_seen"] == 2 * 128
+
+
+def test_layer_sizes_must_match_the_layers():
+    with pytest.raises(ValueError, match="layer_sizes has 1 entries for 2 layers"):
+        SpectralProfile(layers=[("a", _features(0.1)), ("b", _features(0.1))], aggregates={}, layer_sizes=[(8, 4)])
+    assert DecisionRule().is_sampled(None, 64) and not DecisionRule().is_sampled(16, 64)
+    assert dataclasses.fields(SpectralProfile)[-1].name == "layer_sizes"
