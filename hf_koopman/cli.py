@@ -250,6 +250,22 @@ def load_model(
     return model, tokenizer, name
 
 
+def _run_config(spec: str, *, init: bool, num_layers: int | None) -> tuple[Any, str | None, str]:
+    """`resolve_config` for a run, with `--num-layers` applied; the run name says what was profiled: ` (init)` for a
+    folder profiled with --init (its weights are ignored, so its name alone would read as the checkpoint; config.json,
+    architecture and Hub names are marked by `resolve_config`) and ` [N layers]` for --num-layers."""
+    config, weights, name = resolve_config(spec, init=init)
+    if init and Path(spec).expanduser().is_dir():
+        name = f"{name} (init)"
+    if num_layers is not None:
+        if weights is not None:
+            raise ValueError("--num-layers only applies to --init models (it would drop pretrained blocks).")
+        _set_num_layers(config, num_layers)
+        per_stack = " per stack" if getattr(config, "is_encoder_decoder", False) else ""
+        name = f"{name} [{num_layers} layers{per_stack}]"
+    return config, weights, name
+
+
 def _load_model(
     spec: str, *, init: bool, dtype: str, num_layers: int | None, seed: int, device: str, text_inputs: bool,
 ) -> tuple[Any, Any, str, str]:
@@ -257,21 +273,12 @@ def _load_model(
     at random initialisation), for `meta["weights"]` of the profile."""
     import torch
 
-    config, weights, name = resolve_config(spec, init=init)
+    config, weights, name = _run_config(spec, init=init, num_layers=num_layers)
     torch_dtype = getattr(torch, _DTYPES[dtype])
-    if num_layers is not None:
-        if weights is not None:
-            raise ValueError("--num-layers only applies to --init models (it would drop pretrained blocks).")
-        _set_num_layers(config, num_layers)
-        per_stack = " per stack" if getattr(config, "is_encoder_decoder", False) else ""
-        name = f"{name} [{num_layers} layers{per_stack}]"
     with _model_memory(name):
         model = _build_or_load(config, weights, spec, torch_dtype, seed).to(device)
-    tokenizer = None
-    local = Path(spec).expanduser()
-    source = weights or (str(local) if local.is_dir() else None)
-    if source is not None:
-        tokenizer = _load_tokenizer(source, warn=text_inputs)
+    source = _tokenizer_source(spec, weights)
+    tokenizer = _load_tokenizer(source, warn=text_inputs) if source is not None else None
     return model.eval(), tokenizer, name, ("init" if weights is None else "pretrained")
 
 
@@ -378,6 +385,12 @@ def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
     return model
 
 
+def _tokenizer_source(spec: str, weights: str | None) -> str | None:
+    """Where MODEL's tokenizer is: its weights (a folder or Hub id), or the folder of a run with --init."""
+    local = Path(spec).expanduser()
+    return weights or (str(local) if local.is_dir() else None)
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 
@@ -424,14 +437,22 @@ def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
     return tokenizer
 
 
-def _read_text_chunks(path: Path, max_length: int) -> list[str]:
+def _read_text_chunks(path: Path, max_length: int, tokenizer: Any) -> list[str]:
+    """--text-file as pieces of about `max_length` tokens, as `profile(model, text, tokenizer=...)` splits a text: 4
+    characters per token with a tokenizer, 1 for byte-level ids (one id per byte), so that a piece fills one sequence
+    instead of being cut at `max_length` with most of its text unread."""
     _check_text_file(path)
     from hf_koopman.profiling.inputs import split_text
 
-    chunks = split_text(path.read_text(encoding="utf-8", errors="replace"), max_length)
+    chars_per_token = 4 if tokenizer is not None else 1
+    chunks = split_text(path.read_text(encoding="utf-8", errors="replace"), max_length, chars_per_token)
     if not chunks:
         raise ValueError(f"--text-file {path} is empty.")
     return chunks
+
+
+# suffixes of the data files --dataset reads; a --dataset name ending in one is a path, never a Hub dataset name
+_DATA_FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 
 
 def _load_dataset(name: str, split: str):
@@ -442,11 +463,24 @@ def _load_dataset(name: str, split: str):
     path = Path(name).expanduser()
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if not isinstance(loaded, datasets.DatasetDict):
+            return loaded
+        if split not in loaded:
+            splits = list(loaded)
+            raise ValueError(
+                f"--dataset {name} has no split {split!r}; its splits are {', '.join(splits) or 'none'}: pick one "
+                f"with --split{f', e.g. --split {splits[0]}' if splits else ''}."
+            )
+        return loaded[split]
     if path.is_file():
         suffix = path.suffix.lstrip(".")
         builder = {"txt": "text", "jsonl": "json"}.get(suffix, suffix)
         return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path.suffix.lower() in _DATA_FILE_SUFFIXES:
+        raise ValueError(
+            f"--dataset {name}: no such file or folder; the data file does not exist (a name ending in "
+            f"{path.suffix} is a path, not a dataset name): check the path."
+        )
     if _looks_like_path(name):
         raise ValueError(f"--dataset {name}: no such file or folder; check the path.")
     try:
@@ -464,7 +498,32 @@ def _load_dataset(name: str, split: str):
         ) from None
 
 
+def _position_limit(model_or_config: Any) -> int | None:
+    """The longest sequence the model's position table can index, read as `profile()` reads it
+    (`probes.max_sequence_length`: RoBERTa-style tables lose `padding_idx + 1` positions when a model is given);
+    `None` for models without one (relative positions, vision models)."""
+    from hf_koopman.profiling.probes import max_sequence_length
+
+    return max_sequence_length(model_or_config) if model_or_config is not None else None
+
+
+def _cap_max_length(args: argparse.Namespace, model_or_config: Any) -> None:
+    """Cut `args.max_length` to the model's position table, as `profile()` does, before the text is split: pieces
+    then fill a sequence (not cut at the table with most of their text unread), and a streamed forward never indexes
+    past the table. A warning when the user gave --max-length, an info note for the default."""
+    limit = _position_limit(model_or_config)
+    if limit is None or args.max_length <= limit:
+        return
+    log = logger.warning if getattr(args, "max_length_given", True) else logger.info
+    log("--max-length %d exceeds the %d positions of this model: sequences are cut at %d tokens (pass --max-length "
+        "%d or less to silence this).", args.max_length, limit, limit, limit)
+    args.max_length = limit
+
+
 # ---------------------------------------------------------------------------------------------------------- profile
+_DEFAULT_MAX_LENGTH = 256
+
+
 def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL and the probe-input arguments shared by `profile` and `max-lr`."""
     parser.add_argument("model", metavar="MODEL",
@@ -487,9 +546,13 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu",
                         help="torch device of the forward and the analysis, e.g. cuda or cuda:1 (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward for text inputs (default: 8)")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence for text inputs (default: 256)")
+    parser.add_argument("--max-length", type=int,
+                        help=f"tokens per sequence for text inputs, at most the model's positions (default: "
+                             f"{_DEFAULT_MAX_LENGTH})")
     parser.add_argument("--max-tokens", type=int,
-                        help="stop reading inputs once this many tokens reached every layer (default: 16 x --num-samples)")
+                        help="stop reading inputs once this many tokens reached every layer (default: 16 x "
+                             "--num-samples; with --stream one batch of --batch-size sequences, since a streamed "
+                             "forward holds all its tokens at once)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
 
 
@@ -517,6 +580,9 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
         raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (sequences per forward), got {args.batch_size}.")
+    args.max_length_given = args.max_length is not None  # only a --max-length the user gave is worth a warning
+    if args.max_length is None:
+        args.max_length = _DEFAULT_MAX_LENGTH
     if args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2 (tokens per sequence), got {args.max_length}.")
     learning_rate = getattr(args, "learning_rate", None)
@@ -590,8 +656,10 @@ def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any
         device=args.device, text_inputs=args.text_file is not None or args.dataset is not None,
     )
     inputs: Any = None
+    if args.text_file is not None or args.dataset is not None:
+        _cap_max_length(args, model)
     if args.text_file is not None:
-        inputs = _read_text_chunks(args.text_file, args.max_length)
+        inputs = _read_text_chunks(args.text_file, args.max_length, tokenizer)
     elif args.dataset is not None:
         inputs = _load_dataset(args.dataset, args.split)
     else:
@@ -668,31 +736,18 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
         from hf_koopman.profiling.streaming import profile_streaming
     except ImportError as err:
         raise ValueError(f"--stream is unavailable in this installation ({err}); run without --stream.") from err
-    from hf_koopman.profiling.inputs import byte_tokenize
 
-    config, weights, name = resolve_config(args.model, init=args.init)
-    if args.num_layers is not None:
-        if weights is not None:
-            raise ValueError("--num-layers only applies to --init models.")
-        _set_num_layers(config, args.num_layers)
     if args.dataset is not None:
         raise ValueError("--stream takes --text-file or the default probe, not --dataset.")
+    config, weights, name = _run_config(args.model, init=args.init, num_layers=args.num_layers)
     inputs = None
     if args.text_file is not None:
-        texts = _read_text_chunks(args.text_file, args.max_length)[: args.batch_size]
-        inputs = byte_tokenize(texts, config.vocab_size, args.max_length)
-        if weights is not None:
-            try:
-                from transformers import AutoTokenizer
+        from hf_koopman.profiling.streaming import _build_skeleton
 
-                tok = AutoTokenizer.from_pretrained(weights)
-                tok.pad_token = tok.pad_token or tok.eos_token
-                inputs = dict(tok(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
-            except Exception as err:  # noqa: BLE001
-                logger.warning("no tokenizer for %s (%s): using byte-level ids", weights, err)
-    model_arg = weights if weights is not None else config
+        _cap_max_length(args, _build_skeleton(config))  # on the meta device: its position table, no weights
+        inputs = _stream_text_batch(args, config, _tokenizer_source(args.model, weights))
     result = profile_streaming(
-        model_arg,
+        weights if weights is not None else config,
         inputs,
         init=weights is None,
         num_samples=args.num_samples,
@@ -702,9 +757,37 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
         dtype=_DTYPES[args.dtype],
         progress=progress,
         model_name=name,
+        learning_rate=args.learning_rate,
     )
     result.meta["weights"] = "init" if weights is None else "pretrained"
     return result
+
+
+def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None) -> dict[str, Any]:
+    """--text-file as the one batch a streamed forward takes: --batch-size sequences of at most --max-length tokens, or,
+    with --max-tokens, batches of --batch-size sequences until their tokens reach it, as `profile()` reads them (all in
+    one forward: a streamed forward runs the model once)."""
+    tokenizer = _load_tokenizer(source) if source is not None and Path(source).is_dir() else None
+    if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def encode(texts: list[str]) -> dict[str, Any]:
+        if tokenizer is None:
+            from hf_koopman.profiling.inputs import byte_tokenize
+
+            return byte_tokenize(texts, config.vocab_size, args.max_length)
+        return dict(tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
+
+    chunks = _read_text_chunks(args.text_file, args.max_length, tokenizer)
+    rows = args.batch_size
+    if args.max_tokens is not None:
+        seen, rows = 0, 0
+        while rows < len(chunks) and seen < args.max_tokens:
+            batch = encode(chunks[rows : rows + args.batch_size])
+            mask = batch.get("attention_mask")
+            seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            rows += args.batch_size
+    return encode(chunks[:rows])
 
 
 # ---------------------------------------------------------------------------------------------------------- architectures
@@ -778,8 +861,15 @@ def _warn_unread_context(context: dict[str, Any], estimator: Any) -> None:
         )
 
 
+# what `profile` says of pretrained weights in its verdict and report, for max-lr's caveats
+_PRETRAINED_CAVEAT = ("extrapolated: these are pretrained weights, not an initialisation, and the risk estimator was "
+                      "fitted on spectra at random initialisation; pass --init to read the architecture at "
+                      "initialisation")
+
+
 def _run_max_lr(args: argparse.Namespace) -> int:
     from hf_koopman.max_lr import suggest_max_lr
+    from hf_koopman.profiling import profile
 
     if not 0.0 < args.risk < 1.0:
         raise ValueError(f"--risk must be a probability strictly between 0 and 1, got {args.risk}.")
@@ -794,13 +884,16 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         estimator = RiskEstimator.from_json(args.estimator)  # a bad file fails before the model is built
     if context:
         _warn_unread_context(context, estimator)
-    model, tokenizer, name, inputs, _ = _load_model_and_inputs(args)
-    suggestion = suggest_max_lr(
-        model, inputs, risk=args.risk, estimator=estimator, level=args.level, context=context,
-        num_samples=args.num_samples, rank=args.rank, seed=args.seed, layers=args.layers, tokenizer=tokenizer,
-        batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens, model_name=name,
-        progress=progress,
+    model, tokenizer, name, inputs, weights = _load_model_and_inputs(args)
+    result = profile(
+        model, inputs, num_samples=args.num_samples, rank=args.rank, seed=args.seed, layers=args.layers,
+        tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
+        model_name=name, progress=progress,
     )
+    result.meta["weights"] = weights  # as `hf-koopman profile` records it: the verdict reason says "extrapolated"
+    suggestion = suggest_max_lr(result, risk=args.risk, estimator=estimator, level=args.level, context=context)
+    if weights == "pretrained":
+        suggestion.caveats.insert(0, _PRETRAINED_CAVEAT)
     print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
     return 0
 

@@ -40,6 +40,8 @@ __all__ = [
     "module_bytes",
     "owner_map",
     "release_freed_memory",
+    "tie_loaded",
+    "tied_parameters",
 ]
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -247,6 +249,8 @@ class SafetensorsWeights:
                 f"its config.json ({type(model).__name__})."
             )
         self._block_names = set(block_names)
+        self.tied = tied_parameters(model)
+        self._paths = {id(module): path for path, module in model.named_modules()}
 
     def _load(self, keys: list[str], modules: list[nn.Module], what: str) -> None:
         from safetensors import safe_open
@@ -265,25 +269,41 @@ class SafetensorsWeights:
         with _quiet_transformers():
             convert_and_load_state_dict_in_model(self.model, state, config)
         del state
-        missing = [f"{what}: {name}" for module in modules for name, p in module.named_parameters() if p.device.type == "meta"]
+        # the loader fills one name of a tied pair (T5 saves `shared.weight`, not the encoder / decoder `embed_tokens`)
+        names = list(dict.fromkeys(
+            self._name(module, name)
+            for module in modules
+            for name, _ in module.named_parameters(remove_duplicate=False)
+        ))
+        tie_loaded(self.model, self.tied, set(names))
+        missing = [name for name in names if self.model.get_parameter(name).device.type == "meta"]
         if missing:
             raise ValueError(
-                f"The checkpoint in {self.folder} lacks tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
-                "streaming needs every block parameter in the safetensors files (was the folder saved with "
-                "`save_pretrained` from this architecture?)."
+                f"The checkpoint in {self.folder} lacks tensors for {what} parameters {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}, and the model ties none of them to a loaded one; streaming "
+                "needs them in the safetensors files. Re-save the folder with `save_pretrained` from this "
+                "architecture, or pass `init=True` to profile the architecture at initialisation."
             )
-        if self.dtype is not None:  # the loader keeps the skeleton's dtype; cast where asked
+        if self.dtype is not None:  # the loader keeps the skeleton's dtype; cast where asked, tied parameters once
+            cast: dict[int, nn.Parameter] = {}
             for module in modules:
                 for sub in module.modules():
                     for name, p in sub._parameters.items():
                         if p is not None and p.is_floating_point() and p.dtype != self.dtype:
-                            sub._parameters[name] = nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+                            if id(p) not in cast:
+                                cast[id(p)] = nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+                            sub._parameters[name] = cast[id(p)]
+
+    def _name(self, module: nn.Module, name: str) -> str:
+        """Dotted path of parameter `name` of `module` in the model, e.g. `encoder.embed_tokens.weight`."""
+        prefix = self._paths.get(id(module), "")
+        return f"{prefix}.{name}" if prefix else name
 
     def materialise(self, block: nn.Module, index: int, name: str | None = None) -> None:
         """Load the block called `name` (its dotted path) from the checkpoint."""
         if name is None:
             raise ValueError("SafetensorsWeights.materialise needs the block's dotted name")
-        self._load(self.block_keys[name], [block], name)
+        self._load(self.block_keys[name], [block], f"block {name}")
 
     def materialise_rest(self, modules: list[nn.Module]) -> None:
         """Load the non-block tensors of `modules` (embeddings, final norm, ...); others (an untied LM head: 0.5 GB
@@ -296,7 +316,39 @@ class SafetensorsWeights:
             for name, p in module._parameters.items()
             if p is not None
         }
-        self._load([key for key in self.rest_keys if self.targets[key] in names], modules, "non-block module")
+        self._load([key for key in self.rest_keys if self.targets[key] in names], modules, "non-block")
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """`{target: source}` dotted names of the parameters `model` ties (as `from_pretrained` ties them), from
+    transformers' `get_expanded_tied_weights_keys`, which reads each sub-model's `_tied_weights_keys` and its config's
+    `tie_word_embeddings`; empty for a model that declares no ties."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if expand is None:
+        return {}
+    try:
+        return dict(expand(all_submodels=True))
+    except (ValueError, AttributeError, TypeError) as err:  # a tie pattern that matches no parameter
+        logger.info("could not read the tied weights of %s (%s); tied parameters must be in the checkpoint",
+                    type(model).__name__, err)
+        return {}
+
+
+def tie_loaded(model: nn.Module, tied: dict[str, str], names: set[str]) -> None:
+    """Point every still-meta parameter in `names` at its loaded tie partner (either side of a `tied` pair, as
+    `from_pretrained` does when a checkpoint holds only one of them). Partners outside `names` stay as they are, so a
+    tied LM head that is never run does not keep the embedding alive after the embedding is freed."""
+    for target, source in tied.items():
+        for want, have in ((target, source), (source, target)):
+            if want not in names:
+                continue
+            try:
+                wanted, held = model.get_parameter(want), model.get_parameter(have)
+            except AttributeError:  # a tied buffer, or a name this model variant lacks
+                continue
+            if wanted.device.type == "meta" and held.device.type != "meta":
+                parent, _, leaf = want.rpartition(".")
+                model.get_submodule(parent)._parameters[leaf] = held
 
 
 def find_safetensors_keys(folder: Path) -> dict[str, Path]:

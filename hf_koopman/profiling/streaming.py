@@ -36,6 +36,7 @@ from hf_koopman.profiling._streaming_weights import (
     free_parameters,
     module_bytes,
     release_freed_memory,
+    tied_parameters,
 )
 
 
@@ -131,7 +132,8 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
 
     The class is the checkpoint's own (`config.architectures`) when transformers has it, so parameter names match the
     saved keys; else the causal-LM head class, else the base model. The head is never built (the forward stops
-    after the last block)."""
+    after the last block). Tied parameters are tied as in `from_config` (`init_empty_weights` skips the tying), so
+    that a streamed init shares T5's `shared` embedding with its encoder and decoder as the ordinary model does."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
@@ -148,6 +150,8 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
                 model = AutoModelForCausalLM.from_config(config)
             except ValueError:
                 model = AutoModel.from_config(config)
+    if tied_parameters(model):
+        model.tie_weights()
     return model.eval()
 
 
@@ -198,11 +202,12 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -
     hidden, inter = _hidden_size(config)
     plan = {
         "block": max(module_bytes(b, dtype) for b in block_modules),
-        "non_block": int(sum(
+        "non_block": int(sum(  # tied parameters (T5's shared embedding) once
             p.numel() * dtype_byte_size(dtype if p.is_floating_point() else p.dtype)
-            for m in _non_block_modules(model, block_modules)
-            for p in m._parameters.values()
-            if p is not None
+            for p in {
+                id(p): p for m in _non_block_modules(model, block_modules) for p in m._parameters.values()
+                if p is not None
+            }.values()
         )),
         "working": int(num_tokens * (_WORK_FACTOR * hidden + 3 * inter) * 4),
         "snapshots": int(2 * len(block_modules) * min(num_samples, num_tokens) * hidden * 4),
@@ -242,6 +247,7 @@ def profile_streaming(
     partial_path: str | os.PathLike | None = None,
     progress: bool | None = None,
     model_name: str | None = None,
+    learning_rate: float | None = None,
     **analysis_kwargs: Any,
 ) -> SpectralProfile:
     """Spectral profile of a model that need not fit in memory, built one residual block at a time.
@@ -275,6 +281,8 @@ def profile_streaming(
         progress (`bool`, *optional*): tqdm bar over blocks; `None` (default) follows transformers' progress-bar
             switch (`transformers.utils.logging.disable_progress_bar()` hides it).
         model_name (`str`, *optional*): name stored in the profile.
+        learning_rate (`float`, *optional*): the planned peak learning rate, > 0 and finite; stored in `meta` for the
+            calibrated risk estimator, as `profile` does.
         **analysis_kwargs: forwarded to `profile_from_snapshots` (feature thresholds etc.).
 
     Returns:
@@ -296,12 +304,13 @@ def profile_streaming(
         profile_from_snapshots,
     )
 
-    from hf_koopman.profiling.profiler import _as_count, _check_analysis_keywords
+    from hf_koopman.profiling.profiler import _as_count, _check_analysis_keywords, _check_learning_rate
 
     # bad arguments fail before any block is built or streamed; these options are set here on profile_from_snapshots
     _check_analysis_keywords(analysis_kwargs, profile_streaming, ("rank", "seed", "stacks", "model_name", "meta",
                                                                   "progress"))
     num_samples = _as_count(num_samples, "num_samples", 2)
+    learning_rate = _check_learning_rate(learning_rate)
     start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)
     budget = _parse_bytes(memory_limit)
@@ -437,6 +446,8 @@ def profile_streaming(
             "seed": seed,
         }
     }
+    if learning_rate is not None:
+        meta["learning_rate"] = learning_rate
     if tokens_seen < num_samples:
         logger.warning(
             "only %d valid token states reached the blocks (asked for num_samples=%d); pass more inputs for stable "

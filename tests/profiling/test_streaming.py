@@ -116,6 +116,65 @@ def test_streaming_with_explicit_inputs_matches_profile(tmp_path):
     _assert_same_features(ref, got)
 
 
+def _t5_config():
+    from transformers import T5Config
+
+    return T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    initializer_factor=5.0)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["T5Model", "T5ForConditionalGeneration"])
+def test_saved_t5_streams_to_the_same_profile(tmp_path, head):
+    """save_pretrained writes T5's tied embedding once (`shared.weight`); streaming ties the encoder / decoder
+    `embed_tokens` to it as from_pretrained does, and gives the same eigenvalues and masses."""
+    from safetensors import safe_open
+    from transformers import T5ForConditionalGeneration, T5Model
+
+    torch.manual_seed(2)
+    model = (T5ForConditionalGeneration if head else T5Model)(_t5_config()).eval()
+    folder = tmp_path / "t5"
+    model.save_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        assert "encoder.embed_tokens.weight" not in handle.keys()  # what made streaming fail before
+    ref = profile(model, num_samples=N, seed=3)
+    got = profile_streaming(folder, num_samples=N, seed=3, progress=False)
+    _assert_same_features(ref, got)
+    assert got.stacks == ref.stacks
+    for a, b in zip(ref.eigenvalues, got.eigenvalues):
+        assert a.shape == b.shape
+        assert torch.allclose(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-5, atol=1e-6)
+    assert len(profile_streaming(folder, num_samples=64, dtype="bfloat16", progress=False).layers) == 4
+
+
+def test_t5_skeleton_ties_its_embeddings_and_counts_them_once():
+    config = _t5_config()
+    skeleton = _build_skeleton(config)
+    assert skeleton.encoder.embed_tokens.weight is skeleton.shared.weight is skeleton.decoder.embed_tokens.weight
+    plan = estimate_streaming_memory(config)
+    assert 128 * 32 * 4 <= plan["non_block"] < 2 * 128 * 32 * 4  # the shared embedding once, plus the final norms
+
+
+def test_missing_non_block_tensor_is_named_by_its_path(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _saved(tmp_path, "llama", False)
+    state = load_file(folder / "model.safetensors")
+    del state["model.embed_tokens.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks tensors for non-block parameters \['model.embed_tokens.weight'\]"):
+        profile_streaming(folder, num_samples=N, progress=False)
+
+
+def test_learning_rate_is_recorded_for_the_risk_estimator(tmp_path):
+    model, folder = _saved(tmp_path, "llama", False)
+    ref = profile(model, num_samples=N, seed=3, learning_rate=3e-3)
+    got = profile_streaming(folder, num_samples=N, seed=3, learning_rate=3e-3, progress=False)
+    assert got.meta["learning_rate"] == ref.meta["learning_rate"] == 3e-3
+    assert ref.risk is not None and got.risk == pytest.approx(ref.risk, rel=1e-4)
+    with pytest.raises(ValueError, match="learning_rate"):
+        profile_streaming(_llama(), learning_rate=-1.0)
+
+
 # ------------------------------------------------------------------------------------------------ at initialisation
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_init_streaming_runs_and_is_reproducible(name):
