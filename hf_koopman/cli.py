@@ -861,12 +861,6 @@ def _warn_unread_context(context: dict[str, Any], estimator: Any) -> None:
         )
 
 
-# what `profile` says of pretrained weights in its verdict and report, for max-lr's caveats
-_PRETRAINED_CAVEAT = ("extrapolated: these are pretrained weights, not an initialisation, and the risk estimator was "
-                      "fitted on spectra at random initialisation; pass --init to read the architecture at "
-                      "initialisation")
-
-
 def _run_max_lr(args: argparse.Namespace) -> int:
     from hf_koopman.max_lr import suggest_max_lr
     from hf_koopman.profiling import profile
@@ -890,10 +884,8 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
         model_name=name, progress=progress,
     )
-    result.meta["weights"] = weights  # as `hf-koopman profile` records it: the verdict reason says "extrapolated"
+    result.meta["weights"] = weights  # as `hf-koopman profile` records it: the answer's first caveat then says so
     suggestion = suggest_max_lr(result, risk=args.risk, estimator=estimator, level=args.level, context=context)
-    if weights == "pretrained":
-        suggestion.caveats.insert(0, _PRETRAINED_CAVEAT)
     print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
     return 0
 

@@ -138,6 +138,12 @@ def _is_profile(obj: Any) -> bool:
     return hasattr(obj, "aggregates") and hasattr(obj, "layers") and hasattr(obj, "verdict")
 
 
+#: The first caveat of a suggestion for a profile of pretrained weights (`meta["weights"] == "pretrained"`).
+PRETRAINED_CAVEAT = ("extrapolated: these are pretrained weights, not an initialisation, and the risk estimator was "
+                     "fitted on spectra at random initialisation; profile the architecture at initialisation (`--init`, "
+                     "or a model built with `from_config`) for a reading in range")
+
+
 def suggest_max_lr(
     model: Any,
     inputs: Any = None,
@@ -183,12 +189,13 @@ def suggest_max_lr(
         prof = profile(model, inputs, **profile_kwargs)
     risk = est._check_risk(risk)
     name = getattr(prof, "model_name", None)
-    caveats: list[str] = []
+    # profiles of checkpoints say so (`hf-koopman profile` / `max-lr` record meta["weights"] = "pretrained")
+    caveats: list[str] = [PRETRAINED_CAVEAT] if getattr(prof, "meta", {}).get("weights") == "pretrained" else []
     uses_spectrum = any(f.key in prof.aggregates for f in est.features)
     if uses_spectrum and prof.verdict == "uninformative":
         return MaxLRSuggestion(None, risk, "uninformative", reason=prof.verdict_reason,
                                interval_method="no learning rate to bound", out_of_range=None,
-                               caveats=[est.training_summary()], model_name=name, profile=prof)
+                               caveats=[*caveats, est.training_summary()], model_name=name, profile=prof)
     lr = est.learning_rate_at_risk(prof, risk, **context)
     summary = est.training_summary()
     if lr == 0.0 or math.isinf(lr):
@@ -202,7 +209,7 @@ def suggest_max_lr(
         unknown = tuple(u for u in unknown if not u.startswith("learning_rate"))
         flag = True if outside else (None if unknown else False)
         return MaxLRSuggestion(None, risk, "no crossing", reason=reason, interval_method="no learning rate to bound",
-                               out_of_range=flag, outside=outside, unknown=unknown, caveats=[summary],
+                               out_of_range=flag, outside=outside, unknown=unknown, caveats=[*caveats, summary],
                                model_name=name, profile=prof)
     flag, outside, unknown = est.check_ranges(prof, learning_rate=lr, **context)
     interval = est.learning_rate_interval(prof, risk, level=level, **context)

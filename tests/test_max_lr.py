@@ -59,6 +59,18 @@ def test_suggest_max_lr_returns_the_analytic_learning_rate(tiny_profile):
     assert data["max_learning_rate"] == s.max_learning_rate and data["interval"] is None
 
 
+def test_profile_of_pretrained_weights_gets_the_extrapolation_caveat_first(tiny_profile):
+    import copy
+
+    pretrained = copy.deepcopy(tiny_profile)
+    pretrained.meta["weights"] = "pretrained"
+    for prof, first_is_caveat in ((tiny_profile, False), (pretrained, True)):
+        s = suggest_max_lr(prof, risk=0.1, estimator=_estimator())
+        assert s.caveats[0].startswith("extrapolated: these are pretrained weights") is first_is_caveat
+        assert sum(c.startswith("extrapolated") for c in s.caveats) == int(first_is_caveat)
+    assert tiny_profile.meta.get("weights") is None  # the fixture is untouched
+
+
 def test_suggest_max_lr_is_monotone_in_risk(tiny_profile):
     est = _estimator(coef_cov=[[0.04, 0, 0], [0, 0.01, 0], [0, 0, 0.01]])
     risks = [0.01, 0.05, 0.1, 0.3, 0.6]
