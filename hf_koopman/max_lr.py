@@ -140,8 +140,8 @@ def _is_profile(obj: Any) -> bool:
 
 #: The first caveat of a suggestion for a profile of pretrained weights (`meta["weights"] == "pretrained"`).
 PRETRAINED_CAVEAT = ("extrapolated: these are pretrained weights, not an initialisation, and the risk estimator was "
-                     "fitted on spectra at random initialisation; profile the architecture at initialisation (`--init`, "
-                     "or a model built with `from_config`) for a reading in range")
+                     "fitted on spectra at random initialisation; profile the architecture at initialisation "
+                     "(`--init`, or a model built with `from_config`) for a reading in range")
 
 
 def suggest_max_lr(
