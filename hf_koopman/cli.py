@@ -551,8 +551,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{_DEFAULT_MAX_LENGTH})")
     parser.add_argument("--max-tokens", type=int,
                         help="stop reading inputs once this many tokens reached every layer (default: 16 x "
-                             "--num-samples; with --stream one batch of --batch-size sequences, since a streamed "
-                             "forward holds all its tokens at once)")
+                             "--num-samples; with --stream, batches of --batch-size sequences until --num-samples "
+                             "tokens, all in the one forward a streamed run makes, which holds them at once)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
 
 
@@ -726,6 +726,11 @@ def _run_profile(args: argparse.Namespace) -> int:
           f"{tentative}")
     if result.degenerate_layers:
         print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
+    undersampled = result.undersampled_layers
+    if undersampled:
+        print(f"  {len(undersampled)} layer(s) left out for too few token states (N/d < "
+              f"{result.rule.min_samples_per_dim:g}): mean M≈1 and the verdict read {len(result.informative_layers)} "
+              f"of {len(result.layers)} layers; more or longer inputs include them (see report)")
     for label, path in written.items():
         print(f"  {label}: {path}")
     return 0
@@ -764,9 +769,9 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
 
 
 def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None) -> dict[str, Any]:
-    """--text-file as the one batch a streamed forward takes: --batch-size sequences of at most --max-length tokens, or,
-    with --max-tokens, batches of --batch-size sequences until their tokens reach it, as `profile()` reads them (all in
-    one forward: a streamed forward runs the model once)."""
+    """--text-file as the one batch a streamed forward takes: batches of --batch-size sequences of at most --max-length
+    tokens until their tokens reach --max-tokens, or --num-samples without it, as `profile()` reads batches (all in one
+    forward: a streamed forward runs the model once and holds all its tokens, so it reads no more than N needs)."""
     tokenizer = _load_tokenizer(source) if source is not None and Path(source).is_dir() else None
     if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
@@ -779,14 +784,13 @@ def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
 
     chunks = _read_text_chunks(args.text_file, args.max_length, tokenizer)
-    rows = args.batch_size
-    if args.max_tokens is not None:
-        seen, rows = 0, 0
-        while rows < len(chunks) and seen < args.max_tokens:
-            batch = encode(chunks[rows : rows + args.batch_size])
-            mask = batch.get("attention_mask")
-            seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            rows += args.batch_size
+    wanted = args.max_tokens if args.max_tokens is not None else args.num_samples
+    seen, rows = 0, 0
+    while rows < len(chunks) and seen < wanted:
+        batch = encode(chunks[rows : rows + args.batch_size])
+        mask = batch.get("attention_mask")
+        seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        rows += args.batch_size
     return encode(chunks[:rows])
 
 

@@ -77,8 +77,21 @@ def test_stream_reads_text_up_to_max_tokens_like_the_plain_path(tmp_path):
                          "plain": ["--max-tokens", "160"]}.items():
         assert main(["profile", str(folder), *common, *extra, "--out", str(tmp_path / label)]) == 0
         seen[label] = _profile_json(tmp_path / label)["meta"]["tokens_seen"]
-    # one batch of 2 x 32 tokens by default; with --max-tokens, batches of two sequences until 160 tokens: 3 batches
+    # batches of two sequences until --num-samples (32) tokens by default: one batch of 2 x 32; with --max-tokens,
+    # until 160 tokens: 3 batches
     assert seen == {"stream-default": 64, "stream": 192, "plain": 192}
+
+
+def test_stream_reads_text_until_num_samples_without_max_tokens(tmp_path):
+    folder = _checkpoint(tmp_path, tokenizer=True)
+    text = tmp_path / "words.txt"
+    text.write_text(_words(2000))
+    out = tmp_path / "out"
+    assert main(["profile", str(folder), "--stream", "--text-file", str(text), "--num-samples", "200",
+                 "--max-length", "32", "--batch-size", "2", *FAST, "--out", str(out)]) == 0
+    meta = _profile_json(out)["meta"]
+    assert meta["tokens_seen"] == 4 * 64  # batches of 2 x 32 tokens until 200: four, in the one streamed forward
+    assert _profile_json(out)["settings"]["num_samples"] == 200  # N follows --num-samples
 
 
 # -------------------------------------------------------------------------------- 2. --max-length past the positions
@@ -129,6 +142,32 @@ def test_text_file_is_read_like_profile_reads_the_text(tmp_path, tokenizer):
                   max_tokens=100000, progress=False)
     assert used == api.meta["tokens_seen"]
     assert used >= (600 if tokenizer else len(text.read_text())) - 2  # all the text, not a quarter of each piece
+
+
+# ------------------------------------------------------------------------------- the summary names the layers left out
+def test_summary_names_the_layers_left_out_for_too_few_token_states(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    # Swin v2's second stage holds a quarter of the tokens at twice the width: N/d = 128/16 = 8, then 32/32 = 1
+    config = tmp_path / "swinv2.json"
+    AutoConfig.for_model("swinv2", image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                         window_size=4).to_json_file(config)
+    out = tmp_path / "out"
+    assert main(["profile", str(config), "--init", "--num-samples", "128", *FAST, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = _profile_json(out)
+    assert [(layer["num_samples"], layer["hidden_size"]) for layer in data["layers"]] == [(128, 16), (32, 32)]
+    assert data["undersampled_layers"] == ["encoder.layers.1.blocks.0"]
+    assert "swinv2 (init): 2 layers, mean M≈1" in printed
+    assert ("  1 layer(s) left out for too few token states (N/d < 2): mean M≈1 and the verdict read 1 of 2 layers; "
+            "more or longer inputs include them (see report)") in printed
+
+
+def test_summary_has_no_left_out_note_when_every_layer_has_enough_tokens(tmp_path, capsys):
+    folder = _checkpoint(tmp_path)
+    assert main(["profile", str(folder), "--num-samples", "64", *FAST, "--out", str(tmp_path / "out")]) == 0
+    assert _profile_json(tmp_path / "out")["undersampled_layers"] == []
+    assert "left out" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- 5./6. --dataset paths and splits

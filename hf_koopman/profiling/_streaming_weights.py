@@ -307,7 +307,12 @@ class SafetensorsWeights:
 
     def materialise_rest(self, modules: list[nn.Module]) -> None:
         """Load the non-block tensors of `modules` (embeddings, final norm, ...); others (an untied LM head: 0.5 GB
-        for a 7B model) stay on meta."""
+        for a 7B model) stay on meta.
+
+        A parameter of `modules` without a checkpoint tensor of its own takes the tensor stored for a parameter tied to
+        it, as `from_pretrained` ties either side of a pair (a tied LLaMA saved with `lm_head.weight` only); that
+        partner goes back to meta once the tie is made, so the embedding is freed with `modules`. A partner is read
+        only then: with `model.embed_tokens.weight` in the checkpoint, the LM head is never loaded."""
         wanted = {id(m) for m in modules}
         names = {
             f"{prefix}.{name}" if prefix else name
@@ -316,7 +321,30 @@ class SafetensorsWeights:
             for name, p in module._parameters.items()
             if p is not None
         }
-        self._load([key for key in self.rest_keys if self.targets[key] in names], modules, "non-block")
+        stored = {self.targets[key] for key in self.rest_keys}
+        partners = {
+            next((other for other in sorted(self._tie_group(name)) if other in stored), None) for name in names - stored
+        } - {None} - names
+        self._load([key for key in self.rest_keys if self.targets[key] in names | partners], modules, "non-block")
+        for name in partners:  # loaded only to be tied to: not kept alive after `modules` are freed
+            parent, _, leaf = name.rpartition(".")
+            holder = self.model.get_submodule(parent)
+            p = holder._parameters[leaf]
+            holder._parameters[leaf] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                    requires_grad=False)
+
+    def _tie_group(self, name: str) -> set[str]:
+        """Every parameter name tied to `name`, directly or through others (T5's `shared.weight`, the encoder and
+        decoder `embed_tokens` and a tied `lm_head`), without `name` itself."""
+        group, todo = {name}, [name]
+        while todo:
+            current = todo.pop()
+            for target, source in self.tied.items():
+                other = source if target == current else target if source == current else None
+                if other is not None and other not in group:
+                    group.add(other)
+                    todo.append(other)
+        return group - {name}
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -338,17 +366,21 @@ def tie_loaded(model: nn.Module, tied: dict[str, str], names: set[str]) -> None:
     """Point every still-meta parameter in `names` at its loaded tie partner (either side of a `tied` pair, as
     `from_pretrained` does when a checkpoint holds only one of them). Partners outside `names` stay as they are, so a
     tied LM head that is never run does not keep the embedding alive after the embedding is freed."""
-    for target, source in tied.items():
-        for want, have in ((target, source), (source, target)):
-            if want not in names:
-                continue
-            try:
-                wanted, held = model.get_parameter(want), model.get_parameter(have)
-            except AttributeError:  # a tied buffer, or a name this model variant lacks
-                continue
-            if wanted.device.type == "meta" and held.device.type != "meta":
-                parent, _, leaf = want.rpartition(".")
-                model.get_submodule(parent)._parameters[leaf] = held
+    tied_any = True
+    while tied_any:  # until no pair changes: a tie through a third name (T5's `shared`) takes a second pass
+        tied_any = False
+        for target, source in tied.items():
+            for want, have in ((target, source), (source, target)):
+                if want not in names:
+                    continue
+                try:
+                    wanted, held = model.get_parameter(want), model.get_parameter(have)
+                except AttributeError:  # a tied buffer, or a name this model variant lacks
+                    continue
+                if wanted.device.type == "meta" and held.device.type != "meta":
+                    parent, _, leaf = want.rpartition(".")
+                    model.get_submodule(parent)._parameters[leaf] = held
+                    tied_any = True
 
 
 def find_safetensors_keys(folder: Path) -> dict[str, Path]:

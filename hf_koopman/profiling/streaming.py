@@ -291,7 +291,9 @@ def profile_streaming(
 
     Raises:
         InsufficientMemoryError: not even one block (plus its activations) fits in the available memory / budget.
-        ValueError: no safetensors weights, blocks not found, non-finite activations, ...
+        ValueError: a bad `num_samples`, `rank` (or `randomized=True` without one), `seed`, `learning_rate` or
+            `eig_dtype` (all before any block is built), no safetensors weights, blocks not found, non-finite
+            activations, ...
 
     An interrupted run (exception or Ctrl-C) never returns a profile: the exception propagates, all hooks are removed,
     and `partial_path`, when given, receives a marker with `"complete": false` and how many blocks had run.
@@ -304,12 +306,23 @@ def profile_streaming(
         profile_from_snapshots,
     )
 
-    from hf_koopman.profiling.profiler import _as_count, _check_analysis_keywords, _check_learning_rate
+    from hf_koopman.koopman.dmd import check_eig_dtype
+    from hf_koopman.profiling.profiler import (
+        _as_count,
+        _check_analysis_keywords,
+        _check_learning_rate,
+        _check_rank,
+        _check_seed,
+    )
 
-    # bad arguments fail before any block is built or streamed; these options are set here on profile_from_snapshots
+    # bad arguments fail before any block is built or streamed, with profile()'s checks; these options are set here on
+    # profile_from_snapshots
     _check_analysis_keywords(analysis_kwargs, profile_streaming, ("rank", "seed", "stacks", "model_name", "meta",
                                                                   "progress"))
     num_samples = _as_count(num_samples, "num_samples", 2)
+    rank = _check_rank(rank, analysis_kwargs.get("randomized"))
+    seed = _check_seed(seed)
+    check_eig_dtype(analysis_kwargs.get("eig_dtype"))
     learning_rate = _check_learning_rate(learning_rate)
     start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)

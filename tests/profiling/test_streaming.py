@@ -135,7 +135,7 @@ def test_saved_t5_streams_to_the_same_profile(tmp_path, head):
     folder = tmp_path / "t5"
     model.save_pretrained(folder)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-        assert "encoder.embed_tokens.weight" not in handle.keys()  # what made streaming fail before
+        assert "encoder.embed_tokens.weight" not in handle.keys()  # stored once, as `shared.weight`
     ref = profile(model, num_samples=N, seed=3)
     got = profile_streaming(folder, num_samples=N, seed=3, progress=False)
     _assert_same_features(ref, got)
@@ -152,6 +152,53 @@ def test_t5_skeleton_ties_its_embeddings_and_counts_them_once():
     assert skeleton.encoder.embed_tokens.weight is skeleton.shared.weight is skeleton.decoder.embed_tokens.weight
     plan = estimate_streaming_memory(config)
     assert 128 * 32 * 4 <= plan["non_block"] < 2 * 128 * 32 * 4  # the shared embedding once, plus the final norms
+
+
+def _tied_llama_folder(tmp_path, keep: str):
+    """A tied LLaMA's folder whose checkpoint holds the tied pair under `keep`: "head" (`lm_head.weight` only, as some
+    exporters write it) or "both" (the embedding, and a different `lm_head.weight` that a tied model ignores)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(_llama(tie_word_embeddings=True)).eval()
+    folder = tmp_path / f"tied-{keep}"
+    model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    assert "model.embed_tokens.weight" in state and "lm_head.weight" not in state
+    if keep == "head":
+        state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    else:
+        state["lm_head.weight"] = torch.zeros_like(state["model.embed_tokens.weight"])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return model, folder
+
+
+@pytest.mark.parametrize("keep", ["head", "both"])
+def test_tied_pair_stored_under_either_name_streams_like_from_pretrained(tmp_path, keep):
+    """from_pretrained ties either side of a tied pair to the one the checkpoint holds; streaming loads the LM head's
+    tensor only when the embedding has none of its own, and frees it with the embedding."""
+    from hf_koopman.profiling._streaming_weights import SafetensorsWeights
+    from hf_koopman.profiling.streaming import _non_block_modules
+
+    model, folder = _tied_llama_folder(tmp_path, keep)
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    ref = profile(loaded, num_samples=N, seed=3)
+    got = profile_streaming(folder, num_samples=N, seed=3, progress=False)
+    _assert_same_features(ref, got)
+    for a, b in zip(ref.eigenvalues, got.eigenvalues):
+        assert torch.allclose(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-5, atol=1e-6)
+
+    skeleton = _build_skeleton(_llama(tie_word_embeddings=True))
+    blocks = find_residual_blocks(skeleton)
+    weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
+    read: list[str] = []
+    original = weights._load
+    weights._load = lambda keys, modules, what: (read.extend(keys), original(keys, modules, what))[1]
+    weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
+    assert ("lm_head.weight" in read) == (keep == "head")
+    assert torch.equal(skeleton.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert skeleton.lm_head.weight.device.type == "meta"  # not kept alive once the embedding is freed
 
 
 def test_missing_non_block_tensor_is_named_by_its_path(tmp_path):
@@ -312,6 +359,28 @@ def test_bad_inputs_are_rejected(tmp_path):
         profile_streaming(_llama(), num_sample=64)  # before any block is built
     with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
         profile_streaming(_llama(), num_samples=1.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"randomized": True}, "randomized=True needs a rank"),
+    ({"rank": 0}, "rank must be a positive int"),
+    ({"rank": 2.5}, "rank must be a positive int"),
+    ({"seed": 1.5}, "seed must be an int"),
+    ({"eig_dtype": torch.float16}, "eig_dtype"),
+], ids=["randomized-without-rank", "rank-0", "float-rank", "float-seed", "eig-dtype"])
+def test_bad_analysis_arguments_fail_before_any_block_is_built(monkeypatch, kwargs, match):
+    """The checks `profile` makes on rank, randomized, seed and eig_dtype run before the skeleton or any block."""
+    import hf_koopman.profiling.streaming as streaming
+
+    built: list[str] = []
+    skeleton = streaming._build_skeleton
+    monkeypatch.setattr(streaming, "_build_skeleton", lambda config: (built.append("skeleton"), skeleton(config))[1])
+    materialise = InitWeights.materialise
+    monkeypatch.setattr(InitWeights, "materialise",
+                        lambda self, block, index: (built.append(f"block {index}"), materialise(self, block, index))[1])
+    with pytest.raises(ValueError, match=match):
+        profile_streaming(_llama(), num_samples=64, progress=False, **kwargs)
+    assert built == []
 
 
 def test_integer_like_num_samples_stream():
