@@ -858,10 +858,18 @@ def _per_dim(num_samples: int | None, hidden_size: int | None) -> float:
     return num_samples / hidden_size if num_samples and hidden_size else math.inf
 
 
-def tokens_short(meta: dict[str, Any]) -> int | None:
-    """The token states the inputs gave when they were fewer than the `num_samples` asked for (`meta["tokens_seen"]`
-    below `meta["num_samples_requested"]`), else `None`: then a larger `num_samples` cannot help, more text can."""
+def tokens_short(meta: Mapping[str, Any], layer: str | None = None) -> int | None:
+    """The token states the inputs gave when they were fewer than the `num_samples` asked for, else `None`: then a
+    larger `num_samples` cannot help, more text can.
+
+    The count is `layer`'s own (`meta["tokens_seen_per_layer"][layer]`) when `meta` records one for it, else
+    `meta["tokens_seen"]` (the fewest any layer saw); it is short when below `meta["num_samples_requested"]`.
+    `DecisionRule.verdict_tokens_short` asks this for the layer whose sample the verdict judges.
+    """
     seen, asked = meta.get("tokens_seen"), meta.get("num_samples_requested")
+    per_layer = meta.get("tokens_seen_per_layer")
+    if layer is not None and isinstance(per_layer, Mapping) and _is_number(per_layer.get(layer)):
+        seen = per_layer[layer]
     if _is_number(seen) and _is_number(asked) and seen < asked:
         return int(seen)
     return None
@@ -943,31 +951,55 @@ class DecisionRule:
         settings = profile.settings
         return [(settings.get("num_samples"), settings.get("hidden_size"))] * count
 
+    def undersampled_sizes(self, sizes: Sequence[tuple[int | None, int | None]]) -> list[bool]:
+        """Per `(N, d)` in `sizes`: whether that layer's sample is too small for its width (`is_sampled` is false)
+        while other layers' samples are large enough; none is flagged when no layer's is, nor when every layer's
+        is. `undersampled` applies this to a profile; `profile_from_snapshots` computes the aggregates without the
+        flagged layers."""
+        sampled = [self.is_sampled(n, d) for n, d in sizes]
+        return [not s for s in sampled] if any(sampled) else [False] * len(sampled)
+
     def undersampled(self, profile: Any) -> list[bool]:
         """Per layer of `profile`: whether the verdict leaves it out because its own sample is too small for its own
         width (`is_sampled` is false) while other layers' samples are large enough. When no layer's is, none is
         flagged: the verdict is then "uninformative" on the sample size as a whole (`verdict_sample`)."""
-        sampled = [self.is_sampled(n, d) for n, d in self.sample_sizes(profile)]
-        return [not s for s in sampled] if any(sampled) else [False] * len(sampled)
+        return self.undersampled_sizes(self.sample_sizes(profile))
 
     def reads(self, profile: Any) -> list[bool]:
         """Per layer of `profile`: whether the verdict reads it, i.e. it is informative (`is_informative`) and not
         left out for too few token states (`undersampled`)."""
         return [self.is_informative(f) and not few for f, few in zip(profile.features, self.undersampled(profile))]
 
-    def verdict_sample(self, profile: Any) -> tuple[int | None, int | None]:
-        """`(N, d)` that the verdict's sample-size checks (the N/d caution, the sampling band) use: those of the
-        least-sampled layer (smallest N/d) among the layers it reads, else among the adequately sampled ones; when no
-        layer is adequately sampled, those of the best-sampled layer (the verdict is then "uninformative"). For a
-        profile whose layers share one N and d these are `settings["num_samples"]` and `settings["hidden_size"]`."""
+    def verdict_layer(self, profile: Any) -> int | None:
+        """Index of the layer whose sample the verdict judges (`verdict_sample`): the least-sampled layer (smallest
+        N/d) among the layers it reads, else among the adequately sampled ones; when no layer is adequately sampled,
+        the best-sampled layer (the verdict is then "uninformative"). `None` for a profile without layers."""
         sizes = self.sample_sizes(profile)
         if not sizes:
-            return profile.settings.get("num_samples"), profile.settings.get("hidden_size")
-        sampled = [size for size in sizes if self.is_sampled(*size)]
+            return None
+        sampled = [i for i, size in enumerate(sizes) if self.is_sampled(*size)]
         if not sampled:
-            return max(sizes, key=lambda size: _per_dim(*size))
-        read = [size for size, r in zip(sizes, self.reads(profile)) if r]
-        return min(read or sampled, key=lambda size: _per_dim(*size))
+            return max(range(len(sizes)), key=lambda i: _per_dim(*sizes[i]))
+        read = [i for i, r in enumerate(self.reads(profile)) if r]
+        return min(read or sampled, key=lambda i: _per_dim(*sizes[i]))
+
+    def verdict_sample(self, profile: Any) -> tuple[int | None, int | None]:
+        """`(N, d)` that the verdict's sample-size checks (the N/d caution, the sampling band) use: those of the
+        layer `verdict_layer` picks. For a profile whose layers share one N and d these are `settings["num_samples"]`
+        and `settings["hidden_size"]`."""
+        index = self.verdict_layer(profile)
+        if index is None:
+            return profile.settings.get("num_samples"), profile.settings.get("hidden_size")
+        return self.sample_sizes(profile)[index]
+
+    def verdict_tokens_short(self, profile: Any) -> int | None:
+        """`tokens_short` for the layer whose sample the verdict judges (`verdict_layer`): the token states the inputs
+        gave that layer when they were fewer than the `num_samples` asked for, else `None`. A layer left out of the
+        verdict (a decoder fed short inputs, say) does not make the layers it reads token-limited."""
+        index = self.verdict_layer(profile)
+        layers = getattr(profile, "layers", None) or []
+        name = layers[index][0] if index is not None and index < len(layers) else None
+        return tokens_short(profile.meta, name)
 
     def decide(
         self,
@@ -994,9 +1026,10 @@ class DecisionRule:
             total (`int`, *optional*): number of layers of the profile.
             rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum); a rank-r fit explains at most
                 r of d directions of the update, so its high η_nl is the truncation's, and the reason says so.
-            tokens_seen (`int`, *optional*): the token states the inputs gave when they were fewer than the
-                `num_samples` asked for (`tokens_short(profile.meta)`); a larger `num_samples` cannot help then, so
-                the advice is to supply more text (or a larger `max_tokens`). `None`: the inputs were not short.
+            tokens_seen (`int`, *optional*): the token states the inputs gave the judged layer when they were fewer
+                than the `num_samples` asked for (`verdict_tokens_short(profile)`); a larger `num_samples` cannot help
+                then, so the advice is to supply more text (or a larger `max_tokens`). `None`: the inputs were not
+                short.
             weights (`str`, *optional*): `"pretrained"` when the profiled weights come from a checkpoint
                 (`meta["weights"]`); the thresholds come from spectra at initialisation, so the reason then says that
                 the verdict is an extrapolation.
@@ -1032,16 +1065,17 @@ class DecisionRule:
 
     def decide_profile(self, profile: Any) -> tuple[str, str]:
         """`decide` on a `SpectralProfile`: the layers it reads (`reads`), their sample (`verdict_sample`), the layers
-        left out for too few token states, the settings, and the context its `meta` carries (`tokens_seen`,
-        `weights`). A profile whose `rank` covered every mode (`settings["spectrum"] == "full"`) is judged as the full
-        spectrum."""
+        left out for too few token states, the settings, and the context its `meta` carries (the token states the
+        judged layer saw, `verdict_tokens_short`; `weights`). A profile whose `rank` covered every mode
+        (`settings["spectrum"] == "full"`) is judged as the full spectrum."""
         settings, meta, features = profile.settings, profile.meta, profile.features
         num_samples, hidden_size = self.verdict_sample(profile)
         undersampled = sum(self.undersampled(profile))
         return self.decide(
             profile.score, profile.kappa_median, num_samples=num_samples, hidden_size=hidden_size,
             informative=sum(self.reads(profile)), total=len(features),
-            rank=None if settings.get("spectrum") == "full" else settings.get("rank"), tokens_seen=tokens_short(meta),
+            rank=None if settings.get("spectrum") == "full" else settings.get("rank"),
+            tokens_seen=self.verdict_tokens_short(profile),
             weights=meta.get("weights"), undersampled=undersampled,
         )
 

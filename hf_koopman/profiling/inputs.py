@@ -169,6 +169,31 @@ def _dataset_chunks(dataset: Any, batch_size: int, rows: Iterator[dict] | None) 
         yield {key: [row[key] for row in chunk] for key in chunk[0]}
 
 
+def _column_dtype(dataset: Any, column: str) -> torch.dtype | None:
+    """The torch dtype a `datasets` column declares (`Value("uint8")`, nested in `List` / `Sequence`, or an `ArrayND`
+    dtype), or `None` when the features are unknown or name no torch dtype."""
+    feature = (getattr(dataset, "features", None) or {}).get(column)
+    while feature is not None and not isinstance(getattr(feature, "dtype", None), str):
+        feature = getattr(feature, "feature", None)
+    dtype = getattr(torch, getattr(feature, "dtype", ""), None) if feature is not None else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _pixel_tensor(values: Any, declared: torch.dtype | None) -> torch.Tensor:
+    """One batch of a dataset's `pixel_values` as a tensor of the dtype the rows hold (the column's `declared` dtype
+    when the rows come as Python lists), so that integer pixels reach `prepare_batch` as integers and are refused
+    there with the fix, as an integer tensor passed directly is."""
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    elif isinstance(values, (list, tuple)) and values and isinstance(values[0], torch.Tensor):
+        tensor = torch.stack(list(values))
+    elif isinstance(values, (list, tuple)) and values and isinstance(values[0], np.ndarray):
+        tensor = torch.from_numpy(np.stack(values))
+    else:
+        tensor = torch.as_tensor(values)  # a NumPy array keeps its dtype; Python ints give int64, floats float32
+    return tensor.to(declared) if declared is not None and tensor.dtype != declared else tensor
+
+
 def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max_length: int) -> Iterator[dict]:
     columns = list(dataset.column_names or [])
     rows = None
@@ -184,7 +209,7 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         for chunk in _dataset_chunks(dataset, batch_size, rows):
             if "pixel_values" in keep:
-                yield {"pixel_values": torch.as_tensor(chunk["pixel_values"], dtype=torch.float32)}
+                yield {"pixel_values": _pixel_tensor(chunk["pixel_values"], _column_dtype(dataset, "pixel_values"))}
             else:
                 rows = [{k: chunk[k][i] for k in keep} for i in range(len(chunk["input_ids"]))]
                 yield _pad_rows(rows, pad_id)

@@ -83,17 +83,22 @@ def max_sequence_length(model_or_config: Any) -> int | None:
     `max_position_embeddings` (or `n_positions`, `max_seq_len`, `seq_length`) of the text config, less the offset of
     RoBERTa-style embeddings: their position ids start after `padding_idx` (`create_position_ids_from_input_ids`), so a
     position table with `padding_idx` p holds `num_embeddings - p - 1` usable positions (RoBERTa: 514 - 2 = 512).
+    An embeddings module is RoBERTa-style when it carries the `padding_idx` of its `position_embeddings` table as its
+    own attribute, which it passes to `create_position_ids_from_input_ids` (RoBERTa, XLM-R, ESM, MPNet, LayoutLMv3
+    ...). A table with a `padding_idx` whose module counts positions from 0 (LXMERT: `padding_idx=0`, position ids
+    `arange(T)`) keeps every position.
     """
     config = _config_of(model_or_config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = _get(text, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
     limit = limit if isinstance(limit, int) and limit > 0 else None
     if isinstance(model_or_config, torch.nn.Module):
-        for name, module in model_or_config.named_modules():
-            padding = getattr(module, "padding_idx", None)
-            if (isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] == "position_embeddings"
-                    and isinstance(padding, int) and padding >= 0):
-                usable = module.num_embeddings - padding - 1
+        for owner in model_or_config.modules():
+            table = getattr(owner, "position_embeddings", None)
+            padding = getattr(table, "padding_idx", None)
+            if (isinstance(table, torch.nn.Embedding) and isinstance(padding, int) and padding >= 0
+                    and getattr(owner, "padding_idx", None) == padding):
+                usable = table.num_embeddings - padding - 1
                 limit = usable if limit is None else min(limit, usable)
     return max(limit, 1) if limit is not None else None
 
@@ -155,16 +160,21 @@ def _packed_patch_inputs(
     return out
 
 
+def _decoder_positions(config: Any) -> int:
+    """Positions of a speech decoder (`max_target_positions`, Whisper's 448 when the config has none)."""
+    return max(1, int(_get(config, "max_target_positions", default=448)))
+
+
 def _decoder_probe(config: Any, batch: int, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
     """`decoder_input_ids` `(batch, T)` for a speech encoder-decoder (Whisper, Speech2Text): the decoder start token,
-    then synthetic tokens (App. D.2), T = `num_tokens / batch` up to the decoder's positions (`max_target_positions`),
-    so that the decoder blocks see about as many distinct token states as the encoder's without a larger audio
-    batch (the encoder's cost). A constant start token everywhere would give the decoder a few distinct states only.
+    then synthetic tokens (App. D.2), T = ceil(`num_tokens / batch`) up to the decoder's positions
+    (`max_target_positions`). `default_probe_inputs` sizes the audio batch so that `batch * T >= num_tokens`: the
+    decoder blocks then see at least `num_tokens` token states. A constant start token everywhere would give the
+    decoder a few distinct states only.
     """
     start = _get(config, "decoder_start_token_id", default=0)
     vocab = _get(config, "vocab_size")
-    limit = _get(config, "max_target_positions", default=448)
-    length = max(1, min(int(limit), math.ceil(num_tokens / batch)))
+    length = max(1, min(_decoder_positions(config), math.ceil(num_tokens / batch)))
     if not isinstance(vocab, int) or vocab < 2 or length == 1:
         return torch.full((batch, length), start)
     ids = synthetic_token_sequences(batch, length, vocab, generator=generator)
@@ -197,8 +207,9 @@ def default_probe_inputs(
         boxes), `pixel_values` `(B, C, H, W)` for vision (`(B, T, C, H, W)` clips when the config has `num_frames`),
         flattened patches `(P, C * t * p * p)` + `grid_thw` `(num_images, 3)` for packed-patch vision encoders
         (Qwen-VL style), `input_values` `(B, S)` or `input_features` `(B, M, F)` for audio (+ `decoder_input_ids`
-        `(B, T)` for speech encoder-decoders, T up to `max_target_positions`). The input kind follows the
-        model's forward signature when its `main_input_name` is not one of the forward's arguments.
+        `(B, T)` for speech encoder-decoders, T up to `max_target_positions`, with B large enough that the decoder
+        gets at least `num_tokens` token states too: B >= ceil(`num_tokens` / `max_target_positions`)). The input
+        kind follows the model's forward signature when its `main_input_name` is not one of the forward's arguments.
     """
     if num_tokens < 2:
         raise ValueError(f"num_tokens must be >= 2, got {num_tokens}.")
@@ -231,9 +242,15 @@ def default_probe_inputs(
         mels = _get(config, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
         frames = 2 * _get(config, "max_source_positions", default=1500)
         batch = max(1, math.ceil(num_tokens / (frames // 2)))
+        decoder = getattr(config, "is_encoder_decoder", False)
+        if decoder:
+            # enough rows that the decoder, at most `max_target_positions` tokens a row, gets `num_tokens` as well
+            # (Whisper: 448 positions against 1500 encoder frames: 5 rows at the default 2048, where the encoder
+            # alone needs 2)
+            batch = max(batch, math.ceil(num_tokens / _decoder_positions(config)))
         features = torch.randn(batch, mels, frames, generator=generator)
         out: dict[str, torch.Tensor] = {"input_features": features}
-        if getattr(config, "is_encoder_decoder", False):
+        if decoder:
             out["decoder_input_ids"] = _decoder_probe(config, batch, num_tokens, generator)
         return out
 

@@ -31,6 +31,7 @@ from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_
 from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
+from hf_koopman.risk import DecisionRule
 
 
 __all__ = ["profile", "profile_from_snapshots"]
@@ -334,7 +335,11 @@ def profile_from_snapshots(
 
     Returns:
         `SpectralProfile`; its `settings` record what was computed and the `spectral_features` options, its
-        `layer_sizes` each layer's N and d.
+        `layer_sizes` each layer's N and d. Its `aggregates` are over every layer, except that layers with too few
+        token states for their width (N/d below `DecisionRule.min_samples_per_dim` while other layers have enough,
+        `DecisionRule.undersampled_sizes`) are left out of them as they are of the verdict;
+        `settings["aggregates_left_out"]` then names them. Degenerate and non-informative layers stay in the
+        aggregates.
 
     Raises:
         TypeError: a keyword argument neither this function nor `spectral_features` takes (checked before any
@@ -411,10 +416,14 @@ def profile_from_snapshots(
         if sample_size_notes:
             _log_note_once("; ".join(sample_size_notes))
     analysis_time = time.perf_counter() - start
-    feats = [f for _, f in layers]
+    sizes = [(int(X.shape[0]), int(X.shape[1])) for _, X, _ in snapshots]
+    # the layers the verdict leaves out for too few token states for their width stay out of the aggregates (the
+    # risk estimator and the callback's rksp/* read them); degenerate and non-informative layers stay in, as in the
+    # uniform models the shipped estimator was fitted on
+    left_out = DecisionRule().undersampled_sizes(sizes)
+    feats = [f for (_, f), short in zip(layers, left_out) if not short]
     aggregates = dict(aggregate_features(feats))
     aggregates["near_unit_mass_x_log10_kappa_mean"] = _composite(feats)
-    sizes = [(int(X.shape[0]), int(X.shape[1])) for _, X, _ in snapshots]
     settings = {
         # the first layer's N and d; every layer's are in `SpectralProfile.layer_sizes` (profile.json: per layer)
         "num_samples": sizes[0][0],
@@ -429,6 +438,8 @@ def profile_from_snapshots(
         "eig_dtype": None if eig_dtype is None else str(eig_dtype).removeprefix("torch."),
         **_feature_settings(feature_kwargs),
     }
+    if any(left_out):
+        settings["aggregates_left_out"] = [name for (name, _), short in zip(layers, left_out) if short]
     meta = dict(meta or {})
     meta.setdefault("analysis_time_s", round(analysis_time, 4))
     return SpectralProfile(
@@ -496,7 +507,9 @@ def profile(
             to `spectral_features`; an unknown name is a TypeError before the forward pass.
 
     Returns:
-        `SpectralProfile` with one entry per block (encoder-decoder models: both stacks, labelled).
+        `SpectralProfile` with one entry per block (encoder-decoder models: both stacks, labelled). Its `meta`
+        records `tokens_seen`, the fewest valid token states any block saw, `tokens_seen_per_layer`, each profiled
+        layer's own count (a decoder fed short inputs sees fewer than its encoder), and `num_samples_requested`.
 
     Raises:
         TypeError: `model` is not an `nn.Module`, or a keyword argument that neither `profile` nor the analysis takes
@@ -660,7 +673,10 @@ def profile(
         "dtype": dtype,
         "num_blocks": len(blocks) - sum(b.name.rsplit(".", 1)[0] in recorder.dropped for b in blocks),
         "batches": batches,
+        # the fewest valid token states any block saw; each profiled layer's own count is in tokens_seen_per_layer,
+        # and the token-shortage advice reads the count of the layer whose sample the verdict judges
         "tokens_seen": min(recorder.tokens_seen.values()),
+        "tokens_seen_per_layer": {layer: recorder.tokens_seen[layer] for layer, _, _ in snapshots},
         "num_samples_requested": num_samples,
         "forward_time_s": round(forward_time, 4),
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, TENTATIVE, RiskEstimator, tokens_short
+from hf_koopman.risk import ADVICE, TENTATIVE, RiskEstimator
 
 
 if TYPE_CHECKING:
@@ -56,9 +56,10 @@ def _pretrained(profile: SpectralProfile) -> bool:
     return profile.meta.get("weights") == "pretrained"
 
 
-def _token_limited(profile: SpectralProfile) -> bool:
-    """Whether the inputs gave fewer token states than `num_samples` asked for (a larger one cannot add any)."""
-    return tokens_short(profile.meta) is not None
+def _token_limited(profile: SpectralProfile) -> int | None:
+    """The token states the inputs gave the layer whose sample the verdict judges, when they were fewer than
+    `num_samples` asked for (a larger one cannot add any); `None` otherwise (`DecisionRule.verdict_tokens_short`)."""
+    return profile.rule.verdict_tokens_short(profile)
 
 
 def _reliable_only(profile: SpectralProfile) -> bool:
@@ -75,6 +76,35 @@ def _left_out_words(profile: SpectralProfile, reads: list[bool]) -> str:
     parts = ([f"{unfit} degenerate or not explained by a linear map"] if unfit else []) + (
         [f"{few} with too few token states for {'its' if few == 1 else 'their'} width"] if few else [])
     return ", ".join(parts)
+
+
+def _tokens_seen_note(profile: SpectralProfile) -> str:
+    """What `meta["tokens_seen"]` is when the layers saw different counts (`meta["tokens_seen_per_layer"]`)."""
+    per_layer = profile.meta.get("tokens_seen_per_layer")
+    counts = [n for n in per_layer.values() if isinstance(n, int)] if isinstance(per_layer, dict) else []
+    if len(set(counts)) <= 1:
+        return ""
+    return (f" (the fewest any block saw; {max(counts)} to {min(counts)} over the profiled layers, each layer's in "
+            "`tokens_seen_per_layer` of profile.json)")
+
+
+def _aggregates_scope(profile: SpectralProfile) -> list[str]:
+    """Which layers the aggregates cover, when that is not every layer or when the verdict leaves some out for their
+    sample: `settings["aggregates_left_out"]` (`profile_from_snapshots`) names the layers left out of them."""
+    if not profile.aggregates:
+        return []
+    total = len(profile.layers)
+    left_out = list(profile.settings.get("aggregates_left_out") or [])
+    if left_out:
+        names = ", ".join(f"`{name}`" for name in left_out[:12]) + (" …" if len(left_out) > 12 else "")
+        return [f"Over the {total - len(left_out)} of {total} layers with enough token states for their width: the "
+                f"{len(left_out)} the verdict leaves out for too few ({names}) are not in these aggregates, which the "
+                "calibrated risk reads. Degenerate and non-informative layers are in them.", ""]
+    few = sum(profile.rule.undersampled(profile))
+    if few:  # e.g. a profile.json written before the aggregates left these layers out
+        return [f"Over all {total} layers, including the {few} the verdict leaves out for too few token states for "
+                "their width.", ""]
+    return []
 
 
 def _spectrum_lines(profile: SpectralProfile) -> list[str]:
@@ -161,8 +191,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
                      f"threshold{'s' if len(crossed) > 1 else ''}, so it may change with more tokens")
         if n >= 8 * d:
             line += "."
-        elif _token_limited(profile):
-            line += (f" — the inputs gave only {profile.meta['tokens_seen']} token states and all were used: supply "
+        elif (seen := _token_limited(profile)) is not None:
+            line += (f" — the inputs gave only {seen} token states and all were used: supply "
                      "more or longer inputs (more text, a larger batch or `max_tokens`; for RKSPCallback a larger "
                      "`probe_batch_size`) for a firmer estimate.")
         else:
@@ -256,10 +286,12 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             lines.append(f"- `{key}`: {settings[key]}{first}")
     for key, value in profile.meta.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
-            lines.append(f"- `{key}`: {value}")
+            lines.append(f"- `{key}`: {value}{_tokens_seen_note(profile) if key == 'tokens_seen' else ''}")
     lines.append("")
 
-    lines += ["## Aggregates across layers", "", "| feature | mean | max | min | std |", "|---|---|---|---|---|"]
+    lines += ["## Aggregates across layers", ""]
+    lines += _aggregates_scope(profile)
+    lines += ["| feature | mean | max | min | std |", "|---|---|---|---|---|"]
     names = sorted({k.rsplit("_", 1)[0] for k in profile.aggregates if k.rsplit("_", 1)[-1] in ("mean", "max")})
     for name in names:
         row = [_fmt(profile.aggregates[f"{name}_{stat}"]) if f"{name}_{stat}" in profile.aggregates else ""
@@ -269,11 +301,19 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
 
     by_stack = profile.by_stack()
     if len(by_stack) > 1:
-        lines += ["## Per stack", "", "| stack | layers | mean M≈1 | median κ(V) |", "|---|---|---|---|"]
+        undersampled = profile.rule.undersampled(profile)
+        lines += ["## Per stack", ""]
+        if any(undersampled):
+            lines += [f"Every layer of each stack is in this table, including the {sum(undersampled)} the verdict "
+                      "leaves out for too few token states for their width (column \"left out\").", ""]
+            lines += ["| stack | layers | left out | mean M≈1 | median κ(V) |", "|---|---|---|---|---|"]
+        else:
+            lines += ["| stack | layers | mean M≈1 | median κ(V) |", "|---|---|---|---|"]
         for stack, row in by_stack.items():
+            few = sum(short for short, s in zip(undersampled, profile.stacks) if s == stack)
             lines.append(
-                f"| {stack or '(main)'} | {row['num_layers']} | {_fmt(row['near_unit_mass_mean'])} | "
-                f"{_fmt(row['eigvec_condition_median'])} |"
+                f"| {stack or '(main)'} | {row['num_layers']} | " + (f"{few} | " if any(undersampled) else "")
+                + f"{_fmt(row['near_unit_mass_mean'])} | {_fmt(row['eigvec_condition_median'])} |"
             )
         lines.append("")
 

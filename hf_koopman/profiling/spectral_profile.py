@@ -68,14 +68,18 @@ class SpectralProfile:
     Attributes:
         layers (`list[tuple[str, LayerFeatures]]`): (block name, features) in execution order.
         aggregates (`dict[str, float]`): `f"{feature}_{stat}"` for stat in mean/max/min/std (Algorithm 1, line 11),
-            plus `near_unit_mass_x_log10_kappa_mean` (the composite predictor of Table 2).
+            plus `near_unit_mass_x_log10_kappa_mean` (the composite predictor of Table 2), over every layer except
+            those with too few token states for their width (`settings["aggregates_left_out"]` names them when
+            there are any; see `profile_from_snapshots`). `RiskEstimator` reads them.
         stacks (`list[str]`): stack label of each layer (`""`, `"encoder"`, `"decoder"`, ...).
         eigenvalues (`list[np.ndarray]`): complex eigenvalues of each layer's operator (for plots).
         model_name (`str`, *optional*): what was profiled.
         settings (`dict`): analysis settings (rank, the spectrum computed, seed, bands, the `spectral_features`
             options ...); `num_samples` and `hidden_size` there are the first layer's N and d, `samples_per_dim_min`
             the smallest N/d over the layers.
-        meta (`dict`): free-form context (dtype, tokens seen, learning rate for the risk estimator ...).
+        meta (`dict`): free-form context (dtype, learning rate for the risk estimator ...); from `profile()`,
+            `tokens_seen` (the fewest valid token states any block saw), `tokens_seen_per_layer` (each layer's) and
+            `num_samples_requested`.
         rule (`DecisionRule`): thresholds of the verdict.
         layer_sizes (`list[tuple[int, int]]`): `(N, d)` of each layer's snapshots, the token states and the width of
             its fit (empty: every layer has `settings["num_samples"]` and `settings["hidden_size"]`).

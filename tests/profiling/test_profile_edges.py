@@ -1,6 +1,6 @@
-"""profile() at the edges a user meets: layers with fewer token states than their width, train() overrides, ranks that
-cover every mode, analysis options, in-place compiled models, integer pixels, iterable datasets, argument checks, the
-masses plot, and position tables with an offset."""
+"""profile() at the edges a user meets: layers with fewer token states than their width (the verdict, the aggregates and
+the token-shortage advice), train() overrides, ranks that cover every mode, analysis options, in-place compiled models,
+integer pixels, iterable datasets, argument checks, the masses plot, and position tables with and without an offset."""
 
 from __future__ import annotations
 
@@ -74,11 +74,11 @@ def test_fewer_than_half_the_layers_adequately_sampled_is_uninformative_and_says
     assert result.verdict == "uninformative"
     assert result.verdict_reason.startswith("1 of 4 layers are informative; 3 of 4 layers were left out for too few "
                                             "token states for their width")
-    assert "barely change" not in result.verdict_reason  # all three were left out for their sample
+    assert "barely change" not in result.verdict_reason  # all three are left out for their sample
 
 
 def test_uniform_profiles_keep_the_sample_size_verdict_and_their_score():
-    # one N and d for every layer: below 2 d the whole profile is uninformative on the sample size, as before
+    # one N and d for every layer: below 2 d the whole profile is uninformative on the sample size
     result = profile_from_snapshots(_snapshots([(24, 16)] * 3))
     assert result.verdict == "uninformative" and result.verdict_reason.startswith("N = 24 token states for width "
                                                                                   "d = 16 (N/d = 1.50 < 2)")
@@ -98,21 +98,108 @@ def test_encoder_decoder_with_short_decoder_inputs_reads_the_encoder_only():
     assert "2 of 4 layers were left out for too few token states" in result.verdict_reason
 
 
-def test_whisper_default_probe_gives_the_decoder_distinct_tokens_up_to_its_positions():
+def _tiny_t5_batch(encoder_length: int, decoder_length: int) -> dict[str, torch.Tensor]:
+    """8 rows of random ids for the tiny T5: `encoder_length` encoder and `decoder_length` decoder tokens a row."""
+    generator = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(5, 100, (8, encoder_length), generator=generator),
+            "decoder_input_ids": torch.randint(5, 100, (8, decoder_length), generator=generator)}
+
+
+def test_aggregates_and_the_risk_leave_out_the_layers_left_out_for_their_sample():
+    from hf_koopman.koopman.aggregate import aggregate_features
+    from hf_koopman.risk import RiskEstimator
+
+    result = profile(tiny_model("t5"), _tiny_t5_batch(64, 4), num_samples=256, learning_rate=0.1)
+    assert result.undersampled_layers == ["decoder.block.0", "decoder.block.1"]
+    encoder = result.features[:2]
+    expected = dict(aggregate_features(encoder))
+    expected["near_unit_mass_x_log10_kappa_mean"] = float(
+        np.mean([f.near_unit_mass * np.log10(max(f.eigvec_condition, 1.0)) for f in encoder]))
+    assert result.aggregates == expected
+    assert result.aggregates["near_unit_mass_mean"] == pytest.approx(result.score)  # the encoder's layers are read
+    assert result.settings["aggregates_left_out"] == ["decoder.block.0", "decoder.block.1"]
+    estimator = RiskEstimator.default()
+    assert result.risk == pytest.approx(estimator.predict_proba(expected, learning_rate=0.1))
+    every_layer = dict(aggregate_features(result.features))
+    assert result.risk != pytest.approx(estimator.predict_proba(every_layer, learning_rate=0.1), rel=0.05)
+    report = render_report(result)
+    assert ("Over the 2 of 4 layers with enough token states for their width: the 2 the verdict leaves out for too "
+            "few (`decoder.block.0`, `decoder.block.1`) are not in these aggregates") in report
+    assert "including the 2 the verdict leaves out for too few token states" in report  # the per-stack table
+    assert "| decoder | 2 | 2 |" in report and "| encoder | 2 | 0 |" in report
+    again = SpectralProfile.from_json(result.to_json())
+    assert again.aggregates == result.aggregates and render_report(again) == render_report(result)
+    del again.settings["aggregates_left_out"]  # a profile.json whose aggregates cover every layer
+    assert "Over all 4 layers, including the 2 the verdict leaves out for too few token states" in render_report(again)
+
+
+def test_uniform_models_aggregate_every_layer_degenerate_ones_included():
+    from hf_koopman.koopman.aggregate import aggregate_features
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    block = model.model.layers[1]  # a zero-initialised residual branch: the block passes its input on
+    for weight in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):
+        torch.nn.init.zeros_(weight)
+    result = profile(model, num_samples=128)
+    assert result.degenerate_layers == ["model.layers.1"] and len(set(result.layer_sizes)) == 1
+    assert "model.layers.1" not in result.informative_layers  # the verdict leaves it out, the aggregates do not
+    expected = dict(aggregate_features(result.features))
+    expected["near_unit_mass_x_log10_kappa_mean"] = float(
+        np.mean([f.near_unit_mass * np.log10(max(f.eigvec_condition, 1.0)) for f in result.features]))
+    assert result.aggregates == expected and result.aggregates["num_degenerate"] == 1
+    assert "aggregates_left_out" not in result.settings
+    report = render_report(result)
+    assert "## Aggregates across layers\n\n| feature |" in report
+
+
+def test_token_shortage_is_judged_on_the_layers_the_verdict_reads():
+    model = tiny_model("t5")
+    # the encoder saw 512 token states and used 96; only the left-out decoder (32) ran short of tokens
+    result = profile(model, _tiny_t5_batch(64, 4), num_samples=96)
+    sample = next(line for line in render_report(result).splitlines() if line.startswith("- Sample"))
+    assert sample.endswith("— use more tokens (`num_samples`, `--num-samples`) for a firmer estimate.")
+    assert "cannot help" not in result.verdict_reason
+    assert result.meta["tokens_seen"] == 32 and result.meta["tokens_seen_per_layer"] == {
+        "encoder.block.0": 512, "encoder.block.1": 512, "decoder.block.0": 32, "decoder.block.1": 32}
+    # no layer adequately sampled: the encoder (64 token states, 48 used) is judged, and more num_samples helps
+    result = profile(model, _tiny_t5_batch(8, 2), num_samples=48)
+    assert result.verdict == "uninformative" and result.verdict_reason.endswith("profile with num_samples >= 256")
+    assert profile(model, _tiny_t5_batch(8, 2), num_samples=64).verdict != "uninformative"
+    # the judged encoder runs short itself: its own count (32 token states), not the decoder's 16
+    result = profile(model, _tiny_t5_batch(4, 2), num_samples=48)
+    assert "the inputs gave only 32 token states, all of them used, so a larger num_samples cannot help" in (
+        result.verdict_reason)
+    result = profile(model, _tiny_t5_batch(8, 2), num_samples=128)  # read encoder: 64 of 128, N/d = 2
+    assert result.undersampled_layers == ["decoder.block.0", "decoder.block.1"]
+    assert "— the inputs gave only 64 token states and all were used" in render_report(result)
+    # a profile without per-layer counts (streamed, or written before they were recorded) reads tokens_seen
+    del result.meta["tokens_seen_per_layer"]
+    assert "— the inputs gave only 16 token states and all were used" in render_report(result)
+
+
+def _tiny_whisper(**overrides):
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.for_model(
-        "whisper", d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=8,
-        max_source_positions=64, max_target_positions=48, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1)
-    model = AutoModel.from_config(config).eval()
+        "whisper", **{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+                      "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": 100,
+                      "num_mel_bins": 8, "max_source_positions": 64, "max_target_positions": 48, "pad_token_id": 0,
+                      "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1, **overrides})
+    return AutoModel.from_config(config).eval()
+
+
+def test_whisper_default_probe_gives_the_decoder_at_least_num_samples_distinct_tokens():
+    model = _tiny_whisper()
     batch = default_probe_inputs(model, num_tokens=256)
     decoder = batch["decoder_input_ids"]
-    assert decoder.shape == (batch["input_features"].shape[0], 48)  # 256 / 4 rows = 64 > 48 positions
+    # 64 encoder frames a row would need 4 rows; 48 decoder positions a row need ceil(256 / 48) = 6
+    assert batch["input_features"].shape[0] == decoder.shape[0] == 6 and decoder.shape[1] == 43
+    assert decoder.numel() >= 256 and decoder.shape[1] <= 48
     assert bool((decoder[:, 0] == 1).all()) and decoder[:, 1:].unique().numel() > 10
     result = profile(model, num_samples=256)
-    assert result.layer_sizes == [(256, 32), (192, 32)] and result.undersampled_layers == []
+    assert result.layer_sizes == [(256, 32), (256, 32)] and result.undersampled_layers == []
+    # the encoder needs more rows than the decoder: its count stands
+    assert default_probe_inputs(_tiny_whisper(max_target_positions=448), num_tokens=256)["input_features"].shape[0] == 4
 
 
 # ------------------------------------------------------------------------ 2. training flags come back through train()
@@ -239,6 +326,19 @@ def test_integer_pixel_values_are_refused_with_the_fix(as_dict):
         profile(model, {"pixel_values": pixels} if as_dict else pixels, num_samples=16)
 
 
+def test_integer_pixel_values_in_a_dataset_keep_their_dtype_and_are_refused():
+    datasets = pytest.importorskip("datasets")
+    model = tiny_model("vit")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32)).astype(np.uint8)
+    for dataset in (datasets.Dataset.from_dict({"pixel_values": pixels}),
+                    datasets.Dataset.from_dict({"pixel_values": pixels}).with_format("numpy"),
+                    datasets.Dataset.from_dict({"pixel_values": pixels}).to_iterable_dataset()):
+        with pytest.raises(ValueError, match="ViTModel takes floating-point pixel_values, got a uint8 tensor"):
+            profile(model, dataset, num_samples=16)
+    floats = datasets.Dataset.from_dict({"pixel_values": pixels.astype(np.float32) / 255})
+    assert profile(model, floats, num_samples=16).meta["tokens_seen"] == 4 * 17
+
+
 def test_errors_before_and_after_the_blocks_name_the_inputs_passed():
     model = tiny_model("gpt2", head=False)
     handle = model.register_forward_pre_hook(lambda *_: None.missing)  # an AttributeError before any block
@@ -332,6 +432,18 @@ def test_roberta_style_position_offset_caps_the_probe_and_text_length():
     text = "abdefghij " * 100  # no byte maps to the padding id 1
     result = profile(model, [text, text], num_samples=128, max_length=600)
     assert result.meta["tokens_seen"] == 2 * 128
+
+
+def test_position_tables_that_count_from_zero_keep_every_position():
+    from transformers import AutoConfig, AutoModel
+
+    from hf_koopman.profiling.probes import max_sequence_length
+
+    # LXMERT's table has padding_idx=0, but its embeddings count positions 0..T-1 (no RoBERTa offset)
+    config = AutoConfig.for_model("lxmert", hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1,
+                                  x_layers=1, r_layers=1, vocab_size=100, max_position_embeddings=64)
+    model = AutoModel.from_config(config)
+    assert model.embeddings.position_embeddings.padding_idx == 0 and max_sequence_length(model) == 64
 
 
 def test_layer_sizes_must_match_the_layers():
