@@ -418,6 +418,7 @@ def profile_streaming(
                 pass
             snapshots, stacks = recorder.snapshots(), recorder.snapshot_stacks()
             tokens_seen = min(recorder.tokens_seen.values(), default=0)
+            per_layer = {layer: recorder.tokens_seen[layer] for layer, _, _ in snapshots}
         if state["done"] != len(blocks):
             raise RuntimeError(
                 f"The model's forward ran {state['done']} of {len(blocks)} residual blocks; cannot build a complete profile."
@@ -444,7 +445,8 @@ def profile_streaming(
         "dtype": str(dtype).removeprefix("torch."),
         "num_blocks": len(blocks),
         "batches": 1,
-        "tokens_seen": tokens_seen,
+        "tokens_seen": tokens_seen,  # the fewest any block saw; the verdict judges its own layer's count
+        "tokens_seen_per_layer": per_layer,
         "num_samples_requested": num_samples,
         "streaming": {
             "complete": True,

@@ -140,6 +140,9 @@ def test_saved_t5_streams_to_the_same_profile(tmp_path, head):
     got = profile_streaming(folder, num_samples=N, seed=3, progress=False)
     _assert_same_features(ref, got)
     assert got.stacks == ref.stacks
+    # each layer's own token count, which the verdict's token-shortage advice reads, as profile() records it
+    assert got.meta["tokens_seen_per_layer"] == ref.meta["tokens_seen_per_layer"]
+    assert got.meta["tokens_seen"] == ref.meta["tokens_seen"]
     for a, b in zip(ref.eigenvalues, got.eigenvalues):
         assert a.shape == b.shape
         assert torch.allclose(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-5, atol=1e-6)
