@@ -51,7 +51,9 @@ class ScriptArguments:
     tiny: bool = field(default=False, metadata={"help": "Shrink to 2 layers, width 64, 4 heads."})
     config_overrides: str | None = field(default=None, metadata={"help": "e.g. 'n_layer=4,n_embd=128'."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
-    rksp_auto_kss: bool = field(default=False, metadata={"help": "Turn KSS on when the init verdict is high risk."})
+    rksp_auto_kss: bool = field(default=False, metadata={
+        "help": "At a high-risk init verdict, log which state KSS is in and the evidence on it. It never switches KSS "
+                "on or off; --kss_enabled decides."})
     rksp_every_n_steps: int = field(default=0, metadata={"help": "Periodic RKSP monitoring (0 = off)."})
     rksp_num_samples: int = field(default=2048, metadata={"help": "Token states per layer for the init profile."})
     rksp_no_guard: bool = field(default=False, metadata={"help": "Disable the divergence guard."})

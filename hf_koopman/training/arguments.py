@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from transformers import TrainingArguments
 
 from hf_koopman.koopman.shaping import DEFAULT_BETA
@@ -72,8 +73,9 @@ class KSSConfig:
             for the default cap.
         seed (`int`, *optional*, defaults to `0`): seeds the layer sampling and the token subsampling (per step).
         enabled (`bool`, *optional*, defaults to `True`):
-            Master switch (`True` or `False`), the only one: `RKSPCallback(auto_kss=True)` does not switch KSS on or
-            off at a high-risk verdict (no measured benefit, `results/kss_v2.md`).
+            Master switch (`True` or `False`; a NumPy bool is converted to `bool`), the only one:
+            `RKSPCallback(auto_kss=True)` does not switch KSS on or off at a high-risk verdict (no measured benefit,
+            `results/kss_v2.md`).
         layers (`str` or `list[str]`, *optional*):
             Override of the residual-block discovery (e.g. `"model.layers"`), as in `find_residual_blocks`.
     """
@@ -101,7 +103,12 @@ class KSSConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the offending field and the accepted range."""
+        """Raise `ValueError` naming the offending field and the accepted range.
+
+        A NumPy bool for `enabled` (`np.bool_`) is converted to `bool`.
+        """
+        if isinstance(self.enabled, np.bool_):
+            self.enabled = bool(self.enabled)
         finite = {
             name: getattr(self, name)
             for name in ("alpha", "beta", "gamma", "temperature", "tau_u", "tau_l", "layer_fraction", "eps")
@@ -142,9 +149,14 @@ class KSSConfig:
                 f"layers must be None (auto-discovery), the dotted path of the block list (e.g. 'model.layers') or a "
                 f"list of paths or modules, got {self.layers!r}",
             ),
-            (self.oversample >= 0 and self.power_iters >= 0, "oversample and power_iters must be >= 0"),
+            # the types first; the range is compared only between ints (a None or a string never reaches `>=`)
             (_is_int(self.oversample), f"oversample must be an int >= 0, got {self.oversample!r}"),
             (_is_int(self.power_iters), f"power_iters must be an int >= 0, got {self.power_iters!r}"),
+            (
+                not (_is_int(self.oversample) and _is_int(self.power_iters))
+                or (self.oversample >= 0 and self.power_iters >= 0),
+                "oversample and power_iters must be >= 0",
+            ),
             (isinstance(self.enabled, bool), f"enabled must be True or False, got {self.enabled!r}"),
             (
                 self.max_grad_ratio is None or self.max_grad_ratio >= 0,

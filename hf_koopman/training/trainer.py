@@ -155,12 +155,32 @@ class _ActivationCap:
         return inject
 
 
+def _label_mask(inputs: Mapping) -> torch.Tensor | None:
+    """`labels != -100` when the labels are integer token labels on the decoder's token grid, else `None`.
+
+    The grid is the shape of `decoder_input_ids`, or, without them, the labels' own `(batch, tokens)` shape (a
+    sequence-to-sequence LM builds its decoder inputs from the labels). Class labels `(batch,)` and multi-label
+    targets `(batch, num_labels)` of a sequence classifier are not token labels and give `None`.
+    """
+    labels = inputs.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        return None
+    if labels.dtype == torch.bool or labels.dim() != 2:
+        return None
+    decoder_ids = inputs.get("decoder_input_ids")
+    grid = decoder_ids.shape if isinstance(decoder_ids, torch.Tensor) else labels.shape
+    return labels != -100 if labels.shape == grid else None
+
+
 def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> Any:
     """The recorder's `attention_mask` for a training batch: a tensor, or one mask per stack label.
 
-    Single-stack models use `attention_mask`. In an encoder-decoder model the encoder's blocks use `attention_mask`
-    and the decoder's `decoder_attention_mask`, else `labels != -100` (the decoder positions that carry a loss), else
-    no mask (every decoder position).
+    Single-stack models use `attention_mask`. In an encoder-decoder model the encoder's blocks use `attention_mask`;
+    the decoder's use `decoder_attention_mask`, else `labels != -100` (the decoder positions that carry a loss) when
+    the labels are integer token labels on the decoder's token grid (`_label_mask`), else `attention_mask`: a
+    sequence classifier such as `BartForSequenceClassification` feeds its decoder the shifted `input_ids`. Given
+    `decoder_input_ids` of another shape than `attention_mask`, the decoder gets no mask (every position). The
+    recorder applies a mask only to blocks whose token grid it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
@@ -169,9 +189,12 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     decoder = inputs.get("decoder_attention_mask")
     if decoder is None and not getattr(config, "is_encoder_decoder", False):
         return mask
-    labels = inputs.get("labels")
-    if decoder is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
-        decoder = labels != -100
+    if decoder is None:
+        decoder = _label_mask(inputs)
+    if decoder is None and isinstance(mask, torch.Tensor):
+        decoder_ids = inputs.get("decoder_input_ids")
+        if not isinstance(decoder_ids, torch.Tensor) or decoder_ids.shape == mask.shape:
+            decoder = mask
     masks = {"": mask, "encoder": mask, "decoder": decoder}
     for block in blocks:  # other labels (one block list chosen with kss_layers, ...): the tower by the block's path
         if block.stack not in ("encoder", "decoder"):
@@ -179,11 +202,48 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     return masks
 
 
-def _compiled_modules(model: torch.nn.Module | None) -> list[str]:
-    """Dotted paths of the `torch.compile` wrappers (`OptimizedModule`) in `model` (`""`: the model itself)."""
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module` runs compiled: an `OptimizedModule` from `torch.compile`, or `nn.Module.compile()` in place."""
+    return type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _compiled_hook_paths(model: torch.nn.Module | None, layers: Any = None) -> list[str]:
+    """Dotted paths (`""`: the model itself) of the compiled modules that can skip KSS's hooks on the residual blocks.
+
+    These are the blocks KSS may sample (`find_residual_blocks(model, layers)`) and their ancestors up to and including
+    `model`: a compiled graph that contains a block's call does not call hooks added to it later. A compiled module
+    strictly inside a block (its MLP) or outside the chain of blocks (an `lm_head`) runs inside or beside the hooked
+    call and is not listed.
+    """
     if model is None:
         return []
-    return [name for name, module in model.named_modules() if type(module).__name__ == "OptimizedModule"]
+    if _is_compiled(model):
+        return [""]
+    from hf_koopman.profiling import find_residual_blocks
+
+    modules = dict(model.named_modules())
+    try:
+        blocks = find_residual_blocks(model, layers=layers)
+    except (ValueError, TypeError):
+        # Discovery does not recognise a block list whose items are `torch.compile` wrappers: those items are listed.
+        # Without them, no blocks: the first KSS step raises the discovery error, which names kss_layers.
+        return [
+            name for name, module in modules.items()
+            if name and _is_compiled(module)
+            and isinstance(modules.get(name.rpartition(".")[0]), (torch.nn.ModuleList, torch.nn.Sequential))
+        ]
+    names = {id(module): name for name, module in modules.items()}
+    found: list[str] = []
+    for block in blocks:
+        path = names.get(id(block.module))
+        if path is None:
+            continue
+        parts = path.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if prefix not in found and _is_compiled(model.get_submodule(prefix)):
+                found.append(prefix)
+    return found
 
 
 class KSSTrainer(Trainer):
@@ -229,22 +289,33 @@ class KSSTrainer(Trainer):
       as DDP; see `hf_koopman.training.fsdp`); hooks sit on the FSDP-wrapped blocks, and the parameter-space cap
       differentiates with respect to the unsharded parameters of the forward.
     * Padding is left out of the snapshots through `attention_mask`. In encoder-decoder models the decoder's blocks
-      use `decoder_attention_mask`, else the positions whose `labels` are not -100 (the positions that carry a loss).
+      use `decoder_attention_mask`, else the positions whose `labels` are not -100 (the positions that carry a loss)
+      when the labels are token labels on the decoder's grid, else `attention_mask` (a sequence classifier such as
+      `BartForSequenceClassification` feeds its decoder the shifted `input_ids`).
     * KSS sees the blocks through forward hooks set inside `KSSTrainer.compute_loss`. A subclass that overrides
-      `compute_loss` must compute its loss through `super().compute_loss(...)`. `torch_compile=True` and a model
-      compiled with `torch.compile` are refused with a `ValueError` while KSS is on: a compiled graph does not call
-      hooks added after compilation. A KSS step on which no penalty entered the loss (an override that does not call
-      `super()`, blocks the forward did not run) logs a warning once per `train()` and is left out of `kss_steps`.
+      `compute_loss` must compute its loss through `super().compute_loss(...)`. A KSS step on which no penalty entered
+      the loss (an override that does not call `super()`, blocks the forward did not run) logs a warning once per
+      `train()` and is left out of `kss_steps`.
+    * `torch.compile`: while KSS is on, a `ValueError` refuses `torch_compile=True`, accelerate's dynamo backend
+      (`ACCELERATE_DYNAMO_BACKEND`) and a compiled residual block or compiled ancestor of one, the model included
+      (`torch.compile(module)` or `module.compile()`), when the trainer is built and when a run starts.
+      torch.compile does not re-check forward hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): a graph
+      traced without KSS's hooks, on a first compiled step that is not a KSS step (a run resumed at a step that
+      `every_n_steps` does not select) or in an earlier run or hyperparameter-search trial of the same model class in
+      the process, is reused on KSS steps, and KSS silently records nothing. Compiled sub-modules inside a block
+      (its MLP) or outside the blocks (the `lm_head`) are allowed: the hooked block calls stay eager.
     * Logged through `log()` (so `log_history`, TensorBoard and W&B see them) with the training `loss`: `kss/penalty`
       (mean unweighted `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the
       eigenvalues in `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean),
       averaged over the KSS micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor,
       1 = uncapped, this process only); `kss/task_loss`, the logged `loss` without the KSS term, reduced like `loss`
       (mean over the optimizer steps since the last log and over processes, gradient accumulation included), which is
-      comparable with `eval_loss` and with a plain `Trainer`'s loss. The Trainer's own `loss` and `train_loss` are the
+      comparable with `eval_loss` and with a plain `Trainer`'s loss; it is in every training log and equals `loss`
+      when no KSS term entered the loss since the last log. The Trainer's own `loss` and `train_loss` are the
       optimised objective, i.e. they include `alpha * penalty` on KSS steps. The statistics of KSS steps after the
       last training log reach the final log of `train()` (the one with `train_loss`; also in the metrics `train()`
-      returns), without `kss/task_loss`.
+      returns), without `kss/task_loss`. `kss_steps`, the statistics and the warnings start afresh with each run
+      (each `train()`, and each retry at a smaller batch size under `auto_find_batch_size`).
     * `task_loss`: the detached task loss of the last training micro-batch, without the KSS term, as `compute_loss`
       of the parent `Trainer` returns it. The divergence rule is about this loss, never the objective (`L_KSS` is
       unbounded); [`RKSPCallback`] reads the same value from the model output with a forward hook, so it works with
@@ -272,7 +343,6 @@ class KSSTrainer(Trainer):
             raise TypeError(f"kss_config must be a KSSConfig, got {type(kss_config).__name__}")
         kss_config.validate()
         self.kss_config = kss_config
-        self.kss_steps: list[int] = []  # optimizer steps on which a KSS term entered the loss (one entry per step)
         self.task_loss: torch.Tensor | None = None  # last training micro-batch's task loss, without the KSS term
         self._kss_blocks: list[Any] | None = None
         self._kss_blocks_model: Any = None  # weakref to the model `_kss_blocks` belong to
@@ -319,7 +389,8 @@ class KSSTrainer(Trainer):
 
     # ------------------------------------------------------------------ run set-up
     def _kss_reset_run_state(self) -> None:
-        """Per-`train()` state: running statistics since the last log and the once-per-run warnings."""
+        """Per-run state: `kss_steps`, the running statistics since the last log and the once-per-run warnings."""
+        self.kss_steps: list[int] = []  # optimizer steps of this run on which a KSS term entered the loss (once each)
         self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
         self._kss_skipped = 0
         self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
@@ -331,24 +402,49 @@ class KSSTrainer(Trainer):
         self._kss_warned_no_term = False
 
     def _check_not_compiled(self, model: torch.nn.Module | None) -> None:
-        """Raise a `ValueError` when KSS is on and the model is, or will be, compiled by `torch.compile`."""
+        """Raise a `ValueError` when KSS is on and `torch.compile` can skip its hooks on the residual blocks.
+
+        That is when `args.torch_compile=True`, when accelerate's dynamo plugin compiles the model in `prepare`
+        (`ACCELERATE_DYNAMO_BACKEND`, `accelerate launch --dynamo_backend`), or when a block KSS may sample or one of
+        its ancestors up to `model` is compiled (`_compiled_hook_paths`). Compiled sub-modules inside a block or outside
+        the chain of blocks are allowed: the block's own call, which carries the hooks, stays eager.
+        """
         if not self.kss_config.active:
             return
+        backend = self._dynamo_backend()
         if self.args.torch_compile:
             what = "torch_compile=True"
+        elif backend is not None:
+            what = f"accelerate's dynamo backend {backend!r} (ACCELERATE_DYNAMO_BACKEND / dynamo_config)"
         else:
-            compiled = _compiled_modules(model)
+            compiled = _compiled_hook_paths(model, self.kss_config.layers)
             if not compiled:
                 return
-            what = "a model compiled with torch.compile (" + (
-                "the model itself" if "" in compiled else f"module {compiled[0]!r}"
-            ) + ")"
+            where = "the model itself" if "" in compiled else f"module {compiled[0]!r}, a residual block or around one"
+            what = f"a model compiled with torch.compile ({where})"
         raise ValueError(
-            f"KSSTrainer: KSS cannot run with {what}. KSS records the inputs and outputs of the residual blocks with "
-            "forward hooks added at each KSS step, and torch.compile does not re-check hooks: it reuses a graph traced "
-            "without them, so KSS would capture nothing and train without its penalty. Pass torch_compile=False and "
-            "an uncompiled model (e.g. `compiled._orig_mod`), or kss_enabled=False to train compiled without KSS."
+            f"KSSTrainer: KSS cannot run with {what}. KSS reads the residual blocks through forward hooks that it "
+            "adds on KSS steps only, and torch.compile does not re-check forward hooks "
+            "(torch._dynamo.config.skip_nnmodule_hook_guards): a graph traced without them, on a first compiled step "
+            "that is not a KSS step (a run resumed at a step that kss_every_n_steps does not select) or in an earlier "
+            "run or hyperparameter-search trial of the same model class in this process, is reused on KSS steps, and "
+            "KSS then records nothing and trains without its penalty, silently. Train the blocks eagerly: "
+            "torch_compile=False, no accelerate dynamo backend and an uncompiled model (e.g. `compiled._orig_mod`, "
+            "or a model on which module.compile() was not called); or compile only sub-modules inside the blocks "
+            "(e.g. each block's MLP); or set kss_enabled=False to train compiled without KSS."
         )
+
+    def _dynamo_backend(self) -> str | None:
+        """The backend accelerate's dynamo plugin compiles the model with in `prepare`, or `None` when it does not."""
+        plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "dynamo_plugin", None)
+        backend = getattr(plugin, "backend", None)
+        if backend is None:
+            return None
+        from accelerate.utils import DynamoBackend
+
+        if backend == DynamoBackend.NO:
+            return None
+        return str(getattr(backend, "value", backend)).lower()
 
     def call_model_init(self, trial: Any = None) -> torch.nn.Module:
         """`Trainer.call_model_init`, refusing a compiled model while KSS is on (see `torch.compile` above)."""
@@ -357,14 +453,16 @@ class KSSTrainer(Trainer):
             self._check_not_compiled(model)
         return model
 
-    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
-        """`Trainer.train` (same arguments), after checking that KSS can hook the model.
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """`Trainer._inner_training_loop` (same arguments), after checking that KSS can hook the model.
 
-        The KSS statistics and warnings start afresh; a model rebuilt by `model_init` is checked when it is built.
+        `train()` runs it once per attempt, so each run, and each retry at a smaller batch size under
+        `auto_find_batch_size`, starts with fresh KSS state: statistics, the task-loss window, `kss_steps` and the
+        once-per-run warnings. The model the loop trains (a model rebuilt by `model_init` included) is checked here.
         """
         self._kss_reset_run_state()
-        self._check_not_compiled(None if self.model_init is not None else self.model)
-        return super().train(*args, **kwargs)
+        self._check_not_compiled(self.model)
+        return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(
         self,
@@ -402,8 +500,9 @@ class KSSTrainer(Trainer):
             cause = (
                 f"the hooks on the sampled blocks ({', '.join(captured[1])}) captured no token states: the forward did "
                 "not run these blocks (does kss_layers name modules the forward skips?) or ran them inside a "
-                "torch.compile'd graph, which does not call hooks added after compilation. Pass kss_layers naming the "
-                "residual blocks the forward runs, and an uncompiled model"
+                "torch.compile graph traced without KSS's hooks (torch.compile does not re-check forward hooks). Pass "
+                "kss_layers naming the residual blocks the forward runs, and keep the blocks and their ancestors "
+                "uncompiled"
             )
         else:
             return  # failed decompositions and non-finite penalties have their own warnings
@@ -682,8 +781,11 @@ class KSSTrainer(Trainer):
             if not getattr(self, "_kss_warned_no_sources", False):
                 self._kss_warned_no_sources = True
                 logger.warning(
-                    "KSS (grad_cap='activations'): no captured activation requires grad (frozen model, or reentrant "
-                    "gradient checkpointing?), so the KSS term has no gradient; its value is still logged."
+                    "KSS (grad_cap='activations'): no captured activation has a trainable parameter below it (no "
+                    "captured activation requires grad, or the autograd graph below it reaches only frozen weights and "
+                    "inputs marked as requiring grad), so the KSS term has no gradient; its value is still logged. "
+                    "Train parameters at or below the sampled blocks (kss_layers chooses the blocks), or set "
+                    "kss_enabled=False."
                 )
             return task_loss + term.detach()
         grads = torch.autograd.grad(term, [u[0] for u in usable], allow_unused=True, retain_graph=True)
@@ -743,8 +845,9 @@ class KSSTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the `kss/*` statistics since the last training log, then logs as usual.
 
-        They go with the training `loss` (reduced across processes; `kss/task_loss` is that `loss` without the KSS
-        term) and, for KSS steps after the last training log, with the final `train_loss` summary of `train()`.
+        They go with the training `loss` (reduced across processes; `kss/task_loss`, in every training log while KSS
+        is on, is that `loss` without the KSS term, the `loss` itself when no KSS term entered it since the last log)
+        and, for KSS steps after the last training log, with the final `train_loss` summary of `train()`.
         """
         training_log = "loss" in logs
         if (training_log or "train_loss" in logs) and self.kss_config.active:
@@ -764,10 +867,12 @@ class KSSTrainer(Trainer):
         if count > 0:
             for key, value in zip(_STAT_KEYS, values[: len(_STAT_KEYS)]):
                 logs[key] = float(value) / count
+        if training_log:
+            # the Trainer logs mean over processes of (sum of micro-batch losses) / steps; the term's share alike. A
+            # window without a KSS term has no share: its task loss is the logged loss.
             steps = self.state.global_step - (self._kss_window_start or 0)
-            if training_log and steps > 0:
-                # the Trainer logs mean over processes of (sum of micro-batch losses) / steps; the term's share alike
-                logs["kss/task_loss"] = float(logs["loss"]) - values[-1] / self.args.world_size / steps
+            share = values[-1] / self.args.world_size / steps if steps > 0 and values[-1] else 0.0
+            logs["kss/task_loss"] = float(logs["loss"]) - share
         if self._kss_grad_scale_count:
             logs["kss/grad_scale"] = float(self._kss_grad_scale) / self._kss_grad_scale_count
             self._kss_grad_scale = torch.zeros((), dtype=torch.float64)

@@ -1,5 +1,7 @@
-"""KSSTrainer at the edges a user reaches: collator batches, model_init, torch.compile, compute_loss overrides, the
-task loss beside the objective, the last KSS statistics, encoder-decoder masks, PEFT with checkpointing, arguments."""
+"""KSSTrainer at the edges a user reaches: collator batches, model_init, torch.compile (compiled blocks, their
+ancestors, accelerate's dynamo backend), compute_loss overrides, the task loss beside the objective, runs and
+auto_find_batch_size retries, the last KSS statistics, encoder-decoder masks (sequence classifiers included), PEFT with
+checkpointing, arguments."""
 
 from __future__ import annotations
 
@@ -116,6 +118,78 @@ def test_torch_compile_is_refused_before_any_training(tmp_path):
         assert trainer.state.global_step == 0 and trainer.kss_steps == []
 
 
+def _compile_in_place(module):
+    """`module.compile()` as it leaves the module: `_compiled_call_impl` set, no compilation until a call."""
+    module.compile(backend="eager")
+    assert module._compiled_call_impl is not None
+    return module
+
+
+@pytest.mark.parametrize("where", ["model", "transformer", "block", "block-wrapper"])
+def test_compiled_blocks_or_their_ancestors_are_refused(tmp_path, where):
+    model = tiny_gpt2(n_layer=2)
+    if where == "model":
+        _compile_in_place(model)
+        expected = "the model itself"
+    elif where == "transformer":
+        _compile_in_place(model.transformer)
+        expected = "module 'transformer'"
+    elif where == "block":
+        _compile_in_place(model.transformer.h[1])
+        expected = "module 'transformer.h.1'"
+    else:  # a block list whose items are torch.compile wrappers (regional compilation)
+        model.transformer.h[1] = torch.compile(model.transformer.h[1], backend="eager")
+        expected = "module 'transformer.h.1'"
+    with pytest.raises(ValueError, match=rf"compiled with torch.compile \({expected}.*skip_nnmodule_hook_guards"):
+        KSSTrainer(model=model, args=_args(tmp_path), train_dataset=TokenDataset())
+    # the same model with KSS switched on after construction: refused when the run starts, before any step
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False), train_dataset=TokenDataset())
+    trainer.kss_config.enabled = True
+    with pytest.raises(ValueError, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_compiled_modules_inside_or_outside_the_blocks_are_allowed(tmp_path):
+    # the hooked block calls stay eager, so KSS records what it records uncompiled (same penalties)
+    reference = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path / "eager"), train_dataset=TokenDataset())
+    reference.train()
+    expected = [h["kss/penalty"] for h in reference.state.log_history if "loss" in h]
+    model = tiny_gpt2(n_layer=2)
+    model.lm_head = torch.compile(model.lm_head, backend="eager")
+    for block in model.transformer.h:
+        _compile_in_place(block.mlp)
+    trainer = KSSTrainer(model=model, args=_args(tmp_path / "compiled"), train_dataset=TokenDataset())
+    trainer.train()
+    assert trainer.kss_steps == [0, 1]
+    penalties = [h["kss/penalty"] for h in trainer.state.log_history if "loss" in h]
+    assert penalties == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture
+def dynamo_backend(monkeypatch):
+    """`ACCELERATE_DYNAMO_BACKEND=EAGER`, as `accelerate launch --dynamo_backend eager` sets it; the accelerator state
+    it leaves behind is reset afterwards."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    yield
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_dynamo_backend_is_refused(tmp_path, dynamo_backend):
+    with pytest.raises(ValueError, match=r"accelerate's dynamo backend 'eager'.*kss_enabled=False"):
+        KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path), train_dataset=TokenDataset())
+    trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path, kss_enabled=False),
+                         train_dataset=TokenDataset())
+    assert trainer.accelerator.state.dynamo_plugin.backend.value == "EAGER"  # the plugin the run would compile with
+    trainer.kss_config.enabled = True
+    with pytest.raises(ValueError, match="dynamo backend 'eager'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 # ----------------------------------------------------------------------------------- KSS step without a penalty
 class OwnComputeLoss(KSSTrainer):
     """The common override that calls the model itself instead of super().compute_loss."""
@@ -140,7 +214,9 @@ def test_compute_loss_override_without_super_warns_once_per_train(tmp_path, capl
     assert "optimizer step 0" in text and "compute_loss did not run" in text and "super().compute_loss(" in text
     assert "kss_enabled=False" in text
     assert trainer.kss_steps == []  # no KSS term entered the loss: not listed as a KSS step
-    assert not any(k.startswith("kss/") for h in trainer.state.log_history for k in h)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["kss/task_loss"] == h["loss"] for h in logs)  # no term in the loss: the task loss is the loss
+    assert not any(k.startswith("kss/") and k != "kss/task_loss" for h in trainer.state.log_history for k in h)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
         trainer.train()  # a new train(): warned again
@@ -184,7 +260,7 @@ def no_norm_gpt2(n_layer=4):
 def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
     callback = RKSPCallback(auto_kss=True, num_samples=128, rank=8, save_artifacts=False)
     state = callback.state()
-    if not enabled:  # a callback state saved by an earlier version still loads; the old key changes nothing
+    if not enabled:  # a saved state that carries the key `kss_auto_enabled` loads; the key changes nothing
         state["attributes"]["kss_auto_enabled"] = True
         callback = RKSPCallback.from_state(state)
     trainer = KSSTrainer(
@@ -203,7 +279,7 @@ def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
         assert "KSS is off (kss_enabled=False) and stays off despite the high-risk verdict" in caplog.text
         assert trainer.kss_steps == [] and not trainer.kss_config.enabled
     assert any(h.get("kss/auto_enabled") == 0.0 for h in trainer.state.log_history)
-    assert "kss_auto_enabled" not in callback.state()["attributes"] and not hasattr(callback, "_enable_kss")
+    assert "kss_auto_enabled" not in callback.state()["attributes"]
 
 
 # ------------------------------------------------------------------------------------------- kss/task_loss
@@ -241,6 +317,64 @@ def test_task_loss_is_averaged_like_loss_over_steps_and_accumulation(tmp_path, s
     for entry in logs:
         share = entry["loss"] - entry["kss/task_loss"]
         assert share == pytest.approx(alpha * entry["kss/penalty"] / 2, rel=1e-5)
+
+
+def test_every_training_log_has_the_task_loss_and_each_train_starts_a_new_kss_steps(tmp_path):
+    trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), train_dataset=TokenDataset(n=32),
+                         args=_args(tmp_path, max_steps=4, logging_steps=1, kss_every_n_steps=2))
+    for _ in range(2):
+        trainer.train()
+        assert trainer.kss_steps == [0, 2]  # this run's KSS steps only
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4]
+    for entry in logs:
+        if "kss/penalty" in entry:  # windows with a KSS step: the loss without the term
+            assert entry["kss/task_loss"] < entry["loss"]
+        else:  # no KSS term in the window: the task loss is the logged loss
+            assert entry["kss/task_loss"] == entry["loss"]
+    assert [("kss/penalty" in h) for h in logs] == [True, False, True, False]
+
+
+class FirstAttemptRunsOutOfMemory(KSSTrainer):
+    """`auto_find_batch_size`: the first attempt fails at its fourth micro-batch, after two KSS micro-batches of step 0
+    and one of step 1, and `train()` reruns the loop at a smaller batch size. `records` keeps, per micro-batch, the
+    batch size, the step, the returned loss and the KSS term's share of it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.records = 0, []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.calls += 1
+        if self.calls == 4:
+            raise RuntimeError("CUDA out of memory. (simulated)")
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        term = self._kss_micro_term
+        assert self._loss_counts_as_ga_scaled(num_items_in_batch)  # the share is the term itself
+        share = 0.0 if term is None else float(term)
+        self.records.append((inputs["input_ids"].shape[0], self.state.global_step, float(loss), share))
+        return loss
+
+
+def test_a_retry_at_a_smaller_batch_size_starts_with_fresh_kss_state(tmp_path):
+    trainer = FirstAttemptRunsOutOfMemory(
+        model=tiny_gpt2(n_layer=2), train_dataset=TokenDataset(n=64),
+        args=_args(tmp_path, max_steps=4, logging_steps=2, kss_alpha=0.5, gradient_accumulation_steps=2,
+                   per_device_train_batch_size=4, auto_find_batch_size=True),
+    )
+    trainer.train()
+    retry = [r for r in trainer.records if r[0] != 4]
+    assert len(trainer.records) - len(retry) == 3 and len(retry) == 8  # the retry ran at batch size 3, 4 steps x 2
+    assert trainer.kss_steps == [0, 1, 2, 3]  # the failed attempt's steps 0 and 1 are not listed
+    for end in (2, 4):
+        window = [r for r in retry if end - 2 <= r[1] < end]
+        log = next(h for h in trainer.state.log_history if h.get("step") == end and "loss" in h)
+        assert log["loss"] == pytest.approx(sum(r[2] for r in window) / 2, rel=1e-5)
+        assert log["kss/task_loss"] == pytest.approx(sum(r[2] - r[3] for r in window) / 2, rel=1e-5)
+        assert log["kss/penalty"] == pytest.approx(sum(r[3] for r in window) / len(window) / 0.5 * 2, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------- statistics after the last log
@@ -289,6 +423,37 @@ def test_encoder_decoder_masks_keep_padded_decoder_positions_out(tmp_path, caplo
     assert trainer.kss_steps == [0]
 
 
+@pytest.mark.parametrize("problem", ["single_label_classification", "multi_label_classification"])
+def test_sequence_classifier_decoder_uses_the_attention_mask(tmp_path, caplog, recorders, problem):
+    # BartForSequenceClassification feeds its decoder the shifted input_ids: its padding is attention_mask's, and its
+    # labels, (batch,) classes or (batch, 3) float targets, are not token labels
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BartForSequenceClassification(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=3, problem_type=problem,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, max_position_embeddings=64))
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(8):
+        n = 6 + 2 * i
+        ids = torch.full((24,), 1)
+        ids[:n] = torch.randint(3, 64, (n,), generator=g)
+        ids[n - 1] = 2  # one eos per row, as the classifier requires
+        label = torch.tensor(i % 3) if problem == "single_label_classification" else torch.tensor([i % 2, 1.0, 0.0])
+        rows.append({"input_ids": ids, "attention_mask": (ids != 1).long(), "labels": label})
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8,
+                                                 kss_layer_fraction=1.0), train_dataset=rows)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "does not match the token grid" not in caplog.text
+    real = sum(int(row["attention_mask"].sum()) for row in rows)  # 104 of the 8 x 24 positions
+    assert recorders[0].tokens_seen == {f"model.{stack}.layers.{i}": real for stack in ("encoder", "decoder")
+                                        for i in range(2)}
+    assert trainer.kss_steps == [0]
+
+
 def test_snapshot_masks_per_stack():
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -304,7 +469,18 @@ def test_snapshot_masks_per_stack():
     dec = torch.ones(2, 3, dtype=torch.long)
     masks = _snapshot_masks(model, both, {"attention_mask": enc, "decoder_attention_mask": dec, "labels": labels})
     assert masks["decoder"] is dec  # an explicit decoder mask wins over the labels
-    assert _snapshot_masks(model, both, {"attention_mask": enc})["decoder"] is None  # every decoder position
+    # no labels on the decoder grid: the encoder mask, which the recorder applies where it fits the decoder grid
+    assert _snapshot_masks(model, both, {"attention_mask": enc})["decoder"] is enc
+    assert _snapshot_masks(model, both, {"attention_mask": enc, "labels": torch.tensor([1, 0])})["decoder"] is enc
+    assert _snapshot_masks(model, both, {"attention_mask": enc, "labels": torch.rand(2, 3)})["decoder"] is enc
+    # decoder_input_ids fix the grid: labels of that shape give the mask; others, and a mask of another shape, do not
+    dec_ids = torch.ones(2, 3, dtype=torch.long)
+    masks = _snapshot_masks(model, both, {"attention_mask": enc, "decoder_input_ids": dec_ids, "labels": labels})
+    assert torch.equal(masks["decoder"], labels != -100)
+    masks = _snapshot_masks(model, both, {"attention_mask": enc, "decoder_input_ids": dec_ids[:, :2], "labels": labels})
+    assert masks["decoder"] is None  # every decoder position
+    classes = {"attention_mask": enc, "decoder_input_ids": torch.ones(2, 5, dtype=torch.long), "labels": labels[:, 0]}
+    assert _snapshot_masks(model, both, classes)["decoder"] is enc
     decoder_only = find_residual_blocks(model, layers="decoder.block")  # one list: its label is not "decoder"
     masks = _snapshot_masks(model, decoder_only, {"attention_mask": enc, "labels": labels})
     assert torch.equal(masks[decoder_only[0].stack], labels != -100)
@@ -330,6 +506,23 @@ def test_reaches_parameter_follows_the_autograd_graph():
     # a custom autograd.Function (reentrant checkpointing) may hold parameters the graph does not show
     hidden = checkpoint(lambda x: x @ weight, leaf, use_reentrant=True)
     assert _reaches_parameter(hidden, memo)
+
+
+def test_activation_cap_warning_names_the_missing_trainable_parameter(tmp_path, caplog):
+    # only the head trains; the inputs are marked as requiring grad (as PEFT and checkpointing mark them), so every
+    # captured activation requires grad, but none has a trainable parameter below it
+    model = tiny_gpt2(n_layer=2, tie_word_embeddings=False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("lm_head"))
+    model.enable_input_require_grads()
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset())
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records if "grad_cap='activations'" in r.getMessage()]
+    assert len(messages) == 1
+    assert "no captured activation has a trainable parameter below it" in messages[0]
+    assert "kss_enabled=False" in messages[0]
+    assert "kss/penalty" in trainer.state.log_history[0] and "kss/grad_scale" not in trainer.state.log_history[0]
 
 
 @pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
@@ -373,6 +566,9 @@ def test_activation_cap_is_the_same_with_and_without_gradient_checkpointing_unde
         ("kss_oversample", 2.0, "kss_oversample must be an int >= 0, got 2.0"),
         ("kss_tau_l", -5.0, r"kss_tau_l is the lower edge of the near-unit band .* must lie in \[0, 1\], got -5.0"),
         ("kss_enabled", "no", "kss_enabled must be True or False, got 'no'"),
+        ("kss_power_iters", None, "kss_power_iters must be an int >= 0, got None"),
+        ("kss_oversample", "3", "kss_oversample must be an int >= 0, got '3'"),
+        ("kss_oversample", -1, "kss_oversample and kss_power_iters must be >= 0"),
     ],
 )
 def test_invalid_kss_arguments_are_named(tmp_path, field, value, message):
@@ -396,6 +592,15 @@ def test_kss_arguments_from_the_command_line(tmp_path):
         parser.parse_args_into_dataclasses(base + ["--kss_power_iters", "1.5"])
     # the help names what the command line accepts: 0 disables the cap ("None" is not a number argparse takes)
     ratio = next(a for a in parser._actions if "--kss_max_grad_ratio" in a.option_strings)
-    assert "0 disables the cap" in ratio.help and "0 or None" not in ratio.help
+    assert "0 disables the cap" in ratio.help
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(base + ["--kss_max_grad_ratio", "None"])
+
+
+def test_numpy_bools_switch_kss(tmp_path):
+    np = pytest.importorskip("numpy")
+    for value in (True, False):
+        config = KSSConfig(enabled=np.bool_(value))
+        assert config.enabled is value and config.active is value
+        args = KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_enabled=np.bool_(value))
+        assert args.kss_config().enabled is value
