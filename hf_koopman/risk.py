@@ -165,7 +165,8 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
         meta = getattr(profile, "meta", None)
         if isinstance(meta, Mapping):  # e.g. a learning rate recorded by the training callback
             values.update({k: v for k, v in meta.items() if v is not None and k not in values})
-        values.update({k: v for k, v in _model_context(profile).items() if k not in values})
+        # the model's depth (every profiled block) also where the aggregates leave under-sampled layers out
+        values.update({k: v for k, v in _model_context(profile).items() if k not in values or k == "num_layers"})
     values.update({k: v for k, v in context.items() if v is not None})
     return values
 

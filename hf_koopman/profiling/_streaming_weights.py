@@ -322,8 +322,10 @@ class SafetensorsWeights:
             if p is not None
         }
         stored = {self.targets[key] for key in self.rest_keys}
-        partners = {
-            next((other for other in sorted(self._tie_group(name)) if other in stored), None) for name in names - stored
+        partners = {  # none where a tied member being loaded anyway is stored (T5: `shared.weight`)
+            next((other for other in sorted(group) if other in stored), None)
+            for group in (self._tie_group(name) for name in names - stored)
+            if not group & names & stored
         } - {None} - names
         self._load([key for key in self.rest_keys if self.targets[key] in names | partners], modules, "non-block")
         for name in partners:  # loaded only to be tied to: not kept alive after `modules` are freed

@@ -207,9 +207,12 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
     if "input_ids" in columns or "pixel_values" in columns:
         keep = [c for c in columns if c not in _LABEL_KEYS]
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        # the stored dtype, unless a transform (`with_transform`) turns the stored pixels into what the model gets
+        custom = (getattr(dataset, "format", None) or {}).get("type") == "custom"
+        declared = None if custom else _column_dtype(dataset, "pixel_values")
         for chunk in _dataset_chunks(dataset, batch_size, rows):
             if "pixel_values" in keep:
-                yield {"pixel_values": _pixel_tensor(chunk["pixel_values"], _column_dtype(dataset, "pixel_values"))}
+                yield {"pixel_values": _pixel_tensor(chunk["pixel_values"], declared)}
             else:
                 rows = [{k: chunk[k][i] for k in keep} for i in range(len(chunk["input_ids"]))]
                 yield _pad_rows(rows, pad_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, TENTATIVE, RiskEstimator
+from hf_koopman.risk import ADVICE, TENTATIVE, DecisionRule, RiskEstimator
 
 
 if TYPE_CHECKING:
@@ -97,11 +97,12 @@ def _aggregates_scope(profile: SpectralProfile) -> list[str]:
     left_out = list(profile.settings.get("aggregates_left_out") or [])
     if left_out:
         names = ", ".join(f"`{name}`" for name in left_out[:12]) + (" …" if len(left_out) > 12 else "")
-        return [f"Over the {total - len(left_out)} of {total} layers with enough token states for their width: the "
-                f"{len(left_out)} the verdict leaves out for too few ({names}) are not in these aggregates, which the "
-                "calibrated risk reads. Degenerate and non-informative layers are in them.", ""]
+        least = DecisionRule().min_samples_per_dim
+        return [f"Over the {total - len(left_out)} of {total} layers with enough token states for their width "
+                f"(N/d ≥ {least:g}, the default rule): the {len(left_out)} with too few ({names}) are not in these "
+                "aggregates, which the calibrated risk reads. Degenerate and non-informative layers are in them.", ""]
     few = sum(profile.rule.undersampled(profile))
-    if few:  # e.g. a profile.json written before the aggregates left these layers out
+    if few:  # a profile.json whose aggregates cover every layer
         return [f"Over all {total} layers, including the {few} the verdict leaves out for too few token states for "
                 "their width.", ""]
     return []

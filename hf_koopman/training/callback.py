@@ -523,6 +523,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
     @staticmethod
     def _scalars(spectral_profile: Any) -> dict[str, float]:
         out = {f"rksp/{k}": v for k, v in spectral_profile.aggregates.items() if isinstance(v, (int, float))}
+        # the aggregates leave out layers with too few token states for their width; a change of this count between
+        # the init profile and monitoring (fewer token states) changes which layers the series cover
+        out["rksp/layers_left_out"] = float(len(getattr(spectral_profile, "undersampled_layers", ())))
         if spectral_profile.score is not None:
             out["rksp/score"] = spectral_profile.score
         if spectral_profile.kappa_median is not None:

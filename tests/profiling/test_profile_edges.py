@@ -123,10 +123,13 @@ def test_aggregates_and_the_risk_leave_out_the_layers_left_out_for_their_sample(
     every_layer = dict(aggregate_features(result.features))
     assert result.risk != pytest.approx(estimator.predict_proba(every_layer, learning_rate=0.1), rel=0.05)
     report = render_report(result)
-    assert ("Over the 2 of 4 layers with enough token states for their width: the 2 the verdict leaves out for too "
-            "few (`decoder.block.0`, `decoder.block.1`) are not in these aggregates") in report
+    assert ("Over the 2 of 4 layers with enough token states for their width (N/d ≥ 2, the default rule): the 2 with "
+            "too few (`decoder.block.0`, `decoder.block.1`) are not in these aggregates") in report
     assert "including the 2 the verdict leaves out for too few token states" in report  # the per-stack table
     assert "| decoder | 2 | 2 |" in report and "| encoder | 2 | 0 |" in report
+    # the estimator's range check reads the model's depth (4 blocks), not the aggregated count (2)
+    assert result.aggregates["num_layers"] == 2
+    assert estimator._inputs(result, 0.1, {})["num_layers"] == 4
     again = SpectralProfile.from_json(result.to_json())
     assert again.aggregates == result.aggregates and render_report(again) == render_report(result)
     del again.settings["aggregates_left_out"]  # a profile.json whose aggregates cover every layer
@@ -172,7 +175,7 @@ def test_token_shortage_is_judged_on_the_layers_the_verdict_reads():
     result = profile(model, _tiny_t5_batch(8, 2), num_samples=128)  # read encoder: 64 of 128, N/d = 2
     assert result.undersampled_layers == ["decoder.block.0", "decoder.block.1"]
     assert "— the inputs gave only 64 token states and all were used" in render_report(result)
-    # a profile without per-layer counts (streamed, or written before they were recorded) reads tokens_seen
+    # a profile.json without per-layer counts reads tokens_seen
     del result.meta["tokens_seen_per_layer"]
     assert "— the inputs gave only 16 token states and all were used" in render_report(result)
 
@@ -337,6 +340,10 @@ def test_integer_pixel_values_in_a_dataset_keep_their_dtype_and_are_refused():
             profile(model, dataset, num_samples=16)
     floats = datasets.Dataset.from_dict({"pixel_values": pixels.astype(np.float32) / 255})
     assert profile(model, floats, num_samples=16).meta["tokens_seen"] == 4 * 17
+    # a transform that turns the stored integers into floats: the rows it returns are what the model gets
+    scaled = datasets.Dataset.from_dict({"pixel_values": pixels}).with_transform(
+        lambda batch: {"pixel_values": [np.asarray(x, dtype=np.float32) / 255 for x in batch["pixel_values"]]})
+    assert profile(model, scaled, num_samples=16).meta["tokens_seen"] == 4 * 17
 
 
 def test_errors_before_and_after_the_blocks_name_the_inputs_passed():

@@ -421,3 +421,28 @@ def test_non_finite_block_is_named_and_marked_partial(tmp_path):
     with pytest.raises(ValueError, match="model.layers.1"):
         profile_streaming(folder, num_samples=N, partial_path=marker, progress=False)
     assert json.loads(marker.read_text())["complete"] is False
+
+
+def test_t5_with_its_lm_head_stored_too_never_reads_the_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import T5ForConditionalGeneration
+
+    from hf_koopman.profiling import find_residual_blocks
+    from hf_koopman.profiling._streaming_weights import SafetensorsWeights
+    from hf_koopman.profiling.streaming import _non_block_modules
+
+    torch.manual_seed(2)
+    folder = tmp_path / "t5"
+    T5ForConditionalGeneration(_t5_config()).save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = torch.zeros_like(state["shared.weight"])  # stored beside the shared embedding
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    skeleton = _build_skeleton(_t5_config())
+    blocks = find_residual_blocks(skeleton)
+    weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
+    read: list[str] = []
+    load = weights._load
+    weights._load = lambda keys, modules, what: (read.extend(keys), load(keys, modules, what))[1]
+    weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
+    assert "shared.weight" in read and "lm_head.weight" not in read
+    assert torch.equal(skeleton.encoder.embed_tokens.weight, state["shared.weight"])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+import torch
+
 from conftest import TokenDataset, cpu_training_args, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
@@ -37,3 +40,18 @@ def test_zero_learning_rate_profiles_without_a_risk_and_a_short_probe_keeps_the_
     assert "learning_rate" not in callback.profile.meta and "rksp/risk" not in trainer.state.log_history[0]
     meta = callback.profile.meta
     assert meta["num_samples_requested"] == 4096 and tokens_short(meta) == meta["tokens_seen"] < 4096
+
+
+def test_scalars_count_the_layers_the_aggregates_leave_out():
+    from hf_koopman.profiling import profile
+    from hf_koopman.testing_utils import tiny_model
+    from hf_koopman.training.callback import RKSPCallback
+
+    ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+    short = {"input_ids": ids, "decoder_input_ids": ids[:, :4]}  # the decoder sees 16 token states for d = 32
+    result = profile(tiny_model("t5"), short, num_samples=256)
+    scalars = RKSPCallback._scalars(result)
+    assert scalars["rksp/layers_left_out"] == 2.0 and scalars["rksp/num_layers"] == 2.0
+    assert scalars["rksp/near_unit_mass_mean"] == pytest.approx(scalars["rksp/score"])
+    uniform = RKSPCallback._scalars(profile(tiny_model("llama"), num_samples=128))
+    assert uniform["rksp/layers_left_out"] == 0.0
