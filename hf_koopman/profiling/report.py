@@ -324,7 +324,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     lines += [
         "## Per layer",
         "",
-        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |{sizes}",
+        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |"
+        f"{sizes}",
         "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("" if uniform else "---|---|---|"),
     ]
     reads = profile.rule.reads(profile)

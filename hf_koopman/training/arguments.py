@@ -109,6 +109,8 @@ class KSSConfig:
         """
         if isinstance(self.enabled, np.bool_):
             self.enabled = bool(self.enabled)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"KSSConfig: seed must be an int, got {self.seed!r}")
         finite = {
             name: getattr(self, name)
             for name in ("alpha", "beta", "gamma", "temperature", "tau_u", "tau_l", "layer_fraction", "eps")
@@ -222,6 +224,8 @@ class KSSTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.kss_enabled, np.bool_):  # a plain bool, so that to_json_string() (loggers) can write it
+            self.kss_enabled = bool(self.kss_enabled)
         try:  # validate early, naming the fields as the user wrote them (`kss_alpha`, not `alpha`)
             self.kss_config()
         except ValueError as err:

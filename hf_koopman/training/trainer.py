@@ -159,8 +159,8 @@ def _label_mask(inputs: Mapping) -> torch.Tensor | None:
     """`labels != -100` when the labels are integer token labels on the decoder's token grid, else `None`.
 
     The grid is the shape of `decoder_input_ids`, or, without them, the labels' own `(batch, tokens)` shape (a
-    sequence-to-sequence LM builds its decoder inputs from the labels). Class labels `(batch,)` and multi-label
-    targets `(batch, num_labels)` of a sequence classifier are not token labels and give `None`.
+    sequence-to-sequence LM builds its decoder inputs from the labels). Class labels `(batch,)` or `(batch, 1)` and
+    float multi-label targets `(batch, num_labels)` of a sequence classifier are not token labels and give `None`.
     """
     labels = inputs.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
@@ -168,6 +168,8 @@ def _label_mask(inputs: Mapping) -> torch.Tensor | None:
     if labels.dtype == torch.bool or labels.dim() != 2:
         return None
     decoder_ids = inputs.get("decoder_input_ids")
+    if not isinstance(decoder_ids, torch.Tensor) and labels.shape[1] == 1:
+        return None  # class labels (batch, 1), which the classification losses accept, not a one-token decoder
     grid = decoder_ids.shape if isinstance(decoder_ids, torch.Tensor) else labels.shape
     return labels != -100 if labels.shape == grid else None
 
@@ -177,10 +179,11 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
 
     Single-stack models use `attention_mask`. In an encoder-decoder model the encoder's blocks use `attention_mask`;
     the decoder's use `decoder_attention_mask`, else `labels != -100` (the decoder positions that carry a loss) when
-    the labels are integer token labels on the decoder's token grid (`_label_mask`), else `attention_mask`: a
-    sequence classifier such as `BartForSequenceClassification` feeds its decoder the shifted `input_ids`. Given
-    `decoder_input_ids` of another shape than `attention_mask`, the decoder gets no mask (every position). The
-    recorder applies a mask only to blocks whose token grid it matches.
+    the labels are integer token labels on the decoder's token grid (`_label_mask`), else, without
+    `decoder_input_ids`, `attention_mask`: a sequence classifier such as `BartForSequenceClassification` feeds its
+    decoder the shifted `input_ids`. Given `decoder_input_ids` and none of these, the decoder gets no mask (every
+    position): the encoder's padding says nothing about the decoder's. The recorder applies a mask only to blocks
+    whose token grid it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
@@ -191,10 +194,9 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
         return mask
     if decoder is None:
         decoder = _label_mask(inputs)
-    if decoder is None and isinstance(mask, torch.Tensor):
-        decoder_ids = inputs.get("decoder_input_ids")
-        if not isinstance(decoder_ids, torch.Tensor) or decoder_ids.shape == mask.shape:
-            decoder = mask
+    if decoder is None and isinstance(mask, torch.Tensor) and not isinstance(inputs.get("decoder_input_ids"),
+                                                                            torch.Tensor):
+        decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
     masks = {"": mask, "encoder": mask, "decoder": decoder}
     for block in blocks:  # other labels (one block list chosen with kss_layers, ...): the tower by the block's path
         if block.stack not in ("encoder", "decoder"):
@@ -222,18 +224,19 @@ def _compiled_hook_paths(model: torch.nn.Module | None, layers: Any = None) -> l
     from hf_koopman.profiling import find_residual_blocks
 
     modules = dict(model.named_modules())
+    # compiled items of any block list: discovery may drop a list some of whose items are `torch.compile` wrappers
+    # (it finds another list, e.g. the encoder's, and not the decoder's) or fail on one; KSS would then hook fewer
+    # blocks than the model has, or none
+    found: list[str] = [
+        name for name, module in modules.items()
+        if name and _is_compiled(module)
+        and isinstance(modules.get(name.rpartition(".")[0]), (torch.nn.ModuleList, torch.nn.Sequential))
+    ]
     try:
         blocks = find_residual_blocks(model, layers=layers)
-    except (ValueError, TypeError):
-        # Discovery does not recognise a block list whose items are `torch.compile` wrappers: those items are listed.
-        # Without them, no blocks: the first KSS step raises the discovery error, which names kss_layers.
-        return [
-            name for name, module in modules.items()
-            if name and _is_compiled(module)
-            and isinstance(modules.get(name.rpartition(".")[0]), (torch.nn.ModuleList, torch.nn.Sequential))
-        ]
+    except (ValueError, TypeError):  # no blocks: the first KSS step raises the discovery error, naming kss_layers
+        return found
     names = {id(module): name for name, module in modules.items()}
-    found: list[str] = []
     for block in blocks:
         path = names.get(id(block.module))
         if path is None:
@@ -295,7 +298,7 @@ class KSSTrainer(Trainer):
     * KSS sees the blocks through forward hooks set inside `KSSTrainer.compute_loss`. A subclass that overrides
       `compute_loss` must compute its loss through `super().compute_loss(...)`. A KSS step on which no penalty entered
       the loss (an override that does not call `super()`, blocks the forward did not run) logs a warning once per
-      `train()` and is left out of `kss_steps`.
+      run (each `auto_find_batch_size` retry is a new run) and is left out of `kss_steps`.
     * `torch.compile`: while KSS is on, a `ValueError` refuses `torch_compile=True`, accelerate's dynamo backend
       (`ACCELERATE_DYNAMO_BACKEND`) and a compiled residual block or compiled ancestor of one, the model included
       (`torch.compile(module)` or `module.compile()`), when the trainer is built and when a run starts.
@@ -415,7 +418,9 @@ class KSSTrainer(Trainer):
         if self.args.torch_compile:
             what = "torch_compile=True"
         elif backend is not None:
-            what = f"accelerate's dynamo backend {backend!r} (ACCELERATE_DYNAMO_BACKEND / dynamo_config)"
+            what = (f"accelerate's dynamo backend {backend!r} (accelerate's process-wide AcceleratorState: "
+                    "ACCELERATE_DYNAMO_BACKEND, `accelerate launch --dynamo_backend`, or another Trainer or "
+                    "Accelerator in this process with torch_compile / dynamo_config)")
         else:
             compiled = _compiled_hook_paths(model, self.kss_config.layers)
             if not compiled:
@@ -453,6 +458,13 @@ class KSSTrainer(Trainer):
             self._check_not_compiled(model)
         return model
 
+    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """`Trainer.train` (same arguments), refusing a compiled model while KSS is on before any set-up (NEFTune hooks,
+        a checkpoint loaded into the model) runs; a model that `model_init` builds is checked when it is built."""
+        if self.model_init is None:
+            self._check_not_compiled(self.model)
+        return super().train(*args, **kwargs)
+
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
         """`Trainer._inner_training_loop` (same arguments), after checking that KSS can hook the model.
 
@@ -472,7 +484,7 @@ class KSSTrainer(Trainer):
     ) -> torch.Tensor:
         """`Trainer.training_step`, then the KSS bookkeeping of the micro-batch.
 
-        On a KSS step it warns (once per `train()`) when no penalty entered the loss, and it keeps the share of the
+        On a KSS step it warns (once per run) when no penalty entered the loss, and it keeps the share of the
         KSS term in the loss the Trainer accumulates for `loss`, so that `log()` can report `kss/task_loss`.
         """
         step = self.state.global_step
@@ -510,7 +522,7 @@ class KSSTrainer(Trainer):
         logger.warning(
             "KSS: optimizer step %d is a KSS step, but no spectral penalty entered the loss: %s; or set "
             "kss_enabled=False. Such steps are not listed in trainer.kss_steps (this warning is given once per "
-            "train()).", step, cause,
+            "run; each auto_find_batch_size retry is a new run).", step, cause,
         )
 
     def _track_term(self, loss: torch.Tensor, num_items_in_batch: Any) -> None:

@@ -150,6 +150,31 @@ def test_compiled_blocks_or_their_ancestors_are_refused(tmp_path, where):
     assert trainer.state.global_step == 0
 
 
+def test_one_compiled_block_of_a_second_stack_is_refused(tmp_path):
+    # discovery keeps the encoder's list and drops the decoder's mixed list; KSS would hook the encoder alone
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    model.model.decoder.layers[1] = torch.compile(model.model.decoder.layers[1], backend="eager")
+    with pytest.raises(ValueError, match=r"compiled with torch.compile \(module 'model.decoder.layers.1'"):
+        KSSTrainer(model=model, args=_args(tmp_path), train_dataset=TokenDataset())
+
+
+def test_a_refused_train_sets_nothing_up(tmp_path):
+    # refused before Trainer.train() runs: no NEFTune hook on the embedding, the trainer not marked as training
+    model = tiny_gpt2(n_layer=2)
+    _compile_in_place(model.transformer.h[1])
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False, neftune_noise_alpha=5.0),
+                         train_dataset=TokenDataset())
+    trainer.kss_config.enabled = True
+    with pytest.raises(ValueError, match="KSS cannot run with"):
+        trainer.train()
+    assert not trainer.is_in_train
+    assert not model.get_input_embeddings()._forward_hooks
+
+
 def test_compiled_modules_inside_or_outside_the_blocks_are_allowed(tmp_path):
     # the hooked block calls stay eager, so KSS records what it records uncompiled (same penalties)
     reference = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path / "eager"), train_dataset=TokenDataset())
@@ -179,7 +204,8 @@ def dynamo_backend(monkeypatch):
 
 
 def test_accelerate_dynamo_backend_is_refused(tmp_path, dynamo_backend):
-    with pytest.raises(ValueError, match=r"accelerate's dynamo backend 'eager'.*kss_enabled=False"):
+    with pytest.raises(ValueError, match=r"accelerate's dynamo backend 'eager' \(accelerate's process-wide "
+                                         r"AcceleratorState.*another Trainer or Accelerator.*kss_enabled=False"):
         KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path), train_dataset=TokenDataset())
     trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path, kss_enabled=False),
                          train_dataset=TokenDataset())
@@ -479,8 +505,12 @@ def test_snapshot_masks_per_stack():
     assert torch.equal(masks["decoder"], labels != -100)
     masks = _snapshot_masks(model, both, {"attention_mask": enc, "decoder_input_ids": dec_ids[:, :2], "labels": labels})
     assert masks["decoder"] is None  # every decoder position
+    # decoder_input_ids without a decoder mask or token labels: every decoder position (the encoder's padding says
+    # nothing about the decoder's), also when the two grids have one shape
     classes = {"attention_mask": enc, "decoder_input_ids": torch.ones(2, 5, dtype=torch.long), "labels": labels[:, 0]}
-    assert _snapshot_masks(model, both, classes)["decoder"] is enc
+    assert _snapshot_masks(model, both, classes)["decoder"] is None
+    # class labels (batch, 1), which the classification losses accept, are not a one-token decoder grid
+    assert _snapshot_masks(model, both, {"attention_mask": enc, "labels": torch.tensor([[1], [0]])})["decoder"] is enc
     decoder_only = find_residual_blocks(model, layers="decoder.block")  # one list: its label is not "decoder"
     masks = _snapshot_masks(model, decoder_only, {"attention_mask": enc, "labels": labels})
     assert torch.equal(masks[decoder_only[0].stack], labels != -100)
@@ -603,4 +633,11 @@ def test_numpy_bools_switch_kss(tmp_path):
         config = KSSConfig(enabled=np.bool_(value))
         assert config.enabled is value and config.active is value
         args = KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_enabled=np.bool_(value))
-        assert args.kss_config().enabled is value
+        assert args.kss_config().enabled is value and args.kss_enabled is value
+        assert f'"kss_enabled": {str(value).lower()}' in args.to_json_string()  # what the loggers write
+
+
+@pytest.mark.parametrize("seed", [None, "1", 1.5, True])
+def test_kss_seed_must_be_an_int(tmp_path, seed):
+    with pytest.raises(ValueError, match=f"^KSSTrainingArguments: kss_seed must be an int, got {seed!r}"):
+        KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_seed=seed)
