@@ -217,15 +217,21 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -
 
 
 def _num_tokens(inputs: Mapping[str, Any]) -> int:
-    for key in ("attention_mask", "input_ids", "pixel_values", "inputs_embeds"):  # for the memory plan only
+    """Token states the forward holds at once, for the memory plan only: the encoder side (text, pixels or audio
+    frames) plus the decoder's `decoder_input_ids` of an encoder-decoder model."""
+    decoder = inputs.get("decoder_input_ids")
+    extra = int(decoder.numel()) if isinstance(decoder, torch.Tensor) else 0
+    for key in ("attention_mask", "input_ids", "pixel_values", "input_features", "inputs_embeds"):
         value = inputs.get(key)
         if isinstance(value, torch.Tensor):
             if key == "attention_mask":
-                return int(value.sum())
+                return int(value.sum()) + extra
             if key == "pixel_values":
-                return int(value.shape[0]) * 256  # unknown patching: a generous guess for the memory plan only
-            return int(value.shape[0] * (value.shape[1] if value.dim() > 1 else 1))
-    return 2048
+                return int(value.shape[0]) * 256 + extra  # unknown patching: a generous guess
+            if key == "input_features":  # (batch, mel bins, frames): Whisper's convolutions halve the frames
+                return int(value.shape[0]) * -(-int(value.shape[-1]) // 2) + extra
+            return int(value.shape[0] * (value.shape[1] if value.dim() > 1 else 1)) + extra
+    return 2048 + extra
 
 
 def _peak_rss_bytes() -> int:

@@ -446,3 +446,13 @@ def test_t5_with_its_lm_head_stored_too_never_reads_the_head(tmp_path):
     weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
     assert "shared.weight" in read and "lm_head.weight" not in read
     assert torch.equal(skeleton.encoder.embed_tokens.weight, state["shared.weight"])
+
+
+def test_memory_plan_counts_audio_frames_and_decoder_tokens():
+    from hf_koopman.profiling.streaming import _num_tokens
+
+    # Whisper's default probe at N = 2048: 5 rows of 3000 mel frames (1500 encoder states each) and 410 decoder ids
+    audio = {"input_features": torch.zeros(5, 80, 3000), "decoder_input_ids": torch.zeros(5, 410, dtype=torch.long)}
+    assert _num_tokens(audio) == 5 * 1500 + 5 * 410
+    text = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    assert _num_tokens(text) == 16
