@@ -144,7 +144,9 @@ def _model_context(profile: Any) -> dict[str, Any]:
     if isinstance(settings, Mapping) and settings.get("hidden_size") is not None:
         out["hidden_size"] = settings["hidden_size"]
     layers = getattr(profile, "layers", None)
-    if isinstance(layers, Sequence) and layers:
+    if layers is None and isinstance(profile, Mapping):  # a profile's `to_dict()` / profile.json
+        layers = profile.get("layers")
+    if isinstance(layers, Sequence) and not isinstance(layers, str) and layers:
         out["num_layers"] = len(layers)
     return out
 

@@ -223,22 +223,31 @@ def _compiled_hook_paths(model: torch.nn.Module | None, layers: Any = None) -> l
         return [""]
     from hf_koopman.profiling import find_residual_blocks
 
-    modules = dict(model.named_modules())
-    # compiled items of any block list: discovery may drop a list some of whose items are `torch.compile` wrappers
-    # (it finds another list, e.g. the encoder's, and not the decoder's) or fail on one; KSS would then hook fewer
-    # blocks than the model has, or none
-    found: list[str] = [
-        name for name, module in modules.items()
-        if name and _is_compiled(module)
-        and isinstance(modules.get(name.rpartition(".")[0]), (torch.nn.ModuleList, torch.nn.Sequential))
+    # Discovery runs on the model with the `torch.compile` wrappers in its module lists replaced by the modules they
+    # wrap (put back afterwards): a list with a wrapped block (regional compilation) is then found as the list of
+    # blocks it is, and the wrapper is listed at that block's path. Compiled modules inside a block or outside the
+    # blocks stay allowed.
+    wrapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = [
+        (parent, key, child)
+        for parent in model.modules() if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential))
+        for key, child in parent._modules.items()
+        if child is not None and type(child).__name__ == "OptimizedModule" and hasattr(child, "_orig_mod")
     ]
+    for parent, key, child in wrapped:
+        parent._modules[key] = child._orig_mod
     try:
         blocks = find_residual_blocks(model, layers=layers)
     except (ValueError, TypeError):  # no blocks: the first KSS step raises the discovery error, naming kss_layers
-        return found
-    names = {id(module): name for name, module in modules.items()}
+        blocks = []
+    finally:
+        for parent, key, child in wrapped:
+            parent._modules[key] = child
+    originals = {id(child._orig_mod): child for _, _, child in wrapped}
+    names = {id(module): name for name, module in model.named_modules()}
+    found: list[str] = []
     for block in blocks:
-        path = names.get(id(block.module))
+        module = originals.get(id(block.module), block.module)  # the wrapper where the block is wrapped
+        path = names.get(id(module))
         if path is None:
             continue
         parts = path.split(".")
@@ -293,8 +302,9 @@ class KSSTrainer(Trainer):
       differentiates with respect to the unsharded parameters of the forward.
     * Padding is left out of the snapshots through `attention_mask`. In encoder-decoder models the decoder's blocks
       use `decoder_attention_mask`, else the positions whose `labels` are not -100 (the positions that carry a loss)
-      when the labels are token labels on the decoder's grid, else `attention_mask` (a sequence classifier such as
-      `BartForSequenceClassification` feeds its decoder the shifted `input_ids`).
+      when the labels are token labels on the decoder's grid, else, without `decoder_input_ids`, `attention_mask` (a
+      sequence classifier such as `BartForSequenceClassification` feeds its decoder the shifted `input_ids`); with
+      `decoder_input_ids` and neither, every decoder position.
     * KSS sees the blocks through forward hooks set inside `KSSTrainer.compute_loss`. A subclass that overrides
       `compute_loss` must compute its loss through `super().compute_loss(...)`. A KSS step on which no penalty entered
       the loss (an override that does not call `super()`, blocks the forward did not run) logs a warning once per

@@ -130,6 +130,7 @@ def test_aggregates_and_the_risk_leave_out_the_layers_left_out_for_their_sample(
     # the estimator's range check reads the model's depth (4 blocks), not the aggregated count (2)
     assert result.aggregates["num_layers"] == 2
     assert estimator._inputs(result, 0.1, {})["num_layers"] == 4
+    assert estimator._inputs(result.to_dict(), 0.1, {})["num_layers"] == 4  # and from its profile.json form
     again = SpectralProfile.from_json(result.to_json())
     assert again.aggregates == result.aggregates and render_report(again) == render_report(result)
     del again.settings["aggregates_left_out"]  # a profile.json whose aggregates cover every layer

@@ -437,7 +437,10 @@ def test_t5_with_its_lm_head_stored_too_never_reads_the_head(tmp_path):
     state = load_file(folder / "model.safetensors")
     state["lm_head.weight"] = torch.zeros_like(state["shared.weight"])  # stored beside the shared embedding
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    skeleton = _build_skeleton(_t5_config())
+    from transformers import AutoConfig
+
+    skeleton = _build_skeleton(AutoConfig.from_pretrained(folder))  # the saved architecture, with its LM head
+    assert skeleton.lm_head.weight is skeleton.shared.weight  # tied in the skeleton, stored twice in the file
     blocks = find_residual_blocks(skeleton)
     weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
     read: list[str] = []

@@ -162,6 +162,28 @@ def test_one_compiled_block_of_a_second_stack_is_refused(tmp_path):
         KSSTrainer(model=model, args=_args(tmp_path), train_dataset=TokenDataset())
 
 
+def test_compiled_items_of_lists_inside_or_beside_the_blocks_are_not_listed():
+    # an expert list inside a block, a head built as a Sequential, a stack kss_layers leaves out
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from hf_koopman.training.trainer import _compiled_hook_paths
+
+    model = tiny_gpt2(n_layer=2)
+    model.transformer.h[0].mlp.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    model.transformer.h[0].mlp.experts[0] = torch.compile(model.transformer.h[0].mlp.experts[0], backend="eager")
+    model.lm_head = torch.nn.Sequential(torch.compile(model.lm_head, backend="eager"))
+    assert _compiled_hook_paths(model) == []
+    model.transformer.h[1] = torch.compile(model.transformer.h[1], backend="eager")  # a block itself: listed
+    assert _compiled_hook_paths(model) == ["transformer.h.1"]
+    assert type(model.transformer.h[1]).__name__ == "OptimizedModule"  # the wrapper is back in its list
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    bart.model.decoder.layers[1] = torch.compile(bart.model.decoder.layers[1], backend="eager")
+    assert _compiled_hook_paths(bart) == ["model.decoder.layers.1"]
+    assert _compiled_hook_paths(bart, "model.encoder.layers") == []  # KSS hooks the encoder only
+
+
 def test_a_refused_train_sets_nothing_up(tmp_path):
     # refused before Trainer.train() runs: no NEFTune hook on the embedding, the trainer not marked as training
     model = tiny_gpt2(n_layer=2)
@@ -641,3 +663,10 @@ def test_numpy_bools_switch_kss(tmp_path):
 def test_kss_seed_must_be_an_int(tmp_path, seed):
     with pytest.raises(ValueError, match=f"^KSSTrainingArguments: kss_seed must be an int, got {seed!r}"):
         KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_seed=seed)
+
+
+def test_numpy_ints_become_ints_on_the_arguments(tmp_path):
+    np = pytest.importorskip("numpy")
+    args = KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_seed=np.int64(3))
+    assert type(args.kss_seed) is int and args.kss_config().seed == 3
+    assert '"kss_seed": 3' in args.to_json_string()  # what the loggers write
