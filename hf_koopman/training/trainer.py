@@ -222,27 +222,28 @@ def _compiled_hook_paths(model: torch.nn.Module | None, layers: Any = None) -> l
     if _is_compiled(model):
         return [""]
     from hf_koopman.profiling import find_residual_blocks
+    from hf_koopman.profiling.blocks import eager_module
 
-    # Discovery runs on the model with the `torch.compile` wrappers in its module lists replaced by the modules they
-    # wrap (put back afterwards): a list with a wrapped block (regional compilation) is then found as the list of
-    # blocks it is, and the wrapper is listed at that block's path. Compiled modules inside a block or outside the
-    # blocks stay allowed.
-    wrapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = [
+    # Automatic discovery runs on the model with the `torch.compile` wrappers in its module lists replaced by the
+    # modules they wrap (put back afterwards): a list with a wrapped block (regional compilation) is then found as the
+    # list of blocks it is, and the wrapper is listed at that block's path. `kss_layers` resolves on the model as it
+    # is, as KSS resolves it. Compiled modules inside a block or outside the blocks stay allowed.
+    wrapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = [] if layers is not None else [
         (parent, key, child)
         for parent in model.modules() if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential))
         for key, child in parent._modules.items()
-        if child is not None and type(child).__name__ == "OptimizedModule" and hasattr(child, "_orig_mod")
+        if child is not None and eager_module(child) is not child
     ]
-    for parent, key, child in wrapped:
-        parent._modules[key] = child._orig_mod
     try:
+        for parent, key, child in wrapped:
+            parent._modules[key] = eager_module(child)
         blocks = find_residual_blocks(model, layers=layers)
     except (ValueError, TypeError):  # no blocks: the first KSS step raises the discovery error, naming kss_layers
         blocks = []
     finally:
         for parent, key, child in wrapped:
             parent._modules[key] = child
-    originals = {id(child._orig_mod): child for _, _, child in wrapped}
+    originals = {id(eager_module(child)): child for _, _, child in wrapped}
     names = {id(module): name for name, module in model.named_modules()}
     found: list[str] = []
     for block in blocks:

@@ -176,6 +176,9 @@ def test_compiled_items_of_lists_inside_or_beside_the_blocks_are_not_listed():
     model.transformer.h[1] = torch.compile(model.transformer.h[1], backend="eager")  # a block itself: listed
     assert _compiled_hook_paths(model) == ["transformer.h.1"]
     assert type(model.transformer.h[1]).__name__ == "OptimizedModule"  # the wrapper is back in its list
+    # kss_layers resolves on the model as it is, as KSS resolves it: as module objects or paths into the wrapper
+    assert _compiled_hook_paths(model, list(model.transformer.h)) == ["transformer.h.1"]
+    assert _compiled_hook_paths(model, ["transformer.h.0", "transformer.h.1._orig_mod"]) == ["transformer.h.1"]
     bart = BartForConditionalGeneration(BartConfig(
         vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
@@ -665,8 +668,10 @@ def test_kss_seed_must_be_an_int(tmp_path, seed):
         KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_seed=seed)
 
 
-def test_numpy_ints_become_ints_on_the_arguments(tmp_path):
+def test_numpy_numbers_become_python_numbers_on_the_arguments(tmp_path):
     np = pytest.importorskip("numpy")
-    args = KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_seed=np.int64(3))
-    assert type(args.kss_seed) is int and args.kss_config().seed == 3
+    args = KSSTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", kss_seed=np.int64(3),
+                                kss_every_n_steps=np.int64(5), kss_layer_fraction=np.float32(0.5))
+    assert type(args.kss_seed) is int and args.kss_config().seed == 3 and type(args.kss_every_n_steps) is int
+    assert type(args.kss_layer_fraction) is float
     assert '"kss_seed": 3' in args.to_json_string()  # what the loggers write
