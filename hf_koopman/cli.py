@@ -875,6 +875,8 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         raise ValueError(f"--level must be in (0, 1), got {args.level}.")
     progress = _check_model_input_arguments(args)
     context = _parse_context(args.context)
+    if "learning_rate" in context:
+        raise ValueError("max-lr solves for the learning rate: drop learning_rate from --context.")
     estimator = None
     if args.estimator is not None:
         from hf_koopman.risk import RiskEstimator

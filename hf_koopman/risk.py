@@ -139,6 +139,8 @@ def _model_context(profile: Any) -> dict[str, Any]:
     """Model-level inputs a `SpectralProfile` carries: model type, width and number of profiled blocks."""
     out: dict[str, Any] = {}
     meta, settings = getattr(profile, "meta", None), getattr(profile, "settings", None)
+    if isinstance(profile, Mapping):  # a profile's `to_dict()` / profile.json
+        meta, settings = profile.get("meta"), profile.get("settings")
     if isinstance(meta, Mapping) and meta.get("model_type") is not None:
         out["model_type"] = meta["model_type"]
     if isinstance(settings, Mapping) and settings.get("hidden_size") is not None:
@@ -164,7 +166,7 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
                 f"{type(profile).__name__}."
             )
         values.update(aggregates)
-        meta = getattr(profile, "meta", None)
+        meta = profile.get("meta") if isinstance(profile, Mapping) else getattr(profile, "meta", None)
         if isinstance(meta, Mapping):  # e.g. a learning rate recorded by the training callback
             values.update({k: v for k, v in meta.items() if v is not None and k not in values})
         # the model's depth (every profiled block) also where the aggregates leave under-sampled layers out
@@ -208,7 +210,12 @@ class RangeIssue:
         if self.direction == "unseen":
             return f"{self.key} = {_g(self.value)} (fitted on {', '.join(self.seen) or 'other values'})"
         amount = f"{self.excess:.2g} decade{'s' if self.excess != 1 else ''}" if self.log_scale else f"{self.excess:.3g}"
-        return f"{self.key} = {_g(self.value)} is {amount} {self.direction} the fitted [{_g(self.low)}, {_g(self.high)}]"
+        bound = self.high if self.direction == "above" else self.low
+        digits = 3  # enough digits that the value and the bound it crosses print differently (4.1 vs 4.096)
+        while digits < 8 and _is_number(self.value) and f"{self.value:.{digits}g}" == f"{bound:.{digits}g}":
+            digits += 1
+        low, high, value = (f"{v:.{digits}g}" if _is_number(v) else repr(v) for v in (self.low, self.high, self.value))
+        return f"{self.key} = {value} is {amount} {self.direction} the fitted [{low}, {high}]"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of this range issue (non-finite numbers as strings)."""
@@ -247,7 +254,7 @@ class RiskAssessment:
 
     @property
     def range_note(self) -> str:
-        """One sentence on the ranges, e.g. `"outside the fitted range: learning_rate = 50 is 2.7 decades above ..."`."""
+        """One sentence on the ranges, e.g. `"outside the fitted range: learning_rate = 50 is 1.1 decades above ..."`."""
         parts = []
         if self.outside:
             parts.append("outside the fitted range: " + "; ".join(i.describe() for i in self.outside)
@@ -424,7 +431,10 @@ class RiskEstimator:
         """`(out_of_range, outside, unknown)` for these inputs (see `RiskAssessment` for their meaning).
 
         Checked: every input of the model, the model keys (`model_type`, `hidden_size`, `num_layers`) whose range the
-        estimator records, and `model_type` always (a model type the estimator does not record is unknown).
+        estimator records, and `model_type` always (a model type the estimator does not record is unknown). A
+        profile of weights other than an initialisation (`meta["weights"]` `"pretrained"` or `"trained"`) is
+        outside (the training runs were profiled at initialisation); the spectrum of an "uninformative" profile is
+        unknown when the estimator reads it.
         """
         values = self._inputs(profile, learning_rate, context)
         ranges = self.training_ranges.get("inputs", {})
@@ -458,6 +468,15 @@ class RiskEstimator:
             else:
                 excess = abs(x - bound)
             outside.append(RangeIssue(key, x, low, high, excess=excess, log_scale=log_scale))
+        meta = getattr(profile, "meta", None)
+        if meta is None and isinstance(profile, Mapping):
+            meta = profile.get("meta")
+        weights = meta.get("weights") if isinstance(meta, Mapping) else None
+        if weights is not None and weights != "init":  # the training runs were profiled at initialisation
+            outside.append(RangeIssue("weights", weights, seen=("init",)))
+        verdict = getattr(profile, "verdict", None) if not isinstance(profile, Mapping) else profile.get("verdict")
+        if verdict == "uninformative" and any(f.key != _LR and f.key in values for f in self.features):
+            unknown.append("the spectrum (the profile is uninformative; its verdict reason says why)")
         flag = True if outside else (None if unknown else False)
         return flag, tuple(outside), tuple(unknown)
 

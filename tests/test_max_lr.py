@@ -161,7 +161,35 @@ def test_cli_max_lr_json_matches_the_python_api(saved_model, tmp_path, capsys):
     prof = profile(AutoModel.from_pretrained(saved_model), num_samples=N)
     expected = _expected_lr(prof.aggregates["near_unit_mass_mean"], 0.1)
     assert data["verdict"] == "suggested" and data["max_learning_rate"] == pytest.approx(expected, rel=1e-9)
-    assert data["model_name"] == "tiny-llama" and data["out_of_range"] is False and data["risk"] == 0.1
+    assert data["model_name"] == "tiny-llama" and data["risk"] == 0.1
+    # a saved checkpoint: its weights are not an initialisation, the only input outside the training runs
+    assert data["out_of_range"] is True and [i["key"] for i in data["outside"]] == ["weights"]
+    assert data["caveats"][0].startswith("extrapolated: these are pretrained weights")
+
+
+def test_learning_rate_in_context_is_refused_with_the_reason(tiny_profile, saved_model, capsys):
+    with pytest.raises(ValueError, match="solves for the learning rate"):
+        suggest_max_lr(tiny_profile, estimator=_estimator(), context={"learning_rate": 0.1})
+    assert main(["max-lr", str(saved_model), "--context", "learning_rate=0.1", "--no-progress"]) == 2
+    assert "drop learning_rate from --context" in capsys.readouterr().err
+
+
+def test_uninformative_or_non_init_profiles_are_not_called_in_range(tiny_profile):
+    import copy
+
+    est = _estimator()
+    assert est.assess(tiny_profile, learning_rate=1e-3).out_of_range is False
+    for weights in ("pretrained", "trained"):
+        other = copy.deepcopy(tiny_profile)
+        other.meta["weights"] = weights
+        assessment = est.assess(other, learning_rate=1e-3)
+        assert assessment.out_of_range is True and [i.key for i in assessment.outside] == ["weights"]
+        assert f"weights = '{weights}' (fitted on init)" in assessment.describe()
+    short = profile(tiny_model("llama", num_hidden_layers=2), num_samples=40)  # N/d = 1.25 < 2
+    assert short.verdict == "uninformative"
+    assessment = est.assess(short, learning_rate=1e-3)
+    assert assessment.out_of_range is None and "ranges unknown" in assessment.describe()
+    assert any("uninformative" in u for u in assessment.unknown)
 
 
 def test_cli_max_lr_text_with_the_shipped_estimator(saved_model, capsys):

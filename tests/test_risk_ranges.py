@@ -263,3 +263,11 @@ def test_the_training_horizon_bounds_what_the_answer_means(fitted):
     assert est.training_summary().endswith("the label is divergence within 150 steps, so for a longer run the "
                                            "probability is a lower bound and the suggested learning rate an upper one")
     assert "within 150 steps" in RiskEstimator.default().training_summary()
+
+
+def test_a_value_just_past_a_bound_prints_differently_from_it():
+    from hf_koopman.risk import RangeIssue
+
+    text = RangeIssue("learning_rate", 4.1, 0.001, 4.096, excess=0.00042, log_scale=True).describe()
+    assert text == "learning_rate = 4.1 is 0.00042 decades above the fitted [0.001, 4.096]"
+    assert "[0.001, 4.1]" in RangeIssue("learning_rate", 50.0, 0.001, 4.096, excess=1.1, log_scale=True).describe()

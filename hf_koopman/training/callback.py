@@ -1186,10 +1186,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None:
             batch = self._probe_batch(model, kwargs.get("train_dataloader"))
             try:
-                spectral_profile = self._run_profile(model, batch, self.monitor_num_samples, args.learning_rate)
+                # the learning rate the run trains at now (after any back-off)
+                spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
+                                                     args.learning_rate * self.lr_scale)
             except ValueError as err:  # e.g. non-finite activations: the guard handles divergence
                 logger.warning("RKSP monitoring at step %d failed: %s", state.global_step, err)
                 return
+            # trained weights: the estimator was fitted on initialisations, so rksp/risk_out_of_range says 1
+            spectral_profile.meta["weights"] = "trained"
             self._log(args, state, self._scalars(spectral_profile))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -55,3 +55,24 @@ def test_scalars_count_the_layers_the_aggregates_leave_out():
     assert scalars["rksp/near_unit_mass_mean"] == pytest.approx(scalars["rksp/score"])
     uniform = RKSPCallback._scalars(profile(tiny_model("llama"), num_samples=128))
     assert uniform["rksp/layers_left_out"] == 0.0
+
+
+def test_monitoring_marks_trained_weights_and_reads_the_backed_off_learning_rate(tmp_path, monkeypatch):
+    callback = RKSPCallback(num_samples=128, monitor_num_samples=128, every_n_steps=1, save_artifacts=False)
+    calls = []
+    run = callback._run_profile
+
+    def spy(model, batch, num_samples, learning_rate=None, progress=False):
+        result = run(model, batch, num_samples, learning_rate, progress)
+        calls.append((learning_rate, result))
+        callback.lr_scale = 0.5  # as a rollback's back-off leaves it after the init profile
+        return result
+
+    monkeypatch.setattr(callback, "_run_profile", spy)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=2, learning_rate=0.01)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    assert [lr for lr, _ in calls] == [0.01, 0.005, 0.005]
+    flagged = [[i.key for i in result.risk_assessment().outside] for _, result in calls]
+    assert "weights" not in flagged[0]  # the initialisation
+    assert all("weights" in keys for keys in flagged[1:])  # trained weights: outside the fitted runs
+    assert [result.meta.get("weights") for _, result in calls] == [None, "trained", "trained"]
