@@ -35,6 +35,11 @@ logger = get_logger(__name__)
 SUGGESTION_VERDICTS = ("suggested", "no crossing", "uninformative")
 
 
+def _risk_text(risk: float) -> str:
+    """A risk as a percentage with the digits it needs: 10%, 2.5%, 0.1%, 1e-07%."""
+    return f"{100 * risk:.3g}%"
+
+
 def _lr_text(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -104,7 +109,7 @@ class MaxLRSuggestion:
         """Multi-line plain text: the answer, then its caveats."""
         head = f"{self.model_name}: " if self.model_name else ""
         if self.verdict == "suggested":
-            lines = [f"{head}max learning rate at {self.risk:.0%} divergence risk: {_lr_text(self.max_learning_rate)}"]
+            lines = [f"{head}max learning rate at {_risk_text(self.risk)} divergence risk: {_lr_text(self.max_learning_rate)}"]
             if self.interval is not None:
                 lines.append(f"  interval: {_lr_text(self.interval[0])} – {_lr_text(self.interval[1])} "
                              f"({self.interval_method})")
@@ -200,9 +205,9 @@ def suggest_max_lr(
     summary = est.training_summary()
     if lr == 0.0 or math.isinf(lr):
         reason = (
-            f"the predicted probability is already at or above {risk:.0%} at every learning rate down to 1e-10"
+            f"the predicted probability is already at or above {_risk_text(risk)} at every learning rate down to 1e-10"
             if lr == 0.0 else
-            f"the predicted probability does not reach {risk:.0%} as the learning rate grows (its coefficient is not "
+            f"the predicted probability does not reach {_risk_text(risk)} as the learning rate grows (its coefficient is not "
             "positive)"
         )
         flag, outside, unknown = est.check_ranges(prof, **context)

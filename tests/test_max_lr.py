@@ -209,3 +209,9 @@ def test_cli_max_lr_errors(saved_model, tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"format": "hf_koopman.risk_estimator", "version": 7}))
     assert main(["max-lr", str(saved_model), "--estimator", str(tmp_path / "bad.json")]) == 2
     assert "upgrade" in capsys.readouterr().err
+
+
+def test_risk_levels_print_with_the_digits_they_need(tiny_profile):
+    text = suggest_max_lr(tiny_profile, risk=0.025, estimator=_estimator()).describe()
+    assert "at 2.5% divergence risk" in text
+    assert "at 0.1% divergence risk" in suggest_max_lr(tiny_profile, risk=0.001, estimator=_estimator()).describe()
