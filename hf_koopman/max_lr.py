@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from hf_koopman.logging_utils import get_logger
@@ -33,6 +34,19 @@ logger = get_logger(__name__)
 
 #: `MaxLRSuggestion.verdict` values (the profile verdicts are `hf_koopman.risk.VERDICTS`).
 SUGGESTION_VERDICTS = ("suggested", "no crossing", "uninformative")
+
+
+def _ranges_without_lr(est: Any, prof: Any, context: Mapping[str, Any]) -> tuple[Any, tuple, tuple]:
+    """`est.check_ranges` for an answer without a learning rate: a learning rate the profile records (not the one
+    max-lr solves for) is left out of `outside` and `unknown`."""
+    _, outside, unknown = est.check_ranges(prof, **context)
+    outside = tuple(i for i in outside if i.key != "learning_rate")
+    unknown = tuple(u for u in unknown if not u.startswith("learning_rate"))
+    return (True if outside else (None if unknown else False)), outside, unknown
+
+
+def _default_estimator() -> RiskEstimator:
+    return RiskEstimator.default()  # cached: the shipped estimator is one object
 
 
 def _risk_text(risk: float) -> str:
@@ -109,7 +123,8 @@ class MaxLRSuggestion:
         """Multi-line plain text: the answer, then its caveats."""
         head = f"{self.model_name}: " if self.model_name else ""
         if self.verdict == "suggested":
-            lines = [f"{head}max learning rate at {_risk_text(self.risk)} divergence risk: {_lr_text(self.max_learning_rate)}"]
+            lines = [f"{head}max learning rate at {_risk_text(self.risk)} divergence risk: "
+                     f"{_lr_text(self.max_learning_rate)}"]
             if self.interval is not None:
                 lines.append(f"  interval: {_lr_text(self.interval[0])} – {_lr_text(self.interval[1])} "
                              f"({self.interval_method})")
@@ -198,21 +213,21 @@ def suggest_max_lr(
     caveats: list[str] = [PRETRAINED_CAVEAT] if getattr(prof, "meta", {}).get("weights") == "pretrained" else []
     uses_spectrum = any(f.key in prof.aggregates for f in est.features)
     if uses_spectrum and prof.verdict == "uninformative":
+        flag, outside, unknown = _ranges_without_lr(est, prof, context)
         return MaxLRSuggestion(None, risk, "uninformative", reason=prof.verdict_reason,
-                               interval_method="no learning rate to bound", out_of_range=None,
-                               caveats=[*caveats, est.training_summary()], model_name=name, profile=prof)
+                               interval_method="no learning rate to bound", out_of_range=flag, outside=outside,
+                               unknown=unknown, caveats=[*caveats, est.training_summary()], model_name=name,
+                               profile=prof)
     lr = est.learning_rate_at_risk(prof, risk, **context)
     summary = est.training_summary()
     if lr == 0.0 or math.isinf(lr):
         reason = (
-            f"the predicted probability is already at or above {_risk_text(risk)} at every learning rate down to 1e-10"
-            if lr == 0.0 else
-            f"the predicted probability does not reach {_risk_text(risk)} as the learning rate grows (its coefficient is not "
-            "positive)"
+            f"the predicted probability is already at or above {_risk_text(risk)} at every learning rate down to "
+            "1e-10" if lr == 0.0 else
+            f"the predicted probability does not reach {_risk_text(risk)} as the learning rate grows (its coefficient "
+            "is not positive)"
         )
-        flag, outside, unknown = est.check_ranges(prof, **context)
-        unknown = tuple(u for u in unknown if not u.startswith("learning_rate"))
-        flag = True if outside else (None if unknown else False)
+        flag, outside, unknown = _ranges_without_lr(est, prof, context)
         return MaxLRSuggestion(None, risk, "no crossing", reason=reason, interval_method="no learning rate to bound",
                                out_of_range=flag, outside=outside, unknown=unknown, caveats=[*caveats, summary],
                                model_name=name, profile=prof)
@@ -224,15 +239,15 @@ def suggest_max_lr(
         bounds, how = interval
         caveats.append("the interval covers the uncertainty of the fitted coefficients on the training runs only, not "
                        "the shift to a model family the estimator never saw")
-    if estimator is None:  # the shipped estimator's measured accuracy
+    if est is _default_estimator():  # the shipped estimator's measured accuracy (results/heldout_risk.md)
         caveats.append("held out by architecture family, the shipped estimator's suggestions were within 2x of the "
-                       "measured threshold for a minority of inits (results/heldout_risk.md in the hf_koopman "
-                       "repository): treat the answer as a starting point for a learning-rate sweep")
+                       "measured threshold for 28 % of inits at risk 0.1 and 64 % at risk 0.5 (results/heldout_risk.md "
+                       "in the hf_koopman repository): treat the answer as a starting point for a learning-rate sweep")
     lr_range = est.learning_rate_range
     if lr_range is not None and not lr_range[0] <= lr <= lr_range[1]:
         caveats.append(f"the suggested learning rate lies outside the learning rates of the training runs "
                        f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning rate")
-    if any(i.key != "learning_rate" for i in outside):
+    if any(i.key not in ("learning_rate", "weights") for i in outside):
         caveats.append("the model's features lie outside the training runs (clipped to their range): the answer is an "
                        "extrapolation to a model unlike those the estimator was fitted on")
     if unknown:

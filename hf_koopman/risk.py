@@ -175,6 +175,10 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+#: The `unknown` entry of an "uninformative" profile whose spectrum the estimator reads.
+_UNINFORMATIVE_SPECTRUM = "the spectrum (the profile is uninformative; its verdict reason says why)"
+
+
 @dataclass(frozen=True)
 class RangeIssue:
     """One input that lies outside what the estimator's training runs covered.
@@ -256,12 +260,20 @@ class RiskAssessment:
     def range_note(self) -> str:
         """One sentence on the ranges, e.g. `"outside the fitted range: learning_rate = 50 is 1.1 decades above ..."`."""
         parts = []
-        if self.outside:
-            parts.append("outside the fitted range: " + "; ".join(i.describe() for i in self.outside)
+        clipped = [i for i in self.outside if i.key != "weights"]
+        if clipped:
+            parts.append("outside the fitted range: " + "; ".join(i.describe() for i in clipped)
                          + " (inputs are clipped to the range, so the probability is an extrapolation)")
-        if self.unknown:
-            parts.append("ranges unknown for: " + ", ".join(self.unknown)
+        if len(clipped) < len(self.outside):
+            parts.append(("outside the fitted range: " if not clipped else "")
+                         + "the weights are not an initialisation (the estimator was fitted on spectra at "
+                         "initialisation)")
+        missing = [u for u in self.unknown if u != _UNINFORMATIVE_SPECTRUM]
+        if missing:
+            parts.append("ranges unknown for: " + ", ".join(missing)
                          + " (the estimator does not record them, or they were not given)")
+        if len(missing) < len(self.unknown):
+            parts.append("the spectrum is uninformative (see the verdict), so its place in the fitted range is unknown")
         return "; ".join(parts) if parts else "within the fitted range"
 
     def describe(self) -> str:
@@ -468,15 +480,16 @@ class RiskEstimator:
             else:
                 excess = abs(x - bound)
             outside.append(RangeIssue(key, x, low, high, excess=excess, log_scale=log_scale))
-        meta = getattr(profile, "meta", None)
-        if meta is None and isinstance(profile, Mapping):
-            meta = profile.get("meta")
-        weights = meta.get("weights") if isinstance(meta, Mapping) else None
+        weights = values.get("weights")  # meta["weights"], or the context's
         if weights is not None and weights != "init":  # the training runs were profiled at initialisation
             outside.append(RangeIssue("weights", weights, seen=("init",)))
+        aggregates = getattr(profile, "aggregates", None)
+        if isinstance(profile, Mapping):
+            aggregates = profile.get("aggregates", profile)
         verdict = getattr(profile, "verdict", None) if not isinstance(profile, Mapping) else profile.get("verdict")
-        if verdict == "uninformative" and any(f.key != _LR and f.key in values for f in self.features):
-            unknown.append("the spectrum (the profile is uninformative; its verdict reason says why)")
+        if verdict == "uninformative" and isinstance(aggregates, Mapping) and any(
+                f.key != _LR and f.key in aggregates for f in self.features):
+            unknown.append(_UNINFORMATIVE_SPECTRUM)
         flag = True if outside else (None if unknown else False)
         return flag, tuple(outside), tuple(unknown)
 

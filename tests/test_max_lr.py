@@ -184,11 +184,12 @@ def test_uninformative_or_non_init_profiles_are_not_called_in_range(tiny_profile
         other.meta["weights"] = weights
         assessment = est.assess(other, learning_rate=1e-3)
         assert assessment.out_of_range is True and [i.key for i in assessment.outside] == ["weights"]
-        assert f"weights = '{weights}' (fitted on init)" in assessment.describe()
+        assert "outside the fitted range: the weights are not an initialisation" in assessment.describe()
+        assert "clipped" not in assessment.describe()  # nothing is clipped for the weights
     short = profile(tiny_model("llama", num_hidden_layers=2), num_samples=40)  # N/d = 1.25 < 2
     assert short.verdict == "uninformative"
     assessment = est.assess(short, learning_rate=1e-3)
-    assert assessment.out_of_range is None and "ranges unknown" in assessment.describe()
+    assert assessment.out_of_range is None and "the spectrum is uninformative" in assessment.describe()
     assert any("uninformative" in u for u in assessment.unknown)
 
 
@@ -215,3 +216,36 @@ def test_risk_levels_print_with_the_digits_they_need(tiny_profile):
     text = suggest_max_lr(tiny_profile, risk=0.025, estimator=_estimator()).describe()
     assert "at 2.5% divergence risk" in text
     assert "at 0.1% divergence risk" in suggest_max_lr(tiny_profile, risk=0.001, estimator=_estimator()).describe()
+
+
+def test_pretrained_profiles_get_one_caveat_and_keep_their_flag_when_uninformative(tiny_profile):
+    import copy
+
+    pretrained = copy.deepcopy(tiny_profile)
+    pretrained.meta["weights"] = "pretrained"
+    s = suggest_max_lr(pretrained, estimator=_estimator())
+    assert not any("features lie outside" in c for c in s.caveats)  # only the weights are outside
+    short = profile(tiny_model("llama", num_hidden_layers=2), num_samples=40)
+    short.meta["weights"] = "pretrained"
+    s = suggest_max_lr(short, estimator=_estimator())
+    assert s.verdict == "uninformative" and s.out_of_range is True and [i.key for i in s.outside] == ["weights"]
+
+
+def test_context_weights_override_the_profile_and_a_spectrum_free_estimator_ignores_the_verdict(tiny_profile):
+    est = _estimator()
+    assert est.check_ranges(tiny_profile, 1e-3, weights="pretrained")[0] is True
+    lr_only = RiskEstimator([FeatureSpec("learning_rate", "log10", mean=-3.0, std=0.5, low=-5.0, high=-1.0)],
+                            coef=[2.0], intercept=-1.0,
+                            training_ranges={"inputs": {"learning_rate": {"min": 1e-5, "max": 0.1},
+                                                        "model_type": {"values": ["llama"]}}})
+    short = profile(tiny_model("llama", num_hidden_layers=2), num_samples=40)
+    assert short.verdict == "uninformative"
+    assert lr_only.check_ranges(short, 1e-3) == (False, (), ())
+
+
+def test_the_shipped_estimator_carries_its_held_out_accuracy(tiny_profile):
+    for estimator in (None, RiskEstimator.default()):
+        s = suggest_max_lr(tiny_profile, estimator=estimator)
+        if s.verdict == "suggested":
+            assert any("28 % of inits at risk 0.1" in c for c in s.caveats)
+    assert not any("28 %" in c for c in suggest_max_lr(tiny_profile, estimator=_estimator()).caveats)

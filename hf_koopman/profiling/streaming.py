@@ -467,6 +467,7 @@ def profile_streaming(
             "seed": seed,
         }
     }
+    meta["weights"] = "init" if weights.kind == "init" else "pretrained"  # what the risk estimator's range reads
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
     if tokens_seen < num_samples:

@@ -459,3 +459,15 @@ def test_memory_plan_counts_audio_frames_and_decoder_tokens():
     assert _num_tokens(audio) == 5 * 1500 + 5 * 410
     text = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     assert _num_tokens(text) == 16
+
+
+def test_streamed_profiles_say_which_weights_they_read(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_koopman.testing_utils import tiny_config
+
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
+    assert profile_streaming(folder, num_samples=64, progress=False).meta["weights"] == "pretrained"
+    assert profile_streaming(tiny_config("llama"), num_samples=64, progress=False).meta["weights"] == "init"
