@@ -262,8 +262,13 @@ class RiskAssessment:
         parts = []
         clipped = [i for i in self.outside if i.key != "weights"]
         if clipped:
+            # numbers are clipped to their fitted range: the probability is the one at the range's edge, a value the
+            # estimator never saw this model at; a category outside the runs changes nothing in the formula
+            numeric = any(i.direction != "unseen" for i in clipped)
             parts.append("outside the fitted range: " + "; ".join(i.describe() for i in clipped)
-                         + " (inputs are clipped to the range, so the probability is an extrapolation)")
+                         + (" (numbers are clipped to the fitted range: the probability is the one at its edge, not "
+                            "a reading for this input)" if numeric else
+                            " (the training runs did not include it: whether the fit carries over is unknown)"))
         if len(clipped) < len(self.outside):
             parts.append(("outside the fitted range: " if not clipped else "")
                          + "the weights are not an initialisation (the estimator was fitted on spectra at "
@@ -340,6 +345,8 @@ def _ranges_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
             inputs[key] = {"values": [str(v) for v in rng["values"]]}
         elif "min" in rng and "max" in rng:
             inputs[key] = {"min": float(rng["min"]), "max": float(rng["max"])}
+            if not inputs[key]["min"] <= inputs[key]["max"]:
+                raise ValueError(f"training_ranges.inputs[{key!r}] has min {rng['min']} above max {rng['max']}.")
         else:
             raise ValueError(f"training_ranges.inputs[{key!r}] needs 'min' and 'max', or 'values'; got {sorted(rng)}.")
     out["inputs"] = inputs
@@ -817,7 +824,13 @@ class RiskEstimator:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not a JSON file ({err}); a risk estimator is saved with save_json.") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+            # a hand-edited file: name the file and what in it is wrong, not only the Python error
+            what = f"missing field {err}" if isinstance(err, KeyError) else f"{err}"
+            raise ValueError(f"{path} is not a valid risk estimator ({type(err).__name__}: {what}); a risk estimator is "
+                             "written by save_json (or research/scripts/fit_risk.py).") from err
 
     @classmethod
     def default(cls) -> RiskEstimator:

@@ -271,3 +271,25 @@ def test_a_value_just_past_a_bound_prints_differently_from_it():
     text = RangeIssue("learning_rate", 4.1, 0.001, 4.096, excess=0.00042, log_scale=True).describe()
     assert text == "learning_rate = 4.1 is 0.00042 decades above the fitted [0.001, 4.096]"
     assert "[0.001, 4.1]" in RangeIssue("learning_rate", 50.0, 0.001, 4.096, excess=1.1, log_scale=True).describe()
+
+
+def test_a_hand_edited_estimator_file_names_the_file_and_what_is_wrong(tmp_path):
+    import json
+    from importlib import resources
+
+    from hf_koopman.risk import RiskEstimator
+
+    base = json.loads((resources.files("hf_koopman") / "data" / "risk_estimator.json").read_text())
+    edits = {
+        "coef": (lambda d: d["features"][0].__setitem__("coef", None), r"TypeError: float\(\) argument"),
+        "inputs": (lambda d: d["training_ranges"].__setitem__("inputs", [1]), "TypeError"),
+        "inverted": (lambda d: d["training_ranges"]["inputs"]["learning_rate"].update(min=4.0, max=0.001),
+                     r"training_ranges.inputs\['learning_rate'\] has min 4.0 above max 0.001"),
+    }
+    for name, (edit, message) in edits.items():
+        data = json.loads(json.dumps(base))
+        edit(data)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=rf"{path} is not a valid risk estimator \(.*{message}"):
+            RiskEstimator.from_json(path)
