@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_profile_arguments import _model_without_forward  # the forward fails: checks run before it
 from torch import nn
 
 from hf_koopman.koopman.features import LayerFeatures
@@ -33,17 +34,6 @@ def _features(near: float, *, degenerate: bool = False, eta: float = 0.3, reliab
     return LayerFeatures(near_unit_mass=near, unstable_mass=1 - near, contractive_mass=0.0, mid_mass=0.0,
                          spectral_radius=1.1, eigvec_condition=20.0, nonlinearity=eta, kreiss=float("inf"),
                          n_modes=10, n_reliable=reliable, degenerate=degenerate)
-
-
-def _model_without_forward():
-    """A tiny model whose forward fails the test: the checks must run before it."""
-    model = tiny_model("llama", num_hidden_layers=2)
-
-    def forbid(*_):
-        raise AssertionError("the forward pass ran before the argument check")
-
-    model.register_forward_pre_hook(forbid)
-    return model
 
 
 # ------------------------------------------------------------------------ 1. every layer's own N/d, not the first's

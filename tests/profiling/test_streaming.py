@@ -157,6 +157,21 @@ def test_t5_skeleton_ties_its_embeddings_and_counts_them_once():
     assert 128 * 32 * 4 <= plan["non_block"] < 2 * 128 * 32 * 4  # the shared embedding once, plus the final norms
 
 
+def _materialise_rest(folder, config):
+    """The streaming skeleton of `config` with its non-block tensors loaded from `folder`, and the keys read."""
+    from hf_koopman.profiling._streaming_weights import SafetensorsWeights
+    from hf_koopman.profiling.streaming import _non_block_modules
+
+    skeleton = _build_skeleton(config)
+    blocks = find_residual_blocks(skeleton)
+    weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
+    read: list[str] = []
+    load = weights._load
+    weights._load = lambda keys, modules, what: (read.extend(keys), load(keys, modules, what))[1]
+    weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
+    return skeleton, read
+
+
 def _tied_llama_folder(tmp_path, keep: str):
     """A tied LLaMA's folder whose checkpoint holds the tied pair under `keep`: "head" (`lm_head.weight` only, as some
     exporters write it) or "both" (the embedding, and a different `lm_head.weight` that a tied model ignores)."""
@@ -180,9 +195,6 @@ def _tied_llama_folder(tmp_path, keep: str):
 def test_tied_pair_stored_under_either_name_streams_like_from_pretrained(tmp_path, keep):
     """from_pretrained ties either side of a tied pair to the one the checkpoint holds; streaming loads the LM head's
     tensor only when the embedding has none of its own, and frees it with the embedding."""
-    from hf_koopman.profiling._streaming_weights import SafetensorsWeights
-    from hf_koopman.profiling.streaming import _non_block_modules
-
     model, folder = _tied_llama_folder(tmp_path, keep)
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
@@ -192,13 +204,7 @@ def test_tied_pair_stored_under_either_name_streams_like_from_pretrained(tmp_pat
     for a, b in zip(ref.eigenvalues, got.eigenvalues):
         assert torch.allclose(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-5, atol=1e-6)
 
-    skeleton = _build_skeleton(_llama(tie_word_embeddings=True))
-    blocks = find_residual_blocks(skeleton)
-    weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
-    read: list[str] = []
-    original = weights._load
-    weights._load = lambda keys, modules, what: (read.extend(keys), original(keys, modules, what))[1]
-    weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
+    skeleton, read = _materialise_rest(folder, _llama(tie_word_embeddings=True))
     assert ("lm_head.weight" in read) == (keep == "head")
     assert torch.equal(skeleton.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert skeleton.lm_head.weight.device.type == "meta"  # not kept alive once the embedding is freed
@@ -425,11 +431,7 @@ def test_non_finite_block_is_named_and_marked_partial(tmp_path):
 
 def test_t5_with_its_lm_head_stored_too_never_reads_the_head(tmp_path):
     from safetensors.torch import load_file, save_file
-    from transformers import T5ForConditionalGeneration
-
-    from hf_koopman.profiling import find_residual_blocks
-    from hf_koopman.profiling._streaming_weights import SafetensorsWeights
-    from hf_koopman.profiling.streaming import _non_block_modules
+    from transformers import AutoConfig, T5ForConditionalGeneration
 
     torch.manual_seed(2)
     folder = tmp_path / "t5"
@@ -437,16 +439,10 @@ def test_t5_with_its_lm_head_stored_too_never_reads_the_head(tmp_path):
     state = load_file(folder / "model.safetensors")
     state["lm_head.weight"] = torch.zeros_like(state["shared.weight"])  # stored beside the shared embedding
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    from transformers import AutoConfig
-
-    skeleton = _build_skeleton(AutoConfig.from_pretrained(folder))  # the saved architecture, with its LM head
-    assert skeleton.lm_head.weight is skeleton.shared.weight  # tied in the skeleton, stored twice in the file
-    blocks = find_residual_blocks(skeleton)
-    weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks])
-    read: list[str] = []
-    load = weights._load
-    weights._load = lambda keys, modules, what: (read.extend(keys), load(keys, modules, what))[1]
-    weights.materialise_rest(_non_block_modules(skeleton, [b.module for b in blocks]))
+    config = AutoConfig.from_pretrained(folder)  # the saved architecture, with its LM head
+    fresh = _build_skeleton(config)
+    assert fresh.lm_head.weight is fresh.shared.weight  # tied in the skeleton, stored twice in the file
+    skeleton, read = _materialise_rest(folder, config)
     assert "shared.weight" in read and "lm_head.weight" not in read
     assert torch.equal(skeleton.encoder.embed_tokens.weight, state["shared.weight"])
 

@@ -53,6 +53,15 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GP
     return GPT2LMHeadModel(config)
 
 
+def no_norm_gpt2(n_layer=4):
+    """GPT-2 without LayerNorm in the blocks: the paper's No-Norm setting, high risk at init."""
+    model = tiny_gpt2(n_layer=n_layer)
+    for block in model.transformer.h:
+        block.ln_1 = torch.nn.Identity()
+        block.ln_2 = torch.nn.Identity()
+    return model
+
+
 @pytest.fixture
 def dataset() -> TokenDataset:
     return TokenDataset()

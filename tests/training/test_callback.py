@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import TokenDataset, cpu_training_args, no_norm_gpt2, tiny_gpt2
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
@@ -22,15 +22,6 @@ SMALL = dict(num_samples=128, rank=8)
 def _args(tmp_path, cls=TrainingArguments, **kw):
     small = dict(kss_num_samples=128, kss_rank=8) if cls is KSSTrainingArguments else {}
     return cpu_training_args(tmp_path, cls, **{"max_steps": 4, "lr_scheduler_type": "constant", **small, **kw})
-
-
-def no_norm_gpt2(n_layer=4):
-    """GPT-2 without LayerNorm in the blocks: the paper's No-Norm setting, high risk at init."""
-    model = tiny_gpt2(n_layer=n_layer)
-    for block in model.transformer.h:
-        block.ln_1 = torch.nn.Identity()
-        block.ln_2 = torch.nn.Identity()
-    return model
 
 
 def _loss_steps(trainer):

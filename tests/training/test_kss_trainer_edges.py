@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import GradCapture, TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import GradCapture, TokenDataset, cpu_training_args, no_norm_gpt2, tiny_gpt2
 from transformers import BatchEncoding, HfArgumentParser, Trainer, TrainingArguments
 
 import hf_koopman.profiling as profiling
@@ -298,15 +298,6 @@ def test_a_kss_step_with_a_penalty_does_not_warn(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ auto_kss
-def no_norm_gpt2(n_layer=4):
-    """GPT-2 without LayerNorm in the blocks: the paper's No-Norm setting, high risk at init."""
-    model = tiny_gpt2(n_layer=n_layer)
-    for block in model.transformer.h:
-        block.ln_1 = torch.nn.Identity()
-        block.ln_2 = torch.nn.Identity()
-    return model
-
-
 @pytest.mark.parametrize("enabled", [True, False], ids=["kss-on", "kss-off"])
 def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
     callback = RKSPCallback(auto_kss=True, num_samples=128, rank=8, save_artifacts=False)
