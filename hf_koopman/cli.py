@@ -498,20 +498,14 @@ def _load_dataset(name: str, split: str):
         ) from None
 
 
-def _position_limit(model_or_config: Any) -> int | None:
-    """The longest sequence the model's position table can index, read as `profile()` reads it
-    (`probes.max_sequence_length`: RoBERTa-style tables lose `padding_idx + 1` positions when a model is given);
-    `None` for models without one (relative positions, vision models)."""
-    from hf_koopman.profiling.probes import max_sequence_length
-
-    return max_sequence_length(model_or_config) if model_or_config is not None else None
-
-
 def _cap_max_length(args: argparse.Namespace, model_or_config: Any) -> None:
     """Cut `args.max_length` to the model's position table, as `profile()` does, before the text is split: pieces
     then fill a sequence (not cut at the table with most of their text unread), and a streamed forward never indexes
     past the table. A warning when the user gave --max-length, an info note for the default."""
-    limit = _position_limit(model_or_config)
+    from hf_koopman.profiling.probes import max_sequence_length
+
+    # the usable positions as profile() reads them (RoBERTa-style tables lose padding_idx + 1 given a model)
+    limit = max_sequence_length(model_or_config) if model_or_config is not None else None
     if limit is None or args.max_length <= limit:
         return
     log = logger.warning if getattr(args, "max_length_given", True) else logger.info

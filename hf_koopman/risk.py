@@ -135,19 +135,20 @@ def _percent(p: float) -> str:
     return "< 0.1 %" if p < 1e-3 else ("> 99.9 %" if p > 0.999 else f"{p:.1%}")
 
 
+def _part(profile: Any, name: str, default: Any = None) -> Any:
+    """`profile.<name>` of a `SpectralProfile`, or `profile[name]` of its `to_dict()` / profile.json form."""
+    return profile.get(name, default) if isinstance(profile, Mapping) else getattr(profile, name, default)
+
+
 def _model_context(profile: Any) -> dict[str, Any]:
     """Model-level inputs a `SpectralProfile` carries: model type, width and number of profiled blocks."""
     out: dict[str, Any] = {}
-    meta, settings = getattr(profile, "meta", None), getattr(profile, "settings", None)
-    if isinstance(profile, Mapping):  # a profile's `to_dict()` / profile.json
-        meta, settings = profile.get("meta"), profile.get("settings")
+    meta, settings = _part(profile, "meta"), _part(profile, "settings")
     if isinstance(meta, Mapping) and meta.get("model_type") is not None:
         out["model_type"] = meta["model_type"]
     if isinstance(settings, Mapping) and settings.get("hidden_size") is not None:
         out["hidden_size"] = settings["hidden_size"]
-    layers = getattr(profile, "layers", None)
-    if layers is None and isinstance(profile, Mapping):  # a profile's `to_dict()` / profile.json
-        layers = profile.get("layers")
+    layers = _part(profile, "layers")
     if isinstance(layers, Sequence) and not isinstance(layers, str) and layers:
         out["num_layers"] = len(layers)
     return out
@@ -157,16 +158,14 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
     """Merge a SpectralProfile (or a mapping of aggregates, or None) with the context into one flat mapping."""
     values: dict[str, Any] = {}
     if profile is not None:
-        aggregates = getattr(profile, "aggregates", None)
-        if aggregates is None and isinstance(profile, Mapping):
-            aggregates = profile.get("aggregates", profile)
+        aggregates = _part(profile, "aggregates", profile)  # a bare mapping holds the aggregates itself
         if not isinstance(aggregates, Mapping):
             raise TypeError(
                 "profile must be a SpectralProfile, a mapping of aggregate features, or None; got "
                 f"{type(profile).__name__}."
             )
         values.update(aggregates)
-        meta = profile.get("meta") if isinstance(profile, Mapping) else getattr(profile, "meta", None)
+        meta = _part(profile, "meta")
         if isinstance(meta, Mapping):  # e.g. a learning rate recorded by the training callback
             values.update({k: v for k, v in meta.items() if v is not None and k not in values})
         # the model's depth (every profiled block) also where the aggregates leave under-sampled layers out
@@ -490,11 +489,8 @@ class RiskEstimator:
         weights = values.get("weights")  # meta["weights"], or the context's
         if weights is not None and weights != "init":  # the training runs were profiled at initialisation
             outside.append(RangeIssue("weights", weights, seen=("init",)))
-        aggregates = getattr(profile, "aggregates", None)
-        if isinstance(profile, Mapping):
-            aggregates = profile.get("aggregates", profile)
-        verdict = getattr(profile, "verdict", None) if not isinstance(profile, Mapping) else profile.get("verdict")
-        if verdict == "uninformative" and isinstance(aggregates, Mapping) and any(
+        aggregates = _part(profile, "aggregates", profile)
+        if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
                 f.key != _LR and f.key in aggregates for f in self.features):
             unknown.append(_UNINFORMATIVE_SPECTRUM)
         flag = True if outside else (None if unknown else False)

@@ -477,14 +477,14 @@ class KSSTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
-        """`Trainer._inner_training_loop` (same arguments), after checking that KSS can hook the model.
+        """`Trainer._inner_training_loop` (same arguments) with fresh KSS state.
 
         `train()` runs it once per attempt, so each run, and each retry at a smaller batch size under
         `auto_find_batch_size`, starts with fresh KSS state: statistics, the task-loss window, `kss_steps` and the
-        once-per-run warnings. The model the loop trains (a model rebuilt by `model_init` included) is checked here.
+        once-per-run warnings. The model it trains was checked for compilation before: by `train()`, or by
+        `call_model_init` for a model that `model_init` builds.
         """
         self._kss_reset_run_state()
-        self._check_not_compiled(self.model)
         return super()._inner_training_loop(*args, **kwargs)
 
     def training_step(
