@@ -341,6 +341,8 @@ class KSSTrainer(Trainer):
     Args:
         kss_config ([`KSSConfig`], *optional*):
             Settings. Defaults to `args.kss_config()` when `args` is a [`KSSTrainingArguments`], else `KSSConfig()`.
+            A default taken from `args` is read again at the start of each run, so `kss_*` values that a
+            `hyperparameter_search` trial sets on `args` take effect; an explicit `kss_config` is kept as given.
         *args, **kwargs: everything `transformers.Trainer` accepts.
 
     Example:
@@ -351,12 +353,17 @@ class KSSTrainer(Trainer):
 
     def __init__(self, *args: Any, kss_config: KSSConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        explicit = kss_config
         if kss_config is None:
             kss_config = self.args.kss_config() if isinstance(self.args, KSSTrainingArguments) else KSSConfig()
         if not isinstance(kss_config, KSSConfig):
             raise TypeError(f"kss_config must be a KSSConfig, got {type(kss_config).__name__}")
         kss_config.validate()
         self.kss_config = kss_config
+        # `args.kss_*` can change after __init__ (a hyperparameter-search trial sets them on `args`): a config derived
+        # from `args` follows them at the start of each run; an explicit `kss_config` is kept, with a warning
+        self._kss_config_from_args = explicit is None and isinstance(self.args, KSSTrainingArguments)
+        self._kss_args_at_init = self.args.kss_config() if isinstance(self.args, KSSTrainingArguments) else None
         self.task_loss: torch.Tensor | None = None  # last training micro-batch's task loss, without the KSS term
         self._kss_blocks: list[Any] | None = None
         self._kss_blocks_model: Any = None  # weakref to the model `_kss_blocks` belong to
@@ -484,8 +491,32 @@ class KSSTrainer(Trainer):
         once-per-run warnings. The model it trains was checked for compilation before: by `train()`, or by
         `call_model_init` for a model that `model_init` builds.
         """
+        self._kss_follow_args()
         self._kss_reset_run_state()
         return super()._inner_training_loop(*args, **kwargs)
+
+    def _kss_follow_args(self) -> None:
+        """Take `args.kss_*` values set after `__init__` (a hyperparameter-search trial, or `trainer.args.kss_alpha =
+        ...`) into `kss_config` when it was derived from `args`; warn when an explicit `kss_config` hides them."""
+        if not isinstance(self.args, KSSTrainingArguments):
+            return
+        current = self.args.kss_config()
+        if not self._kss_config_from_args:
+            if current != self._kss_args_at_init:
+                logger.warning(
+                    "KSSTrainer: the kss_* fields of args changed after __init__ (e.g. in a hyperparameter-search "
+                    "trial), but this trainer was given an explicit kss_config, which it keeps: %s. To search over "
+                    "kss_* values, build the trainer without kss_config so that it follows args.", self.kss_config,
+                )
+                self._kss_args_at_init = current  # once per change
+            return
+        if current == self.kss_config:
+            return
+        current.validate()
+        if current.layers != self.kss_config.layers:
+            self._kss_blocks = None
+        self.kss_config = current
+        self._check_not_compiled(self.model)  # a trial may switch KSS on for a model compiled before
 
     def training_step(
         self,

@@ -6,6 +6,8 @@ checkpointing, arguments."""
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -90,6 +92,46 @@ def test_model_init_rebuilt_model_gets_its_own_blocks(tmp_path):
         assert len(penalties) == 2 and all(p is not None and p > 0 for p in penalties), penalties
         modules = set(map(id, trainer.model.modules()))
         assert all(id(block.module) in modules for block in trainer._kss_blocks)
+
+
+# ------------------------------------------------------------------------------------- hyperparameter search
+def _penalties(trainer):
+    return [h.get("kss/penalty") for h in trainer.state.log_history if "loss" in h]
+
+
+def test_hyperparameter_trial_kss_values_reach_the_penalty(tmp_path, monkeypatch):
+    """A trial's `kss_*` values are set on `args` by `Trainer._hp_search_setup`; the KSS term must follow them."""
+    import transformers.integrations
+    from transformers.trainer_utils import HPSearchBackend
+
+    # no search backend is installed here: a dict trial as in a W&B sweep, with the two things the Trainer asks W&B
+    monkeypatch.setattr(transformers.integrations, "hp_params", dict)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=types.SimpleNamespace(id="trial")))
+    trainer = KSSTrainer(model_init=lambda: tiny_gpt2(n_layer=2), args=_args(tmp_path, save_strategy="no"),
+                         train_dataset=TokenDataset())
+    trainer.hp_search_backend = HPSearchBackend.WANDB  # the backend whose trial is a plain dict of values
+    trainer.train(trial={"kss_alpha": 0.0})
+    assert trainer.args.kss_alpha == 0.0 and trainer.kss_config.alpha == 0.0
+    assert trainer.kss_steps == [] and _penalties(trainer) == [None, None]
+    trainer.train(trial={"kss_alpha": 0.3, "kss_every_n_steps": 2})
+    assert trainer.kss_config.alpha == 0.3 and trainer.kss_config.every_n_steps == 2
+    assert trainer.kss_steps == [0]
+
+
+def test_args_changed_after_init_are_followed_or_named(tmp_path, caplog):
+    trainer = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path), train_dataset=TokenDataset())
+    trainer.args.kss_alpha = 0.0
+    trainer.train()
+    assert trainer.kss_steps == [] and trainer.kss_config.alpha == 0.0
+
+    explicit = KSSConfig(alpha=0.15, every_n_steps=1, **{k.removeprefix("kss_"): v for k, v in KSS_SMALL.items()})
+    kept = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path / "b"), train_dataset=TokenDataset(),
+                      kss_config=explicit)
+    kept.args.kss_alpha = 0.0
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        kept.train()
+    assert kept.kss_config is explicit and kept.kss_steps == [0, 1]
+    assert "explicit kss_config, which it keeps" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile
