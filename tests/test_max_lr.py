@@ -68,7 +68,7 @@ def test_profile_of_pretrained_weights_gets_the_extrapolation_caveat_first(tiny_
         s = suggest_max_lr(prof, risk=0.1, estimator=_estimator())
         assert s.caveats[0].startswith("extrapolated: these are pretrained weights") is first_is_caveat
         assert sum(c.startswith("extrapolated") for c in s.caveats) == int(first_is_caveat)
-    assert tiny_profile.meta.get("weights") is None  # the fixture is untouched
+    assert tiny_profile.meta.get("weights") == "init"  # the fixture is untouched
 
 
 def test_suggest_max_lr_is_monotone_in_risk(tiny_profile):

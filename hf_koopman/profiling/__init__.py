@@ -17,6 +17,7 @@ from hf_koopman.profiling.probes import default_probe_inputs, synthetic_token_se
 from hf_koopman.profiling.profiler import profile, profile_from_snapshots
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
+from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.risk import DecisionRule  # re-exported: the rule behind `SpectralProfile.verdict`
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "profile_streaming",
     "synthetic_token_sequences",
     "unwrap_model",
+    "weights_origin",
 ]
 
 

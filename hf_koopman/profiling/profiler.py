@@ -29,6 +29,7 @@ from hf_koopman.profiling.blocks import (
 )
 from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
 from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
+from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
 from hf_koopman.risk import DecisionRule
@@ -510,6 +511,9 @@ def profile(
         `SpectralProfile` with one entry per block (encoder-decoder models: both stacks, labelled). Its `meta`
         records `tokens_seen`, the fewest valid token states any block saw, `tokens_seen_per_layer`, each profiled
         layer's own count (a decoder fed short inputs sees fewer than its encoder), and `num_samples_requested`.
+        `meta["weights"]` is `"init"` or `"pretrained"` as `weights_origin` reads the normalisation layers (absent
+        when the model has none with a learned scale): for pretrained or trained weights the report and the risk
+        estimate say that their rule and calibration come from initialisations.
 
     Raises:
         TypeError: `model` is not an `nn.Module`, or a keyword argument that neither `profile` nor the analysis takes
@@ -680,6 +684,9 @@ def profile(
         "num_samples_requested": num_samples,
         "forward_time_s": round(forward_time, 4),
     }
+    origin = weights_origin(inner)
+    if origin is not None:  # the rule and the risk estimator come from initialisations; the report says when not
+        meta["weights"] = origin
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
     return profile_from_snapshots(

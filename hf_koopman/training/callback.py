@@ -593,17 +593,20 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._log(args, state, self._scalars(spectral_profile))
             if self.save_artifacts and state.is_world_process_zero:
                 self._save(args, spectral_profile)
+            # a fine-tune starts from loaded weights: its first profile is not of an initialisation
+            pretrained = spectral_profile.meta.get("weights") == "pretrained"
+            when = "at the start of training (pretrained weights)" if pretrained else "at initialisation"
             if self.init_verdict == "high risk":
                 logger.warning(
-                    "RKSP verdict at initialisation: HIGH RISK of divergence (mean M≈1 = %s, median κ(V) = %s; %s). "
-                    "Recommended: %s",
+                    "RKSP verdict %s: HIGH RISK of divergence (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
+                    when,
                     None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
                     None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
                     spectral_profile.verdict_reason,
                     ADVICE["high risk"],
                 )
             else:
-                logger.info("RKSP verdict at initialisation: %s", self.init_verdict)
+                logger.info("RKSP verdict %s: %s", when, self.init_verdict)
             assessment = spectral_profile.risk_assessment()
             if assessment is not None:  # the calibrated probability, with its range caveat in the same line
                 log = logger.warning if assessment.out_of_range else logger.info
