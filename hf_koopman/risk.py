@@ -625,15 +625,16 @@ class RiskEstimator:
         if not 0.0 < level < 1.0:
             raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
         theta = np.array([self.intercept, *self.coef], dtype=np.float64)
+        central = f"{level * 100:.10g} %"  # 0.975 reads "97.5 %", not a rounded "98%"
         if self.coef_cov is not None:
             cov = np.asarray(self.coef_cov, dtype=np.float64)
             eigval, eigvec = np.linalg.eigh(0.5 * (cov + cov.T))
             root = eigvec * np.sqrt(np.clip(eigval, 0.0, None))
             draws = theta + np.random.default_rng(0).standard_normal((_INTERVAL_DRAWS, len(theta))) @ root.T
-            how = f"{level:.0%} of {_INTERVAL_DRAWS} draws from the stored coefficient covariance"
+            how = f"the central {central} of {_INTERVAL_DRAWS} draws from the stored coefficient covariance"
         elif self.bootstrap_coefs:
             draws = np.asarray(self.bootstrap_coefs, dtype=np.float64)
-            how = f"{level:.0%} of {len(draws)} stored bootstrap refits"
+            how = f"the central {central} of {len(draws)} stored bootstrap refits"
         else:
             return None
         values = _flatten_inputs(profile, context)

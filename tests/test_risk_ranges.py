@@ -168,7 +168,8 @@ def test_interval_from_covariance_matches_the_delta_method():
     half = 1.959964 * 0.5 * s / 2.0  # decades: std * s / w_lr
     assert math.log10(high / lr) == pytest.approx(half, rel=0.06)
     assert math.log10(lr / low) == pytest.approx(half, rel=0.06)
-    assert "covariance" in how
+    assert how == "the central 95 % of 4000 draws from the stored coefficient covariance"
+    assert est.learning_rate_interval({"near_unit_mass_mean": 0.75}, level=0.975)[1].startswith("the central 97.5 % ")
 
 
 def test_interval_from_bootstrap_and_unavailable():
@@ -178,7 +179,7 @@ def test_interval_from_bootstrap_and_unavailable():
     est = RiskEstimator(HAND.features, HAND.coef, HAND.intercept, bootstrap_coefs=draws)
     (low, high), how = est.learning_rate_interval({"near_unit_mass_mean": 0.75}, risk=0.1, level=0.9)
     lr = est.learning_rate_at_risk({"near_unit_mass_mean": 0.75}, risk=0.1)
-    assert low < lr < high and "bootstrap" in how
+    assert low < lr < high and how == "the central 90 % of 101 stored bootstrap refits"
     # the intercept draws span +-0.45 at the 5 % / 95 % order statistics: log10 lr moves by -/+ 0.45 * 0.5 / 2
     assert math.log10(high / lr) == pytest.approx(0.45 * 0.25, rel=1e-6)
 
