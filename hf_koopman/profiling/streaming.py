@@ -16,7 +16,6 @@ Peak memory is roughly: non-block modules + one block + activations of one block
 from __future__ import annotations
 
 import json
-from hf_koopman.logging_utils import get_logger, show_progress
 import os
 import resource
 import sys
@@ -30,6 +29,7 @@ from accelerate.utils import convert_file_size_to_int, dtype_byte_size
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_koopman.logging_utils import get_logger, show_progress
 from hf_koopman.profiling._streaming_weights import (
     InitWeights,
     SafetensorsWeights,
@@ -38,6 +38,7 @@ from hf_koopman.profiling._streaming_weights import (
     release_freed_memory,
     tied_parameters,
 )
+from hf_koopman.profiling.weights import combine_origins, weights_origin
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -372,7 +373,7 @@ def profile_streaming(
         weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
     weights.materialise_rest(rest)
 
-    state = {"done": 0, "block_time": 0.0}
+    state = {"done": 0, "block_time": 0.0, "origins": [weights_origin(nn.ModuleList(rest))]}
     progress = show_progress(progress)
     bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
 
@@ -388,6 +389,7 @@ def profile_streaming(
                 weights.materialise(module, index, block.name)
             else:
                 weights.materialise(module, index)
+            state["origins"].append(weights_origin(module))  # whole model never in memory: read block by block
 
         return pre_hook
 
@@ -467,7 +469,8 @@ def profile_streaming(
             "seed": seed,
         }
     }
-    meta["weights"] = "init" if weights.kind == "init" else "pretrained"  # what the risk estimator's range reads
+    # what the risk estimator's range reads: the normalisation layers tell (as `profile()` reads them), else the source
+    meta["weights"] = combine_origins(state["origins"], "init" if weights.kind == "init" else "pretrained")
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
     if tokens_seen < num_samples:

@@ -9,6 +9,7 @@ layers do: every initialisation sets their scale and shift to one constant each 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -53,3 +54,13 @@ def weights_origin(model: nn.Module) -> WeightsOrigin | None:
         if local.numel() and not bool(torch.all(local == local.reshape(-1)[0])):
             return "pretrained"
     return "init"
+
+
+def combine_origins(origins: Iterable[WeightsOrigin | None], default: WeightsOrigin | None) -> WeightsOrigin | None:
+    """One origin from the reads of a model's parts (a streamed model is read block by block): `"pretrained"` when
+    any part reads so, `"init"` when some read `"init"` and none `"pretrained"`, else `default` (nothing to tell by:
+    `"pretrained"` for weights read from a checkpoint)."""
+    seen = set(origins)
+    if "pretrained" in seen:
+        return "pretrained"
+    return "init" if "init" in seen else default
