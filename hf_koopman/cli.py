@@ -266,15 +266,6 @@ def _run_config(spec: str, *, init: bool, num_layers: int | None) -> tuple[Any, 
     return config, weights, name
 
 
-def _record_weights(result: Any, source: str) -> None:
-    """Set `meta["weights"]`: `"init"` for a model built from a config; for a checkpoint, what `profile()` read from
-    its normalisation layers (a saved initialisation is still one), else `"pretrained"`."""
-    if source == "init":
-        result.meta["weights"] = "init"
-    else:
-        result.meta.setdefault("weights", "pretrained")
-
-
 def _load_model(
     spec: str, *, init: bool, dtype: str, num_layers: int | None, seed: int, device: str, text_inputs: bool,
 ) -> tuple[Any, Any, str, str]:
@@ -715,7 +706,7 @@ def _run_profile(args: argparse.Namespace) -> int:
             model_name=name,
             progress=progress,
         )
-        _record_weights(result, weights)  # for the report: a profile at initialisation describes the architecture
+        result.meta["weights"] = weights  # for the report: a profile at initialisation describes the architecture
     try:
         written = result.save(args.out, plots=not args.no_plots)
     except OSError as err:  # a read-only or full disk, a file that appeared at --out since the check ...
@@ -767,8 +758,7 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
         model_name=name,
         learning_rate=args.learning_rate,
     )
-    if weights is None:  # built from a config; a checkpoint's origin is what profile_streaming read from its norms
-        result.meta["weights"] = "init"
+    result.meta["weights"] = "init" if weights is None else "pretrained"
     return result
 
 
@@ -894,7 +884,7 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
         model_name=name, progress=progress,
     )
-    _record_weights(result, weights)  # as `hf-koopman profile` records it: the answer's first caveat then says so
+    result.meta["weights"] = weights  # as `hf-koopman profile` records it: the answer's first caveat then says so
     suggestion = suggest_max_lr(result, risk=args.risk, estimator=estimator, level=args.level, context=context)
     print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
     return 0

@@ -209,7 +209,8 @@ def suggest_max_lr(
         prof = profile(model, inputs, **profile_kwargs)
     risk = est._check_risk(risk)
     name = getattr(prof, "model_name", None)
-    # profiles of checkpoints say so (`hf-koopman profile` / `max-lr` record meta["weights"] = "pretrained")
+    # profiles of checkpoints say so (`hf-koopman profile` / `max-lr` record meta["weights"] = "pretrained", and
+    # profile() when the normalisation layers show trained weights)
     caveats: list[str] = [PRETRAINED_CAVEAT] if getattr(prof, "meta", {}).get("weights") == "pretrained" else []
     uses_spectrum = any(f.key in prof.aggregates for f in est.features)
     if uses_spectrum and prof.verdict == "uninformative":

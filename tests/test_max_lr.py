@@ -162,9 +162,9 @@ def test_cli_max_lr_json_matches_the_python_api(saved_model, tmp_path, capsys):
     expected = _expected_lr(prof.aggregates["near_unit_mass_mean"], 0.1)
     assert data["verdict"] == "suggested" and data["max_learning_rate"] == pytest.approx(expected, rel=1e-9)
     assert data["model_name"] == "tiny-llama" and data["risk"] == 0.1
-    # a saved initialisation is still one: inside the training runs, no pretrained caveat
-    assert data["out_of_range"] is False and data["outside"] == []
-    assert not any("pretrained" in c for c in data["caveats"])
+    # a saved checkpoint: its weights are not an initialisation, the only input outside the training runs
+    assert data["out_of_range"] is True and [i["key"] for i in data["outside"]] == ["weights"]
+    assert data["caveats"][0].startswith("extrapolated: these are pretrained weights")
 
 
 def test_learning_rate_in_context_is_refused_with_the_reason(tiny_profile, saved_model, capsys):

@@ -38,7 +38,6 @@ from hf_koopman.profiling._streaming_weights import (
     release_freed_memory,
     tied_parameters,
 )
-from hf_koopman.profiling.weights import combine_origins, weights_origin
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -373,7 +372,7 @@ def profile_streaming(
         weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
     weights.materialise_rest(rest)
 
-    state = {"done": 0, "block_time": 0.0, "origins": [weights_origin(nn.ModuleList(rest))]}
+    state = {"done": 0, "block_time": 0.0}
     progress = show_progress(progress)
     bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
 
@@ -389,7 +388,6 @@ def profile_streaming(
                 weights.materialise(module, index, block.name)
             else:
                 weights.materialise(module, index)
-            state["origins"].append(weights_origin(module))  # whole model never in memory: read block by block
 
         return pre_hook
 
@@ -469,8 +467,7 @@ def profile_streaming(
             "seed": seed,
         }
     }
-    # what the risk estimator's range reads: the normalisation layers tell (as `profile()` reads them), else the source
-    meta["weights"] = combine_origins(state["origins"], "init" if weights.kind == "init" else "pretrained")
+    meta["weights"] = "init" if weights.kind == "init" else "pretrained"  # what the risk estimator's range reads
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
     if tokens_seen < num_samples:

@@ -4,12 +4,12 @@ The decision rule and the risk estimator come from spectra at random initialisat
 checkpoint or of trained weights has to say so. `transformers` leaves no record of whether `from_pretrained` loaded
 weights (a model built with `from_config` from a Hub config carries the same `name_or_path`), but the normalisation
 layers do: every initialisation sets their scale and shift to one constant each (ones and zeros; zeros for the
-`1 + weight` form of Gemma-style RMSNorm), and training moves them apart.
+`1 + weight` form of Gemma-style RMSNorm), and training in float32 moves them apart (`weights_origin` says what
+this cannot tell).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -37,8 +37,14 @@ def _norm_parameters(model: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def weights_origin(model: nn.Module) -> WeightsOrigin | None:
-    """`"init"` when every normalisation scale and shift is still one constant, `"pretrained"` when one is not (weights
-    loaded from a checkpoint or trained), `None` when the model has no affine normalisation layer to tell by.
+    """`"init"` when every normalisation scale and shift is still one constant in float32 or float64, `"pretrained"`
+    when one is not (weights loaded from a checkpoint or trained), `None` when there is nothing to tell by.
+
+    Constant scales in float16 / bfloat16 prove nothing: a step smaller than half the spacing of those formats at 1.0
+    (about 0.004 in bfloat16) rounds back, so weights trained in pure low precision can keep their norm scales at
+    exactly 1. Such models, and models without an affine normalisation layer, read `None`. Training with frozen norms
+    in float32 also leaves them constant: a model object cannot show that, which is why the CLI and
+    `profile_streaming` record `"pretrained"` for every checkpoint they read.
 
     Args:
         model (`nn.Module`): the model, as profiled (wrappers are fine: all sub-modules are read).
@@ -53,14 +59,6 @@ def weights_origin(model: nn.Module) -> WeightsOrigin | None:
         local = value.to_local() if hasattr(value, "to_local") else value  # FSDP2 shards: this rank's part
         if local.numel() and not bool(torch.all(local == local.reshape(-1)[0])):
             return "pretrained"
+    if any(value.dtype not in (torch.float32, torch.float64) for value in params):
+        return None
     return "init"
-
-
-def combine_origins(origins: Iterable[WeightsOrigin | None], default: WeightsOrigin | None) -> WeightsOrigin | None:
-    """One origin from the reads of a model's parts (a streamed model is read block by block): `"pretrained"` when
-    any part reads so, `"init"` when some read `"init"` and none `"pretrained"`, else `default` (nothing to tell by:
-    `"pretrained"` for weights read from a checkpoint)."""
-    seen = set(origins)
-    if "pretrained" in seen:
-        return "pretrained"
-    return "init" if "init" in seen else default

@@ -52,6 +52,15 @@ def test_init_loaded_and_trained_weights_are_told_apart(tmp_path):
     assert weights_origin(AutoModelForCausalLM.from_pretrained(tmp_path / "trained")) == "pretrained"
 
 
+def test_constant_norms_in_low_precision_tell_nothing():
+    """A bfloat16 step below half the format's spacing at 1.0 rounds back: constant scales are no proof of init."""
+    model = _gpt2().to(torch.bfloat16)
+    assert weights_origin(model) is None
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = 0.5
+    assert weights_origin(model) == "pretrained"  # a moved scale is proof in any precision
+
+
 def test_zero_centred_norm_at_init_and_models_without_norm_scales():
     config = AutoConfig.for_model("gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64)
