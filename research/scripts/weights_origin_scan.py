@@ -74,12 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=60, help="seconds per model type")
     args = parser.parse_args(argv)
 
-    import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("hf_koopman").setLevel(logging.ERROR)
     types = args.types.split(",") if args.types else sorted(MODEL_MAPPING_NAMES)
     rows = [scan_one(t, args.timeout) for t in types]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,4 +85,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    import transformers
+
+    # hundreds of models built in one process: their construction warnings would bury the table
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("hf_koopman").setLevel(logging.ERROR)
     main()
