@@ -8,8 +8,10 @@ import json
 import math
 import numbers
 import os
+import re
 import time
 import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,22 @@ logger = get_logger(__name__)
 #: `rksp/risk_out_of_range` as logged: 1 outside the risk estimator's training ranges, 0 inside, -1 ranges unknown.
 _OUT_OF_RANGE_LEVEL = {True: 1.0, False: 0.0, None: -1.0}
 RECORD_NAME = "rksp_guard.json"
+#: prefix of a checkpoint folder the guard found suspect: `checkpoint-7` -> `suspect-checkpoint-7` (then `-2`, `-3`, ...
+#: when that name exists), so that transformers' newest-checkpoint lookup and `save_total_limit` rotation skip it
+SUSPECT_PREFIX = "suspect-"
+_CHECKPOINT_NAME = re.compile(
+    rf"^(?:{PREFIX_CHECKPOINT_DIR}-(\d+)|{SUSPECT_PREFIX}{PREFIX_CHECKPOINT_DIR}-(\d+)(?:-\d+)?)$"
+)
 _MODES = ("stop", "rollback")
 _SOURCES = ("auto", "memory", "checkpoint")
 #: Share of the step time the "auto" snapshot interval allows the validated-state copy to take.
 _SNAPSHOT_BUDGET = 0.0025
+#: the refusal of rollback_source="checkpoint" with sharded parameters (at train begin, before anything is written)
+_SHARDED_CHECKPOINT_SOURCE = (
+    "rollback_source='checkpoint' cannot restore sharded (FSDP) parameters: the guard reads the last good checkpoint's "
+    "model.safetensors into full tensors. Use rollback_source='memory' (a CPU copy of each process's shards) or "
+    "'auto' (memory under FSDP)"
+)
 #: what an unvalidated stop leaves in the model before `_act` says which step's weights they are
 _IN_MEMORY_UNKNOWN = "those the divergence was detected on"
 
@@ -128,9 +142,19 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def _checkpoint_step(path: str) -> int:
-    """The global step in a `checkpoint-<step>` folder name (-1 when the name has none)."""
-    tail = Path(path).name.rsplit("-", 1)[-1]
+    """The global step in a `checkpoint-<step>` or `suspect-checkpoint-<step>[-<k>]` folder name (-1 when the name has
+    none)."""
+    name = Path(path).name
+    match = _CHECKPOINT_NAME.match(name)
+    if match is not None:
+        return int(match.group(1) or match.group(2))
+    tail = name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
+
+
+def _suspect_name(name: str, k: int) -> str:
+    """The folder name a suspect checkpoint `name` gets: `suspect-<name>`, or `suspect-<name>-<k>` for `k >= 2`."""
+    return f"{SUSPECT_PREFIX}{name}" if k == 1 else f"{SUSPECT_PREFIX}{name}-{k}"
 
 
 def _is_int(value: Any) -> bool:
@@ -165,13 +189,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
       `"auto"` the refresh interval is chosen from the measured copy and step times so that the copy costs at most
       0.25 % of training time, so a rollback may go back a few more steps than the last passing one.
       When step `t` trips, the weights of step `t - 1` are suspect and the last validated state is that of step
-      `t - 2`. The update of the tripping step is never kept.
+      `t - 2`. The update of the tripping step is never kept. The checkpoints saved since the last passing check are
+      suspect too: the main process renames each `checkpoint-N` to `suspect-checkpoint-N` (`-2`, `-3`, ... when that
+      name exists; nothing is deleted), so that `resume_from_checkpoint=True` resumes from the last good checkpoint,
+      `save_total_limit` rotation neither counts nor deletes them, and a later save of step `N` does not collide.
 
       *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
       (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step,
       training stops, and `rksp/diverged`, `rksp/diverged_step`, `rksp/diverged_cause` reach `Trainer.log`,
       `trainer.state.log_history` and the metrics `train()` returns. [`KSSTrainer.save_model`] refuses weights that
-      were not validated.
+      were not validated. With `load_best_model_at_end` the Trainer then loads the best checkpoint (a suspect best
+      checkpoint is replaced by a validated one first): its weights count as validated when that checkpoint is one the
+      guard validated.
 
       *`on_divergence="rollback"`*: the last validated weights and optimizer state are restored, the tripping batch is
       skipped (it counts as a step but its update is discarded, as is the update of the step before it), the learning
@@ -180,11 +209,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
       rollbacks the next trip stops as above. Each rollback logs `rksp/rollbacks` (count), `rksp/rollback_step`,
       `rksp/rollback_cause` (bit flags: 1 loss, 2 gradient norm, 4 block output) and `rksp/lr` (the new rate).
 
-      Every event is written to `output_dir/rksp_guard.json` (the run record). Resuming from a checkpoint older than
-      recorded events applies their back-off to the restored scheduler, so the run does not replay the same blow-up
-      (the `learning_rate` the Trainer logs for the first resumed step still shows the checkpoint's rate; the
-      optimizer already uses the lowered one). `save_total_limit` rotates checkpoints by age and may delete the last
-      good one; keep a limit of at least 3, or none, when you rely on it.
+      Every event is written to `output_dir/rksp_guard.json` (the run record), with this process's loss and gradient
+      norm and their maxima over processes, which the rule judged (`loss_max_over_processes`,
+      `grad_norm_max_over_processes`). Resuming from a checkpoint older than recorded events applies their back-off to
+      the restored scheduler, so the run does not replay the same blow-up (the `learning_rate` the Trainer logs for
+      the first resumed step still shows the checkpoint's rate; the optimizer already uses the lowered one); resuming
+      explicitly from a `suspect-checkpoint-N` logs an error naming the last good checkpoint. `save_total_limit`
+      rotates checkpoints by age and may delete the last good one; keep a limit of at least 3, or none, when you rely
+      on it.
 
       Under DDP the rule is applied to each process's own loss and to the averaged gradient (the norm is read after
       DDP's reduction; one tripping process trips all); under FSDP2 to the reduce-scattered gradient, after clipping.
@@ -223,7 +255,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, a trip drops the step's
             gradients and the optimizer skips its update; every step is checked until a checkpoint is validated, and
             the weights are then marked unvalidated). Needs `save_strategy="steps"` and `save_total_limit` unset or
-            >= 3 (training refuses to start otherwise); not with sharded (FSDP) parameters. The first validated checkpoint is checked (parameter names and shapes,
+            >= 3 (training refuses to start otherwise); refused as well, before anything is written, with sharded
+            (FSDP) parameters. The first validated checkpoint is checked (parameter names and shapes,
             `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names differ from their module
             names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`: `"memory"` unless a copy of the
             trainable weights and two optimizer moments would take more than half of the free host memory (psutil),
@@ -375,6 +408,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._stop_step: int | None = None
         self._probe_cache: dict[str, Any] | None = None
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
+        self._events_before_call = 0  # len(events) when this train() call started: its own events come after
 
     @property
     def loss_threshold(self) -> float:
@@ -558,7 +592,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        lr_scheduler: Any = None, train_dataloader: Any = None, **kwargs) -> TrainerControl | None:
         if self.guard and self.rollback_source == "checkpoint":
-            self._check_checkpoint_settings(args)  # before the init profile writes anything
+            self._check_checkpoint_settings(args, model)  # before the init profile writes anything
         self._stop_step = None
         self.divergence = None
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one
@@ -620,6 +654,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 self._log(args, state, {"kss/auto_enabled": 0.0})
         if self.guard:
             self._start_guard(args, state, model, optimizer, lr_scheduler)
+        # this train() call's own events follow these (the ones before come from a restored state or the run record)
+        self._events_before_call = len(self.events)
         return control
 
     def _check_fsdp(self, args, model) -> None:
@@ -728,16 +764,21 @@ class RKSPCallback(TrainerCallback, ExportableState):
         prior = data.get("last_good_checkpoint")
         if self.last_good_checkpoint is None and prior is not None and _checkpoint_step(prior) <= state.global_step:
             self.last_good_checkpoint = prior  # kept across the resume: the record keeps naming it
-        resumed = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        tripped = [e for e in events if resumed in {Path(p).name for p in e.get("suspect_checkpoints") or []}]
-        if tripped:
-            good = tripped[0].get("last_good_checkpoint")
+        tripped = self._suspect_resume(events, state)
+        if tripped is not None:
+            event, resumed = tripped
+            good = event.get("last_good_checkpoint")
             logger.error("RKSP guard: resuming from %s, which the guard recorded as suspect (the divergence at step %s "
-                         "followed it); %s", resumed, tripped[0].get("step"),
+                         "followed it); %s", resumed, event.get("step"),
                          f"the last good checkpoint is {good}: resume from that one instead" if good is not None
                          else "no checkpoint was validated before it: start again with a lower learning rate")
-        known = {(e.get("step"), e.get("action")) for e in self.events}
-        self.events.extend(e for e in events if (e.get("step"), e.get("action")) not in known)  # the record keeps all
+        # the record keeps every event, with the current paths of the checkpoints it renamed: its copy of an event
+        # replaces the one restored from the checkpoint (saved before the renames)
+        recorded: dict[tuple, list[dict[str, Any]]] = {}
+        for e in events:
+            recorded.setdefault((e.get("step"), e.get("action")), []).append(e)
+        merged = [(recorded.get((e.get("step"), e.get("action"))) or [e]).pop(0) for e in self.events]
+        self.events = merged + [e for left in recorded.values() for e in left]
         self.events.sort(key=lambda e: int(e.get("step", 0)))
         later = [e for e in events if int(e.get("step", 0)) > state.global_step]
         if not later:
@@ -749,6 +790,29 @@ class RKSPCallback(TrainerCallback, ExportableState):
             "RKSP guard: resuming at step %d before %d recorded divergence(s) (steps %s): learning rate x %g.",
             state.global_step, len(later), [e.get("step") for e in later], factor,
         )
+
+    @staticmethod
+    def _suspect_resume(events: list[dict[str, Any]], state) -> tuple[dict[str, Any], str] | None:
+        """The recorded event whose suspect checkpoints include the one this run resumed from, with that checkpoint's
+        name; `None` when it is not suspect. The Trainer does not tell callbacks the folder it resumed from, so a
+        suspect checkpoint of the resumed step counts, unless the resumed checkpoint's stored guard state already
+        holds the event: then it was saved after the divergence (a later run saving that step again), not before."""
+        stored = (getattr(state, "stateful_callbacks", None) or {}).get(RKSPCallback.__name__)
+        stored = stored if isinstance(stored, list) else [stored] if isinstance(stored, dict) else []
+        known: Counter | None = None  # (step, action) of the events the checkpoint holds (a later run may repeat one)
+        if stored:
+            known = Counter((e.get("step"), e.get("action")) for e in (stored[0].get("attributes") or {}).get("events")
+                            or [])
+        for event in events:
+            key = (event.get("step"), event.get("action"))
+            if known is not None and known[key] > 0:
+                known[key] -= 1  # an event before the save: the checkpoint is not one it made suspect
+                continue
+            names = [Path(p).name for p in event.get("suspect_checkpoints") or []
+                     if _checkpoint_step(p) == state.global_step]
+            if names:
+                return event, names[0]
+        return None
 
     def _stop_guard(self) -> None:
         for tap in (self._loss_tap, self._grad_tap, self._watch):
@@ -817,10 +881,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
         return loss, squared
 
-    @staticmethod
-    def _check_checkpoint_settings(args) -> None:
-        """`rollback_source="checkpoint"` needs checkpoints the guard can validate and keep: refuse settings that save
-        none or rotate the last good one away, naming the setting."""
+    def _check_checkpoint_settings(self, args, model: torch.nn.Module | None = None) -> None:
+        """`rollback_source="checkpoint"` needs checkpoints the guard can validate, keep and read back: refuse, before
+        anything is written, settings that save none, rotate the last good one away or shard the parameters (FSDP),
+        naming the setting."""
+        if self._fsdp_run(model):
+            raise ValueError(_SHARDED_CHECKPOINT_SOURCE)
         if getattr(args, "deepspeed", None):
             raise ValueError("rollback_source='checkpoint' is not supported with DeepSpeed (its engine owns the "
                              "optimizer step and the checkpoint format); use rollback_source='memory'")
@@ -837,15 +903,24 @@ class RKSPCallback(TrainerCallback, ExportableState):
                              f"later step passes); set save_total_limit to 3 or more, or unset it, or use "
                              f"rollback_source='memory'")
 
+    def _fsdp_run(self, model: torch.nn.Module | None) -> bool:
+        """Whether this run shards the parameters: FSDP2 modules or DTensor parameters in `model` (the Trainer prepares
+        the model before `on_train_begin`), or a bound Trainer that runs FSDP."""
+        trainer = _TRAINERS[model]() if model is not None and model in _TRAINERS else self._trainer
+        if getattr(trainer, "is_fsdp_enabled", False):
+            return True
+        if model is None:
+            return False
+        from hf_koopman.training.fsdp import is_fsdp_model
+
+        return is_fsdp_model(model) or is_sharded([p for p in model.parameters() if p.requires_grad])
+
     def _resolve_rollback_source(self, args) -> bool:
         """Whether validated state comes back from the last good checkpoint (`rollback_source`) rather than memory."""
         steps = getattr(args, "save_strategy", None) == "steps"
         only_model = bool(getattr(args, "save_only_model", False))
         limit = getattr(args, "save_total_limit", None)
-        if self.rollback_source == "checkpoint":
-            if self._sharded:
-                raise ValueError("rollback_source='checkpoint' cannot restore sharded (FSDP) parameters; use "
-                                 "rollback_source='memory'")
+        if self.rollback_source == "checkpoint":  # FSDP was refused by _check_checkpoint_settings
             if only_model:
                 logger.warning("rollback_source='checkpoint' with save_only_model=True: checkpoints hold no optimizer "
                                "state, so a restore clears it")
@@ -933,8 +1008,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._params = [p for p in model.parameters() if p.requires_grad]
             self._params_first, self._sharded = first, is_sharded(self._params)
             if self._sharded and self._from_checkpoint:
+                if self.rollback_source == "checkpoint":  # sharded after train begin: refused as at train begin
+                    raise ValueError(_SHARDED_CHECKPOINT_SOURCE)
                 logger.warning("RKSP guard: the parameters are sharded (FSDP) now, which a checkpoint restore does not "
-                               "support: keeping the validated state in memory instead")
+                               "support: rollback_source='auto' keeps the validated state in memory instead")
                 self._from_checkpoint = False
         if not self._is_check_step(args, state):  # fold this step into the window's on-device maxima; no sync
             device = self._device()
@@ -968,17 +1045,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
         def where(local_hit: bool) -> str:
             return "" if local_hit else " on another process"
 
+        def worst(local_hit: bool, value: float) -> str:
+            return "" if local_hit else f", max over processes: {value}"
+
         causes = []
         if flags & CAUSE_LOSS:
-            causes.append(
-                f"loss > {self.loss_threshold:g} or non-finite{where(self.rule.loss_diverged(loss))} "
-                f"(step loss here: {loss})"
-            )
+            here = self.rule.loss_diverged(loss)
+            causes.append(f"loss > {self.loss_threshold:g} or non-finite{where(here)} "
+                          f"(step loss here: {loss}{worst(here, reduced[0])})")
         if flags & CAUSE_GRAD_NORM:
-            causes.append(
-                f"gradient norm > {self.grad_norm_threshold:g} or non-finite"
-                f"{where(self.rule.grad_norm_diverged(grad_norm))} (norm here: {grad_norm})"
-            )
+            here = self.rule.grad_norm_diverged(grad_norm)
+            causes.append(f"gradient norm > {self.grad_norm_threshold:g} or non-finite{where(here)} "
+                          f"(norm here: {grad_norm}{worst(here, reduced[1])})")
         if flags & CAUSE_ACTIVATION:
             causes.append(f"non-finite block output{where(local_bad is not None)}")
         suspect = [path for _, path in self._pending_checkpoints]
@@ -993,6 +1071,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             last_good_checkpoint=self.last_good_checkpoint,
             suspect_checkpoints=suspect,
             first_checked_step=first_checked,
+            loss_max_over_processes=reduced[0] if any_loss else None,
+            grad_norm_max_over_processes=reduced[1] if any_norm else None,
         )
         if self._undo.empty and not self._restores_validated():
             # no validated state to go back to (or restoring it is switched off): undo this update at least. When
@@ -1014,10 +1094,29 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _may_roll_back(self) -> bool:
         return self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
 
+    def _validated_state_exists(self) -> bool:
+        """Whether a validated state exists to go back to: the last good checkpoint, or the CPU snapshot."""
+        return self.last_good_checkpoint is not None if self._from_checkpoint else not self._snapshot.empty
+
     def _restores_validated(self) -> bool:
         """Whether a trip now puts the validated state back (a rollback, or a stop with `restore_on_stop`)."""
-        exists = self.last_good_checkpoint is not None if self._from_checkpoint else not self._snapshot.empty
-        return exists and (self._may_roll_back() or self.restore_on_stop)
+        return self._validated_state_exists() and (self._may_roll_back() or self.restore_on_stop)
+
+    def _why_no_rollback(self, validated_exists: bool) -> str:
+        """Why a trip in rollback mode stops the run, for the stop message (empty with `on_divergence="stop"`)."""
+        if self.on_divergence != "rollback":
+            return ""
+        if self.rollbacks >= self.max_rollbacks:
+            return f" after {self.rollbacks} rollback(s) (max_rollbacks={self.max_rollbacks})"
+        if validated_exists:  # it existed, but putting it back failed
+            return (f" after {self.rollbacks} rollback(s): the validated state could not be restored, so this trip "
+                    "could not be rolled back")
+        if self._from_checkpoint:
+            return (" without a rollback: no checkpoint was validated before the divergence (rollback_source="
+                    "'checkpoint' restores only from the last good checkpoint, one followed by a passing step), so "
+                    "there was nothing to roll back to")
+        return (" without a rollback: no step of this train() call had passed the rule before the divergence, so no "
+                "state was validated in memory to roll back to")
 
     def _promote(self, path: str) -> None:
         """`path` is the last good checkpoint now. Restoring from checkpoints, the first one is checked (names, shapes,
@@ -1063,10 +1162,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _act(self, event: DivergenceEvent, control, optimizer, lr_scheduler) -> None:
         """Roll back (or stop) after a trip; the event is logged at the end of the step (`_log_event`)."""
         rollback = self._may_roll_back()
+        validated_exists = self._validated_state_exists()
         restored = self._restore_validated(optimizer) if self._restores_validated() else None
         if restored is not None:  # this update and the suspect one before it are discarded
             event.restored_step = restored
             self.weights_validated = True
+            self._in_memory = f"those of step {restored}, the validated state the guard restored"
         else:
             undone = not self._undo.empty or self._skipped
             if not self._undo.empty:
@@ -1098,21 +1199,67 @@ class RKSPCallback(TrainerCallback, ExportableState):
             else:
                 kept = "was discarded" if undone else "is still in the weights"
                 memory = f"the tripping update {kept}; the in-memory weights are NOT validated, do not save them"
-            why = " after %d rollback(s)" % self.rollbacks if self.on_divergence == "rollback" else ""
             logger.error(
                 "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",
-                event.describe(), why, memory, self._checkpoint_on_disk(),
+                event.describe(), self._why_no_rollback(validated_exists), memory, self._checkpoint_on_disk(),
             )
         self.events.append(event.to_dict())
         self._to_log = event
 
-    def _forget_suspect_best(self, args, state, event: DivergenceEvent) -> None:
+    def _set_aside_suspects(self, args, state, event: DivergenceEvent) -> dict[str, str]:
+        """Rename the checkpoints this trip made suspect, `checkpoint-N` -> `suspect-checkpoint-N` (`-2`, `-3`, ... when
+        that name exists; nothing is deleted), so that `resume_from_checkpoint=True` (transformers' newest
+        `checkpoint-<N>`) resumes from the last good checkpoint, `save_total_limit` rotation ignores them, and a later
+        save of `checkpoint-N` does not collide. The world main process renames (every process has finished writing
+        them: the trip was decided in an all-reduce after their saves); one all-reduce then gives every process its
+        names and holds them until the renames are done. The event, the events and the divergence name the new paths.
+        Returns `{old path: new path}`."""
+        paths = list(event.suspect_checkpoints)
+        if not paths:
+            return {}
+        codes = [0] * len(paths)  # 0: not renamed; k >= 1: renamed to _suspect_name(name, k)
+        if state.is_world_process_zero:
+            for i, path in enumerate(paths):
+                source = Path(path)
+                if not source.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or not source.is_dir():
+                    continue  # rotated away (or renamed) since: nothing to set aside
+                k = 1
+                while source.with_name(_suspect_name(source.name, k)).exists():
+                    k += 1
+                try:
+                    source.rename(source.with_name(_suspect_name(source.name, k)))
+                    codes[i] = k
+                except OSError as err:
+                    logger.warning("RKSP guard: could not rename the suspect checkpoint %s (%s): "
+                                   "resume_from_checkpoint=True may resume from it", path, err)
+        if is_distributed():
+            shared = reduce_max(torch.tensor(codes, dtype=torch.float64, device=self._device()))
+            codes = [int(c) for c in shared.tolist()]
+        renamed = {path: str(Path(path).with_name(_suspect_name(Path(path).name, k)))
+                   for path, k in zip(paths, codes) if k}
+        if not renamed:
+            return {}
+        event.suspect_checkpoints = [renamed.get(path, path) for path in paths]
+        for record in [*self.events, self.divergence]:
+            if record is not None and record.get("suspect_checkpoints"):
+                record["suspect_checkpoints"] = [renamed.get(path, path) for path in record["suspect_checkpoints"]]
+        if state.is_world_process_zero:
+            logger.warning(
+                "RKSP guard: the divergence at step %d followed %s, whose weights are suspect: renamed to %s "
+                "(resume_from_checkpoint=True and save_total_limit skip it; nothing was deleted)",
+                event.step, ", ".join(renamed), ", ".join(renamed.values()))
+        return renamed
+
+    def _forget_suspect_best(self, args, state, event: DivergenceEvent, renamed: dict[str, str] | None = None) -> None:
         """A best checkpoint whose weights led to this trip must not come back through `load_best_model_at_end`: the
         best evaluated checkpoint up to the last good one (still on disk) takes its place, else the last good one,
-        with its step and metric, which the Trainer uses to name the best checkpoint again at each later save."""
+        with its step and metric, which the Trainer uses to name the best checkpoint again at each later save.
+        `renamed` maps the suspect checkpoints' paths before `_set_aside_suspects` to their new ones."""
+        renamed = renamed or {}
         best = getattr(state, "best_model_checkpoint", None)
-        if best is None or not any(_same_path(best, path) for path in event.suspect_checkpoints):
+        if best is None or not any(_same_path(best, path) for path in [*event.suspect_checkpoints, *renamed]):
             return
+        now = next((new for old, new in renamed.items() if _same_path(best, old)), None)
         good = self.last_good_checkpoint
         good = good if good is not None and Path(good).is_dir() else None
         step = None if good is None else _checkpoint_step(good)
@@ -1122,17 +1269,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
             # the best evaluated checkpoint up to the last good one that is still on disk, else the last good one
             key = metric_name if metric_name.startswith("eval_") else f"eval_{metric_name}"
             folder = Path(good).parent
-            suspect = {_checkpoint_step(p) for e in [*self.events, event.to_dict()]
-                       for p in e.get("suspect_checkpoints") or []}
+            # a suspect checkpoint not renamed keeps its name (a renamed one's name is free for a later, good save)
+            suspect = [p for e in [*self.events, event.to_dict()] for p in e.get("suspect_checkpoints") or []]
             scored = [(log[key], log["step"]) for log in state.log_history
                       if key in log and isinstance(log.get("step"), int) and log["step"] <= step
-                      and log["step"] not in suspect and (folder / f"{PREFIX_CHECKPOINT_DIR}-{log['step']}").is_dir()]
+                      and (folder / f"{PREFIX_CHECKPOINT_DIR}-{log['step']}").is_dir()
+                      and not any(_same_path(folder / f"{PREFIX_CHECKPOINT_DIR}-{log['step']}", p) for p in suspect)]
             if scored:
                 pick = max if getattr(args, "greater_is_better", None) else min
                 metric, step = pick(scored, key=lambda pair: pair[0])
                 good = str(folder / f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        logger.warning("RKSP guard: the best checkpoint so far, %s, is suspect (the divergence at step %d followed it); "
-                       "the best model is now %s", best, event.step,
+        logger.warning("RKSP guard: the best checkpoint so far, %s%s, is suspect (the divergence at step %d followed "
+                       "it); the best model is now %s", best, f" (renamed to {now})" if now else "", event.step,
                        good if good is not None else "none (no validated checkpoint is on disk)")
         state.best_model_checkpoint, state.best_global_step, state.best_metric = good, step, metric
 
@@ -1165,7 +1313,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _log_event(self, args, state, optimizer) -> None:
         event, self._to_log = self._to_log, None
         if event is not None:
-            self._forget_suspect_best(args, state, event)
+            renamed = self._set_aside_suspects(args, state, event)
+            self._forget_suspect_best(args, state, event, renamed)
             if event.action == "rollback":
                 lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
                 event.new_lr = lr
@@ -1234,17 +1383,22 @@ class RKSPCallback(TrainerCallback, ExportableState):
             minus_inf if total is None else torch.where(torch.isfinite(total.to(device)), minus_inf, inf),
         ])  # the window maxima are already +inf where a value was not finite
         self._worst_loss = self._worst_squared_norm = None
-        loss, squared, activations = reduce_max(local).tolist()
+        local_values, reduced = torch.stack([local, reduce_max(local.clone())]).tolist()
+        loss, squared, activations = reduced
         loss_value = None if loss == float("-inf") else loss
         norm = None if squared == float("-inf") else math.sqrt(squared)
+        local_loss = None if local_values[0] == float("-inf") else local_values[0]
+        local_norm = None if local_values[1] == float("-inf") else math.sqrt(local_values[1])
         flags = 0
         causes = []
         if loss_value is not None and self.rule.loss_diverged(loss_value):
             flags |= CAUSE_LOSS
-            causes.append(f"loss > {self.loss_threshold:g} or non-finite (worst step loss: {loss_value})")
+            causes.append(f"loss > {self.loss_threshold:g} or non-finite (worst step loss over processes: "
+                          f"{loss_value})")
         if norm is not None and self.rule.grad_norm_diverged(norm):
             flags |= CAUSE_GRAD_NORM
-            causes.append(f"gradient norm > {self.grad_norm_threshold:g} or non-finite (worst norm: {norm})")
+            causes.append(f"gradient norm > {self.grad_norm_threshold:g} or non-finite (worst norm over processes: "
+                          f"{norm})")
         if activations > 0:
             flags |= CAUSE_ACTIVATION
             causes.append("non-finite block output")
@@ -1258,10 +1412,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         index = self._watch.first_bad_index() if flags & CAUSE_ACTIVATION and names else None
         bad = int(index) if index is not None else len(names)
         event = DivergenceEvent(
-            step=state.global_step, causes=causes, cause_flags=flags, loss=loss_value, grad_norm=norm,
+            step=state.global_step, causes=causes, cause_flags=flags, loss=local_loss, grad_norm=local_norm,
             first_bad_layer=names[bad] if bad < len(names) else None,
             last_good_checkpoint=self.last_good_checkpoint,
             suspect_checkpoints=[path for _, path in self._pending_checkpoints], first_checked_step=first,
+            loss_max_over_processes=loss_value, grad_norm_max_over_processes=norm,
         )
         self._pending_checkpoints = []
         self._act(event, control, optimizer, lr_scheduler)
@@ -1284,28 +1439,73 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
                      **kwargs) -> TrainerControl | None:
+        stopped = self.divergence is not None  # before the check below: the Trainer loaded the best model after it
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
         self._stop_guard()
+        best = self._best_loaded(args, state)
+        if stopped and best is not None:
+            self._note_best_loaded(best)
         if self.events:
             self._write_record(args, state)
-        rollbacks = [e for e in self.events if e["action"] == "rollback"]
+        events = self.events[self._events_before_call:]  # this train() call's own: not those of a resumed run's past
+        rollbacks = [e for e in events if e["action"] == "rollback"]
         if rollbacks and self.divergence is None and state.is_world_process_zero:
             # the run finished, but its final weights are not what its step count suggests: say what they are
             since = state.global_step - rollbacks[-1]["step"]
             trained = (f"{since} step(s) trained after it" if since > 0
                        else "no step trained after it: the final weights are that state's")
+            if best is not None:
+                trained += (f"; load_best_model_at_end then loaded {best} (step {_checkpoint_step(best)}): the "
+                            "in-memory weights are that checkpoint's")
+            total = self.rollbacks
+            earlier = f", {total} in the run record" if total != len(rollbacks) else ""
             logger.warning(
-                "RKSP guard: %d rollback(s) in this run (learning rate x %g). The weights continue from the validated "
-                "state of step %s, with %s.", len(rollbacks), self.lr_scale, rollbacks[-1]["restored_step"], trained,
+                "RKSP guard: %d rollback(s) in this train() call%s (learning rate x %g). The weights continue from the "
+                "validated state of step %s, with %s.", len(rollbacks), earlier, self.lr_scale,
+                rollbacks[-1]["restored_step"], trained,
             )
         if self.divergence is not None and not self.weights_validated:
-            if self._unreadable is not None and self._unreadable == self.last_good_checkpoint:
-                where = (f"the last good checkpoint ({self.last_good_checkpoint}) could not be read back; resume from "
-                         "an older checkpoint")
-            elif self.last_good_checkpoint is None:
-                where = "no checkpoint was validated: start again from the initial weights with a lower learning rate"
-            else:
-                where = f"resume from the last good checkpoint ({self._checkpoint_on_disk()})"
             logger.error("RKSP guard: the run diverged at step %s and the in-memory weights are %s; %s instead of "
-                         "saving them.", self.divergence["step"], self._in_memory, where)
+                         "saving them.", self.divergence["step"], self._in_memory, self._what_to_do())
+
+    @staticmethod
+    def _best_loaded(args, state) -> str | None:
+        """The checkpoint `load_best_model_at_end` loaded into the model before `on_train_end`, or `None`."""
+        best = getattr(state, "best_model_checkpoint", None)
+        if not getattr(args, "load_best_model_at_end", False) or best is None or not Path(best).is_dir():
+            return None
+        return best
+
+    def _is_validated_checkpoint(self, path: str) -> bool:
+        """Whether `path` is a checkpoint the guard validated: not suspect, and no later than the last good one."""
+        if self.last_good_checkpoint is None or _checkpoint_step(path) > _checkpoint_step(self.last_good_checkpoint):
+            return False
+        return not any(_same_path(path, p) for e in self.events for p in e.get("suspect_checkpoints") or [])
+
+    def _note_best_loaded(self, best: str) -> None:
+        """After a stop, `load_best_model_at_end` replaced the in-memory weights with those of `best`: say so, and
+        whether they are validated (`weights_validated`, which `KSSTrainer.save_model` reads)."""
+        step = _checkpoint_step(best)
+        self.weights_validated = self._is_validated_checkpoint(best)
+        if self.weights_validated:
+            self._in_memory = (f"those of {best} (step {step}), a validated checkpoint that load_best_model_at_end "
+                               "loaded")
+        else:
+            self._in_memory = f"those of {best} (step {step}), which load_best_model_at_end loaded; not validated"
+        logger.warning("RKSP guard: after the stop at step %s, the in-memory weights are %s.", self.divergence["step"],
+                       self._in_memory)
+
+    def _what_to_do(self) -> str:
+        """What to do instead of saving unvalidated weights, naming only the options that exist."""
+        good = self.last_good_checkpoint
+        if self._unreadable is not None and self._unreadable == good:
+            return f"the last good checkpoint ({good}) could not be read back; resume from an older checkpoint"
+        if good is None:
+            return ("no checkpoint was validated (none was saved, or none was followed by a passing step), so there "
+                    "is none to resume from: train again from the initial weights with a lower learning rate (or a "
+                    "longer warm-up)")
+        if not Path(good).is_dir():
+            return (f"the last good checkpoint {good} was deleted since (e.g. by save_total_limit rotation): resume "
+                    "from an older checkpoint, or train again with a lower learning rate")
+        return f"resume from the last good checkpoint with trainer.train(resume_from_checkpoint={good!r})"

@@ -15,7 +15,10 @@ and the run is CPU multi-process, it sets the accelerator state to `DistributedT
 `create_accelerator_and_postprocess`. `HF_KOOPMAN_CPU_FSDP=0` turns it off.
 
 Only FSDP version 2 is promoted (the version verified here on CPU); an FSDP1
-request on CPU raises a `ValueError` naming the fix. CPU offload and mixed precision are left to the plugin.
+request on CPU raises a `ValueError` naming the fix. [`KSSTrainer`] raises it before creating its `Accelerator`
+([`check_cpu_fsdp_version`]): accelerate itself fails there first, with "FSDP parameter initialization with
+`sync_module_states=True` is not supported on cpu", for an FSDP1 launch config (`accelerate launch` turns
+`sync_module_states` on unless the config says otherwise). CPU offload and mixed precision are left to the plugin.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from hf_koopman.logging_utils import get_logger
 
 __all__ = [
     "UnshardedParameters",
+    "check_cpu_fsdp_version",
     "enable_cpu_fsdp",
     "fsdp_requested",
     "is_fsdp_model",
@@ -50,6 +54,56 @@ def fsdp_requested(args: Any = None) -> bool:
         return True
     fsdp = getattr(args, "fsdp", None)
     return bool(fsdp) and fsdp not in ("", [], False)
+
+
+_FSDP1_ON_CPU = (
+    "FSDP on CPU is supported with FSDP2 only; set `fsdp_version: 2` in the "
+    "accelerate config (fsdp_config) or fsdp_config={'fsdp_version': 2} in TrainingArguments."
+)
+
+
+def _requested_fsdp_version(args: Any) -> int:
+    """The FSDP version the `Accelerator` will build its plugin with: `TrainingArguments.fsdp_config`'s when
+    `args.fsdp` is set (transformers passes it explicitly), else the launch config's (`FSDP_VERSION`, accelerate's
+    default 1)."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args and plugin_args.get("fsdp_version") is not None:
+        return int(plugin_args["fsdp_version"])
+    version = os.environ.get("FSDP_VERSION", "1").strip()
+    return int(version) if version.isdigit() else 1
+
+
+def _on_cpu(args: Any) -> bool:
+    """Whether the run trains on CPU: `use_cpu`, or no accelerator device (as accelerate decides)."""
+    if getattr(args, "use_cpu", False):
+        return True
+    try:
+        from accelerate.utils import get_torch_accelerator_backend
+
+        device_type, _ = get_torch_accelerator_backend()
+    except (ImportError, RuntimeError):  # an older accelerate
+        device_type = "cuda" if torch.cuda.is_available() else None
+    return device_type in (None, "cpu")
+
+
+def check_cpu_fsdp_version(args: Any) -> None:
+    """Raise the `ValueError` of [`enable_cpu_fsdp`] for an FSDP version 1 request on a CPU multi-process run, before
+    accelerate builds its plugin (which fails first, with its own error, for an FSDP1 launch config on CPU).
+
+    Does nothing unless FSDP was requested ([`fsdp_requested`]), `WORLD_SIZE > 1`, the run is on CPU (`use_cpu`, or
+    no accelerator device), `HF_KOOPMAN_CPU_FSDP` is not `0`, and the version is not 2 (`fsdp_config`'s when
+    `args.fsdp` is set, else `FSDP_VERSION` from the launch config).
+
+    Raises:
+        `ValueError`: FSDP version 1 requested on CPU; use `fsdp_version: 2`.
+    """
+    if not fsdp_requested(args) or os.environ.get("HF_KOOPMAN_CPU_FSDP", "1").strip() == "0":
+        return
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if not (world.isdigit() and int(world) > 1) or not _on_cpu(args):
+        return
+    if _requested_fsdp_version(args) != 2:
+        raise ValueError(_FSDP1_ON_CPU)
 
 
 def is_fsdp_model(model: torch.nn.Module) -> bool:
@@ -115,10 +169,7 @@ def enable_cpu_fsdp(trainer: Any) -> bool:
     plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
     plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else FullyShardedDataParallelPlugin()
     if getattr(plugin, "fsdp_version", 1) != 2:
-        raise ValueError(
-            "FSDP on CPU is supported with FSDP2 only; set `fsdp_version: 2` in the "
-            "accelerate config (fsdp_config) or fsdp_config={'fsdp_version': 2} in TrainingArguments."
-        )
+        raise ValueError(_FSDP1_ON_CPU)
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.distributed_type = DistributedType.FSDP

@@ -61,6 +61,12 @@ class DivergenceEvent:
     divergence happened in one of them. `action` is `"rollback"` or
     `"stop"`; `restored_step` the step count of the validated state put back in memory (`None`: none existed, the
     update of `step` was undone only); `new_lr` the learning rate after the back-off (rollback only).
+
+    `loss` and `grad_norm` are this process's values; `loss_max_over_processes` and `grad_norm_max_over_processes` the
+    maxima over all processes, the values the rule judged (a trip on another process shows there, not in `loss`;
+    equal to the local values in a single process). `suspect_checkpoints` are the checkpoints saved since the last
+    passing check (their weights may hold the blow-up): the guard renames them `suspect-checkpoint-<step>` and lists
+    the new paths.
     """
 
     step: int
@@ -75,6 +81,8 @@ class DivergenceEvent:
     last_good_checkpoint: str | None = None
     suspect_checkpoints: list[str] = field(default_factory=list)
     first_checked_step: int | None = None
+    loss_max_over_processes: float | None = None
+    grad_norm_max_over_processes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +92,8 @@ class DivergenceEvent:
             "cause_flags": self.cause_flags,
             "loss": _json_number(self.loss),
             "grad_norm": _json_number(self.grad_norm),
+            "loss_max_over_processes": _json_number(self.loss_max_over_processes),
+            "grad_norm_max_over_processes": _json_number(self.grad_norm_max_over_processes),
             "first_bad_layer": self.first_bad_layer,
             "restored_step": self.restored_step,
             "new_lr": self.new_lr,

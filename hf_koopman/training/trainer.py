@@ -22,7 +22,7 @@ from hf_koopman.koopman.shaping import (
     kss_penalty,
 )
 from hf_koopman.training.arguments import KSSConfig, KSSTrainingArguments
-from hf_koopman.training.fsdp import UnshardedParameters, enable_cpu_fsdp, is_fsdp_model
+from hf_koopman.training.fsdp import UnshardedParameters, check_cpu_fsdp_version, enable_cpu_fsdp, is_fsdp_model
 
 
 __all__ = ["KSSTrainer"]
@@ -379,7 +379,12 @@ class KSSTrainer(Trainer):
                 callback.bind(self)
 
     def create_accelerator_and_postprocess(self) -> None:
-        """Parent behaviour, then FSDP2 on CPU when an FSDP run was requested (accelerate alone falls back to DDP)."""
+        """Parent behaviour, then FSDP2 on CPU when an FSDP run was requested (accelerate alone falls back to DDP).
+
+        An FSDP version 1 request on a CPU multi-process run is refused first, with a `ValueError` naming
+        `fsdp_version: 2` (`check_cpu_fsdp_version`): accelerate's `Accelerator()` would otherwise fail with its own
+        error, which does not say that FSDP2 works on CPU."""
+        check_cpu_fsdp_version(self.args)
         super().create_accelerator_and_postprocess()
         enable_cpu_fsdp(self)
 
@@ -397,15 +402,12 @@ class KSSTrainer(Trainer):
                 raise DivergedModelError(
                     f"refusing to save: the run diverged at step {guard.divergence['step']} "
                     f"({'; '.join(guard.divergence['causes'])}) and the in-memory weights are {guard._in_memory}. "
-                    f"Last good checkpoint: {guard._checkpoint_on_disk()}; resume from it with "
-                    "trainer.train(resume_from_checkpoint=...), or pass save_model(..., allow_unvalidated=True) to "
-                    "write these weights anyway."
+                    f"Instead: {guard._what_to_do()}; or pass save_model(..., allow_unvalidated=True) to write these "
+                    "weights anyway."
                 )
             if guard.weights_validated:
-                logger.warning(
-                    "save_model after a divergence at step %s: writing the validated weights of step %s that the guard "
-                    "restored.", guard.divergence["step"], guard.divergence.get("restored_step"),
-                )
+                logger.warning("save_model after a divergence at step %s: writing the in-memory weights, %s.",
+                               guard.divergence["step"], guard._in_memory)
         super().save_model(output_dir, _internal_call)
 
     # ------------------------------------------------------------------ run set-up

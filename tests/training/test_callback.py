@@ -98,10 +98,10 @@ def test_guard_stops_huge_lr_run_without_saving_the_diverged_step(tmp_path):
     event = callback.divergence
     assert event is not None and trainer.state.global_step == event["step"] < 20
     assert any("loss > 50" in c or "gradient norm" in c for c in event["causes"])
-    checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
-    assert checkpoints[-1] == f"checkpoint-{event['step'] - 1}"  # the diverged step was not saved
-    # ... and the checkpoint before it holds the weights the trip was measured on: suspect, not "last good"
-    assert event["suspect_checkpoints"] == [str(tmp_path / checkpoints[-1])]
+    assert not (tmp_path / f"checkpoint-{event['step']}").exists()  # the diverged step was not saved
+    # ... and the checkpoint before it holds the weights the trip was measured on: suspect (renamed), not "last good"
+    suspect = tmp_path / f"suspect-checkpoint-{event['step'] - 1}"
+    assert event["suspect_checkpoints"] == [str(suspect)] and suspect.is_dir()
     assert event["last_good_checkpoint"] != event["suspect_checkpoints"][0]
     # divergence is visible in what train() returns and in trainer.state
     assert output.metrics["rksp/diverged"] == 1.0

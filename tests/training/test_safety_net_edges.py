@@ -195,8 +195,8 @@ def test_resuming_from_a_suspect_checkpoint_names_the_last_good_one(tmp_path, ca
     resumed = _guard()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4), train_dataset=data, callbacks=[resumed])
     with caplog.at_level("ERROR"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
-    assert "resuming from checkpoint-3, which the guard recorded as suspect" in caplog.text
+        trainer.train(resume_from_checkpoint=str(tmp_path / "suspect-checkpoint-3"))  # the trip renamed it
+    assert "resuming from suspect-checkpoint-3, which the guard recorded as suspect" in caplog.text
     assert str(tmp_path / "checkpoint-2") in caplog.text
     record = json.loads((tmp_path / "rksp_guard.json").read_text())
     assert record["last_good_checkpoint"] == str(tmp_path / "checkpoint-2")  # not lost by the resumed run
