@@ -137,7 +137,7 @@ def test_tiny_transformers_model_sharpness_matches_finite_differences():
     ids = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
     before = [p.detach().clone() for p in model.parameters()]
-    res = sharpness(model, batch, num_iterations=100, tol=1e-8)
+    res = sharpness(model, batch, num_iterations=10)  # the run's side effects; the HVP is checked below
     assert res.eigenvalue > 0 and math.isfinite(res.eigenvalue)
     # parameters and .grad untouched, training mode restored
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import weakref
 from collections.abc import Mapping
@@ -363,7 +364,7 @@ class KSSTrainer(Trainer):
         # `args.kss_*` can change after __init__ (a hyperparameter-search trial sets them on `args`): a config derived
         # from `args` follows them at the start of each run; an explicit `kss_config` is kept, with a warning
         self._kss_config_from_args = explicit is None and isinstance(self.args, KSSTrainingArguments)
-        self._kss_args_at_init = self.args.kss_config() if isinstance(self.args, KSSTrainingArguments) else None
+        self._kss_args_seen = self.args.kss_config() if isinstance(self.args, KSSTrainingArguments) else None
         self.task_loss: torch.Tensor | None = None  # last training micro-batch's task loss, without the KSS term
         self._kss_blocks: list[Any] | None = None
         self._kss_blocks_model: Any = None  # weakref to the model `_kss_blocks` belong to
@@ -481,6 +482,7 @@ class KSSTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
         """`Trainer.train` (same arguments), refusing a compiled model while KSS is on before any set-up (NEFTune hooks,
         a checkpoint loaded into the model) runs; a model that `model_init` builds is checked when it is built."""
+        self._kss_follow_args()  # args changed since the last run: checked here, before any set-up
         if self.model_init is None:
             self._check_not_compiled(self.model)
         return super().train(*args, **kwargs)
@@ -498,27 +500,29 @@ class KSSTrainer(Trainer):
         return super()._inner_training_loop(*args, **kwargs)
 
     def _kss_follow_args(self) -> None:
-        """Take `args.kss_*` values set after `__init__` (a hyperparameter-search trial, or `trainer.args.kss_alpha =
-        ...`) into `kss_config` when it was derived from `args`; warn when an explicit `kss_config` hides them."""
+        """Take `args.kss_*` values changed since they were last read (a hyperparameter-search trial, or
+        `trainer.args.kss_alpha = ...`) into `kss_config` when it was derived from `args`; warn when an explicit
+        `kss_config` hides them. Unchanged `args` leave `kss_config` as it is, with any edit made to it directly."""
         if not isinstance(self.args, KSSTrainingArguments):
             return
         current = self.args.kss_config()
+        if current == self._kss_args_seen:
+            return
+        self._kss_args_seen = current  # once per change
         if not self._kss_config_from_args:
-            if current != self._kss_args_at_init:
-                logger.warning(
-                    "KSSTrainer: the kss_* fields of args changed after __init__ (e.g. in a hyperparameter-search "
-                    "trial), but this trainer was given an explicit kss_config, which it keeps: %s. To search over "
-                    "kss_* values, build the trainer without kss_config so that it follows args.", self.kss_config,
-                )
-                self._kss_args_at_init = current  # once per change
+            logger.warning(
+                "KSSTrainer: the kss_* fields of args changed after __init__ (e.g. in a hyperparameter-search "
+                "trial), but this trainer was given an explicit kss_config, which it keeps: %s. To search over "
+                "kss_* values, build the trainer without kss_config so that it follows args.", self.kss_config,
+            )
             return
-        if current == self.kss_config:
-            return
+        current = dataclasses.replace(current)  # kss_config is the trainer's own copy, not the snapshot
         current.validate()
         if current.layers != self.kss_config.layers:
             self._kss_blocks = None
         self.kss_config = current
-        self._check_not_compiled(self.model)  # a trial may switch KSS on for a model compiled before
+        if self.model is not None:
+            self._check_not_compiled(self.model)  # a trial may switch KSS on for a model compiled before
 
     def training_step(
         self,

@@ -75,4 +75,4 @@ def test_monitoring_marks_trained_weights_and_reads_the_backed_off_learning_rate
     flagged = [[i.key for i in result.risk_assessment().outside] for _, result in calls]
     assert "weights" not in flagged[0]  # the initialisation
     assert all("weights" in keys for keys in flagged[1:])  # trained weights: outside the fitted runs
-    assert [result.meta.get("weights") for _, result in calls] == [None, "trained", "trained"]
+    assert [result.meta.get("weights") for _, result in calls] == ["init", "trained", "trained"]

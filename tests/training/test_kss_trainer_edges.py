@@ -123,6 +123,9 @@ def test_args_changed_after_init_are_followed_or_named(tmp_path, caplog):
     trainer.args.kss_alpha = 0.0
     trainer.train()
     assert trainer.kss_steps == [] and trainer.kss_config.alpha == 0.0
+    trainer.kss_config.alpha = 0.2  # a direct edit, args unchanged since the last run: kept
+    trainer.train()
+    assert trainer.kss_config.alpha == 0.2 and trainer.kss_steps == [0, 1]
 
     explicit = KSSConfig(alpha=0.15, every_n_steps=1, **{k.removeprefix("kss_"): v for k, v in KSS_SMALL.items()})
     kept = KSSTrainer(model=tiny_gpt2(n_layer=2), args=_args(tmp_path / "b"), train_dataset=TokenDataset(),
@@ -236,6 +239,14 @@ def test_a_refused_train_sets_nothing_up(tmp_path):
     trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False, neftune_noise_alpha=5.0),
                          train_dataset=TokenDataset())
     trainer.kss_config.enabled = True
+    with pytest.raises(ValueError, match="KSS cannot run with"):
+        trainer.train()
+    assert not trainer.is_in_train
+    assert not model.get_input_embeddings()._forward_hooks
+    # the same when KSS is switched on through args
+    trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False, neftune_noise_alpha=5.0),
+                         train_dataset=TokenDataset())
+    trainer.args.kss_enabled = True
     with pytest.raises(ValueError, match="KSS cannot run with"):
         trainer.train()
     assert not trainer.is_in_train
