@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import ADVICE, VERDICT_LEVELS
 from hf_koopman.training.divergence import (
@@ -52,9 +52,10 @@ logger = get_logger(__name__)
 #: `rksp/risk_out_of_range` as logged: 1 outside the risk estimator's training ranges, 0 inside, -1 ranges unknown.
 _OUT_OF_RANGE_LEVEL = {True: 1.0, False: 0.0, None: -1.0}
 RECORD_NAME = "rksp_guard.json"
-#: prefix of a checkpoint folder the guard found suspect: `checkpoint-7` -> `suspect-checkpoint-7` (then `-2`, `-3`, ...
-#: when that name exists), so that transformers' newest-checkpoint lookup and `save_total_limit` rotation skip it
-SUSPECT_PREFIX = "suspect-"
+#: prefix of a checkpoint folder the guard found suspect: `checkpoint-7` -> `_suspect-checkpoint-7` (then `-2`, `-3`,
+#: ... when that name exists). transformers' newest-checkpoint lookup (`get_last_checkpoint`), `save_total_limit`
+#: rotation (`sort_checkpoints`) and its Hub uploads (`ignore_patterns=["_*", "checkpoint-*"]`) all skip that name
+SUSPECT_PREFIX = "_suspect-"
 _CHECKPOINT_NAME = re.compile(
     rf"^(?:{PREFIX_CHECKPOINT_DIR}-(\d+)|{SUSPECT_PREFIX}{PREFIX_CHECKPOINT_DIR}-(\d+)(?:-\d+)?)$"
 )
@@ -142,8 +143,8 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def _checkpoint_step(path: str) -> int:
-    """The global step in a `checkpoint-<step>` or `suspect-checkpoint-<step>[-<k>]` folder name (-1 when the name has
-    none)."""
+    """The global step in a `checkpoint-<step>` or `_suspect-checkpoint-<step>[-<k>]` folder name (-1 when the name
+    has none)."""
     name = Path(path).name
     match = _CHECKPOINT_NAME.match(name)
     if match is not None:
@@ -153,7 +154,7 @@ def _checkpoint_step(path: str) -> int:
 
 
 def _suspect_name(name: str, k: int) -> str:
-    """The folder name a suspect checkpoint `name` gets: `suspect-<name>`, or `suspect-<name>-<k>` for `k >= 2`."""
+    """The folder name a suspect checkpoint `name` gets: `_suspect-<name>`, or `_suspect-<name>-<k>` for `k >= 2`."""
     return f"{SUSPECT_PREFIX}{name}" if k == 1 else f"{SUSPECT_PREFIX}{name}-{k}"
 
 
@@ -190,9 +191,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
       0.25 % of training time, so a rollback may go back a few more steps than the last passing one.
       When step `t` trips, the weights of step `t - 1` are suspect and the last validated state is that of step
       `t - 2`. The update of the tripping step is never kept. The checkpoints saved since the last passing check are
-      suspect too: the main process renames each `checkpoint-N` to `suspect-checkpoint-N` (`-2`, `-3`, ... when that
-      name exists; nothing is deleted), so that `resume_from_checkpoint=True` resumes from the last good checkpoint,
-      `save_total_limit` rotation neither counts nor deletes them, and a later save of step `N` does not collide.
+      suspect too, and so is the checkpoint a resumed run started from until its first step passes: the saving
+      process(es) (`args.should_save`) rename each `checkpoint-N` to `_suspect-checkpoint-N` (`-2`, `-3`, ... when
+      that name exists; nothing is deleted), which transformers' newest-checkpoint lookup, `save_total_limit`
+      rotation and Hub uploads skip, and which a later save of step `N` does not collide with.
+      `resume_from_checkpoint=True` then resumes from the last good checkpoint unless a later `checkpoint-N` (an
+      earlier run's, say) is in `output_dir`; the rename warning gives the `resume_from_checkpoint=<path>` to pass.
 
       *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
       (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step,
@@ -214,9 +218,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
       `grad_norm_max_over_processes`). Resuming from a checkpoint older than recorded events applies their back-off to
       the restored scheduler, so the run does not replay the same blow-up (the `learning_rate` the Trainer logs for
       the first resumed step still shows the checkpoint's rate; the optimizer already uses the lowered one); resuming
-      explicitly from a `suspect-checkpoint-N` logs an error naming the last good checkpoint. `save_total_limit`
-      rotates checkpoints by age and may delete the last good one; keep a limit of at least 3, or none, when you rely
-      on it.
+      explicitly from a `_suspect-checkpoint-N` logs an error naming the last good checkpoint. A resumed run's last
+      good checkpoint is the latest, up to the resumed step, that the record or the resumed checkpoint's stored guard
+      state names (a run without events writes no record). `save_total_limit` rotates checkpoints by age and may
+      delete the last good one; keep a limit of at least 3, or none, when you rely on it.
 
       Under DDP the rule is applied to each process's own loss and to the averaged gradient (the norm is read after
       DDP's reduction; one tripping process trips all); under FSDP2 to the reduce-scattered gradient, after clipping.
@@ -255,13 +260,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
             no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, a trip drops the step's
             gradients and the optimizer skips its update; every step is checked until a checkpoint is validated, and
             the weights are then marked unvalidated). Needs `save_strategy="steps"` and `save_total_limit` unset or
-            >= 3 (training refuses to start otherwise); refused as well, before anything is written, with sharded
-            (FSDP) parameters. The first validated checkpoint is checked (parameter names and shapes,
-            `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names differ from their module
-            names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`: `"memory"` unless a copy of the
-            trainable weights and two optimizer moments would take more than half of the free host memory (psutil),
-            in a single process that saves full checkpoints every `save_steps` (`save_strategy="steps"`, not
-            `save_only_model`, `save_total_limit` unset or >= 3).
+            >= 3 (training refuses to start otherwise); refused as well, before anything is written, under FSDP
+            (FSDP1 or FSDP2 modules, DTensor parameters, or FSDP requested). The first validated checkpoint is checked
+            (parameter names and shapes, `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names
+            differ from their module names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`:
+            `"memory"` unless a copy of the trainable weights and two optimizer moments would take more than half of
+            the free host memory (psutil), in a single process without FSDP that saves full checkpoints every
+            `save_steps` (`save_strategy="steps"`, not `save_only_model`, `save_total_limit` unset or >= 3).
         check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps, and at
             the last step, every step whose checkpoint is saved and every epoch end. In between, each step's loss,
             gradient norm and block sums are folded into on-device maxima without a host sync or all-reduce (FSDP2
@@ -751,19 +756,24 @@ class RKSPCallback(TrainerCallback, ExportableState):
         logger.info("RKSP guard: a new run starts in %s; the earlier run's record is kept as %s", args.output_dir, old)
 
     def _resume_backoff(self, args, state, optimizer, lr_scheduler) -> None:
-        """Resumed run: apply the back-off of recorded events that happened after the checkpoint's step."""
+        """Resumed run: take the last good checkpoint from the run record or the resumed checkpoint's stored guard
+        state, hold the resumed checkpoint until a step validates it (`_hold_resumed_checkpoint`), and apply the
+        back-off of recorded events that happened after the checkpoint's step."""
         record = Path(args.output_dir) / RECORD_NAME
-        if not record.is_file():
-            return
-        try:
-            data = json.loads(record.read_text(encoding="utf-8"))
-            events = data.get("events", [])
-        except (OSError, ValueError) as err:
-            logger.warning("RKSP guard: could not read the run record %s (%s)", record, err)
-            return
-        prior = data.get("last_good_checkpoint")
-        if self.last_good_checkpoint is None and prior is not None and _checkpoint_step(prior) <= state.global_step:
-            self.last_good_checkpoint = prior  # kept across the resume: the record keeps naming it
+        events: list[dict[str, Any]] = []
+        prior = None
+        if record.is_file():
+            try:
+                data = json.loads(record.read_text(encoding="utf-8"))
+                events, prior = data.get("events", []), data.get("last_good_checkpoint")
+            except (OSError, ValueError) as err:
+                logger.warning("RKSP guard: could not read the run record %s (%s)", record, err)
+        # kept across the resume: the latest validated checkpoint up to the resumed step, from the restored callback
+        # state, the record, or the resumed checkpoint's stored guard state (a run without events writes no record);
+        # a later one (this callback's earlier train() call went further) is not on the resumed run's path
+        known = [path for path in (self.last_good_checkpoint, prior, self._stored_last_good(state))
+                 if path is not None and 0 <= _checkpoint_step(path) <= state.global_step]
+        self.last_good_checkpoint = max(known, key=_checkpoint_step) if known else None  # the first of equal steps
         tripped = self._suspect_resume(events, state)
         if tripped is not None:
             event, resumed = tripped
@@ -772,8 +782,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
                          "followed it); %s", resumed, event.get("step"),
                          f"the last good checkpoint is {good}: resume from that one instead" if good is not None
                          else "no checkpoint was validated before it: start again with a lower learning rate")
+        self._hold_resumed_checkpoint(args, state, recorded_suspect=tripped is not None)
         # the record keeps every event, with the current paths of the checkpoints it renamed: its copy of an event
-        # replaces the one restored from the checkpoint (saved before the renames)
+        # replaces the one restored from the checkpoint (saved before the renames); an event a later run repeated
+        # (same step and action) is kept once per occurrence
         recorded: dict[tuple, list[dict[str, Any]]] = {}
         for e in events:
             recorded.setdefault((e.get("step"), e.get("action")), []).append(e)
@@ -791,18 +803,61 @@ class RKSPCallback(TrainerCallback, ExportableState):
             state.global_step, len(later), [e.get("step") for e in later], factor,
         )
 
+    def _hold_resumed_checkpoint(self, args, state, recorded_suspect: bool) -> None:
+        """Hold the checkpoint this run resumed from, `output_dir/checkpoint-<step>`, as one saved since the last
+        passing check: no step has checked its weights yet (the run that saved it may have ended, or been preempted,
+        right after the save), so the first checked step makes it the last good checkpoint or suspect (renamed),
+        rather than every later resume tripping on it again. Not when it is the last good checkpoint already, when
+        the record lists the resumed checkpoint as suspect, or when that folder is not the one resumed from (its
+        `trainer_state.json` holds another step or log history: a checkpoint resumed from another folder, or saved
+        again since). Every process takes part in one all-reduce, so that all hold the same checkpoints."""
+        path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        held = not recorded_suspect and self._resumed_from(path, state)
+        if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
+            held = self._any_process(held)
+        good = self.last_good_checkpoint
+        if held and not (good is not None and _same_path(good, path)):
+            self._pending_checkpoints.append((state.global_step, path))
+
+    @staticmethod
+    def _resumed_from(path: str, state) -> bool:
+        """Whether the checkpoint folder `path` holds the trainer state this run resumed from (the Trainer does not
+        tell callbacks the folder): the same global step, and the log history the run starts with."""
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        try:
+            saved = json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        history = saved.get("log_history") if isinstance(saved, dict) else None
+        return (isinstance(history, list) and saved.get("global_step") == state.global_step
+                and history == list(state.log_history or [])[:len(history)])
+
+    @staticmethod
+    def _stored_guard_states(state) -> list[dict[str, Any]]:
+        """The guard attributes the resumed checkpoint's trainer state holds, one entry per `RKSPCallback`."""
+        stored = (getattr(state, "stateful_callbacks", None) or {}).get(RKSPCallback.__name__)
+        stored = stored if isinstance(stored, list) else [stored] if isinstance(stored, dict) else []
+        return [entry.get("attributes") or {} for entry in stored if isinstance(entry, dict)]
+
+    @staticmethod
+    def _stored_last_good(state) -> str | None:
+        """The last good checkpoint the resumed checkpoint's stored guard state names (the earliest, when several
+        guards stored one), or `None`."""
+        paths = [a.get("last_good_checkpoint") for a in RKSPCallback._stored_guard_states(state)]
+        paths = [p for p in paths if isinstance(p, str)]
+        return min(paths, key=_checkpoint_step) if paths else None
+
     @staticmethod
     def _suspect_resume(events: list[dict[str, Any]], state) -> tuple[dict[str, Any], str] | None:
         """The recorded event whose suspect checkpoints include the one this run resumed from, with that checkpoint's
         name; `None` when it is not suspect. The Trainer does not tell callbacks the folder it resumed from, so a
         suspect checkpoint of the resumed step counts, unless the resumed checkpoint's stored guard state already
         holds the event: then it was saved after the divergence (a later run saving that step again), not before."""
-        stored = (getattr(state, "stateful_callbacks", None) or {}).get(RKSPCallback.__name__)
-        stored = stored if isinstance(stored, list) else [stored] if isinstance(stored, dict) else []
+        stored = RKSPCallback._stored_guard_states(state)
         known: Counter | None = None  # (step, action) of the events the checkpoint holds (a later run may repeat one)
         if stored:
-            known = Counter((e.get("step"), e.get("action")) for e in (stored[0].get("attributes") or {}).get("events")
-                            or [])
+            known = Counter((e.get("step"), e.get("action")) for e in stored[0].get("events") or [])
         for event in events:
             key = (event.get("step"), event.get("action"))
             if known is not None and known[key] > 0:
@@ -885,7 +940,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         """`rollback_source="checkpoint"` needs checkpoints the guard can validate, keep and read back: refuse, before
         anything is written, settings that save none, rotate the last good one away or shard the parameters (FSDP),
         naming the setting."""
-        if self._fsdp_run(model):
+        if self._fsdp_run(args, model):
             raise ValueError(_SHARDED_CHECKPOINT_SOURCE)
         if getattr(args, "deepspeed", None):
             raise ValueError("rollback_source='checkpoint' is not supported with DeepSpeed (its engine owns the "
@@ -903,17 +958,20 @@ class RKSPCallback(TrainerCallback, ExportableState):
                              f"later step passes); set save_total_limit to 3 or more, or unset it, or use "
                              f"rollback_source='memory'")
 
-    def _fsdp_run(self, model: torch.nn.Module | None) -> bool:
-        """Whether this run shards the parameters: FSDP2 modules or DTensor parameters in `model` (the Trainer prepares
-        the model before `on_train_begin`), or a bound Trainer that runs FSDP."""
+    def _fsdp_run(self, args, model: torch.nn.Module | None) -> bool:
+        """Whether this run shards the parameters: FSDP asked for (an FSDP launch config or `args.fsdp`), a bound
+        Trainer that runs FSDP, or FSDP2 modules, FSDP1 units or DTensor parameters in `model` (the Trainer prepares
+        the model before `on_train_begin`; the FSDP1 root wraps the model a callback sees, the auto-wrapped units sit
+        inside it)."""
+        from hf_koopman.training.fsdp import fsdp_requested, is_fsdp1_model, is_fsdp_model
+
         trainer = _TRAINERS[model]() if model is not None and model in _TRAINERS else self._trainer
-        if getattr(trainer, "is_fsdp_enabled", False):
+        if getattr(trainer, "is_fsdp_enabled", False) or fsdp_requested(args):
             return True
         if model is None:
             return False
-        from hf_koopman.training.fsdp import is_fsdp_model
-
-        return is_fsdp_model(model) or is_sharded([p for p in model.parameters() if p.requires_grad])
+        return (is_fsdp_model(model) or is_fsdp1_model(model)
+                or is_sharded([p for p in model.parameters() if p.requires_grad]))
 
     def _resolve_rollback_source(self, args) -> bool:
         """Whether validated state comes back from the last good checkpoint (`rollback_source`) rather than memory."""
@@ -931,9 +989,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
                            "unset, to be able to resume from it", limit)
         single = getattr(args, "world_size", 1) == 1
         deepspeed = bool(getattr(args, "deepspeed", None)) or getattr(self._trainer, "is_deepspeed_enabled", False)
-        suitable = not deepspeed and steps and not only_model and (limit is None or limit >= 3) and single and not self._sharded
-        if self.rollback_source == "memory" or not suitable:
-            return False
+        suitable = (not deepspeed and steps and not only_model and (limit is None or limit >= 3) and single
+                    and not self._sharded)
+        if self.rollback_source == "memory" or not suitable or self._fsdp_run(args, self._model):
+            return False  # "auto" keeps the state in memory under FSDP
         import psutil
 
         copy_bytes = 3 * sum(p.numel() * p.element_size() for p in self._params)  # weights + two optimizer moments
@@ -1207,31 +1266,37 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._to_log = event
 
     def _set_aside_suspects(self, args, state, event: DivergenceEvent) -> dict[str, str]:
-        """Rename the checkpoints this trip made suspect, `checkpoint-N` -> `suspect-checkpoint-N` (`-2`, `-3`, ... when
-        that name exists; nothing is deleted), so that `resume_from_checkpoint=True` (transformers' newest
-        `checkpoint-<N>`) resumes from the last good checkpoint, `save_total_limit` rotation ignores them, and a later
-        save of `checkpoint-N` does not collide. The world main process renames (every process has finished writing
-        them: the trip was decided in an all-reduce after their saves); one all-reduce then gives every process its
-        names and holds them until the renames are done. The event, the events and the divergence name the new paths.
+        """Rename the checkpoints this trip made suspect, `checkpoint-N` -> `_suspect-checkpoint-N` (`-2`, `-3`, ...
+        when that name exists; nothing is deleted): transformers' newest-checkpoint lookup (`resume_from_checkpoint=
+        True`), `save_total_limit` rotation and Hub uploads skip that name, and a later save of `checkpoint-N` does not
+        collide. The saving process(es) rename, those with `args.should_save` (the world main process, or each node's
+        main process with `save_on_each_node=True`), where the checkpoints were written; every process has finished
+        writing them (the trip was decided in an all-reduce after their saves). A checkpoint already gone when its
+        rename runs was renamed by another saving process on a shared filesystem. One all-reduce (the max) then gives
+        every process the names and holds them until the renames are done. The event, the events and the divergence
+        name the new paths; a checkpoint not renamed (rotated away, or the rename failed) keeps its old path there.
         Returns `{old path: new path}`."""
         paths = list(event.suspect_checkpoints)
         if not paths:
             return {}
-        codes = [0] * len(paths)  # 0: not renamed; k >= 1: renamed to _suspect_name(name, k)
-        if state.is_world_process_zero:
+        codes = [0] * len(paths)  # 0: not renamed here; k >= 1: renamed to _suspect_name(name, k)
+        if getattr(args, "should_save", state.is_world_process_zero):
             for i, path in enumerate(paths):
                 source = Path(path)
                 if not source.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or not source.is_dir():
-                    continue  # rotated away (or renamed) since: nothing to set aside
+                    continue  # rotated away (or renamed by another saving process) since: nothing to set aside
                 k = 1
                 while source.with_name(_suspect_name(source.name, k)).exists():
                     k += 1
                 try:
                     source.rename(source.with_name(_suspect_name(source.name, k)))
                     codes[i] = k
+                except FileNotFoundError:
+                    continue  # another saving process renamed it first (shared filesystem): the all-reduce names it
                 except OSError as err:
-                    logger.warning("RKSP guard: could not rename the suspect checkpoint %s (%s): "
-                                   "resume_from_checkpoint=True may resume from it", path, err)
+                    logger.warning("RKSP guard: could not rename the suspect checkpoint %s (%s): it keeps its name, so "
+                                   "resume_from_checkpoint=True resumes from it (the newest checkpoint of this run) "
+                                   "until the run saves another; %s instead", path, err, self._what_to_do())
         if is_distributed():
             shared = reduce_max(torch.tensor(codes, dtype=torch.float64, device=self._device()))
             codes = [int(c) for c in shared.tolist()]
@@ -1244,11 +1309,26 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if record is not None and record.get("suspect_checkpoints"):
                 record["suspect_checkpoints"] = [renamed.get(path, path) for path in record["suspect_checkpoints"]]
         if state.is_world_process_zero:
+            when = "After the stop" if event.action == "stop" else "Should this run end before its next save"
             logger.warning(
-                "RKSP guard: the divergence at step %d followed %s, whose weights are suspect: renamed to %s "
-                "(resume_from_checkpoint=True and save_total_limit skip it; nothing was deleted)",
-                event.step, ", ".join(renamed), ", ".join(renamed.values()))
+                "RKSP guard: the divergence at step %d followed %s, whose weights are suspect: renamed to %s (nothing "
+                "was deleted; transformers' newest-checkpoint lookup, save_total_limit rotation and Hub uploads skip "
+                "it). %s: %s%s.", event.step, ", ".join(renamed), ", ".join(renamed.values()), when,
+                self._what_to_do(), self._newer_checkpoint(args))
         return renamed
+
+    def _newer_checkpoint(self, args) -> str:
+        """For the rename message: a warning against `resume_from_checkpoint=True` when it would take another
+        `checkpoint-N` than the last good one (an earlier run's later checkpoint in `output_dir`, or a suspect one not
+        renamed), else ''."""
+        try:
+            newest = get_last_checkpoint(args.output_dir)
+        except OSError:
+            return ""
+        good = self.last_good_checkpoint
+        if newest is None or (good is not None and _checkpoint_step(newest) <= _checkpoint_step(good)):
+            return ""
+        return f" (not resume_from_checkpoint=True: it would take {newest}, a later checkpoint in {args.output_dir})"
 
     def _forget_suspect_best(self, args, state, event: DivergenceEvent, renamed: dict[str, str] | None = None) -> None:
         """A best checkpoint whose weights led to this trip must not come back through `load_best_model_at_end`: the

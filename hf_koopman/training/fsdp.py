@@ -36,6 +36,7 @@ __all__ = [
     "check_cpu_fsdp_version",
     "enable_cpu_fsdp",
     "fsdp_requested",
+    "is_fsdp1_model",
     "is_fsdp_model",
     "local_numel",
     "sharding_summary",
@@ -113,6 +114,16 @@ def is_fsdp_model(model: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def is_fsdp1_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is, or holds, an FSDP version 1 unit (`torch.distributed.fsdp.FullyShardedDataParallel`): its
+    parameters are flattened shards (plain tensors, not DTensors), so `is_fsdp_model` and a DTensor check miss it."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def local_numel(model: torch.nn.Module) -> tuple[int, int]:

@@ -65,8 +65,9 @@ class DivergenceEvent:
     `loss` and `grad_norm` are this process's values; `loss_max_over_processes` and `grad_norm_max_over_processes` the
     maxima over all processes, the values the rule judged (a trip on another process shows there, not in `loss`;
     equal to the local values in a single process). `suspect_checkpoints` are the checkpoints saved since the last
-    passing check (their weights may hold the blow-up): the guard renames them `suspect-checkpoint-<step>` and lists
-    the new paths.
+    passing check, and a resumed run's starting checkpoint before its first check (their weights may hold the
+    blow-up): the guard renames each `_suspect-checkpoint-<step>` and lists its new path; a checkpoint it did not
+    rename (the rename failed, or rotation had deleted it) keeps its old path here.
     """
 
     step: int

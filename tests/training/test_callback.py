@@ -100,7 +100,7 @@ def test_guard_stops_huge_lr_run_without_saving_the_diverged_step(tmp_path):
     assert any("loss > 50" in c or "gradient norm" in c for c in event["causes"])
     assert not (tmp_path / f"checkpoint-{event['step']}").exists()  # the diverged step was not saved
     # ... and the checkpoint before it holds the weights the trip was measured on: suspect (renamed), not "last good"
-    suspect = tmp_path / f"suspect-checkpoint-{event['step'] - 1}"
+    suspect = tmp_path / f"_suspect-checkpoint-{event['step'] - 1}"
     assert event["suspect_checkpoints"] == [str(suspect)] and suspect.is_dir()
     assert event["last_good_checkpoint"] != event["suspect_checkpoints"][0]
     # divergence is visible in what train() returns and in trainer.state

@@ -61,12 +61,12 @@ def test_last_good_checkpoint_is_validated_by_the_step_after_it(tmp_path):
     event = guard.divergence
     assert event["step"] == 4 and event["action"] == "stop"
     assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
-    assert event["suspect_checkpoints"] == [str(tmp_path / "suspect-checkpoint-3")]  # renamed: set aside
+    assert event["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-3")]  # renamed: set aside
     # the named checkpoint gives a sane loss on the batch that preceded the trip (the one that validated it) ...
     good = _batch_loss(_load(guard.last_good_checkpoint), data, 3)
     assert math.isfinite(good) and good < 50
     # ... while the checkpoint one step later is the one that produced the tripping loss
-    assert _batch_loss(_load(tmp_path / "suspect-checkpoint-3"), data, 4) > 50
+    assert _batch_loss(_load(tmp_path / "_suspect-checkpoint-3"), data, 4) > 50
     assert not (tmp_path / "checkpoint-4").exists()
     # the in-memory model went back to the validated state (= checkpoint-2)
     saved = load_file(f"{guard.last_good_checkpoint}/model.safetensors")
@@ -94,7 +94,7 @@ def test_save_model_after_a_trip_never_writes_the_diverged_weights(tmp_path):
     trainer.train()
     assert not guard.weights_validated
     # only the tripping update (step 4) was undone: the model holds the suspect weights after step 3, not older ones
-    suspect = load_file(str(out / "suspect-checkpoint-3" / "model.safetensors"))
+    suspect = load_file(str(out / "_suspect-checkpoint-3" / "model.safetensors"))
     state = trainer.model.state_dict()
     assert all(torch.equal(state[k].cpu(), v) for k, v in suspect.items())
     assert _batch_loss(trainer.model, data, 4) > 50

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainerState, TrainingArgumen
 from transformers.utils import logging as hf_logging
 
 from hf_koopman.training import RKSPCallback
+from hf_koopman.training.callback import SUSPECT_PREFIX
 from hf_koopman.training.guard import DivergenceEvent
 
 
@@ -88,8 +89,10 @@ def test_load_best_model_at_end_never_loads_a_suspect_checkpoint(tmp_path, monke
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=128),
                       eval_dataset=TokenDataset(n=8, seed=1), callbacks=[guard])
     trainer.train()
-    suspects = {Path(p).name for e in guard.events for p in e["suspect_checkpoints"]}
-    assert suspects and Path(trainer.state.best_model_checkpoint).name not in suspects
+    # the names the suspect checkpoints had when they were saved (before the trip renamed them)
+    suspects = {Path(p).name.removeprefix(SUSPECT_PREFIX) for e in guard.events for p in e["suspect_checkpoints"]}
+    best = trainer.state.best_model_checkpoint
+    assert suspects and Path(best).is_dir() and Path(best).name not in suspects
     assert trainer.state.best_global_step == int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
 
 
@@ -195,8 +198,8 @@ def test_resuming_from_a_suspect_checkpoint_names_the_last_good_one(tmp_path, ca
     resumed = _guard()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4), train_dataset=data, callbacks=[resumed])
     with caplog.at_level("ERROR"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "suspect-checkpoint-3"))  # the trip renamed it
-    assert "resuming from suspect-checkpoint-3, which the guard recorded as suspect" in caplog.text
+        trainer.train(resume_from_checkpoint=str(tmp_path / "_suspect-checkpoint-3"))  # the trip renamed it
+    assert "resuming from _suspect-checkpoint-3, which the guard recorded as suspect" in caplog.text
     assert str(tmp_path / "checkpoint-2") in caplog.text
     record = json.loads((tmp_path / "rksp_guard.json").read_text())
     assert record["last_good_checkpoint"] == str(tmp_path / "checkpoint-2")  # not lost by the resumed run

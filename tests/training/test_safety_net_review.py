@@ -1,6 +1,7 @@
-"""The safety net after a stop: `load_best_model_at_end`, suspect checkpoints set aside (`suspect-checkpoint-N`) so
-that `resume_from_checkpoint=True` and rotation skip them, what a resumed run counts and records, the messages when
-nothing was validated, and the FSDP settings refused before anything is written.
+"""The safety net after a stop: `load_best_model_at_end`, suspect checkpoints set aside (`_suspect-checkpoint-N`) so
+that `resume_from_checkpoint=True`, rotation and Hub uploads skip them (on every saving process), the checkpoint a
+resumed run started from, what a resumed run counts and records, the messages when nothing was validated, and the
+FSDP settings refused before anything is written.
 
 Setting as in `test_safety_net.py`: learning rate 1.0, step 4 trips the rule (loss > 50), checkpoint-2 is the last
 good checkpoint and checkpoint-3 is suspect. At learning rate 0.5 (the back-off) the run stays sane.
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers.trainer
 from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
 from hf_koopman.training import callback as callback_module
@@ -77,7 +81,7 @@ def test_a_best_checkpoint_that_is_not_validated_keeps_the_weights_unvalidated(t
     guard = RKSPCallback()
     guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
     guard.divergence = {"step": 4}
-    guard.events = [{"step": 4, "action": "stop", "suspect_checkpoints": [str(tmp_path / "suspect-checkpoint-3")]}]
+    guard.events = [{"step": 4, "action": "stop", "suspect_checkpoints": [str(tmp_path / "_suspect-checkpoint-3")]}]
     guard._note_best_loaded(str(tmp_path / "checkpoint-3"))  # later than the last good one: never validated
     assert not guard.weights_validated and "checkpoint-3 (step 3), which load_best_model_at_end loaded" in (
         guard._in_memory)
@@ -86,18 +90,56 @@ def test_a_best_checkpoint_that_is_not_validated_keeps_the_weights_unvalidated(t
 
 
 # ---------------------------------------------------------------- 2. suspect checkpoints are set aside
-def test_a_stop_sets_the_suspect_checkpoint_aside_so_a_resume_takes_the_last_good_one(tmp_path, caplog):
+class _Hub:
+    """Stands in for `huggingface_hub.HfApi` (no network): records the folder uploads the Trainer asks for."""
+
+    def __init__(self):
+        self.uploads = []
+
+    def upload_folder(self, **kwargs):
+        self.uploads.append(kwargs)
+        done = Future()
+        done.set_result(None)
+        return done
+
+
+def _uploaded(trainer, monkeypatch):
+    """The files (relative to `output_dir`) that transformers' own Hub pushes would upload from `output_dir`: the
+    end-of-training `Trainer.push_to_hub` and the push after each save (`_push_from_checkpoint`), filtered as
+    huggingface_hub filters them, with the ignore patterns the Trainer passes."""
+    hub = _Hub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    monkeypatch.setattr(trainer, "create_model_card", lambda **kwargs: None)
+    trainer.hub_model_id, trainer.push_in_progress = "user/model", None  # as init_hf_repo leaves them
+    out = Path(trainer.args.output_dir)
+    trainer._push_from_checkpoint(str(out / "checkpoint-2"))
+    trainer.push_to_hub()
+    roots = [u for u in hub.uploads if Path(u["folder_path"]) == out]
+    assert len(roots) == 2 and all(u["ignore_patterns"] for u in roots)
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    return {f for u in roots for f in filter_repo_objects(files, ignore_patterns=u["ignore_patterns"])}
+
+
+def test_a_stop_sets_the_suspect_checkpoint_aside_so_a_resume_takes_the_last_good_one(tmp_path, caplog, monkeypatch):
     data = TokenDataset(n=128)
     guard = _guard()
+    first = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard])
     with caplog.at_level(logging.WARNING):
-        Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard]).train()
-    suspect = str(tmp_path / "suspect-checkpoint-3")
+        first.train()
+    suspect = str(tmp_path / "_suspect-checkpoint-3")
     assert not (tmp_path / "checkpoint-3").exists() and (tmp_path / suspect / "model.safetensors").is_file()
     assert guard.divergence["suspect_checkpoints"] == guard.events[0]["suspect_checkpoints"] == [suspect]
     record = json.loads((tmp_path / "rksp_guard.json").read_text())
     assert record["events"][0]["suspect_checkpoints"] == [suspect]
-    assert f"renamed to {suspect}" in caplog.text
-    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    # the rename warning names the explicit resume (resume_from_checkpoint=True is that one only without later ones)
+    good = str(tmp_path / "checkpoint-2")
+    assert f"renamed to {suspect}" in caplog.text and f"trainer.train(resume_from_checkpoint={good!r})" in caplog.text
+    # transformers' newest-checkpoint lookup, save_total_limit rotation and Hub uploads all skip the suspect folder
+    assert get_last_checkpoint(str(tmp_path)) == good
+    assert sort_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-1"), good]
+    uploaded = _uploaded(first, monkeypatch)
+    assert "model.safetensors" in uploaded and (tmp_path / suspect / "optimizer.pt").is_file()
+    assert not [f for f in uploaded if "checkpoint" in f]
 
     # resume_from_checkpoint=True: the last good checkpoint, then through step 3 again at the backed-off rate; the
     # new checkpoint-3 does not collide with the suspect one, and is not reported as suspect
@@ -126,7 +168,7 @@ def test_rotation_never_deletes_a_suspect_checkpoint(tmp_path):
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=8, save_total_limit=3),
             train_dataset=TokenDataset(n=128), callbacks=[guard]).train()
     suspects = [p for e in guard.events for p in e["suspect_checkpoints"]]
-    assert suspects and all(Path(p).name.startswith("suspect-checkpoint-") and Path(p).is_dir() for p in suspects)
+    assert suspects and all(Path(p).name.startswith("_suspect-checkpoint-") and Path(p).is_dir() for p in suspects)
     assert len(list(tmp_path.glob("checkpoint-*"))) == 3
 
 
@@ -146,28 +188,152 @@ def _tripped_at_step_4(tmp_path):
 
 def test_a_taken_suspect_name_gets_a_suffix(tmp_path):
     guard = _tripped_at_step_4(tmp_path)
-    (tmp_path / "suspect-checkpoint-3").mkdir()  # an earlier run's suspect checkpoint-3
+    (tmp_path / "_suspect-checkpoint-3").mkdir()  # an earlier run's suspect checkpoint-3
     guard._log_event(SimpleNamespace(output_dir=str(tmp_path)), TrainerState(), None)
-    assert (tmp_path / "suspect-checkpoint-3-2").is_dir() and not (tmp_path / "checkpoint-3").exists()
-    assert guard.events[0]["suspect_checkpoints"] == [str(tmp_path / "suspect-checkpoint-3-2")]
-    assert callback_module._checkpoint_step(str(tmp_path / "suspect-checkpoint-3-2")) == 3
+    assert (tmp_path / "_suspect-checkpoint-3-2").is_dir() and not (tmp_path / "checkpoint-3").exists()
+    assert guard.events[0]["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-3-2")]
+    assert callback_module._checkpoint_step(str(tmp_path / "_suspect-checkpoint-3-2")) == 3
 
 
-def test_other_processes_leave_the_renaming_to_the_main_one_and_take_its_names(tmp_path, monkeypatch):
+def test_processes_that_do_not_save_leave_the_renaming_to_those_that_do_and_take_their_names(tmp_path, monkeypatch):
     guard = _tripped_at_step_4(tmp_path)
     shared = []
 
-    def main_process_names(values):  # the all-reduce: the main process renamed to suspect-checkpoint-3-2
+    def saving_process_names(values):  # the all-reduce: the saving process renamed to _suspect-checkpoint-3-2
         shared.append(values.tolist())
         return torch.full_like(values, 2.0)
 
     monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
-    monkeypatch.setattr(callback_module, "reduce_max", main_process_names)
+    monkeypatch.setattr(callback_module, "reduce_max", saving_process_names)
     state = TrainerState(is_world_process_zero=False)
-    guard._log_event(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    guard._log_event(SimpleNamespace(output_dir=str(tmp_path), should_save=False), state, None)
     assert shared == [[0.0]]  # this process renamed nothing
-    assert (tmp_path / "checkpoint-3").is_dir()  # the folder is the main process's to rename
-    assert guard.divergence["suspect_checkpoints"] == [str(tmp_path / "suspect-checkpoint-3-2")]
+    assert (tmp_path / "checkpoint-3").is_dir()  # the folder is the saving process's to rename
+    assert guard.divergence["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-3-2")]
+
+
+def test_each_node_that_saved_renames_its_copy_and_one_renamed_by_another_node_counts(tmp_path, monkeypatch, caplog):
+    # save_on_each_node=True: each node's main process wrote checkpoint-3 and renames it (args.should_save), though
+    # only one of them is the world main process
+    monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
+    monkeypatch.setattr(callback_module, "reduce_max", lambda values: values)
+    guard = _tripped_at_step_4(tmp_path)
+    guard._log_event(SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+                     TrainerState(is_world_process_zero=False), None)
+    assert (tmp_path / "_suspect-checkpoint-3").is_dir() and not (tmp_path / "checkpoint-3").exists()
+    assert guard.divergence["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-3")]
+
+    # on a shared filesystem another node's main process renames the folder between this one's look and its rename
+    other = tmp_path / "shared"
+    other.mkdir()
+    guard = _tripped_at_step_4(other)
+    real_rename = Path.rename
+
+    def other_node_first(source, target):
+        real_rename(source, source.with_name("_suspect-checkpoint-3"))
+        raise FileNotFoundError(2, "No such file or directory", str(source))
+
+    monkeypatch.setattr(Path, "rename", other_node_first)
+    monkeypatch.setattr(callback_module, "reduce_max", lambda values: torch.maximum(values, torch.ones_like(values)))
+    with caplog.at_level(logging.WARNING):
+        guard._log_event(SimpleNamespace(output_dir=str(other), should_save=True), TrainerState(), None)
+    assert "could not rename" not in caplog.text
+    assert guard.divergence["suspect_checkpoints"] == [str(other / "_suspect-checkpoint-3")]
+
+
+def test_a_failed_rename_says_resume_true_takes_that_checkpoint_and_names_the_last_good_one(tmp_path, monkeypatch,
+                                                                                            caplog):
+    guard = _tripped_at_step_4(tmp_path)
+    (tmp_path / "checkpoint-2").mkdir()
+
+    def refused(source, target):
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(Path, "rename", refused)
+    with caplog.at_level(logging.WARNING):
+        guard._log_event(SimpleNamespace(output_dir=str(tmp_path), should_save=True), TrainerState(), None)
+    good = str(tmp_path / "checkpoint-2")
+    assert "it keeps its name, so resume_from_checkpoint=True resumes from it" in caplog.text
+    assert f"trainer.train(resume_from_checkpoint={good!r})" in caplog.text
+    assert guard.divergence["suspect_checkpoints"] == [str(tmp_path / "checkpoint-3")]  # the path it still has
+
+
+def test_the_rename_warning_says_when_resume_true_would_take_a_later_checkpoint(tmp_path, caplog):
+    guard = _tripped_at_step_4(tmp_path)
+    for name in ("checkpoint-2", "checkpoint-10"):  # checkpoint-10: an earlier run's, in the same output_dir
+        (tmp_path / name).mkdir()
+    with caplog.at_level(logging.WARNING):
+        guard._log_event(SimpleNamespace(output_dir=str(tmp_path)), TrainerState(), None)
+    good = str(tmp_path / "checkpoint-2")
+    assert f"trainer.train(resume_from_checkpoint={good!r}) (not resume_from_checkpoint=True: it would take " \
+           f"{tmp_path / 'checkpoint-10'}" in caplog.text
+
+
+# ---------------------------------------------------------------- 2b. the checkpoint a run resumed from
+def test_the_checkpoint_a_run_resumed_from_is_set_aside_when_its_first_step_trips(tmp_path, caplog):
+    data = TokenDataset(n=128)
+    # preempted right after saving checkpoint-3: no event, so no record; checkpoint-3's stored guard state names
+    # checkpoint-2 as the last good one
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[_guard()]).train()
+    assert not (tmp_path / "rksp_guard.json").exists()
+    resumed = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[resumed])
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=True)  # checkpoint-3: step 4 trips on its weights
+    good, suspect = str(tmp_path / "checkpoint-2"), str(tmp_path / "_suspect-checkpoint-3")
+    assert resumed.divergence["step"] == 4 and resumed.divergence["suspect_checkpoints"] == [suspect]
+    assert Path(suspect).is_dir() and not (tmp_path / "checkpoint-3").exists()
+    assert resumed.last_good_checkpoint == resumed.divergence["last_good_checkpoint"] == good
+    assert "no checkpoint was validated" not in caplog.text and f"resume_from_checkpoint={good!r}" in caplog.text
+    assert not resumed.weights_validated and f"resume_from_checkpoint={good!r}" in resumed._what_to_do()
+
+    # the next resume_from_checkpoint=True takes the last good checkpoint, backs off, and does not trip again
+    starts = StartStep()
+    again = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5), train_dataset=data,
+            callbacks=[again, starts]).train(resume_from_checkpoint=True)
+    assert starts.steps == [2] and again.divergence is None and again.lr_scale == 0.5
+
+
+def test_the_checkpoint_a_run_resumed_from_becomes_the_last_good_one_when_its_first_step_passes(tmp_path):
+    data = TokenDataset(n=128)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, learning_rate=1e-3), train_dataset=data,
+            callbacks=[_guard()]).train()
+    resumed = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=data,
+            callbacks=[resumed]).train(resume_from_checkpoint=True)
+    assert resumed.last_good_checkpoint == str(tmp_path / "checkpoint-2")  # step 3 validated it
+
+
+def test_only_the_folder_holding_the_resumed_state_is_held_as_the_resumed_checkpoint(tmp_path):
+    history = [{"loss": 4.0, "step": 1}, {"loss": 5.0, "step": 2}]
+    (tmp_path / "checkpoint-2").mkdir()
+    saved = {"global_step": 2, "log_history": history}
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(saved))
+    args = SimpleNamespace(output_dir=str(tmp_path))
+
+    def held(state, recorded_suspect=False):
+        guard = RKSPCallback()
+        guard._hold_resumed_checkpoint(args, state, recorded_suspect)
+        return [path for _, path in guard._pending_checkpoints]
+
+    assert held(TrainerState(global_step=2, log_history=list(history))) == [str(tmp_path / "checkpoint-2")]
+    # resumed from a copy in another folder, or from another save of step 2: another history
+    assert held(TrainerState(global_step=2, log_history=[{"loss": 4.5, "step": 1}, {"loss": 5.0, "step": 2}])) == []
+    assert held(TrainerState(global_step=2, log_history=list(history)), recorded_suspect=True) == []
+    assert held(TrainerState(global_step=3, log_history=list(history))) == []  # no checkpoint-3 here
+
+
+def test_a_resume_merges_each_recorded_event_once_per_occurrence_with_its_current_paths(tmp_path):
+    # a rollback at step 4 renamed checkpoint-3; a run resumed from checkpoint-2 rolled back at step 4 again: the
+    # record holds both events. The checkpoint resumed from holds the first, with the path it had before the rename.
+    first = {"step": 4, "action": "rollback", "suspect_checkpoints": [str(tmp_path / "_suspect-checkpoint-3")]}
+    second = {"step": 4, "action": "rollback", "suspect_checkpoints": [str(tmp_path / "_suspect-checkpoint-3-2")]}
+    (tmp_path / "rksp_guard.json").write_text(json.dumps({"events": [first, second], "last_good_checkpoint": None}))
+    guard = _guard(on_divergence="rollback")
+    guard.events = [{**first, "suspect_checkpoints": [str(tmp_path / "checkpoint-3")]}]  # restored callback state
+    guard._resume_backoff(SimpleNamespace(output_dir=str(tmp_path)), TrainerState(global_step=6), None, None)
+    assert guard.events == [first, second]
 
 
 # ---------------------------------------------------------------- 3. a resumed run counts its own rollbacks
@@ -248,6 +414,26 @@ def test_checkpoint_rollback_under_fsdp_is_refused_before_anything_is_written(tm
                              train_dataloader=trainer.get_train_dataloader())
     assert not list(tmp_path.glob("rksp_*"))  # refused before the init profile wrote anything
     assert guard.profile is None
+
+
+def test_checkpoint_rollback_under_fsdp1_or_a_requested_fsdp_is_refused_before_anything_is_written(tmp_path,
+                                                                                                    monkeypatch):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class Fsdp1Unit(FullyShardedDataParallel):  # an FSDP1 unit as auto-wrapping leaves one (no process group here)
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+
+    model = tiny_gpt2(n_layer=2)  # a plain Trainer, not bound to the guard: only the model tells
+    model.transformer.add_module("fsdp_unit", Fsdp1Unit())
+    args = _args(tmp_path)
+    begin = lambda guard, model: guard.on_train_begin(args, TrainerState(), TrainerControl(), model=model)  # noqa: E731
+    with pytest.raises(ValueError, match="cannot restore sharded \\(FSDP\\) parameters"):
+        begin(RKSPCallback(rollback_source="checkpoint"), model)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an FSDP launch config; the model itself stays unwrapped here
+    with pytest.raises(ValueError, match="cannot restore sharded \\(FSDP\\) parameters"):
+        begin(RKSPCallback(rollback_source="checkpoint"), tiny_gpt2(n_layer=2))
+    assert not list(tmp_path.glob("rksp_*"))
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "auto"])
