@@ -201,10 +201,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
       *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
       (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step,
       training stops, and `rksp/diverged`, `rksp/diverged_step`, `rksp/diverged_cause` reach `Trainer.log`,
-      `trainer.state.log_history` and the metrics `train()` returns. [`KSSTrainer.save_model`] refuses weights that
-      were not validated. With `load_best_model_at_end` the Trainer then loads the best checkpoint (a suspect best
-      checkpoint is replaced by a validated one first): its weights count as validated when that checkpoint is one the
-      guard validated.
+      `trainer.state.log_history` and the metrics `train()` returns. [`KSSTrainer.save_model`] and
+      `KSSTrainer.push_to_hub` refuse weights that were not validated. With `load_best_model_at_end` the Trainer then
+      loads the best checkpoint (a suspect best checkpoint is replaced by a validated one first): its weights count as
+      validated when that checkpoint is one the guard validated.
 
       *`on_divergence="rollback"`*: the last validated weights and optimizer state are restored, the tripping batch is
       skipped (it counts as a step but its update is discarded, as is the update of the step before it), the learning

@@ -392,24 +392,35 @@ class KSSTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
                    allow_unvalidated: bool = False) -> None:
         """`Trainer.save_model`, refusing weights the divergence guard saw diverge (unless `allow_unvalidated`)."""
+        if not _internal_call:  # the Trainer's own checkpoint saves: the guard keeps diverged steps out of them
+            self._refuse_unvalidated_weights("save", "save_model", allow_unvalidated)
+        super().save_model(output_dir, _internal_call)
+
+    def push_to_hub(self, *args: Any, allow_unvalidated: bool = False, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub` (same arguments), refusing weights the divergence guard saw diverge (unless
+        `allow_unvalidated`): it saves the in-memory model through an internal `save_model` call, then uploads it."""
+        self._refuse_unvalidated_weights("push", "push_to_hub", allow_unvalidated)
+        return super().push_to_hub(*args, **kwargs)
+
+    def _refuse_unvalidated_weights(self, verb: str, method: str, allow_unvalidated: bool) -> None:
+        """Raise `DivergedModelError` when an `RKSPCallback` saw this run diverge and the in-memory weights are not a
+        validated state; warn which validated state is written when they are."""
         from hf_koopman.training.callback import RKSPCallback
         from hf_koopman.training.guard import DivergedModelError
 
-        guards = [c for c in self.callback_handler.callbacks if isinstance(c, RKSPCallback)]
-        for guard in guards:
-            if guard.divergence is None or _internal_call:
+        for guard in (c for c in self.callback_handler.callbacks if isinstance(c, RKSPCallback)):
+            if guard.divergence is None:
                 continue
             if not guard.weights_validated and not allow_unvalidated:
                 raise DivergedModelError(
-                    f"refusing to save: the run diverged at step {guard.divergence['step']} "
+                    f"refusing to {verb}: the run diverged at step {guard.divergence['step']} "
                     f"({'; '.join(guard.divergence['causes'])}) and the in-memory weights are {guard._in_memory}. "
-                    f"Instead: {guard._what_to_do()}; or pass save_model(..., allow_unvalidated=True) to write these "
+                    f"Instead: {guard._what_to_do()}; or pass {method}(..., allow_unvalidated=True) to write these "
                     "weights anyway."
                 )
             if guard.weights_validated:
-                logger.warning("save_model after a divergence at step %s: writing the in-memory weights, %s.",
-                               guard.divergence["step"], guard._in_memory)
-        super().save_model(output_dir, _internal_call)
+                logger.warning("%s after a divergence at step %s: writing the in-memory weights, %s.",
+                               method, guard.divergence["step"], guard._in_memory)
 
     # ------------------------------------------------------------------ run set-up
     def _kss_reset_run_state(self) -> None:

@@ -101,6 +101,11 @@ def test_save_model_after_a_trip_never_writes_the_diverged_weights(tmp_path):
     with pytest.raises(DivergedModelError, match="checkpoint-2"):
         trainer.save_model(str(out / "final"))
     assert not (out / "final" / "model.safetensors").exists()
+    # push_to_hub saves through an internal save_model call: refused before it writes or uploads anything
+    written = sorted(p.name for p in out.iterdir())
+    with pytest.raises(DivergedModelError, match=r"refusing to push.*push_to_hub\(\.\.\., allow_unvalidated=True\)"):
+        trainer.push_to_hub()
+    assert sorted(p.name for p in out.iterdir()) == written
     trainer.save_model(str(out / "final"), allow_unvalidated=True)  # asked for explicitly
     assert (out / "final" / "model.safetensors").exists()
 
