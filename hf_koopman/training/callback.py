@@ -191,7 +191,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
       0.25 % of training time, so a rollback may go back a few more steps than the last passing one.
       When step `t` trips, the weights of step `t - 1` are suspect and the last validated state is that of step
       `t - 2`. The update of the tripping step is never kept. The checkpoints saved since the last passing check are
-      suspect too, and so is the checkpoint a resumed run started from until its first step passes: the saving
+      suspect too, and so is the checkpoint a resumed run started from until its first check passes: the saving
       process(es) (`args.should_save`) rename each `checkpoint-N` to `_suspect-checkpoint-N` (`-2`, `-3`, ... when
       that name exists; nothing is deleted), which transformers' newest-checkpoint lookup, `save_total_limit`
       rotation and Hub uploads skip, and which a later save of step `N` does not collide with.
@@ -810,7 +810,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         rather than every later resume tripping on it again. Not when it is the last good checkpoint already, when
         the record lists the resumed checkpoint as suspect, or when that folder is not the one resumed from (its
         `trainer_state.json` holds another step or log history: a checkpoint resumed from another folder, or saved
-        again since). Every process takes part in one all-reduce, so that all hold the same checkpoints."""
+        again since; or a history with no log entries, which cannot tell the folders apart). Every process takes
+        part in one all-reduce, so that all hold the same checkpoints."""
         path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         held = not recorded_suspect and self._resumed_from(path, state)
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
@@ -822,7 +823,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
     @staticmethod
     def _resumed_from(path: str, state) -> bool:
         """Whether the checkpoint folder `path` holds the trainer state this run resumed from (the Trainer does not
-        tell callbacks the folder): the same global step, and the log history the run starts with."""
+        tell callbacks the folder): the same global step, and the same non-empty log history the run starts with."""
         from transformers.trainer import TRAINER_STATE_NAME
 
         try:
@@ -830,7 +831,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         except (OSError, ValueError):
             return False
         history = saved.get("log_history") if isinstance(saved, dict) else None
-        return (isinstance(history, list) and saved.get("global_step") == state.global_step
+        # an empty history (logging_strategy="no", a resume before the first log) matches every folder at that step:
+        # then it cannot tell, and a folder that may be another run's is neither held nor validated
+        return (isinstance(history, list) and bool(history) and saved.get("global_step") == state.global_step
                 and history == list(state.log_history or [])[:len(history)])
 
     @staticmethod
@@ -1313,7 +1316,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             logger.warning(
                 "RKSP guard: the divergence at step %d followed %s, whose weights are suspect: renamed to %s (nothing "
                 "was deleted; transformers' newest-checkpoint lookup, save_total_limit rotation and Hub uploads skip "
-                "it). %s: %s%s.", event.step, ", ".join(renamed), ", ".join(renamed.values()), when,
+                "it)%s. %s: %s%s.", event.step, ", ".join(renamed), ", ".join(renamed.values()),
+                "; with push_to_hub, output_dir's own model files and the Hub repository's root (and last-checkpoint) "
+                "may still hold its weights until the next save" if getattr(args, "push_to_hub", False) else "",
+                when,
                 self._what_to_do(), self._newer_checkpoint(args))
         return renamed
 

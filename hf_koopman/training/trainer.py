@@ -392,14 +392,22 @@ class KSSTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
                    allow_unvalidated: bool = False) -> None:
         """`Trainer.save_model`, refusing weights the divergence guard saw diverge (unless `allow_unvalidated`)."""
-        if not _internal_call:  # the Trainer's own checkpoint saves: the guard keeps diverged steps out of them
-            self._refuse_unvalidated_weights("save", "save_model", allow_unvalidated)
-        super().save_model(output_dir, _internal_call)
+        if _internal_call:  # the Trainer's own checkpoint saves: the guard keeps diverged steps out of them
+            super().save_model(output_dir, _internal_call)
+            return
+        self._refuse_unvalidated_weights("save", "save_model", allow_unvalidated)
+        # with args.push_to_hub, Trainer.save_model pushes what it wrote: this call's check covers that push too
+        self._kss_push_checked = True
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._kss_push_checked = False
 
     def push_to_hub(self, *args: Any, allow_unvalidated: bool = False, **kwargs: Any) -> Any:
         """`Trainer.push_to_hub` (same arguments), refusing weights the divergence guard saw diverge (unless
         `allow_unvalidated`): it saves the in-memory model through an internal `save_model` call, then uploads it."""
-        self._refuse_unvalidated_weights("push", "push_to_hub", allow_unvalidated)
+        if not getattr(self, "_kss_push_checked", False):
+            self._refuse_unvalidated_weights("push", "push_to_hub", allow_unvalidated)
         return super().push_to_hub(*args, **kwargs)
 
     def _refuse_unvalidated_weights(self, verb: str, method: str, allow_unvalidated: bool) -> None:

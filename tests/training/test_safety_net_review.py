@@ -468,3 +468,35 @@ def test_an_fsdp1_launch_on_cpu_is_refused_before_accelerate_fails(tmp_path, mon
     monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP2 goes on to the Accelerator
     with pytest.raises(pytest.fail.Exception, match="Accelerator was built"):
         KSSTrainer(model=tiny_gpt2(n_layer=2), args=args, train_dataset=TokenDataset())
+
+
+# ---------------------------------------------------------------- third review
+def test_save_model_allowed_unvalidated_also_pushes_when_args_push(tmp_path, monkeypatch):
+    """With `args.push_to_hub`, `Trainer.save_model` calls `push_to_hub` itself: the flag given to save_model
+    covers that push, and the push is not refused after the weights were written."""
+    guard = _guard(restore_on_stop=False)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path, KSSTrainingArguments, max_steps=8),
+                         train_dataset=TokenDataset(n=128), callbacks=[guard])
+    trainer.train()
+    assert guard.divergence is not None and not guard.weights_validated
+    pushes = []
+    monkeypatch.setattr(Trainer, "push_to_hub", lambda self, *a, **k: pushes.append(k))
+    trainer.args.push_to_hub = True
+    trainer.save_model(str(tmp_path / "final"), allow_unvalidated=True)
+    assert (tmp_path / "final" / "model.safetensors").exists() and len(pushes) == 1
+    with pytest.raises(DivergedModelError, match="refusing to push"):
+        trainer.push_to_hub()  # on its own, still refused
+    assert len(pushes) == 1
+
+
+def test_a_resume_without_log_entries_cannot_name_its_folder(tmp_path):
+    """An empty log history matches every folder at the step: such a folder is not taken as the one resumed from."""
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    state = TrainerState(global_step=3, log_history=[])
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
+    assert not RKSPCallback._resumed_from(str(folder), state)
+    history = [{"loss": 4.0, "step": 1}]
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": history}))
+    assert RKSPCallback._resumed_from(str(folder), TrainerState(global_step=3, log_history=list(history)))
+    assert not RKSPCallback._resumed_from(str(folder), TrainerState(global_step=3, log_history=[{"loss": 9.0}]))
