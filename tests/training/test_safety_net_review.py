@@ -500,3 +500,39 @@ def test_a_resume_without_log_entries_cannot_name_its_folder(tmp_path):
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": history}))
     assert RKSPCallback._resumed_from(str(folder), TrainerState(global_step=3, log_history=list(history)))
     assert not RKSPCallback._resumed_from(str(folder), TrainerState(global_step=3, log_history=[{"loss": 9.0}]))
+
+
+def _resumed_folder(tmp_path, step, history):
+    folder = tmp_path / f"checkpoint-{step}"
+    folder.mkdir(exist_ok=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": history}))
+    return folder
+
+
+def test_a_resume_from_the_last_good_checkpoint_holds_nothing(tmp_path):
+    """The last good checkpoint is the rollback source: a trip right after resuming from it must not set it aside."""
+    history = [{"loss": 4.0, "step": 1}]
+    folder = _resumed_folder(tmp_path, 3, history)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(global_step=3, log_history=list(history))
+    guard = RKSPCallback()
+    guard.last_good_checkpoint = str(folder)
+    guard._hold_resumed_checkpoint(args, state, recorded_suspect=False)
+    assert guard._pending_checkpoints == []
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    guard._hold_resumed_checkpoint(args, state, recorded_suspect=False)
+    assert guard._pending_checkpoints == [(3, str(folder))]
+
+
+def test_a_last_good_checkpoint_later_than_the_resumed_step_is_dropped(tmp_path):
+    """This callback's earlier train() call went further (last good checkpoint-9); the run resumed at step 3 is not on
+    that path, so its last good checkpoint is the latest one up to step 3 the resumed state names, or none."""
+    history = [{"loss": 4.0, "step": 1}]
+    _resumed_folder(tmp_path, 3, history)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    guard = RKSPCallback()
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-9")
+    guard._resume_backoff(args, TrainerState(global_step=3, log_history=list(history)), None, None)
+    assert guard.last_good_checkpoint is None
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    guard._resume_backoff(args, TrainerState(global_step=3, log_history=list(history)), None, None)
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
