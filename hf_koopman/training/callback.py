@@ -153,6 +153,17 @@ def _checkpoint_step(path: str) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+def _pushed_copies(args: Any) -> str:
+    """What a rename cannot undo when the Trainer pushes each save to the Hub (it copies the checkpoint's model files
+    into `output_dir` and uploads them; `hub_strategy="end"` pushes only at the end), as a clause of the warning."""
+    strategy = str(getattr(getattr(args, "hub_strategy", None), "value", getattr(args, "hub_strategy", "")))
+    if not getattr(args, "push_to_hub", False) or strategy == "end":
+        return ""
+    folder = {"checkpoint": " and last-checkpoint", "all_checkpoints": " and its checkpoint folder"}.get(strategy, "")
+    return (f"; with push_to_hub, output_dir's own model files and the Hub repository's root{folder} may still hold "
+            "its weights until the next save")
+
+
 def _suspect_name(name: str, k: int) -> str:
     """The folder name a suspect checkpoint `name` gets: `_suspect-<name>`, or `_suspect-<name>-<k>` for `k >= 2`."""
     return f"{SUSPECT_PREFIX}{name}" if k == 1 else f"{SUSPECT_PREFIX}{name}-{k}"
@@ -407,6 +418,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._trip: DivergenceEvent | None = None
         self._to_log: DivergenceEvent | None = None
         self._pending_checkpoints: list[tuple[int, str]] = []  # saved since the last passing check
+        self._unconfirmed: set[str] = set()  # held resumed folders that may be another run's: never made last good
         self._window_first: int | None = None  # first step of the unchecked window (None: a new window starts)
         self._worst_loss: torch.Tensor | None = None  # on-device maxima of the window's unchecked steps
         self._worst_squared_norm: torch.Tensor | None = None
@@ -720,6 +732,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._step_started = None
         self._trip = self._to_log = None
         self._pending_checkpoints = []
+        self._unconfirmed = set()
         self._window_first = None
         self._worst_loss = self._worst_squared_norm = None
         self.weights_validated = True
@@ -810,20 +823,26 @@ class RKSPCallback(TrainerCallback, ExportableState):
         rather than every later resume tripping on it again. Not when it is the last good checkpoint already, when
         the record lists the resumed checkpoint as suspect, or when that folder is not the one resumed from (its
         `trainer_state.json` holds another step or log history: a checkpoint resumed from another folder, or saved
-        again since; or a history with no log entries, which cannot tell the folders apart). Every process takes
-        part in one all-reduce, so that all hold the same checkpoints."""
+        again since). A folder whose history has no log entries (a save before the first log, `logging_strategy="no"`)
+        cannot be told apart from another run's folder at the same step: it is held, so that a trip sets it aside,
+        but a passing step does not make it the last good checkpoint (it might hold another run's diverged weights).
+        Every process takes part in the all-reduces, so that all hold the same checkpoints."""
         path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        held = not recorded_suspect and self._resumed_from(path, state)
+        match = False if recorded_suspect else self._resumed_from(path, state)
+        sure, maybe = match is True, match == "unsure"
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
-            held = self._any_process(held)
+            sure, maybe = self._any_process(sure), self._any_process(maybe)
         good = self.last_good_checkpoint
-        if held and not (good is not None and _same_path(good, path)):
+        if (sure or maybe) and not (good is not None and _same_path(good, path)):
             self._pending_checkpoints.append((state.global_step, path))
+            if not sure:
+                self._unconfirmed.add(path)
 
     @staticmethod
-    def _resumed_from(path: str, state) -> bool:
+    def _resumed_from(path: str, state) -> bool | str:
         """Whether the checkpoint folder `path` holds the trainer state this run resumed from (the Trainer does not
-        tell callbacks the folder): the same global step, and the same non-empty log history the run starts with."""
+        tell callbacks the folder): `True` for the same global step and the same non-empty log history the run starts
+        with; `"unsure"` for the same step with no log entries (any folder at that step matches); else `False`."""
         from transformers.trainer import TRAINER_STATE_NAME
 
         try:
@@ -831,10 +850,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         except (OSError, ValueError):
             return False
         history = saved.get("log_history") if isinstance(saved, dict) else None
-        # an empty history (logging_strategy="no", a resume before the first log) matches every folder at that step:
-        # then it cannot tell, and a folder that may be another run's is neither held nor validated
-        return (isinstance(history, list) and bool(history) and saved.get("global_step") == state.global_step
-                and history == list(state.log_history or [])[:len(history)])
+        if not isinstance(history, list) or saved.get("global_step") != state.global_step:
+            return False
+        if history != list(state.log_history or [])[:len(history)]:
+            return False
+        return True if history else "unsure"
 
     @staticmethod
     def _stored_guard_states(state) -> list[dict[str, Any]]:
@@ -1184,6 +1204,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
         """`path` is the last good checkpoint now. Restoring from checkpoints, the first one is checked (names, shapes,
         optimizer state; every process, one all-reduce): a layout the guard cannot read back switches it to the CPU
         copy, with a warning, rather than failing at the first trip."""
+        if path in self._unconfirmed:
+            self._unconfirmed.discard(path)
+            logger.info("RKSP guard: %s passed its first check, but with no log entries before the resume the guard "
+                        "cannot tell it is the folder this run resumed from: it is not taken as the last good "
+                        "checkpoint", path)
+            return
         self.last_good_checkpoint = path
         if not self._from_checkpoint or self._checkpoint_checked:
             return
@@ -1316,11 +1342,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             logger.warning(
                 "RKSP guard: the divergence at step %d followed %s, whose weights are suspect: renamed to %s (nothing "
                 "was deleted; transformers' newest-checkpoint lookup, save_total_limit rotation and Hub uploads skip "
-                "it)%s. %s: %s%s.", event.step, ", ".join(renamed), ", ".join(renamed.values()),
-                "; with push_to_hub, output_dir's own model files and the Hub repository's root (and last-checkpoint) "
-                "may still hold its weights until the next save" if getattr(args, "push_to_hub", False) else "",
-                when,
-                self._what_to_do(), self._newer_checkpoint(args))
+                "it)%s. %s: %s%s.", event.step, ", ".join(renamed), ", ".join(renamed.values()), _pushed_copies(args),
+                when, self._what_to_do(), self._newer_checkpoint(args))
         return renamed
 
     def _newer_checkpoint(self, args) -> str:

@@ -270,14 +270,17 @@ def test_the_rename_warning_says_when_resume_true_would_take_a_later_checkpoint(
 
 
 # ---------------------------------------------------------------- 2b. the checkpoint a run resumed from
-def test_the_checkpoint_a_run_resumed_from_is_set_aside_when_its_first_step_trips(tmp_path, caplog):
+@pytest.mark.parametrize("logging_steps", [1, 100])  # 100: no log entries before the resume (folder unconfirmed)
+def test_the_checkpoint_a_run_resumed_from_is_set_aside_when_its_first_step_trips(tmp_path, caplog, logging_steps):
     data = TokenDataset(n=128)
     # preempted right after saving checkpoint-3: no event, so no record; checkpoint-3's stored guard state names
     # checkpoint-2 as the last good one
-    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[_guard()]).train()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, logging_steps=logging_steps), train_dataset=data,
+            callbacks=[_guard()]).train()
     assert not (tmp_path / "rksp_guard.json").exists()
     resumed = _guard()
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[resumed])
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, logging_steps=logging_steps), train_dataset=data,
+                      callbacks=[resumed])
     with caplog.at_level(logging.WARNING):
         trainer.train(resume_from_checkpoint=True)  # checkpoint-3: step 4 trips on its weights
     good, suspect = str(tmp_path / "checkpoint-2"), str(tmp_path / "_suspect-checkpoint-3")
@@ -488,14 +491,41 @@ def test_save_model_allowed_unvalidated_also_pushes_when_args_push(tmp_path, mon
         trainer.push_to_hub()  # on its own, still refused
     assert len(pushes) == 1
 
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "save_model", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_model(str(tmp_path / "again"), allow_unvalidated=True)
+    with pytest.raises(DivergedModelError, match="refusing to push"):
+        trainer.push_to_hub()  # a failed save_model leaves no permission behind
+    assert len(pushes) == 1
+
+
+@pytest.mark.parametrize(("push", "strategy", "expected"), [
+    (False, "every_save", None), (True, "end", None), (True, "every_save", "Hub repository's root may"),
+    (True, "checkpoint", "root and last-checkpoint may"), (True, "all_checkpoints", "root and its checkpoint folder"),
+])
+def test_the_rename_warning_names_only_the_copies_the_pushes_made(tmp_path, push, strategy, expected):
+    args = TrainingArguments(str(tmp_path), push_to_hub=push, hub_strategy=strategy, report_to="none")
+    clause = callback_module._pushed_copies(args)
+    assert (clause == "") if expected is None else (expected in clause)
+
 
 def test_a_resume_without_log_entries_cannot_name_its_folder(tmp_path):
-    """An empty log history matches every folder at the step: such a folder is not taken as the one resumed from."""
+    """An empty log history matches every folder at the step: such a folder is held, so that a trip sets it aside,
+    but a passing check never makes it the last good checkpoint (it may hold another run's diverged weights)."""
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
     state = TrainerState(global_step=3, log_history=[])
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
-    assert not RKSPCallback._resumed_from(str(folder), state)
+    assert RKSPCallback._resumed_from(str(folder), state) == "unsure"
+    guard = RKSPCallback()
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
+    guard._hold_resumed_checkpoint(SimpleNamespace(output_dir=str(tmp_path)), state, recorded_suspect=False)
+    assert guard._pending_checkpoints == [(3, str(folder))]  # a trip would set it aside
+    guard._promote(str(folder))  # a passing check
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
     history = [{"loss": 4.0, "step": 1}]
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": history}))
     assert RKSPCallback._resumed_from(str(folder), TrainerState(global_step=3, log_history=list(history)))
