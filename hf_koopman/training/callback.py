@@ -826,16 +826,16 @@ class RKSPCallback(TrainerCallback, ExportableState):
         again since). A folder whose history has no log entries (a save before the first log, `logging_strategy="no"`)
         cannot be told apart from another run's folder at the same step: it is held, so that a trip sets it aside,
         but a passing step does not make it the last good checkpoint (it might hold another run's diverged weights).
-        Every process takes part in the all-reduces, so that all hold the same checkpoints."""
+        Every process takes part in one all-reduce, so that all hold the same checkpoints."""
         path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         match = False if recorded_suspect else self._resumed_from(path, state)
-        sure, maybe = match is True, match == "unsure"
+        level = 2 if match is True else 1 if match == "unsure" else 0  # 2 sure, 1 unsure, 0 not this folder
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
-            sure, maybe = self._any_process(sure), self._any_process(maybe)
+            level = int(reduce_max(torch.tensor([float(level)], device=self._device()))[0])
         good = self.last_good_checkpoint
-        if (sure or maybe) and not (good is not None and _same_path(good, path)):
+        if level and not (good is not None and _same_path(good, path)):
             self._pending_checkpoints.append((state.global_step, path))
-            if not sure:
+            if level == 1:
                 self._unconfirmed.add(path)
 
     @staticmethod
