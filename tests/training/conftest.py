@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
 
 
 VOCAB = 64
@@ -42,6 +42,29 @@ def cpu_training_args(tmp_path, cls, **kw):
                 disable_tqdm=True)
     base.update(kw)
     return cls(**base)
+
+
+def blow_up_args(tmp_path, cls=TrainingArguments, **kw):
+    """The safety-net tests' run: 12 steps at learning rate 1.0 (it blows up within a few steps), a checkpoint every
+    step, batches in order, 4 per step; KSS off with `KSSTrainingArguments`."""
+    from hf_koopman.training import KSSTrainingArguments
+
+    base = dict(max_steps=12, learning_rate=1.0, lr_scheduler_type="constant", save_strategy="steps", save_steps=1,
+                train_sampling_strategy="sequential", per_device_train_batch_size=4)
+    if issubclass(cls, KSSTrainingArguments):
+        base.update(kss_enabled=False)
+    base.update(kw)
+    return cpu_training_args(tmp_path, cls, **base)
+
+
+def exact_guard(**kw):
+    """`RKSPCallback` with exact "last passing step" semantics (a snapshot every step; "auto" depends on timing) and
+    no init profile."""
+    from hf_koopman.training import RKSPCallback
+
+    kw.setdefault("snapshot_every_n_steps", 1)
+    kw.setdefault("profile_at_init", False)
+    return RKSPCallback(**kw)
 
 
 def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GPT2LMHeadModel:

@@ -236,21 +236,15 @@ def test_a_refused_train_sets_nothing_up(tmp_path):
     # refused before Trainer.train() runs: no NEFTune hook on the embedding, the trainer not marked as training
     model = tiny_gpt2(n_layer=2)
     _compile_in_place(model.transformer.h[1])
-    trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False, neftune_noise_alpha=5.0),
-                         train_dataset=TokenDataset())
-    trainer.kss_config.enabled = True
-    with pytest.raises(ValueError, match="KSS cannot run with"):
-        trainer.train()
-    assert not trainer.is_in_train
-    assert not model.get_input_embeddings()._forward_hooks
-    # the same when KSS is switched on through args
-    trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False, neftune_noise_alpha=5.0),
-                         train_dataset=TokenDataset())
-    trainer.args.kss_enabled = True
-    with pytest.raises(ValueError, match="KSS cannot run with"):
-        trainer.train()
-    assert not trainer.is_in_train
-    assert not model.get_input_embeddings()._forward_hooks
+    # KSS switched on in the trainer's config, or through args
+    for switch_on in (lambda t: setattr(t.kss_config, "enabled", True), lambda t: setattr(t.args, "kss_enabled", True)):
+        trainer = KSSTrainer(model=model, args=_args(tmp_path, kss_enabled=False, neftune_noise_alpha=5.0),
+                             train_dataset=TokenDataset())
+        switch_on(trainer)
+        with pytest.raises(ValueError, match="KSS cannot run with"):
+            trainer.train()
+        assert not trainer.is_in_train
+        assert not model.get_input_embeddings()._forward_hooks
 
 
 def test_compiled_modules_inside_or_outside_the_blocks_are_allowed(tmp_path):

@@ -12,9 +12,11 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import TokenDataset, tiny_gpt2
+from conftest import blow_up_args as _args
+from conftest import exact_guard as _guard
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
 from hf_koopman.training.guard import DivergenceEvent
@@ -22,20 +24,6 @@ from hf_koopman.training import callback as callback_module
 
 
 BATCH = 4
-
-
-def _args(tmp_path, cls=TrainingArguments, **kw):
-    base = dict(max_steps=12, learning_rate=1.0, lr_scheduler_type="constant", save_strategy="steps", save_steps=1,
-                train_sampling_strategy="sequential", per_device_train_batch_size=BATCH)
-    if cls is KSSTrainingArguments:
-        base.update(kss_enabled=False)
-    base.update(kw)
-    return cpu_training_args(tmp_path, cls, **base)
-
-
-def _guard(**kw):
-    kw.setdefault("snapshot_every_n_steps", 1)  # exact "last passing step" semantics; "auto" is timing-dependent
-    return RKSPCallback(profile_at_init=False, **kw)
 
 
 def _batch_loss(model, dataset, step):

@@ -11,26 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TokenDataset, cpu_training_args, tiny_gpt2
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from conftest import TokenDataset, tiny_gpt2
+from conftest import blow_up_args as _args
+from conftest import exact_guard as _guard
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.utils import logging as hf_logging
 
 from hf_koopman.training import RKSPCallback
 from hf_koopman.training.callback import SUSPECT_PREFIX
 from hf_koopman.training.guard import DivergenceEvent
-
-
-def _args(tmp_path, **kw):
-    base = dict(max_steps=12, learning_rate=1.0, lr_scheduler_type="constant", save_strategy="steps", save_steps=1,
-                train_sampling_strategy="sequential", per_device_train_batch_size=4)
-    base.update(kw)
-    return cpu_training_args(tmp_path, TrainingArguments, **base)
-
-
-def _guard(**kw):
-    kw.setdefault("snapshot_every_n_steps", 1)
-    kw.setdefault("profile_at_init", False)
-    return RKSPCallback(**kw)
 
 
 @pytest.mark.parametrize("restore_on_stop", [True, False])

@@ -18,7 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers.trainer
-from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import TokenDataset, tiny_gpt2
+from conftest import blow_up_args as _args
+from conftest import exact_guard as _guard
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -27,21 +29,6 @@ from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
 from hf_koopman.training import callback as callback_module
 from hf_koopman.training.guard import DivergenceEvent
-
-
-def _args(tmp_path, cls=TrainingArguments, **kw):
-    base = dict(max_steps=12, learning_rate=1.0, lr_scheduler_type="constant", save_strategy="steps", save_steps=1,
-                train_sampling_strategy="sequential", per_device_train_batch_size=4)
-    if cls is KSSTrainingArguments:
-        base.update(kss_enabled=False)
-    base.update(kw)
-    return cpu_training_args(tmp_path, cls, **base)
-
-
-def _guard(**kw):
-    kw.setdefault("snapshot_every_n_steps", 1)
-    kw.setdefault("profile_at_init", False)
-    return RKSPCallback(**kw)
 
 
 class StartStep(TrainerCallback):
