@@ -34,6 +34,27 @@ logger = get_logger(__name__)
 _STAT_KEYS = ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius")
 
 
+_REENTRANT_CAP_MESSAGE = (
+    "KSS gradient cap: reentrant gradient checkpointing cannot compute the separate task / KSS gradient norms. Pass "
+    "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), kss_grad_cap='activations', "
+    "or disable the cap with kss_max_grad_ratio=None."
+)
+
+
+def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:
+    """Whether the autograd graph of `loss` holds a reentrant `torch.utils.checkpoint` node (`CheckpointFunction`)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 class _InjectGradients(torch.autograd.Function):
     """Zero-valued scalar of `params` whose backward returns precomputed gradients (times the incoming gradient).
 
@@ -794,11 +815,11 @@ class KSSTrainer(Trainer):
         except RuntimeError as err:
             if "reentrant" not in str(err):
                 raise
-            raise ValueError(
-                "KSS gradient cap: reentrant gradient checkpointing cannot compute the separate task / KSS gradient "
-                "norms. Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default) or "
-                "disable the cap with kss_max_grad_ratio=None."
-            ) from err
+            raise ValueError(_REENTRANT_CAP_MESSAGE) from err
+        if any(g is None for g in g_task) and _has_reentrant_checkpoint(task_loss):
+            # with every trainable parameter inside reentrant-checkpointed blocks (LoRA with frozen embeddings),
+            # `autograd.grad` never enters the checkpointed blocks: their gradients come back as None, not as an error
+            raise ValueError(_REENTRANT_CAP_MESSAGE)
 
         def norm(grads) -> torch.Tensor:
             sq = [g.detach().double().square().sum() for g in grads if g is not None]

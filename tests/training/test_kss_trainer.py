@@ -286,6 +286,18 @@ def test_gradient_cap_with_reentrant_checkpointing_names_the_fix(tmp_path):
     assert 0.0 < ok.state.log_history[0]["kss/grad_scale"] <= 1.0
 
 
+def test_gradient_cap_with_reentrant_checkpointing_under_lora_names_the_fix(tmp_path):
+    # LoRA leaves every trainable parameter inside the checkpointed blocks: `autograd.grad` then returns None for all
+    # of them instead of raising, and the step would train on a zero gradient
+    from hf_koopman.testing_utils import tiny_peft_model
+
+    args = _args(tmp_path, max_steps=1, kss_every_n_steps=1, gradient_checkpointing=True, kss_grad_cap="parameters",
+                 gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = KSSTrainer(model=tiny_peft_model("gpt2", n_layer=2), args=args, train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match="use_reentrant"):
+        trainer.train()
+
+
 def test_training_argument_defaults_are_the_kss_config_defaults():
     # KSSTrainingArguments restates every KSSConfig field as kss_<name>; a default changed on one side only would make
     # `KSSTrainer(args=KSSTrainingArguments(...))` and `KSSConfig()` train differently
