@@ -25,7 +25,9 @@ from typing import NamedTuple
 from torch import nn
 
 
-__all__ = ["ResidualBlock", "eager_calls", "find_residual_blocks", "nested_block_lists", "unwrap_model"]
+__all__ = [
+    "ResidualBlock", "check_token_stream", "eager_calls", "find_residual_blocks", "nested_block_lists", "unwrap_model"
+]
 
 logger = get_logger(__name__)
 
@@ -40,6 +42,24 @@ class ResidualBlock(NamedTuple):
     name: str
     module: nn.Module
     stack: str
+
+
+def check_token_stream(blocks: Sequence[ResidualBlock]) -> None:
+    """Refuse blocks whose class says that their activations are not a stream of token states.
+
+    A block class opts out with a class attribute `_not_a_token_stream` holding the reason and the alternative (e.g.
+    ReyNet's blocks map `(B, n, n, C)` pair tensors, which the `(B, C, H, W)` reading of 4-D maps would scramble).
+
+    Raises:
+        ValueError: naming the first such block and its class's reason.
+    """
+    for block in blocks:
+        reason = getattr(type(block.module), "_not_a_token_stream", None)
+        if reason:
+            raise ValueError(
+                f"block {block.name!r} ({type(block.module).__name__}) is not read as a residual stream of token "
+                f"states: {reason}"
+            )
 
 
 def _compiled_inner(module: nn.Module) -> nn.Module | None:

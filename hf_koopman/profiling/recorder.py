@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_koopman.profiling.blocks import ResidualBlock, find_residual_blocks, unwrap_model
+from hf_koopman.profiling.blocks import ResidualBlock, check_token_stream, find_residual_blocks, unwrap_model
 
 
 __all__ = ["ResidualStreamRecorder"]
@@ -155,6 +155,7 @@ class ResidualStreamRecorder:
         if blocks is None or not all(isinstance(b, ResidualBlock) for b in blocks):
             blocks = find_residual_blocks(self.model, layers=blocks)
         self.blocks: list[ResidualBlock] = list(blocks)
+        check_token_stream(self.blocks)
         self.num_samples = num_samples
         self.seed = seed
         self.attention_mask = attention_mask

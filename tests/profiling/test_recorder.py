@@ -127,6 +127,17 @@ def test_non_residual_block_is_rejected():
             model(torch.randn(3, 5, 8))
 
 
+class _PairBlock(nn.Linear):
+    _not_a_token_stream = "its activations are (B, n, n, C) pair tensors; use another block list"
+
+
+def test_blocks_whose_class_opts_out_are_refused_with_the_reason():
+    model = nn.Sequential(nn.Linear(8, 8), _PairBlock(8, 8))
+    with pytest.raises(ValueError, match=r"block '1' \(_PairBlock\) is not read .* use another block list"):
+        ResidualStreamRecorder(model, blocks=[model[1]])
+    ResidualStreamRecorder(model, blocks=[model[0]])  # other blocks of the same model are read
+
+
 class _Shared(nn.Module):
     def __init__(self):
         super().__init__()
