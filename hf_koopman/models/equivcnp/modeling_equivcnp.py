@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils import logging as hf_logging
 
-from .configuration_equivcnp import EquivCNPConfig
+from .configuration_equivcnp import CNPConfig, ConvCNPConfig, EquivCNPConfig
 from .groups import get_group
 from .lieconv import LieConv, LieConvBlock, Neighbourhood, build_neighbourhood, gather_points, grid_stencil_half_width
 from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction, uniform_grid
@@ -49,6 +49,12 @@ class EquivCNPPreTrainedModel(PreTrainedModel):
     base_model_prefix = "equivcnp"
     main_input_name = "context_x"
     accepts_loss_kwargs = False  # the loss is a per-point mean; let the Trainer scale for gradient accumulation
+
+    def __init__(self, config: EquivCNPConfig | CNPConfig | ConvCNPConfig, *inputs, **kwargs) -> None:
+        # the config checked itself in its __init__, but `from_pretrained(path, **overrides)` sets the overrides
+        # afterwards with setattr (and a field may be changed by hand): check again before any layer is built
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # PyTorch's default (Kaiming-uniform weights, uniform biases): zero biases leave the kernel MLPs nearly
@@ -85,7 +91,8 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         self.log_length_scale = nn.Parameter(torch.tensor(math.log(config.encoder_length_scale)))
         self.embed = nn.Linear(1 + config.y_dim, c)
         self.blocks = nn.ModuleList(
-            LieConvBlock(c, e, config.radius, config.kernel_channels, config.kernel_hidden) for _ in range(config.num_layers)
+            LieConvBlock(c, e, config.radius, config.kernel_channels, config.kernel_hidden)
+            for _ in range(config.num_layers)
         )
         self.readout = LieConv(c, c, e, config.radius, config.kernel_channels, config.kernel_hidden)
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 2 * config.y_dim))
@@ -112,7 +119,9 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         cm = ones(context_x) if context_mask is None else context_mask
         tm = ones(target_x) if target_mask is None else target_mask
         if cfg.discretisation == "grid":
-            return uniform_grid([(context_x, cm), (target_x, tm)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points)
+            return uniform_grid(
+                [(context_x, cm), (target_x, tm)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points
+            )
         if cfg.discretisation == "targets":
             return target_x, tm
         return torch.cat([context_x, target_x], 1), torch.cat([cm, tm], 1)

@@ -14,24 +14,40 @@ _ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 _PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ReyNetConfig: {name} must be a positive integer, got {value!r}")
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (`True` is an int to Python, never a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _int_list(name: str, value, *, allow_empty: bool) -> list[int]:
-    if isinstance(value, tuple):
-        value = list(value)
-    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        raise ValueError(f"ReyNetConfig: {name} must be a list of positive integers, got {value!r}")
-    if not value and not allow_empty:
-        raise ValueError(f"ReyNetConfig: {name} must not be empty")
-    return value
+def _positive_int(name: str, value: object) -> None:
+    if not _is_int(value) or value < 1:
+        hint = "; pass the number itself, not a string" if isinstance(value, str) else ""
+        raise ValueError(f"ReyNetConfig: {name} must be a positive integer, got {value!r}{hint}")
 
 
-def _choice(name: str, value, options: tuple[str, ...]) -> None:
-    if value not in options:
+def _int_list(name: str, value: object) -> None:
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 1 for v in value):
+        hint = f"; for one layer pass {name}=[{value}]" if _is_int(value) and value >= 1 else ""
+        raise ValueError(f"ReyNetConfig: {name} must be a list of positive integers, got {value!r}{hint}")
+
+
+def _as_list(value: object) -> object:
+    """A list copy of a list or tuple (JSON reloads a list, so a saved and reloaded config compares equal); anything
+    else as it is, for validate() to name."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _choice(name: str, value: object, options: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in options:
         raise ValueError(f"ReyNetConfig: {name}={value!r} is not one of {options}")
+
+
+def _num_labels(value: object) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"ReyNetConfig: num_labels must be an integer >= 1 (the outputs of ReyNetForGraphClassification), got "
+            f"{value!r}; use num_labels=2 for binary classification or num_labels=1 with problem_type='regression'"
+        )
 
 
 class ReyNetConfig(PreTrainedConfig):
@@ -72,8 +88,8 @@ class ReyNetConfig(PreTrainedConfig):
         channel_hidden_sizes (`list[int]`, *optional*, defaults to `[16, 32, 256]`):
             Channel MLP after each Reynolds block (1×1 convs, each followed by the activation), or the IEGN widths.
         pooling (`str`, *optional*, defaults to `"sum"`):
-            Invariant readout: `"sum"` of the diagonal and of the off-diagonal entries (the paper's `DiagOffdiagSumpool`)
-            or their `"mean"` (divides by n and n(n−1); better for size generalisation).
+            Invariant readout: `"sum"` of the diagonal and of the off-diagonal entries (the paper's
+            `DiagOffdiagSumpool`) or their `"mean"` (divides by n and n(n−1); better for size generalisation).
         head_hidden_sizes (`list[int]`, *optional*, defaults to `[512, 256]`):
             Hidden widths of the invariant heads' MLP.
         head_dropout (`float`, *optional*, defaults to 0.0):
@@ -118,58 +134,74 @@ class ReyNetConfig(PreTrainedConfig):
         initializer: str = "xavier_uniform",
         **kwargs,
     ) -> None:
-        _positive_int("in_channels", in_channels)
-        _choice("layer_type", layer_type, _LAYER_TYPES)
-        _positive_int("num_reynolds_layers", num_reynolds_layers)
-        _choice("phi_mode", phi_mode, _PHI_MODES)
-        phi_hidden_sizes = _int_list(
-            "phi_hidden_sizes", [16, 16, 16] if phi_hidden_sizes is None else phi_hidden_sizes, allow_empty=True
-        )
-        if isinstance(design_order, bool) or not isinstance(design_order, int) or design_order not in (2, 3):
-            raise ValueError(f"ReyNetConfig: design_order must be 2 (ordered pairs) or 3 (triples), got {design_order!r}")
-        if design_order == 3 and layer_type == "reynolds" and (phi_mode != "joint" or not phi_hidden_sizes):
-            raise ValueError(
-                "ReyNetConfig: design_order=3 needs phi_mode='joint' and a non-empty phi_hidden_sizes (the triple "
-                f"block is implemented for a joint φ with hidden layers), got phi_mode={phi_mode!r}, "
-                f"phi_hidden_sizes={phi_hidden_sizes!r}"
-            )
-        if reynolds_channels is not None:
-            _positive_int("reynolds_channels", reynolds_channels)
-        if not isinstance(skip_connection, bool):
-            raise ValueError(f"ReyNetConfig: skip_connection must be a bool, got {skip_connection!r}")
-        channel_hidden_sizes = _int_list(
-            "channel_hidden_sizes",
-            [16, 32, 256] if channel_hidden_sizes is None else channel_hidden_sizes,
-            allow_empty=layer_type == "reynolds",
-        )
-        _choice("pooling", pooling, _POOLINGS)
-        head_hidden_sizes = _int_list(
-            "head_hidden_sizes", [512, 256] if head_hidden_sizes is None else head_hidden_sizes, allow_empty=True
-        )
-        if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0.0 <= head_dropout < 1.0:
-            raise ValueError(f"ReyNetConfig: head_dropout must be a float in [0, 1), got {head_dropout!r}")
-        _choice("hidden_act", hidden_act, _ACTIVATIONS)
-        _positive_int("num_targets", num_targets)
-        _choice("initializer", initializer, ("xavier_uniform", "default"))
-        if kwargs.get("problem_type") is not None:
-            _choice("problem_type", kwargs["problem_type"], _PROBLEM_TYPES)
-
+        if kwargs.get("num_labels") is not None:
+            # checked before PreTrainedConfig turns it into `id2label`, where -2 would silently become 0 labels
+            _num_labels(kwargs["num_labels"])
         self.in_channels = in_channels
         self.layer_type = layer_type
         self.num_reynolds_layers = num_reynolds_layers
         self.design_order = design_order
         self.phi_mode = phi_mode
-        self.phi_hidden_sizes = phi_hidden_sizes
+        self.phi_hidden_sizes = _as_list([16, 16, 16] if phi_hidden_sizes is None else phi_hidden_sizes)
         self.reynolds_channels = reynolds_channels
         self.skip_connection = skip_connection
-        self.channel_hidden_sizes = channel_hidden_sizes
+        self.channel_hidden_sizes = _as_list([16, 32, 256] if channel_hidden_sizes is None else channel_hidden_sizes)
         self.pooling = pooling
-        self.head_hidden_sizes = head_hidden_sizes
-        self.head_dropout = float(head_dropout)
+        self.head_hidden_sizes = _as_list([512, 256] if head_hidden_sizes is None else head_hidden_sizes)
+        self.head_dropout = head_dropout
         self.hidden_act = hidden_act
         self.num_targets = num_targets
         self.initializer = initializer
         super().__init__(**kwargs)
+        self.validate()
+        self.head_dropout = float(self.head_dropout)
+
+    def validate(self) -> None:
+        """Check every field (type, range, combination) and raise a `ValueError` naming the field, the value and the
+        fix.
+
+        Runs in `__init__`, in the models' `__init__` (which catches overrides applied after construction: transformers
+        sets the keyword overrides of `from_pretrained(path, **kwargs)` with `setattr` after `__init__`) and in
+        `save_pretrained`.
+        """
+        super().validate()
+        _positive_int("in_channels", self.in_channels)
+        _choice("layer_type", self.layer_type, _LAYER_TYPES)
+        _positive_int("num_reynolds_layers", self.num_reynolds_layers)
+        _choice("phi_mode", self.phi_mode, _PHI_MODES)
+        _int_list("phi_hidden_sizes", self.phi_hidden_sizes)
+        if not _is_int(self.design_order) or self.design_order not in (2, 3):
+            raise ValueError(
+                f"ReyNetConfig: design_order must be 2 (ordered pairs) or 3 (triples), got {self.design_order!r}"
+            )
+        if (self.design_order == 3 and self.layer_type == "reynolds"
+                and (self.phi_mode != "joint" or not self.phi_hidden_sizes)):
+            raise ValueError(
+                "ReyNetConfig: design_order=3 needs phi_mode='joint' and a non-empty phi_hidden_sizes (the triple "
+                f"block is implemented for a joint φ with hidden layers), got phi_mode={self.phi_mode!r}, "
+                f"phi_hidden_sizes={self.phi_hidden_sizes!r}"
+            )
+        if self.reynolds_channels is not None:
+            _positive_int("reynolds_channels", self.reynolds_channels)
+        if not isinstance(self.skip_connection, bool):
+            raise ValueError(f"ReyNetConfig: skip_connection must be a bool, got {self.skip_connection!r}")
+        _int_list("channel_hidden_sizes", self.channel_hidden_sizes)
+        if self.layer_type == "iegn" and not self.channel_hidden_sizes:
+            raise ValueError(
+                "ReyNetConfig: channel_hidden_sizes must not be empty with layer_type='iegn' (they are the widths of "
+                "the IEGN layers); pass e.g. channel_hidden_sizes=[16, 32, 256]"
+            )
+        _choice("pooling", self.pooling, _POOLINGS)
+        _int_list("head_hidden_sizes", self.head_hidden_sizes)
+        dropout = self.head_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"ReyNetConfig: head_dropout must be a float in [0, 1), got {dropout!r}")
+        _choice("hidden_act", self.hidden_act, _ACTIVATIONS)
+        _positive_int("num_targets", self.num_targets)
+        _choice("initializer", self.initializer, ("xavier_uniform", "default"))
+        if self.problem_type is not None:
+            _choice("problem_type", self.problem_type, _PROBLEM_TYPES)
+        _num_labels(self.num_labels)
 
     @property
     def hidden_channels(self) -> int:
