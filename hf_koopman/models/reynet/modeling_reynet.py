@@ -103,7 +103,9 @@ def _mlp(sizes: list[int], act: str, final_act: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _pair_masks(node_mask: torch.Tensor | None, B: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_masks(
+    node_mask: torch.Tensor | None, B: int, n: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Node mask `(B, n)`, off-diagonal pair mask `(B, n, n)` (both nodes real, a ≠ b) and real-node counts `(B,)`."""
     if node_mask is None:
         node = torch.ones(B, n, dtype=torch.bool, device=device)
@@ -112,6 +114,13 @@ def _pair_masks(node_mask: torch.Tensor | None, B: int, n: int, device) -> tuple
     eye = torch.eye(n, dtype=torch.bool, device=device)
     pair = node[:, :, None] & node[:, None, :] & ~eye
     return node, pair, node.sum(dim=1)
+
+
+_NOT_A_TOKEN_STREAM = (
+    "ReyNet blocks map (B, n, n, C) tensors over the node pairs of zero-padded graphs, not a stream of token states, "
+    "so RKSP profiles and the KSS penalty do not apply to them. RKSPCallback(profile_at_init=False) keeps the "
+    "divergence guard without profiles."
+)
 
 
 class ReyNetReynoldsBlock(GradientCheckpointingLayer):
@@ -123,6 +132,8 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
     Y[a,b] = φ₁(block(a,b)) for a ≠ b; Y[a,a] = 1/(n_real−1) Σ_{real b≠a} φ₀(block(a,b)) (the paper's normalisation,
     with n the number of real nodes of each graph; a graph with one node gets Y[a,a] = 0).
     """
+
+    _not_a_token_stream = _NOT_A_TOKEN_STREAM
 
     def __init__(self, config: ReyNetConfig, in_channels: int) -> None:
         super().__init__()
@@ -289,6 +300,8 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
 class ReyNetIEGNBlock(GradientCheckpointingLayer):
     """Maron et al.'s linear equivariant layer + activation (the baseline): `(B, n, n, C_in)` -> `(B, n, n, C_out)`."""
 
+    _not_a_token_stream = _NOT_A_TOKEN_STREAM
+
     def __init__(self, config: ReyNetConfig, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.linear = IEGNLinear(in_channels, out_channels)
@@ -343,6 +356,12 @@ class ReyNetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ReyNetReynoldsBlock", "ReyNetIEGNBlock"]
     supports_gradient_checkpointing = True  # per block (`GradientCheckpointingLayer`), non-reentrant by default
 
+    def __init__(self, config: ReyNetConfig, *inputs, **kwargs) -> None:
+        # the config checked itself in its __init__, but `from_pretrained(path, **overrides)` sets the overrides
+        # afterwards with setattr (and a field may be changed by hand): check again before any layer is built
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -358,7 +377,11 @@ class ReyNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias_diag)
 
 
-def _check_inputs(graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in_channels: int) -> None:
+def _check_inputs(
+    graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in_channels: int, dtype: torch.dtype | None = None
+) -> None:
+    """Refuse inputs the blocks would fail on deep inside torch, naming the fix. `dtype` is the dtype of the model's
+    weights: a floating `graph_tensor` of another dtype is refused (except under autocast, which casts it)."""
     if not isinstance(graph_tensor, torch.Tensor):
         raise TypeError(f"graph_tensor must be a torch.Tensor of shape (B, C, n, n), got {type(graph_tensor).__name__}")
     if graph_tensor.dim() != 4 or graph_tensor.shape[-1] != graph_tensor.shape[-2]:
@@ -370,6 +393,12 @@ def _check_inputs(graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in
         )
     if not graph_tensor.is_floating_point():
         raise TypeError(f"graph_tensor must be a floating-point tensor, got {graph_tensor.dtype}")
+    if (dtype is not None and graph_tensor.dtype != dtype
+            and not torch.is_autocast_enabled(graph_tensor.device.type)):
+        raise TypeError(
+            f"graph_tensor is {graph_tensor.dtype} but the model's weights are {dtype}; cast the input with "
+            f".to({dtype}) (for ReyNetGraphCollator: dtype={dtype}) or the model with model.to({graph_tensor.dtype})"
+        )
     if node_mask is not None:
         B, _, n, _ = graph_tensor.shape
         if node_mask.shape != (B, n):
@@ -446,7 +475,7 @@ class ReyNetModel(ReyNetPreTrainedModel):
                 Return a [`ReyNetModelOutput`] (default: `config.return_dict`) or, if False, its non-None fields as a
                 tuple.
         """
-        _check_inputs(graph_tensor, node_mask, self.config.in_channels)
+        _check_inputs(graph_tensor, node_mask, self.config.in_channels, self.dtype)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )

@@ -262,6 +262,35 @@ def test_plain_trainer_trains(tmp_path):
     assert changed, "Trainer did not update any parameter"
 
 
+def _graph_items(count=24):
+    gen = torch.Generator().manual_seed(0)
+    return [{"graph_tensor": torch.rand(3, 4 + i % 3, 4 + i % 3, generator=gen), "labels": i % 2} for i in range(count)]
+
+
+@pytest.mark.parametrize("layer_type", ["reynolds", "iegn"])
+def test_rksp_and_kss_refuse_pair_tensors_and_the_guard_still_runs(tmp_path, layer_type):
+    # the blocks map (B, n, n, C): read as (B, C, H, W) feature maps, their "width" would be the node count
+    from hf_koopman import KSSTrainer, KSSTrainingArguments, RKSPCallback, profile
+    from hf_koopman.models.reynet import ReyNetGraphCollator
+
+    model = ReyNetForGraphClassification(ReyNetConfig(**{**TINY, "layer_type": layer_type}))
+    X, mask = _batch()
+    with pytest.raises(ValueError, match="not a stream of token states.*profile_at_init=False"):
+        profile(model, {"graph_tensor": X.float(), "node_mask": mask})
+    common = dict(per_device_train_batch_size=8, max_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                  remove_unused_columns=False)
+    kss = KSSTrainer(model=model, args=KSSTrainingArguments(str(tmp_path / "kss"), kss_every_n_steps=1, **common),
+                     train_dataset=_graph_items(), data_collator=ReyNetGraphCollator())
+    with pytest.raises(ValueError, match="KSS penalty do not apply"):
+        kss.train()
+    from transformers import Trainer, TrainingArguments
+
+    guarded = Trainer(model=model, args=TrainingArguments(str(tmp_path / "guard"), **common),
+                      train_dataset=_graph_items(), data_collator=ReyNetGraphCollator(),
+                      callbacks=[RKSPCallback(profile_at_init=False)])
+    assert torch.isfinite(torch.tensor(guarded.train().training_loss))
+
+
 def test_auto_map_is_complete():
     import importlib
 
