@@ -12,7 +12,9 @@ import torch
 from hf_koopman.logging_utils import get_logger
 
 
-__all__ = ["POSITIONAL_INPUT", "iter_batches", "prepare_batch", "byte_tokenize", "split_text"]
+__all__ = [
+    "POSITIONAL_INPUT", "iter_batches", "mask_routes", "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text"
+]
 
 logger = get_logger(__name__)
 
@@ -332,11 +334,12 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     if isinstance(batch.get("input_ids"), torch.Tensor):
         _check_token_ids(batch["input_ids"], model)
     _check_feature_inputs(batch, model)
-    try:
-        param = next(model.parameters())
-        device, dtype = param.device, param.dtype
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.float32
+    params = list(itertools.islice(model.parameters(), 1))
+    dtype = params[0].dtype if params else torch.float32
+    # the first materialised parameter's device: parameters that accelerate offloads (`device_map` with CPU / disk
+    # offload, `cpu_offload`) sit on `meta` until their hook loads them, and inputs on `meta` would hold no data
+    param = next((p for p in model.parameters() if p.device.type != "meta"), None)
+    device = param.device if param is not None else torch.device("cpu")
     out = {}
     for key, value in batch.items():
         if key in _LABEL_KEYS:
@@ -352,3 +355,94 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
         if "attention_mask" in out:
             out.setdefault("decoder_attention_mask", out["attention_mask"])
     return out
+
+
+def _decoder_label_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """`labels != -100` `(B, T)` when `batch` holds `decoder_input_ids` `(B, T)` and integer token `labels` on that
+    grid (the positions that carry a loss, as `DataCollatorForSeq2Seq` pads them), else `None`.
+
+    Without `decoder_input_ids` the decoder is probed with `input_ids` (`prepare_batch`), a grid the labels do not
+    describe; class labels `(B,)` and float targets are not token labels.
+    """
+    labels, decoder_ids = batch.get("labels"), batch.get("decoder_input_ids")
+    if not isinstance(labels, torch.Tensor) or not isinstance(decoder_ids, torch.Tensor):
+        return None
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return None
+    return labels != -100 if labels.dim() == 2 and labels.shape == decoder_ids.shape else None
+
+
+def _token_embedding_path(model: torch.nn.Module) -> str | None:
+    """Dotted path of the embedding that looks up `input_ids`: `get_input_embeddings()`, else (dual encoders such as
+    CLIP do not implement it) the first `nn.Embedding` with one row per id of the text vocabulary. `None` when the
+    model has neither (vision and audio models)."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, torch.nn.Module):
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text, "vocab_size", None)
+        tables = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and isinstance(vocab, int))
+        embedding = next((m for m in tables if m.num_embeddings == vocab), None)
+    return next((name for name, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+
+
+def _shared_depth(a: str, b: str) -> int:
+    """Number of leading dotted-path components `a` and `b` share (`"text_model.encoder"`, `"text_model.emb"`: 1)."""
+    return len(list(itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a.split("."), b.split(".")))))
+
+
+def mask_routes(model: torch.nn.Module, blocks: Any) -> dict[str, str | None]:
+    """Which mask the blocks of each stack are recorded with: `"attention_mask"` (the mask of `input_ids`),
+    `"decoder"` (the decoder's mask, see `snapshot_masks`) or `None` (no mask: every position counts).
+
+    Single-stack models (label `""`) and encoder stacks take `attention_mask`; decoder stacks the decoder's mask. For
+    other multi-list models (labels are list paths) the mask of `input_ids` belongs only to the stacks of the tower
+    that embeds them: the stacks whose path shares the most leading components with the token embedding's
+    (`text_model.encoder.layers` for CLIP's `text_model.embeddings.token_embedding`). The other towers (CLIP's
+    vision tower, which has no padding) get no mask, so the text padding does not drop their tokens. When every stack
+    shares as much, or the model has no token embedding, every stack takes `attention_mask`; the recorder applies a
+    mask only where it matches the block's token grid.
+
+    Args:
+        model (`nn.Module`): the unwrapped model.
+        blocks (`list[ResidualBlock]`): the blocks recorded; their `stack` labels key the result.
+
+    Returns:
+        `dict[str, str | None]`: stack label -> mask route.
+    """
+    labels = list(dict.fromkeys(block.stack for block in blocks))
+    routes: dict[str, str | None] = {"": "attention_mask", "encoder": "attention_mask", "decoder": "decoder"}
+    paths = [label for label in labels if label not in routes]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # a list path under the decoder, or blocks chosen with `layers=` (label "") that sit in the decoder
+        for block in blocks:
+            if block.stack not in ("encoder", "decoder") and any("decoder" in part for part in block.name.split(".")):
+                routes[block.stack] = "decoder"
+        paths = [label for label in paths if routes.get(label) != "decoder"]
+    embedding = _token_embedding_path(model) if len(paths) > 1 else None
+    depths = {label: _shared_depth(label, embedding) for label in paths} if embedding is not None else {}
+    deepest = max(depths.values(), default=0)
+    for label in paths:
+        routes[label] = "attention_mask" if depths.get(label, 0) == deepest else None
+    return routes
+
+
+def snapshot_masks(
+    routes: Mapping[str, str | None], given: Mapping[str, Any], batch: Mapping[str, Any]
+) -> dict[str, torch.Tensor | None]:
+    """The recorder's `attention_mask` dict for one forward: stack label -> `(B, T)` mask or `None`.
+
+    `given` is the batch as the user passed it (with its labels), `batch` what the model gets (`prepare_batch`). The
+    decoder's mask is `decoder_attention_mask` (given, or the encoder's mask when `prepare_batch` feeds the decoder
+    `input_ids`), else `labels != -100` when the labels are token labels on the grid of the given
+    `decoder_input_ids` (`DataCollatorForSeq2Seq` batches), else none: the decoder's padding is then unknown. The
+    label mask reaches the recorder only; the model runs on the batch as given.
+    """
+    decoder = batch.get("decoder_attention_mask")
+    if decoder is None:
+        decoder = _decoder_label_mask(given)
+    masks = {"attention_mask": batch.get("attention_mask"), "decoder": decoder, None: None}
+    return {label: masks[route] for label, route in routes.items()}

@@ -182,6 +182,23 @@ def _decoder_probe(config: Any, batch: int, num_tokens: int, generator: torch.Ge
     return ids
 
 
+def _image_geometry(vision: Any) -> tuple[int, int, int]:
+    """`(image size, channels, patches per image)` of a vision config (224 px, 3 channels, 16 px patches when it does
+    not say)."""
+    size = _get(vision, "image_size", default=224)
+    size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 224
+    patch = _get(vision, "patch_size", default=16)
+    patch = patch if isinstance(patch, int) else int(patch[0]) if isinstance(patch, (list, tuple)) else 16
+    channels = _get(vision, "num_channels", default=3)
+    return size, channels, max((size // max(patch, 1)) ** 2, 1)
+
+
+def _image_batch(num_tokens: int, per_image: int) -> int:
+    """Images that give at least `num_tokens` patch tokens at `per_image` each, at most 64 (a bound on the pixel
+    memory for tiny patch grids)."""
+    return max(1, min(64, math.ceil(num_tokens / per_image)))
+
+
 def default_probe_inputs(
     model_or_config: Any,
     *,
@@ -204,7 +221,9 @@ def default_probe_inputs(
     Returns:
         `dict[str, torch.Tensor]`: a batch for `model(**batch)`: `input_ids` `(B, T)` + `attention_mask` for text
         (+ `decoder_input_ids` for encoder-decoder models, + `bbox` `(B, T, 4)` for layout models whose forward takes
-        boxes), `pixel_values` `(B, C, H, W)` for vision (`(B, T, C, H, W)` clips when the config has `num_frames`),
+        boxes, + `pixel_values` `(B, C, H, W)` for contrastive dual encoders such as CLIP, with B large enough that
+        each tower gets at least `num_tokens` token states, B <= 64 images unless the text needs more rows),
+        `pixel_values` `(B, C, H, W)` for vision (`(B, T, C, H, W)` clips when the config has `num_frames`),
         flattened patches `(P, C * t * p * p)` + `grid_thw` `(num_images, 3)` for packed-patch vision encoders
         (Qwen-VL style), `input_values` `(B, S)` or `input_features` `(B, M, F)` for audio (+ `decoder_input_ids`
         `(B, T)` for speech encoder-decoders, T up to `max_target_positions`, with B large enough that the decoder
@@ -222,18 +241,13 @@ def default_probe_inputs(
         return _packed_patch_inputs(config, input_name, grid_key, num_tokens, generator)
     if input_name == "pixel_values":
         vision = _get(config, "vision_config", default=config)
-        size = _get(vision, "image_size", default=224)
-        size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 224
-        patch = _get(vision, "patch_size", default=16)
-        patch = patch if isinstance(patch, int) else int(patch[0]) if isinstance(patch, (list, tuple)) else 16
-        channels = _get(vision, "num_channels", default=3)
-        per_image = max((size // max(patch, 1)) ** 2, 1)
+        size, channels, per_image = _image_geometry(vision)
         frames = _get(vision, "num_frames")
         if isinstance(frames, int) and frames > 0:
             # video transformers (TimeSformer, VideoMAE, ViViT) take `(B, T, C, H, W)` clips
             batch = max(1, min(64, math.ceil(num_tokens / (per_image * frames))))
             return {"pixel_values": torch.randn(batch, frames, channels, size, size, generator=generator)}
-        batch = max(1, min(64, math.ceil(num_tokens / per_image)))
+        batch = _image_batch(num_tokens, per_image)
         return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
     if input_name == "input_values":  # raw waveform models (wav2vec2, hubert, ...)
         length = 16000
@@ -265,19 +279,22 @@ def default_probe_inputs(
     if isinstance(max_len, int) and max_len > 0:
         length = min(length, max_len)
     num_sequences = max(1, math.ceil(num_tokens / length))
-    ids = synthetic_token_sequences(num_sequences, length, vocab, generator=generator)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     vision = getattr(config, "vision_config", None)
     is_dual_encoder = vision is not None and getattr(config, "text_config", None) is not None and not any(
         hasattr(config, key) for key in ("image_token_id", "image_token_index")
     )
     if is_dual_encoder:
         # contrastive dual encoders (CLIP, SigLIP, ALIGN ...) need both towers' inputs in one forward; vision-language
-        # generators (LLaVA ...) are probed text-only, since images there need placeholder tokens
-        size = _get(vision, "image_size", default=224)
-        size = size if isinstance(size, int) else 224
-        out["pixel_values"] = torch.randn(num_sequences, _get(vision, "num_channels", default=3), size, size,
-                                          generator=generator)
+        # generators (LLaVA ...) are probed text-only, since images there need placeholder tokens. Each tower gets
+        # `num_tokens` token states: the images are counted by patches per image, as for a vision model (CLIP
+        # ViT-B/32: 42 images of 49 patches, where the 27 text rows of 77 tokens would give 1323), and the text rows
+        # match the images, since some of these models pair text row i with image i (BLIP, FLAVA)
+        size, channels, per_image = _image_geometry(vision)
+        num_sequences = max(num_sequences, _image_batch(num_tokens, per_image))
+    ids = synthetic_token_sequences(num_sequences, length, vocab, generator=generator)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if is_dual_encoder:
+        out["pixel_values"] = torch.randn(num_sequences, channels, size, size, generator=generator)
     if "bbox" in _forward_params(model_or_config):
         # document-layout models (LayoutLM, LiLT, BROS, UDOP) embed one box per token; some refuse to run without one.
         # Boxes are valid (x0 <= x1, y0 <= y1) on the usual 0-1000 page scale

@@ -27,7 +27,7 @@ from hf_koopman.profiling.blocks import (
     nested_block_lists,
     unwrap_model,
 )
-from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, prepare_batch
+from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, mask_routes, prepare_batch, snapshot_masks
 from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
@@ -241,6 +241,64 @@ def _has_blocks(model: nn.Module) -> bool:
         return bool(find_residual_blocks(model))
     except ValueError:
         return False
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers lie on the `meta` device: they hold no data, so a forward reads
+    uninitialised memory (a profile that changes from run to run) or fails deep inside the model.
+
+    Tensors that accelerate loads on demand are left alone: a module under an accelerate hook (`_hf_hook`, set by
+    `device_map` offloading or `cpu_offload`) gets its weights moved in before its forward.
+
+    Raises:
+        ValueError: naming the count and the first few meta tensors, and how to load the weights.
+    """
+    hooked: list[str] = []
+    missing: list[str] = []
+    for prefix, module in model.named_modules():
+        if getattr(module, "_hf_hook", None) is not None:
+            hooked.append(prefix)
+        if any(prefix == h or not h or prefix.startswith(h + ".") for h in hooked):
+            continue  # named_modules is in pre-order: a hooked ancestor was seen before its sub-modules
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        missing += [f"{prefix}.{name}" if prefix else name for name, t in tensors if t is not None and t.is_meta]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{len(missing)} parameter(s) or buffer(s) of {type(model).__name__} are on the meta device, with no data: "
+            f"{shown}. A forward would read uninitialised memory. Load the weights before profiling: "
+            "from_pretrained(...) without device_map='meta' or init_empty_weights(), or model.to_empty(device='cpu') "
+            "followed by model.init_weights() (random init) or load_state_dict(...); for a model too large for "
+            "memory, hf_koopman.profile_streaming materialises one block at a time."
+        )
+
+
+def _check_token_count(recorder: ResidualStreamRecorder, snapshots: list[tuple[str, torch.Tensor, torch.Tensor]],
+                       num_samples: int) -> None:
+    """Refuse a profile whose inputs gave some layer fewer than 2 real token states (the fewest whitened DMD can
+    estimate a covariance from), before the analysis fails on it without saying why.
+
+    Raises:
+        ValueError: naming the layer, its count, the padding the attention mask left out, and the fix.
+    """
+    counts = recorder.tokens_seen
+    short = [(name, X.shape[1]) for name, X, _ in snapshots if counts[name] < 2]
+    if not short:
+        return
+    name, width = short[0]
+    seen, positions = counts[name], recorder.positions_seen[name]
+    padding = positions - seen
+    why = (f"the attention mask marks all {positions} positions as padding" if seen == 0 and positions
+           else f"the attention mask marks {padding} of its {positions} positions as padding" if padding
+           else f"the inputs hold {positions} position(s) in all")
+    rule = DecisionRule()
+    raise ValueError(
+        f"layer {name!r} saw {seen} real token state(s) ({why}); whitened DMD needs at least 2 per layer, a verdict "
+        f"N >= {rule.min_samples_per_dim:g} x hidden size = {math.ceil(rule.min_samples_per_dim * width)} and a "
+        f"stable estimate N >= {rule.warn_samples_per_dim:g} x hidden size = "
+        f"{math.ceil(rule.warn_samples_per_dim * width)} (num_samples={num_samples}). Pass longer or more inputs "
+        "(more texts, a larger batch), or inputs=None for the default probe of num_samples token states."
+    )
 
 
 def _composite(features: list[Any]) -> float:
@@ -486,6 +544,10 @@ def profile(
             A batch dict (or `BatchEncoding`), a tensor of token ids / pixels, a string or list of strings (tokenised
             with `tokenizer`), a `datasets.Dataset` (`input_ids`, `pixel_values` or a text column), any iterable of
             batch dicts (e.g. a `DataLoader`), or `None` for the paper's synthetic probe (`default_probe_inputs`).
+            Padding is left out through `attention_mask`, in the stacks of the tower that embeds `input_ids` only (a
+            CLIP vision tower keeps every image token); the decoder of an encoder-decoder model reads
+            `decoder_attention_mask`, else `labels != -100` when the batch has `decoder_input_ids` and token labels
+            on their grid (`DataCollatorForSeq2Seq` batches), else every decoder position.
         num_samples (`int`, defaults to 2048): token states N per layer (App. D); any integer (`numpy.int64` ...).
         rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r selects the rank-r
             approximation (see `profile_from_snapshots`).
@@ -519,9 +581,11 @@ def profile(
         TypeError: `model` is not an `nn.Module`, or a keyword argument that neither `profile` nor the analysis takes
             (the message names the closest accepted one).
         ValueError: a bad `num_samples`, `rank` (or `randomized=True` without one), `seed`, `batch_size`,
-            `max_length`, `max_tokens`, `learning_rate` or `eig_dtype` (all before the forward pass), inputs the model
-            does not take (naming what was passed), unknown model structure (the message names the `layers=`
-            override to use) or non-finite activations (naming the first bad block).
+            `max_length`, `max_tokens`, `learning_rate` or `eig_dtype`, or parameters / buffers on the meta device
+            that no accelerate hook loads (all before the forward pass), inputs the model does not take (naming what
+            was passed), unknown model structure (the message names the `layers=` override to use), non-finite
+            activations (naming the first bad block), or inputs that give a layer fewer than 2 real token states
+            (naming the count and the padding the attention mask left out; before the analysis).
     """
     if isinstance(model, (str, os.PathLike)):  # a Hub id or a local folder: profile() takes the loaded model
         raise TypeError(
@@ -548,6 +612,7 @@ def profile(
     learning_rate = _check_learning_rate(learning_rate)
     check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)
+    _check_materialised(inner)
     blocks = find_residual_blocks(inner, layers)
     if inputs is None:
         inputs = default_probe_inputs(inner, num_tokens=num_samples, seed=seed)
@@ -580,6 +645,7 @@ def profile(
         recorder = ResidualStreamRecorder(
             inner, blocks, num_samples=num_samples, seed=seed, on_width_change=on_width_change
         )
+        routes = mask_routes(inner, blocks)  # each mask reaches only the stacks it belongs to
         try:
             with recorder, torch.no_grad():
                 for raw in iter_batches(
@@ -587,12 +653,7 @@ def profile(
                 ):
                     batch = prepare_batch(raw, inner)
                     args = (batch.pop(POSITIONAL_INPUT),) if POSITIONAL_INPUT in batch else ()  # plain nn.Module
-                    mask = batch.get("attention_mask")
-                    recorder.attention_mask = {
-                        "": mask,
-                        "encoder": mask,
-                        "decoder": batch.get("decoder_attention_mask"),
-                    }
+                    recorder.attention_mask = snapshot_masks(routes, raw if isinstance(raw, Mapping) else {}, batch)
                     try:
                         runner(*args, **batch)
                     except (TypeError, ValueError, AttributeError) as err:
@@ -658,6 +719,7 @@ def profile(
             f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "
             f"blocks that actually run with {_LAYERS_HINT}."
         )
+    _check_token_count(recorder, snapshots, num_samples)
     stacks = recorder.snapshot_stacks()
     few = {name: n for name, n in recorder.tokens_seen.items() if n < num_samples}
     if few:

@@ -44,6 +44,7 @@ class _Transition:
     X: torch.Tensor | None = None  # (n, d)
     Y: torch.Tensor | None = None  # (n, d)
     tokens_seen: int = 0
+    positions_seen: int = 0  # token positions before the mask, padding included
     pending: list[Any] = field(default_factory=list)
     # with detach=False: (piece, source, rows) for every recorded row block, piece = source-as-tokens[rows]
     sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -117,7 +118,8 @@ class ResidualStreamRecorder:
             Seed of the subsampling generator.
         attention_mask (`torch.Tensor` or `dict[str, torch.Tensor]`, *optional*):
             `(B, T)` mask of the *next* forward (1 = real token). A dict maps stack labels (`"encoder"`, `"decoder"`,
-            `""`) to masks. Set `recorder.attention_mask` before each forward when batches change.
+            `""`, or a list path) to masks; a label it maps to `None` gets no mask (every position), a label it lacks
+            the `""` entry's. Set `recorder.attention_mask` before each forward when batches change.
         detach (`bool`, *optional*, defaults to `True`):
             Store detached copies (set `False` to keep the autograd graph, e.g. for a differentiable penalty).
         check_finite (`bool`, *optional*, defaults to `True`):
@@ -233,6 +235,12 @@ class ResidualStreamRecorder:
         """Number of valid (unpadded) token states each transition has seen before subsampling."""
         return {t.name: t.tokens_seen for t in self._transitions.values()}
 
+    @property
+    def positions_seen(self) -> dict[str, int]:
+        """Number of token positions each transition has seen, padding included: `tokens_seen` plus what the mask left
+        out."""
+        return {t.name: t.positions_seen for t in self._transitions.values()}
+
     # ------------------------------------------------------------------ hooks
     def _reset_calls(self, module: nn.Module, args: tuple) -> None:
         self._calls.clear()
@@ -342,6 +350,7 @@ class ResidualStreamRecorder:
             transition.Y = Y if transition.Y is None else torch.cat([transition.Y[keep], Y])
             transition.keys = merged_keys
             transition.tokens_seen += valid.numel()
+            transition.positions_seen += in_shape[0]
             return None
 
         return hook

@@ -531,7 +531,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 from hf_koopman.profiling import default_probe_inputs
 
                 batch = dict(default_probe_inputs(model, num_tokens=self.num_samples, seed=self.seed))
-        for key in ("labels", "label", "label_ids", "decoder_labels"):
+        # `labels` stay: profile() leaves them out of the forward and reads the decoder's padding from them
+        for key in ("label", "label_ids", "decoder_labels"):
             batch.pop(key, None)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return _to_device(batch, device)

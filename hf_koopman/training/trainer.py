@@ -197,33 +197,33 @@ def _label_mask(inputs: Mapping) -> torch.Tensor | None:
 
 
 def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> Any:
-    """The recorder's `attention_mask` for a training batch: a tensor, or one mask per stack label.
+    """The recorder's `attention_mask` for a training batch: one mask (or `None`) per stack label.
 
     Single-stack models use `attention_mask`. In an encoder-decoder model the encoder's blocks use `attention_mask`;
     the decoder's use `decoder_attention_mask`, else `labels != -100` (the decoder positions that carry a loss) when
     the labels are integer token labels on the decoder's token grid (`_label_mask`), else, without
     `decoder_input_ids`, `attention_mask`: a sequence classifier such as `BartForSequenceClassification` feeds its
     decoder the shifted `input_ids`. Given `decoder_input_ids` and none of these, the decoder gets no mask (every
-    position): the encoder's padding says nothing about the decoder's. The recorder applies a mask only to blocks
-    whose token grid it matches.
+    position): the encoder's padding says nothing about the decoder's. Stacks labelled by their list path take the
+    mask of their tower (`profiling.inputs.mask_routes`). The recorder applies a mask only to blocks whose token grid
+    it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
     mask = inputs.get("attention_mask")
     config = getattr(model, "config", None)
     decoder = inputs.get("decoder_attention_mask")
-    if decoder is None and not getattr(config, "is_encoder_decoder", False):
-        return mask
-    if decoder is None:
+    if decoder is None and getattr(config, "is_encoder_decoder", False):
         decoder = _label_mask(inputs)
-    if decoder is None and isinstance(mask, torch.Tensor) and not isinstance(inputs.get("decoder_input_ids"),
-                                                                            torch.Tensor):
-        decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
-    masks = {"": mask, "encoder": mask, "decoder": decoder}
-    for block in blocks:  # other labels (one block list chosen with kss_layers, ...): the tower by the block's path
-        if block.stack not in ("encoder", "decoder"):
-            masks[block.stack] = decoder if any("decoder" in part for part in block.name.split(".")) else mask
-    return masks
+        if decoder is None and isinstance(mask, torch.Tensor) and not isinstance(inputs.get("decoder_input_ids"),
+                                                                                torch.Tensor):
+            decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
+    from hf_koopman.profiling.inputs import mask_routes
+
+    # other labels (list paths: a CLIP text and vision tower, ...) take the mask of the tower they belong to, as in
+    # `profile()`: the text mask reaches only the stacks of the tower that embeds `input_ids`
+    by_route = {"attention_mask": mask, "decoder": decoder, None: None}
+    return {label: by_route[route] for label, route in mask_routes(model, blocks).items()}
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:

@@ -309,3 +309,28 @@ def test_unbound_callback_warns_once_when_integrations_would_miss_its_metrics(ca
     unbound = [r for r in caplog.records if "not bound to its Trainer" in r.getMessage()]
     assert len(unbound) == 1 and "callback.bind(trainer)" in unbound[0].getMessage()
     assert [h["step"] for h in state.log_history] == [0, 1, 2]  # the metrics still reach log_history
+
+
+def test_seq2seq_probe_leaves_the_decoder_padding_out_through_the_labels(tmp_path):
+    # DataCollatorForSeq2Seq batches carry decoder_input_ids and labels padded with -100, but no decoder mask: the
+    # probe keeps the labels so that profile() reads the decoder's real positions from them
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                num_decoder_layers=1, num_heads=4, decoder_start_token_id=0))
+    lengths = [2 + i % 5 for i in range(8)]  # 32 real target tokens on an (8, 6) grid
+
+    def collate(items):
+        width = max(len(item["labels"]) for item in items)
+        labels = torch.tensor([item["labels"] + [-100] * (width - len(item["labels"])) for item in items])
+        return {"input_ids": torch.stack([item["input_ids"] for item in items]),
+                "attention_mask": torch.ones(len(items), 6, dtype=torch.long), "labels": labels,
+                "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
+
+    items = [{"input_ids": torch.randint(1, 64, (6,)), "labels": list(range(1, 1 + n))} for n in lengths]
+    callback = RKSPCallback(num_samples=16, probe_batch_size=8)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1, remove_unused_columns=False),
+                      train_dataset=items, data_collator=collate, callbacks=[callback])
+    trainer.train()
+    seen = callback.profile.meta["tokens_seen_per_layer"]
+    assert seen["encoder.block.0"] == 48 and seen["decoder.block.0"] == sum(lengths)

@@ -578,7 +578,17 @@ def test_snapshot_masks_per_stack():
     masks = _snapshot_masks(model, decoder_only, {"attention_mask": enc, "labels": labels})
     assert torch.equal(masks[decoder_only[0].stack], labels != -100)
     gpt = tiny_gpt2(n_layer=1)
-    assert _snapshot_masks(gpt, find_residual_blocks(gpt), BatchEncoding({"attention_mask": enc})) is enc
+    assert _snapshot_masks(gpt, find_residual_blocks(gpt), BatchEncoding({"attention_mask": enc}))[""] is enc
+    # a dual encoder: the text mask reaches the text tower only, as in profile()
+    import transformers
+
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4), projection_dim=8))
+    masks = _snapshot_masks(clip, find_residual_blocks(clip), {"attention_mask": enc})
+    assert masks["text_model.encoder.layers"] is enc and masks["vision_model.encoder.layers"] is None
     assert _snapshot_masks(gpt, find_residual_blocks(gpt), (enc,)) is None
 
 
