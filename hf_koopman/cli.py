@@ -455,7 +455,20 @@ def _read_text_chunks(path: Path, max_length: int, tokenizer: Any) -> list[str]:
 _DATA_FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 
 
-def _load_dataset(name: str, split: str):
+def _check_data_file_split(name: str, split: str | None) -> None:
+    """A data file (`--dataset data.jsonl`) is read as one split, "train": any other --split is an error, not ignored;
+    slices of it ("train[:100]") are honoured."""
+    if split is not None and split.split("[", 1)[0] != "train":
+        raise ValueError(
+            f"--dataset {name} is a data file, and datasets reads a data file as one split named 'train', so there is "
+            f"no split {split!r}: drop --split (or pass --split train), or pass a dataset folder written by "
+            f"dataset_dict.save_to_disk(folder) that has a {split!r} split."
+        )
+
+
+def _load_dataset(name: str, split: str | None):
+    """--dataset as a dataset: a save_to_disk folder, a data file (one split, "train") or a Hub name; `split` is
+    --split (`None`: train)."""
     from hf_koopman.optional_imports import import_optional
 
     datasets = import_optional("datasets", extra="datasets", feature="hf-koopman profile --dataset")
@@ -464,7 +477,16 @@ def _load_dataset(name: str, split: str):
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
         if not isinstance(loaded, datasets.DatasetDict):
+            own = None if loaded.split is None else str(loaded.split)
+            if split is not None and split != own:  # one Dataset has no splits to pick from: do not ignore --split
+                raise ValueError(
+                    f"--dataset {name} holds one dataset (dataset.save_to_disk), "
+                    + (f"the {own!r} split, " if own else "")
+                    + f"not a DatasetDict with a {split!r} split: drop --split, or save a DatasetDict that has it "
+                    "(dataset_dict.save_to_disk(folder))."
+                )
             return loaded
+        split = split or "train"
         if split not in loaded:
             splits = list(loaded)
             raise ValueError(
@@ -473,9 +495,11 @@ def _load_dataset(name: str, split: str):
             )
         return loaded[split]
     if path.is_file():
+        _check_data_file_split(name, split)
         suffix = path.suffix.lstrip(".")
         builder = {"txt": "text", "jsonl": "json"}.get(suffix, suffix)
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split=split or "train")
+    split = split or "train"
     if path.suffix.lower() in _DATA_FILE_SUFFIXES:
         raise ValueError(
             f"--dataset {name}: no such file or folder; the data file does not exist (a name ending in "
@@ -528,7 +552,7 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
     source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--split", help="split of --dataset (default: train; a data file has only train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list inside the model when auto-discovery fails, "
@@ -558,7 +582,8 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
              "stated recipe is R = 32; it keeps the R directions of largest output energy and is biased toward "
              "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--learning-rate", type=float, help="planned learning rate (used by a calibrated risk estimator)")
-    parser.add_argument("--out", type=Path, default=Path("hf_koopman_out"), help="output folder (default: hf_koopman_out)")
+    parser.add_argument("--out", type=Path,
+                        help="output folder (default: hf_koopman_out/NAME, NAME from MODEL, with -init under --init)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--stream", action="store_true",
                         help="stream the model one block at a time (for models that do not fit in memory)")
@@ -583,8 +608,15 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
     if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"--learning-rate must be a positive finite number (e.g. 3e-4), got {learning_rate}; omit it "
                          "when no learning rate is planned.")
+    if args.split is not None and args.dataset is None:
+        raise ValueError(f"--split {args.split} selects a split of --dataset, and no --dataset was given, so it would "
+                         f"be ignored; pass --dataset NAME_OR_FOLDER --split {args.split}, or drop --split.")
+    if args.dataset is not None and Path(args.dataset).expanduser().is_file():  # before the model loads
+        _check_data_file_split(args.dataset, args.split)
     if args.text_file is not None:
         _check_text_file(args.text_file)
+    if hasattr(args, "out") and args.out is None:  # profile, not max-lr: one folder per model, not one shared folder
+        args.out = _default_out(args.model, init=args.init)
     if getattr(args, "out", None) is not None:
         _check_out_folder(args.out)
     _check_device(args.device, stream=getattr(args, "stream", False))
@@ -593,6 +625,18 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
 
         hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
     return not args.no_progress
+
+
+def _default_out(spec: str, *, init: bool) -> Path:
+    """`hf_koopman_out/<name>`: the last part of MODEL (a folder's name, a config.json's folder, a Hub id's model
+    name), with `-init` under --init, as the quickstart's `hf_koopman_out/gpt2-init`; profiles of different models
+    then land in different folders."""
+    path = Path(spec).expanduser()
+    if path.name == "config.json":
+        path = path.parent
+    name = path.name or path.resolve().name  # "." or "./" names the current folder
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    return Path("hf_koopman_out") / f"{slug}{'-init' if init else ''}"
 
 
 def _check_text_file(path: Path) -> None:
@@ -683,7 +727,7 @@ def _check_default_probe(model: Any) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
-    from hf_koopman.risk import TENTATIVE
+    from hf_koopman.risk import TENTATIVE, low_precision_dtype
 
     rank = args.rank
     progress = _check_model_input_arguments(args)
@@ -725,6 +769,9 @@ def _run_profile(args: argparse.Namespace) -> int:
         print(f"  {len(undersampled)} layer(s) left out for too few token states (N/d < "
               f"{result.rule.min_samples_per_dim:g}): mean M≈1 and the verdict read {len(result.informative_layers)} "
               f"of {len(result.layers)} layers; more or longer inputs include them (see report)")
+    if (dtype := low_precision_dtype(result)) is not None:
+        print(f"  ρ and κ(V) are unreliable in {dtype} (its rounding of the activations moves them; the masses and the "
+              "verdict hold up): profile with --dtype fp32 for them (see report)")
     for label, path in written.items():
         print(f"  {label}: {path}")
     return 0

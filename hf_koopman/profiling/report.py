@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, TENTATIVE, DecisionRule, RiskEstimator
+from hf_koopman.risk import ADVICE, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat
 
 
 if TYPE_CHECKING:
@@ -219,6 +220,11 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         lines += ["> **Note — pretrained weights:** this profile is of trained weights, not of a model at "
                   "initialisation. The decision rule and the calibrated risk estimator come from spectra at random "
                   "initialisation, so the verdict and any calibrated risk below are extrapolations.", ""]
+    dtype = low_precision_dtype(profile)
+    if dtype is not None:  # the columns ρ and κ(V) below, and the risk estimate's inputs, carry the rounding
+        lines += [f"> **Note — {dtype} activations:** {precision_caveat(dtype)}. The masses and the verdict held up "
+                  "there; the ρ, κ(V) and Kreiss columns below, and any risk estimate that reads ρ or κ(V), do not.",
+                  ""]
     risk = profile.risk
     rule = (
         "the paper's decision rule (App. J) on the mean near-unit mass M≈1 of the informative layers: "
@@ -371,14 +377,43 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     return "\n".join(lines)
 
 
+#: the files `save_profile` writes, and the only ones it removes: those of an earlier profile that a new one into
+#: the same folder does not write
+_OWN_FILES = ("profile.json", "report.md", "eigenvalues.png", "masses.png")
+
+
+def _clear_earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
+    """Remove the plots of an earlier profile in `directory` (one with a `profile.json`) before a new one is written,
+    so that no plot of another model or run is left next to the new report. Returns `(earlier model name, the
+    library's files that were there)`, or `None` when `directory` holds no earlier profile. Nothing but the
+    library's own file names is touched."""
+    earlier = directory / "profile.json"
+    if not earlier.is_file():
+        return None
+    present = [name for name in _OWN_FILES if (directory / name).is_file()]
+    try:
+        name = json.loads(earlier.read_text(encoding="utf-8")).get("model_name")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a profile: its name is unknown, still replaced
+        name = None
+    for plot in present:
+        if plot.endswith(".png"):
+            (directory / plot).unlink()
+    return name, present
+
+
 def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write `profile.json`, `report.md` and (with matplotlib) `eigenvalues.png` / `masses.png` into `directory`.
+
+    A folder that holds an earlier profile (a `profile.json`) gets the new one: the earlier profile's plots are removed
+    first, so that plots this run does not write (`plots=False`, or no matplotlib) cannot sit next to the new report,
+    and a warning names what was replaced and what removed. No other file in the folder is touched.
 
     Returns:
         `dict[str, Path]`: what was written, by role (`"profile"`, `"report"`) or plot caption.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    earlier = _clear_earlier_profile(directory)
     written = {"profile": directory / "profile.json"}
     written["profile"].write_text(profile.to_json(), encoding="utf-8")
     images: dict[str, str] = {}
@@ -393,4 +428,14 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
             logger.warning("%s; skipping plots", err)
     written["report"] = directory / "report.md"
     written["report"].write_text(render_report(profile, plots=images), encoding="utf-8")
+    if earlier is not None:
+        name, present = earlier
+        names = {path.name for path in written.values()}
+        replaced = [f for f in present if f in names]
+        removed = [f for f in present if f not in names]
+        logger.warning(
+            "%s held an earlier profile%s: replaced %s%s. Pass another folder to keep both profiles.", directory,
+            f" of {name!r}" if name else "", ", ".join(replaced) or "nothing",
+            f"; removed {', '.join(removed)}, which this run does not write" if removed else "",
+        )
     return written
