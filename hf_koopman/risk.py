@@ -995,7 +995,10 @@ class DecisionRule:
       in the thousands for GPT-2 small, *lower* for No-Norm, the one family that diverges, than for Pre-LN
       (`results/table1.md` in the repository), so a fixed threshold would call every model high risk;
     * a layer is informative when its update is not ~0 (`degenerate`: ReZero / Fixup-style blocks, App. J) and the
-      linear fit explains part of it (η_nl < `max_nonlinearity`);
+      linear fit explains part of it (η_nl < `max_nonlinearity`). The rule reads η_nl corrected for the fit's degrees
+      of freedom (`adjusted_nonlinearity`): in-sample, a least-squares fit with m = min(N - 1, d) regressors absorbs
+      about m / N of what X does not explain, so η_nl falls with N/d (planted maps of known η, d = 64: 0.92 reads
+      0.65 at N/d = 2 and 0.86 at N/d = 8; corrected, 0.92 at both);
     * a layer whose own sample is too small for its own width (N < `min_samples_per_dim` · d, e.g. a decoder fed a
       few tokens next to a long encoder input, or a later stage of a hierarchical vision model) is not read either:
       the rule reads the layers that are informative *and* adequately sampled (`reads`), and the reason says how many
@@ -1030,12 +1033,34 @@ class DecisionRule:
     min_samples_per_dim: float = 2.0
     warn_samples_per_dim: float = 8.0
 
-    def is_informative(self, features: Any) -> bool:
+    @staticmethod
+    def adjusted_nonlinearity(
+        nonlinearity: float, num_samples: int | None, hidden_size: int | None, rank: int | None = None
+    ) -> float:
+        r"""η_nl corrected for the degrees of freedom of its fit: $\eta_{nl}\sqrt{(N - 1)/(N - 1 - m)}$ with
+        m = min(N - 1, d, `rank`) regressors on N centred token states.
+
+        In-sample, the residual of a least-squares fit misses about m / N of the variance that the regressors do not
+        explain, so η_nl (Eq. 5) reads low when N/d is small; the factor undoes that on average (the residual
+        variance estimate with N - 1 - m degrees of freedom). `inf` when the fit has no degree of freedom left
+        (m = N - 1); `nonlinearity` unchanged when N or d is unknown.
+        """
+        if not num_samples or not hidden_size:
+            return float(nonlinearity)
+        m = min(num_samples - 1, hidden_size, rank or hidden_size)
+        free = num_samples - 1 - m
+        return float(nonlinearity) * math.sqrt((num_samples - 1) / free) if free > 0 else math.inf
+
+    def is_informative(
+        self, features: Any, num_samples: int | None = None, hidden_size: int | None = None, rank: int | None = None
+    ) -> bool:
         """Whether this layer's fit (`LayerFeatures`) carries stability information: an update not ≈ 0 that a linear
-        map explains in part. The rule reads it when its sample is also large enough for its width (`reads`)."""
-        return not bool(getattr(features, "degenerate", False)) and not (
-            float(getattr(features, "nonlinearity", 0.0)) >= self.max_nonlinearity
-        )
+        map explains in part, read on η_nl corrected for the fit's N (`num_samples`), d (`hidden_size`) and `rank`
+        (`adjusted_nonlinearity`; uncorrected when they are not given). The rule reads the layer when its sample is
+        also large enough for its width (`reads`)."""
+        eta = self.adjusted_nonlinearity(float(getattr(features, "nonlinearity", 0.0)), num_samples, hidden_size,
+                                         rank)
+        return not bool(getattr(features, "degenerate", False)) and not eta >= self.max_nonlinearity
 
     def is_sampled(self, num_samples: int | None, hidden_size: int | None) -> bool:
         """Whether N = `num_samples` token states at width d = `hidden_size` are enough for the verdict to read the
@@ -1072,7 +1097,11 @@ class DecisionRule:
     def reads(self, profile: Any) -> list[bool]:
         """Per layer of `profile`: whether the verdict reads it, i.e. it is informative (`is_informative`) and not
         left out for too few token states (`undersampled`)."""
-        return [self.is_informative(f) and not few for f, few in zip(profile.features, self.undersampled(profile))]
+        rank = (getattr(profile, "settings", None) or {}).get("rank")
+        return [
+            self.is_informative(f, n, d, rank) and not few
+            for f, (n, d), few in zip(profile.features, self.sample_sizes(profile), self.undersampled(profile))
+        ]
 
     def verdict_layer(self, profile: Any) -> int | None:
         """Index of the layer whose sample the verdict judges (`verdict_sample`): the least-sampled layer (smallest
@@ -1219,7 +1248,8 @@ class DecisionRule:
                 "input")
             return "uninformative", (
                 f"{count}{who} (block output ≈ input, e.g. zero-initialised residual branches) or "
-                f"{'is' if one else 'are'} not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}), so the "
+                f"{'is' if one else 'are'} not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}, "
+                "corrected for N/d), so the "
                 "spectrum says little about stability at this point; profile again after a few training steps"
                 + ("" if rank is None else f"; with rank={rank} the linear fit covers {rank} of {hidden_size} "
                    "directions, so a high η_nl comes from the truncation: profile the full spectrum (rank=None)")

@@ -173,7 +173,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average"
         + (" over those blocks" if left_out and len(feats) < total else "")
         + f"; {len(profile.informative_layers)} of {total} blocks are informative (η_nl < "
-        f"{profile.rule.max_nonlinearity:g}, update not ≈ 0{sampled}); {reliable:.0%} of "
+        f"{profile.rule.max_nonlinearity:g} once corrected for the fit's N/d, update not ≈ 0{sampled}); "
+        f"{reliable:.0%} of "
         f"{'their' if left_out and len(feats) < total else 'the'} modes pass the ResDMD residual test (τ = {tau})."
         + (" Few reliable modes mean individual eigenvalues are uncertain; the masses average over them."
            if reliable < 0.5 and not _reliable_only(profile) else "")
