@@ -8,7 +8,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_equivcnp import CNPConfig
 from .modeling_equivcnp import EquivCNPPreTrainedModel
-from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction
+from .neural_process import NeuralProcessOutput, check_inputs, compute_dtype, gaussian_prediction
 
 __all__ = ["CNPModel"]
 
@@ -54,7 +54,7 @@ class CNPModel(EquivCNPPreTrainedModel):
         """Same signature and outputs as [`EquivCNPModel.forward`] (including `return_loss` and `return_dict`)."""
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, self.dtype
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, compute_dtype(self)
         )
         r = self.encoder(torch.cat([context_x, context_y], -1))  # (B, Nc, H)
         if context_mask is None:

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from .configuration_equivcnp import CNPConfig, ConvCNPConfig, EquivCNPConfig
 from .groups import get_group
 from .lieconv import LieConv, LieConvBlock, Neighbourhood, build_neighbourhood, gather_points, grid_stencil_half_width
-from .neural_process import NeuralProcessOutput, check_inputs, gaussian_prediction, uniform_grid
+from .neural_process import NeuralProcessOutput, check_inputs, compute_dtype, gaussian_prediction, uniform_grid
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
 
@@ -213,7 +213,7 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         """
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, self.dtype
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, compute_dtype(self)
         )
         points, point_mask = self.discretise(context_x, target_x, context_mask, target_mask)
         h = self.embed(self.encode(points, context_x, context_y, context_mask))

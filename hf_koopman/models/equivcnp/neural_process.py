@@ -21,6 +21,7 @@ __all__ = [
     "masked_gaussian_nll",
     "gaussian_prediction",
     "check_inputs",
+    "compute_dtype",
     "uniform_grid",
     "NeuralProcessCollator",
 ]
@@ -100,6 +101,16 @@ def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) ->
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape (B, N) = {shape}, got {tuple(mask.shape)}")
     return mask.bool()
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype the inputs must have: the weights' (`model.dtype`), or `None` (not checked) under FSDP2
+    (`fully_shard`), whose parameters keep their sharded storage dtype while a mixed-precision policy runs the forward
+    (and casts the inputs) in its own `param_dtype`."""
+    fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules()):
+        return None
+    return model.dtype
 
 
 def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:

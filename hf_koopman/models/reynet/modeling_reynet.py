@@ -377,6 +377,16 @@ class ReyNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias_diag)
 
 
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype the inputs must have: the weights' (`model.dtype`), or `None` (not checked) under FSDP2
+    (`fully_shard`), whose parameters keep their sharded storage dtype while a mixed-precision policy runs the forward
+    (and casts the inputs) in its own `param_dtype`."""
+    fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules()):
+        return None
+    return model.dtype
+
+
 def _check_inputs(
     graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in_channels: int, dtype: torch.dtype | None = None
 ) -> None:
@@ -475,7 +485,7 @@ class ReyNetModel(ReyNetPreTrainedModel):
                 Return a [`ReyNetModelOutput`] (default: `config.return_dict`) or, if False, its non-None fields as a
                 tuple.
         """
-        _check_inputs(graph_tensor, node_mask, self.config.in_channels, self.dtype)
+        _check_inputs(graph_tensor, node_mask, self.config.in_channels, _compute_dtype(self))
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
