@@ -478,7 +478,9 @@ def _load_dataset(name: str, split: str | None):
         loaded = datasets.load_from_disk(str(path))
         if not isinstance(loaded, datasets.DatasetDict):
             own = None if loaded.split is None else str(loaded.split)
-            if split is not None and split != own:  # one Dataset has no splits to pick from: do not ignore --split
+            # one Dataset has no splits to pick from: --split is refused, not ignored, unless it names the Dataset's
+            # own split (train for one saved without a name, as the default split)
+            if split is not None and split != (own or "train"):
                 raise ValueError(
                     f"--dataset {name} holds one dataset (dataset.save_to_disk), "
                     + (f"the {own!r} split, " if own else "")
@@ -628,14 +630,17 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
 
 
 def _default_out(spec: str, *, init: bool) -> Path:
-    """`hf_koopman_out/<name>`: the last part of MODEL (a folder's name, a config.json's folder, a Hub id's model
-    name), with `-init` under --init, as the quickstart's `hf_koopman_out/gpt2-init`; profiles of different models
-    then land in different folders."""
+    """`hf_koopman_out/<name>` with `-init` under --init, as the quickstart's `hf_koopman_out/gpt2-init`: a local
+    folder (or a config.json's folder) as the run is named (`run-a--checkpoint-500` for a generic folder name), a Hub
+    id as `org--name`, an embedded architecture by its name. Different models land in different folders; a second
+    profile of the same model replaces the first, with a warning."""
     path = Path(spec).expanduser()
     if path.name == "config.json":
         path = path.parent
-    name = path.name or path.resolve().name  # "." or "./" names the current folder
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    # a local folder as the run is named (`<parent>/<folder>` for checkpoint-500, model, ...); a Hub id keeps its
+    # organisation ("org/name" -> "org--name", as the Hub cache names it)
+    name = _folder_display_name(path) if path.exists() else spec.strip("/")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-.") or "model"
     return Path("hf_koopman_out") / f"{slug}{'-init' if init else ''}"
 
 
@@ -934,7 +939,18 @@ def _run_max_lr(args: argparse.Namespace) -> int:
     result.meta["weights"] = weights  # as `hf-koopman profile` records it: the answer's first caveat then says so
     suggestion = suggest_max_lr(result, risk=args.risk, estimator=estimator, level=args.level, context=context)
     print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
+    _warn_low_precision(result)
     return 0
+
+
+def _warn_low_precision(result: Any) -> None:
+    """A log warning when the profile's model ran in float16 / bfloat16, whose rounding moves ρ and κ(V) (both
+    risk-estimator inputs): the fix is --dtype fp32."""
+    from hf_koopman.risk import low_precision_dtype
+
+    if (dtype := low_precision_dtype(result)) is not None:
+        logger.warning("ρ and κ(V) are unreliable in %s (its rounding of the activations moves them; the masses and "
+                       "the verdict hold up), and the risk estimate reads them: run again with --dtype fp32", dtype)
 
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

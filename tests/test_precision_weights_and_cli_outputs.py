@@ -58,10 +58,10 @@ def test_low_precision_profile_calls_rho_and_kappa_unreliable_in_the_risk_and_th
                                        f"eigvec_condition_mean (unreliable in {dtype})"}
     note = assessment.range_note
     assert "within the fitted range" not in note and f"recorded in {dtype}" in note
-    assert "`--dtype fp32` on the CLI, `model.float()` in Python" in note and "largest ρ" in note
+    assert "`--dtype fp32` on the CLI, `model.float()`" in note and "largest ρ" in note
     report = render_report(low)
     assert f"> **Note — {dtype} activations:** ρ and κ(V) are unreliable" in report
-    assert "`--dtype fp32` on the CLI, `model.float()` in Python" in report
+    assert "`--dtype fp32` on the CLI, `model.float()`" in report
     assert json.loads(low.to_json())["risk_assessment"]["out_of_range"] is None
 
 
@@ -167,3 +167,39 @@ def test_split_of_a_single_saved_dataset_must_be_its_own(tmp_path, capsys):
                  *FAST, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "holds one dataset" in err and "'validation' split" in err and "drop --split" in err
+    # saved without a split name it reads as train, the default split, which --split train names
+    assert main(["profile", str(folder), "--dataset", str(data), "--split", "train", "--num-samples", "64",
+                 *FAST, "--out", str(tmp_path / "b")]) == 0
+
+
+def test_cli_default_out_keeps_checkpoints_and_hub_organisations_apart(tmp_path, monkeypatch):
+    from hf_koopman.cli import _default_out
+
+    monkeypatch.chdir(tmp_path)
+    for run in ("run-a", "run-b"):
+        (tmp_path / run / "checkpoint-500").mkdir(parents=True)
+    assert _default_out("run-a/checkpoint-500", init=False).name == "run-a--checkpoint-500"
+    assert _default_out("run-b/checkpoint-500/", init=False).name == "run-b--checkpoint-500"
+    assert _default_out("meta-llama/Llama-3.2-1B", init=False).name == "meta-llama--Llama-3.2-1B"
+    assert _default_out("unsloth/Llama-3.2-1B", init=True).name == "unsloth--Llama-3.2-1B-init"
+    assert _default_out("gpt2", init=True).name == "gpt2-init"
+
+
+def test_a_profile_that_cannot_be_written_leaves_the_folder_as_it_was(init_profile, tmp_path):
+    from pathlib import Path
+
+    save_profile(init_profile, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    broken = copy.deepcopy(init_profile)
+    broken.meta["where"] = Path("/not/json")
+    with pytest.raises(TypeError):
+        save_profile(broken, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_cli_max_lr_in_half_precision_warns_with_the_fix(tmp_path, caplog):
+    folder = _checkpoint(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        assert main(["max-lr", str(folder), "--dtype", "bf16", "--num-samples", "64", "--no-progress"]) == 0
+    assert any("unreliable in bfloat16" in r.getMessage() and "--dtype fp32" in r.getMessage()
+               for r in caplog.records)

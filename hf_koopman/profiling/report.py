@@ -413,10 +413,11 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
         `dict[str, Path]`: what was written, by role (`"profile"`, `"report"`) or plot caption.
     """
     directory = Path(directory)
+    text = profile.to_json()  # before anything in the folder changes: a profile that cannot be written leaves it as is
     directory.mkdir(parents=True, exist_ok=True)
     earlier = _clear_earlier_profile(directory)
     written = {"profile": directory / "profile.json"}
-    written["profile"].write_text(profile.to_json(), encoding="utf-8")
+    written["profile"].write_text(text, encoding="utf-8")
     images: dict[str, str] = {}
     if plots:
         try:

@@ -677,3 +677,34 @@ def test_chained_layers_reuse_the_output_covariance():
     sxx, _, _ = dmd_module._second_moments(s[:-1], s[1:], torch.float32, chained=True)
     direct, _, _ = dmd_module._second_moments(s[:-1].clone(), s[1:].clone(), torch.float32)
     torch.testing.assert_close(sxx, direct, rtol=1e-5, atol=0)
+
+
+def test_layers_analysed_side_by_side_in_threads_give_the_one_thread_result():
+    # `_map_layers` runs one layer per worker thread when torch has more than one thread; the test workers run torch
+    # in one thread (tests/conftest.py), so this sets two for the call and restores the count
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(3, 400, 80, generator=gen)  # m > 64: the width at which the layers are mapped in parallel
+    Y = X + 0.3 * X @ torch.randn(80, 80, generator=gen) / 80**0.5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = whitened_dmd(X, Y)
+        torch.set_num_threads(2)
+        calls = []
+        original = dmd_module._map_layers
+
+        def spy(fn, count, parallel=True):
+            calls.append(min(torch.get_num_threads(), count) if parallel else 1)
+            return original(fn, count, parallel)
+
+        dmd_module._map_layers = spy
+        try:
+            two = whitened_dmd(X, Y)
+        finally:
+            dmd_module._map_layers = original
+        assert torch.get_num_threads() == 2  # `_single_thread` restored the count
+    finally:
+        torch.set_num_threads(threads)
+    assert calls and max(calls) == 2  # the threaded branch ran
+    torch.testing.assert_close(two.eigenvalues, one.eigenvalues)
+    torch.testing.assert_close(two.eigvec_condition, one.eigvec_condition)
