@@ -162,6 +162,12 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
                 "PEFT/DDP/FSDP); pass modules taken from the model you profile."
             )
         blocks.append(ResidualBlock(names[id(module)], module, ""))
+    # blocks from more than one list are labelled by their list, as auto-discovery labels them: each list's tower then
+    # gets its own mask (`mask_routes`) and its own aggregates
+    containers = list(dict.fromkeys(b.name.rsplit(".", 1)[0] if "." in b.name else "" for b in blocks))
+    if len(containers) > 1:
+        labels = dict(zip(containers, _stack_labels(containers)))
+        blocks = [b._replace(stack=labels[b.name.rsplit(".", 1)[0] if "." in b.name else ""]) for b in blocks]
     return blocks
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from hf_koopman.logging_utils import get_logger
+from hf_koopman.profiling.blocks import unwrap_model
 
 
 __all__ = [
@@ -394,39 +395,77 @@ def _shared_depth(a: str, b: str) -> int:
     return len(list(itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a.split("."), b.split(".")))))
 
 
-def mask_routes(model: torch.nn.Module, blocks: Any) -> dict[str, str | None]:
+# path components that name an image tower (CLIP's `vision_model`, GIT's `image_encoder`, Qwen-VL's `visual`, ...)
+_IMAGE_TOWER_WORDS = ("vision", "visual", "image", "img", "video", "patch", "pixel")
+# batch keys that feed a decoder its own tokens (BLIP's question answering, which is not an encoder-decoder config)
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds")
+
+
+def _stack_paths(blocks: Any) -> dict[str, str]:
+    """Stack label -> dotted path of the module list holding its first block (`""` for a block at the root)."""
+    paths: dict[str, str] = {}
+    for block in blocks:
+        paths.setdefault(block.stack, block.name.rsplit(".", 1)[0] if "." in block.name else "")
+    return paths
+
+
+def _names_image_tower(path: str, skip: int) -> bool:
+    """Whether a component of `path` after its first `skip` names an image tower (`_IMAGE_TOWER_WORDS`)."""
+    return any(word in part.lower() for part in path.split(".")[skip:] for word in _IMAGE_TOWER_WORDS)
+
+
+def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | None = None) -> dict[str, str | None]:
     """Which mask the blocks of each stack are recorded with: `"attention_mask"` (the mask of `input_ids`),
     `"decoder"` (the decoder's mask, see `snapshot_masks`) or `None` (no mask: every position counts).
 
-    Single-stack models (label `""`) and encoder stacks take `attention_mask`; decoder stacks the decoder's mask. For
-    other multi-list models (labels are list paths) the mask of `input_ids` belongs only to the stacks of the tower
-    that embeds them: the stacks whose path shares the most leading components with the token embedding's
-    (`text_model.encoder.layers` for CLIP's `text_model.embeddings.token_embedding`). The other towers (CLIP's
-    vision tower, which has no padding) get no mask, so the text padding does not drop their tokens. When every stack
-    shares as much, or the model has no token embedding, every stack takes `attention_mask`; the recorder applies a
+    Stacks are routed by the path of the module list that holds them, not by their label. A stack under a path
+    component naming a decoder (`decoder.block`, BART's `model.decoder.layers`) takes the decoder's mask when the model
+    is encoder-decoder (`config.is_encoder_decoder`) or `batch` carries decoder inputs (`decoder_input_ids`,
+    `decoder_attention_mask`, `decoder_inputs_embeds`: BLIP's question answering); otherwise such a stack reads
+    `input_ids` (BLIP's captioning decoder, OPT's `model.decoder.layers`) and is routed as every other stack.
+
+    Of the other stacks, a single one takes `attention_mask`. Of several, the mask of `input_ids` belongs only to the
+    tower that embeds them: the stacks whose path shares the most leading components with the token embedding's
+    (`text_model.encoder.layers` for CLIP's `text_model.embeddings.token_embedding`). The other towers (CLIP's vision
+    tower, which has no padding) get no mask, so the text padding does not drop their tokens. When several stacks
+    share as much (GIT's `git.encoder.layer` and `git.image_encoder...`, an embedding at the model's root as in
+    BLIP-2's retrieval model), a tied stack whose path names an image tower after the shared components (a component
+    containing "vision", "visual", "image", "img", "video", "patch" or "pixel") gets no mask and the others take
+    `attention_mask`. A model without a token embedding gives every stack `attention_mask`. The recorder applies a
     mask only where it matches the block's token grid.
 
     Args:
-        model (`nn.Module`): the unwrapped model.
+        model (`nn.Module`): the model, possibly wrapped (PEFT, DDP, ...): it is unwrapped, as the block names are
+            relative to the unwrapped model.
         blocks (`list[ResidualBlock]`): the blocks recorded; their `stack` labels key the result.
+        batch (`Mapping`, *optional*): the batch the model gets; only which decoder inputs it holds is read.
 
     Returns:
         `dict[str, str | None]`: stack label -> mask route.
     """
-    labels = list(dict.fromkeys(block.stack for block in blocks))
-    routes: dict[str, str | None] = {"": "attention_mask", "encoder": "attention_mask", "decoder": "decoder"}
-    paths = [label for label in labels if label not in routes]
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        # a list path under the decoder, or blocks chosen with `layers=` (label "") that sit in the decoder
-        for block in blocks:
-            if block.stack not in ("encoder", "decoder") and any("decoder" in part for part in block.name.split(".")):
-                routes[block.stack] = "decoder"
-        paths = [label for label in paths if routes.get(label) != "decoder"]
-    embedding = _token_embedding_path(model) if len(paths) > 1 else None
-    depths = {label: _shared_depth(label, embedding) for label in paths} if embedding is not None else {}
+    model = unwrap_model(model)
+    paths = _stack_paths(blocks)
+    decoder_fed = getattr(getattr(model, "config", None), "is_encoder_decoder", False) or any(
+        (batch or {}).get(key) is not None for key in _DECODER_INPUTS
+    )
+    routes: dict[str, str | None] = {"": "attention_mask"}  # the recorder's fallback for a label it is not given
+    others = []
+    for label, path in paths.items():
+        if decoder_fed and any("decoder" in part for part in path.split(".")):
+            routes[label] = "decoder"
+        else:
+            others.append(label)
+    embedding = _token_embedding_path(model) if len(others) > 1 else None
+    depths = {label: _shared_depth(paths[label], embedding) for label in others} if embedding is not None else {}
     deepest = max(depths.values(), default=0)
-    for label in paths:
-        routes[label] = "attention_mask" if depths.get(label, 0) == deepest else None
+    tied = sum(depth == deepest for depth in depths.values()) > 1
+    for label in others:
+        if embedding is None:
+            routes[label] = "attention_mask"
+        elif depths[label] != deepest or (tied and _names_image_tower(paths[label], deepest)):
+            routes[label] = None
+        else:
+            routes[label] = "attention_mask"
     return routes
 
 

@@ -645,7 +645,6 @@ def profile(
         recorder = ResidualStreamRecorder(
             inner, blocks, num_samples=num_samples, seed=seed, on_width_change=on_width_change
         )
-        routes = mask_routes(inner, blocks)  # each mask reaches only the stacks it belongs to
         try:
             with recorder, torch.no_grad():
                 for raw in iter_batches(
@@ -653,6 +652,8 @@ def profile(
                 ):
                     batch = prepare_batch(raw, inner)
                     args = (batch.pop(POSITIONAL_INPUT),) if POSITIONAL_INPUT in batch else ()  # plain nn.Module
+                    # each mask reaches only the stacks it belongs to; decoder inputs in the batch route a decoder
+                    routes = mask_routes(inner, blocks, batch)
                     recorder.attention_mask = snapshot_masks(routes, raw if isinstance(raw, Mapping) else {}, batch)
                     try:
                         runner(*args, **batch)

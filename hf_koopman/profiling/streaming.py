@@ -319,7 +319,9 @@ def profile_streaming(
         _check_learning_rate,
         _check_rank,
         _check_seed,
+        _check_token_count,
     )
+    from hf_koopman.profiling.inputs import mask_routes, snapshot_masks
 
     # bad arguments fail before any block is built or streamed, with profile()'s checks; these options are set here on
     # profile_from_snapshots
@@ -343,6 +345,8 @@ def profile_streaming(
     block_modules = [b.module for b in blocks]
     rest = _non_block_modules(skeleton, block_modules)
 
+    # the batch as given, with its labels: the decoder's padding is read from them as `profile` reads it
+    given = dict(inputs) if isinstance(inputs, Mapping) else {}
     # the skeleton (not the config) decides the probe, exactly as `profile` does with the real model
     inputs = _prepare_inputs(
         default_probe_inputs(skeleton, num_tokens=num_samples, seed=seed) if inputs is None else inputs, skeleton, dtype
@@ -408,10 +412,10 @@ def profile_streaming(
     try:
         for i, block in enumerate(blocks):
             handles.append(block.module.register_forward_pre_hook(make_pre_hook(i, block), prepend=True))
-        mask = inputs.get("attention_mask")
+        # each mask reaches only the stacks it belongs to, with the routes and masks `profile` records with
         recorder = ResidualStreamRecorder(
             skeleton, blocks, num_samples=num_samples, seed=seed,
-            attention_mask={"": mask, "encoder": mask, "decoder": inputs.get("decoder_attention_mask")},
+            attention_mask=snapshot_masks(mask_routes(skeleton, blocks, inputs), given, inputs),
         )
         with recorder, torch.no_grad():
             # registered after the recorder's hooks so that the recorder sees each output before the block is freed
@@ -441,6 +445,7 @@ def profile_streaming(
             free_parameters(module)
         bar.close()
 
+    _check_token_count(recorder, snapshots, num_samples)  # fewer than 2 real token states: refused as by `profile`
     for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
         free_parameters(module)
     release_freed_memory()

@@ -204,12 +204,19 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     the labels are integer token labels on the decoder's token grid (`_label_mask`), else, without
     `decoder_input_ids`, `attention_mask`: a sequence classifier such as `BartForSequenceClassification` feeds its
     decoder the shifted `input_ids`. Given `decoder_input_ids` and none of these, the decoder gets no mask (every
-    position): the encoder's padding says nothing about the decoder's. Stacks labelled by their list path take the
-    mask of their tower (`profiling.inputs.mask_routes`). The recorder applies a mask only to blocks whose token grid
-    it matches.
+    position): the encoder's padding says nothing about the decoder's. In a model that is not encoder-decoder a
+    decoder stack takes `decoder_attention_mask` only when the batch carries decoder inputs (BLIP's question
+    answering); other stacks take the mask of their tower (`profiling.inputs.mask_routes`), routed on the unwrapped
+    model (PEFT, DDP). The recorder applies a mask only to blocks whose token grid it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
+    from hf_koopman.profiling import unwrap_model
+    from hf_koopman.profiling.inputs import mask_routes
+
+    # a PEFT / DDP wrapper: the block names, and the token embedding's path the routes compare them with, are those
+    # of the unwrapped model
+    model = unwrap_model(model)
     mask = inputs.get("attention_mask")
     config = getattr(model, "config", None)
     decoder = inputs.get("decoder_attention_mask")
@@ -218,12 +225,10 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
         if decoder is None and isinstance(mask, torch.Tensor) and not isinstance(inputs.get("decoder_input_ids"),
                                                                                 torch.Tensor):
             decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
-    from hf_koopman.profiling.inputs import mask_routes
-
     # other labels (list paths: a CLIP text and vision tower, ...) take the mask of the tower they belong to, as in
     # `profile()`: the text mask reaches only the stacks of the tower that embeds `input_ids`
     by_route = {"attention_mask": mask, "decoder": decoder, None: None}
-    return {label: by_route[route] for label, route in mask_routes(model, blocks).items()}
+    return {label: by_route[route] for label, route in mask_routes(model, blocks, inputs).items()}
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:

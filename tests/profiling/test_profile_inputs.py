@@ -176,3 +176,114 @@ def test_too_few_token_states_fail_with_the_count_and_the_fix(batch, words):
 def test_two_token_states_still_give_a_profile():
     prof = profile(tiny_model("llama"), {"input_ids": torch.tensor([[5, 6]])}, progress=False)
     assert prof.verdict == "uninformative"
+
+
+# ------------------------------------------------------------------------ 10. routes by list path, not label text
+_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+_VISION_32 = dict(**_TOWER, image_size=32, patch_size=8)  # 32 px images in 8 px patches: 16 + 1 = 17 tokens
+
+
+def _seeded(build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def test_blip_captioning_text_decoder_takes_the_caption_mask():
+    """BLIP's captioning model is not encoder-decoder: its `text_decoder` reads `input_ids` with `attention_mask`,
+    while its vision tower (labelled "encoder") has no padding."""
+    model = _seeded(lambda: transformers.BlipForConditionalGeneration(
+        transformers.BlipConfig(text_config=dict(**_TOWER, vocab_size=100), vision_config=_VISION_32)))
+    batch = {**_captions(4, 5, 17), "pixel_values": torch.randn(4, 3, 32, 32)}
+    counts = profile(model, batch, num_samples=16, progress=False).meta["tokens_seen_per_layer"]
+    assert counts == {"vision_model.encoder.layers.0": 4 * 17, "text_decoder.bert.encoder.layer.0": 4 * 5}
+
+
+def test_blip_question_answering_decoder_takes_the_decoder_mask_when_fed_decoder_inputs():
+    model = _seeded(lambda: transformers.BlipForQuestionAnswering(
+        transformers.BlipConfig(text_config=dict(**_TOWER, vocab_size=100), vision_config=_VISION_32)))
+    blocks = find_residual_blocks(model)
+    routes = mask_routes(model, blocks, {"decoder_input_ids": torch.ones(2, 6, dtype=torch.long)})
+    assert routes["text_decoder.bert.encoder.layer"] == "decoder"
+    assert routes["text_encoder.encoder.layer"] == "attention_mask" and routes["vision_model.encoder.layers"] is None
+    assert mask_routes(model, blocks)["text_decoder.bert.encoder.layer"] is None  # no decoder inputs: not its tower
+
+
+@pytest.mark.parametrize(("build", "image", "text"), [
+    (lambda: transformers.GitForCausalLM(transformers.GitConfig(
+        vision_config=_VISION_32, **_TOWER, vocab_size=100, num_image_with_embedding=None)),
+     "git.image_encoder.vision_model.encoder.layers", "git.encoder.layer"),
+    (lambda: transformers.Blip2ForImageTextRetrieval(transformers.Blip2Config(
+        vision_config=_VISION_32, qformer_config=dict(**_TOWER, vocab_size=100, encoder_hidden_size=32),
+        num_query_tokens=4)),
+     "vision_model.encoder.layers", "qformer.encoder.layer"),
+])
+def test_tied_stacks_leave_the_image_tower_unmasked(build, image, text):
+    """The token embedding shares as many path components with the image tower as with the text stack (GIT's
+    `git.embeddings`, BLIP-2's root `embeddings`): the stack whose path names an image tower gets no mask."""
+    model = _seeded(build)
+    routes = mask_routes(model, find_residual_blocks(model))
+    assert routes[image] is None and routes[text] == "attention_mask"
+
+
+def test_git_image_tower_keeps_every_image_token():
+    model = _seeded(lambda: transformers.GitForCausalLM(transformers.GitConfig(
+        vision_config=_VISION_32, **_TOWER, vocab_size=100, num_image_with_embedding=None)))
+    batch = {**_captions(4, 6, 17), "pixel_values": torch.randn(4, 3, 32, 32)}
+    counts = profile(model, batch, num_samples=8, progress=False).meta["tokens_seen_per_layer"]
+    assert counts["git.image_encoder.vision_model.encoder.layers.0"] == 4 * 17  # not 4 x 6 caption tokens
+
+
+def test_mask_routes_unwrap_a_peft_model():
+    """Under a `PeftModel` every path starts with `base_model.model`: the routes are those of the bare model (FLAVA's
+    multimodal stack, which does not name an image tower, gets no text mask either)."""
+    peft = pytest.importorskip("peft")
+    flava = _seeded(lambda: transformers.FlavaModel(transformers.FlavaConfig(
+        text_config=dict(**_TOWER, vocab_size=100), image_config=_VISION_32, multimodal_config=_TOWER)))
+    model = peft.get_peft_model(flava, peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    routes = mask_routes(model, find_residual_blocks(model))
+    assert {label: routes[label] for label in ("text_model.encoder.layer", "image_model.encoder.layer",
+                                               "multimodal_model.encoder.layer")} == {
+        "text_model.encoder.layer": "attention_mask", "image_model.encoder.layer": None,
+        "multimodal_model.encoder.layer": None}
+
+
+# ------------------------------------------------------------------------ 11. layers= blocks from several lists
+def test_layers_override_from_two_towers_keeps_each_tower_its_mask():
+    model = _tiny_clip()
+    batch = {**_captions(4, 10, 50), "pixel_values": torch.randn(4, 3, 63, 63)}
+    prof = profile(model, batch, num_samples=16, progress=False, layers=[f"{TEXT}.0", f"{VISION}.0"])
+    assert prof.meta["tokens_seen_per_layer"] == {f"{VISION}.0": 4 * 50, f"{TEXT}.0": 4 * 10}
+
+
+def test_layers_override_labels_blocks_by_their_list():
+    model = tiny_model("t5")
+    assert [b.stack for b in find_residual_blocks(model, layers=["encoder.block.0", "decoder.block.0"])] == [
+        "encoder", "decoder"]
+    assert {b.stack for b in find_residual_blocks(model, layers=["decoder.block.0", "decoder.block.1"])} == {""}
+    batch, real = _seq2seq_batch(model)
+    batch["attention_mask"][:, 3:] = 0
+    counts = profile(model, batch, num_samples=8, progress=False, layers=["encoder.block.0", "decoder.block.0"])
+    assert counts.meta["tokens_seen_per_layer"] == {"encoder.block.0": 6 * 3, "decoder.block.0": real}
+
+
+# ------------------------------------------------------------------------ 12. streaming records as profile() does
+def test_streaming_reads_the_decoder_padding_from_the_labels_as_profile_does(tmp_path):
+    from hf_koopman.profiling import profile_streaming
+
+    model = tiny_model("t5")
+    model.save_pretrained(tmp_path)
+    batch, real = _seq2seq_batch(model)
+    in_memory = profile(model, batch, num_samples=8, progress=False).meta["tokens_seen_per_layer"]
+    streamed = profile_streaming(tmp_path, inputs=dict(batch), num_samples=8, progress=False)
+    assert streamed.meta["tokens_seen_per_layer"] == in_memory
+    assert in_memory["decoder.block.0"] == real  # not 6 x 11 = 66
+
+
+def test_streaming_refuses_fewer_than_two_token_states(tmp_path):
+    from hf_koopman.profiling import profile_streaming
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    batch = {"input_ids": torch.tensor([[5, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0, 0]])}
+    with pytest.raises(ValueError, match=r"saw 1 real token state\(s\)"):
+        profile_streaming(tmp_path, inputs=batch, num_samples=8, progress=False)

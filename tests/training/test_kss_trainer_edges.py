@@ -592,6 +592,57 @@ def test_snapshot_masks_per_stack():
     assert _snapshot_masks(gpt, find_residual_blocks(gpt), (enc,)) is None
 
 
+def _tiny_blip(cls):
+    import transformers
+
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    return cls(transformers.BlipConfig(text_config=dict(**tower, vocab_size=64),
+                                       vision_config=dict(**tower, image_size=8, patch_size=4)))
+
+
+def test_snapshot_masks_route_blip_decoders_by_what_they_read():
+    """BLIP is not encoder-decoder: the captioning decoder reads `input_ids` and takes `attention_mask`; the question
+    answering decoder, fed `decoder_input_ids`, takes `decoder_attention_mask`; the vision tower takes no mask."""
+    import transformers
+
+    from hf_koopman.profiling import find_residual_blocks
+    from hf_koopman.training.trainer import _snapshot_masks
+
+    mask, decoder_mask = torch.ones(2, 5, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    captioner = _tiny_blip(transformers.BlipForConditionalGeneration)
+    blocks = find_residual_blocks(captioner)
+    masks = _snapshot_masks(captioner, blocks, {"attention_mask": mask, "labels": mask})
+    assert {b.name: masks[b.stack] for b in blocks} == {"vision_model.encoder.layers.0": None,
+                                                        "text_decoder.bert.encoder.layer.0": mask}
+    answerer = _tiny_blip(transformers.BlipForQuestionAnswering)
+    blocks = find_residual_blocks(answerer)
+    batch = {"attention_mask": mask, "decoder_input_ids": decoder_mask, "decoder_attention_mask": decoder_mask}
+    masks = _snapshot_masks(answerer, blocks, batch)
+    assert {b.name: masks[b.stack] for b in blocks} == {"vision_model.encoder.layers.0": None,
+                                                        "text_encoder.encoder.layer.0": mask,
+                                                        "text_decoder.bert.encoder.layer.0": decoder_mask}
+
+
+def test_snapshot_masks_unwrap_a_peft_model():
+    """KSSTrainer passes `accelerator.unwrap_model(model)`, still a `PeftModel`: the text mask reaches FLAVA's text
+    tower only, as for the bare model."""
+    import transformers
+
+    from hf_koopman.profiling import find_residual_blocks
+    from hf_koopman.training.trainer import _snapshot_masks
+
+    peft = pytest.importorskip("peft")
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    flava = transformers.FlavaModel(transformers.FlavaConfig(
+        text_config=dict(**tower, vocab_size=64), image_config=dict(**tower, image_size=8, patch_size=4),
+        multimodal_config=tower))
+    wrapped = peft.get_peft_model(flava, peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    enc = torch.ones(2, 5, dtype=torch.long)
+    masks = _snapshot_masks(wrapped, find_residual_blocks(wrapped), {"attention_mask": enc})
+    assert masks["text_model.encoder.layer"] is enc
+    assert masks["image_model.encoder.layer"] is None and masks["multimodal_model.encoder.layer"] is None
+
+
 # ---------------------------------------------------------------------- activation cap: sources with nothing below
 def test_reaches_parameter_follows_the_autograd_graph():
     from torch.utils.checkpoint import checkpoint
