@@ -162,13 +162,25 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
                 "PEFT/DDP/FSDP); pass modules taken from the model you profile."
             )
         blocks.append(ResidualBlock(names[id(module)], module, ""))
-    # blocks from more than one list are labelled by their list, as auto-discovery labels them: each list's tower then
-    # gets its own mask (`mask_routes`) and its own aggregates
-    containers = list(dict.fromkeys(b.name.rsplit(".", 1)[0] if "." in b.name else "" for b in blocks))
+    # blocks from more than one block list are labelled by their list, as auto-discovery labels them: each list's
+    # tower then gets its own mask (`mask_routes`) and its own row in `by_stack()`, the report and the plots. The list
+    # of a block is its nearest ModuleList / Sequential ancestor, so `model.layers.{i}.mlp` are one list's blocks.
+    lists = [_enclosing_list(model, b.name) for b in blocks]
+    containers = list(dict.fromkeys(lists))
     if len(containers) > 1:
         labels = dict(zip(containers, _stack_labels(containers)))
-        blocks = [b._replace(stack=labels[b.name.rsplit(".", 1)[0] if "." in b.name else ""]) for b in blocks]
+        blocks = [b._replace(stack=labels[path]) for b, path in zip(blocks, lists)]
     return blocks
+
+
+def _enclosing_list(model: nn.Module, name: str) -> str:
+    """Dotted path of the nearest `ModuleList` / `Sequential` that holds the module `name` (`""` when none does)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:cut])
+        if isinstance(model.get_submodule(path), (nn.ModuleList, nn.Sequential)):
+            return path
+    return ""
 
 
 def _record_classes(model: nn.Module) -> tuple[set[type], set[str], set[str]]:

@@ -424,7 +424,9 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
     `decoder_attention_mask`, `decoder_inputs_embeds`: BLIP's question answering); otherwise such a stack reads
     `input_ids` (BLIP's captioning decoder, OPT's `model.decoder.layers`) and is routed as every other stack.
 
-    Of the other stacks, a single one takes `attention_mask`. Of several, the mask of `input_ids` belongs only to the
+    Of the other stacks, a single one takes `attention_mask` unless its path names an image tower after the components
+    it shares with the token embedding (a `layers=` override of CLIP's vision tower). Of several, the mask of
+    `input_ids` belongs only to the
     tower that embeds them: the stacks whose path shares the most leading components with the token embedding's
     (`text_model.encoder.layers` for CLIP's `text_model.embeddings.token_embedding`). The other towers (CLIP's vision
     tower, which has no padding) get no mask, so the text padding does not drop their tokens. When several stacks
@@ -455,10 +457,11 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
             routes[label] = "decoder"
         else:
             others.append(label)
-    embedding = _token_embedding_path(model) if len(others) > 1 else None
+    embedding = _token_embedding_path(model) if others else None
     depths = {label: _shared_depth(paths[label], embedding) for label in others} if embedding is not None else {}
     deepest = max(depths.values(), default=0)
-    tied = sum(depth == deepest for depth in depths.values()) > 1
+    # one stack (a layers= override of one tower) counts as tied: only its path can tell an image tower
+    tied = sum(depth == deepest for depth in depths.values()) != 1 or len(others) == 1
     for label in others:
         if embedding is None:
             routes[label] = "attention_mask"

@@ -205,8 +205,8 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     `decoder_input_ids`, `attention_mask`: a sequence classifier such as `BartForSequenceClassification` feeds its
     decoder the shifted `input_ids`. Given `decoder_input_ids` and none of these, the decoder gets no mask (every
     position): the encoder's padding says nothing about the decoder's. In a model that is not encoder-decoder a
-    decoder stack takes `decoder_attention_mask` only when the batch carries decoder inputs (BLIP's question
-    answering); other stacks take the mask of their tower (`profiling.inputs.mask_routes`), routed on the unwrapped
+    decoder stack takes the decoder's mask (`decoder_attention_mask`, else the labels') only when the batch carries
+    decoder inputs (BLIP's question answering); other stacks take the mask of their tower (`profiling.inputs.mask_routes`), routed on the unwrapped
     model (PEFT, DDP). The recorder applies a mask only to blocks whose token grid it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
@@ -220,11 +220,11 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     mask = inputs.get("attention_mask")
     config = getattr(model, "config", None)
     decoder = inputs.get("decoder_attention_mask")
-    if decoder is None and getattr(config, "is_encoder_decoder", False):
+    if decoder is None:  # the labels' padding, as `profile()` reads it (also BLIP's question answering)
         decoder = _label_mask(inputs)
-        if decoder is None and isinstance(mask, torch.Tensor) and not isinstance(inputs.get("decoder_input_ids"),
-                                                                                torch.Tensor):
-            decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
+    if decoder is None and getattr(config, "is_encoder_decoder", False) and isinstance(mask, torch.Tensor) and (
+            not isinstance(inputs.get("decoder_input_ids"), torch.Tensor)):
+        decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
     # other labels (list paths: a CLIP text and vision tower, ...) take the mask of the tower they belong to, as in
     # `profile()`: the text mask reaches only the stacks of the tower that embeds `input_ids`
     by_route = {"attention_mask": mask, "decoder": decoder, None: None}

@@ -256,6 +256,19 @@ def test_layers_override_from_two_towers_keeps_each_tower_its_mask():
     assert prof.meta["tokens_seen_per_layer"] == {f"{VISION}.0": 4 * 50, f"{TEXT}.0": 4 * 10}
 
 
+def test_layers_override_of_the_vision_tower_alone_takes_no_text_mask():
+    model = _tiny_clip()
+    batch = {**_captions(4, 10, 50), "pixel_values": torch.randn(4, 3, 63, 63)}  # text and image grids coincide
+    prof = profile(model, batch, num_samples=16, progress=False, layers=VISION)
+    assert set(prof.meta["tokens_seen_per_layer"].values()) == {4 * 50}
+
+
+def test_layers_override_of_sub_modules_of_one_list_is_one_stack():
+    model = tiny_model("llama")
+    blocks = find_residual_blocks(model, layers=[f"model.layers.{i}.mlp" for i in range(2)])
+    assert [b.stack for b in blocks] == ["", ""]
+
+
 def test_layers_override_labels_blocks_by_their_list():
     model = tiny_model("t5")
     assert [b.stack for b in find_residual_blocks(model, layers=["encoder.block.0", "decoder.block.0"])] == [

@@ -621,6 +621,11 @@ def test_snapshot_masks_route_blip_decoders_by_what_they_read():
     assert {b.name: masks[b.stack] for b in blocks} == {"vision_model.encoder.layers.0": None,
                                                         "text_encoder.encoder.layer.0": mask,
                                                         "text_decoder.bert.encoder.layer.0": decoder_mask}
+    # without decoder_attention_mask, the padding of the labels, as profile() reads it
+    labels = torch.tensor([[5, 6, -100], [5, -100, -100]])
+    masks = _snapshot_masks(answerer, blocks, {"attention_mask": mask, "decoder_input_ids": decoder_mask,
+                                               "labels": labels})
+    assert torch.equal(masks[blocks[-1].stack], labels != -100)
 
 
 def test_snapshot_masks_unwrap_a_peft_model():
