@@ -14,7 +14,8 @@ from hf_koopman.profiling.blocks import unwrap_model
 
 
 __all__ = [
-    "POSITIONAL_INPUT", "iter_batches", "mask_routes", "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text"
+    "POSITIONAL_INPUT", "iter_batches", "label_mask", "mask_routes", "prepare_batch", "byte_tokenize", "snapshot_masks",
+    "split_text",
 ]
 
 logger = get_logger(__name__)
@@ -358,19 +359,26 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     return out
 
 
-def _decoder_label_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
-    """`labels != -100` `(B, T)` when `batch` holds `decoder_input_ids` `(B, T)` and integer token `labels` on that
-    grid (the positions that carry a loss, as `DataCollatorForSeq2Seq` pads them), else `None`.
+def label_mask(batch: Mapping[str, Any], *, decoder_from_labels: bool = False) -> torch.Tensor | None:
+    """`labels != -100` `(B, T)`: the decoder positions that carry a loss (as `DataCollatorForSeq2Seq` pads them),
+    when `batch` holds integer token `labels` on the decoder's token grid, else `None`.
 
-    Without `decoder_input_ids` the decoder is probed with `input_ids` (`prepare_batch`), a grid the labels do not
-    describe; class labels `(B,)` and float targets are not token labels.
+    The grid is the shape of `decoder_input_ids`. Without them, `decoder_from_labels=True` takes the labels' own
+    `(B, T)` shape: in training a sequence-to-sequence model builds its decoder inputs from the labels (`KSSTrainer`).
+    `profile()` leaves it `False`: without `decoder_input_ids` it probes the decoder with `input_ids`
+    (`prepare_batch`), a grid the labels do not describe. Class labels `(B,)` or `(B, 1)` and float targets (a
+    sequence classifier's) are not token labels.
     """
     labels, decoder_ids = batch.get("labels"), batch.get("decoder_input_ids")
-    if not isinstance(labels, torch.Tensor) or not isinstance(decoder_ids, torch.Tensor):
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
         return None
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if labels.dtype == torch.bool or labels.dim() != 2:
         return None
-    return labels != -100 if labels.dim() == 2 and labels.shape == decoder_ids.shape else None
+    if not isinstance(decoder_ids, torch.Tensor):
+        if not decoder_from_labels or labels.shape[1] == 1:  # (B, 1): class labels, not a one-token decoder
+            return None
+        return labels != -100
+    return labels != -100 if labels.shape == decoder_ids.shape else None
 
 
 def _token_embedding_path(model: torch.nn.Module) -> str | None:
@@ -485,6 +493,6 @@ def snapshot_masks(
     """
     decoder = batch.get("decoder_attention_mask")
     if decoder is None:
-        decoder = _decoder_label_mask(given)
+        decoder = label_mask(given)
     masks = {"attention_mask": batch.get("attention_mask"), "decoder": decoder, None: None}
     return {label: masks[route] for label, route in routes.items()}

@@ -177,31 +177,12 @@ class _ActivationCap:
         return inject
 
 
-def _label_mask(inputs: Mapping) -> torch.Tensor | None:
-    """`labels != -100` when the labels are integer token labels on the decoder's token grid, else `None`.
-
-    The grid is the shape of `decoder_input_ids`, or, without them, the labels' own `(batch, tokens)` shape (a
-    sequence-to-sequence LM builds its decoder inputs from the labels). Class labels `(batch,)` or `(batch, 1)` and
-    float multi-label targets `(batch, num_labels)` of a sequence classifier are not token labels and give `None`.
-    """
-    labels = inputs.get("labels")
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        return None
-    if labels.dtype == torch.bool or labels.dim() != 2:
-        return None
-    decoder_ids = inputs.get("decoder_input_ids")
-    if not isinstance(decoder_ids, torch.Tensor) and labels.shape[1] == 1:
-        return None  # class labels (batch, 1), which the classification losses accept, not a one-token decoder
-    grid = decoder_ids.shape if isinstance(decoder_ids, torch.Tensor) else labels.shape
-    return labels != -100 if labels.shape == grid else None
-
-
 def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> Any:
     """The recorder's `attention_mask` for a training batch: one mask (or `None`) per stack label.
 
     Single-stack models use `attention_mask`. In an encoder-decoder model the encoder's blocks use `attention_mask`;
     the decoder's use `decoder_attention_mask`, else `labels != -100` (the decoder positions that carry a loss) when
-    the labels are integer token labels on the decoder's token grid (`_label_mask`), else, without
+    the labels are integer token labels on the decoder's token grid (`profiling.inputs.label_mask`), else, without
     `decoder_input_ids`, `attention_mask`: a sequence classifier such as `BartForSequenceClassification` feeds its
     decoder the shifted `input_ids`. Given `decoder_input_ids` and none of these, the decoder gets no mask (every
     position): the encoder's padding says nothing about the decoder's. In a model that is not encoder-decoder a
@@ -212,7 +193,7 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
     from hf_koopman.profiling import unwrap_model
-    from hf_koopman.profiling.inputs import mask_routes
+    from hf_koopman.profiling.inputs import label_mask, mask_routes
 
     # a PEFT / DDP wrapper: the block names, and the token embedding's path the routes compare them with, are those
     # of the unwrapped model
@@ -221,7 +202,7 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     config = getattr(model, "config", None)
     decoder = inputs.get("decoder_attention_mask")
     if decoder is None:  # the labels' padding, as `profile()` reads it (also BLIP's question answering)
-        decoder = _label_mask(inputs)
+        decoder = label_mask(inputs, decoder_from_labels=True)
     if decoder is None and getattr(config, "is_encoder_decoder", False) and isinstance(mask, torch.Tensor) and (
             not isinstance(inputs.get("decoder_input_ids"), torch.Tensor)):
         decoder = mask  # the decoder reads the shifted input_ids (a sequence classifier)
