@@ -164,7 +164,8 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
         blocks.append(ResidualBlock(names[id(module)], module, ""))
     # blocks from more than one block list are labelled by their list, as auto-discovery labels them: each list's
     # tower then gets its own mask (`mask_routes`) and its own row in `by_stack()`, the report and the plots. The list
-    # of a block is its nearest ModuleList / Sequential ancestor, so `model.layers.{i}.mlp` are one list's blocks.
+    # of a block is its nearest ModuleList / Sequential ancestor, so `model.layers.{i}.mlp` are one list's blocks (a
+    # block that holds a list of its own, as T5's `block.{i}.layer`, puts its sub-modules in that list).
     lists = [_enclosing_list(model, b.name) for b in blocks]
     containers = list(dict.fromkeys(lists))
     if len(containers) > 1:
@@ -174,13 +175,14 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
 
 
 def _enclosing_list(model: nn.Module, name: str) -> str:
-    """Dotted path of the nearest `ModuleList` / `Sequential` that holds the module `name` (`""` when none does)."""
+    """Dotted path of the nearest `ModuleList` / `Sequential` / `ModuleDict` that holds the module `name`, else of its
+    parent (`text_model.encoder` -> `text_model`: whole towers named one by one)."""
     parts = name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         path = ".".join(parts[:cut])
-        if isinstance(model.get_submodule(path), (nn.ModuleList, nn.Sequential)):
+        if isinstance(model.get_submodule(path), (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             return path
-    return ""
+    return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def _record_classes(model: nn.Module) -> tuple[set[type], set[str], set[str]]:

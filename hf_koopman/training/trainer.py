@@ -187,8 +187,9 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     decoder the shifted `input_ids`. Given `decoder_input_ids` and none of these, the decoder gets no mask (every
     position): the encoder's padding says nothing about the decoder's. In a model that is not encoder-decoder a
     decoder stack takes the decoder's mask (`decoder_attention_mask`, else the labels') only when the batch carries
-    decoder inputs (BLIP's question answering); other stacks take the mask of their tower (`profiling.inputs.mask_routes`), routed on the unwrapped
-    model (PEFT, DDP). The recorder applies a mask only to blocks whose token grid it matches.
+    decoder inputs (`decoder_input_ids`: BLIP's question answering fed them); other stacks take the mask of their
+    tower (`profiling.inputs.mask_routes`), routed on the unwrapped model (PEFT, DDP). The recorder applies a mask
+    only to blocks whose token grid it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
@@ -201,7 +202,7 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     mask = inputs.get("attention_mask")
     config = getattr(model, "config", None)
     decoder = inputs.get("decoder_attention_mask")
-    if decoder is None:  # the labels' padding, as `profile()` reads it (also BLIP's question answering)
+    if decoder is None:  # the labels' padding, as `profile()` reads it
         decoder = label_mask(inputs, decoder_from_labels=True)
     if decoder is None and getattr(config, "is_encoder_decoder", False) and isinstance(mask, torch.Tensor) and (
             not isinstance(inputs.get("decoder_input_ids"), torch.Tensor)):

@@ -157,7 +157,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"Tokens available: {run['tokens']}. Verdict: pretrained **{pre['verdict']}** (mean M≈1 = "
             f"{_fmt(pre['score']) if pre['score'] is not None else 'n/a'}, median κ(V) = "
             f"{_fmt(pre['kappa_median']) if pre['kappa_median'] is not None else 'n/a'}); re-initialised "
-            f"{', '.join(init['verdicts'])} (mean M≈1 = {', '.join(_fmt(s) if s is not None else 'n/a' for s in init['scores'])}).",
+            f"{', '.join(init['verdicts'])} (mean M≈1 = "
+            f"{', '.join(_fmt(s) if s is not None else 'n/a' for s in init['scores'])}).",
             "",
             "| layer | M≈1 pre | M≈1 init | M>1 pre | M>1 init | ρ pre | ρ init | κ(V) pre | κ(V) init | η_nl pre | η_nl init |",
             "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -263,6 +263,14 @@ def test_layers_override_of_the_vision_tower_alone_takes_no_text_mask():
     assert set(prof.meta["tokens_seen_per_layer"].values()) == {4 * 50}
 
 
+def test_layers_override_of_whole_towers_keeps_them_apart():
+    # the towers' encoders sit in no list: each is labelled by its parent, so the text mask stays on the text tower
+    model = _tiny_clip()
+    batch = {**_captions(4, 10, 50), "pixel_values": torch.randn(4, 3, 63, 63)}
+    prof = profile(model, batch, num_samples=16, progress=False, layers=["text_model.encoder", "vision_model.encoder"])
+    assert prof.meta["tokens_seen_per_layer"] == {"vision_model.encoder": 4 * 50, "text_model.encoder": 4 * 10}
+
+
 def test_layers_override_of_sub_modules_of_one_list_is_one_stack():
     model = tiny_model("llama")
     blocks = find_residual_blocks(model, layers=[f"model.layers.{i}.mlp" for i in range(2)])

@@ -54,7 +54,8 @@ class CNPModel(EquivCNPPreTrainedModel):
         """Same signature and outputs as [`EquivCNPModel.forward`] (including `return_loss` and `return_dict`)."""
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, compute_dtype(self)
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
+            compute_dtype(self),
         )
         r = self.encoder(torch.cat([context_x, context_y], -1))  # (B, Nc, H)
         if context_mask is None:

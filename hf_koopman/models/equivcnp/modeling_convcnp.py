@@ -70,7 +70,8 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         """Same signature and outputs as [`EquivCNPModel.forward`] (including `return_loss` and `return_dict`)."""
         cfg = self.config
         context_mask, target_mask = check_inputs(
-            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim, compute_dtype(self)
+            context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
+            compute_dtype(self),
         )
         grid, grid_mask = uniform_grid(
             [(context_x, context_mask), (target_x, target_mask)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points
