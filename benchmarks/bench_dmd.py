@@ -323,7 +323,7 @@ def bounds(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["gpt2", "synthetic"], default="gpt2")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--dim", type=int, default=768, help="synthetic data only (GPT-2 has d = 768)")

@@ -40,7 +40,7 @@ def _time(model, batches) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
     torch.manual_seed(0)

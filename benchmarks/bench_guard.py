@@ -30,7 +30,7 @@ device syncs (see `paired_overhead`); `--layers` sets the depth and `--check-eve
 Also timed: the guard's one all-reduce per step (4 float64 numbers) between 2 gloo processes on this machine, median
 over 200 calls. Target (issue 20): overhead <= 1 % per step on CPU.
 
-    python -m benchmarks.bench_guard --out results/safety_net_overhead.json   # appends a section to safety_net.md
+    python -m benchmarks.bench_guard --out results/safety_net_overhead.json   # replaces its section of safety_net.md
     python -m benchmarks.bench_guard --paired --out results/safety_net_paired.json
     python -m benchmarks.bench_guard --paired --device cuda --sizes 256 1024 --layers 8 --clips 1.0 --blocks 40 \
         --out results/safety_net_paired_gpu.json
@@ -270,7 +270,7 @@ def _allreduce_worker(rank: int, port: int, calls: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from hf_koopman.training.guard import reduce_max
 
-    x = torch.zeros(3, dtype=torch.float64)
+    x = torch.zeros(4, dtype=torch.float64)  # the guard's one all-reduce per step carries four numbers
     for _ in range(20):
         reduce_max(x.clone())
     times = []
@@ -301,7 +301,7 @@ def main(argv=None) -> None:
     parser.add_argument("--paired", action="store_true", help="step-level paired measurement (see the docstring)")
     parser.add_argument("--blocks", type=int, default=30)
     parser.add_argument("--block", type=int, default=10)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="model widths d (paired mode)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="model widths d")
     parser.add_argument("--snapshot-every", default="auto",
                         help="the guard's snapshot_every_n_steps (paired mode); a huge value isolates the copy's cost")
     parser.add_argument("--clips", type=float, nargs="+", default=[0.0, 1.0],
@@ -337,7 +337,7 @@ def main(argv=None) -> None:
                      f"; the guard's gradient read {r['grad_read_cpu_ms_per_step']:.3f} ms/step, its snapshot copies "
                      f"{r['snapshot_cpu_ms_per_step']:.3f} ms/step"))
         return
-    rows = [overhead(h, c, args.rounds, args.steps) for h in (64, 256) for c in (0.0, 1.0)]
+    rows = [overhead(h, c, args.rounds, args.steps) for h in args.sizes for c in (0.0, 1.0)]
     reduce_s = allreduce_seconds()
     result = {"rows": rows, "allreduce_seconds_median": reduce_s, "load_before": load, "load_after": os.getloadavg()[0],
               "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -349,13 +349,19 @@ def main(argv=None) -> None:
         lines.append(f"| {r['hidden_size']} | {'max_grad_norm=1' if r['max_grad_norm'] else 'off'} | "
                      f"{r['plain_step_ms']:.1f} | {100 * r['overhead_median']:+.1f} % "
                      f"[{100 * r['overhead_min']:+.1f}, {100 * r['overhead_max']:+.1f}] |")
-    lines += ["", f"All-reduce of the guard's 3 numbers, 2 gloo processes on this machine: "
+    lines += ["", f"All-reduce of the guard's 4 numbers, 2 gloo processes on this machine: "
               f"{1e6 * reduce_s:.0f} µs per step (median of 200).", ""]
+    print("\n".join(lines))
+    if args.out.resolve().parent != (REPO / "results").resolve():
+        args.out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")  # results/ is left as it is
+        return
+    # the "## Overhead" section of results/safety_net.md is replaced; the sections after it are kept
     md = REPO / "results" / "safety_net.md"
     text = md.read_text(encoding="utf-8")
-    text = text.split("## Overhead")[0].rstrip() + "\n\n" + "\n".join(lines)
-    md.write_text(text, encoding="utf-8")
-    print("\n".join(lines))
+    start = text.index("\n## Overhead\n")
+    end = text.find("\n## ", start + 1)
+    rest = text[end:] if end != -1 else "\n"
+    md.write_text(text[:start].rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n" + rest, encoding="utf-8")
 
 
 if __name__ == "__main__":

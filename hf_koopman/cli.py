@@ -630,13 +630,14 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
 
 
 def _default_out(spec: str, *, init: bool) -> Path:
-    """`hf_koopman_out/<name>` with `-init` under --init, as the quickstart's `hf_koopman_out/gpt2-init`: a local
-    folder (or a config.json's folder) as the run is named (`run-a--checkpoint-500` for a generic folder name), a Hub
-    id as `org--name`, an embedded architecture by its name. Different models land in different folders; a second
-    profile of the same model replaces the first, with a warning."""
+    """`hf_koopman_out/<name>`, with `-init` under --init or for a config.json (as the quickstart's
+    `hf_koopman_out/gpt2-init`): a local folder (or a config.json's folder) as the run is named
+    (`run-a--checkpoint-500` for a generic folder name), a Hub id as `org--name`, an embedded architecture by its
+    name. Different models land in different folders; a second profile of the same model replaces the first, with a
+    warning."""
     path = Path(spec).expanduser()
-    if path.name == "config.json":
-        path = path.parent
+    if path.name == "config.json":  # a config alone builds the model at initialisation
+        path, init = path.parent, True
     # a local folder as the run is named (`<parent>/<folder>` for checkpoint-500, model, ...); a Hub id keeps its
     # organisation ("org/name" -> "org--name", as the Hub cache names it)
     name = _folder_display_name(path) if path.exists() else spec.strip("/")

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/hf-koopman profile gpt2 --init --out hf_koopman_out/gpt2-init "$@"
+"${HF_KOOPMAN_VENV:-.venv}/bin/hf-koopman" profile gpt2 --init --out hf_koopman_out/gpt2-init "$@"

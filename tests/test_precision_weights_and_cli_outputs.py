@@ -183,6 +183,7 @@ def test_cli_default_out_keeps_checkpoints_and_hub_organisations_apart(tmp_path,
     assert _default_out("meta-llama/Llama-3.2-1B", init=False).name == "meta-llama--Llama-3.2-1B"
     assert _default_out("unsloth/Llama-3.2-1B", init=True).name == "unsloth--Llama-3.2-1B-init"
     assert _default_out("gpt2", init=True).name == "gpt2-init"
+    assert _default_out("run-a/checkpoint-500/config.json", init=False).name == "run-a--checkpoint-500-init"
 
 
 def test_a_profile_that_cannot_be_written_leaves_the_folder_as_it_was(init_profile, tmp_path):

@@ -25,10 +25,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     chosen = data_dir if data_dir is not None else os.environ.get("HF_KOOPMAN_DATA")
     if chosen is None:
         raise DataDirNotFoundError(
-            "no data directory: pass data_dir=... or set HF_KOOPMAN_DATA to the offline data folder (the one that "
-            "holds graphs/, wikitext-2/, mnist/)"
+            "no data directory: pass --data-dir (data_dir=... in Python) or set HF_KOOPMAN_DATA to the offline data "
+            "folder (the one that holds graphs/, wikitext-2/, mnist/)"
         )
     path = Path(chosen)
     if not path.is_dir():
-        raise DataDirNotFoundError(f"data directory {path} does not exist (pass data_dir=... or set HF_KOOPMAN_DATA)")
+        raise DataDirNotFoundError(
+            f"data directory {path} does not exist (pass --data-dir, data_dir=... in Python, or set HF_KOOPMAN_DATA)"
+        )
     return path

@@ -5,7 +5,7 @@
     python -m research.scripts.fit_risk --heldout results/heldout_risk/runs.jsonl   # -> hf_koopman/data/risk_estimator.json
     # the prediction sweep's own estimator (one architecture; held-out widths and seeds)
     python -m research.scripts.fit_risk                       # -> results/sweep_prediction/risk_estimator.json
-    python -m research.scripts.fit_risk --runs results/quick/sweep_prediction/runs.jsonl --out /tmp/est.json
+    python -m research.scripts.fit_risk --runs results/quick/sweep_prediction/runs.jsonl --out /tmp/est.json --eval-out /tmp/eval.json
     python -m research.scripts.fit_risk --runs results/sweep_prediction_100steps/runs.jsonl --out /tmp/est100.json --eval-out /tmp/eval100.json
     OMP_NUM_THREADS=2 python -m research.scripts.fit_risk --reprofile   # init features recomputed with the default recipe
 

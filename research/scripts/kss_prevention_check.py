@@ -15,6 +15,7 @@ Appends one JSON line per trial to OUT_DIR/val2_<arm>.jsonl (default results/kss
 import dataclasses
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +65,15 @@ def max_lr_summary(out_dir: Path) -> str:
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+_ARM = re.compile(r"control|kss_uncapped|max_lr|kss_(ratio|act)\d+(\.\d+)?")
+if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or (
+        sys.argv[1] != "--summary" and (not _ARM.fullmatch(sys.argv[1]) or len(sys.argv) < 3)):
+    # the module docstring is the usage; an unknown ARM would otherwise run as a KSS trial under its name
+    asked = len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help")
+    print(__doc__ if asked else f"unknown or incomplete arguments {sys.argv[1:]}; usage:\n{__doc__}",
+          file=sys.stdout if asked else sys.stderr)
+    sys.exit(0 if asked else 2)
 
 if len(sys.argv) >= 2 and sys.argv[1] == "--summary":  # python -m research.scripts.kss_prevention_check --summary DIR
     out_dir = Path(sys.argv[2] if len(sys.argv) > 2 else "results/kss_gradient_scale")

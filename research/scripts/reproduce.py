@@ -3,7 +3,8 @@ results/summary.json and the PNG plots.
 
     OMP_NUM_THREADS=1 nice -n 10 python -m research.scripts.reproduce            # full settings (see RESULTS.md for runtime)
     OMP_NUM_THREADS=1 nice -n 10 python -m research.scripts.reproduce --quick    # reduced grids -> results/quick/ (<= 20 min)
-    python -m research.scripts.reproduce --report-only                           # rebuild the report from existing sweeps
+    python -m research.scripts.reproduce --report-only --no-extras               # rebuild the report from existing sweeps
+    python -m research.scripts.reproduce --report-only                           # ... and re-run the extras (minutes)
     python -m research.scripts.reproduce --report-only --refit-estimator         # ... and refit the sweep's own risk estimator
 
 Full settings: prediction sweep 6 norms x 4 LRs x 3 (width, depth) x 3 seeds = 216 runs of 500 steps (the paper's
@@ -999,7 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--no-extras", action="store_true")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the extras that re-profile architectures and re-time the KSS overhead (minutes, and "
+                        "load-dependent): the report is then rebuilt from the sweeps alone")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--refit-estimator", action="store_true",
                    help="full mode: refit the sweep's estimator results/sweep_prediction/risk_estimator.json (and "
