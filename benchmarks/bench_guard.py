@@ -355,13 +355,20 @@ def main(argv=None) -> None:
     if args.out.resolve().parent != (REPO / "results").resolve():
         args.out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")  # results/ is left as it is
         return
-    # the "## Overhead" section of results/safety_net.md is replaced; the sections after it are kept
+    # results/safety_net.md: the generated part of its "## Overhead" section (from the heading to the all-reduce line)
+    # is replaced; the written reading after it and the later sections are kept; no such section: appended
     md = REPO / "results" / "safety_net.md"
     text = md.read_text(encoding="utf-8")
-    start = text.index("\n## Overhead\n")
-    end = text.find("\n## ", start + 1)
-    rest = text[end:] if end != -1 else "\n"
-    md.write_text(text[:start].rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n" + rest, encoding="utf-8")
+    generated = "\n".join(lines).rstrip() + "\n"
+    if "\n## Overhead\n" not in text:
+        md.write_text(text.rstrip() + "\n\n" + generated, encoding="utf-8")
+        return
+    start = text.index("\n## Overhead\n") + 1
+    section_end = text.find("\n## ", start)
+    section_end = len(text) if section_end == -1 else section_end + 1
+    last = text.find("All-reduce of the guard's", start, section_end)
+    end = text.find("\n", last) + 1 if last != -1 else section_end
+    md.write_text(text[:start] + generated + text[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":

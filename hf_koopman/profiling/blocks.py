@@ -164,8 +164,9 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
         blocks.append(ResidualBlock(names[id(module)], module, ""))
     # blocks from more than one block list are labelled by their list, as auto-discovery labels them: each list's
     # tower then gets its own mask (`mask_routes`) and its own row in `by_stack()`, the report and the plots. The list
-    # of a block is its nearest ModuleList / Sequential ancestor, so `model.layers.{i}.mlp` are one list's blocks (a
-    # block that holds a list of its own, as T5's `block.{i}.layer`, puts its sub-modules in that list).
+    # of a block is its nearest ModuleList / Sequential / ModuleDict ancestor, else its parent (`_enclosing_list`), so
+    # `model.layers.{i}.mlp` are one list's blocks (a block that holds a list of its own, as T5's `block.{i}.layer`,
+    # puts its sub-modules in that list).
     lists = [_enclosing_list(model, b.name) for b in blocks]
     containers = list(dict.fromkeys(lists))
     if len(containers) > 1:

@@ -68,7 +68,8 @@ def max_lr_summary(out_dir: Path) -> str:
 
 _ARM = re.compile(r"control|kss_uncapped|max_lr|kss_(ratio|act)\d+(\.\d+)?")
 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or (
-        sys.argv[1] != "--summary" and (not _ARM.fullmatch(sys.argv[1]) or len(sys.argv) < 3)):
+        sys.argv[1] != "--summary" and (not _ARM.fullmatch(sys.argv[1]) or len(sys.argv) < 3 or not re.fullmatch(
+            r"-" if sys.argv[1] == "max_lr" else r"\d+(,\d+)*", sys.argv[2]))):
     # the module docstring is the usage; an unknown ARM would otherwise run as a KSS trial under its name
     asked = len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help")
     print(__doc__ if asked else f"unknown or incomplete arguments {sys.argv[1:]}; usage:\n{__doc__}",
