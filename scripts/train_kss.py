@@ -8,7 +8,7 @@ Text is byte-tokenised (vocabulary 256, no Hub tokenizer needed) and cut into `-
 Examples:
     # one process
     python scripts/train_kss.py --text_file $HF_KOOPMAN_DATA/tinyshakespeare/input.txt --tiny \
-        --output_dir out/kss --max_steps 200 --per_device_train_batch_size 8 --kss_alpha 0.15
+        --output_dir out/kss --max_steps 200 --per_device_train_batch_size 8 --learning_rate 1e-3 --kss_alpha 0.15
     # two processes (DDP); on a CPU-only host add --use_cpu (the script adds it when WORLD_SIZE > 1 and no GPU)
     accelerate launch --config_file scripts/accelerate_configs/ddp.yaml scripts/train_kss.py ... (same arguments)
     # two processes, parameters sharded (FSDP2); on a CPU-only host KSSTrainer turns accelerate's DDP fallback into FSDP2
@@ -23,6 +23,7 @@ flags `--rksp_auto_kss`, `--rksp_every_n_steps`, `--rksp_no_guard`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         auto_kss=script.rksp_auto_kss,
         every_n_steps=script.rksp_every_n_steps,
         num_samples=script.rksp_num_samples,
+        # enough training blocks for num_samples token states (the callback's default of 8 holds 1024 at 128 tokens)
+        probe_batch_size=max(8, math.ceil(script.rksp_num_samples / script.block_size)),
         guard=not script.rksp_no_guard,
     )
     trainer = KSSTrainer(

@@ -48,3 +48,17 @@ def test_train_script_rejects_bad_input(tmp_path):
         train_kss.main(["--output_dir", str(tmp_path), *COMMON])
     with pytest.raises(ValueError, match="key=value"):
         train_kss._parse_overrides("n_layer")
+
+
+def test_train_script_probes_enough_blocks_for_its_num_samples(tmp_path):
+    # 512 token states at 32 tokens per block need 16 blocks; the callback's default probe of 8 would hold 256
+    from hf_koopman import RKSPCallback
+
+    train_kss = ddp_worker.load_train_script()
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus for the koopman test" for i in range(200)))
+    trainer = train_kss.main(["--dataset", "text", "--dataset_files", str(corpus), "--output_dir", str(tmp_path / "o"),
+                              *COMMON, "--rksp_num_samples", "512", "--max_steps", "1"])
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RKSPCallback))
+    assert callback.probe_batch_size == 16
+    assert min(callback.profile.meta["tokens_seen_per_layer"].values()) >= 512
