@@ -206,7 +206,8 @@ def precision_caveat(dtype: str) -> str:
     the fix: profile a float32 copy."""
     return (f"ρ and κ(V) are unreliable: the activations were recorded in {dtype}, whose rounding moves them "
             "(MiniLM-L6, N = 3072, two seeds: the largest ρ 1.4–1.5 in float32, 4.0–6.8 in float16 and 1.6–1.9 in "
-            "bfloat16, the mean κ(V) about 10x lower in both, the masses within 0.01); profile a float32 copy "
+            "bfloat16, the mean κ(V) about 10x lower in both, the masses within 0.01; on a tiny LLaMA κ(V) rose 2.5x in "
+            "bfloat16 instead: the size and direction differ between models); profile a float32 copy "
             "(`--dtype fp32` on the CLI, `model.float()` or `profile_streaming(..., dtype='float32')` in Python) "
             "for them")
 

@@ -134,21 +134,24 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         return []
     reads = profile.rule.reads(profile)
     total = len(reads)
-    feats = [f for f, read in zip(profile.features, reads) if read]
-    left_out = total - len(feats)
-    if not feats:  # nothing the verdict reads: describe every layer, and say so
-        feats = profile.features
+    chosen = [i for i, read in enumerate(reads) if read]
+    left_out = total - len(chosen)
+    if not chosen:  # nothing the verdict reads: describe every layer, and say so
+        chosen = list(range(total))
         scope = (f"None of the {total} blocks is informative for the verdict ({_left_out_words(profile, reads)}); "
                  f"across all {total} of them")
     elif left_out:
-        scope = (f"Over the {len(feats)} informative blocks the verdict reads ({left_out} of {total} left out: "
+        scope = (f"Over the {len(chosen)} informative blocks the verdict reads ({left_out} of {total} left out: "
                  f"{_left_out_words(profile, reads)})")
     else:
         scope = f"Across the {total} blocks"
+    feats = [profile.features[i] for i in chosen]
     n, d = profile.rule.verdict_sample(profile)
     modes = sum(f.n_modes for f in feats)
     reliable = sum(f.n_reliable for f in feats) / modes if modes else float("nan")
     eta = sum(f.nonlinearity for f in feats) / len(feats)
+    sizes, rank = profile.rule.sample_sizes(profile), profile.settings.get("rank")
+    eta_read = [profile.rule.adjusted_nonlinearity(profile.features[i].nonlinearity, *sizes[i], rank) for i in chosen]
     near = sum(f.near_unit_mass for f in feats) / len(feats)
     unstable = sum(f.unstable_mass for f in feats) / len(feats)
     contractive = sum(f.contractive_mass for f in feats) / len(feats)
@@ -172,6 +175,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
     lines.append(
         f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average"
         + (" over those blocks" if left_out and len(feats) < total else "")
+        + (f" ({sum(eta_read) / len(eta_read):.2f} corrected for the fit's N/d, as the gate reads it; per layer in "
+           "the table below)" if eta_read else "")
         + f"; {len(profile.informative_layers)} of {total} blocks are informative (η_nl < "
         f"{profile.rule.max_nonlinearity:g} once corrected for the fit's N/d, update not ≈ 0{sampled}); "
         f"{reliable:.0%} of "
@@ -186,7 +191,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
                 + ("" if uniform else ", the least-sampled layer the verdict reads")
                 + f"); the masses carry a sampling error of roughly sqrt(d/N) = {relative:.2f} relative")
         score = profile.score
-        # only a tentative verdict can change with more tokens (κ(V) or an uninformative fit decide firmly)
+        # the band covers the masses' sampling error only; a layer whose corrected η_nl lies near the gate can also
+        # change the verdict with more tokens (it changes which layers are read)
         crossed = profile.rule.thresholds_within_error(score, n, d) if tentative else ()
         if crossed:
             names = " and ".join(f"{t:g}" for t in crossed)
@@ -326,15 +332,17 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         lines.append("")
 
     lo, hi, below, tau = _bands(profile)
-    # layers of one N and d keep the paper's columns; otherwise each layer's N and d, and whether the verdict reads it
-    sizes = "" if uniform else " N | d | read |"
+    # the paper's columns, η_nl as the verdict's gate reads it (corrected for the fit's N/d) and whether the verdict
+    # reads the layer; layers of different N and d add their N and d
+    sizes = "" if uniform else " N | d |"
     lines += [
         "## Per layer",
         "",
-        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | Kreiss | reliable/modes | degenerate |"
-        f"{sizes}",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("" if uniform else "---|---|---|"),
+        f"| # | block | M≈1 | M>1 | M<{below} | mid | ρ | κ(V) | η_nl | η_nl corrected | Kreiss | reliable/modes | "
+        f"degenerate | read |{sizes}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("" if uniform else "---|---|"),
     ]
+    rank = profile.settings.get("rank")
     reads = profile.rule.reads(profile)
     for i, ((name, f), stack, (n, d), read) in enumerate(zip(profile.layers, profile.stacks, profile.sample_sizes,
                                                              reads)):
@@ -342,9 +350,10 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         lines.append(
             f"| {i} | `{label}` | {_fmt(f.near_unit_mass)} | {_fmt(f.unstable_mass)} | {_fmt(f.contractive_mass)} | "
             f"{_fmt(f.mid_mass)} | "
-            f"{_fmt(f.spectral_radius)} | {_fmt(f.eigvec_condition)} | {_fmt(f.nonlinearity)} | {_fmt(f.kreiss)} | "
-            f"{f.n_reliable}/{f.n_modes} | {_fmt(bool(f.degenerate))} |"
-            + ("" if uniform else f" {n} | {d} | {'yes' if read else 'no'} |")
+            f"{_fmt(f.spectral_radius)} | {_fmt(f.eigvec_condition)} | {_fmt(f.nonlinearity)} | "
+            f"{_fmt(profile.rule.adjusted_nonlinearity(f.nonlinearity, n, d, rank))} | {_fmt(f.kreiss)} | "
+            f"{f.n_reliable}/{f.n_modes} | {_fmt(bool(f.degenerate))} | {'yes' if read else 'no'} |"
+            + ("" if uniform else f" {n} | {d} |")
         )
     lines.append("")
 

@@ -119,3 +119,16 @@ def test_decide_profile_reads_the_profile_and_its_meta():
     assert "supply more or longer inputs" in explicit[1] and "extrapolated" in explicit[1]
     strict = dataclasses.replace(_profile(0.1, 1024), rule=DecisionRule(max_nonlinearity=0.0))  # no layer informative
     assert strict.rule.decide_profile(strict)[0] == "uninformative"
+
+
+def test_the_report_shows_eta_as_the_gate_reads_it_and_which_layers_are_read():
+    # N/d = 3: an in-sample η_nl of 0.80 reads sqrt(191/127) x 0.80 = 0.98 after the correction, over the gate
+    layers = [(f"layers.{i}", dataclasses.replace(_features(0.2), nonlinearity=eta)) for i, eta in enumerate(
+        (0.80, 0.30, 0.30))]
+    prof = SpectralProfile(layers=layers, aggregates={}, settings={"num_samples": 192, "hidden_size": 64, "rank": None},
+                           meta={})
+    report = render_report(prof)
+    assert "| η_nl | η_nl corrected |" in report and "| read |" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert "| 0.981 |" in rows[0] and rows[0].rstrip().endswith("| no |") and rows[1].rstrip().endswith("| yes |")
+    assert "(0.37 corrected for the fit's N/d, as the gate reads it" in report  # mean of 0.368 over the 2 layers read
