@@ -55,7 +55,7 @@ class CNPModel(EquivCNPPreTrainedModel):
         cfg = self.config
         context_mask, target_mask = check_inputs(
             context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
-            compute_dtype(self),
+            compute_dtype(self, getattr(context_x, "dtype", None)),
         )
         r = self.encoder(torch.cat([context_x, context_y], -1))  # (B, Nc, H)
         if context_mask is None:

@@ -71,7 +71,7 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         cfg = self.config
         context_mask, target_mask = check_inputs(
             context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
-            compute_dtype(self),
+            compute_dtype(self, getattr(context_x, "dtype", None)),
         )
         grid, grid_mask = uniform_grid(
             [(context_x, context_mask), (target_x, target_mask)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points

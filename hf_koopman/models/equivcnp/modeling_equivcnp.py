@@ -214,7 +214,7 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         cfg = self.config
         context_mask, target_mask = check_inputs(
             context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
-            compute_dtype(self),
+            compute_dtype(self, getattr(context_x, "dtype", None)),
         )
         points, point_mask = self.discretise(context_x, target_x, context_mask, target_mask)
         h = self.embed(self.encode(points, context_x, context_y, context_mask))

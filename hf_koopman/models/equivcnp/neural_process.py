@@ -103,14 +103,18 @@ def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) ->
     return mask.bool()
 
 
-def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def compute_dtype(model: torch.nn.Module, given: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype the inputs must have: the weights' (`model.dtype`), or `None` (not checked) under FSDP2
     (`fully_shard`), whose parameters keep their sharded storage dtype while a mixed-precision policy runs the forward
-    (and casts the inputs) in its own `param_dtype`."""
+    (and casts the inputs) in its own `param_dtype`. Inputs of the weights' dtype (`given`) skip the look-up, which
+    walks every module. The twin in `reynet/modeling_reynet.py` keeps each Hub code folder self-contained."""
+    dtype = model.dtype
+    if given == dtype:
+        return dtype
     fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
     if fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules()):
         return None
-    return model.dtype
+    return dtype
 
 
 def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:

@@ -377,14 +377,18 @@ class ReyNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias_diag)
 
 
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def _compute_dtype(model: torch.nn.Module, given: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype the inputs must have: the weights' (`model.dtype`), or `None` (not checked) under FSDP2
     (`fully_shard`), whose parameters keep their sharded storage dtype while a mixed-precision policy runs the forward
-    (and casts the inputs) in its own `param_dtype`."""
+    (and casts the inputs) in its own `param_dtype`. Inputs of the weights' dtype (`given`) skip the look-up, which
+    walks every module. The twin in `equivcnp/neural_process.py` keeps each Hub code folder self-contained."""
+    dtype = model.dtype
+    if given == dtype:
+        return dtype
     fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
     if fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules()):
         return None
-    return model.dtype
+    return dtype
 
 
 def _check_inputs(
@@ -485,7 +489,8 @@ class ReyNetModel(ReyNetPreTrainedModel):
                 Return a [`ReyNetModelOutput`] (default: `config.return_dict`) or, if False, its non-None fields as a
                 tuple.
         """
-        _check_inputs(graph_tensor, node_mask, self.config.in_channels, _compute_dtype(self))
+        _check_inputs(graph_tensor, node_mask, self.config.in_channels,
+                      _compute_dtype(self, getattr(graph_tensor, "dtype", None)))
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
