@@ -465,7 +465,10 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
             routes[label] = "decoder"
         else:
             others.append(label)
-    embedding = _token_embedding_path(model) if others else None
+    # the token embedding's path (a walk over the modules, on every KSS step) matters for several stacks, or for one
+    # whose path names an image tower; any other single stack takes attention_mask
+    lookup = len(others) > 1 or (len(others) == 1 and _names_image_tower(paths[others[0]], 0))
+    embedding = _token_embedding_path(model) if lookup else None
     depths = {label: _shared_depth(paths[label], embedding) for label in others} if embedding is not None else {}
     deepest = max(depths.values(), default=0)
     # one stack (a layers= override of one tower) counts as tied: only its path can tell an image tower
