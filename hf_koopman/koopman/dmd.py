@@ -64,8 +64,10 @@ not refined: float32 inputs get float32 eigenvalues.
 
 On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees with the all-float64 path to 7e-5 in
 the moduli, 3e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
-identical, and kappa(V) is within 3 % (it is sensitive to the eigenvectors of clustered eigenvalues: 0.2-2.6 % on
-planted width-300 data).
+identical. kappa(V) is sensitive to the float32 eigenvectors of clustered eigenvalues, and these depend on the
+LAPACK kernels the CPU selects: within 3 % of float64 on GPT-2 small (0.2-2.6 % on planted width-300 data) on one
+CPU, within 6.4 % (26 % on one planted width-300 layer) on an Intel Xeon with AVX-512; `eig_dtype=torch.float64`
+gives the float64 value.
 """
 
 from __future__ import annotations

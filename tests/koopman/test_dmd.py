@@ -437,8 +437,9 @@ def test_default_float32_path_at_a_wide_layer_agrees_with_float64():
     assert fast.moments.is_raw and fast.moments.lin == torch.float32 and fast.eigenvectors.dtype == torch.complex64
     moduli = lambda res: res.eigenvalues.abs().sort(-1).values  # noqa: E731
     torch.testing.assert_close(moduli(fast), moduli(ref), atol=1e-4, rtol=0)
-    # kappa(V) of float32 eigenvectors: a few percent (0.2-2.6 % here, 3-4 % on GPT-2 small's layers)
-    torch.testing.assert_close(fast.eigvec_condition, ref.eigvec_condition, atol=0, rtol=5e-2)
+    # kappa(V) of float32 eigenvectors depends on the CPU's LAPACK kernels: 0.2-2.6 % off here on one CPU, 26 % on
+    # one layer on an Intel Xeon with AVX-512 (GPT-2 small's layers: 3-4 % and 6.4 %); the same order of magnitude
+    torch.testing.assert_close(fast.eigvec_condition, ref.eigvec_condition, atol=0, rtol=0.35)
     r_fast, r_ref = resdmd_residuals(fast), resdmd_residuals(ref)
     assert 0 < int((r_ref <= 0.1).sum()) < r_ref.numel()  # the filter has modes on both sides
     # the residuals of the returned (float32) eigenpairs, sorted, where below 1: within 1e-4 of float64 (taking
