@@ -165,9 +165,13 @@ def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[n
     # blocks from more than one block list are labelled by their list, as auto-discovery labels them: each list's
     # tower then gets its own mask (`mask_routes`) and its own row in `by_stack()`, the report and the plots. The list
     # of a block is its nearest ModuleList / Sequential / ModuleDict ancestor, else its parent (`_enclosing_list`), so
-    # `model.layers.{i}.mlp` are one list's blocks (a block that holds a list of its own, as T5's `block.{i}.layer`,
-    # puts its sub-modules in that list).
+    # `model.layers.{i}.mlp` are one list's blocks. A list inside a discovered block (T5's `encoder.block.{i}.layer`)
+    # gives way to the discovered list (`encoder.block`): the sub-modules of every block of a tower are one stack, in
+    # T5 as in Llama (`_discovered_list`).
     lists = [_enclosing_list(model, b.name) for b in blocks]
+    if len(set(lists)) > 1:
+        discovered = _discovered_lists(model)
+        lists = [_discovered_list(path, discovered) for path in lists]
     containers = list(dict.fromkeys(lists))
     if len(containers) > 1:
         labels = dict(zip(containers, _stack_labels(containers)))
@@ -184,6 +188,23 @@ def _enclosing_list(model: nn.Module, name: str) -> str:
         if isinstance(model.get_submodule(path), (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             return path
     return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _discovered_lists(model: nn.Module) -> list[str]:
+    """Dotted paths of the block lists that auto-discovery finds in `model`; none when it finds no block list (a
+    `layers=` override is then the only way to name the blocks)."""
+    try:
+        blocks = find_residual_blocks(model)
+    except ValueError:
+        return []
+    return list(dict.fromkeys(b.name.rsplit(".", 1)[0] for b in blocks if "." in b.name))
+
+
+def _discovered_list(path: str, discovered: Sequence[str]) -> str:
+    """The discovered block list one of whose blocks holds the list at `path` (`encoder.block` for T5's
+    `encoder.block.0.layer`), else `path`: a list that is itself discovered (Swin's stage lists) or lies outside every
+    discovered list keeps its own path."""
+    return next((outer for outer in discovered if path.startswith(f"{outer}.") and "." in path[len(outer) + 1:]), path)
 
 
 def _record_classes(model: nn.Module) -> tuple[set[type], set[str], set[str]]:

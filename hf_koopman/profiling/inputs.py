@@ -367,7 +367,9 @@ def label_mask(batch: Mapping[str, Any], *, decoder_from_labels: bool = False) -
     `(B, T)` shape: in training a sequence-to-sequence model builds its decoder inputs from the labels (`KSSTrainer`).
     `profile()` leaves it `False`: without `decoder_input_ids` it probes the decoder with `input_ids`
     (`prepare_batch`), a grid the labels do not describe. Class labels `(B,)` or `(B, 1)` and float targets (a
-    sequence classifier's) are not token labels.
+    sequence classifier's) are not token labels. BLIP's question answering, given labels without decoder inputs, feeds
+    its decoder the labels themselves: they index its embedding, so they hold no -100 and mark no padding (its loss
+    counts every position).
     """
     labels, decoder_ids = batch.get("labels"), batch.get("decoder_input_ids")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
@@ -393,7 +395,8 @@ def _token_embedding_path(model: torch.nn.Module) -> str | None:
         config = getattr(model, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = getattr(text, "vocab_size", None)
-        tables = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and isinstance(vocab, int))
+        # a model without a text vocabulary (vision, audio, a plain module) has no token embedding: no walk
+        tables = (m for m in model.modules() if isinstance(m, torch.nn.Embedding)) if isinstance(vocab, int) else ()
         embedding = next((m for m in tables if m.num_embeddings == vocab), None)
     return next((name for name, m in model.named_modules() if m is embedding), None) if embedding is not None else None
 
@@ -422,6 +425,42 @@ def _names_image_tower(path: str, skip: int) -> bool:
     return any(word in part.lower() for part in path.split(".")[skip:] for word in _IMAGE_TOWER_WORDS)
 
 
+def _block_list_under(module: torch.nn.Module, prefix: str, embedding: str, no_split: set[str]) -> bool:
+    """Whether `module` (at the dotted path `prefix`) holds a list of transformer blocks (`GradientCheckpointingLayer`s
+    or `_no_split_modules` classes) other than a list that holds the token embedding `embedding` itself (MusicGen's
+    list of codebook embeddings)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer as block_class
+    except ImportError:  # pragma: no cover - very old transformers
+        block_class = ()
+    for name, sub in module.named_modules(prefix=prefix):
+        if not isinstance(sub, (torch.nn.ModuleList, torch.nn.Sequential)) or not len(sub):
+            continue
+        if embedding == name or embedding.startswith(f"{name}."):
+            continue
+        if any(isinstance(child, block_class) or type(child).__name__ in no_split for child in sub):
+            return True
+    return False
+
+
+def _embedded_by_another_tower(model: torch.nn.Module, path: str, embedding: str, names: set[str]) -> bool:
+    """Whether the token embedding belongs to another tower than the stack whose list is at `path`: the branch that
+    holds the embedding, below the path components it shares with `path`, also holds a list of transformer blocks.
+    BLIP-2's and Idefics2's connectors (`qformer.encoder.layer`, `model.connector.perceiver_resampler.layers`) read
+    query tokens, while `input_ids` feed the language model in that branch (`language_model...`, `model.text_model`);
+    a text stack's branch holds only its embeddings (`model.embed_tokens`, CLIP's `text_model.embeddings`). A branch
+    that is one of the stack's own blocks (`names`: `layers=["text_model"]`) holds the stack's own embedding."""
+    parts = embedding.split(".")
+    depth = _shared_depth(path, embedding)
+    if depth + 1 >= len(parts):  # the embedding hangs directly on the stack's path: no branch besides it
+        return False
+    branch = ".".join(parts[: depth + 1])
+    if branch in names:
+        return False
+    no_split = {str(name) for name in getattr(model, "_no_split_modules", None) or ()}
+    return _block_list_under(model.get_submodule(branch), branch, embedding, no_split)
+
+
 def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | None = None) -> dict[str, str | None]:
     """Which mask the blocks of each stack are recorded with: `"attention_mask"` (the mask of `input_ids`),
     `"decoder"` (the decoder's mask, see `snapshot_masks`) or `None` (no mask: every position counts).
@@ -432,17 +471,22 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
     `decoder_attention_mask`, `decoder_inputs_embeds`: BLIP's question answering); otherwise such a stack reads
     `input_ids` (BLIP's captioning decoder, OPT's `model.decoder.layers`) and is routed as every other stack.
 
-    Of the other stacks, a single one takes `attention_mask` unless its path names an image tower after the components
-    it shares with the token embedding (a `layers=` override of CLIP's vision tower). Of several, the mask of
-    `input_ids` belongs only to the
-    tower that embeds them: the stacks whose path shares the most leading components with the token embedding's
-    (`text_model.encoder.layers` for CLIP's `text_model.embeddings.token_embedding`). The other towers (CLIP's vision
-    tower, which has no padding) get no mask, so the text padding does not drop their tokens. When several stacks
-    share as much (GIT's `git.encoder.layer` and `git.image_encoder...`, an embedding at the model's root as in
-    BLIP-2's retrieval model), a tied stack whose path names an image tower after the shared components (a component
-    containing "vision", "visual", "image", "img", "video", "patch" or "pixel") gets no mask and the others take
-    `attention_mask`. A model without a token embedding gives every stack `attention_mask`. The recorder applies a
-    mask only where it matches the block's token grid.
+    Of the other stacks, the mask of `input_ids` belongs only to the tower that embeds them: of several, the stacks
+    whose path shares the most leading components with the token embedding's (`text_model.encoder.layers` for CLIP's
+    `text_model.embeddings.token_embedding`). The other towers (CLIP's vision tower, which has no padding) get no
+    mask, so the text padding does not drop their tokens. A single stack (a `layers=` override of one tower) is tied
+    with itself. A tied stack whose path names an image tower after the shared components (a component containing
+    "vision", "visual", "image", "img", "video", "patch" or "pixel": GIT's `git.image_encoder...` next to
+    `git.encoder.layer`, an embedding at the model's root as in BLIP-2's retrieval model, a `layers=` override of
+    CLIP's vision tower) gets no mask. So does a stack whose token embedding sits in a branch that holds another list
+    of transformer blocks (`_embedded_by_another_tower`): a `layers=` override of BLIP-2's Q-Former
+    (`qformer.encoder.layer`, whose tokens are query tokens) next to the language model that embeds `input_ids`. The
+    encoder of an encoder-decoder model is exempt: there `attention_mask` is the mask of the encoder's own inputs
+    (Whisper's and Speech2Text's audio frames), whichever tower the token embedding belongs to. The others take
+    `attention_mask`. A model without a token embedding gives every stack `attention_mask`. The recorder
+    applies a mask only where it matches the block's token grid: GIT's text stack runs on its image tokens followed by
+    the text, a grid `(B, P + T)` that the text mask `(B, T)` does not match, so it keeps every position there (the
+    text padding included) and warns.
 
     Args:
         model (`nn.Module`): the model, possibly wrapped (PEFT, DDP, ...): it is unwrapped, as the block names are
@@ -455,9 +499,8 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
     """
     model = unwrap_model(model)
     paths = _stack_paths(blocks)
-    decoder_fed = getattr(getattr(model, "config", None), "is_encoder_decoder", False) or any(
-        (batch or {}).get(key) is not None for key in _DECODER_INPUTS
-    )
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    decoder_fed = encoder_decoder or any((batch or {}).get(key) is not None for key in _DECODER_INPUTS)
     routes: dict[str, str | None] = {"": "attention_mask"}  # the recorder's fallback for a label it is not given
     others = []
     for label, path in paths.items():
@@ -465,18 +508,20 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
             routes[label] = "decoder"
         else:
             others.append(label)
-    # the token embedding's path (a walk over the modules, on every KSS step) matters for several stacks, or for one
-    # whose path names an image tower; any other single stack takes attention_mask
-    lookup = len(others) > 1 or (len(others) == 1 and _names_image_tower(paths[others[0]], 0))
-    embedding = _token_embedding_path(model) if lookup else None
+    # the token embedding's path tells the tower that reads `input_ids`, for one stack as for several: a `layers=`
+    # override of a connector alone (BLIP-2's Q-Former) is not that tower
+    embedding = _token_embedding_path(model) if others else None
     depths = {label: _shared_depth(paths[label], embedding) for label in others} if embedding is not None else {}
     deepest = max(depths.values(), default=0)
-    # one stack (a layers= override of one tower) counts as tied: only its path can tell an image tower
+    # one stack (a layers= override of one tower) counts as tied: its path and the embedding's branch tell its tower
     tied = sum(depth == deepest for depth in depths.values()) != 1 or len(others) == 1
+    names = {block.name for block in blocks}
     for label in others:
         if embedding is None:
             routes[label] = "attention_mask"
         elif depths[label] != deepest or (tied and _names_image_tower(paths[label], deepest)):
+            routes[label] = None
+        elif not encoder_decoder and _embedded_by_another_tower(model, paths[label], embedding, names):
             routes[label] = None
         else:
             routes[label] = "attention_mask"
