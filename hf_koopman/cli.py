@@ -585,7 +585,12 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
              "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--learning-rate", type=float, help="planned learning rate (used by a calibrated risk estimator)")
     parser.add_argument("--out", type=Path,
-                        help="output folder (default: hf_koopman_out/NAME, NAME from MODEL, with -init under --init)")
+                        help="output folder (default: hf_koopman_out/NAME, with -init under --init or for a "
+                             "config.json; NAME is org--name for a Hub id org/name; for a local folder its last two "
+                             "path components joined by -- (e.g. meta-llama--Llama-2-7b for models/meta-llama/"
+                             "Llama-2-7b), just its name for a folder in the current folder (parent--name for "
+                             "checkpoint-N, model, final ...), and org--name for a Hub cache snapshot "
+                             "models--org--name/snapshots/HASH)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--stream", action="store_true",
                         help="stream the model one block at a time (for models that do not fit in memory)")
@@ -631,18 +636,40 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
 
 def _default_out(spec: str, *, init: bool) -> Path:
     """`hf_koopman_out/<name>`, with `-init` under --init or for a config.json (as the quickstart's
-    `hf_koopman_out/gpt2-init`): a local folder (or a config.json's folder) as the run is named
-    (`run-a--checkpoint-500` for a generic folder name), a Hub id as `org--name`, an embedded architecture by its
-    name. Different models land in different folders; a second profile of the same model replaces the first, with a
-    warning."""
+    `hf_koopman_out/gpt2-init`); `<name>` is `_local_out_name` for a local folder (or a config.json's folder), a Hub id
+    as `org--name` (as the Hub cache names it), an embedded architecture by its name. Different models land in
+    different folders; a second profile of the same model replaces the first, with a warning."""
     path = Path(spec).expanduser()
     if path.name == "config.json":  # a config alone builds the model at initialisation
         path, init = path.parent, True
-    # a local folder as the run is named (`<parent>/<folder>` for checkpoint-500, model, ...); a Hub id keeps its
-    # organisation ("org/name" -> "org--name", as the Hub cache names it)
-    name = _folder_display_name(path) if path.exists() else spec.strip("/")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-.") or "model"
+    name = _local_out_name(path) if path.exists() else spec.strip("/").replace("/", "--")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
     return Path("hf_koopman_out") / f"{slug}{'-init' if init else ''}"
+
+
+def _local_out_name(folder: Path) -> str:
+    """The `--out` name of a local model folder, which keeps apart two organisations' models of the same name as a
+    Hub id `org/name` does:
+
+    - a Hugging Face cache snapshot `.../models--org--name/snapshots/<hash>` (or a folder inside one): `org--name`
+      (plus the folders below the snapshot), the name the Hub cache gives it;
+    - a folder in the current folder (or the current folder itself): its name, or `<parent>--<name>` for a generic
+      name (`checkpoint-500`, `model`, `final`, ...) as the run is named;
+    - any other folder: its last two components, `<parent>--<name>`, of its path relative to the current folder (the
+      absolute path when outside it), e.g. `models/meta-llama/Llama-2-7b` -> `meta-llama--Llama-2-7b`.
+    """
+    folder = folder.resolve()
+    parts = folder.parts
+    for i in range(len(parts) - 2):  # the Hub cache: models--<org>--<name>/snapshots/<commit hash>/...
+        if parts[i].startswith("models--") and len(parts[i]) > len("models--") and parts[i + 1] == "snapshots":
+            return "--".join([parts[i].removeprefix("models--"), *parts[i + 3:]])
+    try:
+        relative = folder.relative_to(Path.cwd().resolve()).parts
+    except ValueError:  # outside the current folder
+        relative = parts[1:]  # without the root
+    if len(relative) <= 1:
+        return _folder_display_name(folder).replace("/", "--")
+    return "--".join(relative[-2:])
 
 
 def _check_text_file(path: Path) -> None:
@@ -764,8 +791,15 @@ def _run_profile(args: argparse.Namespace) -> int:
             f"--out {args.out}: could not write the profile ({err}); pass a writable folder with --out."
         ) from None
     score = "n/a" if result.score is None else f"{result.score:.3f}"
-    tentative = " (tentative: the sampling error spans a threshold)" if result.verdict_reason.startswith(
-        TENTATIVE) else ""
+    tentative = ""
+    if result.verdict_reason.startswith(TENTATIVE):  # the score's sampling band, the η_nl gate's, or both
+        rule = result.rule
+        spans = result.verdict != "uninformative" and rule.thresholds_within_error(
+            result.score, *rule.verdict_sample(result))
+        gate = len(rule.gate_verdicts(result)) > 1
+        why = [why for why, found in (("the sampling error spans a threshold", spans),
+                                      ("layers near the η_nl gate can change it", gate)) if found]
+        tentative = f" (tentative: {' and '.join(why) or 'see the report'})"
     print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           f"{tentative}")
     if result.degenerate_layers:

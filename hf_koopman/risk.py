@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -184,7 +183,6 @@ _WEIGHTS_UNKNOWN = "weights (origin unknown)"
 LOW_PRECISION_DTYPES = ("float16", "bfloat16")
 #: aggregate-key prefixes of the features that rounding to float16 / bfloat16 makes unreliable: ρ and κ(V).
 _PRECISION_SENSITIVE = ("spectral_radius", "eigvec_condition")
-_UNRELIABLE = re.compile(r"^(?P<key>\S+) \(unreliable in (?P<dtype>\w+)\)$")
 
 
 def low_precision_dtype(profile: Any) -> str | None:
@@ -214,6 +212,11 @@ def precision_caveat(dtype: str) -> str:
 
 def _precision_sensitive(key: str) -> bool:
     return key.startswith(_PRECISION_SENSITIVE)
+
+
+def _unreliable_entry(key: str, dtype: str | None) -> str:
+    """The `RiskAssessment.unknown` entry of a ρ or κ(V) input that `dtype`'s rounding makes unreliable."""
+    return f"{key} (unreliable in {dtype})"
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,10 @@ class RiskAssessment:
             initialisation, and `"<key> (unreliable in float16)"` (or bfloat16) for a ρ or κ(V) input of a profile
             made in that dtype, which is not range-checked (`precision_caveat` says why).
         learning_rate (`float`, *optional*): the learning rate the probability is for.
+        unreliable (`tuple[str, ...]`): the ρ and κ(V) inputs left out of the range check because the profile was
+            made in `low_precision` (their `unknown` entries say so too).
+        low_precision (`str`, *optional*): `"float16"` or `"bfloat16"` when the profile was made in that dtype
+            (`low_precision_dtype`).
     """
 
     probability: float
@@ -288,6 +295,8 @@ class RiskAssessment:
     outside: tuple[RangeIssue, ...] = ()
     unknown: tuple[str, ...] = ()
     learning_rate: float | None = None
+    unreliable: tuple[str, ...] = ()
+    low_precision: str | None = None
 
     @property
     def status(self) -> str:
@@ -313,18 +322,17 @@ class RiskAssessment:
             parts.append(("outside the fitted range: " if not clipped else "")
                          + "the weights are not an initialisation (the estimator was fitted on spectra at "
                          "initialisation)")
-        unreliable = [m for m in map(_UNRELIABLE.match, self.unknown) if m]
-        special = {_UNINFORMATIVE_SPECTRUM, _WEIGHTS_UNKNOWN, *(m.string for m in unreliable)}
+        special = {_UNINFORMATIVE_SPECTRUM, _WEIGHTS_UNKNOWN,
+                   *(_unreliable_entry(key, self.low_precision) for key in self.unreliable)}
         missing = [u for u in self.unknown if u not in special]
         if missing:
             parts.append("ranges unknown for: " + ", ".join(missing)
                          + " (the estimator does not record them, or they were not given)")
         if _UNINFORMATIVE_SPECTRUM in self.unknown:
             parts.append("the spectrum is uninformative (see the verdict), so its place in the fitted range is unknown")
-        if unreliable:
-            keys = ", ".join(m["key"] for m in unreliable)
-            parts.append(f"{keys} not range-checked (the probability still reads them as they are): "
-                         + precision_caveat(unreliable[0]["dtype"]))
+        if self.unreliable and self.low_precision:
+            parts.append(f"{', '.join(self.unreliable)} not range-checked (the probability still reads them as they "
+                         "are): " + precision_caveat(self.low_precision))
         if _WEIGHTS_UNKNOWN in self.unknown:
             parts.append("the weights' origin is unknown (no learned normalisation scale to read it from, or one kept "
                          "in float16 / bfloat16), and the estimator was fitted on spectra at initialisation; set "
@@ -519,7 +527,7 @@ class RiskEstimator:
         for key in dict.fromkeys(keys):
             rng, value = ranges.get(key), values.get(key)
             if low_precision is not None and _precision_sensitive(key):
-                unknown.append(f"{key} (unreliable in {low_precision})")  # rounding, not the model, sets its value
+                unknown.append(_unreliable_entry(key, low_precision))  # rounding, not the model, sets its value
                 continue
             if rng is None:
                 unknown.append(key)
@@ -567,7 +575,11 @@ class RiskEstimator:
         probability = 1.0 / (1.0 + math.exp(-self._logit(values)))
         flag, outside, unknown = self.check_ranges(profile, learning_rate, **context)
         lr = values.get(_LR)
-        return RiskAssessment(probability, flag, outside, unknown, float(lr) if _is_number(lr) else None)
+        low_precision = low_precision_dtype(values)
+        keys = dict.fromkeys(f.key for f in self.features)
+        unreliable = tuple(k for k in keys if _unreliable_entry(k, low_precision) in unknown) if low_precision else ()
+        return RiskAssessment(probability, flag, outside, unknown, float(lr) if _is_number(lr) else None,
+                              unreliable, low_precision)
 
     def predict_proba_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Vectorised `predict_proba` over flat rows (aggregates and context in one mapping, e.g. a sweep table).
@@ -1012,7 +1024,12 @@ class DecisionRule:
     * the share of modes that pass the ResDMD residual test does not gate the verdict. The masses are statistics over
       all modes, as the paper's headline numbers, and they reproduce Table 1 where few modes pass: the depth-4
       Pre-LN and RMSNorm models at d = 128 have 0-1.6 % reliable modes and M≈1 = 0.12-0.15 against the paper's 0.16
-      (`results/table1.json` in the repository). The report states the share.
+      (`results/table1.json` in the repository). The report states the share;
+    * a layer's corrected η_nl moves between samples: on real models' token states it reads low at small N/d and
+      varies between independent probes, within `gate_band` · sqrt(d/N) of its large-sample value in 95 % of the
+      readings (`results/eta_gate_band.md` in the repository). A layer inside that band around `max_nonlinearity`
+      (`near_gate`) may be read or not with another sample; when reading such layers or not can change the verdict
+      (`gate_verdicts`), the verdict is tentative and its reason names the alternatives.
 
     `RiskEstimator` turns a profile and a learning rate into a probability instead (`SpectralProfile.risk`).
 
@@ -1026,6 +1043,8 @@ class DecisionRule:
             "uninformative".
         warn_samples_per_dim (`float`, defaults to 8.0): fewer token states per hidden dimension add a caution on the
             sampling error to the reason.
+        gate_band (`float`, defaults to 0.55): c of the band δ = c · sqrt(d/N) around `max_nonlinearity` within which
+            a layer's corrected η_nl may fall on either side with another sample (`near_gate`); 0 turns the band off.
     """
 
     safe_below: float = 0.3
@@ -1034,6 +1053,7 @@ class DecisionRule:
     max_nonlinearity: float = 0.9
     min_samples_per_dim: float = 2.0
     warn_samples_per_dim: float = 8.0
+    gate_band: float = 0.55
 
     @staticmethod
     def adjusted_nonlinearity(
@@ -1105,6 +1125,62 @@ class DecisionRule:
             for f, (n, d), few in zip(profile.features, self.sample_sizes(profile), self.undersampled(profile))
         ]
 
+    def gate_width(self, num_samples: int | None, hidden_size: int | None) -> float:
+        """δ = `gate_band` · sqrt(d/N), the half-width of the band around `max_nonlinearity` at N token states of width
+        d; 0 when N or d is unknown."""
+        if not num_samples or not hidden_size:
+            return 0.0
+        return self.gate_band * math.sqrt(hidden_size / num_samples)
+
+    def near_gate(self, profile: Any) -> list[bool]:
+        """Per layer of `profile`: whether its corrected η_nl (`adjusted_nonlinearity`) lies within `gate_width` of
+        `max_nonlinearity`, so that another sample may read it on the other side of the gate. Only layers the gate
+        decides are flagged: not degenerate, adequately sampled (`undersampled`), with a finite η_nl."""
+        rank = (getattr(profile, "settings", None) or {}).get("rank")
+        flags = []
+        for f, (n, d), few in zip(profile.features, self.sample_sizes(profile), self.undersampled(profile)):
+            eta = self.adjusted_nonlinearity(float(getattr(f, "nonlinearity", 0.0)), n, d, rank)
+            width = self.gate_width(n, d)
+            flags.append(not few and not bool(getattr(f, "degenerate", False)) and math.isfinite(eta)
+                         and self.is_sampled(n, d) and abs(eta - self.max_nonlinearity) < width)
+        return flags
+
+    def gate_verdicts(self, profile: Any) -> tuple[str, ...]:
+        """The verdicts the rule gives when any of the layers `near_gate` flags are read or not, the others as they
+        are (in `VERDICTS` order). One verdict: the gate's band cannot change it. The score is the mean M≈1 of the
+        layers read, so for k of K near-gate layers read its extremes are the means with the k lowest and the k
+        highest of their masses; κ(V) (`kappa_large`) is left as the current verdict has it."""
+        near = self.near_gate(profile)
+        reads = self.reads(profile)
+        features, total = profile.features, len(profile.features)
+        sure = [float(f.near_unit_mass) for f, r, g in zip(features, reads, near) if r and not g]
+        doubtful = sorted(float(f.near_unit_mass) for f, g in zip(features, near) if g)
+        if not doubtful:
+            return (self._score_verdict(profile.score, sum(reads), total),)
+        found: set[str] = set()
+        for k in range(len(doubtful) + 1):
+            count = len(sure) + k
+            if not count or count < 0.5 * total:
+                found.add("uninformative")
+                continue
+            low = (sum(sure) + sum(doubtful[:k])) / count
+            high = (sum(sure) + sum(doubtful[len(doubtful) - k:])) / count
+            if low < self.safe_below:
+                found.add("safe")
+            if high > self.high_risk_above:
+                found.add("high risk")
+            if low <= self.high_risk_above and high >= self.safe_below:
+                found.add("moderate")
+        return tuple(v for v in VERDICTS if v in found)
+
+    def _score_verdict(self, score: float | None, informative: int, total: int) -> str:
+        """The verdict from the score and the count of layers read alone (no sample-size or κ(V) checks)."""
+        if score is None or not math.isfinite(score) or not informative or informative < 0.5 * total:
+            return "uninformative"
+        if score > self.high_risk_above:
+            return "high risk"
+        return "safe" if score < self.safe_below else "moderate"
+
     def verdict_layer(self, profile: Any) -> int | None:
         """Index of the layer whose sample the verdict judges (`verdict_sample`): the least-sampled layer (smallest
         N/d) among the layers it reads, else among the adequately sampled ones; when no layer is adequately sampled,
@@ -1149,6 +1225,9 @@ class DecisionRule:
         tokens_seen: int | None = None,
         weights: str | None = None,
         undersampled: int | None = None,
+        gate_verdicts: Sequence[str] | None = None,
+        near_gate: int = 0,
+        gate_width: float | None = None,
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
@@ -1170,15 +1249,32 @@ class DecisionRule:
                 the verdict is an extrapolation.
             undersampled (`int`, *optional*): layers left out because their own N/d is below `min_samples_per_dim`
                 (counted apart from `informative`); the reason names them and how to include them.
+            gate_verdicts (`list[str]`, *optional*): the verdicts that reading the layers near the η_nl gate or not
+                can give (`gate_verdicts(profile)`); more than one makes the verdict tentative.
+            near_gate (`int`, defaults to 0): layers whose corrected η_nl lies within the gate's band (`near_gate`).
+            gate_width (`float`, *optional*): the widest band δ of those layers, quoted in the reason.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
-            sampling error of the score (`thresholds_within_error`) spans a threshold, the reason starts with
-            "tentative" and names every threshold the interval crosses.
+            sampling error of the score (`thresholds_within_error`) spans a threshold, or layers near the η_nl gate
+            can change the verdict (`gate_verdicts`), the reason starts with "tentative" and says which.
         """
         verdict, reason = self._decide(score, kappa_median, num_samples=num_samples, hidden_size=hidden_size,
                                        informative=informative, total=total, rank=rank, tokens_seen=tokens_seen,
                                        undersampled=undersampled or 0)
+        kappa_big = self.kappa_large is not None and kappa_median is not None and (
+            not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
+        alternatives = list(dict.fromkeys(
+            "high risk" if kappa_big and v in ("safe", "moderate") else v for v in gate_verdicts or ()))
+        alternatives = [v for v in alternatives if v != verdict] if near_gate else []
+        if alternatives:
+            band = f" (±{gate_width:.2f})" if gate_width else ""
+            many = near_gate != 1
+            reason = (f"{TENTATIVE}{reason.removeprefix(TENTATIVE)}; {near_gate} "
+                      f"layer{'s' if many else ''} {'have' if many else 'has'} a corrected η_nl within the sampling "
+                      f"band{band} of the {self.max_nonlinearity:g} gate, so another sample may "
+                      f"{'read them' if many else 'read it'} on the other side and give "
+                      f"{' or '.join(repr(v) for v in alternatives)}")
         if weights == "pretrained":
             reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
                        "come from spectra at random initialisation")
@@ -1206,12 +1302,15 @@ class DecisionRule:
         settings, meta, features = profile.settings, profile.meta, profile.features
         num_samples, hidden_size = self.verdict_sample(profile)
         undersampled = sum(self.undersampled(profile))
+        near = self.near_gate(profile)
+        widths = [self.gate_width(n, d) for (n, d), g in zip(self.sample_sizes(profile), near) if g]
         return self.decide(
             profile.score, profile.kappa_median, num_samples=num_samples, hidden_size=hidden_size,
             informative=sum(self.reads(profile)), total=len(features),
             rank=None if settings.get("spectrum") == "full" else settings.get("rank"),
             tokens_seen=self.verdict_tokens_short(profile),
             weights=meta.get("weights"), undersampled=undersampled,
+            gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=max(widths, default=None),
         )
 
     def _decide(

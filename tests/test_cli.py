@@ -302,3 +302,28 @@ def test_console_line_says_when_the_verdict_is_tentative(tiny_llama_json, tmp_pa
                      "--out", str(tmp_path / str(n))]) == 0
         line = next(x for x in capsys.readouterr().out.splitlines() if "verdict:" in x)
         assert ("(tentative: the sampling error spans a threshold)" in line) is tentative, line
+
+
+def test_console_line_names_the_eta_gate_when_near_gate_layers_make_the_verdict_tentative(
+        tiny_llama_json, tmp_path, monkeypatch, capsys):
+    import hf_koopman.profiling
+    from hf_koopman.koopman.features import LayerFeatures
+    from hf_koopman.profiling import DecisionRule, SpectralProfile
+
+    n, d = 64 * 400, 64  # N/d = 400: the score's band (±5 % relative) reaches no threshold
+    raw = 0.89 / DecisionRule.adjusted_nonlinearity(1.0, n, d)  # corrected η_nl 0.89, inside the gate's ±0.0275
+
+    def layer(near: float, eta: float) -> LayerFeatures:
+        return LayerFeatures(near_unit_mass=near, unstable_mass=1 - near, contractive_mass=0.0, mid_mass=0.0,
+                             spectral_radius=1.1, eigvec_condition=20.0, nonlinearity=eta, kreiss=float("inf"),
+                             n_modes=10, n_reliable=10, degenerate=False)
+
+    layers = [("layers.0", layer(0.1, 0.3)), ("layers.1", layer(0.1, 0.3)), ("layers.2", layer(0.99, raw)),
+              ("layers.3", layer(0.99, raw))]  # mean M≈1 0.545 with the last two read, 0.1 without
+    result = SpectralProfile(layers=layers, aggregates={}, model_name="m",
+                             settings={"num_samples": n, "hidden_size": d, "rank": None}, meta={})
+    monkeypatch.setattr(hf_koopman.profiling, "profile", lambda *a, **k: result)
+    assert main(["profile", str(tiny_llama_json), "--init", "--no-plots", "--no-progress",
+                 "--out", str(tmp_path / "gate")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "verdict:" in x)
+    assert line.endswith("verdict: HIGH RISK (tentative: layers near the η_nl gate can change it)"), line

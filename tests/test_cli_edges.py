@@ -246,3 +246,17 @@ def test_stream_caps_roberta_style_positions_after_the_padding_offset(tmp_path, 
                      "--num-samples", "32", *FAST, "--out", str(tmp_path / "out")]) == 0
     assert "--max-length 64 exceeds the 32 positions" in caplog.text
     assert _profile_json(tmp_path / "out")["meta"]["tokens_seen"] == 8 * 32
+
+
+def test_half_precision_uninformative_run_gives_each_caveat_once_and_no_bold_probability(tmp_path, capsys):
+    folder = _checkpoint(tmp_path)
+    out = tmp_path / "out"  # 16 token states for width 32: an uninformative verdict, with a calibrated probability
+    assert main(["profile", str(folder), "--dtype", "fp16", "--learning-rate", "3e-3", "--num-samples", "16", *FAST,
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: UNINFORMATIVE" in printed and printed.count("--dtype fp32") == 1
+    text = (out / "report.md").read_text()
+    assert text.count("--dtype fp32") == 1 and text.count("whose rounding moves them") == 1
+    line = next(line for line in text.splitlines() if line.startswith("Calibrated divergence probability"))
+    assert "**" not in line and "computed from an uninformative spectrum" in line
+    assert "not a reading of this model" in line and "unreliable in float16 (see the float16 note above)" in line

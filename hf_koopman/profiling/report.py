@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -207,6 +210,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         else:
             line += " — use more tokens (`num_samples`, `--num-samples`) for a firmer estimate."
         lines.append(line)
+    lines += _gate_lines(profile)
     lines.append(
         "- How far to trust the verdict: the spectrum at initialisation separated the paper's No-Norm models from "
         "normalised ones; on our own runs it has added nothing measurable beyond normalisation type and learning rate "
@@ -214,6 +218,32 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         "a particular learning rate: a model judged safe still diverges at a high enough one."
     )
     return lines + [""]
+
+
+def _gate_lines(profile: SpectralProfile) -> list[str]:
+    """The trust section's line on layers whose corrected η_nl lies within the sampling band of the informative gate
+    (`DecisionRule.near_gate`), and whether reading them or not can change the verdict; none when no layer does."""
+    rule = profile.rule
+    near = rule.near_gate(profile)
+    if not any(near):
+        return []
+    widths = [rule.gate_width(n, d) for (n, d), g in zip(rule.sample_sizes(profile), near) if g]
+    count, total = sum(near), len(near)
+    verdicts = rule.gate_verdicts(profile)
+    effect = ("reading them or not can give " + " or ".join(f"'{v}'" for v in verdicts) + ", so the verdict is "
+              "tentative" if len(verdicts) > 1 else "reading them or not gives the same verdict")
+    return [f"- Informative gate: {count} of {total} blocks have a corrected η_nl within ±{max(widths):.2f} of "
+            f"{rule.max_nonlinearity:g} ({rule.gate_band:g} sqrt(d/N), the spread of η_nl between independent "
+            "samples measured in `results/eta_gate_band.md` of the hf_koopman repository), so another sample may "
+            f"read them on the other side of the gate (\"near gate\" in the table); {effect}."]
+
+
+def _range_note(note: str, dtype: str | None) -> str:
+    """The risk assessment's range note without the float16 / bfloat16 caveat on ρ and κ(V), which the report's
+    precision note (shown whenever `dtype` is set) already gives in full: a pointer to that note stands in for it."""
+    if dtype is None:
+        return note
+    return note.replace(precision_caveat(dtype), f"unreliable in {dtype} (see the {dtype} note above)")
 
 
 def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None) -> str:
@@ -243,10 +273,15 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         shown = "< 0.1 %" if risk < 1e-3 else f"{risk:.1%}"
         lr = profile.meta.get("learning_rate")
         assessment = profile.risk_assessment()  # the range note: outside the fitted range, or ranges unknown
-        note = f" — {assessment.range_note}" if assessment is not None else ""
+        note = f" — {_range_note(assessment.range_note, dtype)}" if assessment is not None else ""
+        if verdict == "uninformative":  # no emphasis: the number reads a spectrum the verdict calls uninformative
+            shown = (f"{shown} (computed from an uninformative spectrum, with its inputs clipped to the estimator's "
+                     "fitted range, so it is not a reading of this model)")
+        else:
+            shown = f"**{shown}**"
         lines += [
             f"Calibrated divergence probability (`RiskEstimator`{f', learning rate {lr:g}' if lr else ''}): "
-            f"**{shown}**{note}.",
+            f"{shown}{note}.",
             "",
             f"_The verdict above follows {rule}. The two answer different questions: the verdict reads the spectrum "
             "alone, the probability is for this learning rate and comes from training runs of tiny models "
@@ -344,6 +379,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     ]
     rank = profile.settings.get("rank")
     reads = profile.rule.reads(profile)
+    near_gate = profile.rule.near_gate(profile)
     for i, ((name, f), stack, (n, d), read) in enumerate(zip(profile.layers, profile.stacks, profile.sample_sizes,
                                                              reads)):
         label = f"{stack}: {name}" if stack and stack not in name else name
@@ -352,7 +388,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             f"{_fmt(f.mid_mass)} | "
             f"{_fmt(f.spectral_radius)} | {_fmt(f.eigvec_condition)} | {_fmt(f.nonlinearity)} | "
             f"{_fmt(profile.rule.adjusted_nonlinearity(f.nonlinearity, n, d, rank))} | {_fmt(f.kreiss)} | "
-            f"{f.n_reliable}/{f.n_modes} | {_fmt(bool(f.degenerate))} | {'yes' if read else 'no'} |"
+            f"{f.n_reliable}/{f.n_modes} | {_fmt(bool(f.degenerate))} | {'yes' if read else 'no'}"
+            f"{' (near gate)' if near_gate[i] else ''} |"
             + ("" if uniform else f" {n} | {d} |")
         )
     lines.append("")
@@ -371,7 +408,11 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         "link; Pre-LN has M>1 ≈ 0.54 yet never diverged in the paper).",
         "- κ(V) ≫ 1 means a non-normal operator: transient growth is possible even with ρ ≤ 1 (Prop. 3, Theorem 5).",
         "- η_nl is the relative DMD fit error; it grows with depth and scale and flags layers where the linear picture "
-        "is unreliable.",
+        "is unreliable; \"η_nl corrected\" undoes the fit's in-sample bias at small N/d and is what the "
+        f"informative gate (< {profile.rule.max_nonlinearity:g}) reads.",
+        "- read says whether the verdict reads the layer (informative and sampled with N/d ≥ "
+        f"{profile.rule.min_samples_per_dim:g}); \"near gate\" marks a corrected η_nl within the gate's sampling "
+        "band, which another sample may put on the other side.",
         f"- M<{below} counts contracting modes (|λ| < {below}), mid the band {below} ≤ |λ| < {lo}; the four "
         "columns sum to 1.",
         "- Kreiss is the Kreiss constant, a bound on transient growth; it is ∞ whenever ρ > 1 (an expanding mode grows "
@@ -387,16 +428,18 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     return "\n".join(lines)
 
 
-#: the files `save_profile` writes, and the only ones it removes: those of an earlier profile that a new one into
-#: the same folder does not write
+#: the files `save_profile` writes: the only ones it replaces, and the only ones of an earlier profile it removes
+#: (those the new profile does not write)
 _OWN_FILES = ("profile.json", "report.md", "eigenvalues.png", "masses.png")
 
+#: name prefix of the hidden folder inside the output folder where `save_profile` writes a new profile in full before
+#: moving it into place
+_STAGING_PREFIX = ".hf_koopman-staging-"
 
-def _clear_earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
-    """Remove the plots of an earlier profile in `directory` (one with a `profile.json`) before a new one is written,
-    so that no plot of another model or run is left next to the new report. Returns `(earlier model name, the
-    library's files that were there)`, or `None` when `directory` holds no earlier profile. Nothing but the
-    library's own file names is touched."""
+
+def _earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
+    """`(earlier model name, the library's files that are there)` when `directory` holds an earlier profile (one with
+    a `profile.json`), `None` otherwise. Reads only: `_move_into_place` replaces and removes them."""
     earlier = directory / "profile.json"
     if not earlier.is_file():
         return None
@@ -405,45 +448,106 @@ def _clear_earlier_profile(directory: Path) -> tuple[str | None, list[str]] | No
         name = json.loads(earlier.read_text(encoding="utf-8")).get("model_name")
     except (OSError, ValueError, AttributeError):  # unreadable or not a profile: its name is unknown, still replaced
         name = None
-    for plot in present:
-        if plot.endswith(".png"):
-            (directory / plot).unlink()
     return name, present
+
+
+def _missing_folders(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first: the folders `save_profile` creates,
+    and removes again (when still empty) if it fails."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _stage(profile: SpectralProfile, staging: Path, text: str, plots: bool) -> dict[str, str]:
+    """Write `profile.json` (`text`), the plots and `report.md` into `staging`; returns the file names by role
+    (`"profile"`, `"report"`) or plot caption."""
+    names = {"profile": "profile.json"}
+    (staging / "profile.json").write_text(text, encoding="utf-8")
+    images: dict[str, str] = {}
+    if plots:
+        try:
+            from hf_koopman.profiling.plotting import save_plots  # matplotlib is an optional extra
+
+            images = {caption: image.name for caption, image in save_plots(profile, staging).items()}
+        except ImportError as err:
+            logger.warning("%s; skipping plots", err)
+    names.update(images)
+    (staging / "report.md").write_text(render_report(profile, plots=images), encoding="utf-8")
+    names["report"] = "report.md"
+    return names
+
+
+def _move_into_place(staging: Path, directory: Path, new: list[str], stale: list[str]) -> None:
+    """Move the files `new` from `staging` into `directory` and the earlier profile's `stale` files out of it, all or
+    nothing: the files already in `directory` under those names go to `staging/earlier` first, and come back if a
+    move fails."""
+    backup = staging / "earlier"
+    backup.mkdir()
+    aside: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in [*new, *stale]:
+            if (directory / name).is_file():
+                os.replace(directory / name, backup / name)
+                aside.append(name)
+        for name in new:
+            os.replace(staging / name, directory / name)
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            (directory / name).unlink(missing_ok=True)
+        for name in aside:
+            os.replace(backup / name, directory / name)
+        raise
+
+
+def _remove_created(staging: Path | None, created: list[Path]) -> None:
+    """Remove `staging` (when made) and, when empty, the folders `save_profile` created (`created`, deepest first)."""
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process wrote there) or already gone: left as it is
+            break
 
 
 def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write `profile.json`, `report.md` and (with matplotlib) `eigenvalues.png` / `masses.png` into `directory`.
 
-    A folder that holds an earlier profile (a `profile.json`) gets the new one: the earlier profile's plots are removed
-    first, so that plots this run does not write (`plots=False`, or no matplotlib) cannot sit next to the new report,
-    and a warning names what was replaced and what removed. No other file in the folder is touched.
+    Everything is written into a hidden folder inside `directory` first and moved into place once complete, so that a
+    failure (a profile that cannot be serialised, a plot or the report that raises, a full disk) leaves `directory` as
+    it was. A folder that holds an earlier profile (a `profile.json`) gets the new one: the earlier profile's plots that
+    this run does not write (`plots=False`, or no matplotlib) are removed, so that none of them sits next to the new
+    report, and a warning names what was replaced and what removed. No other file in the folder is touched.
 
     Returns:
         `dict[str, Path]`: what was written, by role (`"profile"`, `"report"`) or plot caption.
     """
     directory = Path(directory)
     text = profile.to_json()  # before anything in the folder changes: a profile that cannot be written leaves it as is
+    created = _missing_folders(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    earlier = _clear_earlier_profile(directory)
-    written = {"profile": directory / "profile.json"}
-    written["profile"].write_text(text, encoding="utf-8")
-    images: dict[str, str] = {}
-    if plots:
-        try:
-            from hf_koopman.profiling.plotting import save_plots  # matplotlib is an optional extra
-
-            for caption, image in save_plots(profile, directory).items():
-                written[caption] = image
-                images[caption] = image.name
-        except ImportError as err:
-            logger.warning("%s; skipping plots", err)
-    written["report"] = directory / "report.md"
-    written["report"].write_text(render_report(profile, plots=images), encoding="utf-8")
+    staging = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))
+        names = _stage(profile, staging, text, plots)
+        earlier = _earlier_profile(directory)
+        stale = [f for f in earlier[1] if f not in names.values()] if earlier is not None else []
+        _move_into_place(staging, directory, list(names.values()), stale)
+    except BaseException:
+        _remove_created(staging, created)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # the new files are in place; it holds the replaced ones
+    written = {role: directory / name for role, name in names.items()}
     if earlier is not None:
         name, present = earlier
-        names = {path.name for path in written.values()}
-        replaced = [f for f in present if f in names]
-        removed = [f for f in present if f not in names]
+        replaced = [f for f in present if f in names.values()]
+        removed = [f for f in present if f not in names.values()]
         logger.warning(
             "%s held an earlier profile%s: replaced %s%s. Pass another folder to keep both profiles.", directory,
             f" of {name!r}" if name else "", ", ".join(replaced) or "nothing",

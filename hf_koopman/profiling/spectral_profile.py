@@ -139,6 +139,12 @@ class SpectralProfile:
         `DecisionRule.undersampled`."""
         return [name for name, few in zip(self.names, self.rule.undersampled(self)) if few]
 
+    @property
+    def near_gate_layers(self) -> list[str]:
+        """Layers whose corrected η_nl lies within the sampling band of the informative gate
+        (`DecisionRule.near_gate`): another sample may read them on the other side of it."""
+        return [name for name, near in zip(self.names, self.rule.near_gate(self)) if near]
+
     def _informative(self) -> list[Any]:
         return [f for f, read in zip(self.features, self.rule.reads(self)) if read]
 
@@ -222,6 +228,7 @@ class SpectralProfile:
             "aggregates": self.aggregates,
             "degenerate_layers": self.degenerate_layers,
             "undersampled_layers": self.undersampled_layers,
+            "near_gate_layers": self.near_gate_layers,
             "layers": [
                 {"name": name, "stack": stack, **_features_to_dict(features),
                  **({"num_samples": size[0], "hidden_size": size[1]} if self.layer_sizes else {})}

@@ -130,5 +130,8 @@ def test_the_report_shows_eta_as_the_gate_reads_it_and_which_layers_are_read():
     report = render_report(prof)
     assert "| η_nl | η_nl corrected |" in report and "| read |" in report
     rows = [line for line in report.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
-    assert "| 0.981 |" in rows[0] and rows[0].rstrip().endswith("| no |") and rows[1].rstrip().endswith("| yes |")
+    # 0.981 lies within the gate's band at N/d = 3 (0.9 ± 0.32): marked, while the verdict (safe either way) holds
+    assert "| 0.981 |" in rows[0] and rows[0].rstrip().endswith("| no (near gate) |")
+    assert rows[1].rstrip().endswith("| yes |")
+    assert "reading them or not gives the same verdict" in report
     assert "(0.37 corrected for the fit's N/d, as the gate reads it" in report  # mean of 0.368 over the 2 layers read

@@ -94,7 +94,7 @@ def test_save_writes_report_and_plots(tiny_profile, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"profile.json", "report.md", "eigenvalues.png", "masses.png"}
     assert all(path.stat().st_size > 0 for path in written.values())
     report = (tmp_path / "report.md").read_text()
-    assert f"**Verdict: {tiny_profile.verdict.upper()}**" in report
+    assert f"**Verdict: {tiny_profile.verdict.upper()}" in report
     assert "![Spectral masses vs depth](masses.png)" in report
     assert report.count("| `model.layers.") == 3
 
