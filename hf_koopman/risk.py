@@ -186,28 +186,33 @@ _PRECISION_SENSITIVE = ("spectral_radius", "eigvec_condition")
 
 
 def low_precision_dtype(profile: Any) -> str | None:
-    """`"float16"` or `"bfloat16"` when the profile's model ran in that dtype (`meta["dtype"]`), else `None`.
+    """`"float16"` or `"bfloat16"` when the profile's activations were computed in that dtype, else `None`:
+    `meta["activation_dtype"]` (set by `profile` under autocast and by `profile_from_snapshots` for half-precision
+    snapshots), else the model's dtype `meta["dtype"]`.
 
     The recorded activations then carry that dtype's rounding, which moves the spectral radius ρ and the eigenvector
     condition κ(V) far more than the masses (`precision_caveat` gives the numbers); `profile` may be a
     `SpectralProfile`, its `to_dict()` / profile.json form, or a flat mapping carrying `"dtype"`.
     """
     meta = _part(profile, "meta")
-    dtype = meta.get("dtype") if isinstance(meta, Mapping) else (
-        profile.get("dtype") if isinstance(profile, Mapping) else None)
-    dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
-    return dtype if dtype in LOW_PRECISION_DTYPES else None
+    source = meta if isinstance(meta, Mapping) else (profile if isinstance(profile, Mapping) else {})
+    for key in ("activation_dtype", "dtype"):
+        dtype = source.get(key)
+        dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
+        if dtype in LOW_PRECISION_DTYPES:
+            return dtype
+    return None
 
 
 def precision_caveat(dtype: str) -> str:
     """Why ρ and κ(V) of a profile made in `dtype` (float16 / bfloat16) are unreliable, with the measured effect, and
     the fix: profile a float32 copy."""
-    return (f"ρ and κ(V) are unreliable: the activations were recorded in {dtype}, whose rounding moves them "
+    return (f"ρ and κ(V) are unreliable: the activations were computed in {dtype}, whose rounding moves them "
             "(MiniLM-L6, N = 3072, two seeds: the largest ρ 1.4–1.5 in float32, 4.0–6.8 in float16 and 1.6–1.9 in "
             "bfloat16, the mean κ(V) about 10x lower in both, the masses within 0.01; on a tiny LLaMA κ(V) rose 2.5x in "
-            "bfloat16 instead: the size and direction differ between models); profile a float32 copy "
-            "(`--dtype fp32` on the CLI, `model.float()` or `profile_streaming(..., dtype='float32')` in Python) "
-            "for them")
+            "bfloat16 instead: the size and direction differ between models; bfloat16 autocast moves them as much "
+            "as a bfloat16 model); profile a float32 copy (`--dtype fp32` on the CLI, `model.float()` outside "
+            "autocast, or `profile_streaming(..., dtype='float32')` in Python) for them")
 
 
 def _precision_sensitive(key: str) -> bool:

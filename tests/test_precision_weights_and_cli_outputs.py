@@ -57,7 +57,7 @@ def test_low_precision_profile_calls_rho_and_kappa_unreliable_in_the_risk_and_th
     assert set(assessment.unknown) == {f"spectral_radius_max (unreliable in {dtype})",
                                        f"eigvec_condition_mean (unreliable in {dtype})"}
     note = assessment.range_note
-    assert "within the fitted range" not in note and f"recorded in {dtype}" in note
+    assert "within the fitted range" not in note and f"computed in {dtype}" in note
     assert "`--dtype fp32` on the CLI, `model.float()`" in note and "largest ρ" in note
     report = render_report(low)
     assert f"> **Note — {dtype} activations:** ρ and κ(V) are unreliable" in report

@@ -32,7 +32,7 @@ from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_lengt
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
-from hf_koopman.risk import DecisionRule
+from hf_koopman.risk import LOW_PRECISION_DTYPES, DecisionRule
 
 
 __all__ = ["profile", "profile_from_snapshots"]
@@ -501,6 +501,13 @@ def profile_from_snapshots(
         settings["aggregates_left_out"] = [name for (name, _), short in zip(layers, left_out) if short]
     meta = dict(meta or {})
     meta.setdefault("analysis_time_s", round(analysis_time, 4))
+    # activations computed in half precision (snapshots a user passes, a half-precision model; `profile` also sets
+    # the key under autocast, where the residual stream stays float32) round ρ and κ(V) whatever the parameters'
+    # dtype: the report and the risk assessment read this key
+    rounded = sorted({str(t.dtype).removeprefix("torch.") for _, X, Y in snapshots for t in (X, Y)}
+                     & set(LOW_PRECISION_DTYPES))
+    if rounded:
+        meta.setdefault("activation_dtype", rounded[0])
     return SpectralProfile(
         layers=layers,
         aggregates=aggregates,
@@ -747,6 +754,11 @@ def profile(
         "num_samples_requested": num_samples,
         "forward_time_s": round(forward_time, 4),
     }
+    device_type = next((p.device.type for p in inner.parameters() if p.device.type != "meta"), "cpu")
+    if torch.is_autocast_enabled(device_type):  # float32 parameters, half-precision block computations
+        autocast = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+        if autocast in LOW_PRECISION_DTYPES:
+            meta["activation_dtype"] = autocast
     origin = weights_origin(inner)
     if origin is not None:  # the rule and the risk estimator come from initialisations; the report says when not
         meta["weights"] = origin

@@ -135,3 +135,34 @@ def test_the_report_shows_eta_as_the_gate_reads_it_and_which_layers_are_read():
     assert rows[1].rstrip().endswith("| yes |")
     assert "reading them or not gives the same verdict" in report
     assert "(0.37 corrected for the fit's N/d, as the gate reads it" in report  # mean of 0.368 over the 2 layers read
+
+
+# --------------------------------------------------------------------------- activations recorded in half precision
+def test_autocast_activations_carry_the_precision_caveat_although_the_parameters_are_float32():
+    import torch
+
+    from hf_koopman import profile
+    from hf_koopman.risk import low_precision_dtype
+    from hf_koopman.testing_utils import tiny_model
+
+    model = tiny_model("llama", head=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = profile(model, num_samples=128, progress=False)
+    assert result.meta["dtype"] == "float32" and result.meta["activation_dtype"] == "bfloat16"
+    assert low_precision_dtype(result) == "bfloat16"
+    assert "ρ and κ(V) are unreliable: the activations were computed in bfloat16" in render_report(result)
+    plain = profile(model, num_samples=128, progress=False)
+    assert "activation_dtype" not in plain.meta and low_precision_dtype(plain) is None
+
+
+def test_half_precision_snapshots_passed_by_hand_are_flagged():
+    import torch
+
+    from hf_koopman.profiling import profile_from_snapshots
+    from hf_koopman.risk import low_precision_dtype
+
+    X = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    Y = X + 0.1 * torch.tanh(X)
+    result = profile_from_snapshots([("layers.0", X.half(), Y.half())])
+    assert low_precision_dtype(result) == "float16"
+    assert low_precision_dtype(profile_from_snapshots([("layers.0", X, Y)])) is None
