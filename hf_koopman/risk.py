@@ -1402,7 +1402,8 @@ class DecisionRule:
                 f"{'their' if many else 'its'} width (N/d < {self.min_samples_per_dim:g}, e.g. a decoder fed short "
                 "sequences, or a later stage of a vision model with fewer, wider tokens); to include "
                 f"{them}, give {them} more token states: more or longer inputs (for an encoder-decoder model "
-                f"longer decoder inputs) and num_samples >= {self.min_samples_per_dim:g} d")
+                "longer decoder inputs, or more labelled target tokens where labels != -100 mark the decoder's real "
+                f"positions) and num_samples >= {self.min_samples_per_dim:g} d")
 
     def _more_tokens(self, num_samples: int, hidden_size: int, tokens_seen: int | None) -> str:
         """How to get a larger sample: more `num_samples`, or more text when the inputs ran out of tokens."""

@@ -27,7 +27,14 @@ from hf_koopman.profiling.blocks import (
     nested_block_lists,
     unwrap_model,
 )
-from hf_koopman.profiling.inputs import POSITIONAL_INPUT, iter_batches, mask_routes, prepare_batch, snapshot_masks
+from hf_koopman.profiling.inputs import (
+    _LABEL_KEYS,
+    POSITIONAL_INPUT,
+    iter_batches,
+    mask_routes,
+    prepare_batch,
+    snapshot_masks,
+)
 from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
@@ -520,6 +527,17 @@ def profile_from_snapshots(
     )
 
 
+def _dropped_labels_note(raw: Any) -> str:
+    """A sentence for a forward that failed after `prepare_batch` left the batch's label keys out: a model that builds
+    its decoder inputs from `labels` (BLIP's question answering) then asks for them."""
+    dropped = sorted(key for key in _LABEL_KEYS if isinstance(raw, Mapping) and key in raw)
+    if not dropped:
+        return ""
+    return (f" profile() leaves {', '.join(dropped)} out of the forward (no loss is computed); a model that builds its "
+            "decoder inputs from the labels needs them as decoder_input_ids (e.g. batch['decoder_input_ids'] = "
+            "batch['labels'], with a decoder_attention_mask for padding).")
+
+
 def profile(
     model: nn.Module,
     inputs: Any = None,
@@ -667,7 +685,7 @@ def profile(
                     except (TypeError, ValueError, AttributeError) as err:
                         if called:  # a block ran: the error is the model's own, not the inputs'
                             _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
-                                           f"{_describe_inputs(batch, args)}")
+                                           f"{_describe_inputs(batch, args)}.{_dropped_labels_note(raw)}")
                             raise
                         given = sorted(raw) if isinstance(raw, Mapping) else [type(raw).__name__]
                         raise ValueError(
@@ -675,7 +693,7 @@ def profile(
                             f"{type(err).__name__}: {str(err).rstrip('.')}. Its forward was called with "
                             f"{_describe_inputs(batch, args)}. Pass inputs this model's forward takes (input_ids for a "
                             "text model, float pixel_values for a vision model, ...), or inputs=None for the default "
-                            "probe."
+                            f"probe.{_dropped_labels_note(raw)}"
                         ) from err
                     except Exception as err:
                         _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "

@@ -319,7 +319,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             + ", ".join(f"`{name}` (N = {n}, d = {d})" for name, (n, d) in few[:12])
             + (" …" if len(few) > 12 else "")
             + ". To include them, give them more token states: more or longer inputs (for an encoder-decoder model "
-            "longer decoder inputs, e.g. `decoder_input_ids` as long as the encoder's) and a `num_samples` of at "
+            "longer decoder inputs, e.g. `decoder_input_ids` as long as the encoder's, or more labelled target "
+            "tokens where `labels != -100` mark the decoder's real positions) and a `num_samples` of at "
             f"least {profile.rule.min_samples_per_dim:g} d.",
             "",
         ]

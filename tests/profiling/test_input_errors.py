@@ -218,3 +218,23 @@ def test_one_long_text_fills_several_sequences_instead_of_one():
 
     assert split_text("ab" * 10, max_length=2) == ["abababab"] * 2 + ["abab"]
     assert split_text("   ", max_length=2) == []
+
+
+def test_a_model_that_wants_its_labels_as_decoder_inputs_gets_the_fix_named():
+    # BLIP's question answering builds its decoder inputs from `labels`; profile() leaves label keys out of the forward
+    import transformers
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    config = transformers.BlipConfig(text_config=dict(**tower, vocab_size=100),
+                                     vision_config=dict(**tower, image_size=32, patch_size=8))
+    model = transformers.BlipForQuestionAnswering(config).eval()
+    batch = {"input_ids": torch.randint(3, 100, (2, 8)), "pixel_values": torch.randn(2, 3, 32, 32),
+             "labels": torch.randint(3, 100, (2, 4))}
+    with pytest.raises(ValueError) as info:
+        profile(model, batch, num_samples=8, progress=False)
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "profile() leaves labels out of the forward" in text
+    assert "batch['decoder_input_ids'] = batch['labels']" in text
+    fixed = profile(model, {**batch, "decoder_input_ids": batch.pop("labels")}, num_samples=8, progress=False)
+    assert fixed.layers
