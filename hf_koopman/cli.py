@@ -794,8 +794,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     tentative = ""
     if result.verdict_reason.startswith(TENTATIVE):  # the score's sampling band, the η_nl gate's, or both
         rule = result.rule
-        spans = result.verdict != "uninformative" and rule.thresholds_within_error(
-            result.score, *rule.verdict_sample(result))
+        spans = rule.score_band_crossed(result)
         gate = len(rule.gate_verdicts(result)) > 1
         why = [why for why, found in (("the sampling error spans a threshold", spans),
                                       ("layers near the η_nl gate can change it", gate)) if found]

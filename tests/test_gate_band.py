@@ -1,4 +1,4 @@
-"""The sampling band of the informative gate: layers whose corrected η_nl sits near 0.9 make a verdict tentative when
+"""The band of the informative gate: layers whose corrected η_nl sits near 0.9 make a verdict tentative when
 reading them or not can change it (`DecisionRule.near_gate`, `gate_verdicts`)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_a_verdict_that_near_gate_layers_can_flip_is_tentative_and_names_the_alt
     assert result.verdict == "high risk"  # all four read: mean 0.525
     reason = result.verdict_reason
     assert reason.startswith(TENTATIVE)
-    assert "2 layers have a corrected η_nl within the sampling band (±0.07) of the 0.9 gate" in reason
+    assert "2 layers have a corrected η_nl ±0.07 of the 0.9 gate, where it still moves as N grows" in reason
     assert "'safe' or 'moderate'" in reason
 
 
@@ -95,14 +95,14 @@ def test_gate_band_zero_turns_the_band_off():
     rule = DecisionRule(gate_band=0.0)
     result = SpectralProfile(layers=_profile(layers, n, d).layers, aggregates={}, rule=rule,
                              settings={"num_samples": n, "hidden_size": d, "rank": None})
-    assert result.near_gate_layers == [] and "sampling band" not in result.verdict_reason
+    assert result.near_gate_layers == [] and "still moves as N grows" not in result.verdict_reason
 
 
 def test_sample_size_uninformative_verdict_is_not_called_tentative_by_the_gate():
     # N/d < 2: no layer is adequately sampled, so the gate decides none and cannot offer alternatives
     result = _profile([(0.2, 0.3)] * 3, n=96, d=64)
     assert result.verdict == "uninformative" and result.near_gate_layers == []
-    assert "sampling band" not in result.verdict_reason
+    assert "still moves as N grows" not in result.verdict_reason
 
 
 def test_kappa_large_verdict_keeps_high_risk_among_the_alternatives():
@@ -112,3 +112,48 @@ def test_kappa_large_verdict_keeps_high_risk_among_the_alternatives():
     result = SpectralProfile(layers=_profile(layers, n, d).layers, aggregates={}, rule=rule,
                              settings={"num_samples": n, "hidden_size": d, "rank": None})
     assert result.verdict == "high risk" and not result.verdict_reason.startswith(TENTATIVE)
+
+
+def test_gate_verdicts_are_exact_over_every_subset():
+    # M≈1 of 0.25 and 0.9 near the gate: reading one, both or none gives 0.25 / 0.9 / 0.575 / none, never moderate;
+    # the extremes of the mean alone would have listed moderate as well
+    n, d = 4096, 64
+    result = _profile([(0.25, _in_sample(0.87, n, d)), (0.9, _in_sample(0.87, n, d))], n, d)
+    assert result.rule.gate_verdicts(result) == ("safe", "high risk", "uninformative")
+
+
+def test_gate_verdicts_apply_the_kappa_rule_to_each_subset():
+    # κ(V) 20 on every layer and kappa_large=10: every informative reading is high risk, whatever the score
+    n, d = 4096, 64
+    layers = [(0.1, _in_sample(0.5, n, d))] * 2 + [(0.95, _in_sample(0.87, n, d))] * 2
+    result = SpectralProfile(layers=_profile(layers, n, d).layers, aggregates={}, rule=DecisionRule(kappa_large=10.0),
+                             settings={"num_samples": n, "hidden_size": d, "rank": None})
+    assert result.rule.gate_verdicts(result) == ("high risk",)
+    from hf_koopman.profiling.report import render_report
+
+    assert "reading them or not gives the same verdict" in render_report(result)
+
+
+def test_an_uninformative_tentative_verdict_claims_no_score_threshold():
+    from hf_koopman.profiling.report import render_report
+
+    n, d = 512, 64  # N/d = 8: band ±0.19
+    layers = [(0.55, _in_sample(0.5, n, d))] + [(0.55, _in_sample(0.95, n, d))] * 2
+    result = _profile(layers, n, d)
+    assert result.verdict == "uninformative" and result.verdict_reason.startswith(TENTATIVE)
+    assert result.rule.score_band_crossed(result) == ()
+    report = render_report(result)
+    assert "spans the" not in report and "so the verdict is tentative" in report
+
+
+def test_a_profile_json_from_a_newer_version_loads_without_its_unknown_rule_fields(tmp_path, caplog):
+    import json
+
+    result = _profile([(0.1, 0.3)] * 2)
+    data = json.loads(result.to_json())
+    data["decision_rule"]["a_future_field"] = 1.0
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    loaded = SpectralProfile.from_json(path)
+    assert loaded.rule == DecisionRule() and loaded.verdict == result.verdict
+    assert "a_future_field" in caplog.text

@@ -527,6 +527,15 @@ def profile_from_snapshots(
     )
 
 
+def autocast_dtype(device_type: str) -> str | None:
+    """`"float16"` or `"bfloat16"` when autocast to that dtype is on for `device_type` here, else `None`: the blocks
+    then compute in half precision although the parameters (and the residual stream) stay float32."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+    return dtype if dtype in LOW_PRECISION_DTYPES else None
+
+
 def _dropped_labels_note(raw: Any) -> str:
     """A sentence for a forward that failed after `prepare_batch` left the batch's label keys out: a model that builds
     its decoder inputs from `labels` (BLIP's question answering) then asks for them."""
@@ -772,11 +781,9 @@ def profile(
         "num_samples_requested": num_samples,
         "forward_time_s": round(forward_time, 4),
     }
-    device_type = next((p.device.type for p in inner.parameters() if p.device.type != "meta"), "cpu")
-    if torch.is_autocast_enabled(device_type):  # float32 parameters, half-precision block computations
-        autocast = str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
-        if autocast in LOW_PRECISION_DTYPES:
-            meta["activation_dtype"] = autocast
+    autocast = autocast_dtype(next((p.device.type for p in inner.parameters() if p.device.type != "meta"), "cpu"))
+    if autocast is not None:  # float32 parameters, half-precision block computations
+        meta["activation_dtype"] = autocast
     origin = weights_origin(inner)
     if origin is not None:  # the rule and the risk estimator come from initialisations; the report says when not
         meta["weights"] = origin

@@ -196,7 +196,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         score = profile.score
         # the band covers the masses' sampling error only; a layer whose corrected η_nl lies near the gate can also
         # change the verdict with more tokens (it changes which layers are read)
-        crossed = profile.rule.thresholds_within_error(score, n, d) if tentative else ()
+        crossed = profile.rule.score_band_crossed(profile) if tentative else ()
         if crossed:
             names = " and ".join(f"{t:g}" for t in crossed)
             line += (f": the verdict's M≈1 = {score:.2f} ± {score * relative:.2f} spans the {names} "
@@ -221,7 +221,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
 
 
 def _gate_lines(profile: SpectralProfile) -> list[str]:
-    """The trust section's line on layers whose corrected η_nl lies within the sampling band of the informative gate
+    """The trust section's line on layers whose corrected η_nl lies within the band of the informative gate
     (`DecisionRule.near_gate`), and whether reading them or not can change the verdict; none when no layer does."""
     rule = profile.rule
     near = rule.near_gate(profile)
@@ -233,9 +233,10 @@ def _gate_lines(profile: SpectralProfile) -> list[str]:
     effect = ("reading them or not can give " + " or ".join(f"'{v}'" for v in verdicts) + ", so the verdict is "
               "tentative" if len(verdicts) > 1 else "reading them or not gives the same verdict")
     return [f"- Informative gate: {count} of {total} blocks have a corrected η_nl within ±{max(widths):.2f} of "
-            f"{rule.max_nonlinearity:g} ({rule.gate_band:g} sqrt(d/N), the spread of η_nl between independent "
-            "samples measured in `results/eta_gate_band.md` of the hf_koopman repository), so another sample may "
-            f"read them on the other side of the gate (\"near gate\" in the table); {effect}."]
+            f"{rule.max_nonlinearity:g} ({rule.gate_band:g} sqrt(d/N)). The corrected η_nl still moves as N grows: "
+            "on real models it reads low at small N/d, by up to this much in 95 % of the readings of "
+            "`results/eta_gate_band.md` (hf_koopman repository), so with more token states these blocks may fall on "
+            f"the other side of the gate (\"near gate\" in the table); {effect}."]
 
 
 def _range_note(note: str, dtype: str | None) -> str:
@@ -275,8 +276,10 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         assessment = profile.risk_assessment()  # the range note: outside the fitted range, or ranges unknown
         note = f" — {_range_note(assessment.range_note, dtype)}" if assessment is not None else ""
         if verdict == "uninformative":  # no emphasis: the number reads a spectrum the verdict calls uninformative
-            shown = (f"{shown} (computed from an uninformative spectrum, with its inputs clipped to the estimator's "
-                     "fitted range, so it is not a reading of this model)")
+            clipped = assessment is not None and any(i.direction != "unseen" for i in assessment.outside)
+            shown = (f"{shown} (computed from an uninformative spectrum"
+                     + (", with inputs clipped to the estimator's fitted range" if clipped else "")
+                     + ", so it is not a reading of this model)")
         else:
             shown = f"**{shown}**"
         lines += [
@@ -413,7 +416,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         f"informative gate (< {profile.rule.max_nonlinearity:g}) reads.",
         "- read says whether the verdict reads the layer (informative and sampled with N/d ≥ "
         f"{profile.rule.min_samples_per_dim:g}); \"near gate\" marks a corrected η_nl within the gate's sampling "
-        "band, which another sample may put on the other side.",
+        "band, which more token states may put on the other side.",
         f"- M<{below} counts contracting modes (|λ| < {below}), mid the band {below} ≤ |λ| < {lo}; the four "
         "columns sum to 1.",
         "- Kreiss is the Kreiss constant, a bound on transient growth; it is ∞ whenever ρ > 1 (an expanding mode grows "
@@ -492,9 +495,11 @@ def _move_into_place(staging: Path, directory: Path, new: list[str], stale: list
     placed: list[str] = []
     try:
         for name in [*new, *stale]:
-            if (directory / name).is_file():
+            try:
                 os.replace(directory / name, backup / name)
-                aside.append(name)
+            except FileNotFoundError:  # absent, or moved away by another save into this folder meanwhile
+                continue
+            aside.append(name)
         for name in new:
             os.replace(staging / name, directory / name)
             placed.append(name)

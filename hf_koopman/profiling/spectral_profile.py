@@ -61,6 +61,17 @@ def _from_json_safe(value: Any) -> Any:
     return value
 
 
+def _decision_rule(fields: dict[str, Any]) -> DecisionRule:
+    """The `DecisionRule` a profile.json records; a field this version does not know (written by a newer one) is left
+    out with a warning, so that the profile still loads."""
+    known = {f.name for f in dataclasses.fields(DecisionRule)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        logger.warning("profile.json's decision_rule has fields this version of hf_koopman does not know (%s); they "
+                       "are left out (upgrade hf_koopman to use them)", ", ".join(unknown))
+    return DecisionRule(**{k: v for k, v in fields.items() if k in known})
+
+
 @dataclass
 class SpectralProfile:
     """RKSP profile of one model: per-layer `LayerFeatures`, aggregates and the verdict.
@@ -142,7 +153,7 @@ class SpectralProfile:
     @property
     def near_gate_layers(self) -> list[str]:
         """Layers whose corrected η_nl lies within the sampling band of the informative gate
-        (`DecisionRule.near_gate`): another sample may read them on the other side of it."""
+        (`DecisionRule.near_gate`): with more token states they may fall on the other side of it."""
         return [name for name, near in zip(self.names, self.rule.near_gate(self)) if near]
 
     def _informative(self) -> list[Any]:
@@ -266,7 +277,7 @@ class SpectralProfile:
             model_name=data.get("model_name"),
             settings=data.get("settings", {}),
             meta=data.get("meta", {}),
-            rule=DecisionRule(**data.get("decision_rule", {})),
+            rule=_decision_rule(data.get("decision_rule") or {}),
             layer_sizes=sizes if len(sizes) == len(rows) else [],
         )
 

@@ -320,6 +320,7 @@ def profile_streaming(
         _check_rank,
         _check_seed,
         _check_token_count,
+        autocast_dtype,
     )
     from hf_koopman.profiling.inputs import mask_routes, snapshot_masks
 
@@ -473,6 +474,8 @@ def profile_streaming(
         }
     }
     meta["weights"] = "init" if weights.kind == "init" else "pretrained"  # what the risk estimator's range reads
+    if (autocast := autocast_dtype("cpu")) is not None:  # the blocks ran in half precision: ρ and κ(V) carry it
+        meta["activation_dtype"] = autocast
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
     if tokens_seen < num_samples:

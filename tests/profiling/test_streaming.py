@@ -312,6 +312,17 @@ def test_bfloat16_streaming_runs():
     assert prof.meta["streaming"]["dtype"] == "bfloat16" and len(prof.layers) == 3
 
 
+def test_streaming_under_autocast_records_the_half_precision_of_the_blocks():
+    from hf_koopman.risk import low_precision_dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prof = profile_streaming(_llama(), num_samples=N, seed=0, progress=False)
+    assert prof.meta["dtype"] == "float32" and prof.meta["activation_dtype"] == "bfloat16"
+    assert low_precision_dtype(prof) == "bfloat16"
+    plain = profile_streaming(_llama(), num_samples=N, seed=0, progress=False)
+    assert "activation_dtype" not in plain.meta
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     from hf_koopman.profiling.architectures import load_architecture_config
