@@ -69,6 +69,14 @@ _SHARDED_CHECKPOINT_SOURCE = (
     "model.safetensors into full tensors. Use rollback_source='memory' (a CPU copy of each process's shards) or "
     "'auto' (memory under FSDP)"
 )
+#: why a divergence on step 1 is not a learning-rate problem (its loss and gradient precede every update)
+_FIRST_STEP = ("the divergence is on step 1, before any optimizer update was applied: its loss and gradient come from "
+               "the weights training started from and the data alone, so a lower learning rate would not change it")
+#: what to check after a divergence on step 1
+_FIRST_STEP_CHECKS = ("check the initialisation (e.g. the config's initializer_range) or the loaded weights, the "
+                      "inputs and labels (token ids within the vocabulary, -100 where no loss is wanted), and the loss "
+                      "scale (a summed rather than averaged loss, or a loss_threshold below the untrained model's "
+                      "loss)")
 #: what an unvalidated stop leaves in the model before `_act` says which step's weights they are
 _IN_MEMORY_UNKNOWN = "those the divergence was detected on"
 
@@ -193,6 +201,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
       loss from a forward hook, the gradient norm before clipping at the end of each backward pass, block outputs from
       forward hooks. All processes decide together (one all-reduce of four numbers per step; none in one process).
+      When the model returns no loss (the Trainer computes it outside the model: `label_smoothing_factor`,
+      `compute_loss_func`), a warning says so once and the loss part judges the loss the Trainer logs: a logged loss
+      that trips the rule is a divergence at that logging step (the mean of the `logging_steps` steps it covers, so
+      `logging_steps=1` checks every step), and a state or checkpoint counts as validated only once a logged loss
+      after it passes (`logging_strategy="no"`: the loss part is off, and the warning says so).
 
       *What counts as good.* The loss and gradient of step `t` are computed with the weights left by step `t - 1`, so a
       passing step `t` validates those weights: the guard then keeps them, with the optimizer state, as a CPU snapshot
@@ -210,12 +223,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
       earlier run's, say) is in `output_dir`; the rename warning gives the `resume_from_checkpoint=<path>` to pass.
 
       *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
-      (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step,
-      training stops, and `rksp/diverged`, `rksp/diverged_step`, `rksp/diverged_cause` reach `Trainer.log`,
-      `trainer.state.log_history` and the metrics `train()` returns. [`KSSTrainer.save_model`] and
-      `KSSTrainer.push_to_hub` refuse weights that were not validated. With `load_best_model_at_end` the Trainer then
-      loads the best checkpoint (a suspect best checkpoint is replaced by a validated one first): its weights count as
-      validated when that checkpoint is one the guard validated.
+      (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step
+      (one another callback asks for after the stop is set aside as suspect), training stops, and `rksp/diverged`,
+      `rksp/diverged_step`, `rksp/diverged_cause` reach `Trainer.log`, `trainer.state.log_history` and the metrics
+      `train()` returns. [`KSSTrainer.save_model`] and `KSSTrainer.push_to_hub` refuse weights that were not
+      validated. With `load_best_model_at_end` the Trainer then loads the best checkpoint (a suspect best checkpoint is
+      replaced by a validated one first): its weights count as validated when that checkpoint is one the guard
+      validated.
 
       *`on_divergence="rollback"`*: the last validated weights and optimizer state are restored, the tripping batch is
       skipped (it counts as a step but its update is discarded, as is the update of the step before it), the learning
@@ -228,7 +242,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
       norm and their maxima over processes, which the rule judged (`loss_max_over_processes`,
       `grad_norm_max_over_processes`). Resuming from a checkpoint older than recorded events applies their back-off to
       the restored scheduler, so the run does not replay the same blow-up (the `learning_rate` the Trainer logs for
-      the first resumed step still shows the checkpoint's rate; the optimizer already uses the lowered one); resuming
+      the first resumed step still shows the checkpoint's rate; the optimizer already uses the lowered one), and
+      `lr_scale` starts from the back-off the checkpoint's scheduler already holds (its stored guard state); resuming
       explicitly from a `_suspect-checkpoint-N` logs an error naming the last good checkpoint. A resumed run's last
       good checkpoint is the latest, up to the resumed step, that the record or the resumed checkpoint's stored guard
       state names (a run without events writes no record). `save_total_limit` rotates checkpoints by age and may
@@ -426,6 +441,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._probe_cache: dict[str, Any] | None = None
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
         self._events_before_call = 0  # len(events) when this train() call started: its own events come after
+        self._loss_from_logs = False  # the model returns no loss: the loss part judges the Trainer's logged loss
+        self._loss_warned = False  # the "model returns no loss" warning was given in this train() call
+        self._candidate = StateSnapshot()  # judged on logged losses: a passing step's state until a log validates it
+        self._last_loss_log = 0  # global step of the last training log: the next one covers the steps after it
 
     @property
     def loss_threshold(self) -> float:
@@ -736,6 +755,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._unconfirmed = set()
         self._window_first = None
         self._worst_loss = self._worst_squared_norm = None
+        self._loss_from_logs = self._loss_warned = False
+        self._candidate = StateSnapshot()
+        self._last_loss_log = state.global_step  # the Trainer's first log covers the steps after the start
         self.weights_validated = True
         # the taps are new: _stop_guard above removed any left by an earlier train()
         world = getattr(args, "world_size", 1)
@@ -788,6 +810,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
         known = [path for path in (self.last_good_checkpoint, prior, self._stored_last_good(state))
                  if path is not None and 0 <= _checkpoint_step(path) <= state.global_step]
         self.last_good_checkpoint = max(known, key=_checkpoint_step) if known else None  # the first of equal steps
+        # the back-off already in the resumed scheduler's base_lrs (rollbacks up to the checkpoint's step, and the
+        # back-off of the resume it continues): the checkpoint's stored guard state holds it whether or not
+        # transformers restores this callback from it, and the run record's lr_scale is the run's last value
+        stored = self._stored_guard_states(state)
+        scale = stored[0].get("lr_scale") if stored else None
+        if isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0 < scale <= 1:
+            self.lr_scale = float(scale)
         tripped = self._suspect_resume(events, state)
         if tripped is not None:
             event, resumed = tripped
@@ -1071,13 +1100,52 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self._from_checkpoint:  # the last good checkpoint is the validated state: no copy in memory
             return
         self._since_capture += passed
-        if not self._snapshot.empty and self._since_capture < interval:
+        # judged on logged losses, a passing step validates nothing yet: its state waits as the candidate until a
+        # logged loss covering the next step passes (`_judge_logged_loss`)
+        target = self._candidate if self._loss_from_logs else self._snapshot
+        if not (self._snapshot.empty and target.empty) and self._since_capture < interval:
             return
         start = time.perf_counter()
-        self._snapshot.capture(self._params, optimizer, step)
+        target.capture(self._params, optimizer, step)
         self._capture_seconds = time.perf_counter() - start
         self._since_capture = 0
-        self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
+        if target is self._snapshot:
+            self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
+
+    def _loss_not_observed(self, args, state) -> None:
+        """The model returned no loss on a training step: the Trainer computes it outside the model. Judge the loss the
+        Trainer logs instead (`_judge_logged_loss`), and say so once, with what that costs; with
+        `logging_strategy="no"` nothing is logged, so the loss part of the rule is off."""
+        self._loss_warned = True
+        strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+        steps = int(getattr(state, "logging_steps", 0) or getattr(args, "logging_steps", 1) or 1)
+        why = ("RKSP guard: the model returns no loss on training steps: the Trainer computes the loss outside the "
+               "model (label_smoothing_factor > 0, Trainer(compute_loss_func=...), or a compute_loss that does not "
+               "pass the labels to the model), or the model's output has no `loss` field (a tuple), so the guard "
+               "cannot read each step's loss.")
+        if strategy == "no":
+            if state.is_world_process_zero:
+                logger.warning(
+                    "%s With logging_strategy='no' no loss is logged either, so the loss part of the rule is OFF: only "
+                    "the gradient norm and block outputs are checked, and a run whose loss exceeds %g keeps training "
+                    "with its checkpoints named good. Set logging_strategy='steps' (logging_steps=1 for per-step "
+                    "checks) to have the guard judge the logged loss.", why, self.loss_threshold)
+            return
+        self._loss_from_logs = True
+        if strategy == "epoch":
+            when = (" With logging_strategy='epoch' that is the mean of an epoch, checked once an epoch: set "
+                    "logging_strategy='steps' and logging_steps=1 for per-step checks.")
+        elif steps > 1:
+            when = (f" With logging_steps={steps} that is the mean of {steps} steps, checked every {steps} steps: a "
+                    "spike can hide in the mean and is caught late; set logging_steps=1 for per-step checks.")
+        else:
+            when = ""
+        if state.is_world_process_zero:
+            logger.warning(
+                "%s It judges the loss the Trainer logs instead: a logged loss > %g or non-finite is a divergence at "
+                "that logging step (stop or rollback as configured), and a checkpoint or the in-memory copy counts as "
+                "validated only once a logged loss after it passes.%s The gradient norm and block outputs are still "
+                "checked every step.", why, self.loss_threshold, when)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -1096,6 +1164,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 logger.warning("RKSP guard: the parameters are sharded (FSDP) now, which a checkpoint restore does not "
                                "support: rollback_source='auto' keeps the validated state in memory instead")
                 self._from_checkpoint = False
+        if not self._loss_warned and self._loss_tap is not None and not self._loss_tap.observed():
+            self._loss_not_observed(args, state)
         if not self._is_check_step(args, state):  # fold this step into the window's on-device maxima; no sync
             device = self._device()
             loss, squared = self._step_values(device)
@@ -1117,7 +1187,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first_bad < n_blocks:
             flags |= CAUSE_ACTIVATION
         if not flags:
-            if self._pending_checkpoints:  # each was followed by a passing step: the latest is the last good one
+            # each was followed by a passing step: the latest is the last good one (judged on logged losses, once a
+            # logged loss after it passes: `_judge_logged_loss`)
+            if self._pending_checkpoints and not self._loss_from_logs:
                 self._promote(self._pending_checkpoints[-1][1])
                 self._pending_checkpoints = []
             # the weights that produced this sane loss and gradient are validated: keep them
@@ -1185,8 +1257,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
         """Whether a trip now puts the validated state back (a rollback, or a stop with `restore_on_stop`)."""
         return self._validated_state_exists() and (self._may_roll_back() or self.restore_on_stop)
 
-    def _why_no_rollback(self, validated_exists: bool) -> str:
-        """Why a trip in rollback mode stops the run, for the stop message (empty with `on_divergence="stop"`)."""
+    def _why_no_rollback(self, validated_exists: bool, step: int | None = None) -> str:
+        """Why a trip in rollback mode stops the run, for the stop message (empty with `on_divergence="stop"`); a trip
+        at `step` 1 says that no earlier state exists at all."""
         if self.on_divergence != "rollback":
             return ""
         if self.rollbacks >= self.max_rollbacks:
@@ -1194,12 +1267,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if validated_exists:  # it existed, but putting it back failed
             return (f" after {self.rollbacks} rollback(s): the validated state could not be restored, so this trip "
                     "could not be rolled back")
+        first = f" ({_FIRST_STEP})" if step == 1 else ""
         if self._from_checkpoint:
             return (" without a rollback: no checkpoint was validated before the divergence (rollback_source="
                     "'checkpoint' restores only from the last good checkpoint, one followed by a passing step), so "
-                    "there was nothing to roll back to")
-        return (" without a rollback: no step of this train() call had passed the rule before the divergence, so no "
-                "state was validated in memory to roll back to")
+                    f"there was nothing to roll back to{first}")
+        what = "logged loss" if self._loss_from_logs else "step"
+        return (f" without a rollback: no {what} of this train() call had passed the rule before the divergence, so no "
+                f"state was validated in memory to roll back to{first}")
 
     def _promote(self, path: str) -> None:
         """`path` is the last good checkpoint now. Restoring from checkpoints, the first one is checked (names, shapes,
@@ -1252,6 +1327,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         """Roll back (or stop) after a trip; the event is logged at the end of the step (`_log_event`)."""
         rollback = self._may_roll_back()
         validated_exists = self._validated_state_exists()
+        self._candidate.invalidate()  # a state of the steps this trip makes suspect, or of a trajectory left behind
         restored = self._restore_validated(optimizer) if self._restores_validated() else None
         if restored is not None:  # this update and the suspect one before it are discarded
             event.restored_step = restored
@@ -1290,12 +1366,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 memory = f"the tripping update {kept}; the in-memory weights are NOT validated, do not save them"
             logger.error(
                 "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",
-                event.describe(), self._why_no_rollback(validated_exists), memory, self._checkpoint_on_disk(),
+                event.describe(), self._why_no_rollback(validated_exists, event.step), memory,
+                self._checkpoint_on_disk(),
             )
         self.events.append(event.to_dict())
         self._to_log = event
 
-    def _set_aside_suspects(self, args, state, event: DivergenceEvent) -> dict[str, str]:
+    def _set_aside_suspects(self, args, state, event: DivergenceEvent,
+                            saved_after_stop: bool = False) -> dict[str, str]:
         """Rename the checkpoints this trip made suspect, `checkpoint-N` -> `_suspect-checkpoint-N` (`-2`, `-3`, ...
         when that name exists; nothing is deleted): transformers' newest-checkpoint lookup (`resume_from_checkpoint=
         True`), `save_total_limit` rotation and Hub uploads skip that name, and a later save of `checkpoint-N` does not
@@ -1305,6 +1383,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         rename runs was renamed by another saving process on a shared filesystem. One all-reduce (the max) then gives
         every process the names and holds them until the renames are done. The event, the events and the divergence
         name the new paths; a checkpoint not renamed (rotated away, or the rename failed) keeps its old path there.
+        `saved_after_stop`: the checkpoint was written at the stopping step after the stop (`_set_aside_late_save`).
         Returns `{old path: new path}`."""
         paths = list(event.suspect_checkpoints)
         if not paths:
@@ -1338,7 +1417,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
         for record in [*self.events, self.divergence]:
             if record is not None and record.get("suspect_checkpoints"):
                 record["suspect_checkpoints"] = [renamed.get(path, path) for path in record["suspect_checkpoints"]]
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and saved_after_stop:
+            logger.warning(
+                "RKSP guard: %s was saved at step %d after the guard stopped the run there (a callback asked for the "
+                "save the guard had cancelled); its weights are %s, not a validated state of step %d: renamed to %s "
+                "(nothing was deleted; transformers' newest-checkpoint lookup, save_total_limit rotation and Hub "
+                "uploads skip it)%s. After the stop: %s%s.", ", ".join(renamed), event.step, self._in_memory,
+                event.step, ", ".join(renamed.values()), _pushed_copies(args), self._what_to_do(),
+                self._newer_checkpoint(args))
+        elif state.is_world_process_zero:
             when = "After the stop" if event.action == "stop" else "Should this run end before its next save"
             logger.warning(
                 "RKSP guard: the divergence at step %d followed %s, whose weights are suspect: renamed to %s (nothing "
@@ -1460,13 +1547,82 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs) -> TrainerControl | None:
-        # validated when the next step's loss and gradient pass the rule (see on_pre_optimizer_step)
+        path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._stop_step is None:
-            path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            # validated when the next step's loss and gradient pass the rule (see on_pre_optimizer_step)
             self._pending_checkpoints.append((state.global_step, path))
+        elif self.guard:
+            self._set_aside_late_save(args, state, path)
+
+    def _set_aside_late_save(self, args, state, path: str) -> None:
+        """A checkpoint written after the guard stopped the run at this step: the guard cancels the Trainer's save of
+        the stopping step, so another callback asked for it. It holds the diverged weights, or an earlier validated
+        state under this step's name and without the back-off a resume from an earlier checkpoint applies: it is set
+        aside like the suspect checkpoints (`_set_aside_suspects`) and added to the stopping event's, and the record is
+        rewritten."""
+        for record in (self.events[-1] if self.events else None, self.divergence):
+            if record is not None:
+                record["suspect_checkpoints"] = [*(record.get("suspect_checkpoints") or []), path]
+        event = DivergenceEvent(step=self._stop_step, causes=[], cause_flags=0, loss=None, grad_norm=None,
+                                first_bad_layer=None, suspect_checkpoints=[path])
+        renamed = self._set_aside_suspects(args, state, event, saved_after_stop=True)
+        self._forget_suspect_best(args, state, event, renamed)
+        self._write_record(args, state)
+
+    def _judge_logged_loss(self, args, state, control, logs: dict[str, Any], optimizer, lr_scheduler) -> None:
+        """The loss part of the rule when the model returns no loss. The loss the Trainer logs at step `s` is the mean
+        over the steps since its last log, `a..s`, whose losses come from the weights of steps `a - 1 .. s - 1`; the
+        KSS term is left out (`kss/task_loss`). A passing log validates those weights: the candidate copy (a passing
+        step's state among them) becomes the validated one, and the latest checkpoint saved at steps `a - 1 .. s - 1`
+        the last good one. A log that trips is a divergence at step `s` covering steps `a..s`, handled as at a check
+        step (stop, or rollback to the state validated before `a`; the checkpoints not validated yet are set aside).
+        The Trainer logs before it evaluates and saves step `s`, so a stop cancels both: no checkpoint of a diverged
+        log step is written by the Trainer's own schedule (one another callback asks for is set aside in `on_save`).
+        A log whose steps include a trip the per-step check already handled (the Trainer's mean still holds the
+        rolled-back losses) is neither judged nor validating."""
+        first, self._last_loss_log = self._last_loss_log + 1, state.global_step
+        key = "kss/task_loss" if "kss/task_loss" in logs else "loss"
+        try:
+            value = float(logs[key])
+        except (TypeError, ValueError):
+            return
+        if any(int(e.get("step", 0)) >= first for e in self.events[self._events_before_call:]):
+            self._candidate.invalidate()  # its loss is in a mean with the losses of rolled-back steps
+            self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
+            return
+        if not self.rule.loss_diverged(value):
+            if not self._candidate.empty:
+                self._snapshot, self._candidate = self._candidate, self._snapshot
+                self._candidate.invalidate()
+                self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
+            validated = [p for s, p in self._pending_checkpoints if first - 1 <= s < state.global_step]
+            if validated:
+                self._promote(validated[-1])
+            self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
+            return
+        span = f"mean over steps {first}-{state.global_step}" if first < state.global_step else "value"
+        over = " and processes" if is_distributed() else ""
+        event = DivergenceEvent(
+            step=state.global_step, cause_flags=CAUSE_LOSS, loss=value, grad_norm=None, first_bad_layer=None,
+            causes=[f"logged {key} > {self.loss_threshold:g} or non-finite ({value}, the Trainer's logged {span}{over}"
+                    "; the model returns no loss of its own)"],
+            last_good_checkpoint=self.last_good_checkpoint, first_checked_step=first,
+            suspect_checkpoints=[path for _, path in self._pending_checkpoints],
+        )
+        self._pending_checkpoints = []
+        self._window_first = self._worst_loss = self._worst_squared_norm = None  # the trip covers the open window
+        self._act(event, control, optimizer, lr_scheduler)
+        self._log_event(args, state, optimizer)
+        if event.action == "stop":
+            control.should_save = False  # the Trainer saves after this log: never the diverged step
+            control.should_evaluate = False  # save_strategy="best" would save it as a new best after evaluating
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs) -> TrainerControl | None:
+               logs: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+               lr_scheduler: Any = None, **kwargs) -> TrainerControl | None:
+        if (self.guard and self._loss_from_logs and logs is not None and "loss" in logs and self._stop_step is None
+                and self._params):
+            self._judge_logged_loss(args, state, control, logs, optimizer, lr_scheduler)
         # the final metrics of train() (its TrainOutput.metrics is this dict) say whether the run diverged
         if logs is not None and "train_runtime" in logs and self.guard:
             extra = {"rksp/diverged": float(self.divergence is not None), "rksp/rollbacks": float(self.rollbacks)}
@@ -1513,6 +1669,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             flags |= CAUSE_ACTIVATION
             causes.append("non-finite block output")
         if not flags:
+            if self._loss_from_logs:
+                return  # judged on logged losses, a passing logged loss after them validates the checkpoints
             validated = [path for step, path in self._pending_checkpoints if step < state.global_step]
             if validated:
                 self._promote(validated[-1])
@@ -1612,9 +1770,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self._unreadable is not None and self._unreadable == good:
             return f"the last good checkpoint ({good}) could not be read back; resume from an older checkpoint"
         if good is None:
-            return ("no checkpoint was validated (none was saved, or none was followed by a passing step), so there "
-                    "is none to resume from: train again from the initial weights with a lower learning rate (or a "
-                    "longer warm-up)")
+            none = ("no checkpoint was validated (none was saved, or none was followed by a passing step), so there "
+                    "is none to resume from")
+            if self.divergence is not None and self.divergence.get("step") == 1:
+                return f"{none}; {_FIRST_STEP}: {_FIRST_STEP_CHECKS}"
+            return f"{none}: train again from the initial weights with a lower learning rate (or a longer warm-up)"
         if not Path(good).is_dir():
             return (f"the last good checkpoint {good} was deleted since (e.g. by save_total_limit rotation): resume "
                     "from an older checkpoint, or train again with a lower learning rate")

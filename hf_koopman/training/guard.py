@@ -2,7 +2,9 @@
 
 * `LossTap`: a forward hook on the model that reads the task loss of every training micro-batch from the model output
   (`outputs.loss`), so a Trainer subclass that adds terms to its objective (KSS) is still judged on the model's loss,
-  and NaN/Inf losses are seen although the Trainer's `logging_nan_inf_filter` hides them from the logs.
+  and NaN/Inf losses are seen although the Trainer's `logging_nan_inf_filter` hides them from the logs. When the
+  Trainer computes the loss outside the model (label smoothing, `compute_loss_func`), the model returns none
+  (`LossTap.observed()` is false) and `RKSPCallback` judges the loss the Trainer logs instead.
 * `GradNormTap`: the gradient norm of the step. With clipping on (`max_grad_norm > 0`) it is read before clipping, at
   the end of each backward pass (an autograd end-of-backward callback queued by a tensor hook on the model's outputs;
   the paper's rule is about the raw norm); without clipping it is read in `on_pre_optimizer_step` from the gradients the
@@ -28,6 +30,7 @@ from hf_koopman.logging_utils import get_logger
 
 __all__ = [
     "ActivationWatch",
+    "CheckpointKeyError",
     "DivergedModelError",
     "DivergenceEvent",
     "GradNormTap",
@@ -44,6 +47,14 @@ logger = get_logger(__name__)
 
 class DivergedModelError(RuntimeError):
     """Raised by `save_model()` when the in-memory weights are the ones a divergence was detected on."""
+
+
+class CheckpointKeyError(KeyError, ValueError):
+    """Raised by `load_checkpoint_state` when a checkpoint lacks trainable parameters of the model: a `KeyError` (and a
+    `ValueError`) whose message prints as written, without the quotes `KeyError` adds around its argument."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def _json_number(x: float | None) -> Any:
@@ -67,7 +78,12 @@ class DivergenceEvent:
     equal to the local values in a single process). `suspect_checkpoints` are the checkpoints saved since the last
     passing check, and a resumed run's starting checkpoint before its first check (their weights may hold the
     blow-up): the guard renames each `_suspect-checkpoint-<step>` and lists its new path; a checkpoint it did not
-    rename (the rename failed, or rotation had deleted it) keeps its old path here.
+    rename (the rename failed, or rotation had deleted it) keeps its old path here. A checkpoint written at the stopping
+    step after the stop (another callback asked for the save) is added to the stopping event's and set aside too.
+
+    When the model returns no loss and the guard judges the Trainer's logged loss, a logged loss that trips the rule
+    makes an event at the logging `step` with `first_checked_step` the first step the log covers; its `loss` is the
+    logged value (a mean over those steps and over processes) and `loss_max_over_processes` is `None`.
     """
 
     step: int
@@ -152,6 +168,11 @@ class LossTap:
                 else:
                     self._means.add_(value)
                 self._count += 1
+
+    def observed(self) -> bool:
+        """Whether a training forward since `reset()` returned a loss (false when the Trainer computes the loss
+        outside the model: `label_smoothing_factor`, `compute_loss_func`, a `compute_loss` that keeps the labels)."""
+        return self._shares is not None or self._means is not None
 
     def step_loss(self) -> torch.Tensor | None:
         parts = []
@@ -440,6 +461,10 @@ class StateSnapshot:
         for group, saved in zip(optimizer.param_groups, self._groups):
             group.update(saved)
 
+    def invalidate(self) -> None:
+        """Mark the snapshot `empty` but keep its buffers, which the next `capture` reuses."""
+        self.step = None
+
     def clear(self) -> None:
         """Drop the copies (the snapshot becomes `empty`)."""
         self.step, self._params, self._opt_state, self._groups = None, [], [], []
@@ -479,8 +504,8 @@ def _saved_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def _match_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path: Path) -> list[tuple[Any, str]]:
-    """`(parameter, saved name)` for every trainable parameter (tied aliases included); raises `KeyError` /
-    `ValueError` naming what does not match."""
+    """`(parameter, saved name)` for every trainable parameter (tied aliases included); raises `CheckpointKeyError` (a
+    `KeyError`) for missing names and `ValueError` for a shape mismatch, naming what does not match and the fix."""
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
@@ -490,13 +515,20 @@ def _match_parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
         if name is None:
             missing.append(aliases[id(param)][0])
         elif shapes[name] != tuple(param.shape):
-            raise ValueError(f"{path}: {name} has shape {shapes[name]}, the model's is {tuple(param.shape)}")
+            raise ValueError(
+                f"{path}: {name} has shape {shapes[name]}, this model's has {tuple(param.shape)}: the checkpoint was "
+                "written by a model of another configuration. Pass a checkpoint this model's configuration wrote, or "
+                "build the model from the checkpoint's config.json"
+            )
         else:
             pairs.append((param, name))
     if missing:
-        raise KeyError(
-            f"{path} lacks {len(missing)} trainable parameter(s) under this model's names, e.g. {missing[:3]} (models "
-            "whose saved names differ from their module names, such as transformers' MoE layers, or PEFT adapters)"
+        raise CheckpointKeyError(
+            f"{path} lacks {len(missing)} trainable parameter(s) under this model's names, e.g. "
+            f"{', '.join(missing[:3])}: it was written by another model, or this model saves its parameters under "
+            "other names than its modules (transformers' MoE layers, PEFT adapters). Pass a full checkpoint this model "
+            "wrote; for a model whose saved names differ, keep the validated state in memory "
+            "(RKSPCallback(rollback_source='memory'))"
         )
     return pairs
 
@@ -522,8 +554,9 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
     included); the optimizer state from `optimizer.pt`, read with `weights_only=True`. The optimizer's hyperparameters
     (learning rate, weight decay, betas, ...) stay as they are: the caller decides the rate. A checkpoint without
     `optimizer.pt` (`save_only_model=True`) restores the weights and clears the optimizer state, with a warning.
-    Everything is read and checked before anything changes: a missing file or parameter, a shape mismatch or an
-    optimizer state for other parameter groups raises and leaves `model` and `optimizer` untouched.
+    Everything is read and checked before anything changes, and the error names the fix: a missing weight file raises
+    `FileNotFoundError`, a missing parameter `CheckpointKeyError` (a `KeyError`), a shape mismatch or an optimizer
+    state for other parameter groups `ValueError`; `model` and `optimizer` are left untouched.
     """
     from safetensors.torch import load_file
 
@@ -538,8 +571,15 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
     if optimizer is not None and optimizer_file.is_file():
         optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
         groups = optimizer_state.get("param_groups", [])
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-            raise ValueError(f"{optimizer_file} holds the state of other parameter groups than this optimizer's")
+        saved_sizes = [len(g["params"]) for g in groups]
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if saved_sizes != sizes:
+            raise ValueError(
+                f"{optimizer_file} holds the state of parameter groups of sizes {saved_sizes}, this optimizer's are "
+                f"{sizes}: it was written for another optimizer setup. Build the optimizer with the parameter groups "
+                "of the run that wrote the checkpoint (the Trainer's create_optimizer does), or pass optimizer=None "
+                "to restore the weights only"
+            )
     for param, name in pairs:
         param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
     if optimizer is None:

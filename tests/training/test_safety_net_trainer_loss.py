@@ -1,0 +1,275 @@
+"""The safety net where the model returns no loss (label smoothing, `compute_loss_func`: the guard judges the Trainer's
+logged loss), checkpoints another callback writes after a stop, a divergence on step 1, the back-off of a resumed run
+and the errors of `load_checkpoint_state`.
+
+Setting as in `test_safety_net.py`: learning rate 1.0, a checkpoint every step; the loss passes 50 at step 4 (with
+label smoothing 0.1 or a plain cross-entropy passed as `compute_loss_func` too), so checkpoint-2 is the last good
+checkpoint and checkpoint-3 is suspect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TokenDataset, tiny_gpt2
+from conftest import blow_up_args as _args
+from conftest import exact_guard as _guard
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
+from hf_koopman.training.guard import CheckpointKeyError, checkpoint_problem, load_checkpoint_state
+
+
+def causal_ce(outputs, labels, num_items_in_batch=None):
+    """A user loss for `Trainer(compute_loss_func=...)`: the shifted cross-entropy the model would compute."""
+    logits = outputs.logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+
+
+class LearningRates(TrainerCallback):
+    """The rate the optimizer really applies at every step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+class SaveOnLog(TrainerCallback):
+    """A user's callback that asks for a save at every training log (it runs after the guard's on_step_end)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in (logs or {}):
+            control.should_save = True
+
+
+class NaNAt(TrainerCallback):
+    """After the update of step `step`, NaN in one weight: step `step + 1` trips."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+
+
+def _checkpoints(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and "checkpoint" in p.name)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- 1. the model returns no loss
+def test_with_label_smoothing_the_logged_loss_trips_and_no_diverged_checkpoint_is_named_good(tmp_path, caplog):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, label_smoothing_factor=0.1),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard])
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.train().metrics
+    event = guard.divergence
+    assert metrics["rksp/diverged"] == 1.0 and event["step"] == 4 and event["cause_flags"] == 1
+    assert "logged loss > 50" in event["causes"][0] and event["loss"] > 50
+    assert event["restored_step"] == 2 and guard.weights_validated
+    # the Trainer logs step 4 before it saves it: the stop cancels that save; checkpoint-3 led to step 4's loss
+    assert _checkpoints(tmp_path) == ["_suspect-checkpoint-3", "checkpoint-1", "checkpoint-2"]
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2") == get_last_checkpoint(str(tmp_path))
+    assert json.loads((tmp_path / "rksp_guard.json").read_text())["events"][0]["step"] == 4
+    # said once, with why and what it costs
+    assert caplog.text.count("the model returns no loss on training steps") == 1
+    assert "label_smoothing_factor" in caplog.text and "judges the loss the Trainer logs instead" in caplog.text
+
+
+def test_with_compute_loss_func_a_logged_trip_rolls_back_and_the_rollback_steps_checkpoint_waits_for_a_log(tmp_path):
+    guard, rates = _guard(on_divergence="rollback"), LearningRates()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard, rates], compute_loss_func=causal_ce)
+    trainer.train()
+    assert [(e["step"], e["action"], e["restored_step"]) for e in guard.events] == [(4, "rollback", 2)]
+    assert guard.divergence is None and trainer.state.global_step == 6
+    assert rates.lrs == [1.0] * 4 + [0.5] * 2
+    # checkpoint-4 is written after the rollback: it holds the restored state of step 2, and the passing log of
+    # step 5 (the first loss computed from it) validated it
+    assert (tmp_path / "_suspect-checkpoint-3").is_dir() and not (tmp_path / "checkpoint-3").exists()
+    four, two = _weights(tmp_path / "checkpoint-4"), _weights(tmp_path / "checkpoint-2")
+    assert all(torch.equal(four[k], v) for k, v in two.items())
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-5")
+
+
+def test_a_logged_mean_over_several_steps_sets_aside_every_checkpoint_it_covers(tmp_path, caplog):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, logging_steps=2, label_smoothing_factor=0.1),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "With logging_steps=2 that is the mean of 2 steps" in caplog.text and "logging_steps=1" in caplog.text
+    event = guard.divergence
+    step, first = event["step"], event["first_checked_step"]
+    assert step % 2 == 0 and first == step - 1 and f"steps {first}-{step}" in caplog.text
+    # the log covers the losses of steps first..step, computed with the weights of steps first - 1 .. step - 1
+    assert sorted(Path(p).name for p in event["suspect_checkpoints"]) == [
+        f"_suspect-checkpoint-{s}" for s in range(first - 1, step)]
+    assert not (tmp_path / f"checkpoint-{step}").exists()
+    assert guard.last_good_checkpoint == str(tmp_path / f"checkpoint-{first - 2}")
+    assert event["restored_step"] <= first - 2 and guard.weights_validated
+
+
+def test_a_log_that_holds_a_rolled_back_step_is_not_judged_again(tmp_path):
+    # step 2's gradient norm (~17) trips the per-step check; the Trainer's log of step 2 still holds its loss (~23)
+    guard = _guard(on_divergence="rollback", loss_threshold=20.0, grad_norm_threshold=10.0, max_rollbacks=5)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, label_smoothing_factor=0.1),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard])
+    trainer.train()
+    assert guard.events[0]["step"] == 2 and guard.events[0]["cause_flags"] == 2
+    assert [e["step"] for e in guard.events].count(2) == 1
+
+
+def test_with_logging_strategy_no_the_warning_says_the_loss_part_is_off(tmp_path, caplog):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, learning_rate=1e-3, save_strategy="no",
+                                                    logging_strategy="no"),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard], compute_loss_func=causal_ce)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "the loss part of the rule is OFF" in caplog.text and "logging_strategy='steps'" in caplog.text
+
+
+# ---------------------------------------------------------------- 2. a save another callback asks for after a stop
+@pytest.mark.parametrize("restore_on_stop", [True, False])
+def test_a_checkpoint_another_callback_writes_after_a_stop_is_set_aside(tmp_path, caplog, restore_on_stop):
+    data = TokenDataset(n=128)
+    guard = _guard(restore_on_stop=restore_on_stop)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_steps=100), train_dataset=data,
+                      callbacks=[guard, NaNAt(3), SaveOnLog()])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert guard.divergence["step"] == 4
+    late = str(tmp_path / "_suspect-checkpoint-4")
+    assert not (tmp_path / "checkpoint-4").exists() and Path(late).is_dir()
+    assert guard.divergence["suspect_checkpoints"][-1] == guard.events[-1]["suspect_checkpoints"][-1] == late
+    assert json.loads((tmp_path / "rksp_guard.json").read_text())["events"][-1]["suspect_checkpoints"][-1] == late
+    assert "was saved at step 4 after the guard stopped the run there" in caplog.text
+    # checkpoint-3 holds the NaN (set aside by the trip); resume_from_checkpoint=True takes the last good checkpoint,
+    # from before the divergence, so the back-off applies
+    assert _checkpoints(tmp_path) == ["_suspect-checkpoint-3", "_suspect-checkpoint-4", "checkpoint-1",
+                                      "checkpoint-2"]
+    good = str(tmp_path / "checkpoint-2")
+    assert guard.last_good_checkpoint == good == get_last_checkpoint(str(tmp_path))
+    resumed, rates = _guard(), LearningRates()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5, save_steps=100), train_dataset=data,
+            callbacks=[resumed, rates]).train(resume_from_checkpoint=True)
+    assert rates.lrs == [0.5] * 3 and resumed.lr_scale == 0.5
+
+
+def test_a_save_another_callback_asks_for_at_a_diverged_log_step_is_set_aside(tmp_path):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, save_steps=100, label_smoothing_factor=0.1),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard, SaveOnLog()])
+    trainer.train()
+    # checkpoint-3 is suspect (step 4's loss came from it), and the save of step 4 came after the stop
+    assert guard.divergence["step"] == 4
+    assert _checkpoints(tmp_path) == ["_suspect-checkpoint-3", "_suspect-checkpoint-4", "checkpoint-1",
+                                      "checkpoint-2"]
+    assert get_last_checkpoint(str(tmp_path)) == guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+
+
+# ---------------------------------------------------------------- 3. a divergence on step 1
+@pytest.mark.parametrize("mode", ["stop", "rollback"])
+def test_a_divergence_on_step_1_points_at_the_initialisation_not_the_learning_rate(tmp_path, caplog, mode):
+    guard = _guard(on_divergence=mode)
+    args = _args(tmp_path, KSSTrainingArguments, max_steps=3, learning_rate=1e-3)
+    trainer = KSSTrainer(model=tiny_gpt2(initializer_range=30.0), args=args, train_dataset=TokenDataset(n=128),
+                         callbacks=[guard])
+    with caplog.at_level(logging.ERROR):
+        trainer.train()
+    assert guard.divergence["step"] == 1 and not guard.weights_validated
+    with pytest.raises(DivergedModelError) as raised:
+        trainer.save_model(str(tmp_path / "final"))
+    for text in (str(raised.value), caplog.text):
+        assert "before any optimizer update was applied" in text and "initializer_range" in text
+        assert "train again from the initial weights" not in text
+    if mode == "rollback":
+        assert "to roll back to (the divergence is on step 1" in caplog.text
+
+
+def test_a_later_divergence_with_nothing_validated_still_advises_a_lower_learning_rate():
+    guard = RKSPCallback()
+    guard.divergence = {"step": 2}
+    assert "train again from the initial weights with a lower learning rate" in guard._what_to_do()
+    guard.on_divergence = "rollback"
+    assert "step 1" not in guard._why_no_rollback(False, 2) and "step 1" in guard._why_no_rollback(False, 1)
+
+
+# ---------------------------------------------------------------- 4. the back-off of a resumed run
+def _rolled_back_at_step_4(tmp_path) -> RKSPCallback:
+    guard = _guard(on_divergence="rollback")
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
+            callbacks=[guard]).train()
+    assert [(e["step"], e["action"]) for e in guard.events] == [(4, "rollback")]
+    return guard
+
+
+def test_a_resume_from_a_checkpoint_saved_after_a_rollback_records_its_back_off(tmp_path):
+    _rolled_back_at_step_4(tmp_path)
+    # checkpoint-4 was written after the rollback: its scheduler already runs at half the rate
+    resumed, rates = _guard(on_divergence="rollback"), LearningRates()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
+                      callbacks=[resumed, rates])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert rates.lrs == [0.5, 0.5] and resumed.lr_scale == 0.5
+    assert json.loads((tmp_path / "rksp_guard.json").read_text())["lr_scale"] == 0.5
+
+
+def test_the_same_callback_resumed_before_its_rollback_counts_the_back_off_once(tmp_path):
+    guard = _rolled_back_at_step_4(tmp_path)
+    # checkpoint-2's scheduler runs at the full rate; the recorded rollback at step 4 halves it once
+    rates = LearningRates()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard, rates])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert rates.lrs == [0.5, 0.5] and guard.lr_scale == 0.5
+
+
+# ---------------------------------------------------------------- 5. load_checkpoint_state names the fix
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint folder of `tiny_gpt2()` with its weights and an AdamW `optimizer.pt`."""
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path)
+    torch.save(torch.optim.AdamW(model.parameters()).state_dict(), tmp_path / "optimizer.pt")
+    return tmp_path
+
+
+def test_a_shape_mismatch_names_the_fix(saved):
+    with pytest.raises(ValueError, match="has shape") as raised:
+        load_checkpoint_state(tiny_gpt2(n_embd=64), None, saved)
+    assert "Pass a checkpoint this model's configuration wrote" in str(raised.value)
+
+
+def test_missing_parameters_print_without_quotes_and_name_the_fix(saved):
+    with pytest.raises(KeyError) as missing:
+        load_checkpoint_state(tiny_gpt2(n_layer=6), None, saved)
+    assert isinstance(missing.value, CheckpointKeyError) and isinstance(missing.value, ValueError)
+    message = str(missing.value)
+    assert message.startswith(str(saved)) and "['" not in message  # no repr quoting
+    assert "Pass a full checkpoint this model wrote" in message and "rollback_source='memory'" in message
+    assert checkpoint_problem(tiny_gpt2(n_layer=6), saved).startswith(f"CheckpointKeyError: {saved}")
+
+
+def test_an_optimizer_state_for_other_parameter_groups_names_the_fix(saved):
+    model = tiny_gpt2()
+    params = list(model.parameters())
+    two_groups = torch.optim.AdamW([{"params": params[:3]}, {"params": params[3:]}])
+    with pytest.raises(ValueError, match="optimizer=None to restore the weights only"):
+        load_checkpoint_state(model, two_groups, saved)
