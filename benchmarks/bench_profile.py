@@ -346,6 +346,19 @@ def _interval(r: dict) -> str:
     return f"median {r['median']:.3f}x, {r['level']:.0%} interval [{r['low']:.3f}, {r['high']:.3f}] ({r['n']} rounds)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`) and whether it has AVX-512, or `platform.processor()` elsewhere."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    return f"{name} ({'with' if ' avx512f' in info else 'without'} AVX-512)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -368,12 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     load_before = os.getloadavg()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_NUM_THREADS="
+    print(f"{cpu_model()}; torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; GPT-2 small random init, N "
           f"{args.num_samples}; load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     timing = time_run(args.repeats, args.num_samples, args.rank, args.breakdown, args.floor, args.one_thread)
     load_after = os.getloadavg()
     timing["load_average_before"], timing["load_average_after"] = load_before, load_after
+    timing["cpu_model"] = cpu_model()  # the ratio depends on the CPU: its GEMMs and its eigensolver scale differently
     w, c = timing["median_wall_s"], timing["median_cpu_s"]
     print(f"\n== time (median of {args.repeats}, interleaved), {timing['tokens']} tokens, {timing['layers']} layers")
     print(f"{'':34s} {'wall (s)':>9s} {'CPU (s)':>9s}")
