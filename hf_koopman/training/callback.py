@@ -21,7 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, VERDICT_LEVELS
+from hf_koopman.risk import ADVICE, TENTATIVE, VERDICT_LEVELS
 from hf_koopman.training.divergence import (
     CAUSE_ACTIVATION,
     CAUSE_GRAD_NORM,
@@ -604,6 +604,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         level = VERDICT_LEVELS.get(spectral_profile.verdict)
         if level is not None:
             out["rksp/verdict_level"] = level
+            # 1 when more token states may change the verdict (the score's or the η_nl gate's band reaches a threshold)
+            out["rksp/verdict_tentative"] = float(spectral_profile.verdict_reason.startswith(TENTATIVE))
         risk = spectral_profile.risk
         if risk is not None:
             out["rksp/risk"] = risk
@@ -677,7 +679,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     ADVICE["high risk"],
                 )
             else:
-                logger.info("RKSP verdict %s: %s", when, self.init_verdict)
+                logger.info("RKSP verdict %s: %s (%s)", when, self.init_verdict, spectral_profile.verdict_reason)
             assessment = spectral_profile.risk_assessment()
             if assessment is not None:  # the calibrated probability, with its range caveat in the same line
                 log = logger.warning if assessment.out_of_range else logger.info

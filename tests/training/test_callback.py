@@ -41,6 +41,7 @@ def test_init_profile_reaches_log_history_and_output_dir(tmp_path, caplog):
     assert init["step"] == 0
     for key in ("rksp/score", "rksp/verdict_level", "rksp/near_unit_mass_mean", "rksp/spectral_radius_mean"):
         assert key in init and math.isfinite(init[key])
+    assert init["rksp/verdict_tentative"] == float(callback.profile.verdict_reason.startswith("tentative: "))
     assert [h["step"] for h in history if "rksp/score" in h] == [0, 2, 4]  # init + monitoring every 2 steps
     # the Trainer's own per-step logs are intact, and profiling did not perturb training (same losses)
     assert _loss_steps(trainer) == [1, 2, 3, 4]
