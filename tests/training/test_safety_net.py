@@ -606,3 +606,35 @@ def test_a_transient_spike_between_checks_is_not_missed(tmp_path, every, expecte
     event = guard.divergence
     assert event is not None and (event["step"], event["first_checked_step"]) == expected
     assert event["loss"] > 50 and event["first_bad_layer"] is None
+
+
+class ShardAfterStep(TrainerCallback):
+    """Makes the guard see sharded parameters from step `step` on, as FSDP2 swaps in DTensor shards after train begin:
+    the parameters read as sharded and the first parameter object differs from the one the guard listed."""
+
+    def __init__(self, guard, step, monkeypatch):
+        self.guard, self.step, self.monkeypatch = guard, step, monkeypatch
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.monkeypatch.setattr(callback_module, "is_sharded", lambda params: True)
+            self.guard._params_first = None  # the listed parameters are no longer the model's
+
+
+def test_auto_rollback_source_falls_back_to_memory_when_the_parameters_become_sharded(tmp_path, monkeypatch, caplog):
+    # little free memory and a full checkpoint every step: "auto" restores from checkpoints, until the parameters are
+    # sharded (FSDP2 after train begin), which a checkpoint restore does not support; the rollback then comes from
+    # the in-memory copy the guard keeps from then on, and the run finishes
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 10**3})())
+    guard = _guard(on_divergence="rollback")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
+                      callbacks=[guard, ShardAfterStep(guard, 2, monkeypatch)])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "the parameters are sharded (FSDP) now" in caplog.text
+    assert guard._from_checkpoint is False
+    assert guard.rollbacks >= 1 and guard.divergence is None
+    assert guard.events[0]["restored_step"] == 2  # the copy validated by step 3's loss, kept in memory
+    assert all(math.isfinite(float(p.detach().sum())) for p in trainer.model.parameters())
