@@ -205,7 +205,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
       `compute_loss_func`), a warning says so once and the loss part judges the loss the Trainer logs: a logged loss
       that trips the rule is a divergence at that logging step (the mean of the `logging_steps` steps it covers, so
       `logging_steps=1` checks every step), and a state or checkpoint counts as validated only once a logged loss
-      after it passes (`logging_strategy="no"`: the loss part is off, and the warning says so).
+      after it passes with `n x mean <= loss_threshold` for a mean of `n` steps (the losses are non-negative, so no
+      step's exceeds that; a negative logged loss ends validation by logged loss, with a warning). The steps after
+      the last log are judged at the end of `train()` from the Trainer's `train_loss`: a trip there is a stop at the
+      last step, with the weights marked not validated. This mode keeps a second CPU copy of the training state (the
+      candidate awaiting a log; a warning says when two copies exceed the `"auto"` budget) until `train()` ends
+      (`logging_strategy="no"`: the loss part is off, and the warning says so).
 
       *What counts as good.* The loss and gradient of step `t` are computed with the weights left by step `t - 1`, so a
       passing step `t` validates those weights: the guard then keeps them, with the optimizer state, as a CPU snapshot
@@ -445,6 +450,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._loss_warned = False  # the "model returns no loss" warning was given in this train() call
         self._candidate = StateSnapshot()  # judged on logged losses: a passing step's state until a log validates it
         self._last_loss_log = 0  # global step of the last training log: the next one covers the steps after it
+        self._call_start = 0  # global step when this train() call started: its final train_loss covers the steps after
+        self._logged_sum = 0.0  # sum over this call's training logs of the logged loss times the steps it covers
+        self._logged_finite = True  # whether every training log of this call had a finite loss (`_logged_sum` holds)
+        self._bound_broken = False  # a logged loss was negative: "no step's loss exceeds n x the mean" does not hold
 
     @property
     def loss_threshold(self) -> float:
@@ -760,6 +769,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._loss_from_logs = self._loss_warned = False
         self._candidate = StateSnapshot()
         self._last_loss_log = state.global_step  # the Trainer's first log covers the steps after the start
+        self._call_start = state.global_step
+        self._logged_sum, self._logged_finite, self._bound_broken = 0.0, True, False
         self.weights_validated = True
         # the taps are new: _stop_guard above removed any left by an earlier train()
         world = getattr(args, "world_size", 1)
@@ -837,7 +848,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
         merged = [(recorded.get((e.get("step"), e.get("action"))) or [e]).pop(0) for e in self.events]
         self.events = merged + [e for left in recorded.values() for e in left]
         self.events.sort(key=lambda e: int(e.get("step", 0)))
-        later = [e for e in events if int(e.get("step", 0)) > state.global_step]
+        # the back-off of the events after the resumed step, less those the checkpoint's stored guard state holds: its
+        # lr_scale (and scheduler) already has theirs (a checkpoint of a resumed run that applied it at its start)
+        accounted = Counter((e.get("step"), e.get("action")) for e in stored[0].get("events") or []) if stored else None
+        later = []
+        for e in events:
+            if int(e.get("step", 0)) <= state.global_step:
+                continue
+            key = (e.get("step"), e.get("action"))
+            if accounted is not None and accounted[key] > 0:
+                accounted[key] -= 1
+                continue
+            later.append(e)
         if not later:
             return
         factor = self.lr_backoff ** len(later)
@@ -1134,20 +1156,50 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     "checks) to have the guard judge the logged loss.", why, self.loss_threshold)
             return
         self._loss_from_logs = True
+        threshold = self.loss_threshold
         if strategy == "epoch":
-            when = (" With logging_strategy='epoch' that is the mean of an epoch, checked once an epoch: set "
-                    "logging_strategy='steps' and logging_steps=1 for per-step checks.")
+            when = (" With logging_strategy='epoch' that is the mean of an epoch's n steps, checked once an epoch: a "
+                    "spike can hide in the mean and is caught late, and since no step's loss exceeds n x the mean, "
+                    f"a passing mean validates its steps only when n x mean <= {threshold:g}, so a rollback may "
+                    "find nothing validated. Set logging_strategy='steps' and logging_steps=1 to check and validate "
+                    "every step.")
         elif steps > 1:
             when = (f" With logging_steps={steps} that is the mean of {steps} steps, checked every {steps} steps: a "
-                    "spike can hide in the mean and is caught late; set logging_steps=1 for per-step checks.")
+                    f"spike can hide in the mean and is caught late, and since no step's loss exceeds {steps} x the "
+                    f"mean, a passing mean validates its steps only when {steps} x mean <= {threshold:g} (mean <= "
+                    f"{threshold / steps:g}), so a rollback may find nothing validated. Set logging_steps=1 to check "
+                    "and validate every step.")
         else:
             when = ""
         if state.is_world_process_zero:
             logger.warning(
                 "%s It judges the loss the Trainer logs instead: a logged loss > %g or non-finite is a divergence at "
                 "that logging step (stop or rollback as configured), and a checkpoint or the in-memory copy counts as "
-                "validated only once a logged loss after it passes.%s The gradient norm and block outputs are still "
-                "checked every step.", why, self.loss_threshold, when)
+                "validated only once a logged loss after it passes.%s Steps after the last training log are judged "
+                "from the Trainer's final train_loss. The gradient norm and block outputs are still checked every "
+                "step.", why, threshold, when)
+        if not self._from_checkpoint:
+            self._warn_two_copies(state)
+
+    def _warn_two_copies(self, state) -> None:
+        """Judged on logged losses, the guard keeps two CPU copies of the training state (the validated one and the
+        candidate that waits for a log); `rollback_source="auto"` budgets one, at most half of the free memory. Warn
+        when two exceed that budget."""
+        import psutil
+
+        # weights + two optimizer moments, as `_resolve_rollback_source` estimates one copy (local shards under FSDP)
+        copy_bytes = 3 * sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local")
+                             else p.numel() * p.element_size() for p in self._params)
+        free = psutil.virtual_memory().available
+        if 2 * copy_bytes <= free / 2 or not state.is_local_process_zero:
+            return
+        logger.warning(
+            "RKSP guard: judging the logged loss keeps two CPU copies of the training state, the validated one and a "
+            "candidate that waits for the next logged loss: ~%.2f GB each, ~%.2f GB in all, more than half of the free "
+            "memory (%.2f GB), the budget rollback_source='auto' allows one copy. Use rollback_source='checkpoint' "
+            "(no CPU copy: rollbacks read the last good checkpoint; needs save_strategy='steps'), free memory, or let "
+            "the model compute its own loss (pass the labels to it, no label_smoothing_factor / compute_loss_func): "
+            "the guard then keeps one copy.", copy_bytes / 1e9, 2 * copy_bytes / 1e9, free / 1e9)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -1274,8 +1326,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return (" without a rollback: no checkpoint was validated before the divergence (rollback_source="
                     "'checkpoint' restores only from the last good checkpoint, one followed by a passing step), so "
                     f"there was nothing to roll back to{first}")
-        what = "logged loss" if self._loss_from_logs else "step"
-        return (f" without a rollback: no {what} of this train() call had passed the rule before the divergence, so no "
+        if self._loss_from_logs:  # a passing mean of n steps validates them only when n x mean <= loss_threshold
+            return (" without a rollback: no logged loss of this train() call had validated a state before the "
+                    f"divergence (a logged mean of n steps validates them only when n x mean <= "
+                    f"{self.loss_threshold:g}), so there was nothing in memory to roll back to{first}")
+        return (" without a rollback: no step of this train() call had passed the rule before the divergence, so no "
                 f"state was validated in memory to roll back to{first}")
 
     def _promote(self, path: str) -> None:
@@ -1573,40 +1628,57 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _judge_logged_loss(self, args, state, control, logs: dict[str, Any], optimizer, lr_scheduler) -> None:
         """The loss part of the rule when the model returns no loss. The loss the Trainer logs at step `s` is the mean
-        over the steps since its last log, `a..s`, whose losses come from the weights of steps `a - 1 .. s - 1`; the
-        KSS term is left out (`kss/task_loss`). A passing log validates those weights: the candidate copy (a passing
-        step's state among them) becomes the validated one, and the latest checkpoint saved at steps `a - 1 .. s - 1`
-        the last good one. A log that trips is a divergence at step `s` covering steps `a..s`, handled as at a check
-        step (stop, or rollback to the state validated before `a`; the checkpoints not validated yet are set aside).
-        The Trainer logs before it evaluates and saves step `s`, so a stop cancels both: no checkpoint of a diverged
-        log step is written by the Trainer's own schedule (one another callback asks for is set aside in `on_save`).
-        A log whose steps include a trip the per-step check already handled (the Trainer's mean still holds the
-        rolled-back losses) is neither judged nor validating."""
+        over the `n` steps since its last log, `a..s`, whose losses come from the weights of steps `a - 1 .. s - 1`;
+        the KSS term is left out (`kss/task_loss`). The task losses are non-negative (cross-entropy, label-smoothed or
+        not), so no step's loss exceeds `n x mean`: a passing log validates those weights only when `n x mean <=
+        loss_threshold`. Then the candidate copy (a passing step's state among them) becomes the validated one, and
+        the latest checkpoint saved at steps `a - 1 .. s - 1` the last good one. A passing log above that bound is
+        undecided: the candidate is dropped and those checkpoints stay pending (a later trip sets them aside). A
+        negative logged loss breaks the bound: from then on no log validates anything, with a warning once. A log that
+        trips is a divergence at step `s` covering steps `a..s`, handled as at a check step (stop, or rollback to the
+        state validated before `a`; the checkpoints not validated yet are set aside). The Trainer logs before it
+        evaluates and saves step `s`, so a stop cancels both: no checkpoint of a diverged log step is written by the
+        Trainer's own schedule (one another callback asks for is set aside in `on_save`). A log whose steps include a
+        trip the per-step check already handled (the Trainer's mean still holds the rolled-back losses) is neither
+        judged nor validating."""
         first, self._last_loss_log = self._last_loss_log + 1, state.global_step
+        steps = state.global_step - first + 1
+        self._count_logged(logs, steps)
         key = "kss/task_loss" if "kss/task_loss" in logs else "loss"
         try:
             value = float(logs[key])
         except (TypeError, ValueError):
+            self._candidate.invalidate()  # its step's loss is in this log, which says nothing
             return
+        if value < 0 and not self._bound_broken:
+            self._bound_broken = True
+            if state.is_world_process_zero:
+                logger.warning(
+                    "RKSP guard: the logged %s at step %d is negative (%g): the guard validates a logged mean of n "
+                    "steps only because no step's loss exceeds n x the mean, which needs non-negative losses. From "
+                    "now on no logged loss validates a state or checkpoint (a logged loss > %g still trips the rule).",
+                    key, state.global_step, value, self.loss_threshold)
         if any(int(e.get("step", 0)) >= first for e in self.events[self._events_before_call:]):
             self._candidate.invalidate()  # its loss is in a mean with the losses of rolled-back steps
             self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
             return
         if not self.rule.loss_diverged(value):
+            if self._bound_broken or not steps * value <= self.loss_threshold:
+                self._candidate.invalidate()  # one of the steps may have been over the threshold: nothing validated
+                return
             if not self._candidate.empty:
                 self._snapshot, self._candidate = self._candidate, self._snapshot
                 self._candidate.invalidate()
                 self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
-            validated = [p for s, p in self._pending_checkpoints if first - 1 <= s < state.global_step]
-            if validated:
-                self._promote(validated[-1])
-            self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
+            self._validate_checkpoints(first, state.global_step)
             return
         span = f"mean over steps {first}-{state.global_step}" if first < state.global_step else "value"
-        over = " and processes" if is_distributed() else ""
+        if is_distributed():
+            span = (f"mean over steps {first}-{state.global_step} and over processes" if first < state.global_step
+                    else "mean over processes")
         event = DivergenceEvent(
             step=state.global_step, cause_flags=CAUSE_LOSS, loss=value, grad_norm=None, first_bad_layer=None,
-            causes=[f"logged {key} > {self.loss_threshold:g} or non-finite ({value}, the Trainer's logged {span}{over}"
+            causes=[f"logged {key} > {self.loss_threshold:g} or non-finite ({value}, the Trainer's logged {span}"
                     "; the model returns no loss of its own)"],
             last_good_checkpoint=self.last_good_checkpoint, first_checked_step=first,
             suspect_checkpoints=[path for _, path in self._pending_checkpoints],
@@ -1619,6 +1691,119 @@ class RKSPCallback(TrainerCallback, ExportableState):
             control.should_save = False  # the Trainer saves after this log: never the diverged step
             control.should_evaluate = False  # save_strategy="best" would save it as a new best after evaluating
 
+    def _count_logged(self, logs: dict[str, Any], steps: int) -> None:
+        """Add a training log's loss times the `steps` it covers to `_logged_sum`: the Trainer's final `train_loss` is
+        the mean over this call's steps, so the steps after the last log sum to the difference (`_judge_tail`)."""
+        try:
+            value = float(logs["loss"])
+        except (TypeError, ValueError):
+            value = float("nan")
+        if math.isfinite(value):
+            self._logged_sum += value * steps
+        else:
+            self._logged_finite = False
+
+    def _validate_checkpoints(self, first: int, last: int) -> None:
+        """Steps `first..last` passed: the latest checkpoint saved at steps `first - 1 .. last - 1` is the last good
+        one; those checkpoints leave the pending list (older ones, of undecided logs, stay pending)."""
+        covered = [(s, p) for s, p in self._pending_checkpoints if first - 1 <= s < last]
+        if covered:
+            self._promote(covered[-1][1])
+        self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if not first - 1 <= s < last]
+
+    def _judge_tail(self, args, state, logs: dict[str, Any]) -> None:
+        """Judge the steps after the last training log, `a..S`, at the final log of `train()`: its `train_loss` is the
+        mean over this call's steps (`S - start`; a resumed call's since the resume), so the tail's loss sums to
+        `train_loss x (S - start)` minus the logged losses times the steps they cover (allowing for logs rounded to 4
+        decimals). Under DDP the Trainer adds this process's own tail to `train_loss`: the tail sums are averaged over
+        processes (one all-reduce), as the logged losses are. A tail mean > loss_threshold, or non-finite, is a
+        divergence at step `S`: training has ended, so nothing is rolled back; the checkpoints not validated yet (that
+        of step `S` included) are set aside and the in-memory weights are marked not validated. A tail whose sum is
+        <= loss_threshold validates its steps as a passing log does; one in between is undecided. When the tail cannot
+        be computed (no `train_loss`, a non-finite logged loss, a sum that does not match) or a KSS term in it may
+        account for a trip, the tail is unjudged: the in-memory weights are marked not validated, with a warning. A
+        tail holding a step the per-step check rolled back is neither judged nor validating, as such a log."""
+        first, last = self._last_loss_log + 1, state.global_step
+        steps = last - first + 1
+        if steps <= 0:
+            return
+        if any(int(e.get("step", 0)) >= first for e in self.events[self._events_before_call:]):
+            self._candidate.invalidate()
+            return
+        total = last - self._call_start
+        problem = None
+        tail = slack = 0.0
+        try:
+            train_loss = float(logs["train_loss"])
+        except (KeyError, TypeError, ValueError):
+            train_loss = None
+        if train_loss is None:
+            problem = "the final log has no train_loss"
+        elif not self._logged_finite:
+            problem = "a logged loss was not finite, so train_loss cannot be split"
+        else:
+            tail = train_loss * total - self._logged_sum  # this process's: the logged part is the same on all
+            # logged losses rounded to 4 decimals (older transformers), and float error
+            slack = 5e-5 * (first - 1 - self._call_start) + 1e-9 * (abs(train_loss) * total + abs(self._logged_sum) + 1)
+        if is_distributed():  # the mean over processes, as the Trainer's logged losses (one all-reduce)
+            values = world_sum(torch.tensor([float(problem is not None), tail, slack], dtype=torch.float64,
+                                            device=self._device())).tolist()
+            world = max(int(getattr(args, "world_size", 1) or 1), 1)
+            tail, slack = values[1] / world, values[2] / world
+            if problem is None and values[0] > 0:
+                problem = "train_loss could not be split on another process"
+        if problem is None and math.isfinite(tail) and tail < -slack and not self._bound_broken:
+            problem = f"train_loss x {total} steps is below the logged losses by {-tail:g}"
+        mean = tail / steps  # non-finite when a tail loss was
+        low = (tail - slack) / steps if math.isfinite(tail) else float("inf")
+        kss = any(k in logs for k in ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius"))
+        if problem is None and self.rule.loss_diverged(low) and kss and math.isfinite(tail):
+            problem = (f"their mean loss from train_loss, {mean:g}, includes the KSS term, which may account for its "
+                       f"exceeding {self.loss_threshold:g}")
+        if problem is not None:
+            self._candidate.invalidate()
+            self.weights_validated = False
+            self._in_memory = f"those after step {last}, whose steps {first}-{last} after the last log were not judged"
+            if state.is_world_process_zero:
+                logger.warning(
+                    "RKSP guard: the loss of steps %d-%d, after the last training log, could not be judged (%s): the "
+                    "in-memory weights are not counted as validated. Make max_steps a multiple of logging_steps so "
+                    "that the last step is logged.", first, last, problem)
+            return
+        if not self.rule.loss_diverged(low):
+            if not self._bound_broken and tail + slack <= self.loss_threshold:
+                if not self._candidate.empty:
+                    self._snapshot, self._candidate = self._candidate, self._snapshot
+                    self._undo.clear()
+                self._candidate.invalidate()
+                self._validate_checkpoints(first, last)
+            else:
+                self._candidate.invalidate()
+            return
+        over = " and over processes" if is_distributed() else ""
+        event = DivergenceEvent(
+            step=last, cause_flags=CAUSE_LOSS, loss=mean, grad_norm=None, first_bad_layer=None,
+            causes=[f"loss > {self.loss_threshold:g} or non-finite ({mean}, the mean over steps {first}-{last}{over} "
+                    "after the last training log, from the Trainer's final train_loss; the model returns no loss of "
+                    "its own)"],
+            action="stop", last_good_checkpoint=self.last_good_checkpoint, first_checked_step=first,
+            suspect_checkpoints=[path for _, path in self._pending_checkpoints],
+        )
+        self._pending_checkpoints = []
+        self._candidate.invalidate()
+        self._stop_step = last
+        self.weights_validated = False
+        self._in_memory = f"those after step {last}, trained through the steps whose loss diverged"
+        self.divergence = event.to_dict()
+        self.events.append(event.to_dict())
+        if state.is_world_process_zero:
+            logger.error("RKSP guard: %s. Training had ended, so nothing was rolled back; the in-memory weights are "
+                         "NOT validated, do not save them; last good checkpoint: %s.", event.describe(),
+                         self._checkpoint_on_disk())
+        renamed = self._set_aside_suspects(args, state, event)
+        self._forget_suspect_best(args, state, event, renamed)
+        self._write_record(args, state)
+
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
                lr_scheduler: Any = None, **kwargs) -> TrainerControl | None:
@@ -1627,6 +1812,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self._judge_logged_loss(args, state, control, logs, optimizer, lr_scheduler)
         # the final metrics of train() (its TrainOutput.metrics is this dict) say whether the run diverged
         if logs is not None and "train_runtime" in logs and self.guard:
+            if self._loss_from_logs and self._stop_step is None and self._params:
+                self._judge_tail(args, state, logs)  # the steps after the last training log
             extra = {"rksp/diverged": float(self.divergence is not None), "rksp/rollbacks": float(self.rollbacks)}
             if self.divergence is not None:  # which step stopped the run, and why (the bit flags of `cause_flags`)
                 extra["rksp/diverged_step"] = float(self.divergence["step"])
@@ -1713,6 +1900,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
         self._stop_guard()
+        self._candidate.clear()  # judged on logged losses: its buffers are a second copy of the training state
         best = self._best_loaded(args, state)
         if stopped and best is not None:
             self._note_best_loaded(best)

@@ -83,7 +83,10 @@ class DivergenceEvent:
 
     When the model returns no loss and the guard judges the Trainer's logged loss, a logged loss that trips the rule
     makes an event at the logging `step` with `first_checked_step` the first step the log covers; its `loss` is the
-    logged value (a mean over those steps and over processes) and `loss_max_over_processes` is `None`.
+    logged value (a mean over those steps and over processes) and `loss_max_over_processes` is `None`. The steps after
+    the last training log are judged at the end of `train()` from the Trainer's `train_loss`: a trip there is a
+    `"stop"` event at the last step (nothing is rolled back, training has ended) whose `loss` is the mean over those
+    steps (and over processes) and `loss_max_over_processes` is `None`.
     """
 
     step: int

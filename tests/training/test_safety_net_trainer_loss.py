@@ -117,12 +117,15 @@ def test_a_logged_mean_over_several_steps_sets_aside_every_checkpoint_it_covers(
     event = guard.divergence
     step, first = event["step"], event["first_checked_step"]
     assert step % 2 == 0 and first == step - 1 and f"steps {first}-{step}" in caplog.text
-    # the log covers the losses of steps first..step, computed with the weights of steps first - 1 .. step - 1
-    assert sorted(Path(p).name for p in event["suspect_checkpoints"]) == [
-        f"_suspect-checkpoint-{s}" for s in range(first - 1, step)]
+    # the log covers the losses of steps first..step, computed with the weights of steps first - 1 .. step - 1; a
+    # passing mean of 2 steps validates its checkpoints only when 2 x mean <= 50, so those of an undecided log before
+    # it are set aside too: every checkpoint after the last good one
+    good = int(Path(guard.last_good_checkpoint).name.split("-")[-1])
+    assert good <= first - 2
+    assert sorted((Path(p).name for p in event["suspect_checkpoints"]), key=lambda n: int(n.split("-")[-1])) == [
+        f"_suspect-checkpoint-{s}" for s in range(good + 1, step)]
     assert not (tmp_path / f"checkpoint-{step}").exists()
-    assert guard.last_good_checkpoint == str(tmp_path / f"checkpoint-{first - 2}")
-    assert event["restored_step"] <= first - 2 and guard.weights_validated
+    assert event["restored_step"] <= good and guard.weights_validated
 
 
 def test_a_log_that_holds_a_rolled_back_step_is_not_judged_again(tmp_path):
@@ -273,3 +276,203 @@ def test_an_optimizer_state_for_other_parameter_groups_names_the_fix(saved):
     two_groups = torch.optim.AdamW([{"params": params[:3]}, {"params": params[3:]}])
     with pytest.raises(ValueError, match="optimizer=None to restore the weights only"):
         load_checkpoint_state(model, two_groups, saved)
+
+
+# ---------------------------------------------------------------- 6. what a passing logged mean validates
+class Recorded:
+    """`compute_loss_func` with the plain shifted cross-entropy that keeps each step's loss (no gradient
+    accumulation: one call per step)."""
+
+    def __init__(self):
+        self.losses = []
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        loss = causal_ce(outputs, labels)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "memory"])
+def test_a_passing_mean_validates_its_steps_only_when_n_times_the_mean_is_under_the_threshold(tmp_path, source):
+    # label-smoothed losses of steps 3 and 4: 35.0 and 63.2; their logged mean, 49.1, passes, but 2 x 49.1 > 50: the
+    # weights of step 3 (whose loss at step 4 was 63.2) must not count as validated, on disk or in memory
+    guard = _guard(on_divergence="rollback", rollback_source=source)
+    args = _args(tmp_path, logging_steps=2, save_steps=3, label_smoothing_factor=0.1)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[guard])
+    trainer.train()
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert logged[2] * 2 <= 50 and logged[4] < 50 < 2 * logged[4]
+    assert guard.events[0]["step"] == 6 and guard.events[0]["last_good_checkpoint"] is None
+    assert all(e["restored_step"] in (None, 1) for e in guard.events)  # step 1's state: the first log validated it
+    assert str(tmp_path / "checkpoint-3") not in [guard.last_good_checkpoint, *(e["last_good_checkpoint"]
+                                                                              for e in guard.events)]
+    assert (tmp_path / "_suspect-checkpoint-3").is_dir()
+    assert guard.events[0]["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-3")]
+
+
+def test_with_logging_strategy_epoch_a_mean_over_the_epoch_validates_nothing_above_the_bound(tmp_path):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=-1, num_train_epochs=3, save_strategy="epoch",
+                                                    logging_strategy="epoch", label_smoothing_factor=0.1),
+                      train_dataset=TokenDataset(), callbacks=[guard])
+    trainer.train()
+    # epoch 1's mean (31.2 over 4 steps) passes, but 4 x 31.2 > 50 (its step 4 had 63): nothing is validated, so the
+    # stop at the end of epoch 2 restores no state of epoch 1 and sets its checkpoint aside
+    assert guard.divergence["step"] == 8 and guard.divergence["restored_step"] is None
+    assert not guard.weights_validated and guard.last_good_checkpoint is None
+    assert guard.divergence["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-4")]
+
+
+def test_a_negative_logged_loss_ends_validation_by_logged_loss_with_one_warning(tmp_path, caplog):
+    def shifted(outputs, labels, num_items_in_batch=None):
+        return causal_ce(outputs, labels) - 10.0  # a loss below 0: n x mean bounds no step's loss
+
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4, learning_rate=1e-3),
+                      train_dataset=TokenDataset(), callbacks=[guard], compute_loss_func=shifted)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert caplog.text.count("is negative") == 1 and "no logged loss validates a state" in caplog.text
+    assert guard.last_good_checkpoint is None and guard.divergence is None
+
+
+# ---------------------------------------------------------------- 7. the steps after the last training log
+def test_the_steps_after_the_last_log_are_judged_from_train_loss_and_their_weights_are_refused(tmp_path, caplog):
+    # KSS off, label smoothing: logging_steps=3 logs step 3 only; steps 4 and 5 (losses 63 and 60) come after it
+    guard = _guard()
+    args = _args(tmp_path, KSSTrainingArguments, max_steps=5, logging_steps=3, label_smoothing_factor=0.1)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[guard])
+    with caplog.at_level(logging.ERROR):
+        metrics = trainer.train().metrics
+    event = guard.divergence
+    assert metrics["rksp/diverged"] == 1.0 and metrics["rksp/diverged_step"] == 5.0
+    assert (event["step"], event["first_checked_step"], event["action"]) == (5, 4, "stop") and event["loss"] > 50
+    assert "after the last training log, from the Trainer's final train_loss" in event["causes"][0]
+    assert "Training had ended, so nothing was rolled back" in caplog.text
+    assert not guard.weights_validated
+    with pytest.raises(DivergedModelError):
+        trainer.save_model(str(tmp_path / "final"))
+    # every checkpoint not validated is set aside, checkpoint-5 (trained through the diverged steps) included
+    assert "checkpoint-5" not in _checkpoints(tmp_path) and (tmp_path / "_suspect-checkpoint-5").is_dir()
+    assert json.loads((tmp_path / "rksp_guard.json").read_text())["events"][0]["step"] == 5
+
+
+def test_a_resumed_calls_tail_is_its_train_loss_less_its_own_logs(tmp_path):
+    # run A: steps 1-2 (no log); run B resumes checkpoint-2, logs step 3 and ends at 5: its train_loss covers 3-5
+    data = TokenDataset()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, logging_steps=3), train_dataset=data,
+            callbacks=[_guard()], compute_loss_func=causal_ce).train()
+    guard, losses = _guard(), Recorded()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5, logging_steps=3), train_dataset=data,
+                      callbacks=[guard], compute_loss_func=losses)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert len(losses.losses) == 3 and losses.losses[0] < 50
+    event = guard.divergence
+    assert (event["step"], event["first_checked_step"]) == (5, 4)
+    assert event["loss"] == pytest.approx(sum(losses.losses[1:]) / 2, rel=1e-5)
+    assert [Path(p).name for p in event["suspect_checkpoints"]] == [f"_suspect-checkpoint-{s}" for s in (3, 4, 5)]
+
+
+def test_a_passing_tail_validates_its_checkpoints(tmp_path):
+    guard = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5, logging_steps=3, learning_rate=1e-3),
+            train_dataset=TokenDataset(), callbacks=[guard], compute_loss_func=causal_ce).train()
+    # the log of step 3 validates checkpoint-2; the tail (steps 4-5, sum ~8 <= 50) checkpoint-4
+    assert guard.divergence is None and guard.weights_validated
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-4")
+
+
+def test_a_tail_whose_train_loss_holds_the_kss_term_is_unjudged_rather_than_tripped(tmp_path, caplog):
+    # train_loss is the objective: with alpha=500 the KSS term alone puts the tail's mean far above 50, while the task
+    # loss (kss/task_loss, ~4 in the log of step 3) is not
+    guard = _guard()
+    args = _args(tmp_path, KSSTrainingArguments, max_steps=5, logging_steps=3, learning_rate=1e-3,
+                 label_smoothing_factor=0.1, kss_enabled=True, kss_alpha=500.0, kss_every_n_steps=1)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[guard])
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.train().metrics
+    assert metrics["train_loss"] > 50 and metrics["rksp/diverged"] == 0.0 and guard.divergence is None
+    assert "includes the KSS term" in caplog.text and not guard.weights_validated
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")  # the log of step 3 (task loss ~4)
+
+
+class EditFinalLog(TrainerCallback):
+    """Changes the final log of train() before the guard reads it (listed before the guard)."""
+
+    def __init__(self, edit):
+        self.edit = edit
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "train_runtime" in (logs or {}):
+            self.edit(logs)
+
+
+@pytest.mark.parametrize("edit", [lambda logs: logs.pop("train_loss"), lambda logs: logs.update(train_loss=0.0)],
+                         ids=["absent", "inconsistent"])
+def test_a_tail_that_train_loss_cannot_give_is_unjudged_and_not_validated(tmp_path, caplog, edit):
+    guard = _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5, logging_steps=3, learning_rate=1e-3),
+                      train_dataset=TokenDataset(), callbacks=[EditFinalLog(edit), guard], compute_loss_func=causal_ce)
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.train().metrics
+    assert "the loss of steps 4-5, after the last training log, could not be judged" in caplog.text
+    assert metrics["rksp/diverged"] == 0.0 and not guard.weights_validated
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+
+
+@pytest.mark.parametrize("where", ["log", "tail"])
+def test_under_ddp_the_cause_names_the_mean_over_processes(tmp_path, monkeypatch, where):
+    import hf_koopman.training.callback as callback_module
+
+    # one process through the DDP code paths: the all-reduces of hf_koopman.training.guard stay the identity
+    monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
+    guard = _guard()
+    steps = {} if where == "log" else dict(max_steps=5, logging_steps=3)  # a trip at the log of step 4, or after 3
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, label_smoothing_factor=0.1, **steps), train_dataset=TokenDataset(),
+            callbacks=[guard]).train()
+    cause = guard.divergence["causes"][0]
+    if where == "log":
+        assert "the Trainer's logged mean over processes;" in cause and "value and processes" not in cause
+    else:
+        assert "the mean over steps 4-5 and over processes after the last training log" in cause
+
+
+# ---------------------------------------------------------------- 8. the two CPU copies of the logged-loss mode
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_two_copies_over_the_auto_budget_are_warned_about_and_the_candidate_is_freed(tmp_path, caplog, monkeypatch,
+                                                                                     smoothing):
+    import psutil
+
+    model = tiny_gpt2()
+    one_copy = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # one copy fits the "auto" budget (half of the free memory), two do not
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 3 * one_copy})())
+    guard = _guard()  # rollback_source="auto"
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4, learning_rate=1e-3,
+                                              label_smoothing_factor=smoothing),
+                      train_dataset=TokenDataset(), callbacks=[guard])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    warned = "keeps two CPU copies of the training state" in caplog.text
+    assert warned == (smoothing > 0)
+    if warned:
+        assert "rollback_source='checkpoint'" in caplog.text and "GB in all" in caplog.text
+    assert guard._candidate.nbytes() == 0  # freed when train() ends
+    assert not guard._snapshot.empty  # the validated copy stays
+
+
+# ---------------------------------------------------------------- 9. the back-off of a resume of a resumed run
+def test_resuming_a_resumed_runs_checkpoint_applies_the_back_off_once(tmp_path):
+    data = TokenDataset()
+
+    def run(resume=None, callbacks=()):
+        guard, rates = _guard(on_divergence="rollback"), LearningRates()
+        args = _args(tmp_path, learning_rate=1e-3, restore_callback_states_from_checkpoint=True)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=data, callbacks=[guard, rates, *callbacks])
+        trainer.train(resume_from_checkpoint=resume)
+        return rates.lrs
+
+    run(callbacks=[NaNAt(3), NaNAt(7)])  # rollbacks at steps 4 and 8
+    # B resumes checkpoint-2, before both: x 0.25; its checkpoint-3 holds that back-off and both events
+    assert run(str(tmp_path / "checkpoint-2")) == [0.25e-3] * 10
+    assert run(str(tmp_path / "checkpoint-3")) == [0.25e-3] * 9
