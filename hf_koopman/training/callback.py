@@ -1720,8 +1720,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         divergence at step `S`: training has ended, so nothing is rolled back; the checkpoints not validated yet (that
         of step `S` included) are set aside and the in-memory weights are marked not validated. A tail whose sum is
         <= loss_threshold validates its steps as a passing log does; one in between is undecided. When the tail cannot
-        be computed (no `train_loss`, a non-finite logged loss, a sum that does not match) or a KSS term in it may
-        account for a trip, the tail is unjudged: the in-memory weights are marked not validated, with a warning. A
+        be computed (no `train_loss`, a non-finite logged loss, a sum that does not match), the tail is unjudged: the
+        in-memory weights are marked not validated, with a warning. `KSSTrainer` logs `kss/tail_term`, the KSS share
+        of `train_loss` per tail step, which is subtracted (the tail is judged on the task loss); a KSS run without it
+        whose tail could trip by its KSS term is unjudged as well. A
         tail holding a step the per-step check rolled back is neither judged nor validating, as such a log."""
         first, last = self._last_loss_log + 1, state.global_step
         steps = last - first + 1
@@ -1754,9 +1756,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 problem = "train_loss could not be split on another process"
         if problem is None and math.isfinite(tail) and tail < -slack and not self._bound_broken:
             problem = f"train_loss x {total} steps is below the logged losses by {-tail:g}"
+        term = logs.get("kss/tail_term")  # KSSTrainer: the KSS share of train_loss over these steps, per step
+        if isinstance(term, numbers.Real) and math.isfinite(term) and math.isfinite(tail):
+            tail -= float(term) * steps  # judged on the task loss, as the logged kss/task_loss
         mean = tail / steps  # non-finite when a tail loss was
         low = (tail - slack) / steps if math.isfinite(tail) else float("inf")
-        kss = any(k in logs for k in ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius"))
+        kss = term is None and any(k in logs for k in ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius"))
         if problem is None and self.rule.loss_diverged(low) and kss and math.isfinite(tail):
             problem = (f"their mean loss from train_loss, {mean:g}, includes the KSS term, which may account for its "
                        f"exceeding {self.loss_threshold:g}")

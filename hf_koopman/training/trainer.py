@@ -934,7 +934,9 @@ class KSSTrainer(Trainer):
 
         They go with the training `loss` (reduced across processes; `kss/task_loss`, in every training log while KSS
         is on, is that `loss` without the KSS term, the `loss` itself when no KSS term entered it since the last log)
-        and, for KSS steps after the last training log, with the final `train_loss` summary of `train()`.
+        and, for KSS steps after the last training log, with the final `train_loss` summary of `train()`, which also
+        gets `kss/tail_term`: the KSS term's mean per step over the steps after the last training log (0 when none
+        entered), reduced like the loss.
         """
         training_log = "loss" in logs
         if (training_log or "train_loss" in logs) and self.kss_config.active:
@@ -954,12 +956,16 @@ class KSSTrainer(Trainer):
         if count > 0:
             for key, value in zip(_STAT_KEYS, values[: len(_STAT_KEYS)]):
                 logs[key] = float(value) / count
+        # the Trainer logs mean over processes of (sum of micro-batch losses) / steps; the term's share alike. A
+        # window without a KSS term has no share: its task loss is the logged loss.
+        steps = self.state.global_step - (self._kss_window_start or 0)
+        share = values[-1] / self.args.world_size / steps if steps > 0 and values[-1] else 0.0
         if training_log:
-            # the Trainer logs mean over processes of (sum of micro-batch losses) / steps; the term's share alike. A
-            # window without a KSS term has no share: its task loss is the logged loss.
-            steps = self.state.global_step - (self._kss_window_start or 0)
-            share = values[-1] / self.args.world_size / steps if steps > 0 and values[-1] else 0.0
             logs["kss/task_loss"] = float(logs["loss"]) - share
+        elif steps > 0:
+            # the final summary: `train_loss` holds the KSS term of the steps after the last training log too; its
+            # mean per step there lets RKSPCallback judge those steps on the task loss
+            logs["kss/tail_term"] = share
         if self._kss_grad_scale_count:
             logs["kss/grad_scale"] = float(self._kss_grad_scale) / self._kss_grad_scale_count
             self._kss_grad_scale = torch.zeros((), dtype=torch.float64)

@@ -382,18 +382,33 @@ def test_a_passing_tail_validates_its_checkpoints(tmp_path):
     assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-4")
 
 
-def test_a_tail_whose_train_loss_holds_the_kss_term_is_unjudged_rather_than_tripped(tmp_path, caplog):
+def test_a_kss_tail_is_judged_on_the_task_loss_not_the_objective(tmp_path, caplog):
     # train_loss is the objective: with alpha=500 the KSS term alone puts the tail's mean far above 50, while the task
-    # loss (kss/task_loss, ~4 in the log of step 3) is not
+    # loss (kss/task_loss, ~4 in the log of step 3) is not; KSSTrainer's kss/tail_term takes the term out
     guard = _guard()
     args = _args(tmp_path, KSSTrainingArguments, max_steps=5, logging_steps=3, learning_rate=1e-3,
                  label_smoothing_factor=0.1, kss_enabled=True, kss_alpha=500.0, kss_every_n_steps=1)
     trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[guard])
     with caplog.at_level(logging.WARNING):
         metrics = trainer.train().metrics
-    assert metrics["train_loss"] > 50 and metrics["rksp/diverged"] == 0.0 and guard.divergence is None
-    assert "includes the KSS term" in caplog.text and not guard.weights_validated
-    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")  # the log of step 3 (task loss ~4)
+    assert metrics["train_loss"] > 50 and metrics["kss/tail_term"] > 50
+    assert metrics["rksp/diverged"] == 0.0 and guard.divergence is None and guard.weights_validated
+    assert "could not be judged" not in caplog.text
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-4")  # the tail (task loss ~4 a step) passed
+
+
+def test_a_diverging_kss_tail_is_reported_diverged(tmp_path):
+    # lr 1.0: the task loss passes 50 at step 4, after the last log (step 3); the KSS term adds under 1 a step
+    guard = _guard()
+    args = _args(tmp_path, KSSTrainingArguments, max_steps=5, logging_steps=3, label_smoothing_factor=0.1,
+                 kss_enabled=True, kss_alpha=0.15, kss_every_n_steps=1)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[guard])
+    metrics = trainer.train().metrics
+    assert metrics["rksp/diverged"] == 1.0 and guard.divergence["first_checked_step"] == 4
+    assert 0 <= metrics["kss/tail_term"] < 5 and guard.divergence["loss"] > 50
+    assert not guard.weights_validated
+    with pytest.raises(DivergedModelError):
+        trainer.save_model(str(tmp_path / "final"))
 
 
 class EditFinalLog(TrainerCallback):
