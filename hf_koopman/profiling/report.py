@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -455,6 +456,22 @@ def _earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
     return name, present
 
 
+#: a staging folder older than this (seconds) belongs to a save that was killed before it could clean up
+_STALE_STAGING_S = 3600.0
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Remove the staging folders of saves into `directory` that were killed (SIGKILL, power loss) more than
+    `_STALE_STAGING_S` ago; a running save's folder is younger and stays."""
+    now = time.time()
+    for folder in directory.glob(f"{_STAGING_PREFIX}*"):
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > _STALE_STAGING_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # removed meanwhile by another save
+            continue
+
+
 def _missing_folders(directory: Path) -> list[Path]:
     """`directory` and those of its parents that do not exist yet, deepest first: the folders `save_profile` creates,
     and removes again (when still empty) if it fails."""
@@ -538,6 +555,7 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
     text = profile.to_json()  # before anything in the folder changes: a profile that cannot be written leaves it as is
     created = _missing_folders(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(directory)
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))

@@ -420,12 +420,16 @@ class KSSTrainer(Trainer):
 
     def _refuse_unvalidated_weights(self, verb: str, method: str, allow_unvalidated: bool) -> None:
         """Raise `DivergedModelError` when an `RKSPCallback` saw this run diverge and the in-memory weights are not a
-        validated state; warn which validated state is written when they are."""
+        validated state; warn which validated state is written when they are, and that the weights are unchecked
+        when the guard could not judge the last steps' loss (no divergence seen)."""
         from hf_koopman.training.callback import RKSPCallback
         from hf_koopman.training.guard import DivergedModelError
 
         for guard in (c for c in self.callback_handler.callbacks if isinstance(c, RKSPCallback)):
             if guard.divergence is None:
+                if not guard.weights_validated:  # no divergence seen, but the last steps' loss was not judged
+                    logger.warning("%s: writing in-memory weights the divergence guard could not check, %s (see its "
+                                   "warning at the end of train()).", method, guard._in_memory)
                 continue
             if not guard.weights_validated and not allow_unvalidated:
                 raise DivergedModelError(

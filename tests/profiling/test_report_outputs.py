@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 
 import pytest
 
@@ -214,3 +215,18 @@ def test_out_help_states_the_default_name_rule(capsys, monkeypatch):
     for words in ("org--name for a Hub id org/name", "last two path components joined by --",
                   "meta-llama--Llama-2-7b", "models--org--name/snapshots/HASH"):
         assert words in help_text, words
+
+
+def test_a_killed_save_s_staging_folder_is_removed_by_the_next_save_once_stale(tmp_path, lr_profile):
+    from hf_koopman.profiling.report import _STAGING_PREFIX, save_profile
+
+    stale, fresh = tmp_path / f"{_STAGING_PREFIX}killed", tmp_path / f"{_STAGING_PREFIX}running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "profile.json").write_text("{}")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    save_profile(lr_profile, tmp_path, plots=False)
+    assert not stale.exists() and fresh.is_dir() and user_file.read_text() == "mine"

@@ -491,3 +491,17 @@ def test_resuming_a_resumed_runs_checkpoint_applies_the_back_off_once(tmp_path):
     # B resumes checkpoint-2, before both: x 0.25; its checkpoint-3 holds that back-off and both events
     assert run(str(tmp_path / "checkpoint-2")) == [0.25e-3] * 10
     assert run(str(tmp_path / "checkpoint-3")) == [0.25e-3] * 9
+
+
+def test_save_model_warns_when_the_guard_could_not_judge_the_last_steps(tmp_path, caplog):
+    guard = _guard()
+    args = _args(tmp_path, KSSTrainingArguments, max_steps=5, logging_steps=3, learning_rate=1e-3,
+                 label_smoothing_factor=0.1)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(),
+                         callbacks=[EditFinalLog(lambda logs: logs.pop("train_loss")), guard])
+    trainer.train()
+    assert guard.divergence is None and not guard.weights_validated
+    with caplog.at_level(logging.WARNING):
+        trainer.save_model(str(tmp_path / "final"))  # written: nothing diverged, but the last steps are unchecked
+    assert "writing in-memory weights the divergence guard could not check" in caplog.text
+    assert (tmp_path / "final" / "model.safetensors").is_file()
