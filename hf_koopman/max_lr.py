@@ -136,7 +136,8 @@ class MaxLRSuggestion:
             if self.out_of_range:
                 status = "outside the fitted range: " + "; ".join(i.describe() for i in self.outside)
             elif self.out_of_range is None:
-                status = "ranges unknown for: " + ", ".join(self.unknown)
+                status = ("ranges unknown for: " + ", ".join(self.unknown) + "; whether this model resembles the "
+                          "training runs is not established")
             else:
                 status = "within the fitted range"
             lines.append(f"  range: {status}")
@@ -251,7 +252,7 @@ def suggest_max_lr(
     if any(i.key not in ("learning_rate", "weights") for i in outside):
         caveats.append("the model's features lie outside the training runs (clipped to their range): the answer is an "
                        "extrapolation to a model unlike those the estimator was fitted on")
-    if unknown:
+    if unknown and flag:  # with nothing outside, the range line lists them (`MaxLRSuggestion.describe`)
         caveats.append("ranges unknown for: " + ", ".join(unknown) + "; whether this model resembles the training "
                        "runs is not established")
     caveats.append(summary)

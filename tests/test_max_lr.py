@@ -249,3 +249,15 @@ def test_the_shipped_estimator_carries_its_held_out_accuracy(tiny_profile):
         if s.verdict == "suggested":
             assert any("28 % of inits at risk 0.1" in c for c in s.caveats)
     assert not any("28 %" in c for c in suggest_max_lr(tiny_profile, estimator=_estimator()).caveats)
+
+
+def test_unknown_ranges_are_listed_once():
+    import torch
+
+    from hf_koopman import profile
+    from hf_koopman.max_lr import suggest_max_lr
+    from hf_koopman.testing_utils import tiny_model
+
+    prof = profile(tiny_model("llama", dtype=torch.float16), num_samples=128, progress=False)
+    text = suggest_max_lr(prof).describe()
+    assert text.count("ranges unknown for") <= 1, text
