@@ -1202,20 +1202,24 @@ class DecisionRule:
         """The verdict from the score, the count of layers read and the κ(V) median alone (no sample-size checks)."""
         if score is None or not math.isfinite(score) or not informative or informative < 0.5 * total:
             return "uninformative"
-        kappa_big = self.kappa_large is not None and kappa_median is not None and (
-            not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
-        if score > self.high_risk_above or kappa_big:
+        if score > self.high_risk_above or self._kappa_big(kappa_median):
             return "high risk"
         return "safe" if score < self.safe_below else "moderate"
+
+    def _kappa_big(self, kappa_median: float | None) -> bool:
+        """Whether the κ(V) rule (`kappa_large`, off by default) makes the verdict high risk at this median."""
+        return self.kappa_large is not None and kappa_median is not None and (
+            not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
+
+    def gate_band_width(self, profile: Any) -> float | None:
+        """The widest band δ (`gate_width`) among the layers `near_gate` flags, `None` when none is."""
+        near = self.near_gate(profile)
+        return max((self.gate_width(n, d) for (n, d), g in zip(self.sample_sizes(profile), near) if g), default=None)
 
     def score_band_crossed(self, profile: Any) -> tuple[float, ...]:
         """The thresholds the score's sampling band reaches (`thresholds_within_error`) when they can change the
         verdict: a verdict from the score (not "uninformative", not high risk by the κ(V) rule); else empty."""
-        verdict = self.decide_profile(profile)[0]
-        kappa = profile.kappa_median
-        kappa_big = self.kappa_large is not None and kappa is not None and (
-            not math.isfinite(kappa) or kappa > self.kappa_large)
-        if verdict == "uninformative" or kappa_big:
+        if self.decide_profile(profile)[0] == "uninformative" or self._kappa_big(profile.kappa_median):
             return ()
         return self.thresholds_within_error(profile.score, *self.verdict_sample(profile))
 
@@ -1337,14 +1341,13 @@ class DecisionRule:
         num_samples, hidden_size = self.verdict_sample(profile)
         undersampled = sum(self.undersampled(profile))
         near = self.near_gate(profile)
-        widths = [self.gate_width(n, d) for (n, d), g in zip(self.sample_sizes(profile), near) if g]
         return self.decide(
             profile.score, profile.kappa_median, num_samples=num_samples, hidden_size=hidden_size,
             informative=sum(self.reads(profile)), total=len(features),
             rank=None if settings.get("spectrum") == "full" else settings.get("rank"),
             tokens_seen=self.verdict_tokens_short(profile),
             weights=meta.get("weights"), undersampled=undersampled,
-            gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=max(widths, default=None),
+            gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
         )
 
     def _decide(
@@ -1389,8 +1392,7 @@ class DecisionRule:
                 + ("" if rank is None else f"; with rank={rank} the linear fit covers {rank} of {hidden_size} "
                    "directions, so a high η_nl comes from the truncation: profile the full spectrum (rank=None)")
             )
-        kappa_big = self.kappa_large is not None and kappa_median is not None and (
-            not math.isfinite(kappa_median) or kappa_median > self.kappa_large)
+        kappa_big = self._kappa_big(kappa_median)
         if score > self.high_risk_above or kappa_big:
             why = []
             if score > self.high_risk_above:

@@ -228,12 +228,11 @@ def _gate_lines(profile: SpectralProfile) -> list[str]:
     near = rule.near_gate(profile)
     if not any(near):
         return []
-    widths = [rule.gate_width(n, d) for (n, d), g in zip(rule.sample_sizes(profile), near) if g]
     count, total = sum(near), len(near)
     verdicts = rule.gate_verdicts(profile)
     effect = ("reading them or not can give " + " or ".join(f"'{v}'" for v in verdicts) + ", so the verdict is "
               "tentative" if len(verdicts) > 1 else "reading them or not gives the same verdict")
-    return [f"- Informative gate: {count} of {total} blocks have a corrected η_nl within ±{max(widths):.2f} of "
+    return [f"- Informative gate: {count} of {total} blocks have a corrected η_nl within ±{rule.gate_band_width(profile):.2f} of "
             f"{rule.max_nonlinearity:g} ({rule.gate_band:g} sqrt(d/N)). The corrected η_nl still moves as N grows: "
             "on real models it reads low at small N/d, by up to this much in 95 % of the readings of "
             "`results/eta_gate_band.md` (hf_koopman repository), so with more token states these blocks may fall on "

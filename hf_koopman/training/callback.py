@@ -1658,7 +1658,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     "steps only because no step's loss exceeds n x the mean, which needs non-negative losses. From "
                     "now on no logged loss validates a state or checkpoint (a logged loss > %g still trips the rule).",
                     key, state.global_step, value, self.loss_threshold)
-        if any(int(e.get("step", 0)) >= first for e in self.events[self._events_before_call:]):
+        if self._rolled_back_since(first):
             self._candidate.invalidate()  # its loss is in a mean with the losses of rolled-back steps
             self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
             return
@@ -1666,11 +1666,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self._bound_broken or not steps * value <= self.loss_threshold:
                 self._candidate.invalidate()  # one of the steps may have been over the threshold: nothing validated
                 return
-            if not self._candidate.empty:
-                self._snapshot, self._candidate = self._candidate, self._snapshot
-                self._candidate.invalidate()
-                self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
-            self._validate_checkpoints(first, state.global_step)
+            self._validate_window(first, state.global_step)
             return
         span = f"mean over steps {first}-{state.global_step}" if first < state.global_step else "value"
         if is_distributed():
@@ -1703,9 +1699,19 @@ class RKSPCallback(TrainerCallback, ExportableState):
         else:
             self._logged_finite = False
 
-    def _validate_checkpoints(self, first: int, last: int) -> None:
-        """Steps `first..last` passed: the latest checkpoint saved at steps `first - 1 .. last - 1` is the last good
-        one; those checkpoints leave the pending list (older ones, of undecided logs, stay pending)."""
+    def _rolled_back_since(self, first: int) -> bool:
+        """Whether this train() call tripped at step `first` or later: a logged mean from `first` on still holds the
+        losses of the rolled-back steps, so it is neither judged nor validating."""
+        return any(int(e.get("step", 0)) >= first for e in self.events[self._events_before_call:])
+
+    def _validate_window(self, first: int, last: int) -> None:
+        """Steps `first..last` passed: the candidate copy (a passing step's state among them) becomes the validated
+        one, and the latest checkpoint saved at steps `first - 1 .. last - 1` the last good one; those checkpoints
+        leave the pending list (older ones, of undecided logs, stay pending)."""
+        if not self._candidate.empty:
+            self._snapshot, self._candidate = self._candidate, self._snapshot
+            self._undo.clear()  # a validated state exists: the pre-run copy is no longer the one to go back to
+        self._candidate.invalidate()
         covered = [(s, p) for s, p in self._pending_checkpoints if first - 1 <= s < last]
         if covered:
             self._promote(covered[-1][1])
@@ -1729,7 +1735,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         steps = last - first + 1
         if steps <= 0:
             return
-        if any(int(e.get("step", 0)) >= first for e in self.events[self._events_before_call:]):
+        if self._rolled_back_since(first):
             self._candidate.invalidate()
             return
         total = last - self._call_start
@@ -1777,11 +1783,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             return
         if not self.rule.loss_diverged(low):
             if not self._bound_broken and tail + slack <= self.loss_threshold:
-                if not self._candidate.empty:
-                    self._snapshot, self._candidate = self._candidate, self._snapshot
-                    self._undo.clear()
-                self._candidate.invalidate()
-                self._validate_checkpoints(first, last)
+                self._validate_window(first, last)
             else:
                 self._candidate.invalidate()
             return
