@@ -23,6 +23,11 @@ Measured side by side in one run (issue #19, item 3):
    the calls, compared with the forward's CPU time.
 4. **One thread** (`--one-thread`): the plain forward and the analysis again with torch limited to one thread,
    interleaved, CPU time: the ratio without any threading effect on either side.
+5. **Least work** (`--least-work`, alone): the least work any implementation of the same per-layer outputs does
+   (`least_work`, checked against the library's outputs), the plain forward and this analysis in paired rounds, in two
+   threads and in one: whether a bound can be claimed, and how far this implementation sits above it.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_profile.py --least-work --repeats 25 --json results/bench_profile_least_work_xeon.json
 """
 
 from __future__ import annotations
@@ -334,6 +339,138 @@ def formulation_floor(X: torch.Tensor, Y: torch.Tensor, layers: int, repeats: in
             for k, v in per_layer.items()]
 
 
+def least_work(states: list[torch.Tensor], parallel: bool = False, eps: float = 0.0) -> list[dict]:
+    r"""The least work any implementation of the profile's per-layer outputs does here, as one tight sequence.
+
+    The outputs: the eigenvalues of the whitened operator, $\kappa(V)$ of its unit-norm eigenvectors, and the ResDMD
+    residual of each mode, which needs the left eigenvectors (rows of $V^{-1}$). Per layer, with the cheapest routine
+    available on this machine for each step (`torch.linalg.eig`, MKL, is the fastest eigensolver here): the input
+    covariance $S_{xx}$ (shared: layer l's output covariance is layer l + 1's input covariance, so the L + 1 chained
+    states need L + 1 symmetric Grams) and the cross Gram $S_{yx}$; a float32 Cholesky factor $L$ of $S_{xx} + \epsilon I$;
+    the whitened operator $L^{-1}S_{yx}L^{-\top}$ (two triangular solves); `eig` with right eigenvectors; the LU
+    factorisation and inverse of their real form (left eigenvectors; $V^{-1}$ for $\kappa(V)$); the ResDMD forms from
+    $u^* \tilde S_{yy} u = w^* S_{yy} w$, $w = L^{-\top}u$ (one triangular solve, one product), using
+    $u^*\tilde S_{yx}u = \lambda\|u\|^2$ for exact left eigenvectors. Left out, so the sum is a lower bound: the
+    norm estimates of $\kappa(V)$, the features, every check, and the accuracy safeguards of `whitened_dmd` (float64
+    factorisations, update-form Grams).
+
+    Args:
+        states: L + 1 `(N, d)` float32 residual-stream states; layer l maps `states[l]` to `states[l + 1]`.
+        parallel: layers side by side in worker threads, each in one thread (as `whitened_dmd` runs them).
+    Returns:
+        per layer: `eigenvalues` `(d,)` complex, `residuals` `(d,)` float, `kappa_parts`: the real forms of V and
+        V^-1 that a norm estimate of kappa(V) would read (column scaling, O(d^2), is left out too).
+    """
+    from hf_koopman.koopman.dmd import _conjugate_pairs, _map_layers, _symmetric_gram, _to_real_form
+
+    solve = torch.linalg.solve_triangular
+    n1 = states[0].shape[0] - 1
+    d = states[0].shape[-1]
+    eye = torch.eye(d)
+    centred = _map_layers(lambda k: states[k] - states[k].mean(0), len(states), parallel)
+    grams = _map_layers(lambda k: _symmetric_gram(centred[k]) / n1, len(states), parallel)
+
+    def layer(i: int) -> dict:
+        syx = centred[i + 1].mT @ centred[i] / n1
+        chol = torch.linalg.cholesky(grams[i] + eps * eye)
+        op = solve(chol.mT, solve(chol, syx, upper=False), upper=True, left=False)  # L^-1 S_yx L^-T
+        lam, vec = torch.linalg.eig(op)
+        start = _conjugate_pairs(lam)
+        real = _to_real_form(vec, start) if start is not None else vec.real  # (Re v, Im v) per pair
+        lu, piv = torch.linalg.lu_factor(real)
+        rows = torch.linalg.lu_solve(lu, piv, eye, left=False)  # real form of V^-1: left eigenvectors as rows
+        w = solve(chol, rows, upper=False, left=False)  # rows w_j^T = u_j^T L^-1
+        q_yy, norm2 = ((w @ grams[i + 1]) * w).sum(-1), rows.square().sum(-1)
+        if start is not None:  # a pair's rows (a, b) make u = a - ib: u^* G u = a^T G a + b^T G b
+            idx = start.nonzero().flatten()
+            for q in (q_yy, norm2):
+                q[idx] += q[idx + 1]
+                q[idx + 1] = q[idx]
+        res = (q_yy / norm2 - lam.abs().square()).clamp_min(0.0).sqrt()
+        return {"eigenvalues": lam, "residuals": res, "kappa_parts": (real, rows)}
+
+    return _map_layers(layer, len(states) - 1, parallel)
+
+
+def check_least_work(X: torch.Tensor, Y: torch.Tensor, layers: list[dict]) -> None:
+    """Raises `RuntimeError` unless `least_work`'s `layers` give `whitened_dmd(X, Y)`'s outputs: eigenvalue moduli
+    within 1e-3 of the spectral radius and the same number of modes below the ResDMD threshold 0.1 in every layer.
+
+    Args:
+        X, Y: `(L, N, d)` stacked snapshots as `profile_from_snapshots` stacks them.
+    """
+    from hf_koopman.koopman import whitened_dmd
+    from hf_koopman.koopman.features import resdmd_residuals
+
+    ref = whitened_dmd(X, Y)
+    for i, out in enumerate(layers):
+        lam = out["eigenvalues"]
+        order = torch.argsort(lam.abs(), descending=True, stable=True)
+        gap = float((lam.abs()[order].double() - ref.eigenvalues[i].abs()).abs().max())
+        reliable = int((out["residuals"] < 0.1).sum()), int((resdmd_residuals(ref.layer(i)) < 0.1).sum())
+        if gap > 1e-3 * float(ref.eigenvalues[i].abs().max()) or reliable[0] != reliable[1]:
+            raise RuntimeError(f"layer {i}: least_work differs from whitened_dmd (moduli off by {gap:.2g}, "
+                               f"reliable modes {reliable[0]} against {reliable[1]})")
+
+
+def least_work_rounds(repeats: int, num_samples: int) -> dict:
+    """`least_work` against the plain forward and this library's analysis (`profile_from_snapshots`, default recipe),
+    paired rounds: in each round the two-thread forward, the least work with layers on the two cores and the analysis
+    (wall, CPU), then the three again in one thread. Raises `RuntimeError` (`check_least_work`) unless the least
+    work gives the library's outputs on these snapshots.
+    """
+    from hf_koopman.profiling import ResidualStreamRecorder
+    from hf_koopman.profiling.profiler import _stack_chunk
+
+    model, batch = _build(2048)
+    with torch.no_grad(), ResidualStreamRecorder(model, num_samples=num_samples) as rec:
+        model(**batch)
+    X, Y = _stack_chunk(rec.snapshots())
+    states = [x.float().contiguous() for x in X] + [Y[-1].float().contiguous()]
+    check_least_work(X, Y, least_work(states))
+    from hf_koopman.profiling import profile_from_snapshots
+
+    snapshots = rec.snapshots()
+    calls = {"forward": lambda: model(**batch), "least_work": lambda one: least_work(states, parallel=not one),
+             "analysis": lambda: profile_from_snapshots(snapshots, progress=False)}
+    names = ("forward_two_threads", "least_work_two_cores", "analysis_two_threads", "forward_one_thread",
+             "least_work_one_thread", "analysis_one_thread")
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for round_ in range(repeats + 1):  # round 0 warms up
+            clocks = []
+            for name in names:
+                one = name.endswith("one_thread")
+                torch.set_num_threads(1 if one else threads)
+                kind = name.split("_")[0] if not name.startswith("least") else "least_work"
+                with _Clock() as c:
+                    calls[kind](one) if kind == "least_work" else calls[kind]()
+                clocks.append((name, c))
+            torch.set_num_threads(threads)
+            for name, c in clocks if round_ else ():
+                runs[name].append((c.wall, c.cpu))
+    col = {k: ([w for w, _ in v], [c for _, c in v]) for k, v in runs.items()}
+    return {
+        "threads": threads,
+        "median_wall_cpu_s": {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in col.items()},
+        "one_thread_cpu": paired_ratio(col["least_work_one_thread"][1], col["forward_one_thread"][1]),
+        "one_thread_cpu_over_two_thread_forward_cpu":
+            paired_ratio(col["least_work_one_thread"][1], col["forward_two_threads"][1]),
+        "two_cores_cpu": paired_ratio(col["least_work_two_cores"][1], col["forward_two_threads"][1]),
+        "two_cores_wall": paired_ratio(col["least_work_two_cores"][0], col["forward_two_threads"][0]),
+        "analysis_over_least_work_two_threads_wall":
+            paired_ratio(col["analysis_two_threads"][0], col["least_work_two_cores"][0]),
+        "analysis_over_least_work_one_thread_cpu":
+            paired_ratio(col["analysis_one_thread"][1], col["least_work_one_thread"][1]),
+        "analysis_over_forward_two_threads_wall":
+            paired_ratio(col["analysis_two_threads"][0], col["forward_two_threads"][0]),
+        "analysis_over_forward_one_thread_cpu":
+            paired_ratio(col["analysis_one_thread"][1], col["forward_one_thread"][1]),
+        "all_runs_wall_cpu": runs,
+    }
+
+
 def _layer_mean(result) -> dict:
     feats = result.features
     keys = ("near_unit_mass", "unstable_mass", "spectral_radius")
@@ -373,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(`formulation_floor`)")
     parser.add_argument("--one-thread", action="store_true",
                         help="also time the plain forward and the analysis in one thread, interleaved (CPU time)")
+    parser.add_argument("--least-work", action="store_true",
+                        help="only time `least_work` (the least work of any implementation) against the forward, "
+                             "paired rounds (`--repeats` of them)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -384,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cpu_model()}; torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs; GPT-2 small random init, N "
           f"{args.num_samples}; load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    if args.least_work:
+        return _least_work_main(args, load_before)
     timing = time_run(args.repeats, args.num_samples, args.rank, args.breakdown, args.floor, args.one_thread)
     load_after = os.getloadavg()
     timing["load_average_before"], timing["load_average_after"] = load_before, load_after
@@ -447,6 +589,30 @@ def main(argv: list[str] | None = None) -> int:
         summary["timing"]["all_runs_wall_cpu"] = timing["all_runs_wall_cpu"]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _least_work_main(args: argparse.Namespace, load_before: tuple[float, float, float]) -> int:
+    out = least_work_rounds(args.repeats, args.num_samples)
+    load_after = os.getloadavg()
+    out["load_average_before"], out["load_average_after"], out["cpu_model"] = load_before, load_after, cpu_model()
+    print(f"\n== least work of any implementation / plain forward, {args.repeats} paired rounds")
+    for key, label in (("median_wall_cpu_s", None),):
+        for name, (w, c) in out[key].items():
+            print(f"{name:24s} wall {w:7.3f} s  CPU {c:7.3f} s")
+    for key, label in (("one_thread_cpu", "one thread, CPU"),
+                       ("one_thread_cpu_over_two_thread_forward_cpu", "one thread against the two-thread forward, CPU"),
+                       ("two_cores_cpu", "layers on two cores, CPU"), ("two_cores_wall", "layers on two cores, wall"),
+                       ("analysis_over_least_work_two_threads_wall", "this analysis / least work, two threads, wall"),
+                       ("analysis_over_least_work_one_thread_cpu", "this analysis / least work, one thread, CPU"),
+                       ("analysis_over_forward_two_threads_wall", "this analysis / forward, two threads, wall"),
+                       ("analysis_over_forward_one_thread_cpu", "this analysis / forward, one thread, CPU")):
+        print(f"{label}: {_interval(out[key])}")
+    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 

@@ -45,3 +45,21 @@ def test_paired_ratio_interval_is_the_binomial_order_statistics():
     assert bench_profile.paired_ratio(num[:5], den[:5])["low"] is None  # 2 / 2^5 > 0.05: no 95 % interval
     with pytest.raises(ValueError):
         bench_profile.paired_ratio(num, den[:3])
+
+
+def test_least_work_gives_the_library_outputs():
+    X, Y = _chained_snapshots()
+    states = [*X, Y[-1]]
+    layers = bench_profile.least_work(states)
+    bench_profile.check_least_work(X, Y, layers)  # raises when the moduli or the reliable-mode counts differ
+    assert len(layers) == 3 and all(out["eigenvalues"].shape == (24,) for out in layers)
+    assert bench_profile.least_work(states, parallel=True)[1]["eigenvalues"].abs().max() > 0.5
+
+
+def test_least_work_check_rejects_other_outputs(monkeypatch):
+    X, Y = _chained_snapshots()
+    real_cholesky = torch.linalg.cholesky  # least_work factorises with it; the library uses cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda a: real_cholesky(2.0 * a))  # halves its operator
+    layers = bench_profile.least_work([*X, Y[-1]])
+    with pytest.raises(RuntimeError, match="least_work differs from whitened_dmd"):
+        bench_profile.check_least_work(X, Y, layers)
