@@ -955,6 +955,10 @@ VERDICTS = ("safe", "moderate", "high risk", "uninformative")
 VERDICT_LEVELS = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
 
 #: What to do about each verdict: the "Recommendation" of the profile report and the advice the callback logs.
+#: The recommendation for a rank-r profile, which gets no threshold verdict ("uninformative").
+RANK_ADVICE = ("Profile the full spectrum (leave `rank` / `--rank` out): the verdict's thresholds read all min(N - 1, "
+               "d) modes, which the rank-r approximation does not measure.")
+
 ADVICE = {
     "safe": "Proceed without spectral shaping; optionally monitor with `RKSPCallback` during training.",
     "moderate": (
@@ -1165,6 +1169,8 @@ class DecisionRule:
         above that, for k of K near-gate layers read, the score's extremes (the means with the k lowest and the k
         highest of their masses) stand for every subset, which can add "moderate" where the subset means jump over
         it, and "high risk" is added whenever the κ(V) rule is on."""
+        if self.truncated_rank(profile) is not None:
+            return ("uninformative",)  # a rank-r profile gets no threshold verdict, whichever layers are read
         near = self.near_gate(profile)
         reads = self.reads(profile)
         features, total = profile.features, len(profile.features)
@@ -1280,8 +1286,9 @@ class DecisionRule:
             hidden_size (`int`, *optional*): d, the width of the fit (of that layer).
             informative (`int`, *optional*): number of layers the rule reads (informative and adequately sampled).
             total (`int`, *optional*): number of layers of the profile.
-            rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum); a rank-r fit explains at most
-                r of d directions of the update, so its high η_nl is the truncation's, and the reason says so.
+            rank (`int`, *optional*): r of a rank-r profile (`None`: the full spectrum). The thresholds read the full
+                spectrum, so a rank-r profile is "uninformative" with the reason why; a rank-r fit explains at most r
+                of d directions of the update, so its high η_nl is the truncation's, and the reason says so too.
             tokens_seen (`int`, *optional*): the token states the inputs gave the judged layer when they were fewer
                 than the `num_samples` asked for (`verdict_tokens_short(profile)`); a larger `num_samples` cannot help
                 then, so the advice is to supply more text (or a larger `max_tokens`). `None`: the inputs were not
@@ -1304,7 +1311,8 @@ class DecisionRule:
         verdict, reason = self._decide(score, kappa_median, num_samples=num_samples, hidden_size=hidden_size,
                                        informative=informative, total=total, rank=rank, tokens_seen=tokens_seen,
                                        undersampled=undersampled or 0)
-        alternatives = [v for v in dict.fromkeys(gate_verdicts or ()) if v != verdict] if near_gate else []
+        alternatives = [v for v in dict.fromkeys(gate_verdicts or ()) if v != verdict] if near_gate and rank is None \
+            else []  # a rank-r profile gets no threshold verdict, whichever layers are read
         if alternatives:
             band = f" ±{gate_width:.2f} of" if gate_width else " near"
             many = near_gate != 1
@@ -1332,6 +1340,13 @@ class DecisionRule:
         low, high = score * (1 - relative), score * (1 + relative)
         return tuple(t for t in (self.safe_below, self.high_risk_above) if low <= t <= high)
 
+    @staticmethod
+    def truncated_rank(profile: Any) -> int | None:
+        """r of a rank-r profile whose modes do not cover the full spectrum; `None` for the full spectrum (also a
+        rank-r profile whose rank covered every mode, `settings["spectrum"] == "full"`)."""
+        settings = profile.settings
+        return None if settings.get("spectrum") == "full" else settings.get("rank")
+
     def decide_profile(self, profile: Any) -> tuple[str, str]:
         """`decide` on a `SpectralProfile`: the layers it reads (`reads`), their sample (`verdict_sample`), the layers
         left out for too few token states, the settings, and the context its `meta` carries (the token states the
@@ -1344,7 +1359,7 @@ class DecisionRule:
         return self.decide(
             profile.score, profile.kappa_median, num_samples=num_samples, hidden_size=hidden_size,
             informative=sum(self.reads(profile)), total=len(features),
-            rank=None if settings.get("spectrum") == "full" else settings.get("rank"),
+            rank=self.truncated_rank(profile),
             tokens_seen=self.verdict_tokens_short(profile),
             weights=meta.get("weights"), undersampled=undersampled,
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
@@ -1374,8 +1389,22 @@ class DecisionRule:
                 f"spectrum is mostly sampling error; {self._more_tokens(num_samples, hidden_size, tokens_seen)}"
             )
         left_out = self._left_out(undersampled, total)
-        if score is None or not math.isfinite(score) or (
-                informative is not None and total and informative < 0.5 * total):
+        few = score is None or not math.isfinite(score) or bool(
+            informative is not None and total and informative < 0.5 * total)
+        if rank is not None:
+            measured = "" if score is None or not math.isfinite(score) else (
+                f" (mean M≈1 of this profile: {score:.3f}, not comparable)")
+            return "uninformative", (
+                f"a rank-{rank} profile: the thresholds read the full spectrum, and the rank-{rank} fit keeps the "
+                f"{rank} directions of largest whitened output energy, the ones the block expands, so its masses are "
+                "biased (M≈1 toward 0, M>1 toward 1; research GPT Pre-LN at d = 128: M≈1 0.01 at rank 32 against "
+                f"0.16 for the full spectrum and in the paper's Table 1){measured}"
+                + ("" if not few else f"; {informative or 0} of {total} layers pass the η_nl gate: with rank={rank} "
+                   f"the linear fit covers {rank} of {hidden_size} directions, so a high η_nl comes from the "
+                   "truncation")
+                + "; profile the full spectrum (rank=None) for a verdict"
+            )
+        if few:
             count = "" if informative is None or not total else f"{informative} of {total} layers are informative; "
             others = total - (informative or 0) - undersampled if total else 1
             if undersampled and others <= 0:  # every layer left out was left out for its sample
@@ -1389,8 +1418,6 @@ class DecisionRule:
                 f"{'is' if one else 'are'} not explained by a linear map (η_nl ≥ {self.max_nonlinearity:g}, "
                 "corrected for N/d), so the "
                 "spectrum says little about stability at this point; profile again after a few training steps"
-                + ("" if rank is None else f"; with rank={rank} the linear fit covers {rank} of {hidden_size} "
-                   "directions, so a high η_nl comes from the truncation: profile the full spectrum (rank=None)")
             )
         kappa_big = self._kappa_big(kappa_median)
         if score > self.high_risk_above or kappa_big:

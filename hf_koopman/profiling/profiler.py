@@ -376,9 +376,10 @@ def profile_from_snapshots(
             `None` (default): the full spectrum of the whitened operator, all min(N - 1, d) identifiable modes, the
             quantity of the paper's Table 1. An int r < min(N, d) selects the rank-r approximation instead (the
             paper's stated r = 32 recipe); it keeps the r directions of largest whitened output energy and is biased
-            toward expanding modes (`results/rank_vs_exact.md`), so its masses are not comparable with Table 1. A
-            layer with r >= min(N, d) gets every mode, its full spectrum; `settings["spectrum"]` says what was
-            computed ("full" when every layer got every mode, with a `rank_note`).
+            toward expanding modes (`results/rank_vs_exact.md`), so its masses are not comparable with Table 1 and
+            the verdict is "uninformative" (the thresholds read the full spectrum). A layer with r >= min(N, d) gets
+            every mode, its full spectrum; `settings["spectrum"]` says what was computed ("full" when every layer got
+            every mode, with a `rank_note`).
         randomized (`bool`, *optional*):
             With `rank`, find the rank-r subspace with a randomized range finder [Erichson et al.]; defaults to `True`.
             `True` without `rank` is a ValueError (the full spectrum has no subspace to approximate).

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat
+from hf_koopman.risk import ADVICE, RANK_ADVICE, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat
 
 
 if TYPE_CHECKING:
@@ -299,7 +299,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         ]
     else:
         lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
-    lines += [f"Recommendation: {ADVICE[verdict]}", ""]
+    truncated = verdict == "uninformative" and profile.rule.truncated_rank(profile) is not None
+    lines += [f"Recommendation: {RANK_ADVICE if truncated else ADVICE[verdict]}", ""]
     lines += _trust_section(profile, tentative)
 
     degenerate = profile.degenerate_layers

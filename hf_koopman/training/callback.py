@@ -269,7 +269,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
         probe_batch_size (`int`, defaults to `8`): examples taken from the training dataset for the probe.
         num_samples (`int`, defaults to `2048`): token states per layer for the init profile (`N`).
-        rank (`int`, *optional*): `None` (default) profiles the full spectrum; an int r the rank-r approximation.
+        rank (`int`, *optional*): `None` (default) profiles the full spectrum; an int r the rank-r approximation,
+            which gets no threshold verdict ("uninformative"), so `auto_kss` does not act on it.
         seed (`int`, defaults to `0`): subsampling seed.
         layers (`str` or `list[str]`, *optional*): residual-block override, as in `find_residual_blocks`.
         every_n_steps (`int`, defaults to `0`): periodic monitoring period in optimizer steps (`0` = off).

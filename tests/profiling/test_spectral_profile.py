@@ -17,7 +17,7 @@ from hf_koopman.testing_utils import tiny_model
 
 @pytest.fixture(scope="module")
 def tiny_profile() -> SpectralProfile:
-    return profile(tiny_model("llama", num_hidden_layers=3), num_samples=64, rank=8, model_name="tiny-llama")
+    return profile(tiny_model("llama", num_hidden_layers=3), num_samples=128, model_name="tiny-llama")
 
 
 @pytest.mark.parametrize(
@@ -130,6 +130,17 @@ def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
     monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: FakeEstimator()))
     assert tiny_profile.risk_probability(learning_rate=1e-3) == 0.25 and calls["lr"] == 1e-3
     assert "25.0%** — ranges unknown for: model_type" in tiny_profile.to_markdown()  # the range note follows it
+
+
+def test_a_rank_r_profile_gets_no_threshold_verdict():
+    # the thresholds read the full spectrum; the rank-r masses are biased (M≈1 toward 0), so a low rank-r score must
+    # not read as "safe"
+    rule = DecisionRule()
+    verdict, reason = rule.decide(0.05, 5.0, num_samples=4096, hidden_size=64, informative=3, total=3, rank=8)
+    assert verdict == "uninformative" and "rank-8 profile" in reason and "rank=None" in reason
+    assert rule.decide(0.05, 5.0, num_samples=4096, hidden_size=64, informative=3, total=3)[0] == "safe"
+    prof = hf_koopman.profile(tiny_model("llama"), rank=8, num_samples=512, progress=False)
+    assert prof.verdict == "uninformative" and "the thresholds read the full spectrum" in prof.verdict_reason
 
 
 def test_an_uninformative_rank_r_profile_names_the_truncation():

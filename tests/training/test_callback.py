@@ -16,7 +16,7 @@ import hf_koopman.training.callback as callback_module
 from hf_koopman.training import KSSTrainer, KSSTrainingArguments, RKSPCallback
 
 
-SMALL = dict(num_samples=128, rank=8)
+SMALL = dict(num_samples=128)  # full spectrum: a rank-r profile gets no threshold verdict
 
 
 def _args(tmp_path, cls=TrainingArguments, **kw):

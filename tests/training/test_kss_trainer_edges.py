@@ -347,7 +347,7 @@ def test_a_kss_step_with_a_penalty_does_not_warn(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ auto_kss
 @pytest.mark.parametrize("enabled", [True, False], ids=["kss-on", "kss-off"])
 def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
-    callback = RKSPCallback(auto_kss=True, num_samples=128, rank=8, save_artifacts=False)
+    callback = RKSPCallback(auto_kss=True, num_samples=128, save_artifacts=False)
     state = callback.state()
     if not enabled:  # a saved state that carries the key `kss_auto_enabled` loads; the key changes nothing
         state["attributes"]["kss_auto_enabled"] = True
