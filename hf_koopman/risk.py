@@ -42,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
+    "RANK_ADVICE", "RISK_BUDGET", "in_fitted_range", "recommendation", "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
 ]
 
@@ -954,11 +955,12 @@ VERDICTS = ("safe", "moderate", "high risk", "uninformative")
 #: Numeric level of each verdict, logged by `RKSPCallback` as `rksp/verdict_level` (a scalar a dashboard can plot).
 VERDICT_LEVELS = {"uninformative": -1.0, "safe": 0.0, "moderate": 1.0, "high risk": 2.0}
 
-#: What to do about each verdict: the "Recommendation" of the profile report and the advice the callback logs.
 #: The recommendation for a rank-r profile, which gets no threshold verdict ("uninformative").
 RANK_ADVICE = ("Profile the full spectrum (leave `rank` / `--rank` out): the verdict's thresholds read all min(N - 1, "
                "d) modes, which the rank-r approximation does not measure.")
 
+#: What to do about each verdict when no in-range calibrated probability is at hand (`recommendation`): the
+#: "Recommendation" of the profile report and the advice the callback logs.
 ADVICE = {
     "safe": "Proceed without spectral shaping; optionally monitor with `RKSPCallback` during training.",
     "moderate": (
@@ -974,6 +976,51 @@ ADVICE = {
     ),
     "uninformative": "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal.",
 }
+
+
+#: the risk budget of `recommendation`: a calibrated probability below it needs no lower learning rate (the default
+#: `risk` of `suggest_max_lr` and `hf-koopman max-lr`)
+RISK_BUDGET = 0.1
+
+_GUARD = "keep the divergence guard on (`RKSPCallback(on_divergence=\"rollback\")` continues past a blow-up)"
+
+
+def score_band(score: float, relative: float) -> str:
+    """`score ± score·relative` as text, the sampling band of a mass; a mass lies in [0, 1], so a band that would
+    pass 1 is written as the interval up to 1."""
+    spread = score * relative
+    if score + spread <= 1.0:
+        return f"{score:.2f} ± {spread:.2f}"
+    return f"{score:.2f} (band {max(0.0, score - spread):.2f} to 1, a mass cannot exceed 1)"
+
+
+def in_fitted_range(assessment: RiskAssessment | None) -> bool:
+    """Whether `assessment` is a calibrated probability at a given learning rate with every input inside the
+    estimator's fitted range (`out_of_range is False`: none outside, none unknown)."""
+    return (assessment is not None and getattr(assessment, "out_of_range", None) is False
+            and getattr(assessment, "learning_rate", None) is not None)
+
+
+def recommendation(verdict: str, assessment: RiskAssessment | None = None) -> str:
+    """What to do: from the calibrated probability when `assessment` is at the planned learning rate and inside the
+    estimator's fitted range (`out_of_range is False`), from the verdict's `ADVICE` otherwise.
+
+    The verdict reads the spectrum alone, which on held-out architecture families added nothing measurable beyond
+    the configuration and the learning rate (`results/heldout_risk.md`); the calibrated probability reads both, so
+    where it is in range it decides the advice: below `RISK_BUDGET` no lower learning rate, above it a lower one.
+    """
+    if not in_fitted_range(assessment):
+        return ADVICE[verdict]
+    p, lr = assessment.probability, assessment.learning_rate
+    shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"
+    label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""
+    if p < RISK_BUDGET:
+        return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's "
+                f"fitted range: no lower learning rate is needed for stability{label}, which on held-out "
+                f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
+    return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's fitted "
+            f"range: lower the learning rate (`hf-koopman max-lr` or `hf_koopman.suggest_max_lr` gives the rate for "
+            f"a {RISK_BUDGET:.0%} risk), and {_GUARD}.")
 
 
 #: prefix of a verdict reason whose score's sampling band reaches a decision threshold (`DecisionRule.decide`)
@@ -1337,7 +1384,7 @@ class DecisionRule:
         if score is None or not math.isfinite(score) or not num_samples or not hidden_size:
             return ()
         relative = math.sqrt(hidden_size / num_samples)
-        low, high = score * (1 - relative), score * (1 + relative)
+        low, high = score * (1 - relative), min(1.0, score * (1 + relative))
         return tuple(t for t in (self.safe_below, self.high_risk_above) if low <= t <= high)
 
     @staticmethod
@@ -1443,9 +1490,9 @@ class DecisionRule:
         # κ(V) alone makes the verdict high risk whatever the score, so only a score-driven verdict can flip
         crossed = () if kappa_big else self.thresholds_within_error(score, num_samples, hidden_size)
         if crossed:
-            spread = score * math.sqrt(hidden_size / num_samples)
             names = " and ".join(f"{t:g}" for t in crossed)
-            reason = (f"{TENTATIVE}{reason}; M≈1 = {score:.2f} ± {spread:.2f} spans the {names} "
+            band = score_band(score, math.sqrt(hidden_size / num_samples))
+            reason = (f"{TENTATIVE}{reason}; M≈1 = {band} spans the {names} "
                       f"threshold{'s' if len(crossed) > 1 else ''}, so more tokens may change the verdict")
         return verdict, reason
 
@@ -1465,9 +1512,11 @@ class DecisionRule:
 
     def _more_tokens(self, num_samples: int, hidden_size: int, tokens_seen: int | None) -> str:
         """How to get a larger sample: more `num_samples`, or more text when the inputs ran out of tokens."""
-        wanted = int(self.warn_samples_per_dim * hidden_size)
+        least, wanted = math.ceil(self.min_samples_per_dim * hidden_size), int(self.warn_samples_per_dim * hidden_size)
+        target = f">= {least} for a verdict" + (f" (>= {wanted} for one without the sampling caution)"
+                                                  if least < wanted else "")
         if tokens_seen is not None:
             return (f"the inputs gave only {int(tokens_seen)} token states, all of them used, so a larger num_samples "
-                    f"cannot help: supply more or longer inputs to reach N >= {wanted} (more text, a larger batch or "
+                    f"cannot help: supply more or longer inputs to reach N {target} (more text, a larger batch or "
                     f"`max_tokens`; for RKSPCallback a larger `probe_batch_size`)")
-        return f"profile with num_samples >= {wanted}"
+        return f"profile with num_samples {target}"

@@ -131,3 +131,27 @@ def test_adjusted_nonlinearity_edges():
     assert DecisionRule.adjusted_nonlinearity(0.5, None, 64) == 0.5  # N unknown: as measured
     assert DecisionRule.adjusted_nonlinearity(0.5, 65, 64) == math.inf  # no degree of freedom left
     assert DecisionRule.adjusted_nonlinearity(0.5, 129, 64, rank=32) == pytest.approx(0.5 * (128 / 96) ** 0.5)
+
+
+def test_recommendation_follows_an_in_range_probability_and_the_verdict_otherwise():
+    from hf_koopman.risk import ADVICE, RISK_BUDGET, RiskAssessment, recommendation
+
+    low = RiskAssessment(probability=5e-4, out_of_range=False, learning_rate=3e-3)
+    text = recommendation("high risk", low)
+    assert "< 0.1 %" in text and "no lower learning rate is needed" in text and "'high risk' verdict" in text
+    assert "Lower the learning rate" not in text  # the high-risk advice would contradict the in-range probability
+    high = RiskAssessment(probability=RISK_BUDGET + 0.2, out_of_range=False, learning_rate=1.0)
+    assert "lower the learning rate" in recommendation("safe", high) and "30.0%" in recommendation("safe", high)
+    for doubtful in (RiskAssessment(probability=5e-4, out_of_range=True, learning_rate=3e-3),
+                     RiskAssessment(probability=5e-4, out_of_range=None, learning_rate=3e-3),
+                     RiskAssessment(probability=5e-4, out_of_range=False), None):
+        assert recommendation("high risk", doubtful) == ADVICE["high risk"]
+
+
+def test_the_score_band_stops_at_one():
+    from hf_koopman.risk import DecisionRule, score_band
+
+    assert score_band(0.24, 0.5) == "0.24 ± 0.12"
+    assert score_band(1.0, 0.5) == "1.00 (band 0.50 to 1, a mass cannot exceed 1)"
+    _, reason = DecisionRule().decide(1.0, 5.0, num_samples=256, hidden_size=64, informative=2, total=2)
+    assert "± 0.50" not in reason and "band 0.50 to 1" in reason

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, RANK_ADVICE, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat
+from hf_koopman.risk import (
+    RANK_ADVICE, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat, recommendation,
+    score_band,
+)
 
 
 if TYPE_CHECKING:
@@ -200,7 +203,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         crossed = profile.rule.score_band_crossed(profile) if tentative else ()
         if crossed:
             names = " and ".join(f"{t:g}" for t in crossed)
-            line += (f": the verdict's M≈1 = {score:.2f} ± {score * relative:.2f} spans the {names} "
+            line += (f": the verdict's M≈1 = {score_band(score, relative)} spans the {names} "
                      f"threshold{'s' if len(crossed) > 1 else ''}, so it may change with more tokens")
         if n >= 8 * d:
             line += "."
@@ -300,7 +303,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     else:
         lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
     truncated = verdict == "uninformative" and profile.rule.truncated_rank(profile) is not None
-    lines += [f"Recommendation: {RANK_ADVICE if truncated else ADVICE[verdict]}", ""]
+    advice = RANK_ADVICE if truncated else recommendation(verdict, profile.risk_assessment())
+    lines += [f"Recommendation: {advice}", ""]
     lines += _trust_section(profile, tentative)
 
     degenerate = profile.degenerate_layers

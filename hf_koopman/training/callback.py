@@ -21,7 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import ADVICE, TENTATIVE, VERDICT_LEVELS
+from hf_koopman.risk import RISK_BUDGET, TENTATIVE, VERDICT_LEVELS, in_fitted_range, recommendation
 from hf_koopman.training.divergence import (
     CAUSE_ACTIVATION,
     CAUSE_GRAD_NORM,
@@ -679,18 +679,21 @@ class RKSPCallback(TrainerCallback, ExportableState):
             # a fine-tune starts from loaded weights: its first profile is not of an initialisation
             pretrained = spectral_profile.meta.get("weights") == "pretrained"
             when = "at the start of training (pretrained weights)" if pretrained else "at initialisation"
-            if self.init_verdict == "high risk":
-                logger.warning(
-                    "RKSP verdict %s: HIGH RISK of divergence (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
-                    when,
-                    None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
-                    None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
-                    spectral_profile.verdict_reason,
-                    ADVICE["high risk"],
-                )
-            else:
-                logger.info("RKSP verdict %s: %s (%s)", when, self.init_verdict, spectral_profile.verdict_reason)
             assessment = spectral_profile.risk_assessment()
+            # an in-range calibrated probability at this learning rate decides the advice and the alarm; the
+            # verdict, which reads the spectrum alone, does otherwise (`recommendation`)
+            advice = recommendation(self.init_verdict, assessment)
+            alarm = (assessment.probability >= RISK_BUDGET if in_fitted_range(assessment)
+                     else self.init_verdict == "high risk")
+            (logger.warning if alarm else logger.info)(
+                "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
+                when,
+                self.init_verdict.upper(),
+                None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
+                None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
+                spectral_profile.verdict_reason,
+                advice,
+            )
             if assessment is not None:  # the calibrated probability, with its range caveat in the same line
                 log = logger.warning if assessment.out_of_range else logger.info
                 # the verdict reads the spectrum alone; this number is for the run's learning rate

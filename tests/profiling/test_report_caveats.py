@@ -79,7 +79,7 @@ def test_token_limited_profile_advises_more_text_not_more_num_samples():
     assert "use more tokens (`num_samples`" not in report and "probe_batch_size" in report
     # tokens to spare (tokens_seen > N): a larger num_samples is the fix
     _, reason = DecisionRule().decide(0.1, 20.0, num_samples=100, hidden_size=64, tokens_seen=None)
-    assert "profile with num_samples >= 512" in reason
+    assert "profile with num_samples >= 128 for a verdict (>= 512 for one without the sampling caution)" in reason
     spare = render_report(_profile(0.1, 200, meta={"tokens_seen": 3200, "num_samples_requested": 200}))
     assert "use more tokens (`num_samples`, `--num-samples`)" in spare and "supply more or longer inputs" not in spare
 

@@ -76,3 +76,33 @@ def test_monitoring_marks_trained_weights_and_reads_the_backed_off_learning_rate
     assert "weights" not in flagged[0]  # the initialisation
     assert all("weights" in keys for keys in flagged[1:])  # trained weights: outside the fitted runs
     assert [result.meta.get("weights") for _, result in calls] == ["init", "trained", "trained"]
+
+
+@pytest.mark.parametrize(("probability", "level"), [(5e-4, logging.INFO), (0.4, logging.WARNING)])
+def test_an_in_range_probability_decides_the_init_advice_and_its_alarm(tmp_path, caplog, monkeypatch, probability,
+                                                                       level):
+    from hf_koopman.risk import RiskAssessment
+
+    class InRange:  # an estimator whose inputs all lie inside its fitted range
+        def predict_proba(self, prof, learning_rate=None):
+            return probability
+
+        def assess(self, prof, learning_rate=None, **context):
+            return RiskAssessment(probability=probability, out_of_range=False, learning_rate=learning_rate)
+
+    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
+    callback = RKSPCallback(num_samples=128, save_artifacts=False)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=3e-3)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()  # hf_koopman's INFO lines follow the transformers verbosity
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
+    assert line.levelno == level and "Recommended: At learning rate 0.003 the calibrated" in line.getMessage()
+
