@@ -1001,7 +1001,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-koopman", description="Koopman spectral diagnostics for Hugging Face models (RKSP / KSS)."
     )
+    from hf_koopman import __version__
+
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # -v also after the subcommand; SUPPRESS keeps a subcommand without -v from resetting a -v given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
@@ -1014,10 +1017,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """`--opt -1e-3` as `--opt=-1e-3`: argparse reads a negative number in scientific notation as an option, and the
+    user then got "expected one argument" instead of the option's own range check."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-koopman` console script; returns the exit status."""
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
     from hf_koopman import _register_auto_classes
 
     _register_auto_classes()  # deferred by `import hf_koopman` in the console script until the arguments parse

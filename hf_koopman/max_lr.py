@@ -123,8 +123,9 @@ class MaxLRSuggestion:
         """Multi-line plain text: the answer, then its caveats."""
         head = f"{self.model_name}: " if self.model_name else ""
         if self.verdict == "suggested":
+            extrapolated = " (extrapolated: outside the fitted range, see below)" if self.out_of_range else ""
             lines = [f"{head}max learning rate at {_risk_text(self.risk)} divergence risk: "
-                     f"{_lr_text(self.max_learning_rate)}"]
+                     f"{_lr_text(self.max_learning_rate)}{extrapolated}"]
             if self.interval is not None:
                 lines.append(f"  interval: {_lr_text(self.interval[0])} – {_lr_text(self.interval[1])} "
                              f"({self.interval_method})")
@@ -249,8 +250,13 @@ def suggest_max_lr(
     if lr_range is not None and not lr_range[0] <= lr <= lr_range[1]:
         caveats.append(f"the suggested learning rate lies outside the learning rates of the training runs "
                        f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning rate")
-    if any(i.key not in ("learning_rate", "weights") for i in outside):
-        caveats.append("the model's features lie outside the training runs (clipped to their range): the answer is an "
+    feature_keys = {f.key for f in est.features}
+    clipped = [i.key for i in outside if i.key in feature_keys and i.key != "learning_rate"]
+    model_keys = [i.key for i in outside if i.key not in feature_keys and i.key not in ("learning_rate", "weights")]
+    if clipped or model_keys:
+        what = ([f"its spectrum ({', '.join(clipped)}, clipped to the fitted range)"] if clipped else []) + (
+            [f"its {', '.join(model_keys)}"] if model_keys else [])
+        caveats.append(f"the model lies outside the training runs in {' and '.join(what)}: the answer is an "
                        "extrapolation to a model unlike those the estimator was fitted on")
     if unknown and flag:  # with nothing outside, the range line lists them (`MaxLRSuggestion.describe`)
         caveats.append("ranges unknown for: " + ", ".join(unknown) + "; whether this model resembles the training "

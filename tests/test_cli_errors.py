@@ -463,3 +463,18 @@ def test_a_broken_pipe_other_than_stdout_is_not_swallowed(tiny_llama_json, tmp_p
     monkeypatch.setattr(hf_koopman.profiling, "profile", worker_pipe)
     with pytest.raises(BrokenPipeError, match="worker pipe"):
         main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")])
+
+
+def test_a_negative_learning_rate_in_scientific_notation_gets_the_range_message(tiny_llama_json, capsys):
+    # argparse alone reads "-1e-3" as an option ("expected one argument"); the range check must see it
+    code = main(["profile", str(tiny_llama_json), *FAST, "--learning-rate", "-1e-3"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--learning-rate must be a positive finite number" in err and "expected one" not in err
+
+
+def test_version_flag(capsys):
+    from hf_koopman import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-koopman {__version__}"

@@ -224,7 +224,7 @@ def test_pretrained_profiles_get_one_caveat_and_keep_their_flag_when_uninformati
     pretrained = copy.deepcopy(tiny_profile)
     pretrained.meta["weights"] = "pretrained"
     s = suggest_max_lr(pretrained, estimator=_estimator())
-    assert not any("features lie outside" in c for c in s.caveats)  # only the weights are outside
+    assert not any("lies outside the training runs in" in c for c in s.caveats)  # only the weights are outside
     short = profile(tiny_model("llama", num_hidden_layers=2), num_samples=40)
     short.meta["weights"] = "pretrained"
     s = suggest_max_lr(short, estimator=_estimator())
@@ -261,3 +261,15 @@ def test_unknown_ranges_are_listed_once():
     prof = profile(tiny_model("llama", dtype=torch.float16), num_samples=128, progress=False)
     text = suggest_max_lr(prof).describe()
     assert text.count("ranges unknown for") <= 1, text
+
+
+def test_a_model_wider_than_the_training_runs_is_named_in_the_answer_and_its_caveat(tiny_profile):
+    ranges = {"inputs": {"learning_rate": {"min": 1e-5, "max": 0.1}, "near_unit_mass_mean": {"min": 0.0, "max": 1.0},
+                         "model_type": {"values": ["llama"]}, "hidden_size": {"min": 4.0, "max": 8.0}}}
+    est = _estimator()
+    narrow = RiskEstimator(est.features, coef=est.coef, intercept=est.intercept, training_ranges=ranges)
+    s = suggest_max_lr(tiny_profile, estimator=narrow)
+    assert s.out_of_range and [i.key for i in s.outside] == ["hidden_size"]
+    assert "(extrapolated: outside the fitted range, see below)" in s.describe().splitlines()[0]
+    caveat = next(c for c in s.caveats if "lies outside the training runs in" in c)
+    assert "its hidden_size" in caveat and "clipped" not in caveat  # hidden_size is not an input of the estimator
