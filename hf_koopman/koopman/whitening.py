@@ -1,4 +1,4 @@
-r"""Whitening of residual-stream snapshots (RKSP Eqs. 7-9): the one home of every whitening the library uses.
+r"""Whitening of residual-stream snapshots (RKSP Eqs. 7-9): the whitening transforms the library uses.
 
 Snapshots are rows: `X, Y` have shape `(N, d)` (or `(L, N, d)` for `L` layers at once). The paper writes columns
 (`d x N`); we convert once, here, and everything downstream uses rows.
@@ -12,7 +12,9 @@ Each matrix is centred on its own mean; both use the whitening matrix of X (Eq. 
   benchmarks compare against it.
 * [`cholesky_whitening`]: $W = L^{-1}$ from a Cholesky factor. It differs from ZCA by an orthogonal rotation, which
   leaves every spectral quantity unchanged, and costs a fraction of an eigendecomposition. Whitened DMD
-  (`dmd.py`) and KSS (`shaping.py`) use it.
+  (`dmd.py`) and KSS (`shaping.py`) use it. The full-spectrum path of `dmd.py` never forms whitened snapshots: it
+  works on the second moments and factorises the same $\hat\Sigma_X$ there (`_full_grams`, `_raw_fit`), i.e. this
+  whitening in factor form.
 """
 
 from __future__ import annotations
