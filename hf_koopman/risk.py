@@ -42,7 +42,7 @@ import numpy as np
 
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
-    "RANK_ADVICE", "RISK_BUDGET", "in_fitted_range", "recommendation", "score_band",
+    "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "in_fitted_range", "recommendation", "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
 ]
 
@@ -978,6 +978,10 @@ ADVICE = {
 }
 
 
+#: `DecisionRule.rank_deficient`: a layer whose token states span fewer than this share of the min(N - 1, d)
+#: directions their number allows is flagged (a heuristic: a LayerNorm output spans d - 1 of d)
+RANK_SHARE_MIN = 0.9
+
 #: the risk budget of `recommendation`: a calibrated probability below it needs no lower learning rate (the default
 #: `risk` of `suggest_max_lr` and `hf-koopman max-lr`)
 RISK_BUDGET = 0.1
@@ -1178,6 +1182,24 @@ class DecisionRule:
         flagged: the verdict is then "uninformative" on the sample size as a whole (`verdict_sample`)."""
         return self.undersampled_sizes(self.sample_sizes(profile))
 
+    def rank_deficient(self, profile: Any) -> list[bool]:
+        """Per layer of a full-spectrum `profile`: whether its token states span fewer than `RANK_SHARE_MIN` of the
+        min(N - 1, d) directions their number allows (`n_modes`, the numerical rank of the centred inputs), for a
+        layer that is not degenerate. Repeated or padded inputs give fewer independent states than N: N/d then
+        overstates the sample, and the linear map fits the few distinct states closely (η_nl reads low). A caution the
+        reason and the report carry; the verdict is not changed. All false for a rank-r profile (its `n_modes` is
+        r)."""
+        count = len(profile.features)
+        if self.truncated_rank(profile) is not None:
+            return [False] * count
+        out = []
+        for f, (n, d) in zip(profile.features, self.sample_sizes(profile)):
+            full = min(n - 1, d) if n and d else None
+            modes = getattr(f, "n_modes", None)
+            out.append(bool(full and modes is not None and not getattr(f, "degenerate", False)
+                            and modes < RANK_SHARE_MIN * full))
+        return out
+
     def reads(self, profile: Any) -> list[bool]:
         """Per layer of `profile`: whether the verdict reads it, i.e. it is informative (`is_informative`) and not
         left out for too few token states (`undersampled`)."""
@@ -1323,6 +1345,7 @@ class DecisionRule:
         gate_verdicts: Sequence[str] | None = None,
         near_gate: int = 0,
         gate_width: float | None = None,
+        rank_deficient: int = 0,
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
@@ -1349,6 +1372,8 @@ class DecisionRule:
                 can give (`gate_verdicts(profile)`); more than one makes the verdict tentative.
             near_gate (`int`, defaults to 0): layers whose corrected η_nl lies within the gate's band (`near_gate`).
             gate_width (`float`, *optional*): the widest band δ of those layers, quoted in the reason.
+            rank_deficient (`int`, defaults to 0): layers read whose token states span too few directions
+                (`rank_deficient`); the reason adds a caution.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
@@ -1368,6 +1393,11 @@ class DecisionRule:
                       f"{self.max_nonlinearity:g} gate, where it still moves as N grows (it reads low at small N/d), "
                       f"so with more token states {'they' if many else 'it'} may fall on the other side and give "
                       f"{' or '.join(repr(v) for v in alternatives)}")
+        if rank_deficient and verdict != "uninformative":
+            many = rank_deficient != 1
+            reason += (f"; caution: {rank_deficient} layer{'s' if many else ''} read span{'' if many else 's'} fewer "
+                       f"than {RANK_SHARE_MIN:.0%} of the directions {'their' if many else 'its'} N token states "
+                       "allow (repeated or padded inputs?), so N overstates the independent sample and η_nl reads low")
         if weights == "pretrained":
             reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
                        "come from spectra at random initialisation")
@@ -1410,6 +1440,7 @@ class DecisionRule:
             tokens_seen=self.verdict_tokens_short(profile),
             weights=meta.get("weights"), undersampled=undersampled,
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
+            rank_deficient=sum(r and d for r, d in zip(self.reads(profile), self.rank_deficient(profile))),
         )
 
     def _decide(

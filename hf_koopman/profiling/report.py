@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
-    RANK_ADVICE, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat, recommendation,
-    score_band,
+    RANK_ADVICE, RANK_SHARE_MIN, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat,
+    recommendation, score_band,
 )
 
 
@@ -191,6 +191,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         + (" Few reliable modes mean individual eigenvalues are uncertain; the masses average over them."
            if reliable < 0.5 and not _reliable_only(profile) else "")
     )
+    lines += _rank_lines(profile)
     if n and d:
         relative = (d / n) ** 0.5
         uniform = len(set(profile.sample_sizes)) <= 1
@@ -222,6 +223,24 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         "a particular learning rate: a model judged safe still diverges at a high enough one."
     )
     return lines + [""]
+
+
+def _rank_lines(profile: SpectralProfile) -> list[str]:
+    """The trust section's line on layers whose token states span too few directions (`rank_deficient`)."""
+    flagged = profile.rule.rank_deficient(profile)
+    if not any(flagged):
+        return []
+    shown = []
+    sizes = profile.rule.sample_sizes(profile)
+    for (name, _), f, (n, d), bad in zip(profile.layers, profile.features, sizes, flagged):
+        if bad:
+            shown.append(f"`{name}` {f.n_modes} of {min(n - 1, d)}")
+    more = f" and {len(shown) - 6} more" if len(shown) > 6 else ""
+    return [f"- Rank: in {len(shown)} of {len(flagged)} blocks the token states span fewer than "
+            f"{RANK_SHARE_MIN:.0%} of the directions their number allows ({', '.join(shown[:6])}{more}): the inputs "
+            "repeat (repeated text, padding, few distinct tokens), so N overstates the independent sample, the linear "
+            "map fits the few distinct states closely (η_nl reads low) and the masses count only those directions. "
+            "Profile on varied text."]
 
 
 def _gate_lines(profile: SpectralProfile) -> list[str]:
