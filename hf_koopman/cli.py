@@ -306,7 +306,15 @@ def _build_or_load(config: Any, weights: str | None, spec: str, torch_dtype: Any
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModel.from_config(config)
+            try:
+                model = AutoModel.from_config(config)
+            except (AssertionError, ValueError, TypeError, IndexError) as err:  # an inconsistent config
+                raise ValueError(
+                    f"transformers could not build a {getattr(config, 'model_type', 'model')} from the config of "
+                    f"{spec} ({type(err).__name__}: {_first_line(err) or 'no message'}): its fields are inconsistent "
+                    "(e.g. a pad_token_id or another token id at or above vocab_size). Fix the config.json, or use an "
+                    "embedded config (`hf-koopman profile gpt2 --init`)."
+                ) from err
         model = model.to(torch_dtype)
     else:
         if Path(weights).is_dir():

@@ -478,3 +478,16 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-koopman {__version__}"
+
+
+def test_an_inconsistent_config_names_the_fix(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    (tmp_path / "broken").mkdir()
+    path = tmp_path / "broken" / "config.json"
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                pad_token_id=500).to_json_file(path)  # a pad token beyond the vocabulary: nn.Embedding asserts
+    code = main(["profile", str(path), *FAST, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "could not build a llama from the config" in err and "Fix the config.json" in err
+    assert "Traceback" not in err

@@ -277,9 +277,10 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     lines += [f"**Verdict: {verdict.upper()}{' (tentative)' if tentative else ''}** — "
               f"{reason.removeprefix(TENTATIVE)}.", ""]
     if _pretrained(profile):
-        lines += ["> **Note — pretrained weights:** this profile is of trained weights, not of a model at "
-                  "initialisation. The decision rule and the calibrated risk estimator come from spectra at random "
-                  "initialisation, so the verdict and any calibrated risk below are extrapolations.", ""]
+        lines += ["> **Note — pretrained weights:** this profile is of weights loaded from a checkpoint (taken as "
+                  "trained), not of a model at initialisation. The decision rule and the calibrated risk estimator "
+                  "come from spectra at random initialisation, so the verdict and any calibrated risk below are "
+                  "extrapolations.", ""]
     dtype = low_precision_dtype(profile)
     if dtype is not None:  # the columns ρ and κ(V) below, and the risk estimate's inputs, carry the rounding
         lines += [f"> **Note — {dtype} activations:** {precision_caveat(dtype)}. The masses and the verdict held up "
