@@ -606,7 +606,7 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_model_input_arguments(args: argparse.Namespace) -> bool:
     """Validate the shared arguments; hide the progress bars when asked. Returns whether to show progress."""
-    if args.rank is not None and args.rank < 1:
+    if getattr(args, "rank", None) is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
@@ -914,9 +914,6 @@ def _add_max_lr_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another input the estimator needs (e.g. norm=pre_ln); repeatable")
     parser.add_argument("--level", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
-    parser.add_argument("--rank", type=int, default=None, metavar="R",
-                        help="analyse the rank-R approximation instead of the full spectrum (default: the full "
-                             "spectrum, the recipe the shipped estimator was fitted on)")
 
 
 def _parse_context(items: Sequence[str]) -> dict[str, Any]:
@@ -974,7 +971,7 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         _warn_unread_context(context, estimator)
     model, tokenizer, name, inputs, weights = _load_model_and_inputs(args)
     result = profile(
-        model, inputs, num_samples=args.num_samples, rank=args.rank, seed=args.seed, layers=args.layers,
+        model, inputs, num_samples=args.num_samples, seed=args.seed, layers=args.layers,
         tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
         model_name=name, progress=progress,
     )
@@ -1025,15 +1022,43 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is when a record is emitted, so that `main()` called
+    again in one process (a notebook, a test run) does not write to a stderr that has since been replaced or closed."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
 
 
-def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
-    """`--opt -1e-3` as `--opt=-1e-3`: argparse reads a negative number in scientific notation as an option, and the
-    user then got "expected one argument" instead of the option's own range check."""
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+
+
+def _valued_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings of `parser` and its subcommands that take one value."""
+    out: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _valued_options(sub)
+        elif action.option_strings and action.nargs in (None, 1, "?"):
+            out.update(action.option_strings)
+    return out
+
+
+def _join_negative_numbers(argv: Sequence[str], valued: set[str]) -> list[str]:
+    """`--opt -1e-3` as `--opt=-1e-3` for an option in `valued` (one that takes a value): argparse reads a negative
+    number in scientific notation (or -inf, -nan) as an option, and the user then got "expected one argument" instead
+    of the option's own range check. Nothing after `--` is touched."""
     out: list[str] = []
-    for token in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.match(token):
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + list(argv[i:])
+        if out and out[-1] in valued and _NEGATIVE_NUMBER.match(token):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)
@@ -1043,13 +1068,13 @@ def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-koopman` console script; returns the exit status."""
     parser = make_parser()
-    args = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv, _valued_options(parser)))
     from hf_koopman import _register_auto_classes
 
     _register_auto_classes()  # deferred by `import hf_koopman` in the console script until the arguments parse
     package_logger = logging.getLogger("hf_koopman")  # configure our own logger only, never the root logger
     if not any(getattr(h, "_hf_koopman_cli", False) for h in package_logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._hf_koopman_cli = True  # type: ignore[attr-defined]
         package_logger.addHandler(handler)

@@ -190,7 +190,8 @@ def suggest_max_lr(
         estimator (`RiskEstimator` or path, *optional*): defaults to `RiskEstimator.default()`.
         level (`float`, defaults to 0.95): coverage of the interval.
         context (`dict`, *optional*): other inputs the estimator needs (`estimator.required_keys`), e.g. `norm`.
-        **profile_kwargs: passed to `profile` (`num_samples`, `rank`, `seed`, `max_tokens`, `tokenizer`, ...).
+        **profile_kwargs: passed to `profile` (`num_samples`, `seed`, `max_tokens`, `tokenizer`, ...; not `rank`:
+            the estimator reads the full spectrum).
 
     Returns:
         `MaxLRSuggestion`. Its `out_of_range` flag is set when the model's features or the suggested learning rate lie
@@ -199,6 +200,9 @@ def suggest_max_lr(
     """
     if "learning_rate" in profile_kwargs or "learning_rate" in (context or {}):
         raise ValueError("suggest_max_lr solves for the learning rate; do not pass learning_rate= (nor in context).")
+    if profile_kwargs.get("rank") is not None:
+        raise ValueError(f"suggest_max_lr reads the full spectrum (the shipped estimator was fitted on it); a "
+                         f"rank-{profile_kwargs['rank']} profile gets no verdict and its masses are biased: drop rank=.")
     est = _load_estimator(estimator)
     context = dict(context or {})
     if _is_profile(model):

@@ -177,6 +177,20 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
 
 #: The `unknown` entry of an "uninformative" profile whose spectrum the estimator reads.
 _UNINFORMATIVE_SPECTRUM = "the spectrum (the profile is uninformative; its verdict reason says why)"
+#: The `unknown` entry of a tentative profile that layers near the η_nl gate could make uninformative
+_MAYBE_UNINFORMATIVE_SPECTRUM = ("the spectrum (the verdict is tentative and may be uninformative with more token "
+                                 "states; its verdict reason says why)")
+
+
+def _may_be_uninformative(profile: Any) -> bool:
+    """Whether reading the layers near the η_nl gate or not can make `profile`'s verdict "uninformative"
+    (`DecisionRule.gate_verdicts`); false for anything without a rule."""
+    rule = getattr(profile, "rule", None)
+    if rule is None or not hasattr(rule, "gate_verdicts") or not hasattr(profile, "features"):
+        return False
+    return "uninformative" in rule.gate_verdicts(profile)
+
+
 #: The `unknown` entry of a profile that does not record whether its weights are an initialisation
 #: (`meta["weights"]` unset: no learned normalisation scale to read it from, or one kept in float16 / bfloat16).
 _WEIGHTS_UNKNOWN = "weights (origin unknown)"
@@ -328,7 +342,7 @@ class RiskAssessment:
             parts.append(("outside the fitted range: " if not clipped else "")
                          + "the weights are not an initialisation (the estimator was fitted on spectra at "
                          "initialisation)")
-        special = {_UNINFORMATIVE_SPECTRUM, _WEIGHTS_UNKNOWN,
+        special = {_UNINFORMATIVE_SPECTRUM, _MAYBE_UNINFORMATIVE_SPECTRUM, _WEIGHTS_UNKNOWN,
                    *(_unreliable_entry(key, self.low_precision) for key in self.unreliable)}
         missing = [u for u in self.unknown if u not in special]
         if missing:
@@ -336,6 +350,9 @@ class RiskAssessment:
                          + " (the estimator does not record them, or they were not given)")
         if _UNINFORMATIVE_SPECTRUM in self.unknown:
             parts.append("the spectrum is uninformative (see the verdict), so its place in the fitted range is unknown")
+        if _MAYBE_UNINFORMATIVE_SPECTRUM in self.unknown:
+            parts.append("the verdict is tentative and may be uninformative with more token states (see its reason), "
+                         "so the spectrum the probability reads may say little")
         if self.unreliable and self.low_precision:
             parts.append(f"{', '.join(self.unreliable)} not range-checked (the probability still reads them as they "
                          "are): " + precision_caveat(self.low_precision))
@@ -565,9 +582,12 @@ class RiskEstimator:
         elif weights is None and isinstance(_part(profile, "meta"), Mapping):
             unknown.append(_WEIGHTS_UNKNOWN)  # a profile that cannot say whether it is of an initialisation
         aggregates = _part(profile, "aggregates", profile)
-        if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
-                f.key != _LR and f.key in aggregates for f in self.features):
+        reads_spectrum = isinstance(aggregates, Mapping) and any(
+            f.key != _LR and f.key in aggregates for f in self.features)
+        if reads_spectrum and _part(profile, "verdict") == "uninformative":
             unknown.append(_UNINFORMATIVE_SPECTRUM)
+        elif reads_spectrum and _may_be_uninformative(profile):
+            unknown.append(_MAYBE_UNINFORMATIVE_SPECTRUM)
         flag = True if outside else (None if unknown else False)
         return flag, tuple(outside), tuple(unknown)
 
@@ -1005,18 +1025,22 @@ def in_fitted_range(assessment: RiskAssessment | None) -> bool:
             and getattr(assessment, "learning_rate", None) is not None)
 
 
-def recommendation(verdict: str, assessment: RiskAssessment | None = None) -> str:
-    """What to do: from the calibrated probability when `assessment` is at the planned learning rate and inside the
-    estimator's fitted range (`out_of_range is False`), from the verdict's `ADVICE` otherwise.
+def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, rank: int | None = None) -> str:
+    """What to do: `RANK_ADVICE` for a profile whose read layers a rank-`rank` approximation truncated
+    (`DecisionRule.truncated_rank`); from the calibrated probability when `assessment` is at the planned learning rate
+    and inside the estimator's fitted range (`out_of_range is False`); from the verdict's `ADVICE` otherwise.
 
     The verdict reads the spectrum alone, which on held-out architecture families added nothing measurable beyond
     the configuration and the learning rate (`results/heldout_risk.md`); the calibrated probability reads both, so
     where it is in range it decides the advice: below `RISK_BUDGET` no lower learning rate, above it a lower one.
     """
+    if rank is not None:
+        return RANK_ADVICE
     if not in_fitted_range(assessment):
         return ADVICE[verdict]
     p, lr = assessment.probability, assessment.learning_rate
-    shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"
+    # near the budget one more digit, so that "10.0%" never sits on both sides of it
+    shown = "< 0.1 %" if p < 1e-3 else f"{p:.2%}" if abs(p - RISK_BUDGET) < 0.005 else f"{p:.1%}"
     label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""
     if p < RISK_BUDGET:
         return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's "
@@ -1187,14 +1211,11 @@ class DecisionRule:
         min(N - 1, d) directions their number allows (`n_modes`, the numerical rank of the centred inputs), for a
         layer that is not degenerate. Repeated or padded inputs give fewer independent states than N: N/d then
         overstates the sample, and the linear map fits the few distinct states closely (η_nl reads low). A caution the
-        reason and the report carry; the verdict is not changed. All false for a rank-r profile (its `n_modes` is
-        r)."""
-        count = len(profile.features)
-        if self.truncated_rank(profile) is not None:
-            return [False] * count
+        reason and the report carry; the verdict is not changed. False for a layer the rank-r approximation
+        truncated (its `n_modes` is r)."""
         out = []
-        for f, (n, d) in zip(profile.features, self.sample_sizes(profile)):
-            full = min(n - 1, d) if n and d else None
+        for f, (n, d), cut in zip(profile.features, self.sample_sizes(profile), self.truncated(profile)):
+            full = min(n - 1, d) if n and d and not cut else None
             modes = getattr(f, "n_modes", None)
             out.append(bool(full and modes is not None and not getattr(f, "degenerate", False)
                             and modes < RANK_SHARE_MIN * full))
@@ -1398,7 +1419,7 @@ class DecisionRule:
             reason += (f"; caution: {rank_deficient} layer{'s' if many else ''} read span{'' if many else 's'} fewer "
                        f"than {RANK_SHARE_MIN:.0%} of the directions {'their' if many else 'its'} N token states "
                        "allow (repeated or padded inputs?), so N overstates the independent sample and η_nl reads low")
-        if weights == "pretrained":
+        if weights == "pretrained" and rank is None:  # a rank-r profile has no verdict to extrapolate
             reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
                        "come from spectra at random initialisation")
         return verdict, reason
@@ -1417,12 +1438,26 @@ class DecisionRule:
         low, high = score * (1 - relative), min(1.0, score * (1 + relative))
         return tuple(t for t in (self.safe_below, self.high_risk_above) if low <= t <= high)
 
-    @staticmethod
-    def truncated_rank(profile: Any) -> int | None:
-        """r of a rank-r profile whose modes do not cover the full spectrum; `None` for the full spectrum (also a
-        rank-r profile whose rank covered every mode, `settings["spectrum"] == "full"`)."""
+    def truncated(self, profile: Any) -> list[bool]:
+        """Per layer of `profile`: whether the rank-r approximation truncated it (r < min(N, d) of that layer; a layer
+        of unknown size counts as truncated). All false for the full spectrum (also a rank-r profile whose rank
+        covered every mode, `settings["spectrum"] == "full"`)."""
         settings = profile.settings
-        return None if settings.get("spectrum") == "full" else settings.get("rank")
+        rank = settings.get("rank")
+        if rank is None or settings.get("spectrum") == "full":
+            return [False] * len(profile.features)
+        return [not (n and d) or rank < min(n, d) for n, d in self.sample_sizes(profile)]
+
+    def truncated_rank(self, profile: Any) -> int | None:
+        """r when the verdict would read a layer the rank-r approximation truncated (or reads no layer and some are
+        truncated): the thresholds read the full spectrum, so such a profile gets no threshold verdict. `None` when
+        every layer read has its full spectrum."""
+        cut = self.truncated(profile)
+        if not any(cut):
+            return None
+        reads = self.reads(profile)
+        read_cut = any(c and r for c, r in zip(cut, reads))
+        return profile.settings.get("rank") if read_cut or not any(reads) else None
 
     def decide_profile(self, profile: Any) -> tuple[str, str]:
         """`decide` on a `SpectralProfile`: the layers it reads (`reads`), their sample (`verdict_sample`), the layers
@@ -1458,6 +1493,9 @@ class DecisionRule:
     ) -> tuple[str, str]:
         """`decide` without the note on pretrained weights."""
         ratio = num_samples / hidden_size if num_samples and hidden_size else None
+        if rank is not None:  # no threshold verdict, whatever the sample; the reason says what else to fix
+            return "uninformative", self._rank_reason(score, rank, informative, total, num_samples, hidden_size,
+                                                      tokens_seen)
         if num_samples is not None and num_samples <= 2:
             return "uninformative", f"only N = {num_samples} token states: no covariance can be estimated"
         if ratio is not None and ratio < self.min_samples_per_dim:
@@ -1469,19 +1507,6 @@ class DecisionRule:
         left_out = self._left_out(undersampled, total)
         few = score is None or not math.isfinite(score) or bool(
             informative is not None and total and informative < 0.5 * total)
-        if rank is not None:
-            measured = "" if score is None or not math.isfinite(score) else (
-                f" (mean M≈1 of this profile: {score:.3f}, not comparable)")
-            return "uninformative", (
-                f"a rank-{rank} profile: the thresholds read the full spectrum, and the rank-{rank} fit keeps the "
-                f"{rank} directions of largest whitened output energy, the ones the block expands, so its masses are "
-                "biased (M≈1 toward 0, M>1 toward 1; research GPT Pre-LN at d = 128: M≈1 0.01 at rank 32 against "
-                f"0.16 for the full spectrum and in the paper's Table 1){measured}"
-                + ("" if not few else f"; {informative or 0} of {total} layers pass the η_nl gate: with rank={rank} "
-                   f"the linear fit covers {rank} of {hidden_size} directions, so a high η_nl comes from the "
-                   "truncation")
-                + "; profile the full spectrum (rank=None) for a verdict"
-            )
         if few:
             count = "" if informative is None or not total else f"{informative} of {total} layers are informative; "
             others = total - (informative or 0) - undersampled if total else 1
@@ -1527,6 +1552,28 @@ class DecisionRule:
                       f"threshold{'s' if len(crossed) > 1 else ''}, so more tokens may change the verdict")
         return verdict, reason
 
+    def _rank_reason(self, score: float | None, rank: int, informative: int | None, total: int | None,
+                     num_samples: int | None, hidden_size: int | None, tokens_seen: int | None) -> str:
+        """Why a profile whose read layers the rank-r approximation truncated gets no threshold verdict."""
+        measured = "" if score is None or not math.isfinite(score) else (
+            f" (mean M≈1 of this profile: {score:.3f}, not comparable)")
+        few = score is None or not math.isfinite(score) or bool(
+            informative is not None and total and informative < 0.5 * total)
+        reason = (
+            f"a rank-{rank} profile: the thresholds read the full spectrum, and the rank-{rank} fit keeps the "
+            f"{rank} directions of largest whitened output energy, the ones the block expands, so its masses are "
+            "biased (M≈1 toward 0, M>1 toward 1; research GPT Pre-LN at d = 128: M≈1 0.01 at rank 32 against "
+            f"0.16 for the full spectrum and in the paper's Table 1){measured}"
+        )
+        if few:
+            reason += (f"; {informative or 0} of {total} layers pass the η_nl gate: with rank={rank} the linear fit "
+                       f"covers {rank} of {hidden_size} directions, so a high η_nl comes from the truncation")
+        reason += "; profile the full spectrum (rank=None) for a verdict"
+        if num_samples and hidden_size and num_samples / hidden_size < self.min_samples_per_dim:
+            reason += (f", and N/d = {num_samples / hidden_size:.2f} is below {self.min_samples_per_dim:g}: "
+                       f"{self._more_tokens(num_samples, hidden_size, tokens_seen)}")
+        return reason
+
     def _left_out(self, undersampled: int, total: int | None) -> str:
         """The reason's clause on layers left out because their own sample is too small for their width."""
         if not undersampled:
@@ -1548,6 +1595,6 @@ class DecisionRule:
                                                   if least < wanted else "")
         if tokens_seen is not None:
             return (f"the inputs gave only {int(tokens_seen)} token states, all of them used, so a larger num_samples "
-                    f"cannot help: supply more or longer inputs to reach N {target} (more text, a larger batch or "
-                    f"`max_tokens`; for RKSPCallback a larger `probe_batch_size`)")
+                    f"cannot help: supply more or longer inputs to reach N {target}: more text, a larger batch or "
+                    "`max_tokens` (for RKSPCallback a larger `probe_batch_size`)")
         return f"profile with num_samples {target}"

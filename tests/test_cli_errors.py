@@ -448,7 +448,7 @@ def test_out_of_memory_while_loading_names_the_model_not_the_probe(tiny_llama_js
     monkeypatch.setattr(cli, "_build_or_load", no_memory)  # --init
     for command in ("profile", "max-lr"):
         code = main([command, str(tiny_llama_json), "--init", *FAST, "--out", str(tmp_path / "out")]
-                    if command == "profile" else [command, str(tiny_llama_json), "--init", *FAST[:4], "--no-progress"])
+                    if command == "profile" else [command, str(tiny_llama_json), "--init", *FAST[:2], "--no-progress"])
         err = capsys.readouterr().err
         assert code == 2 and "out of memory while building or loading" in err and "--stream" in err
         assert "--num-samples" not in err
@@ -491,3 +491,22 @@ def test_an_inconsistent_config_names_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "could not build a llama from the config" in err and "Fix the config.json" in err
     assert "Traceback" not in err
+
+
+def test_negative_numbers_join_only_options_that_take_a_value():
+    from hf_koopman.cli import _join_negative_numbers, _valued_options, make_parser
+
+    valued = _valued_options(make_parser())
+    join = lambda argv: _join_negative_numbers(argv, valued)  # noqa: E731
+    assert join(["profile", "gpt2", "--learning-rate", "-1e-3"]) == ["profile", "gpt2", "--learning-rate=-1e-3"]
+    assert join(["profile", "--learning-rate", "-inf", "gpt2"]) == ["profile", "--learning-rate=-inf", "gpt2"]
+    assert join(["profile", "--init", "-1e-3"]) == ["profile", "--init", "-1e-3"]  # a flag takes no value
+    assert join(["profile", "--init", "--", "-1"]) == ["profile", "--init", "--", "-1"]  # nothing after --
+
+
+def test_max_lr_refuses_a_rank():
+    from hf_koopman import suggest_max_lr
+    from hf_koopman.testing_utils import tiny_model
+
+    with pytest.raises(ValueError, match="reads the full spectrum.*drop rank="):
+        suggest_max_lr(tiny_model("llama"), rank=8)

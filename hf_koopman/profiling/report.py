@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
-    RANK_ADVICE, RANK_SHARE_MIN, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat,
+    RANK_SHARE_MIN, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat,
     recommendation, score_band,
 )
 
@@ -124,6 +124,9 @@ def _spectrum_lines(profile: SpectralProfile) -> list[str]:
     biased = ("it keeps the directions of largest output energy and is biased toward expanding modes (near-unit mass "
               "~0 on Pre-LN models whose full spectrum has ~0.16)")
     truncated = profile.settings.get("truncated_layers")
+    if truncated is not None and profile.rule.truncated_rank(profile) is None:  # only layers the verdict leaves out
+        return [f"- This is the **{spectrum}**: the truncated layers' masses are not those of the full spectrum "
+                f"({biased}); the verdict reads none of them, only layers with their full spectrum."]
     if truncated is not None:  # mixed: rank >= min(N, d) in some layers, which then have all their modes
         return [
             f"- This is the **{spectrum}**: the truncated layers' masses are not those of the full spectrum ({biased}),"
@@ -322,8 +325,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         ]
     else:
         lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
-    truncated = verdict == "uninformative" and profile.rule.truncated_rank(profile) is not None
-    advice = RANK_ADVICE if truncated else recommendation(verdict, profile.risk_assessment())
+    advice = recommendation(verdict, profile.risk_assessment(), rank=profile.rule.truncated_rank(profile))
     lines += [f"Recommendation: {advice}", ""]
     lines += _trust_section(profile, tentative)
 

@@ -188,8 +188,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
     * **At train begin** the model is profiled on a probe batch (the first `probe_batch_size` training examples,
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
       sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
-      `rksp_profile.png` are written to `output_dir` (main process); a "high risk" verdict is logged as a warning with
-      the recommended action. With a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
+      `rksp_profile.png` are written to `output_dir` (main process); the verdict is logged with the recommended action
+      (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the estimator's fitted
+      range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
       `rksp/risk_out_of_range` (1 when the model or learning rate lies outside the estimator's training runs, 0 inside,
       -1 ranges unknown), and a warning says "outside the fitted range: ..." naming what lies outside.
       `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on
@@ -394,6 +395,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.probe_batch_size = int(probe_batch_size)
         self.num_samples = int(num_samples)
         self.rank = None if rank is None else int(rank)
+        if self.rank is not None:
+            logger.warning("RKSPCallback(rank=%d): a rank-%d profile gets no threshold verdict ('uninformative', at "
+                           "initialisation and when monitoring), so auto_kss and the verdict-based advice cannot act "
+                           "on it; leave rank out for the full spectrum", self.rank, self.rank)
         self.seed = int(seed)
         self.layers = layers
         self.every_n_steps = int(every_n_steps)
@@ -682,9 +687,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
             assessment = spectral_profile.risk_assessment()
             # an in-range calibrated probability at this learning rate decides the advice and the alarm; the
             # verdict, which reads the spectrum alone, does otherwise (`recommendation`)
-            advice = recommendation(self.init_verdict, assessment)
-            alarm = (assessment.probability >= RISK_BUDGET if in_fitted_range(assessment)
-                     else self.init_verdict == "high risk")
+            truncated = spectral_profile.rule.truncated_rank(spectral_profile)
+            advice = recommendation(self.init_verdict, assessment, rank=truncated)
+            calibrated = truncated is None and in_fitted_range(assessment)
+            alarm = assessment.probability >= RISK_BUDGET if calibrated else self.init_verdict == "high risk"
             (logger.warning if alarm else logger.info)(
                 "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
                 when,
@@ -702,7 +708,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             if self.auto_kss and self.init_verdict == "high risk":
                 # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
                 # divergence, so auto_kss never switches it and says what state KSS is in
-                logger.warning("RKSPCallback(auto_kss=True): %s", self._auto_kss_message())
+                (logger.warning if alarm else logger.info)(
+                    "RKSPCallback(auto_kss=True): %s", self._auto_kss_message(advice if calibrated else None))
                 self._log(args, state, {"kss/auto_enabled": 0.0})
         if self.guard:
             self._start_guard(args, state, model, optimizer, lr_scheduler)
@@ -724,15 +731,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
             "at the end of its create_accelerator_and_postprocess()."
         )
 
-    def _auto_kss_message(self) -> str:
-        """What `auto_kss` says at a high-risk verdict: the state KSS is actually in, and the evidence."""
+    def _auto_kss_message(self, calibrated_advice: str | None = None) -> str:
+        """What `auto_kss` says at a high-risk verdict: the state KSS is actually in, and the evidence; with an
+        in-range calibrated probability, its advice (`recommendation`) stands in for "lower the learning rate"."""
         evidence = ("In the paper's No-Norm regime KSS did not lower divergence (results/kss_v2.md in the hf_koopman "
                     "repository)")
         config = getattr(self._trainer, "kss_config", None)
         if config is not None and config.active:
+            instead = ("lower the learning rate rather than rely on it" if calibrated_advice is None else
+                       f"do not rely on it ({calibrated_advice.rstrip('.')})")
             return (f"the verdict is high risk and KSS is on because kss_enabled=True (alpha={config.alpha:g}); "
-                    f"auto_kss never switches KSS on or off. {evidence}: lower the learning rate rather than rely on "
-                    "it, or pass kss_enabled=False to train without it.")
+                    f"auto_kss never switches KSS on or off. {evidence}: {instead}, or pass kss_enabled=False to "
+                    "train without it.")
         if config is None:
             return (f"KSS stays off despite the high-risk verdict (this Trainer is not a KSSTrainer). {evidence}; "
                     "use KSSTrainer with kss_enabled=True to try it anyway.")

@@ -167,3 +167,56 @@ def test_the_report_accounts_for_every_mode():
                                    contractive_below=0.5, residual_tol=0.3))
     assert "0.95 ≤ |λ| ≤ 1.02" in custom and "| M<0.50 | mid |" in custom and "(τ = 0.3)" in custom
     assert "0.90 ≤" not in custom and "τ = 0.1" not in custom
+
+
+def test_a_rank_r_profile_with_too_few_samples_names_both_fixes():
+    reason = DecisionRule().decide(0.4, None, num_samples=100, hidden_size=64, rank=8)[1]
+    assert "rank-8 profile" in reason and "rank=None" in reason and "N/d = 1.56 is below 2" in reason
+
+
+def test_truncating_only_layers_the_verdict_leaves_out_keeps_the_verdict():
+    import torch
+
+    from hf_koopman.profiling.profiler import profile_from_snapshots
+    from hf_koopman.profiling.report import render_report
+
+    g = torch.Generator().manual_seed(0)
+
+    def snap(n, d, i):
+        x = torch.randn(n, d, generator=g)
+        return f"layers.{i}", x, 0.5 * x + 0.3 * torch.randn(n, d, generator=g)
+
+    # layers 0, 1 (d = 8, N = 512) get every mode at rank 16; layer 2 (d = 64, N = 64: N/d = 1) is truncated and left out
+    snaps = [snap(512, 8, 0), snap(512, 8, 1), snap(64, 64, 2)]
+    full, cut = profile_from_snapshots(snaps, progress=False), profile_from_snapshots(snaps, rank=16, progress=False)
+    assert cut.rule.truncated(cut) == [False, False, True] and cut.rule.truncated_rank(cut) is None
+    assert cut.verdict == full.verdict != "uninformative" and "rank-16 profile" not in cut.verdict_reason
+    assert "the verdict reads none of them" in render_report(cut)
+
+
+def test_the_report_recommends_the_full_spectrum_for_a_rank_r_profile_and_follows_an_in_range_probability(monkeypatch):
+    from hf_koopman.risk import RANK_ADVICE, RiskAssessment
+
+    class InRange:
+        def predict_proba(self, prof, learning_rate=None):
+            return 0.002
+
+        def assess(self, prof, learning_rate=None, **context):
+            return RiskAssessment(probability=0.002, out_of_range=False, learning_rate=learning_rate)
+
+    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
+    model = tiny_model("llama")
+    cut = hf_koopman.profile(model, rank=8, num_samples=512, learning_rate=1e-3, progress=False)
+    assert f"Recommendation: {RANK_ADVICE}" in cut.to_markdown()
+    full = hf_koopman.profile(model, num_samples=512, learning_rate=1e-3, progress=False)
+    assert "Recommendation: At learning rate 0.001 the calibrated divergence probability is 0.2%" in full.to_markdown()
+
+
+def test_a_tentative_verdict_that_may_be_uninformative_gives_no_calibrated_advice():
+    from hf_koopman.risk import ADVICE, recommendation
+
+    prof = hf_koopman.profile(tiny_model("llama"), num_samples=128, learning_rate=0.01, progress=False)
+    assert prof.verdict != "uninformative" and "uninformative" in prof.rule.gate_verdicts(prof)  # precondition
+    assessment = prof.risk_assessment()
+    assert assessment.out_of_range is None and any("may be uninformative" in u for u in assessment.unknown)
+    assert recommendation(prof.verdict, assessment) == ADVICE[prof.verdict]

@@ -106,3 +106,18 @@ def test_an_in_range_probability_decides_the_init_advice_and_its_alarm(tmp_path,
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
     assert line.levelno == level and "Recommended: At learning rate 0.003 the calibrated" in line.getMessage()
 
+
+
+def test_a_rank_r_callback_warns_once_and_recommends_the_full_spectrum(tmp_path, caplog):
+    from hf_koopman.risk import RANK_ADVICE
+
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        callback = RKSPCallback(num_samples=128, rank=8, save_artifacts=False)
+        args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=0.01)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+        trainer.train()
+    assert "RKSPCallback(rank=8): a rank-8 profile gets no threshold verdict" in caplog.text
+    assert callback.init_verdict == "uninformative"
+    from hf_koopman.risk import recommendation
+
+    assert recommendation(callback.init_verdict, None, rank=8) == RANK_ADVICE

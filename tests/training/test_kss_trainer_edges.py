@@ -345,6 +345,28 @@ def test_a_kss_step_with_a_penalty_does_not_warn(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ auto_kss
+def test_auto_kss_follows_an_in_range_probability(tmp_path, caplog, monkeypatch):
+    from hf_koopman.risk import RiskAssessment, RiskEstimator
+
+    class InRange:  # every input inside the fitted range, a low probability at the run's learning rate
+        def predict_proba(self, prof, learning_rate=None):
+            return 0.002
+
+        def assess(self, prof, learning_rate=None, **context):
+            return RiskAssessment(probability=0.002, out_of_range=False, learning_rate=learning_rate)
+
+    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
+    callback = RKSPCallback(auto_kss=True, num_samples=128, save_artifacts=False)
+    trainer = KSSTrainer(
+        model=no_norm_gpt2(), train_dataset=TokenDataset(), callbacks=[callback],
+        args=_args(tmp_path, kss_enabled=True, kss_every_n_steps=2, max_steps=1, kss_num_samples=128),
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert callback.init_verdict == "high risk"
+    assert "lower the learning rate" not in caplog.text  # the in-range probability says no lower rate is needed
+
+
 @pytest.mark.parametrize("enabled", [True, False], ids=["kss-on", "kss-off"])
 def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
     callback = RKSPCallback(auto_kss=True, num_samples=128, save_artifacts=False)
