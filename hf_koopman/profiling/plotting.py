@@ -115,10 +115,11 @@ def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
             ax.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.2, lw=0,
                        label=None if shaded else "left out of the verdict")
             shaded = True
+    # the verdict's thresholds apply to the mean M≈1 only, not to the other curves
     ax.axhline(profile.rule.safe_below, color="tab:green", ls="--", lw=0.8,
-               label=f"safe below {profile.rule.safe_below:g} (mean M≈1)")
+               label=f"M≈1 thresholds: safe below {profile.rule.safe_below:g}")
     ax.axhline(profile.rule.high_risk_above, color="tab:red", ls="--", lw=0.8,
-               label=f"high risk above {profile.rule.high_risk_above:g}")
+               label=f"M≈1 thresholds: high risk above {profile.rule.high_risk_above:g}")
     stacks = profile.stacks
     for i in range(1, len(stacks)):
         if stacks[i] != stacks[i - 1]:

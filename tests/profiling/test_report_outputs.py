@@ -230,3 +230,11 @@ def test_a_killed_save_s_staging_folder_is_removed_by_the_next_save_once_stale(t
     user_file.write_text("mine")
     save_profile(lr_profile, tmp_path, plots=False)
     assert not stale.exists() and fresh.is_dir() and user_file.read_text() == "mine"
+
+
+def test_the_masses_plot_says_its_threshold_lines_are_for_the_near_unit_mass(lr_profile):
+    from hf_koopman.profiling.plotting import plot_masses
+
+    ax = plot_masses(lr_profile)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "M≈1 thresholds: safe below 0.3" in labels and "M≈1 thresholds: high risk above 0.5" in labels
