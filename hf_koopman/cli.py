@@ -914,6 +914,7 @@ def _add_max_lr_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another input the estimator needs (e.g. norm=pre_ln); repeatable")
     parser.add_argument("--level", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # refused with the reason
 
 
 def _parse_context(items: Sequence[str]) -> dict[str, Any]:
@@ -954,6 +955,9 @@ def _run_max_lr(args: argparse.Namespace) -> int:
     from hf_koopman.max_lr import suggest_max_lr
     from hf_koopman.profiling import profile
 
+    if args.rank is not None:
+        raise ValueError(f"max-lr reads the full spectrum (the shipped estimator was fitted on it); a rank-{args.rank} "
+                         "profile gets no verdict and its masses are biased: drop --rank.")
     if not 0.0 < args.risk < 1.0:
         raise ValueError(f"--risk must be a probability strictly between 0 and 1, got {args.risk}.")
     if not 0.0 < args.level < 1.0:
@@ -1038,27 +1042,37 @@ class _StderrHandler(logging.StreamHandler):
 _NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
-def _valued_options(parser: argparse.ArgumentParser) -> set[str]:
-    """The option strings of `parser` and its subcommands that take one value."""
-    out: set[str] = set()
+def _valued_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Every option string of `parser` and its subcommands, mapped to whether it takes one value."""
+    out: dict[str, bool] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                out |= _valued_options(sub)
-        elif action.option_strings and action.nargs in (None, 1, "?"):
-            out.update(action.option_strings)
+                for option, takes in _valued_options(sub).items():
+                    out[option] = out.get(option, False) or takes
+        elif action.option_strings:
+            for option in action.option_strings:
+                out[option] = out.get(option, False) or action.nargs in (None, 1, "?")
     return out
 
 
-def _join_negative_numbers(argv: Sequence[str], valued: set[str]) -> list[str]:
-    """`--opt -1e-3` as `--opt=-1e-3` for an option in `valued` (one that takes a value): argparse reads a negative
+def _takes_value(token: str, options: dict[str, bool]) -> bool:
+    """Whether `token` names an option that takes a value, also as a unique `--` prefix (as argparse accepts it)."""
+    if token in options:
+        return options[token]
+    matches = [o for o in options if token.startswith("--") and o.startswith(token)]
+    return len(matches) == 1 and options[matches[0]]
+
+
+def _join_negative_numbers(argv: Sequence[str], options: dict[str, bool]) -> list[str]:
+    """`--opt -1e-3` as `--opt=-1e-3` for an option that takes a value (`_valued_options`): argparse reads a negative
     number in scientific notation (or -inf, -nan) as an option, and the user then got "expected one argument" instead
     of the option's own range check. Nothing after `--` is touched."""
     out: list[str] = []
     for i, token in enumerate(argv):
         if token == "--":
             return out + list(argv[i:])
-        if out and out[-1] in valued and _NEGATIVE_NUMBER.match(token):
+        if out and "=" not in out[-1] and _takes_value(out[-1], options) and _NEGATIVE_NUMBER.match(token):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)

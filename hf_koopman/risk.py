@@ -42,7 +42,7 @@ import numpy as np
 
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
-    "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "in_fitted_range", "recommendation", "score_band",
+    "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range", "recommendation", "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
 ]
 
@@ -177,20 +177,6 @@ def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
 
 #: The `unknown` entry of an "uninformative" profile whose spectrum the estimator reads.
 _UNINFORMATIVE_SPECTRUM = "the spectrum (the profile is uninformative; its verdict reason says why)"
-#: The `unknown` entry of a tentative profile that layers near the η_nl gate could make uninformative
-_MAYBE_UNINFORMATIVE_SPECTRUM = ("the spectrum (the verdict is tentative and may be uninformative with more token "
-                                 "states; its verdict reason says why)")
-
-
-def _may_be_uninformative(profile: Any) -> bool:
-    """Whether reading the layers near the η_nl gate or not can make `profile`'s verdict "uninformative"
-    (`DecisionRule.gate_verdicts`); false for anything without a rule."""
-    rule = getattr(profile, "rule", None)
-    if rule is None or not hasattr(rule, "gate_verdicts") or not hasattr(profile, "features"):
-        return False
-    return "uninformative" in rule.gate_verdicts(profile)
-
-
 #: The `unknown` entry of a profile that does not record whether its weights are an initialisation
 #: (`meta["weights"]` unset: no learned normalisation scale to read it from, or one kept in float16 / bfloat16).
 _WEIGHTS_UNKNOWN = "weights (origin unknown)"
@@ -342,7 +328,7 @@ class RiskAssessment:
             parts.append(("outside the fitted range: " if not clipped else "")
                          + "the weights are not an initialisation (the estimator was fitted on spectra at "
                          "initialisation)")
-        special = {_UNINFORMATIVE_SPECTRUM, _MAYBE_UNINFORMATIVE_SPECTRUM, _WEIGHTS_UNKNOWN,
+        special = {_UNINFORMATIVE_SPECTRUM, _WEIGHTS_UNKNOWN,
                    *(_unreliable_entry(key, self.low_precision) for key in self.unreliable)}
         missing = [u for u in self.unknown if u not in special]
         if missing:
@@ -350,9 +336,6 @@ class RiskAssessment:
                          + " (the estimator does not record them, or they were not given)")
         if _UNINFORMATIVE_SPECTRUM in self.unknown:
             parts.append("the spectrum is uninformative (see the verdict), so its place in the fitted range is unknown")
-        if _MAYBE_UNINFORMATIVE_SPECTRUM in self.unknown:
-            parts.append("the verdict is tentative and may be uninformative with more token states (see its reason), "
-                         "so the spectrum the probability reads may say little")
         if self.unreliable and self.low_precision:
             parts.append(f"{', '.join(self.unreliable)} not range-checked (the probability still reads them as they "
                          "are): " + precision_caveat(self.low_precision))
@@ -582,12 +565,9 @@ class RiskEstimator:
         elif weights is None and isinstance(_part(profile, "meta"), Mapping):
             unknown.append(_WEIGHTS_UNKNOWN)  # a profile that cannot say whether it is of an initialisation
         aggregates = _part(profile, "aggregates", profile)
-        reads_spectrum = isinstance(aggregates, Mapping) and any(
-            f.key != _LR and f.key in aggregates for f in self.features)
-        if reads_spectrum and _part(profile, "verdict") == "uninformative":
+        if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
+                f.key != _LR and f.key in aggregates for f in self.features):
             unknown.append(_UNINFORMATIVE_SPECTRUM)
-        elif reads_spectrum and _may_be_uninformative(profile):
-            unknown.append(_MAYBE_UNINFORMATIVE_SPECTRUM)
         flag = True if outside else (None if unknown else False)
         return flag, tuple(outside), tuple(unknown)
 
@@ -1018,6 +998,12 @@ def score_band(score: float, relative: float) -> str:
     return f"{score:.2f} (band {max(0.0, score - spread):.2f} to 1, a mass cannot exceed 1)"
 
 
+def below_risk_budget(probability: float) -> bool:
+    """Whether `probability`, as shown to one decimal of a percent, lies below `RISK_BUDGET` (so that the same shown
+    number never falls on both sides of it)."""
+    return round(probability, 3) < RISK_BUDGET
+
+
 def in_fitted_range(assessment: RiskAssessment | None) -> bool:
     """Whether `assessment` is a calibrated probability at a given learning rate with every input inside the
     estimator's fitted range (`out_of_range is False`: none outside, none unknown)."""
@@ -1039,10 +1025,9 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     if not in_fitted_range(assessment):
         return ADVICE[verdict]
     p, lr = assessment.probability, assessment.learning_rate
-    # near the budget one more digit, so that "10.0%" never sits on both sides of it
-    shown = "< 0.1 %" if p < 1e-3 else f"{p:.2%}" if abs(p - RISK_BUDGET) < 0.005 else f"{p:.1%}"
+    shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it
     label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""
-    if p < RISK_BUDGET:
+    if below_risk_budget(p):
         return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's "
                 f"fitted range: no lower learning rate is needed for stability{label}, which on held-out "
                 f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
@@ -1212,10 +1197,15 @@ class DecisionRule:
         layer that is not degenerate. Repeated or padded inputs give fewer independent states than N: N/d then
         overstates the sample, and the linear map fits the few distinct states closely (η_nl reads low). A caution the
         reason and the report carry; the verdict is not changed. False for a layer the rank-r approximation
-        truncated (its `n_modes` is r)."""
+        truncated (its `n_modes` is r) and for the first block of each stack, whose input is the embeddings (their
+        rank is bounded by the distinct tokens, a property of the text, not a repetition)."""
+        stacks = list(getattr(profile, "stacks", None) or [""] * len(profile.features))
+        # the first block of a stack reads the embeddings: without absolute positions (RoPE, T5) their rank is at most
+        # the number of distinct tokens, which ordinary text at N/d = 2-8 can keep under 0.9 d
+        first = [i == 0 or stacks[i] != stacks[i - 1] for i in range(len(stacks))]
         out = []
-        for f, (n, d), cut in zip(profile.features, self.sample_sizes(profile), self.truncated(profile)):
-            full = min(n - 1, d) if n and d and not cut else None
+        for f, (n, d), cut, head in zip(profile.features, self.sample_sizes(profile), self.truncated(profile), first):
+            full = min(n - 1, d) if n and d and not cut and not head else None
             modes = getattr(f, "n_modes", None)
             out.append(bool(full and modes is not None and not getattr(f, "degenerate", False)
                             and modes < RANK_SHARE_MIN * full))
@@ -1449,15 +1439,18 @@ class DecisionRule:
         return [not (n and d) or rank < min(n, d) for n, d in self.sample_sizes(profile)]
 
     def truncated_rank(self, profile: Any) -> int | None:
-        """r when the verdict would read a layer the rank-r approximation truncated (or reads no layer and some are
-        truncated): the thresholds read the full spectrum, so such a profile gets no threshold verdict. `None` when
-        every layer read has its full spectrum."""
+        """r when the rank-r approximation truncated a layer the verdict could read (sampled well enough and not
+        degenerate; the truncation itself can push its η_nl over the gate), or when the verdict reads no layer and some
+        are truncated: the thresholds read the full spectrum, so such a profile gets no threshold verdict. `None` when
+        only layers the verdict leaves out for their sample were truncated."""
         cut = self.truncated(profile)
         if not any(cut):
             return None
-        reads = self.reads(profile)
-        read_cut = any(c and r for c, r in zip(cut, reads))
-        return profile.settings.get("rank") if read_cut or not any(reads) else None
+        # a truncated layer that is sampled and not degenerate counts as read: the truncation itself pushes its η_nl
+        # over the gate, so whether it passes says nothing about the full spectrum
+        kept = [c and not under and not getattr(f, "degenerate", False)
+                for c, under, f in zip(cut, self.undersampled(profile), profile.features)]
+        return profile.settings.get("rank") if any(kept) or not any(self.reads(profile)) else None
 
     def decide_profile(self, profile: Any) -> tuple[str, str]:
         """`decide` on a `SpectralProfile`: the layers it reads (`reads`), their sample (`verdict_sample`), the layers

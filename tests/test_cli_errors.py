@@ -502,6 +502,7 @@ def test_negative_numbers_join_only_options_that_take_a_value():
     assert join(["profile", "--learning-rate", "-inf", "gpt2"]) == ["profile", "--learning-rate=-inf", "gpt2"]
     assert join(["profile", "--init", "-1e-3"]) == ["profile", "--init", "-1e-3"]  # a flag takes no value
     assert join(["profile", "--init", "--", "-1"]) == ["profile", "--init", "--", "-1"]  # nothing after --
+    assert join(["max-lr", "gpt2", "--ris", "-1e-3"]) == ["max-lr", "gpt2", "--ris=-1e-3"]  # a unique prefix
 
 
 def test_max_lr_refuses_a_rank():
@@ -510,3 +511,8 @@ def test_max_lr_refuses_a_rank():
 
     with pytest.raises(ValueError, match="reads the full spectrum.*drop rank="):
         suggest_max_lr(tiny_model("llama"), rank=8)
+
+
+def test_cli_max_lr_refuses_a_rank_with_the_reason(tiny_llama_json, capsys):
+    assert main(["max-lr", str(tiny_llama_json), "--init", "--rank", "8"]) == 2
+    assert "max-lr reads the full spectrum" in capsys.readouterr().err

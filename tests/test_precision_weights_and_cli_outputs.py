@@ -5,7 +5,6 @@ leave an earlier one's plots behind, and --split is never silently ignored."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from hf_koopman.cli import main
-from hf_koopman.profiling import DecisionRule, profile
+from hf_koopman.profiling import profile
 from hf_koopman.profiling.report import render_report, save_profile
 from hf_koopman.risk import RiskEstimator, low_precision_dtype
 from hf_koopman.testing_utils import tiny_config, tiny_model
@@ -27,9 +26,6 @@ FAST = ["--no-plots", "--no-progress"]
 def init_profile():
     """A float32 tiny LLaMA at initialisation: in the shipped estimator's ranges, weights "init"."""
     prof = profile(tiny_model("llama", num_hidden_layers=2), num_samples=128, model_name="tiny-llama", progress=False)
-    # no band around the η_nl gate, near which these layers sit (it would make the spectrum's informativeness, and so
-    # the range checks these tests are about, unknown)
-    prof = dataclasses.replace(prof, rule=DecisionRule(gate_band=0.0))
     assert prof.meta["weights"] == "init" and prof.meta["dtype"] == "float32"  # preconditions of the tests below
     return prof
 

@@ -155,3 +155,11 @@ def test_the_score_band_stops_at_one():
     assert score_band(1.0, 0.5) == "1.00 (band 0.50 to 1, a mass cannot exceed 1)"
     _, reason = DecisionRule().decide(1.0, 5.0, num_samples=256, hidden_size=64, informative=2, total=2)
     assert "± 0.50" not in reason and "band 0.50 to 1" in reason
+
+
+def test_the_budget_is_judged_on_the_shown_probability():
+    from hf_koopman.risk import RiskAssessment, below_risk_budget, recommendation
+
+    assert below_risk_budget(0.0994) and not below_risk_budget(0.0996) and not below_risk_budget(0.1)
+    edge = recommendation("safe", RiskAssessment(probability=0.0996, out_of_range=False, learning_rate=0.01))
+    assert "10.0%" in edge and "lower the learning rate" in edge  # never "10.0% ... no lower learning rate needed"

@@ -21,7 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import RISK_BUDGET, TENTATIVE, VERDICT_LEVELS, in_fitted_range, recommendation
+from hf_koopman.risk import TENTATIVE, VERDICT_LEVELS, below_risk_budget, in_fitted_range, recommendation
 from hf_koopman.training.divergence import (
     CAUSE_ACTIVATION,
     CAUSE_GRAD_NORM,
@@ -690,7 +690,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             truncated = spectral_profile.rule.truncated_rank(spectral_profile)
             advice = recommendation(self.init_verdict, assessment, rank=truncated)
             calibrated = truncated is None and in_fitted_range(assessment)
-            alarm = assessment.probability >= RISK_BUDGET if calibrated else self.init_verdict == "high risk"
+            alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
             (logger.warning if alarm else logger.info)(
                 "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
                 when,
