@@ -296,6 +296,10 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         + (f", or high risk when the median κ(V) exceeds {profile.rule.kappa_large:g}"
            if profile.rule.kappa_large is not None else "")
     )
+    if (cut := profile.rule.truncated_rank(profile)) is not None:
+        rule = (f"no threshold: the paper's decision rule (App. J: safe below {profile.rule.safe_below}, high risk "
+                f"above {profile.rule.high_risk_above} on the mean M≈1) reads the full spectrum, and this is a "
+                f"rank-{cut} profile")
     if risk is not None:
         shown = "< 0.1 %" if risk < 1e-3 else f"{risk:.1%}"
         lr = profile.meta.get("learning_rate")

@@ -208,6 +208,8 @@ def test_the_report_recommends_the_full_spectrum_for_a_rank_r_profile_and_follow
     model = tiny_model("llama")
     cut = hf_koopman.profile(model, rank=8, num_samples=512, learning_rate=1e-3, progress=False)
     assert f"Recommendation: {RANK_ADVICE}" in cut.to_markdown()
+    assert "The verdict above follows no threshold: the paper's decision rule" in cut.to_markdown()
+    assert "this is a rank-8 profile" in hf_koopman.profile(model, rank=8, num_samples=512, progress=False).to_markdown()
     full = hf_koopman.profile(model, num_samples=512, learning_rate=1e-3, progress=False)
     assert "Recommendation: At learning rate 0.001 the calibrated divergence probability is 0.2%" in full.to_markdown()
 
