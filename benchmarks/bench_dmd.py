@@ -262,7 +262,8 @@ def compare(args) -> dict:
                           "pydmd_wall_s": c_py.wall, "pydmd_cpu_s": c_py.cpu},
             "reference_threaded": {"blas_threads": threads, "layers": k, "wall_s": c_threaded.wall,
                                    "cpu_s": c_threaded.cpu},
-            "baseline": {"what": base_what, "wall_s": base_wall, "cpu_s": ref_cpu}, "rows": out_rows, "layers": L, "dim": d, "samples": N,
+            "baseline": {"what": base_what, "wall_s": base_wall, "cpu_s": ref_cpu}, "rows": out_rows, "layers": L,
+            "dim": d, "samples": N,
             "data": args.data}
 
 

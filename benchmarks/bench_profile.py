@@ -27,7 +27,8 @@ Measured side by side in one run (issue #19, item 3):
    (`least_work`, checked against the library's outputs), the plain forward and this analysis in paired rounds, in two
    threads and in one: whether a bound can be claimed, and how far this implementation sits above it.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_profile.py --least-work --repeats 25 --json results/bench_profile_least_work_xeon.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_profile.py --least-work --repeats 25 \
+        --json results/bench_profile_least_work_xeon.json
 """
 
 from __future__ import annotations
@@ -346,9 +347,9 @@ def least_work(states: list[torch.Tensor], parallel: bool = False, eps: float = 
     residual of each mode, which needs the left eigenvectors (rows of $V^{-1}$). Per layer, with the cheapest routine
     available on this machine for each step (`torch.linalg.eig`, MKL, is the fastest eigensolver here): the input
     covariance $S_{xx}$ (shared: layer l's output covariance is layer l + 1's input covariance, so the L + 1 chained
-    states need L + 1 symmetric Grams) and the cross Gram $S_{yx}$; a float32 Cholesky factor $L$ of $S_{xx} + \epsilon I$;
-    the whitened operator $L^{-1}S_{yx}L^{-\top}$ (two triangular solves); `eig` with right eigenvectors; the LU
-    factorisation and inverse of their real form (left eigenvectors; $V^{-1}$ for $\kappa(V)$); the ResDMD forms from
+    states need L + 1 symmetric Grams) and the cross Gram $S_{yx}$; a float32 Cholesky factor $L$ of
+    $S_{xx} + \epsilon I$; the whitened operator $L^{-1}S_{yx}L^{-\top}$ (two triangular solves); `eig` with right
+    eigenvectors; the LU factorisation and inverse of their real form (left eigenvectors; $V^{-1}$ for $\kappa(V)$); the ResDMD forms from
     $u^* \tilde S_{yy} u = w^* S_{yy} w$, $w = L^{-\top}u$ (one triangular solve, one product), using
     $u^*\tilde S_{yx}u = \lambda\|u\|^2$ for exact left eigenvectors. Left out, so the sum is a lower bound: the
     norm estimates of $\kappa(V)$, the features, every check, and the accuracy safeguards of `whitened_dmd` (float64
@@ -419,33 +420,35 @@ def least_work_rounds(repeats: int, num_samples: int) -> dict:
     (wall, CPU), then the three again in one thread. Raises `RuntimeError` (`check_least_work`) unless the least
     work gives the library's outputs on these snapshots.
     """
-    from hf_koopman.profiling import ResidualStreamRecorder
+    from hf_koopman.profiling import ResidualStreamRecorder, profile_from_snapshots
     from hf_koopman.profiling.profiler import _stack_chunk
 
     model, batch = _build(2048)
     with torch.no_grad(), ResidualStreamRecorder(model, num_samples=num_samples) as rec:
         model(**batch)
-    X, Y = _stack_chunk(rec.snapshots())
+    snapshots = rec.snapshots()
+    X, Y = _stack_chunk(snapshots)
     states = [x.float().contiguous() for x in X] + [Y[-1].float().contiguous()]
     check_least_work(X, Y, least_work(states))
-    from hf_koopman.profiling import profile_from_snapshots
 
-    snapshots = rec.snapshots()
-    calls = {"forward": lambda: model(**batch), "least_work": lambda one: least_work(states, parallel=not one),
-             "analysis": lambda: profile_from_snapshots(snapshots, progress=False)}
-    names = ("forward_two_threads", "least_work_two_cores", "analysis_two_threads", "forward_one_thread",
-             "least_work_one_thread", "analysis_one_thread")
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    # name -> (whether it runs in one thread, the call); the least work runs its layers on the cores otherwise
+    plan = {
+        "forward_two_threads": (False, lambda: model(**batch)),
+        "least_work_two_cores": (False, lambda: least_work(states, parallel=True)),
+        "analysis_two_threads": (False, lambda: profile_from_snapshots(snapshots, progress=False)),
+        "forward_one_thread": (True, lambda: model(**batch)),
+        "least_work_one_thread": (True, lambda: least_work(states)),
+        "analysis_one_thread": (True, lambda: profile_from_snapshots(snapshots, progress=False)),
+    }
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in plan}
     threads = torch.get_num_threads()
     with torch.no_grad():
         for round_ in range(repeats + 1):  # round 0 warms up
             clocks = []
-            for name in names:
-                one = name.endswith("one_thread")
+            for name, (one, call) in plan.items():
                 torch.set_num_threads(1 if one else threads)
-                kind = name.split("_")[0] if not name.startswith("least") else "least_work"
                 with _Clock() as c:
-                    calls[kind](one) if kind == "least_work" else calls[kind]()
+                    call()
                 clocks.append((name, c))
             torch.set_num_threads(threads)
             for name, c in clocks if round_ else ():

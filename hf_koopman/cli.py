@@ -606,7 +606,7 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_model_input_arguments(args: argparse.Namespace) -> bool:
     """Validate the shared arguments; hide the progress bars when asked. Returns whether to show progress."""
-    if getattr(args, "rank", None) is not None and args.rank < 1:
+    if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
@@ -952,12 +952,10 @@ def _warn_unread_context(context: dict[str, Any], estimator: Any) -> None:
 
 
 def _run_max_lr(args: argparse.Namespace) -> int:
-    from hf_koopman.max_lr import suggest_max_lr
+    from hf_koopman.max_lr import _refuse_rank, suggest_max_lr
     from hf_koopman.profiling import profile
 
-    if args.rank is not None:
-        raise ValueError(f"max-lr reads the full spectrum (the shipped estimator was fitted on it); a rank-{args.rank} "
-                         "profile gets no verdict and its masses are biased: drop --rank.")
+    _refuse_rank(args.rank, "max-lr", "--rank")
     if not 0.0 < args.risk < 1.0:
         raise ValueError(f"--risk must be a probability strictly between 0 and 1, got {args.risk}.")
     if not 0.0 < args.level < 1.0:

@@ -166,6 +166,14 @@ PRETRAINED_CAVEAT = ("extrapolated: these are pretrained weights, not an initial
                      "(`--init`, or a model built with `from_config`) for a reading in range")
 
 
+def _refuse_rank(rank: int | None, who: str, flag: str) -> None:
+    """Raises `ValueError` when a rank is given: the estimator reads the full spectrum, and a rank-r profile gets no
+    verdict. `who` and `flag` name the caller and its argument in the message (`max-lr` / `--rank` on the CLI)."""
+    if rank is not None:
+        raise ValueError(f"{who} reads the full spectrum (the shipped estimator was fitted on it); a rank-{rank} "
+                         f"profile gets no verdict and its masses are biased: drop {flag}.")
+
+
 def suggest_max_lr(
     model: Any,
     inputs: Any = None,
@@ -200,9 +208,7 @@ def suggest_max_lr(
     """
     if "learning_rate" in profile_kwargs or "learning_rate" in (context or {}):
         raise ValueError("suggest_max_lr solves for the learning rate; do not pass learning_rate= (nor in context).")
-    if profile_kwargs.get("rank") is not None:
-        raise ValueError(f"suggest_max_lr reads the full spectrum (the shipped estimator was fitted on it); a "
-                         f"rank-{profile_kwargs['rank']} profile gets no verdict and its masses are biased: drop rank=.")
+    _refuse_rank(profile_kwargs.get("rank"), "suggest_max_lr", "rank=")
     est = _load_estimator(estimator)
     context = dict(context or {})
     if _is_profile(model):

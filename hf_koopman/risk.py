@@ -42,7 +42,8 @@ import numpy as np
 
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
-    "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range", "recommendation", "score_band",
+    "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range", "recommendation",
+    "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
 ]
 
@@ -1461,14 +1462,15 @@ class DecisionRule:
         num_samples, hidden_size = self.verdict_sample(profile)
         undersampled = sum(self.undersampled(profile))
         near = self.near_gate(profile)
+        reads = self.reads(profile)
         return self.decide(
             profile.score, profile.kappa_median, num_samples=num_samples, hidden_size=hidden_size,
-            informative=sum(self.reads(profile)), total=len(features),
+            informative=sum(reads), total=len(features),
             rank=self.truncated_rank(profile),
             tokens_seen=self.verdict_tokens_short(profile),
             weights=meta.get("weights"), undersampled=undersampled,
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
-            rank_deficient=sum(r and d for r, d in zip(self.reads(profile), self.rank_deficient(profile))),
+            rank_deficient=sum(r and d for r, d in zip(reads, self.rank_deficient(profile))),
         )
 
     def _decide(
@@ -1486,8 +1488,10 @@ class DecisionRule:
     ) -> tuple[str, str]:
         """`decide` without the note on pretrained weights."""
         ratio = num_samples / hidden_size if num_samples and hidden_size else None
+        few = score is None or not math.isfinite(score) or bool(
+            informative is not None and total and informative < 0.5 * total)
         if rank is not None:  # no threshold verdict, whatever the sample; the reason says what else to fix
-            return "uninformative", self._rank_reason(score, rank, informative, total, num_samples, hidden_size,
+            return "uninformative", self._rank_reason(score, rank, few, informative, total, num_samples, hidden_size,
                                                       tokens_seen)
         if num_samples is not None and num_samples <= 2:
             return "uninformative", f"only N = {num_samples} token states: no covariance can be estimated"
@@ -1498,8 +1502,6 @@ class DecisionRule:
                 f"spectrum is mostly sampling error; {self._more_tokens(num_samples, hidden_size, tokens_seen)}"
             )
         left_out = self._left_out(undersampled, total)
-        few = score is None or not math.isfinite(score) or bool(
-            informative is not None and total and informative < 0.5 * total)
         if few:
             count = "" if informative is None or not total else f"{informative} of {total} layers are informative; "
             others = total - (informative or 0) - undersampled if total else 1
@@ -1545,13 +1547,12 @@ class DecisionRule:
                       f"threshold{'s' if len(crossed) > 1 else ''}, so more tokens may change the verdict")
         return verdict, reason
 
-    def _rank_reason(self, score: float | None, rank: int, informative: int | None, total: int | None,
+    def _rank_reason(self, score: float | None, rank: int, few: bool, informative: int | None, total: int | None,
                      num_samples: int | None, hidden_size: int | None, tokens_seen: int | None) -> str:
-        """Why a profile whose read layers the rank-r approximation truncated gets no threshold verdict."""
+        """Why a profile whose read layers the rank-r approximation truncated gets no threshold verdict; `few`: too
+        few layers pass the η_nl gate (or no score)."""
         measured = "" if score is None or not math.isfinite(score) else (
             f" (mean M≈1 of this profile: {score:.3f}, not comparable)")
-        few = score is None or not math.isfinite(score) or bool(
-            informative is not None and total and informative < 0.5 * total)
         reason = (
             f"a rank-{rank} profile: the thresholds read the full spectrum, and the rank-{rank} fit keeps the "
             f"{rank} directions of largest whitened output energy, the ones the block expands, so its masses are "

@@ -36,6 +36,25 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture()
+def in_range_estimator(monkeypatch):
+    """`install(probability)`: makes `RiskEstimator.default()` an estimator whose inputs all lie inside its fitted
+    range and that gives `probability` at any learning rate (what the advice follows when it is in range)."""
+    from hf_koopman.risk import RiskAssessment, RiskEstimator
+
+    def install(probability: float) -> None:
+        class InRange:
+            def predict_proba(self, prof, learning_rate=None):
+                return probability
+
+            def assess(self, prof, learning_rate=None, **context):
+                return RiskAssessment(probability=probability, out_of_range=False, learning_rate=learning_rate)
+
+        monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
+
+    return install
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

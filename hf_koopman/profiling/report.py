@@ -329,7 +329,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         ]
     else:
         lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
-    advice = recommendation(verdict, profile.risk_assessment(), rank=profile.rule.truncated_rank(profile))
+    advice = recommendation(verdict, profile.risk_assessment(), rank=cut)
     lines += [f"Recommendation: {advice}", ""]
     lines += _trust_section(profile, tentative)
 

@@ -190,7 +190,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
       sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
       `rksp_profile.png` are written to `output_dir` (main process); the verdict is logged with the recommended action
       (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the estimator's fitted
-      range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
+      range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With
+      a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
       `rksp/risk_out_of_range` (1 when the model or learning rate lies outside the estimator's training runs, 0 inside,
       -1 ranges unknown), and a warning says "outside the fitted range: ..." naming what lies outside.
       `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on

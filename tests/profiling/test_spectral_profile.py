@@ -186,7 +186,8 @@ def test_truncating_only_layers_the_verdict_leaves_out_keeps_the_verdict():
         x = torch.randn(n, d, generator=g)
         return f"layers.{i}", x, 0.5 * x + 0.3 * torch.randn(n, d, generator=g)
 
-    # layers 0, 1 (d = 8, N = 512) get every mode at rank 16; layer 2 (d = 64, N = 64: N/d = 1) is truncated and left out
+    # layers 0, 1 (d = 8, N = 512) get every mode at rank 16; layer 2 (d = 64, N = 64: N/d = 1) is truncated and
+    # left out
     snaps = [snap(512, 8, 0), snap(512, 8, 1), snap(64, 64, 2)]
     full, cut = profile_from_snapshots(snaps, progress=False), profile_from_snapshots(snaps, rank=16, progress=False)
     assert cut.rule.truncated(cut) == [False, False, True] and cut.rule.truncated_rank(cut) is None
@@ -194,22 +195,17 @@ def test_truncating_only_layers_the_verdict_leaves_out_keeps_the_verdict():
     assert "the verdict reads none of them" in render_report(cut)
 
 
-def test_the_report_recommends_the_full_spectrum_for_a_rank_r_profile_and_follows_an_in_range_probability(monkeypatch):
-    from hf_koopman.risk import RANK_ADVICE, RiskAssessment
+def test_the_report_recommends_the_full_spectrum_for_a_rank_r_profile_and_follows_an_in_range_probability(
+        in_range_estimator):
+    from hf_koopman.risk import RANK_ADVICE
 
-    class InRange:
-        def predict_proba(self, prof, learning_rate=None):
-            return 0.002
-
-        def assess(self, prof, learning_rate=None, **context):
-            return RiskAssessment(probability=0.002, out_of_range=False, learning_rate=learning_rate)
-
-    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
+    in_range_estimator(0.002)
     model = tiny_model("llama")
     cut = hf_koopman.profile(model, rank=8, num_samples=512, learning_rate=1e-3, progress=False)
     assert f"Recommendation: {RANK_ADVICE}" in cut.to_markdown()
     assert "The verdict above follows no threshold: the paper's decision rule" in cut.to_markdown()
-    assert "this is a rank-8 profile" in hf_koopman.profile(model, rank=8, num_samples=512, progress=False).to_markdown()
+    no_lr = hf_koopman.profile(model, rank=8, num_samples=512, progress=False)
+    assert "this is a rank-8 profile" in no_lr.to_markdown()
     full = hf_koopman.profile(model, num_samples=512, learning_rate=1e-3, progress=False)
     assert "Recommendation: At learning rate 0.001 the calibrated divergence probability is 0.2%" in full.to_markdown()
 

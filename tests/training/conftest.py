@@ -90,6 +90,16 @@ def dataset() -> TokenDataset:
     return TokenDataset()
 
 
+class LearningRates(TrainerCallback):
+    """The rate the optimizer really applies at every step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
 class GradCapture(TrainerCallback):
     """Copies every parameter gradient right before the first optimizer step."""
 

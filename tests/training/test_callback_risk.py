@@ -79,18 +79,9 @@ def test_monitoring_marks_trained_weights_and_reads_the_backed_off_learning_rate
 
 
 @pytest.mark.parametrize(("probability", "level"), [(5e-4, logging.INFO), (0.4, logging.WARNING)])
-def test_an_in_range_probability_decides_the_init_advice_and_its_alarm(tmp_path, caplog, monkeypatch, probability,
-                                                                       level):
-    from hf_koopman.risk import RiskAssessment
-
-    class InRange:  # an estimator whose inputs all lie inside its fitted range
-        def predict_proba(self, prof, learning_rate=None):
-            return probability
-
-        def assess(self, prof, learning_rate=None, **context):
-            return RiskAssessment(probability=probability, out_of_range=False, learning_rate=learning_rate)
-
-    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
+def test_an_in_range_probability_decides_the_init_advice_and_its_alarm(tmp_path, caplog, in_range_estimator,
+                                                                       probability, level):
+    in_range_estimator(probability)
     callback = RKSPCallback(num_samples=128, save_artifacts=False)
     args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=3e-3)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])

@@ -345,24 +345,21 @@ def test_a_kss_step_with_a_penalty_does_not_warn(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ auto_kss
-def test_auto_kss_follows_an_in_range_probability(tmp_path, caplog, monkeypatch):
-    from hf_koopman.risk import RiskAssessment, RiskEstimator
-
-    class InRange:  # every input inside the fitted range, a low probability at the run's learning rate
-        def predict_proba(self, prof, learning_rate=None):
-            return 0.002
-
-        def assess(self, prof, learning_rate=None, **context):
-            return RiskAssessment(probability=0.002, out_of_range=False, learning_rate=learning_rate)
-
-    monkeypatch.setattr(RiskEstimator, "default", classmethod(lambda cls: InRange()))
-    callback = RKSPCallback(auto_kss=True, num_samples=128, save_artifacts=False)
+def _train_no_norm(tmp_path, caplog, callback, **kw) -> KSSTrainer:
+    """A KSSTrainer run of the high-risk No-Norm GPT-2 with `callback`, warnings captured."""
     trainer = KSSTrainer(
         model=no_norm_gpt2(), train_dataset=TokenDataset(), callbacks=[callback],
-        args=_args(tmp_path, kss_enabled=True, kss_every_n_steps=2, max_steps=1, kss_num_samples=128),
+        args=_args(tmp_path, kss_every_n_steps=2, kss_num_samples=128, **kw),
     )
     with caplog.at_level(logging.WARNING):
         trainer.train()
+    return trainer
+
+
+def test_auto_kss_follows_an_in_range_probability(tmp_path, caplog, in_range_estimator):
+    in_range_estimator(0.002)  # every input inside the fitted range, a low probability at the run's learning rate
+    callback = RKSPCallback(auto_kss=True, num_samples=128, save_artifacts=False)
+    _train_no_norm(tmp_path, caplog, callback, kss_enabled=True, max_steps=1)
     assert callback.init_verdict == "high risk"
     assert "lower the learning rate" not in caplog.text  # the in-range probability says no lower rate is needed
 
@@ -374,12 +371,7 @@ def test_auto_kss_message_says_the_state_kss_is_in(tmp_path, caplog, enabled):
     if not enabled:  # a saved state that carries the key `kss_auto_enabled` loads; the key changes nothing
         state["attributes"]["kss_auto_enabled"] = True
         callback = RKSPCallback.from_state(state)
-    trainer = KSSTrainer(
-        model=no_norm_gpt2(), train_dataset=TokenDataset(), callbacks=[callback],
-        args=_args(tmp_path, kss_enabled=enabled, kss_every_n_steps=2, max_steps=3, kss_num_samples=128),
-    )
-    with caplog.at_level(logging.WARNING):
-        trainer.train()
+    trainer = _train_no_norm(tmp_path, caplog, callback, kss_enabled=enabled, max_steps=3)
     assert callback.init_verdict == "high risk"
     assert "results/kss_v2.md" in caplog.text
     if enabled:

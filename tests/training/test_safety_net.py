@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
+from conftest import LearningRates, TokenDataset, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
 from safetensors.torch import load_file
@@ -96,16 +96,6 @@ def test_save_model_after_a_trip_never_writes_the_diverged_weights(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == written
     trainer.save_model(str(out / "final"), allow_unvalidated=True)  # asked for explicitly
     assert (out / "final" / "model.safetensors").exists()
-
-
-class LearningRates(TrainerCallback):
-    """The rate the optimizer really applies at every step."""
-
-    def __init__(self):
-        self.lrs = []
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
 class WeightsAt(TrainerCallback):

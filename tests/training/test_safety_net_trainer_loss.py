@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TokenDataset, tiny_gpt2
+from conftest import LearningRates, TokenDataset, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
 from safetensors.torch import load_file
@@ -31,16 +31,6 @@ def causal_ce(outputs, labels, num_items_in_batch=None):
     """A user loss for `Trainer(compute_loss_func=...)`: the shifted cross-entropy the model would compute."""
     logits = outputs.logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
-
-
-class LearningRates(TrainerCallback):
-    """The rate the optimizer really applies at every step."""
-
-    def __init__(self):
-        self.lrs = []
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
 class SaveOnLog(TrainerCallback):
