@@ -41,6 +41,7 @@ from hf_koopman.training.guard import (
     is_sharded,
     load_checkpoint_state,
     reduce_max,
+    saved_buffers,
     world_sum,
 )
 
@@ -428,6 +429,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._grad_tap: GradNormTap | None = None
         self._watch: ActivationWatch | None = None
         self._params: list[torch.nn.Parameter] = []
+        self._buffers: list[torch.Tensor] = []  # the model's saved buffers (BatchNorm statistics), restored with them
         self._params_first: torch.nn.Parameter | None = None
         self._sharded = False
         self._snapshot = StateSnapshot()  # last validated state
@@ -768,6 +770,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         _GUARDED[model] = keep + [(weakref.ref(self), weakref.ref(state))]
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
+        self._buffers = [buf for _, buf in saved_buffers(model)]
         self._model = model
         self._from_checkpoint = self._resolve_rollback_source(args)
         self._checkpoint_checked = False
@@ -1120,7 +1123,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             nothing_validated = self._snapshot.empty and not self._from_checkpoint
             if self.guard and nothing_validated and optimizer is not None and self._params:
                 # nothing validated yet: keep the state before the window, so that a trip undoes all of its updates
-                self._undo.capture(self._params, optimizer, state.global_step)
+                self._undo.capture(self._params, optimizer, state.global_step, self._buffers)
         now = time.perf_counter()
         if self._step_started is not None:
             last = now - self._step_started
@@ -1145,7 +1148,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if not (self._snapshot.empty and target.empty) and self._since_capture < interval:
             return
         start = time.perf_counter()
-        target.capture(self._params, optimizer, step)
+        target.capture(self._params, optimizer, step, self._buffers)
         self._capture_seconds = time.perf_counter() - start
         self._since_capture = 0
         if target is self._snapshot:
@@ -1227,6 +1230,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first is not self._params_first:
             self._params = [p for p in model.parameters() if p.requires_grad]
             self._params_first, self._sharded = first, is_sharded(self._params)
+            self._buffers = [buf for _, buf in saved_buffers(model)]
             if self._sharded and self._from_checkpoint:
                 if self.rollback_source == "checkpoint":  # sharded after train begin: refused as at train begin
                     raise ValueError(_SHARDED_CHECKPOINT_SOURCE)
@@ -1306,7 +1310,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     p.grad = None
                 self._skipped = True
             else:
-                self._undo.capture(self._params, optimizer, state.global_step)
+                self._undo.capture(self._params, optimizer, state.global_step, self._buffers)
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
@@ -1372,7 +1376,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         """Put the validated state back (snapshot or last good checkpoint); returns its step, `None` if it failed.
         From a checkpoint, every process reports whether its load worked (one all-reduce) and all fail together."""
         if not self._from_checkpoint:
-            self._snapshot.restore(self._params, optimizer)
+            self._snapshot.restore(self._params, optimizer, self._buffers)
             return self._snapshot.step
         error = None
         try:
@@ -1409,7 +1413,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             undone = not self._undo.empty or self._skipped
             if not self._undo.empty:
                 self._in_memory = f"those of step {self._undo.step} (the tripping update was discarded), not validated"
-                self._undo.restore(self._params, optimizer)  # this update is discarded; the weights stay suspect
+                # this update is discarded; the weights stay suspect
+                self._undo.restore(self._params, optimizer, self._buffers)
             elif self._skipped:
                 self._in_memory = f"those of step {event.step - 1} (the tripping update was skipped), not validated"
             else:

@@ -40,6 +40,7 @@ __all__ = [
     "is_distributed",
     "load_checkpoint_state",
     "reduce_max",
+    "saved_buffers",
 ]
 
 logger = get_logger(__name__)
@@ -391,7 +392,8 @@ def world_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 class StateSnapshot:
-    """Parameters and optimizer state of one moment, copied to CPU and restored in place.
+    """Parameters, the buffers a model saves (`saved_buffers`: BatchNorm's running statistics) and the optimizer
+    state of one moment, copied to CPU and restored in place.
 
     In-place restore keeps every tensor object the Trainer, the optimizer and DDP / FSDP2 hold (DTensor shards are
     restored through their local tensor). Optimizer state that did not exist when the snapshot was taken (the first
@@ -401,6 +403,7 @@ class StateSnapshot:
     def __init__(self) -> None:
         self.step: int | None = None
         self._params: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []
         self._opt_state: list[dict[str, Any] | None] = []
         self._groups: list[dict[str, Any]] = []
 
@@ -417,9 +420,12 @@ class StateSnapshot:
         return buf
 
     @torch.no_grad()
-    def capture(self, params: list[torch.nn.Parameter], optimizer: Any, step: int) -> None:
+    def capture(self, params: list[torch.nn.Parameter], optimizer: Any, step: int,
+                buffers: list[torch.Tensor] = ()) -> None:
         old = self._params if len(self._params) == len(params) else [None] * len(params)
         self._params = [self._copy(p, b) for p, b in zip(params, old)]
+        old = self._buffers if len(self._buffers) == len(buffers) else [None] * len(buffers)
+        self._buffers = [self._copy(b, c) for b, c in zip(buffers, old)]
         if optimizer is not None:
             state = optimizer.state
             old_state = self._opt_state if len(self._opt_state) == len(params) else [None] * len(params)
@@ -438,11 +444,13 @@ class StateSnapshot:
         self.step = step
 
     @torch.no_grad()
-    def restore(self, params: list[torch.nn.Parameter], optimizer: Any) -> None:
+    def restore(self, params: list[torch.nn.Parameter], optimizer: Any, buffers: list[torch.Tensor] = ()) -> None:
         if self.empty:
             raise RuntimeError("no snapshot to restore")
         for p, saved in zip(params, self._params):
             _local(p.data).copy_(saved)
+        for b, saved in zip(buffers, self._buffers):
+            _local(b).copy_(saved)
         if optimizer is None:
             return
         state = optimizer.state
@@ -470,15 +478,23 @@ class StateSnapshot:
 
     def clear(self) -> None:
         """Drop the copies (the snapshot becomes `empty`)."""
-        self.step, self._params, self._opt_state, self._groups = None, [], [], []
+        self.step, self._params, self._buffers, self._opt_state, self._groups = None, [], [], [], []
 
     def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in self._params)
+        total = sum(t.numel() * t.element_size() for t in self._params + self._buffers)
         for entry in self._opt_state:
             for v in (entry or {}).values():
                 if isinstance(v, torch.Tensor):
                     total += v.numel() * v.element_size()
         return total
+
+
+def saved_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """`(name, buffer)` of the buffers `model.state_dict()` holds (persistent ones: BatchNorm's running statistics and
+    batch counter), the state a model changes in training besides its parameters. Non-persistent buffers (rotary
+    tables, causal masks) are derived from the config and left out."""
+    saved = model.state_dict(keep_vars=True)
+    return [(name, buf) for name, buf in model.named_buffers() if name in saved]
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -551,7 +567,8 @@ def checkpoint_problem(model: torch.nn.Module, checkpoint: str | Path) -> str | 
 
 @torch.no_grad()
 def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: str | Path) -> None:
-    """Put a Trainer checkpoint's trainable weights and optimizer state back into `model` and `optimizer`, in place.
+    """Put a Trainer checkpoint's trainable weights, saved buffers (`saved_buffers`, those the checkpoint holds) and
+    optimizer state back into `model` and `optimizer`, in place.
 
     Weights come from `model.safetensors` (or the shards its index lists), matched by parameter name (tied aliases
     included); the optimizer state from `optimizer.pt`, read with `weights_only=True`. The optimizer's hyperparameters
@@ -585,6 +602,9 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
             )
     for param, name in pairs:
         param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
+    for name, buf in saved_buffers(model):  # running statistics: the checkpoint's, not the diverged step's
+        if name in saved and tuple(saved[name].shape) == tuple(buf.shape):
+            buf.copy_(saved[name].to(device=buf.device, dtype=buf.dtype))
     if optimizer is None:
         return
     if optimizer_state is None:
