@@ -430,6 +430,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._watch: ActivationWatch | None = None
         self._params: list[torch.nn.Parameter] = []
         self._buffers: list[torch.Tensor] = []  # the model's saved buffers (BatchNorm statistics), restored with them
+        self._scaler = None  # the optimizer's enabled loss scaler (fp16 mixed precision), else None
         self._params_first: torch.nn.Parameter | None = None
         self._sharded = False
         self._snapshot = StateSnapshot()  # last validated state
@@ -1029,7 +1030,25 @@ class RKSPCallback(TrainerCallback, ExportableState):
         squared = self._grad_tap.squared_norm(self._params) if self._grad_tap is not None else None
         if squared is not None and self._sharded:
             squared = world_sum(squared.to(device))  # FSDP2: each process holds a shard of the gradient
+        if squared is not None and self._scaler is not None:
+            squared = self._unscaled(squared)
         return loss, squared
+
+    def _unscaled(self, squared: torch.Tensor) -> torch.Tensor | None:
+        """The squared gradient norm under a loss scaler (fp16 mixed precision), in the loss's own units.
+
+        The scaler multiplies the loss, hence the gradients, by its scale. The Trainer unscales them before
+        `on_pre_optimizer_step` (its `clip_grad_norm_`, called with `max_grad_norm = inf` when clipping is off, to log
+        the norm), so only a norm read at the end of the backward pass (the pre-clip read) is divided here. A
+        non-finite scaled gradient is the scaler's overflow: it skips that update and lowers its scale, so the step
+        has no gradient norm to judge (`None`), not a divergence; a non-finite loss still trips the rule.
+        """
+        if self._grad_tap.read_in_backward:
+            squared = squared / self._scaler.get_scale() ** 2
+        if not bool(torch.isfinite(squared)):
+            logger.debug("RKSP guard: gradient overflow under the loss scaler; the scaler skips this update")
+            return None
+        return squared
 
     def _check_checkpoint_settings(self, args, model: torch.nn.Module | None = None) -> None:
         """`rollback_source="checkpoint"` needs checkpoints the guard can validate, keep and read back: refuse, before
@@ -1224,6 +1243,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                               **kwargs) -> TrainerControl | None:
         if not self.guard or model is None:
             return
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's optimizer under fp16 mixed precision
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         # FSDP2 swaps the registered parameters for DTensor shards after train begin: re-read them when the first
         # parameter object changed (listing them every step costs more than the rest of the guard's step on tiny models)
         first = next(model.parameters(), None)

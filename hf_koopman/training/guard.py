@@ -231,6 +231,7 @@ class GradNormTap:
         self._buffer: torch.Tensor | None = None
         self._queued = False
         self._warned = False
+        self.read_in_backward = False  # whether the last `squared_norm` came from the end of a backward pass
         self._handles = [model.register_forward_hook(self._on_forward)] if self.pre_clip else []
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -266,7 +267,8 @@ class GradNormTap:
         if self._handles and params is not self._params and is_sharded(params):
             self.remove()  # the model was sharded after the hooks were installed
             self.pre_clip = False
-        if self.pre_clip and self._squared is not None:
+        self.read_in_backward = self.pre_clip and self._squared is not None
+        if self.read_in_backward:
             return self._squared
         squared = _squared_norm(params)
         if self.pre_clip and squared is not None and not self._warned:
