@@ -1449,8 +1449,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             self.lr_scale *= self.lr_backoff
             logger.warning(
                 "RKSP guard: %s. Rolled back to the validated state of step %d, batch skipped, learning rate x %g "
-                "(rollback %d of %d).",
+                "(rollback %d of %d).%s",
                 event.describe(), event.restored_step, self.lr_backoff, self.rollbacks + 1, self.max_rollbacks,
+                self._threshold_hint(event),
             )
         else:
             event.action = "stop"
@@ -1463,12 +1464,29 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 kept = "was discarded" if undone else "is still in the weights"
                 memory = f"the tripping update {kept}; the in-memory weights are NOT validated, do not save them"
             logger.error(
-                "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.",
+                "RKSP guard: %s. Training stops%s; %s; last good checkpoint: %s.%s",
                 event.describe(), self._why_no_rollback(validated_exists, event.step), memory,
-                self._checkpoint_on_disk(),
+                self._checkpoint_on_disk(), self._threshold_hint(event),
             )
         self.events.append(event.to_dict())
         self._to_log = event
+
+    def _threshold_hint(self, event: DivergenceEvent) -> str:
+        """How to raise the threshold a finite value crossed (a loss or gradient scale unlike an LM's), or ""."""
+        def crossed(flag: int, local: float | None, reduced: float | None, threshold: float) -> bool:
+            value = reduced if reduced is not None else local
+            return bool(event.cause_flags & flag) and value is not None and math.isfinite(value) and value > threshold
+
+        names = []
+        if crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes, self.loss_threshold):
+            names.append(f"loss_threshold (now {self.loss_threshold:g})")
+        if crossed(CAUSE_GRAD_NORM, event.grad_norm, event.grad_norm_max_over_processes, self.grad_norm_threshold):
+            names.append(f"grad_norm_threshold (now {self.grad_norm_threshold:g})")
+        if not names:
+            return ""
+        return (f" The rule's thresholds are the paper's, for language-model losses: if values this large are normal "
+                f"for this task (a regression loss, a summed loss), raise {' and '.join(names)} in "
+                f"RKSPCallback(...).")
 
     def _set_aside_suspects(self, args, state, event: DivergenceEvent,
                             saved_after_stop: bool = False) -> dict[str, str]:

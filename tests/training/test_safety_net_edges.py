@@ -244,3 +244,33 @@ def test_auto_never_restores_from_checkpoints_under_deepspeed():
     args = SimpleNamespace(save_strategy="steps", save_only_model=False, save_total_limit=None, world_size=1,
                            deepspeed="ds_config.json")
     assert guard._resolve_rollback_source(args) is False
+
+
+@pytest.mark.parametrize("mode", ["stop", "rollback"])
+def test_a_finite_loss_over_the_threshold_names_the_setting_to_raise(tmp_path, caplog, mode):
+    # a loss scale unlike an LM's (here: the threshold below the untrained model's loss, ~4.2) trips on a finite value
+    guard = _guard(on_divergence=mode, loss_threshold=1.0)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=3, save_strategy="no"),
+                      train_dataset=TokenDataset(), callbacks=[guard])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert guard.events
+    assert "raise loss_threshold (now 1) in RKSPCallback(...)" in caplog.text
+    assert "grad_norm_threshold (now" not in caplog.text
+
+
+class PoisonAfter(TrainerCallback):
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == 2:
+            with torch.no_grad():
+                model.transformer.wte.weight.fill_(float("nan"))
+
+
+def test_a_non_finite_trip_does_not_suggest_raising_a_threshold(tmp_path, caplog):
+    guard = _guard(on_divergence="stop")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=4, save_strategy="no"),
+                      train_dataset=TokenDataset(), callbacks=[guard, PoisonAfter()])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert guard.events and guard.events[0]["loss"] == "nan"
+    assert "raise loss_threshold" not in caplog.text and "raise grad_norm_threshold" not in caplog.text
