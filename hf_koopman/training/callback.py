@@ -41,7 +41,7 @@ from hf_koopman.training.guard import (
     is_sharded,
     load_checkpoint_state,
     reduce_max,
-    saved_buffers,
+    model_buffers,
     world_sum,
 )
 
@@ -255,7 +255,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
       explicitly from a `_suspect-checkpoint-N` logs an error naming the last good checkpoint. A resumed run's last
       good checkpoint is the latest, up to the resumed step, that the record or the resumed checkpoint's stored guard
       state names (a run without events writes no record). `save_total_limit` rotates checkpoints by age and may
-      delete the last good one; keep a limit of at least 3, or none, when you rely on it.
+      delete the last good one; keep a limit of at least 3 (`ceil(logging_steps / save_steps) + 2` when the guard
+      judges logged losses), or none, when you rely on it.
 
       Under DDP the rule is applied to each process's own loss and to the averaged gradient (the norm is read after
       DDP's reduction; one tripping process trips all); under FSDP2 to the reduce-scattered gradient, after clipping.
@@ -429,7 +430,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._grad_tap: GradNormTap | None = None
         self._watch: ActivationWatch | None = None
         self._params: list[torch.nn.Parameter] = []
-        self._buffers: list[torch.Tensor] = []  # the model's saved buffers (BatchNorm statistics), restored with them
+        self._buffers: list[torch.Tensor] = []  # the model's buffers (BatchNorm statistics), restored with them
         self._scaler = None  # the optimizer's enabled loss scaler (fp16 mixed precision), else None
         self._params_first: torch.nn.Parameter | None = None
         self._sharded = False
@@ -771,7 +772,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         _GUARDED[model] = keep + [(weakref.ref(self), weakref.ref(state))]
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
-        self._buffers = [buf for _, buf in saved_buffers(model)]
+        self._buffers = [buf for _, buf in model_buffers(model)]
         self._model = model
         self._from_checkpoint = self._resolve_rollback_source(args)
         self._checkpoint_checked = False
@@ -1215,8 +1216,39 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "validated only once a logged loss after it passes.%s Steps after the last training log are judged "
                 "from the Trainer's final train_loss. The gradient norm and block outputs are still checked every "
                 "step.", why, threshold, when)
+        self._check_rotation_while_pending(args, state, steps)
         if not self._from_checkpoint:
             self._warn_two_copies(state)
+
+    def _check_rotation_while_pending(self, args, state, logging_steps: int) -> None:
+        """Judged on logged losses, checkpoints wait for the next passing log before one counts as good: with
+        `logging_steps > save_steps`, up to `ceil(logging_steps / save_steps) + 1` of them, and rotation must keep the
+        last good one behind those. Refuse a `save_total_limit` that cannot with `rollback_source="checkpoint"` (its
+        rollbacks read that checkpoint; on the first step, before anything is saved), warn otherwise ("auto" then keeps
+        the validated state in memory)."""
+        limit = getattr(args, "save_total_limit", None)
+        strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+        save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if limit is None or strategy != "steps" or save_strategy != "steps":
+            return
+        save_steps = max(1, int(getattr(state, "save_steps", 0) or getattr(args, "save_steps", 1) or 1))
+        needed = math.ceil(logging_steps / save_steps) + 2
+        if limit >= needed:
+            return
+        message = (f"RKSP guard: save_total_limit={limit} with logging_steps={logging_steps} and save_steps={save_steps}: "
+                   f"judged on logged losses, up to {needed - 1} checkpoints wait for a passing log before one counts "
+                   f"as good, so rotation can delete the last good checkpoint while they wait. Set save_total_limit to "
+                   f"{needed} or more (or unset it), logging_steps={save_steps} or less, or let the model compute its "
+                   f"own loss (pass the labels to it, no label_smoothing_factor / compute_loss_func)")
+        if self.rollback_source == "checkpoint":
+            self._stop_guard()
+            raise ValueError(message + "; rollback_source='checkpoint' restores that checkpoint, or use "
+                             "rollback_source='memory'")
+        if self._from_checkpoint:  # "auto" chose the checkpoint: keep the validated state in memory instead
+            self._from_checkpoint = False
+            message += "; rollback_source='auto' keeps the validated state in memory instead"
+        if state.is_world_process_zero:
+            logger.warning("%s, to be able to resume from it.", message)
 
     def _warn_two_copies(self, state) -> None:
         """Judged on logged losses, the guard keeps two CPU copies of the training state (the validated one and the
@@ -1251,7 +1283,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first is not self._params_first:
             self._params = [p for p in model.parameters() if p.requires_grad]
             self._params_first, self._sharded = first, is_sharded(self._params)
-            self._buffers = [buf for _, buf in saved_buffers(model)]
+            self._buffers = [buf for _, buf in model_buffers(model)]
             if self._sharded and self._from_checkpoint:
                 if self.rollback_source == "checkpoint":  # sharded after train begin: refused as at train begin
                     raise ValueError(_SHARDED_CHECKPOINT_SOURCE)

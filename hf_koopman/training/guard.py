@@ -40,7 +40,7 @@ __all__ = [
     "is_distributed",
     "load_checkpoint_state",
     "reduce_max",
-    "saved_buffers",
+    "model_buffers",
 ]
 
 logger = get_logger(__name__)
@@ -394,7 +394,7 @@ def world_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 class StateSnapshot:
-    """Parameters, the buffers a model saves (`saved_buffers`: BatchNorm's running statistics) and the optimizer
+    """Parameters, buffers (`model_buffers`: BatchNorm's running statistics) and the optimizer
     state of one moment, copied to CPU and restored in place.
 
     In-place restore keeps every tensor object the Trainer, the optimizer and DDP / FSDP2 hold (DTensor shards are
@@ -491,12 +491,11 @@ class StateSnapshot:
         return total
 
 
-def saved_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """`(name, buffer)` of the buffers `model.state_dict()` holds (persistent ones: BatchNorm's running statistics and
-    batch counter), the state a model changes in training besides its parameters. Non-persistent buffers (rotary
-    tables, causal masks) are derived from the config and left out."""
-    saved = model.state_dict(keep_vars=True)
-    return [(name, buf) for name, buf in model.named_buffers() if name in saved]
+def model_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """`(name, buffer)` of every buffer of `model`: the state a model changes in training besides its parameters
+    (BatchNorm's running statistics and batch counter). Constant ones (rotary tables, masks) come along: they are small
+    next to the parameters, and telling them apart needs `state_dict()`, which FSDP2 modules do not allow here."""
+    return list(model.named_buffers())
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -569,7 +568,7 @@ def checkpoint_problem(model: torch.nn.Module, checkpoint: str | Path) -> str | 
 
 @torch.no_grad()
 def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: str | Path) -> None:
-    """Put a Trainer checkpoint's trainable weights, saved buffers (`saved_buffers`, those the checkpoint holds) and
+    """Put a Trainer checkpoint's trainable weights, buffers (`model_buffers`, those the checkpoint holds) and
     optimizer state back into `model` and `optimizer`, in place.
 
     Weights come from `model.safetensors` (or the shards its index lists), matched by parameter name (tied aliases
@@ -604,7 +603,7 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
             )
     for param, name in pairs:
         param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
-    for name, buf in saved_buffers(model):  # running statistics: the checkpoint's, not the diverged step's
+    for name, buf in model_buffers(model):  # running statistics: the checkpoint's, not the diverged step's
         if name in saved and tuple(saved[name].shape) == tuple(buf.shape):
             buf.copy_(saved[name].to(device=buf.device, dtype=buf.dtype))
     if optimizer is None:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
-from hf_koopman.training.guard import StateSnapshot, load_checkpoint_state, saved_buffers
+from hf_koopman.training.guard import StateSnapshot, load_checkpoint_state, model_buffers
 
 from conftest import cpu_training_args, exact_guard
 
@@ -72,7 +72,7 @@ def test_restore_puts_back_batchnorm_statistics(tmp_path, mode, source):
 def test_state_snapshot_restores_buffers_in_place():
     model = _resnet()
     norm = _norm(model)
-    buffers = [buf for _, buf in saved_buffers(model)]
+    buffers = [buf for _, buf in model_buffers(model)]
     assert any(buf is norm.running_var for buf in buffers) and any(buf is norm.num_batches_tracked for buf in buffers)
     params = [p for p in model.parameters() if p.requires_grad]
     snap = StateSnapshot()
@@ -84,15 +84,23 @@ def test_state_snapshot_restores_buffers_in_place():
     assert torch.equal(norm.running_var, kept) and int(norm.num_batches_tracked) == 0
 
 
-def test_non_persistent_buffers_are_not_saved_buffers():
+def test_load_checkpoint_state_restores_the_buffers_the_checkpoint_holds(tmp_path):
+    from safetensors.torch import save_file
+
     class WithTable(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.norm = torch.nn.BatchNorm1d(3)
             self.register_buffer("table", torch.ones(3), persistent=False)
 
-    names = [name for name, _ in saved_buffers(WithTable())]
-    assert "table" not in names and "norm.running_mean" in names
+    model = WithTable()
+    save_file({"norm.running_mean": torch.full((3,), 2.0), "norm.running_var": torch.ones(3),
+               "norm.num_batches_tracked": torch.tensor(0), "norm.weight": torch.ones(3), "norm.bias": torch.zeros(3)},
+              str(tmp_path / "model.safetensors"))
+    model.table.fill_(5.0)
+    load_checkpoint_state(model, None, tmp_path)
+    assert torch.equal(model.norm.running_mean, torch.full((3,), 2.0))
+    assert torch.equal(model.table, torch.full((3,), 5.0))  # not in the checkpoint: left as it is
 
 
 def test_load_checkpoint_state_restores_the_checkpoints_buffers(tmp_path):

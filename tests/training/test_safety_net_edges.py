@@ -274,3 +274,36 @@ def test_a_non_finite_trip_does_not_suggest_raising_a_threshold(tmp_path, caplog
         trainer.train()
     assert guard.events and guard.events[0]["loss"] == "nan"
     assert "raise loss_threshold" not in caplog.text and "raise grad_norm_threshold" not in caplog.text
+
+
+def _logged_loss_args(tmp_path, **kw):
+    # label smoothing: the Trainer computes the loss outside the model, so the guard judges the logged loss
+    base = dict(learning_rate=1e-3, max_steps=12, save_steps=1, logging_steps=5, label_smoothing_factor=0.1)
+    return _args(tmp_path, **{**base, **kw})
+
+
+def test_rotation_that_outruns_the_logged_validation_is_refused_for_checkpoint_rollbacks(tmp_path):
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    trainer = Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, save_total_limit=3),
+                      train_dataset=TokenDataset(n=64), callbacks=[guard])
+    with pytest.raises(ValueError, match=r"save_total_limit=3 with logging_steps=5 and save_steps=1.*to 7 or more"):
+        trainer.train()
+    assert not list(Path(tmp_path).glob("checkpoint-*"))  # refused before anything was saved
+
+
+def test_rotation_that_outruns_the_logged_validation_is_warned_about_in_memory_mode(tmp_path, caplog):
+    guard = _guard(on_divergence="rollback", rollback_source="memory")
+    trainer = Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, save_total_limit=3, max_steps=2),
+                      train_dataset=TokenDataset(n=64), callbacks=[guard])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "up to 6 checkpoints wait for a passing log" in caplog.text
+
+
+def test_a_limit_that_keeps_the_last_good_checkpoint_passes(tmp_path, caplog):
+    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
+    trainer = Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, save_total_limit=7, max_steps=2),
+                      train_dataset=TokenDataset(n=64), callbacks=[guard])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "checkpoints wait for a passing log" not in caplog.text
