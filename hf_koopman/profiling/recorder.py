@@ -201,7 +201,7 @@ class ResidualStreamRecorder:
 
     # ------------------------------------------------------------------ results
     def _kept(self) -> list[_Transition]:
-        return [t for (i, _), t in self._transitions.items() if t.X is not None and _container(self.blocks[i].name) not in self.dropped]
+        return [t for t in self._recorded() if t.X is not None]
 
     def snapshots(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """Recorded transitions in execution order: `(name, X (N, d), Y (N, d))`."""
@@ -230,16 +230,21 @@ class ResidualStreamRecorder:
         """Stack label of each entry of `snapshots()`."""
         return [t.stack for t in self._kept()]
 
+    def _recorded(self) -> list[_Transition]:
+        """Transitions of the block lists that are not dropped (`dropped`: a list whose blocks change the width)."""
+        return [t for (i, _), t in self._transitions.items() if _container(self.blocks[i].name) not in self.dropped]
+
     @property
     def tokens_seen(self) -> dict[str, int]:
-        """Number of valid (unpadded) token states each transition has seen before subsampling."""
-        return {t.name: t.tokens_seen for t in self._transitions.values()}
+        """Number of valid (unpadded) token states each transition of a kept block list has seen before
+        subsampling."""
+        return {t.name: t.tokens_seen for t in self._recorded()}
 
     @property
     def positions_seen(self) -> dict[str, int]:
-        """Number of token positions each transition has seen, padding included: `tokens_seen` plus what the mask left
-        out."""
-        return {t.name: t.positions_seen for t in self._transitions.values()}
+        """Number of token positions each transition of a kept block list has seen, padding included: `tokens_seen`
+        plus what the mask left out."""
+        return {t.name: t.positions_seen for t in self._recorded()}
 
     # ------------------------------------------------------------------ hooks
     def _reset_calls(self, module: nn.Module, args: tuple) -> None:

@@ -205,6 +205,8 @@ def test_width_changing_lists_are_dropped_only_when_auto_discovered():
         model(torch.randn(2, 5, 4))
     assert [name for name, _, _ in rec.snapshots()] == ["layers.0", "layers.1"]
     assert list(rec.dropped) == ["stem"]
+    # the dropped list's blocks do not count as layers that saw no tokens (profile()'s token cap reads the minimum)
+    assert rec.tokens_seen == {"layers.0": 10, "layers.1": 10} and set(rec.positions_seen) == {"layers.0", "layers.1"}
     with pytest.raises(ValueError, match=r"block 'stem\.0' maps"):
         with ResidualStreamRecorder(model), torch.no_grad():
             model(torch.randn(2, 5, 4))
