@@ -321,12 +321,15 @@ def find_residual_blocks(
     paths = [n for n, _ in chosen]
     chosen = [(n, c) for n, c in chosen if not any(p != n and p.startswith(f"{n}.") for p in paths)]
     if not chosen:
+        candidates = _containers(model)
+        # the example names this model's longest list, as the candidates do (the path the user most likely means)
+        example = max(candidates, key=lambda nc: len(nc[1]))[0] if candidates else "model.layers"
         raise ValueError(
             f"Could not identify the residual blocks of {type(model).__name__}: no module list matches the blocks that "
             "transformers records as hidden states, GradientCheckpointingLayer, _no_split_modules or "
             f"num_hidden_layers. Candidates: {_describe_candidates(model)}. Pass the block list explicitly, e.g. "
-            "`find_residual_blocks(model, layers='model.layers')` / `profile(model, layers=...)` / "
-            "`hf-koopman profile ... --layers model.layers`."
+            f"`find_residual_blocks(model, layers={example!r})` / `profile(model, layers={example!r})` / "
+            f"`hf-koopman profile ... --layers {example}`."
         )
     labels = _stack_labels([n for n, _ in chosen])
     blocks = [

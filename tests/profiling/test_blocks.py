@@ -102,7 +102,8 @@ def test_unknown_structure_lists_candidates_and_override():
         find_residual_blocks(_Opaque())
     message = str(info.value)
     assert "Candidates: 'heads' (2 x Linear)" in message
-    assert "layers=" in message
+    # the example fix names this model's list, not a path it does not have
+    assert "profile(model, layers='heads')" in message and "--layers heads`" in message
 
 
 class _Config:
