@@ -14,8 +14,8 @@ from hf_koopman.profiling.blocks import unwrap_model
 
 
 __all__ = [
-    "POSITIONAL_INPUT", "iter_batches", "label_mask", "mask_routes", "prepare_batch", "byte_tokenize", "snapshot_masks",
-    "split_text",
+    "POSITIONAL_INPUT", "add_decoder_inputs", "iter_batches", "label_mask", "labels_feed_decoder", "mask_routes",
+    "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text",
 ]
 
 logger = get_logger(__name__)
@@ -330,9 +330,23 @@ def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
         )
 
 
+def labels_feed_decoder(batch: Mapping[str, Any], model: torch.nn.Module) -> bool:
+    """Whether an encoder-decoder `model` given `batch` builds its decoder inputs from the token labels, as in training:
+    no `decoder_input_ids` / `decoder_inputs_embeds`, integer `(B, T)` labels (`T > 1`) and the model's
+    `prepare_decoder_input_ids_from_labels` (the labels shifted right, -100 replaced by the pad token)."""
+    labels = batch.get("labels")
+    return (bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+            and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch
+            and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 1
+            and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+            and callable(getattr(model, "prepare_decoder_input_ids_from_labels", None)))
+
+
 def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """Check `input_ids` against the model's vocabulary, drop label keys, move tensors to the model's device (floats to
-    its dtype) and add decoder inputs for encoder-decoder models (the decoder is probed with the encoder's tokens)."""
+    its dtype) and add decoder inputs for encoder-decoder models that have none: the labels shifted right where the
+    batch has token labels (`labels_feed_decoder`, as in training), else the encoder's tokens, else (a speech or image
+    encoder) synthetic decoder tokens after the decoder start token, up to the decoder's positions."""
     if isinstance(batch.get("input_ids"), torch.Tensor):
         _check_token_ids(batch["input_ids"], model)
     _check_feature_inputs(batch, model)
@@ -351,11 +365,32 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
         out[key] = value
     if "use_cache" not in out and _accepts(model, "use_cache"):
         out["use_cache"] = False  # a diagnostic forward needs no KV cache (and some hybrid caches need a prefill)
+    return add_decoder_inputs(out, batch, model, device)
+
+
+def add_decoder_inputs(out: dict[str, Any], given: Mapping[str, Any], model: torch.nn.Module,
+                       device: torch.device | str = "cpu") -> dict[str, Any]:
+    """`out` (the model's batch, labels dropped) with decoder inputs for an encoder-decoder `model` that has none in
+    `given` (the batch as passed, with its labels): the labels shifted right (`labels_feed_decoder`), else the
+    encoder's `input_ids` (and its mask), else synthetic tokens after the decoder start token (`_decoder_probe`), one
+    row per example, up to the decoder's positions. Other models: `out` unchanged."""
     config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False) and "input_ids" in out and "decoder_input_ids" not in out:
+    if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in out or "decoder_inputs_embeds" in out:
+        return out
+    batch = given
+    if labels_feed_decoder(batch, model):
+        labels = batch["labels"].to(device)
+        out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    elif "input_ids" in out:
         out["decoder_input_ids"] = out["input_ids"]
         if "attention_mask" in out:
             out.setdefault("decoder_attention_mask", out["attention_mask"])
+    elif "inputs_embeds" not in out:  # input_features / input_values / pixel_values only
+        from hf_koopman.profiling.probes import _decoder_positions, _decoder_probe
+
+        rows = next((v.shape[0] for v in out.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
+        probe = _decoder_probe(config, rows, rows * _decoder_positions(config), torch.Generator().manual_seed(0))
+        out["decoder_input_ids"] = probe.to(device)
     return out
 
 
@@ -364,9 +399,8 @@ def label_mask(batch: Mapping[str, Any], *, decoder_from_labels: bool = False) -
     when `batch` holds integer token `labels` on the decoder's token grid, else `None`.
 
     The grid is the shape of `decoder_input_ids`. Without them, `decoder_from_labels=True` takes the labels' own
-    `(B, T)` shape: in training a sequence-to-sequence model builds its decoder inputs from the labels (`KSSTrainer`).
-    `profile()` leaves it `False`: without `decoder_input_ids` it probes the decoder with `input_ids`
-    (`prepare_batch`), a grid the labels do not describe. Class labels `(B,)` or `(B, 1)` and float targets (a
+    `(B, T)` shape: in training a sequence-to-sequence model builds its decoder inputs from the labels (`KSSTrainer`,
+    and `profile()` where `prepare_batch` does the same, `labels_feed_decoder`). Class labels `(B,)` or `(B, 1)` and float targets (a
     sequence classifier's) are not token labels. BLIP's question answering, given labels without decoder inputs, feeds
     its decoder the labels themselves: they index its embedding, so they hold no -100 and mark no padding (its loss
     counts every position).
@@ -536,11 +570,14 @@ def snapshot_masks(
     `given` is the batch as the user passed it (with its labels), `batch` what the model gets (`prepare_batch`). The
     decoder's mask is `decoder_attention_mask` (given, or the encoder's mask when `prepare_batch` feeds the decoder
     `input_ids`), else `labels != -100` when the labels are token labels on the grid of the given
-    `decoder_input_ids` (`DataCollatorForSeq2Seq` batches), else none: the decoder's padding is then unknown. The
-    label mask reaches the recorder only; the model runs on the batch as given.
+    `decoder_input_ids` (`DataCollatorForSeq2Seq` batches) or when `prepare_batch` built the decoder inputs from them
+    (`labels_feed_decoder`), else none: the decoder's padding is then unknown. The label mask reaches the recorder
+    only; the model runs on the batch as given.
     """
     decoder = batch.get("decoder_attention_mask")
     if decoder is None:
-        decoder = label_mask(given)
+        from_labels = "decoder_input_ids" not in given and isinstance(given.get("labels"), torch.Tensor) and (
+            tuple(given["labels"].shape) == tuple(getattr(batch.get("decoder_input_ids"), "shape", ())))
+        decoder = label_mask(given, decoder_from_labels=from_labels)
     masks = {"attention_mask": batch.get("attention_mask"), "decoder": decoder, None: None}
     return {label: masks[route] for label, route in routes.items()}

@@ -532,11 +532,9 @@ def _prepare_inputs(inputs: Any, model: nn.Module, dtype: torch.dtype) -> dict[s
         for key, value in inputs.items()
         if key not in _LABEL_KEYS
     }
-    if getattr(model.config, "is_encoder_decoder", False) and "input_ids" in out and "decoder_input_ids" not in out:
-        out["decoder_input_ids"] = out["input_ids"]
-        if "attention_mask" in out:
-            out.setdefault("decoder_attention_mask", out["attention_mask"])
-    return out
+    from hf_koopman.profiling.inputs import add_decoder_inputs
+
+    return add_decoder_inputs(out, inputs, model)
 
 
 def _write_partial(path: str | os.PathLike | None, name: str, done: int, total: int, exc: BaseException) -> None:

@@ -197,6 +197,34 @@ def test_whisper_default_probe_gives_the_decoder_at_least_num_samples_distinct_t
     assert default_probe_inputs(_tiny_whisper(max_target_positions=448), num_tokens=256)["input_features"].shape[0] == 4
 
 
+def test_whisper_given_input_features_only_gets_synthetic_decoder_tokens():
+    # what a feature extractor returns: the decoder gets its start token and synthetic tokens up to its positions
+    model = _tiny_whisper()
+    result = profile(model, inputs={"input_features": torch.randn(3, 8, 128)}, num_samples=64)
+    decoder = [n for n in result.meta["tokens_seen_per_layer"] if n.startswith("decoder.")]
+    assert decoder and all(result.meta["tokens_seen_per_layer"][n] == 3 * 48 for n in decoder)
+
+
+def test_a_seq2seq_batch_with_labels_feeds_the_decoder_the_shifted_labels():
+    # as in training (DataCollatorForSeq2Seq without model=): the decoder reads the labels, padded with -100
+    from transformers import T5ForConditionalGeneration
+
+    from hf_koopman.testing_utils import tiny_config
+
+    model = T5ForConditionalGeneration(tiny_config("t5")).eval()
+    ids = torch.randint(1, 50, (4, 24), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(1, 50, (4, 10), generator=torch.Generator().manual_seed(1))
+    labels[:2, 7:] = -100
+    result = profile(model, inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
+                     num_samples=16)
+    seen = result.meta["tokens_seen_per_layer"]
+    decoder = [n for n in seen if n.startswith("decoder.")]
+    encoder = [n for n in seen if n.startswith("encoder.")]
+    assert decoder and encoder
+    assert all(seen[n] == int((labels != -100).sum()) for n in decoder)  # 34 label tokens, not the 96 source tokens
+    assert all(seen[n] == 96 for n in encoder)
+
+
 # ------------------------------------------------------------------------ 2. training flags come back through train()
 class _Recording(nn.Module):
     """A module whose `train()` override records every call, like LeViT's cache reset."""
