@@ -20,10 +20,19 @@ the probability crosses a given risk (`hf_koopman.suggest_max_lr` wraps it aroun
 Example:
 
 ```python
->>> import hf_koopman
->>> prof = hf_koopman.profile(model, inputs)
->>> hf_koopman.RiskEstimator.default().predict_proba(prof, learning_rate=3e-3)
-0.07...
+>>> import hf_koopman, torch
+>>> from transformers import AutoConfig, AutoModelForCausalLM
+>>> config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+...                               num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
+>>> _ = torch.manual_seed(0)
+>>> model = AutoModelForCausalLM.from_config(config)
+>>> prof = hf_koopman.profile(model, num_samples=512, progress=False)
+>>> estimator = hf_koopman.RiskEstimator.default()
+>>> print(f"{estimator.predict_proba(prof, learning_rate=3e-3):.1e}")  # the planned rate: low risk
+2.4e-04
+>>> print(f"{estimator.predict_proba(prof, learning_rate=3e-1):.2f}")  # 100x that rate
+0.53
+
 ```
 """
 

@@ -163,3 +163,11 @@ def test_the_budget_is_judged_on_the_shown_probability():
     assert below_risk_budget(0.0994) and not below_risk_budget(0.0996) and not below_risk_budget(0.1)
     edge = recommendation("safe", RiskAssessment(probability=0.0996, out_of_range=False, learning_rate=0.01))
     assert "10.0%" in edge and "lower the learning rate" in edge  # never "10.0% ... no lower learning rate needed"
+
+
+def test_the_module_example_runs_and_prints_what_it_shows():
+    import doctest
+
+    import hf_koopman.risk
+
+    assert doctest.testmod(hf_koopman.risk, optionflags=doctest.ELLIPSIS).failed == 0

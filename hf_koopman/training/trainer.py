@@ -355,9 +355,18 @@ class KSSTrainer(Trainer):
         *args, **kwargs: everything `transformers.Trainer` accepts.
 
     Example:
-        >>> trainer = KSSTrainer(model=model, args=KSSTrainingArguments("out", kss_alpha=0.15),
-        ...                      train_dataset=ds, callbacks=[RKSPCallback(auto_kss=True)])
-        >>> trainer.train()
+        >>> import torch
+        >>> from datasets import Dataset
+        >>> from transformers import AutoConfig, AutoModelForCausalLM
+        >>> config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...                               num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+        >>> model = AutoModelForCausalLM.from_config(config)
+        >>> ids = torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(0)).tolist()
+        >>> ds = Dataset.from_dict({"input_ids": ids, "labels": ids})
+        >>> args = KSSTrainingArguments("out/kss", max_steps=2, per_device_train_batch_size=8, report_to="none",
+        ...                             kss_alpha=0.15, kss_every_n_steps=1)
+        >>> trainer = KSSTrainer(model=model, args=args, train_dataset=ds)
+        >>> _ = trainer.train()  # logs kss/* next to the loss
     """
 
     def __init__(self, *args: Any, kss_config: KSSConfig | None = None, **kwargs: Any) -> None:
