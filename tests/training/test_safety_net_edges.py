@@ -215,6 +215,18 @@ def test_the_hooks_of_a_train_that_raised_are_removed_by_the_next_guard(tmp_path
     assert torch.isfinite(next(model.parameters())).all()
 
 
+def test_remove_hooks_takes_the_guard_off_a_model_whose_train_raised(tmp_path):
+    model = tiny_gpt2()
+    before = sum(len(m._forward_hooks) for m in model.modules())
+    crashed = _guard()
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=TokenDataset(n=128),
+                callbacks=[crashed, RaiseAtStep()]).train()
+    assert sum(len(m._forward_hooks) for m in model.modules()) > before
+    crashed.remove_hooks()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+
+
 def test_train_again_on_the_same_model_keeps_its_initialisation_profile(tmp_path):
     callback = RKSPCallback(guard=False)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=2, learning_rate=1e-3, save_strategy="no"),
