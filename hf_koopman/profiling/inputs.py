@@ -330,22 +330,44 @@ def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
         )
 
 
-def labels_feed_decoder(batch: Mapping[str, Any], model: torch.nn.Module) -> bool:
-    """Whether an encoder-decoder `model` given `batch` builds its decoder inputs from the token labels, as in training:
-    no `decoder_input_ids` / `decoder_inputs_embeds`, integer `(B, T)` labels (`T > 1`) and the model's
-    `prepare_decoder_input_ids_from_labels` (the labels shifted right, -100 replaced by the pad token)."""
+def _decoder_ids_from_labels(batch: Mapping[str, Any], model: torch.nn.Module) -> torch.Tensor | None:
+    """The decoder inputs an encoder-decoder `model` builds from the token labels of `batch` in training, or `None`.
+
+    `None` unless the model is an encoder-decoder, `batch` has no `decoder_input_ids` / `decoder_inputs_embeds` and
+    its labels are integer `(B, T)` tokens (`T > 1`; class labels `(B,)` / `(B, 1)` are not). The ids are the model's
+    `prepare_decoder_input_ids_from_labels` (the labels shifted right, -100 replaced by the pad token), or the same
+    shift done here from the config's `decoder_start_token_id` and `pad_token_id` for models without that method
+    (Whisper, Speech2Text shift inside their forward); `None` when neither is available."""
     labels = batch.get("labels")
-    return (bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if not (getattr(getattr(model, "config", None), "is_encoder_decoder", False)
             and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch
             and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 1
-            and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
-            and callable(getattr(model, "prepare_decoder_input_ids_from_labels", None)))
+            and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)):
+        return None
+    method = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(method):
+        try:
+            return method(labels=labels)
+        except (ValueError, TypeError, AttributeError):  # e.g. an EncoderDecoderModel without decoder_start_token_id
+            pass
+    start, pad = getattr(model.config, "decoder_start_token_id", None), getattr(model.config, "pad_token_id", None)
+    if not isinstance(start, int) or not isinstance(pad, int):
+        return None
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad)
+
+
+def labels_feed_decoder(batch: Mapping[str, Any], model: torch.nn.Module) -> bool:
+    """Whether an encoder-decoder `model` given `batch` builds its decoder inputs from the token labels, as in training
+    (`_decoder_ids_from_labels`); `prepare_batch` then does the same, and the decoder's padding is `labels != -100`."""
+    return _decoder_ids_from_labels(batch, model) is not None
 
 
 def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """Check `input_ids` against the model's vocabulary, drop label keys, move tensors to the model's device (floats to
-    its dtype) and add decoder inputs for encoder-decoder models that have none: the labels shifted right where the
-    batch has token labels (`labels_feed_decoder`, as in training), else the encoder's tokens, else (a speech or image
+    its dtype) and add decoder inputs for encoder-decoder models that have none (`add_decoder_inputs`): the labels
+    shifted right where the batch has token labels (as in training), else the encoder's tokens, else (a speech
     encoder) synthetic decoder tokens after the decoder start token, up to the decoder's positions."""
     if isinstance(batch.get("input_ids"), torch.Tensor):
         _check_token_ids(batch["input_ids"], model)
@@ -372,23 +394,23 @@ def add_decoder_inputs(out: dict[str, Any], given: Mapping[str, Any], model: tor
                        device: torch.device | str = "cpu") -> dict[str, Any]:
     """`out` (the model's batch, labels dropped) with decoder inputs for an encoder-decoder `model` that has none in
     `given` (the batch as passed, with its labels): the labels shifted right (`labels_feed_decoder`), else the
-    encoder's `input_ids` (and its mask), else synthetic tokens after the decoder start token (`_decoder_probe`), one
-    row per example, up to the decoder's positions. Other models: `out` unchanged."""
+    encoder's `input_ids` (and its mask), else, for a speech encoder (`input_features` / `input_values`), synthetic
+    tokens after the decoder start token (`_decoder_probe`), one row per example, up to the decoder's positions.
+    Other models and inputs: `out` unchanged."""
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in out or "decoder_inputs_embeds" in out:
         return out
-    batch = given
-    if labels_feed_decoder(batch, model):
-        labels = batch["labels"].to(device)
-        out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    from_labels = _decoder_ids_from_labels(given, model)
+    if from_labels is not None:
+        out["decoder_input_ids"] = from_labels.to(device)
     elif "input_ids" in out:
         out["decoder_input_ids"] = out["input_ids"]
         if "attention_mask" in out:
             out.setdefault("decoder_attention_mask", out["attention_mask"])
-    elif "inputs_embeds" not in out:  # input_features / input_values / pixel_values only
+    elif any(key in out for key in ("input_features", "input_values")):  # a speech encoder (Whisper, Speech2Text)
         from hf_koopman.profiling.probes import _decoder_positions, _decoder_probe
 
-        rows = next((v.shape[0] for v in out.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 1)
+        rows = out.get("input_features", out.get("input_values")).shape[0]
         probe = _decoder_probe(config, rows, rows * _decoder_positions(config), torch.Generator().manual_seed(0))
         out["decoder_input_ids"] = probe.to(device)
     return out
@@ -400,8 +422,8 @@ def label_mask(batch: Mapping[str, Any], *, decoder_from_labels: bool = False) -
 
     The grid is the shape of `decoder_input_ids`. Without them, `decoder_from_labels=True` takes the labels' own
     `(B, T)` shape: in training a sequence-to-sequence model builds its decoder inputs from the labels (`KSSTrainer`,
-    and `profile()` where `prepare_batch` does the same, `labels_feed_decoder`). Class labels `(B,)` or `(B, 1)` and float targets (a
-    sequence classifier's) are not token labels. BLIP's question answering, given labels without decoder inputs, feeds
+    and `profile()` where `prepare_batch` does the same, `labels_feed_decoder`). Class labels `(B,)` or `(B, 1)` and
+    float targets (a sequence classifier's) are not token labels. BLIP's question answering, given labels without decoder inputs, feeds
     its decoder the labels themselves: they index its embedding, so they hold no -100 and mark no padding (its loss
     counts every position).
     """
@@ -563,21 +585,20 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
 
 
 def snapshot_masks(
-    routes: Mapping[str, str | None], given: Mapping[str, Any], batch: Mapping[str, Any]
+    routes: Mapping[str, str | None], given: Mapping[str, Any], batch: Mapping[str, Any],
+    decoder_from_labels: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """The recorder's `attention_mask` dict for one forward: stack label -> `(B, T)` mask or `None`.
 
     `given` is the batch as the user passed it (with its labels), `batch` what the model gets (`prepare_batch`). The
     decoder's mask is `decoder_attention_mask` (given, or the encoder's mask when `prepare_batch` feeds the decoder
     `input_ids`), else `labels != -100` when the labels are token labels on the grid of the given
-    `decoder_input_ids` (`DataCollatorForSeq2Seq` batches) or when `prepare_batch` built the decoder inputs from them
-    (`labels_feed_decoder`), else none: the decoder's padding is then unknown. The label mask reaches the recorder
-    only; the model runs on the batch as given.
+    `decoder_input_ids` (`DataCollatorForSeq2Seq` batches) or when the decoder inputs were built from them
+    (`decoder_from_labels`: pass `labels_feed_decoder(given, model)`), else none: the decoder's padding is then
+    unknown. The label mask reaches the recorder only; the model runs on the batch as given.
     """
     decoder = batch.get("decoder_attention_mask")
     if decoder is None:
-        from_labels = "decoder_input_ids" not in given and isinstance(given.get("labels"), torch.Tensor) and (
-            tuple(given["labels"].shape) == tuple(getattr(batch.get("decoder_input_ids"), "shape", ())))
-        decoder = label_mask(given, decoder_from_labels=from_labels)
+        decoder = label_mask(given, decoder_from_labels=decoder_from_labels)
     masks = {"attention_mask": batch.get("attention_mask"), "decoder": decoder, None: None}
     return {label: masks[route] for label, route in routes.items()}

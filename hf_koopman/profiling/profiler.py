@@ -31,6 +31,7 @@ from hf_koopman.profiling.inputs import (
     _LABEL_KEYS,
     POSITIONAL_INPUT,
     iter_batches,
+    labels_feed_decoder,
     mask_routes,
     prepare_batch,
     snapshot_masks,
@@ -689,7 +690,9 @@ def profile(
                     args = (batch.pop(POSITIONAL_INPUT),) if POSITIONAL_INPUT in batch else ()  # plain nn.Module
                     # each mask reaches only the stacks it belongs to; decoder inputs in the batch route a decoder
                     routes = mask_routes(inner, blocks, batch)
-                    recorder.attention_mask = snapshot_masks(routes, raw if isinstance(raw, Mapping) else {}, batch)
+                    given = raw if isinstance(raw, Mapping) else {}
+                    recorder.attention_mask = snapshot_masks(routes, given, batch,
+                                                             decoder_from_labels=labels_feed_decoder(given, inner))
                     try:
                         runner(*args, **batch)
                     except (TypeError, ValueError, AttributeError) as err:

@@ -322,7 +322,7 @@ def profile_streaming(
         _check_token_count,
         autocast_dtype,
     )
-    from hf_koopman.profiling.inputs import mask_routes, snapshot_masks
+    from hf_koopman.profiling.inputs import labels_feed_decoder, mask_routes, snapshot_masks
 
     # bad arguments fail before any block is built or streamed, with profile()'s checks; these options are set here on
     # profile_from_snapshots
@@ -416,7 +416,8 @@ def profile_streaming(
         # each mask reaches only the stacks it belongs to, with the routes and masks `profile` records with
         recorder = ResidualStreamRecorder(
             skeleton, blocks, num_samples=num_samples, seed=seed,
-            attention_mask=snapshot_masks(mask_routes(skeleton, blocks, inputs), given, inputs),
+            attention_mask=snapshot_masks(mask_routes(skeleton, blocks, inputs), given, inputs,
+                                          decoder_from_labels=labels_feed_decoder(given, skeleton)),
         )
         with recorder, torch.no_grad():
             # registered after the recorder's hooks so that the recorder sees each output before the block is freed

@@ -40,8 +40,8 @@ from hf_koopman.training.guard import (
     is_distributed,
     is_sharded,
     load_checkpoint_state,
-    reduce_max,
     model_buffers,
+    reduce_max,
     world_sum,
 )
 
@@ -255,7 +255,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
       explicitly from a `_suspect-checkpoint-N` logs an error naming the last good checkpoint. A resumed run's last
       good checkpoint is the latest, up to the resumed step, that the record or the resumed checkpoint's stored guard
       state names (a run without events writes no record). `save_total_limit` rotates checkpoints by age and may
-      delete the last good one; keep a limit of at least 3 (`ceil(logging_steps / save_steps) + 2` when the guard
+      delete the last good one; keep a limit of at least 3 (`ceil(logging_steps / save_steps) + 1` when the guard
       judges logged losses), or none, when you rely on it.
 
       Under DDP the rule is applied to each process's own loss and to the averaged gradient (the norm is read after
@@ -1043,21 +1043,26 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared = self._unscaled(squared)
         return loss, squared
 
-    def _unscaled(self, squared: torch.Tensor) -> torch.Tensor | None:
-        """The squared gradient norm under a loss scaler (fp16 mixed precision), in the loss's own units.
+    def _unscaled(self, squared: torch.Tensor) -> torch.Tensor:
+        """The squared gradient norm under a loss scaler (fp16 mixed precision), in the loss's own units, on device.
 
         The scaler multiplies the loss, hence the gradients, by its scale. The Trainer unscales them before
         `on_pre_optimizer_step` (its `clip_grad_norm_`, called with `max_grad_norm = inf` when clipping is off, to log
         the norm), so only a norm read at the end of the backward pass (the pre-clip read) is divided here. A
         non-finite scaled gradient is the scaler's overflow: it skips that update and lowers its scale, so the step
-        has no gradient norm to judge (`None`), not a divergence; a non-finite loss still trips the rule.
+        has no gradient to judge (0, which never trips), not a divergence. Once the scale has fallen to 1 or below,
+        the gradients are non-finite without any scaling: that stays non-finite and trips the rule, as does a
+        non-finite loss. No host sync (the scale is read on device where the scaler has one).
         """
+        scaler = self._scaler
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+        if scale is None:  # before the scaler's first step (its initial scale, a Python float) or an older scaler
+            scale = torch.tensor(scaler.get_scale())
+        scale = scale.to(device=squared.device, dtype=squared.dtype)
         if self._grad_tap.read_in_backward:
-            squared = squared / self._scaler.get_scale() ** 2
-        if not bool(torch.isfinite(squared)):
-            logger.debug("RKSP guard: gradient overflow under the loss scaler; the scaler skips this update")
-            return None
-        return squared
+            squared = squared / scale.square()
+        skipped = ~torch.isfinite(squared) & (scale > 1)
+        return torch.where(skipped, torch.zeros_like(squared), squared)
 
     def _check_checkpoint_settings(self, args, model: torch.nn.Module | None = None) -> None:
         """`rollback_source="checkpoint"` needs checkpoints the guard can validate, keep and read back: refuse, before
@@ -1230,33 +1235,33 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _check_rotation_while_pending(self, args, state, logging_steps: int) -> None:
         """Judged on logged losses, checkpoints wait for the next passing log before one counts as good: with
-        `logging_steps > save_steps`, up to `ceil(logging_steps / save_steps) + 1` of them, and rotation must keep the
-        last good one behind those. Refuse a `save_total_limit` that cannot with `rollback_source="checkpoint"` (its
-        rollbacks read that checkpoint; on the first step, before anything is saved), warn otherwise ("auto" then keeps
-        the validated state in memory)."""
+        `logging_steps = L` and `save_steps = S`, up to `ceil(L / S)` of them, and rotation must keep the last good one
+        behind those (`save_total_limit >= max(3, ceil(L / S) + 1)`). Refuse a limit that cannot with
+        `rollback_source="checkpoint"` (its rollbacks read that checkpoint; on the first step, before anything is
+        saved); warn otherwise."""
         limit = getattr(args, "save_total_limit", None)
         strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
         save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
         if limit is None or strategy != "steps" or save_strategy != "steps":
             return
         save_steps = max(1, int(getattr(state, "save_steps", 0) or getattr(args, "save_steps", 1) or 1))
-        needed = math.ceil(logging_steps / save_steps) + 2
+        waiting = math.ceil(logging_steps / save_steps)
+        needed = max(3, waiting + 1)
         if limit >= needed:
             return
-        message = (f"RKSP guard: save_total_limit={limit} with logging_steps={logging_steps} and save_steps={save_steps}: "
-                   f"judged on logged losses, up to {needed - 1} checkpoints wait for a passing log before one counts "
-                   f"as good, so rotation can delete the last good checkpoint while they wait. Set save_total_limit to "
-                   f"{needed} or more (or unset it), logging_steps={save_steps} or less, or let the model compute its "
-                   f"own loss (pass the labels to it, no label_smoothing_factor / compute_loss_func)")
+        message = (f"RKSP guard: save_total_limit={limit} with logging_steps={logging_steps} and "
+                   f"save_steps={save_steps}: judged on logged losses, up to {waiting} checkpoints wait for a passing "
+                   f"log before one counts as good (more after a log too high to validate its steps), so rotation can "
+                   f"delete the last good checkpoint while they wait. Set save_total_limit to {needed} or more (or "
+                   f"unset it), logging_steps={save_steps} or less, or let the model compute its own loss (pass the "
+                   f"labels to it, no label_smoothing_factor / compute_loss_func)")
         if self.rollback_source == "checkpoint":
             self._stop_guard()
             raise ValueError(message + "; rollback_source='checkpoint' restores that checkpoint, or use "
                              "rollback_source='memory'")
-        if self._from_checkpoint:  # "auto" chose the checkpoint: keep the validated state in memory instead
-            self._from_checkpoint = False
-            message += "; rollback_source='auto' keeps the validated state in memory instead"
         if state.is_world_process_zero:
-            logger.warning("%s, to be able to resume from it.", message)
+            logger.warning("%s, to be able to resume from it%s.", message,
+                           " (a rollback that finds it rotated away stops the run)" if self._from_checkpoint else "")
 
     def _warn_two_copies(self, state) -> None:
         """Judged on logged losses, the guard keeps two CPU copies of the training state (the validated one and the
@@ -1370,8 +1375,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 for p in self._params:
                     p.grad = None
                 self._skipped = True
-            else:
-                self._undo.capture(self._params, optimizer, state.global_step, self._buffers)
+            else:  # the weights before the update; the buffers already hold the tripping forward's (not undone)
+                self._undo.capture(self._params, optimizer, state.global_step)
 
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")

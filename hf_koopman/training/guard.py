@@ -39,8 +39,8 @@ __all__ = [
     "checkpoint_problem",
     "is_distributed",
     "load_checkpoint_state",
-    "reduce_max",
     "model_buffers",
+    "reduce_max",
 ]
 
 logger = get_logger(__name__)
@@ -301,16 +301,20 @@ def _kept(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 
 def _squared_norm(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
-    """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float32; `None` if none.
+    """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float64 (float32 on MPS, which
+    has no float64); `None` if none.
 
-    One fused `_foreach_norm` and one norm of the per-tensor norms (`torch.stack` promotes mixed dtypes)."""
+    One fused `_foreach_norm` and one norm of the per-tensor norms (`torch.stack` promotes mixed dtypes). Squared in
+    float64 so that a finite norm up to ~1e154 stays finite: a loss-scaled norm (x 65536 under fp16) above ~1.8e19
+    would square to inf in float32 and read as an overflow."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
     if hasattr(grads[0], "to_local"):
         grads = [_local(g) for g in grads]
+    wide = torch.float32 if grads[0].device.type == "mps" else torch.float64
     with torch.no_grad():
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).square()
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).to(wide)).square()
 
 
 class ActivationWatch:
@@ -603,7 +607,7 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
             )
     for param, name in pairs:
         param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
-    for name, buf in model_buffers(model):  # running statistics: the checkpoint's, not the diverged step's
+    for name, buf in model.named_buffers(remove_duplicate=False):  # the checkpoint's statistics (aliases included)
         if name in saved and tuple(saved[name].shape) == tuple(buf.shape):
             buf.copy_(saved[name].to(device=buf.device, dtype=buf.dtype))
     if optimizer is None:

@@ -114,8 +114,10 @@ def render(runs: dict[str, list[dict[str, Any]]]) -> str:
             shift = max(abs(r["m1_mean"] - b["m1_mean"]) for r, b in zip(rows, base)
                         if r["m1_mean"] is not None and b["m1_mean"] is not None)
             ratio = np.median([r["rho_max"] / b["rho_max"] for r, b in zip(rows, base)])
-            lines.append(f"- {name}: largest ρ {ratio:.2f}x float32's at the median seed; mean M≈1 moves at most "
-                         f"{shift:.3f}.")
+            kappa = [b["kappa_median"] / r["kappa_median"] for r, b in zip(rows, base)
+                     if r["kappa_median"] and b["kappa_median"]]
+            lines.append(f"- {name}: largest ρ {ratio:.2f}x float32's (median over seeds of the per-seed ratio); "
+                         f"median κ(V) {_range(kappa)}x lower, seed by seed; mean M≈1 moves at most {shift:.3f}.")
     return "\n".join(lines) + "\n"
 
 

@@ -225,6 +225,31 @@ def test_a_seq2seq_batch_with_labels_feeds_the_decoder_the_shifted_labels():
     assert all(seen[n] == 96 for n in encoder)
 
 
+def test_whisper_given_labels_feeds_its_decoder_the_shifted_labels_and_their_padding():
+    # Whisper has no prepare_decoder_input_ids_from_labels: it shifts the labels inside its forward in training
+    model = _tiny_whisper()
+    labels = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels[:, 5:] = -100
+    result = profile(model, inputs={"input_features": torch.randn(4, 8, 128), "labels": labels}, num_samples=16)
+    seen = result.meta["tokens_seen_per_layer"]
+    decoder = [n for n in seen if n.startswith("decoder.")]
+    assert decoder and all(seen[n] == 20 for n in decoder)  # 4 x 5 label tokens, not 4 x 48 synthetic ones
+
+
+def test_an_encoder_decoder_without_a_decoder_start_token_falls_back_to_the_encoder_tokens():
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(
+        BertConfig(**small), BertConfig(**small, is_decoder=True, add_cross_attention=True))
+    config.pad_token_id = 0  # no decoder_start_token_id: the model's own label shift refuses
+    model = EncoderDecoderModel(config=config).eval()
+    ids = torch.randint(1, 100, (4, 24), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(1, 100, (4, 10), generator=torch.Generator().manual_seed(1))
+    result = profile(model, inputs={"input_ids": ids, "labels": labels}, num_samples=16)
+    assert all(n == 96 for n in result.meta["tokens_seen_per_layer"].values())
+
+
 # ------------------------------------------------------------------------ 2. training flags come back through train()
 class _Recording(nn.Module):
     """A module whose `train()` override records every call, like LeViT's cache reset."""
