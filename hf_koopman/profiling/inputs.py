@@ -337,7 +337,7 @@ def _decoder_ids_from_labels(batch: Mapping[str, Any], model: torch.nn.Module) -
     its labels are integer `(B, T)` tokens (`T > 1`; class labels `(B,)` / `(B, 1)` are not). The ids are the model's
     `prepare_decoder_input_ids_from_labels` (the labels shifted right, -100 replaced by the pad token), or the same
     shift done here from the config's `decoder_start_token_id` and `pad_token_id` for models without that method
-    (Whisper, Speech2Text shift inside their forward); `None` when neither is available."""
+    (Whisper, Speech2Text shift inside their forward) when the model's forward takes `labels`; `None` otherwise."""
     labels = batch.get("labels")
     if not (getattr(getattr(model, "config", None), "is_encoder_decoder", False)
             and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch
@@ -351,8 +351,8 @@ def _decoder_ids_from_labels(batch: Mapping[str, Any], model: torch.nn.Module) -
         except (ValueError, TypeError, AttributeError):  # e.g. an EncoderDecoderModel without decoder_start_token_id
             pass
     start, pad = getattr(model.config, "decoder_start_token_id", None), getattr(model.config, "pad_token_id", None)
-    if not isinstance(start, int) or not isinstance(pad, int):
-        return None
+    if not isinstance(start, int) or not isinstance(pad, int) or not _accepts(model, "labels"):
+        return None  # a base model (T5Model) takes no labels: in training its decoder never sees them
     shifted = labels.new_full(labels.shape, start)
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == -100, pad)

@@ -223,16 +223,22 @@ def test_a_seq2seq_batch_with_labels_feeds_the_decoder_the_shifted_labels():
     assert decoder and encoder
     assert all(seen[n] == int((labels != -100).sum()) for n in decoder)  # 34 label tokens, not the 96 source tokens
     assert all(seen[n] == 96 for n in encoder)
+    # the base model takes no labels (its decoder never sees them in training): the decoder reads the source tokens
+    base = profile(tiny_model("t5"), inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                              "labels": labels}, num_samples=16)
+    assert all(n == 96 for n in base.meta["tokens_seen_per_layer"].values())
 
 
 def test_whisper_given_labels_feeds_its_decoder_the_shifted_labels_and_their_padding():
     # Whisper has no prepare_decoder_input_ids_from_labels: it shifts the labels inside its forward in training
-    model = _tiny_whisper()
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration(_tiny_whisper().config).eval()
     labels = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
     labels[:, 5:] = -100
     result = profile(model, inputs={"input_features": torch.randn(4, 8, 128), "labels": labels}, num_samples=16)
     seen = result.meta["tokens_seen_per_layer"]
-    decoder = [n for n in seen if n.startswith("decoder.")]
+    decoder = [n for n in seen if "decoder." in n]
     assert decoder and all(seen[n] == 20 for n in decoder)  # 4 x 5 label tokens, not 4 x 48 synthetic ones
 
 
