@@ -15,7 +15,7 @@ from hf_koopman.profiling.blocks import unwrap_model
 
 __all__ = [
     "POSITIONAL_INPUT", "add_decoder_inputs", "iter_batches", "label_mask", "labels_feed_decoder", "mask_routes",
-    "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text",
+    "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text", "virtual_tokens", "with_virtual_tokens",
 ]
 
 logger = get_logger(__name__)
@@ -582,6 +582,35 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
         else:
             routes[label] = "attention_mask"
     return routes
+
+
+#: PEFT methods that prepend `num_virtual_tokens` learned embeddings to the inputs (prefix tuning extends the keys
+#: and values instead, leaving the token grid as it is)
+_PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+
+
+def virtual_tokens(model: torch.nn.Module) -> int:
+    """Learned tokens a PEFT prompt-learning `model` puts in front of every input sequence (0 for other models): the
+    blocks see `num_virtual_tokens + T` positions where the batch's attention mask has `T`."""
+    config = getattr(model, "active_peft_config", None)
+    kind = getattr(config, "peft_type", None)
+    if not getattr(config, "is_prompt_learning", False) or str(getattr(kind, "value", kind)) not in _PROMPT_METHODS:
+        return 0
+    return int(getattr(config, "num_virtual_tokens", 0) or 0)
+
+
+def with_virtual_tokens(masks: dict[Any, torch.Tensor | None], routes: Mapping[Any, str | None],
+                        count: int) -> dict[Any, torch.Tensor | None]:
+    """`masks` with `count` ones prepended to each `(B, T)` mask of the stack that reads `input_ids` (route
+    `"attention_mask"`), as PEFT prompt tuning prepends its virtual tokens (which are real states of the stream)."""
+    if not count:
+        return masks
+    out = dict(masks)
+    for label, route in routes.items():
+        mask = out.get(label)
+        if route == "attention_mask" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            out[label] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    return out
 
 
 def snapshot_masks(

@@ -35,6 +35,8 @@ from hf_koopman.profiling.inputs import (
     mask_routes,
     prepare_batch,
     snapshot_masks,
+    virtual_tokens,
+    with_virtual_tokens,
 )
 from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
 from hf_koopman.profiling.weights import weights_origin
@@ -662,6 +664,7 @@ def profile(
     # torch.compile: a diagnostic forward with recording hooks would pay for a compilation and graph breaks at the
     # hooks; `torch.compile(model)` wrappers are unwrapped here, `model.compile()` is set aside by `eager_calls`
     runner = eager_module(runner)
+    prompt_tokens = virtual_tokens(model)  # PEFT prompt tuning: learned tokens in front of every sequence
     start = time.perf_counter()
     called: set[str] = set()  # blocks the forward pass entered
 
@@ -691,8 +694,8 @@ def profile(
                     # each mask reaches only the stacks it belongs to; decoder inputs in the batch route a decoder
                     routes = mask_routes(inner, blocks, batch)
                     given = raw if isinstance(raw, Mapping) else {}
-                    recorder.attention_mask = snapshot_masks(routes, given, batch,
-                                                             decoder_from_labels=labels_feed_decoder(given, inner))
+                    masks = snapshot_masks(routes, given, batch, decoder_from_labels=labels_feed_decoder(given, inner))
+                    recorder.attention_mask = with_virtual_tokens(masks, routes, prompt_tokens)
                     try:
                         runner(*args, **batch)
                     except (TypeError, ValueError, AttributeError) as err:

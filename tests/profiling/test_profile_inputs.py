@@ -308,3 +308,15 @@ def test_streaming_refuses_fewer_than_two_token_states(tmp_path):
     batch = {"input_ids": torch.tensor([[5, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0, 0]])}
     with pytest.raises(ValueError, match=r"saw 1 real token state\(s\)"):
         profile_streaming(tmp_path, inputs=batch, num_samples=8, progress=False)
+
+
+def test_peft_prompt_tuning_counts_its_virtual_tokens_and_keeps_the_padding_out():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=8))
+    ids = torch.randint(0, base.config.vocab_size, (4, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, 30:] = 0
+    result = profile(model, inputs={"input_ids": ids, "attention_mask": mask}, num_samples=64)
+    # 8 learned tokens in front of each row are real states of the stream; the 10 padded positions are not
+    assert set(result.meta["tokens_seen_per_layer"].values()) == {4 * (8 + 30)}
