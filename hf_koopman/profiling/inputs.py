@@ -423,9 +423,9 @@ def label_mask(batch: Mapping[str, Any], *, decoder_from_labels: bool = False) -
     The grid is the shape of `decoder_input_ids`. Without them, `decoder_from_labels=True` takes the labels' own
     `(B, T)` shape: in training a sequence-to-sequence model builds its decoder inputs from the labels (`KSSTrainer`,
     and `profile()` where `prepare_batch` does the same, `labels_feed_decoder`). Class labels `(B,)` or `(B, 1)` and
-    float targets (a sequence classifier's) are not token labels. BLIP's question answering, given labels without decoder inputs, feeds
-    its decoder the labels themselves: they index its embedding, so they hold no -100 and mark no padding (its loss
-    counts every position).
+    float targets (a sequence classifier's) are not token labels. BLIP's question answering, given labels without
+    decoder inputs, feeds its decoder the labels themselves: they index its embedding, so they hold no -100 and mark no
+    padding (its loss counts every position).
     """
     labels, decoder_ids = batch.get("labels"), batch.get("decoder_input_ids")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():

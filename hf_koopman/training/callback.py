@@ -120,7 +120,7 @@ def _worst(acc: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor
     """On-device maximum of two rule values, a non-finite value entering as +inf; `None` = no value."""
     if value is None:
         return acc
-    value = _inf_if_not_finite(value.detach().to(torch.float32))
+    value = _inf_if_not_finite(value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64))
     return value if acc is None else torch.maximum(acc, value.to(acc.device))
 
 
@@ -255,8 +255,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
       explicitly from a `_suspect-checkpoint-N` logs an error naming the last good checkpoint. A resumed run's last
       good checkpoint is the latest, up to the resumed step, that the record or the resumed checkpoint's stored guard
       state names (a run without events writes no record). `save_total_limit` rotates checkpoints by age and may
-      delete the last good one; keep a limit of at least 3 (`ceil(logging_steps / save_steps) + 1` when the guard
-      judges logged losses), or none, when you rely on it.
+      delete the last good one; keep a limit of at least 3 (`max(3, ceil(logging_steps / save_steps) + 1)` when the
+      guard judges logged losses), or none, when you rely on it.
 
       Under DDP the rule is applied to each process's own loss and to the averaged gradient (the norm is read after
       DDP's reduction; one tripping process trips all); under FSDP2 to the reduce-scattered gradient, after clipping.
@@ -1003,7 +1003,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
             loss_value = next(it) if loss is not None else None
             squared_value = next(it) if squared is not None else None
             total = next(it) if activations is not None else None
-            norm_value = None if squared_value is None else math.sqrt(squared_value)
+            # a negative squared norm marks a step the loss scaler skipped (`_unscaled`): no value
+            norm_value = None if squared_value is None or squared_value < 0 else math.sqrt(squared_value)
             bad_value = None  # len(blocks) when only the float32 total overflowed: "none", as in the reduced path
             if total is not None and not math.isfinite(total):
                 bad_value = float(self._watch.first_bad_index())
@@ -1020,13 +1021,16 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 return _inf_if_not_finite(x.to(device=device, dtype=torch.float64))
 
             norm = squared.sqrt() if squared is not None else None
+            norm_t = finite_or_inf(norm)
+            if squared is not None:  # a step the loss scaler skipped (`_unscaled`, squared -1): no value
+                norm_t = torch.where(squared.to(device=device, dtype=torch.float64) < 0, minus_inf, norm_t)
             bad_t = -bad.to(device=device, dtype=torch.float64) if bad is not None else minus_inf
             interval_t = torch.tensor(interval, dtype=torch.float64, device=device)
-            local = torch.stack([finite_or_inf(loss), finite_or_inf(norm), bad_t, interval_t])
+            local = torch.stack([finite_or_inf(loss), norm_t, bad_t, interval_t])
             reduced = reduce_max(local.clone())
             local_values, reduced = torch.stack([local, reduced]).tolist()  # the one host sync of the step
             loss_value = None if loss is None else float(loss)
-            norm_value = None if norm is None else float(norm)
+            norm_value = None if norm is None or local_values[1] == float("-inf") else float(norm)
             local_bad = -local_values[2] if bad is not None else None
         bad_index = None
         if local_bad is not None and self._watch is not None and local_bad < len(self._watch.names):
@@ -1050,7 +1054,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         `on_pre_optimizer_step` (its `clip_grad_norm_`, called with `max_grad_norm = inf` when clipping is off, to log
         the norm), so only a norm read at the end of the backward pass (the pre-clip read) is divided here. A
         non-finite scaled gradient is the scaler's overflow: it skips that update and lowers its scale, so the step
-        has no gradient to judge (0, which never trips), not a divergence. Once the scale has fallen to 1 or below,
+        has no gradient to judge (-1: "no value", which never trips), not a divergence. Once the scale has fallen to 1
+        or below,
         the gradients are non-finite without any scaling: that stays non-finite and trips the rule, as does a
         non-finite loss. No host sync (the scale is read on device where the scaler has one).
         """
@@ -1062,7 +1067,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self._grad_tap.read_in_backward:
             squared = squared / scale.square()
         skipped = ~torch.isfinite(squared) & (scale > 1)
-        return torch.where(skipped, torch.zeros_like(squared), squared)
+        return torch.where(skipped, torch.full_like(squared, -1.0), squared)
 
     def _check_checkpoint_settings(self, args, model: torch.nn.Module | None = None) -> None:
         """`rollback_source="checkpoint"` needs checkpoints the guard can validate, keep and read back: refuse, before

@@ -313,8 +313,8 @@ def _squared_norm(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
     if hasattr(grads[0], "to_local"):
         grads = [_local(g) for g in grads]
     wide = torch.float32 if grads[0].device.type == "mps" else torch.float64
-    with torch.no_grad():
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).to(wide)).square()
+    with torch.no_grad():  # each tensor's norm accumulated in `wide` too: a float32 sum of squares overflows first
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=wide))).square()
 
 
 class ActivationWatch:

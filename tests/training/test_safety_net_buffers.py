@@ -112,3 +112,20 @@ def test_load_checkpoint_state_restores_the_checkpoints_buffers(tmp_path):
     norm.running_mean.fill_(float("nan"))
     load_checkpoint_state(model, None, tmp_path)
     assert torch.equal(norm.running_mean, kept)
+
+
+def test_load_checkpoint_state_restores_a_buffer_saved_under_an_alias(tmp_path):
+    from safetensors.torch import save_file
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Module(), torch.nn.Module()
+            table = torch.zeros(3)
+            self.a.register_buffer("stats", table)
+            self.b.register_buffer("stats", table)  # one tensor, two names; the checkpoint holds the second
+
+    model = Shared()
+    save_file({"b.stats": torch.full((3,), 4.0)}, str(tmp_path / "model.safetensors"))
+    load_checkpoint_state(model, None, tmp_path)
+    assert torch.equal(model.a.stats, torch.full((3,), 4.0))

@@ -61,18 +61,18 @@ def test_the_norm_is_judged_in_the_losss_units(tmp_path, max_grad_norm):
 
 
 class HugeGradient(torch.nn.Module):
-    """A tiny GPT-2 whose loss value is unchanged but whose gradient on one extra weight is 1e15 (finite): scaled by
-    65536 its square (4e39) exceeds float32."""
+    """A tiny GPT-2 whose loss value is unchanged but whose gradient on 16 extra weights is 2.5e14 each (norm 1e15,
+    finite): scaled by 65536, the sum of their squares (4e39) exceeds float32."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inner = tiny_gpt2()
-        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.w = torch.nn.Parameter(torch.zeros(16))
         self.config = self.inner.config
 
     def forward(self, input_ids=None, labels=None, **kwargs):
         out = self.inner(input_ids=input_ids, labels=labels)
-        out["loss"] = out["loss"] + ((self.w - self.w.detach()) * 1e15).sum()
+        out["loss"] = out["loss"] + ((self.w - self.w.detach()) * 2.5e14).sum()
         return out
 
 
@@ -121,3 +121,29 @@ def test_a_divergence_under_the_scaler_still_trips(tmp_path):
                            1024.0)
     trainer.train()
     assert guard.events and guard.events[0]["action"] == "stop"
+    norm = guard.events[0]["grad_norm"]  # judged in the loss's units, not x 1024 (or a non-finite / skipped step)
+    assert norm is None or isinstance(norm, str) or norm < 1024
+
+
+class NaNLoss(torch.nn.Module):
+    """A tiny GPT-2 whose loss is NaN: its gradients overflow too, which the scaler would skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_gpt2()
+        self.config = self.inner.config
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        out = self.inner(input_ids=input_ids, labels=labels)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_a_non_finite_loss_on_a_skipped_step_trips_and_reports_no_gradient_norm(tmp_path):
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=2, learning_rate=1e-3, max_grad_norm=1.0)
+    guard = exact_guard(on_divergence="stop")
+    trainer = _with_scaler(Trainer(model=NaNLoss(), args=args, train_dataset=TokenDataset(), callbacks=[guard]),
+                           65536.0)
+    trainer.train()
+    assert guard.events and guard.events[0]["loss"] == "nan"
+    assert guard.events[0]["grad_norm"] is None  # the scaler skipped the step: no norm, not 0.0
