@@ -799,6 +799,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._grad_tap = GradNormTap(
             self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0), model=model
         )
+        self._set_scaler(optimizer)
         if self.check_activations:
             from hf_koopman.profiling import find_residual_blocks
 
@@ -1047,6 +1048,14 @@ class RKSPCallback(TrainerCallback, ExportableState):
             squared = self._unscaled(squared)
         return loss, squared
 
+    def _set_scaler(self, optimizer: Any) -> None:
+        """Keep the optimizer's enabled loss scaler (accelerate's optimizer under fp16 mixed precision), and have the
+        gradient-norm tap accumulate in float64 under it (`_squared_norm`)."""
+        scaler = getattr(optimizer, "scaler", None)
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if self._grad_tap is not None:
+            self._grad_tap.wide = self._scaler is not None
+
     def _unscaled(self, squared: torch.Tensor) -> torch.Tensor:
         """The squared gradient norm under a loss scaler (fp16 mixed precision), in the loss's own units, on device.
 
@@ -1293,8 +1302,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                               **kwargs) -> TrainerControl | None:
         if not self.guard or model is None:
             return
-        scaler = getattr(optimizer, "scaler", None)  # accelerate's optimizer under fp16 mixed precision
-        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._set_scaler(optimizer)
         # FSDP2 swaps the registered parameters for DTensor shards after train begin: re-read them when the first
         # parameter object changed (listing them every step costs more than the rest of the guard's step on tiny models)
         first = next(model.parameters(), None)

@@ -232,6 +232,7 @@ class GradNormTap:
         self._queued = False
         self._warned = False
         self.read_in_backward = False  # whether the last `squared_norm` came from the end of a backward pass
+        self.wide = False  # accumulate the norms in float64 (`_squared_norm`): set under a loss scaler
         self._handles = [model.register_forward_hook(self._on_forward)] if self.pre_clip else []
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -257,7 +258,7 @@ class GradNormTap:
 
     def _read_norm(self) -> None:
         self._queued = False
-        value = _squared_norm(self._params)
+        value = _squared_norm(self._params, self.wide)
         if value is not None:
             self._buffer = _kept(self._buffer, value)
         self._squared = None if value is None else self._buffer
@@ -270,7 +271,7 @@ class GradNormTap:
         self.read_in_backward = self.pre_clip and self._squared is not None
         if self.read_in_backward:
             return self._squared
-        squared = _squared_norm(params)
+        squared = _squared_norm(params, self.wide)
         if self.pre_clip and squared is not None and not self._warned:
             self._warned = True
             logger.warning(
@@ -300,21 +301,23 @@ def _kept(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(value)
 
 
-def _squared_norm(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
-    """Sum of the squared norms of the parameters' gradients (local shards for DTensors), float64 (float32 on MPS, which
-    has no float64); `None` if none.
+def _squared_norm(params: list[torch.nn.Parameter], wide: bool = False) -> torch.Tensor | None:
+    """Sum of the squared norms of the parameters' gradients (local shards for DTensors); `None` if none.
 
-    One fused `_foreach_norm` and one norm of the per-tensor norms (`torch.stack` promotes mixed dtypes). Squared in
-    float64 so that a finite norm up to ~1e154 stays finite: a loss-scaled norm (x 65536 under fp16) above ~1.8e19
-    would square to inf in float32 and read as an overflow."""
+    One fused `_foreach_norm` and one norm of the per-tensor norms (`torch.stack` promotes mixed dtypes), in float32.
+    With `wide` (under a loss scaler) the norms accumulate in float64 (not on MPS, which has none), so that a finite
+    norm up to ~1e154 stays finite: a loss-scaled norm (x 65536 under fp16) above ~1.8e19 squares to inf in float32
+    and would read as the scaler's overflow. Without a scaler a float32 overflow means a norm far above any threshold,
+    which trips the rule either way; float64 accumulation costs ~6x the float32 norm on a CPU."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
     if hasattr(grads[0], "to_local"):
         grads = [_local(g) for g in grads]
-    wide = torch.float32 if grads[0].device.type == "mps" else torch.float64
-    with torch.no_grad():  # each tensor's norm accumulated in `wide` too: a float32 sum of squares overflows first
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=wide))).square()
+    with torch.no_grad():
+        if wide and grads[0].device.type != "mps":
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))).square()
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).square()
 
 
 class ActivationWatch:
