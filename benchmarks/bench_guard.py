@@ -239,10 +239,10 @@ class _GuardParts:
 
         read, capture = guard._squared_norm, guard.StateSnapshot.capture
 
-        def timed_read(params):
+        def timed_read(params, *args):
             start = self.clock()
             try:
-                return read(params)
+                return read(params, *args)
             finally:
                 self.read += self.clock() - start
 
