@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders (config.json + model.safetensors)")
     p.add_argument("--output-dir", required=True, help="each checkpoint is exported to OUTPUT_DIR/<folder name>/")
     p.add_argument("--push-to-hub-org", default=None, help="upload each export as ORG/<folder name>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear an export folder that already holds files (everything in it would be uploaded)")
     return p.parse_args(argv)
 
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written = []
     for checkpoint in map(Path, args.checkpoints):
         repo_id = f"{args.push_to_hub_org}/{checkpoint.name}" if args.push_to_hub_org else None
-        folder = export_for_hub(checkpoint, out_root / checkpoint.name, push_to_hub=repo_id)
+        folder = export_for_hub(checkpoint, out_root / checkpoint.name, push_to_hub=repo_id, overwrite=args.overwrite)
         print(f"{checkpoint} -> {folder}")  # the log says whether the upload happened
         written.append(folder)
     return written

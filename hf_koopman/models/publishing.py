@@ -240,23 +240,30 @@ def save_for_hub(
     code_dir: str | os.PathLike | None = None,
     auto_map: Mapping[str, str] | None = None,
     push_to_hub: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a Hub-ready folder: `config.json` with a complete `auto_map`, `model.safetensors`, the remote-code files
     and a model card `README.md`. Optionally upload it.
 
     Args:
         model (`PreTrainedModel`): the model to save (any head).
-        output_dir (`str | PathLike`): destination folder (created).
+        output_dir (`str | PathLike`): destination folder (created; must be empty, as everything in it is published,
+            unless `overwrite`).
         card (`ModelCard | str | PathLike`, *optional*): the model card, e.g. from `render_model_card`. Without it
             a minimal card is written (metadata, the class and how to load it) that says the model is undocumented;
             pass a real card before publishing.
         code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
         auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
         push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
+        overwrite (`bool`, *optional*, defaults to `False`): clear a non-empty `output_dir` first (else
+            `FileExistsError`).
 
     Returns:
         `Path` of the written folder.
     """
+    _empty_output(Path(output_dir), overwrite)
+    if code_dir is not None and auto_map is not None:  # a bad map is refused before anything is written
+        _check_auto_map(auto_map, Path(code_dir))
     out = save_checkpoint(model, output_dir, card=card)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
     if card is None:
@@ -300,6 +307,29 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
     ModelCard(text).save(folder / "README.md")
 
 
+def _empty_output(out: Path, overwrite: bool) -> None:
+    """Make sure the folder that gets published holds only what is written now: refuse one that already holds files
+    (an upload would carry them, stale weights or pickles included), or clear it with `overwrite`."""
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already holds files ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); everything in "
+                "the folder would be published with the export. Choose an empty or new folder, or pass "
+                "overwrite=True (scripts/publish.py --overwrite) to clear it first."
+            )
+        shutil.rmtree(out)
+    elif out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose a folder to export into.")
+
+
+def _card_repo_id(card_path: Path, old_repo: str, repo_id: str | None) -> None:
+    """Point the card's loading examples at the repository it is uploaded to (cards name `hf-koopman/<name>`)."""
+    if repo_id is None or repo_id == old_repo or not card_path.is_file():
+        return
+    text = card_path.read_text(encoding="utf-8")
+    card_path.write_text(text.replace(f'"{old_repo}"', f'"{repo_id}"'), encoding="utf-8")
+
+
 def export_for_hub(
     checkpoint_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -307,16 +337,21 @@ def export_for_hub(
     code_dir: str | os.PathLike | None = None,
     auto_map: Mapping[str, str] | None = None,
     push_to_hub: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Copy a checkpoint folder (config, weights, card and other non-code files) and add the remote code to the copy.
 
     Args:
         checkpoint_dir (`str | PathLike`): a folder written by `save_pretrained` / `save_checkpoint`, e.g.
             `checkpoints/reynet-mutag`.
-        output_dir (`str | PathLike`): destination folder (created; must not be `checkpoint_dir`).
+        output_dir (`str | PathLike`): destination folder (created; must not be `checkpoint_dir`; must be empty, as
+            everything in it is published, unless `overwrite`).
         code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
         auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
         push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
+            The card's `from_pretrained("hf-koopman/<folder name>", ...)` examples are pointed at it.
+        overwrite (`bool`, *optional*, defaults to `False`): clear a non-empty `output_dir` first (else
+            `FileExistsError`).
 
     Returns:
         `Path` of the written folder.
@@ -329,11 +364,13 @@ def export_for_hub(
     pickled = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{src} holds pickled files {pickled}; publish safetensors only (re-save with save_pretrained).")
+    _empty_output(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
         if path.is_file() and path.suffix != ".py":
             shutil.copyfile(path, out / path.name)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
+    _card_repo_id(out / "README.md", f"hf-koopman/{src.resolve().name}", push_to_hub)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out

@@ -206,3 +206,24 @@ def test_export_errors_name_the_fix(tmp_path):
         export_for_hub(pickled, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="neither Markdown text"):
         save_checkpoint(eq.CNPModel(eq.CNPConfig(hidden_size=4)), tmp_path / "c", card="model_cards/missing.md")
+
+
+def test_publish_refuses_a_used_folder_and_points_the_card_at_the_target_repo(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never upload from a test, token or not
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import publish
+    finally:
+        sys.path.pop(0)
+    stale = tmp_path / "hub" / "reynet-mutag"
+    stale.mkdir(parents=True)
+    (stale / "pytorch_model.bin").write_bytes(b"stale")
+    args = [str(REPO / "checkpoints" / "reynet-mutag"), "--output-dir", str(tmp_path / "hub")]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        publish.main(args)
+    (folder,) = publish.main(args + ["--overwrite", "--push-to-hub-org", "my-org"])  # the upload is skipped
+    assert not (folder / "pytorch_model.bin").exists()
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert '"my-org/reynet-mutag"' in card and '"hf-koopman/reynet-mutag"' not in card

@@ -236,3 +236,17 @@ def test_export_updates_a_verbatim_config_copy_in_the_card(toy_package, tmp_path
     block = (export / "README.md").read_text().split("```json\n", 1)[1].split("```", 1)[0]
     assert block.strip() == (export / "config.json").read_text().strip()
     assert json.loads(block)["auto_map"] == AUTO_MAP
+
+
+def test_an_export_refuses_a_folder_that_already_holds_files(toy_package, tmp_path):
+    # everything in the folder is uploaded: a stale pickle left there would be published with the export
+    pkg, module = toy_package
+    model = module.ToyModel(module.ToyConfig())
+    out = tmp_path / "toy-export"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP)
+    assert sorted(p.name for p in out.iterdir()) == ["pytorch_model.bin"]  # untouched
+    save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    assert not (out / "pytorch_model.bin").exists() and (out / "model.safetensors").is_file()
