@@ -192,10 +192,14 @@ def uniform_grid(
     """
     lows, highs = [], []
     for x, mask in points:
+        if x.shape[-2] == 0:  # no context points: the grid spans the targets (the encoder gives zeros there)
+            continue
         v = x[..., 0]
         m = torch.ones_like(v, dtype=torch.bool) if mask is None else mask
         lows.append(torch.where(m, v, torch.full_like(v, float("inf"))).amin(-1))
         highs.append(torch.where(m, v, torch.full_like(v, float("-inf"))).amax(-1))
+    if not lows:
+        raise ValueError("a task has no valid input point to place the grid around")
     lo = torch.stack(lows, -1).amin(-1) - margin  # (B,)
     hi = torch.stack(highs, -1).amax(-1) + margin
     if not torch.isfinite(lo).all():

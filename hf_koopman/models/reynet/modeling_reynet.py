@@ -405,6 +405,11 @@ def _check_inputs(
             f"graph_tensor has {graph_tensor.shape[1]} channels but config.in_channels={in_channels}; "
             "build the model with a matching ReyNetConfig(in_channels=...)."
         )
+    if graph_tensor.shape[0] == 0 or graph_tensor.shape[-1] == 0:
+        raise ValueError(
+            f"graph_tensor of shape {tuple(graph_tensor.shape)} holds no graph or no node; pass at least one graph of "
+            "at least one node (a graph padded to n nodes with node_mask=False rows for the missing ones is fine)."
+        )
     if not graph_tensor.is_floating_point():
         raise TypeError(f"graph_tensor must be a floating-point tensor, got {graph_tensor.dtype}")
     if (dtype is not None and graph_tensor.dtype != dtype

@@ -459,3 +459,14 @@ def test_the_truncation_check_never_changes_the_neighbours_on_a_pixel_grid():
     checked = build_neighbourhood(group, grid, grid, 8, radius=0.3)
     assert torch.equal(plain.index, checked.index) and bool(checked.cut.any())
     assert int(checked.in_radius.max()) > 8
+
+
+@pytest.mark.parametrize("build", [lambda: _tiny("T1", discretisation="grid"),
+                                   lambda: ConvCNPModel(ConvCNPConfig(hidden_size=8, num_layers=2)).eval(),
+                                   lambda: CNPModel(CNPConfig(hidden_size=8)).eval()])
+def test_zero_context_points_give_a_finite_prediction_in_1d(build):
+    # a 1-D grid around no context points spans the targets (it failed with an IndexError on an empty reduction)
+    model = build()
+    cx, cy, tx = _task(1)
+    out = model(cx[:, :0], cy[:, :0], tx)
+    assert out.mean.shape == (2, 25, 1) and torch.isfinite(out.mean).all() and torch.isfinite(out.stddev).all()

@@ -353,3 +353,10 @@ def test_label_edge_cases_of_the_classification_head():
     assert model.config.problem_type is None  # a failed guess is not stored
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):  # NaN is not a probability either
         model(torch.rand(1, 2, 4, 4), labels=torch.tensor([[0.0, float("nan"), 1.0]]))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0, 0), (0, 2, 4, 4)])
+def test_a_batch_without_graphs_or_nodes_is_refused_with_the_fix(shape):
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY, num_labels=2)).eval()
+    with pytest.raises(ValueError, match="at least one graph of at least one node"):
+        model(torch.rand(*shape))
