@@ -454,7 +454,9 @@ class KSSTrainer(Trainer):
     # ------------------------------------------------------------------ run set-up
     def _kss_reset_run_state(self) -> None:
         """Per-run state: `kss_steps`, the running statistics since the last log and the once-per-run warnings."""
-        self.kss_steps: list[int] = []  # optimizer steps of this run on which a KSS term entered the loss (once each)
+        # optimizer steps of this run on which a KSS term entered the loss (once each), as `state.global_step` while
+        # the step runs: 0-based, one less than the step number the Trainer logs for it
+        self.kss_steps: list[int] = []
         self._kss_stats: torch.Tensor | None = None  # (len(_STAT_KEYS) + 1,) sums and count, on device
         self._kss_skipped = 0
         self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
