@@ -359,8 +359,10 @@ def export_for_hub(
     src, out = Path(checkpoint_dir), Path(output_dir)
     if not (src / "config.json").is_file() or not any((src / name).is_file() for name in _WEIGHT_FILES):
         raise FileNotFoundError(f"{src} is not a safetensors checkpoint folder (config.json and model.safetensors).")
-    if out.resolve() == src.resolve():
-        raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder.")
+    src_path, out_path = src.resolve(), out.resolve()
+    if out_path == src_path or out_path in src_path.parents or src_path in out_path.parents:
+        raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder, outside "
+                         "it and not holding it.")
     pickled = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{src} holds pickled files {pickled}; publish safetensors only (re-save with save_pretrained).")

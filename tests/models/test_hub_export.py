@@ -199,6 +199,13 @@ def test_export_errors_name_the_fix(tmp_path):
         export_for_hub(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match="output_dir other than"):
         export_for_hub(REPO / "checkpoints" / "cnp-gp-rbf", REPO / "checkpoints" / "cnp-gp-rbf")
+    import shutil
+
+    holder = tmp_path / "holder"
+    shutil.copytree(REPO / "checkpoints" / "cnp-gp-rbf", holder / "cnp-gp-rbf")
+    with pytest.raises(ValueError, match="output_dir other than"):  # overwrite would clear the checkpoint with it
+        export_for_hub(holder / "cnp-gp-rbf", holder, overwrite=True)
+    assert (holder / "cnp-gp-rbf" / "model.safetensors").is_file()
     pickled = tmp_path / "pickled"
     eq.CNPModel(eq.CNPConfig(hidden_size=4)).save_pretrained(pickled)
     (pickled / "pytorch_model.bin").write_bytes(b"")
