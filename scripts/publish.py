@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out_root = Path(args.output_dir)
     written = []
     for checkpoint in map(Path, args.checkpoints):
-        repo_id = f"{args.push_to_hub_org}/{checkpoint.name}" if args.push_to_hub_org else None
-        folder = export_for_hub(checkpoint, out_root / checkpoint.name, push_to_hub=repo_id, overwrite=args.overwrite)
+        name = checkpoint.resolve().name  # "." is the folder it names
+        repo_id = f"{args.push_to_hub_org}/{name}" if args.push_to_hub_org else None
+        folder = export_for_hub(checkpoint, out_root / name, push_to_hub=repo_id, overwrite=args.overwrite)
         print(f"{checkpoint} -> {folder}")  # the log says whether the upload happened
         written.append(folder)
     return written

@@ -18,6 +18,7 @@ saved and mutates class state globally, so the Hub folder is written here instea
 from __future__ import annotations
 
 import json
+import re
 from hf_koopman.logging_utils import get_logger
 import os
 import shutil
@@ -66,6 +67,18 @@ def remote_code_for(model_type: str) -> tuple[Path, dict[str, str]]:
         f"hf_koopman publishes remote code for model types 'reynet', {', '.join(map(repr, equivcnp.AUTO_MAPS))}; "
         f"got {model_type!r}. Pass code_dir= and auto_map= for other models."
     )
+
+
+def _checked_code(config: Mapping[str, Any], code_dir: str | os.PathLike | None,
+                  auto_map: Mapping[str, str] | None) -> tuple[Path, Mapping[str, str]]:
+    """`(code_dir, auto_map)` for a model whose config (as a dict) is `config`: hf_koopman's defaults for its
+    `model_type` where not given (`remote_code_for`), checked (`_check_auto_map`)."""
+    if code_dir is None or auto_map is None:
+        default_dir, default_map = remote_code_for(config.get("model_type", ""))
+        code_dir = default_dir if code_dir is None else code_dir
+        auto_map = default_map if auto_map is None else auto_map
+    _check_auto_map(auto_map, Path(code_dir))
+    return Path(code_dir), auto_map
 
 
 def _check_auto_map(auto_map: Mapping[str, str], code_dir: Path) -> None:
@@ -199,12 +212,7 @@ def add_remote_code(
         raise FileNotFoundError(f"{folder} has no config.json; save the model with save_pretrained first.")
     saved_text = config_path.read_text(encoding="utf-8")
     config = json.loads(saved_text)
-    if code_dir is None or auto_map is None:
-        default_dir, default_map = remote_code_for(config.get("model_type", ""))
-        code_dir = default_dir if code_dir is None else code_dir
-        auto_map = default_map if auto_map is None else auto_map
-    code_dir = Path(code_dir)
-    _check_auto_map(auto_map, code_dir)
+    code_dir, auto_map = _checked_code(config, code_dir, auto_map)
     for src in sorted(code_dir.glob("*.py")):
         if src.name != "__init__.py":
             shutil.copyfile(src, folder / src.name)
@@ -261,9 +269,10 @@ def save_for_hub(
     Returns:
         `Path` of the written folder.
     """
-    _empty_output(Path(output_dir), overwrite)
-    if code_dir is not None and auto_map is not None:  # a bad map is refused before anything is written
-        _check_auto_map(auto_map, Path(code_dir))
+    _checked_code(model.config.to_dict(), code_dir, auto_map)  # a bad map is refused before anything is written
+    card_input = (Path(card),) if isinstance(card, (str, os.PathLike)) and Path(card).exists() else ()
+    _empty_output(Path(output_dir), overwrite,
+                  inputs=(*card_input, *((Path(code_dir),) if code_dir is not None else ())))
     out = save_checkpoint(model, output_dir, card=card)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
     if card is None:
@@ -307,27 +316,54 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
     ModelCard(text).save(folder / "README.md")
 
 
-def _empty_output(out: Path, overwrite: bool) -> None:
-    """Make sure the folder that gets published holds only what is written now: refuse one that already holds files
-    (an upload would carry them, stale weights or pickles included), or clear it with `overwrite`."""
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds files ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); everything in "
-                "the folder would be published with the export. Choose an empty or new folder, or pass "
-                "overwrite=True (scripts/publish.py --overwrite) to clear it first."
-            )
-        shutil.rmtree(out)
-    elif out.exists() and not out.is_dir():
+#: entries of an export folder that are not published and never cleared: a Hub repository's git clone
+_REPO_ENTRIES = (".git", ".gitattributes", ".cache")
+
+
+def _empty_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Make sure the folder that gets published holds only what is written now (an upload carries everything in it,
+    stale weights or pickles included). A folder with files is refused, or with `overwrite` its files are removed,
+    and only when it looks like an earlier export: `config.json` and files, no sub-folders (a Hub repository's
+    `.git` clone is kept). Never cleared: the current directory or home, a folder holding either, a symlink, or a
+    folder holding one of `inputs` (the card, the code, the checkpoint)."""
+    if out.is_symlink():
+        raise FileExistsError(f"{out} is a symbolic link; export into a real folder.")
+    if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; choose a folder to export into.")
+    entries = sorted(p for p in out.iterdir() if p.name not in _REPO_ENTRIES) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out} already holds files ({', '.join(p.name for p in entries[:5])}); everything in the folder would be "
+            "published with the export. Choose an empty or new folder, or pass overwrite=True (scripts/publish.py "
+            "--overwrite) to clear an earlier export first."
+        )
+    target = out.resolve()
+    protected = {Path.cwd().resolve(), Path.home().resolve()}
+    if any(target == p or target in p.parents for p in protected):
+        raise ValueError(f"overwrite=True would clear {out}, which is or holds the current or home directory; export "
+                         "into a folder of its own.")
+    if any(target in Path(p).resolve().parents for p in inputs):
+        raise ValueError(f"overwrite=True would clear {out}, which holds an input of this export (the card, the code "
+                         "or the checkpoint); move it out first.")
+    if not (out / "config.json").is_file() or any(p.is_dir() for p in entries):
+        raise FileExistsError(f"{out} does not look like an earlier export (config.json and files, no folders), so "
+                              "overwrite=True does not clear it; choose an empty or new folder.")
+    for path in entries:
+        path.unlink()
 
 
-def _card_repo_id(card_path: Path, old_repo: str, repo_id: str | None) -> None:
-    """Point the card's loading examples at the repository it is uploaded to (cards name `hf-koopman/<name>`)."""
-    if repo_id is None or repo_id == old_repo or not card_path.is_file():
+_HUB_REPO_ID = re.compile(r"""(["'])hf-koopman/[A-Za-z0-9._-]+\1""")
+
+
+def _card_repo_id(card_path: Path, repo_id: str | None) -> None:
+    """Point the card's loading examples at the repository it is uploaded to: every quoted `hf-koopman/<name>` (the
+    repository our cards name; one model per card) becomes `repo_id`."""
+    if repo_id is None or not card_path.is_file():
         return
     text = card_path.read_text(encoding="utf-8")
-    card_path.write_text(text.replace(f'"{old_repo}"', f'"{repo_id}"'), encoding="utf-8")
+    card_path.write_text(_HUB_REPO_ID.sub(lambda m: f"{m.group(1)}{repo_id}{m.group(1)}", text), encoding="utf-8")
 
 
 def export_for_hub(
@@ -366,13 +402,15 @@ def export_for_hub(
     pickled = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{src} holds pickled files {pickled}; publish safetensors only (re-save with save_pretrained).")
-    _empty_output(out, overwrite)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    _checked_code(config, code_dir, auto_map)  # a bad map is refused before anything is written
+    _empty_output(out, overwrite, inputs=(src, *((Path(code_dir),) if code_dir is not None else ())))
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
         if path.is_file() and path.suffix != ".py":
             shutil.copyfile(path, out / path.name)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
-    _card_repo_id(out / "README.md", f"hf-koopman/{src.resolve().name}", push_to_hub)
+    _card_repo_id(out / "README.md", push_to_hub)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out

@@ -224,10 +224,9 @@ def test_publish_refuses_a_used_folder_and_points_the_card_at_the_target_repo(tm
         import publish
     finally:
         sys.path.pop(0)
-    stale = tmp_path / "hub" / "reynet-mutag"
-    stale.mkdir(parents=True)
-    (stale / "pytorch_model.bin").write_bytes(b"stale")
     args = [str(REPO / "checkpoints" / "reynet-mutag"), "--output-dir", str(tmp_path / "hub")]
+    (stale,) = publish.main(args)  # an earlier export, and a stale pickle left in it
+    (stale / "pytorch_model.bin").write_bytes(b"stale")
     with pytest.raises(FileExistsError, match="--overwrite"):
         publish.main(args)
     (folder,) = publish.main(args + ["--overwrite", "--push-to-hub-org", "my-org"])  # the upload is skipped

@@ -243,10 +243,28 @@ def test_an_export_refuses_a_folder_that_already_holds_files(toy_package, tmp_pa
     pkg, module = toy_package
     model = module.ToyModel(module.ToyConfig())
     out = tmp_path / "toy-export"
-    out.mkdir()
+    save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP)
     (out / "pytorch_model.bin").write_bytes(b"stale")
+    (out / ".git").mkdir()  # a Hub repository's clone: kept, and not counted
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP)
-    assert sorted(p.name for p in out.iterdir()) == ["pytorch_model.bin"]  # untouched
+    assert (out / "pytorch_model.bin").exists()  # untouched
     save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
-    assert not (out / "pytorch_model.bin").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "pytorch_model.bin").exists() and (out / "model.safetensors").is_file() and (out / ".git").is_dir()
+
+
+def test_overwrite_clears_only_an_earlier_export(toy_package, tmp_path, monkeypatch):
+    pkg, module = toy_package
+    model = module.ToyModel(module.ToyConfig())
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep")
+    with pytest.raises(FileExistsError, match="does not look like an earlier export"):
+        save_for_hub(model, other, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    monkeypatch.chdir(other)
+    with pytest.raises(ValueError, match="current or home directory"):
+        save_for_hub(model, ".", code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    assert (other / "thesis.tex").read_text() == "keep"
+    with pytest.raises(ValueError, match="not in"):  # a bad map is refused before the folder is touched
+        save_for_hub(model, tmp_path / "new", code_dir=pkg, auto_map={**AUTO_MAP, "AutoModel": "modeling_x.Y"})
+    assert not (tmp_path / "new").exists()

@@ -172,7 +172,8 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         # the X[a,b] and X[b,a] terms as one (B, n, n, C) @ (C, 2h) GEMM: h is read once and, in backward, one
         # input-gradient GEMM and one saved input serve both
         pre = add_transposed_halves(h @ torch.cat((W[:, :, 1], W[:, :, 2]), dim=0).T)  # (B, n, n, h), a fresh buffer
-        pre.add_(torch.addmm(first.bias, d.reshape(-1, d.shape[-1]), W[:, :, 0].T).reshape(*d.shape[:2], 1, -1))
+        pre.add_(torch.addmm(first.bias, d.reshape(-1, d.shape[-1]), W[:, :, 0].T)
+                 .reshape(*d.shape[:2], 1, first.out_features))  # the width, not -1: an empty graph has no entries
         return pre.add_((d @ W[:, :, 3].T)[:, None, :, :])
 
     def reynolds(
@@ -263,7 +264,7 @@ class ReyNetReynoldsBlock(GradientCheckpointingLayer):
         P = g[..., 0, :] + g[..., 1, :].transpose(1, 2)  # (a, b): W1 X[a,b] + W3 X[b,a]
         Q = g[..., 2, :] + g[..., 3, :].transpose(1, 2)  # (a, c): W2 X[a,c] + W6 X[c,a]
         R = g[..., 4, :] + g[..., 5, :].transpose(1, 2)  # (b, c): W5 X[b,c] + W7 X[c,b]
-        P = P + (torch.addmm(first.bias, d.reshape(-1, C), W[:, :, 0].T).reshape(B, n, 1, -1)
+        P = P + (torch.addmm(first.bias, d.reshape(-1, C), W[:, :, 0].T).reshape(B, n, 1, first.out_features)
                  + (d @ W[:, :, 4].T)[:, None, :, :])  # + W0 d[a] + bias + W4 d[b]
         Q = Q + (d @ W[:, :, 8].T)[:, None, :, :]  # + W8 d[c]
         pre = P[:, :, :, None, :] + Q[:, :, None, :, :]  # (B, n, n, n, h) indexed (a, b, c)
@@ -404,11 +405,6 @@ def _check_inputs(
         raise ValueError(
             f"graph_tensor has {graph_tensor.shape[1]} channels but config.in_channels={in_channels}; "
             "build the model with a matching ReyNetConfig(in_channels=...)."
-        )
-    if graph_tensor.shape[0] == 0 or graph_tensor.shape[-1] == 0:
-        raise ValueError(
-            f"graph_tensor of shape {tuple(graph_tensor.shape)} holds no graph or no node; pass at least one graph of "
-            "at least one node (a graph padded to n nodes with node_mask=False rows for the missing ones is fine)."
         )
     if not graph_tensor.is_floating_point():
         raise TypeError(f"graph_tensor must be a floating-point tensor, got {graph_tensor.dtype}")
