@@ -99,6 +99,23 @@ def _pad_rows(rows: list[dict[str, Any]], pad_id: int, left: bool = False) -> di
     return out
 
 
+def _pad_labels(values: list[Any]) -> torch.Tensor | None:
+    """Token label sequences of one chunk padded with -100 (as `DataCollatorForSeq2Seq` pads them) into `(B, T)`;
+    `None` when they are not sequences of ints (class labels, floats)."""
+    if not values or not all(hasattr(v, "__len__") and len(v) > 0 for v in values):
+        return None
+    try:
+        rows = [torch.as_tensor(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    if any(r.dim() != 1 or r.is_floating_point() for r in rows):
+        return None
+    out = torch.full((len(rows), max(len(r) for r in rows)), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def _batch_from_mapping(batch: Mapping[str, Any]) -> dict[str, Any]:
     """A batch dict with tensor `input_ids`: lists / arrays of token ids (a tokenizer called without
     `return_tensors="pt"`) are padded into tensors with an attention mask, and a single 1-D sequence gets a batch
@@ -210,6 +227,9 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
         rows = itertools.chain([first], rows)
     if "input_ids" in columns or "pixel_values" in columns:
         keep = [c for c in columns if c not in _LABEL_KEYS]
+        # an encoder-decoder trains its decoder on the labels: keep token labels for `add_decoder_inputs`
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        labels = "labels" if seq2seq and "labels" in columns and "input_ids" in columns else None
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         # the stored dtype, unless a transform (`with_transform`) turns the stored pixels into what the model gets
         custom = (getattr(dataset, "format", None) or {}).get("type") == "custom"
@@ -219,7 +239,11 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
                 yield {"pixel_values": _pixel_tensor(chunk["pixel_values"], declared)}
             else:
                 rows = [{k: chunk[k][i] for k in keep} for i in range(len(chunk["input_ids"]))]
-                yield _pad_rows(rows, pad_id)
+                batch = _pad_rows(rows, pad_id)
+                padded = _pad_labels(chunk[labels]) if labels is not None else None
+                if padded is not None:
+                    batch["labels"] = padded
+                yield batch
         return
     text_column = next((c for c in _TEXT_COLUMNS if c in columns), None)
     if text_column is None:

@@ -146,6 +146,17 @@ def _token_count(batch: dict[str, Any]) -> int | None:
     return ids.numel()
 
 
+def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
+    """Decoder token states of an encoder-decoder probe batch whose decoder reads the labels (the non -100 labels,
+    `profiling.inputs.labels_feed_decoder`), else None."""
+    from hf_koopman.profiling.blocks import unwrap_model
+    from hf_koopman.profiling.inputs import labels_feed_decoder
+
+    if not labels_feed_decoder(batch, unwrap_model(model)):
+        return None
+    return int((batch["labels"] != -100).sum())
+
+
 def _same_path(a: str, b: str) -> bool:
     """Whether two checkpoint paths name the same folder (relative, absolute, with or without `./`)."""
     return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
@@ -590,6 +601,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "probe_batch_size (or pass longer probe_inputs) for a stable estimate, or lower num_samples",
                 available, num_samples)
             num_samples = max(available, 2)
+        decoder = _decoder_token_count(batch, model)
+        if decoder is not None and decoder < num_samples:  # the decoder reads the labels (`add_decoder_inputs`)
+            logger.warning(
+                "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer than num_samples=%d: the "
+                "decoder layers are profiled on those; raise probe_batch_size for a stable decoder estimate",
+                decoder, num_samples)
         was_training = model.training
         model.eval()
         try:

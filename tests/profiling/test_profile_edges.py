@@ -229,6 +229,23 @@ def test_a_seq2seq_batch_with_labels_feeds_the_decoder_the_shifted_labels():
     assert all(n == 96 for n in base.meta["tokens_seen_per_layer"].values())
 
 
+def test_a_tokenized_seq2seq_dataset_feeds_the_decoder_its_labels_column():
+    pytest.importorskip("datasets")
+    from datasets import Dataset
+    from transformers import T5ForConditionalGeneration
+
+    from hf_koopman.testing_utils import tiny_config
+
+    model = T5ForConditionalGeneration(tiny_config("t5")).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 50, (10 + i,), generator=gen).tolist(),
+             "labels": torch.randint(1, 50, (3 + i,), generator=gen).tolist()} for i in range(6)]
+    result = profile(model, inputs=Dataset.from_list(rows), num_samples=16, batch_size=3)
+    seen = result.meta["tokens_seen_per_layer"]
+    assert all(seen[n] == sum(len(r["labels"]) for r in rows) for n in seen if n.startswith("decoder."))  # 33
+    assert all(seen[n] == sum(len(r["input_ids"]) for r in rows) for n in seen if n.startswith("encoder."))  # 75
+
+
 def test_whisper_given_labels_feeds_its_decoder_the_shifted_labels_and_their_padding():
     # Whisper has no prepare_decoder_input_ids_from_labels: it shifts the labels inside its forward in training
     from transformers import WhisperForConditionalGeneration

@@ -335,3 +335,33 @@ def test_seq2seq_probe_leaves_the_decoder_padding_out_through_the_labels(tmp_pat
     trainer.train()
     seen = callback.profile.meta["tokens_seen_per_layer"]
     assert seen["encoder.block.0"] == 48 and seen["decoder.block.0"] == sum(lengths)
+
+
+class _Seq2SeqRows(torch.utils.data.Dataset):
+    """Source rows of 16 tokens and label rows of 6 (the last 2 padded with -100), as DataCollatorForSeq2Seq pads."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        labels = torch.randint(2, 50, (6,), generator=g)
+        labels[4:] = -100
+        ids = torch.randint(2, 50, (16,), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_a_seq2seq_probe_profiles_the_decoder_on_its_labels_and_names_the_knob(tmp_path, caplog):
+    from transformers import T5ForConditionalGeneration
+
+    from hf_koopman.testing_utils import tiny_config
+
+    model = T5ForConditionalGeneration(tiny_config("t5"))
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=1e-3, save_strategy="no")
+    callback = RKSPCallback(num_samples=48, probe_batch_size=8)
+    with caplog.at_level("WARNING"):
+        Trainer(model=model, args=args, train_dataset=_Seq2SeqRows(), callbacks=[callback]).train()
+    seen = callback.profile.meta["tokens_seen_per_layer"]
+    assert all(n == 8 * 4 for name, n in seen.items() if name.startswith("decoder."))  # the labels, not 8 x 16
+    assert "labels hold 32 decoder token states, fewer than num_samples=48" in caplog.text
+    assert "raise probe_batch_size" in caplog.text
