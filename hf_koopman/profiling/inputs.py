@@ -354,6 +354,13 @@ def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
         )
 
 
+def _token_label_grid(labels: Any) -> bool:
+    """Whether `labels` is an integer `(B, T)` tensor: token labels (or `(B, 1)` class labels), not float targets, a
+    boolean mask or `(B,)` class labels."""
+    return (isinstance(labels, torch.Tensor) and labels.dim() == 2
+            and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool))
+
+
 def _decoder_ids_from_labels(batch: Mapping[str, Any], model: torch.nn.Module) -> torch.Tensor | None:
     """The decoder inputs an encoder-decoder `model` builds from the token labels of `batch` in training, or `None`.
 
@@ -365,8 +372,7 @@ def _decoder_ids_from_labels(batch: Mapping[str, Any], model: torch.nn.Module) -
     labels = batch.get("labels")
     if not (getattr(getattr(model, "config", None), "is_encoder_decoder", False)
             and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch
-            and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 1
-            and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)):
+            and _token_label_grid(labels) and labels.shape[1] > 1):
         return None
     method = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if callable(method):
@@ -452,9 +458,7 @@ def label_mask(batch: Mapping[str, Any], *, decoder_from_labels: bool = False) -
     padding (its loss counts every position).
     """
     labels, decoder_ids = batch.get("labels"), batch.get("decoder_input_ids")
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        return None
-    if labels.dtype == torch.bool or labels.dim() != 2:
+    if not _token_label_grid(labels):
         return None
     if not isinstance(decoder_ids, torch.Tensor):
         if not decoder_from_labels or labels.shape[1] == 1:  # (B, 1): class labels, not a one-token decoder

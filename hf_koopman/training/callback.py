@@ -789,7 +789,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         _GUARDED[model] = keep + [(weakref.ref(self), weakref.ref(state))]
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
-        self._buffers = [buf for _, buf in model_buffers(model)]
+        self._buffers = model_buffers(model)
         self._model = model
         self._from_checkpoint = self._resolve_rollback_source(args)
         self._checkpoint_checked = False
@@ -1081,9 +1081,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         the norm), so only a norm read at the end of the backward pass (the pre-clip read) is divided here. A
         non-finite scaled gradient is the scaler's overflow: it skips that update and lowers its scale, so the step
         has no gradient to judge (-1: "no value", which never trips), not a divergence. Once the scale has fallen to 1
-        or below,
-        the gradients are non-finite without any scaling: that stays non-finite and trips the rule, as does a
-        non-finite loss. No host sync (the scale is read on device where the scaler has one).
+        or below, the gradients are non-finite without any scaling: that stays non-finite and trips the rule, as does
+        a non-finite loss. No host sync (the scale is read on device where the scaler has one).
         """
         scaler = self._scaler
         scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
@@ -1326,7 +1325,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if first is not self._params_first:
             self._params = [p for p in model.parameters() if p.requires_grad]
             self._params_first, self._sharded = first, is_sharded(self._params)
-            self._buffers = [buf for _, buf in model_buffers(model)]
+            self._buffers = model_buffers(model)
             if self._sharded and self._from_checkpoint:
                 if self.rollback_source == "checkpoint":  # sharded after train begin: refused as at train begin
                     raise ValueError(_SHARDED_CHECKPOINT_SOURCE)

@@ -498,11 +498,11 @@ class StateSnapshot:
         return total
 
 
-def model_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """`(name, buffer)` of every buffer of `model`: the state a model changes in training besides its parameters
-    (BatchNorm's running statistics and batch counter). Constant ones (rotary tables, masks) come along: they are small
-    next to the parameters, and telling them apart needs `state_dict()`, which FSDP2 modules do not allow here."""
-    return list(model.named_buffers())
+def model_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every buffer of `model`: the state a model changes in training besides its parameters (BatchNorm's running
+    statistics and batch counter). Constant ones (rotary tables, masks) come along: they are small next to the
+    parameters, and telling them apart needs `state_dict()`, which FSDP2 modules do not allow here."""
+    return list(model.buffers())
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -575,8 +575,8 @@ def checkpoint_problem(model: torch.nn.Module, checkpoint: str | Path) -> str | 
 
 @torch.no_grad()
 def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: str | Path) -> None:
-    """Put a Trainer checkpoint's trainable weights, buffers (`model_buffers`, those the checkpoint holds) and
-    optimizer state back into `model` and `optimizer`, in place.
+    """Put a Trainer checkpoint's trainable weights, buffers (those the checkpoint holds, under any of their names)
+    and optimizer state back into `model` and `optimizer`, in place.
 
     Weights come from `model.safetensors` (or the shards its index lists), matched by parameter name (tied aliases
     included); the optimizer state from `optimizer.pt`, read with `weights_only=True`. The optimizer's hyperparameters

@@ -72,7 +72,7 @@ def test_restore_puts_back_batchnorm_statistics(tmp_path, mode, source):
 def test_state_snapshot_restores_buffers_in_place():
     model = _resnet()
     norm = _norm(model)
-    buffers = [buf for _, buf in model_buffers(model)]
+    buffers = model_buffers(model)
     assert any(buf is norm.running_var for buf in buffers) and any(buf is norm.num_batches_tracked for buf in buffers)
     params = [p for p in model.parameters() if p.requires_grad]
     snap = StateSnapshot()

@@ -294,28 +294,26 @@ def _logged_loss_args(tmp_path, **kw):
     return _args(tmp_path, **{**base, **kw})
 
 
+def _logged_loss_trainer(tmp_path, source: str, **kw) -> Trainer:
+    guard = _guard(on_divergence="rollback", rollback_source=source)
+    return Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, **kw), train_dataset=TokenDataset(n=64),
+                   callbacks=[guard])
+
+
 def test_rotation_that_outruns_the_logged_validation_is_refused_for_checkpoint_rollbacks(tmp_path):
-    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
-    trainer = Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, save_total_limit=3),
-                      train_dataset=TokenDataset(n=64), callbacks=[guard])
+    trainer = _logged_loss_trainer(tmp_path, "checkpoint", save_total_limit=3)
     with pytest.raises(ValueError, match=r"save_total_limit=3 with logging_steps=5 and save_steps=1.*to 6 or more"):
         trainer.train()
     assert not list(Path(tmp_path).glob("checkpoint-*"))  # refused before anything was saved
 
 
 def test_rotation_that_outruns_the_logged_validation_is_warned_about_in_memory_mode(tmp_path, caplog):
-    guard = _guard(on_divergence="rollback", rollback_source="memory")
-    trainer = Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, save_total_limit=3, max_steps=2),
-                      train_dataset=TokenDataset(n=64), callbacks=[guard])
     with caplog.at_level("WARNING"):
-        trainer.train()
+        _logged_loss_trainer(tmp_path, "memory", save_total_limit=3, max_steps=2).train()
     assert "up to 5 checkpoints wait for a passing log" in caplog.text
 
 
 def test_a_limit_that_keeps_the_last_good_checkpoint_passes(tmp_path, caplog):
-    guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
-    trainer = Trainer(model=tiny_gpt2(), args=_logged_loss_args(tmp_path, save_total_limit=6, max_steps=2),
-                      train_dataset=TokenDataset(n=64), callbacks=[guard])
     with caplog.at_level("WARNING"):
-        trainer.train()
+        _logged_loss_trainer(tmp_path, "checkpoint", save_total_limit=6, max_steps=2).train()
     assert "checkpoints wait for a passing log" not in caplog.text
