@@ -17,8 +17,8 @@ drifts hit both arms alike. Two overhead estimates per round, summarised as medi
   extra cost of the one KSS step spread over the schedule; less noisy because both come from the same seconds.
 
 `--breakdown` additionally times where a KSS step spends its extra time (the DMD/penalty, the two backward passes of
-the gradient cap) and measures the same KSS step with the cap off (`max_grad_ratio=None`) and with the session-1
-three-pass cap (diagnostics only; the defaults are what the rounds measure). The load
+the gradient cap) and measures the same KSS step with the cap off (`max_grad_ratio=None`) and with the
+three-pass parameter cap (diagnostics only; the defaults are what the rounds measure). The load
 average is printed before and after. Paper (Sec. 5, Table 3): 8-12 % overhead. Target: <= 5 %.
 
     python benchmarks/bench_kss.py --repeats 6 --breakdown --out results/bench_kss_cpu.json
@@ -158,8 +158,8 @@ def breakdown(trainer: KSSTrainer, batch: dict[str, torch.Tensor], plain_cpu: fl
             row[f"{label}_wall"], row[f"{label}_cpu"] = w, c
         rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    # the same KSS step (i) without the gradient cap (max_grad_ratio=None) and (ii) with the cap computed the
-    # session-1 way (task + scaled term through a third, ordinary backward pass): what each part costs the user
+    # the same KSS step (i) without the gradient cap (max_grad_ratio=None) and (ii) with the cap computed
+    # in three passes (task + scaled term through a third, ordinary backward pass): what each part costs the user
     variants = {}
     ratio, cap = trainer.kss_config.max_grad_ratio, trainer.kss_config.grad_cap
     setups = {
@@ -249,7 +249,7 @@ def write_report(path: str, inputs: list[str]) -> None:
         "norms over the parameters; with `\"activations\"` the one call that differentiates L_KSS with respect to the",
         "captured token states (a backward through the small DMD graph only, listed as the KSS-grad pass). The",
         "*activation* / *parameter* cap columns re-time the same KSS step with `grad_cap` set to each; the *three-pass*",
-        "variant is the session-1 parameter cap (the capped loss then went through a third, ordinary backward pass);",
+        "variant is the parameter cap in three passes (the capped loss then went through a third, ordinary backward pass);",
         "*no cap* is `kss_max_grad_ratio=None` (paper-literal gradient). Overheads are at the default schedule (1 KSS",
         "step in 10), computed from these single-step times, so they are noisier than the rounds above.",
         "",

@@ -11,7 +11,7 @@
    the factorised channel-first layer, and the channel-last GEMM path our IEGN model uses (the strongest baseline).
    Every layer gets the same values, contiguous in its own layout.
 3. With `--data-dir`: CPU seconds of one training epoch per TU dataset for ReyNet, IEGN as the model runs it
-   (channel-last) and IEGN through the channel-first layer (session 1).
+   (channel-last) and IEGN through the factorised channel-first layer.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_reynet [--quick] [--data-dir DIR] [--out results/reynet_benchmark.txt]
 
@@ -224,8 +224,8 @@ def bench_layers(
 
 def bench_epoch(data_dir: str, name: str, lines: list[str], batch_size: int = 16, seed: int = 1234) -> None:
     """CPU seconds of one training epoch (fold 0 of the seeded 10-fold split, the CV script's batches and models) for
-    ReyNet, IEGN as the model runs it (channel-last GEMMs) and IEGN through the channel-first factorised layer (the
-    session-1 path), side by side."""
+    ReyNet, IEGN as the model runs it (channel-last GEMMs) and IEGN through the channel-first factorised layer, side by
+    side."""
     import types
 
     from research.experiments import reynet as rx
@@ -245,7 +245,7 @@ def bench_epoch(data_dir: str, name: str, lines: list[str], batch_size: int = 16
 
     results = {}
     for label, kind, patch in (("ReyNet", "reynet", False), ("IEGN (channel-last)", "iegn", False),
-                               ("IEGN (channel-first, session 1)", "iegn", True)):
+                               ("IEGN (channel-first)", "iegn", True)):
         torch.manual_seed(seed)
         model = rx.graph_model(kind, num_labels + 1, num_classes, protocol)
         if patch:
@@ -258,7 +258,7 @@ def bench_epoch(data_dir: str, name: str, lines: list[str], batch_size: int = 16
     lines.append("")
     lines.append(f"## one training epoch on {name} (fold 0, {len(train_idx)} graphs, batch {batch_size}), CPU seconds")
     lines.append("  ".join(f"{k}: {v:.2f} s" for k, v in results.items()))
-    first, last = results["IEGN (channel-first, session 1)"], results["IEGN (channel-last)"]
+    first, last = results["IEGN (channel-first)"], results["IEGN (channel-last)"]
     lines.append(f"  IEGN channel-first / channel-last: {first / last:.2f}x   IEGN (channel-last) / ReyNet: "
                  f"{last / results['ReyNet']:.2f}x")
 

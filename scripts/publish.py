@@ -36,13 +36,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from hf_koopman.models.publishing import export_for_hub
 
     out_root = Path(args.output_dir)
-    written = []
+    written, failed = [], []
     for checkpoint in map(Path, args.checkpoints):
         name = checkpoint.resolve().name  # "." is the folder it names
         repo_id = f"{args.push_to_hub_org}/{name}" if args.push_to_hub_org else None
-        folder = export_for_hub(checkpoint, out_root / name, push_to_hub=repo_id, overwrite=args.overwrite)
+        try:
+            folder = export_for_hub(checkpoint, out_root / name, push_to_hub=repo_id, overwrite=args.overwrite)
+        except RuntimeError as err:  # the upload failed; the folder is written, the other checkpoints still run
+            print(f"{checkpoint}: {err}", file=sys.stderr)
+            failed.append(checkpoint)
+            continue
         print(f"{checkpoint} -> {folder}")  # the log says whether the upload happened
         written.append(folder)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(args.checkpoints)} uploads failed: {', '.join(map(str, failed))}")
     return written
 
 

@@ -41,7 +41,9 @@ logger = get_logger(__name__)
 
 _AUTO_KEYS_REQUIRED = ("AutoConfig", "AutoModel")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+#: what an export copies from a checkpoint folder (suffixes, any case): safetensors weights, JSON configs, the card and
+#: its images; the modelling code is written anew, and any other file is refused (it may be a pickle)
+_PUBLISHED_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".png", ".jpg", ".jpeg", ".svg")
 
 
 def remote_code_for(model_type: str) -> tuple[Path, dict[str, str]]:
@@ -262,7 +264,9 @@ def save_for_hub(
             pass a real card before publishing.
         code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
         auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
-        push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
+        push_to_hub (`str`, *optional*): repo id to upload to, and the card's `from_pretrained("hf-koopman/...")`
+            examples are pointed at it. Without a Hub token, or offline, a warning says so and the folder stays local;
+            a failed upload raises `RuntimeError` (the folder is complete by then).
         overwrite (`bool`, *optional*, defaults to `False`): clear a non-empty `output_dir` first (else
             `FileExistsError`).
 
@@ -277,6 +281,8 @@ def save_for_hub(
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
     if card is None:
         _write_default_card(model, out, push_to_hub)
+    else:
+        _card_repo_id(out / "README.md", push_to_hub)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out
@@ -384,8 +390,10 @@ def export_for_hub(
             everything in it is published, unless `overwrite`).
         code_dir (`str | PathLike`, *optional*): see `add_remote_code`; defaults to hf_koopman's model package.
         auto_map (`Mapping[str, str]`, *optional*): see `add_remote_code`; defaults to hf_koopman's complete map.
-        push_to_hub (`str`, *optional*): repo id; uploaded only when a token is configured and the Hub is reachable.
-            The card's `from_pretrained("hf-koopman/<folder name>", ...)` examples are pointed at it.
+        push_to_hub (`str`, *optional*): repo id to upload to, and the card's
+            `from_pretrained("hf-koopman/<folder name>", ...)` examples are pointed at it. Without a Hub token, or
+            offline, a warning says so and the folder stays local; a failed upload raises `RuntimeError` (the folder
+            is complete by then).
         overwrite (`bool`, *optional*, defaults to `False`): clear a non-empty `output_dir` first (else
             `FileExistsError`).
 
@@ -399,15 +407,21 @@ def export_for_hub(
     if out_path == src_path or out_path in src_path.parents or src_path in out_path.parents:
         raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder, outside "
                          "it and not holding it.")
-    pickled = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickled:
-        raise ValueError(f"{src} holds pickled files {pickled}; publish safetensors only (re-save with save_pretrained).")
+    unpublished = sorted(p.name for p in src.iterdir() if p.is_file() and p.name not in _REPO_ENTRIES
+                         and p.suffix.lower() not in (*_PUBLISHED_SUFFIXES, ".py"))
+    if unpublished:
+        raise ValueError(
+            f"{src} holds files an export does not publish: {unpublished}. An export carries safetensors weights, JSON "
+            f"configs, the Markdown card and images only ({', '.join(_PUBLISHED_SUFFIXES)}), so that no pickle reaches "
+            "the Hub: move these files out of the folder (pickled weights: re-save with save_pretrained, which writes "
+            "safetensors only)."
+        )
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     _checked_code(config, code_dir, auto_map)  # a bad map is refused before anything is written
     _empty_output(out, overwrite, inputs=(src, *((Path(code_dir),) if code_dir is not None else ())))
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.suffix != ".py":
+        if path.is_file() and path.suffix.lower() in _PUBLISHED_SUFFIXES:
             shutil.copyfile(path, out / path.name)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
     _card_repo_id(out / "README.md", push_to_hub)
@@ -426,7 +440,7 @@ def _try_push(folder: Path, repo_id: str) -> None:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id)
-    except Exception as err:  # network failures must not lose the local folder
-        logger.warning("Push to %s failed (%s); the folder %s is intact.", repo_id, err, folder)
-    else:
-        logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)
+    except Exception as err:
+        raise RuntimeError(f"Push to {repo_id} failed ({type(err).__name__}: {err}). The exported folder {folder} is "
+                           f"complete; upload it again with `hf upload {repo_id} {folder}`.") from err
+    logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)

@@ -233,3 +233,59 @@ def test_publish_refuses_a_used_folder_and_points_the_card_at_the_target_repo(tm
     assert not (folder / "pytorch_model.bin").exists()
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert '"my-org/reynet-mutag"' in card and '"hf-koopman/reynet-mutag"' not in card
+
+
+@pytest.mark.parametrize("name", ["state.ckpt", "stats.npy", "extra.PT", "weights.joblib", "rng_state.pth"])
+def test_an_export_refuses_any_file_it_does_not_publish(tmp_path, name):
+    """Only safetensors, JSON, Markdown and images are copied; anything else (a pickle under any name) is refused."""
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(REPO / "checkpoints" / "cnp-gp-rbf", src)
+    (src / name).write_bytes(b"\x80\x04K\x01.")  # a pickle of the int 1
+    with pytest.raises(ValueError, match=rf"does not publish: \['{name}'\]"):
+        export_for_hub(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _online_with_a_failing_upload(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+
+    def refuse(self, *args, **kwargs):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refuse)
+
+
+def test_a_failed_upload_raises_and_keeps_the_folder(tmp_path, monkeypatch):
+    _online_with_a_failing_upload(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"Push to me/cnp-gp-rbf failed \(ConnectionError.*hf upload me/cnp-gp-rbf"):
+        export_for_hub(REPO / "checkpoints" / "cnp-gp-rbf", tmp_path / "out", push_to_hub="me/cnp-gp-rbf")
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "config.json").is_file()
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import publish
+    finally:
+        sys.path.pop(0)
+    args = [str(REPO / "checkpoints" / name) for name in ("cnp-gp-rbf", "convcnp-gp-rbf")]
+    with pytest.raises(SystemExit, match="2 of 2 uploads failed"):  # a failed upload is a failed command
+        publish.main(args + ["--output-dir", str(tmp_path / "hub"), "--push-to-hub-org", "me"])
+    assert (tmp_path / "hub" / "convcnp-gp-rbf" / "model.safetensors").is_file()  # the next checkpoint still ran
+
+
+def test_save_for_hub_points_a_given_card_at_the_target_repo(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from hf_koopman.models.publishing import save_for_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the upload is skipped; the card is still rewritten
+    model = eq.CNPModel.from_pretrained(REPO / "checkpoints" / "cnp-gp-rbf")
+    out = save_for_hub(model, tmp_path / "out", card=REPO / "checkpoints" / "cnp-gp-rbf" / "README.md",
+                       push_to_hub="me/cnp-gp-rbf")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert '"me/cnp-gp-rbf"' in card and '"hf-koopman/cnp-gp-rbf"' not in card
