@@ -27,6 +27,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     )
     trainer.train()
     trainer.save_model()  # on every rank: FSDP gathers the shards, only the main process writes
+    if trainer.is_world_process_zero():
+        # the output folder holds no pickle: the arguments as JSON, not transformers' training_args.bin
+        out = Path(args.output_dir)
+        (out / "training_args.bin").unlink(missing_ok=True)
+        (out / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
     return trainer
 
 

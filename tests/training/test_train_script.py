@@ -28,6 +28,9 @@ def test_train_script_on_a_datasets_text_dataset(tmp_path):
     assert trainer.state.global_step == 3 and trainer.kss_steps == [0, 2]
     assert json.loads((out / "rksp_profile.json").read_text())["layers"]
     assert (out / "model.safetensors").exists()
+    # no pickle in the output folder: the arguments are JSON, and the KSS fields are among them
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".json", ".safetensors", ".md", ".png")) == []
+    assert json.loads((out / "training_args.json").read_text())["kss_rank"] == 8
     assert any("kss/penalty" in h for h in trainer.state.log_history)
 
 
