@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_koopman.eval_mode import eval_mode
 from hf_koopman.logging_utils import get_logger
 
 __all__ = [
@@ -136,11 +137,8 @@ def _scalar_loss(loss: Any) -> torch.Tensor:
 @contextlib.contextmanager
 def _double_backward_attention() -> Iterator[None]:
     """Force PyTorch's math SDPA kernel, which supports double backward (the fused kernels may not)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        yield
-        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 
@@ -330,17 +328,6 @@ def adam_second_moment(
     return [vi / correction for vi in v]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-
-
 def _model_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> Callable[[], torch.Tensor]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of model inputs (with labels), got {type(batch).__name__}.")
@@ -390,7 +377,7 @@ def sharpness(
         `CurvatureResult` (`threshold = 2`).
     """
     params = _trainable(model)
-    with _eval_mode(model):
+    with eval_mode(model):
         return top_hessian_eigenvalue(
             _model_loss_fn(model, batch), params, num_iterations=num_iterations, tol=tol, seed=seed, threshold=2.0
         )
@@ -437,7 +424,7 @@ def adam_preconditioned_sharpness(
     if not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0 (it keeps the preconditioner invertible).")
     threshold = adam_stability_threshold(beta1)
-    with _eval_mode(model):
+    with eval_mode(model):
         start = time.perf_counter()
         v_hat = adam_second_moment((_model_loss_fn(model, b) for b in batches), params, beta2=beta2)
         root = [v.sqrt() for v in v_hat]

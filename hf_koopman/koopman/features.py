@@ -31,7 +31,7 @@ import torch
 from .dmd import DMDResult, _condition, _inverse, _single_thread, _whitened_quads
 from .kreiss import kreiss_constant
 
-__all__ = ["FEATURE_NAMES", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
+__all__ = ["FEATURE_NAMES", "NEAR_BAND", "CONTRACTIVE_BELOW", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
            "nonlinearity_ratio", "spectral_masses"]
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -44,6 +44,12 @@ FEATURE_NAMES: tuple[str, ...] = (
     "nonlinearity",
     "kreiss",
 )
+
+#: the near-unit band $[1-\epsilon_n, 1+\epsilon_u]$ of Definition 1 (the paper's values), shared by the profile's masses,
+#: its report and plots, and KSS's band `[tau_l, tau_u]`
+NEAR_BAND: tuple[float, float] = (0.90, 1.05)
+#: $1 - \delta_c$: modes below this modulus count as contractive (Eq. 13)
+CONTRACTIVE_BELOW: float = 0.80
 
 _SMALL = 64
 
@@ -150,7 +156,7 @@ def nonlinearity_ratio(result: DMDResult, eps_nl: float = 1e-8) -> torch.Tensor:
 
 
 def spectral_masses(
-    moduli: torch.Tensor, near_band: tuple[float, float] = (0.90, 1.05), contractive_below: float = 0.80
+    moduli: torch.Tensor, near_band: tuple[float, float] = NEAR_BAND, contractive_below: float = CONTRACTIVE_BELOW
 ) -> tuple[float, float, float, float]:
     r"""$(M_{\approx1}, M_{>1}, M_{<1}, M_{mid})$ of a 1-D tensor of $|\lambda|$ (Eqs. 11-13); all 0 if it is empty.
 
@@ -181,8 +187,8 @@ def _check_thresholds(near_band, contractive_below, residual_tol) -> None:
 def spectral_features(
     result: DMDResult,
     *,
-    near_band: tuple[float, float] = (0.90, 1.05),
-    contractive_below: float = 0.80,
+    near_band: tuple[float, float] = NEAR_BAND,
+    contractive_below: float = CONTRACTIVE_BELOW,
     residual_tol: float = 0.1,
     reliable_only: bool = False,
     degenerate_tol: float | None = None,

@@ -44,11 +44,10 @@ Design choices where the paper is silent (each one covered by the test suite):
 
 from __future__ import annotations
 
-from hf_koopman.logging_utils import get_logger
-
 import torch
 
-from hf_koopman.koopman.dmd import _row_space_coordinates
+from hf_koopman.koopman.features import NEAR_BAND
+from hf_koopman.logging_utils import get_logger
 
 
 __all__ = [
@@ -97,8 +96,8 @@ def soft_near_unit_mass(
     eigenvalues: torch.Tensor,
     *,
     temperature: float = 20.0,
-    tau_l: float = 0.90,
-    tau_u: float = 1.05,
+    tau_l: float = NEAR_BAND[0],
+    tau_u: float = NEAR_BAND[1],
 ) -> torch.Tensor:
     """Soft near-unit mass `m_soft` of Eq. 15, a differentiable stand-in for `M_{≈1}` (Eq. 12).
 
@@ -123,8 +122,8 @@ def kss_penalty(
     eigenvalues: torch.Tensor,
     *,
     temperature: float = 20.0,
-    tau_u: float = 1.05,
-    tau_l: float = 0.90,
+    tau_u: float = NEAR_BAND[1],
+    tau_l: float = NEAR_BAND[0],
     gamma: float = 0.4,
     beta: float = DEFAULT_BETA,
 ) -> torch.Tensor:

@@ -294,10 +294,8 @@ def find_residual_blocks(
         return _resolve_override(model, layers)
 
     classes, class_names, no_split = _record_classes(model)
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - very old transformers
-        GradientCheckpointingLayer = ()  # noqa: N806
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
 
     def is_block(module: nn.Module) -> bool:
         cls = type(module)

@@ -513,10 +513,8 @@ def _block_list_under(module: torch.nn.Module, prefix: str, embedding: str, no_s
     """Whether `module` (at the dotted path `prefix`) holds a list of transformer blocks (`GradientCheckpointingLayer`s
     or `_no_split_modules` classes) other than a list that holds the token embedding `embedding` itself (MusicGen's
     list of codebook embeddings)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as block_class
-    except ImportError:  # pragma: no cover - very old transformers
-        block_class = ()
+    from transformers.modeling_layers import GradientCheckpointingLayer as block_class
+
     for name, sub in module.named_modules(prefix=prefix):
         if not isinstance(sub, (torch.nn.ModuleList, torch.nn.Sequential)) or not len(sub):
             continue

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
+
 
 if TYPE_CHECKING:
     from hf_koopman.profiling.spectral_profile import SpectralProfile
@@ -18,7 +20,7 @@ def _mass_labels(profile: SpectralProfile) -> tuple[tuple[str, str], ...]:
     """`(feature, legend label)` of the four masses, with the bands of this profile's settings: the contractive mass
     counts |λ| < `contractive_below` (0.80 by default), not |λ| < 1."""
     low, high = _band(profile)
-    below = float(profile.settings.get("contractive_below", 0.80))
+    below = float(profile.settings.get("contractive_below", CONTRACTIVE_BELOW))
     return (
         ("near_unit_mass", f"M≈1 (near-unit, {low:.2f} ≤ |λ| ≤ {high:.2f})"),
         ("unstable_mass", f"M>1 (expanding, |λ| > {high:.2f})"),
@@ -56,7 +58,7 @@ def _has_display() -> bool:
 
 
 def _band(profile: SpectralProfile) -> tuple[float, float]:
-    low, high = profile.settings.get("near_band", (0.90, 1.05))
+    low, high = profile.settings.get("near_band", NEAR_BAND)
     return float(low), float(high)
 
 

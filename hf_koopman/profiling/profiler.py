@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import math
@@ -10,7 +9,7 @@ import numbers
 import operator
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_koopman.eval_mode import eval_mode
 from hf_koopman.koopman.dmd import check_eig_dtype, sample_size_note
+from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger, show_progress
 from hf_koopman.profiling.blocks import (
     eager_calls,
@@ -52,27 +53,6 @@ logger = get_logger(__name__)
 #: `profile_from_snapshots` arguments that `profile` sets itself, so a caller cannot pass them through `profile`
 _SET_BY_PROFILE = ("rank", "seed", "stacks", "model_name", "meta", "progress", "eig_dtype")
 _LAYERS_HINT = "`layers=` (CLI: `--layers`)"
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model.eval()` for the block, then every sub-module's own train/eval flag as the caller had it.
-
-    The flags come back through each module's own `train()`, called in pre-order only where the flag differs: a
-    module's `train()` also resets its children, which are visited after it, and overrides of `train()` see every
-    switch they would see after the caller's own `model.train()` (LeViT clears its attention-bias cache there; setting
-    `module.training` directly would leave the cache of the eval forward stale).
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            if module.training != training:
-                module.train(training)
-        for module, training in modes:  # a `train()` override that does not set the flag itself
-            module.training = training
 
 
 def _expected_batches(inputs: Any, batch_size: int) -> int | None:
@@ -358,8 +338,8 @@ def profile_from_snapshots(
     rank: int | None = None,
     randomized: bool | None = None,
     eps: float = 1e-5,
-    near_band: tuple[float, float] = (0.90, 1.05),
-    contractive_below: float = 0.80,
+    near_band: tuple[float, float] = NEAR_BAND,
+    contractive_below: float = CONTRACTIVE_BELOW,
     residual_tol: float = 0.1,
     seed: int = 0,
     stacks: Sequence[str] | None = None,
@@ -725,7 +705,7 @@ def profile(
             bar.close()
         return recorder, batches
 
-    with _eval_mode(model), eager_calls(runner):  # every sub-module gets its own train/eval flag back
+    with eval_mode(model), eager_calls(runner):  # every sub-module gets its own train/eval flag back
         # auto-discovered lists whose blocks change the width are skipped; a user's explicit `layers=` must be right
         recorder, batches = record(blocks, "raise" if layers is not None else "drop")
         if not recorder.snapshots() and recorder.dropped and layers is None and _reiterable(inputs):

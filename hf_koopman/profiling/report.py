@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
     RANK_SHARE_MIN, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat,
@@ -54,8 +55,8 @@ def _estimator_available() -> bool:
 
 def _bands(profile: SpectralProfile) -> tuple[str, str, str, str]:
     """`(lo, hi, contractive_below, tau)` of this profile's settings as text (the paper's defaults when absent)."""
-    lo, hi = profile.settings.get("near_band", (0.90, 1.05))
-    return (f"{lo:.2f}", f"{hi:.2f}", f"{profile.settings.get('contractive_below', 0.80):.2f}",
+    lo, hi = profile.settings.get("near_band", NEAR_BAND)
+    return (f"{lo:.2f}", f"{hi:.2f}", f"{profile.settings.get('contractive_below', CONTRACTIVE_BELOW):.2f}",
             f"{profile.settings.get('residual_tol', 0.1):g}")
 
 

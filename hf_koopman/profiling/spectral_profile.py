@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import VERDICTS, DecisionRule, RiskEstimator  # noqa: F401 - VERDICTS: importable from here too
+from hf_koopman.risk import DecisionRule, RiskEstimator
 
 
 __all__ = ["DecisionRule", "SpectralProfile"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainingArguments
 
+from hf_koopman.koopman.features import NEAR_BAND
 from hf_koopman.koopman.shaping import DEFAULT_BETA
 
 
@@ -18,7 +20,8 @@ __all__ = ["KSSConfig", "KSSTrainingArguments"]
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python or NumPy), not a bool (`True` is an int to Python, never a count to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass
@@ -84,8 +87,8 @@ class KSSConfig:
     beta: float = DEFAULT_BETA
     gamma: float = 0.4
     temperature: float = 20.0
-    tau_u: float = 1.05
-    tau_l: float = 0.90
+    tau_u: float = NEAR_BAND[1]
+    tau_l: float = NEAR_BAND[0]
     rank: int | None = None
     every_n_steps: int = 10
     layer_fraction: float = 0.5
@@ -105,11 +108,14 @@ class KSSConfig:
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and the accepted range.
 
-        A NumPy bool for `enabled` (`np.bool_`) is converted to `bool`.
+        A NumPy bool for `enabled` (`np.bool_`) is converted to `bool`, NumPy integers for the counts to `int`.
         """
         if isinstance(self.enabled, np.bool_):
             self.enabled = bool(self.enabled)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+        for name in ("rank", "every_n_steps", "num_samples", "oversample", "power_iters", "seed"):
+            if isinstance(getattr(self, name), np.integer):
+                setattr(self, name, int(getattr(self, name)))
+        if not _is_int(self.seed):
             raise ValueError(f"KSSConfig: seed must be an int, got {self.seed!r}")
         finite = {
             name: getattr(self, name)
@@ -134,15 +140,15 @@ class KSSConfig:
                 f"tau_l is the lower edge of the near-unit band of eigenvalue moduli (|lambda| >= 0, band around 1), "
                 f"so it must lie in [0, 1], got {self.tau_l}",
             ),
-            (self.rank is None or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1),
+            (self.rank is None or (_is_int(self.rank) and self.rank >= 1),
              f"rank must be None (full spectrum) or an int >= 1, got {self.rank!r}"),
             (
-                isinstance(self.every_n_steps, int) and self.every_n_steps >= 1,
+                _is_int(self.every_n_steps) and self.every_n_steps >= 1,
                 f"every_n_steps must be an int >= 1, got {self.every_n_steps!r}",
             ),
             (0.0 < self.layer_fraction <= 1.0, f"layer_fraction must lie in (0, 1], got {self.layer_fraction}"),
             (
-                isinstance(self.num_samples, int) and self.num_samples >= 2,
+                _is_int(self.num_samples) and self.num_samples >= 2,
                 f"num_samples must be an int >= 2, got {self.num_samples!r}",
             ),
             (self.eps > 0, f"eps must be > 0, got {self.eps}"),
@@ -194,33 +200,47 @@ class KSSTrainingArguments(TrainingArguments):
     [`KSSConfig`] that [`KSSTrainer`] uses.
     """
 
-    kss_alpha: float = field(default=0.15, metadata={"help": "KSS weight alpha (0 disables KSS)."})
-    kss_beta: float = field(default=DEFAULT_BETA, metadata={"help": "Weight of the near-unit target term (Eq. 14)."})
-    kss_gamma: float = field(default=0.4, metadata={"help": "Target soft near-unit mass gamma."})
-    kss_temperature: float = field(default=20.0, metadata={"help": "Sigmoid sharpness T."})
-    kss_tau_u: float = field(default=1.05, metadata={"help": "Upper edge of the near-unit band."})
-    kss_tau_l: float = field(default=0.90, metadata={"help": "Lower edge of the near-unit band."})
+    kss_alpha: float = field(default=KSSConfig.alpha, metadata={"help": "KSS weight alpha (0 disables KSS)."})
+    kss_beta: float = field(default=KSSConfig.beta, metadata={"help": "Weight of the near-unit target term (Eq. 14)."})
+    kss_gamma: float = field(default=KSSConfig.gamma, metadata={"help": "Target soft near-unit mass gamma."})
+    kss_temperature: float = field(default=KSSConfig.temperature, metadata={"help": "Sigmoid sharpness T."})
+    kss_tau_u: float = field(default=KSSConfig.tau_u, metadata={"help": "Upper edge of the near-unit band."})
+    kss_tau_l: float = field(default=KSSConfig.tau_l, metadata={"help": "Lower edge of the near-unit band."})
     kss_rank: int | None = field(
-        default=None, metadata={"help": "Rank r of the spectrum KSS shapes; default: the full spectrum (as the profile)."})
-    kss_every_n_steps: int = field(default=10, metadata={"help": "Apply KSS every k optimizer steps."})
-    kss_layer_fraction: float = field(default=0.5, metadata={"help": "Fraction of blocks sampled per KSS step."})
-    kss_num_samples: int = field(default=2048, metadata={"help": "Token states per block per micro-batch (N)."})
-    kss_eps: float = field(default=1e-5, metadata={"help": "Whitening ridge epsilon."})
-    kss_oversample: int = field(default=10, metadata={"help": "Randomized range-finder oversampling."})
-    kss_power_iters: int = field(default=1, metadata={"help": "Randomized range-finder power iterations."})
+        default=KSSConfig.rank,
+        metadata={"help": "Rank r of the spectrum KSS shapes; default: the full spectrum (as the profile)."},
+    )
+    kss_every_n_steps: int = field(
+        default=KSSConfig.every_n_steps, metadata={"help": "Apply KSS every k optimizer steps."}
+    )
+    kss_layer_fraction: float = field(
+        default=KSSConfig.layer_fraction, metadata={"help": "Fraction of blocks sampled per KSS step."}
+    )
+    kss_num_samples: int = field(
+        default=KSSConfig.num_samples, metadata={"help": "Token states per block per micro-batch (N)."}
+    )
+    kss_eps: float = field(default=KSSConfig.eps, metadata={"help": "Whitening ridge epsilon."})
+    kss_oversample: int = field(
+        default=KSSConfig.oversample, metadata={"help": "Randomized range-finder oversampling."}
+    )
+    kss_power_iters: int = field(
+        default=KSSConfig.power_iters, metadata={"help": "Randomized range-finder power iterations."}
+    )
     kss_max_grad_ratio: float | None = field(
-        default=0.5,
+        default=KSSConfig.max_grad_ratio,
         metadata={"help": "Cap ||grad of alpha*L_KSS|| at this multiple of ||grad L_task||. 0 disables the cap "
                   "(the paper-literal gradient); from Python, None does too."},
     )
     kss_grad_cap: str = field(
-        default="activations",
+        default=KSSConfig.grad_cap,
         metadata={"help": "Where the cap's gradient norms are measured: 'activations' (residual stream, no extra "
                   "pass; default) or 'parameters' (exact, one extra partial backward)."},
     )
-    kss_seed: int = field(default=0, metadata={"help": "Seed of the layer and token sampling."})
-    kss_enabled: bool = field(default=True, metadata={"help": "Master switch for KSS."})
-    kss_layers: str | None = field(default=None, metadata={"help": "Block-list override, e.g. 'model.layers'."})
+    kss_seed: int = field(default=KSSConfig.seed, metadata={"help": "Seed of the layer and token sampling."})
+    kss_enabled: bool = field(default=KSSConfig.enabled, metadata={"help": "Master switch for KSS."})
+    kss_layers: str | None = field(
+        default=KSSConfig.layers, metadata={"help": "Block-list override, e.g. 'model.layers'."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import TENTATIVE, VERDICT_LEVELS, below_risk_budget, in_fitted_range, recommendation
+from hf_koopman.training.arguments import _is_int
 from hf_koopman.training.divergence import (
     CAUSE_ACTIVATION,
     CAUSE_GRAD_NORM,
@@ -187,11 +188,6 @@ def _pushed_copies(args: Any) -> str:
 def _suspect_name(name: str, k: int) -> str:
     """The folder name a suspect checkpoint `name` gets: `_suspect-<name>`, or `_suspect-<name>-<k>` for `k >= 2`."""
     return f"{SUSPECT_PREFIX}{name}" if k == 1 else f"{SUSPECT_PREFIX}{name}-{k}"
-
-
-def _is_int(value: Any) -> bool:
-    """An integer (Python or numpy), not a bool (`True` is an int to Python, never a count to a user)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 class RKSPCallback(TrainerCallback, ExportableState):

@@ -293,9 +293,9 @@ class GradNormTap:
 
 def _kept(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     """`value` copied into `buffer` (allocated on first use or when the device or dtype changes), for a per-step value
-    that must outlive the step's backward pass. A new small tensor per step kept alive until the next step cost
+    that must outlive the step's backward pass. A new small tensor per step, kept alive until the next step, costs
     0.5-0.8 % of a 0.25 s CPU step in `benchmarks/bench_guard.py` although computing it costs 0.1 %
-    (`results/safety_net.md`); reusing one buffer does not."""
+    (`results/safety_net.md`); one reused buffer does not."""
     if buffer is None or buffer.device != value.device or buffer.dtype != value.dtype:
         buffer = torch.empty_like(value)
     return buffer.copy_(value)

@@ -663,7 +663,7 @@ class KSSTrainer(Trainer):
         return [blocks[i] for i in chosen]
 
     def _loss_counts_as_ga_scaled(self, num_items_in_batch: Any) -> bool:
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # absent before transformers 5.23
+        scaled = self.loss_is_scaled_for_ga  # None (the default): the Trainer infers it by the rule below
         if scaled is not None:
             return bool(scaled)
         return bool(

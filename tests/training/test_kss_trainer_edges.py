@@ -793,3 +793,13 @@ def test_numpy_numbers_become_python_numbers_on_the_arguments(tmp_path):
     assert type(args.kss_seed) is int and args.kss_config().seed == 3 and type(args.kss_every_n_steps) is int
     assert type(args.kss_layer_fraction) is float
     assert '"kss_seed": 3' in args.to_json_string()  # what the loggers write
+
+
+def test_numpy_integers_are_counts_and_bools_are_not(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = KSSConfig(every_n_steps=np.int64(5), num_samples=np.int32(64), rank=np.int64(4), oversample=np.int8(2))
+    assert (config.every_n_steps, config.num_samples, config.rank, config.oversample) == (5, 64, 4, 2)
+    assert all(type(v) is int for v in (config.every_n_steps, config.num_samples, config.rank, config.oversample))
+    for name in ("every_n_steps", "num_samples", "rank"):
+        with pytest.raises(ValueError, match=f"{name} must be .*an int >= ., got True"):
+            KSSConfig(**{name: True})

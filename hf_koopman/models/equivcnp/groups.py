@@ -106,11 +106,13 @@ class LieGroup:
         raise NotImplementedError
 
     def pair_log(self, a_u: torch.Tensor, a_v: torch.Tensor) -> torch.Tensor:
-        """log(v^{-1} u) for algebra coordinates broadcast against each other; generic matrix route."""
+        """log(v^{-1} u) `(..., lie_dim)` for algebra coordinates `a_u, a_v (..., lie_dim)` broadcast against each
+        other; generic matrix route."""
         return self.log(self.compose(self.inverse(self.exp(a_v)), self.exp(a_u)))
 
     def distance_from_pair(self, pair: torch.Tensor, q_u: torch.Tensor, q_v: torch.Tensor) -> torch.Tensor:
-        """α‖log(v^{-1}u)‖ + (1-α)‖q_u - q_v‖ (LieConv default)."""
+        """α‖log(v^{-1}u)‖ + (1-α)‖q_u - q_v‖ `(...)` (LieConv default), from `pair (..., lie_dim)` and
+        `q_u, q_v (..., q_dim)`."""
         d = self.alpha * pair.norm(dim=-1)
         if self.q_dim:
             d = d + (1 - self.alpha) * (q_u - q_v).norm(dim=-1)
