@@ -160,6 +160,24 @@ def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
     return _batch_from_mapping({"input_ids": inputs})
 
 
+def _check_embeddings(embeds: Any, model: torch.nn.Module) -> None:
+    """Raise a `ValueError` naming the fix when `inputs_embeds` is not `(batch, sequence, width)` with the width of the
+    model's input embedding."""
+    if not isinstance(embeds, torch.Tensor):
+        return
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    width = getattr(embedding, "embedding_dim", None)
+    if embeds.dim() != 3 or not embeds.numel() or (isinstance(width, int) and embeds.shape[-1] != width):
+        raise ValueError(
+            f"inputs_embeds has shape {tuple(embeds.shape)}; {type(model).__name__} takes (batch, sequence, "
+            f"{width if isinstance(width, int) else 'hidden size'}) with at least one position: pass "
+            "model.get_input_embeddings()(input_ids), or input_ids themselves."
+        )
+
+
 def _check_feature_inputs(batch: Mapping[str, Any], model: torch.nn.Module) -> None:
     """Raise a `ValueError` naming the fix when pixel values or audio features are not floating point (a uint8 image
     tensor, say): the model would fail deep inside its forward, or read them as something else."""
@@ -323,8 +341,9 @@ def _embedding_rows(model: torch.nn.Module) -> int | None:
 
 
 def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
-    """Raise a `ValueError` naming the fix when `input_ids` cannot index the model's embedding (float values, ids
-    outside the vocabulary); the forward pass would fail deep inside torch instead."""
+    """Raise a `ValueError` naming the fix when `input_ids` cannot index the model's embedding (float values, a single
+    number, no tokens, negative ids, ids outside the vocabulary); the forward pass would fail deep inside torch
+    instead."""
     name = type(model).__name__
     if ids.is_floating_point():
         embeds = " or embeddings as inputs={'inputs_embeds': x}" if _accepts(model, "inputs_embeds") else ""
@@ -333,18 +352,34 @@ def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
             f"shape {tuple(ids.shape)}; pass token ids from the model's tokenizer "
             f"(tokenizer(texts, return_tensors='pt')){embeds}."
         )
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int) or vocab <= 0 or not ids.numel() or ids.dtype == torch.bool:
-        return
-    if int(ids.max()) < vocab:
+    if ids.dim() == 0 or not ids.numel():
+        what = "a single number (a 0-d tensor)" if ids.dim() == 0 else f"no tokens (shape {tuple(ids.shape)})"
+        raise ValueError(f"input_ids holds {what}; pass a (batch, sequence) tensor of token ids with at least one "
+                         "token per row, e.g. tokenizer(texts, return_tensors='pt')['input_ids'].")
+    if ids.device.type == "meta":
+        raise ValueError("input_ids are on the meta device and hold no values; pass real token ids (on the CPU or the "
+                         "model's device).")
+    if ids.dtype == torch.bool:
         return
     # multimodal models swap placeholder ids (e.g. config.image_token_id) out before the embedding: those are fine
     special = [
         value
-        for key, value in getattr(model.config, "__dict__", {}).items()
+        for key, value in getattr(getattr(model, "config", None), "__dict__", {}).items()
         if isinstance(value, int) and key.startswith(_PLACEHOLDER_PREFIXES) and key.endswith(_PLACEHOLDER_SUFFIXES)
     ]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low >= 0 and (not isinstance(vocab, int) or vocab <= 0 or high < vocab):
+        return
     regular = ids[~torch.isin(ids, torch.tensor(special, dtype=ids.dtype, device=ids.device))] if special else ids
+    if regular.numel() and int(regular.min()) < 0:
+        raise ValueError(
+            f"input_ids holds the negative token id {int(regular.min())}; ids index {name}'s embedding from 0 (-100 "
+            "marks ignored positions in labels, not in input_ids): pad input_ids with the tokenizer's pad_token_id "
+            "and mark the padding with attention_mask = 0."
+        )
+    if not isinstance(vocab, int) or vocab <= 0:
+        return
     bound = max(vocab, _embedding_rows(model) or 0)
     if regular.numel() and int(regular.max()) >= bound:
         raise ValueError(
@@ -401,6 +436,7 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     encoder) synthetic decoder tokens after the decoder start token, up to the decoder's positions."""
     if isinstance(batch.get("input_ids"), torch.Tensor):
         _check_token_ids(batch["input_ids"], model)
+    _check_embeddings(batch.get("inputs_embeds"), model)
     _check_feature_inputs(batch, model)
     params = list(itertools.islice(model.parameters(), 1))
     dtype = params[0].dtype if params else torch.float32

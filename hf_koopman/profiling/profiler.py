@@ -166,6 +166,18 @@ def _add_note(err: BaseException, note: str) -> None:
         err.add_note(note)
 
 
+def _too_long(batch: Mapping[str, Any], model: nn.Module) -> str | None:
+    """The fix, when `batch` holds token sequences longer than `model`'s position table (the index error it raises),
+    else `None`."""
+    ids = batch.get("input_ids", batch.get("inputs_embeds"))
+    limit = max_sequence_length(model)
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or limit is None or ids.shape[1] <= limit:
+        return None
+    return (f"the inputs hold {ids.shape[1]} tokens per row, more than the {limit} positions of "
+            f"{type(model).__name__}; pass at most {limit} tokens per row (tokenizer(..., truncation=True, "
+            f"max_length={limit}), or input_ids[:, :{limit}]).")
+
+
 def _describe_inputs(batch: Mapping[str, Any], args: Sequence[Any] = ()) -> str:
     """The inputs of one forward call in words: name, shape and dtype of each tensor, the type of anything else."""
 
@@ -692,6 +704,9 @@ def profile(
                             f"probe.{_dropped_labels_note(raw)}"
                         ) from err
                     except Exception as err:
+                        too_long = _too_long(batch, inner) if isinstance(err, IndexError) else None
+                        if too_long:
+                            raise ValueError(too_long) from err
                         _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
                                        f"{_describe_inputs(batch, args)}")
                         raise

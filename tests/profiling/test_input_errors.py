@@ -238,3 +238,26 @@ def test_a_model_that_wants_its_labels_as_decoder_inputs_gets_the_fix_named():
     assert "batch['decoder_input_ids'] = batch['labels']" in text
     fixed = profile(model, {**batch, "decoder_input_ids": batch.pop("labels")}, num_samples=8, progress=False)
     assert fixed.layers
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"holds no tokens \(shape \(2, 0\)\)"),
+    (torch.zeros(0, dtype=torch.long), r"holds no tokens"),
+    (torch.tensor(5), r"a single number \(a 0-d tensor\)"),
+    ({"input_ids": torch.full((4, 32), -1)}, r"negative token id -1; .*pad_token_id and mark the padding"),
+    ({"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta")}, r"on the meta device"),
+    ({"inputs_embeds": torch.randn(4, 64, 16)}, r"inputs_embeds has shape \(4, 64, 16\); .*\(batch, sequence, 32\)"),
+    ({"inputs_embeds": torch.randn(4, 64)}, r"inputs_embeds has shape \(4, 64\)"),
+])
+def test_token_inputs_the_embedding_cannot_take_name_the_fix(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        profile(tiny_model("llama"), inputs=inputs, num_samples=16, rank=4)
+
+
+def test_sequences_longer_than_the_position_table_name_the_limit():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+    with pytest.raises(ValueError, match=r"300 tokens per row, more than the 64 positions .*max_length=64"):
+        profile(model, inputs=torch.randint(0, 100, (2, 300)), num_samples=16, rank=4)
+    profile(model, inputs=torch.randint(0, 100, (2, 64)), num_samples=16, rank=4)  # at the limit it runs
