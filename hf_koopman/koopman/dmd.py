@@ -1030,6 +1030,8 @@ def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, 
     eye = torch.eye(sxx.shape[-1], dtype=_F64, device=sxx.device)
     chol, info = torch.linalg.cholesky_ex(sxx + eps * eye)
     if bool((info > 0).any()):  # eps = 0 on rank-deficient data: symmetric pseudo-inverse square root
+        if work != _F64:  # the rank is decided on float64 moments (float32 round-off would count as directions)
+            return _full_grams(X, Y, eps, rank, _F64, eig_dtype)
         whitening = cholesky_whitening(sxx, eps)
         return _whitened_grams(X, Y, sxx, sdx, sdd, whitening, _whitened_condition(sxx, whitening), eps, rank)
     condition = _factor_condition(sxx, chol)
@@ -1049,6 +1051,8 @@ def _full_grams(X: torch.Tensor, Y: torch.Tensor, eps: float, rank: int | None, 
         fit = _raw_fit(sxx, sdx, sdd, chol, n, in_work if lin == work else (sxx, sdx, sdd))
         if fit is not None:
             return fit
+        if work != _F64:  # (nearly) singular: the rank is decided on float64 moments, as above
+            return _full_grams(X, Y, eps, rank, _F64, eig_dtype)
     return _whitened_grams(X, Y, sxx, sdx, sdd, CholeskyWhitening(chol), condition, eps, rank)
 
 

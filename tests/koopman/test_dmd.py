@@ -709,3 +709,19 @@ def test_layers_analysed_side_by_side_in_threads_give_the_one_thread_result():
     assert calls and max(calls) == 2  # the threaded branch ran
     torch.testing.assert_close(two.eigenvalues, one.eigenvalues)
     torch.testing.assert_close(two.eigvec_condition, one.eigvec_condition)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_float32_round_off_does_not_count_as_directions(eps):
+    """Repeated states (8 distinct rows, rank 7 once centred) in float32: the rank is that of the float64 data; the
+    float32 Gram's round-off (~1e-7 of the trace) is not a direction with its own modes."""
+    gen = torch.Generator().manual_seed(0)
+    distinct = torch.randn(8, 32, generator=gen) * 0.02
+    X = distinct.repeat(64, 1)
+    Y = X + torch.tanh(X @ (torch.randn(32, 32, generator=gen) * 0.5))
+    exact = whitened_dmd(X.double(), Y.double(), eps=eps)
+    single = whitened_dmd(X, Y, eps=eps)
+    assert int(exact.rank_x) == 7 and int(single.rank_x) == 7
+    top = lambda eigs: sorted(eigs.abs().tolist(), reverse=True)  # noqa: E731
+    assert top(single.eigenvalues)[:7] == pytest.approx(top(exact.eigenvalues)[:7], rel=1e-3)
+    assert max(top(single.eigenvalues)[7:]) < 1e-6  # the null directions' zeros, not 25 noise modes
