@@ -49,12 +49,16 @@ from typing import Any
 
 import numpy as np
 
+from hf_koopman.logging_utils import get_logger
+
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
     "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range", "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
 ]
+
+logger = get_logger(__name__)
 
 DEFAULT_ESTIMATOR_FILE = "risk_estimator.json"
 #: version of the JSON layout `RiskEstimator.to_dict` writes; `from_dict` reads this one and version 1.
@@ -495,8 +499,8 @@ class RiskEstimator:
 
     @staticmethod
     def _inputs(profile: Any, learning_rate: float | None, context: Mapping[str, Any]) -> dict[str, Any]:
-        if learning_rate is not None and (not _is_number(learning_rate) or not learning_rate > 0):
-            raise ValueError(f"learning_rate={learning_rate!r} must be a positive number.")
+        if learning_rate is not None and (not _is_number(learning_rate) or not 0 < learning_rate < math.inf):
+            raise ValueError(f"learning_rate={learning_rate!r} must be a positive finite number.")
         return _flatten_inputs(profile, {_LR: learning_rate, **context})
 
     def predict_proba(self, profile: Any = None, learning_rate: float | None = None, **context: Any) -> float:
@@ -513,9 +517,16 @@ class RiskEstimator:
             **context: other non-spectral inputs the estimator was fitted with (see `required_keys`), e.g. `norm`.
 
         Returns:
-            `float` in (0, 1).
+            `float` in (0, 1). For an "uninformative" profile whose spectrum the estimator reads, a warning says that
+            the probability rests on a spectrum the decision rule does not trust (`assess` lists it as unknown).
         """
         values = self._inputs(profile, learning_rate, context)
+        aggregates = _part(profile, "aggregates", profile)
+        if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
+                f.key != _LR and f.key in aggregates for f in self.features):
+            logger.warning("predict_proba: the profile is uninformative (%s), so the probability rests on a spectrum "
+                           "the decision rule does not trust; profile with more token states, or use assess() to "
+                           "see which inputs are unknown.", _part(profile, "verdict_reason") or "see its verdict")
         return 1.0 / (1.0 + math.exp(-self._logit(values)))
 
     def check_ranges(
@@ -1139,6 +1150,31 @@ class DecisionRule:
     min_samples_per_dim: float = 2.0
     warn_samples_per_dim: float = 8.0
     gate_band: float = 0.55
+
+    def __post_init__(self) -> None:
+        numbers = {name: getattr(self, name) for name in ("safe_below", "high_risk_above", "max_nonlinearity",
+                                                           "min_samples_per_dim", "warn_samples_per_dim", "gate_band")}
+        if self.kappa_large is not None:
+            numbers["kappa_large"] = self.kappa_large
+        for name, value in numbers.items():
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"DecisionRule: {name} must be a finite number, got {value!r}.")
+        checks = [
+            (0 <= self.safe_below <= self.high_risk_above <= 1,
+             f"need 0 <= safe_below ({self.safe_below}) <= high_risk_above ({self.high_risk_above}) <= 1: both are "
+             "thresholds on the near-unit mass M≈1, a fraction (the paper uses 0.3 and 0.5)"),
+            (self.max_nonlinearity >= 0, f"max_nonlinearity must be >= 0 (an η_nl gate), got {self.max_nonlinearity}"),
+            (self.min_samples_per_dim > 0, f"min_samples_per_dim must be > 0, got {self.min_samples_per_dim}"),
+            (self.warn_samples_per_dim >= self.min_samples_per_dim,
+             f"warn_samples_per_dim ({self.warn_samples_per_dim}) must be >= min_samples_per_dim "
+             f"({self.min_samples_per_dim})"),
+            (self.gate_band >= 0, f"gate_band must be >= 0, got {self.gate_band}"),
+            (self.kappa_large is None or self.kappa_large >= 1, f"kappa_large is a condition number (>= 1) or None, "
+             f"got {self.kappa_large}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"DecisionRule: {message}.")
 
     @staticmethod
     def adjusted_nonlinearity(

@@ -171,3 +171,37 @@ def test_the_module_example_runs_and_prints_what_it_shows():
     import hf_koopman.risk
 
     assert doctest.testmod(hf_koopman.risk, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"safe_below": float("nan")}, "safe_below must be a finite number"),
+    ({"high_risk_above": float("inf")}, "high_risk_above must be a finite number"),
+    ({"safe_below": 0.6}, r"need 0 <= safe_below \(0.6\) <= high_risk_above \(0.5\) <= 1"),
+    ({"safe_below": -0.1}, r"need 0 <= safe_below"),
+    ({"min_samples_per_dim": -1}, "min_samples_per_dim must be > 0"),
+    ({"warn_samples_per_dim": 1.0}, r"warn_samples_per_dim \(1.0\) must be >= min_samples_per_dim"),
+    ({"kappa_large": 0.5}, "kappa_large is a condition number"),
+    ({"max_nonlinearity": "0.9"}, "max_nonlinearity must be a finite number"),
+])
+def test_decision_rule_refuses_thresholds_that_cannot_order_verdicts(kwargs, message):
+    with pytest.raises(ValueError, match=f"^DecisionRule: {message}"):
+        DecisionRule(**kwargs)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_the_learning_rate_must_be_positive_and_finite(lr):
+    with pytest.raises(ValueError, match="must be a positive finite number"):
+        RiskEstimator.default().predict_proba({"near_unit_mass_mean": 0.3}, learning_rate=lr)
+
+
+def test_a_probability_from_an_uninformative_profile_comes_with_a_warning(caplog):
+    import logging
+
+    est = RiskEstimator.default()
+    aggregates = {f.key: 0.3 for f in est.features if f.key != "learning_rate"}
+    profile = {"verdict": "uninformative", "verdict_reason": "only N = 16 token states", "aggregates": aggregates}
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        est.predict_proba({**profile, "verdict": "safe"}, learning_rate=1e-2)
+        assert "uninformative" not in caplog.text
+        p = est.predict_proba(profile, learning_rate=1e-2)
+    assert 0 < p < 1 and "profile is uninformative (only N = 16 token states)" in caplog.text
