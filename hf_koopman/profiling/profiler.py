@@ -166,6 +166,27 @@ def _add_note(err: BaseException, note: str) -> None:
         err.add_note(note)
 
 
+def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) -> None:
+    """Raise a `ValueError` naming the fix when `num_samples` token states per block boundary (float32, the model's
+    hidden size) cannot fit in the memory this machine has free: the forward pass would run out of memory (or, with
+    the default probe, spend minutes building the tokens first)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = next((w for w in (getattr(text, k, None) for k in ("hidden_size", "d_model", "n_embd"))
+                  if isinstance(w, int) and w > 0), None)
+    if width is None or not num_blocks:
+        return
+    import psutil
+
+    needed, free = num_samples * width * (num_blocks + 1) * 4, psutil.virtual_memory().available
+    if needed > free:
+        raise ValueError(
+            f"num_samples={num_samples} token states of width {width} at {num_blocks + 1} block boundaries take "
+            f"{needed / 2**30:.1f} GiB as float32, more than the {free / 2**30:.1f} GiB free here; lower num_samples "
+            f"(the paper uses 2048; a few multiples of the width, here {2 * width}-{8 * width}, is the usual range)."
+        )
+
+
 def _too_long(batch: Mapping[str, Any], model: nn.Module) -> str | None:
     """The fix, when `batch` holds token sequences longer than `model`'s position table (the index error it raises),
     else `None`."""
@@ -644,8 +665,9 @@ def profile(
     inner = unwrap_model(model)
     _check_materialised(inner)
     blocks = find_residual_blocks(inner, layers)
+    _check_snapshot_memory(inner, num_samples, len(blocks))
     if inputs is None:
-        inputs = default_probe_inputs(inner, num_tokens=num_samples, seed=seed)
+        inputs = default_probe_inputs(inner, num_tokens=min(num_samples, max_tokens or num_samples), seed=seed)
     max_tokens = 16 * num_samples if max_tokens is None else max_tokens
     positions = max_sequence_length(inner)
     if positions is not None:

@@ -261,3 +261,20 @@ def test_sequences_longer_than_the_position_table_name_the_limit():
     with pytest.raises(ValueError, match=r"300 tokens per row, more than the 64 positions .*max_length=64"):
         profile(model, inputs=torch.randint(0, 100, (2, 300)), num_samples=16, rank=4)
     profile(model, inputs=torch.randint(0, 100, (2, 64)), num_samples=16, rank=4)  # at the limit it runs
+
+
+def test_num_samples_beyond_the_free_memory_is_refused_before_any_work(monkeypatch):
+    import psutil
+
+    class Free:
+        available = 2**20  # 1 MiB: 4096 states x 32 wide x 3 boundaries x 4 bytes = 1.5 MiB do not fit
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Free)
+    with pytest.raises(ValueError, match=r"num_samples=4096 token states of width 32 at 3 block boundaries take .* "
+                                         r"more than the 0.0 GiB free here; lower num_samples"):
+        profile(tiny_model("llama"), num_samples=4096, rank=4)
+
+
+def test_the_default_probe_stops_at_max_tokens():
+    result = profile(tiny_model("llama"), num_samples=10**6, max_tokens=300, rank=4)  # not 10**6 synthetic tokens
+    assert result.meta["tokens_seen"] < 1000
