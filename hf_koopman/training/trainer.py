@@ -466,6 +466,7 @@ class KSSTrainer(Trainer):
         self._kss_captured: tuple[int, list[str]] | None = None  # this micro-batch: snapshots, sampled block names
         self._kss_micro_term: torch.Tensor | None = None  # this micro-batch: the KSS term added to the loss
         self._kss_warned_no_term = False
+        self._kss_warned_small_sample = False
 
     def _check_not_compiled(self, model: torch.nn.Module | None) -> None:
         """Raise a `ValueError` when KSS is on and `torch.compile` can skip its hooks on the residual blocks.
@@ -739,6 +740,7 @@ class KSSTrainer(Trainer):
         for shape, members in groups.items():
             if shape[0] < 2:
                 continue
+            self._warn_small_sample(shape, members, step)
             for eig in self._group_eigenvalues(members, step):
                 eigs.append(eig)
         if not eigs:
@@ -918,6 +920,24 @@ class KSSTrainer(Trainer):
             "gamma": cfg.gamma,
             "beta": cfg.beta,
         }
+
+    def _warn_small_sample(self, shape: tuple[int, ...], members: list, step: int) -> None:
+        """Warn once per run when layers get fewer token states than `DecisionRule.min_samples_per_dim` times their
+        width: the least-squares operator then nearly interpolates the sample (the profile calls that uninformative),
+        and the penalty shapes that spectrum."""
+        from hf_koopman.risk import DecisionRule
+
+        n, d = shape[-2], shape[-1]
+        least = DecisionRule().min_samples_per_dim
+        if self._kss_warned_small_sample or n >= least * d:
+            return
+        self._kss_warned_small_sample = True
+        logger.warning(
+            "KSS: layers %s get N = %d token states for width d = %d at step %d (N < %g d): their spectrum nearly "
+            "interpolates the sample, which the profile calls uninformative, and the penalty shapes that spectrum. "
+            "Train on more tokens per micro-batch (per_device_train_batch_size, sequence length; kss_num_samples=%d "
+            "caps N) or switch KSS off (kss_enabled=False). Given once per run.",
+            [m[0] for m in members][:4], n, d, step, least, self.kss_config.num_samples)
 
     def _group_eigenvalues(self, members: list[tuple[str, torch.Tensor, torch.Tensor]], step: int) -> list[Any]:
         cfg = self.kss_config

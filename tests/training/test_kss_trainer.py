@@ -316,3 +316,19 @@ def test_kss_layers_of_the_wrong_type_fail_when_the_arguments_are_built(tmp_path
         KSSTrainingArguments(str(tmp_path), kss_layers=5)
     with pytest.raises(ValueError, match="KSSConfig: layers must be None"):
         KSSConfig(layers=5)
+
+
+def test_kss_on_fewer_token_states_than_twice_the_width_warns_once(tmp_path, caplog):
+    # 4 sequences of 4 tokens: N = 16 token states per layer for d = 32, which the profile calls uninformative
+    args = _args(tmp_path, max_steps=3, kss_every_n_steps=1, per_device_train_batch_size=4)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(seq=4))
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        trainer.train()
+    assert caplog.text.count("get N = 16 token states for width d = 32") == 1
+    assert "kss_enabled=False" in caplog.text and trainer.kss_steps == [0, 1, 2]
+    caplog.clear()
+    roomy = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path / "b", max_steps=1, kss_every_n_steps=1),
+                       train_dataset=TokenDataset())
+    with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
+        roomy.train()
+    assert "token states for width" not in caplog.text
