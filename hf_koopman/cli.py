@@ -799,16 +799,18 @@ def _run_profile(args: argparse.Namespace) -> int:
             f"--out {args.out}: could not write the profile ({err}); pass a writable folder with --out."
         ) from None
     score = "n/a" if result.score is None else f"{result.score:.3f}"
-    tentative = ""
+    notes = []
     if result.verdict_reason.startswith(TENTATIVE):  # the score's sampling band, the η_nl gate's, or both
         rule = result.rule
         spans = rule.score_band_crossed(result)
         gate = len(rule.gate_verdicts(result)) > 1
         why = [why for why, found in (("the sampling error spans a threshold", spans),
                                       ("layers near the η_nl gate can change it", gate)) if found]
-        tentative = f" (tentative: {' and '.join(why) or 'see the report'})"
+        notes.append(f"tentative: {' and '.join(why) or 'see the report'}")
+    if result.meta.get("weights") == "pretrained" and result.verdict != "uninformative":
+        notes.append("extrapolated: pretrained weights, and the thresholds come from initialisations")
     print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
-          f"{tentative}")
+          + (f" ({'; '.join(notes)})" if notes else ""))
     if result.degenerate_layers:
         print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
     undersampled = result.undersampled_layers
@@ -1006,7 +1008,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-koopman", description="Koopman spectral diagnostics for Hugging Face models (RKSP / KSS)."
+        prog="hf-koopman", description="Koopman spectral diagnostics for Hugging Face models (RKSP / KSS). Options "
+        "take hyphens or underscores (--num-samples or --num_samples).",
     )
     from hf_koopman import __version__
 
@@ -1054,6 +1057,20 @@ def _valued_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
     return out
 
 
+def _hyphenated(argv: Sequence[str], options: dict[str, bool]) -> list[str]:
+    """`argv` with `--option_name` spelled `--option-name` where that names an option (as `HfArgumentParser` accepts
+    both spellings, so do we); values, and tokens after a bare `--`, are left as they are."""
+    out, rest = [], False
+    for token in argv:
+        name, sep, value = token.partition("=")
+        spelled = "--" + name[2:].replace("_", "-")
+        if not rest and name.startswith("--") and "_" in name and spelled in options:
+            token = spelled + sep + value
+        rest = rest or token == "--"
+        out.append(token)
+    return out
+
+
 def _takes_value(token: str, options: dict[str, bool]) -> bool:
     """Whether `token` names an option that takes a value, also as a unique `--` prefix (as argparse accepts it)."""
     if token in options:
@@ -1080,7 +1097,9 @@ def _join_negative_numbers(argv: Sequence[str], options: dict[str, bool]) -> lis
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-koopman` console script; returns the exit status."""
     parser = make_parser()
-    args = parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv, _valued_options(parser)))
+    options = _valued_options(parser)
+    args = parser.parse_args(_join_negative_numbers(_hyphenated(sys.argv[1:] if argv is None else argv, options),
+                                                    options))
     from hf_koopman import _register_auto_classes
 
     _register_auto_classes()  # deferred by `import hf_koopman` in the console script until the arguments parse

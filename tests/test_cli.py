@@ -327,3 +327,22 @@ def test_console_line_names_the_eta_gate_when_near_gate_layers_make_the_verdict_
                  "--out", str(tmp_path / "gate")]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "verdict:" in x)
     assert line.endswith("verdict: HIGH RISK (tentative: layers near the η_nl gate can change it)"), line
+
+
+def test_console_line_says_a_pretrained_verdict_is_extrapolated(saved_model_dir, tiny_llama_json, tmp_path, capsys):
+    fast = ["--num-samples", "256", "--no-plots", "--no-progress"]
+    assert main(["profile", str(saved_model_dir), *fast, "--out", str(tmp_path / "p")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    verdict = json.loads((tmp_path / "p" / "profile.json").read_text())["verdict"]
+    assert verdict != "uninformative" and "extrapolated: pretrained weights" in line, line
+    assert main(["profile", str(tiny_llama_json), "--init", *fast, "--out", str(tmp_path / "i")]) == 0
+    assert "extrapolated" not in capsys.readouterr().out
+
+
+def test_options_take_underscores_as_hf_argument_parser_does(tiny_llama_json, tmp_path):
+    assert main(["profile", str(tiny_llama_json), "--init", "--num_samples", "48", "--rank=4", "--no_plots",
+                 "--no-progress", "--out", str(tmp_path / "u")]) == 0
+    settings = json.loads((tmp_path / "u" / "profile.json").read_text())["settings"]
+    assert settings["num_samples"] == 48 and not (tmp_path / "u" / "masses.png").exists()
+    with pytest.raises(SystemExit):  # an unknown option stays an error in either spelling
+        main(["profile", str(tiny_llama_json), "--num_sample_count", "4"])
