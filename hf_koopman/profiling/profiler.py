@@ -686,7 +686,10 @@ def profile(
         batches = 0
         handles = []
         expected = _expected_batches(inputs, batch_size) if progress else None
-        bar = tqdm(desc="forward", unit="block", total=len(blocks) * expected if expected else None, disable=not progress)
+        # one tick per block call: the total is blocks x batches, and the label says so
+        label = f"forward ({expected} batch{'es' if expected != 1 else ''} x {len(blocks)} blocks)" if expected \
+            else "forward"
+        bar = tqdm(desc=label, unit="block", total=len(blocks) * expected if expected else None, disable=not progress)
         if progress:  # one tick per block call: a visible bar even when the probe is a single large batch
 
             def tick(*_: Any) -> None:  # a forward hook must return None, or it replaces the block's output

@@ -240,7 +240,7 @@ def test_forward_progress_bar_has_a_total_and_reaches_it(monkeypatch):
     forward = [b for b in bars if b.desc.startswith("forward")]
     assert len(forward) == 2
     assert [b.total for b in forward] == [b.n for b in forward]  # a total, and the bar ends full
-    assert forward[1].total == 3 * 3  # 3 blocks x 3 batches
+    assert forward[1].total == 3 * 3 and forward[1].desc == "forward (3 batches x 3 blocks)"  # the label says why
 
 
 def test_compiled_model_is_profiled_through_its_eager_module():
