@@ -1032,6 +1032,17 @@ def in_fitted_range(assessment: RiskAssessment | None) -> bool:
             and getattr(assessment, "learning_rate", None) is not None)
 
 
+def _below_fitted_learning_rates(assessment: RiskAssessment | None) -> RangeIssue | None:
+    """The learning rate's range issue when it is the only input outside the fitted range, below it, every input is
+    known, and the probability at the range's lower edge is below `RISK_BUDGET`; else `None`."""
+    if assessment is None or getattr(assessment, "learning_rate", None) is None or assessment.unknown:
+        return None
+    if len(assessment.outside) != 1 or not below_risk_budget(assessment.probability):
+        return None
+    (issue,) = assessment.outside
+    return issue if issue.key == _LR and issue.direction == "below" and issue.low is not None else None
+
+
 def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, rank: int | None = None) -> str:
     """What to do: `RANK_ADVICE` for a profile whose read layers a rank-`rank` approximation truncated
     (`DecisionRule.truncated_rank`); from the calibrated probability when `assessment` is at the planned learning rate
@@ -1044,7 +1055,16 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     if rank is not None:
         return RANK_ADVICE
     if not in_fitted_range(assessment):
-        return ADVICE[verdict]
+        below = _below_fitted_learning_rates(assessment)
+        if below is None:
+            return ADVICE[verdict]
+        p, lr = assessment.probability, assessment.learning_rate
+        shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"
+        label = f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative" else "the spectrum"
+        return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on ({below.low:g} "
+                f"to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk here if risk grows "
+                f"with the learning rate. No lower learning rate is indicated: {label} on held-out architecture "
+                f"families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
     p, lr = assessment.probability, assessment.learning_rate
     shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it
     label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""

@@ -205,3 +205,19 @@ def test_a_probability_from_an_uninformative_profile_comes_with_a_warning(caplog
         assert "uninformative" not in caplog.text
         p = est.predict_proba(profile, learning_rate=1e-2)
     assert 0 < p < 1 and "profile is uninformative (only N = 16 token states)" in caplog.text
+
+
+def test_a_learning_rate_below_the_fitted_range_gets_no_advice_to_lower_it():
+    from hf_koopman.risk import ADVICE, RangeIssue, RiskAssessment, recommendation
+
+    below = RangeIssue("learning_rate", 5e-5, low=1e-3, high=4.1, excess=1.3, log_scale=True)
+    assessment = RiskAssessment(probability=2e-5, out_of_range=True, outside=(below,), learning_rate=5e-5)
+    text = recommendation("high risk", assessment)
+    assert text.startswith("The planned learning rate 5e-05 lies below every rate the risk estimator was fitted on "
+                           "(0.001 to 4.1); at the lowest of them it reads < 0.1 %")
+    assert "No lower learning rate is indicated" in text and "Lower the learning rate" not in text
+    above = RangeIssue("learning_rate", 10.0, low=1e-3, high=4.1, excess=0.4, log_scale=True)
+    unseen = RangeIssue("model_type", "mamba", seen=("gpt2",))
+    for outside, p in (((above,), 2e-5), ((below, unseen), 2e-5), ((below,), 0.3)):  # the edge reading says little
+        other = RiskAssessment(probability=p, out_of_range=True, outside=outside, learning_rate=5e-5)
+        assert recommendation("high risk", other) == ADVICE["high risk"]
