@@ -189,7 +189,9 @@ def _publish(model, folder: Path, *, repo_id: str, description: str, training: s
             "license": "apache-2.0",
             # no `custom_code` tag (the export adds it with the code) and no `datasets` / `model-index`: they name Hub
             # dataset ids, and these data are not on the Hub; the card's prose gives the data and the numbers
-            "tags": ["reynet", "reynolds-network", "equivariance", "permutation-invariance", "graphs", *tags],
+            "tags": ["reynet", "reynolds-network", "equivariance", "permutation-invariance", "graphs", *tags,
+                     "hf_koopman"],
+            **({"pipeline_tag": "graph-ml"} if head == "ReyNetForGraphClassification" else {}),
             "metrics": metrics,
             "model_name": repo_id.split("/")[-1],
         },

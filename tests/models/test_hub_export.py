@@ -289,3 +289,13 @@ def test_save_for_hub_points_a_given_card_at_the_target_repo(tmp_path, monkeypat
                        push_to_hub="me/cnp-gp-rbf")
     card = (out / "README.md").read_text(encoding="utf-8")
     assert '"me/cnp-gp-rbf"' in card and '"hf-koopman/cnp-gp-rbf"' not in card
+
+
+@pytest.mark.parametrize("folder", CHECKPOINTS, ids=lambda p: p.name)
+def test_every_card_carries_the_hub_metadata(folder):
+    data = ModelCard.load(folder / "README.md").data
+    assert data.library_name == "transformers" and data.license == "apache-2.0"
+    assert "hf_koopman" in data.tags and data.metrics  # found with the library's other models, metrics named
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architectures") == ["ReyNetForGraphClassification"]:
+        assert data.pipeline_tag == "graph-ml"
