@@ -294,8 +294,26 @@ class SpectralProfile:
                         "SpectralProfile.save() wrote, or the path of a profile.json file."
                     )
                 path = path / "profile.json"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{text[:80]!r} is neither a JSON object nor an existing file; pass the folder that "
+                    "SpectralProfile.save() wrote, the path of a profile.json file, or its JSON text."
+                )
             text = path.read_text(encoding="utf-8")
-        return cls.from_dict(json.loads(text))
+        source = "the JSON text" if text is str(text_or_path) else repr(str(text_or_path))
+        fix = "pass a profile.json written by SpectralProfile.save() or to_json(), or the folder save() wrote"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not JSON ({err}); {fix}.") from None
+        rows = data.get("layers") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+            raise ValueError(f"{source} is not a spectral profile (no 'layers' list of named layers); {fix}.")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source} is not a readable spectral profile ({type(err).__name__}: {err}); {fix}.") \
+                from err
 
     # ------------------------------------------------------------------ presentation (shortcuts)
     def to_markdown(self, plots: dict[str, str] | None = None) -> str:

@@ -239,3 +239,21 @@ def test_a_truncated_layer_that_fails_only_the_gate_withholds_the_verdict():
     cut = profile_from_snapshots(snaps, rank=32, progress=False)
     assert cut.rule.truncated(cut) == [False, True, True, True] and cut.rule.truncated_rank(cut) == 32
     assert cut.verdict == "uninformative" and "rank-32 profile" in cut.verdict_reason
+
+
+def test_json_that_is_not_a_profile_is_named_with_the_fix(tmp_path):
+    (tmp_path / "broken.json").write_text("{oops", encoding="utf-8")
+    (tmp_path / "other.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
+    cases = {
+        str(tmp_path / "broken.json"): (ValueError, r"broken.json' is not JSON \(Expecting"),
+        str(tmp_path / "other.json"): (ValueError, r"other.json' is not a spectral profile \(no 'layers'"),
+        '{"layers": 5}': (ValueError, r"the JSON text is not a spectral profile"),
+        '{"layers": [{"name": "x", "near_unit_mass": 0.1}]}': (ValueError, r"not a readable spectral profile"),
+        str(tmp_path / "missing.json"): (FileNotFoundError, r"neither a JSON object nor an existing file"),
+    }
+    for source, (error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            SpectralProfile.from_json(source)
+        if error is ValueError:
+            with pytest.raises(error, match="SpectralProfile.save"):
+                SpectralProfile.from_json(source)
