@@ -387,7 +387,8 @@ def profile_from_snapshots(
 
     Args:
         snapshots (`list[tuple[str, Tensor, Tensor]]`):
-            `(name, X (N, d), Y (N, d))` per layer transition, e.g. `ResidualStreamRecorder.snapshots()`.
+            `(name, X (N, d), Y (N, d))` per layer transition, e.g. `ResidualStreamRecorder.snapshots()`; NumPy
+            arrays are read as tensors.
         rank (`int`, *optional*):
             `None` (default): the full spectrum of the whitened operator, all min(N - 1, d) identifiable modes, the
             quantity of the paper's Table 1. An int r < min(N, d) selects the rank-r approximation instead (the
@@ -442,6 +443,9 @@ def profile_from_snapshots(
     if not snapshots:
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
     rank = _check_rank(rank, randomized)
+    chunk_size = _as_count(chunk_size, "chunk_size", 1, "it is the number of layers analysed per batched call")
+    # NumPy arrays (or anything torch.as_tensor takes) are read as tensors, without a copy where possible
+    snapshots = [(name, torch.as_tensor(X), torch.as_tensor(Y)) for name, X, Y in snapshots]
     for name, X, Y in snapshots:
         if X.shape != Y.shape or X.dim() != 2:
             raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")

@@ -256,3 +256,14 @@ def test_compiled_model_is_profiled_through_its_eager_module():
     ref = profile(model, num_samples=64)
     assert [f.near_unit_mass for f in got.features] == [f.near_unit_mass for f in ref.features]
     assert got.names == ref.names
+
+
+def test_profile_from_snapshots_reads_numpy_arrays_and_checks_chunk_size():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 16, generator=gen)
+    Y = X + 0.1 * torch.tanh(X @ torch.randn(16, 16, generator=gen))
+    from_numpy = profile_from_snapshots([("a", X.numpy(), Y.numpy())], progress=False)
+    assert from_numpy.features[0].to_dict() == profile_from_snapshots([("a", X, Y)], progress=False).features[0].to_dict()
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+            profile_from_snapshots([("a", X, Y)], chunk_size=bad)
