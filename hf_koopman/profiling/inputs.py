@@ -434,8 +434,15 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     its dtype) and add decoder inputs for encoder-decoder models that have none (`add_decoder_inputs`): the labels
     shifted right where the batch has token labels (as in training), else the encoder's tokens, else (a speech
     encoder) synthetic decoder tokens after the decoder start token, up to the decoder's positions."""
-    if isinstance(batch.get("input_ids"), torch.Tensor):
-        _check_token_ids(batch["input_ids"], model)
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if isinstance(ids, torch.Tensor):
+        _check_token_ids(ids, model)
+        if isinstance(mask, torch.Tensor) and ids.dim() == mask.dim() == 2 and ids.shape != mask.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; the mask marks each "
+                "token as real (1) or padding (0), so it needs the shape of input_ids: pass the mask the tokenizer "
+                "returned with the ids (tokenizer(texts, padding=True, return_tensors='pt'))."
+            )
     _check_embeddings(batch.get("inputs_embeds"), model)
     _check_feature_inputs(batch, model)
     params = list(itertools.islice(model.parameters(), 1))

@@ -278,3 +278,10 @@ def test_num_samples_beyond_the_free_memory_is_refused_before_any_work(monkeypat
 def test_the_default_probe_stops_at_max_tokens():
     result = profile(tiny_model("llama"), num_samples=10**6, max_tokens=300, rank=4)  # not 10**6 synthetic tokens
     assert result.meta["tokens_seen"] < 1000
+
+
+def test_an_attention_mask_off_the_token_grid_is_refused():
+    ids = torch.randint(0, 100, (4, 32))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 16\) but input_ids \(4, 32\)"):
+        profile(tiny_model("llama"), inputs={"input_ids": ids, "attention_mask": torch.ones(4, 16)}, num_samples=16,
+                rank=4)
