@@ -418,6 +418,9 @@ def _check_inputs(
         B, _, n, _ = graph_tensor.shape
         if node_mask.shape != (B, n):
             raise ValueError(f"node_mask must have shape (B, n) = {(B, n)}, got {tuple(node_mask.shape)}")
+        if node_mask.is_floating_point() and not bool(((node_mask == 0) | (node_mask == 1)).all()):
+            raise ValueError("node_mask marks real nodes (1 / True) and padding (0 / False); it holds other values "
+                             "(e.g. 0.5): pass a boolean mask, e.g. node_mask > 0.5.")
 
 
 def _maybe_tuple(output: ModelOutput, return_dict: bool | None, config: ReyNetConfig) -> ModelOutput | tuple:
@@ -574,7 +577,15 @@ def _single_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             f"(batch_size,) = ({B},), got {tuple(labels.shape)}; multi-hot labels of shape (batch_size, "
             "num_labels) need problem_type='multi_label_classification'."
         )
-    return nn.functional.cross_entropy(logits, labels.to(logits.device).long().view(-1))
+    target = labels.to(logits.device).long().view(-1)
+    outside = (target != -100) & ((target < 0) | (target >= logits.shape[-1]))
+    if bool(outside.any()):
+        raise ValueError(
+            f"labels hold class {int(target[outside][0])} but the model has num_labels={logits.shape[-1]} classes "
+            f"(0..{logits.shape[-1] - 1}; -100 ignores a graph): build it with ReyNetConfig(num_labels=...) for every "
+            "class, or map the labels to 0..num_labels-1."
+        )
+    return nn.functional.cross_entropy(logits, target)
 
 
 def _multi_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

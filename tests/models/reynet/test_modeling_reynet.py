@@ -402,3 +402,15 @@ def test_committed_graph_checkpoint_keys_and_outputs(monkeypatch):
     fast = model(X, node_mask=mask).logits
     monkeypatch.setattr(ReyNetReynoldsBlock, "reynolds", _literal_reynolds)
     torch.testing.assert_close(fast, model(X, node_mask=mask).logits, rtol=1e-6, atol=1e-12)
+
+
+def test_class_labels_outside_num_labels_and_fractional_masks_name_the_fix():
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY)).eval()
+    X = torch.rand(2, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"labels hold class 5 but the model has num_labels=3 classes \(0..2"):
+        model(X, labels=torch.tensor([5, 1]))
+    assert model(X, labels=torch.tensor([-100, 2])).loss.isfinite()  # -100 ignores a graph
+    with pytest.raises(ValueError, match=r"node_mask marks real nodes .* e.g. node_mask > 0.5"):
+        model(X, node_mask=torch.full((2, 5), 0.5))
+    float_mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2])
+    torch.testing.assert_close(model(X, node_mask=float_mask).logits, model(X, node_mask=float_mask > 0).logits)
