@@ -533,7 +533,12 @@ class RKSPCallback(TrainerCallback, ExportableState):
         }
 
     def _log(self, args: Any, state: Any, logs: dict[str, float]) -> None:
-        logs = {k: float(v) for k, v in logs.items() if v is not None and math.isfinite(float(v))}
+        finite = {k: float(v) for k, v in logs.items() if v is not None and math.isfinite(float(v))}
+        # a `_std` whose `_mean` is infinite (every Kreiss constant inf) is the spread of equal infinities: leave it out
+        # with them, so that no lone 0.0 reads as a finite, constant series
+        logs = {k: v for k, v in finite.items()
+                if not (k.endswith("_std") and k.removesuffix("_std") + "_mean" in logs
+                        and k.removesuffix("_std") + "_mean" not in finite)}
         if self._trainer is not None:
             # Trainer.log -> CallbackHandler.on_log clears control.should_log; keep the Trainer's own pending log
             pending = self._trainer.control.should_log

@@ -42,6 +42,9 @@ def test_init_profile_reaches_log_history_and_output_dir(tmp_path, caplog):
     for key in ("rksp/score", "rksp/verdict_level", "rksp/near_unit_mass_mean", "rksp/spectral_radius_mean"):
         assert key in init and math.isfinite(init[key])
     assert init["rksp/verdict_tentative"] == float(callback.profile.verdict_reason.startswith("tentative: "))
+    # an aggregate whose mean is infinite (the Kreiss constant, rho > 1 at init) is left out, its spread with it
+    assert math.isinf(callback.profile.aggregates["kreiss_mean"])
+    assert "rksp/kreiss_mean" not in init and "rksp/kreiss_std" not in init
     assert [h["step"] for h in history if "rksp/score" in h] == [0, 2, 4]  # init + monitoring every 2 steps
     # the Trainer's own per-step logs are intact, and profiling did not perturb training (same losses)
     assert _loss_steps(trainer) == [1, 2, 3, 4]
