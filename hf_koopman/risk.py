@@ -1060,11 +1060,12 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
             return ADVICE[verdict]
         p, lr = assessment.probability, assessment.learning_rate
         shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"
-        label = f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative" else "the spectrum"
-        return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on ({below.low:g} "
-                f"to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk here if risk grows "
-                f"with the learning rate. No lower learning rate is indicated: {label} on held-out architecture "
-                f"families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
+        label = (f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative"
+                 else "the spectrum")
+        return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on "
+                f"({below.low:g} to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk here "
+                f"if risk grows with the learning rate. No lower learning rate is indicated: {label} on held-out "
+                f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
     p, lr = assessment.probability, assessment.learning_rate
     shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it
     label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""

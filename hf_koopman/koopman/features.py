@@ -31,8 +31,8 @@ import torch
 from .dmd import DMDResult, _condition, _inverse, _single_thread, _whitened_quads
 from .kreiss import kreiss_constant
 
-__all__ = ["FEATURE_NAMES", "NEAR_BAND", "CONTRACTIVE_BELOW", "LayerFeatures", "spectral_features", "resdmd_residuals", "eigvec_condition",
-           "nonlinearity_ratio", "spectral_masses"]
+__all__ = ["FEATURE_NAMES", "NEAR_BAND", "CONTRACTIVE_BELOW", "LayerFeatures", "spectral_features", "resdmd_residuals",
+           "eigvec_condition", "nonlinearity_ratio", "spectral_masses"]
 
 FEATURE_NAMES: tuple[str, ...] = (
     "near_unit_mass",
@@ -45,8 +45,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "kreiss",
 )
 
-#: the near-unit band $[1-\epsilon_n, 1+\epsilon_u]$ of Definition 1 (the paper's values), shared by the profile's masses,
-#: its report and plots, and KSS's band `[tau_l, tau_u]`
+#: the near-unit band $[1-\epsilon_n, 1+\epsilon_u]$ of Definition 1 (the paper's values), shared by the profile's
+#: masses, its report and plots, and KSS's band `[tau_l, tau_u]`
 NEAR_BAND: tuple[float, float] = (0.90, 1.05)
 #: $1 - \delta_c$: modes below this modulus count as contractive (Eq. 13)
 CONTRACTIVE_BELOW: float = 0.80

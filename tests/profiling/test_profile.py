@@ -263,7 +263,8 @@ def test_profile_from_snapshots_reads_numpy_arrays_and_checks_chunk_size():
     X = torch.randn(256, 16, generator=gen)
     Y = X + 0.1 * torch.tanh(X @ torch.randn(16, 16, generator=gen))
     from_numpy = profile_from_snapshots([("a", X.numpy(), Y.numpy())], progress=False)
-    assert from_numpy.features[0].to_dict() == profile_from_snapshots([("a", X, Y)], progress=False).features[0].to_dict()
+    from_torch = profile_from_snapshots([("a", X, Y)], progress=False)
+    assert from_numpy.features[0].to_dict() == from_torch.features[0].to_dict()
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
             profile_from_snapshots([("a", X, Y)], chunk_size=bad)
