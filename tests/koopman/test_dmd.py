@@ -677,7 +677,8 @@ def test_chained_layers_reuse_the_output_covariance():
     s = torch.stack([stack[0], 1e-6 * stack[1], stack[2]]).float()
     sxx, _, _ = dmd_module._second_moments(s[:-1], s[1:], torch.float32, chained=True)
     direct, _, _ = dmd_module._second_moments(s[:-1].clone(), s[1:].clone(), torch.float32)
-    torch.testing.assert_close(sxx, direct, rtol=1e-5, atol=0)
+    # float32 sums in another order (one or two threads) differ by ~1e-5; an accumulated covariance would be far off
+    torch.testing.assert_close(sxx, direct, rtol=1e-4, atol=0)
 
 
 def test_layers_analysed_side_by_side_in_threads_give_the_one_thread_result():
