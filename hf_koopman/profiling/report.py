@@ -195,6 +195,15 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         + (" Few reliable modes mean individual eigenvalues are uncertain; the masses average over them."
            if reliable < 0.5 and not _reliable_only(profile) else "")
     )
+    none_pass = [profile.names[i] for i, f in zip(chosen, feats) if f.n_modes and not f.n_reliable]
+    if none_pass and not _reliable_only(profile):
+        shown = ", ".join(f"`{name}`" for name in none_pass[:4]) + (", ..." if len(none_pass) > 4 else "")
+        lines.append(
+            f"- In {len(none_pass)} of these blocks ({shown}) no mode passes the residual test: the linear map does not "
+            "pin down their individual eigenvalues. Their masses still count, as in the paper, whose headline masses "
+            "are over every mode and which Table 1 reproduces where few modes pass (`results/table1.md` in the "
+            "repository)."
+        )
     lines += _rank_lines(profile)
     if n and d:
         relative = (d / n) ** 0.5

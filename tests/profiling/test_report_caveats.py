@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from hf_koopman.koopman.features import LayerFeatures
 from hf_koopman.profiling import DecisionRule, SpectralProfile
@@ -184,3 +185,18 @@ def test_repeated_inputs_are_flagged_as_spanning_too_few_directions():
     varied = profile(model, num_samples=1024)  # the synthetic probe: every state distinct
     assert varied.rule.rank_deficient(varied) == [False, False] and "span fewer" not in varied.verdict_reason
     assert "- Rank:" not in render_report(varied)
+
+
+def test_the_report_names_blocks_in_which_no_mode_passes_the_residual_test():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_koopman.profiling import profile
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=128,
+                                       bos_token_id=0, eos_token_id=0))
+    model.transformer.h[1].mlp.c_proj.weight.data.mul_(100)  # a block far from linear: its fit explains little
+    result = profile(model, num_samples=256, progress=False)
+    assert [f.n_reliable > 0 for f in result.features] == [True, False]
+    lines = [line for line in result.to_markdown().splitlines() if "no mode passes the residual test" in line]
+    assert len(lines) == 1 and "(`transformer.h.1`)" in lines[0] and "`transformer.h.0`" not in lines[0]
