@@ -219,6 +219,12 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
             names = " and ".join(f"{t:g}" for t in crossed)
             line += (f": the verdict's M≈1 = {score_band(score, relative)} spans the {names} "
                      f"threshold{'s' if len(crossed) > 1 else ''}, so it may change with more tokens")
+            gaps = [abs(t - score) for t in crossed]
+            if score > 0 and min(gaps) > 0:
+                # the band score * sqrt(d/N) clears every crossed threshold once sqrt(d/N) < gap / score
+                clear = math.ceil(d * (score / min(gaps)) ** 2)
+                line += (f" (its band clears {'them' if len(crossed) > 1 else 'it'} from about N = {clear:,}, "
+                         f"{clear / d:.0f}× the width, if M≈1 stays near {score:.2f})")
         if n >= 8 * d:
             line += "."
         elif (seen := _token_limited(profile)) is not None:

@@ -37,6 +37,8 @@ def test_verdict_whose_interval_spans_both_thresholds_is_tentative_and_names_bot
     report = render_report(_profile(0.58, 134))
     assert _verdict_line(report).startswith("**Verdict: HIGH RISK (tentative)** — mean M≈1 = 0.580 > 0.5")
     assert "spans the 0.3 and 0.5 thresholds, so it may change with more tokens" in report
+    # 0.58 * sqrt(64 / N) < 0.08 (the nearer threshold's gap) from N = 64 * (0.58 / 0.08)^2 = 3,365
+    assert "(its band clears them from about N = 3,365, 53× the width, if M≈1 stays near 0.58)" in report
 
 
 def test_verdict_whose_interval_spans_one_threshold_names_it():
