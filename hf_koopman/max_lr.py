@@ -127,8 +127,10 @@ class MaxLRSuggestion:
             lines = [f"{head}max learning rate at {_risk_text(self.risk)} divergence risk: "
                      f"{_lr_text(self.max_learning_rate)}{extrapolated}"]
             if self.interval is not None:
+                beyond = ("; it covers the fit's own uncertainty, not the error of reading it outside the fitted "
+                          "range" if self.out_of_range else "")
                 lines.append(f"  interval: {_lr_text(self.interval[0])} – {_lr_text(self.interval[1])} "
-                             f"({self.interval_method})")
+                             f"({self.interval_method}{beyond})")
             else:
                 lines.append(f"  interval: unavailable ({self.interval_method})")
         else:

@@ -99,6 +99,12 @@ def test_answer_outside_the_learning_rate_range_is_flagged(tiny_profile):
     assert s.out_of_range is True and s.outside[0].key == "learning_rate" and s.outside[0].direction == "below"
     assert any("extrapolates the logistic" in c for c in s.caveats)
     assert "outside the fitted range: learning_rate" in s.describe()
+    from dataclasses import replace
+
+    for out_of_range in (True, False):  # the interval's meaning is said where the answer is an extrapolation
+        shown = replace(s, interval=(1e-3, 2e-3), interval_method="bootstrap", out_of_range=out_of_range)
+        interval = next(line for line in shown.describe().splitlines() if line.startswith("  interval:"))
+        assert ("not the error of reading it outside the fitted range" in interval) is out_of_range
 
 
 def test_other_model_type_is_flagged(tiny_profile):
