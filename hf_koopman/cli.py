@@ -1006,6 +1006,22 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
 }
 
 
+#: examples shown at the end of each subcommand's --help
+_EXAMPLES = {
+    "profile": """examples:
+  hf-koopman profile gpt2 --init                          # an embedded config at random init, synthetic probe
+  hf-koopman profile ./my-checkpoint --text-file data.txt # a save_pretrained folder on your own text
+  hf-koopman profile llama-2-7b --init --stream           # one block in memory at a time
+  hf-koopman profile gpt2 --init --learning-rate 3e-4     # adds the calibrated divergence probability""",
+    "architectures": """examples:
+  hf-koopman architectures          # names usable with --init
+  hf-koopman architectures --json""",
+    "max-lr": """examples:
+  hf-koopman max-lr gpt2 --init                  # the rate at a 10 % divergence probability
+  hf-koopman max-lr ./my-checkpoint --risk 0.05 --json""",
+}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-koopman", description="Koopman spectral diagnostics for Hugging Face models (RKSP / KSS). Options "
@@ -1021,7 +1037,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (help_text, add_arguments, run) in _COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                                 epilog=_EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(command)
         command.set_defaults(_run=run)
     return parser

@@ -346,3 +346,11 @@ def test_options_take_underscores_as_hf_argument_parser_does(tiny_llama_json, tm
     assert settings["num_samples"] == 48 and not (tmp_path / "u" / "masses.png").exists()
     with pytest.raises(SystemExit):  # an unknown option stays an error in either spelling
         main(["profile", str(tiny_llama_json), "--num_sample_count", "4"])
+
+
+@pytest.mark.parametrize("command", ["profile", "architectures", "max-lr"])
+def test_every_subcommand_help_ends_with_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "examples:\n  hf-koopman " + command in out
