@@ -45,7 +45,6 @@ import socket
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -6,7 +6,6 @@ import importlib
 import json
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch

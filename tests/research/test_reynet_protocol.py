@@ -3,7 +3,6 @@ and the channel-last IEGN path the models use (same maps as the 15-op basis)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 

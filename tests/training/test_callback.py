@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from conftest import TokenDataset, cpu_training_args, no_norm_gpt2, tiny_gpt2
-from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 import hf_koopman.training.callback as callback_module
