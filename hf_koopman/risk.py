@@ -150,6 +150,13 @@ def _percent(p: float) -> str:
     return "< 0.1 %" if p < 1e-3 else ("> 99.9 %" if p > 0.999 else f"{p:.1%}")
 
 
+@lru_cache(maxsize=256)
+def _warn_once(message: str) -> None:
+    """Log `message` as a warning the first time only (the report, the callback and a user's loop read one profile's
+    probability many times)."""
+    logger.warning(message)
+
+
 def _part(profile: Any, name: str, default: Any = None) -> Any:
     """`profile.<name>` of a `SpectralProfile`, or `profile[name]` of its `to_dict()` / profile.json form."""
     return profile.get(name, default) if isinstance(profile, Mapping) else getattr(profile, name, default)
@@ -524,9 +531,10 @@ class RiskEstimator:
         aggregates = _part(profile, "aggregates", profile)
         if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
                 f.key != _LR and f.key in aggregates for f in self.features):
-            logger.warning("predict_proba: the profile is uninformative (%s), so the probability rests on a spectrum "
-                           "the decision rule does not trust; profile with more token states, or use assess() to "
-                           "see which inputs are unknown.", _part(profile, "verdict_reason") or "see its verdict")
+            reason = _part(profile, "verdict_reason") or "see its verdict"
+            _warn_once(f"predict_proba: the profile is uninformative ({reason}), so the probability rests on a "
+                       "spectrum the decision rule does not trust; profile with more token states, or use assess() to "
+                       "see which inputs are unknown.")
         return 1.0 / (1.0 + math.exp(-self._logit(values)))
 
     def check_ranges(
@@ -1173,22 +1181,24 @@ class DecisionRule:
     gate_band: float = 0.55
 
     def __post_init__(self) -> None:
-        numbers = {name: getattr(self, name) for name in ("safe_below", "high_risk_above", "max_nonlinearity",
-                                                           "min_samples_per_dim", "warn_samples_per_dim", "gate_band")}
+        # the two thresholds order the verdicts and must be finite; the gates may be switched off with inf (a
+        # corrected η_nl can exceed 1) or 0 (min_samples_per_dim, gate_band)
+        limits = {name: getattr(self, name) for name in ("safe_below", "high_risk_above", "max_nonlinearity",
+                                                          "min_samples_per_dim", "warn_samples_per_dim", "gate_band")}
         if self.kappa_large is not None:
-            numbers["kappa_large"] = self.kappa_large
-        for name, value in numbers.items():
-            if not _is_number(value) or not math.isfinite(value):
-                raise ValueError(f"DecisionRule: {name} must be a finite number, got {value!r}.")
+            limits["kappa_large"] = self.kappa_large
+        for name, value in limits.items():
+            finite = name in ("safe_below", "high_risk_above")
+            if not _is_number(value) or math.isnan(value) or (finite and not math.isfinite(value)):
+                kind = "a finite number" if finite else "a number (inf switches the check off)"
+                raise ValueError(f"DecisionRule: {name} must be {kind}, got {value!r}.")
         checks = [
             (0 <= self.safe_below <= self.high_risk_above <= 1,
              f"need 0 <= safe_below ({self.safe_below}) <= high_risk_above ({self.high_risk_above}) <= 1: both are "
              "thresholds on the near-unit mass M≈1, a fraction (the paper uses 0.3 and 0.5)"),
             (self.max_nonlinearity >= 0, f"max_nonlinearity must be >= 0 (an η_nl gate), got {self.max_nonlinearity}"),
-            (self.min_samples_per_dim > 0, f"min_samples_per_dim must be > 0, got {self.min_samples_per_dim}"),
-            (self.warn_samples_per_dim >= self.min_samples_per_dim,
-             f"warn_samples_per_dim ({self.warn_samples_per_dim}) must be >= min_samples_per_dim "
-             f"({self.min_samples_per_dim})"),
+            (self.min_samples_per_dim >= 0, f"min_samples_per_dim must be >= 0, got {self.min_samples_per_dim}"),
+            (self.warn_samples_per_dim >= 0, f"warn_samples_per_dim must be >= 0, got {self.warn_samples_per_dim}"),
             (self.gate_band >= 0, f"gate_band must be >= 0, got {self.gate_band}"),
             (self.kappa_large is None or self.kappa_large >= 1, f"kappa_large is a condition number (>= 1) or None, "
              f"got {self.kappa_large}"),

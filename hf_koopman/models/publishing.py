@@ -42,8 +42,10 @@ logger = get_logger(__name__)
 _AUTO_KEYS_REQUIRED = ("AutoConfig", "AutoModel")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 #: what an export copies from a checkpoint folder (suffixes, any case): safetensors weights, JSON configs, the card and
-#: its images; the modelling code is written anew, and any other file is refused (it may be a pickle)
-_PUBLISHED_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".png", ".jpg", ".jpeg", ".svg")
+#: its images, tokenizer and chat-template files that are not pickles; the modelling code is written anew, hidden
+#: files (`.DS_Store`, a clone's `.gitattributes`) are left out, and any other file is refused (it may be a pickle)
+_PUBLISHED_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".model", ".jinja",
+                       ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 
 
 def remote_code_for(model_type: str) -> tuple[Path, dict[str, str]]:
@@ -381,7 +383,8 @@ def export_for_hub(
     push_to_hub: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Copy a checkpoint folder (config, weights, card and other non-code files) and add the remote code to the copy.
+    """Copy a checkpoint folder (config, safetensors weights, card, images, tokenizer files) and add the remote code
+    to the copy. Any other file is refused, so that no pickle is published; hidden files are left out.
 
     Args:
         checkpoint_dir (`str | PathLike`): a folder written by `save_pretrained` / `save_checkpoint`, e.g.
@@ -407,22 +410,24 @@ def export_for_hub(
     if out_path == src_path or out_path in src_path.parents or src_path in out_path.parents:
         raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder, outside "
                          "it and not holding it.")
-    unpublished = sorted(p.name for p in src.iterdir() if p.is_file() and p.name not in _REPO_ENTRIES
+    unpublished = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
                          and p.suffix.lower() not in (*_PUBLISHED_SUFFIXES, ".py"))
     if unpublished:
         raise ValueError(
             f"{src} holds files an export does not publish: {unpublished}. An export carries safetensors weights, JSON "
-            f"configs, the Markdown card and images only ({', '.join(_PUBLISHED_SUFFIXES)}), so that no pickle reaches "
-            "the Hub: move these files out of the folder (pickled weights: re-save with save_pretrained, which writes "
-            "safetensors only)."
+            f"configs, the Markdown card, images and tokenizer files only ({', '.join(_PUBLISHED_SUFFIXES)}), so that "
+            "no pickle reaches the Hub: move these files out of the folder (pickled weights: re-save with "
+            "save_pretrained, which writes safetensors only)."
         )
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     _checked_code(config, code_dir, auto_map)  # a bad map is refused before anything is written
     _empty_output(out, overwrite, inputs=(src, *((Path(code_dir),) if code_dir is not None else ())))
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.suffix.lower() in _PUBLISHED_SUFFIXES:
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _PUBLISHED_SUFFIXES:
             shutil.copyfile(path, out / path.name)
+        elif path.is_file() and path.name.startswith("."):
+            logger.info("Not exported: the hidden file %s.", path.name)
     add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
     _card_repo_id(out / "README.md", push_to_hub)
     if push_to_hub:

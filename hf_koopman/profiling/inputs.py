@@ -161,8 +161,8 @@ def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
 
 
 def _check_embeddings(embeds: Any, model: torch.nn.Module) -> None:
-    """Raise a `ValueError` naming the fix when `inputs_embeds` is not `(batch, sequence, width)` with the width of the
-    model's input embedding."""
+    """Raise a `ValueError` naming the fix when `inputs_embeds` is not `(..., sequence, width)` (3-D, or 4-D for
+    multiple choice) with the width of the model's input embedding."""
     if not isinstance(embeds, torch.Tensor):
         return
     try:
@@ -170,11 +170,12 @@ def _check_embeddings(embeds: Any, model: torch.nn.Module) -> None:
     except (AttributeError, NotImplementedError):
         embedding = None
     width = getattr(embedding, "embedding_dim", None)
-    if embeds.dim() != 3 or not embeds.numel() or (isinstance(width, int) and embeds.shape[-1] != width):
+    if embeds.dim() < 3 or not embeds.numel() or (isinstance(width, int) and embeds.shape[-1] != width):
         raise ValueError(
             f"inputs_embeds has shape {tuple(embeds.shape)}; {type(model).__name__} takes (batch, sequence, "
-            f"{width if isinstance(width, int) else 'hidden size'}) with at least one position: pass "
-            "model.get_input_embeddings()(input_ids), or input_ids themselves."
+            f"{width if isinstance(width, int) else 'hidden size'}) (multiple choice: (batch, choices, sequence, "
+            "width)) with at least one position: pass model.get_input_embeddings()(input_ids), or input_ids "
+            "themselves."
         )
 
 
@@ -342,8 +343,9 @@ def _embedding_rows(model: torch.nn.Module) -> int | None:
 
 def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
     """Raise a `ValueError` naming the fix when `input_ids` cannot index the model's embedding (float values, a single
-    number, no tokens, negative ids, ids outside the vocabulary); the forward pass would fail deep inside torch
-    instead."""
+    number, no tokens, ids beyond the vocabulary); the forward pass would fail deep inside torch instead. Negative ids
+    are left to the forward (remote-code vision-language models map negative placeholders themselves); the index
+    error of a model that does not is explained after it (`profiler._index_error`)."""
     name = type(model).__name__
     if ids.is_floating_point():
         embeds = " or embeddings as inputs={'inputs_embeds': x}" if _accepts(model, "inputs_embeds") else ""
@@ -361,25 +363,16 @@ def _check_token_ids(ids: torch.Tensor, model: torch.nn.Module) -> None:
                          "model's device).")
     if ids.dtype == torch.bool:
         return
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0 or int(ids.max()) < vocab:
+        return
     # multimodal models swap placeholder ids (e.g. config.image_token_id) out before the embedding: those are fine
     special = [
         value
-        for key, value in getattr(getattr(model, "config", None), "__dict__", {}).items()
+        for key, value in getattr(model.config, "__dict__", {}).items()
         if isinstance(value, int) and key.startswith(_PLACEHOLDER_PREFIXES) and key.endswith(_PLACEHOLDER_SUFFIXES)
     ]
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    low, high = int(ids.min()), int(ids.max())
-    if low >= 0 and (not isinstance(vocab, int) or vocab <= 0 or high < vocab):
-        return
     regular = ids[~torch.isin(ids, torch.tensor(special, dtype=ids.dtype, device=ids.device))] if special else ids
-    if regular.numel() and int(regular.min()) < 0:
-        raise ValueError(
-            f"input_ids holds the negative token id {int(regular.min())}; ids index {name}'s embedding from 0 (-100 "
-            "marks ignored positions in labels, not in input_ids): pad input_ids with the tokenizer's pad_token_id "
-            "and mark the padding with attention_mask = 0."
-        )
-    if not isinstance(vocab, int) or vocab <= 0:
-        return
     bound = max(vocab, _embedding_rows(model) or 0)
     if regular.numel() and int(regular.max()) >= bound:
         raise ValueError(
@@ -437,11 +430,15 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     if isinstance(ids, torch.Tensor):
         _check_token_ids(ids, model)
-        if isinstance(mask, torch.Tensor) and ids.dim() == mask.dim() == 2 and ids.shape != mask.shape:
+        # the mask's rows may differ by design (MusicGen: one row per example for its codebooks' rows; a (1, T)
+        # mask broadcasts), its length may not: a mask of other positions would mark the wrong tokens as padding
+        if (isinstance(mask, torch.Tensor) and ids.dim() >= 2 and mask.dim() == 2
+                and mask.shape[-1] != ids.shape[-1]):
             raise ValueError(
-                f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; the mask marks each "
-                "token as real (1) or padding (0), so it needs the shape of input_ids: pass the mask the tokenizer "
-                "returned with the ids (tokenizer(texts, padding=True, return_tensors='pt'))."
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: it covers "
+                f"{mask.shape[-1]} positions, not {ids.shape[-1]}. The mask marks each token as real (1) or padding "
+                "(0): pass the mask the tokenizer returned with the ids (tokenizer(texts, padding=True, "
+                "return_tensors='pt'))."
             )
     _check_embeddings(batch.get("inputs_embeds"), model)
     _check_feature_inputs(batch, model)

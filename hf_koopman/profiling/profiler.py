@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import itertools
 import math
 import numbers
 import operator
@@ -167,9 +168,11 @@ def _add_note(err: BaseException, note: str) -> None:
 
 
 def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) -> None:
-    """Raise a `ValueError` naming the fix when `num_samples` token states per block boundary (float32, the model's
-    hidden size) cannot fit in the memory this machine has free: the forward pass would run out of memory (or, with
-    the default probe, spend minutes building the tokens first)."""
+    """Raise a `ValueError` naming the fix when the default probe's `num_samples` token states per block boundary
+    (float32, the model's hidden size) cannot fit in the host memory this machine has free, for a model on the CPU:
+    building the probe would take minutes and the forward pass would then run out of memory."""
+    if any(p.device.type != "cpu" for p in itertools.islice(model.parameters(), 1)):
+        return
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     width = next((w for w in (getattr(text, k, None) for k in ("hidden_size", "d_model", "n_embd"))
@@ -183,20 +186,27 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
         raise ValueError(
             f"num_samples={num_samples} token states of width {width} at {num_blocks + 1} block boundaries take "
             f"{needed / 2**30:.1f} GiB as float32, more than the {free / 2**30:.1f} GiB free here; lower num_samples "
-            f"(the paper uses 2048; a few multiples of the width, here {2 * width}-{8 * width}, is the usual range)."
+            "(the default is 2048) or max_tokens."
         )
 
 
-def _too_long(batch: Mapping[str, Any], model: nn.Module) -> str | None:
-    """The fix, when `batch` holds token sequences longer than `model`'s position table (the index error it raises),
-    else `None`."""
-    ids = batch.get("input_ids", batch.get("inputs_embeds"))
+def _index_error(batch: Mapping[str, Any], model: nn.Module) -> str | None:
+    """The fix for an index error of `model`'s forward on `batch`, when the inputs explain it: token sequences longer
+    than its position table, or negative token ids (which only some models map themselves); else `None`."""
+    ids = batch.get("input_ids")
+    tokens = ids if isinstance(ids, torch.Tensor) else batch.get("inputs_embeds")
     limit = max_sequence_length(model)
-    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or limit is None or ids.shape[1] <= limit:
-        return None
-    return (f"the inputs hold {ids.shape[1]} tokens per row, more than the {limit} positions of "
-            f"{type(model).__name__}; pass at most {limit} tokens per row (tokenizer(..., truncation=True, "
-            f"max_length={limit}), or input_ids[:, :{limit}]).")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and limit is not None:
+        length = tokens.shape[-1] if tokens is ids else tokens.shape[-2]
+        if length > limit:
+            return (f"the inputs hold {length} tokens per row, more than the {limit} positions of "
+                    f"{type(model).__name__}; pass at most {limit} tokens per row (tokenizer(..., truncation=True, "
+                    f"max_length={limit}), or input_ids[..., :{limit}]).")
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel() and int(ids.min()) < 0:
+        return (f"input_ids holds the negative token id {int(ids.min())}, which {type(model).__name__}'s embedding "
+                "cannot look up (-100 marks ignored positions in labels, not in input_ids): pad input_ids with the "
+                "tokenizer's pad_token_id and mark the padding with attention_mask = 0.")
+    return None
 
 
 def _describe_inputs(batch: Mapping[str, Any], args: Sequence[Any] = ()) -> str:
@@ -669,9 +679,10 @@ def profile(
     inner = unwrap_model(model)
     _check_materialised(inner)
     blocks = find_residual_blocks(inner, layers)
-    _check_snapshot_memory(inner, num_samples, len(blocks))
-    if inputs is None:
-        inputs = default_probe_inputs(inner, num_tokens=min(num_samples, max_tokens or num_samples), seed=seed)
+    if inputs is None:  # the probe is built here: its size is known before any work
+        probe_tokens = min(num_samples, max_tokens or num_samples)
+        _check_snapshot_memory(inner, probe_tokens, len(blocks))
+        inputs = default_probe_inputs(inner, num_tokens=probe_tokens, seed=seed)
     max_tokens = 16 * num_samples if max_tokens is None else max_tokens
     positions = max_sequence_length(inner)
     if positions is not None:
@@ -733,9 +744,9 @@ def profile(
                             f"probe.{_dropped_labels_note(raw)}"
                         ) from err
                     except Exception as err:
-                        too_long = _too_long(batch, inner) if isinstance(err, IndexError) else None
-                        if too_long:
-                            raise ValueError(too_long) from err
+                        hint = _index_error(batch, inner) if isinstance(err, IndexError) else None
+                        if hint:
+                            raise ValueError(hint) from err
                         _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
                                        f"{_describe_inputs(batch, args)}")
                         raise

@@ -63,13 +63,20 @@ def _from_json_safe(value: Any) -> Any:
 
 def _decision_rule(fields: dict[str, Any]) -> DecisionRule:
     """The `DecisionRule` a profile.json records; a field this version does not know (written by a newer one) is left
-    out with a warning, so that the profile still loads."""
+    out, and a rule it refuses is replaced by the default one, each with a warning, so that the profile still
+    loads."""
     known = {f.name for f in dataclasses.fields(DecisionRule)}
     unknown = sorted(set(fields) - known)
     if unknown:
         logger.warning("profile.json's decision_rule has fields this version of hf_koopman does not know (%s); they "
                        "are left out (upgrade hf_koopman to use them)", ", ".join(unknown))
-    return DecisionRule(**{k: v for k, v in fields.items() if k in known})
+    chosen = {k: v for k, v in fields.items() if k in known}
+    try:
+        return DecisionRule(**chosen)
+    except ValueError as err:  # a rule this version refuses: the profile still loads, under the default rule
+        logger.warning("profile.json's decision_rule %s is refused (%s); the profile is read with the default rule",
+                       chosen, err)
+        return DecisionRule()
 
 
 @dataclass

@@ -248,6 +248,18 @@ def test_an_export_refuses_any_file_it_does_not_publish(tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_leaves_hidden_files_out_and_takes_card_images_and_tokenizer_files(tmp_path):
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(REPO / "checkpoints" / "cnp-gp-rbf", src)
+    for name in (".DS_Store", "figure.GIF", "curve.webp", "tokenizer.model", "chat_template.jinja"):
+        (src / name).write_bytes(b"x")
+    out = export_for_hub(src, tmp_path / "out")
+    names = {p.name for p in out.iterdir()}
+    assert {"figure.GIF", "curve.webp", "tokenizer.model", "chat_template.jinja"} <= names and ".DS_Store" not in names
+
+
 def _online_with_a_failing_upload(monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants

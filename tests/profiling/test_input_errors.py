@@ -244,7 +244,7 @@ def test_a_model_that_wants_its_labels_as_decoder_inputs_gets_the_fix_named():
     ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"holds no tokens \(shape \(2, 0\)\)"),
     (torch.zeros(0, dtype=torch.long), r"holds no tokens"),
     (torch.tensor(5), r"a single number \(a 0-d tensor\)"),
-    ({"input_ids": torch.full((4, 32), -1)}, r"negative token id -1; .*pad_token_id and mark the padding"),
+    ({"input_ids": torch.full((4, 32), -1)}, r"negative token id -1, .*pad_token_id and mark the padding"),
     ({"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta")}, r"on the meta device"),
     ({"inputs_embeds": torch.randn(4, 64, 16)}, r"inputs_embeds has shape \(4, 64, 16\); .*\(batch, sequence, 32\)"),
     ({"inputs_embeds": torch.randn(4, 64)}, r"inputs_embeds has shape \(4, 64\)"),
@@ -273,6 +273,9 @@ def test_num_samples_beyond_the_free_memory_is_refused_before_any_work(monkeypat
     with pytest.raises(ValueError, match=r"num_samples=4096 token states of width 32 at 3 block boundaries take .* "
                                          r"more than the 0.0 GiB free here; lower num_samples"):
         profile(tiny_model("llama"), num_samples=4096, rank=4)
+    # what will not be held is not counted: the user's 128 tokens, or a probe capped by max_tokens
+    profile(tiny_model("llama"), torch.randint(0, 100, (2, 64)), num_samples=4096, rank=4)
+    profile(tiny_model("llama"), num_samples=4096, max_tokens=64, rank=4)
 
 
 def test_the_default_probe_stops_at_max_tokens():
@@ -280,8 +283,37 @@ def test_the_default_probe_stops_at_max_tokens():
     assert result.meta["tokens_seen"] < 1000
 
 
-def test_an_attention_mask_off_the_token_grid_is_refused():
+def test_an_attention_mask_of_another_length_is_refused_and_one_of_other_rows_is_not():
     ids = torch.randint(0, 100, (4, 32))
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 16\) but input_ids \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 16\) but input_ids \(4, 32\): it covers 16"):
         profile(tiny_model("llama"), inputs={"input_ids": ids, "attention_mask": torch.ones(4, 16)}, num_samples=16,
                 rank=4)
+    # other rows by design: MusicGen's ids hold one row per codebook per example, its mask one row per example
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    config = MusicgenDecoderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   ffn_dim=64, num_codebooks=4)
+    mask = torch.ones(2, 32)
+    mask[1, 24:] = 0
+    result = profile(MusicgenForCausalLM(config), {"input_ids": torch.randint(0, 64, (8, 32)), "attention_mask": mask},
+                     num_samples=32, rank=4)
+    assert result.meta["tokens_seen"] == 56  # the padding is masked out
+
+
+def test_negative_ids_a_model_maps_itself_are_profiled():
+    model = tiny_model("llama")
+    embed = model.get_input_embeddings()
+    plain = embed.forward
+    embed.forward = lambda ids: plain(ids.clamp_min(0))  # as remote-code vision-language models treat placeholders
+    ids = torch.randint(0, 100, (2, 32))
+    ids[:, :8] = -1
+    assert profile(model, ids, num_samples=32, rank=4).meta["tokens_seen"] == 64
+
+
+def test_multiple_choice_inputs_embeds_are_taken():
+    from transformers import BertConfig, BertForMultipleChoice
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    embeds = torch.randn(2, 3, 16, 32)  # (batch, choices, sequence, width)
+    assert profile(BertForMultipleChoice(config), {"inputs_embeds": embeds}, num_samples=32, rank=4).layers

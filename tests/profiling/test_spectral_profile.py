@@ -257,3 +257,13 @@ def test_json_that_is_not_a_profile_is_named_with_the_fix(tmp_path):
         if error is ValueError:
             with pytest.raises(error, match="SpectralProfile.save"):
                 SpectralProfile.from_json(source)
+
+
+def test_a_saved_rule_this_version_refuses_loads_under_the_default_rule(tiny_profile, caplog):
+    import logging
+
+    data = tiny_profile.to_dict()
+    data["decision_rule"] = {**data["decision_rule"], "safe_below": 0.9}  # above high_risk_above
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        restored = SpectralProfile.from_dict(data)
+    assert restored.rule == DecisionRule() and "is refused" in caplog.text

@@ -392,6 +392,12 @@ def _compute_dtype(model: torch.nn.Module, given: torch.dtype | None = None) -> 
     return dtype
 
 
+def _can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values on the host: not while `torch.compile` traces (a data-dependent
+    branch breaks the graph) and not on the meta device (no values)."""
+    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
+
+
 def _check_inputs(
     graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in_channels: int, dtype: torch.dtype | None = None
 ) -> None:
@@ -418,7 +424,8 @@ def _check_inputs(
         B, _, n, _ = graph_tensor.shape
         if node_mask.shape != (B, n):
             raise ValueError(f"node_mask must have shape (B, n) = {(B, n)}, got {tuple(node_mask.shape)}")
-        if node_mask.is_floating_point() and not bool(((node_mask == 0) | (node_mask == 1)).all()):
+        if (node_mask.is_floating_point() and _can_read_values(node_mask)
+                and not bool(((node_mask == 0) | (node_mask == 1)).all())):
             raise ValueError("node_mask marks real nodes (1 / True) and padding (0 / False); it holds other values "
                              "(e.g. 0.5): pass a boolean mask, e.g. node_mask > 0.5.")
 
@@ -579,7 +586,7 @@ def _single_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         )
     target = labels.to(logits.device).long().view(-1)
     outside = (target != -100) & ((target < 0) | (target >= logits.shape[-1]))
-    if bool(outside.any()):
+    if _can_read_values(target) and bool(outside.any()):
         raise ValueError(
             f"labels hold class {int(target[outside][0])} but the model has num_labels={logits.shape[-1]} classes "
             f"(0..{logits.shape[-1] - 1}; -100 ignores a graph): build it with ReyNetConfig(num_labels=...) for every "

@@ -414,3 +414,13 @@ def test_class_labels_outside_num_labels_and_fractional_masks_name_the_fix():
         model(X, node_mask=torch.full((2, 5), 0.5))
     float_mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2])
     torch.testing.assert_close(model(X, node_mask=float_mask).logits, model(X, node_mask=float_mask > 0).logits)
+
+
+def test_the_label_and_mask_checks_stay_out_of_a_compiled_graph_and_the_meta_device():
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY)).eval()
+    X, labels = torch.rand(2, 3, 5, 5), torch.tensor([0, 2])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # a data-dependent branch would fail here
+    torch.testing.assert_close(compiled(X, labels=labels).loss, model(X, labels=labels).loss)
+    with torch.device("meta"):
+        meta = ReyNetForGraphClassification(ReyNetConfig(**TINY))
+    assert meta(X.to("meta"), labels=labels.to("meta")).loss.device.type == "meta"
