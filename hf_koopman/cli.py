@@ -33,7 +33,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "fp16": "float16"}
 
 
-# ---------------------------------------------------------------------------------------------------------- model loading
+# -------------------------------------------------------------------------------------------------------- model loading
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
         "TRANSFORMERS_OFFLINE", "0"
@@ -52,7 +52,9 @@ def _read_json(path: Path) -> dict:
             "re-create it with model.config.save_pretrained(folder)."
         ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a transformers config.json.")
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; it is not a transformers config.json."
+        )
     return data
 
 
@@ -149,7 +151,11 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
     """`(config, weights source or None, display name)` for MODEL = local path, embedded architecture or Hub id."""
     from transformers import AutoConfig
 
-    from hf_koopman.profiling.architectures import known_architectures, load_architecture_config, resolve_architecture_name
+    from hf_koopman.profiling.architectures import (
+        known_architectures,
+        load_architecture_config,
+        resolve_architecture_name,
+    )
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -169,7 +175,9 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
             raise ValueError(f"{path} is a folder without config.json; pass a save_pretrained folder.")
         data = _read_json(config_file)
         if "model_type" not in data:
-            raise ValueError(f"{config_file} has no 'model_type' key; re-create it with model.config.save_pretrained().")
+            raise ValueError(
+                f"{config_file} has no 'model_type' key; re-create it with model.config.save_pretrained()."
+            )
         try:
             config = AutoConfig.from_pretrained(path)
         except (ValueError, KeyError, TypeError, OSError) as err:
@@ -404,7 +412,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 
 
 def _check_safetensors(folder: Path) -> None:
-    """Open the header of every `*.safetensors` file in `folder`; a truncated or overwritten one becomes a clear error."""
+    """Open the header of every `*.safetensors` file in `folder`;
+    a truncated or overwritten one becomes a clear error."""
     from safetensors import safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
@@ -591,7 +600,8 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         help="analyse the rank-R approximation instead of the full spectrum (default: full spectrum). The paper's "
              "stated recipe is R = 32; it keeps the R directions of largest output energy and is biased toward "
              "expanding modes, so the verdict thresholds do not apply to it")
-    parser.add_argument("--learning-rate", type=float, help="planned learning rate (used by a calibrated risk estimator)")
+    parser.add_argument("--learning-rate", type=float,
+                        help="planned learning rate (used by a calibrated risk estimator)")
     parser.add_argument("--out", type=Path,
                         help="output folder (default: hf_koopman_out/NAME, with -init under --init or for a "
                              "config.json; NAME is org--name for a Hub id org/name; for a local folder its last two "
@@ -717,8 +727,8 @@ def _check_device(device: str, stream: bool = False) -> None:
         raise ValueError(f"--device {device}: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU.")
     if stream and parsed.type != "cpu":
-        raise ValueError("--stream loads one block at a time on the CPU (for models larger than memory); drop --device, "
-                         "or drop --stream to profile on the GPU.")
+        raise ValueError("--stream loads one block at a time on the CPU (for models larger than memory); "
+                         "drop --device, or drop --stream to profile on the GPU.")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: no MPS device is available to torch (torch.backends.mps.is_available() "
                          "is False); use --device cpu, or run on Apple silicon with a macOS build of torch.")
@@ -884,7 +894,7 @@ def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None
     return encode(chunks[:rows])
 
 
-# ---------------------------------------------------------------------------------------------------------- architectures
+# -------------------------------------------------------------------------------------------------------- architectures
 def _add_architectures_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -901,7 +911,8 @@ def _run_architectures(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{row['name']:<14} {row['model_type']:<10} layers={row['num_hidden_layers']:<3} d={row['hidden_size']}")
+            print(f"{row['name']:<14} {row['model_type']:<10} layers={row['num_hidden_layers']:<3} "
+                  f"d={row['hidden_size']}")
     return 0
 
 

@@ -194,7 +194,8 @@ def _power_iteration(
     num_iterations: int,
     tol: float,
 ) -> tuple[float, int, bool]:
-    """Largest-magnitude eigenvalue of `A - shift I` by power iteration; returns `(eigenvalue of A, steps, converged)`."""
+    """Largest-magnitude eigenvalue of `A - shift I` by power iteration; returns
+    `(eigenvalue of A, steps, converged)`."""
     v = _normalise(start)
     estimate = math.nan
     for step in range(1, num_iterations + 1):

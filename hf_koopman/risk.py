@@ -1,9 +1,9 @@
 r"""Calibrated divergence risk: $P(\text{diverge} \mid \text{init spectrum}, \log \text{LR}, \dots)$.
 
 The RKSP paper reads the raw near-unit mass $M_{\approx 1}$ as a probability (App. H, ECE 0.283). Here a small
-logistic model on standardised features is fitted to a sweep of training runs (`research/scripts/fit_risk.py`) and shipped as
-JSON (`hf_koopman/data/risk_estimator.json`; never pickle). Init-time spectra do not depend on the learning rate, so the
-learning rate is an input: `predict_proba(profile, learning_rate=...)`.
+logistic model on standardised features is fitted to a sweep of training runs (`research/scripts/fit_risk.py`) and
+shipped as JSON (`hf_koopman/data/risk_estimator.json`; never pickle). Init-time spectra do not depend on the learning
+rate, so the learning rate is an input: `predict_proba(profile, learning_rate=...)`.
 
 The shipped estimator is fitted on init features from the default recipe (the full spectrum of the whitened DMD
 operator); profiles made with a rank-r approximation are not what it was fitted on. Its `metadata` says which runs it
@@ -52,7 +52,8 @@ import numpy as np
 from hf_koopman.logging_utils import get_logger
 
 __all__ = [
-    "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION", "ADVICE",
+    "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION",
+    "ADVICE",
     "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range", "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
@@ -231,8 +232,8 @@ def precision_caveat(dtype: str) -> str:
     the fix: profile a float32 copy."""
     return (f"ρ and κ(V) are unreliable: the activations were computed in {dtype}, whose rounding moves them "
             "(MiniLM-L6, N = 3072, two seeds: the largest ρ 1.4–1.5 in float32, 4.0–6.8 in float16 and 1.6–1.9 in "
-            "bfloat16, the mean κ(V) about 10x lower in both, the masses within 0.01; on a tiny LLaMA κ(V) rose 2.5x in "
-            "bfloat16 instead: the size and direction differ between models; bfloat16 autocast moves them as much "
+            "bfloat16, the mean κ(V) about 10x lower in both, the masses within 0.01; on a tiny LLaMA κ(V) rose 2.5x "
+            "in bfloat16 instead: the size and direction differ between models; bfloat16 autocast moves them as much "
             "as a bfloat16 model); profile a float32 copy (`--dtype fp32` on the CLI, `model.float()` outside "
             "autocast, or `profile_streaming(..., dtype='float32')` in Python) for them")
 
@@ -280,7 +281,9 @@ class RangeIssue:
         """One line: the input, its value and the range (or the categories) the estimator was fitted on."""
         if self.direction == "unseen":
             return f"{self.key} = {_g(self.value)} (fitted on {', '.join(self.seen) or 'other values'})"
-        amount = f"{self.excess:.2g} decade{'s' if self.excess != 1 else ''}" if self.log_scale else f"{self.excess:.3g}"
+        amount = (
+            f"{self.excess:.2g} decade{'s' if self.excess != 1 else ''}" if self.log_scale else f"{self.excess:.3g}"
+        )
         bound = self.high if self.direction == "above" else self.low
         digits = 3  # enough digits that the value and the bound it crosses print differently (4.1 vs 4.096)
         while digits < 8 and _is_number(self.value) and f"{self.value:.{digits}g}" == f"{bound:.{digits}g}":
@@ -334,7 +337,8 @@ class RiskAssessment:
 
     @property
     def range_note(self) -> str:
-        """One sentence on the ranges, e.g. `"outside the fitted range: learning_rate = 50 is 1.1 decades above ..."`."""
+        """One sentence on the ranges, e.g.
+        `"outside the fitted range: learning_rate = 50 is 1.1 decades above ..."`."""
         parts = []
         clipped = [i for i in self.outside if i.key != "weights"]
         if clipped:
@@ -415,7 +419,8 @@ def _record_ranges(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> di
 
 def _ranges_to_json(ranges: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(ranges)
-    out["inputs"] = {k: ({"min": _num(v["min"]), "max": _num(v["max"])} if "min" in v else {"values": list(v["values"])})
+    out["inputs"] = {k: ({"min": _num(v["min"]), "max": _num(v["max"])} if "min" in v
+                         else {"values": list(v["values"])})
                      for k, v in ranges.get("inputs", {}).items()}
     return out
 
@@ -473,8 +478,8 @@ class RiskEstimator:
         if self.coef_cov is not None:
             cov = np.asarray(self.coef_cov, dtype=np.float64)
             if cov.shape != (size, size) or not np.all(np.isfinite(cov)) or not np.allclose(cov, cov.T, atol=1e-10):
-                raise ValueError(f"coef_cov must be a finite symmetric ({size}, {size}) matrix over (intercept, *coef); "
-                                 f"got shape {cov.shape}.")
+                raise ValueError(f"coef_cov must be a finite symmetric ({size}, {size}) matrix over "
+                                 f"(intercept, *coef); got shape {cov.shape}.")
         if self.bootstrap_coefs is not None:
             boot = np.asarray(self.bootstrap_coefs, dtype=np.float64)
             if boot.ndim != 2 or boot.shape[1] != size or not np.all(np.isfinite(boot)):
@@ -555,7 +560,9 @@ class RiskEstimator:
         values = self._inputs(profile, learning_rate, context)
         ranges = self.training_ranges.get("inputs", {})
         log_keys = {f.key for f in self.features if f.transform == "log10"} | {_LR}
-        keys = [*dict.fromkeys(f.key for f in self.features), *(k for k in MODEL_KEYS if k in ranges or k == "model_type")]
+        keys = [
+            *dict.fromkeys(f.key for f in self.features), *(k for k in MODEL_KEYS if k in ranges or k == "model_type")
+        ]
         outside: list[RangeIssue] = []
         unknown: list[str] = []
         low_precision = low_precision_dtype(values)
@@ -628,8 +635,8 @@ class RiskEstimator:
     # ------------------------------------------------------------------ learning rate at a given risk
     def _solve_lr(self, values: Mapping[str, Any], risk: float, params: np.ndarray, *, exact: bool) -> np.ndarray:
         """Learning rate at which the probability first reaches `risk`, for each row of `params` `(D, p + 1)` =
-        `(intercept, *coef)` -> `(D,)`: `inf` when it never does as the learning rate grows, `0.0` when it is at or above
-        `risk` at every learning rate searched. The learning rate enters unclipped (an extrapolation outside the
+        `(intercept, *coef)` -> `(D,)`: `inf` when it never does as the learning rate grows, `0.0` when it is at or
+        above `risk` at every learning rate searched. The learning rate enters unclipped (an extrapolation outside the
         training range); the other inputs are clipped as in `predict_proba`."""
         lr_idx = [i for i, f in enumerate(self.features) if f.key == _LR]
         if not lr_idx:
@@ -804,7 +811,9 @@ class RiskEstimator:
             low, high = float(finite.min()), float(finite.max())
             clipped = np.clip(raw, low, high)
             std = float(clipped.std())
-            specs.append(FeatureSpec(spec.key, spec.transform, float(clipped.mean()), std if std > 1e-12 else 1.0, low, high))
+            specs.append(
+                FeatureSpec(spec.key, spec.transform, float(clipped.mean()), std if std > 1e-12 else 1.0, low, high)
+            )
         z = np.array([[s.standardized(r[s.key]) for s in specs] for r in rows], dtype=np.float64)
         x = np.hstack([np.ones((len(rows), 1)), z])
         penalty = np.full(x.shape[1], float(l2))
@@ -877,7 +886,9 @@ class RiskEstimator:
             coef = [float(f["coef"]) for f in data["features"]]
             intercept = float(data["intercept"])
         except KeyError as err:
-            raise ValueError(f"risk-estimator JSON (version 2) lacks the field {err}; the file is incomplete.") from None
+            raise ValueError(
+                f"risk-estimator JSON (version 2) lacks the field {err}; the file is incomplete."
+            ) from None
         names = ["intercept", *(f.name for f in feats)]
         stored: dict[str, list[list[float]] | None] = {}
         for field_name, inner in (("coef_covariance", "matrix"), ("bootstrap_coefs", "draws")):
@@ -934,8 +945,8 @@ class RiskEstimator:
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
             # a hand-edited file: name the file and what in it is wrong, not only the Python error
             what = f"missing field {err}" if isinstance(err, KeyError) else f"{err}"
-            raise ValueError(f"{path} is not a valid risk estimator ({type(err).__name__}: {what}); a risk estimator is "
-                             "written by save_json (or research/scripts/fit_risk.py).") from err
+            raise ValueError(f"{path} is not a valid risk estimator ({type(err).__name__}: {what}); "
+                             "a risk estimator is written by save_json (or research/scripts/fit_risk.py).") from err
 
     @classmethod
     def default(cls) -> RiskEstimator:
@@ -1003,7 +1014,9 @@ ADVICE = {
         "divergence in our measurements in the paper's own No-Norm regime (results/kss_v2.md in the hf_koopman "
         "repository)."
     ),
-    "uninformative": "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal.",
+    "uninformative": (
+        "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal."
+    ),
 }
 
 
@@ -1071,8 +1084,8 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
         label = (f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative"
                  else "the spectrum")
         return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on "
-                f"({below.low:g} to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk here "
-                f"if risk grows with the learning rate. No lower learning rate is indicated: {label} on held-out "
+                f"({below.low:g} to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk "
+                f"here if risk grows with the learning rate. No lower learning rate is indicated: {label} on held-out "
                 f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
     p, lr = assessment.probability, assessment.learning_rate
     shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it

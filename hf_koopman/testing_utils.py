@@ -39,7 +39,10 @@ _VOCAB = 128
 
 # model_type -> (config kwargs, Auto class name used to build it)
 _TINY: dict[str, tuple[dict[str, Any], str]] = {
-    "gpt2": (dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=_VOCAB, bos_token_id=0, eos_token_id=0), "AutoModelForCausalLM"),
+    "gpt2": (
+        dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=_VOCAB, bos_token_id=0, eos_token_id=0),
+        "AutoModelForCausalLM",
+    ),
     "llama": (
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128, vocab_size=_VOCAB),

@@ -6,7 +6,8 @@ vectors in whitened coordinates. Paper: https://huggingface.co/papers/2602.22988
 Public API:
 
 * [`whitened_dmd`] -> [`DMDResult`]: exact or randomized rank-r DMD after X-based ZCA whitening (Eqs. 6-9).
-* [`spectral_features`] -> [`LayerFeatures`]: masses, rho, kappa(V), eta_nl, Kreiss, ResDMD reliability (Eqs. 5, 10-13, 29).
+* [`spectral_features`] -> [`LayerFeatures`]: masses, rho, kappa(V), eta_nl, Kreiss, ResDMD reliability
+  (Eqs. 5, 10-13, 29).
 * [`aggregate_features`]: mean / max / min / std across layers (Alg. 1, line 11).
 * [`kreiss_constant`], [`zca_whitening`], [`whiten`].
 * KSS (`shaping.py`): [`kss_penalty`], [`soft_near_unit_mass`], [`differentiable_dmd_eigenvalues`] (Eqs. 14-15).

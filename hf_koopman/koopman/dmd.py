@@ -183,8 +183,8 @@ class DMDResult:
             `left_eigenvectors=False` or `keep_eigenvectors=False`.
         operator (`(..., m, m)` float): $\hat A$ in whitened coordinates ($\tilde y \approx \hat A \tilde x$).
         gram_xx, gram_dx, gram_dd (`(..., m, m)` float): second moments of the whitened (and, for rank-r, projected)
-            snapshots: $\tilde X^\top\tilde X$, $\tilde D^\top\tilde X$, $\tilde D^\top\tilde D$, all divided by `N - 1`,
-            where $\tilde D = \tilde Y - \tilde X$. For the full spectrum these are formed on first access (the
+            snapshots: $\tilde X^\top\tilde X$, $\tilde D^\top\tilde X$, $\tilde D^\top\tilde D$, all divided by
+            `N - 1`, where $\tilde D = \tilde Y - \tilde X$. For the full spectrum these are formed on first access (the
             features use the equivalent unwhitened moments, see `hf_koopman.koopman.features`).
         projection (`(..., d, m)` float): maps centred input rows to the `m` whitened coordinates,
             `Z = (X - X.mean(-2)) @ projection` (the Cholesky whitening $L^{-\top}$ for exact DMD, $W U_r$ for
@@ -617,7 +617,8 @@ def _eigen_one(operator: torch.Tensor, vectors: bool, left_vectors: bool = True,
         return lam.to(torch.complex128), vec, None, nan, None
     quads = None
     if start is None:
-        inv = _inverse(vec)  # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
+        # rows of V^-1; its conjugate transpose holds the left eigenvectors u_j^* A = lambda_j u_j^*
+        inv = _inverse(vec)
         kappa = _condition(vec, inv)
         left = inv.mH
         if raw is not None:  # rows [Re; Im] of V^-1, i.e. [a; -b] for u = a + ib
@@ -731,7 +732,8 @@ def _eigen(
     operator: torch.Tensor, vectors: bool = True, dtype: torch.dtype | None = None, left_vectors: bool = True,
     moments: _Moments | None = None, eps: float = 0.0, refine: bool = True, keep_vectors: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Eigenvalues by decreasing modulus (complex128), unit-norm right and left eigenvectors, and kappa(V) (Alg. 1 l. 8).
+    """Eigenvalues by decreasing modulus (complex128), unit-norm right and left eigenvectors, and kappa(V)
+    (Alg. 1 l. 8).
 
     With raw-form `moments` (and left eigenvectors), the same pass stores the ResDMD quadratic forms of every mode in
     `moments.quads` (`_left_quads`), while the real form of the left eigenvectors is at hand.
@@ -1091,7 +1093,9 @@ def _small_operator(gxx: torch.Tensor, gdx: torch.Tensor, n: int, d: int):
 def _whitener(sxx: torch.Tensor, eps: float) -> CholeskyWhitening:
     whitening = cholesky_whitening(sxx, eps)
     if isinstance(whitening, _EighWhitening):
-        logger.info("covariance + eps*I is not numerically positive definite; whitening with a pseudo-inverse square root")
+        logger.info(
+            "covariance + eps*I is not numerically positive definite; whitening with a pseudo-inverse square root"
+        )
     return whitening
 
 
@@ -1175,9 +1179,9 @@ def _row_space_coordinates(
     same covariance eigenvalues. Only rotations of the coordinates leave the estimate unchanged: the orthogonal
     projection of Y onto the span of X depends on the metric (so does the unreduced ridge-whitened operator).
     The fast path returns the `N - 1` identifiable coordinates (exact DMD then has `m = N - 1` modes); the eigh
-    fallback keeps `N` coordinates, one of them a structural zero. Directions
-    whose variance is numerically zero (`matrix_rank` rule on the `(N, N)` Gram, at the precision it was formed in) get a
-    zero basis column: a null mode with `lambda = 0`, counted out through `rank_x`.
+    fallback keeps `N` coordinates, one of them a structural zero. Directions whose variance is numerically zero
+    (`matrix_rank` rule on the `(N, N)` Gram, at the precision it was formed in) get a zero basis column: a null mode
+    with `lambda = 0`, counted out through `rank_x`.
 
     Cost: three `O(N^2 d)` products (the float64 Gram `Xc Xc^T`, `V` and `Yc V` in `work` precision) and an `(N, N)`
     Cholesky factorisation (`_cholesky_row_space`); the DMD that follows runs at width `N < d`, so the whole call costs
@@ -1347,23 +1351,24 @@ def whitened_dmd(
             the module docstring). `None` (default) = the full spectrum, `m = min(N - 1, d)` identifiable modes.
         randomized (`bool`, *optional*, defaults to `False`): with `rank`, find the rank-r subspace with a randomized
             range finder (the paper's stated recipe is `rank=32, randomized=True` at N = 2048).
-        eps (`float`, *optional*, defaults to `1e-5`): ridge $\epsilon$ added to $\hat\Sigma_X$ (Eq. 9, App. D). Absolute,
-            as in the paper; it also makes constant features harmless.
+        eps (`float`, *optional*, defaults to `1e-5`): ridge $\epsilon$ added to $\hat\Sigma_X$ (Eq. 9, App. D).
+            Absolute, as in the paper; it also makes constant features harmless.
         oversample (`int`, *optional*, defaults to `10`): extra sketch columns of the range finder.
         power_iters (`int`, *optional*, defaults to `2`): subspace (power) iterations of the range finder.
         generator (`torch.Generator`, *optional*): generator of the sketch, drawn on its device and moved to X's (a
             CPU generator gives the same sketch on any device). `None` uses a fresh CPU generator seeded with 0, so
             repeated calls give identical numbers.
         degenerate_tol (`float`, *optional*, defaults to `1e-4`): flag the result `degenerate` when
-            $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$ (zero-initialised residual branches).
+            $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$
+            (zero-initialised residual branches).
         dtype (`torch.dtype`, *optional*): working precision of the `O(N d^2)` products (`torch.float32` or
             `torch.float64`). Default: float64 for float64 inputs, float32 otherwise (with an automatic float64 retry
             for ill-conditioned covariances). float64 agrees with PyDMD to ~1e-12.
         eigenvectors (`bool`, *optional*, defaults to `True`): also compute right / left eigenvectors and
             $\kappa(V)$ (needed by the ResDMD filter and `eigvec_condition`); `False` returns eigenvalues only.
         eig_dtype (`torch.dtype`, *optional*): precision of the eigenproblem. Default: float64 up to 256 modes,
-            float32 above (2.6x faster; on GPT-2 small moduli within 7e-5 of float64 for float32 inputs). With float64 inputs (or
-            `dtype=torch.float64`) the float32 eigenvalues are refined against the float64 operator, to an
+            float32 above (2.6x faster; on GPT-2 small moduli within 7e-5 of float64 for float32 inputs). With float64
+            inputs (or `dtype=torch.float64`) the float32 eigenvalues are refined against the float64 operator, to an
             estimated error of at most 1e-7 x max(1, spectral radius) or else solved in float64 (GPT-2 small: within
             2e-9 of a float64 `eig`; the eigenvectors stay float32). `torch.float64` solves it all in float64.
         left_eigenvectors (`bool`, *optional*, defaults to `True`): with `eigenvectors`, also compute the left
@@ -1388,9 +1393,9 @@ def whitened_dmd(
     Warns:
         `UserWarning`: when `N < d` (or `N <= rank`): the estimate is rank-limited. The snapshots are then reduced to
             the (`N - 1`-dimensional) row space of the centred X before whitening (the full spectrum has at most
-            `N - 1` identifiable modes; a larger `rank` is lowered to `N`), so that directions X never visits are not blown up by the
-            $\epsilon^{-1/2}$ of the ridge; the part of Y outside that span does not enter the Grams (nor
-            `update_ratio` / $\eta_{nl}$). Numerically null directions get $\lambda = 0$ and are counted out by
+            `N - 1` identifiable modes; a larger `rank` is lowered to `N`), so that directions X never visits are not
+            blown up by the $\epsilon^{-1/2}$ of the ridge; the part of Y outside that span does not enter the Grams
+            (nor `update_ratio` / $\eta_{nl}$). Numerically null directions get $\lambda = 0$ and are counted out by
             [`spectral_features`].
 
     Example:

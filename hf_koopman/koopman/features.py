@@ -16,8 +16,8 @@ Choices where the paper is silent (each one covered by the test suite):
   $\varepsilon_r = 10^{-12}$ (relative: the snapshots are whitened). For rank-r DMD the residual is evaluated in the
   retained subspace, i.e. for the lifted left vector $U_r u_j$, which is exactly the full-space residual of that vector.
 * $\eta_{nl} = \|\tilde Y - \hat A\tilde X\|_F / (\|\tilde Y - \tilde X\|_F + \varepsilon_{nl}\|\tilde X\|_F)$ with
-  $\varepsilon_{nl} = 10^{-8}$, so a zero update gives a finite value (0 when the fit is exact), never inf/NaN. For rank-r
-  DMD both norms are taken in the retained r-dimensional subspace (the discarded directions are not modelled).
+  $\varepsilon_{nl} = 10^{-8}$, so a zero update gives a finite value (0 when the fit is exact), never inf/NaN. For
+  rank-r DMD both norms are taken in the retained r-dimensional subspace (the discarded directions are not modelled).
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def eigvec_condition(eigenvectors: torch.Tensor) -> float:
 
 
 def nonlinearity_ratio(result: DMDResult, eps_nl: float = 1e-8) -> torch.Tensor:
-    r"""$\eta_{nl} = \|\tilde Y - \hat A\tilde X\|_F / (\|\tilde Y - \tilde X\|_F + \varepsilon_{nl}\|\tilde X\|_F)$ (Eq. 5).
+    r"""$\eta_{nl} = \|\tilde Y - \hat A\tilde X\|_F / (\|\tilde Y - \tilde X\|_F + \varepsilon_{nl}\|\tilde X\|_F)$
+    (Eq. 5).
 
     Computed from the second moments: with $F = \hat A - I$ the residual is $\tilde D - F\tilde X$, so
     $\|\cdot\|_F^2 \propto \mathrm{tr}(G_{dd} - F G_{xd} - G_{dx}F^\top + F G_{xx} F^\top)$, which is

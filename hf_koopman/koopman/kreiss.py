@@ -4,7 +4,8 @@ $$\mathcal K(A) = \sup_{|z|>1}\,(|z|-1)\,\|(zI-A)^{-1}\|_2 = \sup_{|z|>1}\frac{|
 
 Facts used by the search: $\mathcal K(A) \ge 1$ for every $A$ (the ratio tends to 1 as $|z|\to\infty$);
 $\mathcal K(A) = \infty$ when $\rho(A) > 1$ (take $z \to \lambda$ with $|\lambda|>1$); $\mathcal K(A) = 1$ for a normal
-$A$ with $\rho(A) \le 1$; and $\mathcal K(\bar A) = \mathcal K(A)$, so for a real $A$ only the upper half-plane is searched.
+$A$ with $\rho(A) \le 1$; and $\mathcal K(\bar A) = \mathcal K(A)$, so for a real $A$ only the upper
+half-plane is searched.
 
 Search. Write $z = (1+t)e^{i\theta}$. We evaluate the ratio on a grid of log-spaced $t \in [t_{\min}, 10^3]$ and
 uniform angles, plus the angles of the eigenvalues of largest modulus (where peaks sit), then refine the best grid

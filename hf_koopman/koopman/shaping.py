@@ -261,7 +261,8 @@ def differentiable_dmd_eigenvalues(
         idx = (~ok).nonzero().flatten().tolist()
         raise SpectralShapingError(
             f"near-defective DMD operator for layer indices {idx} (eigenvector condition "
-            f"{[float(c) for c in cond[~ok]]} > max_condition={max_condition:g}); its eigenvalue gradient is unreliable",
+            f"{[float(c) for c in cond[~ok]]} > max_condition={max_condition:g}); "
+            "its eigenvalue gradient is unreliable",
             layers=idx,
         )
     order = torch.argsort(eigenvalues.detach().abs(), dim=-1, descending=True, stable=True)

@@ -33,7 +33,8 @@ class Whitening(NamedTuple):
         - `mean`: `(..., d)`, the sample mean of X.
         - `matrix`: `(..., d, d)`, the symmetric $W = (\\hat\\Sigma_X + \\epsilon I)^{-1/2}$ (pseudo-inverse square root
           on directions where $\\hat\\Sigma_X + \\epsilon I$ vanishes, which only happens for `eps=0`).
-        - `variances`: `(..., d)`, eigenvalues of the *unregularised* covariance $\\hat\\Sigma_X$ (ascending, clamped at 0).
+        - `variances`: `(..., d)`, eigenvalues of the *unregularised* covariance $\\hat\\Sigma_X$
+          (ascending, clamped at 0).
         - `basis`: `(..., d, d)`, its orthonormal eigenvectors (columns).
     """
 

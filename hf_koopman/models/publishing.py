@@ -4,7 +4,8 @@ There are two kinds of folder:
 
 * **A checkpoint** (`model.save_pretrained(folder)`, or `save_checkpoint` to add a rendered model card): `config.json`,
   `model.safetensors` and optionally `README.md`. It holds no code. After `import hf_koopman` the Auto classes load it
-  (the import registers our model types), with no `trust_remote_code`. The folders under `checkpoints/` are of this kind.
+  (the import registers our model types), with no `trust_remote_code`. The folders under `checkpoints/`
+  are of this kind.
 * **A Hub export** (`save_for_hub(model, folder)` or `export_for_hub(checkpoint, folder)`; `scripts/publish.py` on the
   command line): the checkpoint plus the model package's modelling files (every `*.py` of the package except
   `__init__.py`, which import only torch, transformers and each other) and a *complete* `auto_map` in `config.json`
@@ -163,10 +164,14 @@ def _write_card(card: Any, folder: Path) -> None:
         (folder / "README.md").write_text(card, encoding="utf-8")
     elif isinstance(card, (str, os.PathLike)):
         if not Path(card).is_file():
-            raise FileNotFoundError(f"card={str(card)!r} is neither Markdown text (several lines) nor an existing file.")
+            raise FileNotFoundError(
+                f"card={str(card)!r} is neither Markdown text (several lines) nor an existing file."
+            )
         shutil.copyfile(card, folder / "README.md")
     else:
-        raise TypeError(f"card must be a huggingface_hub.ModelCard, Markdown text or a path; got {type(card).__name__}.")
+        raise TypeError(
+            f"card must be a huggingface_hub.ModelCard, Markdown text or a path; got {type(card).__name__}."
+        )
 
 
 def save_checkpoint(model: PreTrainedModel, folder: str | os.PathLike, *, card: Any = None) -> Path:
@@ -439,7 +444,9 @@ def _try_push(folder: Path, repo_id: str) -> None:
     from huggingface_hub import HfApi, constants, get_token
 
     if constants.HF_HUB_OFFLINE or get_token() is None:
-        logger.warning("Not pushing %s to %s: offline mode or no Hub token configured; the folder is ready.", folder, repo_id)
+        logger.warning(
+            "Not pushing %s to %s: offline mode or no Hub token configured; the folder is ready.", folder, repo_id
+        )
         return
     try:
         api = HfApi()

@@ -88,7 +88,9 @@ def free_parameters(module: nn.Module) -> None:
     for sub in module.modules():
         for name, p in sub._parameters.items():
             if p is not None and p.device.type != "meta":
-                sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+                sub._parameters[name] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+                )
 
 
 def release_freed_memory() -> None:
@@ -195,8 +197,8 @@ class SafetensorsWeights:
     """Read exactly one block's tensors from a local safetensors folder and load them with transformers' v5 pipeline.
 
     Checkpoint keys are mapped to model parameter names once, with the same renaming / conversion rules and
-    `base_model_prefix` handling as `from_pretrained` (`get_model_conversion_mapping`, `rename_source_key`); a block then
-    gets every checkpoint tensor whose target lies under its dotted name (several source tensors may fuse into one
+    `base_model_prefix` handling as `from_pretrained` (`get_model_conversion_mapping`, `rename_source_key`); a block
+    then gets every checkpoint tensor whose target lies under its dotted name (several source tensors may fuse into one
     parameter, e.g. Mixtral experts).
 
     Args:
@@ -209,7 +211,9 @@ class SafetensorsWeights:
 
     kind = "safetensors"
 
-    def __init__(self, folder: str | Path, model: nn.Module, block_names: list[str], *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, model: nn.Module, block_names: list[str], *, dtype: torch.dtype | None = None
+    ) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 

@@ -10,8 +10,8 @@ know which modules are "the blocks". We ask the model itself, in this order:
 5. as a last resort, a homogeneous `nn.ModuleList` whose length is `config.num_hidden_layers`.
 
 Signals 2-4 only count for modules that sit in an `nn.ModuleList` / `nn.Sequential` (this drops `*Embeddings`,
-`MambaMixer` ...). When block lists nest (Swin stages hold lists of Swin layers, ALBERT groups hold layers) the innermost
-lists win, because an outer "stage" may change the width and is then not a residual map.
+`MambaMixer` ...). When block lists nest (Swin stages hold lists of Swin layers, ALBERT groups hold layers) the
+innermost lists win, because an outer "stage" may change the width and is then not a residual map.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ logger = get_logger(__name__)
 class ResidualBlock(NamedTuple):
     """One residual block: `name` is its dotted path in the unwrapped model, `stack` labels its tower.
 
-    `stack` is `""` for single-stack models, `"encoder"` / `"decoder"` for encoder-decoder models, and the dotted path of
-    the enclosing list for other multi-list models (e.g. the stages of a Swin encoder).
+    `stack` is `""` for single-stack models, `"encoder"` / `"decoder"` for encoder-decoder models, and the dotted path
+    of the enclosing list for other multi-list models (e.g. the stages of a Swin encoder).
     """
 
     name: str
@@ -263,7 +263,11 @@ def _stack_labels(paths: list[str]) -> list[str]:
     labels = []
     for path in paths:
         parts = path.split(".")
-        label = "decoder" if any("decoder" in p for p in parts) else "encoder" if any("encoder" in p for p in parts) else ""
+        label = (
+            "decoder" if any("decoder" in p for p in parts)
+            else "encoder" if any("encoder" in p for p in parts)
+            else ""
+        )
         labels.append(label)
     if len(set(labels)) == len(labels) and all(labels):
         return labels

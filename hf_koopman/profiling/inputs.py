@@ -55,13 +55,16 @@ def split_text(text: str, max_length: int, chars_per_token: int = 4) -> list[str
     return [piece for piece in (text[i : i + width] for i in range(0, len(text), width)) if piece.strip()]
 
 
-def _tokenize(texts: list[str], tokenizer: Any, model: Any, max_length: int, first: bool = True) -> dict[str, torch.Tensor]:
+def _tokenize(
+    texts: list[str], tokenizer: Any, model: Any, max_length: int, first: bool = True
+) -> dict[str, torch.Tensor]:
     """Tokenise one batch of texts; `first` is True for the first batch of a `profile()` call (warns once)."""
     if tokenizer is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not isinstance(vocab, int):
             raise ValueError(
-                "text inputs need a tokenizer: pass profile(model, texts, tokenizer=AutoTokenizer.from_pretrained(...))."
+                "text inputs need a tokenizer: pass "
+                "profile(model, texts, tokenizer=AutoTokenizer.from_pretrained(...))."
             )
         if first:
             logger.warning("no tokenizer given: using byte-level ids (only sensible for randomly initialised models)")

@@ -143,9 +143,9 @@ def _main_input_name(model_or_config: Any) -> str:
 def _packed_patch_inputs(
     config: Any, input_name: str, grid_key: str, num_tokens: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """Probe for packed-patch vision encoders (Qwen2-VL family): patches of all images concatenated, `(P, C * t * p * p)`,
-    with a `(num_images, 3)` grid of (frames, rows, columns) in patches. Each image is an 8 x 8 patch grid (a multiple
-    of every spatial merge size in use) with one temporal patch."""
+    """Probe for packed-patch vision encoders (Qwen2-VL family): patches of all images concatenated,
+    `(P, C * t * p * p)`, with a `(num_images, 3)` grid of (frames, rows, columns) in patches. Each image is an 8 x 8
+    patch grid (a multiple of every spatial merge size in use) with one temporal patch."""
     patch = _get(config, "patch_size", default=14)
     patch = patch if isinstance(patch, int) else int(patch[0])
     channels = _get(config, "in_channels", "num_channels", default=3)

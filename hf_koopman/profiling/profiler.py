@@ -786,11 +786,12 @@ def profile(
                 f"with {_LAYERS_HINT}."
             )
         if called:
+            lists = sorted({b.name.rsplit(".", 1)[0] for b in find_residual_blocks(inner)}) if _has_blocks(inner) \
+                else "..."
             raise ValueError(
                 f"{sorted(called)[0]!r} ran but is not a residual block: it does not map a floating-point hidden state "
                 f"(batch, sequence, d) to one of the same shape (an embedding takes token ids, a head changes the "
-                f"width). Pass the block list with {_LAYERS_HINT}, e.g. one of "
-                f"{sorted({b.name.rsplit('.', 1)[0] for b in find_residual_blocks(inner)}) if _has_blocks(inner) else '...'}."
+                f"width). Pass the block list with {_LAYERS_HINT}, e.g. one of {lists}."
             )
         raise ValueError(
             f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "

@@ -289,7 +289,10 @@ class ResidualStreamRecorder:
             flat, grid = _as_tokens(hidden, block.name)
             mask = self._mask_for(block, grid, flat.device)
             valid = torch.arange(flat.shape[0], device=flat.device) if mask is None else mask.nonzero().squeeze(-1)
-            if self.check_finite and index == 0 and call == 0 and not _all_finite(flat if mask is None else flat[valid]):
+            if (
+                self.check_finite and index == 0 and call == 0
+                and not _all_finite(flat if mask is None else flat[valid])
+            ):
                 raise ValueError(
                     f"non-finite activation (NaN/Inf) in the input of block {block.name!r}, i.e. the embedding "
                     "output; check the weights and the dtype (fp16 overflow?)."

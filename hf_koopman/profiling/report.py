@@ -199,10 +199,10 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
     if none_pass and not _reliable_only(profile):
         shown = ", ".join(f"`{name}`" for name in none_pass[:4]) + (", ..." if len(none_pass) > 4 else "")
         lines.append(
-            f"- In {len(none_pass)} of these blocks ({shown}) no mode passes the residual test: the linear map does not "
-            "pin down their individual eigenvalues. Their masses still count, as in the paper, whose headline masses "
-            "are over every mode and which Table 1 reproduces where few modes pass (`results/table1.md` in the "
-            "repository)."
+            f"- In {len(none_pass)} of these blocks ({shown}) no mode passes the residual test: the linear map "
+            "does not pin down their individual eigenvalues. Their masses still count, as in the paper, whose "
+            "headline masses are over every mode and which Table 1 reproduces where few modes pass "
+            "(`results/table1.md` in the repository)."
         )
     lines += _rank_lines(profile)
     if n and d:
@@ -273,7 +273,8 @@ def _gate_lines(profile: SpectralProfile) -> list[str]:
     verdicts = rule.gate_verdicts(profile)
     effect = ("reading them or not can give " + " or ".join(f"'{v}'" for v in verdicts) + ", so the verdict is "
               "tentative" if len(verdicts) > 1 else "reading them or not gives the same verdict")
-    return [f"- Informative gate: {count} of {total} blocks have a corrected η_nl within ±{rule.gate_band_width(profile):.2f} of "
+    return [f"- Informative gate: {count} of {total} blocks have a corrected η_nl within "
+            f"±{rule.gate_band_width(profile):.2f} of "
             f"{rule.max_nonlinearity:g} ({rule.gate_band:g} sqrt(d/N)). The corrected η_nl still moves as N grows: "
             "on real models it reads low at small N/d, by up to this much in 95 % of the readings of "
             "`results/eta_gate_band.md` (hf_koopman repository), so with more token states these blocks may fall on "

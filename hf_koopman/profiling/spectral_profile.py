@@ -339,7 +339,8 @@ class SpectralProfile:
         return plot_profile(self, path)
 
     def save(self, directory: str | Path, *, plots: bool = True) -> dict[str, Path]:
-        """Write `profile.json`, `report.md` and (with matplotlib) the plots into `directory` (`report.save_profile`)."""
+        """Write `profile.json`, `report.md` and (with matplotlib) the plots into `directory`
+        (`report.save_profile`)."""
         from hf_koopman.profiling.report import save_profile
 
         path = Path(directory)

@@ -4,10 +4,10 @@ The residual stream h_l of N probe tokens is small (N x d) even when the model i
 parameters but h_l for N = 2048 tokens is 2048 x 4096 floats. So the model skeleton is instantiated on the meta device
 (no storage), only the non-block modules the forward needs (embeddings, rotary buffers, final norm) are made real, and
 each residual block is materialised by a forward pre-hook -- initialised by the model's own `_init_weights` under
-a per-block seed (a hash of `seed` and the block index), or loaded from the safetensors folder -- run by the model's own forward (which computes masks,
-rotary embeddings and any other per-block inputs generically), recorded by the shared `ResidualStreamRecorder` and freed
-again by a forward hook. The forward is stopped after the last block, so the LM head is never built. The snapshots then
-go through the same analysis as `profile` (`profile_from_snapshots`).
+a per-block seed (a hash of `seed` and the block index), or loaded from the safetensors folder -- run by the model's own
+forward (which computes masks, rotary embeddings and any other per-block inputs generically), recorded by the shared
+`ResidualStreamRecorder` and freed again by a forward hook. The forward is stopped after the last block, so the LM head
+is never built. The snapshots then go through the same analysis as `profile` (`profile_from_snapshots`).
 
 Peak memory is roughly: non-block modules + one block + activations of one block + the recorded snapshots
 (2 x L x N x d floats).
@@ -156,7 +156,8 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
 
 
 def _non_block_modules(model: nn.Module, block_modules: list[nn.Module]) -> list[nn.Module]:
-    """Modules outside the blocks that own meta parameters, minus an untied output embedding (the LM head is not run)."""
+    """Modules outside the blocks that own meta parameters, minus an untied output embedding
+    (the LM head is not run)."""
     inside: set[int] = set()
     for block in block_modules:
         inside.update(id(m) for m in block.modules())
@@ -184,8 +185,8 @@ def _hidden_size(config: PretrainedConfig) -> tuple[int, int]:
 
 
 def estimate_streaming_memory(
-    config: PretrainedConfig, *, num_tokens: int = 2048, num_samples: int = 2048, dtype: torch.dtype | str | None = None,
-    layers: str | list | None = None,
+    config: PretrainedConfig, *, num_tokens: int = 2048, num_samples: int = 2048,
+    dtype: torch.dtype | str | None = None, layers: str | list | None = None,
 ) -> dict[str, int]:
     """Bytes a streaming profile of `config` needs: `block` (largest residual block), `non_block` (embeddings etc.,
     without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (2 x L x N x d
@@ -260,7 +261,8 @@ def profile_streaming(
 
     Gives the same per-layer features as `profile(model, ...)` for a saved model (same probe, same seed), and, at
     initialisation, spectra from the same distribution as `profile(AutoModelForCausalLM.from_config(config))` (the
-    weights differ only in how the random stream is split: block `i` is initialised under its own seed, `block_seed(seed, i)`).
+    weights differ only in how the random stream is split: block `i` is initialised under its own seed,
+    `block_seed(seed, i)`).
 
     Args:
         model (`PretrainedConfig`, `str` or `os.PathLike`):
@@ -360,8 +362,8 @@ def profile_streaming(
             f"Not enough memory to stream even one residual block: a block of {type(block_modules[0]).__name__} "
             f"takes {_fmt(plan['block'])} in {str(dtype).removeprefix('torch.')} plus ~{_fmt(plan['working'])} of "
             f"activations, but only {_fmt(available)} is "
-            f"{'allowed (memory_limit)' if budget is not None else 'available'}. Use dtype='bfloat16' (halves the block), "
-            "fewer probe tokens (num_samples), or free memory."
+            f"{'allowed (memory_limit)' if budget is not None else 'available'}. "
+            "Use dtype='bfloat16' (halves the block), fewer probe tokens (num_samples), or free memory."
         )
     if plan["total"] > available:
         logger.warning(
@@ -372,7 +374,9 @@ def profile_streaming(
         )
 
     if at_init:
-        weights: InitWeights | SafetensorsWeights = InitWeights(skeleton, seed=seed, num_blocks=len(blocks), dtype=dtype)
+        weights: InitWeights | SafetensorsWeights = InitWeights(
+            skeleton, seed=seed, num_blocks=len(blocks), dtype=dtype
+        )
     else:
         weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
     weights.materialise_rest(rest)
@@ -433,12 +437,15 @@ def profile_streaming(
             per_layer = {layer: recorder.tokens_seen[layer] for layer, _, _ in snapshots}
         if state["done"] != len(blocks):
             raise RuntimeError(
-                f"The model's forward ran {state['done']} of {len(blocks)} residual blocks; cannot build a complete profile."
+                f"The model's forward ran {state['done']} of {len(blocks)} residual blocks; "
+                "cannot build a complete profile."
             )
     except BaseException as exc:
         _write_partial(partial_path, name, state["done"], len(blocks), exc)
         if hasattr(exc, "add_note"):
-            exc.add_note(f"hf_koopman streaming stopped after {state['done']}/{len(blocks)} blocks; no profile was produced.")
+            exc.add_note(
+                f"hf_koopman streaming stopped after {state['done']}/{len(blocks)} blocks; no profile was produced."
+            )
         raise
     finally:
         for handle in handles:

@@ -364,7 +364,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise TypeError(f"RKSPCallback: layers must be None (auto-discovery), the dotted path of the block list "
                             f"(e.g. 'model.layers') or a list of paths or modules, got {type(layers).__name__}")
         if probe_inputs is not None and not isinstance(probe_inputs, (dict, torch.Tensor)):
-            raise TypeError(f"probe_inputs must be a dict of tensors (a model batch), got {type(probe_inputs).__name__}")
+            raise TypeError(
+                f"probe_inputs must be a dict of tensors (a model batch), got {type(probe_inputs).__name__}"
+            )
         if on_divergence not in _MODES:
             raise ValueError(f"on_divergence must be one of {_MODES}, got {on_divergence!r}")
         if not _is_int(max_rollbacks) or max_rollbacks < 0:
@@ -378,7 +380,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             raise TypeError(f"lr_backoff must be a number in (0, 1] (the learning rate is multiplied by it), got "
                             f"{type(lr_backoff).__name__} {lr_backoff!r}")
         if not (0 < lr_backoff <= 1):
-            raise ValueError(f"lr_backoff must be in (0, 1] (the learning rate is multiplied by it), got {lr_backoff!r}")
+            raise ValueError(
+                f"lr_backoff must be in (0, 1] (the learning rate is multiplied by it), got {lr_backoff!r}"
+            )
         if not (isinstance(snapshot_every_n_steps, str) and snapshot_every_n_steps == "auto") and (
             not _is_int(snapshot_every_n_steps) or snapshot_every_n_steps < 1
         ):

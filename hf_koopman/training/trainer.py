@@ -745,7 +745,9 @@ class KSSTrainer(Trainer):
                 eigs.append(eig)
         if not eigs:
             if snapshots:
-                logger.warning("KSS: every sampled layer failed at step %d; no spectral term on this micro-batch.", step)
+                logger.warning(
+                    "KSS: every sampled layer failed at step %d; no spectral term on this micro-batch.", step
+                )
             return None
         ev = torch.stack(eigs) if len({e.shape for e in eigs}) == 1 else None
         penalties = (
@@ -761,7 +763,9 @@ class KSSTrainer(Trainer):
             mods = [eigenvalue_modulus(e.detach()) for e in eigs]
             near = torch.stack([((m >= cfg.tau_l) & (m <= cfg.tau_u)).double().mean() for m in mods]).mean()
             radius = torch.stack([m.max() for m in mods]).mean()
-            row = torch.stack([penalty.detach().double(), near.double(), radius.double(), penalty.new_ones(()).double()])
+            row = torch.stack(
+                [penalty.detach().double(), near.double(), radius.double(), penalty.new_ones(()).double()]
+            )
             row = row.to(device)
             self._kss_stats = row if self._kss_stats is None else self._kss_stats + row
         return penalty
@@ -864,7 +868,8 @@ class KSSTrainer(Trainer):
         sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         step: int,
     ) -> torch.Tensor:
-        """`task_loss + term` in value; the gradient of `term`, capped on the residual stream, rides the ordinary backward.
+        """`task_loss + term` in value; the gradient of `term`, capped on the residual stream,
+        rides the ordinary backward.
 
         `term` depends on the parameters only through the captured token states (`pieces`, rows of block inputs and
         outputs). Its gradient with respect to them is a backward through the small DMD graph alone. Hooks on the

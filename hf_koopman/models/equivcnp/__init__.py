@@ -1,8 +1,8 @@
 """EquivCNP (Kawano et al., ICLR 2021) with its own Lie groups and LieConv, plus CNP / ConvCNP baselines.
 
 Every other file in this folder imports only torch, transformers and same-folder files: they are the Hub remote code
-that `hf_koopman.models.publishing.save_for_hub` / `export_for_hub` add to an exported folder. `register()` (called by `import hf_koopman`) registers the configs and
-models with the Auto classes.
+that `hf_koopman.models.publishing.save_for_hub` / `export_for_hub` add to an exported folder. `register()` (called by
+`import hf_koopman`) registers the configs and models with the Auto classes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def register() -> None:
     """Register the three configs/models with `AutoConfig` / `AutoModel` (idempotent)."""
     from transformers import AutoConfig, AutoModel
 
-    for config_cls, model_cls in ((EquivCNPConfig, EquivCNPModel), (CNPConfig, CNPModel), (ConvCNPConfig, ConvCNPModel)):
+    for config_cls, model_cls in (
+        (EquivCNPConfig, EquivCNPModel), (CNPConfig, CNPModel), (ConvCNPConfig, ConvCNPModel)
+    ):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, model_cls, exist_ok=True)

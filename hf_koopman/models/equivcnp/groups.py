@@ -4,8 +4,8 @@ Every group offers the maps LieConv needs (Finzi et al. 2020, §4; EquivCNP, Kaw
 
 * `exp(a)` / `log(g)` between Lie-algebra coordinates `a (..., lie_dim)` and matrices `g (..., m, m)`,
   with Taylor branches near 0 so that both are smooth and finite at the identity;
-* `lift(x)` of a point `x (..., x_dim)` to a group element `a` and an orbit coordinate `q (..., q_dim)` (one lift sample,
-  deterministic: see `SE2` for how the stabiliser is handled);
+* `lift(x)` of a point `x (..., x_dim)` to a group element `a` and an orbit coordinate `q (..., q_dim)` (one lift
+  sample, deterministic: see `SE2` for how the stabiliser is handled);
 * `pairs(x_u, x_v)` -> the kernel input `[log(v^{-1} u), q_u, q_v]` and the group distance, both **invariant** under the
   group acting on `x`: this invariance is the whole source of the model's equivariance;
 * `act(a, x)` / `random_element(...)`: the group action on points, used by tests and the zero-shot experiment.
@@ -149,7 +149,8 @@ class LieGroup:
         raise NotImplementedError
 
     def random_element(self, generator: torch.Generator | None = None, scale: float = 1.0) -> torch.Tensor:
-        """Algebra coordinates `(lie_dim,)` of a random element (uniform angle, translations/log-scales ~ N(0, scale²))."""
+        """Algebra coordinates `(lie_dim,)` of a random element (uniform angle,
+        translations/log-scales ~ N(0, scale²))."""
         return torch.randn(self.lie_dim, generator=generator, dtype=torch.float64) * scale
 
     def __repr__(self) -> str:

@@ -151,7 +151,9 @@ class WeightNet(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 16, hidden: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim), nn.SiLU()
+            nn.Linear(in_dim, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, out_dim), nn.SiLU()
         )
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,8 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
             compute_dtype(self, getattr(context_x, "dtype", None)),
         )
         grid, grid_mask = uniform_grid(
-            [(context_x, context_mask), (target_x, target_mask)], cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points
+            [(context_x, context_mask), (target_x, target_mask)],
+            cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points
         )
         w = self._rbf(grid, context_x, self.log_ell_in, context_mask)  # (B, G, Nc)
         h0 = w.sum(-1, keepdim=True)

@@ -146,7 +146,9 @@ def check_inputs(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
-            raise ValueError(f"{name} must have shape (batch, points, dim), got {tuple(t.shape)}; add a batch axis with [None]")
+            raise ValueError(
+                f"{name} must have shape (batch, points, dim), got {tuple(t.shape)}; add a batch axis with [None]"
+            )
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}; call .float()")
         _check_dtype(name, t, dtype)
@@ -155,10 +157,13 @@ def check_inputs(
     b, nc, _ = context_x.shape
     if context_x.shape[-1] != x_dim or target_x.shape[-1] != x_dim:
         raise ValueError(
-            f"context_x/target_x last dim must be config.x_dim={x_dim}, got {context_x.shape[-1]} and {target_x.shape[-1]}"
+            f"context_x/target_x last dim must be config.x_dim={x_dim}, got {context_x.shape[-1]} and "
+            f"{target_x.shape[-1]}"
         )
     if context_y.shape[:2] != (b, nc):
-        raise ValueError(f"context_y must have shape (B, Nc, y_dim) = ({b}, {nc}, {y_dim}), got {tuple(context_y.shape)}")
+        raise ValueError(
+            f"context_y must have shape (B, Nc, y_dim) = ({b}, {nc}, {y_dim}), got {tuple(context_y.shape)}"
+        )
     if context_y.shape[-1] != y_dim:
         raise ValueError(f"context_y last dim must be config.y_dim={y_dim}, got {context_y.shape[-1]}")
     if target_x.shape[0] != b:

@@ -73,7 +73,8 @@ def set_design(n: int, device: torch.device | None = None) -> torch.Tensor:
 def graph_design(n: int, device: torch.device | None = None) -> torch.Tensor:
     """The rank-2 (graph) Reynolds design of the paper's code, shape `(n(n−1), n)`.
 
-    Row `(i − 1)·n + j` is σ_{i,j}(v) = (τ_{1,i}(v) + j) mod n, which sends the ordered pair (0, 1) to (j, (j + i) mod n).
+    Row `(i − 1)·n + j` is σ_{i,j}(v) = (τ_{1,i}(v) + j) mod n, which sends the ordered pair (0, 1) to
+    (j, (j + i) mod n).
     """
     _check_n(n, minimum=2)
     rows = []
@@ -133,7 +134,9 @@ def pair_blocks(X: torch.Tensor) -> torch.Tensor:
 
 def _split_pair_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if out.shape[-1] % 2:
-        raise ValueError(f"phi must return (..., 2·C') features (diagonal part, then off-diagonal part), got {out.shape[-1]}")
+        raise ValueError(
+            f"phi must return (..., 2·C') features (diagonal part, then off-diagonal part), got {out.shape[-1]}"
+        )
     c_out = out.shape[-1] // 2
     return out[..., :c_out], out[..., c_out:]
 
