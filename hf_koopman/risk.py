@@ -1002,7 +1002,9 @@ RANK_ADVICE = ("Profile the full spectrum (leave `rank` / `--rank` out): the ver
 #: What to do about each verdict when no in-range calibrated probability is at hand (`recommendation`): the
 #: "Recommendation" of the profile report and the advice the callback logs.
 ADVICE = {
-    "safe": "Proceed without spectral shaping; optionally monitor with `RKSPCallback` during training.",
+    "safe": ("Proceed: nothing in the spectrum calls for a change (no spectral penalty, KSS, needed). A safe verdict "
+             "holds for no particular learning rate, so keep the divergence guard on during training "
+             "(`RKSPCallback`, on by default)."),
     "moderate": (
         "Borderline: the paper leaves 0.3 ≤ M≈1 ≤ 0.5 to context. Keep the divergence guard on "
         "(`RKSPCallback(on_divergence=\"rollback\")`) and be careful with learning rates above 2× the standard one."
