@@ -462,6 +462,9 @@ class KSSTrainer(Trainer):
         self._kss_grad_scale = torch.zeros((), dtype=torch.float64)  # running sum of the gradient-cap factors
         self._kss_grad_scale_count = 0
         self._kss_term_sum: torch.Tensor | None = None  # KSS share of the Trainer's running `loss` sum, on device
+        # the task losses' share of that sum, float64, on device: the logged `loss` less the term would lose the task
+        # loss in float32 rounding once the term is large; `None` once a micro-batch had no task loss to add
+        self._kss_task_sum: torch.Tensor | None = torch.zeros((), dtype=torch.float64)
         self._kss_window_start: int | None = None  # global_step of the last training log (the `loss` window start)
         self._kss_captured: tuple[int, list[str]] | None = None  # this micro-batch: snapshots, sampled block names
         self._kss_micro_term: torch.Tensor | None = None  # this micro-batch: the KSS term added to the loss
@@ -582,7 +585,7 @@ class KSSTrainer(Trainer):
         kss_step = self.kss_active_for_step(step)
         if self._kss_window_start is None:  # first micro-batch of this train(): the Trainer's `loss` window starts
             self._kss_window_start = step
-        self._kss_captured = self._kss_micro_term = None
+        self._kss_captured = self._kss_micro_term = self.task_loss = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         if kss_step and self._kss_micro_term is None:
             self._warn_no_term(step)
@@ -623,6 +626,7 @@ class KSSTrainer(Trainer):
         divided the term already: either way the term's share is `alpha * penalty / GA`. A non-finite loss is
         replaced by the running mean of the window under `logging_nan_inf_filter`; the term's share follows it.
         """
+        self._track_task_loss(loss, num_items_in_batch)
         term = self._kss_micro_term
         if term is None and self._kss_term_sum is None:
             return
@@ -640,6 +644,25 @@ class KSSTrainer(Trainer):
                                              total + total / window)
         else:
             self._kss_term_sum = total + share
+
+    def _track_task_loss(self, loss: torch.Tensor, num_items_in_batch: Any) -> None:
+        """Add this micro-batch's task loss (`task_loss`, without the KSS term) to `_kss_task_sum` as the Trainer adds
+        the returned `loss`: divided by the GA steps unless it counts as GA-scaled, and under
+        `logging_nan_inf_filter` replaced by the window's running mean when the loss is not finite."""
+        total, task = self._kss_task_sum, self.task_loss
+        if total is None:
+            return
+        if task is None:  # a compute_loss override that bypassed ours: the sum cannot be kept for this window
+            self._kss_task_sum = None
+            return
+        total = total.to(task.device)
+        share = task.detach().to(torch.float64)
+        if not self._loss_counts_as_ga_scaled(num_items_in_batch):
+            share = share / self.current_gradient_accumulation_steps
+        if self.args.logging_nan_inf_filter and not is_torch_xla_available():
+            window = 1 + self.state.global_step - self._kss_window_start
+            share = torch.where(torch.isfinite(loss.detach().to(total.device)), share, total / window)
+        self._kss_task_sum = total + share
 
     # ------------------------------------------------------------------ switches
     def kss_active_for_step(self, step: int | None = None) -> bool:
@@ -988,7 +1011,10 @@ class KSSTrainer(Trainer):
         if stats is None:
             stats = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=self.args.device)
         term = self._kss_term_sum if self._kss_term_sum is not None else stats.new_zeros(())
-        row = torch.cat([stats.to(self.args.device), term.reshape(1).to(self.args.device, torch.float64)])
+        tracked = self._kss_task_sum is not None
+        task = self._kss_task_sum if tracked else stats.new_zeros(())
+        row = torch.cat([stats.to(self.args.device), task.reshape(1).to(self.args.device, torch.float64),
+                         term.reshape(1).to(self.args.device, torch.float64)])
         if self.args.world_size > 1:  # every rank reaches a training-step log and the summary at the same step
             row = self.accelerator.reduce(row, reduction="sum")
         values = row.tolist()
@@ -1001,7 +1027,10 @@ class KSSTrainer(Trainer):
         steps = self.state.global_step - (self._kss_window_start or 0)
         share = values[-1] / self.args.world_size / steps if steps > 0 and values[-1] else 0.0
         if training_log:
-            logs["kss/task_loss"] = float(logs["loss"]) - share
+            # the task losses' own mean where every micro-batch of the window had one (exact however large the term);
+            # else the logged loss less the term's share
+            logs["kss/task_loss"] = (values[-2] / self.args.world_size / steps if tracked and values[-1] and steps > 0
+                                     else float(logs["loss"]) - share)
         elif steps > 0:
             # the final summary: `train_loss` holds the KSS term of the steps after the last training log too; its
             # mean per step there lets RKSPCallback judge those steps on the task loss
@@ -1013,5 +1042,6 @@ class KSSTrainer(Trainer):
         if self._kss_skipped:
             logs["kss/skipped_layers"] = float(self._kss_skipped)
         self._kss_stats = self._kss_term_sum = None
+        self._kss_task_sum = torch.zeros((), dtype=torch.float64)
         self._kss_skipped = 0
         self._kss_window_start = self.state.global_step

@@ -332,3 +332,18 @@ def test_kss_on_fewer_token_states_than_twice_the_width_warns_once(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="hf_koopman.training.trainer"):
         roomy.train()
     assert "token states for width" not in caplog.text
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_task_loss_survives_a_penalty_far_larger_than_it(tmp_path, accumulation):
+    # the first step's task loss is the plain Trainer's first loss (same weights, same batch); a logged loss of ~1e9
+    # less the term would leave nothing of it in float32
+    kw = dict(max_steps=1, logging_steps=1, gradient_accumulation_steps=accumulation)
+    plain = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "a", TrainingArguments, **kw), train_dataset=TokenDataset())
+    plain.train()
+    big = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path / "b", kss_alpha=1e8, kss_every_n_steps=1, **kw),
+                     train_dataset=TokenDataset())
+    big.train()
+    (log,) = [h for h in big.state.log_history if "loss" in h]
+    assert log["loss"] > 1e6
+    assert log["kss/task_loss"] == pytest.approx(_losses(plain)[0], abs=1e-3)
