@@ -437,6 +437,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self.weights_validated = True  # False once the in-memory weights are ones a divergence was detected on
         self._trainer: Any = None
         self._warned_unbound = False
+        self._warned_short_probe: set[str] = set()  # the settings a too-short probe was reported for, this run
         self._loss_tap: LossTap | None = None
         self._grad_tap: GradNormTap | None = None
         self._watch: ActivationWatch | None = None
@@ -594,17 +595,19 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
     def _run_profile(
         self, model: torch.nn.Module, batch: dict[str, Any], num_samples: int, learning_rate: float | None = None,
-        progress: bool = False,
+        progress: bool = False, setting: str = "num_samples",
     ) -> Any:
         from hf_koopman.profiling import profile
 
         requested, available = num_samples, _token_count(batch)
         if available is not None and available < num_samples:
-            # said here with the callback's own knobs; profile() would only say "pass more inputs"
-            logger.warning(
-                "RKSPCallback: the probe batch holds %d token states, fewer than num_samples=%d; raise "
-                "probe_batch_size (or pass longer probe_inputs) for a stable estimate, or lower num_samples",
-                available, num_samples)
+            # said here with the callback's own knobs (once per setting); profile() would only say "pass more inputs"
+            if setting not in self._warned_short_probe:
+                self._warned_short_probe.add(setting)
+                logger.warning(
+                    "RKSPCallback: the probe batch holds %d token states, fewer than %s=%d; raise probe_batch_size (or "
+                    "pass longer probe_inputs) for a stable estimate, or lower %s (said once per run)",
+                    available, setting, num_samples, setting)
             num_samples = max(available, 2)
         decoder = _decoder_token_count(batch, model)
         if decoder is not None and decoder < num_samples:  # the decoder reads the labels (`add_decoder_inputs`)
@@ -675,6 +678,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self.guard and self.rollback_source == "checkpoint":
             self._check_checkpoint_settings(args, model)  # before the init profile writes anything
         self._stop_step = None
+        self._warned_short_probe = set()
         self.divergence = None
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one
             self.events, self.lr_scale, self.last_good_checkpoint = [], 1.0, None
@@ -782,16 +786,23 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if model is None:
             return
         self._stop_guard()  # hooks left by a train() of this callback that raised
-        keep = []
         for guard_ref, state_ref in _GUARDED.get(model, []):
             other = guard_ref()
             if other is None or other is self:
                 continue
-            if state_ref() is state:
-                keep.append((guard_ref, state_ref))  # a second guard of this same run
-            else:
-                other._stop_guard()  # ... or by another callback's run
-        _GUARDED[model] = keep + [(weakref.ref(self), weakref.ref(state))]
+            if state_ref() is state:  # a second guard of this same run
+                if "rollback" not in (self.on_divergence, other.on_divergence):
+                    continue  # two stopping guards (say, with different thresholds) both watch; the first trip stops
+                other._stop_guard()  # train() ends here: no hooks are left behind
+                raise ValueError(
+                    "two RKSPCallbacks with the divergence guard on are attached to this Trainer, one of them rolling "
+                    "back: each would handle every trip (restore, skip the batch, back off the learning rate: "
+                    "lr_backoff applied twice). Keep the guard on one of them and pass guard=False to the other "
+                    "(e.g. a callback added for every_n_steps monitoring)."
+                )
+            other._stop_guard()  # hooks left on this model by another run's callback
+        same_run = [(g, st) for g, st in _GUARDED.get(model, []) if g() not in (None, self) and st() is state]
+        _GUARDED[model] = [*same_run, (weakref.ref(self), weakref.ref(state))]
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._buffers = model_buffers(model)
@@ -1716,6 +1727,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             else:
                 self._log(args, state, {"rksp/diverged": 1.0, "rksp/diverged_step": event.step,
                                         "rksp/diverged_cause": event.cause_flags, "rksp/rollbacks": self.rollbacks})
+                newer = self._newer_checkpoint(args) if not renamed and state.is_world_process_zero else ""
+                if newer:  # the rename warning says this where there was one
+                    logger.warning("RKSP guard: after the stop, %s%s.", self._what_to_do(), newer)
             self._write_record(args, state)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -1732,7 +1746,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
             try:
                 # the learning rate the run trains at now (after any back-off)
                 spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
-                                                     args.learning_rate * self.lr_scale)
+                                                     args.learning_rate * self.lr_scale, setting="monitor_num_samples")
             except ValueError as err:  # e.g. non-finite activations: the guard handles divergence
                 logger.warning("RKSP monitoring at step %d failed: %s", state.global_step, err)
                 return

@@ -287,6 +287,13 @@ def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_pa
     assert f"probe batch holds {tokens} token states, fewer than num_samples=10000" in caplog.text
     assert "raise probe_batch_size" in caplog.text and "pass more inputs" not in caplog.text
     assert callback.profile.settings["num_samples"] == tokens  # profiled on what the batch holds
+    # monitoring names its own setting, once per run however many monitoring steps
+    caplog.clear()
+    monitor = RKSPCallback(probe_batch_size=2, num_samples=32, monitor_num_samples=10_000, every_n_steps=1, rank=8,
+                           guard=False)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path / "m", max_steps=3), train_dataset=TokenDataset(),
+            callbacks=[monitor]).train()
+    assert caplog.text.count("fewer than monitor_num_samples=10000") == 1 and "lower monitor_num_samples" in caplog.text
 
 
 def test_probe_token_count_reads_only_a_2d_mask():
@@ -367,3 +374,16 @@ def test_a_seq2seq_probe_profiles_the_decoder_on_its_labels_and_names_the_knob(t
     assert all(n == 8 * 4 for name, n in seen.items() if name.startswith("decoder."))  # the labels, not 8 x 16
     assert "labels hold 32 decoder token states, fewer than num_samples=48" in caplog.text
     assert "raise probe_batch_size" in caplog.text
+
+
+def test_two_guards_on_one_trainer_one_rolling_back_are_refused_before_the_first_step(tmp_path):
+    model = tiny_gpt2()
+    callbacks = [RKSPCallback(**SMALL), RKSPCallback(on_divergence="rollback", **SMALL)]
+    trainer = Trainer(model=model, args=_args(tmp_path / "two"), train_dataset=TokenDataset(), callbacks=callbacks)
+    with pytest.raises(ValueError, match="two RKSPCallbacks with the divergence guard on .* lr_backoff applied twice"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert not any(c._loss_tap or c._grad_tap or c._watch for c in callbacks)  # no hooks left on the model
+    monitor = RKSPCallback(guard=False, every_n_steps=2, **SMALL)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path / "ok"), train_dataset=TokenDataset(),
+            callbacks=[RKSPCallback(**SMALL), monitor]).train()  # one guard and one monitor: fine

@@ -62,8 +62,8 @@ def test_monitoring_marks_trained_weights_and_reads_the_backed_off_learning_rate
     calls = []
     run = callback._run_profile
 
-    def spy(model, batch, num_samples, learning_rate=None, progress=False):
-        result = run(model, batch, num_samples, learning_rate, progress)
+    def spy(model, batch, num_samples, learning_rate=None, progress=False, **kwargs):
+        result = run(model, batch, num_samples, learning_rate, progress, **kwargs)
         calls.append((learning_rate, result))
         callback.lr_scale = 0.5  # as a rollback's back-off leaves it after the init profile
         return result

@@ -553,3 +553,16 @@ def test_a_last_good_checkpoint_later_than_the_resumed_step_is_dropped(tmp_path)
     guard.last_good_checkpoint = str(tmp_path / "checkpoint-2")
     guard._resume_backoff(args, TrainerState(global_step=3, log_history=list(history)), None, None)
     assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+
+
+def test_a_stop_without_suspects_says_when_resume_true_would_take_another_runs_checkpoint(tmp_path, caplog):
+    guard = _tripped_at_step_4(tmp_path)
+    (tmp_path / "checkpoint-3").rmdir()  # nothing to set aside: the rename warning, which says it too, is not given
+    guard._to_log.suspect_checkpoints = []
+    guard._to_log.action = "stop"
+    for name in ("checkpoint-2", "checkpoint-10"):  # checkpoint-10: an earlier run's, in the same output_dir
+        (tmp_path / name).mkdir()
+    with caplog.at_level(logging.WARNING):
+        guard._log_event(SimpleNamespace(output_dir=str(tmp_path), report_to=None), TrainerState(), None)
+    assert "RKSP guard: after the stop, resume from the last good checkpoint" in caplog.text
+    assert f"(not resume_from_checkpoint=True: it would take {tmp_path / 'checkpoint-10'}" in caplog.text
