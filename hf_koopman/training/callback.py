@@ -1879,10 +1879,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         of step `S` included) are set aside and the in-memory weights are marked not validated. A tail whose sum is
         <= loss_threshold validates its steps as a passing log does; one in between is undecided. When the tail cannot
         be computed (no `train_loss`, a non-finite logged loss, a sum that does not match), the tail is unjudged: the
-        in-memory weights are marked not validated, with a warning. `KSSTrainer` logs `kss/tail_term`, the KSS share
-        of `train_loss` per tail step, which is subtracted (the tail is judged on the task loss); a KSS run without it
-        whose tail could trip by its KSS term is unjudged as well. A
-        tail holding a step the per-step check rolled back is neither judged nor validating, as such a log."""
+        in-memory weights are marked not validated, with a warning. `KSSTrainer` logs `kss/tail_task_loss`, the
+        tail's own task-loss mean, which is judged instead, or else `kss/tail_term`, the KSS share of `train_loss` per
+        tail step, which is subtracted (the tail is judged on the task loss); a KSS run without them whose tail could
+        trip by its KSS term is unjudged as well. A tail holding a step the per-step check rolled back is neither
+        judged nor validating, as such a log."""
         first, last = self._last_loss_log + 1, state.global_step
         steps = last - first + 1
         if steps <= 0:
@@ -1915,7 +1916,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if problem is None and math.isfinite(tail) and tail < -slack and not self._bound_broken:
             problem = f"train_loss x {total} steps is below the logged losses by {-tail:g}"
         term = logs.get("kss/tail_term")  # KSSTrainer: the KSS share of train_loss over these steps, per step
-        if isinstance(term, numbers.Real) and math.isfinite(term) and math.isfinite(tail):
+        task = logs.get("kss/tail_task_loss")  # KSSTrainer: the task losses' own mean over these steps
+        if problem is None and isinstance(task, numbers.Real) and not isinstance(task, bool):
+            # exact however large the KSS term (train_loss less the term loses the task loss to rounding then)
+            tail, slack = float(task) * steps, 1e-9 * (abs(float(task)) * steps + 1)
+        elif isinstance(term, numbers.Real) and math.isfinite(term) and math.isfinite(tail):
             tail -= float(term) * steps  # judged on the task loss, as the logged kss/task_loss
         mean = tail / steps  # non-finite when a tail loss was
         low = (tail - slack) / steps if math.isfinite(tail) else float("inf")

@@ -331,10 +331,10 @@ class KSSTrainer(Trainer):
       (mean unweighted `L_KSS` over the sampled layers, before `alpha`), `kss/near_unit_mass` (fraction of the
       eigenvalues in `[tau_l, tau_u]`, layer mean) and `kss/spectral_radius` (largest `|lambda|`, layer mean),
       averaged over the KSS micro-batches since the last log and across processes; `kss/grad_scale` (mean cap factor,
-      1 = uncapped, this process only); `kss/task_loss`, the logged `loss` without the KSS term, reduced like `loss`
-      (mean over the optimizer steps since the last log and over processes, gradient accumulation included), which is
-      comparable with `eval_loss` and with a plain `Trainer`'s loss; it is in every training log and equals `loss`
-      when no KSS term entered the loss since the last log. The Trainer's own `loss` and `train_loss` are the
+      1 = uncapped, this process only); `kss/task_loss`, the mean of the task losses `compute_loss` computed without
+      the KSS term, reduced like `loss` (over the optimizer steps since the last log and over processes, gradient
+      accumulation included; float64, exact however large the term), which is comparable with `eval_loss` and with a
+      plain `Trainer`'s loss; it is in every training log. The Trainer's own `loss` and `train_loss` are the
       optimised objective, i.e. they include `alpha * penalty` on KSS steps. The statistics of KSS steps after the
       last training log reach the final log of `train()` (the one with `train_loss`; also in the metrics `train()`
       returns), without `kss/task_loss`. `kss_steps`, the statistics and the warnings start afresh with each run
@@ -650,13 +650,15 @@ class KSSTrainer(Trainer):
         the returned `loss`: divided by the GA steps unless it counts as GA-scaled, and under
         `logging_nan_inf_filter` replaced by the window's running mean when the loss is not finite."""
         total, task = self._kss_task_sum, self.task_loss
-        if total is None:
+        if total is None or not self.kss_config.active:  # no KSS term to tell apart: kss/task_loss is not logged
             return
         if task is None:  # a compute_loss override that bypassed ours: the sum cannot be kept for this window
             self._kss_task_sum = None
             return
-        total = total.to(task.device)
-        share = task.detach().to(torch.float64)
+        task = task.detach().mean()  # DataParallel returns one loss per device; training_step takes their mean
+        wide = torch.float32 if task.device.type == "mps" else torch.float64  # MPS has no float64
+        total = total.to(task.device, wide)
+        share = task.to(wide)
         if not self._loss_counts_as_ga_scaled(num_items_in_batch):
             share = share / self.current_gradient_accumulation_steps
         if self.args.logging_nan_inf_filter and not is_torch_xla_available():
@@ -996,10 +998,10 @@ class KSSTrainer(Trainer):
         """Adds the `kss/*` statistics since the last training log, then logs as usual.
 
         They go with the training `loss` (reduced across processes; `kss/task_loss`, in every training log while KSS
-        is on, is that `loss` without the KSS term, the `loss` itself when no KSS term entered it since the last log)
-        and, for KSS steps after the last training log, with the final `train_loss` summary of `train()`, which also
-        gets `kss/tail_term`: the KSS term's mean per step over the steps after the last training log (0 when none
-        entered), reduced like the loss.
+        is on, is the mean of the task losses `compute_loss` computed without the KSS term, averaged as `loss`) and,
+        for KSS steps after the last training log, with the final `train_loss` summary of `train()`, which also gets
+        `kss/tail_task_loss` (those steps' task-loss mean) and `kss/tail_term`: the KSS term's mean per step over the
+        steps after the last training log (0 when none entered), reduced like the loss.
         """
         training_log = "loss" in logs
         if (training_log or "train_loss" in logs) and self.kss_config.active:
@@ -1026,15 +1028,17 @@ class KSSTrainer(Trainer):
         # window without a KSS term has no share: its task loss is the logged loss.
         steps = self.state.global_step - (self._kss_window_start or 0)
         share = values[-1] / self.args.world_size / steps if steps > 0 and values[-1] else 0.0
+        task_mean = values[-2] / self.args.world_size / steps if tracked and steps > 0 else None
         if training_log:
-            # the task losses' own mean where every micro-batch of the window had one (exact however large the term);
-            # else the logged loss less the term's share
-            logs["kss/task_loss"] = (values[-2] / self.args.world_size / steps if tracked and values[-1] and steps > 0
-                                     else float(logs["loss"]) - share)
+            # the mean of the task losses compute_loss computed (exact however large the term), in every window; the
+            # logged loss less the term's share where a compute_loss override kept them from being tracked
+            logs["kss/task_loss"] = task_mean if task_mean is not None else float(logs["loss"]) - share
         elif steps > 0:
             # the final summary: `train_loss` holds the KSS term of the steps after the last training log too; its
-            # mean per step there lets RKSPCallback judge those steps on the task loss
+            # mean per step there, and the task losses' own mean, let RKSPCallback judge those steps on the task loss
             logs["kss/tail_term"] = share
+            if task_mean is not None:
+                logs["kss/tail_task_loss"] = task_mean
         if self._kss_grad_scale_count:
             logs["kss/grad_scale"] = float(self._kss_grad_scale) / self._kss_grad_scale_count
             self._kss_grad_scale = torch.zeros((), dtype=torch.float64)

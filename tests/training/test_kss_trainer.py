@@ -347,3 +347,45 @@ def test_task_loss_survives_a_penalty_far_larger_than_it(tmp_path, accumulation)
     (log,) = [h for h in big.state.log_history if "loss" in h]
     assert log["loss"] > 1e6
     assert log["kss/task_loss"] == pytest.approx(_losses(plain)[0], abs=1e-3)
+
+
+class _PlusOne(KSSTrainer):
+    """A subclass that adds its own term to the loss our compute_loss returns."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        return loss + 1.0
+
+
+def test_task_loss_means_the_same_in_windows_with_and_without_a_kss_term(tmp_path):
+    trainer = _PlusOne(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4, logging_steps=1, kss_every_n_steps=2,
+                                                      kss_alpha=1e-6), train_dataset=TokenDataset())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # the subclass's +1 is in `loss`, not in the task loss, whichever window: no jump of 1.0 between them
+    assert [round(h["loss"] - h["kss/task_loss"], 2) for h in logs] == [1.0] * 4
+
+
+def test_task_loss_of_data_parallel_micro_batches_is_their_mean(tmp_path):
+    trainer = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=TokenDataset())
+    trainer._kss_window_start = trainer.state.global_step
+    trainer.current_gradient_accumulation_steps = 1  # as train() sets it
+    trainer.task_loss = torch.tensor([4.0, 6.0])  # DataParallel: one loss per device
+    trainer._track_task_loss(torch.tensor(5.0), None)
+    assert float(trainer._kss_task_sum) == pytest.approx(5.0)
+    off = KSSTrainer(model=tiny_gpt2(), args=_args(tmp_path / "off", kss_enabled=False), train_dataset=TokenDataset())
+    off.train()
+    assert float(off._kss_task_sum) == 0.0  # KSS off: nothing tracked (no float64 work, MPS has none)
+
+
+def test_the_guard_judges_the_last_steps_on_their_task_loss_however_large_the_term(tmp_path):
+    from hf_koopman import RKSPCallback
+
+    # label smoothing: the model returns no loss, so the guard judges logged losses; steps 4 come after the last log
+    args = _args(tmp_path, max_steps=4, logging_steps=3, gradient_accumulation_steps=2, learning_rate=0.0,
+                 label_smoothing_factor=0.1, kss_alpha=3e8, kss_every_n_steps=1, seed=2)
+    guard = RKSPCallback(num_samples=64, rank=8)
+    trainer = KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[guard])
+    trainer.train()
+    final = trainer.state.log_history[-1]
+    assert final["kss/tail_task_loss"] < 10 and guard.divergence is None and guard.weights_validated
