@@ -610,11 +610,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     available, setting, num_samples, setting)
             num_samples = max(available, 2)
         decoder = _decoder_token_count(batch, model)
-        if decoder is not None and decoder < num_samples:  # the decoder reads the labels (`add_decoder_inputs`)
+        # the decoder reads the labels (`add_decoder_inputs`); said once per setting and run, as above
+        if decoder is not None and decoder < num_samples and "decoder " + setting not in self._warned_short_probe:
+            self._warned_short_probe.add("decoder " + setting)
             logger.warning(
-                "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer than num_samples=%d: the "
-                "decoder layers are profiled on those; raise probe_batch_size for a stable decoder estimate",
-                decoder, num_samples)
+                "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer than %s=%d: the decoder "
+                "layers are profiled on those; raise probe_batch_size for a stable decoder estimate (said once per "
+                "run)", decoder, setting, num_samples)
         was_training = model.training
         model.eval()
         try:

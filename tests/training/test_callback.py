@@ -374,6 +374,12 @@ def test_a_seq2seq_probe_profiles_the_decoder_on_its_labels_and_names_the_knob(t
     assert all(n == 8 * 4 for name, n in seen.items() if name.startswith("decoder."))  # the labels, not 8 x 16
     assert "labels hold 32 decoder token states, fewer than num_samples=48" in caplog.text
     assert "raise probe_batch_size" in caplog.text
+    caplog.clear()  # monitoring: its own setting, once per run
+    monitor = RKSPCallback(num_samples=16, monitor_num_samples=40, every_n_steps=1, probe_batch_size=8, guard=False)
+    args = cpu_training_args(tmp_path / "m", TrainingArguments, max_steps=3, learning_rate=1e-3, save_strategy="no")
+    with caplog.at_level("WARNING"):
+        Trainer(model=model, args=args, train_dataset=_Seq2SeqRows(), callbacks=[monitor]).train()
+    assert caplog.text.count("decoder token states, fewer than monitor_num_samples=40") == 1
 
 
 def test_two_guards_on_one_trainer_one_rolling_back_are_refused_before_the_first_step(tmp_path):
