@@ -205,6 +205,9 @@ def test_the_learning_rate_must_be_positive_and_finite(lr):
 def test_a_probability_from_an_uninformative_profile_comes_with_a_warning(caplog):
     import logging
 
+    from hf_koopman.risk import _warn_once
+
+    _warn_once.cache_clear()  # said once per process: start from none said
     est = RiskEstimator.default()
     aggregates = {f.key: 0.3 for f in est.features if f.key != "learning_rate"}
     profile = {"verdict": "uninformative", "verdict_reason": "only N = 16 token states", "aggregates": aggregates}
