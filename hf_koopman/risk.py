@@ -533,14 +533,18 @@ class RiskEstimator:
             the probability rests on a spectrum the decision rule does not trust (`assess` lists it as unknown).
         """
         values = self._inputs(profile, learning_rate, context)
-        aggregates = _part(profile, "aggregates", profile)
-        if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
-                f.key != _LR and f.key in aggregates for f in self.features):
+        if self._reads_uninformative_spectrum(profile):
             reason = _part(profile, "verdict_reason") or "see its verdict"
             _warn_once(f"predict_proba: the profile is uninformative ({reason}), so the probability rests on a "
                        "spectrum the decision rule does not trust; profile with more token states, or use assess() to "
                        "see which inputs are unknown.")
         return 1.0 / (1.0 + math.exp(-self._logit(values)))
+
+    def _reads_uninformative_spectrum(self, profile: Any) -> bool:
+        """Whether `profile` is "uninformative" and this estimator reads a spectral aggregate of it."""
+        aggregates = _part(profile, "aggregates", profile)
+        return _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
+            f.key != _LR and f.key in aggregates for f in self.features)
 
     def check_ranges(
         self, profile: Any = None, learning_rate: float | None = None, **context: Any
@@ -600,9 +604,7 @@ class RiskEstimator:
             outside.append(RangeIssue("weights", weights, seen=("init",)))
         elif weights is None and isinstance(_part(profile, "meta"), Mapping):
             unknown.append(_WEIGHTS_UNKNOWN)  # a profile that cannot say whether it is of an initialisation
-        aggregates = _part(profile, "aggregates", profile)
-        if _part(profile, "verdict") == "uninformative" and isinstance(aggregates, Mapping) and any(
-                f.key != _LR and f.key in aggregates for f in self.features):
+        if self._reads_uninformative_spectrum(profile):
             unknown.append(_UNINFORMATIVE_SPECTRUM)
         flag = True if outside else (None if unknown else False)
         return flag, tuple(outside), tuple(unknown)
@@ -1077,20 +1079,19 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     """
     if rank is not None:
         return RANK_ADVICE
-    if not in_fitted_range(assessment):
-        below = _below_fitted_learning_rates(assessment)
-        if below is None:
-            return ADVICE[verdict]
-        p, lr = assessment.probability, assessment.learning_rate
-        shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"
+    in_range = in_fitted_range(assessment)
+    below = None if in_range else _below_fitted_learning_rates(assessment)
+    if not in_range and below is None:
+        return ADVICE[verdict]
+    p, lr = assessment.probability, assessment.learning_rate
+    shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it
+    if below is not None:
         label = (f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative"
                  else "the spectrum")
         return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on "
                 f"({below.low:g} to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk "
                 f"here if risk grows with the learning rate. No lower learning rate is indicated: {label} on held-out "
                 f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
-    p, lr = assessment.probability, assessment.learning_rate
-    shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it
     label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""
     if below_risk_budget(p):
         return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's "

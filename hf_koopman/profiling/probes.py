@@ -77,6 +77,15 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def hidden_width(model_or_config: Any) -> int | None:
+    """The residual-stream width of the text config (`hidden_size`, `n_embd` or `d_model`), or `None` when it names
+    none."""
+    config = _config_of(model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = _get(text, "hidden_size", "n_embd", "d_model")
+    return width if isinstance(width, int) and width > 0 else None
+
+
 def max_sequence_length(model_or_config: Any) -> int | None:
     """The longest token sequence the model's position table can index, or `None` when nothing bounds it.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import itertools
 import math
 import numbers
 import operator
@@ -40,7 +39,7 @@ from hf_koopman.profiling.inputs import (
     virtual_tokens,
     with_virtual_tokens,
 )
-from hf_koopman.profiling.probes import default_probe_inputs, max_sequence_length
+from hf_koopman.profiling.probes import default_probe_inputs, hidden_width, max_sequence_length
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
@@ -171,12 +170,10 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
     """Raise a `ValueError` naming the fix when the default probe's `num_samples` token states per block boundary
     (float32, the model's hidden size) cannot fit in the host memory this machine has free, for a model on the CPU:
     building the probe would take minutes and the forward pass would then run out of memory."""
-    if any(p.device.type != "cpu" for p in itertools.islice(model.parameters(), 1)):
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type != "cpu":
         return
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    width = next((w for w in (getattr(text, k, None) for k in ("hidden_size", "d_model", "n_embd"))
-                  if isinstance(w, int) and w > 0), None)
+    width = hidden_width(model)
     if width is None or not num_blocks:
         return
     import psutil

@@ -292,8 +292,9 @@ class SpectralProfile:
     def from_json(cls, text_or_path: str | Path) -> SpectralProfile:
         """Load from a JSON string, a path to `profile.json`, or the folder `save()` wrote it into."""
         text = str(text_or_path)
+        source = "the JSON text"
         if not text.lstrip().startswith("{"):
-            path = Path(text_or_path)
+            source, path = repr(text), Path(text_or_path)
             if path.is_dir():  # the folder of `save()`: read the profile.json inside it
                 if not (path / "profile.json").is_file():
                     raise FileNotFoundError(
@@ -307,7 +308,6 @@ class SpectralProfile:
                     "SpectralProfile.save() wrote, the path of a profile.json file, or its JSON text."
                 )
             text = path.read_text(encoding="utf-8")
-        source = "the JSON text" if text is str(text_or_path) else repr(str(text_or_path))
         fix = "pass a profile.json written by SpectralProfile.save() or to_json(), or the folder save() wrote"
         try:
             data = json.loads(text)

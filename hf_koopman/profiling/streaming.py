@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_koopman.logging_utils import get_logger, show_progress
+from hf_koopman.profiling.probes import hidden_width
 from hf_koopman.profiling._streaming_weights import (
     InitWeights,
     SafetensorsWeights,
@@ -179,7 +180,7 @@ def _non_block_modules(model: nn.Module, block_modules: list[nn.Module]) -> list
 
 def _hidden_size(config: PretrainedConfig) -> tuple[int, int]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", None) or 1
+    hidden = hidden_width(config) or 1
     inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     return int(hidden), int(inter)
 

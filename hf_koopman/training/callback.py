@@ -593,6 +593,13 @@ class RKSPCallback(TrainerCallback, ExportableState):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return _to_device(batch, device)
 
+    def _warn_short_probe(self, key: str, message: str, *args: Any) -> None:
+        """Log `message % args` the first time in this run that a probe falls short for `key` (a setting, and for the
+        decoder's labels separately): monitoring reads the same probe every `every_n_steps`."""
+        if key not in self._warned_short_probe:
+            self._warned_short_probe.add(key)
+            logger.warning(message, *args)
+
     def _run_profile(
         self, model: torch.nn.Module, batch: dict[str, Any], num_samples: int, learning_rate: float | None = None,
         progress: bool = False, setting: str = "num_samples",
@@ -601,22 +608,18 @@ class RKSPCallback(TrainerCallback, ExportableState):
 
         requested, available = num_samples, _token_count(batch)
         if available is not None and available < num_samples:
-            # said here with the callback's own knobs (once per setting); profile() would only say "pass more inputs"
-            if setting not in self._warned_short_probe:
-                self._warned_short_probe.add(setting)
-                logger.warning(
-                    "RKSPCallback: the probe batch holds %d token states, fewer than %s=%d; raise probe_batch_size (or "
-                    "pass longer probe_inputs) for a stable estimate, or lower %s (said once per run)",
-                    available, setting, num_samples, setting)
+            # said here with the callback's own knobs; profile() would only say "pass more inputs"
+            self._warn_short_probe(
+                setting, "RKSPCallback: the probe batch holds %d token states, fewer than %s=%d; raise "
+                "probe_batch_size (or pass longer probe_inputs) for a stable estimate, or lower %s (said once per run)",
+                available, setting, num_samples, setting)
             num_samples = max(available, 2)
         decoder = _decoder_token_count(batch, model)
-        # the decoder reads the labels (`add_decoder_inputs`); said once per setting and run, as above
-        if decoder is not None and decoder < num_samples and "decoder " + setting not in self._warned_short_probe:
-            self._warned_short_probe.add("decoder " + setting)
-            logger.warning(
-                "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer than %s=%d: the decoder "
-                "layers are profiled on those; raise probe_batch_size for a stable decoder estimate (said once per "
-                "run)", decoder, setting, num_samples)
+        if decoder is not None and decoder < num_samples:  # the decoder reads the labels (`add_decoder_inputs`)
+            self._warn_short_probe(
+                "decoder " + setting, "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer "
+                "than %s=%d: the decoder layers are profiled on those; raise probe_batch_size for a stable decoder "
+                "estimate (said once per run)", decoder, setting, num_samples)
         was_training = model.training
         model.eval()
         try:
@@ -788,13 +791,15 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if model is None:
             return
         self._stop_guard()  # hooks left by a train() of this callback that raised
+        keep = []
         for guard_ref, state_ref in _GUARDED.get(model, []):
             other = guard_ref()
             if other is None or other is self:
                 continue
             if state_ref() is state:  # a second guard of this same run
                 if "rollback" not in (self.on_divergence, other.on_divergence):
-                    continue  # two stopping guards (say, with different thresholds) both watch; the first trip stops
+                    keep.append((guard_ref, state_ref))  # two stopping guards both watch; the first trip stops
+                    continue
                 other._stop_guard()  # train() ends here: no hooks are left behind
                 raise ValueError(
                     "two RKSPCallbacks with the divergence guard on are attached to this Trainer, one of them rolling "
@@ -803,8 +808,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     "(e.g. a callback added for every_n_steps monitoring)."
                 )
             other._stop_guard()  # hooks left on this model by another run's callback
-        same_run = [(g, st) for g, st in _GUARDED.get(model, []) if g() not in (None, self) and st() is state]
-        _GUARDED[model] = [*same_run, (weakref.ref(self), weakref.ref(state))]
+        _GUARDED[model] = [*keep, (weakref.ref(self), weakref.ref(state))]
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params_first, self._sharded = next(model.parameters(), None), is_sharded(self._params)
         self._buffers = model_buffers(model)

@@ -589,6 +589,7 @@ class KSSTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if kss_step and self._kss_micro_term is None:
             self._warn_no_term(step)
+        self._track_task_loss(loss, num_items_in_batch)
         self._track_term(loss, num_items_in_batch)
         return loss
 
@@ -626,29 +627,30 @@ class KSSTrainer(Trainer):
         divided the term already: either way the term's share is `alpha * penalty / GA`. A non-finite loss is
         replaced by the running mean of the window under `logging_nan_inf_filter`; the term's share follows it.
         """
-        self._track_task_loss(loss, num_items_in_batch)
         term = self._kss_micro_term
         if term is None and self._kss_term_sum is None:
             return
         total = self._kss_term_sum
         if total is None:
             total = torch.zeros((), dtype=torch.float64, device=loss.device)
-        share = torch.zeros_like(total)
-        if term is not None:
-            share = term.to(device=total.device, dtype=torch.float64)
-            if not self._loss_counts_as_ga_scaled(num_items_in_batch):
-                share = share / self.current_gradient_accumulation_steps
+        share = torch.zeros_like(total) if term is None else term.to(device=total.device, dtype=torch.float64)
+        self._kss_term_sum = self._add_as_trainer_does(total, share, loss, num_items_in_batch)
+
+    def _add_as_trainer_does(self, total: torch.Tensor, share: torch.Tensor, loss: torch.Tensor,
+                             num_items_in_batch: Any) -> torch.Tensor:
+        """`total` plus this micro-batch's `share` of the returned `loss`, as the Trainer adds the loss to its running
+        sum: divided by the GA steps unless the loss counts as GA-scaled, and under `logging_nan_inf_filter` replaced
+        by the window's running mean when the loss is not finite."""
+        if not self._loss_counts_as_ga_scaled(num_items_in_batch):
+            share = share / self.current_gradient_accumulation_steps
         if self.args.logging_nan_inf_filter and not is_torch_xla_available():
             window = 1 + self.state.global_step - self._kss_window_start
-            self._kss_term_sum = torch.where(torch.isfinite(loss.detach().to(total.device)), total + share,
-                                             total + total / window)
-        else:
-            self._kss_term_sum = total + share
+            share = torch.where(torch.isfinite(loss.detach().to(total.device)), share, total / window)
+        return total + share
 
     def _track_task_loss(self, loss: torch.Tensor, num_items_in_batch: Any) -> None:
         """Add this micro-batch's task loss (`task_loss`, without the KSS term) to `_kss_task_sum` as the Trainer adds
-        the returned `loss`: divided by the GA steps unless it counts as GA-scaled, and under
-        `logging_nan_inf_filter` replaced by the window's running mean when the loss is not finite."""
+        the returned `loss` (`_add_as_trainer_does`)."""
         total, task = self._kss_task_sum, self.task_loss
         if total is None or not self.kss_config.active:  # no KSS term to tell apart: kss/task_loss is not logged
             return
@@ -657,14 +659,8 @@ class KSSTrainer(Trainer):
             return
         task = task.detach().mean()  # DataParallel returns one loss per device; training_step takes their mean
         wide = torch.float32 if task.device.type == "mps" else torch.float64  # MPS has no float64
-        total = total.to(task.device, wide)
-        share = task.to(wide)
-        if not self._loss_counts_as_ga_scaled(num_items_in_batch):
-            share = share / self.current_gradient_accumulation_steps
-        if self.args.logging_nan_inf_filter and not is_torch_xla_available():
-            window = 1 + self.state.global_step - self._kss_window_start
-            share = torch.where(torch.isfinite(loss.detach().to(total.device)), share, total / window)
-        self._kss_task_sum = total + share
+        self._kss_task_sum = self._add_as_trainer_does(total.to(task.device, wide), task.to(wide), loss,
+                                                       num_items_in_batch)
 
     # ------------------------------------------------------------------ switches
     def kss_active_for_step(self, step: int | None = None) -> bool:
@@ -957,9 +953,11 @@ class KSSTrainer(Trainer):
         and the penalty shapes that spectrum."""
         from hf_koopman.risk import DecisionRule
 
+        if self._kss_warned_small_sample:
+            return
         n, d = shape[-2], shape[-1]
-        least = DecisionRule().min_samples_per_dim
-        if self._kss_warned_small_sample or n >= least * d:
+        least = DecisionRule.min_samples_per_dim  # the default rule's, as the profile reads it
+        if n >= least * d:
             return
         self._kss_warned_small_sample = True
         logger.warning(
