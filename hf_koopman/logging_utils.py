@@ -2,12 +2,17 @@
 
 `get_logger(__name__)` returns the usual stdlib logger of the module (records still propagate to the root logger, so
 applications and pytest's `caplog` see them) with a filter that drops records below the verbosity transformers is
-set to: `transformers.logging.set_verbosity_error()` silences hf_koopman's warnings as it silences transformers'.
+set to: `transformers.logging.set_verbosity_error()` silences hf_koopman's warnings as it silences transformers', and
+`set_verbosity_info()` (or `TrainingArguments(log_level="info")`) shows its info records. The verbosity decides, not
+the logger level: the `hf_koopman` package logger passes every record to the filter unless its level is set. Where no
+handler would print a record (an application that configures no logging), one writes its message to stderr, as
+transformers' own handler does.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 
 __all__ = ["get_logger", "show_progress"]
@@ -23,10 +28,40 @@ class _TransformersVerbosity(logging.Filter):
 
 
 _FILTER = _TransformersVerbosity()
+_PACKAGE = "hf_koopman"
+
+
+class _StderrWhereUnhandled(logging.Handler):
+    """Writes a record's message to stderr (the stream of the moment) when no other handler on the record's way to the
+    root logger would: Python's last-resort handler prints warnings only, so info records shown by
+    `set_verbosity_info()` need a handler in an application that configures none."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must not raise into the library's caller
+            self.handleError(record)
+
+
+def _configure_package_logger() -> None:
+    package = logging.getLogger(_PACKAGE)
+    if not any(isinstance(handler, _StderrWhereUnhandled) for handler in package.handlers):
+        package.addHandler(_StderrWhereUnhandled())
+        if package.level == logging.NOTSET:  # a level the application set is kept
+            package.setLevel(logging.DEBUG)
 
 
 def get_logger(name: str) -> logging.Logger:
     """The logger `name`, filtered by the transformers verbosity."""
+    if name == _PACKAGE or name.startswith(_PACKAGE + "."):
+        _configure_package_logger()
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
