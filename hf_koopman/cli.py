@@ -614,8 +614,9 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream the model one block at a time (for models that do not fit in memory)")
 
 
-def _check_model_input_arguments(args: argparse.Namespace) -> bool:
-    """Validate the shared arguments; hide the progress bars when asked. Returns whether to show progress."""
+def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
+    """Validate the shared arguments; hide the progress bars when asked. Returns False (no bars) or None (bars as
+    transformers' progress-bar switch says: `HF_HUB_DISABLE_PROGRESS_BARS=1` hides them)."""
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
     if args.num_samples < 2:
@@ -649,7 +650,7 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
-    return not args.no_progress
+    return False if args.no_progress else None  # None: transformers' switch (HF_HUB_DISABLE_PROGRESS_BARS) decides
 
 
 def _default_out(spec: str, *, init: bool) -> Path:
@@ -836,7 +837,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool):
+def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool | None):
     try:
         from hf_koopman.profiling.streaming import profile_streaming
     except ImportError as err:

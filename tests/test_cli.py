@@ -354,3 +354,18 @@ def test_every_subcommand_help_ends_with_examples(command, capsys):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert "examples:\n  hf-koopman " + command in out
+
+
+def test_progress_bars_follow_the_transformers_switch(tiny_llama_json, tmp_path, capsys):
+    # as HF_HUB_DISABLE_PROGRESS_BARS=1 sets it: no bar of hf_koopman's either, unless --no-progress is the reason
+    from transformers.utils import logging as hf_logging
+
+    argv = ["profile", str(tiny_llama_json), "--init", "--num-samples", "32", "--rank", "4", "--no-plots"]
+    assert main([*argv, "--out", str(tmp_path / "shown")]) == 0
+    assert "forward (" in capsys.readouterr().err
+    hf_logging.disable_progress_bar()
+    try:
+        assert main([*argv, "--out", str(tmp_path / "hidden")]) == 0
+        assert "forward (" not in capsys.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
