@@ -660,7 +660,16 @@ _PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 
 def virtual_tokens(model: torch.nn.Module) -> int:
     """Learned tokens a PEFT prompt-learning `model` puts in front of every input sequence (0 for other models): the
-    blocks see `num_virtual_tokens + T` positions where the batch's attention mask has `T`."""
+    blocks see `num_virtual_tokens + T` positions where the batch's attention mask has `T`. The PEFT model is found
+    inside DDP / DataParallel, FSDP1 and `torch.compile` wrappers."""
+    seen: set[int] = set()
+    while getattr(model, "active_peft_config", None) is None and id(model) not in seen:
+        seen.add(id(model))
+        inner = next((getattr(model, name) for name in ("module", "_fsdp_wrapped_module", "_orig_mod")
+                      if isinstance(getattr(model, name, None), torch.nn.Module)), None)
+        if inner is None:
+            return 0
+        model = inner
     config = getattr(model, "active_peft_config", None)
     kind = getattr(config, "peft_type", None)
     if not getattr(config, "is_prompt_learning", False) or str(getattr(kind, "value", kind)) not in _PROMPT_METHODS:

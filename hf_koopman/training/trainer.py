@@ -188,14 +188,16 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     position): the encoder's padding says nothing about the decoder's. In a model that is not encoder-decoder a
     decoder stack takes the decoder's mask (`decoder_attention_mask`, else the labels') only when the batch carries
     decoder inputs (`decoder_input_ids`: BLIP's question answering fed them); other stacks take the mask of their
-    tower (`profiling.inputs.mask_routes`), routed on the unwrapped model (PEFT, DDP). The recorder applies a mask
-    only to blocks whose token grid it matches.
+    tower (`profiling.inputs.mask_routes`), routed on the unwrapped model (PEFT, DDP). PEFT prompt tuning's virtual
+    tokens, which the blocks see in front of the text, are counted in as `profile()` counts them. The recorder applies
+    a mask only to blocks whose token grid it matches.
     """
     if not isinstance(inputs, Mapping):  # any Mapping: collators return `BatchEncoding`, a UserDict
         return None
     from hf_koopman.profiling import unwrap_model
-    from hf_koopman.profiling.inputs import label_mask, mask_routes
+    from hf_koopman.profiling.inputs import label_mask, mask_routes, virtual_tokens, with_virtual_tokens
 
+    prompt_tokens = virtual_tokens(model)  # read on the PEFT wrapper, before it is stripped
     # a PEFT / DDP wrapper: the block names, and the token embedding's path the routes compare them with, are those
     # of the unwrapped model
     model = unwrap_model(model)
@@ -210,7 +212,8 @@ def _snapshot_masks(model: torch.nn.Module, blocks: list[Any], inputs: Any) -> A
     # other labels (list paths: a CLIP text and vision tower, ...) take the mask of the tower they belong to, as in
     # `profile()`: the text mask reaches only the stacks of the tower that embeds `input_ids`
     by_route = {"attention_mask": mask, "decoder": decoder, None: None}
-    return {label: by_route[route] for label, route in mask_routes(model, blocks, inputs).items()}
+    routes = mask_routes(model, blocks, inputs)
+    return with_virtual_tokens({label: by_route[route] for label, route in routes.items()}, routes, prompt_tokens)
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:

@@ -320,3 +320,5 @@ def test_peft_prompt_tuning_counts_its_virtual_tokens_and_keeps_the_padding_out(
     result = profile(model, inputs={"input_ids": ids, "attention_mask": mask}, num_samples=64)
     # 8 learned tokens in front of each row are real states of the stream; the 10 padded positions are not
     assert set(result.meta["tokens_seen_per_layer"].values()) == {4 * (8 + 30)}
+    wrapped = profile(torch.nn.DataParallel(model), inputs={"input_ids": ids, "attention_mask": mask}, num_samples=64)
+    assert wrapped.meta["tokens_seen_per_layer"] == result.meta["tokens_seen_per_layer"]  # found inside DP / DDP

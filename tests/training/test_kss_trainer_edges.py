@@ -83,6 +83,22 @@ def test_batch_encoding_attention_mask_keeps_padding_out(tmp_path, recorders):
     assert trainer.kss_steps == [0]
 
 
+def test_peft_prompt_tuning_virtual_tokens_count_and_padding_stays_out(tmp_path, recorders):
+    peft = pytest.importorskip("peft")
+    base = tiny_gpt2(n_layer=2)
+    base.config.n_positions = 40  # room for 8 virtual tokens in front of 32; the position table has 32 + 8 rows
+    base.transformer.wpe = torch.nn.Embedding(40, base.config.n_embd)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=8))
+    trainer = KSSTrainer(
+        model=model, args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8, kss_layer_fraction=1.0),
+        train_dataset=RaggedDataset(), data_collator=pad_collator,
+    )
+    trainer.train()
+    # the blocks see 8 learned tokens in front of every row: real states of the stream; the padding is not
+    real = sum(len(item) for item in RaggedDataset().items) + 8 * len(RaggedDataset())
+    assert recorders[0].tokens_seen == {"transformer.h.0": real, "transformer.h.1": real}
+
+
 # ------------------------------------------------------------------------------------------------- model_init
 def test_model_init_rebuilt_model_gets_its_own_blocks(tmp_path):
     trainer = KSSTrainer(model_init=lambda: tiny_gpt2(n_layer=2), args=_args(tmp_path), train_dataset=TokenDataset())
