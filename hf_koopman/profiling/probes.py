@@ -112,6 +112,18 @@ def max_sequence_length(model_or_config: Any) -> int | None:
     return max(limit, 1) if limit is not None else None
 
 
+def prompt_probe_length(model: Any) -> int | None:
+    """The `seq_len` of a default probe that leaves room in the position table for the virtual tokens a PEFT
+    prompt-learning `model` (possibly inside DDP / compile wrappers) puts in front of every row; `None` (the default
+    length) for other models and for models without a bounded position table."""
+    from hf_koopman.profiling.blocks import unwrap_model
+    from hf_koopman.profiling.inputs import virtual_tokens
+
+    prompt = virtual_tokens(model) if isinstance(model, torch.nn.Module) else 0
+    limit = max_sequence_length(unwrap_model(model)) if prompt else None
+    return None if limit is None else max(1, min(_PAPER_SEQ_LEN, limit - prompt))
+
+
 _GRID_KEYS = ("grid_thw", "image_grid_thw")
 _FEATURE_INPUTS = ("pixel_values", "hidden_states", "input_features", "input_values")
 

@@ -39,7 +39,12 @@ from hf_koopman.profiling.inputs import (
     virtual_tokens,
     with_virtual_tokens,
 )
-from hf_koopman.profiling.probes import default_probe_inputs, hidden_width, max_sequence_length
+from hf_koopman.profiling.probes import (
+    default_probe_inputs,
+    hidden_width,
+    max_sequence_length,
+    prompt_probe_length,
+)
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
@@ -187,16 +192,19 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
         )
 
 
-def _index_error(batch: Mapping[str, Any], model: nn.Module) -> str | None:
+def _index_error(batch: Mapping[str, Any], model: nn.Module, prompt_tokens: int = 0) -> str | None:
     """The fix for an index error of `model`'s forward on `batch`, when the inputs explain it: token sequences longer
-    than its position table, or negative token ids (which only some models map themselves); else `None`."""
+    than its position table (less the `prompt_tokens` virtual tokens PEFT prompt tuning puts in front of each row), or
+    negative token ids (which only some models map themselves); else `None`."""
     ids = batch.get("input_ids")
     tokens = ids if isinstance(ids, torch.Tensor) else batch.get("inputs_embeds")
-    limit = max_sequence_length(model)
-    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and limit is not None:
+    positions = max_sequence_length(model)
+    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and positions is not None:
         length = tokens.shape[-1] if tokens is ids else tokens.shape[-2]
+        limit = max(1, positions - prompt_tokens)
         if length > limit:
-            return (f"the inputs hold {length} tokens per row, more than the {limit} positions of "
+            prompt = f" with the {prompt_tokens} virtual tokens of PEFT prompt tuning in front" if prompt_tokens else ""
+            return (f"the inputs hold {length} tokens per row{prompt}, more than the {positions} positions of "
                     f"{type(model).__name__}; pass at most {limit} tokens per row (tokenizer(..., truncation=True, "
                     f"max_length={limit}), or input_ids[..., :{limit}]).")
     if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel() and int(ids.min()) < 0:
@@ -676,21 +684,21 @@ def profile(
     inner = unwrap_model(model)
     _check_materialised(inner)
     blocks = find_residual_blocks(inner, layers)
+    prompt_tokens = virtual_tokens(model)  # PEFT prompt tuning: learned tokens in front of every sequence
     if inputs is None:  # the probe is built here: its size is known before any work
         probe_tokens = min(num_samples, max_tokens or num_samples)
         _check_snapshot_memory(inner, probe_tokens, len(blocks))
-        inputs = default_probe_inputs(inner, num_tokens=probe_tokens, seed=seed)
+        inputs = default_probe_inputs(inner, num_tokens=probe_tokens, seed=seed, seq_len=prompt_probe_length(model))
     max_tokens = 16 * num_samples if max_tokens is None else max_tokens
     positions = max_sequence_length(inner)
-    if positions is not None:
-        max_length = min(max_length, positions)  # longer texts would index past the position table
+    if positions is not None:  # longer texts (with the virtual tokens) would index past the position table
+        max_length = min(max_length, max(1, positions - prompt_tokens))
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
     # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
     runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
     # torch.compile: a diagnostic forward with recording hooks would pay for a compilation and graph breaks at the
     # hooks; `torch.compile(model)` wrappers are unwrapped here, `model.compile()` is set aside by `eager_calls`
     runner = eager_module(runner)
-    prompt_tokens = virtual_tokens(model)  # PEFT prompt tuning: learned tokens in front of every sequence
     start = time.perf_counter()
     called: set[str] = set()  # blocks the forward pass entered
 
@@ -741,7 +749,7 @@ def profile(
                             f"probe.{_dropped_labels_note(raw)}"
                         ) from err
                     except Exception as err:
-                        hint = _index_error(batch, inner) if isinstance(err, IndexError) else None
+                        hint = _index_error(batch, inner, prompt_tokens) if isinstance(err, IndexError) else None
                         if hint:
                             raise ValueError(hint) from err
                         _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "

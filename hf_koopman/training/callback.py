@@ -585,8 +585,10 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     logger.warning("RKSP: could not build a probe batch from the training data (%s)", err)
             if batch is None:
                 from hf_koopman.profiling import default_probe_inputs
+                from hf_koopman.profiling.probes import prompt_probe_length
 
-                batch = dict(default_probe_inputs(model, num_tokens=self.num_samples, seed=self.seed))
+                batch = dict(default_probe_inputs(model, num_tokens=self.num_samples, seed=self.seed,
+                                                  seq_len=prompt_probe_length(model)))
         # `labels` stay: profile() leaves them out of the forward and reads the decoder's padding from them
         for key in ("label", "label_ids", "decoder_labels"):
             batch.pop(key, None)

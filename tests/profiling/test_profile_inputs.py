@@ -322,3 +322,17 @@ def test_peft_prompt_tuning_counts_its_virtual_tokens_and_keeps_the_padding_out(
     assert set(result.meta["tokens_seen_per_layer"].values()) == {4 * (8 + 30)}
     wrapped = profile(torch.nn.DataParallel(model), inputs={"input_ids": ids, "attention_mask": mask}, num_samples=64)
     assert wrapped.meta["tokens_seen_per_layer"] == result.meta["tokens_seen_per_layer"]  # found inside DP / DDP
+
+
+def test_peft_prompt_tuning_leaves_room_for_its_virtual_tokens_in_the_position_table():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("gpt2")
+    base.config.n_positions = 40  # a short position table: the default probe would fill it
+    base.transformer.wpe = torch.nn.Embedding(40, base.config.n_embd)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=8))
+    result = profile(model, num_samples=64)  # the default probe's rows hold 40 - 8 tokens
+    assert set(result.meta["tokens_seen_per_layer"].values()) == {2 * (8 + 32)}
+    ids = torch.randint(0, base.config.vocab_size, (2, 40))
+    with pytest.raises(ValueError, match="with the 8 virtual tokens of PEFT prompt tuning in front, more than the 40 "
+                                         "positions of GPT2LMHeadModel; pass at most 32 tokens per row"):
+        profile(model, inputs={"input_ids": ids}, num_samples=64)
