@@ -303,6 +303,9 @@ def find_residual_blocks(
 
     def is_block(module: nn.Module) -> bool:
         cls = type(module)
+        inner = getattr(module, "original_module", None)  # PEFT `modules_to_save` on a whole block wraps it
+        if cls.__name__ == "ModulesToSaveWrapper" and isinstance(inner, nn.Module):
+            return is_block(inner)
         return (
             isinstance(module, tuple(classes))
             or cls.__name__ in class_names
@@ -330,8 +333,8 @@ def find_residual_blocks(
             f"Could not identify the residual blocks of {type(model).__name__}: no module list matches the blocks that "
             "transformers records as hidden states, GradientCheckpointingLayer, _no_split_modules or "
             f"num_hidden_layers. Candidates: {_describe_candidates(model)}. Pass the block list explicitly, e.g. "
-            f"`find_residual_blocks(model, layers={example!r})` / `profile(model, layers={example!r})` / "
-            f"`hf-koopman profile ... --layers {example}`."
+            f"`profile(model, layers={example!r})`, `RKSPCallback(layers={example!r})`, "
+            f"`KSSTrainingArguments(kss_layers={example!r})` or `hf-koopman profile ... --layers {example}`."
         )
     labels = _stack_labels([n for n, _ in chosen])
     blocks = [

@@ -336,3 +336,16 @@ def test_peft_prompt_tuning_leaves_room_for_its_virtual_tokens_in_the_position_t
     with pytest.raises(ValueError, match="with the 8 virtual tokens of PEFT prompt tuning in front, more than the 40 "
                                          "positions of GPT2LMHeadModel; pass at most 32 tokens per row"):
         profile(model, inputs={"input_ids": ids}, num_samples=64)
+
+
+def test_peft_modules_to_save_on_a_whole_block_keeps_the_block_list():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    reference = profile(base, num_samples=64, seed=3)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, target_modules=["q_proj"],
+                                                      modules_to_save=["layers.1"]))
+    blocks = find_residual_blocks(model)
+    assert [b.name for b in blocks] == ["model.layers.0", "model.layers.1"]
+    assert type(blocks[1].module).__name__ == "ModulesToSaveWrapper"  # the copy PEFT trains runs inside it
+    result = profile(model, num_samples=64, seed=3)  # LoRA B = 0 and the saved copy is the block: the same spectra
+    assert [f.near_unit_mass for f in result.features] == [f.near_unit_mass for f in reference.features]
