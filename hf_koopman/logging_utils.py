@@ -11,20 +11,40 @@ transformers' own handler does.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
+from collections.abc import Iterator
 
 
-__all__ = ["get_logger", "show_progress"]
+__all__ = ["errors_only", "get_logger", "show_progress"]
+
+
+_FLOOR: contextvars.ContextVar[int] = contextvars.ContextVar("hf_koopman_log_floor", default=logging.NOTSET)
 
 
 class _TransformersVerbosity(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        try:  # the math core (hf_koopman.koopman) works without transformers; then nothing is filtered
+        if record.levelno < _FLOOR.get():
+            return False
+        try:  # the math core (hf_koopman.koopman) works without transformers; then nothing else is filtered
             from transformers.utils import logging as hf_logging
         except ImportError:
             return True
         return record.levelno >= hf_logging.get_verbosity()
+
+
+@contextlib.contextmanager
+def errors_only(active: bool = True) -> Iterator[None]:
+    """Within the block (when `active`), hf_koopman logs errors only: a process that repeats the main process's work
+    (a replica in a distributed run) leaves its warnings to the main process."""
+    token = _FLOOR.set(logging.ERROR) if active else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _FLOOR.reset(token)
 
 
 _FILTER = _TransformersVerbosity()

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from hf_koopman.logging_utils import get_logger
+from hf_koopman.logging_utils import errors_only, get_logger
 from hf_koopman.risk import TENTATIVE, VERDICT_LEVELS, below_risk_budget, in_fitted_range, recommendation
 from hf_koopman.training.arguments import _is_int
 from hf_koopman.training.divergence import (
@@ -708,52 +708,58 @@ class RKSPCallback(TrainerCallback, ExportableState):
                         "(the first run's rksp_profile.json / rksp_report.md stay as they are)", state.global_step)
             restored = True
         if self.profile_at_init and not restored and model is not None:
-            batch = self._probe_batch(model, train_dataloader)
-            # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
-            spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
-                                                 progress=state.is_local_process_zero and not args.disable_tqdm)
-            self.profile = spectral_profile
-            self._profiled_model = weakref.ref(model)
-            self.init_verdict = spectral_profile.verdict
-            self.init_score = spectral_profile.score
-            self._log(args, state, self._scalars(spectral_profile))
-            if self.save_artifacts and state.is_world_process_zero:
-                self._save(args, spectral_profile)
-            # a fine-tune starts from loaded weights: its first profile is not of an initialisation
-            pretrained = spectral_profile.meta.get("weights") == "pretrained"
-            when = "at the start of training (pretrained weights)" if pretrained else "at initialisation"
-            assessment = spectral_profile.risk_assessment()
-            # an in-range calibrated probability at this learning rate decides the advice and the alarm; the
-            # verdict, which reads the spectrum alone, does otherwise (`recommendation`)
-            truncated = spectral_profile.rule.truncated_rank(spectral_profile)
-            advice = recommendation(self.init_verdict, assessment, rank=truncated)
-            calibrated = truncated is None and in_fitted_range(assessment)
-            alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
-            (logger.warning if alarm else logger.info)(
-                "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
-                when,
-                self.init_verdict.upper(),
-                None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
-                None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
-                spectral_profile.verdict_reason,
-                advice,
-            )
-            if assessment is not None:  # the calibrated probability, with its range caveat in the same line
-                log = logger.warning if assessment.out_of_range else logger.info
-                # the verdict reads the spectrum alone; this number is for the run's learning rate
-                log("RKSP calibrated risk at this learning rate (the verdict, %s, reads the spectrum alone): %s",
-                    self.init_verdict.upper(), assessment.describe())
-            if self.auto_kss and self.init_verdict == "high risk":
-                # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
-                # divergence, so auto_kss never switches it and says what state KSS is in
-                (logger.warning if alarm else logger.info)(
-                    "RKSPCallback(auto_kss=True): %s", self._auto_kss_message(advice if calibrated else None))
-                self._log(args, state, {"kss/auto_enabled": 0.0})
+            with errors_only(not state.is_local_process_zero):  # every process profiles; the main one speaks
+                self._profile_at_init(args, state, model, train_dataloader)
         if self.guard:
             self._start_guard(args, state, model, optimizer, lr_scheduler)
         # this train() call's own events follow these (the ones before come from a restored state or the run record)
         self._events_before_call = len(self.events)
         return control
+
+    def _profile_at_init(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module,
+                         train_dataloader: Any) -> None:
+        """The initialisation profile: logged, saved (main process), and its verdict and advice said."""
+        batch = self._probe_batch(model, train_dataloader)
+        # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
+        spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
+                                             progress=state.is_local_process_zero and not args.disable_tqdm)
+        self.profile = spectral_profile
+        self._profiled_model = weakref.ref(model)
+        self.init_verdict = spectral_profile.verdict
+        self.init_score = spectral_profile.score
+        self._log(args, state, self._scalars(spectral_profile))
+        if self.save_artifacts and state.is_world_process_zero:
+            self._save(args, spectral_profile)
+        # a fine-tune starts from loaded weights: its first profile is not of an initialisation
+        pretrained = spectral_profile.meta.get("weights") == "pretrained"
+        when = "at the start of training (pretrained weights)" if pretrained else "at initialisation"
+        assessment = spectral_profile.risk_assessment()
+        # an in-range calibrated probability at this learning rate decides the advice and the alarm; the
+        # verdict, which reads the spectrum alone, does otherwise (`recommendation`)
+        truncated = spectral_profile.rule.truncated_rank(spectral_profile)
+        advice = recommendation(self.init_verdict, assessment, rank=truncated)
+        calibrated = truncated is None and in_fitted_range(assessment)
+        alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
+        (logger.warning if alarm else logger.info)(
+            "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
+            when,
+            self.init_verdict.upper(),
+            None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
+            None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
+            spectral_profile.verdict_reason,
+            advice,
+        )
+        if assessment is not None:  # the calibrated probability, with its range caveat in the same line
+            log = logger.warning if assessment.out_of_range else logger.info
+            # the verdict reads the spectrum alone; this number is for the run's learning rate
+            log("RKSP calibrated risk at this learning rate (the verdict, %s, reads the spectrum alone): %s",
+                self.init_verdict.upper(), assessment.describe())
+        if self.auto_kss and self.init_verdict == "high risk":
+            # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
+            # divergence, so auto_kss never switches it and says what state KSS is in
+            (logger.warning if alarm else logger.info)(
+                "RKSPCallback(auto_kss=True): %s", self._auto_kss_message(advice if calibrated else None))
+            self._log(args, state, {"kss/auto_enabled": 0.0})
 
     def _check_fsdp(self, args, model) -> None:
         """Warn when FSDP was asked for but the model is not sharded (accelerate's silent CPU fallback to DDP)."""
@@ -1752,9 +1758,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None:
             batch = self._probe_batch(model, kwargs.get("train_dataloader"))
             try:
-                # the learning rate the run trains at now (after any back-off)
-                spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
-                                                     args.learning_rate * self.lr_scale, setting="monitor_num_samples")
+                with errors_only(not state.is_local_process_zero):  # every process profiles; the main one speaks
+                    # the learning rate the run trains at now (after any back-off)
+                    spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
+                                                         args.learning_rate * self.lr_scale,
+                                                         setting="monitor_num_samples")
             except ValueError as err:  # e.g. non-finite activations: the guard handles divergence
                 logger.warning("RKSP monitoring at step %d failed: %s", state.global_step, err)
                 return

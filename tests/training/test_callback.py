@@ -277,6 +277,26 @@ def test_bad_arguments_fail_at_construction_not_at_train_begin(kwargs, message):
             RKSPCallback(**{name: True})  # a bool is not a count
 
 
+def test_replica_processes_profile_without_repeating_the_main_processs_warnings(tmp_path, caplog, monkeypatch):
+    # in a distributed run every process profiles the same probe; only the local main process says what it found
+    monkeypatch.setattr(Trainer, "is_local_process_zero", lambda self: False)
+    callback = RKSPCallback(probe_batch_size=2, num_samples=10_000, monitor_num_samples=10_000, every_n_steps=1,
+                            guard=False, save_artifacts=False)
+    trainer = Trainer(model=no_norm_gpt2(), args=_args(tmp_path, max_steps=2), train_dataset=TokenDataset(),
+                      callbacks=[callback])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert callback.profile is not None and any("rksp/near_unit_mass_mean" in e for e in trainer.state.log_history)
+    assert "RKSP" not in caplog.text, caplog.text  # main process (below): the short probe and the verdict are said
+    monkeypatch.undo()
+    trainer = Trainer(model=no_norm_gpt2(), args=_args(tmp_path, max_steps=2), train_dataset=TokenDataset(),
+                      callbacks=[RKSPCallback(probe_batch_size=2, num_samples=10_000, monitor_num_samples=10_000,
+                                              every_n_steps=1, guard=False, save_artifacts=False)])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "fewer than num_samples=10000" in caplog.text and "fewer than monitor_num_samples=10000" in caplog.text
+
+
 def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_path, caplog):
     callback = RKSPCallback(probe_batch_size=2, num_samples=10_000, rank=8, guard=False)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
