@@ -15,7 +15,14 @@ from transformers.utils import can_return_tuple
 
 from .configuration_equivcnp import ConvCNPConfig
 from .modeling_equivcnp import EquivCNPPreTrainedModel
-from .neural_process import NeuralProcessOutput, check_inputs, compute_dtype, gaussian_prediction, uniform_grid
+from .neural_process import (
+    NeuralProcessOutput,
+    check_inputs,
+    compute_dtype,
+    density_normalised,
+    gaussian_prediction,
+    uniform_grid,
+)
 
 __all__ = ["ConvCNPModel"]
 
@@ -79,7 +86,7 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
         )
         w = self._rbf(grid, context_x, self.log_ell_in, context_mask)  # (B, G, Nc)
         h0 = w.sum(-1, keepdim=True)
-        h1 = w @ context_y / (h0 + 1e-8)
+        h1 = density_normalised(w @ context_y, h0)
         gm = grid_mask[..., None].to(h0.dtype)
         h = torch.sigmoid(self.embed(torch.cat([h0, h1], -1))) * gm  # padded grid points act as zero padding
         h = h.transpose(1, 2)

@@ -4,7 +4,7 @@
 
 1. **Discretisation** D of the input space: a uniform grid over the data (T(1)), or the context ∪ target points, or the
    targets. Every choice moves with the data under the group, so nothing here breaks equivariance.
-2. **E (ConvDeepSet):** `h⁰(u) = Σ_c ψ(d_G(u, x_c))`, `h¹(u) = Σ_c ψ(d_G(u, x_c)) y_c / (h⁰(u) + 1e-8)` with
+2. **E (ConvDeepSet):** `h⁰(u) = Σ_c ψ(d_G(u, x_c))`, `h¹(u) = Σ_c ψ(d_G(u, x_c)) y_c / (h⁰(u) + ε)` with
    ψ(d) = exp(-d²/2ℓ²) and d_G the group distance (invariant). Power features φ(y) = (1, y), i.e. multiplicity K = 1
    as in the EquivCNP code. Using d_G instead of the Euclidean RBF makes E invariant under scaling for R×SO(2).
 3. **ρ:** `Linear(1 + y_dim → C)` then `num_layers` LieConv residual blocks on D. On the T(1) grid, the blocks run as
@@ -35,7 +35,14 @@ from transformers.utils import logging as hf_logging
 from .configuration_equivcnp import CNPConfig, ConvCNPConfig, EquivCNPConfig
 from .groups import get_group
 from .lieconv import LieConv, LieConvBlock, Neighbourhood, build_neighbourhood, gather_points, grid_stencil_half_width
-from .neural_process import NeuralProcessOutput, check_inputs, compute_dtype, gaussian_prediction, uniform_grid
+from .neural_process import (
+    NeuralProcessOutput,
+    check_inputs,
+    compute_dtype,
+    density_normalised,
+    gaussian_prediction,
+    uniform_grid,
+)
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
 
@@ -136,7 +143,7 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         ell = self.log_length_scale.exp()
         psi = torch.exp(-0.5 * (nb.distance.clamp(max=1e4) / ell) ** 2) * nb.valid  # (B, Nd, k)
         h0 = psi.sum(-1, keepdim=True)
-        h1 = (psi[..., None] * gather_points(context_y, nb.index)).sum(-2) / (h0 + 1e-8)
+        h1 = density_normalised((psi[..., None] * gather_points(context_y, nb.index)).sum(-2), h0)
         return torch.cat([h0, h1], -1)
 
     def uses_grid_convolution(self) -> bool:

@@ -93,6 +93,16 @@ def gaussian_prediction(
     return NeuralProcessOutput(loss=loss, mean=mean, stddev=stddev)
 
 
+def density_normalised(signal: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """The SetConv's normalised channel h¹ = signal / (h⁰ + ε), `signal (B, N, y_dim)`, `density (B, N, 1)`.
+
+    ε is 1e-8, or the smallest normal number of a half-precision dtype where 1e-8 rounds to 0 (float16: 6e-5): a
+    point with no context in reach (h⁰ = 0, signal 0) then reads 0, not 0/0.
+    """
+    eps = max(1e-8, torch.finfo(density.dtype).tiny)
+    return signal / (density + eps)
+
+
 def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
     if mask is None:
         return None

@@ -132,3 +132,18 @@ def test_checkpoint_card_metadata_matches_the_folder(folder):
         assert "*exactly* equivariant" not in card.text
         assert "up to the truncation of its neighbourhoods" in card.text
         assert "Measured on the usage example" in card.text
+
+
+@pytest.mark.parametrize("name", ["equivcnp-gp-rbf", "convcnp-gp-rbf"])
+def test_float16_checkpoints_predict_finite_values_where_no_context_is_in_reach(name):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(REPO / "checkpoints" / name, dtype=torch.float16).eval()
+    context_x = torch.linspace(-2, 2, 10, dtype=torch.float16)[None, :, None]
+    target_x = torch.linspace(-4, 4, 50, dtype=torch.float16)[None, :, None]  # some points far from the context
+    with torch.no_grad():
+        out = model(context_x, torch.sin(3 * context_x), target_x)
+        reference = model.float()(context_x.float(), torch.sin(3 * context_x.float()), target_x.float())
+    assert torch.isfinite(out.mean).all() and torch.isfinite(out.stddev).all()
+    error = (out.mean.float() - reference.mean).abs()  # half precision: the same curve, to within about 0.1
+    assert error.max() < 0.25 and error.mean() < 0.05
