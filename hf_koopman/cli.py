@@ -172,7 +172,9 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ValueError(f"{path} is a folder without config.json; pass a save_pretrained folder.")
+            from hf_koopman.profiling.streaming import missing_config_message
+
+            raise ValueError(missing_config_message(path))
         data = _read_json(config_file)
         if "model_type" not in data:
             raise ValueError(

@@ -516,3 +516,16 @@ def test_max_lr_refuses_a_rank():
 def test_cli_max_lr_refuses_a_rank_with_the_reason(tiny_llama_json, capsys):
     assert main(["max-lr", str(tiny_llama_json), "--init", "--rank", "8"]) == 2
     assert "max-lr reads the full spectrum" in capsys.readouterr().err
+
+
+def test_a_peft_adapter_folder_is_named_with_the_merge_that_profiles_it(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert main(["profile", str(tmp_path), "--no-progress"]) == 2
+    assert "holds a PEFT adapter (adapter_config.json)" in capsys.readouterr().err
+    from hf_koopman.profiling import profile_streaming
+
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\)"):
+        profile_streaming(tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    assert main(["profile", str(tmp_path), "--no-progress"]) == 2
+    assert "has no config.json" in capsys.readouterr().err

@@ -101,6 +101,16 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
+def missing_config_message(folder: Path) -> str:
+    """The error for a folder without `config.json`; a PEFT adapter folder (`adapter_config.json`) is named as one,
+    with the merge that makes a profilable folder of it."""
+    if (folder / "adapter_config.json").is_file():
+        return (f"{folder} holds a PEFT adapter (adapter_config.json), not a model: merge it into its base model and "
+                "save that (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)), or "
+                "profile the PeftModel in memory with hf_koopman.profile(peft_model).")
+    return f"{folder} has no config.json; pass the folder written by `save_pretrained`."
+
+
 def _resolve_source(model: Any, init: bool | None) -> tuple[PretrainedConfig, Path | None, bool, str]:
     """-> (config, weights folder or None, init?, name)."""
     from transformers import AutoConfig, PretrainedConfig
@@ -122,7 +132,7 @@ def _resolve_source(model: Any, init: bool | None) -> tuple[PretrainedConfig, Pa
                 "architecture config such as llama-2-7b) or a local save_pretrained folder; nothing is downloaded."
             )
         if not (folder / "config.json").is_file():
-            raise ValueError(f"{folder} has no config.json; pass the folder written by `save_pretrained`.")
+            raise ValueError(missing_config_message(folder))
         config = AutoConfig.from_pretrained(folder)
         return config, (None if init else folder), bool(init), folder.name
     raise TypeError(f"model must be a PretrainedConfig or a path to a local folder, got {type(model).__name__}.")
