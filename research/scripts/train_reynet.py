@@ -117,16 +117,27 @@ def _commented(code: str, comment: str) -> str:
     return f"{code:<44}# {comment}"
 
 
-def _graph_inputs_text(in_channels: int) -> str:
+# What the labels of a published TU data set mean, from its README.txt. Graph labels are re-indexed in sorted order
+# (`load_gin_graphs`): MUTAG's -1 (63 graphs) / 1 (125 mutagenic graphs) become 0 / 1; its node labels 0..6 are atom
+# types.
+_LABEL_NAMES = {
+    "MUTAG": {"classes": ["non-mutagenic", "mutagenic"], "node_labels": ["C", "N", "O", "F", "I", "Cl", "Br"]},
+}
+
+
+def _graph_inputs_text(in_channels: int, node_label_names: list[str] | None = None) -> str:
     """Card paragraph + snippet: real graphs -> `build_graph_tensor` -> `ReyNetGraphCollator` -> the classifier."""
     L = in_channels - 1  # node classes: channel 0 is the adjacency, channel 1 + l carries node label l
     triangle = [i % L for i in range(3)]
     path = [i % L for i in range(5)]
+    names = ""
+    if node_label_names:
+        names = " (" + ", ".join(f"{i} {name}" for i, name in enumerate(node_label_names)) + ")"
     return (
         "To classify real graphs, `hf_koopman.models.reynet.build_graph_tensor` turns an edge list and integer node "
-        f"labels in `[0, {L})` into the `({in_channels}, n, n)` input of one graph (the layout this model was trained "
-        "on), and `ReyNetGraphCollator` pads graphs of different sizes into `graph_tensor` + `node_mask` (it also "
-        "serves as `Trainer(data_collator=...)`). Both come with the `hf_koopman` package:\n\n"
+        f"labels in `[0, {L})`{names} into the `({in_channels}, n, n)` input of one graph (the layout this model was "
+        "trained on), and `ReyNetGraphCollator` pads graphs of different sizes into `graph_tensor` + `node_mask` (it "
+        "also serves as `Trainer(data_collator=...)`). Both come with the `hf_koopman` package:\n\n"
         "```python\n"
         "from hf_koopman.models.reynet import ReyNetGraphCollator, build_graph_tensor\n\n"
         f"triangle = build_graph_tensor([[0, 1, 2], [1, 2, 0]], node_labels={triangle}, num_node_labels={L})\n"
@@ -137,7 +148,7 @@ def _graph_inputs_text(in_channels: int) -> str:
     )
 
 
-def _usage_text(head: str, repo_id: str, in_channels: int) -> str:
+def _usage_text(head: str, repo_id: str, in_channels: int, node_label_names: list[str] | None = None) -> str:
     """The card's Usage section: load the head the checkpoint was saved with (the bare encoder only as an aside)."""
     if head == "ReyNetForGraphClassification":
         intro = ("With `hf_koopman` installed the classes are registered with the Auto classes on import; without it, "
@@ -163,12 +174,13 @@ def _usage_text(head: str, repo_id: str, in_channels: int) -> str:
         "instead (equivariant features `last_hidden_state` of shape `(batch, C', n, n)`), without the head's weights."
     )
     if head == "ReyNetForGraphClassification" and in_channels > 1:  # graph data with node labels
-        text += "\n\n" + _graph_inputs_text(in_channels)
+        text += "\n\n" + _graph_inputs_text(in_channels, node_label_names)
     return text
 
 
 def _publish(model, folder: Path, *, repo_id: str, description: str, training: str, results: str, caveats: str,
-             tags: list[str], datasets: list[str], eval_results: list[dict], push_org: str | None) -> Path:
+             tags: list[str], datasets: list[str], eval_results: list[dict], push_org: str | None,
+             node_label_names: list[str] | None = None) -> Path:
     import tempfile
 
     from hf_koopman.models.publishing import export_for_hub, render_model_card, save_checkpoint
@@ -201,7 +213,7 @@ def _publish(model, folder: Path, *, repo_id: str, description: str, training: s
             "in_channels": model.config.in_channels,
             "head_class": head,
             "load_snippet": load,
-            "usage": _usage_text(head, repo_id, model.config.in_channels),
+            "usage": _usage_text(head, repo_id, model.config.in_channels, node_label_names),
             "training": training,
             "results": results,
             "caveats": caveats,
@@ -525,6 +537,10 @@ def run_graph_checkpoint(args) -> None:
     ds = GraphDataset(graphs, num_node_labels)
     torch.manual_seed(protocol.seed)
     model = graph_model("reynet", num_node_labels + 1, num_classes, protocol)
+    names = _LABEL_NAMES.get(name, {})
+    if "classes" in names:  # `model.config.id2label` names what the logits mean
+        model.config.id2label = dict(enumerate(names["classes"]))
+        model.config.label2id = {label: i for i, label in enumerate(names["classes"])}
     epochs = out["datasets"][name]["epochs"]  # as many as the CV reached
     train_graph_classifier(model, ds, list(range(len(ds))), epochs=epochs, lr=protocol.lr,
                            batch_size=protocol.batch_size, seed=protocol.seed, desc=f"{name}/final",
@@ -561,6 +577,7 @@ def run_graph_checkpoint(args) -> None:
             "metric_type": "accuracy", "metric_value": round(r["mean"], 4),
         }],
         push_org=args.push_to_hub,
+        node_label_names=names.get("node_labels"),
     )
 
 

@@ -58,3 +58,15 @@ def test_graph_card_builds_real_graph_inputs(monkeypatch, tmp_path):
     assert type(namespace["model"]).__name__ == "ReyNetForGraphClassification"
     assert namespace["batch"]["graph_tensor"].shape == (2, 8, 5, 5)
     assert namespace["logits"].shape == (2, 2)
+
+
+def test_mutag_checkpoint_names_its_classes_and_atom_types():
+    folder = REPO_ROOT / "checkpoints" / "reynet-mutag"
+    if not folder.is_dir():
+        pytest.skip("no committed MUTAG checkpoint")
+    import hf_koopman  # noqa: F401 - registers the classes
+    from transformers import AutoConfig
+
+    # TU MUTAG: graph labels -1 / 1 (125 mutagenic compounds) read as 0 / 1; node labels 0..6 are atom types
+    assert AutoConfig.from_pretrained(folder).id2label == {0: "non-mutagenic", 1: "mutagenic"}
+    assert "(0 C, 1 N, 2 O, 3 F, 4 I, 5 Cl, 6 Br)" in _usage(folder)[0]
