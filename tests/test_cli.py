@@ -361,6 +361,7 @@ def test_progress_bars_follow_the_transformers_switch(tiny_llama_json, tmp_path,
     from transformers.utils import logging as hf_logging
 
     argv = ["profile", str(tiny_llama_json), "--init", "--num-samples", "32", "--rank", "4", "--no-plots"]
+    hf_logging.enable_progress_bar()  # whatever an earlier test in this process left
     assert main([*argv, "--out", str(tmp_path / "shown")]) == 0
     assert "forward (" in capsys.readouterr().err
     hf_logging.disable_progress_bar()

@@ -10,6 +10,7 @@ import operator
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -212,6 +213,14 @@ def _index_error(batch: Mapping[str, Any], model: nn.Module, prompt_tokens: int 
                 "cannot look up (-100 marks ignored positions in labels, not in input_ids): pad input_ids with the "
                 "tokenizer's pad_token_id and mark the padding with attention_mask = 0.")
     return None
+
+
+def _raised_by_peft(err: BaseException) -> bool:
+    """Whether `err` was raised inside the `peft` package (its wrapper's forward), not by the model it wraps."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "peft" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
 def _describe_inputs(batch: Mapping[str, Any], args: Sequence[Any] = ()) -> str:
@@ -740,6 +749,13 @@ def profile(
                             _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
                                            f"{_describe_inputs(batch, args)}.{_dropped_labels_note(raw)}")
                             raise
+                        if _raised_by_peft(err):  # the adapter method, not the inputs
+                            raise ValueError(
+                                f"PEFT's {type(model).__name__} failed before any block ran: {type(err).__name__}: "
+                                f"{str(err).rstrip('.')}. The adapter method does not run on this model as PEFT "
+                                "wraps it (the inputs are not the cause); profile the base model "
+                                "(peft_model.get_base_model()), or use an adapter method PEFT supports for this task."
+                            ) from err
                         given = sorted(raw) if isinstance(raw, Mapping) else [type(raw).__name__]
                         raise ValueError(
                             f"{type(inner).__name__} rejected the inputs before any block ran (given {given}): "

@@ -349,3 +349,13 @@ def test_peft_modules_to_save_on_a_whole_block_keeps_the_block_list():
     assert type(blocks[1].module).__name__ == "ModulesToSaveWrapper"  # the copy PEFT trains runs inside it
     result = profile(model, num_samples=64, seed=3)  # LoRA B = 0 and the saved copy is the block: the same spectra
     assert [f.near_unit_mass for f in result.features] == [f.near_unit_mass for f in reference.features]
+
+
+def test_an_adapter_method_peft_cannot_run_on_the_model_is_not_blamed_on_the_inputs():
+    peft = pytest.importorskip("peft")
+    base = transformers.GPT2ForSequenceClassification(tiny_model("gpt2").config)
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=4))
+    with pytest.raises(ValueError, match=r"PEFT's PeftModelForSequenceClassification failed before any block ran: .*"
+                                         r"the inputs are not the cause.*get_base_model\(\)") as err:
+        profile(model, num_samples=64)
+    assert "Pass inputs this model's forward takes" not in str(err.value)
