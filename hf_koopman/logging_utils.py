@@ -5,8 +5,8 @@ applications and pytest's `caplog` see them) with a filter that drops records be
 set to: `transformers.logging.set_verbosity_error()` silences hf_koopman's warnings as it silences transformers', and
 `set_verbosity_info()` (or `TrainingArguments(log_level="info")`) shows its info records. The verbosity decides, not
 the logger level: the `hf_koopman` package logger passes every record to the filter unless its level is set. Where no
-handler would print a record (an application that configures no logging), one writes its message to stderr, as
-transformers' own handler does.
+handler would print a record (an application that configures no logging), one writes it to stderr as
+`[hf_koopman] message`, as transformers' own handler writes `[transformers] message`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ _PACKAGE = "hf_koopman"
 
 
 class _StderrWhereUnhandled(logging.Handler):
-    """Writes a record's message to stderr (the stream of the moment) when no other handler on the record's way to the
+    """Writes a record to stderr (the stream of the moment) when no other handler on the record's way to the
     root logger would: Python's last-resort handler prints warnings only, so info records shown by
     `set_verbosity_info()` need a handler in an application that configures none."""
 
@@ -73,7 +73,9 @@ class _StderrWhereUnhandled(logging.Handler):
 def _configure_package_logger() -> None:
     package = logging.getLogger(_PACKAGE)
     if not any(isinstance(handler, _StderrWhereUnhandled) for handler in package.handlers):
-        package.addHandler(_StderrWhereUnhandled())
+        handler = _StderrWhereUnhandled()
+        handler.setFormatter(logging.Formatter(f"[{_PACKAGE}] %(message)s"))
+        package.addHandler(handler)
         if package.level == logging.NOTSET:  # a level the application set is kept
             package.setLevel(logging.DEBUG)
 

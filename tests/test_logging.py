@@ -35,8 +35,9 @@ def test_records_follow_the_transformers_verbosity_without_logging_configured():
     done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=120, check=True)
     lines = done.stderr.splitlines()
     assert "info at default verbosity" not in done.stderr
-    assert lines.count("warning at default verbosity") == 1
-    assert lines.count("info at info verbosity") == 1
+    assert lines.count("[hf_koopman] warning at default verbosity") == 1
+    assert lines.count("[hf_koopman] info at info verbosity") == 1
     assert "debug at info verbosity" not in done.stderr
     assert "warning at error verbosity" not in done.stderr
-    assert lines.count("root: info with a root handler") == 1 and "info with a root handler" not in lines
+    assert lines.count("root: info with a root handler") == 1
+    assert "[hf_koopman] info with a root handler" not in lines
