@@ -651,6 +651,7 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
+        args.restore_progress = hf_logging.is_progress_bar_enabled()  # main() switches it back on afterwards
         hf_logging.disable_progress_bar()  # also the "Loading weights" bar of from_pretrained
     return False if args.no_progress else None  # None: transformers' switch (HF_HUB_DISABLE_PROGRESS_BARS) decides
 
@@ -1165,6 +1166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hf-koopman {args.command}: error: {_out_of_memory_message(args, err)}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "restore_progress", False):  # --no-progress holds for this command only
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
 
 
 def _stdout_reader_gone() -> bool:

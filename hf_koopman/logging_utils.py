@@ -49,6 +49,7 @@ def errors_only(active: bool = True) -> Iterator[None]:
 
 _FILTER = _TransformersVerbosity()
 _PACKAGE = "hf_koopman"
+_MARK = "_hf_koopman_stderr_where_unhandled"
 
 
 class _StderrWhereUnhandled(logging.Handler):
@@ -59,7 +60,7 @@ class _StderrWhereUnhandled(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         logger: logging.Logger | None = logging.getLogger(record.name)
         while logger is not None:
-            if any(handler is not self for handler in logger.handlers):
+            if any(not getattr(handler, _MARK, False) for handler in logger.handlers):
                 return
             if not logger.propagate:
                 break
@@ -72,8 +73,9 @@ class _StderrWhereUnhandled(logging.Handler):
 
 def _configure_package_logger() -> None:
     package = logging.getLogger(_PACKAGE)
-    if not any(isinstance(handler, _StderrWhereUnhandled) for handler in package.handlers):
+    if not any(getattr(handler, _MARK, False) for handler in package.handlers):  # one, also after a module reload
         handler = _StderrWhereUnhandled()
+        setattr(handler, _MARK, True)
         handler.setFormatter(logging.Formatter(f"[{_PACKAGE}] %(message)s"))
         package.addHandler(handler)
         if package.level == logging.NOTSET:  # a level the application set is kept

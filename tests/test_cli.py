@@ -162,15 +162,16 @@ def test_max_tokens_flag_bounds_the_input_read(tiny_llama_json, tmp_path, capsys
     assert "--max-tokens" in capsys.readouterr().err
 
 
-def test_no_progress_hides_the_weight_loading_bar(tiny_llama_json, tmp_path):
+def test_no_progress_hides_the_weight_loading_bar(saved_model_dir, tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
-    try:
-        assert main(["profile", str(tiny_llama_json), "--init", "--num-samples", "32", "--rank", "4", "--no-plots",
-                     "--no-progress", "--out", str(tmp_path / "out")]) == 0
-        assert not hf_logging.is_progress_bar_enabled()
-    finally:
-        hf_logging.enable_progress_bar()
+    hf_logging.enable_progress_bar()  # whatever an earlier test in this process left
+    argv = ["profile", str(saved_model_dir), "--num-samples", "32", "--rank", "4", "--no-plots"]
+    assert main([*argv, "--out", str(tmp_path / "shown")]) == 0
+    assert "Loading weights" in capsys.readouterr().err
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "quiet")]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on after the command
 
 
 def test_rank_flag_selects_the_named_approximation(tiny_llama_json, tmp_path, capsys):
@@ -362,7 +363,9 @@ def test_progress_bars_follow_the_transformers_switch(tiny_llama_json, tmp_path,
 
     argv = ["profile", str(tiny_llama_json), "--init", "--num-samples", "32", "--rank", "4", "--no-plots"]
     hf_logging.enable_progress_bar()  # whatever an earlier test in this process left
-    assert main([*argv, "--out", str(tmp_path / "shown")]) == 0
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "quiet")]) == 0
+    assert "forward (" not in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "shown")]) == 0  # --no-progress held for its own command only
     assert "forward (" in capsys.readouterr().err
     hf_logging.disable_progress_bar()
     try:

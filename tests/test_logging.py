@@ -25,6 +25,9 @@ _CHILD = textwrap.dedent(
     hf_logging.set_verbosity_error()
     log.warning("warning at error verbosity")
     hf_logging.set_verbosity_info()
+    import importlib, hf_koopman.logging_utils as utils
+    importlib.reload(utils)  # a second handler class: still one line per record
+    utils.get_logger("hf_koopman.profiling.example").info("info after a reload")
     logging.basicConfig(stream=sys.stderr, format="root: %(message)s")
     log.info("info with a root handler")
     """
@@ -39,5 +42,6 @@ def test_records_follow_the_transformers_verbosity_without_logging_configured():
     assert lines.count("[hf_koopman] info at info verbosity") == 1
     assert "debug at info verbosity" not in done.stderr
     assert "warning at error verbosity" not in done.stderr
+    assert lines.count("[hf_koopman] info after a reload") == 1
     assert lines.count("root: info with a root handler") == 1
     assert "[hf_koopman] info with a root handler" not in lines

@@ -15,7 +15,8 @@ from hf_koopman.profiling.blocks import unwrap_model
 
 __all__ = [
     "POSITIONAL_INPUT", "add_decoder_inputs", "iter_batches", "label_mask", "labels_feed_decoder", "mask_routes",
-    "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text", "virtual_tokens", "with_virtual_tokens",
+    "peft_model", "prepare_batch", "byte_tokenize", "snapshot_masks", "split_text", "virtual_tokens",
+    "with_virtual_tokens",
 ]
 
 logger = get_logger(__name__)
@@ -658,21 +659,29 @@ def mask_routes(model: torch.nn.Module, blocks: Any, batch: Mapping[str, Any] | 
 _PROMPT_METHODS = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 
 
-def virtual_tokens(model: torch.nn.Module) -> int:
-    """Learned tokens a PEFT prompt-learning `model` puts in front of every input sequence (0 for other models): the
-    blocks see `num_virtual_tokens + T` positions where the batch's attention mask has `T`. The PEFT model is found
-    inside DDP / DataParallel, FSDP1 and `torch.compile` wrappers."""
+def peft_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The PEFT model (`PeftModel`) `model` is or wraps, found inside DDP / DataParallel, FSDP1 and `torch.compile`
+    wrappers; `None` for other models."""
     seen: set[int] = set()
     while getattr(model, "active_peft_config", None) is None and id(model) not in seen:
         seen.add(id(model))
         inner = next((getattr(model, name) for name in ("module", "_fsdp_wrapped_module", "_orig_mod")
                       if isinstance(getattr(model, name, None), torch.nn.Module)), None)
         if inner is None:
-            return 0
+            return None
         model = inner
-    config = getattr(model, "active_peft_config", None)
-    kind = getattr(config, "peft_type", None)
-    if not getattr(config, "is_prompt_learning", False) or str(getattr(kind, "value", kind)) not in _PROMPT_METHODS:
+    return model if getattr(model, "active_peft_config", None) is not None else None
+
+
+def virtual_tokens(model: torch.nn.Module, *, positions: bool = False) -> int:
+    """Learned tokens a PEFT prompt-learning `model` puts in front of every input sequence (0 for other models): the
+    blocks see `num_virtual_tokens + T` positions where the batch's attention mask has `T`. With `positions=True`,
+    also prefix tuning's, which are no states of the stream but take the first rows of the position table (its keys
+    and values come first, so the text's position ids start after them)."""
+    config = getattr(peft_model(model), "active_peft_config", None)
+    kind = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None)))
+    methods = (*_PROMPT_METHODS, "PREFIX_TUNING") if positions else _PROMPT_METHODS
+    if not getattr(config, "is_prompt_learning", False) or kind not in methods:
         return 0
     return int(getattr(config, "num_virtual_tokens", 0) or 0)
 

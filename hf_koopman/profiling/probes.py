@@ -114,12 +114,12 @@ def max_sequence_length(model_or_config: Any) -> int | None:
 
 def prompt_probe_length(model: Any) -> int | None:
     """The `seq_len` of a default probe that leaves room in the position table for the virtual tokens a PEFT
-    prompt-learning `model` (possibly inside DDP / compile wrappers) puts in front of every row; `None` (the default
-    length) for other models and for models without a bounded position table."""
+    prompt-learning `model` (possibly inside DDP / compile wrappers) puts in front of every row (prefix tuning's
+    included); `None` (the default length) for other models and for models without a bounded position table."""
     from hf_koopman.profiling.blocks import unwrap_model
     from hf_koopman.profiling.inputs import virtual_tokens
 
-    prompt = virtual_tokens(model) if isinstance(model, torch.nn.Module) else 0
+    prompt = virtual_tokens(model, positions=True) if isinstance(model, torch.nn.Module) else 0
     limit = max_sequence_length(unwrap_model(model)) if prompt else None
     return None if limit is None else max(1, min(_PAPER_SEQ_LEN, limit - prompt))
 

@@ -35,6 +35,7 @@ from hf_koopman.profiling.inputs import (
     iter_batches,
     labels_feed_decoder,
     mask_routes,
+    peft_model,
     prepare_batch,
     snapshot_masks,
     virtual_tokens,
@@ -195,7 +196,7 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
 
 def _index_error(batch: Mapping[str, Any], model: nn.Module, prompt_tokens: int = 0) -> str | None:
     """The fix for an index error of `model`'s forward on `batch`, when the inputs explain it: token sequences longer
-    than its position table (less the `prompt_tokens` virtual tokens PEFT prompt tuning puts in front of each row), or
+    than its position table (less the `prompt_tokens` rows a PEFT prompt or prefix takes in front of each row), or
     negative token ids (which only some models map themselves); else `None`."""
     ids = batch.get("input_ids")
     tokens = ids if isinstance(ids, torch.Tensor) else batch.get("inputs_embeds")
@@ -204,7 +205,7 @@ def _index_error(batch: Mapping[str, Any], model: nn.Module, prompt_tokens: int 
         length = tokens.shape[-1] if tokens is ids else tokens.shape[-2]
         limit = max(1, positions - prompt_tokens)
         if length > limit:
-            prompt = f" with the {prompt_tokens} virtual tokens of PEFT prompt tuning in front" if prompt_tokens else ""
+            prompt = f" with the {prompt_tokens} virtual tokens of the PEFT adapter in front" if prompt_tokens else ""
             return (f"the inputs hold {length} tokens per row{prompt}, more than the {positions} positions of "
                     f"{type(model).__name__}; pass at most {limit} tokens per row (tokenizer(..., truncation=True, "
                     f"max_length={limit}), or input_ids[..., :{limit}]).")
@@ -216,11 +217,17 @@ def _index_error(batch: Mapping[str, Any], model: nn.Module, prompt_tokens: int 
 
 
 def _raised_by_peft(err: BaseException) -> bool:
-    """Whether `err` was raised inside the `peft` package (its wrapper's forward), not by the model it wraps."""
+    """Whether `err` was raised inside the installed `peft` package (its wrapper's forward), not by the model it
+    wraps."""
+    try:
+        import peft
+    except ImportError:
+        return False
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and "peft" in Path(tb.tb_frame.f_code.co_filename).parts
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+        Path(peft.__file__).resolve().parent)
 
 
 def _describe_inputs(batch: Mapping[str, Any], args: Sequence[Any] = ()) -> str:
@@ -694,14 +701,20 @@ def profile(
     _check_materialised(inner)
     blocks = find_residual_blocks(inner, layers)
     prompt_tokens = virtual_tokens(model)  # PEFT prompt tuning: learned tokens in front of every sequence
+    reserved = virtual_tokens(model, positions=True)  # ... and the position-table rows they (or a prefix) take
+    positions = max_sequence_length(inner)
+    if positions is not None and reserved >= positions:
+        raise ValueError(
+            f"the PEFT adapter's {reserved} virtual tokens take all {positions} positions of {type(inner).__name__}'s "
+            "position table, leaving none for the text; use fewer num_virtual_tokens in the PEFT config."
+        )
     if inputs is None:  # the probe is built here: its size is known before any work
         probe_tokens = min(num_samples, max_tokens or num_samples)
         _check_snapshot_memory(inner, probe_tokens, len(blocks))
         inputs = default_probe_inputs(inner, num_tokens=probe_tokens, seed=seed, seq_len=prompt_probe_length(model))
     max_tokens = 16 * num_samples if max_tokens is None else max_tokens
-    positions = max_sequence_length(inner)
     if positions is not None:  # longer texts (with the virtual tokens) would index past the position table
-        max_length = min(max_length, max(1, positions - prompt_tokens))
+        max_length = min(max_length, positions - reserved)
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic
     # forward (hf_ecosystem.md §4.5); FSDP and PEFT wrappers are called as they are (all-gathers, adapters)
     runner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
@@ -749,12 +762,15 @@ def profile(
                             _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
                                            f"{_describe_inputs(batch, args)}.{_dropped_labels_note(raw)}")
                             raise
-                        if _raised_by_peft(err):  # the adapter method, not the inputs
+                        wrapper = peft_model(model)
+                        if wrapper is not None and _raised_by_peft(err):  # PEFT's own checks, not the model's
                             raise ValueError(
-                                f"PEFT's {type(model).__name__} failed before any block ran: {type(err).__name__}: "
-                                f"{str(err).rstrip('.')}. The adapter method does not run on this model as PEFT "
-                                "wraps it (the inputs are not the cause); profile the base model "
-                                "(peft_model.get_base_model()), or use an adapter method PEFT supports for this task."
+                                f"PEFT's {type(wrapper).__name__} raised before any block ran: {type(err).__name__}: "
+                                f"{str(err).rstrip('.')}. Its forward was called with "
+                                f"{_describe_inputs(batch, args)}. Either the inputs lack what the adapter method "
+                                "needs (multitask prompt tuning's task_ids, ...), or the method does not run on this "
+                                "model as PEFT wraps it (prefix tuning needs a model with past key values); the base "
+                                "model profiles as peft_model.get_base_model()."
                             ) from err
                         given = sorted(raw) if isinstance(raw, Mapping) else [type(raw).__name__]
                         raise ValueError(
@@ -765,7 +781,7 @@ def profile(
                             f"probe.{_dropped_labels_note(raw)}"
                         ) from err
                     except Exception as err:
-                        hint = _index_error(batch, inner, prompt_tokens) if isinstance(err, IndexError) else None
+                        hint = _index_error(batch, inner, reserved) if isinstance(err, IndexError) else None
                         if hint:
                             raise ValueError(hint) from err
                         _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "

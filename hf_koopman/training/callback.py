@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import numbers
 import os
@@ -183,6 +184,14 @@ def _pushed_copies(args: Any) -> str:
     folder = {"checkpoint": " and last-checkpoint", "all_checkpoints": " and its checkpoint folder"}.get(strategy, "")
     return (f"; with push_to_hub, output_dir's own model files and the Hub repository's root{folder} may still hold "
             "its weights until the next save")
+
+
+def _replica_quiet(state: Any) -> Any:
+    """Every process profiles the same probe; the local main process says what it found. A replica keeps to errors
+    there unless the run asked replicas for more than warnings (`TrainingArguments(log_level_replica="info")`)."""
+    from transformers.utils import logging as hf_logging
+
+    return errors_only(not state.is_local_process_zero and hf_logging.get_verbosity() >= logging.WARNING)
 
 
 def _suspect_name(name: str, k: int) -> str:
@@ -708,7 +717,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
                         "(the first run's rksp_profile.json / rksp_report.md stay as they are)", state.global_step)
             restored = True
         if self.profile_at_init and not restored and model is not None:
-            with errors_only(not state.is_local_process_zero):  # every process profiles; the main one speaks
+            with _replica_quiet(state):
                 self._profile_at_init(args, state, model, train_dataloader)
         if self.guard:
             self._start_guard(args, state, model, optimizer, lr_scheduler)
@@ -1756,9 +1765,9 @@ class RKSPCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True
             return control
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None:
-            batch = self._probe_batch(model, kwargs.get("train_dataloader"))
             try:
-                with errors_only(not state.is_local_process_zero):  # every process profiles; the main one speaks
+                with _replica_quiet(state):
+                    batch = self._probe_batch(model, kwargs.get("train_dataloader"))
                     # the learning rate the run trains at now (after any back-off)
                     spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
                                                          args.learning_rate * self.lr_scale,

@@ -333,9 +333,16 @@ def test_peft_prompt_tuning_leaves_room_for_its_virtual_tokens_in_the_position_t
     result = profile(model, num_samples=64)  # the default probe's rows hold 40 - 8 tokens
     assert set(result.meta["tokens_seen_per_layer"].values()) == {2 * (8 + 32)}
     ids = torch.randint(0, base.config.vocab_size, (2, 40))
-    with pytest.raises(ValueError, match="with the 8 virtual tokens of PEFT prompt tuning in front, more than the 40 "
+    with pytest.raises(ValueError, match="with the 8 virtual tokens of the PEFT adapter in front, more than the 40 "
                                          "positions of GPT2LMHeadModel; pass at most 32 tokens per row"):
         profile(model, inputs={"input_ids": ids}, num_samples=64)
+    # prefix tuning's keys and values come first: the text's position ids start after them
+    prefix = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=8))
+    assert set(profile(prefix, num_samples=64).meta["tokens_seen_per_layer"].values()) == {2 * 32}
+    crowded = peft.get_peft_model(tiny_model("gpt2"), peft.PromptTuningConfig(
+        task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=tiny_model("gpt2").config.n_positions))
+    with pytest.raises(ValueError, match="virtual tokens take all .* positions .* use fewer num_virtual_tokens"):
+        profile(crowded, num_samples=64)
 
 
 def test_peft_modules_to_save_on_a_whole_block_keeps_the_block_list():
@@ -355,7 +362,13 @@ def test_an_adapter_method_peft_cannot_run_on_the_model_is_not_blamed_on_the_inp
     peft = pytest.importorskip("peft")
     base = transformers.GPT2ForSequenceClassification(tiny_model("gpt2").config)
     model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=4))
-    with pytest.raises(ValueError, match=r"PEFT's PeftModelForSequenceClassification failed before any block ran: .*"
-                                         r"the inputs are not the cause.*get_base_model\(\)") as err:
+    with pytest.raises(ValueError, match=r"PEFT's PeftModelForSequenceClassification raised before any block ran: .*"
+                                         r"past key values.*get_base_model\(\)") as err:
         profile(model, num_samples=64)
     assert "Pass inputs this model's forward takes" not in str(err.value)
+    # an input the model itself rejects stays the inputs' problem, PEFT or not
+    base = tiny_model("gpt2")
+    lora = peft.get_peft_model(base, peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, target_modules=["c_attn"]))
+    both = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "inputs_embeds": torch.randn(2, 8, base.config.n_embd)}
+    with pytest.raises(ValueError, match="rejected the inputs before any block ran"):
+        profile(lora, inputs=both, num_samples=8)
