@@ -563,8 +563,8 @@ def _cap_max_length(args: argparse.Namespace, model_or_config: Any) -> None:
 _DEFAULT_MAX_LENGTH = 256
 
 
-def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL and the probe-input arguments shared by `profile` and `max-lr`."""
+def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool = False) -> None:
+    """MODEL and the probe-input arguments shared by `profile` (`stream=True`: it has --stream) and `max-lr`."""
     parser.add_argument("model", metavar="MODEL",
                         help="local save_pretrained folder or config.json, an embedded architecture name (see "
                              "`hf-koopman architectures`), or a Hub id (when online)")
@@ -588,15 +588,16 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int,
                         help=f"tokens per sequence for text inputs, at most the model's positions (default: "
                              f"{_DEFAULT_MAX_LENGTH})")
+    streamed = ("; with --stream, batches of --batch-size sequences until --num-samples tokens, all in the one "
+                "forward a streamed run makes, which holds them at once") if stream else ""
     parser.add_argument("--max-tokens", type=int,
-                        help="stop reading inputs once this many tokens reached every layer (default: 16 x "
-                             "--num-samples; with --stream, batches of --batch-size sequences until --num-samples "
-                             "tokens, all in the one forward a streamed run makes, which holds them at once)")
+                        help=f"stop reading inputs once this many tokens reached every layer (default: 16 x "
+                             f"--num-samples{streamed})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
 
 
 def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_input_arguments(parser)
+    _add_model_input_arguments(parser, stream=True)
     parser.add_argument(
         "--rank", type=int, default=None, metavar="R",
         help="analyse the rank-R approximation instead of the full spectrum (default: full spectrum). The paper's "

@@ -167,7 +167,9 @@ class _Moments:
 
 @dataclass(frozen=True)
 class DMDResult:
-    r"""Result of [`whitened_dmd`]. All tensors are float64 / complex128 on CPU or the input's device.
+    r"""Result of [`whitened_dmd`], on the input's device. Dtypes follow the module's precision rules (its docstring,
+    "Precision"): float64 / complex128 for float64 inputs, float32 / complex64 where the moments and the eigenproblem
+    run in float32; eigenvectors stay complex64 when the eigenproblem ran in float32.
 
     `m` is the number of modes: `d` for the full spectrum (`N - 1` when `N - 1 < d`: the problem is first reduced to the
     row space of the centred X, see `_row_space_coordinates`), `r` for rank-r DMD. A leading `L` axis is present when
@@ -196,7 +198,11 @@ class DMDResult:
             `rank_x == 0`; the spectrum is then uninformative.
         eigvec_condition (`(...,)` float64): $\kappa(V) = \|V\|_2\|V^{-1}\|_2$ of the unit-norm eigenvectors (`inf`
             for a singular basis, `nan` without eigenvectors).
-        n_samples (`int`): N.  dim (`int`): d.  randomized (`bool`).  eps (`float`).
+        n_samples (`int`): N, the snapshot pairs.
+        dim (`int`): d, the width of a snapshot.
+        randomized (`bool`): whether a rank-r range was found by the randomized range finder.
+        eps (`float`): the whitening ridge.
+        moments (`_Moments`): the snapshot moments the Grams above are formed from on first access (internal).
     """
 
     eigenvalues: torch.Tensor

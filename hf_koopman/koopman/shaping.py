@@ -188,7 +188,8 @@ def differentiable_dmd_eigenvalues(
         rank (`int`, *optional*): `None` (default) for the full spectrum; `r` for the rank-r randomized
             approximation (clipped to `min(d, N - 1)`).
         eps (`float`, defaults to `1e-5`): ridge added to the covariance of X before whitening (Eq. 9).
-        oversample (`int`, defaults to `10`), power_iters (`int`, defaults to `2`): range finder of the rank-r path.
+        oversample (`int`, defaults to `10`): oversampling of the rank-r path's range finder.
+        power_iters (`int`, defaults to `2`): power iterations of the rank-r path's range finder.
         generator (`torch.Generator`, *optional*): seeds the range finder's sketch (drawn on the
             generator's device, then moved to X's: a CPU generator gives the same sketch on any device).
         max_condition (`float`, defaults to `1e8`): largest eigenvector-basis condition number accepted; beyond it the

@@ -640,8 +640,9 @@ def profile(
         seed (`int`, defaults to 0): seeds the probe, the subsampling and the randomized DMD.
         layers (*optional*): override of the block discovery (see `find_residual_blocks`).
         tokenizer (*optional*): tokenizer for text inputs.
-        batch_size (`int`, defaults to 8), max_length (`int`, defaults to 256): batching / truncation of text inputs
-            (at least 1 and 2); `max_length` is also cut to the positions the model can index.
+        batch_size (`int`, defaults to 8): texts or dataset rows per forward pass (at least 1).
+        max_length (`int`, defaults to 256): truncation of text inputs in tokens (at least 2), also cut to the
+            positions the model can index (less the rows a PEFT prompt or prefix takes).
         max_tokens (`int`, *optional*): stop reading batches once this many valid tokens have been seen; defaults to
             `16 * num_samples` so that a large DataLoader is not consumed entirely (the sample stays uniform over the
             tokens read).

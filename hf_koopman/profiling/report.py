@@ -290,7 +290,16 @@ def _range_note(note: str, dtype: str | None) -> str:
 
 
 def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None) -> str:
-    """Markdown text of the report; `plots` maps captions to image paths (relative to the report)."""
+    """Markdown text of the report of `profile`.
+
+    Args:
+        profile (`SpectralProfile`): the profile to describe.
+        plots (`dict[str, str]`, *optional*): image captions mapped to image paths relative to the report; each is
+            embedded under its caption.
+
+    Returns:
+        `str`: the Markdown report (verdict, what it means, per-layer table, caveats).
+    """
     lines = [f"# RKSP spectral profile{f' of `{profile.model_name}`' if profile.model_name else ''}", ""]
     verdict, reason = profile.rule.decide_profile(profile)  # = profile.verdict, profile.verdict_reason, once
     tentative = reason.startswith(TENTATIVE)  # the bold label says it, the reason names the thresholds
@@ -594,6 +603,11 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
     it was. A folder that holds an earlier profile (a `profile.json`) gets the new one: the earlier profile's plots that
     this run does not write (`plots=False`, or no matplotlib) are removed, so that none of them sits next to the new
     report, and a warning names what was replaced and what removed. No other file in the folder is touched.
+
+    Args:
+        profile (`SpectralProfile`): the profile to write.
+        directory (`str` or `Path`): the output folder (created when missing).
+        plots (`bool`, defaults to `True`): also write the two plots (needs matplotlib).
 
     Returns:
         `dict[str, Path]`: what was written, by role (`"profile"`, `"report"`) or plot caption.

@@ -259,11 +259,14 @@ class SpectralProfile:
         return _json_safe(out)
 
     def to_json(self, **kwargs: Any) -> str:
+        """The profile as JSON text (`to_dict`); `kwargs` go to `json.dumps` (`indent` defaults to 2)."""
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectralProfile:
+        """The profile a `to_dict()` dict (or a parsed `profile.json`) describes; the strings "nan" / "inf" / "-inf"
+        are read back as numbers."""
         data = _from_json_safe(data)
         layer_cls = _layer_features_cls()
         known = {f.name for f in dataclasses.fields(layer_cls)}

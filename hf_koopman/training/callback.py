@@ -296,7 +296,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
         every_n_steps (`int`, defaults to `0`): periodic monitoring period in optimizer steps (`0` = off).
         monitor_num_samples (`int`, defaults to `512`): token states per layer for periodic monitoring.
         guard (`bool`, defaults to `True`): enable the divergence guard.
-        loss_threshold (`float`, defaults to `50.0`) / grad_norm_threshold (`float`, defaults to `500.0`): the rule.
+        loss_threshold (`float`, defaults to `50.0`): the rule's loss threshold.
+        grad_norm_threshold (`float`, defaults to `500.0`): the rule's gradient-norm threshold.
         check_activations (`bool`, defaults to `True`): watch block outputs for NaN/Inf (one on-device sum per block,
             read with the step's one sync).
         on_divergence (`str`, defaults to `"stop"`): `"stop"` or `"rollback"`.

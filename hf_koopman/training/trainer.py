@@ -411,7 +411,16 @@ class KSSTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
                    allow_unvalidated: bool = False) -> None:
-        """`Trainer.save_model`, refusing weights the divergence guard saw diverge (unless `allow_unvalidated`)."""
+        """`Trainer.save_model`, refusing weights the divergence guard saw diverge.
+
+        Args:
+            output_dir (`str`, *optional*): where to save (default: `args.output_dir`), as in `Trainer.save_model`.
+            allow_unvalidated (`bool`, defaults to `False`): save weights the guard saw diverge all the same.
+
+        Raises:
+            DivergedModelError: the in-memory weights diverged and were not rolled back, and `allow_unvalidated` is
+                `False`.
+        """
         if _internal_call:  # the Trainer's own checkpoint saves: the guard keeps diverged steps out of them
             super().save_model(output_dir, _internal_call)
             return

@@ -187,9 +187,11 @@ class CNPConfig(PreTrainedConfig):
     r"""Configuration of [`CNPModel`] (Garnelo et al. 2018; the EquivCNP paper's CNP baseline).
 
     Args:
-        x_dim (`int`, *optional*, defaults to 1), y_dim (`int`, *optional*, defaults to 1): data dimensions.
+        x_dim (`int`, *optional*, defaults to 1): input dimension.
+        y_dim (`int`, *optional*, defaults to 1): output dimension.
         hidden_size (`int`, *optional*, defaults to 128): width of encoder and decoder MLPs.
-        encoder_layers (`int`, *optional*, defaults to 4), decoder_layers (`int`, *optional*, defaults to 3): depths.
+        encoder_layers (`int`, *optional*, defaults to 4): depth of the encoder MLP.
+        decoder_layers (`int`, *optional*, defaults to 3): depth of the decoder MLP.
         min_std (`float`, *optional*, defaults to 0.1): σ = min_std + (1 - min_std)·softplus(·) as in the baseline;
             in (0, 1).
     """
@@ -244,8 +246,8 @@ class ConvCNPConfig(PreTrainedConfig):
         channels (`list[int]`, *optional*, defaults to `[16, 32, 16, 8]`): Conv1d widths after an 8-wide embedding.
         kernel_size (`int`, *optional*, defaults to 5): odd Conv1d kernel size.
         points_per_unit (`float`, *optional*, defaults to 32): grid density.
-        grid_margin (`float`, *optional*, defaults to 0.1), max_grid_points (`int`, *optional*, defaults to 4096): grid
-            (the margin is >= 0).
+        grid_margin (`float`, *optional*, defaults to 0.1): margin of the grid around the data (>= 0).
+        max_grid_points (`int`, *optional*, defaults to 4096): refuse inputs needing a larger grid.
         min_std (`float`, *optional*, defaults to 0.005): floor of the predictive standard deviation.
         x_dim (`int`, *optional*, defaults to 1): input dimension; accepted for symmetry with the other configs and
             must be 1.

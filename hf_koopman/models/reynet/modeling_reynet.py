@@ -678,6 +678,8 @@ class ReyNetForGraphClassification(ReyNetPreTrainedModel):
             labels (`torch.Tensor`, *optional*): by `config.problem_type`: class indices `(batch_size,)` in
                 `[0, num_labels)` (`LongTensor`), multi-hot `(batch_size, num_labels)` or regression targets
                 `(batch_size, num_labels)` (`FloatTensor`).
+            output_hidden_states (`bool`, *optional*): also return the input and every block's output as
+                `hidden_states` (channel-first).
             return_dict (`bool`, *optional*): a [`ReyNetInvariantOutput`] (default: `config.return_dict`) or a tuple.
         """
         out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states,
@@ -713,6 +715,8 @@ class ReyNetForInvariantRegression(ReyNetPreTrainedModel):
             node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
             labels (`torch.FloatTensor`, *optional*): regression targets of shape `(batch_size, num_targets)`, or
                 `(batch_size,)` when `num_targets` is 1.
+            output_hidden_states (`bool`, *optional*): also return the input and every block's output as
+                `hidden_states` (channel-first).
             return_dict (`bool`, *optional*): a [`ReyNetInvariantOutput`] (default: `config.return_dict`) or a tuple.
         """
         out = self.reynet(graph_tensor, node_mask=node_mask, output_hidden_states=output_hidden_states,
@@ -748,6 +752,8 @@ class ReyNetForEquivariantRegression(ReyNetPreTrainedModel):
             node_mask (`torch.BoolTensor` of shape `(batch_size, n)`, *optional*): real (True) and padded (False) nodes.
             labels (`torch.FloatTensor`, *optional*): target tensor of shape `(batch_size, num_targets, n, n)`, or
                 `(batch_size, n, n)` when `num_targets == 1`; entries of padded nodes are ignored.
+            output_hidden_states (`bool`, *optional*): also return the input and every block's output as
+                `hidden_states` (channel-first).
             return_dict (`bool`, *optional*): a [`ReyNetEquivariantOutput`] (default: `config.return_dict`) or a
                 tuple.
         """
