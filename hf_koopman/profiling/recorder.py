@@ -167,6 +167,7 @@ class ResidualStreamRecorder:
         self._transitions: dict[tuple[int, int], _Transition] = {}
         self._calls: dict[int, int] = {}
         self._warned_mask: set[str] = set()
+        self._unmatched_mask: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # block -> (mask shape, grid)
         self.on_width_change = on_width_change
         self.dropped: dict[str, str] = {}  # block-list path -> reason
         self._last_output: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -251,6 +252,23 @@ class ResidualStreamRecorder:
         self._calls.clear()
         self._last_output = None
 
+    def _frame_mask(self, mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:
+        """`(B, frames)` validity of the frames a speech model's convolutional feature encoder makes of a `(B,
+        samples)` waveform mask (wav2vec2, HuBERT, WavLM, ...: the model's own `_get_feature_vector_attention_mask`),
+        when the `(B, frames)` grid is what a block sees; `None` otherwise."""
+        convert = getattr(self.model, "_get_feature_vector_attention_mask", None)
+        if (convert is None or mask.dim() != 2 or len(grid) != 2 or mask.shape[0] != grid[0]
+                or mask.shape[1] <= grid[1]):
+            return None
+        try:
+            try:
+                frames = convert(grid[1], mask.long(), add_adapter=False)  # the encoder's frames, before any adapter
+            except TypeError:  # models whose version takes no add_adapter
+                frames = convert(grid[1], mask.long())
+        except Exception:  # noqa: BLE001 - a model's private helper: when it does not apply, the mask does not either
+            return None
+        return frames.bool() if isinstance(frames, torch.Tensor) and tuple(frames.shape) == grid else None
+
     def _mask_for(self, block: ResidualBlock, grid: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         mask = self.attention_mask
         if isinstance(mask, dict):
@@ -259,16 +277,21 @@ class ResidualStreamRecorder:
             return None
         if mask.dim() == 2 and tuple(mask.shape) == grid or mask.numel() == grid[0] and len(grid) == 1:
             return mask.reshape(-1).to(device=device) != 0
-        if block.name not in self._warned_mask:
+        frames = self._frame_mask(mask, grid)
+        if frames is not None:
+            return frames.reshape(-1).to(device=device)
+        # said once the block has shown it is a width-preserving residual block (a list left out is not warned about)
+        self._unmatched_mask.setdefault(block.name, (tuple(mask.shape), grid))
+        return None
+
+    def _warn_unmatched_mask(self, block: ResidualBlock) -> None:
+        if block.name in self._unmatched_mask and block.name not in self._warned_mask:
             self._warned_mask.add(block.name)
+            shape, grid = self._unmatched_mask[block.name]
             logger.warning(
                 "attention mask of shape %s does not match the token grid %s of block %r; using every position of "
-                "that block (padding, if any, is included).",
-                tuple(mask.shape),
-                grid,
-                block.name,
+                "that block (padding, if any, is included).", shape, grid, block.name,
             )
-        return None
 
     def _make_pre_hook(self, index: int):
         block = self.blocks[index]
@@ -342,6 +365,7 @@ class ResidualStreamRecorder:
                     f"block {block.name!r} maps {in_shape} token states to {tuple(flat.shape)}: it is not a "
                     "width-preserving residual block. Select residual blocks with layers=..."
                 )
+            self._warn_unmatched_mask(block)
             if self.check_finite and not _all_finite(flat if valid.numel() == flat.shape[0] else flat[valid]):
                 raise ValueError(
                     f"non-finite activation (NaN/Inf) in the output of block {transition.name!r} (the first bad "

@@ -478,7 +478,8 @@ class KSSTrainer(Trainer):
         # loss in float32 rounding once the term is large; `None` once a micro-batch had no task loss to add
         self._kss_task_sum: torch.Tensor | None = torch.zeros((), dtype=torch.float64)
         self._kss_window_start: int | None = None  # global_step of the last training log (the `loss` window start)
-        self._kss_captured: tuple[int, list[str]] | None = None  # this micro-batch: snapshots, sampled block names
+        # this micro-batch: snapshots, sampled block names, block lists left out as not width-preserving (-> reason)
+        self._kss_captured: tuple[int, list[str], dict[str, str]] | None = None
         self._kss_micro_term: torch.Tensor | None = None  # this micro-batch: the KSS term added to the loss
         self._kss_warned_no_term = False
         self._kss_warned_small_sample = False
@@ -615,6 +616,14 @@ class KSSTrainer(Trainer):
                 "loss through super().compute_loss(model, inputs, return_outputs=..., num_items_in_batch=...): KSS "
                 "hooks the blocks inside that call"
             )
+        elif captured[0] == 0 and captured[2]:  # not a misuse: said once for each list left out, not once per run
+            logger.warning(
+                "KSS: optimizer step %d is a KSS step, but its sampled blocks (%s) are not width-preserving residual "
+                "blocks (%s), so no spectral penalty entered the loss; from the next KSS step on KSS samples the other "
+                "discovered blocks (kss_layers names the block list explicitly).",
+                step, ", ".join(captured[1]), "; ".join(captured[2].values()),
+            )
+            return
         elif captured[0] == 0:
             cause = (
                 f"the hooks on the sampled blocks ({', '.join(captured[1])}) captured no token states: the forward did "
@@ -733,6 +742,8 @@ class KSSTrainer(Trainer):
             attention_mask=_snapshot_masks(unwrapped, blocks, inputs),
             detach=False,
             check_finite=False,  # non-finite activations: the divergence guard reports them; KSS just skips
+            # as profile(): discovered lists whose blocks change the width (wav2vec2's feature extractor) are left out
+            on_width_change="raise" if cfg.layers is not None else "drop",
         )
         # FSDP2: the graph's leaves are the unsharded parameters materialised during this forward (see fsdp.py)
         activation_cap = bool(cfg.max_grad_ratio) and cfg.grad_cap == "activations"
@@ -743,8 +754,13 @@ class KSSTrainer(Trainer):
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         self.task_loss = loss.detach()
+        if recorder.dropped:  # for the rest of the run: KSS samples from the residual blocks only
+            self._kss_blocks = [b for b in self._kss_blocks if b.name.rsplit(".", 1)[0] not in recorder.dropped]
+            if not self._kss_blocks:
+                raise ValueError("KSS found no width-preserving residual blocks (" + "; ".join(recorder.dropped.values())
+                                 + "); name the block list with kss_layers (KSSConfig(layers=...)).")
         snapshots = recorder.snapshots()
-        self._kss_captured = (len(snapshots), [block.name for block in blocks])
+        self._kss_captured = (len(snapshots), [block.name for block in blocks], dict(recorder.dropped))
         penalty = self._kss_term(snapshots, step, device=loss.device)
         if penalty is not None:
             if not self.kss_steps or self.kss_steps[-1] != step:
