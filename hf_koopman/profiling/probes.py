@@ -270,6 +270,14 @@ def default_probe_inputs(
             return {"pixel_values": torch.randn(batch, frames, channels, size, size, generator=generator)}
         batch = _image_batch(num_tokens, per_image)
         return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
+    mels, spectrogram_frames = _get(config, "num_mel_bins"), _get(config, "max_length")
+    if input_name == "input_values" and isinstance(mels, int) and isinstance(spectrogram_frames, int):
+        # spectrogram transformers (AST) take `(B, frames, mel bins)` and cut them into overlapping patches
+        patch = _get(config, "patch_size", default=16)
+        f_stride, t_stride = _get(config, "frequency_stride", default=patch), _get(config, "time_stride", default=patch)
+        per_example = max(1, ((mels - patch) // f_stride + 1) * ((spectrogram_frames - patch) // t_stride + 1))
+        batch = max(1, min(64, math.ceil(num_tokens / per_example)))
+        return {"input_values": torch.randn(batch, spectrogram_frames, mels, generator=generator)}
     if input_name == "input_values":  # raw waveform models (wav2vec2, hubert, ...)
         length = 16000
         return {"input_values": torch.randn(max(1, math.ceil(num_tokens / 50)), length, generator=generator)}

@@ -119,3 +119,17 @@ def test_layout_models_get_valid_boxes():
     assert "bbox" not in default_probe_inputs(tiny_config("gpt2"), num_tokens=64)  # only where the forward takes it
     with torch.no_grad():
         model(**batch)
+
+
+def test_spectrogram_transformers_get_a_spectrogram_probe():
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    from hf_koopman.profiling import profile
+
+    config = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       num_mel_bins=32, max_length=64, num_labels=3)
+    model = ASTForAudioClassification(config)
+    probe = default_probe_inputs(model, num_tokens=256)
+    assert probe["input_values"].shape[1:] == (64, 32)  # (B, frames, mel bins), not a waveform
+    result = profile(model, num_samples=256, progress=False)
+    assert min(result.meta["tokens_seen_per_layer"].values()) >= 256
