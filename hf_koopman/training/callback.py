@@ -477,6 +477,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
         self._worst_squared_norm: torch.Tensor | None = None
         self._stop_step: int | None = None
         self._probe_cache: dict[str, Any] | None = None
+        self._probe_tokens: int | None = None  # token states per layer the probe gave, when its batch does not say
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
         self._events_before_call = 0  # len(events) when this train() call started: its own events come after
         self._loss_from_logs = False  # the model returns no loss: the loss part judges the Trainer's logged loss
@@ -574,6 +575,7 @@ class RKSPCallback(TrainerCallback, ExportableState):
     def _probe_batch(self, model: torch.nn.Module, train_dataloader: Any) -> dict[str, Any]:
         if self._probe_cache is None:
             self._probe_cache = self._build_probe(model, train_dataloader)
+            self._probe_tokens = None  # learnt from the first profile when the batch does not say (images, audio)
         return self._probe_cache
 
     def _build_probe(self, model: torch.nn.Module, train_dataloader: Any) -> dict[str, Any]:
@@ -618,7 +620,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
     ) -> Any:
         from hf_koopman.profiling import profile
 
-        requested, available = num_samples, _token_count(batch)
+        requested, counted = num_samples, _token_count(batch)
+        available = counted if counted is not None else (self._probe_tokens if batch is self._probe_cache else None)
         if available is not None and available < num_samples:
             # said here with the callback's own knobs; profile() would only say "pass more inputs"
             self._warn_short_probe(
@@ -649,6 +652,17 @@ class RKSPCallback(TrainerCallback, ExportableState):
                     progress=progress,
                 )
             result.meta["num_samples_requested"] = requested  # the advice then names the short probe, not N
+            seen = result.meta.get("tokens_seen_per_layer") or {}
+            if counted is None and available is None and seen and batch is self._probe_cache:
+                # an image or audio probe: its token count is known now, and later profiles of it are sized to it
+                # where every layer sees the same count (a hierarchical model's stages differ: sized per layer)
+                fewest = min(seen.values())
+                self._probe_tokens = fewest if len(set(seen.values())) == 1 else None
+                if fewest < num_samples:
+                    self._warn_short_probe(
+                        setting, "RKSPCallback: the probe batch gives %d token states to some layers, fewer than "
+                        "%s=%d; raise probe_batch_size (or pass more probe_inputs) for a stable estimate, or lower %s "
+                        "(said once per run)", fewest, setting, num_samples, setting)
             return result
         finally:
             model.train(was_training)

@@ -297,6 +297,30 @@ def test_replica_processes_profile_without_repeating_the_main_processs_warnings(
     assert "fewer than num_samples=10000" in caplog.text and "fewer than monitor_num_samples=10000" in caplog.text
 
 
+def test_an_image_probe_too_small_names_the_callbacks_knobs_once(tmp_path, caplog):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": torch.tensor(i % 3)}
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                       patch_size=8, num_labels=3)
+    callback = RKSPCallback(every_n_steps=1, guard=False, save_artifacts=False)
+    trainer = Trainer(model=ViTForImageClassification(config), args=_args(tmp_path, max_steps=3),
+                      train_dataset=Images(), callbacks=[callback])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    tokens = 8 * 17  # the default probe_batch_size of images, 16 patches and a [CLS] token each
+    assert caplog.text.count(f"gives {tokens} token states to some layers, fewer than num_samples=2048") == 1
+    assert caplog.text.count(f"holds {tokens} token states, fewer than monitor_num_samples=512") == 1
+    assert caplog.text.count("valid token states reached some layers") == 1  # profile()'s own, at init only
+
+
 def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_path, caplog):
     callback = RKSPCallback(probe_batch_size=2, num_samples=10_000, rank=8, guard=False)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
