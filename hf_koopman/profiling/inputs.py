@@ -272,7 +272,9 @@ def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max
     if text_column is None:
         raise ValueError(
             f"cannot profile on a Dataset with columns {columns}: it needs `input_ids` (tokenised), `pixel_values`, "
-            f"or a text column named one of {_TEXT_COLUMNS}."
+            f"or a text column named one of {_TEXT_COLUMNS}. For other inputs (audio `input_values` / "
+            "`input_features` of different lengths, ...), pass batches the model takes: a DataLoader with your "
+            "collator (DataLoader(dataset, batch_size=8, collate_fn=collator)), or a dict of tensors."
         )
     texts: list[str] = []
     first = True

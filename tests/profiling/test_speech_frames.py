@@ -73,3 +73,12 @@ def test_kss_trainer_leaves_the_feature_encoder_out_and_keeps_the_padding_out(tm
     assert trainer.kss_steps == [0, 1]
     assert [b.name for b in trainer._kss_blocks] == ["wav2vec2.encoder.layers.0", "wav2vec2.encoder.layers.1"]
     assert "does not match the token grid" not in caplog.text  # the frames' mask was found
+
+
+def test_an_audio_dataset_is_pointed_at_a_dataloader_with_its_collator():
+    import pytest
+
+    datasets = pytest.importorskip("datasets")
+    audio = datasets.Dataset.from_dict({"input_values": [clip.tolist() for clip in _clips()], "labels": [0, 1, 0, 1]})
+    with pytest.raises(ValueError, match=r"a DataLoader with your collator \(DataLoader\(dataset"):
+        profile(_model(), audio, num_samples=16, progress=False)
