@@ -64,7 +64,7 @@ _LAYERS_HINT = "`layers=` (CLI: `--layers`)"
 
 def _expected_batches(inputs: Any, batch_size: int) -> int | None:
     """Number of batches `iter_batches` will yield, when it is known in advance."""
-    if isinstance(inputs, (dict, torch.Tensor, str)):
+    if isinstance(inputs, (Mapping, torch.Tensor, str)):  # one batch (BatchEncoding / BatchFeature too)
         return 1
     if isinstance(inputs, (list, tuple)) or (hasattr(inputs, "column_names") and hasattr(inputs, "__len__")):
         return max(1, math.ceil(len(inputs) / batch_size))

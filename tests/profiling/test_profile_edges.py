@@ -526,3 +526,13 @@ def test_layer_sizes_must_match_the_layers():
         SpectralProfile(layers=[("a", _features(0.1)), ("b", _features(0.1))], aggregates={}, layer_sizes=[(8, 4)])
     assert DecisionRule().is_sampled(None, 64) and not DecisionRule().is_sampled(16, 64)
     assert dataclasses.fields(SpectralProfile)[-1].name == "layer_sizes"
+
+
+def test_a_batch_encoding_counts_as_one_batch_in_the_progress_bar():
+    from transformers import BatchEncoding, BatchFeature
+
+    from hf_koopman.profiling.profiler import _expected_batches
+
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    assert _expected_batches(BatchEncoding({"input_ids": ids, "attention_mask": ids}), 8) == 1
+    assert _expected_batches(BatchFeature({"pixel_values": torch.zeros(2, 3, 8, 8), "labels": ids}), 8) == 1
