@@ -254,20 +254,26 @@ class ResidualStreamRecorder:
 
     def _frame_mask(self, mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:
         """`(B, frames)` validity of the frames a speech model's convolutional feature encoder makes of a `(B,
-        samples)` waveform mask (wav2vec2, HuBERT, WavLM, ...: the model's own `_get_feature_vector_attention_mask`),
-        when the `(B, frames)` grid is what a block sees; `None` otherwise."""
-        convert = getattr(self.model, "_get_feature_vector_attention_mask", None)
-        if (convert is None or mask.dim() != 2 or len(grid) != 2 or mask.shape[0] != grid[0]
-                or mask.shape[1] <= grid[1]):
+        samples)` waveform (or feature) mask: wav2vec2, HuBERT, WavLM, Speech2Text ..., by the model's own
+        `_get_feat_extract_output_lengths`, when the grid a block sees is those frames (a padded row's frames come
+        first); `None` otherwise (a grid of other length, as a convolution's channels or SEW's squeezed frames)."""
+        lengths_of = getattr(self.model, "_get_feat_extract_output_lengths", None)
+        if lengths_of is None or mask.dim() != 2 or len(grid) != 2 or mask.shape[0] != grid[0]:
             return None
-        try:
+
+        def frames(lengths: torch.Tensor) -> torch.Tensor:
             try:
-                frames = convert(grid[1], mask.long(), add_adapter=False)  # the encoder's frames, before any adapter
+                return torch.as_tensor(lengths_of(lengths, add_adapter=False))  # the encoder's, before any adapter
             except TypeError:  # models whose version takes no add_adapter
-                frames = convert(grid[1], mask.long())
+                return torch.as_tensor(lengths_of(lengths))
+
+        try:
+            if int(frames(torch.tensor(mask.shape[1]))) != grid[1]:
+                return None
+            counts = frames((mask != 0).sum(-1).cpu()).long().clamp(0, grid[1])
         except Exception:  # noqa: BLE001 - a model's private helper: when it does not apply, the mask does not either
             return None
-        return frames.bool() if isinstance(frames, torch.Tensor) and tuple(frames.shape) == grid else None
+        return torch.arange(grid[1]) < counts[:, None]
 
     def _mask_for(self, block: ResidualBlock, grid: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         mask = self.attention_mask

@@ -186,6 +186,13 @@ def _pushed_copies(args: Any) -> str:
             "its weights until the next save")
 
 
+class _ShortSampleNote(logging.Filter):
+    """Drops profile()'s note that some layers got fewer token states than asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("only %d valid token states reached some layers")
+
+
 def _replica_quiet(state: Any) -> Any:
     """Every process profiles the same probe; the local main process says what it found. A replica keeps to errors
     there unless the run asked replicas for more than warnings (`TrainingArguments(log_level_replica="info")`)."""
@@ -637,6 +644,11 @@ class RKSPCallback(TrainerCallback, ExportableState):
                 "estimate (said once per run)", decoder, setting, num_samples)
         was_training = model.training
         model.eval()
+        # profile()'s own short-sample note is the callback's to give once per run, with its knobs
+        quiet = _ShortSampleNote() if setting in self._warned_short_probe else None
+        profiler_logger = logging.getLogger("hf_koopman.profiling.profiler")
+        if quiet is not None:
+            profiler_logger.addFilter(quiet)
         try:
             with torch.no_grad():
                 result = profile(
@@ -665,6 +677,8 @@ class RKSPCallback(TrainerCallback, ExportableState):
                         "(said once per run)", fewest, setting, num_samples, setting)
             return result
         finally:
+            if quiet is not None:
+                profiler_logger.removeFilter(quiet)
             model.train(was_training)
 
     @staticmethod

@@ -388,6 +388,10 @@ class KSSTrainer(Trainer):
         self.task_loss: torch.Tensor | None = None  # last training micro-batch's task loss, without the KSS term
         self._kss_blocks: list[Any] | None = None
         self._kss_blocks_model: Any = None  # weakref to the model `_kss_blocks` belong to
+        # block lists a KSS step found not width-preserving (-> reason), left out from the next optimizer step on (the
+        # micro-batches of one step sample the same blocks), and the step that found them
+        self._kss_not_residual: dict[str, str] = {}
+        self._kss_not_residual_step: int | None = None
         self._kss_fast_cap = True  # False: always the three-pass cap (kept for the benchmark's comparison)
         self._kss_reset_run_state()
         self._check_not_compiled(self.model)
@@ -478,8 +482,9 @@ class KSSTrainer(Trainer):
         # loss in float32 rounding once the term is large; `None` once a micro-batch had no task loss to add
         self._kss_task_sum: torch.Tensor | None = torch.zeros((), dtype=torch.float64)
         self._kss_window_start: int | None = None  # global_step of the last training log (the `loss` window start)
-        # this micro-batch: snapshots, sampled block names, block lists left out as not width-preserving (-> reason)
-        self._kss_captured: tuple[int, list[str], dict[str, str]] | None = None
+        # this micro-batch: snapshots, sampled block names, block lists left out as not width-preserving (-> reason),
+        # the sampled blocks in those lists
+        self._kss_captured: tuple[int, list[str], dict[str, str], list[str]] | None = None
         self._kss_micro_term: torch.Tensor | None = None  # this micro-batch: the KSS term added to the loss
         self._kss_warned_no_term = False
         self._kss_warned_small_sample = False
@@ -616,18 +621,21 @@ class KSSTrainer(Trainer):
                 "loss through super().compute_loss(model, inputs, return_outputs=..., num_items_in_batch=...): KSS "
                 "hooks the blocks inside that call"
             )
-        elif captured[0] == 0 and captured[2]:  # not a misuse: said once for each list left out, not once per run
+        elif captured[0] == 0 and captured[2]:  # not a misuse: said when it happens, not once per run
             logger.warning(
-                "KSS: optimizer step %d is a KSS step, but its sampled blocks (%s) are not width-preserving residual "
-                "blocks (%s), so no spectral penalty entered the loss; from the next KSS step on KSS samples the other "
-                "discovered blocks (kss_layers names the block list explicitly).",
-                step, ", ".join(captured[1]), "; ".join(captured[2].values()),
+                "KSS: optimizer step %d is a KSS step, but of its sampled blocks %s are not width-preserving residual "
+                "blocks (%s) and the others recorded nothing, so no spectral penalty entered this micro-batch's loss; "
+                "from the next optimizer step on KSS samples the other discovered blocks (kss_layers names the block "
+                "list explicitly).", step, ", ".join(captured[3]), "; ".join(captured[2].values()),
             )
             return
         elif captured[0] == 0:
+            layerdrop = getattr(getattr(self.model, "config", None), "layerdrop", 0)
+            skipped = (f"the model skipped them on this forward (LayerDrop: config.layerdrop = {layerdrop}), or " if
+                       isinstance(layerdrop, (int, float)) and layerdrop > 0 else "")
             cause = (
-                f"the hooks on the sampled blocks ({', '.join(captured[1])}) captured no token states: the forward did "
-                "not run these blocks (does kss_layers name modules the forward skips?) or ran them inside a "
+                f"the hooks on the sampled blocks ({', '.join(captured[1])}) captured no token states: {skipped}the "
+                "forward did not run these blocks (does kss_layers name modules the forward skips?) or ran them inside a "
                 "torch.compile graph traced without KSS's hooks (torch.compile does not re-check forward hooks). Pass "
                 "kss_layers naming the residual blocks the forward runs, and keep the blocks and their ancestors "
                 "uncompiled"
@@ -696,8 +704,19 @@ class KSSTrainer(Trainer):
         if self._kss_blocks is None or owner is not model:  # first KSS step, or a model rebuilt by model_init
             self._kss_blocks = find_residual_blocks(model, layers=self.kss_config.layers)
             self._kss_blocks_model = weakref.ref(model)
+            self._kss_not_residual, self._kss_not_residual_step = {}, None
             if not self._kss_blocks:
                 raise ValueError("KSS found no residual blocks; pass KSSConfig(layers='model.layers') (or kss_layers).")
+        if self._kss_not_residual and step != self._kss_not_residual_step:
+            from hf_koopman.profiling.recorder import _container
+
+            self._kss_blocks = [b for b in self._kss_blocks if _container(b.name) not in self._kss_not_residual]
+            if not self._kss_blocks:
+                raise ValueError("KSS found no width-preserving residual blocks ("
+                                 + "; ".join(self._kss_not_residual.values())
+                                 + "); name the block list with kss_layers (KSSConfig(layers=...)).")
+            self._kss_not_residual_step = step  # applied; lists found later are added to the dict again
+            self._kss_not_residual = {}
         blocks = self._kss_blocks
         count = max(1, math.ceil(self.kss_config.layer_fraction * len(blocks) - 1e-9))
         # same subset on every rank and every micro-batch of the step: seeded by (seed, step)
@@ -754,13 +773,14 @@ class KSSTrainer(Trainer):
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         self.task_loss = loss.detach()
-        if recorder.dropped:  # for the rest of the run: KSS samples from the residual blocks only
-            self._kss_blocks = [b for b in self._kss_blocks if b.name.rsplit(".", 1)[0] not in recorder.dropped]
-            if not self._kss_blocks:
-                raise ValueError("KSS found no width-preserving residual blocks (" + "; ".join(recorder.dropped.values())
-                                 + "); name the block list with kss_layers (KSSConfig(layers=...)).")
+        if recorder.dropped:  # from the next optimizer step on, KSS samples from the residual blocks only
+            self._kss_not_residual.update(recorder.dropped)
+            self._kss_not_residual_step = step
         snapshots = recorder.snapshots()
-        self._kss_captured = (len(snapshots), [block.name for block in blocks], dict(recorder.dropped))
+        from hf_koopman.profiling.recorder import _container
+
+        dropped = [block.name for block in blocks if _container(block.name) in recorder.dropped]
+        self._kss_captured = (len(snapshots), [block.name for block in blocks], dict(recorder.dropped), dropped)
         penalty = self._kss_term(snapshots, step, device=loss.device)
         if penalty is not None:
             if not self.kss_steps or self.kss_steps[-1] != step:

@@ -82,3 +82,61 @@ def test_an_audio_dataset_is_pointed_at_a_dataloader_with_its_collator():
     audio = datasets.Dataset.from_dict({"input_values": [clip.tolist() for clip in _clips()], "labels": [0, 1, 0, 1]})
     with pytest.raises(ValueError, match=r"a DataLoader with your collator \(DataLoader\(dataset"):
         profile(_model(), audio, num_samples=16, progress=False)
+
+
+def test_the_frames_mask_is_used_only_on_the_grid_of_the_frames(caplog):
+    import logging
+
+    from transformers import SEWConfig, SEWModel
+
+    from hf_koopman.profiling import ResidualStreamRecorder
+
+    recorder = ResidualStreamRecorder(_model(), "wav2vec2.encoder.layers")
+    mask = _padded(_clips())["attention_mask"]
+    assert recorder._frame_mask(mask, (4, 1)) is None  # a convolution's channels, read as a token grid
+    frames = recorder._frame_mask(mask, (4, 79))
+    assert frames.sum(-1).tolist() == [79, 39, 59, 19]
+    # SEW squeezes the frames before its encoder: its grid is not the frames, and the mask is not claimed for it
+    sew = SEWModel(SEWConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                             num_conv_pos_embedding_groups=4, squeeze_factor=2)).eval()
+    with caplog.at_level(logging.WARNING):
+        profile(sew, [_padded(_clips())], num_samples=16, layers="encoder.layers", progress=False)
+    assert "does not match the token grid" in caplog.text
+
+
+def test_kss_micro_batches_of_one_step_sample_the_same_blocks(tmp_path, monkeypatch):
+    from hf_koopman.training import KSSTrainer, KSSTrainingArguments
+
+    clips = _clips() * 4
+    labels = [torch.randint(1, 12, (3,), generator=torch.Generator().manual_seed(i)) for i in range(len(clips))]
+
+    class Clips(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(clips)
+
+        def __getitem__(self, i):
+            return {"clip": clips[i], "labels": labels[i]}
+
+    def collate(items):
+        return {**_padded([item["clip"] for item in items]), "labels": torch.stack([item["labels"] for item in items])}
+
+    chosen: dict[int, list[list[str]]] = {}
+    select = KSSTrainer._kss_select_blocks
+
+    def spy(self, model, step):
+        blocks = select(self, model, step)
+        chosen.setdefault(step, []).append([b.name for b in blocks])
+        return blocks
+
+    monkeypatch.setattr(KSSTrainer, "_kss_select_blocks", spy)
+    args = KSSTrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to="none",
+                                use_cpu=True, save_strategy="no", disable_tqdm=True, kss_every_n_steps=1,
+                                kss_layer_fraction=0.5, kss_seed=1, gradient_accumulation_steps=2,
+                                remove_unused_columns=False)
+    model = _model().train()
+    model.config.layerdrop = 0.0
+    KSSTrainer(model=model, args=args, train_dataset=Clips(), data_collator=collate).train()
+    assert any("conv_layers" in name for name in chosen[0][0])  # the feature encoder was sampled at step 0 ...
+    assert all(runs[0] == runs[1] for runs in chosen.values())  # ... and both micro-batches of a step agree
+    assert not any("conv_layers" in name for runs in list(chosen.values())[1:] for run in runs for name in run)

@@ -319,6 +319,20 @@ def test_an_image_probe_too_small_names_the_callbacks_knobs_once(tmp_path, caplo
     assert caplog.text.count(f"gives {tokens} token states to some layers, fewer than num_samples=2048") == 1
     assert caplog.text.count(f"holds {tokens} token states, fewer than monitor_num_samples=512") == 1
     assert caplog.text.count("valid token states reached some layers") == 1  # profile()'s own, at init only
+    # a hierarchical model (stages see different counts): profile()'s note at init and at the first monitoring
+    # profile, the callback's knobs once each, then quiet
+    from transformers import SwinConfig, SwinForImageClassification
+
+    caplog.clear()
+    swin = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                      num_labels=3)
+    trainer = Trainer(model=SwinForImageClassification(swin), args=_args(tmp_path, max_steps=4),
+                      train_dataset=Images(), callbacks=[RKSPCallback(every_n_steps=1, guard=False,
+                                                                      save_artifacts=False)])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert caplog.text.count("valid token states reached some layers") == 2
+    assert caplog.text.count("to some layers, fewer than monitor_num_samples=512") == 1
 
 
 def test_a_probe_batch_smaller_than_num_samples_names_the_callbacks_knobs(tmp_path, caplog):
