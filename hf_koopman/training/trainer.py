@@ -635,8 +635,9 @@ class KSSTrainer(Trainer):
                        isinstance(layerdrop, (int, float)) and layerdrop > 0 else "")
             cause = (
                 f"the hooks on the sampled blocks ({', '.join(captured[1])}) captured no token states: {skipped}the "
-                "forward did not run these blocks (does kss_layers name modules the forward skips?) or ran them inside a "
-                "torch.compile graph traced without KSS's hooks (torch.compile does not re-check forward hooks). Pass "
+                "forward did not run these blocks (does kss_layers name modules the forward skips?) or ran them "
+                "inside a torch.compile graph traced without KSS's hooks (torch.compile does not re-check forward "
+                "hooks). Pass "
                 "kss_layers naming the residual blocks the forward runs, and keep the blocks and their ancestors "
                 "uncompiled"
             )
