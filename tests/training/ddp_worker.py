@@ -125,9 +125,9 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
         timings.append(time.perf_counter() - start)
         return out
 
-    import hf_koopman.training.callback as callback_module
+    import hf_koopman.training.safety_net as safety_net
 
-    callback_module.reduce_max = timed_reduce  # test instrumentation: time the guard's all-reduce
+    safety_net.reduce_max = timed_reduce  # test instrumentation: time the guard's all-reduce
     timings.clear()
     windowed = check_every > 1  # the windowed check: the guard only, no init profile
     callback = RKSPCallback(num_samples=128, rank=8, on_divergence="rollback", check_every_n_steps=check_every,

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
 from hf_koopman.training.guard import DivergenceEvent
-from hf_koopman.training import callback as callback_module
+from hf_koopman.training import safety_net
 
 
 BATCH = 4
@@ -445,7 +445,7 @@ def test_auto_snapshot_interval_keeps_the_copy_within_its_budget():
     assert guard._snapshot_interval() == 1  # nothing measured yet: refresh every passing step
     guard._step_seconds, guard._capture_seconds = 0.030, 0.001  # a 1 ms copy on a 30 ms step
     interval = guard._snapshot_interval()
-    budget = callback_module._SNAPSHOT_BUDGET  # 0.25 % of the step time
+    budget = safety_net._SNAPSHOT_BUDGET  # 0.25 % of the step time
     assert guard._capture_seconds / (interval * guard._step_seconds) <= budget < guard._capture_seconds / (
         (interval - 1) * guard._step_seconds)
     guard._capture_seconds = 1e-6
@@ -607,7 +607,7 @@ class ShardAfterStep(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.step:
-            self.monkeypatch.setattr(callback_module, "is_sharded", lambda params: True)
+            self.monkeypatch.setattr(safety_net, "is_sharded", lambda params: True)
             self.guard._params_first = None  # the listed parameters are no longer the model's
 
 

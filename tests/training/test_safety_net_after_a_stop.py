@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from hf_koopman.training import DivergedModelError, KSSTrainer, KSSTrainingArguments, RKSPCallback
-from hf_koopman.training import callback as callback_module
+from hf_koopman.training import safety_net
 from hf_koopman.training.guard import DivergenceEvent
 
 
@@ -179,7 +179,7 @@ def test_a_taken_suspect_name_gets_a_suffix(tmp_path):
     guard._log_event(SimpleNamespace(output_dir=str(tmp_path)), TrainerState(), None)
     assert (tmp_path / "_suspect-checkpoint-3-2").is_dir() and not (tmp_path / "checkpoint-3").exists()
     assert guard.events[0]["suspect_checkpoints"] == [str(tmp_path / "_suspect-checkpoint-3-2")]
-    assert callback_module._checkpoint_step(str(tmp_path / "_suspect-checkpoint-3-2")) == 3
+    assert safety_net._checkpoint_step(str(tmp_path / "_suspect-checkpoint-3-2")) == 3
 
 
 def test_processes_that_do_not_save_leave_the_renaming_to_those_that_do_and_take_their_names(tmp_path, monkeypatch):
@@ -190,8 +190,8 @@ def test_processes_that_do_not_save_leave_the_renaming_to_those_that_do_and_take
         shared.append(values.tolist())
         return torch.full_like(values, 2.0)
 
-    monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
-    monkeypatch.setattr(callback_module, "reduce_max", saving_process_names)
+    monkeypatch.setattr(safety_net, "is_distributed", lambda: True)
+    monkeypatch.setattr(safety_net, "reduce_max", saving_process_names)
     state = TrainerState(is_world_process_zero=False)
     guard._log_event(SimpleNamespace(output_dir=str(tmp_path), should_save=False), state, None)
     assert shared == [[0.0]]  # this process renamed nothing
@@ -202,8 +202,8 @@ def test_processes_that_do_not_save_leave_the_renaming_to_those_that_do_and_take
 def test_each_node_that_saved_renames_its_copy_and_one_renamed_by_another_node_counts(tmp_path, monkeypatch, caplog):
     # save_on_each_node=True: each node's main process wrote checkpoint-3 and renames it (args.should_save), though
     # only one of them is the world main process
-    monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
-    monkeypatch.setattr(callback_module, "reduce_max", lambda values: values)
+    monkeypatch.setattr(safety_net, "is_distributed", lambda: True)
+    monkeypatch.setattr(safety_net, "reduce_max", lambda values: values)
     guard = _tripped_at_step_4(tmp_path)
     guard._log_event(SimpleNamespace(output_dir=str(tmp_path), should_save=True),
                      TrainerState(is_world_process_zero=False), None)
@@ -221,7 +221,7 @@ def test_each_node_that_saved_renames_its_copy_and_one_renamed_by_another_node_c
         raise FileNotFoundError(2, "No such file or directory", str(source))
 
     monkeypatch.setattr(Path, "rename", other_node_first)
-    monkeypatch.setattr(callback_module, "reduce_max", lambda values: torch.maximum(values, torch.ones_like(values)))
+    monkeypatch.setattr(safety_net, "reduce_max", lambda values: torch.maximum(values, torch.ones_like(values)))
     with caplog.at_level(logging.WARNING):
         guard._log_event(SimpleNamespace(output_dir=str(other), should_save=True), TrainerState(), None)
     assert "could not rename" not in caplog.text
@@ -352,8 +352,8 @@ def test_the_record_keeps_the_values_that_tripped_on_another_process(tmp_path, m
             values[0] = torch.maximum(values[0], torch.tensor(120.0, dtype=values.dtype))
         return values
 
-    monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
-    monkeypatch.setattr(callback_module, "reduce_max", other_process_loss)
+    monkeypatch.setattr(safety_net, "is_distributed", lambda: True)
+    monkeypatch.setattr(safety_net, "reduce_max", other_process_loss)
     guard = _guard()
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, save_strategy="no", max_steps=4),
             train_dataset=TokenDataset(n=128), callbacks=[guard]).train()
@@ -431,7 +431,7 @@ def test_parameters_sharded_after_train_begin_follow_the_same_rule(monkeypatch, 
     model = tiny_gpt2(n_layer=2)
     guard = RKSPCallback(rollback_source=source)
     guard._params, guard._params_first, guard._from_checkpoint = [], None, True
-    monkeypatch.setattr(callback_module, "is_sharded", lambda params: True)
+    monkeypatch.setattr(safety_net, "is_sharded", lambda params: True)
     monkeypatch.setattr(guard, "_is_check_step", lambda args, state: False)
     call = lambda: guard.on_pre_optimizer_step(SimpleNamespace(), TrainerState(), TrainerControl(), model=model)  # noqa: E731
     if source == "checkpoint":
@@ -495,7 +495,7 @@ def test_save_model_allowed_unvalidated_also_pushes_when_args_push(tmp_path, mon
 ])
 def test_the_rename_warning_names_only_the_copies_the_pushes_made(tmp_path, push, strategy, expected):
     args = TrainingArguments(str(tmp_path), push_to_hub=push, hub_strategy=strategy, report_to="none")
-    clause = callback_module._pushed_copies(args)
+    clause = safety_net._pushed_copies(args)
     assert (clause == "") if expected is None else (expected in clause)
 
 

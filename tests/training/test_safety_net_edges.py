@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.utils import logging as hf_logging
 
 from hf_koopman.training import RKSPCallback
-from hf_koopman.training.callback import SUSPECT_PREFIX
+from hf_koopman.training.safety_net import SUSPECT_PREFIX
 from hf_koopman.training.guard import DivergenceEvent
 
 

@@ -427,10 +427,10 @@ def test_a_tail_that_train_loss_cannot_give_is_unjudged_and_not_validated(tmp_pa
 
 @pytest.mark.parametrize("where", ["log", "tail"])
 def test_under_ddp_the_cause_names_the_mean_over_processes(tmp_path, monkeypatch, where):
-    import hf_koopman.training.callback as callback_module
+    import hf_koopman.training.safety_net as safety_net
 
     # one process through the DDP code paths: the all-reduces of hf_koopman.training.guard stay the identity
-    monkeypatch.setattr(callback_module, "is_distributed", lambda: True)
+    monkeypatch.setattr(safety_net, "is_distributed", lambda: True)
     guard = _guard()
     steps = {} if where == "log" else dict(max_steps=5, logging_steps=3)  # a trip at the log of step 4, or after 3
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, label_smoothing_factor=0.1, **steps), train_dataset=TokenDataset(),
