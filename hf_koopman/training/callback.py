@@ -1,5 +1,6 @@
 """`RKSPCallback`: RKSP verdict before step 1, `rksp/*` metrics in the usual logs, and a divergence guard that stops
-or rolls back to the last validated state."""
+or rolls back to the last validated state. This module holds the callback, its settings and the profiling; the guard's
+steps are `hf_koopman.training.safety_net.SafetyNet`, which the callback mixes in."""
 
 from __future__ import annotations
 
