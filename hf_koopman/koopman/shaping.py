@@ -66,7 +66,8 @@ DEFAULT_BETA = 10.0
 
 
 class SpectralShapingError(ValueError):
-    """The differentiable DMD of one or more layers failed (non-finite or near-defective operator).
+    """The differentiable DMD of one or more layers failed (non-finite or near-defective operator, or no identifiable
+    mode: an input that does not vary across its token states).
 
     `layers` lists the offending indices along the leading batch dimension (`[0]` for an unbatched call).
     """
@@ -237,6 +238,19 @@ def differentiable_dmd_eigenvalues(
         gxx0, proj = moments.gram("xx"), moments.projection()
         values, vectors = torch.linalg.eigh(gxx0)
         keep = torch.arange(values.shape[-1], device=values.device).flip(0) < rank_x[..., None]  # eigh: ascending
+    # an input that does not vary across its rows (learned query tokens still at their all-zero initialisation) has
+    # no spectrum: its rank is 0, or a rounding-noise 1 that would cut the other layers' modes to one
+    with torch.no_grad():
+        x = X.detach().to(work)
+        spread = (x - x.mean(dim=-2, keepdim=True)).flatten(1).norm(dim=1)
+        flat_rows = spread <= 100 * torch.finfo(work).eps * x.flatten(1).norm(dim=1)
+    flat = ((rank_x.reshape(-1) == 0) | flat_rows).nonzero().flatten().tolist()
+    if flat:
+        raise SpectralShapingError(
+            f"no identifiable mode for layer indices {flat}: the input does not vary across its token states "
+            "(centred rank 0), so there is no spectrum to shape",
+            layers=flat,
+        )
     P = proj.to(work)
     Xc = X.to(work) - X.to(work).mean(dim=-2, keepdim=True)
     Dc = Y.to(work) - X.to(work)

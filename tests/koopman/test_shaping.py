@@ -240,3 +240,15 @@ def test_kss_and_the_profile_share_one_operator(rank):
         moduli = layer.abs()
         assert float(((moduli >= 0.90) & (moduli <= 1.05)).double().mean()) == pytest.approx(f.near_unit_mass)
         assert float((moduli > 1.05).double().mean()) == pytest.approx(f.unstable_mass)
+
+
+def test_an_input_that_does_not_vary_across_tokens_is_refused_by_layer():
+    g = torch.Generator().manual_seed(0)
+    for n, d, dtype in ((64, 8, torch.float64), (16, 32, torch.float64), (64, 8, torch.float32)):
+        X = torch.randn(3, n, d, generator=g, dtype=dtype)
+        Y = X + 0.1 * torch.randn(3, n, d, generator=g, dtype=dtype)
+        X[1] = X[1, :1].expand(n, d)  # one layer's input is the same row for every token (zero-initialised queries)
+        with pytest.raises(SpectralShapingError, match=r"no identifiable mode for layer indices \[1\]") as err:
+            differentiable_dmd_eigenvalues(X, Y)
+        assert err.value.layers == [1]
+        assert differentiable_dmd_eigenvalues(X[0], Y[0]).shape == (min(d, n - 1),)  # the others keep their spectrum
