@@ -839,9 +839,10 @@ def profile(
     stacks = recorder.snapshot_stacks()
     few = {name: n for name, n in recorder.tokens_seen.items() if n < num_samples}
     if few:
+        fewest = min(few, key=few.get)
         logger.warning(
-            "only %d valid token states reached some layers (asked for num_samples=%d); pass more inputs for stable "
-            "estimates", min(few.values()), num_samples,
+            "only %d valid token states reached some layers (%d of %d, fewest in %r; asked for num_samples=%d); pass "
+            "more inputs for stable estimates", few[fewest], len(few), len(recorder.tokens_seen), fewest, num_samples,
         )
     try:
         dtype = str(next(inner.parameters()).dtype).removeprefix("torch.")

@@ -51,11 +51,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+#: inputs of a tower other than the text's: with them, the text's token count says nothing of every layer
+_OTHER_MODALITIES = ("pixel_values", "pixel_values_videos", "input_values", "input_features", "image_embeds")
+
+
 def _token_count(batch: dict[str, Any]) -> int | None:
-    """Token states a probe batch carries: the ones of a `(B, T)` 0/1 attention mask, or the size of `input_ids`; None
-    when neither says (no ids, or a 4-D / additive mask)."""
+    """Token states a text probe batch carries: the ones of a `(B, T)` 0/1 attention mask, or the size of `input_ids`;
+    None when neither says (no ids, or a 4-D / additive mask) and for batches that also feed another tower (images,
+    audio: CLIP, LLaVA, Qwen2-VL ...), whose layers see other counts."""
     mask, ids = batch.get("attention_mask"), batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor):
+    if not isinstance(ids, torch.Tensor) or any(batch.get(key) is not None for key in _OTHER_MODALITIES):
         return None
     if isinstance(mask, torch.Tensor):
         return int((mask != 0).sum()) if mask.shape == ids.shape and mask.dim() == 2 else None

@@ -536,3 +536,17 @@ def test_a_batch_encoding_counts_as_one_batch_in_the_progress_bar():
     ids = torch.zeros(2, 4, dtype=torch.long)
     assert _expected_batches(BatchEncoding({"input_ids": ids, "attention_mask": ids}), 8) == 1
     assert _expected_batches(BatchFeature({"pixel_values": torch.zeros(2, 3, 8, 8), "labels": ids}), 8) == 1
+
+
+def test_the_short_sample_note_names_the_layers_that_fell_short(caplog):
+    import logging
+
+    from hf_koopman.testing_utils import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with caplog.at_level(logging.WARNING):
+        profile(model, inputs={"input_ids": ids}, num_samples=64, progress=False)
+    layers = model.config.num_hidden_layers
+    assert f"only 32 valid token states reached some layers ({layers} of {layers}, fewest in 'model.layers.0'" in (
+        caplog.text)

@@ -362,6 +362,8 @@ def test_probe_token_count_reads_only_a_2d_mask():
     # a 4-D or additive mask says nothing countable: no count, so num_samples is left as asked
     assert callback_module._token_count({"input_ids": ids, "attention_mask": torch.zeros(2, 1, 5, 5)}) is None
     assert callback_module._token_count({"pixel_values": torch.randn(1, 3, 4, 4)}) is None
+    # a text and an image tower (CLIP, LLaVA): the text count is not every layer's
+    assert callback_module._token_count({"input_ids": ids, "pixel_values": torch.randn(1, 3, 4, 4)}) is None
 
 
 def test_unbound_callback_warns_once_when_integrations_would_miss_its_metrics(caplog):
