@@ -238,12 +238,10 @@ def differentiable_dmd_eigenvalues(
         gxx0, proj = moments.gram("xx"), moments.projection()
         values, vectors = torch.linalg.eigh(gxx0)
         keep = torch.arange(values.shape[-1], device=values.device).flip(0) < rank_x[..., None]  # eigh: ascending
-    # an input that does not vary across its rows (learned query tokens still at their all-zero initialisation) has
-    # no spectrum: its rank is 0, or a rounding-noise 1 that would cut the other layers' modes to one
+    # an input whose rows are all the same (learned query tokens still at their all-zero initialisation) has no
+    # spectrum: its rank is 0, or a rounding-noise 1 from centring that would cut the other layers' modes to one
     with torch.no_grad():
-        x = X.detach().to(work)
-        spread = (x - x.mean(dim=-2, keepdim=True)).flatten(1).norm(dim=1)
-        flat_rows = spread <= 100 * torch.finfo(work).eps * x.flatten(1).norm(dim=1)
+        flat_rows = (X.detach() == X.detach()[:, :1]).flatten(1).all(1)
     flat = ((rank_x.reshape(-1) == 0) | flat_rows).nonzero().flatten().tolist()
     if flat:
         raise SpectralShapingError(

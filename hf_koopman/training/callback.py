@@ -604,6 +604,14 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         (out / "rksp_report.md").write_text(spectral_profile.to_markdown(plots=plots), encoding="utf-8")
 
     # ------------------------------------------------------------------ events
+    def remove_hooks(self) -> None:
+        """Take the guard's hooks off the model (its loss and gradient-norm taps and the block-output watch).
+
+        `on_train_end` does it; a `train()` that raised (Ctrl-C, an error in another callback) never reaches it, and
+        the hooks stay until the next guarded `train()` on that model removes them. Call this to use the model in a
+        loop of your own before then: outside training they do nothing but cost a few reductions per forward."""
+        self._stop_guard()
+
     @staticmethod
     def _trainer_for(model: Any) -> Any:
         """The Trainer that registered `model` (`register_trainer`), or `None`."""

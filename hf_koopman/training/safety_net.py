@@ -371,14 +371,6 @@ class SafetyNet:
                 return event, names[0]
         return None
 
-    def remove_hooks(self) -> None:
-        """Take the guard's hooks off the model (its loss and gradient-norm taps and the block-output watch).
-
-        `on_train_end` does it; a `train()` that raised (Ctrl-C, an error in another callback) never reaches it, and
-        the hooks stay until the next guarded `train()` on that model removes them. Call this to use the model in a
-        loop of your own before then: outside training they do nothing but cost a few reductions per forward."""
-        self._stop_guard()
-
     def _stop_guard(self) -> None:
         for tap in (self._loss_tap, self._grad_tap, self._watch):
             if tap is not None:

@@ -252,3 +252,11 @@ def test_an_input_that_does_not_vary_across_tokens_is_refused_by_layer():
             differentiable_dmd_eigenvalues(X, Y)
         assert err.value.layers == [1]
         assert differentiable_dmd_eigenvalues(X[0], Y[0]).shape == (min(d, n - 1),)  # the others keep their spectrum
+
+
+def test_a_small_variation_on_a_large_offset_keeps_its_spectrum():
+    g = torch.Generator().manual_seed(0)
+    X = 1000 + 0.01 * torch.randn(128, 32, generator=g)  # float32: the variation is ~1e-5 of the offset
+    A = 0.5 * torch.randn(32, 32, generator=g, dtype=torch.float64) / 32 ** 0.5
+    Y = X + ((X - X.mean(0)).double() @ A).float()
+    assert differentiable_dmd_eigenvalues(X, Y).shape == (32,)
