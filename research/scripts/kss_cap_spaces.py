@@ -1,6 +1,6 @@
 """How large the KSS gradient is in parameter space under the default activation-space cap, per architecture family.
 
-    python -m research.scripts.kss_cap_spaces [SEEDS]      # writes results/kss_cap_spaces.md (default seeds 0-4)
+    python -m research.scripts.kss_cap_spaces [--seeds 0,1,2,3,4]      # writes results/kss_cap_spaces.md
 
 Why: `KSSConfig(grad_cap="activations")` (the default) caps the KSS gradient at `max_grad_ratio` times the task
 gradient measured on the residual stream (at the highest captured activation); `grad_cap="parameters"` caps the ratio of
@@ -14,8 +14,8 @@ seeds); where the activation cap's ratio is far from the set 0.5 the training gu
 """
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -96,8 +96,11 @@ def measure(name: str, seed: int) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str]) -> None:
-    seeds = [int(s) for s in argv[0].split(",")] if argv else list(range(5))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default: 0,1,2,3,4)")
+    seeds = [int(s) for s in parser.parse_args(argv).seeds.split(",")]
     lines = [
         "# KSS gradient in parameter space under the two caps",
         "",
@@ -121,4 +124,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

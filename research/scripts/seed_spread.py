@@ -14,6 +14,7 @@ adopt the smallest c with coverage >= 90 % in every config and no contradicted f
 """
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -69,7 +70,10 @@ def _edge(run: dict, c: float) -> tuple[float, float]:
     return float(np.mean(lows)), float(np.mean(highs))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.parse_args(argv)  # no options: --help explains the study before anything runs
     hf_logging.set_verbosity_error()
     runs = []
     for name, (build, init) in CONFIGS.items():
