@@ -54,7 +54,8 @@ from hf_koopman.logging_utils import get_logger
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION",
     "ADVICE",
-    "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range", "recommendation",
+    "PRETRAINED_ADVICE", "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range",
+    "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
 ]
@@ -1034,6 +1035,13 @@ RISK_BUDGET = 0.1
 
 _GUARD = "keep the divergence guard on (`RKSPCallback(on_divergence=\"rollback\")` continues past a blow-up)"
 
+#: `recommendation` for a profile of pretrained weights with a threshold verdict
+PRETRAINED_ADVICE = (
+    "These are pretrained weights: the verdict extrapolates a rule fitted on spectra at initialisation and says little "
+    "about the stability of a fine-tune. Fine-tune at the learning rate recommended for this model (a fraction of its "
+    f"pre-training rate is usual), and {_GUARD}."
+)
+
 
 def score_band(score: float, relative: float) -> str:
     """`score ± score·relative` as text, the sampling band of a mass; a mass lies in [0, 1], so a band that would
@@ -1068,10 +1076,14 @@ def _below_fitted_learning_rates(assessment: RiskAssessment | None) -> RangeIssu
     return issue if issue.key == _LR and issue.direction == "below" and issue.low is not None else None
 
 
-def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, rank: int | None = None) -> str:
+def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, rank: int | None = None,
+                   pretrained: bool = False) -> str:
     """What to do: `RANK_ADVICE` for a profile whose read layers a rank-`rank` approximation truncated
-    (`DecisionRule.truncated_rank`); from the calibrated probability when `assessment` is at the planned learning rate
-    and inside the estimator's fitted range (`out_of_range is False`); from the verdict's `ADVICE` otherwise.
+    (`DecisionRule.truncated_rank`); `PRETRAINED_ADVICE` for `pretrained` weights with a threshold verdict (the
+    verdict extrapolates a rule fitted at initialisation, and the advice of a verdict at initialisation, such as
+    adding normalisation layers, does not apply to a checkpoint); from the calibrated probability when `assessment` is
+    at the planned learning rate and inside the estimator's fitted range (`out_of_range is False`); from the verdict's
+    `ADVICE` otherwise.
 
     The verdict reads the spectrum alone, which on held-out architecture families added nothing measurable beyond
     the configuration and the learning rate (`results/heldout_risk.md`); the calibrated probability reads both, so
@@ -1080,6 +1092,8 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     if rank is not None:
         return RANK_ADVICE
     in_range = in_fitted_range(assessment)
+    if pretrained and verdict != "uninformative" and not in_range:
+        return PRETRAINED_ADVICE
     below = None if in_range else _below_fitted_learning_rates(assessment)
     if not in_range and below is None:
         return ADVICE[verdict]

@@ -355,7 +355,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         ]
     else:
         lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
-    advice = recommendation(verdict, profile.risk_assessment(), rank=cut)
+    advice = recommendation(verdict, profile.risk_assessment(), rank=cut, pretrained=_pretrained(profile))
     lines += [f"Recommendation: {advice}", ""]
     lines += _trust_section(profile, tentative)
 

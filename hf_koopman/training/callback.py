@@ -675,7 +675,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # an in-range calibrated probability at this learning rate decides the advice and the alarm; the
         # verdict, which reads the spectrum alone, does otherwise (`recommendation`)
         truncated = spectral_profile.rule.truncated_rank(spectral_profile)
-        advice = recommendation(self.init_verdict, assessment, rank=truncated)
+        advice = recommendation(self.init_verdict, assessment, rank=truncated, pretrained=pretrained)
         calibrated = truncated is None and in_fitted_range(assessment)
         alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
         (logger.warning if alarm else logger.info)(

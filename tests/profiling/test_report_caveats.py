@@ -106,6 +106,16 @@ def test_pretrained_weights_make_verdict_and_risk_extrapolations():
     assert "the verdict and any calibrated risk below are extrapolations" in report
 
 
+def test_pretrained_weights_get_fine_tuning_advice_not_the_verdicts():
+    from hf_koopman.risk import ADVICE, PRETRAINED_ADVICE, recommendation
+
+    high = render_report(_profile(0.9, 64 * 16, meta={"weights": "pretrained"}))
+    assert "Recommendation: These are pretrained weights" in high and "add them" not in high  # no "add norm layers"
+    assert recommendation("high risk", None, pretrained=True) == PRETRAINED_ADVICE
+    assert recommendation("uninformative", None, pretrained=True) == ADVICE["uninformative"]
+    assert recommendation("high risk", None) == ADVICE["high risk"]  # an initialisation keeps the verdict's advice
+
+
 @pytest.mark.parametrize("meta", [{"weights": "init"}, {}])
 def test_weights_at_initialisation_carry_no_extrapolation_note(meta):
     report = render_report(_profile(0.1, 64 * 16, meta=meta))
