@@ -69,7 +69,7 @@ class KSSConfig:
             states live as the backward passes through them. `g_task(h)` is the gradient at the first captured
             activation the backward reaches (the highest one, where nothing has been injected yet) and `g_KSS(states)`
             the KSS gradient over all captured states. Costs no extra pass and works with reentrant checkpointing.
-            Over the parameters the ratio can differ: at initialisation with `max_grad_ratio=0.5` it was 0.37 on a
+            Over the parameters the ratio can differ: at initialisation with `max_grad_ratio=0.5` it is 0.37 on a
             tiny GPT-2 but 3.0 on ViT and 17.5 on Swin (`results/kss_cap_spaces.md`).
             `"parameters"`: over the trainable parameters, exactly, at the price of one extra partial backward pass on
             KSS micro-batches. At the default schedule with the full spectrum (12-layer d = 256 GPT-2, one CPU
