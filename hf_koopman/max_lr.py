@@ -239,8 +239,8 @@ def suggest_max_lr(
         reason = (
             f"the predicted probability is already at or above {_risk_text(risk)} at every learning rate down to "
             "1e-10" if lr == 0.0 else
-            f"the predicted probability does not reach {_risk_text(risk)} as the learning rate grows (its coefficient "
-            "is not positive)"
+            f"the predicted probability does not grow with the learning rate (its coefficient is not positive), so no "
+            f"learning rate marks where it reaches {_risk_text(risk)}"
         )
         flag, outside, unknown = _ranges_without_lr(est, prof, context)
         return MaxLRSuggestion(None, risk, "no crossing", reason=reason, interval_method="no learning rate to bound",
@@ -260,8 +260,11 @@ def suggest_max_lr(
                        "in the hf_koopman repository): treat the answer as a starting point for a learning-rate sweep")
     lr_range = est.learning_rate_range
     if lr_range is not None and not lr_range[0] <= lr <= lr_range[1]:
+        at_rate = est.predict_proba(prof, learning_rate=lr, **context)
         caveats.append(f"the suggested learning rate lies outside the learning rates of the training runs "
-                       f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning rate")
+                       f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning rate "
+                       f"(the estimator's own reading at that rate, which clips the rate to that range, is "
+                       f"{_risk_text(at_rate)}, not {_risk_text(risk)})")
     feature_keys = {f.key for f in est.features}
     clipped = [i.key for i in outside if i.key in feature_keys and i.key != "learning_rate"]
     model_keys = [i.key for i in outside if i.key not in feature_keys and i.key not in ("learning_rate", "weights")]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -54,7 +55,8 @@ from hf_koopman.logging_utils import get_logger
 __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION",
     "ADVICE",
-    "PRETRAINED_ADVICE", "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "in_fitted_range",
+    "PRETRAINED_ADVICE", "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "check_learning_rate",
+    "in_fitted_range",
     "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
@@ -1052,10 +1054,29 @@ def score_band(score: float, relative: float) -> str:
     return f"{score:.2f} (band {max(0.0, score - spread):.2f} to 1, a mass cannot exceed 1)"
 
 
+def check_learning_rate(learning_rate: Any) -> float | None:
+    """`learning_rate` as a float (`None` stays `None`); a `TypeError` for a non-number (a bool included), a
+    `ValueError` naming the fix for a number that is not positive and finite."""
+    if learning_rate is None:
+        return None
+    if isinstance(learning_rate, (bool, np.bool_)) or not isinstance(learning_rate, numbers.Real):
+        raise TypeError(
+            f"learning_rate must be a number (the planned peak learning rate, e.g. 3e-4) or None, got "
+            f"{type(learning_rate).__name__} {learning_rate!r}."
+        )
+    if not (math.isfinite(float(learning_rate)) and learning_rate > 0):
+        raise ValueError(
+            f"learning_rate={learning_rate!r} must be a positive finite number (the planned peak learning rate, e.g. "
+            "3e-4), or None to profile without the calibrated risk."
+        )
+    return float(learning_rate)
+
+
 def below_risk_budget(probability: float) -> bool:
-    """Whether `probability`, as shown to one decimal of a percent, lies below `RISK_BUDGET` (so that the same shown
-    number never falls on both sides of it)."""
-    return round(probability, 3) < RISK_BUDGET
+    """Whether `probability`, as shown to one decimal of a percent, lies at or below `RISK_BUDGET` (so that the same
+    shown number never falls on both sides of it, and the rate `suggest_max_lr` gives for that risk reads as within
+    it)."""
+    return round(probability, 3) <= RISK_BUDGET
 
 
 def in_fitted_range(assessment: RiskAssessment | None) -> bool:
@@ -1564,7 +1585,7 @@ class DecisionRule:
         left out for too few token states, the settings, and the context its `meta` carries (the token states the
         judged layer saw, `verdict_tokens_short`; `weights`). A profile whose `rank` covered every mode
         (`settings["spectrum"] == "full"`) is judged as the full spectrum."""
-        settings, meta, features = profile.settings, profile.meta, profile.features
+        meta, features = profile.meta, profile.features
         num_samples, hidden_size = self.verdict_sample(profile)
         undersampled = sum(self.undersampled(profile))
         near = self.near_gate(profile)

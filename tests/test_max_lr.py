@@ -98,6 +98,8 @@ def test_answer_outside_the_learning_rate_range_is_flagged(tiny_profile):
     assert s.verdict == "suggested" and s.max_learning_rate < 1e-2  # the analytic answer lies in [1.6e-4, 1.6e-3]
     assert s.out_of_range is True and s.outside[0].key == "learning_rate" and s.outside[0].direction == "below"
     assert any("extrapolates the logistic" in c for c in s.caveats)
+    # the estimator clips the rate to its range, so its own reading at the answer is not the asked 10 %
+    assert any("the estimator's own reading at that rate" in c and "not 10%" in c for c in s.caveats)
     assert "outside the fitted range: learning_rate" in s.describe()
     from dataclasses import replace
 
@@ -132,7 +134,8 @@ def test_uninformative_profile_gives_no_learning_rate():
 def test_no_crossing_is_reported(tiny_profile):
     falling = RiskEstimator([FeatureSpec("learning_rate", "log10")], coef=[-1.0], intercept=0.0)
     s = suggest_max_lr(tiny_profile, risk=0.1, estimator=falling)
-    assert s.verdict == "no crossing" and s.max_learning_rate is None and "does not reach" in s.reason
+    assert s.verdict == "no crossing" and s.max_learning_rate is None and "does not grow with the learning rate" in (
+        s.reason)
     assert set(SUGGESTION_VERDICTS) == {"suggested", "no crossing", "uninformative"}
 
 

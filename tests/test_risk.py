@@ -160,9 +160,13 @@ def test_the_score_band_stops_at_one():
 def test_the_budget_is_judged_on_the_shown_probability():
     from hf_koopman.risk import RiskAssessment, below_risk_budget, recommendation
 
-    assert below_risk_budget(0.0994) and not below_risk_budget(0.0996) and not below_risk_budget(0.1)
-    edge = recommendation("safe", RiskAssessment(probability=0.0996, out_of_range=False, learning_rate=0.01))
-    assert "10.0%" in edge and "lower the learning rate" in edge  # never "10.0% ... no lower learning rate needed"
+    # at or below: the rate suggest_max_lr gives for a 10 % risk reads 10.0 %, within the budget
+    assert below_risk_budget(0.0994) and below_risk_budget(0.0996) and below_risk_budget(0.1004)
+    assert not below_risk_budget(0.1006)
+    at = recommendation("safe", RiskAssessment(probability=0.0996, out_of_range=False, learning_rate=0.01))
+    assert "10.0%" in at and "no lower learning rate is needed" in at
+    edge = recommendation("safe", RiskAssessment(probability=0.1006, out_of_range=False, learning_rate=0.01))
+    assert "10.1%" in edge and "lower the learning rate" in edge  # never "10.1% ... no lower learning rate needed"
 
 
 def test_the_module_example_runs_and_prints_what_it_shows():
@@ -236,3 +240,16 @@ def test_a_learning_rate_below_the_fitted_range_gets_no_advice_to_lower_it():
     for outside, p in (((above,), 2e-5), ((below, unseen), 2e-5), ((below,), 0.3)):  # the edge reading says little
         other = RiskAssessment(probability=p, out_of_range=True, outside=outside, learning_rate=5e-5)
         assert recommendation("high risk", other) == ADVICE["high risk"]
+
+
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1e-3, ValueError), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), (True, TypeError), ("1e-3", TypeError)])
+def test_a_profiles_risk_at_a_bad_learning_rate_is_refused_not_none(bad, error):
+    from hf_koopman.profiling import profile
+    from hf_koopman.testing_utils import tiny_model
+
+    result = profile(tiny_model("llama"), num_samples=256, progress=False)
+    with pytest.raises(error, match="learning_rate"):
+        result.risk_assessment(learning_rate=bad)
+    with pytest.raises(error, match="learning_rate"):
+        result.risk_probability(learning_rate=bad)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-import numbers
 import operator
 import os
 import time
@@ -50,7 +49,7 @@ from hf_koopman.profiling.probes import (
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
-from hf_koopman.risk import LOW_PRECISION_DTYPES, DecisionRule
+from hf_koopman.risk import LOW_PRECISION_DTYPES, DecisionRule, check_learning_rate
 
 
 __all__ = ["profile", "profile_from_snapshots"]
@@ -261,20 +260,6 @@ def _spectrum_settings(rank: int | None, randomized: bool | None, truncated: int
     }
 
 
-def _check_learning_rate(learning_rate: Any) -> float | None:
-    if learning_rate is None:
-        return None
-    if isinstance(learning_rate, (bool, np.bool_)) or not isinstance(learning_rate, numbers.Real):
-        raise TypeError(
-            f"learning_rate must be a number (the planned peak learning rate, e.g. 3e-4) or None, got "
-            f"{type(learning_rate).__name__} {learning_rate!r}."
-        )
-    if not (math.isfinite(float(learning_rate)) and learning_rate > 0):
-        raise ValueError(
-            f"learning_rate={learning_rate!r} must be a positive finite number (the planned peak learning rate, e.g. "
-            "3e-4), or None to profile without the calibrated risk."
-        )
-    return float(learning_rate)
 
 
 #: sample-size notes already logged at WARNING in this process; a repeat (e.g. every monitoring profile) goes to DEBUG
@@ -696,7 +681,7 @@ def profile(
         max_tokens = _as_count(max_tokens, "max_tokens", 1, "it stops reading inputs after this many valid tokens; "
                                "None reads up to 16 * num_samples")
     progress = show_progress(progress)
-    learning_rate = _check_learning_rate(learning_rate)
+    learning_rate = check_learning_rate(learning_rate)
     check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)
     _check_materialised(inner)

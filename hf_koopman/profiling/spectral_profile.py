@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import DecisionRule, RiskEstimator
+from hf_koopman.risk import DecisionRule, RiskEstimator, check_learning_rate
 
 
 __all__ = ["DecisionRule", "SpectralProfile"]
@@ -192,7 +192,9 @@ class SpectralProfile:
         return self._decision()[1]
 
     def risk_probability(self, learning_rate: float | None = None) -> float | None:
-        """Calibrated P(divergence) from `hf_koopman.risk.RiskEstimator`, or `None` when it cannot be computed."""
+        """Calibrated P(divergence) from `hf_koopman.risk.RiskEstimator`, or `None` when it cannot be computed. A
+        `learning_rate` that is not a positive finite number raises (`ValueError` / `TypeError`)."""
+        check_learning_rate(learning_rate)
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
         try:
             return float(RiskEstimator.default().predict_proba(self, learning_rate=lr))
@@ -203,7 +205,9 @@ class SpectralProfile:
 
     def risk_assessment(self, learning_rate: float | None = None) -> Any:
         """`hf_koopman.risk.RiskAssessment` (probability, and whether this model and learning rate lie inside the
-        estimator's training ranges), or `None` when no estimator is shipped or it cannot score this profile."""
+        estimator's training ranges), or `None` when no estimator is shipped or it cannot score this profile. A
+        `learning_rate` that is not a positive finite number raises (`ValueError` / `TypeError`)."""
+        check_learning_rate(learning_rate)
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
         try:
             return RiskEstimator.default().assess(self, learning_rate=lr)

@@ -201,7 +201,9 @@ def estimate_streaming_memory(
 ) -> dict[str, int]:
     """Bytes a streaming profile of `config` needs: `block` (largest residual block), `non_block` (embeddings etc.,
     without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (2 x L x N x d
-    float32) and `total`. Builds only the meta skeleton, so it is cheap even for 70B configs."""
+    float32), `analysis` (the batched whitened DMD's working memory once the stream is done, at most about 1 GiB) and
+    `total` = `non_block` + `snapshots` + the larger of `block` + `working` (streaming) and `analysis`. Builds only the
+    meta skeleton, so it is cheap even for 70B configs."""
     from hf_koopman.profiling import find_residual_blocks
 
     dtype = _resolve_dtype(dtype)
@@ -224,7 +226,11 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -
         "working": int(num_tokens * (_WORK_FACTOR * hidden + 3 * inter) * 4),
         "snapshots": int(2 * len(block_modules) * min(num_samples, num_tokens) * hidden * 4),
     }
-    plan["total"] = sum(plan.values())
+    n = min(num_samples, num_tokens)
+    layers = min(len(block_modules), _analysis_chunk_size(n, hidden))
+    plan["analysis"] = int(layers * _analysis_bytes_per_layer(n, hidden))
+    plan["total"] = (plan["non_block"] + plan["snapshots"]
+                     + max(plan["block"] + plan["working"], plan["analysis"]))
     return plan
 
 
@@ -326,10 +332,10 @@ def profile_streaming(
     )
 
     from hf_koopman.koopman.dmd import check_eig_dtype
+    from hf_koopman.risk import check_learning_rate
     from hf_koopman.profiling.profiler import (
         _as_count,
         _check_analysis_keywords,
-        _check_learning_rate,
         _check_rank,
         _check_seed,
         _check_token_count,
@@ -345,7 +351,7 @@ def profile_streaming(
     rank = _check_rank(rank, analysis_kwargs.get("randomized"))
     seed = _check_seed(seed)
     check_eig_dtype(analysis_kwargs.get("eig_dtype"))
-    learning_rate = _check_learning_rate(learning_rate)
+    learning_rate = check_learning_rate(learning_rate)
     start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)
     budget = _parse_bytes(memory_limit)
@@ -378,9 +384,10 @@ def profile_streaming(
         )
     if plan["total"] > available:
         logger.warning(
-            "Streaming needs ~%s in all (non-block %s, block %s, activations %s, snapshots %s) but only %s is %s; "
-            "the run may swap or be killed.", _fmt(plan["total"]), _fmt(plan["non_block"]), _fmt(plan["block"]),
-            _fmt(plan["working"]), _fmt(plan["snapshots"]), _fmt(available),
+            "Streaming needs ~%s in all (non-block %s, block %s, activations %s, snapshots %s; the analysis "
+            "afterwards %s) but only %s is %s; the run may swap or be killed.", _fmt(plan["total"]),
+            _fmt(plan["non_block"]), _fmt(plan["block"]), _fmt(plan["working"]), _fmt(plan["snapshots"]),
+            _fmt(plan["analysis"]), _fmt(available),
             "allowed" if budget is not None else "available",
         )
 
@@ -527,9 +534,13 @@ def _analysis_chunk_size(n: int, d: int, default: int = 8) -> int:
     memory -- at d = 4096, N = 2048 (7B) two layers at a time (one per core in the eigen step), otherwise the analysis
     alone would need several GB on top of the snapshots. Small models keep the default, so their random projections
     (and features) match `profile` exactly."""
+    return max(1, min(default, _ANALYSIS_BUDGET // _analysis_bytes_per_layer(n, d)))
+
+
+def _analysis_bytes_per_layer(n: int, d: int) -> int:
+    """Working memory of one layer's whitened DMD at N = `n` token states of width `d` (see `_ANALYSIS_BUDGET`)."""
     m = min(n - 1, d)
-    per_layer = 10 * m * m * 8 + 2 * n * d * 4
-    return max(1, min(default, _ANALYSIS_BUDGET // per_layer))
+    return 10 * m * m * 8 + 2 * n * d * 4
 
 
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")

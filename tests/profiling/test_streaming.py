@@ -332,6 +332,20 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     assert plan["block"] == (4 * d * d + 3 * d * inter + 2 * d) * 4  # q, k, v, o + gate, up, down + two RMSNorms
     assert plan["non_block"] == (32000 * d + d) * 4  # embedding + final norm; the untied LM head is never built
     assert plan["snapshots"] == 2 * 32 * 2048 * d * 4
+    m = 2047  # N - 1 < d: the analysis runs two layers at a time after the stream; the stream's block sets the peak
+    assert plan["analysis"] == 2 * (10 * m * m * 8 + 2 * 2048 * d * 4)
+    assert plan["total"] == plan["non_block"] + plan["snapshots"] + plan["block"] + plan["working"]
+    small = estimate_streaming_memory(load_architecture_config("llama-2-7b"), num_tokens=2048, num_samples=2048,
+                                      layers=[f"model.layers.{i}" for i in range(2)])
+    assert small["analysis"] == plan["analysis"]  # two layers: one batched call
+    # a narrower model: its 8 layers' analysis (one batched call) outweighs streaming one block, and sets the total
+    from transformers import LlamaConfig
+
+    narrow = estimate_streaming_memory(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                                   num_attention_heads=8, vocab_size=1000))
+    assert narrow["analysis"] == 8 * (10 * 1024 * 1024 * 8 + 2 * 2048 * 1024 * 4)
+    assert narrow["analysis"] > narrow["block"] + narrow["working"]
+    assert narrow["total"] == narrow["non_block"] + narrow["snapshots"] + narrow["analysis"]
     # the analysis of 7B-width snapshots (N = 2048 < d: width N - 1 after the row-space reduction) runs two layers per
     # batched DMD call; wider rows at the same width, one; small models keep profile's default
     assert _analysis_chunk_size(2048, d) == 2 and _analysis_chunk_size(4096, 8192) == 1
