@@ -826,6 +826,9 @@ def _run_profile(args: argparse.Namespace) -> int:
         notes.append("extrapolated: pretrained weights, and the thresholds come from initialisations")
     print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           + (f" ({'; '.join(notes)})" if notes else ""))
+    assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
+    if assessment is not None:  # the planned learning rate's calibrated risk, as the report's risk line gives it
+        print(f"  {assessment.describe()}")
     if result.degenerate_layers:
         print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
     undersampled = result.undersampled_layers

@@ -97,13 +97,18 @@ def test_profile_on_a_saved_dataset(tiny_llama_json, tmp_path):
     assert data["meta"]["tokens_seen"] == 6 * len(("spectral profile of a residual stream " * 3).encode())
 
 
-def test_learning_rate_is_recorded_for_the_risk_estimator(tiny_llama_json, tmp_path):
+def test_learning_rate_is_recorded_for_the_risk_estimator(tiny_llama_json, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["profile", str(tiny_llama_json), "--learning-rate", "0.003", "--num-samples", "48", "--rank", "4",
                  "--no-plots", "--no-progress", "--out", str(out)]) == 0
     data = json.loads((out / "profile.json").read_text())
     assert data["meta"]["learning_rate"] == 0.003
     assert data["risk"] is None or 0.0 < data["risk"] < 1.0  # a probability whenever an estimator is shipped
+    # the full spectrum's calibrated risk is on the terminal too, not only in report.md
+    capsys.readouterr()
+    assert main(["profile", str(tiny_llama_json), "--init", "--learning-rate", "0.003", "--num-samples", "256",
+                 "--no-plots", "--no-progress", "--out", str(tmp_path / "full")]) == 0
+    assert "P(divergence) at learning rate 0.003 =" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ bad input
