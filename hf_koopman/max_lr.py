@@ -260,11 +260,15 @@ def suggest_max_lr(
                        "in the hf_koopman repository): treat the answer as a starting point for a learning-rate sweep")
     lr_range = est.learning_rate_range
     if lr_range is not None and not lr_range[0] <= lr <= lr_range[1]:
-        at_rate = est.predict_proba(prof, learning_rate=lr, **context)
+        note = ""
+        spec = next((f for f in est.features if f.key == "learning_rate"), None)
+        at_rate = _risk_text(est.predict_proba(prof, learning_rate=lr, **context))
+        if spec is not None and math.isfinite(spec.low) and math.isfinite(spec.high) and at_rate != _risk_text(risk):
+            note = (f" (the estimator's own reading at that rate, which clips the rate to its fitted range, is "
+                    f"{at_rate}, not {_risk_text(risk)})")
         caveats.append(f"the suggested learning rate lies outside the learning rates of the training runs "
-                       f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning rate "
-                       f"(the estimator's own reading at that rate, which clips the rate to that range, is "
-                       f"{_risk_text(at_rate)}, not {_risk_text(risk)})")
+                       f"[{lr_range[0]:.3g}, {lr_range[1]:.3g}]: it extrapolates the logistic in log learning "
+                       f"rate{note}")
     feature_keys = {f.key for f in est.features}
     clipped = [i.key for i in outside if i.key in feature_keys and i.key != "learning_rate"]
     model_keys = [i.key for i in outside if i.key not in feature_keys and i.key not in ("learning_rate", "weights")]

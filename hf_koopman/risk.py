@@ -1031,8 +1031,8 @@ ADVICE = {
 #: directions their number allows is flagged (a heuristic: a LayerNorm output spans d - 1 of d)
 RANK_SHARE_MIN = 0.9
 
-#: the risk budget of `recommendation`: a calibrated probability below it needs no lower learning rate (the default
-#: `risk` of `suggest_max_lr` and `hf-koopman max-lr`)
+#: the risk budget of `recommendation`: a calibrated probability at or below it needs no lower learning rate (the
+#: default `risk` of `suggest_max_lr` and `hf-koopman max-lr`)
 RISK_BUDGET = 0.1
 
 _GUARD = "keep the divergence guard on (`RKSPCallback(on_divergence=\"rollback\")` continues past a blow-up)"
@@ -1088,7 +1088,7 @@ def in_fitted_range(assessment: RiskAssessment | None) -> bool:
 
 def _below_fitted_learning_rates(assessment: RiskAssessment | None) -> RangeIssue | None:
     """The learning rate's range issue when it is the only input outside the fitted range, below it, every input is
-    known, and the probability at the range's lower edge is below `RISK_BUDGET`; else `None`."""
+    known, and the probability at the range's lower edge is at or below `RISK_BUDGET`; else `None`."""
     if assessment is None or getattr(assessment, "learning_rate", None) is None or assessment.unknown:
         return None
     if len(assessment.outside) != 1 or not below_risk_budget(assessment.probability):
@@ -1108,7 +1108,8 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
 
     The verdict reads the spectrum alone, which on held-out architecture families added nothing measurable beyond
     the configuration and the learning rate (`results/heldout_risk.md`); the calibrated probability reads both, so
-    where it is in range it decides the advice: below `RISK_BUDGET` no lower learning rate, above it a lower one.
+    where it is in range it decides the advice: at or below `RISK_BUDGET` no lower learning rate, above it a
+    lower one.
     """
     if rank is not None:
         return RANK_ADVICE

@@ -98,8 +98,14 @@ def test_answer_outside_the_learning_rate_range_is_flagged(tiny_profile):
     assert s.verdict == "suggested" and s.max_learning_rate < 1e-2  # the analytic answer lies in [1.6e-4, 1.6e-3]
     assert s.out_of_range is True and s.outside[0].key == "learning_rate" and s.outside[0].direction == "below"
     assert any("extrapolates the logistic" in c for c in s.caveats)
-    # the estimator clips the rate to its range, so its own reading at the answer is not the asked 10 %
-    assert any("the estimator's own reading at that rate" in c and "not 10%" in c for c in s.caveats)
+    # an estimator that clips the rate to that range reads another risk at the answer, and says so
+    clipping = RiskEstimator(
+        [FeatureSpec("learning_rate", "log10", mean=-3.0, std=0.5, low=-2.0, high=-1.0),
+         FeatureSpec("near_unit_mass_mean", mean=0.5, std=0.25, low=0.0, high=1.0)],
+        coef=[2.0, 1.0], intercept=-1.0, training_ranges=_estimator(lr_range=(1e-2, 1e-1)).training_ranges)
+    clipped = suggest_max_lr(tiny_profile, risk=0.1, estimator=clipping)
+    assert any("the estimator's own reading at that rate" in c and "not 10%" in c for c in clipped.caveats)
+    assert not any("own reading" in c for c in s.caveats)  # this one does not clip there: no such clause
     assert "outside the fitted range: learning_rate" in s.describe()
     from dataclasses import replace
 

@@ -201,7 +201,8 @@ def estimate_streaming_memory(
 ) -> dict[str, int]:
     """Bytes a streaming profile of `config` needs: `block` (largest residual block), `non_block` (embeddings etc.,
     without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (2 x L x N x d
-    float32), `analysis` (the batched whitened DMD's working memory once the stream is done, at most about 1 GiB) and
+    float32), `analysis` (the batched whitened DMD's working memory once the stream is done: layers are batched up to
+    about 1 GiB, one layer at a time beyond it, so it exceeds 1 GiB where a single layer does) and
     `total` = `non_block` + `snapshots` + the larger of `block` + `working` (streaming) and `analysis`. Builds only the
     meta skeleton, so it is cheap even for 70B configs."""
     from hf_koopman.profiling import find_residual_blocks

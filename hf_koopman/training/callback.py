@@ -52,7 +52,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 #: inputs of a tower other than the text's: with them, the text's token count says nothing of every layer
-_OTHER_MODALITIES = ("pixel_values", "pixel_values_videos", "input_values", "input_features", "image_embeds")
+_OTHER_MODALITIES = ("pixel_values", "pixel_values_videos", "pixel_values_images", "input_values", "input_features",
+                     "image_embeds", "visual_embeds", "visual_feats", "image", "audio_values", "flattened_patches",
+                     "image_patches")
 
 
 def _token_count(batch: dict[str, Any]) -> int | None:
