@@ -783,7 +783,7 @@ def _check_default_probe(model: Any) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
-    from hf_koopman.risk import TENTATIVE, low_precision_dtype
+    from hf_koopman.risk import TENTATIVE, in_fitted_range, low_precision_dtype
 
     rank = args.rank
     progress = _check_model_input_arguments(args)
@@ -827,8 +827,11 @@ def _run_profile(args: argparse.Namespace) -> int:
     print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           + (f" ({'; '.join(notes)})" if notes else ""))
     assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
-    if assessment is not None:  # the planned learning rate's calibrated risk, as the report's risk line gives it
-        print(f"  {assessment.describe()}")
+    if assessment is not None:  # the planned learning rate's calibrated risk; its caveats are in the report
+        where = ("inside the estimator's fitted range" if in_fitted_range(assessment)
+                 else "outside the estimator's fitted range or not calibrated here, see report")
+        shown = "< 0.1 %" if assessment.probability < 1e-3 else f"{assessment.probability:.1%}"
+        print(f"  P(divergence) at learning rate {assessment.learning_rate:g} = {shown} ({where})")
     if result.degenerate_layers:
         print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
     undersampled = result.undersampled_layers
