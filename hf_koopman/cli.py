@@ -174,7 +174,10 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
         if not config_file.is_file():
             from hf_koopman.profiling.streaming import missing_config_message
 
-            raise ValueError(missing_config_message(path))
+            shadowed = resolve_architecture_name(spec) if not _looks_like_path(spec) else None
+            hint = (f" The folder {spec!r} here shadows the embedded architecture {shadowed!r} (an earlier --out?): "
+                    "run from another directory, or rename the folder." if shadowed else "")
+            raise ValueError(missing_config_message(path) + hint)
         data = _read_json(config_file)
         if "model_type" not in data:
             raise ValueError(
@@ -828,10 +831,16 @@ def _run_profile(args: argparse.Namespace) -> int:
           + (f" ({'; '.join(notes)})" if notes else ""))
     assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
     if assessment is not None:  # the planned learning rate's calibrated risk; its caveats are in the report
-        where = ("inside the estimator's fitted range" if in_fitted_range(assessment)
-                 else "outside the estimator's fitted range or not calibrated here, see report")
+        lr = f"  P(divergence) at learning rate {assessment.learning_rate:g}:"
         shown = "< 0.1 %" if assessment.probability < 1e-3 else f"{assessment.probability:.1%}"
-        print(f"  P(divergence) at learning rate {assessment.learning_rate:g} = {shown} ({where})")
+        if result.verdict == "uninformative":
+            print(f"{lr} n/a (computed from an uninformative spectrum, not a reading of this model; see report)")
+        elif in_fitted_range(assessment):
+            print(f"{lr} {shown} (inside the estimator's fitted range)")
+        else:
+            why = (assessment.outside[0].describe() if assessment.outside
+                   else "ranges unknown for " + ", ".join(assessment.unknown) if assessment.unknown else "see report")
+            print(f"{lr} {shown} (extrapolated: {why}; see report)")
     if result.degenerate_layers:
         print(f"  {len(result.degenerate_layers)} degenerate layer(s): RKSP is uninformative there (see report)")
     undersampled = result.undersampled_layers

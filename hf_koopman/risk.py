@@ -1007,9 +1007,9 @@ RANK_ADVICE = ("Profile the full spectrum (leave `rank` / `--rank` out): the ver
 #: What to do about each verdict when no in-range calibrated probability is at hand (`recommendation`): the
 #: "Recommendation" of the profile report and the advice the callback logs.
 ADVICE = {
-    "safe": ("Proceed: nothing in the spectrum calls for a change (no spectral penalty, KSS, needed). A safe verdict "
-             "holds for no particular learning rate, so keep the divergence guard on during training "
-             "(`RKSPCallback`, on by default)."),
+    "safe": ("Proceed: nothing in the spectrum calls for a change (no spectral penalty, KSS, is needed). A safe "
+             "verdict holds for no particular learning rate, so keep a divergence guard on during training (add "
+             "`RKSPCallback()` to the Trainer; its guard is on by default)."),
     "moderate": (
         "Borderline: the paper leaves 0.3 ≤ M≈1 ≤ 0.5 to context. Keep the divergence guard on "
         "(`RKSPCallback(on_divergence=\"rollback\")`) and be careful with learning rates above 2× the standard one."
@@ -1022,7 +1022,9 @@ ADVICE = {
         "repository)."
     ),
     "uninformative": (
-        "Profile again after a small amount of training (App. J); the init-time spectrum carries no signal."
+        "Do what the reason above names: profile on more token states where it says the sample is too small "
+        "(num_samples, more or longer inputs), or again after a little training where the spectrum at "
+        "initialisation carries no signal (degenerate or nonlinear blocks, App. J)."
     ),
 }
 

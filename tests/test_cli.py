@@ -108,7 +108,7 @@ def test_learning_rate_is_recorded_for_the_risk_estimator(tiny_llama_json, tmp_p
     capsys.readouterr()
     assert main(["profile", str(tiny_llama_json), "--init", "--learning-rate", "0.003", "--num-samples", "256",
                  "--no-plots", "--no-progress", "--out", str(tmp_path / "full")]) == 0
-    assert "P(divergence) at learning rate 0.003 =" in capsys.readouterr().out
+    assert "P(divergence) at learning rate 0.003:" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -260,3 +260,12 @@ def test_half_precision_uninformative_run_gives_each_caveat_once_and_no_bold_pro
     line = next(line for line in text.splitlines() if line.startswith("Calibrated divergence probability"))
     assert "**" not in line and "computed from an uninformative spectrum" in line
     assert "not a reading of this model" in line and "unreliable in float16 (see the float16 note above)" in line
+
+
+def test_an_uninformative_profile_prints_no_probability(tmp_path, capsys):
+    folder = _checkpoint(tmp_path)  # 16 token states for width 32: uninformative
+    assert main(["profile", str(folder), "--learning-rate", "3e-3", "--num-samples", "16", *FAST,
+                 "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: UNINFORMATIVE" in printed
+    assert "P(divergence) at learning rate 0.003: n/a (computed from an uninformative spectrum" in printed

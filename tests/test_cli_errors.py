@@ -529,3 +529,10 @@ def test_a_peft_adapter_folder_is_named_with_the_merge_that_profiles_it(tmp_path
     (tmp_path / "adapter_config.json").unlink()
     assert main(["profile", str(tmp_path), "--no-progress"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_a_folder_named_like_an_embedded_architecture_is_named_as_the_cause(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()  # e.g. an earlier `--out gpt2`, without config.json
+    assert main(["max-lr", "gpt2", "--init", "--num-samples", "64", "--no-progress"]) == 2
+    assert "shadows the embedded architecture 'gpt2'" in capsys.readouterr().err

@@ -318,7 +318,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     risk = profile.risk
     rule = (
         "the paper's decision rule (App. J) on the mean near-unit mass M≈1 of the informative layers: "
-        f"safe below {profile.rule.safe_below}, high risk above {profile.rule.high_risk_above}"
+        f"safe below {profile.rule.safe_below}, moderate up to {profile.rule.high_risk_above}, high risk above it"
         + (f", or high risk when the median κ(V) exceeds {profile.rule.kappa_large:g}"
            if profile.rule.kappa_large is not None else "")
     )
