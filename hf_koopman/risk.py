@@ -1041,9 +1041,8 @@ _GUARD = "keep the divergence guard on (`RKSPCallback(on_divergence=\"rollback\"
 
 #: `recommendation` for a profile of pretrained weights with a threshold verdict
 PRETRAINED_ADVICE = (
-    "These are pretrained weights: the verdict extrapolates a rule fitted on spectra at initialisation and says little "
-    "about the stability of a fine-tune. Fine-tune at the learning rate recommended for this model (a fraction of its "
-    f"pre-training rate is usual), and {_GUARD}."
+    "These are pretrained weights, which the verdict says little about: fine-tune at the learning rate recommended "
+    f"for this model (a fraction of its pre-training rate is usual), and {_GUARD}."
 )
 
 
