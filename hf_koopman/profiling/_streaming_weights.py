@@ -286,7 +286,7 @@ class SafetensorsWeights:
                 f"The checkpoint in {self.folder} lacks tensors for {what} parameters {missing[:4]}"
                 f"{' ...' if len(missing) > 4 else ''}, and the model ties none of them to a loaded one; streaming "
                 "needs them in the safetensors files. Re-save the folder with `save_pretrained` from this "
-                "architecture, or pass `init=True` to profile the architecture at initialisation."
+                "architecture, or pass `init=True` (`--init`) to profile the architecture at initialisation."
             )
         if self.dtype is not None:  # the loader keeps the skeleton's dtype; cast where asked, tied parameters once
             cast: dict[int, nn.Parameter] = {}
@@ -401,8 +401,9 @@ def find_safetensors_keys(folder: Path) -> dict[str, Path]:
     if not files:
         raise ValueError(
             f"No safetensors weights found in {folder} (expected {_SINGLE_FILE} or {_INDEX_FILE}). Streaming loads "
-            "weights only from safetensors; re-save the model with `save_pretrained`, or pass `init=True` to profile "
-            "the architecture at initialisation."
+            "weights only from safetensors (a pickled pytorch_model.bin would have to be loaded whole): convert it "
+            "once where the model fits (`save_pretrained(..., safe_serialization=True)`, the default), or pass "
+            "`init=True` (`--init`) to profile the architecture at initialisation."
         )
     keys: dict[str, Path] = {}
     for file in files:

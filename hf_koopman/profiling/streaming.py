@@ -122,7 +122,7 @@ def _resolve_source(model: Any, init: bool | None) -> tuple[PretrainedConfig, Pa
         )
     if isinstance(model, PretrainedConfig):
         if init is False:
-            raise ValueError("A config has no weights to load: pass a save_pretrained folder, or init=True.")
+            raise ValueError("A config has no weights to load: pass a save_pretrained folder, or init=True (`--init`).")
         return model, None, True, getattr(model, "name_or_path", "") or model.model_type
     if isinstance(model, (str, os.PathLike)):
         folder = Path(model)

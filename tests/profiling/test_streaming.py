@@ -387,7 +387,7 @@ def test_bad_inputs_are_rejected(tmp_path):
         profile_streaming(_llama(), dtype="int8")
     with pytest.raises(ValueError, match="memory_limit"):
         profile_streaming(_llama(), memory_limit="lots")
-    with pytest.raises(ValueError, match="init=True"):
+    with pytest.raises(ValueError, match=r"init=True \(`--init`\)"):  # the CLI's spelling too
         profile_streaming(_llama(), init=False)
     with pytest.raises(TypeError, match="profile_streaming.*'num_sample'; did you mean 'num_samples'"):
         profile_streaming(_llama(), num_sample=64)  # before any block is built
