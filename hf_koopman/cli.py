@@ -786,7 +786,7 @@ def _check_default_probe(model: Any) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
-    from hf_koopman.risk import TENTATIVE, in_fitted_range, low_precision_dtype
+    from hf_koopman.risk import TENTATIVE, in_fitted_range, low_precision_dtype, shown_probability
 
     rank = args.rank
     progress = _check_model_input_arguments(args)
@@ -832,7 +832,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
     if assessment is not None:  # the planned learning rate's calibrated risk; its caveats are in the report
         lr = f"  P(divergence) at learning rate {assessment.learning_rate:g}:"
-        shown = "< 0.1 %" if assessment.probability < 1e-3 else f"{assessment.probability:.1%}"
+        shown = shown_probability(assessment.probability)
         if result.verdict == "uninformative":
             print(f"{lr} n/a (computed from an uninformative spectrum, not a reading of this model; see report)")
         elif in_fitted_range(assessment):

@@ -56,7 +56,7 @@ __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION",
     "ADVICE",
     "PRETRAINED_ADVICE", "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "check_learning_rate",
-    "in_fitted_range",
+    "in_fitted_range", "shown_probability",
     "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
@@ -1073,6 +1073,11 @@ def check_learning_rate(learning_rate: Any) -> float | None:
     return float(learning_rate)
 
 
+def shown_probability(probability: float) -> str:
+    """A probability as the report, the advice and the CLI show it: one decimal of a percent, `< 0.1 %` below."""
+    return "< 0.1 %" if probability < 1e-3 else f"{probability:.1%}"
+
+
 def below_risk_budget(probability: float) -> bool:
     """Whether `probability`, as shown to one decimal of a percent, lies at or below `RISK_BUDGET` (so that the same
     shown number never falls on both sides of it, and the rate `suggest_max_lr` gives for that risk reads as within
@@ -1121,7 +1126,7 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     if not in_range and below is None:
         return ADVICE[verdict]
     p, lr = assessment.probability, assessment.learning_rate
-    shown = "< 0.1 %" if p < 1e-3 else f"{p:.1%}"  # as the report's risk line shows it
+    shown = shown_probability(p)
     if below is not None:
         label = (f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative"
                  else "the spectrum")

@@ -193,6 +193,11 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
         )
 
 
+#: the start of profile()'s note that some layers got fewer token states than asked for (`RKSPCallback` gives it once
+#: per run with its own knobs, and filters repeats by this prefix)
+SHORT_SAMPLE_NOTE = "only %d valid token states reached some layers"
+
+
 def _index_error(batch: Mapping[str, Any], model: nn.Module, prompt_tokens: int = 0) -> str | None:
     """The fix for an index error of `model`'s forward on `batch`, when the inputs explain it: token sequences longer
     than its position table (less the `prompt_tokens` rows a PEFT prompt or prefix takes in front of each row), or
@@ -826,8 +831,8 @@ def profile(
     if few:
         fewest = min(few, key=few.get)
         logger.warning(
-            "only %d valid token states reached some layers (%d of %d, fewest in %r; asked for num_samples=%d); pass "
-            "more inputs for stable estimates", few[fewest], len(few), len(recorder.tokens_seen), fewest, num_samples,
+            SHORT_SAMPLE_NOTE + " (%d of %d, fewest in %r; asked for num_samples=%d); pass more inputs for stable "
+            "estimates", few[fewest], len(few), len(recorder.tokens_seen), fewest, num_samples,
         )
     try:
         dtype = str(next(inner.parameters()).dtype).removeprefix("torch.")

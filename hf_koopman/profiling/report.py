@@ -15,7 +15,7 @@ from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
     RANK_SHARE_MIN, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat,
-    recommendation, score_band,
+    recommendation, score_band, shown_probability,
 )
 
 
@@ -327,7 +327,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
                 f"above {profile.rule.high_risk_above} on the mean M≈1) reads the full spectrum, and this is a "
                 f"rank-{cut} profile")
     if risk is not None:
-        shown = "< 0.1 %" if risk < 1e-3 else f"{risk:.1%}"
+        shown = shown_probability(risk)
         lr = profile.meta.get("learning_rate")
         assessment = profile.risk_assessment()  # the range note: outside the fitted range, or ranges unknown
         note = f" — {_range_note(assessment.range_note, dtype)}" if assessment is not None else ""

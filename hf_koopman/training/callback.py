@@ -81,10 +81,16 @@ def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
 
 
 class _ShortSampleNote(logging.Filter):
-    """Drops profile()'s note that some layers got fewer token states than asked for."""
+    """Drops profile()'s note that some layers got fewer token states than asked for (`SHORT_SAMPLE_NOTE`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from hf_koopman.profiling.profiler import SHORT_SAMPLE_NOTE
+
+        self.prefix = SHORT_SAMPLE_NOTE
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("only %d valid token states reached some layers")
+        return not str(record.msg).startswith(self.prefix)
 
 
 def _replica_quiet(state: Any) -> Any:

@@ -716,8 +716,7 @@ class KSSTrainer(Trainer):
                 raise ValueError("KSS found no width-preserving residual blocks ("
                                  + "; ".join(self._kss_not_residual.values())
                                  + "); name the block list with kss_layers (KSSConfig(layers=...)).")
-            self._kss_not_residual_step = step  # applied; lists found later are added to the dict again
-            self._kss_not_residual = {}
+            self._kss_not_residual = {}  # applied; lists found later are added again
         blocks = self._kss_blocks
         count = max(1, math.ceil(self.kss_config.layer_fraction * len(blocks) - 1e-9))
         # same subset on every rank and every micro-batch of the step: seeded by (seed, step)
