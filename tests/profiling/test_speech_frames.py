@@ -46,12 +46,12 @@ def test_a_padded_waveform_batch_profiles_as_its_clips_one_by_one():
         assert abs(a.nonlinearity - b.nonlinearity) < 1e-3 and abs(a.spectral_radius - b.spectral_radius) < 1e-3
 
 
-def test_kss_trainer_leaves_the_feature_encoder_out_and_keeps_the_padding_out(tmp_path, caplog):
-    import logging
-
+def _kss_trainer(tmp_path, *, repeats: int, **kwargs):
+    """A `KSSTrainer` with KSS on every step over the clips `repeats` times, each with 3 CTC labels, padded per batch
+    by a collator that returns the waveform mask; `kwargs` set the remaining `KSSTrainingArguments`."""
     from hf_koopman.training import KSSTrainer, KSSTrainingArguments
 
-    clips = _clips() * 2
+    clips = _clips() * repeats
     labels = [torch.randint(1, 12, (3,), generator=torch.Generator().manual_seed(i)) for i in range(len(clips))]
 
     class Clips(torch.utils.data.Dataset):
@@ -64,10 +64,15 @@ def test_kss_trainer_leaves_the_feature_encoder_out_and_keeps_the_padding_out(tm
     def collate(items):
         return {**_padded([item["clip"] for item in items]), "labels": torch.stack([item["labels"] for item in items])}
 
-    args = KSSTrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none",
-                                use_cpu=True, save_strategy="no", disable_tqdm=True, kss_every_n_steps=1,
-                                kss_layer_fraction=1.0, remove_unused_columns=False)
-    trainer = KSSTrainer(model=_model().train(), args=args, train_dataset=Clips(), data_collator=collate)
+    args = KSSTrainingArguments(str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                kss_every_n_steps=1, remove_unused_columns=False, **kwargs)
+    return KSSTrainer(model=_model().train(), args=args, train_dataset=Clips(), data_collator=collate)
+
+
+def test_kss_trainer_leaves_the_feature_encoder_out_and_keeps_the_padding_out(tmp_path, caplog):
+    import logging
+
+    trainer = _kss_trainer(tmp_path, repeats=2, max_steps=2, per_device_train_batch_size=4, kss_layer_fraction=1.0)
     with caplog.at_level(logging.WARNING):
         trainer.train()  # the strided feature encoder was sampled at step 0: left out, not raised on
     assert trainer.kss_steps == [0, 1]
@@ -106,20 +111,7 @@ def test_the_frames_mask_is_used_only_on_the_grid_of_the_frames(caplog):
 
 
 def test_kss_micro_batches_of_one_step_sample_the_same_blocks(tmp_path, monkeypatch):
-    from hf_koopman.training import KSSTrainer, KSSTrainingArguments
-
-    clips = _clips() * 4
-    labels = [torch.randint(1, 12, (3,), generator=torch.Generator().manual_seed(i)) for i in range(len(clips))]
-
-    class Clips(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(clips)
-
-        def __getitem__(self, i):
-            return {"clip": clips[i], "labels": labels[i]}
-
-    def collate(items):
-        return {**_padded([item["clip"] for item in items]), "labels": torch.stack([item["labels"] for item in items])}
+    from hf_koopman.training import KSSTrainer
 
     chosen: dict[int, list[list[str]]] = {}
     select = KSSTrainer._kss_select_blocks
@@ -130,13 +122,10 @@ def test_kss_micro_batches_of_one_step_sample_the_same_blocks(tmp_path, monkeypa
         return blocks
 
     monkeypatch.setattr(KSSTrainer, "_kss_select_blocks", spy)
-    args = KSSTrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to="none",
-                                use_cpu=True, save_strategy="no", disable_tqdm=True, kss_every_n_steps=1,
-                                kss_layer_fraction=0.5, kss_seed=1, gradient_accumulation_steps=2,
-                                remove_unused_columns=False)
-    model = _model().train()
-    model.config.layerdrop = 0.0
-    KSSTrainer(model=model, args=args, train_dataset=Clips(), data_collator=collate).train()
+    trainer = _kss_trainer(tmp_path, repeats=4, max_steps=3, per_device_train_batch_size=2, kss_layer_fraction=0.5,
+                           kss_seed=1, gradient_accumulation_steps=2)
+    trainer.model.config.layerdrop = 0.0
+    trainer.train()
     assert any("conv_layers" in name for name in chosen[0][0])  # the feature encoder was sampled at step 0 ...
     assert all(runs[0] == runs[1] for runs in chosen.values())  # ... and both micro-batches of a step agree
     assert not any("conv_layers" in name for runs in list(chosen.values())[1:] for run in runs for name in run)
