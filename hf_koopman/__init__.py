@@ -8,8 +8,9 @@
   classes when this package is imported.
 
 The math core `hf_koopman.koopman` is pure torch: its modules never import `transformers`, and it works where
-transformers is not installed. Importing the package registers the model classes with the Auto classes (which loads
-transformers when it is installed); every other public name is resolved lazily, on first use.
+transformers is not installed. Importing the package (and so any of its modules, `hf_koopman.koopman` included)
+registers the model classes with the Auto classes, which loads transformers where it is installed; every other public
+name is resolved lazily, on first use.
 """
 
 from __future__ import annotations
@@ -109,12 +110,60 @@ def _in_console_script() -> bool:
 if not _in_console_script():
     _register_auto_classes()
 
-if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names (a test keeps this list and _LAZY equal)
     from hf_koopman.koopman import (  # noqa: F401
-        DMDResult,
-        LayerFeatures,
         aggregate_features,
+        DMDResult,
+        FEATURE_NAMES,
         kreiss_constant,
+        LayerFeatures,
         spectral_features,
+        whiten,
         whitened_dmd,
+        zca_whitening,
+    )
+    from hf_koopman.profiling import (  # noqa: F401
+        default_probe_inputs,
+        find_residual_blocks,
+        profile,
+        profile_from_snapshots,
+        profile_streaming,
+        ResidualBlock,
+        ResidualStreamRecorder,
+        SpectralProfile,
+    )
+    from hf_koopman.training import (  # noqa: F401
+        KSSConfig,
+        KSSTrainer,
+        KSSTrainingArguments,
+        RKSPCallback,
+    )
+    from hf_koopman.risk import (  # noqa: F401
+        DecisionRule,
+        RiskAssessment,
+        RiskEstimator,
+    )
+    from hf_koopman.max_lr import (  # noqa: F401
+        MaxLRSuggestion,
+        suggest_max_lr,
+    )
+    from hf_koopman.models.reynet import (  # noqa: F401
+        build_graph_tensor,
+        full_reynolds,
+        reductive_reynolds,
+        ReyNetConfig,
+        ReyNetForEquivariantRegression,
+        ReyNetForGraphClassification,
+        ReyNetForInvariantRegression,
+        ReyNetGraphCollator,
+        ReyNetModel,
+    )
+    from hf_koopman.models.equivcnp import (  # noqa: F401
+        CNPConfig,
+        CNPModel,
+        ConvCNPConfig,
+        ConvCNPModel,
+        EquivCNPConfig,
+        EquivCNPModel,
+        NeuralProcessCollator,
     )

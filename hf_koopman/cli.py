@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_koopman.logging_utils import get_logger
+from hf_koopman.optional_imports import MissingOptionalDependency, import_optional
 
 
 __all__ = ["main", "make_parser", "load_model"]
@@ -491,8 +492,6 @@ def _check_data_file_split(name: str, split: str | None) -> None:
 def _load_dataset(name: str, split: str | None):
     """--dataset as a dataset: a save_to_disk folder, a data file (one split, "train") or a Hub name; `split` is
     --split (`None`: train)."""
-    from hf_koopman.optional_imports import import_optional
-
     datasets = import_optional("datasets", extra="datasets", feature="hf-koopman profile --dataset")
 
     path = Path(name).expanduser()
@@ -1164,6 +1163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.set_verbosity_debug()
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
+        if getattr(args, "dataset", None):  # before the model loads: a missing extra is named at once
+            import_optional("datasets", extra="datasets", feature=f"hf-koopman {args.command} --dataset")
         code = args._run(args)
         sys.stdout.flush()  # a closed pipe (`| head`) shows here rather than at interpreter exit
         return code
@@ -1172,7 +1173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _silence_stdout()
         return 1
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, MissingOptionalDependency) as err:
         if args.verbose:
             raise
         print(f"hf-koopman {args.command}: error: {err}", file=sys.stderr)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["import_optional"]
+__all__ = ["MissingOptionalDependency", "import_optional"]
+
+
+class MissingOptionalDependency(ImportError):
+    """A package an optional feature needs is not installed; the message names the extra that installs it."""
 
 
 def import_optional(name: str, *, extra: str, feature: str) -> ModuleType:
-    """Import module `name`; if it is missing, raise `ImportError` saying which `hf-koopman` extra installs it.
+    """Import module `name`; if it is missing, raise `MissingOptionalDependency` (an `ImportError`) saying which
+    `hf-koopman` extra installs it.
 
     Args:
         name: the module to import, e.g. `"datasets"`.
@@ -24,7 +29,7 @@ def import_optional(name: str, *, extra: str, feature: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError as err:
         top = name.split(".")[0]
-        raise ImportError(
+        raise MissingOptionalDependency(
             f"{feature} needs the `{top}` package, which is not installed: pip install 'hf-koopman[{extra}]' "
             f"(or pip install {top})"
         ) from err

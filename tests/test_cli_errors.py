@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 
@@ -536,3 +537,12 @@ def test_a_folder_named_like_an_embedded_architecture_is_named_as_the_cause(tmp_
     (tmp_path / "gpt2").mkdir()  # e.g. an earlier `--out gpt2`, without config.json
     assert main(["max-lr", "gpt2", "--init", "--num-samples", "64", "--no-progress"]) == 2
     assert "shadows the embedded architecture 'gpt2'" in capsys.readouterr().err
+
+
+def test_missing_datasets_extra_is_named_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    code = main(["profile", str(tmp_path / "no-such-model"), "--dataset", "wikitext", *FAST, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "needs the `datasets` package" in err and "pip install 'hf-koopman[datasets]'" in err
+    assert "no-such-model" not in err  # named before the model path is even looked at

@@ -24,3 +24,17 @@ def test_auto_classes_registered_on_import():
 
     for model_type in ("reynet", "equivcnp"):
         assert AutoConfig.for_model(model_type).model_type == model_type
+
+
+def test_static_analysers_see_every_public_name():
+    """Type checkers read the `if TYPE_CHECKING:` imports, not the lazy `__getattr__`: each public name is imported
+    there from the module `_LAZY` names, so `hf_koopman.profile` has its real signature for mypy / pyright."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(hf_koopman))
+    block = next(node for node in tree.body
+                 if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    imported = {alias.name: node.module
+                for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert imported == hf_koopman._LAZY
