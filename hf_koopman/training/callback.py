@@ -147,6 +147,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       rotation and Hub uploads skip, and which a later save of step `N` does not collide with.
       `resume_from_checkpoint=True` then resumes from the last good checkpoint unless a later `checkpoint-N` (an
       earlier run's, say) is in `output_dir`; the rename warning gives the `resume_from_checkpoint=<path>` to pass.
+      The weights the run's last update leaves, which no later step reads, are judged at the end of `train()` by one
+      forward of the last training batch without gradients (the loss part of the rule): a trip there is a stop at the
+      last step, as above. A trial of `hyperparameter_search` keeps its checkpoints and record in its own folder
+      (`output_dir/run-<trial>`), which the guard finds at the trial's first save.
 
       *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
       (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step
@@ -378,6 +382,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._worst_loss: torch.Tensor | None = None  # on-device maxima of the window's unchecked steps
         self._worst_squared_norm: torch.Tensor | None = None
         self._stop_step: int | None = None
+        self._trial_folder: Path | None = None  # hyperparameter search: the trial's checkpoint folder, once found
+        self._record_written: Path | None = None  # where this run last wrote its record
+        self._final_checked = False  # the weights of the run's last update were judged (or could not be)
         self._probe_cache: dict[str, Any] | None = None
         self._probe_tokens: int | None = None  # token states per layer the probe gave, when its batch does not say
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
@@ -615,9 +622,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     def remove_hooks(self) -> None:
         """Take the guard's hooks off the model (its loss and gradient-norm taps and the block-output watch).
 
-        `on_train_end` does it; a `train()` that raised (Ctrl-C, an error in another callback) never reaches it, and
-        the hooks stay until the next guarded `train()` on that model removes them. Call this to use the model in a
-        loop of your own before then: outside training they do nothing but cost a few reductions per forward."""
+        `on_train_end` does it, and `KSSTrainer.train` when training raises; a plain `Trainer.train()` that raised
+        (Ctrl-C, an error in another callback) never reaches it, and the hooks stay until the next guarded `train()` on
+        that model removes them. Call this to use the model in a loop of your own before then: outside training they
+        do nothing but cost a few reductions per forward."""
         self._stop_guard()
 
     @staticmethod
@@ -631,6 +639,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         if self.guard and self.rollback_source == "checkpoint":
             self._check_checkpoint_settings(args, model)  # before the init profile writes anything
         self._stop_step = None
+        self._trial_folder = self._record_written = None
+        self._final_checked = False
         self._warned_short_probe = set()
         self.divergence = None
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one

@@ -131,7 +131,8 @@ class DivergenceEvent:
         return f"divergence at {at}: {', '.join(self.causes)}{where}"
 
 
-def _model_loss(output: Any) -> torch.Tensor | None:
+def model_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model output carries (`ModelOutput.loss` or a dict's "loss"), `None` when it has none."""
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) and loss.numel() > 0 else None
 
@@ -151,14 +152,18 @@ class LossTap:
         self._means: torch.Tensor | None = None
         self._buffers: list[torch.Tensor | None] = [None, None]
         self._count = 0
+        # the last training forward that returned a loss: (module, positional inputs, keyword inputs), references
+        # only (one micro-batch kept alive), for the check of the final update at the end of training
+        self.last_call: tuple[torch.nn.Module, tuple, dict] | None = None
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        loss = _model_loss(output)
+        loss = model_loss(output)
         if loss is None:
             return
+        self.last_call = (module, args, kwargs)
         with torch.no_grad():
             value = loss.detach().float().mean()
             if kwargs.get("num_items_in_batch") is not None:
@@ -194,6 +199,7 @@ class LossTap:
 
     def remove(self) -> None:
         self._handle.remove()
+        self.last_call = None
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

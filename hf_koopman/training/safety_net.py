@@ -42,6 +42,7 @@ from hf_koopman.training.guard import (
     is_sharded,
     load_checkpoint_state,
     model_buffers,
+    model_loss,
     reduce_max,
     world_sum,
 )
@@ -138,9 +139,11 @@ def _pushed_copies(args: Any) -> str:
     strategy = str(getattr(getattr(args, "hub_strategy", None), "value", getattr(args, "hub_strategy", "")))
     if not getattr(args, "push_to_hub", False) or strategy == "end":
         return ""
-    folder = {"checkpoint": " and last-checkpoint", "all_checkpoints": " and its checkpoint folder"}.get(strategy, "")
+    folder = " and last-checkpoint" if strategy == "checkpoint" else ""
+    kept = (", and the Hub's copy of its checkpoint folder keeps them (no later save replaces it: delete it there)"
+            if strategy == "all_checkpoints" else "")
     return (f"; with push_to_hub, output_dir's own model files and the Hub repository's root{folder} may still hold "
-            "its weights until the next save")
+            f"its weights until the next save (after a stop, until validated weights are saved and pushed){kept}")
 
 
 def _suspect_name(name: str, k: int) -> str:
@@ -306,7 +309,7 @@ class SafetyNet:
         cannot be told apart from another run's folder at the same step: it is held, so that a trip sets it aside,
         but a passing step does not make it the last good checkpoint (it might hold another run's diverged weights).
         Every process takes part in one all-reduce, so that all hold the same checkpoints."""
-        path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = str(self._run_folder(args, state) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         match = False if recorded_suspect else self._resumed_from(path, state)
         level = 2 if match is True else 1 if match == "unsure" else 0  # 2 sure, 1 unsure, 0 not this folder
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
@@ -1007,14 +1010,15 @@ class SafetyNet:
         """For the rename message: a warning against `resume_from_checkpoint=True` when it would take another
         `checkpoint-N` than the last good one (an earlier run's later checkpoint in `output_dir`, or a suspect one not
         renamed), else ''."""
+        folder = self._run_folder(args)
         try:
-            newest = get_last_checkpoint(args.output_dir)
+            newest = get_last_checkpoint(str(folder))
         except OSError:
             return ""
         good = self.last_good_checkpoint
         if newest is None or (good is not None and _checkpoint_step(newest) <= _checkpoint_step(good)):
             return ""
-        return f" (not resume_from_checkpoint=True: it would take {newest}, a later checkpoint in {args.output_dir})"
+        return f" (not resume_from_checkpoint=True: it would take {newest}, a later checkpoint in {folder})"
 
     def _forget_suspect_best(self, args, state, event: DivergenceEvent, renamed: dict[str, str] | None = None) -> None:
         """A best checkpoint whose weights led to this trip must not come back through `load_best_model_at_end`: the
@@ -1050,6 +1054,27 @@ class SafetyNet:
                        good if good is not None else "none (no validated checkpoint is on disk)")
         state.best_model_checkpoint, state.best_global_step, state.best_metric = good, step, metric
 
+    def _run_folder(self, args, state=None) -> Path:
+        """The folder this run saves its checkpoints and its record in: `output_dir`, or under hyperparameter search
+        the trial's own folder, which the Trainer makes `output_dir/<hp_name(trial)>` or `output_dir/run-<trial id>`
+        and does not tell callbacks. A trial's folder is the subfolder of `output_dir` holding the newest
+        `checkpoint-<step>` of this step, found at the trial's first save (`output_dir` until then)."""
+        if self._trial_folder is not None:
+            return self._trial_folder
+        out = Path(args.output_dir)
+        if state is None or getattr(state, "trial_params", None) is None:
+            return out
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        try:
+            saved = [sub / name for sub in out.iterdir() if (sub / name).is_dir()]
+            newest = max(saved, key=lambda path: path.stat().st_mtime_ns, default=None)
+        except OSError:
+            newest = None
+        if newest is not None:
+            self._trial_folder = newest.parent
+            return self._trial_folder
+        return out
+
     def _checkpoint_on_disk(self) -> str:
         """The last good checkpoint for a message: its path, said to be missing when rotation (or a user) removed it."""
         path = self.last_good_checkpoint
@@ -1060,7 +1085,7 @@ class SafetyNet:
     def _write_record(self, args, state) -> None:
         if not state.is_world_process_zero:
             return
-        out = Path(args.output_dir)
+        out = self._run_folder(args, state)
         out.mkdir(parents=True, exist_ok=True)
         record = {
             "rule": {"loss_threshold": self.loss_threshold, "grad_norm_threshold": self.grad_norm_threshold},
@@ -1071,10 +1096,17 @@ class SafetyNet:
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "last_good_checkpoint": self.last_good_checkpoint,
+            # rotation (save_total_limit) or a user may have deleted it since
+            "last_good_checkpoint_on_disk": (self.last_good_checkpoint is not None
+                                             and Path(self.last_good_checkpoint).is_dir()),
             "weights_validated": self.weights_validated,
             "events": self.events,
         }
         (out / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        earlier, self._record_written = self._record_written, out / RECORD_NAME
+        if earlier is not None and not _same_path(str(earlier), str(out / RECORD_NAME)):
+            # a trial's record written before its first save found the trial's folder: this one supersedes it
+            earlier.unlink(missing_ok=True)
 
     def _log_event(self, args, state, optimizer) -> None:
         event, self._to_log = self._to_log, None
@@ -1097,7 +1129,7 @@ class SafetyNet:
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs) -> TrainerControl | None:
-        path = str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = str(self._run_folder(args, state) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._stop_step is None:
             # validated when the next step's loss and gradient pass the rule (see on_pre_optimizer_step)
             self._pending_checkpoints.append((state.global_step, path))
@@ -1319,6 +1351,8 @@ class SafetyNet:
         if logs is not None and "train_runtime" in logs and self.guard:
             if self._loss_from_logs and self._stop_step is None and self._params:
                 self._judge_tail(args, state, logs)  # the steps after the last training log
+            if self._window_first is None and self._stop_step is None and self._params:
+                self._check_final_update(args, state, optimizer, in_final_log=True)  # the weights of the last update
             extra = {"rksp/diverged": float(self.divergence is not None), "rksp/rollbacks": float(self.rollbacks)}
             if self.divergence is not None:  # which step stopped the run, and why (the bit flags of `cause_flags`)
                 extra["rksp/diverged_step"] = float(self.divergence["step"])
@@ -1401,9 +1435,14 @@ class SafetyNet:
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
                      **kwargs) -> TrainerControl | None:
-        stopped = self.divergence is not None  # before the check below: the Trainer loaded the best model after it
+        stopped = self.divergence is not None  # before the checks below: the Trainer loaded the best model after it
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
+        if self.guard and self._stop_step is None and self._params and not self._final_checked:
+            # the final metrics log did not judge the last update (a window was open): judge it now, unless
+            # load_best_model_at_end has replaced the weights since
+            if not (getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint is not None):
+                self._check_final_update(args, state, optimizer, in_final_log=False)
         self._stop_guard()
         self._candidate.clear()  # judged on logged losses: its buffers are a second copy of the training state
         best = self._best_loaded(args, state)
@@ -1432,6 +1471,84 @@ class SafetyNet:
             logger.error("RKSP guard: the run diverged at step %s and the in-memory weights are %s; %s instead of "
                          "saving them.", self.divergence["step"], self._in_memory, self._what_to_do())
 
+    def _check_final_update(self, args, state, optimizer, in_final_log: bool) -> None:
+        """Judge the weights the last update left, which no later step checks: one forward without gradients, in eval
+        mode, of the last training micro-batch (the loss part of the rule; there is no gradient to judge). It runs at
+        the final metrics log of `train()` (`in_final_log`: before `load_best_model_at_end`, and the metrics say
+        whether it tripped), else at `on_train_end`. A loss above the threshold, or non-finite, on any process is a
+        divergence of the last update: the checkpoints saved since the last passing check are set aside as at any
+        trip, and the validated state is put back in memory where the guard would restore it
+        (`on_divergence="rollback"`, or `restore_on_stop`). Skipped, so the last update stays unjudged: when the model
+        returns no loss (the rule reads logged losses then), on sharded (FSDP) parameters, and when the forward fails
+        (on any process: said in a warning)."""
+        self._final_checked = True
+        tap = self._loss_tap
+        if tap is None or tap.last_call is None or self._loss_from_logs or self._sharded:
+            return
+        module, call_args, call_kwargs = tap.last_call
+        kwargs = {k: v for k, v in call_kwargs.items() if k != "num_items_in_batch"}  # the micro-batch's mean loss
+        training, error, value = module.training, None, float("-inf")
+        try:
+            module.eval()
+            with torch.no_grad():
+                loss = model_loss(module(*call_args, **kwargs))
+            if loss is not None:
+                value = float(_inf_if_not_finite(loss.detach().float().mean()))
+        except Exception as err:  # noqa: BLE001 - a check that cannot run must not end the run's bookkeeping
+            error = f"{type(err).__name__}: {err}"
+        finally:
+            module.train(training)
+        reduced = [value, float(error is not None)]
+        if is_distributed():
+            reduced = reduce_max(torch.tensor(reduced, dtype=torch.float64, device=self._device())).tolist()
+        if reduced[1] > 0:
+            if state.is_world_process_zero:
+                logger.warning("RKSP guard: could not judge the weights the last update left (%s): they are not "
+                               "checked", error or "the forward failed on another process")
+            return
+        if reduced[0] == float("-inf") or not self.rule.loss_diverged(reduced[0]):
+            return
+        step = state.global_step
+        suspect = [path for _, path in self._pending_checkpoints]
+        self._pending_checkpoints = []
+        here = self.rule.loss_diverged(value)
+        event = DivergenceEvent(
+            step=step, causes=[f"the weights after its update give loss > {self.loss_threshold:g} or non-finite on "
+                               f"the last training batch{'' if here else ' on another process'} (checked after "
+                               f"training ended; loss here: {value if value != float('-inf') else None}"
+                               f"{'' if here else f', max over processes: {reduced[0]}'})"],
+            cause_flags=CAUSE_LOSS, loss=value if value != float("-inf") else None, grad_norm=None,
+            first_bad_layer=None, last_good_checkpoint=self.last_good_checkpoint, suspect_checkpoints=suspect,
+            first_checked_step=step, loss_max_over_processes=reduced[0],
+        )
+        validated_exists = self._validated_state_exists()
+        self._candidate.invalidate()
+        restore = validated_exists and (self.on_divergence == "rollback" or self.restore_on_stop)
+        restored = self._restore_validated(optimizer) if restore else None
+        if restored is not None:
+            event.restored_step = restored
+            self.weights_validated = True
+            self._in_memory = f"those of step {restored}, the validated state the guard restored"
+            memory = f"the in-memory model is back at the validated state of step {restored}"
+        else:
+            self.weights_validated = False
+            self._in_memory = f"those after the last update (step {step}), which diverged"
+            memory = "the in-memory weights are NOT validated, do not save them"
+        event.action = "stop"
+        self._stop_step = step
+        self.divergence = event.to_dict()
+        self.events.append(event.to_dict())
+        if state.is_world_process_zero:
+            logger.error("RKSP guard: %s; %s; last good checkpoint: %s.", event.describe(), memory,
+                         self._checkpoint_on_disk())
+        if in_final_log:  # the final metrics carry rksp/diverged*: no log entry of its own inside that log
+            renamed = self._set_aside_suspects(args, state, event)
+            self._forget_suspect_best(args, state, event, renamed)
+            self._write_record(args, state)
+        else:
+            self._to_log = event
+            self._log_event(args, state, optimizer)
+
     @staticmethod
     def _best_loaded(args, state) -> str | None:
         """The checkpoint `load_best_model_at_end` loaded into the model before `on_train_end`, or `None`."""
@@ -1459,6 +1576,16 @@ class SafetyNet:
         logger.warning("RKSP guard: after the stop at step %s, the in-memory weights are %s.", self.divergence["step"],
                        self._in_memory)
 
+    def _older_validated_on_disk(self, good: str) -> str | None:
+        """The latest `checkpoint-N` on disk next to the deleted last good checkpoint `good` that the guard validated
+        (saved before it, not suspect), or `None`."""
+        try:
+            found = [str(p) for p in Path(good).parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+        except OSError:
+            return None
+        found = [p for p in found if _checkpoint_step(p) >= 0 and self._is_validated_checkpoint(p)]
+        return max(found, key=_checkpoint_step, default=None)
+
     def _what_to_do(self) -> str:
         """What to do instead of saving unvalidated weights, naming only the options that exist."""
         good = self.last_good_checkpoint
@@ -1471,6 +1598,11 @@ class SafetyNet:
                 return f"{none}; {_FIRST_STEP}: {_FIRST_STEP_CHECKS}"
             return f"{none}: train again from the initial weights with a lower learning rate (or a longer warm-up)"
         if not Path(good).is_dir():
-            return (f"the last good checkpoint {good} was deleted since (e.g. by save_total_limit rotation): resume "
-                    "from an older checkpoint, or train again with a lower learning rate")
+            deleted = f"the last good checkpoint {good} was deleted since (e.g. by save_total_limit rotation)"
+            older = self._older_validated_on_disk(good)
+            if older is None:
+                return (f"{deleted}, and no earlier checkpoint of this run is on disk: train again with a lower "
+                        "learning rate (or a longer warm-up)")
+            return (f"{deleted}: resume from the latest validated checkpoint still on disk with "
+                    f"trainer.train(resume_from_checkpoint={older!r})")
         return f"resume from the last good checkpoint with trainer.train(resume_from_checkpoint={good!r})"

@@ -545,11 +545,21 @@ class KSSTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
         """`Trainer.train` (same arguments), refusing a compiled model while KSS is on before any set-up (NEFTune hooks,
-        a checkpoint loaded into the model) runs; a model that `model_init` builds is checked when it is built."""
+        a checkpoint loaded into the model) runs; a model that `model_init` builds is checked when it is built. When
+        training raises (an error, a KeyboardInterrupt), the divergence guards of its `RKSPCallback`s take their hooks
+        off the model, as `on_train_end` does after a run that finishes."""
         self._kss_follow_args()  # args changed since the last run: checked here, before any set-up
         if self.model_init is None:
             self._check_not_compiled(self.model)
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            from hf_koopman.training.callback import RKSPCallback
+
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, RKSPCallback):
+                    callback.remove_hooks()
+            raise
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
         """`Trainer._inner_training_loop` (same arguments) with fresh KSS state.

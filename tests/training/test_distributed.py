@@ -150,7 +150,8 @@ def _check_guard(guards: list[dict], ddp: bool = True) -> None:
     assert [e["new_lr"] for e in guards[0]["events"]] == [e["new_lr"] for e in guards[1]["events"]]
     # identical weights on both ranks after rolling back and training on
     assert guards[0]["weights_sum"] == guards[1]["weights_sum"] and guards[0]["weights_sq"] == guards[1]["weights_sq"]
-    assert len(guards[0]["reduce_seconds"]) == 8  # one all-reduce per optimizer step
+    # one all-reduce per optimizer step, and under DDP one for the check of the final update (skipped on FSDP shards)
+    assert len(guards[0]["reduce_seconds"]) == 8 + ddp
 
 
 @pytest.mark.slow

@@ -257,14 +257,28 @@ def test_the_rename_warning_says_when_resume_true_would_take_a_later_checkpoint(
 
 
 # ---------------------------------------------------------------- 2b. the checkpoint a run resumed from
+class Preempted(Exception):
+    """The process ends here (a preemption): no later hook of the run runs."""
+
+
+class PreemptAfterSave(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Preempted
+
+
 @pytest.mark.parametrize("logging_steps", [1, 100])  # 100: no log entries before the resume (folder unconfirmed)
 def test_the_checkpoint_a_run_resumed_from_is_set_aside_when_its_first_step_trips(tmp_path, caplog, logging_steps):
     data = TokenDataset(n=128)
     # preempted right after saving checkpoint-3: no event, so no record; checkpoint-3's stored guard state names
     # checkpoint-2 as the last good one
-    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, logging_steps=logging_steps), train_dataset=data,
-            callbacks=[_guard()]).train()
-    assert not (tmp_path / "rksp_guard.json").exists()
+    with pytest.raises(Preempted):
+        Trainer(model=tiny_gpt2(), args=_args(tmp_path, logging_steps=logging_steps), train_dataset=data,
+                callbacks=[_guard(), PreemptAfterSave(3)]).train()
+    assert (tmp_path / "checkpoint-3").is_dir() and not (tmp_path / "rksp_guard.json").exists()
     resumed = _guard()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, logging_steps=logging_steps), train_dataset=data,
                       callbacks=[resumed])
@@ -491,7 +505,7 @@ def test_save_model_allowed_unvalidated_also_pushes_when_args_push(tmp_path, mon
 
 @pytest.mark.parametrize(("push", "strategy", "expected"), [
     (False, "every_save", None), (True, "end", None), (True, "every_save", "Hub repository's root may"),
-    (True, "checkpoint", "root and last-checkpoint may"), (True, "all_checkpoints", "root and its checkpoint folder"),
+    (True, "checkpoint", "root and last-checkpoint may"), (True, "all_checkpoints", "Hub's copy of its checkpoint folder keeps them"),
 ])
 def test_the_rename_warning_names_only_the_copies_the_pushes_made(tmp_path, push, strategy, expected):
     args = TrainingArguments(str(tmp_path), push_to_hub=push, hub_strategy=strategy, report_to="none")

@@ -67,6 +67,18 @@ def test_messages_say_when_no_checkpoint_exists_or_rotation_removed_it(tmp_path)
     assert guard._checkpoint_on_disk() == str(tmp_path / "checkpoint-2")
 
 
+def test_when_rotation_removed_the_last_good_checkpoint_the_advice_names_what_is_left(tmp_path):
+    guard = RKSPCallback()
+    guard.last_good_checkpoint = str(tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-6").mkdir()  # later than the last good one: never advised
+    assert "no earlier checkpoint of this run is on disk" in guard._what_to_do()
+    assert "older checkpoint" not in guard._what_to_do()
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-3").mkdir()
+    guard.events.append({"step": 5, "suspect_checkpoints": [str(tmp_path / "checkpoint-3")]})
+    assert f"resume_from_checkpoint={str(tmp_path / 'checkpoint-1')!r}" in guard._what_to_do()  # 3 is suspect
+
+
 @pytest.mark.parametrize("on_divergence", ["stop", "rollback"])
 def test_load_best_model_at_end_never_loads_a_suspect_checkpoint(tmp_path, monkeypatch, on_divergence):
     # greater_is_better=True on eval_loss makes the checkpoint before the blow-up the "best" one; a relative
