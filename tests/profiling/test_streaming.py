@@ -307,9 +307,14 @@ def test_init_spectra_match_from_config_statistically():
         assert abs(a.mean() - b.mean()).item() <= 3 * spread + 1e-3, (field, a.tolist(), b.tolist())
 
 
-def test_bfloat16_streaming_runs():
+def test_bfloat16_streaming_runs_the_blocks_in_bfloat16():
     prof = profile_streaming(_llama(), num_samples=N, rank=RANK, seed=0, dtype="bfloat16", progress=False)
     assert prof.meta["streaming"]["dtype"] == "bfloat16" and len(prof.layers) == 3
+    assert prof.meta["activation_dtype"] == "bfloat16"  # the states came out of bfloat16 blocks
+    full = profile_streaming(_llama(), num_samples=N, rank=RANK, seed=0, dtype="float32", progress=False)
+    radii = [(a.spectral_radius, b.spectral_radius) for a, b in zip(prof.features, full.features)]
+    assert all(a == pytest.approx(b, rel=0.1) for a, b in radii)  # the same blocks, at bfloat16's precision
+    assert any(a != b for a, b in radii)  # not the float32 computation again
 
 
 def test_streaming_under_autocast_records_the_half_precision_of_the_blocks():

@@ -81,3 +81,25 @@ def test_fit_heldout_fits_the_product_inputs_and_records_the_study(tmp_path):
     feats = {"near_unit_mass_mean": 0.5, "unstable_mass_mean": 0.5, "spectral_radius_max": 2.0,
              "eigvec_condition_mean": 100.0, "nonlinearity_mean": 0.5}
     assert est.predict_proba(feats, learning_rate=1.0) > 0.5 > est.predict_proba(feats, learning_rate=1e-3)
+
+
+def test_shipped_coefficients_refit_from_the_committed_study_rows():
+    """The shipped estimator's coefficients and standardisation come out of a refit on `results/heldout_risk/runs.jsonl`
+    with the inputs and penalty `research/scripts/fit_risk.py` uses (a hand-edited artefact fails here)."""
+    import math
+    from pathlib import Path
+
+    from research.experiments.heldout_risk import read_jsonl
+    from research.scripts.fit_risk import FAMILY_MODEL_TYPE, PRODUCT_FEATURES
+
+    est = RiskEstimator.default()
+    rows = read_jsonl(Path(__file__).resolve().parents[2] / "results" / "heldout_risk" / "runs.jsonl")
+    keys = [k for k, _ in PRODUCT_FEATURES]
+    kept = [dict(r, model_type=FAMILY_MODEL_TYPE[r["family"]]) for r in rows
+            if all(isinstance(r.get(k), (int, float)) and not math.isnan(r[k]) for k in keys)]
+    refit = RiskEstimator.fit(kept, [int(bool(r["diverged"])) for r in kept], list(PRODUCT_FEATURES),
+                              l2=est.metadata["l2"])
+    assert refit.intercept == pytest.approx(est.intercept, rel=1e-6, abs=1e-9)
+    assert refit.coef == pytest.approx(est.coef, rel=1e-6, abs=1e-9)
+    assert [v for f in refit.features for v in (f.mean, f.std)] == pytest.approx(
+        [v for f in est.features for v in (f.mean, f.std)])

@@ -31,11 +31,21 @@ def test_init_profile_reaches_log_history_and_output_dir(tmp_path, caplog):
     plain = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "plain"), train_dataset=TokenDataset())
     plain.train()
     callback = RKSPCallback(every_n_steps=2, **SMALL)
+    profiles = []  # every profile the callback takes, in order: init, step 2, step 4
+    run_profile = callback._run_profile
+    callback._run_profile = lambda *a, **k: profiles.append(run_profile(*a, **k)) or profiles[-1]
     trainer = Trainer(
         model=tiny_gpt2(), args=_args(tmp_path / "cb"), train_dataset=TokenDataset(), callbacks=[callback]
     )
     trainer.train()
     history = trainer.state.log_history
+    # each monitoring log holds the profile of the trained weights at its step, not the init profile again
+    logged = [h for h in history if "rksp/score" in h]
+    assert len(profiles) == len(logged) == 3
+    for entry, taken in zip(logged, profiles):
+        assert entry["rksp/spectral_radius_mean"] == pytest.approx(taken.aggregates["spectral_radius_mean"])
+        assert entry["rksp/near_unit_mass_mean"] == pytest.approx(taken.aggregates["near_unit_mass_mean"])
+    assert logged[2]["rksp/spectral_radius_mean"] != logged[0]["rksp/spectral_radius_mean"]
     init = history[0]
     assert init["step"] == 0
     for key in ("rksp/score", "rksp/verdict_level", "rksp/near_unit_mass_mean", "rksp/spectral_radius_mean"):

@@ -23,7 +23,9 @@ def test_init_logs_risk_out_of_range_for_a_learning_rate_below_the_fitted_range(
     with caplog.at_level(logging.INFO, logger="hf_koopman"):
         trainer.train()
     init = trainer.state.log_history[0]
-    assert 0.0 < init["rksp/risk"] < 1.0
+    # the logged risk is the shipped estimator's probability for this profile at the run's learning rate
+    expected = RiskEstimator.default().predict_proba(callback.profile, learning_rate=lr)
+    assert 0.0 < expected < 1.0 and init["rksp/risk"] == pytest.approx(expected, rel=1e-6)
     assert init["rksp/risk_out_of_range"] == 1.0
     assert "outside the fitted range: learning_rate" in caplog.text and "2 decades below" in caplog.text
     # the risk line names the verdict it is contrasted with (the verdict's own line is at INFO unless high risk)

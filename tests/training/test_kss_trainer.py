@@ -10,7 +10,7 @@ from conftest import GradCapture, TokenDataset, cpu_training_args, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
 import hf_koopman.training.trainer as trainer_module
-from hf_koopman.koopman.shaping import SpectralShapingError
+from hf_koopman.koopman.shaping import SpectralShapingError, eigenvalue_modulus
 from hf_koopman.training import KSSConfig, KSSTrainer, KSSTrainingArguments
 
 
@@ -67,6 +67,15 @@ def test_logged_keys_and_every_k_gating(tmp_path, monkeypatch):
         return original(self, snapshots, step, device)
 
     monkeypatch.setattr(trainer_module.KSSTrainer, "_kss_term", spy)
+    spectra = {}  # KSS step -> one list of per-layer eigenvalues per micro-batch
+    group_eigenvalues = trainer_module.KSSTrainer._group_eigenvalues
+
+    def keep(self, members, step):
+        eigs = group_eigenvalues(self, members, step)
+        spectra.setdefault(step, []).append([e.detach() for e in eigs])
+        return eigs
+
+    monkeypatch.setattr(trainer_module.KSSTrainer, "_group_eigenvalues", keep)
     trainer = KSSTrainer(
         model=tiny_gpt2(n_layer=4),
         args=_args(tmp_path, max_steps=7, kss_every_n_steps=3, gradient_accumulation_steps=2),
@@ -82,8 +91,16 @@ def test_logged_keys_and_every_k_gating(tmp_path, monkeypatch):
         has = all(k in entry for k in keys)
         assert has == ((step - 1) % 3 == 0), (step, entry)
         if has:
-            assert entry["kss/penalty"] > 0 and 0.0 <= entry["kss/near_unit_mass"] <= 1.0
-            assert entry["kss/spectral_radius"] > 0
+            # the logged masses are those of the penalised eigenvalues: per micro-batch, the mean over the sampled
+            # layers of the share of |lambda| in [tau_l, tau_u] and of the largest |lambda|; averaged over the step
+            cfg = trainer.kss_config
+            batches = [[eigenvalue_modulus(e) for e in layers] for layers in spectra[step - 1]]
+            near = sum(sum(((m >= cfg.tau_l) & (m <= cfg.tau_u)).double().mean() for m in mods) / len(mods)
+                       for mods in batches) / len(batches)
+            radius = sum(sum(m.max() for m in mods) / len(mods) for mods in batches) / len(batches)
+            assert entry["kss/penalty"] > 0
+            assert entry["kss/near_unit_mass"] == pytest.approx(float(near), abs=1e-4)
+            assert entry["kss/spectral_radius"] == pytest.approx(float(radius), rel=1e-4)
 
 
 @pytest.mark.parametrize(

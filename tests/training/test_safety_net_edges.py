@@ -125,6 +125,12 @@ def test_two_guards_on_one_run_both_watch(tmp_path):
                       callbacks=[strict, loose])
     trainer.train()
     assert strict.divergence is not None and strict.divergence["step"] < 4
+    # the guard registered second watches too: one whose gradient-norm threshold any step crosses trips at step 1
+    first, tight = _guard(loss_threshold=30.0), _guard(grad_norm_threshold=1e-6)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path / "b"), train_dataset=TokenDataset(n=128),
+            callbacks=[first, tight]).train()
+    assert tight.divergence is not None and tight.divergence["step"] == 1
+    assert "gradient norm > 1e-06" in tight.divergence["causes"][0]
 
 
 def test_a_callback_reused_for_a_fresh_run_starts_clean(tmp_path):
