@@ -623,7 +623,8 @@ def profile(
             Padding is left out through `attention_mask`, in the stacks of the tower that embeds `input_ids` only (a
             CLIP vision tower keeps every image token); the decoder of an encoder-decoder model reads
             `decoder_attention_mask`, else `labels != -100` when the batch has `decoder_input_ids` and token labels
-            on their grid (`DataCollatorForSeq2Seq` batches), else every decoder position.
+            on their grid (`DataCollatorForSeq2Seq` batches), else every decoder position. The global CPU generator is
+            left as it was, so a shuffling `DataLoader` reads the same order on every call.
         num_samples (`int`, defaults to 2048): token states N per layer (App. D); any integer (`numpy.int64` ...).
         rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r selects the rank-r
             approximation (see `profile_from_snapshots`).
@@ -735,7 +736,9 @@ def profile(
             inner, blocks, num_samples=num_samples, seed=seed, on_width_change=on_width_change
         )
         try:
-            with recorder, torch.no_grad():
+            # a shuffling DataLoader draws its order from the global CPU generator: reading the inputs leaves that
+            # generator as it was, so the caller's run is not shifted and a second profile() reads the same order
+            with recorder, torch.no_grad(), torch.random.fork_rng(devices=[]):
                 for raw in iter_batches(
                     inputs, model=inner, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
                 ):

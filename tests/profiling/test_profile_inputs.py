@@ -372,3 +372,14 @@ def test_an_adapter_method_peft_cannot_run_on_the_model_is_not_blamed_on_the_inp
     both = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "inputs_embeds": torch.randn(2, 8, base.config.n_embd)}
     with pytest.raises(ValueError, match="rejected the inputs before any block ran"):
         profile(lora, inputs=both, num_samples=8)
+
+
+def test_a_shuffling_dataloader_leaves_the_global_generator_and_gives_the_same_profile():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (64, 32), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=8, shuffle=True)
+    state = torch.get_rng_state()
+    first = profile(model, loader, num_samples=256, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator did not move
+    second = profile(model, loader, num_samples=256, progress=False)
+    assert [f.to_dict() for f in first.features] == [f.to_dict() for f in second.features]
