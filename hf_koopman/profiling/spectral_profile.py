@@ -297,7 +297,17 @@ class SpectralProfile:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> SpectralProfile:
-        """Load from a JSON string, a path to `profile.json`, or the folder `save()` wrote it into."""
+        """Load a profile: the counterpart of `to_json()` and of `save()`.
+
+        Args:
+            text_or_path (`str` or `Path`): JSON text, the path of a `profile.json`, or the folder `save()` wrote.
+
+        Returns:
+            `SpectralProfile`: the saved profile (features, verdict, meta).
+
+        Raises:
+            FileNotFoundError: the path does not exist, or the folder holds no `profile.json`.
+        """
         text = str(text_or_path)
         source = "the JSON text"
         if not text.lstrip().startswith("{"):
@@ -347,7 +357,15 @@ class SpectralProfile:
 
     def save(self, directory: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write `profile.json`, `report.md` and (with matplotlib) the plots into `directory`
-        (`report.save_profile`)."""
+        (`report.save_profile`); `SpectralProfile.from_json(directory)` reads the profile back.
+
+        Args:
+            directory (`str` or `Path`): the folder to write into (created if missing; not a file name).
+            plots (`bool`, defaults to `True`): also write `eigenvalues.png` and `masses.png` (needs matplotlib).
+
+        Returns:
+            `dict[str, Path]`: the written files: `"profile"` (the JSON), `"report"`, and each plot under its title.
+        """
         from hf_koopman.profiling.report import save_profile
 
         path = Path(directory)

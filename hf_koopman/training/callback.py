@@ -10,7 +10,7 @@ import math
 import numbers
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         loss_threshold: float = LOSS_THRESHOLD,
         grad_norm_threshold: float = GRAD_NORM_THRESHOLD,
         check_activations: bool = True,
-        on_divergence: str = "stop",
+        on_divergence: Literal["stop", "rollback"] = "stop",
         max_rollbacks: int = 3,
         lr_backoff: float = 0.5,
         restore_on_stop: bool = True,
