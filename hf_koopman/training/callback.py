@@ -385,6 +385,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._trial_folder: Path | None = None  # hyperparameter search: the trial's checkpoint folder, once found
         self._record_written: Path | None = None  # where this run last wrote its record
         self._final_checked = False  # the weights of the run's last update were judged (or could not be)
+        self._validated_paths: list[str] = []  # the checkpoints this guard made the last good one, in order
         self._probe_cache: dict[str, Any] | None = None
         self._probe_tokens: int | None = None  # token states per layer the probe gave, when its batch does not say
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
@@ -645,6 +646,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.divergence = None
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one
             self.events, self.lr_scale, self.last_good_checkpoint = [], 1.0, None
+            self._validated_paths = []
             self._unreadable, self._in_memory = None, _IN_MEMORY_UNKNOWN
             profiled = self._profiled_model() if self._profiled_model is not None else None
             if model is not None and profiled is not model:  # another model: its own profile, probe and Trainer

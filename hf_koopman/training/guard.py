@@ -155,6 +155,7 @@ class LossTap:
         # the last training forward that returned a loss: (module, positional inputs, keyword inputs), references
         # only (one micro-batch kept alive), for the check of the final update at the end of training
         self.last_call: tuple[torch.nn.Module, tuple, dict] | None = None
+        self._model = model
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -163,7 +164,8 @@ class LossTap:
         loss = model_loss(output)
         if loss is None:
             return
-        self.last_call = (module, args, kwargs)
+        # a DataParallel replica's call is not kept: its weights are a copy from before the last update
+        self.last_call = (module, args, kwargs) if module is self._model else None
         with torch.no_grad():
             value = loss.detach().float().mean()
             if kwargs.get("num_items_in_batch") is not None:
@@ -199,7 +201,7 @@ class LossTap:
 
     def remove(self) -> None:
         self._handle.remove()
-        self.last_call = None
+        self.last_call = self._model = None
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from hf_koopman.eval_mode import eval_mode
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.training.divergence import CAUSE_ACTIVATION, CAUSE_GRAD_NORM, CAUSE_LOSS
 from hf_koopman.training.guard import (
@@ -235,8 +236,10 @@ class SafetyNet:
     def _resume_backoff(self, args, state, optimizer, lr_scheduler) -> None:
         """Resumed run: take the last good checkpoint from the run record or the resumed checkpoint's stored guard
         state, hold the resumed checkpoint until a step validates it (`_hold_resumed_checkpoint`), and apply the
-        back-off of recorded events that happened after the checkpoint's step."""
-        record = Path(args.output_dir) / RECORD_NAME
+        back-off of recorded events that happened after the checkpoint's step. A resumed hyperparameter-search trial
+        reads its record in its own folder (`_find_trial_folder`)."""
+        self._find_trial_folder(args, state, sure_only=True)
+        record = self._run_folder(args) / RECORD_NAME
         events: list[dict[str, Any]] = []
         prior = None
         if record.is_file():
@@ -309,7 +312,7 @@ class SafetyNet:
         cannot be told apart from another run's folder at the same step: it is held, so that a trip sets it aside,
         but a passing step does not make it the last good checkpoint (it might hold another run's diverged weights).
         Every process takes part in one all-reduce, so that all hold the same checkpoints."""
-        path = str(self._run_folder(args, state) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = str(self._run_folder(args) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         match = False if recorded_suspect else self._resumed_from(path, state)
         level = 2 if match is True else 1 if match == "unsure" else 0  # 2 sure, 1 unsure, 0 not this folder
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
@@ -840,6 +843,7 @@ class SafetyNet:
                         "checkpoint", path)
             return
         self.last_good_checkpoint = path
+        self._validated_paths.append(path)
         if not self._from_checkpoint or self._checkpoint_checked:
             return
         self._checkpoint_checked = True
@@ -1054,26 +1058,43 @@ class SafetyNet:
                        good if good is not None else "none (no validated checkpoint is on disk)")
         state.best_model_checkpoint, state.best_global_step, state.best_metric = good, step, metric
 
-    def _run_folder(self, args, state=None) -> Path:
-        """The folder this run saves its checkpoints and its record in: `output_dir`, or under hyperparameter search
-        the trial's own folder, which the Trainer makes `output_dir/<hp_name(trial)>` or `output_dir/run-<trial id>`
-        and does not tell callbacks. A trial's folder is the subfolder of `output_dir` holding the newest
-        `checkpoint-<step>` of this step, found at the trial's first save (`output_dir` until then)."""
-        if self._trial_folder is not None:
-            return self._trial_folder
-        out = Path(args.output_dir)
-        if state is None or getattr(state, "trial_params", None) is None:
-            return out
-        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    def _run_folder(self, args) -> Path:
+        """The folder this run saves its checkpoints and its record in: `output_dir`, or a hyperparameter-search
+        trial's own folder once `_find_trial_folder` found it."""
+        return self._trial_folder if self._trial_folder is not None else Path(args.output_dir)
+
+    def _find_trial_folder(self, args, state, *, sure_only: bool = False) -> None:
+        """Under hyperparameter search the Trainer saves a trial's checkpoints in `output_dir/<hp_name(trial)>` or
+        `output_dir/run-<trial id>` and does not tell callbacks: the trial's folder is the one holding a
+        `checkpoint-<step>` of this step whose `trainer_state.json` is this run's (same trial values, step and log
+        history; one or two levels below `output_dir`). When several match (no log entries yet), the newest is taken,
+        unless `sure_only` (a resumed trial: another trial's checkpoint of the same step must not be taken for it;
+        the folder is then found at the trial's next save)."""
+        if self._trial_folder is not None or getattr(state, "trial_params", None) is None:
+            return
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        def same_trial(path: Path) -> bool:
+            try:
+                saved = json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False
+            return isinstance(saved, dict) and saved.get("trial_params") == state.trial_params
+
+        out, name = Path(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
-            saved = [sub / name for sub in out.iterdir() if (sub / name).is_dir()]
-            newest = max(saved, key=lambda path: path.stat().st_mtime_ns, default=None)
+            found = [p for pattern in (f"*/{name}", f"*/*/{name}") for p in out.glob(pattern)
+                     if p.is_dir() and same_trial(p)]
+            sure = [p for p in found if self._resumed_from(str(p), state) is True]
+            if sure_only:  # two trials with the same values and history cannot be told apart: none is taken
+                pick = sure if len(sure) == 1 else []
+            else:  # just saved: the newest of the matching folders
+                pick = sure if len(sure) == 1 else [p for p in found if self._resumed_from(str(p), state)]
+            newest = max(pick, key=lambda path: path.stat().st_mtime_ns, default=None)
         except OSError:
             newest = None
         if newest is not None:
             self._trial_folder = newest.parent
-            return self._trial_folder
-        return out
 
     def _checkpoint_on_disk(self) -> str:
         """The last good checkpoint for a message: its path, said to be missing when rotation (or a user) removed it."""
@@ -1085,7 +1106,7 @@ class SafetyNet:
     def _write_record(self, args, state) -> None:
         if not state.is_world_process_zero:
             return
-        out = self._run_folder(args, state)
+        out = self._run_folder(args)
         out.mkdir(parents=True, exist_ok=True)
         record = {
             "rule": {"loss_threshold": self.loss_threshold, "grad_norm_threshold": self.grad_norm_threshold},
@@ -1129,7 +1150,8 @@ class SafetyNet:
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs) -> TrainerControl | None:
-        path = str(self._run_folder(args, state) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._find_trial_folder(args, state)
+        path = str(self._run_folder(args) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._stop_step is None:
             # validated when the next step's loss and gradient pass the rule (see on_pre_optimizer_step)
             self._pending_checkpoints.append((state.global_step, path))
@@ -1349,6 +1371,7 @@ class SafetyNet:
             self._judge_logged_loss(args, state, control, logs, optimizer, lr_scheduler)
         # the final metrics of train() (its TrainOutput.metrics is this dict) say whether the run diverged
         if logs is not None and "train_runtime" in logs and self.guard:
+            before = self.divergence
             if self._loss_from_logs and self._stop_step is None and self._params:
                 self._judge_tail(args, state, logs)  # the steps after the last training log
             if self._window_first is None and self._stop_step is None and self._params:
@@ -1357,9 +1380,15 @@ class SafetyNet:
             if self.divergence is not None:  # which step stopped the run, and why (the bit flags of `cause_flags`)
                 extra["rksp/diverged_step"] = float(self.divergence["step"])
                 extra["rksp/diverged_cause"] = float(self.divergence["cause_flags"])
+            final = next((entry for entry in reversed(state.log_history) if entry is logs
+                          or "train_runtime" in entry), None)
+            if self.divergence is not None and self.divergence is not before:
+                # found while the final metrics are logged: the reporters (TensorBoard, W&B, ...) have logged them
+                # already, so the trip gets an entry of its own, as a trip during training does
+                self._log(args, state, dict(extra))
             logs.update(extra)
-            if state.log_history and "train_runtime" in state.log_history[-1]:
-                state.log_history[-1].update(extra)
+            if final is not None:
+                final.update(extra)
 
     def _check_open_window(self, args, state, control, optimizer, lr_scheduler) -> None:
         """Apply the rule to the steps since the last check when the loop leaves them unchecked (an epoch ends, or
@@ -1440,8 +1469,8 @@ class SafetyNet:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
         if self.guard and self._stop_step is None and self._params and not self._final_checked:
             # the final metrics log did not judge the last update (a window was open): judge it now, unless
-            # load_best_model_at_end has replaced the weights since
-            if not (getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint is not None):
+            # load_best_model_at_end may have replaced the weights since (args: the same on every process)
+            if not getattr(args, "load_best_model_at_end", False):
                 self._check_final_update(args, state, optimizer, in_final_log=False)
         self._stop_guard()
         self._candidate.clear()  # judged on logged losses: its buffers are a second copy of the training state
@@ -1478,26 +1507,32 @@ class SafetyNet:
         whether it tripped), else at `on_train_end`. A loss above the threshold, or non-finite, on any process is a
         divergence of the last update: the checkpoints saved since the last passing check are set aside as at any
         trip, and the validated state is put back in memory where the guard would restore it
-        (`on_divergence="rollback"`, or `restore_on_stop`). Skipped, so the last update stays unjudged: when the model
-        returns no loss (the rule reads logged losses then), on sharded (FSDP) parameters, and when the forward fails
-        (on any process: said in a warning)."""
+        (a rollback, or a stop with `restore_on_stop`). One micro-batch is noisier than a step's mean loss, which the
+        per-step check reads. Skipped, so the last update stays unjudged: when the last step was rolled back (its
+        update was discarded), when the model returns no loss (the rule reads logged losses then), under FSDP or
+        DeepSpeed (a forward of the bare module there is not the sharded one), when the training forward ran on a
+        replica (DataParallel), and when the forward fails (on any process: said in a warning). The forward keeps the
+        global random generators and every sub-module's train/eval flag as they were."""
         self._final_checked = True
         tap = self._loss_tap
-        if tap is None or tap.last_call is None or self._loss_from_logs or self._sharded:
+        last = self.events[-1] if self.events else None
+        rolled_back = last is not None and last.get("action") == "rollback" and last.get("step") == state.global_step
+        deepspeed = bool(getattr(args, "deepspeed", None)) or getattr(self._trainer, "is_deepspeed_enabled", False)
+        if (tap is None or tap.last_call is None or self._loss_from_logs or rolled_back or deepspeed
+                or self._sharded or self._fsdp_run(args, self._model)):
             return
         module, call_args, call_kwargs = tap.last_call
         kwargs = {k: v for k, v in call_kwargs.items() if k != "num_items_in_batch"}  # the micro-batch's mean loss
-        training, error, value = module.training, None, float("-inf")
+        error, value = None, float("-inf")
+        device = self._device()
         try:
-            module.eval()
-            with torch.no_grad():
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(module), \
+                    torch.no_grad():
                 loss = model_loss(module(*call_args, **kwargs))
             if loss is not None:
                 value = float(_inf_if_not_finite(loss.detach().float().mean()))
         except Exception as err:  # noqa: BLE001 - a check that cannot run must not end the run's bookkeeping
             error = f"{type(err).__name__}: {err}"
-        finally:
-            module.train(training)
         reduced = [value, float(error is not None)]
         if is_distributed():
             reduced = reduce_max(torch.tensor(reduced, dtype=torch.float64, device=self._device())).tolist()
@@ -1521,10 +1556,8 @@ class SafetyNet:
             first_bad_layer=None, last_good_checkpoint=self.last_good_checkpoint, suspect_checkpoints=suspect,
             first_checked_step=step, loss_max_over_processes=reduced[0],
         )
-        validated_exists = self._validated_state_exists()
         self._candidate.invalidate()
-        restore = validated_exists and (self.on_divergence == "rollback" or self.restore_on_stop)
-        restored = self._restore_validated(optimizer) if restore else None
+        restored = self._restore_validated(optimizer) if self._restores_validated() else None
         if restored is not None:
             event.restored_step = restored
             self.weights_validated = True
@@ -1541,7 +1574,7 @@ class SafetyNet:
         if state.is_world_process_zero:
             logger.error("RKSP guard: %s; %s; last good checkpoint: %s.", event.describe(), memory,
                          self._checkpoint_on_disk())
-        if in_final_log:  # the final metrics carry rksp/diverged*: no log entry of its own inside that log
+        if in_final_log:  # on_log logs the rksp/diverged* metrics once the final ones are complete
             renamed = self._set_aside_suspects(args, state, event)
             self._forget_suspect_best(args, state, event, renamed)
             self._write_record(args, state)
@@ -1577,14 +1610,11 @@ class SafetyNet:
                        self._in_memory)
 
     def _older_validated_on_disk(self, good: str) -> str | None:
-        """The latest `checkpoint-N` on disk next to the deleted last good checkpoint `good` that the guard validated
-        (saved before it, not suspect), or `None`."""
-        try:
-            found = [str(p) for p in Path(good).parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
-        except OSError:
-            return None
-        found = [p for p in found if _checkpoint_step(p) >= 0 and self._is_validated_checkpoint(p)]
-        return max(found, key=_checkpoint_step, default=None)
+        """The latest checkpoint before the deleted last good one `good` that this guard validated and that is still
+        on disk (not set aside since), or `None`."""
+        older = [p for p in self._validated_paths if _checkpoint_step(p) < _checkpoint_step(good) and Path(p).is_dir()
+                 and self._is_validated_checkpoint(p)]
+        return max(older, key=_checkpoint_step, default=None)
 
     def _what_to_do(self) -> str:
         """What to do instead of saving unvalidated weights, naming only the options that exist."""

@@ -73,8 +73,11 @@ def test_when_rotation_removed_the_last_good_checkpoint_the_advice_names_what_is
     (tmp_path / "checkpoint-6").mkdir()  # later than the last good one: never advised
     assert "no earlier checkpoint of this run is on disk" in guard._what_to_do()
     assert "older checkpoint" not in guard._what_to_do()
+    (tmp_path / "checkpoint-2").mkdir()  # on disk, but never validated by this guard (an earlier run's, say)
+    assert "no earlier checkpoint of this run is on disk" in guard._what_to_do()
     (tmp_path / "checkpoint-1").mkdir()
     (tmp_path / "checkpoint-3").mkdir()
+    guard._validated_paths = [str(tmp_path / f"checkpoint-{k}") for k in (1, 3, 4)]
     guard.events.append({"step": 5, "suspect_checkpoints": [str(tmp_path / "checkpoint-3")]})
     assert f"resume_from_checkpoint={str(tmp_path / 'checkpoint-1')!r}" in guard._what_to_do()  # 3 is suspect
 

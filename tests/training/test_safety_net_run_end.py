@@ -18,7 +18,7 @@ import torch
 from conftest import TokenDataset, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
-from transformers import Trainer, TrainerCallback
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback
 
 from hf_koopman.training import KSSTrainer, KSSTrainingArguments
 from hf_koopman.training.guard import DivergedModelError
@@ -128,3 +128,82 @@ def test_kss_trainer_takes_the_guard_hooks_off_when_training_raises(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert not any(m._forward_hooks for m in model.modules())
+
+
+class _LossBlowsUpOnZeros(GPT2LMHeadModel):
+    """A GPT-2 whose loss is 1000x on a batch holding an all-zero row: one bad batch, sane weights."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if out.loss is not None and (input_ids == 0).all(dim=1).any():
+            out.loss = out.loss * 1000
+        return out
+
+
+def test_a_rollback_at_the_last_step_is_not_judged_again_at_the_end(tmp_path):
+    data = TokenDataset(n=64)
+    data.ids[data.ids == 0] = 1
+    data.ids[(6 - 1) * 4] = 0  # the first row of step 6's batch, the last step
+    source = tiny_gpt2()
+    model = _LossBlowsUpOnZeros(source.config)
+    model.load_state_dict(source.state_dict())
+    guard = _guard(on_divergence="rollback")
+    output = Trainer(model=model, args=_args(tmp_path, max_steps=6, learning_rate=1e-3), train_dataset=data,
+                     callbacks=[guard]).train()
+    # the last update was discarded: the weights are the validated ones, and the tripping batch is not re-judged
+    assert [(e["step"], e["action"]) for e in guard.events] == [(6, "rollback")]
+    assert guard.divergence is None and guard.weights_validated and output.metrics["rksp/diverged"] == 0.0
+    assert (tmp_path / "checkpoint-6").is_dir()
+
+
+def test_an_exhausted_rollback_budget_without_restore_on_stop_keeps_the_weights_at_the_end(tmp_path):
+    guard = _guard(on_divergence="rollback", max_rollbacks=0, restore_on_stop=False)
+    args = _args(tmp_path, max_steps=6, learning_rate=1e-3, save_steps=3)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=128),
+                      callbacks=[guard, HugeLastRate()])
+    trainer.train()
+    assert guard.divergence["step"] == 6 and guard.divergence.get("restored_step") is None
+    assert not guard.weights_validated and _max_weight(trainer.model) > 100
+
+
+def test_a_trip_found_at_the_end_reaches_the_reporters(tmp_path):
+    class Reporter(TrainerCallback):  # stands for TensorBoard / W&B, which the Trainer puts before user callbacks
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    guard, reporter = _guard(), Reporter()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6, learning_rate=1e-3, save_steps=3),
+                      train_dataset=TokenDataset(n=128), callbacks=[guard, HugeLastRate()])
+    guard.bind(trainer)
+    trainer.callback_handler.callbacks.insert(1, reporter)
+    trainer.train()
+    assert any(entry.get("rksp/diverged") == 1.0 and entry.get("rksp/diverged_step") == 6.0
+               for entry in reporter.seen)
+    final = next(entry for entry in trainer.state.log_history if "train_runtime" in entry)
+    assert final["rksp/diverged"] == 1.0  # and the final metrics agree
+
+
+def test_a_resumed_trial_finds_its_own_folder_among_the_trials(tmp_path, monkeypatch):
+    import time
+
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "hp_params", lambda trial: {"trial": trial.number})
+
+    def trial(n):
+        return SimpleNamespace(number=n, params={}, report=lambda *a, **k: None, should_prune=lambda: False)
+
+    _trial_trainer(tmp_path, _guard(), max_steps=3, learning_rate=1e-3).train(trial=trial(1))
+    time.sleep(0.05)  # trial 0's checkpoint-3 is the newer one on disk
+    _trial_trainer(tmp_path, _guard(), max_steps=6, learning_rate=1e-3).train(trial=trial(0))
+    guard = _guard()
+    trainer = _trial_trainer(tmp_path, guard, max_steps=6, learning_rate=1e-3)
+    trainer.add_callback(HugeLastRate())
+    trainer.train(trial=trial(1), resume_from_checkpoint=str(tmp_path / "run-1" / "checkpoint-3"))
+    assert guard.divergence is not None and guard._trial_folder == tmp_path / "run-1"
+    assert sorted(p.name for p in (tmp_path / "run-0").iterdir()) == [f"checkpoint-{k}" for k in range(1, 7)]
+    assert (tmp_path / "run-1" / RECORD_NAME).is_file() and not (tmp_path / "run-0" / RECORD_NAME).exists()
+    assert (tmp_path / "run-1" / f"{SUSPECT_PREFIX}checkpoint-6").is_dir()
