@@ -378,3 +378,11 @@ def test_progress_bars_follow_the_transformers_switch(tiny_llama_json, tmp_path,
         assert "forward (" not in capsys.readouterr().err
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_python_dash_m_runs_the_command():
+    import hf_koopman
+
+    out = subprocess.run([sys.executable, "-m", "hf_koopman", "--version"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == f"hf-koopman {hf_koopman.__version__}"
