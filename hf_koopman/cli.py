@@ -422,15 +422,14 @@ def _check_safetensors(folder: Path) -> None:
     a truncated or overwritten one becomes a clear error."""
     from safetensors import safe_open
 
+    from hf_koopman.profiling._streaming_weights import unreadable_safetensors
+
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:  # checks the header and that it covers the file
                 handle.keys()
         except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
-            raise ValueError(
-                f"{file} is not a readable safetensors file ({type(err).__name__}: {err}). It is truncated or "
-                "corrupt: re-save the model with model.save_pretrained(folder) or copy the file again."
-            ) from None
+            raise ValueError(unreadable_safetensors(file, err)) from None
 
 
 def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
@@ -649,7 +648,8 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
     if hasattr(args, "out") and args.out is None:  # profile, not max-lr: one folder per model, not one shared folder
         args.out = _default_out(args.model, init=args.init)
     if getattr(args, "out", None) is not None:
-        _check_out_folder(args.out)
+        args.out = args.out.expanduser()  # --out=~/x reaches us unexpanded (the shell expands ~ only at a word start)
+        _check_out_folder(args.out, plots=not getattr(args, "no_plots", False))
     _check_device(args.device, stream=getattr(args, "stream", False))
     if args.no_progress:
         from transformers.utils import logging as hf_logging
@@ -708,7 +708,7 @@ def _check_text_file(path: Path) -> None:
         raise ValueError(f"--text-file {path} is not a regular file; pass a text file.")
 
 
-def _check_out_folder(out: Path) -> None:
+def _check_out_folder(out: Path, plots: bool = True) -> None:
     """--out must be a folder, or a path where one can be created (no existing file on the way)."""
     if not out.exists() and out.suffix.lower() == ".json":
         raise ValueError(f"--out {out} names a JSON file, but profile writes profile.json, report.md and the plots "
@@ -721,6 +721,12 @@ def _check_out_folder(out: Path) -> None:
     if file is not None:
         raise ValueError(f"--out {out}: {file} is an existing file, so no folder can be created below it; pass "
                          "a folder path with --out.")
+    from hf_koopman.profiling.report import files_not_from_a_profile
+
+    foreign = files_not_from_a_profile(out, plots) if out.is_dir() else []
+    if foreign:
+        raise ValueError(f"--out {out} holds {', '.join(foreign)} but no profile.json, so they are not an earlier "
+                         "profile's, and profile would replace them; pass another folder with --out, or move them.")
 
 
 def _check_device(device: str, stream: bool = False) -> None:
@@ -1173,7 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _silence_stdout()
         return 1
-    except (ValueError, TypeError, FileNotFoundError, MissingOptionalDependency) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, MissingOptionalDependency) as err:
         if args.verbose:
             raise
         print(f"hf-koopman {args.command}: error: {err}", file=sys.stderr)

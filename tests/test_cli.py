@@ -122,13 +122,14 @@ def saved_model_dir(tmp_path):
     return folder
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
 @pytest.mark.parametrize("damage", ["truncated", "header"])
-def test_corrupt_safetensors_is_named_with_the_fix(saved_model_dir, tmp_path, capsys, damage):
+def test_corrupt_safetensors_is_named_with_the_fix(saved_model_dir, tmp_path, capsys, damage, stream):
     weights = saved_model_dir / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64 + data[64:])
     code = main(["profile", str(saved_model_dir), "--num-samples", "32", "--rank", "4", "--no-progress",
-                 "--out", str(tmp_path / "out")])
+                 "--out", str(tmp_path / "out"), *(["--stream"] if stream else [])])
     err = capsys.readouterr().err
     assert code == 2 and str(weights) in err and "save_pretrained" in err
     assert "Traceback" not in err

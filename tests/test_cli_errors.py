@@ -546,3 +546,20 @@ def test_missing_datasets_extra_is_named_before_the_model_loads(tmp_path, monkey
     assert code == 2 and "Traceback" not in err
     assert "needs the `datasets` package" in err and "pip install 'hf-koopman[datasets]'" in err
     assert "no-such-model" not in err  # named before the model path is even looked at
+
+
+def test_out_folder_with_a_users_report_and_no_profile_is_refused(tiny_llama_json, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    code = main(["profile", str(tiny_llama_json), "--init", *FAST, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds report.md but no profile.json" in err and "another folder" in err
+    assert (out / "report.md").read_text() == "my notes" and not (out / "profile.json").exists()
+
+
+def test_out_expands_a_tilde_the_shell_left(tiny_llama_json, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", str(tiny_llama_json), "--init", *FAST, "--out=~/prof"]) == 0
+    assert (tmp_path / "home" / "prof" / "profile.json").is_file() and not (tmp_path / "~").exists()

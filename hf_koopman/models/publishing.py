@@ -18,16 +18,19 @@ saved and mutates class state globally, so the Hub folder is written here instea
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
-from hf_koopman.logging_utils import get_logger
 import os
+import re
 import shutil
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
+
+from hf_koopman.logging_utils import get_logger
 
 __all__ = [
     "save_checkpoint",
@@ -282,14 +285,15 @@ def save_for_hub(
     """
     _checked_code(model.config.to_dict(), code_dir, auto_map)  # a bad map is refused before anything is written
     card_input = (Path(card),) if isinstance(card, (str, os.PathLike)) and Path(card).exists() else ()
-    _empty_output(Path(output_dir), overwrite,
-                  inputs=(*card_input, *((Path(code_dir),) if code_dir is not None else ())))
-    out = save_checkpoint(model, output_dir, card=card)
-    add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
-    if card is None:
-        _write_default_card(model, out, push_to_hub)
-    else:
-        _card_repo_id(out / "README.md", push_to_hub)
+    earlier = _empty_output(Path(output_dir), overwrite,
+                            inputs=(*card_input, *((Path(code_dir),) if code_dir is not None else ())))
+    with _replacing(Path(output_dir), earlier):
+        out = save_checkpoint(model, output_dir, card=card)
+        add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
+        if card is None:
+            _write_default_card(model, out, push_to_hub)
+        else:
+            _card_repo_id(out / "README.md", push_to_hub)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out
@@ -333,19 +337,20 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
 _REPO_ENTRIES = (".git", ".gitattributes", ".cache")
 
 
-def _empty_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Make sure the folder that gets published holds only what is written now (an upload carries everything in it,
-    stale weights or pickles included). A folder with files is refused, or with `overwrite` its files are removed,
-    and only when it looks like an earlier export: `config.json` and files, no sub-folders (a Hub repository's
-    `.git` clone is kept). Never cleared: the current directory or home, a folder holding either, a symlink, or a
-    folder holding one of `inputs` (the card, the code, the checkpoint)."""
+def _empty_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> list[Path]:
+    """Check that the folder that gets published will hold only what is written now (an upload carries everything in
+    it, stale weights or pickles included), and return the files `_replacing` moves out of the way. A folder with
+    files is refused, or with `overwrite` its files are replaced, and only when it looks like an earlier export:
+    `config.json` and files, no sub-folders (a Hub repository's `.git` clone is kept). Never cleared: the current
+    directory or home, a folder holding either, a symlink, or a folder holding one of `inputs` (the card, the code,
+    the checkpoint)."""
     if out.is_symlink():
         raise FileExistsError(f"{out} is a symbolic link; export into a real folder.")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; choose a folder to export into.")
     entries = sorted(p for p in out.iterdir() if p.name not in _REPO_ENTRIES) if out.is_dir() else []
     if not entries:
-        return
+        return []
     if not overwrite:
         raise FileExistsError(
             f"{out} already holds files ({', '.join(p.name for p in entries[:5])}); everything in the folder would be "
@@ -363,8 +368,38 @@ def _empty_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> 
     if not (out / "config.json").is_file() or any(p.is_dir() for p in entries):
         raise FileExistsError(f"{out} does not look like an earlier export (config.json and files, no folders), so "
                               "overwrite=True does not clear it; choose an empty or new folder.")
-    for path in entries:
-        path.unlink()
+    return entries
+
+
+@contextlib.contextmanager
+def _replacing(out: Path, earlier: list[Path]) -> Iterator[None]:
+    """Write a new export into `out` in place of the `earlier` files (`_empty_output`): they are moved into a hidden
+    folder first and deleted only once the new export is complete; if writing it fails, the files it wrote are
+    removed and the earlier ones come back. A warning names what was replaced."""
+    if not earlier:
+        yield
+        return
+    backup = Path(tempfile.mkdtemp(prefix=".hf_koopman-earlier-export-", dir=out))
+    moved: list[str] = []
+    try:
+        for path in earlier:
+            os.replace(path, backup / path.name)
+            moved.append(path.name)
+        yield
+    except BaseException:
+        for path in out.iterdir():  # what this export wrote before it failed (the earlier one had no folders)
+            if path == backup or path.name in _REPO_ENTRIES:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        for name in moved:
+            os.replace(backup / name, out / name)
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    logger.warning("%s held an earlier export: its files were replaced by this one (%s)", out, ", ".join(moved))
 
 
 _HUB_REPO_ID = re.compile(r"""(["'])hf-koopman/[A-Za-z0-9._-]+\1""")
@@ -426,15 +461,16 @@ def export_for_hub(
         )
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     _checked_code(config, code_dir, auto_map)  # a bad map is refused before anything is written
-    _empty_output(out, overwrite, inputs=(src, *((Path(code_dir),) if code_dir is not None else ())))
+    earlier = _empty_output(out, overwrite, inputs=(src, *((Path(code_dir),) if code_dir is not None else ())))
     out.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _PUBLISHED_SUFFIXES:
-            shutil.copyfile(path, out / path.name)
-        elif path.is_file() and path.name.startswith("."):
-            logger.info("Not exported: the hidden file %s.", path.name)
-    add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
-    _card_repo_id(out / "README.md", push_to_hub)
+    with _replacing(out, earlier):
+        for path in sorted(src.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _PUBLISHED_SUFFIXES:
+                shutil.copyfile(path, out / path.name)
+            elif path.is_file() and path.name.startswith("."):
+                logger.info("Not exported: the hidden file %s.", path.name)
+        add_remote_code(out, code_dir=code_dir, auto_map=auto_map)
+        _card_repo_id(out / "README.md", push_to_hub)
     if push_to_hub:
         _try_push(out, push_to_hub)
     return out

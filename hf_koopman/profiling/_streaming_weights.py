@@ -266,9 +266,12 @@ class SafetensorsWeights:
             by_file[self.key_to_file[key]].append(key)
         state: dict[str, torch.Tensor] = {}
         for file, file_keys in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in file_keys:
-                    state[key] = handle.get_tensor(key)
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for key in file_keys:
+                        state[key] = handle.get_tensor(key)
+            except Exception as err:  # noqa: BLE001 - a shard found through the index only now, or cut short
+                raise ValueError(unreadable_safetensors(file, err)) from None
         config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=self.dtype, weight_mapping=self.weight_mapping)
         with _quiet_transformers():
             convert_and_load_state_dict_in_model(self.model, state, config)
@@ -389,6 +392,12 @@ def tie_loaded(model: nn.Module, tied: dict[str, str], names: set[str]) -> None:
                     tied_any = True
 
 
+def unreadable_safetensors(file: Path, err: BaseException) -> str:
+    """The error message for a safetensors file that cannot be read (truncated by an interrupted copy, overwritten)."""
+    return (f"{file} is not a readable safetensors file ({type(err).__name__}: {err}). It is truncated or corrupt: "
+            "re-save the model with model.save_pretrained(folder) or copy the file again.")
+
+
 def find_safetensors_keys(folder: Path) -> dict[str, Path]:
     """`checkpoint key -> shard file` from `model.safetensors.index.json`, or from the file headers otherwise."""
     from safetensors import safe_open
@@ -407,8 +416,11 @@ def find_safetensors_keys(folder: Path) -> dict[str, Path]:
         )
     keys: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            keys.update(dict.fromkeys(handle.keys(), file))
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:  # the header must cover the file
+                keys.update(dict.fromkeys(handle.keys(), file))
+        except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
+            raise ValueError(unreadable_safetensors(file, err)) from None
     return keys
 
 

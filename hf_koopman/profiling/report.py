@@ -498,6 +498,15 @@ _OWN_FILES = ("profile.json", "report.md", "eigenvalues.png", "masses.png")
 _STAGING_PREFIX = ".hf_koopman-staging-"
 
 
+def files_not_from_a_profile(directory: Path, plots: bool = True) -> list[str]:
+    """The files in `directory` that `save_profile(..., plots=plots)` would replace when no `profile.json` is there:
+    not an earlier profile's (a user's own `report.md`)."""
+    if (directory / "profile.json").is_file():
+        return []
+    written = _OWN_FILES if plots else ("profile.json", "report.md")
+    return [name for name in written if (directory / name).exists()]
+
+
 def _earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
     """`(earlier model name, the library's files that are there)` when `directory` holds an earlier profile (one with
     a `profile.json`), `None` otherwise. Reads only: `_move_into_place` replaces and removes them."""
@@ -602,7 +611,8 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
     failure (a profile that cannot be serialised, a plot or the report that raises, a full disk) leaves `directory` as
     it was. A folder that holds an earlier profile (a `profile.json`) gets the new one: the earlier profile's plots that
     this run does not write (`plots=False`, or no matplotlib) are removed, so that none of them sits next to the new
-    report, and a warning names what was replaced and what removed. No other file in the folder is touched.
+    report, and a warning names what was replaced and what removed. No other file in the folder is touched, and a
+    folder that holds files under these names without a `profile.json` (a user's own `report.md`) is refused.
 
     Args:
         profile (`SpectralProfile`): the profile to write.
@@ -611,9 +621,18 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
 
     Returns:
         `dict[str, Path]`: what was written, by role (`"profile"`, `"report"`) or plot caption.
+
+    Raises:
+        FileExistsError: `directory` holds files under these names but no `profile.json` (`files_not_from_a_profile`).
     """
     directory = Path(directory)
     text = profile.to_json()  # before anything in the folder changes: a profile that cannot be written leaves it as is
+    foreign = files_not_from_a_profile(directory, plots)
+    if foreign:
+        raise FileExistsError(
+            f"{str(directory)!r} holds {', '.join(foreign)} but no profile.json, so they are not an earlier "
+            f"profile's, and saving there would replace them. Pass another folder, or move them first."
+        )
     created = _missing_folders(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(directory)

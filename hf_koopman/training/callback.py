@@ -237,7 +237,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             KSS on or off (no measured benefit, `results/kss_v2.md`): `kss_enabled` alone decides (on by default in
             [`KSSTrainingArguments`]). A warning says which state KSS is in, names the evidence, and
             `kss/auto_enabled = 0` is logged.
-        save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir`.
+        save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir` (whole
+            files; a folder that cannot take them is a warning, and an earlier run's files there are replaced).
     """
 
     def __init__(
@@ -384,7 +385,6 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._stop_step: int | None = None
         self._trial_folder: Path | None = None  # hyperparameter search: the trial's checkpoint folder, once found
         self._record_written: Path | None = None  # where this run last wrote its record
-        self._final_checked = False  # the weights of the run's last update were judged (or could not be)
         self._validated_paths: list[str] = []  # the checkpoints this guard made the last good one, in order
         self._probe_cache: dict[str, Any] | None = None
         self._probe_tokens: int | None = None  # token states per layer the probe gave, when its batch does not say
@@ -608,16 +608,44 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         return out
 
     def _save(self, args: Any, spectral_profile: Any) -> None:
+        """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `output_dir`: each
+        file is written whole beside it and moved into place, so a failure leaves no half-written file; one that
+        cannot be written (a read-only folder, a full disk) is a warning, not the end of training. The files of an
+        earlier run there are replaced, and the warning says so."""
+        import os
+        import shutil
+        import tempfile
+
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rksp_profile.json").write_text(spectral_profile.to_json(), encoding="utf-8")
-        plots: dict[str, str] = {}
+        names = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
+        earlier = [name for name in names if (out / name).is_file()]
         try:
-            spectral_profile.plot(out / "rksp_profile.png")
-            plots["RKSP profile"] = "rksp_profile.png"
-        except ImportError as err:
-            logger.warning("RKSP: %s; skipping the plot", err)
-        (out / "rksp_report.md").write_text(spectral_profile.to_markdown(plots=plots), encoding="utf-8")
+            out.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".rksp-staging-", dir=out))
+            try:
+                (staging / "rksp_profile.json").write_text(spectral_profile.to_json(), encoding="utf-8")
+                plots: dict[str, str] = {}
+                try:
+                    spectral_profile.plot(staging / "rksp_profile.png")
+                    plots["RKSP profile"] = "rksp_profile.png"
+                except ImportError as err:
+                    logger.warning("RKSP: %s; skipping the plot", err)
+                (staging / "rksp_report.md").write_text(spectral_profile.to_markdown(plots=plots), encoding="utf-8")
+                for name in names:
+                    if (staging / name).is_file():
+                        os.replace(staging / name, out / name)
+                if not plots:  # an earlier run's plot must not sit next to this run's report
+                    (out / "rksp_profile.png").unlink(missing_ok=True)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as err:
+            logger.warning("RKSP: could not write the profile files into %s (%s: %s); training goes on without them. "
+                           "Pass a writable output_dir, or RKSPCallback(save_artifacts=False) to skip them.", out,
+                           type(err).__name__, err)
+            return
+        if earlier:
+            logger.warning("RKSP: %s held an earlier run's %s: replaced by this run's (its run record, if any, is kept "
+                           "as rksp_guard.previous-<k>.json)", out, ", ".join(earlier))
 
     # ------------------------------------------------------------------ events
     def remove_hooks(self) -> None:
@@ -641,7 +669,6 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             self._check_checkpoint_settings(args, model)  # before the init profile writes anything
         self._stop_step = None
         self._trial_folder = self._record_written = None
-        self._final_checked = False
         self._warned_short_probe = set()
         self.divergence = None
         if state.global_step == 0:  # a fresh run, also when this callback object already ran one

@@ -119,8 +119,14 @@ def scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> Non
 
 
 def _same_path(a: str, b: str) -> bool:
-    """Whether two checkpoint paths name the same folder (relative, absolute, with or without `./`)."""
-    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+    """Whether two checkpoint paths name the same folder (relative, absolute, with or without `./`, through a
+    symbolic link)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _as_json(value: Any) -> str:
+    """`value` as canonical JSON text (NaN and infinities as JSON's NaN / Infinity), for equality tests."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _checkpoint_step(path: str) -> int:
@@ -337,7 +343,8 @@ class SafetyNet:
         history = saved.get("log_history") if isinstance(saved, dict) else None
         if not isinstance(history, list) or saved.get("global_step") != state.global_step:
             return False
-        if history != list(state.log_history or [])[:len(history)]:
+        # compared as JSON text: a NaN (a logged grad_norm of an overflowing step) read back never equals itself
+        if _as_json(history) != _as_json(list(state.log_history or [])[:len(history)]):
             return False
         return True if history else "unsure"
 
@@ -1061,7 +1068,8 @@ class SafetyNet:
     def _run_folder(self, args) -> Path:
         """The folder this run saves its checkpoints and its record in: `output_dir`, or a hyperparameter-search
         trial's own folder once `_find_trial_folder` found it."""
-        return self._trial_folder if self._trial_folder is not None else Path(args.output_dir)
+        # absolute: the record's paths stay right when a resumed run starts from another working directory
+        return self._trial_folder if self._trial_folder is not None else Path(args.output_dir).absolute()
 
     def _find_trial_folder(self, args, state, *, sure_only: bool = False) -> None:
         """Under hyperparameter search the Trainer saves a trial's checkpoints in `output_dir/<hp_name(trial)>` or
@@ -1081,7 +1089,7 @@ class SafetyNet:
                 return False
             return isinstance(saved, dict) and saved.get("trial_params") == state.trial_params
 
-        out, name = Path(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        out, name = Path(args.output_dir).absolute(), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
             found = [p for pattern in (f"*/{name}", f"*/*/{name}") for p in out.glob(pattern)
                      if p.is_dir() and same_trial(p)]
@@ -1123,7 +1131,10 @@ class SafetyNet:
             "weights_validated": self.weights_validated,
             "events": self.events,
         }
-        (out / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        # whole or not at all: a full disk or a kill mid-write must not leave a truncated record for the next resume
+        partial = out / f".{RECORD_NAME}.partial"
+        partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        os.replace(partial, out / RECORD_NAME)
         earlier, self._record_written = self._record_written, out / RECORD_NAME
         if earlier is not None and not _same_path(str(earlier), str(out / RECORD_NAME)):
             # a trial's record written before its first save found the trial's folder: this one supersedes it
@@ -1375,7 +1386,9 @@ class SafetyNet:
             if self._loss_from_logs and self._stop_step is None and self._params:
                 self._judge_tail(args, state, logs)  # the steps after the last training log
             if self._window_first is None and self._stop_step is None and self._params:
-                self._check_final_update(args, state, optimizer, in_final_log=True)  # the weights of the last update
+                self._check_final_update(args, state, optimizer)  # the weights of the last update
+            if self.divergence is None and logs.get("rksp/diverged") == 1.0:
+                return  # a second guard of this run reported a divergence in these metrics: its keys stand
             extra = {"rksp/diverged": float(self.divergence is not None), "rksp/rollbacks": float(self.rollbacks)}
             if self.divergence is not None:  # which step stopped the run, and why (the bit flags of `cause_flags`)
                 extra["rksp/diverged_step"] = float(self.divergence["step"])
@@ -1467,11 +1480,6 @@ class SafetyNet:
         stopped = self.divergence is not None  # before the checks below: the Trainer loaded the best model after it
         if self.guard and self._window_first is not None and self._stop_step is None and self._params:
             self._check_open_window(args, state, control, optimizer, lr_scheduler)  # not left through an epoch end
-        if self.guard and self._stop_step is None and self._params and not self._final_checked:
-            # the final metrics log did not judge the last update (a window was open): judge it now, unless
-            # load_best_model_at_end may have replaced the weights since (args: the same on every process)
-            if not getattr(args, "load_best_model_at_end", False):
-                self._check_final_update(args, state, optimizer, in_final_log=False)
         self._stop_guard()
         self._candidate.clear()  # judged on logged losses: its buffers are a second copy of the training state
         best = self._best_loaded(args, state)
@@ -1500,11 +1508,11 @@ class SafetyNet:
             logger.error("RKSP guard: the run diverged at step %s and the in-memory weights are %s; %s instead of "
                          "saving them.", self.divergence["step"], self._in_memory, self._what_to_do())
 
-    def _check_final_update(self, args, state, optimizer, in_final_log: bool) -> None:
+    def _check_final_update(self, args, state, optimizer) -> None:
         """Judge the weights the last update left, which no later step checks: one forward without gradients, in eval
         mode, of the last training micro-batch (the loss part of the rule; there is no gradient to judge). It runs at
-        the final metrics log of `train()` (`in_final_log`: before `load_best_model_at_end`, and the metrics say
-        whether it tripped), else at `on_train_end`. A loss above the threshold, or non-finite, on any process is a
+        the final metrics log of `train()`, before `load_best_model_at_end` (the epoch end before that log has closed
+        any open window of unchecked steps). A loss above the threshold, or non-finite, on any process is a
         divergence of the last update: the checkpoints saved since the last passing check are set aside as at any
         trip, and the validated state is put back in memory where the guard would restore it
         (a rollback, or a stop with `restore_on_stop`). One micro-batch is noisier than a step's mean loss, which the
@@ -1513,9 +1521,9 @@ class SafetyNet:
         DeepSpeed (a forward of the bare module there is not the sharded one), when the training forward ran on a
         replica (DataParallel), and when the forward fails (on any process: said in a warning). The forward keeps the
         global random generators and every sub-module's train/eval flag as they were."""
-        self._final_checked = True
         tap = self._loss_tap
-        last = self.events[-1] if self.events else None
+        own = self.events[self._events_before_call:]  # this train() call's: a resumed run's record is not its own
+        last = own[-1] if own else None
         rolled_back = last is not None and last.get("action") == "rollback" and last.get("step") == state.global_step
         deepspeed = bool(getattr(args, "deepspeed", None)) or getattr(self._trainer, "is_deepspeed_enabled", False)
         if (tap is None or tap.last_call is None or self._loss_from_logs or rolled_back or deepspeed
@@ -1574,13 +1582,9 @@ class SafetyNet:
         if state.is_world_process_zero:
             logger.error("RKSP guard: %s; %s; last good checkpoint: %s.", event.describe(), memory,
                          self._checkpoint_on_disk())
-        if in_final_log:  # on_log logs the rksp/diverged* metrics once the final ones are complete
-            renamed = self._set_aside_suspects(args, state, event)
-            self._forget_suspect_best(args, state, event, renamed)
-            self._write_record(args, state)
-        else:
-            self._to_log = event
-            self._log_event(args, state, optimizer)
+        renamed = self._set_aside_suspects(args, state, event)  # on_log logs the rksp/diverged* metrics
+        self._forget_suspect_best(args, state, event, renamed)
+        self._write_record(args, state)
 
     @staticmethod
     def _best_loaded(args, state) -> str | None:

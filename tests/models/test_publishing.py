@@ -267,3 +267,27 @@ def test_overwrite_clears_only_an_earlier_export(toy_package, tmp_path, monkeypa
     with pytest.raises(ValueError, match="not in"):  # a bad map is refused before the folder is touched
         save_for_hub(model, tmp_path / "new", code_dir=pkg, auto_map={**AUTO_MAP, "AutoModel": "modeling_x.Y"})
     assert not (tmp_path / "new").exists()
+
+
+def test_an_overwrite_that_fails_midway_puts_the_earlier_export_back(toy_package, tmp_path, monkeypatch, caplog):
+    import hf_koopman.models.publishing as publishing
+
+    pkg, module = toy_package
+    model = module.ToyModel(module.ToyConfig())
+    out = tmp_path / "toy-export"
+    save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(publishing, "add_remote_code", full_disk)  # after the weights were written
+    with pytest.raises(OSError, match="No space"):
+        save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []  # no staging folder left behind
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="hf_koopman"):
+        save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    assert "notes.txt" in caplog.text and not (out / "notes.txt").exists()  # a replace says what it replaced

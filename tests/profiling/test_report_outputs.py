@@ -238,3 +238,11 @@ def test_the_masses_plot_says_its_threshold_lines_are_for_the_near_unit_mass(lr_
     ax = plot_masses(lr_profile)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "M≈1 thresholds: safe below 0.3" in labels and "M≈1 thresholds: high risk above 0.5" in labels
+
+
+def test_a_folder_with_files_under_our_names_but_no_profile_is_refused(lr_profile, tmp_path):
+    (tmp_path / "report.md").write_text("my notes")
+    (tmp_path / "masses.png").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="holds report.md, masses.png but no profile.json"):
+        lr_profile.save(tmp_path)
+    assert (tmp_path / "report.md").read_text() == "my notes" and not (tmp_path / "profile.json").exists()

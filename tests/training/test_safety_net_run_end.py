@@ -207,3 +207,47 @@ def test_a_resumed_trial_finds_its_own_folder_among_the_trials(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "run-0").iterdir()) == [f"checkpoint-{k}" for k in range(1, 7)]
     assert (tmp_path / "run-1" / RECORD_NAME).is_file() and not (tmp_path / "run-0" / RECORD_NAME).exists()
     assert (tmp_path / "run-1" / f"{SUSPECT_PREFIX}checkpoint-6").is_dir()
+
+
+def _blows_up_on_zeros(bad_step: int | None, n: int = 64) -> tuple[GPT2LMHeadModel, TokenDataset]:
+    data = TokenDataset(n=n)
+    data.ids[data.ids == 0] = 1
+    if bad_step is not None:
+        data.ids[(bad_step - 1) * 4] = 0  # the first row of that step's batch
+    source = tiny_gpt2()
+    model = _LossBlowsUpOnZeros(source.config)
+    model.load_state_dict(source.state_dict())
+    return model, data
+
+
+def test_a_resumed_run_judges_its_last_update_although_the_record_ends_with_a_rollback(tmp_path):
+    model, data = _blows_up_on_zeros(bad_step=6)
+    args = _args(tmp_path, max_steps=6, learning_rate=1e-3, save_steps=3)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[_guard(on_divergence="rollback")]).train()
+    # the record's last event is that run's rollback at step 6; the resumed run's own step 6 diverges
+    model, data = _blows_up_on_zeros(bad_step=None)
+    guard = _guard(on_divergence="rollback")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[guard, HugeLastRate()]).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert [(e["step"], e["action"]) for e in guard.events] == [(6, "rollback"), (6, "stop")]
+    assert (tmp_path / f"{SUSPECT_PREFIX}checkpoint-6").is_dir()
+
+
+def test_a_second_stopping_guard_does_not_clear_the_first_ones_divergence_from_the_metrics(tmp_path):
+    first, second = _guard(), _guard()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6, learning_rate=1e-3, save_steps=3),
+                      train_dataset=TokenDataset(n=128), callbacks=[first, second, HugeLastRate()])
+    output = trainer.train()
+    assert first.divergence["step"] == 6 and second.divergence is None  # the second judged the restored weights
+    assert output.metrics["rksp/diverged"] == 1.0 and output.metrics["rksp/diverged_step"] == 6.0
+
+
+def test_a_nan_in_the_log_history_does_not_hide_the_folder_a_run_saved(tmp_path):
+    from hf_koopman.training import RKSPCallback
+
+    history = [{"loss": 4.0, "grad_norm": float("nan"), "step": 1}]
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 1, "log_history": history}))  # NaN, as the Trainer writes it
+    state = SimpleNamespace(global_step=1, log_history=[dict(history[0])])
+    assert RKSPCallback._resumed_from(str(tmp_path / "checkpoint-1"), state) is True

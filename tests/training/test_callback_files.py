@@ -1,0 +1,119 @@
+"""What the callback and its guard write into `output_dir`: whole files or none, paths that survive a change of spelling
+(a symbolic link, another working directory), and a folder it cannot write into."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from conftest import TokenDataset, tiny_gpt2
+from conftest import blow_up_args as _args
+from conftest import exact_guard as _guard
+from transformers import GPT2LMHeadModel, Trainer
+
+from hf_koopman.training import RKSPCallback
+from hf_koopman.training.safety_net import RECORD_NAME, SUSPECT_PREFIX
+
+
+class _LossBlowsUpOnZeros(GPT2LMHeadModel):
+    """A GPT-2 whose loss is 1000x on a batch holding an all-zero row: one bad batch, sane weights."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if out.loss is not None and (input_ids == 0).all(dim=1).any():
+            out.loss = out.loss * 1000
+        return out
+
+
+def _bad_batch_at(step: int) -> tuple[GPT2LMHeadModel, TokenDataset]:
+    data = TokenDataset(n=64)
+    data.ids[data.ids == 0] = 1
+    data.ids[(step - 1) * 4] = 0
+    source = tiny_gpt2()
+    model = _LossBlowsUpOnZeros(source.config)
+    model.load_state_dict(source.state_dict())
+    return model, data
+
+
+def test_a_resume_through_a_symbolic_link_keeps_the_last_good_checkpoint(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    model, data = _bad_batch_at(4)  # trips at step 4: checkpoint-2 is the last good one, checkpoint-3 suspect
+    first = _guard()
+    Trainer(model=model, args=_args(tmp_path / "link", learning_rate=1e-3), train_dataset=data,
+            callbacks=[first]).train()
+    assert first.last_good_checkpoint == str(tmp_path / "link" / "checkpoint-2")
+    model, data = _bad_batch_at(3)  # resumed from checkpoint-2 through the real path: trips at step 3
+    resumed = _guard()
+    Trainer(model=model, args=_args(real, learning_rate=1e-3), train_dataset=data,
+            callbacks=[resumed]).train(resume_from_checkpoint=True)
+    assert resumed.divergence is not None and resumed.divergence["step"] == 3
+    assert (real / "checkpoint-2").is_dir()  # the last good checkpoint, not set aside as the resumed suspect
+    assert "deleted since" not in resumed._checkpoint_on_disk()
+
+
+def test_the_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    guard = _guard(on_divergence="rollback")
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
+            callbacks=[guard]).train()
+    record = tmp_path / RECORD_NAME
+    before = record.read_text()
+    original = Path.write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            original(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    guard.events.append(dict(guard.events[-1], step=99))
+    with pytest.raises(OSError):
+        guard._write_record(guard_args(tmp_path), SimpleState())
+    assert record.read_text() == before and json.loads(before)["events"]  # the earlier record, intact
+
+
+class SimpleState:
+    is_world_process_zero = True
+
+
+def guard_args(output_dir):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(output_dir))
+
+
+def test_profile_files_that_cannot_be_written_are_a_warning_and_leave_no_half_files(tmp_path, monkeypatch, caplog):
+    callback = RKSPCallback(num_samples=128, guard=False)
+    args = _args(tmp_path, max_steps=1, learning_rate=1e-3, save_strategy="no")
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    earlier = {name: (tmp_path / name).read_bytes() for name in ("rksp_profile.json", "rksp_report.md")}
+    original = Path.write_text
+
+    def full_disk_at_the_report(self, *a, **kw):
+        if self.name == "rksp_report.md":
+            raise OSError(28, "No space left on device")
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", full_disk_at_the_report)
+    again = RKSPCallback(num_samples=128, guard=False)
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        Trainer(model=tiny_gpt2(n_embd=48), args=args, train_dataset=TokenDataset(), callbacks=[again]).train()
+    assert "could not write the profile files" in caplog.text and "save_artifacts=False" in caplog.text
+    # all or nothing: the earlier run's files are as they were, not a new JSON beside an old report
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".rksp-staging-")]
+
+
+def test_a_new_run_says_it_replaces_the_earlier_runs_profile_files(tmp_path, caplog):
+    args = _args(tmp_path, max_steps=1, learning_rate=1e-3, save_strategy="no")
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(),
+            callbacks=[RKSPCallback(num_samples=128, guard=False)]).train()
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(),
+                callbacks=[RKSPCallback(num_samples=128, guard=False)]).train()
+    assert "held an earlier run's rksp_profile.json" in caplog.text
