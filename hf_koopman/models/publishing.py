@@ -335,6 +335,9 @@ def _write_default_card(model: PreTrainedModel, folder: Path, repo_id: str | Non
 
 #: entries of an export folder that are not published and never cleared: a Hub repository's git clone
 _REPO_ENTRIES = (".git", ".gitattributes", ".cache")
+#: the hidden folder an overwrite keeps the earlier export in until the new one is complete (one a killed export left
+#: is cleared by the next overwrite)
+_BACKUP_PREFIX = ".hf_koopman-earlier-export-"
 
 
 def _empty_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> list[Path]:
@@ -365,7 +368,8 @@ def _empty_output(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> 
     if any(target in Path(p).resolve().parents for p in inputs):
         raise ValueError(f"overwrite=True would clear {out}, which holds an input of this export (the card, the code "
                          "or the checkpoint); move it out first.")
-    if not (out / "config.json").is_file() or any(p.is_dir() for p in entries):
+    if not (out / "config.json").is_file() or any(p.is_dir() and not p.name.startswith(_BACKUP_PREFIX)
+                                                   for p in entries):
         raise FileExistsError(f"{out} does not look like an earlier export (config.json and files, no folders), so "
                               "overwrite=True does not clear it; choose an empty or new folder.")
     return entries
@@ -379,12 +383,22 @@ def _replacing(out: Path, earlier: list[Path]) -> Iterator[None]:
     if not earlier:
         yield
         return
-    backup = Path(tempfile.mkdtemp(prefix=".hf_koopman-earlier-export-", dir=out))
+    backup = Path(tempfile.mkdtemp(prefix=_BACKUP_PREFIX, dir=out))
     moved: list[str] = []
+
+    def put_back() -> None:
+        for name in moved:
+            os.replace(backup / name, out / name)
+        shutil.rmtree(backup, ignore_errors=True)
+
     try:
         for path in earlier:
             os.replace(path, backup / path.name)
             moved.append(path.name)
+    except BaseException:  # an interrupted move: nothing was written yet, the files moved so far come back
+        put_back()
+        raise
+    try:
         yield
     except BaseException:
         for path in out.iterdir():  # what this export wrote before it failed (the earlier one had no folders)
@@ -394,9 +408,7 @@ def _replacing(out: Path, earlier: list[Path]) -> Iterator[None]:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        for name in moved:
-            os.replace(backup / name, out / name)
-        shutil.rmtree(backup, ignore_errors=True)
+        put_back()
         raise
     shutil.rmtree(backup, ignore_errors=True)
     logger.warning("%s held an earlier export: its files were replaced by this one (%s)", out, ", ".join(moved))

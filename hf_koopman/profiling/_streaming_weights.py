@@ -257,7 +257,7 @@ class SafetensorsWeights:
         self._paths = {id(module): path for path, module in model.named_modules()}
 
     def _load(self, keys: list[str], modules: list[nn.Module], what: str) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -270,8 +270,8 @@ class SafetensorsWeights:
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for key in file_keys:
                         state[key] = handle.get_tensor(key)
-            except Exception as err:  # noqa: BLE001 - a shard found through the index only now, or cut short
-                raise ValueError(unreadable_safetensors(file, err)) from None
+            except (SafetensorError, OSError) as err:  # a shard found through the index only now, or cut short
+                raise ValueError(unreadable_safetensors(file, err)) from None  # (out of memory is not caught here)
         config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=self.dtype, weight_mapping=self.weight_mapping)
         with _quiet_transformers():
             convert_and_load_state_dict_in_model(self.model, state, config)
@@ -400,7 +400,7 @@ def unreadable_safetensors(file: Path, err: BaseException) -> str:
 
 def find_safetensors_keys(folder: Path) -> dict[str, Path]:
     """`checkpoint key -> shard file` from `model.safetensors.index.json`, or from the file headers otherwise."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = folder / _INDEX_FILE
     if index.is_file():
@@ -419,7 +419,7 @@ def find_safetensors_keys(folder: Path) -> dict[str, Path]:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:  # the header must cover the file
                 keys.update(dict.fromkeys(handle.keys(), file))
-        except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
+        except (SafetensorError, OSError) as err:  # a bad header, a file cut short or unreadable
             raise ValueError(unreadable_safetensors(file, err)) from None
     return keys
 

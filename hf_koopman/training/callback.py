@@ -621,7 +621,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         earlier = [name for name in names if (out / name).is_file()]
         try:
             out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".rksp-staging-", dir=out))
+            staging = Path(tempfile.mkdtemp(prefix="_rksp-staging-", dir=out))  # "_": Hub pushes skip it
             try:
                 (staging / "rksp_profile.json").write_text(spectral_profile.to_json(), encoding="utf-8")
                 plots: dict[str, str] = {}
@@ -644,8 +644,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                            type(err).__name__, err)
             return
         if earlier:
-            logger.warning("RKSP: %s held an earlier run's %s: replaced by this run's (its run record, if any, is kept "
-                           "as rksp_guard.previous-<k>.json)", out, ", ".join(earlier))
+            logger.warning("RKSP: %s held an earlier run's %s: replaced by this run's", out, ", ".join(earlier))
 
     # ------------------------------------------------------------------ events
     def remove_hooks(self) -> None:

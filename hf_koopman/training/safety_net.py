@@ -1132,9 +1132,13 @@ class SafetyNet:
             "events": self.events,
         }
         # whole or not at all: a full disk or a kill mid-write must not leave a truncated record for the next resume
-        partial = out / f".{RECORD_NAME}.partial"
-        partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
-        os.replace(partial, out / RECORD_NAME)
+        partial = out / f"_{RECORD_NAME}.partial"  # "_": the Trainer's Hub pushes skip it
+        try:
+            partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
+            os.replace(partial, out / RECORD_NAME)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         earlier, self._record_written = self._record_written, out / RECORD_NAME
         if earlier is not None and not _same_path(str(earlier), str(out / RECORD_NAME)):
             # a trial's record written before its first save found the trial's folder: this one supersedes it

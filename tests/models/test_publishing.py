@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import textwrap
 
@@ -291,3 +292,27 @@ def test_an_overwrite_that_fails_midway_puts_the_earlier_export_back(toy_package
     with caplog.at_level("WARNING", logger="hf_koopman"):
         save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
     assert "notes.txt" in caplog.text and not (out / "notes.txt").exists()  # a replace says what it replaced
+
+
+def test_an_interrupted_move_aside_puts_every_earlier_file_back(tmp_path, monkeypatch):
+    import hf_koopman.models.publishing as publishing
+
+    out = tmp_path / "export"
+    out.mkdir()
+    names = ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    for name in names:
+        (out / name).write_text(f"earlier {name}")
+    earlier = publishing._empty_output(out, True)
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C between two moves
+        return real(src, dst)
+
+    monkeypatch.setattr(publishing.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), publishing._replacing(out, earlier):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert all((out / name).read_text() == f"earlier {name}" for name in names)
