@@ -606,6 +606,9 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
              "expanding modes, so the verdict thresholds do not apply to it")
     parser.add_argument("--learning-rate", type=float,
                         help="planned learning rate (used by a calibrated risk estimator)")
+    parser.add_argument("--estimator", type=Path,
+                        help="risk-estimator JSON fitted on your own runs (RiskEstimator.fit / save_json; default: the "
+                             "estimator shipped with hf_koopman)")
     parser.add_argument("--out", type=Path,
                         help="output folder (default: hf_koopman_out/NAME, with -init under --init or for a "
                              "config.json; NAME is org--name for a Hub id org/name; for a local folder its last two "
@@ -793,8 +796,11 @@ def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
     from hf_koopman.risk import TENTATIVE, in_fitted_range, low_precision_dtype, shown_probability
 
+    from hf_koopman.risk import load_estimator
+
     rank = args.rank
     progress = _check_model_input_arguments(args)
+    estimator = None if args.estimator is None else load_estimator(args.estimator.expanduser())  # before the model
     if args.stream:
         result = _run_streaming(args, rank, progress)
     else:
@@ -815,6 +821,8 @@ def _run_profile(args: argparse.Namespace) -> int:
             progress=progress,
         )
         result.meta["weights"] = weights  # for the report: a profile at initialisation describes the architecture
+    if estimator is not None:
+        result.risk_estimator, result.meta["risk_estimator"] = estimator, estimator.name
     try:
         written = result.save(args.out, plots=not args.no_plots)
     except OSError as err:  # a read-only or full disk, a file that appeared at --out since the check ...

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import RangeIssue, RiskEstimator
+from hf_koopman.risk import RangeIssue, RiskEstimator, load_estimator
 
 
 __all__ = ["MaxLRSuggestion", "suggest_max_lr"]
@@ -43,10 +43,6 @@ def _ranges_without_lr(est: Any, prof: Any, context: Mapping[str, Any]) -> tuple
     outside = tuple(i for i in outside if i.key != "learning_rate")
     unknown = tuple(u for u in unknown if not u.startswith("learning_rate"))
     return (True if outside else (None if unknown else False)), outside, unknown
-
-
-def _default_estimator() -> RiskEstimator:
-    return RiskEstimator.default()  # cached: the shipped estimator is one object
 
 
 def _risk_text(risk: float) -> str:
@@ -148,16 +144,6 @@ class MaxLRSuggestion:
         return "\n".join(lines)
 
 
-def _load_estimator(estimator: RiskEstimator | str | Path | None) -> RiskEstimator:
-    if estimator is None:
-        return RiskEstimator.default()
-    if isinstance(estimator, RiskEstimator):
-        return estimator
-    if isinstance(estimator, (str, Path)):
-        return RiskEstimator.from_json(estimator)
-    raise TypeError(f"estimator must be a RiskEstimator, a path to its JSON, or None; got {type(estimator).__name__}.")
-
-
 def _is_profile(obj: Any) -> bool:
     return hasattr(obj, "aggregates") and hasattr(obj, "layers") and hasattr(obj, "verdict")
 
@@ -211,7 +197,7 @@ def suggest_max_lr(
     if "learning_rate" in profile_kwargs or "learning_rate" in (context or {}):
         raise ValueError("suggest_max_lr solves for the learning rate; do not pass learning_rate= (nor in context).")
     _refuse_rank(profile_kwargs.get("rank"), "suggest_max_lr", "rank=")
-    est = _load_estimator(estimator)
+    est = load_estimator(estimator)
     context = dict(context or {})
     if _is_profile(model):
         if inputs is not None or profile_kwargs:
@@ -254,7 +240,7 @@ def suggest_max_lr(
         bounds, how = interval
         caveats.append("the interval covers the uncertainty of the fitted coefficients on the training runs only, not "
                        "the shift to a model family the estimator never saw")
-    if est is _default_estimator():  # the shipped estimator's measured accuracy (results/heldout_risk.md)
+    if est.is_shipped:  # the shipped estimator's measured accuracy (results/heldout_risk.md)
         caveats.append("held out by architecture family, the shipped estimator's suggestions were within 2x of the "
                        "measured threshold for 28 % of inits at risk 0.1 and 64 % at risk 0.5 (results/heldout_risk.md "
                        "in the hf_koopman repository): treat the answer as a starting point for a learning-rate sweep")

@@ -56,7 +56,7 @@ __all__ = [
     "FeatureSpec", "RangeIssue", "RiskAssessment", "RiskEstimator", "DEFAULT_ESTIMATOR_FILE", "FORMAT_VERSION",
     "ADVICE",
     "PRETRAINED_ADVICE", "RANK_ADVICE", "RANK_SHARE_MIN", "RISK_BUDGET", "below_risk_budget", "check_learning_rate",
-    "in_fitted_range", "shown_probability",
+    "in_fitted_range", "load_estimator", "shown_probability",
     "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
@@ -321,6 +321,9 @@ class RiskAssessment:
             made in `low_precision` (their `unknown` entries say so too).
         low_precision (`str`, *optional*): `"float16"` or `"bfloat16"` when the profile was made in that dtype
             (`low_precision_dtype`).
+        features (`tuple[str, ...]`): the input keys the estimator reads (an input outside its range is clipped; one
+            it only range-checks, such as the width for the shipped estimator, is not).
+        estimator (`str`, *optional*): which estimator gave the probability (`RiskEstimator.name`).
     """
 
     probability: float
@@ -330,6 +333,8 @@ class RiskAssessment:
     learning_rate: float | None = None
     unreliable: tuple[str, ...] = ()
     low_precision: str | None = None
+    features: tuple[str, ...] = ()
+    estimator: str | None = None
 
     @property
     def status(self) -> str:
@@ -345,9 +350,11 @@ class RiskAssessment:
         parts = []
         clipped = [i for i in self.outside if i.key != "weights"]
         if clipped:
-            # numbers are clipped to their fitted range: the probability is the one at the range's edge, a value the
-            # estimator never saw this model at; a category outside the runs changes nothing in the formula
-            numeric = any(i.direction != "unseen" for i in clipped)
+            # inputs the estimator reads are clipped to their fitted range: the probability is the one at the range's
+            # edge, a value the estimator never saw this model at; a category outside the runs, or a model key it
+            # only range-checks (the width, the depth), changes nothing in the formula
+            read = set(self.features) if self.features else {i.key for i in clipped}
+            numeric = any(i.direction != "unseen" and i.key in read for i in clipped)
             parts.append("outside the fitted range: " + "; ".join(i.describe() for i in clipped)
                          + (" (numbers are clipped to the fitted range: the probability is the one at its edge, not "
                             "a reading for this input)" if numeric else
@@ -382,15 +389,18 @@ class RiskAssessment:
         """JSON-ready dict of the assessment (probability, range status, the inputs outside or unknown)."""
         return {"probability": self.probability, "learning_rate": self.learning_rate, "out_of_range": self.out_of_range,
                 "status": self.status, "outside": [i.to_dict() for i in self.outside], "unknown": list(self.unknown),
-                "note": self.range_note}
+                "note": self.range_note, "estimator": self.estimator}
 
     def __float__(self) -> float:
         return float(self.probability)
 
 
-def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """Penalised logistic maximum likelihood by Newton / IRLS -> `(weights (p,), penalised Hessian (p, p))`."""
+def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray,
+            max_iter: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Penalised logistic maximum likelihood by Newton / IRLS -> `(weights (p,), penalised Hessian (p, p),
+    converged)`."""
     w = np.zeros(x.shape[1])
+    converged = False
     for _ in range(max_iter):
         p = 1.0 / (1.0 + np.exp(-(x @ w)))
         grad = x.T @ (p - y) + penalty * w
@@ -398,21 +408,23 @@ def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, max_iter: int) ->
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.max(np.abs(step)) < 1e-10:
+            converged = True
             break
     p = 1.0 / (1.0 + np.exp(-(x @ w)))
     hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
-    return w, hess
+    return w, hess, converged
 
 
 def _record_ranges(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Training range of each key every row carries: numeric min/max (NaN ignored), or the categories seen."""
+    """Training range of each key every row carries: numeric min/max of the finite values (an infinite spectrum is
+    clipped to the finite range, so it is no evidence of coverage), or the categories seen."""
     out: dict[str, dict[str, Any]] = {}
     for key in dict.fromkeys(keys):
         values = [r.get(key) for r in rows]
         if any(v is None for v in values):
             continue  # not recorded for every run: a partial range would claim coverage it does not have
         if all(_is_number(v) for v in values):
-            numbers = [float(v) for v in values if not math.isnan(float(v))]
+            numbers = [float(v) for v in values if math.isfinite(float(v))]
             if numbers:
                 out[key] = {"min": min(numbers), "max": max(numbers)}
         else:
@@ -444,6 +456,26 @@ def _ranges_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"training_ranges.inputs[{key!r}] needs 'min' and 'max', or 'values'; got {sorted(rng)}.")
     out["inputs"] = inputs
     return out
+
+
+def _fit_value(spec: FeatureSpec, row: Mapping[str, Any], index: int) -> float:
+    """The transformed value of `spec` in training row `index`, with an error naming the row and the fix for a missing
+    key, a NaN, or a learning rate (or other log10 input) that is not a positive number."""
+    if spec.key not in row:
+        raise ValueError(f"training row {index} has no {spec.key!r} (it has {sorted(row)[:12]}); every row needs each "
+                         "feature key. RiskEstimator.row(profile, learning_rate=...) builds one from a profile.")
+    value = row[spec.key]
+    if spec.key == _LR:
+        try:
+            check_learning_rate(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"training row {index}: {err}") from None
+    elif spec.transform == "log10" and _is_number(value) and float(value) <= 0:
+        raise ValueError(f"training row {index}: {spec.key}={value!r} must be > 0 for its log10 transform.")
+    try:
+        return spec.transformed(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"training row {index}: {err} Drop the row (a failed profile) or fill the value.") from None
 
 
 @dataclass
@@ -501,9 +533,11 @@ class RiskEstimator:
         rng = self.training_ranges.get("inputs", {}).get(_LR)
         return (rng["min"], rng["max"]) if rng and "min" in rng else None
 
-    def _logit(self, values: Mapping[str, Any]) -> float:
+    def _logit(self, values: Mapping[str, Any], *, row: int | None = None) -> float:
         missing = [f.key for f in self.features if f.key not in values]
         if missing:
+            if row is not None:
+                raise ValueError(f"row {row} has no {missing}; every row needs {self.required_keys}.")
             hint = " (pass learning_rate=... )" if _LR in missing else ""
             raise ValueError(
                 f"risk estimator needs {missing}{hint}; available inputs: {sorted(values)[:20]}"
@@ -626,7 +660,7 @@ class RiskEstimator:
         keys = dict.fromkeys(f.key for f in self.features)
         unreliable = tuple(k for k in keys if _unreliable_entry(k, low_precision) in unknown) if low_precision else ()
         return RiskAssessment(probability, flag, outside, unknown, float(lr) if _is_number(lr) else None,
-                              unreliable, low_precision)
+                              unreliable, low_precision, tuple(keys), self.name)
 
     def predict_proba_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Vectorised `predict_proba` over flat rows (aggregates and context in one mapping, e.g. a sweep table).
@@ -634,8 +668,43 @@ class RiskEstimator:
         Shapes:
             rows: `N` mappings -> `(N,)` probabilities.
         """
-        logits = np.array([self._logit(r) for r in rows], dtype=np.float64)
+        for i, r in enumerate(rows):
+            try:
+                check_learning_rate(r.get(_LR))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"row {i}: {err}") from None
+        logits = np.array([self._logit(r, row=i) for i, r in enumerate(rows)], dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-logits))
+
+    @staticmethod
+    def row(profile: Any, learning_rate: float | None = None, **context: Any) -> dict[str, Any]:
+        """The flat row of `profile` at `learning_rate` that `fit` and `predict_proba_rows` read: the profile's
+        aggregates (every spectral input an estimator may use), the learning rate, the model type, width and depth
+        (whose ranges `fit` records for the range flag), and `context`. Add the run's label to build a training table
+        for `fit` (the library's rule: loss > 50, gradient norm > 500 or non-finite at any step, which the guard of
+        `RKSPCallback` applies).
+
+        Args:
+            profile (`SpectralProfile` or mapping): the profile at initialisation (or its `to_dict()` form).
+            learning_rate (`float`, *optional*): the run's peak learning rate (else `meta["learning_rate"]`).
+            **context: other inputs, e.g. `norm="pre_ln"`.
+
+        Returns:
+            `dict[str, Any]`: one row.
+        """
+        check_learning_rate(learning_rate)
+        aggregates = _part(profile, "aggregates", profile)
+        if not isinstance(aggregates, Mapping):
+            raise TypeError(f"profile must be a SpectralProfile or its to_dict() form, got {type(profile).__name__}.")
+        meta = _part(profile, "meta")
+        lr = learning_rate if learning_rate is not None else (meta or {}).get(_LR)
+        out = {k: (float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v)  # profile.json's strings
+               for k, v in aggregates.items()}
+        out.update(_model_context(profile))
+        if lr is not None:
+            out[_LR] = float(lr)
+        out.update({k: v for k, v in context.items() if v is not None})
+        return out
 
     # ------------------------------------------------------------------ learning rate at a given risk
     def _solve_lr(self, values: Mapping[str, Any], risk: float, params: np.ndarray, *, exact: bool) -> np.ndarray:
@@ -806,10 +875,12 @@ class RiskEstimator:
             raise ValueError("labels must be 0/1, one per row.")
         if len(rows) < 2 or y.min() == y.max():
             raise ValueError("need at least one diverged and one stable run to fit a risk estimator.")
+        if not _is_number(l2) or not 0 <= float(l2) < math.inf:
+            raise ValueError(f"l2={l2!r} must be a finite number >= 0 (the ridge strength; 1.0 by default).")
         specs = []
         for f in features:
             spec = f if isinstance(f, FeatureSpec) else FeatureSpec(*(f if isinstance(f, tuple) else (f,)))
-            raw = np.array([spec.transformed(r[spec.key]) for r in rows], dtype=np.float64)
+            raw = np.array([_fit_value(spec, r, i) for i, r in enumerate(rows)], dtype=np.float64)
             finite = raw[np.isfinite(raw)]
             if finite.size == 0:
                 raise ValueError(f"feature {spec.key!r} has no finite value in the training rows.")
@@ -819,11 +890,15 @@ class RiskEstimator:
             specs.append(
                 FeatureSpec(spec.key, spec.transform, float(clipped.mean()), std if std > 1e-12 else 1.0, low, high)
             )
-        z = np.array([[s.standardized(r[s.key]) for s in specs] for r in rows], dtype=np.float64)
+        z = np.array([[s.standardized(r[s.key]) for s in specs] for r in rows], dtype=np.float64)  # checked above
         x = np.hstack([np.ones((len(rows), 1)), z])
         penalty = np.full(x.shape[1], float(l2))
         penalty[0] = 0.0
-        w, hess = _newton(x, y, penalty, max_iter)
+        w, hess, converged = _newton(x, y, penalty, max_iter)
+        if not converged:
+            logger.warning("RiskEstimator.fit: Newton's method did not converge in max_iter=%d steps (largest "
+                           "coefficient %.3g); the classes may be separable by the features: raise l2, or add runs "
+                           "near the boundary.", max_iter, float(np.max(np.abs(w[1:]))) if len(w) > 1 else 0.0)
         cov = np.linalg.inv(hess)
         boot = []
         rng = np.random.default_rng(seed)
@@ -831,7 +906,7 @@ class RiskEstimator:
             idx = rng.integers(0, len(rows), len(rows))
             if y[idx].min() == y[idx].max():
                 continue  # a one-class resample has no finite maximum-likelihood fit
-            boot.append([float(v) for v in _newton(x[idx], y[idx], penalty, max_iter)[0]])
+            boot.append([float(v) for v in _newton(x[idx], y[idx], penalty, max_iter)[0]])  # (w, hess, converged)
         ranges: dict[str, Any] = {
             "inputs": _record_ranges(rows, [*(s.key for s in specs), *range_keys]),
             "n_rows": len(rows),
@@ -946,7 +1021,9 @@ class RiskEstimator:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not a JSON file ({err}); a risk estimator is saved with save_json.") from None
         try:
-            return cls.from_dict(data)
+            loaded = cls.from_dict(data)
+            loaded._source = str(path)
+            return loaded
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
             # a hand-edited file: name the file and what in it is wrong, not only the Python error
             what = f"missing field {err}" if isinstance(err, KeyError) else f"{err}"
@@ -977,9 +1054,36 @@ class RiskEstimator:
                         "lower bound and the suggested learning rate an upper one")
         return summary
 
+    @property
+    def name(self) -> str:
+        """What outputs call this estimator: `metadata["name"]` when set, `"shipped"` for `default()`, the file a
+        `from_json` estimator came from, else `"custom"`."""
+        given = self.metadata.get("name") if isinstance(self.metadata, Mapping) else None
+        if given:
+            return str(given)
+        return getattr(self, "_source", None) or "custom"
+
+    @property
+    def is_shipped(self) -> bool:
+        """Whether this is the estimator shipped with the package (`default()`)."""
+        return getattr(self, "_source", None) == "shipped"
+
     def __repr__(self) -> str:
         terms = ", ".join(f"{f.name}: {c:+.3f}" for f, c in zip(self.features, self.coef))
         return f"RiskEstimator(intercept={self.intercept:+.3f}, {terms})"
+
+
+def load_estimator(estimator: RiskEstimator | str | Path | None) -> RiskEstimator:
+    """A `RiskEstimator` from what a user passes: `None` for the shipped one (`RiskEstimator.default()`), an estimator,
+    or the path of a JSON written by `save_json`."""
+    if estimator is None:
+        return RiskEstimator.default()
+    if isinstance(estimator, RiskEstimator):
+        return estimator
+    if isinstance(estimator, (str, Path)):
+        return RiskEstimator.from_json(estimator)
+    raise TypeError(f"risk estimator must be a RiskEstimator, a path to its JSON, or None (the shipped one); got "
+                    f"{type(estimator).__name__}.")
 
 
 @lru_cache(maxsize=1)
@@ -990,7 +1094,9 @@ def _load_default() -> RiskEstimator:
             f"no shipped risk estimator at hf_koopman/data/{DEFAULT_ESTIMATOR_FILE}; fit one with "
             "research/scripts/fit_risk.py from the hf_koopman repository"
         )
-    return RiskEstimator.from_dict(json.loads(ref.read_text(encoding="utf-8")))
+    shipped = RiskEstimator.from_dict(json.loads(ref.read_text(encoding="utf-8")))
+    shipped._source = "shipped"
+    return shipped
 
 
 # ---------------------------------------------------------------------------------------------------- decision rule

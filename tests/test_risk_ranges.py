@@ -3,6 +3,7 @@ interval, and version-1 compatibility."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -59,7 +60,9 @@ def test_training_ranges_round_trip_through_json(fitted, tmp_path):
     np.testing.assert_allclose(again.bootstrap_coefs, est.bootstrap_coefs)
     np.testing.assert_allclose(again.predict_proba_rows(rows), est.predict_proba_rows(rows))
     probe = {"near_unit_mass_mean": 0.5, "model_type": "llama", "hidden_size": 32, "num_layers": 2}
-    assert again.assess(probe, learning_rate=0.5) == est.assess(probe, learning_rate=0.5)
+    loaded, fitted_here = again.assess(probe, learning_rate=0.5), est.assess(probe, learning_rate=0.5)
+    assert dataclasses.replace(loaded, estimator=None) == dataclasses.replace(fitted_here, estimator=None)
+    assert (loaded.estimator, fitted_here.estimator) == (str(path), "custom")  # each says where it came from
 
 
 def test_fit_stores_the_laplace_covariance(fitted):

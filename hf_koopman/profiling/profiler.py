@@ -49,7 +49,7 @@ from hf_koopman.profiling.probes import (
 from hf_koopman.profiling.weights import weights_origin
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
-from hf_koopman.risk import LOW_PRECISION_DTYPES, DecisionRule, check_learning_rate
+from hf_koopman.risk import LOW_PRECISION_DTYPES, DecisionRule, check_learning_rate, load_estimator
 
 
 __all__ = ["profile", "profile_from_snapshots"]
@@ -605,6 +605,7 @@ def profile(
     model_name: str | None = None,
     progress: bool | None = None,
     eig_dtype: torch.dtype | None = None,
+    risk_estimator: Any = None,
     **analysis_kwargs: Any,
 ) -> SpectralProfile:
     """Residual Koopman Spectral Profile of any `transformers` model (RKSP, Algorithm 1).
@@ -644,6 +645,9 @@ def profile(
             progress-bar switch (`transformers.utils.logging.disable_progress_bar()` hides them).
         eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem (see `profile_from_snapshots`);
             `torch.float64` solves every layer in float64.
+        risk_estimator (`RiskEstimator` or path, *optional*): the calibrated estimator behind `risk` (one fitted on
+            your own runs with `RiskEstimator.fit`, or the path of its JSON); `None` for the shipped one.
+            `meta["risk_estimator"]` records which.
         **analysis_kwargs: passed to `profile_from_snapshots` (`near_band`, `eps`, `randomized`, ...) and through it
             to `spectral_features`; an unknown name is a TypeError before the forward pass.
 
@@ -688,6 +692,7 @@ def profile(
                                "None reads up to 16 * num_samples")
     progress = show_progress(progress)
     learning_rate = check_learning_rate(learning_rate)
+    estimator = None if risk_estimator is None else load_estimator(risk_estimator)  # a bad one before any work
     check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)
     _check_materialised(inner)
@@ -864,7 +869,11 @@ def profile(
         meta["weights"] = origin
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
-    return profile_from_snapshots(
+    if estimator is not None:
+        meta["risk_estimator"] = estimator.name
+    result = profile_from_snapshots(
         snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress,
         eig_dtype=eig_dtype, **analysis_kwargs,
     )
+    result.risk_estimator = estimator
+    return result

@@ -338,13 +338,16 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
                      + ", so it is not a reading of this model)")
         else:
             shown = f"**{shown}**"
+        name = getattr(assessment, "estimator", None)
+        which = "" if name in (None, "shipped") else f" `{name}`"
+        source = ("comes from training runs of tiny models (`results/heldout_risk.md`), an extrapolation where it "
+                  "says so" if not which else f"comes from your estimator{which}, fitted on the runs it records")
         lines += [
-            f"Calibrated divergence probability (`RiskEstimator`{f', learning rate {lr:g}' if lr else ''}): "
+            f"Calibrated divergence probability (`RiskEstimator`{which}{f', learning rate {lr:g}' if lr else ''}): "
             f"{shown}{note}.",
             "",
             f"_The verdict above follows {rule}. The two answer different questions: the verdict reads the spectrum "
-            "alone, the probability is for this learning rate and comes from training runs of tiny models "
-            "(`results/heldout_risk.md`), an extrapolation where it says so._",
+            f"alone, the probability is for this learning rate and {source}._",
             "",
         ]
     elif _estimator_available():

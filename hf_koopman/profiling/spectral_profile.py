@@ -99,6 +99,9 @@ class SpectralProfile:
             `tokens_seen` (the fewest valid token states any block saw), `tokens_seen_per_layer` (each layer's) and
             `num_samples_requested`.
         rule (`DecisionRule`): thresholds of the verdict.
+        risk_estimator (`RiskEstimator`, *optional*): the estimator `risk` and `risk_assessment` use; `None` for the
+            one `meta["risk_estimator"]` names (the path of its JSON, read back after `from_json`), else the shipped
+            one. Not saved itself: `meta["risk_estimator"]` says which it was.
         layer_sizes (`list[tuple[int, int]]`): `(N, d)` of each layer's snapshots, the token states and the width of
             its fit (empty: every layer has `settings["num_samples"]` and `settings["hidden_size"]`).
     """
@@ -111,6 +114,7 @@ class SpectralProfile:
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     rule: DecisionRule = field(default_factory=DecisionRule)
+    risk_estimator: Any = field(default=None, repr=False, compare=False)
     layer_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -191,13 +195,27 @@ class SpectralProfile:
         """One or two plain sentences: why this verdict, and how far to trust it."""
         return self._decision()[1]
 
+    def _estimator(self) -> Any:
+        """The risk estimator of this profile (see `risk_estimator`); raises `FileNotFoundError` when the one
+        `meta["risk_estimator"]` names is not available here (its probability is not replaced by the shipped one's)."""
+        if self.risk_estimator is not None:
+            return self.risk_estimator
+        named = self.meta.get("risk_estimator")
+        if named in (None, "shipped"):
+            return RiskEstimator.default()
+        if Path(str(named)).is_file():
+            self.risk_estimator = RiskEstimator.from_json(named)
+            return self.risk_estimator
+        raise FileNotFoundError(f"this profile's risk estimator ({named}) is not available here; pass it as "
+                                "profile.risk_estimator = RiskEstimator.from_json(path)")
+
     def risk_probability(self, learning_rate: float | None = None) -> float | None:
         """Calibrated P(divergence) from `hf_koopman.risk.RiskEstimator`, or `None` when it cannot be computed. A
         `learning_rate` that is not a positive finite number raises (`ValueError` / `TypeError`)."""
         check_learning_rate(learning_rate)
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
         try:
-            return float(RiskEstimator.default().predict_proba(self, learning_rate=lr))
+            return float(self._estimator().predict_proba(self, learning_rate=lr))
         except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as err:
             # e.g. no shipped estimator, or it needs a learning rate this profile does not carry
             logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
@@ -210,7 +228,7 @@ class SpectralProfile:
         check_learning_rate(learning_rate)
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
         try:
-            return RiskEstimator.default().assess(self, learning_rate=lr)
+            return self._estimator().assess(self, learning_rate=lr)
         except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as err:
             logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
             return None

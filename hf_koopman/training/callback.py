@@ -17,7 +17,14 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from hf_koopman.logging_utils import errors_only, get_logger
-from hf_koopman.risk import TENTATIVE, VERDICT_LEVELS, below_risk_budget, in_fitted_range, recommendation
+from hf_koopman.risk import (
+    TENTATIVE,
+    VERDICT_LEVELS,
+    below_risk_budget,
+    in_fitted_range,
+    load_estimator,
+    recommendation,
+)
 from hf_koopman.training.arguments import _is_int
 from hf_koopman.training.divergence import GRAD_NORM_THRESHOLD, LOSS_THRESHOLD, DivergenceRule
 from hf_koopman.training.guard import ActivationWatch, DivergenceEvent, GradNormTap, LossTap, StateSnapshot
@@ -239,6 +246,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             `kss/auto_enabled = 0` is logged.
         save_artifacts (`bool`, defaults to `True`): write the profile JSON / report / plot into `output_dir` (whole
             files; a folder that cannot take them is a warning, and an earlier run's files there are replaced).
+        risk_estimator (`RiskEstimator` or path, *optional*): the calibrated estimator behind `rksp/risk` (one fitted
+            on your own runs with `RiskEstimator.fit`, or the path of its JSON); `None` for the shipped one.
     """
 
     def __init__(
@@ -266,6 +275,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         check_every_n_steps: int = 1,
         auto_kss: bool = False,
         save_artifacts: bool = True,
+        risk_estimator: Any = None,
     ) -> None:
         if not _is_int(every_n_steps) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be an int >= 0 (0 turns monitoring off), got {every_n_steps!r}")
@@ -322,6 +332,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.rollback_source = rollback_source
         self.check_every_n_steps = int(check_every_n_steps)
         self.profile_at_init = profile_at_init
+        self.risk_estimator = None if risk_estimator is None else load_estimator(risk_estimator)
         self.probe_inputs = probe_inputs
         self.probe_batch_size = int(probe_batch_size)
         self.num_samples = int(num_samples)
@@ -447,6 +458,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "check_every_n_steps": self.check_every_n_steps,
                 "auto_kss": self.auto_kss,
                 "save_artifacts": self.save_artifacts,
+                # a file-backed estimator is restored from its path; one built in memory is not (the shipped one then)
+                "risk_estimator": (self.risk_estimator.name if self.risk_estimator is not None
+                                   and Path(self.risk_estimator.name).is_file() else None),
             },
             "attributes": {
                 "init_verdict": self.init_verdict,
@@ -565,6 +579,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                     learning_rate=(learning_rate if learning_rate is not None and math.isfinite(learning_rate)
                                    and learning_rate > 0 else None),
                     progress=progress,
+                    risk_estimator=self.risk_estimator,
                 )
             result.meta["num_samples_requested"] = requested  # the advice then names the short probe, not N
             seen = result.meta.get("tokens_seen_per_layer") or {}
