@@ -1022,7 +1022,7 @@ class RiskEstimator:
             raise ValueError(f"{path} is not a JSON file ({err}); a risk estimator is saved with save_json.") from None
         try:
             loaded = cls.from_dict(data)
-            loaded._source = str(path)
+            loaded._source = str(path.absolute())  # a profile reads it back from any working directory
             return loaded
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
             # a hand-edited file: name the file and what in it is wrong, not only the Python error
@@ -1062,6 +1062,12 @@ class RiskEstimator:
         if given:
             return str(given)
         return getattr(self, "_source", None) or "custom"
+
+    @property
+    def file(self) -> str | None:
+        """The absolute path of the JSON this estimator was read from (`from_json`), else `None`."""
+        source = getattr(self, "_source", None)
+        return None if source in (None, "shipped") else source
 
     @property
     def is_shipped(self) -> bool:

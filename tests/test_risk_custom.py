@@ -122,18 +122,23 @@ def test_a_saved_profile_reads_its_estimator_back_from_its_file_and_never_swaps_
     path = mine.save_json(tmp_path / "est.json")
     prof = profile(tiny_model("llama"), num_samples=256, learning_rate=3e-3, risk_estimator=str(path),
                    progress=False)
-    assert prof.meta["risk_estimator"] == "my-llama-runs"  # metadata's name first
-    mine_from_file = RiskEstimator.from_json(path)
-    mine_from_file.metadata.pop("name")
-    prof = profile(tiny_model("llama"), num_samples=256, learning_rate=3e-3,
-                   risk_estimator=mine_from_file.save_json(tmp_path / "unnamed.json"), progress=False)
-    assert prof.meta["risk_estimator"] == str(tmp_path / "unnamed.json")
+    assert prof.meta["risk_estimator"] == "my-llama-runs"  # metadata's name first, and its file
+    assert prof.meta["risk_estimator_file"] == str(path)
     prof.save(tmp_path / "prof")
     again = SpectralProfile.from_json(tmp_path / "prof")
-    assert again.risk == pytest.approx(prof.risk)  # read back from the file meta names
-    (tmp_path / "unnamed.json").unlink()
-    gone = SpectralProfile.from_json(tmp_path / "prof")
+    assert again.risk == pytest.approx(prof.risk) and again.risk_assessment().estimator == "my-llama-runs"
+    mine_from_file = RiskEstimator.from_json(path)
+    mine_from_file.metadata.pop("name")
+    unnamed = mine_from_file.save_json(tmp_path / "unnamed.json")
+    prof = profile(tiny_model("llama"), num_samples=256, learning_rate=3e-3, risk_estimator=unnamed, progress=False)
+    assert prof.meta["risk_estimator"] == str(unnamed)  # no name: its file
+    prof.save(tmp_path / "prof2")
+    unnamed.unlink()
+    gone = SpectralProfile.from_json(tmp_path / "prof2")
     assert gone.risk is None  # not the shipped estimator's number under this estimator's name
+    in_memory = profile(tiny_model("llama"), num_samples=256, learning_rate=3e-3, risk_estimator=mine, progress=False)
+    in_memory.save(tmp_path / "prof3")
+    assert SpectralProfile.from_json(tmp_path / "prof3").risk is None  # built in memory: nothing to read back
 
 
 def test_the_callback_logs_your_estimators_risk(mine, tmp_path):

@@ -277,8 +277,9 @@ def save_for_hub(
         push_to_hub (`str`, *optional*): repo id to upload to, and the card's `from_pretrained("hf-koopman/...")`
             examples are pointed at it. Without a Hub token, or offline, a warning says so and the folder stays local;
             a failed upload raises `RuntimeError` (the folder is complete by then).
-        overwrite (`bool`, *optional*, defaults to `False`): clear a non-empty `output_dir` first (else
-            `FileExistsError`).
+        overwrite (`bool`, *optional*, defaults to `False`): replace an earlier export in a non-empty `output_dir`
+            (else `FileExistsError`); its files are kept aside until the new export is complete and come back if it
+            fails.
 
     Returns:
         `Path` of the written folder.
@@ -449,8 +450,9 @@ def export_for_hub(
             `from_pretrained("hf-koopman/<folder name>", ...)` examples are pointed at it. Without a Hub token, or
             offline, a warning says so and the folder stays local; a failed upload raises `RuntimeError` (the folder
             is complete by then).
-        overwrite (`bool`, *optional*, defaults to `False`): clear a non-empty `output_dir` first (else
-            `FileExistsError`).
+        overwrite (`bool`, *optional*, defaults to `False`): replace an earlier export in a non-empty `output_dir`
+            (else `FileExistsError`); its files are kept aside until the new export is complete and come back if it
+            fails.
 
     Returns:
         `Path` of the written folder.

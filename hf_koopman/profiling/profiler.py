@@ -647,7 +647,7 @@ def profile(
             `torch.float64` solves every layer in float64.
         risk_estimator (`RiskEstimator` or path, *optional*): the calibrated estimator behind `risk` (one fitted on
             your own runs with `RiskEstimator.fit`, or the path of its JSON); `None` for the shipped one.
-            `meta["risk_estimator"]` records which.
+            `meta["risk_estimator"]` records which, and `meta["risk_estimator_file"]` its JSON.
         **analysis_kwargs: passed to `profile_from_snapshots` (`near_band`, `eps`, `randomized`, ...) and through it
             to `spectral_features`; an unknown name is a TypeError before the forward pass.
 
@@ -871,6 +871,8 @@ def profile(
         meta["learning_rate"] = learning_rate
     if estimator is not None:
         meta["risk_estimator"] = estimator.name
+        if estimator.file is not None:
+            meta["risk_estimator_file"] = estimator.file
     result = profile_from_snapshots(
         snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress,
         eig_dtype=eig_dtype, **analysis_kwargs,

@@ -100,8 +100,10 @@ class SpectralProfile:
             `num_samples_requested`.
         rule (`DecisionRule`): thresholds of the verdict.
         risk_estimator (`RiskEstimator`, *optional*): the estimator `risk` and `risk_assessment` use; `None` for the
-            one `meta["risk_estimator"]` names (the path of its JSON, read back after `from_json`), else the shipped
-            one. Not saved itself: `meta["risk_estimator"]` says which it was.
+            one the profile was made with: `meta["risk_estimator"]` names it and `meta["risk_estimator_file"]` is the
+            JSON it was read from, which a profile loaded with `from_json` reads again (without that file, or for an
+            estimator built in memory, `risk` is `None`, never the shipped estimator's number); the shipped one when
+            `meta` names none. Not saved itself.
         layer_sizes (`list[tuple[int, int]]`): `(N, d)` of each layer's snapshots, the token states and the width of
             its fit (empty: every layer has `settings["num_samples"]` and `settings["hidden_size"]`).
     """
@@ -200,13 +202,14 @@ class SpectralProfile:
         `meta["risk_estimator"]` names is not available here (its probability is not replaced by the shipped one's)."""
         if self.risk_estimator is not None:
             return self.risk_estimator
-        named = self.meta.get("risk_estimator")
-        if named in (None, "shipped"):
+        named, file = self.meta.get("risk_estimator"), self.meta.get("risk_estimator_file")
+        if named in (None, "shipped") and file is None:
             return RiskEstimator.default()
-        if Path(str(named)).is_file():
-            self.risk_estimator = RiskEstimator.from_json(named)
+        if file is not None and Path(str(file)).is_file():
+            self.risk_estimator = RiskEstimator.from_json(file)
             return self.risk_estimator
-        raise FileNotFoundError(f"this profile's risk estimator ({named}) is not available here; pass it as "
+        where = f" (its file {file} is missing)" if file is not None else " (it was not read from a file)"
+        raise FileNotFoundError(f"this profile's risk estimator, {named}, is not available here{where}; set "
                                 "profile.risk_estimator = RiskEstimator.from_json(path)")
 
     def risk_probability(self, learning_rate: float | None = None) -> float | None:
@@ -383,6 +386,10 @@ class SpectralProfile:
 
         Returns:
             `dict[str, Path]`: the written files: `"profile"` (the JSON), `"report"`, and each plot under its title.
+
+        Raises:
+            FileExistsError: `directory` holds files under these names but no `profile.json` (not an earlier
+                profile's: a user's own `report.md`).
         """
         from hf_koopman.profiling.report import save_profile
 

@@ -157,7 +157,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       The weights the run's last update leaves, which no later step reads, are judged at the end of `train()` by one
       forward of the last training batch without gradients (the loss part of the rule): a trip there is a stop at the
       last step, as above. A trial of `hyperparameter_search` keeps its checkpoints and record in its own folder
-      (`output_dir/run-<trial>`), which the guard finds at the trial's first save.
+      (`output_dir/run-<trial>`, or `hp_name`'s), which the guard finds at the trial's first save or on resume.
 
       *`on_divergence="stop"`* (default): the in-memory model and optimizer go back to the last validated snapshot
       (`restore_on_stop=True`; otherwise only the tripping update is undone), no checkpoint is written for the step
@@ -459,8 +459,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "auto_kss": self.auto_kss,
                 "save_artifacts": self.save_artifacts,
                 # a file-backed estimator is restored from its path; one built in memory is not (the shipped one then)
-                "risk_estimator": (self.risk_estimator.name if self.risk_estimator is not None
-                                   and Path(self.risk_estimator.name).is_file() else None),
+                "risk_estimator": self.risk_estimator.file if self.risk_estimator is not None else None,
             },
             "attributes": {
                 "init_verdict": self.init_verdict,
