@@ -822,8 +822,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         )
         result.meta["weights"] = weights  # for the report: a profile at initialisation describes the architecture
     if estimator is not None:
-        result.risk_estimator, result.meta["risk_estimator"] = estimator, estimator.name
-        result.meta["risk_estimator_file"] = estimator.file
+        result.set_risk_estimator(estimator)
     try:
         written = result.save(args.out, plots=not args.no_plots)
     except OSError as err:  # a read-only or full disk, a file that appeared at --out since the check ...

@@ -460,7 +460,7 @@ def _ranges_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fit_value(spec: FeatureSpec, row: Mapping[str, Any], index: int) -> float:
     """The transformed value of `spec` in training row `index`, with an error naming the row and the fix for a missing
-    key, a NaN, or a learning rate (or other log10 input) that is not a positive number."""
+    key, a NaN, or a learning rate that is not a positive number."""
     if spec.key not in row:
         raise ValueError(f"training row {index} has no {spec.key!r} (it has {sorted(row)[:12]}); every row needs each "
                          "feature key. RiskEstimator.row(profile, learning_rate=...) builds one from a profile.")
@@ -470,8 +470,6 @@ def _fit_value(spec: FeatureSpec, row: Mapping[str, Any], index: int) -> float:
             check_learning_rate(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"training row {index}: {err}") from None
-    elif spec.transform == "log10" and _is_number(value) and float(value) <= 0:
-        raise ValueError(f"training row {index}: {spec.key}={value!r} must be > 0 for its log10 transform.")
     try:
         return spec.transformed(value)
     except (TypeError, ValueError) as err:
@@ -670,7 +668,8 @@ class RiskEstimator:
         """
         for i, r in enumerate(rows):
             try:
-                check_learning_rate(r.get(_LR))
+                if _LR in self.required_keys:
+                    check_learning_rate(r.get(_LR))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"row {i}: {err}") from None
         logits = np.array([self._logit(r, row=i) for i, r in enumerate(rows)], dtype=np.float64)

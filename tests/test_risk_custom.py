@@ -171,3 +171,35 @@ def test_the_cli_takes_your_estimator(mine, tmp_path, capsys):
     assert main(["profile", str(config), "--init", "--estimator", str(tmp_path / "none.json"),
                  "--out", str(tmp_path / "out2")]) == 2
     assert "no risk-estimator JSON" in capsys.readouterr().err
+
+
+def test_an_estimator_attached_by_hand_is_saved_with_the_profile(mine, llama_profile, tmp_path):
+    path = mine.save_json(tmp_path / "est.json")
+    prof = SpectralProfile.from_dict(llama_profile.to_dict())
+    prof.meta["learning_rate"] = 1e-2
+    prof.risk_estimator = RiskEstimator.from_json(path)  # e.g. on a profile_from_snapshots result
+    again = SpectralProfile.from_json(prof.to_json())
+    assert again.risk == pytest.approx(prof.risk) and again.risk_assessment().estimator == "my-llama-runs"
+    prof.risk_estimator = mine  # in memory only: the reloaded profile has no risk, not the shipped one's
+    gone = SpectralProfile.from_json(prof.to_json())
+    assert gone.risk is None
+    assert "No calibrated risk: this profile's risk estimator, my-llama-runs, is not available here" in gone.to_markdown()
+
+
+def test_suggest_max_lr_on_a_profile_uses_its_estimator(mine, llama_profile):
+    from hf_koopman import suggest_max_lr
+
+    prof = SpectralProfile.from_dict(llama_profile.to_dict())
+    prof.set_risk_estimator(mine)
+    suggestion = suggest_max_lr(prof)
+    assert suggestion.verdict == "suggested"
+    assert suggestion.max_learning_rate == pytest.approx(mine.learning_rate_at_risk(prof, risk=0.1))
+    shipped = suggest_max_lr(prof, estimator=RiskEstimator.default())
+    assert shipped.max_learning_rate != pytest.approx(suggestion.max_learning_rate)
+
+
+def test_a_callback_whose_estimator_file_is_gone_names_the_fix(tmp_path):
+    from hf_koopman.training import RKSPCallback
+
+    with pytest.raises(FileNotFoundError, match="restore_callback_states_from_checkpoint=False"):
+        RKSPCallback(risk_estimator=str(tmp_path / "moved.json"))

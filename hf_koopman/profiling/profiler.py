@@ -869,13 +869,10 @@ def profile(
         meta["weights"] = origin
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
-    if estimator is not None:
-        meta["risk_estimator"] = estimator.name
-        if estimator.file is not None:
-            meta["risk_estimator_file"] = estimator.file
     result = profile_from_snapshots(
         snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress,
         eig_dtype=eig_dtype, **analysis_kwargs,
     )
-    result.risk_estimator = estimator
+    if estimator is not None:
+        result.set_risk_estimator(estimator)
     return result

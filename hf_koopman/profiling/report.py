@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
-    RANK_SHARE_MIN, TENTATIVE, DecisionRule, RiskEstimator, low_precision_dtype, precision_caveat,
+    RANK_SHARE_MIN, TENTATIVE, DecisionRule, low_precision_dtype, precision_caveat,
     recommendation, score_band, shown_probability,
 )
 
@@ -45,12 +45,17 @@ def _fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
-def _estimator_available() -> bool:
+def _no_risk_reason(profile: SpectralProfile) -> str:
+    """Why `profile` has no calibrated risk, in one sentence for the report."""
     try:
-        RiskEstimator.default()
-    except Exception:  # noqa: BLE001 - no shipped JSON or a broken file: the rule applies
-        return False
-    return True
+        est = profile._estimator()
+    except (OSError, ValueError) as err:  # no shipped JSON, a broken one, or the profile's own estimator is missing
+        return f"No calibrated risk: {str(err).rstrip('.')}."
+    if profile.meta.get("learning_rate") is None and "learning_rate" in est.required_keys:
+        return ("A calibrated `RiskEstimator` is installed but needs the planned learning rate: pass "
+                "`profile(..., learning_rate=...)` or `--learning-rate`.")
+    return (f"The calibrated `RiskEstimator` ({est.name}) could not score this profile: it reads "
+            f"{', '.join(est.required_keys)}.")
 
 
 def _bands(profile: SpectralProfile) -> tuple[str, str, str, str]:
@@ -332,7 +337,9 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         assessment = profile.risk_assessment()  # the range note: outside the fitted range, or ranges unknown
         note = f" — {_range_note(assessment.range_note, dtype)}" if assessment is not None else ""
         if verdict == "uninformative":  # no emphasis: the number reads a spectrum the verdict calls uninformative
-            clipped = assessment is not None and any(i.direction != "unseen" for i in assessment.outside)
+            read = set(getattr(assessment, "features", ()) or ())
+            clipped = assessment is not None and any(i.direction != "unseen" and (not read or i.key in read)
+                                                     for i in assessment.outside)
             shown = (f"{shown} (computed from an uninformative spectrum"
                      + (", with inputs clipped to the estimator's fitted range" if clipped else "")
                      + ", so it is not a reading of this model)")
@@ -350,14 +357,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             f"alone, the probability is for this learning rate and {source}._",
             "",
         ]
-    elif _estimator_available():
-        lines += [
-            "_A calibrated `RiskEstimator` is installed but needs the planned learning rate: pass "
-            f"`profile(..., learning_rate=...)` or `--learning-rate`. Meanwhile the verdict follows {rule}._",
-            "",
-        ]
     else:
-        lines += [f"_No calibrated risk estimator is installed; the verdict follows {rule}._", ""]
+        lines += [f"_{_no_risk_reason(profile)} Meanwhile the verdict follows {rule}._", ""]
     advice = recommendation(verdict, profile.risk_assessment(), rank=cut, pretrained=_pretrained(profile))
     lines += [f"Recommendation: {advice}", ""]
     lines += _trust_section(profile, tentative)

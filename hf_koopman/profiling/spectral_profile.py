@@ -197,6 +197,24 @@ class SpectralProfile:
         """One or two plain sentences: why this verdict, and how far to trust it."""
         return self._decision()[1]
 
+    def set_risk_estimator(self, estimator: Any) -> None:
+        """Use `estimator` (a `RiskEstimator`, the path of its JSON, or `None` for the shipped one) for `risk` and
+        `risk_assessment`, and record which in `meta` (`"risk_estimator"`, and `"risk_estimator_file"` for one read
+        from a JSON) so that a saved profile reads the same one back."""
+        from hf_koopman.risk import load_estimator
+
+        self.meta.pop("risk_estimator", None)
+        self.meta.pop("risk_estimator_file", None)
+        self.risk_estimator = None if estimator is None else load_estimator(estimator)
+        self.meta.update(self._estimator_meta())
+
+    def _estimator_meta(self) -> dict[str, Any]:
+        """`meta` entries naming the attached estimator (none for the shipped one or none attached)."""
+        est = self.risk_estimator
+        if est is None or est.is_shipped:
+            return {}
+        return {"risk_estimator": est.name, **({"risk_estimator_file": est.file} if est.file is not None else {})}
+
     def _estimator(self) -> Any:
         """The risk estimator of this profile (see `risk_estimator`); raises `FileNotFoundError` when the one
         `meta["risk_estimator"]` names is not available here (its probability is not replaced by the shipped one's)."""
@@ -219,7 +237,7 @@ class SpectralProfile:
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
         try:
             return float(self._estimator().predict_proba(self, learning_rate=lr))
-        except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as err:
+        except (OSError, NotImplementedError, TypeError, ValueError) as err:
             # e.g. no shipped estimator, or it needs a learning rate this profile does not carry
             logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
             return None
@@ -232,7 +250,7 @@ class SpectralProfile:
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
         try:
             return self._estimator().assess(self, learning_rate=lr)
-        except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as err:
+        except (OSError, NotImplementedError, TypeError, ValueError) as err:
             logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
             return None
 
@@ -267,7 +285,7 @@ class SpectralProfile:
             "risk_assessment": None if assessment is None else assessment.to_dict(),
             "decision_rule": dataclasses.asdict(self.rule),
             "settings": self.settings,
-            "meta": self.meta,
+            "meta": {**self.meta, **self._estimator_meta()},  # an estimator attached by hand is named too
             "aggregates": self.aggregates,
             "degenerate_layers": self.degenerate_layers,
             "undersampled_layers": self.undersampled_layers,

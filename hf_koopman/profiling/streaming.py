@@ -273,6 +273,7 @@ def profile_streaming(
     progress: bool | None = None,
     model_name: str | None = None,
     learning_rate: float | None = None,
+    risk_estimator: Any = None,
     **analysis_kwargs: Any,
 ) -> SpectralProfile:
     """Spectral profile of a model that need not fit in memory, built one residual block at a time.
@@ -309,6 +310,7 @@ def profile_streaming(
         model_name (`str`, *optional*): name stored in the profile.
         learning_rate (`float`, *optional*): the planned peak learning rate, > 0 and finite; stored in `meta` for the
             calibrated risk estimator, as `profile` does.
+        risk_estimator (`RiskEstimator` or path, *optional*): the estimator behind `risk`, as in `profile`.
         **analysis_kwargs: forwarded to `profile_from_snapshots` (feature thresholds etc.).
 
     Returns:
@@ -333,7 +335,7 @@ def profile_streaming(
     )
 
     from hf_koopman.koopman.dmd import check_eig_dtype
-    from hf_koopman.risk import check_learning_rate
+    from hf_koopman.risk import check_learning_rate, load_estimator
     from hf_koopman.profiling.profiler import (
         _as_count,
         _check_analysis_keywords,
@@ -353,6 +355,7 @@ def profile_streaming(
     seed = _check_seed(seed)
     check_eig_dtype(analysis_kwargs.get("eig_dtype"))
     learning_rate = check_learning_rate(learning_rate)
+    estimator = None if risk_estimator is None else load_estimator(risk_estimator)  # a bad one before any work
     start, cpu_start = time.perf_counter(), time.process_time()
     dtype = _resolve_dtype(dtype)
     budget = _parse_bytes(memory_limit)
@@ -521,6 +524,8 @@ def profile_streaming(
     info["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, including anything it did before this call
     logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(blocks), name, info["wall_time_s"],
                 _fmt(info["peak_rss_bytes"]))
+    if estimator is not None:
+        result.set_risk_estimator(estimator)
     return result
 
 

@@ -332,7 +332,14 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.rollback_source = rollback_source
         self.check_every_n_steps = int(check_every_n_steps)
         self.profile_at_init = profile_at_init
-        self.risk_estimator = None if risk_estimator is None else load_estimator(risk_estimator)
+        try:
+            self.risk_estimator = None if risk_estimator is None else load_estimator(risk_estimator)
+        except FileNotFoundError as err:  # also a callback restored from a checkpoint whose estimator file moved
+            raise FileNotFoundError(
+                f"RKSPCallback(risk_estimator=...): {err} If this callback is restored from a checkpoint "
+                "(restore_callback_states_from_checkpoint=True), the estimator's JSON was moved or deleted since the "
+                "checkpoint was saved: put it back, or resume with restore_callback_states_from_checkpoint=False."
+            ) from None
         self.probe_inputs = probe_inputs
         self.probe_batch_size = int(probe_batch_size)
         self.num_samples = int(num_samples)

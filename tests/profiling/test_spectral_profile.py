@@ -111,7 +111,7 @@ def test_risk_is_none_without_estimator(tiny_profile, monkeypatch):
 
     monkeypatch.setattr(RiskEstimator, "default", classmethod(no_estimator))
     assert tiny_profile.risk is None
-    assert "No calibrated risk estimator" in tiny_profile.to_markdown()
+    assert "No calibrated risk: no shipped risk estimator" in tiny_profile.to_markdown()
 
 
 def test_risk_uses_the_estimator_when_available(tiny_profile, monkeypatch):
