@@ -197,8 +197,9 @@ def suggest_max_lr(
     if "learning_rate" in profile_kwargs or "learning_rate" in (context or {}):
         raise ValueError("suggest_max_lr solves for the learning rate; do not pass learning_rate= (nor in context).")
     _refuse_rank(profile_kwargs.get("rank"), "suggest_max_lr", "rank=")
-    # a profile made with an estimator of your own answers with it, unless another is passed
-    own = getattr(model, "risk_estimator", None) if estimator is None and _is_profile(model) else None
+    # a profile made with an estimator of your own answers with it (read back from its file after from_json; an
+    # error where it is missing, never the shipped one's answer), unless another is passed
+    own = model._estimator() if estimator is None and callable(getattr(model, "_estimator", None)) else None
     est = load_estimator(estimator if estimator is not None else own)
     context = dict(context or {})
     if _is_profile(model):

@@ -1058,7 +1058,7 @@ class RiskEstimator:
         """What outputs call this estimator: `metadata["name"]` when set, `"shipped"` for `default()`, the file a
         `from_json` estimator came from, else `"custom"`."""
         given = self.metadata.get("name") if isinstance(self.metadata, Mapping) else None
-        if given:
+        if given and (str(given) != "shipped" or self.is_shipped):  # "shipped" names the package's own only
             return str(given)
         return getattr(self, "_source", None) or "custom"
 

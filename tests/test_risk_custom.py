@@ -203,3 +203,47 @@ def test_a_callback_whose_estimator_file_is_gone_names_the_fix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="restore_callback_states_from_checkpoint=False"):
         RKSPCallback(risk_estimator=str(tmp_path / "moved.json"))
+
+
+def test_an_estimator_replaced_by_hand_replaces_what_the_saved_profile_names(mine, llama_profile, tmp_path):
+    other = RiskEstimator.fit(*_rows(seed=1), FEATURES, l2=10.0)
+    other_path = other.save_json(tmp_path / "other.json")
+    prof = SpectralProfile.from_dict(llama_profile.to_dict())
+    prof.meta["learning_rate"] = 1e-2
+    prof.set_risk_estimator(other_path)
+    prof.risk_estimator = RiskEstimator.default()  # back to the shipped one, by hand
+    again = SpectralProfile.from_json(prof.to_json())
+    assert again.risk == pytest.approx(RiskEstimator.default().predict_proba(prof, learning_rate=1e-2))
+    prof.set_risk_estimator(other_path)
+    prof.risk_estimator = mine  # an in-memory one over a file-backed one: not read back as the other
+    assert SpectralProfile.from_json(prof.to_json()).risk is None
+
+
+def test_suggest_max_lr_on_a_reloaded_profile_uses_its_estimator_or_refuses(mine, llama_profile, tmp_path):
+    from hf_koopman import suggest_max_lr
+
+    prof = SpectralProfile.from_dict(llama_profile.to_dict())
+    prof.set_risk_estimator(mine.save_json(tmp_path / "est.json"))
+    live = suggest_max_lr(prof).max_learning_rate
+    reloaded = SpectralProfile.from_json(prof.to_json())
+    assert suggest_max_lr(reloaded).max_learning_rate == pytest.approx(live)
+    (tmp_path / "est.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not available here"):
+        suggest_max_lr(SpectralProfile.from_json(prof.to_json()))
+
+
+def test_the_name_shipped_is_the_package_estimators_only(mine):
+    impostor = RiskEstimator.from_dict(mine.to_dict())
+    impostor.metadata["name"] = "shipped"
+    assert impostor.name == "custom" and RiskEstimator.default().name == "shipped"
+
+
+def test_the_report_says_which_input_a_custom_estimator_lacks(llama_profile):
+    rows, labels = _rows()
+    for row, label in zip(rows, labels):
+        row["norm"] = "pre_ln" if label else "post_ln"
+    needs_norm = RiskEstimator.fit(rows, labels, [*FEATURES, ("norm", "onehot:pre_ln")])
+    prof = SpectralProfile.from_dict(llama_profile.to_dict())
+    prof.meta["learning_rate"] = 1e-2
+    prof.set_risk_estimator(needs_norm)
+    assert prof.risk is None and "needs norm, which this profile does not carry" in prof.to_markdown()

@@ -51,10 +51,19 @@ def _no_risk_reason(profile: SpectralProfile) -> str:
         est = profile._estimator()
     except (OSError, ValueError) as err:  # no shipped JSON, a broken one, or the profile's own estimator is missing
         return f"No calibrated risk: {str(err).rstrip('.')}."
-    if profile.meta.get("learning_rate") is None and "learning_rate" in est.required_keys:
-        return ("A calibrated `RiskEstimator` is installed but needs the planned learning rate: pass "
-                "`profile(..., learning_rate=...)` or `--learning-rate`.")
-    return (f"The calibrated `RiskEstimator` ({est.name}) could not score this profile: it reads "
+    which = "" if est.is_shipped else f" ({est.name})"
+    lr = profile.meta.get("learning_rate")
+    valid_lr = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    if "learning_rate" in est.required_keys and not valid_lr:
+        return (f"A calibrated `RiskEstimator`{which} is installed but needs the planned learning rate (a positive "
+                "number): pass `profile(..., learning_rate=...)` or `--learning-rate`.")
+    given = {**profile.aggregates, **profile.meta, "num_layers": len(profile.layers),
+             **({"hidden_size": profile.settings["hidden_size"]} if "hidden_size" in profile.settings else {})}
+    missing = [key for key in est.required_keys if key not in given]
+    if missing:
+        return (f"The calibrated `RiskEstimator`{which} needs {', '.join(missing)}, which this profile does not carry "
+                "(set them in profile.meta).")
+    return (f"The calibrated `RiskEstimator`{which} could not score this profile (a non-finite input); it reads "
             f"{', '.join(est.required_keys)}.")
 
 

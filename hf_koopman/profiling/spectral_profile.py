@@ -208,6 +208,14 @@ class SpectralProfile:
         self.risk_estimator = None if estimator is None else load_estimator(estimator)
         self.meta.update(self._estimator_meta())
 
+    def _saved_meta(self) -> dict[str, Any]:
+        """`meta` as saved: with an estimator attached (by `set_risk_estimator` or the attribute), its own entries in
+        place of any earlier ones, so a reload reads the same estimator."""
+        if self.risk_estimator is None:
+            return self.meta
+        kept = {k: v for k, v in self.meta.items() if k not in ("risk_estimator", "risk_estimator_file")}
+        return {**kept, **self._estimator_meta()}
+
     def _estimator_meta(self) -> dict[str, Any]:
         """`meta` entries naming the attached estimator (none for the shipped one or none attached)."""
         est = self.risk_estimator
@@ -285,7 +293,7 @@ class SpectralProfile:
             "risk_assessment": None if assessment is None else assessment.to_dict(),
             "decision_rule": dataclasses.asdict(self.rule),
             "settings": self.settings,
-            "meta": {**self.meta, **self._estimator_meta()},  # an estimator attached by hand is named too
+            "meta": self._saved_meta(),
             "aggregates": self.aggregates,
             "degenerate_layers": self.degenerate_layers,
             "undersampled_layers": self.undersampled_layers,
