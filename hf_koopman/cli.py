@@ -185,8 +185,10 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
                 f"{config_file} has no 'model_type' key; re-create it with model.config.save_pretrained()."
             )
         try:
-            config = AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never the folder's own code
         except (ValueError, KeyError, TypeError, OSError) as err:
+            if _needs_remote_code(err):
+                raise ValueError(_REMOTE_CODE.format(source=path)) from None
             raise ValueError(
                 f"{config_file} could not be loaded as a transformers config ({err}); fix the file or re-create it "
                 "with model.config.save_pretrained(folder)."
@@ -217,7 +219,11 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
             f"Hub is offline (HF_HUB_OFFLINE=1).{_local_miss(spec)}"
         )
     try:
-        config = AutoConfig.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)  # never a repository's own code
+    except ValueError as err:
+        if _needs_remote_code(err):
+            raise ValueError(_REMOTE_CODE.format(source=spec)) from None
+        raise
     except OSError as err:
         if _is_connection_error(err):
             raise ValueError(_unreachable(f"{spec!r}", spec, err) + _local_miss(spec)) from None
@@ -321,7 +327,7 @@ def _build_or_load(config: Any, weights: str | None, spec: str, torch_dtype: Any
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                model = AutoModel.from_config(config)
+                model = AutoModel.from_config(config, trust_remote_code=False)
             except (AssertionError, ValueError, TypeError, IndexError) as err:  # an inconsistent config
                 raise ValueError(
                     f"transformers could not build a {getattr(config, 'model_type', 'model')} from the config of "
@@ -376,7 +382,8 @@ def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
     quiet = _QuietHeadReport()
     report_logger.addFilter(quiet)
     try:
-        model, info = auto_model.from_pretrained(weights, dtype=torch_dtype, output_loading_info=True)
+        model, info = auto_model.from_pretrained(weights, dtype=torch_dtype, output_loading_info=True,
+                                                 trust_remote_code=False)
     except RuntimeError as err:  # transformers raises after its report on shape mismatches and failed conversions
         if _is_out_of_memory(err):  # the allocator's RuntimeError: `_model_memory` names the model's memory
             raise
@@ -432,6 +439,19 @@ def _check_safetensors(folder: Path) -> None:
             raise ValueError(unreadable_safetensors(file, err)) from None
 
 
+#: the error for a checkpoint whose config needs its own code (an `auto_map` for a model type transformers lacks)
+_REMOTE_CODE = (
+    "{source} needs its own modelling code (its config.json has an auto_map for a model type transformers does not "
+    "know), and hf-koopman never runs a checkpoint's code. Profile it from Python after reading that code: "
+    "model = AutoModel.from_pretrained(path, trust_remote_code=True); hf_koopman.profile(model)."
+)
+
+
+def _needs_remote_code(err: BaseException) -> bool:
+    """Whether transformers refused `err`'s load because the checkpoint needs `trust_remote_code=True`."""
+    return "trust_remote_code" in str(err)
+
+
 def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
     """The tokenizer saved with the model, or None when there is none (a warning when `warn`: text input is given)."""
     from transformers import AutoTokenizer
@@ -445,7 +465,7 @@ def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
         )
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - many checkpoints ship no tokenizer; text input then falls back
         log("could not load a tokenizer from %s (%s): text inputs fall back to byte-level ids", source, err)
         return None

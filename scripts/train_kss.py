@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         argv.append("--use_cpu")
     parser = HfArgumentParser((ScriptArguments, KSSTrainingArguments))
     script, args = parser.parse_args_into_dataclasses(args=argv)
+    # --push_to_hub: one upload at the end, of the folder without pickles; the Trainer's own pushes would upload
+    # transformers' pickled training_args.bin (and, per save, optimizer and RNG state) before it is replaced by JSON
+    push, args.push_to_hub = args.push_to_hub, False
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -172,7 +175,27 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         out = Path(args.output_dir)
         (out / "training_args.bin").unlink(missing_ok=True)
         (out / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+        if push:
+            push_output(out, args)
     return trainer
+
+
+#: never uploaded: pickles (transformers' own files, optimizer and RNG state), checkpoints, logs, private files
+PUSH_IGNORE = ["*.bin", "*.pt", "*.pth", "*.pkl", "_*", ".*", "checkpoint-*", "runs/*"]
+
+
+def push_output(out: Path, args: KSSTrainingArguments) -> str:
+    """Upload the output folder (model, card, profile, JSON arguments; no pickle) to `--hub_model_id`, or a repository
+    named after the folder; returns the repository id."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo = api.create_repo(args.hub_model_id or out.absolute().name, private=getattr(args, "hub_private_repo", None),
+                           exist_ok=True)
+    api.upload_folder(repo_id=repo.repo_id, folder_path=str(out), commit_message="End of training",
+                      ignore_patterns=PUSH_IGNORE)
+    logger.info("pushed %s to %s (no pickle: %s left out)", out, repo.repo_id, ", ".join(PUSH_IGNORE))
+    return repo.repo_id
 
 
 if __name__ == "__main__":

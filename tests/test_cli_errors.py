@@ -563,3 +563,28 @@ def test_out_expands_a_tilde_the_shell_left(tiny_llama_json, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert main(["profile", str(tiny_llama_json), "--init", *FAST, "--out=~/prof"]) == 0
     assert (tmp_path / "home" / "prof" / "profile.json").is_file() and not (tmp_path / "~").exists()
+
+
+def _folder_with_remote_code(tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evilnet", "hidden_size": 8,
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}}))
+    (folder / "configuration_evil.py").write_text(
+        f"open({str(tmp_path / 'ran')!r}, 'w').write('the checkpoint code ran')\n"
+        "from transformers import PretrainedConfig\n\n\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evilnet'\n")
+    return folder
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_checkpoints_own_code_never_runs(tmp_path, monkeypatch, capsys, stream):
+    import io
+
+    folder = _folder_with_remote_code(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # transformers would ask whether to run it
+    code = main(["profile", str(folder), "--init", *FAST, "--out", str(tmp_path / "out"),
+                 *(["--stream"] if stream else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs its own modelling code" in err and "trust_remote_code=True" in err
+    assert not (tmp_path / "ran").exists()

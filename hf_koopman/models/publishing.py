@@ -146,8 +146,10 @@ def _render_strict(template: Path, source: str, values: Mapping[str, Any]) -> st
     """Render the Jinja2 `source` with `StrictUndefined`; a missing variable raises a `ValueError` naming it."""
     import jinja2
     from jinja2 import meta
+    from jinja2.sandbox import SandboxedEnvironment
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)  # otherwise the defaults of ModelCard.from_template
+    # sandboxed: a template cannot reach Python internals (os, subprocess) through its objects
+    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined)  # otherwise the defaults of ModelCard.from_template
     try:
         return env.from_string(source).render(**values)
     except jinja2.UndefinedError as err:
@@ -227,12 +229,50 @@ def add_remote_code(
     code_dir, auto_map = _checked_code(config, code_dir, auto_map)
     for src in sorted(code_dir.glob("*.py")):
         if src.name != "__init__.py":
+            _unlink_link(folder / src.name)
             shutil.copyfile(src, folder / src.name)
     config["auto_map"] = dict(auto_map)
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _unlink_link(config_path)
     config_path.write_text(config_text, encoding="utf-8")
     _update_card_for_code(folder / "README.md", saved_text.strip(), config_text.strip())
     return folder
+
+
+def _not_what_its_name_says(path: Path) -> bool:
+    """Whether a file an export would publish is not what its suffix says: a pickle (protocol 2-5) or a zip archive
+    (`torch.save`) under another name, a `.safetensors` file whose header does not read, or a `.json` file that does
+    not parse."""
+    suffix = path.suffix.lower()
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    # (a safetensors file starts with its header's length, which may read like a pickle opcode: parsed below instead)
+    if suffix != ".safetensors" and ((len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+                                     or head == b"PK\x03\x04"):
+        return True
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            return True
+    if suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return True
+    return False
+
+
+def _unlink_link(path: Path) -> bool:
+    """Remove `path` when it is a symbolic link, so that writing there makes a file of the folder's own instead of
+    overwriting the link's target (a file outside the folder, perhaps). Returns whether it was one."""
+    if path.is_symlink():
+        path.unlink()
+        return True
+    return False
 
 
 def _update_card_for_code(card_path: Path, old_config: str, new_config: str) -> None:
@@ -244,6 +284,8 @@ def _update_card_for_code(card_path: Path, old_config: str, new_config: str) -> 
     if not card_path.is_file():
         return
     text = card_path.read_text(encoding="utf-8")
+    if _unlink_link(card_path):  # a link's target is not ours to edit: the folder gets its own copy
+        card_path.write_text(text, encoding="utf-8")
     if old_config and old_config in text:
         card_path.write_text(text.replace(old_config, new_config), encoding="utf-8")
     meta = metadata_load(card_path) or {}
@@ -464,6 +506,12 @@ def export_for_hub(
     if out_path == src_path or out_path in src_path.parents or src_path in out_path.parents:
         raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder, outside "
                          "it and not holding it.")
+    links = sorted(p.name for p in src.iterdir() if p.is_symlink() and not p.name.startswith("."))
+    if links:
+        raise ValueError(
+            f"{src} holds symbolic links ({', '.join(links)}): an export publishes what they point to, which may lie "
+            "outside the checkpoint. Replace them with the files themselves (cp -L), then export."
+        )
     unpublished = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
                          and p.suffix.lower() not in (*_PUBLISHED_SUFFIXES, ".py"))
     if unpublished:
@@ -472,6 +520,14 @@ def export_for_hub(
             f"configs, the Markdown card, images and tokenizer files only ({', '.join(_PUBLISHED_SUFFIXES)}), so that "
             "no pickle reaches the Hub: move these files out of the folder (pickled weights: re-save with "
             "save_pretrained, which writes safetensors only)."
+        )
+    disguised = [p.name for p in sorted(src.iterdir()) if p.is_file() and not p.name.startswith(".")
+                 and p.suffix.lower() in _PUBLISHED_SUFFIXES and _not_what_its_name_says(p)]
+    if disguised:
+        raise ValueError(
+            f"{src} holds files that are not what their names say ({', '.join(disguised)}: a pickle or a torch.save "
+            "archive, or a safetensors / JSON file that does not parse), so the export would publish them under a "
+            "safe name. Re-save the checkpoint with save_pretrained, or move them out."
         )
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     _checked_code(config, code_dir, auto_map)  # a bad map is refused before anything is written

@@ -133,7 +133,16 @@ def _resolve_source(model: Any, init: bool | None) -> tuple[PretrainedConfig, Pa
             )
         if not (folder / "config.json").is_file():
             raise ValueError(missing_config_message(folder))
-        config = AutoConfig.from_pretrained(folder)
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never the folder's own code
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise ValueError(
+                f"{folder} needs its own modelling code (an auto_map in config.json), which streaming never runs: "
+                "load the model in Python after reading that code (trust_remote_code=True) and profile it with "
+                "hf_koopman.profile, or pass its config if transformers knows the architecture."
+            ) from None
         return config, (None if init else folder), bool(init), folder.name
     raise TypeError(f"model must be a PretrainedConfig or a path to a local folder, got {type(model).__name__}.")
 
@@ -158,9 +167,9 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
                 break
         if model is None:
             try:
-                model = AutoModelForCausalLM.from_config(config)
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
             except ValueError:
-                model = AutoModel.from_config(config)
+                model = AutoModel.from_config(config, trust_remote_code=False)
     if tied_parameters(model):
         model.tie_weights()
     return model.eval()

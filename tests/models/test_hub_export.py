@@ -311,3 +311,46 @@ def test_every_card_carries_the_hub_metadata(folder):
     config = json.loads((folder / "config.json").read_text())
     if config.get("architectures") == ["ReyNetForGraphClassification"]:
         assert data.pipeline_tag == "graph-ml"
+
+
+def test_an_export_refuses_links_and_files_that_are_not_what_their_names_say(tmp_path):
+    import pickle
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(REPO / "checkpoints" / "cnp-gp-rbf", src)
+    secret = tmp_path / "credentials"
+    secret.write_text("AWS_SECRET=topsecret")
+    (src / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(ValueError, match="symbolic links.*tokenizer.json"):
+        export_for_hub(src, tmp_path / "out")
+    (src / "tokenizer.json").unlink()
+    (src / "notes.txt").write_bytes(pickle.dumps({"payload": 1}, protocol=4))
+    torch.save({"w": torch.zeros(2)}, src / "extra.json")  # a zip archive under a safe name
+    with pytest.raises(ValueError, match="not what their names say.*extra.json, notes.txt"):
+        export_for_hub(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_adding_remote_code_never_writes_through_a_link(tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(REPO / "checkpoints" / "cnp-gp-rbf", folder)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    code = sorted(p.name for p in (REPO / "hf_koopman" / "models" / "equivcnp").glob("*.py") if p.name != "__init__.py")
+    (folder / code[0]).symlink_to(precious)
+    add_remote_code(folder)
+    assert precious.read_text() == "mine" and not (folder / code[0]).is_symlink()
+
+
+def test_card_templates_render_in_a_sandbox(tmp_path):
+    import jinja2
+
+    from hf_koopman.models.publishing import render_model_card
+
+    template = tmp_path / "card.md"
+    template.write_text("{{ cycler.__init__.__globals__.os.popen('echo pwned').read() }}")
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render_model_card(template, card_data={"license": "apache-2.0"})

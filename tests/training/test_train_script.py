@@ -65,3 +65,37 @@ def test_train_script_probes_enough_blocks_for_its_num_samples(tmp_path):
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RKSPCallback))
     assert callback.probe_batch_size == 16
     assert min(callback.profile.meta["tokens_seen_per_layer"].values()) >= 512
+
+
+def test_train_script_pushes_no_pickle(tmp_path, monkeypatch):
+    import fnmatch
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    uploaded = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns, **kwargs):
+            from pathlib import Path
+
+            for path in Path(folder_path).rglob("*"):
+                name = path.relative_to(folder_path).as_posix()
+                if path.is_file() and not any(fnmatch.fnmatch(name, p) for p in ignore_patterns):
+                    uploaded.append(name)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    train_kss = ddp_worker.load_train_script()
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus for the koopman test" for i in range(200)))
+    out = tmp_path / "out"
+    train_kss.main(["--dataset", "text", "--dataset_files", str(corpus), "--output_dir", str(out), *COMMON,
+                    "--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/kss-test"])
+    assert "model.safetensors" in uploaded and "training_args.json" in uploaded
+    assert not [name for name in uploaded if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
