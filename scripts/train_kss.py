@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
     # --push_to_hub: one upload at the end, of the folder without pickles; the Trainer's own pushes would upload
     # transformers' pickled training_args.bin (and, per save, optimizer and RNG state) before it is replaced by JSON
     push, args.push_to_hub = args.push_to_hub, False
+    repo_id = check_push_target(args) if push else None  # before training: a bad name or no access fails now
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -174,9 +175,10 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
         # the output folder holds no pickle: the arguments as JSON, not transformers' training_args.bin
         out = Path(args.output_dir)
         (out / "training_args.bin").unlink(missing_ok=True)
+        args.push_to_hub = push  # the run's arguments as given
         (out / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
         if push:
-            push_output(out, args)
+            push_output(out, args, repo_id)
     return trainer
 
 
@@ -184,18 +186,30 @@ def main(argv: list[str] | None = None, extra_callbacks: list | None = None) -> 
 PUSH_IGNORE = ["*.bin", "*.pt", "*.pth", "*.pkl", "_*", ".*", "checkpoint-*", "runs/*"]
 
 
-def push_output(out: Path, args: KSSTrainingArguments) -> str:
-    """Upload the output folder (model, card, profile, JSON arguments; no pickle) to `--hub_model_id`, or a repository
-    named after the folder; returns the repository id."""
+def check_push_target(args: KSSTrainingArguments) -> str:
+    """The repository `--push_to_hub` uploads to (`--hub_model_id`, or the output folder's name), created now, before
+    training, as the Trainer does: a name the Hub refuses, a missing token or no network fails at once."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = args.hub_model_id or Path(args.output_dir).absolute().name
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ValueError(f"--push_to_hub: {name!r} is not a Hub repository name ({err}); pass --hub_model_id "
+                         "org/name.") from None
+    return HfApi(token=args.hub_token).create_repo(name, private=getattr(args, "hub_private_repo", None),
+                                                   exist_ok=True).repo_id
+
+
+def push_output(out: Path, args: KSSTrainingArguments, repo_id: str) -> str:
+    """Upload the output folder (model, card, profile, JSON arguments; no pickle) to `repo_id`; returns it."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=args.hub_token)
-    repo = api.create_repo(args.hub_model_id or out.absolute().name, private=getattr(args, "hub_private_repo", None),
-                           exist_ok=True)
-    api.upload_folder(repo_id=repo.repo_id, folder_path=str(out), commit_message="End of training",
-                      ignore_patterns=PUSH_IGNORE)
-    logger.info("pushed %s to %s (no pickle: %s left out)", out, repo.repo_id, ", ".join(PUSH_IGNORE))
-    return repo.repo_id
+    HfApi(token=args.hub_token).upload_folder(repo_id=repo_id, folder_path=str(out), commit_message="End of training",
+                                              ignore_patterns=PUSH_IGNORE)
+    logger.info("pushed %s to %s (no pickle: %s left out)", out, repo_id, ", ".join(PUSH_IGNORE))
+    return repo_id
 
 
 if __name__ == "__main__":

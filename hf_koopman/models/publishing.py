@@ -239,6 +239,16 @@ def add_remote_code(
     return folder
 
 
+def _link_stays_home(link: Path, folder: Path) -> bool:
+    """Whether the file link `link` in `folder` points inside it, or, for a Hub cache snapshot
+    (`models--org--name/snapshots/<revision>/`), into that repository's `blobs/`, where the cache keeps the files."""
+    target, home = link.resolve(), folder.resolve()
+    if home in target.parents:
+        return True
+    snapshots = folder.absolute().parent
+    return snapshots.name == "snapshots" and (snapshots.parent / "blobs").resolve() in target.parents
+
+
 def _not_what_its_name_says(path: Path) -> bool:
     """Whether a file an export would publish is not what its suffix says: a pickle (protocol 2-5) or a zip archive
     (`torch.save`) under another name, a `.safetensors` file whose header does not read, or a `.json` file that does
@@ -506,11 +516,12 @@ def export_for_hub(
     if out_path == src_path or out_path in src_path.parents or src_path in out_path.parents:
         raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder, outside "
                          "it and not holding it.")
-    links = sorted(p.name for p in src.iterdir() if p.is_symlink() and not p.name.startswith("."))
+    links = sorted(p.name for p in src.iterdir() if p.is_symlink() and p.is_file() and not p.name.startswith(".")
+                   and not _link_stays_home(p, src))
     if links:
         raise ValueError(
-            f"{src} holds symbolic links ({', '.join(links)}): an export publishes what they point to, which may lie "
-            "outside the checkpoint. Replace them with the files themselves (cp -L), then export."
+            f"{src} holds symbolic links to files outside it ({', '.join(links)}): an export publishes what they point "
+            "to. Replace them with the files themselves (cp -L), then export."
         )
     unpublished = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
                          and p.suffix.lower() not in (*_PUBLISHED_SUFFIXES, ".py"))

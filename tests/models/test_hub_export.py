@@ -354,3 +354,20 @@ def test_card_templates_render_in_a_sandbox(tmp_path):
     template.write_text("{{ cycler.__init__.__globals__.os.popen('echo pwned').read() }}")
     with pytest.raises(jinja2.exceptions.SecurityError):
         render_model_card(template, card_data={"license": "apache-2.0"})
+
+
+def test_a_hub_cache_snapshot_exports(tmp_path):
+    import hashlib
+
+    source = REPO / "checkpoints" / "cnp-gp-rbf"
+    repo = tmp_path / "models--me--cnp"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():  # the cache's layout: each file a relative link to its blob
+        if path.is_file() and not path.name.startswith("."):
+            blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            blob.write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    out = export_for_hub(snapshot, tmp_path / "out")
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors").is_symlink()

@@ -99,3 +99,13 @@ def test_train_script_pushes_no_pickle(tmp_path, monkeypatch):
                     "--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/kss-test"])
     assert "model.safetensors" in uploaded and "training_args.json" in uploaded
     assert not [name for name in uploaded if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+
+def test_train_script_refuses_a_bad_push_target_before_training(tmp_path):
+    train_kss = ddp_worker.load_train_script()
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("a small corpus\n" * 50)
+    with pytest.raises(ValueError, match="not a Hub repository name.*--hub_model_id"):
+        train_kss.main(["--dataset", "text", "--dataset_files", str(corpus), "--output_dir",
+                        str(tmp_path / "kss run (lr=1e-3)"), *COMMON, "--push_to_hub", "true"])
+    assert not (tmp_path / "kss run (lr=1e-3)").exists()  # nothing trained
