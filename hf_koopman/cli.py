@@ -184,9 +184,11 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
             raise ValueError(
                 f"{config_file} has no 'model_type' key; re-create it with model.config.save_pretrained()."
             )
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never the folder's own code
-        except (ValueError, KeyError, TypeError, OSError) as err:
+        except (ValueError, KeyError, TypeError, OSError, StrictDataclassError) as err:  # a field of the wrong type
             if _needs_remote_code(err):
                 raise ValueError(_REMOTE_CODE.format(source=path)) from None
             raise ValueError(

@@ -588,3 +588,12 @@ def test_a_checkpoints_own_code_never_runs(tmp_path, monkeypatch, capsys, stream
     err = capsys.readouterr().err
     assert code == 2 and "needs its own modelling code" in err and "trust_remote_code=True" in err
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_config_field_of_the_wrong_type_is_named(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "big"}))
+    assert main(["profile", str(folder), "--init", *FAST, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "could not be loaded as a transformers config" in err and "hidden_size" in err and "Traceback" not in err
