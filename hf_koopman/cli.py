@@ -186,11 +186,13 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
             )
         from huggingface_hub.errors import StrictDataclassError
 
+        from hf_koopman.profiling.streaming import needs_remote_code, remote_code_message
+
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never the folder's own code
         except (ValueError, KeyError, TypeError, OSError, StrictDataclassError) as err:  # a field of the wrong type
-            if _needs_remote_code(err):
-                raise ValueError(_REMOTE_CODE.format(source=path)) from None
+            if needs_remote_code(err):
+                raise ValueError(remote_code_message(path)) from None
             raise ValueError(
                 f"{config_file} could not be loaded as a transformers config ({err}); fix the file or re-create it "
                 "with model.config.save_pretrained(folder)."
@@ -220,11 +222,13 @@ def resolve_config(spec: str, *, init: bool) -> tuple[Any, str | None, str]:
             f"{spec!r} is not a local path nor an embedded architecture ({', '.join(known_architectures())}) and the "
             f"Hub is offline (HF_HUB_OFFLINE=1).{_local_miss(spec)}"
         )
+    from hf_koopman.profiling.streaming import needs_remote_code, remote_code_message
+
     try:
         config = AutoConfig.from_pretrained(spec, trust_remote_code=False)  # never a repository's own code
     except ValueError as err:
-        if _needs_remote_code(err):
-            raise ValueError(_REMOTE_CODE.format(source=spec)) from None
+        if needs_remote_code(err):
+            raise ValueError(remote_code_message(spec)) from None
         raise
     except OSError as err:
         if _is_connection_error(err):
@@ -439,19 +443,6 @@ def _check_safetensors(folder: Path) -> None:
                 handle.keys()
         except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
             raise ValueError(unreadable_safetensors(file, err)) from None
-
-
-#: the error for a checkpoint whose config needs its own code (an `auto_map` for a model type transformers lacks)
-_REMOTE_CODE = (
-    "{source} needs its own modelling code (its config.json has an auto_map for a model type transformers does not "
-    "know), and hf-koopman never runs a checkpoint's code. Profile it from Python after reading that code: "
-    "model = AutoModel.from_pretrained(path, trust_remote_code=True); hf_koopman.profile(model)."
-)
-
-
-def _needs_remote_code(err: BaseException) -> bool:
-    """Whether transformers refused `err`'s load because the checkpoint needs `trust_remote_code=True`."""
-    return "trust_remote_code" in str(err)
 
 
 def _load_tokenizer(source: str, *, warn: bool = True) -> Any:
@@ -816,9 +807,7 @@ def _check_default_probe(model: Any) -> None:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from hf_koopman.profiling import profile
-    from hf_koopman.risk import TENTATIVE, in_fitted_range, low_precision_dtype, shown_probability
-
-    from hf_koopman.risk import load_estimator
+    from hf_koopman.risk import TENTATIVE, in_fitted_range, load_estimator, low_precision_dtype, shown_probability
 
     rank = args.rank
     progress = _check_model_input_arguments(args)
@@ -1034,9 +1023,9 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         raise ValueError("max-lr solves for the learning rate: drop learning_rate from --context.")
     estimator = None
     if args.estimator is not None:
-        from hf_koopman.risk import RiskEstimator
+        from hf_koopman.risk import load_estimator
 
-        estimator = RiskEstimator.from_json(args.estimator)  # a bad file fails before the model is built
+        estimator = load_estimator(args.estimator.expanduser())  # a bad file fails before the model is built
     if context:
         _warn_unread_context(context, estimator)
     model, tokenizer, name, inputs, weights = _load_model_and_inputs(args)

@@ -180,7 +180,7 @@ def _model_context(profile: Any) -> dict[str, Any]:
     return out
 
 
-def _flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+def flatten_inputs(profile: Any, context: Mapping[str, Any]) -> dict[str, Any]:
     """Merge a SpectralProfile (or a mapping of aggregates, or None) with the context into one flat mapping."""
     values: dict[str, Any] = {}
     if profile is not None:
@@ -344,17 +344,21 @@ class RiskAssessment:
         return "ranges unknown" if self.out_of_range is None else "within the fitted range"
 
     @property
+    def clipped_inputs(self) -> tuple[RangeIssue, ...]:
+        """The numeric inputs outside their fitted range that the estimator reads: they are clipped to the range, so
+        the probability is the one at its edge, a value the estimator never saw this model at. A category outside the
+        runs, or a model key it only range-checks (the width, the depth), changes nothing in the formula."""
+        read = set(self.features) if self.features else {i.key for i in self.outside}
+        return tuple(i for i in self.outside if i.key != "weights" and i.direction != "unseen" and i.key in read)
+
+    @property
     def range_note(self) -> str:
         """One sentence on the ranges, e.g.
         `"outside the fitted range: learning_rate = 50 is 1.1 decades above ..."`."""
         parts = []
         clipped = [i for i in self.outside if i.key != "weights"]
         if clipped:
-            # inputs the estimator reads are clipped to their fitted range: the probability is the one at the range's
-            # edge, a value the estimator never saw this model at; a category outside the runs, or a model key it
-            # only range-checks (the width, the depth), changes nothing in the formula
-            read = set(self.features) if self.features else {i.key for i in clipped}
-            numeric = any(i.direction != "unseen" and i.key in read for i in clipped)
+            numeric = bool(self.clipped_inputs)
             parts.append("outside the fitted range: " + "; ".join(i.describe() for i in clipped)
                          + (" (numbers are clipped to the fitted range: the probability is the one at its edge, not "
                             "a reading for this input)" if numeric else
@@ -548,7 +552,7 @@ class RiskEstimator:
     def _inputs(profile: Any, learning_rate: float | None, context: Mapping[str, Any]) -> dict[str, Any]:
         if learning_rate is not None and (not _is_number(learning_rate) or not 0 < learning_rate < math.inf):
             raise ValueError(f"learning_rate={learning_rate!r} must be a positive finite number.")
-        return _flatten_inputs(profile, {_LR: learning_rate, **context})
+        return flatten_inputs(profile, {_LR: learning_rate, **context})
 
     def predict_proba(self, profile: Any = None, learning_rate: float | None = None, **context: Any) -> float:
         """Probability that a training run diverges (paper label: loss > 50 or grad norm > 500 at any step).
@@ -783,7 +787,7 @@ class RiskEstimator:
             (its coefficient is not positive), `0.0` when it is at or above `risk` at every learning rate.
         """
         risk = self._check_risk(risk)
-        values = _flatten_inputs(profile, context)
+        values = flatten_inputs(profile, context)
         values.pop(_LR, None)
         params = np.array([[self.intercept, *self.coef]], dtype=np.float64)
         return float(self._solve_lr(values, risk, params, exact=True)[0])
@@ -825,7 +829,7 @@ class RiskEstimator:
             how = f"the central {central} of {len(draws)} stored bootstrap refits"
         else:
             return None
-        values = _flatten_inputs(profile, context)
+        values = flatten_inputs(profile, context)
         values.pop(_LR, None)
         solved = np.sort(self._solve_lr(values, risk, draws, exact=False))
         tail = (1.0 - level) / 2.0  # order statistics (1e-9 absorbs the rounding of e.g. 0.05 * 100)
@@ -1057,8 +1061,10 @@ class RiskEstimator:
     def name(self) -> str:
         """What outputs call this estimator: `metadata["name"]` when set, `"shipped"` for `default()`, the file a
         `from_json` estimator came from, else `"custom"`."""
+        if self.is_shipped:
+            return "shipped"
         given = self.metadata.get("name") if isinstance(self.metadata, Mapping) else None
-        if given and (str(given) != "shipped" or self.is_shipped):  # "shipped" names the package's own only
+        if given and str(given) != "shipped":  # "shipped" names the package's own only
             return str(given)
         return getattr(self, "_source", None) or "custom"
 

@@ -198,6 +198,8 @@ def check_push_target(args: KSSTrainingArguments) -> str:
     except HFValidationError as err:
         raise ValueError(f"--push_to_hub: {name!r} is not a Hub repository name ({err}); pass --hub_model_id "
                          "org/name.") from None
+    if args.process_index != 0:  # the main process creates it and uploads
+        return name
     return HfApi(token=args.hub_token).create_repo(name, private=getattr(args, "hub_private_repo", None),
                                                    exist_ok=True).repo_id
 

@@ -247,3 +247,30 @@ def test_the_report_says_which_input_a_custom_estimator_lacks(llama_profile):
     prof.meta["learning_rate"] = 1e-2
     prof.set_risk_estimator(needs_norm)
     assert prof.risk is None and "needs norm, which this profile does not carry" in prof.to_markdown()
+
+
+def test_the_shipped_estimator_is_named_shipped_whatever_its_metadata_says(monkeypatch):
+    shipped = RiskEstimator.default()
+    monkeypatch.setitem(shipped.metadata, "name", "heldout-study")
+    assert shipped.name == "shipped"
+
+
+def test_a_callback_with_an_in_memory_estimator_says_a_restored_one_cannot_keep_it(mine, caplog):
+    from hf_koopman.training import RKSPCallback
+
+    callback = RKSPCallback(risk_estimator=mine)
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        assert callback.state()["args"]["risk_estimator"] is None
+    assert "built in memory" in caplog.text and "save_json" in caplog.text
+
+
+def test_max_lr_expands_a_tilde_in_the_estimator_path(mine, tmp_path, monkeypatch):
+    from hf_koopman.cli import main
+    from hf_koopman.testing_utils import tiny_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    mine.save_json(tmp_path / "est.json")
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config("llama").to_json_string())
+    assert main(["max-lr", str(config), "--init", "--num-samples", "128", "--no-progress", "--estimator=~/est.json",
+                 "--json"]) == 0

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
-    RANK_SHARE_MIN, TENTATIVE, DecisionRule, low_precision_dtype, precision_caveat,
-    recommendation, score_band, shown_probability,
+    RANK_SHARE_MIN, TENTATIVE, DecisionRule, check_learning_rate, flatten_inputs, low_precision_dtype,
+    precision_caveat, recommendation, score_band, shown_probability,
 )
 
 
@@ -52,13 +52,14 @@ def _no_risk_reason(profile: SpectralProfile) -> str:
     except (OSError, ValueError) as err:  # no shipped JSON, a broken one, or the profile's own estimator is missing
         return f"No calibrated risk: {str(err).rstrip('.')}."
     which = "" if est.is_shipped else f" ({est.name})"
-    lr = profile.meta.get("learning_rate")
-    valid_lr = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    try:
+        valid_lr = check_learning_rate(profile.meta.get("learning_rate")) is not None
+    except (TypeError, ValueError):
+        valid_lr = False
     if "learning_rate" in est.required_keys and not valid_lr:
         return (f"A calibrated `RiskEstimator`{which} is installed but needs the planned learning rate (a positive "
                 "number): pass `profile(..., learning_rate=...)` or `--learning-rate`.")
-    given = {**profile.aggregates, **profile.meta, "num_layers": len(profile.layers),
-             **({"hidden_size": profile.settings["hidden_size"]} if "hidden_size" in profile.settings else {})}
+    given = flatten_inputs(profile, {})
     missing = [key for key in est.required_keys if key not in given]
     if missing:
         return (f"The calibrated `RiskEstimator`{which} needs {', '.join(missing)}, which this profile does not carry "
@@ -346,9 +347,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         assessment = profile.risk_assessment()  # the range note: outside the fitted range, or ranges unknown
         note = f" — {_range_note(assessment.range_note, dtype)}" if assessment is not None else ""
         if verdict == "uninformative":  # no emphasis: the number reads a spectrum the verdict calls uninformative
-            read = set(getattr(assessment, "features", ()) or ())
-            clipped = assessment is not None and any(i.direction != "unseen" and (not read or i.key in read)
-                                                     for i in assessment.outside)
+            clipped = bool(getattr(assessment, "clipped_inputs", ()))
             shown = (f"{shown} (computed from an uninformative spectrum"
                      + (", with inputs clipped to the estimator's fitted range" if clipped else "")
                      + ", so it is not a reading of this model)")
@@ -538,11 +537,11 @@ def _earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
 _STALE_STAGING_S = 3600.0
 
 
-def _remove_stale_staging(directory: Path) -> None:
-    """Remove the staging folders of saves into `directory` that were killed (SIGKILL, power loss) more than
-    `_STALE_STAGING_S` ago; a running save's folder is younger and stays."""
+def remove_stale_staging(directory: Path, prefix: str = _STAGING_PREFIX) -> None:
+    """Remove the staging folders (`prefix*`) of saves into `directory` that were killed (SIGKILL, power loss) more
+    than `_STALE_STAGING_S` ago; a running save's folder is younger and stays."""
     now = time.time()
-    for folder in directory.glob(f"{_STAGING_PREFIX}*"):
+    for folder in directory.glob(f"{prefix}*"):
         try:
             if folder.is_dir() and now - folder.stat().st_mtime > _STALE_STAGING_S:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -648,7 +647,7 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
         )
     created = _missing_folders(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(directory)
+    remove_stale_staging(directory)
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hf_koopman.logging_utils import get_logger
-from hf_koopman.risk import DecisionRule, RiskEstimator, check_learning_rate
+from hf_koopman.risk import DecisionRule, RiskEstimator, check_learning_rate, load_estimator
 
 
 __all__ = ["DecisionRule", "SpectralProfile"]
@@ -201,8 +201,6 @@ class SpectralProfile:
         """Use `estimator` (a `RiskEstimator`, the path of its JSON, or `None` for the shipped one) for `risk` and
         `risk_assessment`, and record which in `meta` (`"risk_estimator"`, and `"risk_estimator_file"` for one read
         from a JSON) so that a saved profile reads the same one back."""
-        from hf_koopman.risk import load_estimator
-
         self.meta.pop("risk_estimator", None)
         self.meta.pop("risk_estimator_file", None)
         self.risk_estimator = None if estimator is None else load_estimator(estimator)

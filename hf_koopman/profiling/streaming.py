@@ -101,6 +101,19 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
+def needs_remote_code(err: BaseException) -> bool:
+    """Whether transformers refused a load because the checkpoint needs `trust_remote_code=True`."""
+    return "trust_remote_code" in str(err)
+
+
+def remote_code_message(source: Any) -> str:
+    """The error for a checkpoint whose config needs its own code (an `auto_map` for a model type transformers does
+    not know): hf_koopman never runs a checkpoint's code."""
+    return (f"{source} needs its own modelling code (its config.json has an auto_map for a model type transformers "
+            "does not know), and hf_koopman never runs a checkpoint's code. Profile it from Python after reading that "
+            "code: model = AutoModel.from_pretrained(path, trust_remote_code=True); hf_koopman.profile(model).")
+
+
 def missing_config_message(folder: Path) -> str:
     """The error for a folder without `config.json`; a PEFT adapter folder (`adapter_config.json`) is named as one,
     with the merge that makes a profilable folder of it."""
@@ -136,13 +149,9 @@ def _resolve_source(model: Any, init: bool | None) -> tuple[PretrainedConfig, Pa
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never the folder's own code
         except ValueError as err:
-            if "trust_remote_code" not in str(err):
+            if not needs_remote_code(err):
                 raise
-            raise ValueError(
-                f"{folder} needs its own modelling code (an auto_map in config.json), which streaming never runs: "
-                "load the model in Python after reading that code (trust_remote_code=True) and profile it with "
-                "hf_koopman.profile, or pass its config if transformers knows the architecture."
-            ) from None
+            raise ValueError(remote_code_message(folder)) from None
         return config, (None if init else folder), bool(init), folder.name
     raise TypeError(f"model must be a PretrainedConfig or a path to a local folder, got {type(model).__name__}.")
 

@@ -8,6 +8,9 @@ import itertools
 import logging
 import math
 import numbers
+import os
+import shutil
+import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +35,9 @@ from hf_koopman.training.safety_net import _IN_MEMORY_UNKNOWN, _MODES, _SOURCES,
 
 
 __all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
+
+#: name prefix of the hidden folder `_save` writes the profile files into before moving them ("_": Hub pushes skip it)
+_STAGING_PREFIX = "_rksp-staging-"
 
 logger = get_logger(__name__)
 
@@ -441,6 +447,19 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._trainer = trainer
         return self
 
+    def _saved_estimator(self) -> str | None:
+        """The risk estimator as the callback's checkpointed state holds it: its JSON's path, else `None`, with a
+        warning (once) for one built in memory, which a callback restored from the checkpoint cannot have."""
+        est = self.risk_estimator
+        if est is None or est.file is not None:
+            return None if est is None else est.file
+        if not getattr(self, "_warned_memory_estimator", False):
+            self._warned_memory_estimator = True
+            logger.warning("RKSPCallback: its risk estimator (%s) was built in memory, so a callback restored from a "
+                           "checkpoint (restore_callback_states_from_checkpoint=True) uses the shipped one; save it "
+                           "with save_json and pass the path to keep it across a resume.", est.name)
+        return None
+
     def state(self) -> dict[str, Any]:
         return {
             "args": {
@@ -465,8 +484,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "check_every_n_steps": self.check_every_n_steps,
                 "auto_kss": self.auto_kss,
                 "save_artifacts": self.save_artifacts,
-                # a file-backed estimator is restored from its path; one built in memory is not (the shipped one then)
-                "risk_estimator": self.risk_estimator.file if self.risk_estimator is not None else None,
+                # a file-backed estimator is restored from its path; one built in memory cannot be (`_saved_estimator`)
+                "risk_estimator": self._saved_estimator(),
             },
             "attributes": {
                 "init_verdict": self.init_verdict,
@@ -633,16 +652,15 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         file is written whole beside it and moved into place, so a failure leaves no half-written file; one that
         cannot be written (a read-only folder, a full disk) is a warning, not the end of training. The files of an
         earlier run there are replaced, and the warning says so."""
-        import os
-        import shutil
-        import tempfile
+        from hf_koopman.profiling.report import remove_stale_staging
 
         out = Path(args.output_dir)
         names = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
         earlier = [name for name in names if (out / name).is_file()]
         try:
             out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix="_rksp-staging-", dir=out))  # "_": Hub pushes skip it
+            remove_stale_staging(out, _STAGING_PREFIX)  # a killed run's
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
             try:
                 (staging / "rksp_profile.json").write_text(spectral_profile.to_json(), encoding="utf-8")
                 plots: dict[str, str] = {}
