@@ -255,13 +255,24 @@ def test_the_shipped_estimator_is_named_shipped_whatever_its_metadata_says(monke
     assert shipped.name == "shipped"
 
 
-def test_a_callback_with_an_in_memory_estimator_says_a_restored_one_cannot_keep_it(mine, caplog):
+def test_a_callback_with_an_in_memory_estimator_says_a_restored_one_cannot_keep_it(mine, tmp_path, caplog):
+    from transformers import Trainer, TrainingArguments
+
     from hf_koopman.training import RKSPCallback
 
-    callback = RKSPCallback(risk_estimator=mine)
-    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    for restore, shipped in ((False, False), (True, True), (True, False)):
+        callback = RKSPCallback(num_samples=128, guard=False, save_artifacts=False,
+                                risk_estimator=RiskEstimator.default() if shipped else mine)
+        args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                                 use_cpu=True, save_strategy="no", restore_callback_states_from_checkpoint=restore)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+            Trainer(model=tiny_model("llama"), args=args, train_dataset=data, callbacks=[callback]).train()
         assert callback.state()["args"]["risk_estimator"] is None
-    assert "built in memory" in caplog.text and "save_json" in caplog.text
+        warned = "built in memory" in caplog.text
+        assert warned == (restore and not shipped), (restore, shipped)  # only where a restore would lose it
 
 
 def test_max_lr_expands_a_tilde_in_the_estimator_path(mine, tmp_path, monkeypatch):
@@ -274,3 +285,4 @@ def test_max_lr_expands_a_tilde_in_the_estimator_path(mine, tmp_path, monkeypatc
     config.write_text(tiny_config("llama").to_json_string())
     assert main(["max-lr", str(config), "--init", "--num-samples", "128", "--no-progress", "--estimator=~/est.json",
                  "--json"]) == 0
+

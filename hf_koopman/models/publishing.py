@@ -245,8 +245,9 @@ def _link_stays_home(link: Path, folder: Path) -> bool:
     target, home = link.resolve(), folder.resolve()
     if home in target.parents:
         return True
-    snapshots = folder.absolute().parent
-    return snapshots.name == "snapshots" and (snapshots.parent / "blobs").resolve() in target.parents
+    # the snapshot the folder is (or lies in, a sub-folder of a snapshot), reached through links or not
+    root = next((p for p in (home, *home.parents) if p.parent.name == "snapshots"), None)
+    return root is not None and (root.parent.parent / "blobs") in target.parents
 
 
 def _not_what_its_name_says(path: Path) -> bool:
@@ -516,6 +517,10 @@ def export_for_hub(
     if out_path == src_path or out_path in src_path.parents or src_path in out_path.parents:
         raise ValueError("export_for_hub writes a copy; choose an output_dir other than the checkpoint folder, outside "
                          "it and not holding it.")
+    broken = sorted(p.name for p in src.iterdir() if p.is_symlink() and not p.exists() and not p.name.startswith("."))
+    if broken:
+        raise ValueError(f"{src} holds symbolic links to nothing ({', '.join(broken)}): a file of the checkpoint is "
+                         "missing. Download or copy it again, then export.")
     links = sorted(p.name for p in src.iterdir() if p.is_symlink() and p.is_file() and not p.name.startswith(".")
                    and not _link_stays_home(p, src))
     if links:

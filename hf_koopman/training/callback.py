@@ -448,17 +448,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         return self
 
     def _saved_estimator(self) -> str | None:
-        """The risk estimator as the callback's checkpointed state holds it: its JSON's path, else `None`, with a
-        warning (once) for one built in memory, which a callback restored from the checkpoint cannot have."""
+        """The risk estimator as the callback's checkpointed state holds it: its JSON's path, else `None` (the shipped
+        one, or one built in memory, which a callback restored from a checkpoint cannot have: `on_train_begin` warns
+        when the run restores callback states)."""
         est = self.risk_estimator
-        if est is None or est.file is not None:
-            return None if est is None else est.file
-        if not getattr(self, "_warned_memory_estimator", False):
-            self._warned_memory_estimator = True
-            logger.warning("RKSPCallback: its risk estimator (%s) was built in memory, so a callback restored from a "
-                           "checkpoint (restore_callback_states_from_checkpoint=True) uses the shipped one; save it "
-                           "with save_json and pass the path to keep it across a resume.", est.name)
-        return None
+        return None if est is None else est.file
 
     def state(self) -> dict[str, Any]:
         return {
@@ -705,6 +699,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                        lr_scheduler: Any = None, train_dataloader: Any = None, **kwargs) -> TrainerControl | None:
         if self.guard and self.rollback_source == "checkpoint":
             self._check_checkpoint_settings(args, model)  # before the init profile writes anything
+        est = self.risk_estimator
+        if (est is not None and est.file is None and not est.is_shipped and state.is_world_process_zero
+                and getattr(args, "restore_callback_states_from_checkpoint", False)):
+            logger.warning("RKSPCallback: its risk estimator (%s) was built in memory, and this run restores callback "
+                           "states from checkpoints, so a restored callback uses the shipped one; save the estimator "
+                           "with save_json and pass its path to keep it across a resume.", est.name)
         self._stop_step = None
         self._trial_folder = self._record_written = None
         self._warned_short_probe = set()

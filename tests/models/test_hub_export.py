@@ -371,3 +371,26 @@ def test_a_hub_cache_snapshot_exports(tmp_path):
             (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
     out = export_for_hub(snapshot, tmp_path / "out")
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors").is_symlink()
+
+
+def test_exports_of_snapshot_sub_folders_and_links_to_snapshots_work_and_broken_links_are_refused(tmp_path):
+    import hashlib
+    import shutil
+
+    source = REPO / "checkpoints" / "cnp-gp-rbf"
+    repo = tmp_path / "models--me--cnp"
+    snapshot = repo / "snapshots" / "abc123" / "ckpt"  # a checkpoint in a sub-folder of the snapshot
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            blob.write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert (export_for_hub(snapshot, tmp_path / "out1") / "model.safetensors").is_file()
+    (tmp_path / "m").symlink_to(snapshot, target_is_directory=True)  # reached through a linked folder
+    assert (export_for_hub(tmp_path / "m", tmp_path / "out2") / "model.safetensors").is_file()
+    (snapshot / "tokenizer.json").symlink_to(repo / "blobs" / "missing")
+    with pytest.raises(ValueError, match="links to nothing.*tokenizer.json"):
+        export_for_hub(snapshot, tmp_path / "out3")
+    shutil.rmtree(tmp_path / "out1")
