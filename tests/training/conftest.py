@@ -76,6 +76,29 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GP
     return GPT2LMHeadModel(config)
 
 
+class LossBlowsUpOnZeros(GPT2LMHeadModel):
+    """A GPT-2 whose loss is 1000x on a batch holding an all-zero row: one bad batch, sane weights."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if out.loss is not None and (input_ids == 0).all(dim=1).any():
+            out.loss = out.loss * 1000
+        return out
+
+
+def bad_batch_at(step: int | None, n: int = 64) -> tuple[GPT2LMHeadModel, "TokenDataset"]:
+    """`tiny_gpt2()`'s weights in a `LossBlowsUpOnZeros`, and `n` in-order rows (4 per step, no zero token) whose
+    batch of step `step` holds an all-zero row, so that its loss trips the guard (`None`: no bad batch)."""
+    data = TokenDataset(n=n)
+    data.ids[data.ids == 0] = 1
+    if step is not None:
+        data.ids[(step - 1) * 4] = 0  # the first row of that step's batch
+    source = tiny_gpt2()
+    model = LossBlowsUpOnZeros(source.config)
+    model.load_state_dict(source.state_dict())
+    return model, data
+
+
 def no_norm_gpt2(n_layer=4):
     """GPT-2 without LayerNorm in the blocks: the paper's No-Norm setting, high risk at init."""
     model = tiny_gpt2(n_layer=n_layer)

@@ -9,45 +9,25 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import TokenDataset, tiny_gpt2
+from conftest import TokenDataset, bad_batch_at, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
-from transformers import GPT2LMHeadModel, Trainer
+from transformers import Trainer
 
 from hf_koopman.training import RKSPCallback
 from hf_koopman.training.safety_net import RECORD_NAME, SUSPECT_PREFIX
-
-
-class _LossBlowsUpOnZeros(GPT2LMHeadModel):
-    """A GPT-2 whose loss is 1000x on a batch holding an all-zero row: one bad batch, sane weights."""
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        if out.loss is not None and (input_ids == 0).all(dim=1).any():
-            out.loss = out.loss * 1000
-        return out
-
-
-def _bad_batch_at(step: int) -> tuple[GPT2LMHeadModel, TokenDataset]:
-    data = TokenDataset(n=64)
-    data.ids[data.ids == 0] = 1
-    data.ids[(step - 1) * 4] = 0
-    source = tiny_gpt2()
-    model = _LossBlowsUpOnZeros(source.config)
-    model.load_state_dict(source.state_dict())
-    return model, data
 
 
 def test_a_resume_through_a_symbolic_link_keeps_the_last_good_checkpoint(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real, target_is_directory=True)
-    model, data = _bad_batch_at(4)  # trips at step 4: checkpoint-2 is the last good one, checkpoint-3 suspect
+    model, data = bad_batch_at(4)  # trips at step 4: checkpoint-2 is the last good one, checkpoint-3 suspect
     first = _guard()
     Trainer(model=model, args=_args(tmp_path / "link", learning_rate=1e-3), train_dataset=data,
             callbacks=[first]).train()
     assert first.last_good_checkpoint == str(tmp_path / "link" / "checkpoint-2")
-    model, data = _bad_batch_at(3)  # resumed from checkpoint-2 through the real path: trips at step 3
+    model, data = bad_batch_at(3)  # resumed from checkpoint-2 through the real path: trips at step 3
     resumed = _guard()
     Trainer(model=model, args=_args(real, learning_rate=1e-3), train_dataset=data,
             callbacks=[resumed]).train(resume_from_checkpoint=True)

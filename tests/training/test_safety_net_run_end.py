@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
+from conftest import TokenDataset, bad_batch_at, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
-from transformers import GPT2LMHeadModel, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from hf_koopman.training import KSSTrainer, KSSTrainingArguments
 from hf_koopman.training.guard import DivergedModelError
@@ -130,23 +130,8 @@ def test_kss_trainer_takes_the_guard_hooks_off_when_training_raises(tmp_path):
     assert not any(m._forward_hooks for m in model.modules())
 
 
-class _LossBlowsUpOnZeros(GPT2LMHeadModel):
-    """A GPT-2 whose loss is 1000x on a batch holding an all-zero row: one bad batch, sane weights."""
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        if out.loss is not None and (input_ids == 0).all(dim=1).any():
-            out.loss = out.loss * 1000
-        return out
-
-
 def test_a_rollback_at_the_last_step_is_not_judged_again_at_the_end(tmp_path):
-    data = TokenDataset(n=64)
-    data.ids[data.ids == 0] = 1
-    data.ids[(6 - 1) * 4] = 0  # the first row of step 6's batch, the last step
-    source = tiny_gpt2()
-    model = _LossBlowsUpOnZeros(source.config)
-    model.load_state_dict(source.state_dict())
+    model, data = bad_batch_at(6)  # the last step's batch
     guard = _guard(on_divergence="rollback")
     output = Trainer(model=model, args=_args(tmp_path, max_steps=6, learning_rate=1e-3), train_dataset=data,
                      callbacks=[guard]).train()
@@ -209,23 +194,12 @@ def test_a_resumed_trial_finds_its_own_folder_among_the_trials(tmp_path, monkeyp
     assert (tmp_path / "run-1" / f"{SUSPECT_PREFIX}checkpoint-6").is_dir()
 
 
-def _blows_up_on_zeros(bad_step: int | None, n: int = 64) -> tuple[GPT2LMHeadModel, TokenDataset]:
-    data = TokenDataset(n=n)
-    data.ids[data.ids == 0] = 1
-    if bad_step is not None:
-        data.ids[(bad_step - 1) * 4] = 0  # the first row of that step's batch
-    source = tiny_gpt2()
-    model = _LossBlowsUpOnZeros(source.config)
-    model.load_state_dict(source.state_dict())
-    return model, data
-
-
 def test_a_resumed_run_judges_its_last_update_although_the_record_ends_with_a_rollback(tmp_path):
-    model, data = _blows_up_on_zeros(bad_step=6)
+    model, data = bad_batch_at(6)
     args = _args(tmp_path, max_steps=6, learning_rate=1e-3, save_steps=3)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[_guard(on_divergence="rollback")]).train()
     # the record's last event is that run's rollback at step 6; the resumed run's own step 6 diverges
-    model, data = _blows_up_on_zeros(bad_step=None)
+    model, data = bad_batch_at(None)
     guard = _guard(on_divergence="rollback")
     Trainer(model=model, args=args, train_dataset=data, callbacks=[guard, HugeLastRate()]).train(
         resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
