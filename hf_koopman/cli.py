@@ -433,16 +433,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 def _check_safetensors(folder: Path) -> None:
     """Open the header of every `*.safetensors` file in `folder`;
     a truncated or overwritten one becomes a clear error."""
-    from safetensors import safe_open
-
-    from hf_koopman.profiling._streaming_weights import unreadable_safetensors
+    from hf_koopman.files import safetensors_error, unreadable_safetensors
 
     for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:  # checks the header and that it covers the file
-                handle.keys()
-        except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
-            raise ValueError(unreadable_safetensors(file, err)) from None
+        err = safetensors_error(file)
+        if err is not None:
+            raise ValueError(unreadable_safetensors(file, err))
 
 
 def _load_tokenizer(source: str, *, warn: bool = True) -> Any:

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_koopman.files import write_text_whole
 from hf_koopman.logging_utils import get_logger
 
 __all__ = [
@@ -399,6 +400,14 @@ class RiskAssessment:
         return float(self.probability)
 
 
+def _sigmoid(z: float | np.ndarray) -> np.ndarray:
+    """The logistic function 1 / (1 + exp(-z)), elementwise, without overflow for any logit (`exp` of a logit below
+    -709 overflows float64); a scalar gives a 0-d array."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray,
             max_iter: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Penalised logistic maximum likelihood by Newton / IRLS -> `(weights (p,), penalised Hessian (p, p),
@@ -406,7 +415,7 @@ def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray,
     w = np.zeros(x.shape[1])
     converged = False
     for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        p = _sigmoid(x @ w)
         grad = x.T @ (p - y) + penalty * w
         hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
@@ -414,7 +423,7 @@ def _newton(x: np.ndarray, y: np.ndarray, penalty: np.ndarray,
         if np.max(np.abs(step)) < 1e-10:
             converged = True
             break
-    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    p = _sigmoid(x @ w)
     hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(len(w))
     return w, hess, converged
 
@@ -577,7 +586,7 @@ class RiskEstimator:
             _warn_once(f"predict_proba: the profile is uninformative ({reason}), so the probability rests on a "
                        "spectrum the decision rule does not trust; profile with more token states, or use assess() to "
                        "see which inputs are unknown.")
-        return 1.0 / (1.0 + math.exp(-self._logit(values)))
+        return float(_sigmoid(self._logit(values)))
 
     def _reads_uninformative_spectrum(self, profile: Any) -> bool:
         """Whether `profile` is "uninformative" and this estimator reads a spectral aggregate of it."""
@@ -655,7 +664,7 @@ class RiskEstimator:
         `profile.meta["learning_rate"]`).
         """
         values = self._inputs(profile, learning_rate, context)
-        probability = 1.0 / (1.0 + math.exp(-self._logit(values)))
+        probability = float(_sigmoid(self._logit(values)))
         flag, outside, unknown = self.check_ranges(profile, learning_rate, **context)
         lr = values.get(_LR)
         low_precision = low_precision_dtype(values)
@@ -677,7 +686,7 @@ class RiskEstimator:
             except (TypeError, ValueError) as err:
                 raise ValueError(f"row {i}: {err}") from None
         logits = np.array([self._logit(r, row=i) for i, r in enumerate(rows)], dtype=np.float64)
-        return 1.0 / (1.0 + np.exp(-logits))
+        return _sigmoid(logits)
 
     @staticmethod
     def row(profile: Any, learning_rate: float | None = None, **context: Any) -> dict[str, Any]:
@@ -1006,10 +1015,11 @@ class RiskEstimator:
                    ranges)
 
     def save_json(self, path: str | Path) -> Path:
-        """Write the estimator as JSON (`to_dict`, format version 2) to `path`, creating parent folders; returns it."""
+        """Write the estimator as JSON (`to_dict`, format version 2) to `path`, creating parent folders; returns it.
+        The file is written whole or not at all: a failure leaves an earlier estimator there as it was."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        write_text_whole(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return path
 
     @classmethod

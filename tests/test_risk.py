@@ -253,3 +253,14 @@ def test_a_profiles_risk_at_a_bad_learning_rate_is_refused_not_none(bad, error):
         result.risk_assessment(learning_rate=bad)
     with pytest.raises(error, match="learning_rate"):
         result.risk_probability(learning_rate=bad)
+
+
+@pytest.mark.parametrize("value, expected", [(800.0, 0.0), (-800.0, 1.0), (0.0, 0.5)])
+def test_an_unclipped_estimator_gives_a_probability_for_any_logit(value, expected):
+    # a hand-built feature has no clip range (low=-inf, high=inf): a logit beyond -709 overflowed math.exp
+    estimator = RiskEstimator([FeatureSpec("x")], [-1.0], 0.0)
+    profile = {"x": value}
+    assert estimator.predict_proba(profile) == pytest.approx(expected, abs=1e-300)
+    assert estimator.assess(profile).probability == pytest.approx(expected, abs=1e-300)
+    with np.errstate(over="raise"):
+        assert estimator.predict_proba_rows([profile]).tolist() == [pytest.approx(expected, abs=1e-300)]

@@ -30,6 +30,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from hf_koopman.files import safetensors_error
 from hf_koopman.logging_utils import get_logger
 
 __all__ = [
@@ -261,14 +262,8 @@ def _not_what_its_name_says(path: Path) -> bool:
     if suffix != ".safetensors" and ((len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
                                      or head == b"PK\x03\x04"):
         return True
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError):
-            return True
+    if suffix == ".safetensors" and safetensors_error(path) is not None:
+        return True
     if suffix == ".json":
         try:
             json.loads(path.read_text(encoding="utf-8"))

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import hashlib
 import json
-from hf_koopman.logging_utils import get_logger
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,9 @@ from pathlib import Path
 import torch
 from accelerate.utils import dtype_byte_size
 from torch import nn
+
+from hf_koopman.files import safetensors_error, unreadable_safetensors
+from hf_koopman.logging_utils import get_logger
 
 
 logger = get_logger(__name__)
@@ -392,15 +394,9 @@ def tie_loaded(model: nn.Module, tied: dict[str, str], names: set[str]) -> None:
                     tied_any = True
 
 
-def unreadable_safetensors(file: Path, err: BaseException) -> str:
-    """The error message for a safetensors file that cannot be read (truncated by an interrupted copy, overwritten)."""
-    return (f"{file} is not a readable safetensors file ({type(err).__name__}: {err}). It is truncated or corrupt: "
-            "re-save the model with model.save_pretrained(folder) or copy the file again.")
-
-
 def find_safetensors_keys(folder: Path) -> dict[str, Path]:
     """`checkpoint key -> shard file` from `model.safetensors.index.json`, or from the file headers otherwise."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     index = folder / _INDEX_FILE
     if index.is_file():
@@ -416,11 +412,11 @@ def find_safetensors_keys(folder: Path) -> dict[str, Path]:
         )
     keys: dict[str, Path] = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:  # the header must cover the file
-                keys.update(dict.fromkeys(handle.keys(), file))
-        except (SafetensorError, OSError) as err:  # a bad header, a file cut short or unreadable
-            raise ValueError(unreadable_safetensors(file, err)) from None
+        err = safetensors_error(file)  # a bad header, a file cut short or unreadable
+        if err is not None:
+            raise ValueError(unreadable_safetensors(file, err))
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys.update(dict.fromkeys(handle.keys(), file))
     return keys
 
 

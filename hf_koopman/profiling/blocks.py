@@ -309,7 +309,7 @@ def find_residual_blocks(
         return (
             isinstance(module, tuple(classes))
             or cls.__name__ in class_names
-            or (GradientCheckpointingLayer and isinstance(module, GradientCheckpointingLayer))
+            or isinstance(module, GradientCheckpointingLayer)
             or cls.__name__ in no_split
         )
 

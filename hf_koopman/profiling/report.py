@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hf_koopman.files import move_into_place, staging_folder
 from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
@@ -521,7 +518,7 @@ def files_not_from_a_profile(directory: Path, plots: bool = True) -> list[str]:
 
 def _earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
     """`(earlier model name, the library's files that are there)` when `directory` holds an earlier profile (one with
-    a `profile.json`), `None` otherwise. Reads only: `_move_into_place` replaces and removes them."""
+    a `profile.json`), `None` otherwise. Reads only: `move_into_place` replaces and removes them."""
     earlier = directory / "profile.json"
     if not earlier.is_file():
         return None
@@ -531,22 +528,6 @@ def _earlier_profile(directory: Path) -> tuple[str | None, list[str]] | None:
     except (OSError, ValueError, AttributeError):  # unreadable or not a profile: its name is unknown, still replaced
         name = None
     return name, present
-
-
-#: a staging folder older than this (seconds) belongs to a save that was killed before it could clean up
-_STALE_STAGING_S = 3600.0
-
-
-def remove_stale_staging(directory: Path, prefix: str = _STAGING_PREFIX) -> None:
-    """Remove the staging folders (`prefix*`) of saves into `directory` that were killed (SIGKILL, power loss) more
-    than `_STALE_STAGING_S` ago; a running save's folder is younger and stays."""
-    now = time.time()
-    for folder in directory.glob(f"{prefix}*"):
-        try:
-            if folder.is_dir() and now - folder.stat().st_mtime > _STALE_STAGING_S:
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # removed meanwhile by another save
-            continue
 
 
 def _missing_folders(directory: Path) -> list[Path]:
@@ -579,36 +560,8 @@ def _stage(profile: SpectralProfile, staging: Path, text: str, plots: bool) -> d
     return names
 
 
-def _move_into_place(staging: Path, directory: Path, new: list[str], stale: list[str]) -> None:
-    """Move the files `new` from `staging` into `directory` and the earlier profile's `stale` files out of it, all or
-    nothing: the files already in `directory` under those names go to `staging/earlier` first, and come back if a
-    move fails."""
-    backup = staging / "earlier"
-    backup.mkdir()
-    aside: list[str] = []
-    placed: list[str] = []
-    try:
-        for name in [*new, *stale]:
-            try:
-                os.replace(directory / name, backup / name)
-            except FileNotFoundError:  # absent, or moved away by another save into this folder meanwhile
-                continue
-            aside.append(name)
-        for name in new:
-            os.replace(staging / name, directory / name)
-            placed.append(name)
-    except BaseException:
-        for name in placed:
-            (directory / name).unlink(missing_ok=True)
-        for name in aside:
-            os.replace(backup / name, directory / name)
-        raise
-
-
-def _remove_created(staging: Path | None, created: list[Path]) -> None:
-    """Remove `staging` (when made) and, when empty, the folders `save_profile` created (`created`, deepest first)."""
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
+def _remove_created(created: list[Path]) -> None:
+    """Remove, when empty, the folders `save_profile` created (`created`, deepest first)."""
     for folder in created:
         try:
             folder.rmdir()
@@ -647,18 +600,15 @@ def save_profile(profile: SpectralProfile, directory: str | Path, *, plots: bool
         )
     created = _missing_folders(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(directory)
-    staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))
-        names = _stage(profile, staging, text, plots)
-        earlier = _earlier_profile(directory)
-        stale = [f for f in earlier[1] if f not in names.values()] if earlier is not None else []
-        _move_into_place(staging, directory, list(names.values()), stale)
+        with staging_folder(directory, _STAGING_PREFIX) as staging:  # removed on exit, with the replaced files
+            names = _stage(profile, staging, text, plots)
+            earlier = _earlier_profile(directory)
+            stale = [f for f in earlier[1] if f not in names.values()] if earlier is not None else []
+            move_into_place(staging, directory, list(names.values()), stale)
     except BaseException:
-        _remove_created(staging, created)
+        _remove_created(created)
         raise
-    shutil.rmtree(staging, ignore_errors=True)  # the new files are in place; it holds the replaced ones
     written = {role: directory / name for role, name in names.items()}
     if earlier is not None:
         name, present = earlier

@@ -29,6 +29,7 @@ from accelerate.utils import convert_file_size_to_int, dtype_byte_size
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_koopman.files import write_text_whole
 from hf_koopman.logging_utils import get_logger, show_progress
 from hf_koopman.profiling.probes import hidden_width
 from hf_koopman.profiling._streaming_weights import (
@@ -604,6 +605,6 @@ def _write_partial(path: str | os.PathLike | None, name: str, done: int, total: 
     }
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(marker, indent=2))
+        write_text_whole(path, json.dumps(marker, indent=2))
     except OSError:  # never mask the original error
         logger.exception("Could not write the partial-run marker to %s", path)

@@ -247,11 +247,11 @@ class KSSTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         # plain Python values, so that to_json_string() (what the loggers write) can serialise them
-        for field in dataclasses.fields(self):
-            if field.name.startswith("kss_"):
-                value = getattr(self, field.name)
+        for spec in dataclasses.fields(self):
+            if spec.name.startswith("kss_"):
+                value = getattr(self, spec.name)
                 if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float)):
-                    setattr(self, field.name, value.item())
+                    setattr(self, spec.name, value.item())
         try:  # validate early, naming the fields as the user wrote them (`kss_alpha`, not `alpha`)
             self.kss_config()
         except ValueError as err:

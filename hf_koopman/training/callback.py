@@ -8,9 +8,6 @@ import itertools
 import logging
 import math
 import numbers
-import os
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +16,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+
+from hf_koopman.files import move_into_place, staging_folder
 from hf_koopman.logging_utils import errors_only, get_logger
 from hf_koopman.risk import (
     TENTATIVE,
@@ -642,20 +641,17 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         return out
 
     def _save(self, args: Any, spectral_profile: Any) -> None:
-        """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `output_dir`: each
-        file is written whole beside it and moved into place, so a failure leaves no half-written file; one that
-        cannot be written (a read-only folder, a full disk) is a warning, not the end of training. The files of an
-        earlier run there are replaced, and the warning says so."""
-        from hf_koopman.profiling.report import remove_stale_staging
-
+        """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `output_dir`, all
+        or nothing: they are written beside it first and moved into place together (`hf_koopman.files`), so a failure
+        leaves the folder as it was; one that cannot be written (a read-only folder, a full disk) is a warning, not
+        the end of training. The files of an earlier run there are replaced (an earlier plot is removed when this run
+        writes none), and the warning says so."""
         out = Path(args.output_dir)
         names = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
         earlier = [name for name in names if (out / name).is_file()]
         try:
             out.mkdir(parents=True, exist_ok=True)
-            remove_stale_staging(out, _STAGING_PREFIX)  # a killed run's
-            staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
-            try:
+            with staging_folder(out, _STAGING_PREFIX) as staging:
                 (staging / "rksp_profile.json").write_text(spectral_profile.to_json(), encoding="utf-8")
                 plots: dict[str, str] = {}
                 try:
@@ -664,13 +660,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 except ImportError as err:
                     logger.warning("RKSP: %s; skipping the plot", err)
                 (staging / "rksp_report.md").write_text(spectral_profile.to_markdown(plots=plots), encoding="utf-8")
-                for name in names:
-                    if (staging / name).is_file():
-                        os.replace(staging / name, out / name)
-                if not plots:  # an earlier run's plot must not sit next to this run's report
-                    (out / "rksp_profile.png").unlink(missing_ok=True)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                written = [name for name in names if (staging / name).is_file()]
+                # an earlier run's plot must not sit next to this run's report
+                move_into_place(staging, out, written, stale=[name for name in names if name not in written])
         except OSError as err:
             logger.warning("RKSP: could not write the profile files into %s (%s: %s); training goes on without them. "
                            "Pass a writable output_dir, or RKSPCallback(save_artifacts=False) to skip them.", out,

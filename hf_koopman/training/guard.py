@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,7 +439,7 @@ class StateSnapshot:
 
     @torch.no_grad()
     def capture(self, params: list[torch.nn.Parameter], optimizer: Any, step: int,
-                buffers: list[torch.Tensor] = ()) -> None:
+                buffers: Sequence[torch.Tensor] = ()) -> None:
         old = self._params if len(self._params) == len(params) else [None] * len(params)
         self._params = [self._copy(p, b) for p, b in zip(params, old)]
         old = self._buffers if len(self._buffers) == len(buffers) else [None] * len(buffers)
@@ -461,7 +462,8 @@ class StateSnapshot:
         self.step = step
 
     @torch.no_grad()
-    def restore(self, params: list[torch.nn.Parameter], optimizer: Any, buffers: list[torch.Tensor] = ()) -> None:
+    def restore(self, params: list[torch.nn.Parameter], optimizer: Any,
+                buffers: Sequence[torch.Tensor] = ()) -> None:
         if self.empty:
             raise RuntimeError("no snapshot to restore")
         for p, saved in zip(params, self._params):

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
 from hf_koopman.eval_mode import eval_mode
+from hf_koopman.files import write_text_whole
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.training.divergence import CAUSE_ACTIVATION, CAUSE_GRAD_NORM, CAUSE_LOSS
 from hf_koopman.training.guard import (
@@ -118,7 +120,7 @@ def scale_learning_rate(optimizer: Any, lr_scheduler: Any, factor: float) -> Non
             group["lr"] = group["lr"] * factor
 
 
-def _same_path(a: str, b: str) -> bool:
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two checkpoint paths name the same folder (relative, absolute, with or without `./`, through a
     symbolic link)."""
     return os.path.realpath(a) == os.path.realpath(b)
@@ -1132,13 +1134,7 @@ class SafetyNet:
             "events": self.events,
         }
         # whole or not at all: a full disk or a kill mid-write must not leave a truncated record for the next resume
-        partial = out / f"_{RECORD_NAME}.partial"  # "_": the Trainer's Hub pushes skip it
-        try:
-            partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
-            os.replace(partial, out / RECORD_NAME)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        write_text_whole(out / RECORD_NAME, json.dumps(record, indent=2), partial_prefix="_")  # "_": not pushed
         earlier, self._record_written = self._record_written, out / RECORD_NAME
         if earlier is not None and not _same_path(str(earlier), str(out / RECORD_NAME)):
             # a trial's record written before its first save found the trial's folder: this one supersedes it

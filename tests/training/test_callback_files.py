@@ -89,6 +89,31 @@ def test_profile_files_that_cannot_be_written_are_a_warning_and_leave_no_half_fi
     assert not [p for p in os.listdir(tmp_path) if p.startswith(("_rksp-staging-", "_rksp_guard"))]
 
 
+def test_profile_files_that_cannot_all_be_moved_into_place_leave_the_earlier_ones(tmp_path, monkeypatch, caplog):
+    callback = RKSPCallback(num_samples=128, guard=False)
+    args = _args(tmp_path, max_steps=1, learning_rate=1e-3, save_strategy="no")
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    names = [name for name in ("rksp_profile.json", "rksp_profile.png", "rksp_report.md") if (tmp_path / name).exists()]
+    earlier = {name: (tmp_path / name).read_bytes() for name in names}
+    real, moved = os.replace, []
+
+    def replace(src, dst):  # the first new file moves into place, the second cannot (a full disk, a quota)
+        if os.path.dirname(os.fspath(dst)) == os.fspath(tmp_path):
+            moved.append(dst)
+            if len(moved) == 2:
+                raise OSError(122, "Disk quota exceeded")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        Trainer(model=tiny_gpt2(n_embd=48), args=args, train_dataset=TokenDataset(),
+                callbacks=[RKSPCallback(num_samples=128, guard=False)]).train()
+    monkeypatch.undo()
+    assert "could not write the profile files" in caplog.text
+    assert {name: (tmp_path / name).read_bytes() for name in names} == earlier  # not a new JSON beside an old report
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("_rksp-staging-")]
+
+
 def test_a_new_run_says_it_replaces_the_earlier_runs_profile_files(tmp_path, caplog):
     args = _args(tmp_path, max_steps=1, learning_rate=1e-3, save_strategy="no")
     Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(),
