@@ -126,6 +126,16 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _moved_with(path: str | None, folder: Path) -> str | None:
+    """A checkpoint path read from a run record or a stored guard state, in the run folder as it is now: the folder's
+    checkpoint of that name when the recorded one is gone (the run folder was moved, e.g. from a preempted node's
+    scratch disk to shared storage, before this resume), else the recorded path."""
+    if path is None or Path(path).is_dir():
+        return path
+    here = folder / Path(path).name
+    return str(here) if here.is_dir() else path
+
+
 def _as_json(value: Any) -> str:
     """`value` as canonical JSON text (NaN and infinities as JSON's NaN / Infinity), for equality tests."""
     return json.dumps(value, sort_keys=True, default=str)
@@ -259,7 +269,8 @@ class SafetyNet:
         # kept across the resume: the latest validated checkpoint up to the resumed step, from the restored callback
         # state, the record, or the resumed checkpoint's stored guard state (a run without events writes no record);
         # a later one (this callback's earlier train() call went further) is not on the resumed run's path
-        known = [path for path in (self.last_good_checkpoint, prior, self._stored_last_good(state))
+        folder = self._run_folder(args)
+        known = [_moved_with(path, folder) for path in (self.last_good_checkpoint, prior, self._stored_last_good(state))
                  if path is not None and 0 <= _checkpoint_step(path) <= state.global_step]
         self.last_good_checkpoint = max(known, key=_checkpoint_step) if known else None  # the first of equal steps
         # the back-off already in the resumed scheduler's base_lrs (rollbacks up to the checkpoint's step, and the
@@ -272,7 +283,7 @@ class SafetyNet:
         tripped = self._suspect_resume(events, state)
         if tripped is not None:
             event, resumed = tripped
-            good = event.get("last_good_checkpoint")
+            good = _moved_with(event.get("last_good_checkpoint"), folder)
             logger.error("RKSP guard: resuming from %s, which the guard recorded as suspect (the divergence at step %s "
                          "followed it); %s", resumed, event.get("step"),
                          f"the last good checkpoint is {good}: resume from that one instead" if good is not None
@@ -326,6 +337,11 @@ class SafetyNet:
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
             level = int(reduce_max(torch.tensor([float(level)], device=self._device()))[0])
         good = self.last_good_checkpoint
+        if match is True and good is not None and not _same_path(good, path) \
+                and _checkpoint_step(good) == state.global_step:
+            # the recorded last good checkpoint of this step, and this folder holds the same training state: a copy of
+            # it in another place (the run folder was copied), which stays the last good one
+            self.last_good_checkpoint = good = path
         if level and not (good is not None and _same_path(good, path)):
             self._pending_checkpoints.append((state.global_step, path))
             if level == 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,27 @@ def test_a_resume_through_a_symbolic_link_keeps_the_last_good_checkpoint(tmp_pat
     assert resumed.divergence is not None and resumed.divergence["step"] == 3
     assert (real / "checkpoint-2").is_dir()  # the last good checkpoint, not set aside as the resumed suspect
     assert "deleted since" not in resumed._checkpoint_on_disk()
+
+
+@pytest.mark.parametrize("carry", [shutil.move, shutil.copytree])
+def test_a_run_folder_moved_or_copied_before_the_resume_keeps_its_last_good_checkpoint(tmp_path, carry):
+    old, new = tmp_path / "scratch" / "run", tmp_path / "shared" / "run"
+    model, data = bad_batch_at(4)  # trips at step 4: checkpoint-2 is the last good one, checkpoint-3 suspect
+    first = _guard()
+    Trainer(model=model, args=_args(old, learning_rate=1e-3), train_dataset=data, callbacks=[first]).train()
+    assert first.last_good_checkpoint == str(old / "checkpoint-2")
+    new.parent.mkdir()
+    carry(old, new)  # e.g. from a preempted node's scratch disk to shared storage
+    model, data = bad_batch_at(3)  # resumed from checkpoint-2 in its new place: trips at step 3
+    resumed = _guard()
+    Trainer(model=model, args=_args(new, learning_rate=1e-3), train_dataset=data,
+            callbacks=[resumed]).train(resume_from_checkpoint=True)
+    assert resumed.divergence is not None and resumed.divergence["step"] == 3
+    # the good checkpoint in its new place, not set aside as the resumed suspect, nor advised as deleted
+    assert resumed.last_good_checkpoint == str(new / "checkpoint-2") and (new / "checkpoint-2").is_dir()
+    assert "deleted since" not in resumed._checkpoint_on_disk()
+    record = json.loads((new / RECORD_NAME).read_text())
+    assert record["last_good_checkpoint"] == str(new / "checkpoint-2") and record["last_good_checkpoint_on_disk"]
 
 
 def test_the_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
