@@ -1134,7 +1134,7 @@ RANK_ADVICE = ("Profile the full spectrum (leave `rank` / `--rank` out): the ver
 #: What to do about each verdict when no in-range calibrated probability is at hand (`recommendation`): the
 #: "Recommendation" of the profile report and the advice the callback logs.
 ADVICE = {
-    "safe": ("Proceed: nothing in the spectrum calls for a change (no spectral penalty, KSS, is needed). A safe "
+    "safe": ("Proceed: nothing in the spectrum calls for a change (no spectral penalty such as KSS). A safe "
              "verdict holds for no particular learning rate, so keep a divergence guard on during training (add "
              "`RKSPCallback()` to the Trainer; its guard is on by default)."),
     "moderate": (

@@ -212,3 +212,16 @@ def test_the_report_names_blocks_in_which_no_mode_passes_the_residual_test():
     assert [f.n_reliable > 0 for f in result.features] == [True, False]
     lines = [line for line in result.to_markdown().splitlines() if "no mode passes the residual test" in line]
     assert len(lines) == 1 and "(`transformer.h.1`)" in lines[0] and "`transformer.h.0`" not in lines[0]
+
+
+def test_kappa_is_shown_to_the_two_digits_it_carries():
+    # float32 eigenvectors of a non-normal operator: κ(V) moves by tens of percent with the LAPACK kernels
+    layers = [(f"layers.{i}", dataclasses.replace(_features(0.2), eigvec_condition=k))
+              for i, k in enumerate((4052.183, 281.27, 12200.0))]
+    profile = SpectralProfile(layers=layers, aggregates={"eigvec_condition_mean": 5511.151},
+                              settings={"num_samples": 2048, "hidden_size": 64, "rank": None}, meta={})
+    rows = [line for line in render_report(profile).splitlines() if line.startswith("| ")]
+    cells = [line.split(" | ")[7] for line in rows if line.startswith(("| 0 ", "| 1 ", "| 2 "))]
+    assert cells == ["4100", "280", "1.2e+04"]
+    assert any(line.startswith("| eigvec_condition | 5500 |") for line in rows)
+    assert "4052" not in render_report(profile) and "two digits" in render_report(profile)
