@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,13 +23,19 @@ STALE_STAGING_S = 3600.0
 
 
 def write_text_whole(path: str | os.PathLike, text: str, *, partial_prefix: str = ".") -> None:
-    """Write `text` to `path` whole or not at all: into `<partial_prefix><name>.partial` beside it first, then moved
-    into place. A failure removes the partial file and leaves an earlier `path` as it was. (`partial_prefix="_"` keeps
-    the partial file out of the Trainer's Hub pushes, which skip names starting with `_`.)"""
+    """Write `text` to `path` whole or not at all: into `<partial_prefix><name>.<random>.partial` beside it first (a
+    name of its own, so that two processes writing the same file do not share it), then moved into place with the
+    earlier file's permissions. A failure removes the partial file and leaves an earlier `path` as it was. A symbolic
+    link is written through, as `open` does: the file it points to is replaced. (`partial_prefix="_"` keeps the partial
+    file out of the Trainer's Hub pushes, which skip names starting with `_`.)"""
     path = Path(path)
-    partial = path.with_name(f"{partial_prefix}{path.name}.partial")
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    partial = path.with_name(f"{partial_prefix}{path.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
         partial.write_text(text, encoding="utf-8")
+        if path.is_file():
+            shutil.copymode(path, partial)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)

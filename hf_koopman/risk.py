@@ -1785,7 +1785,7 @@ class DecisionRule:
                 why.append(f"mean M≈1 = {score:.3f} > {self.high_risk_above}: most modes sit near |λ| = 1, the block "
                            "barely damps perturbations, which the paper ties to divergence at high learning rates")
             if kappa_big:
-                why.append(f"median κ(V) = {kappa_median:.3g} > {self.kappa_large:g}")
+                why.append(f"median κ(V) = {kappa_median:.2g} > {self.kappa_large:g}")
             verdict, reason = "high risk", " and ".join(why)
         elif score < self.safe_below:
             verdict, reason = "safe", (f"mean M≈1 = {score:.3f} < {self.safe_below}: few modes sit near |λ| = 1, the "

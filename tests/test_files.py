@@ -116,3 +116,30 @@ def test_safetensors_error_tells_a_readable_file_from_a_cut_short_one(tmp_path):
         assert err is not None, bad
         message = unreadable_safetensors(bad, err)
         assert str(bad) in message and "truncated or corrupt" in message and "save_pretrained" in message
+
+
+def test_write_text_whole_keeps_the_permissions_and_writes_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere" / "estimator.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    target.chmod(0o640)
+    link = tmp_path / "estimator.json"
+    link.symlink_to(target)
+    write_text_whole(link, "new")
+    assert link.is_symlink() and target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(os.listdir(target.parent)) == ["estimator.json"]
+
+
+def test_two_writers_of_one_file_do_not_share_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "record.json"
+    names = []
+    original = Path.write_text
+
+    def remember(self, text, *args, **kwargs):
+        names.append(self.name)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", remember)
+    write_text_whole(path, "one")
+    write_text_whole(path, "two")
+    assert len(set(names)) == 2 and path.read_text() == "two"

@@ -48,8 +48,8 @@ def _fmt_kappa(value: object) -> str:
     tells."""
     if not isinstance(value, float) or not math.isfinite(value) or value == 0:
         return _fmt(value)
-    exponent = math.floor(math.log10(abs(value)))
-    rounded = round(value, 1 - exponent)
+    rounded = round(value, 1 - math.floor(math.log10(abs(value))))
+    exponent = math.floor(math.log10(abs(rounded)))  # 9.96 rounds to 10: one digit fewer after the point
     return f"{rounded:.{max(0, 1 - exponent)}f}" if 1 <= abs(rounded) < 1e4 else f"{rounded:.1e}"
 
 

@@ -760,7 +760,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             when,
             self.init_verdict.upper(),
             None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",
-            None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.3g}",
+            None if spectral_profile.kappa_median is None else f"{spectral_profile.kappa_median:.2g}",
             spectral_profile.verdict_reason,
             advice,
         )

@@ -126,14 +126,31 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _moved_with(path: str | None, folder: Path) -> str | None:
-    """A checkpoint path read from a run record or a stored guard state, in the run folder as it is now: the folder's
-    checkpoint of that name when the recorded one is gone (the run folder was moved, e.g. from a preempted node's
-    scratch disk to shared storage, before this resume), else the recorded path."""
-    if path is None or Path(path).is_dir():
+def _saved_on_this_path(path: str | Path, state) -> bool:
+    """Whether the checkpoint folder `path` holds a trainer state of this run's path: saved at the step its name says,
+    with a non-empty log history that begins the history this run resumed with (compared as JSON text, NaN-safe)."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    try:
+        saved = json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    history = saved.get("log_history") if isinstance(saved, dict) else None
+    if not isinstance(history, list) or not history or saved.get("global_step") != _checkpoint_step(str(path)):
+        return False
+    return _as_json(history) == _as_json(list(state.log_history or [])[:len(history)])
+
+
+def _moved_with(path: str | None, folder: Path, state) -> str | None:
+    """A checkpoint path read from a run record or a stored guard state, in the run folder as it is now. When the
+    recorded checkpoint's folder is gone (the run folder was moved, e.g. from a preempted node's scratch disk to shared
+    storage, before this resume), the run folder's checkpoint of that name, if its trainer state is of this run's path
+    (`_saved_on_this_path`); else the recorded path (a checkpoint that rotation removed from a folder still there
+    stays removed: another run's checkpoint of the same name is never taken for it)."""
+    if path is None or Path(path).is_dir() or Path(path).parent.is_dir():
         return path
     here = folder / Path(path).name
-    return str(here) if here.is_dir() else path
+    return str(here) if here.is_dir() and _saved_on_this_path(here, state) else path
 
 
 def _as_json(value: Any) -> str:
@@ -270,7 +287,8 @@ class SafetyNet:
         # state, the record, or the resumed checkpoint's stored guard state (a run without events writes no record);
         # a later one (this callback's earlier train() call went further) is not on the resumed run's path
         folder = self._run_folder(args)
-        known = [_moved_with(path, folder) for path in (self.last_good_checkpoint, prior, self._stored_last_good(state))
+        recorded = (self.last_good_checkpoint, prior, self._stored_last_good(state))
+        known = [_moved_with(path, folder, state) for path in recorded
                  if path is not None and 0 <= _checkpoint_step(path) <= state.global_step]
         self.last_good_checkpoint = max(known, key=_checkpoint_step) if known else None  # the first of equal steps
         # the back-off already in the resumed scheduler's base_lrs (rollbacks up to the checkpoint's step, and the
@@ -283,7 +301,7 @@ class SafetyNet:
         tripped = self._suspect_resume(events, state)
         if tripped is not None:
             event, resumed = tripped
-            good = _moved_with(event.get("last_good_checkpoint"), folder)
+            good = _moved_with(event.get("last_good_checkpoint"), folder, state)
             logger.error("RKSP guard: resuming from %s, which the guard recorded as suspect (the divergence at step %s "
                          "followed it); %s", resumed, event.get("step"),
                          f"the last good checkpoint is {good}: resume from that one instead" if good is not None
@@ -337,10 +355,11 @@ class SafetyNet:
         if is_distributed():  # a node without a copy (save_on_each_node=False) holds it as well
             level = int(reduce_max(torch.tensor([float(level)], device=self._device()))[0])
         good = self.last_good_checkpoint
-        if match is True and good is not None and not _same_path(good, path) \
+        if level == 2 and good is not None and not _same_path(good, path) \
                 and _checkpoint_step(good) == state.global_step:
-            # the recorded last good checkpoint of this step, and this folder holds the same training state: a copy of
-            # it in another place (the run folder was copied), which stays the last good one
+            # the recorded last good checkpoint of this step, and this folder holds the same training state (on some
+            # process; every process takes the same decision): a copy of it in another place (the run folder was
+            # copied), which stays the last good one
             self.last_good_checkpoint = good = path
         if level and not (good is not None and _same_path(good, path)):
             self._pending_checkpoints.append((state.global_step, path))

@@ -58,6 +58,43 @@ def test_a_run_folder_moved_or_copied_before_the_resume_keeps_its_last_good_chec
     assert record["last_good_checkpoint"] == str(new / "checkpoint-2") and record["last_good_checkpoint_on_disk"]
 
 
+def test_another_runs_checkpoint_of_the_same_name_is_never_taken_for_a_rotated_last_good_one(tmp_path):
+    a, b = tmp_path / "runA", tmp_path / "runB"
+    Trainer(model=tiny_gpt2(seed=1), args=_args(b, max_steps=3), train_dataset=TokenDataset(n=64)).train()  # diverges
+    model, data = bad_batch_at(None)  # run A: rotation (save_total_limit=1) removes its validated checkpoint-2
+    Trainer(model=model, args=_args(a, learning_rate=1e-3, max_steps=3, save_total_limit=1), train_dataset=data,
+            callbacks=[_guard()]).train()
+    assert not (a / "checkpoint-2").exists() and (b / "checkpoint-2").is_dir()
+    model, data = bad_batch_at(4)  # run A continued in B's folder: trips at step 4
+    resumed = _guard()
+    Trainer(model=model, args=_args(b, learning_rate=1e-3), train_dataset=data,
+            callbacks=[resumed]).train(resume_from_checkpoint=str(a / "checkpoint-3"))
+    assert resumed.divergence is not None and resumed.divergence["step"] == 4
+    assert resumed.last_good_checkpoint == str(a / "checkpoint-2")  # not run B's diverged checkpoint-2
+    assert "deleted since" in resumed._checkpoint_on_disk()
+
+
+def test_every_process_takes_a_copied_last_good_checkpoint_whether_or_not_it_sees_the_copy(tmp_path, monkeypatch):
+    import torch
+    from transformers import TrainerState
+
+    from hf_koopman.training import safety_net
+
+    old, new = tmp_path / "scratch" / "run", tmp_path / "shared" / "run"
+    model, data = bad_batch_at(4)
+    Trainer(model=model, args=_args(old, learning_rate=1e-3), train_dataset=data, callbacks=[_guard()]).train()
+    new.parent.mkdir()
+    shutil.copytree(old, new)
+    state = TrainerState.load_from_json(str(new / "checkpoint-2" / "trainer_state.json"))
+    monkeypatch.setattr(safety_net, "is_distributed", lambda: True)
+    monkeypatch.setattr(safety_net, "reduce_max", lambda t: torch.tensor([2.0]))  # another process saw the copy
+    (new / "checkpoint-2" / "trainer_state.json").unlink()  # this process has no copy of the folder
+    guard = _guard()
+    guard.last_good_checkpoint = str(old / "checkpoint-2")  # from the record or the stored guard state
+    guard._hold_resumed_checkpoint(guard_args(new), state, recorded_suspect=False)
+    assert guard.last_good_checkpoint == str(new / "checkpoint-2") and guard._pending_checkpoints == []
+
+
 def test_the_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     guard = _guard(on_divergence="rollback")
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
