@@ -1542,6 +1542,10 @@ class SafetyNet:
         if self.divergence is not None and not self.weights_validated:
             logger.error("RKSP guard: the run diverged at step %s and the in-memory weights are %s; %s instead of "
                          "saving them.", self.divergence["step"], self._in_memory, self._what_to_do())
+        # nothing reads the CPU copies after train(): the next train() call takes its own (weights and two optimizer
+        # moments, ~3x the trainable parameters' bytes, would otherwise stay in host memory with the callback)
+        self._snapshot.clear()
+        self._undo.clear()
 
     def _check_final_update(self, args, state, optimizer) -> None:
         """Judge the weights the last update left, which no later step checks: one forward without gradients, in eval

@@ -181,14 +181,36 @@ class OptimizerStateAt(TrainerCallback):
                                           for i, entry in optimizer.state_dict()["state"].items()}
 
 
+class CopiesHeld(TrainerCallback):
+    """Whether `guard` holds a CPU copy of the training state (the validated one, or the pre-run one) after each step,
+    and the steps seen."""
+
+    def __init__(self, guard: RKSPCallback) -> None:
+        self.guard, self.steps, self.copies = guard, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+        self.copies.append(not (self.guard._snapshot.empty and self.guard._undo.empty))
+
+
+@pytest.mark.parametrize("source", ["memory", "checkpoint"])
+def test_the_cpu_copies_are_freed_when_train_ends(tmp_path, source):
+    guard = _guard(on_divergence="rollback", rollback_source=source)
+    held = CopiesHeld(guard)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4, learning_rate=1e-3), train_dataset=TokenDataset(),
+            callbacks=[guard, held]).train()
+    assert held.copies == [source == "memory"] * 4  # held while training (in memory only) ...
+    assert guard._snapshot.empty and guard._undo.empty and guard._candidate.empty  # ... and freed after it
+
+
 def test_rollback_from_the_last_good_checkpoint_keeps_no_copy_in_memory(tmp_path):
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", rollback_source="checkpoint")
-    weights, moments = WeightsAt(), OptimizerStateAt()
+    weights, moments, held = WeightsAt(), OptimizerStateAt(), CopiesHeld(guard)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data,
-                      callbacks=[guard, weights, moments])
+                      callbacks=[guard, weights, moments, held])
     trainer.train()
-    assert guard._snapshot.empty and guard._undo.empty  # nothing copied to memory, ever
+    assert held.steps == list(range(1, 13)) and not any(held.copies)  # nothing copied to memory, at any step
     assert trainer.state.global_step == 12 and guard.divergence is None and guard.rollbacks >= 1
     first = guard.events[0]
     assert (first["step"], first["restored_step"], first["action"]) == (4, 2, "rollback")
