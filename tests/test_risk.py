@@ -264,3 +264,40 @@ def test_an_unclipped_estimator_gives_a_probability_for_any_logit(value, expecte
     assert estimator.assess(profile).probability == pytest.approx(expected, abs=1e-300)
     with np.errstate(over="raise"):
         assert estimator.predict_proba_rows([profile]).tolist() == [pytest.approx(expected, abs=1e-300)]
+
+
+def test_a_layer_at_the_gate_is_not_informative():
+    from types import SimpleNamespace
+
+    rule = DecisionRule()
+    at = SimpleNamespace(nonlinearity=rule.max_nonlinearity, degenerate=False, update_ratio=1.0)
+    below = SimpleNamespace(nonlinearity=rule.max_nonlinearity - 1e-9, degenerate=False, update_ratio=1.0)
+    assert not rule.is_informative(at) and rule.is_informative(below)  # "at or above it are not informative"
+
+
+def test_the_verdicts_sample_is_that_of_a_layer_it_reads():
+    from types import SimpleNamespace
+
+    from hf_koopman.koopman.features import LayerFeatures
+
+    def layer(eta: float) -> LayerFeatures:
+        return LayerFeatures(near_unit_mass=0.2, unstable_mass=0.8, contractive_mass=0.0, mid_mass=0.0,
+                             spectral_radius=1.1, eigvec_condition=20.0, nonlinearity=eta, kreiss=math.inf,
+                             n_modes=64, n_reliable=64, degenerate=False)
+
+    # layer 1 is the least sampled but not read (eta_nl above the gate): the verdict's N/d is layer 0's
+    profile = SimpleNamespace(features=[layer(0.3), layer(0.95)], sample_sizes=[(1000, 64), (200, 64)],
+                              settings={"rank": None})
+    rule = DecisionRule()
+    assert rule.reads(profile) == [True, False]
+    assert rule.verdict_layer(profile) == 0 and rule.verdict_sample(profile) == (1000, 64)
+
+
+def test_pretrained_weights_in_the_estimators_range_get_the_calibrated_advice():
+    from hf_koopman.risk import RiskAssessment, recommendation
+
+    high = RiskAssessment(probability=0.3, out_of_range=False, learning_rate=0.01)
+    advice = recommendation("safe", high, pretrained=True)
+    assert "lower" in advice and "30" in advice  # the in-range probability decides, not the generic pretrained text
+    outside = RiskAssessment(probability=0.3, out_of_range=True, learning_rate=0.01)
+    assert recommendation("safe", outside, pretrained=True) != advice

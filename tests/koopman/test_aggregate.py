@@ -39,6 +39,7 @@ def test_exclude_degenerate_and_errors():
     assert aggregate_features(layers)["near_unit_mass_mean"] == pytest.approx(0.55)
     agg = aggregate_features(layers, exclude_degenerate=True)
     assert agg["near_unit_mass_mean"] == pytest.approx(0.1) and agg["num_degenerate"] == 1
+    assert agg["num_layers"] == 2  # counts over the input, degenerate layers included
     with pytest.raises(ValueError, match="at least one"):
         aggregate_features([])
     with pytest.raises(ValueError, match="degenerate"):

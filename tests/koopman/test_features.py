@@ -93,6 +93,34 @@ def test_resdmd_filter_drops_a_planted_spurious_mode():
     assert f.contractive_mass == pytest.approx(4 / 6)  # ... and the spurious ~0, among all 6
 
 
+def _planted_with_sixth(sixth) -> torch.Tensor:
+    """Snapshots of five planted modes (1.0, 0.95, 0.7, 0.5, 0.3) and a sixth coordinate `sixth(X)`: `(3000, 6)`."""
+    A, _ = planted_operator([1.0, 0.95, 0.7, 0.5, 0.3], seed=1)
+    X = anisotropic_states(3000, 6, seed=2, spread=5.0)
+    Y = torch.empty_like(X)
+    Y[:, :5] = X[:, :5] @ A.T + 0.01 * X[:, 5:6]
+    Y[:, 5] = sixth(X)
+    return X, Y
+
+
+def test_a_mode_with_a_residual_between_tau_and_twice_tau_is_not_reliable():
+    noise = torch.randn(3000, generator=torch.Generator().manual_seed(3), dtype=F64)
+    X, Y = _planted_with_sixth(lambda X: 0.6 * X[:, 5] + 0.15 * noise * X[:, 5].std())
+    res = whitened_dmd(X, Y)
+    r = sorted(float(v) for v in resdmd_residuals(res))
+    assert r[-2] < 0.1 < r[-1] < 0.2  # one mode between the paper's tau = 0.1 and 0.2
+    assert spectral_features(res).n_reliable == 5  # the default tau is the paper's
+    assert spectral_features(res, residual_tol=0.2).n_reliable == 6
+
+
+def test_the_reliable_spectral_radius_leaves_out_a_large_spurious_mode():
+    noise = torch.randn(3000, generator=torch.Generator().manual_seed(3), dtype=F64)
+    X, Y = _planted_with_sixth(lambda X: 1.5 * X[:, 5] + noise * X[:, 5].std())
+    res = whitened_dmd(X, Y)
+    assert spectral_features(res).spectral_radius > 1.3  # the spurious mode is the largest ...
+    assert spectral_features(res, reliable_only=True).spectral_radius == pytest.approx(1.0, abs=0.01)  # ... left out
+
+
 def test_nonlinearity_grows_with_unmodelled_dynamics():
     X = anisotropic_states(2000, 6, seed=5, spread=3.0) - 3.0
     lin = spectral_features(whitened_dmd(X, X * 0.9 + 0.1 * X.roll(1, dims=1))).nonlinearity
