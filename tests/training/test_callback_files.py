@@ -95,6 +95,23 @@ def test_every_process_takes_a_copied_last_good_checkpoint_whether_or_not_it_see
     assert guard.last_good_checkpoint == str(new / "checkpoint-2") and guard._pending_checkpoints == []
 
 
+def test_the_record_is_written_at_the_event_not_only_when_training_ends(tmp_path):
+    from transformers import TrainerCallback
+
+    class Preempted(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise RuntimeError("preempted")
+
+    model, data = bad_batch_at(4)
+    guard = _guard(on_divergence="rollback")
+    with pytest.raises(RuntimeError, match="preempted"):  # killed after the rollback, before train() ends
+        Trainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=data,
+                callbacks=[guard, Preempted()]).train()
+    record = json.loads((tmp_path / RECORD_NAME).read_text())
+    assert [(e["step"], e["action"]) for e in record["events"]] == [(4, "rollback")]
+
+
 def test_the_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     guard = _guard(on_divergence="rollback")
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),

@@ -234,6 +234,16 @@ def test_the_same_callback_resumed_before_its_rollback_counts_the_back_off_once(
     assert rates.lrs == [0.5, 0.5] and guard.lr_scale == 0.5
 
 
+def test_a_resume_from_the_checkpoint_just_before_a_recorded_divergence_applies_its_back_off(tmp_path):
+    _rolled_back_at_step_4(tmp_path)
+    # the suspect checkpoint-3 (its rename undone by hand, or passed explicitly): the divergence at step 4 followed it
+    (tmp_path / "_suspect-checkpoint-3").rename(tmp_path / "checkpoint-3")
+    resumed, rates = _guard(on_divergence="rollback"), LearningRates()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5), train_dataset=TokenDataset(n=128),
+            callbacks=[resumed, rates]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert rates.lrs[0] == 0.5  # not the full rate that diverged at step 4
+
+
 # ---------------------------------------------------------------- 5. load_checkpoint_state names the fix
 @pytest.fixture
 def saved(tmp_path):
@@ -370,6 +380,18 @@ def test_a_passing_tail_validates_its_checkpoints(tmp_path):
     # the log of step 3 validates checkpoint-2; the tail (steps 4-5, sum ~8 <= 50) checkpoint-4
     assert guard.divergence is None and guard.weights_validated
     assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-4")
+
+
+def test_a_tail_whose_mean_passes_but_whose_sum_does_not_validates_nothing(tmp_path):
+    def thirty(outputs, labels, num_items_in_batch=None):  # a loss of 30 at every step, with the CE's gradient
+        loss = causal_ce(outputs, labels)
+        return loss - loss.detach() + 30.0
+
+    guard = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=5, logging_steps=3, learning_rate=1e-3),
+            train_dataset=TokenDataset(), callbacks=[guard], compute_loss_func=thirty).train()
+    # the log of step 3 (3 x 30 > 50) and the tail of steps 4-5 (2 x 30 > 50) bound no step's loss under 50
+    assert guard.divergence is None and guard.last_good_checkpoint is None
 
 
 def test_a_kss_tail_is_judged_on_the_task_loss_not_the_objective(tmp_path, caplog):
