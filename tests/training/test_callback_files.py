@@ -112,6 +112,16 @@ def test_the_record_is_written_at_the_event_not_only_when_training_ends(tmp_path
     assert [(e["step"], e["action"]) for e in record["events"]] == [(4, "rollback")]
 
 
+def test_a_stop_on_the_last_step_of_an_epoch_writes_no_epoch_checkpoint(tmp_path):
+    model, data = bad_batch_at(16)  # 64 rows, 4 per step: step 16 ends epoch 1, and trips
+    guard = _guard()  # stop
+    Trainer(model=model, args=_args(tmp_path, learning_rate=1e-3, max_steps=-1, num_train_epochs=2,
+                                    save_strategy="epoch"), train_dataset=data, callbacks=[guard]).train()
+    assert guard.divergence is not None and guard.divergence["step"] == 16
+    # the epoch-end save after the stopping step is cancelled: no diverged checkpoint to push, none to set aside
+    assert not [p.name for p in tmp_path.iterdir() if "checkpoint-16" in p.name]
+
+
 def test_the_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     guard = _guard(on_divergence="rollback")
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=6), train_dataset=TokenDataset(n=128),
