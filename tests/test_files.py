@@ -91,6 +91,26 @@ def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
         "a.txt": "old a.txt", "b.txt": "old b.txt", "plot.png": "old plot.png"}
 
 
+def test_a_failed_move_removes_a_new_file_that_had_no_earlier_version(tmp_path, monkeypatch):
+    (tmp_path / "profile.json").write_text("old profile")
+    real, placed = os.replace, []
+
+    def replace(src, dst):  # the new plot (no earlier one) moves into place, the profile cannot
+        if os.path.dirname(os.fspath(dst)) == os.fspath(tmp_path):
+            placed.append(dst)
+            if len(placed) == 2:  # eigenvalues.png was placed (profile.json went aside into the staging folder)
+                raise OSError("disk full")
+        return real(src, dst)
+
+    with pytest.raises(OSError, match="disk full"), staging_folder(tmp_path, ".stage-") as staging:
+        for name in ("eigenvalues.png", "profile.json"):
+            (staging / name).write_text(f"new {name}")
+        monkeypatch.setattr(os, "replace", replace)
+        move_into_place(staging, tmp_path, ["eigenvalues.png", "profile.json"])
+    monkeypatch.undo()
+    assert {p: (tmp_path / p).read_text() for p in os.listdir(tmp_path)} == {"profile.json": "old profile"}
+
+
 def test_a_stale_staging_folder_of_a_killed_write_is_removed_and_a_running_one_kept(tmp_path):
     stale, running = tmp_path / ".stage-killed", tmp_path / ".stage-running"
     stale.mkdir()

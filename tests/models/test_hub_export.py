@@ -332,6 +332,38 @@ def test_an_export_refuses_links_and_files_that_are_not_what_their_names_say(tmp
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def _pickle5(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"payload": 1}, protocol=5))
+
+
+def _torch_archive(path):
+    torch.save({"w": torch.zeros(2)}, path)
+
+
+def _cut_json(path):
+    path.write_text('{"model_max_length":', encoding="utf-8")
+
+
+def _cut_safetensors(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, damage", [("notes.txt", _pickle5), ("weights.txt", _torch_archive),
+                                          ("tokenizer.json", _cut_json), ("model.safetensors", _cut_safetensors)],
+                         ids=["pickle-protocol-5", "torch-save-as-txt", "json-cut-short", "safetensors-cut-short"])
+def test_each_file_that_is_not_what_its_name_says_is_refused_on_its_own(tmp_path, name, damage):
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(REPO / "checkpoints" / "cnp-gp-rbf", src)
+    damage(src / name)
+    with pytest.raises(ValueError, match=f"not what their names say \\({name}"):
+        export_for_hub(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_adding_remote_code_never_writes_through_a_link(tmp_path):
     import shutil
 

@@ -251,6 +251,7 @@ def test_an_export_refuses_a_folder_that_already_holds_files(toy_package, tmp_pa
     assert (out / "pytorch_model.bin").exists()  # untouched
     save_for_hub(model, out, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
     assert not (out / "pytorch_model.bin").exists() and (out / "model.safetensors").is_file() and (out / ".git").is_dir()
+    assert [p.name for p in out.iterdir() if p.is_dir()] == [".git"]  # the earlier files kept aside are gone too
 
 
 def test_overwrite_clears_only_an_earlier_export(toy_package, tmp_path, monkeypatch):
@@ -268,6 +269,28 @@ def test_overwrite_clears_only_an_earlier_export(toy_package, tmp_path, monkeypa
     with pytest.raises(ValueError, match="not in"):  # a bad map is refused before the folder is touched
         save_for_hub(model, tmp_path / "new", code_dir=pkg, auto_map={**AUTO_MAP, "AutoModel": "modeling_x.Y"})
     assert not (tmp_path / "new").exists()
+
+
+def test_an_overwrite_never_clears_a_folder_it_reaches_through_a_link_or_one_holding_an_input(toy_package, tmp_path,
+                                                                                             monkeypatch):
+    pkg, module = toy_package
+    model = module.ToyModel(module.ToyConfig())
+    real = tmp_path / "real-export"
+    save_for_hub(model, real, code_dir=pkg, auto_map=AUTO_MAP)
+    before = sorted(p.name for p in real.iterdir())
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        save_for_hub(model, link, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    card = real / "MY_CARD.md"
+    card.write_text("---\nlicense: apache-2.0\n---\n# mine\n")
+    with pytest.raises(ValueError, match="holds an input"):
+        save_for_hub(model, real, code_dir=pkg, auto_map=AUTO_MAP, card=card, overwrite=True)
+    (real / "sub").mkdir()
+    monkeypatch.chdir(real / "sub")  # the export folder holds the current directory
+    with pytest.raises(ValueError, match="current or home"):
+        save_for_hub(model, real, code_dir=pkg, auto_map=AUTO_MAP, overwrite=True)
+    assert sorted(p.name for p in real.iterdir()) == sorted([*before, "MY_CARD.md", "sub"])
 
 
 def test_an_overwrite_that_fails_midway_puts_the_earlier_export_back(toy_package, tmp_path, monkeypatch, caplog):
