@@ -286,3 +286,38 @@ def test_max_lr_expands_a_tilde_in_the_estimator_path(mine, tmp_path, monkeypatc
     assert main(["max-lr", str(config), "--init", "--num-samples", "128", "--no-progress", "--estimator=~/est.json",
                  "--json"]) == 0
 
+
+
+# ------------------------------------------------------------------------------------------------ what a fit records
+def test_a_fitted_estimator_clips_each_input_to_its_training_range(mine):
+    rows, _ = _rows()
+    masses = [r["near_unit_mass_mean"] for r in rows]
+    spec = next(f for f in mine.features if f.key == "near_unit_mass_mean")
+    assert (spec.raw_bound(spec.low), spec.raw_bound(spec.high)) == pytest.approx((min(masses), max(masses)))
+    at_max, beyond = mine.predict_proba_rows([{"learning_rate": 1e-2, "near_unit_mass_mean": max(masses)},
+                                              {"learning_rate": 1e-2, "near_unit_mass_mean": 10 * max(masses)}])
+    assert at_max == beyond  # clipped to the largest training value, not extrapolated
+
+
+def test_an_input_read_as_log10_is_out_of_range_by_decades():
+    rows, labels = _rows()
+    for i, row in enumerate(rows):
+        row["eigvec_condition_mean"] = 10.0 + 90.0 * i / (len(rows) - 1)  # 10 ... 100
+    est = RiskEstimator.fit(rows, labels, [*FEATURES, ("eigvec_condition_mean", "log10")])
+    flag, outside, _ = est.check_ranges({"near_unit_mass_mean": 0.5, "eigvec_condition_mean": 1e4,
+                                         "model_type": "llama", "hidden_size": 64, "num_layers": 4},
+                                        learning_rate=1e-2)
+    (issue,) = [i for i in outside if i.key == "eigvec_condition_mean"]
+    assert flag and issue.log_scale and issue.excess == pytest.approx(2.0)
+
+
+def test_a_learning_rate_the_profile_records_is_no_range_issue_of_max_lr(llama_profile):
+    from hf_koopman import suggest_max_lr
+
+    rows, labels = _rows()
+    never = RiskEstimator.fit(rows, [1 - y for y in labels], FEATURES)  # risk falls with the rate: no crossing
+    recorded = SpectralProfile.from_dict({**llama_profile.to_dict(),
+                                          "meta": {**llama_profile.meta, "learning_rate": 10.0}})  # outside 1e-3..1
+    suggestion = suggest_max_lr(recorded, estimator=never)
+    assert suggestion.verdict in ("no crossing", "uninformative")
+    assert "learning_rate" not in [issue.key for issue in suggestion.outside]
