@@ -301,3 +301,12 @@ def test_pretrained_weights_in_the_estimators_range_get_the_calibrated_advice():
     assert "lower" in advice and "30" in advice  # the in-range probability decides, not the generic pretrained text
     outside = RiskAssessment(probability=0.3, out_of_range=True, learning_rate=0.01)
     assert recommendation("safe", outside, pretrained=True) != advice
+
+
+@pytest.mark.parametrize("coef, intercept, crossing", [(1.0, -5.0, 5.0 + math.log(0.1 / 0.9)),
+                                                       (1e8, -1.0 + math.log(0.1 / 0.9), 1e-8)],
+                         ids=["above-1", "below-1e-6"])
+def test_a_learning_rate_read_as_is_crosses_anywhere_in_the_searched_decades(coef, intercept, crossing):
+    # the learning rate as an identity feature: no closed form, the crossing is searched on [1e-10, 1e3]
+    estimator = RiskEstimator([FeatureSpec("learning_rate")], [coef], intercept)
+    assert estimator.learning_rate_at_risk({}, risk=0.1) == pytest.approx(crossing, rel=1e-3)

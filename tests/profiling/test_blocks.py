@@ -144,3 +144,28 @@ def test_num_hidden_layers_fallback():
 def test_tiny_architectures_cover_the_issue_families():
     assert set(DECODER_ONLY + ["bert", "vit", "t5"]) <= set(TINY_ARCHITECTURES)
     assert torch.is_tensor(next(tiny_model("bert").parameters()))
+
+
+def test_blocks_named_only_by_the_models_recorded_hidden_states_are_found():
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    class Block(nn.Module):  # neither a GradientCheckpointingLayer nor in _no_split_modules
+        def __init__(self, width):
+            super().__init__()
+            self.mlp = nn.Linear(width, width)
+
+        def forward(self, hidden):
+            return hidden + self.mlp(hidden)
+
+    class Toy(PreTrainedModel):
+        config_class = PreTrainedConfig
+        _can_record_outputs = {"hidden_states": Block}
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = nn.Embedding(16, 8)
+            self.blocks = nn.ModuleList(Block(8) for _ in range(3))
+            self.heads = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))  # another list, as long as num_hidden_layers
+
+    model = Toy(PreTrainedConfig(num_hidden_layers=2))
+    assert [b.name for b in find_residual_blocks(model)] == ["blocks.0", "blocks.1", "blocks.2"]
