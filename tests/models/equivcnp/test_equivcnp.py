@@ -470,3 +470,8 @@ def test_zero_context_points_give_a_finite_prediction_in_1d(build):
     cx, cy, tx = _task(1)
     out = model(cx[:, :0], cy[:, :0], tx)
     assert out.mean.shape == (2, 25, 1) and torch.isfinite(out.mean).all() and torch.isfinite(out.stddev).all()
+
+
+def test_a_new_model_starts_at_the_configured_encoder_length_scale():
+    model = EquivCNPModel(EquivCNPConfig(group="T2", encoder_length_scale=0.25))
+    assert float(model.log_length_scale.exp()) == pytest.approx(0.25)

@@ -424,3 +424,24 @@ def test_the_label_and_mask_checks_stay_out_of_a_compiled_graph_and_the_meta_dev
     with torch.device("meta"):
         meta = ReyNetForGraphClassification(ReyNetConfig(**TINY))
     assert meta(X.to("meta"), labels=labels.to("meta")).loss.device.type == "meta"
+
+
+def test_mean_pooling_averages_the_diagonal_and_off_diagonal_entries_over_real_nodes():
+    torch.manual_seed(0)
+    model = ReyNetModel(ReyNetConfig(**{**TINY, "pooling": "mean"})).double().eval()
+    X, mask = _batch()
+    out = model(X, node_mask=mask)
+    h = out.last_hidden_state  # (B, F, n, n), zero at padded nodes
+    for b, n in enumerate(mask.sum(dim=1).tolist()):
+        real = h[b, :, :n, :n]
+        diag = real.diagonal(dim1=1, dim2=2).sum(dim=-1) / n
+        off = (real.sum(dim=(1, 2)) - real.diagonal(dim1=1, dim2=2).sum(dim=-1)) / (n * (n - 1))
+        torch.testing.assert_close(out.pooler_output[b], torch.cat((diag, off)))
+    summed = ReyNetModel(ReyNetConfig(**{**TINY, "pooling": "sum"})).double().eval()
+    summed.load_state_dict(model.state_dict())
+    assert not torch.allclose(summed(X, node_mask=mask).pooler_output, out.pooler_output)
+
+
+def test_head_dropout_reaches_the_classifier():
+    model = ReyNetForGraphClassification(ReyNetConfig(**{**TINY, "head_dropout": 0.3}))
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3]  # before each Linear
