@@ -69,18 +69,24 @@ def test_move_into_place_moves_new_files_and_removes_stale_ones(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "new a" and (tmp_path / "mine.txt").read_text() == "the user's"
 
 
-def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
-    for name in ("a.txt", "b.txt", "plot.png"):
-        (tmp_path / name).write_text(f"old {name}")
+def _second_placement_fails(folder: Path):
+    """An `os.replace` under which the second file moved into `folder` fails (a full disk): the first is in place."""
     real, placed = os.replace, []
 
     def replace(src, dst):
-        if os.path.dirname(os.fspath(dst)) == os.fspath(tmp_path):
+        if os.path.dirname(os.fspath(dst)) == os.fspath(folder):
             placed.append(dst)
             if len(placed) == 2:
                 raise OSError("disk full")
         return real(src, dst)
 
+    return replace
+
+
+def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
+    for name in ("a.txt", "b.txt", "plot.png"):
+        (tmp_path / name).write_text(f"old {name}")
+    replace = _second_placement_fails(tmp_path)
     with pytest.raises(OSError, match="disk full"), staging_folder(tmp_path, ".stage-") as staging:
         for name in ("a.txt", "b.txt"):
             (staging / name).write_text(f"new {name}")
@@ -93,15 +99,7 @@ def test_a_failed_move_puts_everything_back(tmp_path, monkeypatch):
 
 def test_a_failed_move_removes_a_new_file_that_had_no_earlier_version(tmp_path, monkeypatch):
     (tmp_path / "profile.json").write_text("old profile")
-    real, placed = os.replace, []
-
-    def replace(src, dst):  # the new plot (no earlier one) moves into place, the profile cannot
-        if os.path.dirname(os.fspath(dst)) == os.fspath(tmp_path):
-            placed.append(dst)
-            if len(placed) == 2:  # eigenvalues.png was placed (profile.json went aside into the staging folder)
-                raise OSError("disk full")
-        return real(src, dst)
-
+    replace = _second_placement_fails(tmp_path)  # the new plot (no earlier one) moves into place, the profile cannot
     with pytest.raises(OSError, match="disk full"), staging_folder(tmp_path, ".stage-") as staging:
         for name in ("eigenvalues.png", "profile.json"):
             (staging / name).write_text(f"new {name}")

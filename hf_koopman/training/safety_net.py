@@ -126,31 +126,42 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _saved_on_this_path(path: str | Path, state) -> bool:
-    """Whether the checkpoint folder `path` holds a trainer state of this run's path: saved at the step its name says,
-    with a non-empty log history that begins the history this run resumed with (compared as JSON text, NaN-safe)."""
+def _saved_trainer_state(folder: str | Path) -> dict[str, Any] | None:
+    """The `trainer_state.json` of the checkpoint folder `folder`, or `None` when it is missing or unreadable."""
     from transformers.trainer import TRAINER_STATE_NAME
 
     try:
-        saved = json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        saved = json.loads((Path(folder) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _on_this_path(saved: dict[str, Any] | None, state, step: int) -> bool | str:
+    """Whether a saved trainer state (`_saved_trainer_state`) is of this run's path at `step`: `True` for that global
+    step and a non-empty log history that begins the one this run resumed with; `"unsure"` for that step with no log
+    entries (any folder at that step matches); else `False`."""
+    history = saved.get("log_history") if saved is not None else None
+    if not isinstance(history, list) or saved.get("global_step") != step:
         return False
-    history = saved.get("log_history") if isinstance(saved, dict) else None
-    if not isinstance(history, list) or not history or saved.get("global_step") != _checkpoint_step(str(path)):
+    # compared as JSON text: a NaN (a logged grad_norm of an overflowing step) read back never equals itself
+    if _as_json(history) != _as_json(list(state.log_history or [])[:len(history)]):
         return False
-    return _as_json(history) == _as_json(list(state.log_history or [])[:len(history)])
+    return True if history else "unsure"
 
 
 def _moved_with(path: str | None, folder: Path, state) -> str | None:
     """A checkpoint path read from a run record or a stored guard state, in the run folder as it is now. When the
     recorded checkpoint's folder is gone (the run folder was moved, e.g. from a preempted node's scratch disk to shared
     storage, before this resume), the run folder's checkpoint of that name, if its trainer state is of this run's path
-    (`_saved_on_this_path`); else the recorded path (a checkpoint that rotation removed from a folder still there
-    stays removed: another run's checkpoint of the same name is never taken for it)."""
+    at the step its name says (`_on_this_path`); else the recorded path (a checkpoint that rotation removed from a
+    folder still there stays removed: another run's checkpoint of the same name is never taken for it)."""
     if path is None or Path(path).is_dir() or Path(path).parent.is_dir():
         return path
     here = folder / Path(path).name
-    return str(here) if here.is_dir() and _saved_on_this_path(here, state) else path
+    if here.is_dir() and _on_this_path(_saved_trainer_state(here), state, _checkpoint_step(str(here))) is True:
+        return str(here)
+    return path
 
 
 def _as_json(value: Any) -> str:
@@ -371,19 +382,7 @@ class SafetyNet:
         """Whether the checkpoint folder `path` holds the trainer state this run resumed from (the Trainer does not
         tell callbacks the folder): `True` for the same global step and the same non-empty log history the run starts
         with; `"unsure"` for the same step with no log entries (any folder at that step matches); else `False`."""
-        from transformers.trainer import TRAINER_STATE_NAME
-
-        try:
-            saved = json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        history = saved.get("log_history") if isinstance(saved, dict) else None
-        if not isinstance(history, list) or saved.get("global_step") != state.global_step:
-            return False
-        # compared as JSON text: a NaN (a logged grad_norm of an overflowing step) read back never equals itself
-        if _as_json(history) != _as_json(list(state.log_history or [])[:len(history)]):
-            return False
-        return True if history else "unsure"
+        return _on_this_path(_saved_trainer_state(path), state, state.global_step)
 
     @staticmethod
     def _stored_guard_states(state) -> list[dict[str, Any]]:
@@ -1117,24 +1116,17 @@ class SafetyNet:
         the folder is then found at the trial's next save)."""
         if self._trial_folder is not None or getattr(state, "trial_params", None) is None:
             return
-        from transformers.trainer import TRAINER_STATE_NAME
-
-        def same_trial(path: Path) -> bool:
-            try:
-                saved = json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return False
-            return isinstance(saved, dict) and saved.get("trial_params") == state.trial_params
-
         out, name = Path(args.output_dir).absolute(), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
-            found = [p for pattern in (f"*/{name}", f"*/*/{name}") for p in out.glob(pattern)
-                     if p.is_dir() and same_trial(p)]
-            sure = [p for p in found if self._resumed_from(str(p), state) is True]
+            saved = {p: _saved_trainer_state(p) for pattern in (f"*/{name}", f"*/*/{name}") for p in out.glob(pattern)
+                     if p.is_dir()}
+            match = {p: _on_this_path(s, state, state.global_step) for p, s in saved.items()
+                     if s is not None and s.get("trial_params") == state.trial_params}
+            sure = [p for p, m in match.items() if m is True]
             if sure_only:  # two trials with the same values and history cannot be told apart: none is taken
                 pick = sure if len(sure) == 1 else []
             else:  # just saved: the newest of the matching folders
-                pick = sure if len(sure) == 1 else [p for p in found if self._resumed_from(str(p), state)]
+                pick = sure if len(sure) == 1 else [p for p, m in match.items() if m]
             newest = max(pick, key=lambda path: path.stat().st_mtime_ns, default=None)
         except OSError:
             newest = None
