@@ -134,6 +134,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       gradient norm > 500, or a non-finite loss, gradient or block output) on the raw values of every step: the model's
       loss from a forward hook, the gradient norm before clipping at the end of each backward pass, block outputs from
       forward hooks. All processes decide together (one all-reduce of four numbers per step; none in one process).
+      `relative_loss_threshold` adds a loss limit on the run's own scale, that multiple of its first checked loss
+      (kept in the checkpointed state, so a resumed run keeps its start's); the lower limit applies.
       When the model returns no loss (the Trainer computes it outside the model: `label_smoothing_factor`,
       `compute_loss_func`), a warning says so once and the loss part judges the loss the Trainer logs: a logged loss
       that trips the rule is a divergence at that logging step (the mean of the `logging_steps` steps it covers, so
@@ -216,6 +218,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         guard (`bool`, defaults to `True`): enable the divergence guard.
         loss_threshold (`float`, defaults to `50.0`): the rule's loss threshold.
         grad_norm_threshold (`float`, defaults to `500.0`): the rule's gradient-norm threshold.
+        relative_loss_threshold (`float`, *optional*): also count a step as diverged when its loss exceeds this
+            multiple of the run's first checked loss (`3.0` is the value `results/relative_loss_rule.md` supports for
+            cross-entropy losses); the lower of the two limits applies. Off (`None`) by default: a multiple of the
+            first loss is no scale for a loss near 0 or a negative one.
         check_activations (`bool`, defaults to `True`): watch block outputs for NaN/Inf (one on-device sum per block,
             read with the step's one sync).
         on_divergence (`str`, defaults to `"stop"`): `"stop"` or `"rollback"`.
@@ -270,6 +276,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         guard: bool = True,
         loss_threshold: float = LOSS_THRESHOLD,
         grad_norm_threshold: float = GRAD_NORM_THRESHOLD,
+        relative_loss_threshold: float | None = None,
         check_activations: bool = True,
         on_divergence: Literal["stop", "rollback"] = "stop",
         max_rollbacks: int = 3,
@@ -331,7 +338,13 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise TypeError(f"RKSPCallback: {name} must be a number > 0 (a step above it counts as diverged), "
                                 f"got {type(value).__name__} {value!r}")
-        self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold))
+        relative = relative_loss_threshold
+        if relative is not None and (isinstance(relative, (bool, np.bool_)) or not isinstance(relative, numbers.Real)):
+            raise TypeError(f"RKSPCallback: relative_loss_threshold must be None (off) or a number > 1 (a multiple of "
+                            f"the run's first checked loss), got {type(relative_loss_threshold).__name__} "
+                            f"{relative_loss_threshold!r}")
+        self.rule = DivergenceRule(float(loss_threshold), float(grad_norm_threshold),
+                                   None if relative_loss_threshold is None else float(relative_loss_threshold))
         self.snapshot_every_n_steps = snapshot_every_n_steps if isinstance(snapshot_every_n_steps, str) else int(
             snapshot_every_n_steps)
         self.rollback_source = rollback_source
@@ -420,12 +433,34 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._call_start = 0  # global step when this train() call started: its final train_loss covers the steps after
         self._logged_sum = 0.0  # sum over this call's training logs of the logged loss times the steps it covers
         self._logged_finite = True  # whether every training log of this call had a finite loss (`_logged_sum` holds)
+        self._reference_off = False  # the first checked loss was not positive: no relative limit this run
         self._bound_broken = False  # a logged loss was negative: "no step's loss exceeds n x the mean" does not hold
 
     @property
     def loss_threshold(self) -> float:
         """Loss above which a step counts as diverged (`DivergenceRule.loss_threshold`)."""
         return self.rule.loss_threshold
+
+    @property
+    def relative_loss_threshold(self) -> float | None:
+        """Multiple of the run's first checked loss above which a step counts as diverged, or `None` (off)."""
+        return self.rule.relative_loss_threshold
+
+    @property
+    def reference_loss(self) -> float | None:
+        """The run's first checked loss, which `relative_loss_threshold` multiplies (`None` until checked)."""
+        return self.rule.reference_loss
+
+    @reference_loss.setter
+    def reference_loss(self, value: float | None) -> None:
+        ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                               and 0 < float(value) < math.inf)
+        self.rule = self.rule.with_reference(float(value) if ok and value is not None else None)
+
+    @property
+    def loss_limit(self) -> float:
+        """The loss above which a step counts as diverged now (`DivergenceRule.loss_limit`)."""
+        return self.rule.loss_limit
 
     @property
     def grad_norm_threshold(self) -> float:
@@ -467,6 +502,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "guard": self.guard,
                 "loss_threshold": self.loss_threshold,
                 "grad_norm_threshold": self.grad_norm_threshold,
+                "relative_loss_threshold": self.relative_loss_threshold,
                 "check_activations": self.check_activations,
                 "on_divergence": self.on_divergence,
                 "max_rollbacks": self.max_rollbacks,
@@ -487,6 +523,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "divergence": self.divergence,
                 "events": self.events,
                 "lr_scale": self.lr_scale,
+                "reference_loss": self.reference_loss,
             },
         }
 

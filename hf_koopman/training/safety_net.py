@@ -261,10 +261,13 @@ class SafetyNet:
                 self._watch = ActivationWatch(find_residual_blocks(model, layers=self.layers))
             except ValueError as err:
                 logger.warning("RKSP guard: no residual blocks found (%s); activation check disabled", err)
+        self._reference_off = False
         if state.global_step > 0:
             self._resume_backoff(args, state, optimizer, lr_scheduler)
-        elif state.is_world_process_zero:
-            self._set_aside_old_record(args)
+        else:
+            self.reference_loss = None  # a new run: its own first checked loss sets the relative limit
+            if state.is_world_process_zero:
+                self._set_aside_old_record(args)
 
     @staticmethod
     def _set_aside_old_record(args) -> None:
@@ -309,6 +312,10 @@ class SafetyNet:
         scale = stored[0].get("lr_scale") if stored else None
         if isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0 < scale <= 1:
             self.lr_scale = float(scale)
+        if self.relative_loss_threshold is not None and self.reference_loss is None and stored:
+            # the loss the run started from, not the resumed (trained) model's: the checkpoint's stored guard state
+            # holds it whether or not transformers restores this callback from it
+            self.reference_loss = stored[0].get("reference_loss")
         tripped = self._suspect_resume(events, state)
         if tripped is not None:
             event, resumed = tripped
@@ -419,6 +426,34 @@ class SafetyNet:
             if names:
                 return event, names[0]
         return None
+
+    def _note_reference(self, loss: float, step: int, state) -> None:
+        """The run's first checked loss (all processes see the same value: the all-reduced maximum, or the logged mean)
+        sets the relative loss limit, `relative_loss_threshold x` it; the steps it covers were judged by
+        `loss_threshold` alone. A non-positive first loss gives no limit: the relative part stays off, with a
+        warning."""
+        if self.relative_loss_threshold is None or self.reference_loss is not None or self._reference_off:
+            return
+        if not (0 < loss < math.inf):
+            self._reference_off = True
+            if state.is_world_process_zero:
+                logger.warning("RKSP guard: relative_loss_threshold=%g needs a positive first loss, and the first "
+                               "checked loss (step %d) is %g: the relative limit is off for this run; loss_threshold "
+                               "(%g) still applies.", self.relative_loss_threshold, step, loss, self.loss_threshold)
+            return
+        self.reference_loss = loss
+        if not state.is_world_process_zero:
+            return
+        limit = (f"relative_loss_threshold {self.relative_loss_threshold:g} x {loss:g}" if self.rule.limited_by_relative
+                 else f"loss_threshold, below {self.relative_loss_threshold:g} x {loss:g}")
+        if self._call_start > 0:  # a trained model's loss: a tighter limit than the run's start would give
+            logger.warning("RKSP guard: the checkpoint this run resumed from holds no reference loss (it was saved "
+                           "without relative_loss_threshold): this resumed run's first checked loss, %g at step %d, "
+                           "is the reference, so a loss above %g (%s) counts as diverged.", loss, step,
+                           self.loss_limit, limit)
+        else:
+            logger.info("RKSP guard: the first checked loss is %g at step %d: a loss above %g (%s) counts as "
+                        "diverged from now on.", loss, step, self.loss_limit, limit)
 
     def _stop_guard(self) -> None:
         for tap in (self._loss_tap, self._grad_tap, self._watch):
@@ -662,10 +697,10 @@ class SafetyNet:
                     "%s With logging_strategy='no' no loss is logged either, so the loss part of the rule is OFF: only "
                     "the gradient norm and block outputs are checked, and a run whose loss exceeds %g keeps training "
                     "with its checkpoints named good. Set logging_strategy='steps' (logging_steps=1 for per-step "
-                    "checks) to have the guard judge the logged loss.", why, self.loss_threshold)
+                    "checks) to have the guard judge the logged loss.", why, self.loss_limit)
             return
         self._loss_from_logs = True
-        threshold = self.loss_threshold
+        threshold = self.loss_limit
         if strategy == "epoch":
             when = (" With logging_strategy='epoch' that is the mean of an epoch's n steps, checked once an epoch: a "
                     "spike can hide in the mean and is caught late, and since no step's loss exceeds n x the mean, "
@@ -783,6 +818,8 @@ class SafetyNet:
         if first_bad < n_blocks:
             flags |= CAUSE_ACTIVATION
         if not flags:
+            if any_loss:
+                self._note_reference(reduced[0], first_checked, state)
             # each was followed by a passing step: the latest is the last good one (judged on logged losses, once a
             # logged loss after it passes: `_judge_logged_loss`)
             if self._pending_checkpoints and not self._loss_from_logs:
@@ -802,7 +839,7 @@ class SafetyNet:
         causes = []
         if flags & CAUSE_LOSS:
             here = self.rule.loss_diverged(loss)
-            causes.append(f"loss > {self.loss_threshold:g} or non-finite{where(here)} "
+            causes.append(f"loss > {self.loss_limit:g} or non-finite{where(here)} "
                           f"(step loss here: {loss}{worst(here, reduced[0])})")
         if flags & CAUSE_GRAD_NORM:
             here = self.rule.grad_norm_diverged(grad_norm)
@@ -871,7 +908,7 @@ class SafetyNet:
         if self._loss_from_logs:  # a passing mean of n steps validates them only when n x mean <= loss_threshold
             return (" without a rollback: no logged loss of this train() call had validated a state before the "
                     f"divergence (a logged mean of n steps validates them only when n x mean <= "
-                    f"{self.loss_threshold:g}), so there was nothing in memory to roll back to{first}")
+                    f"{self.loss_limit:g}), so there was nothing in memory to roll back to{first}")
         return (" without a rollback: no step of this train() call had passed the rule before the divergence, so no "
                 f"state was validated in memory to roll back to{first}")
 
@@ -980,15 +1017,23 @@ class SafetyNet:
             value = reduced if reduced is not None else local
             return bool(event.cause_flags & flag) and value is not None and math.isfinite(value) and value > threshold
 
-        names = []
-        if crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes, self.loss_threshold):
-            names.append(f"loss_threshold (now {self.loss_threshold:g})")
+        names, relative = [], ""
+        if crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes, self.loss_limit):
+            if self.rule.limited_by_relative and not crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes,
+                                                             self.loss_threshold):
+                relative = (f" The loss limit {self.loss_limit:g} is relative_loss_threshold "
+                            f"({self.relative_loss_threshold:g}) x this run's first checked loss "
+                            f"({self.reference_loss:g}): if this task's loss normally moves that far from its start, "
+                            f"raise relative_loss_threshold or leave it out (loss_threshold, {self.loss_threshold:g}, "
+                            "then applies alone).")
+            else:
+                names.append(f"loss_threshold (now {self.loss_threshold:g})")
         if crossed(CAUSE_GRAD_NORM, event.grad_norm, event.grad_norm_max_over_processes, self.grad_norm_threshold):
             names.append(f"grad_norm_threshold (now {self.grad_norm_threshold:g})")
         if not names:
-            return ""
-        return (f" The rule's thresholds are the paper's, for language-model losses: if values this large are normal "
-                f"for this task (a regression loss, a summed loss), raise {' and '.join(names)} in "
+            return relative
+        return (f"{relative} The rule's thresholds are the paper's, for language-model losses: if values this large "
+                f"are normal for this task (a regression loss, a summed loss), raise {' and '.join(names)} in "
                 f"RKSPCallback(...).")
 
     def _set_aside_suspects(self, args, state, event: DivergenceEvent,
@@ -1146,7 +1191,9 @@ class SafetyNet:
         out = self._run_folder(args)
         out.mkdir(parents=True, exist_ok=True)
         record = {
-            "rule": {"loss_threshold": self.loss_threshold, "grad_norm_threshold": self.grad_norm_threshold},
+            "rule": {"loss_threshold": self.loss_threshold, "grad_norm_threshold": self.grad_norm_threshold,
+                     "relative_loss_threshold": self.relative_loss_threshold, "reference_loss": self.reference_loss,
+                     "loss_limit": self.loss_limit},
             "on_divergence": self.on_divergence,
             "max_rollbacks": self.max_rollbacks,
             "lr_backoff": self.lr_backoff,
@@ -1242,13 +1289,14 @@ class SafetyNet:
                     "RKSP guard: the logged %s at step %d is negative (%g): the guard validates a logged mean of n "
                     "steps only because no step's loss exceeds n x the mean, which needs non-negative losses. From "
                     "now on no logged loss validates a state or checkpoint (a logged loss > %g still trips the rule).",
-                    key, state.global_step, value, self.loss_threshold)
+                    key, state.global_step, value, self.loss_limit)
         if self._rolled_back_since(first):
             self._candidate.invalidate()  # its loss is in a mean with the losses of rolled-back steps
             self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
             return
         if not self.rule.loss_diverged(value):
-            if self._bound_broken or not steps * value <= self.loss_threshold:
+            self._note_reference(value, first, state)
+            if self._bound_broken or not steps * value <= self.loss_limit:
                 self._candidate.invalidate()  # one of the steps may have been over the threshold: nothing validated
                 return
             self._validate_window(first, state.global_step)
@@ -1259,7 +1307,7 @@ class SafetyNet:
                     else "mean over processes")
         event = DivergenceEvent(
             step=state.global_step, cause_flags=CAUSE_LOSS, loss=value, grad_norm=None, first_bad_layer=None,
-            causes=[f"logged {key} > {self.loss_threshold:g} or non-finite ({value}, the Trainer's logged {span}"
+            causes=[f"logged {key} > {self.loss_limit:g} or non-finite ({value}, the Trainer's logged {span}"
                     "; the model returns no loss of its own)"],
             last_good_checkpoint=self.last_good_checkpoint, first_checked_step=first,
             suspect_checkpoints=[path for _, path in self._pending_checkpoints],
@@ -1360,7 +1408,7 @@ class SafetyNet:
         kss = term is None and any(k in logs for k in ("kss/penalty", "kss/near_unit_mass", "kss/spectral_radius"))
         if problem is None and self.rule.loss_diverged(low) and kss and math.isfinite(tail):
             problem = (f"their mean loss from train_loss, {mean:g}, includes the KSS term, which may account for its "
-                       f"exceeding {self.loss_threshold:g}")
+                       f"exceeding {self.loss_limit:g}")
         if problem is not None:
             self._candidate.invalidate()
             self.weights_validated = False
@@ -1372,7 +1420,7 @@ class SafetyNet:
                     "that the last step is logged.", first, last, problem)
             return
         if not self.rule.loss_diverged(low):
-            if not self._bound_broken and tail + slack <= self.loss_threshold:
+            if not self._bound_broken and tail + slack <= self.loss_limit:
                 self._validate_window(first, last)
             else:
                 self._candidate.invalidate()
@@ -1380,7 +1428,7 @@ class SafetyNet:
         over = " and over processes" if is_distributed() else ""
         event = DivergenceEvent(
             step=last, cause_flags=CAUSE_LOSS, loss=mean, grad_norm=None, first_bad_layer=None,
-            causes=[f"loss > {self.loss_threshold:g} or non-finite ({mean}, the mean over steps {first}-{last}{over} "
+            causes=[f"loss > {self.loss_limit:g} or non-finite ({mean}, the mean over steps {first}-{last}{over} "
                     "after the last training log, from the Trainer's final train_loss; the model returns no loss of "
                     "its own)"],
             action="stop", last_good_checkpoint=self.last_good_checkpoint, first_checked_step=first,
@@ -1456,7 +1504,7 @@ class SafetyNet:
         causes = []
         if loss_value is not None and self.rule.loss_diverged(loss_value):
             flags |= CAUSE_LOSS
-            causes.append(f"loss > {self.loss_threshold:g} or non-finite (worst step loss over processes: "
+            causes.append(f"loss > {self.loss_limit:g} or non-finite (worst step loss over processes: "
                           f"{loss_value})")
         if norm is not None and self.rule.grad_norm_diverged(norm):
             flags |= CAUSE_GRAD_NORM
@@ -1587,7 +1635,7 @@ class SafetyNet:
         self._pending_checkpoints = []
         here = self.rule.loss_diverged(value)
         event = DivergenceEvent(
-            step=step, causes=[f"the weights after its update give loss > {self.loss_threshold:g} or non-finite on "
+            step=step, causes=[f"the weights after its update give loss > {self.loss_limit:g} or non-finite on "
                                f"the last training batch{'' if here else ' on another process'} (checked after "
                                f"training ended; loss here: {value if value != float('-inf') else None}"
                                f"{'' if here else f', max over processes: {reduced[0]}'})"],

@@ -18,7 +18,8 @@ ARTIFACTS = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
 # a value other than the default for every argument that state() carries
 NOT_DEFAULT = dict(profile_at_init=False, probe_batch_size=3, num_samples=300, rank=None, seed=5, layers="transformer.h",
                    every_n_steps=7, monitor_num_samples=64, guard=False, loss_threshold=40.0,
-                   grad_norm_threshold=400.0, check_activations=False, on_divergence="rollback", max_rollbacks=5,
+                   grad_norm_threshold=400.0, relative_loss_threshold=2.5, check_activations=False,
+                   on_divergence="rollback", max_rollbacks=5,
                    lr_backoff=0.25, restore_on_stop=False, snapshot_every_n_steps=3, rollback_source="memory",
                    check_every_n_steps=2, auto_kss=True, save_artifacts=False)
 
