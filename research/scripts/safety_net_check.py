@@ -3,6 +3,8 @@ results/safety_net.md (the part above "## Results", the plan, is kept as written
 
     python -m research.scripts.safety_net_check            # all regimes, ~8 minutes on 2 cores
     python -m research.scripts.safety_net_check --quick    # one seed per regime, 20 steps (smoke test)
+    python -m research.scripts.safety_net_check --relative-loss-threshold 3 --out results/safety_net_relative
+                                                           # the same runs with the guard's relative loss limit
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ def eval_loss(model: torch.nn.Module, dataset) -> float:
     return statistics.fmean(losses)
 
 
-def run(spec: RunSpec, mode: str, *, poison: bool, train_ds, eval_ds) -> dict:
+def run(spec: RunSpec, mode: str, *, poison: bool, train_ds, eval_ds, relative: float | None = None) -> dict:
     model = build_model(spec)
+    init = eval_loss(model, eval_ds)
     guard = RKSPCallback(profile_at_init=False, check_activations=True, on_divergence=mode,
-                         max_rollbacks=MAX_ROLLBACKS, lr_backoff=BACKOFF)
+                         max_rollbacks=MAX_ROLLBACKS, lr_backoff=BACKOFF, relative_loss_threshold=relative)
     callbacks = [Poison(spec.max_steps // 2)] if poison else []
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -95,6 +98,8 @@ def run(spec: RunSpec, mode: str, *, poison: bool, train_ds, eval_ds) -> dict:
         "trips": [e["step"] for e in guard.events],
         "restored": [e.get("restored_step") for e in guard.events],
         "causes": [e["cause_flags"] for e in guard.events],
+        "init_eval_loss": init,
+        "reference_loss": guard.reference_loss,
         "final_eval_loss": final if math.isfinite(final) else str(final),
         "seconds": round(seconds, 2),
     }
@@ -118,6 +123,7 @@ def summarise(rows: list[dict]) -> dict:
                 "first_trip": [g["trips"][0] if g["trips"] else None for g in group],
                 "first_restored": [g["restored"][0] if g.get("restored") else None for g in group],
                 "final_eval_loss": [g["final_eval_loss"] for g in group],
+                "init_eval_loss": [g.get("init_eval_loss") for g in group],
             }
             for arm_name, group in arm.items() if group
         }
@@ -134,15 +140,16 @@ def markdown(summary: dict, meta: dict) -> str:
     lines = ["## Results", "", f"`{meta['command']}`, {meta.get('wall_seconds', meta['cpu_seconds']):.0f} s wall{cpu} on "
              f"{meta['threads']} threads, torch {meta['torch']}, transformers {meta['transformers']}.", "",
              "| regime | arm | finished | rollbacks per run | first trip (step) | restored to (step) "
-             "| final eval loss per seed |",
-             "|---|---|---|---|---|---|---|"]
+             "| final eval loss per seed | init eval loss per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for regime, arms in summary.items():
         for arm in ("stop", "rollback", "backed-off"):
             if arm not in arms:
                 continue
             a = arms[arm]
             lines.append(f"| {regime} | {arm} | {a['finished']}/{a['runs']} | {a['rollbacks']} | {a['first_trip']} | "
-                         f"{a.get('first_restored', '-')} | {', '.join(fmt(v) for v in a['final_eval_loss'])} |")
+                         f"{a.get('first_restored', '-')} | {', '.join(fmt(v) for v in a['final_eval_loss'])} | "
+                         f"{', '.join(fmt(v) for v in a.get('init_eval_loss', [])) or '-'} |")
     lines += ["", "Rollback minus backed-off final eval loss, per seed that has both:", ""]
     for regime, arms in summary.items():
         d = arms["rollback_minus_backed_off"]
@@ -157,7 +164,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "safety_net")
     parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES),
                         help="re-run only these regimes and replace their rows in the existing JSON")
+    parser.add_argument("--relative-loss-threshold", type=float, default=None,
+                        help="the guard's relative_loss_threshold (default: off, the paper's rule alone)")
     args = parser.parse_args(argv)
+    relative = args.relative_loss_threshold
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     t0, c0 = time.perf_counter(), time.process_time()
@@ -169,18 +179,19 @@ def main(argv=None) -> None:
             spec = replace(base, seed=seed, max_steps=20 if args.quick else base.max_steps)
             train_ds, eval_ds = task_datasets(spec, num_train=spec.max_steps * spec.batch_size, num_eval=256)
             for mode in ("stop", "rollback"):
-                row = run(spec, mode, poison=poison, train_ds=train_ds, eval_ds=eval_ds)
+                row = run(spec, mode, poison=poison, train_ds=train_ds, eval_ds=eval_ds, relative=relative)
                 rows.append({"regime": regime, "seed": seed, "arm": mode, **row})
                 print(regime, seed, mode, row, flush=True)
             k = rows[-1]["rollbacks"]
             if k:
                 lowered = replace(spec, learning_rate=spec.learning_rate * BACKOFF**k)
-                row = run(lowered, "stop", poison=False, train_ds=train_ds, eval_ds=eval_ds)
+                row = run(lowered, "stop", poison=False, train_ds=train_ds, eval_ds=eval_ds, relative=relative)
                 rows.append({"regime": regime, "seed": seed, "arm": "backed-off", **row})
                 print(regime, seed, "backed-off", row, flush=True)
     import transformers
 
-    meta = {"command": "python -m research.scripts.safety_net_check" + (" --quick" if args.quick else ""),
+    flags = (" --quick" if args.quick else "") + (f" --relative-loss-threshold {relative:g}" if relative else "")
+    meta = {"command": "python -m research.scripts.safety_net_check" + flags,
             "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
@@ -203,8 +214,10 @@ def main(argv=None) -> None:
     text = md.read_text(encoding="utf-8") if md.exists() else ""
     head = text.split("## Results")[0] if "## Results" in text else text
     tail = ""
-    if "## Overhead" in text:
-        tail = "\n## Overhead" + text.split("## Overhead", 1)[1]
+    for kept in ("## Reading", "## Overhead"):  # written by hand after a run: kept when the results are regenerated
+        if kept in text:
+            tail = f"\n{kept}" + text.split(kept, 1)[1]
+            break
     md.write_text(head + markdown(summary, meta) + tail, encoding="utf-8")
     print(f"wrote {out_json} and {md}")
 
