@@ -385,6 +385,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.divergence: dict[str, Any] | None = None  # the event that stopped the run
         self.events: list[dict[str, Any]] = []  # every trip (rollbacks and the stop), in order
         self.lr_scale = 1.0
+        self.relative_limit_off = False  # the run's first checked loss was not positive: no relative limit
         # runtime only
         self.profile = None  # the init SpectralProfile
         self.weights_validated = True  # False once the in-memory weights are ones a divergence was detected on
@@ -433,7 +434,6 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._call_start = 0  # global step when this train() call started: its final train_loss covers the steps after
         self._logged_sum = 0.0  # sum over this call's training logs of the logged loss times the steps it covers
         self._logged_finite = True  # whether every training log of this call had a finite loss (`_logged_sum` holds)
-        self._reference_off = False  # the first checked loss was not positive: no relative limit this run
         self._bound_broken = False  # a logged loss was negative: "no step's loss exceeds n x the mean" does not hold
 
     @property
@@ -524,6 +524,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "events": self.events,
                 "lr_scale": self.lr_scale,
                 "reference_loss": self.reference_loss,
+                "relative_limit_off": self.relative_limit_off,
             },
         }
 

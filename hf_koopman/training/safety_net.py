@@ -261,11 +261,11 @@ class SafetyNet:
                 self._watch = ActivationWatch(find_residual_blocks(model, layers=self.layers))
             except ValueError as err:
                 logger.warning("RKSP guard: no residual blocks found (%s); activation check disabled", err)
-        self._reference_off = False
         if state.global_step > 0:
             self._resume_backoff(args, state, optimizer, lr_scheduler)
         else:
             self.reference_loss = None  # a new run: its own first checked loss sets the relative limit
+            self.relative_limit_off = False
             if state.is_world_process_zero:
                 self._set_aside_old_record(args)
 
@@ -312,10 +312,11 @@ class SafetyNet:
         scale = stored[0].get("lr_scale") if stored else None
         if isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0 < scale <= 1:
             self.lr_scale = float(scale)
-        if self.relative_loss_threshold is not None and self.reference_loss is None and stored:
-            # the loss the run started from, not the resumed (trained) model's: the checkpoint's stored guard state
-            # holds it whether or not transformers restores this callback from it
-            self.reference_loss = stored[0].get("reference_loss")
+        # the loss the run started from, not the resumed (trained) model's, and whether its relative limit was off:
+        # the checkpoint's stored guard state holds them whether or not transformers restores this callback from it
+        # (never a value this callback kept from another run)
+        self.reference_loss = stored[0].get("reference_loss") if stored else None
+        self.relative_limit_off = bool(stored and stored[0].get("relative_limit_off") is True)
         tripped = self._suspect_resume(events, state)
         if tripped is not None:
             event, resumed = tripped
@@ -427,19 +428,22 @@ class SafetyNet:
                 return event, names[0]
         return None
 
-    def _note_reference(self, loss: float, step: int, state) -> None:
-        """The run's first checked loss (all processes see the same value: the all-reduced maximum, or the logged mean)
-        sets the relative loss limit, `relative_loss_threshold x` it; the steps it covers were judged by
-        `loss_threshold` alone. A non-positive first loss gives no limit: the relative part stays off, with a
-        warning."""
-        if self.relative_loss_threshold is None or self.reference_loss is not None or self._reference_off:
+    def _note_reference(self, loss: float, first: int, last: int, state) -> None:
+        """The run's first checked loss, of steps `first..last` (all processes see the same value: the all-reduced
+        maximum over the check's steps, or the logged mean), sets the relative loss limit, `relative_loss_threshold x`
+        it; those steps were judged by `loss_threshold` alone. A non-positive first loss gives no limit: the relative
+        part stays off for the run (resumed runs included), with a warning."""
+        if self.relative_loss_threshold is None or self.reference_loss is not None or self.relative_limit_off:
             return
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        which = ("the logged mean over " if self._loss_from_logs else "the largest over ") if first < last else "at "
         if not (0 < loss < math.inf):
-            self._reference_off = True
+            self.relative_limit_off = True
             if state.is_world_process_zero:
                 logger.warning("RKSP guard: relative_loss_threshold=%g needs a positive first loss, and the first "
-                               "checked loss (step %d) is %g: the relative limit is off for this run; loss_threshold "
-                               "(%g) still applies.", self.relative_loss_threshold, step, loss, self.loss_threshold)
+                               "checked loss (%s%s) is %g: the relative limit is off for this run; loss_threshold "
+                               "(%g) still applies.", self.relative_loss_threshold, which, steps, loss,
+                               self.loss_threshold)
             return
         self.reference_loss = loss
         if not state.is_world_process_zero:
@@ -448,12 +452,20 @@ class SafetyNet:
                  else f"loss_threshold, below {self.relative_loss_threshold:g} x {loss:g}")
         if self._call_start > 0:  # a trained model's loss: a tighter limit than the run's start would give
             logger.warning("RKSP guard: the checkpoint this run resumed from holds no reference loss (it was saved "
-                           "without relative_loss_threshold): this resumed run's first checked loss, %g at step %d, "
-                           "is the reference, so a loss above %g (%s) counts as diverged.", loss, step,
-                           self.loss_limit, limit)
+                           "without relative_loss_threshold, or before the run's first check): this resumed run's "
+                           "first checked loss, %g (%s%s), is the reference, so a loss above %g (%s) counts as "
+                           "diverged.", loss, which, steps, self.loss_limit, limit)
         else:
-            logger.info("RKSP guard: the first checked loss is %g at step %d: a loss above %g (%s) counts as "
-                        "diverged from now on.", loss, step, self.loss_limit, limit)
+            logger.info("RKSP guard: the first checked loss is %g (%s%s): a loss above %g (%s) counts as diverged "
+                        "from now on.", loss, which, steps, self.loss_limit, limit)
+        n = last - first + 1
+        if self._loss_from_logs and n > 1 and not n * loss <= self.loss_limit:
+            logger.warning("RKSP guard: a logged mean of %d steps validates them only when %d x mean <= %g, the limit "
+                           "relative_loss_threshold sets (mean <= %.4g; the first logged mean is %g), so unless the "
+                           "loss falls below that no logged loss validates a state or checkpoint and a rollback or "
+                           "stop finds nothing validated. Set logging_steps=1 to validate every step, or "
+                           "logging_steps below relative_loss_threshold.", n, n, self.loss_limit,
+                           self.loss_limit / n, loss)
 
     def _stop_guard(self) -> None:
         for tap in (self._loss_tap, self._grad_tap, self._watch):
@@ -819,7 +831,7 @@ class SafetyNet:
             flags |= CAUSE_ACTIVATION
         if not flags:
             if any_loss:
-                self._note_reference(reduced[0], first_checked, state)
+                self._note_reference(reduced[0], first_checked, state.global_step + 1, state)
             # each was followed by a passing step: the latest is the last good one (judged on logged losses, once a
             # logged loss after it passes: `_judge_logged_loss`)
             if self._pending_checkpoints and not self._loss_from_logs:
@@ -1019,8 +1031,8 @@ class SafetyNet:
 
         names, relative = [], ""
         if crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes, self.loss_limit):
-            if self.rule.limited_by_relative and not crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes,
-                                                             self.loss_threshold):
+            above_absolute = crossed(CAUSE_LOSS, event.loss, event.loss_max_over_processes, self.loss_threshold)
+            if self.rule.limited_by_relative and not above_absolute:
                 relative = (f" The loss limit {self.loss_limit:g} is relative_loss_threshold "
                             f"({self.relative_loss_threshold:g}) x this run's first checked loss "
                             f"({self.reference_loss:g}): if this task's loss normally moves that far from its start, "
@@ -1028,6 +1040,8 @@ class SafetyNet:
                             "then applies alone).")
             else:
                 names.append(f"loss_threshold (now {self.loss_threshold:g})")
+                if self.rule.limited_by_relative:  # above both: raising one alone leaves the other in force
+                    names[-1] += f" and relative_loss_threshold (now {self.relative_loss_threshold:g})"
         if crossed(CAUSE_GRAD_NORM, event.grad_norm, event.grad_norm_max_over_processes, self.grad_norm_threshold):
             names.append(f"grad_norm_threshold (now {self.grad_norm_threshold:g})")
         if not names:
@@ -1295,8 +1309,9 @@ class SafetyNet:
             self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s >= state.global_step]
             return
         if not self.rule.loss_diverged(value):
-            self._note_reference(value, first, state)
-            if self._bound_broken or not steps * value <= self.loss_limit:
+            bound = self.loss_limit  # the steps of the run's first log are judged by loss_threshold alone
+            self._note_reference(value, first, state.global_step, state)
+            if self._bound_broken or not steps * value <= bound:
                 self._candidate.invalidate()  # one of the steps may have been over the threshold: nothing validated
                 return
             self._validate_window(first, state.global_step)

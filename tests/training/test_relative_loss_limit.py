@@ -18,6 +18,7 @@ from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, Trainer
+from transformers.utils import logging as hf_logging
 
 from hf_koopman.training import RKSPCallback
 from hf_koopman.training.divergence import DivergenceRule
@@ -93,7 +94,8 @@ def test_a_checkpoint_without_a_reference_takes_the_resumed_runs_first_loss_and_
         _run(tmp_path, again, resume=str(tmp_path / "checkpoint-5"))
     assert again.reference_loss == pytest.approx(6.84, abs=0.01)  # step 6's loss: the first this run checked
     assert again.divergence["step"] == 8
-    assert "holds no reference loss (it was saved without relative_loss_threshold)" in caplog.text
+    assert "holds no reference loss (it was saved without relative_loss_threshold, or before the run's first check)" \
+        in caplog.text
 
 
 def test_a_new_run_on_the_same_callback_takes_its_own_first_loss(tmp_path):
@@ -134,6 +136,7 @@ def test_with_label_smoothing_the_first_logged_loss_is_the_reference(tmp_path):
     assert guard.reference_loss == pytest.approx(logged[0], rel=1e-4)
     assert guard.divergence is not None
     assert guard.divergence["step"] == next(i + 1 for i, v in enumerate(logged) if v > 3 * logged[0])
+    assert guard.divergence["causes"][0].startswith("logged loss > 12.1")  # the limit, not loss_threshold
 
 
 def test_the_setting_and_the_reference_survive_the_callback_state():
@@ -167,3 +170,93 @@ def test_the_rule_takes_the_lower_limit_and_says_so():
     assert low.loss_limit == 12.0 and low.limited_by_relative and low.loss_diverged(12.5) and not low.loss_diverged(12)
     assert high.loss_limit == 50.0 and not high.limited_by_relative and not high.loss_diverged(55.0 - 6)
     assert "loss > 12 (the lower of 50 and 3 x the first checked loss 4)" in low.describe()
+
+
+def test_logged_losses_validate_the_first_window_by_loss_threshold_and_warn_when_the_limit_validates_nothing(
+        tmp_path, caplog):
+    # label smoothing: the guard judges the Trainer's logged mean of 4 steps. The first log (steps 1-4, mean ~4.05)
+    # sets the limit 12.1 and is validated by 4 x mean <= 50; later logs would need 4 x mean <= 12.1, i.e. a mean
+    # below 3.04, which this healthy run never reaches: checkpoint-2 stays the last good one, and a warning says why
+    guard = _guard(relative_loss_threshold=3.0)
+    with caplog.at_level(logging.WARNING):
+        trainer = _run(tmp_path, guard, learning_rate=0.01, lr_scheduler_type="constant", warmup_steps=0,
+                       label_smoothing_factor=0.1, logging_steps=4, save_steps=2)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert guard.divergence is None and guard.reference_loss == pytest.approx(logged[0], rel=1e-4)
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
+    assert "a logged mean of 4 steps validates them only when 4 x mean <= 12.1" in caplog.text
+    assert "Set logging_steps=1 to validate every step" in caplog.text
+
+
+def test_a_loss_above_both_limits_names_both_settings(tmp_path, caplog):
+    from conftest import bad_batch_at
+
+    model, data = bad_batch_at(4)
+    guard = _guard(relative_loss_threshold=3.0, grad_norm_threshold=1e9)
+    trainer = Trainer(model=model, args=_args(tmp_path, learning_rate=0.01, save_strategy="no"), train_dataset=data,
+                      callbacks=[guard])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert guard.divergence["step"] == 4 and guard.divergence["loss"] > 50
+    assert "raise loss_threshold (now 50) and relative_loss_threshold (now 3) in RKSPCallback" in caplog.text
+
+
+def test_a_windowed_check_says_which_steps_its_reference_covers(tmp_path, caplog):
+    guard = _guard(relative_loss_threshold=3.0, check_every_n_steps=4)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()  # hf_koopman's INFO lines follow the transformers verbosity
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            _run(tmp_path, guard, save_strategy="no")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert guard.reference_loss == pytest.approx(6.47, abs=0.01)  # the largest of steps 1-4
+    assert "(the largest over steps 1-4)" in caplog.text
+
+
+class ShiftedLoss(GPT2LMHeadModel):
+    """A GPT-2 whose loss starts just below 0 (4.04 - 4.5) and rises above it as the warm-up run degrades."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss - 4.5
+        return out
+
+
+def test_a_limit_turned_off_stays_off_when_the_run_resumes(tmp_path):
+    first = _guard(relative_loss_threshold=3.0)
+    trainer = Trainer(model=ShiftedLoss(tiny_gpt2().config), args=_args(tmp_path, **WARMUP, max_steps=5),
+                      train_dataset=TokenDataset(n=128), callbacks=[first])
+    trainer.train()
+    assert first.relative_limit_off and first.reference_loss is None
+    again = _guard(relative_loss_threshold=3.0)
+    trainer = Trainer(model=ShiftedLoss(tiny_gpt2().config), args=_args(tmp_path, **WARMUP),
+                      train_dataset=TokenDataset(n=128), callbacks=[again])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    # the resumed model's first loss (2.3 at step 6) would set a limit of 7 that step 7 (11.6) crosses
+    assert again.relative_limit_off and again.reference_loss is None
+    assert again.divergence is None and trainer.state.global_step == 12
+    # a fresh run on the same callback judges its own first loss again
+    _run(tmp_path / "fresh", again, max_steps=2, save_strategy="no")
+    assert not again.relative_limit_off and again.reference_loss == pytest.approx(FIRST_LOSS, rel=1e-4)
+
+
+def test_a_callback_reused_to_resume_another_run_takes_that_runs_reference(tmp_path):
+    other = _guard(relative_loss_threshold=3.0)
+    _run(tmp_path / "b", other, max_steps=5)
+    other_reference = other.reference_loss
+    reused = _guard(relative_loss_threshold=3.0)
+    reused.reference_loss = 100.0  # left by an earlier run of this callback
+    _run(tmp_path / "b", reused, resume=str(tmp_path / "b" / "checkpoint-5"))
+    assert reused.reference_loss == other_reference and reused.divergence["step"] == 7
+
+
+def test_the_steps_after_the_last_log_are_validated_against_the_limit_in_force(tmp_path):
+    # logged losses of 4 steps; steps 5-7 come after the last log and are judged from train_loss at the end: their
+    # sum (~12.2) passes loss_threshold (50) but not the limit 2.5 x 4.05 = 10.1, so checkpoints 4-6 stay pending
+    guard = _guard(relative_loss_threshold=2.5)
+    _run(tmp_path, guard, learning_rate=0.01, lr_scheduler_type="constant", warmup_steps=0,
+         label_smoothing_factor=0.1, logging_steps=4, max_steps=7)
+    assert guard.divergence is None and guard.loss_limit == pytest.approx(2.5 * guard.reference_loss)
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-3")
