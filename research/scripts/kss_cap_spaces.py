@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default: 0,1,2,3,4)")
-    seeds = [int(s) for s in parser.parse_args(argv).seeds.split(",")]
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="the Markdown file to write (default: results/kss_cap_spaces.md)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
     lines = [
         "# KSS gradient in parameter space under the two caps",
         "",
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{statistics.median(values):.3g} [{min(values):.3g}, {max(values):.3g}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def _edge(run: dict, c: float) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.parse_args(argv)  # no options: --help explains the study before anything runs
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="the Markdown file to write (default: results/seed_spread.md)")
+    args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     runs = []
     for name, (build, init) in CONFIGS.items():
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
               f"the report's band held the config's median in {results[REPORT_BAND][0]:.0%} of "
               "the runs of its worst config. A score within about two standard deviations of a threshold can change "
               "verdict with the probe: compare two or three seeds (`profile(seed=...)`) there."]
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 
