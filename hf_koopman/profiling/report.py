@@ -116,7 +116,7 @@ def _tokens_seen_note(profile: SpectralProfile) -> str:
     counts = [n for n in per_layer.values() if isinstance(n, int)] if isinstance(per_layer, dict) else []
     if len(set(counts)) <= 1:
         return ""
-    return (f" (the fewest any block saw; {max(counts)} to {min(counts)} over the profiled layers, each layer's in "
+    return (f" (the fewest any block saw; {min(counts)} to {max(counts)} over the profiled layers, each layer's in "
             "`tokens_seen_per_layer` of profile.json)")
 
 
