@@ -1619,6 +1619,7 @@ class DecisionRule:
         near_gate: int = 0,
         gate_width: float | None = None,
         rank_deficient: int = 0,
+        constant_input: int = 0,
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
@@ -1647,6 +1648,8 @@ class DecisionRule:
             gate_width (`float`, *optional*): the widest band δ of those layers, quoted in the reason.
             rank_deficient (`int`, defaults to 0): layers read whose token states span too few directions
                 (`rank_deficient`); the reason adds a caution.
+            constant_input (`int`, defaults to 0): layers whose input state is the same for every token
+                (`SpectralProfile.constant_input_layers`); the reason names them as the probe's problem.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
@@ -1671,6 +1674,15 @@ class DecisionRule:
             reason += (f"; caution: {rank_deficient} layer{'s' if many else ''} read span{'' if many else 's'} fewer "
                        f"than {RANK_SHARE_MIN:.0%} of the directions {'their' if many else 'its'} N token states "
                        "allow (repeated or padded inputs?), so N overstates the independent sample and η_nl reads low")
+        if constant_input:
+            same = ("the same input state for every token (up to round-off: one token repeated, or padding, without "
+                    "position information), which leaves nothing to fit: profile on varied text")
+            others = (total or 0) - (informative or 0) - (undersampled or 0)
+            if verdict == "uninformative" and rank is None and total and constant_input >= others > 0:
+                reason = f"{informative or 0} of {total} layers are informative; the others see {same}"
+            else:
+                many = constant_input != 1
+                reason += f"; {constant_input} layer{'s' if many else ''} see{'' if many else 's'} {same}"
         if weights == "pretrained" and rank is None:  # a rank-r profile has no verdict to extrapolate
             reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
                        "come from spectra at random initialisation")
@@ -1732,6 +1744,7 @@ class DecisionRule:
             weights=meta.get("weights"), undersampled=undersampled,
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
             rank_deficient=sum(r and d for r, d in zip(reads, self.rank_deficient(profile))),
+            constant_input=len(getattr(profile, "constant_input_layers", ())),
         )
 
     def _decide(

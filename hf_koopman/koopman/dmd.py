@@ -102,6 +102,12 @@ _REFINE_TOL = 1e-7
 _FLOAT32_GRAM_MAX_CONDITION = 1e4
 #: A whitened Gram whose smallest Cholesky pivot is within this factor of the null tolerance is checked by `eigh`.
 _NULL_PIVOT_MARGIN = 1e3
+#: A layer whose input varies across samples by at most this many units of round-off, relative to its size, is constant
+#: (`_constant_input`). One repeated token entering tiny LLaMA and Mamba models varied by <= 4.4 units (float32); the
+#: real variation of the same models' states is > 5e5 units.
+_CONSTANT_INPUT_ROUNDOFF = 32.0
+#: Samples `_constant_input` checks first (evenly spaced); only what looks constant there is checked on all of them.
+_CONSTANT_INPUT_ROWS = 256
 #: Above this estimated condition number (float64 second moments), the whitened Grams are formed from explicitly
 #: whitened snapshots: a congruence W S W^T of the raw covariance loses cond(Sigma_X) * 1e-16 to round-off.
 _FLOAT64_GRAM_MAX_CONDITION = 1e9
@@ -304,6 +310,7 @@ def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
 
 
 def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`(X, Y, batched)`: `(L, N, d)` snapshots, half precision up-cast to float32."""
     X = _as_tensor(X, "X")
     Y = _as_tensor(Y, "Y")
     if X.ndim not in (2, 3):
@@ -327,6 +334,32 @@ def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
     if X.dtype in (torch.float16, torch.bfloat16):
         X, Y = X.float(), Y.float()
     return X, Y, batched
+
+
+def _constant_input(X: torch.Tensor, unit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(layers, columns)`, `(L,)` and `(L, d)` bool: the layers and the features whose samples `(L, N, d)` differ by
+    round-off only, `||x_c|| <= _CONSTANT_INPUT_ROUNDOFF x unit x ||x||` over the layer or the column (`unit`: the
+    round-off of the precision of X). A constant layer input (one token repeated, without position
+    information, enters every block as the same state up to the round-off of the computation) has a centred
+    covariance of round-off, which no relative rank rule can tell from a direction, so the fit would invert it."""
+    L, N, _ = X.shape
+    layers = torch.zeros(L, dtype=torch.bool)
+    columns = torch.zeros(L, X.shape[-1], dtype=torch.bool)
+    bound = (_CONSTANT_INPUT_ROUNDOFF * unit) ** 2
+
+    def flat(x: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        centred, raw = (x - x.mean(dim=0, keepdim=True)).square().sum(0), x.square().sum(0)
+        return bool(centred.sum() <= bound * raw.sum()), (centred <= bound * raw).cpu()
+
+    step = max(1, N // _CONSTANT_INPUT_ROWS)
+    for i in range(L):
+        # ~256 evenly spaced samples settle the usual case (states that vary) at a tenth of the cost; what looks
+        # constant there is confirmed on every sample (a feature may vary on a few tokens only)
+        layer, cols = flat(X[i, ::step])
+        if step > 1 and (layer or bool(cols.any())):
+            layer, cols = flat(X[i])
+        layers[i], columns[i] = layer, cols
+    return layers, columns
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1366,7 +1399,10 @@ def whitened_dmd(
             repeated calls give identical numbers.
         degenerate_tol (`float`, *optional*, defaults to `1e-4`): flag the result `degenerate` when
             $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$
-            (zero-initialised residual branches).
+            (zero-initialised residual branches). A layer whose input is the same state for every sample up to
+            32 units of round-off (one token repeated, without position information) has `rank_x = 0` and is
+            degenerate too: there is no direction to fit. With `randomized=True`, a constant feature switches the
+            call to the deterministic rank-r fit (the ridge would scale it by $\epsilon^{-1/2}$ into the sketch).
         dtype (`torch.dtype`, *optional*): working precision of the `O(N d^2)` products (`torch.float32` or
             `torch.float64`). Default: float64 for float64 inputs, float32 otherwise (with an automatic float64 retry
             for ill-conditioned covariances). float64 agrees with PyDMD to ~1e-12.
@@ -1439,6 +1475,16 @@ def whitened_dmd(
         warnings.warn(note, UserWarning, stacklevel=2)
 
     with torch.no_grad():
+        # float32 round-off for half-precision states too: a bound of 32 bfloat16 units (25 %) would take real, small
+        # variation for a constant; states computed in half precision from one repeated token come out identical
+        constant, dead = _constant_input(X, float(torch.finfo(X.dtype).eps))
+        if randomized and bool(dead.any()):
+            # the ridge whitening scales a constant feature by eps^-1/2, and the part of Y along it then dominates the
+            # sketch, whose projected operator divides by ~0 (|lambda| ~ 1e7 on a dead column); the deterministic
+            # rank-r fit counts that direction out
+            logger.info("a constant feature in %d of %d layer(s): deterministic rank-%d fit instead of the randomized "
+                        "sketch", int(dead.any(-1).sum()), L, rank)
+            randomized = False
         op, moments, rank_x = _fit_operator(
             X, Y, rank=rank, randomized=randomized, eps=eps, oversample=oversample, power_iters=power_iters,
             generator=generator, dtype=dtype, eig_dtype=eig_dtype)
@@ -1459,6 +1505,11 @@ def whitened_dmd(
             trace_dd = torch.diagonal(moments.gram("dd"), dim1=-2, dim2=-1).sum(-1).clamp_min(0.0)
         ratio = torch.where(trace_xx > 0, (trace_dd / trace_xx.clamp_min(torch.finfo(_F64).tiny)).sqrt(),
                             torch.zeros_like(trace_xx))
+        constant = constant.to(rank_x.device)
+        if bool(constant.any()):  # no direction to fit: the operator's modes are round-off, none is identified
+            rank_x = torch.where(constant, torch.zeros_like(rank_x), rank_x)
+            logger.info("%d of %d layer(s) see the same input state for every sample (up to round-off: one token "
+                        "repeated without position information?): no mode is identified there", int(constant.sum()), L)
         degenerate = (ratio <= degenerate_tol) | (rank_x == 0)
 
     out = DMDResult(

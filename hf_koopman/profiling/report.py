@@ -213,10 +213,10 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
            "the table below)" if eta_read else "")
         + f"; {len(profile.informative_layers)} of {total} blocks are informative (η_nl < "
         f"{profile.rule.max_nonlinearity:g} once corrected for the fit's N/d, update not ≈ 0{sampled}); "
-        f"{reliable:.0%} of "
-        f"{'their' if left_out and len(feats) < total else 'the'} modes pass the ResDMD residual test (τ = {tau})."
+        + (f"{reliable:.0%} of {'their' if left_out and len(feats) < total else 'the'} modes pass the ResDMD "
+           f"residual test (τ = {tau})." if modes else "no mode is identified (no input direction to fit).")
         + (" Few reliable modes mean individual eigenvalues are uncertain; the masses average over them."
-           if reliable < 0.5 and not _reliable_only(profile) else "")
+           if modes and reliable < 0.5 and not _reliable_only(profile) else "")
     )
     none_pass = [profile.names[i] for i, f in zip(chosen, feats) if f.n_modes and not f.n_reliable]
     if none_pass and not _reliable_only(profile):
@@ -379,7 +379,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
     lines += [f"Recommendation: {advice}", ""]
     lines += _trust_section(profile, tentative)
 
-    degenerate = profile.degenerate_layers
+    constant = profile.constant_input_layers
+    degenerate = [n for n in profile.degenerate_layers if n not in constant]
     if degenerate:
         lines += [
             f"> **Note — {len(degenerate)} of {len(profile.layers)} layers are degenerate** (block output ≈ input, as "
@@ -387,6 +388,15 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             "information (App. J). They are excluded from the verdict: "
             + ", ".join(f"`{n}`" for n in degenerate[:12])
             + (" …" if len(degenerate) > 12 else ""),
+            "",
+        ]
+    if constant:
+        lines += [
+            f"> **Note — {len(constant)} of {len(profile.layers)} layers see the same input state for every token** "
+            "(up to round-off): the probe's tokens do not differ there (one token repeated, or padding, without "
+            "position information), so there is no direction to fit and no mode. They are excluded from the verdict; "
+            "profile on varied text: " + ", ".join(f"`{n}`" for n in constant[:12])
+            + (" …" if len(constant) > 12 else ""),
             "",
         ]
     few = [(name, size) for name, size, short in

@@ -143,6 +143,12 @@ class SpectralProfile:
         return [name for name, f in self.layers if bool(getattr(f, "degenerate", False))]
 
     @property
+    def constant_input_layers(self) -> list[str]:
+        """Degenerate layers with no identified mode: their input state is the same for every token (up to round-off),
+        so the fit has no direction (one token repeated, or padding, without position information)."""
+        return [name for name, f in self.layers if bool(getattr(f, "degenerate", False)) and not f.n_modes]
+
+    @property
     def sample_sizes(self) -> list[tuple[int | None, int | None]]:
         """`(N, d)` of every layer: `layer_sizes`, or `settings["num_samples"]` and `settings["hidden_size"]` for
         every layer of a profile without them (e.g. read from an older `profile.json`)."""

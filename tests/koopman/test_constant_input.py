@@ -1,0 +1,135 @@
+"""Inputs with no direction to fit: a layer whose input state is the same for every sample up to round-off (one token
+repeated, without position information) has no identified mode and is degenerate, not a spectrum of round-off; a
+constant feature does not steer the randomized sketch (the ridge would scale it by eps^-1/2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _planted import anisotropic_states, planted_operator
+
+from hf_koopman import profile
+from hf_koopman.koopman import whitened_dmd
+from hf_koopman.profiling.report import render_report
+from hf_koopman.testing_utils import tiny_model
+
+
+def _round_off_constant(n: int, d: int, dtype: torch.dtype, value: float = 0.1) -> torch.Tensor:
+    """`(n, d)` states equal to `value` up to one or two units of round-off (as a block computes them per token)."""
+    eps = torch.finfo(dtype).eps
+    g = torch.Generator().manual_seed(0)
+    wobble = torch.randint(-2, 3, (n, d), generator=g).to(torch.float64) * eps * value
+    return (torch.full((n, d), value, dtype=torch.float64) + wobble).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_input_constant_up_to_round_off_has_no_mode_and_is_degenerate(dtype):
+    X = _round_off_constant(64, 4, dtype)
+    Y = X + 0.01 * torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    res = whitened_dmd(X, Y)
+    assert int(res.rank_x) == 0 and bool(res.degenerate) and torch.isfinite(res.eigenvalues).all()
+    exact = whitened_dmd(torch.full((64, 4), 0.1, dtype=torch.float64), Y.double())  # the mean itself not exact
+    assert int(exact.rank_x) == 0 and bool(exact.degenerate)
+
+
+def test_small_real_variation_is_kept_and_only_the_constant_layer_is_flagged():
+    g = torch.Generator().manual_seed(0)
+    varied = 10.0 + 1e-3 * torch.randn(256, 8, generator=g)  # relative spread 1e-4: ~800 float32 units
+    X = torch.stack([_round_off_constant(256, 8, torch.float32), varied])
+    A, _ = planted_operator([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], seed=1)
+    Y = X + (X - X.mean(-2, keepdim=True)) @ (A.T.float() - torch.eye(8)) + 0.01
+    res = whitened_dmd(X, Y)
+    assert res.rank_x.tolist() == [0, 8] and res.degenerate.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("value", [4.0, 0.1, 1 / 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_feature_does_not_blow_up_the_randomized_sketch(value, dtype):
+    X = anisotropic_states(400, 5).to(dtype)
+    X[:, 2] = value  # a dead feature: the ridge whitening scales it by eps^-1/2 = 316
+    A, _ = planted_operator([0.9, 0.8, 0.5, 1.1, 0.3], seed=2)
+    Y = X @ A.T.to(dtype)
+    for rank in (3, 4):
+        res = whitened_dmd(X, Y, rank=rank, randomized=True, generator=torch.Generator().manual_seed(0))
+        assert float(res.eigenvalues.abs().max()) < 1.2  # 4.2e6 (rank 3) and 4.5e7 (rank 4) from the sketch
+        assert not res.randomized  # the deterministic rank-r fit counts the direction out
+        det = whitened_dmd(X, Y, rank=rank)
+        assert torch.allclose(res.eigenvalues.abs(), det.eigenvalues.abs())
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3])
+def test_a_constant_feature_whose_mean_is_not_exact_is_counted_out(value):
+    # the pivot guards: X[:, 2] = 4.0 makes the Cholesky factorisation fail outright, 0.1 leaves a round-off pivot
+    X = anisotropic_states(400, 5).double()
+    X[:, 2] = value
+    A, _ = planted_operator([0.9, 0.8, 0.5, 1.1, 0.3], seed=2)
+    Y = X @ A.T.double()
+    full = whitened_dmd(X, Y)
+    assert int(full.rank_x) == 4 and float(full.eigenvalues.abs().max()) < 1.2
+    for rank in (4, 5):
+        assert float(whitened_dmd(X, Y, rank=rank).eigenvalues.abs().max()) < 1.2
+
+
+def test_duplicated_float32_samples_keep_the_update_ratio_of_float64():
+    # N < d with duplicated rows: the row-space fallback's rank threshold keeps round-off directions out
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 32, generator=g, dtype=torch.float64).repeat(3, 1)[:20]
+    Y = X @ (0.3 * torch.randn(32, 32, generator=g, dtype=torch.float64)) \
+        + 0.1 * torch.randn(20, 32, generator=g, dtype=torch.float64)
+    with pytest.warns(UserWarning):
+        r32, r64 = whitened_dmd(X.float(), Y.float()), whitened_dmd(X, Y)
+    assert float(r32.update_ratio) == pytest.approx(float(r64.update_ratio), rel=0.05)
+
+
+def test_an_update_that_overflows_float32_products_is_recomputed_in_float64():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 8, generator=g)
+    A = torch.randn(8, 8, generator=g, dtype=torch.float64) / 8 ** 0.5
+    Y = (X.double() @ A.T * 1e18).float()  # finite, but its float32 Gram overflows (X's does not)
+    res, ref = whitened_dmd(X, Y), whitened_dmd(X.double(), Y.double())
+    assert float(res.update_ratio) == pytest.approx(float(ref.update_ratio), rel=1e-4)
+
+
+def test_one_repeated_token_gives_an_uninformative_profile_that_says_why():
+    model = tiny_model("llama")  # RoPE: the positions are not in the residual stream
+    result = profile(model, {"input_ids": torch.full((8, 64), 7)}, num_samples=512)
+    assert result.verdict == "uninformative"
+    assert result.constant_input_layers == [name for name, _ in result.layers]
+    assert "the others see the same input state for every token" in result.verdict_reason
+    report = render_report(result)
+    assert "layers see the same input state for every token" in report
+    assert "no mode is identified" in report and "nan%" not in report
+    varied = profile(model, num_samples=512)  # the default probe: varied tokens
+    assert varied.constant_input_layers == [] and "same input state" not in varied.verdict_reason
+
+
+def test_the_kreiss_constant_searches_every_angle_of_a_real_matrix():
+    # the peak of a non-normal 2x2 block at lambda = -0.7 lies at angle pi, away from the leading eigenvalues' angles
+    from hf_koopman.koopman import kreiss_constant
+
+    J = torch.tensor([[-0.7, 2.0], [0.0, -0.7]], dtype=torch.float64)
+    big = torch.block_diag(J, 0.9 * torch.eye(70, dtype=torch.float64))
+    assert kreiss_constant(big) == pytest.approx(1.8166666666666662, rel=1e-3)
+
+
+def test_aggregates_skip_nan_layers():
+    import math
+
+    from hf_koopman.koopman import FEATURE_NAMES, LayerFeatures, aggregate_features
+
+    base = {n: 0.5 for n in FEATURE_NAMES}
+
+    def layer(kreiss):
+        return LayerFeatures(**{**base, "kreiss": kreiss}, n_modes=4, n_reliable=4, degenerate=False)
+
+    agg = aggregate_features([layer(1.5), layer(math.nan), layer(2.5)])
+    assert (agg["kreiss_mean"], agg["kreiss_max"], agg["kreiss_min"], agg["kreiss_std"]) == (2.0, 2.5, 1.5, 0.5)
+
+
+def test_a_layer_that_varies_on_a_few_samples_only_is_not_called_constant():
+    from hf_koopman.koopman.dmd import _constant_input
+
+    X = torch.full((1, 2048, 4), 0.5)
+    X[0, 1::64] += torch.randn(32, 4, generator=torch.Generator().manual_seed(0))  # between the sampled rows
+    layers, columns = _constant_input(X, torch.finfo(torch.float32).eps)
+    assert not bool(layers[0]) and not bool(columns.any())
