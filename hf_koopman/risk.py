@@ -1649,7 +1649,8 @@ class DecisionRule:
             rank_deficient (`int`, defaults to 0): layers read whose token states span too few directions
                 (`rank_deficient`); the reason adds a caution.
             constant_input (`int`, defaults to 0): layers whose input state is the same for every token
-                (`SpectralProfile.constant_input_layers`); the reason names them as the probe's problem.
+                (`SpectralProfile.constant_input_layers`), not counting those left out for their sample; the reason
+                names them as the probe's problem.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
@@ -1678,8 +1679,13 @@ class DecisionRule:
             same = ("the same input state for every token (up to round-off: one token repeated, or padding, without "
                     "position information), which leaves nothing to fit: profile on varied text")
             others = (total or 0) - (informative or 0) - (undersampled or 0)
-            if verdict == "uninformative" and rank is None and total and constant_input >= others > 0:
-                reason = f"{informative or 0} of {total} layers are informative; the others see {same}"
+            if verdict == "uninformative" and total and constant_input >= others > 0:
+                # every layer neither read nor left out for its sample has a constant input: that is the reason
+                # (whatever else a rank-r profile's reason says about its truncation)
+                who = (f"{self._left_out(undersampled or 0, total)}; the other {others}" if undersampled
+                       else "the others")
+                verb = "sees" if others == 1 else "see"
+                reason = f"{informative or 0} of {total} layers are informative; {who} {verb} {same}"
             else:
                 many = constant_input != 1
                 reason += f"; {constant_input} layer{'s' if many else ''} see{'' if many else 's'} {same}"
@@ -1732,6 +1738,7 @@ class DecisionRule:
         judged layer saw, `verdict_tokens_short`; `weights`). A profile whose `rank` covered every mode
         (`settings["spectrum"] == "full"`) is judged as the full spectrum."""
         meta, features = profile.meta, profile.features
+        constant = set(getattr(profile, "constant_input_layers", ()))
         num_samples, hidden_size = self.verdict_sample(profile)
         undersampled = sum(self.undersampled(profile))
         near = self.near_gate(profile)
@@ -1744,7 +1751,8 @@ class DecisionRule:
             weights=meta.get("weights"), undersampled=undersampled,
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
             rank_deficient=sum(r and d for r, d in zip(reads, self.rank_deficient(profile))),
-            constant_input=len(getattr(profile, "constant_input_layers", ())),
+            constant_input=sum(name in constant and not under
+                               for name, under in zip(profile.names, self.undersampled(profile))),
         )
 
     def _decide(

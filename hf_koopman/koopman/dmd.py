@@ -103,9 +103,10 @@ _FLOAT32_GRAM_MAX_CONDITION = 1e4
 #: A whitened Gram whose smallest Cholesky pivot is within this factor of the null tolerance is checked by `eigh`.
 _NULL_PIVOT_MARGIN = 1e3
 #: A layer whose input varies across samples by at most this many units of round-off, relative to its size, is constant
-#: (`_constant_input`). One repeated token entering tiny LLaMA and Mamba models varied by <= 4.4 units (float32); the
-#: real variation of the same models' states is > 5e5 units.
-_CONSTANT_INPUT_ROUNDOFF = 32.0
+#: (`_constant_input`). One repeated token entering tiny LLaMA and Mamba models varied by <= 4.4 float32 units, by up
+#: to 212 with TF32 attention products; the real variation of the states of ten tiny architectures is > 6.7e6 units,
+#: of the pretrained MiniLM-L6's on WikiText-2 > 4e6 (its flattest feature 1.4e6).
+_CONSTANT_INPUT_ROUNDOFF = 1024.0
 #: Samples `_constant_input` checks first (evenly spaced); only what looks constant there is checked on all of them.
 _CONSTANT_INPUT_ROWS = 256
 #: Above this estimated condition number (float64 second moments), the whitened Grams are formed from explicitly
@@ -1156,7 +1157,11 @@ def _orth(z: torch.Tensor) -> torch.Tensor:
         return q.to(z.dtype)
 
 
-def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work):
+def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work, dead=None):
+    """The randomized rank-r Grams: the top-r directions of the whitened outputs from a sketch. `dead` `(L, d)` marks
+    constant features: the ridge whitening scales them by eps^-1/2, so the part of Y along them would dominate the
+    sketch, whose projected operator then divides by ~0 (|lambda| ~ 1e7); the sketch leaves them out (the
+    deterministic fit counts those directions out too)."""
     L, N, d = X.shape
     n1 = N - 1
     X = X.to(work)
@@ -1165,6 +1170,8 @@ def _randomized_grams(X, Y, eps, rank, oversample, power_iters, generator, work)
     Dc = Y - X
     Dc -= Dc.mean(dim=-2, keepdim=True)  # in place: one (L, N, d) temporary fewer
     Yc = Xc + Dc
+    if dead is not None and bool(dead.any()):
+        Yc = Yc.masked_fill(dead.to(Yc.device).unsqueeze(-2), 0.0)  # a copy: Xc, Dc give the Grams below
     sxx = _symmetric_gram(Xc) / n1
     wh = _whitener(sxx, eps)
     k = min(rank + oversample, d, N)
@@ -1303,8 +1310,10 @@ def _fit_operator(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     eig_dtype: torch.dtype | None = None,
+    dead: torch.Tensor | None = None,
 ):
-    """The whitened operator and its Grams for validated `(L, N, d)` snapshots (no eigendecomposition).
+    """The whitened operator and its Grams for validated `(L, N, d)` snapshots (no eigendecomposition); `dead`
+    `(L, d)` marks constant features, which the randomized sketch leaves out (`_randomized_grams`).
 
     The one definition of the RKSP operator: `whitened_dmd` decomposes it, and KSS
     (`shaping.differentiable_dmd_eigenvalues`) rebuilds it with a gradient in the same coordinates (`projection`).
@@ -1321,7 +1330,9 @@ def _fit_operator(
             rank = basis.shape[-1]  # at most N - 1 identifiable modes
     if use_randomized:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        op, moments, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work)
+        # in row-space coordinates (N - 1 < d) constant features are outside the basis already
+        op, moments, rank_x = _randomized_grams(X, Y, eps, rank, oversample, power_iters, gen, work,
+                                                dead if basis is None else None)
     else:
         op, moments, rank_x = _full_grams(X, Y, eps, rank, work, eig_dtype)
     if basis is not None:  # centred d-dim rows -> the m whitened coordinates
@@ -1400,9 +1411,9 @@ def whitened_dmd(
         degenerate_tol (`float`, *optional*, defaults to `1e-4`): flag the result `degenerate` when
             $\|\tilde Y - \tilde X\|_F \le$ `degenerate_tol` $\cdot \|\tilde X\|_F$
             (zero-initialised residual branches). A layer whose input is the same state for every sample up to
-            32 units of round-off (one token repeated, without position information) has `rank_x = 0` and is
-            degenerate too: there is no direction to fit. With `randomized=True`, a constant feature switches the
-            call to the deterministic rank-r fit (the ridge would scale it by $\epsilon^{-1/2}$ into the sketch).
+            1024 units of round-off (one token repeated, without position information) has `rank_x = 0` and is
+            degenerate too: there is no direction to fit. With `randomized=True`, the sketch leaves constant
+            features out (the ridge would scale them by $\epsilon^{-1/2}$ into it).
         dtype (`torch.dtype`, *optional*): working precision of the `O(N d^2)` products (`torch.float32` or
             `torch.float64`). Default: float64 for float64 inputs, float32 otherwise (with an automatic float64 retry
             for ill-conditioned covariances). float64 agrees with PyDMD to ~1e-12.
@@ -1475,19 +1486,12 @@ def whitened_dmd(
         warnings.warn(note, UserWarning, stacklevel=2)
 
     with torch.no_grad():
-        # float32 round-off for half-precision states too: a bound of 32 bfloat16 units (25 %) would take real, small
-        # variation for a constant; states computed in half precision from one repeated token come out identical
+        # float32 round-off for half-precision states too: a bound in bfloat16 units would take real, small variation
+        # for a constant; states computed in half precision from one repeated token come out identical
         constant, dead = _constant_input(X, float(torch.finfo(X.dtype).eps))
-        if randomized and bool(dead.any()):
-            # the ridge whitening scales a constant feature by eps^-1/2, and the part of Y along it then dominates the
-            # sketch, whose projected operator divides by ~0 (|lambda| ~ 1e7 on a dead column); the deterministic
-            # rank-r fit counts that direction out
-            logger.info("a constant feature in %d of %d layer(s): deterministic rank-%d fit instead of the randomized "
-                        "sketch", int(dead.any(-1).sum()), L, rank)
-            randomized = False
         op, moments, rank_x = _fit_operator(
             X, Y, rank=rank, randomized=randomized, eps=eps, oversample=oversample, power_iters=power_iters,
-            generator=generator, dtype=dtype, eig_dtype=eig_dtype)
+            generator=generator, dtype=dtype, eig_dtype=eig_dtype, dead=dead)
         # float64 eigenvalues where the caller works in float64; an operator promoted to float64 internally (e.g. an
         # ill-conditioned float32 covariance) keeps the float32 eigenproblem's precision and cost
         refine = dtype == _F64 or (dtype is None and X.dtype == _F64)
