@@ -103,6 +103,11 @@ def test_one_repeated_token_gives_an_uninformative_profile_that_says_why():
     report = render_report(result)
     assert "layers see the same input state for every token" in report
     assert "no mode is identified" in report and "nan%" not in report
+    # no mode: no κ(V) or Kreiss constant of round-off either (NaN, which the aggregates skip), so no risk estimate
+    import math
+
+    assert all(math.isnan(f.eigvec_condition) and math.isnan(f.kreiss) for _, f in result.layers)
+    assert math.isnan(result.aggregates["eigvec_condition_mean"]) and result.risk_assessment() is None
     varied = profile(model, num_samples=512)  # the default probe: varied tokens
     assert varied.constant_input_layers == [] and "same input state" not in varied.verdict_reason
 
