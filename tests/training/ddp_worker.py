@@ -130,8 +130,10 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
     safety_net.reduce_max = timed_reduce  # test instrumentation: time the guard's all-reduce
     timings.clear()
     windowed = check_every > 1  # the windowed check: the guard only, no init profile
+    # the windowed run also has the relative loss limit: its reference (the first check's maximum over both ranks'
+    # steps) must be the same on both ranks
     callback = RKSPCallback(num_samples=128, rank=8, on_divergence="rollback", check_every_n_steps=check_every,
-                            profile_at_init=not windowed)
+                            profile_at_init=not windowed, relative_loss_threshold=3.0 if windowed else None)
     name = "guard-window" if windowed else "guard"
     args = TrainingArguments(
         output_dir=str(out / name), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
@@ -154,6 +156,7 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
         "finite": bool(torch.isfinite(weights).all()),
         "reduce_seconds": timings,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        "reference_loss": callback.reference_loss,
     }
     (out / f"{name}-rank{rank()}.json").write_text(json.dumps(result))
 

@@ -171,6 +171,8 @@ def test_two_process_run_matches_single_process_and_guard_stops_all_ranks(tmp_pa
         assert len(g["reduce_seconds"]) <= 5  # checks at steps 2, 4, 6, 8 (and an epoch end): not one per step
     assert windowed[0]["weights_sum"] == windowed[1]["weights_sum"]
     assert windowed[0]["weights_sq"] == windowed[1]["weights_sq"]
+    # relative_loss_threshold: one reference on both ranks, the all-reduced maximum of the first check
+    assert windowed[0]["reference_loss"] == windowed[1]["reference_loss"] > 0
 
 
 @pytest.mark.slow
