@@ -252,13 +252,14 @@ def _features(result, near_band, contractive_below, residual_tol, reliable_only,
         near, unstable, contractive, mid = spectral_masses(moduli, near_band, contractive_below)
         rho = float(moduli.max()) if moduli.numel() else 0.0
         # no identified mode (an input with no direction: rank_x = 0): the operator is round-off, and so would be the
-        # mode-derived numbers; NaN, which the aggregates skip
+        # numbers derived from it and its fit; NaN, which the aggregates skip
         kreiss = (kreiss_constant(layer.operator, eigenvalues=layer.eigenvalues) if compute_kreiss and n_count
                   else math.nan)
         kappa = float(layer.eigvec_condition) if n_count else math.nan
+        eta_i = float(eta[i]) if n_count else math.nan  # no fit: nothing is explained or left unexplained
         out.append(LayerFeatures(
             near_unit_mass=near, unstable_mass=unstable, contractive_mass=contractive, mid_mass=mid,
-            spectral_radius=rho, eigvec_condition=kappa, nonlinearity=float(eta[i]),
+            spectral_radius=rho, eigvec_condition=kappa, nonlinearity=eta_i,
             kreiss=kreiss, n_modes=n_count, n_reliable=int(reliable.sum()), degenerate=bool(degenerate[i]),
         ))
     return out if result.batched else out[0]

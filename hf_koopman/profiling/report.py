@@ -183,9 +183,10 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
     n, d = profile.rule.verdict_sample(profile)
     modes = sum(f.n_modes for f in feats)
     reliable = sum(f.n_reliable for f in feats) / modes if modes else float("nan")
-    eta = sum(f.nonlinearity for f in feats) / len(feats)
+    fitted = [i for i, f in zip(chosen, feats) if not math.isnan(f.nonlinearity)]  # NaN: no input direction to fit
+    eta = sum(profile.features[i].nonlinearity for i in fitted) / len(fitted) if fitted else math.nan
     sizes, rank = profile.rule.sample_sizes(profile), profile.settings.get("rank")
-    eta_read = [profile.rule.adjusted_nonlinearity(profile.features[i].nonlinearity, *sizes[i], rank) for i in chosen]
+    eta_read = [profile.rule.adjusted_nonlinearity(profile.features[i].nonlinearity, *sizes[i], rank) for i in fitted]
     near = sum(f.near_unit_mass for f in feats) / len(feats)
     unstable = sum(f.unstable_mass for f in feats) / len(feats)
     contractive = sum(f.contractive_mass for f in feats) / len(feats)
@@ -207,8 +208,9 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
     lines += _spectrum_lines(profile)
     sampled = f", N/d ≥ {profile.rule.min_samples_per_dim:g}" if any(profile.rule.undersampled(profile)) else ""
     lines.append(
-        f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average"
-        + (" over those blocks" if left_out and len(feats) < total else "")
+        (f"- Fit quality: the linear map leaves η_nl = {eta:.2f} of the block update unexplained on average"
+         + (" over those blocks" if left_out and len(feats) < total else "")
+         if fitted else "- Fit quality: no linear map was fitted")
         + (f" ({sum(eta_read) / len(eta_read):.2f} corrected for the fit's N/d, as the gate reads it; per layer in "
            "the table below)" if eta_read else "")
         + f"; {len(profile.informative_layers)} of {total} blocks are informative (η_nl < "

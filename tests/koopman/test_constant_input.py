@@ -106,7 +106,9 @@ def test_one_repeated_token_gives_an_uninformative_profile_that_says_why():
     # no mode: no κ(V) or Kreiss constant of round-off either (NaN, which the aggregates skip), so no risk estimate
     import math
 
-    assert all(math.isnan(f.eigvec_condition) and math.isnan(f.kreiss) for _, f in result.layers)
+    assert all(math.isnan(f.eigvec_condition) and math.isnan(f.kreiss) and math.isnan(f.nonlinearity)
+               for _, f in result.layers)
+    assert "- Fit quality: no linear map was fitted;" in report
     assert math.isnan(result.aggregates["eigvec_condition_mean"]) and result.risk_assessment() is None
     varied = profile(model, num_samples=512)  # the default probe: varied tokens
     assert varied.constant_input_layers == [] and "same input state" not in varied.verdict_reason
