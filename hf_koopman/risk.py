@@ -1740,7 +1740,8 @@ class DecisionRule:
         meta, features = profile.meta, profile.features
         constant = set(getattr(profile, "constant_input_layers", ()))
         num_samples, hidden_size = self.verdict_sample(profile)
-        undersampled = sum(self.undersampled(profile))
+        short = self.undersampled(profile)
+        undersampled = sum(short)
         near = self.near_gate(profile)
         reads = self.reads(profile)
         return self.decide(
@@ -1751,8 +1752,7 @@ class DecisionRule:
             weights=meta.get("weights"), undersampled=undersampled,
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
             rank_deficient=sum(r and d for r, d in zip(reads, self.rank_deficient(profile))),
-            constant_input=sum(name in constant and not under
-                               for name, under in zip(profile.names, self.undersampled(profile))),
+            constant_input=sum(name in constant and not under for name, under in zip(profile.names, short)),
         )
 
     def _decide(
