@@ -67,6 +67,21 @@ def exact_guard(**kw):
     return RKSPCallback(**kw)
 
 
+def record_kss_terms(monkeypatch) -> list[tuple[int, int]]:
+    """`(step, number of block snapshots)` of every KSS term `KSSTrainer` computes from now on in the test."""
+    import hf_koopman.training.trainer as trainer_module
+
+    calls: list[tuple[int, int]] = []
+    term = trainer_module.KSSTrainer._kss_term
+
+    def spy(self, snapshots, step, device):
+        calls.append((step, len(snapshots)))
+        return term(self, snapshots, step, device)
+
+    monkeypatch.setattr(trainer_module.KSSTrainer, "_kss_term", spy)
+    return calls
+
+
 def tiny_gpt2(seed: int = 0, n_layer: int = 4, n_embd: int = 32, **kwargs) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GradCapture, TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import GradCapture, TokenDataset, cpu_training_args, record_kss_terms, tiny_gpt2
 
 import hf_koopman.training.trainer as trainer_module
 from hf_koopman.koopman.shaping import eigenvalue_modulus, kss_penalty
@@ -105,14 +105,7 @@ def test_logged_near_unit_mass_uses_the_configured_band(custom_run):
 
 def test_layer_fraction_rounds_the_number_of_sampled_blocks_up(tmp_path, monkeypatch):
     """Half of 3 blocks is 1.5: KSS samples 2 (ceil), not 1, on every KSS step."""
-    counts = []
-    term = trainer_module.KSSTrainer._kss_term
-
-    def spy(self, snapshots, step, device):
-        counts.append((step, len(snapshots)))
-        return term(self, snapshots, step, device)
-
-    monkeypatch.setattr(trainer_module.KSSTrainer, "_kss_term", spy)
+    counts = record_kss_terms(monkeypatch)
     trainer = KSSTrainer(
         model=tiny_gpt2(n_layer=3),
         args=_args(tmp_path, max_steps=2, kss_every_n_steps=1, kss_layer_fraction=0.5),

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import GradCapture, TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import GradCapture, TokenDataset, cpu_training_args, record_kss_terms, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
 import hf_koopman.training.trainer as trainer_module
@@ -59,14 +59,7 @@ def test_kss_changes_training_but_not_eval_loss(tmp_path):
 
 
 def test_logged_keys_and_every_k_gating(tmp_path, monkeypatch):
-    created = []
-    original = trainer_module.KSSTrainer._kss_term
-
-    def spy(self, snapshots, step, device):
-        created.append((step, len(snapshots)))
-        return original(self, snapshots, step, device)
-
-    monkeypatch.setattr(trainer_module.KSSTrainer, "_kss_term", spy)
+    created = record_kss_terms(monkeypatch)
     spectra = {}  # KSS step -> one list of per-layer eigenvalues per micro-batch
     group_eigenvalues = trainer_module.KSSTrainer._group_eigenvalues
 

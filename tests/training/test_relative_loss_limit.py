@@ -106,18 +106,27 @@ def test_a_new_run_on_the_same_callback_takes_its_own_first_loss(tmp_path):
     assert guard.reference_loss == pytest.approx(FIRST_LOSS, rel=1e-4)
 
 
-class NegativeLoss(GPT2LMHeadModel):
-    """A GPT-2 whose loss is shifted below 0 (a negative log-likelihood of a density can be)."""
+class ShiftedLoss(GPT2LMHeadModel):
+    """A GPT-2 whose loss is shifted down by `shift`: below 0 from the start (a negative log-likelihood of a density
+    can be), or, by 4.5, just below 0 at the start (4.04 - 4.5) and above it as the warm-up run degrades."""
+
+    shift = 0.0
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if out.loss is not None:
-            out.loss = out.loss - 100.0
+            out.loss = out.loss - self.shift
         return out
 
 
+def _shifted(shift: float) -> ShiftedLoss:
+    model = ShiftedLoss(tiny_gpt2().config)
+    model.shift = shift
+    return model
+
+
 def test_a_non_positive_first_loss_turns_the_relative_limit_off_with_a_warning(tmp_path, caplog):
-    model = NegativeLoss(tiny_gpt2().config)
+    model = _shifted(100.0)
     guard = _guard(relative_loss_threshold=3.0)
     trainer = Trainer(model=model, args=_args(tmp_path, learning_rate=0.05, save_strategy="no", max_steps=4),
                       train_dataset=TokenDataset(n=128), callbacks=[guard])
@@ -214,24 +223,14 @@ def test_a_windowed_check_says_which_steps_its_reference_covers(tmp_path, caplog
     assert "(the largest over steps 1-4)" in caplog.text
 
 
-class ShiftedLoss(GPT2LMHeadModel):
-    """A GPT-2 whose loss starts just below 0 (4.04 - 4.5) and rises above it as the warm-up run degrades."""
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        if out.loss is not None:
-            out.loss = out.loss - 4.5
-        return out
-
-
 def test_a_limit_turned_off_stays_off_when_the_run_resumes(tmp_path):
     first = _guard(relative_loss_threshold=3.0)
-    trainer = Trainer(model=ShiftedLoss(tiny_gpt2().config), args=_args(tmp_path, **WARMUP, max_steps=5),
+    trainer = Trainer(model=_shifted(4.5), args=_args(tmp_path, **WARMUP, max_steps=5),
                       train_dataset=TokenDataset(n=128), callbacks=[first])
     trainer.train()
     assert first.relative_limit_off and first.reference_loss is None
     again = _guard(relative_loss_threshold=3.0)
-    trainer = Trainer(model=ShiftedLoss(tiny_gpt2().config), args=_args(tmp_path, **WARMUP),
+    trainer = Trainer(model=_shifted(4.5), args=_args(tmp_path, **WARMUP),
                       train_dataset=TokenDataset(n=128), callbacks=[again])
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
     # the resumed model's first loss (2.3 at step 6) would set a limit of 7 that step 7 (11.6) crosses
