@@ -935,7 +935,9 @@ class SafetyNet:
                         "checkpoint", path)
             return
         self.last_good_checkpoint = path
-        self._validated_paths.append(path)
+        # only folders still on disk can be advised later: rotated ones leave the list, which stays as long as the
+        # run's checkpoints on disk rather than growing with every save
+        self._validated_paths = [p for p in self._validated_paths if Path(p).is_dir()] + [path]
         if not self._from_checkpoint or self._checkpoint_checked:
             return
         self._checkpoint_checked = True

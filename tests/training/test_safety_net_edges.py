@@ -82,6 +82,19 @@ def test_when_rotation_removed_the_last_good_checkpoint_the_advice_names_what_is
     assert f"resume_from_checkpoint={str(tmp_path / 'checkpoint-1')!r}" in guard._what_to_do()  # 3 is suspect
 
 
+def test_validated_checkpoints_rotated_away_leave_the_guards_list(tmp_path):
+    # one path per save would grow without bound over a long run; rotated folders can never be advised again
+    guard = RKSPCallback()
+    for step in range(1, 51):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        guard._promote(str(folder))
+        if step > 2:  # save_total_limit=2
+            (tmp_path / f"checkpoint-{step - 2}").rmdir()
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-50")
+    assert guard._validated_paths == [str(tmp_path / f"checkpoint-{k}") for k in (48, 49, 50)]
+
+
 @pytest.mark.parametrize("on_divergence", ["stop", "rollback"])
 def test_load_best_model_at_end_never_loads_a_suspect_checkpoint(tmp_path, monkeypatch, on_divergence):
     # greater_is_better=True on eval_loss makes the checkpoint before the blow-up the "best" one; a relative
