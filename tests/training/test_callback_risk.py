@@ -114,3 +114,37 @@ def test_a_rank_r_callback_warns_once_and_recommends_the_full_spectrum(tmp_path,
     from hf_koopman.risk import recommendation
 
     assert recommendation(callback.init_verdict, None, rank=8) == RANK_ADVICE
+
+
+@pytest.mark.parametrize(("band", "verdict", "level"), [((0.0, 1.0), "moderate", logging.INFO),
+                                                         ((0.0, 0.0), "high risk", logging.WARNING)])
+def test_without_a_calibrated_probability_only_a_high_risk_verdict_is_a_warning(tmp_path, caplog, monkeypatch,
+                                                                               band, verdict, level):
+    # a learning rate far below the estimator's fitted range: the advice and alarm follow the verdict, and the
+    # paper's moderate band (between its two thresholds) is advice, not an alarm
+    import dataclasses
+
+    low, _ = RiskEstimator.default().learning_rate_range
+    callback = RKSPCallback(num_samples=128, save_artifacts=False)
+    run = callback._run_profile
+
+    def banded(*args, **kwargs):
+        result = run(*args, **kwargs)
+        result.rule = dataclasses.replace(result.rule, safe_below=band[0], high_risk_above=band[1])
+        return result
+
+    monkeypatch.setattr(callback, "_run_profile", banded)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=low / 100)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert callback.init_verdict == verdict and callback.profile.risk_assessment().out_of_range
+    line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
+    assert line.levelno == level and verdict.upper() in line.getMessage()
