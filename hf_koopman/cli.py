@@ -486,6 +486,26 @@ def _read_text_chunks(path: Path, max_length: int, tokenizer: Any) -> list[str]:
 _DATA_FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 
 
+#: compressions `datasets` decompresses when it reads a data file (the format is the suffix before them)
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _plain_suffix(path: Path) -> str:
+    """The format suffix of a data file, after any compression suffix (`data.jsonl.gz` -> `.jsonl`), lower case."""
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSION_SUFFIXES:
+        suffix = Path(path.stem).suffix.lower()
+    return suffix
+
+
+def _file_builder(path: Path) -> str:
+    """The `datasets` builder that reads the local data file `path`: csv, json (.json, .jsonl), parquet or arrow by
+    its format suffix, plain text (one example per line) for .txt and for any other file (.md, .log, no suffix);
+    never a name looked up on the Hub."""
+    return _FILE_BUILDERS.get(_plain_suffix(path), "text")
+
+
 def _check_data_file_split(name: str, split: str | None) -> None:
     """A data file (`--dataset data.jsonl`) is read as one split, "train": any other --split is an error, not ignored;
     slices of it ("train[:100]") are honoured."""
@@ -527,14 +547,18 @@ def _load_dataset(name: str, split: str | None):
         return loaded[split]
     if path.is_file():
         _check_data_file_split(name, split)
-        suffix = path.suffix.lstrip(".")
-        builder = {"txt": "text", "jsonl": "json"}.get(suffix, suffix)
+        builder = _file_builder(path)
+        if builder == "text" and _plain_suffix(path) != ".txt":
+            logger.info("--dataset %s: read as plain text, one example per line (%s)", name,
+                        "no file extension" if not _plain_suffix(path) else f"{_plain_suffix(path)} is not one of "
+                        f"{', '.join(_DATA_FILE_SUFFIXES)}")
         return datasets.load_dataset(builder, data_files=str(path), split=split or "train")
     split = split or "train"
-    if path.suffix.lower() in _DATA_FILE_SUFFIXES:
+    if _plain_suffix(path) in _DATA_FILE_SUFFIXES:
         raise ValueError(
             f"--dataset {name}: no such file or folder; the data file does not exist (a name ending in "
-            f"{path.suffix} is a path, not a dataset name): check the path."
+            f"{''.join(path.suffixes[-2:]) if path.suffix.lower() in _COMPRESSION_SUFFIXES else path.suffix} is a "
+            "path, not a dataset name): check the path."
         )
     if _looks_like_path(name):
         raise ValueError(f"--dataset {name}: no such file or folder; check the path.")
@@ -582,7 +606,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
                         help="profile the architecture at random initialisation (ignore pretrained weights)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
-    source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on")
+    source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on "
+                        "(.csv, .json, .jsonl, .parquet, .arrow, optionally .gz; any other file as plain text)")
     parser.add_argument("--split", help="split of --dataset (default: train; a data file has only train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")

@@ -185,7 +185,24 @@ def test_dataset_dict_without_the_split_lists_its_splits(tmp_path, capsys):
     assert main([*args, "--split", "validation", "--out", str(tmp_path / "b")]) == 0
 
 
-@pytest.mark.parametrize("name", ["nope.csv", "nope.jsonl", "data.parquet", "sub/nope.txt", "nope.arrow"])
+@pytest.mark.parametrize("name", ["notes.md", "notes", "text.txt.gz", "rows.jsonl.gz", "TEXT.TXT"])
+def test_any_local_data_file_is_read_by_its_format_never_looked_up_on_the_hub(tmp_path, monkeypatch, capsys, name):
+    import gzip
+
+    pytest.importorskip("datasets")
+    folder = _checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    line = "the cat sat and the dog ran far " * 4
+    body = "\n".join(f'{{"text": "{line}"}}' if "jsonl" in name else line for _ in range(8)) + "\n"
+    (tmp_path / name).write_bytes(gzip.compress(body.encode()) if name.endswith(".gz") else body.encode())
+    assert main(["profile", str(folder), "--dataset", name, "--num-samples", "32", *FAST, "--out", "out"]) == 0
+    data = _profile_json(tmp_path / "out")
+    assert data["meta"]["tokens_seen"] >= 32
+
+
+@pytest.mark.parametrize("name", ["nope.csv", "nope.jsonl", "data.parquet", "sub/nope.txt", "nope.arrow",
+                                  "nope.txt.gz"])
 def test_missing_data_file_is_a_missing_file_not_a_hub_name(tmp_path, monkeypatch, capsys, name):
     folder = _checkpoint(tmp_path)
     monkeypatch.chdir(tmp_path)
