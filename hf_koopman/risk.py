@@ -581,12 +581,14 @@ class RiskEstimator:
             the probability rests on a spectrum the decision rule does not trust (`assess` lists it as unknown).
         """
         values = self._inputs(profile, learning_rate, context)
+        probability = float(_sigmoid(self._logit(values)))  # first: a missing input raises, with nothing said before
         if self._reads_uninformative_spectrum(profile):
             reason = _part(profile, "verdict_reason") or "see its verdict"
+            # the verdict's reason names what would make the spectrum informative (more token states, the full
+            # spectrum instead of a rank-r one, varied text): no fix is repeated here that may not be the one
             _warn_once(f"predict_proba: the profile is uninformative ({reason}), so the probability rests on a "
-                       "spectrum the decision rule does not trust; profile with more token states, or use assess() to "
-                       "see which inputs are unknown.")
-        return float(_sigmoid(self._logit(values)))
+                       "spectrum the decision rule does not trust; assess() lists the inputs it cannot vouch for.")
+        return probability
 
     def _reads_uninformative_spectrum(self, profile: Any) -> bool:
         """Whether `profile` is "uninformative" and this estimator reads a spectral aggregate of it."""

@@ -226,6 +226,21 @@ def test_a_probability_from_an_uninformative_profile_comes_with_a_warning(caplog
     assert "uninformative" not in caplog.text
 
 
+def test_an_uninformative_profile_without_a_learning_rate_raises_before_any_warning(caplog):
+    # the estimator needs the learning rate: no probability is computed, so none is warned about
+    import logging
+
+    from hf_koopman.risk import _warn_once
+
+    _warn_once.cache_clear()
+    est = RiskEstimator.default()
+    aggregates = {f.key: 0.3 for f in est.features if f.key != "learning_rate"}
+    profile = {"verdict": "uninformative", "verdict_reason": "a rank-8 profile", "aggregates": aggregates}
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"), pytest.raises(ValueError, match="learning_rate"):
+        est.predict_proba(profile)
+    assert "uninformative" not in caplog.text
+
+
 def test_a_learning_rate_below_the_fitted_range_gets_no_advice_to_lower_it():
     from hf_koopman.risk import ADVICE, RangeIssue, RiskAssessment, recommendation
 
