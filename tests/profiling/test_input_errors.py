@@ -111,6 +111,17 @@ def test_model_id_string_names_how_to_load_it():
     assert "hf-koopman profile gpt2" in message
 
 
+@pytest.mark.parametrize("tokenizer", ["gpt2", 3])
+def test_tokenizer_that_is_not_one_names_how_to_load_it(tokenizer):
+    # a Hub id as pipeline(tokenizer="gpt2") takes it, or anything else that cannot encode text: refused before the
+    # forward pass, naming AutoTokenizer
+    with pytest.raises(TypeError) as err:
+        profile(tiny_model("gpt2"), ["a b c"] * 3, tokenizer=tokenizer, num_samples=16)
+    message = str(err.value)
+    assert "tokenizer must be a tokenizer" in message and "AutoTokenizer.from_pretrained(" in message
+    assert "got the str 'gpt2'" in message if isinstance(tokenizer, str) else "got int" in message
+
+
 # 6. a plain nn.Module (no main_input_name)
 class _MLP(nn.Module):
     def __init__(self) -> None:
