@@ -951,6 +951,9 @@ class SafetyNet:
         """Put the validated state back (snapshot or last good checkpoint); returns its step, `None` if it failed.
         From a checkpoint, every process reports whether its load worked (one all-reduce) and all fail together."""
         if not self._from_checkpoint:
+            newer = self._newer_checkpoint_restored(optimizer)
+            if newer is not None:
+                return newer
             self._snapshot.restore(self._params, optimizer, self._buffers)
             return self._snapshot.step
         error = None
@@ -964,6 +967,37 @@ class SafetyNet:
             self._unreadable = self.last_good_checkpoint
             return None
         return _checkpoint_step(self.last_good_checkpoint)
+
+    def _newer_checkpoint_restored(self, optimizer) -> int | None:
+        """With the CPU snapshot as the validated state: restore the last good checkpoint instead when it is newer
+        (the snapshot is refreshed every `snapshot_every_n_steps`, a checkpoint is validated at the check after its
+        save, so the newest validated state can be either) and every process can read it; returns its step, or
+        `None` to restore the snapshot. A load that fails anywhere leaves the model as it was, and the snapshot is
+        restored, with a warning."""
+        path = self.last_good_checkpoint
+        if (path is None or self._snapshot.empty or path == self._unreadable or self._sharded or self._model is None
+                or _checkpoint_step(path) <= self._snapshot.step):
+            return None
+        problem = checkpoint_problem(self._model, path) if Path(path).is_dir() else f"{path} is not on disk"
+        if self._any_process(problem is not None):
+            logger.info("RKSP guard: the last good checkpoint %s is newer than the in-memory copy (step %d) but "
+                        "cannot be read back (%s): the in-memory copy is restored", path, self._snapshot.step,
+                        problem or "a problem on another process")
+            return None
+        error = None
+        try:
+            load_checkpoint_state(self._model, optimizer, path)
+        except Exception as err:  # noqa: BLE001 - the snapshot is still there to restore
+            error = f"{type(err).__name__}: {err}"
+        if self._any_process(error is not None):
+            logger.warning("RKSP guard: could not restore the last good checkpoint %s (%s): the in-memory copy of "
+                           "step %d is restored instead", path, error or "the load failed on another process",
+                           self._snapshot.step)
+            self._unreadable = path
+            return None
+        logger.info("RKSP guard: restored the last good checkpoint %s, newer than the in-memory copy (step %d)",
+                    path, self._snapshot.step)
+        return _checkpoint_step(path)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -1611,7 +1645,8 @@ class SafetyNet:
         any open window of unchecked steps). A loss above the threshold, or non-finite, on any process is a
         divergence of the last update: the checkpoints saved since the last passing check are set aside as at any
         trip, and the validated state is put back in memory where the guard would restore it
-        (a rollback, or a stop with `restore_on_stop`). One micro-batch is noisier than a step's mean loss, which the
+        (a rollback, or a stop with `restore_on_stop`). A passing check makes the checkpoint saved at the last step,
+        which holds these weights, the last good one. One micro-batch is noisier than a step's mean loss, which the
         per-step check reads. Skipped, so the last update stays unjudged: when the last step was rolled back (its
         update was discarded), when the model returns no loss (the rule reads logged losses then), under FSDP or
         DeepSpeed (a forward of the bare module there is not the sharded one), when the training forward ran on a
@@ -1645,7 +1680,15 @@ class SafetyNet:
                 logger.warning("RKSP guard: could not judge the weights the last update left (%s): they are not "
                                "checked", error or "the forward failed on another process")
             return
-        if reduced[0] == float("-inf") or not self.rule.loss_diverged(reduced[0]):
+        if reduced[0] == float("-inf"):  # no loss to judge
+            return
+        if not self.rule.loss_diverged(reduced[0]):
+            # the check the step after a checkpoint would have made: the checkpoint of the last step holds these
+            # weights, and is the last good one now
+            final = [path for saved, path in self._pending_checkpoints if saved == state.global_step]
+            if final:
+                self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s != state.global_step]
+                self._promote(final[-1])
             return
         step = state.global_step
         suspect = [path for _, path in self._pending_checkpoints]

@@ -450,16 +450,72 @@ def test_rollback_skips_a_poisoned_batch_without_sgd_or_adam_drift(tmp_path):
 
 def test_sparser_snapshots_roll_back_to_the_last_refresh(tmp_path):
     # refreshed at the passing steps 1 and 4 (every 3): a trip at step 6 goes back to the state validated at step 4,
-    # i.e. the weights after step 3, not to those after step 4 as an every-step snapshot would
+    # i.e. the weights after step 3, not to those after step 4 as an every-step snapshot would (no checkpoint is
+    # saved, so the snapshot is the newest validated state); the weights are those a checkpoint at step 3 holds
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
+    spy = WeightsAt()
+    reference = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "reference", learning_rate=1e-3, max_steps=3),
+                        train_dataset=data)
+    reference.train()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8, save_strategy="no"),
+                      train_dataset=data, callbacks=[poison(6), guard, spy])
+    trainer.train()
+    assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 3
+    good = load_file(str(tmp_path / "reference" / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(spy.weights[6][k], v) for k, v in good.items())
+
+
+def test_a_rollback_restores_a_validated_checkpoint_newer_than_the_snapshot(tmp_path, caplog):
+    # the same run saving every step: checkpoint-4, validated by step 5's check, is newer than the snapshot of step
+    # 3 and is what the rollback restores (weights and optimizer state), not the older copy in memory
+    import logging
+
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
     spy = WeightsAt()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
                       train_dataset=data, callbacks=[poison(6), guard, spy])
-    trainer.train()
-    assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 3
-    good = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 4
+    assert f"restored the last good checkpoint {tmp_path / 'checkpoint-4'}, newer than the in-memory copy (step 3)" \
+        in caplog.text
+    good = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
     assert all(torch.equal(spy.weights[6][k], v) for k, v in good.items())
+    assert trainer.state.global_step == 8
+
+
+def test_an_unreadable_newer_checkpoint_leaves_the_rollback_to_the_snapshot(tmp_path, caplog):
+    import logging
+
+    data = TokenDataset(n=128)
+    guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
+
+    class BreakCheckpoint4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # after its save and before the trip: the folder loses its optimizer state
+                (tmp_path / "checkpoint-4" / "optimizer.pt").unlink()
+
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
+                      train_dataset=data, callbacks=[poison(6), guard, BreakCheckpoint4()])
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert guard.events[0]["restored_step"] == 3 and "cannot be read back" in caplog.text
 
 
 def test_auto_snapshot_interval_keeps_the_copy_within_its_budget():

@@ -306,7 +306,9 @@ def test_the_checkpoint_a_run_resumed_from_becomes_the_last_good_one_when_its_fi
     resumed = _guard()
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=data,
             callbacks=[resumed]).train(resume_from_checkpoint=True)
-    assert resumed.last_good_checkpoint == str(tmp_path / "checkpoint-2")  # step 3 validated it
+    # step 3 validated checkpoint-2, then the end-of-run check validated checkpoint-3
+    assert resumed._validated_paths == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-3")]
+    assert resumed.last_good_checkpoint == str(tmp_path / "checkpoint-3")
 
 
 def test_only_the_folder_holding_the_resumed_state_is_held_as_the_resumed_checkpoint(tmp_path):

@@ -70,7 +70,9 @@ def test_a_sane_last_update_changes_nothing(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=64), callbacks=[guard])
     trainer.train()
     assert guard.divergence is None and guard.weights_validated and guard.events == []
-    assert (tmp_path / "checkpoint-4").is_dir()  # unjudged by a training step, kept under its name
+    assert (tmp_path / "checkpoint-4").is_dir()  # judged by the end-of-run check, kept under its name
+    # the final checkpoint holds the weights that check passed: the last good one, not the one before it
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-4")
     assert model.training == trainer.model.training and not (tmp_path / RECORD_NAME).exists()
 
 
