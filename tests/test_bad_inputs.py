@@ -27,9 +27,12 @@ def test_profile_restores_every_submodule_mode():
 
 
 def test_embedding_as_layers_is_named_not_a_residual_block():
-    with pytest.raises(ValueError, match="'transformer.wte' ran but is not a residual block") as err:
+    # refused before the forward pass, naming the block list auto-discovery finds
+    with pytest.raises(ValueError, match=r"layers='transformer.wte' names 1 single torch layer\(s\) \(Embedding\)") \
+            as err:
         hf_koopman.profile(_gpt2(), layers="transformer.wte", num_samples=64, rank=4)
-    assert "never called" not in str(err.value) and "transformer.h" in str(err.value)
+    assert "never called" not in str(err.value) and "auto-discovery finds the blocks in 'transformer.h'" in str(
+        err.value)
 
 
 def test_no_tokenizer_warning_is_printed_once(caplog):

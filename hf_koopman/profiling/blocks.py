@@ -20,7 +20,7 @@ import contextlib
 
 from hf_koopman.logging_utils import get_logger
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -126,7 +126,36 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
         raise
 
 
+def _is_torch_layer(module: nn.Module) -> bool:
+    """Whether `module` is one of torch's own layers with no sub-modules (`nn.Linear`, `nn.GELU`, `nn.LayerNorm`,
+    `nn.Dropout`, ...): one operation, never a residual block, whose output is x + f(x) (a skip connection written in
+    the parent's `forward` is not in the layer's output)."""
+    return type(module).__module__.startswith("torch.nn.") and next(module.children(), None) is None
+
+
+def _check_not_torch_layers(model: nn.Module, blocks: list[ResidualBlock], layers: Any) -> list[ResidualBlock]:
+    """`blocks` unchanged, or a `ValueError` when a `layers=` override names torch layers rather than blocks (the
+    message names the block lists auto-discovery finds, if any)."""
+    single = [b for b in blocks if _is_torch_layer(b.module)]
+    if single:
+        kinds = "/".join(sorted({type(b.module).__name__ for b in single}))
+        found = _discovered_lists(model)
+        fix = (f"leave layers=None: auto-discovery finds the blocks in {', '.join(map(repr, found))}" if found else
+               "pass the list of those blocks; a skip connection written in the model's own forward() leaves no "
+               "block module to profile")
+        raise ValueError(
+            f"layers={layers!r} names {len(single)} single torch layer(s) ({kinds}), not residual blocks: RKSP reads "
+            "the residual stream entering and leaving each block, so each block must be a module whose output is "
+            f"x + f(x) (a transformer layer, a ResNet block), not one operation inside it. To fix it, {fix}."
+        )
+    return blocks
+
+
 def _resolve_override(model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module]) -> list[ResidualBlock]:
+    return _check_not_torch_layers(model, _named_override(model, layers), layers)
+
+
+def _named_override(model: nn.Module, layers: str | Sequence[str] | Sequence[nn.Module]) -> list[ResidualBlock]:
     names = {id(m): n for n, m in model.named_modules()}
     if isinstance(layers, str):
         try:
@@ -326,15 +355,25 @@ def find_residual_blocks(
     paths = [n for n, _ in chosen]
     chosen = [(n, c) for n, c in chosen if not any(p != n and p.startswith(f"{n}.") for p in paths)]
     if not chosen:
-        candidates = _containers(model)
-        # the example names this model's longest list, as the candidates do (the path the user most likely means)
-        example = max(candidates, key=lambda nc: len(nc[1]))[0] if candidates else "model.layers"
+        # the example names this model's longest list of composite modules (the path the user most likely means);
+        # a list of torch layers (an MLP's Linear / GELU) holds operations, not blocks, and the model itself ("")
+        # has no path
+        candidates = [(n, c) for n, c in _containers(model) if n and not all(_is_torch_layer(m) for m in c)]
+        found = (f"Could not identify the residual blocks of {type(model).__name__}: no module list matches the blocks "
+                 "that transformers records as hidden states, GradientCheckpointingLayer, _no_split_modules or "
+                 f"num_hidden_layers. Candidates: {_describe_candidates(model)}.")
+        if not candidates:
+            raise ValueError(
+                f"{found} None of them holds blocks (modules whose output is x + f(x), not single torch layers): pass "
+                "the blocks' dotted paths, e.g. `profile(model, layers=['block1', 'block2'])` or "
+                "`RKSPCallback(layers=[...])`; a skip connection written in the model's own forward() leaves no "
+                "block module to profile."
+            )
+        example = max(candidates, key=lambda nc: len(nc[1]))[0]
         raise ValueError(
-            f"Could not identify the residual blocks of {type(model).__name__}: no module list matches the blocks that "
-            "transformers records as hidden states, GradientCheckpointingLayer, _no_split_modules or "
-            f"num_hidden_layers. Candidates: {_describe_candidates(model)}. Pass the block list explicitly, e.g. "
-            f"`profile(model, layers={example!r})`, `RKSPCallback(layers={example!r})`, "
-            f"`KSSTrainingArguments(kss_layers={example!r})` or `hf-koopman profile ... --layers {example}`."
+            f"{found} Pass the block list explicitly, e.g. `profile(model, layers={example!r})`, "
+            f"`RKSPCallback(layers={example!r})`, `KSSTrainingArguments(kss_layers={example!r})` or "
+            f"`hf-koopman profile ... --layers {example}`."
         )
     labels = _stack_labels([n for n, _ in chosen])
     blocks = [

@@ -686,8 +686,8 @@ def profile(
             f"{str(tokenizer)!r}; load it first: tokenizer=AutoTokenizer.from_pretrained({str(tokenizer)!r})"
         )
     if tokenizer is not None and not callable(tokenizer):
-        raise TypeError(f"tokenizer must be a tokenizer (a callable that encodes text), got {type(tokenizer).__name__}; "
-                        "pass tokenizer=AutoTokenizer.from_pretrained(model_id)")
+        raise TypeError(f"tokenizer must be a tokenizer (a callable that encodes text), got "
+                        f"{type(tokenizer).__name__}; pass tokenizer=AutoTokenizer.from_pretrained(model_id)")
     _check_analysis_keywords(analysis_kwargs, profile, _SET_BY_PROFILE)
     # every argument is checked here, before the forward pass (a bad one would fail after it, or deep inside it)
     num_samples = _as_count(num_samples, "num_samples", 2)

@@ -390,6 +390,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.profile = None  # the init SpectralProfile
         self.weights_validated = True  # False once the in-memory weights are ones a divergence was detected on
         self._trainer: Any = None
+        self._blocks_missing = False  # auto-discovery found no blocks this run: no profile, the guard runs on
         self._warned_unbound = False
         self._warned_short_probe: set[str] = set()  # the settings a too-short probe was reported for, this run
         self._loss_tap: LossTap | None = None
@@ -760,7 +761,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             logger.info("RKSP: resumed at step %d; the initialisation profile is not recomputed on trained weights "
                         "(the first run's rksp_profile.json / rksp_report.md stay as they are)", state.global_step)
             restored = True
-        if self.profile_at_init and not restored and model is not None:
+        profiles = (self.profile_at_init and not restored) or self.every_n_steps
+        self._blocks_missing = bool(profiles and model is not None and not self._blocks_found(model, state))
+        if self.profile_at_init and not restored and model is not None and not self._blocks_missing:
             with _replica_quiet(state):
                 self._profile_at_init(args, state, model, train_dataloader)
         if self.guard:
@@ -768,6 +771,24 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # this train() call's own events follow these (the ones before come from a restored state or the run record)
         self._events_before_call = len(self.events)
         return control
+
+    def _blocks_found(self, model: torch.nn.Module, state: TrainerState) -> bool:
+        """Whether auto-discovery finds the model's blocks; when it does not, the profile is left out with a warning
+        (the message names `layers=`) and training goes on with the guard: adding the callback to a run that trains
+        never stops it. A `layers=` the user gave is not second-guessed here: a wrong one raises in the profile."""
+        if self.layers is not None:
+            return True
+        from hf_koopman.profiling.blocks import find_residual_blocks
+
+        try:
+            find_residual_blocks(model)
+        except ValueError as err:
+            if state.is_world_process_zero:
+                logger.warning("RKSPCallback: no spectral profile (at initialisation or monitoring) in this run: "
+                               "%s %s", err, "Training runs on with the divergence guard." if self.guard
+                               else "Training runs on.")
+            return False
+        return True
 
     def _profile_at_init(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module,
                          train_dataloader: Any) -> None:
@@ -857,7 +878,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             control.should_evaluate = False  # save_strategy="best" would save it as a new best after evaluating
             control.should_training_stop = True
             return control
-        if self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None:
+        if (self.every_n_steps and state.global_step % self.every_n_steps == 0 and model is not None
+                and not self._blocks_missing):
             try:
                 with _replica_quiet(state):
                     batch = self._probe_batch(model, kwargs.get("train_dataloader"))

@@ -102,8 +102,50 @@ def test_unknown_structure_lists_candidates_and_override():
         find_residual_blocks(_Opaque())
     message = str(info.value)
     assert "Candidates: 'heads' (2 x Linear)" in message
-    # the example fix names this model's list, not a path it does not have
-    assert "profile(model, layers='heads')" in message and "--layers heads`" in message
+    # a list of torch layers holds no blocks: no path is suggested that would profile single Linear layers
+    assert "None of them holds blocks" in message and "layers='heads'" not in message
+    assert "skip connection written in the model's own forward()" in message
+
+
+class _ResidualMLP(nn.Module):
+    """A user's model: embedding, one residual MLP (the skip connection in this forward), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+        self.out = nn.Linear(16, 64)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        return self.out(h + self.mlp(h))
+
+
+def test_single_torch_layers_are_refused_as_blocks():
+    # the Linear -> GELU -> Linear inside one MLP are not residual blocks: their spectrum is not RKSP's, so neither
+    # auto-discovery's suggestion nor an explicit layers= makes them blocks
+    model = _ResidualMLP()
+    with pytest.raises(ValueError) as info:
+        find_residual_blocks(model)
+    assert "layers='mlp'" not in str(info.value) and "None of them holds blocks" in str(info.value)
+    for layers in ("mlp", ["mlp.0", "mlp.2"], [model.mlp[1]]):
+        with pytest.raises(ValueError, match=r"single torch layer\(s\) \((GELU/)?Linear|GELU\), not residual blocks"):
+            find_residual_blocks(model, layers=layers)
+
+
+class _TwoLists(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.ModuleList([_Block() for _ in range(3)])
+        self.heads = nn.ModuleList([nn.Linear(8, 8) for _ in range(5)])
+
+
+def test_the_suggested_block_list_holds_blocks_not_the_longest_list_of_layers():
+    with pytest.raises(ValueError) as info:
+        find_residual_blocks(_TwoLists())
+    message = str(info.value)
+    assert "profile(model, layers='trunk')" in message and "--layers trunk`" in message
+    assert [b.name for b in find_residual_blocks(_TwoLists(), layers="trunk")] == ["trunk.0", "trunk.1", "trunk.2"]
 
 
 class _Config:

@@ -123,14 +123,23 @@ def test_tokenizer_that_is_not_one_names_how_to_load_it(tokenizer):
 
 
 # 6. a plain nn.Module (no main_input_name)
+class _TanhResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.f(x))
+
+
 class _MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.blocks = nn.ModuleList([_TanhResidual() for _ in range(3)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = x + torch.tanh(block(x))
+            x = block(x)
         return x
 
 

@@ -194,7 +194,7 @@ def test_other_warnings_of_whitened_dmd_are_re_emitted(monkeypatch):
 # ---------------------------------------------------------------------------------------- layers= hint
 def test_not_a_residual_block_error_names_the_cli_option():
     with pytest.raises(ValueError, match="ran but is not a residual block") as err:
-        profile(tiny_model("gpt2", num_hidden_layers=2), layers="transformer.wte", num_samples=64, rank=4)
+        profile(tiny_model("gpt2", num_hidden_layers=2), layers="transformer", num_samples=64, rank=4)
     assert "`layers=` (CLI: `--layers`)" in str(err.value)
 
 

@@ -120,11 +120,33 @@ def test_nan_activation_names_the_layer():
     assert _no_hooks_left(model)
 
 
+class _Narrowing(nn.Module):
+    """A block of the user's own whose output is narrower than its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.f(x)
+
+
 def test_non_residual_block_is_rejected():
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model = nn.Sequential(nn.Linear(8, 8), _Narrowing())
     with pytest.raises(ValueError, match="not a width-preserving residual block"):
         with ResidualStreamRecorder(model, blocks=[model[1]]), torch.no_grad():
             model(torch.randn(3, 5, 8))
+
+
+class _Residual(nn.Module):
+    """A block of the user's own: x + f(x)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.f = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.f(x)
 
 
 class _PairBlock(nn.Linear):
@@ -132,7 +154,7 @@ class _PairBlock(nn.Linear):
 
 
 def test_blocks_whose_class_opts_out_are_refused_with_the_reason():
-    model = nn.Sequential(nn.Linear(8, 8), _PairBlock(8, 8))
+    model = nn.Sequential(_Residual(8), _PairBlock(8, 8))
     with pytest.raises(ValueError, match=r"block '1' \(_PairBlock\) is not read .* use another block list"):
         ResidualStreamRecorder(model, blocks=[model[1]])
     ResidualStreamRecorder(model, blocks=[model[0]])  # other blocks of the same model are read
@@ -141,11 +163,11 @@ def test_blocks_whose_class_opts_out_are_refused_with_the_reason():
 class _Shared(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(8, 8)])
+        self.layers = nn.ModuleList([_Residual(8)])
 
     def forward(self, x):
         for _ in range(3):
-            x = x + self.layers[0](x)
+            x = self.layers[0](x)
         return x
 
 

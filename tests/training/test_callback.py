@@ -463,3 +463,42 @@ def test_two_guards_on_one_trainer_one_rolling_back_are_refused_before_the_first
     monitor = RKSPCallback(guard=False, every_n_steps=2, **SMALL)
     Trainer(model=tiny_gpt2(), args=_args(tmp_path / "ok"), train_dataset=TokenDataset(),
             callbacks=[RKSPCallback(**SMALL), monitor]).train()  # one guard and one monitor: fine
+
+
+class _OwnResidualMLP(torch.nn.Module):
+    """A user's own model: no transformers metadata and no block list, its skip connection in this forward."""
+
+    def __init__(self, vocab: int = 64, width: int = 16) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+        self.out = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        h = self.emb(input_ids)
+        logits = self.out(h + self.mlp(h))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits}
+
+
+def test_a_model_without_discoverable_blocks_trains_with_the_guard_and_no_profile(tmp_path, caplog):
+    # adding the callback to a run that trains never stops it: the profile is left out with a warning naming
+    # layers=, monitoring is skipped, and the guard still judges every step
+    callback = RKSPCallback(every_n_steps=2, on_divergence="rollback", **SMALL)
+    trainer = Trainer(model=_OwnResidualMLP(), args=_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and callback.profile is None
+    assert "RKSPCallback: no spectral profile (at initialisation or monitoring) in this run" in caplog.text
+    assert "Training runs on with the divergence guard" in caplog.text
+    assert "RKSP monitoring at step" not in caplog.text
+    assert not any(k.startswith("rksp/score") for h in trainer.state.log_history for k in h)
+    assert trainer.state.log_history[-1]["rksp/diverged"] == 0.0  # the guard judged the run
+
+
+def test_an_explicit_layers_path_naming_torch_layers_is_an_error_before_training(tmp_path):
+    callback = RKSPCallback(layers="mlp", **SMALL)
+    trainer = Trainer(model=_OwnResidualMLP(), args=_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    with pytest.raises(ValueError, match="not residual blocks"):
+        trainer.train()
+    assert trainer.state.global_step == 0
