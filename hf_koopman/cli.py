@@ -872,8 +872,12 @@ def _run_profile(args: argparse.Namespace) -> int:
         notes.append(f"tentative: {' and '.join(why) or 'see the report'}")
     if result.meta.get("weights") == "pretrained" and result.verdict != "uninformative":
         notes.append("extrapolated: pretrained weights, and the thresholds come from initialisations")
-    print(f"{result.model_name}: {len(result.layers)} layers, mean M≈1 = {score}, verdict: {result.verdict.upper()}"
+    count = len(result.layers)
+    layers = "" if result.model_name.endswith(f"[{count} layers]") else f"{count} layers, "  # --num-layers names it
+    print(f"{result.model_name}: {layers}mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           + (f" ({'; '.join(notes)})" if notes else ""))
+    if result.verdict == "uninformative":  # why, and what would make it informative, where the user looks
+        print(f"  why: {result.verdict_reason}")
     assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
     if assessment is not None:  # the planned learning rate's calibrated risk; its caveats are in the report
         lr = f"  P(divergence) at learning rate {assessment.learning_rate:g}:"
@@ -1187,12 +1191,29 @@ def _join_negative_numbers(argv: Sequence[str], options: dict[str, bool]) -> lis
     return out
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: Sequence[str]) -> None:
+    """Exit with the subcommand's usage and error for arguments it does not take (argparse would print the top-level
+    usage), naming the subcommands that do take an option given here."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    hints = []
+    for token in unknown:
+        name = token.partition("=")[0]
+        owners = [other for other, sub in commands.items()
+                  if other != command and name in _valued_options(sub)]
+        if name.startswith("-") and owners:
+            hints.append(f"{name} is an option of {' and '.join(f'hf-koopman {o}' for o in owners)}, not of {command}")
+    commands[command].error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+                            + f"; see hf-koopman {command} --help")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-koopman` console script; returns the exit status."""
     parser = make_parser()
     options = _valued_options(parser)
-    args = parser.parse_args(_join_negative_numbers(_hyphenated(sys.argv[1:] if argv is None else argv, options),
-                                                    options))
+    args, unknown = parser.parse_known_args(
+        _join_negative_numbers(_hyphenated(sys.argv[1:] if argv is None else argv, options), options))
+    if unknown:
+        _unrecognized(parser, args.command, unknown)
     from hf_koopman import _register_auto_classes
 
     _register_auto_classes()  # deferred by `import hf_koopman` in the console script until the arguments parse

@@ -238,7 +238,7 @@ def test_folder_with_init_is_named_as_init(tmp_path, stream):
     assert names == {"init": "my-ckpt (init)", "pretrained": "my-ckpt"}
 
 
-def test_stream_names_num_layers_like_the_plain_path(tmp_path):
+def test_stream_names_num_layers_like_the_plain_path(tmp_path, capsys):
     config = tmp_path / "llama.json"
     tiny_config("llama", num_hidden_layers=3).to_json_file(config)
     names = []
@@ -247,6 +247,7 @@ def test_stream_names_num_layers_like_the_plain_path(tmp_path):
         assert main(["profile", str(config), "--init", "--num-layers", "1", *extra, "--num-samples", "32", *FAST,
                      "--out", str(out)]) == 0
         names.append(_profile_json(out)["model_name"])
+        assert "llama (init) [1 layers]: mean M≈1 = " in capsys.readouterr().out  # the count is said once
     assert names == ["llama (init) [1 layers]"] * 2
 
 
@@ -286,3 +287,6 @@ def test_an_uninformative_profile_prints_no_probability(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "verdict: UNINFORMATIVE" in printed
     assert "P(divergence) at learning rate 0.003: n/a (computed from an uninformative spectrum" in printed
+    # the summary says why, in the reason's own words (what would make it informative)
+    reason = _profile_json(tmp_path / "out")["verdict_reason"]
+    assert "token states" in reason and f"\n  why: {reason}\n" in printed

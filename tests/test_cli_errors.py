@@ -597,3 +597,18 @@ def test_a_config_field_of_the_wrong_type_is_named(tmp_path, capsys):
     assert main(["profile", str(folder), "--init", *FAST, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "could not be loaded as a transformers config" in err and "hidden_size" in err and "Traceback" not in err
+
+
+def test_an_option_of_another_subcommand_is_named_with_this_subcommands_usage(capsys):
+    # `max-lr` takes no --out: the error is max-lr's (its usage), and says which subcommand has the option
+    with pytest.raises(SystemExit) as info:
+        main(["max-lr", "gpt2", "--init", "--out", "x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: hf-koopman max-lr")
+    assert "unrecognized arguments: --out x (--out is an option of hf-koopman profile, not of max-lr)" in err
+    assert "see hf-koopman max-lr --help" in err
+    with pytest.raises(SystemExit):
+        main(["profile", "gpt2", "--init", "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: hf-koopman profile") and "unrecognized arguments: --bogus; see" in err
