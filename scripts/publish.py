@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from hf_koopman.models.publishing import export_for_hub
 
     out_root = Path(args.output_dir)
-    written, failed = [], []
+    written, failed, refused = [], [], []
     for checkpoint in map(Path, args.checkpoints):
         name = checkpoint.resolve().name  # "." is the folder it names
         repo_id = f"{args.push_to_hub_org}/{name}" if args.push_to_hub_org else None
@@ -46,10 +46,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
             print(f"{checkpoint}: {err}", file=sys.stderr)
             failed.append(checkpoint)
             continue
+        except (OSError, ValueError) as err:  # not a checkpoint, an export folder in the way: the message names the fix
+            print(f"{checkpoint}: error: {err}", file=sys.stderr)
+            refused.append(checkpoint)
+            continue
         print(f"{checkpoint} -> {folder}")  # the log says whether the upload happened
         written.append(folder)
-    if failed:
-        raise SystemExit(f"{len(failed)} of {len(args.checkpoints)} uploads failed: {', '.join(map(str, failed))}")
+    problems = [f"{len(failed)} of {len(args.checkpoints)} uploads failed: {', '.join(map(str, failed))}"] if failed else []
+    if refused:
+        problems.append(f"{len(refused)} of {len(args.checkpoints)} checkpoints not exported (see above): "
+                        f"{', '.join(map(str, refused))}")
+    if problems:
+        raise SystemExit("; ".join(problems))
     return written
 
 

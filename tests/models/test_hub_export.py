@@ -215,7 +215,7 @@ def test_export_errors_name_the_fix(tmp_path):
         save_checkpoint(eq.CNPModel(eq.CNPConfig(hidden_size=4)), tmp_path / "c", card="model_cards/missing.md")
 
 
-def test_publish_refuses_a_used_folder_and_points_the_card_at_the_target_repo(tmp_path, monkeypatch):
+def test_publish_refuses_a_used_folder_and_points_the_card_at_the_target_repo(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never upload from a test, token or not
@@ -227,8 +227,9 @@ def test_publish_refuses_a_used_folder_and_points_the_card_at_the_target_repo(tm
     args = [str(REPO / "checkpoints" / "reynet-mutag"), "--output-dir", str(tmp_path / "hub")]
     (stale,) = publish.main(args)  # an earlier export, and a stale pickle left in it
     (stale / "pytorch_model.bin").write_bytes(b"stale")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(SystemExit, match="1 of 1 checkpoints not exported"):
         publish.main(args)
+    assert "--overwrite" in capsys.readouterr().err  # the refusal names the fix
     (folder,) = publish.main(args + ["--overwrite", "--push-to-hub-org", "my-org"])  # the upload is skipped
     assert not (folder / "pytorch_model.bin").exists()
     card = (folder / "README.md").read_text(encoding="utf-8")
@@ -426,3 +427,18 @@ def test_exports_of_snapshot_sub_folders_and_links_to_snapshots_work_and_broken_
     with pytest.raises(ValueError, match="links to nothing.*tokenizer.json"):
         export_for_hub(snapshot, tmp_path / "out3")
     shutil.rmtree(tmp_path / "out1")
+
+
+def test_publish_names_a_folder_that_is_not_a_checkpoint_without_a_traceback(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import publish
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "empty"), str(REPO / "checkpoints" / "cnp-gp-rbf"), "--output-dir", str(tmp_path / "hub")]
+    with pytest.raises(SystemExit, match="1 of 2 checkpoints not exported"):
+        publish.main(args)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: error: " in err and "Traceback" not in err
+    assert (tmp_path / "hub" / "cnp-gp-rbf" / "model.safetensors").is_file()  # the next checkpoint still ran
