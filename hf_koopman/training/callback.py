@@ -212,7 +212,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         rank (`int`, *optional*): `None` (default) profiles the full spectrum; an int r the rank-r approximation,
             which gets no threshold verdict ("uninformative"), so `auto_kss` does not act on it.
         seed (`int`, defaults to `0`): subsampling seed.
-        layers (`str` or `list[str]`, *optional*): residual-block override, as in `find_residual_blocks`.
+        layers (`str` or `list[str]`, *optional*): residual-block override, as in `find_residual_blocks`. Without
+            it, a model whose blocks auto-discovery cannot find trains on with the guard and no profile (a warning
+            names the override); a wrong override raises before step 1.
         every_n_steps (`int`, defaults to `0`): periodic monitoring period in optimizer steps (`0` = off).
         monitor_num_samples (`int`, defaults to `512`): token states per layer for periodic monitoring.
         guard (`bool`, defaults to `True`): enable the divergence guard.
@@ -233,17 +235,18 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
         rollback_source (`str`, defaults to `"auto"`): where the validated state comes back from. `"memory"`: the CPU
-            snapshot above. `"checkpoint"`: the last good checkpoint (its `model.safetensors` and `optimizer.pt`;
-            no CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, a trip drops the step's
-            gradients and the optimizer skips its update; every step is checked until a checkpoint is validated, and
-            the weights are then marked unvalidated). Needs `save_strategy="steps"` and `save_total_limit` unset or
-            >= 3 (training refuses to start otherwise); refused as well, before anything is written, under FSDP
-            (FSDP1 or FSDP2 modules, DTensor parameters, or FSDP requested). The first validated checkpoint is checked
-            (parameter names and shapes, `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names
-            differ from their module names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`:
-            `"memory"` unless a copy of the trainable weights and two optimizer moments would take more than half of
-            the free host memory (psutil), in a single process without FSDP that saves full checkpoints every
-            `save_steps` (`save_strategy="steps"`, not `save_only_model`, `save_total_limit` unset or >= 3).
+            snapshot above, or the last good checkpoint when it is newer and every process can read it back (the newest
+            validated state). `"checkpoint"`: the last good checkpoint (its `model.safetensors` and `optimizer.pt`; no
+            CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, a trip drops the step's
+            gradients and the optimizer skips its update; every step is checked until a checkpoint is validated, and the
+            weights are then marked unvalidated). Needs `save_strategy="steps"` and `save_total_limit` unset or >= 3
+            (training refuses to start otherwise); refused as well, before anything is written, under FSDP (FSDP1 or
+            FSDP2 modules, DTensor parameters, or FSDP requested). The first validated checkpoint is checked (parameter
+            names and shapes, `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names differ from
+            their module names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`: `"memory"` unless a
+            copy of the trainable weights and two optimizer moments would take more than half of the free host memory
+            (psutil), in a single process without FSDP that saves full checkpoints every `save_steps`
+            (`save_strategy="steps"`, not `save_only_model`, `save_total_limit` unset or >= 3).
         check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps, and at
             the last step, every step whose checkpoint is saved and every epoch end. In between, each step's loss,
             gradient norm and block sums are folded into on-device maxima without a host sync or all-reduce (FSDP2
