@@ -126,9 +126,6 @@ def build_model(script: ScriptArguments):
     for key in ("n_positions", "max_position_embeddings"):
         if getattr(config, key, None) is not None and getattr(config, key) < script.block_size:
             setattr(config, key, script.block_size)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= 256:
-            setattr(config, key, 0)
     return AutoModelForCausalLM.from_config(config)
 
 

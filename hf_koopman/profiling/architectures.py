@@ -61,8 +61,14 @@ def resolve_architecture_name(name: str) -> str | None:
     return key if key in known_architectures() else None
 
 
+#: special-token ids of a config that must lie inside its vocabulary
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
 def load_architecture_config(name: str, **overrides: Any) -> PreTrainedConfig:
     """`PretrainedConfig` of an embedded architecture; `overrides` replace attributes (e.g. `num_hidden_layers=4`).
+    A smaller `vocab_size` override moves the special-token ids it no longer holds (GPT-2's 50256) to 0, unless they
+    are overridden too: transformers flags ids outside the vocabulary.
 
     Raises:
         `ValueError` naming the known architectures when `name` is not one of them.
@@ -79,6 +85,11 @@ def load_architecture_config(name: str, **overrides: Any) -> PreTrainedConfig:
     data = {k: v for k, v in data.items() if not k.startswith("_")}
     model_type = data.pop("model_type")
     data.update(overrides)
+    vocab = overrides.get("vocab_size")
+    if isinstance(vocab, int):
+        for key in _TOKEN_ID_KEYS:
+            if key not in overrides and isinstance(data.get(key), int) and data[key] >= vocab:
+                data[key] = 0
     config = AutoConfig.for_model(model_type, **data)
     config.name_or_path = canonical
     return config

@@ -75,6 +75,14 @@ def test_architecture_aliases_and_unknown_names():
     assert load_architecture_config("gpt2", n_layer=2).num_hidden_layers == 2
 
 
+def test_a_smaller_vocabulary_moves_the_special_token_ids_inside_it():
+    # ids outside the vocabulary make transformers warn at every config built (train_kss.py --tiny, the docs)
+    config = load_architecture_config("gpt2", vocab_size=256)
+    assert (config.bos_token_id, config.eos_token_id) == (0, 0)
+    assert load_architecture_config("gpt2", vocab_size=256, bos_token_id=7).bos_token_id == 7  # an override stands
+    assert load_architecture_config("gpt2").bos_token_id == 50256  # the full vocabulary keeps them
+
+
 def test_video_probe_is_a_clip_batch():
     from transformers import AutoModel, VideoMAEConfig
 
