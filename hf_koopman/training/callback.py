@@ -22,6 +22,7 @@ from hf_koopman.logging_utils import errors_only, get_logger
 from hf_koopman.risk import (
     TENTATIVE,
     VERDICT_LEVELS,
+    _below_fitted_learning_rates,
     below_risk_budget,
     in_fitted_range,
     load_estimator,
@@ -827,7 +828,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             advice,
         )
         if assessment is not None:  # the calibrated probability, with its range caveat in the same line
-            log = logger.warning if assessment.out_of_range else logger.info
+            # outside the fitted range only below its learning rates, with the lowest fitted rate's probability
+            # within the budget (a bound on the safe side), as a fine-tune's 5e-5 is: information, not an alarm
+            below = _below_fitted_learning_rates(assessment) is not None
+            log = logger.warning if assessment.out_of_range and not below else logger.info
             # the verdict reads the spectrum alone; this number is for the run's learning rate
             log("RKSP calibrated risk at this learning rate (the verdict, %s, reads the spectrum alone): %s",
                 self.init_verdict.upper(), assessment.describe())

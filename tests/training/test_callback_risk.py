@@ -148,3 +148,27 @@ def test_without_a_calibrated_probability_only_a_high_risk_verdict_is_a_warning(
     assert callback.init_verdict == verdict and callback.profile.risk_assessment().out_of_range
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
     assert line.levelno == level and verdict.upper() in line.getMessage()
+
+
+@pytest.mark.parametrize(("factor", "level"), [(1e-2, logging.INFO), (1e2, logging.WARNING)])
+def test_a_learning_rate_below_the_fitted_range_is_information_above_it_a_warning(tmp_path, caplog, factor, level):
+    # below every fitted rate (a fine-tune's 5e-5) the shown probability is the lowest fitted rate's, a bound on the
+    # safe side; above them it is an extrapolation towards divergence
+    low, high = RiskEstimator.default().learning_rate_range
+    lr = low * factor if factor < 1 else high * factor
+    callback = RKSPCallback(num_samples=128, save_artifacts=False)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=lr)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assessment = callback.profile.risk_assessment()
+    assert assessment.out_of_range and [i.key for i in assessment.outside] == ["learning_rate"]
+    line = next(r for r in caplog.records if r.getMessage().startswith("RKSP calibrated risk at this learning rate"))
+    assert line.levelno == level and "outside the fitted range" in line.getMessage()
