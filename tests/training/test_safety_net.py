@@ -408,6 +408,19 @@ def test_resume_from_the_named_checkpoint_does_not_replay_the_blow_up(tmp_path):
     assert len(spy.lrs) == 10 and all(lr == pytest.approx(0.5) for lr in spy.lrs)
 
 
+def test_a_resume_without_the_run_record_trains_at_the_full_rate(tmp_path):
+    # the guide's way to resume at the full rate once the cause was not the rate: move the record out
+    data = TokenDataset(n=128)
+    guard = _guard()
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard]).train()
+    (tmp_path / safety_net.RECORD_NAME).rename(tmp_path.parent / f"{tmp_path.name}-record.json")
+    again, spy = _guard(), LearningRates()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=4), train_dataset=data,
+                      callbacks=[again, spy])
+    trainer.train(resume_from_checkpoint=guard.last_good_checkpoint)
+    assert again.lr_scale == 1.0 and spy.lrs and all(lr == pytest.approx(1.0) for lr in spy.lrs)
+
+
 class ScaleOutputAt(TrainerCallback):
     """Multiplies the output of the submodule `path` by `factor` during optimizer step `step` only."""
 
