@@ -819,7 +819,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         calibrated = truncated is None and in_fitted_range(assessment)
         alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
         (logger.warning if alarm else logger.info)(
-            "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s; %s). Recommended: %s",
+            "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s)\n  Why: %s\n  Recommended: %s",
             when,
             self.init_verdict.upper(),
             None if spectral_profile.score is None else f"{spectral_profile.score:.3f}",

@@ -97,7 +97,8 @@ def test_an_in_range_probability_decides_the_init_advice_and_its_alarm(tmp_path,
     finally:
         hf_logging.set_verbosity(verbosity)
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
-    assert line.levelno == level and "Recommended: At learning rate 0.003 the calibrated" in line.getMessage()
+    assert line.levelno == level and "\n  Recommended: At learning rate 0.003 the calibrated" in line.getMessage()
+    assert line.getMessage().count("\n") == 2 and "\n  Why: " in line.getMessage()  # verdict, reason, advice
 
 
 
