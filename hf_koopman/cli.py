@@ -1191,6 +1191,16 @@ def _join_negative_numbers(argv: Sequence[str], options: dict[str, bool]) -> lis
     return out
 
 
+class _NoTokenizerSaid(logging.Filter):
+    """Drops the library's "no tokenizer given" warning (see `main`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("no tokenizer given")
+
+
+_NO_TOKENIZER_SAID = _NoTokenizerSaid()
+
+
 def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: Sequence[str]) -> None:
     """Exit with the subcommand's usage and error for arguments it does not take (argparse would print the top-level
     usage), naming the subcommands that do take an option given here."""
@@ -1229,6 +1239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.set_verbosity_debug()
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # the CLI says in its own terms when text falls back to byte-level ids (a checkpoint without tokenizer files);
+    # the library's warning names a Python argument, and for --init byte-level ids are what is meant
+    inputs_logger = logging.getLogger("hf_koopman.profiling.inputs")
+    inputs_logger.addFilter(_NO_TOKENIZER_SAID)
     try:
         if getattr(args, "dataset", None):  # before the model loads: a missing extra is named at once
             import_optional("datasets", extra="datasets", feature=f"hf-koopman {args.command} --dataset")
@@ -1251,6 +1265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-koopman {args.command}: error: {_out_of_memory_message(args, err)}", file=sys.stderr)
         return 2
     finally:
+        inputs_logger.removeFilter(_NO_TOKENIZER_SAID)
         if getattr(args, "restore_progress", False):  # --no-progress holds for this command only
             from transformers.utils import logging as hf_logging
 

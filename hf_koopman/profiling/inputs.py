@@ -68,7 +68,9 @@ def _tokenize(
                 "profile(model, texts, tokenizer=AutoTokenizer.from_pretrained(...))."
             )
         if first:
-            logger.warning("no tokenizer given: using byte-level ids (only sensible for randomly initialised models)")
+            logger.warning("no tokenizer given: the text is encoded as byte-level ids, which only a randomly "
+                           "initialised model reads like any other ids; pass "
+                           "tokenizer=AutoTokenizer.from_pretrained(...) for a trained one")
         return byte_tokenize(texts, vocab, max_length)
     if getattr(tokenizer, "pad_token", "x") is None:
         # GPT-2 style tokenizers ship without a pad token: pad with the EOS id here rather than setting
