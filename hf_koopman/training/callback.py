@@ -236,18 +236,19 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         snapshot_every_n_steps (`int` or `"auto"`, defaults to `"auto"`): refresh the validated CPU snapshot every that
             many passing steps; `"auto"` picks the interval that keeps the copy at <= 0.25 % of the step time.
         rollback_source (`str`, defaults to `"auto"`): where the validated state comes back from. `"memory"`: the CPU
-            snapshot above, or the last good checkpoint when it is newer and every process can read it back (the newest
-            validated state). `"checkpoint"`: the last good checkpoint (its `model.safetensors` and `optimizer.pt`; no
-            CPU copy is kept, so with nothing validated yet, or `restore_on_stop=False`, a trip drops the step's
-            gradients and the optimizer skips its update; every step is checked until a checkpoint is validated, and the
-            weights are then marked unvalidated). Needs `save_strategy="steps"` and `save_total_limit` unset or >= 3
-            (training refuses to start otherwise); refused as well, before anything is written, under FSDP (FSDP1 or
-            FSDP2 modules, DTensor parameters, or FSDP requested). The first validated checkpoint is checked (parameter
-            names and shapes, `optimizer.pt`); one the guard cannot read back (MoE layers whose saved names differ from
-            their module names, PEFT adapters) switches it to `"memory"` with a warning. `"auto"`: `"memory"` unless a
-            copy of the trainable weights and two optimizer moments would take more than half of the free host memory
-            (psutil), in a single process without FSDP that saves full checkpoints every `save_steps`
-            (`save_strategy="steps"`, not `save_only_model`, `save_total_limit` unset or >= 3).
+            snapshot above, or the last good checkpoint when it is newer (or no snapshot exists yet) and every process
+            can read it back (the newest validated state). `"checkpoint"`: the last good checkpoint (its
+            `model.safetensors` and `optimizer.pt`; no CPU copy is kept, so with nothing validated yet, or
+            `restore_on_stop=False`, a trip drops the step's gradients and the optimizer skips its update; every step is
+            checked until a checkpoint is validated, and the weights are then marked unvalidated). Needs
+            `save_strategy="steps"` and `save_total_limit` unset or >= 3 (training refuses to start otherwise); refused
+            as well, before anything is written, under FSDP (FSDP1 or FSDP2 modules, DTensor parameters, or FSDP
+            requested). The first validated checkpoint is checked (parameter names and shapes, `optimizer.pt`); one the
+            guard cannot read back (MoE layers whose saved names differ from their module names, PEFT adapters) switches
+            it to `"memory"` with a warning. `"auto"`: `"memory"` unless a copy of the trainable weights and two
+            optimizer moments would take more than half of the free host memory (psutil), in a single process without
+            FSDP that saves full checkpoints every `save_steps` (`save_strategy="steps"`, not `save_only_model`,
+            `save_total_limit` unset or >= 3).
         check_every_n_steps (`int`, defaults to `1`): read the rule's values on the host every that many steps, and at
             the last step, every step whose checkpoint is saved and every epoch end. In between, each step's loss,
             gradient norm and block sums are folded into on-device maxima without a host sync or all-reduce (FSDP2
@@ -766,7 +767,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                         "(the first run's rksp_profile.json / rksp_report.md stay as they are)", state.global_step)
             restored = True
         profiles = (self.profile_at_init and not restored) or self.every_n_steps
-        self._blocks_missing = bool(profiles and model is not None and not self._blocks_found(model, state))
+        # an explicit layers= is checked whatever uses it (profile, monitoring, the guard's block-output check)
+        self._blocks_missing = bool((profiles or self.layers is not None) and model is not None
+                                    and not self._blocks_found(model, state))
         if self.profile_at_init and not restored and model is not None and not self._blocks_missing:
             with _replica_quiet(state):
                 self._profile_at_init(args, state, model, train_dataloader)
@@ -779,10 +782,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     def _blocks_found(self, model: torch.nn.Module, state: TrainerState) -> bool:
         """Whether auto-discovery finds the model's blocks; when it does not, the profile is left out with a warning
         (the message names `layers=`) and training goes on with the guard: adding the callback to a run that trains
-        never stops it. A `layers=` the user gave is not second-guessed here: a wrong one raises in the profile."""
-        if self.layers is not None:
-            return True
+        never stops it. A `layers=` the user gave that does not name blocks raises here, before step 1."""
         from hf_koopman.profiling.blocks import find_residual_blocks
+
+        if self.layers is not None:
+            find_residual_blocks(model, layers=self.layers)
+            return True
 
         try:
             find_residual_blocks(model)

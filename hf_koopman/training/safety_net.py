@@ -169,6 +169,21 @@ def _as_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _too_big_to_read(folder: Path) -> str | None:
+    """Why reading `folder`'s weights and `optimizer.pt` into host memory is refused: more than half of the free
+    memory (psutil); `None` when it fits or the sizes cannot be read."""
+    try:
+        import psutil
+
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".pt"))
+        free = psutil.virtual_memory().available
+    except (ImportError, OSError):
+        return None
+    if size <= free / 2:
+        return None
+    return f"reading it takes ~{size / 1e9:.1f} GB of host memory, more than half of the {free / 1e9:.1f} GB free"
+
+
 def _checkpoint_step(path: str) -> int:
     """The global step in a `checkpoint-<step>` or `_suspect-checkpoint-<step>[-<k>]` folder name (-1 when the name
     has none)."""
@@ -895,8 +910,11 @@ class SafetyNet:
         return self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks
 
     def _validated_state_exists(self) -> bool:
-        """Whether a validated state exists to go back to: the last good checkpoint, or the CPU snapshot."""
-        return self.last_good_checkpoint is not None if self._from_checkpoint else not self._snapshot.empty
+        """Whether a validated state exists to go back to: the last good checkpoint, or the CPU snapshot (or, kept
+        in memory, a last good checkpoint that `_newer_checkpoint_restored` may read back)."""
+        if self._from_checkpoint:
+            return self.last_good_checkpoint is not None
+        return not self._snapshot.empty or (self.last_good_checkpoint is not None and not self._sharded)
 
     def _restores_validated(self) -> bool:
         """Whether a trip now puts the validated state back (a rollback, or a stop with `restore_on_stop`)."""
@@ -952,7 +970,7 @@ class SafetyNet:
         From a checkpoint, every process reports whether its load worked (one all-reduce) and all fail together."""
         if not self._from_checkpoint:
             newer = self._newer_checkpoint_restored(optimizer)
-            if newer is not None:
+            if newer is not None or self._snapshot.empty:
                 return newer
             self._snapshot.restore(self._params, optimizer, self._buffers)
             return self._snapshot.step
@@ -970,34 +988,43 @@ class SafetyNet:
 
     def _newer_checkpoint_restored(self, optimizer) -> int | None:
         """With the CPU snapshot as the validated state: restore the last good checkpoint instead when it is newer
-        (the snapshot is refreshed every `snapshot_every_n_steps`, a checkpoint is validated at the check after its
-        save, so the newest validated state can be either) and every process can read it; returns its step, or
-        `None` to restore the snapshot. A load that fails anywhere leaves the model as it was, and the snapshot is
-        restored, with a warning."""
-        path = self.last_good_checkpoint
-        if (path is None or self._snapshot.empty or path == self._unreadable or self._sharded or self._model is None
-                or _checkpoint_step(path) <= self._snapshot.step):
+        than the snapshot, or no snapshot exists (the snapshot is refreshed every `snapshot_every_n_steps`, a
+        checkpoint is validated at the check after its save, and judged on logged losses a checkpoint can be
+        validated before any copy is kept), and every process can read it; returns its step, or `None` to restore
+        the snapshot. Refused, so the snapshot is restored: a checkpoint the guard cannot read back (sharded weights,
+        PEFT adapters, no `optimizer.pt`), or one whose files would take more than half of the free host memory. A
+        load that fails anywhere leaves the model as it was, with a warning. After a restore the snapshot is taken
+        again from the restored state, so that a later trip does not depend on the folder."""
+        path, copy = self.last_good_checkpoint, self._snapshot
+        if (path is None or path == self._unreadable or self._sharded or self._model is None
+                or (not copy.empty and _checkpoint_step(path) <= copy.step)):
             return None
-        problem = checkpoint_problem(self._model, path) if Path(path).is_dir() else f"{path} is not on disk"
+        problem = (checkpoint_problem(self._model, path) if Path(path).is_dir() else f"{path} is not on disk") \
+            or _too_big_to_read(Path(path))
+        held = "no in-memory copy" if copy.empty else f"the in-memory copy of step {copy.step}"
         if self._any_process(problem is not None):
-            logger.info("RKSP guard: the last good checkpoint %s is newer than the in-memory copy (step %d) but "
-                        "cannot be read back (%s): the in-memory copy is restored", path, self._snapshot.step,
-                        problem or "a problem on another process")
+            logger.info("RKSP guard: the last good checkpoint %s is newer than %s but cannot be read back (%s)",
+                        path, held, problem or "a problem on another process")
             return None
-        error = None
+        error, memory = None, False
         try:
             load_checkpoint_state(self._model, optimizer, path)
-        except Exception as err:  # noqa: BLE001 - the snapshot is still there to restore
+        except Exception as err:  # noqa: BLE001 - the snapshot, if any, is still there to restore
             error = f"{type(err).__name__}: {err}"
+            memory = isinstance(err, (MemoryError, torch.OutOfMemoryError))
         if self._any_process(error is not None):
-            logger.warning("RKSP guard: could not restore the last good checkpoint %s (%s): the in-memory copy of "
-                           "step %d is restored instead", path, error or "the load failed on another process",
-                           self._snapshot.step)
-            self._unreadable = path
+            logger.warning("RKSP guard: could not restore the last good checkpoint %s (%s); %s", path,
+                           error or "the load failed on another process",
+                           "there is no in-memory copy to restore" if copy.empty else
+                           f"the in-memory copy of step {copy.step} is restored instead")
+            if not self._any_process(memory):  # out of memory says nothing about the folder
+                self._unreadable = path
             return None
-        logger.info("RKSP guard: restored the last good checkpoint %s, newer than the in-memory copy (step %d)",
-                    path, self._snapshot.step)
-        return _checkpoint_step(path)
+        logger.info("RKSP guard: restored the last good checkpoint %s, newer than %s", path, held)
+        step = _checkpoint_step(path)
+        copy.capture(self._params, optimizer, step, self._buffers)
+        self._undo.clear()  # a validated state exists now: the pre-window copy is not the one to go back to
+        return step
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -1645,8 +1672,9 @@ class SafetyNet:
         any open window of unchecked steps). A loss above the threshold, or non-finite, on any process is a
         divergence of the last update: the checkpoints saved since the last passing check are set aside as at any
         trip, and the validated state is put back in memory where the guard would restore it
-        (a rollback, or a stop with `restore_on_stop`). A passing check makes the checkpoint saved at the last step,
-        which holds these weights, the last good one. One micro-batch is noisier than a step's mean loss, which the
+        (a rollback, or a stop with `restore_on_stop`). A passing check validates nothing: the checkpoint saved at
+        the last step stays pending (no gradient norm or block output was judged on its weights), so
+        `last_good_checkpoint` names the one before it. One micro-batch is noisier than a step's mean loss, which the
         per-step check reads. Skipped, so the last update stays unjudged: when the last step was rolled back (its
         update was discarded), when the model returns no loss (the rule reads logged losses then), under FSDP or
         DeepSpeed (a forward of the bare module there is not the sharded one), when the training forward ran on a
@@ -1680,15 +1708,9 @@ class SafetyNet:
                 logger.warning("RKSP guard: could not judge the weights the last update left (%s): they are not "
                                "checked", error or "the forward failed on another process")
             return
-        if reduced[0] == float("-inf"):  # no loss to judge
-            return
-        if not self.rule.loss_diverged(reduced[0]):
-            # the check the step after a checkpoint would have made: the checkpoint of the last step holds these
-            # weights, and is the last good one now
-            final = [path for saved, path in self._pending_checkpoints if saved == state.global_step]
-            if final:
-                self._pending_checkpoints = [(s, p) for s, p in self._pending_checkpoints if s != state.global_step]
-                self._promote(final[-1])
+        # a pass leaves the last step's checkpoint pending: this check reads one micro-batch's loss, not the
+        # gradient norm and block outputs that validate a checkpoint at the step after it
+        if reduced[0] == float("-inf") or not self.rule.loss_diverged(reduced[0]):
             return
         step = state.global_step
         suspect = [path for _, path in self._pending_checkpoints]

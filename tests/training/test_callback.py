@@ -496,8 +496,10 @@ def test_a_model_without_discoverable_blocks_trains_with_the_guard_and_no_profil
     assert trainer.state.log_history[-1]["rksp/diverged"] == 0.0  # the guard judged the run
 
 
-def test_an_explicit_layers_path_naming_torch_layers_is_an_error_before_training(tmp_path):
-    callback = RKSPCallback(layers="mlp", **SMALL)
+@pytest.mark.parametrize("profile_at_init", [True, False])
+def test_an_explicit_layers_path_naming_torch_layers_is_an_error_before_training(tmp_path, profile_at_init):
+    # also for the guard alone, whose block-output check would read those layers
+    callback = RKSPCallback(layers="mlp", profile_at_init=profile_at_init, **SMALL)
     trainer = Trainer(model=_OwnResidualMLP(), args=_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
     with pytest.raises(ValueError, match="not residual blocks"):
         trainer.train()

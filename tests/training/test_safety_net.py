@@ -486,9 +486,9 @@ def test_a_rollback_restores_a_validated_checkpoint_newer_than_the_snapshot(tmp_
 
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
-    spy = WeightsAt()
+    spy, snapshots = WeightsAt(), SnapshotSteps(guard)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
-                      train_dataset=data, callbacks=[poison(6), guard, spy])
+                      train_dataset=data, callbacks=[poison(6), guard, spy, snapshots])
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -499,11 +499,56 @@ def test_a_rollback_restores_a_validated_checkpoint_newer_than_the_snapshot(tmp_
     finally:
         hf_logging.set_verbosity(verbosity)
     assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 4
-    assert f"restored the last good checkpoint {tmp_path / 'checkpoint-4'}, newer than the in-memory copy (step 3)" \
-        in caplog.text
+    assert (f"restored the last good checkpoint {tmp_path / 'checkpoint-4'}, newer than the in-memory copy of step 3"
+            in caplog.text)
+    assert snapshots.steps[6] == 4  # the copy is taken again from the restored state
     good = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
     assert all(torch.equal(spy.weights[6][k], v) for k, v in good.items())
     assert trainer.state.global_step == 8
+
+
+class SnapshotSteps(TrainerCallback):
+    """The step of `guard`'s in-memory copy at the end of every step."""
+
+    def __init__(self, guard):
+        self.guard, self.steps = guard, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps[state.global_step] = self.guard._snapshot.step
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), MemoryError()])
+def test_a_failed_load_of_the_newer_checkpoint_restores_the_snapshot(tmp_path, monkeypatch, error):
+    # a load that fails leaves the model as it was and the older copy is restored; out of memory says nothing about
+    # the folder, so only another failure marks the checkpoint as one the guard cannot read back
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(safety_net, "load_checkpoint_state", fail)
+    guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
+    spy = WeightsAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
+                      train_dataset=TokenDataset(n=128), callbacks=[poison(6), guard, spy])
+    trainer.train()
+    assert guard.events[0]["restored_step"] == 3 and guard.events[0]["action"] == "rollback"
+    assert guard._unreadable == (None if isinstance(error, MemoryError) else str(tmp_path / "checkpoint-4"))
+
+
+def test_a_resumed_run_tripping_before_any_copy_restores_its_last_good_checkpoint(tmp_path):
+    # resumed from checkpoint-4 (pending), the first step trips before any in-memory copy exists: the last good
+    # checkpoint the resumed state names (checkpoint-3) is the validated state to roll back to
+    data = TokenDataset(n=128)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=4), train_dataset=data,
+            callbacks=[_guard()]).train()
+    resumed, spy = _guard(on_divergence="rollback"), WeightsAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=7), train_dataset=data,
+                      callbacks=[poison(5), resumed, spy])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert [e["step"] for e in resumed.events] == [5] and resumed.events[0]["action"] == "rollback"
+    assert resumed.events[0]["restored_step"] == 3
+    good = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(spy.weights[5][k], v) for k, v in good.items())
+    assert trainer.state.global_step == 7 and resumed.weights_validated
 
 
 def test_an_unreadable_newer_checkpoint_leaves_the_rollback_to_the_snapshot(tmp_path, caplog):

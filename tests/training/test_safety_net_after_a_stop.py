@@ -289,7 +289,11 @@ def test_the_checkpoint_a_run_resumed_from_is_set_aside_when_its_first_step_trip
     assert Path(suspect).is_dir() and not (tmp_path / "checkpoint-3").exists()
     assert resumed.last_good_checkpoint == resumed.divergence["last_good_checkpoint"] == good
     assert "no checkpoint was validated" not in caplog.text and f"resume_from_checkpoint={good!r}" in caplog.text
-    assert not resumed.weights_validated and f"resume_from_checkpoint={good!r}" in resumed._what_to_do()
+    # no in-memory copy existed yet: the stop put the last good checkpoint's state back in memory (restore_on_stop)
+    assert resumed.weights_validated and resumed.divergence["restored_step"] == 2
+    saved = load_file(f"{good}/model.safetensors")
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k].cpu(), v) for k, v in saved.items())
 
     # the next resume_from_checkpoint=True takes the last good checkpoint, backs off, and does not trip again
     starts = StartStep()
@@ -306,9 +310,7 @@ def test_the_checkpoint_a_run_resumed_from_becomes_the_last_good_one_when_its_fi
     resumed = _guard()
     Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=data,
             callbacks=[resumed]).train(resume_from_checkpoint=True)
-    # step 3 validated checkpoint-2, then the end-of-run check validated checkpoint-3
-    assert resumed._validated_paths == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-3")]
-    assert resumed.last_good_checkpoint == str(tmp_path / "checkpoint-3")
+    assert resumed.last_good_checkpoint == str(tmp_path / "checkpoint-2")  # step 3 validated it
 
 
 def test_only_the_folder_holding_the_resumed_state_is_held_as_the_resumed_checkpoint(tmp_path):

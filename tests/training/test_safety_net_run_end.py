@@ -70,9 +70,10 @@ def test_a_sane_last_update_changes_nothing(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=64), callbacks=[guard])
     trainer.train()
     assert guard.divergence is None and guard.weights_validated and guard.events == []
-    assert (tmp_path / "checkpoint-4").is_dir()  # judged by the end-of-run check, kept under its name
-    # the final checkpoint holds the weights that check passed: the last good one, not the one before it
-    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-4")
+    assert (tmp_path / "checkpoint-4").is_dir()  # its loss judged by the end-of-run check, kept under its name
+    # but not validated: no gradient norm or block output was judged on its weights, so checkpoint-2 (validated by
+    # step 3's full check) stays the last good one
+    assert guard.last_good_checkpoint == str(tmp_path / "checkpoint-2")
     assert model.training == trainer.model.training and not (tmp_path / RECORD_NAME).exists()
 
 
