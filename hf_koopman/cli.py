@@ -488,7 +488,10 @@ _DATA_FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 
 #: compressions `datasets` decompresses when it reads a data file (the format is the suffix before them)
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
+                  ".tsv": "csv", ".xml": "xml"}
+#: archives hold files, not lines of text: refused rather than read as text
+_ARCHIVE_SUFFIXES = (".tar", ".zip", ".tgz", ".7z", ".rar")
 
 
 def _plain_suffix(path: Path) -> str:
@@ -547,12 +550,17 @@ def _load_dataset(name: str, split: str | None):
         return loaded[split]
     if path.is_file():
         _check_data_file_split(name, split)
+        suffix = _plain_suffix(path)
+        if suffix in _ARCHIVE_SUFFIXES or path.suffix.lower() in _ARCHIVE_SUFFIXES:
+            raise ValueError(f"--dataset {name} is an archive: extract it and pass the data file (or the folder "
+                             "dataset.save_to_disk wrote).")
         builder = _file_builder(path)
-        if builder == "text" and _plain_suffix(path) != ".txt":
-            logger.info("--dataset %s: read as plain text, one example per line (%s)", name,
-                        "no file extension" if not _plain_suffix(path) else f"{_plain_suffix(path)} is not one of "
-                        f"{', '.join(_DATA_FILE_SUFFIXES)}")
-        return datasets.load_dataset(builder, data_files=str(path), split=split or "train")
+        if builder == "text" and suffix not in (".txt", ".md", ".text"):
+            logger.warning("--dataset %s: read as plain text, one example per line (%s)", name,
+                           "no file extension" if not suffix else f"{suffix} is not one of "
+                           f"{', '.join(_DATA_FILE_SUFFIXES)}")
+        options = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        return datasets.load_dataset(builder, data_files=str(path), split=split or "train", **options)
     split = split or "train"
     if _plain_suffix(path) in _DATA_FILE_SUFFIXES:
         raise ValueError(
@@ -607,7 +615,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
     source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on "
-                        "(.csv, .json, .jsonl, .parquet, .arrow, optionally .gz; any other file as plain text)")
+                        "(.csv, .tsv, .json, .jsonl, .parquet, .arrow, .xml, optionally .gz; any other file as "
+                        "plain text, one example per line)")
     parser.add_argument("--split", help="split of --dataset (default: train; a data file has only train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")

@@ -185,7 +185,7 @@ def test_dataset_dict_without_the_split_lists_its_splits(tmp_path, capsys):
     assert main([*args, "--split", "validation", "--out", str(tmp_path / "b")]) == 0
 
 
-@pytest.mark.parametrize("name", ["notes.md", "notes", "text.txt.gz", "rows.jsonl.gz", "TEXT.TXT"])
+@pytest.mark.parametrize("name", ["notes.md", "notes", "text.txt.gz", "rows.jsonl.gz", "TEXT.TXT", "rows.tsv"])
 def test_any_local_data_file_is_read_by_its_format_never_looked_up_on_the_hub(tmp_path, monkeypatch, capsys, name):
     import gzip
 
@@ -194,11 +194,21 @@ def test_any_local_data_file_is_read_by_its_format_never_looked_up_on_the_hub(tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     line = "the cat sat and the dog ran far " * 4
-    body = "\n".join(f'{{"text": "{line}"}}' if "jsonl" in name else line for _ in range(8)) + "\n"
+    rows = [f'{{"text": "{line}"}}' if "jsonl" in name else f"{line}\t7" if name.endswith(".tsv") else line
+            for _ in range(8)]
+    body = ("text\tlabel\n" if name.endswith(".tsv") else "") + "\n".join(rows) + "\n"
     (tmp_path / name).write_bytes(gzip.compress(body.encode()) if name.endswith(".gz") else body.encode())
     assert main(["profile", str(folder), "--dataset", name, "--num-samples", "32", *FAST, "--out", "out"]) == 0
     data = _profile_json(tmp_path / "out")
     assert data["meta"]["tokens_seen"] >= 32
+
+
+def test_an_archive_is_refused_naming_the_fix(tmp_path, monkeypatch, capsys):
+    folder = _checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.tar.gz").write_bytes(b"not read")
+    assert main(["profile", str(folder), "--dataset", "data.tar.gz", "--num-samples", "32", *FAST, "--out", "o"]) == 2
+    assert "--dataset data.tar.gz is an archive: extract it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["nope.csv", "nope.jsonl", "data.parquet", "sub/nope.txt", "nope.arrow",

@@ -130,6 +130,8 @@ def _is_torch_layer(module: nn.Module) -> bool:
     """Whether `module` is one of torch's own layers with no sub-modules (`nn.Linear`, `nn.GELU`, `nn.LayerNorm`,
     `nn.Dropout`, ...): one operation, never a residual block, whose output is x + f(x) (a skip connection written in
     the parent's `forward` is not in the layer's output)."""
+    if isinstance(module, nn.Identity):  # a pruned block: x + 0, a (trivial) residual block
+        return False
     return type(module).__module__.startswith("torch.nn.") and next(module.children(), None) is None
 
 

@@ -121,6 +121,12 @@ class _ResidualMLP(nn.Module):
         return self.out(h + self.mlp(h))
 
 
+def test_an_identity_standing_for_a_pruned_block_is_accepted():
+    model = _TwoLists()
+    model.trunk[1] = nn.Identity()
+    assert [b.name for b in find_residual_blocks(model, layers="trunk")] == ["trunk.0", "trunk.1", "trunk.2"]
+
+
 def test_single_torch_layers_are_refused_as_blocks():
     # the Linear -> GELU -> Linear inside one MLP are not residual blocks: their spectrum is not RKSP's, so neither
     # auto-discovery's suggestion nor an explicit layers= makes them blocks
