@@ -4,6 +4,8 @@ steps are `hf_koopman.training.safety_net.SafetyNet`, which the callback mixes i
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import logging
 import math
@@ -265,6 +267,16 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         risk_estimator (`RiskEstimator` or path, *optional*): the calibrated estimator behind `rksp/risk` (one fitted
             on your own runs with `RiskEstimator.fit`, or the path of its JSON); `None` for the shipped one.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RKSPCallback:
+        # a mistyped keyword names the closest argument, as profile() does (Python's TypeError names none)
+        accepted = inspect.signature(cls.__init__).parameters
+        unknown = [key for key in kwargs if key not in accepted]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [name for name in accepted if name != "self"], n=1)
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {unknown[0]!r}"
+                            + (f"; did you mean {close[0]!r}?" if close else "."))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -907,3 +919,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             self._log(args, state, self._scalars(spectral_profile))
 
 
+
+
+# `__new__` checks the keywords: introspection (help(), docs, IDEs) still reads the arguments of `__init__`
+RKSPCallback.__signature__ = inspect.signature(RKSPCallback.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(RKSPCallback.__init__).parameters.values())[1:])

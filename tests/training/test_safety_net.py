@@ -588,6 +588,16 @@ def test_auto_snapshot_interval_keeps_the_copy_within_its_budget():
     assert guard._snapshot_interval() == 1
 
 
+def test_a_mistyped_keyword_names_the_closest_argument():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'on_diverge'; did you mean 'on_divergence'"):
+        RKSPCallback(on_diverge="rollback")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zzz'.$"):
+        RKSPCallback(zzz=1)
+    import copy
+
+    assert copy.deepcopy(RKSPCallback(on_divergence="rollback")).on_divergence == "rollback"
+
+
 def test_argument_validation():
     with pytest.raises(ValueError, match="on_divergence"):
         RKSPCallback(on_divergence="retry")
