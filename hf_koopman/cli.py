@@ -1229,8 +1229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-koopman` console script; returns the exit status."""
     parser = make_parser()
     options = _valued_options(parser)
-    args, unknown = parser.parse_known_args(
-        _join_negative_numbers(_hyphenated(sys.argv[1:] if argv is None else argv, options), options))
+    tokens = _join_negative_numbers(_hyphenated(sys.argv[1:] if argv is None else argv, options), options)
+    args, unknown = parser.parse_known_args(tokens)
+    if unknown and tokens.index(unknown[0]) < tokens.index(args.command):  # given before the subcommand
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:
         _unrecognized(parser, args.command, unknown)
     from hf_koopman import _register_auto_classes

@@ -612,3 +612,7 @@ def test_an_option_of_another_subcommand_is_named_with_this_subcommands_usage(ca
         main(["profile", "gpt2", "--init", "--bogus"])
     err = capsys.readouterr().err
     assert err.startswith("usage: hf-koopman profile") and "unrecognized arguments: --bogus; see" in err
+    with pytest.raises(SystemExit):  # before the subcommand: the top-level usage
+        main(["--bogus", "profile", "gpt2", "--init"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: hf-koopman [-h]") and "unrecognized arguments: --bogus" in err
