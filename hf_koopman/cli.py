@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_koopman.logging_utils import get_logger
+from hf_koopman.out_of_memory import is_out_of_memory
 from hf_koopman.optional_imports import MissingOptionalDependency, import_optional
 
 
@@ -315,7 +316,7 @@ def _model_memory(name: str) -> Iterator[None]:
     try:
         yield
     except (MemoryError, RuntimeError) as err:
-        if not _is_out_of_memory(err):
+        if not is_out_of_memory(err):
             raise
         raise ValueError(
             f"out of memory while building or loading {name} ({_first_line(err)}): its weights need more memory than "
@@ -391,7 +392,7 @@ def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
         model, info = auto_model.from_pretrained(weights, dtype=torch_dtype, output_loading_info=True,
                                                  trust_remote_code=False)
     except RuntimeError as err:  # transformers raises after its report on shape mismatches and failed conversions
-        if _is_out_of_memory(err):  # the allocator's RuntimeError: `_model_memory` names the model's memory
+        if is_out_of_memory(err):  # the allocator's RuntimeError: `_model_memory` names the model's memory
             raise
         raise ValueError(f"could not load the weights of {weights}: {err} The tensors named there do not fit the "
                          "model that config.json describes: check that the config belongs to these weights.") from err
@@ -489,7 +490,7 @@ _DATA_FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 #: compressions `datasets` decompresses when it reads a data file (the format is the suffix before them)
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
-                  ".tsv": "csv", ".xml": "xml"}
+                  ".tsv": "csv"}
 #: archives hold files, not lines of text: refused rather than read as text
 _ARCHIVE_SUFFIXES = (".tar", ".zip", ".tgz", ".7z", ".rar")
 
@@ -615,8 +616,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text-file", type=Path, help="profile on this text file (default: synthetic probe tokens)")
     source.add_argument("--dataset", help="datasets name, save_to_disk folder or data file to profile on "
-                        "(.csv, .tsv, .json, .jsonl, .parquet, .arrow, .xml, optionally .gz; any other file as "
-                        "plain text, one example per line)")
+                        "(.csv, .tsv, .json, .jsonl, .parquet, .arrow, optionally .gz; any other file as plain "
+                        "text, one example per line)")
     parser.add_argument("--split", help="split of --dataset (default: train; a data file has only train)")
     parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
@@ -1271,7 +1272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-koopman {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        if args.verbose or not _is_out_of_memory(err):
+        if args.verbose or not is_out_of_memory(err):
             raise
         print(f"hf-koopman {args.command}: error: {_out_of_memory_message(args, err)}", file=sys.stderr)
         return 2
@@ -1303,16 +1304,6 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing is flushed to a pipe
         pass
-
-
-_OOM_PHRASES = ("can't allocate", "cannot allocate", "out of memory", "not enough memory")
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    """Whether `err` is an allocation failure: MemoryError, torch.OutOfMemoryError or an allocator's RuntimeError."""
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    return any(phrase in str(err).lower() for phrase in _OOM_PHRASES)
 
 
 def _out_of_memory_message(args: argparse.Namespace, err: BaseException) -> str:

@@ -185,7 +185,8 @@ def test_dataset_dict_without_the_split_lists_its_splits(tmp_path, capsys):
     assert main([*args, "--split", "validation", "--out", str(tmp_path / "b")]) == 0
 
 
-@pytest.mark.parametrize("name", ["notes.md", "notes", "text.txt.gz", "rows.jsonl.gz", "TEXT.TXT", "rows.tsv"])
+@pytest.mark.parametrize("name", ["notes.md", "notes", "text.txt.gz", "rows.jsonl.gz", "TEXT.TXT", "rows.tsv",
+                                  "page.xml"])
 def test_any_local_data_file_is_read_by_its_format_never_looked_up_on_the_hub(tmp_path, monkeypatch, capsys, name):
     import gzip
 

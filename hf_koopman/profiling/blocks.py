@@ -130,15 +130,16 @@ def _is_torch_layer(module: nn.Module) -> bool:
     """Whether `module` is one of torch's own layers with no sub-modules (`nn.Linear`, `nn.GELU`, `nn.LayerNorm`,
     `nn.Dropout`, ...): one operation, never a residual block, whose output is x + f(x) (a skip connection written in
     the parent's `forward` is not in the layer's output)."""
-    if isinstance(module, nn.Identity):  # a pruned block: x + 0, a (trivial) residual block
-        return False
     return type(module).__module__.startswith("torch.nn.") and next(module.children(), None) is None
 
 
 def _check_not_torch_layers(model: nn.Module, blocks: list[ResidualBlock], layers: Any) -> list[ResidualBlock]:
     """`blocks` unchanged, or a `ValueError` when a `layers=` override names torch layers rather than blocks (the
     message names the block lists auto-discovery finds, if any)."""
-    single = [b for b in blocks if _is_torch_layer(b.module)]
+    # an nn.Identity among blocks stands for a pruned one (x + 0); alone, or only identities, it is no block list
+    # (a vision model's drop_path at rate 0 is one)
+    pruned = [isinstance(b.module, nn.Identity) for b in blocks]
+    single = [b for b, gone in zip(blocks, pruned) if _is_torch_layer(b.module) and not (gone and not all(pruned))]
     if single:
         kinds = "/".join(sorted({type(b.module).__name__ for b in single}))
         found = _discovered_lists(model)

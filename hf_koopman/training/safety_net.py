@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from hf_koopman.eval_mode import eval_mode
 from hf_koopman.files import write_text_whole
 from hf_koopman.logging_utils import get_logger
+from hf_koopman.out_of_memory import is_out_of_memory
 from hf_koopman.training.divergence import CAUSE_ACTIVATION, CAUSE_GRAD_NORM, CAUSE_LOSS
 from hf_koopman.training.guard import (
     ActivationWatch,
@@ -170,18 +171,22 @@ def _as_json(value: Any) -> str:
 
 
 def _too_big_to_read(folder: Path) -> str | None:
-    """Why reading `folder`'s weights and `optimizer.pt` into host memory is refused: more than half of the free
-    memory (psutil); `None` when it fits or the sizes cannot be read."""
+    """Why reading `folder`'s weights and `optimizer.pt` into host memory is refused: the node's processes
+    (`LOCAL_WORLD_SIZE`, set by torchrun and accelerate) read it at once, and together they would take more than half
+    of the free memory (psutil); `None` when it fits or the sizes cannot be read."""
     try:
         import psutil
 
         size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".pt"))
         free = psutil.virtual_memory().available
-    except (ImportError, OSError):
+        readers = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except (ImportError, OSError, ValueError):
         return None
-    if size <= free / 2:
+    if readers * size <= free / 2:
         return None
-    return f"reading it takes ~{size / 1e9:.1f} GB of host memory, more than half of the {free / 1e9:.1f} GB free"
+    each = f"{readers} processes reading it at once" if readers > 1 else "reading it"
+    return (f"{each} would take ~{readers * size / 1e9:.1f} GB of host memory, more than half of the "
+            f"{free / 1e9:.1f} GB free")
 
 
 def _checkpoint_step(path: str) -> int:
@@ -891,7 +896,8 @@ class SafetyNet:
         )
         if self._undo.empty and not self._restores_validated():
             # no validated state to go back to (or restoring it is switched off): undo this update at least. When
-            # nothing is validated yet, a windowed check keeps the state before its window here already.
+            # nothing is validated yet, a windowed check keeps the state before its window here already; so does a
+            # run with no in-memory copy yet (`on_step_begin`), whose last good checkpoint may fail to come back.
             if self._from_checkpoint:  # no CPU copy in this mode: without gradients the optimizer skips the update
                 for p in self._params:
                     p.grad = None
@@ -1001,17 +1007,19 @@ class SafetyNet:
             return None
         problem = (checkpoint_problem(self._model, path) if Path(path).is_dir() else f"{path} is not on disk") \
             or _too_big_to_read(Path(path))
-        held = "no in-memory copy" if copy.empty else f"the in-memory copy of step {copy.step}"
+        held = "(no in-memory copy exists yet)" if copy.empty else f"newer than the in-memory copy of step {copy.step}"
         if self._any_process(problem is not None):
-            logger.info("RKSP guard: the last good checkpoint %s is newer than %s but cannot be read back (%s)",
-                        path, held, problem or "a problem on another process")
+            # with no copy, this is why the trip finds no state to restore: said where the stop message is seen
+            (logger.warning if copy.empty else logger.info)(
+                "RKSP guard: the last good checkpoint %s %s cannot be read back (%s)", path, held,
+                problem or "a problem on another process")
             return None
         error, memory = None, False
         try:
             load_checkpoint_state(self._model, optimizer, path)
         except Exception as err:  # noqa: BLE001 - the snapshot, if any, is still there to restore
             error = f"{type(err).__name__}: {err}"
-            memory = isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            memory = is_out_of_memory(err)
         if self._any_process(error is not None):
             logger.warning("RKSP guard: could not restore the last good checkpoint %s (%s); %s", path,
                            error or "the load failed on another process",
@@ -1020,7 +1028,7 @@ class SafetyNet:
             if not self._any_process(memory):  # out of memory says nothing about the folder
                 self._unreadable = path
             return None
-        logger.info("RKSP guard: restored the last good checkpoint %s, newer than %s", path, held)
+        logger.info("RKSP guard: restored the last good checkpoint %s %s", path, held)
         step = _checkpoint_step(path)
         copy.capture(self._params, optimizer, step, self._buffers)
         self._undo.clear()  # a validated state exists now: the pre-window copy is not the one to go back to

@@ -121,10 +121,12 @@ class _ResidualMLP(nn.Module):
         return self.out(h + self.mlp(h))
 
 
-def test_an_identity_standing_for_a_pruned_block_is_accepted():
+def test_an_identity_standing_for_a_pruned_block_is_accepted_only_among_blocks():
     model = _TwoLists()
     model.trunk[1] = nn.Identity()
     assert [b.name for b in find_residual_blocks(model, layers="trunk")] == ["trunk.0", "trunk.1", "trunk.2"]
+    with pytest.raises(ValueError, match=r"\(Identity\), not residual blocks"):  # alone: e.g. a drop_path at rate 0
+        find_residual_blocks(model, layers="trunk.1")
 
 
 def test_single_torch_layers_are_refused_as_blocks():

@@ -499,7 +499,7 @@ def test_a_rollback_restores_a_validated_checkpoint_newer_than_the_snapshot(tmp_
     finally:
         hf_logging.set_verbosity(verbosity)
     assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 4
-    assert (f"restored the last good checkpoint {tmp_path / 'checkpoint-4'}, newer than the in-memory copy of step 3"
+    assert (f"restored the last good checkpoint {tmp_path / 'checkpoint-4'} newer than the in-memory copy of step 3"
             in caplog.text)
     assert snapshots.steps[6] == 4  # the copy is taken again from the restored state
     good = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
@@ -517,7 +517,9 @@ class SnapshotSteps(TrainerCallback):
         self.steps[state.global_step] = self.guard._snapshot.step
 
 
-@pytest.mark.parametrize("error", [OSError("disk gone"), MemoryError()])
+@pytest.mark.parametrize("error", [OSError("disk gone"), MemoryError(),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 4096 bytes")])
 def test_a_failed_load_of_the_newer_checkpoint_restores_the_snapshot(tmp_path, monkeypatch, error):
     # a load that fails leaves the model as it was and the older copy is restored; out of memory says nothing about
     # the folder, so only another failure marks the checkpoint as one the guard cannot read back
@@ -531,7 +533,7 @@ def test_a_failed_load_of_the_newer_checkpoint_restores_the_snapshot(tmp_path, m
                       train_dataset=TokenDataset(n=128), callbacks=[poison(6), guard, spy])
     trainer.train()
     assert guard.events[0]["restored_step"] == 3 and guard.events[0]["action"] == "rollback"
-    assert guard._unreadable == (None if isinstance(error, MemoryError) else str(tmp_path / "checkpoint-4"))
+    assert guard._unreadable == (None if not isinstance(error, OSError) else str(tmp_path / "checkpoint-4"))
 
 
 def test_a_resumed_run_tripping_before_any_copy_restores_its_last_good_checkpoint(tmp_path):
@@ -549,6 +551,35 @@ def test_a_resumed_run_tripping_before_any_copy_restores_its_last_good_checkpoin
     good = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
     assert all(torch.equal(spy.weights[5][k], v) for k, v in good.items())
     assert trainer.state.global_step == 7 and resumed.weights_validated
+
+
+@pytest.mark.parametrize("why", ["load fails", "too big"])
+def test_a_resumed_run_whose_checkpoint_cannot_come_back_stops_and_says_why(tmp_path, monkeypatch, caplog, why):
+    # no in-memory copy and the last good checkpoint cannot be restored: a stop, no rollback counted, no back-off,
+    # the tripping update discarded, the weights not validated, and the reason shown at the default verbosity
+    import logging
+
+    data = TokenDataset(n=128)
+    Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=4), train_dataset=data,
+            callbacks=[_guard()]).train()
+    if why == "load fails":
+        def fail(*args, **kwargs):
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(safety_net, "load_checkpoint_state", fail)
+    else:
+        monkeypatch.setattr(safety_net, "_too_big_to_read", lambda folder: "reading it would take ~9e9 GB")
+    resumed, spy = _guard(on_divergence="rollback"), WeightsAt()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=7), train_dataset=data,
+                      callbacks=[poison(5), resumed, spy])
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    event = resumed.divergence
+    assert event["step"] == 5 and event["action"] == "stop" and resumed.rollbacks == 0 and resumed.lr_scale == 1.0
+    assert not resumed.weights_validated
+    resumed_from = load_file(str(tmp_path / "_suspect-checkpoint-4" / "model.safetensors"))
+    assert all(torch.equal(spy.weights[5][k], v) for k, v in resumed_from.items())  # the update was discarded
+    assert ("disk gone" if why == "load fails" else "reading it would take ~9e9 GB") in caplog.text
 
 
 def test_an_unreadable_newer_checkpoint_leaves_the_rollback_to_the_snapshot(tmp_path, caplog):
