@@ -75,7 +75,10 @@ def run_trajectory(text_file: str, out: Path, ga: int, per_device: int) -> dict:
     return result
 
 
-def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
+def run_guard(text_file: str, out: Path, check_every: int = 1, checkpoints: bool = False) -> None:
+    """The guard on 2 processes: an infinite gradient on rank 1 at step 3 and (`loss_fault`) a loss raised on rank 1
+    at step 6. `checkpoints`: a checkpoint every step and an in-memory copy kept once only, and the loss fault alone,
+    at step 5: both ranks restore the last good checkpoint (checkpoint-3, newer than the copy) through all-reduces."""
     from transformers import TrainingArguments
 
     from hf_koopman.training import KSSTrainer, RKSPCallback
@@ -89,8 +92,9 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
     class FaultOnRankOne(KSSTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             handle = None
-            if rank() == 1 and self.state.global_step == 2:  # optimizer step 3, one rank only: the gradient flowing
-                # back into the last block is infinite (works under DDP and FSDP2, whose parameters autograd never sees)
+            if rank() == 1 and self.state.global_step == 2 and not checkpoints:
+                # optimizer step 3, one rank only: the gradient flowing back into the last block is infinite (works
+                # under DDP and FSDP2, whose parameters autograd never sees)
                 block = self.accelerator.unwrap_model(model).transformer.h[-1]
 
                 def poison(module, args, output):
@@ -98,7 +102,7 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
                     hidden.register_hook(lambda grad: torch.full_like(grad, float("inf")))
 
                 handle = block.register_forward_hook(poison)
-            if rank() == 1 and self.state.global_step == 5 and self.loss_fault:
+            if rank() == 1 and self.state.global_step == (4 if checkpoints else 5) and self.loss_fault:
                 # optimizer step 6, one rank only: the model's loss is raised by 100, a constant, so the gradients
                 # (and DDP's averaged ones) are untouched; only the guard's all-reduce can tell rank 0
                 def raise_loss(module, args, output):
@@ -133,18 +137,21 @@ def run_guard(text_file: str, out: Path, check_every: int = 1) -> None:
     # the windowed run also has the relative loss limit: its reference (the first check's maximum over both ranks'
     # steps) must be the same on both ranks
     callback = RKSPCallback(num_samples=128, rank=8, on_divergence="rollback", check_every_n_steps=check_every,
-                            profile_at_init=not windowed, relative_loss_threshold=3.0 if windowed else None)
-    name = "guard-window" if windowed else "guard"
+                            profile_at_init=not (windowed or checkpoints),
+                            relative_loss_threshold=3.0 if windowed else None,
+                            snapshot_every_n_steps=10**6 if checkpoints else "auto")
+    name = "guard-window" if windowed else "guard-checkpoints" if checkpoints else "guard"
+    saving = dict(save_strategy="steps", save_steps=1) if checkpoints else dict(save_strategy="no")
     args = TrainingArguments(
         output_dir=str(out / name), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
-        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        report_to="none", use_cpu=True, disable_tqdm=True, **saving,
     )
     trainer = FaultOnRankOne(
         model=train_kss.build_model(script), args=args, train_dataset=train_kss.BlockDataset(ids, 32),
         callbacks=[callback],
     )
     trainer.kss_config.alpha = 0.0
-    trainer.loss_fault = not windowed
+    trainer.loss_fault = not windowed or checkpoints
     trainer.train()
     weights = torch.cat([p.detach().double().flatten() for p in trainer.model.parameters()])
     result = {
@@ -169,3 +176,4 @@ if __name__ == "__main__":
     window = int(os.environ.get("HF_KOOPMAN_TEST_GUARD_WINDOW", "1"))
     if window > 1:
         run_guard(text, out_dir, check_every=window)
+        run_guard(text, out_dir, checkpoints=True)

@@ -173,6 +173,13 @@ def test_two_process_run_matches_single_process_and_guard_stops_all_ranks(tmp_pa
     assert windowed[0]["weights_sq"] == windowed[1]["weights_sq"]
     # relative_loss_threshold: one reference on both ranks, the all-reduced maximum of the first check
     assert windowed[0]["reference_loss"] == windowed[1]["reference_loss"] > 0
+    # a checkpoint every step, the in-memory copy kept once (step 0): the loss fault of step 5 on rank 1 makes both
+    # ranks restore checkpoint-3 (validated at step 4, newer than the copy), read back by every rank
+    saved = [json.loads((tmp_path / "multi" / f"guard-checkpoints-rank{r}.json").read_text()) for r in (0, 1)]
+    for g in saved:
+        assert g["global_step"] == 8 and g["divergence"] is None and g["finite"]
+        assert [(e["step"], e["restored_step"], e["action"]) for e in g["events"]] == [(5, 3, "rollback")]
+    assert saved[0]["weights_sum"] == saved[1]["weights_sum"] and saved[0]["weights_sq"] == saved[1]["weights_sq"]
 
 
 @pytest.mark.slow
