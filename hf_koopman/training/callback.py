@@ -679,6 +679,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # the aggregates leave out layers with too few token states for their width; a change of this count between
         # the init profile and monitoring (fewer token states) changes which layers the series cover
         out["rksp/layers_left_out"] = float(len(getattr(spectral_profile, "undersampled_layers", ())))
+        # rksp/score averages fewer layers still: those the verdict reads (the η_nl gate leaves out poorly fitted ones)
+        out["rksp/score_layers"] = float(len(spectral_profile.informative_layers))
         if spectral_profile.score is not None:
             out["rksp/score"] = spectral_profile.score
         if spectral_profile.kappa_median is not None:

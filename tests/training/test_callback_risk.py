@@ -54,6 +54,7 @@ def test_scalars_count_the_layers_the_aggregates_leave_out():
     result = profile(tiny_model("t5"), short, num_samples=256)
     scalars = RKSPCallback._scalars(result)
     assert scalars["rksp/layers_left_out"] == 2.0 and scalars["rksp/num_layers"] == 2.0
+    assert scalars["rksp/score_layers"] == float(len(result.informative_layers)) <= 2.0
     assert scalars["rksp/near_unit_mass_mean"] == pytest.approx(scalars["rksp/score"])
     uniform = RKSPCallback._scalars(profile(tiny_model("llama"), num_samples=128))
     assert uniform["rksp/layers_left_out"] == 0.0
