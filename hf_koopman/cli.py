@@ -886,8 +886,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     layers = "" if result.model_name.endswith(f"[{count} layers]") else f"{count} layers, "  # --num-layers names it
     print(f"{result.model_name}: {layers}mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           + (f" ({'; '.join(notes)})" if notes else ""))
-    if result.verdict == "uninformative":  # why, and what would make it informative, where the user looks
-        print(f"  why: {result.verdict_reason}")
+    if result.verdict == "uninformative":  # why, and what would make it informative, in the CLI's own option names
+        print("  why: " + re.sub(r"(?<![\w-])num_samples\b", "--num-samples", result.verdict_reason))
     assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
     if assessment is not None:  # the planned learning rate's calibrated risk; its caveats are in the report
         lr = f"  P(divergence) at learning rate {assessment.learning_rate:g}:"
