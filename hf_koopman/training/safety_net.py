@@ -373,8 +373,10 @@ class SafetyNet:
         scale_learning_rate(optimizer, lr_scheduler, factor)
         self.lr_scale *= factor
         logger.warning(
-            "RKSP guard: resuming at step %d before %d recorded divergence(s) (steps %s): learning rate x %g.",
-            state.global_step, len(later), [e.get("step") for e in later], factor,
+            "RKSP guard: resuming at step %d before %d recorded divergence(s) (steps %s): learning rate x %g. Where "
+            "the cause was not the learning rate (a corrupt batch since removed), move %s aside before resuming to "
+            "train at the full rate.",
+            state.global_step, len(later), [e.get("step") for e in later], factor, record,
         )
 
     def _hold_resumed_checkpoint(self, args, state, recorded_suspect: bool) -> None:

@@ -394,14 +394,19 @@ def test_resume_keeps_the_lowered_learning_rate(tmp_path):
     assert spy.lrs[0] == pytest.approx(0.5 ** guard.rollbacks)
 
 
-def test_resume_from_the_named_checkpoint_does_not_replay_the_blow_up(tmp_path):
+def test_resume_from_the_named_checkpoint_does_not_replay_the_blow_up(tmp_path, caplog):
+    import logging
+
     data = TokenDataset(n=128)
     guard = _guard()
     Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[guard]).train()
     named = guard.last_good_checkpoint
     again, spy = _guard(), LearningRates()
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data, callbacks=[again, spy])
-    trainer.train(resume_from_checkpoint=named)
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        trainer.train(resume_from_checkpoint=named)
+    # the back-off is said, with the way to the full rate when the cause was not the rate
+    assert f"move {tmp_path / safety_net.RECORD_NAME} aside before resuming" in caplog.text
     # the record says the run diverged at step 4: the resumed run starts at half the rate and gets past it
     assert again.lr_scale == pytest.approx(0.5)
     assert again.divergence is None and trainer.state.global_step == 12
