@@ -271,7 +271,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     def __new__(cls, *args: Any, **kwargs: Any) -> RKSPCallback:
         # a mistyped keyword names the closest argument, as profile() does (Python's TypeError names none)
         accepted = inspect.signature(cls.__init__).parameters
-        unknown = [key for key in kwargs if key not in accepted]
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())  # a subclass's **kwargs
+        unknown = [] if open_ended else [key for key in kwargs if key not in accepted]
         if unknown:
             close = difflib.get_close_matches(unknown[0], [name for name in accepted if name != "self"], n=1)
             raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {unknown[0]!r}"

@@ -633,6 +633,13 @@ def test_a_mistyped_keyword_names_the_closest_argument():
 
     assert copy.deepcopy(RKSPCallback(on_divergence="rollback")).on_divergence == "rollback"
 
+    class Mine(RKSPCallback):  # a subclass that takes keywords of its own and passes the rest on
+        def __init__(self, note="", **kwargs):
+            super().__init__(**kwargs)
+            self.note = note
+
+    assert Mine(note="x", on_divergence="rollback").note == "x"
+
 
 def test_argument_validation():
     with pytest.raises(ValueError, match="on_divergence"):
