@@ -314,9 +314,22 @@ class SpectralProfile:
         return _json_safe(out)
 
     def to_json(self, **kwargs: Any) -> str:
-        """The profile as JSON text (`to_dict`); `kwargs` go to `json.dumps` (`indent` defaults to 2)."""
+        """The profile as JSON text (`to_dict`); `kwargs` go to `json.dumps` (`indent` defaults to 2). To write a
+        file, `to_json_file(path)`; `from_json` reads either back."""
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kwargs)
+
+    def to_json_file(self, path: str | Path) -> Path:
+        """Write `to_json()` to the file `path`, whole or not at all (as `PretrainedConfig.to_json_file`; `save()`
+        writes a folder with the report and plots too). Returns the path; `from_json(path)` reads it back."""
+        from hf_koopman.files import write_text_whole
+
+        path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: pass a file name (e.g. {path / 'profile.json'}), or use "
+                                    f"save({str(path)!r}) to write the profile, report and plots into it")
+        write_text_whole(path, self.to_json())
+        return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectralProfile:

@@ -81,6 +81,14 @@ def test_json_round_trip(tiny_profile, tmp_path):
     assert SpectralProfile.from_json(written["profile"]).verdict == tiny_profile.verdict
 
 
+def test_to_json_file_writes_what_from_json_reads(tiny_profile, tmp_path):
+    path = tiny_profile.to_json_file(tmp_path / "mine.json")
+    assert path == tmp_path / "mine.json" and path.read_text() == tiny_profile.to_json()
+    assert SpectralProfile.from_json(path).names == tiny_profile.names
+    with pytest.raises(IsADirectoryError, match="use save"):
+        tiny_profile.to_json_file(tmp_path)
+
+
 def test_non_finite_values_survive_json(tiny_profile):
     data = tiny_profile.to_dict()
     data["layers"][0]["eigvec_condition"] = "inf"
