@@ -6,6 +6,8 @@ on CUDA tensors, where a GPU is lent.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import pytest
@@ -42,6 +44,21 @@ def cpu_training_args(tmp_path, cls, **kw):
                 disable_tqdm=True)
     base.update(kw)
     return cls(**base)
+
+
+@contextlib.contextmanager
+def info_logs(caplog):
+    """hf_koopman's INFO records into `caplog` within the block: they follow the transformers verbosity, set to
+    info for the block and given back after it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def blow_up_args(tmp_path, cls=TrainingArguments, **kw):

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from conftest import TokenDataset, cpu_training_args, tiny_gpt2
+from conftest import TokenDataset, cpu_training_args, info_logs, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
 from hf_koopman.risk import RiskEstimator
@@ -88,15 +88,8 @@ def test_an_in_range_probability_decides_the_init_advice_and_its_alarm(tmp_path,
     callback = RKSPCallback(num_samples=128, save_artifacts=False)
     args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=3e-3)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()  # hf_koopman's INFO lines follow the transformers verbosity
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            trainer.train()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        trainer.train()
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
     assert line.levelno == level and "\n  Recommended: At learning rate 0.003 the calibrated" in line.getMessage()
     assert line.getMessage().count("\n") == 2 and "\n  Why: " in line.getMessage()  # verdict, reason, advice
@@ -138,15 +131,8 @@ def test_without_a_calibrated_probability_only_a_high_risk_verdict_is_a_warning(
     monkeypatch.setattr(callback, "_run_profile", banded)
     args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=low / 100)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            trainer.train()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        trainer.train()
     assert callback.init_verdict == verdict and callback.profile.risk_assessment().out_of_range
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict at initialisation"))
     assert line.levelno == level and verdict.upper() in line.getMessage()
@@ -161,15 +147,8 @@ def test_a_learning_rate_below_the_fitted_range_is_information_above_it_a_warnin
     callback = RKSPCallback(num_samples=128, save_artifacts=False)
     args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=lr)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            trainer.train()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        trainer.train()
     assessment = callback.profile.risk_assessment()
     assert assessment.out_of_range and [i.key for i in assessment.outside] == ["learning_rate"]
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP calibrated risk at this learning rate"))

@@ -13,12 +13,11 @@ import logging
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
+from conftest import TokenDataset, info_logs, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, Trainer
-from transformers.utils import logging as hf_logging
 
 from hf_koopman.training import RKSPCallback
 from hf_koopman.training.divergence import DivergenceRule
@@ -212,13 +211,8 @@ def test_a_loss_above_both_limits_names_both_settings(tmp_path, caplog):
 
 def test_a_windowed_check_says_which_steps_its_reference_covers(tmp_path, caplog):
     guard = _guard(relative_loss_threshold=3.0, check_every_n_steps=4)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()  # hf_koopman's INFO lines follow the transformers verbosity
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            _run(tmp_path, guard, save_strategy="no")
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        _run(tmp_path, guard, save_strategy="no")
     assert guard.reference_loss == pytest.approx(6.47, abs=0.01)  # the largest of steps 1-4
     assert "(the largest over steps 1-4)" in caplog.text
 

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import LearningRates, TokenDataset, tiny_gpt2
+from conftest import LearningRates, TokenDataset, info_logs, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
 from safetensors.torch import load_file
@@ -487,22 +487,13 @@ def test_sparser_snapshots_roll_back_to_the_last_refresh(tmp_path):
 def test_a_rollback_restores_a_validated_checkpoint_newer_than_the_snapshot(tmp_path, caplog):
     # the same run saving every step: checkpoint-4, validated by step 5's check, is newer than the snapshot of step
     # 3 and is what the rollback restores (weights and optimizer state), not the older copy in memory
-    import logging
-
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
     spy, snapshots = WeightsAt(), SnapshotSteps(guard)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
                       train_dataset=data, callbacks=[poison(6), guard, spy, snapshots])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            trainer.train()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        trainer.train()
     assert [e["step"] for e in guard.events] == [6] and guard.events[0]["restored_step"] == 4
     assert (f"restored the last good checkpoint {tmp_path / 'checkpoint-4'} newer than the in-memory copy of step 3"
             in caplog.text)
@@ -588,8 +579,6 @@ def test_a_resumed_run_whose_checkpoint_cannot_come_back_stops_and_says_why(tmp_
 
 
 def test_an_unreadable_newer_checkpoint_leaves_the_rollback_to_the_snapshot(tmp_path, caplog):
-    import logging
-
     data = TokenDataset(n=128)
     guard = _guard(on_divergence="rollback", snapshot_every_n_steps=3)
 
@@ -600,15 +589,8 @@ def test_an_unreadable_newer_checkpoint_leaves_the_rollback_to_the_snapshot(tmp_
 
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, learning_rate=1e-3, max_steps=8),
                       train_dataset=data, callbacks=[poison(6), guard, BreakCheckpoint4()])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            trainer.train()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        trainer.train()
     assert guard.events[0]["restored_step"] == 3 and "cannot be read back" in caplog.text
 
 

@@ -5,17 +5,15 @@ that raised, and misuse of the callback's arguments. The run diverges at step 4 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_gpt2
+from conftest import TokenDataset, info_logs, tiny_gpt2
 from conftest import blow_up_args as _args
 from conftest import exact_guard as _guard
 from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.utils import logging as hf_logging
 
 from hf_koopman.training import RKSPCallback
 from hf_koopman.training.safety_net import SUSPECT_PREFIX
@@ -188,13 +186,8 @@ def test_a_resume_without_callback_state_keeps_the_initialisation_profile(tmp_pa
     resumed = RKSPCallback(guard=False)
     trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=data,
                       callbacks=[resumed])
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_info()  # hf_koopman's INFO lines follow the transformers verbosity
-    try:
-        with caplog.at_level(logging.INFO, logger="hf_koopman"):
-            trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with info_logs(caplog):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert resumed.profile is None and (tmp_path / "rksp_profile.json").read_bytes() == before
     assert "not recomputed on trained weights" in caplog.text
 
