@@ -982,17 +982,29 @@ class SafetyNet:
                 return newer
             self._snapshot.restore(self._params, optimizer, self._buffers)
             return self._snapshot.step
-        error = None
-        try:
-            load_checkpoint_state(self._model, optimizer, self.last_good_checkpoint)
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: the guard stops instead of crashing
-            error = f"{type(err).__name__}: {err}"
-        if self._any_process(error is not None):
+        error = self._load_last_good(optimizer)
+        if error is not None:
             logger.error("RKSP guard: could not restore the last good checkpoint %s: %s", self.last_good_checkpoint,
-                         error or "the load failed on another process")
-            self._unreadable = self.last_good_checkpoint
+                         error)
             return None
         return _checkpoint_step(self.last_good_checkpoint)
+
+    def _load_last_good(self, optimizer) -> str | None:
+        """Load the last good checkpoint into the model and optimizer on every process; `None` when every process
+        loaded it, else what failed (this process's error, or that another process failed). A load that fails leaves
+        the model as it was, and all processes fail together (one all-reduce). A failure marks the folder as one the
+        guard cannot read back (`_unreadable`, for the advice) unless some process ran out of memory, which says
+        nothing about the folder (a second all-reduce)."""
+        error, memory = None, False
+        try:
+            load_checkpoint_state(self._model, optimizer, self.last_good_checkpoint)
+        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is a failed restore, not a crash
+            error, memory = f"{type(err).__name__}: {err}", is_out_of_memory(err)
+        if not self._any_process(error is not None):
+            return None
+        if not self._any_process(memory):
+            self._unreadable = self.last_good_checkpoint
+        return error or "the load failed on another process"
 
     def _newer_checkpoint_restored(self, optimizer) -> int | None:
         """With the CPU snapshot as the validated state: restore the last good checkpoint instead when it is newer
@@ -1016,19 +1028,11 @@ class SafetyNet:
                 "RKSP guard: the last good checkpoint %s %s cannot be read back (%s)", path, held,
                 problem or "a problem on another process")
             return None
-        error, memory = None, False
-        try:
-            load_checkpoint_state(self._model, optimizer, path)
-        except Exception as err:  # noqa: BLE001 - the snapshot, if any, is still there to restore
-            error = f"{type(err).__name__}: {err}"
-            memory = is_out_of_memory(err)
-        if self._any_process(error is not None):
-            logger.warning("RKSP guard: could not restore the last good checkpoint %s (%s); %s", path,
-                           error or "the load failed on another process",
+        error = self._load_last_good(optimizer)
+        if error is not None:
+            logger.warning("RKSP guard: could not restore the last good checkpoint %s (%s); %s", path, error,
                            "there is no in-memory copy to restore" if copy.empty else
                            f"the in-memory copy of step {copy.step} is restored instead")
-            if not self._any_process(memory):  # out of memory says nothing about the folder
-                self._unreadable = path
             return None
         logger.info("RKSP guard: restored the last good checkpoint %s %s", path, held)
         step = _checkpoint_step(path)
