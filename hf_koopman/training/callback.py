@@ -808,9 +808,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             find_residual_blocks(model)
         except ValueError as err:
             if state.is_world_process_zero:
+                guard = "Training runs on with the divergence guard" + (
+                    " (without its block-output check, which needs the blocks too)." if self.check_activations else ".")
                 logger.warning("RKSPCallback: no spectral profile (at initialisation or monitoring) in this run: "
-                               "%s %s", err, "Training runs on with the divergence guard." if self.guard
-                               else "Training runs on.")
+                               "%s %s", err, guard if self.guard else "Training runs on.")
             return False
         return True
 

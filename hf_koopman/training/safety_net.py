@@ -274,7 +274,7 @@ class SafetyNet:
             self._params, pre_clip=bool(args.max_grad_norm and args.max_grad_norm > 0), model=model
         )
         self._set_scaler(optimizer)
-        if self.check_activations:
+        if self.check_activations and not self._blocks_missing:  # a missing block list is said once, at train begin
             from hf_koopman.profiling import find_residual_blocks
 
             try:
