@@ -484,13 +484,13 @@ def _read_text_chunks(path: Path, max_length: int, tokenizer: Any) -> list[str]:
 
 
 # suffixes of the data files --dataset reads; a --dataset name ending in one is a path, never a Hub dataset name
-_DATA_FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
-
-
+#: the `datasets` builder of a local data file by its format suffix; .txt and any other file (.md, .log, no suffix)
+#: are read as plain text, one example per line: a suffix is never taken for a name to look up on the Hub
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                  ".arrow": "arrow"}
+_DATA_FILE_SUFFIXES = (".txt", *_FILE_BUILDERS)
 #: compressions `datasets` decompresses when it reads a data file (the format is the suffix before them)
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow",
-                  ".tsv": "csv"}
 #: archives hold files, not lines of text: refused rather than read as text
 _ARCHIVE_SUFFIXES = (".tar", ".zip", ".tgz", ".7z", ".rar")
 
@@ -501,13 +501,6 @@ def _plain_suffix(path: Path) -> str:
     if suffix in _COMPRESSION_SUFFIXES:
         suffix = Path(path.stem).suffix.lower()
     return suffix
-
-
-def _file_builder(path: Path) -> str:
-    """The `datasets` builder that reads the local data file `path`: csv, json (.json, .jsonl), parquet or arrow by
-    its format suffix, plain text (one example per line) for .txt and for any other file (.md, .log, no suffix);
-    never a name looked up on the Hub."""
-    return _FILE_BUILDERS.get(_plain_suffix(path), "text")
 
 
 def _check_data_file_split(name: str, split: str | None) -> None:
@@ -555,7 +548,7 @@ def _load_dataset(name: str, split: str | None):
         if suffix in _ARCHIVE_SUFFIXES or path.suffix.lower() in _ARCHIVE_SUFFIXES:
             raise ValueError(f"--dataset {name} is an archive: extract it and pass the data file (or the folder "
                              "dataset.save_to_disk wrote).")
-        builder = _file_builder(path)
+        builder = _FILE_BUILDERS.get(suffix, "text")
         if builder == "text" and suffix not in (".txt", ".md", ".text"):
             logger.warning("--dataset %s: read as plain text, one example per line (%s)", name,
                            "no file extension" if not suffix else f"{suffix} is not one of "
@@ -1211,9 +1204,11 @@ class _NoTokenizerSaid(logging.Filter):
 _NO_TOKENIZER_SAID = _NoTokenizerSaid()
 
 
-def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: Sequence[str]) -> None:
-    """Exit with the subcommand's usage and error for arguments it does not take (argparse would print the top-level
-    usage), naming the subcommands that do take an option given here."""
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: Sequence[str], tokens: list[str]) -> None:
+    """Exit with the usage and error of `parser` for arguments given before the subcommand, else of the subcommand
+    (argparse would print the top-level usage for both), naming the subcommands that do take an option given here."""
+    if tokens.index(unknown[0]) < tokens.index(command):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     hints = []
     for token in unknown:
@@ -1232,10 +1227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _valued_options(parser)
     tokens = _join_negative_numbers(_hyphenated(sys.argv[1:] if argv is None else argv, options), options)
     args, unknown = parser.parse_known_args(tokens)
-    if unknown and tokens.index(unknown[0]) < tokens.index(args.command):  # given before the subcommand
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:
-        _unrecognized(parser, args.command, unknown)
+        _unrecognized(parser, args.command, unknown, tokens)
     from hf_koopman import _register_auto_classes
 
     _register_auto_classes()  # deferred by `import hf_koopman` in the console script until the arguments parse
