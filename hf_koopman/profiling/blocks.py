@@ -139,7 +139,8 @@ def _check_not_torch_layers(model: nn.Module, blocks: list[ResidualBlock], layer
     # an nn.Identity among blocks stands for a pruned one (x + 0); alone, or only identities, it is no block list
     # (a vision model's drop_path at rate 0 is one)
     pruned = [isinstance(b.module, nn.Identity) for b in blocks]
-    single = [b for b, gone in zip(blocks, pruned) if _is_torch_layer(b.module) and not (gone and not all(pruned))]
+    among_blocks = not all(pruned)
+    single = [b for b, gone in zip(blocks, pruned) if _is_torch_layer(b.module) and not (gone and among_blocks)]
     if single:
         kinds = "/".join(sorted({type(b.module).__name__ for b in single}))
         found = _discovered_lists(model)

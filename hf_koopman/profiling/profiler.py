@@ -680,14 +680,11 @@ def profile(
             f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; load the model "
             "first, e.g. AutoModel.from_pretrained(model_id)."
         )
-    if isinstance(tokenizer, (str, os.PathLike)):  # a Hub id or folder, as pipeline(tokenizer=...) would take
-        raise TypeError(
-            f"tokenizer must be a tokenizer (a callable that encodes text), got the {type(tokenizer).__name__} "
-            f"{str(tokenizer)!r}; load it first: tokenizer=AutoTokenizer.from_pretrained({str(tokenizer)!r})"
-        )
     if tokenizer is not None and not callable(tokenizer):
-        raise TypeError(f"tokenizer must be a tokenizer (a callable that encodes text), got "
-                        f"{type(tokenizer).__name__}; pass tokenizer=AutoTokenizer.from_pretrained(model_id)")
+        named = isinstance(tokenizer, (str, os.PathLike))  # a Hub id or folder, as pipeline(tokenizer=...) takes
+        got = f"the {type(tokenizer).__name__} {str(tokenizer)!r}" if named else type(tokenizer).__name__
+        raise TypeError(f"tokenizer must be a tokenizer (a callable that encodes text), got {got}; load it first: "
+                        f"tokenizer=AutoTokenizer.from_pretrained({repr(str(tokenizer)) if named else 'model_id'})")
     _check_analysis_keywords(analysis_kwargs, profile, _SET_BY_PROFILE)
     # every argument is checked here, before the forward pass (a bad one would fail after it, or deep inside it)
     num_samples = _as_count(num_samples, "num_samples", 2)
