@@ -16,12 +16,12 @@ M≈1-as-probability. The written estimator is the one fitted on the train group
 metadata describe exactly that artefact. Writes the evaluation to
 `results/risk_estimator_eval.json`.
 
-The sweep tables hold the init features the sweep computed when it ran (rank-32 randomized DMD, the default before
-issue #19). `--reprofile` rebuilds each run's model at initialisation from its stored spec (same seed, same probe)
+The sweep tables hold the init features the sweep computed when it ran (the rank-32 randomized DMD recipe).
+`--reprofile` rebuilds each run's model at initialisation from its stored spec (same seed, same probe)
 and recomputes the features with the current default recipe (the full spectrum of the whitened DMD operator, via
 `init_profile_features`); no run is retrained, the divergence labels are the stored ones. The fit on the stored
 features is evaluated in the same run and recorded next to it (`previous_stored_features`), so old and new are
-compared on identical rows and labels. A later issue (#22) replaces this estimator.
+compared on identical rows and labels.
 """
 
 from __future__ import annotations

@@ -320,9 +320,9 @@ NOTES = """## What this does and does not show
 * **The estimator's small ECE is partly a base-rate effect**: most held-out runs are clearly stable and predicted near
   0; the few mid-probability bins (a handful of No-Norm runs each) are off in both directions, mostly
   under-predicted, see the reliability diagram.
-  This estimator is fitted on this sweep alone (`results/sweep_prediction/risk_estimator.json`, regime d 32-48, L 2-4,
-  500 steps). The estimator the package ships is fitted on the held-out-family study instead, where its transfer to
-  unseen architecture families is measured (`results/heldout_risk.md`).
+  This estimator is fitted on this sweep alone (regime d 32-48, L 2-4, 500 steps). The estimator the package ships
+  is fitted on the held-out-family study instead, where its transfer to unseen architecture families is measured
+  (`results/heldout_risk.md`).
 * **Within a normalisation the init spectrum cannot rank learning rates**: it does not depend on the LR, so
   within-norm AUROCs of spectral features only reflect width/depth/seed variation; log LR is the informative input
   there. This is the question the paper's Table 2 skips.
@@ -693,6 +693,21 @@ def horizon_comparison_section(
       + f"; {later} more diverged in steps {short + 1}-{hb}.\n")
 
 
+def _refit_sentence(eval_path: Path) -> str | None:
+    """One paragraph on the sweep estimator refitted on recomputed features (`fit_risk --reprofile`), read from its
+    evaluation file, or `None` when that file holds a fit on the stored features."""
+    if not eval_path.exists():
+        return None
+    ev = json.loads(eval_path.read_text())
+    if "previous_stored_features" not in ev:
+        return None
+    spec = ev["estimators"]["spectral + log LR"]
+    return (f"The same model refitted on the same runs with their init features recomputed by the default recipe "
+            f"(full spectrum; `fit_risk --reprofile`, written to `sweep_prediction/risk_estimator.json` and "
+            f"`{eval_path.name}`): held-out AUROC {_f(spec['auroc'])} [{_f(spec['auroc_ci'][0])}, "
+            f"{_f(spec['auroc_ci'][1])}], ECE {_f(spec['ece'])}, Brier {_f(spec['brier'])}.\n")
+
+
 def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: list | None) -> dict[str, Any]:
     pred = [r for r in read_rows(root / "sweep_prediction" / "runs.jsonl") if "near_unit_mass_mean" in r]
     prev = read_rows(root / "sweep_prevention" / "runs.jsonl")
@@ -763,7 +778,8 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
         summary.update(risk_estimator_auroc_heldout=spec["auroc"], risk_estimator_ece_heldout=spec["ece"],
                        risk_estimator_baselines_heldout={k: {"auroc": v["auroc"], "ece": v["ece"]} for k, v in res.items()})
         w("## 2. Calibrated risk estimator (held-out configurations)\n")
-        w(f"Logistic model, fitted on {spec['n_train']} runs with (d, L) ∈ {{(32, 2), (32, 4)}} and seeds {{0, 1}}; "
+        w(f"Logistic model on the init features stored in the sweep table (the rank-32 recipe the sweep ran with), "
+          f"fitted on {spec['n_train']} runs with (d, L) ∈ {{(32, 2), (32, 4)}} and seeds {{0, 1}}; "
           f"evaluated on {spec['n_heldout']} held-out runs ({spec['n_heldout_diverged']} diverged) with an unseen "
           "(d, L) = (48, 3) and/or the unseen seed 2. ECE uses 10 equal-width bins. Warmup was fixed at 10 steps in the "
           "sweep, so it is not an input.\n")
@@ -773,6 +789,9 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
             w(f"| {name} | {', '.join(r.get('features', ['near_unit_mass_mean']))} | {_f(r['auroc'])} | "
               f"[{_f(r['auroc_ci'][0])}, {_f(r['auroc_ci'][1])}] | {_f(r['ece'])} | {_f(r['brier'])} |")
         w("\n![reliability](reliability.png)\n")
+        refit = _refit_sentence(root / "risk_estimator_eval.json")
+        if refit:
+            w(refit)
         lr_only, norm_lr = res["log LR only"], res["norm type + log LR"]
         adds = spectrum_adds_information(res)
         summary["spectrum_adds_information"] = adds
@@ -1006,7 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--refit-estimator", action="store_true",
                    help="full mode: refit the sweep's estimator results/sweep_prediction/risk_estimator.json (and "
-                        "results/risk_estimator_eval.json); --quick always fits into results/quick. The shipped "
+                        "results/risk_estimator_eval.json) on init features recomputed with the default recipe "
+                        "(fit_risk --reprofile, minutes); --quick always fits into results/quick on the stored "
+                        "features. The shipped "
                         "estimator comes from `python -m research.scripts.fit_risk --heldout ...`")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -1023,15 +1044,20 @@ def main(argv: list[str] | None = None) -> int:
     shipped = root / "risk_estimator.json" if args.quick else root / "sweep_prediction" / "risk_estimator.json"
     if args.quick or args.refit_estimator:
         try:
-            fit(root / "sweep_prediction" / "runs.jsonl", shipped, root / "risk_estimator_eval.json")
+            fit(root / "sweep_prediction" / "runs.jsonl", shipped, root / "risk_estimator_eval.json",
+                reprofile=not args.quick)
         except (ValueError, SystemExit) as err:
             logging.warning("risk estimator not fitted: %s", err)
-    extras = None if args.no_extras else architecture_profiles()
+    previous = json.loads((root / "summary.json").read_text()) if (root / "summary.json").exists() else {}
+    # --no-extras keeps the extras of the last full run, so the report it rebuilds is the full one
+    extras = previous.get("architecture_profiles") if args.no_extras else architecture_profiles()
     out = build_report(root, quick=args.quick, timings=timings, extras=extras)
+    oh = previous.get("kss_overhead_side_by_side") if args.no_extras else None
     if not args.no_extras:
-        load = os.getloadavg()[0]
         oh = kss_overhead(steps=20 if args.quick else 40, reps=2 if args.quick else 3)
-        oh["load_average_before"] = load
+        oh["load_average_before"] = os.getloadavg()[0]
+    if oh:
+        load = oh["load_average_before"]
         out["summary"]["kss_overhead_in_sweep"] = out["summary"].get("kss_overhead")
         out["summary"]["kss_overhead"] = oh["overhead"]  # the side-by-side number (sweep timings are contended)
         out["summary"]["kss_overhead_side_by_side"] = oh
@@ -1048,8 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
         out["summary"] = merge_summary(out["summary"], summary_from_results(root))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     out["summary"]["environment"] = {"python": platform.python_version(), "machine": platform.machine(), "git_commit": commit}
-    if (root / "summary.json").exists():  # keys written by other studies' scripts (heldout_risk, kss_v2) stay
-        previous = json.loads((root / "summary.json").read_text())
+    if previous:  # keys written by other studies' scripts (heldout_risk, kss_v2) stay
         out["summary"] = {**{k: v for k, v in previous.items() if k not in out["summary"]}, **out["summary"]}
     (root / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float) + "\n")
     window = out["summary"].get("loss_spike_window", {})

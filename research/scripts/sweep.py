@@ -23,8 +23,8 @@
 
 KSS arms are "kss<alpha>" (KSSTrainer's default gradient cap, kss_max_grad_ratio = 0.5) and "kss<alpha>-uncapped"
 (the paper-literal gradient, kss_max_grad_ratio = None); each KSS row records the ratio it used and `kss_grad_cap`, where
-the cap's norms were measured (the library default is "activations" since session 3; the session-2 tables used
-"parameters").
+the cap's norms were measured (the library default is "activations"; rows without the field measured them on
+"parameters", which `--mark-grad-cap parameters` records).
 
 The prediction sweep uses a plain AdamW loop (no regulariser involved); every other grid goes through
 `hf_koopman.KSSTrainer` (alpha = 0 for non-KSS arms, i.e. the plain `Trainer` loss). Each run is labelled as in the
@@ -93,7 +93,8 @@ def fill_features(path: Path) -> None:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=("prediction", "prevention", "max_lr", "real_data", "moe"), required=True)
-    p.add_argument("--out", type=Path, default=None, help="JSONL file (default results/sweep_<grid>/runs.jsonl)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSONL file (default results/sweep_<grid>/runs.jsonl; results/sweep_real/ for real_data)")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {PREDICTION_STEPS} prediction, 100 max_lr, 150 otherwise)")
     p.add_argument("--trials", type=int, default=None, help="trials per method (prevention, default 24) / seeds (max_lr: 3, real_data: 2)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N specs of the grid (quick mode)")
