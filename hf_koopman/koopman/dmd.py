@@ -228,18 +228,22 @@ class DMDResult:
 
     @property
     def gram_xx(self) -> torch.Tensor:
+        """`(..., m, m)`: the whitened Gram of the inputs (the identity up to the ridge), formed on first use."""
         return self.moments.gram("xx")
 
     @property
     def gram_dx(self) -> torch.Tensor:
+        """`(..., m, m)`: the whitened cross Gram of the updates `D = Y - X` against the inputs, formed on first use."""
         return self.moments.gram("dx")
 
     @property
     def gram_dd(self) -> torch.Tensor:
+        """`(..., m, m)`: the whitened Gram of the updates `D = Y - X`, formed on first use."""
         return self.moments.gram("dd")
 
     @property
     def projection(self) -> torch.Tensor:
+        """`(..., d, m)`: maps centred input rows to whitened coordinates."""
         return self.moments.projection()
 
     @property
@@ -254,6 +258,7 @@ class DMDResult:
 
     @property
     def num_layers(self) -> int:
+        """Number of layers `L` (1 for an unbatched result)."""
         return self.eigenvalues.shape[0] if self.batched else 1
 
     def layer(self, index: int) -> DMDResult:

@@ -113,10 +113,12 @@ class CholeskyWhitening:
         self.chol = chol
         self.matrix = torch.linalg.solve_triangular(chol, eye, upper=False)
 
-    def apply(self, z: torch.Tensor) -> torch.Tensor:  # W z
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """`W z` for `z` of shape `(..., d, k)`."""
         return self.matrix @ z
 
-    def apply_t(self, z: torch.Tensor) -> torch.Tensor:  # W^T z
+    def apply_t(self, z: torch.Tensor) -> torch.Tensor:
+        """`W^T z` for `z` of shape `(..., d, k)`."""
         return self.matrix.mT @ z
 
     def congruence(self, gram: torch.Tensor) -> torch.Tensor:

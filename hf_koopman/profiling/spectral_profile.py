@@ -131,10 +131,12 @@ class SpectralProfile:
     # ------------------------------------------------------------------ derived quantities
     @property
     def names(self) -> list[str]:
+        """The layers' names, in depth order."""
         return [name for name, _ in self.layers]
 
     @property
     def features(self) -> list[Any]:
+        """The layers' `LayerFeatures` (the features of each block's spectrum), in depth order."""
         return [features for _, features in self.layers]
 
     @property

@@ -107,6 +107,7 @@ class DivergenceEvent:
     grad_norm_max_over_processes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The event as a JSON-ready dict (what `rksp_guard.json` and the run's logs record)."""
         return {
             "step": self.step,
             "action": self.action,
@@ -125,6 +126,7 @@ class DivergenceEvent:
         }
 
     def describe(self) -> str:
+        """One line for the log: the step(s) checked, the causes and the first block with a non-finite output."""
         where = f"; first non-finite activation in block {self.first_bad_layer!r}" if self.first_bad_layer else ""
         first = self.first_checked_step
         together = first is not None and first < self.step
@@ -427,6 +429,7 @@ class StateSnapshot:
 
     @property
     def empty(self) -> bool:
+        """Whether no state is held (never captured, or cleared)."""
         return self.step is None
 
     @staticmethod
@@ -440,6 +443,8 @@ class StateSnapshot:
     @torch.no_grad()
     def capture(self, params: list[torch.nn.Parameter], optimizer: Any, step: int,
                 buffers: Sequence[torch.Tensor] = ()) -> None:
+        """Copy `params`, `buffers` and `optimizer`'s state for them as of `step`, reusing the previous copy's CPU
+        buffers where the shapes match."""
         old = self._params if len(self._params) == len(params) else [None] * len(params)
         self._params = [self._copy(p, b) for p, b in zip(params, old)]
         old = self._buffers if len(self._buffers) == len(buffers) else [None] * len(buffers)
@@ -464,6 +469,7 @@ class StateSnapshot:
     @torch.no_grad()
     def restore(self, params: list[torch.nn.Parameter], optimizer: Any,
                 buffers: Sequence[torch.Tensor] = ()) -> None:
+        """Copy the held state back into `params`, `buffers` and `optimizer` in place (the same tensor objects)."""
         if self.empty:
             raise RuntimeError("no snapshot to restore")
         for p, saved in zip(params, self._params):
@@ -500,6 +506,7 @@ class StateSnapshot:
         self.step, self._params, self._buffers, self._opt_state, self._groups = None, [], [], [], []
 
     def nbytes(self) -> int:
+        """Bytes the copy holds (parameters, buffers and optimizer tensors)."""
         total = sum(t.numel() * t.element_size() for t in self._params + self._buffers)
         for entry in self._opt_state:
             for v in (entry or {}).values():
