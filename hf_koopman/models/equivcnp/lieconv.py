@@ -188,8 +188,9 @@ class LieConv(nn.Module):
     def forward(self, features: torch.Tensor, nbhd: Neighbourhood) -> torch.Tensor:
         """`features (B, Nk, C_in)` on the keys -> `(B, Nq, C_out)` on the queries."""
         f_nb = gather_points(features, nbhd.index)  # (B, Nq, k, C_in)
-        w = nbhd.window(self.radius)  # (B, Nq, k)
-        m = self.weightnet(nbhd.embedding)  # (B, Nq, k, M)
+        # the neighbourhood may be finer than the features (float32 geometry under half-precision weights)
+        w = nbhd.window(self.radius).to(features.dtype)  # (B, Nq, k)
+        m = self.weightnet(nbhd.embedding.to(features.dtype))  # (B, Nq, k, M)
         agg = torch.einsum("bqkc,bqkm->bqcm", f_nb * w[..., None], m)
         # mean over the (windowed) neighbourhood; an empty window gives 0, never 0/0
         agg = agg / w.sum(-1).clamp_min(1e-6)[..., None, None]
@@ -212,14 +213,15 @@ class LieConv(nn.Module):
         """
         j = grid_stencil_half_width(self.radius, spacing)
         # tap t of conv1d reads key i + t - J, i.e. the pair log(v^{-1}u) = u - v = -(t - J)·spacing
-        key_offset = torch.arange(-j, j + 1, device=features.device, dtype=features.dtype) * spacing
+        geometry = torch.float32 if torch.finfo(features.dtype).bits < 32 else features.dtype
+        key_offset = torch.arange(-j, j + 1, device=features.device, dtype=geometry) * spacing
         zero = torch.zeros_like(key_offset)
         emb, dist = group.pairs(zero[:, None], key_offset[:, None])  # (K, E), (K,)
         if pair_scale != 1.0:
             emb = torch.cat([emb[..., : group.lie_dim] * pair_scale, emb[..., group.lie_dim :]], -1)
         z = (dist / self.radius).clamp(max=1.0)
-        w = (1 - z * z) ** 2  # (K,) biweight window, as Neighbourhood.window
-        m = self.weightnet(emb)  # (K, M)
+        w = ((1 - z * z) ** 2).to(features.dtype)  # (K,) biweight window, as Neighbourhood.window
+        m = self.weightnet(emb.to(features.dtype))  # (K, M)
         c = features.shape[-1]
         # PointConv trick folded into the kernel: Linear(C·M → C_out) after the (C, M) aggregation equals one dense
         # conv1d whose weight is W[o, c, m]·m_t[m]·w_t summed over m (the mean's normaliser is per point, so it

@@ -22,6 +22,7 @@ from .neural_process import (
     density_normalised,
     gaussian_prediction,
     uniform_grid,
+    upcast_dtype,
 )
 
 __all__ = ["ConvCNPModel"]
@@ -80,21 +81,27 @@ class ConvCNPModel(EquivCNPPreTrainedModel):
             context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
             compute_dtype(self, getattr(context_x, "dtype", None)),
         )
+        # coordinates and the encoder run in float32 at least, as in EquivCNPModel.forward: in half precision the
+        # density channel and the signal underflow away from the context and their ratio h¹ is noise
+        dtype = self.embed.weight.dtype
+        up = upcast_dtype(context_x.dtype)
+        context_x, target_x = context_x.to(up), target_x.to(up)
         grid, grid_mask = uniform_grid(
             [(context_x, context_mask), (target_x, target_mask)],
             cfg.points_per_unit, cfg.grid_margin, cfg.max_grid_points
         )
-        w = self._rbf(grid, context_x, self.log_ell_in, context_mask)  # (B, G, Nc)
+        w = self._rbf(grid, context_x, self.log_ell_in.to(up), context_mask)  # (B, G, Nc)
         h0 = w.sum(-1, keepdim=True)
-        h1 = density_normalised(w @ context_y, h0)
-        gm = grid_mask[..., None].to(h0.dtype)
+        h1 = density_normalised(w @ context_y.to(up), h0)
+        h0, h1 = h0.to(dtype), h1.to(dtype)
+        gm = grid_mask[..., None].to(dtype)
         h = torch.sigmoid(self.embed(torch.cat([h0, h1], -1))) * gm  # padded grid points act as zero padding
         h = h.transpose(1, 2)
         gmt = gm.transpose(1, 2)
         for conv in self.convs:
             h = torch.relu(conv(h)) * gmt
         h = h.transpose(1, 2)  # (B, G, C)
-        wt = self._rbf(target_x, grid, self.log_ell_out, grid_mask)  # (B, Nt, G)
+        wt = self._rbf(target_x, grid, self.log_ell_out.to(up), grid_mask).to(dtype)  # (B, Nt, G)
         h_t = wt @ h
         mean = self.mean_head(h_t)
         stddev = cfg.min_std + nn.functional.softplus(self.std_head(h_t))

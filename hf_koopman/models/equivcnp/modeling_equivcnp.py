@@ -42,6 +42,7 @@ from .neural_process import (
     density_normalised,
     gaussian_prediction,
     uniform_grid,
+    upcast_dtype,
 )
 
 __all__ = ["EquivCNPPreTrainedModel", "EquivCNPModel"]
@@ -140,11 +141,12 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
         if context_x.shape[1] == 0:
             return points.new_zeros(*points.shape[:2], 1 + self.config.y_dim)
         nb = build_neighbourhood(self.group, points, context_x, self.config.encoder_neighbours, context_mask)
-        ell = self.log_length_scale.exp()
-        psi = torch.exp(-0.5 * (nb.distance.clamp(max=1e4) / ell) ** 2) * nb.valid  # (B, Nd, k)
+        up = upcast_dtype(points.dtype)  # see ConvCNPModel.forward: the density ratio needs float32 at least
+        ell = self.log_length_scale.to(up).exp()
+        psi = torch.exp(-0.5 * (nb.distance.to(up).clamp(max=1e4) / ell) ** 2) * nb.valid  # (B, Nd, k)
         h0 = psi.sum(-1, keepdim=True)
-        h1 = density_normalised((psi[..., None] * gather_points(context_y, nb.index)).sum(-2), h0)
-        return torch.cat([h0, h1], -1)
+        h1 = density_normalised((psi[..., None] * gather_points(context_y.to(up), nb.index)).sum(-2), h0)
+        return torch.cat([h0, h1], -1).to(points.dtype)
 
     def uses_grid_convolution(self) -> bool:
         """Whether ρ runs as 1-D convolutions: T(1) grid, and `num_neighbours` covers every grid offset inside
@@ -223,8 +225,12 @@ class EquivCNPModel(EquivCNPPreTrainedModel):
             context_x, context_y, target_x, context_mask, target_mask, target_y, cfg.x_dim, cfg.y_dim,
             compute_dtype(self, getattr(context_x, "dtype", None)),
         )
+        # coordinates, neighbourhoods and the encoder run in float32 at least: in half precision a coordinate of 4
+        # is resolved to 0.03 (bfloat16), the grid's spacing, and the encoder's density ratio underflows
+        up = upcast_dtype(context_x.dtype)
+        context_x, target_x = context_x.to(up), target_x.to(up)
         points, point_mask = self.discretise(context_x, target_x, context_mask, target_mask)
-        h = self.embed(self.encode(points, context_x, context_y, context_mask))
+        h = self.embed(self.encode(points, context_x, context_y, context_mask).to(self.embed.weight.dtype))
         windows = []
         radius = cfg.radius if self._watching_truncation() else None  # counts keys in the window only while needed
         if self.uses_grid_convolution():

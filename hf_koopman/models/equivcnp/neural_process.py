@@ -22,6 +22,7 @@ __all__ = [
     "gaussian_prediction",
     "check_inputs",
     "compute_dtype",
+    "upcast_dtype",
     "uniform_grid",
     "NeuralProcessCollator",
 ]
@@ -101,6 +102,11 @@ def density_normalised(signal: torch.Tensor, density: torch.Tensor) -> torch.Ten
     """
     eps = max(1e-8, torch.finfo(density.dtype).tiny)
     return signal / (density + eps)
+
+
+def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """`dtype`, or float32 for a half-precision `dtype`: the dtype the SetConv encoder computes in."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
 def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:

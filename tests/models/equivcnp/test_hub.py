@@ -134,16 +134,35 @@ def test_checkpoint_card_metadata_matches_the_folder(folder):
         assert "Measured on the usage example" in card.text
 
 
-@pytest.mark.parametrize("name", ["equivcnp-gp-rbf", "convcnp-gp-rbf"])
-def test_float16_checkpoints_predict_finite_values_where_no_context_is_in_reach(name):
+def _task(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A task with target points far from the context: 1-D curves on [-4, 4] from context on [-2, 2]; images on a
+    12 x 12 grid of [-1, 1]^2 with 40 context pixels."""
+    gen = torch.Generator().manual_seed(0)
+    if "image" not in name:
+        context_x = torch.rand(2, 20, 1, generator=gen) * 4 - 2
+        return context_x, torch.sin(3 * context_x), torch.linspace(-4, 4, 100)[None, :, None].expand(2, -1, -1)
+    axis = torch.linspace(-1, 1, 12)
+    pixels = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(1, -1, 2)
+    context_x = pixels[:, torch.randperm(144, generator=gen)[:40]]
+    return context_x, torch.rand(1, 40, 1, generator=gen), pixels
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.02), (torch.bfloat16, 0.08)], ids=str)
+@pytest.mark.parametrize("name", ["equivcnp-gp-rbf", "convcnp-gp-rbf", "cnp-gp-rbf", "equivcnp-image-so2",
+                                  "equivcnp-image-se2", "equivcnp-image-t2"])
+def test_half_precision_checkpoints_predict_what_float32_predicts(name, dtype, tolerance):
+    """Half-precision weights give float32's prediction to within their rounding: coordinates, neighbourhoods and
+    the encoder's density ratio run in float32 (in float16 the ratio of two underflowing sums is noise, and
+    bfloat16 resolves a coordinate of 4 only to the grid's spacing)."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(REPO / "checkpoints" / name, dtype=torch.float16).eval()
-    context_x = torch.linspace(-2, 2, 10, dtype=torch.float16)[None, :, None]
-    target_x = torch.linspace(-4, 4, 50, dtype=torch.float16)[None, :, None]  # some points far from the context
+    context_x, context_y, target_x = _task(name)
+    reference = AutoModel.from_pretrained(REPO / "checkpoints" / name).eval()
+    model = AutoModel.from_pretrained(REPO / "checkpoints" / name, dtype=dtype).eval()
     with torch.no_grad():
-        out = model(context_x, torch.sin(3 * context_x), target_x)
-        reference = model.float()(context_x.float(), torch.sin(3 * context_x.float()), target_x.float())
+        want = reference(context_x, context_y, target_x)
+        out = model(context_x.to(dtype), context_y.to(dtype), target_x.to(dtype))
+    assert out.mean.dtype == dtype and out.stddev.dtype == dtype
     assert torch.isfinite(out.mean).all() and torch.isfinite(out.stddev).all()
-    error = (out.mean.float() - reference.mean).abs()  # half precision: the same curve, to within about 0.1
-    assert error.max() < 0.25 and error.mean() < 0.05
+    assert (out.mean.float() - want.mean).abs().max() < tolerance
+    assert (out.stddev.float() - want.stddev).abs().max() < tolerance
