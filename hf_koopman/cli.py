@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,20 @@ def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
+#: model -> the weights of its residual blocks and embeddings that its checkpoint lacked (randomly initialised), for
+#: the profile's `meta["weights_not_in_checkpoint"]`
+_NOT_IN_CHECKPOINT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _record_weights(result: Any, model: Any, weights: str) -> None:
+    """`meta["weights"]` (`"pretrained"` / `"init"`) and, where the checkpoint lacked some of the profiled weights,
+    `meta["weights_not_in_checkpoint"]` (their names), which the report and the summary line state."""
+    result.meta["weights"] = weights
+    missing = _NOT_IN_CHECKPOINT.get(model)
+    if missing:
+        result.meta["weights_not_in_checkpoint"] = list(missing)
+
+
 def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
     """`AutoModel.from_pretrained(weights)` with transformers' load report replaced by what it means here.
 
@@ -412,6 +427,7 @@ def _load_base_model(auto_model: Any, weights: str, torch_dtype: Any) -> Any:
         profiled = [k for k in missing if k.startswith(prefixes) or "embed" in k or k.split(".")[0] in ("wte", "wpe")]
         other = [k for k in missing if k not in profiled]
         if profiled:
+            _NOT_IN_CHECKPOINT[model] = profiled
             logger.warning("%d weight(s) of %s are not in %s and were randomly initialised (%s): the profile describes "
                            "a partly random model. Check that the checkpoint is complete.", len(profiled),
                            type(model).__name__, weights, _shown(profiled))
@@ -855,7 +871,7 @@ def _run_profile(args: argparse.Namespace) -> int:
             model_name=name,
             progress=progress,
         )
-        result.meta["weights"] = weights  # for the report: a profile at initialisation describes the architecture
+        _record_weights(result, model, weights)  # for the report: at initialisation it describes the architecture
     if estimator is not None:
         result.set_risk_estimator(estimator)
     try:
@@ -875,6 +891,12 @@ def _run_profile(args: argparse.Namespace) -> int:
         notes.append(f"tentative: {' and '.join(why) or 'see the report'}")
     if result.meta.get("weights") == "pretrained" and result.verdict != "uninformative":
         notes.append("extrapolated: pretrained weights, and the thresholds come from initialisations")
+    if result.meta.get("weights_not_in_checkpoint"):
+        notes.append(f"partly random: {len(result.meta['weights_not_in_checkpoint'])} profiled weights were not in "
+                     "the checkpoint")
+    if result.meta.get("blocks_not_run"):
+        notes.append(f"partial: the inputs did not reach {len(result.meta['blocks_not_run'])} of the "
+                     f"{result.meta.get('num_blocks')} blocks (see the warning)")
     count = len(result.layers)
     layers = "" if result.model_name.endswith(f"[{count} layers]") else f"{count} layers, "  # --num-layers names it
     print(f"{result.model_name}: {layers}mean M≈1 = {score}, verdict: {result.verdict.upper()}"
@@ -1062,7 +1084,7 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
         model_name=name, progress=progress,
     )
-    result.meta["weights"] = weights  # as `hf-koopman profile` records it: the answer's first caveat then says so
+    _record_weights(result, model, weights)  # as `hf-koopman profile` records it: the answer's first caveat says so
     suggestion = suggest_max_lr(result, risk=args.risk, estimator=estimator, level=args.level, context=context)
     print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
     _warn_low_precision(result)

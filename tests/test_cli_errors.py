@@ -270,6 +270,22 @@ def test_weights_missing_from_the_checkpoint_are_a_warning(saved_model_dir, capl
     assert any(dropped in w and "randomly initialised" in w for w in warnings), warnings
 
 
+def test_weights_missing_from_the_checkpoint_are_recorded_in_the_profile(saved_model_dir, tmp_path, capsys):
+    """The warning scrolls by; profile.json, report.md and the summary line keep saying the model was partly random."""
+    from safetensors.torch import load_file, save_file
+
+    file = saved_model_dir / "model.safetensors"
+    tensors = load_file(file)
+    dropped = next(k for k in tensors if k.endswith("mlp.c_fc.weight"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, file, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["profile", str(saved_model_dir), *FAST, "--out", str(out)]) == 0
+    meta = json.loads((out / "profile.json").read_text())["meta"]
+    assert meta["weights"] == "pretrained" and meta["weights_not_in_checkpoint"] == [dropped]
+    assert "**Note — partly random weights:** 1 weight(s)" in (out / "report.md").read_text()
+    assert "partly random: 1 profiled weights were not in the checkpoint" in capsys.readouterr().out
+
+
 def test_a_shape_mismatch_keeps_transformers_report_and_names_the_fix(saved_model_dir):
     config = json.loads((saved_model_dir / "config.json").read_text())
     config["n_inner"] = 4 * (config.get("n_inner") or 4 * config["n_embd"])  # the saved MLP no longer fits

@@ -20,7 +20,7 @@ import hashlib
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -64,19 +64,21 @@ def module_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
     ))
 
 
-def _meta_parameters(modules: Iterable[nn.Module]) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
+def _meta_parameters(modules: Iterable[nn.Module], skip: frozenset[int] = frozenset()
+                     ) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
     for module in modules:
-        for sub in module.modules():
+        for sub in _post_order(module, skip):
             for name, p in sub._parameters.items():
                 if p is not None and p.device.type == "meta":
                     yield sub, name, p
 
 
-def materialise_empty(modules: Iterable[nn.Module], dtype: torch.dtype | None = None) -> None:
+def materialise_empty(modules: Iterable[nn.Module], dtype: torch.dtype | None = None,
+                      skip: frozenset[int] = frozenset()) -> None:
     """Give every meta parameter under `modules` real, uninitialised CPU storage (parameters shared within `modules`
-    stay shared). Buffers are left as they are."""
+    stay shared), not descending into the modules whose ids are in `skip`. Buffers are left as they are."""
     replaced: dict[int, nn.Parameter] = {}
-    for sub, name, p in list(_meta_parameters(modules)):
+    for sub, name, p in list(_meta_parameters(modules, skip)):
         new = replaced.get(id(p))
         if new is None:
             target = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
@@ -145,27 +147,31 @@ class InitWeights:
         seed (`int`): base seed.
         num_blocks (`int`): number of residual blocks (for the non-block seed).
         dtype (`torch.dtype`, *optional*): storage dtype of floating-point parameters (default: the skeleton's).
+        blocks (`list[nn.Module]`, *optional*): the block modules, which the non-block modules' initialisation leaves
+            alone (a model that holds a parameter of its own, like CLIP's `logit_scale`, is a non-block module).
     """
 
     kind = "init"
 
-    def __init__(self, model: nn.Module, *, seed: int, num_blocks: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, *, seed: int, num_blocks: int, dtype: torch.dtype | None = None,
+                 blocks: Sequence[nn.Module] = ()) -> None:
         self.model = model
         self.seed = int(seed)
         self.num_blocks = int(num_blocks)
         self.dtype = dtype
         self._owners = owner_map(model)
+        self._blocks = frozenset(id(block) for block in blocks)
 
-    def _initialise(self, modules: list[nn.Module], seed: int) -> None:
+    def _initialise(self, modules: list[nn.Module], seed: int, skip: frozenset[int] = frozenset()) -> None:
         from transformers import initialization as hf_init
 
-        materialise_empty(modules, self.dtype)
+        materialise_empty(modules, self.dtype, skip)
         with torch.random.fork_rng(devices=[]), torch.no_grad(), hf_init.guard_torch_init_functions():
             torch.manual_seed(seed)
             for module in modules:
                 # post-order like `initialize_weights`: children first, so a parent's rule (e.g. GPT-2's scaled
                 # `c_proj` init) overrides its children's generic one
-                for sub in _post_order(module):
+                for sub in _post_order(module, skip):
                     self._owners.get(id(sub), self.model)._init_weights(sub)
 
     def materialise(self, block: nn.Module, index: int) -> None:
@@ -173,8 +179,9 @@ class InitWeights:
         self._initialise([block], block_seed(self.seed, index))
 
     def materialise_rest(self, modules: list[nn.Module]) -> None:
-        """Build the non-block modules that hold meta parameters (embeddings, final norm, ...)."""
-        self._initialise(modules, block_seed(self.seed, self.num_blocks))
+        """Build the non-block modules that hold meta parameters (embeddings, final norm, ...), not the blocks inside
+        them."""
+        self._initialise(modules, block_seed(self.seed, self.num_blocks), self._blocks)
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -189,9 +196,11 @@ def block_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _post_order(module: nn.Module) -> Iterator[nn.Module]:
+def _post_order(module: nn.Module, skip: frozenset[int] = frozenset()) -> Iterator[nn.Module]:
+    """`module` and its descendants, children first, without the subtrees rooted at the modules in `skip`."""
     for child in module.children():
-        yield from _post_order(child)
+        if id(child) not in skip:
+            yield from _post_order(child, skip)
     yield module
 
 
@@ -284,6 +293,8 @@ class SafetensorsWeights:
             for module in modules
             for name, _ in module.named_parameters(remove_duplicate=False)
         ))
+        if what == "non-block":  # a model holding a parameter of its own (CLIP's `logit_scale`) contains the blocks
+            names = [name for name in names if not any(name.startswith(f"{block}.") for block in self._block_names)]
         tie_loaded(self.model, self.tied, set(names))
         missing = [name for name in names if self.model.get_parameter(name).device.type == "meta"]
         if missing:

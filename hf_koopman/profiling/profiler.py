@@ -61,6 +61,19 @@ _SET_BY_PROFILE = ("rank", "seed", "stacks", "model_name", "meta", "progress", "
 _LAYERS_HINT = "`layers=` (CLI: `--layers`)"
 
 
+def _warn_blocks_not_run(not_run: Sequence[str], total: int) -> None:
+    """Warn that the forward pass skipped `not_run` of the `total` discovered blocks (a tower the inputs do not reach,
+    e.g. a vision encoder without `pixel_values`): the profile covers the others."""
+    if not not_run:
+        return
+    stacks = sorted({name.rsplit(".", 1)[0] for name in not_run})
+    logger.warning(
+        "the forward pass did not run %d of the %d discovered blocks (in %s); the profile covers the other %d. Pass "
+        "inputs that reach them (e.g. pixel_values for a vision tower) to profile them too, or name the blocks to "
+        "profile with %s.", len(not_run), total, ", ".join(stacks), total - len(not_run), _LAYERS_HINT,
+    )
+
+
 def _expected_batches(inputs: Any, batch_size: int) -> int | None:
     """Number of batches `iter_batches` will yield, when it is known in advance."""
     if isinstance(inputs, (Mapping, torch.Tensor, str)):  # one batch (BatchEncoding / BatchFeature too)
@@ -839,6 +852,9 @@ def profile(
             f"blocks that actually run with {_LAYERS_HINT}."
         )
     _check_token_count(recorder, snapshots, num_samples)
+    kept = [b for b in blocks if b.name.rsplit(".", 1)[0] not in recorder.dropped]  # width-preserving lists
+    not_run = [b.name for b in kept if b.name not in called]
+    _warn_blocks_not_run(not_run, len(kept))
     stacks = recorder.snapshot_stacks()
     few = {name: n for name, n in recorder.tokens_seen.items() if n < num_samples}
     if few:
@@ -857,7 +873,7 @@ def profile(
         "model_class": type(inner).__name__,
         "model_type": getattr(config, "model_type", None),
         "dtype": dtype,
-        "num_blocks": len(blocks) - sum(b.name.rsplit(".", 1)[0] in recorder.dropped for b in blocks),
+        "num_blocks": len(kept),
         "batches": batches,
         # the fewest valid token states any block saw; each profiled layer's own count is in tokens_seen_per_layer,
         # and the token-shortage advice reads the count of the layer whose sample the verdict judges
@@ -874,6 +890,8 @@ def profile(
         meta["weights"] = origin
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
+    if not_run:  # discovered blocks the inputs did not reach: the report names them
+        meta["blocks_not_run"] = not_run
     result = profile_from_snapshots(
         snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress,
         eig_dtype=eig_dtype, **analysis_kwargs,

@@ -335,6 +335,20 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
                   "trained), not of a model at initialisation. The decision rule and the calibrated risk estimator "
                   "come from spectra at random initialisation, so the verdict and any calibrated risk below are "
                   "extrapolations.", ""]
+    missing = profile.meta.get("weights_not_in_checkpoint") or []
+    if missing:
+        shown = ", ".join(f"`{name}`" for name in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                                                 else "")
+        lines += [f"> **Note — partly random weights:** {len(missing)} weight(s) of the residual blocks or embeddings "
+                  f"were not in the checkpoint and were randomly initialised ({shown}): this profile describes a "
+                  "partly random model. Check that the checkpoint is complete and belongs to this config.", ""]
+    not_run = profile.meta.get("blocks_not_run") or []
+    if not_run:
+        towers = ", ".join(f"`{stack}`" for stack in sorted({name.rsplit(".", 1)[0] for name in not_run}))
+        lines += [f"> **Note — blocks not run:** the inputs did not reach {len(not_run)} of the "
+                  f"{profile.meta.get('num_blocks', len(not_run) + len(profile.layers))} residual blocks ({towers}); "
+                  "this profile and its verdict describe the others. Inputs that reach them (e.g. `pixel_values` for "
+                  "a vision tower) profile them too.", ""]
     dtype = low_precision_dtype(profile)
     if dtype is not None:  # the columns ρ and κ(V) below, and the risk estimate's inputs, carry the rounding
         lines += [f"> **Note — {dtype} activations:** {precision_caveat(dtype)}. The masses and the verdict held up "

@@ -361,6 +361,7 @@ def profile_streaming(
         _check_rank,
         _check_seed,
         _check_token_count,
+        _warn_blocks_not_run,
         autocast_dtype,
     )
     from hf_koopman.profiling.inputs import labels_feed_decoder, mask_routes, snapshot_masks
@@ -416,13 +417,14 @@ def profile_streaming(
 
     if at_init:
         weights: InitWeights | SafetensorsWeights = InitWeights(
-            skeleton, seed=seed, num_blocks=len(blocks), dtype=dtype
+            skeleton, seed=seed, num_blocks=len(blocks), dtype=dtype, blocks=block_modules
         )
     else:
         weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
     weights.materialise_rest(rest)
 
     state = {"done": 0, "block_time": 0.0}
+    ran: set[int] = set()  # the blocks whose forward finished; towers may run in any order (CLIP: vision first)
     progress = show_progress(progress)
     bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
 
@@ -445,14 +447,15 @@ def profile_streaming(
         def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
             free_parameters(module)
             release_freed_memory()
-            state["done"] = index + 1
             state["block_time"] += time.perf_counter() - state.pop("t0", time.perf_counter())
-            bar.update(1)
+            if index not in ran:
+                ran.add(index)
+                state["done"] = len(ran)
+                bar.update(1)
+            if len(ran) == len(blocks):  # every block has run: what follows (a head, another pass) is not needed
+                raise _StopStream
 
         return post_hook
-
-    def stop_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _StopStream
 
     handles = []
     try:
@@ -468,7 +471,6 @@ def profile_streaming(
             # registered after the recorder's hooks so that the recorder sees each output before the block is freed
             for i, block in enumerate(blocks):
                 handles.append(block.module.register_forward_hook(make_post_hook(i)))
-            handles.append(block_modules[-1].register_forward_hook(stop_hook))
             try:
                 skeleton(**inputs, use_cache=False)
             except _StopStream:
@@ -476,10 +478,10 @@ def profile_streaming(
             snapshots, stacks = recorder.snapshots(), recorder.snapshot_stacks()
             tokens_seen = min(recorder.tokens_seen.values(), default=0)
             per_layer = {layer: recorder.tokens_seen[layer] for layer, _, _ in snapshots}
-        if state["done"] != len(blocks):
+        if not ran:
             raise RuntimeError(
-                f"The model's forward ran {state['done']} of {len(blocks)} residual blocks; "
-                "cannot build a complete profile."
+                f"The model's forward ran none of its {len(blocks)} residual blocks (first: {blocks[0].name!r}); "
+                "cannot build a profile. Pass inputs that reach them."
             )
     except BaseException as exc:
         _write_partial(partial_path, name, state["done"], len(blocks), exc)
@@ -496,6 +498,8 @@ def profile_streaming(
         bar.close()
 
     _check_token_count(recorder, snapshots, num_samples)  # fewer than 2 real token states: refused as by `profile`
+    not_run = [block.name for i, block in enumerate(blocks) if i not in ran]  # a tower the inputs do not reach
+    _warn_blocks_not_run(not_run, len(blocks))
     for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
         free_parameters(module)
     release_freed_memory()
@@ -527,6 +531,8 @@ def profile_streaming(
         meta["activation_dtype"] = autocast
     if learning_rate is not None:
         meta["learning_rate"] = learning_rate
+    if not_run:  # as `profile` records it
+        meta["blocks_not_run"] = not_run
     if tokens_seen < num_samples:
         logger.warning(
             "only %d valid token states reached the blocks (asked for num_samples=%d); pass more inputs for stable "
@@ -541,7 +547,7 @@ def profile_streaming(
     info["wall_time_s"] = round(time.perf_counter() - start, 3)
     info["analysis_cpu_s"] = round(time.process_time() - cpu_start - stream_cpu, 3)
     info["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, including anything it did before this call
-    logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(blocks), name, info["wall_time_s"],
+    logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(ran), name, info["wall_time_s"],
                 _fmt(info["peak_rss_bytes"]))
     if estimator is not None:
         result.set_risk_estimator(estimator)

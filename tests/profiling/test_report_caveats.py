@@ -225,3 +225,11 @@ def test_kappa_is_shown_to_the_two_digits_it_carries():
     assert cells == ["4100", "280", "1.2e+04"]
     assert any(line.startswith("| eigvec_condition | 5500 |") for line in rows)
     assert "4052" not in render_report(profile) and "two digits" in render_report(profile)
+
+
+def test_blocks_the_inputs_did_not_reach_are_named_in_the_report():
+    report = render_report(_profile(0.1, 64 * 16, meta={"blocks_not_run": ["vision.layers.0", "vision.layers.1"],
+                                                        "num_blocks": 5}))
+    assert ("**Note — blocks not run:** the inputs did not reach 2 of the 5 residual blocks (`vision.layers`); this "
+            "profile and its verdict describe the others.") in report
+    assert "blocks not run" not in render_report(_profile(0.1, 64 * 16))

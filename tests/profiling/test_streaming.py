@@ -497,3 +497,63 @@ def test_streamed_profiles_say_which_weights_they_read(tmp_path):
     AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
     assert profile_streaming(folder, num_samples=64, progress=False).meta["weights"] == "pretrained"
     assert profile_streaming(tiny_config("llama"), num_samples=64, progress=False).meta["weights"] == "init"
+
+
+# ------------------------------------------------------------------------------------------- towers and root parameters
+def _clip():
+    from transformers import CLIPConfig
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return CLIPConfig(text_config=dict(vocab_size=128, **tower), vision_config=dict(image_size=32, patch_size=8, **tower))
+
+
+def test_two_tower_model_with_a_parameter_of_its_own_streams_every_block(tmp_path):
+    """CLIP runs its vision tower before its text tower (not the discovery order) and holds `logit_scale` itself:
+    the stream still runs all four blocks, from the checkpoint and at initialisation, and the root's own parameter is
+    read without reading the blocks inside it as missing."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(_clip()).eval()
+    model.save_pretrained(tmp_path / "clip")
+    ref = profile(model, num_samples=N, rank=RANK, seed=3)
+    assert len(ref.layers) == 4
+    got = profile_streaming(tmp_path / "clip", num_samples=N, rank=RANK, seed=3, progress=False)
+    _assert_same_features(ref, got)
+    assert "blocks_not_run" not in got.meta
+    init = profile_streaming(_clip(), num_samples=N, rank=RANK, seed=3, progress=False)
+    assert sorted(init.names) == sorted(ref.names)
+
+
+def _llava():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "llava", image_token_index=127,
+        text_config=dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+    )
+
+
+def test_blocks_the_inputs_do_not_reach_are_named_not_silently_dropped(caplog):
+    """The default probe (tokens, no image) never runs LLaVA's vision tower: `profile` and the stream profile the
+    language blocks, warn with the tower's name and the fix, and record the blocks left out."""
+    from transformers import AutoModel
+
+    from hf_koopman.logging_utils import get_logger
+
+    get_logger("hf_koopman")
+    torch.manual_seed(0)
+    model = AutoModel.from_config(_llava()).eval()
+    vision = ["vision_tower.encoder.layers.0", "vision_tower.encoder.layers.1"]
+    for run in (lambda: profile(model, num_samples=64, rank=RANK),
+                lambda: profile_streaming(_llava(), num_samples=64, rank=RANK, progress=False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_koopman"):
+            prof = run()
+        assert prof.names == ["language_model.layers.0", "language_model.layers.1"]
+        assert prof.meta["blocks_not_run"] == vision and prof.meta["num_blocks"] == 4
+        assert "did not run 2 of the 4 discovered blocks (in vision_tower.encoder.layers)" in caplog.text
+        assert "pixel_values" in caplog.text
