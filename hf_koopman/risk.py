@@ -235,10 +235,10 @@ def precision_caveat(dtype: str) -> str:
     """Why ρ and κ(V) of a profile made in `dtype` (float16 / bfloat16) are unreliable, with the measured effect, and
     the fix: profile a float32 copy."""
     return (f"ρ and κ(V) are unreliable: the activations were computed in {dtype}, whose rounding moves them "
-            "(MiniLM-L6, N = 3072, two seeds: the largest ρ 1.4–1.5 in float32, 4.0–6.8 in float16 and 1.6–1.9 in "
-            "bfloat16, the mean κ(V) about 10x lower in both, the masses within 0.01; on a tiny LLaMA κ(V) rose 2.5x "
-            "in bfloat16 instead: the size and direction differ between models; bfloat16 autocast moves them as much "
-            "as a bfloat16 model); profile a float32 copy (`--dtype fp32` on the CLI, `model.float()` outside "
+            "(results/half_precision.md; MiniLM-L6, N = 3072, five probe seeds: the largest ρ 1.43–1.50 in float32, "
+            "1.9–20.5 in float16 and 1.5–3.0 in bfloat16, the median κ(V) 1.2–2.1x lower, the mean M≈1 within 0.01; "
+            "a tiny LLaMA (d = 128) kept its largest ρ and its κ(V) moved 0.6–1.7x either way, as a bfloat16 model "
+            "and under bfloat16 autocast: the size and direction differ between models); profile a float32 copy (`--dtype fp32` on the CLI, `model.float()` outside "
             "autocast, or `profile_streaming(..., dtype='float32')` in Python) for them")
 
 

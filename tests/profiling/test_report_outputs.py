@@ -246,3 +246,17 @@ def test_a_folder_with_files_under_our_names_but_no_profile_is_refused(lr_profil
     with pytest.raises(FileExistsError, match="holds report.md, masses.png but no profile.json"):
         lr_profile.save(tmp_path)
     assert (tmp_path / "report.md").read_text() == "my notes" and not (tmp_path / "profile.json").exists()
+
+
+def test_the_precision_caveat_quotes_the_measured_ranges():
+    """The ranges the caveat quotes are those of `results/half_precision.md` (MiniLM-L6's largest ρ per dtype)."""
+    import re
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[2] / "results" / "half_precision.md").read_text()
+    caveat = precision_caveat("float16")
+    for dtype in ("float32", "float16", "bfloat16"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| MiniLM-L6, {dtype} |"))
+        lo, hi = (float(x) for x in re.match(r"\| [^|]+ \| ([\d.]+)–([\d.]+) \|", row).groups())
+        quoted = f"{lo:.2f}–{hi:.2f} in {dtype}" if dtype == "float32" else f"{lo:.1f}–{hi:.1f} in {dtype}"
+        assert quoted in caveat, (quoted, caveat)
