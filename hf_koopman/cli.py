@@ -723,7 +723,10 @@ def _default_out(spec: str, *, init: bool) -> Path:
     path = Path(spec).expanduser()
     if path.name == "config.json":  # a config alone builds the model at initialisation
         path, init = path.parent, True
-    name = _local_out_name(path) if path.exists() else spec.strip("/").replace("/", "--")
+    if path.is_file():  # another file: named without its suffix, so MODEL's own error is the one reported
+        name = f"{_local_out_name(path.parent)}--{path.stem}"
+    else:
+        name = _local_out_name(path) if path.exists() else spec.strip("/").replace("/", "--")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
     return Path("hf_koopman_out") / f"{slug}{'-init' if init else ''}"
 

@@ -186,6 +186,20 @@ def test_cli_default_out_keeps_checkpoints_and_hub_organisations_apart(tmp_path,
     assert _default_out("run-a/checkpoint-500/config.json", init=False).name == "run-a--checkpoint-500-init"
 
 
+def test_a_file_that_is_not_a_model_gets_its_own_error_not_an_out_one(tmp_path, monkeypatch, capsys):
+    """`hf-koopman profile out/profile.json` (a profile, not a model) without --out: the default folder is named
+    without the suffix, so the error is about MODEL, not about an --out the user never gave."""
+    from hf_koopman.cli import _default_out, main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "profile.json").write_text("{}")
+    assert _default_out("out/profile.json", init=False).name == "out--profile"
+    assert main(["profile", "out/profile.json"]) == 2
+    err = capsys.readouterr().err
+    assert "has no 'model_type' key" in err and "--out" not in err
+
+
 def test_a_profile_that_cannot_be_written_leaves_the_folder_as_it_was(init_profile, tmp_path):
     from pathlib import Path
 

@@ -246,8 +246,9 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
                      f"threshold{'s' if len(crossed) > 1 else ''}, so it may change with more tokens")
             gaps = [abs(t - score) for t in crossed]
             if score > 0 and min(gaps) > 0:
-                # the band score * sqrt(d/N) clears every crossed threshold once sqrt(d/N) < gap / score
-                clear = math.ceil(d * (score / min(gaps)) ** 2)
+                # the band score * sqrt(d/N) clears every crossed threshold once sqrt(d/N) < gap / score, i.e. for
+                # N > d (score / gap)^2 (the band includes its ends: at N = d (score / gap)^2 it still touches)
+                clear = max(math.floor(d * (score / min(gaps)) ** 2) + 1, n + 1)
                 line += (f" (its band clears {'them' if len(crossed) > 1 else 'it'} from about N = {clear:,}, "
                          f"{clear / d:.0f}× the width, if M≈1 stays near {score:.2f})")
         if n >= 8 * d:

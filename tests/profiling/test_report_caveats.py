@@ -233,3 +233,11 @@ def test_blocks_the_inputs_did_not_reach_are_named_in_the_report():
     assert ("**Note — blocks not run:** the inputs did not reach 2 of the 5 residual blocks (`vision.layers`); this "
             "profile and its verdict describe the others.") in report
     assert "blocks not run" not in render_report(_profile(0.1, 64 * 16))
+
+
+def test_the_sample_size_that_clears_a_threshold_is_more_than_the_one_used():
+    """M≈1 = 1.00 at N = 4d: the band 1 ± sqrt(d/N) ends exactly on 0.5, so it spans the threshold; the N that clears
+    it is the next one up, never the N the profile already used."""
+    report = render_report(_profile(1.0, 256, 64))
+    assert "spans the 0.5 threshold" in report
+    assert "its band clears it from about N = 257" in report
