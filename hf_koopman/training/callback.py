@@ -777,7 +777,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         restored = self.init_verdict is not None
         if self.profile_at_init and not restored and state.global_step > 0:
             # a resume without the callback's state: the weights are trained, so profiling them now would report a
-            # trained model as the initialisation and overwrite the first run's artefacts
+            # trained model as the initialisation and overwrite the first run's artefacts. The initialisation's
+            # verdict and score are read from the checkpoint's trainer_state.json, so this run's checkpoints keep them
+            self.init_verdict, self.init_score = self._saved_init_verdict(state)
             logger.info("RKSP: resumed at step %d; the initialisation profile is not recomputed on trained weights "
                         "(the first run's rksp_profile.json / rksp_report.md stay as they are)", state.global_step)
             restored = True
@@ -793,6 +795,17 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # this train() call's own events follow these (the ones before come from a restored state or the run record)
         self._events_before_call = len(self.events)
         return control
+
+    def _saved_init_verdict(self, state: TrainerState) -> tuple[str | None, float | None]:
+        """The initialisation's verdict and score that the resumed checkpoint's `trainer_state.json` holds for a
+        callback of this class (`stateful_callbacks`, loaded by the Trainer whether or not it restores callback
+        states); `(None, None)` when it holds none."""
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        for entry in saved if isinstance(saved, list) else [saved]:
+            attributes = entry.get("attributes", {}) if isinstance(entry, dict) else {}
+            if attributes.get("init_verdict") is not None:
+                return attributes["init_verdict"], attributes.get("init_score")
+        return None, None
 
     def _blocks_found(self, model: torch.nn.Module, state: TrainerState) -> bool:
         """Whether auto-discovery finds the model's blocks; when it does not, the profile is left out with a warning

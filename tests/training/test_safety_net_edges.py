@@ -190,6 +190,11 @@ def test_a_resume_without_callback_state_keeps_the_initialisation_profile(tmp_pa
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert resumed.profile is None and (tmp_path / "rksp_profile.json").read_bytes() == before
     assert "not recomputed on trained weights" in caplog.text
+    # the initialisation's verdict comes from the resumed checkpoint, and this run's checkpoints keep it
+    assert first.init_verdict is not None
+    assert (resumed.init_verdict, resumed.init_score) == (first.init_verdict, first.init_score)
+    saved = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["RKSPCallback"]["attributes"]["init_verdict"] == first.init_verdict
 
 
 def test_a_fresh_run_sets_an_earlier_runs_record_aside(tmp_path):
