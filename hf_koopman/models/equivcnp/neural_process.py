@@ -116,6 +116,10 @@ def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) ->
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape (B, N) = {shape}, got {tuple(mask.shape)}")
+    if (mask.dtype != torch.bool and mask.device.type != "meta" and not torch.compiler.is_compiling()
+            and not bool(((mask == 0) | (mask == 1)).all())):
+        raise ValueError(f"{name} marks real points (1 / True) and padding (0 / False); it holds other values (e.g. "
+                         f"0.5 or 2): pass a boolean mask, e.g. {name} > 0.5.")
     return mask.bool()
 
 
@@ -168,8 +172,9 @@ def check_inputs(
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}; call .float()")
         _check_dtype(name, t, dtype)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or inf")
+        if not torch.isfinite(t).all():  # padding too: a masked point still enters the sums, with weight 0
+            raise ValueError(f"{name} contains NaN or inf; padded points too must be finite (fill them with 0, as "
+                             "NeuralProcessCollator does)")
     b, nc, _ = context_x.shape
     if context_x.shape[-1] != x_dim or target_x.shape[-1] != x_dim:
         raise ValueError(

@@ -424,10 +424,18 @@ def _check_inputs(
         B, _, n, _ = graph_tensor.shape
         if node_mask.shape != (B, n):
             raise ValueError(f"node_mask must have shape (B, n) = {(B, n)}, got {tuple(node_mask.shape)}")
-        if (node_mask.is_floating_point() and _can_read_values(node_mask)
+        if (node_mask.dtype != torch.bool and _can_read_values(node_mask)
                 and not bool(((node_mask == 0) | (node_mask == 1)).all())):
             raise ValueError("node_mask marks real nodes (1 / True) and padding (0 / False); it holds other values "
-                             "(e.g. 0.5): pass a boolean mask, e.g. node_mask > 0.5.")
+                             "(e.g. 0.5 or 2): pass a boolean mask, e.g. node_mask > 0.5.")
+    if _can_read_values(graph_tensor):  # padding may hold anything: only entries between real nodes are read
+        finite = torch.isfinite(graph_tensor)
+        if node_mask is not None:
+            real = node_mask.bool()
+            finite = finite | ~(real[:, None, :, None] & real[:, None, None, :])
+        if not bool(finite.all()):
+            raise ValueError("graph_tensor contains NaN or inf between real nodes; clean the features (padding "
+                             "marked False in node_mask may hold anything).")
 
 
 def _maybe_tuple(output: ModelOutput, return_dict: bool | None, config: ReyNetConfig) -> ModelOutput | tuple:

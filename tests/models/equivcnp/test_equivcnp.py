@@ -475,3 +475,16 @@ def test_zero_context_points_give_a_finite_prediction_in_1d(build):
 def test_a_new_model_starts_at_the_configured_encoder_length_scale():
     model = EquivCNPModel(EquivCNPConfig(group="T2", encoder_length_scale=0.25))
     assert float(model.log_length_scale.exp()) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("mask", [torch.full((1, 4), 0.5), torch.tensor([[1, 2, 1, 0]])], ids=["half", "two"])
+def test_masks_with_values_other_than_0_and_1_are_refused(mask):
+    """A float mask of 0.5 or an integer 2 would read as True; the message names the fix, 0 / 1 masks of any dtype
+    read as booleans."""
+    model = ConvCNPModel(ConvCNPConfig()).eval()
+    cx, tx = torch.rand(1, 4, 1), torch.rand(1, 6, 1)
+    with pytest.raises(ValueError, match=r"context_mask marks real points .* e.g. context_mask > 0.5"):
+        model(cx, torch.sin(cx), tx, context_mask=mask)
+    ones = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(model(cx, torch.sin(cx), tx, context_mask=ones).mean,
+                               model(cx, torch.sin(cx), tx, context_mask=ones.bool()).mean)

@@ -414,6 +414,22 @@ def test_class_labels_outside_num_labels_and_fractional_masks_name_the_fix():
         model(X, node_mask=torch.full((2, 5), 0.5))
     float_mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2])
     torch.testing.assert_close(model(X, node_mask=float_mask).logits, model(X, node_mask=float_mask > 0).logits)
+    with pytest.raises(ValueError, match=r"node_mask marks real nodes .* \(e.g. 0.5 or 2\)"):
+        model(X, node_mask=torch.tensor([[1, 1, 2, 0, 0], [1] * 5]))  # an integer mask is read by value too
+    int_mask = float_mask.long()
+    torch.testing.assert_close(model(X, node_mask=int_mask).logits, model(X, node_mask=float_mask > 0).logits)
+
+
+def test_non_finite_features_between_real_nodes_are_refused_and_padding_may_hold_anything():
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY)).eval()
+    X, mask = torch.rand(2, 3, 5, 5), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    bad = X.clone()
+    bad[1, 0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="graph_tensor contains NaN or inf between real nodes"):
+        model(bad, node_mask=mask)
+    padded = X.clone()
+    padded[1, :, 3:, :] = float("inf")  # rows of padding nodes
+    torch.testing.assert_close(model(padded, node_mask=mask).logits, model(X, node_mask=mask).logits)
 
 
 def test_the_label_and_mask_checks_stay_out_of_a_compiled_graph_and_the_meta_device():
