@@ -152,13 +152,14 @@ def _usage_text(head: str, repo_id: str, in_channels: int, node_label_names: lis
     """The card's Usage section: load the head the checkpoint was saved with (the bare encoder only as an aside)."""
     if head == "ReyNetForGraphClassification":
         intro = ("With `hf_koopman` installed the classes are registered with the Auto classes on import; without it, "
-                 "the modelling code shipped in this repository is used (`trust_remote_code=True`).")
+                 "`trust_remote_code=True` uses the modelling code published with the weights (the files "
+                 "`hf_koopman`'s `scripts/publish.py` adds to an export).")
         load = ("from transformers import AutoModelForSequenceClassification\n\n"
                 f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", trust_remote_code=True)')
     else:
-        intro = ("transformers has no Auto class for this head, so it is loaded from the modelling code shipped in "
-                 f"this repository (with `hf_koopman` installed, `hf_koopman.{head}.from_pretrained(\"{repo_id}\")` "
-                 "does the same).")
+        intro = ("transformers has no Auto class for this head, so it is loaded from the modelling code published "
+                 "with the weights (the files `hf_koopman`'s `scripts/publish.py` adds to an export; with `hf_koopman` "
+                 f"installed, `hf_koopman.{head}.from_pretrained(\"{repo_id}\")` does the same).")
         load = ("from transformers.dynamic_module_utils import get_class_from_dynamic_module\n\n"
                 f'model_class = get_class_from_dynamic_module("modeling_reynet.{head}", "{repo_id}")\n'
                 f'model = model_class.from_pretrained("{repo_id}")')

@@ -121,6 +121,12 @@ def test_bad_auto_map_is_rejected(toy_package, tmp_path):
                      auto_map={**AUTO_MAP, "AutoModel": "modeling_missing.ToyModel"})
 
 
+def test_a_module_that_is_not_a_pretrained_model_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(TypeError, match=r"save_for_hub exports a transformers PreTrainedModel .* got Linear"):
+        save_for_hub(torch.nn.Linear(2, 2), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_remote_code_and_offline_cache_without_hf_koopman(toy_package, card_template, tmp_path):
     model, folder = _publish(toy_package, card_template, tmp_path / "out")
     x = torch.randn(2, 4)
