@@ -238,8 +238,9 @@ def precision_caveat(dtype: str) -> str:
             "(results/half_precision.md; MiniLM-L6, N = 3072, five probe seeds: the largest ρ 1.43–1.50 in float32, "
             "1.9–20.5 in float16 and 1.5–3.0 in bfloat16, the median κ(V) 1.2–2.1x lower, the mean M≈1 within 0.01; "
             "a tiny LLaMA (d = 128) kept its largest ρ and its κ(V) moved 0.6–1.7x either way, as a bfloat16 model "
-            "and under bfloat16 autocast: the size and direction differ between models); profile a float32 copy (`--dtype fp32` on the CLI, `model.float()` outside "
-            "autocast, or `profile_streaming(..., dtype='float32')` in Python) for them")
+            "and under bfloat16 autocast: the size and direction differ between models); profile a float32 copy "
+            "(`--dtype fp32` on the CLI, `model.float()` outside autocast, or "
+            "`profile_streaming(..., dtype='float32')` in Python) for them")
 
 
 def _precision_sensitive(key: str) -> bool:
