@@ -6,8 +6,10 @@ parameters but h_l for N = 2048 tokens is 2048 x 4096 floats. So the model skele
 each residual block is materialised by a forward pre-hook -- initialised by the model's own `_init_weights` under
 a per-block seed (a hash of `seed` and the block index), or loaded from the safetensors folder -- run by the model's own
 forward (which computes masks, rotary embeddings and any other per-block inputs generically), recorded by the shared
-`ResidualStreamRecorder` and freed again by a forward hook. The forward is stopped after the last block, so the LM head
-is never built. The snapshots then go through the same analysis as `profile` (`profile_from_snapshots`).
+`ResidualStreamRecorder` and freed again by a forward hook. The forward is stopped when it reaches an untied output
+embedding (the LM head), which is never built; a model without one runs to its end. Blocks the forward calls more than
+once (ALBERT's shared layer) are recorded at each call, as `profile` records them. The snapshots then go through the same
+analysis as `profile` (`profile_from_snapshots`).
 
 Peak memory is roughly: non-block modules + one block + activations of one block + the recorded snapshots
 (2 x L x N x d floats).
@@ -62,7 +64,7 @@ class InsufficientMemoryError(MemoryError):
 
 
 class _StopStream(Exception):
-    """Raised by the last block's forward hook: everything after it (final norm, LM head) is not needed."""
+    """Raised by a forward pre-hook on the untied output embedding: the LM head and what follows are not needed."""
 
 
 def _parse_bytes(value: int | float | str | None) -> int | None:
@@ -161,8 +163,8 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
     """The model on the meta device (parameters only; buffers such as rotary `inv_freq` are real), in eval mode.
 
     The class is the checkpoint's own (`config.architectures`) when transformers has it, so parameter names match the
-    saved keys; else the causal-LM head class, else the base model. The head is never built (the forward stops
-    after the last block). Tied parameters are tied as in `from_config` (`init_empty_weights` skips the tying), so
+    saved keys; else the causal-LM head class, else the base model. An untied head is never built (the forward
+    stops before it: `_output_head`). Tied parameters are tied as in `from_config` (`init_empty_weights` skips the tying), so
     that a streamed init shares T5's `shared` embedding with its encoder and decoder as the ordinary model does."""
     import transformers
     from accelerate import init_empty_weights
@@ -185,6 +187,16 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
     return model.eval()
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding (the LM head) when it is a module of its own, else `None`: the streamed forward
+    stops before it, so it is never built."""
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return out if isinstance(out, nn.Module) and out is not inp else None
+
+
 def _non_block_modules(model: nn.Module, block_modules: list[nn.Module]) -> list[nn.Module]:
     """Modules outside the blocks that own meta parameters, minus an untied output embedding
     (the LM head is not run)."""
@@ -192,11 +204,8 @@ def _non_block_modules(model: nn.Module, block_modules: list[nn.Module]) -> list
     for block in block_modules:
         inside.update(id(m) for m in block.modules())
     skip: set[int] = set()
-    try:
-        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        out, inp = None, None
-    if out is not None and out is not inp:
+    out = _output_head(model)
+    if out is not None:
         skip.update(id(m) for m in out.modules())
     return [
         m
@@ -452,10 +461,11 @@ def profile_streaming(
                 ran.add(index)
                 state["done"] = len(ran)
                 bar.update(1)
-            if len(ran) == len(blocks):  # every block has run: what follows (a head, another pass) is not needed
-                raise _StopStream
 
         return post_hook
+
+    def stop_hook(module: nn.Module, args: tuple) -> None:
+        raise _StopStream
 
     handles = []
     try:
@@ -471,6 +481,9 @@ def profile_streaming(
             # registered after the recorder's hooks so that the recorder sees each output before the block is freed
             for i, block in enumerate(blocks):
                 handles.append(block.module.register_forward_hook(make_post_hook(i)))
+            head = _output_head(skeleton)
+            if head is not None:  # every block that runs has run by then, in any order and as often as it runs
+                handles.append(head.register_forward_pre_hook(stop_hook))
             try:
                 skeleton(**inputs, use_cache=False)
             except _StopStream:

@@ -557,3 +557,40 @@ def test_blocks_the_inputs_do_not_reach_are_named_not_silently_dropped(caplog):
         assert prof.meta["blocks_not_run"] == vision and prof.meta["num_blocks"] == 4
         assert "did not run 2 of the 4 discovered blocks (in vision_tower.encoder.layers)" in caplog.text
         assert "pixel_values" in caplog.text
+
+
+def test_a_block_the_forward_calls_repeatedly_is_streamed_at_every_call(tmp_path):
+    """ALBERT shares one layer across depth: `profile` records each call (`...albert_layers.0@1`, ...), and so does
+    the stream, which runs until the model's end (no LM head in a base model) instead of stopping at the first call."""
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    model = AlbertModel(AlbertConfig(vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64)).eval()
+    model.save_pretrained(tmp_path / "albert")
+    ref = profile(model, num_samples=N, rank=RANK, seed=3)
+    assert len(ref.layers) == 3
+    got = profile_streaming(tmp_path / "albert", num_samples=N, rank=RANK, seed=3, progress=False)
+    _assert_same_features(ref, got)
+
+
+def test_the_lm_head_is_never_run(monkeypatch):
+    """The stream stops before an untied LM head (never built: its weight stays on meta), also when a tower was not
+    reached and the blocks alone cannot tell that the forward is done."""
+    from hf_koopman.profiling import streaming
+
+    calls = []
+    build = streaming._build_skeleton
+
+    def watched(config):
+        model = build(config)
+        model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(config.model_type))
+        return model
+
+    monkeypatch.setattr(streaming, "_build_skeleton", watched)
+    llava = _llava()
+    llava.architectures = ["LlavaForConditionalGeneration"]  # as a saved checkpoint names its class: with its head
+    for config in (_llama(), llava):
+        prof = profile_streaming(config, num_samples=64, rank=RANK, progress=False)
+        assert prof.layers
+    assert calls == []
