@@ -10,7 +10,7 @@ that Adam with momentum `beta1` is stable while `lr * lambda_max(P^{-1} H) < (2 
 What:
 
 * `top_hessian_eigenvalue(loss_fn, params)`: the largest (algebraic) eigenvalue of the Hessian of a scalar loss with
-  respect to `params`, by power iteration on Hessian-vector products (double backward; the Hessian is never formed).
+  respect to `params`, by Lanczos iteration on Hessian-vector products (double backward; the Hessian is never formed).
   An optional diagonal `preconditioner` `D` gives `lambda_max(D^{-1/2} H D^{-1/2})`, which has the same eigenvalues as
   `D^{-1} H`.
 * `adam_second_moment(loss_fns, params)`: Adam's bias-corrected second-moment estimate `v_hat` after `K` gradient
@@ -60,15 +60,15 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class CurvatureResult:
-    """Outcome of a power iteration.
+    """Outcome of a Lanczos iteration on Hessian-vector products.
 
     Attributes:
         eigenvalue (`float`): the estimate of the largest algebraic eigenvalue (of `H`, or of `D^{-1/2} H D^{-1/2}`).
-        dominant_eigenvalue (`float`): the eigenvalue of largest magnitude found by the first power iteration; it
-            differs from `eigenvalue` when the most curved direction is negative (a saddle), in which case a second,
-            shifted iteration found `eigenvalue`.
-        iterations (`int`): Hessian-vector products used (both iterations together).
-        converged (`bool`): the relative change of the Rayleigh quotient fell below `tol` in every iteration run.
+        dominant_eigenvalue (`float`): the estimate of the eigenvalue of largest magnitude; it differs from
+            `eigenvalue` when the most curved direction is negative (a saddle, common at initialisation).
+        iterations (`int`): Hessian-vector products used.
+        converged (`bool`): the residual of the top estimate fell to `tol` times the eigenvalue; when `False`,
+            `eigenvalue` is a lower bound of the top eigenvalue (and `critical_lr` an upper bound).
         seconds (`float`): wall time.
         critical_lr (`float`): the learning rate at which the stability threshold is reached, `threshold /
             eigenvalue` (`inf` when `eigenvalue <= 0`): `2 / lambda_max` for gradient descent, `38 / lambda_max` for
@@ -181,38 +181,58 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 def _normalise(vs: list[torch.Tensor]) -> list[torch.Tensor]:
     norm = math.sqrt(_dot(vs, vs))
     if norm == 0.0 or not math.isfinite(norm):
-        raise ValueError(f"power iteration hit a vector of norm {norm}; the Hessian-vector product is zero or not "
+        raise ValueError(f"the iteration hit a vector of norm {norm}; the Hessian-vector product is zero or not "
                          "finite (check the loss and the preconditioner).")
     return [v / norm for v in vs]
 
 
-def _power_iteration(
+def _lanczos(
     apply: Callable[[list[torch.Tensor]], list[torch.Tensor]],
     start: list[torch.Tensor],
     *,
-    shift: float,
     num_iterations: int,
     tol: float,
-) -> tuple[float, int, bool]:
-    """Largest-magnitude eigenvalue of `A - shift I` by power iteration; returns
-    `(eigenvalue of A, steps, converged)`."""
+) -> tuple[float, float, int, bool]:
+    """Extreme eigenvalues of the symmetric operator `apply` by the Lanczos three-term recurrence from `start`.
+
+    Returns `(largest algebraic eigenvalue, eigenvalue of largest magnitude, steps, converged)`: the Ritz values of
+    the `(k, k)` tridiagonal matrix after `k` products. Converged when the residual `||A y - theta y||` of the top Ritz
+    pair, `beta_k |s_k|` (no extra product), is at most `tol |theta|`; that residual bounds the eigenvalue's error.
+    Why not power iteration: with a dominant negative eigenvalue `mu` the top one is found on `A - mu I`, whose leading
+    eigenvalues crowd together when `|mu| >> lambda_max`, so the iterate stalls and a stopping rule on its change
+    reports convergence far from `lambda_max`. Only the last two Lanczos vectors are kept (memory of three parameter
+    copies); without reorthogonalisation converged Ritz values may repeat, which leaves the extreme ones correct.
+    """
+    v_prev: list[torch.Tensor] | None = None
     v = _normalise(start)
-    estimate = math.nan
+    alphas: list[float] = []
+    betas: list[float] = []
+    top = dominant = math.nan
     for step in range(1, num_iterations + 1):
-        av = apply(v)
-        if shift:
-            av = [a - shift * x for a, x in zip(av, v)]
-        new = _dot(v, av)  # Rayleigh quotient of the shifted operator
-        if not math.isfinite(new):
+        w = apply(v)
+        alpha = _dot(v, w)
+        if not math.isfinite(alpha):
             raise ValueError("the Hessian-vector product is not finite; curvature is undefined at this point.")
-        if step > 1 and abs(new - estimate) <= tol * max(abs(new), 1e-30):
-            return new + shift, step, True
-        estimate = new
-        try:
-            v = _normalise(av)
-        except ValueError:  # A v = 0 exactly: v is an eigenvector with eigenvalue `shift` of the unshifted operator
-            return estimate + shift, step, True
-    return estimate + shift, num_iterations, False
+        w = [a - alpha * x for a, x in zip(w, v)]
+        if v_prev is not None:
+            w = [a - betas[-1] * x for a, x in zip(w, v_prev)]
+        alphas.append(alpha)
+        beta = math.sqrt(_dot(w, w))
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, vectors = torch.linalg.eigh(tri)
+        top, dominant = float(theta[-1]), float(theta[theta.abs().argmax()])
+        residual = beta * abs(float(vectors[-1, -1]))
+        scale = abs(top) if top > 0 else float(theta.abs().max())
+        if beta <= 1e-12 * max(float(theta.abs().max()), 1e-30):  # an invariant subspace: the Ritz values are exact
+            return top, dominant, step, True
+        if step > 1 and residual <= tol * scale:
+            return top, dominant, step, True
+        betas.append(beta)
+        v_prev, v = v, [a / beta for a in w]
+    return top, dominant, num_iterations, False
 
 
 def top_hessian_eigenvalue(
@@ -225,20 +245,21 @@ def top_hessian_eigenvalue(
     seed: int = 0,
     threshold: float = 2.0,
 ) -> CurvatureResult:
-    """Largest algebraic eigenvalue of the Hessian of `loss_fn()` (optionally preconditioned), by power iteration.
+    """Largest algebraic eigenvalue of the Hessian of `loss_fn()` (optionally preconditioned), by Lanczos iteration.
 
-    Power iteration finds the eigenvalue of largest magnitude `mu`. When `mu < 0` (a saddle direction dominates,
-    common at initialisation) a second power iteration on `H - mu I`, whose spectrum is shifted to be non-negative,
-    finds `lambda_max - mu`, hence `lambda_max`. With a `preconditioner` `D` (positive, one tensor per parameter) the
-    operator is `D^{-1/2} H D^{-1/2}`, symmetric with the eigenvalues of `D^{-1} H`.
+    The Krylov space of `num_iterations` Hessian-vector products holds both ends of the spectrum, so the top
+    eigenvalue is found directly, also when a larger negative eigenvalue dominates (a saddle, common at
+    initialisation; `CurvatureResult.dominant_eigenvalue` gives it). With a `preconditioner` `D` (positive, one tensor
+    per parameter) the operator is `D^{-1/2} H D^{-1/2}`, symmetric with the eigenvalues of `D^{-1} H`.
 
     Args:
         loss_fn: closure returning a scalar loss that depends on `params`; called once per Hessian-vector product
             (it must be deterministic: same batch, no dropout).
         params: trainable tensors, shapes `(p_i...)`.
         preconditioner: optional positive tensors of the same shapes, e.g. `sqrt(v_hat) + eps` for Adam.
-        num_iterations (`int`, defaults to 20): Hessian-vector products per power iteration.
-        tol (`float`, defaults to 1e-3): stop when the Rayleigh quotient changes by less than `tol` (relative).
+        num_iterations (`int`, defaults to 20): the most Hessian-vector products (Lanczos steps).
+        tol (`float`, defaults to 1e-3): stop when the top estimate's residual `||H y - lambda y||` is at most
+            `tol * |lambda|` (the residual bounds the error of `lambda`).
         seed (`int`, defaults to 0): seed of the random start vector.
         threshold (`float`, defaults to 2): stability constant for `critical_lr = threshold / eigenvalue`.
 
@@ -272,16 +293,10 @@ def top_hessian_eigenvalue(
     start_time = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     start = [torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) for p in params]
-    mu, steps, converged = _power_iteration(apply, start, shift=0.0, num_iterations=num_iterations, tol=tol)
-    eigenvalue = mu
-    if mu < 0:
-        start = [torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) for p in params]
-        eigenvalue, more, conv2 = _power_iteration(apply, start, shift=mu, num_iterations=num_iterations, tol=tol)
-        steps += more
-        converged = converged and conv2
+    eigenvalue, mu, steps, converged = _lanczos(apply, start, num_iterations=num_iterations, tol=tol)
     if not converged:
-        logger.warning("power iteration did not converge in %d steps (tol %g); the eigenvalue is an estimate",
-                       num_iterations, tol)
+        logger.warning("Lanczos did not converge in %d Hessian-vector products (tol %g); the eigenvalue is an "
+                       "estimate (a lower bound of the top eigenvalue)", num_iterations, tol)
     return CurvatureResult(
         eigenvalue=float(eigenvalue),
         dominant_eigenvalue=float(mu),
@@ -370,7 +385,7 @@ def sharpness(
     Args:
         model: a module whose forward returns `.loss` for `batch` (e.g. a `transformers` causal LM with `labels`).
         batch: model inputs with `labels`, e.g. `input_ids` and `labels` `(B, T)`.
-        num_iterations: Hessian-vector products per power iteration (see `top_hessian_eigenvalue`).
+        num_iterations: the most Hessian-vector products (see `top_hessian_eigenvalue`).
         tol: relative tolerance on the Rayleigh quotient.
         seed: seed of the random start vector.
 
@@ -410,7 +425,7 @@ def adam_preconditioned_sharpness(
         beta1: Adam's momentum (sets the threshold `(2 + 2 beta1) / (1 - beta1)`).
         beta2: Adam's second-moment decay.
         eps: Adam's epsilon, added to `sqrt(v_hat)`.
-        num_iterations: Hessian-vector products per power iteration (see `top_hessian_eigenvalue`).
+        num_iterations: the most Hessian-vector products (see `top_hessian_eigenvalue`).
         tol: relative tolerance on the Rayleigh quotient.
         seed: seed of the random start vector.
 

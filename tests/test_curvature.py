@@ -1,4 +1,4 @@
-"""`hf_koopman.curvature`: power iteration against known spectra, the Adam preconditioner, a tiny transformers model."""
+"""`hf_koopman.curvature`: Lanczos against known spectra, the Adam preconditioner, a tiny transformers model."""
 
 from __future__ import annotations
 
@@ -190,3 +190,31 @@ def test_tiny_transformers_model_adam_sharpness():
     # preconditioning by sqrt(v_hat) (gradients ~1e-2) must raise the curvature above the plain Hessian's
     plain = sharpness(model, batches[0], num_iterations=30)
     assert res.eigenvalue > plain.eigenvalue
+
+
+def test_a_dominant_saddle_far_larger_than_the_top_eigenvalue_does_not_stall_the_estimate():
+    """|mu| = 1000 against lambda_max = 1 and 198 eigenvalues in [0, 0.5]: a shifted power iteration stalls near the
+    spectrum's average and stops on its small change; at the default settings the estimate is the top eigenvalue."""
+    gen = torch.Generator().manual_seed(0)
+    d = torch.cat([torch.tensor([-1000.0, 1.0]), torch.rand(198, generator=gen) * 0.5]).double()
+    x = nn.Parameter(torch.randn(200, generator=gen, dtype=torch.float64))
+    res = top_hessian_eigenvalue(lambda: 0.5 * (d * x * x).sum(), [x])
+    assert res.converged and res.eigenvalue == pytest.approx(1.0, rel=1e-3)
+    assert res.dominant_eigenvalue == pytest.approx(-1000.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_converged_estimate_is_within_its_tolerance(seed):
+    """`converged` is a promise: on random spectra with a saddle up to 1000x the top eigenvalue, every estimate that
+    says it converged is within `tol` of the top eigenvalue, and every estimate is at most the top eigenvalue."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 120
+    top = float(torch.rand(1, generator=gen)) * 10 + 0.1
+    eig = torch.cat([torch.tensor([-top * 10 ** (3 * float(torch.rand(1, generator=gen)))]),
+                     torch.tensor([top]), torch.rand(n - 2, generator=gen) * top * 0.9]).tolist()
+    model = Quadratic(_symmetric(eig, seed=seed))
+    for tol in (1e-2, 1e-3):
+        res = top_hessian_eigenvalue(lambda: model()["loss"], [model.x], tol=tol)
+        assert res.eigenvalue <= top * (1 + 1e-9)
+        if res.converged:
+            assert res.eigenvalue == pytest.approx(top, rel=tol)

@@ -265,13 +265,12 @@ def init_features(model: torch.nn.Module, spec: ModelSpec, data: dict[str, torch
     * `init_loss`: the loss on the probe batch (the first 32 training sequences);
     * spectrum: `hf_koopman.profile(model, probe input_ids)` (default recipe, N = 2048 token states) aggregates
       (`<feature>_<mean|max|min|std>`), `verdict`, `spectrum_seconds`; `spectrum_error` if it failed;
-    * curvature (`hf_koopman.curvature`): `hessian_top_eig` (power iteration, <= 20 Hessian-vector products per
-      iteration, on the probe batch), `gd_critical_lr = 2 / hessian_top_eig`; `adam_sharpness` =
+    * curvature (`hf_koopman.curvature`, `curvature_features`): `hessian_top_eig` (Lanczos, <= 20 Hessian-vector
+      products, on the probe batch), `gd_critical_lr = 2 / hessian_top_eig`; `adam_sharpness` =
       lambda_max(P^-1 H) with P from 8 optimizer-free gradient evaluations on the first 8 training mini-batches of 16
       (the first two are the probe batch), `adam_critical_lr = 38 / adam_sharpness`; their `*_seconds`;
       `curvature_error` if it failed.
     """
-    from hf_koopman.curvature import adam_preconditioned_sharpness, sharpness
     from hf_koopman.profiling import profile
 
     out: dict[str, Any] = {
@@ -301,6 +300,17 @@ def init_features(model: torch.nn.Module, spec: ModelSpec, data: dict[str, torch
         out["spectrum_error"] = f"{type(err).__name__}: {err}"[:300]
     out["spectrum_seconds"] = time.perf_counter() - t0
 
+    out.update(curvature_features(model, spec, data))
+    return out
+
+
+def curvature_features(model: torch.nn.Module, spec: ModelSpec, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The curvature part of `init_features`: `CURVATURE_KEYS`, `hessian_seconds`, `adam_seconds`,
+    `curvature_error`."""
+    from hf_koopman.curvature import adam_preconditioned_sharpness, sharpness
+
+    out: dict[str, Any] = {}
+    probe = {k: v[:PROBE_SEQUENCES] for k, v in data.items()}
     batches = [{k: v[i * BATCH_SIZE : (i + 1) * BATCH_SIZE] for k, v in data.items()} for i in range(ADAM_BATCHES)]
     errors = []
     out.update(dict.fromkeys(CURVATURE_KEYS))
@@ -578,6 +588,81 @@ def normalise_rows(path: str | Path) -> int:
                    encoding="utf-8")
     tmp.replace(path)
     return len(lines)
+
+
+def _spec_of(row: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(row["family"], row["norm"], int(row["num_layers"]), int(row["hidden_size"]),
+                     float(row["init_std"]), row["task"], int(row["seed"]))
+
+
+REFRESH_NAME = "curvature_refresh.jsonl"
+
+
+def refresh_curvature(out_dir: str | Path, *, data_dir: str | None = None, shard: tuple[int, int] = (0, 1),
+                      progress: bool = True) -> int:
+    """Recompute the curvature features of every model init in `out_dir/features.jsonl` with the current
+    `hf_koopman.curvature` (the same init, probe batch and mini-batches; no training), appending one row per init to
+    `out_dir/curvature_refresh.jsonl`: `model_id`, the new values, and the old ones as `old_<key>`. Resumable;
+    `shard=(i, n)` takes every n-th init from the i-th. Returns the number of rows written."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    path = out_dir / REFRESH_NAME
+    _repair_tail(path)
+    done = {r["model_id"] for r in read_jsonl(path)}
+    rows = [r for i, r in enumerate(read_jsonl(out_dir / "features.jsonl")) if i % shard[1] == shard[0]]
+    todo = [r for r in rows if r["model_id"] not in done]
+    commit, written = code_commit(), 0
+    for row in tqdm(todo, desc="curvature refresh", disable=not progress):
+        spec = _spec_of(row)
+        t0 = time.perf_counter()
+        new = curvature_features(build_model(spec), spec, task_data(spec.task, spec.seed, data_dir=data_dir))
+        keep = (*CURVATURE_KEYS, "hessian_seconds", "adam_seconds", "curvature_error")
+        record = {"model_id": row["model_id"], **new, **{f"old_{k}": row.get(k) for k in keep},
+                  "refresh_seconds": time.perf_counter() - t0, "curvature_code_commit": commit}
+        _append(path, _clean_row(record))
+        written += 1
+    return written
+
+
+def merge_curvature_refresh(out_dir: str | Path) -> int:
+    """Write the refreshed curvature values into `features.jsonl` and into every row of `runs.jsonl` that copies its
+    init's features (`curvature_code_commit` records the code that computed them). Refuses unless every init has a
+    refreshed row. Returns the number of run rows updated."""
+    out_dir = Path(out_dir)
+    refreshed = {r["model_id"]: r for r in read_jsonl(out_dir / REFRESH_NAME)}
+    features = read_jsonl(out_dir / "features.jsonl")
+    missing = [r["model_id"] for r in features if r["model_id"] not in refreshed]
+    if missing:
+        raise ValueError(f"{len(missing)} inits have no refreshed curvature yet (e.g. {missing[0]}); run "
+                         "--refresh-curvature to the end first.")
+    keys = (*CURVATURE_KEYS, "hessian_seconds", "adam_seconds", "curvature_error", "curvature_code_commit")
+
+    def update(path: Path) -> int:
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        count = 0
+        for row in lines:
+            new = refreshed.get(row.get("model_id"))
+            if new is None:
+                continue
+            # the row's own non-finite list, without the entries of the keys replaced here
+            nonfinite = [item for item in filter(None, str(row.get("nonfinite", "")).split(";"))
+                         if item.partition("=")[0] not in keys]
+            for k in keys:
+                v = new.get(k)
+                if isinstance(v, float) and not math.isfinite(v):
+                    nonfinite.append(f"{k}={v}")
+                    v = None
+                row[k] = v
+            row["nonfinite"] = ";".join(nonfinite)
+            count += 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in lines), encoding="utf-8")
+        tmp.replace(path)
+        return count
+
+    update(out_dir / "features.jsonl")
+    return update(out_dir / "runs.jsonl")
 
 
 def spec_dict(run: StudyRun) -> dict[str, Any]:

@@ -12,6 +12,11 @@
     python -m research.scripts.heldout_risk --out results/heldout_risk --report
     # the seconds-long grid of the smoke test
     python -m research.scripts.heldout_risk --grid smoke --out /tmp/heldout_smoke
+    # the curvature features recomputed with the current estimator (no training; two processes share the inits),
+    # then written into features.jsonl and runs.jsonl, then the report again
+    nice -n 19 env OMP_NUM_THREADS=1 python -m research.scripts.heldout_risk --refresh-curvature --shard 0/2 &
+    nice -n 19 env OMP_NUM_THREADS=1 python -m research.scripts.heldout_risk --refresh-curvature --shard 1/2
+    python -m research.scripts.heldout_risk --merge-curvature && python -m research.scripts.heldout_risk --report
     # per-step timing of every variant x shape (no labels are read): the budget measurement of PURPOSE.md
     python -m research.scripts.heldout_risk --timing --out /tmp/heldout_timing
 
@@ -170,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th model init from the I-th")
+    parser.add_argument("--refresh-curvature", action="store_true",
+                        help="recompute every init's curvature features with the current hf_koopman.curvature "
+                             "(no training) into OUT/curvature_refresh.jsonl; resumable, --shard applies")
+    parser.add_argument("--merge-curvature", action="store_true",
+                        help="write OUT/curvature_refresh.jsonl into features.jsonl and runs.jsonl (all inits done)")
     args = parser.parse_args(argv)
     index, _, count = args.shard.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -191,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report:
         _report(args.out, args.bootstrap)
+        return 0
+    if args.refresh_curvature:
+        from research.experiments.heldout_risk import refresh_curvature
+
+        refresh_curvature(args.out, data_dir=args.data_dir, shard=shard, progress=not args.no_progress)
+        return 0
+    if args.merge_curvature:
+        from research.experiments.heldout_risk import merge_curvature_refresh
+
+        print(f"updated {merge_curvature_refresh(args.out)} run rows")
         return 0
     runs = smoke_grid() if args.grid == "smoke" else study_grid()
     if args.status:

@@ -428,7 +428,9 @@ def _check_inputs(
                 and not bool(((node_mask == 0) | (node_mask == 1)).all())):
             raise ValueError("node_mask marks real nodes (1 / True) and padding (0 / False); it holds other values "
                              "(e.g. 0.5 or 2): pass a boolean mask, e.g. node_mask > 0.5.")
-    if _can_read_values(graph_tensor):  # padding may hold anything: only entries between real nodes are read
+    # padding may hold anything: only entries between real nodes are read (the mask-aware test runs only when the
+    # cheap one finds a non-finite entry)
+    if _can_read_values(graph_tensor) and not bool(torch.isfinite(graph_tensor).all()):
         finite = torch.isfinite(graph_tensor)
         if node_mask is not None:
             real = node_mask.bool()

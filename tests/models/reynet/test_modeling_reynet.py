@@ -429,6 +429,7 @@ def test_non_finite_features_between_real_nodes_are_refused_and_padding_may_hold
         model(bad, node_mask=mask)
     padded = X.clone()
     padded[1, :, 3:, :] = float("inf")  # rows of padding nodes
+    padded[1, :, :, 3:] = float("nan")  # and their columns, also where they meet a real node's row
     torch.testing.assert_close(model(padded, node_mask=mask).logits, model(X, node_mask=mask).logits)
 
 
