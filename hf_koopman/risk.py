@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -104,8 +105,12 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         if self.transform not in _TRANSFORMS and not self.transform.startswith("onehot:"):
             raise ValueError(f"transform={self.transform!r} must be one of {_TRANSFORMS} or 'onehot:<value>'.")
-        if not self.std > 0:
-            raise ValueError(f"std={self.std} of feature {self.key!r} must be > 0.")
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"feature {self.key!r} needs a finite mean and a finite std > 0; got mean={self.mean}, "
+                             f"std={self.std}.")
+        if math.isnan(self.low) or math.isnan(self.high) or not self.low <= self.high:
+            raise ValueError(f"feature {self.key!r} needs a clip range low <= high (infinite ends allowed); got "
+                             f"[{self.low}, {self.high}].")
 
     @property
     def name(self) -> str:
@@ -135,6 +140,17 @@ class FeatureSpec:
     def raw_bound(self, x: float) -> float:
         """The raw value whose transform is `x` (identity and log10 features), used to read version-1 clip ranges."""
         return 10.0**x if self.transform == "log10" else x
+
+
+def _json_number(v: Any, name: str, *, ends: bool = False) -> float:
+    """A number field of an estimator JSON: a JSON number (not a boolean, not a numeric string), or for a clip range
+    end (`ends`) also the strings "inf" / "-inf" that `_num` writes."""
+    if ends and v in ("inf", "-inf"):
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"risk-estimator JSON: {name} must be a number, got {v!r}; the file is corrupted or was not "
+                         "written by save_json.")
+    return float(v)
 
 
 def _num(v: float) -> float | str:
@@ -527,6 +543,10 @@ class RiskEstimator:
             if cov.shape != (size, size) or not np.all(np.isfinite(cov)) or not np.allclose(cov, cov.T, atol=1e-10):
                 raise ValueError(f"coef_cov must be a finite symmetric ({size}, {size}) matrix over "
                                  f"(intercept, *coef); got shape {cov.shape}.")
+            lowest = float(np.linalg.eigvalsh(cov)[0])
+            if lowest < -1e-9 * max(float(np.abs(cov).max()), 1e-300):  # a covariance has no negative variance
+                raise ValueError(f"coef_cov must be positive semi-definite (a covariance); its smallest eigenvalue is "
+                                 f"{lowest:.3g}.")
         if self.bootstrap_coefs is not None:
             boot = np.asarray(self.bootstrap_coefs, dtype=np.float64)
             if boot.ndim != 2 or boot.shape[1] != size or not np.all(np.isfinite(boot)):
@@ -976,10 +996,11 @@ class RiskEstimator:
             feats = []
             for f in data["features"]:
                 low, high = f.get("clip", ["-inf", "inf"])
-                feats.append(FeatureSpec(f["key"], f["transform"], float(f["mean"]), float(f["std"]), float(low),
-                                         float(high)))
-            coef = [float(f["coef"]) for f in data["features"]]
-            intercept = float(data["intercept"])
+                feats.append(FeatureSpec(f["key"], f["transform"], _json_number(f["mean"], "mean"),
+                                         _json_number(f["std"], "std"), _json_number(low, "clip", ends=True),
+                                         _json_number(high, "clip", ends=True)))
+            coef = [_json_number(f["coef"], "coef") for f in data["features"]]
+            intercept = _json_number(data["intercept"], "intercept")
         except KeyError as err:
             raise ValueError(
                 f"risk-estimator JSON (version 2) lacks the field {err}; the file is incomplete."
@@ -1049,8 +1070,9 @@ class RiskEstimator:
     @classmethod
     def default(cls) -> RiskEstimator:
         """The estimator shipped with the package (`hf_koopman/data/risk_estimator.json`, fitted by
-        `research/scripts/fit_risk.py`; `metadata` names the runs)."""
-        return _load_default()
+        `research/scripts/fit_risk.py`; `metadata` names the runs). Each call returns its own copy (read once), so
+        changing one never changes another."""
+        return copy.deepcopy(_load_default())
 
     def training_summary(self) -> str:
         """One line on what the training runs covered (the recorded ranges and families)."""

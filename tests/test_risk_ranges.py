@@ -277,6 +277,15 @@ def test_a_value_just_past_a_bound_prints_differently_from_it():
     assert "[0.001, 4.1]" in RangeIssue("learning_rate", 50.0, 0.001, 4.096, excess=1.1, log_scale=True).describe()
 
 
+def test_the_shipped_estimator_is_a_fresh_copy_each_time():
+    from hf_koopman.risk import RiskEstimator
+
+    first = RiskEstimator.default()
+    first.coef[0] = -5.0  # a user's experiment on their copy
+    again = RiskEstimator.default()
+    assert again.coef[0] != -5.0 and again.is_shipped
+
+
 def test_a_hand_edited_estimator_file_names_the_file_and_what_is_wrong(tmp_path):
     import json
     from importlib import resources
@@ -285,7 +294,17 @@ def test_a_hand_edited_estimator_file_names_the_file_and_what_is_wrong(tmp_path)
 
     base = json.loads((resources.files("hf_koopman") / "data" / "risk_estimator.json").read_text())
     edits = {
-        "coef": (lambda d: d["features"][0].__setitem__("coef", None), r"TypeError: float\(\) argument"),
+        "coef": (lambda d: d["features"][0].__setitem__("coef", None), r"coef must be a number, got None"),
+        "coef_string": (lambda d: d["features"][0].__setitem__("coef", "1e0"), r"coef must be a number, got '1e0'"),
+        "coef_bool": (lambda d: d["features"][0].__setitem__("coef", True), r"coef must be a number, got True"),
+        "nan_mean": (lambda d: d["features"][0].__setitem__("mean", float("nan")), r"needs a finite mean"),
+        "inf_mean": (lambda d: d["features"][0].__setitem__("mean", float("inf")), r"needs a finite mean"),
+        "reversed_clip": (lambda d: d["features"][0].__setitem__("clip", [5, -5]), r"needs a clip range low <= high"),
+        "nan_clip": (lambda d: d["features"][0].__setitem__("clip", [float("nan"), float("nan")]),
+                     r"needs a clip range low <= high"),
+        "negative_covariance": (lambda d: d["coef_covariance"].__setitem__(
+            "matrix", [[-abs(v) if i == j else 0.0 for j, v in enumerate(r)] for i, r in enumerate(d["coef_covariance"]["matrix"])]),
+            r"coef_cov must be positive semi-definite"),
         "inputs": (lambda d: d["training_ranges"].__setitem__("inputs", [1]), "TypeError"),
         "inverted": (lambda d: d["training_ranges"]["inputs"]["learning_rate"].update(min=4.0, max=0.001),
                      r"training_ranges.inputs\['learning_rate'\] has min 4.0 above max 0.001"),
