@@ -62,6 +62,7 @@ __all__ = [
     "recommendation",
     "score_band",
     "DecisionRule", "VERDICTS", "VERDICT_LEVELS", "LOW_PRECISION_DTYPES", "low_precision_dtype", "precision_caveat",
+    "optimizer_family",
 ]
 
 logger = get_logger(__name__)
@@ -181,6 +182,13 @@ def _warn_once(message: str) -> None:
 def _part(profile: Any, name: str, default: Any = None) -> Any:
     """`profile.<name>` of a `SpectralProfile`, or `profile[name]` of its `to_dict()` / profile.json form."""
     return profile.get(name, default) if isinstance(profile, Mapping) else getattr(profile, name, default)
+
+
+def optimizer_family(name: Any) -> str:
+    """The optimizer a risk estimator's range reads: `"adamw"` for every AdamW implementation `TrainingArguments.optim`
+    names (`adamw_torch`, `adamw_torch_fused`, `adamw_8bit`, ...), else the name itself (`sgd`, `adafactor`, ...)."""
+    name = str(getattr(name, "value", name)).lower()
+    return "adamw" if name.startswith("adamw") else name
 
 
 def _model_context(profile: Any) -> dict[str, Any]:
@@ -673,6 +681,9 @@ class RiskEstimator:
         weights = values.get("weights")  # meta["weights"], or the context's
         if weights is not None and weights != "init":  # the training runs were profiled at initialisation
             outside.append(RangeIssue("weights", weights, seen=("init",)))
+        optimizer, seen = values.get("optimizer"), ranges.get("optimizer")  # checked where both are known
+        if optimizer is not None and seen is not None and optimizer_family(optimizer) not in seen.get("values", ()):
+            outside.append(RangeIssue("optimizer", optimizer, seen=tuple(seen.get("values", ()))))
         elif weights is None and isinstance(_part(profile, "meta"), Mapping):
             unknown.append(_WEIGHTS_UNKNOWN)  # a profile that cannot say whether it is of an initialisation
         if self._reads_uninformative_spectrum(profile):

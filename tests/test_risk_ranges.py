@@ -104,6 +104,25 @@ def test_model_outside_the_training_runs_is_flagged(fitted):
     assert [i.key for i in feature.outside] == ["near_unit_mass_mean"]
 
 
+def test_an_optimizer_the_runs_did_not_train_with_is_outside():
+    """Recorded as a range (`fit(range_keys=...)`), the optimizer is checked where a profile or the context names it:
+    every AdamW implementation is the runs' optimizer, SGD is outside; a profile that names none is not flagged."""
+    from hf_koopman.risk import MODEL_KEYS, optimizer_family
+
+    rows, y = _rows()
+    rows = [dict(r, optimizer="adamw") for r in rows]
+    est = RiskEstimator.fit(rows, y, [("learning_rate", "log10"), "near_unit_mass_mean"], l2=0.1,
+                            range_keys=(*MODEL_KEYS, "optimizer"))
+    inside = {"near_unit_mass_mean": 0.5, "model_type": "gpt2", "hidden_size": 32, "num_layers": 2}
+    assert est.training_ranges["inputs"]["optimizer"] == {"values": ["adamw"]}
+    assert not est.assess(inside, 1e-2).out_of_range
+    assert not est.assess(inside, 1e-2, optimizer="adamw_torch_fused").out_of_range
+    sgd = est.assess(inside, 1e-2, optimizer="sgd")
+    assert sgd.out_of_range and [i.key for i in sgd.outside] == ["optimizer"]
+    assert "optimizer = 'sgd' (fitted on adamw)" in sgd.describe()
+    assert optimizer_family("adamw_8bit") == "adamw" and optimizer_family("adafactor") == "adafactor"
+
+
 def test_missing_ranges_say_unknown_not_in_range(fitted):
     est, _ = fitted
     not_given = est.assess({"near_unit_mass_mean": 0.5}, learning_rate=1e-2)  # no model type / width / depth given

@@ -8,8 +8,8 @@ a per-block seed (a hash of `seed` and the block index), or loaded from the safe
 forward (which computes masks, rotary embeddings and any other per-block inputs generically), recorded by the shared
 `ResidualStreamRecorder` and freed again by a forward hook. The forward is stopped when it reaches an untied output
 embedding (the LM head), which is never built; a model without one runs to its end. Blocks the forward calls more than
-once (ALBERT's shared layer) are recorded at each call, as `profile` records them. The snapshots then go through the same
-analysis as `profile` (`profile_from_snapshots`).
+once (ALBERT's shared layer) are recorded at each call, as `profile` records them. The snapshots then go through the
+same analysis as `profile` (`profile_from_snapshots`).
 
 Peak memory is roughly: non-block modules + one block + activations of one block + the recorded snapshots
 (2 x L x N x d floats).
@@ -164,8 +164,9 @@ def _build_skeleton(config: PretrainedConfig) -> nn.Module:
 
     The class is the checkpoint's own (`config.architectures`) when transformers has it, so parameter names match the
     saved keys; else the causal-LM head class, else the base model. An untied head is never built (the forward
-    stops before it: `_output_head`). Tied parameters are tied as in `from_config` (`init_empty_weights` skips the tying), so
-    that a streamed init shares T5's `shared` embedding with its encoder and decoder as the ordinary model does."""
+    stops before it: `_output_head`). Tied parameters are tied as in `from_config` (`init_empty_weights` skips the
+    tying), so that a streamed init shares T5's `shared` embedding with its encoder and decoder as the ordinary model
+    does."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM

@@ -126,8 +126,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the estimator's fitted
       range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With
       a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
-      `rksp/risk_out_of_range` (1 when the model or learning rate lies outside the estimator's training runs, 0 inside,
-      -1 ranges unknown), and a warning says "outside the fitted range: ..." naming what lies outside.
+      `rksp/risk_out_of_range` (1 when the model, the learning rate or the optimizer (`args.optim`) lies outside the
+      estimator's training runs, 0 inside, -1 ranges unknown), and a warning says "outside the fitted range: ..."
+      naming what lies outside. The shipped estimator's runs trained with AdamW, a 20-step warmup to a constant
+      learning rate and no gradient clipping, for 150 steps: its probability is for that regime at the run's peak
+      learning rate (clipping and a longer warmup make a run safer than it says).
       `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on
       when RKSP flags high risk"): in the paper's own No-Norm regime KSS did not lower divergence
       (`results/kss_v2.md`), so a high-risk verdict never switches KSS on. A warning says whether KSS is on (because
@@ -835,6 +838,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
         spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
                                              progress=state.is_local_process_zero and not args.disable_tqdm)
+        spectral_profile.meta["optimizer"] = _optimizer_name(args)  # a range the risk estimator checks
         self.profile = spectral_profile
         self._profiled_model = weakref.ref(model)
         self.init_verdict = spectral_profile.verdict
@@ -924,10 +928,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             try:
                 with _replica_quiet(state):
                     batch = self._probe_batch(model, kwargs.get("train_dataloader"))
-                    # the learning rate the run trains at now (after any back-off)
+                    # the run's peak learning rate after any back-off (the estimator's input is the peak of a run
+                    # with warmup, not the scheduled rate of this step)
                     spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
                                                          args.learning_rate * self.lr_scale,
                                                          setting="monitor_num_samples")
+                    spectral_profile.meta["optimizer"] = _optimizer_name(args)
             except ValueError as err:  # e.g. non-finite activations: the guard handles divergence
                 logger.warning("RKSP monitoring at step %d failed: %s", state.global_step, err)
                 return
@@ -936,6 +942,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             self._log(args, state, self._scalars(spectral_profile))
 
 
+
+
+def _optimizer_name(args: Any) -> str:
+    """`TrainingArguments.optim` as a string (`"adamw_torch"`, `"sgd"`, ...), for the risk estimator's range check."""
+    optim = getattr(args, "optim", "adamw_torch")
+    return str(getattr(optim, "value", optim))
 
 
 # `__new__` checks the keywords: introspection (help(), docs, IDEs) still reads the arguments of `__init__`

@@ -160,7 +160,7 @@ def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_boots
     artefact is fitted on all families, and those numbers say how such a fit did on a family it had not seen."""
     import math
 
-    from hf_koopman.risk import RiskEstimator
+    from hf_koopman.risk import MODEL_KEYS as RANGE_KEYS, RiskEstimator
     from research.experiments.heldout_analysis import INIT_TIME
     from research.experiments.heldout_risk import HORIZON, WARMUP, read_jsonl
 
@@ -170,7 +170,8 @@ def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_boots
     def usable(row: dict) -> bool:
         return all(isinstance(row.get(k), (int, float)) and not math.isnan(row[k]) for k in keys)
 
-    kept = [dict(r, model_type=FAMILY_MODEL_TYPE[r["family"]]) for r in rows if usable(r)]
+    # every run of the study trained with AdamW: recorded, so a run with another optimizer reads as outside
+    kept = [dict(r, model_type=FAMILY_MODEL_TYPE[r["family"]], optimizer="adamw") for r in rows if usable(r)]
     if not kept:
         raise SystemExit(f"no usable rows in {runs}; run `python -m research.scripts.heldout_risk` first.")
     study = json.loads(report.read_text(encoding="utf-8"))
@@ -179,7 +180,7 @@ def fit_heldout(runs: Path, report: Path, out: Path, *, l2: float = 1.0, n_boots
     families = sorted({r["family"] for r in kept})
     est = RiskEstimator.fit(
         kept, [int(bool(r["diverged"])) for r in kept], list(PRODUCT_FEATURES), l2=l2, families=families,
-        n_bootstrap=n_bootstrap,
+        n_bootstrap=n_bootstrap, range_keys=(*RANGE_KEYS, "optimizer"),
     )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip()
