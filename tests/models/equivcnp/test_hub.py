@@ -147,21 +147,22 @@ def _task(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return context_x, torch.rand(1, 40, 1, generator=gen), pixels
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.02), (torch.bfloat16, 0.08)], ids=str)
-@pytest.mark.parametrize("name", ["equivcnp-gp-rbf", "convcnp-gp-rbf", "cnp-gp-rbf", "equivcnp-image-so2",
-                                  "equivcnp-image-se2", "equivcnp-image-t2"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.01), (torch.bfloat16, 0.05)], ids=str)
+@pytest.mark.parametrize("name", [p.name for p in CNP_CHECKPOINTS])
 def test_half_precision_checkpoints_predict_what_float32_predicts(name, dtype, tolerance):
-    """Half-precision weights give float32's prediction to within their rounding: coordinates, neighbourhoods and
-    the encoder's density ratio run in float32 (in float16 the ratio of two underflowing sums is noise, and
-    bfloat16 resolves a coordinate of 4 only to the grid's spacing)."""
+    """Half-precision weights give float32's prediction on the same (rounded) inputs to within their rounding:
+    coordinates, neighbourhoods and the encoder's density ratio run in float32 (in float16 the ratio of two
+    underflowing sums is noise, and bfloat16 resolves a coordinate of 4 only to the grid's spacing). Measured over the
+    shipped checkpoints: at most 0.005 (float16) and 0.037 (bfloat16); against float32 on the unrounded inputs, whose
+    rounding the model cannot undo, 0.011 and 0.11 (docs/guides/models.md)."""
     from transformers import AutoModel
 
-    context_x, context_y, target_x = _task(name)
+    context_x, context_y, target_x = (t.to(dtype) for t in _task(name))
     reference = AutoModel.from_pretrained(REPO / "checkpoints" / name).eval()
     model = AutoModel.from_pretrained(REPO / "checkpoints" / name, dtype=dtype).eval()
     with torch.no_grad():
-        want = reference(context_x, context_y, target_x)
-        out = model(context_x.to(dtype), context_y.to(dtype), target_x.to(dtype))
+        want = reference(context_x.float(), context_y.float(), target_x.float())
+        out = model(context_x, context_y, target_x)
     assert out.mean.dtype == dtype and out.stddev.dtype == dtype
     assert torch.isfinite(out.mean).all() and torch.isfinite(out.stddev).all()
     assert (out.mean.float() - want.mean).abs().max() < tolerance
