@@ -708,7 +708,8 @@ def _refit_sentence(eval_path: Path) -> str | None:
             f"{_f(spec['auroc_ci'][1])}], ECE {_f(spec['ece'])}, Brier {_f(spec['brier'])}.\n")
 
 
-def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: list | None) -> dict[str, Any]:
+def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: list | None,
+                 extras_commit: str | None = None) -> dict[str, Any]:
     pred = [r for r in read_rows(root / "sweep_prediction" / "runs.jsonl") if "near_unit_mass_mean" in r]
     prev = read_rows(root / "sweep_prevention" / "runs.jsonl")
     maxlr = read_rows(root / "sweep_max_lr" / "runs.jsonl")
@@ -986,7 +987,7 @@ def build_report(root: Path, *, quick: bool, timings: dict[str, float], extras: 
     if extras:
         w("## 6. Other architectures: init spectra (paper Tables 11, 16, 17, forward-only part)\n")
         w("Synthetic-LM probe (32 × 64 tokens, vocab 512), N = 2048, the default recipe (full spectrum of the whitened DMD "
-          "operator), layer means.\n")
+          "operator), layer means" + (f"; profiled at commit {extras_commit}" if extras_commit else "") + ".\n")
         w("| Model | M≈1 | M<1 | M>1 | ρ max | η_nl | verdict |")
         w("|---|---|---|---|---|---|---|")
         for e in extras:
@@ -1020,8 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-extras", action="store_true",
-                   help="skip the extras that re-profile architectures and re-time the KSS overhead (minutes, and "
-                        "load-dependent): the report is then rebuilt from the sweeps alone")
+                   help="reuse the architecture profiles and the side-by-side KSS overhead of the last full run "
+                        "(from summary.json, with the commit that measured them) instead of re-measuring them "
+                        "(minutes, and load-dependent)")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--refit-estimator", action="store_true",
                    help="full mode: refit the sweep's estimator results/sweep_prediction/risk_estimator.json (and "
@@ -1049,9 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SystemExit) as err:
             logging.warning("risk estimator not fitted: %s", err)
     previous = json.loads((root / "summary.json").read_text()) if (root / "summary.json").exists() else {}
-    # --no-extras keeps the extras of the last full run, so the report it rebuilds is the full one
+    # --no-extras keeps the extras of the last full run, so the report it rebuilds is the full one; the commit that
+    # measured them stays recorded (extras_git_commit) and the report names it
+    extras_commit = (previous.get("extras_git_commit") or previous.get("environment", {}).get("git_commit")
+                     if args.no_extras else None)
     extras = previous.get("architecture_profiles") if args.no_extras else architecture_profiles()
-    out = build_report(root, quick=args.quick, timings=timings, extras=extras)
+    out = build_report(root, quick=args.quick, timings=timings, extras=extras, extras_commit=extras_commit)
     oh = previous.get("kss_overhead_side_by_side") if args.no_extras else None
     if not args.no_extras:
         oh = kss_overhead(steps=20 if args.quick else 40, reps=2 if args.quick else 3)
@@ -1066,7 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
             f"`kss_grad_cap` = {KSSConfig().grad_cap!r}, No-Norm d=32 "
             f"L=4, {oh['steps']} steps × {oh['reps']} repetitions, medians): {1000 * oh['control_s_per_step']:.1f} ms vs "
             f"{1000 * oh['kss_s_per_step']:.1f} ms per step, overhead {100 * oh['overhead']:.1f}% (paper: 10.8%); 1-minute "
-            f"load average {load:.1f} when it started (2 cores; above ~1 the ratio is noisy).\n"
+            f"load average {load:.1f} when it started (2 cores; above ~1 the ratio is noisy)"
+            + (f"; measured at commit {extras_commit}" if extras_commit else "") + ".\n"
         )
     if not args.quick:  # the headline divergence rates come from the KSS v2 experiment (issue #23) once it has run
         from research.experiments.kss_v2 import merge_summary, summary_from_results
@@ -1074,6 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         out["summary"] = merge_summary(out["summary"], summary_from_results(root))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     out["summary"]["environment"] = {"python": platform.python_version(), "machine": platform.machine(), "git_commit": commit}
+    out["summary"]["extras_git_commit"] = extras_commit or commit  # the commit that measured the extras
     if previous:  # keys written by other studies' scripts (heldout_risk, kss_v2) stay
         out["summary"] = {**{k: v for k, v in previous.items() if k not in out["summary"]}, **out["summary"]}
     (root / "summary.json").write_text(json.dumps(out["summary"], indent=2, default=float) + "\n")
