@@ -214,7 +214,14 @@ def suggest_max_lr(
     name = getattr(prof, "model_name", None)
     # profiles of checkpoints say so (`hf-koopman profile` / `max-lr` record meta["weights"] = "pretrained", and
     # profile() when the normalisation layers show trained weights)
-    caveats: list[str] = [PRETRAINED_CAVEAT] if getattr(prof, "meta", {}).get("weights") == "pretrained" else []
+    meta = getattr(prof, "meta", {})
+    caveats: list[str] = [PRETRAINED_CAVEAT] if meta.get("weights") == "pretrained" else []
+    if meta.get("weights_not_in_checkpoint"):  # the CLI records what a checkpoint lacked
+        caveats.append(f"partly random: {len(meta['weights_not_in_checkpoint'])} weights of the residual blocks or "
+                       "embeddings were not in the checkpoint and were randomly initialised")
+    if meta.get("blocks_not_run"):
+        caveats.append(f"partial: the inputs did not reach {len(meta['blocks_not_run'])} of the "
+                       f"{meta.get('num_blocks')} residual blocks; the answer reads the others")
     uses_spectrum = any(f.key in prof.aggregates for f in est.features)
     if uses_spectrum and prof.verdict == "uninformative":
         flag, outside, unknown = _ranges_without_lr(est, prof, context)

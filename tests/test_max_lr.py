@@ -71,6 +71,19 @@ def test_profile_of_pretrained_weights_gets_the_extrapolation_caveat_first(tiny_
     assert tiny_profile.meta.get("weights") == "init"  # the fixture is untouched
 
 
+def test_a_partly_random_or_partly_run_model_gets_a_caveat(tiny_profile):
+    import copy
+
+    partial = copy.deepcopy(tiny_profile)
+    partial.meta.update(weights_not_in_checkpoint=["layers.1.mlp.weight"], blocks_not_run=["vision.layers.0"],
+                        num_blocks=3)
+    caveats = suggest_max_lr(partial, risk=0.1, estimator=_estimator()).caveats
+    assert any(c.startswith("partly random: 1 weights") for c in caveats)
+    assert any(c.startswith("partial: the inputs did not reach 1 of the 3 residual blocks") for c in caveats)
+    assert not any(c.startswith("partly random") or c.startswith("partial:")
+                   for c in suggest_max_lr(tiny_profile, risk=0.1, estimator=_estimator()).caveats)
+
+
 def test_suggest_max_lr_is_monotone_in_risk(tiny_profile):
     est = _estimator(coef_cov=[[0.04, 0, 0], [0, 0.01, 0], [0, 0, 0.01]])
     risks = [0.01, 0.05, 0.1, 0.3, 0.6]

@@ -336,8 +336,9 @@ def save_for_hub(
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"save_for_hub exports a transformers PreTrainedModel (a config, safetensors weights and its "
-                        f"code); got {type(model).__name__}. Wrap the network in a PreTrainedModel with a "
-                        "PreTrainedConfig, or save it with safetensors.torch.save_file.")
+                        f"code); got {type(model).__name__}. For a PEFT model, export model.merge_and_unload(); "
+                        "otherwise wrap the network in a PreTrainedModel with a PreTrainedConfig, or save it with "
+                        "safetensors.torch.save_file.")
     _checked_code(model.config.to_dict(), code_dir, auto_map)  # a bad map is refused before anything is written
     card_input = (Path(card),) if isinstance(card, (str, os.PathLike)) and Path(card).exists() else ()
     earlier = _empty_output(Path(output_dir), overwrite,

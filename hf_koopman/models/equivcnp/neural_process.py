@@ -84,7 +84,7 @@ def gaussian_prediction(
     Raises:
         FloatingPointError: when the mean or the standard deviation is not finite (named after `model_name`).
     """
-    if not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
+    if _can_read_values(mean) and not (torch.isfinite(mean).all() and torch.isfinite(stddev).all()):
         raise FloatingPointError(
             f"{model_name} produced a non-finite prediction; check input scales and the learning rate"
         )
@@ -109,6 +109,13 @@ def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
+def _can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values on the host: not while `torch.compile` traces (a data-dependent
+    branch breaks the graph) and not on the meta device (no values). The twin in `reynet/modeling_reynet.py` keeps
+    each Hub code folder self-contained."""
+    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
+
+
 def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -116,8 +123,7 @@ def _check_mask(mask: torch.Tensor | None, name: str, shape: tuple[int, int]) ->
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape (B, N) = {shape}, got {tuple(mask.shape)}")
-    if (mask.dtype != torch.bool and mask.device.type != "meta" and not torch.compiler.is_compiling()
-            and not bool(((mask == 0) | (mask == 1)).all())):
+    if mask.dtype != torch.bool and _can_read_values(mask) and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} marks real points (1 / True) and padding (0 / False); it holds other values (e.g. "
                          f"0.5 or 2): pass a boolean mask, e.g. {name} > 0.5.")
     return mask.bool()
@@ -172,7 +178,7 @@ def check_inputs(
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}; call .float()")
         _check_dtype(name, t, dtype)
-        if not torch.isfinite(t).all():  # padding too: a masked point still enters the sums, with weight 0
+        if _can_read_values(t) and not torch.isfinite(t).all():  # padding too: a masked point enters the sums
             raise ValueError(f"{name} contains NaN or inf; padded points too must be finite (fill them with 0, as "
                              "NeuralProcessCollator does)")
     b, nc, _ = context_x.shape
@@ -196,11 +202,11 @@ def check_inputs(
         if not isinstance(target_y, torch.Tensor) or tuple(target_y.shape) != (b, nt, y_dim):
             shape = tuple(target_y.shape) if isinstance(target_y, torch.Tensor) else type(target_y).__name__
             raise ValueError(f"target_y must have shape (B, Nt, y_dim) = ({b}, {nt}, {y_dim}), got {shape}")
-        if not torch.isfinite(target_y).all():
+        if _can_read_values(target_y) and not torch.isfinite(target_y).all():
             raise ValueError("target_y contains NaN or inf")
     cm = _check_mask(context_mask, "context_mask", (b, nc))
     tm = _check_mask(target_mask, "target_mask", (b, nt))
-    if tm is not None and not tm.any(-1).all():
+    if tm is not None and _can_read_values(tm) and not tm.any(-1).all():
         raise ValueError("every task needs at least one valid target (a row of target_mask is all False)")
     return cm, tm
 

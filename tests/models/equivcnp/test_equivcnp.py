@@ -488,3 +488,18 @@ def test_masks_with_values_other_than_0_and_1_are_refused(mask):
     ones = torch.tensor([[1, 1, 1, 0]])
     torch.testing.assert_close(model(cx, torch.sin(cx), tx, context_mask=ones).mean,
                                model(cx, torch.sin(cx), tx, context_mask=ones.bool()).mean)
+
+
+def test_the_input_checks_stay_out_of_a_compiled_graph_and_the_meta_device():
+    """The value checks (finite inputs, 0 / 1 masks, a valid target per task, a finite prediction) read tensors on
+    the host: skipped while `torch.compile` traces and on the meta device, as ReyNet's are."""
+    model = CNPModel(CNPConfig()).eval()
+    cx, tx = torch.rand(2, 5, 1), torch.rand(2, 7, 1)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # a data-dependent branch would fail here
+    torch.testing.assert_close(compiled(cx, torch.sin(cx), tx, target_mask=mask, target_y=torch.cos(tx)).loss,
+                               model(cx, torch.sin(cx), tx, target_mask=mask, target_y=torch.cos(tx)).loss)
+    with torch.device("meta"):
+        meta = CNPModel(CNPConfig())
+        out = meta(torch.rand(2, 5, 1), torch.rand(2, 5, 1), torch.rand(2, 7, 1), target_y=torch.rand(2, 7, 1))
+    assert out.mean.shape == (2, 7, 1) and out.mean.device.type == "meta"
