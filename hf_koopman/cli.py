@@ -915,7 +915,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         elif in_fitted_range(assessment):
             print(f"{lr} {shown} (inside the estimator's fitted range)")
         else:
-            why = (assessment.outside[0].describe() if assessment.outside
+            why = ("; ".join(issue.describe() for issue in assessment.outside) if assessment.outside
                    else "ranges unknown for " + ", ".join(assessment.unknown) if assessment.unknown else "see report")
             print(f"{lr} {shown} (extrapolated: {why}; see report)")
     if result.degenerate_layers:

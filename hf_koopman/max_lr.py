@@ -46,8 +46,13 @@ def _ranges_without_lr(est: Any, prof: Any, context: Mapping[str, Any]) -> tuple
 
 
 def _risk_text(risk: float) -> str:
-    """A risk as a percentage with the digits it needs: 10%, 2.5%, 0.1%, 1e-07%."""
-    return f"{100 * risk:.3g}%"
+    """A risk as a percentage with the digits it needs: 10%, 2.5%, 0.1%, 1e-07%, 99.9999% (never a rounded 100%)."""
+    text = f"{100 * risk:.3g}"
+    digits = 3
+    while float(text) in (0.0, 100.0) and 0.0 < risk < 1.0 and digits < 12:  # a level that rounds to 0 or 100 %
+        digits += 1
+        text = f"{100 * risk:.{digits}g}"
+    return f"{text}%"
 
 
 def _lr_text(value: float | None) -> str:

@@ -111,6 +111,18 @@ def test_learning_rate_is_recorded_for_the_risk_estimator(tiny_llama_json, tmp_p
     assert "P(divergence) at learning rate 0.003:" in capsys.readouterr().out
 
 
+def test_the_summary_line_names_every_input_outside_the_fitted_range(tmp_path, capsys):
+    """A width and a learning rate both outside the shipped estimator's runs: the one-line summary names both, not
+    only the first."""
+    path = tmp_path / "wide.json"
+    tiny_config("llama", num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                num_key_value_heads=4).to_json_file(path)
+    assert main(["profile", str(path), "--init", "--learning-rate", "1e-5", "--num-samples", "1024", "--no-plots",
+                 "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "P(divergence) at learning rate" in l)
+    assert "extrapolated:" in line and "learning_rate" in line and "hidden_size" in line, line
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture()
 def saved_model_dir(tmp_path):

@@ -244,6 +244,9 @@ def test_risk_levels_print_with_the_digits_they_need(tiny_profile):
     text = suggest_max_lr(tiny_profile, risk=0.025, estimator=_estimator()).describe()
     assert "at 2.5% divergence risk" in text
     assert "at 0.1% divergence risk" in suggest_max_lr(tiny_profile, risk=0.001, estimator=_estimator()).describe()
+    from hf_koopman.max_lr import _risk_text
+
+    assert _risk_text(0.999999) == "99.9999%" and _risk_text(0.9995) == "99.95%"  # never a rounded 100%
 
 
 def test_pretrained_profiles_get_one_caveat_and_keep_their_flag_when_uninformative(tiny_profile):
