@@ -136,7 +136,12 @@ class MaxLRSuggestion:
                 lines.append(f"  interval: unavailable ({self.interval_method})")
         else:
             lines = [f"{head}no max learning rate ({self.verdict}): {self.reason}"]
-        if self.verdict != "uninformative":  # no answer, so no range to report on
+        if self.verdict == "uninformative":  # no answer; the model itself may still lie outside the runs
+            if self.out_of_range:
+                lines.append("  range: the model lies outside the fitted range: "
+                             + "; ".join(i.describe() for i in self.outside)
+                             + " (an informative profile would give an extrapolation)")
+        else:
             if self.out_of_range:
                 status = "outside the fitted range: " + "; ".join(i.describe() for i in self.outside)
             elif self.out_of_range is None:

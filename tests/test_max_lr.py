@@ -142,6 +142,10 @@ def test_uninformative_profile_gives_no_learning_rate():
     s = suggest_max_lr(prof, risk=0.1, estimator=_estimator())
     assert s.verdict == "uninformative" and s.max_learning_rate is None and "N = 16" in s.reason
     assert "no max learning rate (uninformative)" in s.describe()
+    wide = _estimator()
+    wide.training_ranges["inputs"]["model_type"] = {"values": ["gpt2"]}  # the model also lies outside the runs
+    text = suggest_max_lr(prof, risk=0.1, estimator=wide).describe()
+    assert "range: the model lies outside the fitted range: model_type = 'llama'" in text
     # an estimator that does not read the spectrum still answers
     lr_only = RiskEstimator([FeatureSpec("learning_rate", "log10", mean=-3.0, std=0.5)], coef=[2.0], intercept=-1.0)
     answer = suggest_max_lr(prof, risk=0.1, estimator=lr_only)
