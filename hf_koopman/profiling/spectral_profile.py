@@ -258,7 +258,8 @@ class SpectralProfile:
 
     def risk_assessment(self, learning_rate: float | None = None) -> Any:
         """`hf_koopman.risk.RiskAssessment` (probability, and whether this model and learning rate lie inside the
-        estimator's training ranges), or `None` when no estimator is shipped or it cannot score this profile. A
+        estimator's training ranges), or `None` when no estimator is shipped or it cannot score this profile, e.g.
+        when no learning rate is known: pass `learning_rate=` here or to `profile()` (the INFO log says why). A
         `learning_rate` that is not a positive finite number raises (`ValueError` / `TypeError`)."""
         check_learning_rate(learning_rate)
         lr = learning_rate if learning_rate is not None else self.meta.get("learning_rate")
