@@ -270,6 +270,80 @@ def _bound_lines(bound: Mapping[str, Any] | None) -> list[str]:
     return L
 
 
+CURVATURE_MODELS = ("curvature+lr", "config+curvature+lr", "all")
+CURVATURE_SCORES = ("lr · λ_max(H) / 2 (GD theory)", "lr · λ_max(P⁻¹H) / 38 (Adam theory)")
+
+
+def curvature_refresh_summary(before: Mapping[str, Any], after: Mapping[str, Any],
+                              refreshed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Before/after of recomputing the curvature features (`heldout_risk --refresh-curvature`): per init, how far
+    the estimates moved and how many converged; for the models and unfitted scores that read curvature, the
+    held-out AUROC [CI] and log-loss of both analyses, and the rule-1 difference."""
+    def moved(key: str) -> dict[str, Any]:
+        pairs = [(r.get(f"old_{key}"), r.get(key)) for r in refreshed]
+        pairs = [(float(o), float(n)) for o, n in pairs if isinstance(o, (int, float)) and isinstance(n, (int, float))]
+        ratios = sorted(abs(n - o) / max(abs(n), 1e-12) for o, n in pairs)
+        return {"n": len(pairs), "median_relative_change": ratios[len(ratios) // 2] if ratios else None,
+                "changed_over_10pct": sum(r > 0.1 for r in ratios), "changed_over_50pct": sum(r > 0.5 for r in ratios)}
+
+    def converged(prefix: str, old: bool) -> int:
+        key = f"old_{prefix}_converged" if old else f"{prefix}_converged"
+        return sum(bool(r.get(key)) for r in refreshed)
+
+    out: dict[str, Any] = {"n_inits": len(refreshed),
+                           "code_commit": sorted({str(r.get("curvature_code_commit")) for r in refreshed})}
+    for prefix, key in (("hessian", "hessian_top_eig"), ("adam", "adam_sharpness")):
+        out[key] = {**moved(key), "converged_before": converged(prefix, True), "converged_after": converged(prefix, False)}
+    models = {}
+    for name in CURVATURE_MODELS:
+        b, a = before[PRIMARY]["models"].get(name, {}), after[PRIMARY]["models"].get(name, {})
+        models[name] = {"before": {k: b.get(k) for k in ("auroc", "auroc_ci", "log_loss")},
+                        "after": {k: a.get(k) for k in ("auroc", "auroc_ci", "log_loss")}}
+    out["models"] = models
+    out["scores"] = {name: {"before": {k: before.get("unfitted_scores", {}).get(name, {}).get(k) for k in ("auroc", "auroc_ci")},
+                            "after": {k: after.get("unfitted_scores", {}).get(name, {}).get(k) for k in ("auroc", "auroc_ci")}}
+                     for name in CURVATURE_SCORES}
+    rule = "all - config+curvature+lr"
+    out["rule_1"] = {"before": before[PRIMARY].get("paired_differences", {}).get(rule),
+                     "after": after[PRIMARY].get("paired_differences", {}).get(rule)}
+    return out
+
+
+def _refresh_lines(info: Mapping[str, Any] | None) -> list[str]:
+    if not info:
+        return []
+    L = ["## Curvature features re-measured", "",
+         f"The curvature features of all {info['n_inits']} inits were recomputed without retraining (the recorded "
+         f"labels; code {', '.join(info['code_commit'])}): `hf_koopman.curvature` now finds the top eigenvalue by "
+         "Lanczos. The first analysis used a shifted power iteration that, when a negative eigenvalue dominated, "
+         "stalled near the spectrum's average and reported that as converged. Same inits, probe batch and "
+         "mini-batches; at most 20 Hessian-vector products per quantity (before: up to 40). Old values beside the "
+         "new in `heldout_risk/curvature_refresh.jsonl`; the first analysis in "
+         "`heldout_risk/report_before_curvature_refresh.json`.", ""]
+    rows = []
+    for key, label in (("hessian_top_eig", "λ_max(H)"), ("adam_sharpness", "λ_max(P⁻¹H)")):
+        e = info[key]
+        rows.append([label, str(e["n"]), _f(e["median_relative_change"]), str(e["changed_over_10pct"]),
+                     str(e["changed_over_50pct"]), f"{e['converged_before']} → {e['converged_after']}"])
+    L += _table(("estimate", "inits", "median |new - old| / |new|", "changed > 10 %", "changed > 50 %",
+                 "converged (before → after)"), rows) + [""]
+    rows = [[f"`{name}`", f"{_f(m['before']['auroc'])} {_ci(m['before']['auroc_ci'])}",
+             f"{_f(m['after']['auroc'])} {_ci(m['after']['auroc_ci'])}", _f(m["before"]["log_loss"]),
+             _f(m["after"]["log_loss"])] for name, m in info["models"].items()]
+    rows += [[name, f"{_f(m['before']['auroc'])} {_ci(m['before']['auroc_ci'])}",
+              f"{_f(m['after']['auroc'])} {_ci(m['after']['auroc_ci'])}", "", ""] for name, m in info["scores"].items()]
+    L += _table(("model or score (leave one family out)", "AUROC before", "AUROC after", "log-loss before",
+                 "log-loss after"), rows) + [""]
+    b, a = info["rule_1"]["before"] or {}, info["rule_1"]["after"] or {}
+    if b and a:
+        L += [f"Rule 1 (`all - config+curvature+lr`): ΔAUROC {_f(b.get('delta_auroc'), sign=True)} "
+              f"{_ci(b.get('delta_auroc_ci'), sign=True)} before, {_f(a.get('delta_auroc'), sign=True)} "
+              f"{_ci(a.get('delta_auroc_ci'), sign=True)} after; Δlog-loss {_f(b.get('delta_log_loss'), sign=True)} "
+              f"{_ci(b.get('delta_log_loss_ci'), sign=True)} before, {_f(a.get('delta_log_loss'), sign=True)} "
+              f"{_ci(a.get('delta_log_loss_ci'), sign=True)} after.", ""]
+    return L
+
+
 def render_markdown(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, total_runs: int) -> str:
     """The results page `results/heldout_risk.md` from `report` (the dict of `heldout_analysis.analyse`) and the
     `rows` it was computed from; `total_runs` is the size of the planned grid."""
@@ -349,6 +423,8 @@ def render_markdown(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
                     [[k, f"{_f(v.get('auroc'))} {_ci(v.get('auroc_ci'))}", str(v.get("n"))]
                      for k, v in report["unfitted_scores"].items()])
         L += [""]
+
+    L += _refresh_lines(report.get("curvature_refresh"))
 
     # max lr
     L += ["## Max learning rate (rule 5; goal: within 2x for >= 80% of bracketed inits at risk 0.1, ECE <= 0.05)", ""]

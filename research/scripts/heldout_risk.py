@@ -139,15 +139,25 @@ def _plots(out: Path, report: dict) -> None:
     plt.close(fig)
 
 
+#: the report of the study's first analysis, kept when its curvature features were recomputed (`--merge-curvature`)
+BEFORE_REFRESH = "report_before_curvature_refresh.json"
+
+
 def _report(out: Path, n_resamples: int) -> None:
     """The plan's metrics on the rows present, written to `out/report.json` and a reliability diagram."""
     from research.experiments.heldout_analysis import analyse
-    from research.experiments.heldout_risk import read_jsonl
+    from research.experiments.heldout_risk import REFRESH_NAME, read_jsonl
 
     rows = read_jsonl(out / "runs.jsonl")
     if not rows:
         raise SystemExit(f"no rows in {out / 'runs.jsonl'}; run the study first.")
     report = analyse(rows, n_resamples=n_resamples)
+    before = out / BEFORE_REFRESH
+    if before.is_file() and (out / REFRESH_NAME).is_file():  # the curvature features were recomputed: before/after
+        from research.experiments.heldout_report import curvature_refresh_summary
+
+        report["curvature_refresh"] = curvature_refresh_summary(
+            json.loads(before.read_text(encoding="utf-8")), report, read_jsonl(out / REFRESH_NAME))
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
     _write_pages(out, report, rows)
     _plots(out, report)
@@ -208,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         refresh_curvature(args.out, data_dir=args.data_dir, shard=shard, progress=not args.no_progress)
         return 0
     if args.merge_curvature:
+        import shutil
+
         from research.experiments.heldout_risk import merge_curvature_refresh
 
+        before = args.out / BEFORE_REFRESH
+        if not before.exists():  # the analysis of the first features, for the before/after section of the report
+            shutil.copyfile(args.out / "report.json", before)
         print(f"updated {merge_curvature_refresh(args.out)} run rows")
         return 0
     runs = smoke_grid() if args.grid == "smoke" else study_grid()
