@@ -32,6 +32,25 @@ def test_init_logs_risk_out_of_range_for_a_learning_rate_below_the_fitted_range(
     assert f"(the verdict, {callback.init_verdict.upper()}, reads the spectrum alone)" in caplog.text
 
 
+def test_an_optimizer_the_estimator_was_not_fitted_on_is_outside_its_range(tmp_path, caplog):
+    """The shipped estimator's runs trained with AdamW: the same model and learning rate with optim="sgd" log
+    rksp/risk_out_of_range = 1 and a warning naming the optimizer; every AdamW implementation stays inside."""
+    low, high = RiskEstimator.default().learning_rate_range
+    lr = (low * high) ** 0.5  # inside the fitted learning rates
+    flags = {}
+    for optim in ("adamw_torch", "sgd"):
+        callback = RKSPCallback(num_samples=128, save_artifacts=False, guard=False)
+        args = cpu_training_args(tmp_path / optim, TrainingArguments, max_steps=1, learning_rate=lr, optim=optim)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            trainer.train()
+        assert callback.profile.meta["optimizer"] == optim
+        outside = {i.key for i in callback.profile.risk_assessment().outside}
+        flags[optim] = ("optimizer" in outside, trainer.state.log_history[0].get("rksp/risk_out_of_range"))
+    assert flags["adamw_torch"][0] is False and flags["sgd"] == (True, 1.0)
+    assert "optimizer = 'sgd' (fitted on adamw)" in caplog.text
+
+
 def test_zero_learning_rate_profiles_without_a_risk_and_a_short_probe_keeps_the_request(tmp_path):
     from hf_koopman.risk import tokens_short
 
