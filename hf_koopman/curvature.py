@@ -67,8 +67,10 @@ class CurvatureResult:
         dominant_eigenvalue (`float`): the estimate of the eigenvalue of largest magnitude; it differs from
             `eigenvalue` when the most curved direction is negative (a saddle, common at initialisation).
         iterations (`int`): Hessian-vector products used.
-        converged (`bool`): the residual of the top estimate fell to `tol` times the eigenvalue; when `False`,
-            `eigenvalue` is a lower bound of the top eigenvalue (and `critical_lr` an upper bound).
+        converged (`bool`): the residual of the top estimate fell to `tol` times the estimate, so it is within that of
+            an eigenvalue (in practice the top one); when `False`, `eigenvalue` is a lower bound of the top eigenvalue
+            up to rounding (about `k * eps * |dominant eigenvalue|` in the parameters' dtype), and `critical_lr` an
+            upper bound.
         seconds (`float`): wall time.
         critical_lr (`float`): the learning rate at which the stability threshold is reached, `threshold /
             eigenvalue` (`inf` when `eigenvalue <= 0`): `2 / lambda_max` for gradient descent, `38 / lambda_max` for
@@ -197,7 +199,9 @@ def _lanczos(
 
     Returns `(largest algebraic eigenvalue, eigenvalue of largest magnitude, steps, converged)`: the Ritz values of
     the `(k, k)` tridiagonal matrix after `k` products. Converged when the residual `||A y - theta y||` of the top Ritz
-    pair, `beta_k |s_k|` (no extra product), is at most `tol |theta|`; that residual bounds the eigenvalue's error.
+    pair, `beta_k |s_k|` (no extra product), is at most `tol |theta|`: `theta` is then within that residual of an
+    eigenvalue of `A`, in practice the top one (Lanczos resolves the ends of the spectrum first; an isolated top
+    eigenvalue just above a heavy cluster can still be missed while the cluster converges).
     Why not power iteration: with a dominant negative eigenvalue `mu` the top one is found on `A - mu I`, whose leading
     eigenvalues crowd together when `|mu| >> lambda_max`, so the iterate stalls and a stopping rule on its change
     reports convergence far from `lambda_max`. Only the last two Lanczos vectors are kept (memory of three parameter
@@ -225,8 +229,10 @@ def _lanczos(
         theta, vectors = torch.linalg.eigh(tri)
         top, dominant = float(theta[-1]), float(theta[theta.abs().argmax()])
         residual = beta * abs(float(vectors[-1, -1]))
-        scale = abs(top) if top > 0 else float(theta.abs().max())
-        if beta <= 1e-12 * max(float(theta.abs().max()), 1e-30):  # an invariant subspace: the Ritz values are exact
+        # relative to the top estimate itself: a top near 0 (or below) never passes on the scale of a dominant saddle
+        scale = abs(top)
+        breakdown = 10 * math.sqrt(step) * torch.finfo(v[0].dtype).eps * max(float(theta.abs().max()), 1e-30)
+        if beta <= breakdown:  # an invariant subspace (to the vectors' rounding): the Ritz values are its eigenvalues
             return top, dominant, step, True
         if step > 1 and residual <= tol * scale:
             return top, dominant, step, True
@@ -259,7 +265,7 @@ def top_hessian_eigenvalue(
         preconditioner: optional positive tensors of the same shapes, e.g. `sqrt(v_hat) + eps` for Adam.
         num_iterations (`int`, defaults to 20): the most Hessian-vector products (Lanczos steps).
         tol (`float`, defaults to 1e-3): stop when the top estimate's residual `||H y - lambda y||` is at most
-            `tol * |lambda|` (the residual bounds the error of `lambda`).
+            `tol * |lambda|` (the residual bounds the distance of `lambda` to an eigenvalue of `H`).
         seed (`int`, defaults to 0): seed of the random start vector.
         threshold (`float`, defaults to 2): stability constant for `critical_lr = threshold / eigenvalue`.
 
@@ -272,7 +278,7 @@ def top_hessian_eigenvalue(
     """
     params = _check_params(params)
     if num_iterations < 2:
-        raise ValueError(f"num_iterations={num_iterations} must be >= 2 (convergence is judged between iterates).")
+        raise ValueError(f"num_iterations={num_iterations} must be >= 2 (convergence is judged from the second step).")
     if not tol > 0:
         raise ValueError(f"tol={tol!r} must be > 0.")
     scale: list[torch.Tensor] | None = None
@@ -296,7 +302,7 @@ def top_hessian_eigenvalue(
     eigenvalue, mu, steps, converged = _lanczos(apply, start, num_iterations=num_iterations, tol=tol)
     if not converged:
         logger.warning("Lanczos did not converge in %d Hessian-vector products (tol %g); the eigenvalue is an "
-                       "estimate (a lower bound of the top eigenvalue)", num_iterations, tol)
+                       "estimate (a lower bound of the top eigenvalue, up to rounding)", num_iterations, tol)
     return CurvatureResult(
         eigenvalue=float(eigenvalue),
         dominant_eigenvalue=float(mu),
@@ -386,7 +392,7 @@ def sharpness(
         model: a module whose forward returns `.loss` for `batch` (e.g. a `transformers` causal LM with `labels`).
         batch: model inputs with `labels`, e.g. `input_ids` and `labels` `(B, T)`.
         num_iterations: the most Hessian-vector products (see `top_hessian_eigenvalue`).
-        tol: relative tolerance on the Rayleigh quotient.
+        tol: relative tolerance on the top estimate's residual (see `top_hessian_eigenvalue`).
         seed: seed of the random start vector.
 
     Returns:
@@ -426,7 +432,7 @@ def adam_preconditioned_sharpness(
         beta2: Adam's second-moment decay.
         eps: Adam's epsilon, added to `sqrt(v_hat)`.
         num_iterations: the most Hessian-vector products (see `top_hessian_eigenvalue`).
-        tol: relative tolerance on the Rayleigh quotient.
+        tol: relative tolerance on the top estimate's residual (see `top_hessian_eigenvalue`).
         seed: seed of the random start vector.
 
     Returns:

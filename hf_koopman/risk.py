@@ -185,10 +185,11 @@ def _part(profile: Any, name: str, default: Any = None) -> Any:
 
 
 def optimizer_family(name: Any) -> str:
-    """The optimizer a risk estimator's range reads: `"adamw"` for every AdamW implementation `TrainingArguments.optim`
-    names (`adamw_torch`, `adamw_torch_fused`, `adamw_8bit`, ...), else the name itself (`sgd`, `adafactor`, ...)."""
+    """The optimizer a risk estimator's range reads: `"adamw"` for the AdamW implementations `TrainingArguments.optim`
+    names (`adamw_torch`, `adamw_torch_fused`, `adamw_8bit`, `paged_adamw_32bit`, ...), else the name itself (`sgd`,
+    `adafactor`, and AdamW variants that change the update, such as `schedule_free_adamw` or `galore_adamw`)."""
     name = str(getattr(name, "value", name)).lower()
-    return "adamw" if name.startswith("adamw") else name
+    return "adamw" if name.removeprefix("paged_").startswith("adamw") else name
 
 
 def _model_context(profile: Any) -> dict[str, Any]:
@@ -681,11 +682,11 @@ class RiskEstimator:
         weights = values.get("weights")  # meta["weights"], or the context's
         if weights is not None and weights != "init":  # the training runs were profiled at initialisation
             outside.append(RangeIssue("weights", weights, seen=("init",)))
+        elif weights is None and isinstance(_part(profile, "meta"), Mapping):
+            unknown.append(_WEIGHTS_UNKNOWN)  # a profile that cannot say whether it is of an initialisation
         optimizer, seen = values.get("optimizer"), ranges.get("optimizer")  # checked where both are known
         if optimizer is not None and seen is not None and optimizer_family(optimizer) not in seen.get("values", ()):
             outside.append(RangeIssue("optimizer", optimizer, seen=tuple(seen.get("values", ()))))
-        elif weights is None and isinstance(_part(profile, "meta"), Mapping):
-            unknown.append(_WEIGHTS_UNKNOWN)  # a profile that cannot say whether it is of an initialisation
         if self._reads_uninformative_spectrum(profile):
             unknown.append(_UNINFORMATIVE_SPECTRUM)
         flag = True if outside else (None if unknown else False)
@@ -1275,8 +1276,9 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     at the planned learning rate and inside the estimator's fitted range (`out_of_range is False`); from the verdict's
     `ADVICE` otherwise.
 
-    The verdict reads the spectrum alone, which on held-out architecture families added nothing measurable beyond
-    the configuration and the learning rate (`results/heldout_risk.md`); the calibrated probability reads both, so
+    The verdict reads the spectrum alone, which on held-out architecture families added nothing beyond the
+    configuration, the loss curvature and the learning rate (it lowered the held-out AUROC, `results/heldout_risk.md`);
+    the calibrated probability reads the spectrum and the learning rate, so
     where it is in range it decides the advice: at or below `RISK_BUDGET` no lower learning rate, above it a
     lower one.
     """
@@ -1296,12 +1298,14 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
         return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on "
                 f"({below.low:g} to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk "
                 f"here if risk grows with the learning rate. No lower learning rate is indicated: {label} on held-out "
-                f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
+                f"architecture families added nothing beyond configuration, loss curvature and learning rate. As "
+                f"always, {_GUARD}.")
     label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""
     if below_risk_budget(p):
         return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's "
                 f"fitted range: no lower learning rate is needed for stability{label}, which on held-out "
-                f"architecture families added nothing beyond configuration and learning rate. As always, {_GUARD}.")
+                f"architecture families added nothing beyond configuration, loss curvature and learning rate. As "
+                f"always, {_GUARD}.")
     return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's fitted "
             f"range: lower the learning rate (`hf-koopman max-lr` or `hf_koopman.suggest_max_lr` gives the rate for "
             f"a {RISK_BUDGET:.0%} risk), and {_GUARD}.")

@@ -121,6 +121,21 @@ def test_an_optimizer_the_runs_did_not_train_with_is_outside():
     assert sgd.out_of_range and [i.key for i in sgd.outside] == ["optimizer"]
     assert "optimizer = 'sgd' (fitted on adamw)" in sgd.describe()
     assert optimizer_family("adamw_8bit") == "adamw" and optimizer_family("adafactor") == "adafactor"
+    assert optimizer_family("paged_adamw_32bit") == "adamw"
+    assert optimizer_family("schedule_free_adamw") == "schedule_free_adamw"  # another update rule
+
+
+def test_naming_the_optimizer_keeps_the_weights_unknown_note():
+    """A profile that cannot say whether its weights are an initialisation keeps that note whatever the optimizer."""
+    from hf_koopman.profiling import SpectralProfile
+
+    rows, y = _rows()
+    est = RiskEstimator.fit([dict(r, optimizer="adamw") for r in rows], y,
+                            [("learning_rate", "log10"), "near_unit_mass_mean"], l2=0.1,
+                            range_keys=("model_type", "hidden_size", "num_layers", "optimizer"))
+    prof = SpectralProfile(layers=[], aggregates={"near_unit_mass_mean": 0.5}, meta={"model_type": "gpt2"})
+    for optim in ("adamw_torch", "sgd"):
+        assert "weights (origin unknown)" in est.assess(prof, 1e-2, optimizer=optim).unknown, optim
 
 
 def test_missing_ranges_say_unknown_not_in_range(fitted):

@@ -944,10 +944,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
 
 
-def _optimizer_name(args: Any) -> str:
-    """`TrainingArguments.optim` as a string (`"adamw_torch"`, `"sgd"`, ...), for the risk estimator's range check."""
-    optim = getattr(args, "optim", "adamw_torch")
-    return str(getattr(optim, "value", optim))
+def _optimizer_name(args: Any) -> str | None:
+    """`TrainingArguments.optim` as a string (`"adamw_torch"`, `"sgd"`, ...), for the risk estimator's range check;
+    `None` (not checked) when the arguments carry none. An optimizer passed to the Trainer as an object
+    (`optimizers=(...)`) is not seen: `args.optim` still names the default."""
+    optim = getattr(args, "optim", None)
+    return None if optim is None else str(getattr(optim, "value", optim))
 
 
 # `__new__` checks the keywords: introspection (help(), docs, IDEs) still reads the arguments of `__init__`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -60,8 +61,8 @@ def test_every_family_builds_with_the_requested_init_std(family, norm):
 
 @pytest.fixture
 def few_power_iterations(monkeypatch):
-    """Three power iterations instead of the study's 20: the curvature features stay real numbers (what these tests
-    read) and the smoke grid runs in a few seconds (the Hessian-vector products were most of its time)."""
+    """Three Lanczos steps (Hessian-vector products) instead of the study's 20: the curvature features stay real
+    numbers (what these tests read) and the smoke grid runs in a few seconds (the products were most of its time)."""
     import research.experiments.heldout_risk as study
 
     monkeypatch.setattr(study, "POWER_ITERATIONS", 3)
@@ -122,3 +123,35 @@ def test_rows_load_with_datasets(tmp_path, few_power_iterations):
     for line in (tmp_path / "runs.jsonl").read_text().splitlines():
         json.loads(line)  # strict JSON: no NaN / Infinity literals
         assert "NaN" not in line and "Infinity" not in line
+
+
+def test_merging_recomputed_curvature_replaces_only_its_columns(tmp_path):
+    """`merge_curvature_refresh` writes the refreshed curvature values into features.jsonl and every run row of
+    that init, lists a non-finite new value in `nonfinite` (dropping the replaced keys' old entries, keeping the
+    others), leaves every other column as it was, and refuses while an init has no refreshed row."""
+    import json
+
+    from research.experiments.heldout_risk import (
+        CURVATURE_KEYS, REFRESH_NAME, _append, _clean_row, merge_curvature_refresh, read_jsonl,
+    )
+
+    base = {k: 1.0 for k in CURVATURE_KEYS} | {"hessian_seconds": 1.0, "adam_seconds": 1.0, "curvature_error": ""}
+    for name, rows in (("features.jsonl", [{"model_id": "a"}, {"model_id": "b"}]),
+                       ("runs.jsonl", [{"model_id": "a", "run_id": "a1"}, {"model_id": "a", "run_id": "a2"},
+                                       {"model_id": "b", "run_id": "b1"}])):
+        for row in rows:
+            _append(tmp_path / name, _clean_row(row | base | {"spec_x": float("nan"), "gd_critical_lr": float("inf")}))
+    _append(tmp_path / REFRESH_NAME, _clean_row({"model_id": "a", **base, "hessian_top_eig": 5.0,
+                                                 "gd_critical_lr": 0.4, "adam_critical_lr": float("inf"),
+                                                 "curvature_code_commit": "abc"}))
+    with pytest.raises(ValueError, match="1 inits have no refreshed curvature yet"):
+        merge_curvature_refresh(tmp_path)
+    _append(tmp_path / REFRESH_NAME, _clean_row({"model_id": "b", **base, "curvature_code_commit": "abc"}))
+    assert merge_curvature_refresh(tmp_path) == 3
+    runs = {r["run_id"]: r for r in read_jsonl(tmp_path / "runs.jsonl")}
+    a1 = runs["a1"]
+    assert a1["hessian_top_eig"] == 5.0 and a1["gd_critical_lr"] == 0.4 and a1["adam_critical_lr"] == float("inf")
+    assert a1["curvature_code_commit"] == "abc" and math.isnan(a1["spec_x"])  # the other non-finite entry stays
+    raw = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])
+    assert sorted(raw["nonfinite"].split(";")) == ["adam_critical_lr=inf", "spec_x=nan"]
+    assert read_jsonl(tmp_path / "features.jsonl")[0]["hessian_top_eig"] == 5.0
