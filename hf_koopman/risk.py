@@ -148,7 +148,7 @@ def _json_number(v: Any, name: str, *, ends: bool = False) -> float:
     end (`ends`) also the strings "inf" / "-inf" that `_num` writes."""
     if ends and v in ("inf", "-inf"):
         return float(v)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if not _is_number(v):
         raise ValueError(f"risk-estimator JSON: {name} must be a number, got {v!r}; the file is corrupted or was not "
                          "written by save_json.")
     return float(v)

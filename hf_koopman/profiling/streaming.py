@@ -433,7 +433,7 @@ def profile_streaming(
         weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
     weights.materialise_rest(rest)
 
-    state = {"done": 0, "block_time": 0.0}
+    state = {"block_time": 0.0}
     ran: set[int] = set()  # the blocks whose forward finished; towers may run in any order (CLIP: vision first)
     progress = show_progress(progress)
     bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
@@ -460,7 +460,6 @@ def profile_streaming(
             state["block_time"] += time.perf_counter() - state.pop("t0", time.perf_counter())
             if index not in ran:
                 ran.add(index)
-                state["done"] = len(ran)
                 bar.update(1)
 
         return post_hook
@@ -498,10 +497,10 @@ def profile_streaming(
                 "cannot build a profile. Pass inputs that reach them."
             )
     except BaseException as exc:
-        _write_partial(partial_path, name, state["done"], len(blocks), exc)
+        _write_partial(partial_path, name, len(ran), len(blocks), exc)
         if hasattr(exc, "add_note"):
             exc.add_note(
-                f"hf_koopman streaming stopped after {state['done']}/{len(blocks)} blocks; no profile was produced."
+                f"hf_koopman streaming stopped after {len(ran)}/{len(blocks)} blocks; no profile was produced."
             )
         raise
     finally:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .groups import LieGroup
+from .neural_process import upcast_dtype
 
 __all__ = [
     "Neighbourhood",
@@ -213,8 +214,7 @@ class LieConv(nn.Module):
         """
         j = grid_stencil_half_width(self.radius, spacing)
         # tap t of conv1d reads key i + t - J, i.e. the pair log(v^{-1}u) = u - v = -(t - J)·spacing
-        geometry = torch.float32 if torch.finfo(features.dtype).bits < 32 else features.dtype
-        key_offset = torch.arange(-j, j + 1, device=features.device, dtype=geometry) * spacing
+        key_offset = torch.arange(-j, j + 1, device=features.device, dtype=upcast_dtype(features.dtype)) * spacing
         zero = torch.zeros_like(key_offset)
         emb, dist = group.pairs(zero[:, None], key_offset[:, None])  # (K, E), (K,)
         if pair_scale != 1.0:

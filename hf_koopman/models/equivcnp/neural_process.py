@@ -105,7 +105,8 @@ def density_normalised(signal: torch.Tensor, density: torch.Tensor) -> torch.Ten
 
 
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
-    """`dtype`, or float32 for a half-precision `dtype`: the dtype the SetConv encoder computes in."""
+    """`dtype`, or float32 for a half-precision `dtype`: the dtype coordinates, neighbourhoods and the SetConv
+    encoder compute in."""
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 

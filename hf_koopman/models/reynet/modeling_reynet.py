@@ -428,10 +428,10 @@ def _check_inputs(
                 and not bool(((node_mask == 0) | (node_mask == 1)).all())):
             raise ValueError("node_mask marks real nodes (1 / True) and padding (0 / False); it holds other values "
                              "(e.g. 0.5 or 2): pass a boolean mask, e.g. node_mask > 0.5.")
-    # padding may hold anything: only entries between real nodes are read (the mask-aware test runs only when the
-    # cheap one finds a non-finite entry)
-    if _can_read_values(graph_tensor) and not bool(torch.isfinite(graph_tensor).all()):
-        finite = torch.isfinite(graph_tensor)
+    # padding may hold anything: only entries between real nodes are read (the mask is applied only when some entry
+    # is not finite)
+    finite = torch.isfinite(graph_tensor) if _can_read_values(graph_tensor) else None
+    if finite is not None and not bool(finite.all()):
         if node_mask is not None:
             real = node_mask.bool()
             finite = finite | ~(real[:, None, :, None] & real[:, None, None, :])
