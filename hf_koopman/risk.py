@@ -186,10 +186,11 @@ def _part(profile: Any, name: str, default: Any = None) -> Any:
 
 def optimizer_family(name: Any) -> str:
     """The optimizer a risk estimator's range reads: `"adamw"` for the AdamW implementations `TrainingArguments.optim`
-    names (`adamw_torch`, `adamw_torch_fused`, `adamw_8bit`, `paged_adamw_32bit`, ...), else the name itself (`sgd`,
-    `adafactor`, and AdamW variants that change the update, such as `schedule_free_adamw` or `galore_adamw`)."""
+    names (`adamw_torch`, `adamw_torch_fused`, `adamw_8bit`, `paged_adamw_32bit`, ...) and their classes (`AdamW`,
+    `AdamW8bit`, `PagedAdamW32bit`), else the lower-cased name itself (`sgd`, `adafactor`, `adam`, and AdamW variants
+    that change the update, such as `schedule_free_adamw` or `galore_adamw`)."""
     name = str(getattr(name, "value", name)).lower()
-    return "adamw" if name.removeprefix("paged_").startswith("adamw") else name
+    return "adamw" if name.removeprefix("paged").removeprefix("_").startswith("adamw") else name
 
 
 def _model_context(profile: Any) -> dict[str, Any]:

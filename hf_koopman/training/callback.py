@@ -126,8 +126,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the estimator's fitted
       range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With
       a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
-      `rksp/risk_out_of_range` (1 when the model, the learning rate or the optimizer (`args.optim`) lies outside the
-      estimator's training runs, 0 inside, -1 ranges unknown), and a warning says "outside the fitted range: ..."
+      `rksp/risk_out_of_range` (1 when the model, the learning rate or the optimizer (`args.optim`, or the class of
+      one passed as `Trainer(optimizers=...)`) lies outside the estimator's training runs, 0 inside, -1 ranges unknown), and a warning says "outside the fitted range: ..."
       naming what lies outside. The shipped estimator's runs trained with AdamW, a 20-step warmup to a constant
       learning rate and no gradient clipping, for 150 steps: its probability is for that regime at the run's peak
       learning rate (clipping and a longer warmup make a run safer than it says).
@@ -432,6 +432,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._in_memory = _IN_MEMORY_UNKNOWN  # what an unvalidated stop leaves in the model
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
         self._step_seconds: float | None = None  # running estimate of one optimizer step
+        self._optimizer: str | None = None  # the run's optimizer for the risk range check (`_optimizer_name`)
         self._capture_seconds: float | None = None  # cost of the last snapshot refresh
         self._since_capture = 0  # passing steps since the last refresh
         self._trip: DivergenceEvent | None = None
@@ -790,6 +791,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # an explicit layers= is checked whatever uses it (profile, monitoring, the guard's block-output check)
         self._blocks_missing = bool((profiles or self.layers is not None) and model is not None
                                     and not self._blocks_found(model, state))
+        self._optimizer = _optimizer_name(args, optimizer, model)  # a range the risk estimator checks
         if self.profile_at_init and not restored and model is not None and not self._blocks_missing:
             with _replica_quiet(state):
                 self._profile_at_init(args, state, model, train_dataloader)
@@ -838,7 +840,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
         spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
                                              progress=state.is_local_process_zero and not args.disable_tqdm)
-        spectral_profile.meta["optimizer"] = _optimizer_name(args)  # a range the risk estimator checks
+        spectral_profile.meta["optimizer"] = self._optimizer
         self.profile = spectral_profile
         self._profiled_model = weakref.ref(model)
         self.init_verdict = spectral_profile.verdict
@@ -933,7 +935,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                     spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
                                                          args.learning_rate * self.lr_scale,
                                                          setting="monitor_num_samples")
-                    spectral_profile.meta["optimizer"] = _optimizer_name(args)
+                    spectral_profile.meta["optimizer"] = self._optimizer
             except ValueError as err:  # e.g. non-finite activations: the guard handles divergence
                 logger.warning("RKSP monitoring at step %d failed: %s", state.global_step, err)
                 return
@@ -944,12 +946,28 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
 
 
-def _optimizer_name(args: Any) -> str | None:
-    """`TrainingArguments.optim` as a string (`"adamw_torch"`, `"sgd"`, ...), for the risk estimator's range check;
-    `None` (not checked) when the arguments carry none. An optimizer passed to the Trainer as an object
-    (`optimizers=(...)`) is not seen: `args.optim` still names the default."""
+def _optimizer_name(args: Any, optimizer: Any = None, model: Any = None) -> str | None:
+    """The optimizer the run uses, for the risk estimator's range check: `TrainingArguments.optim` as a string
+    (`"adamw_torch"`, `"sgd"`, ...) when the Trainer built `optimizer` from it (or none is known yet), else the class
+    name of the optimizer passed to the Trainer as an object (`optimizers=(torch.optim.SGD(...), None)`: `"SGD"`);
+    `None` (not checked) when neither is known."""
     optim = getattr(args, "optim", None)
-    return None if optim is None else str(getattr(optim, "value", optim))
+    name = None if optim is None else str(getattr(optim, "value", optim))
+    # accelerate wraps the optimizer (AcceleratedOptimizer, itself an Optimizer holding the real one)
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if optimizer is None:
+        return name
+    if name is not None:
+        from transformers import Trainer
+
+        try:  # the class the Trainer builds for args.optim; an optional package it needs may be missing
+            built = Trainer.get_optimizer_cls_and_kwargs(args, model)[0]
+            if isinstance(built, type) and isinstance(optimizer, built):
+                return name
+        except Exception:  # noqa: BLE001 - any failure means the optimizer was not built from args.optim
+            pass
+    return type(optimizer).__name__
 
 
 # `__new__` checks the keywords: introspection (help(), docs, IDEs) still reads the arguments of `__init__`

@@ -172,3 +172,33 @@ def test_a_learning_rate_below_the_fitted_range_is_information_above_it_a_warnin
     assert assessment.out_of_range and [i.key for i in assessment.outside] == ["learning_rate"]
     line = next(r for r in caplog.records if r.getMessage().startswith("RKSP calibrated risk at this learning rate"))
     assert line.levelno == level and "outside the fitted range" in line.getMessage()
+
+
+def test_an_optimizer_passed_as_an_object_is_the_one_checked(tmp_path):
+    """`Trainer(optimizers=(SGD, None))` trains with SGD although `args.optim` still names AdamW: the range check
+    reads the optimizer the Trainer hands the callback (accelerate's wrapper unwrapped), not the argument."""
+    low, high = RiskEstimator.default().learning_rate_range
+    lr = (low * high) ** 0.5
+    seen = {}
+    for make in (torch.optim.SGD, torch.optim.AdamW):
+        model = tiny_gpt2()
+        callback = RKSPCallback(num_samples=128, save_artifacts=False, guard=False)
+        args = cpu_training_args(tmp_path / make.__name__, TrainingArguments, max_steps=1, learning_rate=lr)
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback],
+                          optimizers=(make(model.parameters(), lr=lr), None))
+        trainer.train()
+        outside = {i.key for i in callback.profile.risk_assessment().outside}
+        seen[make.__name__] = (callback.profile.meta["optimizer"], "optimizer" in outside,
+                               trainer.state.log_history[0].get("rksp/risk_out_of_range"))
+    assert seen["SGD"] == ("SGD", True, 1.0)
+    # an AdamW object is the class args.optim builds, so the argument's name stands (and is inside the range)
+    assert seen["AdamW"][:2] == (str(TrainingArguments(output_dir=str(tmp_path)).optim.value), False)
+
+
+def test_optimizer_families_of_names_and_classes():
+    from hf_koopman.risk import optimizer_family
+
+    for name in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "AdamW", "AdamW8bit", "PagedAdamW32bit"):
+        assert optimizer_family(name) == "adamw", name
+    for name, family in (("SGD", "sgd"), ("Adam", "adam"), ("schedule_free_adamw", "schedule_free_adamw")):
+        assert optimizer_family(name) == family
