@@ -127,10 +127,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With
       a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
       `rksp/risk_out_of_range` (1 when the model, the learning rate or the optimizer (`args.optim`, or the class of
-      one passed as `Trainer(optimizers=...)`) lies outside the estimator's training runs, 0 inside, -1 ranges unknown), and a warning says "outside the fitted range: ..."
-      naming what lies outside. The shipped estimator's runs trained with AdamW, a 20-step warmup to a constant
-      learning rate and no gradient clipping, for 150 steps: its probability is for that regime at the run's peak
-      learning rate (clipping and a longer warmup make a run safer than it says).
+      one passed as `Trainer(optimizers=...)`) lies outside the estimator's training runs, 0 inside, -1 ranges
+      unknown), and a warning says "outside the fitted range: ..." naming what lies outside. The shipped
+      estimator's runs trained with AdamW, a 20-step warmup to a constant learning rate and no gradient clipping,
+      for 150 steps: its probability is for that regime at the run's peak learning rate (clipping and a longer
+      warmup make a run safer than it says).
       `auto_kss=True` follows the measurements rather than the paper's rule ("turn KSS on
       when RKSP flags high risk"): in the paper's own No-Norm regime KSS did not lower divergence
       (`results/kss_v2.md`), so a high-risk verdict never switches KSS on. A warning says whether KSS is on (because
