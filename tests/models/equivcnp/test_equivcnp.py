@@ -503,3 +503,27 @@ def test_the_input_checks_stay_out_of_a_compiled_graph_and_the_meta_device():
         meta = CNPModel(CNPConfig())
         out = meta(torch.rand(2, 5, 1), torch.rand(2, 5, 1), torch.rand(2, 7, 1), target_y=torch.rand(2, 7, 1))
     assert out.mean.shape == (2, 7, 1) and out.mean.device.type == "meta"
+
+
+def test_loading_weights_for_another_group_warns(tmp_path, caplog):
+    """An override of `group` at load (a keyword or a config=) keeps weights trained for another group: it loads, as
+    transformers' overrides do, with a warning naming both groups and how to build a fresh model instead."""
+    from transformers import AutoModel
+
+    EquivCNPModel(EquivCNPConfig(group="SO2")).save_pretrained(tmp_path)
+    loads = {
+        "keyword": lambda: EquivCNPModel.from_pretrained(tmp_path, group="SE2"),
+        "config": lambda: EquivCNPModel.from_pretrained(tmp_path, config=EquivCNPConfig(group="SE2")),
+        "auto": lambda: AutoModel.from_pretrained(tmp_path, group="SE2"),
+    }
+    for how, load in loads.items():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model = load()
+        assert model.config.group == "SE2", how
+        assert "trained for group='SO2'" in caplog.text and "group='SE2'" in caplog.text, how
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        EquivCNPModel.from_pretrained(tmp_path, group="SO2")  # the saved group: nothing to say
+        EquivCNPModel.from_pretrained(tmp_path)
+    assert "trained for group" not in caplog.text
