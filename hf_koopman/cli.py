@@ -321,7 +321,7 @@ def _model_memory(name: str) -> Iterator[None]:
             raise
         raise ValueError(
             f"out of memory while building or loading {name} ({_first_line(err)}): its weights need more memory than "
-            "is free. Use `hf-koopman profile --stream` (one block at a time, on the CPU), a smaller --dtype for "
+            "is free. Use --stream (one block at a time, on the CPU), a smaller --dtype for "
             "pretrained weights (e.g. bfloat16), or --init --num-layers N for a quick look at the architecture."
         ) from err
 
@@ -616,7 +616,8 @@ _DEFAULT_MAX_LENGTH = 256
 
 
 def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool = False) -> None:
-    """MODEL and the probe-input arguments shared by `profile` (`stream=True`: it has --stream) and `max-lr`."""
+    """MODEL and the probe-input arguments shared by `profile` and `max-lr` (`stream=True`: --max-tokens' help says
+    how --stream reads it)."""
     parser.add_argument("model", metavar="MODEL",
                         help="local save_pretrained folder or config.json, an embedded architecture name (see "
                              "`hf-koopman architectures`), or a Hub id (when online)")
@@ -648,6 +649,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
                         help=f"stop reading inputs once this many tokens reached every layer (default: 16 x "
                              f"--num-samples{streamed})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
+    parser.add_argument("--stream", action="store_true",
+                        help="stream the model one block at a time (for models that do not fit in memory)")
 
 
 def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -670,8 +673,6 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint-N, model, final ...), and org--name for a Hub cache snapshot "
                              "models--org--name/snapshots/HASH)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--stream", action="store_true",
-                        help="stream the model one block at a time (for models that do not fit in memory)")
 
 
 def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
@@ -959,7 +960,7 @@ def _run_streaming(args: argparse.Namespace, rank: int | None, progress: bool | 
         dtype=_DTYPES[args.dtype],
         progress=progress,
         model_name=name,
-        learning_rate=args.learning_rate,
+        learning_rate=getattr(args, "learning_rate", None),  # max-lr solves for it
     )
     result.meta["weights"] = "init" if weights is None else "pretrained"
     return result
@@ -1015,7 +1016,7 @@ def _run_architectures(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- max-lr
 def _add_max_lr_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_input_arguments(parser)
+    _add_model_input_arguments(parser, stream=True)
     parser.add_argument("--risk", type=float, default=0.1,
                         help="divergence probability to stay at or below (default: 0.1)")
     parser.add_argument("--estimator", type=Path,
@@ -1081,13 +1082,16 @@ def _run_max_lr(args: argparse.Namespace) -> int:
         estimator = load_estimator(args.estimator.expanduser())  # a bad file fails before the model is built
     if context:
         _warn_unread_context(context, estimator)
-    model, tokenizer, name, inputs, weights = _load_model_and_inputs(args)
-    result = profile(
-        model, inputs, num_samples=args.num_samples, seed=args.seed, layers=args.layers,
-        tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
-        model_name=name, progress=progress,
-    )
-    _record_weights(result, model, weights)  # as `hf-koopman profile` records it: the answer's first caveat says so
+    if args.stream:
+        result = _run_streaming(args, None, progress)
+    else:
+        model, tokenizer, name, inputs, weights = _load_model_and_inputs(args)
+        result = profile(
+            model, inputs, num_samples=args.num_samples, seed=args.seed, layers=args.layers,
+            tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
+            model_name=name, progress=progress,
+        )
+        _record_weights(result, model, weights)  # as `hf-koopman profile` records it: the answer's first caveat says
     suggestion = suggest_max_lr(result, risk=args.risk, estimator=estimator, level=args.level, context=context)
     print(json.dumps(suggestion.to_dict(), indent=2) if args.json else suggestion.describe())
     _warn_low_precision(result)

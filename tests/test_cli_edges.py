@@ -236,6 +236,21 @@ def test_max_lr_on_pretrained_weights_says_it_extrapolates(tmp_path, capsys):
     assert "extrapolated: these are pretrained weights" in capsys.readouterr().out
 
 
+def test_max_lr_streams_to_the_same_answer(tmp_path, capsys):
+    """`max-lr --stream` (one block in memory at a time) answers what `max-lr` answers on the same checkpoint."""
+    folder = _checkpoint(tmp_path)
+    answers = {}
+    for label, extra in {"plain": [], "stream": ["--stream"]}.items():
+        assert main(["max-lr", str(folder), "--num-samples", "64", "--no-progress", "--json", *extra]) == 0
+        answers[label] = json.loads(capsys.readouterr().out)
+    plain, stream = answers["plain"], answers["stream"]
+    assert plain["verdict"] == stream["verdict"] and plain["caveats"] == stream["caveats"]
+    if plain["max_learning_rate"] is None:
+        assert stream["max_learning_rate"] is None
+    else:
+        assert stream["max_learning_rate"] == pytest.approx(plain["max_learning_rate"], rel=1e-3)
+
+
 # ------------------------------------------------------------------------------- 8. run name of a folder with --init
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_folder_with_init_is_named_as_init(tmp_path, stream):
