@@ -417,7 +417,9 @@ class StateSnapshot:
 
     In-place restore keeps every tensor object the Trainer, the optimizer and DDP / FSDP2 hold (DTensor shards are
     restored through their local tensor). Optimizer state that did not exist when the snapshot was taken (the first
-    step creates Adam's moments) is removed on restore, so the optimizer behaves as it did then.
+    step creates Adam's moments) is removed on restore, so the optimizer behaves as it did then. The parameter
+    groups' hyper-parameters (the learning rate the schedule has reached) are left as they are, as a restore from a
+    checkpoint leaves them (`load_checkpoint_state`): the schedule carries on from the tripping step.
     """
 
     def __init__(self) -> None:
@@ -425,7 +427,6 @@ class StateSnapshot:
         self._params: list[torch.Tensor] = []
         self._buffers: list[torch.Tensor] = []
         self._opt_state: list[dict[str, Any] | None] = []
-        self._groups: list[dict[str, Any]] = []
 
     @property
     def empty(self) -> bool:
@@ -463,7 +464,6 @@ class StateSnapshot:
                     {k: self._copy(v, prev.get(k)) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
                 )
             self._opt_state = new_state
-            self._groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.step = step
 
     @torch.no_grad()
@@ -494,8 +494,6 @@ class StateSnapshot:
                     current[k] = v.clone().to(_local(p).device) if v.dim() else v.clone()
                 else:
                     current[k] = v
-        for group, saved in zip(optimizer.param_groups, self._groups):
-            group.update(saved)
 
     def invalidate(self) -> None:
         """Mark the snapshot `empty` but keep its buffers, which the next `capture` reuses."""
@@ -503,7 +501,7 @@ class StateSnapshot:
 
     def clear(self) -> None:
         """Drop the copies (the snapshot becomes `empty`)."""
-        self.step, self._params, self._buffers, self._opt_state, self._groups = None, [], [], [], []
+        self.step, self._params, self._buffers, self._opt_state = None, [], [], []
 
     def nbytes(self) -> int:
         """Bytes the copy holds (parameters, buffers and optimizer tensors)."""

@@ -516,3 +516,32 @@ def test_save_model_warns_when_the_guard_could_not_judge_the_last_steps(tmp_path
         trainer.save_model(str(tmp_path / "final"))  # written: nothing diverged, but the last steps are unchecked
     assert "writing in-memory weights the divergence guard could not check" in caplog.text
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_rollback_judged_on_the_logged_loss_keeps_the_schedule_rate(tmp_path):
+    """With a loss computed by a Trainer subclass, the guard judges the logged loss and rolls back after the
+    scheduler stepped: the next step runs at the schedule's rate times the back-off, not at the rate the validated
+    snapshot was taken at (a warmup makes the two differ)."""
+
+    class OwnLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = causal_ce(outputs, labels)
+            if (labels == 0).all(dim=1).any():  # one bad batch: loss > 50, gradient norm < 500
+                loss = loss * 30
+            return (loss, outputs) if return_outputs else loss
+
+    data = TokenDataset(n=64)
+    data.ids[data.ids == 0] = 1
+    data.ids[4 * 4] = 0  # the first row of step 5's batch
+    rates = LearningRates()
+    args = _args(tmp_path, max_steps=8, learning_rate=8e-3, lr_scheduler_type="linear", warmup_steps=8,
+                 save_strategy="no")
+    trainer = OwnLoss(model=tiny_gpt2(), args=args, train_dataset=data, callbacks=[_guard(on_divergence="rollback"),
+                                                                                    rates])
+    trainer.train()
+    assert [h["rksp/rollbacks"] for h in trainer.state.log_history if "rksp/rollbacks" in h][-1] == 1.0
+    scheduled = [8e-3 * step / 8 for step in range(8)]  # linear warmup: step s (1-based) runs at 8e-3 (s-1)/8
+    assert rates.lrs[:5] == pytest.approx(scheduled[:5])
+    assert rates.lrs[5:] == pytest.approx([0.5 * r for r in scheduled[5:]])  # the back-off on the schedule's rate
