@@ -186,8 +186,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       skipped (it counts as a step but its update is discarded, as is the update of the step before it), the learning
       rate is multiplied by `lr_backoff` for the rest of the run ([`scale_learning_rate`]; it is part of the
       scheduler's checkpointed state, so resumed runs keep it), and training continues. After `max_rollbacks`
-      rollbacks the next trip stops as above. Each rollback logs `rksp/rollbacks` (count), `rksp/rollback_step`,
-      `rksp/rollback_cause` (bit flags: 1 loss, 2 gradient norm, 4 block output) and `rksp/lr` (the new rate).
+      rollbacks in one `train()` call the next trip stops as above (a resumed run has a budget of its own). Each
+      rollback logs `rksp/rollbacks` (this call's count), `rksp/rollback_step`, `rksp/rollback_cause` (bit flags:
+      1 loss, 2 gradient norm, 4 block output) and `rksp/lr` (the new rate).
 
       Every event is written to `output_dir/rksp_guard.json` (the run record), with this process's loss and gradient
       norm and their maxima over processes, which the rule judged (`loss_max_over_processes`,
@@ -493,8 +494,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
     @property
     def rollbacks(self) -> int:
-        """How many rollbacks this run has made so far (events with action "rollback")."""
-        return sum(e["action"] == "rollback" for e in self.events)
+        """How many rollbacks this `train()` call has made so far, the count `max_rollbacks` bounds: a resumed run
+        starts a new count (the rollbacks of the run it resumes stay in `events` and the run record)."""
+        return sum(e["action"] == "rollback" for e in self.events[self._events_before_call:])
 
     # ------------------------------------------------------------------ wiring
     def bind(self, trainer: Any) -> RKSPCallback:

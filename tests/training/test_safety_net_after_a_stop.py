@@ -360,6 +360,32 @@ def test_a_resumed_run_reports_only_its_own_rollbacks(tmp_path, caplog):
     assert "rollback(s) in this" not in caplog.text
 
 
+def test_a_resumed_run_has_a_rollback_budget_of_its_own(tmp_path, caplog):
+    """A run that stopped once its `max_rollbacks` were spent is resumed from its last good checkpoint, as the stop
+    message says: the resumed call rolls back again (its own budget), and logs its own count."""
+    from conftest import bad_batch_at
+
+    model, data = bad_batch_at(4)
+    data.ids[(7 - 1) * 4] = 0  # a second bad batch at step 7
+    args = _args(tmp_path, max_steps=10, learning_rate=1e-3)
+    first = _guard(on_divergence="rollback", max_rollbacks=1)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[first]).train()
+    assert [(e["step"], e["action"]) for e in first.events] == [(4, "rollback"), (7, "stop")]
+    good = first.last_good_checkpoint
+    assert good is not None
+    model, _ = bad_batch_at(None)
+    resumed = _guard(on_divergence="rollback", max_rollbacks=1)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[resumed])
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=good)  # step 7's batch trips again
+    assert (7, "rollback") in [(e["step"], e["action"]) for e in resumed.events]
+    assert resumed.divergence is None and trainer.state.global_step == 10
+    # the history the checkpoint holds (the first run's rollback at step 4) comes first
+    logged = [h["rksp/rollbacks"] for h in trainer.state.log_history if h.get("rksp/rollback_step", 0) >= 7]
+    assert logged == [1]
+    assert "1 rollback(s) in this train() call, 2 in the run record" in caplog.text
+
+
 # ---------------------------------------------------------------- 4. the values that tripped on another process
 def test_the_record_keeps_the_values_that_tripped_on_another_process(tmp_path, monkeypatch):
     calls = []
