@@ -1704,17 +1704,17 @@ class SafetyNet:
             return
         module, call_args, call_kwargs = tap.last_call
         kwargs = {k: v for k, v in call_kwargs.items() if k != "num_items_in_batch"}  # the micro-batch's mean loss
-        error, value = None, float("-inf")
+        error, value = None, None
         device = self._device()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(module), \
                     torch.no_grad():
                 loss = model_loss(module(*call_args, **kwargs))
             if loss is not None:
-                value = float(_inf_if_not_finite(loss.detach().float().mean()))
+                value = float(loss.detach().float().mean())  # NaN stays NaN in the messages and the record
         except Exception as err:  # noqa: BLE001 - a check that cannot run must not end the run's bookkeeping
             error = f"{type(err).__name__}: {err}"
-        reduced = [value, float(error is not None)]
+        reduced = [_max_key(value), float(error is not None)]
         if is_distributed():
             reduced = reduce_max(torch.tensor(reduced, dtype=torch.float64, device=self._device())).tolist()
         if reduced[1] > 0:
@@ -1733,9 +1733,9 @@ class SafetyNet:
         event = DivergenceEvent(
             step=step, causes=[f"the weights after its update give loss > {self.loss_limit:g} or non-finite on "
                                f"the last training batch{'' if here else ' on another process'} (checked after "
-                               f"training ended; loss here: {value if value != float('-inf') else None}"
+                               f"training ended; loss here: {value}"
                                f"{'' if here else f', max over processes: {reduced[0]}'})"],
-            cause_flags=CAUSE_LOSS, loss=value if value != float("-inf") else None, grad_norm=None,
+            cause_flags=CAUSE_LOSS, loss=value, grad_norm=None,
             first_bad_layer=None, last_good_checkpoint=self.last_good_checkpoint, suspect_checkpoints=suspect,
             first_checked_step=step, loss_max_over_processes=reduced[0],
         )

@@ -63,6 +63,22 @@ def test_a_diverged_last_update_is_caught_after_training(tmp_path, on_divergence
             trainer.save_model(str(tmp_path / "final"))
 
 
+def test_a_nan_last_update_is_reported_as_nan(tmp_path):
+    """The end-of-run check names the loss it read: NaN, not the +inf the maximum over processes uses."""
+
+    class NaNAfterLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == state.max_steps:
+                with torch.no_grad():
+                    model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+
+    guard = _guard()
+    args = _args(tmp_path, max_steps=3, learning_rate=1e-3, save_strategy="no")
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=64), callbacks=[guard, NaNAfterLastStep()]
+            ).train()
+    assert guard.divergence is not None and "loss here: nan" in guard.divergence["causes"][0]
+
+
 def test_a_sane_last_update_changes_nothing(tmp_path):
     guard = _guard()
     args = _args(tmp_path, max_steps=4, learning_rate=1e-3, save_steps=2)
