@@ -114,15 +114,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+#: what a PEFT model's `named_modules()` puts before the wrapped model's paths: `base_model.model.` for adapters
+#: (`PeftModel` -> tuner -> model), `base_model.` for prompt learning (`PeftModel` -> model)
+_PEFT_PREFIXES = ("base_model.model.", "base_model.")
+
+
 def _submodule(model: nn.Module, path: str) -> nn.Module:
     """`model.get_submodule(path)`; a path written from the task model (`model.layers`, `transformer.h`) also resolves
-    on its base model (`LlamaModel`, `GPT2Model`, what the CLI profiles) by dropping the leading `base_model_prefix`."""
+    on its base model (`LlamaModel`, `GPT2Model`, what the CLI profiles) by dropping the leading `base_model_prefix`,
+    and a path copied from a PEFT model's `named_modules()` (`base_model.model.transformer.h`) on the model it wraps
+    (`model` is unwrapped, `unwrap_model`)."""
     try:
         return model.get_submodule(path)
     except AttributeError:
         prefix = getattr(model, "base_model_prefix", "")
         if prefix and path.startswith(prefix + ".") and not hasattr(model, prefix):
             return model.get_submodule(path[len(prefix) + 1:])
+        for peft in _PEFT_PREFIXES:
+            if path.startswith(peft):
+                try:
+                    return _submodule(model, path[len(peft):])
+                except AttributeError:
+                    continue
         raise
 
 

@@ -45,6 +45,24 @@ def test_peft_lora_llama_is_unwrapped():
     assert blocks[0].module is peft_model.get_base_model().model.layers[0]
 
 
+def test_paths_copied_from_a_peft_model_name_the_wrapped_blocks():
+    """`layers=` paths as the PEFT model's own `named_modules()` prints them (adapters: `base_model.model.`, prompt
+    learning: `base_model.`) resolve on the model it wraps, as the unwrapped paths do."""
+    import peft
+
+    lora = tiny_peft_model("gpt2")
+    assert "base_model.model.transformer.h" in dict(lora.named_modules())
+    expected = [b.module for b in find_residual_blocks(lora)]
+    for path in ("base_model.model.transformer.h", ["base_model.model.transformer.h.0",
+                                                     "base_model.model.transformer.h.1"], "transformer.h"):
+        assert [b.module for b in find_residual_blocks(lora, layers=path)] == expected, path
+    prompt = peft.get_peft_model(tiny_model("gpt2"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=2))
+    assert "base_model.transformer.h" in dict(prompt.named_modules())
+    assert [b.module for b in find_residual_blocks(prompt, layers="base_model.transformer.h")] == list(
+        prompt.get_base_model().transformer.h)
+
+
 def test_data_parallel_wrapper_is_unwrapped():
     model = tiny_model("gpt2")
     wrapped = nn.DataParallel(model)
