@@ -382,9 +382,9 @@ def find_residual_blocks(
         if not candidates:
             raise ValueError(
                 f"{found} None of them holds blocks (modules whose output is x + f(x), not single torch layers): pass "
-                "the blocks' dotted paths, e.g. `profile(model, layers=['block1', 'block2'])` or "
-                "`RKSPCallback(layers=[...])`; a skip connection written in the model's own forward() leaves no "
-                "block module to profile."
+                "the blocks' dotted paths, e.g. `profile(model, layers=['block1', 'block2'])`, "
+                "`RKSPCallback(layers=[...])` or `KSSTrainingArguments(kss_layers=[...])`; a skip connection written "
+                "in the model's own forward() leaves no block module to profile."
             )
         example = max(candidates, key=lambda nc: len(nc[1]))[0]
         raise ValueError(

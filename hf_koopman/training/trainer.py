@@ -337,7 +337,8 @@ class KSSTrainer(Trainer):
       1 = uncapped, this process only); `kss/task_loss`, the mean of the task losses `compute_loss` computed without
       the KSS term, reduced like `loss` (over the optimizer steps since the last log and over processes, gradient
       accumulation included; float64, exact however large the term), which is comparable with `eval_loss` and with a
-      plain `Trainer`'s loss; it is in every training log. The Trainer's own `loss` and `train_loss` are the
+      plain `Trainer`'s loss; it is in every training log; `kss/skipped_layers` (layers whose eigendecomposition
+      failed and were left out since the last log, when any). The Trainer's own `loss` and `train_loss` are the
       optimised objective, i.e. they include `alpha * penalty` on KSS steps. The statistics of KSS steps after the
       last training log reach the final log of `train()` (the one with `train_loss`; also in the metrics `train()`
       returns), without `kss/task_loss`. `kss_steps`, the statistics and the warnings start afresh with each run
@@ -394,7 +395,7 @@ class KSSTrainer(Trainer):
         self._kss_not_residual_step: int | None = None
         self._kss_fast_cap = True  # False: always the three-pass cap (kept for the benchmark's comparison)
         self._kss_reset_run_state()
-        self._check_not_compiled(self.model)
+        self._check_kss_model(self.model)
 
         from hf_koopman.training.callback import RKSPCallback, register_trainer  # local: callback imports nothing here
 
@@ -524,6 +525,23 @@ class KSSTrainer(Trainer):
             "(e.g. each block's MLP); or set kss_enabled=False to train compiled without KSS."
         )
 
+    def _check_kss_model(self, model: torch.nn.Module | None) -> None:
+        """Raise a `ValueError` before training when KSS is on and cannot run on `model`: a compiled model
+        (`_check_not_compiled`), or no residual blocks to penalise (the error names `kss_layers`)."""
+        self._check_not_compiled(model)
+        if model is None or not self.kss_config.active:
+            return
+        from hf_koopman.profiling import find_residual_blocks
+
+        try:
+            find_residual_blocks(model, layers=self.kss_config.layers)
+        except ValueError as err:
+            raise ValueError(
+                f"KSSTrainer: KSS cannot find the residual blocks it penalises. {err} With KSSTrainer, name them with "
+                "kss_layers (KSSTrainingArguments(kss_layers='model.layers') or KSSConfig(layers=...)), or set "
+                "kss_enabled=False to train without KSS."
+            ) from None
+
     def _dynamo_backend(self) -> str | None:
         """The backend accelerate's dynamo plugin compiles the model with in `prepare`, or `None` when it does not."""
         plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "dynamo_plugin", None)
@@ -540,7 +558,7 @@ class KSSTrainer(Trainer):
         """`Trainer.call_model_init`, refusing a compiled model while KSS is on (see `torch.compile` above)."""
         model = super().call_model_init(trial)
         if hasattr(self, "kss_config"):  # the parent __init__ calls this before kss_config exists; __init__ checks
-            self._check_not_compiled(model)
+            self._check_kss_model(model)
         return model
 
     def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
@@ -550,7 +568,7 @@ class KSSTrainer(Trainer):
         off the model, as `on_train_end` does after a run that finishes."""
         self._kss_follow_args()  # args changed since the last run: checked here, before any set-up
         if self.model_init is None:
-            self._check_not_compiled(self.model)
+            self._check_kss_model(self.model)
         try:
             return super().train(*args, **kwargs)
         except BaseException:
@@ -596,7 +614,7 @@ class KSSTrainer(Trainer):
             self._kss_blocks = None
         self.kss_config = current
         if self.model is not None:
-            self._check_not_compiled(self.model)  # a trial may switch KSS on for a model compiled before
+            self._check_kss_model(self.model)  # a trial may switch KSS on for a model compiled before
 
     def training_step(
         self,

@@ -819,3 +819,30 @@ def test_numpy_integers_are_counts_and_bools_are_not(tmp_path):
     for name in ("every_n_steps", "num_samples", "rank"):
         with pytest.raises(ValueError, match=f"{name} must be .*an int >= ., got True"):
             KSSConfig(**{name: True})
+
+
+class _NoBlocks(torch.nn.Module):
+    """A language model without residual blocks: embedding, a plain MLP, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 16)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+        self.head = torch.nn.Linear(16, 64)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits = self.head(self.mlp(self.emb(input_ids)))
+        return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+
+def test_a_model_without_findable_blocks_is_refused_before_training_naming_kss_layers(tmp_path):
+    args = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=2, kss_every_n_steps=1)
+    with pytest.raises(ValueError, match=r"kss_layers") as err:
+        KSSTrainer(model=_NoBlocks(), args=args, train_dataset=TokenDataset())
+    assert err.value.args[0].startswith("KSSTrainer: KSS cannot find the residual blocks")
+    bad_path = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=2, kss_layers="model.layers")
+    with pytest.raises(ValueError, match=r"not a sub-module"):
+        KSSTrainer(model=tiny_gpt2(), args=bad_path, train_dataset=TokenDataset())
+    # without KSS the same model trains
+    off = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=1, kss_enabled=False)
+    KSSTrainer(model=_NoBlocks(), args=off, train_dataset=TokenDataset()).train()
