@@ -190,7 +190,8 @@ def optimizer_family(name: Any) -> str:
     `AdamW8bit`, `PagedAdamW32bit`), else the lower-cased name itself (`sgd`, `adafactor`, `adam`, and AdamW variants
     that change the update, such as `schedule_free_adamw` or `galore_adamw`)."""
     name = str(getattr(name, "value", name)).lower()
-    return "adamw" if name.removeprefix("paged").removeprefix("_").startswith("adamw") else name
+    changed = "schedule" in name  # schedule-free AdamW (`schedule_free_adamw`, `AdamWScheduleFree`)
+    return "adamw" if name.removeprefix("paged").removeprefix("_").startswith("adamw") and not changed else name
 
 
 def _model_context(profile: Any) -> dict[str, Any]:

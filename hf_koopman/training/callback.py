@@ -794,7 +794,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # an explicit layers= is checked whatever uses it (profile, monitoring, the guard's block-output check)
         self._blocks_missing = bool((profiles or self.layers is not None) and model is not None
                                     and not self._blocks_found(model, state))
-        self._optimizer = _optimizer_name(args, optimizer, model)  # a range the risk estimator checks
+        self._optimizer = _optimizer_name(args, optimizer)  # a range the risk estimator checks
         if self.profile_at_init and not restored and model is not None and not self._blocks_missing:
             with _replica_quiet(state):
                 self._profile_at_init(args, state, model, train_dataloader)
@@ -949,28 +949,29 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
 
 
-def _optimizer_name(args: Any, optimizer: Any = None, model: Any = None) -> str | None:
+def _optimizer_name(args: Any, optimizer: Any = None) -> str | None:
     """The optimizer the run uses, for the risk estimator's range check: `TrainingArguments.optim` as a string
     (`"adamw_torch"`, `"sgd"`, ...) when the Trainer built `optimizer` from it (or none is known yet), else the class
     name of the optimizer passed to the Trainer as an object (`optimizers=(torch.optim.SGD(...), None)`: `"SGD"`);
     `None` (not checked) when neither is known."""
     optim = getattr(args, "optim", None)
     name = None if optim is None else str(getattr(optim, "value", optim))
-    # accelerate wraps the optimizer (AcceleratedOptimizer, itself an Optimizer holding the real one)
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+    # wrappers hold the optimizer they wrap as `.optimizer`: accelerate's AcceleratedOptimizer and
+    # DeepSpeedOptimizerWrapper, DeepSpeed's ZeRO / BF16 optimizers (plain objects)
+    seen: set[int] = set()
+    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
         optimizer = optimizer.optimizer
-    if optimizer is None:
-        return name
-    if name is not None:
-        from transformers import Trainer
+    if optimizer is None or name is None:
+        return name if optimizer is None else type(optimizer).__name__
+    from transformers import Trainer
 
-        try:  # the class the Trainer builds for args.optim; an optional package it needs may be missing
-            built = Trainer.get_optimizer_cls_and_kwargs(args, model)[0]
-            if isinstance(built, type) and isinstance(optimizer, built):
-                return name
-        except Exception:  # noqa: BLE001 - any failure means the optimizer was not built from args.optim
-            pass
-    return type(optimizer).__name__
+    try:  # the class the Trainer builds for args.optim; without the model, which the layer-wise optimizers (GaLore,
+        # APOLLO) would use to build and hook a second set of optimizers
+        built = Trainer.get_optimizer_cls_and_kwargs(args)[0]
+    except Exception:  # noqa: BLE001 - it needs the model or a package: the Trainer built it from args.optim
+        return name
+    return name if not isinstance(built, type) or isinstance(optimizer, built) else type(optimizer).__name__
 
 
 # `__new__` checks the keywords: introspection (help(), docs, IDEs) still reads the arguments of `__init__`

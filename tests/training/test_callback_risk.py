@@ -200,5 +200,35 @@ def test_optimizer_families_of_names_and_classes():
 
     for name in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "AdamW", "AdamW8bit", "PagedAdamW32bit"):
         assert optimizer_family(name) == "adamw", name
-    for name, family in (("SGD", "sgd"), ("Adam", "adam"), ("schedule_free_adamw", "schedule_free_adamw")):
+    for name, family in (("SGD", "sgd"), ("Adam", "adam"), ("schedule_free_adamw", "schedule_free_adamw"),
+                         ("AdamWScheduleFree", "adamwschedulefree")):
         assert optimizer_family(name) == family
+
+
+def test_the_optimizer_is_read_through_wrappers_that_are_not_optimizers(tmp_path, monkeypatch):
+    """DeepSpeed's optimizers are plain objects holding the torch optimizer as `.optimizer` (under accelerate's
+    wrapper): the check reads the torch optimizer inside. The class lookup runs without the model (the layer-wise
+    optimizers would build a second set from it)."""
+    from transformers import Trainer as HfTrainer
+
+    from hf_koopman.training.callback import _optimizer_name
+
+    class ZeroLike:  # DeepSpeedZeroOptimizer: not a torch Optimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class Outer(torch.optim.Optimizer):  # accelerate's DeepSpeedOptimizerWrapper
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    args = TrainingArguments(output_dir=str(tmp_path))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert _optimizer_name(args, Outer(ZeroLike(torch.optim.AdamW(params)))) == str(args.optim.value)
+    assert _optimizer_name(args, Outer(ZeroLike(torch.optim.SGD(params, lr=0.1)))) == "SGD"
+    assert _optimizer_name(args, None) == str(args.optim.value)
+    seen = []
+    lookup = HfTrainer.get_optimizer_cls_and_kwargs
+    monkeypatch.setattr(HfTrainer, "get_optimizer_cls_and_kwargs",
+                        staticmethod(lambda a, model=None: seen.append(model) or lookup(a, model)))
+    _optimizer_name(args, torch.optim.AdamW(params))
+    assert seen == [None]
