@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -411,6 +412,18 @@ def world_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+#: parameter-group entries that a scheduler or a callback sets (LambdaLR's `lr`, OneCycleLR's `momentum` / `betas`, a
+#: weight-decay schedule): a restore keeps their current values, so the schedule carries on from the tripping step;
+#: every other entry (an optimizer's own state kept in its groups: Prodigy's `d` and `k`, schedule-free AdamW's
+#: `weight_sum`) goes back
+SCHEDULED_GROUP_KEYS = ("lr", "initial_lr", "momentum", "betas", "weight_decay")
+
+
+def _keep_scheduled(optimizer: Any) -> list[dict[str, Any]]:
+    """The current scheduled entries (`SCHEDULED_GROUP_KEYS`) of every parameter group of `optimizer`."""
+    return [{k: group[k] for k in SCHEDULED_GROUP_KEYS if k in group} for group in optimizer.param_groups]
+
+
 class StateSnapshot:
     """Parameters, buffers (`model_buffers`: BatchNorm's running statistics) and the optimizer
     state of one moment, copied to CPU and restored in place.
@@ -418,8 +431,9 @@ class StateSnapshot:
     In-place restore keeps every tensor object the Trainer, the optimizer and DDP / FSDP2 hold (DTensor shards are
     restored through their local tensor). Optimizer state that did not exist when the snapshot was taken (the first
     step creates Adam's moments) is removed on restore, so the optimizer behaves as it did then. The parameter
-    groups' hyper-parameters (the learning rate the schedule has reached) are left as they are, as a restore from a
-    checkpoint leaves them (`load_checkpoint_state`): the schedule carries on from the tripping step.
+    groups come back too, except the entries a scheduler or a callback sets (`SCHEDULED_GROUP_KEYS`: the learning
+    rate the schedule has reached), which stay as they are, as in a restore from a checkpoint
+    (`load_checkpoint_state`): the schedule carries on from the tripping step.
     """
 
     def __init__(self) -> None:
@@ -427,6 +441,7 @@ class StateSnapshot:
         self._params: list[torch.Tensor] = []
         self._buffers: list[torch.Tensor] = []
         self._opt_state: list[dict[str, Any] | None] = []
+        self._groups: list[dict[str, Any]] = []
 
     @property
     def empty(self) -> bool:
@@ -464,6 +479,8 @@ class StateSnapshot:
                     {k: self._copy(v, prev.get(k)) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
                 )
             self._opt_state = new_state
+            self._groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                            for g in optimizer.param_groups]
         self.step = step
 
     @torch.no_grad()
@@ -494,6 +511,10 @@ class StateSnapshot:
                     current[k] = v.clone().to(_local(p).device) if v.dim() else v.clone()
                 else:
                     current[k] = v
+        scheduled = _keep_scheduled(optimizer)
+        for group, saved, kept in zip(optimizer.param_groups, self._groups, scheduled):
+            group.update(copy.deepcopy(saved))
+            group.update(kept)
 
     def invalidate(self) -> None:
         """Mark the snapshot `empty` but keep its buffers, which the next `capture` reuses."""
@@ -501,7 +522,7 @@ class StateSnapshot:
 
     def clear(self) -> None:
         """Drop the copies (the snapshot becomes `empty`)."""
-        self.step, self._params, self._buffers, self._opt_state = None, [], [], []
+        self.step, self._params, self._buffers, self._opt_state, self._groups = None, [], [], [], []
 
     def nbytes(self) -> int:
         """Bytes the copy holds (parameters, buffers and optimizer tensors)."""
@@ -594,8 +615,9 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
     and optimizer state back into `model` and `optimizer`, in place.
 
     Weights come from `model.safetensors` (or the shards its index lists), matched by parameter name (tied aliases
-    included); the optimizer state from `optimizer.pt`, read with `weights_only=True`. The optimizer's hyperparameters
-    (learning rate, weight decay, betas, ...) stay as they are: the caller decides the rate. A checkpoint without
+    included); the optimizer state from `optimizer.pt`, read with `weights_only=True`, its parameter groups included
+    except the entries a scheduler or a callback sets (`SCHEDULED_GROUP_KEYS`: learning rate, momentum, betas, weight
+    decay), which stay as they are: the caller decides the rate. A checkpoint without
     `optimizer.pt` (`save_only_model=True`) restores the weights and clears the optimizer state, with a warning.
     Everything is read and checked before anything changes, and the error names the fix: a missing weight file raises
     `FileNotFoundError`, a missing parameter `CheckpointKeyError` (a `KeyError`), a shape mismatch or an optimizer
@@ -635,7 +657,7 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer: Any, checkpoint: st
                        path)
         optimizer.state.clear()
         return
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    scheduled = _keep_scheduled(optimizer)
     optimizer.load_state_dict(optimizer_state)
-    for group, kept in zip(optimizer.param_groups, hyper):
+    for group, kept in zip(optimizer.param_groups, scheduled):
         group.update(kept)

@@ -213,6 +213,50 @@ def test_state_snapshot_clear_frees_the_copies_and_a_new_capture_works():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+class _GroupStateSGD(torch.optim.SGD):
+    """An optimizer that keeps state of its own in its parameter groups, as Prodigy keeps `d` and `k`."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group.update(d=0.01, k=0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["d"], group["k"] = group["d"] * 10, group["k"] + 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("source", ["snapshot", "checkpoint"])
+def test_a_restore_puts_the_optimizers_group_state_back_and_keeps_the_scheduled_rate(tmp_path, source):
+    """What goes back is the optimizer's own state, in its groups too (Prodigy's `d`, `k`); what a scheduler or a
+    callback sets (`lr`, OneCycle's `momentum` / `betas`, weight decay) keeps its current value: the schedule carries
+    on."""
+    from safetensors.torch import save_file
+
+    from hf_koopman.training.guard import load_checkpoint_state
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = _GroupStateSGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    snap = StateSnapshot()
+    snap.capture(list(model.parameters()), optimizer, step=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    saved = {k: v for k, v in optimizer.param_groups[0].items() if k in ("d", "k")}
+    for _ in range(3):  # the steps that diverged: the group state grows, and the schedule moves the rate
+        optimizer.step()
+    optimizer.param_groups[0]["lr"] = 0.05
+    if source == "snapshot":
+        snap.restore(list(model.parameters()), optimizer)
+    else:
+        load_checkpoint_state(model, optimizer, tmp_path)
+    group = optimizer.param_groups[0]
+    assert {k: group[k] for k in ("d", "k")} == pytest.approx(saved) and group["lr"] == 0.05
+
+
 class _LossModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
