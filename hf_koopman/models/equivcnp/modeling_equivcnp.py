@@ -67,25 +67,30 @@ class EquivCNPPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with a warning when an override (`group="SE2"`, or a `config=` whose
-        group differs) loads weights trained for another symmetry group: the layers are then equivariant to the new
+        group differs) loaded weights trained for another symmetry group: the layers are then equivariant to the new
         group, but the weights compute a different function from the one they were trained for."""
         config = kwargs.get("config")
         asked = kwargs.get("group", getattr(config, "group", None) if config is not None else None)
-        if asked is not None and not isinstance(config, str):
+        saved = None
+        # a checkpoint folder or Hub id whose config.json says what the weights were trained for (not weights passed
+        # as state_dict= with the path None)
+        if (asked is not None and pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None
+                and not isinstance(config, str)):
             hub = {key: kwargs[key] for key in ("cache_dir", "force_download", "local_files_only", "token",
                                                  "revision", "subfolder") if key in kwargs}
             try:
                 saved = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub)[0].get("group")
             except (OSError, ValueError):  # no readable config next to the weights: nothing to compare with
                 saved = None
-            if saved is not None and saved != asked:
-                logger.warning(
-                    "%s.from_pretrained: the weights in %s were trained for group=%r and are loaded into a model for "
-                    "group=%r; they keep their values but compute a different function, so treat the result as an "
-                    "initialisation to fine-tune. To train a %r model from scratch, build it from the config instead: "
-                    "%s(%s.from_pretrained(path, group=%r)).", cls.__name__, pretrained_model_name_or_path, saved,
-                    asked, asked, cls.__name__, cls.config_class.__name__, asked)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if saved is not None and saved != asked:
+            logger.warning(
+                "%s.from_pretrained: the weights in %s were trained for group=%r and are loaded into a model for "
+                "group=%r; they keep their values but compute a different function, so treat the result as an "
+                "initialisation to fine-tune. To train a %r model from scratch, build it from the config instead: "
+                "%s(%s.from_pretrained(path, group=%r)).", cls.__name__, pretrained_model_name_or_path, saved,
+                asked, asked, cls.__name__, cls.config_class.__name__, asked)
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         # PyTorch's default (Kaiming-uniform weights, uniform biases): zero biases leave the kernel MLPs nearly

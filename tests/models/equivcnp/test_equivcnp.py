@@ -527,3 +527,10 @@ def test_loading_weights_for_another_group_warns(tmp_path, caplog):
         EquivCNPModel.from_pretrained(tmp_path, group="SO2")  # the saved group: nothing to say
         EquivCNPModel.from_pretrained(tmp_path)
     assert "trained for group" not in caplog.text
+    # weights passed in memory, with no path: nothing to compare with, and nothing is looked up (no Hub request)
+    from unittest import mock
+
+    state = EquivCNPModel(EquivCNPConfig(group="SE2")).state_dict()
+    with mock.patch.object(EquivCNPConfig, "get_config_dict", side_effect=AssertionError("looked up")):
+        model = EquivCNPModel.from_pretrained(None, config=EquivCNPConfig(group="SE2"), state_dict=state)
+    assert model.config.group == "SE2"
