@@ -250,7 +250,7 @@ def _compiled_hook_paths(model: torch.nn.Module | None, layers: Any = None) -> l
         for parent, key, child in wrapped:
             parent._modules[key] = eager_module(child)
         blocks = find_residual_blocks(model, layers=layers)
-    except (ValueError, TypeError):  # no blocks: the first KSS step raises the discovery error, naming kss_layers
+    except (ValueError, TypeError):  # no blocks: `_check_kss_model` refuses the run, naming kss_layers
         blocks = []
     finally:
         for parent, key, child in wrapped:
@@ -395,7 +395,7 @@ class KSSTrainer(Trainer):
         self._kss_not_residual_step: int | None = None
         self._kss_fast_cap = True  # False: always the three-pass cap (kept for the benchmark's comparison)
         self._kss_reset_run_state()
-        self._check_kss_model(self.model)
+        self._check_not_compiled(self.model)  # the blocks are checked when a run starts: evaluate() needs none
 
         from hf_koopman.training.callback import RKSPCallback, register_trainer  # local: callback imports nothing here
 
@@ -562,8 +562,9 @@ class KSSTrainer(Trainer):
         return model
 
     def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
-        """`Trainer.train` (same arguments), refusing a compiled model while KSS is on before any set-up (NEFTune hooks,
-        a checkpoint loaded into the model) runs; a model that `model_init` builds is checked when it is built. When
+        """`Trainer.train` (same arguments), refusing while KSS is on a compiled model or one whose residual blocks
+        cannot be found (`_check_kss_model`) before any set-up (NEFTune hooks, a checkpoint loaded into the model)
+        runs; a model that `model_init` builds is checked when it is built. When
         training raises (an error, a KeyboardInterrupt), the divergence guards of its `RKSPCallback`s take their hooks
         off the model, as `on_train_end` does after a run that finishes."""
         self._kss_follow_args()  # args changed since the last run: checked here, before any set-up

@@ -836,13 +836,17 @@ class _NoBlocks(torch.nn.Module):
 
 
 def test_a_model_without_findable_blocks_is_refused_before_training_naming_kss_layers(tmp_path):
+    """KSS needs the residual blocks: a run on a model without findable ones is refused before its first step, with
+    the fix (kss_layers); evaluation, which runs no KSS, and a run with KSS off still work."""
     args = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=2, kss_every_n_steps=1)
+    trainer = KSSTrainer(model=_NoBlocks(), args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(n=4))
+    assert "eval_loss" in trainer.evaluate()
     with pytest.raises(ValueError, match=r"kss_layers") as err:
-        KSSTrainer(model=_NoBlocks(), args=args, train_dataset=TokenDataset())
+        trainer.train()
     assert err.value.args[0].startswith("KSSTrainer: KSS cannot find the residual blocks")
+    assert trainer.state.global_step == 0 and trainer.kss_steps == []
     bad_path = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=2, kss_layers="model.layers")
     with pytest.raises(ValueError, match=r"not a sub-module"):
-        KSSTrainer(model=tiny_gpt2(), args=bad_path, train_dataset=TokenDataset())
-    # without KSS the same model trains
+        KSSTrainer(model=tiny_gpt2(), args=bad_path, train_dataset=TokenDataset()).train()
     off = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=1, kss_enabled=False)
     KSSTrainer(model=_NoBlocks(), args=off, train_dataset=TokenDataset()).train()
