@@ -130,7 +130,7 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
         prefix = getattr(model, "base_model_prefix", "")
         if prefix and path.startswith(prefix + ".") and not hasattr(model, prefix):
             return model.get_submodule(path[len(prefix) + 1:])
-        for peft in _PEFT_PREFIXES:
+        for peft in _PEFT_PREFIXES if "base_model" not in model._modules else ():  # a real `base_model` is no prefix
             if path.startswith(peft):
                 try:
                     return _submodule(model, path[len(peft):])

@@ -61,6 +61,11 @@ def test_paths_copied_from_a_peft_model_name_the_wrapped_blocks():
     assert "base_model.transformer.h" in dict(prompt.named_modules())
     assert [b.module for b in find_residual_blocks(prompt, layers="base_model.transformer.h")] == list(
         prompt.get_base_model().transformer.h)
+    # a model with a sub-module of its own called base_model: its paths are taken as written
+    pair = nn.Module()
+    pair.base_model, pair.model = tiny_model("llama").model, tiny_model("llama", seed=1).model
+    with pytest.raises(ValueError, match="not a sub-module"):
+        find_residual_blocks(pair, layers="base_model.model.layers")
 
 
 def test_data_parallel_wrapper_is_unwrapped():
