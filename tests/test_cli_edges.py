@@ -251,6 +251,20 @@ def test_max_lr_streams_to_the_same_answer(tmp_path, capsys):
         assert stream["max_learning_rate"] == pytest.approx(plain["max_learning_rate"], rel=1e-3)
 
 
+@pytest.mark.parametrize("layers", ["layers", "model.layers"])
+def test_layers_name_the_same_blocks_with_and_without_stream(tmp_path, layers):
+    """--layers as the base model names its list (`layers`) or as the task model does (`model.layers`): the plain
+    path profiles the base model, --stream the task model, and both read the same blocks."""
+    folder = _checkpoint(tmp_path)
+    names = {}
+    for label, extra in {"plain": [], "stream": ["--stream"]}.items():
+        out = tmp_path / label
+        assert main(["profile", str(folder), "--layers", layers, "--num-samples", "64", *extra, *FAST,
+                     "--out", str(out)]) == 0
+        names[label] = [layer["name"].rsplit(".", 2)[-2:] for layer in _profile_json(out)["layers"]]
+    assert names["plain"] == names["stream"] == [["layers", "0"], ["layers", "1"]]
+
+
 # ------------------------------------------------------------------------------- 8. run name of a folder with --init
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_folder_with_init_is_named_as_init(tmp_path, stream):

@@ -122,6 +122,7 @@ _PEFT_PREFIXES = ("base_model.model.", "base_model.")
 def _submodule(model: nn.Module, path: str) -> nn.Module:
     """`model.get_submodule(path)`; a path written from the task model (`model.layers`, `transformer.h`) also resolves
     on its base model (`LlamaModel`, `GPT2Model`, what the CLI profiles) by dropping the leading `base_model_prefix`,
+    one written from the base model (`layers`, `h`) on the task model (what `--stream` builds),
     and a path copied from a PEFT model's `named_modules()` (`base_model.model.transformer.h`) on the model it wraps
     (`model` is unwrapped, `unwrap_model`)."""
     try:
@@ -130,6 +131,12 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
         prefix = getattr(model, "base_model_prefix", "")
         if prefix and path.startswith(prefix + ".") and not hasattr(model, prefix):
             return model.get_submodule(path[len(prefix) + 1:])
+        base = model._modules.get(prefix) if prefix else None
+        if isinstance(base, nn.Module):  # a path written from the base model (`h`) on the task model (`transformer.h`)
+            try:
+                return base.get_submodule(path)
+            except AttributeError:
+                pass
         for peft in _PEFT_PREFIXES if "base_model" not in model._modules else ():  # a real `base_model` is no prefix
             if path.startswith(peft):
                 try:

@@ -68,6 +68,16 @@ def test_paths_copied_from_a_peft_model_name_the_wrapped_blocks():
         find_residual_blocks(pair, layers="base_model.model.layers")
 
 
+def test_paths_of_the_base_model_and_of_the_task_model_resolve_on_both():
+    """`h` (GPT2Model's list) names the blocks of a GPT2LMHeadModel, and `transformer.h` those of a GPT2Model: the CLI
+    profiles the base model and `--stream` the task model, with the same --layers."""
+    task = tiny_model("gpt2")
+    base = task.transformer
+    for model in (task, base):
+        for path in ("h", "transformer.h"):
+            assert [b.module for b in find_residual_blocks(model, layers=path)] == list(base.h), (type(model), path)
+
+
 def test_data_parallel_wrapper_is_unwrapped():
     model = tiny_model("gpt2")
     wrapped = nn.DataParallel(model)
