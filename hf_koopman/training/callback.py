@@ -4,12 +4,14 @@ steps are `hf_koopman.training.safety_net.SafetyNet`, which the callback mixes i
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import itertools
 import logging
 import math
 import numbers
+import random
 import weakref
 from pathlib import Path
 from typing import Any, Literal
@@ -121,8 +123,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
     * **At train begin** the model is profiled on a probe batch (the first `probe_batch_size` training examples,
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
-      sampler). `rksp/*` scalars go through `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and
-      `rksp_profile.png` are written to `output_dir` (main process); the verdict is logged with the recommended action
+      sampler, and the random states a collator draws from are put back). `rksp/*` scalars go through
+      `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and `rksp_profile.png` are written to `output_dir` (main
+      process); the verdict is logged with the recommended action
       (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the estimator's fitted
       range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With
       a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
@@ -580,7 +583,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ probe and profile
     def _probe_batch(self, model: torch.nn.Module, train_dataloader: Any) -> dict[str, Any]:
         if self._probe_cache is None:
-            self._probe_cache = self._build_probe(model, train_dataloader)
+            with _random_states_kept():  # a collator that masks at random (MLM) must not shift the training's draws
+                self._probe_cache = self._build_probe(model, train_dataloader)
             self._probe_tokens = None  # learnt from the first profile when the batch does not say (images, audio)
         return self._probe_cache
 
@@ -947,6 +951,20 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             self._log(args, state, self._scalars(spectral_profile))
 
 
+
+
+@contextlib.contextmanager
+def _random_states_kept():
+    """Python's, NumPy's and torch's (CPU and CUDA) random states as they were before the block: the callback's
+    reads of the training data do not change the run it watches."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def _optimizer_name(args: Any, optimizer: Any = None) -> str | None:

@@ -504,3 +504,28 @@ def test_an_explicit_layers_path_naming_torch_layers_is_an_error_before_training
     with pytest.raises(ValueError, match="not residual blocks"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_reading_the_probe_leaves_the_training_run_unchanged(tmp_path):
+    """A collator that masks at random (as masked-LM collators do) draws from the global random generators: the
+    probe the callback builds from the training data must not shift those draws, so the run's losses are the ones
+    it has without the callback."""
+    import random as python_random
+
+    import numpy as np
+
+    def masking_collator(rows):
+        batch = torch.utils.data.default_collate(rows)
+        keep = (torch.rand(batch["labels"].shape) < 0.5) & (np.random.rand() < 2) & (python_random.random() < 2)
+        batch["labels"] = torch.where(keep, batch["labels"], torch.full_like(batch["labels"], -100))
+        return batch
+
+    losses = {}
+    for label, callbacks in {"plain": [], "callback": [RKSPCallback(num_samples=64, guard=False,
+                                                                    save_artifacts=False)]}.items():
+        args = cpu_training_args(tmp_path / label, TrainingArguments, max_steps=4)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=32),
+                          data_collator=masking_collator, callbacks=callbacks)
+        trainer.train()
+        losses[label] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["plain"]) == 4 and losses["callback"] == losses["plain"]
