@@ -782,6 +782,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 self._probe_cache = None
                 if model in _TRAINERS:
                     self._trainer = _TRAINERS[model]()
+        if self._trainer is not None and getattr(self._trainer, "state", None) is not state:
+            self._trainer = None  # bound to another Trainer than the one running: its log is not this run's
         if self._trainer is None and model is not None and model in _TRAINERS:
             self._trainer = _TRAINERS[model]()
         self._check_fsdp(args, model)

@@ -529,3 +529,19 @@ def test_reading_the_probe_leaves_the_training_run_unchanged(tmp_path):
         trainer.train()
         losses[label] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses["plain"]) == 4 and losses["callback"] == losses["plain"]
+
+
+def test_a_callback_bound_to_one_trainer_logs_a_later_trainers_run_into_that_run(tmp_path):
+    """bind(A), train A; then the same callback in a new Trainer B that was not bound: B's rksp/* metrics go to B's
+    log history, not into A's."""
+    callback = RKSPCallback(num_samples=64, guard=False, save_artifacts=False)
+    first = Trainer(model=tiny_gpt2(), args=cpu_training_args(tmp_path / "a", TrainingArguments, max_steps=1),
+                    train_dataset=TokenDataset(), callbacks=[callback])
+    callback.bind(first)
+    first.train()
+    before = len(first.state.log_history)
+    second = Trainer(model=tiny_gpt2(seed=1), args=cpu_training_args(tmp_path / "b", TrainingArguments, max_steps=1),
+                     train_dataset=TokenDataset(), callbacks=[callback])
+    second.train()
+    assert len(first.state.log_history) == before
+    assert any("rksp/score" in h for h in second.state.log_history)
