@@ -13,6 +13,7 @@ import math
 import numbers
 import random
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -328,9 +329,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         if layers is not None and not isinstance(layers, (str, list, tuple)):
             raise TypeError(f"RKSPCallback: layers must be None (auto-discovery), the dotted path of the block list "
                             f"(e.g. 'model.layers') or a list of paths or modules, got {type(layers).__name__}")
-        if probe_inputs is not None and not isinstance(probe_inputs, (dict, torch.Tensor)):
+        if probe_inputs is not None and not isinstance(probe_inputs, (Mapping, torch.Tensor)):
             raise TypeError(
-                f"probe_inputs must be a dict of tensors (a model batch), got {type(probe_inputs).__name__}"
+                f"probe_inputs must be a mapping of tensors (a model batch: a dict, or the BatchEncoding a tokenizer "
+                f"returns with return_tensors='pt') or a tensor of token ids, got {type(probe_inputs).__name__}"
             )
         if on_divergence not in _MODES:
             raise ValueError(f"on_divergence must be one of {_MODES}, got {on_divergence!r}")

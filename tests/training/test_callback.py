@@ -545,3 +545,17 @@ def test_a_callback_bound_to_one_trainer_logs_a_later_trainers_run_into_that_run
     second.train()
     assert len(first.state.log_history) == before
     assert any("rksp/score" in h for h in second.state.log_history)
+
+
+def test_probe_inputs_take_what_a_tokenizer_returns(tmp_path):
+    """`probe_inputs=tokenizer(texts, return_tensors="pt")` is a BatchEncoding (a Mapping, not a dict): accepted."""
+    from transformers import BatchEncoding
+
+    ids = torch.randint(1, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    probe = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    callback = RKSPCallback(num_samples=32, guard=False, save_artifacts=False, probe_inputs=probe)
+    Trainer(model=tiny_gpt2(), args=cpu_training_args(tmp_path, TrainingArguments, max_steps=1),
+            train_dataset=TokenDataset(), callbacks=[callback]).train()
+    assert callback.profile.meta["tokens_seen"] == 64
+    with pytest.raises(TypeError, match="BatchEncoding a tokenizer returns"):
+        RKSPCallback(probe_inputs=[ids])
