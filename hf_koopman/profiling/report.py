@@ -355,7 +355,7 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         lines += [f"> **Note — {dtype} activations:** {precision_caveat(dtype)}. The masses and the verdict held up "
                   "there; the ρ, κ(V) and Kreiss columns below, and any risk estimate that reads ρ or κ(V), do not.",
                   ""]
-    risk = profile.risk
+    risk = profile.risk_probability()  # also for an uninformative spectrum, shown below with that caveat
     rule = (
         "the paper's decision rule (App. J) on the mean near-unit mass M≈1 of the informative layers: "
         f"safe below {profile.rule.safe_below}, moderate up to {profile.rule.high_risk_above}, high risk above it"

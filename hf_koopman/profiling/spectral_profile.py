@@ -271,8 +271,11 @@ class SpectralProfile:
 
     @property
     def risk(self) -> float | None:
-        """Calibrated divergence probability (uses `meta["learning_rate"]` when set), else `None`."""
-        return self.risk_probability()
+        """Calibrated divergence probability (uses `meta["learning_rate"]` when set), else `None`; `None` too when the
+        verdict is "uninformative": the spectrum is then no reading of the model, so no number stands for it here
+        (`risk_probability()` and `risk_assessment()` still compute the estimator's value, which the report shows with
+        that caveat)."""
+        return None if self.verdict == "uninformative" else self.risk_probability()
 
     def by_stack(self) -> dict[str, dict[str, float]]:
         """Mean M≈1, mean κ(V) and layer count per stack (useful for encoder-decoder models)."""

@@ -49,9 +49,10 @@ def _folder(directory) -> dict[str, bytes]:
 def test_probability_of_an_uninformative_spectrum_is_not_emphasised_and_says_why(lr_profile):
     # no layer passes a gate of 0: the same aggregates and probability, and an uninformative verdict
     blind = dataclasses.replace(lr_profile, rule=DecisionRule(max_nonlinearity=0.0))
-    assert blind.verdict == "uninformative" and blind.risk == pytest.approx(lr_profile.risk)
+    assert blind.verdict == "uninformative" and blind.risk_probability() == pytest.approx(lr_profile.risk)
+    assert blind.risk is None  # no number stands for an uninformative spectrum; the report gives it with the caveat
     line = _risk_line(render_report(blind))
-    assert "**" not in line and f": {_shown(blind.risk)} (computed from an uninformative spectrum" in line
+    assert "**" not in line and f": {_shown(lr_profile.risk)} (computed from an uninformative spectrum" in line
     assert "not a reading of this model" in line
     # clipping is named only where an input lies outside the fitted range
     clipped = any(i.direction != "unseen" for i in blind.risk_assessment().outside)
