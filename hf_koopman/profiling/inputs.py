@@ -430,6 +430,23 @@ def labels_feed_decoder(batch: Mapping[str, Any], model: torch.nn.Module) -> boo
     return _decoder_ids_from_labels(batch, model) is not None
 
 
+def _warn_unmasked_padding(ids: torch.Tensor, model: torch.nn.Module) -> None:
+    """Warn (once per message) when `(B, T)` token ids without an attention mask hold runs of the model's
+    `pad_token_id` at the ends of sequences: without the mask those positions are profiled as tokens. A run of two
+    or more is required, so that a single end-of-sequence token that doubles as the pad token (GPT-2) is no alarm."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if not isinstance(pad, int) or ids.dim() != 2 or ids.shape[-1] < 2:
+        return
+    padded = ((ids[:, -2:] == pad).all(dim=1) | (ids[:, :2] == pad).all(dim=1)).any()
+    if bool(padded):
+        logger.warning_once(
+            f"input_ids hold runs of the pad token ({pad}, config.pad_token_id of {type(model).__name__}) at the ends "
+            "of sequences and no attention_mask was given: those positions are profiled as tokens. Pass the "
+            "attention_mask the tokenizer returns with the ids (tokenizer(texts, padding=True, return_tensors='pt')), "
+            "or unpadded sequences."
+        )
+
+
 def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """Check `input_ids` against the model's vocabulary, drop label keys, move tensors to the model's device (floats to
     its dtype) and add decoder inputs for encoder-decoder models that have none (`add_decoder_inputs`): the labels
@@ -438,6 +455,8 @@ def prepare_batch(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, An
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     if isinstance(ids, torch.Tensor):
         _check_token_ids(ids, model)
+        if mask is None:
+            _warn_unmasked_padding(ids, model)
         # the mask's rows may differ by design (MusicGen: one row per example for its codebooks' rows; a (1, T)
         # mask broadcasts), its length may not: a mask of other positions would mark the wrong tokens as padding
         if (isinstance(mask, torch.Tensor) and ids.dim() >= 2 and mask.dim() == 2

@@ -383,3 +383,23 @@ def test_a_shuffling_dataloader_leaves_the_global_generator_and_gives_the_same_p
     assert torch.equal(torch.get_rng_state(), state)  # the caller's generator did not move
     second = profile(model, loader, num_samples=256, progress=False)
     assert [f.to_dict() for f in first.features] == [f.to_dict() for f in second.features]
+
+
+def test_padded_ids_without_a_mask_are_named_with_the_fix(caplog):
+    """Token ids padded with the model's pad token and passed without attention_mask: the padding is profiled as
+    tokens, so a warning names the mask; with the mask (or without padding) nothing is said."""
+    from hf_koopman.profiling.inputs import logger as inputs_logger
+    from hf_koopman.profiling.inputs import prepare_batch
+
+    model = tiny_model("bert")  # pad_token_id = 0
+    ids = torch.randint(1, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    padded = ids.clone()
+    padded[:2, 10:] = 0
+    inputs_logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_batch({"input_ids": ids}, model)
+        prepare_batch({"input_ids": padded, "attention_mask": (padded != 0).long()}, model)
+    assert "pad token" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        prepare_batch({"input_ids": padded}, model)
+    assert "runs of the pad token (0" in caplog.text and "attention_mask" in caplog.text
