@@ -148,15 +148,16 @@ def test_text_file_is_read_like_profile_reads_the_text(tmp_path, tokenizer):
 def test_summary_names_the_layers_left_out_for_too_few_token_states(tmp_path, capsys):
     from transformers import AutoConfig
 
-    # Swin v2's second stage holds a quarter of the tokens at twice the width: N/d = 128/16 = 8, then 32/32 = 1
+    # Swin v2's second stage runs at twice the width; the default probe gives both stages 128 token states (its
+    # image count is sized for the last stage): N/d = 128/48 = 2.7, then 128/96 = 1.3 < 2
     config = tmp_path / "swinv2.json"
-    AutoConfig.for_model("swinv2", image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+    AutoConfig.for_model("swinv2", image_size=32, patch_size=4, embed_dim=48, depths=[1, 1], num_heads=[2, 4],
                          window_size=4).to_json_file(config)
     out = tmp_path / "out"
     assert main(["profile", str(config), "--init", "--num-samples", "128", *FAST, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     data = _profile_json(out)
-    assert [(layer["num_samples"], layer["hidden_size"]) for layer in data["layers"]] == [(128, 16), (32, 32)]
+    assert [(layer["num_samples"], layer["hidden_size"]) for layer in data["layers"]] == [(128, 48), (128, 96)]
     assert data["undersampled_layers"] == ["encoder.layers.1.blocks.0"]
     assert "swinv2 (init): 2 layers, mean M≈1" in printed
     assert ("  1 layer(s) left out for too few token states (N/d < 2): mean M≈1 and the verdict read 1 of 2 layers; "

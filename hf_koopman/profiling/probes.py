@@ -204,14 +204,19 @@ def _decoder_probe(config: Any, batch: int, num_tokens: int, generator: torch.Ge
 
 
 def _image_geometry(vision: Any) -> tuple[int, int, int]:
-    """`(image size, channels, patches per image)` of a vision config (224 px, 3 channels, 16 px patches when it does
-    not say)."""
+    """`(image size, channels, tokens per image)` of a vision config (224 px, 3 channels, 16 px patches when it does
+    not say). The tokens are those of the stage with the fewest: the patches, and for a hierarchical model (a list of
+    stage `depths`: ConvNeXt, Swin, FocalNet) its last stage's, each stage after the first merging 2 x 2 tokens."""
     size = _get(vision, "image_size", default=224)
     size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 224
     patch = _get(vision, "patch_size", default=16)
     patch = patch if isinstance(patch, int) else int(patch[0]) if isinstance(patch, (list, tuple)) else 16
     channels = _get(vision, "num_channels", default=3)
-    return size, channels, max((size // max(patch, 1)) ** 2, 1)
+    tokens = max((size // max(patch, 1)) ** 2, 1)
+    stages = _get(vision, "depths")
+    if isinstance(stages, (list, tuple)) and len(stages) > 1:
+        tokens = max(tokens // 4 ** (len(stages) - 1), 1)
+    return size, channels, tokens
 
 
 def _image_batch(num_tokens: int, per_image: int) -> int:

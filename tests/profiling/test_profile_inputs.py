@@ -403,3 +403,19 @@ def test_padded_ids_without_a_mask_are_named_with_the_fix(caplog):
     with caplog.at_level(logging.WARNING):
         prepare_batch({"input_ids": padded}, model)
     assert "runs of the pad token (0" in caplog.text and "attention_mask" in caplog.text
+
+
+@pytest.mark.parametrize("model_type", ["convnext", "swin"])
+def test_the_default_image_probe_feeds_the_last_stage_of_a_hierarchical_model(model_type):
+    """ConvNeXt and Swin merge 2 x 2 tokens at each stage: the default probe holds enough images that the last stage
+    gets `num_tokens` token states (one 224-px image gives it 49), and every profiled layer reads them."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(model_type)  # 224 px, 4-px patches, 4 stages
+    assert default_probe_inputs(config, num_tokens=2048)["pixel_values"].shape[0] == 42  # ceil(2048 / 49)
+    small = AutoConfig.for_model(model_type, image_size=64, depths=[1, 1, 1], **(
+        {"hidden_sizes": [8, 16, 32], "num_stages": 3} if model_type == "convnext" else {"embed_dim": 8, "num_heads": [1, 1, 1],
+                                                                        "window_size": 2}))
+    torch.manual_seed(0)
+    result = profile(AutoModel.from_config(small), num_samples=64)
+    assert min(n for n, _ in result.layer_sizes) >= 64
