@@ -440,6 +440,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._step_started: float | None = None  # perf_counter at the last on_step_begin
         self._step_seconds: float | None = None  # running estimate of one optimizer step
         self._optimizer: str | None = None  # the run's optimizer for the risk range check (`_optimizer_name`)
+        # set by transformers on a callback restored from a checkpoint's state: the settings it could not restore
+        self.settings_not_restored: list[str] = []
         self._capture_seconds: float | None = None  # cost of the last snapshot refresh
         self._since_capture = 0  # passing steps since the last refresh
         self._trip: DivergenceEvent | None = None
@@ -527,7 +529,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "num_samples": self.num_samples,
                 "rank": self.rank,
                 "seed": self.seed,
-                "layers": self.layers if (self.layers is None or isinstance(self.layers, (str, list))) else None,
+                "layers": self.layers if _json_layers(self.layers) else None,
                 "every_n_steps": self.every_n_steps,
                 "monitor_num_samples": self.monitor_num_samples,
                 "guard": self.guard,
@@ -556,8 +558,18 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "lr_scale": self.lr_scale,
                 "reference_loss": self.reference_loss,
                 "relative_limit_off": self.relative_limit_off,
+                # what the arguments above cannot hold: a callback restored from them runs without it (it says so)
+                "settings_not_restored": self._settings_not_saved(),
             },
         }
+
+    def _settings_not_saved(self) -> list[str]:
+        """The settings `state()` cannot write into `trainer_state.json`: `probe_inputs` (tensors), `layers` given as
+        modules; with those of a callback this one was restored from."""
+        lost = [name for name, dropped in (("probe_inputs", self.probe_inputs is not None),
+                                            ("layers", self.layers is not None and not _json_layers(self.layers)))
+                if dropped]
+        return sorted(set(lost) | set(self.settings_not_restored))
 
     def _log(self, args: Any, state: Any, logs: dict[str, float]) -> None:
         finite = {k: float(v) for k, v in logs.items() if v is not None and math.isfinite(float(v))}
@@ -769,6 +781,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             logger.warning("RKSPCallback: its risk estimator (%s) was built in memory, and this run restores callback "
                            "states from checkpoints, so a restored callback uses the shipped one; save the estimator "
                            "with save_json and pass its path to keep it across a resume.", est.name)
+        self._warn_unsaved_settings(args, state)
         self._stop_step = None
         self._trial_folder = self._record_written = None
         self._warned_short_probe = set()
@@ -811,6 +824,25 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # this train() call's own events follow these (the ones before come from a restored state or the run record)
         self._events_before_call = len(self.events)
         return control
+
+    def _warn_unsaved_settings(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Say when settings a checkpoint's callback state cannot hold (`_settings_not_saved`) are, or will be, lost
+        to `restore_callback_states_from_checkpoint=True`: transformers rebuilds the callback from that state."""
+        if not state.is_world_process_zero:
+            return
+        fix = ("pass restore_callback_states_from_checkpoint=False to keep the callback you pass (the "
+               "initialisation's verdict is read from the checkpoint either way)")
+        restored = [name for name in self.settings_not_restored if getattr(self, name, None) is None]
+        if restored:
+            logger.warning("RKSPCallback was rebuilt from the checkpoint's callback state, which cannot hold the "
+                           "run's %s: this run profiles with %s instead, so its rksp/* series may not continue the "
+                           "first run's; %s.", " and ".join(restored), " and ".join(
+                               {"probe_inputs": "the training data's first examples",
+                                "layers": "auto-discovered blocks"}[name] for name in restored), fix)
+        elif (state.global_step == 0 and getattr(args, "restore_callback_states_from_checkpoint", False)
+              and (own := self._settings_not_saved())):
+            logger.warning("RKSPCallback: a resume of this run restores callback states from its checkpoints, which "
+                           "cannot hold %s: the restored callback would run without; %s.", " and ".join(own), fix)
 
     def _saved_init_verdict(self, state: TrainerState) -> tuple[str | None, float | None]:
         """The initialisation's verdict and score that the resumed checkpoint's `trainer_state.json` holds for a
@@ -969,6 +1001,12 @@ def _random_states_kept():
         finally:
             random.setstate(python)
             np.random.set_state(numpy_state)
+
+
+def _json_layers(layers: Any) -> bool:
+    """Whether a `layers=` setting can be written to JSON (None, a dotted path, a list of paths), not modules."""
+    return layers is None or isinstance(layers, str) or (
+        isinstance(layers, (list, tuple)) and all(isinstance(item, str) for item in layers))
 
 
 def _optimizer_name(args: Any, optimizer: Any = None) -> str | None:

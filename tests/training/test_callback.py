@@ -559,3 +559,30 @@ def test_probe_inputs_take_what_a_tokenizer_returns(tmp_path):
     assert callback.profile.meta["tokens_seen"] == 64
     with pytest.raises(TypeError, match="BatchEncoding a tokenizer returns"):
         RKSPCallback(probe_inputs=[ids])
+
+
+def test_settings_a_checkpoint_cannot_hold_are_saved_without_them_and_their_loss_is_said(tmp_path, caplog):
+    """layers= given as modules and probe_inputs cannot go into trainer_state.json: the save writes the rest (it
+    failed on the modules), and with restore_callback_states_from_checkpoint=True the first run says a resume will
+    lose them and the resumed (rebuilt) callback says it runs without them."""
+    model = tiny_gpt2()
+    ids = torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def callback():
+        return RKSPCallback(num_samples=32, guard=False, save_artifacts=False, layers=list(model.transformer.h),
+                            probe_inputs={"input_ids": ids}, every_n_steps=1)
+
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=2, save_strategy="steps", save_steps=1,
+                             restore_callback_states_from_checkpoint=True)
+    with caplog.at_level(logging.WARNING):
+        Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback()]).train()
+    assert "a resume of this run restores callback states" in caplog.text and "layers and probe_inputs" in caplog.text
+    saved = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["RKSPCallback"]["args"]["layers"] is None
+    assert saved["RKSPCallback"]["attributes"]["settings_not_restored"] == ["layers", "probe_inputs"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback()]).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert "rebuilt from the checkpoint's callback state" in caplog.text
+    assert "auto-discovered blocks and the training data's first examples" in caplog.text
