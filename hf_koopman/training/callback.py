@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import inspect
 import itertools
+import json
 import logging
 import math
 import numbers
@@ -442,6 +444,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._optimizer: str | None = None  # the run's optimizer for the risk range check (`_optimizer_name`)
         # set by transformers on a callback restored from a checkpoint's state: the settings it could not restore
         self.settings_not_restored: list[str] = []
+        self._unsaved_artifacts: Any = None  # a search trial's init profile until its folder is known (`on_save`)
         self._capture_seconds: float | None = None  # cost of the last snapshot refresh
         self._since_capture = 0  # passing steps since the last refresh
         self._trip: DivergenceEvent | None = None
@@ -724,13 +727,39 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 out["rksp/risk_out_of_range"] = _OUT_OF_RANGE_LEVEL[assessment.out_of_range]
         return out
 
-    def _save(self, args: Any, spectral_profile: Any) -> None:
-        """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `output_dir`, all
-        or nothing: they are written beside it first and moved into place together (`hf_koopman.files`), so a failure
-        leaves the folder as it was; one that cannot be written (a read-only folder, a full disk) is a warning, not
-        the end of training. The files of an earlier run there are replaced (an earlier plot is removed when this run
-        writes none), and the warning says so."""
-        out = Path(args.output_dir)
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs) -> TrainerControl | None:
+        control = super().on_save(args, state, control, **kwargs)  # the guard's bookkeeping finds a trial's folder
+        if self._unsaved_artifacts is not None and self._trial_folder is not None:
+            self._save(args, self._unsaved_artifacts, self._trial_folder)
+            self._unsaved_artifacts = None
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs) -> TrainerControl | None:
+        control = super().on_train_end(args, state, control, **kwargs)
+        if state.is_world_process_zero:
+            self._save_trial_artifacts_at_end(args, state)
+        return control
+
+    def _save_trial_artifacts_at_end(self, args: Any, state: Any) -> None:
+        """A search trial that never saved a checkpoint has no folder of its own: its files go into
+        `output_dir/<trial name>` (`hp_name`), or `output_dir/rksp-trial-<hash of its parameters>`."""
+        if self._unsaved_artifacts is None:
+            return
+        name = getattr(state, "trial_name", None) or "rksp-trial-" + hashlib.sha1(
+            json.dumps(state.trial_params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        self._save(args, self._unsaved_artifacts, self._trial_folder or Path(args.output_dir) / name)
+        self._unsaved_artifacts = None
+
+    def _save(self, args: Any, spectral_profile: Any, folder: Path | None = None) -> None:
+        """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `folder`
+        (default `output_dir`; a hyperparameter-search trial's own folder, `on_save`), all or nothing: they are
+        written beside it first and moved into place together (`hf_koopman.files`), so a failure leaves the folder as
+        it was; one that cannot be written (a read-only folder, a full disk) is a warning, not the end of training. The
+        files of an earlier run there are replaced (an earlier plot is removed when this run writes none), and the
+        warning says so."""
+        out = Path(args.output_dir) if folder is None else Path(folder)
         names = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
         earlier = [name for name in names if (out / name).is_file()]
         try:
@@ -782,6 +811,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                            "states from checkpoints, so a restored callback uses the shipped one; save the estimator "
                            "with save_json and pass its path to keep it across a resume.", est.name)
         self._warn_unsaved_settings(args, state)
+        self._unsaved_artifacts = None
         self._stop_step = None
         self._trial_folder = self._record_written = None
         self._warned_short_probe = set()
@@ -890,7 +920,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.init_score = spectral_profile.score
         self._log(args, state, self._scalars(spectral_profile))
         if self.save_artifacts and state.is_world_process_zero:
-            self._save(args, spectral_profile)
+            if getattr(state, "trial_params", None) is None:
+                self._save(args, spectral_profile)
+            else:  # a search trial: written into the trial's folder once its first save shows it (`on_save`)
+                spectral_profile.meta["trial_params"] = state.trial_params
+                self._unsaved_artifacts = spectral_profile
         # a fine-tune starts from loaded weights: its first profile is not of an initialisation
         pretrained = spectral_profile.meta.get("weights") == "pretrained"
         when = "at the start of training (pretrained weights)" if pretrained else "at initialisation"

@@ -244,3 +244,27 @@ def test_a_nan_in_the_log_history_does_not_hide_the_folder_a_run_saved(tmp_path)
         json.dumps({"global_step": 1, "log_history": history}))  # NaN, as the Trainer writes it
     state = SimpleNamespace(global_step=1, log_history=[dict(history[0])])
     assert RKSPCallback._resumed_from(str(tmp_path / "checkpoint-1"), state) is True
+
+
+def test_each_trial_of_a_search_writes_its_profile_into_its_own_folder(tmp_path, monkeypatch):
+    """A hyperparameter search's trials profile at their own initialisation: each trial's rksp_profile.json and
+    rksp_report.md go beside its checkpoints (`run-<n>`), none into the shared output_dir where one trial's files
+    replaced another's; a trial that saves no checkpoint gets a folder named after its parameters."""
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "hp_params", lambda trial: {"trial": trial.number})
+
+    def trial(n):
+        return SimpleNamespace(number=n, params={}, report=lambda *a, **k: None, should_prune=lambda: False)
+
+    for n in (0, 1):
+        callback = _guard(profile_at_init=True, num_samples=64, guard=False)
+        _trial_trainer(tmp_path, callback, max_steps=2, learning_rate=1e-3 * (n + 1)).train(trial=trial(n))
+        saved = json.loads((tmp_path / f"run-{n}" / "rksp_profile.json").read_text())
+        assert saved["meta"]["trial_params"] == {"trial": n} and saved["meta"]["learning_rate"] == 1e-3 * (n + 1)
+        assert (tmp_path / f"run-{n}" / "rksp_report.md").is_file()
+    assert not (tmp_path / "rksp_profile.json").exists()
+    callback = _guard(profile_at_init=True, num_samples=64, guard=False)
+    _trial_trainer(tmp_path, callback, max_steps=2, learning_rate=1e-3, save_strategy="no").train(trial=trial(2))
+    unsaved = [p.parent.name for p in tmp_path.glob("rksp-trial-*/rksp_profile.json")]
+    assert len(unsaved) == 1
