@@ -621,7 +621,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                         items = list(itertools.islice(iter(dataset), self.probe_batch_size))
                     batch = dict(collate(items)) if items else None
                 except Exception as err:  # noqa: BLE001 - any dataset quirk: fall back to synthetic probes
-                    logger.warning("RKSP: could not build a probe batch from the training data (%s)", err)
+                    logger.warning("RKSP: could not build a probe batch from the training data (%s: %s): profiling "
+                                   "on synthetic inputs instead. Pass RKSPCallback(probe_inputs=...) with a batch "
+                                   "this model takes (a mapping of tensors) to profile on your data.",
+                                   type(err).__name__, err)
             if batch is None:
                 from hf_koopman.profiling import default_probe_inputs
                 from hf_koopman.profiling.probes import prompt_probe_length

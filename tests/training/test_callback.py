@@ -586,3 +586,22 @@ def test_settings_a_checkpoint_cannot_hold_are_saved_without_them_and_their_loss
             resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert "rebuilt from the checkpoint's callback state" in caplog.text
     assert "auto-discovered blocks and the training data's first examples" in caplog.text
+
+
+def test_a_collator_returning_tuples_falls_back_to_synthetic_inputs_and_names_probe_inputs(tmp_path, caplog):
+    """A collator whose batches are not mappings (a tuple) leaves the probe to synthetic tokens: the warning says so
+    and names probe_inputs=."""
+
+    def tuples(rows):
+        batch = torch.utils.data.default_collate(rows)
+        return batch["input_ids"], batch["labels"]
+
+    callback = RKSPCallback(num_samples=64, guard=False, save_artifacts=False)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, remove_unused_columns=False)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), data_collator=tuples,
+                      callbacks=[callback])
+    with caplog.at_level(logging.WARNING):
+        callback.on_train_begin(args, trainer.state, trainer.control, model=trainer.model,
+                                train_dataloader=trainer.get_train_dataloader())
+    assert "profiling on synthetic inputs instead" in caplog.text and "probe_inputs=" in caplog.text
+    assert callback.profile is not None
