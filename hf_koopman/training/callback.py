@@ -90,14 +90,18 @@ def _token_count(batch: dict[str, Any]) -> int | None:
 
 
 def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
-    """Decoder token states of an encoder-decoder probe batch whose decoder reads the labels (the non -100 labels,
-    `profiling.inputs.labels_feed_decoder`), else None."""
+    """Decoder token states of an encoder-decoder probe batch whose decoder reads the labels (the non -100 labels),
+    as `profile()` counts them: decoder inputs built from the labels (`profiling.inputs.labels_feed_decoder`), or
+    given beside them at their shape (`DataCollatorForSeq2Seq(model=...)` shifts them in); else None."""
     from hf_koopman.profiling.blocks import unwrap_model
     from hf_koopman.profiling.inputs import labels_feed_decoder
 
-    if not labels_feed_decoder(batch, unwrap_model(model)):
+    labels, decoder = batch.get("labels"), batch.get("decoder_input_ids")
+    given = (isinstance(labels, torch.Tensor) and isinstance(decoder, torch.Tensor) and labels.shape == decoder.shape
+             and getattr(getattr(unwrap_model(model), "config", None), "is_encoder_decoder", False))
+    if not given and not labels_feed_decoder(batch, unwrap_model(model)):
         return None
-    return int((batch["labels"] != -100).sum())
+    return int((labels != -100).sum())
 
 
 class _ShortSampleNote(logging.Filter):
@@ -668,7 +672,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         was_training = model.training
         model.eval()
         # profile()'s own short-sample note is the callback's to give once per run, with its knobs
-        quiet = _ShortSampleNote() if setting in self._warned_short_probe else None
+        quiet = (_ShortSampleNote() if {setting, "decoder " + setting} & self._warned_short_probe else None)
         profiler_logger = logging.getLogger("hf_koopman.profiling.profiler")
         if quiet is not None:
             profiler_logger.addFilter(quiet)

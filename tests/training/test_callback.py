@@ -452,6 +452,32 @@ def test_a_seq2seq_probe_profiles_the_decoder_on_its_labels_and_names_the_knob(t
     assert caplog.text.count("decoder token states, fewer than monitor_num_samples=40") == 1
 
 
+def test_a_seq2seq_probe_with_decoder_inputs_from_the_collator_is_named_once(tmp_path, caplog):
+    """DataCollatorForSeq2Seq(model=...) adds decoder_input_ids (the labels shifted): the decoder still reads as many
+    token states as the labels hold, and the short-probe warning comes once per setting, not at every monitoring
+    step."""
+    from transformers import DataCollatorForSeq2Seq, T5ForConditionalGeneration
+
+    from hf_koopman.testing_utils import tiny_config
+
+    model = T5ForConditionalGeneration(tiny_config("t5"))
+
+    def collate(rows):
+        batch = torch.utils.data.default_collate(rows)
+        batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        return batch
+
+    monitor = RKSPCallback(num_samples=48, monitor_num_samples=40, every_n_steps=1, probe_batch_size=8, guard=False,
+                           save_artifacts=False)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=3, learning_rate=1e-3, save_strategy="no")
+    with caplog.at_level("WARNING"):
+        Trainer(model=model, args=args, train_dataset=_Seq2SeqRows(), data_collator=collate,
+                callbacks=[monitor]).train()
+    assert caplog.text.count("decoder token states, fewer than monitor_num_samples=40") == 1
+    assert caplog.text.count("labels hold 32 decoder token states, fewer than num_samples=48") == 1
+    assert "valid token states reached some layers" not in caplog.text  # profile()'s own note, said by the callback
+
+
 def test_two_guards_on_one_trainer_one_rolling_back_are_refused_before_the_first_step(tmp_path):
     model = tiny_gpt2()
     callbacks = [RKSPCallback(**SMALL), RKSPCallback(on_divergence="rollback", **SMALL)]
