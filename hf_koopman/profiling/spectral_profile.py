@@ -253,8 +253,16 @@ class SpectralProfile:
             return float(self._estimator().predict_proba(self, learning_rate=lr))
         except (OSError, NotImplementedError, TypeError, ValueError) as err:
             # e.g. no shipped estimator, or it needs a learning rate this profile does not carry
-            logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
+            self._say_no_risk(err)
             return None
+
+    def _say_no_risk(self, err: BaseException) -> None:
+        """Log why no calibrated risk could be computed, once per reason for this profile (the report, the
+        serialisation and the callback each ask for it)."""
+        said = self.__dict__.setdefault("_no_risk_said", set())
+        if str(err) not in said:
+            said.add(str(err))
+            logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
 
     def risk_assessment(self, learning_rate: float | None = None) -> Any:
         """`hf_koopman.risk.RiskAssessment` (probability, and whether this model and learning rate lie inside the
@@ -266,7 +274,7 @@ class SpectralProfile:
         try:
             return self._estimator().assess(self, learning_rate=lr)
         except (OSError, NotImplementedError, TypeError, ValueError) as err:
-            logger.info("no calibrated risk for this profile (%s); the decision rule applies", err)
+            self._say_no_risk(err)
             return None
 
     @property

@@ -261,3 +261,21 @@ def test_the_precision_caveat_quotes_the_measured_ranges():
         lo, hi = (float(x) for x in re.match(r"\| [^|]+ \| ([\d.]+)–([\d.]+) \|", row).groups())
         quoted = f"{lo:.2f}–{hi:.2f} in {dtype}" if dtype == "float32" else f"{lo:.1f}–{hi:.1f} in {dtype}"
         assert quoted in caveat, (quoted, caveat)
+
+
+def test_why_no_calibrated_risk_is_said_once_per_profile(caplog):
+    """Without a learning rate there is no calibrated risk: the INFO line says why once, however many outputs (the
+    report, the JSON, the callback's scalars) ask for the number."""
+    from transformers.utils import logging as hf_logging
+
+    result = profile(tiny_model("llama"), num_samples=128)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_koopman"):
+            assert result.risk is None and result.risk_assessment() is None
+            render_report(result)
+            result.to_dict()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert caplog.text.count("no calibrated risk for this profile") == 1
