@@ -906,7 +906,10 @@ def _run_profile(args: argparse.Namespace) -> int:
     print(f"{result.model_name}: {layers}mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           + (f" ({'; '.join(notes)})" if notes else ""))
     if result.verdict == "uninformative":  # why, and what would make it informative, in the CLI's own option names
-        print("  why: " + re.sub(r"(?<![\w-])num_samples\b", "--num-samples", result.verdict_reason))
+        why = result.verdict_reason.replace(" (for RKSPCallback a larger `probe_batch_size`)", "")
+        for name, option in (("num_samples", "--num-samples"), ("max_tokens", "--max-tokens")):
+            why = re.sub(rf"(?<![\w-])`?{name}`?(?![\w])", option, why)
+        print("  why: " + why)
     assessment = result.risk_assessment() if result.meta.get("learning_rate") is not None else None
     if assessment is not None:  # the planned learning rate's calibrated risk; its caveats are in the report
         lr = f"  P(divergence) at learning rate {assessment.learning_rate:g}:"

@@ -1902,9 +1902,10 @@ class DecisionRule:
         return (f"{count} {'were' if many else 'was'} left out for too few token states for "
                 f"{'their' if many else 'its'} width (N/d < {self.min_samples_per_dim:g}, e.g. a decoder fed short "
                 "sequences, or a later stage of a vision model with fewer, wider tokens); to include "
-                f"{them}, give {them} more token states: more or longer inputs (for an encoder-decoder model "
-                "longer decoder inputs, or more labelled target tokens where labels != -100 mark the decoder's real "
-                f"positions) and num_samples >= {self.min_samples_per_dim:g} d")
+                f"{them}, give {them} more token states: more or longer inputs (more images for a vision model's "
+                "later stages; for an encoder-decoder model longer decoder inputs, or more labelled target tokens "
+                "where labels != -100 mark the decoder's real positions), with num_samples at least "
+                f"{self.min_samples_per_dim:g} d")
 
     def _more_tokens(self, num_samples: int, hidden_size: int, tokens_seen: int | None) -> str:
         """How to get a larger sample: more `num_samples`, or more text when the inputs ran out of tokens."""
@@ -1913,6 +1914,6 @@ class DecisionRule:
                                                   if least < wanted else "")
         if tokens_seen is not None:
             return (f"the inputs gave only {int(tokens_seen)} token states, all of them used, so a larger num_samples "
-                    f"cannot help: supply more or longer inputs to reach N {target}: more text, a larger batch or "
-                    "`max_tokens` (for RKSPCallback a larger `probe_batch_size`)")
+                    f"cannot help: supply more or longer inputs to reach N {target}: more text or images, a larger "
+                    "batch or a larger `max_tokens` (for RKSPCallback a larger `probe_batch_size`)")
         return f"profile with num_samples {target}"

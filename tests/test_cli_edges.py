@@ -332,3 +332,16 @@ def test_an_uninformative_profile_prints_no_probability(tmp_path, capsys):
     reason = _profile_json(tmp_path / "out")["verdict_reason"]
     assert "token states" in reason and "num_samples >= " in reason
     assert f"\n  why: {reason.replace('num_samples', '--num-samples')}\n" in printed  # the CLI's option name
+
+
+def test_the_why_line_of_a_token_limited_profile_names_cli_options(tmp_path, capsys):
+    """A text file too short for the width: the summary's why-line names --max-tokens and --num-samples, not the
+    Python arguments or the callback's probe_batch_size."""
+    folder = _checkpoint(tmp_path, tokenizer=True)
+    text = tmp_path / "short.txt"
+    text.write_text(_words(12))
+    assert main(["profile", str(folder), "--text-file", str(text), "--num-samples", "64", *FAST,
+                 "--out", str(tmp_path / "out")]) == 0
+    why = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  why: "))
+    assert "the inputs gave only" in why and "--max-tokens" in why
+    assert "probe_batch_size" not in why and "`max_tokens`" not in why and " num_samples" not in why

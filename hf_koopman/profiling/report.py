@@ -254,8 +254,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         if n >= 8 * d:
             line += "."
         elif (seen := _token_limited(profile)) is not None:
-            line += (f" — the inputs gave only {seen} token states and all were used: supply "
-                     "more or longer inputs (more text, a larger batch or `max_tokens`; for RKSPCallback a larger "
+            line += (f" — the inputs gave only {seen} token states and all were used: supply more or longer "
+                     "inputs (more text or images, a larger batch or `max_tokens`; for RKSPCallback a larger "
                      "`probe_batch_size`) for a firmer estimate.")
         else:
             line += " — use more tokens (`num_samples`, `--num-samples`) for a firmer estimate."
