@@ -205,8 +205,9 @@ def _decoder_probe(config: Any, batch: int, num_tokens: int, generator: torch.Ge
 
 def _image_geometry(vision: Any) -> tuple[int, int, int]:
     """`(image size, channels, tokens per image)` of a vision config (224 px, 3 channels, 16 px patches when it does
-    not say). The tokens are those of the stage with the fewest: the patches, and for a hierarchical model (a list of
-    stage `depths`: ConvNeXt, Swin, FocalNet) its last stage's, each stage after the first merging 2 x 2 tokens."""
+    not say). The tokens are those of the stage with the fewest: the patches, and for a hierarchical model (a patch
+    size and a list of stage `depths`: ConvNeXt, Swin, FocalNet) its last stage's, each stage after the first merging
+    2 x 2 tokens."""
     size = _get(vision, "image_size", default=224)
     size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 224
     patch = _get(vision, "patch_size", default=16)
@@ -214,7 +215,8 @@ def _image_geometry(vision: Any) -> tuple[int, int, int]:
     channels = _get(vision, "num_channels", default=3)
     tokens = max((size // max(patch, 1)) ** 2, 1)
     stages = _get(vision, "depths")
-    if isinstance(stages, (list, tuple)) and len(stages) > 1:
+    # patch-based hierarchies only: a CNN's stages (ResNet, RegNet) have no patch size, and their blocks change width
+    if isinstance(stages, (list, tuple)) and len(stages) > 1 and _get(vision, "patch_size") is not None:
         tokens = max(tokens // 4 ** (len(stages) - 1), 1)
     return size, channels, tokens
 
