@@ -161,6 +161,9 @@ def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
         if inputs.is_floating_point():
             return {key: inputs}
     main = _main_input_name(model)
+    if main == "input_values" and inputs.dim() == 1 and inputs.is_floating_point():
+        logger.info("input_values is a 1-D waveform of %d samples: profiling it as one example", inputs.numel())
+        inputs = inputs[None]  # a raw-audio model takes (batch, samples)
     if inputs.is_floating_point() or main in _FEATURE_INPUTS:
         return {main: inputs}
     return _batch_from_mapping({"input_ids": inputs})

@@ -419,3 +419,18 @@ def test_the_default_image_probe_feeds_the_last_stage_of_a_hierarchical_model(mo
     torch.manual_seed(0)
     result = profile(AutoModel.from_config(small), num_samples=64)
     assert min(n for n, _ in result.layer_sizes) >= 64
+
+
+def test_a_one_dimensional_waveform_is_one_example():
+    """A raw-audio model (wav2vec2) given one waveform `(samples,)` profiles it as a batch of one, as a 1-D tensor of
+    token ids is one sequence."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("wav2vec2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
+                                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    waveform = torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    result = profile(model, waveform, num_samples=32)
+    assert result.meta["tokens_seen"] > 0
