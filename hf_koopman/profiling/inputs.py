@@ -243,6 +243,20 @@ def _pixel_tensor(values: Any, declared: torch.dtype | None) -> torch.Tensor:
     return tensor.to(declared) if declared is not None and tensor.dtype != declared else tensor
 
 
+def _text_batch(batch: Mapping[str, Any]) -> list[str] | None:
+    """The texts of an untokenised batch (`{"text": [...]}`, as a DataLoader over a text dataset collates it): a
+    text column (`_TEXT_COLUMNS`) holding strings and no `input_ids`; else None."""
+    if "input_ids" in batch:
+        return None
+    column = next((c for c in _TEXT_COLUMNS if c in batch), None)
+    texts = batch.get(column) if column is not None else None
+    if isinstance(texts, str):
+        texts = [texts]
+    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+        return [t for t in texts if t.strip()] or None
+    return None
+
+
 def _iter_dataset(dataset: Any, tokenizer: Any, model: Any, batch_size: int, max_length: int) -> Iterator[dict]:
     columns = list(dataset.column_names or [])
     rows = None
@@ -297,9 +311,10 @@ def iter_batches(
     inputs: Any, *, model: Any, tokenizer: Any = None, batch_size: int = 8, max_length: int = 256
 ) -> Iterator[dict[str, Any]]:
     """Yield batch dicts from a batch dict / `BatchEncoding`, a tensor, text(s), a `datasets.Dataset` or any iterable
-    of batch dicts (e.g. a `DataLoader`)."""
+    of batch dicts or tensors (e.g. a `DataLoader`); a batch of texts (`{"text": [...]}`) is tokenised."""
     if isinstance(inputs, Mapping):
-        yield _batch_from_mapping(inputs)
+        texts = _text_batch(inputs)
+        yield _batch_from_mapping(inputs) if texts is None else _tokenize(texts, tokenizer, model, max_length)
         return
     if isinstance(inputs, torch.Tensor):
         yield _batch_from_tensor(inputs, model)
@@ -314,13 +329,26 @@ def iter_batches(
         yield from _iter_dataset(inputs, tokenizer, model, batch_size, max_length)
         return
     if isinstance(inputs, Iterable):
+        first = True
         for batch in inputs:
+            if isinstance(batch, (list, tuple)) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
+                batch = batch[0]  # DataLoader(TensorDataset(x)) yields [x_batch]
+            if isinstance(batch, torch.Tensor):  # as a bare tensor: the model's main input, or positional
+                yield _batch_from_tensor(batch, model)
+                continue
             if not isinstance(batch, Mapping):
                 raise TypeError(
-                    f"profile() iterates over batches and expects dicts of tensors, got {type(batch).__name__}; use a "
-                    "DataLoader with a collator that returns dicts (e.g. DataCollatorWithPadding)."
+                    f"profile() iterates over batches and expects each to be a mapping of tensors (or a tensor), got "
+                    f"{type(batch).__name__}; use a DataLoader whose collator returns dicts (text: "
+                    "DataCollatorWithPadding; images or audio: the model's processor with return_tensors='pt'), or "
+                    "wrap each batch as {input name: tensor}."
                 )
-            yield _batch_from_mapping(batch)
+            texts = _text_batch(batch)
+            if texts is not None:  # a DataLoader over a text dataset: tokenised here, as a list of texts is
+                yield _tokenize(texts, tokenizer, model, max_length, first)
+            else:
+                yield _batch_from_mapping(batch)
+            first = False
         return
     raise TypeError(
         f"unsupported inputs of type {type(inputs).__name__}: pass a batch dict, a tensor, text or a list of texts "

@@ -434,3 +434,22 @@ def test_a_one_dimensional_waveform_is_one_example():
     waveform = torch.randn(16000, generator=torch.Generator().manual_seed(0))
     result = profile(model, waveform, num_samples=32)
     assert result.meta["tokens_seen"] > 0
+
+
+def test_dataloaders_of_text_rows_and_of_plain_tensors_are_read():
+    """A DataLoader over a text dataset yields {"text": [...]}: tokenised as a list of texts is (it reached the model
+    untokenised); a DataLoader over a TensorDataset yields [tensor] batches: read as a bare tensor is (refused as
+    not a dict)."""
+    import datasets
+
+    model = tiny_model("llama")
+    texts = ["the residual stream carries token states from block to block " * 4] * 8
+    loader = torch.utils.data.DataLoader(datasets.Dataset.from_dict({"text": texts}), batch_size=4)
+    by_loader = profile(model, loader, num_samples=64)
+    by_list = profile(model, texts, num_samples=64, batch_size=4)
+    assert by_loader.meta["tokens_seen"] == by_list.meta["tokens_seen"] > 0
+    ids = torch.randint(1, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    tensors = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+    assert profile(model, tensors, num_samples=64).meta["tokens_seen"] == 8 * 32
+    with pytest.raises(TypeError, match="mapping of tensors"):
+        profile(model, [[1, 2, 3]], num_samples=64)
