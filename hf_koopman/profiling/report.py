@@ -170,7 +170,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
     total = len(reads)
     chosen = [i for i, read in enumerate(reads) if read]
     left_out = total - len(chosen)
-    if not chosen:  # nothing the verdict reads: describe every layer, and say so
+    none_read = not chosen
+    if none_read:  # nothing the verdict reads: describe every layer, and say so
         chosen = list(range(total))
         scope = (f"None of the {total} blocks is informative for the verdict ({_left_out_words(profile, reads)}); "
                  f"across all {total} of them")
@@ -234,7 +235,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         relative = (d / n) ** 0.5
         uniform = len(set(profile.sample_sizes)) <= 1
         line = (f"- Sample: N = {n} token states for width d = {d} (N/d = {n / d:.1f}"
-                + ("" if uniform else ", the least-sampled layer the verdict reads")
+                + ("" if uniform else ", the least-sampled layer" + ("" if none_read else " the verdict reads"))
                 + f"); the masses carry a sampling error of roughly sqrt(d/N) = {relative:.2f} relative")
         score = profile.score
         # the band covers the masses' sampling error only; a layer whose corrected η_nl lies near the gate can also

@@ -279,3 +279,15 @@ def test_why_no_calibrated_risk_is_said_once_per_profile(caplog):
     finally:
         hf_logging.set_verbosity(verbosity)
     assert caplog.text.count("no calibrated risk for this profile") == 1
+
+
+def test_the_sample_line_of_a_profile_the_verdict_reads_no_layer_of_names_no_read_layer():
+    import torch
+
+    ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+    uneven = profile(tiny_model("t5"), {"input_ids": ids, "decoder_input_ids": ids[:, :24]}, num_samples=256)
+    assert len(set(uneven.sample_sizes)) > 1
+    blind = dataclasses.replace(uneven, rule=DecisionRule(max_nonlinearity=0.0))  # the gate reads no layer
+    assert not any(blind.rule.reads(blind))
+    sample = next(line for line in render_report(blind).splitlines() if line.startswith("- Sample: "))
+    assert "the least-sampled layer)" in sample and "the verdict reads" not in sample
