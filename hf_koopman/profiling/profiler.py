@@ -807,6 +807,11 @@ def profile(
                     batches += 1
                     seen = recorder.tokens_seen
                     if seen and min(seen.values()) >= max_tokens:
+                        if progress and expected and batches < expected:  # the bar ends full where reading ends
+                            bar.set_description(f"forward ({batches} of {expected} batches x {len(blocks)} blocks: "
+                                                "enough tokens)", refresh=False)
+                            bar.total = bar.n
+                            bar.refresh()
                         break
         finally:
             for handle in handles:

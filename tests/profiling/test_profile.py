@@ -241,6 +241,11 @@ def test_forward_progress_bar_has_a_total_and_reaches_it(monkeypatch):
     assert len(forward) == 2
     assert [b.total for b in forward] == [b.n for b in forward]  # a total, and the bar ends full
     assert forward[1].total == 3 * 3 and forward[1].desc == "forward (3 batches x 3 blocks)"  # the label says why
+    # reading stops once every layer has max_tokens: the bar ends full there, and says how far it read
+    long = torch.utils.data.DataLoader([{"input_ids": torch.randint(0, 100, (16,))} for _ in range(40)], batch_size=2)
+    profile(model, long, num_samples=32, max_tokens=64, rank=8, progress=True)  # 2 of 20 batches
+    stopped = [b for b in bars if b.desc.startswith("forward")][-1]
+    assert stopped.total == stopped.n == 2 * 3 and stopped.desc.startswith("forward (2 of 20 batches x 3 blocks")
 
 
 def test_compiled_model_is_profiled_through_its_eager_module():
