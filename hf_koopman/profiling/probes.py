@@ -203,6 +203,13 @@ def _decoder_probe(config: Any, batch: int, num_tokens: int, generator: torch.Ge
     return ids
 
 
+def is_dual_encoder(config: Any) -> bool:
+    """Whether `config` is a contrastive dual encoder's (CLIP, SigLIP, ALIGN ...): a text and a vision config, and no
+    image placeholder token (which marks a vision-language generator such as LLaVA). Its forward runs both towers."""
+    return (getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+            and not any(hasattr(config, key) for key in ("image_token_id", "image_token_index")))
+
+
 def _image_geometry(vision: Any) -> tuple[int, int, int]:
     """`(image size, channels, tokens per image)` of a vision config (224 px, 3 channels, 16 px patches when it does
     not say). The tokens are those of the stage with the fewest: the patches, and for a hierarchical model (a patch
@@ -315,11 +322,8 @@ def default_probe_inputs(
     if isinstance(max_len, int) and max_len > 0:
         length = min(length, max_len)
     num_sequences = max(1, math.ceil(num_tokens / length))
-    vision = getattr(config, "vision_config", None)
-    is_dual_encoder = vision is not None and getattr(config, "text_config", None) is not None and not any(
-        hasattr(config, key) for key in ("image_token_id", "image_token_index")
-    )
-    if is_dual_encoder:
+    vision, dual = getattr(config, "vision_config", None), is_dual_encoder(config)
+    if dual:
         # contrastive dual encoders (CLIP, SigLIP, ALIGN ...) need both towers' inputs in one forward; vision-language
         # generators (LLaVA ...) are probed text-only, since images there need placeholder tokens. Each tower gets
         # `num_tokens` token states: the images are counted by patches per image, as for a vision model (CLIP
@@ -329,7 +333,7 @@ def default_probe_inputs(
         num_sequences = max(num_sequences, _image_batch(num_tokens, per_image))
     ids = synthetic_token_sequences(num_sequences, length, vocab, generator=generator)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if is_dual_encoder:
+    if dual:
         out["pixel_values"] = torch.randn(num_sequences, channels, size, size, generator=generator)
     if "bbox" in _forward_params(model_or_config):
         # document-layout models (LayoutLM, LiLT, BROS, UDOP) embed one box per token; some refuse to run without one.

@@ -591,6 +591,18 @@ def autocast_dtype(device_type: str) -> str | None:
     return dtype if dtype in LOW_PRECISION_DTYPES else None
 
 
+def _one_tower_note(model: nn.Module, batch: Mapping[str, Any]) -> str:
+    """A sentence for a dual encoder (CLIP) given one tower's input only: its forward runs both towers."""
+    from hf_koopman.profiling.probes import is_dual_encoder
+
+    given = [key in batch for key in ("input_ids", "pixel_values")]
+    if not is_dual_encoder(getattr(model, "config", None)) or all(given) or not any(given):
+        return ""
+    return (f" {type(model).__name__} is a dual encoder: its forward runs both towers, so it needs input_ids and "
+            "pixel_values together; pass both, or profile one tower's module alone (CLIP: model.text_model or "
+            "model.vision_model).")
+
+
 def _dropped_labels_note(raw: Any) -> str:
     """A sentence for a forward that failed after `prepare_batch` left the batch's label keys out: a model that builds
     its decoder inputs from `labels` (BLIP's question answering) then asks for them."""
@@ -777,7 +789,8 @@ def profile(
                     except (TypeError, ValueError, AttributeError) as err:
                         if called:  # a block ran: the error is the model's own, not the inputs'
                             _add_note(err, f"hf_koopman.profile: {type(inner).__name__}'s forward failed on "
-                                           f"{_describe_inputs(batch, args)}.{_dropped_labels_note(raw)}")
+                                           f"{_describe_inputs(batch, args)}.{_dropped_labels_note(raw)}"
+                                           f"{_one_tower_note(inner, batch)}")
                             raise
                         wrapper = peft_model(model)
                         if wrapper is not None and _raised_by_peft(err):  # PEFT's own checks, not the model's
@@ -795,7 +808,7 @@ def profile(
                             f"{type(err).__name__}: {str(err).rstrip('.')}. Its forward was called with "
                             f"{_describe_inputs(batch, args)}. Pass inputs this model's forward takes (input_ids for a "
                             "text model, float pixel_values for a vision model, ...), or inputs=None for the default "
-                            f"probe.{_dropped_labels_note(raw)}"
+                            f"probe.{_dropped_labels_note(raw)}{_one_tower_note(inner, batch)}"
                         ) from err
                     except Exception as err:
                         hint = _index_error(batch, inner, reserved) if isinstance(err, IndexError) else None

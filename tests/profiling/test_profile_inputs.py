@@ -453,3 +453,22 @@ def test_dataloaders_of_text_rows_and_of_plain_tensors_are_read():
     assert profile(model, tensors, num_samples=64).meta["tokens_seen"] == 8 * 32
     with pytest.raises(TypeError, match="mapping of tensors"):
         profile(model, [[1, 2, 3]], num_samples=64)
+
+
+@pytest.mark.parametrize("given", ["input_ids", "pixel_values"])
+def test_a_dual_encoder_given_one_towers_input_is_told_it_needs_both(given):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        "clip", text_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                             "intermediate_size": 64, "vocab_size": 99},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    inputs = {"input_ids": torch.randint(1, 99, (4, 16))} if given == "input_ids" else {
+        "pixel_values": torch.randn(4, 3, 32, 32)}
+    with pytest.raises(Exception) as err:
+        profile(model, inputs, num_samples=32)
+    text = str(err.value) + "".join(getattr(err.value, "__notes__", []))
+    assert "is a dual encoder" in text and "model.text_model or model.vision_model" in text
