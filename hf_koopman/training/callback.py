@@ -940,6 +940,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # verdict, which reads the spectrum alone, does otherwise (`recommendation`)
         truncated = spectral_profile.rule.truncated_rank(spectral_profile)
         advice = recommendation(self.init_verdict, assessment, rank=truncated, pretrained=pretrained)
+        if not args.learning_rate:  # a run that plans no update: nothing about its learning rate to advise
+            advice = ("none for this run: learning_rate=0 plans no update, so it cannot diverge; the verdict describes "
+                      "the weights only (profile again with the learning rate you will train at)")
         calibrated = truncated is None and in_fitted_range(assessment)
         alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
         (logger.warning if alarm else logger.info)(

@@ -51,14 +51,16 @@ def test_an_optimizer_the_estimator_was_not_fitted_on_is_outside_its_range(tmp_p
     assert "optimizer = 'sgd' (fitted on adamw)" in caplog.text
 
 
-def test_zero_learning_rate_profiles_without_a_risk_and_a_short_probe_keeps_the_request(tmp_path):
+def test_zero_learning_rate_profiles_without_a_risk_and_a_short_probe_keeps_the_request(tmp_path, caplog):
     from hf_koopman.risk import tokens_short
 
     callback = RKSPCallback(num_samples=4096, rank=8, save_artifacts=False)  # more than the probe batch holds
     args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=0.0)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback])
-    trainer.train()  # profile() rejects learning_rate=0; the callback passes none instead
+    with info_logs(caplog):
+        trainer.train()  # profile() rejects learning_rate=0; the callback passes none instead
     assert "learning_rate" not in callback.profile.meta and "rksp/risk" not in trainer.state.log_history[0]
+    assert "Recommended: none for this run: learning_rate=0 plans no update" in caplog.text
     meta = callback.profile.meta
     assert meta["num_samples_requested"] == 4096 and tokens_short(meta) == meta["tokens_seen"] < 4096
 
