@@ -245,8 +245,10 @@ def _pixel_tensor(values: Any, declared: torch.dtype | None) -> torch.Tensor:
 
 def _text_batch(batch: Mapping[str, Any]) -> list[str] | None:
     """The texts of an untokenised batch (`{"text": [...]}`, as a DataLoader over a text dataset collates it): a
-    text column (`_TEXT_COLUMNS`) holding strings and no `input_ids`; else None."""
-    if "input_ids" in batch:
+    text column (`_TEXT_COLUMNS`) holding strings, and no model input beside it (`input_ids`, or any tensor or array
+    but the labels: an image-caption or speech batch's text is its target, not its input); else None."""
+    if "input_ids" in batch or any(isinstance(value, (torch.Tensor, np.ndarray)) for key, value in batch.items()
+                                   if key not in _LABEL_KEYS):
         return None
     column = next((c for c in _TEXT_COLUMNS if c in batch), None)
     texts = batch.get(column) if column is not None else None

@@ -453,6 +453,12 @@ def test_dataloaders_of_text_rows_and_of_plain_tensors_are_read():
     assert profile(model, tensors, num_samples=64).meta["tokens_seen"] == 8 * 32
     with pytest.raises(TypeError, match="mapping of tensors"):
         profile(model, [[1, 2, 3]], num_samples=64)
+    # an image-caption batch's text is its target: the images are the input, as before
+    vit = tiny_model("vit")
+    pixels = torch.randn(2, 3, vit.config.image_size, vit.config.image_size)
+    captioned = {"pixel_values": pixels, "text": ["a cat", "a dog"]}
+    assert profile(vit, captioned, num_samples=16).meta["tokens_seen"] == profile(
+        vit, {"pixel_values": pixels}, num_samples=16).meta["tokens_seen"]
 
 
 @pytest.mark.parametrize("given", ["input_ids", "pixel_values"])
