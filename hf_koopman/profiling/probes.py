@@ -213,8 +213,9 @@ def is_dual_encoder(config: Any) -> bool:
 def _image_geometry(vision: Any) -> tuple[int, int, int]:
     """`(image size, channels, tokens per image)` of a vision config (224 px, 3 channels, 16 px patches when it does
     not say). The tokens are those of the stage with the fewest: the patches, and for a hierarchical model (a patch
-    size and a list of stage `depths`: ConvNeXt, Swin, FocalNet) its last stage's, each stage after the first merging
-    2 x 2 tokens."""
+    size and a list of stage `depths`: ConvNeXt, Swin, FocalNet, Hiera, PoolFormer) its last stage's, from the stem's
+    stride (`patch_stride`, `strides[0]`, else the patch size), each stage after the first assumed to merge 2 x 2
+    tokens (a model that merges more gets fewer tokens than asked for at its last stage, and the report says so)."""
     size = _get(vision, "image_size", default=224)
     size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 224
     patch = _get(vision, "patch_size", default=16)
@@ -222,10 +223,20 @@ def _image_geometry(vision: Any) -> tuple[int, int, int]:
     channels = _get(vision, "num_channels", default=3)
     tokens = max((size // max(patch, 1)) ** 2, 1)
     stages = _get(vision, "depths")
-    # patch-based hierarchies only: a CNN's stages (ResNet, RegNet) have no patch size, and their blocks change width
-    if isinstance(stages, (list, tuple)) and len(stages) > 1 and _get(vision, "patch_size") is not None:
-        tokens = max(tokens // 4 ** (len(stages) - 1), 1)
+    # patch-based hierarchies only: a CNN's stages (ResNet, RegNet) have no patch size, and their blocks change width;
+    # a super-resolution model (Swin2SR: 1-px patches, `upscale`) keeps every token at every stage
+    stem = next((first for key in ("patch_stride", "strides") if (first := _first_int(_get(vision, key)))), patch)
+    if (isinstance(stages, (list, tuple)) and len(stages) > 1 and _get(vision, "patch_size") is not None and stem > 1
+            and _get(vision, "upscale") is None):
+        tokens = max((size // stem) ** 2 // 4 ** (len(stages) - 1), 1)
     return size, channels, tokens
+
+
+def _first_int(value: Any) -> int | None:
+    """`value` if it is an int, its first entry if it is a list or tuple of ints (a per-stage or per-axis setting)."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _image_batch(num_tokens: int, per_image: int) -> int:

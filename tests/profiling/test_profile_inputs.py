@@ -405,6 +405,17 @@ def test_padded_ids_without_a_mask_are_named_with_the_fix(caplog):
     assert "runs of the pad token (0" in caplog.text and "attention_mask" in caplog.text
 
 
+def test_the_last_stage_estimate_reads_the_stem_stride_and_leaves_super_resolution_alone():
+    from transformers import AutoConfig
+
+    from hf_koopman.profiling.probes import _image_geometry
+
+    tokens = {t: _image_geometry(AutoConfig.for_model(t))[2] for t in ("hiera", "poolformer", "swin2sr", "resnet")}
+    # Hiera and PoolFormer: a 4-px stem stride (not the 7-px kernel, not patch_size 16), 4 stages: 7 x 7 at the last;
+    # Swin2SR keeps its 64 x 64 one-pixel patches; ResNet (no patch size) is read as before
+    assert tokens == {"hiera": 49, "poolformer": 49, "swin2sr": 64 * 64, "resnet": 196}
+
+
 @pytest.mark.parametrize("model_type", ["convnext", "swin"])
 def test_the_default_image_probe_feeds_the_last_stage_of_a_hierarchical_model(model_type):
     """ConvNeXt and Swin merge 2 x 2 tokens at each stage: the default probe holds enough images that the last stage
