@@ -1275,7 +1275,8 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     (`DecisionRule.truncated_rank`); `PRETRAINED_ADVICE` for `pretrained` weights with a threshold verdict (the
     verdict extrapolates a rule fitted at initialisation, and the advice of a verdict at initialisation, such as
     adding normalisation layers, does not apply to a checkpoint); from the calibrated probability when `assessment` is
-    at the planned learning rate and inside the estimator's fitted range (`out_of_range is False`); from the verdict's
+    at the planned learning rate and inside the estimator's fitted range (`out_of_range is False`) and the verdict is
+    not "uninformative" (the probability then reads a spectrum that is no reading of the model); from the verdict's
     `ADVICE` otherwise.
 
     The verdict reads the spectrum alone, which on held-out architecture families added nothing beyond the
@@ -1286,6 +1287,8 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     """
     if rank is not None:
         return RANK_ADVICE
+    if verdict == "uninformative":  # the probability reads a spectrum that is no reading of the model
+        return ADVICE[verdict]
     in_range = in_fitted_range(assessment)
     if pretrained and verdict != "uninformative" and not in_range:
         return PRETRAINED_ADVICE

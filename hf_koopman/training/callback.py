@@ -943,7 +943,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         if not args.learning_rate:  # a run that plans no update: nothing about its learning rate to advise
             advice = ("none for this run: learning_rate=0 plans no update, so it cannot diverge; the verdict describes "
                       "the weights only (profile again with the learning rate you will train at)")
-        calibrated = truncated is None and in_fitted_range(assessment)
+        informative = self.init_verdict != "uninformative"
+        calibrated = truncated is None and informative and in_fitted_range(assessment)
         alarm = not below_risk_budget(assessment.probability) if calibrated else self.init_verdict == "high risk"
         (logger.warning if alarm else logger.info)(
             "RKSP verdict %s: %s (mean M≈1 = %s, median κ(V) = %s)\n  Why: %s\n  Recommended: %s",
@@ -958,10 +959,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             # outside the fitted range only below its learning rates, with the lowest fitted rate's probability
             # within the budget (a bound on the safe side), as a fine-tune's 5e-5 is: information, not an alarm
             below = _below_fitted_learning_rates(assessment) is not None
-            log = logger.warning if assessment.out_of_range and not below else logger.info
+            log = logger.warning if assessment.out_of_range and not below and informative else logger.info
             # the verdict reads the spectrum alone; this number is for the run's learning rate
-            log("RKSP calibrated risk at this learning rate (the verdict, %s, reads the spectrum alone): %s",
-                self.init_verdict.upper(), assessment.describe())
+            log("RKSP calibrated risk at this learning rate (the verdict, %s, reads the spectrum alone): %s%s",
+                self.init_verdict.upper(), assessment.describe(),
+                "" if informative else " (computed from an uninformative spectrum, so it is not a reading of this "
+                "model; rksp/risk is not logged)")
         if self.auto_kss and self.init_verdict == "high risk":
             # the paper's rule would switch KSS on here; measured in the paper's own regime it did not lower
             # divergence, so auto_kss never switches it and says what state KSS is in

@@ -234,3 +234,21 @@ def test_the_optimizer_is_read_through_wrappers_that_are_not_optimizers(tmp_path
                         staticmethod(lambda a, model=None: seen.append(model) or lookup(a, model)))
     _optimizer_name(args, torch.optim.AdamW(params))
     assert seen == [None]
+
+
+def test_an_uninformative_profile_neither_advises_nor_alarms_from_its_probability(tmp_path, caplog,
+                                                                                 in_range_estimator):
+    """An in-range 40 % from a spectrum the verdict calls uninformative (16 token states for width 32): the advice is
+    the uninformative verdict's, there is no alarm, and the probability line says it is no reading of the model."""
+    from hf_koopman.risk import ADVICE
+
+    in_range_estimator(0.4)
+    callback = RKSPCallback(num_samples=16, save_artifacts=False, guard=False)
+    args = cpu_training_args(tmp_path, TrainingArguments, max_steps=1, learning_rate=3e-3)
+    with info_logs(caplog):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[callback]).train()
+    assert callback.init_verdict == "uninformative"
+    verdict_line = next(r for r in caplog.records if r.getMessage().startswith("RKSP verdict"))
+    assert verdict_line.levelno == logging.INFO
+    assert f"Recommended: {ADVICE['uninformative']}" in verdict_line.getMessage()
+    assert "computed from an uninformative spectrum" in caplog.text and "lower the learning rate" not in caplog.text
