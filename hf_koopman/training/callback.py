@@ -132,9 +132,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
       sampler, and the random states a collator draws from are put back). `rksp/*` scalars go through
       `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and `rksp_profile.png` are written to `output_dir` (main
-      process); the verdict is logged with the recommended action
-      (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the estimator's fitted
-      range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is "high risk". With
+      process; a hyperparameter-search trial's go beside its checkpoints, `on_save`); the verdict is logged with the
+      recommended action (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the
+      estimator's fitted range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is
+      "high risk". With
       a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
       `rksp/risk_out_of_range` (1 when the model, the learning rate or the optimizer (`args.optim`, or the class of
       one passed as `Trainer(optimizers=...)`) lies outside the estimator's training runs, 0 inside, -1 ranges
@@ -449,6 +450,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         # set by transformers on a callback restored from a checkpoint's state: the settings it could not restore
         self.settings_not_restored: list[str] = []
         self._unsaved_artifacts: Any = None  # a search trial's init profile until its folder is known (`on_save`)
+        self._provisional: Path | None = None  # where that trial's files wait (`_provisional_folder`)
         self._capture_seconds: float | None = None  # cost of the last snapshot refresh
         self._since_capture = 0  # passing steps since the last refresh
         self._trip: DivergenceEvent | None = None
@@ -737,27 +739,29 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs) -> TrainerControl | None:
         control = super().on_save(args, state, control, **kwargs)  # the guard's bookkeeping finds a trial's folder
-        if self._unsaved_artifacts is not None and self._trial_folder is not None:
+        if self._unsaved_artifacts is not None and self._trial_folder is not None and state.is_world_process_zero:
             self._save(args, self._unsaved_artifacts, self._trial_folder)
             self._unsaved_artifacts = None
+            if self._provisional is not None:  # moved: the trial's files now sit beside its checkpoints
+                for name in _ARTIFACT_NAMES:
+                    (self._provisional / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self._provisional.rmdir()
+                self._provisional = None
         return control
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs) -> TrainerControl | None:
-        control = super().on_train_end(args, state, control, **kwargs)
-        if state.is_world_process_zero:
-            self._save_trial_artifacts_at_end(args, state)
-        return control
-
-    def _save_trial_artifacts_at_end(self, args: Any, state: Any) -> None:
-        """A search trial that never saved a checkpoint has no folder of its own: its files go into
-        `output_dir/<trial name>` (`hp_name`), or `output_dir/rksp-trial-<hash of its parameters>`."""
-        if self._unsaved_artifacts is None:
-            return
+    @staticmethod
+    def _provisional_folder(args: Any, state: Any) -> Path:
+        """Where a search trial's files go until its first checkpoint shows its folder (and stay when it saves none,
+        or is pruned first): `output_dir/<hp_name(trial)>`, else `output_dir/rksp-trial-<hash of its parameters>`,
+        with `-2`, `-3` ... when an earlier trial with the same parameters holds that name."""
         name = getattr(state, "trial_name", None) or "rksp-trial-" + hashlib.sha1(
             json.dumps(state.trial_params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        self._save(args, self._unsaved_artifacts, self._trial_folder or Path(args.output_dir) / name)
-        self._unsaved_artifacts = None
+        folder, count = Path(args.output_dir) / name, 1
+        while (folder / _ARTIFACT_NAMES[0]).exists():
+            count += 1
+            folder = Path(args.output_dir) / f"{name}-{count}"
+        return folder
 
     def _save(self, args: Any, spectral_profile: Any, folder: Path | None = None) -> None:
         """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `folder`
@@ -767,7 +771,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         files of an earlier run there are replaced (an earlier plot is removed when this run writes none), and the
         warning says so."""
         out = Path(args.output_dir) if folder is None else Path(folder)
-        names = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
+        names = _ARTIFACT_NAMES
         earlier = [name for name in names if (out / name).is_file()]
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -818,7 +822,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                            "states from checkpoints, so a restored callback uses the shipped one; save the estimator "
                            "with save_json and pass its path to keep it across a resume.", est.name)
         self._warn_unsaved_settings(args, state)
-        self._unsaved_artifacts = None
+        self._unsaved_artifacts = self._provisional = None
         self._stop_step = None
         self._trial_folder = self._record_written = None
         self._warned_short_probe = set()
@@ -929,9 +933,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         if self.save_artifacts and state.is_world_process_zero:
             if getattr(state, "trial_params", None) is None:
                 self._save(args, spectral_profile)
-            else:  # a search trial: written into the trial's folder once its first save shows it (`on_save`)
+            else:  # a search trial: a folder of its own now, moved beside its checkpoints at its first save
                 spectral_profile.meta["trial_params"] = state.trial_params
                 self._unsaved_artifacts = spectral_profile
+                self._provisional = self._provisional_folder(args, state)
+                self._save(args, spectral_profile, self._provisional)
         # a fine-tune starts from loaded weights: its first profile is not of an initialisation
         pretrained = spectral_profile.meta.get("weights") == "pretrained"
         when = "at the start of training (pretrained weights)" if pretrained else "at initialisation"
@@ -1034,6 +1040,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             self._log(args, state, self._scalars(spectral_profile))
 
 
+
+
+#: the files of a profile the callback writes (`RKSPCallback._save`)
+_ARTIFACT_NAMES = ("rksp_profile.json", "rksp_profile.png", "rksp_report.md")
 
 
 @contextlib.contextmanager

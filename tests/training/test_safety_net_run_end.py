@@ -264,7 +264,18 @@ def test_each_trial_of_a_search_writes_its_profile_into_its_own_folder(tmp_path,
         assert saved["meta"]["trial_params"] == {"trial": n} and saved["meta"]["learning_rate"] == 1e-3 * (n + 1)
         assert (tmp_path / f"run-{n}" / "rksp_report.md").is_file()
     assert not (tmp_path / "rksp_profile.json").exists()
+    assert not list(tmp_path.glob("rksp-trial-*"))  # the provisional folders were emptied into run-<n>
     callback = _guard(profile_at_init=True, num_samples=64, guard=False)
     _trial_trainer(tmp_path, callback, max_steps=2, learning_rate=1e-3, save_strategy="no").train(trial=trial(2))
-    unsaved = [p.parent.name for p in tmp_path.glob("rksp-trial-*/rksp_profile.json")]
-    assert len(unsaved) == 1
+    assert len(list(tmp_path.glob("rksp-trial-*/rksp_profile.json"))) == 1
+
+    class Pruned(TrainerCallback):  # optuna's TrialPruned, raised before the trial's first save
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("pruned")
+
+    trainer = _trial_trainer(tmp_path, _guard(profile_at_init=True, num_samples=64, guard=False), max_steps=4,
+                             learning_rate=1e-3, save_steps=3)
+    trainer.add_callback(Pruned())
+    with pytest.raises(RuntimeError, match="pruned"):
+        trainer.train(trial=trial(3))
+    assert len(list(tmp_path.glob("rksp-trial-*/rksp_profile.json"))) == 2  # its files were written at init
