@@ -92,7 +92,8 @@ def _token_count(batch: dict[str, Any]) -> int | None:
 def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
     """Decoder token states of an encoder-decoder probe batch whose decoder reads the labels (the non -100 labels),
     as `profile()` counts them: decoder inputs built from the labels (`profiling.inputs.labels_feed_decoder`), or
-    given beside them at their shape (`DataCollatorForSeq2Seq(model=...)` shifts them in); else None."""
+    given beside them at their shape (`DataCollatorForSeq2Seq(model=...)` shifts them in; their
+    `decoder_attention_mask`, when given, decides); else None."""
     from hf_koopman.profiling.blocks import unwrap_model
     from hf_koopman.profiling.inputs import labels_feed_decoder
 
@@ -101,6 +102,9 @@ def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
              and getattr(getattr(unwrap_model(model), "config", None), "is_encoder_decoder", False))
     if not given and not labels_feed_decoder(batch, unwrap_model(model)):
         return None
+    mask = batch.get("decoder_attention_mask")
+    if given and isinstance(mask, torch.Tensor) and mask.shape == decoder.shape:  # profile() counts by this mask then
+        return int(mask.sum())
     return int((labels != -100).sum())
 
 

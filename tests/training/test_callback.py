@@ -631,3 +631,21 @@ def test_a_collator_returning_tuples_falls_back_to_synthetic_inputs_and_names_pr
                                 train_dataloader=trainer.get_train_dataloader())
     assert "profiling on synthetic inputs instead" in caplog.text and "probe_inputs=" in caplog.text
     assert callback.profile is not None
+
+
+def test_the_decoder_count_follows_profile_when_the_batch_has_a_decoder_mask():
+    from transformers import T5ForConditionalGeneration
+
+    from hf_koopman.profiling import profile
+    from hf_koopman.testing_utils import tiny_config
+    from hf_koopman.training.callback import _decoder_token_count
+
+    model = T5ForConditionalGeneration(tiny_config("t5"))
+    labels = torch.full((2, 6), 5)
+    labels[:, 4:] = -100
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[:, 5:] = 0
+    batch = {"input_ids": torch.randint(2, 50, (2, 16)), "labels": labels, "decoder_attention_mask": mask,
+             "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
+    seen = profile(model, batch, num_samples=8).meta["tokens_seen_per_layer"]["decoder.block.0"]
+    assert _decoder_token_count(batch, model) == seen == 10
