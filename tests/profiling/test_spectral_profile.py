@@ -205,7 +205,7 @@ def test_truncating_only_layers_the_verdict_leaves_out_keeps_the_verdict():
 
 def test_the_report_recommends_the_full_spectrum_for_a_rank_r_profile_and_follows_an_in_range_probability(
         in_range_estimator):
-    from hf_koopman.risk import RANK_ADVICE
+    from hf_koopman.risk import ADVICE, RANK_ADVICE
 
     in_range_estimator(0.002)
     model = tiny_model("llama")
@@ -214,8 +214,13 @@ def test_the_report_recommends_the_full_spectrum_for_a_rank_r_profile_and_follow
     assert "The verdict above follows no threshold: the paper's decision rule" in cut.to_markdown()
     no_lr = hf_koopman.profile(model, rank=8, num_samples=512, progress=False)
     assert "this is a rank-8 profile" in no_lr.to_markdown()
-    full = hf_koopman.profile(model, num_samples=512, learning_rate=1e-3, progress=False)
+    full = hf_koopman.profile(tiny_model("gpt2"), num_samples=512, learning_rate=1e-3, progress=False)
+    assert full.verdict != "uninformative"  # precondition: the advice follows the in-range probability
     assert "Recommendation: At learning rate 0.001 the calibrated divergence probability is 0.2%" in full.to_markdown()
+    # an uninformative spectrum's probability is no reading of the model: its verdict's advice stands
+    blind = hf_koopman.profile(model, num_samples=512, learning_rate=1e-3, progress=False)
+    assert blind.verdict == "uninformative"
+    assert f"Recommendation: {ADVICE['uninformative']}" in blind.to_markdown()
 
 
 def test_a_tentative_verdict_keeps_the_calibrated_advice():
