@@ -1290,7 +1290,7 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     if verdict == "uninformative":  # the probability reads a spectrum that is no reading of the model
         return ADVICE[verdict]
     in_range = in_fitted_range(assessment)
-    if pretrained and verdict != "uninformative" and not in_range:
+    if pretrained and not in_range:
         return PRETRAINED_ADVICE
     below = None if in_range else _below_fitted_learning_rates(assessment)
     if not in_range and below is None:
@@ -1298,17 +1298,16 @@ def recommendation(verdict: str, assessment: RiskAssessment | None = None, *, ra
     p, lr = assessment.probability, assessment.learning_rate
     shown = shown_probability(p)
     if below is not None:
-        label = (f"the '{verdict}' verdict reads the spectrum alone, which" if verdict != "uninformative"
-                 else "the spectrum")
         return (f"The planned learning rate {lr:g} lies below every rate the risk estimator was fitted on "
                 f"({below.low:g} to {below.high:g}); at the lowest of them it reads {shown}, which bounds the risk "
-                f"here if risk grows with the learning rate. No lower learning rate is indicated: {label} on held-out "
+                f"here if risk grows with the learning rate. No lower learning rate is indicated: the '{verdict}' "
+                "verdict reads the spectrum alone, which on held-out "
                 f"architecture families added nothing beyond configuration, loss curvature and learning rate. As "
                 f"always, {_GUARD}.")
-    label = f"; the '{verdict}' verdict reads the spectrum alone" if verdict != "uninformative" else ""
     if below_risk_budget(p):
         return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's "
-                f"fitted range: no lower learning rate is needed for stability{label}, which on held-out "
+                f"fitted range: no lower learning rate is needed for stability; the '{verdict}' verdict reads the "
+                "spectrum alone, which on held-out "
                 f"architecture families added nothing beyond configuration, loss curvature and learning rate. As "
                 f"always, {_GUARD}.")
     return (f"At learning rate {lr:g} the calibrated divergence probability is {shown}, inside the estimator's fitted "

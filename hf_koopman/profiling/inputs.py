@@ -243,12 +243,17 @@ def _pixel_tensor(values: Any, declared: torch.dtype | None) -> torch.Tensor:
     return tensor.to(declared) if declared is not None and tensor.dtype != declared else tensor
 
 
+#: inputs of another modality: a batch that holds one besides a text column is not a text batch (an image-caption or
+#: speech batch's text is its target)
+_NON_TEXT_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "pixel_values_videos", "input_values",
+                    "input_features", "hidden_states")
+
+
 def _text_batch(batch: Mapping[str, Any]) -> list[str] | None:
-    """The texts of an untokenised batch (`{"text": [...]}`, as a DataLoader over a text dataset collates it): a
-    text column (`_TEXT_COLUMNS`) holding strings, and no model input beside it (`input_ids`, or any tensor or array
-    but the labels: an image-caption or speech batch's text is its target, not its input); else None."""
-    if "input_ids" in batch or any(isinstance(value, (torch.Tensor, np.ndarray)) for key, value in batch.items()
-                                   if key not in _LABEL_KEYS):
+    """The texts of an untokenised batch (`{"text": [...]}`, as a DataLoader over a text dataset collates it, with
+    labels or an index beside it): a text column (`_TEXT_COLUMNS`) holding strings and no model input of its own
+    (`_NON_TEXT_INPUTS`); else None."""
+    if any(key in batch for key in _NON_TEXT_INPUTS):
         return None
     column = next((c for c in _TEXT_COLUMNS if c in batch), None)
     texts = batch.get(column) if column is not None else None

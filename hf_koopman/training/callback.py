@@ -38,7 +38,14 @@ from hf_koopman.risk import (
 from hf_koopman.training.arguments import _is_int
 from hf_koopman.training.divergence import GRAD_NORM_THRESHOLD, LOSS_THRESHOLD, DivergenceRule
 from hf_koopman.training.guard import ActivationWatch, DivergenceEvent, GradNormTap, LossTap, StateSnapshot
-from hf_koopman.training.safety_net import _IN_MEMORY_UNKNOWN, _MODES, _SOURCES, SafetyNet, scale_learning_rate
+from hf_koopman.training.safety_net import (
+    _IN_MEMORY_UNKNOWN,
+    _MODES,
+    _SOURCES,
+    SafetyNet,
+    _same_path,
+    scale_learning_rate,
+)
 
 
 __all__ = ["RKSPCallback", "register_trainer", "scale_learning_rate"]
@@ -92,8 +99,8 @@ def _token_count(batch: dict[str, Any]) -> int | None:
 def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
     """Decoder token states of an encoder-decoder probe batch whose decoder reads the labels (the non -100 labels),
     as `profile()` counts them: decoder inputs built from the labels (`profiling.inputs.labels_feed_decoder`), or
-    given beside them at their shape (`DataCollatorForSeq2Seq(model=...)` shifts them in; their
-    `decoder_attention_mask`, when given, decides); else None."""
+    given beside them at their shape (`DataCollatorForSeq2Seq(model=...)` shifts them in); a
+    `decoder_attention_mask` of the labels' shape decides when the batch has one; else None."""
     from hf_koopman.profiling.blocks import unwrap_model
     from hf_koopman.profiling.inputs import labels_feed_decoder
 
@@ -103,7 +110,7 @@ def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
     if not given and not labels_feed_decoder(batch, unwrap_model(model)):
         return None
     mask = batch.get("decoder_attention_mask")
-    if given and isinstance(mask, torch.Tensor) and mask.shape == decoder.shape:  # profile() counts by this mask then
+    if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:  # profile() counts by this mask then
         return int(mask.sum())
     return int((labels != -100).sum())
 
@@ -138,8 +145,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
       `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and `rksp_profile.png` are written to `output_dir` (main
       process; a hyperparameter-search trial's go beside its checkpoints, `on_save`); the verdict is logged with the
       recommended action (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the
-      estimator's fitted range exceeds `RISK_BUDGET` at the run's learning rate or, without one, when the verdict is
-      "high risk". With
+      estimator's fitted range exceeds `RISK_BUDGET` at the run's learning rate (not for an "uninformative" verdict,
+      whose probability is no reading of the model) or, without one, when the verdict is "high risk". With
       a calibrated `RiskEstimator`, the divergence probability at `args.learning_rate` is logged as `rksp/risk` with
       `rksp/risk_out_of_range` (1 when the model, the learning rate or the optimizer (`args.optim`, or the class of
       one passed as `Trainer(optimizers=...)`) lies outside the estimator's training runs, 0 inside, -1 ranges
@@ -743,15 +750,21 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs) -> TrainerControl | None:
         control = super().on_save(args, state, control, **kwargs)  # the guard's bookkeeping finds a trial's folder
-        if self._unsaved_artifacts is not None and self._trial_folder is not None and state.is_world_process_zero:
-            self._save(args, self._unsaved_artifacts, self._trial_folder)
+        if self._unsaved_artifacts is None or self._trial_folder is None or not state.is_world_process_zero:
+            return control
+        provisional, self._provisional = self._provisional, None
+        if provisional is not None and _same_path(provisional, self._trial_folder):  # hp_name: already beside them
             self._unsaved_artifacts = None
-            if self._provisional is not None:  # moved: the trial's files now sit beside its checkpoints
+            return control
+        if self._save(args, self._unsaved_artifacts, self._trial_folder):
+            self._unsaved_artifacts = None
+            if provisional is not None:  # moved: the trial's files now sit beside its checkpoints
                 for name in _ARTIFACT_NAMES:
-                    (self._provisional / name).unlink(missing_ok=True)
+                    (provisional / name).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
-                    self._provisional.rmdir()
-                self._provisional = None
+                    provisional.rmdir()
+        else:  # not moved: the provisional copy stays, and a later save tries again
+            self._provisional = provisional
         return control
 
     @staticmethod
@@ -761,19 +774,20 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         with `-2`, `-3` ... when an earlier trial with the same parameters holds that name."""
         name = getattr(state, "trial_name", None) or "rksp-trial-" + hashlib.sha1(
             json.dumps(state.trial_params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        folder, count = Path(args.output_dir) / name, 1
+        out = Path(args.output_dir).absolute()
+        folder, count = out / name, 1
         while (folder / _ARTIFACT_NAMES[0]).exists():
             count += 1
-            folder = Path(args.output_dir) / f"{name}-{count}"
+            folder = out / f"{name}-{count}"
         return folder
 
-    def _save(self, args: Any, spectral_profile: Any, folder: Path | None = None) -> None:
+    def _save(self, args: Any, spectral_profile: Any, folder: Path | None = None) -> bool:
         """Write `rksp_profile.json`, `rksp_profile.png` (with matplotlib) and `rksp_report.md` into `folder`
         (default `output_dir`; a hyperparameter-search trial's own folder, `on_save`), all or nothing: they are
         written beside it first and moved into place together (`hf_koopman.files`), so a failure leaves the folder as
         it was; one that cannot be written (a read-only folder, a full disk) is a warning, not the end of training. The
         files of an earlier run there are replaced (an earlier plot is removed when this run writes none), and the
-        warning says so."""
+        warning says so. Returns whether they were written."""
         out = Path(args.output_dir) if folder is None else Path(folder)
         names = _ARTIFACT_NAMES
         earlier = [name for name in names if (out / name).is_file()]
@@ -795,9 +809,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             logger.warning("RKSP: could not write the profile files into %s (%s: %s); training goes on without them. "
                            "Pass a writable output_dir, or RKSPCallback(save_artifacts=False) to skip them.", out,
                            type(err).__name__, err)
-            return
+            return False
         if earlier:
             logger.warning("RKSP: %s held an earlier run's %s: replaced by this run's", out, ", ".join(earlier))
+        return True
 
     # ------------------------------------------------------------------ events
     def remove_hooks(self) -> None:

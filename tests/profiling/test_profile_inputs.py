@@ -464,6 +464,10 @@ def test_dataloaders_of_text_rows_and_of_plain_tensors_are_read():
     assert profile(model, tensors, num_samples=64).meta["tokens_seen"] == 8 * 32
     with pytest.raises(TypeError, match="mapping of tensors"):
         profile(model, [[1, 2, 3]], num_samples=64)
+    # a GLUE-style batch with an index and labels beside the sentences is still text
+    glue = torch.utils.data.DataLoader(datasets.Dataset.from_dict(
+        {"sentence": texts, "label": [0, 1] * 4, "idx": list(range(8))}).with_format("torch"), batch_size=4)
+    assert profile(model, glue, num_samples=64).meta["tokens_seen"] == by_list.meta["tokens_seen"]
     # an image-caption batch's text is its target: the images are the input, as before
     vit = tiny_model("vit")
     pixels = torch.randn(2, 3, vit.config.image_size, vit.config.image_size)

@@ -650,3 +650,6 @@ def test_the_decoder_count_follows_profile_when_the_batch_has_a_decoder_mask():
              "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
     seen = profile(model, batch, num_samples=8).meta["tokens_seen_per_layer"]["decoder.block.0"]
     assert _decoder_token_count(batch, model) == seen == 10
+    from_labels = {k: v for k, v in batch.items() if k != "decoder_input_ids"}  # profile() builds them from labels
+    seen = profile(model, from_labels, num_samples=8).meta["tokens_seen_per_layer"]["decoder.block.0"]
+    assert _decoder_token_count(from_labels, model) == seen == 10

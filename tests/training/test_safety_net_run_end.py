@@ -279,3 +279,33 @@ def test_each_trial_of_a_search_writes_its_profile_into_its_own_folder(tmp_path,
     with pytest.raises(RuntimeError, match="pruned"):
         trainer.train(trial=trial(3))
     assert len(list(tmp_path.glob("rksp-trial-*/rksp_profile.json"))) == 2  # its files were written at init
+
+
+def test_a_trial_named_by_hp_name_keeps_its_files_and_a_failed_move_keeps_the_provisional_copy(tmp_path, monkeypatch):
+    """With hp_name the provisional folder is the trial's own run folder: the files stay there (they were removed as
+    if moved); when moving fails, the provisional copy is kept (it was removed although nothing was written)."""
+    import transformers.integrations
+
+    import hf_koopman.training.callback as callback_module
+
+    monkeypatch.setattr(transformers.integrations, "hp_params", lambda trial: {"trial": trial.number})
+
+    def trial(n):
+        return SimpleNamespace(number=n, params={}, report=lambda *a, **k: None, should_prune=lambda: False)
+
+    named = _trial_trainer(tmp_path, _guard(profile_at_init=True, num_samples=64, guard=False), max_steps=2,
+                           learning_rate=1e-3)
+    named.hp_name = lambda t: f"trial-{t.number}"
+    named.train(trial=trial(0))
+    assert (tmp_path / "trial-0" / "rksp_profile.json").is_file() and (tmp_path / "trial-0" / "checkpoint-1").is_dir()
+    real = callback_module.move_into_place
+
+    def failing(staging, out, *args, **kwargs):
+        if out.name == "run-1":
+            raise OSError("disk full")
+        return real(staging, out, *args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "move_into_place", failing)
+    _trial_trainer(tmp_path, _guard(profile_at_init=True, num_samples=64, guard=False), max_steps=2,
+                   learning_rate=1e-3).train(trial=trial(1))
+    assert len(list(tmp_path.glob("rksp-trial-*/rksp_profile.json"))) == 1
