@@ -489,6 +489,7 @@ class KSSTrainer(Trainer):
         self._kss_micro_term: torch.Tensor | None = None  # this micro-batch: the KSS term added to the loss
         self._kss_warned_no_term = False
         self._kss_warned_small_sample = False
+        self._kss_said_full_rank = False
 
     def _check_not_compiled(self, model: torch.nn.Module | None) -> None:
         """Raise a `ValueError` when KSS is on and `torch.compile` can skip its hooks on the residual blocks.
@@ -1049,6 +1050,10 @@ class KSSTrainer(Trainer):
         X = torch.stack([m[1] for m in members])
         Y = torch.stack([m[2] for m in members])
         kwargs = dict(rank=cfg.rank, eps=cfg.eps, oversample=cfg.oversample, power_iters=cfg.power_iters)
+        if cfg.rank is not None and cfg.rank >= min(X.shape[-2], X.shape[-1]) and not self._kss_said_full_rank:
+            self._kss_said_full_rank = True
+            logger.info("KSS: kss_rank=%d >= min(N, d) = %d: every mode is computed, i.e. the full spectrum, as with "
+                        "the default kss_rank=None. Said once per run.", cfg.rank, min(X.shape[-2], X.shape[-1]))
 
         def generator() -> torch.Generator:  # a CPU generator: the same sketch whatever device the model is on
             return torch.Generator().manual_seed(cfg.seed * 7919 + step)

@@ -850,3 +850,13 @@ def test_a_model_without_findable_blocks_is_refused_before_training_naming_kss_l
         KSSTrainer(model=tiny_gpt2(), args=bad_path, train_dataset=TokenDataset()).train()
     off = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=1, kss_enabled=False)
     KSSTrainer(model=_NoBlocks(), args=off, train_dataset=TokenDataset()).train()
+
+
+def test_a_kss_rank_covering_every_mode_says_it_is_the_full_spectrum(tmp_path, caplog):
+    from conftest import info_logs
+
+    args = cpu_training_args(tmp_path, KSSTrainingArguments, max_steps=2, kss_every_n_steps=1, kss_rank=10_000,
+                             kss_num_samples=64)
+    with info_logs(caplog):
+        KSSTrainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset()).train()
+    assert caplog.text.count("kss_rank=10000 >= min(N, d) = 32: every mode is computed") == 1
