@@ -145,7 +145,8 @@ def compute_dtype(model: torch.nn.Module, given: torch.dtype | None = None) -> t
 
 
 def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:
-    if dtype is None or t.dtype == dtype or torch.is_autocast_enabled(t.device.type):
+    # autocast casts float32 / half inputs for its matmuls, never float64
+    if dtype is None or t.dtype == dtype or (torch.is_autocast_enabled(t.device.type) and t.dtype != torch.float64):
         return
     raise TypeError(
         f"{name} is {t.dtype} but the model's weights are {dtype}; cast the inputs with .to({dtype}) (for "
@@ -296,6 +297,10 @@ class NeuralProcessCollator:
             for key in self.keys[:3]:
                 if key not in f:
                     raise ValueError(f"each task needs {key!r}; task {i} of this batch has keys {sorted(f)}")
+        named = sorted({key for f in features for key in ("labels", "label", "y") if key in f and "target_y" not in f})
+        if named:  # HF-style target names would be dropped silently, and training would fail on a missing loss
+            raise ValueError(f"tasks carry {', '.join(repr(k) for k in named)}: a neural process's targets are "
+                             "'target_y' (Nt, y_dim), the values at target_x; rename the key to target_y")
         with_y = [i for i, f in enumerate(features) if "target_y" in f]
         if 0 < len(with_y) < len(features):
             without = [i for i in range(len(features)) if i not in set(with_y)]

@@ -402,7 +402,8 @@ def _check_inputs(
     graph_tensor: torch.Tensor, node_mask: torch.Tensor | None, in_channels: int, dtype: torch.dtype | None = None
 ) -> None:
     """Refuse inputs the blocks would fail on deep inside torch, naming the fix. `dtype` is the dtype of the model's
-    weights: a floating `graph_tensor` of another dtype is refused (except under autocast, which casts it)."""
+    weights: a floating `graph_tensor` of another dtype is refused (except a float32 / half one under autocast, which
+    casts it; autocast leaves float64 as it is)."""
     if not isinstance(graph_tensor, torch.Tensor):
         raise TypeError(f"graph_tensor must be a torch.Tensor of shape (B, C, n, n), got {type(graph_tensor).__name__}")
     if graph_tensor.dim() != 4 or graph_tensor.shape[-1] != graph_tensor.shape[-2]:
@@ -414,14 +415,18 @@ def _check_inputs(
         )
     if not graph_tensor.is_floating_point():
         raise TypeError(f"graph_tensor must be a floating-point tensor, got {graph_tensor.dtype}")
+    # autocast casts float32 / half inputs for its matmuls, never float64
     if (dtype is not None and graph_tensor.dtype != dtype
-            and not torch.is_autocast_enabled(graph_tensor.device.type)):
+            and not (torch.is_autocast_enabled(graph_tensor.device.type) and graph_tensor.dtype != torch.float64)):
         raise TypeError(
             f"graph_tensor is {graph_tensor.dtype} but the model's weights are {dtype}; cast the input with "
             f".to({dtype}) (for ReyNetGraphCollator: dtype={dtype}) or the model with model.to({graph_tensor.dtype})"
         )
     if node_mask is not None:
         B, _, n, _ = graph_tensor.shape
+        if not isinstance(node_mask, torch.Tensor):
+            raise TypeError(f"node_mask must be a torch.Tensor of shape (B, n) = {(B, n)}, got "
+                            f"{type(node_mask).__name__}; convert it with torch.as_tensor(node_mask, dtype=torch.bool)")
         if node_mask.shape != (B, n):
             raise ValueError(f"node_mask must have shape (B, n) = {(B, n)}, got {tuple(node_mask.shape)}")
         if (node_mask.dtype != torch.bool and _can_read_values(node_mask)
@@ -629,6 +634,10 @@ def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Rey
     As in transformers' sequence classifiers, an inferred problem type is written to the config (here only once the
     labels fit it), so that a saved model, and a pipeline choosing softmax or sigmoid from it, keeps it.
     """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor (class indices (B,), multi-hot (B, num_labels) or regression "
+                        f"targets), got {type(labels).__name__}; convert them with torch.as_tensor (class names map "
+                        "to indices through config.label2id)")
     losses = {
         "single_label_classification": _single_label_loss,
         "multi_label_classification": _multi_label_loss,

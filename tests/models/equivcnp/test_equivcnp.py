@@ -534,3 +534,14 @@ def test_loading_weights_for_another_group_warns(tmp_path, caplog):
     with mock.patch.object(EquivCNPConfig, "get_config_dict", side_effect=AssertionError("looked up")):
         model = EquivCNPModel.from_pretrained(None, config=EquivCNPConfig(group="SE2"), state_dict=state)
     assert model.config.group == "SE2"
+
+
+def test_float64_tasks_under_autocast_and_hf_style_labels_are_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = CNPModel(CNPConfig())
+    task = {"context_x": torch.randn(1, 5, 1, dtype=torch.float64), "context_y": torch.randn(1, 5, 1, dtype=torch.float64),
+            "target_x": torch.randn(1, 4, 1, dtype=torch.float64)}
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=r"cast the inputs with"):
+        model(**task)
+    with pytest.raises(ValueError, match="rename the key to target_y"):
+        NeuralProcessCollator()([{"context_x": [[0.0]], "context_y": [[1.0]], "target_x": [[0.5]], "labels": [[1.0]]}])

@@ -462,3 +462,19 @@ def test_mean_pooling_averages_the_diagonal_and_off_diagonal_entries_over_real_n
 def test_head_dropout_reaches_the_classifier():
     model = ReyNetForGraphClassification(ReyNetConfig(**{**TINY, "head_dropout": 0.3}))
     assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3]  # before each Linear
+
+
+def test_float64_inputs_under_autocast_and_lists_are_refused_with_the_fix():
+    """Autocast casts float32 inputs, not float64: a float64 graph under CPU autocast is refused with the cast to
+    make (it failed in a matmul: Double and BFloat16); a node mask or labels given as lists name torch.as_tensor."""
+    torch.manual_seed(0)
+    model = ReyNetForGraphClassification(ReyNetConfig(**TINY))
+    graph = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=r"cast the input with"):
+        model(graph)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(graph.float())  # float32 under autocast runs, as before
+    with pytest.raises(TypeError, match="node_mask must be a torch.Tensor"):
+        model(graph.float(), node_mask=[[True] * 5] * 2)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        model(graph.float(), labels=[0, 1])
