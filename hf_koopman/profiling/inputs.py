@@ -11,6 +11,7 @@ import torch
 
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.profiling.blocks import unwrap_model
+from hf_koopman.profiling.probes import _FEATURE_INPUTS
 
 
 __all__ = [
@@ -151,7 +152,7 @@ def _batch_from_tensor(inputs: torch.Tensor, model: Any) -> dict[str, Any]:
     ids ...), so that an integer image tensor reaches `prepare_batch` as `pixel_values` and fails there with the fix;
     token ids for an integer tensor of a text model; a model that is not a `PreTrainedModel` (no `main_input_name`)
     and takes no such keyword gets the tensor positionally."""
-    from hf_koopman.profiling.probes import _FEATURE_INPUTS, _main_input_name
+    from hf_koopman.profiling.probes import _main_input_name
 
     if not isinstance(getattr(model, "main_input_name", None), str):
         # the keywords a wrapper of a PreTrainedModel passes on; a forward taking neither gets the tensor positionally
@@ -191,8 +192,6 @@ def _check_embeddings(embeds: Any, model: torch.nn.Module) -> None:
 def _check_feature_inputs(batch: Mapping[str, Any], model: torch.nn.Module) -> None:
     """Raise a `ValueError` naming the fix when pixel values or audio features are not floating point (a uint8 image
     tensor, say): the model would fail deep inside its forward, or read them as something else."""
-    from hf_koopman.profiling.probes import _FEATURE_INPUTS
-
     for key in _FEATURE_INPUTS:
         value = batch.get(key)
         if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex():
@@ -245,8 +244,7 @@ def _pixel_tensor(values: Any, declared: torch.dtype | None) -> torch.Tensor:
 
 #: inputs of another modality: a batch that holds one besides a text column is not a text batch (an image-caption or
 #: speech batch's text is its target)
-_NON_TEXT_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "pixel_values_videos", "input_values",
-                    "input_features", "hidden_states")
+_NON_TEXT_INPUTS = ("input_ids", "inputs_embeds", "pixel_values_videos", *_FEATURE_INPUTS)
 
 
 def _text_batch(batch: Mapping[str, Any]) -> list[str] | None:

@@ -43,6 +43,7 @@ from hf_koopman.training.safety_net import (
     _MODES,
     _SOURCES,
     SafetyNet,
+    _count_rollbacks,
     _same_path,
     scale_learning_rate,
 )
@@ -104,10 +105,10 @@ def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
     from hf_koopman.profiling.blocks import unwrap_model
     from hf_koopman.profiling.inputs import labels_feed_decoder
 
-    labels, decoder = batch.get("labels"), batch.get("decoder_input_ids")
+    inner, labels, decoder = unwrap_model(model), batch.get("labels"), batch.get("decoder_input_ids")
     given = (isinstance(labels, torch.Tensor) and isinstance(decoder, torch.Tensor) and labels.shape == decoder.shape
-             and getattr(getattr(unwrap_model(model), "config", None), "is_encoder_decoder", False))
-    if not given and not labels_feed_decoder(batch, unwrap_model(model)):
+             and getattr(getattr(inner, "config", None), "is_encoder_decoder", False))
+    if not given and not labels_feed_decoder(batch, inner):
         return None
     mask = batch.get("decoder_attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:  # profile() counts by this mask then
@@ -523,7 +524,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     def rollbacks(self) -> int:
         """How many rollbacks this `train()` call has made so far, the count `max_rollbacks` bounds: a resumed run
         starts a new count (the rollbacks of the run it resumes stay in `events` and the run record)."""
-        return sum(e["action"] == "rollback" for e in self.events[self._events_before_call:])
+        return _count_rollbacks(self.events[self._events_before_call:])
 
     # ------------------------------------------------------------------ wiring
     def bind(self, trainer: Any) -> RKSPCallback:
@@ -685,7 +686,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         was_training = model.training
         model.eval()
         # profile()'s own short-sample note is the callback's to give once per run, with its knobs
-        quiet = (_ShortSampleNote() if {setting, "decoder " + setting} & self._warned_short_probe else None)
+        quiet = _ShortSampleNote() if {setting, "decoder " + setting} & self._warned_short_probe else None
         profiler_logger = logging.getLogger("hf_koopman.profiling.profiler")
         if quiet is not None:
             profiler_logger.addFilter(quiet)

@@ -90,6 +90,11 @@ _IN_MEMORY_UNKNOWN = "those the divergence was detected on"
 _GUARDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _count_rollbacks(events: list[dict[str, Any]]) -> int:
+    """How many of `events` (run-record entries) are rollbacks."""
+    return sum(e["action"] == "rollback" for e in events)
+
+
 def _max_key(value: float | None) -> float:
     """A value as it enters the max over processes: non-finite -> +inf (it must trip the rule), missing -> -inf."""
     if value is None:
@@ -1289,7 +1294,7 @@ class SafetyNet:
             "max_rollbacks": self.max_rollbacks,
             "lr_backoff": self.lr_backoff,
             "diverged": self.divergence is not None,
-            "rollbacks": sum(e["action"] == "rollback" for e in self.events),  # the whole record's
+            "rollbacks": _count_rollbacks(self.events),  # the whole record's
             "lr_scale": self.lr_scale,
             "last_good_checkpoint": self.last_good_checkpoint,
             # rotation (save_total_limit) or a user may have deleted it since
@@ -1664,7 +1669,7 @@ class SafetyNet:
             if best is not None:
                 trained += (f"; load_best_model_at_end then loaded {best} (step {_checkpoint_step(best)}): the "
                             "in-memory weights are that checkpoint's")
-            total = sum(e["action"] == "rollback" for e in self.events)
+            total = _count_rollbacks(self.events)
             earlier = f", {total} in the run record" if total != len(rollbacks) else ""
             logger.warning(
                 "RKSP guard: %d rollback(s) in this train() call%s (learning rate x %g). The weights continue from the "
