@@ -13,7 +13,8 @@ Usage (2-core machine; it takes minutes):
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/bench_streaming.py --sections 7b ratio stats --json results/streaming.json
 
-`--num-layers 4` gives a quick 7B-width look (4 of the 32 blocks).
+`--num-layers 4` gives a quick 7B-width look (4 of the 32 blocks); `--num-samples` defaults to the library's own
+default (`default_num_samples`: 10724 token states at the 7B width, 2048 for GPT-2 small).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _child(args: argparse.Namespace) -> None:
         "mode": args.mode,
         "dtype": args.dtype,
         "num_layers": len(feats),
-        "num_samples": args.num_samples,
+        "num_samples": result.meta.get("num_samples_requested", args.num_samples),
         "rank": args.rank,
         "seed": args.seed,
         "wall_time_s": round(wall, 2),
@@ -91,10 +92,11 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _run_child(arch: str, mode: str, *, dtype: str, num_samples: int, rank: int | None, seed: int = 0,
+def _run_child(arch: str, mode: str, *, dtype: str, num_samples: int | None, rank: int | None, seed: int = 0,
                num_layers: int | None = None, timeout: float = 4 * 3600) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--arch", arch, "--dtype", dtype, "--num-samples",
-           str(num_samples), "--seed", str(seed)]
+    cmd = [sys.executable, __file__, "--child", mode, "--arch", arch, "--dtype", dtype, "--seed", str(seed)]
+    if num_samples is not None:
+        cmd += ["--num-samples", str(num_samples)]
     if rank is not None:
         cmd += ["--rank", str(rank)]
     if num_layers:
@@ -185,7 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["7b", "ratio", "stats"], choices=["7b", "ratio", "stats"])
     parser.add_argument("--dtype", default="float32", help="block dtype of the 7B run (float32 / bfloat16)")
-    parser.add_argument("--num-samples", type=int, default=2048)
+    parser.add_argument("--num-samples", type=int,
+                        help="token states per layer (default: the library's, default_num_samples: 10724 for 7B)")
     parser.add_argument("--rank", type=int, default=None,
                         help="rank-r approximation (default: none, the full spectrum, as `profile_streaming`)")
     parser.add_argument("--num-layers", type=int, help="7B section: stream only this many blocks (quick look)")

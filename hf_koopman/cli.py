@@ -629,7 +629,9 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
                         "(.csv, .tsv, .json, .jsonl, .parquet, .arrow, optionally .gz; any other file as plain "
                         "text, one example per line)")
     parser.add_argument("--split", help="split of --dataset (default: train; a data file has only train)")
-    parser.add_argument("--num-samples", type=int, default=2048, help="token states N per layer (default: 2048)")
+    parser.add_argument("--num-samples", type=int,
+                        help="token states N per layer (default: 2048, or 2.62 x the hidden size for models wider "
+                             "than 782, the fewest that give a verdict)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list inside the model when auto-discovery fails, "
                                          "e.g. layers or model.layers")
@@ -680,9 +682,9 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
     transformers' progress-bar switch says: `HF_HUB_DISABLE_PROGRESS_BARS=1` hides them)."""
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1 (omit it for the full spectrum), got {args.rank}.")
-    if args.num_samples < 2:
+    if args.num_samples is not None and args.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}.")
-    if args.max_tokens is not None and args.max_tokens < args.num_samples:
+    if args.max_tokens is not None and args.num_samples is not None and args.max_tokens < args.num_samples:
         raise ValueError(f"--max-tokens ({args.max_tokens}) must be >= --num-samples ({args.num_samples}).")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (sequences per forward), got {args.batch_size}.")
@@ -973,6 +975,8 @@ def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None
     """--text-file as the one batch a streamed forward takes: batches of --batch-size sequences of at most --max-length
     tokens until their tokens reach --max-tokens, or --num-samples without it, as `profile()` reads batches (all in one
     forward: a streamed forward runs the model once and holds all its tokens, so it reads no more than N needs)."""
+    from hf_koopman.profiling.probes import default_num_samples
+
     tokenizer = _load_tokenizer(source) if source is not None and Path(source).is_dir() else None
     if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
@@ -985,7 +989,8 @@ def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"))
 
     chunks = _read_text_chunks(args.text_file, args.max_length, tokenizer)
-    wanted = args.max_tokens if args.max_tokens is not None else args.num_samples
+    wanted = args.max_tokens if args.max_tokens is not None else (
+        args.num_samples if args.num_samples is not None else default_num_samples(config))
     seen, rows = 0, 0
     while rows < len(chunks) and seen < wanted:
         batch = encode(chunks[rows : rows + args.batch_size])
@@ -1336,11 +1341,14 @@ def _out_of_memory_message(args: argparse.Namespace, err: BaseException) -> str:
     if type(err).__name__ == "InsufficientMemoryError":  # --stream's own check, which already names the budget
         return str(err)
     what = f"out of memory ({_first_line(err)})"
-    num_samples = getattr(args, "num_samples", None)
-    if num_samples is None:
+    if not hasattr(args, "num_samples"):
         return f"{what}."
+    num_samples = args.num_samples
     stream = (" or --stream to build one block at a time for models larger than memory"
               if hasattr(args, "stream") and not args.stream else "")
+    if num_samples is None:  # the default, sized to the model's width
+        return (f"{what}: the probe's tokens (--num-samples, by default 2048 or 2.62 x the hidden size) and their "
+                f"residual states at every layer are held in memory; pass a smaller --num-samples{stream}.")
     return (f"{what}: the probe needs {num_samples} tokens in memory (--num-samples), with their residual states at "
             f"every layer; pass a smaller --num-samples (e.g. {max(2, num_samples // 4)}){stream}.")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hf_koopman.profiling.blocks import ResidualBlock, find_residual_blocks, unwrap_model
-from hf_koopman.profiling.probes import default_probe_inputs, synthetic_token_sequences
+from hf_koopman.profiling.probes import default_num_samples, default_probe_inputs, synthetic_token_sequences
 from hf_koopman.profiling.profiler import profile, profile_from_snapshots
 from hf_koopman.profiling.recorder import ResidualStreamRecorder
 from hf_koopman.profiling.spectral_profile import SpectralProfile
@@ -26,6 +26,7 @@ __all__ = [
     "ResidualBlock",
     "ResidualStreamRecorder",
     "SpectralProfile",
+    "default_num_samples",
     "default_probe_inputs",
     "find_residual_blocks",
     "profile",

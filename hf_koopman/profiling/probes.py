@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 
-__all__ = ["NoDefaultProbeError", "default_probe_inputs", "max_sequence_length", "synthetic_token_sequences"]
+__all__ = [
+    "NoDefaultProbeError",
+    "default_num_samples",
+    "default_probe_inputs",
+    "max_sequence_length",
+    "synthetic_token_sequences",
+]
 
 
 class NoDefaultProbeError(ValueError):
@@ -84,6 +90,32 @@ def hidden_width(model_or_config: Any) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     width = _get(text, "hidden_size", "n_embd", "d_model")
     return width if isinstance(width, int) and width > 0 else None
+
+
+#: Token states N per layer at least, whatever the width: the paper's N (App. D).
+DEFAULT_NUM_SAMPLES = 2048
+
+#: N/d at which the sampling term sqrt(d/N) + d/N of Theorem 4 equals 1: phi^2 = (3 + sqrt 5) / 2 ~ 2.618. Fewer token
+#: states per dimension leave the least-squares operator close to interpolating its sample.
+SAMPLES_PER_DIM = (3 + math.sqrt(5)) / 2
+
+
+def default_num_samples(model_or_config: Any = None) -> int:
+    """Token states N per layer when `num_samples` is not given: the paper's 2048, or ceil(φ² d) ≈ 2.62 d for a
+    residual stream wider than 782 (d = `hidden_width`), the fewest at which Theorem 4's sampling term
+    sqrt(d/N) + d/N falls below 1. A fixed 2048 leaves every model wider than 1024 with N/d < 2, where the verdict is
+    "uninformative" by construction (`DecisionRule.min_samples_per_dim`): d = 4096 (7B) gets 10724, GPT-2 small
+    (d = 768) keeps 2048. A model or config that names no width gets 2048.
+
+    Args:
+        model_or_config (`PreTrainedModel`, `PretrainedConfig` or `int`, *optional*): the model, its config or the
+            width d itself.
+    """
+    width = model_or_config if isinstance(model_or_config, int) else (
+        hidden_width(model_or_config) if model_or_config is not None else None)
+    if not width or width < 0:
+        return DEFAULT_NUM_SAMPLES
+    return max(DEFAULT_NUM_SAMPLES, math.ceil(SAMPLES_PER_DIM * width))
 
 
 def max_sequence_length(model_or_config: Any) -> int | None:

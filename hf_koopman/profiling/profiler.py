@@ -41,6 +41,7 @@ from hf_koopman.profiling.inputs import (
     with_virtual_tokens,
 )
 from hf_koopman.profiling.probes import (
+    default_num_samples,
     default_probe_inputs,
     hidden_width,
     max_sequence_length,
@@ -201,8 +202,9 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
     if needed > free:
         raise ValueError(
             f"num_samples={num_samples} token states of width {width} at {num_blocks + 1} block boundaries take "
-            f"{needed / 2**30:.1f} GiB as float32, more than the {free / 2**30:.1f} GiB free here; lower num_samples "
-            "(the default is 2048) or max_tokens."
+            f"{needed / 2**30:.1f} GiB as float32, more than the {free / 2**30:.1f} GiB free here; pass a smaller "
+            f"num_samples (at most {free // (width * (num_blocks + 1) * 4)} fit) or max_tokens, or profile_streaming "
+            "for a model larger than memory."
         )
 
 
@@ -330,16 +332,16 @@ def _check_materialised(model: nn.Module) -> None:
         )
 
 
-def _check_token_count(recorder: ResidualStreamRecorder, snapshots: list[tuple[str, torch.Tensor, torch.Tensor]],
-                       num_samples: int) -> None:
+def _check_token_count(recorder: ResidualStreamRecorder, widths: list[tuple[str, int]], num_samples: int) -> None:
     """Refuse a profile whose inputs gave some layer fewer than 2 real token states (the fewest whitened DMD can
-    estimate a covariance from), before the analysis fails on it without saying why.
+    estimate a covariance from), before the analysis fails on it without saying why. `widths`: `(name, d)` of every
+    recorded layer.
 
     Raises:
         ValueError: naming the layer, its count, the padding the attention mask left out, and the fix.
     """
     counts = recorder.tokens_seen
-    short = [(name, X.shape[1]) for name, X, _ in snapshots if counts[name] < 2]
+    short = [(name, width) for name, width in widths if counts[name] < 2]
     if not short:
         return
     name, width = short[0]
@@ -469,8 +471,6 @@ def profile_from_snapshots(
         instead of a `UserWarning`, so that `transformers.logging.set_verbosity_error()` silences it: at WARNING the
         first time a process sees it, at DEBUG after that (a callback monitoring every k steps repeats it).
     """
-    from hf_koopman.koopman import aggregate_features, spectral_features, whitened_dmd
-
     _check_keywords(feature_kwargs, "profile_from_snapshots", _keywords(profile_from_snapshots), _feature_keywords())
     check_eig_dtype(eig_dtype)
     snapshots = list(snapshots)
@@ -480,106 +480,160 @@ def profile_from_snapshots(
     chunk_size = _as_count(chunk_size, "chunk_size", 1, "it is the number of layers analysed per batched call")
     # NumPy arrays (or anything torch.as_tensor takes) are read as tensors, without a copy where possible
     snapshots = [(name, torch.as_tensor(X), torch.as_tensor(Y)) for name, X, Y in snapshots]
-    for name, X, Y in snapshots:
-        if X.shape != Y.shape or X.dim() != 2:
-            raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
+    for name, X, Y in snapshots:  # every layer's shapes before any analysis
+        _check_pair(name, X, Y)
     # NaN/Inf are detected by whitened_dmd's single-pass check; only on failure is the offending layer searched for
-    generator = torch.Generator().manual_seed(seed)
-    layers: list[tuple[str, Any]] = []
-    eigenvalues: list[np.ndarray] = []
-    start = time.perf_counter()
-    # Consecutive layers with equal (N, d) are analysed in one batched (L, N, d) call: several times faster than one
-    # call per layer on CPU; chunks bound the extra memory to chunk_size stacked copies of the snapshots.
-    chunks: list[list[int]] = []
-    for i, (_, X, _) in enumerate(snapshots):
-        if chunks and len(chunks[-1]) < chunk_size and snapshots[chunks[-1][0]][1].shape == X.shape:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    progress = show_progress(progress)
-    bar = tqdm(total=len(snapshots), desc="whitened DMD", unit="layer", disable=not progress)
-    sample_size_notes: dict[str, None] = {}  # N < d (or N <= rank) notes, logged once below
-    truncated = 0  # layers analysed at rank r (rank >= min(N, d) computes every mode: the full spectrum)
+    analysis = _SnapshotAnalysis(rank=rank, randomized=randomized, eps=eps, near_band=near_band,
+                                contractive_below=contractive_below, residual_tol=residual_tol, seed=seed,
+                                chunk_size=chunk_size, eig_dtype=eig_dtype, progress=progress,
+                                total=len(snapshots), **feature_kwargs)
     try:
-        for chunk in chunks:
-            n, d = snapshots[chunk[0]][1].shape
-            layer_rank = None if rank is None or rank >= min(n, d) else rank
-            truncated += len(chunk) if layer_rank is not None else 0
-            # a layer whose every mode is computed (rank >= min(N, d)) has no subspace to find, randomized or not
-            use_randomized = layer_rank is not None and (randomized is None or bool(randomized))
-            X, Y = _stack_chunk([snapshots[i] for i in chunk])
-            names = [snapshots[i][0] for i in chunk]
-            try:
-                note = sample_size_note(n, d, layer_rank)
-                if note is not None:
-                    sample_size_notes.setdefault(note, None)
-                result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=eps, generator=generator,
-                                      eig_dtype=eig_dtype, keep_eigenvectors=False, warn_sample_size=False)
-                features = spectral_features(
-                    result,
-                    near_band=near_band,
-                    contractive_below=contractive_below,
-                    residual_tol=residual_tol,
-                    **feature_kwargs,
-                )
-            except ValueError as err:
-                _raise_if_not_finite([snapshots[i] for i in chunk], err)
-                raise ValueError(f"layers {names}: {err}") from err
-            del X, Y
-            for j, name in enumerate(names):
-                layer = result.layer(j)
-                identifiable = int(layer.rank_x)  # modes beyond rank(X̃) are null-space modes with λ = 0
-                layers.append((name, features[j]))
-                eigenvalues.append(layer.eigenvalues[:identifiable].detach().cpu().numpy().astype(np.complex128))
-            bar.update(len(chunk))
+        for name, X, Y in snapshots:
+            analysis.add(name, X, Y)
+        analysis.finish()
     finally:
-        bar.close()
-        if sample_size_notes:
-            _log_note_once("; ".join(sample_size_notes))
-    analysis_time = time.perf_counter() - start
-    sizes = [(int(X.shape[0]), int(X.shape[1])) for _, X, _ in snapshots]
-    # the layers the verdict leaves out for too few token states for their width stay out of the aggregates (the
-    # risk estimator and the callback's rksp/* read them); degenerate and non-informative layers stay in, as in the
-    # uniform models the shipped estimator was fitted on
-    left_out = DecisionRule().undersampled_sizes(sizes)
-    feats = [f for (_, f), short in zip(layers, left_out) if not short]
-    aggregates = dict(aggregate_features(feats))
-    aggregates["near_unit_mass_x_log10_kappa_mean"] = _composite(feats)
-    settings = {
-        # the first layer's N and d; every layer's are in `SpectralProfile.layer_sizes` (profile.json: per layer)
-        "num_samples": sizes[0][0],
-        "hidden_size": sizes[0][1],
-        "samples_per_dim_min": round(min(n / d for n, d in sizes), 4),
-        **_spectrum_settings(rank, randomized, truncated, len(snapshots)),
-        "eps": eps,
-        "near_band": list(near_band),
-        "contractive_below": contractive_below,
-        "residual_tol": residual_tol,
-        "seed": seed,
-        "eig_dtype": None if eig_dtype is None else str(eig_dtype).removeprefix("torch."),
-        **_feature_settings(feature_kwargs),
-    }
-    if any(left_out):
-        settings["aggregates_left_out"] = [name for (name, _), short in zip(layers, left_out) if short]
-    meta = dict(meta or {})
-    meta.setdefault("analysis_time_s", round(analysis_time, 4))
-    # activations computed in half precision (snapshots a user passes, a half-precision model; `profile` also sets
-    # the key under autocast, where the residual stream stays float32) round ρ and κ(V) whatever the parameters'
-    # dtype: the report and the risk assessment read this key
-    rounded = sorted({str(t.dtype).removeprefix("torch.") for _, X, Y in snapshots for t in (X, Y)}
-                     & set(LOW_PRECISION_DTYPES))
-    if rounded:
-        meta.setdefault("activation_dtype", rounded[0])
-    return SpectralProfile(
-        layers=layers,
-        aggregates=aggregates,
-        stacks=list(stacks) if stacks is not None else [""] * len(layers),
-        eigenvalues=eigenvalues,
-        model_name=model_name,
-        settings=settings,
-        meta=meta,
-        layer_sizes=sizes,
-    )
+        analysis.close()
+    return analysis.to_profile(stacks=stacks, model_name=model_name, meta=meta)
+
+
+def _check_pair(name: str, X: torch.Tensor, Y: torch.Tensor) -> None:
+    if X.shape != Y.shape or X.dim() != 2:
+        raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
+
+
+class _SnapshotAnalysis:
+    """Whitened DMD and spectral features of snapshot pairs handed over in layer order (`add`), analysed as they
+    arrive: consecutive layers with equal (N, d) go through one batched (L, N, d) call of up to `chunk_size` layers
+    (several times faster than one call per layer on CPU), and a chunk is analysed as soon as it is full, so a caller
+    that hands each layer over when it is recorded holds the snapshots of at most `chunk_size` + 1 layers at once
+    (`profile_streaming`). `profile_from_snapshots` is `add` over every layer, `finish` and `to_profile`; the arguments
+    are its own."""
+
+    def __init__(self, *, rank: int | None, randomized: bool | None = None, eps: float = 1e-5,
+                 near_band: tuple[float, float] = NEAR_BAND, contractive_below: float = CONTRACTIVE_BELOW,
+                 residual_tol: float = 0.1, seed: int = 0, chunk_size: int = 8, eig_dtype: torch.dtype | None = None,
+                 progress: bool | None = None, total: int | None = None, **feature_kwargs: Any) -> None:
+        self.rank, self.randomized, self.eps, self.seed = rank, randomized, eps, seed
+        self.near_band, self.contractive_below, self.residual_tol = near_band, contractive_below, residual_tol
+        self.chunk_size, self.eig_dtype, self.feature_kwargs = chunk_size, eig_dtype, feature_kwargs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.layers: list[tuple[str, Any]] = []
+        self.eigenvalues: list[np.ndarray] = []
+        self.sizes: list[tuple[int, int]] = []  # (N, d) per layer
+        self.rounded: set[str] = set()  # half-precision dtypes among the snapshots
+        self.truncated = 0  # layers analysed at rank r (rank >= min(N, d) computes every mode: the full spectrum)
+        self.wall_time, self.cpu_time = 0.0, 0.0  # spent in the analysis itself
+        self._notes: dict[str, None] = {}  # N < d (or N <= rank) notes, logged once by `close`
+        self._bar = tqdm(total=total, desc="whitened DMD", unit="layer", disable=not show_progress(progress))
+
+    def add(self, name: str, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """Hand over layer `name`'s snapshots X, Y `(N, d)`; a chunk is analysed as soon as it is complete (full, or
+        followed by a layer of another shape)."""
+        X, Y = torch.as_tensor(X), torch.as_tensor(Y)
+        _check_pair(name, X, Y)
+        if self.pending and self.pending[0][1].shape != X.shape:
+            self._analyse()
+        self.pending.append((name, X, Y))
+        self.sizes.append((int(X.shape[0]), int(X.shape[1])))
+        self.rounded |= {str(t.dtype).removeprefix("torch.") for t in (X, Y)} & set(LOW_PRECISION_DTYPES)
+        if len(self.pending) == self.chunk_size:
+            self._analyse()
+
+    def finish(self) -> None:
+        """Analyse the layers still pending."""
+        if self.pending:
+            self._analyse()
+
+    def close(self) -> None:
+        """Close the progress bar and log the sample-size notes (once per process, see `_log_note_once`)."""
+        self._bar.close()
+        if self._notes:
+            _log_note_once("; ".join(self._notes))
+            self._notes.clear()
+
+    def _analyse(self) -> None:
+        from hf_koopman.koopman import spectral_features, whitened_dmd
+
+        chunk, self.pending = self.pending, []
+        start, cpu = time.perf_counter(), time.process_time()
+        n, d = chunk[0][1].shape
+        layer_rank = None if self.rank is None or self.rank >= min(n, d) else self.rank
+        self.truncated += len(chunk) if layer_rank is not None else 0
+        # a layer whose every mode is computed (rank >= min(N, d)) has no subspace to find, randomized or not
+        use_randomized = layer_rank is not None and (self.randomized is None or bool(self.randomized))
+        X, Y = _stack_chunk(chunk)
+        names = [name for name, _, _ in chunk]
+        try:
+            note = sample_size_note(n, d, layer_rank)
+            if note is not None:
+                self._notes.setdefault(note, None)
+            result = whitened_dmd(X, Y, rank=layer_rank, randomized=use_randomized, eps=self.eps,
+                                  generator=self.generator, eig_dtype=self.eig_dtype, keep_eigenvectors=False,
+                                  warn_sample_size=False)
+            features = spectral_features(result, near_band=self.near_band, contractive_below=self.contractive_below,
+                                         residual_tol=self.residual_tol, **self.feature_kwargs)
+        except ValueError as err:
+            _raise_if_not_finite(chunk, err)
+            raise ValueError(f"layers {names}: {err}") from err
+        del X, Y, chunk
+        for j, name in enumerate(names):
+            layer = result.layer(j)
+            identifiable = int(layer.rank_x)  # modes beyond rank(X̃) are null-space modes with λ = 0
+            self.layers.append((name, features[j]))
+            self.eigenvalues.append(layer.eigenvalues[:identifiable].detach().cpu().numpy().astype(np.complex128))
+        self._bar.update(len(names))
+        self.wall_time += time.perf_counter() - start
+        self.cpu_time += time.process_time() - cpu
+
+    def to_profile(self, *, stacks: Sequence[str] | None = None, model_name: str | None = None,
+                   meta: dict[str, Any] | None = None) -> SpectralProfile:
+        """The `SpectralProfile` of every layer analysed (see `profile_from_snapshots` for what it records)."""
+        from hf_koopman.koopman import aggregate_features
+
+        if self.pending:
+            raise RuntimeError("_SnapshotAnalysis.to_profile: call finish() first; layers are still pending.")
+        sizes, layers = self.sizes, self.layers
+        # the layers the verdict leaves out for too few token states for their width stay out of the aggregates (the
+        # risk estimator and the callback's rksp/* read them); degenerate and non-informative layers stay in, as in
+        # the uniform models the shipped estimator was fitted on
+        left_out = DecisionRule().undersampled_sizes(sizes)
+        feats = [f for (_, f), short in zip(layers, left_out) if not short]
+        aggregates = dict(aggregate_features(feats))
+        aggregates["near_unit_mass_x_log10_kappa_mean"] = _composite(feats)
+        settings = {
+            # the first layer's N and d; every layer's are in `SpectralProfile.layer_sizes` (profile.json: per layer)
+            "num_samples": sizes[0][0],
+            "hidden_size": sizes[0][1],
+            "samples_per_dim_min": round(min(n / d for n, d in sizes), 4),
+            **_spectrum_settings(self.rank, self.randomized, self.truncated, len(layers)),
+            "eps": self.eps,
+            "near_band": list(self.near_band),
+            "contractive_below": self.contractive_below,
+            "residual_tol": self.residual_tol,
+            "seed": self.seed,
+            "eig_dtype": None if self.eig_dtype is None else str(self.eig_dtype).removeprefix("torch."),
+            **_feature_settings(self.feature_kwargs),
+        }
+        if any(left_out):
+            settings["aggregates_left_out"] = [name for (name, _), short in zip(layers, left_out) if short]
+        meta = dict(meta or {})
+        meta.setdefault("analysis_time_s", round(self.wall_time, 4))
+        # activations computed in half precision (snapshots a user passes, a half-precision model; `profile` also sets
+        # the key under autocast, where the residual stream stays float32) round ρ and κ(V) whatever the parameters'
+        # dtype: the report and the risk assessment read this key
+        if self.rounded:
+            meta.setdefault("activation_dtype", sorted(self.rounded)[0])
+        return SpectralProfile(
+            layers=list(layers),
+            aggregates=aggregates,
+            stacks=list(stacks) if stacks is not None else [""] * len(layers),
+            eigenvalues=list(self.eigenvalues),
+            model_name=model_name,
+            settings=settings,
+            meta=meta,
+            layer_sizes=list(sizes),
+        )
 
 
 def autocast_dtype(device_type: str) -> str | None:
@@ -618,7 +672,7 @@ def profile(
     model: nn.Module,
     inputs: Any = None,
     *,
-    num_samples: int = 2048,
+    num_samples: int | None = None,
     rank: int | None = None,
     seed: int = 0,
     layers: str | Sequence[str] | Sequence[nn.Module] | None = None,
@@ -651,7 +705,9 @@ def profile(
             `decoder_attention_mask`, else `labels != -100` when the batch has `decoder_input_ids` and token labels
             on their grid (`DataCollatorForSeq2Seq` batches), else every decoder position. The global CPU generator is
             left as it was, so a shuffling `DataLoader` reads the same order on every call.
-        num_samples (`int`, defaults to 2048): token states N per layer (App. D); any integer (`numpy.int64` ...).
+        num_samples (`int`, *optional*): token states N per layer (App. D); any integer (`numpy.int64` ...).
+            Defaults to `default_num_samples(model)`: the paper's 2048, or ≈ 2.62 × the hidden size for models wider
+            than 782, so that the verdict can read the spectrum (N/d below 2 leaves it "uninformative").
         rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r selects the rank-r
             approximation (see `profile_from_snapshots`).
         seed (`int`, defaults to 0): seeds the probe, the subsampling and the randomized DMD.
@@ -712,7 +768,8 @@ def profile(
                         f"tokenizer=AutoTokenizer.from_pretrained({repr(str(tokenizer)) if named else 'model_id'})")
     _check_analysis_keywords(analysis_kwargs, profile, _SET_BY_PROFILE)
     # every argument is checked here, before the forward pass (a bad one would fail after it, or deep inside it)
-    num_samples = _as_count(num_samples, "num_samples", 2)
+    num_samples = default_num_samples(unwrap_model(model)) if num_samples is None else _as_count(
+        num_samples, "num_samples", 2)
     rank = _check_rank(rank, analysis_kwargs.get("randomized"))
     seed = _check_seed(seed)
     batch_size = _as_count(batch_size, "batch_size", 1, "it is the number of texts or dataset rows per forward pass")
@@ -869,7 +926,7 @@ def profile(
             f"the forward pass never called the {len(blocks)} discovered blocks (first: {blocks[0].name!r}); pass the "
             f"blocks that actually run with {_LAYERS_HINT}."
         )
-    _check_token_count(recorder, snapshots, num_samples)
+    _check_token_count(recorder, [(name, int(X.shape[1])) for name, X, _ in snapshots], num_samples)
     kept = [b for b in blocks if b.name.rsplit(".", 1)[0] not in recorder.dropped]  # width-preserving lists
     not_run = [b.name for b in kept if b.name not in called]
     _warn_blocks_not_run(not_run, len(kept))

@@ -208,6 +208,22 @@ class ResidualStreamRecorder:
         """Recorded transitions in execution order: `(name, X (N, d), Y (N, d))`."""
         return [(t.name, t.X, t.Y) for t in self._kept()]
 
+    def pop_snapshots(self, min_rows: int = 2) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        """Hand over the transitions recorded since the last call, `(name, stack, X (N, d), Y (N, d))` in execution
+        order, and forget their rows (`tokens_seen` and `positions_seen` keep their counts; `snapshots()` no longer
+        lists them). For a caller that analyses each transition as soon as its block has run (`profile_streaming`),
+        so that memory holds a few transitions instead of all of them: only for a recording of one forward pass (a
+        later batch would start the popped transitions again). A transition with fewer than `min_rows` rows, or whose
+        block is still running, stays."""
+        out = []
+        for transition in self._kept():
+            if transition.pending or transition.X.shape[0] < min_rows:
+                continue
+            out.append((transition.name, transition.stack, transition.X, transition.Y))
+            transition.X = transition.Y = None
+            transition.sources.clear()
+        return out
+
     def snapshot_sources(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Where the rows of the kept snapshots come from (only with `detach=False`; empty otherwise).
 

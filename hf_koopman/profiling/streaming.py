@@ -8,11 +8,11 @@ a per-block seed (a hash of `seed` and the block index), or loaded from the safe
 forward (which computes masks, rotary embeddings and any other per-block inputs generically), recorded by the shared
 `ResidualStreamRecorder` and freed again by a forward hook. The forward is stopped when it reaches an untied output
 embedding (the LM head), which is never built; a model without one runs to its end. Blocks the forward calls more than
-once (ALBERT's shared layer) are recorded at each call, as `profile` records them. The snapshots then go through the
-same analysis as `profile` (`profile_from_snapshots`).
+once (ALBERT's shared layer) are recorded at each call, as `profile` records them. Each layer's snapshots go through
+the same analysis as `profile`'s as soon as its block has run (in batched chunks of layers), and are then freed.
 
-Peak memory is roughly: non-block modules + one block + activations of one block + the recorded snapshots
-(2 x L x N x d floats).
+Peak memory is roughly: non-block modules + one block + the larger of one block's activations and the analysis of
+one chunk + the snapshots of one chunk (chunk + 1 states of N x d floats), whatever the depth.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from hf_koopman.files import write_text_whole
 from hf_koopman.logging_utils import get_logger, show_progress
-from hf_koopman.profiling.probes import hidden_width
+from hf_koopman.profiling.probes import default_num_samples, hidden_width
 from hf_koopman.profiling._streaming_weights import (
     InitWeights,
     SafetensorsWeights,
@@ -225,18 +225,22 @@ def _hidden_size(config: PretrainedConfig) -> tuple[int, int]:
 
 
 def estimate_streaming_memory(
-    config: PretrainedConfig, *, num_tokens: int = 2048, num_samples: int = 2048,
+    config: PretrainedConfig, *, num_tokens: int | None = None, num_samples: int | None = None,
     dtype: torch.dtype | str | None = None, layers: str | list | None = None,
 ) -> dict[str, int]:
     """Bytes a streaming profile of `config` needs: `block` (largest residual block), `non_block` (embeddings etc.,
-    without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (2 x L x N x d
-    float32), `analysis` (the batched whitened DMD's working memory once the stream is done: layers are batched up to
-    about 1 GiB, one layer at a time beyond it, so it exceeds 1 GiB where a single layer does) and
-    `total` = `non_block` + `snapshots` + the larger of `block` + `working` (streaming) and `analysis`. Builds only the
-    meta skeleton, so it is cheap even for 70B configs."""
+    without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (the layers awaiting
+    their analysis, at most a chunk: 2 x chunk x N x d float32), `analysis` (the batched whitened DMD's working memory:
+    layers are analysed as their blocks finish, batched up to about 1 GiB, one layer at a time beyond it, so it
+    exceeds 1 GiB where a single layer does) and `total` = `non_block` + `snapshots` + the larger of `block` +
+    `working` (a block running) and `analysis` (a chunk analysed, its blocks freed). Builds only the
+    meta skeleton, so it is cheap even for 70B configs. `num_samples` defaults to `default_num_samples(config)`, as
+    `profile_streaming`'s, and `num_tokens` (the probe's token count) to `num_samples`."""
     from hf_koopman.profiling import find_residual_blocks
 
     dtype = _resolve_dtype(dtype)
+    num_samples = default_num_samples(config) if num_samples is None else num_samples
+    num_tokens = num_samples if num_tokens is None else num_tokens
     model = _build_skeleton(config)
     blocks = find_residual_blocks(model, layers)
     return _memory_plan(model, config, [b.module for b in blocks], num_tokens, num_samples, dtype)
@@ -254,10 +258,10 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -
             }.values()
         )),
         "working": int(num_tokens * (_WORK_FACTOR * hidden + 3 * inter) * 4),
-        "snapshots": int(2 * len(block_modules) * min(num_samples, num_tokens) * hidden * 4),
     }
     n = min(num_samples, num_tokens)
-    layers = min(len(block_modules), _analysis_chunk_size(n, hidden))
+    layers = min(len(block_modules), _analysis_chunk_size(n, hidden))  # a chunk: held until its analysis
+    plan["snapshots"] = int(2 * layers * n * hidden * 4)
     plan["analysis"] = int(layers * _analysis_bytes_per_layer(n, hidden))
     plan["total"] = (plan["non_block"] + plan["snapshots"]
                      + max(plan["block"] + plan["working"], plan["analysis"]))
@@ -292,7 +296,7 @@ def profile_streaming(
     inputs: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
     *,
     init: bool | None = None,
-    num_samples: int = 2048,
+    num_samples: int | None = None,
     rank: int | None = None,
     seed: int = 0,
     layers: str | None = None,
@@ -321,7 +325,8 @@ def profile_streaming(
             num_tokens=num_samples, seed=seed)` as in `profile`.
         init (`bool`, *optional*):
             For a folder: ignore its weights and profile the architecture at initialisation.
-        num_samples (`int`, defaults to 2048): token states N per layer.
+        num_samples (`int`, *optional*): token states N per layer; defaults to `default_num_samples(config)` as in
+            `profile` (2048, or ≈ 2.62 × the hidden size for models wider than 782: 10724 at d = 4096).
         rank (`int`, *optional*): `None` (default) analyses the full spectrum; an int r the rank-r approximation.
         seed (`int`, defaults to 0): seeds the probe, the subsampling, the analysis and (at init) the blocks.
         layers (`str`, *optional*): dotted path of the block list when discovery fails (see `find_residual_blocks`).
@@ -340,7 +345,9 @@ def profile_streaming(
         learning_rate (`float`, *optional*): the planned peak learning rate, > 0 and finite; stored in `meta` for the
             calibrated risk estimator, as `profile` does.
         risk_estimator (`RiskEstimator` or path, *optional*): the estimator behind `risk`, as in `profile`.
-        **analysis_kwargs: forwarded to `profile_from_snapshots` (feature thresholds etc.).
+        **analysis_kwargs: the analysis options of `profile_from_snapshots` (feature thresholds, `chunk_size`
+            etc.); layers are analysed as their blocks finish, `chunk_size` at a time (default: 8, fewer where 8
+            would need more than ~1 GiB of working memory).
 
     Returns:
         `SpectralProfile` with `meta["streaming"]` = {"complete": True, "weights": "init"|"safetensors", "dtype",
@@ -360,12 +367,12 @@ def profile_streaming(
         ResidualStreamRecorder,
         default_probe_inputs,
         find_residual_blocks,
-        profile_from_snapshots,
     )
 
     from hf_koopman.koopman.dmd import check_eig_dtype
     from hf_koopman.risk import check_learning_rate, load_estimator
     from hf_koopman.profiling.profiler import (
+        _SnapshotAnalysis,
         _as_count,
         _check_analysis_keywords,
         _check_rank,
@@ -380,7 +387,8 @@ def profile_streaming(
     # profile_from_snapshots
     _check_analysis_keywords(analysis_kwargs, profile_streaming, ("rank", "seed", "stacks", "model_name", "meta",
                                                                   "progress"))
-    num_samples = _as_count(num_samples, "num_samples", 2)
+    if num_samples is not None:
+        num_samples = _as_count(num_samples, "num_samples", 2)
     rank = _check_rank(rank, analysis_kwargs.get("randomized"))
     seed = _check_seed(seed)
     check_eig_dtype(analysis_kwargs.get("eig_dtype"))
@@ -391,6 +399,7 @@ def profile_streaming(
     budget = _parse_bytes(memory_limit)
     config, folder, at_init, default_name = _resolve_source(model, init)
     name = model_name or default_name
+    num_samples = default_num_samples(config) if num_samples is None else num_samples
 
     skeleton = _build_skeleton(config)
     blocks = find_residual_blocks(skeleton, layers)
@@ -418,8 +427,8 @@ def profile_streaming(
         )
     if plan["total"] > available:
         logger.warning(
-            "Streaming needs ~%s in all (non-block %s, block %s, activations %s, snapshots %s; the analysis "
-            "afterwards %s) but only %s is %s; the run may swap or be killed.", _fmt(plan["total"]),
+            "Streaming needs ~%s in all (non-block %s, block %s, activations %s, snapshots %s; the analysis of a "
+            "chunk of layers %s) but only %s is %s; the run may swap or be killed.", _fmt(plan["total"]),
             _fmt(plan["non_block"]), _fmt(plan["block"]), _fmt(plan["working"]), _fmt(plan["snapshots"]),
             _fmt(plan["analysis"]), _fmt(available),
             "allowed" if budget is not None else "available",
@@ -433,6 +442,12 @@ def profile_streaming(
         weights = SafetensorsWeights(folder, skeleton, [b.name for b in blocks], dtype=dtype)
     weights.materialise_rest(rest)
 
+    # each layer is analysed as soon as its block has run (in chunks of `chunk_size` layers), so memory holds the
+    # snapshots of a chunk, not of every layer: 33 x N x d floats at N = 10724, d = 4096 (7B) would be 5.8 GB
+    n_planned = min(num_samples, _num_tokens(inputs))
+    chunk_size = analysis_kwargs.pop("chunk_size", None) or _analysis_chunk_size(n_planned, _hidden_size(config)[0])
+    analysis = _SnapshotAnalysis(rank=rank, seed=seed, chunk_size=chunk_size, progress=False, **analysis_kwargs)
+    analysed: list[tuple[str, str]] = []  # (name, stack) of the layers handed to the analysis, in order
     state = {"block_time": 0.0}
     ran: set[int] = set()  # the blocks whose forward finished; towers may run in any order (CLIP: vision first)
     progress = show_progress(progress)
@@ -458,6 +473,9 @@ def profile_streaming(
             free_parameters(module)
             release_freed_memory()
             state["block_time"] += time.perf_counter() - state.pop("t0", time.perf_counter())
+            for layer, stack, X, Y in recorder.pop_snapshots():  # the transition this block's call completed
+                analysed.append((layer, stack))
+                analysis.add(layer, X, Y)
             if index not in ran:
                 ran.add(index)
                 bar.update(1)
@@ -488,15 +506,19 @@ def profile_streaming(
                 skeleton(**inputs, use_cache=False)
             except _StopStream:
                 pass
-            snapshots, stacks = recorder.snapshots(), recorder.snapshot_stacks()
+            left = recorder.snapshots()  # transitions too short to analyse (refused below) and none else
+            widths = [(layer, d) for (layer, _), (_, d) in zip(analysed, analysis.sizes)]
+            widths += [(layer, int(X.shape[1])) for layer, X, _ in left]
+            stacks = [stack for _, stack in analysed]
             tokens_seen = min(recorder.tokens_seen.values(), default=0)
-            per_layer = {layer: recorder.tokens_seen[layer] for layer, _, _ in snapshots}
+            per_layer = {layer: recorder.tokens_seen[layer] for layer, _ in widths}
         if not ran:
             raise RuntimeError(
                 f"The model's forward ran none of its {len(blocks)} residual blocks (first: {blocks[0].name!r}); "
                 "cannot build a profile. Pass inputs that reach them."
             )
     except BaseException as exc:
+        analysis.close()
         _write_partial(partial_path, name, len(ran), len(blocks), exc)
         if hasattr(exc, "add_note"):
             exc.add_note(
@@ -510,13 +532,19 @@ def profile_streaming(
             free_parameters(module)
         bar.close()
 
-    _check_token_count(recorder, snapshots, num_samples)  # fewer than 2 real token states: refused as by `profile`
+    _check_token_count(recorder, widths, num_samples)  # fewer than 2 real token states: refused as by `profile`
     not_run = [block.name for i, block in enumerate(blocks) if i not in ran]  # a tower the inputs do not reach
     _warn_blocks_not_run(not_run, len(blocks))
     for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
         free_parameters(module)
     release_freed_memory()
-    stream_time, stream_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    try:
+        analysis.finish()  # the last chunk
+    finally:
+        analysis.close()
+    # the stream's time without the analysis of the layers done during it
+    stream_time = time.perf_counter() - start - analysis.wall_time
+    stream_cpu = time.process_time() - cpu_start - analysis.cpu_time
     meta = {
         "model_class": type(skeleton).__name__,
         "model_type": getattr(config, "model_type", None),
@@ -551,14 +579,11 @@ def profile_streaming(
             "only %d valid token states reached the blocks (asked for num_samples=%d); pass more inputs for stable "
             "estimates", tokens_seen, num_samples,
         )
-    if "chunk_size" not in analysis_kwargs and snapshots:
-        analysis_kwargs["chunk_size"] = _analysis_chunk_size(*snapshots[0][1].shape)
-    result = profile_from_snapshots(
-        snapshots, rank=rank, seed=seed, stacks=stacks, model_name=name, meta=meta, progress=progress, **analysis_kwargs
-    )
+    result = analysis.to_profile(stacks=stacks, model_name=name, meta=meta)
     info = result.meta.setdefault("streaming", {})
     info["wall_time_s"] = round(time.perf_counter() - start, 3)
-    info["analysis_cpu_s"] = round(time.process_time() - cpu_start - stream_cpu, 3)
+    info["analysis_cpu_s"] = round(analysis.cpu_time, 3)
+    info["analysis_chunk_size"] = chunk_size
     info["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, including anything it did before this call
     logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(ran), name, info["wall_time_s"],
                 _fmt(info["peak_rss_bytes"]))

@@ -85,6 +85,12 @@ _OTHER_MODALITIES = ("pixel_values", "pixel_values_videos", "pixel_values_images
                      "image_patches")
 
 
+#: Training examples in a probe whose token count cannot be read (images, audio), and the fewest in a text probe.
+_PROBE_ROWS = 8
+#: The most training examples a default text probe takes (short sentences: ~25 tokens each).
+_MAX_PROBE_ROWS = 512
+
+
 def _token_count(batch: dict[str, Any]) -> int | None:
     """Token states a text probe batch carries: the ones of a `(B, T)` 0/1 attention mask, or the size of `input_ids`;
     None when neither says (no ids, or a 4-D / additive mask) and for batches that also feed another tower (images,
@@ -140,9 +146,10 @@ def _replica_quiet(state: Any) -> Any:
 class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     """Residual Koopman Spectral Profiling inside `Trainer.train()`, and a divergence guard that saves the run.
 
-    * **At train begin** the model is profiled on a probe batch (the first `probe_batch_size` training examples,
-      collated like training batches, unless `probe_inputs` is given; reading them does not advance the training
-      sampler, and the random states a collator draws from are put back). `rksp/*` scalars go through
+    * **At train begin** the model is profiled on a probe batch (the first training examples, as many as give
+      `num_samples` token states or `probe_batch_size`, collated like training batches, unless `probe_inputs` is
+      given; reading them does not advance the training sampler, and the random states a collator draws from are put
+      back). `rksp/*` scalars go through
       `Trainer.log`; `rksp_profile.json`, `rksp_report.md` and `rksp_profile.png` are written to `output_dir` (main
       process; a hyperparameter-search trial's go beside its checkpoints, `on_save`); the verdict is logged with the
       recommended action (`hf_koopman.risk.recommendation`), as a warning when a calibrated probability inside the
@@ -238,8 +245,12 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
     Args:
         profile_at_init (`bool`, defaults to `True`): profile at train begin.
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
-        probe_batch_size (`int`, defaults to `8`): examples taken from the training dataset for the probe.
-        num_samples (`int`, defaults to `2048`): token states per layer for the init profile (`N`).
+        probe_batch_size (`int`, *optional*): examples taken from the training dataset for the probe. By default,
+            text examples until they hold `num_samples` token states (at least 8, at most 512 examples: a probe of
+            short sentences needs many), and 8 of any other kind (images, audio).
+        num_samples (`int`, *optional*): token states per layer for the init profile (`N`); defaults to
+            `default_num_samples(model)`, as `profile`'s (2048, or ≈ 2.62 × the hidden size for models wider than
+            782, so that the verdict can read the spectrum).
         rank (`int`, *optional*): `None` (default) profiles the full spectrum; an int r the rank-r approximation,
             which gets no threshold verdict ("uninformative"), so `auto_kss` does not act on it.
         seed (`int`, defaults to `0`): subsampling seed.
@@ -312,8 +323,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         *,
         profile_at_init: bool = True,
         probe_inputs: dict[str, torch.Tensor] | None = None,
-        probe_batch_size: int = 8,
-        num_samples: int = 2048,
+        probe_batch_size: int | None = None,
+        num_samples: int | None = None,
         rank: int | None = None,
         seed: int = 0,
         layers: Any = None,
@@ -339,6 +350,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             raise ValueError(f"every_n_steps must be an int >= 0 (0 turns monitoring off), got {every_n_steps!r}")
         for name, value, low in (("probe_batch_size", probe_batch_size, 1), ("num_samples", num_samples, 2),
                                  ("monitor_num_samples", monitor_num_samples, 2)):
+            if value is None and name != "monitor_num_samples":  # sized to the data and the model
+                continue
             if not _is_int(value) or value < low:
                 raise ValueError(f"RKSPCallback: {name} must be an int >= {low}, got {value!r}")
         if rank is not None and (not _is_int(rank) or rank < 1):
@@ -406,8 +419,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 "checkpoint was saved: put it back, or resume with restore_callback_states_from_checkpoint=False."
             ) from None
         self.probe_inputs = probe_inputs
-        self.probe_batch_size = int(probe_batch_size)
-        self.num_samples = int(num_samples)
+        self.probe_batch_size = None if probe_batch_size is None else int(probe_batch_size)
+        self.num_samples = None if num_samples is None else int(num_samples)
         self.rank = None if rank is None else int(rank)
         if self.rank is not None:
             logger.warning("RKSPCallback(rank=%d): a rank-%d profile gets no threshold verdict ('uninformative', at "
@@ -633,11 +646,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             collate = getattr(train_dataloader, "collate_fn", None)
             if dataset is not None and collate is not None:
                 try:  # read examples directly: iterating the dataloader would advance the sampler's RNG
-                    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-                        items = [dataset[i] for i in range(min(self.probe_batch_size, len(dataset)))]
-                    else:
-                        items = list(itertools.islice(iter(dataset), self.probe_batch_size))
-                    batch = dict(collate(items)) if items else None
+                    batch = self._collate_probe(dataset, collate, self._num_samples(model))
                 except Exception as err:  # noqa: BLE001 - any dataset quirk: fall back to synthetic probes
                     logger.warning("RKSP: could not build a probe batch from the training data (%s: %s): profiling "
                                    "on synthetic inputs instead. Pass RKSPCallback(probe_inputs=...) with a batch "
@@ -647,13 +656,44 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 from hf_koopman.profiling import default_probe_inputs
                 from hf_koopman.profiling.probes import prompt_probe_length
 
-                batch = dict(default_probe_inputs(model, num_tokens=self.num_samples, seed=self.seed,
+                batch = dict(default_probe_inputs(model, num_tokens=self._num_samples(model), seed=self.seed,
                                                   seq_len=prompt_probe_length(model)))
         # `labels` stay: profile() leaves them out of the forward and reads the decoder's padding from them
         for key in ("label", "label_ids", "decoder_labels"):
             batch.pop(key, None)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return _to_device(batch, device)
+
+    def _num_samples(self, model: torch.nn.Module) -> int:
+        """N of the init profile: `num_samples`, or `default_num_samples` of the model's width."""
+        from hf_koopman.profiling.blocks import unwrap_model
+        from hf_koopman.profiling.probes import default_num_samples
+
+        return self.num_samples if self.num_samples is not None else default_num_samples(unwrap_model(model))
+
+    def _collate_probe(self, dataset: Any, collate: Any, wanted: int) -> dict[str, Any] | None:
+        """The first examples of `dataset`, collated: `probe_batch_size` of them, or by default as many text examples
+        as hold `wanted` token states (at least `_PROBE_ROWS`, at most `_MAX_PROBE_ROWS`; `_PROBE_ROWS` when the
+        batch's token count cannot be read: images, audio). `None` for an empty dataset."""
+        sized = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+        def first(rows: int) -> list[Any]:
+            if sized:
+                return [dataset[i] for i in range(min(rows, len(dataset)))]
+            return list(itertools.islice(iter(dataset), rows))
+
+        rows = self.probe_batch_size or _PROBE_ROWS
+        items = first(rows)
+        batch = dict(collate(items)) if items else None
+        while self.probe_batch_size is None and batch is not None and len(items) == rows < _MAX_PROBE_ROWS:
+            count = _token_count(batch)
+            if count is None or count >= wanted:
+                break
+            # the rows the mean length says are needed, and at least twice as many as now for short examples
+            rows = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))))
+            items = first(rows)
+            batch = dict(collate(items))
+        return batch
 
     def _warn_short_probe(self, key: str, message: str, *args: Any) -> None:
         """Log `message % args` the first time in this run that a probe falls short for `key` (a setting, and for the
@@ -942,7 +982,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         """The initialisation profile: logged, saved (main process), and its verdict and advice said."""
         batch = self._probe_batch(model, train_dataloader)
         # a bar for the profile before step 1 where the Trainer draws its own (main process, tqdm not disabled)
-        spectral_profile = self._run_profile(model, batch, self.num_samples, args.learning_rate,
+        spectral_profile = self._run_profile(model, batch, self._num_samples(model), args.learning_rate,
                                              progress=state.is_local_process_zero and not args.disable_tqdm)
         spectral_profile.meta["optimizer"] = self._optimizer
         self.profile = spectral_profile

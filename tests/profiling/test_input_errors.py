@@ -291,7 +291,7 @@ def test_num_samples_beyond_the_free_memory_is_refused_before_any_work(monkeypat
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Free)
     with pytest.raises(ValueError, match=r"num_samples=4096 token states of width 32 at 3 block boundaries take .* "
-                                         r"more than the 0.0 GiB free here; lower num_samples"):
+                                         r"more than the 0.0 GiB free here; pass a smaller num_samples \(at most 2730 fit\)"):
         profile(tiny_model("llama"), num_samples=4096, rank=4)
     # what will not be held is not counted: the user's 128 tokens, or a probe capped by max_tokens
     profile(tiny_model("llama"), torch.randint(0, 100, (2, 64)), num_samples=4096, rank=4)

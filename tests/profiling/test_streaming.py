@@ -332,12 +332,16 @@ def test_streaming_under_autocast_records_the_half_precision_of_the_blocks():
 def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     from hf_koopman.profiling.architectures import load_architecture_config
 
-    plan = estimate_streaming_memory(load_architecture_config("llama-2-7b"))
     d, inter = 4096, 11008
+    wide = estimate_streaming_memory(load_architecture_config("llama-2-7b"))  # the default N for d = 4096: ceil(φ² d)
+    assert wide["snapshots"] == 2 * 1 * 10724 * d * 4  # one layer awaits its analysis at a time, whatever the depth
+    assert wide["analysis"] == 10 * d * d * 8 + 2 * 10724 * d * 4
+    assert wide["total"] < 6 * 2**30  # issue #19's streaming budget, at the N the verdict can read
+    plan = estimate_streaming_memory(load_architecture_config("llama-2-7b"), num_samples=2048)
     assert plan["block"] == (4 * d * d + 3 * d * inter + 2 * d) * 4  # q, k, v, o + gate, up, down + two RMSNorms
     assert plan["non_block"] == (32000 * d + d) * 4  # embedding + final norm; the untied LM head is never built
-    assert plan["snapshots"] == 2 * 32 * 2048 * d * 4
-    m = 2047  # N - 1 < d: the analysis runs two layers at a time after the stream; the stream's block sets the peak
+    assert plan["snapshots"] == 2 * 2 * 2048 * d * 4  # a chunk of two layers awaits its analysis
+    m = 2047  # N - 1 < d: the analysis runs two layers at a time; the stream's block sets the peak
     assert plan["analysis"] == 2 * (10 * m * m * 8 + 2 * 2048 * d * 4)
     assert plan["total"] == plan["non_block"] + plan["snapshots"] + plan["block"] + plan["working"]
     small = estimate_streaming_memory(load_architecture_config("llama-2-7b"), num_tokens=2048, num_samples=2048,
@@ -347,7 +351,7 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     from transformers import LlamaConfig
 
     narrow = estimate_streaming_memory(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                                                   num_attention_heads=8, vocab_size=1000))
+                                                   num_attention_heads=8, vocab_size=1000), num_samples=2048)
     assert narrow["analysis"] == 8 * (10 * 1024 * 1024 * 8 + 2 * 2048 * 1024 * 4)
     assert narrow["analysis"] > narrow["block"] + narrow["working"]
     assert narrow["total"] == narrow["non_block"] + narrow["snapshots"] + narrow["analysis"]

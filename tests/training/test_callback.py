@@ -653,3 +653,40 @@ def test_the_decoder_count_follows_profile_when_the_batch_has_a_decoder_mask():
     from_labels = {k: v for k, v in batch.items() if k != "decoder_input_ids"}  # profile() builds them from labels
     seen = profile(model, from_labels, num_samples=8).meta["tokens_seen_per_layer"]["decoder.block.0"]
     assert _decoder_token_count(from_labels, model) == seen == 10
+
+
+class _ShortRows(torch.utils.data.Dataset):
+    """600 rows of 10 token ids: short sentences, as in a classification dataset."""
+
+    def __len__(self) -> int:
+        return 600
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.arange(10) + i % 50}
+
+
+def _stack_rows(items):
+    return {"input_ids": torch.stack([item["input_ids"] for item in items])}
+
+
+def test_the_default_probe_takes_as_many_text_rows_as_num_samples_needs():
+    loader = torch.utils.data.DataLoader(_ShortRows(), batch_size=4, collate_fn=_stack_rows)
+    model = tiny_gpt2()
+    assert RKSPCallback(num_samples=300)._build_probe(model, loader)["input_ids"].shape == (30, 10)
+    assert RKSPCallback(num_samples=300, probe_batch_size=8)._build_probe(model, loader)["input_ids"].shape[0] == 8
+    assert RKSPCallback(num_samples=40)._build_probe(model, loader)["input_ids"].shape[0] == 8  # at least 8 rows
+    assert RKSPCallback(num_samples=100_000)._build_probe(model, loader)["input_ids"].shape[0] == 512  # at most 512
+    iterable_rows = type("Stream", (torch.utils.data.IterableDataset,),
+                         {"__iter__": lambda self: iter(_ShortRows()[i] for i in range(600))})()
+    iterable = torch.utils.data.DataLoader(iterable_rows, batch_size=4, collate_fn=_stack_rows)
+    assert RKSPCallback(num_samples=300)._build_probe(model, iterable)["input_ids"].shape == (30, 10)
+
+
+def test_the_init_profile_reads_as_many_token_states_as_the_width_needs():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):  # only its config is read
+        wide = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=1, n_head=8, vocab_size=100))
+    assert RKSPCallback()._num_samples(wide) == 2681  # profile()'s default_num_samples
+    assert RKSPCallback(num_samples=300)._num_samples(wide) == 300
+    assert RKSPCallback()._num_samples(tiny_gpt2()) == 2048
