@@ -897,6 +897,9 @@ def _run_profile(args: argparse.Namespace) -> int:
         notes.append(f"tentative: {' and '.join(why) or 'see the report'}")
     if result.meta.get("weights") == "pretrained" and result.verdict != "uninformative":
         notes.append("extrapolated: pretrained weights, and the thresholds come from initialisations")
+    beyond = result.rule.beyond_radius(result) if result.verdict != "uninformative" else []
+    if beyond:
+        notes.append(f"outside the rule's range: ρ = {beyond[0][1]:.3g} in {len(beyond)} layer(s), see the reason")
     if result.meta.get("weights_not_in_checkpoint"):
         notes.append(f"partly random: {len(result.meta['weights_not_in_checkpoint'])} profiled weights were not in "
                      "the checkpoint")

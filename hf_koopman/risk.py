@@ -1399,6 +1399,11 @@ class DecisionRule:
         gate_band (`float`, defaults to 0.55): c of the band δ = c · sqrt(d/N) around `max_nonlinearity` within which
             a layer's corrected η_nl may fall on the other side with more token states (`near_gate`); 0 turns the
             band off.
+        max_spectral_radius (`float`, defaults to 100.0): a layer read whose spectral radius ρ exceeds it adds a
+            caution to the reason (`beyond_radius`): the thresholds come from models whose blocks amplify by a mean
+            ρ of at most 10.5 at initialisation (`results/table1.json` in the repository), and M≈1 does not weigh
+            growth, so a model whose weights have blown up (ρ = 1e29 after a diverged run) can read "safe" by M≈1
+            alone; the verdict then does not cover it. `inf` turns the caution off.
     """
 
     safe_below: float = 0.3
@@ -1408,12 +1413,14 @@ class DecisionRule:
     min_samples_per_dim: float = 2.0
     warn_samples_per_dim: float = 8.0
     gate_band: float = 0.55
+    max_spectral_radius: float = 100.0
 
     def __post_init__(self) -> None:
         # the two thresholds order the verdicts and must be finite; the gates may be switched off with inf (a
         # corrected η_nl can exceed 1) or 0 (min_samples_per_dim, gate_band)
         limits = {name: getattr(self, name) for name in ("safe_below", "high_risk_above", "max_nonlinearity",
-                                                          "min_samples_per_dim", "warn_samples_per_dim", "gate_band")}
+                                                          "min_samples_per_dim", "warn_samples_per_dim", "gate_band",
+                                                          "max_spectral_radius")}
         if self.kappa_large is not None:
             limits["kappa_large"] = self.kappa_large
         for name, value in limits.items():
@@ -1429,6 +1436,8 @@ class DecisionRule:
             (self.min_samples_per_dim >= 0, f"min_samples_per_dim must be >= 0, got {self.min_samples_per_dim}"),
             (self.warn_samples_per_dim >= 0, f"warn_samples_per_dim must be >= 0, got {self.warn_samples_per_dim}"),
             (self.gate_band >= 0, f"gate_band must be >= 0, got {self.gate_band}"),
+            (self.max_spectral_radius >= 1, f"max_spectral_radius must be >= 1 (a growth factor; inf switches the "
+             f"caution off), got {self.max_spectral_radius}"),
             (self.kappa_large is None or self.kappa_large >= 1, f"kappa_large is a condition number (>= 1) or None, "
              f"got {self.kappa_large}"),
         ]
@@ -1664,6 +1673,7 @@ class DecisionRule:
         gate_width: float | None = None,
         rank_deficient: int = 0,
         constant_input: int = 0,
+        beyond_radius: Sequence[tuple[str, float]] = (),
     ) -> tuple[str, str]:
         """`(verdict, plain-words reason)` from the mean M≈1 `score` of the informative layers and the fit's context.
 
@@ -1695,6 +1705,9 @@ class DecisionRule:
             constant_input (`int`, defaults to 0): layers whose input state is the same for every token
                 (`SpectralProfile.constant_input_layers`), not counting those left out for their sample; the reason
                 names them as the probe's problem.
+            beyond_radius (`list[tuple[str, float]]`, *optional*): `(name, ρ)` of the layers read whose spectral
+                radius exceeds `max_spectral_radius`, largest first (`beyond_radius(profile)`); the reason adds a
+                caution that the verdict does not cover them.
 
         Returns:
             `(verdict, reason)`: the verdict is one of `VERDICTS`; the reason is one or two plain sentences. When the
@@ -1733,6 +1746,13 @@ class DecisionRule:
             else:
                 many = constant_input != 1
                 reason += f"; {constant_input} layer{'s' if many else ''} see{'' if many else 's'} {same}"
+        if beyond_radius and verdict != "uninformative":
+            (name, largest), many = beyond_radius[0], len(beyond_radius) != 1
+            verb = "amplify" if many else "amplifies"
+            reason += (f"; caution: {len(beyond_radius)} layer{'s' if many else ''} read {verb} some direction more "
+                       f"than {self.max_spectral_radius:g}-fold (ρ = {largest:.3g} in {name!r}), far "
+                       "beyond the models the thresholds come from (mean ρ at most 10.5 at initialisation); M≈1 does "
+                       "not weigh that growth, so the verdict does not cover this model (weights that blew up?)")
         if weights == "pretrained" and rank is None:  # a rank-r profile has no verdict to extrapolate
             reason += ("; extrapolated: these are pretrained weights, not an initialisation, and the rule's thresholds "
                        "come from spectra at random initialisation")
@@ -1776,6 +1796,14 @@ class DecisionRule:
                 for c, under, f in zip(cut, self.undersampled(profile), profile.features)]
         return profile.settings.get("rank") if any(kept) or not any(self.reads(profile)) else None
 
+    def beyond_radius(self, profile: Any) -> list[tuple[str, float]]:
+        """`(name, ρ)` of the layers the verdict reads whose spectral radius exceeds `max_spectral_radius`, largest
+        first."""
+        found = [(name, float(f.spectral_radius)) for name, f, read in zip(profile.names, profile.features,
+                                                                           self.reads(profile))
+                 if read and float(f.spectral_radius) > self.max_spectral_radius]
+        return sorted(found, key=lambda item: -item[1])
+
     def decide_profile(self, profile: Any) -> tuple[str, str]:
         """`decide` on a `SpectralProfile`: the layers it reads (`reads`), their sample (`verdict_sample`), the layers
         left out for too few token states, the settings, and the context its `meta` carries (the token states the
@@ -1797,6 +1825,7 @@ class DecisionRule:
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
             rank_deficient=sum(r and d for r, d in zip(reads, self.rank_deficient(profile))),
             constant_input=sum(name in constant and not under for name, under in zip(profile.names, short)),
+            beyond_radius=self.beyond_radius(profile),
         )
 
     def _decide(

@@ -325,3 +325,29 @@ def test_a_learning_rate_read_as_is_crosses_anywhere_in_the_searched_decades(coe
     # the learning rate as an identity feature: no closed form, the crossing is searched on [1e-10, 1e3]
     estimator = RiskEstimator([FeatureSpec("learning_rate")], [coef], intercept)
     assert estimator.learning_rate_at_risk({}, risk=0.1) == pytest.approx(crossing, rel=1e-3)
+
+
+def _planted_growth(factor: float):
+    """Three layers whose linear map scales one of 16 directions by `factor` and halves the others."""
+    from hf_koopman.profiling import profile_from_snapshots
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 16, generator=g)
+    A = torch.eye(16) * 0.5
+    A[0, 0] = factor
+    pairs = [(f"layer.{i}", X, X @ A.T + 1e-3 * torch.randn(512, 16, generator=g)) for i in range(3)]
+    return profile_from_snapshots(pairs, progress=False)
+
+
+def test_a_blown_up_spectral_radius_is_named_as_outside_the_rule():
+    blown = _planted_growth(1e29)  # weights that diverged: M≈1 = 0 reads "safe" by the paper's rule alone
+    assert blown.verdict == "safe"
+    assert blown.rule.beyond_radius(blown)[0] == ("layer.0", pytest.approx(1e29, rel=1e-6))
+    assert "caution: 3 layers read amplify some direction more than 100-fold (ρ = 1e+29" in blown.verdict_reason
+    assert "does not cover this model" in blown.verdict_reason
+    ordinary = _planted_growth(50.0)  # large, but within 100-fold
+    assert ordinary.rule.beyond_radius(ordinary) == [] and "caution" not in ordinary.verdict_reason
+    blown.rule = DecisionRule(max_spectral_radius=math.inf)  # switched off
+    assert "caution" not in blown.verdict_reason
+    with pytest.raises(ValueError, match="max_spectral_radius must be >= 1"):
+        DecisionRule(max_spectral_radius=0.5)
