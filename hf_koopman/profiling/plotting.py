@@ -84,7 +84,11 @@ def plot_eigenvalues(profile: SpectralProfile, ax: Any = None) -> Any:
             radius = max(radius, float(np.abs(eig).max()))
         ax.scatter(eig.real, eig.imag, s=9, color=cmap(i / max(count - 1, 1)), alpha=0.75, lw=0)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(count - 1, 1)))
-    ax.figure.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="layer")
+    bar = ax.figure.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="layer")
+    from matplotlib.ticker import MaxNLocator
+
+    bar.locator = MaxNLocator(integer=True)  # layers are counted: no 0.2 of a layer
+    bar.update_ticks()
     # a few huge outliers (|λ| in the hundreds happens with ill-conditioned activations) would squash the unit circle
     view = min(radius, 3.0)
     outside = sum(int((np.abs(np.asarray(e)) > view).sum()) for e in profile.eigenvalues)
@@ -134,7 +138,8 @@ def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
     reliable = " (ResDMD-reliable only)" if profile.settings.get("reliable_only") else ""
     ax.set_ylabel(f"fraction of eigenvalues{reliable}")
     ax.set_title(f"Spectral masses vs depth — verdict: {_verdict_label(profile)}")
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes: the curves span the whole [0, 1] range, so no corner inside is free of them
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     return ax
 
 

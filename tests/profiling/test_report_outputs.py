@@ -241,6 +241,20 @@ def test_the_masses_plot_says_its_threshold_lines_are_for_the_near_unit_mass(lr_
     assert "M≈1 thresholds: safe below 0.3" in labels and "M≈1 thresholds: high risk above 0.5" in labels
 
 
+def test_the_masses_legend_sits_below_the_curves_and_the_layer_colorbar_counts_layers(lr_profile):
+    """The masses span [0, 1], so a legend inside the axes covers some of them; layers are whole numbers."""
+    from hf_koopman.profiling.plotting import plot_profile
+
+    fig = plot_profile(lr_profile)
+    masses_ax = next(ax for ax in fig.axes if ax.get_title().startswith("Spectral masses"))
+    colorbar_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "layer")
+    renderer = fig.canvas.get_renderer()
+    legend = masses_ax.get_legend().get_window_extent(renderer)
+    assert legend.y1 <= masses_ax.get_window_extent(renderer).y0  # entirely below the plotting area
+    ticks = colorbar_ax.get_yticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
+
+
 def test_a_folder_with_files_under_our_names_but_no_profile_is_refused(lr_profile, tmp_path):
     (tmp_path / "report.md").write_text("my notes")
     (tmp_path / "masses.png").write_bytes(b"mine")
