@@ -103,6 +103,22 @@ def _token_count(batch: dict[str, Any]) -> int | None:
     return ids.numel()
 
 
+def _image_rows(batch: dict[str, Any], model: Any, wanted: int) -> int | None:
+    """Images of this batch's size that give `wanted` token states at the last stage of `model`'s vision encoder (its
+    patch grid, as the default image probe reads it, scaled to the batch's height x width), at most 64; None for a
+    batch that is not images alone (`(B, C, H, W)` pixel_values without token ids) or a model without a patch size."""
+    from hf_koopman.profiling.probes import _image_geometry
+
+    pixels = batch.get("pixel_values")
+    config = getattr(getattr(model, "config", None), "vision_config", None) or getattr(model, "config", None)
+    if (not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or batch.get("input_ids") is not None
+            or getattr(config, "patch_size", None) is None):
+        return None
+    size, _, per_image = _image_geometry(config)
+    per_image = max(1, per_image * pixels.shape[-2] * pixels.shape[-1] // max(size * size, 1))
+    return min(64, math.ceil(wanted / per_image))
+
+
 def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
     """Decoder token states of an encoder-decoder probe batch whose decoder reads the labels (the non -100 labels),
     as `profile()` counts them: decoder inputs built from the labels (`profiling.inputs.labels_feed_decoder`), or
@@ -247,7 +263,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
         probe_batch_size (`int`, *optional*): examples taken from the training dataset for the probe. By default,
             text examples until they hold `num_samples` token states (at least 8, at most 512 examples: a probe of
-            short sentences needs many), and 8 of any other kind (images, audio).
+            short sentences needs many), as many images as the vision config's patch grid needs for them (8 to 64),
+            and 8 of any other kind (audio).
         num_samples (`int`, *optional*): token states per layer for the init profile (`N`); defaults to
             `default_num_samples(model)`, as `profile`'s (2048, or ≈ 2.62 × the hidden size for models wider than
             782, so that the verdict can read the spectrum).
@@ -646,7 +663,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             collate = getattr(train_dataloader, "collate_fn", None)
             if dataset is not None and collate is not None:
                 try:  # read examples directly: iterating the dataloader would advance the sampler's RNG
-                    batch = self._collate_probe(dataset, collate, self._num_samples(model))
+                    batch = self._collate_probe(dataset, collate, self._num_samples(model), model)
                 except Exception as err:  # noqa: BLE001 - any dataset quirk: fall back to synthetic probes
                     logger.warning("RKSP: could not build a probe batch from the training data (%s: %s): profiling "
                                    "on synthetic inputs instead. Pass RKSPCallback(probe_inputs=...) with a batch "
@@ -671,10 +688,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
         return self.num_samples if self.num_samples is not None else default_num_samples(unwrap_model(model))
 
-    def _collate_probe(self, dataset: Any, collate: Any, wanted: int) -> dict[str, Any] | None:
+    def _collate_probe(self, dataset: Any, collate: Any, wanted: int, model: Any = None) -> dict[str, Any] | None:
         """The first examples of `dataset`, collated: `probe_batch_size` of them, or by default as many text examples
-        as hold `wanted` token states (at least `_PROBE_ROWS`, at most `_MAX_PROBE_ROWS`; `_PROBE_ROWS` when the
-        batch's token count cannot be read: images, audio). `None` for an empty dataset."""
+        as hold `wanted` token states (at least `_PROBE_ROWS`, at most `_MAX_PROBE_ROWS`), as many images as the
+        vision config's patch grid says give `wanted` tokens at its last stage (at most 64, as the default image
+        probe), else `_PROBE_ROWS` (audio, or a count that cannot be read). `None` for an empty dataset."""
         sized = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
         def first(rows: int) -> list[Any]:
@@ -687,7 +705,14 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         batch = dict(collate(items)) if items else None
         while self.probe_batch_size is None and batch is not None and len(items) == rows < _MAX_PROBE_ROWS:
             count = _token_count(batch)
-            if count is None or count >= wanted:
+            if count is None:
+                images = _image_rows(batch, model, wanted)
+                if images is not None and images > rows:
+                    rows = images
+                    items = first(rows)
+                    batch = dict(collate(items))
+                break
+            if count >= wanted:
                 break
             # the rows the mean length says are needed, and at least twice as many as now for short examples
             rows = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))))

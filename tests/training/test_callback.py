@@ -320,12 +320,12 @@ def test_an_image_probe_too_small_names_the_callbacks_knobs_once(tmp_path, caplo
 
     config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
                        patch_size=8, num_labels=3)
-    callback = RKSPCallback(every_n_steps=1, guard=False, save_artifacts=False)
+    callback = RKSPCallback(every_n_steps=1, guard=False, save_artifacts=False, probe_batch_size=8)
     trainer = Trainer(model=ViTForImageClassification(config), args=_args(tmp_path, max_steps=3),
                       train_dataset=Images(), callbacks=[callback])
     with caplog.at_level(logging.WARNING):
         trainer.train()
-    tokens = 8 * 17  # the default probe_batch_size of images, 16 patches and a [CLS] token each
+    tokens = 8 * 17  # probe_batch_size images, 16 patches and a [CLS] token each
     assert caplog.text.count(f"gives {tokens} token states to some layers, fewer than num_samples=2048") == 1
     assert caplog.text.count(f"holds {tokens} token states, fewer than monitor_num_samples=512") == 1
     assert caplog.text.count("valid token states reached some layers") == 1  # profile()'s own, at init only
@@ -337,7 +337,7 @@ def test_an_image_probe_too_small_names_the_callbacks_knobs_once(tmp_path, caplo
     swin = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
                       num_labels=3)
     trainer = Trainer(model=SwinForImageClassification(swin), args=_args(tmp_path, max_steps=4),
-                      train_dataset=Images(), callbacks=[RKSPCallback(every_n_steps=1, guard=False,
+                      train_dataset=Images(), callbacks=[RKSPCallback(every_n_steps=1, guard=False, probe_batch_size=8,
                                                                       save_artifacts=False)])
     with caplog.at_level(logging.WARNING):
         trainer.train()
@@ -690,3 +690,25 @@ def test_the_init_profile_reads_as_many_token_states_as_the_width_needs():
     assert RKSPCallback()._num_samples(wide) == 2681  # profile()'s default_num_samples
     assert RKSPCallback(num_samples=300)._num_samples(wide) == 300
     assert RKSPCallback()._num_samples(tiny_gpt2()) == 2048
+
+
+class _Images(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 200
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)),
+                "labels": torch.tensor(i % 3)}
+
+
+def test_the_default_probe_takes_as_many_images_as_the_patch_grid_needs():
+    from transformers import ViTConfig, ViTForImageClassification, default_data_collator
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    loader = torch.utils.data.DataLoader(_Images(), batch_size=4, collate_fn=default_data_collator)
+    # 16 patches an image: 160 token states take 10 images, 2048 the most an image probe takes (64)
+    assert RKSPCallback(num_samples=160)._build_probe(model, loader)["pixel_values"].shape[0] == 10
+    assert RKSPCallback()._build_probe(model, loader)["pixel_values"].shape[0] == 64
+    assert RKSPCallback(probe_batch_size=8)._build_probe(model, loader)["pixel_values"].shape[0] == 8
+    assert RKSPCallback(num_samples=16)._build_probe(model, loader)["pixel_values"].shape[0] == 8  # at least 8
