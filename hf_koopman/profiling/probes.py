@@ -15,6 +15,7 @@ used). T defaults to the paper's 256, capped by the model's maximum length. Visi
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -111,7 +112,8 @@ def default_num_samples(model_or_config: Any = None) -> int:
         model_or_config (`PreTrainedModel`, `PretrainedConfig` or `int`, *optional*): the model, its config or the
             width d itself.
     """
-    width = model_or_config if isinstance(model_or_config, int) else (
+    plain = isinstance(model_or_config, numbers.Integral) and not isinstance(model_or_config, bool)
+    width = int(model_or_config) if plain else (
         hidden_width(model_or_config) if model_or_config is not None else None)
     if not width or width < 0:
         return DEFAULT_NUM_SAMPLES

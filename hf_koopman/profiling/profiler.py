@@ -504,6 +504,7 @@ def _check_pair(name: str, X: torch.Tensor, Y: torch.Tensor) -> None:
 class _SnapshotAnalysis:
     """Whitened DMD and spectral features of snapshot pairs handed over in layer order (`add`), analysed as they
     arrive: consecutive layers with equal (N, d) go through one batched (L, N, d) call of up to `chunk_size` layers
+    (or, with `chunk_size` a function of (N, d), as many as it gives for the chunk's first layer)
     (several times faster than one call per layer on CPU), and a chunk is analysed as soon as it is full, so a caller
     that hands each layer over when it is recorded holds the snapshots of at most `chunk_size` + 1 layers at once
     (`profile_streaming`). `profile_from_snapshots` is `add` over every layer, `finish` and `to_profile`; the arguments
@@ -511,11 +512,14 @@ class _SnapshotAnalysis:
 
     def __init__(self, *, rank: int | None, randomized: bool | None = None, eps: float = 1e-5,
                  near_band: tuple[float, float] = NEAR_BAND, contractive_below: float = CONTRACTIVE_BELOW,
-                 residual_tol: float = 0.1, seed: int = 0, chunk_size: int = 8, eig_dtype: torch.dtype | None = None,
+                 residual_tol: float = 0.1, seed: int = 0, chunk_size: int | Callable[[int, int], int] = 8,
+                 eig_dtype: torch.dtype | None = None,
                  progress: bool | None = None, total: int | None = None, **feature_kwargs: Any) -> None:
         self.rank, self.randomized, self.eps, self.seed = rank, randomized, eps, seed
         self.near_band, self.contractive_below, self.residual_tol = near_band, contractive_below, residual_tol
         self.chunk_size, self.eig_dtype, self.feature_kwargs = chunk_size, eig_dtype, feature_kwargs
+        self.chunk_sizes: list[int] = []  # the size limit of every chunk begun, in order
+        self._limit = 1
         self.generator = torch.Generator().manual_seed(seed)
         self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.layers: list[tuple[str, Any]] = []
@@ -534,10 +538,13 @@ class _SnapshotAnalysis:
         _check_pair(name, X, Y)
         if self.pending and self.pending[0][1].shape != X.shape:
             self._analyse()
+        if not self.pending:  # a new chunk: its size limit, from its first layer's (N, d) when chunk_size says so
+            self._limit = self.chunk_size(*X.shape) if callable(self.chunk_size) else self.chunk_size
+            self.chunk_sizes.append(self._limit)
         self.pending.append((name, X, Y))
         self.sizes.append((int(X.shape[0]), int(X.shape[1])))
         self.rounded |= {str(t.dtype).removeprefix("torch.") for t in (X, Y)} & set(LOW_PRECISION_DTYPES)
-        if len(self.pending) == self.chunk_size:
+        if len(self.pending) >= self._limit:
             self._analyse()
 
     def finish(self) -> None:

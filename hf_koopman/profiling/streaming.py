@@ -389,6 +389,9 @@ def profile_streaming(
                                                                   "progress"))
     if num_samples is not None:
         num_samples = _as_count(num_samples, "num_samples", 2)
+    chunk_size = analysis_kwargs.pop("chunk_size", None)
+    if chunk_size is not None:
+        chunk_size = _as_count(chunk_size, "chunk_size", 1, "it is the number of layers analysed per batched call")
     rank = _check_rank(rank, analysis_kwargs.get("randomized"))
     seed = _check_seed(seed)
     check_eig_dtype(analysis_kwargs.get("eig_dtype"))
@@ -444,9 +447,9 @@ def profile_streaming(
 
     # each layer is analysed as soon as its block has run (in chunks of `chunk_size` layers), so memory holds the
     # snapshots of a chunk, not of every layer: 33 x N x d floats at N = 10724, d = 4096 (7B) would be 5.8 GB
-    n_planned = min(num_samples, _num_tokens(inputs))
-    chunk_size = analysis_kwargs.pop("chunk_size", None) or _analysis_chunk_size(n_planned, _hidden_size(config)[0])
-    analysis = _SnapshotAnalysis(rank=rank, seed=seed, chunk_size=chunk_size, progress=False, **analysis_kwargs)
+    # (by default as many as fit ~1 GiB of working memory at the chunk's first layer's N and d, per stack)
+    analysis = _SnapshotAnalysis(rank=rank, seed=seed, chunk_size=chunk_size or _analysis_chunk_size, progress=False,
+                                 **analysis_kwargs)
     analysed: list[tuple[str, str]] = []  # (name, stack) of the layers handed to the analysis, in order
     state = {"block_time": 0.0}
     ran: set[int] = set()  # the blocks whose forward finished; towers may run in any order (CLIP: vision first)
@@ -473,12 +476,12 @@ def profile_streaming(
             free_parameters(module)
             release_freed_memory()
             state["block_time"] += time.perf_counter() - state.pop("t0", time.perf_counter())
-            for layer, stack, X, Y in recorder.pop_snapshots():  # the transition this block's call completed
-                analysed.append((layer, stack))
-                analysis.add(layer, X, Y)
             if index not in ran:
                 ran.add(index)
                 bar.update(1)
+            for layer, stack, X, Y in recorder.pop_snapshots():  # the transition this block's call completed
+                analysed.append((layer, stack))
+                analysis.add(layer, X, Y)
 
         return post_hook
 
@@ -583,7 +586,7 @@ def profile_streaming(
     info = result.meta.setdefault("streaming", {})
     info["wall_time_s"] = round(time.perf_counter() - start, 3)
     info["analysis_cpu_s"] = round(analysis.cpu_time, 3)
-    info["analysis_chunk_size"] = chunk_size
+    info["analysis_chunk_size"] = max(analysis.chunk_sizes, default=None)
     info["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, including anything it did before this call
     logger.info("Streamed %d blocks of %s in %.1fs (process peak RSS %s)", len(ran), name, info["wall_time_s"],
                 _fmt(info["peak_rss_bytes"]))

@@ -89,6 +89,8 @@ _OTHER_MODALITIES = ("pixel_values", "pixel_values_videos", "pixel_values_images
 _PROBE_ROWS = 8
 #: The most training examples a default text probe takes (short sentences: ~25 tokens each).
 _MAX_PROBE_ROWS = 512
+#: A default text probe's positions, padding included, at most this multiple of its token states asked for.
+_PROBE_POSITIONS = 2
 
 
 def _token_count(batch: dict[str, Any]) -> int | None:
@@ -263,8 +265,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
         probe_batch_size (`int`, *optional*): examples taken from the training dataset for the probe. By default,
             text examples until they hold `num_samples` token states (at least 8, at most 512 examples: a probe of
-            short sentences needs many), as many images as the vision config's patch grid needs for them (8 to 64),
-            and 8 of any other kind (audio).
+            short sentences needs many; no more than 2 x `num_samples` positions, padding included), as many images
+            as the vision config's patch grid needs for them (8 to 64), and 8 of any other kind (audio).
         num_samples (`int`, *optional*): token states per layer for the init profile (`N`); defaults to
             `default_num_samples(model)`, as `profile`'s (2048, or ≈ 2.62 × the hidden size for models wider than
             782, so that the verdict can read the spectrum).
@@ -692,7 +694,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         """The first examples of `dataset`, collated: `probe_batch_size` of them, or by default as many text examples
         as hold `wanted` token states (at least `_PROBE_ROWS`, at most `_MAX_PROBE_ROWS`), as many images as the
         vision config's patch grid says give `wanted` tokens at its last stage (at most 64, as the default image
-        probe), else `_PROBE_ROWS` (audio, or a count that cannot be read). `None` for an empty dataset."""
+        probe), else `_PROBE_ROWS` (audio, or a count that cannot be read). A text probe grows while its positions,
+        padding included, stay within `_PROBE_POSITIONS` x `wanted` (or the first rows' positions, if more): the
+        probe is one forward pass, repeated at every monitoring step, and examples padded far beyond their text would
+        make it many times longer than its tokens. `None` for an empty dataset."""
         sized = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
         def first(rows: int) -> list[Any]:
@@ -703,6 +708,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         rows = self.probe_batch_size or _PROBE_ROWS
         items = first(rows)
         batch = dict(collate(items)) if items else None
+        ids = batch.get("input_ids") if batch is not None else None
+        positions = max(_PROBE_POSITIONS * wanted, ids.numel() if isinstance(ids, torch.Tensor) else 0)
         while self.probe_batch_size is None and batch is not None and len(items) == rows < _MAX_PROBE_ROWS:
             count = _token_count(batch)
             if count is None:
@@ -714,10 +721,19 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 break
             if count >= wanted:
                 break
-            # the rows the mean length says are needed, and at least twice as many as now for short examples
-            rows = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))))
+            # the rows the mean length says are needed, and at least twice as many as now for short examples, as far as
+            # the positions (padding included) allow
+            per_row = batch["input_ids"].numel() / len(items)
+            grown = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))),
+                        int(positions // per_row))
+            if grown <= len(items):
+                break
+            rows, kept = grown, (items, batch)
             items = first(rows)
             batch = dict(collate(items))
+            if batch["input_ids"].numel() > positions:  # a collator that pads to the longest row met a longer one
+                items, batch = kept
+                break
         return batch
 
     def _warn_short_probe(self, key: str, message: str, *args: Any) -> None:

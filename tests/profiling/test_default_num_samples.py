@@ -85,3 +85,38 @@ def test_streaming_analyses_each_layer_as_its_block_finishes(monkeypatch):
     for (_, a), (_, b) in zip(one.layers, whole.layers):
         assert a.near_unit_mass == b.near_unit_mass
         assert a.spectral_radius == pytest.approx(b.spectral_radius, rel=1e-5)
+
+
+def test_numpy_widths_and_streaming_chunk_sizes_are_checked():
+    import numpy as np
+
+    assert default_num_samples(np.int64(4096)) == 10724
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+            profile_streaming(config, num_samples=64, chunk_size=bad, progress=False)
+
+
+def test_a_chunk_size_function_sizes_each_chunk_from_its_first_layer():
+    """Streaming sizes each chunk for its own layers' N and d (a vision tower wider than the text one gets fewer
+    layers per batched call), not for the text config's width."""
+    g = torch.Generator().manual_seed(0)
+    narrow = [(f"text.{i}", torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)) for i in range(5)]
+    wide = [(f"vision.{i}", torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)) for i in range(5)]
+    calls: list[int] = []
+    analyse = _SnapshotAnalysis._analyse
+
+    def counted(self):
+        calls.append(len(self.pending))
+        return analyse(self)
+
+    analysis = _SnapshotAnalysis(rank=None, chunk_size=lambda n, d: 32 // d, progress=False)
+    _SnapshotAnalysis._analyse = counted
+    try:
+        for name, X, Y in wide + narrow:
+            analysis.add(name, X, Y)
+        analysis.finish()
+    finally:
+        _SnapshotAnalysis._analyse = analyse
+    assert analysis.chunk_sizes == [2, 2, 2, 4, 4] and calls == [2, 2, 1, 4, 1]

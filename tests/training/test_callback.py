@@ -712,3 +712,25 @@ def test_the_default_probe_takes_as_many_images_as_the_patch_grid_needs():
     assert RKSPCallback()._build_probe(model, loader)["pixel_values"].shape[0] == 64
     assert RKSPCallback(probe_batch_size=8)._build_probe(model, loader)["pixel_values"].shape[0] == 8
     assert RKSPCallback(num_samples=16)._build_probe(model, loader)["pixel_values"].shape[0] == 8  # at least 8
+
+
+class _PaddedRows(torch.utils.data.Dataset):
+    """Rows of 12 real tokens padded to 128 positions, as a tokenizer called with padding="max_length" gives."""
+
+    def __len__(self) -> int:
+        return 600
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        mask = torch.zeros(128, dtype=torch.long)
+        mask[:12] = 1
+        return {"input_ids": (torch.arange(128) + i) % 90 * mask, "attention_mask": mask}
+
+
+def test_the_default_probe_does_not_grow_into_padding():
+    """The probe is one forward (repeated at each monitoring step): its positions stay within 2 x num_samples."""
+    from transformers import default_data_collator
+
+    loader = torch.utils.data.DataLoader(_PaddedRows(), batch_size=4, collate_fn=default_data_collator)
+    probe = RKSPCallback(num_samples=2048)._build_probe(tiny_gpt2(), loader)
+    assert probe["input_ids"].shape == (32, 128)  # 4096 positions, 384 of them tokens (a short-probe warning says so)
+    assert RKSPCallback(num_samples=600)._build_probe(tiny_gpt2(), loader)["input_ids"].shape == (9, 128)
