@@ -91,6 +91,8 @@ _PROBE_ROWS = 8
 _MAX_PROBE_ROWS = 512
 #: A default text probe's positions, padding included, at most this multiple of its token states asked for.
 _PROBE_POSITIONS = 2
+#: Token states of a monitoring profile at least, by default.
+_MONITOR_SAMPLES = 512
 
 
 def _token_count(batch: dict[str, Any]) -> int | None:
@@ -277,7 +279,9 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             it, a model whose blocks auto-discovery cannot find trains on with the guard and no profile (a warning
             names the override); a wrong override raises before step 1.
         every_n_steps (`int`, defaults to `0`): periodic monitoring period in optimizer steps (`0` = off).
-        monitor_num_samples (`int`, defaults to `512`): token states per layer for periodic monitoring.
+        monitor_num_samples (`int`, *optional*): token states per layer for periodic monitoring; defaults to 512, or
+            2 × the hidden size for models wider than 256 (the fewest the verdict reads: at N/d < 2 every monitoring
+            profile would be "uninformative"), at most the init profile's `num_samples`.
         guard (`bool`, defaults to `True`): enable the divergence guard.
         loss_threshold (`float`, defaults to `50.0`): the rule's loss threshold.
         grad_norm_threshold (`float`, defaults to `500.0`): the rule's gradient-norm threshold.
@@ -348,7 +352,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         seed: int = 0,
         layers: Any = None,
         every_n_steps: int = 0,
-        monitor_num_samples: int = 512,
+        monitor_num_samples: int | None = None,
         guard: bool = True,
         loss_threshold: float = LOSS_THRESHOLD,
         grad_norm_threshold: float = GRAD_NORM_THRESHOLD,
@@ -369,7 +373,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             raise ValueError(f"every_n_steps must be an int >= 0 (0 turns monitoring off), got {every_n_steps!r}")
         for name, value, low in (("probe_batch_size", probe_batch_size, 1), ("num_samples", num_samples, 2),
                                  ("monitor_num_samples", monitor_num_samples, 2)):
-            if value is None and name != "monitor_num_samples":  # sized to the data and the model
+            if value is None:  # sized to the data and the model
                 continue
             if not _is_int(value) or value < low:
                 raise ValueError(f"RKSPCallback: {name} must be an int >= {low}, got {value!r}")
@@ -448,7 +452,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self.seed = int(seed)
         self.layers = layers
         self.every_n_steps = int(every_n_steps)
-        self.monitor_num_samples = int(monitor_num_samples)
+        self.monitor_num_samples = None if monitor_num_samples is None else int(monitor_num_samples)
         self.guard = guard
         self.check_activations = check_activations
         self.on_divergence = on_divergence
@@ -689,6 +693,18 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         from hf_koopman.profiling.probes import default_num_samples
 
         return self.num_samples if self.num_samples is not None else default_num_samples(unwrap_model(model))
+
+    def _monitor_num_samples(self, model: torch.nn.Module) -> int:
+        """N of the monitoring profiles: `monitor_num_samples`, or 512 raised to `DecisionRule.min_samples_per_dim` x
+        the model's width (so that a monitoring profile can be read) and capped at the init profile's N."""
+        if self.monitor_num_samples is not None:
+            return self.monitor_num_samples
+        from hf_koopman.profiling.blocks import unwrap_model
+        from hf_koopman.profiling.probes import hidden_width
+        from hf_koopman.risk import DecisionRule
+
+        readable = math.ceil(DecisionRule().min_samples_per_dim * (hidden_width(unwrap_model(model)) or 0))
+        return min(self._num_samples(model), max(_MONITOR_SAMPLES, readable))
 
     def _collate_probe(self, dataset: Any, collate: Any, wanted: int, model: Any = None) -> dict[str, Any] | None:
         """The first examples of `dataset`, collated: `probe_batch_size` of them, or by default as many text examples
@@ -1129,7 +1145,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                     batch = self._probe_batch(model, kwargs.get("train_dataloader"))
                     # the run's peak learning rate after any back-off (the estimator's input is the peak of a run
                     # with warmup, not the scheduled rate of this step)
-                    spectral_profile = self._run_profile(model, batch, self.monitor_num_samples,
+                    spectral_profile = self._run_profile(model, batch, self._monitor_num_samples(model),
                                                          args.learning_rate * self.lr_scale,
                                                          setting="monitor_num_samples")
                     spectral_profile.meta["optimizer"] = self._optimizer

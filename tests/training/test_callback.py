@@ -734,3 +734,14 @@ def test_the_default_probe_does_not_grow_into_padding():
     probe = RKSPCallback(num_samples=2048)._build_probe(tiny_gpt2(), loader)
     assert probe["input_ids"].shape == (32, 128)  # 4096 positions, 384 of them tokens (a short-probe warning says so)
     assert RKSPCallback(num_samples=600)._build_probe(tiny_gpt2(), loader)["input_ids"].shape == (9, 128)
+
+
+def test_monitoring_reads_enough_token_states_for_a_verdict_by_default():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):  # only its config is read
+        wide = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=1, n_head=8, vocab_size=100))
+    assert RKSPCallback()._monitor_num_samples(wide) == 2048  # 2 x d: N/d = 0.5 at 512 would read nothing
+    assert RKSPCallback(num_samples=1500)._monitor_num_samples(wide) == 1500  # never more than the init profile
+    assert RKSPCallback(monitor_num_samples=256)._monitor_num_samples(wide) == 256
+    assert RKSPCallback()._monitor_num_samples(tiny_gpt2()) == 512
