@@ -290,7 +290,7 @@ def _run_config(spec: str, *, init: bool, num_layers: int | None) -> tuple[Any, 
             raise ValueError("--num-layers only applies to --init models (it would drop pretrained blocks).")
         _set_num_layers(config, num_layers)
         per_stack = " per stack" if getattr(config, "is_encoder_decoder", False) else ""
-        name = f"{name} [{num_layers} layers{per_stack}]"
+        name = f"{name} [{num_layers} layer{'s' if num_layers != 1 else ''}{per_stack}]"
     return config, weights, name
 
 
@@ -307,7 +307,17 @@ def _load_model(
         model = _build_or_load(config, weights, spec, torch_dtype, seed).to(device)
     source = _tokenizer_source(spec, weights)
     tokenizer = _load_tokenizer(source, warn=text_inputs) if source is not None else None
+    if source is None and text_inputs:
+        _say_byte_ids(spec)
     return model.eval(), tokenizer, name, ("init" if weights is None else "pretrained")
+
+
+def _say_byte_ids(spec: str) -> None:
+    """Warn that text inputs are read as byte-level ids for MODEL, which brings no tokenizer (an embedded config, a
+    config.json)."""
+    logger.warning("%s comes without a tokenizer (an embedded config or a config.json): the text is read as byte-level "
+                   "ids (one id per byte, within the vocabulary), not as the model's tokens; profile a local folder "
+                   "that holds the model's tokenizer files for real tokens.", spec)
 
 
 @contextlib.contextmanager
@@ -907,7 +917,8 @@ def _run_profile(args: argparse.Namespace) -> int:
         notes.append(f"partial: the inputs did not reach {len(result.meta['blocks_not_run'])} of the "
                      f"{result.meta.get('num_blocks')} blocks (see the warning)")
     count = len(result.layers)
-    layers = "" if result.model_name.endswith(f"[{count} layers]") else f"{count} layers, "  # --num-layers names it
+    noun = f"{count} layer{'s' if count != 1 else ''}"
+    layers = "" if result.model_name.endswith(f"[{noun}]") else f"{noun}, "  # --num-layers names it
     print(f"{result.model_name}: {layers}mean M≈1 = {score}, verdict: {result.verdict.upper()}"
           + (f" ({'; '.join(notes)})" if notes else ""))
     if result.verdict == "uninformative":  # why, and what would make it informative, in the CLI's own option names
@@ -981,6 +992,8 @@ def _stream_text_batch(args: argparse.Namespace, config: Any, source: str | None
     from hf_koopman.profiling.probes import default_num_samples
 
     tokenizer = _load_tokenizer(source) if source is not None and Path(source).is_dir() else None
+    if source is None:
+        _say_byte_ids(args.model)
     if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -34,15 +34,23 @@ def test_profile_config_file_writes_outputs(tiny_llama_json, tmp_path, capsys):
     assert "verdict:" in capsys.readouterr().out
 
 
-def test_profile_known_architecture_with_text_file(tmp_path):
+def test_profile_known_architecture_with_text_file(tmp_path, caplog):
     text = tmp_path / "notes.txt"
     text.write_text("The residual stream carries token states from block to block. " * 40)
     out = tmp_path / "gpt2"
-    code = main(["profile", "gpt2", "--init", "--num-layers", "1", "--text-file", str(text), "--num-samples", "32",
-                 "--rank", "4", "--max-length", "64", "--no-plots", "--no-progress", "--out", str(out)])
+    with caplog.at_level("WARNING"):
+        code = main(["profile", "gpt2", "--init", "--num-layers", "1", "--text-file", str(text), "--num-samples", "32",
+                     "--rank", "4", "--max-length", "64", "--no-plots", "--no-progress", "--out", str(out)])
     assert code == 0
     data = json.loads((out / "profile.json").read_text())
-    assert data["model_name"] == "gpt2 (init) [1 layers]" and len(data["layers"]) == 1
+    assert data["model_name"] == "gpt2 (init) [1 layer]" and len(data["layers"]) == 1
+    # an embedded config brings no tokenizer: the text is read as byte ids, and the user is told
+    assert "gpt2 comes without a tokenizer" in caplog.text and "byte-level ids" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["profile", "gpt2", "--init", "--num-layers", "1", "--text-file", str(text), "--stream",
+                     "--num-samples", "32", "--no-plots", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    assert "gpt2 comes without a tokenizer" in caplog.text
     assert not (out / "masses.png").exists()
 
 

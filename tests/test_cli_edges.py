@@ -288,8 +288,8 @@ def test_stream_names_num_layers_like_the_plain_path(tmp_path, capsys):
         assert main(["profile", str(config), "--init", "--num-layers", "1", *extra, "--num-samples", "32", *FAST,
                      "--out", str(out)]) == 0
         names.append(_profile_json(out)["model_name"])
-        assert "llama (init) [1 layers]: mean M≈1 = " in capsys.readouterr().out  # the count is said once
-    assert names == ["llama (init) [1 layers]"] * 2
+        assert "llama (init) [1 layer]: mean M≈1 = " in capsys.readouterr().out  # the count is said once
+    assert names == ["llama (init) [1 layer]"] * 2
 
 
 def test_stream_caps_roberta_style_positions_after_the_padding_offset(tmp_path, caplog):
