@@ -641,7 +641,8 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
     parser.add_argument("--split", help="split of --dataset (default: train; a data file has only train)")
     parser.add_argument("--num-samples", type=int,
                         help="token states N per layer (default: 2048, or 2.62 x the hidden size for models wider "
-                             "than 782, the fewest that give a verdict)")
+                             "than 782, where the sampling error term of the paper's Theorem 4 falls below 1; the "
+                             "verdict reads N >= 2 x and is free of the sampling caution at N >= 8 x the hidden size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, probe, subsampling and DMD (default: 0)")
     parser.add_argument("--layers", help="dotted path of the block list inside the model when auto-discovery fails, "
                                          "e.g. layers or model.layers")
@@ -659,7 +660,7 @@ def _add_model_input_arguments(parser: argparse.ArgumentParser, *, stream: bool 
                 "forward a streamed run makes, which holds them at once") if stream else ""
     parser.add_argument("--max-tokens", type=int,
                         help=f"stop reading inputs once this many tokens reached every layer (default: 16 x "
-                             f"--num-samples{streamed})")
+                             f"--num-samples, at most 32768 and at least --num-samples{streamed})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading included)")
     parser.add_argument("--stream", action="store_true",
                         help="stream the model one block at a time (for models that do not fit in memory)")

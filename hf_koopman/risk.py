@@ -1892,7 +1892,8 @@ class DecisionRule:
             reason += f"; {left_out}"
         if ratio is not None and ratio < self.warn_samples_per_dim:
             reason += (f"; caution: N/d = {ratio:.2f} < {self.warn_samples_per_dim:g}, the masses carry a sampling "
-                       f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative")
+                       f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative (N >= "
+                       f"{math.ceil(self.warn_samples_per_dim * hidden_size)} token states remove it)")
         # κ(V) alone makes the verdict high risk whatever the score, so only a score-driven verdict can flip
         crossed = () if kappa_big else self.thresholds_within_error(score, num_samples, hidden_size)
         if crossed:

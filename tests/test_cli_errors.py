@@ -53,7 +53,7 @@ def test_num_layers_sets_encoder_and_decoder_layers_of_bart_like_configs(tmp_pat
     model, _, name = load_model(str(path), init=True, num_layers=1)
     assert (model.config.encoder_layers, model.config.decoder_layers) == (1, 1)
     assert len(model.encoder.layers) == 1 and len(model.decoder.layers) == 1
-    assert name.endswith("[1 layers per stack]")
+    assert name.endswith("[1 layer per stack]")
 
 
 def test_num_layers_must_be_positive(tiny_llama_json, tmp_path, capsys):

@@ -41,6 +41,7 @@ from hf_koopman.profiling.inputs import (
     with_virtual_tokens,
 )
 from hf_koopman.profiling.probes import (
+    DEFAULT_NUM_SAMPLES,
     default_num_samples,
     default_probe_inputs,
     hidden_width,
@@ -496,6 +497,13 @@ def profile_from_snapshots(
     return analysis.to_profile(stacks=stacks, model_name=model_name, meta=meta)
 
 
+def default_max_tokens(num_samples: int) -> int:
+    """Valid tokens `profile` reads from its inputs before it stops, when `max_tokens` is not given: 16 x N, so that
+    the N token states kept are a uniform sample over several batches, at most 32768 (16 x the paper's N) but never
+    fewer than N (at d = 4096 the default N of 10724 would otherwise read 171584 tokens)."""
+    return max(num_samples, min(16 * num_samples, 16 * DEFAULT_NUM_SAMPLES))
+
+
 def _check_pair(name: str, X: torch.Tensor, Y: torch.Tensor) -> None:
     if X.shape != Y.shape or X.dim() != 2:
         raise ValueError(f"layer {name!r}: X and Y must both be (N, d), got {tuple(X.shape)} and {tuple(Y.shape)}.")
@@ -514,7 +522,8 @@ class _SnapshotAnalysis:
                  near_band: tuple[float, float] = NEAR_BAND, contractive_below: float = CONTRACTIVE_BELOW,
                  residual_tol: float = 0.1, seed: int = 0, chunk_size: int | Callable[[int, int], int] = 8,
                  eig_dtype: torch.dtype | None = None,
-                 progress: bool | None = None, total: int | None = None, **feature_kwargs: Any) -> None:
+                 progress: bool | None = None, total: int | None = None,
+                 status: Callable[[str], Any] | None = None, **feature_kwargs: Any) -> None:
         self.rank, self.randomized, self.eps, self.seed = rank, randomized, eps, seed
         self.near_band, self.contractive_below, self.residual_tol = near_band, contractive_below, residual_tol
         self.chunk_size, self.eig_dtype, self.feature_kwargs = chunk_size, eig_dtype, feature_kwargs
@@ -530,6 +539,9 @@ class _SnapshotAnalysis:
         self.wall_time, self.cpu_time = 0.0, 0.0  # spent in the analysis itself
         self._notes: dict[str, None] = {}  # N < d (or N <= rank) notes, logged once by `close`
         self._bar = tqdm(total=total, desc="whitened DMD", unit="layer", disable=not show_progress(progress))
+        # says which layers are being analysed while a batched call runs (it can take minutes at d = 4096): on this
+        # bar, or through `status` (profile_streaming's bar over blocks)
+        self._status = status if status is not None else self._bar.set_postfix_str
 
     def add(self, name: str, X: torch.Tensor, Y: torch.Tensor) -> None:
         """Hand over layer `name`'s snapshots X, Y `(N, d)`; a chunk is analysed as soon as it is complete (full, or
@@ -571,6 +583,7 @@ class _SnapshotAnalysis:
         use_randomized = layer_rank is not None and (self.randomized is None or bool(self.randomized))
         X, Y = _stack_chunk(chunk)
         names = [name for name, _, _ in chunk]
+        self._status(f"analysing {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else ""))
         try:
             note = sample_size_note(n, d, layer_rank)
             if note is not None:
@@ -589,6 +602,7 @@ class _SnapshotAnalysis:
             identifiable = int(layer.rank_x)  # modes beyond rank(X̃) are null-space modes with λ = 0
             self.layers.append((name, features[j]))
             self.eigenvalues.append(layer.eigenvalues[:identifiable].detach().cpu().numpy().astype(np.complex128))
+        self._status("")
         self._bar.update(len(names))
         self.wall_time += time.perf_counter() - start
         self.cpu_time += time.process_time() - cpu
@@ -724,8 +738,9 @@ def profile(
         max_length (`int`, defaults to 256): truncation of text inputs in tokens (at least 2), also cut to the
             positions the model can index (less the rows a PEFT prompt or prefix takes).
         max_tokens (`int`, *optional*): stop reading batches once this many valid tokens have been seen; defaults to
-            `16 * num_samples` so that a large DataLoader is not consumed entirely (the sample stays uniform over the
-            tokens read).
+            `16 * num_samples`, at most 32768 but never fewer than `num_samples` (`default_max_tokens`), so that a
+            large DataLoader is not consumed entirely (the sample stays uniform over the tokens read) and a wide
+            model's larger N does not multiply the forward passes by 16.
         learning_rate (`float`, *optional*): the planned peak learning rate, > 0 and finite; stored in `meta` for the
             calibrated risk estimator.
         model_name (`str`, *optional*): name in the report; defaults to `config.name_or_path` or the class name.
@@ -783,7 +798,7 @@ def profile(
     max_length = _as_count(max_length, "max_length", 2, "it is the longest text sequence in tokens (e.g. 256)")
     if max_tokens is not None:
         max_tokens = _as_count(max_tokens, "max_tokens", 1, "it stops reading inputs after this many valid tokens; "
-                               "None reads up to 16 * num_samples")
+                               "None reads up to default_max_tokens(num_samples)")
     progress = show_progress(progress)
     learning_rate = check_learning_rate(learning_rate)
     estimator = None if risk_estimator is None else load_estimator(risk_estimator)  # a bad one before any work
@@ -803,7 +818,7 @@ def profile(
         probe_tokens = min(num_samples, max_tokens or num_samples)
         _check_snapshot_memory(inner, probe_tokens, len(blocks))
         inputs = default_probe_inputs(inner, num_tokens=probe_tokens, seed=seed, seq_len=prompt_probe_length(model))
-    max_tokens = 16 * num_samples if max_tokens is None else max_tokens
+    max_tokens = default_max_tokens(num_samples) if max_tokens is None else max_tokens
     if positions is not None:  # longer texts (with the virtual tokens) would index past the position table
         max_length = min(max_length, positions - reserved)
     # DDP / DataParallel: run the wrapped module itself, so the reducer and buffer broadcasts stay out of a diagnostic

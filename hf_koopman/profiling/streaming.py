@@ -449,7 +449,7 @@ def profile_streaming(
     # snapshots of a chunk, not of every layer: 33 x N x d floats at N = 10724, d = 4096 (7B) would be 5.8 GB
     # (by default as many as fit ~1 GiB of working memory at the chunk's first layer's N and d, per stack)
     analysis = _SnapshotAnalysis(rank=rank, seed=seed, chunk_size=chunk_size or _analysis_chunk_size, progress=False,
-                                 **analysis_kwargs)
+                                 status=lambda text: bar.set_postfix_str(text), **analysis_kwargs)
     analysed: list[tuple[str, str]] = []  # (name, stack) of the layers handed to the analysis, in order
     state = {"block_time": 0.0}
     ran: set[int] = set()  # the blocks whose forward finished; towers may run in any order (CLIP: vision first)
@@ -509,6 +509,7 @@ def profile_streaming(
                 skeleton(**inputs, use_cache=False)
             except _StopStream:
                 pass
+            analysis.finish()  # the last chunk, under the bar over blocks
             left = recorder.snapshots()  # transitions too short to analyse (refused below) and none else
             widths = [(layer, d) for (layer, _), (_, d) in zip(analysed, analysis.sizes)]
             widths += [(layer, int(X.shape[1])) for layer, X, _ in left]
@@ -541,10 +542,7 @@ def profile_streaming(
     for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
         free_parameters(module)
     release_freed_memory()
-    try:
-        analysis.finish()  # the last chunk
-    finally:
-        analysis.close()
+    analysis.close()
     # the stream's time without the analysis of the layers done during it
     stream_time = time.perf_counter() - start - analysis.wall_time
     stream_cpu = time.process_time() - cpu_start - analysis.cpu_time

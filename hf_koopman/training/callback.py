@@ -747,8 +747,11 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             rows, kept = grown, (items, batch)
             items = first(rows)
             batch = dict(collate(items))
-            if batch["input_ids"].numel() > positions:  # a collator that pads to the longest row met a longer one
-                items, batch = kept
+            if batch["input_ids"].numel() > positions:  # a collator that pads to the longest row met a longer one:
+                # as many rows as fit at that padded length (fewer rows pad no longer), unless no more than before
+                fit = int(positions // (batch["input_ids"].numel() / len(items)))
+                items, batch = (first(fit), None) if fit > len(kept[0]) else kept
+                batch = dict(collate(items)) if batch is None else batch
                 break
         return batch
 

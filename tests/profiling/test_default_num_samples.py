@@ -120,3 +120,37 @@ def test_a_chunk_size_function_sizes_each_chunk_from_its_first_layer():
     finally:
         _SnapshotAnalysis._analyse = analyse
     assert analysis.chunk_sizes == [2, 2, 2, 4, 4] and calls == [2, 2, 1, 4, 1]
+
+
+def test_the_default_max_tokens_reads_16_n_but_no_more_than_32768():
+    from hf_koopman.profiling.profiler import default_max_tokens
+    from hf_koopman.testing_utils import tiny_model
+
+    assert default_max_tokens(256) == 4096 and default_max_tokens(2048) == 32768
+    assert default_max_tokens(10724) == 32768  # 7B width: 3 N, not 171584 tokens through the model
+    assert default_max_tokens(40000) == 40000  # never fewer than N
+    read = []
+
+    def batches():  # 256 tokens a batch, far more than profile needs
+        for i in range(100):
+            read.append(i)
+            yield {"input_ids": torch.randint(1, 90, (4, 64), generator=torch.Generator().manual_seed(i))}
+
+    result = profile(tiny_model("gpt2"), batches(), num_samples=64, progress=False)
+    assert result.meta["tokens_seen"] == 16 * 64 and len(read) == 4
+
+
+def test_the_progress_bars_say_which_layers_are_being_analysed(capsys):
+    """A batched analysis can take minutes at d = 4096: the bar names the layers it is on instead of standing still."""
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    profile_streaming(config, num_samples=64, chunk_size=1, progress=True)
+    err = capsys.readouterr().err
+    assert "analysing model.layers.0" in err and "analysing model.layers.1" in err
+    said: list[str] = []
+    g = torch.Generator().manual_seed(0)
+    analysis = _SnapshotAnalysis(rank=None, progress=False, status=said.append)
+    for i in range(3):
+        analysis.add(f"h.{i}", torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g))
+    analysis.finish()
+    assert said == ["analysing h.0 .. h.2", ""]

@@ -745,3 +745,32 @@ def test_monitoring_reads_enough_token_states_for_a_verdict_by_default():
     assert RKSPCallback(num_samples=1500)._monitor_num_samples(wide) == 1500  # never more than the init profile
     assert RKSPCallback(monitor_num_samples=256)._monitor_num_samples(wide) == 256
     assert RKSPCallback()._monitor_num_samples(tiny_gpt2()) == 512
+
+
+class _VaryingRows(torch.utils.data.Dataset):
+    """Texts of 6 to 30 tokens, which a collator pads to the longest row of each batch."""
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {"input_ids": list(range(10, 16 + (0 if i < 8 else (i * 7) % 25)))}  # the first 8 rows short
+
+
+def _pad_to_longest(items):
+    width = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    mask = torch.zeros(len(items), width, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        mask[row, : len(item["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_probe_padded_to_its_longest_row_keeps_as_many_rows_as_fit():
+    """The first 8 rows pad shorter than later ones: the grown probe takes the rows that fit 2 x num_samples positions
+    at the longer padding, not the first 8 again."""
+    loader = torch.utils.data.DataLoader(_VaryingRows(), batch_size=4, collate_fn=_pad_to_longest)
+    probe = RKSPCallback(num_samples=2048)._build_probe(tiny_gpt2(), loader)
+    assert probe["input_ids"].numel() <= 2 * 2048 and probe["input_ids"].shape[0] > 100
+    assert int(probe["attention_mask"].sum()) > 2048 // 2
