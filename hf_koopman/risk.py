@@ -38,11 +38,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -172,11 +173,25 @@ def _percent(p: float) -> str:
     return "< 0.1 %" if p < 1e-3 else ("> 99.9 %" if p > 0.999 else f"{p:.1%}")
 
 
+_QUIET_UNINFORMATIVE = {"depth": 0}  # > 0: predict_proba's caller shows the caveat itself (the report)
+
+
 @lru_cache(maxsize=256)
 def _warn_once(message: str) -> None:
     """Log `message` as a warning the first time only (the report, the callback and a user's loop read one profile's
     probability many times)."""
     logger.warning(message)
+
+
+@contextlib.contextmanager
+def uninformative_caveat_shown() -> Iterator[None]:
+    """Inside, `predict_proba` does not warn about an uninformative profile: the caller (the report) shows that
+    caveat next to the number itself."""
+    _QUIET_UNINFORMATIVE["depth"] += 1
+    try:
+        yield
+    finally:
+        _QUIET_UNINFORMATIVE["depth"] -= 1
 
 
 def _part(profile: Any, name: str, default: Any = None) -> Any:
@@ -614,7 +629,7 @@ class RiskEstimator:
         """
         values = self._inputs(profile, learning_rate, context)
         probability = float(_sigmoid(self._logit(values)))  # first: a missing input raises, with nothing said before
-        if self._reads_uninformative_spectrum(profile):
+        if self._reads_uninformative_spectrum(profile) and not _QUIET_UNINFORMATIVE["depth"]:
             reason = _part(profile, "verdict_reason") or "see its verdict"
             # the verdict's reason names what would make the spectrum informative (more token states, the full
             # spectrum instead of a rank-r one, varied text): no fix is repeated here that may not be the one

@@ -351,3 +351,23 @@ def test_a_blown_up_spectral_radius_is_named_as_outside_the_rule():
     assert "caution" not in blown.verdict_reason
     with pytest.raises(ValueError, match="max_spectral_radius must be >= 1"):
         DecisionRule(max_spectral_radius=0.5)
+
+
+def test_the_report_shows_an_uninformative_probability_without_the_warning(caplog):
+    """The report states the caveat next to the number itself; the warning is for callers who do not."""
+    import logging
+
+    from hf_koopman.profiling import profile
+    from hf_koopman.profiling.report import render_report
+    from hf_koopman.risk import _warn_once
+    from hf_koopman.testing_utils import tiny_model
+
+    _warn_once.cache_clear()
+    result = profile(tiny_model("gpt2"), num_samples=16, learning_rate=1e-2, progress=False)  # N/d = 0.5
+    assert result.verdict == "uninformative"
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        report = render_report(result)
+    assert "predict_proba" not in caplog.text and "uninformative" in report
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        result.risk_probability()  # a direct call still says it
+    assert "predict_proba: the profile is uninformative" in caplog.text

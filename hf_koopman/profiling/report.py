@@ -12,7 +12,7 @@ from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
 from hf_koopman.logging_utils import get_logger
 from hf_koopman.risk import (
     RANK_SHARE_MIN, TENTATIVE, DecisionRule, check_learning_rate, flatten_inputs, low_precision_dtype,
-    precision_caveat, recommendation, score_band, shown_probability,
+    precision_caveat, recommendation, score_band, shown_probability, uninformative_caveat_shown,
 )
 
 
@@ -356,7 +356,8 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
         lines += [f"> **Note — {dtype} activations:** {precision_caveat(dtype)}. The masses and the verdict held up "
                   "there; the ρ, κ(V) and Kreiss columns below, and any risk estimate that reads ρ or κ(V), do not.",
                   ""]
-    risk = profile.risk_probability()  # also for an uninformative spectrum, shown below with that caveat
+    with uninformative_caveat_shown():  # also for an uninformative spectrum, shown below with that caveat
+        risk = profile.risk_probability()
     rule = (
         "the paper's decision rule (App. J) on the mean near-unit mass M≈1 of the informative layers: "
         f"safe below {profile.rule.safe_below}, moderate up to {profile.rule.high_risk_above}, high risk above it"

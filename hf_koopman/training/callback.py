@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import numbers
+import re
 import random
 import weakref
 from collections.abc import Mapping
@@ -143,7 +144,8 @@ def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
 
 
 class _ShortSampleNote(logging.Filter):
-    """Drops profile()'s note that some layers got fewer token states than asked for (`SHORT_SAMPLE_NOTE`)."""
+    """Drops profile()'s note that some layers got fewer token states than asked for (`SHORT_SAMPLE_NOTE`) and the
+    analysis's note that N < d limits the estimate (`sample_size_note`): the callback has said it with its own knobs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -152,7 +154,11 @@ class _ShortSampleNote(logging.Filter):
         self.prefix = SHORT_SAMPLE_NOTE
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        return not (str(record.msg).startswith(self.prefix) or _RANK_LIMITED.match(record.getMessage()))
+
+
+#: the start of `hf_koopman.koopman.dmd.sample_size_note`
+_RANK_LIMITED = re.compile(r"N=\d+ snapshots for d=\d+ features")
 
 
 def _replica_quiet(state: Any) -> Any:

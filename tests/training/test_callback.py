@@ -774,3 +774,18 @@ def test_a_probe_padded_to_its_longest_row_keeps_as_many_rows_as_fit():
     probe = RKSPCallback(num_samples=2048)._build_probe(tiny_gpt2(), loader)
     assert probe["input_ids"].numel() <= 2 * 2048 and probe["input_ids"].shape[0] > 100
     assert int(probe["attention_mask"].sum()) > 2048 // 2
+
+
+def test_a_short_probe_is_said_once_with_the_callbacks_knobs(tmp_path, caplog):
+    """Not also as the analysis's generic "use more samples" note, nor as the estimator's uninformative warning."""
+    callback = RKSPCallback(probe_batch_size=1, num_samples=2048, guard=False, save_artifacts=True)
+    trainer = Trainer(model=tiny_gpt2(n_embd=64), args=_args(tmp_path, max_steps=1, learning_rate=1e-3),
+                      train_dataset=TokenDataset(seq=16), callbacks=[callback])  # N = 16 < d = 64
+    from hf_koopman.risk import _warn_once
+
+    _warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert callback.profile.verdict == "uninformative"
+    assert "raise probe_batch_size" in caplog.text
+    assert "rank-limited" not in caplog.text and "predict_proba" not in caplog.text
