@@ -296,9 +296,11 @@ def _run_config(spec: str, *, init: bool, num_layers: int | None) -> tuple[Any, 
 
 def _load_model(
     spec: str, *, init: bool, dtype: str, num_layers: int | None, seed: int, device: str, text_inputs: bool,
+    text_file: bool = False,
 ) -> tuple[Any, Any, str, str]:
     """`load_model`, plus where the weights come from: `"pretrained"` (a checkpoint) or `"init"` (built from a config
-    at random initialisation), for `meta["weights"]` of the profile."""
+    at random initialisation), for `meta["weights"]` of the profile. With `text_file`, a model that brings no
+    tokenizer at all is said to read the text as byte-level ids."""
     import torch
 
     config, weights, name = _run_config(spec, init=init, num_layers=num_layers)
@@ -307,7 +309,7 @@ def _load_model(
         model = _build_or_load(config, weights, spec, torch_dtype, seed).to(device)
     source = _tokenizer_source(spec, weights)
     tokenizer = _load_tokenizer(source, warn=text_inputs) if source is not None else None
-    if source is None and text_inputs:
+    if source is None and text_file:
         _say_byte_ids(spec)
     return model.eval(), tokenizer, name, ("init" if weights is None else "pretrained")
 
@@ -315,9 +317,9 @@ def _load_model(
 def _say_byte_ids(spec: str) -> None:
     """Warn that text inputs are read as byte-level ids for MODEL, which brings no tokenizer (an embedded config, a
     config.json)."""
-    logger.warning("%s comes without a tokenizer (an embedded config or a config.json): the text is read as byte-level "
-                   "ids (one id per byte, within the vocabulary), not as the model's tokens; profile a local folder "
-                   "that holds the model's tokenizer files for real tokens.", spec)
+    logger.warning("no tokenizer is read for %s (an embedded config, a config.json, or a Hub id with --init): the "
+                   "text is read as byte-level ids (one id per byte, within the vocabulary), not as the model's "
+                   "tokens; profile a local folder that holds the model's tokenizer files for real tokens.", spec)
 
 
 @contextlib.contextmanager
@@ -829,6 +831,7 @@ def _load_model_and_inputs(args: argparse.Namespace) -> tuple[Any, Any, str, Any
     model, tokenizer, name, weights = _load_model(
         args.model, init=args.init, dtype=_DTYPES[args.dtype], num_layers=args.num_layers, seed=args.seed,
         device=args.device, text_inputs=args.text_file is not None or args.dataset is not None,
+        text_file=args.text_file is not None,
     )
     inputs: Any = None
     if args.text_file is not None or args.dataset is not None:
@@ -910,7 +913,9 @@ def _run_profile(args: argparse.Namespace) -> int:
         notes.append("extrapolated: pretrained weights, and the thresholds come from initialisations")
     beyond = result.rule.beyond_radius(result) if result.verdict != "uninformative" else []
     if beyond:
-        notes.append(f"outside the rule's range: ρ = {beyond[0][1]:.3g} in {len(beyond)} layer(s), see the reason")
+        many = len(beyond) != 1
+        notes.append(f"outside the rule's range: {len(beyond)} layer{'s' if many else ''} with ρ > "
+                     f"{result.rule.max_spectral_radius:g}, largest {beyond[0][1]:.3g}; see the report")
     if result.meta.get("weights_not_in_checkpoint"):
         notes.append(f"partly random: {len(result.meta['weights_not_in_checkpoint'])} profiled weights were not in "
                      "the checkpoint")

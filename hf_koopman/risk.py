@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import json
 import math
@@ -173,7 +174,8 @@ def _percent(p: float) -> str:
     return "< 0.1 %" if p < 1e-3 else ("> 99.9 %" if p > 0.999 else f"{p:.1%}")
 
 
-_QUIET_UNINFORMATIVE = {"depth": 0}  # > 0: predict_proba's caller shows the caveat itself (the report)
+#: True while predict_proba's caller shows the uninformative-profile caveat itself (the report); per thread / task
+_QUIET_UNINFORMATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet_uninformative", default=False)
 
 
 @lru_cache(maxsize=256)
@@ -187,11 +189,11 @@ def _warn_once(message: str) -> None:
 def uninformative_caveat_shown() -> Iterator[None]:
     """Inside, `predict_proba` does not warn about an uninformative profile: the caller (the report) shows that
     caveat next to the number itself."""
-    _QUIET_UNINFORMATIVE["depth"] += 1
+    token = _QUIET_UNINFORMATIVE.set(True)
     try:
         yield
     finally:
-        _QUIET_UNINFORMATIVE["depth"] -= 1
+        _QUIET_UNINFORMATIVE.reset(token)
 
 
 def _part(profile: Any, name: str, default: Any = None) -> Any:
@@ -629,7 +631,7 @@ class RiskEstimator:
         """
         values = self._inputs(profile, learning_rate, context)
         probability = float(_sigmoid(self._logit(values)))  # first: a missing input raises, with nothing said before
-        if self._reads_uninformative_spectrum(profile) and not _QUIET_UNINFORMATIVE["depth"]:
+        if self._reads_uninformative_spectrum(profile) and not _QUIET_UNINFORMATIVE.get():
             reason = _part(profile, "verdict_reason") or "see its verdict"
             # the verdict's reason names what would make the spectrum informative (more token states, the full
             # spectrum instead of a rank-r one, varied text): no fix is repeated here that may not be the one
@@ -1816,7 +1818,7 @@ class DecisionRule:
         first."""
         found = [(name, float(f.spectral_radius)) for name, f, read in zip(profile.names, profile.features,
                                                                            self.reads(profile))
-                 if read and float(f.spectral_radius) > self.max_spectral_radius]
+                 if read and not float(f.spectral_radius) <= self.max_spectral_radius]  # NaN counts too
         return sorted(found, key=lambda item: -item[1])
 
     def decide_profile(self, profile: Any) -> tuple[str, str]:
@@ -1908,7 +1910,8 @@ class DecisionRule:
         if ratio is not None and ratio < self.warn_samples_per_dim:
             reason += (f"; caution: N/d = {ratio:.2f} < {self.warn_samples_per_dim:g}, the masses carry a sampling "
                        f"error of roughly sqrt(d/N) = {math.sqrt(1 / ratio):.2f} relative (N >= "
-                       f"{math.ceil(self.warn_samples_per_dim * hidden_size)} token states remove it)")
+                       f"{math.ceil(self.warn_samples_per_dim * hidden_size)} token states remove it"
+                       + (": more inputs, the inputs gave all they had" if tokens_seen is not None else "") + ")")
         # κ(V) alone makes the verdict high risk whatever the score, so only a score-driven verdict can flip
         crossed = () if kappa_big else self.thresholds_within_error(score, num_samples, hidden_size)
         if crossed:

@@ -45,12 +45,12 @@ def test_profile_known_architecture_with_text_file(tmp_path, caplog):
     data = json.loads((out / "profile.json").read_text())
     assert data["model_name"] == "gpt2 (init) [1 layer]" and len(data["layers"]) == 1
     # an embedded config brings no tokenizer: the text is read as byte ids, and the user is told
-    assert "gpt2 comes without a tokenizer" in caplog.text and "byte-level ids" in caplog.text
+    assert "no tokenizer is read for gpt2" in caplog.text and "byte-level ids" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert main(["profile", "gpt2", "--init", "--num-layers", "1", "--text-file", str(text), "--stream",
                      "--num-samples", "32", "--no-plots", "--no-progress", "--out", str(tmp_path / "s")]) == 0
-    assert "gpt2 comes without a tokenizer" in caplog.text
+    assert "no tokenizer is read for gpt2" in caplog.text
     assert not (out / "masses.png").exists()
 
 
@@ -408,3 +408,16 @@ def test_python_dash_m_runs_the_command():
     out = subprocess.run([sys.executable, "-m", "hf_koopman", "--version"], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == f"hf-koopman {hf_koopman.__version__}"
+
+
+def test_token_ids_from_a_dataset_are_not_said_to_be_read_as_bytes(tmp_path, caplog):
+    datasets = pytest.importorskip("datasets")
+    from hf_koopman.cli import load_model
+
+    folder = tmp_path / "ids"
+    datasets.Dataset.from_dict({"input_ids": [list(range(1, 40))] * 4}).save_to_disk(folder)
+    with caplog.at_level("WARNING"):
+        assert main(["profile", "gpt2", "--init", "--num-layers", "1", "--dataset", str(folder), "--num-samples", "32",
+                     "--no-plots", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+        load_model("gpt2", init=True, num_layers=1)
+    assert "byte-level ids" not in caplog.text

@@ -371,3 +371,17 @@ def test_the_report_shows_an_uninformative_probability_without_the_warning(caplo
     with caplog.at_level(logging.WARNING, logger="hf_koopman"):
         result.risk_probability()  # a direct call still says it
     assert "predict_proba: the profile is uninformative" in caplog.text
+
+
+def test_a_nan_spectral_radius_is_outside_the_rule_too_and_a_short_input_caution_names_inputs():
+    import dataclasses
+
+    blown = _planted_growth(1e29)
+    name, features = blown.layers[0]
+    blown.layers[0] = (name, dataclasses.replace(features, spectral_radius=float("nan")))  # an edited profile.json
+    assert [n for n, _ in blown.rule.beyond_radius(blown)][:1] == ["layer.0"]
+    rule = DecisionRule()
+    _, asked = rule.decide(0.2, 10.0, num_samples=3072, hidden_size=768, informative=4, total=4)
+    _, short = rule.decide(0.2, 10.0, num_samples=1126, hidden_size=256, informative=4, total=4, tokens_seen=1126)
+    assert "(N >= 6144 token states remove it)" in asked
+    assert "(N >= 2048 token states remove it: more inputs, the inputs gave all they had)" in short

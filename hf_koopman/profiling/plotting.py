@@ -110,7 +110,8 @@ def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
     """Per-layer spectral masses (Definition 1) vs depth; the layers the verdict leaves out (degenerate, not linear,
     too few token states for their width) are marked with a grey background."""
     plt = _pyplot()
-    if ax is None:
+    own_figure = ax is None
+    if own_figure:
         _, ax = plt.subplots(figsize=(6.5, 4))
     depth = np.arange(len(profile.layers))
     for field_name, label in _mass_labels(profile):
@@ -140,6 +141,8 @@ def plot_masses(profile: SpectralProfile, ax: Any = None) -> Any:
     ax.set_title(f"Spectral masses vs depth — verdict: {_verdict_label(profile)}")
     # below the axes: the curves span the whole [0, 1] range, so no corner inside is free of them
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    if own_figure:  # a caller's figure is laid out by its caller (save_plots, plot_profile)
+        ax.figure.tight_layout()
     return ax
 
 

@@ -108,6 +108,18 @@ def _token_count(batch: dict[str, Any]) -> int | None:
     return ids.numel()
 
 
+def _grown_probe(first: Any, collate: Any, rows: int) -> tuple[list[Any], dict[str, Any]] | None:
+    """`(items, batch)` of the first `rows` examples, or None when the collator cannot batch them (images of other
+    sizes further on, a row it refuses): the probe then keeps the rows it has."""
+    items = first(rows)
+    try:
+        return items, dict(collate(items))
+    except Exception as err:  # noqa: BLE001 - any collator's error: the smaller probe still stands
+        logger.info("RKSP: the probe keeps its first rows; %d training examples could not be collated together "
+                    "(%s: %s)", rows, type(err).__name__, err)
+        return None
+
+
 def _image_rows(batch: dict[str, Any], model: Any, wanted: int) -> int | None:
     """Images of this batch's size that give `wanted` token states at the last stage of `model`'s vision encoder (its
     patch grid, as the default image probe reads it, scaled to the batch's height x width), at most 64; None for a
@@ -730,34 +742,39 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         rows = self.probe_batch_size or _PROBE_ROWS
         items = first(rows)
         batch = dict(collate(items)) if items else None
-        ids = batch.get("input_ids") if batch is not None else None
-        positions = max(_PROBE_POSITIONS * wanted, ids.numel() if isinstance(ids, torch.Tensor) else 0)
-        while self.probe_batch_size is None and batch is not None and len(items) == rows < _MAX_PROBE_ROWS:
-            count = _token_count(batch)
-            if count is None:
-                images = _image_rows(batch, model, wanted)
-                if images is not None and images > rows:
-                    rows = images
-                    items = first(rows)
-                    batch = dict(collate(items))
-                break
-            if count >= wanted:
-                break
+        if self.probe_batch_size is not None or batch is None or len(items) < rows:
+            return batch
+        count = _token_count(batch)
+        if count is None:  # images: as many as the patch grid needs; other kinds keep the first rows
+            images = _image_rows(batch, model, wanted)
+            grown = _grown_probe(first, collate, images) if images is not None and images > rows else None
+            return batch if grown is None else grown[1]
+        ids = batch["input_ids"]
+        positions = max(_PROBE_POSITIONS * wanted, ids.numel())
+        while count < wanted and len(items) == rows < _MAX_PROBE_ROWS:
             # the rows the mean length says are needed, and at least twice as many as now for short examples, as far as
             # the positions (padding included) allow
             per_row = batch["input_ids"].numel() / len(items)
-            grown = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))),
-                        int(positions // per_row))
-            if grown <= len(items):
+            rows = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))),
+                       int(positions // per_row))
+            grown = _grown_probe(first, collate, rows) if rows > len(items) else None
+            if grown is None:
                 break
-            rows, kept = grown, (items, batch)
-            items = first(rows)
-            batch = dict(collate(items))
-            if batch["input_ids"].numel() > positions:  # a collator that pads to the longest row met a longer one:
-                # as many rows as fit at that padded length (fewer rows pad no longer), unless no more than before
-                fit = int(positions // (batch["input_ids"].numel() / len(items)))
-                items, batch = (first(fit), None) if fit > len(kept[0]) else kept
-                batch = dict(collate(items)) if batch is None else batch
+            if grown[1]["input_ids"].numel() > positions:
+                # a collator that pads to the longest row met a longer one: the most rows within the positions (a
+                # collator pads k rows no longer than k + 1), found by bisection
+                low, high = len(items), len(grown[0])
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    trial = _grown_probe(first, collate, middle)
+                    if trial is not None and trial[1]["input_ids"].numel() <= positions:
+                        low, (items, batch) = middle, trial
+                    else:
+                        high = middle
+                break
+            items, batch = grown
+            count = _token_count(batch)
+            if count is None:
                 break
         return batch
 

@@ -305,3 +305,11 @@ def test_the_sample_line_of_a_profile_the_verdict_reads_no_layer_of_names_no_rea
     assert not any(blind.rule.reads(blind))
     sample = next(line for line in render_report(blind).splitlines() if line.startswith("- Sample: "))
     assert "the least-sampled layer)" in sample and "the verdict reads" not in sample
+
+
+def test_a_masses_plot_drawn_on_its_own_keeps_its_legend_inside_the_figure(lr_profile):
+    from hf_koopman.profiling.plotting import plot_masses
+
+    ax = plot_masses(lr_profile)
+    renderer = ax.figure.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).y0 >= 0

@@ -789,3 +789,39 @@ def test_a_short_probe_is_said_once_with_the_callbacks_knobs(tmp_path, caplog):
     assert callback.profile.verdict == "uninformative"
     assert "raise probe_batch_size" in caplog.text
     assert "rank-limited" not in caplog.text and "predict_proba" not in caplog.text
+
+
+class _OneLongRow(torch.utils.data.Dataset):
+    """300 rows of 10 tokens, but row 100 holds 256."""
+
+    def __len__(self) -> int:
+        return 300
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {"input_ids": list(range(1, 257 if i == 100 else 11))}
+
+
+class _MixedImages(torch.utils.data.Dataset):
+    """8 images of 32 px, then 48 px ones: no collator stacks them all."""
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        size = 32 if i < 8 else 48
+        return {"pixel_values": torch.full((3, size, size), float(i)), "labels": torch.tensor(i % 3)}
+
+
+def test_a_probe_grows_as_far_as_its_rows_allow():
+    """One long row cuts the growth where it starts, not back to a handful of rows; images that cannot be batched
+    with the first ones leave the first ones as the probe, not synthetic pixels."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    loader = torch.utils.data.DataLoader(_OneLongRow(), batch_size=4, collate_fn=_pad_to_longest)
+    probe = RKSPCallback(num_samples=2048)._build_probe(tiny_gpt2(), loader)
+    assert probe["input_ids"].shape == (100, 10)  # the rows before the long one; with it, 4096 positions hold 16
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    images = torch.utils.data.DataLoader(_MixedImages(), batch_size=4)
+    pixels = RKSPCallback(num_samples=160)._build_probe(model, images)["pixel_values"]
+    assert pixels.shape == (8, 3, 32, 32) and pixels[7].eq(7.0).all()  # the training images, not random ones
