@@ -108,6 +108,22 @@ def _token_count(batch: dict[str, Any]) -> int | None:
     return ids.numel()
 
 
+def _trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """`batch` without its trailing columns that are padding in every row (`attention_mask` 0): a tokenizer called
+    with padding="max_length" pads 30-token texts to 512 positions, which would cost the probe's forward 17 times its
+    tokens. Every `(B, T)`-leading tensor is cut alike; right padding only (left padding shifts positions)."""
+    mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    if _token_count(batch) is None or not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
+        return batch  # not text alone (an image beside it has channels that could be mistaken for columns)
+    used = (mask != 0).any(dim=0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else mask.shape[1]
+    if width == mask.shape[1]:
+        return batch
+    rows, columns = mask.shape
+    return {key: (value[:, :width] if isinstance(value, torch.Tensor) and value.dim() >= 2
+                  and tuple(value.shape[:2]) == (rows, columns) else value) for key, value in batch.items()}
+
+
 def _grown_probe(first: Any, collate: Any, rows: int) -> tuple[list[Any], dict[str, Any]] | None:
     """`(items, batch)` of the first `rows` examples, or None when the collator cannot batch them (images of other
     sizes further on, a row it refuses): the probe then keeps the rows it has."""
@@ -285,7 +301,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         probe_inputs (`dict[str, torch.Tensor]`, *optional*): probe batch; default: from the training data.
         probe_batch_size (`int`, *optional*): examples taken from the training dataset for the probe. By default,
             text examples until they hold `num_samples` token states (at least 8, at most 512 examples: a probe of
-            short sentences needs many; no more than 2 x `num_samples` positions, padding included), as many images
+            short sentences needs many; no more than 2 x `num_samples` positions, padding included, after trailing
+            all-padding columns are dropped), as many images
             as the vision config's patch grid needs for them (8 to 64), and 8 of any other kind (audio).
         num_samples (`int`, *optional*): token states per layer for the init profile (`N`); defaults to
             `default_num_samples(model)`, as `profile`'s (2048, or ≈ 2.62 × the hidden size for models wider than
@@ -739,15 +756,21 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 return [dataset[i] for i in range(min(rows, len(dataset)))]
             return list(itertools.islice(iter(dataset), rows))
 
+        decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+        def collated(items: list[Any]) -> dict[str, Any]:  # trailing all-padding columns cost a forward, hold no token
+            batch = dict(collate(items))
+            return batch if decoder else _trim_padding(batch)
+
         rows = self.probe_batch_size or _PROBE_ROWS
         items = first(rows)
-        batch = dict(collate(items)) if items else None
+        batch = collated(items) if items else None
         if self.probe_batch_size is not None or batch is None or len(items) < rows:
             return batch
         count = _token_count(batch)
         if count is None:  # images: as many as the patch grid needs; other kinds keep the first rows
             images = _image_rows(batch, model, wanted)
-            grown = _grown_probe(first, collate, images) if images is not None and images > rows else None
+            grown = _grown_probe(first, collated, images) if images is not None and images > rows else None
             return batch if grown is None else grown[1]
         ids = batch["input_ids"]
         positions = max(_PROBE_POSITIONS * wanted, ids.numel())
@@ -757,7 +780,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             per_row = batch["input_ids"].numel() / len(items)
             rows = min(_MAX_PROBE_ROWS, max(2 * rows, math.ceil(wanted * len(items) / max(count, 1))),
                        int(positions // per_row))
-            grown = _grown_probe(first, collate, rows) if rows > len(items) else None
+            grown = _grown_probe(first, collated, rows) if rows > len(items) else None
             if grown is None:
                 break
             if grown[1]["input_ids"].numel() > positions:
@@ -766,7 +789,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 low, high = len(items), len(grown[0])
                 while high - low > 1:
                     middle = (low + high) // 2
-                    trial = _grown_probe(first, collate, middle)
+                    trial = _grown_probe(first, collated, middle)
                     if trial is not None and trial[1]["input_ids"].numel() <= positions:
                         low, (items, batch) = middle, trial
                     else:

@@ -727,13 +727,17 @@ class _PaddedRows(torch.utils.data.Dataset):
 
 
 def test_the_default_probe_does_not_grow_into_padding():
-    """The probe is one forward (repeated at each monitoring step): its positions stay within 2 x num_samples."""
+    """The probe is one forward (repeated at each monitoring step): trailing padding columns are dropped, and its
+    positions stay within 2 x num_samples."""
     from transformers import default_data_collator
 
     loader = torch.utils.data.DataLoader(_PaddedRows(), batch_size=4, collate_fn=default_data_collator)
     probe = RKSPCallback(num_samples=2048)._build_probe(tiny_gpt2(), loader)
-    assert probe["input_ids"].shape == (32, 128)  # 4096 positions, 384 of them tokens (a short-probe warning says so)
-    assert RKSPCallback(num_samples=600)._build_probe(tiny_gpt2(), loader)["input_ids"].shape == (9, 128)
+    assert probe["input_ids"].shape == (171, 12) and int(probe["attention_mask"].sum()) == 2052
+    left = {"input_ids": torch.ones(2, 6, dtype=torch.long), "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1]] * 2)}
+    assert callback_module._trim_padding(left)["input_ids"].shape == (2, 6)  # left padding: positions would shift
+    both = {**left, "pixel_values": torch.zeros(2, 6, 4, 4)}  # an image beside the text: nothing is cut
+    assert callback_module._trim_padding(both)["pixel_values"].shape == (2, 6, 4, 4)
 
 
 def test_monitoring_reads_enough_token_states_for_a_verdict_by_default():
