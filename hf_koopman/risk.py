@@ -1816,8 +1816,11 @@ class DecisionRule:
     def beyond_radius(self, profile: Any) -> list[tuple[str, float]]:
         """`(name, ρ)` of the layers the verdict reads whose spectral radius exceeds `max_spectral_radius`, largest
         first."""
-        found = [(name, float(f.spectral_radius)) for name, f, read in zip(profile.names, profile.features,
-                                                                           self.reads(profile))
+        return self._beyond_radius(profile, self.reads(profile))
+
+    def _beyond_radius(self, profile: Any, reads: Sequence[bool]) -> list[tuple[str, float]]:
+        """`beyond_radius` with the layers the verdict reads (`reads(profile)`) already known."""
+        found = [(name, float(f.spectral_radius)) for name, f, read in zip(profile.names, profile.features, reads)
                  if read and not float(f.spectral_radius) <= self.max_spectral_radius]  # NaN counts too
         return sorted(found, key=lambda item: -item[1])
 
@@ -1842,7 +1845,7 @@ class DecisionRule:
             gate_verdicts=self.gate_verdicts(profile), near_gate=sum(near), gate_width=self.gate_band_width(profile),
             rank_deficient=sum(r and d for r, d in zip(reads, self.rank_deficient(profile))),
             constant_input=sum(name in constant and not under for name, under in zip(profile.names, short)),
-            beyond_radius=self.beyond_radius(profile),
+            beyond_radius=self._beyond_radius(profile, reads),
         )
 
     def _decide(

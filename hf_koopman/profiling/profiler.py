@@ -511,9 +511,9 @@ def _check_pair(name: str, X: torch.Tensor, Y: torch.Tensor) -> None:
 
 class _SnapshotAnalysis:
     """Whitened DMD and spectral features of snapshot pairs handed over in layer order (`add`), analysed as they
-    arrive: consecutive layers with equal (N, d) go through one batched (L, N, d) call of up to `chunk_size` layers
-    (or, with `chunk_size` a function of (N, d), as many as it gives for the chunk's first layer)
-    (several times faster than one call per layer on CPU), and a chunk is analysed as soon as it is full, so a caller
+    arrive: consecutive layers with equal (N, d) go through one batched (L, N, d) call (several times faster than one
+    call per layer on CPU) of up to `chunk_size` layers, or, with `chunk_size` a function of (N, d), as many as it
+    gives for the chunk's first layer; a chunk is analysed as soon as it is full, so a caller
     that hands each layer over when it is recorded holds the snapshots of at most `chunk_size` + 1 layers at once
     (`profile_streaming`). `profile_from_snapshots` is `add` over every layer, `finish` and `to_profile`; the arguments
     are its own."""
@@ -527,8 +527,7 @@ class _SnapshotAnalysis:
         self.rank, self.randomized, self.eps, self.seed = rank, randomized, eps, seed
         self.near_band, self.contractive_below, self.residual_tol = near_band, contractive_below, residual_tol
         self.chunk_size, self.eig_dtype, self.feature_kwargs = chunk_size, eig_dtype, feature_kwargs
-        self.chunk_sizes: list[int] = []  # the size limit of every chunk begun, in order
-        self._limit = 1
+        self.chunk_sizes: list[int] = []  # the size limit of every chunk begun, in order (the last: the pending one)
         self.generator = torch.Generator().manual_seed(seed)
         self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.layers: list[tuple[str, Any]] = []
@@ -551,12 +550,11 @@ class _SnapshotAnalysis:
         if self.pending and self.pending[0][1].shape != X.shape:
             self._analyse()
         if not self.pending:  # a new chunk: its size limit, from its first layer's (N, d) when chunk_size says so
-            self._limit = self.chunk_size(*X.shape) if callable(self.chunk_size) else self.chunk_size
-            self.chunk_sizes.append(self._limit)
+            self.chunk_sizes.append(self.chunk_size(*X.shape) if callable(self.chunk_size) else self.chunk_size)
         self.pending.append((name, X, Y))
         self.sizes.append((int(X.shape[0]), int(X.shape[1])))
         self.rounded |= {str(t.dtype).removeprefix("torch.") for t in (X, Y)} & set(LOW_PRECISION_DTYPES)
-        if len(self.pending) >= self._limit:
+        if len(self.pending) >= self.chunk_sizes[-1]:
             self._analyse()
 
     def finish(self) -> None:
@@ -790,8 +788,8 @@ def profile(
                         f"tokenizer=AutoTokenizer.from_pretrained({repr(str(tokenizer)) if named else 'model_id'})")
     _check_analysis_keywords(analysis_kwargs, profile, _SET_BY_PROFILE)
     # every argument is checked here, before the forward pass (a bad one would fail after it, or deep inside it)
-    num_samples = default_num_samples(unwrap_model(model)) if num_samples is None else _as_count(
-        num_samples, "num_samples", 2)
+    if num_samples is not None:
+        num_samples = _as_count(num_samples, "num_samples", 2)
     rank = _check_rank(rank, analysis_kwargs.get("randomized"))
     seed = _check_seed(seed)
     batch_size = _as_count(batch_size, "batch_size", 1, "it is the number of texts or dataset rows per forward pass")
@@ -804,6 +802,7 @@ def profile(
     estimator = None if risk_estimator is None else load_estimator(risk_estimator)  # a bad one before any work
     check_eig_dtype(eig_dtype)
     inner = unwrap_model(model)
+    num_samples = default_num_samples(inner) if num_samples is None else num_samples
     _check_materialised(inner)
     blocks = find_residual_blocks(inner, layers)
     prompt_tokens = virtual_tokens(model)  # PEFT prompt tuning: learned tokens in front of every sequence

@@ -447,14 +447,15 @@ def profile_streaming(
 
     # each layer is analysed as soon as its block has run (in chunks of `chunk_size` layers), so memory holds the
     # snapshots of a chunk, not of every layer: 33 x N x d floats at N = 10724, d = 4096 (7B) would be 5.8 GB
-    # (by default as many as fit ~1 GiB of working memory at the chunk's first layer's N and d, per stack)
+    # (by default as many as fit ~1 GiB of working memory at the chunk's first layer's N and d, per stack); the bar over
+    # blocks says which layers are being analysed
+    progress = show_progress(progress)
+    bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
     analysis = _SnapshotAnalysis(rank=rank, seed=seed, chunk_size=chunk_size or _analysis_chunk_size, progress=False,
-                                 status=lambda text: bar.set_postfix_str(text), **analysis_kwargs)
+                                 status=bar.set_postfix_str, **analysis_kwargs)
     analysed: list[tuple[str, str]] = []  # (name, stack) of the layers handed to the analysis, in order
     state = {"block_time": 0.0}
     ran: set[int] = set()  # the blocks whose forward finished; towers may run in any order (CLIP: vision first)
-    progress = show_progress(progress)
-    bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
 
     def make_pre_hook(index: int, block: ResidualBlock):
         def pre_hook(module: nn.Module, args: tuple) -> None:
@@ -522,7 +523,6 @@ def profile_streaming(
                 "cannot build a profile. Pass inputs that reach them."
             )
     except BaseException as exc:
-        analysis.close()
         _write_partial(partial_path, name, len(ran), len(blocks), exc)
         if hasattr(exc, "add_note"):
             exc.add_note(
@@ -535,14 +535,14 @@ def profile_streaming(
         for module in block_modules:
             free_parameters(module)
         bar.close()
+        analysis.close()
 
     _check_token_count(recorder, widths, num_samples)  # fewer than 2 real token states: refused as by `profile`
     not_run = [block.name for i, block in enumerate(blocks) if i not in ran]  # a tower the inputs do not reach
     _warn_blocks_not_run(not_run, len(blocks))
-    for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it before the analysis
+    for module in rest:  # the embedding matrix alone is 0.5 GB for a 7B model: free it once the stream is done
         free_parameters(module)
     release_freed_memory()
-    analysis.close()
     # the stream's time without the analysis of the layers done during it
     stream_time = time.perf_counter() - start - analysis.wall_time
     stream_cpu = time.process_time() - cpu_start - analysis.cpu_time

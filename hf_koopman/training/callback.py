@@ -28,6 +28,7 @@ from transformers.trainer_callback import ExportableState
 from hf_koopman.files import move_into_place, staging_folder
 from hf_koopman.logging_utils import errors_only, get_logger
 from hf_koopman.risk import (
+    DecisionRule,
     TENTATIVE,
     VERDICT_LEVELS,
     _below_fitted_learning_rates,
@@ -140,7 +141,7 @@ def _image_rows(batch: dict[str, Any], model: Any, wanted: int) -> int | None:
     """Images of this batch's size that give `wanted` token states at the last stage of `model`'s vision encoder (its
     patch grid, as the default image probe reads it, scaled to the batch's height x width), at most 64; None for a
     batch that is not images alone (`(B, C, H, W)` pixel_values without token ids) or a model without a patch size."""
-    from hf_koopman.profiling.probes import _image_geometry
+    from hf_koopman.profiling.probes import _image_batch, _image_geometry
 
     pixels = batch.get("pixel_values")
     config = getattr(getattr(model, "config", None), "vision_config", None) or getattr(model, "config", None)
@@ -148,8 +149,7 @@ def _image_rows(batch: dict[str, Any], model: Any, wanted: int) -> int | None:
             or getattr(config, "patch_size", None) is None):
         return None
     size, _, per_image = _image_geometry(config)
-    per_image = max(1, per_image * pixels.shape[-2] * pixels.shape[-1] // max(size * size, 1))
-    return min(64, math.ceil(wanted / per_image))
+    return _image_batch(wanted, max(1, per_image * pixels.shape[-2] * pixels.shape[-1] // max(size * size, 1)))
 
 
 def _decoder_token_count(batch: dict[str, Any], model: Any) -> int | None:
@@ -736,7 +736,6 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             return self.monitor_num_samples
         from hf_koopman.profiling.blocks import unwrap_model
         from hf_koopman.profiling.probes import hidden_width
-        from hf_koopman.risk import DecisionRule
 
         readable = math.ceil(DecisionRule().min_samples_per_dim * (hidden_width(unwrap_model(model)) or 0))
         return min(self._num_samples(model), max(_MONITOR_SAMPLES, readable))
