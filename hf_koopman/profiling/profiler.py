@@ -383,6 +383,31 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
+# Working memory of the batched whitened DMD, per layer: ~10 m x m float64 matrices (second moments, Cholesky factors,
+# operator, eigenvectors and their inverse, ...) with m = min(N - 1, d) modes (N - 1 < d: the row-space reduction works
+# at width N - 1), plus the stacked X and Y (measured at N = 10724, d = 4096: 1.6 GiB for one layer, 3.0 GiB for two in
+# one call; results/streaming.md).
+def _analysis_bytes_per_layer(n: int, d: int) -> int:
+    """Working memory of one layer's whitened DMD at N = `n` token states of width `d`, in bytes."""
+    m = min(n - 1, d)
+    return 10 * m * m * 8 + 2 * n * d * 4
+
+
+#: Working memory `profile_from_snapshots` lets one batched call take by default: what eight layers of a 7B-width model
+#: took at the paper's N = 2048 (3.2 GB). At the default N of wide models it holds fewer layers (d = 4096, N = 10724:
+#: two, 3.2 GB, where eight would take 13 GB).
+_ANALYSIS_BUDGET = 4 << 30
+
+
+def _analysis_chunk_size(n: int, d: int, budget: int = _ANALYSIS_BUDGET, default: int = 8) -> int:
+    """Layers per batched DMD call at N = `n`, width `d`: `default` (8) unless that would take more than `budget` bytes
+    of working memory (`_analysis_bytes_per_layer`), one layer where a single layer exceeds it. Layers of one call share
+    the cores in the eigen step (one layer per core), so at d = 4096 two layers at a time take 0.58x the wall time of
+    one after the other on two cores. A layer's spectrum depends on its chunk only through rounding (LLaMA-2-7B at
+    init: layer means of M≈1 within 3e-5 between chunks of one and two layers)."""
+    return max(1, min(default, budget // _analysis_bytes_per_layer(n, d)))
+
+
 def _stack_chunk(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """`(L, N, d)` stacks of the chunk's X and Y. When each Y_l is the next X_{l+1} (the recorder shares that storage:
     the output of block l is the input of block l+1), the L + 1 distinct states are copied once and X, Y are views."""
@@ -416,7 +441,7 @@ def profile_from_snapshots(
     model_name: str | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool | None = None,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     eig_dtype: torch.dtype | None = None,
     **feature_kwargs: Any,
 ) -> SpectralProfile:
@@ -447,7 +472,9 @@ def profile_from_snapshots(
         meta (`dict`, *optional*): stored in the profile.
         progress (`bool`, *optional*): tqdm bar over layers; `None` (default) follows transformers' progress-bar
             switch (`transformers.utils.logging.disable_progress_bar()` hides it).
-        chunk_size (`int`, defaults to 8): layers analysed per batched call (memory: `chunk_size` x 2 x N x d floats).
+        chunk_size (`int`, *optional*): layers analysed per batched call; their working memory is about
+            `chunk_size` x (10 m^2 float64 + 2 N d float32), m = min(N - 1, d). `None` (default): 8, or as many as
+            keep it within 4 GiB (d = 4096 at its default N = 10724: two layers, 3.2 GB).
         eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem, passed to `whitened_dmd`:
             `None` (default) solves up to 256 modes in float64 and larger ones in float32; `torch.float64` solves
             every layer in float64.
@@ -478,7 +505,8 @@ def profile_from_snapshots(
     if not snapshots:
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
     rank = _check_rank(rank, randomized)
-    chunk_size = _as_count(chunk_size, "chunk_size", 1, "it is the number of layers analysed per batched call")
+    if chunk_size is not None:
+        chunk_size = _as_count(chunk_size, "chunk_size", 1, "it is the number of layers analysed per batched call")
     # NumPy arrays (or anything torch.as_tensor takes) are read as tensors, without a copy where possible
     snapshots = [(name, torch.as_tensor(X), torch.as_tensor(Y)) for name, X, Y in snapshots]
     for name, X, Y in snapshots:  # every layer's shapes before any analysis
@@ -486,7 +514,7 @@ def profile_from_snapshots(
     # NaN/Inf are detected by whitened_dmd's single-pass check; only on failure is the offending layer searched for
     analysis = _SnapshotAnalysis(rank=rank, randomized=randomized, eps=eps, near_band=near_band,
                                 contractive_below=contractive_below, residual_tol=residual_tol, seed=seed,
-                                chunk_size=chunk_size, eig_dtype=eig_dtype, progress=progress,
+                                chunk_size=chunk_size or _analysis_chunk_size, eig_dtype=eig_dtype, progress=progress,
                                 total=len(snapshots), **feature_kwargs)
     try:
         for name, X, Y in snapshots:

@@ -17,6 +17,7 @@ one chunk + the snapshots of one chunk (chunk + 1 states of N x d floats), whate
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from hf_koopman.files import write_text_whole
 from hf_koopman.logging_utils import get_logger, show_progress
 from hf_koopman.profiling.probes import default_num_samples, hidden_width
+from hf_koopman.profiling.profiler import _analysis_bytes_per_layer, _analysis_chunk_size
 from hf_koopman.profiling._streaming_weights import (
     InitWeights,
     SafetensorsWeights,
@@ -231,11 +233,12 @@ def estimate_streaming_memory(
     """Bytes a streaming profile of `config` needs: `block` (largest residual block), `non_block` (embeddings etc.,
     without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (the layers awaiting
     their analysis, at most a chunk: 2 x chunk x N x d float32), `analysis` (the batched whitened DMD's working memory:
-    layers are analysed as their blocks finish, batched up to about 1 GiB, one layer at a time beyond it, so it
-    exceeds 1 GiB where a single layer does) and `total` = `non_block` + `snapshots` + the larger of `block` +
-    `working` (a block running) and `analysis` (a chunk analysed, its blocks freed). Builds only the
-    meta skeleton, so it is cheap even for 70B configs. `num_samples` defaults to `default_num_samples(config)`, as
-    `profile_streaming`'s, and `num_tokens` (the probe's token count) to `num_samples`."""
+    layers are analysed as their blocks finish, batched within the larger of ~1 GiB and `block` + `working`, so that
+    the analysis does not raise the peak; one layer at a time where a single layer exceeds that) and `total` =
+    `non_block` + `snapshots` + the larger of `block` + `working` (a block running) and `analysis` (a chunk analysed,
+    its blocks freed). Builds only the meta skeleton, so it is cheap even for 70B configs. `num_samples` defaults to
+    `default_num_samples(config)`, as `profile_streaming`'s, and `num_tokens` (the probe's token count) to
+    `num_samples`."""
     from hf_koopman.profiling import find_residual_blocks
 
     dtype = _resolve_dtype(dtype)
@@ -243,10 +246,12 @@ def estimate_streaming_memory(
     num_tokens = num_samples if num_tokens is None else num_tokens
     model = _build_skeleton(config)
     blocks = find_residual_blocks(model, layers)
-    return _memory_plan(model, config, [b.module for b in blocks], num_tokens, num_samples, dtype)
+    return _memory_plan(model, config, [b.module for b in blocks], num_tokens, num_samples, dtype)[0]
 
 
-def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -> dict[str, int]:
+def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype,
+                 available: int | None = None) -> tuple[dict[str, int], int]:
+    """The memory plan (see `estimate_streaming_memory`) and the bytes a chunk's analysis may take (its budget)."""
     hidden, inter = _hidden_size(config)
     plan = {
         "block": max(module_bytes(b, dtype) for b in block_modules),
@@ -260,12 +265,17 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype) -
         "working": int(num_tokens * (_WORK_FACTOR * hidden + 3 * inter) * 4),
     }
     n = min(num_samples, num_tokens)
-    layers = min(len(block_modules), _analysis_chunk_size(n, hidden))  # a chunk: held until its analysis
-    plan["snapshots"] = int(2 * layers * n * hidden * 4)
-    plan["analysis"] = int(layers * _analysis_bytes_per_layer(n, hidden))
-    plan["total"] = (plan["non_block"] + plan["snapshots"]
-                     + max(plan["block"] + plan["working"], plan["analysis"]))
-    return plan
+    stream = plan["block"] + plan["working"]
+    # a chunk of layers is analysed within the memory one block's forward needs anyway (at least ~1 GiB), so the
+    # analysis does not raise the run's peak; where even that would not fit what is available, within ~1 GiB
+    for budget in (max(_STREAM_ANALYSIS_FLOOR, stream), _STREAM_ANALYSIS_FLOOR):
+        layers = min(len(block_modules), _analysis_chunk_size(n, hidden, budget))  # a chunk: held until analysed
+        plan["snapshots"] = int(2 * layers * n * hidden * 4)
+        plan["analysis"] = int(layers * _analysis_bytes_per_layer(n, hidden))
+        plan["total"] = plan["non_block"] + plan["snapshots"] + max(stream, plan["analysis"])
+        if available is None or plan["total"] <= available:
+            break
+    return plan, budget
 
 
 def _num_tokens(inputs: Mapping[str, Any]) -> int:
@@ -418,8 +428,9 @@ def profile_streaming(
         default_probe_inputs(skeleton, num_tokens=num_samples, seed=seed) if inputs is None else inputs, skeleton, dtype
     )
 
-    plan = _memory_plan(skeleton, config, block_modules, _num_tokens(inputs), num_samples, dtype)
     available = budget if budget is not None else _available_memory()
+    plan, analysis_budget = _memory_plan(skeleton, config, block_modules, _num_tokens(inputs), num_samples, dtype,
+                                         available=available)
     if plan["block"] + plan["working"] > available:
         raise InsufficientMemoryError(
             f"Not enough memory to stream even one residual block: a block of {type(block_modules[0]).__name__} "
@@ -447,11 +458,12 @@ def profile_streaming(
 
     # each layer is analysed as soon as its block has run (in chunks of `chunk_size` layers), so memory holds the
     # snapshots of a chunk, not of every layer: 33 x N x d floats at N = 10724, d = 4096 (7B) would be 5.8 GB
-    # (by default as many as fit ~1 GiB of working memory at the chunk's first layer's N and d, per stack); the bar over
-    # blocks says which layers are being analysed
+    # (by default as many as fit the plan's analysis budget at the chunk's first layer's N and d, per stack); the bar
+    # over blocks says which layers are being analysed
     progress = show_progress(progress)
     bar = tqdm(total=len(blocks), desc=f"streaming {name}", unit="block", disable=not progress)
-    analysis = _SnapshotAnalysis(rank=rank, seed=seed, chunk_size=chunk_size or _analysis_chunk_size, progress=False,
+    chunks = chunk_size or functools.partial(_analysis_chunk_size, budget=analysis_budget)
+    analysis = _SnapshotAnalysis(rank=rank, seed=seed, progress=False, chunk_size=chunks,
                                  status=bar.set_postfix_str, **analysis_kwargs)
     analysed: list[tuple[str, str]] = []  # (name, stack) of the layers handed to the analysis, in order
     state = {"block_time": 0.0}
@@ -593,24 +605,9 @@ def profile_streaming(
     return result
 
 
-# Working memory of the batched whitened DMD, per layer: ~10 m x m float64 matrices (second moments, Cholesky factors,
-# operator, eigenvectors and their inverse, ...) with m = min(N - 1, d) modes (N - 1 < d: the row-space reduction works
-# at width N - 1), plus the stacked X and Y.
-_ANALYSIS_BUDGET = 1 << 30
-
-
-def _analysis_chunk_size(n: int, d: int, default: int = 8) -> int:
-    """Layers per batched DMD call: `profile_from_snapshots`' default (8) unless that would exceed ~1 GiB of working
-    memory -- at d = 4096, N = 2048 (7B) two layers at a time (one per core in the eigen step), otherwise the analysis
-    alone would need several GB on top of the snapshots. Small models keep the default, so their random projections
-    (and features) match `profile` exactly."""
-    return max(1, min(default, _ANALYSIS_BUDGET // _analysis_bytes_per_layer(n, d)))
-
-
-def _analysis_bytes_per_layer(n: int, d: int) -> int:
-    """Working memory of one layer's whitened DMD at N = `n` token states of width `d` (see `_ANALYSIS_BUDGET`)."""
-    m = min(n - 1, d)
-    return 10 * m * m * 8 + 2 * n * d * 4
+#: The least working memory a chunk's analysis may take in `profile_streaming` (it may take as much as one block's
+#: forward, where that is more; see `_memory_plan`).
+_STREAM_ANALYSIS_FLOOR = 1 << 30
 
 
 _LABEL_KEYS = ("labels", "label", "start_positions", "end_positions")

@@ -122,6 +122,37 @@ def test_a_chunk_size_function_sizes_each_chunk_from_its_first_layer():
     assert analysis.chunk_sizes == [2, 2, 2, 4, 4] and calls == [2, 2, 1, 4, 1]
 
 
+def test_profile_from_snapshots_batches_no_more_layers_than_fit_its_memory_budget(monkeypatch):
+    """At the default N of a 7B-width model, eight layers in one batched call would take ~13 GB of working memory: the
+    default chunk holds as many as fit 4 GiB (two at d = 4096, one per core in the eigen step), eight for small models."""
+    from hf_koopman.profiling import profiler
+    from hf_koopman.profiling.profiler import _analysis_bytes_per_layer, _analysis_chunk_size, profile_from_snapshots
+
+    assert _analysis_bytes_per_layer(10724, 4096) * 8 > 12 * 10**9
+    assert _analysis_chunk_size(10724, 4096) == 2 and _analysis_chunk_size(2048, 4096) == 8
+    assert _analysis_chunk_size(2048, 768) == 8 and _analysis_chunk_size(4 * 10724, 16384) == 1
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(64, 8, generator=g) for _ in range(8)]
+    snapshots = [(f"h.{i}", states[i], states[i + 1]) for i in range(7)]
+    calls: list[int] = []
+    analyse = _SnapshotAnalysis._analyse
+
+    def counted(self):
+        calls.append(len(self.pending))
+        return analyse(self)
+
+    monkeypatch.setattr(_SnapshotAnalysis, "_analyse", counted)
+    whole = profile_from_snapshots(snapshots, progress=False)
+    assert calls == [7]
+    calls.clear()
+    monkeypatch.setattr(profiler, "_analysis_bytes_per_layer", lambda n, d: (4 << 30) // 3)  # three layers fit
+    chunked = profile_from_snapshots(snapshots, progress=False)
+    assert calls == [3, 3, 1]
+    for (_, a), (_, b) in zip(whole.layers, chunked.layers):  # the chunk changes rounding only
+        assert a.near_unit_mass == b.near_unit_mass
+        assert a.spectral_radius == pytest.approx(b.spectral_radius, rel=1e-5)
+
+
 def test_the_default_max_tokens_reads_16_n_but_no_more_than_32768():
     from hf_koopman.profiling.profiler import default_max_tokens
     from hf_koopman.testing_utils import tiny_model

@@ -18,9 +18,10 @@ from transformers import (
 
 from hf_koopman.profiling import find_residual_blocks, profile
 from hf_koopman.profiling._streaming_weights import InitWeights, block_seed, module_bytes
+from hf_koopman.profiling.profiler import _analysis_chunk_size
 from hf_koopman.profiling.streaming import (
+    _STREAM_ANALYSIS_FLOOR,
     InsufficientMemoryError,
-    _analysis_chunk_size,
     _build_skeleton,
     estimate_streaming_memory,
     profile_streaming,
@@ -334,19 +335,23 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
 
     d, inter = 4096, 11008
     wide = estimate_streaming_memory(load_architecture_config("llama-2-7b"))  # the default N for d = 4096: ceil(φ² d)
-    assert wide["snapshots"] == 2 * 1 * 10724 * d * 4  # one layer awaits its analysis at a time, whatever the depth
-    assert wide["analysis"] == 10 * d * d * 8 + 2 * 10724 * d * 4
+    # two layers await their analysis at a time, whatever the depth: two layers' analysis (one per core in the eigen
+    # step) fits within the memory streaming one block takes anyway, so it does not raise the peak
+    assert wide["snapshots"] == 2 * 2 * 10724 * d * 4
+    assert wide["analysis"] == 2 * (10 * d * d * 8 + 2 * 10724 * d * 4)
+    assert wide["analysis"] <= wide["block"] + wide["working"]
+    assert wide["total"] == wide["non_block"] + wide["snapshots"] + wide["block"] + wide["working"]
     assert wide["total"] < 6 * 2**30  # issue #19's streaming budget, at the N the verdict can read
     plan = estimate_streaming_memory(load_architecture_config("llama-2-7b"), num_samples=2048)
     assert plan["block"] == (4 * d * d + 3 * d * inter + 2 * d) * 4  # q, k, v, o + gate, up, down + two RMSNorms
     assert plan["non_block"] == (32000 * d + d) * 4  # embedding + final norm; the untied LM head is never built
-    assert plan["snapshots"] == 2 * 2 * 2048 * d * 4  # a chunk of two layers awaits its analysis
-    m = 2047  # N - 1 < d: the analysis runs two layers at a time; the stream's block sets the peak
-    assert plan["analysis"] == 2 * (10 * m * m * 8 + 2 * 2048 * d * 4)
+    assert plan["snapshots"] == 2 * 3 * 2048 * d * 4  # a chunk of three layers awaits its analysis
+    m = 2047  # N - 1 < d: the analysis runs three layers at a time; the stream's block sets the peak
+    assert plan["analysis"] == 3 * (10 * m * m * 8 + 2 * 2048 * d * 4)
     assert plan["total"] == plan["non_block"] + plan["snapshots"] + plan["block"] + plan["working"]
     small = estimate_streaming_memory(load_architecture_config("llama-2-7b"), num_tokens=2048, num_samples=2048,
                                       layers=[f"model.layers.{i}" for i in range(2)])
-    assert small["analysis"] == plan["analysis"]  # two layers: one batched call
+    assert small["analysis"] == 2 * plan["analysis"] // 3  # two layers: one batched call
     # a narrower model: its 8 layers' analysis (one batched call) outweighs streaming one block, and sets the total
     from transformers import LlamaConfig
 
@@ -357,8 +362,23 @@ def test_memory_plan_of_llama_2_7b_is_cheap_and_right():
     assert narrow["total"] == narrow["non_block"] + narrow["snapshots"] + narrow["analysis"]
     # the analysis of 7B-width snapshots (N = 2048 < d: width N - 1 after the row-space reduction) runs two layers per
     # batched DMD call; wider rows at the same width, one; small models keep profile's default
-    assert _analysis_chunk_size(2048, d) == 2 and _analysis_chunk_size(4096, 8192) == 1
-    assert _analysis_chunk_size(N, 32) == 8
+    floor = _STREAM_ANALYSIS_FLOOR  # the least a streamed chunk may take (it may take one block's forward)
+    assert _analysis_chunk_size(2048, d, floor) == 2 and _analysis_chunk_size(4096, 8192, floor) == 1
+    assert _analysis_chunk_size(N, 32, floor) == 8
+
+
+def test_the_analysis_chunk_falls_back_to_one_gib_where_the_larger_plan_does_not_fit():
+    from hf_koopman.profiling.architectures import load_architecture_config
+    from hf_koopman.profiling.streaming import _memory_plan
+
+    config = load_architecture_config("llama-2-7b")
+    skeleton = _build_skeleton(config)
+    blocks = [b.module for b in find_residual_blocks(skeleton)]
+    roomy, budget = _memory_plan(skeleton, config, blocks, 10724, 10724, torch.float32, available=8 * 2**30)
+    assert budget == roomy["block"] + roomy["working"] and _analysis_chunk_size(10724, 4096, budget) == 2
+    tight, budget = _memory_plan(skeleton, config, blocks, 10724, 10724, torch.float32, available=roomy["total"] - 1)
+    assert budget == _STREAM_ANALYSIS_FLOOR and tight["snapshots"] == roomy["snapshots"] // 2  # one layer at a time
+    assert tight["total"] < roomy["total"]
 
 
 def test_memory_limit_strings_follow_accelerate():
