@@ -395,7 +395,7 @@ def _analysis_bytes_per_layer(n: int, d: int) -> int:
 
 #: Working memory `profile_from_snapshots` lets one batched call take by default: what eight layers of a 7B-width model
 #: took at the paper's N = 2048 (3.2 GB). At the default N of wide models it holds fewer layers (d = 4096, N = 10724:
-#: two, 3.2 GB, where eight would take 13 GB).
+#: two, 3.4 GB, where eight would take 13.5 GB).
 _ANALYSIS_BUDGET = 4 << 30
 
 
@@ -474,7 +474,7 @@ def profile_from_snapshots(
             switch (`transformers.utils.logging.disable_progress_bar()` hides it).
         chunk_size (`int`, *optional*): layers analysed per batched call; their working memory is about
             `chunk_size` x (10 m^2 float64 + 2 N d float32), m = min(N - 1, d). `None` (default): 8, or as many as
-            keep it within 4 GiB (d = 4096 at its default N = 10724: two layers, 3.2 GB).
+            keep it within 4 GiB (d = 4096 at its default N = 10724: two layers, 3.4 GB).
         eig_dtype (`torch.dtype`, *optional*): precision of each layer's eigenproblem, passed to `whitened_dmd`:
             `None` (default) solves up to 256 modes in float64 and larger ones in float32; `torch.float64` solves
             every layer in float64.

@@ -234,7 +234,8 @@ def estimate_streaming_memory(
     without an untied LM head), `working` (one block's activations, rough upper bound), `snapshots` (the layers awaiting
     their analysis, at most a chunk: 2 x chunk x N x d float32), `analysis` (the batched whitened DMD's working memory:
     layers are analysed as their blocks finish, batched within the larger of ~1 GiB and `block` + `working`, so that
-    the analysis does not raise the peak; one layer at a time where a single layer exceeds that) and `total` =
+    the analysis does not raise the peak -- `profile_streaming` falls back to ~1 GiB where that plan exceeds the
+    memory available; one layer at a time where a single layer exceeds it) and `total` =
     `non_block` + `snapshots` + the larger of `block` + `working` (a block running) and `analysis` (a chunk analysed,
     its blocks freed). Builds only the meta skeleton, so it is cheap even for 70B configs. `num_samples` defaults to
     `default_num_samples(config)`, as `profile_streaming`'s, and `num_tokens` (the probe's token count) to
@@ -249,9 +250,10 @@ def estimate_streaming_memory(
     return _memory_plan(model, config, [b.module for b in blocks], num_tokens, num_samples, dtype)[0]
 
 
-def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype,
-                 available: int | None = None) -> tuple[dict[str, int], int]:
-    """The memory plan (see `estimate_streaming_memory`) and the bytes a chunk's analysis may take (its budget)."""
+def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype, available: int | None = None,
+                 chunk_size: int | None = None) -> tuple[dict[str, int], int]:
+    """The memory plan (see `estimate_streaming_memory`) and the bytes a chunk's analysis may take (its budget); with
+    `chunk_size` (the caller's own), the plan counts chunks of that many layers."""
     hidden, inter = _hidden_size(config)
     plan = {
         "block": max(module_bytes(b, dtype) for b in block_modules),
@@ -269,11 +271,11 @@ def _memory_plan(model, config, block_modules, num_tokens, num_samples, dtype,
     # a chunk of layers is analysed within the memory one block's forward needs anyway (at least ~1 GiB), so the
     # analysis does not raise the run's peak; where even that would not fit what is available, within ~1 GiB
     for budget in (max(_STREAM_ANALYSIS_FLOOR, stream), _STREAM_ANALYSIS_FLOOR):
-        layers = min(len(block_modules), _analysis_chunk_size(n, hidden, budget))  # a chunk: held until analysed
+        layers = min(len(block_modules), chunk_size or _analysis_chunk_size(n, hidden, budget))  # held until analysed
         plan["snapshots"] = int(2 * layers * n * hidden * 4)
         plan["analysis"] = int(layers * _analysis_bytes_per_layer(n, hidden))
         plan["total"] = plan["non_block"] + plan["snapshots"] + max(stream, plan["analysis"])
-        if available is None or plan["total"] <= available:
+        if available is None or chunk_size is not None or plan["total"] <= available:
             break
     return plan, budget
 
@@ -356,8 +358,9 @@ def profile_streaming(
             calibrated risk estimator, as `profile` does.
         risk_estimator (`RiskEstimator` or path, *optional*): the estimator behind `risk`, as in `profile`.
         **analysis_kwargs: the analysis options of `profile_from_snapshots` (feature thresholds, `chunk_size`
-            etc.); layers are analysed as their blocks finish, `chunk_size` at a time (default: 8, fewer where 8
-            would need more than ~1 GiB of working memory).
+            etc.); layers are analysed as their blocks finish, `chunk_size` at a time (default: 8, fewer where a
+            chunk's analysis would need more memory than one block's forward, or ~1 GiB if that is more; ~1 GiB
+            where that plan exceeds the memory available).
 
     Returns:
         `SpectralProfile` with `meta["streaming"]` = {"complete": True, "weights": "init"|"safetensors", "dtype",
@@ -430,7 +433,7 @@ def profile_streaming(
 
     available = budget if budget is not None else _available_memory()
     plan, analysis_budget = _memory_plan(skeleton, config, block_modules, _num_tokens(inputs), num_samples, dtype,
-                                         available=available)
+                                         available=available, chunk_size=chunk_size)
     if plan["block"] + plan["working"] > available:
         raise InsufficientMemoryError(
             f"Not enough memory to stream even one residual block: a block of {type(block_modules[0]).__name__} "

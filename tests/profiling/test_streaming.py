@@ -381,6 +381,34 @@ def test_the_analysis_chunk_falls_back_to_one_gib_where_the_larger_plan_does_not
     assert tight["total"] < roomy["total"]
 
 
+def test_profile_streaming_sizes_its_chunks_from_the_plans_budget(monkeypatch):
+    from hf_koopman.profiling import streaming
+    from hf_koopman.profiling.profiler import _analysis_bytes_per_layer
+
+    plan_of = streaming._memory_plan
+
+    def two_layers(*args, **kwargs):  # a budget that holds two layers of this model
+        plan, _ = plan_of(*args, **kwargs)
+        return plan, 2 * _analysis_bytes_per_layer(N, 32)
+
+    monkeypatch.setattr(streaming, "_memory_plan", two_layers)
+    prof = profile_streaming(_llama(num_hidden_layers=4), num_samples=N, progress=False)
+    assert prof.meta["streaming"]["analysis_chunk_size"] == 2
+
+
+def test_a_chunk_size_passed_by_the_caller_is_what_the_memory_plan_counts():
+    from hf_koopman.profiling.architectures import load_architecture_config
+    from hf_koopman.profiling.profiler import _analysis_bytes_per_layer
+    from hf_koopman.profiling.streaming import _memory_plan
+
+    config = load_architecture_config("llama-2-7b")
+    skeleton = _build_skeleton(config)
+    blocks = [b.module for b in find_residual_blocks(skeleton)]
+    plan, _ = _memory_plan(skeleton, config, blocks, 10724, 10724, torch.float32, available=8 * 2**30, chunk_size=8)
+    assert plan["analysis"] == 8 * _analysis_bytes_per_layer(10724, 4096)  # 13.5 GB: the "may swap" warning's total
+    assert plan["total"] > 8 * 2**30
+
+
 def test_memory_limit_strings_follow_accelerate():
     from hf_koopman.profiling.streaming import _parse_bytes
 
