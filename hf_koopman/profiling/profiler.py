@@ -187,10 +187,11 @@ def _add_note(err: BaseException, note: str) -> None:
         err.add_note(note)
 
 
-def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) -> None:
+def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int, full_spectrum: bool = True) -> None:
     """Raise a `ValueError` naming the fix when the default probe's `num_samples` token states per block boundary
-    (float32, the model's hidden size) cannot fit in the host memory this machine has free, for a model on the CPU:
-    building the probe would take minutes and the forward pass would then run out of memory."""
+    (float32, the model's hidden size), and with `full_spectrum` the working memory of one batched analysis call
+    (`_analysis_chunk_size`), cannot fit in the host memory this machine has free, for a model on the CPU: building
+    the probe would take minutes and the forward pass or the analysis would then run out of memory."""
     first = next(model.parameters(), None)
     if first is not None and first.device.type != "cpu":
         return
@@ -199,13 +200,23 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int) 
         return
     import psutil
 
-    needed, free = num_samples * width * (num_blocks + 1) * 4, psutil.virtual_memory().available
-    if needed > free:
+    def held(n: int) -> tuple[int, int]:  # bytes of the snapshots and of one chunk's analysis at n token states
+        analysis = min(num_blocks, _analysis_chunk_size(n, width)) * _analysis_bytes_per_layer(n, width)
+        return n * width * (num_blocks + 1) * 4, analysis if full_spectrum else 0
+
+    free = psutil.virtual_memory().available
+    snapshots, analysis = held(num_samples)
+    if snapshots + analysis > free:
+        low, high = 1, num_samples  # a count that fits, the most up to the steps of the chunk size (low always fits)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if sum(held(mid)) <= free else (low, mid - 1)
+        also = f", and their analysis {analysis / 2**30:.1f} GiB more" if analysis else ""
+        fit = f"at most {low}" if low >= 2 else "not even 2"
         raise ValueError(
             f"num_samples={num_samples} token states of width {width} at {num_blocks + 1} block boundaries take "
-            f"{needed / 2**30:.1f} GiB as float32, more than the {free / 2**30:.1f} GiB free here; pass a smaller "
-            f"num_samples (at most {free // (width * (num_blocks + 1) * 4)} fit) or max_tokens, or profile_streaming "
-            "for a model larger than memory."
+            f"{snapshots / 2**30:.1f} GiB as float32{also}, more than the {free / 2**30:.1f} GiB free here; pass a "
+            f"smaller num_samples ({fit} fit) or max_tokens, or profile_streaming for a model larger than memory."
         )
 
 
@@ -843,7 +854,7 @@ def profile(
         )
     if inputs is None:  # the probe is built here: its size is known before any work
         probe_tokens = min(num_samples, max_tokens or num_samples)
-        _check_snapshot_memory(inner, probe_tokens, len(blocks))
+        _check_snapshot_memory(inner, probe_tokens, len(blocks), full_spectrum=rank is None)
         inputs = default_probe_inputs(inner, num_tokens=probe_tokens, seed=seed, seq_len=prompt_probe_length(model))
     max_tokens = default_max_tokens(num_samples) if max_tokens is None else max_tokens
     if positions is not None:  # longer texts (with the virtual tokens) would index past the position table

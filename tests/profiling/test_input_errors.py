@@ -298,6 +298,23 @@ def test_num_samples_beyond_the_free_memory_is_refused_before_any_work(monkeypat
     profile(tiny_model("llama"), num_samples=4096, max_tokens=64, rank=4)
 
 
+def test_the_memory_check_counts_the_full_spectrums_analysis(monkeypatch):
+    """The snapshots of 1000 token states fit in 1 MiB (0.37 MiB), but not with one batched analysis call of the full
+    spectrum (two layers: 2 x (10 x 32^2 float64 + 2 x 1000 x 32 float32) = 0.64 MiB); the error says so and names the
+    N that fits. The rank-r approximation needs no such working memory and runs."""
+    import psutil
+
+    class Free:
+        available = 2**20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Free)
+    with pytest.raises(ValueError, match=r"take 0.0 GiB as float32, and their analysis 0.0 GiB more, more than the "
+                                         r"0.0 GiB free here; pass a smaller num_samples \(at most 987 fit\)"):
+        profile(tiny_model("llama"), num_samples=1000)
+    profile(tiny_model("llama"), num_samples=1000, rank=4)
+    profile(tiny_model("llama"), num_samples=987)
+
+
 def test_the_default_probe_stops_at_max_tokens():
     result = profile(tiny_model("llama"), num_samples=10**6, max_tokens=300, rank=4)  # not 10**6 synthetic tokens
     assert result.meta["tokens_seen"] < 1000
