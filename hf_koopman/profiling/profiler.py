@@ -207,7 +207,7 @@ def _check_snapshot_memory(model: nn.Module, num_samples: int, num_blocks: int, 
     free = psutil.virtual_memory().available
     snapshots, analysis = held(num_samples)
     if snapshots + analysis > free:
-        low, high = 1, num_samples  # a count that fits, the most up to the steps of the chunk size (low always fits)
+        low, high = 1, num_samples  # a count that fits (the most, up to the steps of the chunk size); 1: none
         while low < high:
             mid = (low + high + 1) // 2
             low, high = (mid, high) if sum(held(mid)) <= free else (low, mid - 1)
