@@ -525,7 +525,7 @@ def profile_from_snapshots(
     # NaN/Inf are detected by whitened_dmd's single-pass check; only on failure is the offending layer searched for
     analysis = _SnapshotAnalysis(rank=rank, randomized=randomized, eps=eps, near_band=near_band,
                                 contractive_below=contractive_below, residual_tol=residual_tol, seed=seed,
-                                chunk_size=chunk_size or _analysis_chunk_size, eig_dtype=eig_dtype, progress=progress,
+                                chunk_size=chunk_size, eig_dtype=eig_dtype, progress=progress,
                                 total=len(snapshots), **feature_kwargs)
     try:
         for name, X, Y in snapshots:
@@ -552,20 +552,21 @@ class _SnapshotAnalysis:
     """Whitened DMD and spectral features of snapshot pairs handed over in layer order (`add`), analysed as they
     arrive: consecutive layers with equal (N, d) go through one batched (L, N, d) call (several times faster than one
     call per layer on CPU) of up to `chunk_size` layers, or, with `chunk_size` a function of (N, d), as many as it
-    gives for the chunk's first layer; a chunk is analysed as soon as it is full, so a caller
-    that hands each layer over when it is recorded holds the snapshots of at most `chunk_size` + 1 layers at once
-    (`profile_streaming`). `profile_from_snapshots` is `add` over every layer, `finish` and `to_profile`; the arguments
-    are its own."""
+    gives for the chunk's first layer (default: `_analysis_chunk_size`); a chunk is analysed as soon as it is full,
+    so a caller that hands each layer over when it is recorded holds the snapshots of at most `chunk_size` + 1 layers
+    at once (`profile_streaming`). `profile_from_snapshots` is `add` over every layer, `finish` and `to_profile`; the
+    arguments are its own."""
 
     def __init__(self, *, rank: int | None, randomized: bool | None = None, eps: float = 1e-5,
                  near_band: tuple[float, float] = NEAR_BAND, contractive_below: float = CONTRACTIVE_BELOW,
-                 residual_tol: float = 0.1, seed: int = 0, chunk_size: int | Callable[[int, int], int] = 8,
-                 eig_dtype: torch.dtype | None = None,
+                 residual_tol: float = 0.1, seed: int = 0,
+                 chunk_size: int | Callable[[int, int], int] | None = None, eig_dtype: torch.dtype | None = None,
                  progress: bool | None = None, total: int | None = None,
                  status: Callable[[str], Any] | None = None, **feature_kwargs: Any) -> None:
         self.rank, self.randomized, self.eps, self.seed = rank, randomized, eps, seed
         self.near_band, self.contractive_below, self.residual_tol = near_band, contractive_below, residual_tol
-        self.chunk_size, self.eig_dtype, self.feature_kwargs = chunk_size, eig_dtype, feature_kwargs
+        self.chunk_size = _analysis_chunk_size if chunk_size is None else chunk_size
+        self.eig_dtype, self.feature_kwargs = eig_dtype, feature_kwargs
         self.chunk_sizes: list[int] = []  # the size limit of every chunk begun, in order (the last: the pending one)
         self.generator = torch.Generator().manual_seed(seed)
         self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
