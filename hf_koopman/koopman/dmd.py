@@ -316,7 +316,8 @@ def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
 
 
 def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """`(X, Y, batched)`: `(L, N, d)` snapshots, half precision up-cast to float32."""
+    """`(X, Y, batched)`: `(L, N, d)` snapshots, half precision up-cast to float32 (chained snapshots, `Y[l]` stored
+    as `X[l + 1]`, stay chained: `_chained`)."""
     X = _as_tensor(X, "X")
     Y = _as_tensor(Y, "Y")
     if X.ndim not in (2, 3):
@@ -338,7 +339,15 @@ def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
         dtype = torch.promote_types(X.dtype, Y.dtype)
         X, Y = X.to(dtype), Y.to(dtype)
     if X.dtype in (torch.float16, torch.bfloat16):
-        X, Y = X.float(), Y.float()
+        if _chained(X, Y):
+            # one float32 copy of the L + 1 states with X and Y views of it (L + 1 arrays, not 2L): the chain, and the
+            # Gram per layer it saves (`_second_moments`), are kept
+            states = torch.empty((L + 1, N, d), dtype=torch.float32, device=X.device)
+            states[:-1].copy_(X)
+            states[-1].copy_(Y[-1])
+            X, Y = states[:-1], states[1:]
+        else:
+            X, Y = X.float(), Y.float()
     return X, Y, batched
 
 

@@ -681,6 +681,29 @@ def test_chained_layers_reuse_the_output_covariance():
     torch.testing.assert_close(sxx, direct, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chained_half_precision_snapshots_stay_chained_in_float32(dtype):
+    # streamed bfloat16 blocks hand the analysis a half-precision stack of the L + 1 states: its float32 copy is one
+    # stack too (L + 1 arrays, not 2L), so the chain and the Gram it saves are kept, and the result is the one of the
+    # float32 stack itself
+    import hf_koopman.koopman.dmd as dmd_module
+
+    g = torch.Generator().manual_seed(5)
+    states = [torch.randn(600, 24, generator=g)]
+    for _ in range(3):
+        states.append(states[-1] + 0.4 * torch.tanh(states[-1] @ torch.randn(24, 24, generator=g) / 5))
+    half = torch.stack(states).to(dtype)
+    X, Y, _ = dmd_module._check_snapshots(half[:-1], half[1:])
+    assert X.dtype == Y.dtype == torch.float32 and dmd_module._chained(X, Y)
+    assert X.untyped_storage().nbytes() == half.numel() * 4
+    up = half.float()
+    torch.testing.assert_close(whitened_dmd(half[:-1], half[1:]).eigenvalues, whitened_dmd(up[:-1], up[1:]).eigenvalues,
+                               atol=0, rtol=0)
+    # not chained (separate copies): up-cast as they are
+    X, Y, _ = dmd_module._check_snapshots(half[:-1].clone(), half[1:].clone())
+    assert X.dtype == torch.float32 and not dmd_module._chained(X, Y)
+
+
 def test_layers_analysed_side_by_side_in_threads_give_the_one_thread_result():
     # `_map_layers` runs one layer per worker thread when torch has more than one thread; the test workers run torch
     # in one thread (tests/conftest.py), so this sets two for the call and restores the count
