@@ -184,10 +184,27 @@ def _pad_square(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, n - m, 0, n - m))
 
 
+def _holds_text(value: object) -> bool:
+    if isinstance(value, (str, bytes)):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_text(v) for v in value)
+
+
+def _label_tensor(label: object, index: int) -> torch.Tensor:
+    """`torch.as_tensor(label)`, refusing class names with the mapping to make."""
+    if _holds_text(label):
+        raise TypeError(
+            f"item {index} of the batch has the label {label!r}: labels must be numbers (class indices, regression "
+            "targets); map class names to indices first, e.g. with config.label2id, or "
+            "dataset.class_encode_column('label') for a datasets.Dataset"
+        )
+    return torch.as_tensor(label)
+
+
 def _stack_labels(labels: list, sizes: list[int], n: int) -> torch.Tensor:
     """Labels of a batch: scalars -> `(B,)`, vectors -> `(B, T)`, per-graph matrices `(…, n_i, n_i)` -> padded
     `(B, …, n, n)` (targets of [`ReyNetForEquivariantRegression`], whose loss ignores the padded entries)."""
-    tensors = [torch.as_tensor(label) for label in labels]
+    tensors = [_label_tensor(label, i) for i, label in enumerate(labels)]
     if all(t.dim() >= 2 and t.shape[-2:] == (m, m) for t, m in zip(tensors, sizes)):
         tensors = [_pad_square(t, n) for t in tensors]
     shapes = {tuple(t.shape) for t in tensors}

@@ -238,6 +238,12 @@ def test_collator_errors():
         collate([{"graph_tensor": torch.rand(2, 3, 3), "node_mask": [True, True]}])
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         ReyNetGraphCollator(pad_to_multiple_of=0)
+    # class names (a datasets.Dataset's string column) are refused with the mapping to make, not torch's "too many
+    # dimensions 'str'"
+    for label in ("mutagenic", ["a", "b"]):
+        with pytest.raises(TypeError, match=r"item 1 .*labels must be numbers.*label2id.*class_encode_column"):
+            collate([{"graph_tensor": torch.rand(2, 3, 3), "labels": 0}, {"graph_tensor": torch.rand(2, 3, 3),
+                                                                          "labels": label}])
 
 
 @pytest.mark.parametrize("cls", [ReyNetForGraphClassification, ReyNetForEquivariantRegression])
