@@ -7,7 +7,10 @@ other). Sections:
 * `ratio`   -- a model that fits (GPT-2 small, 124M, at init): ordinary `profile(from_config)` vs streaming, side by side,
                and the ratio of their peaks;
 * `stats`   -- tiny LLaMA at init over several seeds: layer-mean features of ordinary vs streamed profiles (they use
-               different random weights, so they must agree in distribution, not exactly).
+               different random weights, so they must agree in distribution, not exactly);
+* `least-work` -- two 7B-width blocks: the bare forward, the least work of any implementation of the analysis
+               (`bench_profile.least_work`) and this analysis, CPU s per block / layer in paired rounds, and whether
+               the least work alone bounds the 10-min target (`--dtype bfloat16` for bfloat16 blocks).
 
 Usage (2-core machine; it takes minutes):
 
@@ -127,6 +130,75 @@ def _section_7b(args: argparse.Namespace) -> dict:
     return res
 
 
+def _section_least_work(args: argparse.Namespace) -> dict:
+    """Whether any implementation could stream LLaMA-2-7B within the 10-min target on this machine at `--num-samples`.
+
+    On the chained snapshots of two LLaMA-2-7B-width blocks at initialisation in `--dtype` (the default probe, N token
+    states), paired rounds of: the model's bare forward (CPU s per block), `bench_profile.least_work` (the least work
+    of the per-layer outputs, checked against `whitened_dmd` first) with the layers on the cores, and the streamed
+    analysis itself (`_SnapshotAnalysis`, both layers in one chunk as `profile_streaming` chunks them at the default
+    N). The least time of any implementation for the 32 blocks is (forward + least work) x 32 CPU s on two perfectly
+    used cores; it bounds the target iff it exceeds 600 s.
+    """
+    import statistics
+
+    import torch
+    from transformers import AutoModel
+
+    from hf_koopman.profiling import ResidualStreamRecorder, default_num_samples, default_probe_inputs
+    from hf_koopman.profiling.architectures import load_architecture_config
+    from hf_koopman.profiling.profiler import _SnapshotAnalysis, _stack_chunk
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_profile import check_least_work, least_work
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    config = load_architecture_config("llama-2-7b", num_hidden_layers=2)
+    n = args.num_samples or default_num_samples(config)
+    torch.manual_seed(args.seed)
+    model = AutoModel.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    batch = default_probe_inputs(model, num_tokens=n, seed=args.seed)
+    with torch.no_grad(), ResidualStreamRecorder(model, num_samples=n) as rec:
+        model(**batch)
+    snapshots = rec.snapshots()
+    X, Y = _stack_chunk(snapshots)
+    states = [x.float().contiguous() for x in X] + [Y[-1].float().contiguous()]
+    check_least_work(X, Y, least_work(states))
+
+    def cpu(fn) -> float:
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(**batch)
+
+    def analysis() -> None:
+        run = _SnapshotAnalysis(rank=None, chunk_size=2, progress=False)
+        for name, x, y in snapshots:
+            run.add(name, x, y)
+        run.finish()
+
+    rounds = []
+    for _ in range(args.repeats):
+        rounds.append({"forward_per_block": cpu(forward) / 2, "least_work_per_layer": cpu(lambda: least_work(
+            states, parallel=True)) / 2, "analysis_per_layer": cpu(analysis) / 2})
+        print("  round (CPU s): " + ", ".join(f"{k} {v:.1f}" for k, v in rounds[-1].items()), flush=True)
+    median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    least_min = 32 * (median["forward_per_block"] + median["least_work_per_layer"]) / 2 / 60
+    ours_min = 32 * (median["forward_per_block"] + median["analysis_per_layer"]) / 2 / 60
+    ratio = median["analysis_per_layer"] / median["least_work_per_layer"]
+    print(f"llama-2-7b width, {args.dtype} blocks, N={n}, {args.repeats} rounds (median CPU s): forward "
+          f"{median['forward_per_block']:.1f} a block, least work {median['least_work_per_layer']:.1f} a layer, this "
+          f"analysis {median['analysis_per_layer']:.1f} a layer ({ratio:.2f}x)")
+    print(f"  32 blocks on two perfectly used cores: least work {least_min:.1f} min, this analysis {ours_min:.1f} min "
+          f"-> {'a bound: no implementation meets 10 min' if least_min > 10 else 'no bound below 10 min'}")
+    return {"dtype": args.dtype, "num_samples": n, "probe": {k: list(v.shape) for k, v in batch.items()},
+            "rounds": rounds, "median_cpu_s": median, "least_minutes_32_blocks": least_min,
+            "this_analysis_minutes_32_blocks": ours_min, "analysis_over_least_work": ratio, "bound": least_min > 10}
+
+
 def _section_ratio(args: argparse.Namespace) -> dict:
     kw = dict(dtype="float32", num_samples=args.num_samples, rank=args.rank)
     ordinary = _run_child(args.fits, "profile", **kw)
@@ -185,7 +257,7 @@ def _section_stats(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["7b", "ratio", "stats"], choices=["7b", "ratio", "stats"])
+    parser.add_argument("--sections", nargs="+", default=["7b", "ratio", "stats"], choices=["7b", "ratio", "stats", "least-work"])
     parser.add_argument("--dtype", default="float32", help="block dtype of the 7B run (float32 / bfloat16)")
     parser.add_argument("--num-samples", type=int,
                         help="token states per layer (default: the library's, default_num_samples: 10724 for 7B)")
@@ -194,6 +266,7 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, help="7B section: stream only this many blocks (quick look)")
     parser.add_argument("--fits", default="gpt2", help="embedded config of the model that fits (ratio section)")
     parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="least-work section: paired rounds")
     parser.add_argument("--stats-samples", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="write all measurements here")
     parser.add_argument("--child", choices=["stream", "profile"], dest="mode", help=argparse.SUPPRESS)
@@ -209,7 +282,7 @@ def main() -> None:
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average before: {load_before[0]:.2f}")
     results: dict = {"machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                  "load_average_before": load_before}}
-    sections = {"7b": _section_7b, "ratio": _section_ratio, "stats": _section_stats}
+    sections = {"7b": _section_7b, "ratio": _section_ratio, "stats": _section_stats, "least-work": _section_least_work}
     for name in args.sections:
         before = os.getloadavg()
         results[name] = sections[name](args)
