@@ -137,8 +137,9 @@ def _section_least_work(args: argparse.Namespace) -> dict:
     states), paired rounds of: the model's bare forward (CPU s per block), `bench_profile.least_work` (the least work
     of the per-layer outputs, checked against `whitened_dmd` first) with the layers on the cores, and the streamed
     analysis itself (`_SnapshotAnalysis`, both layers in one chunk as `profile_streaming` chunks them at the default
-    N). The least time of any implementation for the 32 blocks is (forward + least work) x 32 CPU s on two perfectly
-    used cores; it bounds the target iff it exceeds 600 s.
+    N). The least time of any implementation for the 32 blocks is 32 x (forward + least work) CPU s spread over two
+    perfectly used cores, i.e. halved; it bounds the target iff that exceeds 600 s. The rounds are reduced to the
+    median of each column.
     """
     import statistics
 

@@ -240,7 +240,7 @@ def test_collator_errors():
         ReyNetGraphCollator(pad_to_multiple_of=0)
     # class names (a datasets.Dataset's string column) are refused with the mapping to make, not torch's "too many
     # dimensions 'str'"
-    for label in ("mutagenic", ["a", "b"]):
+    for label in ("mutagenic", ["a", "b"], np.array(["a", "b"]), np.array(["a"], dtype=object), [1, [2, "x"]]):
         with pytest.raises(TypeError, match=r"item 1 .*labels must be numbers.*label2id.*class_encode_column"):
             collate([{"graph_tensor": torch.rand(2, 3, 3), "labels": 0}, {"graph_tensor": torch.rand(2, 3, 3),
                                                                           "labels": label}])
