@@ -79,7 +79,7 @@ def _decision_rule(fields: dict[str, Any]) -> DecisionRule:
         return DecisionRule()
 
 
-@dataclass
+@dataclass(eq=False)
 class SpectralProfile:
     """RKSP profile of one model: per-layer `LayerFeatures`, aggregates and the verdict.
 
@@ -127,6 +127,14 @@ class SpectralProfile:
         self.layer_sizes = [(int(n), int(d)) for n, d in self.layer_sizes]
         if self.layer_sizes and len(self.layer_sizes) != len(self.layers):
             raise ValueError(f"layer_sizes has {len(self.layer_sizes)} entries for {len(self.layers)} layers.")
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when everything `to_json` saves is equal (layers and their features, eigenvalues, names, settings,
+        meta, rule and what follows from them); the risk estimator object itself is not compared. A profile and the
+        one `from_json` reads back from its file are equal."""
+        if not isinstance(other, SpectralProfile):
+            return NotImplemented
+        return self is other or self.to_dict() == other.to_dict()
 
     # ------------------------------------------------------------------ derived quantities
     @property

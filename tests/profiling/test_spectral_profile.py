@@ -81,6 +81,21 @@ def test_json_round_trip(tiny_profile, tmp_path):
     assert SpectralProfile.from_json(written["profile"]).verdict == tiny_profile.verdict
 
 
+def test_profiles_compare_with_equals(tiny_profile, tmp_path):
+    # "is the profile I reloaded the one I saved?" is `==` (a dataclass `==` compared the NumPy eigenvalue arrays
+    # and raised "the truth value of an array ... is ambiguous")
+    tiny_profile.save(tmp_path / "p", plots=False)
+    restored = SpectralProfile.from_json(tmp_path / "p")
+    assert restored == tiny_profile and not restored != tiny_profile
+    other = SpectralProfile.from_json(tmp_path / "p")
+    other.model_name = "another"
+    assert other != tiny_profile
+    other = SpectralProfile.from_json(tmp_path / "p")
+    other.eigenvalues[0] = other.eigenvalues[0] * 1.01
+    assert other != tiny_profile
+    assert tiny_profile != "tiny-llama" and tiny_profile == tiny_profile
+
+
 def test_to_json_file_writes_what_from_json_reads(tiny_profile, tmp_path):
     path = tiny_profile.to_json_file(tmp_path / "mine.json")
     assert path == tmp_path / "mine.json" and path.read_text() == tiny_profile.to_json()
