@@ -686,7 +686,8 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                              "path components joined by -- (e.g. meta-llama--Llama-2-7b for models/meta-llama/"
                              "Llama-2-7b), just its name for a folder in the current folder (parent--name for "
                              "checkpoint-N, model, final ...), and org--name for a Hub cache snapshot "
-                             "models--org--name/snapshots/HASH)")
+                             "models--org--name/snapshots/HASH; NAME-2, NAME-3 ... where it holds an earlier "
+                             "profile, which an explicit --out replaces)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
@@ -718,7 +719,7 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
     if args.text_file is not None:
         _check_text_file(args.text_file)
     if hasattr(args, "out") and args.out is None:  # profile, not max-lr: one folder per model, not one shared folder
-        args.out = _default_out(args.model, init=args.init)
+        args.out = _keep_earlier_profile(_default_out(args.model, init=args.init))
     if getattr(args, "out", None) is not None:
         args.out = args.out.expanduser()  # --out=~/x reaches us unexpanded (the shell expands ~ only at a word start)
         _check_out_folder(args.out, plots=not getattr(args, "no_plots", False))
@@ -735,7 +736,7 @@ def _default_out(spec: str, *, init: bool) -> Path:
     """`hf_koopman_out/<name>`, with `-init` under --init or for a config.json (as the quickstart's
     `hf_koopman_out/gpt2-init`); `<name>` is `_local_out_name` for a local folder (or a config.json's folder), a Hub id
     as `org--name` (as the Hub cache names it), an embedded architecture by its name. Different models land in
-    different folders; a second profile of the same model replaces the first, with a warning."""
+    different folders; a second profile of the same model goes next to the first (`_keep_earlier_profile`)."""
     path = Path(spec).expanduser()
     if path.name == "config.json":  # a config alone builds the model at initialisation
         path, init = path.parent, True
@@ -745,6 +746,21 @@ def _default_out(spec: str, *, init: bool) -> Path:
         name = _local_out_name(path) if path.exists() else spec.strip("/").replace("/", "--")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
     return Path("hf_koopman_out") / f"{slug}{'-init' if init else ''}"
+
+
+def _keep_earlier_profile(out: Path) -> Path:
+    """The default folder `out`, or, where it holds an earlier profile, the first of `<out>-2`, `<out>-3`, ... that
+    does not exist: the profiles of one model before and after fine-tuning both stay. An explicit --out replaces an
+    earlier profile (with a warning), as `SpectralProfile.save` does."""
+    if not (out / "profile.json").exists():
+        return out
+    k = 2
+    while out.with_name(f"{out.name}-{k}").exists():
+        k += 1
+    kept = out.with_name(f"{out.name}-{k}")
+    logger.warning("%s holds an earlier profile: this one is written to %s, so both are kept (--out %s replaces it).",
+                   out, kept, out)
+    return kept
 
 
 def _local_out_name(folder: Path) -> str:

@@ -128,6 +128,23 @@ def test_cli_default_out_is_one_folder_per_model(tmp_path, monkeypatch):
     assert (runs / "my-ckpt" / "profile.json").is_file() and (runs / "my-ckpt-init" / "report.md").is_file()
 
 
+def test_cli_default_out_keeps_an_earlier_profile_of_the_same_model(tmp_path, monkeypatch, caplog):
+    # profile, fine-tune, save_pretrained into the same folder, profile again: the "before" profile stays; an
+    # explicit --out replaces on purpose
+    folder = _checkpoint(tmp_path, "my-ckpt")
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "hf_koopman_out"
+    assert main(["profile", str(folder), "--num-samples", "64", *FAST]) == 0
+    before = (runs / "my-ckpt" / "profile.json").read_text()
+    for _ in range(2):
+        assert main(["profile", str(folder), "--num-samples", "64", *FAST]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["my-ckpt", "my-ckpt-2", "my-ckpt-3"]
+    assert (runs / "my-ckpt" / "profile.json").read_text() == before
+    assert "holds an earlier profile: this one is written to hf_koopman_out/my-ckpt-2" in caplog.text
+    assert main(["profile", str(folder), "--num-samples", "64", *FAST, "--out", "hf_koopman_out/my-ckpt"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["my-ckpt", "my-ckpt-2", "my-ckpt-3"]
+
+
 def test_cli_half_precision_run_says_rho_and_kappa_are_unreliable(tmp_path, capsys):
     folder = _checkpoint(tmp_path)
     assert main(["profile", str(folder), "--dtype", "fp16", "--num-samples", "64", *FAST,
