@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -188,8 +187,10 @@ def _pad_square(t: torch.Tensor, n: int) -> torch.Tensor:
 def _holds_text(value: object) -> bool:
     if isinstance(value, (str, bytes)):
         return True
-    if isinstance(value, np.ndarray):  # string, bytes or object arrays (a pandas / datasets column of names)
-        return value.dtype.kind in "USO" and (value.dtype.kind != "O" or any(_holds_text(v) for v in value.flat))
+    # a NumPy array of strings, bytes or objects, duck-typed: this file imports torch and transformers only
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if isinstance(kind, str) and hasattr(value, "tolist"):
+        return kind in "US" or (kind == "O" and _holds_text(value.tolist()))
     return isinstance(value, (list, tuple)) and any(_holds_text(v) for v in value)
 
 
