@@ -678,6 +678,7 @@ class _SnapshotAnalysis:
             settings["aggregates_left_out"] = [name for (name, _), short in zip(layers, left_out) if short]
         meta = dict(meta or {})
         meta.setdefault("analysis_time_s", round(self.wall_time, 4))
+        meta.setdefault("hf_koopman_version", _version())  # kept through save / from_json: the version that computed it
         # activations computed in half precision (snapshots a user passes, a half-precision model; `profile` also sets
         # the key under autocast, where the residual stream stays float32) round ρ and κ(V) whatever the parameters'
         # dtype: the report and the risk assessment read this key
@@ -693,6 +694,12 @@ class _SnapshotAnalysis:
             meta=meta,
             layer_sizes=list(sizes),
         )
+
+
+def _version() -> str:
+    from hf_koopman import __version__
+
+    return __version__
 
 
 def autocast_dtype(device_type: str) -> str | None:
@@ -853,6 +860,7 @@ def profile(
             f"the PEFT adapter's {reserved} virtual tokens take all {positions} positions of {type(inner).__name__}'s "
             "position table, leaving none for the text; use fewer num_virtual_tokens in the PEFT config."
         )
+    probe = "default" if inputs is None else "given"  # meta["probe"]: what the profile was made on
     if inputs is None:  # the probe is built here: its size is known before any work
         probe_tokens = min(num_samples, max_tokens or num_samples)
         _check_snapshot_memory(inner, probe_tokens, len(blocks), full_spectrum=rank is None)
@@ -1008,6 +1016,7 @@ def profile(
     meta = {
         "model_class": type(inner).__name__,
         "model_type": getattr(config, "model_type", None),
+        "probe": probe,
         "dtype": dtype,
         "num_blocks": len(kept),
         "batches": batches,

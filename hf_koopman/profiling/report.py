@@ -443,9 +443,12 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             first = " (first layer; per layer in the table below)" if not uniform and key in (
                 "num_samples", "hidden_size") else ""
             lines.append(f"- `{key}`: {settings[key]}{first}")
+    lines += ["", "## Run", ""]  # what the profile was made of and on: model, probe, dtype, tokens, times, version
     for key, value in profile.meta.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
-            lines.append(f"- `{key}`: {value}{_tokens_seen_note(profile) if key == 'tokens_seen' else ''}")
+            note = _tokens_seen_note(profile) if key == "tokens_seen" else (
+                " (the synthetic `default_probe_inputs`)" if key == "probe" and value == "default" else "")
+            lines.append(f"- `{key}`: {value}{note}")
     lines.append("")
 
     lines += ["## Aggregates across layers", ""]

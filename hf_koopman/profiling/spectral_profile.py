@@ -96,8 +96,10 @@ class SpectralProfile:
             options ...); `num_samples` and `hidden_size` there are the first layer's N and d, `samples_per_dim_min`
             the smallest N/d over the layers.
         meta (`dict`): free-form context (dtype, learning rate for the risk estimator ...); from `profile()`,
-            `tokens_seen` (the fewest valid token states any block saw), `tokens_seen_per_layer` (each layer's) and
-            `num_samples_requested`.
+            `tokens_seen` (the fewest valid token states any block saw), `tokens_seen_per_layer` (each layer's),
+            `num_samples_requested` and `probe` (`"default"`: the synthetic `default_probe_inputs`; `"given"`; from
+            `RKSPCallback`: `"training data"`, `"probe_inputs"` or `"default"`); `hf_koopman_version`, the version
+            that computed the profile (kept through `save` / `from_json`).
         rule (`DecisionRule`): thresholds of the verdict.
         risk_estimator (`RiskEstimator`, *optional*): the estimator `risk` and `risk_assessment` use; `None` for the
             one the profile was made with: `meta["risk_estimator"]` names it and `meta["risk_estimator_file"]` is the
@@ -369,7 +371,7 @@ class SpectralProfile:
         sizes = [(row["num_samples"], row["hidden_size"]) for row in rows
                  if row.get("num_samples") is not None and row.get("hidden_size") is not None]
         eigenvalues = [np.asarray(e["real"]) + 1j * np.asarray(e["imag"]) for e in data.get("eigenvalues", [])]
-        return cls(
+        loaded = cls(
             layers=layers,
             aggregates=data.get("aggregates", {}),
             stacks=stacks,
@@ -380,6 +382,15 @@ class SpectralProfile:
             rule=_decision_rule(data.get("decision_rule") or {}),
             layer_sizes=sizes if len(sizes) == len(rows) else [],
         )
+        saved = data.get("verdict")
+        if isinstance(saved, str) and saved != loaded.verdict:  # the verdict is recomputed, never copied
+            version = loaded.meta.get("hf_koopman_version")
+            logger.warning(
+                "this profile was saved with the verdict %r (%s); this version reads %r from the same features: the "
+                "decision rule or its reading of them has changed. The features themselves are as saved.",
+                saved, f"computed by hf_koopman {version}" if version else "by an earlier hf_koopman", loaded.verdict,
+            )
+        return loaded
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> SpectralProfile:

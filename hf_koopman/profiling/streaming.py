@@ -426,6 +426,7 @@ def profile_streaming(
 
     # the batch as given, with its labels: the decoder's padding is read from them as `profile` reads it
     given = dict(inputs) if isinstance(inputs, Mapping) else {}
+    probe = "default" if inputs is None else "given"
     # the skeleton (not the config) decides the probe, exactly as `profile` does with the real model
     inputs = _prepare_inputs(
         default_probe_inputs(skeleton, num_tokens=num_samples, seed=seed) if inputs is None else inputs, skeleton, dtype
@@ -564,6 +565,7 @@ def profile_streaming(
     meta = {
         "model_class": type(skeleton).__name__,
         "model_type": getattr(config, "model_type", None),
+        "probe": probe,
         "dtype": str(dtype).removeprefix("torch."),
         "num_blocks": len(blocks),
         "batches": 1,

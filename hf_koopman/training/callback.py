@@ -548,6 +548,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._record_written: Path | None = None  # where this run last wrote its record
         self._validated_paths: list[str] = []  # the checkpoints this guard made the last good one, in order
         self._probe_cache: dict[str, Any] | None = None
+        self._probe_source = "default"  # what the probe was built from (`_build_probe`), for meta["probe"]
         self._probe_tokens: int | None = None  # token states per layer the probe gave, when its batch does not say
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
         self._events_before_call = 0  # len(events) when this train() call started: its own events come after
@@ -695,6 +696,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         return self._probe_cache
 
     def _build_probe(self, model: torch.nn.Module, train_dataloader: Any) -> dict[str, Any]:
+        self._probe_source = "probe_inputs"  # the profiles' meta["probe"]
         if self.probe_inputs is not None:
             batch = self.probe_inputs
             batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
@@ -705,6 +707,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             if dataset is not None and collate is not None:
                 try:  # read examples directly: iterating the dataloader would advance the sampler's RNG
                     batch = self._collate_probe(dataset, collate, self._num_samples(model), model)
+                    self._probe_source = "training data"
                 except Exception as err:  # noqa: BLE001 - any dataset quirk: fall back to synthetic probes
                     logger.warning("RKSP: could not build a probe batch from the training data (%s: %s): profiling "
                                    "on synthetic inputs instead. Pass RKSPCallback(probe_inputs=...) with a batch "
@@ -716,6 +719,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
                 batch = dict(default_probe_inputs(model, num_tokens=self._num_samples(model), seed=self.seed,
                                                   seq_len=prompt_probe_length(model)))
+                self._probe_source = "default"
         # `labels` stay: profile() leaves them out of the forward and reads the decoder's padding from them
         for key in ("label", "label_ids", "decoder_labels"):
             batch.pop(key, None)
@@ -851,6 +855,8 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                     risk_estimator=self.risk_estimator,
                 )
             result.meta["num_samples_requested"] = requested  # the advice then names the short probe, not N
+            if batch is self._probe_cache:  # "training data", "probe_inputs" or "default" (the synthetic fallback)
+                result.meta["probe"] = self._probe_source
             seen = result.meta.get("tokens_seen_per_layer") or {}
             if counted is None and available is None and seen and batch is self._probe_cache:
                 # an image or audio probe: its token count is known now, and later profiles of it are sized to it

@@ -8,6 +8,7 @@ import math
 import types
 
 import pytest
+import torch
 
 import hf_koopman
 from hf_koopman.profiling import DecisionRule, SpectralProfile, profile
@@ -295,3 +296,29 @@ def test_a_saved_rule_this_version_refuses_loads_under_the_default_rule(tiny_pro
     with caplog.at_level(logging.WARNING, logger="hf_koopman"):
         restored = SpectralProfile.from_dict(data)
     assert restored.rule == DecisionRule() and "is refused" in caplog.text
+
+
+def test_a_profile_records_its_probe_and_the_version_that_computed_it(tiny_profile, tmp_path):
+    import hf_koopman
+
+    assert tiny_profile.meta["probe"] == "default" and tiny_profile.meta["hf_koopman_version"] == hf_koopman.__version__
+    given = profile(tiny_model("llama", num_hidden_layers=2), {"input_ids": torch.randint(0, 64, (4, 32))},
+                    num_samples=96, progress=False)
+    assert given.meta["probe"] == "given"
+    tiny_profile.save(tmp_path / "p", plots=False)
+    assert SpectralProfile.from_json(tmp_path / "p").meta["hf_koopman_version"] == hf_koopman.__version__
+
+
+def test_a_saved_verdict_this_version_reads_differently_is_said_on_load(tiny_profile, caplog):
+    import logging
+
+    data = tiny_profile.to_dict()
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        SpectralProfile.from_dict(data)
+    assert "saved with the verdict" not in caplog.text
+    data["verdict"] = next(v for v in ("safe", "high risk") if v != tiny_profile.verdict)
+    data["meta"] = {k: v for k, v in data["meta"].items() if k != "hf_koopman_version"}
+    with caplog.at_level(logging.WARNING, logger="hf_koopman"):
+        restored = SpectralProfile.from_dict(data)
+    assert restored.verdict == tiny_profile.verdict
+    assert f"saved with the verdict {data['verdict']!r} (by an earlier hf_koopman)" in caplog.text

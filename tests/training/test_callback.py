@@ -51,6 +51,7 @@ def test_init_profile_reaches_log_history_and_output_dir(tmp_path, caplog):
     for key in ("rksp/score", "rksp/verdict_level", "rksp/near_unit_mass_mean", "rksp/spectral_radius_mean"):
         assert key in init and math.isfinite(init[key])
     assert init["rksp/verdict_tentative"] == float(callback.profile.verdict_reason.startswith("tentative: "))
+    assert [p.meta["probe"] for p in profiles] == ["training data"] * 3  # what each profile was made on
     # an aggregate whose mean is infinite (the Kreiss constant, rho > 1 at init) is left out, its spread with it
     assert math.isinf(callback.profile.aggregates["kreiss_mean"])
     assert "rksp/kreiss_mean" not in init and "rksp/kreiss_std" not in init
@@ -583,7 +584,7 @@ def test_probe_inputs_take_what_a_tokenizer_returns(tmp_path):
     callback = RKSPCallback(num_samples=32, guard=False, save_artifacts=False, probe_inputs=probe)
     Trainer(model=tiny_gpt2(), args=cpu_training_args(tmp_path, TrainingArguments, max_steps=1),
             train_dataset=TokenDataset(), callbacks=[callback]).train()
-    assert callback.profile.meta["tokens_seen"] == 64
+    assert callback.profile.meta["tokens_seen"] == 64 and callback.profile.meta["probe"] == "probe_inputs"
     with pytest.raises(TypeError, match="BatchEncoding a tokenizer returns"):
         RKSPCallback(probe_inputs=[ids])
 
