@@ -546,6 +546,13 @@ def test_a_peft_adapter_folder_is_named_with_the_merge_that_profiles_it(tmp_path
     (tmp_path / "adapter_config.json").unlink()
     assert main(["profile", str(tmp_path), "--no-progress"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    # a Trainer's output_dir: its checkpoints are named, the latest first to try
+    for step in (5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")
+    assert main(["profile", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds Trainer checkpoints (checkpoint-5, checkpoint-10)" in err and "checkpoint-10, or the folder" in err
 
 
 def test_a_folder_named_like_an_embedded_architecture_is_named_as_the_cause(tmp_path, monkeypatch, capsys):

@@ -824,10 +824,10 @@ def profile(
             f"random weights), or use the CLI: hf-koopman profile {model}"
         )
     if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; load the model "
-            "first, e.g. AutoModel.from_pretrained(model_id)."
-        )
+        held = getattr(model, "model", None)  # a Trainer (or a pipeline) holds the model it runs
+        fix = (f"pass the model it holds: profile({type(model).__name__.lower()}.model)" if isinstance(held, nn.Module)
+               else "load the model first, e.g. AutoModel.from_pretrained(model_id)")
+        raise TypeError(f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; {fix}.")
     if tokenizer is not None and not callable(tokenizer):
         named = isinstance(tokenizer, (str, os.PathLike))  # a Hub id or folder, as pipeline(tokenizer=...) takes
         got = f"the {type(tokenizer).__name__} {str(tokenizer)!r}" if named else type(tokenizer).__name__

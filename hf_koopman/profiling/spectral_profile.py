@@ -473,7 +473,8 @@ class SpectralProfile:
         if not path.exists() and path.suffix.lower() == ".json":  # a file name: save() would make a folder of it
             raise ValueError(
                 f"save() writes profile.json, report.md and the plots into a folder, and {str(path)!r} names a JSON "
-                f"file; pass its folder, e.g. save({str(path.parent)!r}), or write to_json() to the file yourself."
+                f"file; pass its folder, e.g. save({str(path.parent)!r}), or write the JSON alone with "
+                f"to_json_file({str(path)!r})."
             )
         if path.exists() and not path.is_dir():
             folder = path.with_suffix("") if path.suffix else path.with_name(path.name + "_profile")

@@ -126,6 +126,12 @@ def missing_config_message(folder: Path) -> str:
         return (f"{folder} holds a PEFT adapter (adapter_config.json), not a model: merge it into its base model and "
                 "save that (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)), or "
                 "profile the PeftModel in memory with hf_koopman.profile(peft_model).")
+    step = lambda p: int(p.name[len("checkpoint-"):]) if p.name[len("checkpoint-"):].isdigit() else -1  # noqa: E731
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / "config.json").is_file()), key=step)
+    if checkpoints:  # a Trainer's output_dir: its checkpoints are the model folders
+        names = ", ".join(p.name for p in checkpoints[-3:]) + (" ..." if len(checkpoints) > 3 else "")
+        return (f"{folder} has no config.json but holds Trainer checkpoints ({names}); pass one of them, e.g. "
+                f"{checkpoints[-1]}, or the folder written by `trainer.save_model()` / `save_pretrained`.")
     return f"{folder} has no config.json; pass the folder written by `save_pretrained`."
 
 

@@ -210,7 +210,7 @@ def test_save_to_an_existing_file_says_save_takes_a_folder(tiny_profile, tmp_pat
 
 
 def test_save_to_a_json_file_name_says_save_takes_a_folder(tiny_profile, tmp_path):
-    with pytest.raises(ValueError, match=r"names a JSON file; pass its folder"):
+    with pytest.raises(ValueError, match=r"names a JSON file; pass its folder.*to_json_file\("):
         tiny_profile.save(tmp_path / "profile.json", plots=False)
     assert not (tmp_path / "profile.json").exists()  # no folder named profile.json was made
 
@@ -354,3 +354,13 @@ def test_multiple_choice_inputs_embeds_are_taken():
                         intermediate_size=64)
     embeds = torch.randn(2, 3, 16, 32)  # (batch, choices, sequence, width)
     assert profile(BertForMultipleChoice(config), {"inputs_embeds": embeds}, num_samples=32, rank=4).layers
+
+
+def test_a_trainer_passed_to_profile_is_told_to_pass_its_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    trainer = Trainer(model=tiny_model("llama"), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    with pytest.raises(TypeError, match=r"got Trainer; pass the model it holds: profile\(trainer.model\)"):
+        profile(trainer)
+    with pytest.raises(TypeError, match=r"got dict; load the model first"):
+        profile({"input_ids": [1, 2]})
