@@ -89,10 +89,22 @@ def _path_parts(spec: str) -> list[str]:
 
 
 def _local_miss(spec: str) -> str:
-    """A sentence for `owner/name` when a local folder `owner` exists but holds no `name` (a typo in a path?)."""
+    """A sentence for MODEL `spec` read as a Hub id where a local folder was perhaps meant (a typo in a path?):
+    `owner/name` when a local folder `owner` exists but holds no `name`, a bare name when a folder of a close name
+    exists here."""
     parts = _path_parts(spec)
     if len(parts) == 2 and Path(parts[0]).is_dir():
         return f" There is a local folder {parts[0]!r}, but no {spec!r} in it: check the path if you meant a folder."
+    if len(parts) == 1:
+        import difflib
+
+        try:
+            here = [p.name for p in Path.cwd().iterdir() if p.is_dir()]
+        except OSError:
+            here = []
+        close = difflib.get_close_matches(parts[0], here, n=1, cutoff=0.8)
+        if close:
+            return f" There is no local folder {parts[0]!r} here; did you mean {close[0]!r}?"
     return ""
 
 

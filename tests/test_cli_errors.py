@@ -121,6 +121,10 @@ def test_typo_below_an_existing_folder_is_named_without_blocking_hub_ids(tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["profile", "checkpoints/my-modle", "--out", str(tmp_path / "out")]) == 2
     assert "There is a local folder 'checkpoints', but no 'checkpoints/my-modle' in it" in capsys.readouterr().err
+    # a bare name read as a Hub id, next to a folder of a close name: the likely typo is named
+    (tmp_path / "run_final").mkdir()
+    assert main(["profile", "run_fnal", "--out", str(tmp_path / "out")]) == 2
+    assert "There is no local folder 'run_fnal' here; did you mean 'run_final'?" in capsys.readouterr().err
     # an embedded architecture under its Hub id still resolves offline although ./meta-llama exists
     assert main(["profile", "meta-llama/Llama-2-7b-hf", "--init", "--num-layers", "1", "--num-samples", "64",
                  "--out", str(tmp_path / "out")]) == 0
