@@ -28,6 +28,11 @@ logger = get_logger(__name__)
 _FEATURE_OPTIONS = ("reliable_only", "degenerate_tol", "compute_kreiss", "eps_residual", "eps_nl")
 
 
+#: N/d beyond which the report does not advise more tokens to settle a tentative verdict (the largest N/d the η_nl
+#: gate band was measured at, `results/eta_gate_band.md` in the repository)
+_SETTLED_SAMPLES_PER_DIM = 64
+
+
 def _fmt(value: object, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else ""
@@ -241,6 +246,7 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
         # the band covers the masses' sampling error only; a layer whose corrected η_nl lies near the gate can also
         # change the verdict with more tokens (it changes which layers are read)
         crossed = profile.rule.score_band_crossed(profile) if tentative else ()
+        borderline = False
         if crossed:
             names = " and ".join(f"{t:g}" for t in crossed)
             line += (f": the verdict's M≈1 = {score_band(score, relative)} spans the {names} "
@@ -250,9 +256,15 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
                 # the band score * sqrt(d/N) clears every crossed threshold once sqrt(d/N) < gap / score, i.e. for
                 # N > d (score / gap)^2 (the band includes its ends: at N = d (score / gap)^2 it still touches)
                 clear = max(math.floor(d * (score / min(gaps)) ** 2) + 1, n + 1)
-                line += (f" (its band clears {'them' if len(crossed) > 1 else 'it'} from about N = {clear:,}, "
-                         f"{clear / d:.0f}× the width, if M≈1 stays near {score:.2f})")
-        if n >= 8 * d:
+                borderline = clear > _SETTLED_SAMPLES_PER_DIM * d  # more tokens than anyone would feed
+                if borderline:
+                    nearest = crossed[gaps.index(min(gaps))]
+                    line += (f" (M≈1 sits {min(gaps):.3f} from the {nearest:g} threshold: only about N = {clear:,}, "
+                             f"{clear / d:,.0f}× the width, would settle it, so read the verdict as borderline)")
+                else:
+                    line += (f" (its band clears {'them' if len(crossed) > 1 else 'it'} from about N = {clear:,}, "
+                             f"{clear / d:.0f}× the width, if M≈1 stays near {score:.2f})")
+        if n >= 8 * d or borderline:
             line += "."
         elif (seen := _token_limited(profile)) is not None:
             line += (f" — the inputs gave only {seen} token states and all were used: supply more or longer "

@@ -39,6 +39,10 @@ def test_verdict_whose_interval_spans_both_thresholds_is_tentative_and_names_bot
     assert "spans the 0.3 and 0.5 thresholds, so it may change with more tokens" in report
     # 0.58 * sqrt(64 / N) < 0.08 (the nearer threshold's gap) from N = 64 * (0.58 / 0.08)^2 = 3,365
     assert "(its band clears them from about N = 3,365, 53× the width, if M≈1 stays near 0.58)" in report
+    # a score a hair from a threshold: no advice to feed 10,000× the width, the verdict is borderline
+    report = render_report(_profile(0.297, 134))
+    assert "(M≈1 sits 0.003 from the 0.3 threshold: only about N = 627,264, 9,801× the width, would settle it, so " \
+        "read the verdict as borderline)." in report and "its band clears" not in report
 
 
 def test_verdict_whose_interval_spans_one_threshold_names_it():
