@@ -99,7 +99,7 @@ def _local_miss(spec: str) -> str:
         import difflib
 
         try:
-            here = [p.name for p in Path.cwd().iterdir() if p.is_dir()]
+            here = [p.name for p in Path.cwd().iterdir() if p.is_dir() and not p.name.startswith(".")]
         except OSError:
             here = []
         close = difflib.get_close_matches(parts[0], here, n=1, cutoff=0.8)
@@ -761,17 +761,22 @@ def _default_out(spec: str, *, init: bool) -> Path:
 
 
 def _keep_earlier_profile(out: Path) -> Path:
-    """The default folder `out`, or, where it holds an earlier profile, the first of `<out>-2`, `<out>-3`, ... that
-    does not exist: the profiles of one model before and after fine-tuning both stay. An explicit --out replaces an
-    earlier profile (with a warning), as `SpectralProfile.save` does."""
-    if not (out / "profile.json").exists():
+    """The default folder `out`, or, where it holds anything (an earlier profile, or files of the user's), the first
+    of `<out>-2`, `<out>-3`, ... that does not exist: the profiles of one model before and after fine-tuning both
+    stay. An explicit --out replaces an earlier profile (with a warning), as `SpectralProfile.save` does. (Two runs
+    started together may still pick the same free folder: the folder is chosen here, and written at the end.)"""
+    try:
+        taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except OSError:  # unreadable: leave it to the save, which names the problem
+        return out
+    if not taken:
         return out
     k = 2
     while out.with_name(f"{out.name}-{k}").exists():
         k += 1
     kept = out.with_name(f"{out.name}-{k}")
-    logger.warning("%s holds an earlier profile: this one is written to %s, so both are kept (--out %s replaces it).",
-                   out, kept, out)
+    held = "an earlier profile" if (out / "profile.json").exists() else "other files"
+    logger.warning("%s holds %s: this profile is written to %s instead (--out %s writes there).", out, held, kept, out)
     return kept
 
 

@@ -140,9 +140,16 @@ def test_cli_default_out_keeps_an_earlier_profile_of_the_same_model(tmp_path, mo
         assert main(["profile", str(folder), "--num-samples", "64", *FAST]) == 0
     assert sorted(p.name for p in runs.iterdir()) == ["my-ckpt", "my-ckpt-2", "my-ckpt-3"]
     assert (runs / "my-ckpt" / "profile.json").read_text() == before
-    assert "holds an earlier profile: this one is written to hf_koopman_out/my-ckpt-2" in caplog.text
+    assert "holds an earlier profile: this profile is written to hf_koopman_out/my-ckpt-2 instead" in caplog.text
     assert main(["profile", str(folder), "--num-samples", "64", *FAST, "--out", "hf_koopman_out/my-ckpt"]) == 0
     assert sorted(p.name for p in runs.iterdir()) == ["my-ckpt", "my-ckpt-2", "my-ckpt-3"]
+    # a default folder holding the user's own files (no profile) is passed over too, not refused
+    other = _checkpoint(tmp_path, "other")
+    (runs / "other").mkdir()
+    (runs / "other" / "report.md").write_text("my notes")
+    assert main(["profile", str(other), "--num-samples", "64", *FAST]) == 0
+    assert (runs / "other" / "report.md").read_text() == "my notes" and (runs / "other-2" / "profile.json").is_file()
+    assert "hf_koopman_out/other holds other files" in caplog.text
 
 
 def test_cli_half_precision_run_says_rho_and_kappa_are_unreliable(tmp_path, capsys):

@@ -825,7 +825,9 @@ def profile(
         )
     if not isinstance(model, nn.Module):
         held = getattr(model, "model", None)  # a Trainer (or a pipeline) holds the model it runs
-        fix = (f"pass the model it holds: profile({type(model).__name__.lower()}.model)" if isinstance(held, nn.Module)
+        kind = type(model).__name__
+        holder = "trainer" if "Trainer" in kind else "pipe" if "Pipeline" in kind else "obj"
+        fix = (f"pass the model it holds: profile({holder}.model)" if isinstance(held, nn.Module)
                else "load the model first, e.g. AutoModel.from_pretrained(model_id)")
         raise TypeError(f"model must be a torch nn.Module (e.g. a PreTrainedModel), got {type(model).__name__}; {fix}.")
     if tokenizer is not None and not callable(tokenizer):

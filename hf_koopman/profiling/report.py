@@ -252,15 +252,19 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
             line += (f": the verdict's M≈1 = {score_band(score, relative)} spans the {names} "
                      f"threshold{'s' if len(crossed) > 1 else ''}, so it may change with more tokens")
             gaps = [abs(t - score) for t in crossed]
-            if score > 0 and min(gaps) > 0:
+            if score > 0 and min(gaps) == 0:  # on a threshold: no number of tokens moves the band off it
+                borderline = True
+                line += f" (M≈1 sits on the {crossed[gaps.index(0)]:g} threshold, so read the verdict as borderline)"
+            elif score > 0:
                 # the band score * sqrt(d/N) clears every crossed threshold once sqrt(d/N) < gap / score, i.e. for
                 # N > d (score / gap)^2 (the band includes its ends: at N = d (score / gap)^2 it still touches)
                 clear = max(math.floor(d * (score / min(gaps)) ** 2) + 1, n + 1)
                 borderline = clear > _SETTLED_SAMPLES_PER_DIM * d  # more tokens than anyone would feed
                 if borderline:
                     nearest = crossed[gaps.index(min(gaps))]
-                    line += (f" (M≈1 sits {min(gaps):.3f} from the {nearest:g} threshold: only about N = {clear:,}, "
-                             f"{clear / d:,.0f}× the width, would settle it, so read the verdict as borderline)")
+                    line += (f" (M≈1 sits {min(gaps):.2g} from the {nearest:g} threshold: it would take about "
+                             f"N = {clear:,} token states, {clear / d:,.0f}× the width, to settle it, so read the "
+                             "verdict as borderline)")
                 else:
                     line += (f" (its band clears {'them' if len(crossed) > 1 else 'it'} from about N = {clear:,}, "
                              f"{clear / d:.0f}× the width, if M≈1 stays near {score:.2f})")
@@ -455,12 +459,14 @@ def render_report(profile: SpectralProfile, plots: dict[str, str] | None = None)
             first = " (first layer; per layer in the table below)" if not uniform and key in (
                 "num_samples", "hidden_size") else ""
             lines.append(f"- `{key}`: {settings[key]}{first}")
-    lines += ["", "## Run", ""]  # what the profile was made of and on: model, probe, dtype, tokens, times, version
-    for key, value in profile.meta.items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            note = _tokens_seen_note(profile) if key == "tokens_seen" else (
-                " (the synthetic `default_probe_inputs`)" if key == "probe" and value == "default" else "")
-            lines.append(f"- `{key}`: {value}{note}")
+    run = [(key, value) for key, value in profile.meta.items()
+           if isinstance(value, (str, int, float, bool)) or value is None]
+    if run:  # what the profile was made of and on: model, probe, dtype, tokens, times, version
+        lines += ["", "## Run", ""]
+    for key, value in run:
+        note = _tokens_seen_note(profile) if key == "tokens_seen" else (
+            " (the synthetic `default_probe_inputs`)" if key == "probe" and value == "default" else "")
+        lines.append(f"- `{key}`: {value}{note}")
     lines.append("")
 
     lines += ["## Aggregates across layers", ""]

@@ -131,9 +131,10 @@ class SpectralProfile:
             raise ValueError(f"layer_sizes has {len(self.layer_sizes)} entries for {len(self.layers)} layers.")
 
     def __eq__(self, other: object) -> bool:
-        """Equal when everything `to_json` saves is equal (layers and their features, eigenvalues, names, settings,
-        meta, rule and what follows from them); the risk estimator object itself is not compared. A profile and the
-        one `from_json` reads back from its file are equal."""
+        """Equal when everything `to_json` saves is equal: layers and their features, eigenvalues, names, settings,
+        meta, rule and what follows from them, the risk included (so two profiles of equal features under different
+        risk estimators differ). A profile and the one `from_json` reads back from its file are equal where its risk
+        estimator is available there too."""
         if not isinstance(other, SpectralProfile):
             return NotImplemented
         return self is other or self.to_dict() == other.to_dict()
@@ -345,14 +346,17 @@ class SpectralProfile:
 
     def to_json_file(self, path: str | Path) -> Path:
         """Write `to_json()` to the file `path`, whole or not at all (as `PretrainedConfig.to_json_file`; `save()`
-        writes a folder with the report and plots too). Returns the path; `from_json(path)` reads it back."""
+        writes a folder with the report and plots too), creating missing parent folders as `save()` does. Returns the
+        path; `from_json(path)` reads it back."""
         from hf_koopman.files import write_text_whole
 
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder: pass a file name (e.g. {path / 'profile.json'}), or use "
                                     f"save({str(path)!r}) to write the profile, report and plots into it")
-        write_text_whole(path, self.to_json())
+        text = self.to_json()  # before any folder is made: a profile that cannot be written leaves none behind
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_whole(path, text)
         return path
 
     @classmethod
@@ -386,8 +390,9 @@ class SpectralProfile:
         if isinstance(saved, str) and saved != loaded.verdict:  # the verdict is recomputed, never copied
             version = loaded.meta.get("hf_koopman_version")
             logger.warning(
-                "this profile was saved with the verdict %r (%s); this version reads %r from the same features: the "
-                "decision rule or its reading of them has changed. The features themselves are as saved.",
+                "this profile was saved with the verdict %r (%s); reloaded, it reads %r from the same features under "
+                "the decision rule restored from the file: a newer rule, or a custom rule that the file does not "
+                "hold (a DecisionRule subclass). The features themselves are as saved.",
                 saved, f"computed by hf_koopman {version}" if version else "by an earlier hf_koopman", loaded.verdict,
             )
         return loaded

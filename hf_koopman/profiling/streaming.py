@@ -126,7 +126,7 @@ def missing_config_message(folder: Path) -> str:
         return (f"{folder} holds a PEFT adapter (adapter_config.json), not a model: merge it into its base model and "
                 "save that (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)), or "
                 "profile the PeftModel in memory with hf_koopman.profile(peft_model).")
-    step = lambda p: int(p.name[len("checkpoint-"):]) if p.name[len("checkpoint-"):].isdigit() else -1  # noqa: E731
+    step = lambda p: (int(p.name[11:]) if p.name[11:].isdigit() else -1, p.name)  # noqa: E731 -- after "checkpoint-"
     checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / "config.json").is_file()), key=step)
     if checkpoints:  # a Trainer's output_dir: its checkpoints are the model folders
         names = ", ".join(p.name for p in checkpoints[-3:]) + (" ..." if len(checkpoints) > 3 else "")

@@ -41,8 +41,12 @@ def test_verdict_whose_interval_spans_both_thresholds_is_tentative_and_names_bot
     assert "(its band clears them from about N = 3,365, 53× the width, if M≈1 stays near 0.58)" in report
     # a score a hair from a threshold: no advice to feed 10,000× the width, the verdict is borderline
     report = render_report(_profile(0.297, 134))
-    assert "(M≈1 sits 0.003 from the 0.3 threshold: only about N = 627,264, 9,801× the width, would settle it, so " \
-        "read the verdict as borderline)." in report and "its band clears" not in report
+    assert "(M≈1 sits 0.003 from the 0.3 threshold: it would take about N = 627,264 token states, 9,801× the " \
+        "width, to settle it, so read the verdict as borderline)." in report and "its band clears" not in report
+    # exactly on a threshold no number of tokens settles it, and none is advised
+    report = render_report(_profile(0.5, 134))
+    assert "(M≈1 sits on the 0.5 threshold, so read the verdict as borderline)." in report
+    assert "use more tokens" not in report
 
 
 def test_verdict_whose_interval_spans_one_threshold_names_it():

@@ -97,6 +97,11 @@ def test_profiles_compare_with_equals(tiny_profile, tmp_path):
     assert tiny_profile != "tiny-llama" and tiny_profile == tiny_profile
 
 
+def test_to_json_file_makes_missing_folders_as_save_does(tiny_profile, tmp_path):
+    path = tiny_profile.to_json_file(tmp_path / "runs" / "a" / "profile.json")
+    assert SpectralProfile.from_json(path) == tiny_profile
+
+
 def test_to_json_file_writes_what_from_json_reads(tiny_profile, tmp_path):
     path = tiny_profile.to_json_file(tmp_path / "mine.json")
     assert path == tmp_path / "mine.json" and path.read_text() == tiny_profile.to_json()

@@ -632,7 +632,7 @@ def test_a_collator_returning_tuples_falls_back_to_synthetic_inputs_and_names_pr
         callback.on_train_begin(args, trainer.state, trainer.control, model=trainer.model,
                                 train_dataloader=trainer.get_train_dataloader())
     assert "profiling on synthetic inputs instead" in caplog.text and "probe_inputs=" in caplog.text
-    assert callback.profile is not None
+    assert callback.profile is not None and callback.profile.meta["probe"] == "default"
 
 
 def test_the_decoder_count_follows_profile_when_the_batch_has_a_decoder_mask():
