@@ -699,7 +699,7 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                              "Llama-2-7b), just its name for a folder in the current folder (parent--name for "
                              "checkpoint-N, model, final ...), and org--name for a Hub cache snapshot "
                              "models--org--name/snapshots/HASH; NAME-2, NAME-3 ... where it holds an earlier "
-                             "profile, which an explicit --out replaces)")
+                             "profile or other files; an explicit --out replaces an earlier profile)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
@@ -731,7 +731,7 @@ def _check_model_input_arguments(args: argparse.Namespace) -> bool | None:
     if args.text_file is not None:
         _check_text_file(args.text_file)
     if hasattr(args, "out") and args.out is None:  # profile, not max-lr: one folder per model, not one shared folder
-        args.out = _keep_earlier_profile(_default_out(args.model, init=args.init))
+        args.out = _free_default_out(_default_out(args.model, init=args.init))
     if getattr(args, "out", None) is not None:
         args.out = args.out.expanduser()  # --out=~/x reaches us unexpanded (the shell expands ~ only at a word start)
         _check_out_folder(args.out, plots=not getattr(args, "no_plots", False))
@@ -748,7 +748,7 @@ def _default_out(spec: str, *, init: bool) -> Path:
     """`hf_koopman_out/<name>`, with `-init` under --init or for a config.json (as the quickstart's
     `hf_koopman_out/gpt2-init`); `<name>` is `_local_out_name` for a local folder (or a config.json's folder), a Hub id
     as `org--name` (as the Hub cache names it), an embedded architecture by its name. Different models land in
-    different folders; a second profile of the same model goes next to the first (`_keep_earlier_profile`)."""
+    different folders; a second profile of the same model goes next to the first (`_free_default_out`)."""
     path = Path(spec).expanduser()
     if path.name == "config.json":  # a config alone builds the model at initialisation
         path, init = path.parent, True
@@ -760,7 +760,7 @@ def _default_out(spec: str, *, init: bool) -> Path:
     return Path("hf_koopman_out") / f"{slug}{'-init' if init else ''}"
 
 
-def _keep_earlier_profile(out: Path) -> Path:
+def _free_default_out(out: Path) -> Path:
     """The default folder `out`, or, where it holds anything (an earlier profile, or files of the user's), the first
     of `<out>-2`, `<out>-3`, ... that does not exist: the profiles of one model before and after fine-tuning both
     stay. An explicit --out replaces an earlier profile (with a warning), as `SpectralProfile.save` does. (Two runs

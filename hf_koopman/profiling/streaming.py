@@ -129,7 +129,7 @@ def missing_config_message(folder: Path) -> str:
     step = lambda p: (int(p.name[11:]) if p.name[11:].isdigit() else -1, p.name)  # noqa: E731 -- after "checkpoint-"
     checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / "config.json").is_file()), key=step)
     if checkpoints:  # a Trainer's output_dir: its checkpoints are the model folders
-        names = ", ".join(p.name for p in checkpoints[-3:]) + (" ..." if len(checkpoints) > 3 else "")
+        names = ("... " if len(checkpoints) > 3 else "") + ", ".join(p.name for p in checkpoints[-3:])
         return (f"{folder} has no config.json but holds Trainer checkpoints ({names}); pass one of them, e.g. "
                 f"{checkpoints[-1]}, or the folder written by `trainer.save_model()` / `save_pretrained`.")
     return f"{folder} has no config.json; pass the folder written by `save_pretrained`."
