@@ -1489,7 +1489,8 @@ class DecisionRule:
         also large enough for its width (`reads`)."""
         eta = self.adjusted_nonlinearity(float(getattr(features, "nonlinearity", 0.0)), num_samples, hidden_size,
                                          rank)
-        return not bool(getattr(features, "degenerate", False)) and not eta >= self.max_nonlinearity
+        measured = math.isfinite(float(getattr(features, "near_unit_mass", 0.0)))  # NaN: no mode was counted
+        return measured and not bool(getattr(features, "degenerate", False)) and not eta >= self.max_nonlinearity
 
     def is_sampled(self, num_samples: int | None, hidden_size: int | None) -> bool:
         """Whether N = `num_samples` token states at width d = `hidden_size` are enough for the verdict to read the
@@ -1757,7 +1758,7 @@ class DecisionRule:
                 # every layer neither read nor left out for its sample has a constant input: that is the reason
                 # (whatever else a rank-r profile's reason says about its truncation)
                 who = (f"{self._left_out(undersampled or 0, total)}; the other {others}" if undersampled
-                       else "the others")
+                       else "the other" if others == 1 else "the others")
                 verb = "sees" if others == 1 else "see"
                 reason = f"{informative or 0} of {total} layers are informative; {who} {verb} {same}"
             else:

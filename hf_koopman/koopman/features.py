@@ -249,8 +249,11 @@ def _features(result, near_band, contractive_below, residual_tol, reliable_only,
         reliable = res <= residual_tol
         counted = lam[reliable] if reliable_only else lam
         moduli = counted.abs()
-        near, unstable, contractive, mid = spectral_masses(moduli, near_band, contractive_below)
-        rho = float(moduli.max()) if moduli.numel() else 0.0
+        if moduli.numel():
+            near, unstable, contractive, mid = spectral_masses(moduli, near_band, contractive_below)
+            rho = float(moduli.max())
+        else:  # no mode counted (rank_x = 0, or reliable_only with none passing): nothing measured, not "all zero"
+            near = unstable = contractive = mid = rho = math.nan
         # no identified mode (an input with no direction: rank_x = 0): the operator is round-off, and so would be the
         # numbers derived from it and its fit; NaN, which the aggregates skip
         kreiss = (kreiss_constant(layer.operator, eigenvalues=layer.eigenvalues) if compute_kreiss and n_count

@@ -193,21 +193,28 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
     eta = sum(profile.features[i].nonlinearity for i in fitted) / len(fitted) if fitted else math.nan
     sizes, rank = profile.rule.sample_sizes(profile), profile.settings.get("rank")
     eta_read = [profile.rule.adjusted_nonlinearity(profile.features[i].nonlinearity, *sizes[i], rank) for i in fitted]
-    near = sum(f.near_unit_mass for f in feats) / len(feats)
-    unstable = sum(f.unstable_mass for f in feats) / len(feats)
-    contractive = sum(f.contractive_mass for f in feats) / len(feats)
-    mid = sum(f.mid_mass for f in feats) / len(feats)
+    measured = [f for f in feats if math.isfinite(f.near_unit_mass)]  # NaN masses: no mode counted in that block
     lo, hi, below, tau = _bands(profile)
     which = "reliable modes (those that pass the ResDMD test, `reliable_only=True`)" if _reliable_only(profile) \
         else "modes"
     lines = ["## What this spectrum says", ""]
-    lines.append(
-        f"- {scope}, on average {near:.0%} of the {which} of the whitened block map are near-unit "
-        f"({lo} ≤ |λ| ≤ {hi}: passed on almost unchanged), {unstable:.0%} expand (|λ| > {hi}), {contractive:.0%} "
-        f"contract (|λ| < {below}) and {mid:.0%} lie in between ({below} ≤ |λ| < {lo}). Expanding modes are normal "
-        "for normalised models at initialisation (the paper's Pre-LN has 54 %); what the paper links to divergence is "
-        "a large near-unit share, i.e. little damping."
-    )
+    if measured:
+        near = sum(f.near_unit_mass for f in measured) / len(measured)
+        unstable = sum(f.unstable_mass for f in measured) / len(measured)
+        contractive = sum(f.contractive_mass for f in measured) / len(measured)
+        mid = sum(f.mid_mass for f in measured) / len(measured)
+        without = len(feats) - len(measured)
+        lines.append(
+            f"- {scope}, on average {near:.0%} of the {which} of the whitened block map are near-unit "
+            f"({lo} ≤ |λ| ≤ {hi}: passed on almost unchanged), {unstable:.0%} expand (|λ| > {hi}), {contractive:.0%} "
+            f"contract (|λ| < {below}) and {mid:.0%} lie in between ({below} ≤ |λ| < {lo})"
+            + (f" ({without} block{'s' if without != 1 else ''} without a counted mode left out)" if without else "")
+            + ". Expanding modes are normal for normalised models at initialisation (the paper's Pre-LN has 54 %); "
+            "what the paper links to divergence is a large near-unit share, i.e. little damping."
+        )
+    else:
+        lines.append(f"- {scope}, no block has a {which.split(' (')[0].removesuffix('s')} to count: there is no "
+                     "spectrum to describe.")
     if _reliable_only(profile):
         lines.append("- The masses count only the modes that pass the ResDMD residual test (`reliable_only=True`); the "
                      "paper's masses and thresholds count every mode.")

@@ -58,7 +58,8 @@ def test_masses_partition_to_one_on_random_operators():
             for reliable_only in (False, True):
                 f = spectral_features(whitened_dmd(X, Y, **kwargs), reliable_only=reliable_only)
                 total = f.near_unit_mass + f.unstable_mass + f.contractive_mass + f.mid_mass
-                assert total == pytest.approx(1.0, abs=1e-12) or (reliable_only and f.n_reliable == 0 and total == 0)
+                assert total == pytest.approx(1.0, abs=1e-12) or (reliable_only and f.n_reliable == 0
+                                                                  and math.isnan(total))
 
 
 def test_band_edges_follow_definition_1():
@@ -185,3 +186,23 @@ def test_threshold_validation():
         spectral_features(res, residual_tol=0.0)
     with pytest.raises(TypeError, match="DMDResult"):
         spectral_features(torch.zeros(3))
+
+
+def test_a_layer_with_no_counted_mode_is_not_measured_and_not_read():
+    # reliable_only=True on an output unrelated to its input: no mode passes the residual test, so nothing was
+    # measured; masses of 0 and rho = 0 would read as a "safe" layer and pull the aggregates down
+    from hf_koopman.koopman import aggregate_features
+    from hf_koopman.profiling import profile_from_snapshots
+    from hf_koopman.risk import DecisionRule
+
+    g = torch.Generator().manual_seed(0)
+    X, noise = torch.randn(1024, 32, generator=g), torch.randn(1024, 32, generator=g)
+    f = spectral_features(whitened_dmd(X, noise), reliable_only=True)
+    assert f.n_reliable == 0 and math.isnan(f.near_unit_mass) and math.isnan(f.spectral_radius)
+    assert not DecisionRule().is_informative(f)
+    prof = profile_from_snapshots([("a", X, noise)], progress=False, reliable_only=True)
+    assert prof.verdict == "uninformative" and "nan%" not in prof.to_markdown()
+    Y = X + 0.1 * X @ torch.randn(32, 32, generator=g) / 32**0.5
+    good = spectral_features(whitened_dmd(X, Y), reliable_only=True)
+    agg = aggregate_features([good, f])
+    assert agg["spectral_radius_mean"] == pytest.approx(good.spectral_radius)  # the unmeasured layer is skipped
