@@ -60,7 +60,9 @@ with the float64 `eig` to 2e-9, and a layer where the estimated error of some ei
 max(1, spectral radius), or where two modes couple too strongly for the series, is solved in float64. The estimate
 bounds the next terms of the perturbation series, not the whole error. The eigenvectors stay float32. An operator
 that is float64 only internally (for instance from a float32 covariance too ill-conditioned for float32 moments) is
-not refined: float32 inputs get float32 eigenvalues.
+not refined: float32 inputs get float32-accurate eigenvalues. Whatever the precision of the computation, the returned
+eigenvalues are complex128 and the operator float64; only the eigenvectors keep complex64 where the eigenproblem ran
+in float32.
 
 On GPT-2 small snapshots at init (d = 768, N = 2048) the float32 default agrees with the all-float64 path to 7e-5 in
 the moduli, 3e-5 in the ResDMD residuals below 1 and 2e-7 in $\eta_{nl}$; every spectral mass and ResDMD count is
@@ -74,6 +76,7 @@ from __future__ import annotations
 
 from hf_koopman.logging_utils import get_logger
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -175,8 +178,9 @@ class _Moments:
 @dataclass(frozen=True)
 class DMDResult:
     r"""Result of [`whitened_dmd`], on the input's device. Dtypes follow the module's precision rules (its docstring,
-    "Precision"): float64 / complex128 for float64 inputs, float32 / complex64 where the moments and the eigenproblem
-    run in float32; eigenvectors stay complex64 when the eigenproblem ran in float32.
+    "Precision"): eigenvalues complex128 and the operator float64 whatever precision they were computed in (float32
+    moments and eigenproblem give float32-accurate values); eigenvectors complex64 when the eigenproblem ran in
+    float32 (more than 256 modes by default), else complex128.
 
     `m` is the number of modes: `d` for the full spectrum (`N - 1` when `N - 1 < d`: the problem is first reduced to the
     row space of the centred X, see `_row_space_coordinates`), `r` for rank-r DMD. A leading `L` axis is present when
@@ -363,6 +367,11 @@ def _constant_input(X: torch.Tensor, unit: float) -> tuple[torch.Tensor, torch.T
     bound = (_CONSTANT_INPUT_ROUNDOFF * unit) ** 2
 
     def flat(x: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        # the test is a ratio, so the samples are scaled to at most 1 first: squares of values near the float32
+        # range (or below its smallest normal) would overflow (underflow) and read as constant
+        scale = x.abs().amax()
+        if bool(torch.isfinite(scale)) and float(scale) > 0 and not 2**-32 <= float(scale) <= 2**32:
+            x = x / scale
         centred, raw = (x - x.mean(dim=0, keepdim=True)).square().sum(0), x.square().sum(0)
         return bool(centred.sum() <= bound * raw.sum()), (centred <= bound * raw).cpu()
 
@@ -1416,7 +1425,10 @@ def whitened_dmd(
         randomized (`bool`, *optional*, defaults to `False`): with `rank`, find the rank-r subspace with a randomized
             range finder (the paper's stated recipe is `rank=32, randomized=True` at N = 2048).
         eps (`float`, *optional*, defaults to `1e-5`): ridge $\epsilon$ added to $\hat\Sigma_X$ (Eq. 9, App. D).
-            Absolute, as in the paper; it also makes constant features harmless.
+            Absolute, as in the paper; it also makes constant features harmless. The eigenvalues do not depend on
+            it (the ridge cancels in the operator), but κ(V), the Kreiss constant and $\eta_{nl}$ do where the
+            covariance's eigenvalues come near it: data on a scale far below 1 (variances near 1e-5) read differently
+            from the same data rescaled; rescale such data to unit scale, or scale `eps` with it.
         oversample (`int`, *optional*, defaults to `10`): extra sketch columns of the range finder.
         power_iters (`int`, *optional*, defaults to `2`): subspace (power) iterations of the range finder.
         generator (`torch.Generator`, *optional*): generator of the sketch, drawn on its device and moved to X's (a
@@ -1460,8 +1472,8 @@ def whitened_dmd(
     Warns:
         `UserWarning`: when `N < d` (or `N <= rank`): the estimate is rank-limited. The snapshots are then reduced to
             the (`N - 1`-dimensional) row space of the centred X before whitening (the full spectrum has at most
-            `N - 1` identifiable modes; a larger `rank` is lowered to `N`), so that directions X never visits are not
-            blown up by the $\epsilon^{-1/2}$ of the ridge; the part of Y outside that span does not enter the Grams
+            `N - 1` identifiable modes; a larger `rank` is lowered to `N - 1`), so that directions X never visits are
+            not blown up by the $\epsilon^{-1/2}$ of the ridge; the part of Y outside that span does not enter the Grams
             (nor `update_ratio` / $\eta_{nl}$). Numerically null directions get $\lambda = 0$ and are counted out by
             [`spectral_features`].
 
@@ -1478,11 +1490,13 @@ def whitened_dmd(
     """
     X, Y, batched = _check_snapshots(X, Y)
     L, N, d = X.shape
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"eps={eps!r} must be a finite float >= 0 (the paper uses 1e-5)")
+    eps = float(eps)  # NumPy scalars too
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= d:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= d:
             raise ValueError(f"rank={rank!r} must be an int in [1, d={d}], or None for exact DMD")
+        rank = int(rank)
     elif randomized:
         raise ValueError("randomized=True needs a rank, e.g. whitened_dmd(X, Y, rank=32, randomized=True)")
     if randomized:

@@ -52,6 +52,20 @@ def _inverse_sqrt(values: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(shifted > tol, safe.rsqrt(), torch.zeros_like(shifted))
 
 
+def _floating(value: object, name: str) -> torch.Tensor:
+    """`value` as a floating tensor: NumPy arrays are read (without a copy), integers up-cast to float64; anything
+    else is refused naming the accepted types."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a torch.Tensor or NumPy array of shape (..., N, d), got "
+                            f"{type(value).__name__}") from None
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be real-valued floating point, got dtype {value.dtype}")
+    return value if value.is_floating_point() else value.to(torch.float64)
+
+
 def zca_whitening(X: torch.Tensor, eps: float = 1e-5) -> Whitening:
     """Fit ZCA whitening $(\\hat\\Sigma_X + \\epsilon I)^{-1/2}$ on X (Eq. 9), in the dtype of `X`.
 
@@ -62,6 +76,7 @@ def zca_whitening(X: torch.Tensor, eps: float = 1e-5) -> Whitening:
     Returns:
         [`Whitening`]: mean, whitening matrix and the eigendecomposition of the covariance.
     """
+    X = _floating(X, "X")
     n = X.shape[-2]
     mean = X.mean(dim=-2)
     Xc = X - mean.unsqueeze(-2)
@@ -88,8 +103,8 @@ def whiten(X: torch.Tensor, Y: torch.Tensor, eps: float = 1e-5) -> tuple[torch.T
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: $\\tilde X, \\tilde Y$, both `(..., N, d)` float64.
     """
-    X = X.to(torch.float64)
-    Y = Y.to(torch.float64)
+    X = _floating(X, "X").to(torch.float64)
+    Y = _floating(Y, "Y").to(torch.float64)
     wh = zca_whitening(X, eps)
     Xt = (X - wh.mean.unsqueeze(-2)) @ wh.matrix
     Yt = (Y - Y.mean(dim=-2, keepdim=True)) @ wh.matrix

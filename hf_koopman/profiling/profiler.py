@@ -512,9 +512,21 @@ def profile_from_snapshots(
     """
     _check_keywords(feature_kwargs, "profile_from_snapshots", _keywords(profile_from_snapshots), _feature_keywords())
     check_eig_dtype(eig_dtype)
+    if isinstance(snapshots, Mapping) or (isinstance(snapshots, tuple) and len(snapshots) == 3
+                                           and isinstance(snapshots[0], str)):
+        raise TypeError(
+            f"snapshots must be a list of (name, X, Y) triples, one per layer, got a {type(snapshots).__name__}; "
+            "e.g. profile_from_snapshots([('layer0', X, Y)]) (for a dict {name: (X, Y)}: "
+            "[(name, X, Y) for name, (X, Y) in snapshots.items()])."
+        )
     snapshots = list(snapshots)
     if not snapshots:
         raise ValueError("no snapshots to analyse: the recorder saw no block calls (did the forward pass run?).")
+    for i, item in enumerate(snapshots):
+        if not (isinstance(item, (tuple, list)) and len(item) == 3 and isinstance(item[0], str)):
+            got = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else type(item).__name__
+            raise TypeError(f"snapshots[{i}] must be a (name, X, Y) triple (name a str, X and Y of shape (N, d)), got "
+                            f"{got}; e.g. profile_from_snapshots([('layer0', X, Y)]).")
     rank = _check_rank(rank, randomized)
     if chunk_size is not None:
         chunk_size = _as_count(chunk_size, "chunk_size", 1, "it is the number of layers analysed per batched call")

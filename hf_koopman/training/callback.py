@@ -831,7 +831,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
             self._warn_short_probe(
                 "decoder " + setting, "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer "
                 "than %s=%d: the decoder layers are profiled on those; raise probe_batch_size for a stable decoder "
-                "estimate (said once per run)", decoder, setting, num_samples)
+                "estimate (said once per run)", decoder, setting, requested)
         was_training = model.training
         model.eval()
         # profile()'s own short-sample note is the callback's to give once per run, with its knobs

@@ -749,3 +749,30 @@ def test_float32_round_off_does_not_count_as_directions(eps):
     top = lambda eigs: sorted(eigs.abs().tolist(), reverse=True)  # noqa: E731
     assert top(single.eigenvalues)[:7] == pytest.approx(top(exact.eigenvalues)[:7], rel=1e-3)
     assert max(top(single.eigenvalues)[7:]) < 1e-6  # the null directions' zeros, not 25 noise modes
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e-30])
+def test_float32_states_near_the_ends_of_the_range_are_not_read_as_constant(scale):
+    # the constant-input check squares the samples: at 1e18 the float32 sums overflowed (at 1e-30 they underflowed)
+    # and every layer read as "the same input state for every token", with no mode
+    g = torch.Generator().manual_seed(0)
+    A = torch.diag(torch.linspace(0.5, 0.99, 8, dtype=F64))
+    X = torch.randn(100, 8, generator=g, dtype=F64)
+    Y = X @ A.T
+    result = whitened_dmd((X * scale).float(), (Y * scale).float())
+    assert int(result.rank_x) == 8 and not bool(result.degenerate)
+    torch.testing.assert_close(sort_eigs(result.eigenvalues).abs(), torch.linspace(0.5, 0.99, 8, dtype=F64),
+                               atol=1e-4, rtol=0)
+
+
+def test_numpy_scalars_and_arrays_are_taken_where_numbers_and_tensors_are():
+    X = np.random.default_rng(0).normal(size=(200, 8))
+    Y = X + 0.1 * X @ np.random.default_rng(1).normal(size=(8, 8))
+    ref = whitened_dmd(X, Y, rank=4, eps=1e-5)
+    got = whitened_dmd(X, Y, rank=np.int64(4), eps=np.float32(1e-5))
+    torch.testing.assert_close(got.eigenvalues, ref.eigenvalues)
+    torch.testing.assert_close(zca_whitening(X).matrix, zca_whitening(torch.from_numpy(X)).matrix)
+    torch.testing.assert_close(whiten(X, Y)[0], whiten(torch.from_numpy(X), torch.from_numpy(Y))[0])
+    assert zca_whitening(torch.arange(40).reshape(20, 2) % 7).matrix.dtype == F64  # integers up-cast
+    with pytest.raises(TypeError, match="must be a torch.Tensor or NumPy array"):
+        zca_whitening("not data")

@@ -364,3 +364,13 @@ def test_a_trainer_passed_to_profile_is_told_to_pass_its_model(tmp_path):
         profile(trainer)
     with pytest.raises(TypeError, match=r"got dict; load the model first"):
         profile({"input_ids": [1, 2]})
+
+
+def test_snapshots_in_the_wrong_container_name_the_triple_expected():
+    from hf_koopman.profiling import profile_from_snapshots
+
+    X = torch.randn(64, 4)
+    for wrong, got in (([(X, X)], "a 2-tuple"), ({"a": (X, X)}, "dict"), (("a", X, X), "tuple")):
+        with pytest.raises(TypeError, match=rf"(name, X, Y)|{got}") as info:
+            profile_from_snapshots(wrong, progress=False)
+        assert "(name, X, Y)" in str(info.value) and got in str(info.value)

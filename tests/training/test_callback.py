@@ -445,6 +445,14 @@ def test_a_seq2seq_probe_profiles_the_decoder_on_its_labels_and_names_the_knob(t
     assert all(n == 8 * 4 for name, n in seen.items() if name.startswith("decoder."))  # the labels, not 8 x 16
     assert "labels hold 32 decoder token states, fewer than num_samples=48" in caplog.text
     assert "raise probe_batch_size" in caplog.text
+    caplog.clear()  # an encoder probe short of num_samples too: the decoder's message still quotes the setting
+    short = RKSPCallback(num_samples=200, probe_batch_size=8, guard=False, save_artifacts=False)
+    with caplog.at_level("WARNING"):
+        Trainer(model=T5ForConditionalGeneration(tiny_config("t5")), args=cpu_training_args(
+            tmp_path / "s", TrainingArguments, max_steps=1, save_strategy="no"), train_dataset=_Seq2SeqRows(),
+            callbacks=[short]).train()
+    assert "holds 128 token states, fewer than num_samples=200" in caplog.text
+    assert "labels hold 32 decoder token states, fewer than num_samples=200" in caplog.text
     caplog.clear()  # monitoring: its own setting, once per run
     monitor = RKSPCallback(num_samples=16, monitor_num_samples=40, every_n_steps=1, probe_batch_size=8, guard=False)
     args = cpu_training_args(tmp_path / "m", TrainingArguments, max_steps=3, learning_rate=1e-3, save_strategy="no")
