@@ -207,7 +207,9 @@ def spectral_features(
         residual_tol (`float`, *optional*, defaults to `0.1`): ResDMD threshold $\tau$; modes with $r_j > \tau$ are
             spurious.
         reliable_only (`bool`, *optional*, defaults to `False`): compute masses and $\rho$ over reliable modes only
-            (default: all identifiable modes, as the paper's headline numbers).
+            (default: all identifiable modes, as the paper's headline numbers). A layer with no mode to count (none
+            reliable, or no identifiable mode) gets NaN masses and $\rho$: nothing was measured, and the decision
+            rule does not read it.
         degenerate_tol (`float`, *optional*): re-flag degeneracy with this relative-update threshold instead of the
             one used in [`whitened_dmd`] (default `1e-4` there).
         compute_kreiss (`bool`, *optional*, defaults to `True`): compute the Kreiss constant (set `False` to skip
