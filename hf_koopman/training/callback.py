@@ -549,6 +549,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
         self._validated_paths: list[str] = []  # the checkpoints this guard made the last good one, in order
         self._probe_cache: dict[str, Any] | None = None
         self._probe_source = "default"  # what the probe was built from (`_build_probe`), for meta["probe"]
+        self._probe_whole_dataset: int | None = None  # the training set's size when the probe holds all of it
         self._probe_tokens: int | None = None  # token states per layer the probe gave, when its batch does not say
         self._profiled_model: weakref.ref | None = None  # the model the init profile was taken of
         self._events_before_call = 0  # len(events) when this train() call started: its own events come after
@@ -697,6 +698,7 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
     def _build_probe(self, model: torch.nn.Module, train_dataloader: Any) -> dict[str, Any]:
         self._probe_source = "probe_inputs"  # the profiles' meta["probe"]
+        self._probe_whole_dataset = None
         if self.probe_inputs is not None:
             batch = self.probe_inputs
             batch = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
@@ -708,6 +710,10 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
                 try:  # read examples directly: iterating the dataloader would advance the sampler's RNG
                     batch = self._collate_probe(dataset, collate, self._num_samples(model), model)
                     self._probe_source = "training data"
+                    rows = next((int(v.shape[0]) for v in (batch or {}).values()
+                                 if isinstance(v, torch.Tensor) and v.dim()), None)
+                    size = len(dataset) if hasattr(dataset, "__len__") else None
+                    self._probe_whole_dataset = size if rows is not None and size and rows >= size else None
                 except Exception as err:  # noqa: BLE001 - any dataset quirk: fall back to synthetic probes
                     logger.warning("RKSP: could not build a probe batch from the training data (%s: %s): profiling "
                                    "on synthetic inputs instead. Pass RKSPCallback(probe_inputs=...) with a batch "
@@ -819,19 +825,22 @@ class RKSPCallback(SafetyNet, TrainerCallback, ExportableState):
 
         requested, counted = num_samples, _token_count(batch)
         available = counted if counted is not None else (self._probe_tokens if batch is self._probe_cache else None)
+        # more rows cannot help a probe that already holds the whole training set
+        whole = self._probe_whole_dataset if batch is self._probe_cache else None
+        more = (f"the probe already holds all {whole} training examples: pass a longer probe with probe_inputs"
+                if whole else "raise probe_batch_size (or pass longer probe_inputs)")
         if available is not None and available < num_samples:
             # said here with the callback's own knobs; profile() would only say "pass more inputs"
             self._warn_short_probe(
-                setting, "RKSPCallback: the probe batch holds %d token states, fewer than %s=%d; raise "
-                "probe_batch_size (or pass longer probe_inputs) for a stable estimate, or lower %s (said once per run)",
-                available, setting, num_samples, setting)
+                setting, "RKSPCallback: the probe batch holds %d token states, fewer than %s=%d; %s for a stable "
+                "estimate, or lower %s (said once per run)", available, setting, num_samples, more, setting)
             num_samples = max(available, 2)
         decoder = _decoder_token_count(batch, model)
         if decoder is not None and decoder < num_samples:  # the decoder reads the labels (`add_decoder_inputs`)
             self._warn_short_probe(
                 "decoder " + setting, "RKSPCallback: the probe batch's labels hold %d decoder token states, fewer "
-                "than %s=%d: the decoder layers are profiled on those; raise probe_batch_size for a stable decoder "
-                "estimate (said once per run)", decoder, setting, requested)
+                "than %s=%d: the decoder layers are profiled on those; %s for a stable decoder estimate (said once "
+                "per run)", decoder, setting, requested, more)
         was_training = model.training
         model.eval()
         # profile()'s own short-sample note is the callback's to give once per run, with its knobs

@@ -453,6 +453,14 @@ def test_a_seq2seq_probe_profiles_the_decoder_on_its_labels_and_names_the_knob(t
             callbacks=[short]).train()
     assert "holds 128 token states, fewer than num_samples=200" in caplog.text
     assert "labels hold 32 decoder token states, fewer than num_samples=200" in caplog.text
+    caplog.clear()  # a probe that holds all 16 training rows: more rows cannot help, a longer probe can
+    whole = RKSPCallback(num_samples=300, probe_batch_size=16, guard=False, save_artifacts=False)
+    with caplog.at_level("WARNING"):
+        Trainer(model=T5ForConditionalGeneration(tiny_config("t5")), args=cpu_training_args(
+            tmp_path / "w", TrainingArguments, max_steps=1, save_strategy="no"), train_dataset=_Seq2SeqRows(),
+            callbacks=[whole]).train()
+    assert caplog.text.count("the probe already holds all 16 training examples: pass a longer probe") == 2
+    assert "raise probe_batch_size" not in caplog.text
     caplog.clear()  # monitoring: its own setting, once per run
     monitor = RKSPCallback(num_samples=16, monitor_num_samples=40, every_n_steps=1, probe_batch_size=8, guard=False)
     args = cpu_training_args(tmp_path / "m", TrainingArguments, max_steps=3, learning_rate=1e-3, save_strategy="no")
