@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .whitening import CholeskyWhitening, _EighWhitening, cholesky_whitening
+from .whitening import CholeskyWhitening, _as_tensor, _EighWhitening, cholesky_whitening
 
 __all__ = ["DMDResult", "whitened_dmd"]
 
@@ -282,28 +282,6 @@ class DMDResult:
 # input validation
 
 
-def _as_tensor(value, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        tensor = value
-    else:
-        try:
-            import numpy as np
-
-            if not isinstance(value, np.ndarray):
-                raise TypeError
-        except (ImportError, TypeError):
-            raise TypeError(f"{name} must be a torch.Tensor (or numpy array) of shape (N, d) or (L, N, d), "
-                            f"got {type(value).__name__}") from None
-        tensor = torch.from_numpy(value)
-    if tensor.is_complex():
-        raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
-    if tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
-    if not tensor.is_floating_point():
-        tensor = tensor.to(_F64)
-    return tensor.detach()
-
-
 def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
     # fast path: one reduction in the input dtype (NaN/Inf propagate into the sum). A float32 sum of 1e7 values is ~10x
     # faster than one accumulated in float64; if it overflows on finite data, the exact scan below finds nothing bad.
@@ -322,8 +300,8 @@ def _first_non_finite(tensor: torch.Tensor, name: str) -> None:
 def _check_snapshots(X, Y) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """`(X, Y, batched)`: `(L, N, d)` snapshots, half precision up-cast to float32 (chained snapshots, `Y[l]` stored
     as `X[l + 1]`, stay chained: `_chained`)."""
-    X = _as_tensor(X, "X")
-    Y = _as_tensor(Y, "Y")
+    X = _as_tensor(X, "X").detach()
+    Y = _as_tensor(Y, "Y").detach()
     if X.ndim not in (2, 3):
         raise ValueError(f"X must have shape (N, d) or (L, N, d) with rows as samples, got shape {tuple(X.shape)}")
     if X.shape != Y.shape:

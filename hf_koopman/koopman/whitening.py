@@ -52,17 +52,24 @@ def _inverse_sqrt(values: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(shifted > tol, safe.rsqrt(), torch.zeros_like(shifted))
 
 
-def _floating(value: object, name: str) -> torch.Tensor:
-    """`value` as a floating tensor: NumPy arrays are read (without a copy), integers up-cast to float64; anything
-    else is refused naming the accepted types."""
+def _as_tensor(value: object, name: str, shape: str = "(N, d) or (L, N, d)") -> torch.Tensor:
+    """`value` as a real floating tensor of the given `shape` (named in the error only): a torch.Tensor, or a NumPy
+    array read without a copy; integers are up-cast to float64. Anything else, complex and bool values are refused,
+    naming what is accepted."""
     if not isinstance(value, torch.Tensor):
         try:
-            value = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{name} must be a torch.Tensor or NumPy array of shape (..., N, d), got "
+            import numpy as np
+
+            if not isinstance(value, np.ndarray):
+                raise TypeError
+        except (ImportError, TypeError):
+            raise TypeError(f"{name} must be a torch.Tensor or NumPy array of shape {shape}, got "
                             f"{type(value).__name__}") from None
-    if value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{name} must be real-valued floating point, got dtype {value.dtype}")
+        value = torch.from_numpy(value)
+    if value.is_complex():
+        raise TypeError(f"{name} must be real-valued, got dtype {value.dtype}")
+    if value.dtype == torch.bool:
+        raise TypeError(f"{name} must be floating point, got dtype {value.dtype}")
     return value if value.is_floating_point() else value.to(torch.float64)
 
 
@@ -76,7 +83,7 @@ def zca_whitening(X: torch.Tensor, eps: float = 1e-5) -> Whitening:
     Returns:
         [`Whitening`]: mean, whitening matrix and the eigendecomposition of the covariance.
     """
-    X = _floating(X, "X")
+    X = _as_tensor(X, "X", "(..., N, d)")
     n = X.shape[-2]
     mean = X.mean(dim=-2)
     Xc = X - mean.unsqueeze(-2)
@@ -103,8 +110,8 @@ def whiten(X: torch.Tensor, Y: torch.Tensor, eps: float = 1e-5) -> tuple[torch.T
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: $\\tilde X, \\tilde Y$, both `(..., N, d)` float64.
     """
-    X = _floating(X, "X").to(torch.float64)
-    Y = _floating(Y, "Y").to(torch.float64)
+    X = _as_tensor(X, "X", "(..., N, d)").to(torch.float64)
+    Y = _as_tensor(Y, "Y", "(..., N, d)").to(torch.float64)
     wh = zca_whitening(X, eps)
     Xt = (X - wh.mean.unsqueeze(-2)) @ wh.matrix
     Yt = (Y - Y.mean(dim=-2, keepdim=True)) @ wh.matrix
