@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_koopman import __version__
 from hf_koopman.eval_mode import eval_mode
 from hf_koopman.koopman.dmd import check_eig_dtype, sample_size_note
 from hf_koopman.koopman.features import CONTRACTIVE_BELOW, NEAR_BAND
@@ -690,7 +691,7 @@ class _SnapshotAnalysis:
             settings["aggregates_left_out"] = [name for (name, _), short in zip(layers, left_out) if short]
         meta = dict(meta or {})
         meta.setdefault("analysis_time_s", round(self.wall_time, 4))
-        meta.setdefault("hf_koopman_version", _version())  # kept through save / from_json: the version that computed it
+        meta.setdefault("hf_koopman_version", __version__)  # the version that computed it (kept by save / from_json)
         # activations computed in half precision (snapshots a user passes, a half-precision model; `profile` also sets
         # the key under autocast, where the residual stream stays float32) round ρ and κ(V) whatever the parameters'
         # dtype: the report and the risk assessment read this key
@@ -706,12 +707,6 @@ class _SnapshotAnalysis:
             meta=meta,
             layer_sizes=list(sizes),
         )
-
-
-def _version() -> str:
-    from hf_koopman import __version__
-
-    return __version__
 
 
 def autocast_dtype(device_type: str) -> str | None:

@@ -213,8 +213,8 @@ def _trust_section(profile: SpectralProfile, tentative: bool) -> list[str]:
             "what the paper links to divergence is a large near-unit share, i.e. little damping."
         )
     else:
-        lines.append(f"- {scope}, no block has a {which.split(' (')[0].removesuffix('s')} to count: there is no "
-                     "spectrum to describe.")
+        mode = "reliable mode" if _reliable_only(profile) else "mode"
+        lines.append(f"- {scope}, no block has a {mode} to count: there is no spectrum to describe.")
     if _reliable_only(profile):
         lines.append("- The masses count only the modes that pass the ResDMD residual test (`reliable_only=True`); the "
                      "paper's masses and thresholds count every mode.")
