@@ -414,22 +414,35 @@ def check_least_work(X: torch.Tensor, Y: torch.Tensor, layers: list[dict]) -> No
                                f"reliable modes {reliable[0]} against {reliable[1]})")
 
 
-def least_work_rounds(repeats: int, num_samples: int) -> dict:
-    """`least_work` against the plain forward and this library's analysis (`profile_from_snapshots`, default recipe),
-    paired rounds: in each round the two-thread forward, the least work with layers on the two cores and the analysis
-    (wall, CPU), then the three again in one thread. Raises `RuntimeError` (`check_least_work`) unless the least
-    work gives the library's outputs on these snapshots.
-    """
-    from hf_koopman.profiling import ResidualStreamRecorder, profile_from_snapshots
+def checked_snapshots(
+    model: torch.nn.Module, batch: dict, num_samples: int
+) -> tuple[list, torch.Tensor, torch.Tensor, list]:
+    """One forward of `model` on `batch` recorded at N = `num_samples`: `(snapshots, X, Y, states)`, the recorder's
+    `(name, X, Y)` triples, their `(L, N, d)` stacks as `profile_from_snapshots` makes them and the L + 1 float32
+    states `least_work` takes. Raises `RuntimeError` (`check_least_work`) unless the least work gives the library's
+    outputs on them."""
+    from hf_koopman.profiling import ResidualStreamRecorder
     from hf_koopman.profiling.profiler import _stack_chunk
 
-    model, batch = _build(2048)
     with torch.no_grad(), ResidualStreamRecorder(model, num_samples=num_samples) as rec:
         model(**batch)
     snapshots = rec.snapshots()
     X, Y = _stack_chunk(snapshots)
     states = [x.float().contiguous() for x in X] + [Y[-1].float().contiguous()]
     check_least_work(X, Y, least_work(states))
+    return snapshots, X, Y, states
+
+
+def least_work_rounds(repeats: int, num_samples: int) -> dict:
+    """`least_work` against the plain forward and this library's analysis (`profile_from_snapshots`, default recipe),
+    paired rounds: in each round the two-thread forward, the least work with layers on the two cores and the analysis
+    (wall, CPU), then the three again in one thread. Raises `RuntimeError` (`check_least_work`) unless the least
+    work gives the library's outputs on these snapshots.
+    """
+    from hf_koopman.profiling import profile_from_snapshots
+
+    model, batch = _build(2048)
+    snapshots, _, _, states = checked_snapshots(model, batch, num_samples)
 
     # name -> (whether it runs in one thread, the call); the least work runs its layers on the cores otherwise
     plan = {

@@ -146,12 +146,12 @@ def _section_least_work(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModel
 
-    from hf_koopman.profiling import ResidualStreamRecorder, default_num_samples, default_probe_inputs
+    from hf_koopman.profiling import default_num_samples, default_probe_inputs
     from hf_koopman.profiling.architectures import load_architecture_config
-    from hf_koopman.profiling.profiler import _SnapshotAnalysis, _stack_chunk
+    from hf_koopman.profiling.profiler import _SnapshotAnalysis
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_profile import check_least_work, least_work
+    from bench_profile import checked_snapshots, least_work
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     config = load_architecture_config("llama-2-7b", num_hidden_layers=2)
@@ -159,12 +159,7 @@ def _section_least_work(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = AutoModel.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     batch = default_probe_inputs(model, num_tokens=n, seed=args.seed)
-    with torch.no_grad(), ResidualStreamRecorder(model, num_samples=n) as rec:
-        model(**batch)
-    snapshots = rec.snapshots()
-    X, Y = _stack_chunk(snapshots)
-    states = [x.float().contiguous() for x in X] + [Y[-1].float().contiguous()]
-    check_least_work(X, Y, least_work(states))
+    snapshots, _, _, states = checked_snapshots(model, batch, n)
 
     def cpu(fn) -> float:
         start = time.process_time()
